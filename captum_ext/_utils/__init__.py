@@ -1,0 +1,1 @@
+"""Private machinery shared by every captum-ext method (not public API)."""

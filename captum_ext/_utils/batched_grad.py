@@ -1,0 +1,218 @@
+"""The shared engine: gradients of many per-class scalars from one forward pass.
+
+For a batch of N examples and C' classes per example, every method that needs
+``d s_c(x) / d A`` for several classes ``c`` (a layer's activations ``A`` or the inputs) gets
+them here from ONE forward pass and one batched vector-Jacobian product
+(``torch.autograd.grad(..., is_grads_batched=True)``), split into chunks of at most
+``max_batch`` classes to bound memory. Examples are independent in eval mode, so the
+gradient of ``sum_n s_{c_nj}(x_n)`` with respect to ``A`` holds, in row ``n``, the gradient for
+example ``n`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import _as_leaves, capture_layer
+from .layers import root_module
+from .model_state import preserved_state
+from .validation import class_selection, format_additional_forward_args
+
+#: Per-class scalars the engine differentiates, each a function of the (N, C) logits.
+SCORES: dict[str, Callable[[Tensor], Tensor]] = {
+    "logit": lambda logits: logits,
+    "cross_entropy": lambda logits: -torch.log_softmax(logits, dim=1),
+    "probability": lambda logits: torch.softmax(logits, dim=1),
+}
+
+DEFAULT_MAX_BATCH = 64
+_CHUNK_BYTES = 1 << 30  # bound on one chunk's gradient tensor
+
+Reducer = Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], Any]
+
+
+@dataclass
+class ClassGradients:
+    """What the engine returns.
+
+    Attributes:
+        result: per chunk, ``reduce(gradients, activations)`` concatenated along dim 1; with no
+            reducer, a tuple of gradients shaped (N, C', *activation.shape[1:]).
+        activations: the layer activations (or inputs), detached, one tensor per captured input.
+        logits: the model's (N, C) output, detached.
+        classes: (N, C') long tensor of the classes differentiated.
+        multi: True when the caller asked for several classes per example.
+    """
+
+    result: Any
+    activations: tuple[Tensor, ...]
+    logits: Tensor
+    classes: Tensor
+    multi: bool
+
+
+def run_forward(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    additional_forward_args: Any,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> Tensor:
+    """Call the model and check that it returns (N, C) logits."""
+    extra = format_additional_forward_args(additional_forward_args)
+    try:
+        output = forward_func(*inputs, *extra)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ValueError(
+            f"forward_func failed on `inputs` of shape {shapes}: {error}. Check the input "
+            "rank and size the model expects (batch first)."
+        ) from error
+    if output_transform is not None:
+        output = output_transform(output)
+    n = inputs[0].shape[0]
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != n:
+        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(
+            f"forward_func must return (N, classes) logits for N={n} examples, got {got}; pass "
+            "`output_transform` to reduce the output to (N, classes)."
+        )
+    return output
+
+
+def resolve_score(score: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if callable(score):
+        return score
+    if score not in SCORES:
+        raise ValueError(f"`score`={score!r}: expected one of {sorted(SCORES)} or a callable.")
+    return SCORES[score]
+
+
+def auto_chunk(max_batch: int | None, n_classes: int, wrt: Sequence[Tensor]) -> int:
+    """Classes per vector-Jacobian product: ``max_batch``, else 64 bounded to ~1 GiB."""
+    if max_batch is not None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"`max_batch` must be a positive int, got {max_batch!r}.")
+        return min(max_batch, n_classes)
+    per_class = sum(t.numel() * t.element_size() for t in wrt)
+    return max(1, min(DEFAULT_MAX_BATCH, n_classes, _CHUNK_BYTES // max(per_class, 1)))
+
+
+def _vjp_chunks(selected: Tensor, wrt: tuple[Tensor, ...], chunk: int):
+    """Yield (start, gradients) with gradients (N, B, *t.shape[1:]) per tensor of ``wrt``."""
+    n, n_classes = selected.shape
+    for start in range(0, n_classes, chunk):
+        stop = min(start + chunk, n_classes)
+        last = stop == n_classes
+        if n_classes == 1:
+            grads = torch.autograd.grad(
+                selected.sum(), wrt, retain_graph=not last, allow_unused=True
+            )
+            grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
+        else:
+            width = stop - start
+            cotangents = selected.new_zeros(width, n, n_classes)
+            rows = torch.arange(width, device=selected.device)
+            cotangents[rows, :, start + rows] = 1
+            grads = torch.autograd.grad(
+                selected,
+                wrt,
+                grad_outputs=cotangents,
+                is_grads_batched=True,
+                retain_graph=not last,
+                allow_unused=True,
+            )
+            grads = tuple(None if g is None else g.movedim(0, 1) for g in grads)
+        width = stop - start
+        grads = tuple(
+            t.new_zeros(n, width, *t.shape[1:]) if g is None else g for g, t in zip(grads, wrt)
+        )
+        yield start, grads
+
+
+def class_gradients(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    classes: Any,
+    *,
+    layer: nn.Module | None = None,
+    layer_input: bool = False,
+    score: str | Callable[[Tensor], Tensor] = "logit",
+    additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+    max_batch: int | None = None,
+    reduce: Reducer | None = None,
+    class_argument: str = "target",
+    default_classes: str = "predicted",
+) -> ClassGradients:
+    """Gradients of ``score(logits)[n, c]`` for the requested classes, in one forward pass.
+
+    Args:
+        forward_func: the model, (inputs..., additional_forward_args...) -> (N, C) logits.
+        inputs: tuple of input tensors (batch first).
+        classes: any Captum-style target (see ``class_selection``): None, int, list, tensor,
+            ``"all"``, or 2-D (N, C').
+        layer: differentiate with respect to this module's output (or its inputs when
+            ``layer_input``); None differentiates with respect to ``inputs``.
+        score: "logit", "cross_entropy" (cross-entropy with the class as label),
+            "probability", or a callable mapping (N, C) logits to (N, C) per-class scalars.
+        max_batch: classes per batched vector-Jacobian product (default 64, or fewer so that
+            one chunk's gradients take at most about 1 GiB).
+        reduce: ``reduce(gradients, activations)`` applied to each chunk, where gradients are
+            (N, B, *A) per tensor; its tensor (or tuple of tensors) outputs are concatenated
+            along dim 1. Use it to keep memory at the size of the final maps.
+
+    Returns:
+        ClassGradients.
+    """
+    score_fn = resolve_score(score)
+    model = root_module(forward_func)
+    with preserved_state([model, layer]), torch.enable_grad():
+        if layer is None:
+            replaced, leaves = _as_leaves(inputs)
+            if not leaves:
+                raise TypeError("`inputs` holds no floating-point tensor to differentiate.")
+            logits = run_forward(forward_func, replaced, additional_forward_args, output_transform)
+            wrt = leaves
+        else:
+            with capture_layer(layer, layer_input=layer_input) as capture:
+                logits = run_forward(
+                    forward_func, inputs, additional_forward_args, output_transform
+                )
+            wrt = capture.single_call(type(layer).__name__)
+        selection, multi = class_selection(
+            classes, logits, argument=class_argument, default=default_classes
+        )
+        scores = score_fn(logits)
+        if not isinstance(scores, Tensor) or scores.shape != logits.shape:
+            raise ValueError(
+                f"`score` must map (N, C) logits to an (N, C) tensor, got "
+                f"{getattr(scores, 'shape', type(scores).__name__)}."
+            )
+        if not scores.requires_grad:
+            raise ValueError(
+                "the model's output does not depend on the differentiated tensors "
+                "(does forward_func detach its output or run under torch.no_grad?)."
+            )
+        selected = scores.gather(1, selection)
+        chunk = auto_chunk(max_batch, selection.shape[1], wrt)
+        activations = tuple(t.detach() for t in wrt)
+        pieces = []
+        for _, grads in _vjp_chunks(selected, wrt, chunk):
+            pieces.append(grads if reduce is None else reduce(grads, activations))
+    result = _concat_pieces(pieces)
+    return ClassGradients(result, activations, logits.detach(), selection, multi)
+
+
+def _concat_pieces(pieces: list) -> Any:
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], Tensor):
+        return torch.cat(pieces, dim=1)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))

@@ -1,0 +1,108 @@
+"""Hook registration that always cleans up, and capture of a layer's activations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+@contextlib.contextmanager
+def registered_hooks(*registrations) -> Iterator[list[RemovableHandle]]:
+    """Register hooks and remove every one of them on exit, also when the body raises.
+
+    Each registration is a zero-argument callable returning a ``RemovableHandle``
+    (for example ``lambda: module.register_forward_hook(fn)``). If a registration itself
+    fails, the hooks registered before it are removed before the error propagates.
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        for register in registrations:
+            handles.append(register())
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class LayerCapture:
+    """Activations of one layer recorded during a forward pass, as gradient leaves.
+
+    ``tensors`` holds, per call of the layer, the tuple of tensors captured (the output, or
+    the positional tensor inputs). Each captured tensor is a detached leaf with
+    ``requires_grad=True``; the model continues with a clone of it, so in-place operations
+    after the layer (``ReLU(inplace=True)``) neither corrupt the activations nor break the
+    gradient, and the backward pass stops at the layer.
+    """
+
+    tensors: list[tuple[Tensor, ...]] = field(default_factory=list)
+
+    def single_call(self, layer_name: str) -> tuple[Tensor, ...]:
+        """The activations, checking that the layer ran (once per device)."""
+        if not self.tensors:
+            raise ValueError(
+                f"`layer` ({layer_name}) did not run during the forward pass, so it has no "
+                "activations to explain; pick a module that forward_func calls."
+            )
+        if len(self.tensors) == 1:
+            return self.tensors[0]
+        devices = [call[0].device for call in self.tensors]
+        if len(set(devices)) != len(devices):
+            raise ValueError(
+                f"`layer` ({layer_name}) ran {len(self.tensors)} times in one forward pass; "
+                "its activations are ambiguous. Pick a module that runs once."
+            )
+        # nn.DataParallel replicas: one call per device, batch split in device order.
+        order = sorted(range(len(devices)), key=lambda i: devices[i].index or 0)
+        calls = [self.tensors[i] for i in order]
+        return tuple(torch.cat([call[k] for call in calls]) for k in range(len(calls[0])))
+
+
+def _as_leaves(values: tuple) -> tuple[tuple, tuple[Tensor, ...]]:
+    leaves, replaced = [], []
+    for value in values:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            leaf = value.detach().requires_grad_(True)
+            leaves.append(leaf)
+            replaced.append(leaf.clone())
+        else:
+            replaced.append(value)
+    return tuple(replaced), tuple(leaves)
+
+
+@contextlib.contextmanager
+def capture_layer(layer: nn.Module, *, layer_input: bool = False) -> Iterator[LayerCapture]:
+    """Record ``layer``'s output (or its tensor inputs) as gradient leaves while in the block."""
+    capture = LayerCapture()
+
+    def on_output(module, args, output):
+        if isinstance(output, Tensor):
+            replaced, leaves = _as_leaves((output,))
+            capture.tensors.append(leaves)
+            return replaced[0]
+        raise TypeError(
+            f"`layer` ({type(module).__name__}) returns {type(output).__name__}, not a tensor; "
+            "pick a module whose output is a tensor, or set attribute_to_layer_input=True."
+        )
+
+    def on_input(module, args):
+        replaced, leaves = _as_leaves(tuple(args))
+        if not leaves:
+            raise TypeError(
+                f"`layer` ({type(module).__name__}) received no floating-point tensor input."
+            )
+        capture.tensors.append(leaves)
+        return replaced
+
+    register = (
+        (lambda: layer.register_forward_pre_hook(on_input))
+        if layer_input
+        else (lambda: layer.register_forward_hook(on_output))
+    )
+    with registered_hooks(register):
+        yield capture

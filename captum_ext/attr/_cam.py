@@ -1,0 +1,195 @@
+"""Shared machinery of the class-activation-map methods (private).
+
+For a layer with activations A (K x u x v) and a backward signal G = d s / d A of a per-class
+scalar s (a logit, or the cross-entropy with a contrast class):
+
+    Grad-CAM weights    alpha_k = mean_(u,v) G_k
+    Grad-CAM++ weights  alpha_k = sum_(u,v) a_kuv * ReLU(G_kuv),
+                        a_kuv = G_kuv^2 / (2 G_kuv^2 + sum_(i,j) A_kij * G_kuv^3)
+    map                 ReLU( sign * sum_k alpha_k A_k )
+
+All classes requested for a batch come from one forward pass through the shared engine
+(``captum_ext._utils.batched_grad``); the maps are formed chunk by chunk so memory stays at
+the size of the maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from .._utils.batched_grad import class_gradients
+from .._utils.layers import resolve_layer
+from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
+from .._utils.validation import format_inputs
+from ._docs import with_cam_args
+
+WEIGHTINGS = ("gradcam", "gradcam++")
+
+
+def gradcam_weights(gradients: Tensor, activations: Tensor) -> Tensor:
+    """(N, B, K, *S) gradients -> (N, B, K) channel weights: the spatial mean."""
+    if gradients.dim() <= 3:
+        return gradients
+    return gradients.mean(dim=tuple(range(3, gradients.dim())))
+
+
+def gradcam_plus_plus_weights(gradients: Tensor, activations: Tensor) -> Tensor:
+    """Grad-CAM++ channel weights (Chattopadhay et al., WACV 2018, eq. 19 with exp scores)."""
+    if gradients.dim() <= 3:
+        return torch.relu(gradients)
+    spatial = tuple(range(3, gradients.dim()))
+    sum_activations = activations.sum(dim=tuple(range(2, activations.dim())))  # (N, K)
+    sum_activations = sum_activations.reshape(*sum_activations.shape, *([1] * len(spatial)))
+    squared = gradients.pow(2)
+    denominator = 2 * squared + sum_activations.unsqueeze(1) * squared * gradients
+    usable = (gradients != 0) & (denominator != 0)
+    alpha = torch.where(usable, squared / torch.where(usable, denominator, 1), 0)
+    return (alpha * torch.relu(gradients)).sum(dim=spatial)
+
+
+def _apply_reshape(reshape_transform, tensor: Tensor, batch_dims: int) -> Tensor:
+    if reshape_transform is None:
+        return tensor
+    lead = tensor.shape[:batch_dims]
+    reshaped = reshape_transform(tensor.flatten(0, batch_dims - 1))
+    if not isinstance(reshaped, Tensor):
+        raise TypeError("`reshape_transform` must return a tensor.")
+    return reshaped.unflatten(0, lead)
+
+
+def make_cam_reducer(
+    weighting: str, sign: float, relu: bool, reshape_transform: Callable | None
+) -> Callable:
+    weight_fn = gradcam_weights if weighting == "gradcam" else gradcam_plus_plus_weights
+
+    def reduce(gradients: tuple[Tensor, ...], activations: tuple[Tensor, ...]):
+        maps = []
+        for grad, act in zip(gradients, activations):
+            act = _apply_reshape(reshape_transform, act, 1)
+            grad = _apply_reshape(reshape_transform, grad, 2)
+            weights = weight_fn(grad, act)
+            if sign != 1:
+                weights = sign * weights
+            cam = torch.einsum("nbk,nk...->nb...", weights, act)
+            maps.append(torch.relu(cam) if relu else cam)
+        return tuple(maps)
+
+    return reduce
+
+
+class ClassActivationMapBase(LayerAttribution, GradientAttribution):
+    """Common constructor and computation of ContrastCAM, CounterfactualCAM, Grad-CAM++."""
+
+    _score = "logit"
+    _sign = 1.0
+    _default_classes = "predicted"
+    _class_argument = "target"
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: list[int] | None = None,
+        *,
+        weighting: str = "gradcam",
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        layer = resolve_layer(forward_func, layer)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"`weighting`={weighting!r}: expected one of {WEIGHTINGS}.")
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+        self.weighting = weighting
+        self.output_transform = output_transform
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    def _maps(
+        self,
+        inputs: Any,
+        classes: Any,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        relu_attributions: bool,
+        reshape_transform: Callable | None,
+        upsample_to_input: bool,
+        normalize: str | None,
+        max_batch: int | None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        check_normalize(normalize)
+        if reshape_transform is not None and not callable(reshape_transform):
+            raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
+        formatted = format_inputs(inputs)
+        computed = class_gradients(
+            self.forward_func,
+            formatted,
+            classes,
+            layer=self.layer,
+            layer_input=attribute_to_layer_input,
+            score=self._score,
+            additional_forward_args=additional_forward_args,
+            output_transform=self.output_transform,
+            max_batch=max_batch,
+            reduce=make_cam_reducer(
+                self.weighting, self._sign, relu_attributions, reshape_transform
+            ),
+            class_argument=self._class_argument,
+            default_classes=self._default_classes,
+        )
+        maps = computed.result
+        if upsample_to_input:
+            maps = tuple(upsample_maps(m, tuple(formatted[0].shape[2:])) for m in maps)
+        if normalize == "minmax":
+            maps = tuple(minmax_normalize(m) for m in maps)
+        return maps[0] if len(maps) == 1 else maps
+
+
+class TargetClassCAMBase(ClassActivationMapBase):
+    """A CAM explaining the class(es) given by Captum's ``target`` (default: the prediction)."""
+
+    @log_usage()
+    @with_cam_args
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: Any = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = True,
+        reshape_transform: Callable | None = None,
+        upsample_to_input: bool = False,
+        normalize: str | None = None,
+        max_batch: int | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Maps of ``inputs`` for the class(es) P in ``target``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            target (int, list, Tensor or str, optional): the class P, in any form Captum
+                accepts, ``"all"``, or a 2-D selection. Default: None, the predicted class.
+            {cam_args}
+
+        {cam_returns}
+        """
+        return self._maps(
+            inputs,
+            target,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+            reshape_transform,
+            upsample_to_input,
+            normalize,
+            max_batch,
+        )

@@ -1,0 +1,142 @@
+"""ContrastCAM ("Why P, rather than Q?") and CounterfactualCAM ("What if not P?")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from captum.log import log_usage
+from torch import Tensor
+
+from ._cam import ClassActivationMapBase, TargetClassCAMBase
+from ._docs import with_cam_args
+
+
+class ContrastCAM(ClassActivationMapBase):
+    r"""Contrastive class activation map: "Why P, rather than Q?".
+
+    The Grad-CAM recipe applied to the gradient of the cross-entropy loss with the contrast
+    class Q as label, instead of the gradient of the logit of P:
+
+    .. code-block:: text
+
+        G       = d CE(z, Q) / d A            (A: K x u x v activations of `layer`)
+        alpha_k = mean over (u, v) of G_k
+        map     = ReLU( sum_k alpha_k * A_k )
+
+    Since ``d CE(z, Q) / d z = softmax(z) - onehot(Q)``, the weights equal
+    ``sum_c p_c * alpha^GradCAM_c - alpha^GradCAM_Q``: the prediction P does not enter the
+    computation; the map shows the features that speak against Q (for the class the network
+    prefers). ``Q == P`` is allowed and asks "why not even more confident in P?".
+
+    With ``weighting="gradcam++"`` the Grad-CAM++ weighting is applied to the same signal
+    (the contrastive form of Grad-CAM++).
+
+    Paper: Prabhushankar, Kwon, Temel & AlRegib, "Contrastive Explanations in Neural
+    Networks", ICIP 2020; AlRegib & Prabhushankar, "Explanatory Paradigms in Neural
+    Networks", IEEE Signal Processing Magazine, 2022.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        device_ids (list[int], optional): device ids when forward_func wraps an
+            ``nn.DataParallel`` model without being it, as in Captum's layer methods.
+        weighting (str, optional): ``"gradcam"`` (default) or ``"gradcam++"``.
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits
+            when it returns something else (a dict, a tuple, a higher-rank tensor).
+
+    Examples::
+
+        >>> from captum_ext.attr import ContrastCAM
+        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> model = load_bundled_model()
+        >>> images, labels = load_sample_digits()
+        >>> cam = ContrastCAM(model, "features.7")
+        >>> maps = cam.attribute(images[:4], contrast=[1, 2, 3, 4])   # N x 1 x 7 x 7
+        >>> every = cam.attribute(images[:4], contrast="all")        # N x 10 x 7 x 7
+    """
+
+    _score = "cross_entropy"
+    _default_classes = "runner_up"
+    _class_argument = "contrast"
+
+    @log_usage()
+    @with_cam_args
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        contrast: Any = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = True,
+        reshape_transform: Callable | None = None,
+        upsample_to_input: bool = False,
+        normalize: str | None = None,
+        max_batch: int | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Contrastive maps of ``inputs`` against the contrast class(es) Q.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            contrast (int, list, Tensor or str, optional): the class Q. An int (same Q
+                for all), a list or 1-D tensor with one Q per example, ``"all"`` for every
+                class (one map per class), or a 2-D tensor / list of lists (N or 1 rows) of
+                several classes per example. Default: None, the second most likely class of
+                each example. Inside NoiseTunnel, ``infidelity`` and ``sensitivity_max`` a
+                per-example ``contrast`` of length N is expanded with the inputs
+                (``repeat_interleave``).
+            {cam_args}
+
+        {cam_returns}
+        """
+        return self._maps(
+            inputs,
+            contrast,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+            reshape_transform,
+            upsample_to_input,
+            normalize,
+            max_batch,
+        )
+
+
+class CounterfactualCAM(TargetClassCAMBase):
+    r"""Counterfactual class activation map: "What if P were absent?".
+
+    Grad-CAM with negated weights: the regions whose removal would most raise the
+    confidence in P, i.e. the evidence against P.
+
+    .. code-block:: text
+
+        alpha_k = - mean over (u, v) of d z_P / d A_k
+        map     = ReLU( sum_k alpha_k * A_k )
+
+    Paper: Selvaraju et al., "Grad-CAM", ICCV 2017 (counterfactual explanations, sec. 5);
+    AlRegib & Prabhushankar, "Explanatory Paradigms in Neural Networks", IEEE SPM 2022.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        device_ids (list[int], optional): as in Captum's layer methods.
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits.
+
+    Examples::
+
+        >>> from captum_ext.attr import CounterfactualCAM
+        >>> cam = CounterfactualCAM(model, "features.7")
+        >>> maps = cam.attribute(images)             # against each predicted class
+    """
+
+    _sign = -1.0
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: list[int] | None = None,
+        *,
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids, output_transform=output_transform)

@@ -1,0 +1,56 @@
+"""Grad-CAM++ as a Captum layer attribution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from ._cam import TargetClassCAMBase
+
+
+class LayerGradCamPlusPlus(TargetClassCAMBase):
+    r"""Grad-CAM++: pixel-weighted gradients for the channel weights.
+
+    With G = d z_P / d A and A the K x u x v activations of ``layer``:
+
+    .. code-block:: text
+
+        a_kuv   = G_kuv^2 / (2 G_kuv^2 + sum_(i,j) A_kij * G_kuv^3)   (0 where G_kuv = 0)
+        alpha_k = sum over (u, v) of a_kuv * ReLU(G_kuv)
+        map     = ReLU( sum_k alpha_k * A_k )
+
+    (the closed form of the paper for an exponential of the score). The contrastive form,
+    the same weighting of d CE(z, Q) / d A, is ``ContrastCAM(..., weighting="gradcam++")``.
+
+    Paper: Chattopadhay, Sarkar, Howlader & Balasubramanian, "Grad-CAM++: Generalized
+    Gradient-Based Visual Explanations for Deep Convolutional Networks", WACV 2018.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        device_ids (list[int], optional): as in Captum's layer methods.
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits.
+
+    Examples::
+
+        >>> from captum_ext.attr import LayerGradCamPlusPlus
+        >>> maps = LayerGradCamPlusPlus(model, "features.7").attribute(images, target=labels)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: list[int] | None = None,
+        *,
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(
+            forward_func,
+            layer,
+            device_ids,
+            weighting="gradcam++",
+            output_transform=output_transform,
+        )
