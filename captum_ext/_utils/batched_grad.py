@@ -68,7 +68,7 @@ def run_forward(
         output = forward_func(*inputs, *extra)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise ValueError(
             f"forward_func failed on `inputs` of shape {shapes}: {error}. Check the input "

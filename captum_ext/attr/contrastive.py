@@ -54,7 +54,7 @@ def _swap_forward(method: Attribution, forward: ContrastiveForward) -> Attributi
 
 def _expand_rows(value: Any, n: int, repeats: int, rows: slice) -> Any:
     """Repeat per-example tensors (leading dim n) for the flattened (example, class) rows."""
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n and n > 1:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
         return value.repeat_interleave(repeats, dim=0)[rows]
     if isinstance(value, tuple):
         return tuple(_expand_rows(v, n, repeats, rows) for v in value)

@@ -1,0 +1,248 @@
+"""The shared engine: one forward + batched VJP equals a plain per-class loop (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from captum_ext._utils.batched_grad import class_gradients
+from captum_ext._utils.hooks import capture_layer, registered_hooks
+from captum_ext._utils.layers import resolve_layer
+
+
+def loop_gradients(model, inputs, layer, classes, score):
+    """Reference: one forward and one backward per (example, class), hooks by hand."""
+    rows = []
+    for n in range(inputs.shape[0]):
+        per_class = []
+        for c in classes[n].tolist():
+            store = {}
+
+            def keep(module, args, output, store=store):
+                store["a"] = output
+
+            handle = layer.register_forward_hook(keep)
+            try:
+                logits = model(inputs[n : n + 1])
+            finally:
+                handle.remove()
+            if score == "logit":
+                value = logits[0, c]
+            elif score == "cross_entropy":
+                value = nn.functional.cross_entropy(logits, torch.tensor([c]))
+            else:
+                value = score(logits)[0, c]
+            (grad,) = torch.autograd.grad(value, store["a"])
+            per_class.append(grad[0])
+        rows.append(torch.stack(per_class))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("score", ["logit", "cross_entropy", lambda z: z.sigmoid() * z])
+@pytest.mark.parametrize("layer_name", ["features.3", "features.0", "head.1"])
+@pytest.mark.parametrize("max_batch", [1, 2, None])
+def test_engine_equals_per_class_loop(score, layer_name, max_batch, tiny_inputs):
+    model = make_tiny_cnn()
+    layer = resolve_layer(model, layer_name)
+    classes = torch.tensor([[0, 3, 4], [2, 2, 1], [4, 0, 1], [1, 3, 0]])
+    expected = loop_gradients(model, tiny_inputs, layer, classes, score)
+    got = class_gradients(
+        model, (tiny_inputs,), classes, layer=layer, score=score, max_batch=max_batch
+    )
+    assert got.multi
+    assert torch.equal(got.classes, classes)
+    torch.testing.assert_close(got.result[0], expected, rtol=0, atol=1e-9)
+
+
+def test_engine_all_classes_and_default_classes(tiny_cnn, tiny_inputs):
+    layer = tiny_cnn.features[3]
+    every = class_gradients(tiny_cnn, (tiny_inputs,), "all", layer=layer, max_batch=2)
+    assert every.result[0].shape == (4, 5, 8, 6, 6)
+    predicted = class_gradients(tiny_cnn, (tiny_inputs,), None, layer=layer)
+    assert not predicted.multi
+    top = tiny_cnn(tiny_inputs).argmax(1)
+    assert torch.equal(predicted.classes[:, 0], top)
+    rows = torch.arange(4)
+    torch.testing.assert_close(
+        predicted.result[0][:, 0], every.result[0][rows, top], atol=1e-12, rtol=0
+    )
+    runner_up = class_gradients(
+        tiny_cnn, (tiny_inputs,), None, layer=layer, default_classes="runner_up"
+    )
+    assert torch.equal(runner_up.classes[:, 0], tiny_cnn(tiny_inputs).topk(2).indices[:, 1])
+
+
+def test_engine_gradient_with_respect_to_inputs_and_layer_input(tiny_cnn, tiny_inputs):
+    x = tiny_inputs.clone().requires_grad_(True)
+    logits = tiny_cnn(x)
+    expected = torch.stack(
+        [torch.autograd.grad(logits[:, c].sum(), x, retain_graph=True)[0] for c in range(5)], 1
+    )
+    got = class_gradients(tiny_cnn, (tiny_inputs,), "all", max_batch=3)
+    torch.testing.assert_close(got.result[0], expected, atol=1e-12, rtol=0)
+    assert not tiny_inputs.requires_grad
+    # the input of the first conv is the model input
+    via_layer = class_gradients(
+        tiny_cnn, (tiny_inputs,), "all", layer=tiny_cnn.features[0], layer_input=True
+    )
+    torch.testing.assert_close(via_layer.result[0], expected, atol=1e-12, rtol=0)
+
+
+def test_engine_reducer_sees_chunks_and_result_is_concatenated(tiny_cnn, tiny_inputs):
+    widths = []
+
+    def reduce(grads, activations):
+        widths.append(grads[0].shape[1])
+        return grads[0].sum(dim=(2, 3, 4))
+
+    got = class_gradients(
+        tiny_cnn, (tiny_inputs,), "all", layer=tiny_cnn.features[3], max_batch=2, reduce=reduce
+    )
+    assert widths == [2, 2, 1]
+    full = class_gradients(tiny_cnn, (tiny_inputs,), "all", layer=tiny_cnn.features[3])
+    torch.testing.assert_close(got.result, full.result[0].sum(dim=(2, 3, 4)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    n_classes=st.integers(1, 5),
+    max_batch=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_engine_shapes_and_batch_independence(n, n_classes, max_batch, seed):
+    """Any batch size, class count and chunking: rows equal the examples computed alone."""
+    model = make_tiny_cnn()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 6, 6, generator=generator, dtype=torch.float64)
+    classes = torch.randint(0, 5, (n, n_classes), generator=generator)
+    got = class_gradients(
+        model, (x,), classes, layer=model.features[3], score="cross_entropy", max_batch=max_batch
+    )
+    assert got.result[0].shape == (n, n_classes, 8, 6, 6)
+    for i in range(n):
+        alone = class_gradients(
+            model,
+            (x[i : i + 1],),
+            classes[i : i + 1],
+            layer=model.features[3],
+            score="cross_entropy",
+        )
+        torch.testing.assert_close(got.result[0][i], alone.result[0][0], atol=1e-10, rtol=0)
+
+
+def test_engine_leaves_model_unchanged_on_success_and_failure(tiny_inputs):
+    model = make_tiny_cnn()
+    model.features[0].weight.requires_grad_(False)
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    model.head.train()  # a mixed train/eval state must survive as it is
+    before = model_snapshot(model)
+    class_gradients(model, (tiny_inputs,), "all", layer=model.features[3])
+    assert_model_unchanged(model, before)
+    with pytest.raises(ValueError, match="target"):
+        class_gradients(model, (tiny_inputs,), 7, layer=model.features[3])
+    assert_model_unchanged(model, before)
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom after the layer")
+
+    model.pool = Boom()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="boom after the layer"):
+        class_gradients(model, (tiny_inputs,), 0, layer=model.features[3])
+    assert_model_unchanged(model, before)
+
+
+def test_engine_restores_state_changed_by_forward(tiny_cnn, tiny_inputs):
+    class Sneaky(nn.Module):
+        """A model whose forward flips a submodule to train mode and the default dtype."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            self.inner.head.train()
+            self.inner.classifier.weight.requires_grad_(False)
+            torch.set_default_dtype(torch.float64)
+            return self.inner(x)
+
+    model = Sneaky(tiny_cnn)
+    before = model_snapshot(model)
+    class_gradients(model, (tiny_inputs,), 0, layer=tiny_cnn.features[3])
+    assert_model_unchanged(model, before)
+
+
+def test_registered_hooks_removed_when_body_raises(tiny_cnn):
+    layer = tiny_cnn.features[3]
+    with pytest.raises(KeyError):
+        with registered_hooks(lambda: layer.register_forward_hook(lambda *a: None)):
+            assert len(layer._forward_hooks) == 1
+            raise KeyError("inside")
+    assert len(layer._forward_hooks) == 0
+
+
+def test_registered_hooks_removed_when_a_registration_fails(tiny_cnn):
+    layer = tiny_cnn.features[3]
+
+    def failing():
+        raise RuntimeError("cannot register")
+
+    with pytest.raises(RuntimeError):
+        with registered_hooks(lambda: layer.register_forward_hook(lambda *a: None), failing):
+            pass
+    assert len(layer._forward_hooks) == 0
+
+
+def test_capture_survives_inplace_relu_after_layer(tiny_cnn, tiny_inputs):
+    # features.1 (batchnorm) is followed by ReLU(inplace=True)
+    layer = tiny_cnn.features[1]
+    with capture_layer(layer) as capture:
+        tiny_cnn(tiny_inputs)
+    (activation,) = capture.single_call("bn")
+    assert bool((activation < 0).any()), "captured values must be the pre-ReLU output"
+
+
+def test_layer_that_never_runs(tiny_cnn, tiny_inputs):
+    unused = nn.Linear(2, 2).double()
+    tiny_cnn.unused = unused
+    with pytest.raises(ValueError, match="did not run"):
+        class_gradients(tiny_cnn, (tiny_inputs,), 0, layer=unused)
+    assert len(unused._forward_hooks) == 0
+
+
+def test_layer_that_runs_twice():
+    shared = nn.Linear(4, 4).double()
+    model = nn.Sequential(shared, nn.ReLU(), shared).eval()
+    with pytest.raises(ValueError, match="ran 2 times"):
+        class_gradients(model, (torch.randn(2, 4, dtype=torch.float64),), 0, layer=shared)
+
+
+def test_resolve_layer_lists_close_names(tiny_cnn):
+    assert resolve_layer(tiny_cnn, "features.3") is tiny_cnn.features[3]
+    assert resolve_layer(tiny_cnn, tiny_cnn.pool) is tiny_cnn.pool
+    with pytest.raises(ValueError, match=r"features\.3\.conv"):
+        resolve_layer(tiny_cnn, "features.3.cnv")
+    with pytest.raises(TypeError, match="layer"):
+        resolve_layer(tiny_cnn, 3)
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        resolve_layer(lambda x: tiny_cnn(x), "features.3")
+    scripted = torch.jit.script(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="TorchScript"):
+        resolve_layer(tiny_cnn, scripted)
+
+
+def test_engine_chunk_argument_validated(tiny_cnn, tiny_inputs):
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="max_batch"):
+            class_gradients(tiny_cnn, (tiny_inputs,), "all", layer=tiny_cnn.pool, max_batch=bad)
+
+
+def test_engine_unknown_score(tiny_cnn, tiny_inputs):
+    with pytest.raises(ValueError, match="score"):
+        class_gradients(tiny_cnn, (tiny_inputs,), 0, score="softmax-ish")

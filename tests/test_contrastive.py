@@ -1,0 +1,196 @@
+"""Contrastive: any Captum gradient method explaining CE(f(x), Q)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from captum.attr import (
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    LayerGradCam,
+    NoiseTunnel,
+    Saliency,
+)
+from conftest import assert_model_unchanged, model_snapshot
+from torch import nn
+
+from captum_ext.attr import ContrastCAM, Contrastive, LayerGradCamPlusPlus
+
+
+def cross_entropy_gradient(model, x, contrast):
+    x = x.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x), contrast, reduction="sum")
+    return torch.autograd.grad(loss, x)[0]
+
+
+def test_saliency_is_the_gradient_of_the_cross_entropy(tiny_cnn, tiny_inputs):
+    contrast = torch.tensor([3, 1, 0, 4])
+    got = Contrastive(Saliency, tiny_cnn).attribute(tiny_inputs, contrast=contrast, abs=False)
+    torch.testing.assert_close(got, cross_entropy_gradient(tiny_cnn, tiny_inputs, contrast))
+    x_times_grad = Contrastive(InputXGradient, tiny_cnn).attribute(tiny_inputs, contrast)
+    torch.testing.assert_close(x_times_grad, tiny_inputs * got)
+
+
+def test_integrated_gradients_complete_to_the_cross_entropy_difference(tiny_cnn, tiny_inputs):
+    contrast = torch.tensor([0, 2, 2, 1])
+    baselines = torch.zeros_like(tiny_inputs)
+    attr, delta = Contrastive(IntegratedGradients, tiny_cnn).attribute(
+        tiny_inputs, contrast, baselines=baselines, n_steps=300, return_convergence_delta=True
+    )
+    ce = nn.functional.cross_entropy
+    expected = ce(tiny_cnn(tiny_inputs), contrast, reduction="none") - ce(
+        tiny_cnn(baselines), contrast, reduction="none"
+    )
+    torch.testing.assert_close(attr.sum(dim=(1, 2, 3)), expected.detach(), atol=1e-3, rtol=0)
+    assert delta.abs().max() < 1e-3
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0)
+
+
+class _GuidedReLUModule(nn.Module):
+    def forward(self, x):
+        return _GuidedReLU.apply(x)
+
+
+def test_guided_backprop_matches_a_hand_written_guided_relu(tiny_cnn, tiny_inputs):
+    guided = copy.deepcopy(tiny_cnn)
+    for module in list(guided.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, _GuidedReLUModule())
+    contrast = torch.tensor([4, 4, 1, 0])
+    expected = cross_entropy_gradient(guided, tiny_inputs, contrast)
+    got = Contrastive(GuidedBackprop, tiny_cnn).attribute(tiny_inputs, contrast)
+    torch.testing.assert_close(got, expected)
+
+
+def test_layer_methods_equal_contrast_cam(tiny_cnn, tiny_inputs):
+    contrast = [1, 0, 3, 2]
+    via_wrapper = Contrastive(LayerGradCam, tiny_cnn, tiny_cnn.features[3]).attribute(
+        tiny_inputs, contrast, relu_attributions=True
+    )
+    direct = ContrastCAM(tiny_cnn, "features.3").attribute(tiny_inputs, contrast)
+    torch.testing.assert_close(via_wrapper.detach(), direct)
+    plus_plus = Contrastive(LayerGradCamPlusPlus(tiny_cnn, "features.3")).attribute(
+        tiny_inputs, contrast
+    )
+    torch.testing.assert_close(
+        plus_plus,
+        ContrastCAM(tiny_cnn, "features.3", weighting="gradcam++").attribute(tiny_inputs, contrast),
+    )
+
+
+def test_default_contrast_is_runner_up(tiny_cnn, tiny_inputs):
+    runner_up = tiny_cnn(tiny_inputs).topk(2).indices[:, 1]
+    saliency = Contrastive(Saliency, tiny_cnn)
+    torch.testing.assert_close(
+        saliency.attribute(tiny_inputs), saliency.attribute(tiny_inputs, runner_up)
+    )
+
+
+@pytest.mark.parametrize("max_batch", [None, 3, 1])
+def test_all_contrasts_equal_stacked_single_calls(tiny_cnn, tiny_inputs, max_batch):
+    ig = Contrastive(IntegratedGradients, tiny_cnn)
+    baselines = torch.randn_like(tiny_inputs)
+    every = ig.attribute(tiny_inputs, "all", baselines=baselines, n_steps=8, max_batch=max_batch)
+    assert every.shape == (4, 5, 3, 6, 6)
+    for q in range(5):
+        single = ig.attribute(tiny_inputs, q, baselines=baselines, n_steps=8)
+        torch.testing.assert_close(every[:, q], single)
+    pair = ig.attribute(tiny_inputs, [[2, 0]], baselines=baselines, n_steps=8)
+    torch.testing.assert_close(pair, every[:, [2, 0]])
+
+
+def test_all_contrasts_with_tuple_inputs_and_additional_args():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(2, 4)
+
+        def forward(self, x, y, scale):
+            return self.a(x) * scale + self.b(y).tanh()
+
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    scale = torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64)
+    saliency = Contrastive(Saliency, model)
+    every = saliency.attribute((x, y), "all", additional_forward_args=(scale,), abs=False)
+    assert isinstance(every, tuple) and every[0].shape == (3, 4, 3) and every[1].shape == (3, 4, 2)
+    for q in range(4):
+        single = saliency.attribute((x, y), q, additional_forward_args=(scale,), abs=False)
+        torch.testing.assert_close(every[0][:, q], single[0])
+        torch.testing.assert_close(every[1][:, q], single[1])
+
+
+def test_noise_tunnel_inside_with_zero_noise_equals_plain(tiny_cnn, tiny_inputs):
+    plain = Contrastive(Saliency, tiny_cnn).attribute(tiny_inputs, [0, 1, 2, 3])
+    smooth = Contrastive(NoiseTunnel(Saliency(tiny_cnn))).attribute(
+        tiny_inputs, [0, 1, 2, 3], nt_type="smoothgrad", nt_samples=3, stdevs=0.0
+    )
+    torch.testing.assert_close(smooth, plain)
+
+
+def test_wrapping_copies_and_leaves_everything_as_it_was(tiny_cnn, tiny_inputs):
+    saliency = Saliency(tiny_cnn)
+    tunnel = NoiseTunnel(saliency)
+    before = model_snapshot(tiny_cnn)
+    wrapped = Contrastive(tunnel)
+    wrapped.attribute(tiny_inputs, "all", nt_samples=2)
+    assert tunnel.forward_func is tiny_cnn and saliency.forward_func is tiny_cnn
+    assert tunnel.attribution_method is saliency
+    assert_model_unchanged(tiny_cnn, before)
+    x = tiny_inputs.clone()
+    wrapped.attribute(x, 0, nt_samples=2)
+    assert not x.requires_grad
+
+
+def test_properties_are_forwarded(tiny_cnn):
+    assert Contrastive(InputXGradient, tiny_cnn).multiplies_by_inputs is True
+    assert Contrastive(Saliency, tiny_cnn).multiplies_by_inputs is False
+    assert Contrastive(IntegratedGradients, tiny_cnn).has_convergence_delta() is True
+    assert Contrastive(Saliency, tiny_cnn).forward_func is tiny_cnn
+
+
+class TestBadInput:
+    def test_target_is_refused(self, tiny_cnn, tiny_inputs):
+        with pytest.raises(TypeError, match="contrast.*not `target`"):
+            Contrastive(Saliency, tiny_cnn).attribute(tiny_inputs, target=1)
+
+    def test_not_an_attribution(self, tiny_cnn):
+        with pytest.raises(TypeError, match="method"):
+            Contrastive(nn.Linear, tiny_cnn)
+        with pytest.raises(TypeError, match="forward_func"):
+            Contrastive(Saliency)
+        with pytest.raises(TypeError, match="already an instance"):
+            Contrastive(Saliency(tiny_cnn), tiny_cnn)
+        with pytest.raises(TypeError, match="already Contrastive"):
+            Contrastive(Contrastive(Saliency, tiny_cnn))
+
+    def test_contrast_out_of_range_and_length(self, tiny_cnn, tiny_inputs):
+        saliency = Contrastive(Saliency, tiny_cnn)
+        with pytest.raises(ValueError, match="contrast"):
+            saliency.attribute(tiny_inputs, 5)
+        with pytest.raises(ValueError, match="contrast"):
+            saliency.attribute(tiny_inputs, [0, 1, 2])
+        with pytest.raises(ValueError, match="max_batch"):
+            saliency.attribute(tiny_inputs, "all", max_batch=0)
+
+    def test_non_2d_output(self, tiny_inputs):
+        model = nn.Conv2d(3, 2, 3).double()
+        with pytest.raises(ValueError, match="output_transform"):
+            Contrastive(Saliency, model).attribute(tiny_inputs, 0)
