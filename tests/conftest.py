@@ -104,3 +104,13 @@ def assert_model_unchanged(model: nn.Module, before: dict) -> None:
     assert before["default_dtype"] == after["default_dtype"]
     for name, grad in before["grads"].items():
         assert after["grads"][name] is grad, f".grad of {name} changed"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip when no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
