@@ -74,7 +74,8 @@ class Contrastive(GradientAttribution):
 
     the signal ContrastCAM backpropagates. Sign: a positive attribution is evidence against
     Q (it raises the loss of predicting Q), i.e. evidence for the class the network prefers
-    over Q. ``Contrastive(LayerGradCam, model, layer)`` equals ``ContrastCAM(model, layer)``.
+    over Q. ``Contrastive(LayerGradCam, model, layer)`` with ``relu_attributions=True`` (Captum's
+    default is False) equals ``ContrastCAM(model, layer)``.
 
     Works with Saliency, InputXGradient, IntegratedGradients, GuidedBackprop, LayerGradCam,
     our LayerGradCamPlusPlus and NoiseTunnel around any of them (a NoiseTunnel instance is
@@ -88,7 +89,8 @@ class Contrastive(GradientAttribution):
         forward_func (Callable, optional): the model, when ``method`` is a class; it is
             constructed as ``method(forward_func, *args, **kwargs)``. Must be None when
             ``method`` is an instance (its own forward_func is used).
-        *args, **kwargs: further constructor arguments of ``method`` (e.g. the layer).
+        *args: further positional constructor arguments of ``method`` (e.g. the layer).
+        **kwargs: further keyword constructor arguments of ``method``.
         output_transform (Callable, optional): reduces the model's output to (N, C) logits.
 
     Examples::
