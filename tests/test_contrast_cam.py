@@ -10,7 +10,7 @@ from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext._utils.maps import minmax_normalize
-from captum_ext.attr import ContrastCAM, CounterfactualCAM, LayerGradCamPlusPlus
+from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM, LayerGradCamPlusPlus
 
 LAYER = "features.3"
 
@@ -50,6 +50,19 @@ def test_counterfactual_is_negated_gradcam(tiny_cnn, tiny_inputs):
         tiny_inputs, target=3, relu_attributions=False
     )
     torch.testing.assert_close(signed, -captum_gradcam(tiny_cnn, tiny_inputs, 3))
+
+
+def test_gradcam_equals_captum_layer_gradcam_for_every_target_form(tiny_cnn, tiny_inputs):
+    every = GradCAM(tiny_cnn, LAYER).attribute(tiny_inputs, target="all")
+    for c in range(5):
+        torch.testing.assert_close(
+            every[:, c : c + 1], torch.relu(captum_gradcam(tiny_cnn, tiny_inputs, c))
+        )
+    target = [4, 0, 2, 2]
+    torch.testing.assert_close(
+        GradCAM(tiny_cnn, LAYER).attribute(tiny_inputs, target, relu_attributions=False),
+        captum_gradcam(tiny_cnn, tiny_inputs, target),
+    )
 
 
 def test_gradcam_plus_plus_formula_by_hand(tiny_cnn, tiny_inputs):
@@ -140,7 +153,7 @@ def test_contrastive_gradcam_plus_plus_uses_the_cross_entropy_signal():
     np.testing.assert_allclose(ours[:, 0].numpy(), theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", [ContrastCAM, CounterfactualCAM, LayerGradCamPlusPlus])
+@pytest.mark.parametrize("method", [ContrastCAM, CounterfactualCAM, GradCAM, LayerGradCamPlusPlus])
 def test_batch_equals_one_by_one_and_all_equals_single(method, tiny_cnn, tiny_inputs):
     explainer = method(tiny_cnn, LAYER)
     batch = explainer.attribute(tiny_inputs)

@@ -59,6 +59,7 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
         raise TypeError(
             f"`{argument}` is a TorchScript module ({type(layer).__name__}); forward hooks "
             "cannot be registered on ScriptModules. Explain an eager model (later parts of "
-            "it may be scripted)."
+            "it may be scripted), or wrap a loaded TorchScript model with "
+            "captum_ext.data.expose_layer(model, 'layer.name')."
         )
     return layer

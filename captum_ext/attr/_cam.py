@@ -156,7 +156,28 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
 
 
 class TargetClassCAMBase(ClassActivationMapBase):
-    """A CAM explaining the class(es) given by Captum's ``target`` (default: the prediction)."""
+    """A CAM explaining the class(es) given by Captum's ``target`` (default: the prediction).
+
+    Subclasses fix the weighting with the class attribute ``_weighting``.
+    """
+
+    _weighting = "gradcam"
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: list[int] | None = None,
+        *,
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(
+            forward_func,
+            layer,
+            device_ids,
+            weighting=self._weighting,
+            output_transform=output_transform,
+        )
 
     @log_usage()
     @with_cam_args

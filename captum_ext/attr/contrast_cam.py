@@ -130,13 +130,3 @@ class CounterfactualCAM(TargetClassCAMBase):
     """
 
     _sign = -1.0
-
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: Any,
-        device_ids: list[int] | None = None,
-        *,
-        output_transform: Callable[[Any], Tensor] | None = None,
-    ) -> None:
-        super().__init__(forward_func, layer, device_ids, output_transform=output_transform)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from torch import Tensor
-
 from ._cam import TargetClassCAMBase
 
 
@@ -39,18 +34,4 @@ class LayerGradCamPlusPlus(TargetClassCAMBase):
         >>> maps = LayerGradCamPlusPlus(model, "features.7").attribute(images, target=labels)
     """
 
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: Any,
-        device_ids: list[int] | None = None,
-        *,
-        output_transform: Callable[[Any], Tensor] | None = None,
-    ) -> None:
-        super().__init__(
-            forward_func,
-            layer,
-            device_ids,
-            weighting="gradcam++",
-            output_transform=output_transform,
-        )
+    _weighting = "gradcam++"

@@ -31,11 +31,22 @@ from captum_ext.data._digit_cnn import (
 __all__ = [
     "BUNDLED_CAM_LAYER",
     "DIGIT_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "TRANSFORMS",
     "DigitCNN",
+    "TorchScriptLayerModel",
     "bundled_model_info",
+    "default_cam_layer",
     "denormalize_digits",
+    "denormalize_for_display",
+    "expose_layer",
     "load_bundled_model",
+    "load_image_folder",
+    "load_model",
     "load_sample_digits",
+    "load_state_dict_file",
     "normalize_digits",
 ]
 
@@ -195,3 +206,19 @@ def bundled_model_info() -> dict[str, Any]:
     """
     with _resource(_INFO_FILE).open("r", encoding="utf-8") as f:
         return json.load(f)
+
+
+# the loaders of the user's own models and images (imported last: they use the names above)
+from captum_ext.data.loading import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TRANSFORMS,
+    TorchScriptLayerModel,
+    default_cam_layer,
+    denormalize_for_display,
+    expose_layer,
+    load_image_folder,
+    load_model,
+    load_state_dict_file,
+)

@@ -1,0 +1,37 @@
+"""Grad-CAM on the shared engine: many targets per pass, published post-processing."""
+
+from __future__ import annotations
+
+from ._cam import TargetClassCAMBase
+
+
+class GradCAM(TargetClassCAMBase):
+    r"""Grad-CAM: "Why P?", with every requested class from one forward pass.
+
+    The same map as Captum's ``LayerGradCam`` with ``relu_attributions=True``:
+
+    .. code-block:: text
+
+        alpha_k = mean over (u, v) of d z_P / d A_k
+        map     = ReLU( sum_k alpha_k * A_k )
+
+    computed by the shared batched engine, so ``target="all"`` (or several targets per
+    example) costs one forward pass and one batched backward instead of one backward per
+    class, and with the post-processing options of ContrastCAM (``upsample_to_input``,
+    ``normalize="minmax"``, ``reshape_transform``).
+
+    Paper: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+    Gradient-based Localization", ICCV 2017.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        device_ids (list[int], optional): as in Captum's layer methods.
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits.
+
+    Examples::
+
+        >>> from captum_ext.attr import GradCAM
+        >>> maps = GradCAM(model, "features.7").attribute(images)        # predicted class
+        >>> every = GradCAM(model, "features.7").attribute(images, "all")  # N x 10 x 7 x 7
+    """

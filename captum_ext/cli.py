@@ -1,0 +1,299 @@
+r"""The ``captum-ext`` command line.
+
+``captum-ext report`` writes an HTML report of contrastive explanations ("Why P? Why P,
+rather than Q? What if not P?") for a model and a folder of images; with no arguments it
+uses the bundled digit classifier and its sample digits::
+
+    captum-ext report                                   # -> report/index.html
+    captum-ext report --model torchvision.models:resnet18 --weights r18.pt \
+        --images photos/ --classes imagenet_classes.txt --out r18-report
+    captum-ext report --model model.ts --layer features.7 --images digits/ --transform digits
+
+Bad arguments end with exit status 2 and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_PROG = "captum-ext"
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage block) and exit with status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``captum-ext`` (subcommand ``report``)."""
+    from captum_ext import __version__
+
+    parser = _OneLineParser(
+        prog=_PROG,
+        description="Contrastive, counterfactual and uncertainty explanations for image "
+        "classifiers (a Captum plugin).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+
+    report = commands.add_parser(
+        "report",
+        help="write an HTML report of Grad-CAM, ContrastCAM and CounterfactualCAM maps",
+        description="Explain a classifier's predictions on a folder of images with Grad-CAM "
+        "('Why P?'), ContrastCAM ('Why P, rather than Q?', Q the runner-up class) and "
+        "CounterfactualCAM ('What if not P?'), and write them as an HTML page. Without "
+        "--model and --images: the bundled digit classifier on its 40 sample digits.",
+    )
+    report.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="a TorchScript file, or 'package.module:factory' called with no arguments "
+        "(e.g. torchvision.models:resnet18). Default: the bundled digit classifier.",
+    )
+    report.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="state dict for --model (torch.save(model.state_dict(), FILE); read with "
+        "weights_only=True) or a .safetensors file",
+    )
+    report.add_argument(
+        "--layer",
+        metavar="NAME",
+        help="dotted name of the layer to explain (from model.named_modules()); picked "
+        "automatically for torchvision ResNet, VGG, DenseNet and MobileNet models",
+    )
+    report.add_argument(
+        "--images",
+        metavar="DIR",
+        help="folder of images (read recursively, sorted by path; sub-folders named after "
+        "classes give the true class). Default: the 40 bundled sample digits.",
+    )
+    report.add_argument(
+        "--transform",
+        choices=("imagenet", "none", "digits"),
+        help="preprocessing of --images: imagenet (resize 256, crop 224, ImageNet "
+        "normalisation), none (scale to [0, 1] only), digits (grey 28 x 28, the bundled "
+        "model's normalisation). Default: digits for the bundled model, else imagenet.",
+    )
+    report.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="text file of class names, one per line, in the order of the model's outputs",
+    )
+    report.add_argument("--out", metavar="DIR", default="report", help="output folder")
+    report.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="images per attribution call (default: 64)",
+    )
+    report.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+    report.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="explain only the first N images"
+    )
+    report.add_argument("--title", default=None, help="page title")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    report.set_defaults(handler=_run_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``captum-ext`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.error("choose a command: report")
+    prog = f"{_PROG} {args.command}"
+    try:
+        return args.handler(args)
+    except _USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------------------
+# report
+
+
+def _read_class_names(path: str) -> list[str]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"`--classes` file not found: {path!r}.")
+    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise ValueError(f"`--classes` file {path!r} is empty; expected one class name per line.")
+    return names
+
+
+def _conv_layer_names(model: Any) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        kind = getattr(module, "original_name", type(module).__name__)
+        if name and "Conv" in kind:
+            names.append(name)
+    return names
+
+
+def _pick_layer(model: Any, layer: str | None) -> str:
+    from captum_ext.data.loading import default_cam_layer
+
+    if layer is not None:
+        return layer
+    picked = default_cam_layer(model)
+    kind = getattr(model, "original_name", type(model).__name__)
+    if picked is None:
+        candidates = _conv_layer_names(model)[-3:]
+        hint = f" (the last convolutions are {', '.join(candidates)})" if candidates else ""
+        raise ValueError(
+            f"`--layer` is required for a {kind} model{hint}; give the dotted name of the "
+            "layer to explain, from model.named_modules()."
+        )
+    print(
+        f"Explaining layer {picked!r}, the last convolutional block of {kind} (--layer to change)."
+    )
+    return picked
+
+
+def _true_labels(folders: list[str], class_names: list[str] | None) -> list[int | None] | None:
+    if class_names is None or not any(folders):
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index.get(folder) for folder in folders]
+    return labels if any(label is not None for label in labels) else None
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from captum_ext.data import (
+        BUNDLED_CAM_LAYER,
+        DIGIT_CLASSES,
+        load_bundled_model,
+        load_sample_digits,
+    )
+    from captum_ext.data.loading import (
+        _parse_device,
+        denormalize_for_display,
+        expose_layer,
+        load_image_folder,
+        load_model,
+    )
+    from captum_ext.viz import Report, contrastive_section
+
+    device = _parse_device(args.device)
+    if args.model is None:
+        if args.weights is not None:
+            raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+        model = load_bundled_model().to(device)
+        model_description = "bundled digit classifier (captum_ext.data.load_bundled_model)"
+        layer_name = args.layer or BUNDLED_CAM_LAYER
+        default_transform = "digits"
+    else:
+        model = load_model(args.model, args.weights, device)
+        model_description = args.model + (f" + {args.weights}" if args.weights else "")
+        layer_name = None
+        default_transform = "imagenet"
+
+    class_names = _read_class_names(args.classes) if args.classes else None
+    if args.images is None:
+        if args.transform not in (None, "digits"):
+            raise ValueError(
+                "`--transform` applies to `--images`; the bundled sample digits are already "
+                "normalised for the bundled model (transform 'digits')."
+            )
+        transform = "digits"
+        images, labels_tensor = load_sample_digits()
+        if args.limit is not None:
+            images, labels_tensor = images[: args.limit], labels_tensor[: args.limit]
+        names = [f"sample digit {i}" for i in range(images.shape[0])]
+        if class_names is None and args.model is None:
+            class_names = list(DIGIT_CLASSES)
+        labels = labels_tensor.tolist() if class_names is not None else None
+        images_description = f"{images.shape[0]} bundled sample digits"
+    else:
+        transform = args.transform or default_transform
+        images, paths, folders = load_image_folder(
+            args.images, transform, labels_from_subfolders=True, limit=args.limit
+        )
+        if class_names is None and args.model is None:
+            class_names = list(DIGIT_CLASSES)
+        root = Path(args.images).expanduser()
+        names = [p.relative_to(root).as_posix() for p in paths]
+        labels = _true_labels(folders, class_names)
+        images_description = f"{images.shape[0]} images from {args.images}"
+
+    if layer_name is None:
+        layer_name = _pick_layer(model, args.layer)
+    forward, layer = expose_layer(model, layer_name, example=images[:2].to(device))
+    display = denormalize_for_display(images, transform)
+
+    out = Path(args.out).expanduser()
+    report = Report(
+        args.title or "captum-ext report",
+        metadata={
+            "Model": model_description,
+            "Layer": layer_name,
+            "Images": images_description,
+            "Transform": transform,
+            "Device": str(device),
+            "torch": torch.__version__,
+        },
+    )
+    report.add_section(
+        contrastive_section(
+            forward,
+            layer,
+            images,
+            display,
+            class_names,
+            out,
+            progress=not args.no_progress,
+            labels=labels,
+            names=names,
+            batch_size=args.batch_size,
+        )
+    )
+    index = report.write(out)
+    print(f"Report written to {index}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,616 @@
+r"""Load the user's own model and images: no configuration files, no downloads.
+
+- :func:`load_model`: a TorchScript file, or ``package.module:factory`` (any callable
+  returning an ``nn.Module``, e.g. ``torchvision.models:resnet18``), optionally with a state
+  dict read with ``torch.load(..., weights_only=True)`` (or a ``.safetensors`` file).
+- :func:`load_image_folder`: every image under a folder (recursively, sorted by path) as one
+  ``N x C x H x W`` tensor, with the ImageNet, digits or no preprocessing.
+- :func:`denormalize_for_display`: back to ``[0, 1]`` ``H x W x C`` arrays for plotting.
+- :func:`default_cam_layer` and :func:`expose_layer`: which layer to explain, and a way to
+  explain a layer inside a TorchScript model (whose submodules cannot carry hooks).
+
+Error messages name the argument, with the command-line flag first (``--model``,
+``--weights``, ``--images``, ``--layer``), so the command line can show them as they are.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from captum_ext._utils.torchscript import TorchScriptLayerModel, expose_layer
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "TRANSFORMS",
+    "TorchScriptLayerModel",
+    "default_cam_layer",
+    "denormalize_for_display",
+    "expose_layer",
+    "load_image_folder",
+    "load_model",
+    "load_state_dict_file",
+]
+
+#: File name endings read by :func:`load_image_folder` (compared case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+#: Names accepted by ``transform`` in :func:`load_image_folder`.
+TRANSFORMS: tuple[str, ...] = ("imagenet", "none", "digits")
+
+#: Per-channel mean and standard deviation of ImageNet (RGB, pixels scaled to [0, 1]).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_IMAGENET_RESIZE = 256
+_IMAGENET_CROP = 224
+_DIGITS_SIZE = 28
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+_LIST_AT_MOST = 5
+
+
+# --------------------------------------------------------------------------------------
+# models
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:_LIST_AT_MOST])
+    more = len(names) - _LIST_AT_MOST
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _parse_device(device: Any) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"`--device`={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {error}"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`--device`={device!r}: CUDA is not available on this machine.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"`--device`={device!r}: only {torch.cuda.device_count()} CUDA device(s) here."
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`--device`={device!r}: MPS is not available on this machine.")
+    return parsed
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        "/" in spec
+        or "\\" in spec
+        or spec.startswith(".")
+        or Path(spec).suffix.lower() in (".pt", ".pth", ".ts", ".jit", ".torchscript", ".zip")
+    )
+
+
+def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream but is exactly what users hand us here.
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first.split(". ")[0].rstrip(".")
+        raise ValueError(
+            f"`--model` (spec) {str(path)!r} is not a TorchScript file ({first}). Save one with "
+            "torch.jit.save(torch.jit.script(model), path), or pass 'package.module:factory' "
+            "and the weights with --weights."
+        ) from None
+
+
+def _import_factory(spec: str) -> Callable[[], Any]:
+    module_name, _, attribute = spec.partition(":")
+    module_name, attribute = module_name.strip(), attribute.strip()
+    if not module_name or not attribute:
+        raise ValueError(
+            f"`--model` (spec) {spec!r}: expected 'package.module:factory' (e.g. "
+            "'torchvision.models:resnet18') or the path of a TorchScript file."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"`--model` (spec) {spec!r}: cannot import module {module_name!r} ({error}). Is it "
+            "installed, or on PYTHONPATH?"
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            names = [n for n in dir(target) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=_LIST_AT_MOST, cutoff=0.5)
+            hint = f" Closest names: {', '.join(close)}." if close else ""
+            raise ValueError(
+                f"`--model` (spec) {spec!r}: {module_name!r} has no attribute {attribute!r}.{hint}"
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(
+            f"`--model` (spec) {spec!r}: {attribute!r} is a {type(target).__name__}, not a "
+            "callable that returns a model."
+        )
+    try:
+        inspect.signature(target).bind()
+    except TypeError:
+        raise ValueError(
+            f"`--model` (spec) {spec!r}: {attribute!r} cannot be called without arguments; "
+            "write a small factory function that builds the model and point --model at it."
+        ) from None
+    except ValueError:  # no signature available (some builtins): just try calling it
+        pass
+    return target
+
+
+def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, Tensor]:
+    r"""Read a state dict safely: ``torch.load(..., weights_only=True)`` or safetensors.
+
+    Checkpoints that wrap the state dict as ``{"state_dict": ...}`` or
+    ``{"model_state_dict": ...}`` are unwrapped.
+
+    Args:
+        weights (str or Path): a file written by ``torch.save(model.state_dict(), path)``, or
+            a ``.safetensors`` file (needs the ``safetensors`` package).
+        device (str or torch.device, optional): where the tensors are loaded. Default: "cpu".
+
+    Returns:
+        dict[str, Tensor]: the state dict.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be read with ``weights_only=True`` or holds no state dict.
+    """
+    path = Path(weights).expanduser()
+    device = _parse_device(device)
+    if not path.is_file():
+        raise FileNotFoundError(f"`--weights` file not found: {str(weights)!r}.")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(
+                f"`--weights` {str(weights)!r} is a safetensors file, but the safetensors "
+                "package is not installed (pip install safetensors)."
+            ) from None
+        try:
+            loaded: Any = load_file(str(path), device=str(device))
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(
+                f"`--weights` {str(weights)!r} could not be read as safetensors: {error}"
+            ) from None
+    else:
+        try:
+            loaded = torch.load(path, map_location=device, weights_only=True)
+        except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"`--weights` {str(weights)!r} could not be loaded with weights_only=True "
+                f"({type(error).__name__}: {first}). Save a plain state dict with "
+                "torch.save(model.state_dict(), path)."
+            ) from None
+    if isinstance(loaded, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
+    ):
+        raise ValueError(
+            f"`--weights` {str(weights)!r} does not hold a state dict (a mapping of parameter "
+            f"names to tensors); it holds a {type(loaded).__name__}."
+        )
+    return dict(loaded)
+
+
+def _apply_state_dict(model: nn.Module, state_dict: dict[str, Tensor], weights: Any) -> None:
+    expected = set(model.state_dict().keys())
+    given = set(state_dict)
+    if given != expected and all(k.startswith("module.") for k in given):
+        # saved from nn.DataParallel / DistributedDataParallel
+        stripped = {k[len("module.") :]: v for k, v in state_dict.items()}
+        if set(stripped) == expected:
+            state_dict, given = stripped, set(stripped)
+    missing = sorted(expected - given)
+    unexpected = sorted(given - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+        raise ValueError(
+            f"`--weights` {str(weights)!r} does not match the model {type(model).__name__}: "
+            + "; ".join(parts)
+            + ". Is --model the architecture these weights were trained with?"
+        )
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [
+            str(error).strip()
+        ]
+        raise ValueError(
+            f"`--weights` {str(weights)!r} does not fit the model {type(model).__name__}: "
+            + " ".join(details[:_LIST_AT_MOST])
+            + " Is --model the architecture these weights were trained with?"
+        ) from None
+
+
+def load_model(
+    spec: str | os.PathLike, weights: str | Path | None = None, device: Any = "cpu"
+) -> nn.Module:
+    r"""Load the user's model, ready to explain (in eval mode, on ``device``).
+
+    Args:
+        spec (str or PathLike): the path of a TorchScript file (``torch.jit.save``), or
+            ``"package.module:factory"``: the module is imported and ``factory()`` is called
+            with no arguments (``"torchvision.models:resnet18"`` builds a ResNet-18 with
+            random weights; pass the trained ones with ``weights``). ``factory`` may be a
+            dotted attribute (``"package.module:Class.build"``).
+        weights (str or Path, optional): a state dict file for the model, read with
+            ``torch.load(path, map_location=device, weights_only=True)`` (never unpickles
+            arbitrary objects) or, for ``.safetensors`` files, with the ``safetensors``
+            package. Loaded with ``strict=True``. Default: None (keep the factory's weights).
+        device (str or torch.device, optional): where the model is put. Default: "cpu".
+
+    Returns:
+        nn.Module: the model in eval mode. TorchScript models are ``ScriptModule``\ s: explain
+        a layer of one through :func:`expose_layer`.
+
+    Raises:
+        FileNotFoundError: ``spec`` looks like a path that does not exist, or ``weights`` does
+            not exist.
+        ValueError: ``spec`` is neither a TorchScript file nor an importable factory, the
+            factory does not return an ``nn.Module``, or the state dict does not match the
+            model (the message lists a few missing and unexpected keys).
+
+    Examples::
+
+        >>> import torch, torchvision
+        >>> torch.save(torchvision.models.resnet18().state_dict(), "r18.pt")
+        >>> model = load_model("torchvision.models:resnet18", weights="r18.pt")
+    """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"`--model` (spec) must be a TorchScript file path or 'package.module:factory', "
+            f"got {spec!r}."
+        )
+    spec = spec.strip()
+    device = _parse_device(device)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        model = _load_torchscript(path, device)
+    elif path.is_dir():
+        raise ValueError(
+            f"`--model` (spec) {spec!r} is a directory; expected a TorchScript file or "
+            "'package.module:factory'."
+        )
+    elif ":" in spec and not _looks_like_path(spec):
+        factory = _import_factory(spec)
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"`--model` (spec) {spec!r}: the factory returned a {type(model).__name__}, "
+                "expected a torch.nn.Module."
+            )
+    elif _looks_like_path(spec):
+        raise FileNotFoundError(f"`--model` (spec) file not found: {spec!r}.")
+    else:
+        raise ValueError(
+            f"`--model` (spec) {spec!r} is neither an existing TorchScript file nor "
+            "'package.module:factory' (e.g. 'torchvision.models:resnet18')."
+        )
+    if weights is not None:
+        state_dict = load_state_dict_file(weights, device)
+        _apply_state_dict(model, state_dict, weights)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------
+# layers
+
+# Last convolutional block of common torchvision classifiers, by class name.
+_DEFAULT_LAYERS: dict[str, str] = {
+    "ResNet": "layer4",
+    "DenseNet": "features",
+}
+
+
+def _model_class_name(model: nn.Module) -> str:
+    if isinstance(model, torch.jit.ScriptModule):
+        return getattr(model, "original_name", type(model).__name__)
+    return type(model).__name__
+
+
+def default_cam_layer(model: nn.Module) -> str | None:
+    r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet or MobileNet, else None.
+
+    ResNet: ``"layer4"`` (the last residual stage); DenseNet: ``"features"`` (the last dense
+    block and its batch norm); VGG: the last ReLU of ``features`` (before the final max-pool);
+    MobileNet V2/V3: the last block of ``features``. Matched on the class name, so models
+    loaded from TorchScript files are recognised too.
+
+    Returns:
+        str or None: a dotted name from ``model.named_modules()``, or None when the model is
+        not one of these families.
+    """
+    name = _model_class_name(model)
+    modules = dict(model.named_modules())
+    if name in _DEFAULT_LAYERS:
+        layer = _DEFAULT_LAYERS[name]
+        return layer if layer in modules else None
+    features = modules.get("features")
+    if features is None:
+        return None
+    children = [n for n, _ in features.named_children()]
+    if not children:
+        return None
+    if name == "VGG":
+        relus = [
+            n
+            for n, m in features.named_children()
+            if _model_class_name(m) in ("ReLU", "ReLU6") or isinstance(m, nn.ReLU)
+        ]
+        return f"features.{relus[-1]}" if relus else None
+    if name in ("MobileNetV2", "MobileNetV3"):
+        return f"features.{children[-1]}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# images
+
+
+def _find_images(directory: Path, extensions: Sequence[str]) -> list[Path]:
+    wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+
+
+def _imagenet_pil(image) -> Tensor:
+    """Resize the shorter side to 256, center-crop 224, scale to [0, 1], normalise."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(_IMAGENET_RESIZE * long / short)
+    size = (_IMAGENET_RESIZE, new_long) if width <= height else (new_long, _IMAGENET_RESIZE)
+    if (width, height) != size:
+        image = image.resize(size, Image.BILINEAR)
+    width, height = image.size
+    top = int(round((height - _IMAGENET_CROP) / 2.0))
+    left = int(round((width - _IMAGENET_CROP) / 2.0))
+    image = image.crop((left, top, left + _IMAGENET_CROP, top + _IMAGENET_CROP))
+    x = _to_tensor(image)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _imagenet_transform() -> Callable:
+    try:
+        from torchvision import transforms
+    except ImportError:
+        return _imagenet_pil
+    pipeline = transforms.Compose(
+        [
+            transforms.Resize(_IMAGENET_RESIZE),
+            transforms.CenterCrop(_IMAGENET_CROP),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return lambda image: pipeline(image.convert("RGB"))
+
+
+def _to_tensor(image) -> Tensor:
+    """PIL image (L or RGB) -> float C x H x W in [0, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 255.0
+
+
+def _plain_transform(image) -> Tensor:
+    return _to_tensor(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+
+
+def _digits_transform(image) -> Tensor:
+    from PIL import Image
+
+    from captum_ext.data import normalize_digits
+
+    image = image.convert("L")
+    if image.size != (_DIGITS_SIZE, _DIGITS_SIZE):
+        image = image.resize((_DIGITS_SIZE, _DIGITS_SIZE), Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8).copy()
+    return normalize_digits(pixels).reshape(1, _DIGITS_SIZE, _DIGITS_SIZE)
+
+
+def _resolve_transform(transform: Any) -> Callable:
+    if callable(transform):
+        return transform
+    if transform is None or transform == "none":
+        return _plain_transform
+    if transform == "imagenet":
+        return _imagenet_transform()
+    if transform == "digits":
+        return _digits_transform
+    raise ValueError(
+        f"`--transform`={transform!r}: expected one of {', '.join(TRANSFORMS)} or a callable "
+        "taking a PIL image and returning a C x H x W tensor."
+    )
+
+
+def load_image_folder(
+    directory: str | Path,
+    transform: str | Callable = "imagenet",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    *,
+    labels_from_subfolders: bool = False,
+    limit: int | None = None,
+) -> tuple[Tensor, list[Path]] | tuple[Tensor, list[Path], list[str]]:
+    r"""Read every image under ``directory`` (recursively, sorted by path) into one batch.
+
+    Args:
+        directory (str or Path): the folder. Images in sub-folders are included; with
+            ``labels_from_subfolders=True`` the first sub-folder is the image's class name.
+        transform (str or Callable, optional):
+
+            - ``"imagenet"``: RGB, resize the shorter side to 256, center crop 224, scale to
+              [0, 1], normalise with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`
+              (torchvision's transforms when installed, else the same steps with PIL).
+            - ``"none"``: scale to [0, 1] only (``ToTensor``); grey images keep 1 channel,
+              others become RGB. All images must then have the same size and mode.
+            - ``"digits"``: grey, resize to 28 x 28, the bundled model's normalisation
+              (:func:`captum_ext.data.normalize_digits`). Digits are expected light on dark,
+              as in MNIST.
+            - a callable taking a PIL image and returning a C x H x W float tensor.
+
+            Default: ``"imagenet"``.
+        extensions (Sequence[str], optional): file name endings to read (case-insensitive).
+            Default: :data:`IMAGE_EXTENSIONS`.
+        labels_from_subfolders (bool, optional): also return each image's sub-folder name
+            (``""`` for images directly in ``directory``). Default: False.
+        limit (int, optional): read only the first ``limit`` images (in path order).
+            Default: None (all).
+
+    Returns:
+        ``(images, paths)``, or ``(images, paths, labels)`` with ``labels_from_subfolders``:
+        ``images`` a float32 ``N x C x H x W`` tensor, ``paths`` the files in the same order,
+        ``labels`` the sub-folder names.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        ValueError: no images found, an image cannot be read, or (``"none"``, callables)
+            the images have different sizes.
+
+    Examples::
+
+        >>> images, paths = load_image_folder("photos/", transform="imagenet")
+        >>> images.shape
+        torch.Size([12, 3, 224, 224])
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(directory).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"`--images` (directory) not found: {str(directory)!r}.")
+    if not root.is_dir():
+        raise ValueError(f"`--images` (directory) {str(directory)!r} is not a directory.")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`--limit` must be a positive int, got {limit!r}.")
+    function = _resolve_transform(transform)
+    paths = _find_images(root, extensions)
+    if not paths:
+        raise ValueError(
+            f"`--images` (directory) {str(directory)!r} holds no images with the endings "
+            f"{', '.join(extensions)}."
+        )
+    if limit is not None:
+        paths = paths[:limit]
+    tensors = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                tensor = function(image)
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"`--images`: cannot read image {str(path)!r}: {error}") from None
+        if not isinstance(tensor, Tensor) or tensor.dim() != 3:
+            got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"`--transform` must turn each image into a C x H x W tensor, got {got} for "
+                f"{str(path)!r}."
+            )
+        if tensors and tensor.shape != tensors[0].shape:
+            raise ValueError(
+                f"`--images`: {str(path)!r} gives a {tuple(tensor.shape)} tensor but "
+                f"{str(paths[0])!r} gives {tuple(tensors[0].shape)}; with transform="
+                f"{transform if isinstance(transform, str) else 'callable'!r} all images need the "
+                "same size and channels (use transform 'imagenet' to resize and crop)."
+            )
+        tensors.append(tensor.to(torch.float32))
+    images = torch.stack(tensors)
+    if not labels_from_subfolders:
+        return images, paths
+    labels = [
+        p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths
+    ]
+    return images, paths, labels
+
+
+def denormalize_for_display(x: Tensor, transform: str | Callable | None = "imagenet") -> np.ndarray:
+    r"""Map images normalised by ``transform`` back to [0, 1] arrays for plotting.
+
+    Args:
+        x (Tensor): ``C x H x W`` or ``N x C x H x W`` images as :func:`load_image_folder`
+            returns them.
+        transform (str or Callable, optional): the transform they were made with:
+            ``"imagenet"`` (undo the mean/std normalisation), ``"digits"`` (undo
+            :func:`captum_ext.data.normalize_digits`), ``"none"`` / None (already in [0, 1]).
+            For a callable (unknown normalisation) each image is min-max scaled.
+            Default: ``"imagenet"``.
+
+    Returns:
+        numpy.ndarray: float32 ``H x W x C`` (or ``N x H x W x C``) in [0, 1].
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() not in (3, 4):
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"`x` must be a float C x H x W or N x C x H x W tensor, got {got}.")
+    single = x.dim() == 3
+    batch = x.detach().to("cpu", torch.float32)
+    if single:
+        batch = batch.unsqueeze(0)
+    if transform == "imagenet":
+        if batch.shape[1] != 3:
+            raise ValueError(
+                f"`transform`='imagenet' expects 3 channels, got {batch.shape[1]} (use 'none'?)."
+            )
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        batch = batch * std + mean
+    elif transform == "digits":
+        from captum_ext.data import denormalize_digits
+
+        batch = denormalize_digits(batch)
+    elif transform is None or transform == "none":
+        pass
+    elif callable(transform):
+        flat = batch.flatten(1)
+        low = flat.amin(1).view(-1, 1, 1, 1)
+        span = (flat.amax(1).view(-1, 1, 1, 1) - low).clamp_min(1e-12)
+        batch = (batch - low) / span
+    else:
+        raise ValueError(
+            f"`transform`={transform!r}: expected one of {', '.join(TRANSFORMS)} or a callable."
+        )
+    array = batch.clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
+    return array[0] if single else array

@@ -1,0 +1,459 @@
+r"""A modular HTML report: a :class:`Report` is a list of independent :class:`Section`\ s.
+
+Each section is built by its own function (one per explanation family) that computes its
+maps, writes its PNGs under ``out_dir/images/<section>/`` and returns a :class:`Section`;
+:meth:`Report.write` renders ``out_dir/index.html`` from a Jinja2 template (all text is
+escaped) with relative links to the PNGs. New kinds of sections (trust scores, VOICE, ...)
+are new functions returning a :class:`Section`; nothing else changes.
+
+Example::
+
+    >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
+    ...                              load_bundled_model, load_sample_digits)
+    >>> model = load_bundled_model()
+    >>> images, labels = load_sample_digits()
+    >>> shown = denormalize_digits(images)                 # N x 1 x 28 x 28 in [0, 1]
+    >>> report = Report("Digits")
+    >>> report.add_section(contrastive_section(model, BUNDLED_CAM_LAYER, images, shown,
+    ...                                        DIGIT_CLASSES, "out", labels=labels))
+    >>> report.write("out")                                # out/index.html
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import sys
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captum_ext._utils.layers import resolve_layer, root_module
+
+from .overlay import overlay, save_png
+
+__all__ = ["Figure", "Report", "Row", "Section", "contrastive_section"]
+
+_FIGURE_WIDTH = 168  # CSS pixels per figure in the page
+_TEMPLATE = "report.html.j2"
+
+
+@dataclass
+class Figure:
+    """One picture of a row: a caption and the PNG file (absolute, or relative to the cwd)."""
+
+    caption: str
+    path: str | os.PathLike
+
+
+@dataclass
+class Row:
+    """A labelled line of figures (typically one input image and its explanations).
+
+    ``figures`` may be given as :class:`Figure`\\ s or as ``(caption, path)`` pairs.
+    """
+
+    label: str
+    figures: list[Figure] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.figures = [_as_figure(f) for f in self.figures]
+
+    def add_figure(self, caption: str, path: str | os.PathLike) -> Figure:
+        figure = Figure(caption, path)
+        self.figures.append(figure)
+        return figure
+
+
+@dataclass
+class Section:
+    """A titled part of the report: an intro paragraph and rows of figures."""
+
+    title: str
+    intro: str = ""
+    rows: list[Row] = field(default_factory=list)
+
+    def add_row(self, label: str, figures: Iterable[Figure | tuple[str, Any]] = ()) -> Row:
+        row = Row(label, list(figures))
+        self.rows.append(row)
+        return row
+
+
+def _as_figure(item: Any) -> Figure:
+    if isinstance(item, Figure):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return Figure(str(item[0]), item[1])
+    raise TypeError(f"a row's figures must be Figure or (caption, png path) pairs, got {item!r}.")
+
+
+def _slug(text: str, taken: set[str]) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+    slug, k = base, 2
+    while slug in taken:
+        slug, k = f"{base}-{k}", k + 1
+    taken.add(slug)
+    return slug
+
+
+class Report:
+    """An HTML report made of independent sections.
+
+    Args:
+        title (str): the page title.
+        metadata (Mapping[str, str] or sequence of pairs, optional): shown as a small table
+            under the title (model, layer, images, ...). Default: None.
+
+    Examples::
+
+        >>> report = Report("My model")
+        >>> section = Section("Notes", "Two pictures.")
+        >>> section.add_row("first image", [("input", "a.png"), ("map", "b.png")])
+        >>> report.add_section(section)
+        >>> report.write("out")          # out/index.html, PNGs copied to out/images/
+    """
+
+    def __init__(
+        self, title: str = "captum-ext report", metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        self.title = str(title)
+        items = metadata.items() if isinstance(metadata, Mapping) else (metadata or [])
+        self.metadata: list[tuple[str, str]] = [(str(k), str(v)) for k, v in items]
+        self.sections: list[Section] = []
+
+    def add_section(self, section: Section) -> Section:
+        """Append a section (returned, for chaining)."""
+        if not isinstance(section, Section):
+            raise TypeError(f"`section` must be a Section, got {type(section).__name__}.")
+        self.sections.append(section)
+        return section
+
+    def write(self, out_dir: str | os.PathLike) -> Path:
+        """Render ``out_dir/index.html``; returns its path.
+
+        Figures already under ``out_dir`` are linked where they are; others are copied to
+        ``out_dir/images/``. Every link is relative, so the folder can be moved or zipped.
+        The page is written atomically (temporary file, then rename).
+
+        Raises:
+            FileNotFoundError: a figure's PNG does not exist.
+        """
+        try:
+            import jinja2
+        except ImportError:
+            raise ImportError(
+                "Report.write() needs jinja2: pip install 'captum-ext[report]'"
+            ) from None
+        from captum_ext import __version__
+
+        out = Path(out_dir).resolve()
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        anchors: set[str] = set()
+        copied: set[Path] = set()
+        sections = []
+        for section in self.sections:
+            anchor = _slug(section.title, anchors)
+            rows = []
+            for row in section.rows:
+                figures = [self._place(f, out, anchor, copied) for f in row.figures]
+                rows.append({"label": row.label, "figures": figures})
+            sections.append(
+                {"title": section.title, "intro": section.intro, "anchor": anchor, "rows": rows}
+            )
+        environment = jinja2.Environment(
+            loader=jinja2.PackageLoader("captum_ext.viz", "templates"),
+            autoescape=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        html = environment.get_template(_TEMPLATE).render(
+            title=self.title,
+            metadata=self.metadata,
+            sections=sections,
+            version=__version__,
+            generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            figure_width=_FIGURE_WIDTH,
+        )
+        index = out / "index.html"
+        handle, temporary = tempfile.mkstemp(dir=out, prefix=".index-", suffix=".html")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                f.write(html)
+            os.replace(temporary, index)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return index
+
+    @staticmethod
+    def _place(figure: Figure, out: Path, anchor: str, copied: set[Path]) -> dict[str, Any]:
+        from PIL import Image
+
+        source = Path(figure.path).resolve()
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"figure {figure.caption!r}: PNG file not found: {str(figure.path)!r}."
+            )
+        if not source.is_relative_to(out):
+            target = out / "images" / anchor / source.name
+            stem, k = target.stem, 2
+            while target in copied or (target.exists() and not _same_file(target, source)):
+                target, k = target.with_name(f"{stem}-{k}{target.suffix}"), k + 1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            copied.add(target)
+            source = target
+        with Image.open(source) as image:
+            width = image.size[0]
+        relative = source.relative_to(out).as_posix()
+        return {
+            "caption": figure.caption,
+            "src": urllib.parse.quote(relative),
+            "pixelated": width < _FIGURE_WIDTH,
+        }
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# sections
+
+
+def _display_array(display_images: Any, n: int, size: tuple[int, int]) -> np.ndarray:
+    if isinstance(display_images, Tensor):
+        shown = display_images.detach().to("cpu", torch.float32)
+        if shown.dim() != 4:
+            raise ValueError(
+                f"`display_images` must be N x C x H x W (tensor) or N x H x W x C (array), got "
+                f"shape {tuple(shown.shape)}."
+            )
+        array = shown.permute(0, 2, 3, 1).numpy()
+    else:
+        array = np.asarray(display_images)
+        if array.ndim == 3:
+            array = array[..., None]
+    if array.ndim != 4 or array.shape[0] != n or tuple(array.shape[1:3]) != tuple(size):
+        raise ValueError(
+            f"`display_images` must hold {n} images of {size[0]} x {size[1]} (the inputs' size), "
+            f"got shape {array.shape}."
+        )
+    return array
+
+
+def _model_device(model: Any, images: Tensor) -> torch.device:
+    module = root_module(model)
+    if module is not None:
+        for tensor in module.parameters():
+            return tensor.device
+        for tensor in module.buffers():
+            return tensor.device
+    return images.device
+
+
+def _layer_name(model: Any, layer: Any, module: Any) -> str:
+    if isinstance(layer, str):
+        return layer
+    if isinstance(getattr(module, "layer_name", None), str):  # a TorchScript layer tap
+        return module.layer_name
+    owner = root_module(model)
+    if owner is not None:
+        for name, candidate in owner.named_modules():
+            if candidate is module:
+                return name
+    return ""
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`--batch-size` must be a positive int, got {batch_size!r}.")
+    return batch_size
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="image", disable=not enabled, file=sys.stderr)
+
+
+def _probabilities(model: Callable, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        try:
+            logits = model(x)
+        except (RuntimeError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"the model failed on images of shape {tuple(x.shape)}: {first}. Check "
+                "--transform (image size, channels, normalisation) against what the model expects."
+            ) from None
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the model must return (N, classes) logits for inputs of shape {tuple(x.shape)}, "
+            f"got {got}."
+        )
+    if logits.shape[1] < 2:
+        raise ValueError("the model has a single output; contrastive maps need two classes.")
+    return torch.softmax(logits.float(), dim=1)
+
+
+def contrastive_section(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    display_images: Any,
+    class_names: Sequence[str] | None,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    *,
+    labels: Sequence[Any] | Tensor | None = None,
+    names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    title: str = "Contrastive explanations",
+) -> Section:
+    r"""The section "Why P? Why P, rather than Q? What if not P?" for each image.
+
+    For every image: the prediction P and its probability, the runner-up class Q, and three
+    maps at ``layer``, each upsampled to the input size, min-max normalised to [0, 1] and
+    drawn over the image:
+
+    - Grad-CAM (:class:`~captum_ext.attr.GradCAM`) for P: "Why P?"
+    - :class:`~captum_ext.attr.ContrastCAM` against Q: "Why P, rather than Q?"
+    - :class:`~captum_ext.attr.CounterfactualCAM` for P: "What if not P?", the regions
+      speaking against P.
+
+    Maps are computed in batches of ``batch_size`` (one call per method per batch) on the
+    model's device; the PNGs go to ``out_dir/images/contrastive/``.
+
+    Args:
+        model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
+            N x C x H x W (tensor) or N x H x W x C (array).
+        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        out_dir (str or PathLike): the report folder.
+        progress (bool, optional): tqdm progress bar on stderr. Default: True.
+        labels (optional): true class per image (indices, or None where unknown), shown in
+            the row label. Default: None.
+        names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
+        batch_size (int, optional): images per attribution call. Default: 64.
+        alpha (float, optional): heat-map opacity in the overlays. Default: 0.5.
+        cmap (str, optional): matplotlib colormap of the overlays. Default: ``"jet"``.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: one row per image, four figures per row (input and three overlays).
+    """
+
+    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
+
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"`images` must be an N x C x H x W tensor, got {got}.")
+    batch_size = _check_batch_size(batch_size)
+    n = images.shape[0]
+    size = (images.shape[2], images.shape[3])
+    shown = _display_array(display_images, n, size)
+    if names is not None and len(names) != n:
+        raise ValueError(f"`names` has {len(names)} entries for {n} images.")
+    if labels is not None:
+        labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        if len(labels) != n:
+            raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
+    module = resolve_layer(model, layer)
+    layer_name = _layer_name(model, layer, module)
+    device = _model_device(model, images)
+    folder = Path(out_dir) / "images" / "contrastive"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    gradcam = GradCAM(model, module)
+    contrast_cam = ContrastCAM(model, module)
+    counterfactual_cam = CounterfactualCAM(model, module)
+    explained_at = f" at layer {layer_name}" if layer_name else ""
+    section = Section(
+        title,
+        intro=(
+            f"For each image: the predicted class P, and three maps{explained_at}, each "
+            "upsampled to the image and scaled to [0, 1] (red: high, blue: low). "
+            "Grad-CAM answers 'Why P?' (evidence for P). "
+            "ContrastCAM answers 'Why P, rather than Q?' against the runner-up class Q: the "
+            "regions that make the network prefer P over Q. "
+            "CounterfactualCAM answers 'What if not P?': the regions that speak against P, "
+            "whose removal would make the network more confident in P. "
+            "A map with no evidence at all is marked 'empty'."
+        ),
+    )
+    with _progress_bar(n, "contrastive maps", progress) as bar:
+        for start in range(0, n, batch_size):
+            x = images[start : start + batch_size].to(device)
+            probabilities = _probabilities(model, x)
+            if class_names is None:
+                class_names = [str(i) for i in range(probabilities.shape[1])]
+            elif len(class_names) != probabilities.shape[1]:
+                raise ValueError(
+                    f"`class_names` (--classes) has {len(class_names)} names but the model has "
+                    f"{probabilities.shape[1]} outputs."
+                )
+            top = probabilities.topk(2, dim=1)
+            predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
+            maps = {
+                "gradcam": gradcam.attribute(
+                    x, target=predicted, upsample_to_input=True, normalize="minmax"
+                ),
+                "contrast": contrast_cam.attribute(
+                    x, contrast=runner_up, upsample_to_input=True, normalize="minmax"
+                ),
+                "counterfactual": counterfactual_cam.attribute(
+                    x, target=predicted, upsample_to_input=True, normalize="minmax"
+                ),
+            }
+            maps = {k: v.detach().to("cpu", torch.float32)[:, 0].numpy() for k, v in maps.items()}
+            for j in range(x.shape[0]):
+                i = start + j
+                p, q = int(predicted[j]), int(runner_up[j])
+                name_p, name_q = class_names[p], class_names[q]
+                label = f"{names[i] if names is not None else f'#{i}'}: predicted {name_p} "
+                label += f"({float(probabilities[j, p]):.1%}), runner-up {name_q} "
+                label += f"({float(probabilities[j, q]):.1%})"
+                if labels is not None and labels[i] is not None:
+                    true = int(labels[i])
+                    if not 0 <= true < len(class_names):
+                        raise ValueError(
+                            f"`labels`[{i}]={true} is not a class index of the model "
+                            f"(0..{len(class_names) - 1})."
+                        )
+                    verdict = "correct" if true == p else "wrong"
+                    label += f"; true class {class_names[true]} ({verdict})"
+                row = section.add_row(label)
+                stem = folder / f"{i:05d}"
+                row.add_figure("Input", save_png(shown[i], f"{stem}_input.png"))
+                captions = {
+                    "gradcam": f"Grad-CAM: Why {name_p}?",
+                    "contrast": f"ContrastCAM: Why {name_p}, rather than {name_q}?",
+                    "counterfactual": f"CounterfactualCAM: What if not {name_p}?",
+                }
+                for kind, caption in captions.items():
+                    heat = maps[kind][j]
+                    if not heat.any():
+                        caption += " (empty)"
+                    picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
+                    row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
+            bar.update(x.shape[0])
+    return section

@@ -1,0 +1,200 @@
+"""The ``captum-ext`` command line: end to end in subprocesses, and argument errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.parse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captum_ext.cli import main
+
+TESTS = Path(__file__).parent
+IMG_SRC = re.compile(r'<img src="([^"]+)"')
+
+
+def run_cli(*args: str, cwd: Path, executable: list[str] | None = None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    command = (executable or [sys.executable, "-m", "captum_ext"]) + list(args)
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def check_report(index: Path) -> str:
+    assert index.is_file()
+    html = index.read_text(encoding="utf-8")
+    sources = IMG_SRC.findall(html)
+    assert sources
+    for src in sources:
+        path = index.parent / urllib.parse.unquote(src)
+        assert path.is_file(), src
+        with Image.open(path) as image:
+            assert np.asarray(image, dtype=float).std() > 0, f"{src} is blank"
+    assert "ContrastCAM" in html and "CounterfactualCAM" in html
+    return html
+
+
+def write_pngs(folder: Path, count: int, size=(20, 20), mode="L") -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        sub = folder / f"class_{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(sub / f"{i}.png")
+
+
+def test_report_with_bundled_model_and_digits(tmp_path):
+    out = tmp_path / "report"
+    result = run_cli("report", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    html = check_report(out / "index.html")
+    assert len(IMG_SRC.findall(html)) == 40 * 4
+    assert "Why 0, rather than" in html
+    assert str(out / "index.html") in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_report_default_output_folder_and_console_script(tmp_path):
+    script = shutil.which("captum-ext")
+    if script is None:
+        pytest.skip("the captum-ext console script is not on PATH")
+    result = run_cli("report", "--limit", "3", "--no-progress", cwd=tmp_path, executable=[script])
+    assert result.returncode == 0, result.stderr
+    html = check_report(tmp_path / "report" / "index.html")
+    assert len(IMG_SRC.findall(html)) == 3 * 4
+    assert result.stderr == ""  # --no-progress
+
+
+def test_report_with_torchscript_model_and_image_folder(tmp_path):
+    sys.path.insert(0, str(TESTS))
+    try:
+        import _factories
+    finally:
+        sys.path.remove(str(TESTS))
+    model_path = tmp_path / "grey.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(_factories.grey_cnn().eval()), str(model_path))
+    images = tmp_path / "pngs"
+    write_pngs(images, 5)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("class_0\nclass_1\nthird\nfourth\n")
+    out = tmp_path / "ts-report"
+    result = run_cli(
+        "report",
+        "--model",
+        str(model_path),
+        "--images",
+        str(images),
+        "--transform",
+        "none",
+        "--layer",
+        "features.2",
+        "--classes",
+        str(classes),
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    html = check_report(out / "index.html")
+    assert len(IMG_SRC.findall(html)) == 5 * 4
+    assert "class_0/0.png" in html and "true class class_0" in html
+    assert "features.2" in html
+
+
+def test_report_with_factory_spec_picks_the_layer(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    images = tmp_path / "photos"
+    write_pngs(images, 2, size=(64, 48), mode="RGB")
+    out = tmp_path / "r18"
+    code = main(
+        [
+            "report",
+            "--model",
+            "torchvision.models:resnet18",
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "'layer4'" in captured.out and "--layer" in captured.out
+    check_report(out / "index.html")
+
+
+def test_report_options_in_process(tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(["zero", "one", "two", "three", "four"] + list("56789")) + "\n\n")
+    out = tmp_path / "out"
+    code = main(
+        ["report", "--limit", "2", "--classes", str(names), "--out", str(out), "--no-progress"]
+        + ["--title", "My <digits>"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    html = check_report(out / "index.html")
+    assert "Why zero, rather than" in html and "My &lt;digits&gt;" in html
+    assert len(IMG_SRC.findall(html)) == 2 * 4
+
+
+def test_bad_model_in_subprocess_is_one_line_without_traceback(tmp_path):
+    result = run_cli("report", "--model", "missing_model.pt", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--model" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["report", "--model", "no_such_module_xyz:build"], "--model"),
+        (["report", "--model", "_factories:small_cnn", "--images", "{pngs}"], "--layer"),
+        (["report", "--weights", "w.pt"], "--weights"),
+        (["report", "--images", "{tmp}/nowhere"], "--images"),
+        (["report", "--layer", "features.99"], "--layer"),
+        (["report", "--classes", "{tmp}/none.txt"], "--classes"),
+        (["report", "--transform", "imagenet"], "--transform"),
+        (["report", "--device", "not-a-device"], "--device"),
+        (
+            ["report", "--model", "_factories:small_cnn", "--weights", "{tmp}/none.pt"],
+            "--weights",
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, pattern):
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.chdir(tmp_path)
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    argv = [a.format(tmp=tmp_path, pngs=tmp_path / "pngs") for a in argv]
+    assert main(argv + ["--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and pattern in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["report", "--batch-size", "0"], ["report", "--bogus"], ["explain"]]
+)
+def test_argparse_errors_exit_2_with_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]

@@ -1,0 +1,409 @@
+"""captum_ext.data.loading: user models (TorchScript, module:factory, state dicts), image
+folders, display, default layers and the TorchScript layer wrapper."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from captum_ext.attr import ContrastCAM, CounterfactualCAM
+from captum_ext.data import normalize_digits
+from captum_ext.data.loading import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TorchScriptLayerModel,
+    _imagenet_pil,
+    default_cam_layer,
+    denormalize_for_display,
+    expose_layer,
+    load_image_folder,
+    load_model,
+    load_state_dict_file,
+)
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def factories(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    import _factories
+
+    return _factories
+
+
+def save_torchscript(model: nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+def assert_same_state(model: nn.Module, state_dict: dict) -> None:
+    got = model.state_dict()
+    assert set(got) == set(state_dict)
+    for name, tensor in state_dict.items():
+        assert torch.equal(got[name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------
+# models
+
+
+def test_torchscript_file_is_loaded_in_eval_mode(tmp_path, factories):
+    eager = factories.small_cnn().train()
+    path = save_torchscript(eager, tmp_path / "model.ts")
+    model = load_model(str(path))
+    assert isinstance(model, torch.jit.ScriptModule)
+    assert not model.training
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), eager.eval()(x))
+
+
+def test_torchscript_file_with_weights(tmp_path, factories):
+    path = save_torchscript(factories.small_cnn(), tmp_path / "model.pt")
+    torch.manual_seed(5)
+    trained = factories.SmallCNN()
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    model = load_model(path, weights=tmp_path / "weights.pt")
+    assert_same_state(model, trained.state_dict())
+
+
+def test_factory_spec_with_state_dict(tmp_path, factories):
+    torch.manual_seed(7)
+    trained = factories.SmallCNN()
+    weights = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), weights)
+    model = load_model("_factories:small_cnn", weights=str(weights))
+    assert isinstance(model, factories.SmallCNN)
+    assert not model.training
+    assert_same_state(model, trained.state_dict())
+    # without weights the factory's own initialisation is kept
+    fresh = load_model("_factories:small_cnn")
+    assert not torch.equal(fresh.classifier.weight, trained.classifier.weight)
+
+
+def test_torchvision_resnet18_with_local_state_dict(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), weights)
+    model = load_model("torchvision.models:resnet18", weights=weights)
+    assert type(model).__name__ == "ResNet"
+    assert_same_state(model, reference.state_dict())
+    assert not model.training
+
+
+def test_wrapped_and_data_parallel_state_dicts(tmp_path, factories):
+    torch.manual_seed(11)
+    trained = factories.SmallCNN()
+    nested = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": trained.state_dict(), "epoch": 3}, nested)
+    assert_same_state(load_model("_factories:small_cnn", weights=nested), trained.state_dict())
+    prefixed = tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in trained.state_dict().items()}, prefixed)
+    assert_same_state(load_model("_factories:small_cnn", weights=prefixed), trained.state_dict())
+
+
+def test_weights_are_read_with_weights_only(tmp_path, factories):
+    pickled = tmp_path / "whole_model.pt"
+    torch.save(factories.small_cnn(), pickled)  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match="--weights.*weights_only=True"):
+        load_model("_factories:small_cnn", weights=pickled)
+
+
+def test_safetensors_weights(tmp_path, factories):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(2)
+    trained = factories.SmallCNN()
+    path = tmp_path / "weights.safetensors"
+    safetensors_torch.save_file(trained.state_dict(), str(path))
+    assert_same_state(load_model("_factories:small_cnn", weights=path), trained.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "pattern"),
+    [
+        ("missing/model.pt", FileNotFoundError, "--model.*not found"),
+        ("model.ts", FileNotFoundError, "--model.*not found"),
+        ("just_a_word", ValueError, "--model.*package.module:factory"),
+        ("no_such_package_xyz:build", ValueError, "--model.*cannot import"),
+        ("_factories:smal_cnn", ValueError, "--model.*no attribute.*small_cnn"),
+        ("_factories:NOT_CALLABLE", ValueError, "--model.*not a callable"),
+        ("_factories:needs_argument", ValueError, "--model.*without arguments"),
+        ("_factories:not_a_model", ValueError, "--model.*returned a int"),
+        (":small_cnn", ValueError, "--model"),
+        ("", ValueError, "--model"),
+    ],
+)
+def test_bad_model_specs_name_the_argument(factories, spec, error, pattern):
+    with pytest.raises(error, match=pattern):
+        load_model(spec)
+
+
+def test_model_spec_that_is_not_torchscript(tmp_path):
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a model")
+    with pytest.raises(ValueError, match="--model.*not a TorchScript file"):
+        load_model(str(junk))
+    with pytest.raises(ValueError, match="--model.*directory"):
+        load_model(str(tmp_path))
+
+
+def test_missing_weights_file(factories, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--weights.*not found"):
+        load_model("_factories:small_cnn", weights=tmp_path / "nope.pt")
+
+
+def test_mismatched_state_dict_lists_keys(tmp_path, factories):
+    state = factories.small_cnn().state_dict()
+    state.pop("classifier.bias")
+    state["extra.weight"] = torch.zeros(1)
+    weights = tmp_path / "weights.pt"
+    torch.save(state, weights)
+    with pytest.raises(ValueError, match="--weights") as caught:
+        load_model("_factories:small_cnn", weights=weights)
+    message = str(caught.value)
+    assert "missing" in message and "classifier.bias" in message
+    assert "unexpected" in message and "extra.weight" in message
+
+
+def test_state_dict_with_wrong_shapes(tmp_path, factories):
+    other = factories.SmallCNN(num_classes=7).state_dict()
+    weights = tmp_path / "weights.pt"
+    torch.save(other, weights)
+    with pytest.raises(ValueError, match="--weights.*classifier.weight"):
+        load_model("_factories:small_cnn", weights=weights)
+
+
+def test_state_dict_file_must_hold_tensors(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="--weights.*state dict"):
+        load_state_dict_file(path)
+
+
+def test_bad_device(factories):
+    with pytest.raises(ValueError, match="--device"):
+        load_model("_factories:small_cnn", device="not-a-device")
+
+
+# ---------------------------------------------------------------------------------------
+# layers
+
+
+def test_default_cam_layers_of_torchvision_families():
+    torchvision = pytest.importorskip("torchvision")
+    models = torchvision.models
+    expected = {
+        models.resnet18: "layer4",
+        models.vgg11: "features.19",
+        models.densenet121: "features",
+        models.mobilenet_v2: "features.18",
+        models.mobilenet_v3_small: "features.12",
+    }
+    with torch.device("meta"):  # names only: no memory, no initialisation time
+        for build, layer in expected.items():
+            model = build()
+            assert default_cam_layer(model) == layer, build.__name__
+            assert layer in dict(model.named_modules())
+
+
+def test_no_default_layer_for_other_models(factories):
+    assert default_cam_layer(factories.small_cnn()) is None
+
+
+def test_expose_layer_passes_eager_models_through(factories):
+    model = factories.small_cnn()
+    forward, layer = expose_layer(model, "features.3")
+    assert forward is model and layer is model.features[3]
+    with pytest.raises(ValueError, match="--layer.*features.3"):
+        expose_layer(model, "features.33")
+
+
+@pytest.mark.parametrize(
+    ("factory", "layer"),
+    [("small_cnn", "features.3"), ("branchy_cnn", "blocks.1.conv"), ("branchy_cnn", "blocks")],
+)
+def test_torchscript_layer_maps_equal_eager_maps(tmp_path, factories, factory, layer):
+    eager = getattr(factories, factory)().eval()
+    scripted = load_model(save_torchscript(eager, tmp_path / "model.ts"))
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    if layer == "blocks":  # a ModuleList never runs as a whole: the tap never fires
+        forward, tap = expose_layer(scripted, layer)
+        with pytest.raises(ValueError, match="did not run"):
+            ContrastCAM(forward, tap).attribute(x)
+        return
+    forward, tap = expose_layer(scripted, layer, example=x[:2])
+    assert isinstance(forward, TorchScriptLayerModel)
+    torch.testing.assert_close(forward(x), eager(x))
+    for method, kwargs in ((ContrastCAM, {}), (CounterfactualCAM, {"target": 1})):
+        got = method(forward, tap).attribute(x, **kwargs)
+        expected = method(eager, layer).attribute(x, **kwargs)
+        torch.testing.assert_close(got, expected)
+    assert not tap._forward_hooks and not tap._forward_pre_hooks
+
+
+def test_torchscript_resnet18_layer_maps_equal_eager_maps(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=5).eval()
+    scripted = load_model(save_torchscript(eager, tmp_path / "r18.ts"))
+    assert default_cam_layer(scripted) == "layer4"
+    x = torch.randn(2, 3, 64, 64)
+    for layer in ("layer4", "layer3.1.conv2"):
+        forward, tap = expose_layer(scripted, layer, example=x)
+        torch.testing.assert_close(
+            ContrastCAM(forward, tap).attribute(x, contrast=[1, 2]),
+            ContrastCAM(eager, layer).attribute(x, contrast=[1, 2]),
+        )
+
+
+def test_expose_layer_rejects_unknown_torchscript_layer(tmp_path, factories):
+    scripted = load_model(save_torchscript(factories.small_cnn(), tmp_path / "m.ts"))
+    with pytest.raises(ValueError, match="--layer.*Closest names: features"):
+        expose_layer(scripted, "feature.3")
+
+
+# ---------------------------------------------------------------------------------------
+# images
+
+
+def write_image(path: Path, size=(20, 16), mode="RGB", seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    width, height = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[:, :, 0] if channels == 1 else array, mode=None).save(path)
+    return array
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    root = tmp_path / "images"
+    write_image(root / "b_class" / "2.png", seed=1)
+    write_image(root / "a_class" / "1.PNG", seed=2)
+    write_image(root / "a_class" / "0.png", seed=3)
+    write_image(root / "a_class" / "deeper" / "3.png", seed=4)
+    write_image(root / "top.png", seed=5)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_imagenet_transform(image_folder):
+    images, paths, labels = load_image_folder(image_folder, "imagenet", labels_from_subfolders=True)
+    assert images.shape == (5, 3, 224, 224) and images.dtype == torch.float32
+    assert [p.relative_to(image_folder).as_posix() for p in paths] == [
+        "a_class/0.png",
+        "a_class/1.PNG",
+        "a_class/deeper/3.png",
+        "b_class/2.png",
+        "top.png",
+    ]
+    assert labels == ["a_class", "a_class", "a_class", "b_class", ""]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    lower, upper = (0 - mean) / std, (1 - mean) / std
+    assert bool((images >= lower - 1e-5).all()) and bool((images <= upper + 1e-5).all())
+
+
+def test_imagenet_pil_fallback_matches_torchvision(tmp_path):
+    pytest.importorskip("torchvision")
+    from captum_ext.data.loading import _imagenet_transform
+
+    for size in ((300, 260), (260, 300), (256, 256), (100, 140)):
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        write_image(path, size=size, seed=size[0])
+        with Image.open(path) as image:
+            torch.testing.assert_close(
+                _imagenet_pil(image), _imagenet_transform()(image), atol=1e-5, rtol=0
+            )
+
+
+def test_none_transform_keeps_pixels(tmp_path):
+    root = tmp_path / "same"
+    arrays = [write_image(root / f"{i}.png", size=(12, 10), seed=i) for i in range(3)]
+    images, paths = load_image_folder(root, "none")
+    assert images.shape == (3, 3, 10, 12)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    expected = torch.from_numpy(arrays[1]).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(images[1], expected)
+    grey = tmp_path / "grey"
+    write_image(grey / "g.png", size=(9, 7), mode="L")
+    assert load_image_folder(grey, "none")[0].shape == (1, 1, 7, 9)
+
+
+def test_none_transform_needs_equal_sizes(image_folder, tmp_path):
+    write_image(image_folder / "z_other_size.png", size=(30, 30))
+    with pytest.raises(ValueError, match="--images.*same size"):
+        load_image_folder(image_folder, "none")
+
+
+def test_digits_transform(tmp_path):
+    root = tmp_path / "digits"
+    write_image(root / "7" / "a.png", size=(40, 40), mode="L")
+    write_image(root / "3" / "b.png", size=(28, 28), mode="RGBA")
+    images, _, labels = load_image_folder(root, "digits", labels_from_subfolders=True)
+    assert images.shape == (2, 1, 28, 28)
+    low, high = normalize_digits(torch.tensor([0.0, 255.0])).tolist()
+    assert low - 1e-5 <= float(images.min()) and float(images.max()) <= high + 1e-5
+    assert labels == ["3", "7"]
+
+
+def test_callable_transform_limit_and_extensions(image_folder):
+    write_image(image_folder / "b_class" / "photo.jpg", seed=6)
+    images, paths = load_image_folder(
+        image_folder, lambda image: torch.zeros(2, 5, 5), extensions=("png",), limit=2
+    )
+    assert images.shape == (2, 2, 5, 5)
+    assert [p.name for p in paths] == ["0.png", "1.PNG"]
+    images, paths = load_image_folder(image_folder, "none", extensions=(".JPG",))
+    assert [p.name for p in paths] == ["photo.jpg"] and images.shape == (1, 3, 16, 20)
+
+
+def test_image_folder_errors(tmp_path, image_folder):
+    with pytest.raises(FileNotFoundError, match="--images.*not found"):
+        load_image_folder(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="--images.*no images"):
+        load_image_folder(empty)
+    with pytest.raises(ValueError, match="--transform"):
+        load_image_folder(image_folder, "bicubic")
+    with pytest.raises(ValueError, match="--limit"):
+        load_image_folder(image_folder, limit=0)
+    (image_folder / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_folder(image_folder)
+    with pytest.raises(ValueError, match="--transform.*C x H x W"):
+        load_image_folder(image_folder, lambda image: torch.zeros(5, 5), limit=1)
+
+
+def test_denormalize_for_display_inverts_each_transform():
+    x = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    shown = denormalize_for_display((x - mean) / std, "imagenet")
+    assert shown.shape == (2, 6, 5, 3) and shown.dtype == np.float32
+    np.testing.assert_allclose(shown, x.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    single = denormalize_for_display(((x - mean) / std)[0], "imagenet")
+    assert single.shape == (6, 5, 3)
+    pixels = torch.randint(0, 256, (2, 1, 4, 4)).float()
+    np.testing.assert_allclose(
+        denormalize_for_display(normalize_digits(pixels), "digits"),
+        (pixels / 255).permute(0, 2, 3, 1).numpy(),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(denormalize_for_display(x, "none"), x.permute(0, 2, 3, 1))
+    scaled = denormalize_for_display(x * 10 - 3, lambda image: image)
+    assert scaled.min() == 0.0 and scaled.max() == 1.0
+    with pytest.raises(ValueError, match="transform"):
+        denormalize_for_display(x, "sepia")
