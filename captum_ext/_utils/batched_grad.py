@@ -158,16 +158,19 @@ def class_gradients(
         forward_func: the model, (inputs..., additional_forward_args...) -> (N, C) logits.
         inputs: tuple of input tensors (batch first).
         classes: any Captum-style target (see ``class_selection``): None, int, list, tensor,
-            ``"all"``, or 2-D (N, C').
+            ``"all"``, or 2-D (N, C'); or, for methods composed on the engine, a callable
+            mapping the detached logits to an (N, C') tensor of columns of ``score``.
         layer: differentiate with respect to this module's output (or its inputs when
             ``layer_input``); None differentiates with respect to ``inputs``.
         score: "logit", "cross_entropy" (cross-entropy with the class as label),
-            "probability", or a callable mapping (N, C) logits to (N, C) per-class scalars.
+            "probability", or a callable mapping (N, C) logits to (N, M) per-example scalars
+            (M = C for per-class scores).
         max_batch: classes per batched vector-Jacobian product (default 64, or fewer so that
             one chunk's gradients take at most about 1 GiB).
-        reduce: ``reduce(gradients, activations)`` applied to each chunk, where gradients are
-            (N, B, *A) per tensor; its tensor (or tuple of tensors) outputs are concatenated
-            along dim 1. Use it to keep memory at the size of the final maps.
+        reduce: ``reduce(gradients, activations)`` applied to each chunk, in column order,
+            where gradients are (N, B, *A) per tensor; its tensor (or tuple of tensors)
+            outputs are concatenated along dim 1 (a reducer that accumulates itself returns
+            None). Use it to keep memory at the size of the final maps.
 
     Returns:
         ClassGradients.
@@ -187,13 +190,17 @@ def class_gradients(
                     forward_func, inputs, additional_forward_args, output_transform
                 )
             wrt = capture.single_call(type(layer).__name__)
-        selection, multi = class_selection(
-            classes, logits, argument=class_argument, default=default_classes
-        )
+        if callable(classes):
+            # internal composition: the caller picks columns of `score` from the logits
+            selection, multi = classes(logits.detach()), True
+        else:
+            selection, multi = class_selection(
+                classes, logits, argument=class_argument, default=default_classes
+            )
         scores = score_fn(logits)
-        if not isinstance(scores, Tensor) or scores.shape != logits.shape:
+        if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(logits):
             raise ValueError(
-                f"`score` must map (N, C) logits to an (N, C) tensor, got "
+                f"`score` must map (N, C) logits to an (N, M) tensor, got "
                 f"{getattr(scores, 'shape', type(scores).__name__)}."
             )
         if not scores.requires_grad:
@@ -212,6 +219,8 @@ def class_gradients(
 
 
 def _concat_pieces(pieces: list) -> Any:
+    if all(piece is None for piece in pieces):  # the reducer accumulated on its own
+        return None
     if len(pieces) == 1:
         return pieces[0]
     if isinstance(pieces[0], Tensor):

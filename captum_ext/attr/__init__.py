@@ -1,9 +1,10 @@
-"""Attribution methods: Grad-CAM, contrastive, counterfactual and Grad-CAM++ maps, Contrastive."""
+"""Attribution methods: Grad-CAM, contrastive, counterfactual, Grad-CAM++ maps; VOICE."""
 
 from .contrast_cam import ContrastCAM, CounterfactualCAM
 from .contrastive import Contrastive, ContrastiveForward
 from .grad_cam import GradCAM
 from .grad_cam_plus_plus import LayerGradCamPlusPlus
+from .voice import VOICE, VOICEResult
 
 __all__ = [
     "ContrastCAM",
@@ -12,4 +13,6 @@ __all__ = [
     "CounterfactualCAM",
     "GradCAM",
     "LayerGradCamPlusPlus",
+    "VOICE",
+    "VOICEResult",
 ]

@@ -1,0 +1,431 @@
+"""VOICE: the uncertainty of an explanation, as the variance of its contrastive explanations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
+from torch import Tensor, nn
+
+from .._utils.batched_grad import class_gradients, run_forward
+from .._utils.hooks import registered_hooks
+from .._utils.layers import root_module
+from .._utils.maps import minmax_normalize, upsample_maps
+from .._utils.model_state import preserved_state
+from .._utils.validation import format_inputs
+from ._cam import ClassActivationMapBase, make_cam_reducer
+
+POSTPROCESS = ("reference", "raw")
+
+
+@dataclass
+class VOICEResult:
+    """Per-example output of :meth:`VOICE.attribute` (all tensors batch first).
+
+    Attributes:
+        explanation: the explanation of the prediction P, post-processed like the contrasts.
+        contrast: the contrastive explanation against Q2, the runner-up class.
+        uncertainty: population variance over the contrast classes Q != P of the
+            contrastive explanations, min-max normalised to [0, 1] per example.
+        iou: (N,) IoU of the explanation and the uncertainty thresholded at ``threshold``.
+        snr: (N,) mean / std of the uncertainty map (0 where it is constant).
+        log_likelihood: (N,) log softmax of the logits at P.
+        prediction: (N,) the predicted class P.
+        contrast_class: (N,) the runner-up class Q2.
+        n_contrasts: (N,) how many contrast classes entered the variance.
+    """
+
+    explanation: Tensor
+    contrast: Tensor
+    uncertainty: Tensor
+    iou: Tensor
+    snr: Tensor
+    log_likelihood: Tensor
+    prediction: Tensor
+    contrast_class: Tensor
+    n_contrasts: Tensor
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients where the input was positive."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(output: Tensor) -> Tensor:
+        return output.clamp(min=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (output,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (output > 0)
+
+
+def _guide(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    # Applied to the ReLU's output (equal to its input after an in-place ReLU): the mask
+    # output > 0 equals input > 0, and the ReLU's own backward after it changes nothing.
+    return _GuidedReLU.apply(output)
+
+
+@dataclass
+class _Plan:
+    """How VOICE obtains one map per class for the wrapped explanation technique."""
+
+    layer: nn.Module | None
+    to_maps: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor]
+    guided: bool = False
+    smooth: bool = False
+
+
+def _plan_for(method: Any) -> _Plan:
+    if isinstance(method, ClassActivationMapBase):
+        if method._sign != 1:
+            raise TypeError("VOICE explains 'Why P?' maps; CounterfactualCAM is not one.")
+        weighting = method.weighting
+        layer = method.layer
+    elif isinstance(method, LayerGradCam):
+        weighting, layer = "gradcam", method.layer
+    elif isinstance(method, GuidedBackprop):
+        return _Plan(None, _gradient_maps(absolute=False), guided=True)
+    elif isinstance(method, Saliency):
+        return _Plan(None, _gradient_maps(absolute=True))
+    elif isinstance(method, NoiseTunnel) and isinstance(method.attribution_method, Saliency):
+        return _Plan(None, _gradient_maps(absolute=True), smooth=True)
+    else:
+        raise TypeError(
+            "`method` must be Grad-CAM (captum LayerGradCam or captum_ext GradCAM / "
+            "ContrastCAM), LayerGradCamPlusPlus, GuidedBackprop, Saliency or "
+            f"NoiseTunnel(Saliency); got {type(method).__name__}."
+        )
+    cam = make_cam_reducer(weighting, 1.0, True, None)
+    return _Plan(layer, lambda grads, acts: cam(grads, acts)[0])
+
+
+def _gradient_maps(absolute: bool) -> Callable:
+    def to_maps(grads: tuple[Tensor, ...], acts: tuple[Tensor, ...]) -> Tensor:
+        return grads[0].abs() if absolute else grads[0]
+
+    return to_maps
+
+
+class _Accumulator:
+    """Receives the engine's chunks in column order; keeps P, Q2 and running moments.
+
+    Columns: 0 = explanation of P (logit), 1 = contrast Q2, 2.. = the contrast set, whose
+    maps enter the variance where ``weights`` is 1 (Q != P).
+    """
+
+    def __init__(self, to_maps: Callable, finish: Callable, weights: Tensor, samples: int):
+        self.to_maps = to_maps
+        self.finish = finish
+        self.weights = weights
+        self.samples = samples
+        self.column = 0
+        self.explanation = self.contrast = self.total = self.total_sq = None
+
+    def __call__(self, grads, acts):
+        maps = self._maps(grads, acts)
+        width = maps.shape[1]
+        start = self.column
+        self.column += width
+        if start == 0:
+            self.explanation = maps[:, 0]
+        if start <= 1 < start + width:
+            self.contrast = maps[:, 1 - start]
+        first = max(2 - start, 0)
+        if first < width:
+            block = maps[:, first:]
+            weight = self.weights[:, start + first - 2 : start + width - 2].to(block.dtype)
+            weight = weight.reshape(*weight.shape, *([1] * (block.dim() - 2)))
+            partial, partial_sq = (weight * block).sum(1), (weight * block.square()).sum(1)
+            if self.total is None:
+                self.total, self.total_sq = partial, partial_sq
+            else:
+                self.total, self.total_sq = self.total + partial, self.total_sq + partial_sq
+        return None
+
+    def _maps(self, grads, acts):
+        maps = self.to_maps(grads, acts)
+        if self.samples > 1:  # SmoothGrad: average the noisy copies of each example
+            maps = maps.unflatten(0, (-1, self.samples)).mean(1)
+        return self.finish(maps)
+
+
+class VOICE:
+    r"""VOICE: Variance Of Induced Contrastive Explanations, the uncertainty of an explanation.
+
+    An explanation of "Why P?" keeps some features; its uncertainty lies in the features the
+    alternative explanations "Why P, rather than Q?" point to. With E the explanation
+    technique and E_Q its contrastive form (the same technique on the cross-entropy with
+    label Q, see :class:`~captum_ext.attr.ContrastCAM`):
+
+    .. code-block:: text
+
+        explanation  = E(x) for the predicted class P
+        contrast     = E_Q2(x), Q2 the runner-up class
+        uncertainty  = minmax( Var_{Q in contrasts, Q != P} E_Q(x) )   (population variance)
+        iou          = IoU(explanation > 0.1, uncertainty > 0.1)       (after min-max)
+        snr          = mean(uncertainty) / std(uncertainty)
+
+    A high IoU means the explanation is uncertain about the very features it attributes:
+    the prediction deserves less trust.
+
+    All maps of a batch (P, Q2 and every contrast) come from ONE forward pass and the shared
+    batched backward, chunked by ``max_batch``; the variance is accumulated chunk by chunk
+    so memory stays at a few maps per example, even for 1000 classes.
+
+    ``postprocess="reference"`` (default) reproduces the published order: each map is
+    ReLU-ed, bilinearly upsampled to the input size (CAMs) and min-max normalised before the
+    variance, and the variance is min-max normalised; normalising each map first makes the
+    variance measure disagreement in *where* the contrasts point, not in their strength,
+    which is what the paper's read-outs assume. ``postprocess="raw"`` skips the per-map
+    normalisation and the upsampling (cheaper; CAM maps stay at layer resolution).
+
+    For gradient techniques (GuidedBackprop, Saliency, SmoothGrad) the maps keep the input's
+    channels; the read-outs use their mean over channels. With 2 classes there is one
+    contrast only: the variance is 0, the uncertainty all zeros, and the IoU ~0.
+
+    Paper: Prabhushankar & AlRegib, "VOICE: Variance of Induced Contrastive Explanations to
+    Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
+
+    Args:
+        method: the explanation technique: captum ``LayerGradCam`` or our ``GradCAM`` /
+            ``ContrastCAM`` (Grad-CAM), ``LayerGradCamPlusPlus`` or
+            ``ContrastCAM(weighting="gradcam++")`` (Grad-CAM++), ``GuidedBackprop``,
+            ``Saliency``, or ``NoiseTunnel(Saliency(model))`` (SmoothGrad).
+        postprocess (str, optional): ``"reference"`` or ``"raw"``. Default: "reference".
+
+    Examples::
+
+        >>> from captum_ext.attr import VOICE, GradCAM
+        >>> voice = VOICE(GradCAM(model, "features.7"))
+        >>> result = voice.attribute(images)          # all contrasts, one pass
+        >>> result.uncertainty.shape, result.iou.shape
+        (torch.Size([40, 1, 28, 28]), torch.Size([40]))
+    """
+
+    def __init__(self, method: Any, postprocess: str = "reference") -> None:
+        if postprocess not in POSTPROCESS:
+            raise ValueError(f"`postprocess`={postprocess!r}: expected one of {POSTPROCESS}.")
+        self.method = method
+        self.plan = _plan_for(method)
+        self.postprocess = postprocess
+        self.forward_func = method.forward_func
+        self.output_transform = getattr(method, "output_transform", None)
+
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        contrasts: Any = "all",
+        additional_forward_args: Any = None,
+        max_batch: int | None = None,
+        threshold: float = 0.1,
+        nt_samples: int = 8,
+        stdevs: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> VOICEResult:
+        r"""Explanation, runner-up contrast and uncertainty of each example's prediction.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            contrasts (str, int, list or Tensor, optional): the contrast classes Q: ``"all"``
+                (every class but P, as in the paper), an int k (the k most likely classes
+                after P), or classes given as a list / 1-D tensor (for every example) or a
+                2-D tensor (one row per example); P is left out of the variance wherever it
+                appears. Default: "all".
+            additional_forward_args (Any, optional): extra arguments of the model.
+            max_batch (int, optional): classes per batched backward. Default: 64 (fewer
+                if one chunk's gradients would exceed about 1 GiB).
+            threshold (float, optional): threshold of the IoU read-out. Default: 0.1.
+            nt_samples (int, optional): noisy copies per example (SmoothGrad only).
+            stdevs (float, optional): standard deviation of the noise (SmoothGrad only), in
+                input units as Captum's NoiseTunnel. Default: 0.1.
+            generator (torch.Generator, optional): random source of the noise.
+
+        Returns:
+            VOICEResult: see its attributes.
+        """
+        formatted = format_inputs(inputs)
+        n = formatted[0].shape[0]
+        model = root_module(self.forward_func)
+        with preserved_state([model]), torch.no_grad():
+            logits = run_forward(
+                self.forward_func, formatted, additional_forward_args, self.output_transform
+            )
+        num_classes = logits.shape[1]
+        order = logits.argsort(dim=1, descending=True)
+        prediction = order[:, 0]
+        runner_up = order[:, 1] if num_classes > 1 else order[:, 0]
+        contrast_set = self._contrast_set(contrasts, order, n, num_classes)
+        weights = contrast_set != prediction[:, None]
+        columns = torch.cat(
+            [prediction[:, None], num_classes + runner_up[:, None], num_classes + contrast_set],
+            dim=1,
+        )
+        samples = 1
+        engine_inputs, engine_args = formatted, additional_forward_args
+        if self.plan.smooth:
+            samples = self._check_samples(nt_samples, stdevs)
+            engine_inputs, engine_args = _noisy_copies(
+                formatted, additional_forward_args, samples, stdevs, generator
+            )
+            columns = columns.repeat_interleave(samples, dim=0)
+        accumulate = _Accumulator(self.plan.to_maps, self._finish(formatted[0]), weights, samples)
+        guided = self._guided_hooks(model) if self.plan.guided else ()
+        with registered_hooks(*guided):
+            class_gradients(
+                self.forward_func,
+                engine_inputs,
+                lambda _logits: columns,
+                layer=self.plan.layer,
+                score=_logit_then_cross_entropy,
+                additional_forward_args=engine_args,
+                output_transform=self.output_transform,
+                max_batch=max_batch,
+                reduce=accumulate,
+            )
+        count = weights.sum(1).to(accumulate.explanation.dtype)
+        uncertainty = _variance(accumulate.total, accumulate.total_sq, count)
+        uncertainty = minmax_normalize(_with_channel_dim(uncertainty), start_dim=1)
+        explanation = _with_channel_dim(accumulate.explanation)
+        contrast = _with_channel_dim(accumulate.contrast)
+        if self.postprocess == "raw":
+            explanation = minmax_normalize(explanation, start_dim=1)
+            contrast = minmax_normalize(contrast, start_dim=1)
+        from ..metrics.explanation import voice_iou, voice_snr
+
+        flat_explanation = explanation.mean(1)
+        flat_uncertainty = uncertainty.mean(1)
+        return VOICEResult(
+            explanation=explanation,
+            contrast=contrast,
+            uncertainty=uncertainty,
+            iou=voice_iou(flat_explanation, flat_uncertainty, threshold=threshold),
+            snr=voice_snr(flat_uncertainty),
+            log_likelihood=torch.log_softmax(logits.float(), 1).gather(1, prediction[:, None])[
+                :, 0
+            ],
+            prediction=prediction,
+            contrast_class=runner_up,
+            n_contrasts=weights.sum(1),
+        )
+
+    def _finish(self, reference_input: Tensor) -> Callable[[Tensor], Tensor]:
+        """Per-map post-processing of every (N, B, ...) chunk of maps, in the paper's order."""
+        spatial = tuple(reference_input.shape[2:])
+        upsample = self.plan.layer is not None and self.postprocess == "reference"
+
+        def finish(maps: Tensor) -> Tensor:
+            maps = torch.relu(maps)
+            if self.postprocess == "raw":
+                return maps
+            if upsample and tuple(maps.shape[2:]) != spatial:
+                maps = upsample_maps(maps, spatial)
+            return minmax_normalize(maps)  # per map: over (H, W), or (C, H, W)
+
+        return finish
+
+    @staticmethod
+    def _contrast_set(contrasts: Any, order: Tensor, n: int, num_classes: int) -> Tensor:
+        device = order.device
+        if isinstance(contrasts, str):
+            if contrasts != "all":
+                raise ValueError(f"`contrasts`={contrasts!r}: expected 'all', an int or classes.")
+            return torch.arange(num_classes, device=device).expand(n, num_classes)
+        if isinstance(contrasts, bool):
+            raise TypeError("`contrasts` must be 'all', an int k or class indices, not a bool.")
+        if isinstance(contrasts, int):
+            if not 1 <= contrasts <= num_classes - 1:
+                raise ValueError(
+                    f"`contrasts`={contrasts}: top-k needs 1 <= k <= {num_classes - 1} for a "
+                    f"model with {num_classes} classes."
+                )
+            return order[:, 1 : contrasts + 1]
+        values = torch.as_tensor(contrasts, device=device)
+        if values.is_floating_point() or values.dim() not in (1, 2) or values.numel() == 0:
+            raise TypeError("`contrasts` classes must be a non-empty 1-D or 2-D integer list.")
+        values = values.long()
+        if int(values.min()) < 0 or int(values.max()) >= num_classes:
+            raise ValueError(f"`contrasts` holds classes outside [0, {num_classes}).")
+        if values.dim() == 1:
+            return values.expand(n, len(values))
+        if values.shape[0] not in (1, n):
+            raise ValueError(
+                f"`contrasts` has {values.shape[0]} rows for {n} examples; give 1 or {n}."
+            )
+        return values.expand(n, values.shape[1])
+
+    @staticmethod
+    def _check_samples(nt_samples: Any, stdevs: Any) -> int:
+        if isinstance(nt_samples, bool) or not isinstance(nt_samples, int) or nt_samples < 1:
+            raise ValueError(f"`nt_samples` must be a positive int, got {nt_samples!r}.")
+        if not isinstance(stdevs, (int, float)) or stdevs < 0:
+            raise ValueError(f"`stdevs` must be a non-negative number, got {stdevs!r}.")
+        return nt_samples
+
+    @staticmethod
+    def _guided_hooks(model: nn.Module | None) -> list:
+        if model is None:
+            raise TypeError("GuidedBackprop needs forward_func to be an nn.Module.")
+        return [
+            (lambda m=m: m.register_forward_hook(_guide))
+            for m in model.modules()
+            if isinstance(m, nn.ReLU)
+        ]
+
+
+def _logit_then_cross_entropy(logits: Tensor) -> Tensor:
+    """Columns 0..C-1: the logits (Why P?); C..2C-1: cross-entropy with label Q (Why not Q?)."""
+    return torch.cat([logits, -torch.log_softmax(logits, dim=1)], dim=1)
+
+
+def _variance(total: Tensor | None, total_sq: Tensor | None, count: Tensor) -> Tensor:
+    """Population variance from running sums; zero where fewer than 2 contrasts entered."""
+    if total is None:
+        raise ValueError("`contrasts` selected no contrast class.")
+    shape = (-1,) + (1,) * (total.dim() - 1)
+    safe = count.clamp(min=1).view(shape)
+    mean = total / safe
+    variance = (total_sq / safe - mean.square()).clamp(min=0)
+    return torch.where(count.view(shape) > 1, variance, torch.zeros_like(variance))
+
+
+def _with_channel_dim(maps: Tensor) -> Tensor:
+    """CAM maps (N, H, W) -> (N, 1, H, W); gradient maps (N, C, H, W) stay as they are."""
+    return maps.unsqueeze(1) if maps.dim() == 3 else maps
+
+
+def _noisy_copies(
+    inputs: tuple[Tensor, ...],
+    additional_forward_args: Any,
+    samples: int,
+    stdev: float,
+    generator: torch.Generator | None,
+) -> tuple[tuple[Tensor, ...], Any]:
+    """SmoothGrad inputs: each example repeated ``samples`` times (repeat_interleave) + noise."""
+    noisy = []
+    for x in inputs:
+        repeated = x.repeat_interleave(samples, dim=0)
+        if x.is_floating_point() and stdev > 0:
+            noise = torch.randn(
+                repeated.shape, generator=generator, dtype=x.dtype, device="cpu"
+            ).to(x.device)
+            repeated = repeated + stdev * noise
+        noisy.append(repeated)
+    n = inputs[0].shape[0]
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value.repeat_interleave(samples, dim=0)
+        if isinstance(value, tuple):
+            return tuple(expand(v) for v in value)
+        return value
+
+    return tuple(noisy), expand(additional_forward_args)
