@@ -76,6 +76,11 @@ def test_api_reference_documents_the_public_names(html: Path):
     data_page = _page(html, "api/data.html")
     for name in data.__all__:
         assert f'id="captum_ext.data.{name}"' in data_page, name
+    from captum_ext import metrics
+
+    metrics_page = _page(html, "api/metrics.html")
+    for name in metrics.__all__:
+        assert f'id="captum_ext.metrics.{name}"' in metrics_page, name
     # the value is written out in docs/api/data.rst: it must follow the package
     assert f"&quot;{data.BUNDLED_CAM_LAYER}&quot;" in data_page
 

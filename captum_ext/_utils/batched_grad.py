@@ -72,8 +72,8 @@ def run_forward(
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(
-            f"forward_func failed on `inputs` of shape {shapes}: {first_line} Check the "
-            "input rank and size the model expects (batch first)."
+            f"forward_func raised on `inputs` of shape {shapes}: {first_line}. If the inputs "
+            "are at fault, check the rank and size the model expects (batch first)."
         ) from error
     if output_transform is not None:
         output = output_transform(output)

@@ -187,9 +187,12 @@ class Contrastive(GradientAttribution):
             )
         classes, multi = class_selection(contrast, logits, argument="contrast", default="runner_up")
         unwrap = not isinstance(inputs, tuple)
+        # Captum's Saliency and GuidedBackprop switch requires_grad on for the tensors they
+        # get and only switch it back on success: hand them detached views, never the user's.
+        formatted = tuple(t.detach() for t in formatted)
         if not multi:
             return self.method.attribute(
-                inputs,
+                formatted[0] if unwrap else formatted,
                 target=classes[:, 0],
                 additional_forward_args=additional_forward_args,
                 **kwargs,

@@ -1,0 +1,223 @@
+"""VOICE against an explicit per-class loop (the published procedure) in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
+from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from torch import nn
+
+from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, GradCAM, LayerGradCamPlusPlus
+
+
+def _minmax(m):
+    low, high = m.min(), m.max()
+    return (m - low) / (high - low) if high > low else torch.zeros_like(m)
+
+
+def _cam_by_hand(model, x, scalar_of_logits, plus_plus):
+    """One example, one class: forward hook, autograd, Grad-CAM(++) weights, ReLU."""
+    store = {}
+    handle = model.features[3].register_forward_hook(lambda m, a, o: store.update(a=o))
+    logits = model(x)
+    handle.remove()
+    activations = store["a"]
+    (g,) = torch.autograd.grad(scalar_of_logits(logits[0]), activations)
+    activations, g = activations[0].detach(), g[0]
+    if plus_plus:
+        total = activations.sum(dim=(1, 2), keepdim=True)
+        denominator = 2 * g**2 + total * g**3
+        alpha = torch.where(g != 0, g**2 / torch.where(g != 0, denominator, 1), 0)
+        weights = (alpha * g.clamp(min=0)).sum(dim=(1, 2))
+    else:
+        weights = g.mean(dim=(1, 2))
+    return torch.relu((weights[:, None, None] * activations).sum(0))
+
+
+def _guided_gradient(model, x, scalar_of_logits):
+    guided = copy.deepcopy(model)
+
+    class GuidedReLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return t.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (t,) = ctx.saved_tensors
+            return grad.clamp(min=0) * (t > 0)
+
+    class Guided(nn.Module):
+        def forward(self, t):
+            return GuidedReLU.apply(t)
+
+    for module in list(guided.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, Guided())
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(scalar_of_logits(guided(x)[0]), x)
+    return g[0]
+
+
+def reference_voice(model, x, kind):
+    """The published procedure: one image at a time, one backward per contrast class."""
+    outputs = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        logits = model(xi)[0].detach()
+        p = int(logits.argmax())
+        maps = []
+
+        def one_map(scalar):
+            if kind == "guided":
+                return torch.relu(_guided_gradient(model, xi, scalar))
+            cam = _cam_by_hand(model, xi, scalar, plus_plus=kind == "gradcam++")
+            up = F.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear")
+            return up[0]
+
+        for q in range(logits.shape[0]):
+            if q == p:
+                continue
+            maps.append(_minmax(one_map(lambda z, q=q: -torch.log_softmax(z, 0)[q])))
+        variance = torch.stack(maps).var(dim=0, unbiased=False)
+        explanation = _minmax(one_map(lambda z: z[p]))
+        outputs.append((_minmax(variance), explanation, p))
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "kind, make",
+    [
+        ("gradcam", lambda m: GradCAM(m, "features.3")),
+        ("gradcam", lambda m: LayerGradCam(m, m.features[3])),
+        ("gradcam++", lambda m: LayerGradCamPlusPlus(m, "features.3")),
+        ("guided", lambda m: GuidedBackprop(m)),
+    ],
+)
+def test_uncertainty_equals_the_per_class_loop(kind, make):
+    model = make_tiny_cnn(num_classes=7)
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    before = model_snapshot(model)
+    result = VOICE(make(model)).attribute(x, max_batch=3)
+    assert_model_unchanged(model, before)
+    expected = reference_voice(model, x, kind)
+    for i, (uncertainty, explanation, p) in enumerate(expected):
+        assert int(result.prediction[i]) == p
+        torch.testing.assert_close(
+            result.uncertainty[i],
+            uncertainty,
+            atol=1e-6,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            result.explanation[i],
+            explanation,
+            atol=1e-6,
+            rtol=0,
+        )
+    assert torch.equal(result.n_contrasts, torch.full((3,), 6))
+
+
+def test_batch_equals_one_by_one_and_chunking_does_not_matter():
+    model = make_tiny_cnn(num_classes=6)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    voice = VOICE(GradCAM(model, "features.3"))
+    batch = voice.attribute(x)
+    for max_batch in (1, 4):
+        chunked = voice.attribute(x, max_batch=max_batch)
+        torch.testing.assert_close(chunked.uncertainty, batch.uncertainty)
+    for i in range(4):
+        alone = voice.attribute(x[i : i + 1])
+        for field in ("explanation", "contrast", "uncertainty", "iou", "snr", "log_likelihood"):
+            torch.testing.assert_close(getattr(alone, field)[0], getattr(batch, field)[i])
+
+
+def test_contrast_is_the_runner_up_contrast_cam():
+    model = make_tiny_cnn(num_classes=6)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    result = VOICE(GradCAM(model, "features.3")).attribute(x, contrasts=2)
+    expected = ContrastCAM(model, "features.3").attribute(
+        x, upsample_to_input=True, normalize="minmax"
+    )
+    torch.testing.assert_close(result.contrast, expected)
+    assert torch.equal(result.contrast_class, model(x).topk(2).indices[:, 1])
+    log_p = torch.log_softmax(model(x), 1).max(1).values.detach()
+    torch.testing.assert_close(result.log_likelihood, log_p.float())
+
+
+def test_top_k_and_explicit_contrasts():
+    model = make_tiny_cnn(num_classes=6)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    voice = VOICE(GradCAM(model, "features.3"))
+    order = model(x).argsort(1, descending=True)
+    top3 = voice.attribute(x, contrasts=3)
+    explicit = voice.attribute(x, contrasts=order[:, 1:4])
+    torch.testing.assert_close(top3.uncertainty, explicit.uncertainty)
+    assert torch.equal(top3.n_contrasts, torch.full((3,), 3))
+    everything = voice.attribute(x, contrasts="all")
+    listed = voice.attribute(x, contrasts=list(range(6)))
+    torch.testing.assert_close(everything.uncertainty, listed.uncertainty)
+
+
+def test_two_classes_give_zero_uncertainty_not_nan():
+    model = make_tiny_cnn(num_classes=2)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    result = VOICE(GradCAM(model, "features.3")).attribute(x)
+    assert torch.equal(result.uncertainty, torch.zeros_like(result.uncertainty))
+    assert torch.isfinite(result.iou).all() and torch.isfinite(result.snr).all()
+    assert torch.equal(result.snr, torch.zeros(3, dtype=result.snr.dtype))
+
+
+def test_constant_maps_give_zeros_not_nan():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    ).eval()
+    result = VOICE(GradCAM(model, "0")).attribute(torch.zeros(2, 1, 6, 6))
+    for field in ("explanation", "contrast", "uncertainty"):
+        assert torch.equal(getattr(result, field), torch.zeros_like(getattr(result, field)))
+    assert torch.isfinite(result.iou).all() and torch.isfinite(result.snr).all()
+
+
+def test_smoothgrad_with_zero_noise_equals_saliency_and_is_reproducible():
+    model = make_tiny_cnn(num_classes=5)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    plain = VOICE(Saliency(model)).attribute(x)
+    smooth = VOICE(NoiseTunnel(Saliency(model))).attribute(x, nt_samples=3, stdevs=0.0)
+    torch.testing.assert_close(smooth.uncertainty, plain.uncertainty)
+    noisy = [
+        VOICE(NoiseTunnel(Saliency(model))).attribute(
+            x, nt_samples=4, stdevs=0.2, generator=torch.Generator().manual_seed(1)
+        )
+        for _ in range(2)
+    ]
+    torch.testing.assert_close(noisy[0].uncertainty, noisy[1].uncertainty)
+    assert not torch.allclose(noisy[0].uncertainty, plain.uncertainty)
+
+
+def test_bad_arguments():
+    model = make_tiny_cnn(num_classes=5)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="method"):
+        VOICE(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="CounterfactualCAM"):
+        VOICE(CounterfactualCAM(model, "features.3"))
+    with pytest.raises(ValueError, match="postprocess"):
+        VOICE(GradCAM(model, "features.3"), postprocess="fancy")
+    voice = VOICE(GradCAM(model, "features.3"))
+    for bad in (0, 5, "most"):
+        with pytest.raises(ValueError, match="contrasts"):
+            voice.attribute(x, contrasts=bad)
+    with pytest.raises(ValueError, match="contrasts"):
+        voice.attribute(x, contrasts=[0, 9])
+    with pytest.raises(ValueError, match="nt_samples"):
+        VOICE(NoiseTunnel(Saliency(model))).attribute(x, nt_samples=0)
