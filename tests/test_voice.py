@@ -74,7 +74,7 @@ def reference_voice(model, x, kind):
         p = int(logits.argmax())
         maps = []
 
-        def one_map(scalar):
+        def one_map(scalar, xi=xi):
             if kind == "guided":
                 return torch.relu(_guided_gradient(model, xi, scalar))
             cam = _cam_by_hand(model, xi, scalar, plus_plus=kind == "gradcam++")
@@ -86,7 +86,7 @@ def reference_voice(model, x, kind):
                 continue
             maps.append(_minmax(one_map(lambda z, q=q: -torch.log_softmax(z, 0)[q])))
         variance = torch.stack(maps).var(dim=0, unbiased=False)
-        explanation = _minmax(one_map(lambda z: z[p]))
+        explanation = _minmax(one_map(lambda z, p=p: z[p]))
         outputs.append((_minmax(variance), explanation, p))
     return outputs
 
