@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,36 @@ def tiny_cnn() -> TinyCNN:
 def tiny_inputs() -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(4, 3, 6, 6, generator=generator, dtype=torch.float64)
+
+
+class _HandGuidedReLU(torch.autograd.Function):
+    """Guided backprop's ReLU, written independently of the library: positive gradients only,
+    where the input was positive."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0)
+
+
+class _HandGuidedReLUModule(nn.Module):
+    def forward(self, x):
+        return _HandGuidedReLU.apply(x)
+
+
+def guided_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose nn.ReLU modules do guided backprop (reference only)."""
+    guided = copy.deepcopy(model)
+    for module in list(guided.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, _HandGuidedReLUModule())
+    return guided
 
 
 def model_snapshot(model: nn.Module) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from captum.attr import (
@@ -14,7 +12,7 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from conftest import assert_model_unchanged, model_snapshot
+from conftest import assert_model_unchanged, guided_copy, model_snapshot
 from torch import nn
 
 from captum_ext.attr import ContrastCAM, Contrastive, LayerGradCamPlusPlus
@@ -48,29 +46,8 @@ def test_integrated_gradients_complete_to_the_cross_entropy_difference(tiny_cnn,
     assert delta.abs().max() < 1e-3
 
 
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (x > 0)
-
-
-class _GuidedReLUModule(nn.Module):
-    def forward(self, x):
-        return _GuidedReLU.apply(x)
-
-
 def test_guided_backprop_matches_a_hand_written_guided_relu(tiny_cnn, tiny_inputs):
-    guided = copy.deepcopy(tiny_cnn)
-    for module in list(guided.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, _GuidedReLUModule())
+    guided = guided_copy(tiny_cnn)
     contrast = torch.tensor([4, 4, 1, 0])
     expected = cross_entropy_gradient(guided, tiny_inputs, contrast)
     got = Contrastive(GuidedBackprop, tiny_cnn).attribute(tiny_inputs, contrast)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from conftest import assert_model_unchanged, guided_copy, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, GradCAM, LayerGradCamPlusPlus
@@ -39,27 +37,7 @@ def _cam_by_hand(model, x, scalar_of_logits, plus_plus):
 
 
 def _guided_gradient(model, x, scalar_of_logits):
-    guided = copy.deepcopy(model)
-
-    class GuidedReLU(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            ctx.save_for_backward(t)
-            return t.clamp(min=0)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (t,) = ctx.saved_tensors
-            return grad.clamp(min=0) * (t > 0)
-
-    class Guided(nn.Module):
-        def forward(self, t):
-            return GuidedReLU.apply(t)
-
-    for module in list(guided.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, Guided())
+    guided = guided_copy(model)
     x = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(scalar_of_logits(guided(x)[0]), x)
     return g[0]
