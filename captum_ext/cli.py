@@ -1,13 +1,16 @@
 r"""The ``captum-ext`` command line.
 
-``captum-ext report`` writes an HTML report of contrastive explanations ("Why P? Why P,
-rather than Q? What if not P?") for a model and a folder of images; with no arguments it
-uses the bundled digit classifier and its sample digits::
+``captum-ext report`` writes an HTML report for a model and a folder of images, made of three
+sections (``--sections``, default all): contrastive explanations ("Why P? Why P, rather than
+Q? What if not P?"), the VOICE uncertainty of the Grad-CAM explanation, and the deletion /
+insertion scores of the three maps. With no arguments it uses the bundled digit classifier and
+its sample digits::
 
     captum-ext report                                   # -> report/index.html
     captum-ext report --model torchvision.models:resnet18 --weights r18.pt \
         --images photos/ --classes imagenet_classes.txt --out r18-report
     captum-ext report --model model.ts --layer features.7 --images digits/ --transform digits
+    captum-ext report --sections voice --voice-contrasts 5
 
 Bad arguments end with exit status 2 and a one-line message on stderr.
 """
@@ -49,6 +52,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: the sections of ``captum-ext report``, in their default order
+SECTIONS = ("contrastive", "voice", "metrics")
+
+
+def _sections(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in SECTIONS]
+    if not text.strip() or unknown:
+        shown = ", ".join(repr(name) for name in unknown) if unknown else repr(text)
+        plural = "s" if len(unknown) > 1 else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown section{plural} {shown}; expected a comma-separated list of "
+            f"{', '.join(SECTIONS)}"
+        )
+    return list(dict.fromkeys(names))  # in the order given, once each
+
+
+def _contrasts(text: str) -> str | int:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or a positive integer k (the k most likely classes after the "
+            f"prediction), got {text!r}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``captum-ext`` (subcommand ``report``)."""
     from captum_ext import __version__
@@ -63,11 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="write an HTML report of Grad-CAM, ContrastCAM and CounterfactualCAM maps",
+        help="write an HTML report of contrastive maps, their VOICE uncertainty and their "
+        "deletion / insertion scores",
         description="Explain a classifier's predictions on a folder of images with Grad-CAM "
         "('Why P?'), ContrastCAM ('Why P, rather than Q?', Q the runner-up class) and "
-        "CounterfactualCAM ('What if not P?'), and write them as an HTML page. Without "
-        "--model and --images: the bundled digit classifier on its 40 sample digits.",
+        "CounterfactualCAM ('What if not P?'); show how uncertain the Grad-CAM explanation is "
+        "(VOICE: the variance of the contrastive explanations) and how well each map passes "
+        "the deletion and insertion tests; write it all as an HTML page. Without --model and "
+        "--images: the bundled digit classifier on its 40 sample digits.",
     )
     report.add_argument(
         "--model",
@@ -118,6 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--limit", type=_positive_int, metavar="N", help="explain only the first N images"
+    )
+    report.add_argument(
+        "--sections",
+        type=_sections,
+        default=list(SECTIONS),
+        metavar="LIST",
+        help="comma-separated sections of the report, shown in the order given: contrastive "
+        "(Grad-CAM, ContrastCAM, CounterfactualCAM maps), voice (uncertainty of the Grad-CAM "
+        "explanation), "
+        "metrics (deletion and insertion AUCs of the three maps). Default: " + ",".join(SECTIONS),
+    )
+    report.add_argument(
+        "--voice-contrasts",
+        type=_contrasts,
+        default="all",
+        metavar="K",
+        help="contrast classes of the VOICE uncertainty: 'all' (every class but the "
+        "prediction, as in the paper) or an integer k, the k most likely classes after the "
+        "prediction (default: all)",
+    )
+    report.add_argument(
+        "--metrics-steps",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="steps of each deletion / insertion curve in the metrics section; every step "
+        "is a forward pass per image and map, so fewer is faster (default: 20)",
     )
     report.add_argument("--title", default=None, help="page title")
     report.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -215,7 +280,12 @@ def _run_report(args: argparse.Namespace) -> int:
         load_image_folder,
         load_model,
     )
-    from captum_ext.viz import Report, contrastive_section
+    from captum_ext.viz import (
+        Report,
+        contrastive_section,
+        explanation_metrics_section,
+        voice_section,
+    )
 
     device = _parse_device(args.device)
     if args.model is None:
@@ -273,23 +343,31 @@ def _run_report(args: argparse.Namespace) -> int:
             "Images": images_description,
             "Transform": transform,
             "Device": str(device),
+            "Sections": ", ".join(args.sections),
             "torch": torch.__version__,
         },
     )
-    report.add_section(
-        contrastive_section(
-            forward,
-            layer,
-            images,
-            display,
-            class_names,
-            out,
-            progress=not args.no_progress,
-            labels=labels,
-            names=names,
-            batch_size=args.batch_size,
+    common = {"labels": labels, "names": names, "batch_size": args.batch_size}
+    for name in args.sections:
+        if name == "contrastive":
+            build, options = contrastive_section, {}
+        elif name == "voice":
+            build, options = voice_section, {"contrasts": args.voice_contrasts}
+        else:
+            build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
+        report.add_section(
+            build(
+                forward,
+                layer,
+                images,
+                display,
+                class_names,
+                out,
+                progress=not args.no_progress,
+                **common,
+                **options,
+            )
         )
-    )
     index = report.write(out)
     print(f"Report written to {index}")
     return 0

@@ -45,6 +45,12 @@ def check_report(index: Path) -> str:
     return html
 
 
+def default_figures(n: int) -> int:
+    """Pictures of a default report on n images: contrastive (4 per image), VOICE (4 per
+    image), metrics (the plot of the curves and one example row of 4)."""
+    return 4 * n + 4 * n + 1 + 4
+
+
 def write_pngs(folder: Path, count: int, size=(20, 20), mode="L") -> None:
     rng = np.random.default_rng(0)
     for i in range(count):
@@ -59,8 +65,9 @@ def test_report_with_bundled_model_and_digits(tmp_path):
     result = run_cli("report", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     html = check_report(out / "index.html")
-    assert len(IMG_SRC.findall(html)) == 40 * 4
+    assert len(IMG_SRC.findall(html)) == default_figures(40)
     assert "Why 0, rather than" in html
+    assert "Uncertainty (VOICE, 9 contrasts)" in html and "deletion AUC" in html
     assert str(out / "index.html") in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -72,7 +79,7 @@ def test_report_default_output_folder_and_console_script(tmp_path):
     result = run_cli("report", "--limit", "3", "--no-progress", cwd=tmp_path, executable=[script])
     assert result.returncode == 0, result.stderr
     html = check_report(tmp_path / "report" / "index.html")
-    assert len(IMG_SRC.findall(html)) == 3 * 4
+    assert len(IMG_SRC.findall(html)) == default_figures(3)
     assert result.stderr == ""  # --no-progress
 
 
@@ -111,7 +118,7 @@ def test_report_with_torchscript_model_and_image_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     html = check_report(out / "index.html")
-    assert len(IMG_SRC.findall(html)) == 5 * 4
+    assert len(IMG_SRC.findall(html)) == default_figures(5)
     assert "class_0/0.png" in html and "true class class_0" in html
     assert "features.2" in html
 
@@ -131,6 +138,8 @@ def test_report_with_factory_spec_picks_the_layer(tmp_path, capsys):
             "--out",
             str(out),
             "--no-progress",
+            "--metrics-steps",
+            "2",  # 1000 classes for VOICE, but few ResNet forward passes for the metrics
         ]
     )
     captured = capsys.readouterr()
@@ -151,7 +160,7 @@ def test_report_options_in_process(tmp_path, capsys):
     assert code == 0, captured.err
     html = check_report(out / "index.html")
     assert "Why zero, rather than" in html and "My &lt;digits&gt;" in html
-    assert len(IMG_SRC.findall(html)) == 2 * 4
+    assert len(IMG_SRC.findall(html)) == default_figures(2)
 
 
 def test_bad_model_in_subprocess_is_one_line_without_traceback(tmp_path):
@@ -172,6 +181,7 @@ def test_bad_model_in_subprocess_is_one_line_without_traceback(tmp_path):
         (["report", "--layer", "features.99"], "--layer"),
         (["report", "--classes", "{tmp}/none.txt"], "--classes"),
         (["report", "--transform", "imagenet"], "--transform"),
+        (["report", "--sections", "voice", "--voice-contrasts", "10"], "--voice-contrasts"),
         (["report", "--device", "not-a-device"], "--device"),
         (
             ["report", "--model", "_factories:small_cnn", "--weights", "{tmp}/none.pt"],
@@ -190,7 +200,18 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv,
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["report", "--batch-size", "0"], ["report", "--bogus"], ["explain"]]
+    "argv",
+    [
+        [],
+        ["report", "--batch-size", "0"],
+        ["report", "--bogus"],
+        ["explain"],
+        ["report", "--sections", "contrastive,bogus"],
+        ["report", "--sections", ""],
+        ["report", "--voice-contrasts", "0"],
+        ["report", "--voice-contrasts", "some"],
+        ["report", "--metrics-steps", "0"],
+    ],
 )
 def test_argparse_errors_exit_2_with_one_line(capsys, argv):
     with pytest.raises(SystemExit) as caught:
@@ -198,3 +219,18 @@ def test_argparse_errors_exit_2_with_one_line(capsys, argv):
     assert caught.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
+
+
+def test_report_sections_in_the_order_given(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["report", "--limit", "2", "--out", str(out), "--no-progress"]
+    code = main(argv + ["--sections", "metrics,contrastive,metrics", "--voice-contrasts", "all"])
+    assert code == 0, capsys.readouterr().err
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "VOICE" not in html
+    assert html.index("deletion AUC") < html.index("ContrastCAM: Why")
+    assert len(IMG_SRC.findall(html)) == 2 * 4 + 1 + 4  # contrastive + metrics, once each
+    only = tmp_path / "only"
+    assert main(argv[:-3] + ["--out", str(only), "--no-progress", "--sections", "contrastive"]) == 0
+    html = check_report(only / "index.html")
+    assert len(IMG_SRC.findall(html)) == 2 * 4 and "deletion" not in html.lower()

@@ -236,8 +236,8 @@ class VOICE:
         Args:
             inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
             contrasts (str, int, list or Tensor, optional): the contrast classes Q: ``"all"``
-                (every class but P, as in the paper), an int k (the k most likely classes
-                after P), or classes given as a list / 1-D tensor (for every example) or a
+                (every class but P, as in the paper), an int k >= 2 (the k most likely
+                classes after P), or classes given as a list / 1-D tensor (for every example) or a
                 2-D tensor (one row per example); P is left out of the variance wherever it
                 appears. Default: "all".
             additional_forward_args (Any, optional): extra arguments of the model.
@@ -309,9 +309,8 @@ class VOICE:
             uncertainty=uncertainty,
             iou=voice_iou(flat_explanation, flat_uncertainty, threshold=threshold),
             snr=voice_snr(flat_uncertainty),
-            log_likelihood=torch.log_softmax(logits.float(), 1).gather(1, prediction[:, None])[
-                :, 0
-            ],
+            # float64: confident predictions would round to exactly 0 in float32
+            log_likelihood=torch.log_softmax(logits.double(), 1)[torch.arange(n), prediction],
             prediction=prediction,
             contrast_class=runner_up,
             n_contrasts=weights.sum(1),
@@ -342,10 +341,10 @@ class VOICE:
         if isinstance(contrasts, bool):
             raise TypeError("`contrasts` must be 'all', an int k or class indices, not a bool.")
         if isinstance(contrasts, int):
-            if not 1 <= contrasts <= num_classes - 1:
+            if not 2 <= contrasts <= num_classes - 1:
                 raise ValueError(
-                    f"`contrasts`={contrasts}: top-k needs 1 <= k <= {num_classes - 1} for a "
-                    f"model with {num_classes} classes."
+                    f"`contrasts`={contrasts}: top-k needs 2 <= k <= {num_classes - 1} for a "
+                    f"model with {num_classes} classes (the variance of one contrast is 0)."
                 )
             return order[:, 1 : contrasts + 1]
         values = torch.as_tensor(contrasts, device=device)

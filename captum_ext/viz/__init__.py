@@ -2,20 +2,29 @@
 tqdm; each is imported only when the function that needs it runs).
 
 - :func:`overlay`, :func:`save_png`: a heat map over an image, as a uint8 RGB array / PNG.
-- :class:`Report`, :class:`Section`, :class:`Row`, :class:`Figure`: a modular HTML report.
+- :class:`Report`, :class:`Section`, :class:`Row`, :class:`Figure`, :class:`Table`: a modular
+  HTML report.
 - :func:`contrastive_section`: the "Why P? / Why P, rather than Q? / What if not P?" section.
+- :func:`voice_section`: "How uncertain is this explanation?" (VOICE uncertainty maps, IoU,
+  SNR).
+- :func:`explanation_metrics_section`: deletion and insertion AUCs of Grad-CAM, ContrastCAM
+  and CounterfactualCAM.
 """
 
 from .overlay import overlay, save_png, to_uint8_rgb
-from .report import Figure, Report, Row, Section, contrastive_section
+from .report import Figure, Report, Row, Section, Table, contrastive_section
+from .uncertainty import explanation_metrics_section, voice_section
 
 __all__ = [
     "Figure",
     "Report",
     "Row",
     "Section",
+    "Table",
     "contrastive_section",
+    "explanation_metrics_section",
     "overlay",
     "save_png",
     "to_uint8_rgb",
+    "voice_section",
 ]

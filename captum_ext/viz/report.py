@@ -41,7 +41,7 @@ from captum_ext._utils.layers import resolve_layer, root_module
 
 from .overlay import overlay, save_png
 
-__all__ = ["Figure", "Report", "Row", "Section", "contrastive_section"]
+__all__ = ["Figure", "Report", "Row", "Section", "Table", "contrastive_section"]
 
 _FIGURE_WIDTH = 168  # CSS pixels per figure in the page
 _TEMPLATE = "report.html.j2"
@@ -49,27 +49,78 @@ _TEMPLATE = "report.html.j2"
 
 @dataclass
 class Figure:
-    """One picture of a row: a caption and the PNG file (absolute, or relative to the cwd)."""
+    """One picture of a row: a caption and the PNG file (absolute, or relative to the cwd).
+
+    ``width``: its width in the page in CSS pixels (e.g. for a plot); None, the default,
+    gives the common width of the images and maps.
+    """
 
     caption: str
     path: str | os.PathLike
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.width is not None and (
+            isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1
+        ):
+            raise ValueError(f"a figure's `width` must be a positive int, got {self.width!r}.")
+
+
+@dataclass
+class Table:
+    """A small table of text (numbers already formatted), shown under a row's figures.
+
+    Args:
+        columns (Sequence[str]): the header.
+        rows (Sequence[Sequence]): the body, one sequence of cells per line, as many cells as
+            columns; cells are converted with ``str`` (format numbers first).
+        caption (str, optional): a line above the table. Default: "".
+    """
+
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.columns, str):
+            raise TypeError("`columns` must be a sequence of column names, not a str.")
+        self.columns = [str(c) for c in self.columns]
+        self.rows = [self._cells(r) for r in self.rows]
+        self.caption = str(self.caption)
+
+    def add_row(self, cells: Sequence[Any]) -> None:
+        """Append a line of cells (converted with ``str``)."""
+        self.rows.append(self._cells(cells))
+
+    def _cells(self, cells: Any) -> list[str]:
+        if isinstance(cells, str) or not isinstance(cells, Sequence):
+            raise TypeError(f"a table row must be a sequence of cells, got {cells!r}.")
+        if len(cells) != len(self.columns):
+            raise ValueError(
+                f"a table row has {len(cells)} cells for {len(self.columns)} columns: {cells!r}."
+            )
+        return [str(c) for c in cells]
 
 
 @dataclass
 class Row:
     """A labelled line of figures (typically one input image and its explanations).
 
-    ``figures`` may be given as :class:`Figure`\\ s or as ``(caption, path)`` pairs.
+    ``figures`` may be given as :class:`Figure`\\ s or as ``(caption, path)`` pairs. An
+    optional :class:`Table` is shown under the figures (e.g. the numbers behind a plot).
     """
 
     label: str
     figures: list[Figure] = field(default_factory=list)
+    table: Table | None = None
 
     def __post_init__(self) -> None:
         self.figures = [_as_figure(f) for f in self.figures]
+        if self.table is not None and not isinstance(self.table, Table):
+            raise TypeError(f"a row's `table` must be a Table, got {type(self.table).__name__}.")
 
-    def add_figure(self, caption: str, path: str | os.PathLike) -> Figure:
-        figure = Figure(caption, path)
+    def add_figure(self, caption: str, path: str | os.PathLike, width: int | None = None) -> Figure:
+        figure = Figure(caption, path, width)
         self.figures.append(figure)
         return figure
 
@@ -82,8 +133,13 @@ class Section:
     intro: str = ""
     rows: list[Row] = field(default_factory=list)
 
-    def add_row(self, label: str, figures: Iterable[Figure | tuple[str, Any]] = ()) -> Row:
-        row = Row(label, list(figures))
+    def add_row(
+        self,
+        label: str,
+        figures: Iterable[Figure | tuple[str, Any]] = (),
+        table: Table | None = None,
+    ) -> Row:
+        row = Row(label, list(figures), table)
         self.rows.append(row)
         return row
 
@@ -165,7 +221,14 @@ class Report:
             rows = []
             for row in section.rows:
                 figures = [self._place(f, out, anchor, copied) for f in row.figures]
-                rows.append({"label": row.label, "figures": figures})
+                table = None
+                if row.table is not None:
+                    table = {
+                        "caption": row.table.caption,
+                        "columns": row.table.columns,
+                        "rows": row.table.rows,
+                    }
+                rows.append({"label": row.label, "figures": figures, "table": table})
             sections.append(
                 {"title": section.title, "intro": section.intro, "anchor": anchor, "rows": rows}
             )
@@ -216,10 +279,12 @@ class Report:
         with Image.open(source) as image:
             width = image.size[0]
         relative = source.relative_to(out).as_posix()
+        shown_width = _FIGURE_WIDTH if figure.width is None else int(figure.width)
         return {
             "caption": figure.caption,
             "src": urllib.parse.quote(relative),
-            "pixelated": width < _FIGURE_WIDTH,
+            "pixelated": width < shown_width,
+            "width": None if figure.width is None else shown_width,
         }
 
 

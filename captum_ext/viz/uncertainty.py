@@ -1,0 +1,655 @@
+r"""Report sections on how far an explanation can be trusted.
+
+- :func:`voice_section`: "How uncertain is this explanation?" The Grad-CAM explanation of
+  each prediction, its contrast against the runner-up class and its VOICE uncertainty map,
+  with the VOICE read-outs (IoU, SNR, log-likelihood).
+- :func:`explanation_metrics_section`: "Does the explanation point at what the model uses?"
+  Pixel-wise deletion and insertion AUCs of Grad-CAM, ContrastCAM and CounterfactualCAM, with
+  a plot of the mean curves.
+
+Both follow :func:`~captum_ext.viz.contrastive_section`: they compute in batches on the
+model's device, write their PNGs under ``out_dir/images/<section>/`` and return a
+:class:`~captum_ext.viz.Section` for :class:`~captum_ext.viz.Report`.
+
+Example::
+
+    >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
+    ...                              load_bundled_model, load_sample_digits)
+    >>> from captum_ext.viz import Report, explanation_metrics_section, voice_section
+    >>> model = load_bundled_model()
+    >>> images, labels = load_sample_digits()
+    >>> shown = denormalize_digits(images)
+    >>> report = Report("Digits")
+    >>> report.add_section(voice_section(model, BUNDLED_CAM_LAYER, images, shown,
+    ...                                  DIGIT_CLASSES, "out", labels=labels))
+    >>> report.add_section(explanation_metrics_section(model, BUNDLED_CAM_LAYER, images,
+    ...                                                shown, DIGIT_CLASSES, "out"))
+    >>> report.write("out")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captum_ext._utils.layers import resolve_layer
+
+from .overlay import overlay, save_png, to_uint8_rgb
+from .report import (
+    Figure,
+    Section,
+    Table,
+    _check_batch_size,
+    _display_array,
+    _layer_name,
+    _model_device,
+    _probabilities,
+    _progress_bar,
+)
+
+__all__ = ["explanation_metrics_section", "voice_section"]
+
+#: width in the page (CSS pixels) of the plot of the mean curves
+_PLOT_WIDTH = 720
+#: fraction of the pixels shown as "deleted first" in the example rows of the metrics section
+_EXAMPLE_FRACTION = 0.2
+
+
+# --------------------------------------------------------------------------------------
+# shared checks and labels
+
+
+def _check_images(images: Any) -> Tensor:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"`images` must be an N x C x H x W tensor, got {got}.")
+    if images.shape[0] == 0:
+        raise ValueError("`images` holds no images (N = 0).")
+    return images
+
+
+def _check_names_labels(names: Any, labels: Any, n: int) -> list[Any] | None:
+    if names is not None and len(names) != n:
+        raise ValueError(f"`names` has {len(names)} entries for {n} images.")
+    if labels is None:
+        return None
+    labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+    if len(labels) != n:
+        raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
+    return labels
+
+
+def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    if class_names is None:
+        return [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(
+            f"`class_names` (--classes) has {len(class_names)} names but the model has "
+            f"{num_classes} outputs."
+        )
+    return [str(name) for name in class_names]
+
+
+def _true_class(labels: list[Any] | None, i: int, class_names: list[str]) -> int | None:
+    if labels is None or labels[i] is None:
+        return None
+    true = int(labels[i])
+    if not 0 <= true < len(class_names):
+        raise ValueError(
+            f"`labels`[{i}]={true} is not a class index of the model (0..{len(class_names) - 1})."
+        )
+    return true
+
+
+def _image_name(names: Sequence[str] | None, i: int) -> str:
+    return str(names[i]) if names is not None else f"#{i}"
+
+
+def _row_label(
+    name: str, probabilities: Tensor, p: int, q: int, true: int | None, class_names: list[str]
+) -> str:
+    label = f"{name}: predicted {class_names[p]} ({float(probabilities[p]):.1%}), "
+    label += f"runner-up {class_names[q]} ({float(probabilities[q]):.1%})"
+    if true is not None:
+        label += f"; true class {class_names[true]} ({'correct' if true == p else 'wrong'})"
+    return label
+
+
+def _to_cpu(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# VOICE
+
+
+def _check_contrasts(contrasts: Any) -> str | int:
+    if contrasts == "all" and isinstance(contrasts, str):
+        return contrasts
+    if isinstance(contrasts, bool) or not isinstance(contrasts, int) or contrasts < 1:
+        raise ValueError(
+            f"`contrasts` (--voice-contrasts) must be 'all' or a positive int k (the k most "
+            f"likely classes after the prediction), got {contrasts!r}."
+        )
+    return contrasts
+
+
+def _format_ll(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def voice_section(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    display_images: Any,
+    class_names: Sequence[str] | None,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    *,
+    contrasts: str | int = "all",
+    batch_size: int = 64,
+    labels: Sequence[Any] | Tensor | None = None,
+    names: Sequence[str] | None = None,
+    threshold: float = 0.1,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    title: str = "How uncertain is the explanation? (VOICE)",
+) -> Section:
+    r"""The section "How uncertain is this explanation?": VOICE on Grad-CAM, per image.
+
+    :class:`~captum_ext.attr.VOICE` wraps :class:`~captum_ext.attr.GradCAM` at ``layer``
+    and, for each image with prediction P and runner-up Q2, gives
+
+    .. code-block:: text
+
+        explanation  = Grad-CAM of P                            ("Why P?")
+        contrast     = ContrastCAM against Q2                   ("Why P, rather than Q2?")
+        uncertainty  = minmax( Var_Q ContrastCAM_Q )            (Q over the contrasts != P)
+        IoU          = IoU(explanation > threshold, uncertainty > threshold)
+        SNR          = mean(uncertainty) / std(uncertainty)
+        log-likelihood = log softmax(logits)[P]
+
+    each map upsampled to the image and scaled to [0, 1]. A high IoU means the explanation
+    is uncertain about the very pixels it attributes P to: the explanation deserves less
+    trust. The row of each image shows the input and the three maps over it; the caption of
+    the uncertainty map gives IoU, SNR and log-likelihood (as VOICE returns them). A first
+    row holds a table of the mean read-outs over all images, and over the correctly and
+    wrongly classified ones where ``labels`` are known.
+
+    VOICE runs on ``batch_size`` images at a time (one forward pass and one batched backward
+    for all contrasts of a batch); the PNGs go to ``out_dir/images/voice/``.
+
+    Paper: Prabhushankar & AlRegib, "VOICE: Variance of Induced Contrastive Explanations to
+    Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
+
+    Args:
+        model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
+            N x C x H x W (tensor) or N x H x W x C (array).
+        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        out_dir (str or PathLike): the report folder.
+        progress (bool, optional): tqdm progress bar on stderr. Default: True.
+        contrasts (str or int, optional): the contrast classes of the variance: ``"all"``
+            (every class but P, as in the paper) or an int k, the k most likely classes
+            after P. Default: "all".
+        batch_size (int, optional): images per VOICE call. Default: 64.
+        labels (optional): true class per image (indices, or None where unknown), shown in
+            the row label and used to split the summary. Default: None.
+        names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
+        threshold (float, optional): threshold of the IoU read-out. Default: 0.1.
+        alpha (float, optional): heat-map opacity in the overlays. Default: 0.5.
+        cmap (str, optional): matplotlib colormap of the overlays. Default: ``"jet"``.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: a summary row (a table) and one row per image with four figures (input,
+        explanation, contrast, uncertainty).
+
+    Examples::
+
+        >>> section = voice_section(model, "features.7", images, shown, DIGIT_CLASSES, "out",
+        ...                         contrasts=3, labels=labels)
+        >>> section.rows[1].figures[3].caption
+        'Uncertainty (VOICE, 3 contrasts): IoU 0.314, SNR 0.588, log-likelihood -0.001292'
+    """
+    from captum_ext.attr import VOICE, GradCAM
+
+    images = _check_images(images)
+    contrasts = _check_contrasts(contrasts)
+    batch_size = _check_batch_size(batch_size)
+    n = images.shape[0]
+    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    labels = _check_names_labels(names, labels, n)
+    module = resolve_layer(model, layer)
+    layer_name = _layer_name(model, layer, module)
+    device = _model_device(model, images)
+    folder = Path(out_dir) / "images" / "voice"
+    folder.mkdir(parents=True, exist_ok=True)
+    voice = VOICE(GradCAM(model, module))
+
+    rows: list[tuple[str, list[tuple[str, Path]]]] = []
+    iou: list[float] = []
+    snr: list[float] = []
+    log_likelihood: list[float] = []
+    correct: list[bool | None] = []
+    n_contrasts = 0
+    with _progress_bar(n, "VOICE uncertainty", progress) as bar:
+        for start in range(0, n, batch_size):
+            x = images[start : start + batch_size].to(device)
+            probabilities = _probabilities(model, x)
+            num_classes = probabilities.shape[1]
+            class_names = _class_names(class_names, num_classes)
+            if isinstance(contrasts, int) and contrasts > num_classes - 1:
+                raise ValueError(
+                    f"`contrasts` (--voice-contrasts) = {contrasts}, but a model with "
+                    f"{num_classes} classes has at most {num_classes - 1} contrasts."
+                )
+            result = voice.attribute(x, contrasts=contrasts, threshold=threshold)
+            maps = {
+                "explanation": _to_cpu(result.explanation)[:, 0].numpy(),
+                "contrast": _to_cpu(result.contrast)[:, 0].numpy(),
+                "uncertainty": _to_cpu(result.uncertainty)[:, 0].numpy(),
+            }
+            for j in range(x.shape[0]):
+                i = start + j
+                p, q = int(result.prediction[j]), int(result.contrast_class[j])
+                name_p, name_q = class_names[p], class_names[q]
+                true = _true_class(labels, i, class_names)
+                values = (
+                    float(result.iou[j]),
+                    float(result.snr[j]),
+                    float(result.log_likelihood[j]),
+                )
+                iou.append(values[0])
+                snr.append(values[1])
+                log_likelihood.append(values[2])
+                correct.append(None if true is None else true == p)
+                n_contrasts = int(result.n_contrasts[j])
+                stem = folder / f"{i:05d}"
+                figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
+                captions = {
+                    "explanation": f"Explanation (Grad-CAM): Why {name_p}?",
+                    "contrast": f"Contrast: Why {name_p}, rather than {name_q}?",
+                    "uncertainty": (
+                        f"Uncertainty (VOICE, {n_contrasts} contrasts): IoU {values[0]:.3f}, "
+                        f"SNR {values[1]:.3f}, log-likelihood {_format_ll(values[2])}"
+                    ),
+                }
+                for kind, caption in captions.items():
+                    heat = maps[kind][j]
+                    if not heat.any():
+                        caption += " (empty)"
+                    picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
+                    figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
+                label = _row_label(_image_name(names, i), probabilities[j], p, q, true, class_names)
+                rows.append((label, figures))
+            bar.update(x.shape[0])
+
+    if contrasts == "all":
+        which = "every other class"
+    else:
+        which = f"the {contrasts} most likely classes after P"
+    explained_at = f" at layer {layer_name}" if layer_name else ""
+    section = Section(
+        title,
+        intro=(
+            f"VOICE (variance of induced contrastive explanations) measures how uncertain an "
+            f"explanation is. For each image: the Grad-CAM explanation{explained_at} of the "
+            "prediction P ('Why P?'), the contrastive explanation against the runner-up class "
+            "Q ('Why P, rather than Q?'), and the uncertainty map: the variance of the "
+            f"contrastive explanations against {which} (Q != P), each map upsampled to the "
+            "image and scaled to [0, 1] (red: high, blue: low).\n"
+            f"IoU: overlap of the explanation and the uncertainty, both thresholded at "
+            f"{threshold:g}. A higher IoU means the explanation is uncertain about the very "
+            "pixels it attributes the prediction to: it deserves less trust. "
+            "SNR: mean / std of the uncertainty map; higher means more dispersed uncertainty. "
+            "Log-likelihood: log-probability of P (0 is certain)."
+        ),
+    )
+    summary = Table(
+        ["images", "count", "mean IoU", "mean SNR", "mean log-likelihood"],
+        caption="Mean VOICE read-outs (IoU: higher = explanation less trustworthy)",
+    )
+    groups = [("all", [True] * n)]
+    if any(c is not None for c in correct):
+        groups.append(("correctly classified", [c is True for c in correct]))
+        groups.append(("wrongly classified", [c is False for c in correct]))
+    for group, member in groups:
+        chosen = np.flatnonzero(member)
+        if chosen.size == 0:
+            summary.add_row([group, 0, "-", "-", "-"])
+            continue
+        summary.add_row(
+            [
+                group,
+                chosen.size,
+                f"{np.mean(np.asarray(iou)[chosen]):.3f}",
+                f"{np.mean(np.asarray(snr)[chosen]):.3f}",
+                _format_ll(float(np.mean(np.asarray(log_likelihood)[chosen]))),
+            ]
+        )
+    section.add_row("Summary", table=summary)
+    for label, figures in rows:
+        section.add_row(label, figures)
+    return section
+
+
+# --------------------------------------------------------------------------------------
+# deletion / insertion
+
+
+_METHODS = ("gradcam", "contrast", "counterfactual")
+_METHOD_NAMES = {
+    "gradcam": "Grad-CAM",
+    "contrast": "ContrastCAM",
+    "counterfactual": "CounterfactualCAM",
+}
+_QUESTIONS = {
+    "gradcam": "Why P?",
+    "contrast": "Why P, rather than Q?",
+    "counterfactual": "What if not P?",
+}
+_COLOURS = {"gradcam": "tab:red", "contrast": "tab:blue", "counterfactual": "tab:green"}
+
+
+def _first_pixels(heat: np.ndarray, fraction: float) -> np.ndarray:
+    """The mask of the pixels deletion removes first (decreasing value, ties by index)."""
+    flat = heat.reshape(-1)
+    count = int(round(fraction * flat.size))
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(flat.size, dtype=np.float64)
+    mask[order[:count]] = 1.0
+    return mask.reshape(heat.shape)
+
+
+def _mark(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    """The image with the pixels of ``mask`` tinted red (opacity ``alpha``)."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+    rgb = to_uint8_rgb(image, "display_images").astype(np.float64) / 255.0
+    red = np.array([1.0, 0.0, 0.0])
+    blend = (1.0 - alpha) * rgb + alpha * red
+    return np.where(mask[:, :, None] > 0, blend, rgb)
+
+
+def _plot_curves(
+    fractions: np.ndarray,
+    curves: dict[str, dict[str, np.ndarray]],
+    aucs: dict[str, dict[str, np.ndarray]],
+    n: int,
+    path: Path,
+) -> Path:
+    try:
+        from matplotlib.figure import Figure as PlotFigure
+    except ImportError:
+        raise ImportError(
+            "explanation_metrics_section() needs matplotlib: pip install 'captum-ext[viz]'"
+        ) from None
+    figure = PlotFigure(figsize=(9.0, 3.6), dpi=100, layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    better = {"deletion": "lower AUC is better", "insertion": "higher AUC is better"}
+    for ax, metric in zip(axes, ("deletion", "insertion")):
+        for method in _METHODS:
+            ax.plot(
+                fractions,
+                curves[metric][method].mean(0),
+                color=_COLOURS[method],
+                label=f"{_METHOD_NAMES[method]} (AUC {aucs[metric][method].mean():.3f})",
+            )
+        ax.set_title(f"{metric.capitalize()} ({better[metric]})")
+        ax.set_xlabel(f"fraction of pixels {'removed' if metric == 'deletion' else 'inserted'}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right" if metric == "deletion" else "lower right")
+    axes[0].set_ylabel(f"mean probability of P ({n} images)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def explanation_metrics_section(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    display_images: Any,
+    class_names: Sequence[str] | None,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    *,
+    n_steps: int = 50,
+    baselines: Any = 0.0,
+    batch_size: int = 64,
+    labels: Sequence[Any] | Tensor | None = None,
+    names: Sequence[str] | None = None,
+    examples: int = 1,
+    alpha: float = 0.6,
+    title: str = "Do the maps point at what the model uses? (deletion and insertion)",
+) -> Section:
+    r"""The section "Deletion and insertion" comparing Grad-CAM, ContrastCAM, CounterfactualCAM.
+
+    For each image with prediction P and runner-up Q, the three maps of
+    :func:`~captum_ext.viz.contrastive_section` (Grad-CAM of P, ContrastCAM against Q,
+    CounterfactualCAM of P, each upsampled to the input and min-max normalised) are scored
+    with :func:`~captum_ext.metrics.deletion` and :func:`~captum_ext.metrics.insertion`,
+    following P:
+
+    .. code-block:: text
+
+        deletion AUC  = area under p(P | x with its top-ranked pixels replaced by baseline)
+        insertion AUC = area under p(P | baseline with the top-ranked pixels of x put back)
+
+    both against the fraction of pixels perturbed, 0 to 1 in ``n_steps`` steps. A low
+    deletion AUC (the probability falls fast: the map found pixels the model needs) and a
+    high insertion AUC (it rises fast: they suffice) are better. CounterfactualCAM ranks the
+    evidence *against* P first, so it is expected to do badly here: it is the reference of
+    a map that points elsewhere.
+
+    The section has a row with a plot of the mean curves of the three methods (a PNG) and a
+    table of the mean AUCs, a row with a table of the AUCs of every image, and, when
+    ``display_images`` is given, ``examples`` rows showing which pixels each method deletes
+    first (the top 20 %). Computed in batches of ``batch_size`` images; the PNGs go to
+    ``out_dir/images/metrics/``.
+
+    Source: RISE (Petsiuk et al., BMVC 2018) deletion and insertion, as presented in the
+    WACV 2025 tutorial "Inferential Machine Learning" (AlRegib & Prabhushankar).
+
+    Args:
+        model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        display_images (Tensor, numpy.ndarray or None): the same images in [0, 1] for the
+            example rows, N x C x H x W (tensor) or N x H x W x C (array); None: no examples.
+        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        out_dir (str or PathLike): the report folder.
+        progress (bool, optional): tqdm progress bar on stderr. Default: True.
+        n_steps (int, optional): perturbation steps of each curve. Default: 50.
+        baselines (float, str or Tensor, optional): what a removed pixel becomes, as in
+            :func:`~captum_ext.metrics.deletion`. Default: 0.0, which for inputs normalised
+            with the dataset's mean and std is the per-channel dataset mean.
+        batch_size (int, optional): images per attribution and metric call. Default: 64.
+        labels (optional): true class per image (indices, or None where unknown), shown in
+            the per-image table. Default: None.
+        names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
+        examples (int, optional): how many images (the first ones) get an example row.
+            Default: 1.
+        alpha (float, optional): opacity of the red that marks the deleted pixels in the
+            examples. Default: 0.6.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: the rows described above.
+
+    Examples::
+
+        >>> section = explanation_metrics_section(model, "features.7", images, shown,
+        ...                                       DIGIT_CLASSES, "out", n_steps=28)
+        >>> print(section.rows[0].table.rows[0])
+        ['Grad-CAM', 'Why P?', '0.261', '0.762', '27 / 40', '30 / 40']
+    """
+    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
+    from captum_ext.metrics import deletion, insertion
+
+    images = _check_images(images)
+    batch_size = _check_batch_size(batch_size)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"`n_steps` must be a positive int, got {n_steps!r}.")
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ValueError(f"`examples` must be a non-negative int, got {examples!r}.")
+    n = images.shape[0]
+    shown = None
+    if display_images is not None:
+        shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    labels = _check_names_labels(names, labels, n)
+    module = resolve_layer(model, layer)
+    layer_name = _layer_name(model, layer, module)
+    device = _model_device(model, images)
+    folder = Path(out_dir) / "images" / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    cams = {
+        "gradcam": GradCAM(model, module),
+        "contrast": ContrastCAM(model, module),
+        "counterfactual": CounterfactualCAM(model, module),
+    }
+    metrics = {"deletion": deletion, "insertion": insertion}
+
+    aucs: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in _METHODS} for m in metrics}
+    curves: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in _METHODS} for m in metrics}
+    fractions: Tensor | None = None
+    predicted_all: list[int] = []
+    runner_up_all: list[int] = []
+    example_maps: dict[str, list[np.ndarray]] = {k: [] for k in _METHODS}
+    with _progress_bar(n, "deletion / insertion", progress) as bar:
+        for start in range(0, n, batch_size):
+            x = images[start : start + batch_size].to(device)
+            probabilities = _probabilities(model, x)
+            class_names = _class_names(class_names, probabilities.shape[1])
+            top = probabilities.topk(2, dim=1)
+            predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
+            predicted_all += predicted.tolist()
+            runner_up_all += runner_up.tolist()
+            for kind, cam in cams.items():
+                classes = {"contrast": runner_up} if kind == "contrast" else {"target": predicted}
+                heat = cam.attribute(x, **classes, upsample_to_input=True, normalize="minmax")
+                if start < examples:
+                    example_maps[kind].append(_to_cpu(heat)[: examples - start, 0].numpy())
+                for metric, function in metrics.items():
+                    result = function(
+                        model,
+                        x,
+                        heat,
+                        target=predicted,
+                        baselines=baselines,
+                        n_steps=n_steps,
+                        return_curves=True,
+                    )
+                    aucs[metric][kind].append(_to_cpu(result.auc))
+                    curves[metric][kind].append(_to_cpu(result.curves))
+                    fractions = _to_cpu(result.fractions)
+            bar.update(x.shape[0])
+
+    auc = {m: {k: torch.cat(v).numpy() for k, v in d.items()} for m, d in aucs.items()}
+    curve = {m: {k: torch.cat(v).numpy() for k, v in d.items()} for m, d in curves.items()}
+    plot = _plot_curves(fractions.numpy(), curve, auc, n, folder / "curves.png")
+
+    explained_at = f" at layer {layer_name}" if layer_name else ""
+    if isinstance(baselines, str):
+        baseline_text = {"mean": "the image's per-channel mean", "blur": "a blurred copy"}.get(
+            baselines, baselines
+        )
+    elif isinstance(baselines, (int, float)):
+        baseline_text = f"the value {float(baselines):g} of the model's (normalised) input"
+    else:
+        baseline_text = "the given baseline image"
+    section = Section(
+        title,
+        intro=(
+            "Deletion and insertion judge a map by intervening on the image with it. "
+            f"Deletion replaces the pixels in the order of the map (most important first) "
+            f"by {baseline_text} and follows the probability of the predicted class P; "
+            "insertion starts from the baseline and puts the pixels back in the same order. "
+            f"Each curve has {n_steps} steps; the score is its area (AUC).\n"
+            "Lower deletion AUC is better (the map found pixels the model needs); higher "
+            "insertion AUC is better (those pixels suffice).\n"
+            f"Maps{explained_at}: Grad-CAM of P ('Why P?'), ContrastCAM against the runner-up "
+            "class Q ('Why P, rather than Q?') and CounterfactualCAM ('What if not P?', the "
+            "evidence against P; it is expected to score worst, as a reference)."
+        ),
+    )
+    mean_table = Table(
+        [
+            "method",
+            "question",
+            "deletion AUC (lower is better)",
+            "insertion AUC (higher is better)",
+            "best deletion on",
+            "best insertion on",
+        ],
+        caption=f"Mean AUC over {n} images, and on how many images each method scores best",
+    )
+    best_deletion = np.stack([auc["deletion"][k] for k in _METHODS]).argmin(0)
+    best_insertion = np.stack([auc["insertion"][k] for k in _METHODS]).argmax(0)
+    for index, kind in enumerate(_METHODS):
+        mean_table.add_row(
+            [
+                _METHOD_NAMES[kind],
+                _QUESTIONS[kind],
+                f"{auc['deletion'][kind].mean():.3f}",
+                f"{auc['insertion'][kind].mean():.3f}",
+                f"{int((best_deletion == index).sum())} / {n}",
+                f"{int((best_insertion == index).sum())} / {n}",
+            ]
+        )
+    section.add_row(
+        f"Mean over {n} images",
+        [Figure("Mean deletion and insertion curves of the three methods", plot, _PLOT_WIDTH)],
+        table=mean_table,
+    )
+    _with_labels = labels is not None and any(label is not None for label in labels)
+    columns = ["image", "predicted P", "runner-up Q"] + (["true class"] if _with_labels else [])
+    columns += [f"deletion {_METHOD_NAMES[k]}" for k in _METHODS]
+    columns += [f"insertion {_METHOD_NAMES[k]}" for k in _METHODS]
+    per_image = Table(columns, caption="AUC per image")
+    for i in range(n):
+        cells = [
+            _image_name(names, i),
+            class_names[predicted_all[i]],
+            class_names[runner_up_all[i]],
+        ]
+        if _with_labels:
+            true = _true_class(labels, i, class_names)
+            cells.append("-" if true is None else class_names[true])
+        cells += [f"{auc['deletion'][k][i]:.3f}" for k in _METHODS]
+        cells += [f"{auc['insertion'][k][i]:.3f}" for k in _METHODS]
+        per_image.add_row(cells)
+    section.add_row("Per image", table=per_image)
+
+    if shown is not None:
+        for i in range(min(examples, n)):
+            stem = folder / f"{i:05d}"
+            figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
+            for kind in _METHODS:
+                mask = _first_pixels(np.concatenate(example_maps[kind])[i], _EXAMPLE_FRACTION)
+                picture = _mark(shown[i], mask, alpha)
+                caption = (
+                    f"{_METHOD_NAMES[kind]}: first {_EXAMPLE_FRACTION:.0%} deleted; "
+                    f"deletion AUC {auc['deletion'][kind][i]:.3f}, "
+                    f"insertion AUC {auc['insertion'][kind][i]:.3f}"
+                )
+                figures.append((caption, save_png(picture, f"{stem}_{kind}_first.png")))
+            p = predicted_all[i]
+            section.add_row(
+                f"Example {_image_name(names, i)} (predicted {class_names[p]}): the pixels "
+                f"each map deletes first (red)",
+                figures,
+            )
+    return section
