@@ -199,3 +199,31 @@ def test_bad_arguments():
         voice.attribute(x, contrasts=[0, 9])
     with pytest.raises(ValueError, match="nt_samples"):
         VOICE(NoiseTunnel(Saliency(model))).attribute(x, nt_samples=0)
+
+
+def test_target_chooses_the_explained_class():
+    model = make_tiny_cnn(num_classes=6)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    voice = VOICE(GradCAM(model, "features.3"))
+    logits = model(x).detach()
+    predicted = logits.argmax(1)
+    default = voice.attribute(x)
+    same = voice.attribute(x, target=predicted)
+    torch.testing.assert_close(same.uncertainty, default.uncertainty)
+    other = (predicted + 1) % 6
+    result = voice.attribute(x, target=other)
+    assert torch.equal(result.target, other) and torch.equal(result.prediction, predicted)
+    explanation = GradCAM(model, "features.3").attribute(
+        x, other, upsample_to_input=True, normalize="minmax"
+    )
+    torch.testing.assert_close(result.explanation, explanation)
+    masked = logits.clone()
+    masked[torch.arange(4), other] = -float("inf")
+    assert torch.equal(result.contrast_class, masked.argmax(1))
+    explicit = voice.attribute(x, target=other, contrasts=list(range(6)))
+    torch.testing.assert_close(result.uncertainty, explicit.uncertainty)
+    torch.testing.assert_close(
+        result.log_likelihood, torch.log_softmax(logits, 1)[torch.arange(4), other]
+    )
+    with pytest.raises(ValueError, match="target"):
+        voice.attribute(x, target=6)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
+from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import class_gradients, run_forward
@@ -15,7 +16,7 @@ from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import preserved_state
-from .._utils.validation import format_inputs
+from .._utils.validation import class_selection, format_inputs
 from ._cam import ClassActivationMapBase, make_cam_reducer
 
 POSTPROCESS = ("reference", "raw")
@@ -26,15 +27,17 @@ class VOICEResult:
     """Per-example output of :meth:`VOICE.attribute` (all tensors batch first).
 
     Attributes:
-        explanation: the explanation of the prediction P, post-processed like the contrasts.
+        explanation: the explanation of P (the predicted class, or ``target`` when given),
+            post-processed like the contrasts.
         contrast: the contrastive explanation against Q2, the runner-up class.
         uncertainty: population variance over the contrast classes Q != P of the
             contrastive explanations, min-max normalised to [0, 1] per example.
         iou: (N,) IoU of the explanation and the uncertainty thresholded at ``threshold``.
         snr: (N,) mean / std of the uncertainty map (0 where it is constant).
-        log_likelihood: (N,) log softmax of the logits at P.
-        prediction: (N,) the predicted class P.
-        contrast_class: (N,) the runner-up class Q2.
+        log_likelihood: (N,) log softmax of the logits at P (float64).
+        prediction: (N,) the predicted class (argmax of the logits).
+        target: (N,) the explained class P: ``target`` when given, else the prediction.
+        contrast_class: (N,) Q2, the most likely class other than P (the runner-up).
         n_contrasts: (N,) how many contrast classes entered the variance.
     """
 
@@ -45,6 +48,7 @@ class VOICEResult:
     snr: Tensor
     log_likelihood: Tensor
     prediction: Tensor
+    target: Tensor
     contrast_class: Tensor
     n_contrasts: Tensor
 
@@ -220,9 +224,11 @@ class VOICE:
         self.forward_func = method.forward_func
         self.output_transform = getattr(method, "output_transform", None)
 
+    @log_usage()
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
+        target: Any = None,
         contrasts: Any = "all",
         additional_forward_args: Any = None,
         max_batch: int | None = None,
@@ -235,11 +241,13 @@ class VOICE:
 
         Args:
             inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            target (int, list or Tensor, optional): the class P to explain, one per example
+                in any form Captum accepts. Default: None, the predicted class.
             contrasts (str, int, list or Tensor, optional): the contrast classes Q: ``"all"``
                 (every class but P, as in the paper), an int k >= 2 (the k most likely
-                classes after P), or classes given as a list / 1-D tensor (for every example) or a
-                2-D tensor (one row per example); P is left out of the variance wherever it
-                appears. Default: "all".
+                classes other than P), or classes given as a list / 1-D tensor (for every
+                example) or a 2-D tensor (one row per example); P is left out of the
+                variance wherever it appears. Default: "all".
             additional_forward_args (Any, optional): extra arguments of the model.
             max_batch (int, optional): classes per batched backward. Default: 64 (fewer
                 if one chunk's gradients would exceed about 1 GiB).
@@ -260,13 +268,20 @@ class VOICE:
                 self.forward_func, formatted, additional_forward_args, self.output_transform
             )
         num_classes = logits.shape[1]
+        prediction = logits.argmax(dim=1)
+        explained, _ = class_selection(target, logits, argument="target", default="predicted")
+        if explained.shape[1] != 1:
+            raise ValueError("`target` must give one class per example for VOICE.")
+        explained = explained[:, 0]
+        # classes by decreasing logit, the explained class P moved to the front
         order = logits.argsort(dim=1, descending=True)
-        prediction = order[:, 0]
+        others = order[order != explained[:, None]].view(n, num_classes - 1)
+        order = torch.cat([explained[:, None], others], dim=1)
         runner_up = order[:, 1] if num_classes > 1 else order[:, 0]
         contrast_set = self._contrast_set(contrasts, order, n, num_classes)
-        weights = contrast_set != prediction[:, None]
+        weights = contrast_set != explained[:, None]
         columns = torch.cat(
-            [prediction[:, None], num_classes + runner_up[:, None], num_classes + contrast_set],
+            [explained[:, None], num_classes + runner_up[:, None], num_classes + contrast_set],
             dim=1,
         )
         samples = 1
@@ -310,8 +325,9 @@ class VOICE:
             iou=voice_iou(flat_explanation, flat_uncertainty, threshold=threshold),
             snr=voice_snr(flat_uncertainty),
             # float64: confident predictions would round to exactly 0 in float32
-            log_likelihood=torch.log_softmax(logits.double(), 1)[torch.arange(n), prediction],
+            log_likelihood=torch.log_softmax(logits.double(), 1)[torch.arange(n), explained],
             prediction=prediction,
+            target=explained,
             contrast_class=runner_up,
             n_contrasts=weights.sum(1),
         )
