@@ -1,5 +1,12 @@
 """Per-example scores and explanation-quality metrics, in the style of ``captum.metrics``."""
 
+from captum_ext.metrics.curves import (
+    RetentionCurve,
+    accuracy_retention_curve,
+    auac,
+    aufc,
+    misprediction_auroc,
+)
 from captum_ext.metrics.explanation import (
     PerturbationCurves,
     StructureCurves,
@@ -10,6 +17,18 @@ from captum_ext.metrics.explanation import (
     structure_insertion,
     voice_iou,
     voice_snr,
+)
+from captum_ext.metrics.trust import (
+    GradTrust,
+    gradnorm,
+    gradtrust,
+    log_likelihood,
+    margin,
+    mc_dropout,
+    negative_entropy,
+    odin,
+    purview,
+    softmax_confidence,
 )
 
 __all__ = [
@@ -22,4 +41,21 @@ __all__ = [
     "structure_insertion",
     "voice_iou",
     "voice_snr",
+    # trust scores
+    "GradTrust",
+    "gradtrust",
+    "softmax_confidence",
+    "negative_entropy",
+    "margin",
+    "log_likelihood",
+    "odin",
+    "mc_dropout",
+    "gradnorm",
+    "purview",
+    # misprediction detection
+    "RetentionCurve",
+    "accuracy_retention_curve",
+    "auac",
+    "aufc",
+    "misprediction_auroc",
 ]

@@ -1,0 +1,293 @@
+r"""Misprediction detection: accuracy-retention curves (AUAC, AUFC) and AUROC.
+
+A trust score is good when the examples it trusts most are the correctly classified ones.
+Following Prabhushankar and AlRegib (IEEE MIPR 2024, arXiv 2405.13758), the examples are
+ranked by score; for each percentile t the examples above the t-th percentile are kept and the
+accuracy (and macro F1) of the kept set is recorded. The areas under these curves are AUAC and
+AUFC, in percent. Scores follow the convention of :mod:`captum_ext.metrics.trust`: higher =
+more trusted; the correctly classified examples are the positive class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RetentionCurve",
+    "accuracy_retention_curve",
+    "auac",
+    "aufc",
+    "misprediction_auroc",
+]
+
+
+class RetentionCurve(NamedTuple):
+    """What :func:`accuracy_retention_curve` returns."""
+
+    percentiles: Tensor
+    """(T,) the percentiles t, in [0, 100)."""
+    kept: Tensor
+    """(T,) number of examples kept at each percentile, ceil((100 - t) N / 100)."""
+    accuracy: Tensor
+    """(T,) accuracy of the kept examples, in [0, 1]."""
+    macro_f1: Tensor | None
+    """(T,) macro F1 of the kept examples; None unless ``predictions`` and ``labels`` given."""
+
+
+def _vector(values: Any, argument: str, *, dtype=None) -> Tensor:
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`{argument}` must be a 1-D tensor or array-like: {error}") from None
+    tensor = tensor.detach()
+    if tensor.dim() != 1:
+        raise ValueError(
+            f"`{argument}` must be 1-D (one value per example), got {tuple(tensor.shape)}."
+        )
+    if tensor.numel() == 0:
+        raise ValueError(f"`{argument}` is empty; expected at least one example.")
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def _scores(scores: Any) -> Tensor:
+    tensor = _vector(scores, "scores")
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"`scores` must be real numbers, got {tensor.dtype}.")
+    tensor = tensor.to(torch.float64)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("`scores` contains NaN or infinite values; rank only finite scores.")
+    return tensor
+
+
+def _correct(correct: Any, n: int) -> Tensor:
+    tensor = _vector(correct, "correct")
+    if tensor.dtype != torch.bool:
+        if tensor.is_complex() or not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise ValueError("`correct` must hold booleans (or 0/1): True = correct prediction.")
+        tensor = tensor == 1
+    if tensor.numel() != n:
+        raise ValueError(
+            f"`scores` has {n} entries but `correct` has {tensor.numel()}; give one of each per "
+            "example."
+        )
+    return tensor
+
+
+def _percentiles(percentiles: Any) -> Tensor:
+    if percentiles is None:
+        return torch.arange(100, dtype=torch.float64)
+    tensor = _vector(percentiles, "percentiles", dtype=torch.float64)
+    if not bool(((tensor >= 0) & (tensor < 100)).all()):
+        raise ValueError("`percentiles` must lie in [0, 100).")
+    return tensor
+
+
+def _keep_weights(scores: Tensor, percentiles: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weights (T, N) in descending-score order, the order, and the kept counts (T,)."""
+    n = scores.numel()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    ranked = scores[order]
+    # m = ceil((100 - t) N / 100), with a guard against rounding in the float product
+    kept = [max(1, math.ceil(n * (100.0 - float(t)) / 100.0 - 1e-9)) for t in percentiles]
+    kept_t = torch.tensor(kept, dtype=torch.long)
+    # tie groups in descending order: [start, end) of the group holding each position
+    _, counts = torch.unique_consecutive(ranked, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    group = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    positions = torch.arange(n)
+    weights = torch.zeros(len(kept), n, dtype=torch.float64)
+    for i, m in enumerate(kept):
+        g = group[m - 1]
+        a, b = int(starts[g]), int(ends[g])
+        weights[i] = (positions < a).to(torch.float64)
+        weights[i, a:b] = (m - a) / (b - a)
+    return weights, order, kept_t
+
+
+def accuracy_retention_curve(
+    scores: Any,
+    correct: Any,
+    *,
+    predictions: Any = None,
+    labels: Any = None,
+    percentiles: Any = None,
+) -> RetentionCurve:
+    r"""Accuracy (and macro F1) of the examples a trust score keeps, per percentile.
+
+    For each percentile t (default t = 0, 1, ..., 99) the m_t examples with the highest
+    scores are kept and evaluated:
+
+    .. code-block:: text
+
+        m_t         = ceil((100 - t) N / 100)              (at least 1)
+        accuracy(t) = (1 / m_t) sum_{kept i} correct_i
+
+    Ties: when the cut falls inside a group of equal scores, each member of that group counts
+    with the weight (places left) / (group size), i.e. the curve is the expected value under a
+    uniformly random order among tied examples. It therefore does not depend on the order of
+    the examples, and a constant score gives the plain accuracy at every t. Macro F1 is
+    computed from the (weighted) confusion counts of the kept set, averaging the F1 of every
+    class that occurs among its labels or predictions (as scikit-learn's
+    ``f1_score(average="macro")`` on the kept examples when there are no ties at the cut).
+
+    Args:
+        scores (Tensor or array-like): (N,) finite trust scores, higher = more trusted.
+        correct (Tensor or array-like): (N,) booleans (or 0/1), True = correct prediction.
+        predictions (Tensor or array-like, optional): (N,) predicted classes, for macro F1.
+        labels (Tensor or array-like, optional): (N,) true classes, for macro F1; when both
+            are given, ``correct`` must equal ``predictions == labels``.
+        percentiles (Tensor or array-like, optional): the t values, in [0, 100).
+
+    Returns:
+        RetentionCurve: ``percentiles``, ``kept``, ``accuracy`` and ``macro_f1`` (None when
+        ``predictions``/``labels`` are not given), float64 tensors on the CPU.
+
+    Examples::
+
+        >>> curve = accuracy_retention_curve(scores, preds == labels, predictions=preds,
+        ...                                  labels=labels)
+        >>> curve.accuracy[50]  # accuracy of the most trusted half
+    """
+    values = _scores(scores)
+    ok = _correct(correct, values.numel())
+    ts = _percentiles(percentiles)
+    if (predictions is None) != (labels is None):
+        raise ValueError("macro F1 needs both `predictions` and `labels` (or neither).")
+    weights, order, kept = _keep_weights(values.cpu(), ts)
+    ok_sorted = ok.cpu()[order].to(torch.float64)
+    accuracy = (weights * ok_sorted).sum(1) / kept.to(torch.float64)
+    f1 = None
+    if predictions is not None:
+        pred = _vector(predictions, "predictions").cpu()
+        true = _vector(labels, "labels").cpu()
+        for name, t in (("predictions", pred), ("labels", true)):
+            if t.numel() != values.numel():
+                raise ValueError(
+                    f"`{name}` has {t.numel()} entries but `scores` has {values.numel()}."
+                )
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise TypeError(f"`{name}` must hold integer class indices, got {t.dtype}.")
+        if not torch.equal(pred == true, ok.cpu()):
+            raise ValueError("`correct` differs from `predictions == labels`.")
+        f1 = _macro_f1(weights, pred[order], true[order])
+    return RetentionCurve(ts, kept, accuracy, f1)
+
+
+def _macro_f1(weights: Tensor, pred: Tensor, true: Tensor) -> Tensor:
+    classes, inverse = torch.unique(torch.cat([pred, true]), return_inverse=True)
+    n = pred.numel()
+    p_idx, t_idx = inverse[:n], inverse[n:]
+    k = classes.numel()
+    pred_onehot = torch.nn.functional.one_hot(p_idx, k).to(torch.float64)
+    true_onehot = torch.nn.functional.one_hot(t_idx, k).to(torch.float64)
+    hit = pred_onehot * true_onehot
+    tp = weights @ hit
+    predicted = weights @ pred_onehot  # tp + fp
+    actual = weights @ true_onehot  # tp + fn
+    denominator = predicted + actual
+    present = denominator > 0
+    f1 = torch.where(present, 2 * tp / denominator.clamp_min(1e-300), torch.zeros_like(tp))
+    return f1.sum(1) / present.sum(1).to(torch.float64)
+
+
+def auac(scores: Any, correct: Any, *, percentiles: Any = None) -> float:
+    r"""Area under the accuracy-retention curve, in percent.
+
+    .. code-block:: text
+
+        AUAC = 100 * mean_t accuracy(t),   t = 0, 1, ..., 99
+
+    (the rectangle rule with 1-percentile bins, so a curve of constant accuracy a gives
+    100 a). See :func:`accuracy_retention_curve` for the kept sets and ties. A score that
+    ranks every correct example above every wrong one, with a fraction a of correct examples,
+    gives ``100 * mean_t min(1, a N / m_t)``, below 100 because the curve starts at the plain
+    accuracy (t = 0 keeps everything).
+
+    Args:
+        scores (Tensor or array-like): (N,) finite trust scores, higher = more trusted.
+        correct (Tensor or array-like): (N,) booleans, True = correct prediction.
+        percentiles (Tensor or array-like, optional): the t values (default 0..99).
+
+    Returns:
+        float: AUAC in [0, 100].
+
+    Examples::
+
+        >>> auac(gradtrust(model, images), model(images).argmax(1) == labels)
+    """
+    curve = accuracy_retention_curve(scores, correct, percentiles=percentiles)
+    return 100.0 * float(curve.accuracy.mean())
+
+
+def aufc(scores: Any, predictions: Any, labels: Any, *, percentiles: Any = None) -> float:
+    r"""Area under the macro-F1-retention curve, in percent.
+
+    .. code-block:: text
+
+        AUFC = 100 * mean_t macroF1(t),   t = 0, 1, ..., 99
+
+    Args:
+        scores (Tensor or array-like): (N,) finite trust scores, higher = more trusted.
+        predictions (Tensor or array-like): (N,) predicted classes.
+        labels (Tensor or array-like): (N,) true classes.
+        percentiles (Tensor or array-like, optional): the t values (default 0..99).
+
+    Returns:
+        float: AUFC in [0, 100].
+
+    Examples::
+
+        >>> aufc(scores, predictions, labels)
+    """
+    pred = _vector(predictions, "predictions")
+    true = _vector(labels, "labels")
+    if pred.numel() != true.numel():
+        raise ValueError(
+            f"`predictions` has {pred.numel()} entries but `labels` has {true.numel()}."
+        )
+    curve = accuracy_retention_curve(
+        scores, pred == true, predictions=pred, labels=true, percentiles=percentiles
+    )
+    return 100.0 * float(curve.macro_f1.mean())
+
+
+def misprediction_auroc(scores: Any, correct: Any) -> float:
+    r"""AUROC of separating correct from wrong predictions with a trust score.
+
+    Correct predictions are the positive class and higher scores mean more trusted, so 1 is a
+    perfect trust score and 0.5 a useless one. Ties count one half (Mann-Whitney U with
+    mid-ranks), as in ``sklearn.metrics.roc_auc_score(correct, scores)``.
+
+    .. code-block:: text
+
+        AUROC = P(s_correct > s_wrong) + 0.5 P(s_correct = s_wrong)
+
+    Args:
+        scores (Tensor or array-like): (N,) finite trust scores.
+        correct (Tensor or array-like): (N,) booleans, with both classes present.
+
+    Returns:
+        float: AUROC in [0, 1].
+
+    Examples::
+
+        >>> misprediction_auroc(softmax_confidence(model, images), preds == labels)
+    """
+    values = _scores(scores).cpu()
+    ok = _correct(correct, values.numel()).cpu()
+    n_pos = int(ok.sum())
+    n_neg = ok.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("`correct` must contain both correct and wrong predictions for an AUROC.")
+    ranked, order = torch.sort(values, stable=True)
+    _, inverse, counts = torch.unique_consecutive(ranked, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    mid_ranks = ends - (counts.to(torch.float64) - 1) / 2  # 1-based average rank of each group
+    ranks = mid_ranks[inverse]
+    rank_sum = float(ranks[ok[order]].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
