@@ -7,6 +7,7 @@ from captum_ext.metrics.curves import (
     aufc,
     misprediction_auroc,
 )
+from captum_ext.metrics.dataset import SCORES, ScoreTable, score_dataset
 from captum_ext.metrics.explanation import (
     PerturbationCurves,
     StructureCurves,
@@ -58,4 +59,8 @@ __all__ = [
     "auac",
     "aufc",
     "misprediction_auroc",
+    # dataset-scale scoring
+    "score_dataset",
+    "ScoreTable",
+    "SCORES",
 ]

@@ -1,0 +1,618 @@
+r"""Dataset-scale trust scoring: every example of a DataLoader, one process or many.
+
+:func:`score_dataset` runs a classifier over a whole dataset and returns a
+:class:`ScoreTable` of per-example predictions and trust scores (GradTrust and the baselines
+of :mod:`captum_ext.metrics.trust`) in dataset order. The same code runs unchanged under
+``torchrun``: when ``torch.distributed`` is initialised, the dataset's batches are sharded
+with a ``DistributedSampler``, each process scores its shard, and the shards are gathered back
+so that every process returns the full table, in dataset order.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_ext._utils.model_state import preserved_state
+from captum_ext.metrics.trust import (
+    gradnorm,
+    gradtrust,
+    log_likelihood,
+    margin,
+    mc_dropout,
+    negative_entropy,
+    odin,
+    purview,
+    softmax_confidence,
+)
+
+__all__ = ["SCORES", "ScoreTable", "score_dataset"]
+
+#: The scores :func:`score_dataset` knows, by name: ``name -> function(model, inputs, **kw)``,
+#: each returning one value per example, higher = more trusted.
+SCORES: dict[str, Callable[..., Tensor]] = {
+    "gradtrust": functools.partial(gradtrust, form="topk"),
+    "gradtrust_reference": functools.partial(gradtrust, form="reference"),
+    "softmax": softmax_confidence,
+    "entropy": negative_entropy,
+    "margin": margin,
+    "log_likelihood": log_likelihood,
+    "odin": odin,
+    "mc_dropout": mc_dropout,
+    "gradnorm": gradnorm,
+    "purview": purview,
+}
+
+#: the columns every :class:`ScoreTable` starts with, before the score columns
+BASE_COLUMNS = ("index", "label", "prediction", "correct")
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+class ScoreTable:
+    r"""Per-example results of :func:`score_dataset`: a small, pandas-free table.
+
+    A table is an ordered mapping of column name to a 1-D CPU tensor, all of the same length,
+    one row per example in dataset order:
+
+    - ``index`` (int64): the example's position in the dataset (``0 .. N-1``);
+    - ``label`` (int64): the true class, or ``-1`` where the loader gave no label;
+    - ``prediction`` (int64): the model's arg-max class;
+    - ``correct`` (bool): ``prediction == label`` (always False where ``label == -1``);
+    - then one column per score, named as in :data:`SCORES` (higher = more trusted).
+
+    ``table["softmax"]`` is a column, ``len(table)`` the number of rows, ``table.columns``
+    the names in order. For pandas: ``pandas.DataFrame({c: table[c].numpy() for c in
+    table.columns})``.
+
+    Args:
+        columns (Mapping[str, Tensor]): the columns, in order; 1-D tensors of equal length.
+    """
+
+    def __init__(self, columns: Mapping[str, Tensor]) -> None:
+        data: dict[str, Tensor] = {}
+        length = None
+        for name, column in columns.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"column names must be non-empty strings, got {name!r}.")
+            if not isinstance(column, Tensor):
+                column = torch.as_tensor(column)
+            if column.dim() != 1:
+                raise ValueError(f"column {name!r} must be 1-D, got shape {tuple(column.shape)}.")
+            if length is None:
+                length = column.shape[0]
+            elif column.shape[0] != length:
+                raise ValueError(
+                    f"column {name!r} has {column.shape[0]} rows, the others {length}."
+                )
+            data[name] = column.detach().cpu()
+        self._columns = data
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The column names, in order."""
+        return tuple(self._columns)
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        """The score columns: every column but ``index``, ``label``, ``prediction``,
+        ``correct``."""
+        return tuple(name for name in self._columns if name not in BASE_COLUMNS)
+
+    def __len__(self) -> int:
+        return next(iter(self._columns.values())).shape[0] if self._columns else 0
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._columns[name]
+        except KeyError:
+            raise KeyError(
+                f"no column {name!r}; the columns are {', '.join(self._columns)}."
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._columns
+
+    def __iter__(self):
+        return iter(self._columns)
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The columns as a new ``{name: tensor}`` dict (the tensors are shared)."""
+        return dict(self._columns)
+
+    def __repr__(self) -> str:
+        return f"ScoreTable({len(self)} rows; columns: {', '.join(self._columns)})"
+
+    def to_csv(self, path: str | os.PathLike, *, extra: Mapping[str, Sequence] | None = None):
+        r"""Write the table as a CSV file with a header row; returns the path.
+
+        The file is written atomically: to a temporary file in the same folder, then renamed
+        over ``path``, so readers never see a half-written file. Floats are written with
+        Python's ``repr`` (exact round trip), ``correct`` as ``True`` / ``False``. Under
+        ``torch.distributed`` call it on one rank only (rank 0), as :func:`score_dataset`'s
+        callers and the ``captum-ext score`` command do.
+
+        Args:
+            path (str or PathLike): the file; its folder is created if needed.
+            extra (Mapping[str, Sequence], optional): additional text columns (for example
+                file names), one value per row, written right after ``index``.
+
+        Returns:
+            Path: ``path``.
+        """
+        path = Path(path).expanduser()
+        extra = dict(extra or {})
+        for name, values in extra.items():
+            if name in self._columns:
+                raise ValueError(f"extra column {name!r} is already a column of the table.")
+            if len(values) != len(self):
+                raise ValueError(
+                    f"extra column {name!r} has {len(values)} values for {len(self)} rows."
+                )
+        names = list(self._columns)
+        header = names[:1] + list(extra) + names[1:]
+        cells = {name: _format_column(column) for name, column in self._columns.items()}
+        cells.update({name: [str(v) for v in values] for name, values in extra.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
+                writer = csv.writer(file)
+                writer.writerow(header)
+                writer.writerows(zip(*(cells[name] for name in header)))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> ScoreTable:
+        r"""Read a table written by :meth:`to_csv`.
+
+        ``index``, ``label`` and ``prediction`` are read as int64, ``correct`` as bool and
+        every other numeric column as float64; text columns (such as the ``path`` column of
+        ``captum-ext score``) are skipped.
+        """
+        with Path(path).expanduser().open(encoding="utf-8", newline="") as file:
+            reader = csv.reader(file)
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{str(path)!r} is empty; expected a CSV file with a header.")
+            rows = list(reader)
+        columns: dict[str, Tensor] = {}
+        for j, name in enumerate(header):
+            values = [row[j] for row in rows]
+            if name in ("index", "label", "prediction"):
+                columns[name] = torch.tensor([int(v) for v in values], dtype=torch.int64)
+            elif name == "correct":
+                columns[name] = torch.tensor([v == "True" for v in values], dtype=torch.bool)
+            else:
+                try:
+                    columns[name] = torch.tensor([float(v) for v in values], dtype=torch.float64)
+                except ValueError:
+                    continue  # a text column
+        return cls(columns)
+
+
+def _format_column(column: Tensor) -> list[str]:
+    if column.dtype == torch.bool:
+        return ["True" if v else "False" for v in column.tolist()]
+    if column.is_floating_point():
+        return [repr(float(v)) for v in column.tolist()]
+    return [str(v) for v in column.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+def _score_names(scores: Any) -> list[str]:
+    if isinstance(scores, str):
+        scores = [name.strip() for name in scores.split(",") if name.strip()]
+    if not isinstance(scores, Iterable):
+        raise TypeError(f"`scores` must be a sequence of score names, got {type(scores).__name__}.")
+    names = list(scores)
+    bad = [name for name in names if not isinstance(name, str) or name not in SCORES]
+    if bad:
+        shown = ", ".join(repr(name) for name in bad)
+        raise ValueError(
+            f"unknown score{'s' if len(bad) > 1 else ''} {shown}; known scores: "
+            f"{', '.join(SCORES)}."
+        )
+    return list(dict.fromkeys(names))  # in the order given, once each
+
+
+def _score_options(score_kwargs: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+    if score_kwargs is None:
+        return {}
+    if not isinstance(score_kwargs, Mapping):
+        raise TypeError(
+            "`score_kwargs` must map score names to dicts of keyword arguments, e.g. "
+            "{'mc_dropout': {'n_passes': 10, 'generator': 0}}."
+        )
+    options = {}
+    for name, kwargs in score_kwargs.items():
+        if name not in names:
+            raise ValueError(
+                f"`score_kwargs` has options for {name!r}, which is not among the requested "
+                f"scores ({', '.join(names) or 'none'})."
+            )
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"`score_kwargs[{name!r}]` must be a dict of keyword arguments.")
+        options[name] = dict(kwargs)
+    return options
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+    if len(devices) == 1:
+        return devices.pop()
+    return None  # no parameters, or spread over several devices
+
+
+def _unwrap(model: Any) -> nn.Module:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        inputs = batch[0]
+        labels = batch[1] if len(batch) == 2 else None
+        if isinstance(inputs, Tensor):
+            return inputs, labels
+    described = (
+        f"a {type(batch).__name__} of {len(batch)}"
+        if isinstance(batch, (tuple, list))
+        else f"a {type(batch).__name__}"
+    )
+    raise ValueError(
+        f"the DataLoader must yield `inputs` tensors or `(inputs, labels)` pairs, got {described}."
+    )
+
+
+def _labels_tensor(labels: Any, n: int) -> Tensor:
+    if labels is None:
+        return torch.full((n,), -1, dtype=torch.int64)
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.numel() != n:
+        raise ValueError(
+            f"labels must be {n} integer class indices per batch of {n} inputs, got a "
+            f"{labels.dtype} tensor of shape {tuple(labels.shape)}."
+        )
+    return labels.reshape(n).to(device="cpu", dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+def _distributed() -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _batch_size(loader: Any) -> int:
+    batch_size = loader.batch_size
+    if batch_size is None:
+        batch_size = getattr(loader.batch_sampler, "batch_size", None)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            "score_dataset needs a DataLoader that batches (batch_size, or a batch_sampler "
+            "with a batch_size attribute)."
+        )
+    return batch_size
+
+
+def _rebuilt_loader(loader: Any, batches: list[list[int]]) -> Any:
+    """A loader like ``loader`` (dataset, collate_fn, workers) that yields exactly ``batches``."""
+    from torch.utils.data import DataLoader
+
+    options: dict[str, Any] = {
+        "batch_sampler": batches,
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+    }
+    if loader.num_workers > 0:
+        options["multiprocessing_context"] = loader.multiprocessing_context
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["persistent_workers"] = loader.persistent_workers
+    return DataLoader(loader.dataset, **options)
+
+
+def _plan(
+    dataloader: Any, shard: tuple[int, int] | None
+) -> tuple[Any, list[int] | None, list[int] | None]:
+    """The loader to iterate, the dataset index of each example it yields and the number of
+    each batch it yields among all the dataset's batches (None: 0, 1, ... in order, for
+    iterable datasets).
+
+    The dataset is cut into consecutive batches ``[0, b), [b, 2b), ...`` (b the loader's batch
+    size). One process scores them all; under torch.distributed, ``DistributedSampler`` deals
+    the *batches* out to the processes (``shuffle=False, drop_last=False``: the last processes
+    may get a duplicate of the first batches, dropped when gathering). Every example is thus
+    computed in the same batch, next to the same examples, whatever the number of processes,
+    and the gathered table equals the single-process table bit for bit.
+    """
+    from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(dataloader, DataLoader):
+        raise TypeError(
+            f"`dataloader` must be a torch.utils.data.DataLoader, got {type(dataloader).__name__}."
+        )
+    dataset = dataloader.dataset
+    if isinstance(dataset, IterableDataset):
+        if shard is not None:
+            raise ValueError(
+                "score_dataset cannot shard an IterableDataset under torch.distributed; use a "
+                "map-style dataset (with __len__ and __getitem__)."
+            )
+        return dataloader, None, None
+    size = len(dataset)
+    if shard is None and (
+        isinstance(dataloader.sampler, SequentialSampler)
+        and dataloader.batch_size is not None
+        and not dataloader.drop_last
+    ):
+        return dataloader, list(range(size)), list(range(len(dataloader)))  # as it is
+    step = _batch_size(dataloader)
+    batches = [list(range(start, min(start + step, size))) for start in range(0, size, step)]
+    numbers = list(range(len(batches)))
+    if shard is not None:
+        rank, world = shard
+        sampler = DistributedSampler(
+            batches, num_replicas=world, rank=rank, shuffle=False, drop_last=False
+        )
+        numbers = list(sampler)
+        batches = [batches[i] for i in numbers]
+    return (
+        _rebuilt_loader(dataloader, batches),
+        [i for batch in batches for i in batch],
+        numbers,
+    )
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with the `report` extra; no bar without it
+        return None
+    return tqdm(total=total, desc="scoring", unit="batch", file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def _gather(local: dict[str, Tensor], world: int) -> dict[str, Tensor]:
+    """All-gather every rank's columns, drop DistributedSampler's padding duplicates and sort
+    by dataset index."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    merged = {name: torch.cat([part[name] for part in parts]) for name in local}
+    index = merged["index"]
+    order = torch.sort(index, stable=True).indices
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    keep = order[first]
+    return {name: column[keep] for name, column in merged.items()}
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, inputs: Tensor) -> Tensor:
+    logits = model(inputs)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return (N, C) logits, got {got}.")
+    return logits.argmax(1)
+
+
+def score_dataset(
+    model: nn.Module,
+    dataloader: Any,
+    scores: Sequence[str] | str = ("gradtrust", "softmax"),
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    score_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ScoreTable:
+    r"""Predictions and trust scores for every example of a dataset, in dataset order.
+
+    The model runs over ``dataloader.dataset`` batch by batch; for each batch it records the
+    prediction (arg-max of the logits) and calls every requested score of :data:`SCORES`
+    (``scores_fn(model, inputs, **score_kwargs[name])``). The model is in eval mode while it
+    is scored (batch norm uses its running statistics, dropout is off except inside
+    ``mc_dropout``), and is left exactly as it was found: training flags,
+    ``requires_grad`` and ``.grad`` are restored, also when a score raises.
+
+    **Batches.** The loader must yield ``inputs`` tensors or ``(inputs, labels)`` pairs
+    (labels: integer class indices). Without labels, ``label`` is ``-1`` (and ``correct``
+    False). Every example is scored exactly once, in dataset order: a loader with a
+    sequential sampler is used as it is; otherwise (``shuffle=True``, a custom sampler,
+    ``drop_last=True``) a loader with the same ``dataset``, ``collate_fn``, ``num_workers``
+    and ``pin_memory`` yielding the consecutive batches ``[0, b), [b, 2b), ...`` (``b`` its
+    batch size) is used instead.
+    Iterable-style datasets are scored in the order they yield.
+
+    **torch.distributed.** When a process group is initialised by the caller (e.g. under
+    ``torchrun``) with more than one process, *every* process must call ``score_dataset``
+    with the same arguments. The consecutive batches above are dealt out to the processes
+    with ``DistributedSampler(batches, shuffle=False, drop_last=False)`` (the sampler pads
+    with repeats of the first batches when their number is not a multiple of the world size),
+    each process scores its batches on its ``device`` in a new loader as above, and the
+    results are gathered (``all_gather_object``, so with NCCL each process must have set its
+    CUDA device), the padding duplicates dropped and dataset order restored: every process
+    returns the same full table. Write files from rank 0 only
+    (``torch.distributed.get_rank() == 0``). Sharding whole batches, not single examples,
+    keeps every example next to the same batch-mates as in one process: float kernels
+    (matrix products, vectorised ``exp``) give results that depend on the batch in the last
+    bit, so this is what makes the gathered table equal the single-process table bit for bit
+    (same devices and library versions). ``mc_dropout`` with an int ``generator`` seed is
+    reproducible in the same way (batch ``b`` uses seed ``s * 2**20 + b``).
+
+    Args:
+        model (nn.Module): a classifier returning ``(N, C)`` logits. ``DataParallel`` and
+            ``DistributedDataParallel`` wrappers are unwrapped (scoring runs on
+            ``model.module``).
+        dataloader (DataLoader): the examples (map-style dataset; or iterable-style in a
+            single process).
+        scores (sequence of str or str, optional): names from :data:`SCORES`
+            (``"gradtrust"``, ``"gradtrust_reference"``, ``"softmax"``, ``"entropy"``,
+            ``"margin"``, ``"log_likelihood"``, ``"odin"``, ``"mc_dropout"``, ``"gradnorm"``,
+            ``"purview"``), or one comma-separated string. Default: ``("gradtrust",
+            "softmax")``.
+        device (str or torch.device, optional): where the batches go. Default: the model's
+            device. It must be the device the model is on (the model is not moved).
+        progress (bool, optional): show a tqdm progress bar (batches) on stderr, on rank 0
+            only. Default: True.
+        score_kwargs (Mapping[str, Mapping], optional): keyword arguments per score, e.g.
+            ``{"gradtrust": {"k": 3}, "mc_dropout": {"n_passes": 10, "generator": 0}}``. An int
+            ``generator`` for ``mc_dropout`` gives every batch its own seed (see above); a
+            ``torch.Generator`` is used as it is, batch after batch.
+
+    Returns:
+        ScoreTable: columns ``index``, ``label``, ``prediction``, ``correct``, then one per
+        score (in the order requested), as CPU tensors.
+
+    Raises:
+        ValueError: unknown score names (the message lists the known ones), an empty dataset,
+            a batch that is not ``inputs`` or ``(inputs, labels)``, a ``device`` the model is
+            not on.
+
+    Examples::
+
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> from captum_ext.metrics import score_dataset
+        >>> images, labels = load_sample_digits()
+        >>> loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+        >>> table = score_dataset(load_bundled_model(), loader, ["gradtrust", "softmax"])
+        >>> table.columns
+        ('index', 'label', 'prediction', 'correct', 'gradtrust', 'softmax')
+        >>> table.to_csv("scores.csv")  # under torchrun: on rank 0 only
+    """
+    names = _score_names(scores)
+    options = _score_options(score_kwargs, names)
+    model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    model_device = _model_device(model)
+    if device is None:
+        device = model_device or torch.device("cpu")
+    else:
+        device = torch.device(device)
+        if model_device is not None and _same_device(model_device, device) is False:
+            raise ValueError(
+                f"`device`={str(device)!r} but the model is on {str(model_device)!r}; move the "
+                "model first (model.to(device)) or leave `device` out."
+            )
+    shard = _distributed()
+    loader, indices, numbers = _plan(dataloader, shard)
+    rank = 0 if shard is None else shard[0]
+    try:
+        total: int | None = len(loader)
+    except TypeError:
+        total = None
+    bar = _progress_bar(total, bool(progress) and rank == 0)
+
+    chunks: dict[str, list[Tensor]] = {name: [] for name in (*BASE_COLUMNS, *names)}
+    seen = 0
+    try:
+        with preserved_state([model]):
+            model.eval()
+            for b, batch in enumerate(loader):
+                inputs, labels = _split_batch(batch)
+                n = inputs.shape[0]
+                inputs = inputs.to(device, non_blocking=True)
+                label = _labels_tensor(labels, n)
+                prediction = _predict(model, inputs).cpu()
+                if indices is None:
+                    index = torch.arange(seen, seen + n, dtype=torch.int64)
+                else:
+                    index = torch.tensor(indices[seen : seen + n], dtype=torch.int64)
+                chunks["index"].append(index)
+                chunks["label"].append(label)
+                chunks["prediction"].append(prediction)
+                chunks["correct"].append(prediction == label)
+                number = b if numbers is None else numbers[b]
+                for name in names:
+                    kwargs = _batch_options(name, options.get(name, {}), number)
+                    values = SCORES[name](model, inputs, **kwargs)
+                    chunks[name].append(values.detach().reshape(n).cpu())
+                seen += n
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if indices is not None and seen != len(indices):
+        raise RuntimeError(
+            f"the loader yielded {seen} examples, its sampler {len(indices)}; score_dataset "
+            "needs a collate_fn that keeps one row per example."
+        )
+    local = {name: torch.cat(parts) if parts else _empty(name) for name, parts in chunks.items()}
+    columns = _gather(local, shard[1]) if shard is not None else local
+    if columns["index"].numel() == 0:
+        raise ValueError("the dataset is empty; nothing to score.")
+    return ScoreTable(columns)
+
+
+def _batch_options(name: str, kwargs: dict[str, Any], number: int) -> dict[str, Any]:
+    seed = kwargs.get("generator")
+    if name != "mc_dropout" or isinstance(seed, bool) or not isinstance(seed, int):
+        return kwargs
+    # an int seed s: batch number b draws its dropout masks from seed s * 2**20 + b, so that
+    # the masks do not repeat from batch to batch and do not depend on the number of processes
+    return {**kwargs, "generator": (seed * 2**20 + number) % 2**63}
+
+
+def _empty(name: str) -> Tensor:
+    if name == "correct":
+        return torch.zeros(0, dtype=torch.bool)
+    if name in BASE_COLUMNS:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.zeros(0, dtype=torch.get_default_dtype())
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool | None:
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        if a.type == "cuda":
+            current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            return (a.index if a.index is not None else current) == (
+                b.index if b.index is not None else current
+            )
+        return True
+    return a.index == b.index

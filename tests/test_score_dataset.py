@@ -1,0 +1,290 @@
+"""Dataset-scale scoring: one process against direct calls, CSV, and 2 gloo processes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from captum_ext.metrics import (
+    SCORES,
+    ScoreTable,
+    gradnorm,
+    gradtrust,
+    log_likelihood,
+    margin,
+    mc_dropout,
+    negative_entropy,
+    odin,
+    purview,
+    score_dataset,
+    softmax_confidence,
+)
+
+N_EXAMPLES, BATCH = 37, 6  # 7 batches: neither divides evenly among 2 or 3 processes
+DETERMINISTIC = [name for name in SCORES if name != "mc_dropout"]
+MC = {"mc_dropout": {"n_passes": 3, "generator": 5}}
+
+
+class TinyNet(nn.Module):
+    def __init__(self, features: int = 6, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(features, 12), nn.Tanh(), nn.Dropout(0.3))
+        self.mid = nn.Sequential(nn.Linear(12, 8), nn.ReLU())
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.mid(self.body(x)))
+
+
+def make_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet().double().eval()
+
+
+def make_data(n: int = N_EXAMPLES, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 4, (n,), generator=g
+    )
+
+
+def loader(x, y=None, **kwargs) -> DataLoader:
+    dataset = TensorDataset(x, y) if y is not None else TensorDataset(x)
+    return DataLoader(dataset, batch_size=kwargs.pop("batch_size", BATCH), **kwargs)
+
+
+def direct(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    functions = {
+        "gradtrust": lambda: gradtrust(model, x),
+        "gradtrust_reference": lambda: gradtrust(model, x, form="reference"),
+        "softmax": lambda: softmax_confidence(model, x),
+        "entropy": lambda: negative_entropy(model, x),
+        "margin": lambda: margin(model, x),
+        "log_likelihood": lambda: log_likelihood(model, x),
+        "odin": lambda: odin(model, x),
+        "gradnorm": lambda: gradnorm(model, x),
+        "purview": lambda: purview(model, x),
+    }
+    return functions[name]()
+
+
+def test_table_equals_direct_calls_on_the_concatenated_data():
+    model = make_model()
+    x, y = make_data()
+    table = score_dataset(model, loader(x, y), DETERMINISTIC, progress=False)
+    assert isinstance(table, ScoreTable) and len(table) == N_EXAMPLES
+    assert table.columns == ("index", "label", "prediction", "correct", *DETERMINISTIC)
+    assert table.score_names == tuple(DETERMINISTIC)
+    assert torch.equal(table["index"], torch.arange(N_EXAMPLES))
+    assert torch.equal(table["label"], y)
+    prediction = model(x).argmax(1)
+    assert torch.equal(table["prediction"], prediction)
+    assert torch.equal(table["correct"], prediction == y)
+    for name in DETERMINISTIC:
+        expected = direct(name, model, x)
+        assert table[name].dtype == torch.float64, name
+        torch.testing.assert_close(table[name], expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_mc_dropout_seeds_each_batch():
+    model = make_model()
+    x, y = make_data()
+    table = score_dataset(model, loader(x, y), ["mc_dropout"], progress=False, score_kwargs=MC)
+    expected = torch.cat(
+        [
+            mc_dropout(model, x[start : start + BATCH], n_passes=3, generator=5 * 2**20 + b)
+            for b, start in enumerate(range(0, N_EXAMPLES, BATCH))
+        ]
+    )
+    assert torch.equal(table["mc_dropout"], expected)
+
+
+def test_dataset_order_with_a_shuffling_loader_and_no_labels():
+    model = make_model()
+    x, y = make_data()
+    reference = score_dataset(model, loader(x, y), ["softmax", "margin"], progress=False)
+    shuffled = loader(x, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(3))
+    table = score_dataset(model, shuffled, ["softmax", "margin"], progress=False)
+    assert torch.equal(table["index"], torch.arange(N_EXAMPLES))
+    assert torch.equal(table["label"], torch.full((N_EXAMPLES,), -1))
+    assert not table["correct"].any()
+    for name in ("prediction", "softmax", "margin"):
+        assert torch.equal(table[name], reference[name]), name
+    # plain tensors (no tuple) from the loader
+    plain = DataLoader(x, batch_size=BATCH)
+    assert torch.equal(
+        score_dataset(model, plain, "softmax", progress=False)["softmax"], reference["softmax"]
+    )
+
+
+class DigitsByIndex(Dataset):
+    """Example i is a function of i only, so the order can be checked from the values."""
+
+    def __len__(self) -> int:
+        return 23
+
+    def __getitem__(self, i: int):
+        return torch.full((6,), float(i), dtype=torch.float64) / 10, i % 4
+
+
+def test_order_is_dataset_order():
+    model = make_model()
+    table = score_dataset(
+        model, DataLoader(DigitsByIndex(), batch_size=4), ["softmax"], progress=False
+    )
+    x = torch.stack([DigitsByIndex()[i][0] for i in range(23)])
+    torch.testing.assert_close(table["softmax"], softmax_confidence(model, x), rtol=1e-12, atol=0)
+    assert table["label"].tolist() == [i % 4 for i in range(23)]
+
+
+def test_model_is_left_unchanged():
+    model = make_model().train()
+    model.fc.weight.requires_grad_(False)
+    model.body[0].weight.grad = torch.ones_like(model.body[0].weight)
+    before = copy.deepcopy(model.state_dict())
+    x, y = make_data()
+    table = score_dataset(
+        model,
+        loader(x, y),
+        ["gradtrust", "mc_dropout", "odin"],
+        progress=False,
+        score_kwargs={"mc_dropout": {"n_passes": 3, "generator": 0}},
+    )
+    assert len(table) == N_EXAMPLES
+    assert all(m.training for m in model.modules())
+    assert not model.fc.weight.requires_grad and model.fc.bias.requires_grad
+    assert torch.equal(model.body[0].weight.grad, torch.ones_like(model.body[0].weight))
+    assert model.fc.weight.grad is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_csv_round_trip(tmp_path):
+    model = make_model()
+    x, y = make_data()
+    table = score_dataset(model, loader(x, y), ["gradtrust", "softmax"], progress=False)
+    path = table.to_csv(
+        tmp_path / "sub" / "scores.csv", extra={"name": [f"x{i}" for i in range(N_EXAMPLES)]}
+    )
+    assert path == tmp_path / "sub" / "scores.csv"
+    assert [p.name for p in path.parent.iterdir()] == ["scores.csv"]  # no temporary left
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index,name,label,prediction,correct,gradtrust,softmax"
+    assert len(lines) == N_EXAMPLES + 1
+    back = ScoreTable.from_csv(path)
+    assert back.columns == table.columns
+    for name in table.columns:
+        assert torch.equal(back[name], table[name].to(back[name].dtype)), name
+
+
+def test_unknown_score_name():
+    x, y = make_data()
+    with pytest.raises(ValueError, match=r"unknown score 'softmx'; known scores: gradtrust, "):
+        score_dataset(make_model(), loader(x, y), ["gradtrust", "softmx"], progress=False)
+    with pytest.raises(ValueError, match="not among the requested"):
+        score_dataset(
+            make_model(), loader(x, y), ["softmax"], score_kwargs={"odin": {}}, progress=False
+        )
+
+
+def test_bad_batches_and_devices():
+    model = make_model()
+    x, y = make_data()
+    triples = DataLoader(TensorDataset(x, y, y), batch_size=BATCH)
+    with pytest.raises(ValueError, match=r"\(inputs, labels\)"):
+        score_dataset(model, triples, ["softmax"], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        score_dataset(model, loader(x[:0], y[:0]), ["softmax"], progress=False)
+    with pytest.raises(ValueError, match="the model is on 'cpu'"):
+        score_dataset(model, loader(x, y), ["softmax"], device="meta", progress=False)
+
+
+def test_progress_bar_on_stderr(capsys):
+    x, y = make_data()
+    score_dataset(make_model(), loader(x, y), ["softmax"], progress=True)
+    captured = capsys.readouterr()
+    assert "7/7" in captured.err and captured.out == ""
+    score_dataset(make_model(), loader(x, y), ["softmax"], progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed: 2 CPU processes, gloo
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = make_data()
+        table = score_dataset(
+            make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC
+        )
+        torch.save(table.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
+    """37 examples in 7 batches over 3 (simulated) processes: DistributedSampler deals out
+    the batches and pads with repeats of batches 0 and 1, which the gather step drops."""
+    from captum_ext.metrics import dataset as module
+
+    x, y = make_data()
+    model = make_model()
+    names = [*DETERMINISTIC, "mc_dropout"]
+    single = score_dataset(model, loader(x, y), names, progress=False, score_kwargs=MC)
+    shards = []
+    monkeypatch.setattr(module, "_gather", lambda local, world: shards.append(local) or local)
+    for rank in range(3):
+        monkeypatch.setattr(module, "_distributed", lambda rank=rank: (rank, 3))
+        score_dataset(model, loader(x, y), names, progress=False, score_kwargs=MC)
+    monkeypatch.undo()
+    # batches 0, 3, 6 | 1, 4, 0 | 2, 5, 1 (batch 6 holds the last example only)
+    assert [len(shard["index"]) for shard in shards] == [13, 18, 18]
+    assert shards[1]["index"][-6:].tolist() == list(range(6))
+    everything = sorted(torch.cat([shard["index"] for shard in shards]).tolist())
+    assert everything == sorted([*range(37), *range(12)])
+
+    def fake_all_gather_object(out, obj):
+        out[:] = shards
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", fake_all_gather_object)
+    gathered = module._gather(shards[1], 3)
+    assert list(gathered) == list(single.columns)
+    for name in single.columns:
+        assert torch.equal(gathered[name], single[name]), name
+
+
+def test_two_gloo_processes_give_the_single_process_table(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    x, y = make_data()
+    single = score_dataset(
+        make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC
+    )
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        table = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert list(table) == list(single.columns)
+        for name in single.columns:
+            assert torch.equal(table[name], single[name]), (rank, name)
