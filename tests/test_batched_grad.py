@@ -34,6 +34,8 @@ def loop_gradients(model, inputs, layer, classes, score):
                 value = logits[0, c]
             elif score == "cross_entropy":
                 value = nn.functional.cross_entropy(logits, torch.tensor([c]))
+            elif score == "probability":
+                value = torch.softmax(logits, dim=1)[0, c]
             else:
                 value = score(logits)[0, c]
             (grad,) = torch.autograd.grad(value, store["a"])
@@ -42,7 +44,9 @@ def loop_gradients(model, inputs, layer, classes, score):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("score", ["logit", "cross_entropy", lambda z: z.sigmoid() * z])
+@pytest.mark.parametrize(
+    "score", ["logit", "cross_entropy", "probability", lambda z: z.sigmoid() * z]
+)
 @pytest.mark.parametrize("layer_name", ["features.3", "features.0", "head.1"])
 @pytest.mark.parametrize("max_batch", [1, 2, None])
 def test_engine_equals_per_class_loop(score, layer_name, max_batch, tiny_inputs):

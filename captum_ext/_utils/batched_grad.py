@@ -105,32 +105,64 @@ def auto_chunk(max_batch: int | None, n_classes: int, wrt: Sequence[Tensor]) -> 
     return max(1, min(DEFAULT_MAX_BATCH, n_classes, _CHUNK_BYTES // max(per_class, 1)))
 
 
-def _vjp_chunks(selected: Tensor, wrt: tuple[Tensor, ...], chunk: int):
-    """Yield (start, gradients) with gradients (N, B, *t.shape[1:]) per tensor of ``wrt``."""
-    n, n_classes = selected.shape
+def _one_hot(columns: Tensor, width: int, like: Tensor) -> Tensor:
+    """(N, B) column indices -> (N, B, width) one-hot rows."""
+    rows = like.new_zeros(*columns.shape, width)
+    return rows.scatter_(2, columns.unsqueeze(-1), 1)
+
+
+def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tensor]:
+    """Cotangents on the logits equal to d score_c / d logits for the built-in scores.
+
+    Handing them to the backward directly skips the log-softmax / gather backward, which has
+    no batching rule and would otherwise run once per class row.
+    """
+    if score == "logit":
+        return lambda columns: _one_hot(columns, logits.shape[1], logits)
+    detached = logits.detach()
+    precise = detached if detached.dtype == torch.float64 else detached.float()
+    p = torch.softmax(precise, dim=1).to(logits.dtype)  # half logits: softmax in float32
+    if score == "cross_entropy":  # d(-log p_c)/dz = p - e_c
+        return lambda columns: p.unsqueeze(1) - _one_hot(columns, p.shape[1], p)
+    # probability: d p_c / dz = p_c (e_c - p)
+    return lambda columns: (
+        p.gather(1, columns).unsqueeze(-1) * (_one_hot(columns, p.shape[1], p) - p.unsqueeze(1))
+    )
+
+
+def _vjp_chunks(
+    output: Tensor,
+    wrt: tuple[Tensor, ...],
+    selection: Tensor,
+    chunk: int,
+    cotangents: Callable[[Tensor], Tensor],
+):
+    """Yield (start, gradients) with gradients (N, B, *t.shape[1:]) per tensor of ``wrt``.
+
+    ``cotangents(columns)`` maps (N, B) selected columns to the (N, B, M) cotangents on
+    ``output`` whose vector-Jacobian products are the wanted gradients.
+    """
+    n, n_classes = selection.shape
     for start in range(0, n_classes, chunk):
         stop = min(start + chunk, n_classes)
         last = stop == n_classes
+        width = stop - start
+        vectors = cotangents(selection[:, start:stop])
         if n_classes == 1:
             grads = torch.autograd.grad(
-                selected.sum(), wrt, retain_graph=not last, allow_unused=True
+                output, wrt, grad_outputs=vectors[:, 0], retain_graph=not last, allow_unused=True
             )
             grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
         else:
-            width = stop - start
-            cotangents = selected.new_zeros(width, n, n_classes)
-            rows = torch.arange(width, device=selected.device)
-            cotangents[rows, :, start + rows] = 1
             grads = torch.autograd.grad(
-                selected,
+                output,
                 wrt,
-                grad_outputs=cotangents,
+                grad_outputs=vectors.movedim(1, 0),
                 is_grads_batched=True,
                 retain_graph=not last,
                 allow_unused=True,
             )
             grads = tuple(None if g is None else g.movedim(0, 1) for g in grads)
-        width = stop - start
         grads = tuple(
             t.new_zeros(n, width, *t.shape[1:]) if g is None else g for g, t in zip(grads, wrt)
         )
@@ -197,22 +229,30 @@ def class_gradients(
             selection, multi = class_selection(
                 classes, logits, argument=class_argument, default=default_classes
             )
-        scores = score_fn(logits)
-        if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(logits):
-            raise ValueError(
-                f"`score` must map (N, C) logits to an (N, M) tensor, got "
-                f"{getattr(scores, 'shape', type(scores).__name__)}."
-            )
-        if not scores.requires_grad:
+        if isinstance(score, str):
+            output, cotangents = logits, _analytic_cotangents(score, logits)
+        else:
+            output = score_fn(logits)
+            if (
+                not isinstance(output, Tensor)
+                or output.dim() != 2
+                or output.shape[0] != len(logits)
+            ):
+                raise ValueError(
+                    f"`score` must map (N, C) logits to an (N, M) tensor, got "
+                    f"{getattr(output, 'shape', type(output).__name__)}."
+                )
+            width = output.shape[1]
+            cotangents = lambda columns: _one_hot(columns, width, output)  # noqa: E731
+        if not output.requires_grad:
             raise ValueError(
                 "the model's output does not depend on the differentiated tensors "
                 "(does forward_func detach its output or run under torch.no_grad?)."
             )
-        selected = scores.gather(1, selection)
         chunk = auto_chunk(max_batch, selection.shape[1], wrt)
         activations = tuple(t.detach() for t in wrt)
         pieces = []
-        for _, grads in _vjp_chunks(selected, wrt, chunk):
+        for _, grads in _vjp_chunks(output, wrt, selection, chunk, cotangents):
             pieces.append(grads if reduce is None else reduce(grads, activations))
     result = _concat_pieces(pieces)
     return ClassGradients(result, activations, logits.detach(), selection, multi)
