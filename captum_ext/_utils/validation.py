@@ -59,6 +59,22 @@ def expand_per_example(values: Tensor, n: int, argument: str) -> Tensor:
     )
 
 
+def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = None) -> Any:
+    """Repeat each example of per-example tensors (leading dim ``n``) ``repeats`` times.
+
+    Used where a batch is expanded with ``repeat_interleave`` (noisy copies, one row per
+    (example, class) pair): tensors whose first dimension is ``n`` follow it, also inside
+    tuples, optionally keeping only ``rows`` of the expanded batch; anything else (scalars,
+    broadcastable tensors, non-tensors) is returned as it is.
+    """
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+        repeated = value.repeat_interleave(repeats, dim=0)
+        return repeated if rows is None else repeated[rows]
+    if isinstance(value, tuple):
+        return tuple(repeat_per_example(v, n, repeats, rows) for v in value)
+    return value
+
+
 ALL_CLASSES = "all"
 
 

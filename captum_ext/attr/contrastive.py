@@ -14,7 +14,7 @@ from torch import Tensor
 from .._utils.batched_grad import run_forward
 from .._utils.layers import root_module
 from .._utils.model_state import preserved_state
-from .._utils.validation import class_selection, format_inputs
+from .._utils.validation import class_selection, format_inputs, repeat_per_example
 
 DEFAULT_ROWS_PER_CALL = 64
 
@@ -50,15 +50,6 @@ def _swap_forward(method: Attribution, forward: ContrastiveForward) -> Attributi
         swapped.attribution_method = _swap_forward(swapped.attribution_method, forward)
     swapped.forward_func = forward
     return swapped
-
-
-def _expand_rows(value: Any, n: int, repeats: int, rows: slice) -> Any:
-    """Repeat per-example tensors (leading dim n) for the flattened (example, class) rows."""
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value.repeat_interleave(repeats, dim=0)[rows]
-    if isinstance(value, tuple):
-        return tuple(_expand_rows(v, n, repeats, rows) for v in value)
-    return value
 
 
 class Contrastive(GradientAttribution):
@@ -217,12 +208,17 @@ class Contrastive(GradientAttribution):
         pieces = []
         for start in range(0, total, rows_per_call):
             rows = slice(start, min(start + rows_per_call, total))
-            chunk_inputs = _expand_rows(formatted, n, per_example, rows)
+            chunk_inputs = repeat_per_example(formatted, n, per_example, rows)
             result = self.method.attribute(
                 chunk_inputs[0] if unwrap else chunk_inputs,
                 target=flat_targets[rows],
-                additional_forward_args=_expand_rows(additional_forward_args, n, per_example, rows),
-                **{key: _expand_rows(value, n, per_example, rows) for key, value in kwargs.items()},
+                additional_forward_args=repeat_per_example(
+                    additional_forward_args, n, per_example, rows
+                ),
+                **{
+                    key: repeat_per_example(value, n, per_example, rows)
+                    for key, value in kwargs.items()
+                },
             )
             pieces.append(result)
         return _join(pieces, n, per_example)

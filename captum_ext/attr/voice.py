@@ -16,7 +16,7 @@ from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import preserved_state
-from .._utils.validation import class_selection, format_inputs
+from .._utils.validation import class_selection, format_inputs, repeat_per_example
 from ._cam import ClassActivationMapBase, make_cam_reducer
 
 POSTPROCESS = ("reference", "raw")
@@ -435,12 +435,4 @@ def _noisy_copies(
             repeated = repeated + stdev * noise
         noisy.append(repeated)
     n = inputs[0].shape[0]
-
-    def expand(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-            return value.repeat_interleave(samples, dim=0)
-        if isinstance(value, tuple):
-            return tuple(expand(v) for v in value)
-        return value
-
-    return tuple(noisy), expand(additional_forward_args)
+    return tuple(noisy), repeat_per_example(additional_forward_args, n, samples)
