@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
+from _distributed import run_gloo
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -218,27 +218,10 @@ def test_progress_bar_on_stderr(capsys):
 # torch.distributed: 2 CPU processes, gloo
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x, y = make_data()
-        table = score_dataset(
-            make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC
-        )
-        torch.save(table.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    x, y = make_data()
+    table = score_dataset(make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC)
+    torch.save(table.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
@@ -253,7 +236,7 @@ def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
     shards = []
     monkeypatch.setattr(module, "_gather", lambda local, world: shards.append(local) or local)
     for rank in range(3):
-        monkeypatch.setattr(module, "_distributed", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(module, "distributed_shard", lambda rank=rank: (rank, 3))
         score_dataset(model, loader(x, y), names, progress=False, score_kwargs=MC)
     monkeypatch.undo()
     # batches 0, 3, 6 | 1, 4, 0 | 2, 5, 1 (batch 6 holds the last example only)
@@ -273,16 +256,11 @@ def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
 
 
 def test_two_gloo_processes_give_the_single_process_table(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     x, y = make_data()
     single = score_dataset(
         make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC
     )
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_gloo(_worker, tmp_path)
     for rank in range(2):
         table = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert list(table) == list(single.columns)

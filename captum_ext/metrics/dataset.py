@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import functools
 import os
-import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
 from captum_ext.metrics.trust import (
     gradnorm,
     gradtrust,
@@ -164,19 +163,12 @@ class ScoreTable:
         header = names[:1] + list(extra) + names[1:]
         cells = {name: _format_column(column) for name, column in self._columns.items()}
         cells.update({name: [str(v) for v in values] for name, values in extra.items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-                writer = csv.writer(file)
-                writer.writerow(header)
-                writer.writerows(zip(*(cells[name] for name in header)))
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as temp, temp.open("w", encoding="utf-8", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            writer.writerows(zip(*(cells[name] for name in header)))
+            file.flush()
+            os.fsync(file.fileno())
         return path
 
     @classmethod
@@ -306,14 +298,6 @@ def _labels_tensor(labels: Any, n: int) -> Tensor:
 # loaders
 
 
-def _distributed() -> tuple[int, int] | None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
 def _batch_size(loader: Any) -> int:
     batch_size = loader.batch_size
     if batch_size is None:
@@ -396,16 +380,6 @@ def _plan(
         [i for batch in batches for i in batch],
         numbers,
     )
-
-
-def _progress_bar(total: int | None, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with the `report` extra; no bar without it
-        return None
-    return tqdm(total=total, desc="scoring", unit="batch", file=sys.stderr, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,14 +510,13 @@ def score_dataset(
                 f"`device`={str(device)!r} but the model is on {str(model_device)!r}; move the "
                 "model first (model.to(device)) or leave `device` out."
             )
-    shard = _distributed()
+    shard = distributed_shard()
     loader, indices, numbers = _plan(dataloader, shard)
-    rank = 0 if shard is None else shard[0]
     try:
         total: int | None = len(loader)
     except TypeError:
         total = None
-    bar = _progress_bar(total, bool(progress) and rank == 0)
+    bar = progress_bar(total, bool(progress), desc="scoring", unit="batch")
 
     chunks: dict[str, list[Tensor]] = {name: [] for name in (*BASE_COLUMNS, *names)}
     seen = 0

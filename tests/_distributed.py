@@ -1,0 +1,51 @@
+"""Run a function in 2 CPU processes on the gloo backend (the torchrun tests of every trainer).
+
+Usage::
+
+    from _distributed import run_gloo
+
+    def _job(rank, world, out_dir, *args):   # module-level, so that it pickles
+        ...  # the process group is initialised here; write results under out_dir
+
+    run_gloo(_job, tmp_path, *args)          # skips when gloo is not available
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, job: Callable, out_dir: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        job(rank, world, out_dir, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(job: Callable, out_dir: str | Path, *args, world: int = 2) -> None:
+    """Spawn ``world`` processes that each run ``job(rank, world, str(out_dir), *args)`` inside
+    an initialised gloo process group."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_entry, args=(world, free_port(), job, str(out_dir), args), nprocs=world, join=True)

@@ -1,0 +1,89 @@
+"""Atomic files, checkpoints and the distributed helpers shared by every trainer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _distributed import run_gloo
+from torch import nn
+
+from captum_ext._utils.training import (
+    atomic_path,
+    distributed_shard,
+    is_main_process,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap_distributed,
+    wrap_distributed,
+)
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    with atomic_path(target) as temp:
+        temp.write_text("first")
+        assert not target.exists()
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as temp:
+        temp.write_text("second")
+        raise RuntimeError("boom")
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
+
+
+def test_checkpoint_round_trip_with_generator_state(tmp_path):
+    model = nn.Linear(3, 2)
+    generator = torch.Generator().manual_seed(5)
+    path = save_checkpoint(
+        {"model": model.state_dict(), "step": 7, "rng": generator.get_state()},
+        tmp_path / "ckpt.pt",
+    )
+    state = load_checkpoint(path)
+    assert state["step"] == 7
+    restored = torch.Generator()
+    restored.set_state(state["rng"])
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=restored))
+    for name, value in model.state_dict().items():
+        assert torch.equal(state["model"][name], value)
+
+
+def test_load_checkpoint_errors_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="`resume`: no checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt", argument="resume")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="`checkpoint`: .* is not a readable checkpoint"):
+        load_checkpoint(broken)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+def test_single_process_helpers():
+    model = nn.Linear(2, 2)
+    assert distributed_shard() is None
+    assert is_main_process()
+    assert wrap_distributed(model) is model
+    assert unwrap_distributed(nn.DataParallel(model)) is model
+
+
+def _job(rank: int, world: int, out_dir: str) -> None:
+    model = wrap_distributed(nn.Linear(2, 1))
+    result = {
+        "shard": distributed_shard(),
+        "main": is_main_process(),
+        "ddp": type(model).__name__,
+        "inner": type(unwrap_distributed(model)).__name__,
+    }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_helpers_under_two_gloo_processes(tmp_path):
+    run_gloo(_job, tmp_path)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["shard"] for r in results] == [(0, 2), (1, 2)]
+    assert [r["main"] for r in results] == [True, False]
+    assert {r["ddp"] for r in results} == {"DistributedDataParallel"}
+    assert {r["inner"] for r in results} == {"Linear"}
