@@ -109,6 +109,62 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return result
 
 
+@torch.no_grad()
+def diagnostics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Why the reference form and purview rank below chance: what each actually measures.
+
+    - The reference form's max_c (z_c - 1/C)^4 is sign-blind: the class with the largest
+      energy may be the *most negative* logit rather than the predicted one.
+    - purview's gradients are g h^T with h the input of the last linear layer, so its
+      magnitude follows ||h||^2; when correct predictions have larger features, minus the
+      norm ranks them lower.
+    """
+    model.eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    logits, features = [], []
+    handle = head.register_forward_hook(lambda m, i, o: features.append(i[0].detach()))
+    try:
+        for s in range(0, len(images), BATCH):
+            logits.append(model(images[s : s + BATCH]))
+    finally:
+        handle.remove()
+    z, h = torch.cat(logits), torch.cat(features).flatten(1)
+    correct = z.argmax(1) == labels
+    energy_class = (z - 1.0 / z.shape[1]).pow(4).argmax(1)
+    with torch.enable_grad():
+        purview_scores = torch.cat(
+            [purview(model, images[s : s + BATCH]).detach() for s in range(0, len(images), BATCH)]
+        )
+    feature_norm = h.norm(dim=1)
+    with torch.enable_grad():
+        reference = torch.cat(
+            [
+                gradtrust(model, images[s : s + BATCH], form="reference").detach()
+                for s in range(0, len(images), BATCH)
+            ]
+        )
+    return {
+        "reference_max_energy_is_predicted_class": float(
+            (energy_class == z.argmax(1)).double().mean()
+        ),
+        "reference_max_energy_is_most_negative_logit": float(
+            (energy_class == z.argmin(1)).double().mean()
+        ),
+        "share_min_logit_larger_in_magnitude_than_max": float(
+            (z.min(1).values.abs() > z.max(1).values).double().mean()
+        ),
+        "corr_reference_min_logit": float(
+            torch.corrcoef(torch.stack([reference.double(), z.min(1).values.double()]))[0, 1]
+        ),
+        "corr_purview_feature_norm_squared": float(
+            torch.corrcoef(torch.stack([purview_scores.double(), feature_norm.double() ** 2]))[0, 1]
+        ),
+        "feature_norm_correct": float(feature_norm[correct].mean()),
+        "feature_norm_wrong": float(feature_norm[~correct].mean()) if (~correct).any() else None,
+        "auroc_feature_norm": misprediction_auroc(feature_norm, correct),
+    }
+
+
 def markdown(setting: str, description: str, result: dict) -> str:
     lines = [
         f"### {setting}: {description}",
@@ -120,6 +176,8 @@ def markdown(setting: str, description: str, result: dict) -> str:
     ]
     for name, r in result["scores"].items():
         lines.append(f"| {name} | {r['auac']:.4f} | {r['aufc']:.4f} | {r['auroc']:.4f} |")
+    lines.append("")
+    lines.append("Diagnostics: " + json.dumps(result["diagnostics"]))
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +215,7 @@ def main() -> None:
     results = {}
     for key, (description, model, x) in settings.items():
         results[key] = evaluate(model, x, labels)
+        results[key]["diagnostics"] = diagnostics(model, x, labels)
         results[key]["description"] = description
         print(markdown(key, description, results[key]), file=sys.stderr)
 
