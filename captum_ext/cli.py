@@ -1,10 +1,11 @@
 r"""The ``captum-ext`` command line.
 
-``captum-ext report`` writes an HTML report for a model and a folder of images, made of three
+``captum-ext report`` writes an HTML report for a model and a folder of images, made of four
 sections (``--sections``, default all): contrastive explanations ("Why P? Why P, rather than
-Q? What if not P?"), the VOICE uncertainty of the Grad-CAM explanation, and the deletion /
-insertion scores of the three maps. With no arguments it uses the bundled digit classifier and
-its sample digits::
+Q? What if not P?"), the VOICE uncertainty of the Grad-CAM explanation, the deletion /
+insertion scores of the three maps, and "Which predictions can I trust?" (GradTrust and the
+trust baselines, accuracy-retention curves, the least-trusted images). With no arguments it
+uses the bundled digit classifier and its sample digits::
 
     captum-ext report                                   # -> report/index.html
     captum-ext report --model torchvision.models:resnet18 --weights r18.pt \
@@ -61,8 +62,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 #: the sections of ``captum-ext report``, in their default order
-SECTIONS = ("contrastive", "voice", "metrics")
+SECTIONS = ("contrastive", "voice", "metrics", "trust")
 
 
 def _sections(text: str) -> list[str]:
@@ -183,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--sections",
         type=_sections,
-        default=list(SECTIONS),
+        default=None,
         metavar="LIST",
         help="comma-separated sections of the report, shown in the order given: contrastive "
         "(Grad-CAM, ContrastCAM, CounterfactualCAM maps), voice (uncertainty of the Grad-CAM "
         "explanation), "
-        "metrics (deletion and insertion AUCs of the three maps). Default: " + ",".join(SECTIONS),
+        "metrics (deletion and insertion AUCs of the three maps), trust (GradTrust vs the trust "
+        "baselines, least-trusted images). Default: " + ",".join(SECTIONS),
     )
     report.add_argument(
         "--voice-contrasts",
@@ -206,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="steps of each deletion / insertion curve in the metrics section; every step "
         "is a forward pass per image and map, so fewer is faster (default: 20)",
+    )
+    report.add_argument(
+        "--least-trusted",
+        type=_non_negative_int,
+        default=10,
+        metavar="N",
+        help="least-trusted images (lowest GradTrust) shown with their maps in the trust "
+        "section (default: 10)",
     )
     report.add_argument("--title", default=None, help="page title")
     report.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -386,6 +406,7 @@ def _run_report(args: argparse.Namespace) -> int:
         Report,
         contrastive_section,
         explanation_metrics_section,
+        trust_section,
         voice_section,
     )
 
@@ -437,6 +458,7 @@ def _run_report(args: argparse.Namespace) -> int:
     display = denormalize_for_display(images, transform)
 
     out = Path(args.out).expanduser()
+    sections = args.sections or list(SECTIONS)
     report = Report(
         args.title or "captum-ext report",
         metadata={
@@ -445,31 +467,33 @@ def _run_report(args: argparse.Namespace) -> int:
             "Images": images_description,
             "Transform": transform,
             "Device": str(device),
-            "Sections": ", ".join(args.sections),
+            "Sections": ", ".join(sections),
             "torch": torch.__version__,
         },
     )
     common = {"labels": labels, "names": names, "batch_size": args.batch_size}
-    for name in args.sections:
+    for name in sections:
         if name == "contrastive":
             build, options = contrastive_section, {}
         elif name == "voice":
             build, options = voice_section, {"contrasts": args.voice_contrasts}
-        else:
+        elif name == "metrics":
             build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
-        report.add_section(
-            build(
-                forward,
-                layer,
-                images,
-                display,
-                class_names,
-                out,
-                progress=not args.no_progress,
-                **common,
-                **options,
-            )
-        )
+        else:
+            build, options = trust_section, {"least_trusted": args.least_trusted}
+        arguments = (forward, layer, images, display, class_names, out)
+        try:
+            section = build(*arguments, progress=not args.no_progress, **common, **options)
+        except (ValueError, TypeError) as error:
+            if name != "trust" or args.sections is not None:
+                raise
+            # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
+            # whose final nn.Linear is compiled) still gets the other sections
+            reason = str(error).strip().splitlines()[0]
+            print(f"captum-ext report: trust section left out: {reason}", file=sys.stderr)
+            report.metadata.append(("Trust section", f"left out: {reason}"))
+            continue
+        report.add_section(section)
     index = report.write(out)
     print(f"Report written to {index}")
     return 0

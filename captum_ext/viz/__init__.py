@@ -9,10 +9,13 @@ tqdm; each is imported only when the function that needs it runs).
   SNR).
 - :func:`explanation_metrics_section`: deletion and insertion AUCs of Grad-CAM, ContrastCAM
   and CounterfactualCAM.
+- :func:`trust_section`: "Which predictions can I trust?" (GradTrust vs softmax confidence,
+  accuracy-retention curves of every trust score, the least-trusted images with their maps).
 """
 
 from .overlay import overlay, save_png, to_uint8_rgb
 from .report import Figure, Report, Row, Section, Table, contrastive_section
+from .trust import trust_section
 from .uncertainty import explanation_metrics_section, voice_section
 
 __all__ = [
@@ -26,5 +29,6 @@ __all__ = [
     "overlay",
     "save_png",
     "to_uint8_rgb",
+    "trust_section",
     "voice_section",
 ]

@@ -40,6 +40,15 @@ from torch import Tensor
 
 from captum_ext._utils.layers import resolve_layer
 
+from ._checks import (
+    _check_images,
+    _check_names_labels,
+    _class_names,
+    _image_name,
+    _row_label,
+    _to_cpu,
+    _true_class,
+)
 from .overlay import overlay, save_png, to_uint8_rgb
 from .report import (
     Figure,
@@ -59,70 +68,6 @@ __all__ = ["explanation_metrics_section", "voice_section"]
 _PLOT_WIDTH = 720
 #: fraction of the pixels shown as "deleted first" in the example rows of the metrics section
 _EXAMPLE_FRACTION = 0.2
-
-
-# --------------------------------------------------------------------------------------
-# shared checks and labels
-
-
-def _check_images(images: Any) -> Tensor:
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"`images` must be an N x C x H x W tensor, got {got}.")
-    if images.shape[0] == 0:
-        raise ValueError("`images` holds no images (N = 0).")
-    return images
-
-
-def _check_names_labels(names: Any, labels: Any, n: int) -> list[Any] | None:
-    if names is not None and len(names) != n:
-        raise ValueError(f"`names` has {len(names)} entries for {n} images.")
-    if labels is None:
-        return None
-    labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
-    if len(labels) != n:
-        raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
-    return labels
-
-
-def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
-    if class_names is None:
-        return [str(i) for i in range(num_classes)]
-    if len(class_names) != num_classes:
-        raise ValueError(
-            f"`class_names` (--classes) has {len(class_names)} names but the model has "
-            f"{num_classes} outputs."
-        )
-    return [str(name) for name in class_names]
-
-
-def _true_class(labels: list[Any] | None, i: int, class_names: list[str]) -> int | None:
-    if labels is None or labels[i] is None:
-        return None
-    true = int(labels[i])
-    if not 0 <= true < len(class_names):
-        raise ValueError(
-            f"`labels`[{i}]={true} is not a class index of the model (0..{len(class_names) - 1})."
-        )
-    return true
-
-
-def _image_name(names: Sequence[str] | None, i: int) -> str:
-    return str(names[i]) if names is not None else f"#{i}"
-
-
-def _row_label(
-    name: str, probabilities: Tensor, p: int, q: int, true: int | None, class_names: list[str]
-) -> str:
-    label = f"{name}: predicted {class_names[p]} ({float(probabilities[p]):.1%}), "
-    label += f"runner-up {class_names[q]} ({float(probabilities[q]):.1%})"
-    if true is not None:
-        label += f"; true class {class_names[true]} ({'correct' if true == p else 'wrong'})"
-    return label
-
-
-def _to_cpu(t: Tensor) -> Tensor:
-    return t.detach().to("cpu", torch.float32)
 
 
 # --------------------------------------------------------------------------------------

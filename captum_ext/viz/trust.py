@@ -1,0 +1,416 @@
+r"""Report section "Which predictions can I trust?" (GradTrust and the baselines).
+
+:func:`trust_section` scores every image with GradTrust and the trust baselines of
+:mod:`captum_ext.metrics` (through :func:`~captum_ext.metrics.score_dataset`), then shows
+
+- the paper's figure: GradTrust against softmax confidence, one dot per image, green where the
+  prediction is correct and red where it is wrong;
+- the accuracy-retention curve of every score (accuracy of the images kept above each
+  percentile of the score), with its AUAC in the legend, and a table of AUAC, AUFC and
+  misprediction AUROC;
+- the least-trusted images (lowest GradTrust) with their Grad-CAM ("Why P?") and ContrastCAM
+  against the runner-up ("Why P, rather than Q?").
+
+Paper: M. Prabhushankar and G. AlRegib, "Counterfactual Gradients-based Quantification of
+Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
+
+Example::
+
+    >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
+    ...                              load_bundled_model, load_sample_digits)
+    >>> from captum_ext.viz import Report, trust_section
+    >>> model = load_bundled_model()
+    >>> images, labels = load_sample_digits()
+    >>> report = Report("Digits")
+    >>> report.add_section(trust_section(model, BUNDLED_CAM_LAYER, images,
+    ...                                  denormalize_digits(images), DIGIT_CLASSES, "out",
+    ...                                  labels=labels))
+    >>> report.write("out")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from captum_ext._utils.layers import resolve_layer, root_module
+
+from ._checks import _check_images, _check_names_labels, _class_names, _to_cpu, _true_class
+from .overlay import overlay, save_png
+from .report import (
+    Figure,
+    Section,
+    Table,
+    _check_batch_size,
+    _display_array,
+    _layer_name,
+    _model_device,
+    _probabilities,
+)
+
+__all__ = ["trust_section"]
+
+#: the scores every trust section shows (the paper's figure plots one against the other)
+_REQUIRED = ("gradtrust", "softmax")
+#: width in the page (CSS pixels) of the two plots
+_PLOT_WIDTH = 480
+
+
+def _default_scores(model: Any) -> list[str]:
+    """Every score of :data:`~captum_ext.metrics.SCORES`; MC-dropout only for a model with
+    dropout (it refuses models without)."""
+    from captum_ext.metrics import SCORES
+
+    module = root_module(model)
+    has_dropout = module is not None and any(
+        isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules()
+    )
+    return [name for name in SCORES if name != "mc_dropout" or has_dropout]
+
+
+def _check_scores(scores: Any, model: Any) -> list[str]:
+    from captum_ext.metrics import SCORES
+
+    if scores is None:
+        return _default_scores(model)
+    if isinstance(scores, str):
+        scores = [s.strip() for s in scores.split(",")]
+    names = list(dict.fromkeys(scores))
+    unknown = [name for name in names if name not in SCORES]
+    if unknown:
+        raise ValueError(
+            f"`scores`: unknown score name(s) {', '.join(map(repr, unknown))}; expected names "
+            f"of captum_ext.metrics.SCORES: {', '.join(SCORES)}."
+        )
+    return [*_REQUIRED, *(name for name in names if name not in _REQUIRED)]
+
+
+def _check_count(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{argument}` must be a non-negative int, got {value!r}.")
+    return value
+
+
+def _labels_column(labels: list[Any] | None, n: int, num_classes: int) -> Tensor:
+    """-1 where the label is unknown, as :class:`~captum_ext.metrics.ScoreTable` has it."""
+    names = [str(c) for c in range(num_classes)]
+    if labels is None:
+        return torch.full((n,), -1, dtype=torch.int64)
+    values = [_true_class(labels, i, names) for i in range(n)]
+    return torch.tensor([-1 if v is None else v for v in values], dtype=torch.int64)
+
+
+def _runnable_scores(
+    module: nn.Module,
+    probe: Tensor,
+    names: list[str],
+    score_kwargs: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[list[str], dict[str, str]]:
+    """The scores that run on this model (tried on a couple of images) and, for the optional
+    ones that do not, the first line of their error, so that the section can say so instead
+    of failing as a whole. GradTrust and softmax confidence must run."""
+    from captum_ext.metrics import SCORES
+
+    runnable, failed = [], {}
+    for name in names:
+        try:
+            SCORES[name](module, probe, **dict((score_kwargs or {}).get(name, {})))
+        except (ValueError, TypeError) as error:
+            if name in _REQUIRED:
+                raise
+            failed[name] = str(error).strip().splitlines()[0]
+        else:
+            runnable.append(name)
+    return runnable, failed
+
+
+def _plot_scatter(
+    softmax: np.ndarray, gradtrust: np.ndarray, correct: np.ndarray, known: np.ndarray, path: Path
+) -> Path:
+    from matplotlib.figure import Figure as PlotFigure
+
+    figure = PlotFigure(figsize=(4.8, 4.0), dpi=100, layout="constrained")
+    ax = figure.subplots()
+    groups = [
+        (known & correct, "tab:green", "correct"),
+        (known & ~correct, "tab:red", "wrong"),
+        (~known, "tab:gray", "label unknown"),
+    ]
+    for member, colour, name in groups:
+        if member.any():
+            ax.scatter(
+                softmax[member],
+                gradtrust[member],
+                s=14,
+                c=colour,
+                alpha=0.7,
+                label=f"{name} ({int(member.sum())})",
+                edgecolors="none",
+            )
+    if np.all(gradtrust > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("softmax confidence (max probability)")
+    ax.set_ylabel("GradTrust (higher = more trusted)")
+    ax.set_title("GradTrust vs softmax confidence")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
+    from matplotlib.figure import Figure as PlotFigure
+
+    figure = PlotFigure(figsize=(4.8, 4.0), dpi=100, layout="constrained")
+    ax = figure.subplots()
+    for name, (percentiles, accuracy, area) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
+        width = 2.0 if name in _REQUIRED else 1.0
+        ax.plot(percentiles, 100 * accuracy, linewidth=width, label=f"{name} (AUAC {area:.2f})")
+    ax.set_xlabel("percentile of the score below which images are dropped")
+    ax.set_ylabel("accuracy of the kept images (%)")
+    ax.set_title("Accuracy retention")
+    ax.set_xlim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def trust_section(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    display_images: Any,
+    class_names: Sequence[str] | None,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    *,
+    labels: Sequence[Any] | Tensor | None = None,
+    scores: Sequence[str] | str | None = None,
+    score_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 64,
+    names: Sequence[str] | None = None,
+    least_trusted: int = 10,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    title: str = "Which predictions can I trust? (GradTrust)",
+) -> Section:
+    r"""The section "Which predictions can I trust?": GradTrust against the trust baselines.
+
+    Every image is scored with :func:`~captum_ext.metrics.score_dataset` (GradTrust, its
+    reference form and the baselines of :data:`~captum_ext.metrics.SCORES`; higher = more
+    trusted):
+
+    .. code-block:: text
+
+        GradTrust = mean_Q ||p - e_Q||^2 / ||p - e_P||^2    (Q: the 5 next most likely classes)
+        accuracy(t) = accuracy of the images whose score is above its t-th percentile
+        AUAC = area under accuracy(t), t in [0, 100), in percent
+
+    The section has
+
+    - a row with two plots: GradTrust against softmax confidence (one dot per image, green
+      correct, red wrong, grey label unknown: the figure of the paper), and the
+      accuracy-retention curves of every score with their AUAC in the legend (labelled images
+      only), with a table of AUAC, AUFC and AUROC of separating correct from wrong
+      predictions (AUROC needs both kinds);
+    - one row per least-trusted image (lowest GradTrust first): the input, its Grad-CAM
+      ("Why P?") and its ContrastCAM against the runner-up class Q ("Why P, rather than
+      Q?"), upsampled to the image and scaled to [0, 1].
+
+    An optional score that cannot run on this model (for example MC-dropout on a model
+    without dropout, or a gradient score on a model whose parameters are not reachable) is
+    left out and the section's introduction says why; GradTrust and softmax confidence are
+    required. The PNGs go to ``out_dir/images/trust/``.
+
+    Paper: Prabhushankar & AlRegib, "Counterfactual Gradients-based Quantification of
+    Prediction Trust in Neural Networks", IEEE MIPR 2024.
+
+    Args:
+        model (Callable): the classifier (an ``nn.Module`` or a bound method of one),
+            returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer of the Grad-CAM and ContrastCAM maps.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
+            N x C x H x W (tensor) or N x H x W x C (array).
+        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        out_dir (str or PathLike): the report folder.
+        progress (bool, optional): tqdm progress bar on stderr. Default: True.
+        labels (optional): true class per image (indices, or None where unknown). Without
+            labels the section shows the scatter plot (grey) and the least-trusted images.
+        scores (Sequence[str] or str, optional): names of :data:`~captum_ext.metrics.SCORES`
+            to compare (comma-separated string accepted); ``"gradtrust"`` and ``"softmax"``
+            are always included. Default: all of them (MC-dropout only when the model has
+            dropout).
+        score_kwargs (Mapping, optional): options per score name, as for
+            :func:`~captum_ext.metrics.score_dataset`.
+        batch_size (int, optional): images per scoring and attribution call. Default: 64.
+        names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
+        least_trusted (int, optional): how many least-trusted images get a row. Default: 10.
+        alpha (float, optional): opacity of the heat maps over the images. Default: 0.5.
+        cmap (str, optional): matplotlib colour map of the heat maps. Default: ``"jet"``.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: the rows described above.
+
+    Examples::
+
+        >>> section = trust_section(model, "features.7", images, shown, DIGIT_CLASSES, "out",
+        ...                         labels=labels, least_trusted=5)
+        >>> section.rows[0].table.columns
+        ['score', 'AUAC (%)', 'AUFC (%)', 'misprediction AUROC']
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from captum_ext.attr import ContrastCAM, GradCAM
+    from captum_ext.metrics import (
+        accuracy_retention_curve,
+        auac,
+        aufc,
+        misprediction_auroc,
+        score_dataset,
+    )
+
+    images = _check_images(images)
+    batch_size = _check_batch_size(batch_size)
+    least_trusted = _check_count(least_trusted, "least_trusted")
+    score_names = _check_scores(scores, model)
+    n = images.shape[0]
+    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    labels = _check_names_labels(names, labels, n)
+    module = resolve_layer(model, layer)
+    layer_name = _layer_name(model, layer, module)
+    device = _model_device(model, images)
+    folder = Path(out_dir) / "images" / "trust"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    num_classes = _probabilities(model, images[:1].to(device)).shape[1]
+    class_names = _class_names(class_names, num_classes)
+    label_column = _labels_column(labels, n, num_classes)
+    owner = root_module(model)
+    if owner is None:
+        raise TypeError("trust_section needs `model` to be an nn.Module or a bound method of one.")
+    runnable, failed = _runnable_scores(owner, images[:2].to(device), score_names, score_kwargs)
+    table = score_dataset(
+        owner,
+        DataLoader(TensorDataset(images, label_column), batch_size=batch_size),
+        runnable,
+        device=device,
+        progress=progress,
+        score_kwargs={k: v for k, v in (score_kwargs or {}).items() if k in runnable},
+    )
+    computed = runnable
+    known = (table["label"] >= 0).numpy()
+    correct = table["correct"].numpy()
+
+    scatter = _plot_scatter(
+        table["softmax"].double().numpy(),
+        table["gradtrust"].double().numpy(),
+        correct,
+        known,
+        folder / "gradtrust_vs_softmax.png",
+    )
+    figures = [Figure("GradTrust vs softmax confidence", scatter, _PLOT_WIDTH)]
+    metrics_table = Table(
+        ["score", "AUAC (%)", "AUFC (%)", "misprediction AUROC"],
+        caption="Misprediction detection on the labelled images (higher is better)",
+    )
+    labelled = torch.from_numpy(known)
+    if labelled.any():
+        kept_correct = table["correct"][labelled]
+        kept_pred, kept_true = table["prediction"][labelled], table["label"][labelled]
+        both_kinds = bool(kept_correct.any()) and bool((~kept_correct).any())
+        curves = {}
+        for name in computed:
+            values = table[name][labelled].double()
+            curve = accuracy_retention_curve(values, kept_correct)
+            area = auac(values, kept_correct)
+            curves[name] = (curve.percentiles.numpy(), curve.accuracy.double().numpy(), area)
+            metrics_table.add_row(
+                [
+                    name,
+                    f"{area:.2f}",
+                    f"{aufc(values, kept_pred, kept_true):.2f}",
+                    f"{misprediction_auroc(values, kept_correct):.3f}" if both_kinds else "-",
+                ]
+            )
+        retention = _plot_retention(curves, folder / "accuracy_retention.png")
+        figures.append(
+            Figure("Accuracy retention curves (AUAC in the legend)", retention, _PLOT_WIDTH)
+        )
+    else:
+        metrics_table = None
+
+    accuracy_text = ""
+    if labelled.any():
+        accuracy_text = (
+            f" Accuracy on the {int(labelled.sum())} labelled images: "
+            f"{100 * float(table['correct'][labelled].double().mean()):.1f} %."
+        )
+    skipped = "".join(f"\nNot computed: {name} ({reason})." for name, reason in failed.items())
+    explained_at = f" at layer {layer_name}" if layer_name else ""
+    section = Section(
+        title,
+        intro=(
+            "GradTrust asks how much the last layer's weights would have to change for the "
+            "model to predict another class: the larger that change compared with the change "
+            "for the prediction itself, the more the prediction can be trusted. Higher scores "
+            "mean more trusted, for every score. The accuracy-retention curve keeps the images "
+            "above each percentile of a score: a good trust score drops the wrong predictions "
+            f"first, so its curve (and its AUAC) rises above the plain accuracy.{accuracy_text}"
+            f"\nThe least-trusted images are shown with their Grad-CAM{explained_at} ('Why "
+            "P?') and their ContrastCAM against the runner-up class Q ('Why P, rather than "
+            f"Q?').{skipped}"
+        ),
+    )
+    section.add_row("Trust scores", figures, table=metrics_table)
+
+    order = torch.argsort(table["gradtrust"].double(), stable=True)[:least_trusted]
+    if order.numel():
+        chosen = order.tolist()
+        x = images[chosen].to(device)
+        probabilities = _probabilities(model, x)
+        top = probabilities.topk(2, dim=1)
+        predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
+        grad_cam = GradCAM(model, module).attribute(
+            x, target=predicted, upsample_to_input=True, normalize="minmax"
+        )
+        contrast = ContrastCAM(model, module).attribute(
+            x, contrast=runner_up, upsample_to_input=True, normalize="minmax"
+        )
+        maps = {
+            "gradcam": _to_cpu(grad_cam)[:, 0].numpy(),
+            "contrast": _to_cpu(contrast)[:, 0].numpy(),
+        }
+        for rank, i in enumerate(chosen):
+            p, q = int(predicted[rank]), int(runner_up[rank])
+            name_p, name_q = class_names[p], class_names[q]
+            stem = folder / f"least_trusted_{rank:03d}_{i:05d}"
+            row_figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
+            for kind, caption in (
+                ("gradcam", f"Grad-CAM: Why {name_p}?"),
+                ("contrast", f"ContrastCAM: Why {name_p}, rather than {name_q}?"),
+            ):
+                picture = overlay(shown[i], maps[kind][rank], alpha=alpha, cmap=cmap)
+                row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
+            image_name = str(names[i]) if names is not None else f"#{i}"
+            label = (
+                f"{rank + 1}. {image_name}: GradTrust {float(table['gradtrust'][i]):.4g}, "
+                f"predicted {name_p} ({float(probabilities[rank, p]):.1%}), runner-up {name_q} "
+                f"({float(probabilities[rank, q]):.1%})"
+            )
+            true = int(label_column[i])
+            if true >= 0:
+                verdict = "correct" if true == p else "wrong"
+                label += f"; true class {class_names[true]} ({verdict})"
+            section.add_row(label, row_figures)
+    return section
