@@ -16,6 +16,9 @@ from captum_ext.metrics import (
     accuracy_retention_curve,
     auac,
     aufc,
+    aupr,
+    auroc,
+    fpr_at_tpr,
     misprediction_auroc,
 )
 
@@ -151,3 +154,87 @@ def test_bad_input():
         accuracy_retention_curve([0.1, 0.2], [True, False], predictions=[1, 0])
     with pytest.raises(ValueError, match="empty"):
         auac([], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-distribution detection: auroc, aupr, fpr_at_tpr against scikit-learn
+
+
+def _sklearn_ood(in_scores, out_scores, tpr=0.95):
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    y = np.r_[np.ones(len(in_scores)), np.zeros(len(out_scores))]
+    s = np.r_[in_scores, out_scores]
+    fpr, tpr_curve, _ = roc_curve(y, s, drop_intermediate=False)
+    return {
+        "auroc": roc_auc_score(y, s),
+        "aupr_in": average_precision_score(y, s),
+        "aupr_out": average_precision_score(1 - y, -s),
+        "fpr": fpr[tpr_curve >= tpr].min(),
+    }
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ood_metrics_equal_sklearn_with_many_ties(seed):
+    rng = np.random.default_rng(seed)
+    n_in, n_out = rng.integers(5, 300, size=2)
+    # few distinct values: many ties within and across the two sets
+    in_scores = rng.integers(0, 8, n_in).astype(float) + (seed % 2) * rng.normal(size=n_in)
+    out_scores = rng.integers(-3, 5, n_out).astype(float)
+    expected = _sklearn_ood(in_scores, out_scores)
+    assert auroc(in_scores, out_scores) == pytest.approx(expected["auroc"], abs=1e-12)
+    assert aupr(in_scores, out_scores) == pytest.approx(expected["aupr_in"], abs=1e-12)
+    assert aupr(in_scores, out_scores, positive="out") == pytest.approx(
+        expected["aupr_out"], abs=1e-12
+    )
+    assert fpr_at_tpr(in_scores, out_scores) == pytest.approx(expected["fpr"], abs=1e-12)
+    for level in (0.5, 0.8, 1.0):
+        assert fpr_at_tpr(in_scores, out_scores, tpr=level) == pytest.approx(
+            _sklearn_ood(in_scores, out_scores, level)["fpr"], abs=1e-12
+        )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(-4, 4), min_size=1, max_size=40),
+    st.lists(st.integers(-4, 4), min_size=1, max_size=40),
+)
+def test_ood_metrics_equal_sklearn_property(in_values, out_values):
+    in_scores, out_scores = np.array(in_values, float), np.array(out_values, float)
+    expected = _sklearn_ood(in_scores, out_scores)
+    assert auroc(torch.tensor(in_scores), torch.tensor(out_scores)) == pytest.approx(
+        expected["auroc"], abs=1e-12
+    )
+    assert aupr(in_scores, out_scores) == pytest.approx(expected["aupr_in"], abs=1e-12)
+    assert aupr(in_scores, out_scores, positive="out") == pytest.approx(
+        expected["aupr_out"], abs=1e-12
+    )
+    assert fpr_at_tpr(in_scores, out_scores) == pytest.approx(expected["fpr"], abs=1e-12)
+
+
+def test_ood_metrics_on_separated_and_identical_scores():
+    inside, outside = torch.arange(10.0, 30.0), torch.arange(0.0, 10.0)
+    assert auroc(inside, outside) == 1.0
+    assert aupr(inside, outside) == 1.0 and aupr(inside, outside, positive="out") == 1.0
+    assert fpr_at_tpr(inside, outside) == 0.0
+    assert auroc(outside, inside) == 0.0 and fpr_at_tpr(outside, inside) == 1.0
+    same = torch.zeros(4)
+    assert auroc(same, torch.zeros(6)) == 0.5
+    assert aupr(same, torch.zeros(6)) == pytest.approx(0.4)  # the share of positives
+    assert fpr_at_tpr(same, torch.zeros(6)) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (lambda: auroc([], [1.0]), "`in_scores` is empty"),
+        (lambda: auroc([1.0], [[1.0]]), "`out_scores` must be 1-D"),
+        (lambda: aupr([1.0], [float("nan")]), "`out_scores` contains NaN"),
+        (lambda: aupr([1.0], [0.0], positive="ood"), "`positive`='ood'"),
+        (lambda: fpr_at_tpr([1.0], [0.0], tpr=0.0), "`tpr` must be a number in"),
+        (lambda: fpr_at_tpr([1.0], [0.0], tpr=True), "`tpr` must be a number in"),
+    ],
+)
+def test_ood_metric_errors_name_the_argument(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()

@@ -5,6 +5,9 @@ from captum_ext.metrics.curves import (
     accuracy_retention_curve,
     auac,
     aufc,
+    aupr,
+    auroc,
+    fpr_at_tpr,
     misprediction_auroc,
 )
 from captum_ext.metrics.dataset import SCORES, ScoreTable, score_dataset
@@ -59,6 +62,10 @@ __all__ = [
     "auac",
     "aufc",
     "misprediction_auroc",
+    # out-of-distribution detection
+    "auroc",
+    "aupr",
+    "fpr_at_tpr",
     # dataset-scale scoring
     "score_dataset",
     "ScoreTable",

@@ -1,4 +1,5 @@
-r"""Misprediction detection: accuracy-retention curves (AUAC, AUFC) and AUROC.
+r"""Misprediction and out-of-distribution detection: accuracy-retention curves (AUAC, AUFC),
+AUROC, AUPR and FPR at 95 % TPR.
 
 A trust score is good when the examples it trusts most are the correctly classified ones.
 Following Prabhushankar and AlRegib (IEEE MIPR 2024, arXiv 2405.13758), the examples are
@@ -6,6 +7,11 @@ ranked by score; for each percentile t the examples above the t-th percentile ar
 accuracy (and macro F1) of the kept set is recorded. The areas under these curves are AUAC and
 AUFC, in percent. Scores follow the convention of :mod:`captum_ext.metrics.trust`: higher =
 more trusted; the correctly classified examples are the positive class.
+
+Out-of-distribution detection (:func:`auroc`, :func:`aupr`, :func:`fpr_at_tpr`) uses the same
+convention: scores where higher means *more in-distribution*, computed separately on
+in-distribution and out-of-distribution examples, with the in-distribution examples as the
+positive class unless said otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ __all__ = [
     "accuracy_retention_curve",
     "auac",
     "aufc",
+    "aupr",
+    "auroc",
+    "fpr_at_tpr",
     "misprediction_auroc",
 ]
 
@@ -53,13 +62,13 @@ def _vector(values: Any, argument: str, *, dtype=None) -> Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
-def _scores(scores: Any) -> Tensor:
-    tensor = _vector(scores, "scores")
+def _scores(scores: Any, argument: str = "scores") -> Tensor:
+    tensor = _vector(scores, argument)
     if tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"`scores` must be real numbers, got {tensor.dtype}.")
+        raise TypeError(f"`{argument}` must be real numbers, got {tensor.dtype}.")
     tensor = tensor.to(torch.float64)
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError("`scores` contains NaN or infinite values; rank only finite scores.")
+        raise ValueError(f"`{argument}` contains NaN or infinite values; rank only finite scores.")
     return tensor
 
 
@@ -280,14 +289,147 @@ def misprediction_auroc(scores: Any, correct: Any) -> float:
     """
     values = _scores(scores).cpu()
     ok = _correct(correct, values.numel()).cpu()
-    n_pos = int(ok.sum())
-    n_neg = ok.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if bool(ok.all()) or not bool(ok.any()):
         raise ValueError("`correct` must contain both correct and wrong predictions for an AUROC.")
+    return _rank_auroc(values, ok)
+
+
+def _rank_auroc(values: Tensor, positive: Tensor) -> float:
+    """Mann-Whitney AUROC with mid-ranks for ties; both classes present."""
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
     ranked, order = torch.sort(values, stable=True)
     _, inverse, counts = torch.unique_consecutive(ranked, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).to(torch.float64)
     mid_ranks = ends - (counts.to(torch.float64) - 1) / 2  # 1-based average rank of each group
     ranks = mid_ranks[inverse]
-    rank_sum = float(ranks[ok[order]].sum())
+    rank_sum = float(ranks[positive[order]].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-distribution detection
+
+
+def _in_out(in_scores: Any, out_scores: Any) -> tuple[Tensor, Tensor]:
+    """All scores (float64, CPU) and the in-distribution mask."""
+    inside = _scores(in_scores, "in_scores").cpu()
+    outside = _scores(out_scores, "out_scores").cpu()
+    values = torch.cat([inside, outside])
+    is_in = torch.zeros(values.numel(), dtype=torch.bool)
+    is_in[: inside.numel()] = True
+    return values, is_in
+
+
+def _threshold_counts(values: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """True and false positives (float64) when predicting "positive" for score >= each
+    distinct score, thresholds from the highest down."""
+    ranked, order = torch.sort(values, descending=True, stable=True)
+    hits = positive[order].to(torch.float64)
+    _, counts = torch.unique_consecutive(ranked, return_counts=True)
+    last = torch.cumsum(counts, 0) - 1  # last position of each tie group
+    true_pos = torch.cumsum(hits, 0)[last]
+    false_pos = (last + 1).to(torch.float64) - true_pos
+    return true_pos, false_pos
+
+
+def auroc(in_scores: Any, out_scores: Any) -> float:
+    r"""AUROC of separating in-distribution from out-of-distribution examples.
+
+    Scores: higher = more in-distribution; the in-distribution examples are the positive
+    class, so 1 is a perfect detector and 0.5 a useless one. Ties count one half (as
+    ``sklearn.metrics.roc_auc_score``).
+
+    .. code-block:: text
+
+        AUROC = P(s_in > s_out) + 0.5 P(s_in = s_out)
+
+    The value does not depend on which class is called positive (swapping the classes and
+    negating the scores gives the same number).
+
+    Args:
+        in_scores (Tensor or array-like): (N_in,) finite scores of in-distribution examples.
+        out_scores (Tensor or array-like): (N_out,) finite scores of OOD examples.
+
+    Returns:
+        float: AUROC in [0, 1].
+
+    Examples::
+
+        >>> auroc(detector.ood_score(test_digits).neg(), detector.ood_score(letters).neg())
+    """
+    values, is_in = _in_out(in_scores, out_scores)
+    return _rank_auroc(values, is_in)
+
+
+def aupr(in_scores: Any, out_scores: Any, *, positive: str = "in") -> float:
+    r"""Area under the precision-recall curve (average precision) of an OOD detector.
+
+    Scores: higher = more in-distribution. With ``positive="in"`` (AUPR-In) the
+    in-distribution examples are the positives, ranked by decreasing score; with
+    ``positive="out"`` (AUPR-Out) the OOD examples are, ranked by increasing score. At each
+    distinct threshold k (tied scores enter together):
+
+    .. code-block:: text
+
+        AP = sum_k (R_k - R_{k-1}) P_k      (P precision, R recall, R_0 = 0)
+
+    the step-wise average precision of ``sklearn.metrics.average_precision_score``.
+
+    Args:
+        in_scores (Tensor or array-like): (N_in,) finite scores of in-distribution examples.
+        out_scores (Tensor or array-like): (N_out,) finite scores of OOD examples.
+        positive (str, optional): ``"in"`` or ``"out"``. Default: ``"in"``.
+
+    Returns:
+        float: AUPR in [0, 1]; a useless detector scores the share of positives.
+
+    Examples::
+
+        >>> aupr(in_scores, out_scores, positive="out")
+    """
+    if positive not in ("in", "out"):
+        raise ValueError(f"`positive`={positive!r}: expected 'in' or 'out'.")
+    values, is_in = _in_out(in_scores, out_scores)
+    if positive == "out":
+        values, is_in = -values, ~is_in
+    true_pos, false_pos = _threshold_counts(values, is_in)
+    precision = true_pos / (true_pos + false_pos)
+    recall = true_pos / true_pos[-1]
+    steps = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((steps * precision).sum())
+
+
+def fpr_at_tpr(in_scores: Any, out_scores: Any, *, tpr: float = 0.95) -> float:
+    r"""False-positive rate at a given true-positive rate (FPR@95TPR by default).
+
+    Scores: higher = more in-distribution; in-distribution is the positive class. The
+    threshold is the highest one that keeps at least ``tpr`` of the in-distribution examples
+    (score >= threshold); the result is the share of OOD examples that pass it too:
+
+    .. code-block:: text
+
+        FPR@TPR = min over thresholds t with TPR(t) >= tpr of FPR(t)
+
+    (with ``sklearn.metrics.roc_curve``: ``fpr[tpr_curve >= tpr].min()``). Lower is better;
+    0 means the OOD examples all score below 95 % of the in-distribution ones.
+
+    Args:
+        in_scores (Tensor or array-like): (N_in,) finite scores of in-distribution examples.
+        out_scores (Tensor or array-like): (N_out,) finite scores of OOD examples.
+        tpr (float, optional): the true-positive rate, in (0, 1]. Default: 0.95.
+
+    Returns:
+        float: FPR in [0, 1].
+
+    Examples::
+
+        >>> fpr_at_tpr(in_scores, out_scores)  # FPR@95TPR
+    """
+    if isinstance(tpr, bool) or not isinstance(tpr, int | float) or not 0 < tpr <= 1:
+        raise ValueError(f"`tpr` must be a number in (0, 1], got {tpr!r}.")
+    values, is_in = _in_out(in_scores, out_scores)
+    true_pos, false_pos = _threshold_counts(values, is_in)
+    n_in, n_out = int(is_in.sum()), int((~is_in).sum())
+    reached = true_pos / n_in >= tpr - 1e-12
+    return float(false_pos[reached].min() / n_out)
