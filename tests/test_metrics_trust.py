@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from captum_ext.metrics import (
     GradTrust,
+    energy,
     gradnorm,
     gradtrust,
     log_likelihood,
@@ -291,6 +293,19 @@ def test_logit_baselines_match_direct_computation():
         assert log_likelihood(model, x)[i].item() == pytest.approx(
             torch.log(torch.tensor(ranked[0], dtype=DTYPE)).item(), rel=1e-12
         )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_energy_matches_direct_computation(temperature):
+    model, x = convnet(7), images(6)
+    with torch.no_grad():
+        z = model(x).tolist()
+    scores = energy(model, x, temperature=temperature)
+    for i, row in enumerate(z):
+        expected = temperature * math.log(sum(math.exp(v / temperature) for v in row))
+        assert scores[i].item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="`temperature`"):
+        energy(model, x, temperature=0.0)
 
 
 def test_odin_matches_looped_computation():

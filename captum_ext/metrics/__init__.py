@@ -24,6 +24,7 @@ from captum_ext.metrics.explanation import (
 )
 from captum_ext.metrics.trust import (
     GradTrust,
+    energy,
     gradnorm,
     gradtrust,
     log_likelihood,
@@ -53,6 +54,7 @@ __all__ = [
     "margin",
     "log_likelihood",
     "odin",
+    "energy",
     "mc_dropout",
     "gradnorm",
     "purview",

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
 from captum_ext.metrics.trust import (
+    energy,
     gradnorm,
     gradtrust,
     log_likelihood,
@@ -46,6 +47,7 @@ SCORES: dict[str, Callable[..., Tensor]] = {
     "margin": margin,
     "log_likelihood": log_likelihood,
     "odin": odin,
+    "energy": energy,
     "mc_dropout": mc_dropout,
     "gradnorm": gradnorm,
     "purview": purview,

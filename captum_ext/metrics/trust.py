@@ -29,6 +29,7 @@ from captum_ext._utils.validation import format_additional_forward_args, format_
 
 __all__ = [
     "GradTrust",
+    "energy",
     "gradnorm",
     "gradtrust",
     "log_likelihood",
@@ -490,6 +491,42 @@ def softmax_confidence(
         >>> scores = softmax_confidence(model, images)
     """
     return torch.softmax(_logits(forward_func, inputs, additional_forward_args), 1).amax(1)
+
+
+@log_usage()
+def energy(
+    forward_func: Callable,
+    inputs: Tensor | tuple[Tensor, ...],
+    *,
+    temperature: float = 1.0,
+    additional_forward_args: Any = None,
+) -> Tensor:
+    r"""Negative free energy of the logits (Liu et al., "Energy-based Out-of-distribution
+    Detection", NeurIPS 2020).
+
+    .. code-block:: text
+
+        score = T log sum_c exp(z_c / T)      (= -E(x; f), higher = more in-distribution)
+
+    Unlike the maximum softmax probability it keeps the logits' scale, which is what makes
+    it a stronger out-of-distribution score.
+
+    Args:
+        forward_func (Callable): the model, returning (N, C) logits.
+        inputs (Tensor or tuple of Tensor): the examples, batch first.
+        temperature (float, optional): T > 0. Default: 1.
+        additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+
+    Returns:
+        Tensor: (N,) scores, higher = more trusted (more in-distribution).
+
+    Examples::
+
+        >>> scores = energy(model, images)
+    """
+    t = _check_positive(temperature, "temperature")
+    logits = _logits(forward_func, inputs, additional_forward_args)
+    return t * torch.logsumexp(logits / t, dim=1)
 
 
 @log_usage()
