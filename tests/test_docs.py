@@ -81,6 +81,11 @@ def test_api_reference_documents_the_public_names(html: Path):
     metrics_page = _page(html, "api/metrics.html")
     for name in metrics.__all__:
         assert f'id="captum_ext.metrics.{name}"' in metrics_page, name
+    from captum_ext import circuits
+
+    circuits_page = _page(html, "api/circuits.html")
+    for name in circuits.__all__:
+        assert f'id="captum_ext.circuits.{name}"' in circuits_page, name
     # the value is written out in docs/api/data.rst: it must follow the package
     assert f"&quot;{data.BUNDLED_CAM_LAYER}&quot;" in data_page
 

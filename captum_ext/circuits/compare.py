@@ -1,0 +1,175 @@
+"""Comparing two circuit graphs, and saving them as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+
+
+@dataclass(frozen=True)
+class CircuitComparison:
+    """What two circuits share; see :func:`compare` for the definitions.
+
+    Attributes:
+        shared_nodes (list of str): nodes in both graphs, sorted.
+        node_jaccard (float): ``|V_a & V_b| / |V_a | V_b|``.
+        shared_edges (list of (str, str)): edges in both graphs, sorted.
+        edge_jaccard (float): ``|E_a & E_b| / |E_a | E_b|``.
+        flow_a (float): total edge weight of ``graph_a``.
+        flow_b (float): total edge weight of ``graph_b``.
+        flow_retained (float): share of ``graph_a``'s flow carried by edges ``graph_b`` also
+            has.
+        flow_retained_by_layer (dict of str to float): the same, per destination layer.
+    """
+
+    shared_nodes: list[str]
+    node_jaccard: float
+    shared_edges: list[tuple[str, str]]
+    edge_jaccard: float
+    flow_a: float
+    flow_b: float
+    flow_retained: float
+    flow_retained_by_layer: dict[str, float] = field(default_factory=dict)
+
+
+def _check_graph(graph, argument: str) -> None:
+    if not isinstance(graph, nx.DiGraph):
+        raise TypeError(
+            f"`{argument}` must be a networkx.DiGraph (from CircuitReadout.readout), got "
+            f"{type(graph).__name__}."
+        )
+    for u, v, data in graph.edges(data=True):
+        weight = data.get("weight")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"`{argument}`: edge {u!r} -> {v!r} has weight {weight!r}; circuit edges need a "
+                "finite non-negative `weight` attribute."
+            )
+
+
+def _jaccard(a: set, b: set) -> float:
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
+
+
+def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
+    r"""How much of circuit ``graph_a`` circuit ``graph_b`` uses (e.g. x against its mask).
+
+    Nodes and edges are matched by their keys (``"<layer>:<channel>"``), so both graphs
+    must come from the same model and layers. With ``w_a(e)`` the ``weight`` of edge ``e``
+    in ``graph_a``:
+
+    - ``node_jaccard = |V_a & V_b| / |V_a | V_b|`` and ``edge_jaccard = |E_a & E_b| /
+      |E_a | E_b|`` (1.0 when both sets are empty);
+    - ``flow_a = sum_{e in E_a} w_a(e)``, ``flow_b`` likewise;
+    - ``flow_retained = sum_{e in E_a & E_b} w_a(e) / flow_a``: the share of ``graph_a``'s
+      flow that runs through connections ``graph_b`` also uses (NaN when ``flow_a`` is 0).
+      It is not symmetric.
+    - ``flow_retained_by_layer[l]``: the same restricted to edges whose destination node has
+      ``layer`` attribute ``l`` (``"class"`` for feature-to-class edges), because edge
+      weights of different stages have different scales.
+
+    From "Minimalist Explanation Generation and Circuit Discovery" (Suhail, Anand, Sethi,
+    arXiv 2509.25686), where the circuit of a minimal explanation is compared with that of
+    the full image.
+
+    Args:
+        graph_a (networkx.DiGraph): the reference circuit (e.g. of the image x).
+        graph_b (networkx.DiGraph): the circuit compared with it (e.g. of m * x).
+
+    Returns:
+        CircuitComparison
+
+    Examples::
+
+        >>> result = compare(readout.readout(x)[0], readout.readout(mask * x)[0])
+        >>> result.edge_jaccard, result.flow_retained
+    """
+    _check_graph(graph_a, "graph_a")
+    _check_graph(graph_b, "graph_b")
+    nodes_a, nodes_b = set(graph_a.nodes), set(graph_b.nodes)
+    edges_a, edges_b = set(graph_a.edges), set(graph_b.edges)
+    shared_edges = edges_a & edges_b
+    flow_a = float(sum(w for _, _, w in graph_a.edges(data="weight")))
+    flow_b = float(sum(w for _, _, w in graph_b.edges(data="weight")))
+    kept = float(sum(graph_a.edges[e]["weight"] for e in shared_edges))
+    by_layer_total: dict[str, float] = {}
+    by_layer_kept: dict[str, float] = {}
+    for u, v, w in graph_a.edges(data="weight"):
+        layer = str(graph_a.nodes[v].get("layer", ""))
+        by_layer_total[layer] = by_layer_total.get(layer, 0.0) + w
+        if (u, v) in shared_edges:
+            by_layer_kept[layer] = by_layer_kept.get(layer, 0.0) + w
+    by_layer = {
+        layer: (by_layer_kept.get(layer, 0.0) / total if total > 0 else math.nan)
+        for layer, total in by_layer_total.items()
+    }
+    return CircuitComparison(
+        shared_nodes=sorted(nodes_a & nodes_b, key=str),
+        node_jaccard=_jaccard(nodes_a, nodes_b),
+        shared_edges=sorted(shared_edges, key=lambda e: (str(e[0]), str(e[1]))),
+        edge_jaccard=_jaccard(edges_a, edges_b),
+        flow_a=flow_a,
+        flow_b=flow_b,
+        flow_retained=kept / flow_a if flow_a > 0 else math.nan,
+        flow_retained_by_layer=by_layer,
+    )
+
+
+def to_json(graph: nx.DiGraph, path: str | os.PathLike | None = None) -> str:
+    """A circuit graph as JSON text (networkx node-link format, edges under ``"edges"``).
+
+    Args:
+        graph (networkx.DiGraph): a graph from :meth:`CircuitReadout.readout`.
+        path (str or PathLike, optional): also write the text to this file (UTF-8).
+
+    Returns:
+        str: the JSON text; :func:`from_json` turns it back into an equal graph.
+
+    Examples::
+
+        >>> text = to_json(graph, "circuit.json")
+        >>> same = from_json(text)
+    """
+    if not isinstance(graph, nx.DiGraph):
+        raise TypeError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}.")
+    try:
+        text = json.dumps(nx.node_link_data(graph, edges="edges"))
+    except TypeError as error:
+        raise TypeError(f"`graph` holds attributes that JSON cannot store: {error}") from None
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+def from_json(source: str | os.PathLike) -> nx.DiGraph:
+    """Read a circuit graph written by :func:`to_json`.
+
+    Args:
+        source (str or PathLike): the JSON text, or the path of a file holding it.
+
+    Returns:
+        networkx.DiGraph: nodes, edges and all attributes as they were saved.
+    """
+    if isinstance(source, os.PathLike) or (
+        isinstance(source, str) and not source.lstrip().startswith("{")
+    ):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"`source` is neither JSON text nor an existing file: {source!s}.")
+        source = path.read_text(encoding="utf-8")
+    if not isinstance(source, str):
+        raise TypeError(f"`source` must be JSON text or a path, got {type(source).__name__}.")
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"`source` is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or "nodes" not in data:
+        raise ValueError("`source` is not a node-link graph (no 'nodes' key).")
+    edges = "edges" if "edges" in data else "links"
+    return nx.node_link_graph(data, directed=True, multigraph=False, edges=edges)

@@ -1,0 +1,566 @@
+"""Channel-level circuit readout: the pathway a network uses for one input, as a graph."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor, nn
+
+from .._utils.hooks import registered_hooks
+from .._utils.layers import resolve_layer
+from .._utils.model_state import preserved_state
+from .._utils.training import unwrap_distributed
+from .._utils.validation import (
+    class_selection,
+    format_additional_forward_args,
+    format_inputs,
+)
+from ._discovery import Connection, default_stages, find_classifier, find_connections
+
+#: ``layer`` attribute of the pooled-feature nodes (the classifier's input).
+POOLED = "pooled"
+#: ``layer`` attribute of the class nodes.
+CLASS = "class"
+#: Edge kinds.
+KINDS = ("weight_activation", "gradient", "class")
+
+_DEFAULT_K_STAGE = 24
+_DEFAULT_K_LAST = 32
+_DEFAULT_K_POOLED = 48
+
+
+def node_id(layer: str, channel: int) -> str:
+    """The node key used in circuit graphs: ``"<layer>:<channel>"`` (e.g. ``"layer2:17"``)."""
+    return f"{layer}:{channel}"
+
+
+def _positive_int(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
+    return value
+
+
+def _module_name(model: nn.Module, module: nn.Module, argument: str) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            if not name:
+                raise ValueError(f"`{argument}` is the model itself; pass one of its layers.")
+            return name
+    raise ValueError(f"`{argument}`: the module {type(module).__name__} is not part of the model.")
+
+
+def _energy(tensor: Tensor) -> Tensor:
+    """Per-channel L2 norm, (N, C): over the map for N x C x ..., |value| for N x C."""
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    tensor = tensor.detach().to(dtype)
+    if tensor.dim() > 2:
+        return tensor.flatten(2).norm(dim=2)
+    return tensor.abs()
+
+
+def _dense_l1(module: nn.Module) -> Tensor:
+    """(out, in) matrix of L1 norms of the kernel taps W[d, s] (zero across groups)."""
+    weight = module.weight.detach()
+    if isinstance(module, nn.Linear):
+        return weight.abs()
+    taps = weight.abs().flatten(2).sum(dim=2)  # (out, in / groups)
+    groups = module.groups
+    if groups == 1:
+        return taps
+    return torch.block_diag(*taps.split(module.out_channels // groups, dim=0))
+
+
+def _in_device_order(
+    calls: list[tuple[Tensor, Tensor | None]], name: str, is_classifier: bool
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The calls of one stage: exactly one, or one per device (nn.DataParallel replicas)."""
+    argument = "classifier" if is_classifier else "layers"
+    devices = [energy.device for energy, _ in calls]
+    if len(calls) == 1 or (calls and len(set(devices)) == len(devices)):
+        # DataParallel splits the batch in device order
+        return sorted(calls, key=lambda call: call[0].device.index or 0)
+    what = "did not run" if not calls else f"ran {len(calls)} times"
+    raise ValueError(
+        f"`{argument}`: layer {name!r} {what} in one forward pass; each stage must run exactly "
+        "once."
+    )
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Put back the buffers (batch-norm running statistics) a forward in train mode updates."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
+def _stable_top(values: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries along the last dim; ties keep the lower index first."""
+    return values.argsort(dim=-1, descending=True, stable=True)[..., :k]
+
+
+class CircuitReadout:
+    r"""Read the channel-level circuit a CNN uses for each input, as a ``networkx.DiGraph``.
+
+    From "Minimalist Explanation Generation and Circuit Discovery" (Suhail, Anand, Sethi,
+    arXiv 2509.25686). One forward pass records the activations :math:`A^l` of each stage
+    ``l`` and the pooled feature vector ``h`` (the input of the final linear layer, the
+    classifier); then, per example:
+
+    1. Channel energy: ``E^l_c = || A^l_c ||_2`` (L2 norm of channel c's map; ``|h_j|`` for
+       the pooled features). The ``top_k`` channels by energy of each stage become nodes.
+    2. Stage to stage: for source channel s of stage l and destination channel d of stage
+       l + 1, ``weight(s -> d) = (sum over ingress modules of sum_taps |W[d, s, :, :]|) * E^l_s``
+       where the ingress modules are the convolutions that consume stage l and produce the
+       channels of stage l + 1 (for a residual stage the first block's first conv and its 1 x 1
+       downsample conv; an ingress conv whose outputs are not the stage's channels, such as
+       the first conv of a bottleneck block, is left out). Each destination keeps its
+       ``edges_per_node`` strongest incoming edges among the kept source nodes.
+    3. Last stage to pooled features: a global pooling ties pooled feature j to channel j of the
+       last stage (one edge ``j -> j`` of weight ``E^L_j``: the pooling's taps have L1 norm 1);
+       when a linear layer sits in between (an MLP head), its ``|W[d, s]|`` is used as in 2.
+    4. Features to classes: ``weight(j -> y) = |W_fc[y, j]| * |h_j|``; the ``top_classes``
+       classes by probability (always including the target) each keep their
+       ``edges_per_class`` strongest incoming edges.
+    5. ``gradient=True``: the target logit ``z_y`` is backpropagated (one backward for the
+       batch) and every stage-to-stage (and tie) edge is multiplied by the gradient magnitude
+       at its destination channel, ``G^{l+1}_d = || d z_y / d A^{l+1}_d ||_2``
+       (``|d z_y / d h_d|`` for pooled features). Feature-to-class edges use ``d z_c / d h_j``
+       in place of ``W_fc[c, j]``: the backpropagated gradient for the target class, the
+       classifier's weights for the other classes (the same value when the logits are the
+       classifier's output). Since all edges into a node are scaled alike, the gradient
+       variant changes the weights (and so the flow), not which edges are kept.
+
+    Edges of weight 0 (a silent source channel) are not drawn.
+
+    **Stages** (``layers=None``) are found from the model's modules in registration order:
+    a container of residual blocks (``layer1`` .. ``layer4`` of a ResNet) is one stage; a
+    plain convolution's stage ends at its post-activation (the normalisation / activation
+    / dropout modules right after it), except that a stem feeding a residual stage ends right
+    before it (after the ResNet max-pool). The classifier is the last ``nn.Linear`` (or
+    ``classifier``); its input is the pooled stage. The ingress modules are found with
+    ``torch.fx`` where the model traces (following the stage's output through channel-wise
+    operations, stopping at convolutions, linear layers and residual additions) and from
+    module order otherwise; a connection that cannot be resolved raises a ``ValueError``
+    naming the layers.
+
+    Node counts with the defaults: the bundled ``DigitCNN`` gives 130 nodes (stages
+    ``features.1``, ``features.4``, ``features.7`` with 16, 24 and 32 nodes, 48 pooled
+    features, 10 classes); torchvision's ``resnet18`` gives 186 (``maxpool`` and ``layer1`` to
+    ``layer3`` with 24 each, ``layer4`` 32, 48 pooled, 10 classes).
+
+    Vision transformers are not supported (the papers' scope is CNNs).
+
+    Args:
+        model (nn.Module): the classifier, returning ``N x classes`` logits. It is run as it
+            is (call ``model.eval()`` first for deterministic graphs) and left unchanged.
+        layers (list of str or nn.Module, optional): the stages, in forward order, each
+            returning ``N x C x ...`` (or ``N x C``). Default: discovered as described above.
+        top_k (int or sequence of int, optional): nodes kept per stage. An int applies to
+            every stage and the pooled features; a sequence gives one value per stage plus one
+            for the pooled features. Default: 24 per stage, 32 for the last stage, 48 for the
+            pooled features (fewer where a stage has fewer channels).
+        edges_per_node (int, optional): strongest incoming edges kept per destination node.
+            Default: 4
+        gradient (bool, optional): use the gradient-weighted variant (5. above). Default: False
+        classifier (str or nn.Linear, optional): the final linear layer. Default: the last
+            ``nn.Linear`` of the model.
+        top_classes (int, optional): class nodes per graph. Default: 10
+        edges_per_class (int, optional): incoming edges kept per class node. Default: 3
+
+    Attributes:
+        layers (tuple of str): the stage names.
+        classifier (str): the final linear layer's name.
+        connections (tuple of Connection): per consecutive pair of stages (the last pair being
+            the last stage and the classifier), the ingress modules and how they were found
+            (``"fx"`` or ``"module_order"``).
+        top_k (tuple of int): nodes kept per stage and for the pooled features.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.circuits import CircuitReadout, compare
+        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> model = load_bundled_model()
+        >>> images, labels = load_sample_digits()
+        >>> readout = CircuitReadout(model)
+        >>> graphs = readout.readout(images[:2], target=labels[:2])
+        >>> graphs[0].number_of_nodes()
+        130
+        >>> mask = torch.zeros_like(images[:1]); mask[..., 7:21, 7:21] = 1
+        >>> g_x, g_e = readout.readout(images[:1])[0], readout.readout(mask * images[:1])[0]
+        >>> compare(g_x, g_e).edge_jaccard  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str | nn.Module] | None = None,
+        top_k: int | Sequence[int] | None = None,
+        edges_per_node: int = 4,
+        gradient: bool = False,
+        classifier: str | nn.Module | None = None,
+        top_classes: int = 10,
+        edges_per_class: int = 3,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(
+                "`model` is a TorchScript module; hooks cannot be registered on it. Read out "
+                "the eager model."
+            )
+        if not isinstance(gradient, bool):
+            raise TypeError(f"`gradient` must be a bool, got {type(gradient).__name__}.")
+        self.model = model
+        network = unwrap_distributed(model)  # names are those of the wrapped network
+        self._network = network
+        self.gradient = gradient
+        self.edges_per_node = _positive_int(edges_per_node, "edges_per_node")
+        self.top_classes = _positive_int(top_classes, "top_classes")
+        self.edges_per_class = _positive_int(edges_per_class, "edges_per_class")
+
+        if classifier is None:
+            self.classifier = find_classifier(network)
+        else:
+            module = resolve_layer(network, classifier, argument="classifier")
+            if not isinstance(module, nn.Linear):
+                raise TypeError(
+                    f"`classifier` must be an nn.Linear (the final layer), got "
+                    f"{type(module).__name__}."
+                )
+            self.classifier = _module_name(network, module, "classifier")
+
+        if layers is None:
+            names = default_stages(network, self.classifier)
+        else:
+            if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Sequence):
+                raise TypeError(
+                    "`layers` must be a list of module names or modules (one per stage), got "
+                    f"{type(layers).__name__}."
+                )
+            if not layers:
+                raise ValueError("`layers` is empty; give at least one stage.")
+            names = [
+                _module_name(network, resolve_layer(network, layer, argument="layers"), "layers")
+                for layer in layers
+            ]
+            if len(set(names)) != len(names):
+                raise ValueError(f"`layers` lists a layer twice: {names}.")
+            if self.classifier in names:
+                raise ValueError(
+                    f"`layers` contains the classifier {self.classifier!r}; its input is "
+                    "always the pooled stage."
+                )
+        clash = {POOLED, CLASS} & set(names)
+        if clash:
+            raise ValueError(
+                f"`layers`: a stage named {sorted(clash)[0]!r} would clash with the "
+                "pooled-feature / class nodes; rename the module or pass the stages by another "
+                "module."
+            )
+        self.layers: tuple[str, ...] = tuple(names)
+        self.connections: tuple[Connection, ...] = tuple(
+            find_connections(network, list(names), self.classifier)
+        )
+        self.top_k: tuple[int, ...] = self._parse_top_k(top_k, len(names))
+
+    @staticmethod
+    def _parse_top_k(top_k: Any, n_stages: int) -> tuple[int, ...]:
+        if top_k is None:
+            return (_DEFAULT_K_STAGE,) * (n_stages - 1) + (_DEFAULT_K_LAST, _DEFAULT_K_POOLED)
+        if isinstance(top_k, int) and not isinstance(top_k, bool):
+            return (_positive_int(top_k, "top_k"),) * (n_stages + 1)
+        if isinstance(top_k, Sequence) and not isinstance(top_k, str):
+            if len(top_k) != n_stages + 1:
+                raise ValueError(
+                    f"`top_k` has {len(top_k)} entries; expected {n_stages + 1} (one per stage "
+                    "and one for the pooled features), or a single int."
+                )
+            return tuple(_positive_int(k, "top_k") for k in top_k)
+        raise TypeError(
+            f"`top_k` must be an int or a sequence of ints, got {type(top_k).__name__}."
+        )
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """``layer`` attributes of the nodes in graph order: the stages, "pooled", "class"."""
+        return (*self.layers, POOLED, CLASS)
+
+    # ----------------------------------------------------------------------------------
+
+    def _ingress_matrix(
+        self, connection: Connection, c_src: int, c_dst: int, like: Tensor
+    ) -> Tensor:
+        """(c_dst, c_src) matrix of summed tap L1 norms of the ingress modules."""
+        destination = connection.destination
+        if destination == self.classifier:
+            destination = POOLED
+        if not connection.ingress:
+            if c_src != c_dst:
+                raise ValueError(
+                    f"`layers`: cannot resolve the connection from layer {connection.source!r} "
+                    f"to the classifier {self.classifier!r}: {c_src} channels reach "
+                    f"{c_dst} features without a linear layer (a flatten of a spatial map "
+                    "mixes channels and positions; pool globally before the classifier)."
+                )
+            return torch.eye(c_dst, dtype=like.dtype, device=like.device)
+        total = None
+        for name in connection.ingress:
+            module = self._network.get_submodule(name)
+            n_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+            n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            if n_in != c_src:
+                raise ValueError(
+                    f"`layers`: cannot resolve the connection from layer {connection.source!r} "
+                    f"({c_src} channels) to {destination!r}: its ingress module {name!r} "
+                    f"takes {n_in} channels."
+                )
+            if n_out != c_dst:
+                continue  # e.g. a bottleneck's first conv: not the stage's channels
+            matrix = _dense_l1(module).to(device=like.device, dtype=like.dtype)
+            total = matrix if total is None else total + matrix
+        if total is None:
+            raise ValueError(
+                f"`layers`: cannot resolve the connection from layer {connection.source!r} to "
+                f"{destination!r} ({c_dst} channels): none of its ingress modules "
+                f"{list(connection.ingress)} produces {c_dst} channels; list every "
+                "convolutional stage in between."
+            )
+        return total
+
+    def readout(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: Any = None,
+        additional_forward_args: Any = None,
+    ) -> list[nx.DiGraph]:
+        r"""The circuit graph of every example, from one batched forward (and backward).
+
+        Args:
+            inputs (Tensor or tuple of Tensor): the batch, ``N x ...`` (N >= 1).
+            target (int, list, tensor, optional): the class whose logit is backpropagated
+                (``gradient=True``) and that is always among the class nodes; one per
+                example or one for all, in any form Captum accepts. Default: the predicted
+                class.
+            additional_forward_args (Any, optional): passed to the model after the inputs.
+
+        Returns:
+            list of networkx.DiGraph: one graph per example, in input order; always a list
+            (a single example gives a list of one).
+
+            - nodes ``"<layer>:<channel>"`` with attributes ``layer`` (the stage name,
+              ``"pooled"`` or ``"class"``), ``channel`` (int; the class index for class
+              nodes), ``energy`` (float; the probability for class nodes), ``stage`` (int
+              position in :attr:`stages`), and for class nodes ``logit``; in the gradient
+              variant also ``gradient`` (G at that node).
+            - edges with attributes ``weight`` (float > 0) and ``kind``:
+              ``"weight_activation"``, ``"gradient"`` (the gradient variant) or ``"class"``.
+            - graph attributes ``example``, ``target``, ``prediction``, ``gradient``,
+              ``stages``.
+        """
+        inputs = format_inputs(inputs)
+        extra = format_additional_forward_args(additional_forward_args)
+        model, network = self.model, self._network
+        n_stages = len(self.layers)
+        names = [*self.layers, self.classifier]
+        # per stage (the last one: the classifier's input), one (energy, tensor) per call
+        records: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in names]
+        gradient = self.gradient
+
+        def stage_hook(index: int, name: str):
+            def hook(module, args, output):
+                if not isinstance(output, Tensor) or output.dim() < 2:
+                    got = type(output).__name__ if not isinstance(output, Tensor) else "a scalar"
+                    raise TypeError(
+                        f"`layers`: layer {name!r} returns {got}; a stage must return an "
+                        "N x C (x ...) tensor."
+                    )
+                records[index].append((_energy(output), output if gradient else None))
+                # later in-place operations must leave the recorded tensor intact
+                return output.clone() if gradient else None
+
+            return hook
+
+        def classifier_hook(module, args):
+            if not args or not isinstance(args[0], Tensor) or args[0].dim() != 2:
+                raise ValueError(
+                    f"`classifier` {self.classifier!r} must receive an N x features tensor "
+                    "(the pooled feature vector)."
+                )
+            records[n_stages].append((_energy(args[0]), args[0] if gradient else None))
+            return (args[0].clone(), *args[1:]) if gradient else None
+
+        registrations = [
+            (
+                lambda m=network.get_submodule(name), h=stage_hook(i, name): (
+                    m.register_forward_hook(h)
+                )
+            )
+            for i, name in enumerate(self.layers)
+        ]
+        classifier = network.get_submodule(self.classifier)
+        registrations.append(lambda: classifier.register_forward_pre_hook(classifier_hook))
+
+        with (
+            preserved_state([model]),
+            _buffers_restored(model),
+            registered_hooks(*registrations),
+        ):
+            if gradient:
+                inputs = tuple(
+                    t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs
+                )
+            with torch.set_grad_enabled(gradient):
+                logits = model(*inputs, *extra)
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                raise ValueError(
+                    "`model` must return N x classes logits, got "
+                    f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)}."
+                )
+            calls = [
+                _in_device_order(records[i], name, i == n_stages) for i, name in enumerate(names)
+            ]
+            if classifier.out_features != logits.shape[1]:
+                raise ValueError(
+                    f"`classifier` {self.classifier!r} has {classifier.out_features} outputs but "
+                    f"the model returns {logits.shape[1]} logits."
+                )
+            classes, multi = class_selection(target, logits, argument="target", default="predicted")
+            if multi:
+                raise ValueError("`target` must give one class per example for a readout.")
+            targets = classes[:, 0]
+            energies = [torch.cat([e.to(logits.device) for e, _ in call]) for call in calls]
+            grads: list[Tensor | None] = [None] * (n_stages + 1)
+            if gradient:
+                wrt = [tensor for call in calls[1:] for _, tensor in call]
+                with torch.enable_grad():
+                    selected = logits.gather(1, classes).sum()
+                found = list(torch.autograd.grad(selected, wrt, allow_unused=True))
+                for i, call in enumerate(calls[1:], start=1):
+                    parts = [found.pop(0) for _ in call]
+                    if any(part is None for part in parts):
+                        raise ValueError(
+                            f"`layers`: the target logit does not depend on layer {names[i]!r}."
+                        )
+                    grads[i] = torch.cat([part.to(logits.device) for part in parts])
+            with torch.no_grad():
+                return self._graphs(logits.detach(), targets, energies, grads)
+
+    def _graphs(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        energies: list[Tensor],
+        grads: list[Tensor | None],
+    ) -> list[nx.DiGraph]:
+        n_stages = len(self.layers)
+        names = [*self.layers, POOLED]
+        device = logits.device
+        energy = [e.to(device) for e in energies]
+        work = torch.float64 if any(e.dtype == torch.float64 for e in energy) else torch.float32
+        energy = [e.to(work) for e in energy]
+        like = energy[0]
+        size = [e.shape[1] for e in energy]
+        gmag = [None if g is None else _energy(g).to(device, work) for g in grads]
+        keep = [_stable_top(energy[i], min(self.top_k[i], size[i])) for i in range(n_stages + 1)]
+        n = logits.shape[0]
+
+        # stage -> stage (and last stage -> pooled) edges: (N, k_dst, k_src)
+        transitions = []
+        for i, connection in enumerate(self.connections):
+            matrix = self._ingress_matrix(connection, size[i], size[i + 1], like)
+            src, dst = keep[i], keep[i + 1]
+            source_energy = energy[i].gather(1, src).unsqueeze(1)
+            weights = matrix[dst.unsqueeze(2), src.unsqueeze(1)] * source_energy
+            if gmag[i + 1] is not None:
+                weights = weights * gmag[i + 1].gather(1, dst).unsqueeze(2)
+            order = _stable_top(weights, min(self.edges_per_node, src.shape[1]))
+            transitions.append((order, weights.gather(2, order)))
+
+        # pooled -> class edges
+        probabilities = logits.to(work).softmax(dim=1)
+        n_classes = logits.shape[1]
+        shown = _stable_top(probabilities, min(self.top_classes, n_classes))
+        missing = (shown != targets.unsqueeze(1)).all(dim=1)
+        shown[missing, -1] = targets[missing]
+        fc = self._network.get_submodule(self.classifier).weight.detach().to(like.device, work)
+        pooled = keep[n_stages]
+        class_w = fc.abs()[shown.unsqueeze(2), pooled.unsqueeze(1)]  # (N, T, k)
+        if grads[n_stages] is not None:
+            target_grad = (
+                grads[n_stages].detach().to(device, work).abs().gather(1, pooled)
+            )  # (N, k)
+            is_target = (shown == targets.unsqueeze(1)).unsqueeze(2)
+            class_w = torch.where(is_target, target_grad.unsqueeze(1), class_w)
+        class_w = class_w * energy[n_stages].gather(1, pooled).unsqueeze(1)
+        class_order = _stable_top(class_w, min(self.edges_per_class, pooled.shape[1]))
+        class_vals = class_w.gather(2, class_order)
+
+        # to Python, once
+        energy_l = [e.cpu().tolist() for e in energy]
+        gmag_l = [None if g is None else g.cpu().tolist() for g in gmag]
+        keep_l = [k.cpu().tolist() for k in keep]
+        trans_l = [(o.cpu().tolist(), v.cpu().tolist()) for o, v in transitions]
+        shown_l, prob_l = shown.cpu().tolist(), probabilities.cpu().tolist()
+        logits_l = logits.to(work).cpu().tolist()
+        class_order_l, class_vals_l = class_order.cpu().tolist(), class_vals.cpu().tolist()
+        targets_l = targets.cpu().tolist()
+        predictions_l = logits.argmax(dim=1).cpu().tolist()
+        stage_kind = "gradient" if self.gradient else "weight_activation"
+
+        graphs = []
+        for b in range(n):
+            graph = nx.DiGraph(
+                example=b,
+                target=int(targets_l[b]),
+                prediction=int(predictions_l[b]),
+                gradient=self.gradient,
+                stages=list(self.stages),
+            )
+            for i, layer in enumerate(names):
+                for c in keep_l[i][b]:
+                    attributes = {"layer": layer, "channel": c, "energy": energy_l[i][b][c]}
+                    if gmag_l[i] is not None:
+                        attributes["gradient"] = gmag_l[i][b][c]
+                    graph.add_node(node_id(layer, c), stage=i, **attributes)
+            for c in shown_l[b]:
+                graph.add_node(
+                    node_id(CLASS, c),
+                    stage=n_stages + 1,
+                    layer=CLASS,
+                    channel=c,
+                    energy=prob_l[b][c],
+                    logit=logits_l[b][c],
+                )
+            for i, (order, values) in enumerate(trans_l):
+                src_ids, dst_ids = keep_l[i][b], keep_l[i + 1][b]
+                for r, d in enumerate(dst_ids):
+                    for position, weight in zip(order[b][r], values[b][r], strict=True):
+                        if weight > 0:
+                            graph.add_edge(
+                                node_id(names[i], src_ids[position]),
+                                node_id(names[i + 1], d),
+                                weight=weight,
+                                kind=stage_kind,
+                            )
+            for t, c in enumerate(shown_l[b]):
+                for position, weight in zip(class_order_l[b][t], class_vals_l[b][t], strict=True):
+                    if weight > 0:
+                        graph.add_edge(
+                            node_id(POOLED, keep_l[n_stages][b][position]),
+                            node_id(CLASS, c),
+                            weight=weight,
+                            kind="class",
+                        )
+            graphs.append(graph)
+        return graphs
