@@ -81,7 +81,11 @@ def test_api_reference_documents_the_public_names(html: Path):
     metrics_page = _page(html, "api/metrics.html")
     for name in metrics.__all__:
         assert f'id="captum_ext.metrics.{name}"' in metrics_page, name
-    from captum_ext import circuits
+    from captum_ext import circuits, inversion
+
+    inversion_page = _page(html, "api/inversion.html")
+    for name in inversion.__all__:
+        assert f'id="captum_ext.inversion.{name}"' in inversion_page, name
 
     circuits_page = _page(html, "api/circuits.html")
     for name in circuits.__all__:

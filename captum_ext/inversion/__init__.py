@@ -1,0 +1,80 @@
+r"""Network inversion with a conditioned generator (Suhail, Sethi et al.).
+
+Building blocks (conditioning builders, :class:`ConditionedGenerator`, the loss terms) and the
+trainer :class:`NetworkInversion` with its presets ``"inversion"``, ``"reconstruction"``
+(training-like data reconstruction, TLDR) and ``"counterfeit"`` (confidently classified
+counterfeits); the evaluation of generated images (label consistency, confidence, diversity,
+matched SSIM against training data, sample grids); and audits built on inversion (shortcut
+learning, privacy). See the spec of the method in the documentation.
+"""
+
+from captum_ext.inversion.audits import (
+    PrivacyAuditResult,
+    ShortcutAuditResult,
+    ShortcutDataset,
+    privacy_audit,
+    shortcut_audit,
+    shortcut_dataset,
+)
+from captum_ext.inversion.conditioning import (
+    hot_matrices,
+    one_hot_vectors,
+    soft_vectors,
+    vector_matrix,
+)
+from captum_ext.inversion.evaluation import (
+    DiversityResult,
+    MatchedSSIM,
+    label_consistency,
+    matched_ssim,
+    mean_confidence,
+    sample_grid,
+    within_class_diversity,
+)
+from captum_ext.inversion.generator import CONDITIONINGS, ConditionedGenerator
+from captum_ext.inversion.losses import (
+    cosine_diversity,
+    cross_entropy_to_labels,
+    feature_orthogonality,
+    kl_to_conditioning,
+    perturbed_kl_ce,
+    pixel_range,
+    total_variation,
+    weight_gradient_norm,
+)
+from captum_ext.inversion.trainer import LOSS_TERMS, PRESETS, NetworkInversion
+
+__all__ = [
+    "CONDITIONINGS",
+    "LOSS_TERMS",
+    "PRESETS",
+    "ConditionedGenerator",
+    "NetworkInversion",
+    "cosine_diversity",
+    "cross_entropy_to_labels",
+    "feature_orthogonality",
+    "hot_matrices",
+    "kl_to_conditioning",
+    "one_hot_vectors",
+    "perturbed_kl_ce",
+    "pixel_range",
+    "soft_vectors",
+    "total_variation",
+    "vector_matrix",
+    "weight_gradient_norm",
+    # evaluation
+    "DiversityResult",
+    "MatchedSSIM",
+    "label_consistency",
+    "matched_ssim",
+    "mean_confidence",
+    "sample_grid",
+    "within_class_diversity",
+    # audits
+    "PrivacyAuditResult",
+    "ShortcutAuditResult",
+    "ShortcutDataset",
+    "privacy_audit",
+    "shortcut_audit",
+    "shortcut_dataset",
+]

@@ -1,0 +1,122 @@
+"""Penultimate features of a classifier: the input of its last nn.Linear, or a given layer.
+
+Unlike :func:`captum_ext._utils.hooks.capture_layer` (which cuts the graph at the layer to
+take gradients there), the tap keeps the captured tensor in the graph, so that losses on the
+features backpropagate to whatever produced the classifier's input (the generator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.layers import resolve_layer
+from captum_ext._utils.model_state import preserved_state
+
+
+def _find_last_linear(classifier: nn.Module, example: Tensor) -> nn.Module:
+    """The nn.Linear that runs last in a forward pass on ``example`` and produces the logits.
+
+    Every nn.Linear gets a forward hook for one (no-grad, eval-mode) pass; the last one to
+    run must output a tensor of the logits' shape.
+    """
+    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"`feature_layer`: {type(classifier).__name__} has no nn.Linear whose input could "
+            "serve as penultimate features; pass `feature_layer` (a module or dotted name)."
+        )
+    calls: list[tuple[nn.Module, tuple]] = []
+
+    def record(module, args, output):
+        calls.append((module, tuple(output.shape) if isinstance(output, Tensor) else None))
+
+    registrations = [(lambda m=m: m.register_forward_hook(record)) for m in linears]
+    with preserved_state([classifier]), registered_hooks(*registrations):
+        classifier.eval()
+        with torch.no_grad():
+            logits = classifier(example)
+    if not calls:
+        raise ValueError(
+            "`feature_layer`: no nn.Linear of the classifier ran in a forward pass; pass "
+            "`feature_layer` (a module or dotted name)."
+        )
+    module, shape = calls[-1]
+    if shape != tuple(logits.shape):
+        raise ValueError(
+            f"`feature_layer`: the last nn.Linear to run outputs shape {shape}, not the "
+            f"logits' {tuple(logits.shape)}; pass `feature_layer` (a module or dotted name)."
+        )
+    if sum(1 for m, _ in calls if m is module) != 1:
+        raise ValueError(
+            "`feature_layer`: the last nn.Linear runs more than once per forward pass; pass "
+            "`feature_layer` (a module or dotted name)."
+        )
+    return module
+
+
+class _FeatureTap:
+    """Records a layer's output (or input) on each forward pass, inside the graph."""
+
+    def __init__(self, layer: nn.Module, *, layer_input: bool) -> None:
+        self.layer = layer
+        self.layer_input = layer_input
+        self._values: list[Tensor] = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[_FeatureTap]:
+        def on_input(module, args):
+            tensors = [a for a in args if isinstance(a, Tensor)]
+            if not tensors:
+                raise TypeError("`feature_layer` received no tensor input.")
+            self._values.append(tensors[0])
+
+        def on_output(module, args, output):
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"`feature_layer` returns {type(output).__name__}, not a tensor; pick "
+                    "another layer or set `feature_layer_input=True`."
+                )
+            self._values.append(output)
+
+        register = (
+            (lambda: self.layer.register_forward_pre_hook(on_input))
+            if self.layer_input
+            else (lambda: self.layer.register_forward_hook(on_output))
+        )
+        self._values = []
+        try:
+            with registered_hooks(register):
+                yield self
+        finally:
+            self._values = []
+
+    def clear(self) -> None:
+        """Forget what was recorded (after extra forward passes whose features are unused)."""
+        self._values = []
+
+    def pop(self) -> Tensor:
+        """The features of the last forward pass, ``N x D`` (flattened), then forgotten."""
+        if len(self._values) != 1:
+            count = len(self._values)
+            self._values = []
+            raise ValueError(
+                f"`feature_layer` ran {count} times in one forward pass of the classifier; "
+                "pick a layer that runs exactly once."
+            )
+        value = self._values.pop()
+        return value.flatten(1)
+
+
+def _feature_tap(
+    classifier: nn.Module, feature_layer, example: Tensor, *, layer_input: bool | None
+) -> _FeatureTap:
+    """The tap of ``feature_layer`` (output by default), or of the last nn.Linear's input."""
+    if feature_layer is None:
+        return _FeatureTap(_find_last_linear(classifier, example), layer_input=True)
+    layer = resolve_layer(classifier, feature_layer, argument="feature_layer")
+    return _FeatureTap(layer, layer_input=bool(layer_input))
