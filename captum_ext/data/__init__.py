@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from captum_ext.data._bundled_inversion import load_bundled_inversion
 from captum_ext.data._digit_cnn import (
     BUNDLED_CAM_LAYER,
     NORMALIZE_MEAN,
@@ -44,6 +45,7 @@ __all__ = [
     "denormalize_digits",
     "denormalize_for_display",
     "expose_layer",
+    "load_bundled_inversion",
     "load_bundled_model",
     "load_image_folder",
     "load_mnist_split",
