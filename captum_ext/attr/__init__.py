@@ -1,5 +1,12 @@
-"""Attribution methods: Grad-CAM, contrastive, counterfactual, Grad-CAM++ maps; VOICE."""
+"""Attribution methods: Grad-CAM, contrastive, counterfactual, Grad-CAM++ maps; VOICE;
+activation-matching minimal masks."""
 
+from .activation_matching import (
+    WEIGHT_PRESETS,
+    ActivationMatchingMask,
+    ActivationMatchingResult,
+    MaskLossWeights,
+)
 from .contrast_cam import ContrastCAM, CounterfactualCAM
 from .contrastive import Contrastive, ContrastiveForward
 from .grad_cam import GradCAM
@@ -7,12 +14,16 @@ from .grad_cam_plus_plus import LayerGradCamPlusPlus
 from .voice import VOICE, VOICEResult
 
 __all__ = [
+    "ActivationMatchingMask",
+    "ActivationMatchingResult",
     "ContrastCAM",
     "Contrastive",
     "ContrastiveForward",
     "CounterfactualCAM",
     "GradCAM",
     "LayerGradCamPlusPlus",
+    "MaskLossWeights",
     "VOICE",
     "VOICEResult",
+    "WEIGHT_PRESETS",
 ]

@@ -162,8 +162,9 @@ def mask_objective(
     baseline: Tensor,
     noise: Tensor | None,
     necessity_margin: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss of a batch (mean over examples) and the unweighted per-example terms.
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor | None]]:
+    """The loss of a batch (mean over examples), the unweighted per-example terms and the
+    hard mask and logits f(e) of this step (detached; logits None when no term needed them).
 
     ``weights`` has attributes act, ce, kl, area, bin, tv, rob, nec. Terms whose weight is 0
     are not computed (their forward pass is skipped) and reported as zeros.
@@ -188,6 +189,7 @@ def mask_objective(
         terms["kl"] = kl_divergence(reference.logits, logits)
     else:
         terms.update(act=zeros, ce=zeros, kl=zeros)
+        logits = None
     terms["area"] = area(probabilities)
     terms["bin"] = binarisation(probabilities)
     terms["tv"] = total_variation(probabilities)
@@ -203,4 +205,5 @@ def mask_objective(
     else:
         terms["nec"] = zeros
     per_example = sum(getattr(weights, name) * terms[name] for name in TERMS)
-    return per_example.mean(), terms
+    step = (mask.detach(), None if logits is None else logits.detach())
+    return per_example.mean(), terms, step

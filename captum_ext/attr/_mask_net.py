@@ -29,9 +29,12 @@ __all__ = [
     "unet_config_from_state_dict",
 ]
 
-#: Initial bias of the head: sigmoid(2) = 0.88, so a fresh net keeps (almost) every pixel and
-#: the explanation starts as the input itself; the area term then removes pixels.
-HEAD_BIAS = 2.0
+#: Initial bias of the head: 0, so a fresh net starts near p = 0.5 (a mask that the first
+#: steps shape from both sides). A large positive bias (start from the full image) makes the
+#: area term switch almost every pixel off in the same few steps on MNIST.
+HEAD_BIAS = 0.0
+#: Scale of the head's Kaiming-uniform weights.
+HEAD_WEIGHT_SCALE = 1.0
 
 
 def default_unet_config(height: int, width: int) -> dict[str, int]:
@@ -108,7 +111,7 @@ class MaskUNet(nn.Module):
 
 def init_mask_net(net: nn.Module, generator: torch.Generator | None) -> nn.Module:
     """Re-initialise a :class:`MaskUNet` from ``generator`` only (the global RNG is untouched):
-    Kaiming-uniform convolutions with zero biases, a small head with bias ``HEAD_BIAS``."""
+    Kaiming-uniform convolutions with zero biases, the head's bias ``HEAD_BIAS``."""
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
@@ -117,7 +120,7 @@ def init_mask_net(net: nn.Module, generator: torch.Generator | None) -> nn.Modul
                     module.bias.zero_()
         head = getattr(net, "head", None)
         if isinstance(head, nn.Conv2d):
-            head.weight.mul_(0.1)
+            head.weight.mul_(HEAD_WEIGHT_SCALE)
             if head.bias is not None:
                 head.bias.fill_(HEAD_BIAS)
     return net
