@@ -221,3 +221,44 @@ def test_training_script_regenerates_identical_weights() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check OK" in result.stdout
+
+
+def _package_json(name: str) -> dict:
+    import json
+
+    return json.loads(resources.files("captum_ext.data").joinpath(name).read_text())
+
+
+def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(model) -> None:
+    from captum_ext.data import load_bundled_mask_explainer, load_mnist_split
+
+    info = _package_json("bundled_mask_net.json")
+    assert tuple(info["layers"]) == data.BUNDLED_MASK_LAYERS
+    explainer = load_bundled_mask_explainer(model)
+    split = load_mnist_split()
+    heldout = normalize_digits(torch.from_numpy(split.heldout_images)).unsqueeze(1)
+    details = explainer.attribute(heldout, return_details=True, seed=info["seed"], progress=False)
+    assert set(details.mask.unique().tolist()) <= {0.0, 1.0}
+    assert float(details.active_fraction.mean()) == pytest.approx(
+        info["heldout_active_fraction"], abs=1e-6
+    )
+    assert float(details.agreement.float().mean()) == pytest.approx(
+        info["heldout_agreement"], abs=1e-6
+    )
+
+
+def test_bundled_inversion_reproduces_its_recorded_consistency(model) -> None:
+    from captum_ext.data import load_bundled_inversion
+    from captum_ext.inversion import label_consistency, mean_confidence
+
+    info = _package_json("bundled_generator.json")
+    inversion = load_bundled_inversion(model)
+    images, labels = inversion.sample_classes(50, generator=info["seed"])
+    assert images.shape == (500, 1, 28, 28)
+    assert label_consistency(model, images, labels) == pytest.approx(
+        info["label_consistency"], abs=1e-6
+    )
+    assert mean_confidence(model, images, labels) == pytest.approx(
+        info["mean_confidence"], abs=1e-5
+    )
+    assert info["label_consistency"] >= 0.95

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from captum_ext.data._bundled_inversion import load_bundled_inversion
+from captum_ext.data._bundled_masks import BUNDLED_MASK_LAYERS, load_bundled_mask_explainer
 from captum_ext.data._digit_cnn import (
     BUNDLED_CAM_LAYER,
     NORMALIZE_MEAN,
@@ -32,6 +33,7 @@ from captum_ext.data._mnist_split import MnistSplit, load_mnist_split
 
 __all__ = [
     "BUNDLED_CAM_LAYER",
+    "BUNDLED_MASK_LAYERS",
     "DIGIT_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -46,6 +48,7 @@ __all__ = [
     "denormalize_for_display",
     "expose_layer",
     "load_bundled_inversion",
+    "load_bundled_mask_explainer",
     "load_bundled_model",
     "load_image_folder",
     "load_mnist_split",
