@@ -1,11 +1,14 @@
 r"""The ``captum-ext`` command line.
 
-``captum-ext report`` writes an HTML report for a model and a folder of images, made of four
-sections (``--sections``, default all): contrastive explanations ("Why P? Why P, rather than
-Q? What if not P?"), the VOICE uncertainty of the Grad-CAM explanation, the deletion /
-insertion scores of the three maps, and "Which predictions can I trust?" (GradTrust and the
-trust baselines, accuracy-retention curves, the least-trusted images). With no arguments it
-uses the bundled digit classifier and its sample digits::
+``captum-ext report`` writes an HTML report for a model and a folder of images, made of
+sections (``--sections``): contrastive explanations ("Why P? Why P, rather than Q? What if not
+P?"), the VOICE uncertainty of the Grad-CAM explanation, the deletion / insertion scores of
+the three maps, "Which predictions can I trust?" (GradTrust and the trust baselines,
+accuracy-retention curves, the least-trusted images), minimal activation-matching masks with
+the circuits they use, and network inversion ("What does the model think each class looks
+like?"). The bundled model gets all six (it ships a trained mask net and generator); a model
+of your own gets the first four unless ``--sections`` asks for more. With no arguments it uses
+the bundled digit classifier and its sample digits::
 
     captum-ext report                                   # -> report/index.html
     captum-ext report --model torchvision.models:resnet18 --weights r18.pt \
@@ -73,7 +76,9 @@ def _non_negative_int(text: str) -> int:
 
 
 #: the sections of ``captum-ext report``, in their default order
-SECTIONS = ("contrastive", "voice", "metrics", "trust")
+SECTIONS = ("contrastive", "voice", "metrics", "trust", "masks", "inversion")
+#: the default sections for a model of your own (masks need --mask-net, inversion trains)
+USER_MODEL_SECTIONS = ("contrastive", "voice", "metrics", "trust")
 
 
 def _sections(text: str) -> list[str]:
@@ -200,7 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
         "(Grad-CAM, ContrastCAM, CounterfactualCAM maps), voice (uncertainty of the Grad-CAM "
         "explanation), "
         "metrics (deletion and insertion AUCs of the three maps), trust (GradTrust vs the trust "
-        "baselines, least-trusted images). Default: " + ",".join(SECTIONS),
+        "baselines, least-trusted images), masks (minimal activation-matching masks and the "
+        "circuits of x and m * x; your own model needs --mask-net), inversion (what the model "
+        "thinks each class looks like; trained for --inversion-steps on your own model). "
+        "Default: all of them for the bundled model, " + ",".join(USER_MODEL_SECTIONS) + " "
+        "for your own",
+    )
+    report.add_argument(
+        "--mask-net",
+        metavar="FILE",
+        help="mask net for the masks section, written by ActivationMatchingMask.save (default "
+        "for the bundled model: its shipped mask net)",
+    )
+    report.add_argument(
+        "--mask-layers",
+        metavar="LIST",
+        help="comma-separated layers the --mask-net was trained to match (default: --layer)",
+    )
+    report.add_argument(
+        "--inversion-steps",
+        type=_positive_int,
+        default=300,
+        metavar="N",
+        help="generator steps of the inversion section for your own model, batch 64 (the "
+        "bundled model uses its shipped generator; default: 300)",
     )
     report.add_argument(
         "--voice-contrasts",
@@ -386,6 +414,76 @@ def _true_labels(folders: list[str], class_names: list[str] | None) -> list[int 
     return labels if any(label is not None for label in labels) else None
 
 
+def _masks_section(args, model, forward, layer_name, images, display, class_names, out):
+    """The minimal-mask section: the bundled mask net, or ``--mask-net`` for your own model."""
+    from captum_ext.attr import ActivationMatchingMask
+    from captum_ext.data import load_bundled_mask_explainer
+    from captum_ext.viz import minimal_mask_section
+
+    if args.mask_net is None:
+        if args.model is not None:
+            raise ValueError(
+                "the masks section needs `--mask-net` for your own model: a mask net trained "
+                "with ActivationMatchingMask.fit and written with its save method."
+            )
+        explainer = load_bundled_mask_explainer(model)
+    else:
+        layers = args.mask_layers.split(",") if args.mask_layers else [layer_name]
+        explainer = ActivationMatchingMask(forward, [name.strip() for name in layers])
+        explainer.load(args.mask_net)
+    return minimal_mask_section(
+        forward,
+        images,
+        display,
+        class_names,
+        out,
+        progress=not args.no_progress,
+        explainer=explainer,
+        labels=args.report_labels,
+        names=args.report_names,
+        batch_size=args.batch_size,
+    )
+
+
+def _inversion_section(args, model, images, transform, class_names, out):
+    """The inversion section: the bundled generator, or one trained for ``--inversion-steps``."""
+    import torch
+
+    from captum_ext.data import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        denormalize_digits,
+        load_bundled_inversion,
+        normalize_digits,
+    )
+    from captum_ext.inversion import NetworkInversion
+    from captum_ext.viz import inversion_section
+
+    if transform == "digits":
+        normalize, denormalize = normalize_digits, denormalize_digits
+    elif transform == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN).reshape(1, -1, 1, 1)
+        std = torch.tensor(IMAGENET_STD).reshape(1, -1, 1, 1)
+        normalize = (IMAGENET_MEAN, IMAGENET_STD)
+
+        def denormalize(x):
+            return x * std.to(x.device) + mean.to(x.device)
+    else:
+        normalize, denormalize = None, None
+    if args.model is None:
+        inversion = load_bundled_inversion(model)
+    else:
+        inversion = NetworkInversion(
+            model,
+            input_shape=tuple(images.shape[1:]),
+            normalize=normalize,
+            batch_size=64,
+            seed=0,
+        )
+        inversion.fit(args.inversion_steps, progress=not args.no_progress)
+    return inversion_section(inversion, out, class_names=class_names, denormalize=denormalize)
+
+
 def _run_report(args: argparse.Namespace) -> int:
     import torch
 
@@ -458,7 +556,7 @@ def _run_report(args: argparse.Namespace) -> int:
     display = denormalize_for_display(images, transform)
 
     out = Path(args.out).expanduser()
-    sections = args.sections or list(SECTIONS)
+    sections = args.sections or list(SECTIONS if args.model is None else USER_MODEL_SECTIONS)
     report = Report(
         args.title or "captum-ext report",
         metadata={
@@ -472,7 +570,15 @@ def _run_report(args: argparse.Namespace) -> int:
         },
     )
     common = {"labels": labels, "names": names, "batch_size": args.batch_size}
+    args.report_labels, args.report_names = labels, names
     for name in sections:
+        if name in ("masks", "inversion"):
+            report.add_section(
+                _masks_section(args, model, forward, layer_name, images, display, class_names, out)
+                if name == "masks"
+                else _inversion_section(args, model, images, transform, class_names, out)
+            )
+            continue
         if name == "contrastive":
             build, options = contrastive_section, {}
         elif name == "voice":

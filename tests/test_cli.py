@@ -31,7 +31,7 @@ def run_cli(*args: str, cwd: Path, executable: list[str] | None = None):
     )
 
 
-def check_report(index: Path) -> str:
+def check_report(index: Path, contrastive: bool = True) -> str:
     assert index.is_file()
     html = index.read_text(encoding="utf-8")
     sources = IMG_SRC.findall(html)
@@ -41,15 +41,21 @@ def check_report(index: Path) -> str:
         assert path.is_file(), src
         with Image.open(path) as image:
             assert np.asarray(image, dtype=float).std() > 0, f"{src} is blank"
-    assert "ContrastCAM" in html and "CounterfactualCAM" in html
+    if contrastive:
+        assert "ContrastCAM" in html and "CounterfactualCAM" in html
     return html
 
 
-def default_figures(n: int, trust: bool = True) -> int:
+def default_figures(n: int, trust: bool = True, bundled: bool = True) -> int:
     """Pictures of a default report on n labelled images: contrastive (4 per image), VOICE (4
     per image), metrics (the plot of the curves and one example row of 4), trust (the scatter
-    and retention plots, and 3 per least-trusted image, 10 at most)."""
-    return 4 * n + 4 * n + 1 + 4 + (2 + 3 * min(n, 10) if trust else 0)
+    and retention plots, and 3 per least-trusted image, 10 at most); for the bundled model
+    also masks (3 per image, and 2 circuit plots for each of the first 5) and inversion (the
+    sample grid)."""
+    figures = 4 * n + 4 * n + 1 + 4 + (2 + 3 * min(n, 10) if trust else 0)
+    if bundled:
+        figures += 3 * n + 2 * min(n, 5) + 1
+    return figures
 
 
 def write_pngs(folder: Path, count: int, size=(20, 20), mode="L") -> None:
@@ -121,7 +127,7 @@ def test_report_with_torchscript_model_and_image_folder(tmp_path):
     html = check_report(out / "index.html")
     # GradTrust cannot see the compiled final nn.Linear: the default trust section is left
     # out, and says so, while the other sections are there
-    assert len(IMG_SRC.findall(html)) == default_figures(5, trust=False)
+    assert len(IMG_SRC.findall(html)) == default_figures(5, trust=False, bundled=False)
     assert "trust section left out: `layer` is None" in result.stderr
     assert "Trust section" in html
     assert "class_0/0.png" in html and "true class class_0" in html
@@ -239,3 +245,30 @@ def test_report_sections_in_the_order_given(tmp_path, capsys):
     assert main(argv[:-3] + ["--out", str(only), "--no-progress", "--sections", "contrastive"]) == 0
     html = check_report(only / "index.html")
     assert len(IMG_SRC.findall(html)) == 2 * 4 and "deletion" not in html.lower()
+
+
+def test_masks_section_for_your_own_model_needs_a_mask_net(tmp_path, capsys):
+    from captum_ext.data import BUNDLED_MASK_LAYERS, load_bundled_mask_explainer
+
+    argv = ["report", "--model", "captum_ext.data:load_bundled_model", "--limit", "3"]
+    argv += ["--no-progress", "--layer", "features.7", "--sections", "masks"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 2
+    assert "needs `--mask-net`" in capsys.readouterr().err
+    mask_net = load_bundled_mask_explainer().save(tmp_path / "mask_net.pt")
+    layers = ",".join(BUNDLED_MASK_LAYERS)
+    code = main(
+        argv + ["--out", str(tmp_path / "b"), "--mask-net", str(mask_net), "--mask-layers", layers]
+    )
+    assert code == 0, capsys.readouterr().err
+    html = check_report(tmp_path / "b" / "index.html", contrastive=False)
+    assert "What is the least this image needs?" in html
+    assert len(IMG_SRC.findall(html)) == 3 * 3 + 2 * 3
+
+
+def test_inversion_section_trains_a_generator_for_your_own_model(tmp_path, capsys):
+    argv = ["report", "--model", "captum_ext.data:load_bundled_model", "--limit", "2"]
+    argv += ["--no-progress", "--layer", "features.7", "--sections", "inversion"]
+    code = main(argv + ["--inversion-steps", "2", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    html = check_report(tmp_path / "out" / "index.html", contrastive=False)
+    assert "each class looks like" in html and len(IMG_SRC.findall(html)) == 1

@@ -9,10 +9,16 @@ tqdm; each is imported only when the function that needs it runs).
   SNR).
 - :func:`explanation_metrics_section`: deletion and insertion AUCs of Grad-CAM, ContrastCAM
   and CounterfactualCAM.
+- :func:`minimal_mask_section`: "What is the least this image needs?" (activation-matching
+  masks, their read-outs, and the circuits of the image and of its kept pixels).
+- :func:`inversion_section`: "What does the classifier think each class looks like?" (samples
+  of a trained network-inversion generator, with label consistency, confidence, diversity).
 - :func:`trust_section`: "Which predictions can I trust?" (GradTrust vs softmax confidence,
   accuracy-retention curves of every trust score, the least-trusted images with their maps).
 """
 
+from .inversion import inversion_section
+from .masks import minimal_mask_section
 from .overlay import overlay, save_png, to_uint8_rgb
 from .report import Figure, Report, Row, Section, Table, contrastive_section
 from .trust import trust_section
@@ -26,6 +32,8 @@ __all__ = [
     "Table",
     "contrastive_section",
     "explanation_metrics_section",
+    "inversion_section",
+    "minimal_mask_section",
     "overlay",
     "save_png",
     "to_uint8_rgb",
