@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from captum_ext.metrics import (
     SCORES,
     ScoreTable,
+    energy,
     gradnorm,
     gradtrust,
     log_likelihood,
@@ -68,6 +69,7 @@ def direct(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         "margin": lambda: margin(model, x),
         "log_likelihood": lambda: log_likelihood(model, x),
         "odin": lambda: odin(model, x),
+        "energy": lambda: energy(model, x),
         "gradnorm": lambda: gradnorm(model, x),
         "purview": lambda: purview(model, x),
     }

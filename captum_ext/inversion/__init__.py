@@ -5,7 +5,8 @@ trainer :class:`NetworkInversion` with its presets ``"inversion"``, ``"reconstru
 (training-like data reconstruction, TLDR) and ``"counterfeit"`` (confidently classified
 counterfeits); the evaluation of generated images (label consistency, confidence, diversity,
 matched SSIM against training data, sample grids); and audits built on inversion (shortcut
-learning, privacy). See the spec of the method in the documentation.
+learning, privacy); and TIE, out-of-distribution detection by training, inversion and
+exclusion. See the spec of the method in the documentation.
 """
 
 from captum_ext.inversion.audits import (
@@ -42,6 +43,13 @@ from captum_ext.inversion.losses import (
     total_variation,
     weight_gradient_norm,
 )
+from captum_ext.inversion.tie import (
+    BASELINES,
+    OOD_SCORE_KINDS,
+    TIE,
+    TIEPrediction,
+    uncertainty_ue,
+)
 from captum_ext.inversion.trainer import LOSS_TERMS, PRESETS, NetworkInversion
 
 __all__ = [
@@ -70,6 +78,12 @@ __all__ = [
     "mean_confidence",
     "sample_grid",
     "within_class_diversity",
+    # out-of-distribution detection (TIE)
+    "BASELINES",
+    "OOD_SCORE_KINDS",
+    "TIE",
+    "TIEPrediction",
+    "uncertainty_ue",
     # audits
     "PrivacyAuditResult",
     "ShortcutAuditResult",

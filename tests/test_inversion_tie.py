@@ -1,0 +1,581 @@
+"""Tests of TIE (training, inversion, exclusion) and its UE score."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _distributed import run_gloo
+from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from torch import nn
+
+import captum_ext.inversion.tie as tie_module
+from captum_ext._utils.training import load_checkpoint
+from captum_ext.data import load_bundled_model, load_sample_digits
+from captum_ext.inversion import ConditionedGenerator
+from captum_ext.inversion.tie import TIE, TIEPrediction, uncertainty_ue
+
+SHAPE = (3, 8, 8)
+CLASSES = 5
+SMALL = {
+    "input_shape": SHAPE,
+    "generator_steps": 2,
+    "generator_batch_size": 6,
+    "latent_dim": 8,
+    "generator_width": 8,
+    "batch_size": 16,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription on shared CPUs (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(dtype=torch.float32) -> nn.Module:
+    return make_tiny_cnn(dtype=dtype, num_classes=CLASSES)
+
+
+def tiny_data(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=gen), torch.arange(n) % CLASSES
+
+
+def hand_ue(probs: torch.Tensor) -> torch.Tensor:
+    """UE from the definition, with the one-hot vector of the argmax in the denominator."""
+    k = probs.shape[1]
+    onehot = torch.nn.functional.one_hot(probs.argmax(1), k).to(probs.dtype)
+    num = ((probs - 1 / k) ** 2).sum(1)
+    den = ((onehot - 1 / k) ** 2).sum(1)
+    return 1 - num / den
+
+
+# --------------------------------------------------------------------------- uncertainty_ue
+def test_ue_uniform_is_one_and_one_hot_is_zero():
+    for k in (2, 3, 11):
+        uniform = torch.full((1, k), 1.0 / k, dtype=torch.float64)
+        onehot = torch.eye(k, dtype=torch.float64)
+        assert uncertainty_ue(uniform).item() == pytest.approx(1.0, abs=1e-12)
+        assert torch.allclose(uncertainty_ue(onehot), torch.zeros(k, dtype=torch.float64))
+
+
+def test_ue_worked_example():
+    # p = (0.5, 0.3, 0.2), K = 3: sum (p - 1/3)^2 = 1/36 + 1/900 + 4/225 = 7/150,
+    # sum (e_0 - 1/3)^2 = 4/9 + 1/9 + 1/9 = 2/3, UE = 1 - (7/150) / (2/3) = 0.93
+    probs = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    assert uncertainty_ue(probs).item() == pytest.approx(0.93, abs=1e-12)
+    # two classes: p = (0.75, 0.25): sum (p - 1/2)^2 = 1/8, denominator 1/2, UE = 0.75
+    two = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    assert uncertainty_ue(two).item() == pytest.approx(0.75, abs=1e-12)
+
+
+def test_ue_matches_definition_on_random_probabilities():
+    gen = torch.Generator().manual_seed(3)
+    probs = (torch.randn(50, 7, generator=gen, dtype=torch.float64) * 3).softmax(1)
+    ue = uncertainty_ue(probs)
+    assert torch.allclose(ue, hand_ue(probs), atol=1e-12)
+    assert bool(((ue >= 0) & (ue <= 1)).all())
+    assert uncertainty_ue(probs.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "probs, error",
+    [
+        ([[0.5, 0.5]], TypeError),
+        (torch.tensor([0.5, 0.5]), ValueError),
+        (torch.tensor([[1.0]]), ValueError),
+        (torch.tensor([[1, 0]]), TypeError),
+        (torch.tensor([[1.2, -0.2]]), ValueError),
+        (torch.tensor([[0.7, 0.7]]), ValueError),
+        (torch.tensor([[float("nan"), 1.0]]), ValueError),
+    ],
+)
+def test_ue_errors_name_the_argument(probs, error):
+    with pytest.raises(error, match="`probs`"):
+        uncertainty_ue(probs)
+
+
+# --------------------------------------------------------------------------- extension
+def test_extension_keeps_the_trained_rows_and_logits():
+    model = tiny_model(torch.float64)
+    tie = TIE(model, **SMALL)
+    head = tie.classifier.classifier
+    assert tie.num_classes == CLASSES and tie.garbage_class == CLASSES
+    assert head.out_features == CLASSES + 1 and tie.head_name == "classifier"
+    assert torch.equal(head.weight[:CLASSES], model.classifier.weight)
+    assert torch.equal(head.bias[:CLASSES], model.classifier.bias)
+    assert head.bias[CLASSES].item() == 0.0
+    assert head.weight[CLASSES].abs().max() <= 1 / math.sqrt(head.in_features)
+    x = torch.randn(7, *SHAPE, dtype=torch.float64) * 3
+    with torch.no_grad():
+        assert torch.allclose(tie.classifier(x)[:, :CLASSES], model(x), atol=1e-12, rtol=0)
+    # a deep copy: nothing shared with the user's model
+    ours = {id(p) for p in tie.classifier.parameters()}
+    assert not ours & {id(p) for p in model.parameters()}
+    # the garbage row comes from the seed
+    again = TIE(tiny_model(torch.float64), **SMALL)
+    other = TIE(tiny_model(torch.float64), **SMALL, seed=1)
+    assert torch.equal(again.classifier.classifier.weight, head.weight)
+    assert not torch.equal(other.classifier.classifier.weight[CLASSES], head.weight[CLASSES])
+
+
+def test_extension_of_the_bundled_digit_cnn():
+    model = load_bundled_model()
+    tie = TIE(model, generator_steps=1, generator_width=8, latent_dim=8)
+    assert tie.input_shape == (1, 28, 28)
+    images, _ = load_sample_digits()
+    with torch.no_grad():
+        full = tie.classifier(images)
+        assert full.shape == (40, 11)
+        assert torch.allclose(full[:, :10], model(images), atol=1e-5, rtol=0)
+    assert tie.generator.num_classes == 11
+
+
+def test_classifier_factory():
+    built = []
+
+    def factory(outputs):
+        built.append(outputs)
+        return make_tiny_cnn(dtype=torch.float32, num_classes=outputs)
+
+    tie = TIE(factory, num_classes=CLASSES, **SMALL)
+    assert built == [CLASSES + 1] and tie.head_name is None
+    assert tie.classifier(torch.zeros(2, *SHAPE)).shape == (2, CLASSES + 1)
+    with pytest.raises(ValueError, match="`num_classes`"):
+        TIE(factory, **SMALL)
+    with pytest.raises(ValueError, match="`classifier`"):
+        TIE(lambda k: make_tiny_cnn(num_classes=k + 1), num_classes=CLASSES, **SMALL)
+    with pytest.raises(TypeError, match="`classifier`"):
+        TIE(lambda k: "model", num_classes=CLASSES, **SMALL)
+
+
+def test_generator_factory():
+    def factory(k):
+        return ConditionedGenerator(k, SHAPE, latent_dim=4, width=8, conditioning="vector_matrix")
+
+    tie = TIE(tiny_model(), factory, **SMALL)
+    assert tie.generator.latent_dim == 4 and tie.generator.num_classes == CLASSES + 1
+    with pytest.raises(ValueError, match="`generator_factory`"):
+        TIE(tiny_model(), lambda k: ConditionedGenerator(k - 1, SHAPE, width=8), **SMALL)
+    with pytest.raises(TypeError, match="`generator_factory`"):
+        TIE(tiny_model(), lambda k: nn.Linear(2, 2), **SMALL)
+
+
+# --------------------------------------------------------------------------- designed model
+class MeanPixelNet(nn.Module):
+    """logits = w * mean(x) + b: a mean of 0 gives equal logits (uniform, UE = 1), a mean of 1
+    a dominant class 0 (UE about 0)."""
+
+    def __init__(self, n: int = CLASSES) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(1, n)
+        with torch.no_grad():
+            self.classifier.weight.zero_()
+            self.classifier.weight[0, 0] = 50.0
+            self.classifier.bias.zero_()
+
+    def forward(self, x):
+        return self.classifier(x.mean(dim=(1, 2, 3)).unsqueeze(1))
+
+
+def designed_tie(**kwargs) -> TIE:
+    # lr 1e-12: one Adam step moves a weight by about 1e-12, the design survives training
+    options = {**SMALL, "lr": 1e-12, "samples_per_class": 4, **kwargs}
+    return TIE(MeanPixelNet(), **options)
+
+
+def constant_images(means: torch.Tensor) -> torch.Tensor:
+    return means.reshape(-1, 1, 1, 1).expand(-1, *SHAPE).clone()
+
+
+def patch_samples(monkeypatch, tie: TIE, means: torch.Tensor, record: list):
+    def fake(per_class, generator=None, **kwargs):
+        assert kwargs["vector"] == tie.sample_vector
+        labels = torch.arange(CLASSES + 1).repeat_interleave(per_class)
+        images = constant_images(means[: labels.numel()])
+        record.append(images)
+        return images, labels
+
+    monkeypatch.setattr(tie.inversion, "sample_classes", fake)
+
+
+def hand_probs(tie: TIE, images: torch.Tensor) -> torch.Tensor:
+    head = tie.classifier.classifier
+    w = head.weight.detach().double()[:, 0]
+    b = head.bias.detach().double()
+    m = images.double().mean(dim=(1, 2, 3))
+    return (m[:, None] * w[None, :] + b[None, :]).softmax(1)
+
+
+def test_exclusion_rule_with_a_designed_classifier(monkeypatch):
+    tie = designed_tie()
+    means = torch.linspace(0.0, 0.12, 24)  # UE from 1 down to below 0.5
+    record: list = []
+    patch_samples(monkeypatch, tie, means, record)
+    x, y = tiny_data()
+    log = tie.fit(x, y, epochs=1, progress=False)
+    images = record[0]
+    ue = hand_ue(hand_probs(tie, images))
+    expected = ue > 0.5
+    assert 0 < int(expected.sum()) < len(expected)  # both cases occur
+    garbage = 60 // CLASSES
+    assert tie.pool.shape[0] == garbage + int(expected.sum())
+    assert torch.equal(tie.pool[garbage:], images[expected])
+    assert log["excluded"] == [float(expected.sum()), 0.0]  # then the final training
+    assert log["sampled"] == [24.0, 0.0]
+    assert math.isnan(log["mean_ue"][1]) and log["pool_size"][1] == log["pool_size"][0]
+    assert log["excluded_fraction"][0] == pytest.approx(float(expected.double().mean()))
+    assert log["mean_ue"][0] == pytest.approx(ue.mean().item(), abs=1e-5)
+    assert log["pool_size"][0] == float(tie.pool.shape[0])
+
+
+def test_threshold_moves_the_exclusion(monkeypatch):
+    means = torch.linspace(0.0, 0.12, 24)
+    counts = []
+    for threshold in (0.2, 0.5, 0.9):
+        tie = designed_tie(threshold=threshold)
+        patch_samples(monkeypatch, tie, means, [])
+        counts.append(tie.fit(*tiny_data(), epochs=1, progress=False)["excluded"][0])
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_baseline_all_excludes_every_sample_and_never_stops_early(monkeypatch):
+    tie = designed_tie(baseline="all")
+    means = torch.ones(24)  # confident samples: TIE would exclude none of them
+    record: list = []
+    patch_samples(monkeypatch, tie, means, record)
+    log = tie.fit(*tiny_data(), epochs=3, progress=False)
+    assert log["excluded_fraction"][:3] == [1.0, 1.0, 1.0]
+    assert log["pool_size"] == [12.0 + 24, 12.0 + 48, 12.0 + 72, 12.0 + 72]
+    assert log["epoch"] == [1.0, 2.0, 3.0, 4.0] and log["sampled"][3] == 0.0
+    assert torch.equal(tie.pool[12:36], record[0])
+
+
+def test_stopping_rule(monkeypatch):
+    tie = designed_tie()
+    patch_samples(monkeypatch, tie, torch.ones(24), [])  # nothing uncertain: stop at once
+    log = tie.fit(*tiny_data(), epochs=5, progress=False)
+    assert log["epoch"] == [1.0] and log["excluded"] == [0.0] and tie.stopped
+    assert tie.pool.shape[0] == 12
+    tie = designed_tie()
+    patch_samples(monkeypatch, tie, torch.zeros(24), [])  # everything uncertain
+    log = tie.fit(*tiny_data(), epochs=3, progress=False)
+    assert log["epoch"] == [1.0, 2.0, 3.0, 4.0] and not tie.stopped
+    assert log["sampled"] == [24.0, 24.0, 24.0, 0.0]  # 3 TIE epochs, the final training
+    tie = designed_tie(final_training=False)
+    patch_samples(monkeypatch, tie, torch.zeros(24), [])
+    log = tie.fit(*tiny_data(), epochs=3, progress=False)
+    assert log["sampled"] == [24.0, 24.0, 24.0]
+    # one uncertain sample in 24 (4 %) is below the default 5 %
+    tie = designed_tie()
+    patch_samples(monkeypatch, tie, torch.cat([torch.zeros(1), torch.ones(23)]), [])
+    log = tie.fit(*tiny_data(), epochs=3, progress=False)
+    assert log["excluded"] == [1.0, 0.0] and tie.stopped and log["sampled"][1] == 0
+
+
+def test_predict_and_scores_against_hand_computation():
+    tie = designed_tie()
+    with torch.no_grad():  # garbage row: large for negative means
+        tie.classifier.classifier.weight[CLASSES, 0] = -50.0
+    images = constant_images(torch.tensor([1.0, 0.0, -1.0, 0.02]))
+    probs = hand_probs(tie, images)
+    result = tie.predict(images)
+    assert isinstance(result, TIEPrediction)
+    assert result.labels.tolist() == [0, 0, CLASSES, 0]
+    assert result.is_garbage.tolist() == [False, False, True, False]
+    assert torch.allclose(result.confidence.double(), probs.max(1).values, atol=1e-6)
+    assert torch.allclose(tie.probabilities(images).double(), probs, atol=1e-6)
+    max_in = 1 - probs[:, :CLASSES].max(1).values
+    assert torch.allclose(tie.ood_score(images).double(), max_in, atol=1e-6)
+    assert torch.allclose(tie.ood_score(images, "ue").double(), hand_ue(probs), atol=1e-6)
+    assert torch.allclose(tie.ood_score(images, "garbage").double(), probs[:, -1], atol=1e-6)
+    for kind in ("max_in", "ue", "garbage"):
+        assert torch.allclose(
+            tie.in_distribution_score(images, kind), 1 - tie.ood_score(images, kind)
+        )
+    # orientation: the confident digit-like input scores more in-distribution than garbage
+    score = tie.in_distribution_score(images)
+    assert score[0] > score[2] and score[0] > score[1]
+
+
+# --------------------------------------------------------------------------- training
+def test_seeding_counts_weights_and_noise_statistics(monkeypatch):
+    x, y = tiny_data(70)
+    x = x * 2 + 3
+    seen = []
+    original = torch.nn.functional.cross_entropy
+
+    def recording(logits, target, weight=None, **kwargs):
+        if weight is not None:  # the classifier's class-weighted loss (not the generator's)
+            seen.append((target.clone(), weight.clone()))
+        return original(logits, target, weight=weight, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    tie = TIE(tiny_model(), **SMALL, baseline="all", final_training=False)
+    tie.fit(x, y, epochs=1, progress=False)
+    garbage = 70 // CLASSES  # as many as an average class
+    seed = tie.pool[:garbage]
+    assert seed.mean().item() == pytest.approx(3.0, abs=0.2)
+    assert seed.std().item() == pytest.approx(2.0, abs=0.2)
+    # class weights N / ((n + 1) N_c) over 70 digits (14 per class) + 14 noise images
+    targets = torch.cat([t for t, _ in seen])
+    assert torch.equal(torch.bincount(targets, minlength=6), torch.tensor([14] * 6))
+    assert torch.allclose(seen[0][1], torch.ones(6))
+    # samples per class: ceil(70 / (5 * 6)) = 3, so 18 inverted images in all
+    assert tie.log["sampled"] == [18.0]
+    # unequal classes: inverse frequency
+    seen.clear()
+    tie = TIE(tiny_model(), **SMALL, garbage_size=7, samples_per_class=1, final_training=False)
+    y2 = torch.tensor([0] * 30 + [1, 2, 3, 4] * 10)
+    tie.fit(x, y2, epochs=1, progress=False)
+    counts = torch.tensor([30.0, 10, 10, 10, 10, 7], dtype=torch.float64)
+    assert torch.allclose(seen[0][1].double(), 77 / (6 * counts))
+    assert tie.log["pool_size"][0] <= 7 + 6
+
+
+def test_log_keys_and_training_changes_the_copy_only():
+    model = tiny_model()
+    model.train()
+    model.features[0].bias.requires_grad_(False)
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    calls = []
+    handle = model.pool.register_forward_hook(lambda *args: calls.append(1))
+    before = model_snapshot(model)
+    tie = TIE(model, **SMALL)
+    calls.clear()  # construction probes the model once (hooks run as in any forward pass)
+    log = tie.fit(*tiny_data(), epochs=2, progress=False)
+    tie.predict(tiny_data()[0])
+    assert_model_unchanged(model, before)
+    assert calls == []  # the user's hook did not travel with the copy
+    handle.remove()
+    assert set(log) == set(tie_module._LOG_KEYS) and len(log["epoch"]) >= 1
+    assert 0 <= log["accuracy"][0] <= 1 and 0 <= log["mean_ue"][0] <= 1
+    assert not tie.classifier.features[0].bias.requires_grad  # frozen layers stay frozen
+    assert not tie.classifier.training and tie.classifier.classifier.weight.grad is None
+    trained = tie.classifier.classifier.weight[:CLASSES]
+    assert not torch.equal(trained, model.classifier.weight)
+
+
+def test_user_model_unchanged_when_fit_raises(monkeypatch):
+    model = tiny_model()
+    before = model_snapshot(model)
+    tie = TIE(model, **SMALL)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("generator failed")
+
+    monkeypatch.setattr(tie.inversion, "fit", boom)
+    with pytest.raises(RuntimeError, match="generator failed"):
+        tie.fit(*tiny_data(), epochs=2, progress=False)
+    assert_model_unchanged(model, before)
+    assert not tie.classifier.training
+
+
+def state_of(tie: TIE) -> dict:
+    state = {f"c.{k}": v.clone() for k, v in tie.classifier.state_dict().items()}
+    state.update({f"g.{k}": v.clone() for k, v in tie.generator.state_dict().items()})
+    state["pool"] = tie.pool.clone()
+    return state
+
+
+def same_log(a: dict, b: dict) -> bool:
+    def same(x, y):
+        return x == y or (math.isnan(x) and math.isnan(y))
+
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k]) and all(map(same, a[k], b[k])) for k in a
+    )
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    x, y = tiny_data()
+    full = TIE(tiny_model(), **SMALL, seed=3)
+    full_log = full.fit(x, y, epochs=3, progress=False, checkpoint=tmp_path / "full.pt")
+
+    broken = TIE(tiny_model(), **SMALL, seed=3)
+    calls = {"n": 0}
+    original = broken._invert_and_exclude
+
+    def fail_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(broken, "_invert_and_exclude", fail_third)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit(x, y, epochs=3, progress=False, checkpoint=tmp_path / "part.pt")
+    state = load_checkpoint(tmp_path / "part.pt")
+    assert state["fit_epoch"] == 2 and state["pool"].shape[0] == full.log["pool_size"][1]
+
+    resumed = TIE(tiny_model(), **SMALL, seed=3)
+    log = resumed.fit(x, y, epochs=3, progress=False, checkpoint=tmp_path / "part.pt", resume=True)
+    assert same_log(log, full_log)
+    a, b = state_of(full), state_of(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # a different seed gives a different result (the comparison can fail)
+    other = TIE(tiny_model(), **SMALL, seed=4)
+    other.fit(x, y, epochs=3, progress=False)
+    assert not torch.equal(state_of(other)["pool"][:12], a["pool"][:12])
+    # resuming a finished fit does nothing more
+    done = TIE(tiny_model(), **SMALL, seed=3)
+    again = done.fit(x, y, epochs=3, progress=False, checkpoint=tmp_path / "full.pt", resume=True)
+    assert same_log(again, full_log)
+    with pytest.raises(ValueError, match="`epochs`"):
+        TIE(tiny_model(), **SMALL, seed=3).fit(
+            x, y, epochs=4, progress=False, checkpoint=tmp_path / "part.pt", resume=True
+        )
+    with pytest.raises(ValueError, match="`checkpoint`"):
+        TIE(tiny_model(), **SMALL, baseline="all").fit(
+            x, y, epochs=3, progress=False, checkpoint=tmp_path / "part.pt", resume=True
+        )
+
+
+def test_progress_bar_on_stderr(capsys):
+    tie = TIE(tiny_model(), **SMALL)
+    tie.fit(*tiny_data(), epochs=1, progress=True)
+    assert "TIE" in capsys.readouterr().err
+    tie.fit(*tiny_data(), epochs=1, progress=False)
+    assert "TIE" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"threshold": 1.5}, ValueError, "threshold"),
+        ({"stop_fraction": -0.1}, ValueError, "stop_fraction"),
+        ({"baseline": "some"}, ValueError, "baseline"),
+        ({"garbage_size": 0}, ValueError, "garbage_size"),
+        ({"samples_per_class": -1}, ValueError, "samples_per_class"),
+        ({"lr": 0}, ValueError, "lr"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"generator_steps": 0}, ValueError, "generator_steps"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"sample_vector": "hot"}, ValueError, "sample_vector"),
+        ({"num_classes": 4}, ValueError, "num_classes"),
+        ({"input_shape": (3, 8)}, ValueError, "input_shape"),
+        ({"input_shape": (1, 8, 8)}, ValueError, "input_shape"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        TIE(tiny_model(), **{**SMALL, **kwargs})
+
+
+def test_more_errors_name_the_argument():
+    with pytest.raises(ValueError, match="`input_shape`"):
+        TIE(tiny_model())
+    with pytest.raises(TypeError, match="`classifier`"):
+        TIE("model", input_shape=SHAPE)
+    tie = TIE(tiny_model(), **SMALL)
+    x, y = tiny_data()
+    bad = [
+        (lambda: tie.fit(x[:, :1], y), ValueError, "inputs"),
+        (lambda: tie.fit(x.long(), y), TypeError, "inputs"),
+        (lambda: tie.fit(x.numpy(), y), TypeError, "inputs"),
+        (lambda: tie.fit(x, y + 1), ValueError, "labels"),
+        (lambda: tie.fit(x, y[:5]), ValueError, "labels"),
+        (lambda: tie.fit(x, y.float()), TypeError, "labels"),
+        (lambda: tie.fit(x, y, epochs=0), ValueError, "epochs"),
+        (lambda: tie.fit(x, y, resume=True), ValueError, "checkpoint"),
+        (lambda: tie.fit(x, y, checkpoint=3), TypeError, "checkpoint"),
+        (lambda: tie.ood_score(x, "energy"), ValueError, "kind"),
+        (lambda: tie.predict(x[0]), ValueError, "inputs"),
+        (lambda: tie.predict(x, batch_size=0), ValueError, "batch_size"),
+    ]
+    for call, error, name in bad:
+        with pytest.raises(error, match=f"`{name}`"):
+            call()
+    assert tie.pool is None  # nothing happened
+
+
+def test_checkpoint_from_elsewhere_is_refused(tmp_path):
+    torch.save({"format": "something"}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="`checkpoint`"):
+        TIE(tiny_model(), **SMALL).fit(
+            *tiny_data(), epochs=1, progress=False, checkpoint=tmp_path / "c.pt", resume=True
+        )
+
+
+# --------------------------------------------------------------------------- distributed
+def _gloo_fit(rank, world, out_dir):
+    torch.manual_seed(0)
+    x, y = tiny_data(64)
+    tie = TIE(tiny_model(), **SMALL, seed=5)
+    log = tie.fit(x, y, epochs=2, progress=False, checkpoint=f"{out_dir}/c.pt")
+    torch.save(
+        {"state": state_of(tie), "accuracy": log["accuracy"], "epochs": len(log["epoch"])},
+        f"{out_dir}/rank{rank}.pt",
+    )
+
+
+@pytest.mark.slow  # two spawned processes each import torch (about 30 s on 2 shared cores)
+def test_two_gloo_processes_end_identical(tmp_path):
+    run_gloo(_gloo_fit, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys()
+    for key in a:  # parameters, buffers (broadcast from rank 0) and the pool
+        assert torch.equal(a[key], b[key]), key
+    assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # all-reduced over both shards
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["inversion"]["rng"]) == 2
+    # one process on all the data trains differently (it sees the whole epoch)
+    single = TIE(tiny_model(), **SMALL, seed=5)
+    single.fit(*tiny_data(64), epochs=ranks[0]["epochs"], progress=False)
+    assert not torch.equal(state_of(single)["c.classifier.weight"], a["c.classifier.weight"])
+
+
+# --------------------------------------------------------------------------- device
+@pytest.mark.cuda
+def test_cuda_fit_and_autocast_scores():
+    device = torch.device("cuda")
+    tie = TIE(tiny_model().to(device), **SMALL)
+    x, y = tiny_data()
+    log = tie.fit(x.to(device), y.to(device), epochs=2, progress=False)
+    assert tie.pool.device.type == "cuda" and len(log["epoch"]) >= 1
+    with torch.autocast("cuda", dtype=torch.float16):
+        scores = tie.in_distribution_score(x.to(device))
+        result = tie.predict(x.to(device))
+    assert scores.device.type == "cuda" and bool(torch.isfinite(scores).all())
+    assert result.labels.device.type == "cuda"
+    # CPU inputs: scores come back on the inputs' device
+    assert tie.ood_score(x).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- real digits
+@pytest.mark.slow
+def test_short_tie_on_the_bundled_model_learns_a_garbage_class():
+    from captum_ext.data import load_mnist_split, normalize_digits
+
+    split = load_mnist_split()
+    x = normalize_digits(torch.from_numpy(split.train_images[:1000])).unsqueeze(1)
+    y = torch.from_numpy(split.train_labels[:1000])
+    x_test = normalize_digits(torch.from_numpy(split.heldout_images[:300])).unsqueeze(1)
+    y_test = torch.from_numpy(split.heldout_labels[:300])
+    model = load_bundled_model()
+    before = model_snapshot(model)
+    tie = TIE(model, generator_steps=10, generator_width=16, latent_dim=16)
+    log = tie.fit(x, y, epochs=4, progress=False)
+    assert_model_unchanged(model, before)
+    with torch.no_grad():
+        plain = (model(x_test).argmax(1) == y_test).double().mean().item()
+    result = tie.predict(x_test)
+    accuracy = (result.labels == y_test).double().mean().item()
+    assert accuracy >= plain - 0.05  # the digits are still recognised
+    assert result.is_garbage.double().mean().item() < 0.05
+    # fresh noise of the seeding kind (the data's mean and std) goes to the garbage class
+    gen = torch.Generator().manual_seed(99)
+    noise = torch.randn(200, 1, 28, 28, generator=gen) * x.std() + x.mean()
+    # (0.95 measured; the plain model, or an untrained garbage row, puts about none there)
+    assert tie.predict(noise).is_garbage.double().mean().item() > 0.8
+    assert tie.in_distribution_score(x_test).mean() > tie.in_distribution_score(noise).mean()
+    assert len(log["epoch"]) >= 1 and log["pool_size"][-1] > 1000 // 10
