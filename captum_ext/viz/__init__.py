@@ -13,12 +13,16 @@ tqdm; each is imported only when the function that needs it runs).
   masks, their read-outs, and the circuits of the image and of its kept pixels).
 - :func:`inversion_section`: "What does the classifier think each class looks like?" (samples
   of a trained network-inversion generator, with label consistency, confidence, diversity).
+- :func:`ood_section`: "Does the classifier know what it has not seen?" (a fitted TIE
+  detector: garbage-class rates, AUROC / AUPR / FPR@95TPR per OOD set beside max-softmax and
+  energy, score histograms, the garbage pool, the training log).
 - :func:`trust_section`: "Which predictions can I trust?" (GradTrust vs softmax confidence,
   accuracy-retention curves of every trust score, the least-trusted images with their maps).
 """
 
 from .inversion import inversion_section
 from .masks import minimal_mask_section
+from .ood import ood_section
 from .overlay import overlay, save_png, to_uint8_rgb
 from .report import Figure, Report, Row, Section, Table, contrastive_section
 from .trust import trust_section
@@ -34,6 +38,7 @@ __all__ = [
     "explanation_metrics_section",
     "inversion_section",
     "minimal_mask_section",
+    "ood_section",
     "overlay",
     "save_png",
     "to_uint8_rgb",

@@ -1,0 +1,252 @@
+r"""Report section "Does the classifier know what it has not seen?" (TIE OOD detection).
+
+:func:`ood_section` reads a fitted :class:`~captum_ext.inversion.TIE` detector: how often it
+sends in-distribution and out-of-distribution images to its garbage class, the threshold-free
+metrics (AUROC, AUPR-In, FPR at 95 % TPR) per OOD set, beside the plain classifier's
+max-softmax and energy scores when it is given, the distributions of the scores, the garbage
+pool it learnt to reject, and its training log.
+
+Papers: Suhail, Sethi et al., "TIE: A Training-Inversion-Exclusion Framework" (arXiv
+2512.00229) and "Network Inversion for Uncertainty-Aware Out-of-Distribution Detection"
+(arXiv 2505.23448).
+
+Example::
+
+    >>> from captum_ext.viz import Report, ood_section
+    >>> report = Report("OOD")
+    >>> report.add_section(ood_section(tie, heldout, {"letters": letters, "noise": noise}, "out",
+    ...                                plain_model=model, denormalize=denormalize_digits))
+    >>> report.write("out")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from .report import Figure, Section, Table, _model_device
+
+__all__ = ["ood_section"]
+
+_PLOT_WIDTH = 480
+
+
+def _check_set(images: Any, argument: str) -> Tensor:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"`{argument}` must be a non-empty N x C x H x W tensor, got {got}.")
+    return images
+
+
+def _metrics(inside: Tensor, outside: Tensor) -> str:
+    from captum_ext.metrics import aupr, auroc, fpr_at_tpr
+
+    return (
+        f"{auroc(inside, outside):.3f} / {aupr(inside, outside):.3f} / "
+        f"{fpr_at_tpr(inside, outside):.3f}"
+    )
+
+
+def _plot_histograms(scores: dict[str, Tensor], path: Path) -> Path:
+    from matplotlib.figure import Figure as PlotFigure
+
+    figure = PlotFigure(figsize=(4.8, 3.6), dpi=100, layout="constrained")
+    ax = figure.subplots()
+    bins = np.linspace(0.0, 1.0, 41)
+    for name, values in scores.items():
+        ax.hist(values.double().numpy(), bins=bins, histtype="step", linewidth=1.6, label=name)
+    ax.set_xlabel("TIE in-distribution score (1 - OOD score)")
+    ax.set_ylabel("images")
+    ax.set_yscale("log")
+    ax.set_title("Scores, in-distribution vs each OOD set")
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _plot_pool(pool: Tensor, denormalize: Callable | None, count: int, path: Path) -> Path:
+    from matplotlib.figure import Figure as PlotFigure
+
+    shown = pool[:count].detach().float().cpu()
+    if denormalize is not None:
+        shown = denormalize(shown)
+    else:
+        low, high = shown.min(), shown.max()
+        shown = (shown - low) / (high - low).clamp_min(1e-12)
+    shown = shown.clamp(0, 1)
+    columns = min(10, shown.shape[0])
+    rows = math.ceil(shown.shape[0] / columns)
+    figure = PlotFigure(figsize=(0.8 * columns, 0.8 * rows), dpi=80, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    for ax, image in zip(axes, shown):
+        if image.shape[0] == 1:
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(image[:3].permute(1, 2, 0).numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def ood_section(
+    tie: Any,
+    in_distribution: Tensor,
+    ood_sets: Mapping[str, Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    plain_model: Callable | None = None,
+    denormalize: Callable | None = None,
+    kind: str = "max_in",
+    pool_images: int = 30,
+    title: str = "Does the classifier know what it has not seen? (TIE)",
+) -> Section:
+    r"""The section "Does the classifier know what it has not seen?" for a fitted TIE.
+
+    Scores (higher = more in-distribution; ``kind`` selects TIE's score, see
+    :meth:`~captum_ext.inversion.TIE.ood_score`):
+
+    .. code-block:: text
+
+        TIE          s(x) = 1 - ood_score(x)     ("max_in": max in-distribution probability)
+        max-softmax  s(x) = max_c softmax(f(x))_c          (plain classifier f, if given)
+        energy       s(x) = logsumexp_c f(x)_c             (plain classifier f, if given)
+
+    and, per OOD set, ``AUROC / AUPR-In / FPR@95TPR`` of separating the in-distribution
+    images (positive) from the set (:func:`~captum_ext.metrics.auroc`,
+    :func:`~captum_ext.metrics.aupr`, :func:`~captum_ext.metrics.fpr_at_tpr`), and the share
+    of images TIE assigns to its garbage class.
+
+    Rows: a table of those metrics with a histogram of TIE's scores; a grid of the garbage
+    pool (the noise seeds and the inverted samples TIE learnt to reject); and the training
+    log (per epoch: accuracy, pool size, excluded fraction, mean UE). PNGs go to
+    ``out_dir/images/ood/``.
+
+    Args:
+        tie (TIE): a fitted detector.
+        in_distribution (Tensor): N x C x H x W in-distribution test images (normalised as
+            the classifier expects).
+        ood_sets (Mapping[str, Tensor]): name -> out-of-distribution images.
+        out_dir (str or PathLike): the report folder.
+        plain_model (Callable, optional): the n-class classifier without TIE, for the
+            max-softmax and energy columns. Default: None (no baseline columns).
+        denormalize (callable, optional): maps the classifier's inputs to [0, 1] for the pool
+            grid, e.g. :func:`captum_ext.data.denormalize_digits`. Default: None (min-max).
+        kind (str, optional): TIE's score: ``"max_in"``, ``"ue"`` or ``"garbage"``.
+            Default: ``"max_in"``.
+        pool_images (int, optional): images of the garbage pool shown (newest last).
+            Default: 30.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: the rows described above.
+
+    Examples::
+
+        >>> section = ood_section(tie, heldout, {"noise": noise}, "out", plain_model=model)
+        >>> section.rows[0].table.columns[:3]
+        ['images', 'count', 'sent to garbage']
+    """
+    from captum_ext.inversion import TIE
+    from captum_ext.metrics import energy, softmax_confidence
+
+    if not isinstance(tie, TIE):
+        raise TypeError(f"`tie` must be a fitted TIE detector, got {type(tie).__name__}.")
+    if tie.pool is None:
+        raise ValueError("`tie` has not been fitted yet: call tie.fit(inputs, labels) first.")
+    in_distribution = _check_set(in_distribution, "in_distribution")
+    if not isinstance(ood_sets, Mapping) or not ood_sets:
+        raise ValueError("`ood_sets` must be a non-empty mapping of name -> images.")
+    sets = {str(k): _check_set(v, f"ood_sets[{k!r}]") for k, v in ood_sets.items()}
+    if isinstance(pool_images, bool) or not isinstance(pool_images, int) or pool_images < 0:
+        raise ValueError(f"`pool_images` must be a non-negative int, got {pool_images!r}.")
+    folder = Path(out_dir) / "images" / "ood"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def tie_score(x: Tensor) -> Tensor:
+        return (1.0 - tie.ood_score(x, kind=kind)).detach().double().cpu()
+
+    def garbage_share(x: Tensor) -> float:
+        return float(tie.predict(x).is_garbage.double().mean())
+
+    baselines: dict[str, Callable[[Tensor], Tensor]] = {}
+    if plain_model is not None:
+        device = _model_device(plain_model, in_distribution)
+        baselines = {
+            "max-softmax": lambda x: softmax_confidence(plain_model, x.to(device)).double().cpu(),
+            "energy": lambda x: energy(plain_model, x.to(device)).double().cpu(),
+        }
+    columns = ["images", "count", "sent to garbage", "TIE"] + list(baselines)
+    table = Table(
+        columns,
+        caption="AUROC / AUPR-In / FPR@95TPR against the in-distribution images (higher, "
+        "higher, lower are better); in-distribution is the positive class",
+    )
+    inside = {"TIE": tie_score(in_distribution)}
+    inside.update({name: fn(in_distribution) for name, fn in baselines.items()})
+    table.add_row(
+        ["in-distribution", in_distribution.shape[0], f"{garbage_share(in_distribution):.1%}"]
+        + ["-"] * (1 + len(baselines))
+    )
+    histogram = {"in-distribution": inside["TIE"]}
+    for name, images in sets.items():
+        outside_tie = tie_score(images)
+        histogram[name] = outside_tie
+        cells = [name, images.shape[0], f"{garbage_share(images):.1%}"]
+        cells.append(_metrics(inside["TIE"], outside_tie))
+        cells += [_metrics(inside[b], fn(images)) for b, fn in baselines.items()]
+        table.add_row(cells)
+    figures = [
+        Figure(
+            "TIE scores (log scale)",
+            _plot_histograms(histogram, folder / "scores.png"),
+            _PLOT_WIDTH,
+        )
+    ]
+    section = Section(
+        title,
+        intro=(
+            "TIE gives the classifier an extra 'garbage' class, seeded with noise images and "
+            "filled, epoch after epoch, with the classifier's own uncertain inverted samples: "
+            "a generator is trained to produce images of every class, and those the "
+            "classifier is unsure about (UE above the threshold) join the garbage pool. The "
+            "classifier thus learns to say 'none of these' without seeing any "
+            "out-of-distribution data. Sent to garbage: the share of images TIE assigns to "
+            "that class."
+        ),
+    )
+    section.add_row("Detection", figures, table=table)
+    if pool_images and tie.pool is not None and tie.pool.shape[0]:
+        pool = tie.pool[-pool_images:]
+        path = _plot_pool(pool, denormalize, pool_images, folder / "garbage_pool.png")
+        section.add_row(
+            f"The garbage pool ({tie.pool.shape[0]} images; the newest {pool.shape[0]} shown)",
+            [Figure("What TIE learnt to reject", path, _PLOT_WIDTH)],
+        )
+    log = tie.log
+    if log.get("epoch"):
+        history = Table(
+            ["epoch", "accuracy", "pool size", "excluded fraction", "mean UE"],
+            caption="Training log (a last row without UE is the final training epoch)",
+        )
+        for i in range(len(log["epoch"])):
+            ue = log["mean_ue"][i]
+            history.add_row(
+                [
+                    f"{log['epoch'][i]:g}",
+                    f"{log['accuracy'][i]:.3f}",
+                    log["pool_size"][i],
+                    f"{log['excluded_fraction'][i]:.3f}",
+                    "-" if ue != ue else f"{ue:.3f}",
+                ]
+            )
+        section.add_row("Training", table=history)
+    return section
