@@ -58,6 +58,17 @@ def make_tiny_cnn(seed: int = 0, dtype=torch.float64, **kwargs) -> TinyCNN:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny optimisation steps (the test machines share
+    2 cores, and oversubscription makes such tests many times slower); restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_cnn() -> TinyCNN:
     return make_tiny_cnn()
 

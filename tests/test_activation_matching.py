@@ -29,13 +29,7 @@ from captum_ext.attr._mask_net import (
 TINY_LAYERS = ["features.1", "features.3", "head"]  # BN map before an in-place ReLU, map, vector
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of tiny optimisation steps: one thread avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_images(n: int = 4, size: int = 8, seed: int = 1, dtype=torch.float64) -> torch.Tensor:

@@ -34,13 +34,7 @@ from captum_ext.inversion._features import _feature_tap, _find_last_linear
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (the test machines share 2 cores), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:

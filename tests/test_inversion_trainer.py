@@ -23,13 +23,7 @@ from captum_ext.inversion import (
 SHAPE = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (the test machines share 2 cores), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CLASSES = 5

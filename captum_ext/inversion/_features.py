@@ -120,3 +120,24 @@ def _feature_tap(
         return _FeatureTap(_find_last_linear(classifier, example), layer_input=True)
     layer = resolve_layer(classifier, feature_layer, argument="feature_layer")
     return _FeatureTap(layer, layer_input=bool(layer_input))
+
+
+def count_classes(model: nn.Module, input_shape, device, dtype) -> int:
+    """The number of logits ``model`` returns for (C, H, W) = ``input_shape`` inputs, from
+    one forward pass on two zero images (eval mode, no gradients; the model's state is
+    restored). A model that fails on such inputs, or does not return N x K logits, raises a
+    ValueError naming ``input_shape`` / ``classifier``."""
+    example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
+    with preserved_state([model]), torch.no_grad():
+        model.eval()
+        try:
+            logits = model(example)
+        except Exception as error:
+            raise ValueError(
+                f"`input_shape` {tuple(input_shape)}: the classifier fails on such inputs "
+                f"({type(error).__name__}: {error})."
+            ) from error
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"`classifier` must return N x K logits, got {got}.")
+    return int(logits.shape[1])

@@ -33,7 +33,7 @@ from captum_ext._utils.training import (
     unwrap_distributed,
     wrap_distributed,
 )
-from captum_ext.inversion._features import _find_last_linear
+from captum_ext.inversion._features import _find_last_linear, count_classes
 from captum_ext.inversion.generator import ConditionedGenerator
 from captum_ext.inversion.trainer import NetworkInversion
 
@@ -155,25 +155,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _probe(model: nn.Module, input_shape, device, dtype, argument: str) -> int:
-    example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
-    with preserved_state([model]), torch.no_grad():
-        model.eval()
-        try:
-            logits = model(example)
-        except Exception as error:
-            raise ValueError(
-                f"`input_shape` {tuple(input_shape)}: the {argument} fails on such inputs "
-                f"({type(error).__name__}: {error})."
-            ) from error
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError(
-            f"`{argument}` must return N x K logits, got "
-            f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}."
-        )
-    return int(logits.shape[1])
 
 
 def _clear_hooks(model: nn.Module) -> None:
@@ -461,7 +442,7 @@ class TIE:
 
         if isinstance(classifier, nn.Module):
             device, dtype = _model_device_dtype(classifier)
-            outputs = _probe(classifier, self.input_shape, device, dtype, "classifier")
+            outputs = count_classes(classifier, self.input_shape, device, dtype)
             if outputs < 2:
                 raise ValueError(f"`classifier` must have at least 2 outputs, got {outputs}.")
             if num_classes is not None and num_classes != outputs:
@@ -484,7 +465,7 @@ class TIE:
                     f"`classifier` factory must return an nn.Module, got {type(model).__name__}."
                 )
             device, dtype = _model_device_dtype(model)
-            outputs = _probe(model, self.input_shape, device, dtype, "classifier")
+            outputs = count_classes(model, self.input_shape, device, dtype)
             if outputs != num_classes + 1:
                 raise ValueError(
                     f"`classifier` factory must build a model with num_classes + 1 = "

@@ -22,7 +22,7 @@ from captum_ext._utils.training import (
     unwrap_distributed,
     wrap_distributed,
 )
-from captum_ext.inversion._features import _feature_tap
+from captum_ext.inversion._features import _feature_tap, count_classes
 from captum_ext.inversion.conditioning import _check_labels, hot_matrices, one_hot_vectors
 from captum_ext.inversion.generator import ConditionedGenerator
 from captum_ext.inversion.losses import (
@@ -306,22 +306,7 @@ class NetworkInversion:
             or not all(isinstance(s, int) and s > 0 for s in input_shape)
         ):
             raise ValueError(f"`input_shape` must be (C, H, W) of positive ints, got {input_shape}")
-        example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
-        with preserved_state([classifier]), torch.no_grad():
-            classifier.eval()
-            try:
-                logits = classifier(example)
-            except Exception as error:
-                raise ValueError(
-                    f"`input_shape` {tuple(input_shape)}: the classifier fails on such inputs "
-                    f"({type(error).__name__}: {error})."
-                ) from error
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            raise ValueError(
-                "`classifier` must return N x K logits, got "
-                f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}."
-            )
-        return int(logits.shape[1])
+        return count_classes(classifier, input_shape, device, dtype)
 
     @property
     def classifier(self) -> nn.Module:
