@@ -67,3 +67,9 @@ def _row_label(
 
 def _to_cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", torch.float32)
+
+
+def _check_count(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{argument}` must be a non-negative int, got {value!r}.")
+    return value

@@ -34,7 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import _check_images, _check_names_labels, _class_names, _to_cpu, _true_class
+from ._checks import (
+    _check_count,
+    _check_images,
+    _check_names_labels,
+    _class_names,
+    _to_cpu,
+    _true_class,
+)
 from .overlay import save_png, to_uint8_rgb
 from .report import (
     Figure,
@@ -53,12 +60,6 @@ _MODES = ("amortised", "per_image")
 _CIRCUIT_WIDTH = 300
 #: brightness of the pixels a mask leaves out, in the "kept pixels" picture
 _DIM = 0.2
-
-
-def _check_count(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{argument}` must be a non-negative int, got {value!r}.")
-    return value
 
 
 def _mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -41,7 +41,14 @@ from torch import Tensor, nn
 
 from captum_ext._utils.layers import resolve_layer, root_module
 
-from ._checks import _check_images, _check_names_labels, _class_names, _to_cpu, _true_class
+from ._checks import (
+    _check_count,
+    _check_images,
+    _check_names_labels,
+    _class_names,
+    _to_cpu,
+    _true_class,
+)
 from .overlay import overlay, save_png
 from .report import (
     Figure,
@@ -89,12 +96,6 @@ def _check_scores(scores: Any, model: Any) -> list[str]:
             f"of captum_ext.metrics.SCORES: {', '.join(SCORES)}."
         )
     return [*_REQUIRED, *(name for name in names if name not in _REQUIRED)]
-
-
-def _check_count(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{argument}` must be a non-negative int, got {value!r}.")
-    return value
 
 
 def _labels_column(labels: list[Any] | None, n: int, num_classes: int) -> Tensor:
