@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.layers import resolve_layer, root_module
+from captum_ext._utils.training import atomic_path
 
 from .overlay import overlay, save_png
 
@@ -248,14 +248,8 @@ class Report:
             figure_width=_FIGURE_WIDTH,
         )
         index = out / "index.html"
-        handle, temporary = tempfile.mkstemp(dir=out, prefix=".index-", suffix=".html")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as f:
-                f.write(html)
-            os.replace(temporary, index)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_path(index) as temporary:
+            temporary.write_text(html, encoding="utf-8")
         return index
 
     @staticmethod
