@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-#: Modules that keep channels apart (act on each channel separately or only reshape).
-_CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+#: Normalisations and activations: they act on each channel separately.
+_NORMS_AND_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
     nn.ReLU,
@@ -50,6 +50,10 @@ _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Hardsigmoid,
     nn.Hardtanh,
     nn.Softplus,
+)
+#: Modules that keep channels apart (act on each channel separately or only reshape).
+_CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+    *_NORMS_AND_ACTIVATIONS,
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd,
@@ -63,22 +67,7 @@ _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
 _INGRESS_MODULES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 #: Leaf modules that may follow a convolution inside the same plain stage.
 _POST_CONV_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardtanh,
-    nn.Tanh,
-    nn.Sigmoid,
+    *_NORMS_AND_ACTIVATIONS,
     nn.modules.dropout._DropoutNd,
     nn.Identity,
 )
