@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import networkx as nx
@@ -88,19 +87,6 @@ def _in_device_order(
         f"`{argument}`: layer {name!r} {what} in one forward pass; each stage must run exactly "
         "once."
     )
-
-
-@contextlib.contextmanager
-def _buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Put back the buffers (batch-norm running statistics) a forward in train mode updates."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                if not torch.equal(buffer, value):
-                    buffer.copy_(value)
 
 
 def _stable_top(values: Tensor, k: int) -> Tensor:
@@ -413,7 +399,6 @@ class CircuitReadout:
 
         with (
             preserved_state([model]),
-            _buffers_restored(model),
             registered_hooks(*registrations),
         ):
             if gradient:
