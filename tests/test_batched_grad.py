@@ -157,7 +157,7 @@ def test_engine_leaves_model_unchanged_on_success_and_failure(tiny_inputs):
 
     model.pool = Boom()
     before = model_snapshot(model)
-    with pytest.raises(ValueError, match="boom after the layer"):
+    with pytest.raises(RuntimeError, match="boom after the layer"):
         class_gradients(model, (tiny_inputs,), 0, layer=model.features[3])
     assert_model_unchanged(model, before)
 

@@ -56,6 +56,15 @@ class ClassGradients:
     multi: bool
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to ``error`` (PEP 678), so that it is shown with the traceback; the
+    exception keeps its type. Python 3.10 has no ``add_note``: the note goes into ``args``."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    elif error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{note}", *error.args[1:])
+
+
 def run_forward(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -69,12 +78,15 @@ def run_forward(
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError) as error:
+        # keep the model's own exception (its type, message and traceback); add which inputs
+        # it was called with, so that a shape mismatch is easy to trace back
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(
-            f"forward_func raised on `inputs` of shape {shapes}: {first_line}. If the inputs "
-            "are at fault, check the rank and size the model expects (batch first)."
-        ) from error
+        add_note(
+            error,
+            f"captum_ext: forward_func raised on `inputs` of shape {shapes}. If the inputs are "
+            "at fault, check the rank and size the model expects (batch first).",
+        )
+        raise
     if output_transform is not None:
         output = output_transform(output)
     n = inputs[0].shape[0]
