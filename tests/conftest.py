@@ -68,6 +68,40 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+#: Factors applied to the bundled model's logits by :func:`make_confident_model`. The bundled
+#: model's median top-1/top-2 logit gap on the 40 sample digits is 9.7, so these give median
+#: gaps of about 29, 290 and 9,700 (ImageNet models are at the low end of that range).
+CONFIDENT_SCALES = (3.0, 30.0, 1000.0)
+
+
+def make_confident_model(scale: float, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The bundled digit model with every logit multiplied by ``scale`` (the final linear
+    layer's weight and bias scaled): same predictions and maps up to the factor, ``scale``
+    times the logit gaps. Real trained models are this confident; float32 arithmetic that
+    forms ``exp(z)`` or ``1 - p`` breaks on them."""
+    from captum_ext.data import load_bundled_model
+
+    model = load_bundled_model()
+    with torch.no_grad():
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.mul_(scale)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=CONFIDENT_SCALES, ids=lambda s: f"x{s:g}")
+def confident_model(request) -> nn.Module:
+    """The bundled model made confident (median logit gap 29, 290 or 9,700), float32."""
+    return make_confident_model(request.param)
+
+
+@pytest.fixture
+def sample_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 40 bundled sample digits (normalised, N x 1 x 28 x 28) and their labels."""
+    from captum_ext.data import load_sample_digits
+
+    return load_sample_digits()
+
+
 @pytest.fixture
 def tiny_cnn() -> TinyCNN:
     return make_tiny_cnn()
