@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from captum.attr import (
@@ -171,3 +173,76 @@ class TestBadInput:
         model = nn.Conv2d(3, 2, 3).double()
         with pytest.raises(ValueError, match="output_transform"):
             Contrastive(Saliency, model).attribute(tiny_inputs, 0)
+
+
+class CountForwards:
+    """Counts the model's forward calls with a forward hook (removed on exit)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_hook(self._count)
+        return self
+
+    def _count(self, module, args, output):
+        self.calls += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("contrast", [2, [3, 1, 0, 4], torch.tensor([3, 1, 0, 4])])
+def test_one_forward_when_the_contrast_is_given(tiny_cnn, tiny_inputs, contrast):
+    """Saliency runs the model once itself; before the fix, Contrastive ran it once more to
+    find the classes (2 forwards), now only when it must (runner-up, 'all')."""
+    saliency = Contrastive(Saliency, tiny_cnn)
+    with CountForwards(tiny_cnn) as counter:
+        saliency.attribute(tiny_inputs, contrast)
+    assert counter.calls == 1
+    with CountForwards(tiny_cnn) as counter:
+        saliency.attribute(tiny_inputs)  # the runner-up needs the logits first
+    assert counter.calls == 2
+
+
+def test_an_explicit_contrast_out_of_range_is_still_refused(tiny_cnn, tiny_inputs):
+    before = model_snapshot(tiny_cnn)
+    for method in (Contrastive(Saliency, tiny_cnn), Contrastive(IntegratedGradients, tiny_cnn)):
+        with pytest.raises(ValueError, match=r"`contrast` holds class indices outside \[0, 5\)"):
+            method.attribute(tiny_inputs, [0, 1, 2, 7])
+        with pytest.raises(ValueError, match="contrast"):
+            method.attribute(tiny_inputs, [[0, 9]])
+    assert_model_unchanged(tiny_cnn, before)
+    assert Contrastive(Saliency, tiny_cnn).contrastive_forward._max_class is None
+
+
+@pytest.mark.parametrize(
+    "make, kwargs",
+    [
+        (lambda m: Contrastive(Saliency, m), {}),
+        (lambda m: Contrastive(IntegratedGradients, m), {"n_steps": 4}),
+        (lambda m: Contrastive(NoiseTunnel(Saliency(m))), {"nt_samples": 2}),
+        (lambda m: Contrastive(LayerGradCam, m, m.features[3]), {}),
+    ],
+)
+@pytest.mark.parametrize("contrast", [None, 1, "all"])
+def test_train_mode_batchnorm_statistics_come_back_unchanged(
+    tiny_cnn, tiny_inputs, make, kwargs, contrast
+):
+    model = tiny_cnn.train()
+    before = model_snapshot(model)
+    make(model).attribute(tiny_inputs, contrast, **kwargs)
+    assert_model_unchanged(model, before)
+    assert all(m.training for m in model.modules())
+
+
+def test_confident_model_saliency_is_finite_and_equals_float64(confident_model, sample_digits):
+    images = sample_digits[0][:8]
+    got = Contrastive(Saliency, confident_model).attribute(images, abs=False)
+    assert torch.isfinite(got).all()
+    reference = copy.deepcopy(confident_model).double()
+    logits = reference(images.double())
+    runner_up = logits.topk(2).indices[:, 1]
+    expected = cross_entropy_gradient(reference, images.double(), runner_up)
+    scale = expected.abs().amax(dim=(1, 2, 3), keepdim=True)
+    assert ((got.double() - expected).abs() <= 1e-4 * scale).all()

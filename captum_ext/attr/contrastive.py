@@ -7,9 +7,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from captum.attr import Attribution, GradientAttribution, NoiseTunnel
+from captum.attr import (
+    LRP,
+    Attribution,
+    DataLoaderAttribution,
+    DeepLift,
+    GradientAttribution,
+    LayerActivation,
+    LayerFeaturePermutation,
+    LLMAttribution,
+    LLMGradientAttribution,
+    NeuronAttribution,
+)
 from captum.log import log_usage
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._utils.batched_grad import run_forward
 from .._utils.layers import root_module
@@ -19,18 +30,94 @@ from .._utils.validation import class_selection, format_inputs, repeat_per_examp
 DEFAULT_ROWS_PER_CALL = 64
 
 
-class ContrastiveForward:
+class _PairedNegLogSoftmax(torch.autograd.Function):
+    r"""``-log_softmax`` whose backward is DeepLift's rescale rule (Shrikumar et al., 2017).
+
+    Used while a DeepLift method runs its paired forward on ``cat([inputs, baselines])``:
+    rows ``i`` and ``i + N`` of the (2N, C) logits are an input and its baseline. The
+    backward replaces the softmax by the secant softmax of the pair (see
+    :func:`_secant_softmax`), so that multipliers times ``z(x) - z(baseline)`` sum exactly to
+    ``CE_Q(x) - CE_Q(baseline)``. The forward value is the plain ``-log_softmax``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        ctx.save_for_backward(logits)
+        return -torch.log_softmax(logits, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (logits,) = ctx.saved_tensors
+        if logits.shape[0] % 2:
+            raise RuntimeError(
+                "Contrastive: a DeepLift method ran its paired forward on an odd batch "
+                f"({logits.shape[0]} rows); expected inputs and baselines concatenated."
+            )
+        half = logits.shape[0] // 2
+        secant = _secant_softmax(logits[:half].detach(), logits[half:].detach())
+        secant = torch.cat([secant, secant]).to(grad.dtype)
+        # d(-log softmax_j)/dz_c = p_c - [j == c]; with p replaced by the secant softmax
+        return secant * grad.sum(dim=1, keepdim=True) - grad
+
+
+def _one_minus_exp_over(t: Tensor) -> Tensor:
+    """(1 - exp(-t)) / t for t >= 0, with its limit 1 at t = 0 (no cancellation)."""
+    tiny = t < 1e-12
+    safe = torch.where(tiny, torch.ones_like(t), t)
+    return torch.where(tiny, torch.ones_like(t), -torch.expm1(-safe) / safe)
+
+
+def _secant_softmax(z: Tensor, z0: Tensor) -> Tensor:
+    r"""DeepLift multipliers of ``logsumexp`` between logits ``z0`` (baseline) and ``z``.
+
+    ``logsumexp(z) = log(sum_c exp(z_c))`` decomposed as element-wise ``exp``, a sum and
+    ``log``, each element-wise step with the rescale rule ``(f(b) - f(a)) / (b - a)``:
+
+    .. code-block:: text
+
+        p~_c = (L - L0) / (exp L - exp L0) * (exp z_c - exp z0_c) / (z_c - z0_c)
+             = exp(max(z_c, z0_c) - max(L, L0)) * phi(|z_c - z0_c|) / phi(|L - L0|)
+
+    with ``L = logsumexp(z)``, ``phi(t) = (1 - exp(-t)) / t`` (``phi(0) = 1``). Then
+    ``sum_c p~_c (z_c - z0_c) = L - L0`` exactly, ``p~ = softmax(z)`` when ``z = z0``, and no
+    term overflows however large the logits (``z_c <= L``). Computed in float64 for float64
+    logits, else float32.
+    """
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z, z0 = z.to(dtype), z0.to(dtype)
+    lse, lse0 = torch.logsumexp(z, dim=1, keepdim=True), torch.logsumexp(z0, dim=1, keepdim=True)
+    scale = torch.exp(torch.maximum(z, z0) - torch.maximum(lse, lse0))
+    return scale * _one_minus_exp_over((z - z0).abs()) / _one_minus_exp_over((lse - lse0).abs())
+
+
+class ContrastiveForward(nn.Module):
     r"""``x -> -log_softmax(f(x))``: column Q is the per-example cross-entropy with label Q.
 
     Handing this function to a Captum method with ``target=Q`` makes the method explain
-    ``CE(f(x), Q)`` instead of the logit of the target class.
+    ``CE(f(x), Q)`` instead of the logit of the target class. It is an ``nn.Module`` holding
+    the model as a submodule, so methods that work on a model rather than a function
+    (DeepLift, GuidedBackprop) can be built on it too.
+
+    Args:
+        forward_func (Callable): the model (an ``nn.Module``, a bound ``forward`` or a
+            function) returning (N, C) logits.
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits.
     """
 
     def __init__(self, forward_func: Callable, output_transform: Callable | None = None):
+        super().__init__()
         self.forward_func = forward_func
+        owner = root_module(forward_func)
+        if owner is not None and owner is not forward_func:
+            self.model = owner  # a bound forward: hold its module, so hooks reach its layers
         self.output_transform = output_transform
+        # set by Contrastive for the duration of one attribute call
+        self._paired = False
+        self._max_class: int | None = None
+        self._calls = 0
 
-    def __call__(self, *args: Any) -> Tensor:
+    def forward(self, *args: Any) -> Tensor:
+        self._calls += 1
         output = self.forward_func(*args)
         if self.output_transform is not None:
             output = self.output_transform(output)
@@ -40,15 +127,81 @@ class ContrastiveForward:
                 f"forward_func must return (N, classes) logits, got {got}; pass "
                 "`output_transform` to Contrastive."
             )
+        if self._max_class is not None and self._max_class >= output.shape[1]:
+            raise ValueError(
+                f"`contrast` holds class indices outside [0, {output.shape[1]}) for a model "
+                f"with {output.shape[1]} outputs."
+            )
+        if self._paired:
+            return _PairedNegLogSoftmax.apply(output)
         return -torch.log_softmax(output, dim=1)
 
 
-def _swap_forward(method: Attribution, forward: ContrastiveForward) -> Attribution:
-    """A shallow copy of ``method`` (and of NoiseTunnel's inner method) using ``forward``."""
+#: Captum methods that explain no output class, or whose rules stop at the logits.
+_REFUSED: tuple[tuple[type, str], ...] = (
+    (
+        NeuronAttribution,
+        "it explains one neuron of a layer, not the model's output, so there is no class "
+        "to contrast",
+    ),
+    (LayerActivation, "it returns a layer's activations and explains no output class"),
+    (
+        LRP,
+        "its relevance rules are defined layer by layer for the logit; the cross-entropy "
+        "-log_softmax(f(x))_Q has no LRP rule, so relevance would not be conserved",
+    ),
+    (
+        DataLoaderAttribution,
+        "it aggregates over a data loader; wrap the attribution method inside it instead",
+    ),
+    (
+        LayerFeaturePermutation,
+        "in Captum 0.9 it fails with any `target` (the target column is selected twice), "
+        "and Contrastive always passes the contrast class as the target",
+    ),
+    (LLMAttribution, "it explains generated text, not (N, classes) logits"),
+    (LLMGradientAttribution, "it explains generated text, not (N, classes) logits"),
+)
+
+
+def _refusal(method: type | Attribution) -> str | None:
+    for refused, why in _REFUSED:
+        if (isinstance(method, type) and issubclass(method, refused)) or isinstance(
+            method, refused
+        ):
+            name = method.__name__ if isinstance(method, type) else type(method).__name__
+            return f"Contrastive cannot make {name} contrastive: {why}."
+    return None
+
+
+def _methods_in(method: Attribution) -> list[Attribution]:
+    """``method`` and the Captum methods it holds (NoiseTunnel, GuidedGradCam, LayerIG)."""
+    found = [method]
+    for value in vars(method).values():
+        if isinstance(value, Attribution):
+            found.extend(_methods_in(value))
+    return found
+
+
+def _swap_forward(method: Attribution, forward: ContrastiveForward, originals: tuple) -> Any:
+    """A copy of ``method`` in which the model is replaced by ``forward`` everywhere.
+
+    Every attribute that is the model (``forward_func``, DeepLift's and GuidedBackprop's
+    ``model``) becomes ``forward``; every Captum method it holds (NoiseTunnel's inner method,
+    GuidedGradCam's Grad-CAM and guided backprop, LayerIntegratedGradients' ``ig``) is
+    swapped the same way; lists and dicts (hook handles) are copied so that the given
+    instance is never modified. ``layer`` is left alone.
+    """
     swapped = copy.copy(method)
-    if isinstance(swapped, NoiseTunnel):
-        swapped.attribution_method = _swap_forward(swapped.attribution_method, forward)
-    swapped.forward_func = forward
+    for name, value in vars(method).items():
+        if name == "layer":
+            continue
+        if isinstance(value, Attribution):
+            setattr(swapped, name, _swap_forward(value, forward, originals))
+        elif any(value is original for original in originals):
+            setattr(swapped, name, forward)
+        elif isinstance(value, (list, dict, set)):
+            setattr(swapped, name, copy.copy(value))
     return swapped
 
 
@@ -68,9 +221,29 @@ class Contrastive(GradientAttribution):
     over Q. ``Contrastive(LayerGradCam, model, layer)`` with ``relu_attributions=True`` (Captum's
     default is False) equals ``ContrastCAM(model, layer)``.
 
-    Works with Saliency, InputXGradient, IntegratedGradients, GuidedBackprop, LayerGradCam,
-    our LayerGradCamPlusPlus and NoiseTunnel around any of them (a NoiseTunnel instance is
-    made contrastive inside); the given instance is copied, never modified.
+    How: the method is rebuilt on :class:`ContrastiveForward`, an ``nn.Module`` that holds
+    the model as a submodule; every reference of the method to the model (its
+    ``forward_func``, the ``model`` DeepLift and GuidedBackprop hook, the inner methods of
+    NoiseTunnel, GuidedGradCam and LayerIntegratedGradients) points to it. The given
+    instance is copied, never modified. Works with Saliency, InputXGradient,
+    IntegratedGradients, GradientShap, GuidedBackprop, Deconvolution, GuidedGradCam,
+    DeepLift, DeepLiftShap, the layer methods (LayerGradCam, LayerDeepLift(Shap),
+    LayerIntegratedGradients, LayerConductance, ...), the perturbation methods
+    (FeatureAblation, Occlusion, ShapleyValueSampling, Lime, KernelShap, ...), our
+    LayerGradCamPlusPlus, and NoiseTunnel around any of them. Refused at construction, with a
+    TypeError naming the method: neuron methods and LayerActivation (no output class to
+    contrast), LRP / LayerLRP (no rule for the cross-entropy), LayerFeaturePermutation
+    (fails with any target in Captum 0.9), DataLoaderAttribution and the LLM attributions.
+    A method that never calls the contrastive forward raises a RuntimeError rather than
+    returning a non-contrastive result.
+
+    DeepLift methods: the final ``-log_softmax`` gets DeepLift's rescale rule, applied to
+    ``logsumexp(z) - z_Q`` written as element-wise exp, a sum and a log. Its multipliers
+    (a "secant softmax" of the input's and the baseline's logits) equal softmax(z) when the
+    two coincide, and make the attributions sum exactly to
+    ``CE_Q(x) - CE_Q(baseline)`` (Captum's ``return_convergence_delta=True`` reports the
+    rounding error). Captum's own treatment of a function it has no rule for (the plain
+    gradient) would not.
 
     Paper: Prabhushankar, Kwon, Temel & AlRegib, "Contrastive Explanations in Neural
     Networks", ICIP 2020.
@@ -103,6 +276,9 @@ class Contrastive(GradientAttribution):
         output_transform: Callable | None = None,
         **kwargs: Any,
     ) -> None:
+        refusal = _refusal(method)
+        if refusal is not None:
+            raise TypeError(refusal)
         if isinstance(method, Attribution):
             if forward_func is not None or args or kwargs:
                 raise TypeError(
@@ -121,9 +297,18 @@ class Contrastive(GradientAttribution):
             )
         if isinstance(instance, Contrastive):
             raise TypeError("`method` is already Contrastive.")
+        for inner in _methods_in(instance):
+            refusal = _refusal(inner)
+            if refusal is not None:
+                raise TypeError(refusal)
         self.model_forward = instance.forward_func
         self.contrastive_forward = ContrastiveForward(self.model_forward, output_transform)
-        self.method = _swap_forward(instance, self.contrastive_forward)
+        originals = (self.model_forward, root_module(self.model_forward))
+        self.method = _swap_forward(
+            instance, self.contrastive_forward, tuple(o for o in originals if o is not None)
+        )
+        # DeepLift differentiates a paired forward (inputs and baselines in one batch)
+        self._paired = any(isinstance(m, DeepLift) for m in _methods_in(self.method))
         GradientAttribution.__init__(self, self.model_forward)
 
     @property
@@ -169,28 +354,53 @@ class Contrastive(GradientAttribution):
             )
         formatted = format_inputs(inputs)
         model = root_module(self.model_forward)
-        with preserved_state([model]), torch.no_grad():
-            logits = run_forward(
-                self.model_forward,
-                formatted,
-                additional_forward_args,
-                self.contrastive_forward.output_transform,
-            )
-        classes, multi = class_selection(contrast, logits, argument="contrast", default="runner_up")
         unwrap = not isinstance(inputs, tuple)
-        # Captum's Saliency and GuidedBackprop switch requires_grad on for the tensors they
-        # get and only switch it back on success: hand them detached views, never the user's.
-        formatted = tuple(t.detach() for t in formatted)
-        if not multi:
-            return self.method.attribute(
-                formatted[0] if unwrap else formatted,
-                target=classes[:, 0],
-                additional_forward_args=additional_forward_args,
-                **kwargs,
+        forward = self.contrastive_forward
+        with preserved_state([model]):
+            if contrast is None or isinstance(contrast, str):
+                # the runner-up or every class: one forward to see the logits
+                with torch.no_grad():
+                    logits = run_forward(
+                        self.model_forward,
+                        formatted,
+                        additional_forward_args,
+                        forward.output_transform,
+                    )
+                classes, multi = class_selection(
+                    contrast, logits, argument="contrast", default="runner_up"
+                )
+                max_class = None
+            else:
+                # explicit classes: no extra forward; the range is checked against the
+                # number of outputs by the contrastive forward the method calls
+                classes, multi = _explicit_classes(contrast, formatted[0])
+                max_class = int(classes.max()) if classes.numel() else None
+            # Captum's Saliency and GuidedBackprop switch requires_grad on for the tensors
+            # they get and only switch it back on success: hand them detached views.
+            formatted = tuple(t.detach() for t in formatted)
+            calls = forward._calls
+            forward._paired, forward._max_class = self._paired, max_class
+            try:
+                if not multi:
+                    result = self.method.attribute(
+                        formatted[0] if unwrap else formatted,
+                        target=classes[:, 0],
+                        additional_forward_args=additional_forward_args,
+                        **kwargs,
+                    )
+                else:
+                    result = self._attribute_many(
+                        formatted, classes, additional_forward_args, max_batch, unwrap, kwargs
+                    )
+            finally:
+                forward._paired, forward._max_class = False, None
+        if forward._calls == calls:
+            raise RuntimeError(
+                f"{type(self.method).__name__} never called the contrastive forward function: "
+                "it evaluates the model some other way, so its result would not be "
+                "contrastive. Contrastive cannot wrap this method."
             )
-        return self._attribute_many(
-            formatted, classes, additional_forward_args, max_batch, unwrap, kwargs
-        )
+        return result
 
     def _attribute_many(
         self, formatted, classes, additional_forward_args, max_batch, unwrap, kwargs
@@ -222,6 +432,19 @@ class Contrastive(GradientAttribution):
             )
             pieces.append(result)
         return _join(pieces, n, per_example)
+
+
+def _explicit_classes(contrast: Any, reference: Tensor) -> tuple[Tensor, bool]:
+    """Parse explicit contrast classes without the model's logits.
+
+    ``class_selection`` needs only the batch size, the device and the number of classes for
+    explicit classes; a stand-in (N, K) tensor of zeros (expanded, no memory) with K larger
+    than any sensible class index lets it check everything but the upper bound, which the
+    contrastive forward checks against the real number of outputs.
+    """
+    n = reference.shape[0]
+    stand_in = torch.zeros((), device=reference.device).expand(n, 2**62 // max(n, 1))
+    return class_selection(contrast, stand_in, argument="contrast", default="runner_up")
 
 
 def _join(pieces: list, n: int, per_example: int) -> Any:
