@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,9 +84,16 @@ class _Plan:
     """How VOICE obtains one map per class for the wrapped explanation technique."""
 
     layer: nn.Module | None
-    to_maps: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor]
+    to_maps: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor] | None
     guided: bool = False
     smooth: bool = False
+    weighting: str | None = None  # CAM techniques: maps are built per call (reshape_transform)
+
+    def maps(self, reshape_transform: Callable | None) -> Callable:
+        if self.weighting is None:
+            return self.to_maps
+        cam = make_cam_reducer(self.weighting, 1.0, True, reshape_transform)
+        return lambda grads, acts: cam(grads, acts)[0]
 
 
 def _plan_for(method: Any) -> _Plan:
@@ -108,8 +116,7 @@ def _plan_for(method: Any) -> _Plan:
             "ContrastCAM), LayerGradCamPlusPlus, GuidedBackprop, Saliency or "
             f"NoiseTunnel(Saliency); got {type(method).__name__}."
         )
-    cam = make_cam_reducer(weighting, 1.0, True, None)
-    return _Plan(layer, lambda grads, acts: cam(grads, acts)[0])
+    return _Plan(layer, None, weighting=weighting)
 
 
 def _gradient_maps(absolute: bool) -> Callable:
@@ -126,7 +133,7 @@ class _Accumulator:
     maps enter the variance where ``weights`` is 1 (Q != P).
     """
 
-    def __init__(self, to_maps: Callable, finish: Callable, weights: Tensor, samples: int):
+    def __init__(self, to_maps: Callable, finish: Callable, weights: Tensor | None, samples: int):
         self.to_maps = to_maps
         self.finish = finish
         self.weights = weights
@@ -182,8 +189,11 @@ class VOICE:
     the prediction deserves less trust.
 
     All maps of a batch (P, Q2 and every contrast) come from ONE forward pass and the shared
-    batched backward, chunked by ``max_batch``; the variance is accumulated chunk by chunk
-    so memory stays at a few maps per example, even for 1000 classes.
+    batched backward, chunked by ``max_batch``; the classes P, Q2 and the contrasts are read
+    off the logits of that same forward (SmoothGrad adds one forward of the clean inputs,
+    whose prediction it explains). The variance is accumulated chunk by chunk so memory
+    stays at a few maps per example, even for 1000 classes. Vision transformers: pass
+    ``reshape_transform`` to :meth:`attribute`, as to the CAM classes.
 
     ``postprocess="reference"`` (default) reproduces the published order: each map is
     ReLU-ed, bilinearly upsampled to the input size (CAMs) and min-max normalised before the
@@ -194,7 +204,8 @@ class VOICE:
 
     For gradient techniques (GuidedBackprop, Saliency, SmoothGrad) the maps keep the input's
     channels; the read-outs use their mean over channels. With 2 classes there is one
-    contrast only: the variance is 0, the uncertainty all zeros, and the IoU ~0.
+    contrast only: the variance is 0, the uncertainty all zeros, and the IoU ~0. A model
+    with a single output has no contrast at all and is refused (ValueError).
 
     Paper: Prabhushankar & AlRegib, "VOICE: Variance of Induced Contrastive Explanations to
     Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
@@ -205,6 +216,10 @@ class VOICE:
             ``ContrastCAM(weighting="gradcam++")`` (Grad-CAM++), ``GuidedBackprop``,
             ``Saliency``, or ``NoiseTunnel(Saliency(model))`` (SmoothGrad).
         postprocess (str, optional): ``"reference"`` or ``"raw"``. Default: "reference".
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits,
+            as on the CAM classes (e.g. ``lambda out: out.logits``). Default: None, the
+            ``output_transform`` of ``method`` if it has one (giving a different one to
+            both is an error).
 
     Examples::
 
@@ -215,14 +230,30 @@ class VOICE:
         (torch.Size([40, 1, 28, 28]), torch.Size([40]))
     """
 
-    def __init__(self, method: Any, postprocess: str = "reference") -> None:
+    def __init__(
+        self,
+        method: Any,
+        postprocess: str = "reference",
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> None:
         if postprocess not in POSTPROCESS:
             raise ValueError(f"`postprocess`={postprocess!r}: expected one of {POSTPROCESS}.")
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(
+                "`output_transform` must be callable (model output -> (N, classes) logits), "
+                f"got {type(output_transform).__name__}."
+            )
         self.method = method
         self.plan = _plan_for(method)
         self.postprocess = postprocess
         self.forward_func = method.forward_func
-        self.output_transform = getattr(method, "output_transform", None)
+        own = getattr(method, "output_transform", None)
+        if output_transform is not None and own is not None and own is not output_transform:
+            raise ValueError(
+                f"`output_transform` was given to both VOICE and {type(method).__name__}, "
+                "with different functions; give it once."
+            )
+        self.output_transform = output_transform if output_transform is not None else own
 
     @log_usage()
     def attribute(
@@ -236,6 +267,7 @@ class VOICE:
         nt_samples: int = 8,
         stdevs: float = 0.1,
         generator: torch.Generator | None = None,
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> VOICEResult:
         r"""Explanation, runner-up contrast and uncertainty of each example's prediction.
 
@@ -251,54 +283,64 @@ class VOICE:
             additional_forward_args (Any, optional): extra arguments of the model.
             max_batch (int, optional): classes per batched backward. Default: 64 (fewer
                 if one chunk's gradients would exceed about 1 GiB).
-            threshold (float, optional): threshold of the IoU read-out. Default: 0.1.
+            threshold (float, optional): threshold of the IoU read-out, a finite number.
+                Default: 0.1.
             nt_samples (int, optional): noisy copies per example (SmoothGrad only).
             stdevs (float, optional): standard deviation of the noise (SmoothGrad only), in
                 input units as Captum's NoiseTunnel. Default: 0.1.
             generator (torch.Generator, optional): random source of the noise.
+            reshape_transform (Callable, optional): CAM techniques only: turns the layer's
+                activations (and gradients) into (N, K, h, w) maps, e.g. the tokens
+                (N, 1 + h*w, K) of a vision transformer (drop the class token, reshape,
+                move K first), as in the CAM classes and pytorch-grad-cam. Default: None.
 
         Returns:
             VOICEResult: see its attributes.
         """
         formatted = format_inputs(inputs)
-        n = formatted[0].shape[0]
+        threshold = _check_threshold(threshold)
+        if reshape_transform is not None:
+            if not callable(reshape_transform):
+                raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
+            if self.plan.weighting is None:
+                raise ValueError(
+                    "`reshape_transform` applies to CAM techniques (layer activations); "
+                    f"VOICE({type(self.method).__name__}) explains the inputs."
+                )
         model = root_module(self.forward_func)
-        with preserved_state([model]), torch.no_grad():
-            logits = run_forward(
-                self.forward_func, formatted, additional_forward_args, self.output_transform
-            )
-        num_classes = logits.shape[1]
-        prediction = logits.argmax(dim=1)
-        explained, _ = class_selection(target, logits, argument="target", default="predicted")
-        if explained.shape[1] != 1:
-            raise ValueError("`target` must give one class per example for VOICE.")
-        explained = explained[:, 0]
-        # classes by decreasing logit, the explained class P moved to the front
-        order = logits.argsort(dim=1, descending=True)
-        others = order[order != explained[:, None]].view(n, num_classes - 1)
-        order = torch.cat([explained[:, None], others], dim=1)
-        runner_up = order[:, 1] if num_classes > 1 else order[:, 0]
-        contrast_set = self._contrast_set(contrasts, order, n, num_classes)
-        weights = contrast_set != explained[:, None]
-        columns = torch.cat(
-            [explained[:, None], num_classes + runner_up[:, None], num_classes + contrast_set],
-            dim=1,
+        classes: dict[str, Tensor] = {}
+        accumulate = _Accumulator(
+            self.plan.maps(reshape_transform), self._finish(formatted[0]), None, 1
         )
-        samples = 1
+
+        def select(logits: Tensor) -> Tensor:
+            """The columns to differentiate, from the logits of the engine's own forward."""
+            classes.update(self._classes(logits, target, contrasts))
+            accumulate.weights = classes["weights"]
+            return classes["columns"]
+
         engine_inputs, engine_args = formatted, additional_forward_args
         if self.plan.smooth:
+            # the classes come from the clean inputs; the engine sees the noisy copies
             samples = self._check_samples(nt_samples, stdevs)
+            with preserved_state([model]), torch.no_grad():
+                clean = run_forward(
+                    self.forward_func, formatted, additional_forward_args, self.output_transform
+                )
+            columns = select(clean).repeat_interleave(samples, dim=0)
             engine_inputs, engine_args = _noisy_copies(
                 formatted, additional_forward_args, samples, stdevs, generator
             )
-            columns = columns.repeat_interleave(samples, dim=0)
-        accumulate = _Accumulator(self.plan.to_maps, self._finish(formatted[0]), weights, samples)
+            accumulate.samples = samples
+            columns_of = lambda _logits: columns  # noqa: E731
+        else:
+            columns_of = select  # one forward: the engine's
         guided = self._guided_hooks(model) if self.plan.guided else ()
         with registered_hooks(*guided):
-            class_gradients(
+            computed = class_gradients(
                 self.forward_func,
                 engine_inputs,
-                lambda _logits: columns,
+                columns_of,
                 layer=self.plan.layer,
                 score=_logit_then_cross_entropy,
                 additional_forward_args=engine_args,
@@ -306,6 +348,14 @@ class VOICE:
                 max_batch=max_batch,
                 reduce=accumulate,
             )
+        logits = clean if self.plan.smooth else computed.logits
+        n = formatted[0].shape[0]
+        explained, runner_up, weights = (
+            classes["explained"],
+            classes["runner_up"],
+            classes["weights"],
+        )
+        prediction = logits.argmax(dim=1)
         count = weights.sum(1).to(accumulate.explanation.dtype)
         uncertainty = _variance(accumulate.total, accumulate.total_sq, count)
         uncertainty = minmax_normalize(_with_channel_dim(uncertainty), start_dim=1)
@@ -331,6 +381,36 @@ class VOICE:
             contrast_class=runner_up,
             n_contrasts=weights.sum(1),
         )
+
+    def _classes(self, logits: Tensor, target: Any, contrasts: Any) -> dict[str, Tensor]:
+        """P, Q2, the contrast set, its weights (Q != P) and the engine's columns."""
+        n, num_classes = logits.shape
+        if num_classes < 2:
+            raise ValueError(
+                f"VOICE needs a model with at least 2 classes: the uncertainty is the "
+                f"variance over the classes other than P, but the model has only "
+                f"{num_classes} output (pass `output_transform` if the output holds more)."
+            )
+        explained, _ = class_selection(target, logits, argument="target", default="predicted")
+        if explained.shape[1] != 1:
+            raise ValueError("`target` must give one class per example for VOICE.")
+        explained = explained[:, 0]
+        # classes by decreasing logit, the explained class P moved to the front
+        order = logits.argsort(dim=1, descending=True)
+        others = order[order != explained[:, None]].view(n, num_classes - 1)
+        order = torch.cat([explained[:, None], others], dim=1)
+        runner_up = order[:, 1]
+        contrast_set = self._contrast_set(contrasts, order, n, num_classes)
+        columns = torch.cat(
+            [explained[:, None], num_classes + runner_up[:, None], num_classes + contrast_set],
+            dim=1,
+        )
+        return {
+            "explained": explained,
+            "runner_up": runner_up,
+            "weights": contrast_set != explained[:, None],
+            "columns": columns,
+        }
 
     def _finish(self, reference_input: Tensor) -> Callable[[Tensor], Tensor]:
         """Per-map post-processing of every (N, B, ...) chunk of maps, in the paper's order."""
@@ -394,6 +474,14 @@ class VOICE:
             for m in model.modules()
             if isinstance(m, nn.ReLU)
         ]
+
+
+def _check_threshold(threshold: Any) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"`threshold` must be a number, got {type(threshold).__name__}.")
+    if not math.isfinite(threshold):
+        raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
+    return float(threshold)
 
 
 def _logit_then_cross_entropy(logits: Tensor) -> Tensor:

@@ -1004,6 +1004,8 @@ def voice_iou(
         )
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise TypeError(f"`threshold` must be a number, got {type(threshold).__name__}.")
+    if threshold != threshold or threshold in (float("inf"), float("-inf")):
+        raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
     if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or smoothing <= 0:
         raise ValueError(f"`smoothing` must be a positive number, got {smoothing!r}.")
     dtype = torch.promote_types(a.dtype, b.dtype)
