@@ -411,3 +411,21 @@ def test_confident_model_deep_lift_is_finite_and_equals_float64(confident_model,
     )
     scale = expected.abs().amax(dim=(1, 2, 3), keepdim=True)
     assert ((attr.double() - expected).abs() <= 1e-4 * scale).all()
+
+
+@pytest.mark.parametrize("max_batch", [3, None])
+def test_deep_lift_for_every_contrast_equals_single_calls(max_batch):
+    """contrast='all' stacks (example, class) rows, inputs and baselines alike, so the paired
+    forward still pairs each input with its own baseline."""
+    model = make_tiny_cnn()
+    x, baselines = _inputs(1), 0.3 * _inputs(2)
+    method = Contrastive(DeepLift, model)
+    every = method.attribute(x, "all", baselines=baselines, max_batch=max_batch)
+    assert every.shape == (4, 5, 3, 6, 6)
+    for q in range(5):
+        single = method.attribute(x, q, baselines=baselines)
+        torch.testing.assert_close(every[:, q], single)
+        expected = _cross_entropy(model, x, torch.full((4,), q)) - _cross_entropy(
+            model, baselines, torch.full((4,), q)
+        )
+        torch.testing.assert_close(every[:, q].sum(dim=(1, 2, 3)), expected, rtol=0, atol=1e-12)
