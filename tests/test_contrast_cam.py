@@ -256,7 +256,7 @@ class TestBadInput:
         with pytest.raises(ValueError, match="did not run"):
             ContrastCAM(tiny_cnn, "spare").attribute(tiny_inputs)
 
-    @pytest.mark.parametrize("contrast", [5, -1, [0, 1, 2, 9], "every", [[0, 7]]])
+    @pytest.mark.parametrize("contrast", [5, -6, [0, 1, 2, 9], "every", [[0, 7]], [-1, -6, 0, 0]])
     def test_contrast_out_of_range(self, tiny_cnn, tiny_inputs, contrast):
         with pytest.raises(ValueError, match="contrast"):
             ContrastCAM(tiny_cnn, LAYER).attribute(tiny_inputs, contrast=contrast)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .hooks import _as_leaves, capture_layer
 from .layers import root_module
 from .model_state import preserved_state
-from .validation import class_selection, format_additional_forward_args
+from .validation import format_additional_forward_args, output_selection
 
 #: Per-class scalars the engine differentiates, each a function of the (N, C) logits.
 SCORES: dict[str, Callable[[Tensor], Tensor]] = {
@@ -44,8 +44,10 @@ class ClassGradients:
         result: per chunk, ``reduce(gradients, activations)`` concatenated along dim 1; with no
             reducer, a tuple of gradients shaped (N, C', *activation.shape[1:]).
         activations: the layer activations (or inputs), detached, one tensor per captured input.
-        logits: the model's (N, C) output, detached.
-        classes: (N, C') long tensor of the classes differentiated.
+        logits: the model's output, detached: (N, C) logits, or (N, C, *positions) when the
+            engine was allowed outputs of more than two dimensions (Captum's tuple targets).
+        classes: (N, C') long tensor of the classes differentiated: columns of
+            ``logits.flatten(1)`` (for (N, C) logits, the class indices).
         multi: True when the caller asked for several classes per example.
     """
 
@@ -70,8 +72,15 @@ def run_forward(
     inputs: tuple[Tensor, ...],
     additional_forward_args: Any,
     output_transform: Callable[[Any], Tensor] | None = None,
+    *,
+    allow_multidim: bool = False,
 ) -> Tensor:
-    """Call the model and check that it returns (N, C) logits."""
+    """Call the model and check that it returns (N, C) logits.
+
+    With ``allow_multidim`` any output with the examples first is accepted: (N,) scalars,
+    (N, C) logits, or (N, C, *positions) (a segmentation network's (N, C, H, W)), which
+    Captum's tuple targets index.
+    """
     extra = format_additional_forward_args(additional_forward_args)
     try:
         output = forward_func(*inputs, *extra)
@@ -90,13 +99,65 @@ def run_forward(
     if output_transform is not None:
         output = output_transform(output)
     n = inputs[0].shape[0]
-    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != n:
-        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    if allow_multidim and isinstance(output, Tensor) and output.dim() >= 1:
+        if output.shape[0] == n:
+            return output
+    elif isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == n:
+        return output
+    got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    if allow_multidim:
         raise ValueError(
-            f"forward_func must return (N, classes) logits for N={n} examples, got {got}; pass "
-            "`output_transform` to reduce the output to (N, classes)."
+            f"forward_func must return a tensor with the N={n} examples first, got {got}; pass "
+            "`output_transform` to reduce the output to (N, classes) scores."
         )
-    return output
+    raise ValueError(
+        f"forward_func must return (N, classes) logits for N={n} examples, got {got}; pass "
+        "`output_transform` to reduce the output to (N, classes)."
+    )
+
+
+#: ``torch.autograd.grad`` arguments the engine sets itself (one batched vector-Jacobian
+#: product per chunk of classes), so ``grad_kwargs`` cannot.
+_ENGINE_GRAD_ARGUMENTS = ("outputs", "inputs", "grad_outputs", "is_grads_batched", "only_inputs")
+_USER_GRAD_ARGUMENTS = ("retain_graph", "create_graph", "allow_unused", "materialize_grads")
+
+
+def check_grad_kwargs(grad_kwargs: Any, *, method: str = "this method") -> dict[str, Any]:
+    """Validate Captum's ``grad_kwargs`` (extra keywords for ``torch.autograd.grad``).
+
+    Accepted: ``retain_graph`` (the graph is internal to the call, so it changes nothing but
+    memory), ``allow_unused`` (False: a layer the output does not depend on raises torch's
+    error instead of giving zero maps), ``materialize_grads`` and ``create_graph=False``.
+    Refused: ``create_graph=True`` (the engine cuts the graph at the layer, so the maps could
+    not be differentiated with respect to the inputs or the parameters before the layer; use
+    ``captum.attr.LayerGradCam`` for differentiable maps) and the arguments the engine sets.
+    """
+    if grad_kwargs is None:
+        return {}
+    if not isinstance(grad_kwargs, dict):
+        raise TypeError(
+            f"`grad_kwargs` must be a dict of keyword arguments for torch.autograd.grad, got "
+            f"{type(grad_kwargs).__name__}."
+        )
+    for key, value in grad_kwargs.items():
+        if key in _ENGINE_GRAD_ARGUMENTS:
+            raise ValueError(
+                f"`grad_kwargs` cannot set {key!r} for {method}: the engine sets it (one "
+                "batched vector-Jacobian product per chunk of classes)."
+            )
+        if key not in _USER_GRAD_ARGUMENTS:
+            raise TypeError(
+                f"`grad_kwargs` holds {key!r}, which is not an argument of torch.autograd.grad "
+                f"that {method} can pass on (accepted: {', '.join(_USER_GRAD_ARGUMENTS)})."
+            )
+        if key == "create_graph" and value:
+            raise ValueError(
+                f"`grad_kwargs={{'create_graph': True}}` is not supported by {method}: its "
+                "engine stops the backward pass at the layer, so the maps cannot be "
+                "differentiated with respect to the inputs or the parameters before the layer. "
+                "Use captum.attr.LayerGradCam for differentiable maps."
+            )
+    return dict(grad_kwargs)
 
 
 def resolve_score(score: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -124,21 +185,41 @@ def _one_hot(columns: Tensor, width: int, like: Tensor) -> Tensor:
 
 
 def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tensor]:
-    """Cotangents on the logits equal to d score_c / d logits for the built-in scores.
+    """Cotangents on ``logits.flatten(1)`` equal to d score_c / d logits for the built-in scores.
 
     Handing them to the backward directly skips the log-softmax / gather backward, which has
-    no batching rule and would otherwise run once per class row.
+    no batching rule and would otherwise run once per class row. For an output
+    (N, C, *positions) the softmax runs over the class axis (dim 1) at each position, and a
+    column ``c * P + j`` is the score of class ``c`` at (ravelled) position ``j``.
     """
+    width = logits[0].numel()
     if score == "logit":
-        return lambda columns: _one_hot(columns, logits.shape[1], logits)
+        return lambda columns: _one_hot(columns, width, logits)
     detached = logits.detach()
     precise = detached if detached.dtype == torch.float64 else detached.float()
     p = torch.softmax(precise, dim=1).to(logits.dtype)  # half logits: softmax in float32
+    n, num_classes = p.shape[:2]
+    positions = width // max(num_classes, 1)
+    if positions == 1:
+        p = p.reshape(n, num_classes)
+
+        def softmax_at(columns: Tensor) -> Tensor:
+            return p.unsqueeze(1)
+
+    else:
+        p_grid = p.reshape(n, 1, num_classes, positions)
+
+        def softmax_at(columns: Tensor) -> Tensor:
+            """(N, B, C * P): the softmax vector at each column's position, zeros elsewhere."""
+            at = _one_hot(columns % positions, positions, p_grid).unsqueeze(2)
+            return (p_grid * at).flatten(2)
+
+        p = p.reshape(n, width)
     if score == "cross_entropy":  # d(-log p_c)/dz = p - e_c
-        return lambda columns: p.unsqueeze(1) - _one_hot(columns, p.shape[1], p)
+        return lambda columns: softmax_at(columns) - _one_hot(columns, width, p)
     # probability: d p_c / dz = p_c (e_c - p)
     return lambda columns: (
-        p.gather(1, columns).unsqueeze(-1) * (_one_hot(columns, p.shape[1], p) - p.unsqueeze(1))
+        p.gather(1, columns).unsqueeze(-1) * (_one_hot(columns, width, p) - softmax_at(columns))
     )
 
 
@@ -148,6 +229,7 @@ def _vjp_chunks(
     selection: Tensor,
     chunk: int,
     cotangents: Callable[[Tensor], Tensor],
+    grad_kwargs: dict[str, Any] | None = None,
 ):
     """Yield (start, gradients) with gradients (N, B, *t.shape[1:]) per tensor of ``wrt``.
 
@@ -155,6 +237,9 @@ def _vjp_chunks(
     ``output`` whose vector-Jacobian products are the wanted gradients.
     """
     n, n_classes = selection.shape
+    options = dict(grad_kwargs or {})
+    keep_graph = bool(options.pop("retain_graph", False))
+    options.setdefault("allow_unused", True)
     for start in range(0, n_classes, chunk):
         stop = min(start + chunk, n_classes)
         last = stop == n_classes
@@ -162,7 +247,11 @@ def _vjp_chunks(
         vectors = cotangents(selection[:, start:stop])
         if n_classes == 1:
             grads = torch.autograd.grad(
-                output, wrt, grad_outputs=vectors[:, 0], retain_graph=not last, allow_unused=True
+                output,
+                wrt,
+                grad_outputs=vectors[:, 0],
+                retain_graph=keep_graph or not last,
+                **options,
             )
             grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
         else:
@@ -171,8 +260,8 @@ def _vjp_chunks(
                 wrt,
                 grad_outputs=vectors.movedim(1, 0),
                 is_grads_batched=True,
-                retain_graph=not last,
-                allow_unused=True,
+                retain_graph=keep_graph or not last,
+                **options,
             )
             grads = tuple(None if g is None else g.movedim(0, 1) for g in grads)
         grads = tuple(
@@ -195,15 +284,20 @@ def class_gradients(
     reduce: Reducer | None = None,
     class_argument: str = "target",
     default_classes: str = "predicted",
+    grad_kwargs: dict[str, Any] | None = None,
+    allow_multidim: bool = False,
 ) -> ClassGradients:
     """Gradients of ``score(logits)[n, c]`` for the requested classes, in one forward pass.
 
     Args:
-        forward_func: the model, (inputs..., additional_forward_args...) -> (N, C) logits.
+        forward_func: the model, (inputs..., additional_forward_args...) -> (N, C) logits
+            (or, with ``allow_multidim``, any output with the examples first).
         inputs: tuple of input tensors (batch first).
         classes: any Captum-style target (see ``class_selection``): None, int, list, tensor,
-            ``"all"``, or 2-D (N, C'); or, for methods composed on the engine, a callable
-            mapping the detached logits to an (N, C') tensor of columns of ``score``.
+            ``"all"``, or 2-D (N, C'); for an output of more than two dimensions (with
+            ``allow_multidim``) a tuple or a list of N tuples (see ``output_selection``); or,
+            for methods composed on the engine, a callable mapping the detached logits to an
+            (N, C') tensor of columns of ``score``.
         layer: differentiate with respect to this module's output (or its inputs when
             ``layer_input``); None differentiates with respect to ``inputs``.
         score: "logit", "cross_entropy" (cross-entropy with the class as label),
@@ -215,34 +309,54 @@ def class_gradients(
             where gradients are (N, B, *A) per tensor; its tensor (or tuple of tensors)
             outputs are concatenated along dim 1 (a reducer that accumulates itself returns
             None). Use it to keep memory at the size of the final maps.
+        grad_kwargs: Captum's extra keywords for ``torch.autograd.grad``, checked by
+            :func:`check_grad_kwargs`.
+        allow_multidim: accept outputs other than (N, C) logits with a built-in ``score``:
+            (N,) scalars (one column) and (N, C, *positions), whose class axis is dim 1 (the
+            softmax of "cross_entropy" and "probability" runs over it at each position) and
+            whose elements Captum's tuple targets select.
 
     Returns:
         ClassGradients.
     """
     score_fn = resolve_score(score)
+    grad_kwargs = check_grad_kwargs(grad_kwargs)
+    multidim = allow_multidim and isinstance(score, str) and not callable(classes)
     model = root_module(forward_func)
     with preserved_state([model, layer]), torch.enable_grad():
         if layer is None:
             replaced, leaves = _as_leaves(inputs)
             if not leaves:
                 raise TypeError("`inputs` holds no floating-point tensor to differentiate.")
-            logits = run_forward(forward_func, replaced, additional_forward_args, output_transform)
+            logits = run_forward(
+                forward_func,
+                replaced,
+                additional_forward_args,
+                output_transform,
+                allow_multidim=multidim,
+            )
             wrt = leaves
         else:
             with capture_layer(layer, layer_input=layer_input) as capture:
                 logits = run_forward(
-                    forward_func, inputs, additional_forward_args, output_transform
+                    forward_func,
+                    inputs,
+                    additional_forward_args,
+                    output_transform,
+                    allow_multidim=multidim,
                 )
             wrt = capture.single_call(type(layer).__name__)
+        if logits.dim() == 1:  # one scalar per example: a single column
+            logits = logits.unsqueeze(1)
         if callable(classes):
             # internal composition: the caller picks columns of `score` from the logits
             selection, multi = classes(logits.detach()), True
         else:
-            selection, multi = class_selection(
+            selection, multi = output_selection(
                 classes, logits, argument=class_argument, default=default_classes
             )
         if isinstance(score, str):
-            output, cotangents = logits, _analytic_cotangents(score, logits)
+            output, cotangents = logits.flatten(1), _analytic_cotangents(score, logits)
         else:
             output = score_fn(logits)
             if (
@@ -261,10 +375,11 @@ def class_gradients(
                 "the model's output does not depend on the differentiated tensors "
                 "(does forward_func detach its output or run under torch.no_grad?)."
             )
-        chunk = auto_chunk(max_batch, selection.shape[1], wrt)
+        # per class: its gradients and its row of cotangents
+        chunk = auto_chunk(max_batch, selection.shape[1], (*wrt, output))
         activations = tuple(t.detach() for t in wrt)
         pieces = []
-        for _, grads in _vjp_chunks(output, wrt, selection, chunk, cotangents):
+        for _, grads in _vjp_chunks(output, wrt, selection, chunk, cotangents, grad_kwargs):
             pieces.append(grads if reduce is None else reduce(grads, activations))
     result = _concat_pieces(pieces)
     return ClassGradients(result, activations, logits.detach(), selection, multi)

@@ -27,10 +27,27 @@ def minmax_normalize(maps: Tensor, start_dim: int = 2) -> Tensor:
     return scaled.view_as(maps)
 
 
-def upsample_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Bilinear (or linear / trilinear) resize of (N, C', *spatial) maps to ``size``.
+INTERPOLATE_MODES = (
+    "nearest",
+    "nearest-exact",
+    "linear",
+    "bilinear",
+    "bicubic",
+    "trilinear",
+    "area",
+)
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
-    Same convention as ``captum.attr.LayerAttribution.interpolate`` (``align_corners=False``).
+
+def upsample_maps(maps: Tensor, size: tuple[int, ...], mode: str | None = None) -> Tensor:
+    """Resize (N, C', *spatial) maps to ``size``: by default bilinearly (linear / trilinear for
+    1 / 3 spatial dimensions), ``align_corners=False``.
+
+    The published CAM post-processing interpolates (bi)linearly. ``mode`` is any mode of
+    ``torch.nn.functional.interpolate`` for the number of spatial dimensions; the result
+    equals ``captum.attr.LayerAttribution.interpolate(maps, size, interpolate_mode=mode)``
+    (whose own default is ``"nearest"``, which gives blocky maps: on the bundled digit model
+    the normalised 7x7 -> 28x28 maps of the two modes differ by up to about 0.2).
     """
     spatial = maps.dim() - 2
     if spatial < 1 or spatial != len(size):
@@ -38,8 +55,23 @@ def upsample_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
             f"cannot upsample maps of shape {tuple(maps.shape)} to the input size {tuple(size)}: "
             "the layer's output and the input need the same number of spatial dimensions."
         )
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
-    return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)
+    if mode is None:
+        mode = _LINEAR_MODES.get(spatial, "nearest")
+    if mode not in INTERPOLATE_MODES:
+        raise ValueError(
+            f"`interpolate_mode`={mode!r}: expected one of {INTERPOLATE_MODES} (the modes of "
+            "torch.nn.functional.interpolate)."
+        )
+    linear = mode in ("linear", "bilinear", "bicubic", "trilinear")
+    try:
+        return F.interpolate(
+            maps, size=tuple(size), mode=mode, align_corners=False if linear else None
+        )
+    except (NotImplementedError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"`interpolate_mode`={mode!r} does not apply to maps with {spatial} spatial "
+            f"dimension(s) ({error})."
+        ) from None
 
 
 def check_normalize(normalize) -> None:

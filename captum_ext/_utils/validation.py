@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -77,6 +78,98 @@ def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = No
 
 ALL_CLASSES = "all"
 
+_SEVERAL_CLASSES_HINT = (
+    "For several classes per example pass a 2-D tensor of class indices (e.g. "
+    "torch.tensor([[0, 1]]) for classes 0 and 1 of every example) or 'all'."
+)
+
+
+def _tuple_on_logits_error(value: Any, argument: str, *, in_list: bool = False) -> ValueError:
+    what = f"holds the tuple {value!r}" if in_list else f"={value!r}"
+    return ValueError(
+        f"`{argument}`{what}: in Captum a tuple of {len(value)} indices selects one element "
+        f"of an output with {len(value) + 1} dimensions (batch first; a list of tuples gives "
+        f"one such element per example), but forward_func returns (N, C) logits. "
+        f"{_SEVERAL_CLASSES_HINT}"
+    )
+
+
+def parse_class_selection(
+    value: Any, n: int, device: torch.device | str | None = None, *, argument: str
+) -> tuple[Tensor, bool]:
+    """Parse explicit classes in Captum's forms for (N, C) logits, without the logits.
+
+    The part of :func:`class_selection` that needs only the batch size: ``value`` is an int,
+    a 0-dim or 1-element tensor, a tuple of one int, a list of ints or of one-int tuples or a
+    1-D tensor (one class per example), or a 2-D tensor / list of lists (N or 1 rows of C'
+    classes each). None and ``"all"`` need the logits and are not accepted here. Indices are
+    returned as given (negative ones included); :func:`check_class_range` checks and wraps
+    them once the number of classes is known.
+
+    Returns:
+        (classes, multi): an (N, C') long tensor on ``device`` and whether several classes
+        per example were asked for.
+    """
+    multi = False
+    if isinstance(value, tuple):
+        if len(value) != 1:
+            raise _tuple_on_logits_error(value, argument)
+        value = value[0]
+    if isinstance(value, bool):
+        raise TypeError(f"`{argument}` must be a class index, not a bool.")
+    if isinstance(value, int):
+        return torch.full((n, 1), value, dtype=torch.long, device=device), False
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, tuple) and len(item) != 1:
+                # Captum: a list of tuples holds one multi-dimensional index per example
+                raise _tuple_on_logits_error(item, argument, in_list=True)
+        value = [v[0] if isinstance(v, tuple) else v for v in value]
+        try:
+            value = torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"`{argument}` must be an int, a list of ints, 'all' or a tensor of "
+                f"class indices: {error}"
+            ) from None
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"`{argument}` must be an int, a list, 'all' or a tensor of class indices, got "
+            f"{type(value).__name__}."
+        )
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"`{argument}` must hold integer class indices, got {value.dtype}.")
+    value = value.to(device=device, dtype=torch.long)
+    if value.numel() == 1 and value.dim() <= 1:
+        classes = value.reshape(1, 1).expand(n, 1)
+    elif value.dim() == 1:
+        classes = expand_per_example(value, n, argument).unsqueeze(1)
+    elif value.dim() == 2:
+        classes = expand_per_example(value, n, argument)
+        multi = True
+    else:
+        raise ValueError(
+            f"`{argument}` has {value.dim()} dimensions; expected 1 (one class per example) "
+            "or 2 (several classes per example)."
+        )
+    return classes, multi
+
+
+def check_class_range(classes: Tensor, num_classes: int, *, argument: str) -> Tensor:
+    """Check class indices against ``num_classes`` and wrap negative ones (-1: the last class).
+
+    Indices in [-num_classes, num_classes) are accepted, as in PyTorch indexing (Captum
+    accepts negative indices in int and tuple targets; here every form does).
+    """
+    if classes.numel() and (int(classes.min()) < -num_classes or int(classes.max()) >= num_classes):
+        raise ValueError(
+            f"`{argument}` holds class indices outside [-{num_classes}, {num_classes}) for a "
+            f"model with {num_classes} outputs (negative indices count from the last class)."
+        )
+    if classes.numel() and int(classes.min()) < 0:
+        classes = torch.where(classes < 0, classes + num_classes, classes)
+    return classes
+
 
 def class_selection(
     value: Any, logits: Tensor, *, argument: str, default: str
@@ -86,15 +179,17 @@ def class_selection(
     Accepted: None (``default``: "predicted" or "runner_up"), an int, a 0-dim or
     1-element tensor, a tuple of one int, a list of ints or of one-int tuples or a 1-D tensor
     (one class per example), ``"all"`` (every class), or a 2-D tensor / list of lists
-    (N or 1 rows of C' classes each).
+    (N or 1 rows of C' classes each). Negative indices count from the last class (-1 is the
+    last), as in PyTorch indexing. A tuple of several ints (or a list of such tuples) is
+    Captum's index into an output with more than two dimensions, so it is refused here with
+    a message pointing to the 2-D tensor form of several classes per example.
 
     Returns:
-        (classes, multi): the indices on the logits' device, and whether the caller asked for
-        several classes per example (so the output keeps a class dimension).
+        (classes, multi): the indices on the logits' device, in [0, C), and whether the caller
+        asked for several classes per example (so the output keeps a class dimension).
     """
     n, num_classes = logits.shape
     device = logits.device
-    multi = False
     if value is None:
         if default == "runner_up":
             if num_classes < 2:
@@ -111,50 +206,85 @@ def class_selection(
             raise ValueError(f"`{argument}`={value!r}: the only string accepted is 'all'.")
         classes = torch.arange(num_classes, device=device).expand(n, num_classes)
         return classes, True
-    if isinstance(value, tuple):
-        if len(value) != 1:
-            raise ValueError(
-                f"`{argument}`={value!r}: a tuple indexes an output with more than two "
-                "dimensions; these methods need (N, classes) logits."
-            )
-        value = value[0]
-    if isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be a class index, not a bool.")
-    if isinstance(value, int):
-        classes = torch.full((n, 1), value, dtype=torch.long, device=device)
-    else:
-        if isinstance(value, list):
-            value = [v[0] if isinstance(v, tuple) and len(v) == 1 else v for v in value]
-            try:
-                value = torch.tensor(value)
-            except (TypeError, ValueError) as error:
-                raise TypeError(
-                    f"`{argument}` must be an int, a list of ints, 'all' or a tensor of "
-                    f"class indices: {error}"
-                ) from None
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"`{argument}` must be an int, a list, 'all' or a tensor of class indices, got "
-                f"{type(value).__name__}."
-            )
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"`{argument}` must hold integer class indices, got {value.dtype}.")
-        value = value.to(device=device, dtype=torch.long)
-        if value.numel() == 1 and value.dim() <= 1:
-            classes = value.reshape(1, 1).expand(n, 1)
-        elif value.dim() == 1:
-            classes = expand_per_example(value, n, argument).unsqueeze(1)
-        elif value.dim() == 2:
-            classes = expand_per_example(value, n, argument)
-            multi = True
-        else:
-            raise ValueError(
-                f"`{argument}` has {value.dim()} dimensions; expected 1 (one class per example) "
-                "or 2 (several classes per example)."
-            )
-    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
-        raise ValueError(
-            f"`{argument}` holds class indices outside [0, {num_classes}) for a model with "
-            f"{num_classes} outputs."
+    classes, multi = parse_class_selection(value, n, device, argument=argument)
+    return check_class_range(classes, num_classes, argument=argument), multi
+
+
+def _index_of(entry: Any, argument: str) -> int:
+    if isinstance(entry, Tensor) and entry.numel() == 1 and not entry.is_floating_point():
+        entry = entry.item()
+    if isinstance(entry, bool) or not isinstance(entry, int):
+        raise TypeError(
+            f"`{argument}` must hold integer indices, got {type(entry).__name__} {entry!r}."
         )
-    return classes, multi
+    return entry
+
+
+def output_selection(
+    value: Any, output: Tensor, *, argument: str, default: str
+) -> tuple[Tensor, bool]:
+    """Captum's targets for an output of any rank, as columns of ``output.flatten(1)``.
+
+    For (N, C) logits this is :func:`class_selection`. For an output with more than two
+    dimensions, (N, C, d_1, ..., d_k), Captum's forms select ONE element per example: a tuple
+    ``(c, i_1, ..., i_k)`` (the same element of every example) or a list of N such tuples (one
+    per example); negative indices count from the end of their dimension. Dimension 1 is the
+    class axis. Anything else (None, an int, a list of ints, a tensor, ``"all"``) does not
+    name one element per example and is refused with a message that says so.
+
+    Returns:
+        (columns, multi): an (N, C') long tensor of column indices into ``output.flatten(1)``
+        (``c * d_1 * ... * d_k + ravelled position``), and whether several selections per
+        example were asked for (always False for outputs of more than two dimensions).
+    """
+    if output.dim() == 2:
+        return class_selection(value, output, argument=argument, default=default)
+    n, sizes = output.shape[0], tuple(output.shape[1:])
+    shape = f"(N, {', '.join(str(s) for s in sizes)})"
+    names = {1: ["k"], 2: ["h", "w"], 3: ["d", "h", "w"]}.get(
+        len(sizes) - 1, [f"i_{a}" for a in range(1, len(sizes))]
+    )
+    form = f"a tuple of {len(sizes)} indices (class, {', '.join(names)})"
+    hint = (
+        f"give {form}, the same for every example, or a list of N such tuples (Captum's "
+        "convention), or reduce the output to (N, classes) scores with `output_transform` "
+        "(e.g. each class's logits summed over a pixel mask)"
+    )
+    if value is None:
+        raise ValueError(
+            f"`{argument}` is required when forward_func returns an output of shape {shape}, "
+            f"more than (N, classes): {hint}."
+        )
+    if isinstance(value, tuple):
+        entries = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, tuple) for v in value):
+        entries = value
+    else:
+        raise ValueError(
+            f"`{argument}`={value!r} does not select one element per example of an output of "
+            f"shape {shape}: {hint}."
+        )
+    rows = []
+    for entry in entries:
+        if len(entry) != len(sizes):
+            raise ValueError(
+                f"`{argument}` holds the tuple {entry!r} of {len(entry)} indices; an output of "
+                f"shape {shape} needs {len(sizes)}: {hint}."
+            )
+        row = []
+        for axis, (raw, size) in enumerate(zip(entry, sizes), start=1):
+            index = _index_of(raw, argument)
+            if not -size <= index < size:
+                raise ValueError(
+                    f"`{argument}` holds the index {index} for dimension {axis} of the output, "
+                    f"which has size {size} (output shape {shape})."
+                )
+            row.append(index % size)
+        rows.append(row)
+    positions = torch.tensor(rows, dtype=torch.long, device=output.device)  # (L, k)
+    strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+    strides = torch.tensor(strides, dtype=torch.long, device=output.device)
+    flat = (positions * strides).sum(dim=1)
+    if isinstance(value, tuple):
+        return flat.reshape(1, 1).expand(n, 1), False
+    return expand_per_example(flat, n, argument).unsqueeze(1), False

@@ -7,6 +7,7 @@ scalar s (a logit, or the cross-entropy with a contrast class):
     Grad-CAM++ weights  alpha_k = sum_(u,v) a_kuv * ReLU(G_kuv),
                         a_kuv = G_kuv^2 / (2 G_kuv^2 + sum_(i,j) A_kij * G_kuv^3)
     map                 ReLU( sign * sum_k alpha_k A_k )
+                        (attr_dim_summation=False: ReLU( sign * alpha_k A_k ) per channel)
 
 All classes requested for a batch come from one forward pass through the shared engine
 (``captum_ext._utils.batched_grad``); the maps are formed chunk by chunk so memory stays at
@@ -20,14 +21,12 @@ from typing import Any
 
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
-from captum.log import log_usage
 from torch import Tensor
 
-from .._utils.batched_grad import class_gradients
+from .._utils.batched_grad import check_grad_kwargs, class_gradients
 from .._utils.layers import resolve_layer
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
-from ._docs import with_cam_args
 
 WEIGHTINGS = ("gradcam", "gradcam++")
 
@@ -64,8 +63,17 @@ def _apply_reshape(reshape_transform, tensor: Tensor, batch_dims: int) -> Tensor
 
 
 def make_cam_reducer(
-    weighting: str, sign: float, relu: bool, reshape_transform: Callable | None
+    weighting: str,
+    sign: float,
+    relu: bool,
+    reshape_transform: Callable | None,
+    attr_dim_summation: bool = True,
 ) -> Callable:
+    """``reduce(gradients, activations)`` for the engine: (N, B, K, *S) gradients -> maps.
+
+    The maps are (N, B, *S), or with ``attr_dim_summation=False`` the per-channel weighted
+    activations (N, B, K, *S) (Captum's LayerGradCam convention for that flag).
+    """
     weight_fn = gradcam_weights if weighting == "gradcam" else gradcam_plus_plus_weights
 
     def reduce(gradients: tuple[Tensor, ...], activations: tuple[Tensor, ...]):
@@ -76,7 +84,10 @@ def make_cam_reducer(
             weights = weight_fn(grad, act)
             if sign != 1:
                 weights = sign * weights
-            cam = torch.einsum("nbk,nk...->nb...", weights, act)
+            if attr_dim_summation:
+                cam = torch.einsum("nbk,nk...->nb...", weights, act)
+            else:
+                cam = torch.einsum("nbk,nk...->nbk...", weights, act)
             maps.append(torch.relu(cam) if relu else cam)
         return tuple(maps)
 
@@ -126,10 +137,24 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         upsample_to_input: bool,
         normalize: str | None,
         max_batch: int | None,
+        attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
+        interpolate_mode: str | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         check_normalize(normalize)
+        name = type(self).__name__
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
+        if not isinstance(attr_dim_summation, bool):
+            raise TypeError(
+                f"`attr_dim_summation` must be a bool, got {type(attr_dim_summation).__name__}."
+            )
+        if interpolate_mode is not None and not upsample_to_input:
+            raise ValueError(
+                "`interpolate_mode` applies to the upsampling; pass upsample_to_input=True "
+                "with it (or resize the maps with LayerAttribution.interpolate)."
+            )
+        grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         formatted = format_inputs(inputs)
         computed = class_gradients(
             self.forward_func,
@@ -142,23 +167,41 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             output_transform=self.output_transform,
             max_batch=max_batch,
             reduce=make_cam_reducer(
-                self.weighting, self._sign, relu_attributions, reshape_transform
+                self.weighting,
+                self._sign,
+                relu_attributions,
+                reshape_transform,
+                attr_dim_summation,
             ),
             class_argument=self._class_argument,
             default_classes=self._default_classes,
+            grad_kwargs=grad_kwargs,
+            allow_multidim=True,
         )
         maps = computed.result
+        lead = 2 if attr_dim_summation else 3  # (N, C'[, K]) before the spatial dims
         if upsample_to_input:
-            maps = tuple(upsample_maps(m, tuple(formatted[0].shape[2:])) for m in maps)
+            size = tuple(formatted[0].shape[2:])
+            maps = tuple(_upsample(m, lead, size, interpolate_mode) for m in maps)
         if normalize == "minmax":
-            maps = tuple(minmax_normalize(m) for m in maps)
+            maps = tuple(minmax_normalize(m, start_dim=lead) for m in maps)
+        if not attr_dim_summation and not computed.multi:
+            maps = tuple(m.squeeze(1) for m in maps)  # (N, K, *S), as LayerGradCam
         return maps[0] if len(maps) == 1 else maps
+
+
+def _upsample(maps: Tensor, lead: int, size: tuple[int, ...], mode: str | None) -> Tensor:
+    if lead == 2 or maps.dim() <= lead:
+        return upsample_maps(maps, size, mode)
+    flat = upsample_maps(maps.flatten(1, lead - 1), size, mode)
+    return flat.unflatten(1, maps.shape[1:lead])
 
 
 class TargetClassCAMBase(ClassActivationMapBase):
     """A CAM explaining the class(es) given by Captum's ``target`` (default: the prediction).
 
-    Subclasses fix the weighting with the class attribute ``_weighting``.
+    Subclasses fix the weighting with the class attribute ``_weighting`` and define their own
+    ``attribute`` (so that Python's messages about its arguments name the public class).
     """
 
     _weighting = "gradcam"
@@ -177,40 +220,4 @@ class TargetClassCAMBase(ClassActivationMapBase):
             device_ids,
             weighting=self._weighting,
             output_transform=output_transform,
-        )
-
-    @log_usage()
-    @with_cam_args
-    def attribute(
-        self,
-        inputs: Tensor | tuple[Tensor, ...],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        attribute_to_layer_input: bool = False,
-        relu_attributions: bool = True,
-        reshape_transform: Callable | None = None,
-        upsample_to_input: bool = False,
-        normalize: str | None = None,
-        max_batch: int | None = None,
-    ) -> Tensor | tuple[Tensor, ...]:
-        r"""Maps of ``inputs`` for the class(es) P in ``target``.
-
-        Args:
-            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
-            target (int, list, Tensor or str, optional): the class P, in any form Captum
-                accepts, ``"all"``, or a 2-D selection. Default: None, the predicted class.
-            {cam_args}
-
-        {cam_returns}
-        """
-        return self._maps(
-            inputs,
-            target,
-            additional_forward_args,
-            attribute_to_layer_input,
-            relu_attributions,
-            reshape_transform,
-            upsample_to_input,
-            normalize,
-            max_batch,
         )

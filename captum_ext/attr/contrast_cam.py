@@ -73,22 +73,33 @@ class ContrastCAM(ClassActivationMapBase):
         upsample_to_input: bool = False,
         normalize: str | None = None,
         max_batch: int | None = None,
+        attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
+        interpolate_mode: str | None = None,
+        *,
+        target: Any = None,
     ) -> Tensor | tuple[Tensor, ...]:
         r"""Contrastive maps of ``inputs`` against the contrast class(es) Q.
 
         Args:
             inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
-            contrast (int, list, Tensor or str, optional): the class Q. An int (same Q
-                for all), a list or 1-D tensor with one Q per example, ``"all"`` for every
-                class (one map per class), or a 2-D tensor / list of lists (N or 1 rows) of
-                several classes per example. Default: None, the second most likely class of
-                each example. Inside NoiseTunnel, ``infidelity`` and ``sensitivity_max`` a
-                per-example ``contrast`` of length N is expanded with the inputs
-                (``repeat_interleave``).
+            {contrast_arg}
+            target: not accepted. Captum's ``target`` names the class explained; ContrastCAM
+                explains the network's preference against Q, given as ``contrast`` (also
+                inside NoiseTunnel, which expands it). Passing ``target`` raises a TypeError
+                that says so.
             {cam_args}
 
         {cam_returns}
         """
+        if target is not None:
+            raise TypeError(
+                "ContrastCAM.attribute() takes the contrast class Q as `contrast`, not "
+                "`target`: the map answers 'why the prediction, rather than Q?'. Pass "
+                "contrast=... (also inside NoiseTunnel, infidelity and sensitivity_max, which "
+                "expand a per-example contrast with the inputs); for 'why P?' use GradCAM "
+                "with target=P."
+            )
         return self._maps(
             inputs,
             contrast,
@@ -99,6 +110,9 @@ class ContrastCAM(ClassActivationMapBase):
             upsample_to_input,
             normalize,
             max_batch,
+            attr_dim_summation,
+            grad_kwargs,
+            interpolate_mode,
         )
 
 
@@ -130,3 +144,44 @@ class CounterfactualCAM(TargetClassCAMBase):
     """
 
     _sign = -1.0
+
+    @log_usage()
+    @with_cam_args
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: Any = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = True,
+        reshape_transform: Callable | None = None,
+        upsample_to_input: bool = False,
+        normalize: str | None = None,
+        max_batch: int | None = None,
+        attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
+        interpolate_mode: str | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Counterfactual maps of ``inputs`` against the class(es) P in ``target``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            {target_arg}
+            {cam_args}
+
+        {cam_returns}
+        """
+        return self._maps(
+            inputs,
+            target,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+            reshape_transform,
+            upsample_to_input,
+            normalize,
+            max_batch,
+            attr_dim_summation,
+            grad_kwargs,
+            interpolate_mode,
+        )

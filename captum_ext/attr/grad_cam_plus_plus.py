@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from captum.log import log_usage
+from torch import Tensor
+
 from ._cam import TargetClassCAMBase
+from ._docs import with_cam_args
 
 
 class LayerGradCamPlusPlus(TargetClassCAMBase):
@@ -35,3 +42,44 @@ class LayerGradCamPlusPlus(TargetClassCAMBase):
     """
 
     _weighting = "gradcam++"
+
+    @log_usage()
+    @with_cam_args
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: Any = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = True,
+        reshape_transform: Callable | None = None,
+        upsample_to_input: bool = False,
+        normalize: str | None = None,
+        max_batch: int | None = None,
+        attr_dim_summation: bool = True,
+        grad_kwargs: dict[str, Any] | None = None,
+        interpolate_mode: str | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Grad-CAM++ maps of ``inputs`` for the class(es) P in ``target``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            {target_arg}
+            {cam_args}
+
+        {cam_returns}
+        """
+        return self._maps(
+            inputs,
+            target,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+            reshape_transform,
+            upsample_to_input,
+            normalize,
+            max_batch,
+            attr_dim_summation,
+            grad_kwargs,
+            interpolate_mode,
+        )
