@@ -1,0 +1,92 @@
+"""Every method leaves a model exactly as it found it: here, a model in TRAIN mode.
+
+In train mode a forward pass updates BatchNorm's running statistics in place; a method that
+runs the model must put them back. And when the model itself raises, its own exception type
+reaches the user (with a note), not a ValueError of ours.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import Saliency
+from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from torch import nn
+
+from captum_ext.attr import (
+    VOICE,
+    ActivationMatchingMask,
+    ContrastCAM,
+    Contrastive,
+    CounterfactualCAM,
+    GradCAM,
+)
+from captum_ext.circuits import CircuitReadout
+from captum_ext.metrics import gradtrust, softmax_confidence
+
+
+def _train_mode_model() -> nn.Module:
+    model = make_tiny_cnn()
+    model.train()
+    # dropout off, so that the test is about the BatchNorm buffers alone
+    for module in model.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            module.p = 0.0
+    return model
+
+
+CALLS = {
+    "ContrastCAM": lambda m, x: ContrastCAM(m, m.features[3]).attribute(x, contrast=1),
+    "ContrastCAM-all": lambda m, x: ContrastCAM(m, m.features[3]).attribute(x, contrast="all"),
+    "CounterfactualCAM": lambda m, x: CounterfactualCAM(m, m.features[3]).attribute(x),
+    "GradCAM": lambda m, x: GradCAM(m, m.features[3]).attribute(x, target=0),
+    "Contrastive": lambda m, x: Contrastive(Saliency, m).attribute(x, contrast=1),
+    "VOICE": lambda m, x: VOICE(ContrastCAM(m, m.features[3])).attribute(x),
+    "gradtrust": lambda m, x: gradtrust(m, x),
+    "softmax_confidence": lambda m, x: softmax_confidence(m, x),
+    "ActivationMatchingMask": lambda m, x: ActivationMatchingMask(
+        m, ["features.3"], weights="mnist"
+    ).attribute(x, mode="per_image", steps=2, progress=False),
+    "CircuitReadout": lambda m, x: CircuitReadout(m).readout(x, target=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_train_mode_model_comes_back_with_its_batchnorm_statistics(name, tiny_inputs):
+    model = _train_mode_model()
+    before = model_snapshot(model)
+    CALLS[name](model, tiny_inputs)
+    assert_model_unchanged(model, before)
+    # the statistics really are what a forward pass in train mode changes
+    model(tiny_inputs)
+    changed = model_snapshot(model)["buffers"]
+    assert any(not torch.equal(changed[k], before["buffers"][k]) for k in changed)
+
+
+class _Raising(nn.Module):
+    """TinyCNN whose head raises the model's own error type after the explained layer."""
+
+    class ShapeError(RuntimeError):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_tiny_cnn()
+        self.features = self.inner.features
+
+    def forward(self, x):
+        self.features(x)
+        raise self.ShapeError("mat1 and mat2 shapes cannot be multiplied (from the model)")
+
+
+@pytest.mark.parametrize(
+    "name", ["ContrastCAM", "CounterfactualCAM", "GradCAM", "VOICE", "gradtrust"]
+)
+def test_the_models_own_exception_reaches_the_user(name, tiny_inputs):
+    model = _Raising().eval()
+    before = model_snapshot(model)
+    with pytest.raises(_Raising.ShapeError, match="from the model") as info:
+        CALLS[name](model, tiny_inputs)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "(4, 3, 6, 6)" in notes or "(4, 3, 6, 6)" in str(info.value)
+    assert_model_unchanged(model, before)
