@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hooks import _as_leaves, capture_layer
+from .hooks import _as_leaves, capture_layer, restored_buffers_of_modules_run
 from .layers import root_module
 from .model_state import preserved_state
 from .validation import format_additional_forward_args, output_selection
@@ -323,7 +323,12 @@ def class_gradients(
     grad_kwargs = check_grad_kwargs(grad_kwargs)
     multidim = allow_multidim and isinstance(score, str) and not callable(classes)
     model = root_module(forward_func)
-    with preserved_state([model, layer]), torch.enable_grad():
+    # a plain-function forward_func hides its model: restore the buffers of whatever ran
+    with (
+        preserved_state([model, layer]),
+        restored_buffers_of_modules_run(),
+        torch.enable_grad(),
+    ):
         if layer is None:
             replaced, leaves = _as_leaves(inputs)
             if not leaves:

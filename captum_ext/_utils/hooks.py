@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -106,3 +107,36 @@ def capture_layer(layer: nn.Module, *, layer_input: bool = False) -> Iterator[La
     )
     with registered_hooks(register):
         yield capture
+
+
+@contextlib.contextmanager
+def restored_buffers_of_modules_run() -> Iterator[list[nn.Module]]:
+    """Put back the buffers of every module that runs in the block, as they were before it ran.
+
+    ``preserved_state`` covers the modules a method can name (the model behind
+    ``forward_func``, the layer). A ``forward_func`` that is a plain function hides its
+    model; a model in train mode would then keep the BatchNorm statistics that the method's
+    forward pass updated. A global forward pre-hook, removed on exit, records each module the
+    first time it runs (before its forward) together with a copy of its own buffers; on exit
+    changed buffers are copied back in place (the same tensor objects). Only modules run by
+    the calling thread are recorded (another thread training a model keeps its updates).
+    Yields the list of modules seen.
+    """
+    seen: dict[int, tuple[nn.Module, list[tuple[Tensor, Tensor]]]] = {}
+    thread = threading.get_ident()
+
+    def on_forward(module: nn.Module, args) -> None:
+        if id(module) not in seen and threading.get_ident() == thread:
+            buffers = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
+            seen[id(module)] = (module, buffers)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+    try:
+        yield [module for module, _ in seen.values()]
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for _, buffers in seen.values():
+                for buffer, value in buffers:
+                    if buffer.shape == value.shape and not torch.equal(buffer, value):
+                        buffer.copy_(value)

@@ -47,7 +47,8 @@ def upsample_maps(maps: Tensor, size: tuple[int, ...], mode: str | None = None) 
     ``torch.nn.functional.interpolate`` for the number of spatial dimensions; the result
     equals ``captum.attr.LayerAttribution.interpolate(maps, size, interpolate_mode=mode)``
     (whose own default is ``"nearest"``, which gives blocky maps: on the bundled digit model
-    the normalised 7x7 -> 28x28 maps of the two modes differ by up to about 0.2).
+    the min-max normalised 7x7 -> 28x28 maps of the two modes differ by up to 0.57 per
+    pixel, 0.06 on average).
     """
     spatial = maps.dim() - 2
     if spatial < 1 or spatial != len(size):
