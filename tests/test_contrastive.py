@@ -208,7 +208,7 @@ def test_one_forward_when_the_contrast_is_given(tiny_cnn, tiny_inputs, contrast)
 def test_an_explicit_contrast_out_of_range_is_still_refused(tiny_cnn, tiny_inputs):
     before = model_snapshot(tiny_cnn)
     for method in (Contrastive(Saliency, tiny_cnn), Contrastive(IntegratedGradients, tiny_cnn)):
-        with pytest.raises(ValueError, match=r"`contrast` holds class indices outside \[0, 5\)"):
+        with pytest.raises(ValueError, match=r"`contrast` holds class indices outside \[-5, 5\)"):
             method.attribute(tiny_inputs, [0, 1, 2, 7])
         with pytest.raises(ValueError, match="contrast"):
             method.attribute(tiny_inputs, [[0, 9]])
@@ -246,3 +246,11 @@ def test_confident_model_saliency_is_finite_and_equals_float64(confident_model, 
     expected = cross_entropy_gradient(reference, images.double(), runner_up)
     scale = expected.abs().amax(dim=(1, 2, 3), keepdim=True)
     assert ((got.double() - expected).abs() <= 1e-4 * scale).all()
+
+
+def test_negative_contrast_counts_from_the_last_class(tiny_cnn, tiny_inputs):
+    saliency = Contrastive(Saliency, tiny_cnn)
+    negative = saliency.attribute(tiny_inputs, [-1, -5, 0, 2])
+    torch.testing.assert_close(negative, saliency.attribute(tiny_inputs, [4, 0, 0, 2]))
+    with pytest.raises(ValueError, match="contrast"):
+        saliency.attribute(tiny_inputs, -6)

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from .._utils.batched_grad import run_forward
 from .._utils.layers import root_module
 from .._utils.model_state import preserved_state
-from .._utils.validation import class_selection, format_inputs, repeat_per_example
+from .._utils.validation import (
+    check_class_range,
+    class_selection,
+    format_inputs,
+    parse_class_selection,
+    repeat_per_example,
+)
 
 DEFAULT_ROWS_PER_CALL = 64
 
@@ -128,10 +134,7 @@ class ContrastiveForward(nn.Module):
                 "`output_transform` to Contrastive."
             )
         if self._max_class is not None and self._max_class >= output.shape[1]:
-            raise ValueError(
-                f"`contrast` holds class indices outside [0, {output.shape[1]}) for a model "
-                f"with {output.shape[1]} outputs."
-            )
+            check_class_range(torch.tensor([self._max_class]), output.shape[1], argument="contrast")
         if self._paired:
             return _PairedNegLogSoftmax.apply(output)
         return -torch.log_softmax(output, dim=1)
@@ -357,8 +360,20 @@ class Contrastive(GradientAttribution):
         unwrap = not isinstance(inputs, tuple)
         forward = self.contrastive_forward
         with preserved_state([model]):
-            if contrast is None or isinstance(contrast, str):
-                # the runner-up or every class: one forward to see the logits
+            classes = multi = None
+            max_class = None
+            if contrast is not None and not isinstance(contrast, str):
+                # explicit classes: no extra forward; the range is checked against the
+                # number of outputs by the contrastive forward the method calls
+                classes, multi = parse_class_selection(
+                    contrast, formatted[0].shape[0], formatted[0].device, argument="contrast"
+                )
+                if classes.numel():
+                    max_class = int(classes.max())
+                if classes.numel() and int(classes.min()) < 0:
+                    classes = None  # negative indices count from the last class: need C
+            if classes is None:
+                # the runner-up, every class, or negative indices: one forward for the logits
                 with torch.no_grad():
                     logits = run_forward(
                         self.model_forward,
@@ -370,11 +385,6 @@ class Contrastive(GradientAttribution):
                     contrast, logits, argument="contrast", default="runner_up"
                 )
                 max_class = None
-            else:
-                # explicit classes: no extra forward; the range is checked against the
-                # number of outputs by the contrastive forward the method calls
-                classes, multi = _explicit_classes(contrast, formatted[0])
-                max_class = int(classes.max()) if classes.numel() else None
             # Captum's Saliency and GuidedBackprop switch requires_grad on for the tensors
             # they get and only switch it back on success: hand them detached views.
             formatted = tuple(t.detach() for t in formatted)
@@ -432,19 +442,6 @@ class Contrastive(GradientAttribution):
             )
             pieces.append(result)
         return _join(pieces, n, per_example)
-
-
-def _explicit_classes(contrast: Any, reference: Tensor) -> tuple[Tensor, bool]:
-    """Parse explicit contrast classes without the model's logits.
-
-    ``class_selection`` needs only the batch size, the device and the number of classes for
-    explicit classes; a stand-in (N, K) tensor of zeros (expanded, no memory) with K larger
-    than any sensible class index lets it check everything but the upper bound, which the
-    contrastive forward checks against the real number of outputs.
-    """
-    n = reference.shape[0]
-    stand_in = torch.zeros((), device=reference.device).expand(n, 2**62 // max(n, 1))
-    return class_selection(contrast, stand_in, argument="contrast", default="runner_up")
 
 
 def _join(pieces: list, n: int, per_example: int) -> Any:
