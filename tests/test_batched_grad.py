@@ -250,3 +250,72 @@ def test_engine_chunk_argument_validated(tiny_cnn, tiny_inputs):
 def test_engine_unknown_score(tiny_cnn, tiny_inputs):
     with pytest.raises(ValueError, match="score"):
         class_gradients(tiny_cnn, (tiny_inputs,), 0, score="softmax-ish")
+
+
+# ------------------------------------------------------------------ multi-dimensional outputs
+
+
+class _PixelNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Tanh())
+        self.head = nn.Conv2d(5, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("score", ["logit", "cross_entropy", "probability"])
+def test_engine_tuple_targets_on_pixel_outputs_equal_autograd(score, tiny_inputs):
+    """(N, C, H, W) outputs: the tuple (c, h, w) is a class at a pixel; the softmax of the
+    cross-entropy and probability scores runs over dim 1 at that pixel."""
+    torch.manual_seed(3)
+    model = _PixelNet().double().eval()
+    rows = [(1, 2, 3), (0, 0, 0), (3, 5, 5), (-1, -2, 1)]
+    expected = []
+    for n, (c, h, w) in enumerate(rows):
+        acts = model.body(tiny_inputs[n : n + 1])
+        pixel = model.head(acts)[0, :, h, w]
+        value = {
+            "logit": pixel[c],
+            "cross_entropy": -torch.log_softmax(pixel, 0)[c],
+            "probability": torch.softmax(pixel, 0)[c],
+        }[score]
+        expected.append(torch.autograd.grad(value, acts)[0])
+    got = class_gradients(
+        model, (tiny_inputs,), rows, layer=model.body, score=score, allow_multidim=True
+    )
+    assert not got.multi and got.logits.shape == (4, 4, 6, 6)
+    torch.testing.assert_close(got.result[0][:, 0], torch.cat(expected), rtol=1e-10, atol=1e-13)
+    columns = got.classes[:, 0].tolist()
+    assert columns == [1 * 36 + 2 * 6 + 3, 0, 3 * 36 + 5 * 6 + 5, 3 * 36 + 4 * 6 + 1]
+
+
+def test_engine_scalar_outputs_and_multidim_only_when_allowed(tiny_inputs):
+    torch.manual_seed(3)
+    model = _PixelNet().double().eval()
+    with pytest.raises(ValueError, match=r"\(N, classes\) logits.*output_transform"):
+        class_gradients(model, (tiny_inputs,), (0, 0, 0), layer=model.body)
+    scalar = lambda x: model(x).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+    got = class_gradients(scalar, (tiny_inputs,), None, layer=model.body, allow_multidim=True)
+    acts = model.body(tiny_inputs)
+    (expected,) = torch.autograd.grad(model.head(acts).pow(2).mean(dim=(1, 2, 3)).sum(), acts)
+    torch.testing.assert_close(got.result[0][:, 0], expected, rtol=1e-10, atol=1e-13)
+
+
+def test_engine_grad_kwargs(tiny_cnn, tiny_inputs):
+    layer = tiny_cnn.features[3]
+    plain = class_gradients(tiny_cnn, (tiny_inputs,), "all", layer=layer, max_batch=2)
+    kept = class_gradients(
+        tiny_cnn,
+        (tiny_inputs,),
+        "all",
+        layer=layer,
+        max_batch=2,
+        grad_kwargs={"retain_graph": True, "allow_unused": False},
+    )
+    torch.testing.assert_close(kept.result[0], plain.result[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="create_graph"):
+        class_gradients(
+            tiny_cnn, (tiny_inputs,), 0, layer=layer, grad_kwargs={"create_graph": True}
+        )

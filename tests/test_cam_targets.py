@@ -584,3 +584,24 @@ def test_confident_model_maps_equal_float64(cls, confident_model, sample_digits)
         assert bool(((got.double() - expected).abs() <= tolerance + 1e-30).all()), float(
             ((got.double() - expected).abs() / _map_scale(expected)).max()
         )
+
+
+def test_segmentation_page_examples_run():
+    """The ```python blocks of docs/segmentation.md run in order, as a reader pastes them."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "segmentation.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    for number, block in enumerate(blocks):
+        exec(compile(block, f"segmentation.md, example {number + 1}", "exec"), namespace)
+    assert torch.allclose(
+        namespace["pixel"],
+        namespace["LayerGradCam"](namespace["fcn"], namespace["fcn"][3]).attribute(
+            namespace["images"], target=(2, 5, 7)
+        ),
+        atol=1e-6,
+    )
+    assert namespace["every"].shape == (2, 4, 16, 16)

@@ -85,7 +85,7 @@ _SEVERAL_CLASSES_HINT = (
 
 
 def _tuple_on_logits_error(value: Any, argument: str, *, in_list: bool = False) -> ValueError:
-    what = f"holds the tuple {value!r}" if in_list else f"={value!r}"
+    what = f" holds the tuple {value!r}" if in_list else f"={value!r}"
     return ValueError(
         f"`{argument}`{what}: in Captum a tuple of {len(value)} indices selects one element "
         f"of an output with {len(value) + 1} dimensions (batch first; a list of tuples gives "

@@ -32,18 +32,26 @@ class ContrastCAM(ClassActivationMapBase):
     With ``weighting="gradcam++"`` the Grad-CAM++ weighting is applied to the same signal
     (the contrastive form of Grad-CAM++).
 
+    Outputs with more than two dimensions (a segmentation network's (N, C, H, W)): dimension
+    1 is the class axis, and ``contrast=(q, h, w)`` (or a list of N such tuples) explains the
+    pixel (h, w) with ``CE(output[n, :, h, w], q)``, the softmax taken over the classes at
+    that pixel. For a region, reduce the output to (N, C) scores with ``output_transform``.
+
     Paper: Prabhushankar, Kwon, Temel & AlRegib, "Contrastive Explanations in Neural
     Networks", ICIP 2020; AlRegib & Prabhushankar, "Explanatory Paradigms in Neural
     Networks", IEEE Signal Processing Magazine, 2022.
 
     Args:
-        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits, or an
+            output with more than two dimensions (a segmentation network's (N, C, H, W)),
+            whose elements Captum's tuple targets select (see docs/segmentation.md).
         layer (nn.Module or str): the layer to explain, or its dotted name.
         device_ids (list[int], optional): device ids when forward_func wraps an
             ``nn.DataParallel`` model without being it, as in Captum's layer methods.
         weighting (str, optional): ``"gradcam"`` (default) or ``"gradcam++"``.
         output_transform (Callable, optional): reduces the model's output to (N, C) logits
-            when it returns something else (a dict, a tuple, a higher-rank tensor).
+            when it returns something else (a dict, a tuple, or a segmentation output summed
+            over a pixel mask).
 
     Examples::
 
@@ -131,10 +139,13 @@ class CounterfactualCAM(TargetClassCAMBase):
     AlRegib & Prabhushankar, "Explanatory Paradigms in Neural Networks", IEEE SPM 2022.
 
     Args:
-        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits, or an
+            output with more than two dimensions (a segmentation network's (N, C, H, W)),
+            whose elements Captum's tuple targets select (see docs/segmentation.md).
         layer (nn.Module or str): the layer to explain, or its dotted name.
         device_ids (list[int], optional): as in Captum's layer methods.
-        output_transform (Callable, optional): reduces the model's output to (N, C) logits.
+        output_transform (Callable, optional): reduces the model's output to (N, C) scores
+            (a dict, a tuple; or a segmentation output summed over a pixel mask).
 
     Examples::
 

@@ -30,10 +30,13 @@ class LayerGradCamPlusPlus(TargetClassCAMBase):
     Gradient-Based Visual Explanations for Deep Convolutional Networks", WACV 2018.
 
     Args:
-        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits, or an
+            output with more than two dimensions (a segmentation network's (N, C, H, W)),
+            whose elements Captum's tuple targets select (see docs/segmentation.md).
         layer (nn.Module or str): the layer to explain, or its dotted name.
         device_ids (list[int], optional): as in Captum's layer methods.
-        output_transform (Callable, optional): reduces the model's output to (N, C) logits.
+        output_transform (Callable, optional): reduces the model's output to (N, C) scores
+            (a dict, a tuple; or a segmentation output summed over a pixel mask).
 
     Examples::
 
