@@ -326,7 +326,7 @@ def class_gradients(
     # a plain-function forward_func hides its model: restore the buffers of whatever ran
     with (
         preserved_state([model, layer]),
-        restored_buffers_of_modules_run(),
+        restored_buffers_of_modules_run(exclude=[model, layer]),
         torch.enable_grad(),
     ):
         if layer is None:

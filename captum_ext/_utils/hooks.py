@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -110,7 +110,9 @@ def capture_layer(layer: nn.Module, *, layer_input: bool = False) -> Iterator[La
 
 
 @contextlib.contextmanager
-def restored_buffers_of_modules_run() -> Iterator[list[nn.Module]]:
+def restored_buffers_of_modules_run(
+    exclude: Iterable[nn.Module | None] = (),
+) -> Iterator[list[nn.Module]]:
     """Put back the buffers of every module that runs in the block, as they were before it ran.
 
     ``preserved_state`` covers the modules a method can name (the model behind
@@ -120,19 +122,23 @@ def restored_buffers_of_modules_run() -> Iterator[list[nn.Module]]:
     first time it runs (before its forward) together with a copy of its own buffers; on exit
     changed buffers are copied back in place (the same tensor objects). Only modules run by
     the calling thread are recorded (another thread training a model keeps its updates).
-    Yields the list of modules seen.
+    Modules inside ``exclude`` (already restored by the caller) are skipped. Yields the list
+    of modules seen.
     """
     seen: dict[int, tuple[nn.Module, list[tuple[Tensor, Tensor]]]] = {}
+    modules: list[nn.Module] = []  # in the order they first ran
+    skipped = {id(sub) for module in exclude if module is not None for sub in module.modules()}
     thread = threading.get_ident()
 
     def on_forward(module: nn.Module, args) -> None:
-        if id(module) not in seen and threading.get_ident() == thread:
-            buffers = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
-            seen[id(module)] = (module, buffers)
+        if id(module) in seen or id(module) in skipped or threading.get_ident() != thread:
+            return
+        seen[id(module)] = (module, [(b, b.detach().clone()) for b in module.buffers(False)])
+        modules.append(module)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
     try:
-        yield [module for module, _ in seen.values()]
+        yield modules
     finally:
         handle.remove()
         with torch.no_grad():

@@ -21,7 +21,7 @@ CONTRAST_ARG = """
                 for all), a list of ints or of one-int tuples or a 1-D tensor (one Q per
                 example), ``"all"`` (one map per class), or a 2-D tensor / list of lists (N or
                 1 rows) of several classes per example; a list of tuples never means several
-                classes. For an output (N, C, *positions) (a segmentation network's
+                classes. For an output ``(N, C, *positions)`` (a segmentation network's
                 (N, C, H, W)) dimension 1 is the class axis: the tuple ``(q, h, w)`` (for
                 every example) or a list of N such tuples (one per example) asks "why this
                 pixel's prediction rather than class q?", with the cross-entropy of the logits
