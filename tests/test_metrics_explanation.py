@@ -677,7 +677,7 @@ def test_bad_input_names_the_argument(cnn_case):
     with pytest.raises(ValueError, match="`score`"):
         structure_insertion(model, x, attr, score="f1")
     with pytest.raises(ValueError, match="`target`"):
-        structure_insertion(model, x, attr, target=-1)
+        structure_insertion(model, x, attr, target=-6)
     with pytest.raises(ValueError, match="`to_uint8`"):
         structure_deletion(model, x, attr, to_uint8=lambda z: z.flatten())
     with pytest.raises(ValueError, match="`heatmaps` must lie in"):
