@@ -25,13 +25,19 @@ its baselines, :func:`captum_ext.metrics.score_dataset`); it runs unchanged unde
         --scores gradtrust,softmax,entropy --out r18-scores.csv
     torchrun --nproc-per-node 2 -m captum_ext score --images val/ --no-progress
 
-Bad arguments end with exit status 2 and a one-line message on stderr.
+Bad arguments end with exit status 2 and a one-line message on stderr; so does an output
+location that cannot be written (a read-only or full disk): ``--out`` is checked before any
+work starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,62 @@ _USER_ERRORS = (
     IsADirectoryError,
     PermissionError,
 )
+
+
+class _OutputError(Exception):
+    """The output location (``--out``) cannot be written."""
+
+
+def _describe_os_error(error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason}: {error.filename!r}" if error.filename else reason
+
+
+def _check_output(out: Path, *, folder: bool) -> None:
+    """Fail early, before any work, when ``--out`` cannot be written: create the folder (the
+    ``--out`` folder, or the one the ``--out`` file goes in) and a scratch file in it. The
+    temporary files of an earlier run that was killed while writing are removed."""
+    from captum_ext._utils.training import _remove_stale_temporaries
+
+    target = out if folder else out.parent
+    try:
+        if not folder and out.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(out))
+        target.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=target)
+        os.close(handle)
+        os.unlink(scratch)
+        _remove_stale_temporaries(out / "index.html" if folder else out)
+    except OSError as error:
+        raise _OutputError(
+            f"`--out` {str(out)!r} cannot be written ({_describe_os_error(error)})."
+        ) from error
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _is_under(name: Any, out: Path) -> bool:
+    try:
+        return Path(os.fsdecode(name)).resolve().is_relative_to(out.resolve())
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+@contextmanager
+def _writing_to(out: Path):
+    """A failure to write (full disk, folder made read-only meanwhile) names ``--out``; other
+    OS errors (e.g. a missing input file) pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _WRITE_ERRNOS and not (
+            error.filename is not None and _is_under(error.filename, out)
+        ):
+            raise
+        raise _OutputError(
+            f"writing to `--out` {str(out)!r} failed ({_describe_os_error(error)})."
+        ) from error
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -349,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"{_PROG} {args.command}"
     try:
         return args.handler(args)
-    except _USER_ERRORS as error:
+    except (_OutputError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
@@ -509,9 +571,11 @@ def _run_report(args: argparse.Namespace) -> int:
     )
 
     device = _parse_device(args.device)
+    if args.model is None and args.weights is not None:
+        raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+    out = Path(args.out).expanduser()
+    _check_output(out, folder=True)
     if args.model is None:
-        if args.weights is not None:
-            raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
         model = load_bundled_model().to(device)
         model_description = "bundled digit classifier (captum_ext.data.load_bundled_model)"
         layer_name = args.layer or BUNDLED_CAM_LAYER
@@ -555,7 +619,6 @@ def _run_report(args: argparse.Namespace) -> int:
     forward, layer = expose_layer(model, layer_name, example=images[:2].to(device))
     display = denormalize_for_display(images, transform)
 
-    out = Path(args.out).expanduser()
     sections = args.sections or list(SECTIONS if args.model is None else USER_MODEL_SECTIONS)
     report = Report(
         args.title or "captum-ext report",
@@ -569,38 +632,41 @@ def _run_report(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
         },
     )
-    common = {"labels": labels, "names": names, "batch_size": args.batch_size}
-    args.report_labels, args.report_names = labels, names
-    for name in sections:
-        if name in ("masks", "inversion"):
-            report.add_section(
-                _masks_section(args, model, forward, layer_name, images, display, class_names, out)
-                if name == "masks"
-                else _inversion_section(args, model, images, transform, class_names, out)
-            )
-            continue
-        if name == "contrastive":
-            build, options = contrastive_section, {}
-        elif name == "voice":
-            build, options = voice_section, {"contrasts": args.voice_contrasts}
-        elif name == "metrics":
-            build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
-        else:
-            build, options = trust_section, {"least_trusted": args.least_trusted}
-        arguments = (forward, layer, images, display, class_names, out)
-        try:
-            section = build(*arguments, progress=not args.no_progress, **common, **options)
-        except (ValueError, TypeError) as error:
-            if name != "trust" or args.sections is not None:
-                raise
-            # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
-            # whose final nn.Linear is compiled) still gets the other sections
-            reason = str(error).strip().splitlines()[0]
-            print(f"captum-ext report: trust section left out: {reason}", file=sys.stderr)
-            report.metadata.append(("Trust section", f"left out: {reason}"))
-            continue
-        report.add_section(section)
-    index = report.write(out)
+    with _writing_to(out):
+        common = {"labels": labels, "names": names, "batch_size": args.batch_size}
+        args.report_labels, args.report_names = labels, names
+        for name in sections:
+            if name in ("masks", "inversion"):
+                if name == "masks":
+                    built = _masks_section(
+                        args, model, forward, layer_name, images, display, class_names, out
+                    )
+                else:
+                    built = _inversion_section(args, model, images, transform, class_names, out)
+                report.add_section(built)
+                continue
+            if name == "contrastive":
+                build, options = contrastive_section, {}
+            elif name == "voice":
+                build, options = voice_section, {"contrasts": args.voice_contrasts}
+            elif name == "metrics":
+                build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
+            else:
+                build, options = trust_section, {"least_trusted": args.least_trusted}
+            arguments = (forward, layer, images, display, class_names, out)
+            try:
+                section = build(*arguments, progress=not args.no_progress, **common, **options)
+            except (ValueError, TypeError) as error:
+                if name != "trust" or args.sections is not None:
+                    raise
+                # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
+                # whose final nn.Linear is compiled) still gets the other sections
+                reason = str(error).strip().splitlines()[0]
+                print(f"captum-ext report: trust section left out: {reason}", file=sys.stderr)
+                report.metadata.append(("Trust section", f"left out: {reason}"))
+                continue
+            report.add_section(section)
+        index = report.write(out)
     print(f"Report written to {index}")
     return 0
 
@@ -642,6 +708,22 @@ def _init_distributed(device: Any) -> tuple[Any, bool]:
     return device, True
 
 
+def _check_class_count(model: Any, example: Any, class_names: list[str], device: Any) -> None:
+    """``--classes`` must name every output of the model (as ``report`` requires)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            logits = model(example.to(device))
+    except Exception:  # the scoring itself reports a model that fails on the images
+        return
+    outputs = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+    if outputs is not None and outputs != len(class_names):
+        raise ValueError(
+            f"`--classes` has {len(class_names)} names but the model has {outputs} outputs."
+        )
+
+
 def _run_score(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -654,6 +736,9 @@ def _run_score(args: argparse.Namespace) -> int:
     device = _parse_device(args.device)
     if args.model is None and args.weights is not None:
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+    out = Path(args.out).expanduser()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+        _check_output(out, folder=False)
     class_names = _read_class_names(args.classes) if args.classes else None
     if class_names is None and args.model is None:
         class_names = list(DIGIT_CLASSES)
@@ -682,6 +767,8 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_bundled_model().to(device)
         else:
             model = load_model(args.model, args.weights, device)
+        if class_names is not None:
+            _check_class_count(model, images[:1], class_names, device)
         loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size)
         options = {"mc_dropout": {"generator": args.seed}} if "mc_dropout" in args.scores else {}
         table = score_dataset(
@@ -694,7 +781,8 @@ def _run_score(args: argparse.Namespace) -> int:
         )
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
-            path = table.to_csv(Path(args.out), extra={"path": names})
+            with _writing_to(out):
+                path = table.to_csv(out, extra={"path": names})
             known = table["label"] >= 0
             summary = f"{len(table)} examples"
             if known.any():

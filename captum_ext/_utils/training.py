@@ -4,19 +4,26 @@ Every trainer in captum-ext (the amortised mask net, the inversion generator, TI
 dataset scorer use these, so that they all
 
 * write files atomically (to a temporary file in the same folder, then ``os.replace``), so a
-  crash never leaves a half-written checkpoint or table;
-* read checkpoints with ``torch.load(weights_only=True)`` only;
-* show one tqdm bar on stderr, on rank 0, that ``progress=False`` turns off;
+  crash never leaves a half-written checkpoint or table; the file gets the permissions of any
+  new file (``0o666`` less the umask), and the temporary files a killed run left behind are
+  removed by the next write of the same file;
+* store a SHA-256 checksum of a checkpoint's content in it and verify it on load, and read
+  checkpoints with ``torch.load(weights_only=True)`` only;
+* show one tqdm bar on stderr, on rank 0, that ``progress=False`` turns off; when stderr is
+  not a terminal (CI logs, files) a few plain lines (0, 25, 50, 75 and 100 %) instead;
 * run unchanged under ``torchrun``: when a process group is initialised the trained module is
   wrapped in ``DistributedDataParallel`` and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CHECKSUM_KEY",
+    "PlainProgress",
     "atomic_path",
+    "checkpoint_digest",
     "barrier",
     "distributed_shard",
     "is_main_process",
@@ -37,40 +47,149 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (what the umask stays is unchanged)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the ``.NAME.XXXXXXXX.tmp`` files that :func:`atomic_path` made for ``path`` and
+    a killed process never renamed or deleted. Only names of exactly that form are touched."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, rename it over
-    ``path`` (atomic on POSIX and Windows); when it raises, delete it. The folder is created
-    if needed."""
+    ``path`` (atomic on POSIX and Windows); when it raises (or is interrupted), delete it.
+
+    The folder is created if needed. The file gets the mode of any newly created file,
+    ``0o666`` less the umask (not the ``0o600`` of ``tempfile``). Temporary files of the same
+    ``path`` left by a process that was killed before it could clean up
+    (``.NAME.XXXXXXXX.tmp``) are removed first; two processes must not write the same
+    ``path`` at the same time (under ``torch.distributed`` only rank 0 writes)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
     try:
+        os.close(handle)
         yield Path(temp)
+        os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
 
 
+#: The key under which :func:`save_checkpoint` stores the checksum of the other entries.
+CHECKSUM_KEY = "captum_ext_sha256"
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Feed a canonical, type-tagged encoding of ``value`` to ``digest``."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            tensor = tensor.to_dense() if tensor.layout != torch.strided else tensor.dequantize()
+        tensor = tensor.to("cpu").contiguous().reshape(-1)
+        digest.update(f"T{tensor.dtype}{tuple(value.shape)}:".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(f"M{len(value)}:".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, float):
+        digest.update(f"F{value.hex() if math.isfinite(value) else value!r};".encode())
+    else:  # str, int, bool, None, torch.dtype, torch.Size, ...
+        text = repr(value)
+        digest.update(f"{type(value).__name__}{len(text)}:{text}".encode())
+
+
+def checkpoint_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's content: every key and value, tensors by dtype, shape
+    and bytes, in order; the entry :data:`CHECKSUM_KEY` is left out. It depends on the values
+    only, not on how ``torch.save`` laid them out, nor on the device they are loaded to."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return digest.hexdigest()
+
+
+class _Checkpoint(dict):
+    """The dict :func:`load_checkpoint` returns: a missing entry is a ``ValueError`` naming
+    the file (the error is also a ``KeyError`` for code that catches that)."""
+
+    _source = ""
+    _argument = "checkpoint"
+
+    def __missing__(self, key: Any):
+        raise _MissingEntry(
+            f"`{self._argument}`: {self._source!r} has no {key!r} entry; it was not written by "
+            "this trainer or by this version of captum-ext."
+        )
+
+
+class _MissingEntry(ValueError, KeyError):
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save(state)`` atomically. ``state`` should hold only what
+    """``torch.save(state)`` atomically, with a SHA-256 checksum of the content under
+    :data:`CHECKSUM_KEY` (see :func:`checkpoint_digest`). The file stays a plain dict that
+    ``torch.load(path, weights_only=True)`` reads. ``state`` should hold only what
     ``torch.load(weights_only=True)`` reads back: tensors, state dicts, numbers, strings,
     lists, tuples and dicts of those (a ``torch.Generator``'s ``get_state()`` is a tensor)."""
     path = Path(path).expanduser()
+    state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    state[CHECKSUM_KEY] = checkpoint_digest(state)
     with atomic_path(path) as temp:
-        torch.save(dict(state), temp)
+        torch.save(state, temp)
     return path
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, map_location: Any = "cpu", argument: str = "checkpoint"
+    path: str | os.PathLike,
+    *,
+    map_location: Any = "cpu",
+    argument: str = "checkpoint",
+    keys: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` and
+    verify its checksum.
 
-    Raises a ``ValueError`` naming ``argument`` when the file is missing or is not a
-    checkpoint dictionary.
+    Raises a ``ValueError`` naming ``argument`` and the file when the file is missing, is not
+    a checkpoint dictionary, its content does not match its checksum (the file was corrupted
+    or edited), or it lacks one of ``keys``. Reading an entry the file does not have from the
+    returned dict is a ``ValueError`` too (not a bare ``KeyError``).
+
+    A checkpoint without a checksum (written by captum-ext before checksums were added, or
+    by another program) is refused with a ``ValueError``: its integrity cannot be verified,
+    and a damaged checksum entry must not pass for an old file. Such a fit is started afresh.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -78,15 +197,44 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle errors, truncated files, non-weights content
+        first = " ".join(str(error).split())[:300]
         raise ValueError(
             f"`{argument}`: {str(path)!r} is not a readable checkpoint "
-            f"({type(error).__name__}: {error})."
+            f"({type(error).__name__}: {first}); the file may be corrupted."
         ) from error
     if not isinstance(state, dict):
         raise ValueError(
             f"`{argument}`: {str(path)!r} holds a {type(state).__name__}, not a checkpoint dict."
         )
-    return state
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        raise ValueError(
+            f"`{argument}`: {str(path)!r} has no checksum, so its integrity cannot be "
+            "verified: it was written by another program, by a captum-ext version without "
+            "checkpoint checksums, or its checksum entry was damaged. Start the fit afresh "
+            "(delete the file, or resume=False)."
+        )
+    try:
+        actual = checkpoint_digest(state)
+    except Exception as error:  # content torch.load accepted but we cannot encode
+        raise ValueError(
+            f"`{argument}`: {str(path)!r} cannot be verified ({type(error).__name__}: "
+            f"{error}); the file may be corrupted."
+        ) from error
+    if not isinstance(stored, str) or stored != actual:
+        raise ValueError(
+            f"`{argument}`: {str(path)!r} is corrupted: its content does not match the "
+            "checksum stored in it (the file changed after it was written)."
+        )
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(
+            f"`{argument}`: {str(path)!r} lacks the entries {missing}; it was not written by "
+            "this trainer or by this version of captum-ext."
+        )
+    result = _Checkpoint(state)
+    result._source, result._argument = str(path), argument
+    return result
 
 
 def distributed_shard() -> tuple[int, int] | None:
@@ -135,11 +283,91 @@ def unwrap_distributed(module: nn.Module) -> nn.Module:
     return module
 
 
-def progress_bar(total: int | None, enabled: bool, *, desc: str, unit: str, initial: int = 0):
-    """A tqdm bar on stderr, or ``None`` when ``enabled`` is false, on ranks other than 0 or
-    when tqdm (the ``report`` extra) is not installed. Callers guard with ``if bar``."""
+class PlainProgress:
+    """A progress report for logs: one line at 0, 25, 50, 75 and 100 % of ``total`` (at the
+    start and at the end when ``total`` is unknown), instead of the many carriage-return
+    updates of a tqdm bar. Offers the part of tqdm's interface the trainers use (``update``,
+    ``set_postfix``, ``close``, use as a context manager)."""
+
+    _MARKS = (0, 25, 50, 75, 100)
+
+    def __init__(self, total: int | None, *, desc: str, unit: str, initial: int = 0, file=None):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, int(initial)
+        self.file = sys.stderr if file is None else file
+        self.postfix = ""
+        self._next = 0  # index into _MARKS of the next line to print
+        self._closed = False
+        self._report()
+
+    def _line(self, percent: int | None) -> None:
+        if self.total:
+            text = f"{self.desc}: {percent:3d}% ({self.n}/{self.total} {self.unit})"
+        else:
+            text = f"{self.desc}: {self.n} {self.unit}"
+        if self.postfix:
+            text += f" {self.postfix}"
+        print(text, file=self.file, flush=True)
+
+    def _report(self) -> None:
+        if not self.total:
+            if self._next == 0:
+                self._line(None)
+                self._next = 1
+            return
+        done = 100 * min(self.n, self.total) / self.total
+        reached = None
+        while self._next < len(self._MARKS) and done >= self._MARKS[self._next]:
+            reached = self._MARKS[self._next]
+            self._next += 1
+        if reached is not None:  # a jump over several marks prints one line
+            self._line(int(done) if done < 100 else 100)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._report()
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        items = {**dict(ordered_dict or {}), **kwargs}
+        self.postfix = ", ".join(f"{key}={value}" for key, value in items.items())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.total:
+            self._line(None)
+        elif self._next < len(self._MARKS) and self.n > 0:  # stopped early: say where
+            self._line(int(100 * min(self.n, self.total) / self.total))
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def progress_bar(
+    total: int | None, enabled: bool, *, desc: str, unit: str, initial: int = 0, file=None
+):
+    """A tqdm bar on stderr (or ``file``), or ``None`` when ``enabled`` is false, on ranks
+    other than 0 or when tqdm (the ``report`` extra) is not installed. When the stream is not
+    a terminal (a CI log, a file, a pipe) a :class:`PlainProgress` prints a few plain lines
+    instead. Callers guard with ``if bar``."""
     if not enabled or not is_main_process():
         return None
+    stream = sys.stderr if file is None else file
+    if not _is_terminal(stream):
+        return PlainProgress(total, desc=desc, unit=unit, initial=initial, file=stream)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with the `report` extra; no bar without it
@@ -149,6 +377,6 @@ def progress_bar(total: int | None, enabled: bool, *, desc: str, unit: str, init
         initial=initial,
         desc=desc,
         unit=unit,
-        file=sys.stderr,
+        file=stream,
         dynamic_ncols=True,
     )

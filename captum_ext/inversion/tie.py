@@ -48,6 +48,22 @@ BASELINES: tuple[str, ...] = ("uncertain", "all")
 OOD_SCORE_KINDS: tuple[str, ...] = ("max_in", "ue", "garbage")
 
 _FORMAT = "captum_ext.TIE/1"
+_CHECKPOINT_KEYS = (
+    "num_classes",
+    "baseline",
+    "threshold",
+    "world_size",
+    "epoch",
+    "stopped",
+    "fit_epoch",
+    "fit_epochs",
+    "fit_start",
+    "classifier",
+    "optimizer",
+    "inversion",
+    "pool",
+    "log",
+)
 _LOG_KEYS = (
     "epoch",
     "loss",
@@ -615,6 +631,13 @@ class TIE:
                     x, y = data[rows], targets[rows]
                     logits = net(x)
                     loss = F.cross_entropy(logits, y, weight=weight.to(logits.dtype))
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"TIE.fit: the classifier's training loss became {value} "
+                            f"in epoch {epoch + 1}; try a smaller `lr`. The TIE is left as "
+                            "it was before this fit."
+                        )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
@@ -645,6 +668,12 @@ class TIE:
             per_class, generator=_seed_of(self.seed, 7, epoch) % (2**62), vector=self.sample_vector
         )
         probs = self._probabilities(images)
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError(
+                f"TIE.fit: the classifier's outputs on the inverted samples of epoch "
+                f"{epoch + 1} are NaN or infinite; try a smaller `lr` or `generator_lr`. The "
+                "TIE is left as it was before this fit."
+            )
         ue = uncertainty_ue(probs)
         excluded = torch.ones_like(ue, dtype=torch.bool)
         if self.baseline == "uncertain":
@@ -692,6 +721,9 @@ class TIE:
     def _restore(self, state: Mapping[str, Any], epochs: int) -> tuple[int, int]:
         if state.get("format") != _FORMAT:
             raise ValueError("`checkpoint` was not written by TIE.fit.")
+        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"`checkpoint` lacks the entries {missing} a TIE.fit writes.")
         if (
             state["num_classes"] != self.num_classes
             or state["baseline"] != self.baseline
@@ -762,11 +794,28 @@ class TIE:
 
         Returns:
             dict[str, list[float]]: This call's per-epoch records (see ``log``).
+
+        Raises:
+            ValueError: ``inputs`` hold NaN or infinite values, have the wrong shape, or
+                ``labels`` are not classes ``0..n - 1`` (checked before any training).
+            FloatingPointError: the classifier's training loss, or its outputs on the
+                inverted samples, became NaN or infinite (e.g. a too large ``lr``).
+
+        A fit that raises (or is interrupted) leaves this TIE as it was before the call:
+        the classifier's parameters, buffers and flags, the generator, both optimisers, the
+        pool, the log and the counters are restored; a ``checkpoint`` written by the
+        failed call keeps its progress for ``resume=True``.
         """
         inputs = self._check_inputs(inputs)
         labels = self._check_labels(labels, inputs.shape[0])
         if inputs.shape[0] == 0:
             raise ValueError("`inputs` must hold at least one image.")
+        if not bool(torch.isfinite(inputs).all()):
+            bad = int((~torch.isfinite(inputs)).flatten(1).any(1).sum())
+            raise ValueError(
+                f"`inputs` must be finite: {bad} of {inputs.shape[0]} images hold NaN or "
+                "infinite values."
+            )
         epochs = _positive_int(epochs, "epochs")
         if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
             raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
@@ -779,6 +828,16 @@ class TIE:
             1, math.ceil(inputs.shape[0] / (self.num_classes * (self.num_classes + 1)))
         )
 
+        snapshot = self._snapshot()
+        try:
+            return self._fit(
+                inputs, labels, epochs, per_class, progress, checkpoint, resume, device
+            )
+        except BaseException:
+            self._rollback(snapshot)
+            raise
+
+    def _fit(self, inputs, labels, epochs, per_class, progress, checkpoint, resume, device):
         start, fit_start = 0, len(self.log["epoch"])
         if resume and os.path.isfile(os.fspath(checkpoint)):
             state = load_checkpoint(checkpoint, map_location=device)
@@ -830,6 +889,48 @@ class TIE:
             if bar:
                 bar.close()
         return {key: values[fit_start:] for key, values in self.log.items()}
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything a fit changes, copied, so that a failed fit can be undone."""
+        inversion = self.inversion
+        modules = [unwrap_distributed(self.classifier), unwrap_distributed(self.generator)]
+        params = [p for m in modules for p in m.parameters()]
+        return {
+            "classifier": copy.deepcopy(unwrap_distributed(self.classifier).state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "generator": copy.deepcopy(unwrap_distributed(self.generator).state_dict()),
+            "generator_optimizer": copy.deepcopy(inversion.optimizer.state_dict()),
+            "generator_step": inversion._step,
+            "generator_history": copy.deepcopy(inversion.history),
+            "generator_rng": copy.deepcopy(inversion._rng),
+            "training": [(m, m.training) for module in modules for m in module.modules()],
+            "flags": [(p, p.requires_grad, p.grad) for p in params],
+            "pool": self.pool,  # never changed in place (each epoch makes a new tensor)
+            "epoch": self.epoch,
+            "stopped": self.stopped,
+            "log": copy.deepcopy(self.log),
+        }
+
+    def _rollback(self, snapshot: Mapping[str, Any]) -> None:
+        """Put back the state :meth:`_snapshot` copied (parameters and buffers in place)."""
+        inversion = self.inversion
+        with torch.no_grad():
+            unwrap_distributed(self.classifier).load_state_dict(snapshot["classifier"])
+            unwrap_distributed(self.generator).load_state_dict(snapshot["generator"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        inversion.optimizer.load_state_dict(snapshot["generator_optimizer"])
+        inversion._step = snapshot["generator_step"]
+        inversion.history = snapshot["generator_history"]
+        inversion._rng = snapshot["generator_rng"]
+        for module, training in snapshot["training"]:
+            module.training = training
+        for param, requires_grad, grad in snapshot["flags"]:
+            param.requires_grad_(requires_grad)
+            param.grad = grad
+        self.pool = snapshot["pool"]
+        self.epoch = snapshot["epoch"]
+        self.stopped = snapshot["stopped"]
+        self.log = snapshot["log"]
 
     def _needs_final_training(self) -> bool:
         """The last log row is a TIE epoch that added samples the classifier has not seen."""

@@ -39,6 +39,20 @@ from captum_ext.inversion.losses import (
 
 __all__ = ["LOSS_TERMS", "PRESETS", "NetworkInversion"]
 
+_CHECKPOINT_KEYS = (
+    "preset",
+    "num_classes",
+    "world_size",
+    "generator",
+    "optimizer",
+    "step",
+    "fit_step",
+    "fit_steps",
+    "fit_start",
+    "rng",
+    "history",
+)
+
 #: Names of the loss terms, the keys of ``weights``.
 LOSS_TERMS: tuple[str, ...] = (
     "kl",
@@ -441,8 +455,13 @@ class NetworkInversion:
         }
 
     def _restore(self, state: Mapping[str, Any], steps: int) -> tuple[int, int]:
-        if state.get("format") != "captum_ext.NetworkInversion/1":
+        if not isinstance(state, Mapping) or state.get("format") != "captum_ext.NetworkInversion/1":
             raise ValueError("`checkpoint` was not written by NetworkInversion.fit.")
+        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"`checkpoint` lacks the entries {missing} a NetworkInversion.fit writes."
+            )
         if state["preset"] != self.preset or state["num_classes"] != self.generator.num_classes:
             raise ValueError(
                 f"`checkpoint` is for preset {state['preset']!r} with {state['num_classes']} "
@@ -550,6 +569,11 @@ class NetworkInversion:
                     terms = self._losses(net, phase, batch_size, sampler)
                     weights = self._phases[phase]
                     loss = sum(weights[name] * value for name, value in terms.items())
+                    if not math.isfinite(float(loss.detach())):
+                        raise FloatingPointError(
+                            f"NetworkInversion.fit: the loss became {float(loss.detach())} at step "
+                            f"{self._step + 1} ({', '.join(terms)}); try a smaller `lr`."
+                        )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward(inputs=gen_params)
                     self.optimizer.step()

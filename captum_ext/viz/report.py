@@ -25,7 +25,6 @@ import datetime
 import os
 import re
 import shutil
-import sys
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.layers import resolve_layer, root_module
-from captum_ext._utils.training import atomic_path
+from captum_ext._utils.training import atomic_path, progress_bar
 
 from .overlay import overlay, save_png
 
@@ -200,6 +199,12 @@ class Report:
         ``out_dir/images/``. Every link is relative, so the folder can be moved or zipped.
         The page is written atomically (temporary file, then rename).
 
+        The figures under ``out_dir/images/`` that the page links to are listed in
+        ``out_dir/images/.captum-ext-figures``; writing a report again into the same folder
+        deletes the figures the previous report listed there and the new one no longer
+        uses (e.g. after a run on fewer images), and only those: nothing else in
+        ``out_dir`` is ever deleted.
+
         Raises:
             FileNotFoundError: a figure's PNG does not exist.
         """
@@ -247,9 +252,25 @@ class Report:
             generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             figure_width=_FIGURE_WIDTH,
         )
+        images = out / "images"
+        used = sorted(
+            {
+                urllib.parse.unquote(figure["src"])
+                for section in sections
+                for row in section["rows"]
+                for figure in row["figures"]
+                if (out / urllib.parse.unquote(figure["src"])).resolve().is_relative_to(images)
+            }
+        )
+        previous = _read_manifest(images)
+        # the manifest first lists old and new figures, so that a run killed before the old
+        # ones are deleted leaves none untracked
+        _write_manifest(images, sorted(set(previous) | set(used)))
         index = out / "index.html"
         with atomic_path(index) as temporary:
             temporary.write_text(html, encoding="utf-8")
+        _remove_figures(out, images, set(previous) - set(used))
+        _write_manifest(images, used)
         return index
 
     @staticmethod
@@ -280,6 +301,44 @@ class Report:
             "pixelated": width < shown_width,
             "width": None if figure.width is None else shown_width,
         }
+
+
+_MANIFEST = ".captum-ext-figures"
+
+
+def _read_manifest(images: Path) -> list[str]:
+    try:
+        text = (images / _MANIFEST).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _write_manifest(images: Path, paths: Iterable[str]) -> None:
+    with atomic_path(images / _MANIFEST) as temporary:
+        temporary.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
+
+
+def _remove_figures(out: Path, images: Path, stale: Iterable[str]) -> None:
+    """Delete the listed figures (paths relative to ``out``) that lie under ``images``, then
+    the folders under ``images`` that this left empty."""
+    folders = set()
+    for relative in stale:
+        path = out / relative
+        if path.is_symlink() or not path.resolve().is_relative_to(images) or not path.is_file():
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        folders.add(path.parent)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        while folder != images and folder.resolve().is_relative_to(images):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+            folder = folder.parent
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -343,10 +402,28 @@ def _check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
-def _progress_bar(total: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
 
-    return tqdm(total=total, desc=description, unit="image", disable=not enabled, file=sys.stderr)
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    """A tqdm bar over images on stderr, a few plain lines when stderr is not a terminal
+    (see :func:`captum_ext._utils.training.progress_bar`), or an object that does nothing."""
+    bar = progress_bar(total, enabled, desc=description, unit="image")
+    return _NoProgress() if bar is None else bar
 
 
 def _probabilities(model: Callable, x: Tensor) -> Tensor:
