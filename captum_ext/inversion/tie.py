@@ -235,6 +235,22 @@ def _extend_classifier(
     return extended, name
 
 
+def _cpu_copy(value: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = {key: _cpu_copy(item) for key, item in value.items()}
+        if type(value) is not dict:  # OrderedDict state dicts, with their _metadata
+            copied = type(value)(copied)
+            if hasattr(value, "_metadata"):
+                copied._metadata = copy.deepcopy(value._metadata)
+        return copied
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
 def _broadcast_buffers(module: nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics drift apart under DDP)."""
     if distributed_shard() is None:
@@ -891,15 +907,16 @@ class TIE:
         return {key: values[fit_start:] for key, values in self.log.items()}
 
     def _snapshot(self) -> dict[str, Any]:
-        """Everything a fit changes, copied, so that a failed fit can be undone."""
+        """Everything a fit changes, copied (tensors to the CPU, so that no accelerator memory
+        is held), so that a failed fit can be undone."""
         inversion = self.inversion
         modules = [unwrap_distributed(self.classifier), unwrap_distributed(self.generator)]
         params = [p for m in modules for p in m.parameters()]
         return {
-            "classifier": copy.deepcopy(unwrap_distributed(self.classifier).state_dict()),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "generator": copy.deepcopy(unwrap_distributed(self.generator).state_dict()),
-            "generator_optimizer": copy.deepcopy(inversion.optimizer.state_dict()),
+            "classifier": _cpu_copy(unwrap_distributed(self.classifier).state_dict()),
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),
+            "generator": _cpu_copy(unwrap_distributed(self.generator).state_dict()),
+            "generator_optimizer": _cpu_copy(inversion.optimizer.state_dict()),
             "generator_step": inversion._step,
             "generator_history": copy.deepcopy(inversion.history),
             "generator_rng": copy.deepcopy(inversion._rng),
