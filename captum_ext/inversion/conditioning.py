@@ -138,19 +138,48 @@ def one_hot_vectors(
     return torch.nn.functional.one_hot(labels, num_classes).to(dtype)
 
 
-def hot_matrices(labels: Tensor, num_classes: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def _class_profiles(labels: Tensor, num_classes: int, size: int, dtype: torch.dtype) -> Tensor:
+    """``A e_k`` per label: the one-hot vector ``e_k`` area-resized from ``K`` to ``size``."""
+    hot = torch.nn.functional.one_hot(labels, num_classes).to(dtype)  # N x K
+    if size == num_classes:
+        return hot
+    # area resizing is adaptive average pooling: each output cell averages its input bin
+    return torch.nn.functional.adaptive_avg_pool1d(hot[:, None, :], size)[:, 0, :]
+
+
+def hot_matrices(
+    labels: Tensor,
+    num_classes: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    size: int | None = None,
+) -> Tensor:
     r"""Hot matrices: ``M_k[i, j] = 1`` if ``i == k`` or ``j == k``, else 0.
 
     Row ``k`` and column ``k`` of a ``K x K`` zero matrix are set to 1 (``2K - 1`` ones).
-    The generator concatenates it as an extra channel to a ``K x K`` feature map.
+    The generator concatenates it as an extra channel to a ``K x K`` feature map (for many
+    classes, to a smaller working map: ``size``).
+
+    With ``size = S != K`` the matrix is returned area-resized to ``S x S`` (what
+    ``F.interpolate(M, (S, S), mode="area")`` gives) without ever building the ``K x K``
+    matrix: ``M_k = e_k 1^T + 1 e_k^T - e_k e_k^T`` and area resizing is the separable
+    linear map ``M -> A M A^T`` whose rows of ``A`` (``S x K``) sum to 1, so
+
+    .. code-block:: text
+
+        resize(M_k) = a 1^T + 1 a^T - a a^T,   a = A e_k  (e_k area-resized to S)
+
+    Memory is ``O(N (K + S^2))`` instead of ``O(N K^2)`` (``K = 1000`` and a batch of 64 is
+    256 MB as ``K x K`` matrices in float32, 1 MB at ``S = 64``).
 
     Args:
         labels (Tensor): ``N`` int class indices in ``0..K-1``.
         num_classes (int): ``K >= 2``.
         dtype (torch.dtype, optional): Default: ``torch.float32``
+        size (int, optional): side ``S`` of the returned matrices. Default: None (``K``)
 
     Returns:
-        Tensor: ``N x 1 x K x K`` on the device of ``labels``.
+        Tensor: ``N x 1 x S x S`` on the device of ``labels``.
 
     Examples::
 
@@ -160,13 +189,23 @@ def hot_matrices(labels: Tensor, num_classes: int, *, dtype: torch.dtype = torch
         tensor([[0., 1., 0.],
                 [1., 1., 1.],
                 [0., 1., 0.]])
+        >>> hot_matrices(torch.tensor([999]), 1000, size=64).shape
+        torch.Size([1, 1, 64, 64])
     """
     num_classes = _check_num_classes(num_classes)
     labels = _check_labels(labels, num_classes)
-    hot = torch.nn.functional.one_hot(labels, num_classes).to(dtype)  # N x K
-    rows = hot[:, :, None].expand(-1, -1, num_classes)
-    cols = hot[:, None, :].expand(-1, num_classes, -1)
-    return torch.maximum(rows, cols).unsqueeze(1)
+    if size is None:
+        size = num_classes
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`size` must be a positive int, got {size!r}.")
+    if not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
+    a = _class_profiles(labels, num_classes, size, dtype)  # N x S
+    if size == num_classes:  # binary: the exact construction
+        rows = a[:, :, None].expand(-1, -1, size)
+        cols = a[:, None, :].expand(-1, size, -1)
+        return torch.maximum(rows, cols).unsqueeze(1)
+    return (a[:, :, None] + a[:, None, :] - a[:, :, None] * a[:, None, :]).unsqueeze(1)
 
 
 def vector_matrix(

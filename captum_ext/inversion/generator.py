@@ -3,7 +3,11 @@ r"""The conditioned generator of network inversion, for any number of classes an
 from __future__ import annotations
 
 import math
+import os
+import resource
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,13 @@ from captum_ext.inversion.conditioning import (
     soft_vectors,
 )
 
-__all__ = ["CONDITIONINGS", "ConditionedGenerator"]
+__all__ = [
+    "CONDITIONINGS",
+    "ConditionedGenerator",
+    "InversionCost",
+    "available_memory_bytes",
+    "estimate_inversion_cost",
+]
 
 #: Conditioning modes: which vector the generator receives (``"soft"``, ``"one_hot"`` or
 #: none) and whether it receives the hot matrix.
@@ -96,9 +106,11 @@ class ConditionedGenerator(nn.Module):
       the mode has one) goes through ``Linear(K -> latent_dim)`` and is concatenated with
       ``z`` into a ``2 latent_dim x 1 x 1`` map (``latent_dim x 1 x 1`` without vector);
     - stage A: transposed convolutions with BatchNorm + ReLU, ``1 -> 4 -> 7 -> 10``, then a
-      resize to ``K x K`` (bilinear; nothing to do for ``K = 10``);
-    - the ``K x K`` hot matrix is concatenated as an extra channel (when the mode has it)
-      and mixed by a 3 x 3 block;
+      resize to the working size ``S x S`` (bilinear; nothing to do for ``S = 10``), with
+      ``S = K`` up to ``max_matrix_size`` classes and ``S = max_matrix_size`` beyond;
+    - the ``K x K`` hot matrix, area-resized to ``S x S`` (built at that size directly,
+      never as ``K x K``: :func:`~captum_ext.inversion.hot_matrices` with ``size``), is
+      concatenated as an extra channel (when the mode has it) and mixed by a 3 x 3 block;
     - stage B: resize to ``ceil(H / 2^u) x ceil(W / 2^u)`` and ``u`` transposed
       convolutions that double the size (``u = max(1, ceil(log2(max(H, W) / K)))``), each
       with BatchNorm, ``Dropout2d(dropout)`` and ReLU, a resize to exactly ``H x W`` when
@@ -107,7 +119,11 @@ class ConditionedGenerator(nn.Module):
       the images ``x = normalize(p)`` in the classifier's input space.
 
     For ``K = 10`` and ``28 x 28`` the sizes are those of the paper's MNIST generator
-    (``10 -> 7 -> 14 -> 28`` in stage B).
+    (``10 -> 7 -> 14 -> 28`` in stage B). The working size caps memory: the paper's
+    ``K x K`` feature map costs ``N * width * K^2`` values (16.4 GB in float32 for
+    ``K = 1000``, batch 64 and width 64); with ``S = min(K, max_matrix_size)`` memory grows
+    with the batch, ``K`` and the output pixels, not with ``K^2``. Up to ``max_matrix_size``
+    classes the network is exactly the paper's.
 
     Args:
         num_classes (int): ``K >= 2``, the classifier's number of outputs.
@@ -132,6 +148,9 @@ class ConditionedGenerator(nn.Module):
         bounded (bool, optional): Tanh at the end (pixels always in ``[0, 1]``). With
             ``False`` the pixels are ``(t + 1) / 2`` of an unbounded ``t``, and the pixel
             range prior of the reconstruction preset keeps them in range. Default: True
+        max_matrix_size (int, optional): the largest working size ``S`` of the hot matrix
+            and the feature map it joins (see above); parameters do not depend on it.
+            Default: 64
 
     Examples::
 
@@ -155,6 +174,7 @@ class ConditionedGenerator(nn.Module):
         *,
         width: int = 64,
         bounded: bool = True,
+        max_matrix_size: int = 64,
     ) -> None:
         super().__init__()
         num_classes = _check_num_classes(num_classes)
@@ -176,8 +196,16 @@ class ConditionedGenerator(nn.Module):
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"`width` must be a positive int, got {width!r}.")
+        if (
+            isinstance(max_matrix_size, bool)
+            or not isinstance(max_matrix_size, int)
+            or max_matrix_size < 2
+        ):
+            raise ValueError(f"`max_matrix_size` must be an int >= 2, got {max_matrix_size!r}.")
         channels, height, wide = (int(s) for s in out_shape)
         self.num_classes = num_classes
+        #: side of the working feature map and of the hot matrices the network takes
+        self.matrix_size = min(num_classes, max_matrix_size)
         self.out_shape = (channels, height, wide)
         self.latent_dim = latent_dim
         self.conditioning = conditioning
@@ -220,7 +248,8 @@ class ConditionedGenerator(nn.Module):
             generator (torch.Generator, optional): For the soft vectors. Default: None
 
         Returns:
-            tuple: ``(vectors, matrices)``, ``N x K`` and ``N x 1 x K x K``, each None when
+            tuple: ``(vectors, matrices)``, ``N x K`` and ``N x 1 x S x S`` (``S`` =
+            :attr:`matrix_size`, ``K`` up to ``max_matrix_size`` classes), each None when
             the mode does not use it. Float32 on the device of ``labels``.
         """
         labels = _check_labels(labels, self.num_classes)
@@ -235,8 +264,20 @@ class ConditionedGenerator(nn.Module):
                 )
             else:
                 vectors = one_hot_vectors(labels, self.num_classes)
-        matrices = hot_matrices(labels, self.num_classes) if self.uses_matrix else None
+        matrices = self.hot_matrices(labels) if self.uses_matrix else None
         return vectors, matrices
+
+    def hot_matrices(self, labels: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+        r"""The hot matrices of ``labels`` at this generator's working size.
+
+        :func:`~captum_ext.inversion.hot_matrices` with ``size=self.matrix_size``:
+        ``N x 1 x S x S``, built in ``O(N (K + S^2))`` memory (never ``N x K x K``).
+
+        Args:
+            labels (Tensor): ``N`` class indices.
+            dtype (torch.dtype, optional): Default: ``torch.float32``
+        """
+        return hot_matrices(labels, self.num_classes, dtype=dtype, size=self.matrix_size)
 
     def forward(
         self,
@@ -252,8 +293,9 @@ class ConditionedGenerator(nn.Module):
             z (Tensor): ``N x latent_dim`` noise.
             vectors (Tensor, optional): ``N x K`` conditioning vectors (required when the
                 mode has a vector).
-            matrices (Tensor, optional): ``N x 1 x K x K`` hot matrices (required when the
-                mode has the matrix).
+            matrices (Tensor, optional): ``N x 1 x S x S`` hot matrices (required when the
+                mode has the matrix; :meth:`hot_matrices`). Full ``N x 1 x K x K`` matrices
+                are accepted too and area-resized to ``S x S``.
             return_pixels (bool, optional): Also return the pixels in ``[0, 1]``.
 
         Returns:
@@ -265,7 +307,7 @@ class ConditionedGenerator(nn.Module):
                 f"`z` must be a tensor of shape (N, {self.latent_dim}), got "
                 f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}."
             )
-        n, k = z.shape[0], self.num_classes
+        n, k, s = z.shape[0], self.num_classes, self.matrix_size
         parts = [z]
         if self.uses_vector:
             if vectors is None or tuple(vectors.shape) != (n, k):
@@ -276,15 +318,18 @@ class ConditionedGenerator(nn.Module):
                 )
             parts.append(self.embed(vectors.to(z.dtype)))
         h = self.stage_a(torch.cat(parts, dim=1)[:, :, None, None])
-        if h.shape[-1] != k:
-            h = F.interpolate(h, size=(k, k), mode="bilinear", align_corners=False)
+        if h.shape[-1] != s:
+            h = F.interpolate(h, size=(s, s), mode="bilinear", align_corners=False)
         if self.uses_matrix:
-            if matrices is None or tuple(matrices.shape) != (n, 1, k, k):
+            shape = None if matrices is None else tuple(matrices.shape)
+            if shape not in ((n, 1, s, s), (n, 1, k, k)):
                 raise ValueError(
-                    f"`matrices` must have shape ({n}, 1, {k}, {k}) for conditioning "
-                    f"{self.conditioning!r}, got "
-                    f"{None if matrices is None else tuple(matrices.shape)}."
+                    f"`matrices` must have shape ({n}, 1, {s}, {s}) for conditioning "
+                    f"{self.conditioning!r} (the hot matrices at the working size, "
+                    f"`ConditionedGenerator.hot_matrices`), got {shape}."
                 )
+            if shape[-1] != s:
+                matrices = F.interpolate(matrices.to(h.dtype), size=(s, s), mode="area")
             h = torch.cat([h, matrices.to(h.dtype)], dim=1)
         h = self.mix(h)
         if tuple(h.shape[-2:]) != self._start:
@@ -333,3 +378,228 @@ class ConditionedGenerator(nn.Module):
         if matrices is not None:
             matrices = matrices.to(param.dtype)
         return self(z, vectors, matrices, return_pixels=return_pixels)
+
+
+def _format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _format_seconds(t: float) -> str:
+    if t >= 3600:
+        return f"{t / 3600:.1f} h"
+    if t >= 60:
+        return f"{t / 60:.1f} min"
+    return f"{t:.1f} s"
+
+
+@dataclass(frozen=True)
+class InversionCost:
+    r"""Estimated peak memory and time of training an inversion generator.
+
+    Attributes:
+        bytes (int): estimated peak memory of training, beyond what the process already uses:
+            ``4 P_G + P_f + 2 B (a_G + a_f)`` with ``P`` the parameter and buffer bytes of
+            the generator (weights, gradients and two Adam moments) and of the classifier,
+            ``B`` the batch size and ``a`` the bytes of all module outputs per example
+            (kept for the backward pass, and as many again for their gradients).
+        seconds (float): estimated time of ``steps`` training steps: one probe step (forward
+            and backward, the second of two timed) scaled by ``batch_size / probe_batch``.
+        per_example_bytes (int): ``a_G + a_f``.
+        parameter_bytes (int): ``4 P_G + P_f``.
+        batch_size (int): the batch the estimate is for.
+        steps (int): the steps the estimate is for.
+        num_classes (int): ``K``.
+        matrix_size (int): the generator's working size ``S = min(K, max_matrix_size)``.
+    """
+
+    bytes: int
+    seconds: float
+    per_example_bytes: int
+    parameter_bytes: int
+    batch_size: int
+    steps: int
+    num_classes: int
+    matrix_size: int
+
+    def fits(self, available: int | None = None, *, margin: float = 1.5) -> bool:
+        """Whether ``margin * bytes`` fits in ``available`` bytes (default:
+        :func:`available_memory_bytes` on CPU)."""
+        if available is None:
+            available = available_memory_bytes()
+        return available is None or margin * self.bytes <= available
+
+    def describe(self) -> str:
+        """One line for a report: ``"about 1.2 GB and 3.4 min for 10 steps at batch 64"``."""
+        return (
+            f"about {_format_bytes(self.bytes)} of memory and {_format_seconds(self.seconds)} "
+            f"for {self.steps} steps at batch {self.batch_size} ({self.num_classes} classes)"
+        )
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_memory_bytes(device: torch.device | str | None = None) -> int | None:
+    r"""Memory a new computation can still allocate on ``device``, or None when unknown.
+
+    CUDA: the free memory of the device (``torch.cuda.mem_get_info``). CPU: the smallest of
+    the system's available memory (``MemAvailable`` in ``/proc/meminfo``) and what is left
+    under the process's address-space limit (``RLIMIT_AS`` minus the current ``VmSize``).
+
+    Args:
+        device (torch.device or str, optional): Default: None (the CPU)
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    limits = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _proc_status_kb("VmSize")
+        limits.append(max(0, soft - (used or 0) * 1024))
+    return min(limits) if limits else None
+
+
+def _module_bytes(module: nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimate_inversion_cost(
+    classifier: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    num_classes: int | None = None,
+    batch_size: int = 64,
+    steps: int = 1000,
+    latent_dim: int = 100,
+    width: int = 64,
+    conditioning: str = "vector_matrix",
+    max_matrix_size: int = 64,
+    probe_batch: int = 2,
+) -> InversionCost:
+    r"""Estimate memory and time of training a :class:`ConditionedGenerator` for ``classifier``.
+
+    Runs two training steps at ``probe_batch`` examples (generator forward, classifier
+    forward, backward to the generator's parameters only), measures the bytes of every
+    module output per example with forward hooks and times the second step, then scales to
+    ``batch_size`` and ``steps`` (formulas in :class:`InversionCost`). Call it before a heavy
+    section and skip the section when ``not cost.fits()``. The probe itself needs memory
+    for ``probe_batch`` examples only. The classifier is left as it was (mode, flags,
+    ``.grad``, buffers; :func:`~captum_ext._utils.model_state.preserved_state`).
+
+    Args:
+        classifier (nn.Module): the classifier to invert (``N x C x H x W -> N x K``).
+        input_shape (Sequence[int]): ``(C, H, W)`` of its inputs.
+        num_classes (int, optional): ``K``. Default: None (the classifier's output width)
+        batch_size (int, optional): training batch. Default: 64
+        steps (int, optional): training steps. Default: 1000
+        latent_dim, width, conditioning, max_matrix_size: as in :class:`ConditionedGenerator`.
+        probe_batch (int, optional): examples of the probe steps (>= 2 for BatchNorm).
+            Default: 2
+
+    Returns:
+        InversionCost: ``bytes``, ``seconds`` and their parts.
+
+    Examples::
+
+        >>> import torchvision
+        >>> cost = estimate_inversion_cost(torchvision.models.resnet18(), (3, 224, 224),
+        ...                                batch_size=64, steps=10)
+        >>> if not cost.fits():
+        ...     print("inversion skipped: it needs " + cost.describe())
+    """
+    from captum_ext._utils.model_state import preserved_state
+
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"`classifier` must be an nn.Module, got {type(classifier).__name__}.")
+    for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+    if isinstance(probe_batch, bool) or not isinstance(probe_batch, int) or probe_batch < 2:
+        raise ValueError(f"`probe_batch` must be an int >= 2, got {probe_batch!r}.")
+    param = next(iter(classifier.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    sizes: list[int] = []
+
+    def record(module, inputs, output):
+        for out in output if isinstance(output, tuple | list) else (output,):
+            if isinstance(out, Tensor):
+                sizes.append(out.numel() * out.element_size())
+
+    handles = []
+    with preserved_state([classifier]):
+        classifier.eval()
+        if num_classes is None:
+            with torch.no_grad():
+                probe = classifier(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+            if not isinstance(probe, Tensor) or probe.dim() != 2:
+                raise ValueError(
+                    "`classifier` must return N x K logits to estimate the inversion cost, got "
+                    f"{tuple(probe.shape) if isinstance(probe, Tensor) else type(probe)}."
+                )
+            num_classes = int(probe.shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            gen = ConditionedGenerator(
+                num_classes,
+                tuple(input_shape),
+                latent_dim=latent_dim,
+                conditioning=conditioning,
+                width=width,
+                max_matrix_size=max_matrix_size,
+            ).to(device=device, dtype=dtype)
+            gen.train()
+            gen_params = [p for p in gen.parameters()]
+            labels = torch.arange(probe_batch, device=device) % num_classes
+            try:
+                for m in list(gen.modules()) + list(classifier.modules()):
+                    if not list(m.children()):
+                        handles.append(m.register_forward_hook(record))
+                elapsed = 0.0
+                for _ in range(2):
+                    sizes.clear()
+                    start = time.perf_counter()
+                    with torch.enable_grad():
+                        images = gen.generate(labels)
+                        logits = classifier(images)
+                        loss = F.cross_entropy(logits.float(), labels)
+                        torch.autograd.grad(loss, gen_params, allow_unused=True)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = time.perf_counter() - start
+            finally:
+                for handle in handles:
+                    handle.remove()
+    per_example = math.ceil(sum(sizes) / probe_batch)
+    parameters = 4 * _module_bytes(gen) + _module_bytes(classifier)
+    return InversionCost(
+        bytes=int(parameters + 2 * batch_size * per_example),
+        seconds=float(elapsed * batch_size / probe_batch * steps),
+        per_example_bytes=int(per_example),
+        parameter_bytes=int(parameters),
+        batch_size=batch_size,
+        steps=steps,
+        num_classes=num_classes,
+        matrix_size=gen.matrix_size,
+    )
