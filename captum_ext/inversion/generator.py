@@ -3,8 +3,6 @@ r"""The conditioned generator of network inversion, for any number of classes an
 from __future__ import annotations
 
 import math
-import os
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -472,6 +470,10 @@ def available_memory_bytes(device: torch.device | str | None = None) -> int | No
                     limits.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return min(limits) if limits else None
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         used = _proc_status_kb("VmSize")
