@@ -19,6 +19,7 @@ from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import preserved_state
 from .._utils.validation import class_selection, format_inputs, repeat_per_example
 from ._cam import ClassActivationMapBase, make_cam_reducer
+from ._voice_moments import UpsampledMoments
 
 POSTPROCESS = ("reference", "raw")
 
@@ -131,13 +132,27 @@ class _Accumulator:
 
     Columns: 0 = explanation of P (logit), 1 = contrast Q2, 2.. = the contrast set, whose
     maps enter the variance where ``weights`` is 1 (Q != P).
+
+    With ``moments`` (CAM maps, reference post-processing, a factory of
+    :class:`~captum_ext.attr._voice_moments.UpsampledMoments` for a low-resolution size or
+    None) the contrast maps are never upsampled: their normalised low-resolution maps enter
+    banded second moments from which :meth:`sums` forms the full-size sums once.
     """
 
-    def __init__(self, to_maps: Callable, finish: Callable, weights: Tensor | None, samples: int):
+    def __init__(
+        self,
+        to_maps: Callable,
+        finish: Callable,
+        weights: Tensor | None,
+        samples: int,
+        moments: Callable[[tuple[int, ...], torch.dtype, torch.device], Any] | None = None,
+    ):
         self.to_maps = to_maps
         self.finish = finish
         self.weights = weights
         self.samples = samples
+        self.moments_factory = moments
+        self.moments = None
         self.column = 0
         self.explanation = self.contrast = self.total = self.total_sq = None
 
@@ -147,13 +162,22 @@ class _Accumulator:
         start = self.column
         self.column += width
         if start == 0:
-            self.explanation = maps[:, 0]
+            self.explanation = self.finish(maps[:, :1])[:, 0]
         if start <= 1 < start + width:
-            self.contrast = maps[:, 1 - start]
+            self.contrast = self.finish(maps[:, 1 - start : 2 - start])[:, 0]
         first = max(2 - start, 0)
         if first < width:
             block = maps[:, first:]
-            weight = self.weights[:, start + first - 2 : start + width - 2].to(block.dtype)
+            weight = self.weights[:, start + first - 2 : start + width - 2]
+            if self.moments is None and self.moments_factory is not None:
+                low = tuple(block.shape[2:])
+                self.moments = self.moments_factory(low, block.dtype, block.device)
+                self.moments_factory = None
+            if self.moments is not None:
+                self.moments.add(self.moments.normalise(torch.relu(block)), weight)
+                return None
+            block = self.finish(block)
+            weight = weight.to(block.dtype)
             weight = weight.reshape(*weight.shape, *([1] * (block.dim() - 2)))
             partial, partial_sq = (weight * block).sum(1), (weight * block.square()).sum(1)
             if self.total is None:
@@ -162,11 +186,19 @@ class _Accumulator:
                 self.total, self.total_sq = self.total + partial, self.total_sq + partial_sq
         return None
 
+    def sums(self) -> tuple[Tensor | None, Tensor | None]:
+        """Weighted sum and sum of squares of the post-processed contrast maps."""
+        if self.moments is not None:
+            total, total_sq = self.moments.sums()
+            dtype = self.explanation.dtype
+            return total.to(dtype), total_sq.to(dtype)
+        return self.total, self.total_sq
+
     def _maps(self, grads, acts):
         maps = self.to_maps(grads, acts)
         if self.samples > 1:  # SmoothGrad: average the noisy copies of each example
             maps = maps.unflatten(0, (-1, self.samples)).mean(1)
-        return self.finish(maps)
+        return maps
 
 
 class VOICE:
@@ -255,6 +287,8 @@ class VOICE:
             )
         self.output_transform = output_transform if output_transform is not None else own
 
+    _fast_postprocess = True  # private: False materialises every upsampled map (tests)
+
     @log_usage()
     def attribute(
         self,
@@ -310,7 +344,11 @@ class VOICE:
         model = root_module(self.forward_func)
         classes: dict[str, Tensor] = {}
         accumulate = _Accumulator(
-            self.plan.maps(reshape_transform), self._finish(formatted[0]), None, 1
+            self.plan.maps(reshape_transform),
+            self._finish(formatted[0]),
+            None,
+            1,
+            self._moments(formatted[0]),
         )
 
         def select(logits: Tensor) -> Tensor:
@@ -357,7 +395,7 @@ class VOICE:
         )
         prediction = logits.argmax(dim=1)
         count = weights.sum(1).to(accumulate.explanation.dtype)
-        uncertainty = _variance(accumulate.total, accumulate.total_sq, count)
+        uncertainty = _variance(*accumulate.sums(), count)
         uncertainty = minmax_normalize(_with_channel_dim(uncertainty), start_dim=1)
         explanation = _with_channel_dim(accumulate.explanation)
         contrast = _with_channel_dim(accumulate.contrast)
@@ -426,6 +464,29 @@ class VOICE:
             return minmax_normalize(maps)  # per map: over (H, W), or (C, H, W)
 
         return finish
+
+    def _moments(self, reference_input: Tensor) -> Callable | None:
+        """Factory of the low-resolution route of the reference post-processing, or None.
+
+        CAM maps that are upsampled (2-D, bilinear) take the route of
+        :mod:`~captum_ext.attr._voice_moments`: the same numbers without materialising one
+        full-size map per contrast. ``_fast_postprocess = False`` keeps the materialising path.
+        """
+        spatial = tuple(reference_input.shape[2:])
+        if (
+            not self._fast_postprocess
+            or self.plan.layer is None
+            or self.postprocess != "reference"
+            or len(spatial) != 2
+        ):
+            return None
+
+        def make(low: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
+            if low == spatial or not UpsampledMoments.applies(low, spatial, dtype, device):
+                return None
+            return UpsampledMoments(low, spatial, dtype, device)
+
+        return make
 
     @staticmethod
     def _contrast_set(contrasts: Any, order: Tensor, n: int, num_classes: int) -> Tensor:
