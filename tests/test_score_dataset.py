@@ -62,7 +62,7 @@ def loader(x, y=None, **kwargs) -> DataLoader:
 
 def direct(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     functions = {
-        "gradtrust": lambda: gradtrust(model, x),
+        "gradtrust": lambda: gradtrust(model, x, log=True),  # the column holds the log
         "gradtrust_reference": lambda: gradtrust(model, x, form="reference"),
         "softmax": lambda: softmax_confidence(model, x),
         "entropy": lambda: negative_entropy(model, x),

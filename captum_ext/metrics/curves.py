@@ -67,8 +67,17 @@ def _scores(scores: Any, argument: str = "scores") -> Tensor:
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"`{argument}` must be real numbers, got {tensor.dtype}.")
     tensor = tensor.to(torch.float64)
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"`{argument}` contains NaN or infinite values; rank only finite scores.")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(tensor).sum())
+        inf = int((~finite).sum()) - nan
+        first = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"`{argument}` contains NaN or infinite values ({nan} NaN and {inf} infinite of "
+            f"{tensor.numel()}, the first at index {first}); rank only finite scores. "
+            "GradTrust overflows to inf on confident models: pass its log "
+            "(gradtrust(..., log=True)), which ranks the examples the same way."
+        )
     return tensor
 
 

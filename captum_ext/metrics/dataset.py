@@ -38,9 +38,13 @@ from captum_ext.metrics.trust import (
 __all__ = ["SCORES", "ScoreTable", "score_dataset"]
 
 #: The scores :func:`score_dataset` knows, by name: ``name -> function(model, inputs, **kw)``,
-#: each returning one value per example, higher = more trusted.
+#: each returning one value per example, higher = more trusted. ``"gradtrust"`` is the natural
+#: log of GradTrust (``gradtrust(..., form="topk", log=True)``): the score itself exceeds the
+#: float32 range on confident models (top-1/top-2 logit gaps above about 44), its log stays
+#: finite and ranks the examples the same way. ``"gradtrust_reference"`` (in [1, C]) is the
+#: score itself.
 SCORES: dict[str, Callable[..., Tensor]] = {
-    "gradtrust": functools.partial(gradtrust, form="topk"),
+    "gradtrust": functools.partial(gradtrust, form="topk", log=True),
     "gradtrust_reference": functools.partial(gradtrust, form="reference"),
     "softmax": softmax_confidence,
     "entropy": negative_entropy,
@@ -71,7 +75,8 @@ class ScoreTable:
     - ``label`` (int64): the true class, or ``-1`` where the loader gave no label;
     - ``prediction`` (int64): the model's arg-max class;
     - ``correct`` (bool): ``prediction == label`` (always False where ``label == -1``);
-    - then one column per score, named as in :data:`SCORES` (higher = more trusted).
+    - then one column per score, named as in :data:`SCORES` (higher = more trusted;
+      ``gradtrust`` holds the natural log of GradTrust, finite also on confident models).
 
     ``table["softmax"]`` is a column, ``len(table)`` the number of rows, ``table.columns``
     the names in order. For pandas: ``pandas.DataFrame({c: table[c].numpy() for c in
@@ -463,9 +468,9 @@ def score_dataset(
         dataloader (DataLoader): the examples (map-style dataset; or iterable-style in a
             single process).
         scores (sequence of str or str, optional): names from :data:`SCORES`
-            (``"gradtrust"``, ``"gradtrust_reference"``, ``"softmax"``, ``"entropy"``,
-            ``"margin"``, ``"log_likelihood"``, ``"odin"``, ``"mc_dropout"``, ``"gradnorm"``,
-            ``"purview"``), or one comma-separated string. Default: ``("gradtrust",
+            (``"gradtrust"`` (its natural log), ``"gradtrust_reference"``, ``"softmax"``,
+            ``"entropy"``, ``"margin"``, ``"log_likelihood"``, ``"odin"``, ``"mc_dropout"``,
+            ``"gradnorm"``, ``"purview"``), or one comma-separated string. Default: ``("gradtrust",
             "softmax")``.
         device (str or torch.device, optional): where the batches go. Default: the model's
             device. It must be the device the model is on (the model is not moved).

@@ -12,6 +12,7 @@ Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,8 +106,21 @@ def _last_linear(forward_func: Callable) -> nn.Linear:
     return linears[-1]
 
 
+def _check_transform(output_transform: Any) -> Callable[[Any], Tensor] | None:
+    if output_transform is not None and not callable(output_transform):
+        raise TypeError(
+            "`output_transform` must be callable (model output -> (N, classes) logits), got "
+            f"{type(output_transform).__name__}."
+        )
+    return output_transform
+
+
 def _forward_recording(
-    forward_func: Callable, inputs: tuple[Tensor, ...], extra: Any, layer: nn.Module
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: Any,
+    layer: nn.Module,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> tuple[Tensor, list[tuple[Tensor | None, Tensor | None]]]:
     """One forward pass without gradients; record ``layer``'s first input and its output."""
     calls: list[tuple[Tensor | None, Tensor | None]] = []
@@ -117,7 +131,7 @@ def _forward_recording(
         calls.append((first, out))
 
     with registered_hooks(lambda: layer.register_forward_hook(hook)), torch.no_grad():
-        logits = run_forward(forward_func, inputs, extra)
+        logits = run_forward(forward_func, inputs, extra, output_transform)
     return logits, calls
 
 
@@ -165,6 +179,7 @@ def _per_example_grads(
     names: dict[str, Tensor],
     cotangents: Tensor,
     reduce: Callable[[dict[str, Tensor]], Tensor],
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     """``reduce`` of per-example vector-Jacobian products of the logits, chunked over examples.
 
@@ -174,24 +189,47 @@ def _per_example_grads(
     (``functional_call`` + ``vjp`` under ``vmap``): shape (n, K, *parameter.shape) per name.
     ``reduce`` maps those to (n,) scores. Extra forward args whose first dimension equals N are
     split per example; the others are passed to every example unchanged.
+
+    The buffers of the model (batch norm running statistics) are given to every example as
+    its own copy: a model in train mode updates those copies, never the user's buffers (and
+    each example is normalised with its own statistics, as a batch of one).
     """
+    model = root_module(forward_func)
+    paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
+    if all(id(module) in paths for module in modules.values()):
+        # the modules belong to the model: reach every parameter and buffer through it once
+        # (a module reached by two paths would be swapped twice and not restored)
+        prefix = {key: ("_root." + paths[id(m)]).rstrip(".") for key, m in modules.items()}
+        renamed, original = {}, {}
+        for name, tensor in names.items():
+            key, _, rest = name.partition(".")
+            renamed[f"{prefix[key]}.{rest}"] = tensor
+            original[f"{prefix[key]}.{rest}"] = name
+        names, modules = renamed, {"_root": model}
+    else:
+        original = {name: name for name in names}
     holder = _Holder(forward_func, modules)
     params = {name: tensor.detach() for name, tensor in names.items()}
+    buffers = {name: b.detach() for name, b in holder.named_buffers()}
     n, k = cotangents.shape[:2]
     per_example_bytes = k * sum(t.numel() * t.element_size() for t in params.values())
     chunk = max(1, min(n, _GRAD_CHUNK_BYTES // max(per_example_bytes, 1)))
     batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
 
-    def one(xs: tuple, extras_b: tuple, cot: Tensor):
+    def one(xs: tuple, extras_b: tuple, cot: Tensor, bufs: dict[str, Tensor]):
         args = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs]
         it = iter(extras_b)
         more = [next(it).unsqueeze(0) if b else a for a, b in zip(extra, batched)]
 
         def logits_of(p):
-            return functional_call(holder, p, tuple(args) + tuple(more))
+            # fresh copies made inside the transform: train-mode updates touch only these
+            own = {name: b.clone() for name, b in bufs.items()}
+            out = functional_call(holder, {**own, **p}, tuple(args) + tuple(more))
+            return output_transform(out) if output_transform is not None else out
 
         _, pullback = vjp(logits_of, params)
-        return vmap(pullback)(cot.unsqueeze(1))[0]
+        grads = vmap(pullback)(cot.unsqueeze(1))[0]
+        return {original[name]: g for name, g in grads.items()}
 
     x_dims = tuple(0 if isinstance(x, Tensor) else None for x in inputs)
     scores = []
@@ -199,8 +237,9 @@ def _per_example_grads(
         stop = min(n, start + chunk)
         xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
         extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
-        grads = vmap(one, in_dims=(x_dims, 0, 0), randomness="different")(
-            xs, extras_b, cotangents[start:stop]
+        bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
+        grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
+            xs, extras_b, cotangents[start:stop], bufs
         )
         scores.append(reduce(grads).detach())
     return torch.cat(scores)
@@ -210,40 +249,67 @@ def _per_example_grads(
 # GradTrust
 
 
-def _topk_cotangents(logits: Tensor, k: int) -> Tensor:
-    """(N, k + 1, C): dCE(z, c)/dz = p - e_c for c = P, then the next k most likely classes."""
-    probs = torch.softmax(logits, dim=1)
-    classes = logits.topk(k + 1, dim=1).indices
-    onehots = F.one_hot(classes, logits.shape[1]).to(probs.dtype)
-    return probs.unsqueeze(1) - onehots
+def _compute_dtype(logits: Tensor) -> Tensor:
+    """The logits in at least float32 (half-precision logits lose the small probabilities)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
+
+
+def _log_complements(log_p: Tensor, classes: Tensor) -> Tensor:
+    """log(1 - p_c) = logsumexp_{j != c} log p_j, (N, K) for the (N, K) ``classes``: exact
+    also where 1 - p_c rounds to 0."""
+    mask = F.one_hot(classes, log_p.shape[1]).bool()  # (N, K, C)
+    others = log_p.unsqueeze(1).masked_fill(mask, -math.inf)
+    return torch.logsumexp(others, dim=2)
+
+
+def _scaled_topk_cotangents(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Cotangents dCE(z, c)/dz = p - e_c for c = P and the next k most likely classes, each
+    divided by its largest entry 1 - p_c, and log(1 - p_c).
+
+    Returns ``(g_hat, log_scale)``: (N, k + 1, C) rows ``(p - e_c) / (1 - p_c)`` (entry -1 at
+    c, p_j / (1 - p_c) elsewhere, computed from the log-probabilities so that nothing
+    underflows) and (N, k + 1) ``log(1 - p_c)``; ``p - e_c = exp(log_scale) * g_hat``.
+    """
+    z = _compute_dtype(logits)
+    log_p = torch.log_softmax(z, dim=1)
+    classes = z.topk(k + 1, dim=1).indices
+    log_scale = _log_complements(log_p, classes)  # (N, K)
+    g_hat = torch.exp(log_p.unsqueeze(1) - log_scale.unsqueeze(2))
+    g_hat = g_hat.masked_fill(F.one_hot(classes, z.shape[1]).bool(), -1.0)
+    # a row whose 1 - p_c is exactly 0 (only with infinite logits): no gradient
+    g_hat = torch.where(torch.isfinite(log_scale).unsqueeze(2), g_hat, torch.zeros_like(g_hat))
+    return g_hat.to(logits.dtype), log_scale
 
 
 def _reference_cotangents(logits: Tensor) -> Tensor:
-    """(N, 1, C): dMSE(z, 1/C)/dz = 2 (z - 1/C) / C (mean over the C entries)."""
-    c = logits.shape[1]
-    return (2.0 / c) * (logits - 1.0 / c).unsqueeze(1)
+    """(N, 1, C): dMSE(z, 1/C)/dz = 2 (z - 1/C) / C, divided by its largest magnitude (the
+    reference ratio max / mean of the row energies is invariant to that scale)."""
+    dev = _compute_dtype(logits) - 1.0 / logits.shape[1]
+    scale = dev.abs().amax(1, keepdim=True)
+    return (dev / scale).unsqueeze(1).to(logits.dtype)
 
 
-def _topk_closed_form(logits: Tensor, h: Tensor, k: int) -> Tensor:
-    probs = torch.softmax(logits, dim=1)
-    top = probs.topk(k + 1, dim=1)
-    p_q = top.values
-    # ||p - e_q||^2 = sum_{c != q} p_c^2 + (1 - p_q)^2, with the predicted class computed from
-    # the other probabilities so that confident predictions keep their precision
-    others_sq = probs.pow(2).sum(1, keepdim=True) - p_q.pow(2)
-    one_minus = 1 - p_q
-    rest = probs.scatter(1, top.indices[:, :1], 0.0)
-    others_sq[:, 0] = rest.pow(2).sum(1)
-    one_minus[:, 0] = rest.sum(1)
-    dist = others_sq + one_minus.pow(2)
-    score = dist[:, 1:].mean(1) / dist[:, 0]
+def _log_topk_closed_form(logits: Tensor, h: Tensor, k: int) -> Tensor:
+    """log(mean_Q ||p - e_Q||^2 / ||p - e_P||^2), in log space throughout."""
+    g_hat, log_scale = _scaled_topk_cotangents(_compute_dtype(logits), k)
+    # ||p - e_c||^2 = (1 - p_c)^2 ||g_hat_c||^2, and ||g_hat_c||^2 lies in [1, 2]
+    log_dist = 2 * log_scale + torch.log(g_hat.pow(2).sum(2))
+    score = _log_ratio(log_dist)
     # every gradient g h^T vanishes when h = 0: the ratio is undefined (NaN), as with autograd
     vanishing = h.abs().amax(1) == 0
     return torch.where(vanishing, torch.full_like(score, math.nan), score)
 
 
+def _log_ratio(log_values: Tensor) -> Tensor:
+    """log(mean(values[:, 1:]) / values[:, 0]) from (N, K) log-values."""
+    counterfactual = torch.logsumexp(log_values[:, 1:], dim=1) - math.log(log_values.shape[1] - 1)
+    return counterfactual - log_values[:, 0]
+
+
 def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
-    dev = logits - 1.0 / logits.shape[1]
+    dev = _compute_dtype(logits) - 1.0 / logits.shape[1]
     scale = dev.abs().amax(1, keepdim=True)
     score = 1.0 / (dev / scale).pow(4).mean(1)  # = max_c dev^4 / mean_c dev^4; 0/0 -> NaN
     # energies g_c^4 Var(h^2): all zero (undefined ratio) when h^2 is constant or d == 1
@@ -251,15 +317,38 @@ def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
     return torch.where(vanishing, torch.full_like(score, math.nan), score)
 
 
-def _topk_reduce(grads: dict[str, Tensor]) -> Tensor:
-    (g,) = grads.values()
-    variances = g.flatten(2).var(2)  # (n, K): unbiased variance over all entries
-    return variances[:, 1:].mean(1) / variances[:, 0]
+def _variances(g: Tensor) -> Tensor:
+    """(n, K) unbiased variance over all entries of each (n, K, ...) gradient, accumulated in
+    float64 where the device has it (float32 sums of ~1e5 squares lose digits)."""
+    flat = g.flatten(2)
+    if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) and flat.device.type != "mps":
+        return flat.double().var(2)
+    return flat.float().var(2) if flat.dtype != torch.float64 else flat.var(2)
+
+
+def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The (chunked) reducer of the autograd path: gradients of the scaled cotangents, back to
+    the true variances in log space: log Var(grad CE(c)) = log Var(grad g_hat_c) + 2 log(1-p_c)."""
+    position = 0
+
+    def reduce(grads: dict[str, Tensor]) -> Tensor:
+        nonlocal position
+        (g,) = grads.values()
+        n = g.shape[0]
+        scale = log_scale[position : position + n].to(torch.float64)
+        position += n
+        log_var = torch.log(_variances(g)) + 2 * scale.to(g.device)
+        return _log_ratio(log_var)
+
+    return reduce
 
 
 def _reference_reduce(grads: dict[str, Tensor]) -> Tensor:
     (g,) = grads.values()
-    energies = g.pow(2).flatten(3).var(3)[:, 0]  # (n, rows): unbiased, over each row
+    rows = g.flatten(3)[:, 0]  # (n, rows, d)
+    if rows.dtype != torch.float64 and rows.device.type != "mps":
+        rows = rows.double()
+    energies = rows.pow(2).var(2)  # (n, rows): unbiased, over each row
     return energies.amax(1) / energies.mean(1)
 
 
@@ -272,8 +361,9 @@ def _resolve_head(forward_func, layer):
 class GradTrust:
     r"""GradTrust with a fixed configuration, for scoring many batches.
 
-    Holds ``forward_func``, ``form``, ``k``, ``layer`` and ``method`` (see :func:`gradtrust`,
-    which documents the formulas) and validates them once.
+    Holds ``forward_func``, ``form``, ``k``, ``layer``, ``method``, ``log`` and
+    ``output_transform`` (see :func:`gradtrust`, which documents the formulas) and validates
+    them once.
 
     Args:
         forward_func (Callable): the model, returning (N, C) logits.
@@ -284,11 +374,15 @@ class GradTrust:
         layer (nn.Module or str, optional): the layer whose weight gradients are measured.
             Default: the last ``nn.Linear`` of the model, which must produce the logits.
         method (str, optional): ``"auto"``, ``"closed_form"`` or ``"autograd"``.
+        log (bool, optional): return the natural log of the score (finite on confident
+            models, where the score itself overflows). Default: False.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Examples::
 
         >>> trust = GradTrust(model)
         >>> scores = trust.score(images)  # (N,), higher = more trusted
+        >>> log_scores = GradTrust(model, log=True).score(images)  # for confident models
     """
 
     def __init__(
@@ -298,6 +392,8 @@ class GradTrust:
         k: int | None = None,
         layer: nn.Module | str | None = None,
         method: str = "auto",
+        log: bool = False,
+        output_transform: Callable[[Any], Tensor] | None = None,
     ) -> None:
         if not callable(forward_func):
             raise TypeError("`forward_func` must be callable (the model).")
@@ -309,8 +405,12 @@ class GradTrust:
                 raise TypeError(f"`k` must be an int or None, got {type(k).__name__}.")
             if k < 1:
                 raise ValueError(f"`k`={k} is out of range: expected k >= 1.")
+        if not isinstance(log, bool):
+            raise TypeError(f"`log` must be True or False, got {type(log).__name__}.")
         self.k = k
         self.layer = layer
+        self.log = log
+        self.output_transform = _check_transform(output_transform)
 
     def score(self, inputs: Tensor | tuple[Tensor, ...], additional_forward_args: Any = None):
         """GradTrust of each example of ``inputs`` (N,); higher = more trusted."""
@@ -321,13 +421,15 @@ class GradTrust:
             k=self.k,
             layer=self.layer,
             method=self.method,
+            log=self.log,
             additional_forward_args=additional_forward_args,
+            output_transform=self.output_transform,
         )
 
     def __repr__(self) -> str:
         return (
             f"GradTrust(form={self.form!r}, k={self.k!r}, layer={self.layer!r}, "
-            f"method={self.method!r})"
+            f"method={self.method!r}, log={self.log!r})"
         )
 
 
@@ -340,7 +442,9 @@ def gradtrust(
     k: int | None = None,
     layer: nn.Module | str | None = None,
     method: str = "auto",
+    log: bool = False,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""GradTrust: how much more the weights would have to change for a counterfactual label.
 
@@ -387,11 +491,36 @@ def gradtrust(
     (``functional_call`` and ``vjp`` under ``vmap``) and the same definitions are applied to
     the layer's ``weight`` (rows = first dimension). Where every gradient vanishes (h = 0, or
     for ``"reference"`` h^2 constant over d) the ratio is undefined and NaN is returned, as
-    the gradient computation would give.
+    the gradient computation would give. On the autograd path a model in train mode runs
+    each example as a batch of one (batch norm uses that example's statistics) on its own
+    copy of the buffers; the model's running statistics are never changed.
+
+    **Confident models and** ``log``. The topk score grows like exp(2 (z_P - z_Q)): it
+    exceeds the float32 range (3.4e38) once the top-1/top-2 logit gap passes about 44, and
+    the float64 range past about 355; ImageNet models are that confident on many images. It
+    is therefore always computed in log space, from the log-probabilities l = log_softmax(z):
+
+    .. code-block:: text
+
+        log(1 - p_c)       = logsumexp_{j != c} l_j
+        log ||p - e_c||^2  = 2 log(1 - p_c) + log(1 + sum_{j != c} exp(2 (l_j - log(1 - p_c))))
+        log gradtrust      = logsumexp_Q log ||p - e_Q||^2 - log k - log ||p - e_P||^2
+
+    which is finite and keeps its order (float32 equal to float64 to about 1e-6 relative)
+    for logit gaps up to 1e4 and beyond. ``log=True`` returns this natural log; use it to
+    rank or threshold examples (:func:`~captum_ext.metrics.auac`,
+    :func:`~captum_ext.metrics.score_dataset` and the report do). ``log=False`` (default,
+    backwards compatible) returns ``exp`` of it in the logits' dtype: equal to the raw ratio
+    where that is representable, and ``inf`` with a ``RuntimeWarning`` where it is not. The
+    autograd path does the same: each cotangent ``p - e_c`` is divided by its largest entry
+    ``1 - p_c`` (formed from the log-probabilities, so nothing underflows), the variances of
+    the resulting gradients are accumulated in float64 (float32 on MPS), and
+    ``2 log(1 - p_c)`` is added back in log space. The reference form lies in [1, C] and
+    needs no such care; ``log=True`` returns its log too.
 
     Args:
         forward_func (Callable): the model, ``forward_func(*inputs, *additional_forward_args)``
-            returns (N, C) logits.
+            returns (N, C) logits (or an output that ``output_transform`` maps to them).
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         form (str, optional): ``"topk"`` or ``"reference"``. Default: ``"topk"``.
         k (int, optional): counterfactual classes for ``"topk"``, in [1, C - 1].
@@ -403,26 +532,37 @@ def gradtrust(
         method (str, optional): ``"auto"`` (closed form when the layer produces the logits,
             autograd for an explicitly given other layer), ``"closed_form"`` (error if it does
             not apply) or ``"autograd"``. Default: ``"auto"``.
+        log (bool, optional): return the natural log of the score (finite on confident
+            models) instead of the score. Default: False.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``. On the
             autograd path, tensors whose first dimension is N are split per example.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits (a
+            dict's ``"logits"`` entry, a tuple's first element, an (N, C, 1) output squeezed),
+            as on the CAM methods. The closed form applies when the layer's output equals the
+            transformed output. Default: None (the output is the logits).
 
     Returns:
-        Tensor: (N,) scores, higher = more trusted, in the dtype and device of the logits.
+        Tensor: (N,) scores (or their natural log with ``log=True``), higher = more trusted,
+        in the dtype and device of the logits.
 
     Examples::
 
         >>> scores = gradtrust(model, images)                       # paper form, top-5
+        >>> log_scores = gradtrust(model, images, log=True)         # confident models
         >>> scores = gradtrust(model, images, form="reference")     # published demo
         >>> scores = gradtrust(model, images, layer="layer4.1.conv2")  # autograd path
     """
     form = _check_choice(form, FORMS, "form")
     method = _check_choice(method, METHODS, "method")
+    if not isinstance(log, bool):
+        raise TypeError(f"`log` must be True or False, got {type(log).__name__}.")
+    output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
     head, automatic = _resolve_head(forward_func, layer)
     model = root_module(forward_func)
     with preserved_state([model, head]):
-        logits, calls = _forward_recording(forward_func, inputs, extra, head)
+        logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
         num_classes = logits.shape[1]
         if form == "topk":
             k = _check_k(k, num_classes)
@@ -437,32 +577,63 @@ def gradtrust(
             )
         if h is not None and method != "autograd":
             if form == "topk":
-                return _topk_closed_form(logits, h, k)
-            return _reference_closed_form(logits, h)
-        if not calls:
-            raise ValueError(
-                f"`layer` ({type(head).__name__}) did not run during the forward pass; pick a "
-                "module that forward_func calls."
-            )
-        weight = _weight_of(head)
-        if form == "topk":
-            cotangents, reduce = _topk_cotangents(logits, k), _topk_reduce
+                score = _log_topk_closed_form(logits, h, k)
+            else:
+                score = _reference_closed_form(logits, h)
         else:
-            cotangents, reduce = _reference_cotangents(logits), _reference_reduce
-        return _per_example_grads(
-            forward_func, inputs, extra, {"m": head}, {"m.weight": weight}, cotangents, reduce
+            if not calls:
+                raise ValueError(
+                    f"`layer` ({type(head).__name__}) did not run during the forward pass; pick "
+                    "a module that forward_func calls."
+                )
+            weight = _weight_of(head)
+            if form == "topk":
+                cotangents, log_scale = _scaled_topk_cotangents(logits, k)
+                reduce = _log_topk_reduce(log_scale)
+            else:
+                cotangents, reduce = _reference_cotangents(logits), _reference_reduce
+            score = _per_example_grads(
+                forward_func,
+                inputs,
+                extra,
+                {"m": head},
+                {"m.weight": weight},
+                cotangents,
+                reduce,
+                output_transform,
+            )
+    score = score.to(device=logits.device)
+    if form == "topk":
+        return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
+    return torch.log(score).to(logits.dtype) if log else score.to(logits.dtype)
+
+
+def _exp_score(log_score: Tensor, dtype: torch.dtype) -> Tensor:
+    """exp of the log-score in ``dtype``; warns where it exceeds the dtype's range."""
+    score = torch.exp(log_score.to(dtype))
+    overflow = torch.isinf(score) & torch.isfinite(log_score)
+    if bool(overflow.any()):
+        warnings.warn(
+            f"gradtrust: the score of {int(overflow.sum())} of {score.numel()} examples exceeds "
+            f"the range of {dtype} (a very confident model) and is returned as inf, which ties "
+            "them; pass log=True for the natural log of the score, finite and correctly "
+            "ordered (what score_dataset and the report use).",
+            RuntimeWarning,
+            stacklevel=4,
         )
+    return score
 
 
 # ---------------------------------------------------------------------------------------------
 # baselines from the logits
 
 
-def _logits(forward_func, inputs, additional_forward_args) -> Tensor:
+def _logits(forward_func, inputs, additional_forward_args, output_transform=None) -> Tensor:
+    output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     model = root_module(forward_func)
     with preserved_state([model]), torch.no_grad():
-        return run_forward(forward_func, inputs, additional_forward_args)
+        return run_forward(forward_func, inputs, additional_forward_args, output_transform)
 
 
 @log_usage()
@@ -471,6 +642,7 @@ def softmax_confidence(
     inputs: Tensor | tuple[Tensor, ...],
     *,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Maximum softmax probability (Hendrycks and Gimpel, ICLR 2017).
 
@@ -482,6 +654,7 @@ def softmax_confidence(
         forward_func (Callable): the model, returning (N, C) logits.
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores in [1/C, 1], higher = more trusted.
@@ -490,7 +663,8 @@ def softmax_confidence(
 
         >>> scores = softmax_confidence(model, images)
     """
-    return torch.softmax(_logits(forward_func, inputs, additional_forward_args), 1).amax(1)
+    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
+    return torch.softmax(logits, 1).amax(1)
 
 
 @log_usage()
@@ -500,6 +674,7 @@ def energy(
     *,
     temperature: float = 1.0,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Negative free energy of the logits (Liu et al., "Energy-based Out-of-distribution
     Detection", NeurIPS 2020).
@@ -516,6 +691,7 @@ def energy(
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         temperature (float, optional): T > 0. Default: 1.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores, higher = more trusted (more in-distribution).
@@ -525,7 +701,7 @@ def energy(
         >>> scores = energy(model, images)
     """
     t = _check_positive(temperature, "temperature")
-    logits = _logits(forward_func, inputs, additional_forward_args)
+    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
     return t * torch.logsumexp(logits / t, dim=1)
 
 
@@ -535,6 +711,7 @@ def negative_entropy(
     inputs: Tensor | tuple[Tensor, ...],
     *,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Negative entropy of the softmax distribution.
 
@@ -546,6 +723,7 @@ def negative_entropy(
         forward_func (Callable): the model, returning (N, C) logits.
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores in [-log C, 0], higher = more trusted.
@@ -554,7 +732,7 @@ def negative_entropy(
 
         >>> scores = negative_entropy(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args)
+    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
     log_p = torch.log_softmax(logits, 1)
     return (log_p.exp() * log_p).sum(1)
 
@@ -565,6 +743,7 @@ def margin(
     inputs: Tensor | tuple[Tensor, ...],
     *,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Margin between the two most likely classes.
 
@@ -576,6 +755,7 @@ def margin(
         forward_func (Callable): the model, returning (N, C >= 2) logits.
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores in [0, 1], higher = more trusted.
@@ -584,7 +764,7 @@ def margin(
 
         >>> scores = margin(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args)
+    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
     if logits.shape[1] < 2:
         raise ValueError("margin needs a model with at least 2 classes.")
     top = torch.softmax(logits, 1).topk(2, dim=1).values
@@ -597,6 +777,7 @@ def log_likelihood(
     inputs: Tensor | tuple[Tensor, ...],
     *,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Log-likelihood of the predicted class (minus the NLL of the prediction).
 
@@ -608,6 +789,7 @@ def log_likelihood(
         forward_func (Callable): the model, returning (N, C) logits.
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores <= 0, higher = more trusted.
@@ -616,7 +798,7 @@ def log_likelihood(
 
         >>> scores = log_likelihood(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args)
+    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
     return torch.log_softmax(logits, 1).amax(1)
 
 
@@ -628,6 +810,7 @@ def odin(
     temperature: float = DEFAULT_ODIN_TEMPERATURE,
     epsilon: float = DEFAULT_ODIN_EPSILON,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""ODIN: temperature scaling and input perturbation (Liang, Li and Srikant, ICLR 2018).
 
@@ -646,6 +829,7 @@ def odin(
         temperature (float, optional): T > 0. Default: 100 (as in the GradTrust paper).
         epsilon (float, optional): perturbation size >= 0. Default: 0.0014.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores in [1/C, 1], higher = more trusted.
@@ -656,6 +840,7 @@ def odin(
     """
     temperature = _check_positive(temperature, "temperature")
     epsilon = _check_positive(epsilon, "epsilon", allow_zero=True)
+    output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     model = root_module(forward_func)
     with preserved_state([model]):
@@ -666,7 +851,7 @@ def odin(
             wrt = [x for x in leaves if x.requires_grad]
             if not wrt:
                 raise TypeError("`inputs` holds no floating-point tensor to perturb.")
-            logits = run_forward(forward_func, leaves, additional_forward_args)
+            logits = run_forward(forward_func, leaves, additional_forward_args, output_transform)
             objective = torch.log_softmax(logits / temperature, 1).amax(1).sum()
             grads = iter(torch.autograd.grad(objective, wrt))
         perturbed = tuple(
@@ -674,7 +859,7 @@ def odin(
             for x in inputs
         )
         with torch.no_grad():
-            logits = run_forward(forward_func, perturbed, additional_forward_args)
+            logits = run_forward(forward_func, perturbed, additional_forward_args, output_transform)
     return torch.softmax(logits / temperature, 1).amax(1)
 
 
@@ -701,6 +886,7 @@ def mc_dropout(
     n_passes: int = DEFAULT_MC_PASSES,
     generator: torch.Generator | int | None = None,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Monte-Carlo dropout (Gal and Ghahramani, ICML 2016): negative entropy of the mean
     softmax over ``n_passes`` forward passes with dropout active.
@@ -725,6 +911,7 @@ def mc_dropout(
         n_passes (int, optional): T >= 1. Default: 20.
         generator (torch.Generator or int, optional): source of the dropout randomness.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores in [-log C, 0], higher = more trusted.
@@ -735,6 +922,7 @@ def mc_dropout(
     """
     if isinstance(n_passes, bool) or not isinstance(n_passes, int) or n_passes < 1:
         raise ValueError(f"`n_passes` must be a positive int, got {n_passes!r}.")
+    output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     model = root_module(forward_func)
     if model is None:
@@ -762,7 +950,10 @@ def mc_dropout(
                         torch.cuda.manual_seed(seed)
             mean = None
             for _ in range(n_passes):
-                probs = torch.softmax(run_forward(forward_func, inputs, additional_forward_args), 1)
+                logits = run_forward(
+                    forward_func, inputs, additional_forward_args, output_transform
+                )
+                probs = torch.softmax(logits, 1)
                 mean = probs if mean is None else mean + probs
     mean = mean / n_passes
     return torch.special.xlogy(mean, mean).sum(1)
@@ -780,6 +971,7 @@ def gradnorm(
     layer: nn.Module | str | None = None,
     p: float = 2.0,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""GradNorm (Huang, Geng and Li, NeurIPS 2021): norm of the last-layer weight gradient of
     the KL divergence from the uniform distribution to the softmax.
@@ -802,6 +994,7 @@ def gradnorm(
             logits).
         p (float, optional): the entry-wise norm, >= 1. Default: 2.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores >= 0, higher = more trusted.
@@ -813,12 +1006,13 @@ def gradnorm(
     p = _check_positive(p, "p")
     if p < 1:
         raise ValueError(f"`p`={p}: expected a norm order >= 1.")
+    output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
     head, automatic = _resolve_head(forward_func, layer)
     model = root_module(forward_func)
     with preserved_state([model, head]):
-        logits, calls = _forward_recording(forward_func, inputs, extra, head)
+        logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
         g = torch.softmax(logits, 1) - 1.0 / logits.shape[1]
         h = _head_features(head, logits, calls)
         if h is not None:
@@ -834,7 +1028,14 @@ def gradnorm(
             return torch.linalg.vector_norm(grad.flatten(1), p, dim=1)
 
         return _per_example_grads(
-            forward_func, inputs, extra, {"m": head}, {"m.weight": weight}, g.unsqueeze(1), reduce
+            forward_func,
+            inputs,
+            extra,
+            {"m": head},
+            {"m.weight": weight},
+            g.unsqueeze(1),
+            reduce,
+            output_transform,
         )
 
 
@@ -876,6 +1077,7 @@ def purview(
     *,
     groups: Sequence[Any] | None = None,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     r"""Purview (Lee and AlRegib, 2023): minus the mean squared gradient norm of parameter
     groups under binary cross-entropy against an all-ones label.
@@ -898,6 +1100,7 @@ def purview(
             list of those (all their parameters, biases included). Default: the first and the
             last module that owns parameters (the "early" and "late" groups).
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
     Returns:
         Tensor: (N,) scores <= 0, higher = more trusted.
@@ -906,6 +1109,7 @@ def purview(
 
         >>> scores = purview(model, images, groups=["conv1", "fc"])
     """
+    output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
     model = root_module(forward_func)
@@ -915,7 +1119,7 @@ def purview(
     named = dict(model.named_parameters())
     wanted = {f"m.{name}": named[name] for group in group_names for name in group}
     with preserved_state([model]):
-        logits = _logits(forward_func, inputs, extra)
+        logits = _logits(forward_func, inputs, extra, output_transform)
         cotangent = (torch.sigmoid(logits) - 1) / logits.shape[1]
 
         def reduce(grads: dict[str, Tensor]) -> Tensor:
@@ -926,5 +1130,12 @@ def purview(
             return -torch.stack(per_group).mean(0)
 
         return _per_example_grads(
-            forward_func, inputs, extra, {"m": model}, wanted, cotangent.unsqueeze(1), reduce
+            forward_func,
+            inputs,
+            extra,
+            {"m": model},
+            wanted,
+            cotangent.unsqueeze(1),
+            reduce,
+            output_transform,
         )

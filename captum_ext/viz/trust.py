@@ -132,9 +132,17 @@ def _runnable_scores(
 
 
 def _plot_scatter(
-    softmax: np.ndarray, gradtrust: np.ndarray, correct: np.ndarray, known: np.ndarray, path: Path
+    softmax: np.ndarray,
+    log_gradtrust: np.ndarray,
+    correct: np.ndarray,
+    known: np.ndarray,
+    path: Path,
 ) -> Path:
+    """GradTrust (given as its natural log, the ``gradtrust`` column of score_dataset) on a
+    log axis against softmax confidence. Plotting the log itself, with 10^k tick labels, keeps
+    confident models' scores (beyond any float range) on the plot."""
     from matplotlib.figure import Figure as PlotFigure
+    from matplotlib.ticker import FuncFormatter
 
     figure = PlotFigure(figsize=(4.8, 4.0), dpi=100, layout="constrained")
     ax = figure.subplots()
@@ -143,27 +151,48 @@ def _plot_scatter(
         (known & ~correct, "tab:red", "wrong"),
         (~known, "tab:gray", "label unknown"),
     ]
+    log10_gradtrust = log_gradtrust / np.log(10.0)  # finite also where GradTrust overflows
     for member, colour, name in groups:
         if member.any():
             ax.scatter(
                 softmax[member],
-                gradtrust[member],
+                log10_gradtrust[member],
                 s=14,
                 c=colour,
                 alpha=0.7,
                 label=f"{name} ({int(member.sum())})",
                 edgecolors="none",
             )
-    if np.all(gradtrust > 0):
-        ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"$10^{{{value:g}}}$"))
     ax.set_xlabel("softmax confidence (max probability)")
-    ax.set_ylabel("GradTrust (higher = more trusted)")
+    ax.set_ylabel("GradTrust, log scale (higher = more trusted)")
     ax.set_title("GradTrust vs softmax confidence")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+def _format_gradtrust(log_value: float) -> str:
+    """GradTrust from its natural log: plain where a float64 holds it, else as 10^x."""
+    if not np.isfinite(log_value):
+        return "undefined (all gradients vanish)" if np.isnan(log_value) else str(log_value)
+    if abs(log_value) < 700:
+        return f"{np.exp(log_value):.4g}"
+    return f"10^{log_value / np.log(10.0):.1f}"
+
+
+def _not_rankable(values: Tensor) -> str | None:
+    """Why a score column cannot be ranked (NaN or infinite values), or None."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(values).sum())
+    return (
+        f"{nan} NaN and {int((~finite).sum()) - nan} infinite values of {values.numel()}, "
+        "so it is not ranked"
+    )
 
 
 def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
@@ -326,6 +355,7 @@ def trust_section(
         caption="Misprediction detection on the labelled images (higher is better)",
     )
     labelled = torch.from_numpy(known)
+    unranked: dict[str, str] = {}
     if labelled.any():
         kept_correct = table["correct"][labelled]
         kept_pred, kept_true = table["prediction"][labelled], table["label"][labelled]
@@ -333,6 +363,11 @@ def trust_section(
         curves = {}
         for name in computed:
             values = table[name][labelled].double()
+            reason = _not_rankable(values)
+            if reason is not None:
+                unranked[name] = reason
+                metrics_table.add_row([name, "-", "-", "-"])
+                continue
             curve = accuracy_retention_curve(values, kept_correct)
             area = auac(values, kept_correct)
             curves[name] = (curve.percentiles.numpy(), curve.accuracy.double().numpy(), area)
@@ -358,6 +393,7 @@ def trust_section(
             f"{100 * float(table['correct'][labelled].double().mean()):.1f} %."
         )
     skipped = "".join(f"\nNot computed: {name} ({reason})." for name, reason in failed.items())
+    skipped += "".join(f"\nNot ranked: {name} ({reason})." for name, reason in unranked.items())
     explained_at = f" at layer {layer_name}" if layer_name else ""
     section = Section(
         title,
@@ -405,7 +441,8 @@ def trust_section(
                 row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
             image_name = str(names[i]) if names is not None else f"#{i}"
             label = (
-                f"{rank + 1}. {image_name}: GradTrust {float(table['gradtrust'][i]):.4g}, "
+                f"{rank + 1}. {image_name}: "
+                f"GradTrust {_format_gradtrust(float(table['gradtrust'][i]))}, "
                 f"predicted {name_p} ({float(probabilities[rank, p]):.1%}), runner-up {name_q} "
                 f"({float(probabilities[rank, q]):.1%})"
             )
