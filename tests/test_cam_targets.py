@@ -602,3 +602,40 @@ def test_segmentation_page_examples_run():
         atol=1e-6,
     )
     assert namespace["every"].shape == (2, 4, 16, 16)
+
+
+# --- a CAM layer without spatial dimensions (issue 19: `--layer fc`) ---
+
+
+@pytest.mark.parametrize("method", [GradCAM, ContrastCAM, LayerGradCamPlusPlus])
+def test_layer_without_spatial_dims_names_layer_and_closest_conv_layers(method):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()  # random weights, no download
+    snapshot = model_snapshot(model)
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError) as info:
+        method(model, "fc").attribute(x, upsample_to_input=True)
+    message = str(info.value)
+    assert "`layer`='fc'" in message and "N x K x h x w" in message
+    assert "'layer4', 'layer4.1', 'layer4.1.conv2'" in message
+    assert "cannot upsample" not in message
+    assert_model_unchanged(model, snapshot)
+    # also without upsampling: a CAM of a layer without spatial dimensions is no map
+    with pytest.raises(ValueError, match="without spatial dimensions"):
+        method(model, model.fc).attribute(x)
+    assert_model_unchanged(model, snapshot)
+
+
+def test_bundled_model_classifier_layer_suggests_features():
+    from captum_ext.data import load_bundled_model
+
+    model = load_bundled_model()
+    snapshot = model_snapshot(model)
+    x = torch.randn(3, 1, 28, 28)
+    with pytest.raises(ValueError) as info:
+        GradCAM(model, "classifier").attribute(x, target=1, upsample_to_input=True)
+    message = str(info.value)
+    assert "`layer`='classifier'" in message
+    assert "'features', 'features.7', 'features.6'" in message
+    assert_model_unchanged(model, snapshot)

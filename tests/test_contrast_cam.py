@@ -300,5 +300,6 @@ class TestBadInput:
             cam.attribute(tiny_inputs, reshape_transform="vit")
         with pytest.raises(ValueError, match="weighting"):
             ContrastCAM(tiny_cnn, LAYER, weighting="scorecam")
-        with pytest.raises(ValueError, match="upsample"):
+        # a layer without spatial dimensions is refused before any upsampling (issue 19)
+        with pytest.raises(ValueError, match="`layer`='head.1'.*without spatial dimensions"):
             ContrastCAM(tiny_cnn, "head.1").attribute(tiny_inputs, upsample_to_input=True)

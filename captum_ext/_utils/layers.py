@@ -63,3 +63,58 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
             "captum_ext.data.expose_layer(model, 'layer.name')."
         )
     return layer
+
+
+def _called_modules(model: nn.Module, run) -> list[tuple[str, nn.Module, tuple]]:
+    """Run ``run()`` with hooks on every module: (name, module, output shape) by completion
+    order, only modules called exactly once whose output is one tensor."""
+    calls: dict[int, int] = {}
+    order: list[tuple[str, nn.Module, tuple]] = []
+    names = {id(m): name for name, m in model.named_modules() if name}
+
+    def hook(module, inputs, output):
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        if isinstance(output, torch.Tensor):
+            order.append((names[id(module)], module, tuple(output.shape)))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if id(m) in names and not isinstance(m, torch.jit.ScriptModule)
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [entry for entry in order if calls[id(entry[1])] == 1]
+
+
+def spatial_layer_suggestions(model: nn.Module, run, before: nn.Module, n: int = 3) -> list[str]:
+    """Names of the layers closest before ``before`` (in execution order) whose output has
+    spatial dimensions larger than 1 x 1 (``N x K x h x w``): the two that finish last (often
+    the enclosing blocks) and the last convolution among them.
+
+    ``run()`` performs one forward pass of ``model`` (run under ``torch.no_grad``; the
+    caller keeps the model's state).
+    """
+    with torch.no_grad():
+        order = _called_modules(model, run)
+    stop = next((i for i, entry in enumerate(order) if entry[1] is before), len(order))
+    spatial = [
+        (name, module)
+        for name, module, shape in order[:stop]
+        if len(shape) >= 3 and any(s > 1 for s in shape[2:])
+    ][::-1]
+    picked = [name for name, _ in spatial[: max(0, n - 1)]]
+    conv = next(
+        (name for name, module in spatial if isinstance(module, nn.modules.conv._ConvNd)), None
+    )
+    if conv is not None and conv not in picked:
+        picked.append(conv)
+    for name, _ in spatial:
+        if len(picked) >= n:
+            break
+        if name not in picked:
+            picked.append(name)
+    return picked

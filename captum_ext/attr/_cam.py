@@ -24,7 +24,7 @@ from captum.attr import GradientAttribution, LayerAttribution
 from torch import Tensor
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
-from .._utils.layers import resolve_layer
+from .._utils.layers import resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
 
@@ -62,6 +62,17 @@ def _apply_reshape(reshape_transform, tensor: Tensor, batch_dims: int) -> Tensor
     return reshaped.unflatten(0, lead)
 
 
+class NoSpatialDimensions(ValueError):
+    """The CAM layer's output has no spatial dimensions (raised by the reducer)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        super().__init__(
+            f"`layer` outputs activations of shape {shape} without spatial dimensions; a CAM "
+            "layer must output N x K x h x w (or tokens with a `reshape_transform` to that)."
+        )
+
+
 def make_cam_reducer(
     weighting: str,
     sign: float,
@@ -80,6 +91,8 @@ def make_cam_reducer(
         maps = []
         for grad, act in zip(gradients, activations):
             act = _apply_reshape(reshape_transform, act, 1)
+            if act.dim() < 3:
+                raise NoSpatialDimensions(tuple(act.shape))
             grad = _apply_reshape(reshape_transform, grad, 2)
             weights = weight_fn(grad, act)
             if sign != 1:
@@ -119,6 +132,54 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         self.weighting = weighting
         self.output_transform = output_transform
 
+    def _no_spatial_error(
+        self,
+        shape: tuple[int, ...],
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: Any,
+        layer_input: bool,
+        reshape_transform: Callable | None,
+    ) -> ValueError:
+        """The error for a layer without spatial output, naming the closest spatial layers."""
+        from .._utils.batched_grad import run_forward
+        from .._utils.model_state import preserved_state
+
+        model = root_module(self.forward_func)
+        name = type(self).__name__
+        where = "input" if layer_input else "output"
+        label = type(self.layer).__name__
+        hint = ""
+        if model is not None:
+            label = next((n for n, m in model.named_modules() if m is self.layer), label)
+            try:
+                with preserved_state([model]):
+                    close = spatial_layer_suggestions(
+                        model,
+                        lambda: run_forward(
+                            self.forward_func,
+                            inputs,
+                            additional_forward_args,
+                            None,
+                            allow_multidim=True,
+                        ),
+                        self.layer,
+                    )
+            except Exception:  # the suggestion is a courtesy; the error below stands
+                close = []
+            if close:
+                hint = (
+                    " The closest layers with spatial output before it: "
+                    + ", ".join(repr(n) for n in close)
+                    + "."
+                )
+        shaping = " after `reshape_transform`" if reshape_transform is not None else ""
+        return ValueError(
+            f"{name}: `layer`={label!r} has an {where} of shape {shape}{shaping}, without "
+            "spatial dimensions; a CAM layer must output N x K x h x w activations (a "
+            "convolutional layer or block, or tokens with a `reshape_transform` to "
+            f"N x K x h x w).{hint}"
+        )
+
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
@@ -156,28 +217,37 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             )
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         formatted = format_inputs(inputs)
-        computed = class_gradients(
-            self.forward_func,
-            formatted,
-            classes,
-            layer=self.layer,
-            layer_input=attribute_to_layer_input,
-            score=self._score,
-            additional_forward_args=additional_forward_args,
-            output_transform=self.output_transform,
-            max_batch=max_batch,
-            reduce=make_cam_reducer(
-                self.weighting,
-                self._sign,
-                relu_attributions,
+        try:
+            computed = class_gradients(
+                self.forward_func,
+                formatted,
+                classes,
+                layer=self.layer,
+                layer_input=attribute_to_layer_input,
+                score=self._score,
+                additional_forward_args=additional_forward_args,
+                output_transform=self.output_transform,
+                max_batch=max_batch,
+                reduce=make_cam_reducer(
+                    self.weighting,
+                    self._sign,
+                    relu_attributions,
+                    reshape_transform,
+                    attr_dim_summation,
+                ),
+                class_argument=self._class_argument,
+                default_classes=self._default_classes,
+                grad_kwargs=grad_kwargs,
+                allow_multidim=True,
+            )
+        except NoSpatialDimensions as error:
+            raise self._no_spatial_error(
+                error.shape,
+                formatted,
+                additional_forward_args,
+                attribute_to_layer_input,
                 reshape_transform,
-                attr_dim_summation,
-            ),
-            class_argument=self._class_argument,
-            default_classes=self._default_classes,
-            grad_kwargs=grad_kwargs,
-            allow_multidim=True,
-        )
+            ) from None
         maps = computed.result
         lead = 2 if attr_dim_summation else 3  # (N, C'[, K]) before the spatial dims
         if upsample_to_input:
