@@ -546,18 +546,8 @@ def _check_threshold(threshold: Any) -> float:
 
 
 def _logit_then_cross_entropy(logits: Tensor) -> Tensor:
-    """Columns 0..C-1: the logits (Why P?); C..2C-1: the cross-entropy with label Q (Why not Q?),
-    as a function with the same gradient at these logits.
-
-    Only gradients are read: d(-log softmax(z)_Q)/dz = softmax(z) - e_Q, which is also the
-    gradient of the linear ``softmax(z).detach() . z - z_Q``. The linear form's backward
-    batches over the classes (sum, mul, sub), where the log-softmax backward has no batching
-    rule and would run once per class under ``is_grads_batched``.
-    """
-    detached = logits.detach()
-    precise = detached if detached.dtype == torch.float64 else detached.float()
-    p = torch.softmax(precise, dim=1).to(logits.dtype)  # half logits: softmax in float32
-    return torch.cat([logits, (p * logits).sum(1, keepdim=True) - logits], dim=1)
+    """Columns 0..C-1: the logits (Why P?); C..2C-1: cross-entropy with label Q (Why not Q?)."""
+    return torch.cat([logits, -torch.log_softmax(logits, dim=1)], dim=1)
 
 
 def _variance(total: Tensor | None, total_sq: Tensor | None, count: Tensor) -> Tensor:
