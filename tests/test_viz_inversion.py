@@ -69,3 +69,79 @@ def test_bad_arguments_name_the_argument(inversion, tmp_path):
         inversion_section(inversion, tmp_path, per_class=1)
     with pytest.raises(ValueError, match="`class_names`"):
         inversion_section(inversion, tmp_path, class_names=["a"])
+
+
+# --- many classes, and the diversity caveat (issue 19) ---
+
+
+def _wide_classifier(num_classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    ).eval()
+
+
+def test_many_classes_are_sampled_with_the_seed_and_the_page_says_so(tmp_path):
+    from captum_ext.viz.inversion import COLLAPSE_COSINE, DEFAULT_MAX_CLASSES
+
+    model = _wide_classifier(50)
+    inv = NetworkInversion(model, input_shape=(1, 12, 12), batch_size=8, latent_dim=8)
+    section = inversion_section(inv, tmp_path, per_class=3, seed=4)
+    expected = sorted(
+        torch.randperm(50, generator=torch.Generator().manual_seed(4))[:DEFAULT_MAX_CLASSES]
+    )
+    table = section.rows[0].table
+    assert len(table.rows) == 1 + DEFAULT_MAX_CLASSES
+    assert [row[0] for row in table.rows[1:]] == [str(int(k)) for k in expected]
+    assert table.rows[0][1] == str(3 * DEFAULT_MAX_CLASSES)
+    assert "50 classes; 20 of them, drawn at random (seed 4)" in section.intro
+    # the numbers are those of the evaluation functions on the same samples
+    labels = torch.tensor([int(k) for k in expected]).repeat_interleave(3)
+    images = inv.sample(labels, generator=4)
+    diversity = within_class_diversity(model, images, labels)
+    assert table.rows[0][4] == f"{diversity.mean:.3f}"
+    for position, row in enumerate(table.rows[1:]):
+        assert row[4] == f"{float(diversity.per_class[position]):.3f}"
+    # the diversity is printed beside the grid; an untrained generator is collapsed
+    caption = section.rows[0].figures[0].caption
+    assert f"{diversity.mean:.3f}" in caption
+    assert diversity.mean > COLLAPSE_COSINE and "Caveat: the samples are nearly identical" in (
+        section.intro
+    )
+    # explicit classes, in the order given
+    explicit = inversion_section(inv, tmp_path, per_class=2, classes=[7, 3])
+    assert [row[0] for row in explicit.rows[0].table.rows[1:]] == ["7", "3"]
+    assert "2 of the model's 50 classes are shown" in explicit.intro
+    with pytest.raises(ValueError, match="`classes`"):
+        inversion_section(inv, tmp_path, classes=[50])
+    with pytest.raises(ValueError, match="`max_classes`"):
+        inversion_section(inv, tmp_path, max_classes=0)
+
+
+def test_caveat_only_when_the_diversity_says_collapse(inversion, tmp_path, monkeypatch):
+    import captum_ext.inversion.evaluation as evaluation
+    from captum_ext.inversion.evaluation import DiversityResult
+
+    def fake(per_class):
+        def within(source, images, labels, **kwargs):
+            values = torch.tensor(per_class, dtype=torch.float64)
+            classes = torch.arange(len(per_class))
+            return DiversityResult(float(values.mean()), values, classes, classes * 0 + 4)
+
+        return within
+
+    monkeypatch.setattr(evaluation, "within_class_diversity", fake([0.2, 0.3, 0.4]))
+    diverse = inversion_section(inversion, tmp_path, per_class=4, class_names=["a", "b", "c"])
+    assert "Caveat" not in diverse.intro and "Nearly identical" not in diverse.intro
+    assert "0.300" in diverse.rows[0].figures[0].caption
+    monkeypatch.setattr(evaluation, "within_class_diversity", fake([0.2, 0.95, 0.4]))
+    one = inversion_section(inversion, tmp_path, per_class=4, class_names=["a", "b", "c"])
+    assert "Caveat" not in one.intro and "feature cosine > 0.9) in: b." in one.intro
+    monkeypatch.setattr(evaluation, "within_class_diversity", fake([0.97, 0.95, 0.99]))
+    collapsed = inversion_section(inversion, tmp_path, per_class=4)
+    assert "Caveat: the samples are nearly identical within classes" in collapsed.intro
+    assert "nearly identical samples" in collapsed.rows[0].figures[0].caption

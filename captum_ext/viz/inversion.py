@@ -36,6 +36,37 @@ __all__ = ["inversion_section"]
 #: width in the page (CSS pixels) of the sample grid
 _GRID_WIDTH = 640
 
+#: mean within-class feature cosine above which the samples of a class count as nearly
+#: identical (a collapsed generator); the section then says so beside the grid
+COLLAPSE_COSINE = 0.9
+
+#: classes shown by default when the model has more (a seeded random sample of them)
+DEFAULT_MAX_CLASSES = 20
+
+
+def _chosen_classes(classes, max_classes, num_classes: int, seed: int) -> tuple[list[int], bool]:
+    """The classes to invert and whether they are a random sample of all classes."""
+    import torch
+
+    if classes is not None:
+        if isinstance(classes, str | bytes) or not hasattr(classes, "__iter__"):
+            raise TypeError(f"`classes` must be a sequence of class indices, got {classes!r}.")
+        chosen = []
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+                raise ValueError(f"`classes` must hold ints in 0..{num_classes - 1}, got {c!r}.")
+            if c not in chosen:
+                chosen.append(c)
+        if not chosen:
+            raise ValueError("`classes` is empty; give at least one class to invert.")
+        return chosen, False
+    if isinstance(max_classes, bool) or not isinstance(max_classes, int) or max_classes < 1:
+        raise ValueError(f"`max_classes` must be a positive int, got {max_classes!r}.")
+    if num_classes <= max_classes:
+        return list(range(num_classes)), False
+    order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:max_classes].tolist()), True
+
 
 def inversion_section(
     inversion: Any,
@@ -45,6 +76,8 @@ def inversion_section(
     class_names: Sequence[str] | None = None,
     denormalize: Callable | None = None,
     seed: int = 0,
+    classes: Sequence[int] | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
     title: str = "What does the classifier think each class looks like? (network inversion)",
 ) -> Section:
     r"""The section "What does the classifier think each class looks like?".
@@ -64,6 +97,13 @@ def inversion_section(
     to call each class; an inconsistent one (low consistency) has not inverted it yet. The
     grid is a PNG in ``out_dir/images/inversion/``.
 
+    For a model with more than ``max_classes`` classes (e.g. 1000 ImageNet classes) only a
+    random sample of ``max_classes`` classes is inverted and shown (drawn with ``seed``,
+    shown in ascending order); the page says so. The mean diversity is printed beside the
+    grid; above :data:`COLLAPSE_COSINE` (0.9: the samples of a class are nearly identical in
+    the classifier's feature space, a collapsed generator) the page adds a caveat, and names
+    the classes above it.
+
     Args:
         inversion (NetworkInversion): a trained inversion of the classifier.
         out_dir (str or PathLike): the report folder.
@@ -72,7 +112,12 @@ def inversion_section(
         denormalize (callable, optional): maps the classifier's inputs to [0, 1] for display,
             e.g. :func:`captum_ext.data.denormalize_digits`. Default: None (each grid scaled
             from its minimum to its maximum).
-        seed (int, optional): seed of the latent codes and conditioning vectors. Default: 0.
+        seed (int, optional): seed of the latent codes and conditioning vectors, and of the
+            sample of classes. Default: 0.
+        classes (Sequence[int], optional): the classes to invert and show. Default: None
+            (all classes, or a random sample of ``max_classes`` when there are more).
+        max_classes (int, optional): most classes shown when ``classes`` is None.
+            Default: 20
         title (str, optional): the section title.
 
     Returns:
@@ -96,16 +141,25 @@ def inversion_section(
         raise TypeError(f"`inversion` must be a NetworkInversion, got {type(inversion).__name__}.")
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 2:
         raise ValueError(f"`per_class` must be an int >= 2 (for the diversity), got {per_class!r}.")
+    import torch
+
     classifier = inversion.classifier
     num_classes = inversion.generator.num_classes
     class_names = _class_names(class_names, num_classes)
-    images, labels = inversion.sample_classes(per_class, generator=seed)
+    chosen, sampled = _chosen_classes(classes, max_classes, num_classes, seed)
+    if chosen == list(range(num_classes)):
+        images, labels = inversion.sample_classes(per_class, generator=seed)
+    else:
+        device = next(inversion.generator.parameters()).device
+        labels = torch.tensor(chosen, device=device).repeat_interleave(per_class)
+        images = inversion.sample(labels, generator=seed)
     folder = Path(out_dir) / "images" / "inversion"
     folder.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(
         images.cpu(),
         labels.cpu(),
         per_class=per_class,
+        classes=chosen,
         denormalize=denormalize,
         class_names=class_names,
     )
@@ -113,6 +167,10 @@ def inversion_section(
     grid.savefig(grid_path, format="png", dpi=80)
 
     diversity = within_class_diversity(classifier, images, labels)
+    # per_class is indexed like diversity.classes (the distinct labels), not by class index
+    per_class_diversity = dict(
+        zip(diversity.classes.tolist(), diversity.per_class.tolist(), strict=True)
+    )
     table = Table(
         ["class", "images", "label consistency", "mean confidence", "diversity (cosine)"],
         caption="Read-outs per class (consistency and confidence: higher is better; "
@@ -127,7 +185,7 @@ def inversion_section(
             f"{diversity.mean:.3f}",
         ]
     )
-    for k in range(num_classes):
+    for k in chosen:
         member = labels == k
         table.add_row(
             [
@@ -135,8 +193,38 @@ def inversion_section(
                 str(int(member.sum())),
                 f"{label_consistency(classifier, images[member], labels[member]):.1%}",
                 f"{mean_confidence(classifier, images[member], labels[member]):.3f}",
-                f"{float(diversity.per_class[k]):.3f}",
+                f"{per_class_diversity[k]:.3f}",
             ]
+        )
+    which = (
+        f" The model has {num_classes} classes; {len(chosen)} of them, drawn at random "
+        f"(seed {seed}), are inverted and shown."
+        if sampled
+        else (
+            f" {len(chosen)} of the model's {num_classes} classes are shown."
+            if len(chosen) < num_classes
+            else ""
+        )
+    )
+    collapsed = [
+        class_names[k]
+        for k in chosen
+        if per_class_diversity[k] > COLLAPSE_COSINE  # NaN (one image) is not
+    ]
+    caveat = ""
+    if diversity.mean > COLLAPSE_COSINE:
+        caveat = (
+            f" Caveat: the samples are nearly identical within classes (mean feature cosine "
+            f"{diversity.mean:.3f} > {COLLAPSE_COSINE}: the generator has collapsed to about "
+            "one image per class), so each row shows one image the classifier accepts, not "
+            "the variety of what it accepts; train longer or with a larger diversity weight."
+        )
+    elif collapsed:
+        caveat = (
+            f" Nearly identical samples (feature cosine > {COLLAPSE_COSINE}) in: "
+            + ", ".join(collapsed[:10])
+            + (", ..." if len(collapsed) > 10 else "")
+            + "."
         )
     section = Section(
         title,
@@ -146,12 +234,22 @@ def inversion_section(
             "conditioning vectors. They show what the model has learnt to call each class, "
             "which can differ from what people would draw (shortcuts, backgrounds, "
             f"textures). {per_class} images per class; label consistency is the share the "
-            "classifier assigns to the requested class."
+            f"classifier assigns to the requested class.{which} Within-class diversity is "
+            "the mean cosine between the classifier's features of two samples of the same "
+            f"class: 1 means identical, 0 unrelated.{caveat}"
         ),
     )
     section.add_row(
         "Generated images, one row per class",
-        [Figure("Samples of the inverted classifier", grid_path, _GRID_WIDTH)],
+        [
+            Figure(
+                f"Samples of the inverted classifier; within-class diversity (mean feature "
+                f"cosine, 1 = identical): {diversity.mean:.3f}"
+                + (" — nearly identical samples" if diversity.mean > COLLAPSE_COSINE else ""),
+                grid_path,
+                _GRID_WIDTH,
+            )
+        ],
         table=table,
     )
     return section
