@@ -85,6 +85,7 @@ def _wide_classifier(num_classes: int) -> nn.Module:
     ).eval()
 
 
+@pytest.mark.slow
 def test_many_classes_are_sampled_with_the_seed_and_the_page_says_so(tmp_path):
     from captum_ext.viz.inversion import COLLAPSE_COSINE, DEFAULT_MAX_CLASSES
 
@@ -122,6 +123,7 @@ def test_many_classes_are_sampled_with_the_seed_and_the_page_says_so(tmp_path):
         inversion_section(inv, tmp_path, max_classes=0)
 
 
+@pytest.mark.slow
 def test_caveat_only_when_the_diversity_says_collapse(inversion, tmp_path, monkeypatch):
     import captum_ext.inversion.evaluation as evaluation
     from captum_ext.inversion.evaluation import DiversityResult
