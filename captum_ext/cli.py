@@ -64,20 +64,26 @@ def _describe_os_error(error: OSError) -> str:
 
 
 def _check_output(out: Path, *, folder: bool) -> None:
-    """Fail early, before any work, when ``--out`` cannot be written: create the folder (the
-    ``--out`` folder, or the one the ``--out`` file goes in) and a scratch file in it. The
+    """Fail early, before any work, when ``--out`` cannot be written: a scratch file must be
+    creatable in the ``--out`` folder (or the folder the ``--out`` file goes in), or, when
+    that does not exist yet, in its nearest existing parent (nothing is created there). The
     temporary files of an earlier run that was killed while writing are removed."""
     from captum_ext._utils.training import _remove_stale_temporaries
 
     target = out if folder else out.parent
     try:
         if not folder and out.is_dir():
-            raise IsADirectoryError(21, "Is a directory", str(out))
-        target.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=target)
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
+        existing = target.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
         os.close(handle)
         os.unlink(scratch)
-        _remove_stale_temporaries(out / "index.html" if folder else out)
+        if existing == target.absolute():
+            _remove_stale_temporaries(out / "index.html" if folder else out)
     except OSError as error:
         raise _OutputError(
             f"`--out` {str(out)!r} cannot be written ({_describe_os_error(error)})."
