@@ -15,6 +15,7 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.model_state import preserved_state
 from .._utils.training import (
@@ -44,6 +45,17 @@ __all__ = [
 ]
 
 MODES = ("amortised", "per_image")
+
+_UNFITTED_MESSAGE = (
+    "ActivationMatchingMask.attribute: `mode`='amortised' (the default) needs a trained mask "
+    "net, and this explainer has none yet. Do one of: (1) train it with "
+    "`explainer.fit(train_loader)` (a DataLoader or Dataset of normalised images), then call "
+    "attribute again; (2) read a saved one with `explainer.load(path)`; (3) pass a trained "
+    "network as `ActivationMatchingMask(model, layers, mask_net=net)`; (4) for the bundled "
+    "digit model, use `captum_ext.data.load_bundled_mask_explainer()`, which comes with its "
+    "trained mask net; or (5) fit a mask to each image instead with "
+    "`explainer.attribute(inputs, mode='per_image')` (slower: `steps` optimiser steps per image)."
+)
 
 
 @dataclass(frozen=True)
@@ -234,7 +246,11 @@ class ActivationMatchingMask(PerturbationAttribution):
 
     Two modes: ``"per_image"`` fits a fresh mask net to each image (as in the papers);
     ``"amortised"`` (default, the fast path) explains a batch with one forward pass of a
-    mask net trained on a dataset by :meth:`fit` (or read by :meth:`load`).
+    mask net trained on a dataset by :meth:`fit` (or read by :meth:`load`). A fresh
+    explainer has no trained net: ``attribute(x)`` in the default mode then raises a
+    ``ValueError`` naming what to call first (``fit``, ``load``, ``mask_net=``,
+    :func:`captum_ext.data.load_bundled_mask_explainer` for the bundled digit model) or
+    ``mode="per_image"``; it never switches to the slow per-image fit silently.
 
     Why ``PerturbationAttribution``: the result is a perturbation of the input (a mask
     applied to it) judged by the model's outputs on the perturbed input, like Captum's
@@ -244,7 +260,9 @@ class ActivationMatchingMask(PerturbationAttribution):
     The classifier is frozen: its parameters get no gradients (their ``requires_grad`` is
     switched off during the call and restored, with ``.grad``, train/eval flags and grad
     mode, afterwards, also on error) and it runs in the mode it is in, so pass a model in
-    eval mode (a model in train mode would update its batch-norm statistics). When
+    eval mode (in train mode its batch-norm layers normalise with batch statistics; the
+    running statistics they update are put back afterwards, also when ``forward_func`` is a
+    plain function hiding the model). When
     ``forward_func`` is a plain function rather than a module (or a bound method of one),
     the gradients of the mask net are taken with ``torch.autograd.grad`` so that nothing
     accumulates in the model either.
@@ -387,9 +405,16 @@ class ActivationMatchingMask(PerturbationAttribution):
 
     @contextmanager
     def _frozen_model(self) -> Iterator[nn.Module | None]:
-        """The classifier's parameters without gradients; everything restored on exit."""
+        """The classifier's parameters without gradients; everything restored on exit.
+
+        Besides the model behind ``forward_func`` (and the layers), the buffers of every other
+        module that runs in the block are put back as well: a ``forward_func`` that is a plain
+        function hides its model, which in train mode would keep the BatchNorm statistics of
+        the method's forward passes. The mask net is left out (``fit`` trains it).
+        """
         model = root_module(self.forward_func)
-        with preserved_state([model]):
+        keep = [model, *self.layers, self.mask_net]
+        with preserved_state([model, *self.layers]), restored_buffers_of_modules_run(exclude=keep):
             if model is not None:
                 for param in model.parameters():
                     param.requires_grad_(False)
@@ -474,7 +499,14 @@ class ActivationMatchingMask(PerturbationAttribution):
                 follow it.
             mode (str, optional): ``"amortised"`` (one forward pass of the trained mask net;
                 call :meth:`fit` or :meth:`load` first) or ``"per_image"`` (a fresh U-Net
-                fitted to each image with Adam). Default: "amortised".
+                fitted to each image with Adam). Default: "amortised". A fresh explainer
+                (no :meth:`fit`, :meth:`load` or ``mask_net``) has no trained net, and
+                ``mode="amortised"`` then raises a ``ValueError`` that names what to call:
+                ``fit(data)``, ``load(path)``, ``mask_net=``,
+                :func:`captum_ext.data.load_bundled_mask_explainer` (the bundled digit
+                model) or ``mode="per_image"``. It does not fall back to the per-image fit
+                by itself: that is ``steps`` optimiser steps per image, minutes for a batch
+                where the amortised pass takes milliseconds.
             steps (int, optional): Adam steps per image (per-image mode). The papers use
                 300 to 1000. Default: 300.
             lr (float, optional): Adam learning rate (per-image mode). The papers report
@@ -516,10 +548,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         base_seed = _resolve_seed(generator, seed)
         baseline = self._baseline_for(x)
         if mode == "amortised" and (self.mask_net is None or not self._trained):
-            raise ValueError(
-                "`mode`='amortised' needs a trained mask net: call fit(...) or load(path) "
-                "first, pass a trained `mask_net`, or use mode='per_image'."
-            )
+            raise ValueError(_UNFITTED_MESSAGE)
         with self._frozen_model(), torch.enable_grad():
             with torch.no_grad():
                 logits = self._logits(x)
