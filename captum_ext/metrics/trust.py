@@ -1,9 +1,12 @@
 r"""Per-example trust scores: GradTrust and the baselines it is compared with.
 
-Every function takes ``forward_func`` (a model returning (N, C) logits), ``inputs`` (a tensor
-or a tuple of tensors, batch first) and keyword options, and returns an (N,) tensor on the
-device of the logits. **Higher always means more trusted.** The model is left exactly as it
-was found: parameters, ``requires_grad`` flags, ``.grad`` buffers, train/eval flags and hooks.
+Every function takes ``forward_func`` (a model returning (N, C) logits, or any output with
+``output_transform`` mapping it to them), ``inputs`` (a tensor or a tuple of tensors, batch
+first) and keyword options, and returns an (N,) tensor on the device of the logits. **Higher
+always means more trusted.** The model is left exactly as it was found: parameters,
+``requires_grad`` flags, ``.grad`` buffers, batch norm running statistics (also in train
+mode), train/eval flags and hooks. On very confident models use ``gradtrust(..., log=True)``:
+the score itself exceeds the float range there, its log does not.
 
 GradTrust: M. Prabhushankar and G. AlRegib, "Counterfactual Gradients-based Quantification of
 Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
@@ -335,10 +338,10 @@ def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]
         nonlocal position
         (g,) = grads.values()
         n = g.shape[0]
-        scale = log_scale[position : position + n].to(torch.float64)
+        variances = _variances(g)
+        scale = log_scale[position : position + n].to(variances.device, variances.dtype)
         position += n
-        log_var = torch.log(_variances(g)) + 2 * scale.to(g.device)
-        return _log_ratio(log_var)
+        return _log_ratio(torch.log(variances) + 2 * scale)
 
     return reduce
 

@@ -245,10 +245,14 @@ def trust_section(
         accuracy(t) = accuracy of the images whose score is above its t-th percentile
         AUAC = area under accuracy(t), t in [0, 100), in percent
 
+    GradTrust is computed as its natural log (the ``gradtrust`` column of
+    :func:`~captum_ext.metrics.score_dataset`), which ranks the images like GradTrust itself
+    and stays finite on confident models, where GradTrust exceeds any float range.
+
     The section has
 
-    - a row with two plots: GradTrust against softmax confidence (one dot per image, green
-      correct, red wrong, grey label unknown: the figure of the paper), and the
+    - a row with two plots: GradTrust (log axis) against softmax confidence (one dot per
+      image, green correct, red wrong, grey label unknown: the figure of the paper), and the
       accuracy-retention curves of every score with their AUAC in the legend (labelled images
       only), with a table of AUAC, AUFC and AUROC of separating correct from wrong
       predictions (AUROC needs both kinds);
@@ -259,7 +263,8 @@ def trust_section(
     An optional score that cannot run on this model (for example MC-dropout on a model
     without dropout, or a gradient score on a model whose parameters are not reachable) is
     left out and the section's introduction says why; GradTrust and softmax confidence are
-    required. The PNGs go to ``out_dir/images/trust/``.
+    required. A score with NaN or infinite values gets "-" in the table (it cannot be
+    ranked) and the introduction says how many. The PNGs go to ``out_dir/images/trust/``.
 
     Paper: Prabhushankar & AlRegib, "Counterfactual Gradients-based Quantification of
     Prediction Trust in Neural Networks", IEEE MIPR 2024.
