@@ -121,7 +121,11 @@ def test_voice_section_rows_pictures_and_numbers(tmp_path, model, digits, capsys
 
     # summary table: all, correct, wrong
     table = section.rows[0].table
-    assert isinstance(table, Table) and section.rows[0].figures == []
+    assert isinstance(table, Table)
+    # one colour bar per section, beside the summary (issue 19; was no figure there)
+    (bar,) = section.rows[0].figures
+    assert bar.caption == "Colour scale of the maps" and Path(bar.path).is_file()
+    assert "see the colour bar" in section.intro and "red: high" not in section.intro
     by_group = {cells[0]: cells for cells in table.rows}
     wrong = by_group["wrongly classified"]
     assert wrong[1] == "1" and float(wrong[2]) == pytest.approx(float(expected.iou[2]), abs=5e-4)
@@ -137,7 +141,8 @@ def test_voice_section_rows_pictures_and_numbers(tmp_path, model, digits, capsys
     html = report.write(tmp_path).read_text(encoding="utf-8")
     assert html.count('<table class="data">') == 1 and "wrongly classified" in html
     sources = IMG_SRC.findall(html)
-    assert len(sources) == 4 * len(images)
+    assert len(sources) == 1 + 4 * len(images)  # the colour bar, then 4 per image
+    assert sources[0].endswith("colorbar.png")
     for src in sources:
         assert_png_not_blank(tmp_path / urllib.parse.unquote(src))
 
@@ -398,7 +403,7 @@ def test_cli_voice_section_end_to_end(tmp_path):
     assert "VOICE" in html and "4 contrasts" in html
     assert "CounterfactualCAM" not in html  # only the VOICE section
     sources = IMG_SRC.findall(html)
-    assert len(sources) == 3 * 4
+    assert len(sources) == 1 + 3 * 4  # the colour bar, then 4 per image
     for src in sources:
         assert_png_not_blank(out / urllib.parse.unquote(src))
     images, _ = load_sample_digits()

@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["overlay", "save_png", "to_uint8_rgb"]
+__all__ = ["DEFAULT_CMAP", "overlay", "save_colorbar", "save_png", "to_uint8_rgb"]
+
+#: The colour map of heat maps by default: perceptually uniform (equal steps in the map look
+#: like equal steps of colour, and brightness grows with the value, also in grey print),
+#: unlike "jet", whose bright bands in the middle invent edges that are not in the map.
+DEFAULT_CMAP = "inferno"
 
 
 def _as_array(x: Any, argument: str) -> np.ndarray:
@@ -41,7 +46,7 @@ def to_uint8_rgb(image: Any, argument: str = "image") -> np.ndarray:
 
 
 def overlay(
-    image_01_hwc: Any, heatmap_01_hw: Any, alpha: float = 0.5, cmap: str = "jet"
+    image_01_hwc: Any, heatmap_01_hw: Any, alpha: float = 0.5, cmap: str = DEFAULT_CMAP
 ) -> np.ndarray:
     r"""Blend a colour-mapped heat map over an image.
 
@@ -55,7 +60,9 @@ def overlay(
             [0, 1] (values outside are clipped), the size of the image: upsample first (e.g.
             ``upsample_to_input=True, normalize="minmax"``).
         alpha (float, optional): weight of the heat map, in [0, 1]. Default: 0.5.
-        cmap (str, optional): a matplotlib colormap name. Default: ``"jet"``.
+        cmap (str, optional): a matplotlib colormap name. Default: ``"inferno"``
+            (:data:`DEFAULT_CMAP`, perceptually uniform; show its scale with
+            :func:`save_colorbar`).
 
     Returns:
         numpy.ndarray: uint8 ``H x W x 3``.
@@ -80,18 +87,73 @@ def overlay(
             f"`heatmap_01_hw` is {heat.shape[0]} x {heat.shape[1]} but the image is "
             f"{image.shape[0]} x {image.shape[1]}; upsample the map to the image size first."
         )
-    try:
-        from matplotlib import colormaps
-    except ImportError:
-        raise ImportError("overlay() needs matplotlib: pip install 'captum-ext[viz]'") from None
-    try:
-        colormap = colormaps[cmap]
-    except KeyError:
-        raise ValueError(f"`cmap`={cmap!r} is not a matplotlib colormap.") from None
+    colormap = _colormap(cmap, "overlay()")
     heat = np.clip(np.nan_to_num(heat.astype(np.float64), nan=0.0), 0.0, 1.0)
     colours = colormap(heat)[:, :, :3]
     blended = (1.0 - alpha) * image + alpha * colours
     return np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _colormap(cmap: str, caller: str):
+    try:
+        from matplotlib import colormaps
+    except ImportError:
+        raise ImportError(f"{caller} needs matplotlib: pip install 'captum-ext[viz]'") from None
+    try:
+        return colormaps[cmap]
+    except (KeyError, TypeError):
+        raise ValueError(f"`cmap`={cmap!r} is not a matplotlib colormap.") from None
+
+
+def save_colorbar(
+    path: str | os.PathLike,
+    *,
+    cmap: str = DEFAULT_CMAP,
+    label: str = "map value, scaled to [0, 1] per map",
+    low: str = "0 (low)",
+    high: str = "1 (high)",
+    alpha: float = 1.0,
+) -> Path:
+    r"""Write the legend of heat maps: a horizontal colour bar from 0 to 1, as a PNG.
+
+    One per section (the maps of a section share the scale): the colours of ``cmap`` from
+    ``0`` (left) to ``1`` (right), ticks at 0, 0.5 and 1 (the ends labelled ``low`` and
+    ``high``) and ``label`` under it. With ``alpha < 1`` the bar shows the colours as blended
+    over a mid-grey image by :func:`overlay`.
+
+    Args:
+        path (str or PathLike): the PNG to write (parent folders are created).
+        cmap (str, optional): the overlays' colour map. Default: ``"inferno"``
+        label (str, optional): what the colour measures.
+        low, high (str, optional): tick labels of the ends.
+        alpha (float, optional): the overlays' opacity. Default: 1
+
+    Returns:
+        Path: ``path``.
+
+    Examples::
+
+        >>> bar = save_colorbar("out/images/voice/colorbar.png", label="uncertainty")
+    """
+    colormap = _colormap(cmap, "save_colorbar()")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.figure import Figure
+
+    steps = np.linspace(0.0, 1.0, 256)
+    colours = (1.0 - alpha) * 0.5 + alpha * colormap(steps)[:, :3]
+    figure = Figure(figsize=(4.0, 0.9), dpi=100, layout="constrained")
+    ax = figure.add_subplot()
+    mappable = ScalarMappable(Normalize(0.0, 1.0), ListedColormap(colours, name=f"{cmap}_bar"))
+    bar = figure.colorbar(mappable, cax=ax, orientation="horizontal", ticks=[0.0, 0.5, 1.0])
+    bar.ax.set_xticklabels([low, "0.5", high], fontsize=8)
+    bar.set_label(label, fontsize=8)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, format="png")
+    return target
 
 
 def save_png(array: Any, path: str | os.PathLike) -> Path:

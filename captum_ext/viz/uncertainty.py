@@ -49,7 +49,7 @@ from ._checks import (
     _to_cpu,
     _true_class,
 )
-from .overlay import overlay, save_png, to_uint8_rgb
+from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
 from .report import (
     Figure,
     Section,
@@ -85,6 +85,21 @@ def _check_contrasts(contrasts: Any) -> str | int:
     return contrasts
 
 
+#: width in the page (CSS pixels) of a section's colour bar
+_COLORBAR_WIDTH = 320
+
+
+def _colour_words(cmap: str) -> str:
+    """How to read the colours of ``cmap`` in one phrase, pointing at the colour bar."""
+    words = {
+        "inferno": "black and purple: low, orange and yellow: high",
+        "magma": "black and purple: low, pink and white: high",
+        "viridis": "purple: low, green and yellow: high",
+        "jet": "blue: low, red: high",
+    }.get(cmap)
+    return f"{words}; see the colour bar" if words else "see the colour bar"
+
+
 def _format_ll(value: float) -> str:
     return f"{value:.4g}"
 
@@ -104,7 +119,7 @@ def voice_section(
     names: Sequence[str] | None = None,
     threshold: float = 0.1,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
     title: str = "How uncertain is the explanation? (VOICE)",
 ) -> Section:
     r"""The section "How uncertain is this explanation?": VOICE on Grad-CAM, per image.
@@ -152,7 +167,8 @@ def voice_section(
         names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
         threshold (float, optional): threshold of the IoU read-out. Default: 0.1.
         alpha (float, optional): heat-map opacity in the overlays. Default: 0.5.
-        cmap (str, optional): matplotlib colormap of the overlays. Default: ``"jet"``.
+        cmap (str, optional): matplotlib colormap of the overlays; the section shows its
+            colour bar beside the summary. Default: ``"inferno"`` (perceptually uniform).
         title (str, optional): the section title.
 
     Returns:
@@ -252,7 +268,7 @@ def voice_section(
             "prediction P ('Why P?'), the contrastive explanation against the runner-up class "
             "Q ('Why P, rather than Q?'), and the uncertainty map: the variance of the "
             f"contrastive explanations against {which} (Q != P), each map upsampled to the "
-            "image and scaled to [0, 1] (red: high, blue: low).\n"
+            f"image and scaled to [0, 1] ({_colour_words(cmap)}).\n"
             f"IoU: overlap of the explanation and the uncertainty, both thresholded at "
             f"{threshold:g}. A higher IoU means the explanation is uncertain about the very "
             "pixels it attributes the prediction to: it deserves less trust. "
@@ -282,7 +298,15 @@ def voice_section(
                 _format_ll(float(np.mean(np.asarray(log_likelihood)[chosen]))),
             ]
         )
-    section.add_row("Summary", table=summary)
+    bar = save_colorbar(
+        folder / "colorbar.png",
+        cmap=cmap,
+        alpha=alpha,
+        label="each map scaled to [0, 1] (as overlaid on the images)",
+    )
+    section.add_row(
+        "Summary", [Figure("Colour scale of the maps", bar, _COLORBAR_WIDTH)], table=summary
+    )
     for label, figures in rows:
         section.add_row(label, figures)
     return section
