@@ -145,3 +145,21 @@ def test_unfitted_explainer_in_amortised_mode_is_refused(model, digits, tmp_path
             progress=False,
             explainer=fresh,
         )
+
+
+def test_kept_pixels_are_shown_on_mid_grey(section, digits, explainer):
+    """Issue 19: the left-out pixels are mid-grey (128), not dimmed image pixels, so a
+    scattered mask does not read as noise on black; the kept pixels are the image's."""
+    images, _ = digits
+    details = explainer.attribute(images, seed=3, return_details=True, progress=False)
+    for i, image_row in enumerate(section.rows[2:]):
+        assert image_row.figures[2].caption.startswith("Kept pixels (grey: left out): ")
+        with Image.open(image_row.figures[0].path) as picture:
+            shown = np.asarray(picture.convert("RGB")).astype(int)
+        with Image.open(image_row.figures[2].path) as picture:
+            kept = np.asarray(picture.convert("RGB")).astype(int)
+        mask = details.mask[i].reshape(kept.shape[:2]).numpy() > 0
+        assert 0 < mask.sum() < mask.size
+        assert (kept[~mask] == 128).all()
+        assert (kept[mask] == shown[mask]).all()
+    assert "mid-grey background" in section.intro

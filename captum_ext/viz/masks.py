@@ -58,8 +58,10 @@ __all__ = ["minimal_mask_section"]
 _MODES = ("amortised", "per_image")
 #: width in the page (CSS pixels) of a circuit plot
 _CIRCUIT_WIDTH = 300
-#: brightness of the pixels a mask leaves out, in the "kept pixels" picture
-_DIM = 0.2
+#: the colour (uint8, every channel) of the pixels a mask leaves out, in the "kept pixels"
+#: picture: mid-grey, so that scattered kept pixels stand out from both dark and light parts
+#: of the image instead of looking like noise on a black background
+_LEFT_OUT_GREY = 128
 
 
 def _mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -72,9 +74,9 @@ def _mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _kept_pixels(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    rgb = to_uint8_rgb(image).astype(np.float64)
-    scale = np.where(mask[:, :, None] > 0, 1.0, _DIM)
-    return (rgb * scale).round().clip(0, 255).astype(np.uint8)
+    """The kept pixels of the image on a mid-grey background (the left-out pixels)."""
+    rgb = to_uint8_rgb(image)
+    return np.where(mask[:, :, None] > 0, rgb, np.uint8(_LEFT_OUT_GREY)).astype(np.uint8)
 
 
 def _save_circuit(graph: Any, title: str, path: Path) -> Path:
@@ -132,7 +134,7 @@ def minimal_mask_section(
 
     Rows: a summary table (means over all images, and over the correctly and wrongly
     classified ones when ``labels`` are given), then one row per image: the input, the mask
-    over it (kept pixels in red), the kept pixels (the others dimmed), and, for the first
+    over it (kept pixels in red), the kept pixels on a mid-grey background, and, for the first
     ``circuit_rows`` images, the two circuit plots. The PNGs go to
     ``out_dir/images/masks/``.
 
@@ -253,7 +255,9 @@ def minimal_mask_section(
         intro=(
             "For each image, the smallest binary mask whose masked image keeps the model's "
             "decision and its internal activations (activation matching, "
-            f"{mode.replace('_', '-')} mode). Active "
+            f"{mode.replace('_', '-')} mode). Pictures: the image; the mask (the image in "
+            "grey, the kept pixels in red); the kept pixels alone, on a mid-grey background "
+            "(grey: left out). Active "
             "pixels: the share of the image the mask keeps. Agreement: the masked image gets the "
             "same class. Sufficiency: the class survives when the rest of the image is random "
             "noise. Necessity: how far the class's logit drops when only the pixels outside the "
@@ -320,7 +324,7 @@ def minimal_mask_section(
                 save_png(_mask_overlay(shown[i], mask[i]), f"{stem}_mask.png"),
             ),
             (
-                f"Kept pixels: {class_names[y]} at {kept_confidence[i]:.1%} "
+                f"Kept pixels (grey: left out): {class_names[y]} at {kept_confidence[i]:.1%} "
                 f"({'same class' if agreement[i] else 'class changed'})",
                 save_png(_kept_pixels(shown[i], mask[i]), f"{stem}_kept.png"),
             ),
