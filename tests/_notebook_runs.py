@@ -104,17 +104,17 @@ def execute(path: Path, base: Path) -> Execution:
     )
     failure = None
     start = time.perf_counter()
-    # JUPYTER_PATH is searched first; CAPTUM_EXT_FULL_RUN is unset so that the notebooks
-    # run with their small default budgets, whatever the caller's shell says
+    # JUPYTER_PATH is searched first. The kernel inherits the environment, so the notebooks
+    # run their small default budgets unless CAPTUM_EXT_FULL_RUN=1 is set for the tests.
     with _environment(JUPYTER_PATH=str(jupyter_dir)):
-        full_run = os.environ.pop("CAPTUM_EXT_FULL_RUN", None)
         try:
             client.execute()
-        except nbclient.exceptions.CellExecutionError as error:
-            failure = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
-        finally:
-            if full_run is not None:
-                os.environ["CAPTUM_EXT_FULL_RUN"] = full_run
+        except (
+            nbclient.exceptions.CellExecutionError,
+            nbclient.exceptions.CellTimeoutError,
+            nbclient.exceptions.DeadKernelError,
+        ) as error:
+            failure = f"{type(error).__name__}: " + re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     seconds = time.perf_counter() - start
     folder = executed_folder(base)
     folder.mkdir(parents=True, exist_ok=True)
