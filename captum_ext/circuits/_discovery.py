@@ -15,7 +15,11 @@ Two ways of reading the model:
   output, follow every consumer through channel-wise operations (normalisation,
   activations, pooling, dropout, flatten); a convolution or linear layer met on the way is an
   ingress module when the next stage's output depends on it; an addition is a residual join
-  and is not followed (the identity path is not a weighted connection).
+  and is not followed (the identity path is not a weighted connection). A linear ingress
+  module must produce the destination's features itself (only channel-wise operations after
+  it); two linear layers in a row between stages raise an error naming them. A linear layer
+  may read the stage's map flattened (VGG, AlexNet): the readout maps its C x h x w input
+  features back to the C channels.
 - module order (when the model does not trace): the first convolution or linear layer
   registered after the previous stage, plus the ``downsample`` / ``shortcut`` convolution of
   the same block when there is one.
@@ -172,12 +176,25 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
     - a plain convolution's stage ends at its post-activation: the last of the normalisation /
       activation / dropout leaves right after it. When the next stage is a block stage (the
       stem of a ResNet), the stage ends right before that block instead (after the max-pool).
+    - a hidden linear layer of the head (VGG's and AlexNet's ``classifier.0`` / ``.3``) is a
+      stage ending at its post-activation, except the last one before the classifier: its
+      (post-activation) output is the pooled feature vector, the classifier's input.
     """
     units = [(n, m) for n, m in _units(model) if n != classifier]
+    # hidden linear layers of the head; the last one produces the pooled features
+    hidden = [n for n, m in units if isinstance(m, nn.Linear)]
+    linear_stages = set(hidden[:-1])
     stages: list[tuple[str, bool]] = []  # (name, is_block)
     i = 0
     while i < len(units):
         name, module = units[i]
+        if name in linear_stages:
+            end = i
+            while end + 1 < len(units) and isinstance(units[end + 1][1], _POST_CONV_MODULES):
+                end += 1
+            stages.append((units[end][0], False))
+            i = end + 1
+            continue
         if not _is_leaf(module) and _contains_conv(module):
             stages.append((name, True))
             i += 1
@@ -331,6 +348,9 @@ def _fx_connection(
                 raise _unresolved(source, destination, _describe(node))
         if follow:
             todo.extend(node.users)
+    for name in ingress:
+        if isinstance(model.get_submodule(name), nn.Linear):
+            _check_direct(graph, model, name, end, source, destination, destination == classifier)
     if destination == classifier:
         if ingress and reached_classifier:
             raise _unresolved(
@@ -341,6 +361,52 @@ def _fx_connection(
     elif not ingress:
         raise _unresolved(source, destination, "no convolution or linear layer in between")
     return Connection(source, destination, tuple(ingress), "fx")
+
+
+def _passes_through(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` keeps channels apart (a channel-wise module, function or method)."""
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), _CHANNELWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _CHANNELWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _CHANNELWISE_METHODS
+    return False
+
+
+def _check_direct(
+    graph: fx.Graph,
+    model: nn.Module,
+    name: str,
+    end: fx.Node,
+    source: str,
+    destination: str,
+    to_classifier: bool,
+) -> None:
+    """A linear ingress module must produce the destination's features itself: its output
+    reaches ``end`` through channel-wise operations only (not through a further linear
+    layer, as in VGG's two-layer head when its hidden layer is not listed as a stage)."""
+    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if end in nodes:
+        return
+    seen: set[fx.Node] = set()
+    todo = deque(user for node in nodes for user in node.users)
+    while todo:
+        node = todo.popleft()
+        if node is end:
+            return
+        if node in seen:
+            continue
+        seen.add(node)
+        if _passes_through(node, model):
+            todo.extend(node.users)
+    what = "the classifier's input" if to_classifier else f"the output of {destination!r}"
+    raise _unresolved(
+        source,
+        destination,
+        f"the linear layer {name!r} does not produce {what} directly (another linear layer "
+        "in between); list the output of that hidden layer (after its activation) as a stage",
+    )
 
 
 def _unresolved(source: str, destination: str, what: str) -> ValueError:

@@ -73,6 +73,20 @@ def _dense_l1(module: nn.Module) -> Tensor:
     return torch.block_diag(*taps.split(module.out_channels // groups, dim=0))
 
 
+def _flattened_l1(linear: nn.Linear, channels: int) -> Tensor:
+    """(out, channels) L1 norms of a linear layer reading a flattened C x h x w map.
+
+    ``torch.flatten`` of an N x C x h x w map puts channel c, position (i, j) at feature
+    f = c * h * w + i * w + j. The linear layer is then a convolution whose kernel covers
+    the whole map (kernel h x w, one output position): its taps for (d, c) are
+    W[d, c * h * w + i * w + j], so the edge's "L1 norm over the kernel taps" is
+    sum_{i, j} |W[d, c * h * w + i * w + j]|, the row's absolute weights summed over the
+    P = h * w = in_features / C consecutive features of channel c.
+    """
+    weight = linear.weight.detach()
+    return weight.abs().reshape(weight.shape[0], channels, -1).sum(dim=2)
+
+
 def _in_device_order(
     calls: list[tuple[Tensor, Tensor | None]], name: str, is_classifier: bool
 ) -> list[tuple[Tensor, Tensor | None]]:
@@ -114,6 +128,8 @@ class CircuitReadout:
     3. Last stage to pooled features: a global pooling ties pooled feature j to channel j of the
        last stage (one edge ``j -> j`` of weight ``E^L_j``: the pooling's taps have L1 norm 1);
        when a linear layer sits in between (an MLP head), its ``|W[d, s]|`` is used as in 2.
+       A flatten straight into the classifier ties feature f to channel f // P (P positions
+       per channel; one tap of weight 1, so the edge weighs ``E^L_c``).
     4. Features to classes: ``weight(j -> y) = |W_fc[y, j]| * |h_j|``; the ``top_classes``
        classes by probability (always including the target) each keep their
        ``edges_per_class`` strongest incoming edges.
@@ -128,12 +144,24 @@ class CircuitReadout:
 
     Edges of weight 0 (a silent source channel) are not drawn.
 
+    **Flattened maps** (VGG, AlexNet, any conv -> flatten -> linear network): a linear layer
+    reading the flattened ``C x h x w`` map of a stage sees channel c, position (i, j) at
+    feature ``f = c * h * w + i * w + j``. It is a convolution whose kernel covers the whole
+    map, with taps ``W[d, c * h * w + i * w + j]`` for (d, c), so the edge of 2. is
+    ``weight(c -> d) = (sum_{i, j} |W[d, c * h * w + i * w + j]|) * E^l_c``: the absolute
+    weights of row d summed over the ``P = h * w = in_features / C`` consecutive features of
+    channel c. ``h x w`` is the map as flattened (after any pooling in between, e.g. VGG's
+    ``AdaptiveAvgPool2d(7)``: 512 x 7 x 7 = 25088 features), not the stage's own map.
+
     **Stages** (``layers=None``) are found from the model's modules in registration order:
     a container of residual blocks (``layer1`` .. ``layer4`` of a ResNet) is one stage; a
     plain convolution's stage ends at its post-activation (the normalisation / activation
     / dropout modules right after it), except that a stem feeding a residual stage ends right
     before it (after the ResNet max-pool). The classifier is the last ``nn.Linear`` (or
-    ``classifier``); its input is the pooled stage. The ingress modules are found with
+    ``classifier``); its input is the pooled stage. Hidden linear layers of the head other
+    than the last one before the classifier are stages too, ending at their post-activation
+    (VGG's and AlexNet's first classifier layer: ``classifier.2`` / ``classifier.3``), so
+    that every connection crosses exactly one linear layer. The ingress modules are found with
     ``torch.fx`` where the model traces (following the stage's output through channel-wise
     operations, stopping at convolutions, linear layers and residual additions) and from
     module order otherwise; a connection that cannot be resolved raises a ``ValueError``
@@ -142,7 +170,9 @@ class CircuitReadout:
     Node counts with the defaults: the bundled ``DigitCNN`` gives 130 nodes (stages
     ``features.1``, ``features.4``, ``features.7`` with 16, 24 and 32 nodes, 48 pooled
     features, 10 classes); torchvision's ``resnet18`` gives 186 (``maxpool`` and ``layer1`` to
-    ``layer3`` with 24 each, ``layer4`` 32, 48 pooled, 10 classes).
+    ``layer3`` with 24 each, ``layer4`` 32, 48 pooled, 10 classes); torchvision's ``vgg11``
+    has the stages ``features.1`` .. ``features.19`` (the eight conv post-activations) and
+    ``classifier.2``, its pooled features being the 4096 inputs of ``classifier.6``.
 
     Vision transformers are not supported (the papers' scope is CNNs).
 
@@ -285,35 +315,56 @@ class CircuitReadout:
     # ----------------------------------------------------------------------------------
 
     def _ingress_matrix(
-        self, connection: Connection, c_src: int, c_dst: int, like: Tensor
+        self, connection: Connection, c_src: int, c_dst: int, like: Tensor, spatial: bool
     ) -> Tensor:
-        """(c_dst, c_src) matrix of summed tap L1 norms of the ingress modules."""
+        """(c_dst, c_src) matrix of summed tap L1 norms of the ingress modules.
+
+        ``spatial``: the source stage returns maps (N x C x ...), so a linear layer (or the
+        classifier's input) may see them flattened, C x P features with P positions per
+        channel (feature f belongs to channel f // P); see :func:`_flattened_l1`.
+        """
         destination = connection.destination
         if destination == self.classifier:
             destination = POOLED
         if not connection.ingress:
-            if c_src != c_dst:
-                raise ValueError(
-                    f"`layers`: cannot resolve the connection from layer {connection.source!r} "
-                    f"to the classifier {self.classifier!r}: {c_src} channels reach "
-                    f"{c_dst} features without a linear layer (a flatten of a spatial map "
-                    "mixes channels and positions; pool globally before the classifier)."
-                )
-            return torch.eye(c_dst, dtype=like.dtype, device=like.device)
+            if c_src == c_dst:
+                return torch.eye(c_dst, dtype=like.dtype, device=like.device)
+            if spatial and c_dst % c_src == 0:
+                # a flatten straight into the classifier: feature f is one tap (weight 1) of
+                # channel f // P, so it is tied to that channel
+                positions = c_dst // c_src
+                tie = torch.zeros(c_dst, c_src, dtype=like.dtype, device=like.device)
+                features = torch.arange(c_dst, device=like.device)
+                tie[features, features // positions] = 1
+                return tie
+            raise ValueError(
+                f"`layers`: cannot resolve the connection from layer {connection.source!r} "
+                f"to the classifier {self.classifier!r}: {c_src} "
+                f"{'channels' if spatial else 'features'} reach {c_dst} features without a "
+                "linear layer, and they are not a flattened map of those channels."
+            )
         total = None
         for name in connection.ingress:
             module = self._network.get_submodule(name)
             n_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
             n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            if n_in != c_src:
+            flattened = (
+                isinstance(module, nn.Linear) and spatial and n_in != c_src and n_in % c_src == 0
+            )
+            if n_in != c_src and not flattened:
                 raise ValueError(
                     f"`layers`: cannot resolve the connection from layer {connection.source!r} "
                     f"({c_src} channels) to {destination!r}: its ingress module {name!r} "
-                    f"takes {n_in} channels."
+                    f"takes {n_in} {'features' if isinstance(module, nn.Linear) else 'channels'}"
+                    f"{', not a multiple of the channels' if spatial else ''}."
                 )
             if n_out != c_dst:
                 continue  # e.g. a bottleneck's first conv: not the stage's channels
-            matrix = _dense_l1(module).to(device=like.device, dtype=like.dtype)
+            if flattened:
+                matrix = _flattened_l1(module, c_src)
+            else:
+                matrix = _dense_l1(module)
+            matrix = matrix.to(device=like.device, dtype=like.dtype)
             total = matrix if total is None else total + matrix
         if total is None:
             raise ValueError(
@@ -361,6 +412,7 @@ class CircuitReadout:
         names = [*self.layers, self.classifier]
         # per stage (the last one: the classifier's input), one (energy, tensor) per call
         records: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in names]
+        spatial = [False] * len(names)  # whether the stage returns maps (N x C x ...)
         gradient = self.gradient
 
         def stage_hook(index: int, name: str):
@@ -372,6 +424,7 @@ class CircuitReadout:
                         "N x C (x ...) tensor."
                     )
                 records[index].append((_energy(output), output if gradient else None))
+                spatial[index] = output.dim() > 2
                 # later in-place operations must leave the recorded tensor intact
                 return output.clone() if gradient else None
 
@@ -439,7 +492,7 @@ class CircuitReadout:
                         )
                     grads[i] = torch.cat([part.to(logits.device) for part in parts])
             with torch.no_grad():
-                return self._graphs(logits.detach(), targets, energies, grads)
+                return self._graphs(logits.detach(), targets, energies, grads, spatial)
 
     def _graphs(
         self,
@@ -447,6 +500,7 @@ class CircuitReadout:
         targets: Tensor,
         energies: list[Tensor],
         grads: list[Tensor | None],
+        spatial: list[bool],
     ) -> list[nx.DiGraph]:
         n_stages = len(self.layers)
         names = [*self.layers, POOLED]
@@ -463,7 +517,7 @@ class CircuitReadout:
         # stage -> stage (and last stage -> pooled) edges: (N, k_dst, k_src)
         transitions = []
         for i, connection in enumerate(self.connections):
-            matrix = self._ingress_matrix(connection, size[i], size[i + 1], like)
+            matrix = self._ingress_matrix(connection, size[i], size[i + 1], like, spatial[i])
             src, dst = keep[i], keep[i + 1]
             source_energy = energy[i].gather(1, src).unsqueeze(1)
             weights = matrix[dst.unsqueeze(2), src.unsqueeze(1)] * source_energy
