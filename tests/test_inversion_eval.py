@@ -284,7 +284,7 @@ def test_sample_grid_layout_and_pixels():
     figure = sample_grid(images, labels, per_class=2, denormalize=lambda x: (x + 2) / 4)
     assert isinstance(figure, Figure)
     axes = figure.axes
-    assert len(axes) == 3 * 2
+    assert len(axes) == 3 * 2 + 1  # the grid, then the grey-scale bar (issue 19)
     # row r = class r (ascending), first two images of that class in order
     expected = {0: [1, 4], 1: [5], 2: [0, 2]}
     for r in range(3):
@@ -310,6 +310,24 @@ def test_sample_grid_global_scale_and_colour():
         shown, ((images[0] - low) / (high - low)).permute(1, 2, 0).numpy(), atol=1e-6
     )
     assert figure.axes[2].get_ylabel() == "dog"
+
+
+def test_sample_grid_grey_images_get_a_scale_bar():
+    """Issue 19: a grey-scale grid shows its scale; RGB grids (no colour map) do not."""
+    pytest.importorskip("matplotlib")
+    images = torch.rand(4, 1, 5, 5, dtype=torch.float64) * 6 - 1
+    labels = torch.tensor([0, 0, 1, 1])
+    stretched = sample_grid(images, labels, per_class=2)
+    bar = stretched.axes[-1]
+    assert len(stretched.axes) == 2 * 2 + 1 and not bar.images
+    limits = bar.get_ylim()
+    np.testing.assert_allclose(limits, (float(images.min()), float(images.max())), atol=1e-9)
+    assert "min to max" in bar.get_ylabel()
+    fixed = sample_grid(images, labels, per_class=2, denormalize=lambda x: (x + 1) / 6)
+    np.testing.assert_allclose(fixed.axes[-1].get_ylim(), (0.0, 1.0))
+    assert fixed.axes[-1].get_ylabel() == "pixel value"
+    assert len(sample_grid(images, labels, per_class=2, colorbar=False).axes) == 4
+    assert len(sample_grid(images.repeat(1, 3, 1, 1), labels, per_class=2).axes) == 4
 
 
 @pytest.mark.parametrize(

@@ -663,6 +663,7 @@ def sample_grid(
     cmap: str = "gray",
     cell_size: float = 0.8,
     title: str | None = None,
+    colorbar: bool = True,
 ):
     r"""A matplotlib figure with one row per class and up to ``per_class`` samples in each.
 
@@ -689,6 +690,9 @@ def sample_grid(
         cmap (str, optional): matplotlib colormap for one-channel images. Default: "gray"
         cell_size (float, optional): inches per image. Default: 0.8
         title (str, optional): figure title. Default: None
+        colorbar (bool, optional): for one-channel images, a grey-scale bar on the right
+            with the scale of the pixels (``0`` to ``1`` after ``denormalize``, otherwise the
+            global minimum and maximum it was stretched from). Default: True
 
     Returns:
         matplotlib.figure.Figure: the grid.
@@ -734,14 +738,17 @@ def sample_grid(
         raise ValueError(f"`cmap`={cmap!r} is not a matplotlib colormap.")
     shown = _apply_denormalize(images, denormalize, "images").to("cpu", torch.float64)
     picks = {k: torch.nonzero(labels == k).flatten()[:per_class].tolist() for k in rows}
+    low, high = 0.0, 1.0
     if denormalize is None:
         used = [i for k in rows for i in picks[k]]
         if used:
             low, high = float(shown[used].min()), float(shown[used].max())
             shown = (shown - low) / (high - low) if high > low else shown * 0.0
     shown = shown.clamp(0.0, 1.0).numpy()
+    with_bar = bool(colorbar) and shown.shape[1] == 1
+    bar_room = 1.1 if with_bar else 0.0
 
-    width = cell_size * per_class + 0.6
+    width = cell_size * per_class + 0.6 + bar_room
     height = cell_size * len(rows) + (0.5 if title is not None else 0.1)
     figure = Figure(figsize=(width, height))
     axes = figure.subplots(len(rows), per_class, squeeze=False)
@@ -764,10 +771,28 @@ def sample_grid(
         figure.suptitle(title, y=1.0 - 0.1 / height, va="top")
     figure.subplots_adjust(
         left=0.5 / width,
-        right=1.0 - 0.1 / width,
+        right=1.0 - (0.1 + bar_room) / width,
         bottom=0.05 / height,
         top=1.0 - (0.45 if title is not None else 0.05) / height,
         wspace=0.05,
         hspace=0.05,
     )
+    if with_bar:
+        from matplotlib import colormaps as _maps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        top = 1.0 - (0.45 if title is not None else 0.05) / height
+        bottom = 0.05 / height
+        cax = figure.add_axes(
+            (1.0 - (bar_room - 0.15) / width, bottom, 0.15 / width, max(top - bottom, 0.05))
+        )
+        bar = figure.colorbar(
+            ScalarMappable(Normalize(low, high), _maps[cmap]), cax=cax, orientation="vertical"
+        )
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(
+            "pixel value" if denormalize is not None else "value (stretched min to max)",
+            fontsize=7,
+        )
     return figure
