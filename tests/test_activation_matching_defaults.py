@@ -98,10 +98,8 @@ def _forward_funcs(model):
 def test_train_mode_model_keeps_its_batchnorm_statistics(kind, call):
     model = bn_model()
     x = images()
-    explainer = ActivationMatchingMask(_forward_funcs(model)[kind], [model[2]])
-    if call == "amortised":
-        explainer.mask_net = nn.Conv2d(1, 1, 3, padding=1).double()
-        explainer._trained = True
+    net = nn.Conv2d(1, 1, 3, padding=1).double() if call == "amortised" else None
+    explainer = ActivationMatchingMask(_forward_funcs(model)[kind], [model[2]], mask_net=net)
     before = model_snapshot(model)
     running_mean = model[1].running_mean
     if call == "per_image":
