@@ -93,6 +93,51 @@ def test_topk_log_score_equals_hand_formula_in_float64(sample_digits):
     torch.testing.assert_close(scores32.double(), expected, rtol=1e-5, atol=0)
 
 
+def _mpmath_log_gradtrust(z: list[float], k: int) -> float:
+    """The topk log-score in 60-digit arithmetic, straight from the definition."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        e = [mpmath.exp(mpmath.mpf(v)) for v in z]
+        total = mpmath.fsum(e)
+        p = [v / total for v in e]
+        order = sorted(range(len(z)), key=lambda c: -z[c])[: k + 1]
+        # ||p - e_c||^2 with 1 - p_c written as sum_{j != c} p_j (60 digits do not resolve
+        # 1 - p_c when it is e^-10000)
+        dist = [
+            mpmath.fsum(p[j] for j in range(len(z)) if j != c) ** 2
+            + mpmath.fsum(p[j] ** 2 for j in range(len(z)) if j != c)
+            for c in order
+        ]
+        return float(mpmath.log(mpmath.fsum(dist[1:]) / k / dist[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logit_gaps_match_high_precision(dtype):
+    """Logit gaps from 0 (ties) to 1e4, 2 to 50 classes: closed form and autograd path equal
+    a 60-digit computation of the definition."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        [1e4, 0.0],
+        [3.0, 3.0],  # a tie: log-score 0
+        [5e3, 5e3, -5e3, 0.0],  # tied prediction and runner-up
+        [30.0, 1.0, 0.5, 0.0, -2.0],
+        [1e4, 9999.0, 0.0, -1e4, 3.0, 2.0, 1.0],
+    ]
+    rows += (torch.randn(3, 50, generator=generator) * 1e3).tolist()
+    for row in rows:
+        c = len(row)
+        k = min(5, c - 1)
+        head = nn.Linear(c, c, bias=False).to(dtype)
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(c))
+        x = torch.tensor([row], dtype=dtype)  # the logits are the inputs
+        expected = torch.tensor([_mpmath_log_gradtrust(row, k)], dtype=torch.float64)
+        rtol = 1e-5 if dtype == torch.float32 else 1e-9
+        for method in ("closed_form", "autograd"):
+            got = gradtrust(head, x, k=k, log=True, method=method).double()
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol, msg=f"{row} {method}")
+
+
 @pytest.mark.parametrize("kwargs", [{"layer": INNER}, {"method": "autograd"}])
 @pytest.mark.parametrize("form", ["topk", "reference"])
 def test_autograd_path_float32_equals_float64(confident_model, sample_digits, kwargs, form):

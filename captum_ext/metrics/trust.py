@@ -294,11 +294,35 @@ def _reference_cotangents(logits: Tensor) -> Tensor:
     return (dev / scale).unsqueeze(1).to(logits.dtype)
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate over the whole range (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def _log_topk_closed_form(logits: Tensor, h: Tensor, k: int) -> Tensor:
-    """log(mean_Q ||p - e_Q||^2 / ||p - e_P||^2), in log space throughout."""
-    g_hat, log_scale = _scaled_topk_cotangents(_compute_dtype(logits), k)
-    # ||p - e_c||^2 = (1 - p_c)^2 ||g_hat_c||^2, and ||g_hat_c||^2 lies in [1, 2]
-    log_dist = 2 * log_scale + torch.log(g_hat.pow(2).sum(2))
+    """log(mean_Q ||p - e_Q||^2 / ||p - e_P||^2), in log space throughout, with (N, C) work:
+
+    ||p - e_c||^2 = (1 - p_c)^2 + sum_{j != c} p_j^2. For the prediction P both terms come
+    from the other classes' log-probabilities (logsumexp with P left out); for a
+    counterfactual Q (p_Q <= 1/2, p_Q^2 <= half the sum of squares) the complements
+    log(1 - p_Q) and log(sum_j p_j^2 - p_Q^2) lose nothing."""
+    z = _compute_dtype(logits)
+    log_p = torch.log_softmax(z, dim=1)
+    classes = z.topk(k + 1, dim=1).indices
+    log_top = log_p.gather(1, classes)  # (N, K)
+    others = log_p.scatter(1, classes[:, :1], -math.inf)  # the prediction left out
+    log_sq = torch.logsumexp(2 * log_p, dim=1, keepdim=True)  # log sum_j p_j^2
+    complement = torch.cat(  # log(1 - p_c)
+        [torch.logsumexp(others, 1, keepdim=True), _log1mexp(log_top[:, 1:])], dim=1
+    )
+    rest_sq = torch.cat(  # log sum_{j != c} p_j^2
+        [
+            torch.logsumexp(2 * others, 1, keepdim=True),
+            log_sq + _log1mexp((2 * log_top[:, 1:] - log_sq).clamp(max=0)),
+        ],
+        dim=1,
+    )
+    log_dist = torch.logaddexp(2 * complement, rest_sq)
     score = _log_ratio(log_dist)
     # every gradient g h^T vanishes when h = 0: the ratio is undefined (NaN), as with autograd
     vanishing = h.abs().amax(1) == 0
