@@ -3,10 +3,17 @@
 Build with ``sphinx-build -W --keep-going -b html docs docs/_build/html``. The tutorials are
 executed at build time: ``docs/tutorials`` is a relative symlink to the repository's
 ``tutorials/`` folder, where the notebooks are stored without outputs.
+
+When ``CAPTUM_EXT_EXECUTED_NOTEBOOKS`` names a folder, nothing is executed: each tutorial is
+rendered from the executed copy of the same name in that folder (the test suite executes
+every notebook once, in ``tests/_notebook_runs.py``, and builds the docs from its copies). A
+copy must come from the notebook as it is now: its code cells are compared with the source.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,8 +75,16 @@ myst_substitutions = {
     "cam_layer": f"`{_info['cam_layer']}`",
 }
 
-nb_execution_mode = "force"  # the notebooks carry no outputs: run them on every build
-nb_execution_timeout = 300  # seconds per cell
+_executed = os.environ.get("CAPTUM_EXT_EXECUTED_NOTEBOOKS")
+EXECUTED_NOTEBOOKS = Path(_executed).resolve() if _executed else None
+if EXECUTED_NOTEBOOKS is not None and not EXECUTED_NOTEBOOKS.is_dir():
+    raise RuntimeError(f"CAPTUM_EXT_EXECUTED_NOTEBOOKS={_executed}: no such folder")
+
+# the notebooks carry no outputs: run them on every build; with executed copies of the
+# tutorials, run only the other notebook pages (api/cli.md)
+nb_execution_mode = "force"
+nb_execution_excludepatterns = [] if EXECUTED_NOTEBOOKS is None else ["tutorials/*.ipynb"]
+nb_execution_timeout = 1200  # seconds per cell: the tutorials take seconds, a margin for slow CI
 nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True
 nb_merge_streams = True
@@ -78,3 +93,30 @@ nb_merge_streams = True
 
 html_theme = "furo"
 html_title = f"captum-ext {release}"
+
+
+# -- Executed copies of the tutorials -----------------------------------------------------
+
+
+def _code_sources(notebook: dict) -> list[str]:
+    def text(source):
+        return "".join(source) if isinstance(source, list) else source
+
+    return [text(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+def _use_executed_copy(app, docname: str, source: list[str]) -> None:
+    """Render a tutorial from its executed copy (``CAPTUM_EXT_EXECUTED_NOTEBOOKS``)."""
+    if EXECUTED_NOTEBOOKS is None or not docname.startswith("tutorials/"):
+        return
+    copy = EXECUTED_NOTEBOOKS / f"{docname.split('/', 1)[1]}.ipynb"
+    if not copy.is_file():
+        raise RuntimeError(f"{docname}: no executed copy {copy}")
+    executed = json.loads(copy.read_text(encoding="utf-8"))
+    if _code_sources(executed) != _code_sources(json.loads(source[0])):
+        raise RuntimeError(f"{docname}: the executed copy {copy} comes from other code")
+    source[0] = json.dumps(executed)
+
+
+def setup(app):
+    app.connect("source-read", _use_executed_copy)

@@ -3,10 +3,16 @@
 ``sphinx-build -W --keep-going -b html docs <tmp>`` runs in a subprocess (a fresh interpreter,
 as in CI), so docstring formatting problems anywhere in the public API fail this test. The
 Python examples written in the pages themselves are run too.
+
+The tutorials are executed once per session by ``_notebook_runs`` (shared with
+test_tutorials.py, whichever runs first) and the build renders those executed copies
+(``CAPTUM_EXT_EXECUTED_NOTEBOOKS``) instead of executing every notebook a second time. A
+notebook that fails is reported by test_tutorials.py; the docs still build around it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,25 +23,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-BUILD_TIMEOUT_S = 600
+BUILD_TIMEOUT_S = 1800  # about a minute here; a wide margin for a loaded CI machine
 PAGES_WITH_EXAMPLES = ("index.md", "methods.md")
 
 
 @pytest.fixture(scope="module")
 def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    for module in ("sphinx", "myst_nb", "furo", "ipykernel"):
+    for module in ("sphinx", "myst_nb", "furo", "ipykernel", "nbclient", "nbformat"):
         pytest.importorskip(module)
+    from _notebook_runs import EXECUTED_ENV, execute_all, executed_folder
+
+    base = tmp_path_factory.getbasetemp()
+    execute_all(base)  # each notebook once per session, shared with test_tutorials.py
+    env = dict(os.environ, **{EXECUTED_ENV: str(executed_folder(base))})
     out = tmp_path_factory.mktemp("docs") / "html"
     command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html"]
     start = time.perf_counter()
     completed = subprocess.run(
         [*command, str(DOCS), str(out)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,
     )
     elapsed = time.perf_counter() - start
+    (out.parent / "build.log").write_text(completed.stdout + completed.stderr, encoding="utf-8")
     if completed.returncode != 0:
         log = completed.stdout + completed.stderr
         lines = log.splitlines()
@@ -119,6 +132,19 @@ def test_tutorial_is_rendered_with_outputs(html: Path):
     assert "ContrastCAM" in page
     assert "<img" in page, "the executed notebook's figures are missing"
     assert "max abs difference" in page, "the executed notebook's printed output is missing"
+
+
+@pytest.mark.slow
+def test_tutorials_rendered_from_the_shared_execution(html: Path):
+    """Every tutorial page shows outputs, and the build executed no notebook itself."""
+    from _notebook_runs import NOTEBOOKS
+
+    log = (html.parent / "build.log").read_text(encoding="utf-8")
+    executed = [line for line in log.splitlines() if "Executing" in line and "tutorials" in line]
+    assert not executed, f"the docs build executed a tutorial again: {executed}"
+    for path in NOTEBOOKS:
+        page = _page(html, f"tutorials/{path.stem}.html")
+        assert 'class="cell_output' in page, f"{path.stem}: rendered without outputs"
 
 
 @pytest.mark.parametrize("name", PAGES_WITH_EXAMPLES)
