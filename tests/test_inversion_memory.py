@@ -121,6 +121,8 @@ def test_estimate_inversion_cost_validates():
         estimate_inversion_cost(lambda x: x, (3, 8, 8))
     with pytest.raises(ValueError, match="`batch_size`"):
         estimate_inversion_cost(_thousand_class_net(), (3, 8, 8), batch_size=0)
+    with pytest.raises(ValueError, match="`probe_bytes`"):
+        estimate_inversion_cost(_thousand_class_net(), (3, 8, 8), probe_bytes=0)
 
 
 CHILD = textwrap.dedent(

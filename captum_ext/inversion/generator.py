@@ -403,8 +403,8 @@ class InversionCost:
             the generator (weights, gradients and two Adam moments) and of the classifier,
             ``B`` the batch size and ``a`` the bytes of all module outputs per example
             (kept for the backward pass, and as many again for their gradients).
-        seconds (float): estimated time of ``steps`` training steps: one probe step (forward
-            and backward, the second of two timed) scaled by ``batch_size / probe_batch``.
+        seconds (float): estimated time of ``steps`` training steps: one timed step
+            (forward and backward) at ``b`` examples scaled by ``steps * batch_size / b``.
         per_example_bytes (int): ``a_G + a_f``.
         parameter_bytes (int): ``4 P_G + P_f``.
         batch_size (int): the batch the estimate is for.
@@ -498,16 +498,19 @@ def estimate_inversion_cost(
     conditioning: str = "vector_matrix",
     max_matrix_size: int = 64,
     probe_batch: int = 2,
+    probe_bytes: int = 2**28,
 ) -> InversionCost:
     r"""Estimate memory and time of training a :class:`ConditionedGenerator` for ``classifier``.
 
-    Runs two training steps at ``probe_batch`` examples (generator forward, classifier
-    forward, backward to the generator's parameters only), measures the bytes of every
-    module output per example with forward hooks and times the second step, then scales to
+    Runs one training step at ``probe_batch`` examples (generator forward, classifier
+    forward, backward to the generator's parameters only) that measures the bytes of every
+    module output per example with forward hooks, then times one step at the largest batch
+    (up to ``batch_size``) whose activations fit in ``probe_bytes``, and scales to
     ``batch_size`` and ``steps`` (formulas in :class:`InversionCost`). Call it before a heavy
-    section and skip the section when ``not cost.fits()``. The probe itself needs memory
-    for ``probe_batch`` examples only. The classifier is left as it was (mode, flags,
-    ``.grad``, buffers; :func:`~captum_ext._utils.model_state.preserved_state`).
+    section and skip the section when ``not cost.fits()``. The probes themselves need
+    ``probe_bytes`` of memory at most (beyond ``probe_batch`` examples). The classifier is
+    left as it was (mode, flags, ``.grad``, buffers;
+    :func:`~captum_ext._utils.model_state.preserved_state`).
 
     Args:
         classifier (nn.Module): the classifier to invert (``N x C x H x W -> N x K``).
@@ -516,8 +519,11 @@ def estimate_inversion_cost(
         batch_size (int, optional): training batch. Default: 64
         steps (int, optional): training steps. Default: 1000
         latent_dim, width, conditioning, max_matrix_size: as in :class:`ConditionedGenerator`.
-        probe_batch (int, optional): examples of the probe steps (>= 2 for BatchNorm).
-            Default: 2
+        probe_batch (int, optional): examples of the probe step that measures the
+            activations (>= 2 for BatchNorm). Default: 2
+        probe_bytes (int, optional): activation memory allowed to the timed step, whose
+            batch is ``min(batch_size, probe_bytes / (2 a))`` (at least ``probe_batch``).
+            Default: 256 MiB
 
     Returns:
         InversionCost: ``bytes``, ``seconds`` and their parts.
@@ -539,6 +545,8 @@ def estimate_inversion_cost(
             raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
     if isinstance(probe_batch, bool) or not isinstance(probe_batch, int) or probe_batch < 2:
         raise ValueError(f"`probe_batch` must be an int >= 2, got {probe_batch!r}.")
+    if isinstance(probe_bytes, bool) or not isinstance(probe_bytes, int) or probe_bytes < 1:
+        raise ValueError(f"`probe_bytes` must be a positive int, got {probe_bytes!r}.")
     param = next(iter(classifier.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -573,31 +581,36 @@ def estimate_inversion_cost(
             ).to(device=device, dtype=dtype)
             gen.train()
             gen_params = [p for p in gen.parameters()]
-            labels = torch.arange(probe_batch, device=device) % num_classes
+
+            def step(n: int) -> float:
+                labels = torch.arange(n, device=device) % num_classes
+                start = time.perf_counter()
+                with torch.enable_grad():
+                    images = gen.generate(labels)
+                    logits = classifier(images)
+                    loss = F.cross_entropy(logits.float(), labels)
+                    torch.autograd.grad(loss, gen_params, allow_unused=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return time.perf_counter() - start
+
             try:
                 for m in list(gen.modules()) + list(classifier.modules()):
                     if not list(m.children()):
                         handles.append(m.register_forward_hook(record))
-                elapsed = 0.0
-                for _ in range(2):
-                    sizes.clear()
-                    start = time.perf_counter()
-                    with torch.enable_grad():
-                        images = gen.generate(labels)
-                        logits = classifier(images)
-                        loss = F.cross_entropy(logits.float(), labels)
-                        torch.autograd.grad(loss, gen_params, allow_unused=True)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    elapsed = time.perf_counter() - start
+                step(probe_batch)
             finally:
                 for handle in handles:
                     handle.remove()
-    per_example = math.ceil(sum(sizes) / probe_batch)
+            per_example = math.ceil(sum(sizes) / probe_batch)
+            # time a batch as large as `probe_bytes` allows: small batches carry a fixed
+            # cost per step that a linear extrapolation from 2 examples would multiply
+            timed = min(batch_size, max(probe_batch, probe_bytes // max(1, 2 * per_example)))
+            elapsed = step(timed)
     parameters = 4 * _module_bytes(gen) + _module_bytes(classifier)
     return InversionCost(
         bytes=int(parameters + 2 * batch_size * per_example),
-        seconds=float(elapsed * batch_size / probe_batch * steps),
+        seconds=float(elapsed * batch_size / timed * steps),
         per_example_bytes=int(per_example),
         parameter_bytes=int(parameters),
         batch_size=batch_size,
