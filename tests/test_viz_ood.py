@@ -112,3 +112,21 @@ def test_unfitted_tie_is_refused(tmp_path):
     tie = TIE(make_tiny_cnn(dtype=torch.float32, num_classes=4), **SMALL)
     with pytest.raises(ValueError, match="has not been fitted"):
         ood_section(tie, torch.zeros(2, *SHAPE), {"a": torch.ones(2, *SHAPE)}, tmp_path)
+
+
+def test_grey_pool_grid_shows_its_scale():
+    """Issue 19: the garbage-pool grid says what black and white are (a grey-scale bar)."""
+    pytest.importorskip("matplotlib")
+    from captum_ext.viz.ood import _pool_figure
+
+    pool = torch.randn(12, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    figure = _pool_figure(pool, None, 12)
+    bar = figure.axes[-1]
+    assert not bar.images and "min to max" in bar.get_ylabel()
+    np.testing.assert_allclose(bar.get_ylim(), (float(pool.min()), float(pool.max())), atol=1e-6)
+    fixed = _pool_figure(pool, lambda x: x.sigmoid(), 12)
+    assert fixed.axes[-1].get_ylabel() == "pixel value"
+    np.testing.assert_allclose(fixed.axes[-1].get_ylim(), (0.0, 1.0))
+    # colour images have no colour map, hence no bar
+    rgb = _pool_figure(pool.repeat(1, 3, 1, 1), None, 12)
+    assert all(ax.images or not ax.get_ylabel() for ax in rgb.axes)

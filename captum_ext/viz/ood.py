@@ -71,19 +71,26 @@ def _plot_histograms(scores: dict[str, Tensor], path: Path) -> Path:
     return path
 
 
-def _plot_pool(pool: Tensor, denormalize: Callable | None, count: int, path: Path) -> Path:
+def _pool_figure(pool: Tensor, denormalize: Callable | None, count: int):
+    """The newest pool images in a grid; grey images get a bar with their scale."""
     from matplotlib.figure import Figure as PlotFigure
 
     shown = pool[:count].detach().float().cpu()
+    low, high = 0.0, 1.0
     if denormalize is not None:
         shown = denormalize(shown)
     else:
-        low, high = shown.min(), shown.max()
-        shown = (shown - low) / (high - low).clamp_min(1e-12)
+        low, high = float(shown.min()), float(shown.max())
+        shown = (shown - low) / max(high - low, 1e-12)
     shown = shown.clamp(0, 1)
+    grey = shown.shape[1] == 1
     columns = min(10, shown.shape[0])
     rows = math.ceil(shown.shape[0] / columns)
-    figure = PlotFigure(figsize=(0.8 * columns, 0.8 * rows), dpi=80, layout="constrained")
+    figure = PlotFigure(
+        figsize=(0.8 * columns + (0.9 if grey else 0.0), 0.8 * rows + (0.3 if grey else 0.0)),
+        dpi=80,
+        layout="constrained",
+    )
     axes = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
     for ax in axes:
         ax.axis("off")
@@ -92,6 +99,24 @@ def _plot_pool(pool: Tensor, denormalize: Callable | None, count: int, path: Pat
             ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
         else:
             ax.imshow(image[:3].permute(1, 2, 0).numpy())
+    if grey:
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = figure.colorbar(
+            ScalarMappable(Normalize(low, high), colormaps["gray"]), ax=list(axes), shrink=0.9
+        )
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(
+            "pixel value" if denormalize is not None else "value (stretched min to max)",
+            fontsize=7,
+        )
+    return figure
+
+
+def _plot_pool(pool: Tensor, denormalize: Callable | None, count: int, path: Path) -> Path:
+    figure = _pool_figure(pool, denormalize, count)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
