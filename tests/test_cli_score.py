@@ -51,7 +51,7 @@ def test_defaults_score_the_bundled_model_on_the_sample_digits(tmp_path):
     table = ScoreTable.from_csv(path)
     assert torch.equal(table["prediction"], model(images).argmax(1))
     torch.testing.assert_close(table["softmax"], softmax_confidence(model, images).double())
-    torch.testing.assert_close(table["gradtrust"], gradtrust(model, images).double())
+    torch.testing.assert_close(table["gradtrust"], gradtrust(model, images, log=True).double())
     accuracy = table["correct"].double().mean().item()
     assert f"40 examples, accuracy {accuracy:.1%}" in result.stdout
     assert str(path) in result.stdout or "scores.csv" in result.stdout
