@@ -13,18 +13,25 @@ from captum_ext.viz.overlay import DEFAULT_CMAP, save_colorbar
 matplotlib = pytest.importorskip("matplotlib")
 
 
-def test_default_colour_map_is_the_documented_perceptually_uniform_one():
+def test_sections_default_to_the_documented_perceptually_uniform_map():
+    import inspect
+
     from matplotlib import colormaps
 
+    from captum_ext.viz import voice_section
+
     assert DEFAULT_CMAP == "inferno"
+    assert inspect.signature(voice_section).parameters["cmap"].default == DEFAULT_CMAP
     heat = np.linspace(0.0, 1.0, 64).reshape(8, 8)
     black = np.zeros((8, 8, 3))
-    got = overlay(black, heat, alpha=1.0)  # no cmap: the default
+    got = overlay(black, heat, alpha=1.0, cmap=DEFAULT_CMAP)
     expected = np.round(colormaps["inferno"](heat)[:, :, :3] * 255).astype(np.uint8)
     assert np.array_equal(got, expected)
     # inferno's brightness grows with the value (jet's does not)
     grey = got.astype(float).mean(axis=2).reshape(-1)
     assert (np.diff(grey) >= -1).all()
+    jet = overlay(black, heat, alpha=1.0, cmap="jet").astype(float).mean(axis=2).reshape(-1)
+    assert (np.diff(jet) < -1).any()
 
 
 @pytest.mark.parametrize("cmap, alpha", [("inferno", 1.0), ("viridis", 0.5)])

@@ -114,8 +114,11 @@ def test_voice_section_rows_pictures_and_numbers(tmp_path, model, digits, capsys
             assert_png_not_blank(figure.path)
     assert "wrong" in section.rows[1 + 2].label  # sample 17
 
-    # the uncertainty PNG is the overlay of VOICE's uncertainty map
-    picture = overlay(shown[2].permute(1, 2, 0).numpy(), expected.uncertainty[2, 0].numpy())
+    # the uncertainty PNG is the overlay of VOICE's uncertainty map, in the section's
+    # default colour map: the perceptually uniform "inferno" (issue 19; was "jet")
+    picture = overlay(
+        shown[2].permute(1, 2, 0).numpy(), expected.uncertainty[2, 0].numpy(), cmap="inferno"
+    )
     with Image.open(section.rows[3].figures[3].path) as image:
         assert np.abs(np.asarray(image).astype(int) - picture).max() <= 1
 
