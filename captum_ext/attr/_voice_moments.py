@@ -87,8 +87,10 @@ class UpsampledMoments:
     """
 
     def __init__(self, low: tuple[int, int], size: tuple[int, int], dtype, device) -> None:
-        # half precision: the moments are formed in float32 (E[x^2] - E[x]^2 cancels)
-        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        # E[x^2] - E[x]^2 cancels, and the final min-max magnifies what is left: the
+        # (small, low-resolution) moments are formed in float64 where the device has it
+        device = torch.device(device)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.out_dtype = dtype
         (h, w), (height, width) = low, size
         self.a_h = interpolation_matrix(h, height, self.dtype, device)
@@ -102,7 +104,7 @@ class UpsampledMoments:
         """Whether the exact route holds (2-D maps, two-adjacent-tap interpolation)."""
         if len(low) != 2 or len(size) != 2:
             return False
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        compute = torch.float32 if torch.device(device).type == "mps" else torch.float64
         return all(
             _two_adjacent(interpolation_matrix(n, m, compute, device))
             for n, m in zip(low, size, strict=True)

@@ -189,9 +189,7 @@ class _Accumulator:
     def sums(self) -> tuple[Tensor | None, Tensor | None]:
         """Weighted sum and sum of squares of the post-processed contrast maps."""
         if self.moments is not None:
-            total, total_sq = self.moments.sums()
-            dtype = self.explanation.dtype
-            return total.to(dtype), total_sq.to(dtype)
+            return self.moments.sums()  # float64: the variance and min-max cancel less
         return self.total, self.total_sq
 
     def _maps(self, grads, acts):
@@ -231,8 +229,15 @@ class VOICE:
     ReLU-ed, bilinearly upsampled to the input size (CAMs) and min-max normalised before the
     variance, and the variance is min-max normalised; normalising each map first makes the
     variance measure disagreement in *where* the contrasts point, not in their strength,
-    which is what the paper's read-outs assume. ``postprocess="raw"`` skips the per-map
-    normalisation and the upsampling (cheaper; CAM maps stay at layer resolution).
+    which is what the paper's read-outs assume. For CAM maps the contrasts are never
+    upsampled: bilinear upsampling is linear, keeps constants and mixes at most 2 x 2
+    neighbouring cells, so the per-map min / max (on a sub-grid of at most 2h x 2w output
+    pixels that holds them), the normalised maps and the per-pixel variance follow exactly
+    from low-resolution first and banded second moments (see ``_voice_moments``); only the
+    explanation, the contrast and the variance are built at the input size, at about the
+    cost of the all-class :class:`~captum_ext.attr.ContrastCAM` call.
+    ``postprocess="raw"`` skips the per-map normalisation and the upsampling (CAM maps stay
+    at layer resolution).
 
     For gradient techniques (GuidedBackprop, Saliency, SmoothGrad) the maps keep the input's
     channels; the read-outs use their mean over channels. With 2 classes there is one
@@ -394,9 +399,11 @@ class VOICE:
             classes["weights"],
         )
         prediction = logits.argmax(dim=1)
-        count = weights.sum(1).to(accumulate.explanation.dtype)
-        uncertainty = _variance(*accumulate.sums(), count)
+        total, total_sq = accumulate.sums()
+        count = weights.sum(1).to(accumulate.explanation.dtype if total is None else total.dtype)
+        uncertainty = _variance(total, total_sq, count)
         uncertainty = minmax_normalize(_with_channel_dim(uncertainty), start_dim=1)
+        uncertainty = uncertainty.to(accumulate.explanation.dtype)
         explanation = _with_channel_dim(accumulate.explanation)
         contrast = _with_channel_dim(accumulate.contrast)
         if self.postprocess == "raw":
