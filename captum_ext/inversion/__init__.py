@@ -32,7 +32,13 @@ from captum_ext.inversion.evaluation import (
     sample_grid,
     within_class_diversity,
 )
-from captum_ext.inversion.generator import CONDITIONINGS, ConditionedGenerator
+from captum_ext.inversion.generator import (
+    CONDITIONINGS,
+    ConditionedGenerator,
+    InversionCost,
+    available_memory_bytes,
+    estimate_inversion_cost,
+)
 from captum_ext.inversion.losses import (
     cosine_diversity,
     cross_entropy_to_labels,
@@ -57,9 +63,12 @@ __all__ = [
     "LOSS_TERMS",
     "PRESETS",
     "ConditionedGenerator",
+    "InversionCost",
     "NetworkInversion",
+    "available_memory_bytes",
     "cosine_diversity",
     "cross_entropy_to_labels",
+    "estimate_inversion_cost",
     "feature_orthogonality",
     "hot_matrices",
     "kl_to_conditioning",

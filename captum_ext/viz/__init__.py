@@ -1,7 +1,9 @@
 """Figures and the HTML report (needs the ``viz``/``report`` extras: matplotlib, pillow, jinja2,
 tqdm; each is imported only when the function that needs it runs).
 
-- :func:`overlay`, :func:`save_png`: a heat map over an image, as a uint8 RGB array / PNG.
+- :func:`overlay`, :func:`save_png`: a heat map over an image, as a uint8 RGB array / PNG;
+  :func:`save_colorbar` draws the colour scale of a section's maps (``DEFAULT_CMAP``, a
+  perceptually uniform map).
 - :class:`Report`, :class:`Section`, :class:`Row`, :class:`Figure`, :class:`Table`: a modular
   HTML report.
 - :func:`contrastive_section`: the "Why P? / Why P, rather than Q? / What if not P?" section.
@@ -23,12 +25,13 @@ tqdm; each is imported only when the function that needs it runs).
 from .inversion import inversion_section
 from .masks import minimal_mask_section
 from .ood import ood_section
-from .overlay import overlay, save_png, to_uint8_rgb
+from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
 from .report import Figure, Report, Row, Section, Table, contrastive_section
 from .trust import trust_section
 from .uncertainty import explanation_metrics_section, voice_section
 
 __all__ = [
+    "DEFAULT_CMAP",
     "Figure",
     "Report",
     "Row",
@@ -40,6 +43,7 @@ __all__ = [
     "minimal_mask_section",
     "ood_section",
     "overlay",
+    "save_colorbar",
     "save_png",
     "to_uint8_rgb",
     "trust_section",
