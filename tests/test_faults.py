@@ -453,3 +453,32 @@ def test_report_again_removes_only_its_own_stale_figures(tmp_path, capsys):
     linked = {p for p in pngs if f'src="{p}"' in html}
     assert pngs - {"images/mine.png"} == linked and linked
     assert all(file.read_bytes() == b"the user's" for file in mine)
+
+
+def test_report_write_removes_only_figures_its_previous_page_listed(tmp_path):
+    import numpy as np
+
+    from captum_ext.viz import Report, Section, save_png
+
+    out = tmp_path / "out"
+    own = [save_png(np.zeros((4, 4, 3)), out / "images" / "maps" / f"{i}.png") for i in range(3)]
+    outside = save_png(np.ones((4, 4, 3)), tmp_path / "elsewhere.png")  # copied into out
+    users = [out / "images" / "mine.png", out / "images" / "maps" / "keep.png", out / "a.png"]
+    for file in users:
+        file.write_bytes(b"the user's")
+
+    def write(paths):
+        report = Report("twice")
+        section = Section("Maps", "")
+        section.add_row("row", [(str(i), p) for i, p in enumerate(paths)])
+        report.add_section(section)
+        return report.write(out)
+
+    write([*own, outside])
+    copied = out / "images" / "maps" / "elsewhere.png"
+    assert copied.is_file()
+    write(own[:1])
+    assert own[0].is_file() and not own[1].exists() and not own[2].exists()
+    assert not copied.exists()
+    assert all(file.read_bytes() == b"the user's" for file in users)
+    assert (out / "images" / ".captum-ext-figures").read_text() == "images/maps/0.png\n"
