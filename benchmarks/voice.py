@@ -10,7 +10,13 @@ variance. VOICE gets every contrast from one forward pass and the shared batched
 Each part first checks that both give the same uncertainty on the same contrast classes.
 Prints one JSON line of timings and ratios on stdout (details on stderr).
 
-    python benchmarks/voice.py [--quick] [--device cuda]
+    python benchmarks/voice.py [--quick] [--device cuda] [--before DIR]
+
+``--before DIR``: DIR holds an older copy of the package renamed ``captum_ext_old`` (e.g.
+``git archive <commit> captum_ext | tar -x -C DIR`` and a rename); its VOICE, the current
+VOICE and the all-class ContrastCAM are then timed in interleaved rounds (Grad-CAM and
+Grad-CAM++, all 999 contrasts), with their largest differences. ``benchmarks/peers.py`` puts
+VOICE beside every other method.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import sys
 
 import torch
 import torchvision
-from _timing import environment, time_call, time_each
+from _timing import environment, time_call, time_each, time_interleaved
 from captum.attr import GuidedBackprop
 
-from captum_ext.attr import VOICE, ContrastCAM, Contrastive, GradCAM
+from captum_ext.attr import VOICE, ContrastCAM, Contrastive, GradCAM, LayerGradCamPlusPlus
 from captum_ext.attr.voice import _variance
 
 
@@ -122,6 +128,36 @@ def part_guided(model, x, args, device) -> dict:
     }
 
 
+def part_before_after(model, x, args, device) -> dict:
+    sys.path.insert(0, args.before)
+    old = __import__("captum_ext_old.attr", fromlist=["VOICE"])
+    out = {}
+    for name, kind in (("gradcam", "GradCAM"), ("gradcam++", "LayerGradCamPlusPlus")):
+        new_method = GradCAM if kind == "GradCAM" else LayerGradCamPlusPlus
+        before = old.VOICE(getattr(old, kind)(model, "layer4"))
+        after = VOICE(new_method(model, "layer4"))
+        weighting = "gradcam" if kind == "GradCAM" else "gradcam++"
+        cam = ContrastCAM(model, "layer4", weighting=weighting)
+        a, b = before.attribute(x), after.attribute(x)
+        fields = ("uncertainty", "explanation", "contrast", "iou", "snr")
+        timings = time_interleaved(
+            {
+                "before": lambda v=before: v.attribute(x),
+                "after": lambda v=after: v.attribute(x),
+                "contrast_cam_all": lambda c=cam: c.attribute(x, contrast="all"),
+            },
+            warmup=1,
+            repeats=args.repeats,
+            device=device,
+        )
+        out[name] = {
+            **{k: {"min_s": t["min_s"], "median_s": t["median_s"]} for k, t in timings.items()},
+            "max_abs_diff": {f: float((getattr(a, f) - getattr(b, f)).abs().max()) for f in fields},
+        }
+        log(f"before/after {name}: {json.dumps(out[name])}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -129,6 +165,7 @@ def main() -> None:
     parser.add_argument("--loop-classes", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", default=None, help="folder holding captum_ext_old")
     args = parser.parse_args()
     device = torch.device(args.device)
     size = 112 if args.quick else 224
@@ -144,6 +181,8 @@ def main() -> None:
         "guided_backprop_top20": part_guided(model, x, args, device),
         "environment": environment(device),
     }
+    if args.before:
+        result["before_after"] = part_before_after(model, x, args, device)
     result["ratios"] = {
         "gradcam_all_speedup": result["gradcam_all_contrasts"]["speedup"],
         "guided_top20_speedup": result["guided_backprop_top20"]["speedup"],
