@@ -46,12 +46,15 @@ def _materialised(chunks, weights, size):
 def _fast(chunks, weights, low, size):
     moments = UpsampledMoments(low, size, chunks[0].dtype, chunks[0].device)
     for maps, weight in zip(chunks, weights, strict=True):
-        moments.add(moments.normalise(torch.relu(maps)), weight)
+        moments.add(torch.relu(maps), weight)
     return moments.sums()
 
 
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "per-chunk"])
 @pytest.mark.parametrize("low, size", SIZES, ids=lambda v: "x".join(map(str, v)))
-def test_sums_equal_the_materialising_route(low, size):
+def test_sums_equal_the_materialising_route(low, size, buffered, monkeypatch):
+    if not buffered:  # moments formed at every chunk
+        monkeypatch.setattr(UpsampledMoments, "BUFFER_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(sum(low) + sum(size))
     n, per_chunk = 3, (4, 1, 6)
     chunks = [torch.randn(n, b, *low, dtype=torch.float64, generator=generator) for b in per_chunk]

@@ -26,8 +26,9 @@ come from low-resolution quantities only:
 
   with A2 = A * A (element-wise) and P[i, r] = A[i, r] A[i, r+1].
 
-Memory is O(contrasts x h x w) per chunk plus a few full-size maps per example; the cost
-is O(contrasts x h x w) plus O(H x W x (h + w)) per example for the final maps.
+Memory is O(contrasts x h x w) (maps are buffered up to ``BUFFER_ELEMENTS`` before their
+moments are formed) plus a few full-size maps per example; the cost is O(contrasts x h x w)
+plus O(H x W x (h + w)) per example for the final maps.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class UpsampledMoments:
     """Accumulates VOICE's reference variance of (N, B, h, w) map chunks at size (H, W).
 
     ``normalise`` gives the low-resolution M' whose upsampling is the min-max normalised
-    upsampled map; ``add`` accumulates weighted first and banded second moments;
+    upsampled map; ``add`` takes ReLU-ed maps whose M' enter weighted first and banded
+    second moments;
     ``variance`` returns the (N, H, W) population variance over the weighted maps.
     """
 
@@ -98,6 +100,8 @@ class UpsampledMoments:
         self.rows_h = self.a_h[extreme_rows(self.a_h)]
         self.rows_w = self.a_w[extreme_rows(self.a_w)]
         self.total = self.e00 = self.e01 = self.e10 = self.e11 = None
+        self.pending: list[tuple[Tensor, Tensor]] = []
+        self.pending_elements = 0
 
     @staticmethod
     def applies(low: tuple[int, ...], size: tuple[int, ...], dtype, device) -> bool:
@@ -124,8 +128,26 @@ class UpsampledMoments:
         safe = torch.where(span > 0, span, torch.ones_like(span))
         return torch.where(span > 0, (maps - low) / safe, torch.zeros_like(maps))
 
-    def add(self, normalised: Tensor, weight: Tensor) -> None:
-        """Accumulate the (N, B, h, w) maps ``normalised`` with (N, B) weights."""
+    #: maps buffered before their moments are formed: a few large operations instead of a
+    #: few dozen small ones per chunk (the chunks of 1000 classes at 7 x 7 are all buffered)
+    BUFFER_ELEMENTS = 1 << 22
+
+    def add(self, maps: Tensor, weight: Tensor) -> None:
+        """Accumulate the (N, B, h, w) ReLU-ed maps with (N, B) weights (0 or 1)."""
+        self.pending.append((maps, weight))
+        self.pending_elements += maps.numel()
+        if self.pending_elements >= self.BUFFER_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        maps = torch.cat([m for m, _ in self.pending], dim=1)
+        weight = torch.cat([w for _, w in self.pending], dim=1)
+        self.pending, self.pending_elements = [], 0
+        self._accumulate(self.normalise(maps), weight)
+
+    def _accumulate(self, normalised: Tensor, weight: Tensor) -> None:
         m = normalised * weight.to(self.dtype)[..., None, None]  # weights are 0 / 1
         parts = (
             m.sum(1),
@@ -147,6 +169,7 @@ class UpsampledMoments:
 
     def sums(self) -> tuple[Tensor, Tensor]:
         """(N, H, W) sum_k w_k U'_k and sum_k w_k U'_k^2 at full size."""
+        self._flush()
         a_h, a_w = self.a_h, self.a_w
         a2_h, a2_w = a_h.square(), a_w.square()
         p_h, p_w = a_h[:, :-1] * a_h[:, 1:], a_w[:, :-1] * a_w[:, 1:]

@@ -174,7 +174,7 @@ class _Accumulator:
                 self.moments = self.moments_factory(low, block.dtype, block.device)
                 self.moments_factory = None
             if self.moments is not None:
-                self.moments.add(self.moments.normalise(torch.relu(block)), weight)
+                self.moments.add(torch.relu(block), weight)
                 return None
             block = self.finish(block)
             weight = weight.to(block.dtype)
