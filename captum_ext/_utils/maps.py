@@ -12,8 +12,11 @@ NORMALIZE_CHOICES = (None, "minmax")
 def minmax_normalize(maps: Tensor, start_dim: int = 2) -> Tensor:
     """Scale each map (the dims from ``start_dim`` on) to [0, 1]; a constant map gives zeros.
 
-    ``(m - min m) / (max m - min m)`` per map; where ``max m == min m`` the map is all zeros
-    (never NaN).
+    ``(m - min m) / (max m - min m)`` per map; where the map is constant the result is all
+    zeros (never NaN). "Constant" allows for rounding: a span of at most 8 units in the last
+    place of the map's largest magnitude (``8 eps max|m|``) is what bilinear upsampling of a
+    constant map leaves (its weights sum to 1 only up to rounding), and stretching it to
+    [0, 1] would draw a pattern that is not in the map.
     """
     if maps.dim() <= start_dim:
         raise ValueError(
@@ -22,8 +25,13 @@ def minmax_normalize(maps: Tensor, start_dim: int = 2) -> Tensor:
     flat = maps.flatten(start_dim)
     low = flat.amin(dim=-1, keepdim=True)
     span = flat.amax(dim=-1, keepdim=True) - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    scaled = torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat))
+    if flat.is_floating_point():
+        rounding = 8 * torch.finfo(flat.dtype).eps * flat.abs().amax(dim=-1, keepdim=True)
+        varies = span > rounding
+    else:
+        varies = span > 0
+    safe = torch.where(varies, span, torch.ones_like(span))
+    scaled = torch.where(varies, (flat - low) / safe, torch.zeros_like(flat))
     return scaled.view_as(maps)
 
 
