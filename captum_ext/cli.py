@@ -58,6 +58,14 @@ class _OutputError(Exception):
     """The output location (``--out``) cannot be written."""
 
 
+class _TooBigError(Exception):
+    """A section asked for by name needs more memory than is free."""
+
+
+#: the training batch of the inversion generator for a model of your own
+_INVERSION_BATCH = 64
+
+
 def _describe_os_error(error: OSError) -> str:
     reason = error.strerror or str(error) or type(error).__name__
     return f"{reason}: {error.filename!r}" if error.filename else reason
@@ -299,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bundled model uses its shipped generator; default: 300)",
     )
     report.add_argument(
+        "--inversion-classes",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="classes shown in the inversion section: a model with more classes (e.g. 1000) "
+        "gets a random sample of N of them (default: 20)",
+    )
+    report.add_argument(
         "--voice-contrasts",
         type=_contrasts,
         default="all",
@@ -417,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"{_PROG} {args.command}"
     try:
         return args.handler(args)
-    except (_OutputError, *_USER_ERRORS) as error:
+    except (_OutputError, _TooBigError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
@@ -541,15 +557,52 @@ def _inversion_section(args, model, images, transform, class_names, out):
     if args.model is None:
         inversion = load_bundled_inversion(model)
     else:
+        reason = _inversion_too_big(args, model, tuple(images.shape[1:]))
+        if reason is not None:
+            if args.sections is not None:  # asked for by name: say why it cannot be done
+                raise _TooBigError(reason)
+            return reason
         inversion = NetworkInversion(
             model,
             input_shape=tuple(images.shape[1:]),
             normalize=normalize,
-            batch_size=64,
+            batch_size=_INVERSION_BATCH,
             seed=0,
         )
         inversion.fit(args.inversion_steps, progress=not args.no_progress)
-    return inversion_section(inversion, out, class_names=class_names, denormalize=denormalize)
+    return inversion_section(
+        inversion,
+        out,
+        class_names=class_names,
+        denormalize=denormalize,
+        max_classes=args.inversion_classes,
+    )
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"  # pragma: no cover
+
+
+def _inversion_too_big(args, model, input_shape: tuple[int, ...]) -> str | None:
+    """One line saying why training the inversion generator for ``model`` would not fit in
+    the memory that is free (:func:`captum_ext.inversion.estimate_inversion_cost`), or None
+    when it fits (or the free memory is unknown)."""
+    from captum_ext import inversion as inv
+
+    cost = inv.estimate_inversion_cost(
+        model, input_shape, batch_size=_INVERSION_BATCH, steps=args.inversion_steps
+    )
+    available = inv.available_memory_bytes(args.report_device)
+    if available is None or cost.fits(available):
+        return None
+    return (
+        f"the inversion section needs {cost.describe()}, more than the "
+        f"{_format_bytes(available)} free on {args.report_device} (with a 1.5x margin)"
+    )
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -641,6 +694,7 @@ def _run_report(args: argparse.Namespace) -> int:
     with _writing_to(out):
         common = {"labels": labels, "names": names, "batch_size": args.batch_size}
         args.report_labels, args.report_names = labels, names
+        args.report_device = device
         for name in sections:
             if name in ("masks", "inversion"):
                 if name == "masks":
@@ -649,6 +703,10 @@ def _run_report(args: argparse.Namespace) -> int:
                     )
                 else:
                     built = _inversion_section(args, model, images, transform, class_names, out)
+                    if isinstance(built, str):  # from the default sections, and too big
+                        print(f"captum-ext report: {built}; left out", file=sys.stderr)
+                        report.metadata.append(("Inversion section", f"left out: {built}"))
+                        continue
                 report.add_section(built)
                 continue
             if name == "contrastive":

@@ -23,7 +23,7 @@ from captum_ext._utils.training import (
     wrap_distributed,
 )
 from captum_ext.inversion._features import _feature_tap, count_classes
-from captum_ext.inversion.conditioning import _check_labels, hot_matrices, one_hot_vectors
+from captum_ext.inversion.conditioning import _check_labels, one_hot_vectors
 from captum_ext.inversion.generator import ConditionedGenerator
 from captum_ext.inversion.losses import (
     _upcast,
@@ -663,7 +663,7 @@ class NetworkInversion:
                 for rows in torch.arange(labels.shape[0], device=param.device).split(batch_size):
                     chunk_vectors = None if vectors is None else vectors[rows].to(param.dtype)
                     matrices = (
-                        hot_matrices(labels[rows], gen.num_classes).to(param.dtype)
+                        gen.hot_matrices(labels[rows], dtype=param.dtype)
                         if gen.uses_matrix
                         else None
                     )

@@ -1,0 +1,118 @@
+"""``captum-ext report`` and ``score`` on a model of your own: heavy sections that do not fit in
+memory, TorchScript models, many classes (issue 19)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from captum_ext import cli
+from captum_ext.cli import main
+
+MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def many_classes():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 1000),
+        ).eval()
+    """
+)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module ``_issue19_models`` on sys.path with a 1000-class tiny CNN factory."""
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / "_issue19_models.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    yield "_issue19_models"
+    sys.modules.pop("_issue19_models", None)
+
+
+def _low_memory(monkeypatch, free=500):
+    import captum_ext.inversion as inv
+
+    monkeypatch.setattr(inv, "available_memory_bytes", lambda device=None: free)
+
+
+def test_inversion_named_in_sections_that_does_not_fit_exits_2(
+    tmp_path, monkeypatch, capsys, user_module
+):
+    _low_memory(monkeypatch)
+    argv = ["report", "--model", f"{user_module}:many_classes", "--limit", "2", "--layer", "2"]
+    argv += ["--no-progress", "--sections", "inversion", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "inversion section needs about" in err and "1000 classes" in err
+    assert "500 bytes free on cpu" in err
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_inversion_from_the_default_sections_that_does_not_fit_is_left_out(
+    tmp_path, monkeypatch, capsys, user_module
+):
+    _low_memory(monkeypatch)
+    monkeypatch.setattr(cli, "USER_MODEL_SECTIONS", ("contrastive", "inversion"))
+    out = tmp_path / "out"
+    argv = ["report", "--model", f"{user_module}:many_classes", "--limit", "2", "--layer", "2"]
+    assert main(argv + ["--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if "inversion" in line]
+    assert len(lines) == 1 and "left out" in lines[0] and "500 bytes free" in lines[0]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "Inversion section" in html and "500 bytes free" in html
+    assert "ContrastCAM" in html and "each class looks like" not in html
+
+
+@pytest.mark.slow
+def test_inversion_of_1000_classes_shows_a_sample_of_classes(
+    tmp_path, monkeypatch, capsys, user_module
+):
+    out = tmp_path / "out"
+    argv = ["report", "--model", f"{user_module}:many_classes", "--limit", "2", "--layer", "2"]
+    argv += ["--no-progress", "--sections", "inversion", "--inversion-steps", "1"]
+    assert main(argv + ["--inversion-classes", "3", "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "each class looks like" in html
+    assert "The model has 1000 classes; 3 of them, drawn at random" in html
+
+
+def test_sample_of_a_generator_wider_than_its_matrices(user_module):
+    """NetworkInversion.sample_classes builds hot matrices at the generator's working size
+    (S = 64 here), not K x K (1000 x 1000 per image)."""
+    import importlib
+
+    from captum_ext.inversion import NetworkInversion
+
+    model = importlib.import_module(user_module).many_classes()
+    inversion = NetworkInversion(model, input_shape=(1, 28, 28), batch_size=4, seed=0)
+    assert inversion.generator.matrix_size < 1000
+    seen = []
+    hook = inversion.generator.register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(args[2].shape))
+    )
+    try:
+        images = inversion.sample(torch.tensor([0, 999, 5]))
+    finally:
+        hook.remove()
+    assert images.shape == (3, 1, 28, 28) and torch.isfinite(images).all()
+    s = inversion.generator.matrix_size
+    assert seen and all(shape[-2:] == (s, s) for shape in seen), seen
