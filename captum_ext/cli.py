@@ -151,6 +151,43 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_FINAL_LAYER_HELP = (
+    "dotted name of the final linear layer (the one that produces the logits), whose weight "
+    "gradients GradTrust measures. Default: the last linear layer of the model, also of a "
+    "TorchScript (scripted or traced) model"
+)
+_GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
+
+
+def _name_the_option(error: Exception) -> Exception:
+    """GradTrust's advice to "pass `layer`" becomes advice to pass ``--final-layer``."""
+    text = str(error)
+    if "pass `layer`" not in text:
+        return error
+    return type(error)(text.replace("pass `layer`", "pass `--final-layer`"))
+
+
+def _gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: str | None = None):
+    """For a TorchScript model: a wrapper whose final linear layer GradTrust can read
+    (:func:`captum_ext._utils.torchscript.expose_final_layer`), also exposing ``layer``.
+    Eager models are returned unchanged (``--final-layer`` goes to GradTrust's ``layer``)."""
+    import torch
+
+    from captum_ext._utils.torchscript import expose_final_layer
+
+    if not isinstance(model, torch.jit.ScriptModule):
+        return model
+    return expose_final_layer(model, final_layer, layer=layer, example=example)
+
+
+def _gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str, Any]]:
+    import torch
+
+    if final_layer is None or isinstance(model, torch.jit.ScriptModule):
+        return {}
+    return {name: {"layer": final_layer} for name in _GRADTRUST_SCORES}
+
+
 #: the sections of ``captum-ext report``, in their default order
 SECTIONS = ("contrastive", "voice", "metrics", "trust", "masks", "inversion")
 #: the default sections for a model of your own (masks need --mask-net, inversion trains)
@@ -332,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         "is a forward pass per image and map, so fewer is faster (default: 20)",
     )
     report.add_argument(
+        "--final-layer",
+        metavar="NAME",
+        help=_FINAL_LAYER_HELP,
+    )
+    report.add_argument(
         "--least-trusted",
         type=_non_negative_int,
         default=10,
@@ -395,6 +437,7 @@ def _add_score_parser(commands: Any) -> None:
         + ", ".join(_score_names())
         + " (default: gradtrust,softmax)",
     )
+    score.add_argument("--final-layer", metavar="NAME", help=_FINAL_LAYER_HELP)
     score.add_argument("--out", metavar="FILE", default="scores.csv", help="the CSV file")
     score.add_argument(
         "--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64"
@@ -675,10 +718,23 @@ def _run_report(args: argparse.Namespace) -> int:
 
     if layer_name is None:
         layer_name = _pick_layer(model, args.layer)
-    forward, layer = expose_layer(model, layer_name, example=images[:2].to(device))
+    sections = args.sections or list(SECTIONS if args.model is None else USER_MODEL_SECTIONS)
+    example = images[:2].to(device)
+    trust_problem = None
+    if isinstance(model, torch.jit.ScriptModule) and "trust" in sections:
+        # GradTrust reads the final linear layer: run an eager copy of it (same weights)
+        try:
+            forward = _gradtrust_model(model, args.final_layer, example, layer=layer_name)
+            layer = forward.tap
+        except ValueError as error:
+            if args.final_layer is not None or args.sections is not None:
+                raise
+            trust_problem = error  # the other sections are still possible
+            forward, layer = expose_layer(model, layer_name, example=example)
+    else:
+        forward, layer = expose_layer(model, layer_name, example=example)
     display = denormalize_for_display(images, transform)
 
-    sections = args.sections or list(SECTIONS if args.model is None else USER_MODEL_SECTIONS)
     report = Report(
         args.title or "captum-ext report",
         metadata={
@@ -717,12 +773,18 @@ def _run_report(args: argparse.Namespace) -> int:
                 build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
             else:
                 build, options = trust_section, {"least_trusted": args.least_trusted}
+                options["score_kwargs"] = _gradtrust_kwargs(model, args.final_layer)
             arguments = (forward, layer, images, display, class_names, out)
             try:
+                if name == "trust" and trust_problem is not None:
+                    raise trust_problem
                 section = build(*arguments, progress=not args.no_progress, **common, **options)
             except (ValueError, TypeError) as error:
-                if name != "trust" or args.sections is not None:
+                if name != "trust":
                     raise
+                error = _name_the_option(error)
+                if args.sections is not None:
+                    raise error from None
                 # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
                 # whose final nn.Linear is compiled) still gets the other sections
                 reason = str(error).strip().splitlines()[0]
@@ -833,16 +895,24 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_model(args.model, args.weights, device)
         if class_names is not None:
             _check_class_count(model, images[:1], class_names, device)
+        options = _gradtrust_kwargs(model, args.final_layer)
+        if any(name in _GRADTRUST_SCORES for name in args.scores):
+            model = _gradtrust_model(model, args.final_layer, images[:2].to(device))
         loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size)
-        options = {"mc_dropout": {"generator": args.seed}} if "mc_dropout" in args.scores else {}
-        table = score_dataset(
-            model,
-            loader,
-            args.scores,
-            device=device,
-            progress=not args.no_progress,
-            score_kwargs=options,
-        )
+        if "mc_dropout" in args.scores:
+            options["mc_dropout"] = {"generator": args.seed}
+        options = {name: value for name, value in options.items() if name in args.scores}
+        try:
+            table = score_dataset(
+                model,
+                loader,
+                args.scores,
+                device=device,
+                progress=not args.no_progress,
+                score_kwargs=options,
+            )
+        except (ValueError, TypeError) as error:
+            raise _name_the_option(error) from None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
             with _writing_to(out):

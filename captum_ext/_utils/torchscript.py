@@ -56,11 +56,17 @@ class TorchScriptLayerModel(nn.Module):
     Build it with :func:`expose_layer`.
     """
 
-    def __init__(self, script_module: nn.Module, layer: str) -> None:
+    def __init__(
+        self, script_module: nn.Module, layer: str | None, *, head: str | None = None
+    ) -> None:
         super().__init__()
         self.script_module = script_module
         self.layer_name = layer
-        self.tap = _LayerTap(layer)
+        self.tap = _LayerTap(layer or "")
+        self.head_name = head
+        #: an eager ``nn.Linear`` that shares the weight and bias of the compiled linear layer
+        #: ``head`` and runs in its place, so that GradTrust (hooks, ``.weight``) can see it
+        self.head = _eager_linear(dict(script_module.named_modules())[head]) if head else None
         self.training = self.tap.training = bool(script_module.training)
 
     def forward(self, *args: Any) -> Any:
@@ -69,10 +75,13 @@ class TorchScriptLayerModel(nn.Module):
     # -- interpreter ---------------------------------------------------------------------
 
     def _on_path(self, path: str) -> bool:
-        return path == "" or self.layer_name.startswith(path + ".")
+        return path == "" or any(
+            name is not None and name.startswith(path + ".")
+            for name in (self.layer_name, self.head_name)
+        )
 
     def _run_method(self, module: Any, path: str, method: str, args: tuple) -> Any:
-        graph = getattr(module, method).graph
+        graph = _compiled(module, method).graph
         inputs = list(graph.inputs())
         if len(inputs) - 1 != len(args):
             raise _TorchScriptUnsupported(
@@ -118,12 +127,15 @@ class TorchScriptLayerModel(nn.Module):
             path = paths.get(owner)
             # overloaded forwards are compiled as forward__0, forward__1, ...
             is_forward = method == "forward" or method.startswith("forward__")
-            if path == self.layer_name and is_forward:
-                result = self.tap(getattr(args[0], method)(*args[1:]))
+            if is_forward and path is not None and path in (self.layer_name, self.head_name):
+                run = self.head if path == self.head_name else _compiled(args[0], method)
+                result = run(*args[1:])
+                if path == self.layer_name:
+                    result = self.tap(result)
             elif path is not None and self._on_path(path):
                 result = self._run_method(args[0], path, method, tuple(args[1:]))
             else:
-                result = getattr(args[0], method)(*args[1:])
+                result = _compiled(args[0], method)(*args[1:])
             self._bind(outs, result, env)
             return
         if kind == "prim::CallFunction":
@@ -154,7 +166,7 @@ class TorchScriptLayerModel(nn.Module):
         except RuntimeError:
             raise _TorchScriptUnsupported(
                 f"cannot evaluate the TorchScript operation {kind} on the way to layer "
-                f"{self.layer_name!r}"
+                f"{self.layer_name or self.head_name!r}"
             ) from None
         positional, keywords = _split_arguments(node.schema(), args)
         self._bind(outs, operation(*positional, **keywords), env)
@@ -181,6 +193,15 @@ class TorchScriptLayerModel(nn.Module):
         else:
             for value, item in zip(outs, result):
                 env[value.unique()] = item
+
+
+def _compiled(module: Any, method: str) -> Any:
+    """The compiled ``method`` of a ScriptModule; for a traced model's submodules too (their
+    Python ``forward`` refuses to be called: "Trace submodules cannot be called")."""
+    c_module = getattr(module, "_c", None)
+    if c_module is not None and hasattr(c_module, "_get_method"):
+        return c_module._get_method(method)
+    return getattr(module, method)
 
 
 def _raise_exception(node, args):
@@ -240,8 +261,99 @@ def _python_function(qualified: str) -> Callable:
         ) from None
 
 
+def _is_linear(module: Any) -> bool:
+    kind = getattr(module, "original_name", None) or type(module).__name__
+    weight = getattr(module, "weight", None)  # a plain Tensor in a torch.jit.load-ed model
+    return isinstance(module, nn.Linear) or (
+        kind == "Linear" and isinstance(weight, Tensor) and weight.dim() == 2
+    )
+
+
+def _eager_linear(module: Any) -> nn.Linear:
+    """An ``nn.Linear`` whose weight and bias share their memory with the (compiled) linear
+    ``module``'s, as new Parameter objects: gradients taken through it never reach the
+    user's model."""
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight.detach())
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach())
+    return linear
+
+
+def last_linear_name(model: nn.Module) -> str | None:
+    """The dotted name of the last linear layer of ``model`` (a compiled ``nn.Linear`` in a
+    TorchScript model, scripted or traced), in the order of ``named_modules()``; None if
+    there is none."""
+    names = [name for name, module in model.named_modules() if name and _is_linear(module)]
+    return names[-1] if names else None
+
+
+def expose_final_layer(
+    model: nn.Module,
+    final_layer: str | None = None,
+    *,
+    layer: str | None = None,
+    example: Tensor | None = None,
+    option: str = "--final-layer",
+) -> TorchScriptLayerModel:
+    r"""A TorchScript model whose final linear layer GradTrust can read.
+
+    GradTrust needs the final ``nn.Linear`` (its input and its weight, through a hook); in a
+    TorchScript model it is compiled. The wrapper (a :class:`TorchScriptLayerModel`) runs an
+    eager ``nn.Linear`` sharing the compiled layer's weight and bias in its place, and, when
+    ``layer`` is given, also exposes that layer through ``wrapper.tap``.
+
+    Args:
+        model (torch.jit.ScriptModule): a scripted or traced model.
+        final_layer (str, optional): dotted name of its final linear layer. Default: None
+            (the last linear layer in ``model.named_modules()``).
+        layer (str, optional): a layer to expose as well (as :func:`expose_layer`).
+        example (Tensor, optional): a small batch; the wrapper must reproduce the model's
+            output on it.
+        option (str): the name of the option giving ``final_layer``, for error messages.
+
+    Raises:
+        ValueError: no linear layer is found or named, or the model's code on the way to it
+            cannot be evaluated (the message names ``option``).
+    """
+    modules = dict(model.named_modules())
+    if final_layer is None:
+        final_layer = last_linear_name(model)
+        if final_layer is None:
+            kind = getattr(model, "original_name", type(model).__name__)
+            raise ValueError(
+                f"the TorchScript model {kind} has no linear layer GradTrust could take as the "
+                f"final layer; pass `{option}` (the dotted name of the linear layer that "
+                "produces the logits), or load the model as 'package.module:factory'."
+            )
+    elif final_layer not in modules or not final_layer:
+        names = [n for n in modules if n]
+        close = difflib.get_close_matches(final_layer, names, n=_LIST_AT_MOST, cutoff=0.4)
+        hint = f" Closest names: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"`{option}`={final_layer!r} is not a module of the model.{hint} Use a name from "
+            "model.named_modules()."
+        )
+    elif not _is_linear(modules[final_layer]):
+        raise ValueError(
+            f"`{option}`={final_layer!r} is a {getattr(modules[final_layer], 'original_name', '')}"
+            " module; GradTrust on a TorchScript model needs the linear layer that produces the "
+            "logits."
+        )
+    wrapper = TorchScriptLayerModel(model, layer, head=final_layer)
+    if example is not None:
+        _check_wrapper(wrapper, model, example, argument=option, name=final_layer)
+    return wrapper
+
+
 def expose_layer(
-    model: nn.Module, layer: str | nn.Module, example: Tensor | None = None
+    model: nn.Module,
+    layer: str | nn.Module,
+    example: Tensor | None = None,
+    *,
+    final_layer: str | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     r"""The model to explain and the layer module to give to a Captum layer method.
 
@@ -288,19 +400,30 @@ def expose_layer(
             f"`--layer`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
             "from model.named_modules()."
         )
+    if final_layer is not None:
+        wrapper = expose_final_layer(model, final_layer, layer=layer, example=example)
+        return wrapper, wrapper.tap
     wrapper = TorchScriptLayerModel(model, layer)
     if example is not None:
         _check_wrapper(wrapper, model, example)
     return wrapper, wrapper.tap
 
 
-def _check_wrapper(wrapper: TorchScriptLayerModel, model: nn.Module, example: Tensor) -> None:
+def _check_wrapper(
+    wrapper: TorchScriptLayerModel,
+    model: nn.Module,
+    example: Tensor,
+    *,
+    argument: str = "--layer",
+    name: str | None = None,
+) -> None:
     fallback = "Pass the model as 'package.module:factory' with --weights instead."
+    name = wrapper.layer_name if name is None else name
     with torch.no_grad():
         try:
             got = wrapper(example)
         except _TorchScriptUnsupported as error:
-            raise ValueError(f"`--layer`={wrapper.layer_name!r}: {error}. {fallback}") from None
+            raise ValueError(f"`{argument}`={name!r}: {error}. {fallback}") from None
         expected = model(example)
     same = (
         isinstance(got, Tensor)
@@ -310,6 +433,6 @@ def _check_wrapper(wrapper: TorchScriptLayerModel, model: nn.Module, example: Te
     )
     if not same:
         raise ValueError(
-            f"`--layer`={wrapper.layer_name!r}: evaluating the TorchScript model around this "
+            f"`{argument}`={name!r}: evaluating the TorchScript model around this "
             f"layer did not reproduce its output. {fallback}"
         )
