@@ -52,7 +52,7 @@ def test_overlay_blends_image_and_colormap():
     colours = np.round(colormaps["viridis"](heat)[:, :, :3] * 255).astype(np.uint8)
     np.testing.assert_array_equal(overlay(image, heat, alpha=1.0, cmap="viridis"), colours)
     half = overlay(image, heat, alpha=0.5).astype(float)
-    expected = 0.5 * 0.2 * 255 + 0.5 * colormaps["jet"](heat)[:, :, :3] * 255
+    expected = 0.5 * 0.2 * 255 + 0.5 * colormaps["inferno"](heat)[:, :, :3] * 255  # default
     assert np.abs(half - expected).max() <= 0.5 + 1e-9
 
 
@@ -160,10 +160,16 @@ def test_contrastive_section_rows_figures_and_maps(tmp_path, digits, capsys):
     )
     assert_model_unchanged(model, before)
     assert capsys.readouterr().err == ""  # progress=False: no bar
-    assert len(section.rows) == 6
+    # first the one colour bar of the section's maps, then one row per image
+    bar, *rows = section.rows
+    assert bar.label == "Colour scale" and len(bar.figures) == 1
+    assert Path(bar.figures[0].path).name == "colorbar.png"
+    with Image.open(bar.figures[0].path) as image:
+        assert np.asarray(image).std() > 0
+    assert len(rows) == 6
     assert "ContrastCAM" in section.intro and "CounterfactualCAM" in section.intro
     predicted = model(images).topk(2, dim=1).indices
-    for i, row in enumerate(section.rows):
+    for i, row in enumerate(rows):
         p, q = (int(c) for c in predicted[i])
         assert f"predicted {p}" in row.label and f"true class {int(labels[i])}" in row.label
         captions = [f.caption for f in row.figures]
@@ -178,8 +184,10 @@ def test_contrastive_section_rows_figures_and_maps(tmp_path, digits, capsys):
         images, contrast=predicted[:, 1], upsample_to_input=True, normalize="minmax"
     )
     for i in (0, 5):
-        expected = overlay(shown[i].permute(1, 2, 0).numpy(), maps[i, 0].detach().numpy())
-        with Image.open(section.rows[i].figures[2].path) as image:
+        expected = overlay(
+            shown[i].permute(1, 2, 0).numpy(), maps[i, 0].detach().numpy(), cmap="inferno"
+        )
+        with Image.open(rows[i].figures[2].path) as image:
             np.testing.assert_array_equal(np.asarray(image), expected)
     # Grad-CAM PNGs are the overlay of Captum's map, and that map sits on the digit's ink
     from captum.attr import LayerGradCam
@@ -193,8 +201,8 @@ def test_contrastive_section_rows_figures_and_maps(tmp_path, digits, capsys):
     ink = shown[:, 0] > 0.5
     ratios = []
     for i in range(len(images)):
-        expected = overlay(shown[i].permute(1, 2, 0).numpy(), heat[i].numpy())
-        with Image.open(section.rows[i].figures[1].path) as image:
+        expected = overlay(shown[i].permute(1, 2, 0).numpy(), heat[i].numpy(), cmap="inferno")
+        with Image.open(rows[i].figures[1].path) as image:
             assert np.abs(np.asarray(image).astype(int) - expected).max() <= 1
         ratios.append(float(heat[i][ink[i]].mean() / heat[i][~ink[i]].mean()))
     assert min(ratios) > 1.0 and np.mean(ratios) > 1.5, ratios

@@ -97,7 +97,11 @@ def test_plots_and_least_trusted_rows(section, model, digits):
     # the least-trusted rows, lowest GradTrust first, equal an independent ranking
     scores = gradtrust(model, images).double()
     expected = torch.argsort(scores)[:4].tolist()
-    rows = built.rows[1:]
+    # one colour bar for the maps of the section, in the default colour map
+    assert built.rows[1].label == "Colour scale"
+    assert [f.caption for f in built.rows[1].figures] == ["Colour scale of the maps"]
+    assert _png_is_drawn(built.rows[1].figures[0].path)
+    rows = built.rows[2:]
     assert len(rows) == 4
     shown = [int(row.label.split(":")[0].split("#")[1]) for row in rows]
     assert shown == expected
@@ -117,6 +121,15 @@ def test_plots_and_least_trusted_rows(section, model, digits):
         images[expected], contrast=top2[:, 1], upsample_to_input=True, normalize="minmax"
     )
     assert contrast.shape == (4, 1, 28, 28)
+    from captum_ext.viz.overlay import DEFAULT_CMAP, overlay
+
+    shown_images = denormalize_digits(images[expected]).permute(0, 2, 3, 1).numpy()
+    with Image.open(rows[0].figures[2].path) as image:
+        drawn = np.asarray(image)
+    assert DEFAULT_CMAP == "inferno"
+    np.testing.assert_array_equal(
+        drawn, overlay(shown_images[0], contrast[0, 0].detach().numpy(), cmap="inferno")
+    )
 
 
 def test_report_page_renders_the_section(section, tmp_path):
@@ -143,7 +156,7 @@ def test_without_labels_shows_the_scatter_and_the_images(model, digits, tmp_path
     )
     assert built.rows[0].table is None
     assert [f.caption for f in built.rows[0].figures] == ["GradTrust vs softmax confidence"]
-    assert len(built.rows) == 3 and "true class" not in built.rows[1].label
+    assert len(built.rows) == 4 and "true class" not in built.rows[2].label
 
 
 def test_optional_score_that_cannot_run_is_reported_not_fatal(digits, tmp_path):
@@ -198,7 +211,7 @@ def test_cli_trust_section(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "Which predictions can I trust?" in html
-    assert html.count("<img") == 2 + 2 * 3
+    assert html.count("<img") == 2 + 1 + 2 * 3  # plots, colour bar, 2 least-trusted rows
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--least-trusted", "-1"])
     assert exit_info.value.code == 2

@@ -46,7 +46,7 @@ def to_uint8_rgb(image: Any, argument: str = "image") -> np.ndarray:
 
 
 def overlay(
-    image_01_hwc: Any, heatmap_01_hw: Any, alpha: float = 0.5, cmap: str = "jet"
+    image_01_hwc: Any, heatmap_01_hw: Any, alpha: float = 0.5, cmap: str = DEFAULT_CMAP
 ) -> np.ndarray:
     r"""Blend a colour-mapped heat map over an image.
 
@@ -60,9 +60,9 @@ def overlay(
             [0, 1] (values outside are clipped), the size of the image: upsample first (e.g.
             ``upsample_to_input=True, normalize="minmax"``).
         alpha (float, optional): weight of the heat map, in [0, 1]. Default: 0.5.
-        cmap (str, optional): a matplotlib colormap name. Default: ``"jet"`` (kept for
-            compatibility; the report's sections pass :data:`DEFAULT_CMAP`, the perceptually
-            uniform ``"inferno"``, and show the scale with :func:`save_colorbar`).
+        cmap (str, optional): a matplotlib colormap name. Default: :data:`DEFAULT_CMAP`,
+            the perceptually uniform ``"inferno"`` (dark: low, bright yellow: high; show the
+            scale with :func:`save_colorbar`). Pass ``"jet"`` for the former default.
 
     Returns:
         numpy.ndarray: uint8 ``H x W x 3``.

@@ -38,12 +38,16 @@ from torch import Tensor
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.training import atomic_path, progress_bar
 
-from .overlay import overlay, save_png
+from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
 
 __all__ = ["Figure", "Report", "Row", "Section", "Table", "contrastive_section"]
 
 _FIGURE_WIDTH = 168  # CSS pixels per figure in the page
 _TEMPLATE = "report.html.j2"
+
+
+#: width in the page (CSS pixels) of a section's colour bar
+_COLORBAR_WIDTH = 320
 
 
 @dataclass
@@ -460,7 +464,7 @@ def contrastive_section(
     names: Sequence[str] | None = None,
     batch_size: int = 64,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
     title: str = "Contrastive explanations",
 ) -> Section:
     r"""The section "Why P? Why P, rather than Q? What if not P?" for each image.
@@ -491,11 +495,14 @@ def contrastive_section(
         names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
         batch_size (int, optional): images per attribution call. Default: 64.
         alpha (float, optional): heat-map opacity in the overlays. Default: 0.5.
-        cmap (str, optional): matplotlib colormap of the overlays. Default: ``"jet"``.
+        cmap (str, optional): matplotlib colormap of the overlays. Default:
+            :data:`~captum_ext.viz.overlay.DEFAULT_CMAP` (``"inferno"``).
         title (str, optional): the section title.
 
     Returns:
-        Section: one row per image, four figures per row (input and three overlays).
+        Section: a first row with the colour bar of the maps
+        (:func:`~captum_ext.viz.overlay.save_colorbar`), then one row per image, four
+        figures per row (input and three overlays).
     """
 
     from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
@@ -527,7 +534,8 @@ def contrastive_section(
         title,
         intro=(
             f"For each image: the predicted class P, and three maps{explained_at}, each "
-            "upsampled to the image and scaled to [0, 1] (red: high, blue: low). "
+            "upsampled to the image and scaled to [0, 1] (the colour bar below gives the "
+            "scale). "
             "Grad-CAM answers 'Why P?' (evidence for P). "
             "ContrastCAM answers 'Why P, rather than Q?' against the runner-up class Q: the "
             "regions that make the network prefer P over Q. "
@@ -535,6 +543,15 @@ def contrastive_section(
             "whose removal would make the network more confident in P. "
             "A map with no evidence at all is marked 'empty'."
         ),
+    )
+    colour_bar = save_colorbar(
+        folder / "colorbar.png",
+        cmap=cmap,
+        alpha=alpha,
+        label="each map scaled to [0, 1] (as overlaid on the images)",
+    )
+    section.add_row(
+        "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
     )
     with _progress_bar(n, "contrastive maps", progress) as bar:
         for start in range(0, n, batch_size):

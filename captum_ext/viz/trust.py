@@ -49,8 +49,9 @@ from ._checks import (
     _to_cpu,
     _true_class,
 )
-from .overlay import overlay, save_png
+from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
 from .report import (
+    _COLORBAR_WIDTH,
     Figure,
     Section,
     Table,
@@ -230,7 +231,7 @@ def trust_section(
     names: Sequence[str] | None = None,
     least_trusted: int = 10,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
     title: str = "Which predictions can I trust? (GradTrust)",
 ) -> Section:
     r"""The section "Which predictions can I trust?": GradTrust against the trust baselines.
@@ -291,7 +292,9 @@ def trust_section(
         names (Sequence[str], optional): a name per image (e.g. file names). Default: ``#i``.
         least_trusted (int, optional): how many least-trusted images get a row. Default: 10.
         alpha (float, optional): opacity of the heat maps over the images. Default: 0.5.
-        cmap (str, optional): matplotlib colour map of the heat maps. Default: ``"jet"``.
+        cmap (str, optional): matplotlib colour map of the heat maps. Default:
+            :data:`~captum_ext.viz.overlay.DEFAULT_CMAP` (``"inferno"``); their colour bar is
+            shown above the least-trusted images.
         title (str, optional): the section title.
 
     Returns:
@@ -433,6 +436,15 @@ def trust_section(
             "gradcam": _to_cpu(grad_cam)[:, 0].numpy(),
             "contrast": _to_cpu(contrast)[:, 0].numpy(),
         }
+        colour_bar = save_colorbar(
+            folder / "colorbar.png",
+            cmap=cmap,
+            alpha=alpha,
+            label="each map scaled to [0, 1] (as overlaid on the images)",
+        )
+        section.add_row(
+            "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
+        )
         for rank, i in enumerate(chosen):
             p, q = int(predicted[rank]), int(runner_up[rank])
             name_p, name_q = class_names[p], class_names[q]
