@@ -188,8 +188,21 @@ def _gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str
     return {name: {"layer": final_layer} for name in _GRADTRUST_SCORES}
 
 
-#: the sections of ``captum-ext report``, in their default order
-SECTIONS = ("contrastive", "voice", "metrics", "trust", "masks", "inversion")
+#: the sections of ``captum-ext report``, in their default order, and what each shows: the
+#: one list the help text, the errors and the documentation are built from
+SECTION_DESCRIPTIONS: dict[str, str] = {
+    "contrastive": "Grad-CAM ('Why P?'), ContrastCAM ('Why P, rather than Q?') and "
+    "CounterfactualCAM ('What if not P?') maps",
+    "voice": "the VOICE uncertainty of the Grad-CAM explanation",
+    "metrics": "deletion and insertion AUCs of the three maps",
+    "trust": "which predictions can be trusted: GradTrust vs the trust baselines, accuracy "
+    "retention, the least-trusted images",
+    "masks": "minimal activation-matching masks and the circuits of x and m * x (your own "
+    "model needs --mask-net)",
+    "inversion": "what the model thinks each class looks like (network inversion; trained for "
+    "--inversion-steps on your own model, skipped when it would not fit in memory)",
+}
+SECTIONS = tuple(SECTION_DESCRIPTIONS)
 #: the default sections for a model of your own (masks need --mask-net, inversion trains)
 USER_MODEL_SECTIONS = ("contrastive", "voice", "metrics", "trust")
 
@@ -250,14 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="write an HTML report of contrastive maps, their VOICE uncertainty and their "
-        "deletion / insertion scores",
-        description="Explain a classifier's predictions on a folder of images with Grad-CAM "
-        "('Why P?'), ContrastCAM ('Why P, rather than Q?', Q the runner-up class) and "
-        "CounterfactualCAM ('What if not P?'); show how uncertain the Grad-CAM explanation is "
-        "(VOICE: the variance of the contrastive explanations) and how well each map passes "
-        "the deletion and insertion tests; write it all as an HTML page. Without --model and "
-        "--images: the bundled digit classifier on its 40 sample digits.",
+        help=f"write an HTML report of {len(SECTIONS)} sections: {', '.join(SECTIONS)}",
+        description="Explain a classifier's predictions on a folder of images and write an "
+        f"HTML page of {len(SECTIONS)} sections: "
+        + "; ".join(f"{name}: {text}" for name, text in SECTION_DESCRIPTIONS.items())
+        + ". Without --model and --images: the bundled digit classifier on its 40 sample "
+        "digits.",
     )
     report.add_argument(
         "--model",
@@ -314,15 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_sections,
         default=None,
         metavar="LIST",
-        help="comma-separated sections of the report, shown in the order given: contrastive "
-        "(Grad-CAM, ContrastCAM, CounterfactualCAM maps), voice (uncertainty of the Grad-CAM "
-        "explanation), "
-        "metrics (deletion and insertion AUCs of the three maps), trust (GradTrust vs the trust "
-        "baselines, least-trusted images), masks (minimal activation-matching masks and the "
-        "circuits of x and m * x; your own model needs --mask-net), inversion (what the model "
-        "thinks each class looks like; trained for --inversion-steps on your own model). "
-        "Default: all of them for the bundled model, " + ",".join(USER_MODEL_SECTIONS) + " "
-        "for your own",
+        help="comma-separated sections of the report, shown in the order given, from: "
+        + ", ".join(SECTIONS)
+        + " (described above). Default: all of them for the bundled model, "
+        + ",".join(USER_MODEL_SECTIONS)
+        + " for your own",
     )
     report.add_argument(
         "--mask-net",
