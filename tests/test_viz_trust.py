@@ -216,3 +216,61 @@ def test_cli_trust_section(tmp_path, capsys):
         main(argv + ["--least-trusted", "-1"])
     assert exit_info.value.code == 2
     assert "expected a non-negative integer" in capsys.readouterr().err
+
+
+def test_one_wrong_prediction_is_too_few_to_rank_the_scores(section):
+    """The 40 sample digits have one wrong prediction (WRONG): the section says the labelled
+    sample cannot rank the scores, in the introduction and the table's caption."""
+    built, _ = section
+    assert "Only 1 of the 40 labelled predictions is wrong: too few to rank" in built.intro
+    assert "too small to rank the scores" in built.rows[0].table.caption
+
+
+def test_enough_of_both_outcomes_has_no_sample_note():
+    from captum_ext.viz.trust import _sample_note
+
+    assert _sample_note(30, 5) is None
+    assert "Only 4 of the 34 labelled predictions are correct" in _sample_note(4, 30)
+
+
+def test_retention_legend_is_outside_the_axes():
+    from captum_ext.viz.trust import _retention_figure
+
+    x = np.linspace(0, 100, 11)
+    curves = {f"score{i}": (x, np.full(11, 0.9), 90.0) for i in range(8)}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = _retention_figure(curves)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # lay out
+    renderer = canvas.get_renderer()
+    ax = figure.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    axes = ax.get_window_extent(renderer)
+    assert legend.x0 >= axes.x1  # to the right of the plot, hiding no curve
+
+
+def test_a_score_below_chance_is_explained(model, digits, tmp_path):
+    images, labels = digits
+    built = trust_section(
+        model,
+        BUNDLED_CAM_LAYER,
+        images,
+        denormalize_digits(images),
+        DIGIT_CLASSES,
+        tmp_path,
+        progress=False,
+        labels=labels,
+        scores=["purview"],
+        least_trusted=0,
+    )
+    from captum_ext.metrics import purview
+
+    correct = model(images).argmax(1) == labels
+    auroc = misprediction_auroc(purview(model, images).detach(), correct)
+    assert auroc < 0.5  # independently: purview ranks below chance on these digits
+    assert f"purview ranks below chance here (misprediction AUROC {auroc:.3f} < 0.5)" in (
+        built.intro
+    )
+    assert "features" in built.intro.split("purview ranks below chance")[1].split("\n")[0]
+    assert "gradtrust ranks below chance" not in built.intro

@@ -196,10 +196,50 @@ def _not_rankable(values: Tensor) -> str | None:
     )
 
 
-def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
+#: fewer wrong (or fewer correct) labelled predictions than this cannot rank the scores: with
+#: one wrong prediction every score that puts it lowest reaches AUROC 1 and they all tie
+_MIN_PER_OUTCOME = 5
+
+#: why a score can rank below chance, in one sentence, where the reason is known
+_BELOW_CHANCE_WHY = {
+    "purview": "its penalty grows with the size of the last layer's features, and on these "
+    "images the correct predictions have the larger features, so it calls them less trusted.",
+}
+
+
+def _sample_note(n_correct: int, n_wrong: int) -> str | None:
+    """A sentence when the labelled images are too few to rank the scores, else None."""
+    if min(n_correct, n_wrong) >= _MIN_PER_OUTCOME:
+        return None
+    fewer = "wrong" if n_wrong <= n_correct else "correct"
+    count = min(n_correct, n_wrong)
+    why = (
+        "any score that sets that one image apart reaches AUROC 1.000 (or 0.000) however it "
+        "orders the rest, so scores tie"
+        if count == 1
+        else "a few images decide every AUROC, so scores tie or swap places by chance"
+    )
+    return (
+        f"Only {count} of the {n_correct + n_wrong} labelled predictions "
+        f"{'is' if count == 1 else 'are'} {fewer}: too few to rank the scores ({why}). Label "
+        f"more images, with at least {_MIN_PER_OUTCOME} wrong and {_MIN_PER_OUTCOME} correct "
+        "predictions."
+    )
+
+
+def _below_chance_note(name: str, auroc: float) -> str:
+    why = _BELOW_CHANCE_WHY.get(
+        name, "it gives the wrong predictions higher scores than the correct ones on these images."
+    )
+    return f"{name} ranks below chance here (misprediction AUROC {auroc:.3f} < 0.5): {why}"
+
+
+def _retention_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
+    """The accuracy-retention plot, its legend outside the axes (to the right), so that no
+    curve hides behind it."""
     from matplotlib.figure import Figure as PlotFigure
 
-    figure = PlotFigure(figsize=(4.8, 4.0), dpi=100, layout="constrained")
+    figure = PlotFigure(figsize=(6.6, 4.0), dpi=100, layout="constrained")
     ax = figure.subplots()
     for name, (percentiles, accuracy, area) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
         width = 2.0 if name in _REQUIRED else 1.0
@@ -209,7 +249,12 @@ def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], pat
     ax.set_title("Accuracy retention")
     ax.set_xlim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return figure
+
+
+def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
+    figure = _retention_figure(curves)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
@@ -364,10 +409,16 @@ def trust_section(
     )
     labelled = torch.from_numpy(known)
     unranked: dict[str, str] = {}
+    notes: list[str] = []
     if labelled.any():
         kept_correct = table["correct"][labelled]
         kept_pred, kept_true = table["prediction"][labelled], table["label"][labelled]
         both_kinds = bool(kept_correct.any()) and bool((~kept_correct).any())
+        n_correct = int(kept_correct.sum())
+        small = _sample_note(n_correct, int(kept_correct.numel()) - n_correct)
+        if small is not None:
+            notes.append(small)
+            metrics_table.caption += " (the labelled sample is too small to rank the scores)"
         curves = {}
         for name in computed:
             values = table[name][labelled].double()
@@ -379,12 +430,15 @@ def trust_section(
             curve = accuracy_retention_curve(values, kept_correct)
             area = auac(values, kept_correct)
             curves[name] = (curve.percentiles.numpy(), curve.accuracy.double().numpy(), area)
+            auroc = misprediction_auroc(values, kept_correct) if both_kinds else None
+            if auroc is not None and auroc < 0.5:
+                notes.append(_below_chance_note(name, auroc))
             metrics_table.add_row(
                 [
                     name,
                     f"{area:.2f}",
                     f"{aufc(values, kept_pred, kept_true):.2f}",
-                    f"{misprediction_auroc(values, kept_correct):.3f}" if both_kinds else "-",
+                    f"{auroc:.3f}" if auroc is not None else "-",
                 ]
             )
         retention = _plot_retention(curves, folder / "accuracy_retention.png")
@@ -400,7 +454,8 @@ def trust_section(
             f" Accuracy on the {int(labelled.sum())} labelled images: "
             f"{100 * float(table['correct'][labelled].double().mean()):.1f} %."
         )
-    skipped = "".join(f"\nNot computed: {name} ({reason})." for name, reason in failed.items())
+    skipped = "".join(f"\n{note}" for note in notes)
+    skipped += "".join(f"\nNot computed: {name} ({reason})." for name, reason in failed.items())
     skipped += "".join(f"\nNot ranked: {name} ({reason})." for name, reason in unranked.items())
     explained_at = f" at layer {layer_name}" if layer_name else ""
     section = Section(
