@@ -638,11 +638,20 @@ def _format_bytes(count: float) -> str:
 
 
 def _inversion_too_big(args, model, input_shape: tuple[int, ...]) -> str | None:
-    """One line saying why training the inversion generator for ``model`` would not fit in
-    the memory that is free (:func:`captum_ext.inversion.estimate_inversion_cost`), or None
-    when it fits (or the free memory is unknown)."""
+    """One line saying why the inversion generator cannot be trained for ``model`` (a
+    TorchScript model, or one whose training would not fit in the memory that is free:
+    :func:`captum_ext.inversion.estimate_inversion_cost`), or None when it fits (or the free
+    memory is unknown)."""
+    import torch
+
     from captum_ext import inversion as inv
 
+    if isinstance(model, torch.jit.ScriptModule):
+        return (
+            "the inversion section needs an eager model (it reads layers with hooks, which a "
+            "TorchScript model does not take); give --model as 'package.module:factory' "
+            "with --weights"
+        )
     cost = inv.estimate_inversion_cost(
         model, input_shape, batch_size=_INVERSION_BATCH, steps=args.inversion_steps
     )

@@ -216,3 +216,15 @@ def test_report_trust_section_of_a_torchscript_model(tmp_path, capsys, user_modu
     assert main(argv) == 0, capsys.readouterr().err
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "Which predictions can I trust?" in html and "left out" not in html
+
+
+def test_inversion_of_a_torchscript_model_is_one_line_not_a_traceback(
+    tmp_path, capsys, user_module
+):
+    path = tmp_path / "digits.pt"
+    _save_torchscript(user_module, "digits", "script", path)
+    argv = ["report", "--model", str(path), "--limit", "2", "--layer", "features.0"]
+    argv += ["--no-progress", "--sections", "inversion", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'package.module:factory'" in err
