@@ -7,8 +7,13 @@ the three maps, "Which predictions can I trust?" (GradTrust and the trust baseli
 accuracy-retention curves, the least-trusted images), minimal activation-matching masks with
 the circuits they use, and network inversion ("What does the model think each class looks
 like?"). The bundled model gets all six (it ships a trained mask net and generator); a model
-of your own gets the first four unless ``--sections`` asks for more. With no arguments it uses
-the bundled digit classifier and its sample digits::
+of your own gets the first four unless ``--sections`` asks for more. Before the inversion
+generator is trained for your own model its memory is estimated
+(:func:`captum_ext.inversion.estimate_inversion_cost`): asked for by name it stops with exit
+status 2 when it would not fit, otherwise it is left out with one line on stderr and on the
+page. GradTrust reads the final linear layer (``--final-layer``, default the last one; inside a
+TorchScript file too, scripted or traced). With no arguments it uses the bundled digit
+classifier and its sample digits::
 
     captum-ext report                                   # -> report/index.html
     captum-ext report --model torchvision.models:resnet18 --weights r18.pt \
