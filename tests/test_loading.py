@@ -407,3 +407,29 @@ def test_denormalize_for_display_inverts_each_transform():
     assert scaled.min() == 0.0 and scaled.max() == 1.0
     with pytest.raises(ValueError, match="transform"):
         denormalize_for_display(x, "sepia")
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_expose_final_layer_of_torchscript_matches_the_eager_gradtrust(factories, tmp_path, how):
+    """GradTrust of a scripted / traced (and saved, reloaded) model, read through an eager
+    copy of its last linear layer, equals GradTrust of the eager model; the compiled model
+    keeps no .grad and the same weights."""
+    from captum_ext._utils.torchscript import expose_final_layer, last_linear_name
+    from captum_ext.metrics import gradtrust
+
+    model = factories.grey_cnn().eval()
+    x = torch.rand(5, 1, 20, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+        torch.jit.save(compiled, str(tmp_path / "m.pt"))
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    name = last_linear_name(loaded)
+    assert isinstance(model.get_submodule(name), nn.Linear)
+    assert name == [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    wrapper = expose_final_layer(loaded, example=x[:2])
+    torch.testing.assert_close(gradtrust(wrapper, x), gradtrust(model, x), rtol=1e-5, atol=0)
+    assert all(p.grad is None for p in loaded.parameters())
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, before[key]), key
