@@ -11,6 +11,7 @@ binary).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -216,6 +217,93 @@ def load_in_chromium(executable: str, url: str, profile: Path) -> tuple[dict, li
     return page, errors, log
 
 
+# Runs in the page: its size, with every <details> closed as written and then opened, and the
+# images, tables and code blocks that stick out of the viewport (one inside an element that
+# scrolls sideways, e.g. a wide table in its wrapper, counts when that element sticks out).
+INSPECT_LAYOUT = """
+(async () => {
+  const images = Array.from(document.images);
+  await Promise.all(images.map((img) => img.decode().catch(() => null)));
+  const root = document.documentElement;
+  const closedHeight = root.scrollHeight;
+  const details = Array.from(document.querySelectorAll("details"));
+  const closedDetails = details.filter((d) => !d.open).length;
+  details.forEach((d) => { d.open = true; });
+  await new Promise((resolve) => requestAnimationFrame(() => resolve()));
+  const viewport = root.clientWidth;
+  const box = (e) => {
+    for (let a = e.parentElement; a && a !== document.body; a = a.parentElement) {
+      const x = getComputedStyle(a).overflowX;
+      if (x === "auto" || x === "scroll" || x === "hidden") return a;
+    }
+    return e;
+  };
+  const cutOff = [];
+  for (const e of document.querySelectorAll("img, table, pre")) {
+    const r = box(e).getBoundingClientRect();
+    if (r.width === 0 && r.height === 0) continue;
+    if (r.left < -0.5 || r.right > viewport + 0.5) {
+      cutOff.push(`${e.tagName.toLowerCase()}${e.className ? "." + e.className : ""} ` +
+                  `[${Math.round(r.left)}, ${Math.round(r.right)}] of ${viewport}px`);
+    }
+  }
+  return JSON.stringify({
+    innerWidth: window.innerWidth,
+    scrollWidth: root.scrollWidth,
+    closedHeight: closedHeight,
+    openHeight: root.scrollHeight,
+    details: details.length,
+    closedDetails: closedDetails,
+    cutOff: cutOff,
+  });
+})()
+"""
+
+
+def artefact_dir(tmp_path: Path) -> Path:
+    """Where screenshots go: ``$CAPTUM_EXT_TEST_ARTEFACTS`` if set, else ``tmp_path``."""
+    folder = os.environ.get("CAPTUM_EXT_TEST_ARTEFACTS")
+    path = Path(folder) if folder else tmp_path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def layout_in_chromium(
+    executable: str, url: str, profile: Path, width: int, screenshot: Path, height: int = 900
+) -> dict:
+    """Open ``url`` in headless Chromium at a viewport ``width`` x ``height`` CSS pixels,
+    save a screenshot of the top of the page to ``screenshot`` (PNG) and describe its layout
+    (see ``INSPECT_LAYOUT``)."""
+    browser = DevToolsPipe(executable, profile)
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        browser.send("Page.enable", session=session)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+            session=session,
+        )
+        browser.events.clear()
+        browser.send("Page.navigate", {"url": url}, session=session)
+        browser.wait_for("Page.loadEventFired", session=session)
+        result = browser.send(
+            "Runtime.evaluate",
+            {"expression": INSPECT_LAYOUT, "awaitPromise": True, "returnByValue": True},
+            session=session,
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"inspecting the layout failed: {result['exceptionDetails']}")
+        layout = json.loads(result["result"]["value"])
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        browser.close()
+    return layout
+
+
 def console_errors(events: list[dict], session: str) -> list[str]:
     """Console errors, uncaught exceptions and browser log errors (failed loads, CSP, ...)."""
     errors = []
@@ -419,3 +507,20 @@ def test_chromium_check_catches_a_broken_page(chromium: str, tmp_path: Path):
     assert any("deliberate" in e for e in errors), errors
     assert any("undefinedFunction" in e for e in errors), errors
     assert any("missing.png" in e for e in errors), errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [1400, 390])
+def test_report_fits_the_viewport_in_chromium(chromium: str, report: Path, tmp_path: Path, width):
+    """At a desktop and a phone width nothing is cut off: no sideways scrolling of the page,
+    and every image, table and code block fits the viewport or scrolls inside its box.
+    Screenshots are kept (``$CAPTUM_EXT_TEST_ARTEFACTS`` or the test's tmp dir)."""
+    shot = artefact_dir(tmp_path) / f"report-{width}px.png"
+    layout = layout_in_chromium(chromium, report.as_uri(), tmp_path / "profile", width, shot)
+    assert shot.stat().st_size > 0
+    assert layout["innerWidth"] == width
+    assert layout["scrollWidth"] <= layout["innerWidth"], layout
+    assert not layout["cutOff"], "\n".join(layout["cutOff"])
+    # the per-image rows are folded: a closed <details> per section that has them
+    assert layout["details"] > 0 and layout["closedDetails"] == layout["details"]
+    assert layout["closedHeight"] < layout["openHeight"]

@@ -271,3 +271,42 @@ def test_contrastive_section_bad_input(tmp_path, digits):
             tmp_path,
             False,
         )
+
+
+def test_report_folds_per_image_rows_after_the_summary(tmp_path):
+    """Per-image rows (figures at the common width, no table) go into one closed <details>
+    after the section's summary rows (tables, plots, colour scale), whatever the order they
+    were added in; ``per_image`` overrides the inference."""
+    from captum_ext.viz import Table
+
+    png = save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
+    section = Section("S")
+    section.add_row("image one", [("Input", png), ("map", png)])
+    section.add_row("Colour scale", [Figure("scale", png, 320)])
+    section.add_row("image two", [("Input", png)])
+    section.add_row("Summary", table=Table(["a"], [["1"]]))
+    section.add_row("forced summary", [("Input", png)], per_image=False)
+    section.add_row("forced image", [Figure("plot", png, 400)], per_image=True)
+    assert [row.is_per_image for row in section.rows] == [True, False, True, False, False, True]
+    report = Report("t")
+    report.add_section(section)
+    report.add_section(Section("Only a summary", rows=[Row("Summary", table=Table(["b"]))]))
+    html = report.write(tmp_path / "out").read_text(encoding="utf-8")
+    labels = re.findall(r'<div class="row-label">(.*?)</div>', html)
+    assert labels == [
+        "Colour scale",
+        "Summary",
+        "forced summary",
+        "image one",
+        "image two",
+        "forced image",
+        "Summary",
+    ]
+    assert html.count("<details") == 1  # only the section with per-image rows folds
+    details = re.search(r"<details[^>]*>(.*?)</details>", html, re.S)
+    assert " open" not in html[details.start() : details.start() + 30]
+    assert "<summary>Per-image maps (3 images)</summary>" in details.group(1)
+    inside = re.findall(r'<div class="row-label">(.*?)</div>', details.group(1))
+    assert inside == ["image one", "image two", "forced image"]
+    with pytest.raises(TypeError, match="per_image"):
+        Row("x", per_image="yes")

@@ -111,16 +111,36 @@ class Row:
 
     ``figures`` may be given as :class:`Figure`\\ s or as ``(caption, path)`` pairs. An
     optional :class:`Table` is shown under the figures (e.g. the numbers behind a plot).
+
+    ``per_image``: whether the row shows one image (its input and maps) rather than a
+    summary of the section (a table, a curve, a colour scale). The page shows a section's
+    summary rows first and folds its per-image rows into a closed ``<details>`` element.
+    None, the default, infers it: a row with figures, no table, and only figures of the
+    common image width (no explicit ``width``, which plots and colour bars set) is per-image.
     """
 
     label: str
     figures: list[Figure] = field(default_factory=list)
     table: Table | None = None
+    per_image: bool | None = None
 
     def __post_init__(self) -> None:
         self.figures = [_as_figure(f) for f in self.figures]
         if self.table is not None and not isinstance(self.table, Table):
             raise TypeError(f"a row's `table` must be a Table, got {type(self.table).__name__}.")
+        if self.per_image is not None and not isinstance(self.per_image, bool):
+            raise TypeError(f"a row's `per_image` must be a bool or None, got {self.per_image!r}.")
+
+    @property
+    def is_per_image(self) -> bool:
+        """``per_image`` if given, else inferred (see the class docstring)."""
+        if self.per_image is not None:
+            return self.per_image
+        return (
+            bool(self.figures)
+            and self.table is None
+            and all(figure.width is None for figure in self.figures)
+        )
 
     def add_figure(self, caption: str, path: str | os.PathLike, width: int | None = None) -> Figure:
         figure = Figure(caption, path, width)
@@ -141,8 +161,9 @@ class Section:
         label: str,
         figures: Iterable[Figure | tuple[str, Any]] = (),
         table: Table | None = None,
+        per_image: bool | None = None,
     ) -> Row:
-        row = Row(label, list(figures), table)
+        row = Row(label, list(figures), table, per_image)
         self.rows.append(row)
         return row
 
@@ -227,7 +248,7 @@ class Report:
         sections = []
         for section in self.sections:
             anchor = _slug(section.title, anchors)
-            rows = []
+            rows, per_image = [], []
             for row in section.rows:
                 figures = [self._place(f, out, anchor, copied) for f in row.figures]
                 table = None
@@ -237,9 +258,16 @@ class Report:
                         "columns": row.table.columns,
                         "rows": row.table.rows,
                     }
-                rows.append({"label": row.label, "figures": figures, "table": table})
+                rendered = {"label": row.label, "figures": figures, "table": table}
+                (per_image if row.is_per_image else rows).append(rendered)
             sections.append(
-                {"title": section.title, "intro": section.intro, "anchor": anchor, "rows": rows}
+                {
+                    "title": section.title,
+                    "intro": section.intro,
+                    "anchor": anchor,
+                    "rows": rows,
+                    "per_image": per_image,
+                }
             )
         environment = jinja2.Environment(
             loader=jinja2.PackageLoader("captum_ext.viz", "templates"),
