@@ -42,6 +42,7 @@ import errno
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -772,50 +773,67 @@ def _run_report(args: argparse.Namespace) -> int:
         common = {"labels": labels, "names": names, "batch_size": args.batch_size}
         args.report_labels, args.report_names = labels, names
         args.report_device = device
+        timings: list[tuple[str, float]] = []
         for name in sections:
-            if name in ("masks", "inversion"):
-                if name == "masks":
-                    built = _masks_section(
-                        args, model, forward, layer_name, images, display, class_names, out
-                    )
-                else:
-                    built = _inversion_section(args, model, images, transform, class_names, out)
-                    if isinstance(built, str):  # from the default sections, and too big
-                        print(f"captum-ext report: {built}; left out", file=sys.stderr)
-                        report.metadata.append(("Inversion section", f"left out: {built}"))
-                        continue
-                report.add_section(built)
-                continue
-            if name == "contrastive":
-                build, options = contrastive_section, {}
-            elif name == "voice":
-                build, options = voice_section, {"contrasts": args.voice_contrasts}
-            elif name == "metrics":
-                build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
-            else:
-                build, options = trust_section, {"least_trusted": args.least_trusted}
-                options["score_kwargs"] = _gradtrust_kwargs(model, args.final_layer)
-            arguments = (forward, layer, images, display, class_names, out)
+            started = time.perf_counter()
             try:
-                if name == "trust" and trust_problem is not None:
-                    raise trust_problem
-                section = build(*arguments, progress=not args.no_progress, **common, **options)
-            except (ValueError, TypeError) as error:
-                if name != "trust":
-                    raise
-                error = _name_the_option(error)
-                if args.sections is not None:
-                    raise error from None
-                # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
-                # whose final nn.Linear is compiled) still gets the other sections
-                reason = str(error).strip().splitlines()[0]
-                print(f"captum-ext report: trust section left out: {reason}", file=sys.stderr)
-                report.metadata.append(("Trust section", f"left out: {reason}"))
-                continue
-            report.add_section(section)
+                if name in ("masks", "inversion"):
+                    if name == "masks":
+                        built = _masks_section(
+                            args, model, forward, layer_name, images, display, class_names, out
+                        )
+                    else:
+                        built = _inversion_section(args, model, images, transform, class_names, out)
+                        if isinstance(built, str):  # from the default sections, and too big
+                            print(f"captum-ext report: {built}; left out", file=sys.stderr)
+                            report.metadata.append(("Inversion section", f"left out: {built}"))
+                            continue
+                    report.add_section(built)
+                    continue
+                if name == "contrastive":
+                    build, options = contrastive_section, {}
+                elif name == "voice":
+                    build, options = voice_section, {"contrasts": args.voice_contrasts}
+                elif name == "metrics":
+                    build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
+                else:
+                    build, options = trust_section, {"least_trusted": args.least_trusted}
+                    options["score_kwargs"] = _gradtrust_kwargs(model, args.final_layer)
+                arguments = (forward, layer, images, display, class_names, out)
+                try:
+                    if name == "trust" and trust_problem is not None:
+                        raise trust_problem
+                    section = build(*arguments, progress=not args.no_progress, **common, **options)
+                except (ValueError, TypeError) as error:
+                    if name != "trust":
+                        raise
+                    error = _name_the_option(error)
+                    if args.sections is not None:
+                        raise error from None
+                    # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
+                    # whose final nn.Linear is compiled) still gets the other sections
+                    reason = str(error).strip().splitlines()[0]
+                    print(f"captum-ext report: trust section left out: {reason}", file=sys.stderr)
+                    report.metadata.append(("Trust section", f"left out: {reason}"))
+                    continue
+                report.add_section(section)
+            finally:
+                timings.append((name, time.perf_counter() - started))
+        started = time.perf_counter()
         index = report.write(out)
+        timings.append(("(writing the page)", time.perf_counter() - started))
     print(f"Report written to {index}")
+    print(_format_timings(timings))
     return 0
+
+
+def _format_timings(timings: list[tuple[str, float]]) -> str:
+    """The time each section took, one line each, as ``captum-ext report`` prints at the end."""
+    width = max(len(name) for name, _ in timings)
+    lines = ["Time per section:"]
+    lines += [f"  {name:<{width}}  {seconds:8.1f} s" for name, seconds in timings]
+    lines.append(f"  {'total':<{width}}  {sum(s for _, s in timings):8.1f} s")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------

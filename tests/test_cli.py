@@ -290,3 +290,18 @@ def test_help_and_docs_list_every_section(capsys):
     missing = [name for name in SECTIONS if f"`{name}`" not in docs]
     assert not missing, missing
     assert "SECTION_DESCRIPTIONS" in docs  # the page prints the registry itself
+
+
+def test_report_prints_the_time_per_section(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["report", "--limit", "2", "--out", str(out), "--no-progress"]
+    assert main(argv + ["--sections", "metrics,contrastive"]) == 0
+    stdout = capsys.readouterr().out.splitlines()
+    at = stdout.index("Time per section:")
+    assert stdout[at - 1].startswith("Report written to ")
+    lines = stdout[at + 1 :]
+    names = [line.rsplit(None, 2)[0].strip() for line in lines]
+    assert names == ["metrics", "contrastive", "(writing the page)", "total"]
+    seconds = [float(line.rsplit(None, 2)[1]) for line in lines]
+    assert all(line.endswith(" s") for line in lines) and min(seconds) >= 0
+    assert abs(sum(seconds[:-1]) - seconds[-1]) <= 0.05 * len(seconds) + 1e-9  # to 0.1 s
