@@ -93,6 +93,8 @@ nb_merge_streams = True
 
 html_theme = "furo"
 html_title = f"captum-ext {release}"
+html_static_path = ["_static"]
+html_css_files = ["captum-ext.css"]  # code blocks wrap: nothing cut off at the right edge
 
 
 # -- Executed copies of the tutorials -----------------------------------------------------

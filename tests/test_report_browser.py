@@ -219,7 +219,8 @@ def load_in_chromium(executable: str, url: str, profile: Path) -> tuple[dict, li
 
 # Runs in the page: its size, with every <details> closed as written and then opened, and the
 # images, tables and code blocks that stick out of the viewport (one inside an element that
-# scrolls sideways, e.g. a wide table in its wrapper, counts when that element sticks out).
+# scrolls sideways, e.g. a wide table in its wrapper, counts when that element sticks out);
+# and the code blocks whose lines are partly hidden (wider than the block: a scrollbar).
 INSPECT_LAYOUT = """
 (async () => {
   const images = Array.from(document.images);
@@ -255,6 +256,9 @@ INSPECT_LAYOUT = """
     details: details.length,
     closedDetails: closedDetails,
     cutOff: cutOff,
+    hiddenCode: Array.from(document.querySelectorAll("pre"))
+      .filter((e) => e.scrollWidth > e.clientWidth + 1)
+      .map((e) => `${e.scrollWidth} > ${e.clientWidth}px: ${e.textContent.slice(0, 60)}`),
   });
 })()
 """
