@@ -283,7 +283,7 @@ def test_report_folds_per_image_rows_after_the_summary(tmp_path):
     section = Section("S")
     section.add_row("image one", [("Input", png), ("map", png)])
     section.add_row("Colour scale", [Figure("scale", png, 320)])
-    section.add_row("image two", [("Input", png)])
+    section.add_row("image two", [("Input", png), Figure("its plot", png, 400)])
     section.add_row("Summary", table=Table(["a"], [["1"]]))
     section.add_row("forced summary", [("Input", png)], per_image=False)
     section.add_row("forced image", [Figure("plot", png, 400)], per_image=True)

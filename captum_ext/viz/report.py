@@ -115,8 +115,8 @@ class Row:
     ``per_image``: whether the row shows one image (its input and maps) rather than a
     summary of the section (a table, a curve, a colour scale). The page shows a section's
     summary rows first and folds its per-image rows into a closed ``<details>`` element.
-    None, the default, infers it: a row with figures, no table, and only figures of the
-    common image width (no explicit ``width``, which plots and colour bars set) is per-image.
+    None, the default, infers it: a row without a table that has a figure of the common
+    image width (no explicit ``width``: plots and colour bars set one) is per-image.
     """
 
     label: str
@@ -136,11 +136,7 @@ class Row:
         """``per_image`` if given, else inferred (see the class docstring)."""
         if self.per_image is not None:
             return self.per_image
-        return (
-            bool(self.figures)
-            and self.table is None
-            and all(figure.width is None for figure in self.figures)
-        )
+        return self.table is None and any(figure.width is None for figure in self.figures)
 
     def add_figure(self, caption: str, path: str | os.PathLike, width: int | None = None) -> Figure:
         figure = Figure(caption, path, width)
