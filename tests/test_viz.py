@@ -310,3 +310,27 @@ def test_report_folds_per_image_rows_after_the_summary(tmp_path):
     assert inside == ["image one", "image two", "forced image"]
     with pytest.raises(TypeError, match="per_image"):
         Row("x", per_image="yes")
+
+
+def test_report_manifest_lists_the_folded_figures(tmp_path):
+    """Figures of folded per-image rows count as used: a second, smaller page removes the
+    first page's stale per-image figures and keeps its own."""
+    out = tmp_path / "out"
+    pngs = [
+        save_png(np.zeros((4, 4, 3), np.uint8), out / "images" / "s" / f"{i}.png") for i in range(3)
+    ]
+
+    def write(paths):
+        report = Report("t")
+        section = Section("S")
+        for i, path in enumerate(paths):
+            section.add_row(f"image {i}", [("Input", path)])
+        report.add_section(section)
+        return report.write(out)
+
+    html = write(pngs).read_text(encoding="utf-8")
+    assert "<details" in html
+    manifest = (out / "images" / ".captum-ext-figures").read_text(encoding="utf-8")
+    assert all(f"s/{i}.png" in manifest for i in range(3))
+    write(pngs[:1])
+    assert pngs[0].is_file() and not pngs[1].exists() and not pngs[2].exists()

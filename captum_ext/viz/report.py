@@ -285,7 +285,7 @@ class Report:
             {
                 urllib.parse.unquote(figure["src"])
                 for section in sections
-                for row in section["rows"]
+                for row in [*section["rows"], *section["per_image"]]
                 for figure in row["figures"]
                 if (out / urllib.parse.unquote(figure["src"])).resolve().is_relative_to(images)
             }
