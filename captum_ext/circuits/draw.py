@@ -21,33 +21,77 @@ def _stage_order(graph: nx.DiGraph) -> list[str]:
     return sorted(by_stage, key=lambda layer: by_stage[layer])
 
 
+#: Default number of channels drawn per layer: the strongest by energy.
+MAX_NODES_PER_LAYER = 8
+
+#: Legend text of the edge kinds.
+_KIND_LABELS = {
+    "weight_activation": "weight x activation",
+    "gradient": "gradient x activation",
+    "class": "into a class logit",
+}
+
+
+def _kept_nodes(graph: nx.DiGraph, layer: str, limit: int | None) -> tuple[list, int]:
+    """The nodes of ``layer`` drawn (strongest first) and the layer's node count."""
+    nodes = [(n, d) for n, d in graph.nodes(data=True) if d["layer"] == layer]
+    nodes.sort(key=lambda item: (-float(item[1]["energy"]), item[1].get("channel", 0)))
+    if limit is None or len(nodes) <= limit:
+        return nodes, len(nodes)
+    kept = nodes[:limit]
+    if layer == "class":  # the target and the predicted class stay, whatever their energy
+        wanted = {graph.graph.get("target"), graph.graph.get("prediction")}
+        missing = [item for item in nodes[limit:] if item[1].get("channel") in wanted]
+        if missing:
+            kept = kept[: limit - len(missing)] + missing
+            kept.sort(key=lambda item: (-float(item[1]["energy"]), item[1].get("channel", 0)))
+    return kept, len(nodes)
+
+
 def draw(
     graph: nx.DiGraph,
     ax: Any = None,
     *,
+    max_nodes_per_layer: int | None = MAX_NODES_PER_LAYER,
     max_edge_width: float = 3.0,
     max_node_size: float = 80.0,
     label_classes: bool = True,
+    label_channels: bool = True,
+    legend: bool = True,
 ):
     r"""Plot a circuit graph in layers: one column per stage, strongest nodes on top.
 
+    Only the ``max_nodes_per_layer`` strongest channels of each layer (by energy) are drawn,
+    with the edges between them; the x-axis label says how many were left out (for the
+    bundled digit CNN, 8 of 16-48 channels per layer, 130 nodes in the full graph). In the
+    class layer the target and the predicted class are always drawn.
+
     Node ``(layer, channel)`` is drawn in its layer's column at a height given by its energy
-    rank within the layer; its area is proportional to its energy divided by the largest
-    energy of the layer. Edge width is proportional to the edge's weight divided by the
-    largest weight among the edges into the same layer (weights of different stages have
-    different scales); colour by ``kind`` (blue ``weight_activation``, orange ``gradient``,
-    green ``class``). Class nodes are labelled with their index.
+    rank within the layer (y axis "rank by energy": the channel with the highest energy at
+    the top); its area is proportional to its energy divided by the largest energy of the
+    layer. Edge width is proportional to the edge's weight divided by the largest weight
+    among the drawn edges into the same layer (weights of different stages have different
+    scales); colour by ``kind`` (blue ``weight_activation``, orange ``gradient``, green
+    ``class``). Nodes are labelled with their channel (class nodes with the class index)
+    where the labels fit (at least about 9 points between neighbouring nodes). A legend
+    explains the colours and sizes.
 
     Args:
         graph (networkx.DiGraph): a graph from :meth:`CircuitReadout.readout` (or
             :func:`from_json`): nodes with ``layer``, ``channel`` and ``energy``, edges with
             ``weight`` and ``kind``.
         ax (matplotlib.axes.Axes, optional): where to draw. Default: a new figure.
+        max_nodes_per_layer (int or None, optional): how many channels (the strongest by
+            energy) to draw per layer; ``None`` draws all. Default: 8
         max_edge_width (float, optional): line width of the strongest edge per layer.
             Default: 3.0
         max_node_size (float, optional): marker area of the strongest node per layer.
             Default: 80.0
         label_classes (bool, optional): write the class index next to class nodes.
+            Default: True
+        label_channels (bool, optional): write the channel number next to the other nodes,
+            where it fits. Default: True
+        legend (bool, optional): add the legend of edge colours and node sizes.
             Default: True
 
     Returns:
@@ -57,11 +101,12 @@ def draw(
 
         >>> import matplotlib.pyplot as plt
         >>> fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-        >>> draw(graph_x, ax=left); draw(graph_mask, ax=right)
+        >>> draw(graph_x, ax=left); draw(graph_mask, ax=right, max_nodes_per_layer=None)
     """
     try:
         import matplotlib.pyplot as plt
         from matplotlib.collections import LineCollection
+        from matplotlib.lines import Line2D
     except ImportError:
         raise ImportError("draw() needs matplotlib: pip install 'captum-ext[viz]'") from None
     if not isinstance(graph, nx.DiGraph):
@@ -69,6 +114,14 @@ def draw(
     for name, value in (("max_edge_width", max_edge_width), ("max_node_size", max_node_size)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+    if max_nodes_per_layer is not None and (
+        isinstance(max_nodes_per_layer, bool)
+        or not isinstance(max_nodes_per_layer, int)
+        or max_nodes_per_layer < 1
+    ):
+        raise ValueError(
+            f"`max_nodes_per_layer` must be a positive int or None, got {max_nodes_per_layer!r}."
+        )
     for node, data in graph.nodes(data=True):
         if "layer" not in data or "energy" not in data:
             raise ValueError(
@@ -78,10 +131,14 @@ def draw(
         _, ax = plt.subplots(figsize=(10, 5))
 
     order = _stage_order(graph)
+    columns = [_kept_nodes(graph, layer, max_nodes_per_layer) for layer in order]
+    most = max((len(kept) for kept, _ in columns), default=0)
+    # vertical room per node, in points, to decide whether channel labels fit
+    height_pt = ax.get_position().height * ax.figure.get_figheight() * 72.0
+    fontsize = 7
+    labels_fit = most <= 1 or 0.85 * height_pt / (most - 1) >= 1.3 * fontsize
     position: dict[Any, tuple[float, float]] = {}
-    for column, layer in enumerate(order):
-        nodes = [(n, d) for n, d in graph.nodes(data=True) if d["layer"] == layer]
-        nodes.sort(key=lambda item: (-float(item[1]["energy"]), item[1].get("channel", 0)))
+    for column, (layer, (nodes, _)) in enumerate(zip(order, columns, strict=True)):
         top = max((float(d["energy"]) for _, d in nodes), default=0.0)
         count = len(nodes)
         xs, ys, sizes = [], [], []
@@ -92,22 +149,25 @@ def draw(
             ys.append(y)
             share = float(data["energy"]) / top if top > 0 else 0.0
             sizes.append(4.0 + max_node_size * share)
-            if label_classes and layer == "class":
+            wanted = label_classes if layer == "class" else label_channels
+            if wanted and (labels_fit or layer == "class"):
                 ax.annotate(
                     str(data.get("channel", node)),
                     (column, y),
-                    xytext=(5, 0),
+                    xytext=(6, 0),
                     textcoords="offset points",
-                    fontsize=7,
+                    fontsize=fontsize,
                     va="center",
+                    zorder=4,
                 )
         ax.scatter(xs, ys, s=sizes, color="0.25", zorder=3)
 
     strongest: dict[str, float] = {}
-    for _, v, w in graph.edges(data="weight", default=0.0):
-        layer = graph.nodes[v]["layer"]
-        strongest[layer] = max(strongest.get(layer, 0.0), float(w))
-    segments, widths, colors = [], [], []
+    for u, v, w in graph.edges(data="weight", default=0.0):
+        if u in position and v in position:
+            layer = graph.nodes[v]["layer"]
+            strongest[layer] = max(strongest.get(layer, 0.0), float(w))
+    segments, widths, colors, kinds = [], [], [], set()
     for u, v, data in graph.edges(data=True):
         if u not in position or v not in position:
             continue
@@ -116,20 +176,47 @@ def draw(
         segments.append([position[u], position[v]])
         widths.append(0.2 + max_edge_width * share)
         colors.append(EDGE_COLORS.get(data.get("kind"), "0.5"))
+        kinds.add(data.get("kind"))
     if segments:
         ax.add_collection(
             LineCollection(segments, linewidths=widths, colors=colors, alpha=0.6, zorder=2)
         )
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels(order, rotation=30, ha="right")
+    ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
     ax.set_yticks([])
-    ax.set_xlim(-0.5, max(len(order), 1) - 0.5)
+    # room at the right for the legend, clear of the last column and its labels
+    ax.set_xlim(-0.5, max(len(order), 1) - 0.5 + (1.6 if legend else 0.0))
     ax.set_ylim(-0.08, 1.08)
-    ax.set_ylabel("rank by energy")
+    total = graph.number_of_nodes()
+    shown = len(position)
+    if shown < total:
+        note = (
+            f"layer (top {max_nodes_per_layer} channels per layer by energy; "
+            f"{shown} of {total} nodes drawn)"
+        )
+    else:
+        note = f"layer (all {total} nodes)"
+    ax.set_xlabel(note, fontsize=8)
+    ax.set_ylabel("rank by energy (highest at top)", fontsize=8)
     ax.set_title(
         f"circuit (target {graph.graph.get('target', '?')}, "
         f"prediction {graph.graph.get('prediction', '?')})"
     )
+    if legend:
+        handles = [
+            Line2D([], [], color=EDGE_COLORS[kind], lw=2, label=_KIND_LABELS[kind])
+            for kind in EDGE_COLORS
+            if kind in kinds
+        ]
+        handles.append(
+            Line2D([], [], color="0.5", lw=2, label="edge width: weight\n(vs layer's strongest)")
+        )
+        handles.append(
+            Line2D(
+                [], [], ls="", marker="o", color="0.25", label="node size: energy\n(vs layer's top)"
+            )
+        )
+        ax.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     return ax
