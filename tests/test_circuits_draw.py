@@ -43,6 +43,10 @@ def _overlapping_texts(ax) -> list[tuple[str, str]]:
         texts += list(legend.get_texts())
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
     clashes = []
+    page = fig.bbox
+    for name, box in boxes:  # nothing cut off at the figure's edges
+        if box.x0 < page.x0 - 1 or box.x1 > page.x1 + 1 or box.y0 < page.y0 - 1:
+            clashes.append((name, "figure edge"))
     for i, (a, box_a) in enumerate(boxes):
         for b, box_b in boxes[i + 1 :]:
             if box_a.overlaps(box_b):

@@ -128,7 +128,7 @@ def draw(
                 f"`graph`: node {node!r} lacks the `layer` / `energy` attributes of a circuit."
             )
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 5))
+        _, ax = plt.subplots(figsize=(10, 5), layout="constrained")
 
     order = _stage_order(graph)
     columns = [_kept_nodes(graph, layer, max_nodes_per_layer) for layer in order]
@@ -184,18 +184,18 @@ def draw(
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
     ax.set_yticks([])
-    # room at the right for the legend, clear of the last column and its labels
-    ax.set_xlim(-0.5, max(len(order), 1) - 0.5 + (1.6 if legend else 0.0))
+    # a little room at the right for the labels of the last column
+    ax.set_xlim(-0.5, max(len(order), 1) - 0.5 + 0.3)
     ax.set_ylim(-0.08, 1.08)
     total = graph.number_of_nodes()
     shown = len(position)
     if shown < total:
         note = (
-            f"layer (top {max_nodes_per_layer} channels per layer by energy; "
+            f"layer\n(top {max_nodes_per_layer} channels per layer by energy; "
             f"{shown} of {total} nodes drawn)"
         )
     else:
-        note = f"layer (all {total} nodes)"
+        note = f"layer\n(all {total} nodes)"
     ax.set_xlabel(note, fontsize=8)
     ax.set_ylabel("rank by energy (highest at top)", fontsize=8)
     ax.set_title(
@@ -216,7 +216,14 @@ def draw(
                 [], [], ls="", marker="o", color="0.25", label="node size: energy\n(vs layer's top)"
             )
         )
-        ax.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+        # outside the axes, at the right: clear of the nodes and their labels
+        ax.legend(
+            handles=handles,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=7,
+            frameon=False,
+        )
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     return ax
