@@ -137,3 +137,21 @@ def test_channel_labels_left_out_where_they_do_not_fit(bundled_graph):
     # 48 channels in 4 inches do not fit: only the class nodes are labelled
     assert len(ax.texts) == 10
     assert _overlapping_texts(ax) == []
+
+
+def test_target_and_prediction_classes_always_drawn():
+    import networkx as nx
+
+    graph = nx.DiGraph(target=9, prediction=8, stages=["h", "class"])
+    for c in range(5):
+        graph.add_node(f"h:{c}", layer="h", channel=c, energy=10.0 - c)
+    for c in range(10):
+        graph.add_node(f"class:{c}", layer="class", channel=c, energy=10.0 - c)
+        graph.add_edge(f"h:{c % 5}", f"class:{c}", weight=1.0, kind="class")
+    ax = draw(graph, max_nodes_per_layer=3)
+    assert _points_per_layer(ax) == [3, 3]
+    classes = sorted(int(t.get_text()) for t in ax.texts if t.xy[0] == 1)
+    assert classes == [0, 8, 9]  # the strongest, the prediction and the target
+    assert "6 of 15 nodes" in ax.get_xlabel()
+    assert _overlapping_texts(ax) == []
+    plt.close(ax.figure)
