@@ -76,11 +76,14 @@ def upsample_maps(maps: Tensor, size: tuple[int, ...], mode: str | None = None) 
         return F.interpolate(
             maps, size=tuple(size), mode=mode, align_corners=False if linear else None
         )
+    except torch.OutOfMemoryError:
+        raise
     except (NotImplementedError, ValueError, RuntimeError) as error:
+        # torch refuses a mode for this number of spatial dims (e.g. "bicubic" on 1-D maps)
         raise ValueError(
             f"`interpolate_mode`={mode!r} does not apply to maps with {spatial} spatial "
             f"dimension(s) ({error})."
-        ) from None
+        ) from error
 
 
 def check_normalize(normalize) -> None:
