@@ -118,3 +118,75 @@ def spatial_layer_suggestions(model: nn.Module, run, before: nn.Module, n: int =
         if name not in picked:
             picked.append(name)
     return picked
+
+
+def _is_linear(module) -> bool:
+    """An ``nn.Linear``, or a compiled one in a TorchScript model (scripted or traced)."""
+    if isinstance(module, nn.Linear):
+        return True
+    kind = getattr(module, "original_name", None) or type(module).__name__
+    weight = getattr(module, "weight", None)  # a plain Tensor in a torch.jit.load-ed model
+    return kind == "Linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def find_last_linear(
+    model: nn.Module,
+    run=None,
+    *,
+    argument: str = "layer",
+    remedy: str = "pass `{argument}` (the module or dotted name of the linear layer that "
+    "produces the logits)",
+) -> tuple[str, nn.Module]:
+    """The final linear layer of ``model``: ``(dotted name, module)``.
+
+    One rule everywhere: the linear layer that runs **last** in a forward pass, found with
+    forward hooks while ``run()`` performs one pass (the caller runs it under ``no_grad`` and
+    keeps the model's state). It must run once per pass. Forward hooks cannot be put on the
+    compiled layers of a TorchScript model, so there (and when ``run`` is None) the last
+    linear layer in ``named_modules()`` order is taken, which is the order of execution for
+    the sequential heads that scripting and tracing preserve.
+
+    Raises:
+        ValueError: the model has no linear layer, or none ran, or the last ran more than
+            once; the message names ``argument`` and says what to pass instead.
+    """
+    hint = remedy.format(argument=argument)
+    names = {id(m): name for name, m in model.named_modules() if name and _is_linear(m)}
+    if not names and _is_linear(model):
+        names = {id(model): ""}
+    if not names:
+        raise ValueError(
+            f"`{argument}`: {type(model).__name__} has no linear layer to take as the final "
+            f"layer; {hint}."
+        )
+    modules = {name: m for name, m in model.named_modules() if id(m) in names}
+    scripted = isinstance(model, torch.jit.ScriptModule) or any(
+        isinstance(m, torch.jit.ScriptModule) for m in modules.values()
+    )
+    if run is None or scripted:
+        name = list(modules)[-1]
+        return name, modules[name]
+    calls: list[nn.Module] = []
+
+    def record(module, args, output):
+        calls.append(module)
+
+    handles = [m.register_forward_hook(record) for m in modules.values()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls:
+        raise ValueError(
+            f"`{argument}`: no linear layer of {type(model).__name__} ran in a forward pass; "
+            f"{hint}."
+        )
+    last = calls[-1]
+    if sum(1 for m in calls if m is last) != 1:
+        raise ValueError(
+            f"`{argument}`: the last linear layer to run ({names[id(last)]}) runs more than once "
+            f"per forward pass; {hint}."
+        )
+    return names[id(last)], last

@@ -288,3 +288,111 @@ def output_selection(
     if isinstance(value, tuple):
         return flat.reshape(1, 1).expand(n, 1), False
     return expand_per_example(flat, n, argument).unsqueeze(1), False
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers, devices and dtypes: the one place every module checks them
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type. A ``TypeError`` that is also a ``ValueError``, so
+    callers who catch either (both were raised for this in earlier releases) still do."""
+
+
+def check_int(value: Any, argument: str, *, minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum`` (bools refused); numpy integers pass.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not an integer.
+        ValueError: ``value`` is below ``minimum``.
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(
+            f"`{argument}` must be an int >= {minimum}, got {type(value).__name__} {value!r}."
+        )
+    if value < minimum:
+        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"`{argument}` must be {bound}, got {value!r}.")
+    return int(value)
+
+
+def check_number(
+    value: Any,
+    argument: str,
+    *,
+    minimum: float | None = 0.0,
+    allow_minimum: bool = False,
+    maximum: float | None = None,
+    allow_maximum: bool = True,
+) -> float:
+    """``value`` as a finite ``float`` in the given range (by default ``> 0``).
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a real number (bools refused).
+        ValueError: ``value`` is not finite or outside the range.
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{argument}` must be a number, got {type(value).__name__} {value!r}."
+        )
+    number = float(value)
+    low_ok = minimum is None or number > minimum or (allow_minimum and number == minimum)
+    high_ok = maximum is None or number < maximum or (allow_maximum and number == maximum)
+    if not math.isfinite(number) or not low_ok or not high_ok:
+        parts = []
+        if minimum is not None:
+            parts.append(f"{'>=' if allow_minimum else '>'} {minimum:g}")
+        if maximum is not None:
+            parts.append(f"{'<=' if allow_maximum else '<'} {maximum:g}")
+        bound = " and ".join(parts)
+        raise ValueError(f"`{argument}`={value!r}: expected a finite number {bound}.".rstrip())
+    return number
+
+
+def parse_device(device: Any, *, argument: str = "device") -> torch.device:
+    """``device`` (a string or ``torch.device``) as a ``torch.device`` that exists here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"`{argument}`={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {error}"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`{argument}`={device!r}: CUDA is not available on this machine.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"`{argument}`={device!r}: only {torch.cuda.device_count()} CUDA device(s) here."
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`{argument}`={device!r}: MPS is not available on this machine.")
+    return parsed
+
+
+def model_device(model: Any) -> torch.device | None:
+    """The one device of ``model``'s parameters and buffers (``model`` may be a bound method
+    of a module); None when it has none or they are spread over several devices."""
+    from captum_ext._utils.layers import root_module
+
+    module = root_module(model)
+    if module is None:
+        return None
+    devices = {t.device for t in [*module.parameters(), *module.buffers()]}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of ``model``'s first floating-point parameter or buffer; CPU and
+    float32 when it has none."""
+    from captum_ext._utils.layers import root_module
+
+    module = root_module(model)
+    tensors = [] if module is None else [*module.parameters(), *module.buffers()]
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
