@@ -53,7 +53,9 @@ def moved_names(module_name: str, moves: dict[str, str]) -> Callable[[str], Any]
 
     Usage, at the bottom of the old module::
 
-        __getattr__ = moved_names(__name__, {"load_bundled_model": "captum_ext.bundled:load_bundled_model"})
+        __getattr__ = moved_names(
+            __name__, {"load_bundled_model": "captum_ext.bundled:load_bundled_model"}
+        )
     """
 
     def __getattr__(name: str) -> Any:
