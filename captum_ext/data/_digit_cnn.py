@@ -1,6 +1,6 @@
 """Architecture of the bundled digit classifier.
 
-Private; load the trained model with :func:`captum_ext.data.load_bundled_model`.
+Private; load the trained model with :func:`captum_ext.bundled.load_bundled_model`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class DigitCNN(nn.Module):
         num_classes (int, optional): Number of output logits. Default: 10
         dropout (float, optional): Dropout probability before the classifier. Default: 0.2
     """
+
+    #: ``(C, H, W)`` of the inputs; read by methods that need the input shape (e.g.
+    #: :class:`~captum_ext.inversion.NetworkInversion`) when none is given.
+    input_shape: tuple[int, int, int] = (1, 28, 28)
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.2) -> None:
         super().__init__()

@@ -49,6 +49,7 @@ from captum_ext.inversion.losses import (
     total_variation,
     weight_gradient_norm,
 )
+from captum_ext.inversion.network_inversion import LOSS_TERMS, PRESETS, NetworkInversion
 from captum_ext.inversion.tie import (
     BASELINES,
     OOD_SCORE_KINDS,
@@ -56,7 +57,7 @@ from captum_ext.inversion.tie import (
     TIEPrediction,
     uncertainty_ue,
 )
-from captum_ext.inversion.trainer import LOSS_TERMS, PRESETS, NetworkInversion
+from captum_ext.inversion.tie_config import TIE_BASELINES, TIEConfig
 
 __all__ = [
     "CONDITIONINGS",
@@ -91,6 +92,8 @@ __all__ = [
     "BASELINES",
     "OOD_SCORE_KINDS",
     "TIE",
+    "TIEConfig",
+    "TIE_BASELINES",
     "TIEPrediction",
     "uncertainty_ue",
     # audits

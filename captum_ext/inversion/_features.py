@@ -1,8 +1,8 @@
-"""Penultimate features of a classifier: the input of its last nn.Linear, or a given layer.
+"""Penultimate features of a model: the input of its last nn.Linear, or a given layer.
 
 Unlike :func:`captum_ext._utils.hooks.capture_layer` (which cuts the graph at the layer to
 take gradients there), the tap keeps the captured tensor in the graph, so that losses on the
-features backpropagate to whatever produced the classifier's input (the generator).
+features backpropagate to whatever produced the model's input (the generator).
 """
 
 from __future__ import annotations
@@ -14,49 +14,49 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.hooks import registered_hooks
-from captum_ext._utils.layers import resolve_layer
+from captum_ext._utils.layers import find_last_linear, resolve_layer
 from captum_ext._utils.model_state import preserved_state
 
 
-def _find_last_linear(classifier: nn.Module, example: Tensor) -> nn.Module:
+def final_linear(model: nn.Module, example: Tensor) -> nn.Module:
     """The nn.Linear that runs last in a forward pass on ``example`` and produces the logits.
 
-    Every nn.Linear gets a forward hook for one (no-grad, eval-mode) pass; the last one to
-    run must output a tensor of the logits' shape.
+    The rule of :func:`captum_ext._utils.layers.find_last_linear` (last linear layer to run,
+    seen by forward hooks during one no-grad, eval-mode pass; the model's state is
+    restored), plus a check that its output has the logits' shape.
     """
-    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(
-            f"`feature_layer`: {type(classifier).__name__} has no nn.Linear whose input could "
-            "serve as penultimate features; pass `feature_layer` (a module or dotted name)."
-        )
-    calls: list[tuple[nn.Module, tuple]] = []
+    remedy = "pass `{argument}` (a module or dotted name)"
+    shapes: dict[int, tuple] = {}
+    logits: list[Tensor] = []
 
     def record(module, args, output):
-        calls.append((module, tuple(output.shape) if isinstance(output, Tensor) else None))
+        if isinstance(output, Tensor):
+            shapes[id(module)] = tuple(output.shape)
 
-    registrations = [(lambda m=m: m.register_forward_hook(record)) for m in linears]
-    with preserved_state([classifier]), registered_hooks(*registrations):
-        classifier.eval()
-        with torch.no_grad():
-            logits = classifier(example)
-    if not calls:
+    def run() -> None:
+        handles = [
+            m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)
+        ]
+        try:
+            logits.append(model(example))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with preserved_state([model]):
+        model.eval()
+        _, module = find_last_linear(model, run, argument="feature_layer", remedy=remedy)
+    expected = tuple(logits[-1].shape) if isinstance(logits[-1], Tensor) else None
+    if shapes.get(id(module)) != expected:
         raise ValueError(
-            "`feature_layer`: no nn.Linear of the classifier ran in a forward pass; pass "
-            "`feature_layer` (a module or dotted name)."
-        )
-    module, shape = calls[-1]
-    if shape != tuple(logits.shape):
-        raise ValueError(
-            f"`feature_layer`: the last nn.Linear to run outputs shape {shape}, not the "
-            f"logits' {tuple(logits.shape)}; pass `feature_layer` (a module or dotted name)."
-        )
-    if sum(1 for m, _ in calls if m is module) != 1:
-        raise ValueError(
-            "`feature_layer`: the last nn.Linear runs more than once per forward pass; pass "
-            "`feature_layer` (a module or dotted name)."
+            f"`feature_layer`: the last nn.Linear to run outputs shape {shapes.get(id(module))}, "
+            f"not the logits' {expected}; pass `feature_layer` (a module or dotted name)."
         )
     return module
+
+
+#: the former private name (used by older tests)
+_find_last_linear = final_linear
 
 
 class _FeatureTap:
@@ -105,7 +105,7 @@ class _FeatureTap:
             count = len(self._values)
             self._values = []
             raise ValueError(
-                f"`feature_layer` ran {count} times in one forward pass of the classifier; "
+                f"`feature_layer` ran {count} times in one forward pass of the model; "
                 "pick a layer that runs exactly once."
             )
         value = self._values.pop()
@@ -113,12 +113,12 @@ class _FeatureTap:
 
 
 def _feature_tap(
-    classifier: nn.Module, feature_layer, example: Tensor, *, layer_input: bool | None
+    model: nn.Module, feature_layer, example: Tensor, *, layer_input: bool | None
 ) -> _FeatureTap:
     """The tap of ``feature_layer`` (output by default), or of the last nn.Linear's input."""
     if feature_layer is None:
-        return _FeatureTap(_find_last_linear(classifier, example), layer_input=True)
-    layer = resolve_layer(classifier, feature_layer, argument="feature_layer")
+        return _FeatureTap(final_linear(model, example), layer_input=True)
+    layer = resolve_layer(model, feature_layer, argument="feature_layer")
     return _FeatureTap(layer, layer_input=bool(layer_input))
 
 
@@ -126,7 +126,7 @@ def count_classes(model: nn.Module, input_shape, device, dtype) -> int:
     """The number of logits ``model`` returns for (C, H, W) = ``input_shape`` inputs, from
     one forward pass on two zero images (eval mode, no gradients; the model's state is
     restored). A model that fails on such inputs, or does not return N x K logits, raises a
-    ValueError naming ``input_shape`` / ``classifier``."""
+    ValueError naming ``input_shape`` / ``model``."""
     example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     with preserved_state([model]), torch.no_grad():
         model.eval()
@@ -134,10 +134,10 @@ def count_classes(model: nn.Module, input_shape, device, dtype) -> int:
             logits = model(example)
         except Exception as error:
             raise ValueError(
-                f"`input_shape` {tuple(input_shape)}: the classifier fails on such inputs "
+                f"`input_shape` {tuple(input_shape)}: the model fails on such inputs "
                 f"({type(error).__name__}: {error})."
             ) from error
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"`classifier` must return N x K logits, got {got}.")
+        raise ValueError(f"`model` must return N x K logits, got {got}.")
     return int(logits.shape[1])

@@ -8,7 +8,7 @@ r"""Audits built on network inversion: shortcut learning and training-data leaka
   with the shortcut of the true class and with the shortcut of another class, and (given a
   trained inversion) inverted samples per class with a measure of how strongly they show the
   cue: a model that learned the cue rather than the shape paints the cue when inverted.
-* :func:`privacy_audit` reconstructs training-like images from a classifier (the
+* :func:`privacy_audit` reconstructs training-like images from a model (the
   ``"reconstruction"`` preset of :class:`~captum_ext.inversion.trainer.NetworkInversion`,
   TLDR, arXiv 2410.16884) and reports their matched SSIM to a training subset
   ("Privacy Preserving Properties of Vision Classifiers", arXiv 2502.00760).
@@ -25,15 +25,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import check_int, model_device
 from captum_ext.inversion.evaluation import (
     MatchedSSIM,
-    _check_classifier,
+    _check_model,
     _images,
     _labels,
-    _model_device,
-    _positive_int,
     label_consistency,
     matched_ssim,
 )
@@ -127,7 +127,7 @@ class ShortcutDataset(Dataset):
         height, width = image.shape[-2:]
         if num_classes is None:
             num_classes = 1 + max(_label_int(_split_item(dataset[i], i)[1], i) for i in range(n))
-        num_classes = _positive_int(num_classes, "num_classes")
+        num_classes = check_int(num_classes, "num_classes")
         if conflicting and num_classes < 2:
             raise ValueError("`conflicting` needs `num_classes` >= 2 (another class's cue).")
         self.dataset = dataset
@@ -136,7 +136,7 @@ class ShortcutDataset(Dataset):
         self.conflicting = conflicting
         self.seed = int(seed)
         self.probability = float(probability)
-        self.size = _positive_int(size, "size")
+        self.size = check_int(size, "size")
         if self.size > min(height, width):
             raise ValueError(
                 f"`size` ({size}) is larger than the {height} x {width} images of `dataset`."
@@ -354,10 +354,10 @@ class ShortcutAuditResult(NamedTuple):
     :func:`shortcut_audit`), or None without inversion."""
 
 
-def _predict_dataset(classifier: Any, dataset: Any, batch_size: int) -> tuple[Tensor, Tensor]:
+def _predict_dataset(model: Any, dataset: Any, batch_size: int) -> tuple[Tensor, Tensor]:
     """Predicted classes and labels of a dataset, in order (eval mode, no gradients)."""
-    device = _model_device(classifier)
-    model = root_module(classifier)
+    device = model_device(model)
+    model = root_module(model)
     predictions, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with preserved_state([model]):
@@ -368,9 +368,9 @@ def _predict_dataset(classifier: Any, dataset: Any, batch_size: int) -> tuple[Te
                 images, targets = batch[0], batch[1]
                 if device is not None:
                     images = images.to(device)
-                logits = classifier(images)
+                logits = model(images)
                 if not isinstance(logits, Tensor) or logits.dim() != 2:
-                    raise ValueError("`classifier` must return N x K logits.")
+                    raise ValueError("`model` must return N x K logits.")
                 predictions.append(logits.argmax(1).cpu())
                 labels.append(torch.as_tensor(targets).reshape(-1).cpu().long())
     return torch.cat(predictions), torch.cat(labels)
@@ -421,8 +421,9 @@ def _cue_response(samples: Tensor, labels: Tensor, layout: ShortcutDataset) -> T
     return response
 
 
+@renamed_arguments(classifier="model")
 def shortcut_audit(
-    classifier: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Tensor],
     test_dataset: Any,
     shortcuts: ShortcutDataset | dict,
     *,
@@ -431,9 +432,9 @@ def shortcut_audit(
     batch_size: int = 256,
     seed: int = 0,
 ) -> ShortcutAuditResult:
-    r"""Does the classifier rely on the shortcut it was trained with?
+    r"""Does the model rely on the shortcut it was trained with?
 
-    Evaluates ``classifier`` on three views of ``test_dataset`` that use the shortcut layout
+    Evaluates ``model`` on three views of ``test_dataset`` that use the shortcut layout
     of ``shortcuts`` (square positions, size and value, or intensities):
 
     .. code-block:: text
@@ -459,15 +460,15 @@ def shortcut_audit(
     arXiv 2502.09150), where inversion shows whether the model learned the cue or the shape.
 
     Args:
-        classifier (nn.Module or callable): images to ``N x K`` logits; run in eval mode
+        model (nn.Module or callable): images to ``N x K`` logits; run in eval mode
             without gradients and restored afterwards.
         test_dataset (Dataset): held-out ``(image, label)`` items without shortcuts.
         shortcuts (ShortcutDataset or dict): the training set built by
             :func:`shortcut_dataset` (its layout is reused), or a dict of
             :func:`shortcut_dataset` keyword arguments (``kind``, ``positions``, ...).
         inversion (NetworkInversion or callable, optional): a fitted inversion of
-            ``classifier`` (its ``sample(labels, generator=seed)`` is used), or a callable
-            mapping labels to images in the classifier's input space. Default: None
+            ``model`` (its ``sample(labels, generator=seed)`` is used), or a callable
+            mapping labels to images in the model's input space. Default: None
         samples_per_class (int, optional): inverted images per class. Default: 8
         batch_size (int, optional): test images per forward pass. Default: 256
         seed (int, optional): seed of the conflicting cues and of the samples. Default: 0
@@ -484,9 +485,9 @@ def shortcut_audit(
         >>> audit.accuracy_clean, audit.accuracy_shortcut, audit.follows_cue
         (0.31, 1.0, 0.93)
     """
-    _check_classifier(classifier)
-    batch_size = _positive_int(batch_size, "batch_size")
-    samples_per_class = _positive_int(samples_per_class, "samples_per_class")
+    _check_model(model)
+    batch_size = check_int(batch_size, "batch_size")
+    samples_per_class = check_int(samples_per_class, "samples_per_class")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
     if isinstance(shortcuts, ShortcutDataset):
@@ -514,11 +515,11 @@ def shortcut_audit(
     conflicting = shortcut_dataset(
         test_dataset, probability=1.0, conflicting=True, seed=int(seed), **options
     )
-    predicted, labels = _predict_dataset(classifier, test_dataset, batch_size)
+    predicted, labels = _predict_dataset(model, test_dataset, batch_size)
     accuracy_clean = float((predicted == labels).double().mean())
-    predicted, labels = _predict_dataset(classifier, cued, batch_size)
+    predicted, labels = _predict_dataset(model, cued, batch_size)
     accuracy_shortcut = float((predicted == labels).double().mean())
-    predicted, labels = _predict_dataset(classifier, conflicting, batch_size)
+    predicted, labels = _predict_dataset(model, conflicting, batch_size)
     accuracy_conflicting = float((predicted == labels).double().mean())
     cue = (labels + conflicting.cue_offsets) % conflicting.num_classes
     follows_cue = float((predicted == cue).double().mean())
@@ -527,9 +528,9 @@ def shortcut_audit(
     if inversion is not None:
         k = cued.num_classes
         sample_labels = torch.arange(k).repeat_interleave(samples_per_class)
-        model = root_module(classifier)
-        with preserved_state([model]):
-            samples = _draw_samples(inversion, sample_labels, _model_device(classifier), seed)
+        module = root_module(model)
+        with preserved_state([module]):
+            samples = _draw_samples(inversion, sample_labels, model_device(model), seed)
         samples = _images(samples, "inversion samples")
         response = _cue_response(samples, sample_labels, cued)
     return ShortcutAuditResult(
@@ -550,17 +551,18 @@ class PrivacyAuditResult(NamedTuple):
     """Matched SSIM of the reconstructions to the training subset (see
     :func:`~captum_ext.inversion.evaluation.matched_ssim`)."""
     label_consistency: float
-    """Share of reconstructions the classifier assigns to their conditioning label."""
+    """Share of reconstructions the model assigns to their conditioning label."""
     samples: Tensor
-    """The reconstructions, class-major, in the classifier's input space."""
+    """The reconstructions, class-major, in the model's input space."""
     sample_labels: Tensor
     """Their conditioning labels."""
     inversion: Any
     """The inversion used (the one given, or the NetworkInversion trained here)."""
 
 
+@renamed_arguments(classifier="model", normalize="preprocess")
 def privacy_audit(
-    classifier: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Tensor],
     training_images: Tensor,
     training_labels: Tensor,
     *,
@@ -568,7 +570,8 @@ def privacy_audit(
     steps: int = 2000,
     samples_per_class: int = 32,
     classes: Sequence[int] | None = None,
-    normalize: Callable[[Tensor], Tensor] | None = None,
+    preprocess: Callable[[Tensor], Tensor] | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
     denormalize: Callable[[Tensor], Tensor] | None = None,
     data_range: float | None = None,
     win_size: int | None = None,
@@ -578,40 +581,44 @@ def privacy_audit(
     seed: int = 0,
     progress: bool = True,
 ) -> PrivacyAuditResult:
-    r"""How training-like are the images one can reconstruct from a classifier?
+    r"""How training-like are the images one can reconstruct from a model?
 
     .. code-block:: text
 
-        G          = NetworkInversion(classifier, preset="reconstruction").fit(steps)
+        G          = NetworkInversion(model, preset="reconstruction").fit(steps)
                      (unless a fitted `inversion` is given)
         x_hat      = G.sample(labels),  samples_per_class per class
         result     = matched_ssim(x_hat, training_images, labels, training_labels)
 
     i.e. per class a one-to-one Hungarian matching between reconstructions and the given
     training images on SSIM, its mean, and the share of matches with SSIM >= ``threshold``.
-    Higher values mean the classifier leaks more of its training data; following "Privacy
+    Higher values mean the model leaks more of its training data; following "Privacy
     Preserving Properties of Vision Classifiers" (arXiv 2502.00760) and TLDR
     (arXiv 2410.16884), compare models (architectures, training-set sizes) with the same
     budget and the same training subset.
 
     Args:
-        classifier (nn.Module or callable): the model under audit (left unchanged).
-        training_images (Tensor): ``N x C x H x W`` training images in the classifier's input
+        model (nn.Module or callable): the model under audit (left unchanged).
+        training_images (Tensor): ``N x C x H x W`` training images in the model's input
             space (a subset of its training set).
         training_labels (Tensor): their ``N`` labels.
         inversion (NetworkInversion or callable, optional): a fitted inversion (its
             ``sample(labels, generator=seed)`` is used) or a callable mapping labels to images;
-            by default a ``NetworkInversion(classifier, preset="reconstruction",
-            normalize=normalize, seed=seed)`` is trained for ``steps`` steps. Default: None
+            by default a ``NetworkInversion(model, preset="reconstruction",
+            preprocess=preprocess, value_range=value_range, seed=seed)`` is trained for
+            ``steps`` steps. Default: None
         steps (int, optional): generator steps when training here. Default: 2000
         samples_per_class (int, optional): reconstructions per class. The SSIM matching costs
             ``samples_per_class x`` (training images of the class) SSIM evaluations per
             class. Default: 32
         classes (sequence of int, optional): the classes to reconstruct. Default: those in
             ``training_labels``.
-        normalize (callable, optional): the classifier's input normalisation, passed to the
-            NetworkInversion trained here. Default: None
-        denormalize (callable, optional): maps classifier inputs to display space before SSIM
+        preprocess (callable, optional): maps pixels in ``value_range`` to the model's
+            input space (its normalisation), passed to the NetworkInversion trained here.
+            Formerly ``normalize``. Default: None
+        value_range (tuple[float, float], optional): the pixel range ``preprocess`` takes,
+            e.g. ``(0, 255)``. Default: ``(0, 1)``
+        denormalize (callable, optional): maps model inputs to display space before SSIM
             (e.g. :func:`captum_ext.data.denormalize_digits`). Default: None
         data_range, win_size, threshold: passed to :func:`matched_ssim`.
         batch_size (int, optional): generator batch size when training here. Default: None
@@ -630,17 +637,17 @@ def privacy_audit(
 
         >>> from captum_ext.data import denormalize_digits, normalize_digits
         >>> audit = privacy_audit(model, train_x[:500], train_y[:500], steps=2000,
-        ...                       normalize=lambda x: (x - 0.1307) / 0.3081,
+        ...                       preprocess=lambda x: (x - 0.1307) / 0.3081,
         ...                       denormalize=denormalize_digits, data_range=1.0)
         >>> audit.matched.mean, audit.matched.share_above
         (0.34, 0.21)
     """
-    _check_classifier(classifier)
+    _check_model(model)
     training_images = _images(training_images, "training_images")
     training_labels = _labels(
         training_labels, training_images.shape[0], "training_labels", "training_images"
     )
-    samples_per_class = _positive_int(samples_per_class, "samples_per_class")
+    samples_per_class = check_int(samples_per_class, "samples_per_class")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
     if classes is None:
@@ -653,34 +660,37 @@ def privacy_audit(
         if not chosen or min(chosen) < 0:
             raise ValueError(f"`classes` must be non-empty class indices, got {classes!r}.")
     if inversion is None:
-        steps = _positive_int(steps, "steps")
+        steps = check_int(steps, "steps")
         if batch_size is not None:
-            batch_size = _positive_int(batch_size, "batch_size")
+            batch_size = check_int(batch_size, "batch_size")
         options = dict(inversion_options or {})
-        for fixed in ("preset", "normalize", "seed"):
+        for fixed in ("preset", "preprocess", "value_range", "seed"):
             if fixed in options:
                 raise ValueError(
                     f"`inversion_options` must not set {fixed!r}; it is an argument of "
                     "privacy_audit."
                 )
-        model = root_module(classifier)
-        if model is None:
-            raise TypeError("`classifier` must be an nn.Module to train an inversion of it.")
-        from captum_ext.data import DigitCNN
-        from captum_ext.inversion.trainer import NetworkInversion
+        module = root_module(model)
+        if module is None:
+            raise TypeError("`model` must be an nn.Module to train an inversion of it.")
+        from captum_ext.inversion.network_inversion import NetworkInversion
 
-        if not isinstance(model, DigitCNN) or normalize is not None:
-            options.setdefault("input_shape", tuple(training_images.shape[1:]))
+        options.setdefault("input_shape", tuple(training_images.shape[1:]))
         inversion = NetworkInversion(
-            model, preset="reconstruction", normalize=normalize, seed=int(seed), **options
+            module,
+            preset="reconstruction",
+            preprocess=preprocess,
+            value_range=value_range,
+            seed=int(seed),
+            **options,
         )
         inversion.fit(steps, batch_size=batch_size, progress=progress)
     sample_labels = torch.tensor(chosen, dtype=torch.long).repeat_interleave(samples_per_class)
-    model = root_module(classifier)
-    with preserved_state([model]):
-        samples = _draw_samples(inversion, sample_labels, _model_device(classifier), int(seed))
+    module = root_module(model)
+    with preserved_state([module]):
+        samples = _draw_samples(inversion, sample_labels, model_device(model), int(seed))
     samples = _images(samples, "inversion samples")
-    consistency = label_consistency(classifier, samples, sample_labels)
+    consistency = label_consistency(model, samples, sample_labels)
     matched = matched_ssim(
         samples,
         training_images.to(samples.device),

@@ -3,9 +3,9 @@ r"""Evaluating a network inversion: label consistency, confidence, diversity, ma
 The measures of Suhail, Sethi et al. ("Network Inversion of Convolutional Neural Nets",
 arXiv 2407.18002; "Network Inversion for Training-Like Data Reconstruction", TLDR,
 arXiv 2410.16884; "Network Inversion for Generating Confidently Classified Counterfeits",
-arXiv 2503.20187), as plain functions on a classifier and tensors of images:
+arXiv 2503.20187), as plain functions on a model and tensors of images:
 
-* :func:`label_consistency`: share of generated images the classifier assigns to the label
+* :func:`label_consistency`: share of generated images the model assigns to the label
   they were generated for;
 * :func:`mean_confidence`: mean softmax probability (of the predicted or of the given class);
 * :func:`within_class_diversity`: mean pairwise cosine similarity of penultimate features
@@ -16,8 +16,8 @@ arXiv 2503.20187), as plain functions on a classifier and tensors of images:
 * :func:`sample_grid`: a matplotlib figure with one row of samples per class.
 
 Images are batches ``N x C x H x W`` (``N x H x W`` is read as one channel) in the
-classifier's input space; functions that compare pixels take a ``denormalize`` callable that
-maps them to display space first. The classifier is run in eval mode under ``torch.no_grad``
+model's input space; functions that compare pixels take a ``denormalize`` callable that
+maps them to display space first. The model is run in eval mode under ``torch.no_grad``
 and is left exactly as it was (train/eval flags, ``requires_grad``, ``.grad``, hooks).
 """
 
@@ -30,11 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.hooks import capture_layer
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import progress_bar
-from captum_ext.inversion._features import _find_last_linear
+from captum_ext._utils.validation import check_int, model_device
+from captum_ext.inversion._features import final_linear
 
 __all__ = [
     "DiversityResult",
@@ -107,29 +109,12 @@ def _labels(labels: Any, n: int, argument: str, images_argument: str) -> Tensor:
     return labels.detach().to(device="cpu", dtype=torch.long)
 
 
-def _positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
-    return int(value)
-
-
-def _check_classifier(classifier: Any) -> None:
-    if not callable(classifier):
+def _check_model(model: Any) -> None:
+    if not callable(model):
         raise TypeError(
-            f"`classifier` must be an nn.Module or a callable returning logits, got "
-            f"{type(classifier).__name__}."
+            f"`model` must be an nn.Module or a callable returning logits, got "
+            f"{type(model).__name__}."
         )
-
-
-def _model_device(classifier: Any) -> torch.device | None:
-    model = root_module(classifier)
-    if model is None:
-        return None
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return None
 
 
 def _apply_denormalize(images: Tensor, denormalize: Callable | None, argument: str) -> Tensor:
@@ -149,11 +134,11 @@ def _apply_denormalize(images: Tensor, denormalize: Callable | None, argument: s
     return shown.detach()
 
 
-# ---------------------------------------------------------------- classifier outputs
+# ---------------------------------------------------------------- model outputs
 
 
 def _forward_batches(
-    classifier: Any,
+    model: Any,
     images: Tensor,
     batch_size: int,
     *,
@@ -162,10 +147,10 @@ def _forward_batches(
 ) -> tuple[Tensor, Tensor | None]:
     """Logits (and the features of ``feature_layer``) in eval mode, without gradients.
 
-    Batches go to the classifier's device; results come back on ``images``' device.
+    Batches go to the model's device; results come back on ``images``' device.
     """
-    device = _model_device(classifier)
-    model = root_module(classifier)
+    device = model_device(model)
+    model = root_module(model)
     logits, features = [], []
     with preserved_state([model]):
         if model is not None:
@@ -176,15 +161,15 @@ def _forward_batches(
                 if device is not None:
                     batch = batch.to(device)
                 if feature_layer is None:
-                    out = classifier(batch)
+                    out = model(batch)
                 else:
                     with capture_layer(feature_layer, layer_input=layer_input) as capture:
-                        out = classifier(batch)
+                        out = model(batch)
                     captured = capture.single_call("feature_layer")[0]
                     features.append(captured.detach().flatten(1).to(images.device))
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(batch):
                     raise ValueError(
-                        "`classifier` must return N x K logits for N images, got "
+                        "`model` must return N x K logits for N images, got "
                         f"{getattr(out, 'shape', type(out).__name__)}."
                     )
                 logits.append(out.detach().to(images.device))
@@ -194,32 +179,33 @@ def _forward_batches(
 def _check_label_range(labels: Tensor, num_classes: int, argument: str) -> None:
     if labels.numel() and int(labels.max()) >= num_classes:
         raise ValueError(
-            f"`{argument}` holds class indices outside [0, {num_classes}) for a classifier with "
+            f"`{argument}` holds class indices outside [0, {num_classes}) for a model with "
             f"{num_classes} outputs."
         )
 
 
+@renamed_arguments(classifier="model")
 def label_consistency(
-    classifier: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Tensor],
     images: Tensor,
     labels: Tensor,
     *,
     batch_size: int = 256,
 ) -> float:
-    r"""Share of images that the classifier assigns to the label they were generated for.
+    r"""Share of images that the model assigns to the label they were generated for.
 
     .. code-block:: text
 
         consistency = (1 / N) sum_i [ argmax_k f(x_i)_k == y_i ]
 
     The measure of "Network Inversion of Convolutional Neural Nets" (Suhail and Sethi,
-    arXiv 2407.18002): a conditioned generator is consistent when the classifier it inverts
+    arXiv 2407.18002): a conditioned generator is consistent when the model it inverts
     recognises the requested class in what it generates.
 
     Args:
-        classifier (nn.Module or callable): maps ``N x C x H x W`` images to ``N x K`` logits.
+        model (nn.Module or callable): maps ``N x C x H x W`` images to ``N x K`` logits.
             An ``nn.Module`` is run in eval mode under ``torch.no_grad`` and restored after.
-        images (Tensor): ``N x C x H x W`` images in the classifier's input space (for
+        images (Tensor): ``N x C x H x W`` images in the model's input space (for
             example the output of ``NetworkInversion.sample``).
         labels (Tensor): ``N`` conditioning labels, one per image.
         batch_size (int, optional): images per forward pass. Default: 256
@@ -229,7 +215,7 @@ def label_consistency(
 
     Examples::
 
-        >>> from captum_ext.data import load_bundled_model
+        >>> from captum_ext.bundled import load_bundled_model
         >>> from captum_ext.inversion.trainer import NetworkInversion
         >>> from captum_ext.inversion.evaluation import label_consistency
         >>> model = load_bundled_model()
@@ -239,24 +225,25 @@ def label_consistency(
         >>> label_consistency(model, inversion.sample(labels), labels)
         0.995
     """
-    _check_classifier(classifier)
+    _check_model(model)
     images = _images(images, "images")
     labels = _labels(labels, images.shape[0], "labels", "images")
-    batch_size = _positive_int(batch_size, "batch_size")
-    logits, _ = _forward_batches(classifier, images, batch_size)
+    batch_size = check_int(batch_size, "batch_size")
+    logits, _ = _forward_batches(model, images, batch_size)
     _check_label_range(labels, logits.shape[1], "labels")
     predicted = logits.argmax(dim=1).cpu()
     return float((predicted == labels).double().mean())
 
 
+@renamed_arguments(classifier="model")
 def mean_confidence(
-    classifier: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Tensor],
     images: Tensor,
     labels: Tensor | None = None,
     *,
     batch_size: int = 256,
 ) -> float:
-    r"""Mean softmax probability the classifier gives to the images.
+    r"""Mean softmax probability the model gives to the images.
 
     .. code-block:: text
 
@@ -264,15 +251,15 @@ def mean_confidence(
         labels given:  confidence = (1 / N) sum_i softmax(f(x_i))_{y_i}
 
     Counterfeits ("Network Inversion for Generating Confidently Classified Counterfeits",
-    arXiv 2503.20187) are images the classifier assigns with confidence near 1 although they
+    arXiv 2503.20187) are images the model assigns with confidence near 1 although they
     resemble no training image; with ``labels`` the probability of the requested class is
     averaged instead of that of the predicted class (the two agree when every image is
     classified as its label).
 
     Args:
-        classifier (nn.Module or callable): maps images to ``N x K`` logits (run in eval mode,
+        model (nn.Module or callable): maps images to ``N x K`` logits (run in eval mode,
             without gradients; an ``nn.Module`` is restored afterwards).
-        images (Tensor): ``N x C x H x W`` images in the classifier's input space.
+        images (Tensor): ``N x C x H x W`` images in the model's input space.
         labels (Tensor, optional): ``N`` class indices; see above. Default: None
         batch_size (int, optional): images per forward pass. Default: 256
 
@@ -287,12 +274,12 @@ def mean_confidence(
         >>> mean_confidence(model, counterfeit.sample(labels))
         0.998
     """
-    _check_classifier(classifier)
+    _check_model(model)
     images = _images(images, "images")
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     if labels is not None:
         labels = _labels(labels, images.shape[0], "labels", "images")
-    logits, _ = _forward_batches(classifier, images, batch_size)
+    logits, _ = _forward_batches(model, images, batch_size)
     probs = torch.softmax(logits.double(), dim=1).cpu()
     if labels is None:
         return float(probs.max(dim=1).values.mean())
@@ -317,17 +304,17 @@ class DiversityResult(NamedTuple):
 
 def _penultimate_layer(source: Any, images: Tensor) -> nn.Module:
     """The last nn.Linear to run (the same rule as the trainer's feature tap)."""
-    model = root_module(source)
-    if model is None:
+    module = root_module(source)
+    if module is None:
         raise TypeError(
             "`source` is not an nn.Module (nor a bound method of one), so its penultimate "
             "features cannot be found; pass `feature_layer`, or the features themselves."
         )
     example = images[:1]
-    device = _model_device(source)
+    device = model_device(source)
     if device is not None:
         example = example.to(device)
-    return _find_last_linear(model, example)
+    return final_linear(module, example)
 
 
 def within_class_diversity(
@@ -346,7 +333,7 @@ def within_class_diversity(
         mean = average of D_k over the classes with n_k >= 2
 
     where ``phi`` are the features of the images: by default the *penultimate features* of
-    the classifier, i.e. the input of the last ``nn.Linear`` to run in a forward pass
+    the model, i.e. the input of the last ``nn.Linear`` to run in a forward pass
     (checked to produce the logits; the features the trainer's cosine and orthogonality
     losses use), flattened; with ``feature_layer`` the (flattened) output of that layer.
     This is the signed pairwise cosine that the inversion loss of Suhail and Sethi
@@ -355,12 +342,12 @@ def within_class_diversity(
     near 1.
 
     Args:
-        source (nn.Module, callable or Tensor): the classifier (its features are computed in
+        source (nn.Module, callable or Tensor): the model (its features are computed in
             eval mode without gradients, and it is restored afterwards), or a precomputed
             ``N x D`` (or ``N x ...``, flattened) tensor of features, in which case
             ``images`` is ignored and may be None. To measure diversity in pixel space, pass
             the images themselves as ``source``.
-        images (Tensor or None): ``N x C x H x W`` images in the classifier's input space.
+        images (Tensor or None): ``N x C x H x W`` images in the model's input space.
         labels (Tensor): ``N`` class indices.
         feature_layer (nn.Module or str, optional): the layer whose output is used instead
             of the penultimate features (a module or its dotted name). Default: None
@@ -376,7 +363,7 @@ def within_class_diversity(
         >>> result.mean, result.per_class.shape
         (0.62, torch.Size([10]))
     """
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     if isinstance(source, Tensor):
         if source.dim() < 2 or source.shape[0] == 0:
             raise ValueError(
@@ -392,9 +379,9 @@ def within_class_diversity(
             raise ValueError("`source` contains NaN or infinite values.")
         labels = _labels(labels, features.shape[0], "labels", "source")
     else:
-        _check_classifier(source)
+        _check_model(source)
         if images is None:
-            raise ValueError("`images` is None; give the images when `source` is a classifier.")
+            raise ValueError("`images` is None; give the images when `source` is a model.")
         images = _images(images, "images")
         labels = _labels(labels, images.shape[0], "labels", "images")
         if feature_layer is None:
@@ -509,7 +496,7 @@ def matched_ssim(
         threshold (float, optional): SSIM threshold of ``share_above``. Default: 0.4
         denormalize (callable, optional): applied to both sets before SSIM, e.g.
             :func:`captum_ext.data.denormalize_digits` to compare in [0, 1] pixel space
-            images given in the classifier's input space. Default: None (compare as given)
+            images given in the model's input space. Default: None (compare as given)
         data_range (float, optional): scikit-image's ``data_range`` (max minus min possible
             value). Default: None, meaning max minus min over both sets (after
             ``denormalize``); pass 1.0 for images in [0, 1].
@@ -707,7 +694,7 @@ def sample_grid(
     """
     images = _images(images, "images")
     labels = _labels(labels, images.shape[0], "labels", "images")
-    per_class = _positive_int(per_class, "per_class")
+    per_class = check_int(per_class, "per_class")
     if images.shape[1] not in (1, 3):
         raise ValueError(f"`images` must have 1 or 3 channels, got {images.shape[1]}.")
     if isinstance(cell_size, bool) or not isinstance(cell_size, (int, float)) or cell_size <= 0:

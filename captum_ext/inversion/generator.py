@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext.inversion.conditioning import (
     _check_labels,
     _check_num_classes,
@@ -39,7 +42,7 @@ CONDITIONINGS: dict[str, tuple[str | None, bool]] = {
 
 
 class _AffineNormalize(nn.Module):
-    """``(x - mean) / std`` per channel (a tuple ``(mean, std)`` given as ``normalize``)."""
+    """``(x - mean) / std`` per channel (a tuple ``(mean, std)`` given as ``preprocess``)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
         super().__init__()
@@ -48,10 +51,10 @@ class _AffineNormalize(nn.Module):
         for name, value in (("mean", mean_t), ("std", std_t)):
             if value.numel() not in (1, channels):
                 raise ValueError(
-                    f"`normalize` {name} must have 1 or {channels} values, got {value.numel()}."
+                    f"`preprocess` {name} must have 1 or {channels} values, got {value.numel()}."
                 )
         if bool((std_t <= 0).any()):
-            raise ValueError("`normalize` std must be positive.")
+            raise ValueError("`preprocess` std must be positive.")
         self.register_buffer("mean", mean_t.reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std_t.reshape(1, -1, 1, 1), persistent=False)
 
@@ -59,27 +62,57 @@ class _AffineNormalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def _pixels_255(normalize: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def wrapped(x: Tensor) -> Tensor:
-        return normalize(x * 255.0)
+class _Rescaled:
+    """``preprocess(low + (high - low) p)``: pixels in [0, 1] to the range ``preprocess`` takes."""
 
-    return wrapped
+    def __init__(self, preprocess: Callable[[Tensor], Tensor], low: float, high: float) -> None:
+        self.preprocess = preprocess
+        self.low = low
+        self.high = high
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        scaled = pixels * (self.high - self.low)
+        if self.low:
+            scaled = scaled + self.low
+        return self.preprocess(scaled)
 
 
-def _make_normalize(normalize, channels: int):
-    if normalize is None:
+def check_value_range(value_range: Any) -> tuple[float, float]:
+    """``(low, high)`` of finite numbers with ``low < high`` (the ``value_range`` argument)."""
+    if (
+        not isinstance(value_range, tuple | list)
+        or len(value_range) != 2
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value_range
+        )
+        or not value_range[0] < value_range[1]
+    ):
+        raise ValueError(
+            f"`value_range` must be (low, high) with finite low < high, got {value_range!r}."
+        )
+    return float(value_range[0]), float(value_range[1])
+
+
+def _make_preprocess(preprocess, channels: int, value_range: tuple[float, float]):
+    if preprocess is None:
+        if value_range != (0.0, 1.0):
+            raise ValueError("`value_range` is only used with a `preprocess` callable.")
         return None
-    from captum_ext.data import normalize_digits
-
-    if normalize is normalize_digits:  # takes 0..255 pixels, the generator makes [0, 1]
-        return _pixels_255(normalize)
-    if isinstance(normalize, tuple | list) and len(normalize) == 2:
-        return _AffineNormalize(normalize[0], normalize[1], channels)
-    if callable(normalize):
-        return normalize
+    if isinstance(preprocess, tuple | list) and len(preprocess) == 2:
+        if value_range != (0.0, 1.0):
+            raise ValueError(
+                "`value_range` is only used with a `preprocess` callable; a (mean, std) pair "
+                "applies to pixels in [0, 1]."
+            )
+        return _AffineNormalize(preprocess[0], preprocess[1], channels)
+    if callable(preprocess):
+        if value_range == (0.0, 1.0):
+            return preprocess
+        return _Rescaled(preprocess, *value_range)
     raise TypeError(
-        "`normalize` must be None, a callable taking images in [0, 1], or a (mean, std) pair, "
-        f"got {type(normalize).__name__}."
+        "`preprocess` must be None, a callable taking pixels in `value_range`, or a "
+        f"(mean, std) pair, got {type(preprocess).__name__}."
     )
 
 
@@ -114,7 +147,8 @@ class ConditionedGenerator(nn.Module):
       with BatchNorm, ``Dropout2d(dropout)`` and ReLU, a resize to exactly ``H x W`` when
       needed, a 3 x 3 convolution to ``C`` channels and Tanh;
     - the output ``t`` in ``[-1, 1]`` becomes pixels ``p = (t + 1) / 2`` in ``[0, 1]`` and
-      the images ``x = normalize(p)`` in the classifier's input space.
+      the images ``x = preprocess(lo + (hi - lo) p)`` in the model's input space, with
+      ``(lo, hi) = value_range``.
 
     For ``K = 10`` and ``28 x 28`` the sizes are those of the paper's MNIST generator
     (``10 -> 7 -> 14 -> 28`` in stage B). The working size caps memory: the paper's
@@ -137,10 +171,14 @@ class ConditionedGenerator(nn.Module):
             Default: ``"vector_matrix"``
         dropout (float, optional): ``Dropout2d`` probability in every stage-B block
             ("heavy dropout" in the papers). Default: 0.1
-        normalize (callable or tuple, optional): The classifier's normalisation, applied to
-            pixels in ``[0, 1]``: a callable, or a ``(mean, std)`` pair (numbers or one per
-            channel). :func:`captum_ext.data.normalize_digits` (which takes ``0..255``
-            pixels) is recognised and fed ``255 p``. Default: None (images are the pixels)
+        preprocess (callable or tuple, optional): Maps the generated pixels to the model's
+            input space (its normalisation): a callable taking pixels in ``value_range``,
+            or a ``(mean, std)`` pair (numbers or one per channel) applied to pixels in
+            ``[0, 1]``. Formerly ``normalize``. Default: None (images are the pixels)
+        value_range (tuple[float, float], optional): The range of pixel values that
+            ``preprocess`` takes, e.g. ``(0, 255)`` for a normalisation written for 8-bit
+            pixels; the generator's pixels ``p`` in ``[0, 1]`` are scaled to it first.
+            Default: ``(0, 1)``
         width (int, optional): Channels of the ``K x K`` map; stage A uses ``2 width``,
             stage B halves at each doubling (at least 16). Default: 64
         bounded (bool, optional): Tanh at the end (pixels always in ``[0, 1]``). With
@@ -153,14 +191,14 @@ class ConditionedGenerator(nn.Module):
     Examples::
 
         >>> import torch
-        >>> from captum_ext.data import normalize_digits
         >>> from captum_ext.inversion import ConditionedGenerator
-        >>> gen = ConditionedGenerator(10, (1, 28, 28), normalize=normalize_digits).eval()
+        >>> gen = ConditionedGenerator(10, (1, 28, 28), preprocess=((0.5,), (0.5,))).eval()
         >>> images = gen.generate(torch.arange(10), generator=torch.Generator().manual_seed(0))
         >>> images.shape
         torch.Size([10, 1, 28, 28])
     """
 
+    @renamed_arguments(normalize="preprocess")
     def __init__(
         self,
         num_classes: int,
@@ -168,8 +206,9 @@ class ConditionedGenerator(nn.Module):
         latent_dim: int = 100,
         conditioning: str = "vector_matrix",
         dropout: float = 0.1,
-        normalize: Callable[[Tensor], Tensor] | Sequence | None = None,
+        preprocess: Callable[[Tensor], Tensor] | Sequence | None = None,
         *,
+        value_range: tuple[float, float] = (0.0, 1.0),
         width: int = 64,
         bounded: bool = True,
         max_matrix_size: int = 64,
@@ -210,7 +249,8 @@ class ConditionedGenerator(nn.Module):
         self.vector_kind, self.uses_matrix = CONDITIONINGS[conditioning]
         self.uses_vector = self.vector_kind is not None
         self.bounded = bool(bounded)
-        self.normalize = _make_normalize(normalize, channels)
+        self.value_range = check_value_range(value_range)
+        self.preprocess = _make_preprocess(preprocess, channels, self.value_range)
 
         self.embed = nn.Linear(num_classes, latent_dim) if self.uses_vector else None
         cin = latent_dim * (2 if self.uses_vector else 1)
@@ -298,7 +338,7 @@ class ConditionedGenerator(nn.Module):
 
         Returns:
             Tensor or tuple[Tensor, Tensor]: images ``N x C x H x W`` in the classifier's
-            input space (``normalize(pixels)``), and the pixels when ``return_pixels``.
+            input space (``preprocess`` of the pixels), and the pixels when ``return_pixels``.
         """
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(
@@ -339,12 +379,33 @@ class ConditionedGenerator(nn.Module):
         if self.bounded:
             t = torch.tanh(t)
         pixels = (t + 1) / 2
-        images = pixels if self.normalize is None else self.normalize(pixels)
+        images = self.preprocess_pixels(pixels)
         return (images, pixels) if return_pixels else images
 
+    def preprocess_pixels(self, pixels: Tensor) -> Tensor:
+        """Map pixels in ``[0, 1]`` to the model's input space (``preprocess``)."""
+        return pixels if self.preprocess is None else self.preprocess(pixels)
+
     def normalize_pixels(self, pixels: Tensor) -> Tensor:
-        """Map pixels in ``[0, 1]`` to the classifier's input space (``normalize``)."""
-        return pixels if self.normalize is None else self.normalize(pixels)
+        """Deprecated alias of :meth:`preprocess_pixels`."""
+        warnings.warn(
+            "ConditionedGenerator.normalize_pixels is renamed preprocess_pixels; the old name "
+            "will be removed in a future release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.preprocess_pixels(pixels)
+
+    @property
+    def normalize(self):
+        """Deprecated alias of the ``preprocess`` attribute."""
+        warnings.warn(
+            "ConditionedGenerator.normalize is renamed preprocess; the old name will be "
+            "removed in a future release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.preprocess
 
     def generate(
         self,
@@ -486,8 +547,9 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@renamed_arguments(classifier="model")
 def estimate_inversion_cost(
-    classifier: nn.Module,
+    model: nn.Module,
     input_shape: Sequence[int],
     *,
     num_classes: int | None = None,
@@ -500,22 +562,22 @@ def estimate_inversion_cost(
     probe_batch: int = 2,
     probe_bytes: int = 2**28,
 ) -> InversionCost:
-    r"""Estimate memory and time of training a :class:`ConditionedGenerator` for ``classifier``.
+    r"""Estimate memory and time of training a :class:`ConditionedGenerator` for ``model``.
 
-    Runs one training step at ``probe_batch`` examples (generator forward, classifier
+    Runs one training step at ``probe_batch`` examples (generator forward, model
     forward, backward to the generator's parameters only) that measures the bytes of every
     module output per example with forward hooks, then times one step at the largest batch
     (up to ``batch_size``) whose activations fit in ``probe_bytes``, and scales to
     ``batch_size`` and ``steps`` (formulas in :class:`InversionCost`). Call it before a heavy
     section and skip the section when ``not cost.fits()``. The probes themselves need
-    ``probe_bytes`` of memory at most (beyond ``probe_batch`` examples). The classifier is
+    ``probe_bytes`` of memory at most (beyond ``probe_batch`` examples). The model is
     left as it was (mode, flags, ``.grad``, buffers;
     :func:`~captum_ext._utils.model_state.preserved_state`).
 
     Args:
-        classifier (nn.Module): the classifier to invert (``N x C x H x W -> N x K``).
+        model (nn.Module): the model to invert (``N x C x H x W -> N x K``).
         input_shape (Sequence[int]): ``(C, H, W)`` of its inputs.
-        num_classes (int, optional): ``K``. Default: None (the classifier's output width)
+        num_classes (int, optional): ``K``. Default: None (the model's output width)
         batch_size (int, optional): training batch. Default: 64
         steps (int, optional): training steps. Default: 1000
         latent_dim, width, conditioning, max_matrix_size: as in :class:`ConditionedGenerator`.
@@ -538,8 +600,8 @@ def estimate_inversion_cost(
     """
     from captum_ext._utils.model_state import preserved_state
 
-    if not isinstance(classifier, nn.Module):
-        raise TypeError(f"`classifier` must be an nn.Module, got {type(classifier).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
@@ -547,7 +609,7 @@ def estimate_inversion_cost(
         raise ValueError(f"`probe_batch` must be an int >= 2, got {probe_batch!r}.")
     if isinstance(probe_bytes, bool) or not isinstance(probe_bytes, int) or probe_bytes < 1:
         raise ValueError(f"`probe_bytes` must be a positive int, got {probe_bytes!r}.")
-    param = next(iter(classifier.parameters()), None)
+    param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     sizes: list[int] = []
@@ -558,14 +620,14 @@ def estimate_inversion_cost(
                 sizes.append(out.numel() * out.element_size())
 
     handles = []
-    with preserved_state([classifier]):
-        classifier.eval()
+    with preserved_state([model]):
+        model.eval()
         if num_classes is None:
             with torch.no_grad():
-                probe = classifier(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+                probe = model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
             if not isinstance(probe, Tensor) or probe.dim() != 2:
                 raise ValueError(
-                    "`classifier` must return N x K logits to estimate the inversion cost, got "
+                    "`model` must return N x K logits to estimate the inversion cost, got "
                     f"{tuple(probe.shape) if isinstance(probe, Tensor) else type(probe)}."
                 )
             num_classes = int(probe.shape[1])
@@ -587,7 +649,7 @@ def estimate_inversion_cost(
                 start = time.perf_counter()
                 with torch.enable_grad():
                     images = gen.generate(labels)
-                    logits = classifier(images)
+                    logits = model(images)
                     loss = F.cross_entropy(logits.float(), labels)
                     torch.autograd.grad(loss, gen_params, allow_unused=True)
                 if device.type == "cuda":
@@ -595,7 +657,7 @@ def estimate_inversion_cost(
                 return time.perf_counter() - start
 
             try:
-                for m in list(gen.modules()) + list(classifier.modules()):
+                for m in list(gen.modules()) + list(model.modules()):
                     if not list(m.children()):
                         handles.append(m.register_forward_hook(record))
                 step(probe_batch)
@@ -607,7 +669,7 @@ def estimate_inversion_cost(
             # cost per step that a linear extrapolation from 2 examples would multiply
             timed = min(batch_size, max(probe_batch, probe_bytes // max(1, 2 * per_example)))
             elapsed = step(timed)
-    parameters = 4 * _module_bytes(gen) + _module_bytes(classifier)
+    parameters = 4 * _module_bytes(gen) + _module_bytes(model)
     return InversionCost(
         bytes=int(parameters + 2 * batch_size * per_example),
         seconds=float(elapsed * batch_size / timed * steps),

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import preserved_state
 
 __all__ = [
@@ -263,15 +264,16 @@ def pixel_range(images: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
     return (F.relu(low - x) ** 2 + F.relu(x - high) ** 2).mean()
 
 
+@renamed_arguments(classifier="model")
 def weight_gradient_norm(
-    classifier: nn.Module,
+    model: nn.Module,
     inputs: Tensor,
     labels: Tensor,
     *,
     squared: bool = True,
     create_graph: bool = True,
 ) -> Tensor:
-    r"""Norm of the gradient of the classifier's CE with respect to its own weights.
+    r"""Norm of the gradient of the model's CE with respect to its own weights.
 
     ``L_grad = sum_w || d CE(f(x), y) / d w ||^2`` over all parameters ``w`` of ``f`` (the
     square root of it with ``squared=False``). Training examples sit near a minimum of the
@@ -279,15 +281,15 @@ def weight_gradient_norm(
     (TLDR). Computed by double backpropagation (``create_graph=True``), so the result can
     be differentiated with respect to ``inputs`` (and the generator producing them).
 
-    The classifier stays frozen: it runs in eval mode; its parameters temporarily require
+    The model stays frozen: it runs in eval mode; its parameters temporarily require
     gradients (``torch.autograd.grad``, nothing is written to ``.grad``), and its train/eval
     flags and ``requires_grad`` flags are restored afterwards, also on error. When the
     result is backpropagated further, pass ``inputs=`` to ``backward`` (the trainers pass
-    the generator's parameters) so that nothing accumulates into the classifier's ``.grad``.
+    the generator's parameters) so that nothing accumulates into the model's ``.grad``.
 
     Args:
-        classifier (nn.Module): The classifier ``f`` (logits ``N x K``).
-        inputs (Tensor): ``N x ...`` inputs in the classifier's input space.
+        model (nn.Module): The model ``f`` (logits ``N x K``).
+        inputs (Tensor): ``N x ...`` inputs in the model's input space.
         labels (Tensor): ``N`` class indices, or ``N x K`` conditioning vectors (argmax).
         squared (bool, optional): Return the squared norm. Default: True
         create_graph (bool, optional): Keep the graph for differentiating the result.
@@ -299,7 +301,8 @@ def weight_gradient_norm(
     Examples::
 
         >>> import torch
-        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import load_sample_digits
         >>> from captum_ext.inversion import weight_gradient_norm
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()
@@ -307,18 +310,18 @@ def weight_gradient_norm(
         >>> bool(value >= 0)
         True
     """
-    if not isinstance(classifier, nn.Module):
-        raise TypeError(f"`classifier` must be an nn.Module, got {type(classifier).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     _check_tensor(inputs, "inputs")
-    params = list(classifier.parameters())
+    params = list(model.parameters())
     if not params:
-        raise ValueError("`classifier` has no parameters to take the gradient of.")
-    with preserved_state([classifier]):
-        classifier.eval()
+        raise ValueError("`model` has no parameters to take the gradient of.")
+    with preserved_state([model]):
+        model.eval()
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            logits = classifier(inputs)
+            logits = model(inputs)
             labels = _as_labels(labels, logits)
             loss = F.cross_entropy(_upcast(logits), labels)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
@@ -328,30 +331,31 @@ def weight_gradient_norm(
     return total if squared else total.sqrt()
 
 
+@renamed_arguments(classifier="model", normalize="preprocess")
 def perturbed_kl_ce(
-    classifier: nn.Module,
+    model: nn.Module,
     pixels: Tensor,
     conditioning: Tensor,
     *,
     eps: float = 0.1,
-    normalize=None,
+    preprocess=None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""KL and CE again, on a randomly perturbed copy of the images.
 
-    ``x' = normalize(p + eps * s)`` with ``s`` uniform random signs (``sign`` of Gaussian
+    ``x' = preprocess(p + eps * s)`` with ``s`` uniform random signs (``sign`` of Gaussian
     noise) on the pixels ``p``; returns ``KL(c || softmax f(x')) + CE(f(x'), argmax c)``.
     Training examples are classified robustly in a neighbourhood, so training-like
     reconstructions should keep their label under small perturbations (TLDR).
 
     Args:
-        classifier (nn.Module or callable): The classifier (used as it is; the trainers run
+        model (nn.Module or callable): The model (used as it is; the trainers run
             it frozen in eval mode).
         pixels (Tensor): ``N x C x H x W`` pixels (in [0, 1] in the trainers).
         conditioning (Tensor): ``N x K`` conditioning vectors (one-hot for labels).
         eps (float, optional): Perturbation size in pixel units. Default: 0.1
-        normalize (callable, optional): Maps pixels to the classifier's input space, e.g.
-            :meth:`ConditionedGenerator.normalize_pixels`. Default: None (identity)
+        preprocess (callable, optional): Maps pixels to the model's input space, e.g.
+            :meth:`ConditionedGenerator.preprocess_pixels`. Default: None (identity)
         generator (torch.Generator, optional): Source of the signs, on the pixels' device.
             Default: None
 
@@ -361,20 +365,22 @@ def perturbed_kl_ce(
     Examples::
 
         >>> import torch
-        >>> from captum_ext.data import load_bundled_model, normalize_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import normalize_digits
         >>> from captum_ext.inversion import one_hot_vectors, perturbed_kl_ce
         >>> model = load_bundled_model()
         >>> pixels = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         >>> c = one_hot_vectors(torch.tensor([0, 1, 2, 3]), 10)
-        >>> value = perturbed_kl_ce(model, pixels, c, normalize=lambda p: normalize_digits(255 * p),
-        ...                         generator=torch.Generator().manual_seed(1))
+        >>> value = perturbed_kl_ce(
+        ...     model, pixels, c, preprocess=lambda p: normalize_digits(255 * p),
+        ...     generator=torch.Generator().manual_seed(1))
     """
     _check_images(pixels, "pixels")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
         raise ValueError(f"`eps` must be a non-negative float, got {eps!r}.")
     signs = torch.randint(0, 2, pixels.shape, generator=generator, device=pixels.device)
     perturbed = pixels + eps * (2 * signs.to(pixels.dtype) - 1)
-    inputs = perturbed if normalize is None else normalize(perturbed)
-    logits = _upcast(classifier(inputs))
+    inputs = perturbed if preprocess is None else preprocess(perturbed)
+    logits = _upcast(model(inputs))
     conditioning = conditioning.to(logits.dtype)
     return kl_to_conditioning(logits, conditioning) + cross_entropy_to_labels(logits, conditioning)

@@ -12,8 +12,10 @@ out-of-distribution data.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import (
     barrier,
@@ -33,15 +36,26 @@ from captum_ext._utils.training import (
     unwrap_distributed,
     wrap_distributed,
 )
-from captum_ext.inversion._features import _find_last_linear, count_classes
-from captum_ext.inversion.generator import ConditionedGenerator
-from captum_ext.inversion.trainer import NetworkInversion
+from captum_ext._utils.validation import check_int, model_device_dtype
+from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
+from captum_ext.inversion._features import count_classes, final_linear
+from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
+from captum_ext.inversion.network_inversion import NetworkInversion
+from captum_ext.inversion.tie_config import TIE_BASELINES, TIEConfig
 
-__all__ = ["BASELINES", "OOD_SCORE_KINDS", "TIE", "TIEPrediction", "uncertainty_ue"]
+__all__ = [
+    "BASELINES",
+    "OOD_SCORE_KINDS",
+    "TIE",
+    "TIEConfig",
+    "TIEPrediction",
+    "TIE_BASELINES",
+    "uncertainty_ue",
+]
 
-#: What is excluded into the garbage pool each epoch: ``"uncertain"`` (TIE: the inverted
-#: samples with ``UE > threshold``) or ``"all"`` (the earlier version: every inverted sample).
-BASELINES: tuple[str, ...] = ("uncertain", "all")
+#: Former name of :data:`~captum_ext.inversion.tie_config.TIE_BASELINES` (the values of
+#: ``TIEConfig.baseline``).
+BASELINES: tuple[str, ...] = TIE_BASELINES
 
 #: The kinds of :meth:`TIE.ood_score`: ``"max_in"`` (``1 - max_{c < n} p_c``), ``"ue"``
 #: (:func:`uncertainty_ue` of the ``n + 1`` probabilities) and ``"garbage"`` (``p_n``).
@@ -77,26 +91,6 @@ _LOG_KEYS = (
     "mean_ue",
     "pool_size",
 )
-
-
-def _float_in(value, argument: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ValueError(f"`{argument}` must be a number in [{low}, {high}], got {value!r}.")
-    return float(value)
-
-
-def _positive_int(value, argument: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-def _positive_float(value, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"`{argument}` must be a positive number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"`{argument}` must be finite, got {value!r}.")
-    return float(value)
 
 
 def _seed_of(seed: int, stream: int, epoch: int, rank: int = 0) -> int:
@@ -166,13 +160,6 @@ class TIEPrediction(NamedTuple):
     is_garbage: Tensor
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _clear_hooks(model: nn.Module) -> None:
     """Drop the forward/backward hooks a deep copy inherited from the user's model (their
     closures may refer to the user's objects)."""
@@ -200,14 +187,14 @@ def _extend_classifier(
 ) -> tuple[nn.Module, str]:
     """A deep copy of ``model`` whose last nn.Linear has ``num_classes + 1`` outputs; the
     first ``num_classes`` rows are the trained ones."""
-    device, dtype = _model_device_dtype(model)
+    device, dtype = model_device_dtype(model)
     example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     try:
-        head = _find_last_linear(model, example)
+        head = final_linear(model, example)
     except ValueError as error:
         raise ValueError(
-            f"`classifier`: cannot find the final nn.Linear to extend ({error}); pass a "
-            "`classifier_factory` that builds a model with n + 1 outputs instead."
+            f"`model`: cannot find the final nn.Linear to extend ({error}); pass a factory "
+            "(a callable, not an nn.Module) that builds a model with n + 1 outputs instead."
         ) from error
     name = next(n for n, m in model.named_modules() if m is head)
     extended = copy.deepcopy(model)
@@ -308,7 +295,7 @@ class TIE:
     unchanged on every input until training starts; the garbage row gets seeded uniform
     weights ``U(-1/sqrt(d), 1/sqrt(d))`` and bias 0. The copy keeps the user's
     ``requires_grad`` flags (frozen layers stay frozen; the new head is trainable) but not
-    their hooks. Or a ``classifier_factory``: a callable (not an ``nn.Module``) that takes
+    their hooks. Or a model factory: a callable (not an ``nn.Module``) that takes
     the number of outputs ``n + 1`` and returns a fresh model; ``num_classes`` is then
     required.
 
@@ -320,58 +307,35 @@ class TIE:
     writes the checkpoints.
 
     Args:
-        classifier (nn.Module or callable): The ``n``-class classifier (logits), or a
-            ``classifier_factory(n + 1) -> nn.Module``.
+        model (nn.Module or callable): The ``n``-class classifier (logits), or a factory
+            ``model(n + 1) -> nn.Module`` (a callable that is not an ``nn.Module``).
+            Formerly ``classifier``.
         generator_factory (callable, optional): ``generator_factory(n + 1)`` returning a
             :class:`ConditionedGenerator` for ``n + 1`` classes and ``input_shape``.
             Default: a vector-matrix ``ConditionedGenerator(n + 1, input_shape,
-            latent_dim, dropout=dropout, normalize=normalize, width=generator_width)`` on
-            the classifier's device and dtype, initialised from ``seed``.
+            latent_dim, dropout=dropout, preprocess=preprocess, value_range=value_range,
+            width=generator_width)`` on the model's device and dtype, initialised from
+            ``seed``.
+        config (TIEConfig, optional): The training settings (threshold, stopping rule,
+            batch sizes, learning rates, generator size, seed, ...): see
+            :class:`TIEConfig`. Default: ``TIEConfig()``
         num_classes (int, optional): ``n``. Required with a factory; checked against the
-            classifier's outputs otherwise. Default: None
-        input_shape (tuple[int, int, int], optional): ``(C, H, W)`` of the classifier's
-            inputs. Default: ``(1, 28, 28)`` for :class:`captum_ext.data.DigitCNN`, else
-            required.
-        normalize (callable or tuple, optional): The classifier's normalisation of pixels in
-            ``[0, 1]`` for the default generator (see :class:`ConditionedGenerator`).
-            Default: None; :func:`captum_ext.data.normalize_digits` for a DigitCNN.
-        threshold (float, optional): UE above which an inverted sample is excluded into the
-            garbage pool. Default: 0.5
-        stop_fraction (float, optional): Stop when the excluded fraction of an epoch is
-            below this. Default: 0.05
-        baseline (str, optional): ``"uncertain"`` (TIE) or ``"all"`` (every inverted sample
-            is excluded; never stops early). Default: ``"uncertain"``
-        garbage_size (int, optional): Number of Gaussian-noise images seeding the pool.
-            Default: None, the in-distribution size divided by ``n`` (an average class).
-        samples_per_class (int, optional): Inverted images sampled per class and epoch.
-            Default: None, ``ceil(N / (n (n + 1)))``: an average class's worth in all.
-        final_training (bool, optional): When a fit ends (stopping rule or ``epochs``)
-            after an epoch that added samples to the pool, train the classifier one more
-            epoch on the final pool, so that the last exclusions are learnt. Its log row
-            has ``sampled = excluded = 0`` and NaN in the inversion columns.
-            Default: True
-        sample_vector (str, optional): Conditioning vector of the sampled (not the
-            training) images: ``"one_hot"`` asks the generator for a sure image of each
-            class, so that UE measures whether the classifier agrees; ``"soft"`` uses the
-            training kind ``softmax(r)``, whose own UE is about 0.9 for ``n + 1 = 11``
-            (nearly every sample would exceed the threshold and TIE would reduce to
-            ``baseline="all"``). Default: ``"one_hot"`` (our DEFAULT; the papers do not
-            say).
-        lr (float, optional): Adam learning rate of the classifier. Default: 1e-3
-        batch_size (int, optional): Classifier training batch (per process). Default: 64
-        generator_steps (int, optional): Generator steps per epoch. Default: 100
-        generator_batch_size (int, optional): Generated images per generator step (per
-            process). Default: 64
-        generator_lr (float, optional): Adam learning rate of the generator. Default: 1e-3
-        inversion_weights (dict, optional): Loss weights for :class:`NetworkInversion`
-            (default KL 1, CE 1, cosine 0.5; orthogonality off). Default: None
-        latent_dim, generator_width, dropout: Of the default generator. Defaults: 100, 64,
-            0.1
-        seed (int, optional): Seeds the garbage row, the generator, the noise images, the
-            data order, dropout and the sampling. Default: 0
+            model's outputs otherwise. Default: None
+        input_shape (tuple[int, int, int], optional): ``(C, H, W)`` of the model's inputs.
+            Default: the model's ``input_shape`` attribute when it has one, else required.
+        preprocess (callable or tuple, optional): Maps the default generator's pixels to the
+            model's input space (see :class:`ConditionedGenerator`). Formerly
+            ``normalize``. Default: None (the model takes pixels in ``[0, 1]``)
+        value_range (tuple[float, float], optional): The pixel range ``preprocess`` takes,
+            e.g. ``(0, 255)``. Default: ``(0, 1)``
+        **settings: Any field of :class:`TIEConfig` (``threshold=0.3``,
+            ``generator_steps=50``, ...), applied on top of ``config``: the keyword form
+            of earlier releases, still supported without a warning.
 
     Attributes:
-        classifier (nn.Module): The ``n + 1``-output classifier being trained (the copy).
+        model (nn.Module): The ``n + 1``-output classifier being trained (the copy;
+            formerly ``classifier``).
+        config (TIEConfig): The training settings in use.
         generator (ConditionedGenerator): The generator.
         inversion (NetworkInversion): The generator's trainer.
         pool (Tensor or None): The garbage pool, in the classifier's input space.
@@ -387,79 +351,68 @@ class TIE:
     Examples::
 
         >>> import torch
-        >>> from captum_ext.data import load_bundled_model, load_mnist_split, normalize_digits
-        >>> from captum_ext.inversion.tie import TIE
+        >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model
+        >>> from captum_ext.data import load_mnist_split, normalize_digits
+        >>> from captum_ext.inversion import TIE, TIEConfig
         >>> from captum_ext.metrics import auroc
         >>> split = load_mnist_split()
         >>> x = normalize_digits(torch.from_numpy(split.train_images)).unsqueeze(1)
         >>> y = torch.from_numpy(split.train_labels)
-        >>> tie = TIE(load_bundled_model(), generator_steps=50)
+        >>> tie = TIE(load_bundled_model(), config=TIEConfig(generator_steps=50),
+        ...           **BUNDLED_INVERSION_OPTIONS)
         >>> log = tie.fit(x, y, epochs=5, progress=False)
         >>> noise = torch.randn(100, 1, 28, 28)
         >>> auroc(tie.in_distribution_score(x[:100]), tie.in_distribution_score(noise))
     """
 
+    @renamed_arguments(classifier="model", normalize="preprocess")
     def __init__(
         self,
-        classifier: nn.Module | Callable[[int], nn.Module],
+        model: nn.Module | Callable[[int], nn.Module],
         generator_factory: Callable[[int], ConditionedGenerator] | None = None,
         *,
+        config: TIEConfig | None = None,
         num_classes: int | None = None,
         input_shape: Sequence[int] | None = None,
-        normalize: Callable[[Tensor], Tensor] | Sequence | None = None,
-        threshold: float = 0.5,
-        stop_fraction: float = 0.05,
-        baseline: str = "uncertain",
-        garbage_size: int | None = None,
-        samples_per_class: int | None = None,
-        sample_vector: str = "one_hot",
-        final_training: bool = True,
-        lr: float = 1e-3,
-        batch_size: int = 64,
-        generator_steps: int = 100,
-        generator_batch_size: int = 64,
-        generator_lr: float = 1e-3,
-        inversion_weights: Mapping[str, float] | None = None,
-        latent_dim: int = 100,
-        generator_width: int = 64,
-        dropout: float = 0.1,
-        seed: int = 0,
+        preprocess: Callable[[Tensor], Tensor] | Sequence | None = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        **settings: Any,
     ) -> None:
-        from captum_ext.data import DigitCNN, normalize_digits
-
-        if baseline not in BASELINES:
-            raise ValueError(f"`baseline` must be one of {list(BASELINES)}, got {baseline!r}.")
-        self.threshold = _float_in(threshold, "threshold", 0.0, 1.0)
-        self.stop_fraction = _float_in(stop_fraction, "stop_fraction", 0.0, 1.0)
-        self.baseline = baseline
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
-        self.seed = seed
-        self.lr = _positive_float(lr, "lr")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.generator_steps = _positive_int(generator_steps, "generator_steps")
-        self.garbage_size = (
-            None if garbage_size is None else _positive_int(garbage_size, "garbage_size")
-        )
-        self.samples_per_class = (
-            None
-            if samples_per_class is None
-            else _positive_int(samples_per_class, "samples_per_class")
-        )
-        if sample_vector not in ("one_hot", "soft"):
-            raise ValueError(f"`sample_vector` must be 'one_hot' or 'soft', got {sample_vector!r}.")
-        self.sample_vector = sample_vector
-        self.final_training = bool(final_training)
-        if num_classes is not None:
-            num_classes = _positive_int(num_classes, "num_classes", 2)
-        is_digit_cnn = isinstance(classifier, DigitCNN)
-        if input_shape is None:
-            if not is_digit_cnn:
-                raise ValueError(
-                    "`input_shape` (C, H, W) of the classifier's inputs is needed for "
-                    f"{type(classifier).__name__}."
+        if config is None:
+            config = TIEConfig()
+        elif not isinstance(config, TIEConfig):
+            raise TypeError(f"`config` must be a TIEConfig, got {type(config).__name__}.")
+        if settings:
+            known = {f.name for f in dataclasses.fields(TIEConfig)}
+            unknown = sorted(set(settings) - known)
+            if unknown:
+                raise TypeError(
+                    f"TIE() got unexpected keyword arguments {unknown}; the training settings "
+                    f"are the fields of TIEConfig: {sorted(known)}."
                 )
-            input_shape = (1, 28, 28)
+            config = dataclasses.replace(config, **settings)
+        self.config = config
+        self.threshold = config.threshold
+        self.stop_fraction = config.stop_fraction
+        self.baseline = config.baseline
+        self.seed = seed = config.seed
+        self.lr = config.lr
+        self.batch_size = config.batch_size
+        self.generator_steps = config.generator_steps
+        self.garbage_size = config.garbage_size
+        self.samples_per_class = config.samples_per_class
+        self.sample_vector = config.sample_vector
+        self.final_training = config.final_training
+        if num_classes is not None:
+            num_classes = check_int(num_classes, "num_classes", minimum=2)
+        value_range = check_value_range(value_range)
+        if input_shape is None:
+            input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ValueError(
+                "`input_shape` (C, H, W) of the model's inputs is needed for "
+                f"{type(model).__name__}."
+            )
         if (
             not isinstance(input_shape, Sequence)
             or len(input_shape) != 3
@@ -469,48 +422,50 @@ class TIE:
                 f"`input_shape` must be (C, H, W) of positive ints, got {input_shape!r}."
             )
         self.input_shape = tuple(int(s) for s in input_shape)
-        if normalize is None and is_digit_cnn:
-            normalize = normalize_digits
 
-        if isinstance(classifier, nn.Module):
-            device, dtype = _model_device_dtype(classifier)
-            outputs = count_classes(classifier, self.input_shape, device, dtype)
+        if isinstance(model, nn.Module):
+            device, dtype = model_device_dtype(model)
+            outputs = count_classes(model, self.input_shape, device, dtype)
             if outputs < 2:
-                raise ValueError(f"`classifier` must have at least 2 outputs, got {outputs}.")
+                raise ValueError(f"`model` must have at least 2 outputs, got {outputs}.")
             if num_classes is not None and num_classes != outputs:
                 raise ValueError(
-                    f"`num_classes`={num_classes} but the classifier has {outputs} outputs."
+                    f"`num_classes`={num_classes} but the model has {outputs} outputs."
                 )
             self.num_classes = outputs
-            self.classifier, self.head_name = _extend_classifier(
-                classifier, outputs, self.input_shape, seed
-            )
-        elif callable(classifier):
+            self.model, self.head_name = _extend_classifier(model, outputs, self.input_shape, seed)
+        elif callable(model):
             if num_classes is None:
-                raise ValueError("`num_classes` (n) is required with a `classifier` factory.")
+                raise ValueError("`num_classes` (n) is required with a `model` factory.")
             self.num_classes = num_classes
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed_of(seed, 2, 0))
-                model = classifier(num_classes + 1)
-            if not isinstance(model, nn.Module):
+                built = model(num_classes + 1)
+            if not isinstance(built, nn.Module):
                 raise TypeError(
-                    f"`classifier` factory must return an nn.Module, got {type(model).__name__}."
+                    f"`model` factory must return an nn.Module, got {type(built).__name__}."
                 )
-            device, dtype = _model_device_dtype(model)
-            outputs = count_classes(model, self.input_shape, device, dtype)
+            device, dtype = model_device_dtype(built)
+            outputs = count_classes(built, self.input_shape, device, dtype)
             if outputs != num_classes + 1:
                 raise ValueError(
-                    f"`classifier` factory must build a model with num_classes + 1 = "
+                    f"`model` factory must build a model with num_classes + 1 = "
                     f"{num_classes + 1} outputs, got {outputs}."
                 )
-            self.classifier, self.head_name = model, None
+            self.model, self.head_name = built, None
         else:
             raise TypeError(
-                "`classifier` must be an nn.Module or a factory callable, got "
-                f"{type(classifier).__name__}."
+                f"`model` must be an nn.Module or a factory callable, got {type(model).__name__}."
             )
-        self.classifier.eval()
-        device, dtype = _model_device_dtype(self.classifier)
+        latent_dim, generator_width, dropout = (
+            config.latent_dim,
+            config.generator_width,
+            config.dropout,
+        )
+        generator_lr, generator_batch_size = config.generator_lr, config.generator_batch_size
+        inversion_weights = config.inversion_weights
+        self.model.eval()
+        device, dtype = model_device_dtype(self.model)
         k = self.num_classes + 1
 
         with torch.random.fork_rng(devices=[]):
@@ -522,7 +477,8 @@ class TIE:
                     latent_dim=latent_dim,
                     conditioning="vector_matrix",
                     dropout=dropout,
-                    normalize=normalize,
+                    preprocess=preprocess,
+                    value_range=value_range,
                     width=generator_width,
                 )
             elif callable(generator_factory):
@@ -547,7 +503,7 @@ class TIE:
             generator = generator.to(device=device, dtype=dtype)
         weights = {"orthogonality": 0.0, **dict(inversion_weights or {})}
         self.inversion = NetworkInversion(
-            self.classifier,
+            self.model,
             generator,
             preset="inversion",
             weights=weights,
@@ -556,15 +512,25 @@ class TIE:
             seed=_seed_of(seed, 4, 0) % (2**31),
         )
         self.generator = generator
-        params = [p for p in self.classifier.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("`classifier` has no trainable parameter.")
+            raise ValueError("`model` has no trainable parameter.")
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
         self.pool: Tensor | None = None
         self.epoch = 0
         self.stopped = False
         self.log: dict[str, list[float]] = {key: [] for key in _LOG_KEYS}
         self._ddp: nn.Module | None = None
+
+    @property
+    def classifier(self) -> nn.Module:
+        """Deprecated alias of the ``model`` attribute (the ``n + 1``-output copy)."""
+        warnings.warn(
+            "TIE.classifier is renamed model; the old name will be removed in a future release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.model
 
     @property
     def garbage_class(self) -> int:
@@ -633,15 +599,15 @@ class TIE:
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long, device=device)
         if shard is None:
-            net = self.classifier
+            net = self.model
         else:
             if self._ddp is None:
-                self._ddp = wrap_distributed(self.classifier)
+                self._ddp = wrap_distributed(self.model)
             net = self._ddp
         totals = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, batches, in ok, in n, gb ok, gb n
         with torch.random.fork_rng(devices=self._rng_devices(device)):
             torch.manual_seed(_seed_of(self.seed, 6, epoch, rank))
-            self.classifier.train()
+            self.model.train()
             try:
                 for rows in order.split(self.batch_size):
                     x, y = data[rows], targets[rows]
@@ -667,9 +633,9 @@ class TIE:
                         totals[4] += float((hit & ~is_in).sum())
                         totals[5] += float((~is_in).sum())
             finally:
-                self.classifier.eval()
+                self.model.eval()
                 self.optimizer.zero_grad(set_to_none=True)
-        _broadcast_buffers(self.classifier)
+        _broadcast_buffers(self.model)
         totals = _all_sum(totals, device)
         return {
             "loss": totals[0] / max(totals[1], 1),
@@ -708,9 +674,7 @@ class TIE:
 
     @staticmethod
     def _rng_devices(device: torch.device) -> list[int]:
-        if device.type == "cuda":
-            return [device.index if device.index is not None else torch.cuda.current_device()]
-        return []
+        return rng_devices(device)
 
     def _checkpoint_state(self, fit_epoch: int, epochs: int, fit_start: int) -> dict[str, Any]:
         steps = self.generator_steps
@@ -726,10 +690,10 @@ class TIE:
             "fit_epoch": fit_epoch,
             "fit_epochs": epochs,
             "fit_start": fit_start,
-            "classifier": unwrap_distributed(self.classifier).state_dict(),
+            "classifier": unwrap_distributed(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             # collective under torch.distributed (gathers every rank's random state)
-            "inversion": self.inversion._checkpoint_state(steps, steps, 0),
+            "inversion": inversion_state(self.inversion, steps, steps, 0),
             "pool": self.pool.detach().cpu(),
             "log": {key: list(values) for key, values in self.log.items()},
         }
@@ -762,10 +726,10 @@ class TIE:
                 f"`resume`: the checkpoint was written by {state['world_size']} processes, "
                 f"this run has {world}."
             )
-        device, dtype = _model_device_dtype(self.classifier)
-        unwrap_distributed(self.classifier).load_state_dict(state["classifier"])
+        device, dtype = model_device_dtype(self.model)
+        unwrap_distributed(self.model).load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.inversion._restore(state["inversion"], self.generator_steps)
+        restore_inversion(self.inversion, state["inversion"], self.generator_steps)
         self.pool = state["pool"].to(device=device, dtype=dtype)
         self.epoch = int(state["epoch"])
         self.stopped = bool(state["stopped"])
@@ -832,12 +796,12 @@ class TIE:
                 f"`inputs` must be finite: {bad} of {inputs.shape[0]} images hold NaN or "
                 "infinite values."
             )
-        epochs = _positive_int(epochs, "epochs")
+        epochs = check_int(epochs, "epochs")
         if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
             raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
-        device, dtype = _model_device_dtype(self.classifier)
+        device, dtype = model_device_dtype(self.model)
         inputs = inputs.detach().to(device=device, dtype=dtype)
         labels = labels.to(device)
         per_class = self.samples_per_class or max(
@@ -901,7 +865,7 @@ class TIE:
                     self.epoch += 1
                     self._save(checkpoint, epochs, epochs, fit_start)
         finally:
-            self.classifier.eval()
+            self.model.eval()
             if bar:
                 bar.close()
         return {key: values[fit_start:] for key, values in self.log.items()}
@@ -910,10 +874,10 @@ class TIE:
         """Everything a fit changes, copied (tensors to the CPU, so that no accelerator memory
         is held), so that a failed fit can be undone."""
         inversion = self.inversion
-        modules = [unwrap_distributed(self.classifier), unwrap_distributed(self.generator)]
+        modules = [unwrap_distributed(self.model), unwrap_distributed(self.generator)]
         params = [p for m in modules for p in m.parameters()]
         return {
-            "classifier": _cpu_copy(unwrap_distributed(self.classifier).state_dict()),
+            "classifier": _cpu_copy(unwrap_distributed(self.model).state_dict()),
             "optimizer": _cpu_copy(self.optimizer.state_dict()),
             "generator": _cpu_copy(unwrap_distributed(self.generator).state_dict()),
             "generator_optimizer": _cpu_copy(inversion.optimizer.state_dict()),
@@ -932,7 +896,7 @@ class TIE:
         """Put back the state :meth:`_snapshot` copied (parameters and buffers in place)."""
         inversion = self.inversion
         with torch.no_grad():
-            unwrap_distributed(self.classifier).load_state_dict(snapshot["classifier"])
+            unwrap_distributed(self.model).load_state_dict(snapshot["classifier"])
             unwrap_distributed(self.generator).load_state_dict(snapshot["generator"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
         inversion.optimizer.load_state_dict(snapshot["generator_optimizer"])
@@ -968,8 +932,8 @@ class TIE:
 
     # ----------------------------------------------------------------- inference
     def _probabilities(self, inputs: Tensor, batch_size: int = 256) -> Tensor:
-        model = self.classifier
-        device, dtype = _model_device_dtype(model)
+        model = self.model
+        device, dtype = model_device_dtype(model)
         out = []
         with preserved_state([model]), torch.no_grad():
             model.eval()
@@ -992,7 +956,7 @@ class TIE:
             Tensor: ``N x (n + 1)``, on the device of ``inputs`` (float32 at least).
         """
         inputs = self._check_inputs(inputs)
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = check_int(batch_size, "batch_size")
         return self._probabilities(inputs, batch_size).to(inputs.device)
 
     def predict(self, inputs: Tensor, *, batch_size: int = 256) -> TIEPrediction:

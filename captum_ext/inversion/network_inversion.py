@@ -1,0 +1,657 @@
+r"""NetworkInversion: train a conditioned generator against a frozen classifier."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_ext._utils.deprecation import renamed_arguments
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.training import (
+    barrier,
+    distributed_shard,
+    is_main_process,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+    unwrap_distributed,
+    wrap_distributed,
+)
+from captum_ext._utils.validation import check_int, model_device_dtype
+from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
+from captum_ext.inversion._features import _feature_tap, count_classes
+from captum_ext.inversion.conditioning import _check_labels, one_hot_vectors
+from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
+from captum_ext.inversion.losses import (
+    _upcast,
+    cosine_diversity,
+    cross_entropy_to_labels,
+    feature_orthogonality,
+    kl_to_conditioning,
+    perturbed_kl_ce,
+    pixel_range,
+    total_variation,
+    weight_gradient_norm,
+)
+
+__all__ = ["LOSS_TERMS", "PRESETS", "NetworkInversion"]
+
+#: Names of the loss terms, the keys of ``weights``.
+LOSS_TERMS: tuple[str, ...] = (
+    "kl",
+    "ce",
+    "cosine",
+    "orthogonality",
+    "perturbed",
+    "total_variation",
+    "pixel_range",
+    "weight_gradient",
+)
+
+_INVERSION = {"kl": 1.0, "ce": 1.0, "cosine": 0.5, "orthogonality": 0.5}
+_TLDR = {
+    **_INVERSION,
+    "perturbed": 1.0,
+    "total_variation": 1.0,
+    "pixel_range": 1.0,
+    "weight_gradient": 0.1,
+}
+
+#: The presets: the generator's default conditioning and the phases, each with its share of
+#: the steps, the conditioning vector it feeds (None: the generator's own kind) and the loss
+#: weights. All weights are our DEFAULT choices (the papers do not report theirs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "inversion": {
+        "conditioning": "vector_matrix",
+        "phases": [{"share": 1.0, "vector": None, "weights": _INVERSION}],
+    },
+    "reconstruction": {
+        "conditioning": "vector_matrix",
+        "phases": [
+            {"share": 0.5, "vector": None, "weights": _INVERSION},
+            {"share": 0.5, "vector": "one_hot", "weights": _TLDR},
+        ],
+    },
+    "counterfeit": {
+        "conditioning": "one_hot",
+        "phases": [
+            {
+                "share": 1.0,
+                "vector": "one_hot",
+                "weights": {"kl": 1.0, "cosine": 0.5, "orthogonality": 0.5},
+            }
+        ],
+    },
+}
+
+
+def _stream_seed(seed: int, rank: int, stream: int) -> int:
+    """A seed per (seed, rank, stream): ranks and streams draw independent numbers."""
+    return (seed * 1_000_003 + rank * 7_919 + stream * 104_729 + 12_345) % (2**63)
+
+
+def _phase_weights(preset: str, weights: Mapping[str, float] | None) -> list[dict[str, float]]:
+    phases = [dict(phase["weights"]) for phase in PRESETS[preset]["phases"]]
+    if weights is None:
+        return phases
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"`weights` must be a dict of loss weights, got {type(weights).__name__}.")
+    for name, value in weights.items():
+        if name not in LOSS_TERMS:
+            raise ValueError(f"`weights` has an unknown term {name!r}; known: {list(LOSS_TERMS)}.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(f"`weights[{name!r}]` must be a finite number >= 0, got {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"`weights[{name!r}]` must be finite, got {value!r}.")
+        used = [phase for phase in phases if phase.get(name, 0.0) > 0]
+        for phase in used or phases:
+            phase[name] = float(value)
+    return phases
+
+
+class NetworkInversion:
+    r"""Network inversion with a conditioned generator (Suhail, Sethi et al.).
+
+    Trains one :class:`ConditionedGenerator` ``G(z, c)`` so that the frozen classifier
+    ``f`` assigns its images the class of the conditioning ``c``. Each step draws ``N``
+    labels uniformly, builds their conditioning (soft vector ``softmax(r)`` with the label
+    as argmax, one-hot vector, hot matrix), generates ``x = G(z, c)``, evaluates
+    ``q = f(x)`` and the penultimate features ``phi`` and takes an Adam step on ``G`` only
+    on the weighted loss::
+
+        L = a KL(c || softmax q) + b CE(q, argmax c) + g cos(phi) + d orth(phi)
+            [+ TLDR priors: perturbed KL/CE, total variation, pixel range,
+               squared norm of grad_w CE(f(x), argmax c)]
+
+    (see :mod:`captum_ext.inversion.losses` for each term). Presets:
+
+    - ``"inversion"`` (arXiv 2407.18002, 2411.17777): vector-matrix conditioning; KL + CE
+      + cosine + orthogonality.
+    - ``"reconstruction"`` (TLDR, arXiv 2410.16884): two phases of half the steps each:
+      the inversion loss, then one-hot conditioning with the TLDR priors added.
+    - ``"counterfeit"`` (arXiv 2503.20187): one-hot conditioning; KL (which equals CE for
+      one-hot targets) + the diversity terms; no realism priors.
+
+    The default weights of each preset are in :data:`PRESETS` (our DEFAULT choices: the
+    papers do not report theirs); ``weights`` overrides them.
+
+    The classifier is frozen: it runs in eval mode with ``requires_grad`` off, and its
+    parameters, buffers, ``requires_grad`` and ``.grad``, train/eval flags and hooks are
+    exactly as before after :meth:`fit` and :meth:`sample`, also when they raise. It may
+    change between calls (trained in place, or replaced through the ``model``
+    attribute): each :meth:`fit` trains the generator against the classifier as it is then,
+    continuing from the generator's and optimiser's current state.
+
+    Under ``torchrun`` (an initialised process group) the generator is wrapped in
+    ``DistributedDataParallel``; every rank draws its own labels and noise from a stream
+    derived from ``seed`` and its rank, ``batch_size`` is per process, and rank 0 writes the
+    checkpoints (which hold every rank's random state).
+
+    Args:
+        model (nn.Module): The classifier ``f`` with ``K`` outputs (logits). Formerly
+            ``classifier``.
+        generator_net (ConditionedGenerator, optional): The generator network to train
+            (formerly ``generator``; ``generator`` in :meth:`sample` is a
+            ``torch.Generator``). Default: a new one with the preset's conditioning, ``K``
+            classes and ``input_shape``, on the model's device and dtype, initialised from
+            ``seed``.
+        preset (str, optional): ``"inversion"``, ``"reconstruction"`` or ``"counterfeit"``.
+            Default: ``"inversion"``
+        weights (dict, optional): Loss weights overriding the preset's, keys from
+            :data:`LOSS_TERMS`. A term the preset uses is changed in the phases that use it;
+            a term it does not use is added to every phase. Default: None
+        preprocess (callable or tuple, optional): Maps the generator's pixels to the model's
+            input space (its normalisation), for the generator built here: a callable
+            taking pixels in ``value_range`` or a ``(mean, std)`` pair (see
+            :class:`ConditionedGenerator`). Formerly ``normalize``. Default: None (the model
+            takes pixels in ``[0, 1]``)
+        value_range (tuple[float, float], optional): The pixel range ``preprocess`` takes,
+            e.g. ``(0, 255)``. Default: ``(0, 1)``
+        feature_layer (nn.Module or str, optional): Layer whose output gives the features
+            ``phi``. Default: the input of the last ``nn.Linear`` to run (found with forward
+            hooks, checked to produce the logits).
+        feature_layer_input (bool, optional): Use the input of ``feature_layer`` instead of
+            its output. Default: False
+        input_shape (tuple[int, int, int], optional): ``(C, H, W)`` of the model's inputs,
+            needed when no ``generator_net`` is given. Default: the model's ``input_shape``
+            attribute when it has one.
+        lr (float, optional): Adam learning rate. Default: 1e-3
+        betas (tuple[float, float], optional): Adam betas. Default: ``(0.5, 0.999)``
+        batch_size (int, optional): Generated images per step (per process), >= 2.
+            Default: 256
+        seed (int, optional): Seeds the generator's initialisation, the label/noise streams
+            and dropout. Default: 0
+        eps (float, optional): Perturbation size of the perturbed KL/CE term, in pixel
+            units. Default: 0.1
+        latent_dim (int, optional): ``z`` size of the generator built here. Default: 100
+        dropout (float, optional): Stage-B dropout of the generator built here. Default: 0.1
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import normalize_digits
+        >>> from captum_ext.inversion import NetworkInversion
+        >>> model = load_bundled_model()
+        >>> inversion = NetworkInversion(model, input_shape=(1, 28, 28),
+        ...                              preprocess=normalize_digits, value_range=(0, 255),
+        ...                              batch_size=64)
+        >>> history = inversion.fit(20, progress=False)
+        >>> images = inversion.sample(torch.arange(10))     # one image per digit
+        >>> images.shape
+        torch.Size([10, 1, 28, 28])
+    """
+
+    @renamed_arguments(classifier="model", generator="generator_net", normalize="preprocess")
+    def __init__(
+        self,
+        model: nn.Module,
+        generator_net: ConditionedGenerator | None = None,
+        *,
+        preset: str = "inversion",
+        weights: Mapping[str, float] | None = None,
+        preprocess: Callable[[Tensor], Tensor] | Sequence | None = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        feature_layer: nn.Module | str | None = None,
+        feature_layer_input: bool = False,
+        input_shape: Sequence[int] | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        batch_size: int = 256,
+        seed: int = 0,
+        eps: float = 0.1,
+        latent_dim: int = 100,
+        dropout: float = 0.1,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        if preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {preset!r}.")
+        if generator_net is not None and not isinstance(generator_net, ConditionedGenerator):
+            raise TypeError(
+                "`generator_net` must be a ConditionedGenerator (or None to build one), got "
+                f"{type(generator_net).__name__}."
+            )
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+            raise ValueError(f"`lr` must be a positive float, got {lr!r}.")
+        if (
+            not isinstance(betas, tuple | list)
+            or len(betas) != 2
+            or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"`betas` must be two floats in [0, 1), got {betas!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
+            raise ValueError(f"`eps` must be a non-negative float, got {eps!r}.")
+        self.batch_size = check_int(batch_size, "batch_size", minimum=2)
+        self.preset = preset
+        self.seed = seed
+        self.eps = float(eps)
+        self._phases = _phase_weights(preset, weights)
+        self._feature_layer = feature_layer
+        self._feature_layer_input = bool(feature_layer_input)
+        value_range = check_value_range(value_range)
+
+        if generator_net is None:
+            if input_shape is None:
+                input_shape = getattr(model, "input_shape", None)
+            if input_shape is None:
+                raise ValueError(
+                    "`input_shape` (C, H, W) is needed to build a generator for "
+                    f"{type(model).__name__}; or pass a ConditionedGenerator as `generator_net`."
+                )
+            device, dtype = model_device_dtype(model)
+            num_classes = self._probe_classes(model, input_shape, device, dtype)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                generator_net = ConditionedGenerator(
+                    num_classes,
+                    tuple(input_shape),
+                    latent_dim=latent_dim,
+                    conditioning=PRESETS[preset]["conditioning"],
+                    dropout=dropout,
+                    preprocess=preprocess,
+                    value_range=value_range,
+                )
+            generator_net = generator_net.to(device=device, dtype=dtype)
+        elif preprocess is not None or value_range != (0.0, 1.0):
+            raise ValueError(
+                "`preprocess` and `value_range` are only used for the generator built here; "
+                "give them to the ConditionedGenerator you pass as `generator_net`."
+            )
+        self.generator = generator_net
+        self.model = model  # probes the classes and finds the feature layer
+        self.optimizer = torch.optim.Adam(generator_net.parameters(), lr=float(lr), betas=betas)
+        self.history: dict[str, list[float]] = {
+            key: [] for key in ("step", "phase", "loss", *LOSS_TERMS)
+        }
+        self._step = 0
+        self._rng: dict[str, Tensor] | None = None  # the sampler and global RNG states
+        self._ddp: nn.Module | None = None
+
+    # ----------------------------------------------------------------- model
+    @staticmethod
+    def _probe_classes(model, input_shape, device, dtype) -> int:
+        if (
+            not isinstance(input_shape, Sequence)
+            or len(input_shape) != 3
+            or not all(isinstance(s, int) and s > 0 for s in input_shape)
+        ):
+            raise ValueError(f"`input_shape` must be (C, H, W) of positive ints, got {input_shape}")
+        return count_classes(model, input_shape, device, dtype)
+
+    @property
+    def model(self) -> nn.Module:
+        """The frozen model; assigning a new one checks it and finds its feature layer."""
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        gen = self.generator
+        param = next(gen.parameters())
+        classes = self._probe_classes(model, gen.out_shape, param.device, param.dtype)
+        if classes != gen.num_classes:
+            raise ValueError(
+                f"`generator_net` is conditioned on {gen.num_classes} classes but the model "
+                f"has {classes} outputs."
+            )
+        example = torch.zeros(2, *gen.out_shape, device=param.device, dtype=param.dtype)
+        self._tap = _feature_tap(
+            model, self._feature_layer, example, layer_input=self._feature_layer_input
+        )
+        self._model = model
+
+    @property
+    def classifier(self) -> nn.Module:
+        """Deprecated alias of :attr:`model`."""
+        warnings.warn(
+            "NetworkInversion.classifier is renamed model; the old name will be removed in a "
+            "future release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.model
+
+    @classifier.setter
+    def classifier(self, model: nn.Module) -> None:
+        warnings.warn(
+            "NetworkInversion.classifier is renamed model; the old name will be removed in a "
+            "future release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.model = model
+
+    # ----------------------------------------------------------------- randomness
+    def _init_rng(self, device: torch.device) -> None:
+        shard = distributed_shard()
+        rank = 0 if shard is None else shard[0]
+        sampler = torch.Generator(device=device).manual_seed(_stream_seed(self.seed, rank, 0))
+        with torch.random.fork_rng(devices=self._rng_devices(device)):
+            torch.manual_seed(_stream_seed(self.seed, rank, 1))
+            self._rng = {"sampler": sampler.get_state(), **self._global_rng(device)}
+
+    @staticmethod
+    def _rng_devices(device: torch.device) -> list[int]:
+        return rng_devices(device)
+
+    @staticmethod
+    def _global_rng(device: torch.device) -> dict[str, Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    @staticmethod
+    def _set_global_rng(state: Mapping[str, Tensor], device: torch.device) -> None:
+        torch.set_rng_state(state["cpu"].cpu())
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+    # ----------------------------------------------------------------- training
+    def _phase_of(self, step: int, steps: int) -> int:
+        phases = PRESETS[self.preset]["phases"]
+        edge, index = 0.0, 0
+        for index, phase in enumerate(phases):
+            edge += phase["share"] * steps
+            if step < round(edge):
+                return index
+        return index
+
+    def _losses(
+        self, net: nn.Module, phase: int, batch_size: int, sampler: torch.Generator
+    ) -> dict[str, Tensor]:
+        gen = self.generator
+        weights = self._phases[phase]
+        param = next(gen.parameters())
+        k = gen.num_classes
+        labels = torch.randint(k, (batch_size,), generator=sampler, device=param.device)
+        z = torch.randn(batch_size, gen.latent_dim, generator=sampler, device=param.device)
+        vector = PRESETS[self.preset]["phases"][phase]["vector"]
+        vectors, matrices = gen.conditioning_for(labels, vector=vector, generator=sampler)
+        target = vectors if vectors is not None else one_hot_vectors(labels, k)
+        cast = [None if t is None else t.to(param.dtype) for t in (z, vectors, matrices)]
+        images, pixels = net(*cast, return_pixels=True)
+        logits = _upcast(self.model(images))
+        features = _upcast(self._tap.pop())
+        target = target.to(logits.dtype)
+        terms: dict[str, Tensor] = {}
+        if weights.get("kl", 0):
+            terms["kl"] = kl_to_conditioning(logits, target)
+        if weights.get("ce", 0):
+            terms["ce"] = cross_entropy_to_labels(logits, labels)
+        if weights.get("cosine", 0):
+            terms["cosine"] = cosine_diversity(features)
+        if weights.get("orthogonality", 0):
+            terms["orthogonality"] = feature_orthogonality(features)
+        if weights.get("total_variation", 0):
+            terms["total_variation"] = total_variation(_upcast(pixels))
+        if weights.get("pixel_range", 0):
+            terms["pixel_range"] = pixel_range(_upcast(pixels))
+        if weights.get("perturbed", 0):
+            terms["perturbed"] = perturbed_kl_ce(
+                self.model,
+                pixels,
+                target,
+                eps=self.eps,
+                preprocess=gen.preprocess_pixels,
+                generator=sampler,
+            )
+            self._tap.clear()
+        if weights.get("weight_gradient", 0):
+            terms["weight_gradient"] = weight_gradient_norm(self.model, images, labels)
+            self._tap.clear()
+        return terms
+
+    def _checkpoint_state(self, fit_step: int, steps: int, fit_start: int) -> dict[str, Any]:
+        return inversion_state(self, fit_step, steps, fit_start)
+
+    def _restore(self, state: Mapping[str, Any], steps: int) -> tuple[int, int]:
+        return restore_inversion(self, state, steps)
+
+    @log_usage()
+    def fit(
+        self,
+        steps: int,
+        *,
+        batch_size: int | None = None,
+        progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
+    ) -> dict[str, list[float]]:
+        r"""Train the generator for ``steps`` Adam steps against the classifier as it is now.
+
+        Args:
+            steps (int): Number of generator steps of this call (the reconstruction preset
+                spends the first half in its inversion phase, the second in its TLDR phase).
+            batch_size (int, optional): Generated images per step (per process), >= 2.
+                Default: the constructor's ``batch_size``.
+            progress (bool, optional): Show a tqdm bar (rank 0). Default: True
+            checkpoint (str or PathLike, optional): File to write atomically (rank 0) every
+                ``checkpoint_every`` steps and at the end: generator, optimiser, step
+                counters, history and every rank's random state. Default: None
+            checkpoint_every (int, optional): Default: ``max(1, steps // 10)``.
+            resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
+                (same ``steps``, preset and number of processes); the result is
+                bit-identical to an uninterrupted run on the same machine. When the file
+                does not exist yet the fit starts from the beginning. Default: False
+
+        Returns:
+            dict[str, list[float]]: This fit's per-step records: ``"step"`` (global step
+            number), ``"phase"``, ``"loss"`` (the weighted total) and one list per term of
+            :data:`LOSS_TERMS` (NaN where a term is not used). All fits together are in
+            the ``history`` attribute.
+        """
+        steps = check_int(steps, "steps")
+        batch_size = self.batch_size if batch_size is None else batch_size
+        batch_size = check_int(batch_size, "batch_size", minimum=2)
+        if checkpoint_every is not None:
+            checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
+        if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+            raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
+        if resume and checkpoint is None:
+            raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
+        every = checkpoint_every or max(1, steps // 10)
+        gen = self.generator
+        param = next(gen.parameters())
+        device = param.device
+
+        start, fit_start = 0, len(self.history["step"])
+        if resume and os.path.isfile(os.fspath(checkpoint)):
+            state = load_checkpoint(checkpoint, map_location=device)
+            start, fit_start = self._restore(state, steps)
+        if self._rng is None:
+            self._init_rng(device)
+
+        gen_params = [p for p in gen.parameters() if p.requires_grad]
+        was_training = gen.training
+        bar = progress_bar(steps, bool(progress), desc="inversion", unit="step", initial=start)
+        if distributed_shard() is None:
+            net = gen
+        else:  # one DDP wrapper for all fits: a new one per fit would add gradient hooks
+            if self._ddp is None or unwrap_distributed(self._ddp) is not gen:
+                self._ddp = wrap_distributed(gen)
+            net = self._ddp
+        try:
+            with (
+                preserved_state([self.model]),
+                torch.random.fork_rng(devices=self._rng_devices(device)),
+                self._tap.active(),
+            ):
+                self.model.eval()
+                for p in self.model.parameters():
+                    p.requires_grad_(False)
+                torch.set_grad_enabled(True)
+                sampler = torch.Generator(device=device)
+                sampler.set_state(self._rng["sampler"].cpu())
+                self._set_global_rng(self._rng, device)
+                gen.train()
+                for i in range(start, steps):
+                    phase = self._phase_of(i, steps)
+                    terms = self._losses(net, phase, batch_size, sampler)
+                    weights = self._phases[phase]
+                    loss = sum(weights[name] * value for name, value in terms.items())
+                    if not math.isfinite(float(loss.detach())):
+                        raise FloatingPointError(
+                            f"NetworkInversion.fit: the loss became {float(loss.detach())} at step "
+                            f"{self._step + 1} ({', '.join(terms)}); try a smaller `lr`."
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward(inputs=gen_params)
+                    self.optimizer.step()
+                    self._step += 1
+                    self._record(phase, loss, terms)
+                    self._rng = {"sampler": sampler.get_state(), **self._global_rng(device)}
+                    if bar:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}", refresh=False)
+                    if checkpoint is not None and ((i + 1) % every == 0 or i + 1 == steps):
+                        state = self._checkpoint_state(i + 1, steps, fit_start)
+                        if is_main_process():
+                            save_checkpoint(state, checkpoint)
+                        barrier()
+        finally:
+            gen.train(was_training)
+            if bar:
+                bar.close()
+        return {key: values[fit_start:] for key, values in self.history.items()}
+
+    def _record(self, phase: int, loss: Tensor, terms: Mapping[str, Tensor]) -> None:
+        self.history["step"].append(self._step)
+        self.history["phase"].append(phase)
+        self.history["loss"].append(float(loss.detach()))
+        for name in LOSS_TERMS:
+            value = terms.get(name)
+            self.history[name].append(float("nan") if value is None else float(value.detach()))
+
+    # ----------------------------------------------------------------- sampling
+    def _sampling_generator(self, generator, device) -> torch.Generator:
+        if generator is None:
+            return torch.Generator(device=device).manual_seed(_stream_seed(self.seed, 0, 2))
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            return torch.Generator(device=device).manual_seed(generator)
+        if isinstance(generator, torch.Generator):
+            return generator
+        raise TypeError(
+            f"`generator` must be a torch.Generator, an int seed or None, got "
+            f"{type(generator).__name__}."
+        )
+
+    def sample(
+        self,
+        labels: Tensor | Sequence[int],
+        *,
+        generator: torch.Generator | int | None = None,
+        vector: str | None = None,
+        batch_size: int | None = None,
+        return_pixels: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        r"""One generated image per requested label, in the classifier's input space.
+
+        The generator runs in eval mode (no dropout, BatchNorm running statistics) without
+        gradients, in batches of ``batch_size``; its train/eval flag is restored.
+
+        Args:
+            labels (Tensor or list[int]): ``N`` class indices.
+            generator (torch.Generator or int, optional): Source of ``z`` and of the soft
+                vectors (a ``torch.Generator`` on the generator's device, or an int seed).
+                Default: None, a fixed seed derived from ``seed`` (same images every call).
+            vector (str, optional): ``"soft"`` or ``"one_hot"`` conditioning vectors.
+                Default: the preset's last phase (one-hot for reconstruction and
+                counterfeits, the generator's own kind otherwise).
+            batch_size (int, optional): Default: the constructor's ``batch_size``.
+            return_pixels (bool, optional): Also return the pixels in ``[0, 1]``.
+
+        Returns:
+            Tensor: ``N x C x H x W`` (and the pixels with ``return_pixels``), on the
+            generator's device.
+        """
+        gen = self.generator
+        param = next(gen.parameters())
+        labels = _check_labels(labels, gen.num_classes, param.device).to(param.device)
+        batch_size = check_int(batch_size or self.batch_size, "batch_size")
+        if vector is None:
+            vector = PRESETS[self.preset]["phases"][-1]["vector"]
+        source = self._sampling_generator(generator, param.device)
+        was_training = gen.training
+        images, pixels = [], []
+        # all draws first (z, then the soft vectors, as ConditionedGenerator.generate), so
+        # that the images do not depend on `batch_size`; hot matrices per chunk
+        z = torch.randn(labels.shape[0], gen.latent_dim, generator=source, device=param.device)
+        vectors, _ = gen.conditioning_for(labels, vector=vector, generator=source)
+        try:
+            gen.eval()
+            with torch.no_grad():
+                for rows in torch.arange(labels.shape[0], device=param.device).split(batch_size):
+                    chunk_vectors = None if vectors is None else vectors[rows].to(param.dtype)
+                    matrices = (
+                        gen.hot_matrices(labels[rows], dtype=param.dtype)
+                        if gen.uses_matrix
+                        else None
+                    )
+                    x, p = gen(z[rows].to(param.dtype), chunk_vectors, matrices, return_pixels=True)
+                    images.append(x)
+                    pixels.append(p)
+        finally:
+            gen.train(was_training)
+        if not images:
+            empty = torch.empty(0, *gen.out_shape, device=param.device, dtype=param.dtype)
+            return (empty, empty) if return_pixels else empty
+        out = torch.cat(images)
+        return (out, torch.cat(pixels)) if return_pixels else out
+
+    def sample_classes(
+        self,
+        per_class: int,
+        *,
+        generator: torch.Generator | int | None = None,
+        vector: str | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""``per_class`` images of every class, in one batched pass.
+
+        Args:
+            per_class (int): Images per class.
+            generator, vector, batch_size: As in :meth:`sample`.
+
+        Returns:
+            tuple[Tensor, Tensor]: images ``(K per_class) x C x H x W`` and their labels
+            ``0, ..., 0, 1, ..., K - 1`` (int64).
+        """
+        per_class = check_int(per_class, "per_class")
+        param = next(self.generator.parameters())
+        labels = torch.arange(self.generator.num_classes, device=param.device)
+        labels = labels.repeat_interleave(per_class)
+        images = self.sample(labels, generator=generator, vector=vector, batch_size=batch_size)
+        return images, labels

@@ -1,0 +1,153 @@
+"""TIEConfig: the training settings of :class:`~captum_ext.inversion.TIE`, in one object."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from captum_ext._utils.validation import check_int, check_number
+
+__all__ = ["TIE_BASELINES", "TIEConfig"]
+
+#: What is excluded into the garbage pool each epoch: ``"uncertain"`` (TIE: the inverted
+#: samples with ``UE > threshold``) or ``"all"`` (the earlier version: every inverted sample).
+TIE_BASELINES: tuple[str, ...] = ("uncertain", "all")
+
+
+def _float_in(value: Any, argument: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"`{argument}` must be a number in [{low}, {high}], got {value!r}.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TIEConfig:
+    r"""How :class:`~captum_ext.inversion.TIE` trains: every setting that does not describe
+    the model (the model, its number of classes, input shape and preprocessing are
+    arguments of ``TIE`` itself).
+
+    A frozen dataclass, checked when built; derive variants with
+    ``dataclasses.replace(config, threshold=0.3)`` or :meth:`replace`, and store it with
+    :meth:`to_dict` / :meth:`from_dict`.
+
+    Args:
+        threshold (float, optional): UE above which an inverted sample is excluded into the
+            garbage pool, in [0, 1]. Default: 0.5
+        stop_fraction (float, optional): Stop when the excluded fraction of an epoch is
+            below this, in [0, 1]. Default: 0.05
+        baseline (str, optional): ``"uncertain"`` (TIE) or ``"all"`` (every inverted sample
+            is excluded; never stops early). Default: ``"uncertain"``
+        garbage_size (int, optional): Number of Gaussian-noise images seeding the pool.
+            Default: None, the in-distribution size divided by ``n`` (an average class).
+        samples_per_class (int, optional): Inverted images sampled per class and epoch.
+            Default: None, ``ceil(N / (n (n + 1)))``: an average class's worth in all.
+        sample_vector (str, optional): ``"one_hot"`` or ``"soft"`` conditioning of the
+            sampled images (see :class:`~captum_ext.inversion.TIE`). Default: ``"one_hot"``
+        final_training (bool, optional): Train the model one more epoch on the final pool
+            when a fit ends after an epoch that added samples. Default: True
+        lr (float, optional): Adam learning rate of the model. Default: 1e-3
+        batch_size (int, optional): Training examples per forward (per process). Default: 64
+        generator_steps (int, optional): Generator steps per epoch. Default: 100
+        generator_batch_size (int, optional): Generated images per generator step (per
+            process), >= 2. Default: 64
+        generator_lr (float, optional): Adam learning rate of the generator. Default: 1e-3
+        inversion_weights (dict, optional): Loss weights for
+            :class:`~captum_ext.inversion.NetworkInversion` (default KL 1, CE 1, cosine 0.5;
+            orthogonality off). Default: None
+        latent_dim (int, optional): ``z`` size of the default generator. Default: 100
+        generator_width (int, optional): Width of the default generator. Default: 64
+        dropout (float, optional): Stage-B dropout of the default generator. Default: 0.1
+        seed (int, optional): Seeds the garbage row, the generator, the noise images, the
+            data order, dropout and the sampling. Default: 0
+
+    Examples::
+
+        >>> from captum_ext.inversion import TIEConfig
+        >>> quick = TIEConfig(generator_steps=20, batch_size=32)
+        >>> TIEConfig.from_dict(quick.to_dict()) == quick
+        True
+    """
+
+    threshold: float = 0.5
+    stop_fraction: float = 0.05
+    baseline: str = "uncertain"
+    garbage_size: int | None = None
+    samples_per_class: int | None = None
+    sample_vector: str = "one_hot"
+    final_training: bool = True
+    lr: float = 1e-3
+    batch_size: int = 64
+    generator_steps: int = 100
+    generator_batch_size: int = 64
+    generator_lr: float = 1e-3
+    inversion_weights: Mapping[str, float] | None = field(default=None, compare=True)
+    latent_dim: int = 100
+    generator_width: int = 64
+    dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.baseline not in TIE_BASELINES:
+            raise ValueError(
+                f"`baseline` must be one of {list(TIE_BASELINES)}, got {self.baseline!r}."
+            )
+        if self.sample_vector not in ("one_hot", "soft"):
+            raise ValueError(
+                f"`sample_vector` must be 'one_hot' or 'soft', got {self.sample_vector!r}."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {self.seed!r}.")
+        checked = {
+            "threshold": _float_in(self.threshold, "threshold", 0.0, 1.0),
+            "stop_fraction": _float_in(self.stop_fraction, "stop_fraction", 0.0, 1.0),
+            "lr": check_number(self.lr, "lr"),
+            "generator_lr": check_number(self.generator_lr, "generator_lr"),
+            "batch_size": check_int(self.batch_size, "batch_size"),
+            "generator_steps": check_int(self.generator_steps, "generator_steps"),
+            "generator_batch_size": check_int(
+                self.generator_batch_size, "generator_batch_size", minimum=2
+            ),
+            "latent_dim": check_int(self.latent_dim, "latent_dim"),
+            "generator_width": check_int(self.generator_width, "generator_width"),
+            "final_training": bool(self.final_training),
+        }
+        for name in ("garbage_size", "samples_per_class"):
+            value = getattr(self, name)
+            checked[name] = None if value is None else check_int(value, name)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise TypeError(f"`dropout` must be a float in [0, 1), got {self.dropout!r}.")
+        if not (0 <= self.dropout < 1 and math.isfinite(self.dropout)):
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        weights = self.inversion_weights
+        if weights is not None:
+            if not isinstance(weights, Mapping):
+                raise TypeError(
+                    "`inversion_weights` must be a dict of loss weights, got "
+                    f"{type(weights).__name__}."
+                )
+            checked["inversion_weights"] = dict(weights)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> TIEConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (JSON-friendly)."""
+        out = dataclasses.asdict(self)
+        if out["inversion_weights"] is not None:
+            out["inversion_weights"] = dict(out["inversion_weights"])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TIEConfig:
+        """The config of :meth:`to_dict`'s output; unknown keys are a ``TypeError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"TIEConfig has no settings {unknown}; known: {sorted(names)}.")
+        return cls(**dict(values))
