@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+import captum_ext.bundled as bundled
 import captum_ext.data as data
+from captum_ext.bundled import bundled_model_info, load_bundled_model
 from captum_ext.data import (
     BUNDLED_CAM_LAYER,
     DIGIT_CLASSES,
     DigitCNN,
-    bundled_model_info,
     denormalize_digits,
-    load_bundled_model,
     load_sample_digits,
     normalize_digits,
 )
@@ -42,14 +42,21 @@ def test_public_names() -> None:
     assert set(data.__all__) >= {
         "BUNDLED_CAM_LAYER",
         "DIGIT_CLASSES",
-        "bundled_model_info",
         "denormalize_digits",
-        "load_bundled_model",
         "load_sample_digits",
         "normalize_digits",
     }
     for name in data.__all__:
         assert hasattr(data, name)
+    assert set(bundled.__all__) >= {
+        "BUNDLED_MASK_LAYERS",
+        "bundled_model_info",
+        "load_bundled_inversion",
+        "load_bundled_mask_explainer",
+        "load_bundled_model",
+    }
+    for name in bundled.__all__:
+        assert hasattr(bundled, name)
     assert DIGIT_CLASSES == tuple(str(i) for i in range(10))
 
 
@@ -230,10 +237,11 @@ def _package_json(name: str) -> dict:
 
 
 def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(model) -> None:
-    from captum_ext.data import load_bundled_mask_explainer, load_mnist_split
+    from captum_ext.bundled import load_bundled_mask_explainer
+    from captum_ext.data import load_mnist_split
 
     info = _package_json("bundled_mask_net.json")
-    assert tuple(info["layers"]) == data.BUNDLED_MASK_LAYERS
+    assert tuple(info["layers"]) == bundled.BUNDLED_MASK_LAYERS
     explainer = load_bundled_mask_explainer(model)
     split = load_mnist_split()
     heldout = normalize_digits(torch.from_numpy(split.heldout_images)).unsqueeze(1)
@@ -248,7 +256,7 @@ def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(model) -
 
 
 def test_bundled_inversion_reproduces_its_recorded_consistency(model) -> None:
-    from captum_ext.data import load_bundled_inversion
+    from captum_ext.bundled import load_bundled_inversion
     from captum_ext.inversion import label_consistency, mean_confidence
 
     info = _package_json("bundled_generator.json")
@@ -262,3 +270,47 @@ def test_bundled_inversion_reproduces_its_recorded_consistency(model) -> None:
         info["mean_confidence"], abs=1e-5
     )
     assert info["label_consistency"] >= 0.95
+
+
+# ------------------------------------------------------------------ layering and shims
+def test_data_does_not_import_attr_or_inversion() -> None:
+    code = (
+        "import sys, captum_ext.data\n"
+        "bad = [m for m in sys.modules if m.startswith(('captum_ext.inversion', "
+        "'captum_ext.attr', 'captum_ext.bundled'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "BUNDLED_MASK_LAYERS",
+        "bundled_model_info",
+        "load_bundled_inversion",
+        "load_bundled_mask_explainer",
+        "load_bundled_model",
+    ],
+)
+def test_moved_bundled_names_warn_and_are_the_same_objects(name: str) -> None:
+    with pytest.warns(DeprecationWarning, match=f"captum_ext.bundled.{name}"):
+        old = getattr(data, name)
+    assert old is getattr(bundled, name)
+
+
+def test_moved_names_import_from_the_old_private_modules() -> None:
+    with pytest.warns(DeprecationWarning, match="captum_ext.bundled"):
+        from captum_ext.data._bundled_inversion import load_bundled_inversion
+    assert load_bundled_inversion is bundled.load_bundled_inversion
+    with pytest.warns(DeprecationWarning, match="captum_ext.bundled"):
+        from captum_ext.data._bundled_masks import BUNDLED_MASK_LAYERS
+    assert BUNDLED_MASK_LAYERS is bundled.BUNDLED_MASK_LAYERS
+
+
+def test_plain_data_names_do_not_warn() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        from captum_ext.data import DigitCNN, load_sample_digits, normalize_digits  # noqa: F401

@@ -29,7 +29,7 @@ from captum_ext.inversion import (
     vector_matrix,
     weight_gradient_norm,
 )
-from captum_ext.inversion._features import _feature_tap, _find_last_linear
+from captum_ext.inversion._features import _feature_tap, final_linear
 
 D = torch.float64
 
@@ -107,7 +107,7 @@ def test_generator_shapes_and_normalised_range(num_classes, out_shape):
     mean, std = (0.5, 0.4, 0.3)[: out_shape[0]], (0.2, 0.25, 0.3)[: out_shape[0]]
     torch.manual_seed(0)
     g = ConditionedGenerator(
-        num_classes, out_shape, latent_dim=12, width=16, normalize=(mean, std)
+        num_classes, out_shape, latent_dim=12, width=16, preprocess=(mean, std)
     ).eval()
     labels = torch.arange(5) % num_classes
     with torch.no_grad():
@@ -121,9 +121,11 @@ def test_generator_shapes_and_normalised_range(num_classes, out_shape):
     assert pixels.std() > 0  # not a constant image
 
 
-def test_generator_recognises_normalize_digits():
+def test_generator_value_range_feeds_preprocess_its_pixel_scale():
     torch.manual_seed(0)
-    g = ConditionedGenerator(10, (1, 28, 28), width=16, normalize=normalize_digits).eval()
+    g = ConditionedGenerator(
+        10, (1, 28, 28), width=16, preprocess=normalize_digits, value_range=(0, 255)
+    ).eval()
     with torch.no_grad():
         images, pixels = g.generate(torch.arange(10), generator=gen(0), return_pixels=True)
     torch.testing.assert_close(images, normalize_digits(pixels * 255))
@@ -164,8 +166,12 @@ def test_generator_errors_name_the_argument():
         ConditionedGenerator(3, conditioning="label")
     with pytest.raises(ValueError, match="`dropout`"):
         ConditionedGenerator(3, dropout=1.5)
-    with pytest.raises(TypeError, match="`normalize`"):
-        ConditionedGenerator(3, normalize="imagenet")
+    with pytest.raises(TypeError, match="`preprocess`"):
+        ConditionedGenerator(3, preprocess="imagenet")
+    with pytest.raises(ValueError, match="`value_range`"):
+        ConditionedGenerator(3, preprocess=lambda p: p, value_range=(1, 0))
+    with pytest.raises(ValueError, match="`value_range`"):
+        ConditionedGenerator(3, value_range=(0, 255))  # without a preprocess callable
     g = ConditionedGenerator(3, (1, 8, 8), latent_dim=4, width=8)
     with pytest.raises(ValueError, match="`vectors`"):
         g(torch.randn(2, 4), None, hot_matrices(torch.tensor([0, 1]), 3))
@@ -328,7 +334,7 @@ def test_weight_gradient_norm_restores_the_model_on_error():
     with pytest.raises(ValueError, match="`labels`"):
         weight_gradient_norm(model, torch.randn(2, 3, 4, 4, dtype=D), torch.tensor([0, 7]))
     assert_model_unchanged(model, before)
-    with pytest.raises(TypeError, match="`classifier`"):
+    with pytest.raises(TypeError, match="`model`"):
         weight_gradient_norm(lambda x: x, torch.randn(2, 3), torch.tensor([0, 1]))
 
 
@@ -343,14 +349,14 @@ def test_perturbed_kl_ce_matches_a_direct_computation():
     def classifier(x):
         return model(x.flatten(1))
 
-    value = perturbed_kl_ce(classifier, pixels, c, eps=0.1, normalize=normalize, generator=gen(8))
+    value = perturbed_kl_ce(classifier, pixels, c, eps=0.1, preprocess=normalize, generator=gen(8))
     signs = torch.randint(0, 2, pixels.shape, generator=gen(8)).to(D) * 2 - 1
     logits = classifier(normalize(pixels + 0.1 * signs))
     log_p = torch.log_softmax(logits, 1)
     expected = (c * (c.log() - log_p)).sum(1).mean() - log_p[range(3), c.argmax(1)].mean()
     torch.testing.assert_close(value, expected)
     # eps = 0: the clean KL + CE
-    clean = perturbed_kl_ce(classifier, pixels, c, eps=0.0, normalize=normalize, generator=gen(8))
+    clean = perturbed_kl_ce(classifier, pixels, c, eps=0.0, preprocess=normalize, generator=gen(8))
     logits = classifier(normalize(pixels))
     torch.testing.assert_close(
         clean, kl_to_conditioning(logits, c) + cross_entropy_to_labels(logits, c)
@@ -419,7 +425,7 @@ def test_penultimate_features_found_by_forward_hooks():
     assert logits.shape == (4, 3)
 
     other = UnusedLinearLast()
-    assert _find_last_linear(other, torch.zeros(2, 1, 3, 4)) is other.fc
+    assert final_linear(other, torch.zeros(2, 1, 3, 4)) is other.fc
 
 
 def test_feature_layer_given_and_errors():
@@ -434,3 +440,36 @@ def test_feature_layer_given_and_errors():
         _feature_tap(NoLinear(), None, torch.zeros(2, 3, 5, 5), layer_input=None)
     with pytest.raises(ValueError, match="`feature_layer`"):
         _feature_tap(model, "featurs.3", x, layer_input=False)
+
+
+# ----------------------------------------------------------------------------- renamed names
+def test_generator_old_normalize_keyword_and_attributes_warn_and_work():
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="`normalize` is renamed `preprocess`"):
+        old = ConditionedGenerator(3, (1, 8, 8), latent_dim=4, width=8, normalize=(0.5, 0.25))
+    pixels = torch.rand(2, 1, 8, 8, generator=gen(0))
+    torch.testing.assert_close(old.preprocess_pixels(pixels), (pixels - 0.5) / 0.25)
+    with pytest.warns(DeprecationWarning, match="preprocess_pixels"):
+        torch.testing.assert_close(old.normalize_pixels(pixels), (pixels - 0.5) / 0.25)
+    with pytest.warns(DeprecationWarning, match="preprocess"):
+        assert old.normalize is old.preprocess
+
+
+def test_loss_old_keywords_warn_and_work():
+    model = LinearSoftmax().eval()
+    pixels = torch.rand(3, 1, 2, 2, generator=gen(6), dtype=D)
+    c = torch.softmax(torch.randn(3, 3, generator=gen(7), dtype=D), 1)
+
+    def forward(x):
+        return model(x.flatten(1))
+
+    new = perturbed_kl_ce(forward, pixels, c, preprocess=lambda p: 2 * p, generator=gen(8))
+    with pytest.warns(DeprecationWarning, match="renamed"):
+        old = perturbed_kl_ce(
+            classifier=forward,
+            pixels=pixels,
+            conditioning=c,
+            normalize=lambda p: 2 * p,
+            generator=gen(8),
+        )
+    torch.testing.assert_close(old, new)
