@@ -12,7 +12,8 @@ from _distributed import run_gloo
 from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
-from captum_ext.data import load_bundled_model, normalize_digits
+from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model
+from captum_ext.data import normalize_digits
 from captum_ext.inversion import (
     LOSS_TERMS,
     PRESETS,
@@ -40,7 +41,7 @@ def tiny_classifier() -> nn.Module:
 def tiny_generator(conditioning: str = "vector_matrix", seed: int = 0) -> ConditionedGenerator:
     torch.manual_seed(seed)
     return ConditionedGenerator(
-        CLASSES, SHAPE, latent_dim=8, conditioning=conditioning, width=8, normalize=(0.5, 0.25)
+        CLASSES, SHAPE, latent_dim=8, conditioning=conditioning, width=8, preprocess=(0.5, 0.25)
     )
 
 
@@ -148,11 +149,11 @@ def test_consecutive_fits_continue_and_follow_a_changed_classifier():
     # or replaced by another one with the same classes
     other = make_tiny_cnn(seed=5, dtype=torch.float32, num_classes=CLASSES)
     before = model_snapshot(other)
-    inversion.classifier = other
+    inversion.model = other
     inversion.fit(1, progress=False)
     assert_model_unchanged(other, before)
-    with pytest.raises(ValueError, match="`generator`"):
-        inversion.classifier = make_tiny_cnn(dtype=torch.float32, num_classes=CLASSES + 1)
+    with pytest.raises(ValueError, match="`generator_net`"):
+        inversion.model = make_tiny_cnn(dtype=torch.float32, num_classes=CLASSES + 1)
 
 
 def test_sample_one_image_per_label_reproducibly():
@@ -180,7 +181,7 @@ def test_sample_one_image_per_label_reproducibly():
 
 def test_progress_bar_and_default_generator(capsys):
     model = load_bundled_model()
-    inversion = NetworkInversion(model, batch_size=4, latent_dim=8)
+    inversion = NetworkInversion(model, batch_size=4, latent_dim=8, **BUNDLED_INVERSION_OPTIONS)
     assert inversion.generator.out_shape == (1, 28, 28)
     assert inversion.generator.num_classes == 10
     assert inversion.generator.conditioning == "vector_matrix"
@@ -189,10 +190,14 @@ def test_progress_bar_and_default_generator(capsys):
     inversion.fit(1, progress=False)
     assert capsys.readouterr().err == ""
     images = inversion.sample([0, 9])
-    # default normalisation of the bundled model: normalize_digits of 255 * pixels
+    # the bundled options: normalize_digits of 255 * pixels
     assert images.min() >= float(normalize_digits(torch.tensor(0.0))) - 1e-5
     counterfeit = NetworkInversion(model, preset="counterfeit", batch_size=4, latent_dim=8)
     assert counterfeit.generator.conditioning == "one_hot"
+    # the input shape comes from the model's `input_shape` attribute; no preprocessing
+    # unless given (the library does not know the bundled model)
+    assert counterfeit.generator.out_shape == (1, 28, 28)
+    assert counterfeit.generator.preprocess is None
 
 
 def test_weights_override():
@@ -222,7 +227,8 @@ def test_weights_override():
         ({"lr": 0}, "lr"),
         ({"betas": (0.5,)}, "betas"),
         ({"seed": -2}, "seed"),
-        ({"normalize": (0.5, 0.2)}, "normalize"),
+        ({"preprocess": (0.5, 0.2)}, "preprocess"),
+        ({"value_range": (0, 255)}, "value_range"),
     ],
 )
 def test_constructor_errors_name_the_argument(kwargs, argument):
@@ -237,11 +243,11 @@ def test_other_errors_name_the_argument(tmp_path):
     model = tiny_classifier()
     with pytest.raises(ValueError, match="`input_shape`"):
         NetworkInversion(model)
-    with pytest.raises(ValueError, match="`generator`"):
+    with pytest.raises(ValueError, match="`generator_net`"):
         NetworkInversion(model, ConditionedGenerator(CLASSES + 1, SHAPE, width=8))
-    with pytest.raises(TypeError, match="`generator`"):
+    with pytest.raises(TypeError, match="`generator_net`"):
         NetworkInversion(model, nn.Linear(3, 3))
-    with pytest.raises(TypeError, match="`classifier`"):
+    with pytest.raises(TypeError, match="`model`"):
         NetworkInversion(lambda x: x, tiny_generator())
     inversion = NetworkInversion(model, tiny_generator(), batch_size=4)
     with pytest.raises(ValueError, match="`steps`"):
@@ -319,7 +325,9 @@ def test_short_fit_on_the_bundled_model_raises_label_consistency():
     model = load_bundled_model()
     before = model_snapshot(model)
     torch.manual_seed(0)
-    generator = ConditionedGenerator(10, (1, 28, 28), width=32, normalize=normalize_digits)
+    generator = ConditionedGenerator(
+        10, (1, 28, 28), width=32, preprocess=normalize_digits, value_range=(0, 255)
+    )
     inversion = NetworkInversion(model, generator, batch_size=64, seed=0)
     start, _ = _consistency(inversion, model)
     inversion.fit(250, progress=False)
@@ -334,7 +342,12 @@ def test_short_counterfeit_fit_is_confidently_classified():
     model = load_bundled_model()
     torch.manual_seed(0)
     generator = ConditionedGenerator(
-        10, (1, 28, 28), conditioning="one_hot", width=32, normalize=normalize_digits
+        10,
+        (1, 28, 28),
+        conditioning="one_hot",
+        width=32,
+        preprocess=normalize_digits,
+        value_range=(0, 255),
     )
     inversion = NetworkInversion(model, generator, preset="counterfeit", batch_size=32, seed=0)
     start, _ = _consistency(inversion, model)
@@ -368,8 +381,68 @@ def test_cuda_fit_under_autocast(preset):
 @pytest.mark.cuda
 def test_cuda_bundled_model_builds_its_generator_on_the_device():
     model = load_bundled_model().cuda()
-    inversion = NetworkInversion(model, batch_size=16)
+    inversion = NetworkInversion(model, batch_size=16, **BUNDLED_INVERSION_OPTIONS)
     assert next(inversion.generator.parameters()).device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         inversion.fit(3, progress=False)
     assert inversion.sample([3, 7]).device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------- renamed names
+def test_old_keywords_and_classifier_alias_warn_and_work():
+    model = tiny_classifier()
+    with pytest.warns(DeprecationWarning, match="renamed"):
+        old = NetworkInversion(classifier=model, generator=tiny_generator(), batch_size=4)
+    new = NetworkInversion(model, tiny_generator(), batch_size=4)
+    torch.testing.assert_close(old.sample([0, 1], generator=3), new.sample([0, 1], generator=3))
+    with pytest.warns(DeprecationWarning, match="renamed model"):
+        assert old.classifier is model
+    other = make_tiny_cnn(seed=5, dtype=torch.float32, num_classes=CLASSES)
+    with pytest.warns(DeprecationWarning, match="renamed model"):
+        old.classifier = other
+    assert old.model is other
+    with pytest.warns(DeprecationWarning, match="`normalize` is renamed `preprocess`"):
+        built = NetworkInversion(model, input_shape=SHAPE, normalize=(0.5, 0.25), batch_size=4)
+    assert built.generator.preprocess is not None
+    with pytest.warns(DeprecationWarning):
+        from captum_ext.inversion.trainer import NetworkInversion as Moved
+    assert Moved is NetworkInversion
+
+
+class _Generic(nn.Module):
+    """A non-DigitCNN model on 3 x 10 x 10 images taking 0..255 pixels (its own scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.flatten(self.body(x / 255.0)))
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 5])
+def test_generic_model_with_explicit_input_shape_and_preprocess(batch_size):
+    torch.manual_seed(0)
+    model = _Generic()
+    seen = []
+
+    def preprocess(pixels):
+        seen.append((float(pixels.detach().min()), float(pixels.detach().max())))
+        return pixels
+
+    inversion = NetworkInversion(
+        model,
+        input_shape=(3, 10, 10),
+        preprocess=preprocess,
+        value_range=(0, 255),
+        batch_size=batch_size,
+        latent_dim=4,
+    )
+    history = inversion.fit(2, progress=False)
+    assert len(history["loss"]) == 2
+    images, pixels = inversion.sample(torch.arange(3), return_pixels=True)
+    assert images.shape == (3, 3, 10, 10)
+    assert float(pixels.max()) <= 1.0 and float(images.max()) > 1.0  # scaled to 0..255
+    assert all(lo >= 0 and hi <= 255 for lo, hi in seen)
