@@ -12,8 +12,9 @@ from torch import nn
 
 import captum_ext.inversion.tie as tie_module
 from captum_ext._utils.training import load_checkpoint
-from captum_ext.data import load_bundled_model, load_sample_digits
-from captum_ext.inversion import ConditionedGenerator
+from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model
+from captum_ext.data import load_sample_digits
+from captum_ext.inversion import ConditionedGenerator, TIEConfig
 from captum_ext.inversion.tie import TIE, TIEPrediction, uncertainty_ue
 
 SHAPE = (3, 8, 8)
@@ -26,6 +27,7 @@ SMALL = {
     "generator_width": 8,
     "batch_size": 16,
 }
+SMALL_CONFIG = {k: v for k, v in SMALL.items() if k != "input_shape"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,7 +100,7 @@ def test_ue_errors_name_the_argument(probs, error):
 def test_extension_keeps_the_trained_rows_and_logits():
     model = tiny_model(torch.float64)
     tie = TIE(model, **SMALL)
-    head = tie.classifier.classifier
+    head = tie.model.classifier
     assert tie.num_classes == CLASSES and tie.garbage_class == CLASSES
     assert head.out_features == CLASSES + 1 and tie.head_name == "classifier"
     assert torch.equal(head.weight[:CLASSES], model.classifier.weight)
@@ -107,24 +109,27 @@ def test_extension_keeps_the_trained_rows_and_logits():
     assert head.weight[CLASSES].abs().max() <= 1 / math.sqrt(head.in_features)
     x = torch.randn(7, *SHAPE, dtype=torch.float64) * 3
     with torch.no_grad():
-        assert torch.allclose(tie.classifier(x)[:, :CLASSES], model(x), atol=1e-12, rtol=0)
+        assert torch.allclose(tie.model(x)[:, :CLASSES], model(x), atol=1e-12, rtol=0)
     # a deep copy: nothing shared with the user's model
-    ours = {id(p) for p in tie.classifier.parameters()}
+    ours = {id(p) for p in tie.model.parameters()}
     assert not ours & {id(p) for p in model.parameters()}
     # the garbage row comes from the seed
     again = TIE(tiny_model(torch.float64), **SMALL)
     other = TIE(tiny_model(torch.float64), **SMALL, seed=1)
-    assert torch.equal(again.classifier.classifier.weight, head.weight)
-    assert not torch.equal(other.classifier.classifier.weight[CLASSES], head.weight[CLASSES])
+    assert torch.equal(again.model.classifier.weight, head.weight)
+    assert not torch.equal(other.model.classifier.weight[CLASSES], head.weight[CLASSES])
 
 
 def test_extension_of_the_bundled_digit_cnn():
     model = load_bundled_model()
-    tie = TIE(model, generator_steps=1, generator_width=8, latent_dim=8)
+    tie = TIE(
+        model, generator_steps=1, generator_width=8, latent_dim=8, **BUNDLED_INVERSION_OPTIONS
+    )
     assert tie.input_shape == (1, 28, 28)
+    assert tie.generator.value_range == (0.0, 255.0)
     images, _ = load_sample_digits()
     with torch.no_grad():
-        full = tie.classifier(images)
+        full = tie.model(images)
         assert full.shape == (40, 11)
         assert torch.allclose(full[:, :10], model(images), atol=1e-5, rtol=0)
     assert tie.generator.num_classes == 11
@@ -139,12 +144,12 @@ def test_classifier_factory():
 
     tie = TIE(factory, num_classes=CLASSES, **SMALL)
     assert built == [CLASSES + 1] and tie.head_name is None
-    assert tie.classifier(torch.zeros(2, *SHAPE)).shape == (2, CLASSES + 1)
+    assert tie.model(torch.zeros(2, *SHAPE)).shape == (2, CLASSES + 1)
     with pytest.raises(ValueError, match="`num_classes`"):
         TIE(factory, **SMALL)
-    with pytest.raises(ValueError, match="`classifier`"):
+    with pytest.raises(ValueError, match="`model`"):
         TIE(lambda k: make_tiny_cnn(num_classes=k + 1), num_classes=CLASSES, **SMALL)
-    with pytest.raises(TypeError, match="`classifier`"):
+    with pytest.raises(TypeError, match="`model`"):
         TIE(lambda k: "model", num_classes=CLASSES, **SMALL)
 
 
@@ -199,7 +204,7 @@ def patch_samples(monkeypatch, tie: TIE, means: torch.Tensor, record: list):
 
 
 def hand_probs(tie: TIE, images: torch.Tensor) -> torch.Tensor:
-    head = tie.classifier.classifier
+    head = tie.model.classifier
     w = head.weight.detach().double()[:, 0]
     b = head.bias.detach().double()
     m = images.double().mean(dim=(1, 2, 3))
@@ -275,7 +280,7 @@ def test_stopping_rule(monkeypatch):
 def test_predict_and_scores_against_hand_computation():
     tie = designed_tie()
     with torch.no_grad():  # garbage row: large for negative means
-        tie.classifier.classifier.weight[CLASSES, 0] = -50.0
+        tie.model.classifier.weight[CLASSES, 0] = -50.0
     images = constant_images(torch.tensor([1.0, 0.0, -1.0, 0.02]))
     probs = hand_probs(tie, images)
     result = tie.predict(images)
@@ -349,9 +354,9 @@ def test_log_keys_and_training_changes_the_copy_only():
     handle.remove()
     assert set(log) == set(tie_module._LOG_KEYS) and len(log["epoch"]) >= 1
     assert 0 <= log["accuracy"][0] <= 1 and 0 <= log["mean_ue"][0] <= 1
-    assert not tie.classifier.features[0].bias.requires_grad  # frozen layers stay frozen
-    assert not tie.classifier.training and tie.classifier.classifier.weight.grad is None
-    trained = tie.classifier.classifier.weight[:CLASSES]
+    assert not tie.model.features[0].bias.requires_grad  # frozen layers stay frozen
+    assert not tie.model.training and tie.model.classifier.weight.grad is None
+    trained = tie.model.classifier.weight[:CLASSES]
     assert not torch.equal(trained, model.classifier.weight)
 
 
@@ -367,11 +372,11 @@ def test_user_model_unchanged_when_fit_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="generator failed"):
         tie.fit(*tiny_data(), epochs=2, progress=False)
     assert_model_unchanged(model, before)
-    assert not tie.classifier.training
+    assert not tie.model.training
 
 
 def state_of(tie: TIE) -> dict:
-    state = {f"c.{k}": v.clone() for k, v in tie.classifier.state_dict().items()}
+    state = {f"c.{k}": v.clone() for k, v in tie.model.state_dict().items()}
     state.update({f"g.{k}": v.clone() for k, v in tie.generator.state_dict().items()})
     state["pool"] = tie.pool.clone()
     return state
@@ -467,8 +472,12 @@ def test_constructor_errors_name_the_argument(kwargs, error, name):
 def test_more_errors_name_the_argument():
     with pytest.raises(ValueError, match="`input_shape`"):
         TIE(tiny_model())
-    with pytest.raises(TypeError, match="`classifier`"):
+    with pytest.raises(TypeError, match="`model`"):
         TIE("model", input_shape=SHAPE)
+    with pytest.raises(TypeError, match="TIEConfig"):
+        TIE(tiny_model(), input_shape=SHAPE, generator_step=3)  # a misspelt setting
+    with pytest.raises(TypeError, match="`config`"):
+        TIE(tiny_model(), input_shape=SHAPE, config={"threshold": 0.3})
     tie = TIE(tiny_model(), **SMALL)
     x, y = tiny_data()
     bad = [
@@ -557,7 +566,11 @@ def test_short_tie_on_the_bundled_model_learns_a_garbage_class():
     y_test = torch.from_numpy(split.heldout_labels[:300])
     model = load_bundled_model()
     before = model_snapshot(model)
-    tie = TIE(model, generator_steps=10, generator_width=16, latent_dim=16)
+    tie = TIE(
+        model,
+        config=TIEConfig(generator_steps=10, generator_width=16, latent_dim=16),
+        **BUNDLED_INVERSION_OPTIONS,
+    )
     log = tie.fit(x, y, epochs=4, progress=False)
     assert_model_unchanged(model, before)
     with torch.no_grad():
@@ -573,3 +586,73 @@ def test_short_tie_on_the_bundled_model_learns_a_garbage_class():
     assert tie.predict(noise).is_garbage.double().mean().item() > 0.8
     assert tie.in_distribution_score(x_test).mean() > tie.in_distribution_score(noise).mean()
     assert len(log["epoch"]) >= 1 and log["pool_size"][-1] > 1000 // 10
+
+
+# --------------------------------------------------------------------------- config
+def test_tie_config_round_trip_and_keywords_fill_it():
+    config = TIEConfig(threshold=0.3, generator_steps=2, inversion_weights={"kl": 2.0})
+    assert TIEConfig.from_dict(config.to_dict()) == config
+    assert config.replace(seed=4).seed == 4 and config.seed == 0
+    with pytest.raises(TypeError, match="no settings"):
+        TIEConfig.from_dict({"treshold": 0.3})
+    with pytest.raises(ValueError, match="`threshold`"):
+        TIEConfig(threshold=2.0)
+    by_config = TIE(
+        tiny_model(), config=TIEConfig(**{**SMALL_CONFIG, "seed": 2}), input_shape=SHAPE
+    )
+    by_keywords = TIE(tiny_model(), **SMALL, seed=2)
+    assert by_config.config == by_keywords.config
+    assert by_keywords.generator_steps == SMALL["generator_steps"]
+    # keywords override the config's fields
+    mixed = TIE(tiny_model(), config=by_config.config, input_shape=SHAPE, threshold=0.25)
+    assert mixed.threshold == 0.25 and mixed.config.seed == 2
+    x, y = tiny_data()
+    a = by_config.fit(x, y, epochs=1, progress=False)
+    b = by_keywords.fit(x, y, epochs=1, progress=False)
+    assert a["loss"] == b["loss"]
+
+
+def test_tie_old_keywords_and_classifier_alias_warn_and_work():
+    with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
+        tie = TIE(classifier=tiny_model(), **SMALL)
+    with pytest.warns(DeprecationWarning, match="renamed model"):
+        assert tie.classifier is tie.model
+
+
+class _Generic(nn.Module):
+    """Not a DigitCNN: 3 x 6 x 6 inputs normalised by the caller's own preprocessing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.flatten(self.body(x)))
+
+
+def test_generic_model_with_explicit_shape_and_preprocess():
+    torch.manual_seed(0)
+    tie = TIE(
+        _Generic(),
+        input_shape=(3, 6, 6),
+        preprocess=lambda p: (p - 127.5) / 127.5,
+        value_range=(0, 255),
+        config=TIEConfig(
+            generator_steps=1,
+            generator_batch_size=4,
+            generator_width=8,
+            latent_dim=4,
+            batch_size=5,
+            samples_per_class=1,
+        ),
+    )
+    x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(10) % 3
+    log = tie.fit(x, y, epochs=1, progress=False)
+    assert len(log["epoch"]) >= 1
+    assert tie.predict(x).labels.shape == (10,)
+    with torch.no_grad():
+        images = tie.inversion.sample(torch.arange(4))
+    assert float(images.min()) >= -1 - 1e-5 and float(images.max()) <= 1 + 1e-5
