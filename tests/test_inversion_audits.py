@@ -267,13 +267,13 @@ def test_shortcut_audit_cue_response_of_inverted_samples():
         ({"batch_size": -1}, "`batch_size`"),
         ({"inversion": 3}, "`inversion`"),
         ({"inversion": lambda y: torch.zeros(2, 1, 6, 6)}, "`inversion`"),
-        ({"classifier": None}, "`classifier`"),
+        ({"model": None}, "`model`"),
     ],
 )
 def test_shortcut_audit_bad_arguments(kwargs, argument):
     images, labels = _digits_like(n=4, num_classes=2, side=6)
     arguments = {
-        "classifier": nn.Sequential(nn.Flatten(), nn.Linear(36, 2)),
+        "model": nn.Sequential(nn.Flatten(), nn.Linear(36, 2)),
         "test_dataset": TensorDataset(images, labels),
         "shortcuts": {"kind": "position", "size": 2},
     }
@@ -370,7 +370,7 @@ def test_privacy_audit_trains_a_reconstruction_inversion():
 def test_privacy_audit_bad_arguments(kwargs, argument):
     images, labels = _digits_like(n=6, num_classes=3, side=8)
     arguments = {
-        "classifier": make_tiny_cnn(in_channels=1, num_classes=3, dtype=torch.float32),
+        "model": make_tiny_cnn(in_channels=1, num_classes=3, dtype=torch.float32),
         "training_images": images,
         "training_labels": labels,
         "inversion": lambda y: images[: len(y)],
@@ -406,3 +406,26 @@ def test_audits_on_cuda_with_autocast():
         images[:6], images, privacy.sample_labels, labels, data_range=1.0, progress=False
     )
     torch.testing.assert_close(privacy.matched.ssim, expected.ssim)
+
+
+def test_audits_old_keywords_warn_and_work():
+    images, labels = _digits_like(n=6, num_classes=3, side=8)
+    model = make_tiny_cnn(in_channels=1, num_classes=3, dtype=torch.float32)
+    options = {
+        "inversion": lambda y: images[: len(y)],
+        "samples_per_class": 2,
+        "progress": False,
+    }
+    new = privacy_audit(model, images, labels, **options)
+    with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
+        old = privacy_audit(
+            classifier=model, training_images=images, training_labels=labels, **options
+        )
+    torch.testing.assert_close(old.matched.ssim, new.matched.ssim)
+    with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
+        audit = shortcut_audit(
+            classifier=model,
+            test_dataset=TensorDataset(images, labels),
+            shortcuts={"kind": "position", "size": 2},
+        )
+    assert 0.0 <= audit.accuracy_shortcut <= 1.0

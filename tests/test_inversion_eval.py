@@ -356,7 +356,7 @@ def test_sample_grid_bad_arguments(kwargs, argument):
     [
         (lambda m, x, y: label_consistency(m, x, y[:3]), "`labels`"),
         (lambda m, x, y: label_consistency(m, x[0, 0, 0], y), "`images`"),
-        (lambda m, x, y: label_consistency("model", x, y), "`classifier`"),
+        (lambda m, x, y: label_consistency("model", x, y), "`model`"),
         (lambda m, x, y: label_consistency(m, x, y, batch_size=0), "`batch_size`"),
         (lambda m, x, y: mean_confidence(m, x, y.double()), "`labels`"),
         (lambda m, x, y: mean_confidence(m, x * float("nan"), y), "`images`"),
@@ -380,3 +380,11 @@ def test_evaluation_on_cuda_with_autocast(images, labels):
         result = within_class_diversity(model, x, labels.cuda())
     assert result.per_class.device.type == "cpu"
     assert mean_confidence(model, images.float(), labels) > 0  # CPU images, CUDA model
+
+
+def test_old_classifier_keyword_warns_and_works(model, images, labels):
+    new = label_consistency(model, images, labels)
+    with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
+        assert label_consistency(classifier=model, images=images, labels=labels) == new
+    with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
+        mean_confidence(classifier=model, images=images)

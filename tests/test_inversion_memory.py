@@ -117,8 +117,11 @@ def test_estimate_inversion_cost_scales_with_the_batch_and_leaves_the_model():
 
 
 def test_estimate_inversion_cost_validates():
-    with pytest.raises(TypeError, match="`classifier`"):
+    with pytest.raises(TypeError, match="`model`"):
         estimate_inversion_cost(lambda x: x, (3, 8, 8))
+    with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
+        cost = estimate_inversion_cost(classifier=_thousand_class_net(), input_shape=(3, 8, 8))
+    assert cost.bytes > 0
     with pytest.raises(ValueError, match="`batch_size`"):
         estimate_inversion_cost(_thousand_class_net(), (3, 8, 8), batch_size=0)
     with pytest.raises(ValueError, match="`probe_bytes`"):

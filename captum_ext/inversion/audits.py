@@ -357,12 +357,12 @@ class ShortcutAuditResult(NamedTuple):
 def _predict_dataset(model: Any, dataset: Any, batch_size: int) -> tuple[Tensor, Tensor]:
     """Predicted classes and labels of a dataset, in order (eval mode, no gradients)."""
     device = model_device(model)
-    model = root_module(model)
+    module = root_module(model)
     predictions, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    with preserved_state([model]):
-        if model is not None:
-            model.eval()
+    with preserved_state([module]):
+        if module is not None:
+            module.eval()
         with torch.no_grad():
             for batch in loader:
                 images, targets = batch[0], batch[1]

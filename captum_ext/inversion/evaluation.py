@@ -150,11 +150,11 @@ def _forward_batches(
     Batches go to the model's device; results come back on ``images``' device.
     """
     device = model_device(model)
-    model = root_module(model)
+    module = root_module(model)
     logits, features = [], []
-    with preserved_state([model]):
-        if model is not None:
-            model.eval()
+    with preserved_state([module]):
+        if module is not None:
+            module.eval()
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start : start + batch_size]
