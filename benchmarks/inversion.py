@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model
 from captum_ext.data import (
     DigitCNN,
     denormalize_digits,
-    load_bundled_model,
     normalize_digits,
 )
 from captum_ext.data._mnist_split import load_mnist_split
@@ -54,7 +54,7 @@ from captum_ext.inversion.evaluation import (
     within_class_diversity,
 )
 from captum_ext.inversion.generator import ConditionedGenerator
-from captum_ext.inversion.trainer import NetworkInversion
+from captum_ext.inversion.network_inversion import NetworkInversion
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -161,14 +161,24 @@ def main() -> None:
 
     # 1. inversion of the bundled model, vector-matrix vs plain label conditioning
     bundled = load_bundled_model()
-    inversion = NetworkInversion(bundled, preset="inversion", batch_size=args.batch_size, seed=SEED)
+    inversion = NetworkInversion(
+        bundled,
+        preset="inversion",
+        batch_size=args.batch_size,
+        seed=SEED,
+        **BUNDLED_INVERSION_OPTIONS,
+    )
     wall = timed_fit(inversion, args.steps)
     seconds_per_1000["inversion"] = wall / args.steps * 1000
     samples_vm = inversion.sample(labels, generator=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         plain_generator = ConditionedGenerator(
-            10, (1, 28, 28), conditioning="one_hot", normalize=normalize_digits
+            10,
+            (1, 28, 28),
+            conditioning="one_hot",
+            preprocess=normalize_digits,
+            value_range=(0, 255),
         )
     plain = NetworkInversion(
         bundled, plain_generator, preset="inversion", batch_size=args.batch_size, seed=SEED
@@ -208,7 +218,11 @@ def main() -> None:
         }
         start = time.perf_counter()
         reconstruction = NetworkInversion(
-            model, preset="reconstruction", batch_size=args.batch_size, seed=SEED
+            model,
+            preset="reconstruction",
+            batch_size=args.batch_size,
+            seed=SEED,
+            **BUNDLED_INVERSION_OPTIONS,
         )
         wall = timed_fit(reconstruction, args.recon_steps)
         seconds_per_1000[f"reconstruction ({name})"] = wall / args.recon_steps * 1000
@@ -238,7 +252,11 @@ def main() -> None:
         }
     # 3. counterfeits of the bundled model
     counterfeit = NetworkInversion(
-        bundled, preset="counterfeit", batch_size=args.batch_size, seed=SEED
+        bundled,
+        preset="counterfeit",
+        batch_size=args.batch_size,
+        seed=SEED,
+        **BUNDLED_INVERSION_OPTIONS,
     )
     wall = timed_fit(counterfeit, args.counterfeit_steps)
     seconds_per_1000["counterfeit"] = wall / args.counterfeit_steps * 1000

@@ -23,7 +23,7 @@ Settings, each scored on the same splits by every method:
 2. ``open-set``: a DigitCNN trained here on the training digits 0-4; in-distribution = the
    held-out digits 0-4, OOD = the held-out digits 5-9.
 
-Methods: ``TIE`` (:class:`captum_ext.inversion.tie.TIE`, started from the setting's
+Methods: ``TIE`` (:class:`captum_ext.inversion.TIE`, started from the setting's
 trained model, score ``max_{c<n} p_c``), ``TIE-all`` (``baseline="all"``: every inverted
 sample excluded), and on the plain n-class model ``MSP`` (max softmax), ``energy`` and
 ``ODIN`` (T = 100, eps = 0.0014) from :mod:`captum_ext.metrics`. Metrics: AUROC, AUPR-In
@@ -46,9 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from captum_ext.data import DigitCNN, load_bundled_model, normalize_digits
+from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model
+from captum_ext.data import DigitCNN, normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
-from captum_ext.inversion.tie import TIE
+from captum_ext.inversion import TIE, TIEConfig
 from captum_ext.metrics import aupr, auroc, energy, fpr_at_tpr, odin, softmax_confidence
 
 SEED = 0
@@ -186,13 +187,13 @@ def metrics(in_scores: torch.Tensor, out_scores: torch.Tensor) -> dict[str, floa
 
 def run_tie(model, x, y, args, baseline: str) -> tuple[TIE, dict, float]:
     start = time.perf_counter()
-    tie = TIE(
-        model,
+    config = TIEConfig(
         baseline=baseline,
         generator_steps=args.generator_steps,
         generator_width=args.generator_width,
         seed=SEED,
     )
+    tie = TIE(model, config=config, **BUNDLED_INVERSION_OPTIONS)
     log = tie.fit(x, y, epochs=args.epochs, progress=args.progress)
     return tie, log, time.perf_counter() - start
 

@@ -1,6 +1,6 @@
 """Train the network-inversion generator of the bundled digit classifier.
 
-Inverts :func:`captum_ext.data.load_bundled_model` with
+Inverts :func:`captum_ext.bundled.load_bundled_model` with
 :class:`captum_ext.inversion.NetworkInversion` (preset ``"inversion"``: vector-matrix
 conditioning, KL + CE + cosine + orthogonality; a width-32 :class:`ConditionedGenerator`) on
 one CPU thread with a fixed seed, and writes into ``captum_ext/data``:
@@ -11,7 +11,7 @@ one CPU thread with a fixed seed, and writes into ``captum_ext/data``:
 
 The tutorial "What does my classifier think a 7 looks like?", the docs and the
 ``inversion`` section of ``captum-ext report`` load it with
-:func:`captum_ext.data.load_bundled_inversion` instead of training for minutes.
+:func:`captum_ext.bundled.load_bundled_inversion` instead of training for minutes.
 
 Usage::
 
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from captum_ext.data import load_bundled_model
-from captum_ext.data._bundled_inversion import GENERATOR_OPTIONS, bundled_generator
+from captum_ext.bundled import GENERATOR_OPTIONS, bundled_generator, load_bundled_model
 from captum_ext.inversion import NetworkInversion, label_consistency, mean_confidence
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "captum_ext" / "data"
