@@ -557,7 +557,7 @@ def _true_labels(folders: list[str], class_names: list[str] | None) -> list[int 
 def _masks_section(args, model, forward, layer_name, images, display, class_names, out):
     """The minimal-mask section: the bundled mask net, or ``--mask-net`` for your own model."""
     from captum_ext.attr import ActivationMatchingMask
-    from captum_ext.data import load_bundled_mask_explainer
+    from captum_ext.bundled import load_bundled_mask_explainer
     from captum_ext.viz import minimal_mask_section
 
     if args.mask_net is None:
@@ -589,11 +589,11 @@ def _inversion_section(args, model, images, transform, class_names, out):
     """The inversion section: the bundled generator, or one trained for ``--inversion-steps``."""
     import torch
 
+    from captum_ext.bundled import load_bundled_inversion
     from captum_ext.data import (
         IMAGENET_MEAN,
         IMAGENET_STD,
         denormalize_digits,
-        load_bundled_inversion,
         normalize_digits,
     )
     from captum_ext.inversion import NetworkInversion
@@ -673,10 +673,10 @@ def _inversion_too_big(args, model, input_shape: tuple[int, ...]) -> str | None:
 def _run_report(args: argparse.Namespace) -> int:
     import torch
 
+    from captum_ext.bundled import load_bundled_model
     from captum_ext.data import (
         BUNDLED_CAM_LAYER,
         DIGIT_CLASSES,
-        load_bundled_model,
         load_sample_digits,
     )
     from captum_ext.data.loading import (
@@ -894,7 +894,8 @@ def _run_score(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
-    from captum_ext.data import DIGIT_CLASSES, load_bundled_model, load_sample_digits
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import DIGIT_CLASSES, load_sample_digits
     from captum_ext.data.loading import _parse_device, load_image_folder, load_model
     from captum_ext.metrics.dataset import score_dataset
 

@@ -10,7 +10,8 @@ and "Network Inversion and Its Applications" (arXiv 2411.17777).
 
 Example::
 
-    >>> from captum_ext.data import DIGIT_CLASSES, denormalize_digits, load_bundled_model
+    >>> from captum_ext.bundled import load_bundled_model
+    >>> from captum_ext.data import DIGIT_CLASSES, denormalize_digits
     >>> from captum_ext.inversion import NetworkInversion
     >>> from captum_ext.viz import Report, inversion_section
     >>> inversion = NetworkInversion(load_bundled_model(), batch_size=64)
