@@ -11,17 +11,15 @@ from captum_ext.metrics.curves import (
     misprediction_auroc,
 )
 from captum_ext.metrics.dataset import SCORES, ScoreTable, score_dataset
-from captum_ext.metrics.explanation import (
+from captum_ext.metrics.deletion_insertion import (
     PerturbationCurves,
-    StructureCurves,
     deletion,
+    deletion_curves,
     insertion,
-    masking_score,
-    structure_deletion,
-    structure_insertion,
-    voice_iou,
-    voice_snr,
+    insertion_curves,
 )
+from captum_ext.metrics.masking import masking_score
+from captum_ext.metrics.structure import StructureCurves, structure_deletion, structure_insertion
 from captum_ext.metrics.trust import (
     GradTrust,
     energy,
@@ -35,12 +33,15 @@ from captum_ext.metrics.trust import (
     purview,
     softmax_confidence,
 )
+from captum_ext.metrics.voice_readouts import voice_iou, voice_snr
 
 __all__ = [
     "PerturbationCurves",
     "StructureCurves",
     "deletion",
+    "deletion_curves",
     "insertion",
+    "insertion_curves",
     "masking_score",
     "structure_deletion",
     "structure_insertion",
