@@ -1,5 +1,17 @@
 """Per-example scores and explanation-quality metrics, in the style of ``captum.metrics``."""
 
+from captum_ext.metrics.accumulators import (
+    AUAC,
+    AUFC,
+    AUPR,
+    AUROC,
+    DeletionAUC,
+    ExpectedCalibrationError,
+    FPRAtTPR,
+    InsertionAUC,
+    MispredictionAUROC,
+)
+from captum_ext.metrics.calibration import expected_calibration_error
 from captum_ext.metrics.curves import (
     RetentionCurve,
     accuracy_retention_curve,
@@ -69,6 +81,18 @@ __all__ = [
     "auroc",
     "aupr",
     "fpr_at_tpr",
+    # calibration
+    "expected_calibration_error",
+    # accumulating classes (update / compute / reset)
+    "AUAC",
+    "AUFC",
+    "MispredictionAUROC",
+    "AUROC",
+    "AUPR",
+    "FPRAtTPR",
+    "ExpectedCalibrationError",
+    "DeletionAUC",
+    "InsertionAUC",
     # dataset-scale scoring
     "score_dataset",
     "ScoreTable",
