@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.maps import minmax_normalize
+from captum_ext._utils.validation import check_number
 from captum_ext.metrics._perturbation import keyword_only_after
 
 __all__ = ["voice_iou", "voice_snr"]
@@ -84,12 +85,8 @@ def voice_iou(
             f"`explanation` {tuple(a.shape)} and `uncertainty` {tuple(b.shape)} must have the "
             "same shape (upsample one to the other first)."
         )
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
-        raise TypeError(f"`threshold` must be a number, got {type(threshold).__name__}.")
-    if threshold != threshold or threshold in (float("inf"), float("-inf")):
-        raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
-    if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or smoothing <= 0:
-        raise ValueError(f"`smoothing` must be a positive number, got {smoothing!r}.")
+    threshold = check_number(threshold, "threshold", minimum=None)
+    smoothing = check_number(smoothing, "smoothing")
     dtype = torch.promote_types(a.dtype, b.dtype)
     mask_a = minmax_normalize(a.to(dtype), 1) > threshold
     mask_b = minmax_normalize(b.to(dtype), 1) > threshold
