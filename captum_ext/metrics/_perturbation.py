@@ -44,7 +44,7 @@ _AUTO_CHUNK_ROWS = 256
 # argument checks and preparation
 
 
-def _image_batch(inputs: Any) -> Tensor:
+def image_batch(inputs: Any) -> Tensor:
     formatted = format_inputs(inputs, argument="inputs")
     if len(formatted) != 1:
         raise ValueError(
@@ -62,14 +62,14 @@ def _image_batch(inputs: Any) -> Tensor:
     return x.detach()
 
 
-def _check_choice(value: Any, choices: Sequence[str], argument: str) -> None:
+def check_choice(value: Any, choices: Sequence[str], argument: str) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(
             f"`{argument}`={value!r}: expected one of {', '.join(map(repr, choices))}."
         )
 
 
-def _maps_for(maps: Any, x: Tensor, argument: str) -> Tensor:
+def maps_for(maps: Any, x: Tensor, argument: str) -> Tensor:
     """(N, K, H, W) float maps at the input's size, K = 1 or C (upsampled when needed)."""
     if isinstance(maps, tuple):
         if len(maps) != 1:
@@ -108,16 +108,16 @@ def _maps_for(maps: Any, x: Tensor, argument: str) -> Tensor:
     return a
 
 
-def _ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tensor:
+def ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tensor:
     """The values pixels are ranked by: (N, 1, H, W) or, per channel, (N, C, H, W)."""
-    _check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
-    a = _maps_for(attributions, x, "attributions")
+    check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
+    a = maps_for(attributions, x, "attributions")
     if a.shape[1] > 1 and channel_reduction == "sum_abs":
         a = a.abs().sum(dim=1, keepdim=True)
     return a
 
 
-def _gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
+def gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """Separable Gaussian blur of (N, C, H, W) images, each channel alone, replicate padding."""
     check_int(kernel_size, "blur_kernel_size")
     if kernel_size % 2 == 0:
@@ -133,7 +133,7 @@ def _gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
     return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
 
 
-def _baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigma: float) -> Tensor:
+def baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigma: float) -> Tensor:
     """(N, C, H, W) images the perturbed pixels are taken from."""
     if isinstance(baselines, tuple):
         if len(baselines) != 1:
@@ -143,10 +143,10 @@ def _baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigm
             )
         baselines = baselines[0]
     if isinstance(baselines, str):
-        _check_choice(baselines, BASELINE_NAMES, "baselines")
+        check_choice(baselines, BASELINE_NAMES, "baselines")
         if baselines == "mean":
             return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-        return _gaussian_blur(x, blur_kernel_size, blur_sigma)
+        return gaussian_blur(x, blur_kernel_size, blur_sigma)
     if isinstance(baselines, bool):
         raise TypeError("`baselines` must be a number, 'mean', 'blur' or a tensor, not a bool.")
     if isinstance(baselines, (int, float)):
@@ -169,7 +169,7 @@ def _baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigm
     )
 
 
-def _chunk_rows(batch_size: int | None, x: Tensor) -> int:
+def chunk_rows(batch_size: int | None, x: Tensor) -> int:
     """Perturbed rows per forward pass: ``batch_size``, or as many as fit the memory budget."""
     if batch_size is not None:
         return check_int(batch_size, "batch_size")
@@ -177,7 +177,7 @@ def _chunk_rows(batch_size: int | None, x: Tensor) -> int:
     return max(1, min(_AUTO_CHUNK_ROWS, _AUTO_CHUNK_BYTES // per_row))
 
 
-class _Evaluator:
+class Evaluator:
     """Runs the model on perturbed rows and reads the target's probability and correctness."""
 
     def __init__(self, forward_func: Callable, x: Tensor, target: Any, extra: Any) -> None:
@@ -227,7 +227,7 @@ class _Evaluator:
 
 
 @contextlib.contextmanager
-def _evaluation(forward_func: Callable) -> Iterator[None]:
+def evaluation(forward_func: Callable) -> Iterator[None]:
     """no_grad and eval mode for the model behind ``forward_func``; all flags restored after.
 
     Eval mode keeps dropout off and batch norm on its running statistics (never updated), so
@@ -240,8 +240,8 @@ def _evaluation(forward_func: Callable) -> Iterator[None]:
         yield
 
 
-def _check_score(score: Any) -> None:
-    _check_choice(score, SCORE_NAMES, "score")
+def check_score(score: Any) -> None:
+    check_choice(score, SCORE_NAMES, "score")
 
 
 def keyword_only_after(n_positional: int) -> Callable:

@@ -22,13 +22,13 @@ from captum_ext.metrics._perturbation import (
     DEFAULT_BLUR_KERNEL_SIZE,
     DEFAULT_BLUR_SIGMA,
     DEFAULT_N_STEPS,
-    _baseline_images,
-    _chunk_rows,
-    _evaluation,
-    _Evaluator,
-    _image_batch,
-    _ranking_scores,
+    Evaluator,
+    baseline_images,
+    chunk_rows,
+    evaluation,
+    image_batch,
     keyword_only_after,
+    ranking_scores,
 )
 
 __all__ = [
@@ -70,11 +70,11 @@ def _perturbation_curves(
     blur_kernel_size: int,
     blur_sigma: float,
 ) -> PerturbationCurves:
-    x = _image_batch(inputs)
+    x = image_batch(inputs)
     n_steps = check_int(n_steps, "n_steps")
-    chunk = _chunk_rows(batch_size, x)
-    ranked = _ranking_scores(attributions, x, channel_reduction)
-    base = _baseline_images(baselines, x, blur_kernel_size, blur_sigma)
+    chunk = chunk_rows(batch_size, x)
+    ranked = ranking_scores(attributions, x, channel_reduction)
+    base = baseline_images(baselines, x, blur_kernel_size, blur_sigma)
     n = x.shape[0]
     device = x.device
 
@@ -90,9 +90,9 @@ def _perturbation_curves(
     counts = (2 * steps * n_units + n_steps) // (2 * n_steps)
     n_points = n_steps + 1
 
-    evaluator = _Evaluator(forward_func, x, target, additional_forward_args)
+    evaluator = Evaluator(forward_func, x, target, additional_forward_args)
     probabilities = torch.empty(n * n_points, dtype=x.dtype, device=device)
-    with _evaluation(forward_func):
+    with evaluation(forward_func):
         evaluator.original(x)
         for start in range(0, n * n_points, chunk):
             rows = torch.arange(start, min(start + chunk, n * n_points), device=device)

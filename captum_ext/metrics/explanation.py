@@ -18,9 +18,9 @@ from captum_ext.metrics._perturbation import (  # noqa: F401  (kept at their old
     DEFAULT_BLUR_SIGMA,
     DEFAULT_N_STEPS,
     DEFAULT_THRESHOLDS,
-    _gaussian_blur,
 )
 from captum_ext.metrics._perturbation import SCORE_NAMES as SCORES  # noqa: F401  (old name)
+from captum_ext.metrics._perturbation import gaussian_blur as _gaussian_blur  # noqa: F401
 from captum_ext.metrics.deletion_insertion import (
     PerturbationCurves,
     deletion,

@@ -11,12 +11,12 @@ from torch import Tensor
 
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext.metrics._perturbation import (
-    _check_score,
-    _evaluation,
-    _Evaluator,
-    _image_batch,
-    _maps_for,
+    Evaluator,
+    check_score,
+    evaluation,
+    image_batch,
     keyword_only_after,
+    maps_for,
 )
 
 __all__ = ["masking_score"]
@@ -79,17 +79,17 @@ def masking_score(
         >>> masking_score(model, images[:8], heat).shape
         torch.Size([8])
     """
-    x = _image_batch(inputs)
-    _check_score(score)
-    heat = _maps_for(attributions, x, "attributions")
+    x = image_batch(inputs)
+    check_score(score)
+    heat = maps_for(attributions, x, "attributions")
     if bool((heat < 0).any()) or bool((heat > 1).any()):
         raise ValueError(
             "`attributions` (the heatmaps) must lie in [0, 1], got values in "
             f"[{float(heat.min()):.4g}, {float(heat.max()):.4g}]; min-max normalise them first."
         )
     n = x.shape[0]
-    evaluator = _Evaluator(forward_func, x, target, additional_forward_args)
-    with _evaluation(forward_func):
+    evaluator = Evaluator(forward_func, x, target, additional_forward_args)
+    with evaluation(forward_func):
         if target is None:
             evaluator.original(x)
         probability, correct = evaluator(x * heat, torch.arange(n, device=x.device))

@@ -18,14 +18,14 @@ from captum_ext.metrics._perturbation import (
     DEFAULT_BLUR_KERNEL_SIZE,
     DEFAULT_BLUR_SIGMA,
     DEFAULT_THRESHOLDS,
-    _baseline_images,
-    _check_score,
-    _chunk_rows,
-    _evaluation,
-    _Evaluator,
-    _image_batch,
-    _ranking_scores,
+    Evaluator,
+    baseline_images,
+    check_score,
+    chunk_rows,
+    evaluation,
+    image_batch,
     keyword_only_after,
+    ranking_scores,
 )
 
 __all__ = ["StructureCurves", "structure_deletion", "structure_insertion"]
@@ -105,14 +105,14 @@ def _structure_curves(
     blur_kernel_size: int,
     blur_sigma: float,
 ) -> StructureCurves:
-    x = _image_batch(inputs)
-    _check_score(score)
+    x = image_batch(inputs)
+    check_score(score)
     if to_uint8 is not None and not callable(to_uint8):
         raise TypeError(f"`to_uint8` must be callable or None, got {type(to_uint8).__name__}.")
     levels = _check_thresholds(thresholds, x)
-    chunk = _chunk_rows(batch_size, x)
-    normalised = minmax_normalize(_ranking_scores(attributions, x, channel_reduction), 1)
-    base = _baseline_images(baselines, x, blur_kernel_size, blur_sigma)
+    chunk = chunk_rows(batch_size, x)
+    normalised = minmax_normalize(ranking_scores(attributions, x, channel_reduction), 1)
+    base = baseline_images(baselines, x, blur_kernel_size, blur_sigma)
     n = x.shape[0]
     n_levels = levels.numel()
     device = x.device
@@ -120,10 +120,10 @@ def _structure_curves(
     every = torch.arange(n, device=device)
     original_bits = huffman_bits_of_images(_quantised(to_uint8, default_uint8, x, every))
 
-    evaluator = _Evaluator(forward_func, x, target, additional_forward_args)
+    evaluator = Evaluator(forward_func, x, target, additional_forward_args)
     values = torch.empty(n * n_levels, dtype=x.dtype, device=device)
     bits = torch.empty(n * n_levels, dtype=torch.long, device=device)
-    with _evaluation(forward_func):
+    with evaluation(forward_func):
         evaluator.original(x)
         for start in range(0, n * n_levels, chunk):
             rows = torch.arange(start, min(start + chunk, n * n_levels), device=device)
