@@ -791,3 +791,15 @@ def test_old_module_path_imports_without_warning():
         assert explanation.deletion is deletion
         assert explanation.StructureCurves is StructureCurves
         assert explanation.SCORES == ("probability", "correct", "accuracy")
+
+
+def test_masking_batch_equals_one_by_one(cnn_batch):
+    model, x, attr = cnn_batch
+    heat = attr[:, :1].sigmoid()
+    full = masking_score(model, x, heat)
+    singles = torch.cat(
+        [masking_score(model, x[i : i + 1], heat[i : i + 1]) for i in range(len(x))]
+    )
+    torch.testing.assert_close(full, singles, rtol=1e-12, atol=1e-12)
+    correct = masking_score(model, x, heat, target=0, score="correct")
+    assert correct.shape == (len(x),) and set(correct.tolist()) <= {0.0, 1.0}
