@@ -18,13 +18,15 @@ import torch.nn.functional as F
 from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 from captum_ext.metrics import (
     PerturbationCurves,
     StructureCurves,
     deletion,
+    deletion_curves,
     insertion,
+    insertion_curves,
     masking_score,
     structure_deletion,
     structure_insertion,
@@ -84,7 +86,7 @@ def test_deletion_four_pixels_by_hand():
     z = [7.5, 7.5 - 2.0, 7.5 - 2.0 + 3.0, 7.5 - 2.0 + 3.0 - 8.0, 0.0]
     expected = [sigmoid(v) for v in z]
     fractions = [0.0, 0.25, 0.5, 0.75, 1.0]
-    out = deletion(model, x, attr, target=0, n_steps=4, return_curves=True)
+    out = deletion_curves(model, x, attr, target=0, n_steps=4)
     assert isinstance(out, PerturbationCurves)
     torch.testing.assert_close(out.curves, torch.tensor([expected], dtype=F64))
     torch.testing.assert_close(out.fractions, torch.tensor(fractions, dtype=F64))
@@ -92,7 +94,7 @@ def test_deletion_four_pixels_by_hand():
     # the default target is the predicted class (0 here: 7.5 > 0)
     torch.testing.assert_close(deletion(model, x, attr, n_steps=4), out.auc)
     # the other class follows 1 - p
-    other = deletion(model, x, attr, target=1, n_steps=4, return_curves=True)
+    other = deletion_curves(model, x, attr, target=1, n_steps=4)
     torch.testing.assert_close(other.curves, 1 - out.curves)
 
 
@@ -110,7 +112,7 @@ def test_insertion_four_pixels_by_hand_with_a_baseline_value():
         7.5,
     ]
     expected = [sigmoid(v) for v in z]
-    out = insertion(model, x, attr, target=0, baselines=b, n_steps=4, return_curves=True)
+    out = insertion_curves(model, x, attr, target=0, baselines=b, n_steps=4)
     torch.testing.assert_close(out.curves, torch.tensor([expected], dtype=F64))
     fractions = [0.0, 0.25, 0.5, 0.75, 1.0]
     torch.testing.assert_close(out.auc, torch.tensor([trapezoid(fractions, expected)], dtype=F64))
@@ -121,7 +123,7 @@ def test_steps_round_half_up_and_fractions_follow_the_pixels():
     x = tensor(X4, (1, 1, 2, 2))
     attr = tensor(A4, (1, 1, 2, 2))
     # n_steps = 3: k_s = floor(4 s / 3 + 1/2) = 0, 1, 3, 4 pixels
-    out = deletion(model, x, attr, target=0, n_steps=3, return_curves=True)
+    out = deletion_curves(model, x, attr, target=0, n_steps=3)
     torch.testing.assert_close(out.fractions, torch.tensor([0.0, 0.25, 0.75, 1.0], dtype=F64))
     z = [7.5, 5.5, 7.5 - 2.0 + 3.0 - 8.0, 0.0]
     expected = [sigmoid(v) for v in z]
@@ -130,7 +132,7 @@ def test_steps_round_half_up_and_fractions_follow_the_pixels():
         out.auc, torch.tensor([trapezoid([0, 0.25, 0.75, 1], expected)], dtype=F64)
     )
     # n_steps = 8 > pixels: k_s = 0, 1, 1, 2, 2, 3, 3, 4, 4
-    many = deletion(model, x, attr, target=0, n_steps=8, return_curves=True)
+    many = deletion_curves(model, x, attr, target=0, n_steps=8)
     counts = (many.fractions * 4).round().long().tolist()
     assert counts == [0, 1, 1, 2, 2, 3, 3, 4, 4]
 
@@ -139,12 +141,12 @@ def test_ties_are_broken_by_pixel_index_and_one_channel_maps_keep_their_sign():
     model = LinearTwoClass(W4)
     x = tensor([1.0, 1.0, 1.0, 1.0], (1, 1, 2, 2))
     ties = torch.ones(1, 1, 2, 2, dtype=F64)
-    out = deletion(model, x, ties, target=0, n_steps=4, return_curves=True)
+    out = deletion_curves(model, x, ties, target=0, n_steps=4)
     z = [10.0, 9.0, 7.0, 4.0, 0.0]  # pixels 0, 1, 2, 3 in index order
     torch.testing.assert_close(out.curves, torch.tensor([[sigmoid(v) for v in z]], dtype=F64))
     # a signed one-channel map is ranked by value: -5 comes last, not first
     signed = tensor([-5.0, 1.0, 0.0, 0.5], (1, 1, 2, 2))  # order 1, 3, 2, 0
-    out = deletion(model, x, signed, target=0, n_steps=4, return_curves=True)
+    out = deletion_curves(model, x, signed, target=0, n_steps=4)
     z = [10.0, 8.0, 4.0, 1.0, 0.0]
     torch.testing.assert_close(out.curves, torch.tensor([[sigmoid(v) for v in z]], dtype=F64))
 
@@ -162,16 +164,15 @@ def test_mean_and_tensor_baselines_by_hand():
         10.0 * m,
     ]
     expected = torch.tensor([[sigmoid(v) for v in z]], dtype=F64)
-    out = deletion(model, x, attr, target=0, baselines="mean", n_steps=4, return_curves=True)
+    out = deletion_curves(model, x, attr, target=0, baselines="mean", n_steps=4)
     torch.testing.assert_close(out.curves, expected)
-    as_tensor = deletion(
+    as_tensor = deletion_curves(
         model,
         x,
         attr,
         target=0,
         baselines=torch.full((1, 1, 1, 1), m),
         n_steps=4,
-        return_curves=True,
     )
     torch.testing.assert_close(as_tensor.curves, expected)
 
@@ -234,24 +235,35 @@ def cnn_case():
     return model, x, attr
 
 
-@pytest.mark.parametrize("metric", [deletion, insertion])
-def test_batch_equals_one_by_one_and_chunking_changes_nothing(metric, cnn_case):
-    model, x, attr = cnn_case
+@pytest.fixture(params=[1, 4, 5], ids=lambda n: f"batch{n}")
+def cnn_batch(request):
+    n = request.param
+    model = make_tiny_cnn()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 3, 6, 6, generator=gen, dtype=F64)
+    attr = torch.randn(n, 3, 6, 6, generator=gen, dtype=F64)
+    return model, x, attr
+
+
+@pytest.mark.parametrize(
+    ("metric", "curves_metric"), [(deletion, deletion_curves), (insertion, insertion_curves)]
+)
+def test_batch_equals_one_by_one_and_chunking_changes_nothing(metric, curves_metric, cnn_batch):
+    model, x, attr = cnn_batch
+    n = x.shape[0]
     before = model_snapshot(model)
-    full = metric(model, x, attr, n_steps=6, baselines="blur", return_curves=True)
-    assert full.curves.shape == (4, 7) and full.fractions.shape == (7,)
+    full = curves_metric(model, x, attr, n_steps=6, baselines="blur")
+    assert full.curves.shape == (n, 7) and full.fractions.shape == (7,)
     singles = torch.cat(
         [
             metric(model, x[i : i + 1], attr[i : i + 1], n_steps=6, baselines="blur")
-            for i in range(4)
+            for i in range(n)
         ]
     )
     # float64: batched and single-example convolutions differ only by summation order
     torch.testing.assert_close(full.auc, singles, rtol=1e-12, atol=1e-12)
-    for max_batch in (1, 3, None):
-        chunked = metric(
-            model, x, attr, n_steps=6, baselines="blur", max_batch=max_batch, return_curves=True
-        )
+    for batch_size in (1, 3, None):
+        chunked = curves_metric(model, x, attr, n_steps=6, baselines="blur", batch_size=batch_size)
         torch.testing.assert_close(chunked.curves, full.curves, rtol=1e-12, atol=1e-12)
     assert_model_unchanged(model, before)
 
@@ -302,13 +314,11 @@ def test_per_channel_and_sum_abs_by_hand():
     x = tensor([1.0, 1.0, 1.0, 1.0], (1, 2, 1, 2))
     attr = tensor([0.5, -3.0, 2.0, 1.0], (1, 2, 1, 2))
     # per_channel: entries by signed value: c1p0 (2.0), c1p1 (1.0), c0p0 (0.5), c0p1 (-3.0)
-    per = deletion(
-        model, x, attr, target=0, n_steps=4, channel_reduction="per_channel", return_curves=True
-    )
+    per = deletion_curves(model, x, attr, target=0, n_steps=4, channel_reduction="per_channel")
     z = [10.0, 10.0 - 3.0, 10.0 - 3.0 - 4.0, 10.0 - 3.0 - 4.0 - 1.0, 0.0]
     torch.testing.assert_close(per.curves, torch.tensor([[sigmoid(v) for v in z]], dtype=F64))
     # sum_abs: pixel 1 (|-3| + 1 = 4) before pixel 0 (0.5 + 2 = 2.5), both channels at once
-    whole = deletion(model, x, attr, target=0, n_steps=2, return_curves=True)
+    whole = deletion_curves(model, x, attr, target=0, n_steps=2)
     z = [10.0, 10.0 - 2.0 - 4.0, 0.0]
     torch.testing.assert_close(whole.curves, torch.tensor([[sigmoid(v) for v in z]], dtype=F64))
     torch.testing.assert_close(whole.fractions, torch.tensor([0.0, 0.5, 1.0], dtype=F64))
@@ -323,7 +333,7 @@ def test_additional_forward_args_follow_the_rows():
     x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
     attr = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
     scale = torch.tensor([1.0, -2.0, 3.0], dtype=F64)
-    got = deletion(Scaled(), x, attr, n_steps=4, max_batch=4, additional_forward_args=(scale,))
+    got = deletion(Scaled(), x, attr, n_steps=4, batch_size=4, additional_forward_args=(scale,))
     for i in range(3):
         one = deletion(
             Scaled(),
@@ -473,16 +483,18 @@ def test_structure_insertion_by_hand():
     torch.testing.assert_close(low.ratios, out.ratios)
 
 
-def test_structure_chunking_and_batch(cnn_case):
-    model, x, attr = cnn_case
+def test_structure_chunking_and_batch(cnn_batch):
+    model, x, attr = cnn_batch
+    n = x.shape[0]
     full = structure_deletion(model, x, attr, baselines="mean")
-    assert full.ratios.shape == (4, 10) and full.scores.shape == (4, 10)
-    for max_batch in (1, 3):
-        chunked = structure_deletion(model, x, attr, baselines="mean", max_batch=max_batch)
+    assert full.ratios.shape == (n, 10) and full.scores.shape == (n, 10)
+    for batch_size in (1, 3):
+        chunked = structure_deletion(model, x, attr, baselines="mean", batch_size=batch_size)
         torch.testing.assert_close(chunked.ratios, full.ratios)
         torch.testing.assert_close(chunked.scores, full.scores, rtol=1e-12, atol=1e-12)
-    one = structure_deletion(model, x[2:3], attr[2:3], baselines="mean")
-    torch.testing.assert_close(one.ratios, full.ratios[2:3])
+    last = n - 1
+    one = structure_deletion(model, x[last:], attr[last:], baselines="mean")
+    torch.testing.assert_close(one.ratios, full.ratios[last:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,9 +610,9 @@ def test_deletion_and_insertion_points_equal_pytorch_grad_cam_road_masking(perce
     lerf = PerturbationConfidenceMetric(RemoveLeastRelevantFirst(percentile, impute))
     removed = morf(x, cams.numpy(), wrapped, model, return_diff=False)
     kept = lerf(x, cams.numpy(), wrapped, model, return_diff=False)
-    kw = dict(target=targets, baselines=baseline, n_steps=4, return_curves=True)
-    ours_del = deletion(model, x, cams[:, None], **kw)
-    ours_ins = insertion(model, x, cams[:, None], **kw)
+    kw = dict(target=targets, baselines=baseline, n_steps=4)
+    ours_del = deletion_curves(model, x, cams[:, None], **kw)
+    ours_ins = insertion_curves(model, x, cams[:, None], **kw)
     np.testing.assert_allclose(ours_del.curves[:, (100 - percentile) // 25], removed, atol=1e-6)
     np.testing.assert_allclose(ours_ins.curves[:, percentile // 25], kept, atol=1e-6)
 
@@ -640,7 +652,7 @@ def test_deletion_curve_equals_quantus_pixel_flipping():
         )
     )
     lowest = x.amin(dim=(1, 2, 3), keepdim=True)
-    ours = deletion(model, x, a, target=y, baselines=lowest, n_steps=9, return_curves=True)
+    ours = deletion_curves(model, x, a, target=y, baselines=lowest, n_steps=9)
     np.testing.assert_allclose(ours.curves[:, 1:].detach().numpy(), theirs, atol=1e-5)
 
 
@@ -666,8 +678,8 @@ def test_bad_input_names_the_argument(cnn_case):
         deletion(model, x, attr, target="all")
     with pytest.raises(ValueError, match="`channel_reduction`"):
         deletion(model, x, attr, channel_reduction="max")
-    with pytest.raises(ValueError, match="`max_batch`"):
-        deletion(model, x, attr, max_batch=0)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        deletion(model, x, attr, batch_size=0)
     with pytest.raises(ValueError, match="`blur_kernel_size`"):
         deletion(model, x, attr, baselines="blur", blur_kernel_size=4)
     with pytest.raises(ValueError, match="`inputs`"):
@@ -680,9 +692,9 @@ def test_bad_input_names_the_argument(cnn_case):
         structure_insertion(model, x, attr, target=-6)
     with pytest.raises(ValueError, match="`to_uint8`"):
         structure_deletion(model, x, attr, to_uint8=lambda z: z.flatten())
-    with pytest.raises(ValueError, match="`heatmaps` must lie in"):
+    with pytest.raises(ValueError, match="`attributions` \\(the heatmaps\\) must lie in"):
         masking_score(model, x, attr[:, :1])
-    with pytest.raises(ValueError, match="`heatmaps` has 3 examples"):
+    with pytest.raises(ValueError, match="`attributions` has 3 examples"):
         masking_score(model, x, attr[:3, :1].sigmoid())
     with pytest.raises(ValueError, match="`target`"):
         masking_score(model, x, attr[:, :1].sigmoid(), target=[0, 1, 2, 7])
@@ -697,11 +709,97 @@ def test_bad_input_names_the_argument(cnn_case):
 @pytest.mark.cuda
 def test_cuda_results_stay_on_the_device_and_equal_cpu(cnn_case):
     model, x, attr = cnn_case
-    expected = deletion(model, x, attr, n_steps=4, baselines="blur", return_curves=True)
+    expected = deletion_curves(model, x, attr, n_steps=4, baselines="blur")
     gpu = make_tiny_cnn().cuda()
-    got = deletion(gpu, x.cuda(), attr.cuda(), n_steps=4, baselines="blur", return_curves=True)
+    got = deletion_curves(gpu, x.cuda(), attr.cuda(), n_steps=4, baselines="blur")
     assert got.auc.device.type == "cuda" and got.fractions.device.type == "cuda"
     torch.testing.assert_close(got.curves.cpu(), expected.curves, rtol=1e-9, atol=1e-9)
     sd = structure_insertion(gpu, x.cuda(), attr.cuda())
     torch.testing.assert_close(sd.ratios.cpu(), structure_insertion(model, x, attr).ratios)
     assert masking_score(gpu, x.cuda(), attr[:, :1].sigmoid().cuda()).device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# captum.metrics-style signatures: deprecated positional use, old keywords, return_curves
+
+
+def test_old_positional_arguments_warn_and_still_work(cnn_case):
+    model, x, attr = cnn_case
+    expected = deletion(model, x, attr, target=0, baselines=0.5, n_steps=4)
+    with pytest.warns(DeprecationWarning, match="by keyword"):
+        got = deletion(model, x, attr, 0, 0.5, 4)
+    torch.testing.assert_close(got, expected)
+    with pytest.warns(DeprecationWarning, match="by keyword"):
+        sd = structure_insertion(model, x, attr, 1)
+    torch.testing.assert_close(sd.area, structure_insertion(model, x, attr, target=1).area)
+    heat = attr[:, :1].sigmoid()
+    with pytest.warns(DeprecationWarning, match="by keyword"):
+        got = masking_score(model, x, heat, 2, "correct")
+    torch.testing.assert_close(got, masking_score(model, x, heat, target=2, score="correct"))
+    a, b = torch.rand(2, 4, 4), torch.rand(2, 4, 4)
+    with pytest.warns(DeprecationWarning, match="by keyword"):
+        torch.testing.assert_close(voice_iou(a, b, 0.3), voice_iou(a, b, threshold=0.3))
+    with pytest.raises(TypeError, match="multiple values"), pytest.warns(DeprecationWarning):
+        deletion(model, x, attr, 0, target=0)
+
+
+@pytest.mark.parametrize(
+    "metric", [deletion, insertion, deletion_curves, structure_deletion, structure_insertion]
+)
+def test_max_batch_is_renamed_batch_size(metric, cnn_case):
+    model, x, attr = cnn_case
+    kw = {} if "structure" in metric.__name__ else {"n_steps": 3}
+    with pytest.warns(DeprecationWarning, match="`max_batch` is renamed `batch_size`"):
+        old = metric(model, x, attr, max_batch=2, **kw)
+    new = metric(model, x, attr, batch_size=2, **kw)
+    if isinstance(new, Tensor):
+        torch.testing.assert_close(old, new)
+    else:
+        torch.testing.assert_close(old[0], new[0])
+    with pytest.raises(TypeError, match="both"):
+        metric(model, x, attr, max_batch=2, batch_size=2, **kw)
+
+
+def test_masking_heatmaps_is_renamed_attributions(cnn_case):
+    model, x, attr = cnn_case
+    heat = attr[:, :1].sigmoid()
+    with pytest.warns(DeprecationWarning, match="`heatmaps` is renamed `attributions`"):
+        old = masking_score(model, x, heatmaps=heat)
+    torch.testing.assert_close(old, masking_score(model, x, attributions=heat))
+
+
+def test_return_types_do_not_switch_on_flags(cnn_case):
+    model, x, attr = cnn_case
+    for metric, curves in ((deletion, deletion_curves), (insertion, insertion_curves)):
+        auc = metric(model, x, attr, n_steps=4)
+        out = curves(model, x, attr, n_steps=4)
+        assert isinstance(auc, Tensor) and isinstance(out, PerturbationCurves)
+        torch.testing.assert_close(out.auc, auc)
+        with pytest.warns(DeprecationWarning, match="return_curves"):
+            old = metric(model, x, attr, n_steps=4, return_curves=True)
+        assert isinstance(old, PerturbationCurves)
+        torch.testing.assert_close(old.curves, out.curves)
+
+
+def test_old_module_path_imports_without_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from captum_ext.metrics import explanation
+
+        assert explanation.deletion is deletion
+        assert explanation.StructureCurves is StructureCurves
+        assert explanation.SCORES == ("probability", "correct", "accuracy")
+
+
+def test_masking_batch_equals_one_by_one(cnn_batch):
+    model, x, attr = cnn_batch
+    heat = attr[:, :1].sigmoid()
+    full = masking_score(model, x, heat)
+    singles = torch.cat(
+        [masking_score(model, x[i : i + 1], heat[i : i + 1]) for i in range(len(x))]
+    )
+    torch.testing.assert_close(full, singles, rtol=1e-12, atol=1e-12)
+    correct = masking_score(model, x, heat, target=0, score="correct")
+    assert correct.shape == (len(x),) and set(correct.tolist()) <= {0.0, 1.0}

@@ -1,0 +1,289 @@
+"""Shared machinery of the perturbation metrics (deletion / insertion, structure-wise,
+masking): argument checks, baselines, the chunked evaluator and eval-mode context, and the
+positional-argument deprecation of the captum.metrics-style signatures."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from captum_ext._utils.batched_grad import run_forward
+from captum_ext._utils.layers import root_module
+from captum_ext._utils.maps import upsample_maps
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import (
+    check_int,
+    check_number,
+    class_selection,
+    format_additional_forward_args,
+    format_inputs,
+)
+
+DEFAULT_N_STEPS = 50
+DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_BLUR_KERNEL_SIZE = 11
+DEFAULT_BLUR_SIGMA = 5.0
+BASELINE_NAMES = ("mean", "blur")
+CHANNEL_REDUCTIONS = ("sum_abs", "per_channel")
+SCORE_NAMES = ("probability", "correct", "accuracy")
+"""Values of the ``score`` argument of the structure-wise and masking metrics."""
+# rows per forward pass when batch_size is None: this many bytes of perturbed inputs, capped
+_AUTO_CHUNK_BYTES = 32 * 2**20
+_AUTO_CHUNK_ROWS = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks and preparation
+
+
+def image_batch(inputs: Any) -> Tensor:
+    formatted = format_inputs(inputs, argument="inputs")
+    if len(formatted) != 1:
+        raise ValueError(
+            f"`inputs` is a tuple of {len(formatted)} tensors; these metrics perturb one batch "
+            "of images (N, C, H, W)."
+        )
+    x = formatted[0]
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            f"`inputs` must be a floating point batch of images (N, C, H, W), got shape "
+            f"{tuple(x.shape)} and dtype {x.dtype}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError("`inputs` holds no examples (N = 0).")
+    return x.detach()
+
+
+def check_choice(value: Any, choices: Sequence[str], argument: str) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"`{argument}`={value!r}: expected one of {', '.join(map(repr, choices))}."
+        )
+
+
+def maps_for(maps: Any, x: Tensor, argument: str) -> Tensor:
+    """(N, K, H, W) float maps at the input's size, K = 1 or C (upsampled when needed)."""
+    if isinstance(maps, tuple):
+        if len(maps) != 1:
+            raise ValueError(
+                f"`{argument}` is a tuple of {len(maps)} tensors; expected one tensor for the "
+                "one input tensor."
+            )
+        maps = maps[0]
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(maps).__name__}.")
+    n, c, h, w = x.shape
+    a = maps.detach()
+    if a.dim() == 3:
+        a = a.unsqueeze(1)
+    if a.dim() != 4:
+        raise ValueError(
+            f"`{argument}` has shape {tuple(maps.shape)}; expected (N, 1, h, w), (N, h, w) "
+            "or (N, C, h, w) with the input's C channels."
+        )
+    if a.shape[0] != n:
+        raise ValueError(
+            f"`{argument}` has {a.shape[0]} examples but `inputs` has {n}; give one map per "
+            "example."
+        )
+    if a.shape[1] not in (1, c):
+        raise ValueError(
+            f"`{argument}` has {a.shape[1]} channels; expected 1 or {c} (the input's)."
+        )
+    if a.is_complex():
+        raise TypeError(f"`{argument}` must be real, got {a.dtype}.")
+    a = a.to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"`{argument}` contains NaN or infinite values.")
+    if tuple(a.shape[2:]) != (h, w):
+        a = upsample_maps(a, (h, w))
+    return a
+
+
+def ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tensor:
+    """The values pixels are ranked by: (N, 1, H, W) or, per channel, (N, C, H, W)."""
+    check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
+    a = maps_for(attributions, x, "attributions")
+    if a.shape[1] > 1 and channel_reduction == "sum_abs":
+        a = a.abs().sum(dim=1, keepdim=True)
+    return a
+
+
+def gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (N, C, H, W) images, each channel alone, replicate padding."""
+    check_int(kernel_size, "blur_kernel_size")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"`blur_kernel_size` must be odd, got {kernel_size}.")
+    sigma = check_number(sigma, "blur_sigma")
+    half = kernel_size // 2
+    offsets = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - half
+    kernel = torch.exp(-(offsets**2) / (2.0 * float(sigma) ** 2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    padded = F.pad(x, (half, half, half, half), mode="replicate")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+def baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigma: float) -> Tensor:
+    """(N, C, H, W) images the perturbed pixels are taken from."""
+    if isinstance(baselines, tuple):
+        if len(baselines) != 1:
+            raise ValueError(
+                f"`baselines` is a tuple of {len(baselines)} entries; expected one for the one "
+                "input tensor."
+            )
+        baselines = baselines[0]
+    if isinstance(baselines, str):
+        check_choice(baselines, BASELINE_NAMES, "baselines")
+        if baselines == "mean":
+            return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+        return gaussian_blur(x, blur_kernel_size, blur_sigma)
+    if isinstance(baselines, bool):
+        raise TypeError("`baselines` must be a number, 'mean', 'blur' or a tensor, not a bool.")
+    if isinstance(baselines, (int, float)):
+        return torch.full_like(x, float(baselines))
+    if isinstance(baselines, Tensor):
+        b = baselines.detach().to(device=x.device, dtype=x.dtype)
+        try:
+            b = torch.broadcast_to(b, x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"`baselines` has shape {tuple(baselines.shape)}, which does not broadcast to "
+                f"the inputs' shape {tuple(x.shape)}."
+            ) from None
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError("`baselines` contains NaN or infinite values.")
+        return b
+    raise TypeError(
+        "`baselines` must be a number, 'mean', 'blur' or a tensor broadcastable to the inputs, "
+        f"got {type(baselines).__name__}."
+    )
+
+
+def chunk_rows(batch_size: int | None, x: Tensor) -> int:
+    """Perturbed rows per forward pass: ``batch_size``, or as many as fit the memory budget."""
+    if batch_size is not None:
+        return check_int(batch_size, "batch_size")
+    per_row = max(x[0].numel() * x.element_size(), 1)
+    return max(1, min(_AUTO_CHUNK_ROWS, _AUTO_CHUNK_BYTES // per_row))
+
+
+class Evaluator:
+    """Runs the model on perturbed rows and reads the target's probability and correctness."""
+
+    def __init__(self, forward_func: Callable, x: Tensor, target: Any, extra: Any) -> None:
+        self.forward_func = forward_func
+        self.n = x.shape[0]
+        self.extra = format_additional_forward_args(extra)
+        self._target = target
+        self.targets: Tensor | None = None
+
+    def _rows_of_extra(self, examples: Tensor) -> tuple:
+        rows = []
+        for arg in self.extra:
+            if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == self.n:
+                arg = arg[examples.to(arg.device)]
+            rows.append(arg)
+        return tuple(rows)
+
+    def resolve_target(self, logits: Tensor) -> Tensor:
+        classes, multi = class_selection(
+            self._target, logits, argument="target", default="predicted"
+        )
+        if multi or classes.shape[1] != 1:
+            raise ValueError(
+                "`target` must give one class per example (an int, a list or a 1-D tensor); "
+                "these metrics follow one class along the perturbations."
+            )
+        self.targets = classes[:, 0]
+        return self.targets
+
+    def original(self, x: Tensor) -> Tensor:
+        logits = run_forward(self.forward_func, (x,), self.extra)
+        self.resolve_target(logits)
+        return logits
+
+    def __call__(self, rows: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
+        """Target probability and 0/1 correctness of each row; ``examples`` gives its example."""
+        logits = run_forward(self.forward_func, (rows,), self._rows_of_extra(examples))
+        if self.targets is None:
+            # masking_score with an explicit target: one row per example, only the class
+            # count of the logits is used
+            self.resolve_target(logits)
+        targets = self.targets.to(logits.device)[examples.to(logits.device)]
+        work = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        probability = work.softmax(dim=1).gather(1, targets[:, None])[:, 0]
+        correct = (work.argmax(dim=1) == targets).to(probability.dtype)
+        return probability, correct
+
+
+@contextlib.contextmanager
+def evaluation(forward_func: Callable) -> Iterator[None]:
+    """no_grad and eval mode for the model behind ``forward_func``; all flags restored after.
+
+    Eval mode keeps dropout off and batch norm on its running statistics (never updated), so
+    scores do not depend on how the perturbed images are batched.
+    """
+    model = root_module(forward_func)
+    with preserved_state([model]), torch.no_grad():
+        if model is not None:
+            model.eval()
+        yield
+
+
+def check_score(score: Any) -> None:
+    check_choice(score, SCORE_NAMES, "score")
+
+
+def keyword_only_after(n_positional: int) -> Callable:
+    """Accept, for one release, arguments given positionally past the first ``n_positional``.
+
+    The metric functions take ``(forward_func, inputs, attributions, *, ...)`` as in
+    :mod:`captum.metrics`; the old signatures took ``target``, ``baselines``, ... by position.
+    Extra positional arguments are mapped to the names they had, in order, with a
+    ``DeprecationWarning``. Put it outside :func:`renamed_arguments` (old keyword names).
+    """
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+        names = [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > n_positional:
+                extra = args[n_positional:]
+                if len(extra) > len(names):
+                    raise TypeError(
+                        f"{function.__name__}() takes {n_positional} positional arguments but "
+                        f"{len(args)} were given."
+                    )
+                moved = names[: len(extra)]
+                warnings.warn(
+                    f"{function.__name__}(): pass {', '.join(f'`{m}`' for m in moved)} by "
+                    f"keyword; only the first {n_positional} arguments are positional (as in "
+                    "captum.metrics), and positional use will be removed in a future release.",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                for name, value in zip(moved, extra):
+                    if name in kwargs:
+                        raise TypeError(
+                            f"{function.__name__}() got multiple values for argument `{name}`."
+                        )
+                    kwargs[name] = value
+                args = args[:n_positional]
+            return function(*args, **kwargs)
+
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

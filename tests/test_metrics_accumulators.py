@@ -1,0 +1,156 @@
+"""Accumulating metric classes: compute() equals the function on the concatenated data,
+with uneven batches, after reset, and across 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _distributed import run_gloo
+from conftest import make_tiny_cnn
+
+from captum_ext.metrics import (
+    AUAC,
+    AUFC,
+    AUPR,
+    AUROC,
+    DeletionAUC,
+    ExpectedCalibrationError,
+    FPRAtTPR,
+    InsertionAUC,
+    MispredictionAUROC,
+    auac,
+    aufc,
+    aupr,
+    auroc,
+    deletion,
+    expected_calibration_error,
+    fpr_at_tpr,
+    insertion,
+    misprediction_auroc,
+)
+
+SPLITS = [(0, 1), (1, 8), (8, 9), (9, 30)]  # uneven batch sizes 1, 7, 1, 21
+
+
+def data(seed: int = 0, n: int = 30):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n, generator=gen, dtype=torch.float64)
+    scores[3] = scores[5]  # a tie
+    correct = torch.rand(n, generator=gen) < 0.6
+    correct[:2] = torch.tensor([True, False])
+    predictions = torch.randint(0, 4, (n,), generator=gen)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    probabilities = torch.randn(n, 4, generator=gen, dtype=torch.float64).softmax(dim=1)
+    out = torch.randn(n, generator=gen, dtype=torch.float64) - 0.5
+    return scores, correct, predictions, labels, probabilities, out
+
+
+def pairs():
+    scores, correct, predictions, labels, probabilities, out = data()
+    return [
+        (AUAC(), (scores, correct), lambda: auac(scores, correct)),
+        (MispredictionAUROC(), (scores, correct), lambda: misprediction_auroc(scores, correct)),
+        (AUFC(), (scores, predictions, labels), lambda: aufc(scores, predictions, labels)),
+        (AUROC(), (scores, out), lambda: auroc(scores, out)),
+        (AUPR(positive="out"), (scores, out), lambda: aupr(scores, out, positive="out")),
+        (FPRAtTPR(tpr=0.9), (scores, out), lambda: fpr_at_tpr(scores, out, tpr=0.9)),
+        (
+            ExpectedCalibrationError(n_bins=10),
+            (probabilities, labels),
+            lambda: expected_calibration_error(probabilities, labels, n_bins=10),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_compute_equals_function_on_uneven_batches_and_after_reset(index):
+    metric, arrays, function = pairs()[index]
+    expected = function()
+    for start, stop in SPLITS:
+        metric.update(*(a[start:stop] for a in arrays))
+    assert metric.compute() == pytest.approx(expected, abs=1e-12)
+    assert metric.n_seen == (60 if isinstance(metric, (AUROC, AUPR, FPRAtTPR)) else 30)
+    # compute does not consume the state
+    assert metric.compute() == pytest.approx(expected, abs=1e-12)
+    metric.reset()
+    assert metric.n_seen == 0
+    half = [a[:15] for a in arrays]
+    metric.update(*half)
+    fresh = type(metric)(**{k: v for k, v in vars(metric).items() if not k.startswith("_")})
+    fresh.update(*half)
+    assert metric.compute() == pytest.approx(fresh.compute(), abs=1e-12)
+
+
+def test_ood_updates_may_hold_only_one_side():
+    scores, _, _, _, _, out = data()
+    metric = AUROC()
+    metric.update(in_scores=scores[:10])
+    metric.update(out_scores=out[:4])
+    metric.update(scores[10:], out[4:])
+    assert metric.compute() == pytest.approx(auroc(scores, out), abs=1e-12)
+
+
+def test_lengths_and_classes_are_checked():
+    with pytest.raises(ValueError, match="`correct` has 2"):
+        AUAC().update(torch.rand(3), torch.tensor([True, False]))
+    ece = ExpectedCalibrationError()
+    ece.update(torch.full((2, 3), 1 / 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="same number of classes"):
+        ece.update(torch.full((2, 4), 0.25), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("batch_sizes", [(1,), (4,), (5,), (1, 4, 5)])
+@pytest.mark.parametrize(("cls", "function"), [(DeletionAUC, deletion), (InsertionAUC, insertion)])
+def test_perturbation_auc_equals_function(cls, function, batch_sizes):
+    model = make_tiny_cnn()
+    n = sum(batch_sizes)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 3, 6, 6, generator=gen, dtype=torch.float64)
+    attr = torch.randn(n, 1, 3, 3, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 3, (n,), generator=gen)
+    expected = function(model, x, attr, target=target, n_steps=5, baselines="mean")
+    metric = cls(model, n_steps=5, baselines="mean", batch_size=3)
+    start = 0
+    for size in batch_sizes:
+        sl = slice(start, start + size)
+        metric.update(x[sl], attr[sl], target=target[sl])
+        start += size
+    torch.testing.assert_close(metric.per_example(), expected, rtol=1e-12, atol=1e-12)
+    assert metric.compute() == pytest.approx(float(expected.mean()), abs=1e-12)
+    metric.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        metric.compute()
+
+
+def _job(rank: int, world: int, out_dir: str) -> None:
+    scores, correct, predictions, labels, probabilities, out = data()
+    # uneven shards: rank 0 gets 11 examples, rank 1 gets 19
+    shard = slice(0, 11) if rank == 0 else slice(11, 30)
+    results = {}
+    for name, metric, arrays in [
+        ("auac", AUAC(), (scores, correct)),
+        ("aufc", AUFC(), (scores, predictions, labels)),
+        ("auroc", AUROC(), (scores, out)),
+        ("ece", ExpectedCalibrationError(), (probabilities, labels)),
+    ]:
+        metric.update(*(a[shard] for a in arrays))
+        results[name] = metric.compute()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_distributed_compute_gathers_every_shard(tmp_path):
+    run_gloo(_job, tmp_path)
+    scores, correct, predictions, labels, probabilities, out = data()
+    expected = {
+        "auac": auac(scores, correct),
+        "aufc": aufc(scores, predictions, labels),
+        "auroc": auroc(scores, out),
+        "ece": expected_calibration_error(probabilities, labels),
+    }
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, abs=1e-12), (rank, name)
