@@ -166,3 +166,13 @@ def test_pointing_games():
     assert energy_pointing_game(spread, boxes[:1]).item() == pytest.approx(25 / 99)
     with pytest.raises(ValueError, match="objects"):
         pointing_game(maps, torch.zeros(3, 5, 5))
+
+
+def test_deeplift_runs_on_the_interaction_cell_and_matches_its_shapley_values():
+    from captum.attr import DeepLift
+
+    oracle = interaction_oracle(16, size=8, patch=2, seed=6)
+    maps = DeepLift(oracle.model).attribute(
+        oracle.inputs.clone(), baselines=oracle.baselines, target=oracle.target
+    )
+    torch.testing.assert_close(maps, oracle.ground_truth, atol=1e-6, rtol=0)

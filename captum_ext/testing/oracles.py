@@ -322,15 +322,18 @@ class PatchInteractionCell(nn.Module):
         super().__init__()
         self.register_buffer("patch_a", patch_a / patch_a.sum())
         self.register_buffer("patch_b", patch_b / patch_b.sum())
-        self.relu = nn.ReLU()
+        # one ReLU module per use, so that methods with per-module rules (DeepLift) apply
+        self.relu_and = nn.ReLU()
+        self.relu_a_not_b = nn.ReLU()
+        self.relu_b_not_a = nn.ReLU()
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
         intensity = x.mean(dim=1, keepdim=True)
         a = (intensity * self.patch_a).sum(dim=(1, 2, 3))
         b = (intensity * self.patch_b).sum(dim=(1, 2, 3))
-        both = self.relu(a + b - 1.0)
-        either = self.relu(a - b) + self.relu(b - a)
+        both = self.relu_and(a + b - 1.0)
+        either = self.relu_a_not_b(a - b) + self.relu_b_not_a(b - a)
         return torch.stack([both, either], dim=1)
 
 
