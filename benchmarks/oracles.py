@@ -104,7 +104,9 @@ def main() -> dict:
         return float(f"{share.item():.3g}")
 
     def interaction_score(maps):
-        return round(attribution_f1(maps, interaction.ground_truth, sign="absolute").mean().item(), 3)
+        return round(
+            attribution_f1(maps, interaction.ground_truth, sign="absolute").mean().item(), 3
+        )
 
     tables = {
         "dominant colour (F1 +, F1 -)": _run(colour, colour.model.relu2, colour_score),
