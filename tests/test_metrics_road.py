@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_model_unchanged, model_snapshot
 
-from captum_ext.metrics.road import completeness, road, road_imputation
+from captum_ext.metrics.road import completeness, road, road_imputation, soundness
 from captum_ext.testing import dominant_colour_oracle
 
 
@@ -131,3 +131,69 @@ def test_completeness_removes_by_value_and_mean_imputer_matches_its_definition(o
         completeness(model, oracle.inputs, maps, imputer="zeros")
     with pytest.raises(ValueError, match="order"):
         road(model, oracle.inputs, maps, order="random")
+
+
+def _soundness_by_loop(maps, scores, counts, threshold, floor):
+    """The accumulation written step by step from the definition (one example)."""
+    order = sorted(range(len(maps)), key=lambda k: maps[k])  # increasing, no ties here
+    false_mass, previous, previous_count, curve = 0.0, 0.0, len(maps), []
+    for count, score in zip(counts, scores):
+        kept = [maps[k] for k in order[count:]]
+        added = sum(maps[k] for k in order[count:previous_count])
+        curve.append((sum(kept) - false_mass) / (sum(kept) + 1e-6))
+        if floor is None or score > floor:
+            if score - previous <= threshold:
+                false_mass += added
+        previous, previous_count = score, count
+    return curve
+
+
+def test_soundness_accumulates_false_mass_as_defined(oracle):
+    model = _softmax_model(oracle)
+    generator = torch.Generator().manual_seed(5)
+    maps = torch.rand(1, 1, 12, 12, generator=generator, dtype=torch.float64)
+    maps[0, 0, 0, 0], maps[0, 0, 0, 1] = 0.0, 1.0  # already in [0, 1]
+    ratios = [0.9, 0.7, 0.5, 0.3, 0.1]
+    curves = soundness(
+        model,
+        oracle.inputs[:1],
+        maps,
+        target=oracle.target[:1],
+        removed_fractions=ratios,
+        threshold=0.01,
+        score_floor=None,
+        batch_size=2,
+    )
+    counts = [int(144 * r) for r in ratios]
+    expected = _soundness_by_loop(
+        maps.flatten().tolist(), curves.score[0].tolist(), counts, 0.01, None
+    )
+    np.testing.assert_allclose(curves.soundness[0].numpy(), expected, rtol=1e-12)
+    assert curves.soundness.shape == curves.score.shape == (1, 5)
+
+
+def test_on_a_model_blind_to_its_input_all_re_added_mass_is_false(oracle):
+    """The score never moves after the first step, so everything re-added later is false."""
+
+    class Blind(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([2.0, 0.0, -1.0]))
+
+        def forward(self, x):
+            return self.bias.expand(x.shape[0], 3) + 0.0 * x.sum()
+
+    maps = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    ratios = [0.9, 0.6, 0.3]
+    curves = soundness(Blind(), oracle.inputs[:3], maps, target=0, removed_fractions=ratios)
+    flat = maps.flatten(1).double()
+    flat = (flat - flat.min(1, keepdim=True).values) / (
+        flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values
+    )
+    kept_first = flat.sort(dim=1).values[:, int(144 * 0.9) :].sum(1)
+    kept_last = flat.sort(dim=1).values[:, int(144 * 0.3) :].sum(1)
+    torch.testing.assert_close(curves.false_mass, kept_last - kept_first)
+    assert torch.allclose(curves.soundness[:, 0], torch.ones(3, dtype=torch.float64), atol=1e-5)
+    assert bool((curves.soundness[:, -1] < curves.soundness[:, 0]).all())
+    with pytest.raises(ValueError, match="removed_fractions"):
+        soundness(Blind(), oracle.inputs[:3], maps, removed_fractions=[0.1, 0.5])

@@ -42,10 +42,20 @@ from captum_ext._utils.validation import (
     format_additional_forward_args,
 )
 
-__all__ = ["CompletenessCurves", "RoadCurves", "completeness", "road", "road_imputation"]
+__all__ = [
+    "CompletenessCurves",
+    "RoadCurves",
+    "SoundnessCurves",
+    "completeness",
+    "road",
+    "road_imputation",
+    "soundness",
+]
 
 DEFAULT_ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_COMPLETENESS_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# soco's schedule: removed fraction from 0.98 down to 0.03 in steps of 0.01
+DEFAULT_SOUNDNESS_RATIOS = tuple(round(0.98 - 0.01 * i, 2) for i in range(96))
 _DIRECT, _DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 
 
@@ -69,6 +79,19 @@ class CompletenessCurves(NamedTuple):
     """``(N, T)`` :math:`s(x) - s(\\tilde x_t)` with :math:`s` the target's probability."""
     removed_fraction: Tensor
     """``(N, T)`` fraction of the pixels removed at each threshold."""
+
+
+class SoundnessCurves(NamedTuple):
+    """What :func:`soundness` returns."""
+
+    removed_fractions: Tensor
+    """``(R,)`` fraction of pixels removed at each step (decreasing)."""
+    soundness: Tensor
+    """``(N, R)`` (remaining mass - accumulated false mass) / remaining mass."""
+    score: Tensor
+    """``(N, R)`` the target's probability (or correctness) at each step."""
+    false_mass: Tensor
+    """``(N,)`` attribution mass counted as false by the end."""
 
 
 def _neighbour_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -365,3 +388,139 @@ def completeness(
         probability, _ = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
     drop = original[:, None] - probability.view(n, repeats)
     return CompletenessCurves(values, drop, removed.flatten(2).double().mean(dim=2))
+
+
+def _lerf_positions(scores: Tensor, seed: int) -> Tensor:
+    """Rank of each pixel in increasing attribution (least relevant first), ties broken by a
+    random permutation drawn with ``seed``; ``(N, HW)`` long."""
+    n, pixels = scores.shape
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(pixels, generator=generator).to(scores.device)
+    order = permutation[scores[:, permutation].argsort(dim=1, stable=True)]
+    positions = torch.empty_like(order)
+    positions.scatter_(1, order, torch.arange(pixels, device=scores.device).expand(n, pixels))
+    return positions
+
+
+def soundness(
+    forward_func: Callable,
+    inputs: Tensor,
+    attributions: Any,
+    *,
+    target: Any = None,
+    additional_forward_args: Any = None,
+    removed_fractions: Sequence[float] = DEFAULT_SOUNDNESS_RATIOS,
+    score: str = "probability",
+    threshold: float = 0.01,
+    score_floor: float | None = 0.04,
+    noise: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> SoundnessCurves:
+    r"""Soundness (LeRF by area, accumulated): how much of a map's mass truly raises the score.
+
+    Maps are min-max normalised to [0, 1] per example. Pixels are ranked by increasing value
+    (ties by one random permutation drawn with ``seed``). At step :math:`i` the least relevant
+    fraction :math:`r_i` of the pixels is removed (ROAD imputation), so pixels come back in
+    decreasing order as :math:`r` falls. With :math:`s_i` the target's score after step
+    :math:`i` (:math:`s_{-1} = 0`), the mass :math:`\Delta_i` of the pixels re-added at step
+    :math:`i` is counted as *false* when :math:`s_i - s_{i-1} \le` ``threshold`` (and, if
+    ``score_floor`` is set, the batch's mean score is above it). Before that update,
+
+    .. math::  \mathrm{soundness}_i = \frac{M_i - F_{i-1}}{M_i + 10^{-6}},
+
+    with :math:`M_i` the mass of the pixels kept and :math:`F_{i-1}` the false mass so far.
+
+    Args:
+        forward_func, inputs, attributions, target, additional_forward_args: as in
+            :func:`road`.
+        removed_fractions (sequence of float): decreasing fractions in (0, 1).
+            Default: 0.98, 0.97, ..., 0.03 (96 steps).
+        score (str): ``"probability"`` (each example's own decision) or ``"accuracy"`` (one
+            decision for the batch from its accuracy, as in the paper's default).
+            Default: ``"probability"``.
+        threshold (float): the largest score gain still counted as "no gain". Default: 0.01.
+        score_floor (float or None): skip the update while the batch's mean score is at or
+            below this. Default: 0.04.
+        noise, seed, batch_size: as in :func:`road`; all steps are imputed and evaluated in
+            batches of ``batch_size`` rows.
+
+    Returns:
+        SoundnessCurves: ``removed_fractions``, ``soundness`` and ``score`` ``(N, R)``,
+        ``false_mass`` ``(N,)``.
+
+    Reference: X. Li, Y. Zhang, ..., A. Khakzar, "Sound and complete: a dual perspective on
+    attribution evaluation" (TMLR 2024); the reference implementation is ``soco``.
+    """
+    if score not in ("probability", "accuracy"):
+        raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
+    ratios = [
+        check_number(r, "removed_fractions", maximum=1.0, allow_maximum=False)
+        for r in removed_fractions
+    ]
+    if any(b > a for a, b in zip(ratios, ratios[1:])) or not ratios:
+        raise ValueError("`removed_fractions` must be a non-empty decreasing sequence.")
+    threshold = check_number(threshold, "threshold", minimum=None)
+    batch_size = check_int(batch_size, "batch_size")
+    seed = check_int(seed, "seed", minimum=0)
+    extra = format_additional_forward_args(additional_forward_args)
+    maps = _pixel_scores(attributions, inputs).flatten(1)
+    low = maps.min(dim=1, keepdim=True).values
+    span = (maps.max(dim=1, keepdim=True).values - low).clamp_min(1e-30)
+    maps = (maps - low) / span
+    n, pixels = maps.shape
+    positions = _lerf_positions(maps, seed)
+    counts = [int(pixels * r) for r in ratios]
+    steps = len(ratios)
+    generator = torch.Generator().manual_seed(seed)
+    with _evaluated(forward_func):
+        targets = _targets(forward_func, inputs, target, extra)
+        probability = torch.empty(n, steps, dtype=torch.float64)
+        correct = torch.empty(n, steps, dtype=torch.float64)
+        # every (example, step) image, imputed and scored batch_size rows at a time
+        rows = [(i, j) for i in range(n) for j in range(steps)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            examples = torch.tensor([i for i, _ in chunk], device=inputs.device)
+            limits = torch.tensor([counts[j] for _, j in chunk], device=inputs.device)
+            removed = positions[examples] < limits[:, None]
+            imputed = road_imputation(
+                inputs[examples],
+                removed.view(len(chunk), *inputs.shape[-2:]),
+                noise=noise,
+                generator=generator,
+            )
+            row_extra = tuple(
+                arg[examples.to(arg.device)]
+                if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n
+                else arg
+                for arg in extra
+            )
+            logits = run_forward(forward_func, (imputed,), row_extra).float()
+            row_targets = targets.to(logits.device)[examples.to(logits.device)]
+            p = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0].double().cpu()
+            c = (logits.argmax(dim=1) == row_targets).double().cpu()
+            # rows are example-major: row i * steps + j is example i at step j
+            probability.view(-1)[start : start + len(chunk)] = p
+            correct.view(-1)[start : start + len(chunk)] = c
+    maps = maps.cpu()
+    sorted_maps = maps.gather(1, positions.cpu().argsort(dim=1))  # increasing, tie-broken
+    suffix = sorted_maps.flip(1).cumsum(1).flip(1)  # suffix[k] = mass of positions >= k
+    total = torch.cat([suffix, torch.zeros(n, 1, dtype=suffix.dtype)], dim=1)
+    false_mass = torch.zeros(n, dtype=torch.float64)
+    curves = torch.empty(n, steps, dtype=torch.float64)
+    previous = torch.zeros(n, dtype=torch.float64)
+    previous_count = pixels
+    measured = probability if score == "probability" else correct
+    for j, count in enumerate(counts):
+        remaining = total[:, count]
+        added = total[:, count] - total[:, previous_count]
+        curves[:, j] = (remaining - false_mass) / (remaining + 1e-6)
+        current = measured[:, j]
+        if score == "accuracy":
+            current = current.mean().expand(n)
+        if score_floor is None or float(current.mean()) > score_floor:
+            no_gain = (current - previous) <= threshold
+            false_mass = false_mass + torch.where(no_gain, added, 0.0)
+        previous, previous_count = current, count
+    return SoundnessCurves(torch.tensor(ratios, dtype=torch.float64), curves, measured, false_mass)
