@@ -38,13 +38,14 @@ def _scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("solver", ["cg", "direct"])
 @pytest.mark.parametrize("batch", [1, 4, 5])
-def test_batched_imputation_matches_scipy(batch):
+def test_batched_imputation_matches_scipy(batch, solver):
     generator = torch.Generator().manual_seed(batch)
     images = torch.rand(batch, 3, 16, 20, generator=generator, dtype=torch.float64)
     removed = torch.rand(batch, 16, 20, generator=generator) < 0.5
     removed[0, :8, :10] = True  # one large hole
-    ours = road_imputation(images, removed, noise=0.0)
+    ours = road_imputation(images, removed, noise=0.0, solver=solver)
     for i in range(batch):
         expected = _scipy_imputation(images[i].numpy(), removed[i].numpy())
         np.testing.assert_allclose(ours[i].numpy(), expected, atol=1e-5)
@@ -56,8 +57,8 @@ def test_float32_imputation_within_1e4_and_noise_only_on_removed_pixels():
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2, 1, 24, 24, generator=generator, dtype=torch.float64)
     removed = torch.rand(2, 24, 24, generator=generator) < 0.7
-    exact = road_imputation(images, removed, noise=0.0)
-    single = road_imputation(images.float(), removed, noise=0.0)
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    single = road_imputation(images.float(), removed, noise=0.0, solver="cg")
     assert single.dtype == torch.float32
     assert float((single.double() - exact).abs().max()) < 1e-4
     noisy = road_imputation(images, removed, noise=0.01, generator=torch.Generator().manual_seed(1))
@@ -74,6 +75,8 @@ def test_imputation_errors_name_the_argument():
         road_imputation(images, torch.ones(2, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="noise"):
         road_imputation(images, torch.zeros(1, 4, 4, dtype=torch.bool), noise=-1.0)
+    with pytest.raises(ValueError, match="solver"):
+        road_imputation(images, torch.zeros(1, 4, 4, dtype=torch.bool), solver="lu")
 
 
 @pytest.fixture(scope="module")
