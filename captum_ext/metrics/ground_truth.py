@@ -1,0 +1,225 @@
+r"""Attributions judged against ground truth: precision / recall / F1 and the pointing games.
+
+- :func:`attribution_precision_recall` and :func:`attribution_f1` compare the pixels a map
+  marks with the pixels that truly matter (from a designed oracle network of
+  :mod:`captum_ext.testing`, or annotated). For each example the map marks a set :math:`P` of
+  pixels and the ground truth a set :math:`R`;
+  :math:`\text{precision} = |P \cap R| / |P|`, :math:`\text{recall} = |P \cap R| / |R|`,
+  :math:`F_1 = 2\,\text{precision}\cdot\text{recall} / (\text{precision} + \text{recall})`.
+- :func:`pointing_game` (Zhang et al., "Top-down neural attention by excitation backprop",
+  ECCV 2016): a hit when the map's maximum lies inside the object (mask or box), within a
+  tolerance of ``tolerance`` pixels (15 in the paper, at 224 px).
+- :func:`energy_pointing_game` (Wang et al., "Score-CAM", CVPR-W 2020): the share of the map's
+  positive mass that falls inside the object.
+
+Every function takes maps of shape ``(N, C, H, W)`` (channels summed; a one-tensor tuple as
+Captum returns is accepted) and returns one value per example.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from captum_ext._utils.validation import check_int, check_number
+
+__all__ = [
+    "AttributionPrecisionRecall",
+    "attribution_f1",
+    "attribution_precision_recall",
+    "energy_pointing_game",
+    "pointing_game",
+]
+
+_SIGNS = ("positive", "negative", "absolute")
+_SELECTIONS = ("top-k", "threshold", "nonzero")
+
+
+class AttributionPrecisionRecall(NamedTuple):
+    """What :func:`attribution_precision_recall` returns; each field ``(N,)``."""
+
+    precision: Tensor
+    recall: Tensor
+    f1: Tensor
+
+
+def _pixel_maps(maps: Any, argument: str) -> Tensor:
+    """``(N, H * W)``-like flat maps: channels summed, a one-tensor tuple unpacked."""
+    if isinstance(maps, tuple):
+        if len(maps) != 1:
+            raise ValueError(f"`{argument}` is a tuple of {len(maps)} tensors; pass one tensor.")
+        maps = maps[0]
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(maps).__name__}.")
+    if maps.dim() not in (3, 4):
+        raise ValueError(
+            f"`{argument}` must have shape (N, C, H, W) or (N, H, W), got {tuple(maps.shape)}."
+        )
+    if maps.dim() == 4:
+        maps = maps.sum(dim=1)
+    if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"`{argument}` contains NaN or infinite values.")
+    return maps.to(torch.float64)
+
+
+def _same_shape(maps: Tensor, truth: Tensor) -> None:
+    if maps.shape != truth.shape:
+        raise ValueError(
+            f"`attributions` have (N, H, W) = {tuple(maps.shape)} after summing channels but "
+            f"`ground_truth` has {tuple(truth.shape)}; upsample the maps to the input size first "
+            "(captum.attr.LayerAttribution.interpolate)."
+        )
+
+
+def attribution_precision_recall(
+    attributions: Any,
+    ground_truth: Any,
+    *,
+    sign: str = "positive",
+    selection: str = "top-k",
+    threshold: float = 0.5,
+) -> AttributionPrecisionRecall:
+    r"""Precision, recall and F1 of the pixels a map marks against the ground truth.
+
+    Args:
+        attributions (Tensor): ``(N, C, H, W)`` or ``(N, H, W)`` maps (channels are summed).
+        ground_truth (Tensor): the exact attributions, same shape after summing channels.
+        sign (str): which evidence is compared. ``"positive"``: :math:`R` is the pixels with
+            ground truth > 0, pixels are ranked by the map's value. ``"negative"``: ground
+            truth < 0, ranked by minus the value. ``"absolute"``: ground truth != 0, ranked by
+            the absolute value. Default: ``"positive"``.
+        selection (str): how the map marks :math:`P`. ``"top-k"``: the :math:`|R|` highest
+            ranked pixels (per example; only pixels with a rank score > 0), so precision and
+            recall coincide when there are enough of them. ``"threshold"``: the pixels with a
+            rank score above ``threshold`` times the example's highest. ``"nonzero"``: every
+            pixel with a rank score above 1e-6 of the highest (for null regions). Default:
+            ``"top-k"``.
+        threshold (float): for ``selection="threshold"``, in (0, 1]. Default: 0.5.
+
+    Returns:
+        AttributionPrecisionRecall: ``precision``, ``recall``, ``f1``, each ``(N,)`` float64.
+        An empty :math:`P` has precision 1 when :math:`R` is empty, else 0; an empty :math:`R`
+        has recall 1; F1 is 0 when precision and recall are both 0.
+
+    Examples::
+
+        >>> import torch
+        >>> truth = torch.zeros(1, 1, 4, 4); truth[..., :2, :2] = 1.0
+        >>> maps = torch.zeros(1, 1, 4, 4); maps[..., :2, :3] = 1.0
+        >>> attribution_precision_recall(maps, truth, selection="threshold")
+        AttributionPrecisionRecall(precision=tensor([0.6667], dtype=torch.float64), recall=tensor([1.], dtype=torch.float64), f1=tensor([0.8000], dtype=torch.float64))
+    """  # noqa: E501
+    if sign not in _SIGNS:
+        raise ValueError(f"`sign`={sign!r}: expected one of {', '.join(_SIGNS)}.")
+    if selection not in _SELECTIONS:
+        raise ValueError(f"`selection`={selection!r}: expected one of {', '.join(_SELECTIONS)}.")
+    threshold = check_number(threshold, "threshold", maximum=1.0)
+    maps = _pixel_maps(attributions, "attributions")
+    truth = _pixel_maps(ground_truth, "ground_truth")
+    _same_shape(maps, truth)
+    maps, truth = maps.flatten(1), truth.flatten(1).to(maps.device)
+    if sign == "positive":
+        relevant, score = truth > 0, maps
+    elif sign == "negative":
+        relevant, score = truth < 0, -maps
+    else:
+        relevant, score = truth != 0, maps.abs()
+    top = score.max(dim=1, keepdim=True).values.clamp_min(0.0)
+    if selection == "top-k":
+        k = relevant.sum(dim=1, keepdim=True)
+        # rank 0 = highest score; ties keep index order (stable)
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(
+            1, order, torch.arange(score.shape[1], device=score.device).expand_as(order)
+        )
+        marked = (ranks < k) & (score > 0)
+    elif selection == "threshold":
+        marked = (score > threshold * top) & (score > 0)
+    else:
+        marked = (score > 1e-6 * top) & (score > 0)
+    hits = (marked & relevant).sum(dim=1).double()
+    n_marked = marked.sum(dim=1).double()
+    n_relevant = relevant.sum(dim=1).double()
+    precision = torch.where(n_marked > 0, hits / n_marked.clamp_min(1), (n_relevant == 0).double())
+    recall = torch.where(n_relevant > 0, hits / n_relevant.clamp_min(1), torch.ones_like(hits))
+    total = precision + recall
+    f1 = torch.where(total > 0, 2 * precision * recall / total.clamp_min(1e-300), 0.0)
+    return AttributionPrecisionRecall(precision, recall, f1)
+
+
+def attribution_f1(attributions: Any, ground_truth: Any, **kwargs: Any) -> Tensor:
+    """F1 of the pixels a map marks against the ground truth, ``(N,)``.
+
+    The same as ``attribution_precision_recall(...).f1``; keywords as there.
+    """
+    return attribution_precision_recall(attributions, ground_truth, **kwargs).f1
+
+
+def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
+    """``(N, H, W)`` bool masks from masks or ``(N, 4)`` boxes ``(x0, y0, x1, y1)``."""
+    n, h, w = shape
+    if not isinstance(objects, Tensor):
+        raise TypeError(
+            f"`objects` must be a torch.Tensor (masks or boxes), got {type(objects).__name__}."
+        )
+    if objects.dim() == 2 and objects.shape == (n, 4):
+        boxes = objects.to(torch.float64)
+        ys = torch.arange(h, dtype=torch.float64, device=objects.device).view(1, h, 1)
+        xs = torch.arange(w, dtype=torch.float64, device=objects.device).view(1, 1, w)
+        x0, y0, x1, y1 = (boxes[:, i].view(n, 1, 1) for i in range(4))
+        if bool(((x1 < x0) | (y1 < y0)).any()):
+            raise ValueError("`objects`: boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0.")
+        return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+    masks = objects.squeeze(1) if objects.dim() == 4 and objects.shape[1] == 1 else objects
+    if tuple(masks.shape) != shape:
+        raise ValueError(
+            f"`objects` must be (N, 4) boxes (x0, y0, x1, y1) or masks of shape (N, H, W) = "
+            f"{shape} (or (N, 1, H, W)), got {tuple(objects.shape)}."
+        )
+    return masks.bool()
+
+
+def pointing_game(attributions: Any, objects: Any, *, tolerance: int = 0) -> Tensor:
+    """Whether each map's maximum points at the object, ``(N,)`` bool.
+
+    A hit when the pixel of highest attribution (channels summed; the first in row-major order
+    among ties) lies inside the object or within ``tolerance`` pixels of it (Chebyshev
+    distance). The game's score over a dataset is the mean of the hits.
+
+    Args:
+        attributions (Tensor): ``(N, C, H, W)`` or ``(N, H, W)`` maps at the input's size.
+        objects (Tensor): ``(N, H, W)`` / ``(N, 1, H, W)`` masks, or ``(N, 4)`` boxes
+            ``(x0, y0, x1, y1)`` in pixels (x1, y1 exclusive).
+        tolerance (int): pixels of slack around the object (15 at 224 px in the paper).
+            Default: 0.
+
+    Reference: J. Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016.
+    """
+    tolerance = check_int(tolerance, "tolerance", minimum=0)
+    maps = _pixel_maps(attributions, "attributions")
+    masks = _object_masks(objects, tuple(maps.shape)).to(maps.device)
+    if tolerance:
+        size = 2 * tolerance + 1
+        masks = F.max_pool2d(masks[:, None].float(), size, stride=1, padding=tolerance)[:, 0] > 0
+    best = maps.flatten(1).argmax(dim=1)
+    return masks.flatten(1).gather(1, best[:, None])[:, 0]
+
+
+def energy_pointing_game(attributions: Any, objects: Any) -> Tensor:
+    r"""Share of each map's positive mass inside the object, ``(N,)`` float64.
+
+    .. math::  \frac{\sum_{p \in \text{object}} \max(a_p, 0)}{\sum_p \max(a_p, 0)}
+
+    0 for a map with no positive mass.
+
+    Reference: H. Wang et al., "Score-CAM: score-weighted visual explanations for
+    convolutional neural networks", CVPR Workshops 2020.
+    """
+    maps = _pixel_maps(attributions, "attributions").clamp_min(0.0)
+    masks = _object_masks(objects, tuple(maps.shape)).to(maps.device)
+    total = maps.flatten(1).sum(dim=1)
+    inside = (maps * masks).flatten(1).sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-300), 0.0)

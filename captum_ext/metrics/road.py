@@ -1,0 +1,599 @@
+r"""ROAD (Remove And Debias) and the completeness curve of the soundness/completeness pair.
+
+Removing pixels and filling them with a constant leaks the shape of the removed region to the
+model (Rong et al., ICML 2022). ROAD fills each removed pixel by **noisy linear imputation**:
+the removed pixels :math:`U` take the values that make each of them the weighted mean of its
+8 neighbours inside the image (direct neighbours weight 1/6, diagonal ones 1/12),
+
+.. math::  \sum_{q \in \mathcal{N}(p)} w_{pq}\,(x_p - x_q) = 0 \quad \forall p \in U,
+
+with the kept pixels fixed, then adds :math:`\mathcal{N}(0, \sigma^2)` noise (:math:`\sigma =
+0.01`) to the imputed pixels. The system is the Dirichlet problem of a weighted graph
+Laplacian: symmetric positive definite whenever every region of removed pixels touches a kept
+one. :func:`road_imputation` solves it for a whole batch (every image and every channel at
+once): on the CPU by one sparse LU factorisation of the block-diagonal system (scipy), on
+other devices by conjugate gradients with the Laplacian applied as a 3 x 3 convolution, where
+no sparse matrix is built.
+
+- :func:`road`: the probability of the target after removing the most (``order="morf"``) or
+  least (``"lerf"``) relevant fraction of pixels, for several fractions, with ROAD imputation.
+- :func:`completeness` (Li, Zhang, ..., Khakzar, TMLR 2024, MoRF *by value*): for threshold
+  :math:`t`, remove the pixels with :math:`a(p) > (1 - t)\max a` and record the drop of the
+  target's score, :math:`s(x) - s(\tilde x_t)`. Large early drops: the map's high values cover
+  the evidence the model uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from captum_ext._utils.batched_grad import run_forward
+from captum_ext._utils.layers import root_module
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import (
+    check_int,
+    check_number,
+    class_selection,
+    format_additional_forward_args,
+)
+
+__all__ = [
+    "CompletenessCurves",
+    "RoadCurves",
+    "SoundnessCurves",
+    "completeness",
+    "road",
+    "road_imputation",
+    "soundness",
+]
+
+DEFAULT_ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_COMPLETENESS_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# soco's schedule: removed fraction from 0.98 down to 0.03 in steps of 0.01
+DEFAULT_SOUNDNESS_RATIOS = tuple(round(0.98 - 0.01 * i, 2) for i in range(96))
+_DIRECT, _DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
+
+
+class RoadCurves(NamedTuple):
+    """What :func:`road` returns."""
+
+    percentages: Tensor
+    """``(P,)`` fraction of pixels removed at each point."""
+    probability: Tensor
+    """``(N, P)`` probability of the target after each removal."""
+    correct: Tensor
+    """``(N, P)`` 1 where the model still predicts the target."""
+
+
+class CompletenessCurves(NamedTuple):
+    """What :func:`completeness` returns."""
+
+    thresholds: Tensor
+    """``(T,)`` the thresholds :math:`t`."""
+    drop: Tensor
+    """``(N, T)`` :math:`s(x) - s(\\tilde x_t)` with :math:`s` the target's probability."""
+    removed_fraction: Tensor
+    """``(N, T)`` fraction of the pixels removed at each threshold."""
+
+
+class SoundnessCurves(NamedTuple):
+    """What :func:`soundness` returns."""
+
+    removed_fractions: Tensor
+    """``(R,)`` fraction of pixels removed at each step (decreasing)."""
+    soundness: Tensor
+    """``(N, R)`` (remaining mass - accumulated false mass) / remaining mass."""
+    score: Tensor
+    """``(N, R)`` the target's probability (or correctness) at each step."""
+    false_mass: Tensor
+    """``(N,)`` attribution mass counted as false by the end."""
+
+
+def _neighbour_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
+    kernel = torch.full((3, 3), _DIAGONAL, dtype=dtype, device=device)
+    kernel[0, 1] = kernel[1, 0] = kernel[1, 2] = kernel[2, 1] = _DIRECT
+    kernel[1, 1] = 0.0
+    return kernel[None, None]
+
+
+_OFFSETS = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1) if (dr, dq) != (0, 0)]
+
+
+def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
+    """All systems of the batch as one block-diagonal sparse matrix, factorised once by
+    scipy's SuperLU (float64, on the CPU)."""
+    import numpy as np
+    import scipy.sparse as sparse
+    import scipy.sparse.linalg as sparse_linalg
+
+    n, c, h, w = images.shape
+    pixels = h * w
+    values_in = images.detach().to("cpu", torch.float64).numpy().reshape(n, c, pixels)
+    unknown = np.flatnonzero(removed.detach().cpu().numpy().reshape(-1))
+    if unknown.size == 0:
+        return images.clone()
+    index = -np.ones(n * pixels, dtype=np.int64)
+    index[unknown] = np.arange(unknown.size)
+    image_of, pixel = np.divmod(unknown, pixels)
+    row, column = np.divmod(pixel, w)
+    diagonal = np.zeros(unknown.size)
+    rhs = np.zeros((unknown.size, c))
+    rows, columns, entries = [], [], []
+    for dr, dq in _OFFSETS:
+        weight = _DIRECT if dr == 0 or dq == 0 else _DIAGONAL
+        r, q = row + dr, column + dq
+        inside = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+        neighbour = np.where(inside, image_of * pixels + r * w + q, 0)
+        diagonal += weight * inside
+        is_unknown = inside & (index[neighbour] >= 0)
+        rows.append(np.flatnonzero(is_unknown))
+        columns.append(index[neighbour[is_unknown]])
+        entries.append(np.full(rows[-1].size, -weight))
+        known = np.flatnonzero(inside & ~is_unknown)
+        rhs[known] += weight * values_in[image_of[known], :, neighbour[known] % pixels]
+    rows.append(np.arange(unknown.size))
+    columns.append(np.arange(unknown.size))
+    entries.append(diagonal)
+    matrix = sparse.csc_matrix(
+        (np.concatenate(entries), (np.concatenate(rows), np.concatenate(columns))),
+        shape=(unknown.size, unknown.size),
+    )
+    solution = sparse_linalg.splu(matrix).solve(rhs)
+    filled = values_in.transpose(0, 2, 1).reshape(n * pixels, c).copy()
+    filled[unknown] = solution
+    out = torch.from_numpy(filled.reshape(n, pixels, c).transpose(0, 2, 1).copy())
+    return out.reshape(n, c, h, w).to(device=images.device, dtype=images.dtype)
+
+
+def _scipy_available() -> bool:
+    try:
+        import scipy.sparse.linalg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def road_imputation(
+    inputs: Tensor,
+    removed: Tensor,
+    *,
+    noise: float = 0.01,
+    generator: torch.Generator | None = None,
+    solver: str = "auto",
+    tolerance: float = 1e-7,
+    max_iterations: int | None = None,
+) -> Tensor:
+    r"""Fill the ``removed`` pixels of ``inputs`` by ROAD's noisy linear imputation.
+
+    Args:
+        inputs (Tensor): ``(N, C, H, W)`` images.
+        removed (Tensor): ``(N, 1, H, W)`` or ``(N, H, W)`` bool, True where a pixel is removed
+            (all its channels).
+        noise (float): standard deviation of the Gaussian noise added to the imputed pixels.
+            Default: 0.01 (ROAD's). 0 for the plain linear imputation.
+        generator (torch.Generator, optional): for the noise.
+        solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
+            block-diagonal system with scipy, on the CPU), ``"cg"`` (conjugate gradients with
+            the Laplacian as a convolution, on the inputs' device), or ``"auto"``: direct for
+            CPU inputs when scipy is installed, CG otherwise. Default: ``"auto"``.
+        tolerance (float): conjugate gradients stop when the residual norm of every system is
+            below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
+        max_iterations (int, optional): default ``4 * (H + W) + 100``.
+
+    Returns:
+        Tensor: the imputed images, same shape and dtype as ``inputs``; kept pixels unchanged.
+
+    Raises:
+        ValueError: an image has every pixel removed (nothing to impute from).
+
+    Reference: Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci, "A consistent and
+    efficient evaluation strategy for attribution methods", ICML 2022.
+    """
+    if not isinstance(inputs, Tensor) or inputs.dim() != 4:
+        raise ValueError("`inputs` must be an (N, C, H, W) tensor.")
+    if not isinstance(removed, Tensor):
+        raise TypeError(f"`removed` must be a bool tensor, got {type(removed).__name__}.")
+    n, c, h, w = inputs.shape
+    removed = removed.reshape(n, 1, h, w) if removed.numel() == n * h * w else None
+    if removed is None:
+        raise ValueError(f"`removed` must have shape (N, 1, H, W) or (N, H, W) = ({n}, {h}, {w}).")
+    removed = removed.to(device=inputs.device, dtype=torch.bool)
+    if bool(removed.flatten(1).all(dim=1).any()):
+        raise ValueError("`removed`: an image has every pixel removed; keep at least one.")
+    noise = check_number(noise, "noise", allow_minimum=True)
+    iterations = max_iterations if max_iterations is not None else 4 * (h + w) + 100
+    iterations = check_int(iterations, "max_iterations")
+    if solver not in ("auto", "direct", "cg"):
+        raise ValueError(f"`solver`={solver!r}: expected 'auto', 'direct' or 'cg'.")
+    if solver == "auto":
+        solver = "direct" if inputs.device.type == "cpu" and _scipy_available() else "cg"
+    if solver == "direct":
+        filled = _direct_solve(inputs, removed)
+        if noise > 0:
+            draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
+            filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
+        return filled
+
+    work_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    x = inputs.to(work_dtype).reshape(n * c, 1, h, w)
+    unknown = removed.repeat_interleave(c, dim=0).to(work_dtype)
+    known = 1.0 - unknown
+    kernel = _neighbour_kernel(work_dtype, inputs.device)
+    # degree: the summed weight of the neighbours inside the image
+    degree = F.conv2d(torch.ones(1, 1, h, w, dtype=work_dtype, device=x.device), kernel, padding=1)
+
+    def laplacian(v: Tensor) -> Tensor:  # v is zero on known pixels
+        return unknown * (degree * v - F.conv2d(v, kernel, padding=1))
+
+    rhs = unknown * F.conv2d(x * known, kernel, padding=1)
+    solution = torch.zeros_like(x)
+    residual = rhs.clone()
+    direction = residual.clone()
+    rs_old = (residual * residual).flatten(1).sum(1)
+    stop = (tolerance * rhs.flatten(1).norm(dim=1)) ** 2
+    for _ in range(iterations):
+        active = rs_old > stop
+        if not bool(active.any()):
+            break
+        product = laplacian(direction)
+        curvature = (direction * product).flatten(1).sum(1)
+        alpha = torch.where(active, rs_old / curvature.clamp_min(1e-300), 0.0)
+        solution = solution + alpha.view(-1, 1, 1, 1) * direction
+        residual = residual - alpha.view(-1, 1, 1, 1) * product
+        rs_new = (residual * residual).flatten(1).sum(1)
+        beta = torch.where(active, rs_new / rs_old.clamp_min(1e-300), 0.0)
+        direction = residual + beta.view(-1, 1, 1, 1) * direction
+        rs_old = rs_new
+    if noise > 0:
+        solution = solution + noise * unknown * torch.randn(
+            solution.shape, generator=generator, dtype=work_dtype, device="cpu"
+        ).to(solution.device)
+    filled = x * known + solution * unknown
+    return filled.reshape(n, c, h, w).to(inputs.dtype)
+
+
+def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
+    maps = (
+        attributions[0]
+        if isinstance(attributions, tuple) and len(attributions) == 1
+        else attributions
+    )
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"`attributions` must be a tensor, got {type(maps).__name__}.")
+    if maps.dim() == 4:
+        maps = maps.sum(dim=1)
+    if maps.shape != (inputs.shape[0], *inputs.shape[-2:]):
+        raise ValueError(
+            f"`attributions` must be (N, C, H, W) or (N, H, W) maps at the input size "
+            f"{tuple(inputs.shape[-2:])}, got {tuple(maps.shape)}."
+        )
+    return maps.detach().to(device=inputs.device, dtype=torch.float64)
+
+
+def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) -> Tensor:
+    logits = run_forward(forward_func, (inputs,), extra)
+    classes, multi = class_selection(target, logits, argument="target", default="predicted")
+    if multi or classes.shape[1] != 1:
+        raise ValueError("`target` must give one class per example (int, list or 1-D tensor).")
+    return classes[:, 0]
+
+
+def _scores(
+    forward_func: Callable,
+    images: Tensor,
+    targets: Tensor,
+    extra: tuple,
+    batch_size: int,
+    repeats: int,
+) -> tuple[Tensor, Tensor]:
+    """Target probability and correctness of ``images`` (rows ordered example-major)."""
+    probabilities, corrects = [], []
+    for start in range(0, images.shape[0], batch_size):
+        rows = images[start : start + batch_size]
+        examples = torch.arange(start, start + rows.shape[0], device=rows.device) // repeats
+        row_extra = tuple(
+            arg[examples.to(arg.device)]
+            if isinstance(arg, Tensor)
+            and arg.dim() > 0
+            and arg.shape[0] * repeats == images.shape[0]
+            else arg
+            for arg in extra
+        )
+        logits = run_forward(forward_func, (rows,), row_extra).float()
+        row_targets = targets.to(logits.device)[examples.to(logits.device)]
+        probabilities.append(logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0])
+        corrects.append((logits.argmax(dim=1) == row_targets).float())
+    return torch.cat(probabilities), torch.cat(corrects)
+
+
+@contextlib.contextmanager
+def _evaluated(forward_func: Callable) -> Iterator[None]:
+    """no_grad and eval mode for the model behind ``forward_func``; its state restored after."""
+    model = root_module(forward_func)
+    with preserved_state([model]), torch.no_grad():
+        if model is not None:
+            model.eval()
+        yield
+
+
+def road(
+    forward_func: Callable,
+    inputs: Tensor,
+    attributions: Any,
+    *,
+    target: Any = None,
+    additional_forward_args: Any = None,
+    percentages: Sequence[float] = DEFAULT_ROAD_PERCENTAGES,
+    order: str = "morf",
+    noise: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> RoadCurves:
+    """Remove And Debias: the target's probability after removing a fraction of the pixels.
+
+    For each fraction :math:`p` the :math:`p \\cdot HW` pixels with the highest
+    (``order="morf"``, most relevant first) or lowest (``"lerf"``) attribution are removed
+    (ties by index) and filled by :func:`road_imputation`. All (image, fraction) pairs are
+    imputed in one batched solve and evaluated in forward passes of ``batch_size`` rows.
+
+    Args:
+        forward_func (Callable): the model, returning ``(N, classes)`` logits.
+        inputs (Tensor): ``(N, C, H, W)``.
+        attributions (Tensor): maps ``(N, C, H, W)`` (channels summed) or ``(N, H, W)``.
+        target (int, list or Tensor, optional): the class followed; default the prediction.
+        additional_forward_args (Any, optional): passed to the model.
+        percentages (sequence of float): fractions removed, each in (0, 1).
+            Default: 0.1, ..., 0.9.
+        order (str): ``"morf"`` or ``"lerf"``. Default: ``"morf"``.
+        noise (float): imputation noise. Default: 0.01.
+        seed (int): seed of the noise. Default: 0.
+        batch_size (int): rows per forward pass. Default: 64.
+
+    Returns:
+        RoadCurves: ``percentages``, ``probability`` and ``correct`` ``(N, P)``.
+    """
+    if order not in ("morf", "lerf"):
+        raise ValueError(f"`order`={order!r}: expected 'morf' or 'lerf'.")
+    fractions = torch.tensor(
+        [check_number(p, "percentages", maximum=1.0, allow_maximum=False) for p in percentages],
+        dtype=torch.float64,
+    )
+    batch_size = check_int(batch_size, "batch_size")
+    extra = format_additional_forward_args(additional_forward_args)
+    scores = _pixel_scores(attributions, inputs)
+    n, pixels = inputs.shape[0], inputs.shape[-2] * inputs.shape[-1]
+    ranking = scores.flatten(1)
+    ranking = -ranking if order == "morf" else ranking
+    position = torch.empty_like(ranking, dtype=torch.long)
+    position.scatter_(
+        1,
+        ranking.argsort(dim=1, stable=True),
+        torch.arange(pixels, device=inputs.device).expand(n, pixels),
+    )
+    counts = (fractions * pixels).round().long().to(inputs.device)
+    removed = position[:, None, :] < counts[None, :, None]  # (N, P, HW)
+    repeats = len(fractions)
+    stacked = inputs.repeat_interleave(repeats, dim=0)
+    generator = torch.Generator().manual_seed(check_int(seed, "seed", minimum=0))
+    with _evaluated(forward_func):
+        targets = _targets(forward_func, inputs, target, extra)
+        imputed = road_imputation(
+            stacked,
+            removed.reshape(n * repeats, *inputs.shape[-2:]),
+            noise=noise,
+            generator=generator,
+        )
+        probability, correct = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
+    return RoadCurves(fractions, probability.view(n, repeats), correct.view(n, repeats))
+
+
+def completeness(
+    forward_func: Callable,
+    inputs: Tensor,
+    attributions: Any,
+    *,
+    target: Any = None,
+    additional_forward_args: Any = None,
+    thresholds: Sequence[float] = DEFAULT_COMPLETENESS_THRESHOLDS,
+    imputer: str | Callable[[Tensor, Tensor], Tensor] = "road",
+    noise: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> CompletenessCurves:
+    r"""Completeness (MoRF by value): the score lost when the high-valued pixels are removed.
+
+    At threshold :math:`t` the pixels with :math:`a(p) > (1 - t)\max_p a(p)` are removed and
+    filled by ``imputer``; the curve is :math:`s(x) - s(\tilde x_t)` with :math:`s` the
+    target's probability.
+
+    Args:
+        forward_func, inputs, attributions, target, additional_forward_args: as in
+            :func:`road`.
+        thresholds (sequence of float): values of :math:`t` in (0, 1]. Default: 0.1, ..., 0.9.
+        imputer (str or Callable): ``"road"`` (noisy linear imputation), ``"mean"`` (each
+            image's per-channel mean), or ``imputer(images, removed) -> images``.
+            Default: ``"road"``.
+        noise, seed, batch_size: as in :func:`road`.
+
+    Returns:
+        CompletenessCurves: ``thresholds``, ``drop`` and ``removed_fraction``, ``(N, T)``.
+
+    Reference: X. Li, Y. Zhang, ..., A. Khakzar, "Sound and complete: a dual perspective on
+    attribution evaluation" (TMLR 2024).
+    """
+    values = torch.tensor(
+        [check_number(t, "thresholds", maximum=1.0) for t in thresholds], dtype=torch.float64
+    )
+    batch_size = check_int(batch_size, "batch_size")
+    extra = format_additional_forward_args(additional_forward_args)
+    scores = _pixel_scores(attributions, inputs)
+    n = inputs.shape[0]
+    top = scores.flatten(1).max(dim=1).values.view(n, 1, 1, 1)
+    levels = (1.0 - values.to(inputs.device)).view(1, -1, 1, 1)
+    removed = scores[:, None] > levels * top  # (N, T, H, W)
+    repeats = len(values)
+    flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
+    stacked = inputs.repeat_interleave(repeats, dim=0)
+    generator = torch.Generator().manual_seed(check_int(seed, "seed", minimum=0))
+    with _evaluated(forward_func):
+        targets = _targets(forward_func, inputs, target, extra)
+        if imputer == "road":
+            everything = flat_removed.flatten(1).all(dim=1)
+            safe = flat_removed.clone()
+            safe[everything] = False  # nothing to impute from: filled by the mean below
+            imputed = road_imputation(stacked, safe, noise=noise, generator=generator)
+            mean = stacked.mean(dim=(2, 3), keepdim=True).expand_as(stacked)
+            imputed[everything] = mean[everything]
+        elif imputer == "mean":
+            mean = stacked.mean(dim=(2, 3), keepdim=True)
+            imputed = torch.where(flat_removed[:, None], mean, stacked)
+        elif callable(imputer):
+            imputed = imputer(stacked, flat_removed[:, None])
+        else:
+            raise ValueError(f"`imputer`={imputer!r}: expected 'road', 'mean' or a callable.")
+        original, _ = _scores(forward_func, inputs, targets, extra, batch_size, 1)
+        probability, _ = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
+    drop = original[:, None] - probability.view(n, repeats)
+    return CompletenessCurves(values, drop, removed.flatten(2).double().mean(dim=2))
+
+
+def _lerf_positions(scores: Tensor, seed: int) -> Tensor:
+    """Rank of each pixel in increasing attribution (least relevant first), ties broken by a
+    random permutation drawn with ``seed``; ``(N, HW)`` long."""
+    n, pixels = scores.shape
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(pixels, generator=generator).to(scores.device)
+    order = permutation[scores[:, permutation].argsort(dim=1, stable=True)]
+    positions = torch.empty_like(order)
+    positions.scatter_(1, order, torch.arange(pixels, device=scores.device).expand(n, pixels))
+    return positions
+
+
+def soundness(
+    forward_func: Callable,
+    inputs: Tensor,
+    attributions: Any,
+    *,
+    target: Any = None,
+    additional_forward_args: Any = None,
+    removed_fractions: Sequence[float] = DEFAULT_SOUNDNESS_RATIOS,
+    score: str = "probability",
+    threshold: float = 0.01,
+    score_floor: float | None = 0.04,
+    noise: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> SoundnessCurves:
+    r"""Soundness (LeRF by area, accumulated): how much of a map's mass truly raises the score.
+
+    Maps are min-max normalised to [0, 1] per example. Pixels are ranked by increasing value
+    (ties by one random permutation drawn with ``seed``). At step :math:`i` the least relevant
+    fraction :math:`r_i` of the pixels is removed (ROAD imputation), so pixels come back in
+    decreasing order as :math:`r` falls. With :math:`s_i` the target's score after step
+    :math:`i` (:math:`s_{-1} = 0`), the mass :math:`\Delta_i` of the pixels re-added at step
+    :math:`i` is counted as *false* when :math:`s_i - s_{i-1} \le` ``threshold`` (and, if
+    ``score_floor`` is set, the batch's mean score is above it). Before that update,
+
+    .. math::  \mathrm{soundness}_i = \frac{M_i - F_{i-1}}{M_i + 10^{-6}},
+
+    with :math:`M_i` the mass of the pixels kept and :math:`F_{i-1}` the false mass so far.
+
+    Args:
+        forward_func, inputs, attributions, target, additional_forward_args: as in
+            :func:`road`.
+        removed_fractions (sequence of float): decreasing fractions in (0, 1).
+            Default: 0.98, 0.97, ..., 0.03 (96 steps).
+        score (str): ``"probability"`` (each example's own decision) or ``"accuracy"`` (one
+            decision for the batch from its accuracy, as in the paper's default).
+            Default: ``"probability"``.
+        threshold (float): the largest score gain still counted as "no gain". Default: 0.01.
+        score_floor (float or None): skip the update while the batch's mean score is at or
+            below this. Default: 0.04.
+        noise, seed, batch_size: as in :func:`road`; all steps are imputed and evaluated in
+            batches of ``batch_size`` rows.
+
+    Returns:
+        SoundnessCurves: ``removed_fractions``, ``soundness`` and ``score`` ``(N, R)``,
+        ``false_mass`` ``(N,)``.
+
+    Reference: X. Li, Y. Zhang, ..., A. Khakzar, "Sound and complete: a dual perspective on
+    attribution evaluation" (TMLR 2024); the reference implementation is ``soco``.
+    """
+    if score not in ("probability", "accuracy"):
+        raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
+    ratios = [
+        check_number(r, "removed_fractions", maximum=1.0, allow_maximum=False)
+        for r in removed_fractions
+    ]
+    if any(b > a for a, b in zip(ratios, ratios[1:])) or not ratios:
+        raise ValueError("`removed_fractions` must be a non-empty decreasing sequence.")
+    threshold = check_number(threshold, "threshold", minimum=None)
+    batch_size = check_int(batch_size, "batch_size")
+    seed = check_int(seed, "seed", minimum=0)
+    extra = format_additional_forward_args(additional_forward_args)
+    maps = _pixel_scores(attributions, inputs).flatten(1)
+    low = maps.min(dim=1, keepdim=True).values
+    span = (maps.max(dim=1, keepdim=True).values - low).clamp_min(1e-30)
+    maps = (maps - low) / span
+    n, pixels = maps.shape
+    positions = _lerf_positions(maps, seed)
+    counts = [int(pixels * r) for r in ratios]
+    steps = len(ratios)
+    generator = torch.Generator().manual_seed(seed)
+    with _evaluated(forward_func):
+        targets = _targets(forward_func, inputs, target, extra)
+        probability = torch.empty(n, steps, dtype=torch.float64)
+        correct = torch.empty(n, steps, dtype=torch.float64)
+        # every (example, step) image, imputed and scored batch_size rows at a time
+        rows = [(i, j) for i in range(n) for j in range(steps)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            examples = torch.tensor([i for i, _ in chunk], device=inputs.device)
+            limits = torch.tensor([counts[j] for _, j in chunk], device=inputs.device)
+            removed = positions[examples] < limits[:, None]
+            imputed = road_imputation(
+                inputs[examples],
+                removed.view(len(chunk), *inputs.shape[-2:]),
+                noise=noise,
+                generator=generator,
+            )
+            row_extra = tuple(
+                arg[examples.to(arg.device)]
+                if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n
+                else arg
+                for arg in extra
+            )
+            logits = run_forward(forward_func, (imputed,), row_extra).float()
+            row_targets = targets.to(logits.device)[examples.to(logits.device)]
+            p = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0].double().cpu()
+            c = (logits.argmax(dim=1) == row_targets).double().cpu()
+            # rows are example-major: row i * steps + j is example i at step j
+            probability.view(-1)[start : start + len(chunk)] = p
+            correct.view(-1)[start : start + len(chunk)] = c
+    maps = maps.cpu()
+    sorted_maps = maps.gather(1, positions.cpu().argsort(dim=1))  # increasing, tie-broken
+    suffix = sorted_maps.flip(1).cumsum(1).flip(1)  # suffix[k] = mass of positions >= k
+    total = torch.cat([suffix, torch.zeros(n, 1, dtype=suffix.dtype)], dim=1)
+    false_mass = torch.zeros(n, dtype=torch.float64)
+    curves = torch.empty(n, steps, dtype=torch.float64)
+    previous = torch.zeros(n, dtype=torch.float64)
+    previous_count = pixels
+    measured = probability if score == "probability" else correct
+    for j, count in enumerate(counts):
+        remaining = total[:, count]
+        added = total[:, count] - total[:, previous_count]
+        curves[:, j] = (remaining - false_mass) / (remaining + 1e-6)
+        current = measured[:, j]
+        if score == "accuracy":
+            current = current.mean().expand(n)
+        if score_floor is None or float(current.mean()) > score_floor:
+            no_gain = (current - previous) <= threshold
+            false_mass = false_mass + torch.where(no_gain, added, 0.0)
+        previous, previous_count = current, count
+    return SoundnessCurves(torch.tensor(ratios, dtype=torch.float64), curves, measured, false_mass)

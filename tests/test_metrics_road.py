@@ -1,0 +1,202 @@
+"""ROAD imputation (against a scipy sparse solve), ROAD curves and completeness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_model_unchanged, model_snapshot
+
+from captum_ext.metrics.road import completeness, road, road_imputation, soundness
+from captum_ext.testing import dominant_colour_oracle
+
+
+def _scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The linear-imputation system built pixel by pixel and solved by scipy."""
+    sparse = pytest.importorskip("scipy.sparse")
+    linalg = pytest.importorskip("scipy.sparse.linalg")
+    c, h, w = image.shape
+    index = {p: i for i, p in enumerate(zip(*np.nonzero(removed)))}
+    a = sparse.lil_matrix((len(index), len(index)))
+    b = np.zeros((len(index), c))
+    for (r, q), i in index.items():
+        for dr in (-1, 0, 1):
+            for dq in (-1, 0, 1):
+                rr, qq = r + dr, q + dq
+                if (dr, dq) == (0, 0) or not (0 <= rr < h and 0 <= qq < w):
+                    continue
+                weight = 1 / 6 if dr == 0 or dq == 0 else 1 / 12
+                a[i, i] += weight
+                if (rr, qq) in index:
+                    a[i, index[(rr, qq)]] -= weight
+                else:
+                    b[i] += weight * image[:, rr, qq]
+    solution = linalg.spsolve(a.tocsr(), b).reshape(len(index), c)
+    out = image.copy()
+    for (r, q), i in index.items():
+        out[:, r, q] = solution[i]
+    return out
+
+
+@pytest.mark.parametrize("solver", ["cg", "direct"])
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_batched_imputation_matches_scipy(batch, solver):
+    generator = torch.Generator().manual_seed(batch)
+    images = torch.rand(batch, 3, 16, 20, generator=generator, dtype=torch.float64)
+    removed = torch.rand(batch, 16, 20, generator=generator) < 0.5
+    removed[0, :8, :10] = True  # one large hole
+    ours = road_imputation(images, removed, noise=0.0, solver=solver)
+    for i in range(batch):
+        expected = _scipy_imputation(images[i].numpy(), removed[i].numpy())
+        np.testing.assert_allclose(ours[i].numpy(), expected, atol=1e-5)
+    kept = ~removed[:, None].expand_as(images)
+    assert torch.equal(ours[kept], images[kept])
+
+
+def test_float32_imputation_within_1e4_and_noise_only_on_removed_pixels():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, 24, 24, generator=generator, dtype=torch.float64)
+    removed = torch.rand(2, 24, 24, generator=generator) < 0.7
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    single = road_imputation(images.float(), removed, noise=0.0, solver="cg")
+    assert single.dtype == torch.float32
+    assert float((single.double() - exact).abs().max()) < 1e-4
+    noisy = road_imputation(images, removed, noise=0.01, generator=torch.Generator().manual_seed(1))
+    difference = (noisy - exact)[:, 0]
+    assert float(difference[~removed].abs().max()) == 0.0
+    assert 0.005 < float(difference[removed].std()) < 0.02
+
+
+def test_imputation_errors_name_the_argument():
+    images = torch.rand(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="removed"):
+        road_imputation(images, torch.ones(1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="removed"):
+        road_imputation(images, torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="noise"):
+        road_imputation(images, torch.zeros(1, 4, 4, dtype=torch.bool), noise=-1.0)
+    with pytest.raises(ValueError, match="solver"):
+        road_imputation(images, torch.zeros(1, 4, 4, dtype=torch.bool), solver="lu")
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return dominant_colour_oracle(8, colours=3, size=12, seed=3)
+
+
+def _softmax_model(oracle):
+    """The colour counter with logits scaled down so probabilities are not saturated."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = oracle.model
+
+        def forward(self, x):
+            return self.inner(x) / 10.0
+
+    return Scaled().eval()
+
+
+def test_ground_truth_beats_a_random_map_on_road_and_completeness(oracle):
+    model = _softmax_model(oracle)
+    before = model_snapshot(model)
+    truth = oracle.ground_truth
+    noise = torch.rand(truth.shape, generator=torch.Generator().manual_seed(0))
+    morf_truth = road(model, oracle.inputs, truth, target=oracle.target)
+    morf_random = road(model, oracle.inputs, noise, target=oracle.target)
+    assert morf_truth.probability.shape == (8, 9)
+    assert morf_truth.probability.mean() < morf_random.probability.mean()
+    lerf_truth = road(model, oracle.inputs, truth, target=oracle.target, order="lerf")
+    assert lerf_truth.probability.mean() > morf_truth.probability.mean()
+    done_truth = completeness(model, oracle.inputs, truth, target=oracle.target)
+    done_random = completeness(model, oracle.inputs, noise, target=oracle.target)
+    assert done_truth.drop.mean() > done_random.drop.mean()
+    assert_model_unchanged(model, before)
+
+
+def test_completeness_removes_by_value_and_mean_imputer_matches_its_definition(oracle):
+    model = _softmax_model(oracle)
+    maps = torch.arange(144.0).view(1, 1, 12, 12).expand(8, 1, 12, 12)
+    curves = completeness(
+        model, oracle.inputs, maps, target=oracle.target, thresholds=[0.5], imputer="mean"
+    )
+    removed = maps[:, 0] > 0.5 * 143.0
+    assert torch.allclose(curves.removed_fraction[:, 0], removed.flatten(1).double().mean(1))
+    mean = oracle.inputs.mean(dim=(2, 3), keepdim=True)
+    filled = torch.where(removed[:, None], mean, oracle.inputs)
+    with torch.no_grad():
+        expected = (model(oracle.inputs).softmax(1) - model(filled).softmax(1)).gather(
+            1, oracle.target[:, None]
+        )[:, 0]
+    torch.testing.assert_close(curves.drop[:, 0].float(), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="imputer"):
+        completeness(model, oracle.inputs, maps, imputer="zeros")
+    with pytest.raises(ValueError, match="order"):
+        road(model, oracle.inputs, maps, order="random")
+
+
+def _soundness_by_loop(maps, scores, counts, threshold, floor):
+    """The accumulation written step by step from the definition (one example)."""
+    order = sorted(range(len(maps)), key=lambda k: maps[k])  # increasing, no ties here
+    false_mass, previous, previous_count, curve = 0.0, 0.0, len(maps), []
+    for count, score in zip(counts, scores):
+        kept = [maps[k] for k in order[count:]]
+        added = sum(maps[k] for k in order[count:previous_count])
+        curve.append((sum(kept) - false_mass) / (sum(kept) + 1e-6))
+        if floor is None or score > floor:
+            if score - previous <= threshold:
+                false_mass += added
+        previous, previous_count = score, count
+    return curve
+
+
+def test_soundness_accumulates_false_mass_as_defined(oracle):
+    model = _softmax_model(oracle)
+    generator = torch.Generator().manual_seed(5)
+    maps = torch.rand(1, 1, 12, 12, generator=generator, dtype=torch.float64)
+    maps[0, 0, 0, 0], maps[0, 0, 0, 1] = 0.0, 1.0  # already in [0, 1]
+    ratios = [0.9, 0.7, 0.5, 0.3, 0.1]
+    curves = soundness(
+        model,
+        oracle.inputs[:1],
+        maps,
+        target=oracle.target[:1],
+        removed_fractions=ratios,
+        threshold=0.01,
+        score_floor=None,
+        batch_size=2,
+    )
+    counts = [int(144 * r) for r in ratios]
+    expected = _soundness_by_loop(
+        maps.flatten().tolist(), curves.score[0].tolist(), counts, 0.01, None
+    )
+    np.testing.assert_allclose(curves.soundness[0].numpy(), expected, rtol=1e-12)
+    assert curves.soundness.shape == curves.score.shape == (1, 5)
+
+
+def test_on_a_model_blind_to_its_input_all_re_added_mass_is_false(oracle):
+    """The score never moves after the first step, so everything re-added later is false."""
+
+    class Blind(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([2.0, 0.0, -1.0]))
+
+        def forward(self, x):
+            return self.bias.expand(x.shape[0], 3) + 0.0 * x.sum()
+
+    maps = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    ratios = [0.9, 0.6, 0.3]
+    curves = soundness(Blind(), oracle.inputs[:3], maps, target=0, removed_fractions=ratios)
+    flat = maps.flatten(1).double()
+    flat = (flat - flat.min(1, keepdim=True).values) / (
+        flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values
+    )
+    kept_first = flat.sort(dim=1).values[:, int(144 * 0.9) :].sum(1)
+    kept_last = flat.sort(dim=1).values[:, int(144 * 0.3) :].sum(1)
+    torch.testing.assert_close(curves.false_mass, kept_last - kept_first)
+    assert torch.allclose(curves.soundness[:, 0], torch.ones(3, dtype=torch.float64), atol=1e-5)
+    assert bool((curves.soundness[:, -1] < curves.soundness[:, 0]).all())
+    with pytest.raises(ValueError, match="removed_fractions"):
+        soundness(Blind(), oracle.inputs[:3], maps, removed_fractions=[0.1, 0.5])

@@ -1,0 +1,118 @@
+"""Sanity checks (model randomisation, class sensitivity) and their similarity measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import GuidedBackprop, Saliency
+from conftest import assert_model_unchanged, model_snapshot
+
+from captum_ext.data import load_bundled_model, load_sample_digits
+from captum_ext.metrics.sanity import (
+    class_sensitivity,
+    model_randomisation,
+    spearman_similarity,
+    ssim_similarity,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_spearman_matches_scipy_including_ties(batch):
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(batch)
+    a = torch.randint(0, 5, (batch, 1, 6, 6), generator=generator).double()  # many ties
+    b = torch.randn(batch, 1, 6, 6, generator=generator, dtype=torch.float64)
+    ours = spearman_similarity(a, b, absolute=False)
+    expected = [stats.spearmanr(a[i].ravel(), b[i].ravel()).statistic for i in range(batch)]
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-12)
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 1, 28, 28, generator=generator, dtype=torch.float64)
+    b = (a + 0.3 * torch.rand(3, 1, 28, 28, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    a[:, :, 0, :2] = torch.tensor([0.0, 1.0])  # the maps are rescaled to [0, 1]: keep that range
+    b[:, :, 0, :2] = torch.tensor([0.0, 1.0])
+    ours = ssim_similarity(a, b)
+    expected = [
+        metrics.structural_similarity(
+            a[i, 0].numpy(),
+            b[i, 0].numpy(),
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+        )
+        for i in range(3)
+    ]
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-10)
+    assert torch.allclose(ssim_similarity(a, a), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_bundled_model()
+    images, _ = load_sample_digits()
+    return model, images[:12]
+
+
+def test_guided_backprop_fails_the_randomisation_check_and_saliency_passes(digits):
+    """Adebayo et al.'s finding, in kind, on the bundled model: after randomising only the
+    classifier, Guided Backprop's maps stay close to the original and Saliency's do not."""
+    model, images = digits
+    before = model_snapshot(model)
+    saliency = model_randomisation(lambda m: Saliency(m), model, images)
+    guided = model_randomisation(lambda m: GuidedBackprop(m), model, images)
+    assert_model_unchanged(model, before)
+    assert saliency.layers[0] == "classifier" and saliency.layers == guided.layers
+    for measure in ("spearman_abs", "ssim"):
+        top_saliency = saliency.similarity[measure][0].mean()
+        top_guided = guided.similarity[measure][0].mean()
+        assert top_guided > 0.75 and top_guided > top_saliency + 0.2
+        # the cascade only destroys more: the last step is the least similar
+        assert saliency.similarity[measure][-1].mean() < top_saliency
+    assert saliency.randomised.shape == (len(saliency.layers), *saliency.original.shape)
+
+
+def test_independent_randomisation_changes_one_layer_at_a_time(digits):
+    model, images = digits
+    curves = model_randomisation(
+        lambda m: Saliency(m), model, images[:3], cascade=False, layers=["features.0"]
+    )
+    assert curves.layers == ["features.0"]
+    assert curves.similarity["spearman_abs"].shape == (1, 3)
+
+
+def test_class_sensitivity_explains_both_classes_in_one_call(digits):
+    model, images = digits
+    calls = []
+
+    class CountingSaliency(Saliency):
+        def attribute(self, inputs, target=None, **kwargs):
+            calls.append(inputs.shape[0])
+            return super().attribute(inputs, target=target, **kwargs)
+
+    result = class_sensitivity(lambda m: CountingSaliency(m), model, images)
+    assert calls == [2 * images.shape[0]]
+    with torch.no_grad():
+        order = model(images).argsort(dim=1, descending=True)
+    assert torch.equal(result.target, order[:, 0]) and torch.equal(result.contrast, order[:, 1])
+    guided = class_sensitivity(lambda m: GuidedBackprop(m), model, images)
+    # positive-only propagation is less class-sensitive (more similar maps) than the gradient
+    assert guided.similarity["spearman_abs"].mean() > result.similarity["spearman_abs"].mean()
+
+
+def test_bad_arguments_name_themselves(digits):
+    model, images = digits
+    with pytest.raises(ValueError, match="similarity"):
+        model_randomisation(lambda m: Saliency(m), model, images, similarity="pixels")
+    with pytest.raises(ValueError, match="layers"):
+        model_randomisation(lambda m: Saliency(m), model, images, layers=["nope"])
+    with pytest.raises(TypeError, match="explainer"):
+        model_randomisation(lambda m: m, model, images)
+    with pytest.raises(ValueError, match="contrast"):
+        class_sensitivity(lambda m: Saliency(m), model, images, contrast="random")
