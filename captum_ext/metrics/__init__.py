@@ -30,7 +30,45 @@ from captum_ext.metrics.deletion_insertion import (
     insertion,
     insertion_curves,
 )
+from captum_ext.metrics.evaluation_accumulators import (
+    ROAD,
+    AttributionF1,
+    Completeness,
+    EnergyPointingGame,
+    PointingGame,
+    Soundness,
+)
+from captum_ext.metrics.ground_truth import (
+    AttributionPrecisionRecall,
+    attribution_f1,
+    attribution_precision_recall,
+    energy_pointing_game,
+    pointing_game,
+)
 from captum_ext.metrics.masking import masking_score
+from captum_ext.metrics.patches import (
+    null_player,
+    patch_class_sensitivity,
+    saturation,
+    single_patch,
+)
+from captum_ext.metrics.road import (
+    CompletenessCurves,
+    RoadCurves,
+    SoundnessCurves,
+    completeness,
+    road,
+    road_imputation,
+    soundness,
+)
+from captum_ext.metrics.sanity import (
+    ClassSensitivity,
+    RandomisationCurves,
+    class_sensitivity,
+    model_randomisation,
+    spearman_similarity,
+    ssim_similarity,
+)
 from captum_ext.metrics.structure import StructureCurves, structure_deletion, structure_insertion
 from captum_ext.metrics.trust import (
     GradTrust,
@@ -93,6 +131,35 @@ __all__ = [
     "ExpectedCalibrationError",
     "DeletionAUC",
     "InsertionAUC",
+    # judging attributions against ground truth and the field's checks
+    "AttributionPrecisionRecall",
+    "attribution_precision_recall",
+    "attribution_f1",
+    "pointing_game",
+    "energy_pointing_game",
+    "null_player",
+    "patch_class_sensitivity",
+    "single_patch",
+    "saturation",
+    "RoadCurves",
+    "CompletenessCurves",
+    "SoundnessCurves",
+    "road",
+    "road_imputation",
+    "completeness",
+    "soundness",
+    "RandomisationCurves",
+    "ClassSensitivity",
+    "model_randomisation",
+    "class_sensitivity",
+    "spearman_similarity",
+    "ssim_similarity",
+    "PointingGame",
+    "EnergyPointingGame",
+    "AttributionF1",
+    "ROAD",
+    "Completeness",
+    "Soundness",
     # dataset-scale scoring
     "score_dataset",
     "ScoreTable",
