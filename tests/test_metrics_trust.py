@@ -246,7 +246,7 @@ def test_bad_arguments():
         gradtrust(model, x, k=1.5)
     with pytest.raises(ValueError, match="`layer`"):
         gradtrust(model, x, layer="nope")
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="`layer`.*no linear layer"):
         gradtrust(nn.Sequential(nn.Identity()), x)
     with pytest.raises(TypeError, match="`inputs`"):
         gradtrust(model, [1, 2])
