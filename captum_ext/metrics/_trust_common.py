@@ -1,4 +1,4 @@
-"""Private helpers shared by :mod:`captum_ext.metrics.gradtrust` and
+"""Private helpers shared by :mod:`captum_ext.metrics.grad_trust` and
 :mod:`captum_ext.metrics.trust_baselines`: argument checks, the final-layer look-up and the
 recorded forward pass. The gradients themselves are computed by the engine in
 :mod:`captum_ext._utils.batched_grad`."""

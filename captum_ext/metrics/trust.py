@@ -1,6 +1,6 @@
 r"""Per-example trust scores: GradTrust and the baselines it is compared with.
 
-This module re-exports :mod:`captum_ext.metrics.gradtrust` (:class:`GradTrust`,
+This module re-exports :mod:`captum_ext.metrics.grad_trust` (:class:`GradTrust`,
 :func:`gradtrust`) and :mod:`captum_ext.metrics.trust_baselines` (the baselines); importing
 from here keeps working without a warning.
 
@@ -18,10 +18,10 @@ Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
 
 from __future__ import annotations
 
-from captum_ext.metrics.gradtrust import DEFAULT_K as DEFAULT_K
-from captum_ext.metrics.gradtrust import FORMS as FORMS
-from captum_ext.metrics.gradtrust import METHODS as METHODS
-from captum_ext.metrics.gradtrust import GradTrust, gradtrust
+from captum_ext.metrics.grad_trust import DEFAULT_K as DEFAULT_K
+from captum_ext.metrics.grad_trust import FORMS as FORMS
+from captum_ext.metrics.grad_trust import METHODS as METHODS
+from captum_ext.metrics.grad_trust import GradTrust, gradtrust
 from captum_ext.metrics.trust_baselines import (
     DEFAULT_MC_PASSES as DEFAULT_MC_PASSES,
 )
