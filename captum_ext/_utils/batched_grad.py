@@ -23,7 +23,7 @@ from .deprecation import moved_names
 from .hooks import _as_leaves, capture_layer, restored_buffers_of_modules_run
 from .layers import root_module
 from .model_state import preserved_state
-from .validation import format_additional_forward_args, output_selection
+from .validation import check_int, format_additional_forward_args, output_selection
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
 #: the (N, C) logits. (Named ``SCORES`` before; that name still works.)
@@ -179,9 +179,7 @@ def resolve_score(score: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor],
 def auto_chunk(max_batch: int | None, n_classes: int, wrt: Sequence[Tensor]) -> int:
     """Classes per vector-Jacobian product: ``max_batch``, else 64 bounded to ~1 GiB."""
     if max_batch is not None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"`max_batch` must be a positive int, got {max_batch!r}.")
-        return min(max_batch, n_classes)
+        return min(check_int(max_batch, "max_batch"), n_classes)
     per_class = sum(t.numel() * t.element_size() for t in wrt)
     return max(1, min(DEFAULT_MAX_BATCH, n_classes, _CHUNK_BYTES // max(per_class, 1)))
 
