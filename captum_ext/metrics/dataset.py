@@ -58,6 +58,10 @@ TRUST_SCORES: dict[str, Callable[..., Tensor]] = {
     "purview": purview,
 }
 
+#: The names in :data:`TRUST_SCORES` that measure gradients of a layer and take its ``layer``
+#: argument (the final linear layer by default).
+GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
+
 #: the columns every :class:`ScoreTable` starts with, before the score columns
 BASE_COLUMNS = ("index", "label", "prediction", "correct")
 
