@@ -36,7 +36,7 @@ from captum_ext.metrics.trust import (
     softmax_confidence,
 )
 
-__all__ = ["TRUST_SCORES", "ScoreTable", "score_dataset"]
+__all__ = ["GRADTRUST_SCORES", "TRUST_SCORES", "ScoreTable", "score_dataset"]
 
 #: The scores :func:`score_dataset` knows, by name: ``name -> function(model, inputs, **kw)``,
 #: each returning one value per example, higher = more trusted. ``"gradtrust"`` is the natural
@@ -58,8 +58,8 @@ TRUST_SCORES: dict[str, Callable[..., Tensor]] = {
     "purview": purview,
 }
 
-#: The names in :data:`TRUST_SCORES` that measure gradients of a layer and take its ``layer``
-#: argument (the final linear layer by default).
+#: The GradTrust entries of :data:`TRUST_SCORES`; the CLI passes them its ``layer`` (the
+#: final linear layer of the model).
 GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
 
 #: the columns every :class:`ScoreTable` starts with, before the score columns
