@@ -319,3 +319,76 @@ def test_engine_grad_kwargs(tiny_cnn, tiny_inputs):
         class_gradients(
             tiny_cnn, (tiny_inputs,), 0, layer=layer, grad_kwargs={"create_graph": True}
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's other gradients: per-example parameter gradients, input gradients
+
+
+def _mlp64() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_per_example_parameter_gradients_match_float64_autograd(batch):
+    from captum_ext._utils.batched_grad import per_example_parameter_gradients
+
+    model = _mlp64()
+    x = torch.randn(batch, 6, dtype=torch.float64)
+    cot = torch.randn(batch, 2, 3, dtype=torch.float64)
+    before = model_snapshot(model)
+    got = per_example_parameter_gradients(
+        model,
+        (x,),
+        (),
+        {"m": model[2]},
+        {"m.weight": model[2].weight, "m.bias": model[2].bias},
+        cot,
+        lambda grads: torch.cat([grads["m.weight"].flatten(2), grads["m.bias"]], 2).flatten(1),
+        chunk_bytes=1,  # one example per chunk: the chunking is exercised too
+    )
+    assert_model_unchanged(model, before)
+    expected = []
+    for n in range(batch):
+        rows = []
+        for j in range(2):
+            out = model(x[n : n + 1])[0]
+            w, b = torch.autograd.grad((out * cot[n, j]).sum(), [model[2].weight, model[2].bias])
+            rows.append(torch.cat([w.flatten(), b.flatten()]))
+        expected.append(torch.cat(rows))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_input_gradients_match_float64_autograd(batch):
+    from captum_ext._utils.batched_grad import input_gradients
+
+    model = _mlp64().train()
+    x = torch.randn(batch, 6, dtype=torch.float64)
+    labels = torch.arange(batch)
+    before = model_snapshot(model)
+
+    def objective(logits):
+        return torch.log_softmax(logits, 1).amax(1).sum()
+
+    def forward(inputs, labels):
+        return model(inputs) + 0 * labels.unsqueeze(1)
+
+    (got, none) = input_gradients(forward, (x, labels), objective, None, None)
+    assert none is None  # integer inputs get no gradient
+    assert_model_unchanged(model, before)
+    assert not x.requires_grad
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(objective(model(leaf)), [leaf])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="`inputs`"):
+        input_gradients(forward, (labels, labels), objective)
+
+
+def test_old_scores_name_of_the_engine_warns_and_still_works():
+    import captum_ext._utils.batched_grad as engine
+
+    with pytest.warns(DeprecationWarning, match="TARGET_SCORE_FUNCTIONS"):
+        old = engine.SCORES
+    assert old is engine.TARGET_SCORE_FUNCTIONS

@@ -24,7 +24,7 @@ from captum_ext.circuits import (
     from_json,
     to_json,
 )
-from captum_ext.circuits._discovery import find_connections
+from captum_ext.circuits.connection import find_connections
 from captum_ext.data import load_bundled_model, load_sample_digits
 
 matplotlib.use("Agg")
@@ -730,3 +730,15 @@ def test_cuda_matches_cpu_and_runs_under_autocast():
         assert graph.number_of_nodes() == 130
         assert all(math.isfinite(w) and w > 0 for _, _, w in graph.edges(data="weight"))
     assert_model_unchanged(gpu_model, before)
+
+
+def test_old_discovery_module_warns_and_still_works():
+    from captum_ext.circuits import Connection
+    from captum_ext.circuits.connection import find_connections as new
+
+    with pytest.warns(DeprecationWarning, match="captum_ext.circuits.connection"):
+        from captum_ext.circuits._discovery import find_connections as old
+    assert old is new
+    with pytest.warns(DeprecationWarning):
+        from captum_ext.circuits._discovery import Connection as OldConnection
+    assert OldConnection is Connection

@@ -139,9 +139,13 @@ def assert_same_state(before, after):
 
 @pytest.mark.parametrize("num_classes", [2, 10, 1000])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 4, 5])
 @pytest.mark.parametrize("form", ["topk", "reference"])
-def test_closed_form_equals_autograd(num_classes, bias, form):
-    for model, x in ((mlp(num_classes, bias), vectors()), (convnet(num_classes, bias), images())):
+def test_closed_form_equals_autograd(num_classes, bias, form, batch):
+    for model, x in (
+        (mlp(num_classes, bias), vectors(batch)),
+        (convnet(num_classes, bias), images(batch)),
+    ):
         closed = gradtrust(model, x, form=form, method="closed_form")
         auto = gradtrust(model, x, form=form, method="autograd")
         assert closed.shape == (len(x),)
@@ -150,8 +154,9 @@ def test_closed_form_equals_autograd(num_classes, bias, form):
 
 
 @pytest.mark.parametrize("num_classes", [2, 10])
-def test_reference_form_equals_published_procedure(num_classes):
-    model, x = convnet(num_classes), images()
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_reference_form_equals_published_procedure(num_classes, batch):
+    model, x = convnet(num_classes), images(batch)
     expected = published_reference(model, "fc", x)
     torch.testing.assert_close(gradtrust(model, x, form="reference"), expected, rtol=1e-9, atol=0)
     # and the closed form from the spec: max (z - 1/C)^4 / mean (z - 1/C)^4
@@ -161,8 +166,9 @@ def test_reference_form_equals_published_procedure(num_classes):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_topk_form_equals_paper_ratio(k):
-    model, x = mlp(10, bias=False), vectors()
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_topk_form_equals_paper_ratio(k, batch):
+    model, x = mlp(10, bias=False), vectors(batch)
     expected = paper_topk(model, "2", x, k)
     torch.testing.assert_close(gradtrust(model, x, k=k), expected, rtol=1e-9, atol=0)
     # h cancels: mean_Q ||p - e_Q||^2 / ||p - e_P||^2
@@ -246,7 +252,7 @@ def test_bad_arguments():
         gradtrust(model, x, k=1.5)
     with pytest.raises(ValueError, match="`layer`"):
         gradtrust(model, x, layer="nope")
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="`layer`.*no linear layer"):
         gradtrust(nn.Sequential(nn.Identity()), x)
     with pytest.raises(TypeError, match="`inputs`"):
         gradtrust(model, [1, 2])
@@ -308,8 +314,9 @@ def test_energy_matches_direct_computation(temperature):
         energy(model, x, temperature=0.0)
 
 
-def test_odin_matches_looped_computation():
-    model, x = convnet(5), images(4)
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_odin_matches_looped_computation(batch):
+    model, x = convnet(5), images(batch)
     temperature, epsilon = 100.0, 0.0014
     expected = []
     for i in range(len(x)):
@@ -326,8 +333,12 @@ def test_odin_matches_looped_computation():
     torch.testing.assert_close(odin(model, x, temperature=10.0, epsilon=0.0), plain)
 
 
-def test_gradnorm_matches_autograd():
-    for model, x, layer in ((convnet(6), images(4), "fc"), (mlp(3, bias=False), vectors(4), "2")):
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_gradnorm_matches_autograd(batch):
+    for model, x, layer in (
+        (convnet(6), images(batch), "fc"),
+        (mlp(3, bias=False), vectors(batch), "2"),
+    ):
         expected = []
         for i in range(len(x)):
 
@@ -340,11 +351,12 @@ def test_gradnorm_matches_autograd():
         torch.testing.assert_close(gradnorm(model, x), expected, rtol=1e-9, atol=0)
     l1 = gradnorm(model, x, p=1.0)
     l1_auto = gradnorm(model, x, p=1.0, layer=model[0])  # inner layer: autograd path
-    assert l1.shape == l1_auto.shape == (4,)
+    assert l1.shape == l1_auto.shape == (batch,)
 
 
-def test_purview_matches_autograd():
-    model, x = convnet(5), images(3)
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_purview_matches_autograd(batch):
+    model, x = convnet(5), images(batch)
 
     def direct(groups):
         out = []
@@ -442,3 +454,36 @@ def test_model_left_exactly_as_found():
     with pytest.raises(ValueError):
         gradtrust(model, x, k=10)
     assert_same_state(before, snapshot(model))
+
+
+def test_default_layer_is_the_last_linear_to_run():
+    class HeadFirst(nn.Module):
+        """Registers the classifier before the hidden layer: the last *registered* linear is
+        the hidden one, the last to *run* is the classifier."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(5, 3).to(DTYPE)
+            self.hidden = nn.Linear(6, 5).to(DTYPE)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.hidden(x)))
+
+    model, x = HeadFirst(), vectors(4)
+    torch.testing.assert_close(gradtrust(model, x), gradtrust(model, x, layer="fc"))
+    torch.testing.assert_close(gradnorm(model, x), gradnorm(model, x, layer=model.fc))
+
+
+def test_trust_module_still_exports_everything_without_warning():
+    import warnings
+
+    import captum_ext.metrics.grad_trust as new_gradtrust
+    import captum_ext.metrics.trust as trust
+    import captum_ext.metrics.trust_baselines as baselines
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in trust.__all__:
+            home = new_gradtrust if name in new_gradtrust.__all__ else baselines
+            assert getattr(trust, name) is getattr(home, name)

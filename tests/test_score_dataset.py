@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from captum_ext.metrics import (
-    SCORES,
     ScoreTable,
     energy,
     gradnorm,
@@ -26,9 +25,10 @@ from captum_ext.metrics import (
     score_dataset,
     softmax_confidence,
 )
+from captum_ext.metrics.dataset import TRUST_SCORES  # noqa: I001
 
 N_EXAMPLES, BATCH = 37, 6  # 7 batches: neither divides evenly among 2 or 3 processes
-DETERMINISTIC = [name for name in SCORES if name != "mc_dropout"]
+DETERMINISTIC = [name for name in TRUST_SCORES if name != "mc_dropout"]
 MC = {"mc_dropout": {"n_passes": 3, "generator": 5}}
 
 
@@ -222,7 +222,9 @@ def test_progress_bar_on_stderr(capsys):
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
     x, y = make_data()
-    table = score_dataset(make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC)
+    table = score_dataset(
+        make_model(), loader(x, y), list(TRUST_SCORES), progress=False, score_kwargs=MC
+    )
     torch.save(table.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -260,7 +262,7 @@ def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
 def test_two_gloo_processes_give_the_single_process_table(tmp_path):
     x, y = make_data()
     single = score_dataset(
-        make_model(), loader(x, y), list(SCORES), progress=False, score_kwargs=MC
+        make_model(), loader(x, y), list(TRUST_SCORES), progress=False, score_kwargs=MC
     )
     run_gloo(_worker, tmp_path)
     for rank in range(2):
@@ -268,3 +270,11 @@ def test_two_gloo_processes_give_the_single_process_table(tmp_path):
         assert list(table) == list(single.columns)
         for name in single.columns:
             assert torch.equal(table[name], single[name]), (rank, name)
+
+
+def test_old_scores_name_warns_and_still_works():
+    import captum_ext.metrics.dataset as dataset
+
+    with pytest.warns(DeprecationWarning, match="TRUST_SCORES"):
+        old = dataset.SCORES
+    assert old is TRUST_SCORES

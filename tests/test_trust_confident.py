@@ -275,7 +275,7 @@ def test_trust_section_leaves_out_a_score_with_nan_values(sample_digits, tmp_pat
         values[0] = math.nan
         return values
 
-    monkeypatch.setitem(dataset.SCORES, "margin", broken)
+    monkeypatch.setitem(dataset.TRUST_SCORES, "margin", broken)
     images, labels = sample_digits
     section = trust_section(
         make_confident_model(1.0),

@@ -17,18 +17,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
 
+from .deprecation import moved_names
 from .hooks import _as_leaves, capture_layer, restored_buffers_of_modules_run
 from .layers import root_module
 from .model_state import preserved_state
-from .validation import format_additional_forward_args, output_selection
+from .validation import check_int, format_additional_forward_args, output_selection
 
-#: Per-class scalars the engine differentiates, each a function of the (N, C) logits.
-SCORES: dict[str, Callable[[Tensor], Tensor]] = {
+#: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
+#: the (N, C) logits. (Named ``SCORES`` before; that name still works.)
+TARGET_SCORE_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "logit": lambda logits: logits,
     "cross_entropy": lambda logits: -torch.log_softmax(logits, dim=1),
     "probability": lambda logits: torch.softmax(logits, dim=1),
 }
+
+#: the old name of :data:`TARGET_SCORE_FUNCTIONS` (it named three different things)
+__getattr__ = moved_names(__name__, {"SCORES": f"{__name__}:TARGET_SCORE_FUNCTIONS"})
 
 DEFAULT_MAX_BATCH = 64
 _CHUNK_BYTES = 1 << 30  # bound on one chunk's gradient tensor
@@ -163,17 +169,17 @@ def check_grad_kwargs(grad_kwargs: Any, *, method: str = "this method") -> dict[
 def resolve_score(score: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     if callable(score):
         return score
-    if score not in SCORES:
-        raise ValueError(f"`score`={score!r}: expected one of {sorted(SCORES)} or a callable.")
-    return SCORES[score]
+    if score not in TARGET_SCORE_FUNCTIONS:
+        raise ValueError(
+            f"`score`={score!r}: expected one of {sorted(TARGET_SCORE_FUNCTIONS)} or a callable."
+        )
+    return TARGET_SCORE_FUNCTIONS[score]
 
 
 def auto_chunk(max_batch: int | None, n_classes: int, wrt: Sequence[Tensor]) -> int:
     """Classes per vector-Jacobian product: ``max_batch``, else 64 bounded to ~1 GiB."""
     if max_batch is not None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"`max_batch` must be a positive int, got {max_batch!r}.")
-        return min(max_batch, n_classes)
+        return min(check_int(max_batch, "max_batch"), n_classes)
     per_class = sum(t.numel() * t.element_size() for t in wrt)
     return max(1, min(DEFAULT_MAX_BATCH, n_classes, _CHUNK_BYTES // max(per_class, 1)))
 
@@ -398,3 +404,145 @@ def _concat_pieces(pieces: list) -> Any:
     if isinstance(pieces[0], Tensor):
         return torch.cat(pieces, dim=1)
     return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
+
+
+# ---------------------------------------------------------------------------------------------
+# other gradients: of one scalar objective, w.r.t. the inputs, and per-example parameter
+# gradients. Every backward pass of the package outside the class-gradient engine goes
+# through these functions.
+
+
+def objective_gradients(
+    objective: Tensor, wrt: Sequence[Tensor], *, allow_unused: bool = False
+) -> tuple[Tensor | None, ...]:
+    """Gradients of the scalar ``objective`` with respect to the tensors ``wrt``.
+
+    The one place (with :func:`class_gradients`) where the package calls
+    ``torch.autograd.grad``. With ``allow_unused`` a tensor the objective does not depend on
+    gets ``None``.
+    """
+    with torch.enable_grad():
+        return tuple(torch.autograd.grad(objective, list(wrt), allow_unused=allow_unused))
+
+
+def input_gradients(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    objective: Callable[[Tensor], Tensor],
+    additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``objective(logits)`` (a scalar) with respect to every floating-point
+    tensor of ``inputs`` (``None`` for the others), model state restored.
+
+    Raises:
+        TypeError: ``inputs`` holds no floating-point tensor.
+    """
+    model = root_module(forward_func)
+    with preserved_state([model]), torch.enable_grad():
+        leaves = tuple(
+            x.detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs
+        )
+        wrt = [x for x in leaves if x.requires_grad]
+        if not wrt:
+            raise TypeError("`inputs` holds no floating-point tensor to differentiate.")
+        logits = run_forward(forward_func, leaves, additional_forward_args, output_transform)
+        grads = iter(objective_gradients(objective(logits), wrt))
+    return tuple(next(grads) if x.requires_grad else None for x in leaves)
+
+
+class _Holder(nn.Module):
+    """Holds modules as children so that ``functional_call`` can swap their parameters while
+    the user's ``forward_func`` (which calls those modules) runs."""
+
+    def __init__(self, forward_func: Callable, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.__dict__["_call"] = forward_func  # not registered: forward_func may be a Module
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, *args):
+        return self.__dict__["_call"](*args)
+
+
+#: bytes of per-example gradients held at once by :func:`per_example_parameter_gradients`
+PER_EXAMPLE_CHUNK_BYTES = 256 * 2**20
+
+
+def per_example_parameter_gradients(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    modules: dict[str, nn.Module],
+    names: dict[str, Tensor],
+    cotangents: Tensor,
+    reduce: Callable[[dict[str, Tensor]], Tensor],
+    output_transform: Callable[[Any], Tensor] | None = None,
+    *,
+    chunk_bytes: int | None = None,
+) -> Tensor:
+    """``reduce`` of per-example vector-Jacobian products of the logits w.r.t. parameters,
+    chunked over examples.
+
+    For example n and row j of ``cotangents`` (N, K, C), the gradient of
+    ``<cotangents[n, j], logits(x_n)>`` with respect to the named parameters ``names`` (keys
+    ``"child.param"`` of ``_Holder(forward_func, modules)``), computed with torch.func
+    (``functional_call`` + ``vjp`` under ``vmap``): shape (n, K, *parameter.shape) per name.
+    ``reduce`` maps those to (n,) scores. Extra forward args whose first dimension equals N are
+    split per example; the others are passed to every example unchanged.
+
+    The buffers of the model (batch norm running statistics) are given to every example as
+    its own copy: a model in train mode updates those copies, never the user's buffers (and
+    each example is normalised with its own statistics, as a batch of one). The caller keeps
+    the model's state with ``preserved_state``; no parameter is modified.
+    """
+    model = root_module(forward_func)
+    paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
+    if all(id(module) in paths for module in modules.values()):
+        # the modules belong to the model: reach every parameter and buffer through it once
+        # (a module reached by two paths would be swapped twice and not restored)
+        prefix = {key: ("_root." + paths[id(m)]).rstrip(".") for key, m in modules.items()}
+        renamed, original = {}, {}
+        for name, tensor in names.items():
+            key, _, rest = name.partition(".")
+            renamed[f"{prefix[key]}.{rest}"] = tensor
+            original[f"{prefix[key]}.{rest}"] = name
+        names, modules = renamed, {"_root": model}
+    else:
+        original = {name: name for name in names}
+    holder = _Holder(forward_func, modules)
+    params = {name: tensor.detach() for name, tensor in names.items()}
+    buffers = {name: b.detach() for name, b in holder.named_buffers()}
+    n, k = cotangents.shape[:2]
+    per_example_bytes = k * sum(t.numel() * t.element_size() for t in params.values())
+    budget = PER_EXAMPLE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk = max(1, min(n, budget // max(per_example_bytes, 1)))
+    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
+
+    def one(xs: tuple, extras_b: tuple, cot: Tensor, bufs: dict[str, Tensor]):
+        args = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs]
+        it = iter(extras_b)
+        more = [next(it).unsqueeze(0) if b else a for a, b in zip(extra, batched)]
+
+        def logits_of(p):
+            # fresh copies made inside the transform: train-mode updates touch only these
+            own = {name: b.clone() for name, b in bufs.items()}
+            out = functional_call(holder, {**own, **p}, tuple(args) + tuple(more))
+            return output_transform(out) if output_transform is not None else out
+
+        _, pullback = vjp(logits_of, params)
+        grads = vmap(pullback)(cot.unsqueeze(1))[0]
+        return {original[name]: g for name, g in grads.items()}
+
+    x_dims = tuple(0 if isinstance(x, Tensor) else None for x in inputs)
+    scores = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
+        extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
+        bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
+        grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
+            xs, extras_b, cotangents[start:stop], bufs
+        )
+        scores.append(reduce(grads).detach())
+    return torch.cat(scores)

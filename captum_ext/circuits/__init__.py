@@ -7,8 +7,8 @@ minimal mask), :func:`to_json` / :func:`from_json` save and load them, and :func
 plots one (needs the ``viz`` extra).
 """
 
-from captum_ext.circuits._discovery import Connection
 from captum_ext.circuits.compare import CircuitComparison, compare, from_json, to_json
+from captum_ext.circuits.connection import Connection
 from captum_ext.circuits.draw import draw
 from captum_ext.circuits.readout import CircuitReadout
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import networkx as nx
 
+from captum_ext._utils.validation import check_int, check_number
+
 #: Edge colours by ``kind``.
 EDGE_COLORS = {"weight_activation": "tab:blue", "gradient": "tab:orange", "class": "tab:green"}
 
@@ -111,17 +113,10 @@ def draw(
         raise ImportError("draw() needs matplotlib: pip install 'captum-ext[viz]'") from None
     if not isinstance(graph, nx.DiGraph):
         raise TypeError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}.")
-    for name, value in (("max_edge_width", max_edge_width), ("max_node_size", max_node_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
-    if max_nodes_per_layer is not None and (
-        isinstance(max_nodes_per_layer, bool)
-        or not isinstance(max_nodes_per_layer, int)
-        or max_nodes_per_layer < 1
-    ):
-        raise ValueError(
-            f"`max_nodes_per_layer` must be a positive int or None, got {max_nodes_per_layer!r}."
-        )
+    max_edge_width = check_number(max_edge_width, "max_edge_width")
+    max_node_size = check_number(max_node_size, "max_node_size")
+    if max_nodes_per_layer is not None:
+        max_nodes_per_layer = check_int(max_nodes_per_layer, "max_nodes_per_layer")
     for node, data in graph.nodes(data=True):
         if "layer" not in data or "energy" not in data:
             raise ValueError(

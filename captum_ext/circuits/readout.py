@@ -9,16 +9,18 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
+from .._utils.batched_grad import objective_gradients
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer
 from .._utils.model_state import preserved_state
 from .._utils.training import unwrap_distributed
 from .._utils.validation import (
+    check_int,
     class_selection,
     format_additional_forward_args,
     format_inputs,
 )
-from ._discovery import Connection, default_stages, find_classifier, find_connections
+from .connection import Connection, default_stages, find_classifier, find_connections
 
 #: ``layer`` attribute of the pooled-feature nodes (the classifier's input).
 POOLED = "pooled"
@@ -35,12 +37,6 @@ _DEFAULT_K_POOLED = 48
 def node_id(layer: str, channel: int) -> str:
     """The node key used in circuit graphs: ``"<layer>:<channel>"`` (e.g. ``"layer2:17"``)."""
     return f"{layer}:{channel}"
-
-
-def _positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
-    return value
 
 
 def _module_name(model: nn.Module, module: nn.Module, argument: str) -> str:
@@ -241,9 +237,9 @@ class CircuitReadout:
         network = unwrap_distributed(model)  # names are those of the wrapped network
         self._network = network
         self.gradient = gradient
-        self.edges_per_node = _positive_int(edges_per_node, "edges_per_node")
-        self.top_classes = _positive_int(top_classes, "top_classes")
-        self.edges_per_class = _positive_int(edges_per_class, "edges_per_class")
+        self.edges_per_node = check_int(edges_per_node, "edges_per_node")
+        self.top_classes = check_int(top_classes, "top_classes")
+        self.edges_per_class = check_int(edges_per_class, "edges_per_class")
 
         if classifier is None:
             self.classifier = find_classifier(network)
@@ -295,14 +291,14 @@ class CircuitReadout:
         if top_k is None:
             return (_DEFAULT_K_STAGE,) * (n_stages - 1) + (_DEFAULT_K_LAST, _DEFAULT_K_POOLED)
         if isinstance(top_k, int) and not isinstance(top_k, bool):
-            return (_positive_int(top_k, "top_k"),) * (n_stages + 1)
+            return (check_int(top_k, "top_k"),) * (n_stages + 1)
         if isinstance(top_k, Sequence) and not isinstance(top_k, str):
             if len(top_k) != n_stages + 1:
                 raise ValueError(
                     f"`top_k` has {len(top_k)} entries; expected {n_stages + 1} (one per stage "
                     "and one for the pooled features), or a single int."
                 )
-            return tuple(_positive_int(k, "top_k") for k in top_k)
+            return tuple(check_int(k, "top_k") for k in top_k)
         raise TypeError(
             f"`top_k` must be an int or a sequence of ints, got {type(top_k).__name__}."
         )
@@ -483,7 +479,7 @@ class CircuitReadout:
                 wrt = [tensor for call in calls[1:] for _, tensor in call]
                 with torch.enable_grad():
                     selected = logits.gather(1, classes).sum()
-                found = list(torch.autograd.grad(selected, wrt, allow_unused=True))
+                found = list(objective_gradients(selected, wrt, allow_unused=True))
                 for i, call in enumerate(calls[1:], start=1):
                     parts = [found.pop(0) for _ in call]
                     if any(part is None for part in parts):

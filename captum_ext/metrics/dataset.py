@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
 from captum_ext.metrics.trust import (
@@ -35,15 +36,15 @@ from captum_ext.metrics.trust import (
     softmax_confidence,
 )
 
-__all__ = ["SCORES", "ScoreTable", "score_dataset"]
+__all__ = ["GRADTRUST_SCORES", "TRUST_SCORES", "ScoreTable", "score_dataset"]
 
 #: The scores :func:`score_dataset` knows, by name: ``name -> function(model, inputs, **kw)``,
 #: each returning one value per example, higher = more trusted. ``"gradtrust"`` is the natural
 #: log of GradTrust (``gradtrust(..., form="topk", log=True)``): the score itself exceeds the
 #: float32 range on confident models (top-1/top-2 logit gaps above about 44), its log stays
 #: finite and ranks the examples the same way. ``"gradtrust_reference"`` (in [1, C]) is the
-#: score itself.
-SCORES: dict[str, Callable[..., Tensor]] = {
+#: score itself. (Named ``SCORES`` before; that name still works, with a DeprecationWarning.)
+TRUST_SCORES: dict[str, Callable[..., Tensor]] = {
     "gradtrust": functools.partial(gradtrust, form="topk", log=True),
     "gradtrust_reference": functools.partial(gradtrust, form="reference"),
     "softmax": softmax_confidence,
@@ -56,6 +57,10 @@ SCORES: dict[str, Callable[..., Tensor]] = {
     "gradnorm": gradnorm,
     "purview": purview,
 }
+
+#: The GradTrust entries of :data:`TRUST_SCORES`; the CLI passes them its ``layer`` (the
+#: final linear layer of the model).
+GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
 
 #: the columns every :class:`ScoreTable` starts with, before the score columns
 BASE_COLUMNS = ("index", "label", "prediction", "correct")
@@ -75,7 +80,7 @@ class ScoreTable:
     - ``label`` (int64): the true class, or ``-1`` where the loader gave no label;
     - ``prediction`` (int64): the model's arg-max class;
     - ``correct`` (bool): ``prediction == label`` (always False where ``label == -1``);
-    - then one column per score, named as in :data:`SCORES` (higher = more trusted;
+    - then one column per score, named as in :data:`TRUST_SCORES` (higher = more trusted;
       ``gradtrust`` holds the natural log of GradTrust, finite also on confident models).
 
     ``table["softmax"]`` is a column, ``len(table)`` the number of rows, ``table.columns``
@@ -225,12 +230,12 @@ def _score_names(scores: Any) -> list[str]:
     if not isinstance(scores, Iterable):
         raise TypeError(f"`scores` must be a sequence of score names, got {type(scores).__name__}.")
     names = list(scores)
-    bad = [name for name in names if not isinstance(name, str) or name not in SCORES]
+    bad = [name for name in names if not isinstance(name, str) or name not in TRUST_SCORES]
     if bad:
         shown = ", ".join(repr(name) for name in bad)
         raise ValueError(
             f"unknown score{'s' if len(bad) > 1 else ''} {shown}; known scores: "
-            f"{', '.join(SCORES)}."
+            f"{', '.join(TRUST_SCORES)}."
         )
     return list(dict.fromkeys(names))  # in the order given, once each
 
@@ -430,7 +435,7 @@ def score_dataset(
     r"""Predictions and trust scores for every example of a dataset, in dataset order.
 
     The model runs over ``dataloader.dataset`` batch by batch; for each batch it records the
-    prediction (arg-max of the logits) and calls every requested score of :data:`SCORES`
+    prediction (arg-max of the logits) and calls every requested score of :data:`TRUST_SCORES`
     (``scores_fn(model, inputs, **score_kwargs[name])``). The model is in eval mode while it
     is scored (batch norm uses its running statistics, dropout is off except inside
     ``mc_dropout``), and is left exactly as it was found: training flags,
@@ -467,7 +472,7 @@ def score_dataset(
             ``model.module``).
         dataloader (DataLoader): the examples (map-style dataset; or iterable-style in a
             single process).
-        scores (sequence of str or str, optional): names from :data:`SCORES`
+        scores (sequence of str or str, optional): names from :data:`TRUST_SCORES`
             (``"gradtrust"`` (its natural log), ``"gradtrust_reference"``, ``"softmax"``,
             ``"entropy"``, ``"margin"``, ``"log_likelihood"``, ``"odin"``, ``"mc_dropout"``,
             ``"gradnorm"``, ``"purview"``), or one comma-separated string. Default: ``("gradtrust",
@@ -547,7 +552,7 @@ def score_dataset(
                 number = b if numbers is None else numbers[b]
                 for name in names:
                     kwargs = _batch_options(name, options.get(name, {}), number)
-                    values = SCORES[name](model, inputs, **kwargs)
+                    values = TRUST_SCORES[name](model, inputs, **kwargs)
                     chunks[name].append(values.detach().reshape(n).cpu())
                 seen += n
                 if bar is not None:
@@ -596,3 +601,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool | None:
             )
         return True
     return a.index == b.index
+
+
+#: the old name of :data:`TRUST_SCORES`
+__getattr__ = moved_names(__name__, {"SCORES": f"{__name__}:TRUST_SCORES"})

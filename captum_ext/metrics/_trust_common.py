@@ -1,0 +1,113 @@
+"""Private helpers shared by :mod:`captum_ext.metrics.grad_trust` and
+:mod:`captum_ext.metrics.trust_baselines`: argument checks, the final-layer look-up and the
+recorded forward pass. The gradients themselves are computed by the engine in
+:mod:`captum_ext._utils.batched_grad`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_ext._utils.batched_grad import run_forward
+from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.layers import find_last_linear, resolve_layer, root_module
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import format_inputs
+
+
+def _check_choice(value: Any, choices: Sequence[str], argument: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{argument}`={value!r}: expected one of {', '.join(choices)}.")
+    return value
+
+
+def _last_linear(forward_func: Callable, run: Callable[[], Any] | None) -> nn.Linear:
+    """The final nn.Linear: the last to run in ``run()`` (one forward pass on the inputs)."""
+    model = root_module(forward_func)
+    if model is None:
+        raise TypeError(
+            "`layer` is None, so the final nn.Linear is looked up in the model, but "
+            "forward_func is not an nn.Module (nor a bound method of one); pass `layer`."
+        )
+    with preserved_state([model]):
+        _, module = find_last_linear(model, run, argument="layer")
+    return module
+
+
+def _resolve_head(
+    forward_func: Callable,
+    layer: Any,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> tuple[nn.Module, bool]:
+    """``(layer module, found automatically)``."""
+    if layer is None:
+
+        def run() -> None:
+            run_forward(forward_func, inputs, extra, output_transform)
+
+        return _last_linear(forward_func, run), True
+    return resolve_layer(forward_func, layer), False
+
+
+def _check_transform(output_transform: Any) -> Callable[[Any], Tensor] | None:
+    if output_transform is not None and not callable(output_transform):
+        raise TypeError(
+            "`output_transform` must be callable (model output -> (N, classes) logits), got "
+            f"{type(output_transform).__name__}."
+        )
+    return output_transform
+
+
+def _forward_recording(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: Any,
+    layer: nn.Module,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> tuple[Tensor, list[tuple[Tensor | None, Tensor | None]]]:
+    """One forward pass without gradients; record ``layer``'s first input and its output."""
+    calls: list[tuple[Tensor | None, Tensor | None]] = []
+
+    def hook(module, args, output):
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        out = output if isinstance(output, Tensor) else None
+        calls.append((first, out))
+
+    with registered_hooks(lambda: layer.register_forward_hook(hook)), torch.no_grad():
+        logits = run_forward(forward_func, inputs, extra, output_transform)
+    return logits, calls
+
+
+def _head_features(layer: nn.Module, logits: Tensor, calls: list) -> Tensor | None:
+    """The features h (N, d) when ``layer`` is an nn.Linear whose output IS the logits."""
+    if not isinstance(layer, nn.Linear) or len(calls) != 1:
+        return None
+    h, out = calls[0]
+    if h is None or out is None or h.dim() != 2 or out.shape != logits.shape:
+        return None
+    if not torch.equal(out, logits):
+        return None
+    return h
+
+
+def _weight_of(layer: nn.Module) -> Tensor:
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() < 2:
+        raise TypeError(
+            f"`layer` ({type(layer).__name__}) has no weight matrix (a `weight` parameter with "
+            "at least 2 dimensions) to differentiate."
+        )
+    return weight
+
+
+def _logits(forward_func, inputs, additional_forward_args, output_transform=None) -> Tensor:
+    output_transform = _check_transform(output_transform)
+    inputs = format_inputs(inputs)
+    model = root_module(forward_func)
+    with preserved_state([model]), torch.no_grad():
+        return run_forward(forward_func, inputs, additional_forward_args, output_transform)
