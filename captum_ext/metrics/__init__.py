@@ -1,5 +1,6 @@
 """Per-example scores and explanation-quality metrics, in the style of ``captum.metrics``."""
 
+from captum_ext._utils.deprecation import moved_names
 from captum_ext.metrics.accumulators import (
     AUAC,
     AUFC,
@@ -22,7 +23,7 @@ from captum_ext.metrics.curves import (
     fpr_at_tpr,
     misprediction_auroc,
 )
-from captum_ext.metrics.dataset import SCORES, ScoreTable, score_dataset
+from captum_ext.metrics.dataset import TRUST_SCORES, ScoreTable, score_dataset
 from captum_ext.metrics.deletion_insertion import (
     PerturbationCurves,
     deletion,
@@ -38,6 +39,7 @@ from captum_ext.metrics.evaluation_accumulators import (
     PointingGame,
     Soundness,
 )
+from captum_ext.metrics.grad_trust import GradTrust, gradtrust
 from captum_ext.metrics.ground_truth import (
     AttributionPrecisionRecall,
     attribution_f1,
@@ -70,11 +72,9 @@ from captum_ext.metrics.sanity import (
     ssim_similarity,
 )
 from captum_ext.metrics.structure import StructureCurves, structure_deletion, structure_insertion
-from captum_ext.metrics.trust import (
-    GradTrust,
+from captum_ext.metrics.trust_baselines import (
     energy,
     gradnorm,
-    gradtrust,
     log_likelihood,
     margin,
     mc_dropout,
@@ -163,5 +163,7 @@ __all__ = [
     # dataset-scale scoring
     "score_dataset",
     "ScoreTable",
-    "SCORES",
+    "TRUST_SCORES",
 ]
+
+__getattr__ = moved_names(__name__, {"SCORES": "captum_ext.metrics.dataset:TRUST_SCORES"})
