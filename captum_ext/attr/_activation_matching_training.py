@@ -9,7 +9,6 @@ Also the seeding helpers that the per-image optimisation shares.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,7 @@ from ._mask_net import MaskUNet, unet_config_from_state_dict
 
 def check_lr(value: Any) -> float:
     """A positive, finite learning rate."""
-    value = check_number(value, "lr")
-    if not math.isfinite(value):
-        raise ValueError(f"`lr` must be finite, got {value!r}.")
-    return float(value)
+    return check_number(value, "lr")
 
 
 def resolve_seed(generator: Any, seed: Any) -> int:
