@@ -266,3 +266,20 @@ def test_max_batch_is_the_deprecated_name_of_batch_size(tiny_cnn, tiny_inputs):
     with pytest.raises(TypeError, match="both"):
         saliency.attribute(tiny_inputs, "all", max_batch=2, batch_size=2)
     assert "batch_size" in inspect.signature(Contrastive.attribute).parameters
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_batch_sizes_with_per_example_contrasts(batch):
+    from conftest import make_tiny_cnn
+
+    model = make_tiny_cnn().eval()
+    x = torch.randn(
+        batch, 3, 6, 6, generator=torch.Generator().manual_seed(batch), dtype=torch.float64
+    )
+    contrasts = [(2 * i + 1) % 5 for i in range(batch)]
+    saliency = Contrastive(Saliency, model)
+    result = saliency.attribute(x, contrasts)
+    assert result.shape == x.shape
+    for i in range(batch):
+        single = saliency.attribute(x[i : i + 1], contrasts[i])
+        torch.testing.assert_close(result[i : i + 1], single)
