@@ -9,7 +9,6 @@ Also the seeding helpers that the per-image optimisation shares.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +73,21 @@ def batch_inputs(batch: Any) -> Tensor:
 
 
 def fit_mask_net(
-    method: Any,
-    data: Any,
+    method,
+    data,
     *,
-    epochs: int = 1,
-    lr: float = 3e-4,
-    batch_size: int | None = None,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    resume: bool = False,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
+    epochs,
+    lr,
+    batch_size,
+    progress,
+    checkpoint,
+    checkpoint_every,
+    resume,
+    generator,
+    seed,
 ) -> Any:
-    """Train ``method``'s amortised mask net (the body of ``ActivationMatchingMask.fit``)."""
+    """Train ``method``'s amortised mask net: the body of ``ActivationMatchingMask.fit``,
+    whose signature and docstring give the arguments (all required here)."""
     from torch.utils.data import DataLoader, Dataset
 
     epochs = check_int(epochs, "epochs")

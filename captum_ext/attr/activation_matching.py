@@ -673,19 +673,9 @@ class ActivationMatchingMask(PerturbationAttribution):
             ActivationMatchingMask: ``self``, with the trained ``mask_net`` and ``history``
             (the mean loss of every step, on this rank).
         """
-        return fit_mask_net(
-            self,
-            data,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            progress=progress,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            generator=generator,
-            seed=seed,
-        )
+        options = dict(locals())
+        del options["self"], options["data"]
+        return fit_mask_net(self, data, **options)
 
     def _train_step(self, x, net, wrapped, optimiser, base_seed, step, rank, world) -> float:
         """One optimiser step of :meth:`fit` (a seam per instance; the loop is in
