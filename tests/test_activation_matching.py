@@ -632,3 +632,30 @@ def test_cuda_per_image_fit_and_amortised_under_autocast():
     assert result.mask.device.type == "cuda"
     assert result.agreement.dtype == torch.bool
     assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_per_image_batch_sizes_with_per_example_targets(batch):
+    model = make_tiny_cnn().eval()
+    x = tiny_images(batch)
+    targets = [i % 3 for i in range(batch)]
+    explainer = ActivationMatchingMask(model, TINY_LAYERS)
+    masks = explainer.attribute(
+        x, mode="per_image", target=targets, steps=2, seed=0, progress=False
+    )
+    assert masks.shape[0] == batch and masks.shape[-2:] == x.shape[-2:]
+
+
+def test_fit_delegates_to_the_trainer_module():
+    from captum_ext.attr import _activation_matching_training as trainer
+    from captum_ext.attr import activation_matching
+
+    for name in (
+        "WEIGHT_PRESETS",
+        "ActivationMatchingMask",
+        "ActivationMatchingResult",
+        "MaskLossWeights",
+        "MODES",
+    ):
+        assert hasattr(activation_matching, name)
+    assert callable(trainer.fit_mask_net)

@@ -639,3 +639,54 @@ def test_bundled_model_classifier_layer_suggests_features():
     assert "`layer`='classifier'" in message
     assert "'features', 'features.7', 'features.6'" in message
     assert_model_unchanged(model, snapshot)
+
+
+# ------------------------------------------------------------------ batch sizes 1, 4, 5
+
+
+def _batch(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+@pytest.mark.parametrize(
+    "name", ["GradCAM", "LayerGradCamPlusPlus", "CounterfactualCAM", "ContrastCAM"]
+)
+def test_batch_sizes_with_per_example_classes(name, batch):
+    model = make_tiny_cnn().eval()
+    classes = [(3 * i + 1) % 5 for i in range(batch)]
+    x = _batch(batch)
+    method = {**TARGET_METHODS, "ContrastCAM": ContrastCAM}[name](model, "features.3")
+    keyword = "contrast" if name == "ContrastCAM" else "target"
+    maps = method.attribute(x, **{keyword: classes})
+    assert maps.shape == (batch, 1, 6, 6)
+    for i in range(batch):
+        single = method.attribute(x[i : i + 1], **{keyword: classes[i]})
+        torch.testing.assert_close(maps[i : i + 1], single)
+    if name == "GradCAM":
+        captum = LayerGradCam(model, model.features[3]).attribute(
+            x, target=classes, relu_attributions=True
+        )
+        torch.testing.assert_close(maps, captum)
+
+
+def test_counterfactual_cam_still_imports_from_contrast_cam():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from captum_ext.attr.contrast_cam import CounterfactualCAM as from_old_home
+        from captum_ext.attr.counterfactual_cam import CounterfactualCAM as from_new_home
+    assert from_old_home is from_new_home is CounterfactualCAM
+
+
+def test_template_attribute_shows_the_full_signature_and_docs():
+    import inspect
+
+    for cls in (GradCAM, LayerGradCamPlusPlus, CounterfactualCAM):
+        parameters = list(inspect.signature(cls.attribute).parameters)
+        assert parameters[:3] == ["self", "inputs", "target"]
+        assert "interpolate_mode" in parameters and "max_batch" in parameters
+        assert cls.attribute.__qualname__ == f"{cls.__name__}.attribute"
+        assert "{" not in cls.attribute.__doc__ and "Returns:" in cls.attribute.__doc__
+        assert "forward_func (Callable" in cls.__doc__ and "{init_args}" not in cls.__doc__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -80,11 +81,11 @@ def test_default_contrast_is_runner_up(tiny_cnn, tiny_inputs):
     )
 
 
-@pytest.mark.parametrize("max_batch", [None, 3, 1])
-def test_all_contrasts_equal_stacked_single_calls(tiny_cnn, tiny_inputs, max_batch):
+@pytest.mark.parametrize("batch_size", [None, 3, 1])
+def test_all_contrasts_equal_stacked_single_calls(tiny_cnn, tiny_inputs, batch_size):
     ig = Contrastive(IntegratedGradients, tiny_cnn)
     baselines = torch.randn_like(tiny_inputs)
-    every = ig.attribute(tiny_inputs, "all", baselines=baselines, n_steps=8, max_batch=max_batch)
+    every = ig.attribute(tiny_inputs, "all", baselines=baselines, n_steps=8, batch_size=batch_size)
     assert every.shape == (4, 5, 3, 6, 6)
     for q in range(5):
         single = ig.attribute(tiny_inputs, q, baselines=baselines, n_steps=8)
@@ -166,8 +167,8 @@ class TestBadInput:
             saliency.attribute(tiny_inputs, 5)
         with pytest.raises(ValueError, match="contrast"):
             saliency.attribute(tiny_inputs, [0, 1, 2])
-        with pytest.raises(ValueError, match="max_batch"):
-            saliency.attribute(tiny_inputs, "all", max_batch=0)
+        with pytest.raises(ValueError, match="batch_size"):
+            saliency.attribute(tiny_inputs, "all", batch_size=0)
 
     def test_non_2d_output(self, tiny_inputs):
         model = nn.Conv2d(3, 2, 3).double()
@@ -254,3 +255,31 @@ def test_negative_contrast_counts_from_the_last_class(tiny_cnn, tiny_inputs):
     torch.testing.assert_close(negative, saliency.attribute(tiny_inputs, [4, 0, 0, 2]))
     with pytest.raises(ValueError, match="contrast"):
         saliency.attribute(tiny_inputs, -6)
+
+
+def test_max_batch_is_the_deprecated_name_of_batch_size(tiny_cnn, tiny_inputs):
+    saliency = Contrastive(Saliency, tiny_cnn)
+    expected = saliency.attribute(tiny_inputs, "all", batch_size=2)
+    with pytest.warns(DeprecationWarning, match="`max_batch` is renamed `batch_size`"):
+        old = saliency.attribute(tiny_inputs, "all", max_batch=2)
+    torch.testing.assert_close(old, expected)
+    with pytest.raises(TypeError, match="both"):
+        saliency.attribute(tiny_inputs, "all", max_batch=2, batch_size=2)
+    assert "batch_size" in inspect.signature(Contrastive.attribute).parameters
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_batch_sizes_with_per_example_contrasts(batch):
+    from conftest import make_tiny_cnn
+
+    model = make_tiny_cnn().eval()
+    x = torch.randn(
+        batch, 3, 6, 6, generator=torch.Generator().manual_seed(batch), dtype=torch.float64
+    )
+    contrasts = [(2 * i + 1) % 5 for i in range(batch)]
+    saliency = Contrastive(Saliency, model)
+    result = saliency.attribute(x, contrasts)
+    assert result.shape == x.shape
+    for i in range(batch):
+        single = saliency.attribute(x[i : i + 1], contrasts[i])
+        torch.testing.assert_close(result[i : i + 1], single)

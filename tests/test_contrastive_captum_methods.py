@@ -413,14 +413,14 @@ def test_confident_model_deep_lift_is_finite_and_equals_float64(confident_model,
     assert ((attr.double() - expected).abs() <= 1e-4 * scale).all()
 
 
-@pytest.mark.parametrize("max_batch", [3, None])
-def test_deep_lift_for_every_contrast_equals_single_calls(max_batch):
+@pytest.mark.parametrize("batch_size", [3, None])
+def test_deep_lift_for_every_contrast_equals_single_calls(batch_size):
     """contrast='all' stacks (example, class) rows, inputs and baselines alike, so the paired
     forward still pairs each input with its own baseline."""
     model = make_tiny_cnn()
     x, baselines = _inputs(1), 0.3 * _inputs(2)
     method = Contrastive(DeepLift, model)
-    every = method.attribute(x, "all", baselines=baselines, max_batch=max_batch)
+    every = method.attribute(x, "all", baselines=baselines, batch_size=batch_size)
     assert every.shape == (4, 5, 3, 6, 6)
     for q in range(5):
         single = method.attribute(x, q, baselines=baselines)

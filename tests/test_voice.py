@@ -227,3 +227,20 @@ def test_target_chooses_the_explained_class():
     )
     with pytest.raises(ValueError, match="target"):
         voice.attribute(x, target=6)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_batch_sizes_with_per_example_targets(batch):
+    model = make_tiny_cnn().eval()
+    x = torch.randn(
+        batch, 3, 6, 6, generator=torch.Generator().manual_seed(batch), dtype=torch.float64
+    )
+    targets = [(3 * i + 2) % 5 for i in range(batch)]
+    voice = VOICE(GradCAM(model, "features.3"))
+    result = voice.attribute(x, target=targets, contrasts=[[0, 1]] * batch)
+    assert result.explanation.shape[0] == batch
+    assert result.uncertainty.shape[0] == batch
+    for i in range(batch):
+        single = voice.attribute(x[i : i + 1], target=targets[i], contrasts=[[0, 1]])
+        torch.testing.assert_close(result.explanation[i : i + 1], single.explanation)
+        torch.testing.assert_close(result.uncertainty[i : i + 1], single.uncertainty)

@@ -7,8 +7,9 @@ from .activation_matching import (
     ActivationMatchingResult,
     MaskLossWeights,
 )
-from .contrast_cam import ContrastCAM, CounterfactualCAM
+from .contrast_cam import ContrastCAM
 from .contrastive import Contrastive, ContrastiveForward
+from .counterfactual_cam import CounterfactualCAM
 from .grad_cam import GradCAM
 from .grad_cam_plus_plus import LayerGradCamPlusPlus
 from .voice import VOICE, VOICEResult

@@ -16,17 +16,20 @@ the size of the maps.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
 from torch import Tensor
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
 from .._utils.layers import resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
+from ._docs import with_cam_args
 
 WEIGHTINGS = ("gradcam", "gradcam++")
 
@@ -74,18 +77,19 @@ class NoSpatialDimensions(ValueError):
 
 
 def make_cam_reducer(
-    weighting: str,
-    sign: float,
+    weight_fn: Callable[[Tensor, Tensor], Tensor],
     relu: bool,
     reshape_transform: Callable | None,
     attr_dim_summation: bool = True,
 ) -> Callable:
     """``reduce(gradients, activations)`` for the engine: (N, B, K, *S) gradients -> maps.
 
+    ``weight_fn(gradients, activations)`` turns (N, B, K, *S) gradients into (N, B, K)
+    channel weights (the only part in which the CAMs differ).
+
     The maps are (N, B, *S), or with ``attr_dim_summation=False`` the per-channel weighted
     activations (N, B, K, *S) (Captum's LayerGradCam convention for that flag).
     """
-    weight_fn = gradcam_weights if weighting == "gradcam" else gradcam_plus_plus_weights
 
     def reduce(gradients: tuple[Tensor, ...], activations: tuple[Tensor, ...]):
         maps = []
@@ -95,8 +99,6 @@ def make_cam_reducer(
                 raise NoSpatialDimensions(tuple(act.shape))
             grad = _apply_reshape(reshape_transform, grad, 2)
             weights = weight_fn(grad, act)
-            if sign != 1:
-                weights = sign * weights
             if attr_dim_summation:
                 cam = torch.einsum("nbk,nk...->nb...", weights, act)
             else:
@@ -108,10 +110,16 @@ def make_cam_reducer(
 
 
 class ClassActivationMapBase(LayerAttribution, GradientAttribution):
-    """Common constructor and computation of ContrastCAM, CounterfactualCAM, Grad-CAM++."""
+    """Template of the CAMs: validation, engine call, reduction and upsampling.
+
+    A CAM chooses its backward signal with class attributes (``_score``: the per-class scalar
+    differentiated, ``"logit"`` or ``"cross_entropy"``; ``_class_argument`` and
+    ``_default_classes``: the public name of the classes and their default) and writes only
+    its channel weights in :meth:`_channel_weights`. The public ``attribute`` of the CAMs
+    that explain Captum's ``target`` is installed by :func:`target_cam`.
+    """
 
     _score = "logit"
-    _sign = 1.0
     _default_classes = "predicted"
     _class_argument = "target"
 
@@ -180,6 +188,12 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             f"N x K x h x w).{hint}"
         )
 
+    def _channel_weights(self, gradients: Tensor, activations: Tensor) -> Tensor:
+        """(N, B, K, *S) gradients and (N, K, *S) activations -> (N, B, K) channel weights."""
+        if self.weighting == "gradcam++":
+            return gradcam_plus_plus_weights(gradients, activations)
+        return gradcam_weights(gradients, activations)
+
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
@@ -229,8 +243,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 output_transform=self.output_transform,
                 max_batch=max_batch,
                 reduce=make_cam_reducer(
-                    self.weighting,
-                    self._sign,
+                    self._channel_weights,
                     relu_attributions,
                     reshape_transform,
                     attr_dim_summation,
@@ -270,8 +283,8 @@ def _upsample(maps: Tensor, lead: int, size: tuple[int, ...], mode: str | None) 
 class TargetClassCAMBase(ClassActivationMapBase):
     """A CAM explaining the class(es) given by Captum's ``target`` (default: the prediction).
 
-    Subclasses fix the weighting with the class attribute ``_weighting`` and define their own
-    ``attribute`` (so that Python's messages about its arguments name the public class).
+    Subclasses fix the weighting with the class attribute ``_weighting`` (or override
+    ``_channel_weights``) and get their public ``attribute`` from :func:`target_cam`.
     """
 
     _weighting = "gradcam"
@@ -291,3 +304,87 @@ class TargetClassCAMBase(ClassActivationMapBase):
             weighting=self._weighting,
             output_transform=output_transform,
         )
+
+
+def _target_cam_attribute(
+    self,
+    inputs: Tensor | tuple[Tensor, ...],
+    target: Any = None,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    relu_attributions: bool = True,
+    reshape_transform: Callable | None = None,
+    upsample_to_input: bool = False,
+    normalize: str | None = None,
+    max_batch: int | None = None,
+    attr_dim_summation: bool = True,
+    grad_kwargs: dict[str, Any] | None = None,
+    interpolate_mode: str | None = None,
+) -> Tensor | tuple[Tensor, ...]:
+    """The ``attribute`` of every target-class CAM; see :func:`target_cam`."""
+    return self._maps(
+        inputs,
+        target,
+        additional_forward_args,
+        attribute_to_layer_input,
+        relu_attributions,
+        reshape_transform,
+        upsample_to_input,
+        normalize,
+        max_batch,
+        attr_dim_summation,
+        grad_kwargs,
+        interpolate_mode,
+    )
+
+
+# Indented as a method's docstring (8 spaces), to match the shared argument texts of _docs.
+_TARGET_CAM_DOC = """{summary}
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            {target_arg}
+            {cam_args}
+
+        {cam_returns}
+        """
+
+_TARGET_CAM_INIT_ARGS = """
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits, or an
+            output with more than two dimensions (a segmentation network's (N, C, H, W)),
+            whose elements Captum's tuple targets select (see docs/segmentation.md).
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        device_ids (list[int], optional): as in Captum's layer methods.
+        output_transform (Callable, optional): reduces the model's output to (N, C) scores
+            (a dict, a tuple; or a segmentation output summed over a pixel mask).
+"""
+
+
+def target_cam(summary: str) -> Callable[[type], type]:
+    """Class decorator: give a :class:`TargetClassCAMBase` subclass its public ``attribute``.
+
+    The method is the shared template above with the full signature (what ``help()`` and
+    Sphinx show), its docstring opening with ``summary`` (the class docstring's
+    ``{init_args}`` slot receives the shared constructor arguments), and a code object renamed to
+    ``<Class>.attribute`` so that Python's own messages about its arguments (an unknown
+    keyword, a missing ``inputs``) name the public class rather than a base.
+    """
+
+    def decorate(cls: type) -> type:
+        template = _target_cam_attribute
+        qualname = f"{cls.__name__}.attribute"
+        code = template.__code__.replace(co_name="attribute", co_qualname=qualname)
+        function = types.FunctionType(
+            code, template.__globals__, "attribute", template.__defaults__
+        )
+        function.__kwdefaults__ = template.__kwdefaults__
+        function.__annotations__ = dict(template.__annotations__)
+        function.__module__ = cls.__module__
+        function.__qualname__ = qualname
+        function.__doc__ = _TARGET_CAM_DOC.replace("{summary}", summary)
+        if cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace("{init_args}", _TARGET_CAM_INIT_ARGS.strip())
+        cls.attribute = log_usage()(with_cam_args(function))
+        return cls
+
+    return decorate

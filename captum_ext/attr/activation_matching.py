@@ -18,19 +18,17 @@ from torch import Tensor, nn
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.model_state import preserved_state
-from .._utils.training import (
-    atomic_path,
-    barrier,
-    distributed_shard,
-    is_main_process,
-    load_checkpoint,
-    progress_bar,
-    save_checkpoint,
-    unwrap_distributed,
-    wrap_distributed,
-)
-from .._utils.validation import class_selection, format_inputs
+from .._utils.training import atomic_path, progress_bar, unwrap_distributed
+from .._utils.validation import check_int, class_selection, format_inputs
 from ._activation_matching_loss import Reference, mask_objective, run_with_activations
+from ._activation_matching_training import (
+    check_lr,
+    derived_seed,
+    fit_mask_net,
+    resolve_seed,
+    seeded_generator,
+    train_step,
+)
 from ._mask_net import (
     MaskUNet,
     build_mask_net,
@@ -128,26 +126,6 @@ class ActivationMatchingResult:
     necessity: Tensor
 
 
-def _check_positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
-    return value
-
-
-def _check_non_negative_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{argument}` must be a non-negative int, got {value!r}.")
-    return value
-
-
-def _check_lr(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"`lr` must be a positive number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"`lr` must be finite, got {value!r}.")
-    return float(value)
-
-
 def _resolve_weights(weights: Any) -> MaskLossWeights:
     if isinstance(weights, MaskLossWeights):
         return weights
@@ -179,45 +157,6 @@ def _resolve_weights(weights: Any) -> MaskLossWeights:
     raise TypeError(
         "`weights` must be a preset name, a dict or a MaskLossWeights, got "
         f"{type(weights).__name__}."
-    )
-
-
-def _resolve_seed(generator: Any, seed: Any) -> int:
-    """One integer seed from which every random draw of a call is derived."""
-    if generator is not None and seed is not None:
-        raise ValueError("give either `generator` or `seed`, not both.")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
-            )
-        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    if seed is None:
-        return 0
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
-    return seed
-
-
-def _derived_seed(base: int, *keys: int) -> int:
-    value = base
-    for key in keys:
-        value = (value * 1_000_003 + key + 1) % (2**62)
-    return value
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def _batch_inputs(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        "`data` must yield image tensors or (images, ...) tuples, got a batch of type "
-        f"{type(batch).__name__}."
     )
 
 
@@ -540,12 +479,12 @@ class ActivationMatchingMask(PerturbationAttribution):
         x = self._check_images(inputs)
         if mode not in MODES:
             raise ValueError(f"`mode`={mode!r}: expected one of {MODES}.")
-        steps = _check_positive_int(steps, "steps")
-        lr = _check_lr(lr)
-        sufficiency_samples = _check_non_negative_int(sufficiency_samples, "sufficiency_samples")
+        steps = check_int(steps, "steps")
+        lr = check_lr(lr)
+        sufficiency_samples = check_int(sufficiency_samples, "sufficiency_samples", minimum=0)
         if keep not in ("best", "last"):
             raise ValueError(f"`keep`={keep!r}: expected 'best' or 'last'.")
-        base_seed = _resolve_seed(generator, seed)
+        base_seed = resolve_seed(generator, seed)
         baseline = self._baseline_for(x)
         if mode == "amortised" and (self.mask_net is None or not self._trained):
             raise ValueError(_UNFITTED_MESSAGE)
@@ -588,7 +527,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                     probabilities,
                     baseline,
                     sufficiency_samples,
-                    _derived_seed(base_seed, 7),
+                    derived_seed(base_seed, 7),
                 )
         if broadcast:
             result.mask = mask.expand_as(x).contiguous()
@@ -604,10 +543,10 @@ class ActivationMatchingMask(PerturbationAttribution):
                 ref_i = Reference(
                     reference.logits[i : i + 1], [a[i : i + 1] for a in reference.activations]
                 )
-                net = self._default_net(xi, _derived_seed(base_seed, i, 0))
+                net = self._default_net(xi, derived_seed(base_seed, i, 0))
                 params = list(net.parameters())
                 optimiser = torch.optim.Adam(params, lr=lr)
-                noise_gen = _generator(x.device, _derived_seed(base_seed, i, 1))
+                noise_gen = seeded_generator(x.device, derived_seed(base_seed, i, 1))
                 best, best_value = None, math.inf
                 for _ in range(steps):
                     noise = torch.randn(
@@ -646,7 +585,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         logits_e = self._logits(explanation)
         rows = torch.arange(x.shape[0], device=x.device)
         sufficiency = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        noise_gen = _generator(x.device, seed)
+        noise_gen = seeded_generator(x.device, seed)
         for _ in range(samples):
             noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
             kept = self._logits(mask * x + (1 - mask) * noise).argmax(1) == targets
@@ -734,202 +673,14 @@ class ActivationMatchingMask(PerturbationAttribution):
             ActivationMatchingMask: ``self``, with the trained ``mask_net`` and ``history``
             (the mean loss of every step, on this rank).
         """
-        from torch.utils.data import DataLoader, Dataset
-
-        epochs = _check_positive_int(epochs, "epochs")
-        lr = _check_lr(lr)
-        checkpoint_every = _check_positive_int(checkpoint_every, "checkpoint_every")
-        if isinstance(data, DataLoader):
-            dataset = data.dataset
-            loader_args = {
-                "batch_size": data.batch_size,
-                "collate_fn": data.collate_fn,
-                "drop_last": data.drop_last,
-                "num_workers": data.num_workers,
-            }
-        elif isinstance(data, Dataset) or (
-            hasattr(data, "__getitem__") and hasattr(data, "__len__")
-        ):
-            dataset = data
-            loader_args = {"batch_size": 32, "drop_last": False}
-        else:
-            raise TypeError(
-                f"`data` must be a DataLoader or a map-style Dataset, got {type(data).__name__}."
-            )
-        if batch_size is not None:
-            loader_args["batch_size"] = _check_positive_int(batch_size, "batch_size")
-        if loader_args["batch_size"] is None:
-            raise ValueError("`data` has batch_size=None; pass `batch_size`.")
-        if len(dataset) == 0:
-            raise ValueError("`data` is empty.")
-        if resume and checkpoint is None:
-            raise ValueError("`resume`=True needs a `checkpoint` path.")
-        if not isinstance(resume, bool):
-            raise TypeError(f"`resume` must be a bool, got {type(resume).__name__}.")
-        base_seed = _resolve_seed(generator, seed)
-        shard = distributed_shard()
-        rank, world = shard if shard is not None else (0, 1)
-        if shard is not None:
-            import torch.distributed as dist
-
-            box = [base_seed]
-            dist.broadcast_object_list(box, src=0)
-            base_seed = int(box[0])
-
-        state = None
-        if resume and Path(checkpoint).expanduser().is_file():
-            state = load_checkpoint(checkpoint, argument="checkpoint")
-            for key in ("mask_net", "optimizer", "step", "epoch", "batch", "seed"):
-                if key not in state:
-                    raise ValueError(f"`checkpoint` is not a mask-net checkpoint (no {key!r}).")
-            if state.get("world_size", 1) != world:
-                raise ValueError(
-                    f"`checkpoint` was written by {state.get('world_size')} processes; resume "
-                    f"it with the same number, not {world}."
-                )
-            base_seed = int(state["seed"])
-            loader_args["batch_size"] = int(state.get("batch_size", loader_args["batch_size"]))
-
-        model = root_module(self.forward_func)
-        device = next((p.device for p in model.parameters()), None) if model is not None else None
-
-        def order(epoch: int) -> list[int]:
-            if shard is not None:
-                from torch.utils.data.distributed import DistributedSampler
-
-                sampler = DistributedSampler(
-                    dataset, num_replicas=world, rank=rank, shuffle=True, seed=base_seed
-                )
-                sampler.set_epoch(epoch)
-                return list(sampler)
-            permutation = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(base_seed + epoch)
-            )
-            return permutation.tolist()
-
-        batch = loader_args["batch_size"]
-        drop_last = loader_args.get("drop_last", False)
-        per_epoch = len(order(0))
-        batches_per_epoch = per_epoch // batch if drop_last else -(-per_epoch // batch)
-        if batches_per_epoch == 0:
-            raise ValueError("`batch_size` is larger than the data with drop_last=True.")
-
-        with self._frozen_model():
-            step = int(state["step"]) if state else 0
-            start_epoch = int(state["epoch"]) if state else 0
-            start_batch = int(state["batch"]) if state else 0
-            history = list(state.get("history", [])) if state else []
-            net = optimiser = wrapped = None
-            bar = progress_bar(
-                epochs * batches_per_epoch,
-                bool(progress),
-                desc="mask net",
-                unit="step",
-                initial=min(step, epochs * batches_per_epoch),
-            )
-
-            def write_checkpoint(epoch: int, next_batch: int) -> None:
-                if checkpoint is None or not is_main_process():
-                    return
-                save_checkpoint(
-                    {
-                        "mask_net": unwrap_distributed(net).state_dict(),
-                        "optimizer": optimiser.state_dict(),
-                        "step": step,
-                        "epoch": epoch,
-                        "batch": next_batch,
-                        "seed": base_seed,
-                        "batch_size": batch,
-                        "world_size": world,
-                        "history": history,
-                    },
-                    checkpoint,
-                )
-
-            try:
-                for epoch in range(start_epoch, epochs):
-                    indices = order(epoch)
-                    skip = start_batch if epoch == start_epoch else 0
-                    loader = DataLoader(
-                        dataset,
-                        sampler=indices[skip * batch :],
-                        **{k: v for k, v in loader_args.items()},
-                    )
-                    for position, raw in enumerate(loader, start=skip):
-                        x = _batch_inputs(raw)
-                        if device is not None:
-                            x = x.to(device)
-                        x = self._check_images(x)
-                        if net is None:
-                            net, optimiser, wrapped = self._training_net(x, base_seed, lr, state)
-                        loss = self._train_step(
-                            x, net, wrapped, optimiser, base_seed, step, rank, world
-                        )
-                        history.append(loss)
-                        step += 1
-                        if bar:
-                            bar.update(1)
-                        last = position + 1 == batches_per_epoch
-                        if step % checkpoint_every == 0 or (last and epoch == epochs - 1):
-                            if last:
-                                write_checkpoint(epoch + 1, 0)
-                            else:
-                                write_checkpoint(epoch, position + 1)
-                            barrier()
-            finally:
-                if bar:
-                    bar.close()
-        if net is None and state is not None:  # resumed a finished run: just load it
-            net, _, _ = self._training_net_from_state(state)
-        if net is not None:
-            self.mask_net = unwrap_distributed(net)
-            self._trained = True
-        self.history = history
-        return self
-
-    def _training_net_from_state(self, state):
-        config = unet_config_from_state_dict(state["mask_net"])
-        if self.mask_net is None:
-            dtype = next(iter(state["mask_net"].values())).dtype
-            with torch.random.fork_rng(devices=[]):
-                self.mask_net = MaskUNet(**config).to(dtype=dtype)
-        self.mask_net.load_state_dict(state["mask_net"])
-        return self.mask_net, None, None
-
-    def _training_net(self, x: Tensor, base_seed: int, lr: float, state):
-        if self.mask_net is None:
-            net = self._default_net(x, _derived_seed(base_seed, 0, 0))
-        else:
-            net = self.mask_net.to(device=x.device, dtype=x.dtype)
-        if state is not None:
-            net.load_state_dict(state["mask_net"])
-        net.train()
-        optimiser = torch.optim.Adam(net.parameters(), lr=lr)
-        if state is not None:
-            optimiser.load_state_dict(state["optimizer"])
-        wrapped = wrap_distributed(net)
-        self.mask_net = net
-        return net, optimiser, wrapped
+        options = dict(locals())
+        del options["self"], options["data"]
+        return fit_mask_net(self, data, **options)
 
     def _train_step(self, x, net, wrapped, optimiser, base_seed, step, rank, world) -> float:
-        baseline = self._baseline_for(x)
-        with torch.no_grad():
-            reference = self._reference(x)
-        targets = reference.logits.argmax(1)
-        noise_gen = _generator(x.device, _derived_seed(base_seed, step, rank + 2))
-        noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
-        with torch.enable_grad():
-            loss, *_ = self._objective(wrapped, x, targets, reference, baseline, noise)
-            if wrapped is net:
-                params = [p for p in net.parameters() if p.requires_grad]
-                grads = torch.autograd.grad(loss, params)
-                for param, grad in zip(params, grads):
-                    param.grad = grad
-            else:  # DistributedDataParallel averages the gradients in backward
-                loss.backward()
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        """One optimiser step of :meth:`fit` (a seam per instance; the loop is in
+        ``_activation_matching_training``)."""
+        return train_step(self, x, net, wrapped, optimiser, base_seed, step, rank, world)
 
     # ----------------------------------------------------------------------------------
     # save / load

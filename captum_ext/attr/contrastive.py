@@ -23,10 +23,12 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import run_forward
+from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
 from .._utils.model_state import preserved_state
 from .._utils.validation import (
     check_class_range,
+    check_int,
     class_selection,
     format_inputs,
     parse_class_selection,
@@ -322,12 +324,13 @@ class Contrastive(GradientAttribution):
         return self.method.has_convergence_delta()
 
     @log_usage()
+    @renamed_arguments(max_batch="batch_size")
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
         contrast: Any = None,
         additional_forward_args: Any = None,
-        max_batch: int | None = None,
+        batch_size: int | None = None,
         **kwargs: Any,
     ) -> Any:
         r"""Attributions of the cross-entropy with the contrast class(es) Q.
@@ -340,9 +343,10 @@ class Contrastive(GradientAttribution):
                 per-example ``contrast`` of length N is expanded with the inputs inside
                 NoiseTunnel, ``infidelity`` and ``sensitivity_max``.
             additional_forward_args (Any, optional): extra arguments of the model.
-            max_batch (int, optional): with several classes per example, the (example,
+            batch_size (int, optional): with several classes per example, the (example,
                 class) pairs are stacked into a batch of N * C' rows and handed to the
-                wrapped method in calls of at most ``max_batch`` rows. Default: 64.
+                wrapped method in calls of at most ``batch_size`` rows. Default: 64.
+                (Formerly ``max_batch``, which still works with a DeprecationWarning.)
             **kwargs: any other argument of the wrapped method's ``attribute`` (baselines,
                 n_steps, nt_type, ...). Per-example tensors are expanded with the rows.
 
@@ -355,6 +359,8 @@ class Contrastive(GradientAttribution):
                 "Contrastive takes the contrast class as `contrast`, not `target` (the wrapped "
                 "method's target is set to it)."
             )
+        if batch_size is not None:
+            batch_size = check_int(batch_size, "batch_size")
         formatted = format_inputs(inputs)
         model = root_module(self.model_forward)
         unwrap = not isinstance(inputs, tuple)
@@ -400,7 +406,7 @@ class Contrastive(GradientAttribution):
                     )
                 else:
                     result = self._attribute_many(
-                        formatted, classes, additional_forward_args, max_batch, unwrap, kwargs
+                        formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
                     )
             finally:
                 forward._paired, forward._max_class = False, None
@@ -413,17 +419,11 @@ class Contrastive(GradientAttribution):
         return result
 
     def _attribute_many(
-        self, formatted, classes, additional_forward_args, max_batch, unwrap, kwargs
+        self, formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
     ):
         n, per_example = classes.shape
         total = n * per_example
-        rows_per_call = DEFAULT_ROWS_PER_CALL if max_batch is None else max_batch
-        if (
-            isinstance(rows_per_call, bool)
-            or not isinstance(rows_per_call, int)
-            or rows_per_call < 1
-        ):
-            raise ValueError(f"`max_batch` must be a positive int, got {max_batch!r}.")
+        rows_per_call = DEFAULT_ROWS_PER_CALL if batch_size is None else batch_size
         flat_targets = classes.reshape(-1)
         pieces = []
         for start in range(0, total, rows_per_call):

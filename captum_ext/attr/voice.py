@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +16,16 @@ from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import preserved_state
-from .._utils.validation import class_selection, format_inputs, repeat_per_example
-from ._cam import ClassActivationMapBase, make_cam_reducer
+from .._utils.validation import (
+    check_int,
+    check_number,
+    class_selection,
+    format_inputs,
+    repeat_per_example,
+)
+from ._cam import ClassActivationMapBase, gradcam_weights, make_cam_reducer
 from ._voice_moments import UpsampledMoments
+from .counterfactual_cam import CounterfactualCAM
 
 POSTPROCESS = ("reference", "raw")
 
@@ -88,23 +94,25 @@ class _Plan:
     to_maps: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor] | None
     guided: bool = False
     smooth: bool = False
-    weighting: str | None = None  # CAM techniques: maps are built per call (reshape_transform)
+    # CAM techniques: the channel weights of the CAM; maps are built per call
+    # (reshape_transform)
+    weighting: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def maps(self, reshape_transform: Callable | None) -> Callable:
         if self.weighting is None:
             return self.to_maps
-        cam = make_cam_reducer(self.weighting, 1.0, True, reshape_transform)
+        cam = make_cam_reducer(self.weighting, True, reshape_transform)
         return lambda grads, acts: cam(grads, acts)[0]
 
 
 def _plan_for(method: Any) -> _Plan:
     if isinstance(method, ClassActivationMapBase):
-        if method._sign != 1:
+        if isinstance(method, CounterfactualCAM):
             raise TypeError("VOICE explains 'Why P?' maps; CounterfactualCAM is not one.")
-        weighting = method.weighting
+        weighting = method._channel_weights
         layer = method.layer
     elif isinstance(method, LayerGradCam):
-        weighting, layer = "gradcam", method.layer
+        weighting, layer = gradcam_weights, method.layer
     elif isinstance(method, GuidedBackprop):
         return _Plan(None, _gradient_maps(absolute=False), guided=True)
     elif isinstance(method, Saliency):
@@ -527,11 +535,8 @@ class VOICE:
 
     @staticmethod
     def _check_samples(nt_samples: Any, stdevs: Any) -> int:
-        if isinstance(nt_samples, bool) or not isinstance(nt_samples, int) or nt_samples < 1:
-            raise ValueError(f"`nt_samples` must be a positive int, got {nt_samples!r}.")
-        if not isinstance(stdevs, (int, float)) or stdevs < 0:
-            raise ValueError(f"`stdevs` must be a non-negative number, got {stdevs!r}.")
-        return nt_samples
+        check_number(stdevs, "stdevs", allow_minimum=True)
+        return check_int(nt_samples, "nt_samples")
 
     @staticmethod
     def _guided_hooks(model: nn.Module | None) -> list:
@@ -545,11 +550,7 @@ class VOICE:
 
 
 def _check_threshold(threshold: Any) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"`threshold` must be a number, got {type(threshold).__name__}.")
-    if not math.isfinite(threshold):
-        raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
-    return float(threshold)
+    return check_number(threshold, "threshold", minimum=None)
 
 
 def _logit_then_cross_entropy(logits: Tensor) -> Tensor:

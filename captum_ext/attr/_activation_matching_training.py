@@ -1,0 +1,287 @@
+"""The amortised training loop of :class:`~captum_ext.attr.ActivationMatchingMask` (private).
+
+``ActivationMatchingMask.fit`` delegates here: data order, checkpoints and resumption,
+torch.distributed sharding, and one Adam step per batch on the method's objective. The
+method object supplies the objective and the model guard (``_frozen_model``,
+``_objective``, ``_reference``, ``_baseline_for``, ``_default_net``, ``_check_images``).
+Also the seeding helpers that the per-image optimisation shares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._utils.layers import root_module
+from .._utils.training import (
+    barrier,
+    distributed_shard,
+    is_main_process,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+    unwrap_distributed,
+    wrap_distributed,
+)
+from .._utils.validation import check_int, check_number
+from ._mask_net import MaskUNet, unet_config_from_state_dict
+
+
+def check_lr(value: Any) -> float:
+    """A positive, finite learning rate."""
+    return check_number(value, "lr")
+
+
+def resolve_seed(generator: Any, seed: Any) -> int:
+    """One integer seed from which every random draw of a call is derived."""
+    if generator is not None and seed is not None:
+        raise ValueError("give either `generator` or `seed`, not both.")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+            )
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    if seed is None:
+        return 0
+    return check_int(seed, "seed", minimum=0)
+
+
+def derived_seed(base: int, *keys: int) -> int:
+    value = base
+    for key in keys:
+        value = (value * 1_000_003 + key + 1) % (2**62)
+    return value
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def batch_inputs(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(
+        "`data` must yield image tensors or (images, ...) tuples, got a batch of type "
+        f"{type(batch).__name__}."
+    )
+
+
+def fit_mask_net(
+    method,
+    data,
+    *,
+    epochs,
+    lr,
+    batch_size,
+    progress,
+    checkpoint,
+    checkpoint_every,
+    resume,
+    generator,
+    seed,
+) -> Any:
+    """Train ``method``'s amortised mask net: the body of ``ActivationMatchingMask.fit``,
+    whose signature and docstring give the arguments (all required here)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    epochs = check_int(epochs, "epochs")
+    lr = check_lr(lr)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        loader_args = {
+            "batch_size": data.batch_size,
+            "collate_fn": data.collate_fn,
+            "drop_last": data.drop_last,
+            "num_workers": data.num_workers,
+        }
+    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        dataset = data
+        loader_args = {"batch_size": 32, "drop_last": False}
+    else:
+        raise TypeError(
+            f"`data` must be a DataLoader or a map-style Dataset, got {type(data).__name__}."
+        )
+    if batch_size is not None:
+        loader_args["batch_size"] = check_int(batch_size, "batch_size")
+    if loader_args["batch_size"] is None:
+        raise ValueError("`data` has batch_size=None; pass `batch_size`.")
+    if len(dataset) == 0:
+        raise ValueError("`data` is empty.")
+    if resume and checkpoint is None:
+        raise ValueError("`resume`=True needs a `checkpoint` path.")
+    if not isinstance(resume, bool):
+        raise TypeError(f"`resume` must be a bool, got {type(resume).__name__}.")
+    base_seed = resolve_seed(generator, seed)
+    shard = distributed_shard()
+    rank, world = shard if shard is not None else (0, 1)
+    if shard is not None:
+        import torch.distributed as dist
+
+        box = [base_seed]
+        dist.broadcast_object_list(box, src=0)
+        base_seed = int(box[0])
+
+    state = None
+    if resume and Path(checkpoint).expanduser().is_file():
+        state = load_checkpoint(checkpoint, argument="checkpoint")
+        for key in ("mask_net", "optimizer", "step", "epoch", "batch", "seed"):
+            if key not in state:
+                raise ValueError(f"`checkpoint` is not a mask-net checkpoint (no {key!r}).")
+        if state.get("world_size", 1) != world:
+            raise ValueError(
+                f"`checkpoint` was written by {state.get('world_size')} processes; resume "
+                f"it with the same number, not {world}."
+            )
+        base_seed = int(state["seed"])
+        loader_args["batch_size"] = int(state.get("batch_size", loader_args["batch_size"]))
+
+    model = root_module(method.forward_func)
+    device = next((p.device for p in model.parameters()), None) if model is not None else None
+
+    def order(epoch: int) -> list[int]:
+        if shard is not None:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=base_seed
+            )
+            sampler.set_epoch(epoch)
+            return list(sampler)
+        permutation = torch.randperm(
+            len(dataset), generator=torch.Generator().manual_seed(base_seed + epoch)
+        )
+        return permutation.tolist()
+
+    batch = loader_args["batch_size"]
+    drop_last = loader_args.get("drop_last", False)
+    per_epoch = len(order(0))
+    batches_per_epoch = per_epoch // batch if drop_last else -(-per_epoch // batch)
+    if batches_per_epoch == 0:
+        raise ValueError("`batch_size` is larger than the data with drop_last=True.")
+
+    with method._frozen_model():
+        step = int(state["step"]) if state else 0
+        start_epoch = int(state["epoch"]) if state else 0
+        start_batch = int(state["batch"]) if state else 0
+        history = list(state.get("history", [])) if state else []
+        net = optimiser = wrapped = None
+        bar = progress_bar(
+            epochs * batches_per_epoch,
+            bool(progress),
+            desc="mask net",
+            unit="step",
+            initial=min(step, epochs * batches_per_epoch),
+        )
+
+        def write_checkpoint(epoch: int, next_batch: int) -> None:
+            if checkpoint is None or not is_main_process():
+                return
+            save_checkpoint(
+                {
+                    "mask_net": unwrap_distributed(net).state_dict(),
+                    "optimizer": optimiser.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "batch": next_batch,
+                    "seed": base_seed,
+                    "batch_size": batch,
+                    "world_size": world,
+                    "history": history,
+                },
+                checkpoint,
+            )
+
+        try:
+            for epoch in range(start_epoch, epochs):
+                indices = order(epoch)
+                skip = start_batch if epoch == start_epoch else 0
+                loader = DataLoader(
+                    dataset,
+                    sampler=indices[skip * batch :],
+                    **{k: v for k, v in loader_args.items()},
+                )
+                for position, raw in enumerate(loader, start=skip):
+                    x = batch_inputs(raw)
+                    if device is not None:
+                        x = x.to(device)
+                    x = method._check_images(x)
+                    if net is None:
+                        net, optimiser, wrapped = training_net(method, x, base_seed, lr, state)
+                    loss = method._train_step(
+                        x, net, wrapped, optimiser, base_seed, step, rank, world
+                    )
+                    history.append(loss)
+                    step += 1
+                    if bar:
+                        bar.update(1)
+                    last = position + 1 == batches_per_epoch
+                    if step % checkpoint_every == 0 or (last and epoch == epochs - 1):
+                        if last:
+                            write_checkpoint(epoch + 1, 0)
+                        else:
+                            write_checkpoint(epoch, position + 1)
+                        barrier()
+        finally:
+            if bar:
+                bar.close()
+    if net is None and state is not None:  # resumed a finished run: just load it
+        net, _, _ = training_net_from_state(method, state)
+    if net is not None:
+        method.mask_net = unwrap_distributed(net)
+        method._trained = True
+    method.history = history
+    return method
+
+
+def training_net_from_state(method, state):
+    config = unet_config_from_state_dict(state["mask_net"])
+    if method.mask_net is None:
+        dtype = next(iter(state["mask_net"].values())).dtype
+        with torch.random.fork_rng(devices=[]):
+            method.mask_net = MaskUNet(**config).to(dtype=dtype)
+    method.mask_net.load_state_dict(state["mask_net"])
+    return method.mask_net, None, None
+
+
+def training_net(method, x: Tensor, base_seed: int, lr: float, state):
+    if method.mask_net is None:
+        net = method._default_net(x, derived_seed(base_seed, 0, 0))
+    else:
+        net = method.mask_net.to(device=x.device, dtype=x.dtype)
+    if state is not None:
+        net.load_state_dict(state["mask_net"])
+    net.train()
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    if state is not None:
+        optimiser.load_state_dict(state["optimizer"])
+    wrapped = wrap_distributed(net)
+    method.mask_net = net
+    return net, optimiser, wrapped
+
+
+def train_step(method, x, net, wrapped, optimiser, base_seed, step, rank, world) -> float:
+    baseline = method._baseline_for(x)
+    with torch.no_grad():
+        reference = method._reference(x)
+    targets = reference.logits.argmax(1)
+    noise_gen = seeded_generator(x.device, derived_seed(base_seed, step, rank + 2))
+    noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
+    with torch.enable_grad():
+        loss, *_ = method._objective(wrapped, x, targets, reference, baseline, noise)
+        if wrapped is net:
+            params = [p for p in net.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params)
+            for param, grad in zip(params, grads):
+                param.grad = grad
+        else:  # DistributedDataParallel averages the gradients in backward
+            loss.backward()
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    return float(loss.detach())
