@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils.layers import _is_linear, find_last_linear, resolve_layer
+from ._utils.layers import find_last_linear, is_linear, resolve_layer
 
 _LIST_AT_MOST = 5
 
@@ -335,7 +335,7 @@ def expose_final_layer(
             f"`{option}`={final_layer!r} is not a module of the model.{hint} Use a name from "
             "model.named_modules()."
         )
-    elif not _is_linear(modules[final_layer]):
+    elif not is_linear(modules[final_layer]):
         raise ValueError(
             f"`{option}`={final_layer!r} is a {getattr(modules[final_layer], 'original_name', '')}"
             " module; GradTrust on a TorchScript model needs the linear layer that produces the "

@@ -120,7 +120,7 @@ def spatial_layer_suggestions(model: nn.Module, run, before: nn.Module, n: int =
     return picked
 
 
-def _is_linear(module) -> bool:
+def is_linear(module) -> bool:
     """An ``nn.Linear``, or a compiled one in a TorchScript model (scripted or traced)."""
     if isinstance(module, nn.Linear):
         return True
@@ -151,8 +151,8 @@ def find_last_linear(
             once; the message names ``argument`` and says what to pass instead.
     """
     hint = remedy.format(argument=argument)
-    names = {id(m): name for name, m in model.named_modules() if name and _is_linear(m)}
-    if not names and _is_linear(model):
+    names = {id(m): name for name, m in model.named_modules() if name and is_linear(m)}
+    if not names and is_linear(model):
         names = {id(model): ""}
     if not names:
         raise ValueError(
