@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from captum_ext._utils.deprecation import moved_names
 from captum_ext.viz.build import (
     GRADTRUST_SCORES,
     SECTION_REGISTRY,
@@ -73,23 +74,25 @@ _USER_ERRORS = (
 )
 
 
-def __getattr__(name: str) -> Any:
-    # the report's logic moved to captum_ext.viz.build; these private names are kept for
-    # code that reached into the CLI module
-    from captum_ext.viz import build
-
-    moved = {
-        "_OutputError": "OutputError",
-        "_TooBigError": "SectionTooBigError",
-        "_INVERSION_BATCH": "INVERSION_BATCH",
-        "_check_output": "check_output",
-        "_writing_to": "writing_to",
-        "_format_timings": "format_timings",
-        "_pick_layer": "pick_layer",
-    }
-    if name in moved:
-        return getattr(build, moved[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the report's logic moved to captum_ext.viz.build; the private names that code reached into
+# the CLI module for still resolve there, with a DeprecationWarning
+__getattr__ = moved_names(
+    __name__,
+    {
+        "_OutputError": "captum_ext.viz.build:OutputError",
+        "_TooBigError": "captum_ext.viz.build:SectionTooBigError",
+        "_INVERSION_BATCH": "captum_ext.viz.build:INVERSION_BATCH",
+        "_check_output": "captum_ext.viz.build:check_output",
+        "_writing_to": "captum_ext.viz.build:writing_to",
+        "_format_timings": "captum_ext.viz.build:format_timings",
+        "_pick_layer": "captum_ext.viz.build:pick_layer",
+        "_read_class_names": "captum_ext.data.loading:read_class_names",
+        "_folder_labels": "captum_ext.data.loading:folder_labels",
+        "_gradtrust_model": "captum_ext.viz.build:gradtrust_model",
+        "_gradtrust_kwargs": "captum_ext.viz.build:gradtrust_kwargs",
+        "_name_the_option": "captum_ext.viz.build:name_the_option",
+    },
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.torchscript import TorchScriptLayerModel, expose_layer
 from captum_ext._utils.validation import parse_device
 
@@ -87,11 +88,6 @@ def _few(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in list(names)[:_LIST_AT_MOST])
     more = len(names) - _LIST_AT_MOST
     return shown + (f" (and {more} more)" if more > 0 else "")
-
-
-def _parse_device(device: Any) -> torch.device:
-    """Deprecated private alias of :func:`captum_ext._utils.validation.parse_device`."""
-    return parse_device(device, argument="--device")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -742,3 +738,6 @@ def resolve_inputs(
     names = [p.relative_to(root).as_posix() for p in paths]
     labels = torch.tensor(folder_labels(folders, class_names), dtype=torch.int64)
     return ResolvedInputs(x, labels, names, chosen, f"{x.shape[0]} images from {images}")
+
+
+__getattr__ = moved_names(__name__, {"_parse_device": "captum_ext._utils.validation:parse_device"})
