@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,62 @@ def test_loading_parse_device_moved_warns_and_works():
     with pytest.warns(DeprecationWarning, match="parse_device"):
         parse = loading._parse_device
     assert parse("cpu") == torch.device("cpu")
+
+
+# ------------------------------------------------------------------ compute / render
+
+
+def test_compute_contrastive_numbers_tie_to_their_definition():
+    from captum_ext.attr import ContrastCAM, GradCAM
+    from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+    from captum_ext.viz import ContrastiveMaps, compute_contrastive
+
+    model = load_bundled_model()
+    images = load_sample_digits()[0][:5]
+    data = compute_contrastive(model, BUNDLED_CAM_LAYER, images, batch_size=2)
+    assert isinstance(data, ContrastiveMaps)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(images), dim=1)
+    torch.testing.assert_close(data.probabilities, probabilities, rtol=1e-5, atol=1e-6)
+    top = probabilities.topk(2, dim=1).indices
+    assert data.predicted.tolist() == top[:, 0].tolist()
+    assert data.runner_up.tolist() == top[:, 1].tolist()
+    layer = dict(model.named_modules())[BUNDLED_CAM_LAYER]
+    gradcam = GradCAM(model, layer).attribute(
+        images, target=top[:, 0], upsample_to_input=True, normalize="minmax"
+    )
+    contrast = ContrastCAM(model, layer).attribute(
+        images, contrast=top[:, 1], upsample_to_input=True, normalize="minmax"
+    )
+    np.testing.assert_allclose(data.maps["gradcam"], gradcam[:, 0].detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(data.maps["contrast"], contrast[:, 0].detach().numpy(), atol=1e-5)
+    for heat in data.maps.values():
+        assert heat.shape == (5, 28, 28) and heat.min() >= 0 and heat.max() <= 1
+    assert data.class_names == [str(i) for i in range(10)]
+    assert data.layer_name == BUNDLED_CAM_LAYER
+
+
+def test_render_contrastive_draws_one_row_per_image(tmp_path):
+    from captum_ext.viz import ContrastiveMaps, render_contrastive
+
+    maps = {
+        k: np.random.default_rng(0).random((2, 8, 8))
+        for k in ("gradcam", "contrast", "counterfactual")
+    }
+    maps["contrast"][1] = 0.0
+    data = ContrastiveMaps(
+        probabilities=torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]),
+        predicted=torch.tensor([0, 2]),
+        runner_up=torch.tensor([1, 1]),
+        maps=maps,
+        class_names=["a", "b", "c"],
+        layer_name="conv",
+    )
+    section = render_contrastive(data, np.zeros((2, 8, 8, 3)), tmp_path, labels=[0, None])
+    assert len(section.rows) == 3  # colour scale + one per image
+    assert (
+        "predicted a (70.0%), runner-up b (20.0%); true class a (correct)" in section.rows[1].label
+    )
+    captions = [f.caption for f in section.rows[2].figures]
+    assert captions[2] == "ContrastCAM: Why c, rather than b? (empty)"
+    assert all(Path(f.path).is_file() for f in section.rows[2].figures)

@@ -536,13 +536,16 @@ def _check_sections(sections: Sequence[str]) -> list[str]:
 
 
 def _probabilities(forward: Any, images: Any, device: Any, batch_size: int):
+    """Softmax of the model's outputs in batches; a model that fails on the images is a
+    one-line ``ValueError`` pointing at ``--transform``."""
     import torch
 
+    from captum_ext.viz.report import _probabilities as batch_probabilities
+
     chunks = []
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            logits = forward(images[start : start + batch_size].to(device))
-            chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device)
+        chunks.append(batch_probabilities(forward, x).cpu())
     return torch.cat(chunks)
 
 
