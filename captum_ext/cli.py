@@ -38,14 +38,28 @@ work starts.
 from __future__ import annotations
 
 import argparse
-import errno
+import dataclasses
 import os
 import sys
-import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from captum_ext._utils.deprecation import moved_names
+from captum_ext.viz.build import (
+    GRADTRUST_SCORES,
+    SECTION_REGISTRY,
+    USER_MODEL_SECTIONS,
+    OutputError,
+    ReportConfig,
+    SectionTooBigError,
+    build_report,
+    check_output,
+    format_timings,
+    gradtrust_kwargs,
+    gradtrust_model,
+    name_the_option,
+    writing_to,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -60,74 +74,25 @@ _USER_ERRORS = (
 )
 
 
-class _OutputError(Exception):
-    """The output location (``--out``) cannot be written."""
-
-
-class _TooBigError(Exception):
-    """A section asked for by name needs more memory than is free."""
-
-
-#: the training batch of the inversion generator for a model of your own
-_INVERSION_BATCH = 64
-
-
-def _describe_os_error(error: OSError) -> str:
-    reason = error.strerror or str(error) or type(error).__name__
-    return f"{reason}: {error.filename!r}" if error.filename else reason
-
-
-def _check_output(out: Path, *, folder: bool) -> None:
-    """Fail early, before any work, when ``--out`` cannot be written: a scratch file must be
-    creatable in the ``--out`` folder (or the folder the ``--out`` file goes in), or, when
-    that does not exist yet, in its nearest existing parent (nothing is created there). The
-    temporary files of an earlier run that was killed while writing are removed."""
-    from captum_ext._utils.training import _remove_stale_temporaries
-
-    target = out if folder else out.parent
-    try:
-        if not folder and out.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
-        existing = target.absolute()
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
-        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
-        os.close(handle)
-        os.unlink(scratch)
-        if existing == target.absolute():
-            _remove_stale_temporaries(out / "index.html" if folder else out)
-    except OSError as error:
-        raise _OutputError(
-            f"`--out` {str(out)!r} cannot be written ({_describe_os_error(error)})."
-        ) from error
-
-
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-
-
-def _is_under(name: Any, out: Path) -> bool:
-    try:
-        return Path(os.fsdecode(name)).resolve().is_relative_to(out.resolve())
-    except (TypeError, ValueError, OSError):
-        return False
-
-
-@contextmanager
-def _writing_to(out: Path):
-    """A failure to write (full disk, folder made read-only meanwhile) names ``--out``; other
-    OS errors (e.g. a missing input file) pass unchanged."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in _WRITE_ERRNOS and not (
-            error.filename is not None and _is_under(error.filename, out)
-        ):
-            raise
-        raise _OutputError(
-            f"writing to `--out` {str(out)!r} failed ({_describe_os_error(error)})."
-        ) from error
+# the report's logic moved to captum_ext.viz.build; the private names that code reached into
+# the CLI module for still resolve there, with a DeprecationWarning
+__getattr__ = moved_names(
+    __name__,
+    {
+        "_OutputError": "captum_ext.viz.build:OutputError",
+        "_TooBigError": "captum_ext.viz.build:SectionTooBigError",
+        "_INVERSION_BATCH": "captum_ext.viz.build:INVERSION_BATCH",
+        "_check_output": "captum_ext.viz.build:check_output",
+        "_writing_to": "captum_ext.viz.build:writing_to",
+        "_format_timings": "captum_ext.viz.build:format_timings",
+        "_pick_layer": "captum_ext.viz.build:pick_layer",
+        "_read_class_names": "captum_ext.data.loading:read_class_names",
+        "_folder_labels": "captum_ext.data.loading:folder_labels",
+        "_gradtrust_model": "captum_ext.viz.build:gradtrust_model",
+        "_gradtrust_kwargs": "captum_ext.viz.build:gradtrust_kwargs",
+        "_name_the_option": "captum_ext.viz.build:name_the_option",
+    },
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -162,55 +127,14 @@ _FINAL_LAYER_HELP = (
     "gradients GradTrust measures. Default: the last linear layer of the model, also of a "
     "TorchScript (scripted or traced) model"
 )
-_GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
 
-
-def _name_the_option(error: Exception) -> Exception:
-    """GradTrust's advice to "pass `layer`" becomes advice to pass ``--final-layer``."""
-    text = str(error)
-    if "pass `layer`" not in text:
-        return error
-    return type(error)(text.replace("pass `layer`", "pass `--final-layer`"))
-
-
-def _gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: str | None = None):
-    """For a TorchScript model: a wrapper whose final linear layer GradTrust can read
-    (:func:`captum_ext._utils.torchscript.expose_final_layer`), also exposing ``layer``.
-    Eager models are returned unchanged (``--final-layer`` goes to GradTrust's ``layer``)."""
-    import torch
-
-    from captum_ext._utils.torchscript import expose_final_layer
-
-    if not isinstance(model, torch.jit.ScriptModule):
-        return model
-    return expose_final_layer(model, final_layer, layer=layer, example=example)
-
-
-def _gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str, Any]]:
-    import torch
-
-    if final_layer is None or isinstance(model, torch.jit.ScriptModule):
-        return {}
-    return {name: {"layer": final_layer} for name in _GRADTRUST_SCORES}
-
-
-#: the sections of ``captum-ext report``, in their default order, and what each shows: the
-#: one list the help text, the errors and the documentation are built from
+#: the sections of ``captum-ext report``, in their default order, and what each shows: read
+#: from :data:`captum_ext.viz.build.SECTION_REGISTRY`, the one list the help text, the errors
+#: and the documentation are built from
 SECTION_DESCRIPTIONS: dict[str, str] = {
-    "contrastive": "Grad-CAM ('Why P?'), ContrastCAM ('Why P, rather than Q?') and "
-    "CounterfactualCAM ('What if not P?') maps",
-    "voice": "the VOICE uncertainty of the Grad-CAM explanation",
-    "metrics": "deletion and insertion AUCs of the three maps",
-    "trust": "which predictions can be trusted: GradTrust vs the trust baselines, accuracy "
-    "retention, the least-trusted images",
-    "masks": "minimal activation-matching masks and the circuits of x and m * x (your own "
-    "model needs --mask-net)",
-    "inversion": "what the model thinks each class looks like (network inversion; trained for "
-    "--inversion-steps on your own model, skipped when it would not fit in memory)",
+    name: spec.description for name, spec in SECTION_REGISTRY.items()
 }
 SECTIONS = tuple(SECTION_DESCRIPTIONS)
-#: the default sections for a model of your own (masks need --mask-net, inversion trains)
-USER_MODEL_SECTIONS = ("contrastive", "voice", "metrics", "trust")
 
 
 def _sections(text: str) -> list[str]:
@@ -489,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"{_PROG} {args.command}"
     try:
         return args.handler(args)
-    except (_OutputError, _TooBigError, *_USER_ERRORS) as error:
+    except (OutputError, SectionTooBigError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
@@ -505,352 +429,22 @@ def main(argv: list[str] | None = None) -> int:
 # report
 
 
-def _read_class_names(path: str) -> list[str]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"`--classes` file not found: {path!r}.")
-    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise ValueError(f"`--classes` file {path!r} is empty; expected one class name per line.")
-    return names
-
-
-def _conv_layer_names(model: Any) -> list[str]:
-    names = []
-    for name, module in model.named_modules():
-        kind = getattr(module, "original_name", type(module).__name__)
-        if name and "Conv" in kind:
-            names.append(name)
-    return names
-
-
-def _pick_layer(model: Any, layer: str | None) -> str:
-    from captum_ext.data.loading import default_cam_layer
-
-    if layer is not None:
-        return layer
-    picked = default_cam_layer(model)
-    kind = getattr(model, "original_name", type(model).__name__)
-    if picked is None:
-        candidates = _conv_layer_names(model)[-3:]
-        hint = f" (the last convolutions are {', '.join(candidates)})" if candidates else ""
-        raise ValueError(
-            f"`--layer` is required for a {kind} model{hint}; give the dotted name of the "
-            "layer to explain, from model.named_modules()."
-        )
-    print(
-        f"Explaining layer {picked!r}, the last convolutional block of {kind} (--layer to change)."
-    )
-    return picked
-
-
-def _true_labels(folders: list[str], class_names: list[str] | None) -> list[int | None] | None:
-    if class_names is None or not any(folders):
-        return None
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = [index.get(folder) for folder in folders]
-    return labels if any(label is not None for label in labels) else None
-
-
-def _masks_section(args, model, forward, layer_name, images, display, class_names, out):
-    """The minimal-mask section: the bundled mask net, or ``--mask-net`` for your own model."""
-    from captum_ext.attr import ActivationMatchingMask
-    from captum_ext.bundled import load_bundled_mask_explainer
-    from captum_ext.viz import minimal_mask_section
-
-    if args.mask_net is None:
-        if args.model is not None:
-            raise ValueError(
-                "the masks section needs `--mask-net` for your own model: a mask net trained "
-                "with ActivationMatchingMask.fit and written with its save method."
-            )
-        explainer = load_bundled_mask_explainer(model)
-    else:
-        layers = args.mask_layers.split(",") if args.mask_layers else [layer_name]
-        explainer = ActivationMatchingMask(forward, [name.strip() for name in layers])
-        explainer.load(args.mask_net)
-    return minimal_mask_section(
-        forward,
-        images,
-        display,
-        class_names,
-        out,
-        progress=not args.no_progress,
-        explainer=explainer,
-        labels=args.report_labels,
-        names=args.report_names,
-        batch_size=args.batch_size,
-    )
-
-
-def _inversion_section(args, model, images, transform, class_names, out):
-    """The inversion section: the bundled generator, or one trained for ``--inversion-steps``."""
-    import torch
-
-    from captum_ext.bundled import load_bundled_inversion
-    from captum_ext.data import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        denormalize_digits,
-        normalize_digits,
-    )
-    from captum_ext.inversion import NetworkInversion
-    from captum_ext.viz import inversion_section
-
-    if transform == "digits":
-        normalize, denormalize = normalize_digits, denormalize_digits
-    elif transform == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN).reshape(1, -1, 1, 1)
-        std = torch.tensor(IMAGENET_STD).reshape(1, -1, 1, 1)
-        normalize = (IMAGENET_MEAN, IMAGENET_STD)
-
-        def denormalize(x):
-            return x * std.to(x.device) + mean.to(x.device)
-    else:
-        normalize, denormalize = None, None
-    if args.model is None:
-        inversion = load_bundled_inversion(model)
-    else:
-        reason = _inversion_too_big(args, model, tuple(images.shape[1:]))
-        if reason is not None:
-            if args.sections is not None:  # asked for by name: say why it cannot be done
-                raise _TooBigError(reason)
-            return reason
-        inversion = NetworkInversion(
-            model,
-            input_shape=tuple(images.shape[1:]),
-            normalize=normalize,
-            batch_size=_INVERSION_BATCH,
-            seed=0,
-        )
-        inversion.fit(args.inversion_steps, progress=not args.no_progress)
-    return inversion_section(
-        inversion,
-        out,
-        class_names=class_names,
-        denormalize=denormalize,
-        max_classes=args.inversion_classes,
-    )
-
-
-def _format_bytes(count: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if abs(count) < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"  # pragma: no cover
-
-
-def _inversion_too_big(args, model, input_shape: tuple[int, ...]) -> str | None:
-    """One line saying why the inversion generator cannot be trained for ``model`` (a
-    TorchScript model, or one whose training would not fit in the memory that is free:
-    :func:`captum_ext.inversion.estimate_inversion_cost`), or None when it fits (or the free
-    memory is unknown)."""
-    import torch
-
-    from captum_ext import inversion as inv
-
-    if isinstance(model, torch.jit.ScriptModule):
-        return (
-            "the inversion section needs an eager model (it reads layers with hooks, which a "
-            "TorchScript model does not take); give --model as 'package.module:factory' "
-            "with --weights"
-        )
-    cost = inv.estimate_inversion_cost(
-        model, input_shape, batch_size=_INVERSION_BATCH, steps=args.inversion_steps
-    )
-    available = inv.available_memory_bytes(args.report_device)
-    if available is None or cost.fits(available):
-        return None
-    return (
-        f"the inversion section needs {cost.describe()}, more than the "
-        f"{_format_bytes(available)} free on {args.report_device} (with a 1.5x margin)"
-    )
+def _report_config(args: argparse.Namespace) -> ReportConfig:
+    """The :class:`~captum_ext.viz.build.ReportConfig` of the parsed ``report`` arguments."""
+    fields = {field.name for field in dataclasses.fields(ReportConfig)}
+    values = {name: value for name, value in vars(args).items() if name in fields}
+    return ReportConfig(**values, progress=not args.no_progress)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import torch
-
-    from captum_ext.bundled import load_bundled_model
-    from captum_ext.data import (
-        BUNDLED_CAM_LAYER,
-        DIGIT_CLASSES,
-        load_sample_digits,
-    )
-    from captum_ext.data.loading import (
-        _parse_device,
-        denormalize_for_display,
-        expose_layer,
-        load_image_folder,
-        load_model,
-    )
-    from captum_ext.viz import (
-        Report,
-        contrastive_section,
-        explanation_metrics_section,
-        trust_section,
-        voice_section,
-    )
-
-    device = _parse_device(args.device)
-    if args.model is None and args.weights is not None:
-        raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
-    out = Path(args.out).expanduser()
-    _check_output(out, folder=True)
-    if args.model is None:
-        model = load_bundled_model().to(device)
-        model_description = "bundled digit classifier (captum_ext.data.load_bundled_model)"
-        layer_name = args.layer or BUNDLED_CAM_LAYER
-        default_transform = "digits"
-    else:
-        model = load_model(args.model, args.weights, device)
-        model_description = args.model + (f" + {args.weights}" if args.weights else "")
-        layer_name = None
-        default_transform = "imagenet"
-
-    class_names = _read_class_names(args.classes) if args.classes else None
-    if args.images is None:
-        if args.transform not in (None, "digits"):
-            raise ValueError(
-                "`--transform` applies to `--images`; the bundled sample digits are already "
-                "normalised for the bundled model (transform 'digits')."
-            )
-        transform = "digits"
-        images, labels_tensor = load_sample_digits()
-        if args.limit is not None:
-            images, labels_tensor = images[: args.limit], labels_tensor[: args.limit]
-        names = [f"sample digit {i}" for i in range(images.shape[0])]
-        if class_names is None and args.model is None:
-            class_names = list(DIGIT_CLASSES)
-        labels = labels_tensor.tolist() if class_names is not None else None
-        images_description = f"{images.shape[0]} bundled sample digits"
-    else:
-        transform = args.transform or default_transform
-        images, paths, folders = load_image_folder(
-            args.images, transform, labels_from_subfolders=True, limit=args.limit
-        )
-        if class_names is None and args.model is None:
-            class_names = list(DIGIT_CLASSES)
-        root = Path(args.images).expanduser()
-        names = [p.relative_to(root).as_posix() for p in paths]
-        labels = _true_labels(folders, class_names)
-        images_description = f"{images.shape[0]} images from {args.images}"
-
-    if layer_name is None:
-        layer_name = _pick_layer(model, args.layer)
-    sections = args.sections or list(SECTIONS if args.model is None else USER_MODEL_SECTIONS)
-    example = images[:2].to(device)
-    trust_problem = None
-    if isinstance(model, torch.jit.ScriptModule) and "trust" in sections:
-        # GradTrust reads the final linear layer: run an eager copy of it (same weights)
-        try:
-            forward = _gradtrust_model(model, args.final_layer, example, layer=layer_name)
-            layer = forward.tap
-        except ValueError as error:
-            if args.final_layer is not None or args.sections is not None:
-                raise
-            trust_problem = error  # the other sections are still possible
-            forward, layer = expose_layer(model, layer_name, example=example)
-    else:
-        forward, layer = expose_layer(model, layer_name, example=example)
-    display = denormalize_for_display(images, transform)
-
-    report = Report(
-        args.title or "captum-ext report",
-        metadata={
-            "Model": model_description,
-            "Layer": layer_name,
-            "Images": images_description,
-            "Transform": transform,
-            "Device": str(device),
-            "Sections": ", ".join(sections),
-            "torch": torch.__version__,
-        },
-    )
-    with _writing_to(out):
-        common = {"labels": labels, "names": names, "batch_size": args.batch_size}
-        args.report_labels, args.report_names = labels, names
-        args.report_device = device
-        timings: list[tuple[str, float]] = []
-        for name in sections:
-            started = time.perf_counter()
-            try:
-                if name in ("masks", "inversion"):
-                    if name == "masks":
-                        built = _masks_section(
-                            args, model, forward, layer_name, images, display, class_names, out
-                        )
-                    else:
-                        built = _inversion_section(args, model, images, transform, class_names, out)
-                        if isinstance(built, str):  # from the default sections, and too big
-                            print(f"captum-ext report: {built}; left out", file=sys.stderr)
-                            report.metadata.append(("Inversion section", f"left out: {built}"))
-                            continue
-                    report.add_section(built)
-                    continue
-                if name == "contrastive":
-                    build, options = contrastive_section, {}
-                elif name == "voice":
-                    build, options = voice_section, {"contrasts": args.voice_contrasts}
-                elif name == "metrics":
-                    build, options = explanation_metrics_section, {"n_steps": args.metrics_steps}
-                else:
-                    build, options = trust_section, {"least_trusted": args.least_trusted}
-                    options["score_kwargs"] = _gradtrust_kwargs(model, args.final_layer)
-                arguments = (forward, layer, images, display, class_names, out)
-                try:
-                    if name == "trust" and trust_problem is not None:
-                        raise trust_problem
-                    section = build(*arguments, progress=not args.no_progress, **common, **options)
-                except (ValueError, TypeError) as error:
-                    if name != "trust":
-                        raise
-                    error = _name_the_option(error)
-                    if args.sections is not None:
-                        raise error from None
-                    # asked for by default only: a model GradTrust cannot read (e.g. TorchScript,
-                    # whose final nn.Linear is compiled) still gets the other sections
-                    reason = str(error).strip().splitlines()[0]
-                    print(f"captum-ext report: trust section left out: {reason}", file=sys.stderr)
-                    report.metadata.append(("Trust section", f"left out: {reason}"))
-                    continue
-                report.add_section(section)
-            finally:
-                timings.append((name, time.perf_counter() - started))
-        started = time.perf_counter()
-        index = report.write(out)
-        timings.append(("(writing the page)", time.perf_counter() - started))
-    print(f"Report written to {index}")
-    print(_format_timings(timings))
+    result = build_report(_report_config(args))
+    print(f"Report written to {result.index}")
+    print(format_timings(result.timings))
     return 0
-
-
-def _format_timings(timings: list[tuple[str, float]]) -> str:
-    """The time each section took, one line each, as ``captum-ext report`` prints at the end."""
-    width = max(len(name) for name, _ in timings)
-    lines = ["Time per section:"]
-    lines += [f"  {name:<{width}}  {seconds:8.1f} s" for name, seconds in timings]
-    lines.append(f"  {'total':<{width}}  {sum(s for _, s in timings):8.1f} s")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
 # score
-
-
-def _folder_labels(folders: list[str], class_names: list[str] | None) -> list[int]:
-    index = {name: i for i, name in enumerate(class_names or [])}
-    labels = []
-    for folder in folders:
-        if folder in index:
-            labels.append(index[folder])
-        elif folder.isdigit() and (class_names is None or int(folder) < len(class_names)):
-            labels.append(int(folder))
-        else:
-            labels.append(-1)
-    return labels
 
 
 def _init_distributed(device: Any) -> tuple[Any, bool]:
@@ -890,42 +484,32 @@ def _check_class_count(model: Any, example: Any, class_names: list[str], device:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    import torch
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
+    from captum_ext._utils.validation import parse_device
     from captum_ext.bundled import load_bundled_model
-    from captum_ext.data import DIGIT_CLASSES, load_sample_digits
-    from captum_ext.data.loading import _parse_device, load_image_folder, load_model
+    from captum_ext.data import DIGIT_CLASSES
+    from captum_ext.data.loading import load_model, read_class_names, resolve_inputs
     from captum_ext.metrics.dataset import score_dataset
 
-    device = _parse_device(args.device)
+    device = parse_device(args.device, argument="--device")
     if args.model is None and args.weights is not None:
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
     out = Path(args.out).expanduser()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
-        _check_output(out, folder=False)
-    class_names = _read_class_names(args.classes) if args.classes else None
+        check_output(out, folder=False)
+    class_names = read_class_names(args.classes) if args.classes else None
     if class_names is None and args.model is None:
         class_names = list(DIGIT_CLASSES)
-    if args.images is None:
-        if args.transform not in (None, "digits"):
-            raise ValueError(
-                "`--transform` applies to `--images`; the bundled sample digits are already "
-                "normalised for the bundled model (transform 'digits')."
-            )
-        images, labels = load_sample_digits()
-        if args.limit is not None:
-            images, labels = images[: args.limit], labels[: args.limit]
-        names = [f"sample digit {i}" for i in range(images.shape[0])]
-    else:
-        transform = args.transform or ("digits" if args.model is None else "imagenet")
-        images, paths, folders = load_image_folder(
-            args.images, transform, labels_from_subfolders=True, limit=args.limit
-        )
-        labels = torch.tensor(_folder_labels(folders, class_names), dtype=torch.int64)
-        root = Path(args.images).expanduser()
-        names = [p.relative_to(root).as_posix() for p in paths]
+    inputs = resolve_inputs(
+        args.images,
+        transform=args.transform,
+        default_transform="digits" if args.model is None else "imagenet",
+        class_names=class_names,
+        limit=args.limit,
+    )
+    images, labels, names = inputs.images, inputs.labels, inputs.names
 
     device, created = _init_distributed(device)
     try:
@@ -935,9 +519,9 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_model(args.model, args.weights, device)
         if class_names is not None:
             _check_class_count(model, images[:1], class_names, device)
-        options = _gradtrust_kwargs(model, args.final_layer)
-        if any(name in _GRADTRUST_SCORES for name in args.scores):
-            model = _gradtrust_model(model, args.final_layer, images[:2].to(device))
+        options = gradtrust_kwargs(model, args.final_layer)
+        if any(name in GRADTRUST_SCORES for name in args.scores):
+            model = gradtrust_model(model, args.final_layer, images[:2].to(device))
         loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size)
         if "mc_dropout" in args.scores:
             options["mc_dropout"] = {"generator": args.seed}
@@ -952,10 +536,10 @@ def _run_score(args: argparse.Namespace) -> int:
                 score_kwargs=options,
             )
         except (ValueError, TypeError) as error:
-            raise _name_the_option(error) from None
+            raise name_the_option(error) from None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
-            with _writing_to(out):
+            with writing_to(out):
                 path = table.to_csv(out, extra={"path": names})
             known = table["label"] >= 0
             summary = f"{len(table)} examples"

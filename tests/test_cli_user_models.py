@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from captum_ext import cli
 from captum_ext.cli import main
+from captum_ext.viz import build
 
 MODULE = textwrap.dedent(
     """
@@ -92,7 +92,7 @@ def test_inversion_from_the_default_sections_that_does_not_fit_is_left_out(
     tmp_path, monkeypatch, capsys, user_module
 ):
     _low_memory(monkeypatch)
-    monkeypatch.setattr(cli, "USER_MODEL_SECTIONS", ("contrastive", "inversion"))
+    monkeypatch.setattr(build, "USER_MODEL_SECTIONS", ("contrastive", "inversion"))
     out = tmp_path / "out"
     argv = ["report", "--model", f"{user_module}:many_classes", "--limit", "2", "--layer", "2"]
     assert main(argv + ["--no-progress", "--out", str(out)]) == 0

@@ -6,6 +6,9 @@ r"""Load the user's own model and images: no configuration files, no downloads.
 - :func:`load_image_folder`: every image under a folder (recursively, sorted by path) as one
   ``N x C x H x W`` tensor, with the ImageNet, digits or no preprocessing.
 - :func:`denormalize_for_display`: back to ``[0, 1]`` ``H x W x C`` arrays for plotting.
+- :func:`resolve_inputs`: THE one place that turns an images folder (or the bundled sample
+  digits), a transform name and class names into tensors, labels and names
+  (:func:`folder_labels` is its rule for folder names to labels).
 - :func:`default_cam_layer` and :func:`expose_layer`: which layer to explain, and a way to
   explain a layer inside a TorchScript model (whose submodules cannot carry hooks).
 
@@ -15,6 +18,7 @@ Error messages name the argument, with the command-line flag first (``--model``,
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -28,7 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.torchscript import TorchScriptLayerModel, expose_layer
+from captum_ext._utils.validation import parse_device
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -42,6 +48,10 @@ __all__ = [
     "load_image_folder",
     "load_model",
     "load_state_dict_file",
+    "ResolvedInputs",
+    "folder_labels",
+    "read_class_names",
+    "resolve_inputs",
 ]
 
 #: File name endings read by :func:`load_image_folder` (compared case-insensitively).
@@ -78,25 +88,6 @@ def _few(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in list(names)[:_LIST_AT_MOST])
     more = len(names) - _LIST_AT_MOST
     return shown + (f" (and {more} more)" if more > 0 else "")
-
-
-def _parse_device(device: Any) -> torch.device:
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"`--device`={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {error}"
-        ) from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"`--device`={device!r}: CUDA is not available on this machine.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"`--device`={device!r}: only {torch.cuda.device_count()} CUDA device(s) here."
-            )
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"`--device`={device!r}: MPS is not available on this machine.")
-    return parsed
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -185,7 +176,7 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
         ValueError: the file cannot be read with ``weights_only=True`` or holds no state dict.
     """
     path = Path(weights).expanduser()
-    device = _parse_device(device)
+    device = parse_device(device, argument="--device")
     if not path.is_file():
         raise FileNotFoundError(f"`--weights` file not found: {str(weights)!r}.")
     if path.suffix.lower() == ".safetensors":
@@ -303,7 +294,7 @@ def load_model(
             f"got {spec!r}."
         )
     spec = spec.strip()
-    device = _parse_device(device)
+    device = parse_device(device, argument="--device")
     path = Path(spec).expanduser()
     if path.is_file():
         model = _load_torchscript(path, device)
@@ -614,3 +605,139 @@ def denormalize_for_display(x: Tensor, transform: str | Callable | None = "image
         )
     array = batch.clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
     return array[0] if single else array
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line, in the order of the model's outputs
+    (trailing empty lines are ignored). Errors name ``--classes``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"`--classes` file not found: {str(path)!r}.")
+    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise ValueError(
+            f"`--classes` file {str(path)!r} is empty; expected one class name per line."
+        )
+    return names
+
+
+def folder_labels(folders: Sequence[str], class_names: Sequence[str] | None) -> list[int]:
+    """The one rule for the true class of an image from its first-level sub-folder name:
+
+    1. a name from ``class_names`` gives that class's index;
+    2. otherwise a folder named by a class index (``3/``) gives that index (when it is below
+       ``len(class_names)``, if class names are given);
+    3. otherwise (and for images directly in the folder, ``""``) the label is ``-1``
+       (unknown).
+
+    Examples::
+
+        >>> folder_labels(["cat", "dog", "7", ""], ["cat", "dog"])
+        [0, 1, -1, -1]
+        >>> folder_labels(["3", "x"], None)
+        [3, -1]
+    """
+    index = {name: i for i, name in enumerate(class_names or [])}
+    labels = []
+    for folder in folders:
+        if folder in index:
+            labels.append(index[folder])
+        elif folder.isdigit() and (class_names is None or int(folder) < len(class_names)):
+            labels.append(int(folder))
+        else:
+            labels.append(-1)
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedInputs:
+    """What :func:`resolve_inputs` returns.
+
+    Attributes:
+        images (Tensor): ``N x C x H x W`` float32 images, preprocessed with ``transform``.
+        labels (Tensor): ``N`` int64 true classes, ``-1`` where unknown (:func:`folder_labels`).
+        names (list[str]): a name per image (its path under the folder, or
+            ``"sample digit i"``).
+        transform (str or Callable): the preprocessing applied.
+        description (str): one line, e.g. ``"8 images from photos/"``.
+    """
+
+    images: Tensor
+    labels: Tensor
+    names: list[str]
+    transform: str | Callable
+    description: str
+
+    def label_list(self) -> list[int | None] | None:
+        """The labels as a list with None where unknown; None when no label is known."""
+        labels = [int(v) if v >= 0 else None for v in self.labels.tolist()]
+        return labels if any(v is not None for v in labels) else None
+
+
+def resolve_inputs(
+    images: str | os.PathLike | None = None,
+    *,
+    transform: str | Callable | None = None,
+    default_transform: str = "imagenet",
+    class_names: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> ResolvedInputs:
+    r"""Turn the images argument of ``captum-ext report`` / ``score`` into tensors: THE one
+    place for the bundled default, the transform and the labels from folder names.
+
+    Args:
+        images (str or PathLike, optional): a folder of images, read recursively and sorted
+            by path (:func:`load_image_folder`); the first sub-folder name gives the true
+            class by :func:`folder_labels`. Default: None, the 40 bundled sample digits
+            (:func:`captum_ext.data.load_sample_digits`, already normalised, with labels).
+        transform (str or Callable, optional): preprocessing of ``images`` (one of
+            :data:`TRANSFORMS` or a callable, see :func:`load_image_folder`). Must be None or
+            ``"digits"`` for the sample digits. Default: None, ``default_transform``.
+        default_transform (str, optional): the transform when ``transform`` is None.
+            Default: ``"imagenet"``.
+        class_names (Sequence[str], optional): class names in the order of the model's
+            outputs, for labels from folder names. Default: None.
+        limit (int, optional): keep only the first ``limit`` images. Default: None (all).
+
+    Returns:
+        :class:`ResolvedInputs`: images, labels (``-1`` = unknown), names, transform,
+        description.
+
+    Raises:
+        ValueError: a bad ``limit`` or ``transform``, a folder without readable images.
+        FileNotFoundError: ``images`` does not exist.
+
+    Examples::
+
+        >>> inputs = resolve_inputs(limit=4)  # the bundled sample digits
+        >>> inputs.images.shape, inputs.transform
+        (torch.Size([4, 1, 28, 28]), 'digits')
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`--limit` must be a positive int, got {limit!r}.")
+    if images is None:
+        if transform not in (None, "digits"):
+            raise ValueError(
+                "`--transform` applies to `--images`; the bundled sample digits are already "
+                "normalised for the bundled model (transform 'digits')."
+            )
+        from captum_ext.data import load_sample_digits
+
+        x, labels = load_sample_digits()
+        if limit is not None:
+            x, labels = x[:limit], labels[:limit]
+        names = [f"sample digit {i}" for i in range(x.shape[0])]
+        return ResolvedInputs(
+            x, labels.to(torch.int64), names, "digits", f"{x.shape[0]} bundled sample digits"
+        )
+    chosen = default_transform if transform is None else transform
+    x, paths, folders = load_image_folder(images, chosen, labels_from_subfolders=True, limit=limit)
+    root = Path(images).expanduser()
+    names = [p.relative_to(root).as_posix() for p in paths]
+    labels = torch.tensor(folder_labels(folders, class_names), dtype=torch.int64)
+    return ResolvedInputs(x, labels, names, chosen, f"{x.shape[0]} images from {images}")
+
+
+__getattr__ = moved_names(__name__, {"_parse_device": "captum_ext._utils.validation:parse_device"})

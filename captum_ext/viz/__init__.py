@@ -6,6 +6,12 @@ tqdm; each is imported only when the function that needs it runs).
   perceptually uniform map).
 - :class:`Report`, :class:`Section`, :class:`Row`, :class:`Figure`, :class:`Table`: a modular
   HTML report.
+- :func:`build_report` / :class:`ReportConfig`: what ``captum-ext report`` does, as a library
+  call; :data:`SECTION_REGISTRY` maps each section name to its description and builder (one
+  entry per section), all built from one :class:`SectionInputs` (model, layer, images,
+  labels, predictions and probabilities computed once).
+- :func:`compute_contrastive` (numbers, no drawing) and :func:`render_contrastive` (the
+  figures): the two steps of :func:`contrastive_section`.
 - :func:`contrastive_section`: the "Why P? / Why P, rather than Q? / What if not P?" section.
 - :func:`voice_section`: "How uncertain is this explanation?" (VOICE uncertainty maps, IoU,
   SNR).
@@ -22,15 +28,33 @@ tqdm; each is imported only when the function that needs it runs).
   accuracy-retention curves of every trust score, the least-trusted images with their maps).
 """
 
+from .build import SECTION_REGISTRY, ReportConfig, SectionInputs, build_report
 from .inversion import inversion_section
 from .masks import minimal_mask_section
 from .ood import ood_section
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
-from .report import Figure, Report, Row, Section, Table, contrastive_section
+from .report import (
+    ContrastiveMaps,
+    Figure,
+    Report,
+    Row,
+    Section,
+    Table,
+    compute_contrastive,
+    contrastive_section,
+    render_contrastive,
+)
 from .trust import trust_section
 from .uncertainty import explanation_metrics_section, voice_section
 
 __all__ = [
+    "SECTION_REGISTRY",
+    "ContrastiveMaps",
+    "ReportConfig",
+    "SectionInputs",
+    "build_report",
+    "compute_contrastive",
+    "render_contrastive",
     "DEFAULT_CMAP",
     "Figure",
     "Report",

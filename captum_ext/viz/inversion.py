@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._checks import _class_names
+from ._figures import save_figure
 from .report import Figure, Section, Table
 
 __all__ = ["inversion_section"]
@@ -165,7 +166,7 @@ def inversion_section(
         class_names=class_names,
     )
     grid_path = folder / "samples.png"
-    grid.savefig(grid_path, format="png", dpi=80)
+    save_figure(grid, grid_path, dpi=80)
 
     diversity = within_class_diversity(classifier, images, labels)
     # per_class is indexed like diversity.classes (the distinct labels), not by class index

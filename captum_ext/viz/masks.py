@@ -42,6 +42,7 @@ from ._checks import (
     _to_cpu,
     _true_class,
 )
+from ._figures import new_figure, save_figure
 from .overlay import save_png, to_uint8_rgb
 from .report import (
     Figure,
@@ -58,6 +59,8 @@ __all__ = ["minimal_mask_section"]
 _MODES = ("amortised", "per_image")
 #: width in the page (CSS pixels) of a circuit plot
 _CIRCUIT_WIDTH = 300
+#: height (pixels) of a circuit plot
+_CIRCUIT_HEIGHT = 220
 #: the colour (uint8, every channel) of the pixels a mask leaves out, in the "kept pixels"
 #: picture: mid-grey, so that scattered kept pixels stand out from both dark and light parts
 #: of the image instead of looking like noise on a black background
@@ -80,17 +83,14 @@ def _kept_pixels(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _save_circuit(graph: Any, title: str, path: Path) -> Path:
-    from matplotlib.figure import Figure as PlotFigure
-
     from captum_ext.circuits import draw
 
-    figure = PlotFigure(figsize=(6.0, 4.0), dpi=80, layout="constrained")
+    # drawn at the width the page shows it, so that its labels are read at their size
+    figure = new_figure(_CIRCUIT_WIDTH, _CIRCUIT_HEIGHT)
     ax = figure.subplots()
     draw(graph, ax=ax)
     ax.set_title(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    return save_figure(figure, path)
 
 
 def minimal_mask_section(

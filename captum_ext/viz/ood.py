@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from ._figures import save_figure
 from .report import Figure, Section, Table, _model_device
 
 __all__ = ["ood_section"]
@@ -67,7 +68,7 @@ def _plot_histograms(scores: dict[str, Tensor], path: Path) -> Path:
     ax.set_title("Scores, in-distribution vs each OOD set")
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    save_figure(figure, path)
     return path
 
 
@@ -118,7 +119,7 @@ def _pool_figure(pool: Tensor, denormalize: Callable | None, count: int):
 def _plot_pool(pool: Tensor, denormalize: Callable | None, count: int, path: Path) -> Path:
     figure = _pool_figure(pool, denormalize, count)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    save_figure(figure, path)
     return path
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ._figures import save_figure
+
 __all__ = ["DEFAULT_CMAP", "overlay", "save_colorbar", "save_png", "to_uint8_rgb"]
 
 #: The colour map of heat maps by default: perceptually uniform (equal steps in the map look
@@ -150,10 +152,7 @@ def save_colorbar(
     bar = figure.colorbar(mappable, cax=ax, orientation="horizontal", ticks=[0.0, 0.5, 1.0])
     bar.ax.set_xticklabels([low, "0.5", high], fontsize=8)
     bar.set_label(label, fontsize=8)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png")
-    return target
+    return save_figure(figure, path)
 
 
 def save_png(array: Any, path: str | os.PathLike) -> Path:

@@ -40,7 +40,17 @@ from captum_ext._utils.training import atomic_path, progress_bar
 
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
 
-__all__ = ["Figure", "Report", "Row", "Section", "Table", "contrastive_section"]
+__all__ = [
+    "ContrastiveMaps",
+    "Figure",
+    "Report",
+    "Row",
+    "Section",
+    "Table",
+    "compute_contrastive",
+    "contrastive_section",
+    "render_contrastive",
+]
 
 _FIGURE_WIDTH = 168  # CSS pixels per figure in the page
 _TEMPLATE = "report.html.j2"
@@ -529,54 +539,86 @@ def contrastive_section(
         figures per row (input and three overlays).
     """
 
-    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
-
     if not isinstance(images, Tensor) or images.dim() != 4:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"`images` must be an N x C x H x W tensor, got {got}.")
     batch_size = _check_batch_size(batch_size)
     n = images.shape[0]
-    size = (images.shape[2], images.shape[3])
-    shown = _display_array(display_images, n, size)
+    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     if names is not None and len(names) != n:
         raise ValueError(f"`names` has {len(names)} entries for {n} images.")
     if labels is not None:
         labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
         if len(labels) != n:
             raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
+    data = compute_contrastive(
+        model, layer, images, class_names=class_names, batch_size=batch_size, progress=progress
+    )
+    return render_contrastive(
+        data, shown, out_dir, labels=labels, names=names, alpha=alpha, cmap=cmap, title=title
+    )
+
+
+@dataclass(frozen=True)
+class ContrastiveMaps:
+    """What :func:`compute_contrastive` returns (numbers only; :func:`render_contrastive`
+    draws them).
+
+    Attributes:
+        probabilities (Tensor): ``N x C`` softmax of the model's outputs (CPU).
+        predicted (Tensor): ``N`` predicted classes P.
+        runner_up (Tensor): ``N`` runner-up classes Q (second most likely).
+        maps (dict[str, numpy.ndarray]): ``"gradcam"``, ``"contrast"``, ``"counterfactual"``
+            -> ``N x H x W`` maps upsampled to the input and min-max scaled to [0, 1].
+        class_names (list[str]): one name per model output.
+        layer_name (str): the layer explained ("" when unknown).
+    """
+
+    probabilities: Tensor
+    predicted: Tensor
+    runner_up: Tensor
+    maps: dict[str, np.ndarray]
+    class_names: list[str]
+    layer_name: str
+
+
+def compute_contrastive(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    *,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> ContrastiveMaps:
+    r"""The numbers of :func:`contrastive_section`, without drawing: for each image the
+    prediction P, the runner-up Q and the maps Grad-CAM(P), ContrastCAM(P vs Q) and
+    CounterfactualCAM(P) at ``layer``, upsampled and min-max scaled to [0, 1].
+
+    Args:
+        model (Callable): the classifier, returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        class_names (Sequence[str], optional): one name per output. None: the indices.
+        batch_size (int, optional): images per attribution call. Default: 64.
+        progress (bool, optional): progress bar on stderr. Default: False.
+
+    Returns:
+        :class:`ContrastiveMaps`.
+    """
+    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
+
+    batch_size = _check_batch_size(batch_size)
+    n = images.shape[0]
     module = resolve_layer(model, layer)
     layer_name = _layer_name(model, layer, module)
     device = _model_device(model, images)
-    folder = Path(out_dir) / "images" / "contrastive"
-    folder.mkdir(parents=True, exist_ok=True)
-
     gradcam = GradCAM(model, module)
     contrast_cam = ContrastCAM(model, module)
     counterfactual_cam = CounterfactualCAM(model, module)
-    explained_at = f" at layer {layer_name}" if layer_name else ""
-    section = Section(
-        title,
-        intro=(
-            f"For each image: the predicted class P, and three maps{explained_at}, each "
-            "upsampled to the image and scaled to [0, 1] (the colour bar below gives the "
-            "scale). "
-            "Grad-CAM answers 'Why P?' (evidence for P). "
-            "ContrastCAM answers 'Why P, rather than Q?' against the runner-up class Q: the "
-            "regions that make the network prefer P over Q. "
-            "CounterfactualCAM answers 'What if not P?': the regions that speak against P, "
-            "whose removal would make the network more confident in P. "
-            "A map with no evidence at all is marked 'empty'."
-        ),
-    )
-    colour_bar = save_colorbar(
-        folder / "colorbar.png",
-        cmap=cmap,
-        alpha=alpha,
-        label="each map scaled to [0, 1] (as overlaid on the images)",
-    )
-    section.add_row(
-        "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
-    )
+    chunks: dict[str, list[Any]] = {
+        k: [] for k in ("probabilities", "gradcam", "contrast", "counterfactual")
+    }
     with _progress_bar(n, "contrastive maps", progress) as bar:
         for start in range(0, n, batch_size):
             x = images[start : start + batch_size].to(device)
@@ -601,36 +643,92 @@ def contrastive_section(
                     x, target=predicted, upsample_to_input=True, normalize="minmax"
                 ),
             }
-            maps = {k: v.detach().to("cpu", torch.float32)[:, 0].numpy() for k, v in maps.items()}
-            for j in range(x.shape[0]):
-                i = start + j
-                p, q = int(predicted[j]), int(runner_up[j])
-                name_p, name_q = class_names[p], class_names[q]
-                label = f"{names[i] if names is not None else f'#{i}'}: predicted {name_p} "
-                label += f"({float(probabilities[j, p]):.1%}), runner-up {name_q} "
-                label += f"({float(probabilities[j, q]):.1%})"
-                if labels is not None and labels[i] is not None:
-                    true = int(labels[i])
-                    if not 0 <= true < len(class_names):
-                        raise ValueError(
-                            f"`labels`[{i}]={true} is not a class index of the model "
-                            f"(0..{len(class_names) - 1})."
-                        )
-                    verdict = "correct" if true == p else "wrong"
-                    label += f"; true class {class_names[true]} ({verdict})"
-                row = section.add_row(label)
-                stem = folder / f"{i:05d}"
-                row.add_figure("Input", save_png(shown[i], f"{stem}_input.png"))
-                captions = {
-                    "gradcam": f"Grad-CAM: Why {name_p}?",
-                    "contrast": f"ContrastCAM: Why {name_p}, rather than {name_q}?",
-                    "counterfactual": f"CounterfactualCAM: What if not {name_p}?",
-                }
-                for kind, caption in captions.items():
-                    heat = maps[kind][j]
-                    if not heat.any():
-                        caption += " (empty)"
-                    picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
-                    row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
+            for kind, heat in maps.items():
+                chunks[kind].append(heat.detach().to("cpu", torch.float32)[:, 0].numpy())
+            chunks["probabilities"].append(probabilities.detach().cpu())
             bar.update(x.shape[0])
+    probabilities = torch.cat(chunks["probabilities"])
+    top = probabilities.topk(2, dim=1).indices
+    return ContrastiveMaps(
+        probabilities=probabilities,
+        predicted=top[:, 0],
+        runner_up=top[:, 1],
+        maps={k: np.concatenate(chunks[k]) for k in ("gradcam", "contrast", "counterfactual")},
+        class_names=list(class_names),
+        layer_name=layer_name,
+    )
+
+
+def render_contrastive(
+    data: ContrastiveMaps,
+    display_images: Any,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Sequence[Any] | None = None,
+    names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    title: str = "Contrastive explanations",
+) -> Section:
+    """Draw :func:`compute_contrastive`'s maps over ``display_images`` (N x H x W x C in
+    [0, 1], or a tensor) into ``out_dir/images/contrastive/`` and return the Section."""
+    n = data.probabilities.shape[0]
+    size = data.maps["gradcam"].shape[1:]
+    shown = _display_array(display_images, n, (size[0], size[1]))
+    class_names = data.class_names
+    folder = Path(out_dir) / "images" / "contrastive"
+    folder.mkdir(parents=True, exist_ok=True)
+    explained_at = f" at layer {data.layer_name}" if data.layer_name else ""
+    section = Section(
+        title,
+        intro=(
+            f"For each image: the predicted class P, and three maps{explained_at}, each "
+            "upsampled to the image and scaled to [0, 1] (the colour bar below gives the "
+            "scale). "
+            "Grad-CAM answers 'Why P?' (evidence for P). "
+            "ContrastCAM answers 'Why P, rather than Q?' against the runner-up class Q: the "
+            "regions that make the network prefer P over Q. "
+            "CounterfactualCAM answers 'What if not P?': the regions that speak against P, "
+            "whose removal would make the network more confident in P. "
+            "A map with no evidence at all is marked 'empty'."
+        ),
+    )
+    colour_bar = save_colorbar(
+        folder / "colorbar.png",
+        cmap=cmap,
+        alpha=alpha,
+        label="each map scaled to [0, 1] (as overlaid on the images)",
+    )
+    section.add_row(
+        "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
+    )
+    for i in range(n):
+        p, q = int(data.predicted[i]), int(data.runner_up[i])
+        name_p, name_q = class_names[p], class_names[q]
+        label = f"{names[i] if names is not None else f'#{i}'}: predicted {name_p} "
+        label += f"({float(data.probabilities[i, p]):.1%}), runner-up {name_q} "
+        label += f"({float(data.probabilities[i, q]):.1%})"
+        if labels is not None and labels[i] is not None:
+            true = int(labels[i])
+            if not 0 <= true < len(class_names):
+                raise ValueError(
+                    f"`labels`[{i}]={true} is not a class index of the model "
+                    f"(0..{len(class_names) - 1})."
+                )
+            verdict = "correct" if true == p else "wrong"
+            label += f"; true class {class_names[true]} ({verdict})"
+        row = section.add_row(label)
+        stem = folder / f"{i:05d}"
+        row.add_figure("Input", save_png(shown[i], f"{stem}_input.png"))
+        captions = {
+            "gradcam": f"Grad-CAM: Why {name_p}?",
+            "contrast": f"ContrastCAM: Why {name_p}, rather than {name_q}?",
+            "counterfactual": f"CounterfactualCAM: What if not {name_p}?",
+        }
+        for kind, caption in captions.items():
+            heat = data.maps[kind][i]
+            if not heat.any():
+                caption += " (empty)"
+            picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
+            row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
     return section

@@ -49,6 +49,7 @@ from ._checks import (
     _to_cpu,
     _true_class,
 )
+from ._figures import save_figure
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
 from .report import (
     _COLORBAR_WIDTH,
@@ -171,7 +172,7 @@ def _plot_scatter(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    save_figure(figure, path)
     return path
 
 
@@ -256,7 +257,7 @@ def _retention_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
 def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
     figure = _retention_figure(curves)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    save_figure(figure, path)
     return path
 
 

@@ -49,6 +49,7 @@ from ._checks import (
     _to_cpu,
     _true_class,
 )
+from ._figures import save_figure
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
 from .report import (
     Figure,
@@ -382,7 +383,7 @@ def _plot_curves(
         ax.legend(fontsize=8, loc="upper right" if metric == "deletion" else "lower right")
     axes[0].set_ylabel(f"mean probability of P ({n} images)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    save_figure(figure, path)
     return path
 
 

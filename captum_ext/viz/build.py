@@ -1,0 +1,719 @@
+r"""Build the ``captum-ext report`` page from a :class:`ReportConfig`: the library side of the
+command line.
+
+- :class:`ReportConfig`: everything ``captum-ext report`` takes (model spec and weights,
+  images folder, layer, sections, limit, out, device, classes file, transform, ...).
+- :class:`SectionInputs`: what every section needs, built ONCE per report (model, layer,
+  images, display images, labels, class names, device, the predictions and probabilities).
+- :data:`SECTION_REGISTRY`: section name -> :class:`SectionSpec` (description, the function
+  that builds it from a :class:`SectionInputs`, its options from the config). Adding a
+  section to the report is one entry.
+- :func:`build_report`: resolve the inputs (:func:`captum_ext.data.loading.resolve_inputs`),
+  build the sections in order, time each, write the page; returns a :class:`ReportResult`.
+
+Errors are one-line exceptions naming the command-line option (``--out``, ``--layer``, ...):
+:class:`OutputError` (``--out`` cannot be written), :class:`SectionTooBigError` (a section asked
+for by name does not fit in memory), and ``ValueError`` / ``TypeError`` / ``OSError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "OutputError",
+    "ReportConfig",
+    "ReportResult",
+    "SECTION_REGISTRY",
+    "SectionInputs",
+    "SectionSpec",
+    "SectionTooBigError",
+    "USER_MODEL_SECTIONS",
+    "build_report",
+    "format_timings",
+]
+
+#: the training batch of the inversion generator for a model of your own
+INVERSION_BATCH = 64
+
+
+class OutputError(Exception):
+    """The output location (``--out``) cannot be written."""
+
+
+class SectionTooBigError(Exception):
+    """A section asked for by name needs more memory than is free."""
+
+
+# --------------------------------------------------------------------------------------
+# output checks (shared with ``captum-ext score``)
+
+
+def _describe_os_error(error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason}: {error.filename!r}" if error.filename else reason
+
+
+def check_output(out: Path, *, folder: bool) -> None:
+    """Fail early, before any work, when ``--out`` cannot be written: a scratch file must be
+    creatable in the ``--out`` folder (or the folder the ``--out`` file goes in), or, when
+    that does not exist yet, in its nearest existing parent (nothing is created there). The
+    temporary files of an earlier run that was killed while writing are removed."""
+    from captum_ext._utils.training import _remove_stale_temporaries
+
+    target = out if folder else out.parent
+    try:
+        if not folder and out.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
+        existing = target.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
+        os.close(handle)
+        os.unlink(scratch)
+        if existing == target.absolute():
+            _remove_stale_temporaries(out / "index.html" if folder else out)
+    except OSError as error:
+        raise OutputError(
+            f"`--out` {str(out)!r} cannot be written ({_describe_os_error(error)})."
+        ) from error
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _is_under(name: Any, out: Path) -> bool:
+    try:
+        return Path(os.fsdecode(name)).resolve().is_relative_to(out.resolve())
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+@contextmanager
+def writing_to(out: Path) -> Iterator[None]:
+    """A failure to write (full disk, folder made read-only meanwhile) names ``--out``; other
+    OS errors (e.g. a missing input file) pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _WRITE_ERRNOS and not (
+            error.filename is not None and _is_under(error.filename, out)
+        ):
+            raise
+        raise OutputError(
+            f"writing to `--out` {str(out)!r} failed ({_describe_os_error(error)})."
+        ) from error
+
+
+# --------------------------------------------------------------------------------------
+# GradTrust on TorchScript models (shared with ``captum-ext score``)
+
+GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
+
+
+def name_the_option(error: Exception) -> Exception:
+    """GradTrust's advice to "pass `layer`" becomes advice to pass ``--final-layer``."""
+    text = str(error)
+    if "pass `layer`" not in text:
+        return error
+    return type(error)(text.replace("pass `layer`", "pass `--final-layer`"))
+
+
+def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: str | None = None):
+    """For a TorchScript model: a wrapper whose final linear layer GradTrust can read
+    (:func:`captum_ext._utils.torchscript.expose_final_layer`), also exposing ``layer``.
+    Eager models are returned unchanged (``--final-layer`` goes to GradTrust's ``layer``)."""
+    import torch
+
+    from captum_ext._utils.torchscript import expose_final_layer
+
+    if not isinstance(model, torch.jit.ScriptModule):
+        return model
+    return expose_final_layer(model, final_layer, layer=layer, example=example)
+
+
+def gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str, Any]]:
+    """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores (eager models)."""
+    import torch
+
+    if final_layer is None or isinstance(model, torch.jit.ScriptModule):
+        return {}
+    return {name: {"layer": final_layer} for name in GRADTRUST_SCORES}
+
+
+# --------------------------------------------------------------------------------------
+# configuration, inputs, registry
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """Everything ``captum-ext report`` takes; the defaults are the command line's.
+
+    ``model=None`` is the bundled digit classifier on its sample digits (``images=None``).
+    ``sections=None`` is every registered section for the bundled model and
+    :data:`USER_MODEL_SECTIONS` for a model of your own.
+    """
+
+    model: str | None = None
+    weights: str | None = None
+    layer: str | None = None
+    images: str | None = None
+    transform: str | None = None
+    classes: str | None = None
+    out: str | os.PathLike = "report"
+    batch_size: int = 64
+    device: Any = "cpu"
+    limit: int | None = None
+    sections: Sequence[str] | None = None
+    mask_net: str | None = None
+    mask_layers: str | None = None
+    inversion_steps: int = 300
+    inversion_classes: int = 20
+    voice_contrasts: str | int = "all"
+    metrics_steps: int = 20
+    final_layer: str | None = None
+    least_trusted: int = 10
+    title: str | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SectionInputs:
+    """What every report section needs, built once per report by :func:`build_report`.
+
+    Attributes:
+        model: the loaded model (eager or TorchScript).
+        forward: what the sections call (``model``, or a wrapper exposing ``layer`` inside a
+            TorchScript model).
+        layer: the layer to explain (a module of ``forward``); ``layer_name`` its name.
+        images (Tensor): ``N x C x H x W`` preprocessed images.
+        display_images (numpy.ndarray): the same in [0, 1], ``N x H x W x C``.
+        labels (list or None): true class per image, None where unknown (None: none known).
+        names (list[str]): a name per image.
+        class_names (list[str] or None): one per model output.
+        transform (str or Callable): the preprocessing of ``images``.
+        device (torch.device): where the model runs.
+        out (Path): the report folder.
+        batch_size (int): images per forward / attribution call.
+        progress (bool): progress bars on stderr.
+        probabilities (Tensor): ``N x C`` softmax of the model's outputs, computed once.
+        predictions (Tensor): ``N`` predicted classes (argmax of ``probabilities``).
+        problems (Mapping[str, Exception]): section name -> why it cannot be built for this
+            model (found while loading; raised by that section's build).
+    """
+
+    model: Any
+    forward: Any
+    layer: Any
+    layer_name: str
+    images: Any
+    display_images: Any
+    labels: list[int | None] | None
+    names: list[str]
+    class_names: list[str] | None
+    transform: Any
+    device: Any
+    out: Path
+    batch_size: int
+    progress: bool
+    probabilities: Any
+    predictions: Any
+    problems: Mapping[str, Exception] = dataclasses.field(default_factory=dict)
+
+    def common(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional and keyword arguments every ``*_section`` function takes."""
+        arguments = (
+            self.forward,
+            self.layer,
+            self.images,
+            self.display_images,
+            self.class_names,
+            self.out,
+        )
+        options = {
+            "labels": self.labels,
+            "names": self.names,
+            "batch_size": self.batch_size,
+            "progress": self.progress,
+        }
+        return arguments, options
+
+
+#: what a section's ``build`` returns: the section, or a one-line reason it was left out
+SectionBuilder = Callable[[SectionInputs, ReportConfig, bool], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SectionSpec:
+    """One entry of :data:`SECTION_REGISTRY`.
+
+    Attributes:
+        description (str): one line for ``--help`` and the docs.
+        build (Callable): ``build(inputs, config, asked) -> Section | str``: the section, or
+            a one-line reason it is left out (only when ``asked`` is False: a section asked
+            for by name raises instead).
+        options (Mapping[str, str]): keyword argument of the section function -> the
+            :class:`ReportConfig` field it comes from (its default).
+    """
+
+    description: str
+    build: SectionBuilder
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def kwargs(self, config: ReportConfig) -> dict[str, Any]:
+        return {name: getattr(config, field) for name, field in self.options.items()}
+
+
+def _build_contrastive(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    from captum_ext.viz import contrastive_section
+
+    arguments, options = inputs.common()
+    return contrastive_section(*arguments, **options)
+
+
+def _build_voice(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    from captum_ext.viz import voice_section
+
+    arguments, options = inputs.common()
+    return voice_section(*arguments, **options, **SECTION_REGISTRY["voice"].kwargs(config))
+
+
+def _build_metrics(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    from captum_ext.viz import explanation_metrics_section
+
+    arguments, options = inputs.common()
+    extra = SECTION_REGISTRY["metrics"].kwargs(config)
+    return explanation_metrics_section(*arguments, **options, **extra)
+
+
+def _build_trust(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    from captum_ext.viz import trust_section
+
+    problem = inputs.problems.get("trust")
+    try:
+        if problem is not None:
+            raise problem
+        arguments, options = inputs.common()
+        return trust_section(
+            *arguments,
+            **options,
+            **SECTION_REGISTRY["trust"].kwargs(config),
+            score_kwargs=gradtrust_kwargs(inputs.model, config.final_layer),
+        )
+    except (ValueError, TypeError) as error:
+        error = name_the_option(error)
+        if asked:
+            raise error from None
+        # asked for by default only: a model GradTrust cannot read (e.g. TorchScript, whose
+        # final nn.Linear is compiled) still gets the other sections
+        return f"trust section left out: {str(error).strip().splitlines()[0]}"
+
+
+def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    """The bundled mask net, or ``--mask-net`` for your own model."""
+    from captum_ext.attr import ActivationMatchingMask
+    from captum_ext.viz import minimal_mask_section
+
+    if config.mask_net is None:
+        if config.model is not None:
+            raise ValueError(
+                "the masks section needs `--mask-net` for your own model: a mask net trained "
+                "with ActivationMatchingMask.fit and written with its save method."
+            )
+        from captum_ext.data import load_bundled_mask_explainer
+
+        explainer = load_bundled_mask_explainer(inputs.model)
+    else:
+        layers = config.mask_layers.split(",") if config.mask_layers else [inputs.layer_name]
+        explainer = ActivationMatchingMask(inputs.forward, [name.strip() for name in layers])
+        explainer.load(config.mask_net)
+    return minimal_mask_section(
+        inputs.forward,
+        inputs.images,
+        inputs.display_images,
+        inputs.class_names,
+        inputs.out,
+        progress=inputs.progress,
+        explainer=explainer,
+        labels=inputs.labels,
+        names=inputs.names,
+        batch_size=inputs.batch_size,
+    )
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"  # pragma: no cover
+
+
+def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> str | None:
+    """One line saying why the inversion generator cannot be trained for the model (a
+    TorchScript model, or one whose training would not fit in the memory that is free:
+    :func:`captum_ext.inversion.estimate_inversion_cost`), or None when it fits (or the free
+    memory is unknown)."""
+    import torch
+
+    from captum_ext import inversion as inv
+
+    if isinstance(inputs.model, torch.jit.ScriptModule):
+        return (
+            "the inversion section needs an eager model (it reads layers with hooks, which a "
+            "TorchScript model does not take); give --model as 'package.module:factory' "
+            "with --weights"
+        )
+    cost = inv.estimate_inversion_cost(
+        inputs.model,
+        tuple(inputs.images.shape[1:]),
+        batch_size=INVERSION_BATCH,
+        steps=config.inversion_steps,
+    )
+    available = inv.available_memory_bytes(inputs.device)
+    if available is None or cost.fits(available):
+        return None
+    return (
+        f"the inversion section needs {cost.describe()}, more than the "
+        f"{_format_bytes(available)} free on {inputs.device} (with a 1.5x margin)"
+    )
+
+
+def _pixel_maps(transform: Any) -> tuple[Any, Any]:
+    """(preprocess, denormalize) of the inversion generator for a transform name."""
+    import torch
+
+    from captum_ext.data import IMAGENET_MEAN, IMAGENET_STD, denormalize_digits, normalize_digits
+
+    if transform == "digits":
+        return normalize_digits, denormalize_digits
+    if transform == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN).reshape(1, -1, 1, 1)
+        std = torch.tensor(IMAGENET_STD).reshape(1, -1, 1, 1)
+
+        def denormalize(x):
+            return x * std.to(x.device) + mean.to(x.device)
+
+        return (IMAGENET_MEAN, IMAGENET_STD), denormalize
+    return None, None
+
+
+def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    """The bundled generator, or one trained for ``--inversion-steps``."""
+    from captum_ext.inversion import NetworkInversion
+    from captum_ext.viz import inversion_section
+
+    preprocess, denormalize = _pixel_maps(inputs.transform)
+    if config.model is None:
+        from captum_ext.data import load_bundled_inversion
+
+        inversion = load_bundled_inversion(inputs.model)
+    else:
+        reason = _inversion_too_big(config, inputs)
+        if reason is not None:
+            if asked:  # asked for by name: say why it cannot be done
+                raise SectionTooBigError(reason)
+            return f"inversion section left out: {reason}"
+        inversion = NetworkInversion(
+            inputs.model,
+            input_shape=tuple(inputs.images.shape[1:]),
+            normalize=preprocess,
+            batch_size=INVERSION_BATCH,
+            seed=0,
+        )
+        inversion.fit(config.inversion_steps, progress=inputs.progress)
+    return inversion_section(
+        inversion,
+        inputs.out,
+        class_names=inputs.class_names,
+        denormalize=denormalize,
+        **SECTION_REGISTRY["inversion"].kwargs(config),
+    )
+
+
+#: the sections of ``captum-ext report`` in their default order: the one list the help text,
+#: the errors and the documentation are built from. Adding a section is one entry.
+SECTION_REGISTRY: dict[str, SectionSpec] = {
+    "contrastive": SectionSpec(
+        "Grad-CAM ('Why P?'), ContrastCAM ('Why P, rather than Q?') and "
+        "CounterfactualCAM ('What if not P?') maps",
+        _build_contrastive,
+    ),
+    "voice": SectionSpec(
+        "the VOICE uncertainty of the Grad-CAM explanation",
+        _build_voice,
+        {"contrasts": "voice_contrasts"},
+    ),
+    "metrics": SectionSpec(
+        "deletion and insertion AUCs of the three maps",
+        _build_metrics,
+        {"n_steps": "metrics_steps"},
+    ),
+    "trust": SectionSpec(
+        "which predictions can be trusted: GradTrust vs the trust baselines, accuracy "
+        "retention, the least-trusted images",
+        _build_trust,
+        {"least_trusted": "least_trusted"},
+    ),
+    "masks": SectionSpec(
+        "minimal activation-matching masks and the circuits of x and m * x (your own "
+        "model needs --mask-net)",
+        _build_masks,
+    ),
+    "inversion": SectionSpec(
+        "what the model thinks each class looks like (network inversion; trained for "
+        "--inversion-steps on your own model, skipped when it would not fit in memory)",
+        _build_inversion,
+        {"max_classes": "inversion_classes"},
+    ),
+}
+#: the default sections for a model of your own (masks need --mask-net, inversion trains)
+USER_MODEL_SECTIONS: tuple[str, ...] = ("contrastive", "voice", "metrics", "trust")
+
+
+def default_sections(config: ReportConfig) -> list[str]:
+    """The sections built when ``config.sections`` is None."""
+    return list(SECTION_REGISTRY if config.model is None else USER_MODEL_SECTIONS)
+
+
+# --------------------------------------------------------------------------------------
+# build_report
+
+
+def _conv_layer_names(model: Any) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        kind = getattr(module, "original_name", type(module).__name__)
+        if name and "Conv" in kind:
+            names.append(name)
+    return names
+
+
+def pick_layer(model: Any, layer: str | None) -> str:
+    """``layer``, or the last convolutional block of a known torchvision model (said on
+    stdout); otherwise a ``ValueError`` naming ``--layer`` and the last convolutions."""
+    from captum_ext.data.loading import default_cam_layer
+
+    if layer is not None:
+        return layer
+    picked = default_cam_layer(model)
+    kind = getattr(model, "original_name", type(model).__name__)
+    if picked is None:
+        candidates = _conv_layer_names(model)[-3:]
+        hint = f" (the last convolutions are {', '.join(candidates)})" if candidates else ""
+        raise ValueError(
+            f"`--layer` is required for a {kind} model{hint}; give the dotted name of the "
+            "layer to explain, from model.named_modules()."
+        )
+    print(
+        f"Explaining layer {picked!r}, the last convolutional block of {kind} (--layer to change)."
+    )
+    return picked
+
+
+def _check_sections(sections: Sequence[str]) -> list[str]:
+    if isinstance(sections, str):
+        sections = sections.split(",")
+    names = [str(name).strip() for name in sections]
+    unknown = [name for name in names if name not in SECTION_REGISTRY]
+    if not names or unknown:
+        raise ValueError(
+            f"`--sections`: unknown section(s) {', '.join(map(repr, unknown))}; expected "
+            f"{', '.join(SECTION_REGISTRY)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _probabilities(forward: Any, images: Any, device: Any, batch_size: int):
+    """Softmax of the model's outputs in batches; a model that fails on the images is a
+    one-line ``ValueError`` pointing at ``--transform``."""
+    import torch
+
+    from captum_ext.viz.report import _probabilities as batch_probabilities
+
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device)
+        chunks.append(batch_probabilities(forward, x).cpu())
+    return torch.cat(chunks)
+
+
+def build_section_inputs(
+    config: ReportConfig, sections: Sequence[str]
+) -> tuple[SectionInputs, dict]:
+    """Load the model and images once (:func:`~captum_ext.data.loading.resolve_inputs`) and
+    return the :class:`SectionInputs` with the page's metadata."""
+    import torch
+
+    from captum_ext._utils.validation import parse_device
+    from captum_ext.data.loading import (
+        denormalize_for_display,
+        expose_layer,
+        load_model,
+        read_class_names,
+        resolve_inputs,
+    )
+
+    device = parse_device(config.device, argument="--device")
+    if config.model is None and config.weights is not None:
+        raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+    out = Path(config.out).expanduser()
+    if config.model is None:
+        from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, load_bundled_model
+
+        model = load_bundled_model().to(device)
+        model_description = "bundled digit classifier (captum_ext.data.load_bundled_model)"
+        layer_name = config.layer or BUNDLED_CAM_LAYER
+        default_transform = "digits"
+    else:
+        model = load_model(config.model, config.weights, device)
+        model_description = config.model + (f" + {config.weights}" if config.weights else "")
+        layer_name = None
+        default_transform = "imagenet"
+    class_names = read_class_names(config.classes) if config.classes else None
+    if class_names is None and config.model is None:
+        class_names = list(DIGIT_CLASSES)
+    resolved = resolve_inputs(
+        config.images,
+        transform=config.transform,
+        default_transform=default_transform,
+        class_names=class_names,
+        limit=config.limit,
+    )
+    images = resolved.images
+    known = class_names is not None or config.images is not None
+    labels = resolved.label_list() if known else None
+    if layer_name is None:
+        layer_name = pick_layer(model, config.layer)
+    example = images[:2].to(device)
+    trust_problem = None
+    if isinstance(model, torch.jit.ScriptModule) and "trust" in sections:
+        # GradTrust reads the final linear layer: run an eager copy of it (same weights)
+        try:
+            forward = gradtrust_model(model, config.final_layer, example, layer=layer_name)
+            layer = forward.tap
+        except ValueError as error:
+            if config.final_layer is not None or config.sections is not None:
+                raise
+            trust_problem = error  # the other sections are still possible
+            forward, layer = expose_layer(model, layer_name, example=example)
+    else:
+        forward, layer = expose_layer(model, layer_name, example=example)
+    probabilities = _probabilities(forward, images, device, config.batch_size)
+    inputs = SectionInputs(
+        model=model,
+        forward=forward,
+        layer=layer,
+        layer_name=layer_name,
+        images=images,
+        display_images=denormalize_for_display(images, resolved.transform),
+        labels=labels,
+        names=resolved.names,
+        class_names=class_names,
+        transform=resolved.transform,
+        device=device,
+        out=out,
+        batch_size=config.batch_size,
+        progress=config.progress,
+        probabilities=probabilities,
+        predictions=probabilities.argmax(dim=1),
+        problems={} if trust_problem is None else {"trust": trust_problem},
+    )
+    metadata = {
+        "Model": model_description,
+        "Layer": layer_name,
+        "Images": resolved.description,
+        "Transform": resolved.transform,
+        "Device": str(device),
+        "Sections": ", ".join(sections),
+        "torch": torch.__version__,
+    }
+    return inputs, metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportResult:
+    """What :func:`build_report` returns: the page, the time per step (seconds, in order,
+    the last one ``"(writing the page)"``) and the sections left out with why."""
+
+    index: Path
+    timings: list[tuple[str, float]]
+    left_out: dict[str, str]
+
+
+def build_report(config: ReportConfig) -> ReportResult:
+    """Do what ``captum-ext report`` does: load the model and images once
+    (:class:`SectionInputs`), build each section of ``config.sections`` from
+    :data:`SECTION_REGISTRY` (timing each), write ``config.out/index.html``.
+
+    A section the user did not ask for by name that cannot be built for this model (GradTrust
+    on a compiled final layer, an inversion generator that would not fit in memory) is left
+    out with one line on stderr and in the page's metadata; asked for by name it raises.
+
+    Args:
+        config (ReportConfig): the report's settings.
+
+    Returns:
+        :class:`ReportResult`.
+
+    Raises:
+        OutputError: ``config.out`` cannot be written (checked before any work).
+        SectionTooBigError: a section asked for by name does not fit in memory.
+        ValueError, TypeError, OSError: bad settings, as one line naming the option.
+
+    Examples::
+
+        >>> result = build_report(ReportConfig(limit=2, sections=["contrastive"], out=tmp))
+        >>> result.index.name
+        'index.html'
+    """
+    from captum_ext.viz.report import Report
+
+    asked = config.sections is not None
+    sections = _check_sections(config.sections) if asked else default_sections(config)
+    out = Path(config.out).expanduser()
+    if config.model is None and config.weights is not None:
+        raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+    check_output(out, folder=True)
+    inputs, metadata = build_section_inputs(config, sections)
+    report = Report(config.title or "captum-ext report", metadata=metadata)
+    timings: list[tuple[str, float]] = []
+    left_out: dict[str, str] = {}
+    with writing_to(out):
+        for name in sections:
+            started = time.perf_counter()
+            try:
+                built = SECTION_REGISTRY[name].build(inputs, config, asked)
+                if isinstance(built, str):
+                    print(f"captum-ext report: {built}", file=sys.stderr)
+                    label, _, reason = built.partition(" left out: ")
+                    left_out[name] = reason
+                    report.metadata.append((label.capitalize(), f"left out: {reason}"))
+                else:
+                    report.add_section(built)
+            finally:
+                timings.append((name, time.perf_counter() - started))
+        started = time.perf_counter()
+        index = report.write(out)
+        timings.append(("(writing the page)", time.perf_counter() - started))
+    return ReportResult(Path(index), timings, left_out)
+
+
+def format_timings(timings: Sequence[tuple[str, float]]) -> str:
+    """The time each section took, one line each, as ``captum-ext report`` prints at the end."""
+    width = max(len(name) for name, _ in timings)
+    lines = ["Time per section:"]
+    lines += [f"  {name:<{width}}  {seconds:8.1f} s" for name, seconds in timings]
+    lines.append(f"  {'total':<{width}}  {sum(s for _, s in timings):8.1f} s")
+    return "\n".join(lines)
