@@ -30,7 +30,8 @@ import time
 import torch
 
 from captum_ext.attr import ActivationMatchingMask, ContrastCAM, GradCAM
-from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, normalize_digits
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import BUNDLED_CAM_LAYER, normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
 from captum_ext.metrics import deletion, insertion
 

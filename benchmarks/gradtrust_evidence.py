@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from captum_ext.data import DigitCNN, load_bundled_model, normalize_digits
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import DigitCNN, normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
 from captum_ext.metrics import (
     auac,

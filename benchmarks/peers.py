@@ -315,7 +315,8 @@ def part_gradtrust(args, device) -> dict[str, Any]:
 
 # 5. deletion vs Quantus -------------------------------------------------------------------
 def part_deletion(args, quantus) -> dict[str, Any]:
-    from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
 
     model = load_bundled_model().eval()
     images, labels = load_sample_digits()

@@ -20,7 +20,8 @@ import sys
 import torch
 
 from captum_ext.attr import VOICE, GradCAM, LayerGradCamPlusPlus
-from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, normalize_digits
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import BUNDLED_CAM_LAYER, normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
 
 METHODS = {"gradcam": GradCAM, "gradcam++": LayerGradCamPlusPlus}

@@ -166,15 +166,16 @@ def _contrasts(text: str) -> str | int:
 
 
 def _score_list(text: str) -> list[str]:
-    from captum_ext.metrics.dataset import SCORES
+    from captum_ext.metrics.dataset import TRUST_SCORES
 
     names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in SCORES]
+    unknown = [name for name in names if name not in TRUST_SCORES]
     if not text.strip() or unknown:
         shown = ", ".join(repr(name) for name in unknown) if unknown else repr(text)
         plural = "s" if len(unknown) > 1 else ""
         raise argparse.ArgumentTypeError(
-            f"unknown score{plural} {shown}; expected a comma-separated list of {', '.join(SCORES)}"
+            f"unknown score{plural} {shown}; expected a comma-separated list of "
+            f"{', '.join(TRUST_SCORES)}"
         )
     return list(dict.fromkeys(names))
 
@@ -399,9 +400,9 @@ def _add_score_parser(commands: Any) -> None:
 
 
 def _score_names() -> list[str]:
-    from captum_ext.metrics.dataset import SCORES
+    from captum_ext.metrics.dataset import TRUST_SCORES
 
-    return list(SCORES)
+    return list(TRUST_SCORES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))  # document this checkout, installed or not
 
 import captum_ext  # noqa: E402
-from captum_ext.data import bundled_model_info  # noqa: E402
+from captum_ext.bundled import bundled_model_info  # noqa: E402
 
 if not (DOCS / "tutorials").is_dir():
     raise RuntimeError(

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_ext.attr import ActivationMatchingMask
-from captum_ext.data import load_bundled_model, load_mnist_split, normalize_digits
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import load_mnist_split, normalize_digits
 from captum_ext.data._bundled_masks import BUNDLED_MASK_LAYERS, MASK_OPTIONS
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "captum_ext" / "data"

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from captum_ext.attr import ActivationMatchingMask
-from captum_ext.data import load_bundled_mask_explainer, load_bundled_model, load_sample_digits
+from captum_ext.bundled import load_bundled_mask_explainer, load_bundled_model
+from captum_ext.data import load_sample_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

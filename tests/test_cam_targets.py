@@ -628,7 +628,7 @@ def test_layer_without_spatial_dims_names_layer_and_closest_conv_layers(method):
 
 
 def test_bundled_model_classifier_layer_suggests_features():
-    from captum_ext.data import load_bundled_model
+    from captum_ext.bundled import load_bundled_model
 
     model = load_bundled_model()
     snapshot = model_snapshot(model)

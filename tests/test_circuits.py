@@ -16,6 +16,7 @@ import torchvision
 from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
+from captum_ext.bundled import load_bundled_model
 from captum_ext.circuits import (
     CircuitComparison,
     CircuitReadout,
@@ -25,7 +26,7 @@ from captum_ext.circuits import (
     to_json,
 )
 from captum_ext.circuits.connection import find_connections
-from captum_ext.data import load_bundled_model, load_sample_digits
+from captum_ext.data import load_sample_digits
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

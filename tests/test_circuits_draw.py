@@ -12,9 +12,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.collections import LineCollection, PathCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from captum_ext.bundled import load_bundled_model
 from captum_ext.circuits import CircuitReadout, draw  # noqa: E402
 from captum_ext.circuits.draw import MAX_NODES_PER_LAYER  # noqa: E402
-from captum_ext.data import load_bundled_model, load_sample_digits  # noqa: E402
+from captum_ext.data import load_sample_digits  # noqa: E402
 
 
 @pytest.fixture(scope="module")

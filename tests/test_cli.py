@@ -248,7 +248,7 @@ def test_report_sections_in_the_order_given(tmp_path, capsys):
 
 
 def test_masks_section_for_your_own_model_needs_a_mask_net(tmp_path, capsys):
-    from captum_ext.data import BUNDLED_MASK_LAYERS, load_bundled_mask_explainer
+    from captum_ext.bundled import BUNDLED_MASK_LAYERS, load_bundled_mask_explainer
 
     argv = ["report", "--model", "captum_ext.data:load_bundled_model", "--limit", "3"]
     argv += ["--no-progress", "--layer", "features.7", "--sections", "masks"]

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from captum_ext.bundled import load_bundled_model
 from captum_ext.cli import main
-from captum_ext.data import load_bundled_model, load_sample_digits
+from captum_ext.data import load_sample_digits
 from captum_ext.metrics import ScoreTable, gradtrust, softmax_confidence
 
 TESTS = Path(__file__).parent

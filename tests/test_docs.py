@@ -120,7 +120,7 @@ def test_viz_and_cli_pages(html: Path):
 
 @pytest.mark.slow
 def test_methods_page_reads_the_bundled_model_accuracy(html: Path):
-    from captum_ext.data import bundled_model_info
+    from captum_ext.bundled import bundled_model_info
 
     accuracy = f"{100 * bundled_model_info()['heldout_accuracy']:.1f} %"
     assert accuracy in _page(html, "methods.html")

@@ -52,7 +52,7 @@ def tiny_data(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- checkpoints
 def _inversion_checkpoint(path: Path) -> None:
     torch.manual_seed(0)
-    generator = ConditionedGenerator(CLASSES, SHAPE, latent_dim=8, width=8, normalize=(0.5, 0.25))
+    generator = ConditionedGenerator(CLASSES, SHAPE, latent_dim=8, width=8, preprocess=(0.5, 0.25))
     classifier = make_tiny_cnn(dtype=torch.float32, num_classes=CLASSES)
     NetworkInversion(classifier, generator, batch_size=4, seed=1).fit(
         2, progress=False, checkpoint=path
@@ -158,11 +158,11 @@ def test_a_corrupted_checkpoint_stops_resume_of_each_trainer(tmp_path):
     bad[start + size // 2] ^= 0x01
     path.write_bytes(bytes(bad))
     tie = TIE(make_tiny_cnn(dtype=torch.float32, num_classes=CLASSES), **TIE_SMALL)
-    before = {k: v.clone() for k, v in tie.classifier.state_dict().items()}
+    before = {k: v.clone() for k, v in tie.model.state_dict().items()}
     with pytest.raises(ValueError, match="corrupted") as caught:
         tie.fit(*tiny_data(), epochs=1, progress=False, checkpoint=path, resume=True)
     assert str(path) in str(caught.value)
-    assert all(torch.equal(v, tie.classifier.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, tie.model.state_dict()[k]) for k, v in before.items())
 
 
 def test_missing_entry_is_a_value_error_naming_the_file(tmp_path):
@@ -264,7 +264,7 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(monkeypatch):
 
 def test_trainer_progress_in_a_log_has_no_carriage_returns(capsys):
     torch.manual_seed(0)
-    generator = ConditionedGenerator(CLASSES, SHAPE, latent_dim=8, width=8, normalize=(0.5, 0.25))
+    generator = ConditionedGenerator(CLASSES, SHAPE, latent_dim=8, width=8, preprocess=(0.5, 0.25))
     classifier = make_tiny_cnn(dtype=torch.float32, num_classes=CLASSES)
     NetworkInversion(classifier, generator, batch_size=4, seed=1).fit(40, progress=True)
     err = capsys.readouterr().err
@@ -275,7 +275,7 @@ def test_trainer_progress_in_a_log_has_no_carriage_returns(capsys):
 # --------------------------------------------------------------------------- TIE.fit
 def _tie_state(tie: TIE) -> dict:
     return {
-        "classifier": model_snapshot(tie.classifier),
+        "classifier": model_snapshot(tie.model),
         "generator": model_snapshot(tie.generator),
         "optimizer": copy.deepcopy(tie.optimizer.state_dict()),
         "generator_optimizer": copy.deepcopy(tie.inversion.optimizer.state_dict()),
@@ -287,7 +287,7 @@ def _tie_state(tie: TIE) -> dict:
 
 
 def _assert_tie_unchanged(tie: TIE, before: dict) -> None:
-    assert_model_unchanged(tie.classifier, before["classifier"])
+    assert_model_unchanged(tie.model, before["classifier"])
     assert_model_unchanged(tie.generator, before["generator"])
     assert _same(tie.optimizer.state_dict()["state"], before["optimizer"]["state"])
     generator_optimizer = tie.inversion.optimizer.state_dict()["state"]
@@ -357,17 +357,18 @@ def test_failed_tie_fit_leaves_every_model_as_it_was(monkeypatch, failure):
     twin.fit(x, y, epochs=1, progress=False)
     twin.fit(x, y, epochs=1, progress=False)
     assert _same(tie.log, twin.log)
-    assert _same(tie.classifier.state_dict(), twin.classifier.state_dict())
+    assert _same(tie.model.state_dict(), twin.model.state_dict())
 
 
 # --------------------------------------------------------------------------- CLI
 def _no_work(monkeypatch):
+    import captum_ext.bundled as bundled
     import captum_ext.data as data
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before `--out` was checked")
 
-    monkeypatch.setattr(data, "load_bundled_model", forbidden)
+    monkeypatch.setattr(bundled, "load_bundled_model", forbidden)
     monkeypatch.setattr(data, "load_sample_digits", forbidden)
 
 

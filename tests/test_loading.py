@@ -414,8 +414,8 @@ def test_expose_final_layer_of_torchscript_matches_the_eager_gradtrust(factories
     """GradTrust of a scripted / traced (and saved, reloaded) model, read through an eager
     copy of its last linear layer, equals GradTrust of the eager model; the compiled model
     keeps no .grad and the same weights."""
-    from captum_ext._utils.torchscript import expose_final_layer, last_linear_name
     from captum_ext.metrics import gradtrust
+    from captum_ext.torchscript import expose_final_layer, last_linear_name
 
     model = factories.grey_cnn().eval()
     x = torch.rand(5, 1, 20, 20)

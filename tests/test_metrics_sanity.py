@@ -8,7 +8,8 @@ import torch
 from captum.attr import GuidedBackprop, Saliency
 from conftest import assert_model_unchanged, model_snapshot
 
-from captum_ext.data import load_bundled_model, load_sample_digits
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import load_sample_digits
 from captum_ext.metrics.sanity import (
     class_sensitivity,
     model_randomisation,

@@ -13,13 +13,8 @@ from conftest import assert_model_unchanged, model_snapshot
 from PIL import Image
 
 from captum_ext.attr import ContrastCAM
-from captum_ext.data import (
-    BUNDLED_CAM_LAYER,
-    DIGIT_CLASSES,
-    denormalize_digits,
-    load_bundled_model,
-    load_sample_digits,
-)
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits, load_sample_digits
 from captum_ext.viz import Figure, Report, Row, Section, contrastive_section, overlay, save_png
 
 IMG_SRC = re.compile(r'<img src="([^"]+)"')

@@ -107,7 +107,8 @@ def test_unknown_sections_name_the_option(tmp_path):
 
 
 def test_section_inputs_compute_predictions_once_and_correctly(tmp_path):
-    from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
 
     config = ReportConfig(limit=5, out=tmp_path / "o", batch_size=2, progress=False)
     inputs, metadata = build_section_inputs(config, ["contrastive"])
@@ -221,7 +222,8 @@ def test_loading_parse_device_moved_warns_and_works():
 
 def test_compute_contrastive_numbers_tie_to_their_definition():
     from captum_ext.attr import ContrastCAM, GradCAM
-    from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
     from captum_ext.viz import ContrastiveMaps, compute_contrastive
 
     model = load_bundled_model()

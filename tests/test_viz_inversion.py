@@ -40,7 +40,7 @@ def inversion():
 def test_table_equals_the_evaluation_functions(inversion, tmp_path):
     section = inversion_section(inversion, tmp_path, per_class=4, class_names=["a", "b", "c"])
     images, labels = inversion.sample_classes(4, generator=0)
-    classifier = inversion.classifier
+    classifier = inversion.model
     table = section.rows[0].table
     assert table.columns[:3] == ["class", "images", "label consistency"]
     assert table.rows[0] == [

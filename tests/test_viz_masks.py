@@ -9,13 +9,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_ext.attr import ActivationMatchingMask
+from captum_ext.bundled import load_bundled_model
 from captum_ext.circuits import CircuitReadout, compare
-from captum_ext.data import (
-    DIGIT_CLASSES,
-    denormalize_digits,
-    load_bundled_model,
-    load_sample_digits,
-)
+from captum_ext.data import DIGIT_CLASSES, denormalize_digits, load_sample_digits
 from captum_ext.viz import Report, minimal_mask_section
 
 LAYERS = ["features.1", "features.4", "features.7"]

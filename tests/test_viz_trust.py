@@ -11,14 +11,9 @@ from conftest import assert_model_unchanged, model_snapshot
 from PIL import Image
 
 from captum_ext.attr import ContrastCAM
+from captum_ext.bundled import load_bundled_model
 from captum_ext.cli import main
-from captum_ext.data import (
-    BUNDLED_CAM_LAYER,
-    DIGIT_CLASSES,
-    denormalize_digits,
-    load_bundled_model,
-    load_sample_digits,
-)
+from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits, load_sample_digits
 from captum_ext.metrics import auac, aufc, gradtrust, misprediction_auroc, softmax_confidence
 from captum_ext.viz import Report, trust_section
 

@@ -15,13 +15,8 @@ from conftest import assert_model_unchanged, model_snapshot
 from PIL import Image
 
 from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, GradCAM
-from captum_ext.data import (
-    BUNDLED_CAM_LAYER,
-    DIGIT_CLASSES,
-    denormalize_digits,
-    load_bundled_model,
-    load_sample_digits,
-)
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits, load_sample_digits
 from captum_ext.metrics import deletion, insertion
 from captum_ext.viz import (
     Figure,

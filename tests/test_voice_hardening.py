@@ -249,9 +249,9 @@ def test_read_outs_are_those_of_the_returned_maps(name, threshold):
     result = VOICE(TECHNIQUES[name](model)).attribute(x, threshold=threshold)
     explanation = result.explanation.mean(1)
     uncertainty = result.uncertainty.mean(1)
-    torch.testing.assert_close(result.iou, voice_iou(explanation, uncertainty, threshold))
+    torch.testing.assert_close(result.iou, voice_iou(explanation, uncertainty, threshold=threshold))
     torch.testing.assert_close(result.snr, voice_snr(uncertainty))
-    mutant = voice_iou(result.contrast.mean(1), uncertainty, threshold)
+    mutant = voice_iou(result.contrast.mean(1), uncertainty, threshold=threshold)
     assert not torch.allclose(mutant, result.iou), "the test cannot tell the maps apart"
 
     # and by hand, from the definition (min-max, threshold, smoothed IoU)

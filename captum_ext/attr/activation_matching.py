@@ -239,7 +239,8 @@ class ActivationMatchingMask(PerturbationAttribution):
     Examples::
 
         >>> from captum_ext.attr import ActivationMatchingMask
-        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import load_sample_digits
         >>> model = load_bundled_model()
         >>> images, _ = load_sample_digits()
         >>> explainer = ActivationMatchingMask(model, ["features.1", "features.4", "features.7"])

@@ -65,7 +65,8 @@ class ContrastCAM(ClassActivationMapBase):
     Examples::
 
         >>> from captum_ext.attr import ContrastCAM
-        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import load_sample_digits
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()
         >>> cam = ContrastCAM(model, "features.7")

@@ -201,7 +201,8 @@ class CircuitReadout:
 
         >>> import torch
         >>> from captum_ext.circuits import CircuitReadout, compare
-        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import load_sample_digits
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()
         >>> readout = CircuitReadout(model)

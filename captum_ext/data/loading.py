@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import moved_names
-from captum_ext._utils.torchscript import TorchScriptLayerModel, expose_layer
 from captum_ext._utils.validation import parse_device
+from captum_ext.torchscript import TorchScriptLayerModel, expose_layer
 
 __all__ = [
     "IMAGENET_MEAN",

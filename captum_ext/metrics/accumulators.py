@@ -436,7 +436,8 @@ class DeletionAUC(_PerturbationAUC):
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
         >>> from captum_ext.metrics import DeletionAUC
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()

@@ -498,7 +498,8 @@ def score_dataset(
     Examples::
 
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> from captum_ext.data import load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import load_sample_digits
         >>> from captum_ext.metrics import score_dataset
         >>> images, labels = load_sample_digits()
         >>> loader = DataLoader(TensorDataset(images, labels), batch_size=16)

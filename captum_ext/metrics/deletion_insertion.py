@@ -223,7 +223,8 @@ def deletion(
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
         >>> from captum_ext.metrics import deletion
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()
@@ -295,7 +296,8 @@ def insertion(
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
         >>> from captum_ext.metrics import insertion, insertion_curves
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()
@@ -336,7 +338,8 @@ _CURVES_DOC = r"""The curves behind :func:`{mode}`, always as :class:`Perturbati
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
         >>> from captum_ext.metrics import {mode}_curves
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()

@@ -69,7 +69,8 @@ def masking_score(
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
         >>> from captum_ext.metrics import masking_score
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()

@@ -261,7 +261,8 @@ def structure_deletion(
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_bundled_model, load_sample_digits
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
         >>> from captum_ext.metrics import structure_deletion
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()
@@ -329,8 +330,8 @@ def structure_insertion(
     Examples::
 
         >>> from captum.attr import LayerGradCam
-        >>> from captum_ext.data import (
-        ...     BUNDLED_CAM_LAYER, denormalize_digits, load_bundled_model, load_sample_digits)
+        >>> from captum_ext.bundled import load_bundled_model
+        >>> from captum_ext.data import BUNDLED_CAM_LAYER, denormalize_digits, load_sample_digits
         >>> from captum_ext.metrics import structure_insertion
         >>> model = load_bundled_model()
         >>> images, labels = load_sample_digits()

@@ -132,11 +132,11 @@ def name_the_option(error: Exception) -> Exception:
 
 def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: str | None = None):
     """For a TorchScript model: a wrapper whose final linear layer GradTrust can read
-    (:func:`captum_ext._utils.torchscript.expose_final_layer`), also exposing ``layer``.
+    (:func:`captum_ext.torchscript.expose_final_layer`), also exposing ``layer``.
     Eager models are returned unchanged (``--final-layer`` goes to GradTrust's ``layer``)."""
     import torch
 
-    from captum_ext._utils.torchscript import expose_final_layer
+    from captum_ext.torchscript import expose_final_layer
 
     if not isinstance(model, torch.jit.ScriptModule):
         return model
@@ -331,7 +331,7 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
                 "the masks section needs `--mask-net` for your own model: a mask net trained "
                 "with ActivationMatchingMask.fit and written with its save method."
             )
-        from captum_ext.data import load_bundled_mask_explainer
+        from captum_ext.bundled import load_bundled_mask_explainer
 
         explainer = load_bundled_mask_explainer(inputs.model)
     else:
@@ -416,7 +416,7 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
 
     preprocess, denormalize = _pixel_maps(inputs.transform)
     if config.model is None:
-        from captum_ext.data import load_bundled_inversion
+        from captum_ext.bundled import load_bundled_inversion
 
         inversion = load_bundled_inversion(inputs.model)
     else:
@@ -428,7 +428,7 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
         inversion = NetworkInversion(
             inputs.model,
             input_shape=tuple(inputs.images.shape[1:]),
-            normalize=preprocess,
+            preprocess=preprocess,
             batch_size=INVERSION_BATCH,
             seed=0,
         )
@@ -570,7 +570,8 @@ def build_section_inputs(
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
     out = Path(config.out).expanduser()
     if config.model is None:
-        from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, load_bundled_model
+        from captum_ext.bundled import load_bundled_model
+        from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES
 
         model = load_bundled_model().to(device)
         model_description = "bundled digit classifier (captum_ext.data.load_bundled_model)"

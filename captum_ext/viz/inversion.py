@@ -145,7 +145,7 @@ def inversion_section(
         raise ValueError(f"`per_class` must be an int >= 2 (for the diversity), got {per_class!r}.")
     import torch
 
-    classifier = inversion.classifier
+    classifier = inversion.model
     num_classes = inversion.generator.num_classes
     class_names = _class_names(class_names, num_classes)
     chosen, sampled = _chosen_classes(classes, max_classes, num_classes, seed)

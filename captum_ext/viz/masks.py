@@ -11,8 +11,8 @@ Papers: Suhail, Anand & Sethi, "Activation Matching for Explanation Generation" 
 
 Example::
 
-    >>> from captum_ext.data import (DIGIT_CLASSES, denormalize_digits, load_bundled_model,
-    ...                              load_bundled_mask_explainer, load_sample_digits)
+    >>> from captum_ext.bundled import load_bundled_mask_explainer, load_bundled_model
+    >>> from captum_ext.data import DIGIT_CLASSES, denormalize_digits, load_sample_digits
     >>> from captum_ext.viz import Report, minimal_mask_section
     >>> model = load_bundled_model()
     >>> images, labels = load_sample_digits()

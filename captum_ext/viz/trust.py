@@ -72,30 +72,30 @@ _PLOT_WIDTH = 480
 
 
 def _default_scores(model: Any) -> list[str]:
-    """Every score of :data:`~captum_ext.metrics.SCORES`; MC-dropout only for a model with
+    """Every score of :data:`~captum_ext.metrics.TRUST_SCORES`; MC-dropout only for a model with
     dropout (it refuses models without)."""
-    from captum_ext.metrics import SCORES
+    from captum_ext.metrics import TRUST_SCORES
 
     module = root_module(model)
     has_dropout = module is not None and any(
         isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules()
     )
-    return [name for name in SCORES if name != "mc_dropout" or has_dropout]
+    return [name for name in TRUST_SCORES if name != "mc_dropout" or has_dropout]
 
 
 def _check_scores(scores: Any, model: Any) -> list[str]:
-    from captum_ext.metrics import SCORES
+    from captum_ext.metrics import TRUST_SCORES
 
     if scores is None:
         return _default_scores(model)
     if isinstance(scores, str):
         scores = [s.strip() for s in scores.split(",")]
     names = list(dict.fromkeys(scores))
-    unknown = [name for name in names if name not in SCORES]
+    unknown = [name for name in names if name not in TRUST_SCORES]
     if unknown:
         raise ValueError(
             f"`scores`: unknown score name(s) {', '.join(map(repr, unknown))}; expected names "
-            f"of captum_ext.metrics.SCORES: {', '.join(SCORES)}."
+            f"of captum_ext.metrics.TRUST_SCORES: {', '.join(TRUST_SCORES)}."
         )
     return [*_REQUIRED, *(name for name in names if name not in _REQUIRED)]
 
@@ -118,12 +118,12 @@ def _runnable_scores(
     """The scores that run on this model (tried on a couple of images) and, for the optional
     ones that do not, the first line of their error, so that the section can say so instead
     of failing as a whole. GradTrust and softmax confidence must run."""
-    from captum_ext.metrics import SCORES
+    from captum_ext.metrics import TRUST_SCORES
 
     runnable, failed = [], {}
     for name in names:
         try:
-            SCORES[name](module, probe, **dict((score_kwargs or {}).get(name, {})))
+            TRUST_SCORES[name](module, probe, **dict((score_kwargs or {}).get(name, {})))
         except (ValueError, TypeError) as error:
             if name in _REQUIRED:
                 raise
@@ -283,7 +283,7 @@ def trust_section(
     r"""The section "Which predictions can I trust?": GradTrust against the trust baselines.
 
     Every image is scored with :func:`~captum_ext.metrics.score_dataset` (GradTrust, its
-    reference form and the baselines of :data:`~captum_ext.metrics.SCORES`; higher = more
+    reference form and the baselines of :data:`~captum_ext.metrics.TRUST_SCORES`; higher = more
     trusted):
 
     .. code-block:: text
@@ -328,7 +328,7 @@ def trust_section(
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
         labels (optional): true class per image (indices, or None where unknown). Without
             labels the section shows the scatter plot (grey) and the least-trusted images.
-        scores (Sequence[str] or str, optional): names of :data:`~captum_ext.metrics.SCORES`
+        scores (Sequence[str] or str, optional): names of :data:`~captum_ext.metrics.TRUST_SCORES`
             to compare (comma-separated string accepted); ``"gradtrust"`` and ``"softmax"``
             are always included. Default: all of them (MC-dropout only when the model has
             dropout).

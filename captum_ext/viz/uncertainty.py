@@ -467,7 +467,7 @@ def explanation_metrics_section(
         ['Grad-CAM', 'Why P?', '0.261', '0.762', '27 / 40', '30 / 40']
     """
     from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
-    from captum_ext.metrics import deletion, insertion
+    from captum_ext.metrics import deletion_curves, insertion_curves
 
     images = _check_images(images)
     batch_size = _check_batch_size(batch_size)
@@ -490,7 +490,7 @@ def explanation_metrics_section(
         "contrast": ContrastCAM(model, module),
         "counterfactual": CounterfactualCAM(model, module),
     }
-    metrics = {"deletion": deletion, "insertion": insertion}
+    metrics = {"deletion": deletion_curves, "insertion": insertion_curves}
 
     aucs: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in _METHODS} for m in metrics}
     curves: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in _METHODS} for m in metrics}
@@ -520,7 +520,6 @@ def explanation_metrics_section(
                         target=predicted,
                         baselines=baselines,
                         n_steps=n_steps,
-                        return_curves=True,
                     )
                     aucs[metric][kind].append(_to_cpu(result.auc))
                     curves[metric][kind].append(_to_cpu(result.curves))
