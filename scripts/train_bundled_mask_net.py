@@ -11,7 +11,7 @@ writes into ``captum_ext/data``:
                              x and on m * x; training time, torch version
 
 The report's ``masks`` section and the tutorial load it with
-:func:`captum_ext.data.load_bundled_mask_explainer`.
+:func:`captum_ext.bundled.load_bundled_mask_explainer`.
 
 Usage::
 

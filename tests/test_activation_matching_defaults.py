@@ -54,7 +54,7 @@ def test_fresh_instance_in_default_mode_names_every_remedy():
         "explainer.fit(",
         "explainer.load(path)",
         "mask_net=",
-        "captum_ext.data.load_bundled_mask_explainer()",
+        "captum_ext.bundled.load_bundled_mask_explainer()",
         "mode='per_image'",
     ):
         assert remedy in message, remedy

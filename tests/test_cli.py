@@ -250,7 +250,7 @@ def test_report_sections_in_the_order_given(tmp_path, capsys):
 def test_masks_section_for_your_own_model_needs_a_mask_net(tmp_path, capsys):
     from captum_ext.bundled import BUNDLED_MASK_LAYERS, load_bundled_mask_explainer
 
-    argv = ["report", "--model", "captum_ext.data:load_bundled_model", "--limit", "3"]
+    argv = ["report", "--model", "captum_ext.bundled:load_bundled_model", "--limit", "3"]
     argv += ["--no-progress", "--layer", "features.7", "--sections", "masks"]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 2
     assert "needs `--mask-net`" in capsys.readouterr().err
@@ -266,7 +266,7 @@ def test_masks_section_for_your_own_model_needs_a_mask_net(tmp_path, capsys):
 
 
 def test_inversion_section_trains_a_generator_for_your_own_model(tmp_path, capsys):
-    argv = ["report", "--model", "captum_ext.data:load_bundled_model", "--limit", "2"]
+    argv = ["report", "--model", "captum_ext.bundled:load_bundled_model", "--limit", "2"]
     argv += ["--no-progress", "--layer", "features.7", "--sections", "inversion"]
     code = main(argv + ["--inversion-steps", "2", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err

@@ -50,7 +50,7 @@ _UNFITTED_MESSAGE = (
     "`explainer.fit(train_loader)` (a DataLoader or Dataset of normalised images), then call "
     "attribute again; (2) read a saved one with `explainer.load(path)`; (3) pass a trained "
     "network as `ActivationMatchingMask(model, layers, mask_net=net)`; (4) for the bundled "
-    "digit model, use `captum_ext.data.load_bundled_mask_explainer()`, which comes with its "
+    "digit model, use `captum_ext.bundled.load_bundled_mask_explainer()`, which comes with its "
     "trained mask net; or (5) fit a mask to each image instead with "
     "`explainer.attribute(inputs, mode='per_image')` (slower: `steps` optimiser steps per image)."
 )
@@ -188,7 +188,7 @@ class ActivationMatchingMask(PerturbationAttribution):
     mask net trained on a dataset by :meth:`fit` (or read by :meth:`load`). A fresh
     explainer has no trained net: ``attribute(x)`` in the default mode then raises a
     ``ValueError`` naming what to call first (``fit``, ``load``, ``mask_net=``,
-    :func:`captum_ext.data.load_bundled_mask_explainer` for the bundled digit model) or
+    :func:`captum_ext.bundled.load_bundled_mask_explainer` for the bundled digit model) or
     ``mode="per_image"``; it never switches to the slow per-image fit silently.
 
     Why ``PerturbationAttribution``: the result is a perturbation of the input (a mask
@@ -443,7 +443,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                 (no :meth:`fit`, :meth:`load` or ``mask_net``) has no trained net, and
                 ``mode="amortised"`` then raises a ``ValueError`` that names what to call:
                 ``fit(data)``, ``load(path)``, ``mask_net=``,
-                :func:`captum_ext.data.load_bundled_mask_explainer` (the bundled digit
+                :func:`captum_ext.bundled.load_bundled_mask_explainer` (the bundled digit
                 model) or ``mode="per_image"``. It does not fall back to the per-image fit
                 by itself: that is ``steps`` optimiser steps per image, minutes for a batch
                 where the amortised pass takes milliseconds.

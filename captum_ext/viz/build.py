@@ -574,7 +574,7 @@ def build_section_inputs(
         from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES
 
         model = load_bundled_model().to(device)
-        model_description = "bundled digit classifier (captum_ext.data.load_bundled_model)"
+        model_description = "bundled digit classifier (captum_ext.bundled.load_bundled_model)"
         layer_name = config.layer or BUNDLED_CAM_LAYER
         default_transform = "digits"
     else:

@@ -147,7 +147,7 @@ def minimal_mask_section(
         progress (bool, optional): tqdm progress bars on stderr. Default: True.
         explainer (ActivationMatchingMask): the mask explainer of ``model``; for
             ``mode="amortised"`` its mask net must be trained (:meth:`fit` or :meth:`load`;
-            :func:`captum_ext.data.load_bundled_mask_explainer` for the bundled model).
+            :func:`captum_ext.bundled.load_bundled_mask_explainer` for the bundled model).
         mode (str, optional): ``"amortised"`` (one forward pass of the mask net) or
             ``"per_image"`` (a mask net fitted to each image, ``steps`` Adam steps: slow).
             Default: ``"amortised"``.
