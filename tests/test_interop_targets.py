@@ -7,13 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 from _interop import (
+    BATCH_SIZES,
     CAM_CLASSES,
     LAYER,
     NUM_CLASSES,
-    PER_EXAMPLE,
+    PAIRS_5,
     TwoInputNet,
     class_keyword,
     make_inputs,
+    per_example,
+    tiny_batch,
 )
 from captum.attr import (
     IntegratedGradients,
@@ -31,31 +34,37 @@ from captum_ext.attr import (
 # ------------------------------------------------------------------ 2. no_grad
 
 
+#: Each method and its arguments; ``CLASSES`` is replaced by one class per example.
+CLASSES = object()
+
 NO_GRAD_METHODS = {
-    "contrast": (lambda m: ContrastCAM(m, LAYER), {"contrast": PER_EXAMPLE}),
+    "contrast": (lambda m: ContrastCAM(m, LAYER), {"contrast": CLASSES}),
     "contrast-all": (lambda m: ContrastCAM(m, LAYER), {"contrast": "all"}),
     "contrast++": (lambda m: ContrastCAM(m, LAYER, weighting="gradcam++"), {"contrast": 2}),
-    "counterfactual": (lambda m: CounterfactualCAM(m, LAYER), {"target": PER_EXAMPLE}),
+    "counterfactual": (lambda m: CounterfactualCAM(m, LAYER), {"target": CLASSES}),
     "gradcam++": (lambda m: LayerGradCamPlusPlus(m, LAYER), {"target": "all"}),
-    "contrastive-saliency": (lambda m: Contrastive(Saliency, m), {"contrast": PER_EXAMPLE}),
+    "contrastive-saliency": (lambda m: Contrastive(Saliency, m), {"contrast": CLASSES}),
     "contrastive-ig": (
         lambda m: Contrastive(IntegratedGradients, m),
         {"contrast": "all", "n_steps": 4},
     ),
     "contrastive-gradcam": (
         lambda m: Contrastive(LayerGradCam, m, m.features[3]),
-        {"contrast": PER_EXAMPLE},
+        {"contrast": CLASSES},
     ),
 }
 
 
+@pytest.mark.parametrize("n", BATCH_SIZES)
 @pytest.mark.parametrize("name", list(NO_GRAD_METHODS))
-def test_no_grad_gives_the_same_result(name, tiny_cnn, tiny_inputs):
+def test_no_grad_gives_the_same_result(name, n, tiny_cnn):
     build, kwargs = NO_GRAD_METHODS[name]
+    kwargs = {k: per_example(n) if v is CLASSES else v for k, v in kwargs.items()}
+    x = tiny_batch(n)
     method = build(tiny_cnn)
-    outside = method.attribute(tiny_inputs, **kwargs)
+    outside = method.attribute(x, **kwargs)
     with torch.no_grad():
-        inside = method.attribute(tiny_inputs, **kwargs)
+        inside = method.attribute(x, **kwargs)
         assert not torch.is_grad_enabled()
     torch.testing.assert_close(inside, outside, rtol=0, atol=0)
     assert torch.is_grad_enabled()
@@ -64,30 +73,35 @@ def test_no_grad_gives_the_same_result(name, tiny_cnn, tiny_inputs):
 # ------------------------------------------------------------------ 4. targets in every form
 
 
-TARGET_FORMS = {
-    "int": (3, [3, 3, 3, 3]),
-    "list": (PER_EXAMPLE, PER_EXAMPLE),
-    "list-of-1-tuples": ([(q,) for q in PER_EXAMPLE], PER_EXAMPLE),
-    "1-tuple": ((3,), [3, 3, 3, 3]),
-    "0-dim-tensor": (torch.tensor(3), [3, 3, 3, 3]),
-    "1-element-tensor": (torch.tensor([3]), [3, 3, 3, 3]),
-    "per-example-tensor": (torch.tensor(PER_EXAMPLE), PER_EXAMPLE),
-    "per-example-int32-tensor": (torch.tensor(PER_EXAMPLE, dtype=torch.int32), PER_EXAMPLE),
-}
+def target_forms(n: int) -> dict:
+    """Each form of a class selection for an n-example batch: (value, class per example)."""
+    classes = per_example(n)
+    return {
+        "int": (3, [3] * n),
+        "list": (classes, classes),
+        "list-of-1-tuples": ([(q,) for q in classes], classes),
+        "1-tuple": ((3,), [3] * n),
+        "0-dim-tensor": (torch.tensor(3), [3] * n),
+        "1-element-tensor": (torch.tensor([3]), [3] * n),
+        "per-example-tensor": (torch.tensor(classes), classes),
+        "per-example-int32-tensor": (torch.tensor(classes, dtype=torch.int32), classes),
+    }
 
 
-@pytest.mark.parametrize("form", list(TARGET_FORMS))
+@pytest.mark.parametrize("n", BATCH_SIZES)
+@pytest.mark.parametrize("form", list(target_forms(4)))
 @pytest.mark.parametrize("name", list(CAM_CLASSES))
-def test_every_target_form_equals_examples_one_by_one(name, form, tiny_cnn, tiny_inputs):
+def test_every_target_form_equals_examples_one_by_one(name, form, n, tiny_cnn):
     method = CAM_CLASSES[name](tiny_cnn, LAYER)
     key = class_keyword(method)
-    value, per_example = TARGET_FORMS[form]
-    got = method.attribute(tiny_inputs, **{key: value}, relu_attributions=False)
+    value, classes = target_forms(n)[form]
+    x = tiny_batch(n)
+    got = method.attribute(x, **{key: value}, relu_attributions=False)
     rows = [
-        method.attribute(tiny_inputs[i : i + 1], **{key: c}, relu_attributions=False)
-        for i, c in enumerate(per_example)
+        method.attribute(x[i : i + 1], **{key: c}, relu_attributions=False)
+        for i, c in enumerate(classes)
     ]
-    assert got.shape == (4, 1, 6, 6)
+    assert got.shape == (n, 1, 6, 6)
     torch.testing.assert_close(got, torch.cat(rows), rtol=1e-10, atol=1e-13)
 
 
@@ -100,46 +114,49 @@ def test_multi_index_tuple_target_is_a_clear_error(name, tiny_cnn, tiny_inputs):
         method.attribute(tiny_inputs, **{class_keyword(method): (1, 2)})
 
 
-def test_one_by_one_counterfactual_equals_negated_captum_gradcam(tiny_cnn, tiny_inputs):
-    target = torch.tensor(PER_EXAMPLE)
+@pytest.mark.parametrize("n", BATCH_SIZES)
+def test_one_by_one_counterfactual_equals_negated_captum_gradcam(n, tiny_cnn):
+    x = tiny_batch(n)
     captum = LayerGradCam(tiny_cnn, tiny_cnn.features[3]).attribute(
-        tiny_inputs, target=target, relu_attributions=False
+        x, target=torch.tensor(per_example(n)), relu_attributions=False
     )
     ours = CounterfactualCAM(tiny_cnn, LAYER).attribute(
-        tiny_inputs, target=PER_EXAMPLE, relu_attributions=False
+        x, target=per_example(n), relu_attributions=False
     )
     torch.testing.assert_close(ours, -captum.detach(), rtol=1e-10, atol=1e-13)
 
 
-SELECTIONS = {
-    "all": ("all", [list(range(NUM_CLASSES))] * 4),
-    "2d-tensor": (torch.tensor([[1, 3], [0, 0], [4, 2], [2, 1]]), [[1, 3], [0, 0], [4, 2], [2, 1]]),
-    "list-of-lists": ([[1, 3], [0, 0], [4, 2], [2, 1]], [[1, 3], [0, 0], [4, 2], [2, 1]]),
-    "one-row": (torch.tensor([[4, 0, 2]]), [[4, 0, 2]] * 4),
-}
+def selections(n: int) -> dict:
+    """Each form of a several-classes selection for n examples: (value, classes per example)."""
+    pairs = PAIRS_5[:n]
+    return {
+        "all": ("all", [list(range(NUM_CLASSES))] * n),
+        "2d-tensor": (torch.tensor(pairs), pairs),
+        "list-of-lists": ([list(p) for p in pairs], pairs),
+        "one-row": (torch.tensor([[4, 0, 2]]), [[4, 0, 2]] * n),
+    }
 
 
-@pytest.mark.parametrize("selection", list(SELECTIONS))
+@pytest.mark.parametrize("n", BATCH_SIZES)
+@pytest.mark.parametrize("selection", list(selections(4)))
 @pytest.mark.parametrize("name", list(CAM_CLASSES))
-def test_several_classes_equal_single_class_calls_stacked(name, selection, tiny_cnn, tiny_inputs):
+def test_several_classes_equal_single_class_calls_stacked(name, selection, n, tiny_cnn):
     method = CAM_CLASSES[name](tiny_cnn, LAYER)
     key = class_keyword(method)
-    value, per_example = SELECTIONS[selection]
-    got = method.attribute(tiny_inputs, **{key: value}, max_batch=2)
-    width = len(per_example[0])
+    value, classes = selections(n)[selection]
+    x = tiny_batch(n)
+    got = method.attribute(x, **{key: value}, max_batch=2)
+    width = len(classes[0])
     expected = torch.stack(
         [
             torch.cat(
-                [
-                    method.attribute(tiny_inputs[i : i + 1], **{key: per_example[i][j]})
-                    for j in range(width)
-                ],
+                [method.attribute(x[i : i + 1], **{key: classes[i][j]}) for j in range(width)],
                 dim=1,
             )[0]
-            for i in range(4)
+            for i in range(n)
         ]
     )
-    assert got.shape == (4, width, 6, 6)
+    assert got.shape == (n, width, 6, 6)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
 
 
