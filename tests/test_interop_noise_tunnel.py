@@ -8,12 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from _interop import (
+    BATCH_SIZES,
     CAM_CLASSES,
     LAYER,
+    PAIRS_5,
     PER_EXAMPLE,
     TwoInputNet,
     make_inputs,
+    per_example,
     saliency_of_cross_entropy,
+    tiny_batch,
 )
 from captum.attr import (
     GuidedBackprop,
@@ -92,6 +96,18 @@ CONTRAST_FORMS = {
 }
 
 
+def contrast_forms(n: int) -> dict:
+    """CONTRAST_FORMS for an n-example batch (n <= 5)."""
+    classes = per_example(n)
+    return {
+        "list": classes,
+        "tensor": torch.tensor(classes),
+        "list-of-1-tuples": [(q,) for q in classes],
+        "all": "all",
+        "2d-per-example": torch.tensor(PAIRS_5[:n]),
+    }
+
+
 def contrast_of_example(contrast, i):
     if isinstance(contrast, str):
         return contrast
@@ -103,10 +119,12 @@ def contrast_of_example(contrast, i):
     return int(row)
 
 
+@pytest.mark.parametrize("n", BATCH_SIZES)
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "vargrad"])
 @pytest.mark.parametrize("form", list(CONTRAST_FORMS))
-def test_contrast_cam_in_noise_tunnel_matches_hand_loop(nt_type, form, tiny_cnn, tiny_inputs):
-    contrast = CONTRAST_FORMS[form]
+def test_contrast_cam_in_noise_tunnel_matches_hand_loop(nt_type, form, n, tiny_cnn):
+    contrast = contrast_forms(n)[form]
+    tiny_inputs = tiny_batch(n)
     cam = ContrastCAM(tiny_cnn, LAYER)
     torch.manual_seed(123)
     got = NoiseTunnel(cam).attribute(
