@@ -1,4 +1,5 @@
-"""Tiny models shared by the tests (seeded, CPU, a few thousand parameters)."""
+"""Fixtures and hooks shared by the tests (plain helpers live in ``tests/_helpers.py``; the
+docstring examples' namespace in the repository's root ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -7,181 +8,22 @@ import os
 
 import pytest
 import torch
+
+# Re-exported for the test files that still write ``from conftest import X``; new code imports
+# from ``_helpers``. Remove once every test file imports from ``_helpers``.
+from _helpers import (  # noqa: F401
+    CONFIDENT_SCALES,
+    ResidualBlock,
+    TinyCNN,
+    assert_model_unchanged,
+    guided_copy,
+    make_confident_model,
+    make_tiny_cnn,
+    model_snapshot,
+)
 from torch import nn
 
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        return self.relu(self.bn(self.conv(x)) + x)
-
-
-class TinyCNN(nn.Module):
-    """conv -> batchnorm -> in-place ReLU -> residual block -> dropout -> pool -> linear.
-
-    ``features.3`` (the residual block) is the usual layer to explain: N x 8 x 6 x 6 for
-    6 x 6 inputs.
-    """
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 5, width: int = 8) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            ResidualBlock(width),
-            nn.Dropout2d(0.3),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width, 16), nn.ReLU(), nn.Dropout(0.2))
-        self.classifier = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.head(self.pool(self.features(x))))
-
-
-def make_tiny_cnn(seed: int = 0, dtype=torch.float64, **kwargs) -> TinyCNN:
-    torch.manual_seed(seed)
-    model = TinyCNN(**kwargs)
-    # non-trivial batchnorm statistics, so eval-mode batchnorm is not the identity
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.to(dtype).eval()
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for tests of many tiny optimisation steps (the test machines share
-    2 cores, and oversubscription makes such tests many times slower); restored afterwards.
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-#: Factors applied to the bundled model's logits by :func:`make_confident_model`. The bundled
-#: model's median top-1/top-2 logit gap on the 40 sample digits is 9.7, so these give median
-#: gaps of about 29, 290 and 9,700 (ImageNet models are at the low end of that range).
-CONFIDENT_SCALES = (3.0, 30.0, 1000.0)
-
-
-def make_confident_model(scale: float, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The bundled digit model with every logit multiplied by ``scale`` (the final linear
-    layer's weight and bias scaled): same predictions and maps up to the factor, ``scale``
-    times the logit gaps. Real trained models are this confident; float32 arithmetic that
-    forms ``exp(z)`` or ``1 - p`` breaks on them."""
-    from captum_ext.data import load_bundled_model
-
-    model = load_bundled_model()
-    with torch.no_grad():
-        model.classifier.weight.mul_(scale)
-        model.classifier.bias.mul_(scale)
-    return model.to(dtype).eval()
-
-
-@pytest.fixture(params=CONFIDENT_SCALES, ids=lambda s: f"x{s:g}")
-def confident_model(request) -> nn.Module:
-    """The bundled model made confident (median logit gap 29, 290 or 9,700), float32."""
-    return make_confident_model(request.param)
-
-
-@pytest.fixture
-def sample_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 40 bundled sample digits (normalised, N x 1 x 28 x 28) and their labels."""
-    from captum_ext.data import load_sample_digits
-
-    return load_sample_digits()
-
-
-@pytest.fixture
-def tiny_cnn() -> TinyCNN:
-    return make_tiny_cnn()
-
-
-@pytest.fixture
-def tiny_inputs() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(4, 3, 6, 6, generator=generator, dtype=torch.float64)
-
-
-class _HandGuidedReLU(torch.autograd.Function):
-    """Guided backprop's ReLU, written independently of the library: positive gradients only,
-    where the input was positive."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (x > 0)
-
-
-class _HandGuidedReLUModule(nn.Module):
-    def forward(self, x):
-        return _HandGuidedReLU.apply(x)
-
-
-def guided_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose nn.ReLU modules do guided backprop (reference only)."""
-    guided = copy.deepcopy(model)
-    for module in list(guided.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, _HandGuidedReLUModule())
-    return guided
-
-
-def model_snapshot(model: nn.Module) -> dict:
-    """Everything a method must leave unchanged on a model."""
-    return {
-        "params": {name: p.detach().clone() for name, p in model.named_parameters()},
-        "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "grads": {name: p.grad for name, p in model.named_parameters()},
-        "training": {name: m.training for name, m in model.named_modules()},
-        "hooks": {
-            name: (
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(getattr(m, "_backward_pre_hooks", {})),
-            )
-            for name, m in model.named_modules()
-        },
-        "global_hooks": (
-            len(nn.modules.module._global_forward_hooks),
-            len(nn.modules.module._global_forward_pre_hooks),
-            len(nn.modules.module._global_backward_hooks),
-        ),
-        "grad_enabled": torch.is_grad_enabled(),
-        "default_dtype": torch.get_default_dtype(),
-    }
-
-
-def assert_model_unchanged(model: nn.Module, before: dict) -> None:
-    after = model_snapshot(model)
-    for name, value in before["params"].items():
-        assert torch.equal(value, after["params"][name]), f"parameter {name} changed"
-    for name, value in before["buffers"].items():
-        assert torch.equal(value, after["buffers"][name]), f"buffer {name} changed"
-    for key in ("requires_grad", "training", "hooks", "global_hooks", "grad_enabled"):
-        assert before[key] == after[key], f"{key} changed"
-    assert before["default_dtype"] == after["default_dtype"]
-    for name, grad in before["grads"].items():
-        assert after["grads"][name] is grad, f".grad of {name} changed"
+# ------------------------------------------------------------------ hooks
 
 
 def pytest_configure(config):
@@ -202,3 +44,90 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ general fixtures
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny optimisation steps (the test machines share
+    2 cores, and oversubscription makes such tests many times slower); restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    return make_tiny_cnn()
+
+
+@pytest.fixture
+def tiny_inputs() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 6, 6, generator=generator, dtype=torch.float64)
+
+
+@pytest.fixture(params=CONFIDENT_SCALES, ids=lambda s: f"x{s:g}")
+def confident_model(request) -> nn.Module:
+    """The bundled model made confident (median logit gap 29, 290 or 9,700), float32."""
+    return make_confident_model(request.param)
+
+
+# ------------------------------------------------------------------ the bundled demo
+#
+# Loaded once per session (``_bundled_*``, never handed to a test directly); every fixture a
+# test sees is a copy, so a test that changes its model or images cannot change another's.
+
+
+@pytest.fixture(scope="session")
+def _bundled_model_once() -> nn.Module:
+    from captum_ext.data import load_bundled_model
+
+    return load_bundled_model()
+
+
+@pytest.fixture(scope="session")
+def _sample_digits_once() -> tuple[torch.Tensor, torch.Tensor]:
+    from captum_ext.data import load_sample_digits
+
+    return load_sample_digits()
+
+
+@pytest.fixture(scope="module")
+def bundled_model(_bundled_model_once) -> nn.Module:
+    """The bundled digit model (eval mode), one copy per test module: the tests of a module
+    share it (module-scoped fixtures may use it); each test checks it leaves it unchanged.
+    Use :func:`fresh_bundled_model` in a test that changes the model on purpose."""
+    return copy.deepcopy(_bundled_model_once).eval()
+
+
+@pytest.fixture
+def fresh_bundled_model(_bundled_model_once) -> nn.Module:
+    """The bundled digit model (eval mode), a new copy for this test alone."""
+    return copy.deepcopy(_bundled_model_once).eval()
+
+
+@pytest.fixture
+def sample_digits(_sample_digits_once) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 40 bundled sample digits (normalised, N x 1 x 28 x 28) and their labels (copies)."""
+    images, labels = _sample_digits_once
+    return images.clone(), labels.clone()
+
+
+@pytest.fixture(scope="module")
+def bundled_digits(_sample_digits_once) -> tuple[torch.Tensor, torch.Tensor]:
+    """Module-scoped copy of the 40 sample digits and labels (for module-scoped fixtures)."""
+    images, labels = _sample_digits_once
+    return images.clone(), labels.clone()
+
+
+@pytest.fixture(scope="session")
+def bundled_cam_layer() -> str:
+    """The bundled model's usual CAM layer (``BUNDLED_CAM_LAYER``)."""
+    from captum_ext.data import BUNDLED_CAM_LAYER
+
+    return BUNDLED_CAM_LAYER
