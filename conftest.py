@@ -18,11 +18,11 @@ from torch import nn
 
 @functools.lru_cache(maxsize=1)
 def _bundled():
+    from captum_ext.bundled import load_bundled_model
     from captum_ext.data import (
         BUNDLED_CAM_LAYER,
         DIGIT_CLASSES,
         denormalize_digits,
-        load_bundled_model,
         load_sample_digits,
     )
 
