@@ -162,23 +162,6 @@ def test_examples_in_pages_run(name: str):
 
 CONVENTIONS = DOCS / "conventions.md"
 
-#: Names the Conventions page documents that other parts of the redesign (issue 15) add: they
-#: may be missing on a branch that has not merged those parts yet. Empty this set at merge.
-ADDED_BY_THE_REDESIGN = {
-    "captum_ext.bundled",
-    "captum_ext.torchscript",
-    "captum_ext.metrics.AUAC",
-    "captum_ext.metrics.AUFC",
-    "captum_ext.metrics.MispredictionAUROC",
-    "captum_ext.metrics.AUROC",
-    "captum_ext.metrics.AUPR",
-    "captum_ext.metrics.FPRAtTPR",
-    "captum_ext.metrics.expected_calibration_error",
-    "captum_ext.metrics.ExpectedCalibrationError",
-    "captum_ext.metrics.DeletionAUC",
-    "captum_ext.metrics.InsertionAUC",
-}
-
 
 def _toctree_entries(page: Path) -> list[str]:
     blocks = re.findall(r"```\{toctree\}\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
@@ -224,22 +207,7 @@ def test_conventions_page_names_names():
     assert "captum_ext.cli" in names
 
 
-@pytest.mark.parametrize(
-    "dotted",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                raises=(ImportError, AttributeError),
-                reason="added by another part of the issue-15 redesign; merge pending",
-                strict=False,
-            ),
-        )
-        if name in ADDED_BY_THE_REDESIGN
-        else name
-        for name in _conventions_names()
-    ],
-)
+@pytest.mark.parametrize("dotted", _conventions_names())
 def test_names_on_the_conventions_page_import(dotted: str):
     """Each public class, function and module the page names imports from where it says."""
     assert _resolve(dotted) is not None
