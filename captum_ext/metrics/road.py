@@ -102,6 +102,7 @@ def _neighbour_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
     return kernel[None, None]
 
 
+_DIRECT_UNKNOWNS = 200_000
 _OFFSETS = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1) if (dr, dq) != (0, 0)]
 
 
@@ -214,7 +215,17 @@ def road_imputation(
     if solver == "auto":
         solver = "direct" if inputs.device.type == "cpu" and _scipy_available() else "cg"
     if solver == "direct":
-        filled = _direct_solve(inputs, removed)
+        # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
+        # (SuperLU's memory grows faster than the system)
+        per_image = removed.flatten(1).sum(dim=1).tolist()
+        parts, start, total = [], 0, 0
+        for i, count in enumerate(per_image):
+            if total and total + count > _DIRECT_UNKNOWNS:
+                parts.append(_direct_solve(inputs[start:i], removed[start:i]))
+                start, total = i, 0
+            total += count
+        parts.append(_direct_solve(inputs[start:], removed[start:]))
+        filled = torch.cat(parts)
         if noise > 0:
             draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
             filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
