@@ -316,8 +316,8 @@ def shortcut_dataset(
         >>> train = TensorDataset(images, labels)          # N x 1 x 28 x 28, N
         >>> cued = shortcut_dataset(train, "position", probability=0.9, seed=0)
         >>> image, label = cued[0]
-        >>> cued.positions[label]                          # where its square is
-        tensor([ 8, 16])
+        >>> int(label), cued.positions[label].tolist()    # class 0's square: top left
+        (0, [0, 0])
     """
     return ShortcutDataset(
         dataset,
@@ -479,11 +479,16 @@ def shortcut_audit(
 
     Examples::
 
-        >>> cued = shortcut_dataset(TensorDataset(train_x, train_y), "position")
-        >>> model = train_my_model(cued)
-        >>> audit = shortcut_audit(model, TensorDataset(test_x, test_y), cued)
-        >>> audit.accuracy_clean, audit.accuracy_shortcut, audit.follows_cue
-        (0.31, 1.0, 0.93)
+        >>> from torch.utils.data import TensorDataset
+        >>> from captum_ext.bundled import load_bundled_inversion
+        >>> cued = shortcut_dataset(TensorDataset(images, labels), "position", seed=0)
+        >>> # the model under audit would be trained on `cued`; the bundled one never saw a cue
+        >>> audit = shortcut_audit(model, TensorDataset(images, labels), cued,
+        ...                        inversion=load_bundled_inversion(model), samples_per_class=2)
+        >>> audit.accuracy_clean                           # the bundled model on the samples
+        1.0
+        >>> audit.cue_response.shape                       # one value per class
+        torch.Size([10])
     """
     _check_model(model)
     batch_size = check_int(batch_size, "batch_size")
@@ -635,12 +640,14 @@ def privacy_audit(
 
     Examples::
 
-        >>> from captum_ext.data import denormalize_digits, normalize_digits
-        >>> audit = privacy_audit(model, train_x[:500], train_y[:500], steps=2000,
-        ...                       preprocess=lambda x: (x - 0.1307) / 0.3081,
-        ...                       denormalize=denormalize_digits, data_range=1.0)
-        >>> audit.matched.mean, audit.matched.share_above
-        (0.34, 0.21)
+        >>> from captum_ext.bundled import load_bundled_inversion
+        >>> from captum_ext.data import denormalize_digits
+        >>> # a fitted inversion; without one, privacy_audit trains one for `steps` steps
+        >>> audit = privacy_audit(model, images, labels, inversion=load_bundled_inversion(model),
+        ...                       samples_per_class=2, denormalize=denormalize_digits,
+        ...                       data_range=1.0, progress=False)
+        >>> bool(0.0 <= audit.matched.share_above <= 1.0), audit.samples.shape
+        (True, torch.Size([20, 1, 28, 28]))
     """
     _check_model(model)
     training_images = _images(training_images, "training_images")
