@@ -202,8 +202,8 @@ class NetworkInversion:
         >>> model = load_bundled_model()
         >>> inversion = NetworkInversion(model, input_shape=(1, 28, 28),
         ...                              preprocess=normalize_digits, value_range=(0, 255),
-        ...                              batch_size=64)
-        >>> history = inversion.fit(20, progress=False)
+        ...                              batch_size=16)
+        >>> history = inversion.fit(3, progress=False)     # a real run: ~1000 steps
         >>> images = inversion.sample(torch.arange(10))     # one image per digit
         >>> images.shape
         torch.Size([10, 1, 28, 28])

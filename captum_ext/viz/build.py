@@ -675,7 +675,8 @@ def build_report(config: ReportConfig) -> ReportResult:
 
     Examples::
 
-        >>> result = build_report(ReportConfig(limit=2, sections=["contrastive"], out=tmp))
+        >>> config = ReportConfig(limit=2, sections=["contrastive"], out="report")
+        >>> result = build_report(config)
         >>> result.index.name
         'index.html'
     """

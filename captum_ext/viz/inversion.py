@@ -10,16 +10,20 @@ and "Network Inversion and Its Applications" (arXiv 2411.17777).
 
 Example::
 
-    >>> from captum_ext.bundled import load_bundled_model
+    >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_inversion
     >>> from captum_ext.data import DIGIT_CLASSES, denormalize_digits
     >>> from captum_ext.inversion import NetworkInversion
     >>> from captum_ext.viz import Report, inversion_section
-    >>> inversion = NetworkInversion(load_bundled_model(), batch_size=64)
-    >>> inversion.fit(1000)
+    >>> # your own model: NetworkInversion(model, ...).fit(1000), minutes on a CPU; skipped here
+    >>> inversion = NetworkInversion(model, batch_size=64, **BUNDLED_INVERSION_OPTIONS)
+    >>> history = inversion.fit(1000, progress=False)  # doctest: +SKIP
+    >>> inversion = load_bundled_inversion(model)      # the bundled model's, already trained
     >>> report = Report("What does the digit model think a digit looks like?")
-    >>> report.add_section(inversion_section(inversion, "out", class_names=DIGIT_CLASSES,
-    ...                                      denormalize=denormalize_digits))
-    >>> report.write("out")
+    >>> section = report.add_section(inversion_section(
+    ...     inversion, "out", per_class=4, class_names=DIGIT_CLASSES,
+    ...     denormalize=denormalize_digits))
+    >>> report.write("out").name
+    'index.html'
 """
 
 from __future__ import annotations
@@ -127,6 +131,8 @@ def inversion_section(
 
     Examples::
 
+        >>> from captum_ext.bundled import load_bundled_inversion
+        >>> inversion = load_bundled_inversion(model)     # a trained NetworkInversion
         >>> section = inversion_section(inversion, "out", per_class=4)
         >>> section.rows[0].table.rows[0][:2]
         ['all', '40']

@@ -16,11 +16,13 @@ Example::
     >>> from captum_ext.viz import Report, minimal_mask_section
     >>> model = load_bundled_model()
     >>> images, labels = load_sample_digits()
+    >>> images = images[:8]                                # 8 digits keep the example quick
     >>> report = Report("Digits")
-    >>> report.add_section(minimal_mask_section(model, images, denormalize_digits(images),
-    ...                                         DIGIT_CLASSES, "out",
-    ...                                         explainer=load_bundled_mask_explainer(model)))
-    >>> report.write("out")
+    >>> section = report.add_section(minimal_mask_section(
+    ...     model, images, denormalize_digits(images), DIGIT_CLASSES, "out",
+    ...     explainer=load_bundled_mask_explainer(model)))
+    >>> report.write("out").name
+    'index.html'
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ def minimal_mask_section(
 
     Examples::
 
+        >>> from captum_ext.bundled import load_bundled_mask_explainer
+        >>> explainer = load_bundled_mask_explainer(model)  # its trained mask network
         >>> section = minimal_mask_section(model, images[:8], shown[:8], DIGIT_CLASSES, "out",
         ...                                explainer=explainer, circuit_rows=2)
         >>> section.rows[0].table.columns[:3]

@@ -12,11 +12,25 @@ Papers: Suhail, Sethi et al., "TIE: A Training-Inversion-Exclusion Framework" (a
 
 Example::
 
+    >>> import copy
+    >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS
+    >>> from captum_ext.data import denormalize_digits
+    >>> from captum_ext.inversion import TIE, TIEConfig
     >>> from captum_ext.viz import Report, ood_section
+    >>> _ = torch.manual_seed(0)
+    >>> # a tiny fit on the sample digits (a real one: the training set, default TIEConfig)
+    >>> config = TIEConfig(generator_steps=2, generator_batch_size=8, batch_size=20)
+    >>> tie = TIE(copy.deepcopy(model), config=config, **BUNDLED_INVERSION_OPTIONS)
+    >>> log = tie.fit(images, labels, epochs=1, progress=False)
+    >>> heldout = images                                   # use held-out digits in practice
+    >>> letters = torch.rand(20, 1, 28, 28)                # stand-ins for real OOD sets
+    >>> noise = torch.randn(20, 1, 28, 28)
     >>> report = Report("OOD")
-    >>> report.add_section(ood_section(tie, heldout, {"letters": letters, "noise": noise}, "out",
-    ...                                plain_model=model, denormalize=denormalize_digits))
-    >>> report.write("out")
+    >>> section = report.add_section(ood_section(
+    ...     tie, heldout, {"letters": letters, "noise": noise}, "out", plain_model=model,
+    ...     denormalize=denormalize_digits))
+    >>> report.write("out").name
+    'index.html'
 """
 
 from __future__ import annotations
@@ -177,6 +191,14 @@ def ood_section(
 
     Examples::
 
+        >>> import copy
+        >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS
+        >>> from captum_ext.inversion import TIE, TIEConfig
+        >>> _ = torch.manual_seed(0)
+        >>> config = TIEConfig(generator_steps=2, generator_batch_size=8, batch_size=20)
+        >>> tie = TIE(copy.deepcopy(model), config=config, **BUNDLED_INVERSION_OPTIONS)
+        >>> log = tie.fit(images, labels, epochs=1, progress=False)   # a tiny fit
+        >>> heldout, noise = images, torch.randn(20, 1, 28, 28)
         >>> section = ood_section(tie, heldout, {"noise": noise}, "out", plain_model=model)
         >>> section.rows[0].table.columns[:3]
         ['images', 'count', 'sent to garbage']

@@ -71,10 +71,14 @@ def overlay(
 
     Examples::
 
+        >>> from captum_ext.attr import ContrastCAM
+        >>> from captum_ext.data.loading import denormalize_for_display
         >>> maps = ContrastCAM(model, layer).attribute(x, upsample_to_input=True,
         ...                                            normalize="minmax")
-        >>> picture = overlay(denormalize_for_display(x[0], "imagenet"), maps[0, 0])
-        >>> save_png(picture, "why.png")
+        >>> picture = overlay(denormalize_for_display(x[0], "digits"), maps[0, 0])
+        >>> picture.shape, picture.dtype
+        ((28, 28, 3), dtype('uint8'))
+        >>> path = save_png(picture, "why.png")
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")

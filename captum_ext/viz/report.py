@@ -8,15 +8,17 @@ are new functions returning a :class:`Section`; nothing else changes.
 
 Example::
 
+    >>> from captum_ext.bundled import load_bundled_model
     >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
-    ...                              load_bundled_model, load_sample_digits)
+    ...                              load_sample_digits)
     >>> model = load_bundled_model()
     >>> images, labels = load_sample_digits()
     >>> shown = denormalize_digits(images)                 # N x 1 x 28 x 28 in [0, 1]
     >>> report = Report("Digits")
-    >>> report.add_section(contrastive_section(model, BUNDLED_CAM_LAYER, images, shown,
-    ...                                        DIGIT_CLASSES, "out", labels=labels))
-    >>> report.write("out")                                # out/index.html
+    >>> section = report.add_section(contrastive_section(model, BUNDLED_CAM_LAYER, images, shown,
+    ...                                                  DIGIT_CLASSES, "out", labels=labels))
+    >>> report.write("out").name                           # out/index.html
+    'index.html'
 """
 
 from __future__ import annotations
@@ -201,11 +203,17 @@ class Report:
 
     Examples::
 
+        >>> import numpy as np
+        >>> from captum_ext.viz.overlay import save_png
+        >>> _ = save_png(np.zeros((28, 28, 3), np.uint8), "a.png")
+        >>> _ = save_png(np.full((28, 28, 3), 255, np.uint8), "b.png")
         >>> report = Report("My model")
         >>> section = Section("Notes", "Two pictures.")
-        >>> section.add_row("first image", [("input", "a.png"), ("map", "b.png")])
-        >>> report.add_section(section)
-        >>> report.write("out")          # out/index.html, PNGs copied to out/images/
+        >>> row = section.add_row("first image", [("input", "a.png"), ("map", "b.png")])
+        >>> section = report.add_section(section)
+        >>> index = report.write("out")  # out/index.html, PNGs copied to out/images/
+        >>> index.name
+        'index.html'
     """
 
     def __init__(

@@ -16,16 +16,18 @@ Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
 
 Example::
 
+    >>> from captum_ext.bundled import load_bundled_model
     >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
-    ...                              load_bundled_model, load_sample_digits)
+    ...                              load_sample_digits)
     >>> from captum_ext.viz import Report, trust_section
     >>> model = load_bundled_model()
     >>> images, labels = load_sample_digits()
     >>> report = Report("Digits")
-    >>> report.add_section(trust_section(model, BUNDLED_CAM_LAYER, images,
-    ...                                  denormalize_digits(images), DIGIT_CLASSES, "out",
-    ...                                  labels=labels))
-    >>> report.write("out")
+    >>> section = report.add_section(trust_section(
+    ...     model, BUNDLED_CAM_LAYER, images, denormalize_digits(images), DIGIT_CLASSES, "out",
+    ...     labels=labels))
+    >>> report.write("out").name                           # out/index.html
+    'index.html'
 """
 
 from __future__ import annotations

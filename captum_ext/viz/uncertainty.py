@@ -13,18 +13,21 @@ model's device, write their PNGs under ``out_dir/images/<section>/`` and return 
 
 Example::
 
+    >>> from captum_ext.bundled import load_bundled_model
     >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
-    ...                              load_bundled_model, load_sample_digits)
+    ...                              load_sample_digits)
     >>> from captum_ext.viz import Report, explanation_metrics_section, voice_section
     >>> model = load_bundled_model()
     >>> images, labels = load_sample_digits()
+    >>> images, labels = images[:8], labels[:8]            # 8 digits keep the example quick
     >>> shown = denormalize_digits(images)
     >>> report = Report("Digits")
-    >>> report.add_section(voice_section(model, BUNDLED_CAM_LAYER, images, shown,
-    ...                                  DIGIT_CLASSES, "out", labels=labels))
-    >>> report.add_section(explanation_metrics_section(model, BUNDLED_CAM_LAYER, images,
-    ...                                                shown, DIGIT_CLASSES, "out"))
-    >>> report.write("out")
+    >>> voice = report.add_section(voice_section(model, BUNDLED_CAM_LAYER, images, shown,
+    ...                                          DIGIT_CLASSES, "out", labels=labels))
+    >>> metrics = report.add_section(explanation_metrics_section(
+    ...     model, BUNDLED_CAM_LAYER, images, shown, DIGIT_CLASSES, "out"))
+    >>> report.write("out").name
+    'index.html'
 """
 
 from __future__ import annotations
@@ -180,8 +183,8 @@ def voice_section(
 
         >>> section = voice_section(model, "features.7", images, shown, DIGIT_CLASSES, "out",
         ...                         contrasts=3, labels=labels)
-        >>> section.rows[1].figures[3].caption
-        'Uncertainty (VOICE, 3 contrasts): IoU 0.314, SNR 0.588, log-likelihood -0.001292'
+        >>> section.rows[1].figures[3].caption  # doctest: +ELLIPSIS
+        'Uncertainty (VOICE, 3 contrasts): IoU 0.31..., SNR 0.58..., log-likelihood -0.0012...'
     """
     from captum_ext.attr import VOICE, GradCAM
 
