@@ -11,7 +11,9 @@ Both sides impute the same (image, removal mask) pairs in one process; the masks
 completeness (9 thresholds) and soundness (96 area steps) for random maps. Prints the agreement
 (max abs difference) and the ratio as a JSON line. ``--quick`` runs a smaller set.
 
-Run: ``python benchmarks/evaluation.py`` (a few minutes on 2 CPU cores).
+Run: ``python benchmarks/evaluation.py`` (a few minutes on 2 CPU cores). Cases: 64 digits at
+28 x 28 with every completeness and soundness mask (6,720 systems), and 2 images at
+224 x 224 with the 9 completeness masks (each 224-px solve takes about a second or more).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def main() -> None:
     cases = (
         [run(16, 28, "both", None)]
         if args.quick
-        else [run(64, 28, "both", None), run(8, 224, "both", 48)]
+        else [run(64, 28, "both", None), run(2, 224, "completeness", None)]
     )
     print(json.dumps({"benchmark": "road_imputation", "torch": torch.__version__, "cases": cases}))
 

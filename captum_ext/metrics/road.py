@@ -295,6 +295,23 @@ def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) 
     return classes[:, 0]
 
 
+def _score_rows(
+    forward_func: Callable, rows: Tensor, examples: Tensor, targets: Tensor, extra: tuple, n: int
+) -> tuple[Tensor, Tensor]:
+    """Target probability and 0/1 correctness of ``rows``; row ``k`` belongs to example
+    ``examples[k]`` (of ``n``), whose target and per-example extra arguments it gets."""
+    row_extra = tuple(
+        arg[examples.to(arg.device)]
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n
+        else arg
+        for arg in extra
+    )
+    logits = run_forward(forward_func, (rows,), row_extra).float()
+    row_targets = targets.to(logits.device)[examples.to(logits.device)]
+    probability = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0]
+    return probability, (logits.argmax(dim=1) == row_targets).float()
+
+
 def _scores(
     forward_func: Callable,
     images: Tensor,
@@ -303,23 +320,16 @@ def _scores(
     batch_size: int,
     repeats: int,
 ) -> tuple[Tensor, Tensor]:
-    """Target probability and correctness of ``images`` (rows ordered example-major)."""
+    """Target probability and correctness of ``images`` (``repeats`` rows per example,
+    example-major), ``batch_size`` rows per forward pass."""
+    n = images.shape[0] // repeats
     probabilities, corrects = [], []
     for start in range(0, images.shape[0], batch_size):
         rows = images[start : start + batch_size]
         examples = torch.arange(start, start + rows.shape[0], device=rows.device) // repeats
-        row_extra = tuple(
-            arg[examples.to(arg.device)]
-            if isinstance(arg, Tensor)
-            and arg.dim() > 0
-            and arg.shape[0] * repeats == images.shape[0]
-            else arg
-            for arg in extra
-        )
-        logits = run_forward(forward_func, (rows,), row_extra).float()
-        row_targets = targets.to(logits.device)[examples.to(logits.device)]
-        probabilities.append(logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0])
-        corrects.append((logits.argmax(dim=1) == row_targets).float())
+        probability, correct = _score_rows(forward_func, rows, examples, targets, extra, n)
+        probabilities.append(probability)
+        corrects.append(correct)
     return torch.cat(probabilities), torch.cat(corrects)
 
 
@@ -574,19 +584,10 @@ def soundness(
                 noise=noise,
                 generator=generator,
             )
-            row_extra = tuple(
-                arg[examples.to(arg.device)]
-                if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n
-                else arg
-                for arg in extra
-            )
-            logits = run_forward(forward_func, (imputed,), row_extra).float()
-            row_targets = targets.to(logits.device)[examples.to(logits.device)]
-            p = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0].double().cpu()
-            c = (logits.argmax(dim=1) == row_targets).double().cpu()
+            p, c = _score_rows(forward_func, imputed, examples, targets, extra, n)
             # rows are example-major: row i * steps + j is example i at step j
-            probability.view(-1)[start : start + len(chunk)] = p
-            correct.view(-1)[start : start + len(chunk)] = c
+            probability.view(-1)[start : start + len(chunk)] = p.double().cpu()
+            correct.view(-1)[start : start + len(chunk)] = c.double().cpu()
     maps = maps.cpu()
     sorted_maps = maps.gather(1, positions.cpu().argsort(dim=1))  # increasing, tie-broken
     suffix = sorted_maps.flip(1).cumsum(1).flip(1)  # suffix[k] = mass of positions >= k

@@ -265,11 +265,14 @@ class SectionSpec:
             for by name raises instead).
         options (Mapping[str, str]): keyword argument of the section function -> the
             :class:`ReportConfig` field it comes from (its default).
+        in_defaults (bool): whether the bundled default report builds it (False: only when
+            asked for with ``--sections``).
     """
 
     description: str
     build: SectionBuilder
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    in_defaults: bool = True
 
     def kwargs(self, config: ReportConfig) -> dict[str, Any]:
         return {name: getattr(config, field) for name, field in self.options.items()}
@@ -295,6 +298,13 @@ def _build_metrics(inputs: SectionInputs, config: ReportConfig, asked: bool):
     arguments, options = inputs.common()
     extra = SECTION_REGISTRY["metrics"].kwargs(config)
     return explanation_metrics_section(*arguments, **options, **extra)
+
+
+def _build_evaluation(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    from captum_ext.viz.evaluation import evaluation_section
+
+    arguments, options = inputs.common()
+    return evaluation_section(*arguments, **options)
 
 
 def _build_trust(inputs: SectionInputs, config: ReportConfig, asked: bool):
@@ -477,6 +487,12 @@ SECTION_REGISTRY: dict[str, SectionSpec] = {
         _build_inversion,
         {"max_classes": "inversion_classes"},
     ),
+    "evaluation": SectionSpec(
+        "every method (Saliency, IG, Guided Backprop, GradCAM, ContrastCAM) scored by "
+        "deletion, insertion, ROAD, completeness and the sanity checks (asked for by name)",
+        _build_evaluation,
+        in_defaults=False,
+    ),
 }
 #: the default sections for a model of your own (masks need --mask-net, inversion trains)
 USER_MODEL_SECTIONS: tuple[str, ...] = ("contrastive", "voice", "metrics", "trust")
@@ -484,7 +500,9 @@ USER_MODEL_SECTIONS: tuple[str, ...] = ("contrastive", "voice", "metrics", "trus
 
 def default_sections(config: ReportConfig) -> list[str]:
     """The sections built when ``config.sections`` is None."""
-    return list(SECTION_REGISTRY if config.model is None else USER_MODEL_SECTIONS)
+    if config.model is not None:
+        return list(USER_MODEL_SECTIONS)
+    return [name for name, spec in SECTION_REGISTRY.items() if spec.in_defaults]
 
 
 # --------------------------------------------------------------------------------------

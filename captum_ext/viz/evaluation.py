@@ -1,0 +1,315 @@
+"""The report's evaluation section: every method's maps scored by every evaluation metric.
+
+:func:`compute_evaluation` returns numbers only (testable without matplotlib);
+:func:`render_evaluation` draws them into a report :class:`~captum_ext.viz.report.Section`;
+:func:`evaluation_section` does both (``captum-ext report --sections evaluation``).
+
+Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM and
+ContrastCAM (at ``layer``, upsampled). Metrics, each the mean over the images:
+
+============================  =======  ==================================================
+metric                        better   what it is
+============================  =======  ==================================================
+deletion AUC                  lower    :func:`~captum_ext.metrics.deletion`
+insertion AUC                 higher   :func:`~captum_ext.metrics.insertion`
+ROAD (MoRF)                   lower    mean target probability along
+                                       :func:`~captum_ext.metrics.road`
+completeness                  higher   mean drop of :func:`~captum_ext.metrics.completeness`
+class sensitivity             lower    Spearman of the maps for the prediction and the
+                                       runner-up (:func:`~captum_ext.metrics.class_sensitivity`)
+randomisation                 lower    Spearman of the maps before and after randomising the
+                                       last layer (:func:`~captum_ext.metrics.model_randomisation`)
+============================  =======  ==================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_ext._utils.layers import find_last_linear, resolve_layer
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import check_int
+
+__all__ = ["EvaluationScores", "compute_evaluation", "evaluation_section", "render_evaluation"]
+
+#: metric name -> True when higher is better
+METRIC_DIRECTIONS: dict[str, bool] = {
+    "deletion AUC": False,
+    "insertion AUC": True,
+    "ROAD (MoRF)": False,
+    "completeness": True,
+    "class sensitivity": False,
+    "randomisation": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationScores:
+    """What :func:`compute_evaluation` returns.
+
+    Attributes:
+        methods (list of str): the methods, in table order.
+        n_images (int): how many images were scored.
+        scores (dict): metric name -> method name -> the mean over the images (``nan`` when
+            the method or the metric could not run on this model; see ``notes``).
+        road_percentages (Tensor): ``(P,)`` fractions removed along the ROAD curve.
+        road_curves (dict): method -> ``(P,)`` mean target probability along ROAD.
+        notes (list of str): one line per method or metric that could not run, and why.
+    """
+
+    methods: list[str]
+    n_images: int
+    scores: dict[str, dict[str, float]]
+    road_percentages: Tensor
+    road_curves: dict[str, Tensor]
+    notes: list[str]
+
+    def best(self, metric: str) -> str | None:
+        """The method with the best finite value of ``metric`` (None if none)."""
+        values = {m: v for m, v in self.scores[metric].items() if v == v}
+        if not values:
+            return None
+        pick = max if METRIC_DIRECTIONS[metric] else min
+        return pick(values, key=values.get)
+
+
+def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Module], Any]]:
+    """method -> ``factory(model) -> (attribute(inputs, target) -> maps at input size)``."""
+    from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
+
+    from captum_ext.attr import ContrastCAM, GradCAM
+
+    names = {id(module): name for name, module in model.named_modules()}
+    layer_name = names[id(layer)]
+
+    class _Adapter:
+        def __init__(self, attribute: Callable[[Tensor, Tensor], Tensor]) -> None:
+            self.attribute = attribute
+
+    def gradcam(m: nn.Module) -> _Adapter:
+        cam = GradCAM(m, m.get_submodule(layer_name))
+        return _Adapter(lambda x, target: cam.attribute(x, target=target, upsample_to_input=True))
+
+    def contrastcam(m: nn.Module) -> _Adapter:
+        cam = ContrastCAM(m, m.get_submodule(layer_name))
+
+        def attribute(x: Tensor, target: Tensor) -> Tensor:
+            # "why the prediction, rather than the runner-up?" (target is the prediction here)
+            with torch.no_grad():
+                runner_up = m(x).topk(2, dim=1).indices[:, 1]
+            return cam.attribute(x, contrast=runner_up, upsample_to_input=True)
+
+        return _Adapter(attribute)
+
+    def integrated(m: nn.Module) -> _Adapter:
+        ig = IntegratedGradients(m)
+        return _Adapter(lambda x, target: ig.attribute(x, target=target, n_steps=16))
+
+    return {
+        "Saliency": lambda m: Saliency(m),
+        "Integrated Gradients": integrated,
+        "Guided Backprop": lambda m: GuidedBackprop(m),
+        "GradCAM": gradcam,
+        "ContrastCAM": contrastcam,
+    }
+
+
+def _maps(explainer: Any, x: Tensor, target: Tensor) -> Tensor:
+    maps = explainer.attribute(x.clone(), target=target)
+    maps = maps[0] if isinstance(maps, tuple) else maps
+    maps = maps.detach().sum(dim=1, keepdim=True)
+    if maps.shape[-2:] != x.shape[-2:]:
+        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return maps
+
+
+def compute_evaluation(
+    model: nn.Module,
+    layer: Any,
+    images: Tensor,
+    *,
+    batch_size: int = 64,
+    deletion_steps: int = 10,
+    road_percentages: Sequence[float] = (0.25, 0.5),
+    completeness_thresholds: Sequence[float] = (0.5,),
+    max_images: int | None = 4,
+) -> EvaluationScores:
+    """Score every method's maps of ``images`` (explaining the predictions) by every metric.
+
+    Only the first ``max_images`` images are used (None: all): ROAD's imputation solves a
+    sparse system per image and removal, seconds each at 224 x 224 on a CPU. The model is put
+    in eval mode for the computation and restored afterwards; the randomisation check works
+    on a deep copy. Captum's warnings (e.g. Guided Backprop's about reused ReLU modules) are
+    silenced here. A method or metric that cannot run on the
+    model (e.g. Guided Backprop on a model that reuses one ReLU module) gets ``nan`` and a
+    line in ``notes``.
+    """
+    from captum_ext.metrics import (
+        class_sensitivity,
+        completeness,
+        deletion,
+        insertion,
+        model_randomisation,
+        road,
+    )
+
+    module = resolve_layer(model, layer)
+    explainers = _explainers(model, module)
+    if max_images is not None:
+        images = images[: check_int(max_images, "max_images")]
+    scores: dict[str, dict[str, float]] = {metric: {} for metric in METRIC_DIRECTIONS}
+    road_curves: dict[str, Tensor] = {}
+    notes: list[str] = []
+    nan = float("nan")
+    with preserved_state([model]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="captum")
+        model.eval()
+        with torch.no_grad():
+            target = model(images).argmax(dim=1)
+        try:
+            top_layer, _ = find_last_linear(model, lambda: model(images[:1]))
+        except ValueError:
+            top_layer = None
+            notes.append("randomisation: no final linear layer found to randomise")
+        for name, factory in explainers.items():
+            try:
+                maps = _maps(factory(model), images, target)
+            except Exception as error:  # a method that cannot run on this model is a finding
+                notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0]}")
+                for metric in METRIC_DIRECTIONS:
+                    scores[metric][name] = nan
+                continue
+            common = {"target": target}
+            scores["deletion AUC"][name] = float(
+                deletion(
+                    model, images, maps, n_steps=deletion_steps, batch_size=batch_size, **common
+                ).mean()
+            )
+            scores["insertion AUC"][name] = float(
+                insertion(
+                    model, images, maps, n_steps=deletion_steps, batch_size=batch_size, **common
+                ).mean()
+            )
+            curves = road(
+                model, images, maps, percentages=road_percentages, batch_size=batch_size, **common
+            )
+            road_curves[name] = curves.probability.double().mean(dim=0)
+            scores["ROAD (MoRF)"][name] = float(curves.probability.double().mean())
+            scores["completeness"][name] = float(
+                completeness(
+                    model,
+                    images,
+                    maps,
+                    thresholds=completeness_thresholds,
+                    batch_size=batch_size,
+                    **common,
+                ).drop.mean()
+            )
+            if name == "ContrastCAM":
+                # it always explains the prediction (against a contrast class): no second class
+                scores["class sensitivity"][name] = nan
+            else:
+                sensitivity = class_sensitivity(
+                    factory, model, images, similarity="spearman_abs"
+                ).similarity["spearman_abs"]
+                scores["class sensitivity"][name] = float(sensitivity.mean())
+            if top_layer is None:
+                scores["randomisation"][name] = nan
+            else:
+                randomised = model_randomisation(
+                    factory, model, images, layers=[top_layer], similarity="spearman_abs"
+                )
+                scores["randomisation"][name] = float(
+                    randomised.similarity["spearman_abs"][0].mean()
+                )
+    return EvaluationScores(
+        methods=list(explainers),
+        n_images=int(images.shape[0]),
+        scores=scores,
+        road_percentages=torch.tensor(list(road_percentages), dtype=torch.float64),
+        road_curves=road_curves,
+        notes=notes,
+    )
+
+
+def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
+    """The report section of :func:`compute_evaluation`'s numbers: the table (the best value
+    of each metric marked with a star) and the ROAD curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from captum_ext.viz._figures import save_figure
+    from captum_ext.viz.report import Figure, Section, Table
+
+    metrics = list(METRIC_DIRECTIONS)
+    columns = ["method"] + [
+        f"{metric} ({'higher' if METRIC_DIRECTIONS[metric] else 'lower'} is better)"
+        for metric in metrics
+    ]
+    table = Table(columns, caption="Mean over the images; * marks the best of each column.")
+    best = {metric: scores.best(metric) for metric in metrics}
+    for method in scores.methods:
+        cells = [method]
+        for metric in metrics:
+            value = scores.scores[metric][method]
+            text = "n/a" if value != value else f"{value:.3f}"
+            cells.append(text + (" *" if best[metric] == method else ""))
+        table.add_row(cells)
+
+    figure, axis = plt.subplots(figsize=(4.2, 3.0), dpi=100)
+    for method, curve in scores.road_curves.items():
+        axis.plot(scores.road_percentages.numpy(), curve.numpy(), marker="o", label=method)
+    axis.set_xlabel("fraction of pixels removed (most relevant first)")
+    axis.set_ylabel("probability of the prediction")
+    axis.set_title("ROAD (lower = the map found what matters)", fontsize=9)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    path = save_figure(
+        figure, Path(out_dir) / "images" / "evaluation" / "road.png", bbox_inches="tight"
+    )
+    plt.close(figure)
+
+    intro = (
+        f"Which explanation to trust for this model: each method's maps of {scores.n_images} "
+        "images, scored by "
+        "the perturbation metrics (deletion, insertion, ROAD, completeness) and the sanity "
+        "checks (how much the maps change with the explained class and with the last layer's "
+        "weights randomised; a map that does not change is not explaining the model)."
+    )
+    if scores.notes:
+        intro += " Not computed: " + "; ".join(scores.notes) + "."
+    section = Section("Evaluation of the explanations", intro)
+    section.add_row(
+        "Scores", [Figure("ROAD curves", path, width=420)], table=table, per_image=False
+    )
+    return section
+
+
+def evaluation_section(
+    model: nn.Module,
+    layer: Any,
+    images: Tensor,
+    display_images: Any,
+    class_names: Any,
+    out_dir: str | Path,
+    *,
+    labels: Any = None,
+    names: Any = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    **options: Any,
+) -> Any:
+    """:func:`compute_evaluation` then :func:`render_evaluation` (the report section)."""
+    del display_images, class_names, labels, names, progress  # the section shows a summary only
+    return render_evaluation(
+        compute_evaluation(model, layer, images, batch_size=batch_size, **options), out_dir
+    )

@@ -1,0 +1,88 @@
+"""The report's evaluation section: numbers tied to the metric functions, then the page."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import assert_model_unchanged, model_snapshot
+from captum.attr import Saliency
+
+from captum_ext.metrics import deletion, road
+from captum_ext.viz.build import SECTION_REGISTRY, ReportConfig, default_sections
+from captum_ext.viz.evaluation import (
+    METRIC_DIRECTIONS,
+    EvaluationScores,
+    compute_evaluation,
+    render_evaluation,
+)
+
+
+@pytest.fixture(scope="module")
+def scores_and_inputs(request):
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
+
+    model = load_bundled_model()
+    images, _ = load_sample_digits()
+    images = images[:6]
+    before = model_snapshot(model)
+    scores = compute_evaluation(model, BUNDLED_CAM_LAYER, images, max_images=5)
+    assert_model_unchanged(model, before)
+    return scores, model, images[:5]
+
+
+def test_scores_are_the_metric_functions_on_the_same_maps(scores_and_inputs):
+    scores, model, images = scores_and_inputs
+    assert scores.n_images == 5
+    assert scores.methods == [
+        "Saliency",
+        "Integrated Gradients",
+        "Guided Backprop",
+        "GradCAM",
+        "ContrastCAM",
+    ]
+    with torch.no_grad():
+        target = model(images).argmax(dim=1)
+    maps = Saliency(model).attribute(images.clone(), target=target).sum(1, keepdim=True)
+    expected = deletion(model, images, maps, target=target, n_steps=10).mean().item()
+    assert scores.scores["deletion AUC"]["Saliency"] == pytest.approx(expected, abs=1e-6)
+    curve = road(model, images, maps, target=target, percentages=(0.25, 0.5))
+    assert scores.scores["ROAD (MoRF)"]["Saliency"] == pytest.approx(
+        curve.probability.double().mean().item(), abs=1e-6
+    )
+    torch.testing.assert_close(
+        scores.road_curves["Saliency"], curve.probability.double().mean(0), atol=1e-6, rtol=0
+    )
+
+
+def test_sanity_checks_separate_guided_backprop_from_the_gradient(scores_and_inputs):
+    scores, _, _ = scores_and_inputs
+    randomised = scores.scores["randomisation"]
+    assert randomised["Guided Backprop"] > randomised["Saliency"] + 0.2
+    assert math.isnan(scores.scores["class sensitivity"]["ContrastCAM"])
+    assert scores.best("randomisation") != "Guided Backprop"
+
+
+def test_best_follows_each_metrics_direction():
+    table = {metric: {"a": 0.2, "b": 0.8, "c": float("nan")} for metric in METRIC_DIRECTIONS}
+    scores = EvaluationScores(["a", "b", "c"], 1, table, torch.zeros(1), {}, [])
+    assert scores.best("insertion AUC") == "b" and scores.best("deletion AUC") == "a"
+
+
+def test_render_marks_the_best_and_writes_the_curves(scores_and_inputs, tmp_path):
+    scores, _, _ = scores_and_inputs
+    section = render_evaluation(scores, tmp_path)
+    (row,) = section.rows
+    assert (tmp_path / "images" / "evaluation" / "road.png").is_file()
+    column = row.table.columns.index("deletion AUC (lower is better)")
+    starred = [cells[0] for cells in row.table.rows if cells[column].endswith(" *")]
+    assert starred == [scores.best("deletion AUC")]
+    assert "5 images" in section.intro
+
+
+def test_the_section_is_registered_but_only_built_when_asked():
+    assert "evaluation" in SECTION_REGISTRY
+    assert "evaluation" not in default_sections(ReportConfig())
+    assert "evaluation" not in default_sections(ReportConfig(model="torchvision.models:resnet18"))
