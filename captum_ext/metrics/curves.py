@@ -400,8 +400,8 @@ def auroc(in_scores: Any, out_scores: Any) -> float:
         >>> round(auroc(in_scores, out_scores), 4)  # 11 of 12 pairs ranked right
         0.9167
 
-        With an OOD detector whose ``ood_score`` is higher for OOD inputs, negate it, e.g.
-        ``auroc(-detector.ood_score(test_digits), -detector.ood_score(letters))``.
+        With a :class:`~captum_ext.inversion.TIE` detector, pass scores oriented this way:
+        ``auroc(tie.in_distribution_score(test_digits), tie.in_distribution_score(letters))``.
     """
     values, is_in = _in_out(in_scores, out_scores)
     return _rank_auroc(values, is_in)
