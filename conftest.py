@@ -65,37 +65,3 @@ def _doctest_names(request):
         layer=layer,
         layer_module=model.get_submodule(layer),
     )
-
-
-#: Docstring examples that fail today (undefined names such as ``tie``, ``inversion``,
-#: ``scores``; layer names of other models; outputs not assigned; over 20 s): the issue-15
-#: merge fixes the docstrings and removes their names here. Not run meanwhile (several train
-#: a model for minutes), so the suite stays green and fast.
-KNOWN_FAILING_EXAMPLES: frozenset[str] = frozenset(
-    {
-        "captum_ext._utils.torchscript.expose_layer",
-        "captum_ext.attr.activation_matching.ActivationMatchingMask",
-        "captum_ext.circuits.compare.compare",
-        "captum_ext.circuits.compare.to_json",
-        "captum_ext.circuits.draw.draw",
-        "captum_ext.data.loading.load_image_folder",
-        "captum_ext.metrics.curves.accuracy_retention_curve",
-        "captum_ext.metrics.curves.auac",
-        "captum_ext.metrics.curves.aufc",
-        "captum_ext.metrics.curves.aupr",
-        "captum_ext.metrics.curves.auroc",
-        "captum_ext.metrics.curves.fpr_at_tpr",
-        "captum_ext.metrics.curves.misprediction_auroc",
-        "captum_ext.metrics.dataset.score_dataset",
-        "captum_ext.metrics.trust.gradtrust",
-        "captum_ext.metrics.trust.purview",
-    }
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if isinstance(item, DoctestItem) and item.name in KNOWN_FAILING_EXAMPLES:
-            item.add_marker(
-                pytest.mark.xfail(reason="docstring example fixed at the issue-15 merge", run=False)
-            )

@@ -379,9 +379,18 @@ def expose_layer(
     Examples::
 
         >>> from captum_ext.attr import ContrastCAM
+        >>> from captum_ext.data import load_model
+        >>> torch.jit.script(model).save("model.ts")  # the bundled digit model, compiled
         >>> scripted = load_model("model.ts")
-        >>> forward, layer = expose_layer(scripted, "layer4", example=images[:2])
-        >>> maps = ContrastCAM(forward, layer).attribute(images)
+        >>> forward, layer = expose_layer(scripted, "features.7", example=images[:2])
+        >>> maps = ContrastCAM(forward, layer).attribute(images[:4])
+        >>> maps.shape
+        torch.Size([4, 1, 7, 7])
+        >>> eager_maps = ContrastCAM(model, model.features[7]).attribute(images[:4])
+        >>> torch.allclose(maps, eager_maps, atol=1e-5)  # same maps as the eager model
+        True
+        >>> expose_layer(model, "features.7") == (model, model.features[7])  # eager: as is
+        True
     """
     if not isinstance(model, torch.jit.ScriptModule):
         return model, resolve_layer(model, layer, argument="--layer")

@@ -8,19 +8,7 @@ import os
 
 import pytest
 import torch
-
-# Re-exported for the test files that still write ``from conftest import X``; new code imports
-# from ``_helpers``. Remove once every test file imports from ``_helpers``.
-from _helpers import (  # noqa: F401
-    CONFIDENT_SCALES,
-    ResidualBlock,
-    TinyCNN,
-    assert_model_unchanged,
-    guided_copy,
-    make_confident_model,
-    make_tiny_cnn,
-    model_snapshot,
-)
+from _helpers import CONFIDENT_SCALES, TinyCNN, make_confident_model, make_tiny_cnn
 from torch import nn
 
 # ------------------------------------------------------------------ hooks
@@ -85,7 +73,7 @@ def confident_model(request) -> nn.Module:
 
 @pytest.fixture(scope="session")
 def _bundled_model_once() -> nn.Module:
-    from captum_ext.data import load_bundled_model
+    from captum_ext.bundled import load_bundled_model
 
     return load_bundled_model()
 

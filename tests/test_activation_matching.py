@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from _distributed import run_gloo
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 

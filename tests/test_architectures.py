@@ -20,8 +20,8 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_model_unchanged, model_snapshot
 from captum.attr import LayerGradCam
-from conftest import assert_model_unchanged, model_snapshot
 from torch import nn
 
 from captum_ext.attr import ContrastCAM, CounterfactualCAM, LayerGradCamPlusPlus

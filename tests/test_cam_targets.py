@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_model_unchanged, make_confident_model, make_tiny_cnn, model_snapshot
 from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel
-from conftest import assert_model_unchanged, make_confident_model, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM, LayerGradCamPlusPlus

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 from torch import nn
 
 from captum_ext.circuits import CircuitReadout

@@ -4,7 +4,6 @@ images cannot change another test's."""
 from __future__ import annotations
 
 import torch
-from _helpers import make_tiny_cnn
 
 
 def test_bundled_model_fixtures_are_copies_in_eval_mode(bundled_model, fresh_bundled_model):
@@ -28,9 +27,3 @@ def test_sample_digits_are_copies(sample_digits, bundled_digits, bundled_cam_lay
     images.zero_()
     assert bundled_digits[0].abs().sum() > 0
     assert bundled_cam_layer == "features.7"
-
-
-def test_conftest_still_exports_the_helpers():
-    import conftest
-
-    assert conftest.make_tiny_cnn is make_tiny_cnn

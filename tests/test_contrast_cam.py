@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from captum.attr import LayerGradCam
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext._utils.maps import minmax_normalize

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from _helpers import assert_model_unchanged, guided_copy, model_snapshot
 from captum.attr import (
     GuidedBackprop,
     InputXGradient,
@@ -15,7 +16,6 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from conftest import assert_model_unchanged, guided_copy, model_snapshot
 from torch import nn
 
 from captum_ext.attr import ContrastCAM, Contrastive, LayerGradCamPlusPlus
@@ -270,7 +270,7 @@ def test_max_batch_is_the_deprecated_name_of_batch_size(tiny_cnn, tiny_inputs):
 
 @pytest.mark.parametrize("batch", [1, 4, 5])
 def test_batch_sizes_with_per_example_contrasts(batch):
-    from conftest import make_tiny_cnn
+    from _helpers import make_tiny_cnn
 
     model = make_tiny_cnn().eval()
     x = torch.randn(

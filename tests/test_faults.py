@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch.utils.data import DataLoader, TensorDataset
 
 import captum_ext.inversion.tie as tie_module

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from skimage.metrics import structural_similarity
 
 from captum_ext.inversion.evaluation import (

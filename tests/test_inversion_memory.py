@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 from torch import nn
 
 from captum_ext.inversion import ConditionedGenerator, hot_matrices

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from _distributed import run_gloo
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
 import captum_ext.inversion.tie as tie_module

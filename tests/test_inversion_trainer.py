@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from _distributed import run_gloo
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _distributed import run_gloo
-from conftest import make_tiny_cnn
+from _helpers import make_tiny_cnn
 
 from captum_ext.metrics import (
     AUAC,

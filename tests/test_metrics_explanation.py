@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 
 from captum_ext.metrics.road import completeness, road, road_imputation, soundness
 from captum_ext.testing import dominant_colour_oracle

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_model_unchanged, model_snapshot
 from captum.attr import GuidedBackprop, Saliency
-from conftest import assert_model_unchanged, model_snapshot
 
 from captum_ext.bundled import load_bundled_model
 from captum_ext.data import load_sample_digits

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from captum.attr import Saliency
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext.attr import (

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_model_unchanged, make_confident_model, model_snapshot
+from _helpers import assert_model_unchanged, make_confident_model, model_snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_ext.attr import ActivationMatchingMask
-from captum_ext.bundled import load_bundled_model
 from captum_ext.circuits import CircuitReadout, compare
 from captum_ext.data import DIGIT_CLASSES, denormalize_digits, load_sample_digits
 from captum_ext.viz import Report, minimal_mask_section
 
 LAYERS = ["features.1", "features.4", "features.7"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_bundled_model()
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +23,19 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def explainer(model):
+def explainer(bundled_model):
     images, _ = load_sample_digits()
-    fitted = ActivationMatchingMask(model, LAYERS)
+    fitted = ActivationMatchingMask(bundled_model, LAYERS)
     fitted.fit(DataLoader(TensorDataset(images), batch_size=20), epochs=1, progress=False)
     return fitted
 
 
 @pytest.fixture(scope="module")
-def section(model, digits, explainer, tmp_path_factory):
+def section(bundled_model, digits, explainer, tmp_path_factory):
     images, labels = digits
-    before = model_snapshot(model)
+    before = model_snapshot(bundled_model)
     built = minimal_mask_section(
-        model,
+        bundled_model,
         images,
         denormalize_digits(images),
         DIGIT_CLASSES,
@@ -52,7 +46,7 @@ def section(model, digits, explainer, tmp_path_factory):
         circuit_rows=2,
         seed=3,
     )
-    assert_model_unchanged(model, before)
+    assert_model_unchanged(bundled_model, before)
     return built
 
 
@@ -77,10 +71,10 @@ def test_summary_equals_the_explainer_details(section, digits, explainer):
         assert image_row.figures[1].caption == f"Mask: {100 * active:.1f} % of the pixels"
 
 
-def test_circuit_table_equals_a_direct_comparison(section, model, digits, explainer):
+def test_circuit_table_equals_a_direct_comparison(section, bundled_model, digits, explainer):
     images, _ = digits
     details = explainer.attribute(images[:2], seed=3, return_details=True, progress=False)
-    readout = CircuitReadout(model)
+    readout = CircuitReadout(bundled_model)
     graphs_x = readout.readout(images[:2], target=details.target)
     graphs_e = readout.readout(details.explanation, target=details.target)
     table = section.rows[1].table
@@ -118,22 +112,22 @@ def test_figures_are_drawn_and_only_the_first_rows_get_circuits(section, tmp_pat
     ],
 )
 def test_bad_arguments_name_the_argument(
-    model, digits, explainer, tmp_path, options, error, pattern
+    bundled_model, digits, explainer, tmp_path, options, error, pattern
 ):
     images, _ = digits
     arguments = {"explainer": explainer, "progress": False, **options}
     with pytest.raises(error, match=pattern):
         minimal_mask_section(
-            model, images[:2], denormalize_digits(images[:2]), None, tmp_path, **arguments
+            bundled_model, images[:2], denormalize_digits(images[:2]), None, tmp_path, **arguments
         )
 
 
-def test_unfitted_explainer_in_amortised_mode_is_refused(model, digits, tmp_path):
+def test_unfitted_explainer_in_amortised_mode_is_refused(bundled_model, digits, tmp_path):
     images, _ = digits
-    fresh = ActivationMatchingMask(model, LAYERS)
+    fresh = ActivationMatchingMask(bundled_model, LAYERS)
     with pytest.raises((ValueError, RuntimeError), match="fit|load"):
         minimal_mask_section(
-            model,
+            bundled_model,
             images[:2],
             denormalize_digits(images[:2]),
             None,

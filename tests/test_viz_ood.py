@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
+from _helpers import make_tiny_cnn
 from PIL import Image
 
 from captum_ext.inversion import TIE

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 from PIL import Image
 
 from captum_ext.attr import ContrastCAM
-from captum_ext.bundled import load_bundled_model
 from captum_ext.cli import main
-from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits, load_sample_digits
+from captum_ext.data import BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits
 from captum_ext.metrics import auac, aufc, gradtrust, misprediction_auroc, softmax_confidence
 from captum_ext.viz import Report, trust_section
 
@@ -21,22 +20,12 @@ WRONG = 17  # the bundled model reads sample digit 17, a 4, as a 7
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_sample_digits()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_bundled_model()
-
-
-@pytest.fixture(scope="module")
-def section(model, digits, tmp_path_factory):
-    images, labels = digits
+def section(bundled_model, bundled_digits, tmp_path_factory):
+    images, labels = bundled_digits
     out = tmp_path_factory.mktemp("trust")
-    before = model_snapshot(model)
+    before = model_snapshot(bundled_model)
     built = trust_section(
-        model,
+        bundled_model,
         BUNDLED_CAM_LAYER,
         images,
         denormalize_digits(images),
@@ -47,7 +36,7 @@ def section(model, digits, tmp_path_factory):
         scores=["margin", "gradtrust_reference"],
         least_trusted=4,
     )
-    assert_model_unchanged(model, before)
+    assert_model_unchanged(bundled_model, before)
     return built, out
 
 
@@ -56,11 +45,11 @@ def _png_is_drawn(path) -> bool:
         return float(np.asarray(image, dtype=float).std()) > 0
 
 
-def test_table_equals_the_metrics_computed_directly(section, model, digits):
+def test_table_equals_the_metrics_computed_directly(section, bundled_model, bundled_digits):
     built, _ = section
-    images, labels = digits
+    images, labels = bundled_digits
     with torch.no_grad():
-        predictions = model(images).argmax(1)
+        predictions = bundled_model(images).argmax(1)
     correct = predictions == labels
     table = built.rows[0].table
     assert table.columns == ["score", "AUAC (%)", "AUFC (%)", "misprediction AUROC"]
@@ -70,7 +59,10 @@ def test_table_equals_the_metrics_computed_directly(section, model, digits):
         "margin",
         "gradtrust_reference",
     ]
-    direct = {"gradtrust": gradtrust(model, images), "softmax": softmax_confidence(model, images)}
+    direct = {
+        "gradtrust": gradtrust(bundled_model, images),
+        "softmax": softmax_confidence(bundled_model, images),
+    }
     for row in table.rows[:2]:
         scores = direct[row[0]].double()
         assert row[1] == f"{auac(scores, correct):.2f}"
@@ -78,9 +70,9 @@ def test_table_equals_the_metrics_computed_directly(section, model, digits):
         assert row[3] == f"{misprediction_auroc(scores, correct):.3f}"
 
 
-def test_plots_and_least_trusted_rows(section, model, digits):
+def test_plots_and_least_trusted_rows(section, bundled_model, bundled_digits):
     built, out = section
-    images, labels = digits
+    images, labels = bundled_digits
     captions = [figure.caption for figure in built.rows[0].figures]
     assert captions == [
         "GradTrust vs softmax confidence",
@@ -90,7 +82,7 @@ def test_plots_and_least_trusted_rows(section, model, digits):
         assert _png_is_drawn(figure.path)
     assert Path(figure.path).parent == out / "images" / "trust"
     # the least-trusted rows, lowest GradTrust first, equal an independent ranking
-    scores = gradtrust(model, images).double()
+    scores = gradtrust(bundled_model, images).double()
     expected = torch.argsort(scores)[:4].tolist()
     # one colour bar for the maps of the section, in the default colour map
     assert built.rows[1].label == "Colour scale"
@@ -103,7 +95,7 @@ def test_plots_and_least_trusted_rows(section, model, digits):
     assert expected[0] == WRONG and "(wrong)" in rows[0].label
     # the ContrastCAM of each row is against the runner-up class, as the caption says
     with torch.no_grad():
-        top2 = model(images[expected]).topk(2, dim=1).indices
+        top2 = bundled_model(images[expected]).topk(2, dim=1).indices
     for row, (p, q) in zip(rows, top2.tolist()):
         assert [f.caption for f in row.figures] == [
             "Input",
@@ -112,7 +104,7 @@ def test_plots_and_least_trusted_rows(section, model, digits):
         ]
         for figure in row.figures:
             assert _png_is_drawn(figure.path)
-    contrast = ContrastCAM(model, BUNDLED_CAM_LAYER).attribute(
+    contrast = ContrastCAM(bundled_model, BUNDLED_CAM_LAYER).attribute(
         images[expected], contrast=top2[:, 1], upsample_to_input=True, normalize="minmax"
     )
     assert contrast.shape == (4, 1, 28, 28)
@@ -136,10 +128,10 @@ def test_report_page_renders_the_section(section, tmp_path):
     assert "misprediction AUROC" in html
 
 
-def test_without_labels_shows_the_scatter_and_the_images(model, digits, tmp_path):
-    images, _ = digits
+def test_without_labels_shows_the_scatter_and_the_images(bundled_model, bundled_digits, tmp_path):
+    images, _ = bundled_digits
     built = trust_section(
-        model,
+        bundled_model,
         BUNDLED_CAM_LAYER,
         images[:6],
         denormalize_digits(images[:6]),
@@ -154,8 +146,8 @@ def test_without_labels_shows_the_scatter_and_the_images(model, digits, tmp_path
     assert len(built.rows) == 4 and "true class" not in built.rows[2].label
 
 
-def test_optional_score_that_cannot_run_is_reported_not_fatal(digits, tmp_path):
-    images, labels = digits
+def test_optional_score_that_cannot_run_is_reported_not_fatal(bundled_digits, tmp_path):
+    images, labels = bundled_digits
     no_dropout = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
     torch.manual_seed(0)
     built = trust_section(
@@ -184,11 +176,11 @@ def test_optional_score_that_cannot_run_is_reported_not_fatal(digits, tmp_path):
         ({"batch_size": 0}, "must be a positive int"),
     ],
 )
-def test_bad_arguments_name_the_argument(model, digits, tmp_path, options, pattern):
-    images, _ = digits
+def test_bad_arguments_name_the_argument(bundled_model, bundled_digits, tmp_path, options, pattern):
+    images, _ = bundled_digits
     with pytest.raises(ValueError, match=pattern):
         trust_section(
-            model,
+            bundled_model,
             BUNDLED_CAM_LAYER,
             images[:3],
             denormalize_digits(images[:3]),
@@ -245,10 +237,10 @@ def test_retention_legend_is_outside_the_axes():
     assert legend.x0 >= axes.x1  # to the right of the plot, hiding no curve
 
 
-def test_a_score_below_chance_is_explained(model, digits, tmp_path):
-    images, labels = digits
+def test_a_score_below_chance_is_explained(bundled_model, bundled_digits, tmp_path):
+    images, labels = bundled_digits
     built = trust_section(
-        model,
+        bundled_model,
         BUNDLED_CAM_LAYER,
         images,
         denormalize_digits(images),
@@ -261,8 +253,8 @@ def test_a_score_below_chance_is_explained(model, digits, tmp_path):
     )
     from captum_ext.metrics import purview
 
-    correct = model(images).argmax(1) == labels
-    auroc = misprediction_auroc(purview(model, images).detach(), correct)
+    correct = bundled_model(images).argmax(1) == labels
+    auroc = misprediction_auroc(purview(bundled_model, images).detach(), correct)
     assert auroc < 0.5  # independently: purview ranks below chance on these digits
     assert f"purview ranks below chance here (misprediction AUROC {auroc:.3f} < 0.5)" in (
         built.intro

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, model_snapshot
 from PIL import Image
 
 from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, GradCAM
@@ -44,11 +44,6 @@ def digits():
     return images[pick], labels[pick]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load_bundled_model()
-
-
 def assert_png_not_blank(path) -> None:
     assert Path(path).is_file(), path
     with Image.open(path) as image:
@@ -69,12 +64,12 @@ def uncertainty_numbers(section: Section) -> list[tuple[int, float, float, float
 # VOICE section
 
 
-def test_voice_section_rows_pictures_and_numbers(tmp_path, model, digits, capsys):
+def test_voice_section_rows_pictures_and_numbers(tmp_path, bundled_model, digits, capsys):
     images, labels = digits
     shown = denormalize_digits(images)
-    before = model_snapshot(model)
+    before = model_snapshot(bundled_model)
     section = voice_section(
-        model,
+        bundled_model,
         BUNDLED_CAM_LAYER,
         images,
         shown,
@@ -84,12 +79,12 @@ def test_voice_section_rows_pictures_and_numbers(tmp_path, model, digits, capsys
         labels=labels,
         batch_size=2,
     )
-    assert_model_unchanged(model, before)
+    assert_model_unchanged(bundled_model, before)
     assert capsys.readouterr().err == ""
     assert "VOICE" in section.intro and "IoU" in section.intro and "SNR" in section.intro
     assert len(section.rows) == 1 + len(images)
 
-    expected = VOICE(GradCAM(model, BUNDLED_CAM_LAYER)).attribute(images)
+    expected = VOICE(GradCAM(bundled_model, BUNDLED_CAM_LAYER)).attribute(images)
     numbers = uncertainty_numbers(section)
     for i, row in enumerate(section.rows[1:]):
         p, q = int(expected.prediction[i]), int(expected.contrast_class[i])
@@ -145,12 +140,12 @@ def test_voice_section_rows_pictures_and_numbers(tmp_path, model, digits, capsys
         assert_png_not_blank(tmp_path / urllib.parse.unquote(src))
 
 
-def test_voice_section_top_k_contrasts_and_batching(tmp_path, model, digits):
+def test_voice_section_top_k_contrasts_and_batching(tmp_path, bundled_model, digits):
     images, _ = digits
     shown = denormalize_digits(images).permute(0, 2, 3, 1).numpy()  # N x H x W x C arrays
     sections = [
         voice_section(
-            model,
+            bundled_model,
             BUNDLED_CAM_LAYER,
             images,
             shown,
@@ -162,7 +157,7 @@ def test_voice_section_top_k_contrasts_and_batching(tmp_path, model, digits):
         )
         for b in (1, 64)
     ]
-    expected = VOICE(GradCAM(model, BUNDLED_CAM_LAYER)).attribute(images, contrasts=3)
+    expected = VOICE(GradCAM(bundled_model, BUNDLED_CAM_LAYER)).attribute(images, contrasts=3)
     assert uncertainty_numbers(sections[0]) == uncertainty_numbers(sections[1])
     for i, (k, iou, snr, _) in enumerate(uncertainty_numbers(sections[0])):
         assert k == 3
@@ -173,10 +168,10 @@ def test_voice_section_top_k_contrasts_and_batching(tmp_path, model, digits):
     assert [cells[0] for cells in sections[0].rows[0].table.rows] == ["all"]
 
 
-def test_voice_section_progress_bar_on_stderr(tmp_path, model, digits, capsys):
+def test_voice_section_progress_bar_on_stderr(tmp_path, bundled_model, digits, capsys):
     images, _ = digits
     voice_section(
-        model, BUNDLED_CAM_LAYER, images[:2], denormalize_digits(images[:2]), None, tmp_path
+        bundled_model, BUNDLED_CAM_LAYER, images[:2], denormalize_digits(images[:2]), None, tmp_path
     )
     captured = capsys.readouterr()
     assert "VOICE uncertainty" in captured.err and captured.out == ""
@@ -195,13 +190,13 @@ def test_voice_section_progress_bar_on_stderr(tmp_path, model, digits, capsys):
         ({"class_names": ["a", "b"]}, ValueError, "class_names"),
     ],
 )
-def test_voice_section_bad_input(tmp_path, model, digits, kwargs, error, match):
+def test_voice_section_bad_input(tmp_path, bundled_model, digits, kwargs, error, match):
     images, _ = digits
     arguments = {"class_names": None, **kwargs}
     class_names = arguments.pop("class_names")
     with pytest.raises(error, match=match):
         voice_section(
-            model,
+            bundled_model,
             BUNDLED_CAM_LAYER,
             images,
             denormalize_digits(images),
@@ -216,12 +211,12 @@ def test_voice_section_bad_input(tmp_path, model, digits, kwargs, error, match):
 # deletion / insertion section
 
 
-def test_metrics_section_tables_plot_and_numbers(tmp_path, model, digits, capsys):
+def test_metrics_section_tables_plot_and_numbers(tmp_path, bundled_model, digits, capsys):
     images, labels = digits
     shown = denormalize_digits(images)
-    before = model_snapshot(model)
+    before = model_snapshot(bundled_model)
     section = explanation_metrics_section(
-        model,
+        bundled_model,
         BUNDLED_CAM_LAYER,
         images,
         shown,
@@ -233,27 +228,27 @@ def test_metrics_section_tables_plot_and_numbers(tmp_path, model, digits, capsys
         batch_size=2,
         examples=2,
     )
-    assert_model_unchanged(model, before)
+    assert_model_unchanged(bundled_model, before)
     assert capsys.readouterr().err == ""
     assert "Lower deletion AUC is better" in section.intro
     assert "higher insertion AUC is better" in section.intro
     assert len(section.rows) == 2 + 2
 
-    probabilities = model(images).softmax(1)
+    probabilities = bundled_model(images).softmax(1)
     top = probabilities.topk(2, dim=1).indices
     maps = {
-        "Grad-CAM": GradCAM(model, BUNDLED_CAM_LAYER).attribute(
+        "Grad-CAM": GradCAM(bundled_model, BUNDLED_CAM_LAYER).attribute(
             images, target=top[:, 0], upsample_to_input=True, normalize="minmax"
         ),
-        "ContrastCAM": ContrastCAM(model, BUNDLED_CAM_LAYER).attribute(
+        "ContrastCAM": ContrastCAM(bundled_model, BUNDLED_CAM_LAYER).attribute(
             images, contrast=top[:, 1], upsample_to_input=True, normalize="minmax"
         ),
-        "CounterfactualCAM": CounterfactualCAM(model, BUNDLED_CAM_LAYER).attribute(
+        "CounterfactualCAM": CounterfactualCAM(bundled_model, BUNDLED_CAM_LAYER).attribute(
             images, target=top[:, 0], upsample_to_input=True, normalize="minmax"
         ),
     }
     expected = {
-        (metric.__name__, name): metric(model, images, heat, target=top[:, 0], n_steps=10)
+        (metric.__name__, name): metric(bundled_model, images, heat, target=top[:, 0], n_steps=10)
         for metric in (deletion, insertion)
         for name, heat in maps.items()
     }
@@ -294,10 +289,12 @@ def test_metrics_section_tables_plot_and_numbers(tmp_path, model, digits, capsys
     assert 'style="width: ' in page and "CounterfactualCAM" in page
 
 
-def test_metrics_section_without_display_images_and_other_baselines(tmp_path, model, digits):
+def test_metrics_section_without_display_images_and_other_baselines(
+    tmp_path, bundled_model, digits
+):
     images, _ = digits
     section = explanation_metrics_section(
-        model,
+        bundled_model,
         BUNDLED_CAM_LAYER,
         images[:2],
         None,
@@ -310,14 +307,14 @@ def test_metrics_section_without_display_images_and_other_baselines(tmp_path, mo
     assert [row.label for row in section.rows] == ["Mean over 2 images", "Per image"]
     assert "true class" not in section.rows[1].table.columns
     assert "blurred" in section.intro
-    heat = GradCAM(model, BUNDLED_CAM_LAYER).attribute(
+    heat = GradCAM(bundled_model, BUNDLED_CAM_LAYER).attribute(
         images[:2], upsample_to_input=True, normalize="minmax"
     )
-    auc = deletion(model, images[:2], heat, n_steps=5, baselines="blur")
+    auc = deletion(bundled_model, images[:2], heat, n_steps=5, baselines="blur")
     assert float(section.rows[1].table.rows[1][3]) == pytest.approx(float(auc[1]), abs=5e-4)
 
 
-def test_metrics_section_bad_input(tmp_path, model, digits):
+def test_metrics_section_bad_input(tmp_path, bundled_model, digits):
     images, _ = digits
     shown = denormalize_digits(images)
     for kwargs, match in [
@@ -328,11 +325,11 @@ def test_metrics_section_bad_input(tmp_path, model, digits):
     ]:
         with pytest.raises(ValueError, match=match):
             explanation_metrics_section(
-                model, BUNDLED_CAM_LAYER, images, shown, None, tmp_path, False, **kwargs
+                bundled_model, BUNDLED_CAM_LAYER, images, shown, None, tmp_path, False, **kwargs
             )
     with pytest.raises(ValueError, match="display_images"):
         explanation_metrics_section(
-            model, BUNDLED_CAM_LAYER, images, shown[:2], None, tmp_path, False
+            bundled_model, BUNDLED_CAM_LAYER, images, shown[:2], None, tmp_path, False
         )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_model_unchanged, guided_copy, make_tiny_cnn, model_snapshot
 from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
-from conftest import assert_model_unchanged, guided_copy, make_tiny_cnn, model_snapshot
 from torch import nn
 
 from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, GradCAM, LayerGradCamPlusPlus

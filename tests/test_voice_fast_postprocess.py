@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_confident_model
+from _helpers import make_confident_model
 
 from captum_ext.attr import VOICE, ContrastCAM, GradCAM, LayerGradCamPlusPlus
 from captum_ext.attr import voice as voice_module

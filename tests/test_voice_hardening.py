@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
-from conftest import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 

@@ -244,10 +244,21 @@ class ActivationMatchingMask(PerturbationAttribution):
         >>> model = load_bundled_model()
         >>> images, _ = load_sample_digits()
         >>> explainer = ActivationMatchingMask(model, ["features.1", "features.4", "features.7"])
-        >>> masks = explainer.attribute(images[:2], mode="per_image", steps=300)  # 2x1x28x28
-        >>> explainer.fit(train_loader, epochs=2, checkpoint="masknet.pt", resume=True)
-        >>> result = explainer.attribute(images, return_details=True)   # one forward pass
-        >>> result.active_fraction.mean(), result.agreement.float().mean()
+        >>> # per-image optimisation; 5 steps to stay quick here (the default is 300)
+        >>> masks = explainer.attribute(images[:1], mode="per_image", steps=5, progress=False)
+        >>> masks.shape
+        torch.Size([1, 1, 28, 28])
+        >>> # amortised: train the mask net (one short epoch on the 40 sample digits here;
+        >>> # use a real training set and more epochs), then one forward pass per batch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> train_loader = DataLoader(TensorDataset(images), batch_size=8)
+        >>> explainer = explainer.fit(train_loader, epochs=1, checkpoint="masknet.pt",
+        ...                           resume=True, progress=False)
+        >>> len(explainer.history)  # one loss per step
+        5
+        >>> result = explainer.attribute(images, return_details=True, progress=False)
+        >>> result.active_fraction.shape, result.agreement.dtype
+        (torch.Size([40]), torch.bool)
     """
 
     def __init__(

@@ -87,8 +87,18 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
 
     Examples::
 
-        >>> result = compare(readout.readout(x)[0], readout.readout(mask * x)[0])
-        >>> result.edge_jaccard, result.flow_retained
+        >>> from captum_ext.circuits import CircuitReadout
+        >>> readout = CircuitReadout(model)  # the bundled digit model
+        >>> image = x[:1]
+        >>> mask = torch.zeros_like(image); mask[..., 7:21, 7:21] = 1  # keep the centre
+        >>> result = compare(readout.readout(image)[0], readout.readout(mask * image)[0])
+        >>> 0.0 < result.edge_jaccard < 1.0, 0.0 < result.flow_retained < 1.0
+        (True, True)
+        >>> sorted(result.flow_retained_by_layer)
+        ['class', 'features.4', 'features.7', 'pooled']
+        >>> same = compare(readout.readout(image)[0], readout.readout(image)[0])
+        >>> same.edge_jaccard, same.flow_retained  # a circuit against itself
+        (1.0, 1.0)
     """
     _check_graph(graph_a, "graph_a")
     _check_graph(graph_b, "graph_b")
@@ -133,8 +143,14 @@ def to_json(graph: nx.DiGraph, path: str | os.PathLike | None = None) -> str:
 
     Examples::
 
-        >>> text = to_json(graph, "circuit.json")
-        >>> same = from_json(text)
+        >>> import networkx as nx
+        >>> from captum_ext.circuits import CircuitReadout
+        >>> graph = CircuitReadout(model).readout(x[:1])[0]
+        >>> text = to_json(graph, "circuit.json")  # also writes the file
+        >>> nx.utils.graphs_equal(from_json(text), graph)
+        True
+        >>> nx.utils.graphs_equal(from_json("circuit.json"), graph)
+        True
     """
     if not isinstance(graph, nx.DiGraph):
         raise TypeError(f"`graph` must be a networkx.DiGraph, got {type(graph).__name__}.")

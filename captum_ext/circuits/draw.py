@@ -102,8 +102,18 @@ def draw(
     Examples::
 
         >>> import matplotlib.pyplot as plt
+        >>> from captum_ext.circuits import CircuitReadout
+        >>> readout = CircuitReadout(model)  # the bundled digit model
+        >>> image = x[:1]
+        >>> mask = torch.zeros_like(image); mask[..., 7:21, 7:21] = 1
+        >>> graph_x = readout.readout(image)[0]
+        >>> graph_mask = readout.readout(mask * image)[0]
         >>> fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-        >>> draw(graph_x, ax=left); draw(graph_mask, ax=right, max_nodes_per_layer=None)
+        >>> ax = draw(graph_x, ax=left)
+        >>> ax = draw(graph_mask, ax=right, max_nodes_per_layer=None)  # every channel
+        >>> ax is right
+        True
+        >>> plt.close(fig)
     """
     try:
         import matplotlib.pyplot as plt

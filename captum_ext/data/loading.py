@@ -505,9 +505,26 @@ def load_image_folder(
 
     Examples::
 
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> from captum_ext.data import denormalize_digits, load_sample_digits
+        >>> digits, digit_labels = load_sample_digits()  # 4 of each class, in class order
+        >>> for i in (0, 1, 4, 5):  # two 0s and two 1s as PNG files, one folder per class
+        ...     folder = Path("photos") / str(int(digit_labels[i]))
+        ...     folder.mkdir(parents=True, exist_ok=True)
+        ...     pixels = (denormalize_digits(digits[i])[0] * 255).round().byte().numpy()
+        ...     Image.fromarray(pixels).save(folder / f"{i}.png")
         >>> images, paths = load_image_folder("photos/", transform="imagenet")
         >>> images.shape
-        torch.Size([12, 3, 224, 224])
+        torch.Size([4, 3, 224, 224])
+        >>> [path.as_posix() for path in paths]
+        ['photos/0/0.png', 'photos/0/1.png', 'photos/1/4.png', 'photos/1/5.png']
+        >>> images, paths, names = load_image_folder("photos", transform="digits",
+        ...                                          labels_from_subfolders=True)
+        >>> images.shape, names
+        (torch.Size([4, 1, 28, 28]), ['0', '0', '1', '1'])
+        >>> torch.equal(images, digits[[0, 1, 4, 5]])  # PNG kept the pixels exactly
+        True
     """
     from PIL import Image, UnidentifiedImageError
 

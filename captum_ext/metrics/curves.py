@@ -167,9 +167,15 @@ def accuracy_retention_curve(
 
     Examples::
 
-        >>> curve = accuracy_retention_curve(scores, preds == labels, predictions=preds,
-        ...                                  labels=labels)
-        >>> curve.accuracy[50]  # accuracy of the most trusted half
+        >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])  # higher = more trusted
+        >>> preds = torch.tensor([1, 2, 0, 0])
+        >>> truth = torch.tensor([1, 2, 1, 0])  # the third prediction is wrong
+        >>> curve = accuracy_retention_curve(scores, preds == truth, predictions=preds,
+        ...                                  labels=truth)
+        >>> float(curve.accuracy[0]), float(curve.accuracy[50])  # all, most trusted half
+        (0.75, 1.0)
+        >>> int(curve.kept[50])
+        2
     """
     values = _scores(scores)
     ok = _correct(correct, values.numel())
@@ -236,7 +242,20 @@ def auac(scores: Any, correct: Any, *, percentiles: Any = None) -> float:
 
     Examples::
 
-        >>> auac(gradtrust(model, images), model(images).argmax(1) == labels)
+        >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
+        >>> correct = torch.tensor([True, True, False, True])
+        >>> auac(torch.ones(4), correct)  # a constant score gives the plain accuracy
+        75.0
+        >>> round(auac(scores, correct), 2)
+        85.42
+
+        With a trained model and a trust score (here the bundled digit model, whose 40 sample
+        digits it classifies with one mistake):
+
+        >>> from captum_ext.metrics import gradtrust
+        >>> correct = model(images).argmax(1) == labels
+        >>> round(auac(gradtrust(model, images), correct), 1)
+        99.9
     """
     curve = accuracy_retention_curve(scores, correct, percentiles=percentiles)
     return 100.0 * float(curve.accuracy.mean())
@@ -260,7 +279,11 @@ def aufc(scores: Any, predictions: Any, labels: Any, *, percentiles: Any = None)
 
     Examples::
 
-        >>> aufc(scores, predictions, labels)
+        >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
+        >>> predictions = torch.tensor([1, 2, 0, 0])
+        >>> truth = torch.tensor([1, 2, 1, 0])
+        >>> round(aufc(scores, predictions, truth), 2)
+        83.33
     """
     pred = _vector(predictions, "predictions")
     true = _vector(labels, "labels")
@@ -294,7 +317,14 @@ def misprediction_auroc(scores: Any, correct: Any) -> float:
 
     Examples::
 
-        >>> misprediction_auroc(softmax_confidence(model, images), preds == labels)
+        >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
+        >>> correct = torch.tensor([True, True, False, True])
+        >>> round(misprediction_auroc(scores, correct), 4)  # 2 of 3 pairs ranked right
+        0.6667
+        >>> from captum_ext.metrics import softmax_confidence
+        >>> correct = model(images).argmax(1) == labels
+        >>> misprediction_auroc(softmax_confidence(model, images), correct)
+        1.0
     """
     values = _scores(scores).cpu()
     ok = _correct(correct, values.numel()).cpu()
@@ -365,7 +395,13 @@ def auroc(in_scores: Any, out_scores: Any) -> float:
 
     Examples::
 
-        >>> auroc(detector.ood_score(test_digits).neg(), detector.ood_score(letters).neg())
+        >>> in_scores = torch.tensor([0.9, 0.8, 0.7, 0.4])  # higher = more in-distribution
+        >>> out_scores = torch.tensor([0.5, 0.3, 0.2])
+        >>> round(auroc(in_scores, out_scores), 4)  # 11 of 12 pairs ranked right
+        0.9167
+
+        With a :class:`~captum_ext.inversion.TIE` detector, pass scores oriented this way:
+        ``auroc(tie.in_distribution_score(test_digits), tie.in_distribution_score(letters))``.
     """
     values, is_in = _in_out(in_scores, out_scores)
     return _rank_auroc(values, is_in)
@@ -395,7 +431,12 @@ def aupr(in_scores: Any, out_scores: Any, *, positive: str = "in") -> float:
 
     Examples::
 
-        >>> aupr(in_scores, out_scores, positive="out")
+        >>> in_scores = torch.tensor([0.9, 0.8, 0.7, 0.4])
+        >>> out_scores = torch.tensor([0.5, 0.3, 0.2])
+        >>> round(aupr(in_scores, out_scores), 4)  # AUPR-In
+        0.95
+        >>> round(aupr(in_scores, out_scores, positive="out"), 4)  # AUPR-Out
+        0.9167
     """
     if positive not in ("in", "out"):
         raise ValueError(f"`positive`={positive!r}: expected 'in' or 'out'.")
@@ -433,7 +474,12 @@ def fpr_at_tpr(in_scores: Any, out_scores: Any, *, tpr: float = 0.95) -> float:
 
     Examples::
 
-        >>> fpr_at_tpr(in_scores, out_scores)  # FPR@95TPR
+        >>> in_scores = torch.tensor([0.9, 0.8, 0.7, 0.4])
+        >>> out_scores = torch.tensor([0.5, 0.3, 0.2])
+        >>> round(fpr_at_tpr(in_scores, out_scores), 4)  # FPR@95TPR: 0.5 passes too
+        0.3333
+        >>> fpr_at_tpr(in_scores, out_scores, tpr=0.75)
+        0.0
     """
     if isinstance(tpr, bool) or not isinstance(tpr, int | float) or not 0 < tpr <= 1:
         raise ValueError(f"`tpr` must be a number in (0, 1], got {tpr!r}.")

@@ -507,6 +507,7 @@ def score_dataset(
         >>> table.columns
         ('index', 'label', 'prediction', 'correct', 'gradtrust', 'softmax')
         >>> table.to_csv("scores.csv")  # under torchrun: on rank 0 only
+        PosixPath('scores.csv')
     """
     names = _score_names(scores)
     options = _score_options(score_kwargs, names)

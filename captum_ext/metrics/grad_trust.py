@@ -376,7 +376,7 @@ def gradtrust(
         >>> scores = gradtrust(model, images)                       # paper form, top-5
         >>> log_scores = gradtrust(model, images, log=True)         # confident models
         >>> scores = gradtrust(model, images, form="reference")     # published demo
-        >>> scores = gradtrust(model, images, layer="layer4.1.conv2")  # autograd path
+        >>> scores = gradtrust(model, images, layer="features.6")  # autograd path
     """
     form = _check_choice(form, FORMS, "form")
     method = _check_choice(method, METHODS, "method")

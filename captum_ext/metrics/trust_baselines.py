@@ -523,7 +523,7 @@ def purview(
 
     Examples::
 
-        >>> scores = purview(model, images, groups=["conv1", "fc"])
+        >>> scores = purview(model, images, groups=["features.0", "classifier"])
     """
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
