@@ -27,7 +27,7 @@ import scipy.sparse as sparse
 import scipy.sparse.linalg as linalg
 import torch
 
-from captum_ext.metrics.road import (
+from captum_ext.metrics.remove_and_debias import (
     DEFAULT_COMPLETENESS_THRESHOLDS,
     DEFAULT_SOUNDNESS_RATIOS,
     road_imputation,

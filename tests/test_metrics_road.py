@@ -7,7 +7,7 @@ import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
 
-from captum_ext.metrics.road import completeness, road, road_imputation, soundness
+from captum_ext.metrics.remove_and_debias import completeness, road, road_imputation, soundness
 from captum_ext.testing import dominant_colour_oracle
 
 

@@ -54,7 +54,7 @@ from captum_ext.metrics.patches import (
     saturation,
     single_patch,
 )
-from captum_ext.metrics.road import (
+from captum_ext.metrics.remove_and_debias import (
     CompletenessCurves,
     RoadCurves,
     SoundnessCurves,

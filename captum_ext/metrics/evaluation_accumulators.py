@@ -32,7 +32,7 @@ from torch import Tensor
 
 from captum_ext.metrics.accumulators import _Accumulator
 from captum_ext.metrics.ground_truth import attribution_f1, energy_pointing_game, pointing_game
-from captum_ext.metrics.road import completeness, road, soundness
+from captum_ext.metrics.remove_and_debias import completeness, road, soundness
 
 __all__ = [
     "ROAD",
