@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,12 @@ from .report import (
     _probabilities,
 )
 
-__all__ = ["minimal_mask_section"]
+__all__ = [
+    "MinimalMaskData",
+    "compute_minimal_mask",
+    "minimal_mask_section",
+    "render_minimal_mask",
+]
 
 _MODES = ("amortised", "per_image")
 #: width in the page (CSS pixels) of a circuit plot
@@ -176,8 +182,31 @@ def minimal_mask_section(
         >>> section.rows[0].table.columns[:3]
         ['images', 'count', 'active pixels']
     """
+    _check_arguments(images, batch_size, circuit_rows, explainer, mode, circuit)
+    n = images.shape[0]
+    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    labels = _check_names_labels(names, labels, n)
+    data = compute_minimal_mask(
+        model,
+        images,
+        explainer=explainer,
+        mode=mode,
+        steps=steps,
+        circuit=circuit,
+        class_names=class_names,
+        batch_size=batch_size,
+        circuit_rows=circuit_rows,
+        seed=seed,
+        progress=progress,
+    )
+    return render_minimal_mask(data, shown, out_dir, labels=labels, names=names, title=title)
+
+
+def _check_arguments(
+    images: Any, batch_size: Any, circuit_rows: Any, explainer: Any, mode: Any, circuit: Any
+) -> tuple[Tensor, int, int]:
     from captum_ext.attr import ActivationMatchingMask
-    from captum_ext.circuits import CircuitReadout, compare
+    from captum_ext.circuits import CircuitReadout
 
     images = _check_images(images)
     batch_size = _check_batch_size(batch_size)
@@ -191,13 +220,77 @@ def minimal_mask_section(
         raise ValueError(f"`mode`={mode!r}: expected one of {', '.join(_MODES)}.")
     if circuit is not None and not isinstance(circuit, CircuitReadout):
         raise TypeError(f"`circuit` must be a CircuitReadout, got {type(circuit).__name__}.")
-    n = images.shape[0]
-    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
-    labels = _check_names_labels(names, labels, n)
-    device = _model_device(model, images)
-    folder = Path(out_dir) / "images" / "masks"
-    folder.mkdir(parents=True, exist_ok=True)
+    return images, batch_size, circuit_rows
 
+
+@dataclass(frozen=True)
+class MinimalMaskData:
+    """What :func:`compute_minimal_mask` returns (numbers only; :func:`render_minimal_mask`
+    draws them).
+
+    Attributes:
+        mask (numpy.ndarray): ``N x H x W`` binary masks m (1: kept pixel).
+        active (numpy.ndarray): ``N`` shares of kept pixels, ``mean(m)``.
+        agreement (numpy.ndarray): ``N`` bools, ``argmax f(m x) == argmax f(x)``.
+        confidence (numpy.ndarray): ``N`` values ``softmax f(x)[y]``.
+        kept_confidence (numpy.ndarray): ``N`` values ``softmax f(e)[y]`` of the explanation.
+        sufficiency (numpy.ndarray): ``N`` shares of random backgrounds keeping the class.
+        necessity (numpy.ndarray): ``N`` logit drops when only the pixels outside m remain.
+        target (list[int]): the predicted class y of each image.
+        class_names (list[str]): one name per model output.
+        mode (str): the explainer's mode, ``"amortised"`` or ``"per_image"``.
+        circuits (dict[int, tuple]): image index -> (circuit of x, circuit of e), for the
+            first ``circuit_rows`` images.
+        comparisons (dict[int, Any]): image index -> :func:`~captum_ext.circuits.compare` of
+            those two circuits.
+    """
+
+    mask: np.ndarray
+    active: np.ndarray
+    agreement: np.ndarray
+    confidence: np.ndarray
+    kept_confidence: np.ndarray
+    sufficiency: np.ndarray
+    necessity: np.ndarray
+    target: list[int]
+    class_names: list[str]
+    mode: str
+    circuits: dict[int, tuple[Any, Any]]
+    comparisons: dict[int, Any]
+
+
+def compute_minimal_mask(
+    model: Callable,
+    images: Tensor,
+    *,
+    explainer: Any,
+    mode: str = "amortised",
+    steps: int = 300,
+    circuit: Any = None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    circuit_rows: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> MinimalMaskData:
+    r"""The numbers of :func:`minimal_mask_section`, without drawing: the masks of
+    ``explainer`` (in batches of ``batch_size``, seeded ``seed + start`` per batch), their
+    read-outs (active pixels, agreement, confidence, sufficiency, necessity; see
+    :func:`minimal_mask_section`), and for the first ``circuit_rows`` images the circuits of
+    x and of its explanation e with their :func:`~captum_ext.circuits.compare`.
+
+    Args: as :func:`minimal_mask_section` (``progress`` defaults to False here).
+
+    Returns:
+        :class:`MinimalMaskData`.
+    """
+    from captum_ext.circuits import CircuitReadout, compare
+
+    images, batch_size, circuit_rows = _check_arguments(
+        images, batch_size, circuit_rows, explainer, mode, circuit
+    )
+    n = images.shape[0]
+    device = _model_device(model, images)
     parts = []
     for start in range(0, n, batch_size):
         x = images[start : start + batch_size].to(device)
@@ -215,18 +308,10 @@ def minimal_mask_section(
     def column(name: str) -> Tensor:
         return torch.cat([_to_cpu(getattr(part, name)) for part in parts])
 
-    mask = column("mask")[:, 0].numpy()
-    active = column("active_fraction").numpy()
-    agreement = column("agreement").numpy() > 0.5
-    confidence = column("confidence").numpy()
-    kept_confidence = column("explanation_confidence").numpy()
-    sufficiency = column("sufficiency").numpy()
-    necessity = column("necessity").numpy()
     target = torch.cat([part.target.cpu() for part in parts]).tolist()
     class_names = _class_names(class_names, _probabilities(model, images[:1].to(device)).shape[1])
-
+    circuits: dict[int, tuple[Any, Any]] = {}
     comparisons: dict[int, Any] = {}
-    circuit_figures: dict[int, list[Figure]] = {}
     chosen = list(range(min(circuit_rows, n)))
     if chosen:
         readout = circuit if circuit is not None else CircuitReadout(model)
@@ -235,25 +320,68 @@ def minimal_mask_section(
         graphs_x = readout.readout(x, target=torch.tensor([target[i] for i in chosen]))
         graphs_e = readout.readout(explanations, target=torch.tensor([target[i] for i in chosen]))
         for i, graph_x, graph_e in zip(chosen, graphs_x, graphs_e):
+            circuits[i] = (graph_x, graph_e)
             comparisons[i] = compare(graph_x, graph_e)
-            stem = folder / f"{i:05d}"
-            circuit_figures[i] = [
-                Figure(
-                    "Circuit of the image",
-                    _save_circuit(graph_x, "circuit of x", Path(f"{stem}_circuit_x.png")),
-                    _CIRCUIT_WIDTH,
-                ),
-                Figure(
-                    "Circuit of the kept pixels: "
-                    f"edge Jaccard {comparisons[i].edge_jaccard:.2f}, "
-                    f"flow retained {comparisons[i].flow_retained:.0%}",
-                    _save_circuit(graph_e, "circuit of m * x", Path(f"{stem}_circuit_e.png")),
-                    _CIRCUIT_WIDTH,
-                ),
-            ]
+    return MinimalMaskData(
+        mask=column("mask")[:, 0].numpy(),
+        active=column("active_fraction").numpy(),
+        agreement=column("agreement").numpy() > 0.5,
+        confidence=column("confidence").numpy(),
+        kept_confidence=column("explanation_confidence").numpy(),
+        sufficiency=column("sufficiency").numpy(),
+        necessity=column("necessity").numpy(),
+        target=target,
+        class_names=class_names,
+        mode=mode,
+        circuits=circuits,
+        comparisons=comparisons,
+    )
+
+
+def render_minimal_mask(
+    data: MinimalMaskData,
+    display_images: Any,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Sequence[Any] | Tensor | None = None,
+    names: Sequence[str] | None = None,
+    title: str = "What is the least this image needs? (minimal masks and circuits)",
+) -> Section:
+    """Draw :func:`compute_minimal_mask`'s masks over ``display_images`` (the images in
+    [0, 1], N x H x W x C or a tensor) and its circuits into ``out_dir/images/masks/`` and
+    return the Section (rows as in :func:`minimal_mask_section`)."""
+    n = data.mask.shape[0]
+    shown = _display_array(display_images, n, data.mask.shape[1:])
+    labels = _check_names_labels(names, labels, n)
+    class_names, target = data.class_names, data.target
+    mask, active, agreement = data.mask, data.active, data.agreement
+    confidence, kept_confidence = data.confidence, data.kept_confidence
+    sufficiency, necessity = data.sufficiency, data.necessity
+    comparisons = data.comparisons
+    folder = Path(out_dir) / "images" / "masks"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    circuit_figures: dict[int, list[Figure]] = {}
+    for i, (graph_x, graph_e) in data.circuits.items():
+        stem = folder / f"{i:05d}"
+        circuit_figures[i] = [
+            Figure(
+                "Circuit of the image",
+                _save_circuit(graph_x, "circuit of x", Path(f"{stem}_circuit_x.png")),
+                _CIRCUIT_WIDTH,
+            ),
+            Figure(
+                "Circuit of the kept pixels: "
+                f"edge Jaccard {comparisons[i].edge_jaccard:.2f}, "
+                f"flow retained {comparisons[i].flow_retained:.0%}",
+                _save_circuit(graph_e, "circuit of m * x", Path(f"{stem}_circuit_e.png")),
+                _CIRCUIT_WIDTH,
+            ),
+        ]
 
     truth = [_true_class(labels, i, class_names) for i in range(n)]
     correct = [None if t is None else t == target[i] for i, t in enumerate(truth)]
+    mode = data.mode
     section = Section(
         title,
         intro=(
