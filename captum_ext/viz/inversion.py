@@ -30,14 +30,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._checks import _class_names
 from ._figures import save_figure
 from .report import Figure, Section, Table
 
-__all__ = ["inversion_section"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "InversionData",
+    "compute_inversion",
+    "inversion_section",
+    "render_inversion",
+]
 
 #: width in the page (CSS pixels) of the sample grid
 _GRID_WIDTH = 640
@@ -137,20 +146,91 @@ def inversion_section(
         >>> section.rows[0].table.rows[0][:2]
         ['all', '40']
     """
-    from captum_ext.inversion import NetworkInversion
-    from captum_ext.inversion.evaluation import (
-        label_consistency,
-        mean_confidence,
-        sample_grid,
-        within_class_diversity,
+    data = compute_inversion(
+        inversion,
+        per_class=per_class,
+        class_names=class_names,
+        seed=seed,
+        classes=classes,
+        max_classes=max_classes,
     )
+    return render_inversion(data, out_dir, denormalize=denormalize, title=title)
+
+
+@dataclass(frozen=True)
+class InversionData:
+    """What :func:`compute_inversion` returns (numbers and samples; :func:`render_inversion`
+    draws them).
+
+    Attributes:
+        images (Tensor): the generated images, ``per_class`` per class in ``classes`` (CPU).
+        labels (Tensor): the class requested for each image (CPU).
+        classes (list[int]): the classes inverted, in the order shown.
+        sampled (bool): whether ``classes`` is a random sample of all the classes.
+        num_classes (int): the classifier's number of classes.
+        class_names (list[str]): one name per class of the classifier.
+        per_class (int): images per class.
+        seed (int): the seed of the samples (and of the sample of classes).
+        consistency (float): label consistency over all the images.
+        confidence (float): mean confidence over all the images.
+        diversity (float): mean within-class diversity (feature cosine, 1 = identical).
+        class_counts (dict[int, int]): class -> number of images.
+        class_consistency (dict[int, float]): class -> its label consistency.
+        class_confidence (dict[int, float]): class -> its mean confidence.
+        class_diversity (dict[int, float]): class -> its diversity (NaN for one image).
+    """
+
+    images: Tensor
+    labels: Tensor
+    classes: list[int]
+    sampled: bool
+    num_classes: int
+    class_names: list[str]
+    per_class: int
+    seed: int
+    consistency: float
+    confidence: float
+    diversity: float
+    class_counts: dict[int, int]
+    class_consistency: dict[int, float]
+    class_confidence: dict[int, float]
+    class_diversity: dict[int, float]
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether the mean diversity is above :data:`COLLAPSE_COSINE` (a collapsed
+        generator)."""
+        return self.diversity > COLLAPSE_COSINE
+
+
+def compute_inversion(
+    inversion: Any,
+    *,
+    per_class: int = 8,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+) -> InversionData:
+    r"""The numbers of :func:`inversion_section`, without drawing: ``per_class`` samples of
+    each chosen class from the generator of ``inversion`` (seeded with ``seed``) and their
+    label consistency, mean confidence and within-class diversity, over all the images and
+    per class (:func:`~captum_ext.inversion.evaluation.label_consistency`,
+    ``mean_confidence``, ``within_class_diversity``).
+
+    Args: as :func:`inversion_section`.
+
+    Returns:
+        :class:`InversionData`.
+    """
+    import torch
+
+    from captum_ext.inversion import NetworkInversion, evaluation
 
     if not isinstance(inversion, NetworkInversion):
         raise TypeError(f"`inversion` must be a NetworkInversion, got {type(inversion).__name__}.")
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 2:
         raise ValueError(f"`per_class` must be an int >= 2 (for the diversity), got {per_class!r}.")
-    import torch
-
     classifier = inversion.model
     num_classes = inversion.generator.num_classes
     class_names = _class_names(class_names, num_classes)
@@ -161,11 +241,60 @@ def inversion_section(
         device = next(inversion.generator.parameters()).device
         labels = torch.tensor(chosen, device=device).repeat_interleave(per_class)
         images = inversion.sample(labels, generator=seed)
+    diversity = evaluation.within_class_diversity(classifier, images, labels)
+    # per_class is indexed like diversity.classes (the distinct labels), not by class index
+    class_diversity = {
+        int(k): float(v)
+        for k, v in zip(diversity.classes.tolist(), diversity.per_class.tolist(), strict=True)
+    }
+    counts, consistency, confidence = {}, {}, {}
+    for k in chosen:
+        member = labels == k
+        counts[k] = int(member.sum())
+        consistency[k] = float(
+            evaluation.label_consistency(classifier, images[member], labels[member])
+        )
+        confidence[k] = float(
+            evaluation.mean_confidence(classifier, images[member], labels[member])
+        )
+    return InversionData(
+        images=images.detach().cpu(),
+        labels=labels.detach().cpu(),
+        classes=chosen,
+        sampled=sampled,
+        num_classes=num_classes,
+        class_names=class_names,
+        per_class=per_class,
+        seed=seed,
+        consistency=float(evaluation.label_consistency(classifier, images, labels)),
+        confidence=float(evaluation.mean_confidence(classifier, images, labels)),
+        diversity=float(diversity.mean),
+        class_counts=counts,
+        class_consistency=consistency,
+        class_confidence=confidence,
+        class_diversity=class_diversity,
+    )
+
+
+def render_inversion(
+    data: InversionData,
+    out_dir: str | os.PathLike,
+    *,
+    denormalize: Callable | None = None,
+    title: str = "What does the classifier think each class looks like? (network inversion)",
+) -> Section:
+    """Draw :func:`compute_inversion`'s samples as a grid (``out_dir/images/inversion/``,
+    ``denormalize`` maps them to [0, 1] for display) and return the Section with the table
+    of the read-outs and the page's caveats."""
+    from captum_ext.inversion.evaluation import sample_grid
+
+    chosen, class_names, num_classes = data.classes, data.class_names, data.num_classes
+    per_class, seed = data.per_class, data.seed
     folder = Path(out_dir) / "images" / "inversion"
     folder.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(
-        images.cpu(),
-        labels.cpu(),
+        data.images,
+        data.labels,
         per_class=per_class,
         classes=chosen,
         denormalize=denormalize,
@@ -173,12 +302,7 @@ def inversion_section(
     )
     grid_path = folder / "samples.png"
     save_figure(grid, grid_path, dpi=80)
-
-    diversity = within_class_diversity(classifier, images, labels)
-    # per_class is indexed like diversity.classes (the distinct labels), not by class index
-    per_class_diversity = dict(
-        zip(diversity.classes.tolist(), diversity.per_class.tolist(), strict=True)
-    )
+    per_class_diversity = data.class_diversity
     table = Table(
         ["class", "images", "label consistency", "mean confidence", "diversity (cosine)"],
         caption="Read-outs per class (consistency and confidence: higher is better; "
@@ -187,23 +311,23 @@ def inversion_section(
     table.add_row(
         [
             "all",
-            str(images.shape[0]),
-            f"{label_consistency(classifier, images, labels):.1%}",
-            f"{mean_confidence(classifier, images, labels):.3f}",
-            f"{diversity.mean:.3f}",
+            str(data.images.shape[0]),
+            f"{data.consistency:.1%}",
+            f"{data.confidence:.3f}",
+            f"{data.diversity:.3f}",
         ]
     )
     for k in chosen:
-        member = labels == k
         table.add_row(
             [
                 class_names[k],
-                str(int(member.sum())),
-                f"{label_consistency(classifier, images[member], labels[member]):.1%}",
-                f"{mean_confidence(classifier, images[member], labels[member]):.3f}",
+                str(data.class_counts[k]),
+                f"{data.class_consistency[k]:.1%}",
+                f"{data.class_confidence[k]:.3f}",
                 f"{per_class_diversity[k]:.3f}",
             ]
         )
+    sampled = data.sampled
     which = (
         f" The model has {num_classes} classes; {len(chosen)} of them, drawn at random "
         f"(seed {seed}), are inverted and shown."
@@ -220,10 +344,10 @@ def inversion_section(
         if per_class_diversity[k] > COLLAPSE_COSINE  # NaN (one image) is not
     ]
     caveat = ""
-    if diversity.mean > COLLAPSE_COSINE:
+    if data.diversity > COLLAPSE_COSINE:
         caveat = (
             f" Caveat: the samples are nearly identical within classes (mean feature cosine "
-            f"{diversity.mean:.3f} > {COLLAPSE_COSINE}: the generator has collapsed to about "
+            f"{data.diversity:.3f} > {COLLAPSE_COSINE}: the generator has collapsed to about "
             "one image per class), so each row shows one image the classifier accepts, not "
             "the variety of what it accepts; train longer or with a larger diversity weight."
         )
@@ -252,8 +376,8 @@ def inversion_section(
         [
             Figure(
                 f"Samples of the inverted classifier; within-class diversity (mean feature "
-                f"cosine, 1 = identical): {diversity.mean:.3f}"
-                + (" — nearly identical samples" if diversity.mean > COLLAPSE_COSINE else ""),
+                f"cosine, 1 = identical): {data.diversity:.3f}"
+                + (" — nearly identical samples" if data.diversity > COLLAPSE_COSINE else ""),
                 grid_path,
                 _GRID_WIDTH,
             )
