@@ -38,18 +38,22 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from ._figures import save_figure
+from ._figures import new_figure, save_figure
 from .report import Figure, Section, Table, _model_device
 
-__all__ = ["ood_section"]
+__all__ = ["IN_DISTRIBUTION", "OODData", "compute_ood", "ood_section", "render_ood"]
 
 _PLOT_WIDTH = 480
+
+#: the key of the in-distribution images in :class:`OODData`'s dictionaries
+IN_DISTRIBUTION = "in-distribution"
 
 
 def _check_set(images: Any, argument: str) -> Tensor:
@@ -59,19 +63,12 @@ def _check_set(images: Any, argument: str) -> Tensor:
     return images
 
 
-def _metrics(inside: Tensor, outside: Tensor) -> str:
-    from captum_ext.metrics import aupr, auroc, fpr_at_tpr
-
-    return (
-        f"{auroc(inside, outside):.3f} / {aupr(inside, outside):.3f} / "
-        f"{fpr_at_tpr(inside, outside):.3f}"
-    )
+def _metric_cell(auroc: float, aupr: float, fpr: float) -> str:
+    return f"{auroc:.3f} / {aupr:.3f} / {fpr:.3f}"
 
 
 def _plot_histograms(scores: dict[str, Tensor], path: Path) -> Path:
-    from matplotlib.figure import Figure as PlotFigure
-
-    figure = PlotFigure(figsize=(4.8, 3.6), dpi=100, layout="constrained")
+    figure = new_figure(480, 360)
     ax = figure.subplots()
     bins = np.linspace(0.0, 1.0, 41)
     for name, values in scores.items():
@@ -203,8 +200,76 @@ def ood_section(
         >>> section.rows[0].table.columns[:3]
         ['images', 'count', 'sent to garbage']
     """
+    data = compute_ood(
+        tie,
+        in_distribution,
+        ood_sets,
+        plain_model=plain_model,
+        kind=kind,
+        pool_images=pool_images,
+    )
+    return render_ood(data, out_dir, denormalize=denormalize, title=title)
+
+
+@dataclass(frozen=True)
+class OODData:
+    """What :func:`compute_ood` returns (numbers only; :func:`render_ood` draws them).
+
+    Attributes:
+        kind (str): TIE's score (see :meth:`~captum_ext.inversion.TIE.ood_score`).
+        counts (dict[str, int]): ``"in-distribution"`` and each OOD set -> its number of
+            images.
+        garbage (dict[str, float]): the same keys -> share of images TIE sends to its
+            garbage class.
+        scores (dict[str, dict[str, Tensor]]): the same keys -> score name (``"TIE"``, and
+            ``"max-softmax"``, ``"energy"`` with a plain model) -> per-image scores, higher =
+            more in-distribution (float64, CPU).
+        metrics (dict[str, dict[str, tuple[float, float, float]]]): OOD set -> score name ->
+            (AUROC, AUPR-In, FPR@95TPR) against the in-distribution images.
+        pool (Tensor or None): the newest ``pool_images`` images of the garbage pool (CPU),
+            None when none is shown.
+        pool_size (int): the number of images in the garbage pool.
+        log (dict[str, list]): a copy of TIE's training log.
+    """
+
+    kind: str
+    counts: dict[str, int]
+    garbage: dict[str, float]
+    scores: dict[str, dict[str, Tensor]]
+    metrics: dict[str, dict[str, tuple[float, float, float]]]
+    pool: Tensor | None
+    pool_size: int
+    log: dict[str, list]
+
+    @property
+    def score_names(self) -> list[str]:
+        """``"TIE"`` then the plain classifier's baselines, in the table's order."""
+        return list(self.scores[IN_DISTRIBUTION])
+
+
+def compute_ood(
+    tie: Any,
+    in_distribution: Tensor,
+    ood_sets: Mapping[str, Tensor],
+    *,
+    plain_model: Callable | None = None,
+    kind: str = "max_in",
+    pool_images: int = 30,
+) -> OODData:
+    r"""The numbers of :func:`ood_section`, without drawing: the scores of TIE (and of the
+    plain classifier's max-softmax and energy, when ``plain_model`` is given) on the
+    in-distribution images and on each OOD set, the metrics
+    (:func:`~captum_ext.metrics.auroc`, :func:`~captum_ext.metrics.aupr`,
+    :func:`~captum_ext.metrics.fpr_at_tpr`) of each score per OOD set, the share of each set
+    sent to the garbage class, and the newest ``pool_images`` images of the garbage pool.
+
+    Args: as :func:`ood_section`.
+
+    Returns:
+        :class:`OODData`.
+    """
     from captum_ext.inversion import TIE
-    from captum_ext.metrics import energy, softmax_confidence
+    from captum_ext.metrics import aupr, auroc, energy, fpr_at_tpr, softmax_confidence
 
     if not isinstance(tie, TIE):
         raise TypeError(f"`tie` must be a fitted TIE detector, got {type(tie).__name__}.")
@@ -214,44 +279,80 @@ def ood_section(
     if not isinstance(ood_sets, Mapping) or not ood_sets:
         raise ValueError("`ood_sets` must be a non-empty mapping of name -> images.")
     sets = {str(k): _check_set(v, f"ood_sets[{k!r}]") for k, v in ood_sets.items()}
+    if IN_DISTRIBUTION in sets:
+        raise ValueError(
+            f"`ood_sets` has a set named {IN_DISTRIBUTION!r}, the name of the in-distribution "
+            "images in the table; rename it."
+        )
     if isinstance(pool_images, bool) or not isinstance(pool_images, int) or pool_images < 0:
         raise ValueError(f"`pool_images` must be a non-negative int, got {pool_images!r}.")
-    folder = Path(out_dir) / "images" / "ood"
-    folder.mkdir(parents=True, exist_ok=True)
 
-    def tie_score(x: Tensor) -> Tensor:
-        return (1.0 - tie.ood_score(x, kind=kind)).detach().double().cpu()
-
-    def garbage_share(x: Tensor) -> float:
-        return float(tie.predict(x).is_garbage.double().mean())
-
-    baselines: dict[str, Callable[[Tensor], Tensor]] = {}
+    scorers: dict[str, Callable[[Tensor], Tensor]] = {
+        "TIE": lambda x: (1.0 - tie.ood_score(x, kind=kind)).detach().double().cpu()
+    }
     if plain_model is not None:
         device = _model_device(plain_model, in_distribution)
-        baselines = {
-            "max-softmax": lambda x: softmax_confidence(plain_model, x.to(device)).double().cpu(),
-            "energy": lambda x: energy(plain_model, x.to(device)).double().cpu(),
+        scorers["max-softmax"] = lambda x: (
+            softmax_confidence(plain_model, x.to(device)).double().cpu()
+        )
+        scorers["energy"] = lambda x: energy(plain_model, x.to(device)).double().cpu()
+    counts, garbage, scores, metrics = {}, {}, {}, {}
+    for name, images in {IN_DISTRIBUTION: in_distribution, **sets}.items():
+        counts[name] = int(images.shape[0])
+        garbage[name] = float(tie.predict(images).is_garbage.double().mean())
+        scores[name] = {score: fn(images) for score, fn in scorers.items()}
+    for name in sets:
+        metrics[name] = {
+            score: (
+                float(auroc(scores[IN_DISTRIBUTION][score], outside)),
+                float(aupr(scores[IN_DISTRIBUTION][score], outside)),
+                float(fpr_at_tpr(scores[IN_DISTRIBUTION][score], outside)),
+            )
+            for score, outside in scores[name].items()
         }
-    columns = ["images", "count", "sent to garbage", "TIE"] + list(baselines)
+    pool = None
+    if pool_images and tie.pool is not None and tie.pool.shape[0]:
+        pool = tie.pool[-pool_images:].detach().cpu()
+    return OODData(
+        kind=kind,
+        counts=counts,
+        garbage=garbage,
+        scores=scores,
+        metrics=metrics,
+        pool=pool,
+        pool_size=int(tie.pool.shape[0]),
+        log={key: list(values) for key, values in tie.log.items()},
+    )
+
+
+def render_ood(
+    data: OODData,
+    out_dir: str | os.PathLike,
+    *,
+    denormalize: Callable | None = None,
+    title: str = "Does the classifier know what it has not seen? (TIE)",
+) -> Section:
+    """Draw :func:`compute_ood`'s numbers (the table, the histogram of TIE's scores, the
+    garbage pool shown with ``denormalize``, the training log) into ``out_dir/images/ood/``
+    and return the Section (rows as in :func:`ood_section`)."""
+    folder = Path(out_dir) / "images" / "ood"
+    folder.mkdir(parents=True, exist_ok=True)
+    baselines = data.score_names[1:]
+    columns = ["images", "count", "sent to garbage", "TIE"] + baselines
     table = Table(
         columns,
         caption="AUROC / AUPR-In / FPR@95TPR against the in-distribution images (higher, "
         "higher, lower are better); in-distribution is the positive class",
     )
-    inside = {"TIE": tie_score(in_distribution)}
-    inside.update({name: fn(in_distribution) for name, fn in baselines.items()})
-    table.add_row(
-        ["in-distribution", in_distribution.shape[0], f"{garbage_share(in_distribution):.1%}"]
-        + ["-"] * (1 + len(baselines))
-    )
-    histogram = {"in-distribution": inside["TIE"]}
-    for name, images in sets.items():
-        outside_tie = tie_score(images)
-        histogram[name] = outside_tie
-        cells = [name, images.shape[0], f"{garbage_share(images):.1%}"]
-        cells.append(_metrics(inside["TIE"], outside_tie))
-        cells += [_metrics(inside[b], fn(images)) for b, fn in baselines.items()]
+    histogram = {}
+    for name, count in data.counts.items():
+        cells = [name, count, f"{data.garbage[name]:.1%}"]
+        if name == IN_DISTRIBUTION:
+            cells += ["-"] * (1 + len(baselines))
+        else:
+            cells += [_metric_cell(*data.metrics[name][score]) for score in data.score_names]
         table.add_row(cells)
+        histogram[name] = data.scores[name]["TIE"]
     figures = [
         Figure(
             "TIE scores (log scale)",
@@ -272,14 +373,14 @@ def ood_section(
         ),
     )
     section.add_row("Detection", figures, table=table)
-    if pool_images and tie.pool is not None and tie.pool.shape[0]:
-        pool = tie.pool[-pool_images:]
-        path = _plot_pool(pool, denormalize, pool_images, folder / "garbage_pool.png")
+    if data.pool is not None:
+        pool = data.pool
+        path = _plot_pool(pool, denormalize, pool.shape[0], folder / "garbage_pool.png")
         section.add_row(
-            f"The garbage pool ({tie.pool.shape[0]} images; the newest {pool.shape[0]} shown)",
+            f"The garbage pool ({data.pool_size} images; the newest {pool.shape[0]} shown)",
             [Figure("What TIE learnt to reject", path, _PLOT_WIDTH)],
         )
-    log = tie.log
+    log = data.log
     if log.get("epoch"):
         history = Table(
             ["epoch", "accuracy", "pool size", "excluded fraction", "mean UE"],
