@@ -8,6 +8,9 @@ requested class?), mean confidence, and within-class diversity.
 Papers: Suhail & Sethi, "Network Inversion of Convolutional Neural Nets" (arXiv 2407.18002)
 and "Network Inversion and Its Applications" (arXiv 2411.17777).
 
+:func:`inversion_section` is :func:`compute_inversion` (the numbers, a :class:`InversionData`; no
+matplotlib, no files) followed by :func:`render_inversion` (the figures and the page).
+
 Example::
 
     >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_inversion

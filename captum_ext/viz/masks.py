@@ -9,6 +9,10 @@ the image and for its masked version, so the two pathways can be compared.
 Papers: Suhail, Anand & Sethi, "Activation Matching for Explanation Generation" (arXiv
 2509.23051) and "Minimalist Explanation Generation and Circuit Discovery" (arXiv 2509.25686).
 
+:func:`minimal_mask_section` is :func:`compute_minimal_mask` (the numbers, a
+:class:`MinimalMaskData`; no matplotlib, no files) followed by :func:`render_minimal_mask`
+(the figures and the page).
+
 Example::
 
     >>> from captum_ext.bundled import load_bundled_mask_explainer, load_bundled_model

@@ -10,6 +10,9 @@ Papers: Suhail, Sethi et al., "TIE: A Training-Inversion-Exclusion Framework" (a
 2512.00229) and "Network Inversion for Uncertainty-Aware Out-of-Distribution Detection"
 (arXiv 2505.23448).
 
+:func:`ood_section` is :func:`compute_ood` (the numbers, a :class:`OODData`; no
+matplotlib, no files) followed by :func:`render_ood` (the figures and the page).
+
 Example::
 
     >>> import copy
