@@ -296,9 +296,10 @@ def compute_voice(
 
     Examples::
 
-        >>> data = compute_voice(model, "features.7", images, contrasts=3)
-        >>> data.uncertainty.shape == (len(images),) + tuple(images.shape[2:])
-        True
+        >>> from captum_ext.viz.uncertainty import compute_voice
+        >>> data = compute_voice(model, "features.7", x, contrasts=3)
+        >>> data.uncertainty.shape, data.iou.shape
+        ((4, 28, 28), (4,))
     """
     from captum_ext.attr import VOICE, GradCAM
 
@@ -777,9 +778,10 @@ def compute_explanation_metrics(
 
     Examples::
 
-        >>> data = compute_explanation_metrics(model, "features.7", images, n_steps=28)
-        >>> sorted(data.auc["deletion"])
-        ['contrast', 'counterfactual', 'gradcam']
+        >>> from captum_ext.viz.uncertainty import compute_explanation_metrics
+        >>> data = compute_explanation_metrics(model, "features.7", x, n_steps=10)
+        >>> sorted(data.auc["deletion"]), data.curves["deletion"]["gradcam"].shape
+        (['contrast', 'counterfactual', 'gradcam'], (4, 11))
     """
     from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
     from captum_ext.metrics import deletion_curves, insertion_curves
