@@ -9,7 +9,11 @@ r"""Report sections on how far an explanation can be trusted.
 
 Both follow :func:`~captum_ext.viz.contrastive_section`: they compute in batches on the
 model's device, write their PNGs under ``out_dir/images/<section>/`` and return a
-:class:`~captum_ext.viz.Section` for :class:`~captum_ext.viz.Report`.
+:class:`~captum_ext.viz.Section` for :class:`~captum_ext.viz.Report`. Each is two steps that
+can be called on their own: :func:`compute_voice` / :func:`compute_explanation_metrics`
+return the numbers (:class:`VoiceData` / :class:`ExplanationMetricsData`; no drawing, no
+files) and :func:`render_voice` / :func:`render_explanation_metrics` draw them into a
+:class:`~captum_ext.viz.Section`.
 
 Example::
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +57,7 @@ from ._checks import (
     _to_cpu,
     _true_class,
 )
-from ._figures import save_figure
+from ._figures import new_figure, save_figure
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
 from .report import (
     Figure,
@@ -66,7 +71,16 @@ from .report import (
     _progress_bar,
 )
 
-__all__ = ["explanation_metrics_section", "voice_section"]
+__all__ = [
+    "ExplanationMetricsData",
+    "VoiceData",
+    "compute_explanation_metrics",
+    "compute_voice",
+    "explanation_metrics_section",
+    "render_explanation_metrics",
+    "render_voice",
+    "voice_section",
+]
 
 #: width in the page (CSS pixels) of the plot of the mean curves
 _PLOT_WIDTH = 720
@@ -186,84 +200,246 @@ def voice_section(
         >>> section.rows[1].figures[3].caption  # doctest: +ELLIPSIS
         'Uncertainty (VOICE, 3 contrasts): IoU 0.31..., SNR 0.58..., log-likelihood -0.0012...'
     """
-    from captum_ext.attr import VOICE, GradCAM
-
     images = _check_images(images)
     contrasts = _check_contrasts(contrasts)
     batch_size = _check_batch_size(batch_size)
     n = images.shape[0]
     shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     labels = _check_names_labels(names, labels, n)
+    data = compute_voice(
+        model,
+        layer,
+        images,
+        class_names=class_names,
+        contrasts=contrasts,
+        threshold=threshold,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return render_voice(
+        data, shown, out_dir, labels=labels, names=names, alpha=alpha, cmap=cmap, title=title
+    )
+
+
+@dataclass(frozen=True)
+class VoiceData:
+    r"""What :func:`compute_voice` returns (numbers only; :func:`render_voice` draws them).
+
+    One entry per image, in the order of the images; every tensor and array is on the CPU.
+
+    Attributes:
+        probabilities (Tensor): ``N x C`` softmax of the model's outputs.
+        prediction (Tensor): ``N`` predicted classes P (as :class:`~captum_ext.attr.VOICE`
+            returns them).
+        contrast_class (Tensor): ``N`` runner-up classes Q of the contrast maps.
+        explanation (numpy.ndarray): ``N x H x W`` Grad-CAM of P, upsampled to the input and
+            scaled to [0, 1].
+        contrast (numpy.ndarray): ``N x H x W`` ContrastCAM of P against Q, likewise.
+        uncertainty (numpy.ndarray): ``N x H x W`` VOICE uncertainty map, likewise.
+        iou (numpy.ndarray): ``N`` IoU of ``explanation > threshold`` and
+            ``uncertainty > threshold``.
+        snr (numpy.ndarray): ``N`` mean / std of the uncertainty map.
+        log_likelihood (numpy.ndarray): ``N`` log-probability of P.
+        n_contrasts (numpy.ndarray): ``N`` number of contrast classes in the variance.
+        contrasts (str or int): the ``contrasts`` setting (``"all"`` or k).
+        threshold (float): the threshold of the IoU.
+        class_names (list[str]): one name per model output.
+        layer_name (str): the layer explained ("" when unknown).
+    """
+
+    probabilities: Tensor
+    prediction: Tensor
+    contrast_class: Tensor
+    explanation: np.ndarray
+    contrast: np.ndarray
+    uncertainty: np.ndarray
+    iou: np.ndarray
+    snr: np.ndarray
+    log_likelihood: np.ndarray
+    n_contrasts: np.ndarray
+    contrasts: str | int
+    threshold: float
+    class_names: list[str]
+    layer_name: str
+
+
+def compute_voice(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    *,
+    class_names: Sequence[str] | None = None,
+    contrasts: str | int = "all",
+    threshold: float = 0.1,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> VoiceData:
+    r"""The numbers of :func:`voice_section`, without drawing or writing files:
+    :class:`~captum_ext.attr.VOICE` on :class:`~captum_ext.attr.GradCAM` at ``layer`` for
+    every image, ``batch_size`` images per call, on the model's device.
+
+    Args:
+        model (Callable): the classifier, returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        class_names (Sequence[str], optional): one name per output. None: the indices.
+        contrasts (str or int, optional): ``"all"`` or k, as in :func:`voice_section`.
+            Default: "all".
+        threshold (float, optional): threshold of the IoU read-out. Default: 0.1.
+        batch_size (int, optional): images per VOICE call. Default: 64.
+        progress (bool, optional): progress bar on stderr. Default: False.
+
+    Returns:
+        :class:`VoiceData`: ``iou``, ``snr`` and ``log_likelihood`` are VOICE's read-outs
+        (:class:`~captum_ext.attr.VOICE`'s ``attribute`` on the same images gives the same
+        values).
+
+    Examples::
+
+        >>> from captum_ext.viz.uncertainty import compute_voice
+        >>> data = compute_voice(model, "features.7", x, contrasts=3)
+        >>> data.uncertainty.shape, data.iou.shape
+        ((4, 28, 28), (4,))
+    """
+    from captum_ext.attr import VOICE, GradCAM
+
+    images = _check_images(images)
+    contrasts = _check_contrasts(contrasts)
+    batch_size = _check_batch_size(batch_size)
+    n = images.shape[0]
     module = resolve_layer(model, layer)
     layer_name = _layer_name(model, layer, module)
     device = _model_device(model, images)
-    folder = Path(out_dir) / "images" / "voice"
-    folder.mkdir(parents=True, exist_ok=True)
     voice = VOICE(GradCAM(model, module))
-
-    rows: list[tuple[str, list[tuple[str, Path]]]] = []
-    iou: list[float] = []
-    snr: list[float] = []
-    log_likelihood: list[float] = []
-    correct: list[bool | None] = []
-    n_contrasts = 0
+    names: list[str] = []
+    chunks: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "probabilities",
+            "prediction",
+            "contrast_class",
+            "explanation",
+            "contrast",
+            "uncertainty",
+            "iou",
+            "snr",
+            "log_likelihood",
+            "n_contrasts",
+        )
+    }
     with _progress_bar(n, "VOICE uncertainty", progress) as bar:
         for start in range(0, n, batch_size):
             x = images[start : start + batch_size].to(device)
             probabilities = _probabilities(model, x)
             num_classes = probabilities.shape[1]
-            class_names = _class_names(class_names, num_classes)
+            names = _class_names(class_names, num_classes)
             if isinstance(contrasts, int) and contrasts > num_classes - 1:
                 raise ValueError(
                     f"`contrasts` (--voice-contrasts) = {contrasts}, but a model with "
                     f"{num_classes} classes has at most {num_classes - 1} contrasts."
                 )
             result = voice.attribute(x, contrasts=contrasts, threshold=threshold)
-            maps = {
-                "explanation": _to_cpu(result.explanation)[:, 0].numpy(),
-                "contrast": _to_cpu(result.contrast)[:, 0].numpy(),
-                "uncertainty": _to_cpu(result.uncertainty)[:, 0].numpy(),
-            }
-            for j in range(x.shape[0]):
-                i = start + j
-                p, q = int(result.prediction[j]), int(result.contrast_class[j])
-                name_p, name_q = class_names[p], class_names[q]
-                true = _true_class(labels, i, class_names)
-                values = (
-                    float(result.iou[j]),
-                    float(result.snr[j]),
-                    float(result.log_likelihood[j]),
-                )
-                iou.append(values[0])
-                snr.append(values[1])
-                log_likelihood.append(values[2])
-                correct.append(None if true is None else true == p)
-                n_contrasts = int(result.n_contrasts[j])
-                stem = folder / f"{i:05d}"
-                figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
-                captions = {
-                    "explanation": f"Explanation (Grad-CAM): Why {name_p}?",
-                    "contrast": f"Contrast: Why {name_p}, rather than {name_q}?",
-                    "uncertainty": (
-                        f"Uncertainty (VOICE, {n_contrasts} contrasts): IoU {values[0]:.3f}, "
-                        f"SNR {values[1]:.3f}, log-likelihood {_format_ll(values[2])}"
-                    ),
-                }
-                for kind, caption in captions.items():
-                    heat = maps[kind][j]
-                    if not heat.any():
-                        caption += " (empty)"
-                    picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
-                    figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
-                label = _row_label(_image_name(names, i), probabilities[j], p, q, true, class_names)
-                rows.append((label, figures))
+            chunks["probabilities"].append(probabilities.detach().to("cpu"))
+            for key in ("prediction", "contrast_class", "n_contrasts"):
+                chunks[key].append(torch.as_tensor(getattr(result, key)).detach().to("cpu"))
+            for key in ("explanation", "contrast", "uncertainty"):
+                chunks[key].append(_to_cpu(getattr(result, key))[:, 0].numpy())
+            for key in ("iou", "snr", "log_likelihood"):
+                values = torch.as_tensor(getattr(result, key)).detach().to("cpu")
+                chunks[key].append(values.double().numpy())
             bar.update(x.shape[0])
+    return VoiceData(
+        probabilities=torch.cat(chunks["probabilities"]),
+        prediction=torch.cat(chunks["prediction"]).long(),
+        contrast_class=torch.cat(chunks["contrast_class"]).long(),
+        explanation=np.concatenate(chunks["explanation"]),
+        contrast=np.concatenate(chunks["contrast"]),
+        uncertainty=np.concatenate(chunks["uncertainty"]),
+        iou=np.concatenate(chunks["iou"]),
+        snr=np.concatenate(chunks["snr"]),
+        log_likelihood=np.concatenate(chunks["log_likelihood"]),
+        n_contrasts=torch.cat(chunks["n_contrasts"]).long().numpy(),
+        contrasts=contrasts,
+        threshold=float(threshold),
+        class_names=names,
+        layer_name=layer_name,
+    )
 
-    if contrasts == "all":
+
+def render_voice(
+    data: VoiceData,
+    display_images: Any,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Sequence[Any] | Tensor | None = None,
+    names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    title: str = "How uncertain is the explanation? (VOICE)",
+) -> Section:
+    r"""Draw :func:`compute_voice`'s maps over ``display_images`` (the images in [0, 1],
+    N x C x H x W tensor or N x H x W x C array) into ``out_dir/images/voice/`` and return
+    the section of :func:`voice_section`: a summary row (mean read-outs over all images and,
+    where ``labels`` are known, over the correctly and wrongly classified ones, beside the
+    colour bar) and one row per image (input, explanation, contrast, uncertainty).
+
+    Args:
+        data (VoiceData): what :func:`compute_voice` returned.
+        display_images (Tensor or numpy.ndarray): the images in [0, 1] for display.
+        out_dir (str or PathLike): the report folder.
+        labels (optional): true class per image (indices, or None where unknown).
+        names (Sequence[str], optional): a name per image. Default: ``#i``.
+        alpha (float, optional): heat-map opacity. Default: 0.5.
+        cmap (str, optional): matplotlib colormap of the overlays. Default: ``"inferno"``.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: as :func:`voice_section`.
+    """
+    n = data.prediction.shape[0]
+    size = data.uncertainty.shape[1:]
+    shown = _display_array(display_images, n, (size[0], size[1]))
+    labels = _check_names_labels(names, labels, n)
+    class_names = data.class_names
+    folder = Path(out_dir) / "images" / "voice"
+    folder.mkdir(parents=True, exist_ok=True)
+    maps = {
+        "explanation": data.explanation,
+        "contrast": data.contrast,
+        "uncertainty": data.uncertainty,
+    }
+    rows: list[tuple[str, list[tuple[str, Path]]]] = []
+    correct: list[bool | None] = []
+    for i in range(n):
+        p, q = int(data.prediction[i]), int(data.contrast_class[i])
+        name_p, name_q = class_names[p], class_names[q]
+        true = _true_class(labels, i, class_names)
+        correct.append(None if true is None else true == p)
+        iou, snr, ll = float(data.iou[i]), float(data.snr[i]), float(data.log_likelihood[i])
+        stem = folder / f"{i:05d}"
+        figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
+        captions = {
+            "explanation": f"Explanation (Grad-CAM): Why {name_p}?",
+            "contrast": f"Contrast: Why {name_p}, rather than {name_q}?",
+            "uncertainty": (
+                f"Uncertainty (VOICE, {int(data.n_contrasts[i])} contrasts): IoU {iou:.3f}, "
+                f"SNR {snr:.3f}, log-likelihood {_format_ll(ll)}"
+            ),
+        }
+        for kind, caption in captions.items():
+            heat = maps[kind][i]
+            if not heat.any():
+                caption += " (empty)"
+            picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
+            figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
+        label = _row_label(_image_name(names, i), data.probabilities[i], p, q, true, class_names)
+        rows.append((label, figures))
+
+    if data.contrasts == "all":
         which = "every other class"
     else:
-        which = f"the {contrasts} most likely classes after P"
-    explained_at = f" at layer {layer_name}" if layer_name else ""
+        which = f"the {data.contrasts} most likely classes after P"
+    explained_at = f" at layer {data.layer_name}" if data.layer_name else ""
     section = Section(
         title,
         intro=(
@@ -274,8 +450,8 @@ def voice_section(
             f"contrastive explanations against {which} (Q != P), each map upsampled to the "
             f"image and scaled to [0, 1] ({_colour_words(cmap)}).\n"
             f"IoU: overlap of the explanation and the uncertainty, both thresholded at "
-            f"{threshold:g}. A higher IoU means the explanation is uncertain about the very "
-            "pixels it attributes the prediction to: it deserves less trust. "
+            f"{data.threshold:g}. A higher IoU means the explanation is uncertain about the "
+            "very pixels it attributes the prediction to: it deserves less trust. "
             "SNR: mean / std of the uncertainty map; higher means more dispersed uncertainty. "
             "Log-likelihood: log-probability of P (0 is certain)."
         ),
@@ -297,9 +473,9 @@ def voice_section(
             [
                 group,
                 chosen.size,
-                f"{np.mean(np.asarray(iou)[chosen]):.3f}",
-                f"{np.mean(np.asarray(snr)[chosen]):.3f}",
-                _format_ll(float(np.mean(np.asarray(log_likelihood)[chosen]))),
+                f"{np.mean(data.iou[chosen]):.3f}",
+                f"{np.mean(data.snr[chosen]):.3f}",
+                _format_ll(float(np.mean(data.log_likelihood[chosen]))),
             ]
         )
     bar = save_colorbar(
@@ -362,12 +538,12 @@ def _plot_curves(
     path: Path,
 ) -> Path:
     try:
-        from matplotlib.figure import Figure as PlotFigure
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(
             "explanation_metrics_section() needs matplotlib: pip install 'captum-ext[viz]'"
         ) from None
-    figure = PlotFigure(figsize=(9.0, 3.6), dpi=100, layout="constrained")
+    figure = new_figure(900, 360)
     axes = figure.subplots(1, 2, sharey=True)
     better = {"deletion": "lower AUC is better", "insertion": "higher AUC is better"}
     for ax, metric in zip(axes, ("deletion", "insertion")):
@@ -469,25 +645,155 @@ def explanation_metrics_section(
         >>> print(section.rows[0].table.rows[0])
         ['Grad-CAM', 'Why P?', '0.261', '0.762', '27 / 40', '30 / 40']
     """
-    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
-    from captum_ext.metrics import deletion_curves, insertion_curves
-
     images = _check_images(images)
     batch_size = _check_batch_size(batch_size)
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"`n_steps` must be a positive int, got {n_steps!r}.")
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
-        raise ValueError(f"`examples` must be a non-negative int, got {examples!r}.")
+    n_steps = _check_n_steps(n_steps)
+    examples = _check_examples(examples)
     n = images.shape[0]
     shown = None
     if display_images is not None:
         shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     labels = _check_names_labels(names, labels, n)
+    data = compute_explanation_metrics(
+        model,
+        layer,
+        images,
+        class_names=class_names,
+        n_steps=n_steps,
+        baselines=baselines,
+        batch_size=batch_size,
+        examples=examples if shown is not None else 0,
+        progress=progress,
+    )
+    return render_explanation_metrics(
+        data, shown, out_dir, labels=labels, names=names, alpha=alpha, title=title
+    )
+
+
+def _check_n_steps(n_steps: Any) -> int:
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"`n_steps` must be a positive int, got {n_steps!r}.")
+    return n_steps
+
+
+def _check_examples(examples: Any) -> int:
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ValueError(f"`examples` must be a non-negative int, got {examples!r}.")
+    return examples
+
+
+@dataclass(frozen=True)
+class ExplanationMetricsData:
+    r"""What :func:`compute_explanation_metrics` returns (numbers only;
+    :func:`render_explanation_metrics` draws them). Every tensor and array is on the CPU.
+
+    The methods are ``"gradcam"`` (Grad-CAM of P), ``"contrast"`` (ContrastCAM of P against
+    the runner-up Q) and ``"counterfactual"`` (CounterfactualCAM of P); the metrics are
+    ``"deletion"`` and ``"insertion"``, both following the probability of P.
+
+    Attributes:
+        predicted (Tensor): ``N`` predicted classes P.
+        runner_up (Tensor): ``N`` runner-up classes Q.
+        fractions (numpy.ndarray): ``n_steps + 1`` fractions of pixels perturbed, 0 to 1.
+        auc (dict[str, dict[str, numpy.ndarray]]): metric -> method -> ``N`` AUCs, as
+            :func:`~captum_ext.metrics.deletion` / :func:`~captum_ext.metrics.insertion`
+            give them on the same maps.
+        curves (dict[str, dict[str, numpy.ndarray]]): metric -> method -> ``N x
+            (n_steps + 1)`` probability of P along the curve.
+        maps (dict[str, numpy.ndarray]): method -> ``E x H x W`` maps (upsampled to the
+            input, min-max scaled to [0, 1]) of the first ``E = min(examples, N)`` images.
+        n_steps (int): perturbation steps of each curve.
+        baselines (float, str or Tensor): what a removed pixel becomes.
+        class_names (list[str]): one name per model output.
+        layer_name (str): the layer explained ("" when unknown).
+        image_size (tuple[int, int]): ``(H, W)`` of the inputs.
+    """
+
+    predicted: Tensor
+    runner_up: Tensor
+    fractions: np.ndarray
+    auc: dict[str, dict[str, np.ndarray]]
+    curves: dict[str, dict[str, np.ndarray]]
+    maps: dict[str, np.ndarray]
+    n_steps: int
+    baselines: Any
+    class_names: list[str]
+    layer_name: str
+    image_size: tuple[int, int]
+
+    @property
+    def mean_auc(self) -> dict[str, dict[str, float]]:
+        """metric -> method -> mean AUC over the images."""
+        return {m: {k: float(v.mean()) for k, v in d.items()} for m, d in self.auc.items()}
+
+    @property
+    def best_counts(self) -> dict[str, dict[str, int]]:
+        """metric -> method -> on how many images the method scores best (lowest deletion
+        AUC, highest insertion AUC; ties go to the first method of ``_METHODS``)."""
+        best = {
+            "deletion": np.stack([self.auc["deletion"][k] for k in _METHODS]).argmin(0),
+            "insertion": np.stack([self.auc["insertion"][k] for k in _METHODS]).argmax(0),
+        }
+        return {
+            m: {k: int((b == index).sum()) for index, k in enumerate(_METHODS)}
+            for m, b in best.items()
+        }
+
+
+def compute_explanation_metrics(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    *,
+    class_names: Sequence[str] | None = None,
+    n_steps: int = 50,
+    baselines: Any = 0.0,
+    batch_size: int = 64,
+    examples: int = 1,
+    progress: bool = False,
+) -> ExplanationMetricsData:
+    r"""The numbers of :func:`explanation_metrics_section`, without drawing or writing
+    files: for each image the prediction P, the runner-up Q, and the deletion and insertion
+    curves and AUCs (:func:`~captum_ext.metrics.deletion_curves`,
+    :func:`~captum_ext.metrics.insertion_curves`, following P) of Grad-CAM of P,
+    ContrastCAM against Q and CounterfactualCAM of P at ``layer``, each map upsampled to the
+    input and min-max normalised. ``batch_size`` images per attribution and metric call, on
+    the model's device.
+
+    Args:
+        model (Callable): the classifier, returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        class_names (Sequence[str], optional): one name per output. None: the indices.
+        n_steps (int, optional): perturbation steps of each curve. Default: 50.
+        baselines (float, str or Tensor, optional): what a removed pixel becomes, as in
+            :func:`~captum_ext.metrics.deletion`. Default: 0.0.
+        batch_size (int, optional): images per attribution and metric call. Default: 64.
+        examples (int, optional): keep the maps of this many first images (for the example
+            rows of :func:`render_explanation_metrics`). Default: 1.
+        progress (bool, optional): progress bar on stderr. Default: False.
+
+    Returns:
+        :class:`ExplanationMetricsData`.
+
+    Examples::
+
+        >>> from captum_ext.viz.uncertainty import compute_explanation_metrics
+        >>> data = compute_explanation_metrics(model, "features.7", x, n_steps=10)
+        >>> sorted(data.auc["deletion"]), data.curves["deletion"]["gradcam"].shape
+        (['contrast', 'counterfactual', 'gradcam'], (4, 11))
+    """
+    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
+    from captum_ext.metrics import deletion_curves, insertion_curves
+
+    images = _check_images(images)
+    batch_size = _check_batch_size(batch_size)
+    n_steps = _check_n_steps(n_steps)
+    examples = _check_examples(examples)
+    n = images.shape[0]
     module = resolve_layer(model, layer)
     layer_name = _layer_name(model, layer, module)
     device = _model_device(model, images)
-    folder = Path(out_dir) / "images" / "metrics"
-    folder.mkdir(parents=True, exist_ok=True)
     cams = {
         "gradcam": GradCAM(model, module),
         "contrast": ContrastCAM(model, module),
@@ -498,18 +804,19 @@ def explanation_metrics_section(
     aucs: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in _METHODS} for m in metrics}
     curves: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in _METHODS} for m in metrics}
     fractions: Tensor | None = None
-    predicted_all: list[int] = []
-    runner_up_all: list[int] = []
+    predicted_all: list[Tensor] = []
+    runner_up_all: list[Tensor] = []
     example_maps: dict[str, list[np.ndarray]] = {k: [] for k in _METHODS}
+    names: list[str] = []
     with _progress_bar(n, "deletion / insertion", progress) as bar:
         for start in range(0, n, batch_size):
             x = images[start : start + batch_size].to(device)
             probabilities = _probabilities(model, x)
-            class_names = _class_names(class_names, probabilities.shape[1])
+            names = _class_names(class_names, probabilities.shape[1])
             top = probabilities.topk(2, dim=1)
             predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
-            predicted_all += predicted.tolist()
-            runner_up_all += runner_up.tolist()
+            predicted_all.append(predicted.cpu())
+            runner_up_all.append(runner_up.cpu())
             for kind, cam in cams.items():
                 classes = {"contrast": runner_up} if kind == "contrast" else {"target": predicted}
                 heat = cam.attribute(x, **classes, upsample_to_input=True, normalize="minmax")
@@ -529,11 +836,67 @@ def explanation_metrics_section(
                     fractions = _to_cpu(result.fractions)
             bar.update(x.shape[0])
 
-    auc = {m: {k: torch.cat(v).numpy() for k, v in d.items()} for m, d in aucs.items()}
-    curve = {m: {k: torch.cat(v).numpy() for k, v in d.items()} for m, d in curves.items()}
-    plot = _plot_curves(fractions.numpy(), curve, auc, n, folder / "curves.png")
+    size = tuple(images.shape[2:])
+    return ExplanationMetricsData(
+        predicted=torch.cat(predicted_all),
+        runner_up=torch.cat(runner_up_all),
+        fractions=fractions.numpy(),
+        auc={m: {k: torch.cat(v).numpy() for k, v in d.items()} for m, d in aucs.items()},
+        curves={m: {k: torch.cat(v).numpy() for k, v in d.items()} for m, d in curves.items()},
+        maps={
+            k: np.concatenate(v) if v else np.zeros((0, *size), dtype=np.float32)
+            for k, v in example_maps.items()
+        },
+        n_steps=n_steps,
+        baselines=baselines,
+        class_names=names,
+        layer_name=layer_name,
+        image_size=(int(size[0]), int(size[1])),
+    )
 
-    explained_at = f" at layer {layer_name}" if layer_name else ""
+
+def render_explanation_metrics(
+    data: ExplanationMetricsData,
+    display_images: Any,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Sequence[Any] | Tensor | None = None,
+    names: Sequence[str] | None = None,
+    alpha: float = 0.6,
+    title: str = "Do the maps point at what the model uses? (deletion and insertion)",
+) -> Section:
+    r"""Draw :func:`compute_explanation_metrics`'s numbers into ``out_dir/images/metrics/``
+    and return the section of :func:`explanation_metrics_section`: the plot of the mean
+    curves with the table of mean AUCs, the table of AUCs per image and, when
+    ``display_images`` is given, one example row per image whose maps ``data`` kept (the
+    pixels each method deletes first).
+
+    Args:
+        data (ExplanationMetricsData): what :func:`compute_explanation_metrics` returned.
+        display_images (Tensor, numpy.ndarray or None): the images in [0, 1] for the example
+            rows (N x C x H x W tensor or N x H x W x C array); None: no examples.
+        out_dir (str or PathLike): the report folder.
+        labels (optional): true class per image (indices, or None where unknown).
+        names (Sequence[str], optional): a name per image. Default: ``#i``.
+        alpha (float, optional): opacity of the red marking the deleted pixels. Default: 0.6.
+        title (str, optional): the section title.
+
+    Returns:
+        Section: as :func:`explanation_metrics_section`.
+    """
+    n = data.predicted.shape[0]
+    auc = data.auc
+    class_names = data.class_names
+    shown = None
+    if display_images is not None:
+        shown = _display_array(display_images, n, data.image_size)
+    labels = _check_names_labels(names, labels, n)
+    folder = Path(out_dir) / "images" / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    plot = _plot_curves(data.fractions, data.curves, auc, n, folder / "curves.png")
+
+    explained_at = f" at layer {data.layer_name}" if data.layer_name else ""
+    baselines = data.baselines
     if isinstance(baselines, str):
         baseline_text = {"mean": "the image's per-channel mean", "blur": "a blurred copy"}.get(
             baselines, baselines
@@ -549,7 +912,7 @@ def explanation_metrics_section(
             f"Deletion replaces the pixels in the order of the map (most important first) "
             f"by {baseline_text} and follows the probability of the predicted class P; "
             "insertion starts from the baseline and puts the pixels back in the same order. "
-            f"Each curve has {n_steps} steps; the score is its area (AUC).\n"
+            f"Each curve has {data.n_steps} steps; the score is its area (AUC).\n"
             "Lower deletion AUC is better (the map found pixels the model needs); higher "
             "insertion AUC is better (those pixels suffice).\n"
             f"Maps{explained_at}: Grad-CAM of P ('Why P?'), ContrastCAM against the runner-up "
@@ -568,17 +931,16 @@ def explanation_metrics_section(
         ],
         caption=f"Mean AUC over {n} images, and on how many images each method scores best",
     )
-    best_deletion = np.stack([auc["deletion"][k] for k in _METHODS]).argmin(0)
-    best_insertion = np.stack([auc["insertion"][k] for k in _METHODS]).argmax(0)
-    for index, kind in enumerate(_METHODS):
+    best = data.best_counts
+    for kind in _METHODS:
         mean_table.add_row(
             [
                 _METHOD_NAMES[kind],
                 _QUESTIONS[kind],
                 f"{auc['deletion'][kind].mean():.3f}",
                 f"{auc['insertion'][kind].mean():.3f}",
-                f"{int((best_deletion == index).sum())} / {n}",
-                f"{int((best_insertion == index).sum())} / {n}",
+                f"{best['deletion'][kind]} / {n}",
+                f"{best['insertion'][kind]} / {n}",
             ]
         )
     section.add_row(
@@ -594,8 +956,8 @@ def explanation_metrics_section(
     for i in range(n):
         cells = [
             _image_name(names, i),
-            class_names[predicted_all[i]],
-            class_names[runner_up_all[i]],
+            class_names[int(data.predicted[i])],
+            class_names[int(data.runner_up[i])],
         ]
         if _with_labels:
             true = _true_class(labels, i, class_names)
@@ -606,11 +968,11 @@ def explanation_metrics_section(
     section.add_row("Per image", table=per_image)
 
     if shown is not None:
-        for i in range(min(examples, n)):
+        for i in range(min(data.maps["gradcam"].shape[0], n)):
             stem = folder / f"{i:05d}"
             figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
             for kind in _METHODS:
-                mask = _first_pixels(np.concatenate(example_maps[kind])[i], _EXAMPLE_FRACTION)
+                mask = _first_pixels(data.maps[kind][i], _EXAMPLE_FRACTION)
                 picture = _mark(shown[i], mask, alpha)
                 caption = (
                     f"{_METHOD_NAMES[kind]}: first {_EXAMPLE_FRACTION:.0%} deleted; "
@@ -618,7 +980,7 @@ def explanation_metrics_section(
                     f"insertion AUC {auc['insertion'][kind][i]:.3f}"
                 )
                 figures.append((caption, save_png(picture, f"{stem}_{kind}_first.png")))
-            p = predicted_all[i]
+            p = int(data.predicted[i])
             section.add_row(
                 f"Example {_image_name(names, i)} (predicted {class_names[p]}): the pixels "
                 f"each map deletes first (red)",
