@@ -359,7 +359,7 @@ def trust_section(
     images = _check_images(images)
     batch_size = _check_batch_size(batch_size)
     least_trusted = _check_count(least_trusted, "least_trusted")
-    score_names = _check_scores(scores, model)
+    _check_scores(scores, model)  # fails before anything runs; compute_trust orders them
     n = images.shape[0]
     shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     labels = _check_names_labels(names, labels, n)
@@ -369,7 +369,7 @@ def trust_section(
         images,
         labels=labels,
         class_names=class_names,
-        scores=score_names,
+        scores=scores,
         score_kwargs=score_kwargs,
         batch_size=batch_size,
         least_trusted=least_trusted,
