@@ -11,6 +11,10 @@ r"""Report section "Which predictions can I trust?" (GradTrust and the baselines
 - the least-trusted images (lowest GradTrust) with their Grad-CAM ("Why P?") and ContrastCAM
   against the runner-up ("Why P, rather than Q?").
 
+:func:`trust_section` is :func:`compute_trust` (the numbers, as a :class:`TrustData`: scores,
+AUAC, AUFC, AUROC, retention curves, the least-trusted images and their maps; no drawing) followed
+by :func:`render_trust` (the plots, overlays and the :class:`~captum_ext.viz.report.Section`).
+
 Paper: M. Prabhushankar and G. AlRegib, "Counterfactual Gradients-based Quantification of
 Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
 
