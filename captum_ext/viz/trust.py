@@ -11,6 +11,10 @@ r"""Report section "Which predictions can I trust?" (GradTrust and the baselines
 - the least-trusted images (lowest GradTrust) with their Grad-CAM ("Why P?") and ContrastCAM
   against the runner-up ("Why P, rather than Q?").
 
+:func:`trust_section` is :func:`compute_trust` (the numbers, as a :class:`TrustData`: scores,
+AUAC, AUFC, AUROC, retention curves, the least-trusted images and their maps; no drawing) followed
+by :func:`render_trust` (the plots, overlays and the :class:`~captum_ext.viz.report.Section`).
+
 Paper: M. Prabhushankar and G. AlRegib, "Counterfactual Gradients-based Quantification of
 Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +70,7 @@ from .report import (
     _probabilities,
 )
 
-__all__ = ["trust_section"]
+__all__ = ["TrustData", "compute_trust", "render_trust", "trust_section"]
 
 #: the scores every trust section shows (the paper's figure plots one against the other)
 _REQUIRED = ("gradtrust", "softmax")
@@ -355,6 +360,128 @@ def trust_section(
         >>> section.rows[0].table.columns
         ['score', 'AUAC (%)', 'AUFC (%)', 'misprediction AUROC']
     """
+    images = _check_images(images)
+    batch_size = _check_batch_size(batch_size)
+    least_trusted = _check_count(least_trusted, "least_trusted")
+    _check_scores(scores, model)  # fails before anything runs; compute_trust orders them
+    n = images.shape[0]
+    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    labels = _check_names_labels(names, labels, n)
+    data = compute_trust(
+        model,
+        layer,
+        images,
+        labels=labels,
+        class_names=class_names,
+        scores=scores,
+        score_kwargs=score_kwargs,
+        batch_size=batch_size,
+        least_trusted=least_trusted,
+        progress=progress,
+    )
+    return render_trust(data, shown, out_dir, names=names, alpha=alpha, cmap=cmap, title=title)
+
+
+@dataclass(frozen=True)
+class TrustData:
+    r"""What :func:`compute_trust` returns (numbers only; :func:`render_trust` draws them).
+
+    Attributes:
+        table (ScoreTable): :func:`~captum_ext.metrics.score_dataset`'s table of every image:
+            ``label`` (-1 where unknown), ``prediction``, ``correct`` and one column per
+            computed score (``gradtrust`` holds the natural log of GradTrust).
+        score_names (list[str]): the computed scores, in the order of the table of metrics
+            (``"gradtrust"`` and ``"softmax"`` first).
+        failed (dict[str, str]): optional score -> first line of the error that kept it from
+            running on this model (left out of ``table``).
+        unranked (dict[str, str]): score -> why it cannot be ranked (NaN or infinite values
+            among the labelled images); it has no metrics.
+        auac (dict[str, float]): score -> :func:`~captum_ext.metrics.auac` on the labelled
+            images (ranked scores only; empty without labels).
+        aufc (dict[str, float]): score -> :func:`~captum_ext.metrics.aufc` on the labelled
+            images.
+        auroc (dict[str, float or None]): score ->
+            :func:`~captum_ext.metrics.misprediction_auroc` on the labelled images; None
+            unless they hold both correct and wrong predictions.
+        curves (dict[str, tuple[numpy.ndarray, numpy.ndarray]]): score -> (percentiles,
+            accuracy in [0, 1]) of :func:`~captum_ext.metrics.accuracy_retention_curve`.
+        least_trusted (Tensor): indices of the least-trusted images, lowest GradTrust first.
+        probabilities (Tensor): ``K x C`` softmax of the model on those images (CPU).
+        predicted (Tensor): ``K`` predicted classes P of those images.
+        runner_up (Tensor): ``K`` runner-up classes Q of those images.
+        maps (dict[str, numpy.ndarray]): ``"gradcam"`` (Grad-CAM of P) and ``"contrast"``
+            (ContrastCAM of P against Q) -> ``K x H x W`` maps upsampled to the input and
+            min-max scaled to [0, 1].
+        class_names (list[str]): one name per model output.
+        layer_name (str): the layer of the maps ("" when unknown).
+        image_size (tuple[int, int]): ``(H, W)`` of the images.
+    """
+
+    table: Any
+    score_names: list[str]
+    failed: dict[str, str]
+    unranked: dict[str, str]
+    auac: dict[str, float]
+    aufc: dict[str, float]
+    auroc: dict[str, float | None]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    least_trusted: Tensor
+    probabilities: Tensor
+    predicted: Tensor
+    runner_up: Tensor
+    maps: dict[str, np.ndarray]
+    class_names: list[str]
+    layer_name: str
+    image_size: tuple[int, int]
+
+    @property
+    def labelled(self) -> Tensor:
+        """Boolean mask of the images with a known label."""
+        return self.table["label"] >= 0
+
+
+def compute_trust(
+    model: Callable,
+    layer: Any,
+    images: Tensor,
+    *,
+    labels: Sequence[Any] | Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    scores: Sequence[str] | str | None = None,
+    score_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 64,
+    least_trusted: int = 10,
+    progress: bool = False,
+) -> TrustData:
+    r"""The numbers of :func:`trust_section`, without drawing: every image scored by GradTrust
+    and the trust baselines (:func:`~captum_ext.metrics.score_dataset`), the AUAC, AUFC and
+    misprediction AUROC of each score on the labelled images, and the Grad-CAM and
+    ContrastCAM maps of the ``least_trusted`` images of lowest GradTrust.
+
+    Args:
+        model (Callable): the classifier (an ``nn.Module`` or a bound method of one),
+            returning (N, C) logits, in eval mode.
+        layer (nn.Module or str): the layer of the Grad-CAM and ContrastCAM maps.
+        images (Tensor): N x C x H x W inputs, normalised as the model expects.
+        labels (optional): true class per image (indices, or None where unknown).
+        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        scores (Sequence[str] or str, optional): names of
+            :data:`~captum_ext.metrics.TRUST_SCORES`, as for :func:`trust_section`.
+        score_kwargs (Mapping, optional): options per score name, as for
+            :func:`~captum_ext.metrics.score_dataset`.
+        batch_size (int, optional): images per scoring call. Default: 64.
+        least_trusted (int, optional): how many least-trusted images get maps. Default: 10.
+        progress (bool, optional): tqdm progress bar on stderr. Default: False.
+
+    Returns:
+        :class:`TrustData`.
+
+    Examples::
+
+        >>> data = compute_trust(model, "features.7", images, labels=labels, least_trusted=3)
+        >>> data.least_trusted.shape, data.maps["contrast"].shape
+        (torch.Size([3]), (3, 28, 28))
+    """
     from torch.utils.data import DataLoader, TensorDataset
 
     from captum_ext.attr import ContrastCAM, GradCAM
@@ -371,13 +498,10 @@ def trust_section(
     least_trusted = _check_count(least_trusted, "least_trusted")
     score_names = _check_scores(scores, model)
     n = images.shape[0]
-    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
-    labels = _check_names_labels(names, labels, n)
+    labels = _check_names_labels(None, labels, n)
     module = resolve_layer(model, layer)
     layer_name = _layer_name(model, layer, module)
     device = _model_device(model, images)
-    folder = Path(out_dir) / "images" / "trust"
-    folder.mkdir(parents=True, exist_ok=True)
 
     num_classes = _probabilities(model, images[:1].to(device)).shape[1]
     class_names = _class_names(class_names, num_classes)
@@ -394,73 +518,155 @@ def trust_section(
         progress=progress,
         score_kwargs={k: v for k, v in (score_kwargs or {}).items() if k in runnable},
     )
-    computed = runnable
-    known = (table["label"] >= 0).numpy()
-    correct = table["correct"].numpy()
 
-    scatter = _plot_scatter(
-        table["softmax"].double().numpy(),
-        table["gradtrust"].double().numpy(),
-        correct,
-        known,
-        folder / "gradtrust_vs_softmax.png",
-    )
-    figures = [Figure("GradTrust vs softmax confidence", scatter, _PLOT_WIDTH)]
-    metrics_table = Table(
-        ["score", "AUAC (%)", "AUFC (%)", "misprediction AUROC"],
-        caption="Misprediction detection on the labelled images (higher is better)",
-    )
-    labelled = torch.from_numpy(known)
     unranked: dict[str, str] = {}
-    notes: list[str] = []
+    areas: dict[str, float] = {}
+    aufcs: dict[str, float] = {}
+    aurocs: dict[str, float | None] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    labelled = table["label"] >= 0
     if labelled.any():
         kept_correct = table["correct"][labelled]
         kept_pred, kept_true = table["prediction"][labelled], table["label"][labelled]
         both_kinds = bool(kept_correct.any()) and bool((~kept_correct).any())
+        for name in runnable:
+            values = table[name][labelled].double()
+            reason = _not_rankable(values)
+            if reason is not None:
+                unranked[name] = reason
+                continue
+            curve = accuracy_retention_curve(values, kept_correct)
+            curves[name] = (curve.percentiles.numpy(), curve.accuracy.double().numpy())
+            areas[name] = auac(values, kept_correct)
+            aufcs[name] = aufc(values, kept_pred, kept_true)
+            aurocs[name] = misprediction_auroc(values, kept_correct) if both_kinds else None
+
+    order = torch.argsort(table["gradtrust"].double(), stable=True)[:least_trusted]
+    size = (int(images.shape[2]), int(images.shape[3]))
+    if order.numel():
+        x = images[order.tolist()].to(device)
+        probabilities = _probabilities(model, x)
+        top = probabilities.topk(2, dim=1)
+        predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
+        grad_cam = GradCAM(model, module).attribute(
+            x, target=predicted, upsample_to_input=True, normalize="minmax"
+        )
+        contrast = ContrastCAM(model, module).attribute(
+            x, contrast=runner_up, upsample_to_input=True, normalize="minmax"
+        )
+        maps = {
+            "gradcam": _to_cpu(grad_cam)[:, 0].numpy(),
+            "contrast": _to_cpu(contrast)[:, 0].numpy(),
+        }
+        probabilities = probabilities.detach().cpu()
+        predicted, runner_up = predicted.cpu(), runner_up.cpu()
+    else:
+        probabilities = torch.zeros(0, num_classes)
+        predicted = runner_up = torch.zeros(0, dtype=torch.int64)
+        maps = {kind: np.zeros((0, *size), dtype=np.float32) for kind in ("gradcam", "contrast")}
+    return TrustData(
+        table=table,
+        score_names=list(runnable),
+        failed=failed,
+        unranked=unranked,
+        auac=areas,
+        aufc=aufcs,
+        auroc=aurocs,
+        curves=curves,
+        least_trusted=order,
+        probabilities=probabilities,
+        predicted=predicted,
+        runner_up=runner_up,
+        maps=maps,
+        class_names=class_names,
+        layer_name=layer_name,
+        image_size=size,
+    )
+
+
+def render_trust(
+    data: TrustData,
+    display_images: Any,
+    out_dir: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    title: str = "Which predictions can I trust? (GradTrust)",
+) -> Section:
+    """Draw :func:`compute_trust`'s numbers into ``out_dir/images/trust/`` and return the
+    Section of :func:`trust_section`: the scatter and accuracy-retention plots with the table
+    of metrics, then the least-trusted images (from ``display_images``, N x H x W x C in
+    [0, 1] or an N x C x H x W tensor) with their maps."""
+    table = data.table
+    n = len(table)
+    shown = _display_array(display_images, n, data.image_size)
+    if names is not None and len(names) != n:
+        raise ValueError(f"`names` has {len(names)} entries for {n} images.")
+    class_names = data.class_names
+    folder = Path(out_dir) / "images" / "trust"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    labelled = data.labelled
+    known = labelled.numpy()
+    scatter = _plot_scatter(
+        table["softmax"].double().numpy(),
+        table["gradtrust"].double().numpy(),
+        table["correct"].numpy(),
+        known,
+        folder / "gradtrust_vs_softmax.png",
+    )
+    figures = [Figure("GradTrust vs softmax confidence", scatter, _PLOT_WIDTH)]
+    metrics_table = None
+    notes: list[str] = []
+    accuracy_text = ""
+    if labelled.any():
+        metrics_table = Table(
+            ["score", "AUAC (%)", "AUFC (%)", "misprediction AUROC"],
+            caption="Misprediction detection on the labelled images (higher is better)",
+        )
+        kept_correct = table["correct"][labelled]
         n_correct = int(kept_correct.sum())
         small = _sample_note(n_correct, int(kept_correct.numel()) - n_correct)
         if small is not None:
             notes.append(small)
             metrics_table.caption += " (the labelled sample is too small to rank the scores)"
-        curves = {}
-        for name in computed:
-            values = table[name][labelled].double()
-            reason = _not_rankable(values)
-            if reason is not None:
-                unranked[name] = reason
+        for name in data.score_names:
+            if name in data.unranked:
                 metrics_table.add_row([name, "-", "-", "-"])
                 continue
-            curve = accuracy_retention_curve(values, kept_correct)
-            area = auac(values, kept_correct)
-            curves[name] = (curve.percentiles.numpy(), curve.accuracy.double().numpy(), area)
-            auroc = misprediction_auroc(values, kept_correct) if both_kinds else None
+            auroc = data.auroc[name]
             if auroc is not None and auroc < 0.5:
                 notes.append(_below_chance_note(name, auroc))
             metrics_table.add_row(
                 [
                     name,
-                    f"{area:.2f}",
-                    f"{aufc(values, kept_pred, kept_true):.2f}",
+                    f"{data.auac[name]:.2f}",
+                    f"{data.aufc[name]:.2f}",
                     f"{auroc:.3f}" if auroc is not None else "-",
                 ]
             )
+        curves = {
+            name: (percentiles, accuracy, data.auac[name])
+            for name, (percentiles, accuracy) in data.curves.items()
+        }
         retention = _plot_retention(curves, folder / "accuracy_retention.png")
         figures.append(
             Figure("Accuracy retention curves (AUAC in the legend)", retention, _PLOT_WIDTH)
         )
-    else:
-        metrics_table = None
-
-    accuracy_text = ""
-    if labelled.any():
         accuracy_text = (
             f" Accuracy on the {int(labelled.sum())} labelled images: "
-            f"{100 * float(table['correct'][labelled].double().mean()):.1f} %."
+            f"{100 * float(kept_correct.double().mean()):.1f} %."
         )
+
     skipped = "".join(f"\n{note}" for note in notes)
-    skipped += "".join(f"\nNot computed: {name} ({reason})." for name, reason in failed.items())
-    skipped += "".join(f"\nNot ranked: {name} ({reason})." for name, reason in unranked.items())
-    explained_at = f" at layer {layer_name}" if layer_name else ""
+    skipped += "".join(
+        f"\nNot computed: {name} ({reason})." for name, reason in data.failed.items()
+    )
+    skipped += "".join(
+        f"\nNot ranked: {name} ({reason})." for name, reason in data.unranked.items()
+    )
+    explained_at = f" at layer {data.layer_name}" if data.layer_name else ""
     section = Section(
         title,
         intro=(
@@ -477,53 +683,39 @@ def trust_section(
     )
     section.add_row("Trust scores", figures, table=metrics_table)
 
-    order = torch.argsort(table["gradtrust"].double(), stable=True)[:least_trusted]
-    if order.numel():
-        chosen = order.tolist()
-        x = images[chosen].to(device)
-        probabilities = _probabilities(model, x)
-        top = probabilities.topk(2, dim=1)
-        predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
-        grad_cam = GradCAM(model, module).attribute(
-            x, target=predicted, upsample_to_input=True, normalize="minmax"
+    chosen = data.least_trusted.tolist()
+    if not chosen:
+        return section
+    colour_bar = save_colorbar(
+        folder / "colorbar.png",
+        cmap=cmap,
+        alpha=alpha,
+        label="each map scaled to [0, 1] (as overlaid on the images)",
+    )
+    section.add_row(
+        "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
+    )
+    for rank, i in enumerate(chosen):
+        p, q = int(data.predicted[rank]), int(data.runner_up[rank])
+        name_p, name_q = class_names[p], class_names[q]
+        stem = folder / f"least_trusted_{rank:03d}_{i:05d}"
+        row_figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
+        for kind, caption in (
+            ("gradcam", f"Grad-CAM: Why {name_p}?"),
+            ("contrast", f"ContrastCAM: Why {name_p}, rather than {name_q}?"),
+        ):
+            picture = overlay(shown[i], data.maps[kind][rank], alpha=alpha, cmap=cmap)
+            row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
+        image_name = str(names[i]) if names is not None else f"#{i}"
+        label = (
+            f"{rank + 1}. {image_name}: "
+            f"GradTrust {_format_gradtrust(float(table['gradtrust'][i]))}, "
+            f"predicted {name_p} ({float(data.probabilities[rank, p]):.1%}), runner-up "
+            f"{name_q} ({float(data.probabilities[rank, q]):.1%})"
         )
-        contrast = ContrastCAM(model, module).attribute(
-            x, contrast=runner_up, upsample_to_input=True, normalize="minmax"
-        )
-        maps = {
-            "gradcam": _to_cpu(grad_cam)[:, 0].numpy(),
-            "contrast": _to_cpu(contrast)[:, 0].numpy(),
-        }
-        colour_bar = save_colorbar(
-            folder / "colorbar.png",
-            cmap=cmap,
-            alpha=alpha,
-            label="each map scaled to [0, 1] (as overlaid on the images)",
-        )
-        section.add_row(
-            "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
-        )
-        for rank, i in enumerate(chosen):
-            p, q = int(predicted[rank]), int(runner_up[rank])
-            name_p, name_q = class_names[p], class_names[q]
-            stem = folder / f"least_trusted_{rank:03d}_{i:05d}"
-            row_figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
-            for kind, caption in (
-                ("gradcam", f"Grad-CAM: Why {name_p}?"),
-                ("contrast", f"ContrastCAM: Why {name_p}, rather than {name_q}?"),
-            ):
-                picture = overlay(shown[i], maps[kind][rank], alpha=alpha, cmap=cmap)
-                row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
-            image_name = str(names[i]) if names is not None else f"#{i}"
-            label = (
-                f"{rank + 1}. {image_name}: "
-                f"GradTrust {_format_gradtrust(float(table['gradtrust'][i]))}, "
-                f"predicted {name_p} ({float(probabilities[rank, p]):.1%}), runner-up {name_q} "
-                f"({float(probabilities[rank, q]):.1%})"
-            )
-            true = int(label_column[i])
-            if true >= 0:
-                verdict = "correct" if true == p else "wrong"
-                label += f"; true class {class_names[true]} ({verdict})"
-            section.add_row(label, row_figures)
+        true = int(table["label"][i])
+        if true >= 0:
+            verdict = "correct" if true == p else "wrong"
+            label += f"; true class {class_names[true]} ({verdict})"
+        section.add_row(label, row_figures)
     return section
