@@ -10,8 +10,16 @@ tqdm; each is imported only when the function that needs it runs).
   call; :data:`SECTION_REGISTRY` maps each section name to its description and builder (one
   entry per section), all built from one :class:`SectionInputs` (model, layer, images,
   labels, predictions and probabilities computed once).
-- :func:`compute_contrastive` (numbers, no drawing) and :func:`render_contrastive` (the
-  figures): the two steps of :func:`contrastive_section`.
+- Every section in two steps, numbers (no drawing, testable without matplotlib) then
+  figures: :func:`compute_contrastive` / :func:`render_contrastive`, :func:`compute_voice` /
+  :func:`render_voice`, :func:`compute_explanation_metrics` /
+  :func:`render_explanation_metrics`, :func:`compute_trust` / :func:`render_trust`,
+  :func:`compute_minimal_mask` / :func:`render_minimal_mask`, :func:`compute_inversion` /
+  :func:`render_inversion`, :func:`compute_ood` / :func:`render_ood`,
+  :func:`compute_evaluation` / :func:`render_evaluation`; each ``*_section`` function calls
+  both.
+- :func:`evaluation_section`: every method scored by deletion, insertion, ROAD, completeness
+  and the sanity checks.
 - :func:`contrastive_section`: the "Why P? / Why P, rather than Q? / What if not P?" section.
 - :func:`voice_section`: "How uncertain is this explanation?" (VOICE uncertainty maps, IoU,
   SNR).
@@ -29,9 +37,10 @@ tqdm; each is imported only when the function that needs it runs).
 """
 
 from .build import SECTION_REGISTRY, ReportConfig, SectionInputs, build_report
-from .inversion import inversion_section
-from .masks import minimal_mask_section
-from .ood import ood_section
+from .evaluation import EvaluationScores, compute_evaluation, evaluation_section, render_evaluation
+from .inversion import InversionData, compute_inversion, inversion_section, render_inversion
+from .masks import MinimalMaskData, compute_minimal_mask, minimal_mask_section, render_minimal_mask
+from .ood import OODData, compute_ood, ood_section, render_ood
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
 from .report import (
     ContrastiveMaps,
@@ -44,8 +53,17 @@ from .report import (
     contrastive_section,
     render_contrastive,
 )
-from .trust import trust_section
-from .uncertainty import explanation_metrics_section, voice_section
+from .trust import TrustData, compute_trust, render_trust, trust_section
+from .uncertainty import (
+    ExplanationMetricsData,
+    VoiceData,
+    compute_explanation_metrics,
+    compute_voice,
+    explanation_metrics_section,
+    render_explanation_metrics,
+    render_voice,
+    voice_section,
+)
 
 __all__ = [
     "SECTION_REGISTRY",
@@ -72,4 +90,27 @@ __all__ = [
     "to_uint8_rgb",
     "trust_section",
     "voice_section",
+    "evaluation_section",
+    # the two steps of each section: numbers, then figures
+    "EvaluationScores",
+    "ExplanationMetricsData",
+    "InversionData",
+    "MinimalMaskData",
+    "OODData",
+    "TrustData",
+    "VoiceData",
+    "compute_evaluation",
+    "compute_explanation_metrics",
+    "compute_inversion",
+    "compute_minimal_mask",
+    "compute_ood",
+    "compute_trust",
+    "compute_voice",
+    "render_evaluation",
+    "render_explanation_metrics",
+    "render_inversion",
+    "render_minimal_mask",
+    "render_ood",
+    "render_trust",
+    "render_voice",
 ]
