@@ -30,7 +30,7 @@ from captum.attr import (
     Saliency,
 )
 
-from captum_ext.attr import ContrastCAM, GradCAM, LayerGradCamPlusPlus
+from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerGradCamPlusPlus
 from captum_ext.metrics.ground_truth import attribution_f1
 from captum_ext.testing import dominant_colour_oracle, interaction_oracle, null_region_oracle
 
@@ -64,6 +64,7 @@ def _methods(oracle, layer):
                 ),
                 "GradCAM": lambda: GradCAM(model, layer).attribute(x, target=t),
                 "GradCAM++": lambda: LayerGradCamPlusPlus(model, layer).attribute(x, target=t),
+                "FinerCAM": lambda: FinerCAM(model, layer).attribute(x, target=t),
                 # the oracles' targets are the predictions, which ContrastCAM explains
                 "ContrastCAM (vs. runner-up)": lambda: ContrastCAM(model, layer).attribute(
                     x, contrast=model(x).topk(2, dim=1).indices[:, 1]

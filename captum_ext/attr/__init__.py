@@ -1,4 +1,4 @@
-"""Attribution methods: Grad-CAM, contrastive, counterfactual, Grad-CAM++ maps; VOICE;
+"""Attribution methods: Grad-CAM, contrastive, counterfactual, Finer-CAM, Grad-CAM++ maps; VOICE;
 activation-matching minimal masks."""
 
 from .activation_matching import (
@@ -10,6 +10,7 @@ from .activation_matching import (
 from .contrast_cam import ContrastCAM
 from .contrastive import Contrastive, ContrastiveForward
 from .counterfactual_cam import CounterfactualCAM
+from .finer_cam import FinerCAM
 from .grad_cam import GradCAM
 from .grad_cam_plus_plus import LayerGradCamPlusPlus
 from .voice import VOICE, VOICEResult
@@ -21,6 +22,7 @@ __all__ = [
     "Contrastive",
     "ContrastiveForward",
     "CounterfactualCAM",
+    "FinerCAM",
     "GradCAM",
     "LayerGradCamPlusPlus",
     "MaskLossWeights",

@@ -1,0 +1,117 @@
+r"""Finer-CAM: "What sets P apart from the classes it is most easily confused with?"."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_ext._utils.validation import check_int, check_number
+
+from ._cam import TargetClassCAMBase, target_cam
+
+#: positions, in the order of logit closeness to the explained class, of the classes it is
+#: compared with (position 0 is the class itself): its three nearest neighbours
+DEFAULT_COMPARISON_POSITIONS = (1, 2, 3)
+
+
+def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tensor:
+    r"""Finer-CAM's score of every class, ``(N, C)``.
+
+    For class :math:`c` with logit :math:`y_c`, the comparison set :math:`S_c` holds the
+    classes at ``positions`` when all classes are ordered by :math:`|y_j - y_c|` (position 0
+    is :math:`c` itself), and with :math:`p = \mathrm{softmax}(y)`
+
+    .. math::  s_c = \frac{\sum_{j \in S_c} p_j\,(y_c - \alpha\,y_j)}
+                        {\sum_{j \in S_c} p_j + 10^{-9}}.
+
+    The weights :math:`p_j` are differentiated too, as in the published implementation.
+    """
+    n, classes = logits.shape
+    distance = (logits[:, :, None] - logits[:, None, :]).abs()
+    # each class first in its own ordering, also when another class has the same logit
+    distance = distance - torch.eye(classes, dtype=logits.dtype, device=logits.device)
+    order = distance.detach().argsort(dim=2, stable=True)
+    compared = order[:, :, list(positions)]  # (N, C, k)
+    probability = logits.softmax(dim=1)
+    weights = probability[:, None, :].expand(n, classes, classes).gather(2, compared)
+    others = logits[:, None, :].expand(n, classes, classes).gather(2, compared)
+    numerator = (weights * (logits[:, :, None] - alpha * others)).sum(dim=2)
+    return numerator / (weights.sum(dim=2) + 1e-9)
+
+
+@target_cam("Finer-CAM maps of ``inputs`` for the class(es) P in ``target``.")
+class FinerCAM(TargetClassCAMBase):
+    r"""Finer-CAM: Grad-CAM of P's logit against the classes most similar to it.
+
+    Grad-CAM of the score :math:`s_P` of :func:`finer_scores`: P's logit minus ``alpha``
+    times the logits of the classes whose logits are closest to P's, weighted by their
+    probabilities. Where Grad-CAM shows everything that supports P, including what P shares
+    with its look-alikes, Finer-CAM keeps what separates P from them (the fine-grained
+    differences).
+
+    .. code-block:: text
+
+        s_P     = sum_{j in S_P} p_j (z_P - alpha z_j) / (sum_{j in S_P} p_j + 1e-9)
+        alpha_k = mean over (u, v) of d s_P / d A_k
+        map     = ReLU( sum_k alpha_k * A_k )
+
+    How it relates to ContrastCAM: both contrast P with other classes, but ContrastCAM
+    differentiates the cross-entropy with one chosen contrast class Q ("Why P, rather than
+    Q?"), while Finer-CAM differentiates a logit difference with the classes the model finds
+    closest to P, picked per example from its own logits.
+
+    On very confident predictions (logit gaps of tens) the comparison classes' probabilities
+    underflow next to the formula's 1e-9 guard and the map vanishes, as in the published
+    implementation; Finer-CAM is meant for classes the model finds similar.
+
+    Paper: Z. Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for
+    Visual Explanation", CVPR 2025.
+
+    Args:
+        {init_args}
+        alpha (float): strength of the comparison; 0 gives Grad-CAM weighted by the
+            comparison set. Default: 1.0.
+        comparison_positions (sequence of int): which classes P is compared with, as
+            positions in the order of logit closeness to P (0 is P). Default: (1, 2, 3).
+
+    Examples::
+
+        >>> from captum_ext.attr import FinerCAM
+        >>> maps = FinerCAM(model, "features.7").attribute(images)    # predicted class
+        >>> maps.shape
+        torch.Size([40, 1, 7, 7])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: list[int] | None = None,
+        *,
+        output_transform: Callable[[Any], Tensor] | None = None,
+        alpha: float = 1.0,
+        comparison_positions: Sequence[int] = DEFAULT_COMPARISON_POSITIONS,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids, output_transform=output_transform)
+        self.alpha = check_number(alpha, "alpha", minimum=None)
+        if isinstance(comparison_positions, (str, bytes)) or not isinstance(
+            comparison_positions, Sequence
+        ):
+            raise TypeError("`comparison_positions` must be a sequence of ints, e.g. (1, 2, 3).")
+        positions = tuple(check_int(p, "comparison_positions") for p in comparison_positions)
+        if not positions:
+            raise ValueError("`comparison_positions` is empty; give at least one position.")
+        self.comparison_positions = positions
+        self._score = self._finer_score
+
+    def _finer_score(self, logits: Tensor) -> Tensor:
+        classes = logits.shape[1]
+        if max(self.comparison_positions) >= classes:
+            raise ValueError(
+                f"`comparison_positions` {self.comparison_positions} reach beyond the model's "
+                f"{classes} classes (position 0 is the explained class itself)."
+            )
+        return finer_scores(logits, self.alpha, self.comparison_positions)

@@ -1,0 +1,81 @@
+"""Finer-CAM: against pytorch-grad-cam's FinerCAM, against float64 autograd, batched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
+
+from captum_ext.attr import FinerCAM, GradCAM
+from captum_ext.attr.finer_cam import finer_scores
+
+LAYER = "features.3"
+
+
+def test_equals_pytorch_grad_cam_finer_cam():
+    """Independent peer on the same model and input (the layer keeps the input's size, so
+    no resizing differs); the peer min-max normalises each map."""
+    peer_module = pytest.importorskip("pytorch_grad_cam")
+    model = make_tiny_cnn(dtype=torch.float32)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    for alpha in (1.0, 0.6):
+        with peer_module.FinerCAM(model=model, target_layers=[model.features[3]]) as peer:
+            theirs = peer(input_tensor=x, alpha=alpha)
+        ours = FinerCAM(model, LAYER, alpha=alpha).attribute(
+            x, upsample_to_input=True, normalize="minmax"
+        )
+        np.testing.assert_allclose(ours[:, 0].detach().numpy(), theirs, atol=1e-5)
+
+
+def test_scores_follow_their_definition():
+    logits = torch.tensor([[4.0, 3.9, 1.0, 3.5, -2.0]], dtype=torch.float64)
+    p = logits.softmax(dim=1)[0]
+    y = logits[0]
+    # class 0: nearest by |y_j - y_0| are 1 (0.1), 3 (0.5), 2 (3.0)
+    expected = sum(p[j] * (y[0] - y[j]) for j in (1, 3, 2)) / (p[1] + p[3] + p[2] + 1e-9)
+    assert finer_scores(logits, 1.0, (1, 2, 3))[0, 0].item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_maps_are_grad_cam_of_the_finer_score_in_float64(batch):
+    """Autograd of s_P through the layer, in float64, with the Grad-CAM formula by hand."""
+    model = make_tiny_cnn(dtype=torch.float64)
+    x = torch.randn(batch, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = model_snapshot(model)
+    target = torch.arange(batch) % 5
+    ours = FinerCAM(model, LAYER, alpha=0.8).attribute(x, target=target)
+    assert_model_unchanged(model, before)
+
+    captured = {}
+    handle = model.features[3].register_forward_hook(lambda m, i, o: captured.update(a=o))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    scores = finer_scores(logits, 0.8, (1, 2, 3)).gather(1, target[:, None]).sum()
+    (gradients,) = torch.autograd.grad(scores, captured["a"])
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    expected = torch.relu((weights * captured["a"]).sum(dim=1, keepdim=True)).detach()
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_finer_cam_differs_from_grad_cam():
+    model = make_tiny_cnn(dtype=torch.float64)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    finer = FinerCAM(model, LAYER).attribute(x)
+    grad = GradCAM(model, LAYER).attribute(x)
+    assert not torch.allclose(finer, grad)
+
+
+def test_bad_arguments_name_themselves():
+    model = make_tiny_cnn(dtype=torch.float32)
+    with pytest.raises(ValueError, match="comparison_positions"):
+        FinerCAM(model, LAYER, comparison_positions=())
+    with pytest.raises(ValueError, match="comparison_positions"):
+        FinerCAM(model, LAYER, comparison_positions=(0, -1))
+    with pytest.raises(ValueError, match="alpha"):
+        FinerCAM(model, LAYER, alpha=float("nan"))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="comparison_positions"):
+        FinerCAM(model, LAYER, comparison_positions=(1, 9)).attribute(x)
