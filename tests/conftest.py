@@ -119,3 +119,19 @@ def bundled_cam_layer() -> str:
     from captum_ext.data import BUNDLED_CAM_LAYER
 
     return BUNDLED_CAM_LAYER
+
+
+@pytest.fixture
+def no_drawing(monkeypatch):
+    """Any matplotlib figure created while the fixture is active fails the test (for the
+    report sections' compute steps, which must return numbers without drawing)."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a compute_* function drew a matplotlib figure")
+
+    before = plt.get_fignums()
+    monkeypatch.setattr(matplotlib.figure.Figure, "__init__", refuse)
+    yield
+    assert plt.get_fignums() == before

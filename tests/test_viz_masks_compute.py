@@ -21,21 +21,6 @@ matplotlib = pytest.importorskip("matplotlib")
 LAYERS = ["features.1", "features.4", "features.7"]
 
 
-@pytest.fixture
-def no_drawing(monkeypatch):
-    """Any matplotlib figure created while the fixture is active fails the test."""
-    import matplotlib.figure
-    import matplotlib.pyplot as plt
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a compute_* function drew a matplotlib figure")
-
-    before = plt.get_fignums()
-    monkeypatch.setattr(matplotlib.figure.Figure, "__init__", refuse)
-    yield
-    assert plt.get_fignums() == before
-
-
 @pytest.fixture(scope="module")
 def explainer(bundled_model):
     images, _ = load_sample_digits()

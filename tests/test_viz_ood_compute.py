@@ -22,21 +22,6 @@ SMALL = {
 }
 
 
-@pytest.fixture
-def no_drawing(monkeypatch):
-    """Any matplotlib figure created while the fixture is active fails the test."""
-    import matplotlib.figure
-    import matplotlib.pyplot as plt
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a compute_* function drew a matplotlib figure")
-
-    before = plt.get_fignums()
-    monkeypatch.setattr(matplotlib.figure.Figure, "__init__", refuse)
-    yield
-    assert plt.get_fignums() == before
-
-
 @pytest.fixture(scope="module")
 def setting():
     threads = torch.get_num_threads()
