@@ -81,7 +81,6 @@ def _plot_histograms(scores: dict[str, Tensor], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_title("Scores, in-distribution vs each OOD set")
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
     return path
 
@@ -132,7 +131,6 @@ def _pool_figure(pool: Tensor, denormalize: Callable | None, count: int):
 
 def _plot_pool(pool: Tensor, denormalize: Callable | None, count: int, path: Path) -> Path:
     figure = _pool_figure(pool, denormalize, count)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
     return path
 

@@ -178,7 +178,6 @@ def _plot_scatter(
     ax.set_title("GradTrust vs softmax confidence")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
     return path
 
@@ -263,7 +262,6 @@ def _retention_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
 
 def _plot_retention(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
     figure = _retention_figure(curves)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
     return path
 

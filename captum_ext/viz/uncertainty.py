@@ -561,7 +561,6 @@ def _plot_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right" if metric == "deletion" else "lower right")
     axes[0].set_ylabel(f"mean probability of P ({n} images)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
     return path
 
