@@ -82,7 +82,7 @@ def make_confident_model(scale: float, dtype: torch.dtype = torch.float32) -> nn
     layer's weight and bias scaled): same predictions and maps up to the factor, ``scale``
     times the logit gaps. Real trained models are this confident; float32 arithmetic that
     forms ``exp(z)`` or ``1 - p`` breaks on them."""
-    from captum_ext.data import load_bundled_model
+    from captum_ext.bundled import load_bundled_model
 
     model = load_bundled_model()
     with torch.no_grad():
