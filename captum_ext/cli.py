@@ -448,50 +448,20 @@ def _run_report(args: argparse.Namespace) -> int:
 # score
 
 
-def _init_distributed(device: Any) -> tuple[Any, bool]:
-    """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1; returns
-    the device of this process and whether the process group was created here."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return device, False
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return device, False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device, True
-
-
-def _check_class_count(model: Any, example: Any, class_names: list[str], device: Any) -> None:
-    """``--classes`` must name every output of the model (as ``report`` requires)."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            logits = model(example.to(device))
-    except Exception:  # the scoring itself reports a model that fails on the images
-        return
-    outputs = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
-    if outputs is not None and outputs != len(class_names):
-        raise ValueError(
-            f"`--classes` has {len(class_names)} names but the model has {outputs} outputs."
-        )
-
-
 def _run_score(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
+    from captum_ext._utils.training import distributed_from_environment
     from captum_ext._utils.validation import parse_device
     from captum_ext.bundled import load_bundled_model
     from captum_ext.data import DIGIT_CLASSES
-    from captum_ext.data.loading import load_model, read_class_names, resolve_inputs
+    from captum_ext.data.loading import (
+        check_class_names,
+        load_model,
+        read_class_names,
+        resolve_inputs,
+    )
     from captum_ext.metrics.dataset import score_dataset
 
     device = parse_device(args.device, argument="--device")
@@ -512,14 +482,13 @@ def _run_score(args: argparse.Namespace) -> int:
     )
     images, labels, names = inputs.images, inputs.labels, inputs.names
 
-    device, created = _init_distributed(device)
-    try:
+    with distributed_from_environment(device) as device:
         if args.model is None:
             model = load_bundled_model().to(device)
         else:
             model = load_model(args.model, args.weights, device)
         if class_names is not None:
-            _check_class_count(model, images[:1], class_names, device)
+            check_class_names(model, images[:1].to(device), class_names)
         options = gradtrust_kwargs(model, args.final_layer)
         if any(name in GRADTRUST_SCORES for name in args.scores):
             model = gradtrust_model(model, args.final_layer, images[:2].to(device))
@@ -551,9 +520,6 @@ def _run_score(args: argparse.Namespace) -> int:
             else:
                 summary += ", no labels"
             print(f"Scores written to {path} ({summary}; scores: {', '.join(args.scores)})")
-    finally:
-        if created:
-            dist.destroy_process_group()
     return 0
 
 

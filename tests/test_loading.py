@@ -433,3 +433,13 @@ def test_expose_final_layer_of_torchscript_matches_the_eager_gradtrust(factories
     assert all(p.grad is None for p in loaded.parameters())
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_check_class_names_counts_the_outputs():
+    from captum_ext.data.loading import check_class_names
+
+    model = torch.nn.Linear(3, 4)
+    check_class_names(model, torch.zeros(1, 3), ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="--classes.*3 names.*4 outputs"):
+        check_class_names(model, torch.zeros(1, 3), ["a", "b", "c"])
+    check_class_names(model, torch.zeros(1, 5), ["a"])  # a failing model is left to the caller

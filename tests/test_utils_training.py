@@ -87,3 +87,14 @@ def test_helpers_under_two_gloo_processes(tmp_path):
     assert [r["main"] for r in results] == [True, False]
     assert {r["ddp"] for r in results} == {"DistributedDataParallel"}
     assert {r["inner"] for r in results} == {"Linear"}
+
+
+def test_distributed_from_environment_is_a_no_op_in_a_plain_process(monkeypatch):
+    import torch.distributed as dist
+
+    from captum_ext._utils.training import distributed_from_environment
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with distributed_from_environment(torch.device("cpu")) as device:
+        assert device == torch.device("cpu")
+        assert not (dist.is_available() and dist.is_initialized())

@@ -237,6 +237,31 @@ def load_checkpoint(
     return result
 
 
+@contextmanager
+def distributed_from_environment(device: torch.device) -> Iterator[torch.device]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): initialise the process group for this
+    process (NCCL on CUDA, gloo otherwise), yield this process's device (CUDA devices follow
+    ``LOCAL_RANK`` when no index was given) and destroy the group on exit if it was created
+    here. In a plain process it yields ``device`` and does nothing."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        yield device
+        return
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def distributed_shard() -> tuple[int, int] | None:
     """``(rank, world_size)`` when a torch.distributed process group with more than one
     process is initialised, else ``None``."""

@@ -758,3 +758,19 @@ def resolve_inputs(
 
 
 __getattr__ = moved_names(__name__, {"_parse_device": "captum_ext._utils.validation:parse_device"})
+
+
+def check_class_names(model: Any, example: Tensor, class_names: list[str]) -> None:
+    """``class_names`` (``--classes``) must name every output of ``model``: checked on one
+    forward pass of ``example`` (already on the model's device). A model that fails on the
+    example is left for the caller's own call to report."""
+    try:
+        with torch.no_grad():
+            logits = model(example)
+    except Exception:
+        return
+    outputs = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() == 2 else None
+    if outputs is not None and outputs != len(class_names):
+        raise ValueError(
+            f"`--classes` has {len(class_names)} names but the model has {outputs} outputs."
+        )
