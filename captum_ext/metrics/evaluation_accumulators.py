@@ -109,7 +109,11 @@ class AttributionF1(_PerExampleMean):
 
 
 class _ModelMetric(_PerExampleMean):
+    """A metric that runs the model: the function's curve ``_curve`` (a field of its result,
+    (N, points)) averaged over its points is the per-example value."""
+
     _function: Callable = staticmethod(road)
+    _curve: str = "probability"
 
     def __init__(self, forward_func: Callable, **options: Any) -> None:
         if not callable(forward_func):
@@ -117,9 +121,6 @@ class _ModelMetric(_PerExampleMean):
         self.forward_func = forward_func
         self.options = options
         super().__init__()
-
-    def _reduce(self, result: Any) -> Tensor:
-        raise NotImplementedError
 
     def update(
         self,
@@ -138,7 +139,7 @@ class _ModelMetric(_PerExampleMean):
             additional_forward_args=additional_forward_args,
             **self.options,
         )
-        return self._store(self._reduce(result))
+        return self._store(getattr(result, self._curve).double().mean(dim=1))
 
 
 class ROAD(_ModelMetric):
@@ -146,9 +147,7 @@ class ROAD(_ModelMetric):
     (lower is better for ``order="morf"``, higher for ``"lerf"``)."""
 
     _function = staticmethod(road)
-
-    def _reduce(self, result: Any) -> Tensor:
-        return result.probability.double().mean(dim=1)
+    _curve = "probability"
 
 
 class Completeness(_ModelMetric):
@@ -156,9 +155,7 @@ class Completeness(_ModelMetric):
     better)."""
 
     _function = staticmethod(completeness)
-
-    def _reduce(self, result: Any) -> Tensor:
-        return result.drop.double().mean(dim=1)
+    _curve = "drop"
 
 
 class Soundness(_ModelMetric):
@@ -166,6 +163,4 @@ class Soundness(_ModelMetric):
     better)."""
 
     _function = staticmethod(soundness)
-
-    def _reduce(self, result: Any) -> Tensor:
-        return result.soundness.double().mean(dim=1)
+    _curve = "soundness"
