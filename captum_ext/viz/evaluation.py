@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ext._utils.layers import find_last_linear, resolve_layer
@@ -91,8 +92,11 @@ def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Mo
     layer_name = names[id(layer)]
 
     class _Adapter:
+        """Captum's ``attribute(inputs, target)`` face for a map function (what
+        :func:`~captum_ext.metrics.model_randomisation` and ``class_sensitivity`` call)."""
+
         def __init__(self, attribute: Callable[[Tensor, Tensor], Tensor]) -> None:
-            self.attribute = attribute
+            self.attribute = log_usage()(attribute)
 
     def gradcam(m: nn.Module) -> _Adapter:
         cam = GradCAM(m, m.get_submodule(layer_name))
