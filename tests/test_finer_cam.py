@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,21 @@ def test_bad_arguments_name_themselves():
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(ValueError, match="comparison_positions"):
         FinerCAM(model, LAYER, comparison_positions=(1, 9)).attribute(x)
+
+
+def test_confident_predictions_warn_that_their_maps_vanish():
+    """On the bundled model with logits x30 (median top-2 gap ~290) the comparison classes'
+    probabilities underflow: the maps are zero, and the user is told so."""
+    from _helpers import make_confident_model
+
+    from captum_ext.data import load_sample_digits
+
+    images, _ = load_sample_digits()
+    model = make_confident_model(30.0)
+    with pytest.warns(RuntimeWarning, match="FinerCAM: for .* examples"):
+        maps = FinerCAM(model, "features.7").attribute(images[:4])
+    assert float(maps.abs().max()) == 0.0
+    plain = make_confident_model(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        FinerCAM(plain, "features.7").attribute(images[:4])

@@ -2,6 +2,7 @@ r"""Finer-CAM: "What sets P apart from the classes it is most easily confused wi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,4 +115,26 @@ class FinerCAM(TargetClassCAMBase):
                 f"`comparison_positions` {self.comparison_positions} reach beyond the model's "
                 f"{classes} classes (position 0 is the explained class itself)."
             )
-        return finer_scores(logits, self.alpha, self.comparison_positions)
+        scores = finer_scores(logits, self.alpha, self.comparison_positions)
+        self._warn_if_vanishing(logits.detach())
+        return scores
+
+    def _warn_if_vanishing(self, logits: Tensor) -> None:
+        """The maps of confident predictions vanish (the comparison classes' probabilities
+        fall below the formula's 1e-9 guard): say so rather than return blank maps silently."""
+        top = logits.argmax(dim=1)
+        distance = (logits - logits.gather(1, top[:, None])).abs()
+        distance.scatter_(1, top[:, None], -1.0)
+        compared = distance.argsort(dim=1, stable=True)[:, list(self.comparison_positions)]
+        weight = logits.softmax(dim=1).gather(1, compared).sum(dim=1)
+        vanishing = int((weight < 1e-7).sum())
+        if vanishing:
+            warnings.warn(
+                f"FinerCAM: for {vanishing} of {logits.shape[0]} examples the classes compared "
+                "with the prediction have a summed probability below 1e-7, so the formula's "
+                "1e-9 guard dominates and their maps (near) vanish. Finer-CAM is meant for "
+                "classes the model finds similar; for a confident prediction use ContrastCAM "
+                "or GradCAM.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
