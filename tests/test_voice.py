@@ -244,3 +244,64 @@ def test_batch_sizes_with_per_example_targets(batch):
         single = voice.attribute(x[i : i + 1], target=targets[i], contrasts=[[0, 1]])
         torch.testing.assert_close(result.explanation[i : i + 1], single.explanation)
         torch.testing.assert_close(result.uncertainty[i : i + 1], single.uncertainty)
+
+
+# ------------------------------------------------------------------ read-outs tied to the maps
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.35])
+@pytest.mark.parametrize(
+    "make, postprocess",
+    [
+        (lambda m: GradCAM(m, "features.7"), "reference"),
+        (lambda m: GradCAM(m, "features.7"), "raw"),
+        (lambda m: Saliency(m), "reference"),
+        (lambda m: GuidedBackprop(m), "reference"),
+    ],
+)
+def test_iou_and_snr_are_the_readouts_of_the_returned_maps(
+    bundled_model, bundled_digits, make, postprocess, threshold
+):
+    """``VOICEResult.iou`` / ``.snr`` are :func:`voice_iou` of the returned explanation and
+    uncertainty and :func:`voice_snr` of the returned uncertainty (channel means), on the
+    confident bundled model; the IoU of the contrast map instead of the explanation is a
+    different number on these digits, so a read-out computed from the wrong map fails."""
+    from captum_ext.metrics import voice_iou, voice_snr
+
+    images = bundled_digits[0][:8]
+    result = VOICE(make(bundled_model), postprocess=postprocess).attribute(
+        images, threshold=threshold
+    )
+    explanation, uncertainty = result.explanation.mean(1), result.uncertainty.mean(1)
+    torch.testing.assert_close(result.iou, voice_iou(explanation, uncertainty, threshold=threshold))
+    torch.testing.assert_close(result.snr, voice_snr(uncertainty))
+    from_contrast = voice_iou(result.contrast.mean(1), uncertainty, threshold=threshold)
+    assert not torch.allclose(result.iou, from_contrast)
+    other = 0.6 if threshold < 0.5 else 0.05
+    assert not torch.allclose(result.iou, voice_iou(explanation, uncertainty, threshold=other))
+
+
+# ------------------------------------------------------------------ Finer-CAM as the explanation
+
+
+def test_finer_cam_explanation_with_grad_cam_contrasts():
+    """VOICE(FinerCAM): the explanation is Finer-CAM's map of P (ReLU, bilinear upsampling,
+    min-max, as the reference post-processing does for every CAM) and the uncertainty is
+    Grad-CAM's, since the contrasts are Grad-CAM's "Why P, rather than Q?"."""
+    from captum_ext.attr import FinerCAM
+
+    model = make_tiny_cnn(num_classes=7)
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    before = model_snapshot(model)
+    finer = FinerCAM(model, "features.3", alpha=0.8)
+    result = VOICE(finer).attribute(x, max_batch=4)
+    assert_model_unchanged(model, before)
+    grad_cam = VOICE(GradCAM(model, "features.3")).attribute(x)
+    torch.testing.assert_close(result.uncertainty, grad_cam.uncertainty)
+    torch.testing.assert_close(result.contrast, grad_cam.contrast)
+    predicted = model(x).argmax(1)
+    low = finer.attribute(x, target=predicted)
+    expected = F.interpolate(low, size=x.shape[2:], mode="bilinear")
+    for i in range(3):
+        torch.testing.assert_close(result.explanation[i], _minmax(expected[i]), atol=1e-6, rtol=0)
+    assert not torch.allclose(result.explanation, grad_cam.explanation)

@@ -26,6 +26,7 @@ from .._utils.validation import (
 from ._cam import ClassActivationMapBase, gradcam_weights, make_cam_reducer
 from ._voice_moments import UpsampledMoments
 from .counterfactual_cam import CounterfactualCAM
+from .finer_cam import FinerCAM
 
 POSTPROCESS = ("reference", "raw")
 
@@ -97,6 +98,9 @@ class _Plan:
     # CAM techniques: the channel weights of the CAM; maps are built per call
     # (reshape_transform)
     weighting: Callable[[Tensor, Tensor], Tensor] | None = None
+    # the per-class scores (N, C) whose gradients make the explanation of P: the logits,
+    # or Finer-CAM's contrast with P's look-alikes; the contrasts are always cross-entropies
+    explanation_score: Callable[[Tensor], Tensor] | None = None
 
     def maps(self, reshape_transform: Callable | None) -> Callable:
         if self.weighting is None:
@@ -111,6 +115,10 @@ def _plan_for(method: Any) -> _Plan:
             raise TypeError("VOICE explains 'Why P?' maps; CounterfactualCAM is not one.")
         weighting = method._channel_weights
         layer = method.layer
+        if isinstance(method, FinerCAM):
+            # the explanation is Finer-CAM's map of P; "Why P, rather than Q?" stays Grad-CAM
+            # of the cross-entropy with label Q, the technique Finer-CAM is built on
+            return _Plan(layer, None, weighting=weighting, explanation_score=method._score)
     elif isinstance(method, LayerGradCam):
         weighting, layer = gradcam_weights, method.layer
     elif isinstance(method, GuidedBackprop):
@@ -122,7 +130,7 @@ def _plan_for(method: Any) -> _Plan:
     else:
         raise TypeError(
             "`method` must be Grad-CAM (captum LayerGradCam or captum_ext GradCAM / "
-            "ContrastCAM), LayerGradCamPlusPlus, GuidedBackprop, Saliency or "
+            "ContrastCAM / FinerCAM), LayerGradCamPlusPlus, GuidedBackprop, Saliency or "
             f"NoiseTunnel(Saliency); got {type(method).__name__}."
         )
     return _Plan(layer, None, weighting=weighting)
@@ -259,7 +267,10 @@ class VOICE:
         method: the explanation technique: captum ``LayerGradCam`` or our ``GradCAM`` /
             ``ContrastCAM`` (Grad-CAM), ``LayerGradCamPlusPlus`` or
             ``ContrastCAM(weighting="gradcam++")`` (Grad-CAM++), ``GuidedBackprop``,
-            ``Saliency``, or ``NoiseTunnel(Saliency(model))`` (SmoothGrad).
+            ``Saliency``, or ``NoiseTunnel(Saliency(model))`` (SmoothGrad), or
+            :class:`~captum_ext.attr.FinerCAM`: its map of P is the explanation (P against
+            its look-alikes) and the contrasts are Grad-CAM's "Why P, rather than Q?", so
+            the uncertainty is Grad-CAM's and only the explanation and the IoU change.
         postprocess (str, optional): ``"reference"`` or ``"raw"``. Default: "reference".
         output_transform (Callable, optional): reduces the model's output to (N, C) logits,
             as on the CAM classes (e.g. ``lambda out: out.logits``). Default: None, the
@@ -393,7 +404,7 @@ class VOICE:
                 engine_inputs,
                 columns_of,
                 layer=self.plan.layer,
-                score=_logit_then_cross_entropy,
+                score=_explanation_then_cross_entropy(self.plan.explanation_score),
                 additional_forward_args=engine_args,
                 output_transform=self.output_transform,
                 max_batch=max_batch,
@@ -551,6 +562,21 @@ class VOICE:
 
 def _check_threshold(threshold: Any) -> float:
     return check_number(threshold, "threshold", minimum=None)
+
+
+def _explanation_then_cross_entropy(
+    explanation_score: Callable[[Tensor], Tensor] | None,
+) -> Callable[[Tensor], Tensor]:
+    """The engine's score: the logits, or ``explanation_score(logits)`` (Finer-CAM), for
+    columns 0..C-1, then the cross-entropies of :func:`_logit_then_cross_entropy`."""
+    if explanation_score is None:
+        return _logit_then_cross_entropy
+
+    def score(logits: Tensor) -> Tensor:
+        contrasts = _logit_then_cross_entropy(logits)[:, logits.shape[1] :]
+        return torch.cat([explanation_score(logits), contrasts], dim=1)
+
+    return score
 
 
 def _logit_then_cross_entropy(logits: Tensor) -> Tensor:
