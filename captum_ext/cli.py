@@ -2,9 +2,10 @@ r"""The ``captum-ext`` command line.
 
 ``captum-ext report`` writes an HTML report for a model and a folder of images, made of
 sections (``--sections``): contrastive explanations ("Why P? Why P, rather than Q? What if not
-P?"), the VOICE uncertainty of the Grad-CAM explanation, the deletion / insertion scores of
-the three maps, "Which predictions can I trust?" (GradTrust and the trust baselines,
-accuracy-retention curves, the least-trusted images), minimal activation-matching masks with
+P? What sets P apart from its look-alikes?"), the VOICE uncertainty of the Grad-CAM
+explanation, the deletion / insertion scores of the three maps, "Which predictions can I
+trust?" (GradTrust and the trust baselines, accuracy-retention curves, the least-trusted
+images), minimal activation-matching masks with
 the circuits they use, and network inversion ("What does the model think each class looks
 like?"). The bundled model gets all six (it ships a trained mask net and generator); a model
 of your own gets the first four unless ``--sections`` asks for more. Before the inversion

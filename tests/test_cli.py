@@ -47,13 +47,13 @@ def check_report(index: Path, contrastive: bool = True) -> str:
 
 
 def default_figures(n: int, trust: bool = True, bundled: bool = True) -> int:
-    """Pictures of a default report on n labelled images: contrastive (4 per image and a
+    """Pictures of a default report on n labelled images: contrastive (5 per image and a
     colour bar), VOICE (4 per image and a colour bar), metrics (the plot of the curves and one
     example row of 4), trust (the scatter and retention plots, a colour bar and 3 per
     least-trusted image, 10 at most); for the bundled model
     also masks (3 per image, and 2 circuit plots for each of the first 5) and inversion (the
     sample grid)."""
-    figures = (4 * n + 1) + (4 * n + 1) + 1 + 4 + (2 + 1 + 3 * min(n, 10) if trust else 0)
+    figures = (5 * n + 1) + (4 * n + 1) + 1 + 4 + (2 + 1 + 3 * min(n, 10) if trust else 0)
     if bundled:
         figures += 3 * n + 2 * min(n, 5) + 1
     return figures
@@ -240,11 +240,11 @@ def test_report_sections_in_the_order_given(tmp_path, capsys):
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "VOICE" not in html
     assert html.index("deletion AUC") < html.index("ContrastCAM: Why")
-    assert len(IMG_SRC.findall(html)) == 2 * 4 + 1 + 1 + 4  # contrastive + metrics, once each
+    assert len(IMG_SRC.findall(html)) == 2 * 5 + 1 + 1 + 4  # contrastive + metrics, once each
     only = tmp_path / "only"
     assert main(argv[:-3] + ["--out", str(only), "--no-progress", "--sections", "contrastive"]) == 0
     html = check_report(only / "index.html")
-    assert len(IMG_SRC.findall(html)) == 2 * 4 + 1 and "deletion" not in html.lower()
+    assert len(IMG_SRC.findall(html)) == 2 * 5 + 1 and "deletion" not in html.lower()
 
 
 def test_masks_section_for_your_own_model_needs_a_mask_net(tmp_path, capsys):

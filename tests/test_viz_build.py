@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,8 @@ def test_loading_parse_device_moved_warns_and_works():
 
 
 def test_compute_contrastive_numbers_tie_to_their_definition():
-    from captum_ext.attr import ContrastCAM, GradCAM
+    from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM
+    from captum_ext.attr.finer_cam import comparison_classes
     from captum_ext.bundled import load_bundled_model
     from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
     from captum_ext.viz import ContrastiveMaps, compute_contrastive
@@ -246,6 +248,20 @@ def test_compute_contrastive_numbers_tie_to_their_definition():
     )
     np.testing.assert_allclose(data.maps["gradcam"], gradcam[:, 0].detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(data.maps["contrast"], contrast[:, 0].detach().numpy(), atol=1e-5)
+    with torch.no_grad():
+        logits = model(images)
+    assert data.compared.tolist() == comparison_classes(logits).tolist()
+    for i in range(5):  # the three classes with the logits closest to P's
+        gaps = (logits[i] - logits[i, top[i, 0]]).abs()
+        gaps[top[i, 0]] = float("inf")
+        assert set(data.compared[i].tolist()) == set(gaps.topk(3, largest=False).indices.tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # confident digits: maps may vanish
+        finer = FinerCAM(model, layer).attribute(
+            images, target=top[:, 0], upsample_to_input=True, normalize="minmax"
+        )
+    np.testing.assert_allclose(data.maps["finer"], finer[:, 0].detach().numpy(), atol=1e-5)
+    assert set(data.maps) == {"gradcam", "contrast", "counterfactual", "finer"}
     for heat in data.maps.values():
         assert heat.shape == (5, 28, 28) and heat.min() >= 0 and heat.max() <= 1
     assert data.class_names == [str(i) for i in range(10)]
@@ -275,4 +291,28 @@ def test_render_contrastive_draws_one_row_per_image(tmp_path):
     )
     captions = [f.caption for f in section.rows[2].figures]
     assert captions[2] == "ContrastCAM: Why c, rather than b? (empty)"
+    assert len(captions) == 4  # input + the three maps given: a kind left out is not drawn
     assert all(Path(f.path).is_file() for f in section.rows[2].figures)
+
+
+def test_render_contrastive_names_finer_cams_look_alikes(tmp_path):
+    from captum_ext.viz import ContrastiveMaps, render_contrastive
+
+    rng = np.random.default_rng(1)
+    maps = {k: rng.random((2, 8, 8)) for k in ("gradcam", "contrast", "counterfactual", "finer")}
+    maps["finer"][0] = 0.0
+    data = ContrastiveMaps(
+        probabilities=torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.3, 0.5, 0.1]]),
+        predicted=torch.tensor([0, 2]),
+        runner_up=torch.tensor([1, 1]),
+        maps=maps,
+        class_names=["a", "b", "c", "d"],
+        layer_name="conv",
+        compared=torch.tensor([[1, 3, 2], [1, 3, 0]]),
+    )
+    section = render_contrastive(data, np.zeros((2, 8, 8, 3)), tmp_path)
+    first = [f.caption for f in section.rows[1].figures]
+    second = [f.caption for f in section.rows[2].figures]
+    assert first[4] == "Finer-CAM: What sets a apart from b, d, c? (empty)"
+    assert second[4] == "Finer-CAM: What sets c apart from b, d, a?"
+    assert "four maps" in section.intro and "look-alikes" in section.intro

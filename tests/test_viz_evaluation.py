@@ -42,6 +42,7 @@ def test_scores_are_the_metric_functions_on_the_same_maps(scores_and_inputs):
         "Guided Backprop",
         "GradCAM",
         "ContrastCAM",
+        "FinerCAM",
     ]
     with torch.no_grad():
         target = model(images).argmax(dim=1)

@@ -43,6 +43,40 @@ def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tens
     return numerator / (weights.sum(dim=2) + 1e-9)
 
 
+def comparison_classes(
+    logits: Tensor,
+    target: Tensor | None = None,
+    positions: Sequence[int] = DEFAULT_COMPARISON_POSITIONS,
+) -> Tensor:
+    r"""The classes Finer-CAM compares each example's class P with, ``(N, len(positions))``.
+
+    All classes ordered by :math:`|y_j - y_P|` (P first, ties in class order); the classes at
+    ``positions`` of that order, as in :func:`finer_scores`.
+
+    Args:
+        logits (Tensor): ``(N, C)`` logits.
+        target (Tensor, optional): ``(N,)`` classes P. Default: None, the predictions.
+        positions (sequence of int): positions in the order (0 is P). Default: (1, 2, 3).
+
+    Returns:
+        Tensor: ``(N, k)`` class indices.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.attr.finer_cam import comparison_classes
+        >>> comparison_classes(torch.tensor([[5.0, 1.0, 4.0, 4.5]]))
+        tensor([[3, 2, 1]])
+    """
+    logits = logits.detach()
+    if target is None:
+        target = logits.argmax(dim=1)
+    target = target.to(logits.device).reshape(-1, 1)
+    distance = (logits - logits.gather(1, target)).abs()
+    distance.scatter_(1, target, -1.0)  # P first, also when another class has its logit
+    return distance.argsort(dim=1, stable=True)[:, list(positions)]
+
+
 @target_cam("Finer-CAM maps of ``inputs`` for the class(es) P in ``target``.")
 class FinerCAM(TargetClassCAMBase):
     r"""Finer-CAM: Grad-CAM of P's logit against the classes most similar to it.
@@ -122,10 +156,7 @@ class FinerCAM(TargetClassCAMBase):
     def _warn_if_vanishing(self, logits: Tensor) -> None:
         """The maps of confident predictions vanish (the comparison classes' probabilities
         fall below the formula's 1e-9 guard): say so rather than return blank maps silently."""
-        top = logits.argmax(dim=1)
-        distance = (logits - logits.gather(1, top[:, None])).abs()
-        distance.scatter_(1, top[:, None], -1.0)
-        compared = distance.argsort(dim=1, stable=True)[:, list(self.comparison_positions)]
+        compared = comparison_classes(logits, None, self.comparison_positions)
         weight = logits.softmax(dim=1).gather(1, compared).sum(dim=1)
         vanishing = int((weight < 1e-7).sum())
         if vanishing:

@@ -456,8 +456,9 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
 #: the errors and the documentation are built from. Adding a section is one entry.
 SECTION_REGISTRY: dict[str, SectionSpec] = {
     "contrastive": SectionSpec(
-        "Grad-CAM ('Why P?'), ContrastCAM ('Why P, rather than Q?') and "
-        "CounterfactualCAM ('What if not P?') maps",
+        "Grad-CAM ('Why P?'), ContrastCAM ('Why P, rather than Q?'), "
+        "CounterfactualCAM ('What if not P?') and Finer-CAM ('What sets P apart from its "
+        "look-alikes?') maps",
         _build_contrastive,
     ),
     "voice": SectionSpec(

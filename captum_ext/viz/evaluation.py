@@ -4,8 +4,8 @@
 :func:`render_evaluation` draws them into a report :class:`~captum_ext.viz.report.Section`;
 :func:`evaluation_section` does both (``captum-ext report --sections evaluation``).
 
-Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM and
-ContrastCAM (at ``layer``, upsampled). Metrics, each the mean over the images:
+Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM,
+ContrastCAM and FinerCAM (at ``layer``, upsampled). Metrics, each the mean over the images:
 
 ============================  =======  ==================================================
 metric                        better   what it is
@@ -86,7 +86,7 @@ def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Mo
     """method -> ``factory(model) -> (attribute(inputs, target) -> maps at input size)``."""
     from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
 
-    from captum_ext.attr import ContrastCAM, GradCAM
+    from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM
 
     names = {id(module): name for name, module in model.named_modules()}
     layer_name = names[id(layer)]
@@ -113,6 +113,18 @@ def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Mo
 
         return _Adapter(attribute)
 
+    def finercam(m: nn.Module) -> _Adapter:
+        cam = FinerCAM(m, m.get_submodule(layer_name))
+
+        def attribute(x: Tensor, target: Tensor) -> Tensor:
+            with warnings.catch_warnings():
+                # confident predictions: the maps shrink towards 0 (ranks survive; all-zero
+                # maps score like any tie), which the docs of FinerCAM explain
+                warnings.filterwarnings("ignore", message="FinerCAM:", category=RuntimeWarning)
+                return cam.attribute(x, target=target, upsample_to_input=True)
+
+        return _Adapter(attribute)
+
     def integrated(m: nn.Module) -> _Adapter:
         ig = IntegratedGradients(m)
         return _Adapter(lambda x, target: ig.attribute(x, target=target, n_steps=16))
@@ -123,6 +135,7 @@ def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Mo
         "Guided Backprop": lambda m: GuidedBackprop(m),
         "GradCAM": gradcam,
         "ContrastCAM": contrastcam,
+        "FinerCAM": finercam,
     }
 
 

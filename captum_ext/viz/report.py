@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -473,6 +474,11 @@ def _progress_bar(total: int, description: str, enabled: bool):
 
 
 def _probabilities(model: Callable, x: Tensor) -> Tensor:
+    return torch.softmax(_logits(model, x).float(), dim=1)
+
+
+def _logits(model: Callable, x: Tensor) -> Tensor:
+    """The model's (N, classes) logits of ``x``, with errors that name the likely cause."""
     with torch.no_grad():
         try:
             logits = model(x)
@@ -490,7 +496,7 @@ def _probabilities(model: Callable, x: Tensor) -> Tensor:
         )
     if logits.shape[1] < 2:
         raise ValueError("the model has a single output; contrastive maps need two classes.")
-    return torch.softmax(logits.float(), dim=1)
+    return logits
 
 
 def contrastive_section(
@@ -511,7 +517,7 @@ def contrastive_section(
 ) -> Section:
     r"""The section "Why P? Why P, rather than Q? What if not P?" for each image.
 
-    For every image: the prediction P and its probability, the runner-up class Q, and three
+    For every image: the prediction P and its probability, the runner-up class Q, and four
     maps at ``layer``, each upsampled to the input size, min-max normalised to [0, 1] and
     drawn over the image:
 
@@ -519,6 +525,9 @@ def contrastive_section(
     - :class:`~captum_ext.attr.ContrastCAM` against Q: "Why P, rather than Q?"
     - :class:`~captum_ext.attr.CounterfactualCAM` for P: "What if not P?", the regions
       speaking against P.
+    - :class:`~captum_ext.attr.FinerCAM` for P: "What sets P apart from its look-alikes?",
+      against the three classes with the closest logits (empty on a prediction so confident
+      that their probabilities underflow).
 
     Maps are computed in batches of ``batch_size`` (one call per method per batch) on the
     model's device; the PNGs go to ``out_dir/images/contrastive/``.
@@ -543,8 +552,9 @@ def contrastive_section(
 
     Returns:
         Section: a first row with the colour bar of the maps
-        (:func:`~captum_ext.viz.overlay.save_colorbar`), then one row per image, four
-        figures per row (input and three overlays).
+        (:func:`~captum_ext.viz.overlay.save_colorbar`), then one row per image, five
+        figures per row (input and four overlays: Grad-CAM, ContrastCAM,
+        CounterfactualCAM, Finer-CAM).
     """
 
     if not isinstance(images, Tensor) or images.dim() != 4:
@@ -577,9 +587,12 @@ class ContrastiveMaps:
         predicted (Tensor): ``N`` predicted classes P.
         runner_up (Tensor): ``N`` runner-up classes Q (second most likely).
         maps (dict[str, numpy.ndarray]): ``"gradcam"``, ``"contrast"``, ``"counterfactual"``
-            -> ``N x H x W`` maps upsampled to the input and min-max scaled to [0, 1].
+            and ``"finer"`` -> ``N x H x W`` maps upsampled to the input and min-max scaled to
+            [0, 1] (a kind left out is not drawn).
         class_names (list[str]): one name per model output.
         layer_name (str): the layer explained ("" when unknown).
+        compared (Tensor, optional): ``N x 3`` classes Finer-CAM compared P with (the closest
+            logits, :func:`~captum_ext.attr.finer_cam.comparison_classes`). Default: None.
     """
 
     probabilities: Tensor
@@ -588,6 +601,11 @@ class ContrastiveMaps:
     maps: dict[str, np.ndarray]
     class_names: list[str]
     layer_name: str
+    compared: Tensor | None = None
+
+
+#: the maps of the contrastive section, in the order they are drawn
+_MAP_KINDS = ("gradcam", "contrast", "counterfactual", "finer")
 
 
 def compute_contrastive(
@@ -600,8 +618,9 @@ def compute_contrastive(
     progress: bool = False,
 ) -> ContrastiveMaps:
     r"""The numbers of :func:`contrastive_section`, without drawing: for each image the
-    prediction P, the runner-up Q and the maps Grad-CAM(P), ContrastCAM(P vs Q) and
-    CounterfactualCAM(P) at ``layer``, upsampled and min-max scaled to [0, 1].
+    prediction P, the runner-up Q and the maps Grad-CAM(P), ContrastCAM(P vs Q),
+    CounterfactualCAM(P) and Finer-CAM(P against the three classes with the closest logits)
+    at ``layer``, upsampled and min-max scaled to [0, 1].
 
     Args:
         model (Callable): the classifier, returning (N, C) logits, in eval mode.
@@ -614,7 +633,8 @@ def compute_contrastive(
     Returns:
         :class:`ContrastiveMaps`.
     """
-    from captum_ext.attr import ContrastCAM, CounterfactualCAM, GradCAM
+    from captum_ext.attr import ContrastCAM, CounterfactualCAM, FinerCAM, GradCAM
+    from captum_ext.attr.finer_cam import comparison_classes
 
     batch_size = _check_batch_size(batch_size)
     n = images.shape[0]
@@ -624,13 +644,13 @@ def compute_contrastive(
     gradcam = GradCAM(model, module)
     contrast_cam = ContrastCAM(model, module)
     counterfactual_cam = CounterfactualCAM(model, module)
-    chunks: dict[str, list[Any]] = {
-        k: [] for k in ("probabilities", "gradcam", "contrast", "counterfactual")
-    }
+    finer_cam = FinerCAM(model, module)
+    chunks: dict[str, list[Any]] = {k: [] for k in ("probabilities", "compared", *_MAP_KINDS)}
     with _progress_bar(n, "contrastive maps", progress) as bar:
         for start in range(0, n, batch_size):
             x = images[start : start + batch_size].to(device)
-            probabilities = _probabilities(model, x)
+            logits = _logits(model, x)
+            probabilities = torch.softmax(logits.float(), dim=1)
             if class_names is None:
                 class_names = [str(i) for i in range(probabilities.shape[1])]
             elif len(class_names) != probabilities.shape[1]:
@@ -651,9 +671,16 @@ def compute_contrastive(
                     x, target=predicted, upsample_to_input=True, normalize="minmax"
                 ),
             }
+            with warnings.catch_warnings():
+                # a map that vanishes on a confident prediction is captioned "empty" below
+                warnings.filterwarnings("ignore", message="FinerCAM:", category=RuntimeWarning)
+                maps["finer"] = finer_cam.attribute(
+                    x, target=predicted, upsample_to_input=True, normalize="minmax"
+                )
             for kind, heat in maps.items():
                 chunks[kind].append(heat.detach().to("cpu", torch.float32)[:, 0].numpy())
             chunks["probabilities"].append(probabilities.detach().cpu())
+            chunks["compared"].append(comparison_classes(logits, predicted).cpu())
             bar.update(x.shape[0])
     probabilities = torch.cat(chunks["probabilities"])
     top = probabilities.topk(2, dim=1).indices
@@ -661,9 +688,10 @@ def compute_contrastive(
         probabilities=probabilities,
         predicted=top[:, 0],
         runner_up=top[:, 1],
-        maps={k: np.concatenate(chunks[k]) for k in ("gradcam", "contrast", "counterfactual")},
+        maps={k: np.concatenate(chunks[k]) for k in _MAP_KINDS},
         class_names=list(class_names),
         layer_name=layer_name,
+        compared=torch.cat(chunks["compared"]),
     )
 
 
@@ -681,7 +709,7 @@ def render_contrastive(
     """Draw :func:`compute_contrastive`'s maps over ``display_images`` (N x H x W x C in
     [0, 1], or a tensor) into ``out_dir/images/contrastive/`` and return the Section."""
     n = data.probabilities.shape[0]
-    size = data.maps["gradcam"].shape[1:]
+    size = next(iter(data.maps.values())).shape[1:]
     shown = _display_array(display_images, n, (size[0], size[1]))
     class_names = data.class_names
     folder = Path(out_dir) / "images" / "contrastive"
@@ -690,7 +718,8 @@ def render_contrastive(
     section = Section(
         title,
         intro=(
-            f"For each image: the predicted class P, and three maps{explained_at}, each "
+            f"For each image: the predicted class P, and {_count_words(data.maps)} "
+            f"maps{explained_at}, each "
             "upsampled to the image and scaled to [0, 1] (the colour bar below gives the "
             "scale). "
             "Grad-CAM answers 'Why P?' (evidence for P). "
@@ -698,7 +727,15 @@ def render_contrastive(
             "regions that make the network prefer P over Q. "
             "CounterfactualCAM answers 'What if not P?': the regions that speak against P, "
             "whose removal would make the network more confident in P. "
-            "A map with no evidence at all is marked 'empty'."
+            + (
+                "Finer-CAM answers 'What sets P apart from its look-alikes?' (the three "
+                "classes whose logits are closest to P's, weighted by their probabilities); "
+                "on a very confident prediction their probabilities underflow and the map is "
+                "empty. "
+                if "finer" in data.maps
+                else ""
+            )
+            + "A map with no evidence at all is marked 'empty'."
         ),
     )
     colour_bar = save_colorbar(
@@ -732,11 +769,21 @@ def render_contrastive(
             "gradcam": f"Grad-CAM: Why {name_p}?",
             "contrast": f"ContrastCAM: Why {name_p}, rather than {name_q}?",
             "counterfactual": f"CounterfactualCAM: What if not {name_p}?",
+            "finer": f"Finer-CAM: What sets {name_p} apart from its look-alikes?",
         }
-        for kind, caption in captions.items():
-            heat = data.maps[kind][i]
+        if data.compared is not None:
+            looks = ", ".join(class_names[int(c)] for c in data.compared[i])
+            captions["finer"] = f"Finer-CAM: What sets {name_p} apart from {looks}?"
+        for kind in (k for k in _MAP_KINDS if k in data.maps):
+            caption, heat = captions[kind], data.maps[kind][i]
             if not heat.any():
                 caption += " (empty)"
             picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
             row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
     return section
+
+
+def _count_words(maps: dict[str, Any]) -> str:
+    """'three', 'four', ...: how many maps a row shows, for the section's intro."""
+    words = {1: "one", 2: "two", 3: "three", 4: "four"}
+    return words.get(len(maps), str(len(maps)))
