@@ -469,3 +469,50 @@ def test_inside_captum_noise_tunnel(digits_iba):
     plain = iba.attribute(x, target=y, **options)
     other = iba.attribute(x, target=(y + 1) % 10, **options)
     assert (maps - plain).abs().max() < 0.25 * (other - plain).abs().max()
+
+
+@pytest.mark.cuda
+def test_cuda_equals_cpu_in_float64(vgg_setup):
+    """On a GPU the maps stay on the device and equal the CPU ones (the noise comes from CPU
+    generators, so both draw the same numbers); an int seed makes a generator on the GPU."""
+    model, layer, data, mean, std, active = vgg_setup
+    x = data[:3]
+    seeds = [1, 2, 3]
+    cpu = LayerIBA(model, "features.5", mean=mean, std=std, active=active).attribute(
+        x, target=[0, 1, 2], generator=[torch.Generator().manual_seed(s) for s in seeds]
+    )
+    gpu_model = copy.deepcopy(model).cuda()
+    iba = LayerIBA(gpu_model, "features.5", mean=mean, std=std, active=active)
+    got = iba.attribute(
+        x.cuda(), target=[0, 1, 2], generator=[torch.Generator().manual_seed(s) for s in seeds]
+    )
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), cpu, rtol=1e-7, atol=1e-9)
+    seeded = iba.attribute(x.cuda(), target=[0, 1, 2], generator=0)
+    assert seeded.device.type == "cuda" and bool(torch.isfinite(seeded).all())
+
+
+def test_additional_forward_args_follow_their_examples(digits_iba, bundled_model):
+    """A per-example extra argument is repeated with the noisy copies (and cut with the
+    examples in estimate)."""
+    iba, images, labels = digits_iba
+
+    def scaled(x, scale):
+        return bundled_model(x) * scale
+
+    x, y = images[:3], labels[:3]
+    ones = torch.ones(3, 1)
+    wrapped = LayerIBA(scaled, bundled_model.features[7])
+    wrapped.estimate(images, additional_forward_args=(torch.ones(40, 1),), n_samples=40)
+    torch.testing.assert_close(wrapped.mean, iba.mean)
+    got = wrapped.attribute(x, target=y, additional_forward_args=(ones,), generator=[1, 2, 3])
+    expected = iba.attribute(x, target=y, generator=[1, 2, 3])
+    torch.testing.assert_close(got, expected)
+    # a different scale for one example changes only that example's map
+    scale = torch.tensor([[1.0], [0.2], [1.0]])
+    other = wrapped.attribute(x, target=y, additional_forward_args=(scale,), generator=[1, 2, 3])
+    torch.testing.assert_close(other[[0, 2]], expected[[0, 2]])
+    assert not torch.allclose(other[1], expected[1])
+    partial = LayerIBA(scaled, bundled_model.features[7])
+    partial.estimate(images, additional_forward_args=(torch.ones(40, 1),), n_samples=25)
+    assert partial.n_estimated == 25

@@ -365,10 +365,14 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                         # (images, labels, ...) from a DataLoader: the first entry is the input
                         batch = batch[0] if not isinstance(inputs_or_dataloader, tuple) else batch
                     inputs = format_inputs(batch, argument="inputs_or_dataloader")
-                    take = min(inputs[0].shape[0], n_samples - count)
+                    rows = inputs[0].shape[0]
+                    take = min(rows, n_samples - count)
                     inputs = tuple(t[:take] for t in inputs)
                     extra = repeat_per_example(
-                        format_additional_forward_args(additional_forward_args), take, 1
+                        format_additional_forward_args(additional_forward_args),
+                        rows,
+                        1,
+                        slice(0, take),
                     )
                     captured.clear()
                     try:
