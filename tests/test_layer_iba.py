@@ -516,3 +516,47 @@ def test_additional_forward_args_follow_their_examples(digits_iba, bundled_model
     partial = LayerIBA(scaled, bundled_model.features[7])
     partial.estimate(images, additional_forward_args=(torch.ones(40, 1),), n_samples=25)
     assert partial.n_estimated == 25
+
+
+def test_prefix_runs_once_per_example_when_the_model_allows(digits_iba, bundled_model):
+    """The layers before the bottleneck see N rows, not N * n_noise, and the maps are the
+    same as when every copy runs the whole model (the reference's way)."""
+    iba, images, labels = digits_iba
+    x, y = images[:3], labels[:3]
+    rows = []
+    handle = bundled_model.features[0].register_forward_hook(
+        lambda m, a, o: rows.append(o.shape[0])
+    )
+    try:
+        fast = iba.attribute(x, target=y, generator=[1, 2, 3], steps=3)
+        assert rows == [3, 3, 3]  # clean pass + two optimisation steps, N rows each
+        rows.clear()
+        full = iba.attribute(x, target=y, generator=[1, 2, 3], steps=3, reuse_prefix=False)
+        assert rows == [3, 30, 30]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_inside_a_residual_block_runs_every_copy_in_full():
+    """A skip connection around the layer needs the copies' own prefix: the shared-prefix
+    attempt fails on the first step and every copy runs the whole model, with the maps the
+    float64 equations give."""
+    from _helpers import make_tiny_cnn
+
+    model = make_tiny_cnn().eval()
+    torch.manual_seed(3)
+    data = torch.randn(16, 3, 6, 6, dtype=torch.float64)
+    layer = model.features[3].conv
+    mean, std, active = _stats(model, layer, data)
+    iba = LayerIBA(model, "features.3.conv", mean=mean, std=std, active=active)
+    x = data[:2]
+    got = iba.attribute(
+        x, target=[1, 2], generator=[5, 6], n_noise=3, steps=4, return_type="capacity"
+    )
+    for i, (t, s) in enumerate(zip([1, 2], [5, 6])):
+        expected = reference_iba(
+            model, layer, x[i : i + 1], t, mean, std, active, n_noise=3, steps=4,
+            generator=torch.Generator().manual_seed(s),
+        )  # fmt: skip
+        torch.testing.assert_close(got[i], expected / math.log(2), rtol=1e-8, atol=1e-10)

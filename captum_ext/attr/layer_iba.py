@@ -443,6 +443,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         return_type: str = "bits",
         upsample_to_input: bool = False,
         generator: Any = None,
+        reuse_prefix: bool = True,
     ) -> Tensor:
         r"""Per-example IBA maps of ``inputs`` for the class in ``target``.
 
@@ -480,6 +481,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 (or seed) for the batch, a list of one per example (each example's noise
                 then comes from its own generator, so a batch equals its examples explained
                 one by one with the same seeds), or None for torch's global generator.
+            reuse_prefix (bool): run the layers before ``layer`` on the N examples rather
+                than on the N * n_noise copies, when the rest of the model takes only the
+                layer's output (tried on the first step; otherwise, and with False, every
+                copy runs through the whole model as in the reference). The maps are the
+                same either way; only the time differs.
 
         Returns:
             Tensor: (N, 1, h, w) bits by default (see ``return_type``).
@@ -496,6 +502,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             ("post_relu", post_relu),
             ("inverse", inverse),
             ("upsample_to_input", upsample_to_input),
+            ("reuse_prefix", reuse_prefix),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}.")
@@ -518,7 +525,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         ):
             result = self._optimise(
                 formatted, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
-                init_alpha, min_std, post_relu, inverse, loss, return_type, generator, model,
+                init_alpha, min_std, post_relu, inverse, loss, return_type, generator,
+                reuse_prefix,
             )  # fmt: skip
         if upsample_to_input:
             size = tuple(formatted[0].shape[2:])
@@ -579,7 +587,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
 
     def _optimise(
         self, inputs, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
-        init_alpha, min_std, post_relu, inverse, loss, return_type, generator, model,
+        init_alpha, min_std, post_relu, inverse, loss, return_type, generator, reuse_prefix,
     ) -> Tensor:  # fmt: skip
         classification = loss == "cross_entropy"
         activations, clean = self._clean_pass(
@@ -613,6 +621,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         extra = repeat_per_example(
             format_additional_forward_args(additional_forward_args), n, n_noise
         )
+        extra_once = format_additional_forward_args(additional_forward_args)
+        # None: try once whether the layers before `layer` can run once per example
+        shared = None if reuse_prefix and n_noise > 1 else False
         copy_columns = columns.repeat_interleave(n_noise)
         clean_copies = clean.repeat_interleave(n_noise, dim=0)
         alpha = torch.full_like(activations, init_alpha).requires_grad_(True)
@@ -647,12 +658,19 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     z = torch.clamp(z, 0.0)
                 state["z"] = z.flatten(0, 1)
                 with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
-                    output = run_forward(
-                        self.forward_func,
-                        repeated_inputs,
-                        extra,
-                        allow_multidim=not classification,
-                    )
+                    output = None
+                    if shared is not False:
+                        output = self._shared_prefix_forward(
+                            inputs, extra_once, n * n_noise, classification
+                        )
+                        shared = output is not None
+                    if output is None:
+                        output = run_forward(
+                            self.forward_func,
+                            repeated_inputs,
+                            extra,
+                            allow_multidim=not classification,
+                        )
                 model_loss = self._model_loss(output, clean_copies, copy_columns, loss, n)
                 model_loss = model_loss.view(n, n_noise).mean(dim=1)
                 information = capacity.flatten(1).mean(dim=1)
@@ -668,6 +686,32 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         if return_type == "capacity":
             return bits
         return bits.sum(dim=1, keepdim=True)
+
+    def _shared_prefix_forward(self, inputs, extra, rows, classification) -> Tensor | None:
+        """The model's output when it runs on the N examples and the layer's output is
+        replaced by the N * n_noise noisy copies; None when the model does not allow it.
+
+        The layers before ``layer`` then run once per example instead of once per copy.
+        This holds when the rest of the model takes only the layer's output (a sequential
+        stack, a whole ResNet stage); a skip connection or concatenation across the layer
+        fails on the mismatched batch (or returns the wrong number of rows) and the caller
+        runs the copies through the whole model instead, as the reference does. A size-1
+        batch that broadcasts against the copies is harmless: every copy shares the example.
+        """
+        try:
+            output = self.forward_func(*inputs, *extra)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means: run the copies in full
+            return None
+        if (
+            not isinstance(output, Tensor)
+            or output.dim() < 1
+            or output.shape[0] != rows
+            or (classification and output.dim() != 2)
+        ):
+            return None
+        return output
 
     @staticmethod
     def _columns(target: Any, clean: Tensor, loss: Any) -> Tensor:
