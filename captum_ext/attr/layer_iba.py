@@ -195,7 +195,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     example follows the trajectory it would follow alone. ``n_noise`` noisy copies per
     example and step; the map is the capacity of the last evaluated step, as in the
     reference implementation (so ``steps`` loss evaluations make ``steps - 1`` Adam updates
-    that count, and the last backward pass is skipped).
+    that count, and the last backward pass is skipped). Cost per example: one clean forward
+    pass, then per step a forward pass of the ``n_noise`` copies and a backward pass from the
+    loss down to the layer only; the layers before ``layer`` run once per example rather than
+    once per copy when the rest of the model takes only the layer's output
+    (``reuse_prefix``).
 
     Variants (Khakzar et al., MICCAI 2021): ``inverse=True`` swaps the roles,
     ``Z = lambda eps + (1 - lambda) R`` with loss ``-CE + beta KL``, which finds the regions
