@@ -560,3 +560,25 @@ def test_layer_inside_a_residual_block_runs_every_copy_in_full():
             generator=torch.Generator().manual_seed(s),
         )  # fmt: skip
         torch.testing.assert_close(got[i], expected / math.log(2), rtol=1e-8, atol=1e-10)
+
+
+def test_estimate_is_stable_when_the_mean_dwarfs_the_spread():
+    """Features around 1e4 with a spread of 1e-2: merged per-batch statistics keep the std
+    (a sum-of-squares formula would lose it to cancellation in float32)."""
+
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Identity()
+
+        def forward(self, x):
+            return self.layer(x + 1e4).flatten(1)[:, :3]
+
+    model = Shift()
+    torch.manual_seed(0)
+    data = torch.randn(300, 2, 4, 4) * 1e-2
+    iba = LayerIBA(model, "layer")
+    iba.estimate(torch.utils.data.DataLoader(data, batch_size=7))
+    direct = (data.double() + 1e4).std(0)
+    torch.testing.assert_close(iba.std.double(), direct, rtol=2e-2, atol=0)
+    torch.testing.assert_close(iba.mean.double(), (data.double() + 1e4).mean(0))

@@ -310,10 +310,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     ) -> None:
         """Estimate the layer's per-feature mean, std and active mask from data.
 
-        The model runs (without gradients) up to the layer only; running sums of the
-        activations and their squares (in float64) over the batches give the mean and the
-        unbiased standard deviation, and the share of samples in which a feature is non-zero
-        gives the active mask (share > ``active_threshold``).
+        The model runs (without gradients) up to the layer only; each batch's mean and
+        centred sum of squares are merged into running ones (in float64, Chan et al.'s
+        pairwise update) to give the mean and the unbiased standard deviation, and the share
+        of samples in which a feature is non-zero gives the active mask (share >
+        ``active_threshold``).
 
         Args:
             inputs_or_dataloader: a batch (tensor or tuple of tensors, examples first) or an
@@ -340,7 +341,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 f"batches, got {type(inputs_or_dataloader).__name__}."
             )
         model = root_module(self.forward_func)
-        count, total, squares, nonzero = 0, None, None, None
+        count, mean, m2, nonzero = 0, None, None, None
         bar = progress_bar(n_samples, progress, desc="LayerIBA.estimate", unit="examples")
         captured: list[Tensor] = []
 
@@ -394,18 +395,24 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                             f"`layer` output has {acts.shape[0]} rows for {take} examples; "
                             "LayerIBA needs a layer whose output keeps the examples first."
                         )
-                    if total is None:
-                        total = torch.zeros_like(acts[0])
-                        squares = torch.zeros_like(acts[0])
-                        nonzero = torch.zeros_like(acts[0])
-                    elif acts.shape[1:] != total.shape:
+                    # Chan et al.'s pairwise update: the batch's mean and centred sum of
+                    # squares merged into the running ones (no cancellation when mean >> std)
+                    batch_mean = acts.mean(0)
+                    batch_m2 = (acts - batch_mean).square().sum(0)
+                    if mean is None:
+                        mean, m2 = batch_mean, batch_m2
+                        nonzero = (acts != 0).sum(0).to(torch.float64)
+                    elif acts.shape[1:] != mean.shape:
                         raise ValueError(
                             f"`layer` output changed shape between batches: "
-                            f"{tuple(total.shape)} then {tuple(acts.shape[1:])}."
+                            f"{tuple(mean.shape)} then {tuple(acts.shape[1:])}."
                         )
-                    total += acts.sum(0)
-                    squares += acts.square().sum(0)
-                    nonzero += (acts != 0).sum(0)
+                    else:
+                        merged = count + take
+                        delta = batch_mean - mean
+                        mean = mean + delta * (take / merged)
+                        m2 = m2 + batch_m2 + delta.square() * (count * take / merged)
+                        nonzero += (acts != 0).sum(0)
                     count += take
                     if bar:
                         bar.update(take)
@@ -417,8 +424,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 f"`inputs_or_dataloader` gave {count} example(s); estimating a standard "
                 "deviation needs at least 2 (the reference recommends 10,000)."
             )
-        mean = total / count
-        variance = ((squares - count * mean.square()) / (count - 1)).clamp_min(0)
+        variance = m2 / (count - 1)
         dtype = captured[0].dtype
         self.mean = mean.to(dtype)
         self.std = variance.sqrt().to(dtype)
