@@ -391,8 +391,10 @@ def test_model_left_unchanged_also_when_attribute_raises(fresh_bundled_model, sa
     before = model_snapshot(model)
     iba = LayerIBA(model, "features.7")
     iba.estimate(images[:20])
-    iba.attribute(images[:2], target=labels[:2], steps=3, n_noise=2, generator=0)
+    inputs = images[:2].clone().requires_grad_(True)
+    iba.attribute(inputs, target=labels[:2], steps=3, n_noise=2, generator=0)
     assert_model_unchanged(model, before)
+    assert inputs.requires_grad and inputs.grad is None
 
     def explode(module, args, output):
         raise _Boom("after the layer")
