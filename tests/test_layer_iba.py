@@ -584,3 +584,67 @@ def test_estimate_is_stable_when_the_mean_dwarfs_the_spread():
     direct = (data.double() + 1e4).std(0)
     torch.testing.assert_close(iba.std.double(), direct, rtol=2e-2, atol=0)
     torch.testing.assert_close(iba.mean.double(), (data.double() + 1e4).mean(0))
+
+
+def test_regression_iba_on_a_one_output_model(vgg_setup, monkeypatch):
+    """Regression IBA on a model with one output per example, (N,): target None explains it,
+    and the map equals the equations with the squared deviation from the clean output."""
+    model, layer, data, mean, std, active = vgg_setup
+
+    def score(x):
+        return model(x)[:, 2]  # (N,) regression output
+
+    _zero_noise(monkeypatch)
+    iba = LayerIBA(score, layer, mean=mean, std=std, active=active)
+    x = data[10:12]
+    got = iba.attribute(x, loss="mse", return_type="capacity", steps=5)
+    for i in range(2):
+        expected = reference_iba(
+            model, layer, x[i : i + 1], 2, mean, std, active, regression=True, steps=5,
+            zero_noise=True,
+        )  # fmt: skip
+        torch.testing.assert_close(got[i], expected / math.log(2), rtol=1e-8, atol=1e-10)
+
+
+def test_callable_loss_equal_to_the_built_in_gives_the_same_maps(vgg_setup):
+    model, layer, data, mean, std, active = vgg_setup
+    iba = LayerIBA(model, layer, mean=mean, std=std, active=active)
+    x = data[:2]
+
+    def cross_entropy(output, clean, columns):
+        assert output.shape == (20, 6) and clean.shape == (20, 6) and columns.shape == (20,)
+        return F.cross_entropy(output, columns, reduction="none")
+
+    built_in = iba.attribute(x, target=[1, 4], generator=[0, 1])
+    custom = iba.attribute(x, target=[1, 4], generator=[0, 1], loss=cross_entropy)
+    torch.testing.assert_close(custom, built_in)
+    with pytest.raises(ValueError, match="one loss per noisy copy"):
+        iba.attribute(x, target=[1, 4], loss=lambda o, c, t: o.sum())
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    n_noise=st.integers(1, 4),
+    steps=st.integers(1, 3),
+    return_type=st.sampled_from(["bits", "capacity", "lambda"]),
+    upsample=st.booleans(),
+    sigma=st.sampled_from([None, 0.0, 0.5, 1.0]),
+)
+def test_shapes_for_any_batch_and_settings(n, n_noise, steps, return_type, upsample, sigma):
+    model = _vgg_style()
+    layer = model.features[5]
+    data = torch.randn(n, 3, 12, 12, dtype=torch.float64)
+    mean, std, active = _stats(model, layer, torch.randn(8, 3, 12, 12, dtype=torch.float64))
+    iba = LayerIBA(model, layer, mean=mean, std=std, active=active)
+    maps = iba.attribute(
+        data, n_noise=n_noise, steps=steps, return_type=return_type,
+        upsample_to_input=upsample, sigma=sigma, generator=0,
+    )  # fmt: skip
+    channels = 1 if return_type == "bits" else 12
+    size = (12, 12) if upsample else (6, 6)
+    assert maps.shape == (n, channels, *size)
+    assert bool(torch.isfinite(maps).all()) and bool((maps >= 0).all())
+    if steps == 1 and return_type == "lambda" and not upsample and not sigma:
+        # no update yet: lambda is sigmoid(init_alpha) everywhere
+        torch.testing.assert_close(maps, torch.full_like(maps, torch.sigmoid(torch.tensor(5.0))))
