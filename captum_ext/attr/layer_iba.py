@@ -203,8 +203,14 @@ class LayerIBA(LayerAttribution, GradientAttribution):
 
     Variants (Khakzar et al., MICCAI 2021): ``inverse=True`` swaps the roles,
     ``Z = lambda eps + (1 - lambda) R`` with loss ``-CE + beta KL``, which finds the regions
-    whose removal destroys the prediction; ``loss="mse"`` (Regression IBA) keeps the explained
-    output close to its value on the clean input instead of the class's cross-entropy.
+    whose removal destroys the prediction (the capacity keeps its formula in ``lambda``, as in
+    the authors' code, so the bits then mark what is replaced by noise); ``loss="mse"``
+    (Regression IBA) keeps the explained output close to its value on the clean input
+    instead of the class's cross-entropy.
+
+    Inside ``captum.metrics.sensitivity_max`` wrap the method so that it returns a tuple
+    (Captum 0.9 iterates over a bare tensor's batch there). ``layer`` must be an eager module
+    that runs once per forward pass.
 
     Papers: Schulz, Sixt, Tombari, Landgraf, "Restricting the Flow: Information
     Bottlenecks for Attribution", ICLR 2020; Khakzar, Zhang, Mansour, et al., "Explaining
