@@ -30,7 +30,7 @@ from captum.attr import (
     Saliency,
 )
 
-from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerGradCamPlusPlus
+from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerGradCamPlusPlus, LayerIBA
 from captum_ext.metrics.ground_truth import attribution_f1
 from captum_ext.testing import dominant_colour_oracle, interaction_oracle, null_region_oracle
 
@@ -39,6 +39,14 @@ N = 16
 
 def _upsampled(maps, inputs):
     return F.interpolate(maps, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _layer_iba(model, layer, x, t):
+    """LayerIBA with the paper's settings, statistics estimated on the oracle's inputs, bits
+    upsampled with their total kept."""
+    iba = LayerIBA(model, layer)
+    iba.estimate(x)
+    return iba.attribute(x, target=t, generator=0, upsample_to_input=True)
 
 
 def _methods(oracle, layer):
@@ -69,6 +77,7 @@ def _methods(oracle, layer):
                 "ContrastCAM (vs. runner-up)": lambda: ContrastCAM(model, layer).attribute(
                     x, contrast=model(x).topk(2, dim=1).indices[:, 1]
                 ),
+                "LayerIBA": lambda: _layer_iba(model, layer, x, t),
             }
         )
     return methods

@@ -20,6 +20,7 @@ from captum_ext.attr import (
     Contrastive,
     CounterfactualCAM,
     GradCAM,
+    LayerIBA,
 )
 from captum_ext.circuits import CircuitReadout
 from captum_ext.metrics import gradtrust, softmax_confidence
@@ -35,6 +36,12 @@ def _train_mode_model() -> nn.Module:
     return model
 
 
+def _layer_iba(model, x):
+    iba = LayerIBA(model, model.features[3])
+    iba.estimate(x)
+    return iba.attribute(x, target=0, steps=2, n_noise=2, generator=0)
+
+
 CALLS = {
     "ContrastCAM": lambda m, x: ContrastCAM(m, m.features[3]).attribute(x, contrast=1),
     "ContrastCAM-all": lambda m, x: ContrastCAM(m, m.features[3]).attribute(x, contrast="all"),
@@ -48,6 +55,7 @@ CALLS = {
         m, ["features.3"], weights="mnist"
     ).attribute(x, mode="per_image", steps=2, progress=False),
     "CircuitReadout": lambda m, x: CircuitReadout(m).readout(x, target=0),
+    "LayerIBA": _layer_iba,
 }
 
 
@@ -80,7 +88,7 @@ class _Raising(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "name", ["ContrastCAM", "CounterfactualCAM", "GradCAM", "VOICE", "gradtrust"]
+    "name", ["ContrastCAM", "CounterfactualCAM", "GradCAM", "VOICE", "gradtrust", "LayerIBA"]
 )
 def test_the_models_own_exception_reaches_the_user(name, tiny_inputs):
     model = _Raising().eval()

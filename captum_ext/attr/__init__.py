@@ -1,5 +1,5 @@
 """Attribution methods: Grad-CAM, contrastive, counterfactual, Finer-CAM, Grad-CAM++ maps; VOICE;
-activation-matching minimal masks."""
+activation-matching minimal masks; IBA bottleneck maps."""
 
 from .activation_matching import (
     WEIGHT_PRESETS,
@@ -13,6 +13,7 @@ from .counterfactual_cam import CounterfactualCAM
 from .finer_cam import FinerCAM
 from .grad_cam import GradCAM
 from .grad_cam_plus_plus import LayerGradCamPlusPlus
+from .layer_iba import LayerIBA, upsample_bits
 from .voice import VOICE, VOICEResult
 
 __all__ = [
@@ -25,8 +26,10 @@ __all__ = [
     "FinerCAM",
     "GradCAM",
     "LayerGradCamPlusPlus",
+    "LayerIBA",
     "MaskLossWeights",
     "VOICE",
     "VOICEResult",
     "WEIGHT_PRESETS",
+    "upsample_bits",
 ]

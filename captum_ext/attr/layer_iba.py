@@ -1,0 +1,767 @@
+r"""IBA: the Per-Sample Information Bottleneck at a layer, with Khakzar et al.'s variants.
+
+Schulz et al., "Restricting the Flow: Information Bottlenecks for Attribution", ICLR 2020;
+inverse and regression variants from Khakzar et al., "Explaining COVID-19 and Thoracic
+Pathology Model Predictions by Identifying Informative Input Features", MICCAI 2021.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from .._utils.batched_grad import objective_gradients, run_forward
+from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
+from .._utils.layers import resolve_layer, root_module
+from .._utils.maps import upsample_maps
+from .._utils.model_state import preserved_state
+from .._utils.training import progress_bar
+from .._utils.validation import (
+    check_int,
+    check_number,
+    format_additional_forward_args,
+    format_inputs,
+    output_selection,
+    repeat_per_example,
+)
+
+RETURN_TYPES = ("bits", "capacity", "lambda")
+LOSSES = ("cross_entropy", "mse")
+
+
+class _StopForward(Exception):
+    """Raised by the estimation hook once the layer has run (the rest of the model is not
+    needed to collect its activations)."""
+
+
+def upsample_bits(bits: Tensor, size: tuple[int, ...] | torch.Size) -> Tensor:
+    r"""Resize (N, K, h, w) maps of bits to (N, K, H, W), keeping each map's total bits.
+
+    The map is interpolated bilinearly (``align_corners=False``) and then rescaled so that
+    every channel of every example sums to what it summed to before:
+
+    .. code-block:: text
+
+        up  = bilinear(bits, size)
+        out = up * sum(bits) / sum(up)        (per example and channel; 0 stays 0)
+
+    The reference implementation scales by ``(h * w) / (H * W)`` before its bilinear
+    resize, which keeps the total only up to the interpolation's border effects; the
+    rescaling here keeps it to float precision, so the bits of a pixel region add up to
+    the information that passed through it.
+
+    Args:
+        bits (Tensor): (N, K, h, w) non-negative maps, e.g. ``LayerIBA.attribute``'s output.
+        size (tuple[int, int]): the target (H, W), e.g. ``inputs.shape[2:]``.
+
+    Returns:
+        Tensor: (N, K, H, W) maps whose per-map sums equal those of ``bits``.
+
+    Examples::
+
+        >>> from captum_ext.attr.layer_iba import upsample_bits
+        >>> small = torch.rand(2, 1, 7, 7)
+        >>> big = upsample_bits(small, (28, 28))
+        >>> torch.allclose(big.sum((2, 3)), small.sum((2, 3)))
+        True
+    """
+    if not isinstance(bits, Tensor) or bits.dim() != 4 or not bits.is_floating_point():
+        got = tuple(bits.shape) if isinstance(bits, Tensor) else type(bits).__name__
+        raise ValueError(f"`bits` must be a floating-point (N, K, h, w) tensor, got {got}.")
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"`size` must be a (height, width) pair of positive ints, got {size}.")
+    up = upsample_maps(bits, size, "bilinear")
+    total = bits.sum(dim=(2, 3), keepdim=True)
+    total_up = up.sum(dim=(2, 3), keepdim=True)
+    usable = total_up != 0
+    scale = torch.where(usable, total / torch.where(usable, total_up, 1), 1)
+    return up * scale
+
+
+def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The normalised 2-D Gaussian of IBA's mask smoothing: side ``2 round(2 sigma) + 1``."""
+    side = 2 * int(round(2 * sigma)) + 1
+    coords = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
+    grid = coords[None, :] ** 2 + coords[:, None] ** 2
+    kernel = torch.exp(-grid / (2 * sigma**2))
+    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+
+
+def smooth_lambda(lam: Tensor, kernel: Tensor | None) -> Tensor:
+    """Blur each channel of (N, C, h, w) ``lam`` with ``kernel`` (reflection padding)."""
+    if kernel is None:
+        return lam
+    channels = lam.shape[1]
+    pad = (kernel.shape[-1] - 1) // 2
+    weight = kernel.expand(channels, 1, *kernel.shape)
+    return F.conv2d(F.pad(lam, (pad, pad, pad, pad), mode="reflect"), weight, groups=channels)
+
+
+def bottleneck_capacity(
+    activations: Tensor, lam: Tensor, mean: Tensor, std: Tensor, active: Tensor
+) -> Tensor:
+    r"""Per-feature KL(P(Z|R) || N(mu, sigma^2)) in nats, zero on inactive features.
+
+    With ``r = (R - mu) / sigma`` and ``Z = lam R + (1 - lam) eps``, ``eps ~ N(mu, sigma^2)``:
+    ``KL = -1/2 (1 + log (1 - lam)^2 - (lam r)^2 - (1 - lam)^2)``.
+    """
+    r_norm = (activations - mean) / std
+    var_z = (1 - lam) ** 2
+    mu_z = r_norm * lam
+    return -0.5 * (1 + torch.log(var_z) - mu_z**2 - var_z) * active
+
+
+def _as_generators(generator: Any, n: int, device: torch.device) -> list | None:
+    """None (the global generator), or one generator for the batch, or one per example."""
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        return [generator]
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        return [torch.Generator(device=device).manual_seed(int(generator))]
+    if isinstance(generator, list | tuple):
+        if len(generator) != n:
+            raise ValueError(
+                f"`generator` holds {len(generator)} entries but `inputs` has {n} examples; "
+                "give one generator (or int seed) per example, or a single one for the batch."
+            )
+        out = []
+        for item in generator:
+            if isinstance(item, torch.Generator):
+                out.append(item)
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+                out.append(torch.Generator(device=device).manual_seed(int(item)))
+            else:
+                raise TypeError(
+                    "`generator` entries must be torch.Generator objects or int seeds, got "
+                    f"{type(item).__name__}."
+                )
+        return out
+    raise TypeError(
+        "`generator` must be None, a torch.Generator, an int seed, or a list of those (one per "
+        f"example), got {type(generator).__name__}."
+    )
+
+
+def standard_normal(
+    shape: tuple[int, ...], generators: list | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """(N, K, *S) standard normal draws: from each example's generator in turn (one
+    generator per example), or all at once from a single generator (or the global one)."""
+    if generators is None:
+        return torch.randn(shape, dtype=dtype, device=device)
+    if len(generators) == 1:
+        g = generators[0]
+        return torch.randn(shape, generator=g, dtype=dtype, device=g.device).to(device)
+    return torch.stack(
+        [
+            torch.randn(shape[1:], generator=g, dtype=dtype, device=g.device).to(device)
+            for g in generators
+        ]
+    )
+
+
+class LayerIBA(LayerAttribution, GradientAttribution):
+    r"""IBA: how many bits of each feature of a layer the prediction needs (Per-Sample
+    Bottleneck).
+
+    The layer's activations ``R`` (C x h x w) are replaced by a noisy mix whose noise is
+    learned per example, so that as little information as possible passes while the model
+    still predicts the target:
+
+    .. code-block:: text
+
+        lambda = blur_sigma( sigmoid(alpha) )                alpha init 5, per feature
+        Z      = active * ( lambda R + (1 - lambda) eps )    eps ~ N(mu, sigma^2)
+                 (clamped at 0 with post_relu=True)
+        r      = (R - mu) / sigma
+        KL     = active * 1/2 [ (lambda r)^2 + (1 - lambda)^2 - 1 - 2 ln(1 - lambda) ]
+        loss_n = mean_k CE(f(Z_nk), target_n) + beta * mean_features KL_n
+        bits   = sum_channels KL / ln 2                      -> (N, 1, h, w)
+
+    ``mu``, ``sigma`` (at least ``min_std``) and the ``active`` mask (features non-zero in
+    more than 1 % of the samples) are the layer's statistics from :meth:`estimate` (or given
+    to the constructor / :meth:`set_statistics`). Each example has its own ``alpha``; the
+    whole batch is optimised at once with Adam on the sum of the per-example losses, so each
+    example follows the trajectory it would follow alone. ``n_noise`` noisy copies per
+    example and step; the map is the capacity of the last evaluated step, as in the
+    reference implementation (so ``steps`` loss evaluations make ``steps - 1`` Adam updates
+    that count, and the last backward pass is skipped). Cost per example: one clean forward
+    pass, then per step a forward pass of the ``n_noise`` copies and a backward pass from the
+    loss down to the layer only; the layers before ``layer`` run once per example rather than
+    once per copy when the rest of the model takes only the layer's output
+    (``reuse_prefix``).
+
+    Variants (Khakzar et al., MICCAI 2021): ``inverse=True`` swaps the roles,
+    ``Z = lambda eps + (1 - lambda) R`` with loss ``-CE + beta KL``, which finds the regions
+    whose removal destroys the prediction (the capacity keeps its formula in ``lambda``, as in
+    the authors' code, so the bits then mark what is replaced by noise); ``loss="mse"``
+    (Regression IBA) keeps the explained output close to its value on the clean input
+    instead of the class's cross-entropy.
+
+    Inside ``captum.metrics.sensitivity_max`` wrap the method so that it returns a tuple
+    (Captum 0.9 iterates over a bare tensor's batch there). ``layer`` must be an eager module
+    that runs once per forward pass.
+
+    Papers: Schulz, Sixt, Tombari, Landgraf, "Restricting the Flow: Information
+    Bottlenecks for Attribution", ICLR 2020; Khakzar, Zhang, Mansour, et al., "Explaining
+    COVID-19 and Thoracic Pathology Model Predictions by Identifying Informative Input
+    Features", MICCAI 2021.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits.
+        layer (nn.Module or str): the layer (N x C x h x w output), or its dotted name.
+        device_ids (list[int], optional): as in Captum's layer methods.
+        mean, std (Tensor, optional): per-feature statistics of the layer's output
+            (shape C x h x w, or broadcastable to it), instead of :meth:`estimate`.
+        active (Tensor, optional): bool mask of the features that carry information
+            (default: all, when ``mean`` and ``std`` are given).
+
+    Examples::
+
+        >>> from captum_ext.attr import LayerIBA
+        >>> iba = LayerIBA(model, "features.7")
+        >>> iba.estimate(images)                      # mean, std, active mask of the layer
+        >>> bits = iba.attribute(x, target=labels[:4], generator=0)
+        >>> bits.shape                                # bits per 7 x 7 position
+        torch.Size([4, 1, 7, 7])
+        >>> bits.min() >= 0
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: list[int] | None = None,
+        *,
+        mean: Tensor | None = None,
+        std: Tensor | None = None,
+        active: Tensor | None = None,
+    ) -> None:
+        layer = resolve_layer(forward_func, layer)
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+        self.active: Tensor | None = None
+        self.n_estimated = 0
+        if mean is not None or std is not None:
+            self.set_statistics(mean, std, active)
+        elif active is not None:
+            raise ValueError("`active` was given without `mean` and `std`; pass all three.")
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    # ---------------------------------------------------------------- statistics
+
+    def set_statistics(
+        self, mean: Tensor | None, std: Tensor | None, active: Tensor | None = None
+    ) -> None:
+        """Set the per-feature mean, standard deviation and (optionally) active mask.
+
+        Args:
+            mean (Tensor): per-feature mean of the layer's output (C x h x w, or broadcastable).
+            std (Tensor): per-feature standard deviation, non-negative, same shape rules.
+            active (Tensor, optional): bool (or 0/1) mask of the features used; default all.
+        """
+        for name, value in (("mean", mean), ("std", std)):
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise TypeError(
+                    f"`{name}` must be a floating-point tensor of per-feature values, got "
+                    f"{type(value).__name__}."
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"`{name}` contains NaN or infinite values.")
+        if bool((std < 0).any()):
+            raise ValueError("`std` must be non-negative.")
+        try:
+            shape = torch.broadcast_shapes(mean.shape, std.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"`mean` {tuple(mean.shape)} and `std` {tuple(std.shape)} do not broadcast."
+            ) from None
+        if active is None:
+            active = torch.ones(shape, dtype=torch.bool, device=mean.device)
+        elif not isinstance(active, Tensor):
+            raise TypeError(f"`active` must be a tensor mask, got {type(active).__name__}.")
+        elif active.dtype != torch.bool:
+            if not bool(((active == 0) | (active == 1)).all()):
+                raise ValueError("`active` must be a bool (or 0/1) mask.")
+            active = active != 0
+        self.mean, self.std, self.active = mean.detach(), std.detach(), active.detach()
+
+    def estimate(
+        self,
+        inputs_or_dataloader: Any,
+        n_samples: int = 10_000,
+        additional_forward_args: Any = None,
+        *,
+        active_threshold: float = 0.01,
+        progress: bool = False,
+    ) -> None:
+        """Estimate the layer's per-feature mean, std and active mask from data.
+
+        The model runs (without gradients) up to the layer only; each batch's mean and
+        centred sum of squares are merged into running ones (in float64, Chan et al.'s
+        pairwise update) to give the mean and the unbiased standard deviation, and the share
+        of samples in which a feature is non-zero gives the active mask (share >
+        ``active_threshold``).
+
+        Args:
+            inputs_or_dataloader: a batch (tensor or tuple of tensors, examples first) or an
+                iterable of batches (tensors, or tuples/lists whose first entry is the input,
+                e.g. a ``DataLoader`` of ``(images, labels)``).
+            n_samples (int): use at most this many examples (the first ones).
+            additional_forward_args: passed to the model after the inputs (as in Captum).
+            active_threshold (float): in [0, 1); a feature is active when non-zero in more
+                than this share of the samples.
+            progress (bool): show a progress bar over the examples.
+        """
+        n_samples = check_int(n_samples, "n_samples")
+        threshold = check_number(
+            active_threshold, "active_threshold", minimum=0, allow_minimum=True, maximum=1,
+            allow_maximum=False,
+        )  # fmt: skip
+        if isinstance(inputs_or_dataloader, Tensor | tuple):
+            batches: Iterable = [inputs_or_dataloader]
+        elif isinstance(inputs_or_dataloader, Iterable):
+            batches = inputs_or_dataloader
+        else:
+            raise TypeError(
+                "`inputs_or_dataloader` must be a tensor, a tuple of tensors or an iterable of "
+                f"batches, got {type(inputs_or_dataloader).__name__}."
+            )
+        model = root_module(self.forward_func)
+        count, mean, m2, nonzero = 0, None, None, None
+        bar = progress_bar(n_samples, progress, desc="LayerIBA.estimate", unit="examples")
+        captured: list[Tensor] = []
+
+        def on_output(module, args, output):
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"`layer` ({type(module).__name__}) returns {type(output).__name__}, not "
+                    "a tensor."
+                )
+            captured.append(output.detach())
+            raise _StopForward
+
+        try:
+            with (
+                preserved_state([model, self.layer]),
+                restored_buffers_of_modules_run(exclude=[model, self.layer]),
+                torch.no_grad(),
+                registered_hooks(lambda: self.layer.register_forward_hook(on_output)),
+            ):
+                for batch in batches:
+                    if count >= n_samples:
+                        break
+                    if isinstance(batch, list):
+                        batch = tuple(batch)
+                    if isinstance(batch, tuple) and len(batch) and isinstance(batch[0], Tensor):
+                        # (images, labels, ...) from a DataLoader: the first entry is the input
+                        batch = batch[0] if not isinstance(inputs_or_dataloader, tuple) else batch
+                    inputs = format_inputs(batch, argument="inputs_or_dataloader")
+                    rows = inputs[0].shape[0]
+                    take = min(rows, n_samples - count)
+                    inputs = tuple(t[:take] for t in inputs)
+                    extra = repeat_per_example(
+                        format_additional_forward_args(additional_forward_args),
+                        rows,
+                        1,
+                        slice(0, take),
+                    )
+                    captured.clear()
+                    try:
+                        self.forward_func(*inputs, *extra)
+                    except _StopForward:
+                        pass
+                    if not captured:
+                        raise ValueError(
+                            "`layer` did not run during the forward pass, so it has no "
+                            "activations to estimate; pick a module that forward_func calls."
+                        )
+                    acts = captured[0].to(torch.float64)
+                    if acts.shape[0] != take:
+                        raise ValueError(
+                            f"`layer` output has {acts.shape[0]} rows for {take} examples; "
+                            "LayerIBA needs a layer whose output keeps the examples first."
+                        )
+                    # Chan et al.'s pairwise update: the batch's mean and centred sum of
+                    # squares merged into the running ones (no cancellation when mean >> std)
+                    batch_mean = acts.mean(0)
+                    batch_m2 = (acts - batch_mean).square().sum(0)
+                    if mean is None:
+                        mean, m2 = batch_mean, batch_m2
+                        nonzero = (acts != 0).sum(0).to(torch.float64)
+                    elif acts.shape[1:] != mean.shape:
+                        raise ValueError(
+                            f"`layer` output changed shape between batches: "
+                            f"{tuple(mean.shape)} then {tuple(acts.shape[1:])}."
+                        )
+                    else:
+                        merged = count + take
+                        delta = batch_mean - mean
+                        mean = mean + delta * (take / merged)
+                        m2 = m2 + batch_m2 + delta.square() * (count * take / merged)
+                        nonzero += (acts != 0).sum(0)
+                    count += take
+                    if bar:
+                        bar.update(take)
+        finally:
+            if bar:
+                bar.close()
+        if count < 2:
+            raise ValueError(
+                f"`inputs_or_dataloader` gave {count} example(s); estimating a standard "
+                "deviation needs at least 2 (the reference recommends 10,000)."
+            )
+        variance = m2 / (count - 1)
+        dtype = captured[0].dtype
+        self.mean = mean.to(dtype)
+        self.std = variance.sqrt().to(dtype)
+        self.active = nonzero / count > threshold
+        self.n_estimated = count
+
+    # ---------------------------------------------------------------- attribution
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: Any = None,
+        additional_forward_args: Any = None,
+        *,
+        beta: float = 10.0,
+        steps: int = 10,
+        lr: float = 1.0,
+        n_noise: int = 10,
+        sigma: float | None = 1.0,
+        init_alpha: float = 5.0,
+        min_std: float = 0.01,
+        post_relu: bool = False,
+        inverse: bool = False,
+        loss: str | Callable | None = None,
+        return_type: str = "bits",
+        upsample_to_input: bool = False,
+        generator: Any = None,
+        reuse_prefix: bool = True,
+    ) -> Tensor:
+        r"""Per-example IBA maps of ``inputs`` for the class in ``target``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
+            target (int, list, Tensor or None): the class explained, in Captum's forms
+                (one per example); None explains the predicted class (for ``loss="mse"``
+                the single output of a one-output model).
+            additional_forward_args: passed to the model after the inputs (repeated with
+                the noisy copies when their first dimension is N).
+            beta (float): weight of the information loss (>= 0); larger gives fewer bits.
+            steps (int): loss evaluations; the map is the capacity at the last one.
+            lr (float): Adam's learning rate.
+            n_noise (int): noisy copies of each example per step.
+            sigma (float or None): standard deviation of the Gaussian blur of
+                ``sigmoid(alpha)`` (kernel side ``2 round(2 sigma) + 1``, reflection
+                padding); None or 0 for no blur.
+            init_alpha (float): initial value of every ``alpha``.
+            min_std (float): lower bound on the feature standard deviations.
+            post_relu (bool): clamp ``Z`` at 0 (for a layer followed by, or ending in, ReLU).
+            inverse (bool): Inverse IBA: ``Z = lambda eps + (1 - lambda) R``, loss negated.
+            loss (None, "cross_entropy", "mse" or Callable): the model loss per noisy copy.
+                None / "cross_entropy": ``-log softmax(f(Z))[target]``. "mse" (Regression
+                IBA): ``(f(Z)[target] - f(R)[target])^2`` with ``f(R)`` the output on the
+                clean input. A callable gets ``(output, clean_output, target)``: the
+                (N * n_noise, ...) outputs on the noisy copies, the clean outputs repeated
+                per copy and the (N * n_noise,) target columns of ``output.flatten(1)``,
+                and returns the (N * n_noise,) losses.
+            return_type (str): "bits" (N, 1, h, w): bits per position, summed over channels;
+                "capacity" (N, C, h, w): bits per feature; "lambda" (N, C, h, w): the
+                blurred ``sigmoid(alpha)``.
+            upsample_to_input (bool): resize to the input's H x W; bits and capacity with
+                :func:`upsample_bits` (each map keeps its total), lambda bilinearly.
+            generator (torch.Generator, int, list or None): the noise source: one generator
+                (or seed) for the batch, a list of one per example (each example's noise
+                then comes from its own generator, so a batch equals its examples explained
+                one by one with the same seeds), or None for torch's global generator.
+            reuse_prefix (bool): run the layers before ``layer`` on the N examples rather
+                than on the N * n_noise copies, when the rest of the model takes only the
+                layer's output (tried on the first step; otherwise, and with False, every
+                copy runs through the whole model as in the reference). The maps are the
+                same either way; only the time differs.
+
+        Returns:
+            Tensor: (N, 1, h, w) bits by default (see ``return_type``).
+        """
+        beta = check_number(beta, "beta", minimum=0, allow_minimum=True)
+        steps = check_int(steps, "steps")
+        lr = check_number(lr, "lr")
+        n_noise = check_int(n_noise, "n_noise")
+        if sigma is not None:
+            sigma = check_number(sigma, "sigma", minimum=0, allow_minimum=True) or None
+        init_alpha = check_number(init_alpha, "init_alpha", minimum=None)
+        min_std = check_number(min_std, "min_std", minimum=0, allow_minimum=True)
+        for name, flag in (
+            ("post_relu", post_relu),
+            ("inverse", inverse),
+            ("upsample_to_input", upsample_to_input),
+            ("reuse_prefix", reuse_prefix),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}.")
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"`return_type`={return_type!r}: expected one of {RETURN_TYPES}.")
+        if loss is None:
+            loss = "cross_entropy"
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"`loss`={loss!r}: expected one of {LOSSES} or a callable.")
+        if self.mean is None:
+            raise ValueError(
+                "LayerIBA needs the layer's feature statistics: call `estimate(data)` first, or "
+                "pass `mean` and `std` to the constructor or to `set_statistics`."
+            )
+        formatted = format_inputs(inputs)
+        model = root_module(self.forward_func)
+        with (
+            preserved_state([model, self.layer]),
+            restored_buffers_of_modules_run(exclude=[model, self.layer]),
+        ):
+            result = self._optimise(
+                formatted, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
+                init_alpha, min_std, post_relu, inverse, loss, return_type, generator,
+                reuse_prefix,
+            )  # fmt: skip
+        if upsample_to_input:
+            size = tuple(formatted[0].shape[2:])
+            if return_type == "lambda":
+                result = upsample_maps(result, size, "bilinear")
+            else:
+                result = upsample_bits(result, size)
+        return result
+
+    def _clean_pass(self, inputs, additional_forward_args, allow_multidim):
+        captured: list[Tensor] = []
+
+        def on_output(module, args, output):
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"`layer` ({type(module).__name__}) returns {type(output).__name__}, not "
+                    "a tensor; LayerIBA needs an N x C x h x w tensor output."
+                )
+            # a copy: an in-place operation after the layer (ReLU(inplace=True)) would
+            # otherwise change the recorded activations
+            captured.append(output.detach().clone())
+
+        with (
+            torch.no_grad(),
+            registered_hooks(lambda: self.layer.register_forward_hook(on_output)),
+        ):
+            output = run_forward(
+                self.forward_func, inputs, additional_forward_args, allow_multidim=allow_multidim
+            )
+        if len(captured) != 1:
+            raise ValueError(
+                "`layer` did not run during the forward pass; pick a module that forward_func "
+                "calls."
+                if not captured
+                else f"`layer` ran {len(captured)} times in one forward pass; pick one that "
+                "runs once."
+            )
+        return captured[0], output.detach()
+
+    def _statistics_for(self, activations: Tensor, min_std: float):
+        shape = tuple(activations.shape[1:])
+        stats = []
+        for name, value in (("mean", self.mean), ("std", self.std), ("active", self.active)):
+            try:
+                fits = torch.broadcast_shapes(value.shape, shape) == torch.Size(shape)
+            except RuntimeError:
+                fits = False
+            if not fits or value.dim() > len(shape):
+                raise ValueError(
+                    f"the stored `{name}` has shape {tuple(value.shape)}, but `layer` outputs "
+                    f"{shape} features per example; estimate the statistics on inputs of this "
+                    "size (or pass matching ones)."
+                )
+            stats.append(value.to(device=activations.device, dtype=activations.dtype))
+        mean, std, active = stats
+        std = torch.clamp(std, min=min_std)
+        return mean, std, active
+
+    def _optimise(
+        self, inputs, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
+        init_alpha, min_std, post_relu, inverse, loss, return_type, generator, reuse_prefix,
+    ) -> Tensor:  # fmt: skip
+        classification = loss == "cross_entropy"
+        activations, clean = self._clean_pass(
+            inputs, additional_forward_args, allow_multidim=not classification
+        )
+        if activations.dim() != 4 or not activations.is_floating_point():
+            raise ValueError(
+                f"`layer` outputs a tensor of shape {tuple(activations.shape)}; LayerIBA needs "
+                "floating-point N x C x h x w activations (a convolutional layer or block)."
+            )
+        n = inputs[0].shape[0]
+        if activations.shape[0] != n:
+            raise ValueError(
+                f"`layer` output has {activations.shape[0]} rows for {n} examples; LayerIBA "
+                "needs a layer whose output keeps the examples first."
+            )
+        kernel = None
+        if sigma is not None:
+            kernel = gaussian_kernel(sigma, activations.dtype, activations.device)
+            pad = (kernel.shape[-1] - 1) // 2
+            if pad >= min(activations.shape[2:]):
+                raise ValueError(
+                    f"`sigma`={sigma:g} needs a blur of side {kernel.shape[-1]}, too large for "
+                    f"the layer's {activations.shape[2]} x {activations.shape[3]} maps; use a "
+                    "smaller sigma (or None)."
+                )
+        mean, std, active = self._statistics_for(activations, min_std)
+        columns = self._columns(target, clean, loss)
+        generators = _as_generators(generator, n, activations.device)
+        repeated_inputs = tuple(x.repeat_interleave(n_noise, dim=0) for x in inputs)
+        extra = repeat_per_example(
+            format_additional_forward_args(additional_forward_args), n, n_noise
+        )
+        extra_once = format_additional_forward_args(additional_forward_args)
+        # None: try once whether the layers before `layer` can run once per example
+        shared = None if reuse_prefix and n_noise > 1 else False
+        copy_columns = columns.repeat_interleave(n_noise)
+        clean_copies = clean.repeat_interleave(n_noise, dim=0)
+        alpha = torch.full_like(activations, init_alpha).requires_grad_(True)
+        optimizer = torch.optim.Adam([alpha], lr=lr)
+        noise_shape = (n, n_noise, *activations.shape[1:])
+        expanded = activations.unsqueeze(1)
+        state: dict[str, Tensor] = {}
+
+        def substitute(module, args, output):
+            if not isinstance(output, Tensor) or output.shape[1:] != activations.shape[1:]:
+                raise ValueError(
+                    "`layer` produced a different output on the noisy copies than on the clean "
+                    "inputs; LayerIBA needs a layer that runs once with N x C x h x w output."
+                )
+            return state["z"]
+
+        with torch.enable_grad():
+            for step in range(steps):
+                lam = smooth_lambda(torch.sigmoid(alpha), kernel)
+                capacity = bottleneck_capacity(activations, lam, mean, std, active)
+                if step == steps - 1:
+                    break  # the map is this step's capacity; its update would be unused
+                eps = standard_normal(noise_shape, generators, activations.dtype, alpha.device)
+                eps = std * eps + mean
+                lam_k = lam.unsqueeze(1)
+                if inverse:
+                    z = lam_k * eps + (1 - lam_k) * expanded
+                else:
+                    z = lam_k * expanded + (1 - lam_k) * eps
+                z = z * active
+                if post_relu:
+                    z = torch.clamp(z, 0.0)
+                state["z"] = z.flatten(0, 1)
+                with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
+                    output = None
+                    if shared is not False:
+                        output = self._shared_prefix_forward(
+                            inputs, extra_once, n * n_noise, classification
+                        )
+                        shared = output is not None
+                    if output is None:
+                        output = run_forward(
+                            self.forward_func,
+                            repeated_inputs,
+                            extra,
+                            allow_multidim=not classification,
+                        )
+                model_loss = self._model_loss(output, clean_copies, copy_columns, loss, n)
+                model_loss = model_loss.view(n, n_noise).mean(dim=1)
+                information = capacity.flatten(1).mean(dim=1)
+                per_example = (-model_loss if inverse else model_loss) + beta * information
+                (grad,) = objective_gradients(per_example.sum(), [alpha])
+                alpha.grad = grad
+                optimizer.step()
+                state.clear()
+        capacity = capacity.detach()
+        if return_type == "lambda":
+            return lam.detach()
+        bits = capacity / math.log(2)
+        if return_type == "capacity":
+            return bits
+        return bits.sum(dim=1, keepdim=True)
+
+    def _shared_prefix_forward(self, inputs, extra, rows, classification) -> Tensor | None:
+        """The model's output when it runs on the N examples and the layer's output is
+        replaced by the N * n_noise noisy copies; None when the model does not allow it.
+
+        The layers before ``layer`` then run once per example instead of once per copy.
+        This holds when the rest of the model takes only the layer's output (a sequential
+        stack, a whole ResNet stage); a skip connection or concatenation across the layer
+        fails on the mismatched batch (or returns the wrong number of rows) and the caller
+        runs the copies through the whole model instead, as the reference does. A size-1
+        batch that broadcasts against the copies is harmless: every copy shares the example.
+        """
+        try:
+            output = self.forward_func(*inputs, *extra)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means: run the copies in full
+            return None
+        if (
+            not isinstance(output, Tensor)
+            or output.dim() < 1
+            or output.shape[0] != rows
+            or (classification and output.dim() != 2)
+        ):
+            return None
+        return output
+
+    @staticmethod
+    def _columns(target: Any, clean: Tensor, loss: Any) -> Tensor:
+        output = clean.unsqueeze(1) if clean.dim() == 1 else clean
+        if target is None and loss != "cross_entropy":
+            if output.flatten(1).shape[1] != 1:
+                raise ValueError(
+                    "`target` is required for a regression loss on a model with "
+                    f"{output.flatten(1).shape[1]} outputs per example: name the output "
+                    "explained."
+                )
+            return torch.zeros(output.shape[0], dtype=torch.long, device=output.device)
+        columns, multi = output_selection(target, output, argument="target", default="predicted")
+        if multi:
+            raise ValueError(
+                "`target` must name one class per example for LayerIBA (one map per example); "
+                "call attribute once per class for several."
+            )
+        return columns[:, 0]
+
+    @staticmethod
+    def _model_loss(output: Tensor, clean: Tensor, columns: Tensor, loss: Any, n: int) -> Tensor:
+        rows = torch.arange(columns.shape[0], device=columns.device)
+        if loss == "cross_entropy":
+            return -torch.log_softmax(output, dim=1)[rows, columns]
+        if loss == "mse":
+            flat = output.reshape(output.shape[0], -1)
+            reference = clean.reshape(clean.shape[0], -1)
+            return (flat[rows, columns] - reference[rows, columns]) ** 2
+        values = loss(output, clean, columns)
+        if not isinstance(values, Tensor) or values.shape != (columns.shape[0],):
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(
+                f"`loss` must return one loss per noisy copy, shape ({columns.shape[0]},), got "
+                f"{got}."
+            )
+        return values
