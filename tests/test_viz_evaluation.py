@@ -30,11 +30,12 @@ def scores_and_inputs(request):
     before = model_snapshot(model)
     scores = compute_evaluation(model, BUNDLED_CAM_LAYER, images, max_images=5)
     assert_model_unchanged(model, before)
-    return scores, model, images[:5]
+    return scores, model, images
 
 
 def test_scores_are_the_metric_functions_on_the_same_maps(scores_and_inputs):
-    scores, model, images = scores_and_inputs
+    scores, model, all_images = scores_and_inputs
+    images = all_images[:5]
     assert scores.n_images == 5
     assert scores.methods == [
         "Saliency",
@@ -43,6 +44,7 @@ def test_scores_are_the_metric_functions_on_the_same_maps(scores_and_inputs):
         "GradCAM",
         "ContrastCAM",
         "FinerCAM",
+        "LayerIBA",
     ]
     with torch.no_grad():
         target = model(images).argmax(dim=1)
@@ -56,6 +58,25 @@ def test_scores_are_the_metric_functions_on_the_same_maps(scores_and_inputs):
     torch.testing.assert_close(
         scores.road_curves["Saliency"], curve.probability.double().mean(0), atol=1e-6, rtol=0
     )
+
+
+def test_layer_iba_is_estimated_on_all_images_and_scored_like_the_others(scores_and_inputs):
+    """LayerIBA's statistics come from every image given (6), its maps of the 5 scored ones
+    are upsampled bits (seed 0), and its deletion AUC is deletion of those maps."""
+    from captum_ext.attr import LayerIBA
+    from captum_ext.data import BUNDLED_CAM_LAYER
+
+    scores, model, all_images = scores_and_inputs
+    images = all_images[:5]
+    with torch.no_grad():
+        target = model(images).argmax(dim=1)
+    iba = LayerIBA(model, BUNDLED_CAM_LAYER)
+    iba.estimate(all_images)
+    bits = iba.attribute(images, target=target, generator=torch.Generator().manual_seed(0))
+    maps = torch.nn.functional.interpolate(bits, size=images.shape[-2:], mode="bilinear")
+    expected = deletion(model, images, maps, target=target, n_steps=10).mean().item()
+    assert scores.scores["deletion AUC"]["LayerIBA"] == pytest.approx(expected, abs=1e-6)
+    assert not math.isnan(scores.scores["randomisation"]["LayerIBA"])
 
 
 def test_sanity_checks_separate_guided_backprop_from_the_gradient(scores_and_inputs):

@@ -5,7 +5,9 @@
 :func:`evaluation_section` does both (``captum-ext report --sections evaluation``).
 
 Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM,
-ContrastCAM and FinerCAM (at ``layer``, upsampled). Metrics, each the mean over the images:
+ContrastCAM and FinerCAM (at ``layer``, upsampled), and LayerIBA at ``layer`` (its
+statistics estimated on all the images given; bits per position, upsampled). Metrics, each
+the mean over the images:
 
 ============================  =======  ==================================================
 metric                        better   what it is
@@ -82,11 +84,16 @@ class EvaluationScores:
         return pick(values, key=values.get)
 
 
-def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Module], Any]]:
-    """method -> ``factory(model) -> (attribute(inputs, target) -> maps at input size)``."""
+def _explainers(
+    model: nn.Module, layer: nn.Module, statistics_images: Tensor
+) -> dict[str, Callable[[nn.Module], Any]]:
+    """method -> ``factory(model) -> (attribute(inputs, target) -> maps at input size)``.
+
+    ``statistics_images``: the images whose activations give LayerIBA its per-feature mean
+    and std (estimated again for every model the factory is given, e.g. a randomised one)."""
     from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
 
-    from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM
+    from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerIBA
 
     names = {id(module): name for name, module in model.named_modules()}
     layer_name = names[id(layer)]
@@ -125,6 +132,16 @@ def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Mo
 
         return _Adapter(attribute)
 
+    def layer_iba(m: nn.Module) -> _Adapter:
+        iba = LayerIBA(m, m.get_submodule(layer_name))
+        iba.estimate(statistics_images)
+
+        def attribute(x: Tensor, target: Tensor) -> Tensor:
+            generator = torch.Generator(device=x.device).manual_seed(0)
+            return iba.attribute(x, target=target, generator=generator)
+
+        return _Adapter(attribute)
+
     def integrated(m: nn.Module) -> _Adapter:
         ig = IntegratedGradients(m)
         return _Adapter(lambda x, target: ig.attribute(x, target=target, n_steps=16))
@@ -136,6 +153,7 @@ def _explainers(model: nn.Module, layer: nn.Module) -> dict[str, Callable[[nn.Mo
         "GradCAM": gradcam,
         "ContrastCAM": contrastcam,
         "FinerCAM": finercam,
+        "LayerIBA": layer_iba,
     }
 
 
@@ -179,7 +197,7 @@ def compute_evaluation(
     )
 
     module = resolve_layer(model, layer)
-    explainers = _explainers(model, module)
+    explainers = _explainers(model, module, images)
     if max_images is not None:
         images = images[: check_int(max_images, "max_images")]
     scores: dict[str, dict[str, float]] = {metric: {} for metric in METRIC_DIRECTIONS}
