@@ -1,5 +1,5 @@
 """Attribution methods: Grad-CAM, contrastive, counterfactual, Finer-CAM, Grad-CAM++ maps; VOICE;
-activation-matching minimal masks."""
+activation-matching minimal masks; PathwayGradient."""
 
 from .activation_matching import (
     WEIGHT_PRESETS,
@@ -13,6 +13,7 @@ from .counterfactual_cam import CounterfactualCAM
 from .finer_cam import FinerCAM
 from .grad_cam import GradCAM
 from .grad_cam_plus_plus import LayerGradCamPlusPlus
+from .pathway_gradient import PathwayGradient, PathwayGradientResult
 from .voice import VOICE, VOICEResult
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "GradCAM",
     "LayerGradCamPlusPlus",
     "MaskLossWeights",
+    "PathwayGradient",
+    "PathwayGradientResult",
     "VOICE",
     "VOICEResult",
     "WEIGHT_PRESETS",

@@ -114,6 +114,7 @@ class _Sites:
         self.names = names
         self.mode = "gate"
         self.calls: list[tuple[int, tuple[int, ...]]] | None = None
+        self.recording: list[tuple[int, tuple[int, ...]]] = []
         self.position = 0
         self.counts: list[int] = [0] * len(modules)
         self.gates: list[Tensor] = []
@@ -165,8 +166,6 @@ class _Sites:
             return None
 
         return on_output
-
-    recording: list[tuple[int, tuple[int, ...]]]
 
     def site_names(self) -> list[str]:
         runs = [0] * len(self.modules)
@@ -365,7 +364,6 @@ class PathwayGradient(GradientAttribution):
                 )
         modules, names = self._modules(layers)
         sites = _Sites(modules, names)
-        sites.recording = []
         model = root_module(self.forward_func)
         registrations = [
             (lambda m=m, h=sites.hook(i): m.register_forward_hook(h)) for i, m in enumerate(modules)
@@ -410,13 +408,12 @@ class PathwayGradient(GradientAttribution):
             flat = torch.cat([s.reshape(n, -1) for s in scores], dim=1)
             threshold = percentile_threshold(flat, sparsity)
             del flat
-            view = (-1,)
             sites.masks = [
-                s.double() > threshold.reshape(*view, *([1] * (s.dim() - 1))) for s in scores
+                s.double() > threshold.reshape(-1, *([1] * (s.dim() - 1))) for s in scores
             ]
             # 3. the gradient of the pruned network
             sites.start("mask")
-            leaves = tuple(t.requires_grad_(True) for t in (t.detach().clone() for t in x))
+            leaves = tuple(t.detach().requires_grad_(True) for t in x)
             pruned = run_forward(self.forward_func, leaves, additional_forward_args)
             self._check_all_ran(sites)
             grads = objective_gradients(pruned.gather(1, classes).sum(), leaves, allow_unused=True)
