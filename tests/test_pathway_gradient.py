@@ -414,3 +414,14 @@ def test_pathway_graphs_from_masks(bundled_model, bundled_digits):
         pathway_graphs([result.masks["features.7"]])
     with pytest.raises(ValueError, match="scores"):
         pathway_graphs(result.masks, {"features.7": result.scores["features.7"]})
+
+
+@pytest.mark.cuda
+def test_cuda_equals_cpu(bundled_model, bundled_digits):
+    images, labels = bundled_digits
+    x, y = images[:8], labels[:8]
+    cpu = PathwayGradient(bundled_model).attribute(x, target=y, sparsity=0.95)
+    model = copy.deepcopy(bundled_model).cuda()
+    gpu = PathwayGradient(model).attribute(x.cuda(), target=y.cuda(), sparsity=0.95)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)

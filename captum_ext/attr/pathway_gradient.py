@@ -84,12 +84,33 @@ def percentile_threshold(values: Tensor, q: float) -> Tensor:
         lo = math.floor(virtual)
         hi = lo + 1
     gamma = virtual - math.floor(virtual)
-    low = values.kthvalue(lo + 1, dim=1).values.double()
-    high = low if hi == lo else values.kthvalue(hi + 1, dim=1).values.double()
+    low_value = values.kthvalue(lo + 1, dim=1, keepdim=True).values
+    if hi == lo:
+        high_value = low_value
+    else:
+        # the next order statistic without a second selection: a_lo again when it occurs more
+        # than lo + 1 times, else the smallest value above it
+        above = values > low_value
+        repeated = (values.shape[1] - above.sum(dim=1, keepdim=True)) > lo + 1
+        smallest_above = torch.where(above, values, torch.full_like(values, math.inf))
+        high_value = torch.where(repeated, low_value, smallest_above.amin(dim=1, keepdim=True))
+    low, high = low_value[:, 0].double(), high_value[:, 0].double()
     diff = high - low
     if gamma >= 0.5:
         return high - diff * (1.0 - gamma)
     return low + diff * gamma
+
+
+def _round_down(threshold: Tensor, dtype: torch.dtype) -> Tensor:
+    """The largest ``dtype`` number <= each float64 threshold: for scores of that dtype,
+    ``s > threshold`` (compared exactly) is ``s > _round_down(threshold)``."""
+    if dtype == torch.float64:
+        return threshold
+    rounded = threshold.to(dtype)
+    too_big = rounded.double() > threshold
+    return torch.where(
+        too_big, torch.nextafter(rounded, torch.full_like(rounded, -math.inf)), rounded
+    )
 
 
 class _Sites:
@@ -409,7 +430,8 @@ class PathwayGradient(GradientAttribution):
             threshold = percentile_threshold(flat, sparsity)
             del flat
             sites.masks = [
-                s.double() > threshold.reshape(-1, *([1] * (s.dim() - 1))) for s in scores
+                s > _round_down(threshold, s.dtype).reshape(-1, *([1] * (s.dim() - 1)))
+                for s in scores
             ]
             # 3. the gradient of the pruned network
             sites.start("mask")
