@@ -425,3 +425,49 @@ def test_cuda_equals_cpu(bundled_model, bundled_digits):
     gpu = PathwayGradient(model).attribute(x.cuda(), target=y.cuda(), sparsity=0.95)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ cascading randomisation
+
+
+def _spearman_curve(model, images, explainer, **kwargs):
+    from captum_ext.metrics.sanity import model_randomisation
+
+    curves = model_randomisation(
+        explainer, model, images, similarity="spearman_abs", seed=0, attribute_kwargs=kwargs
+    )
+    return curves.similarity["spearman_abs"].mean(dim=1)
+
+
+@pytest.fixture(scope="module")
+def randomisation_baselines(bundled_model, bundled_digits):
+    from captum.attr import GuidedBackprop
+
+    images = bundled_digits[0][:16]
+    gradient = _spearman_curve(bundled_model, images, lambda m: Saliency(m), abs=False)
+    guided = _spearman_curve(bundled_model, images, lambda m: GuidedBackprop(m))
+    return images, gradient, guided
+
+
+def test_cascading_randomisation_at_the_authors_sparsity(bundled_model, randomisation_baselines):
+    """Sparsity 0.7 (the authors' sanity-check setting): the |Spearman| curve falls at least
+    as fast as the plain gradient's (within 0.05) and stays below Guided Backprop's. On this
+    small CNN 89-92% of each image's neurons score 0 (dead, or max-pooled away), so at 0.7
+    the pathway keeps every contributing neuron and the maps are the gradient's."""
+    images, gradient, guided = randomisation_baselines
+    pathway = _spearman_curve(bundled_model, images, lambda m: PathwayGradient(m), sparsity=0.7)
+    assert bool((pathway <= gradient + 0.05).all()), (pathway, gradient)
+    assert bool((pathway < guided).all()), (pathway, guided)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured (benchmarks/RESULTS.md): at sparsity 0.95 the pathway maps stay more "
+    "similar to the original after randomisation than the plain gradient's (0.55 vs 0.16 after "
+    "the last step), and above Guided Backprop's after the last step",
+)
+def test_cascading_randomisation_at_high_sparsity(bundled_model, randomisation_baselines):
+    images, gradient, guided = randomisation_baselines
+    pathway = _spearman_curve(bundled_model, images, lambda m: PathwayGradient(m), sparsity=0.95)
+    assert bool((pathway <= gradient + 0.05).all()), (pathway, gradient)
+    assert bool((pathway < guided).all()), (pathway, guided)
