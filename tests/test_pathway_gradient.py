@@ -471,3 +471,23 @@ def test_cascading_randomisation_at_high_sparsity(bundled_model, randomisation_b
     pathway = _spearman_curve(bundled_model, images, lambda m: PathwayGradient(m), sparsity=0.95)
     assert bool((pathway <= gradient + 0.05).all()), (pathway, gradient)
     assert bool((pathway < guided).all()), (pathway, guided)
+
+
+def test_targets_in_captum_forms_and_wrapped_models(bundled_model, bundled_digits):
+    from captum.metrics import sensitivity_max
+
+    images, labels = bundled_digits
+    x = images[:3]
+    method = PathwayGradient(bundled_model)
+    per_example = method.attribute(x, target=[3, 3, 3], sparsity=0.95)
+    for form in (3, (3,), torch.tensor(3), torch.tensor([3]), [(3,), (3,), (3,)], -7):
+        torch.testing.assert_close(method.attribute(x, target=form, sparsity=0.95), per_example)
+    for wrapped in (bundled_model.forward, nn.DataParallel(bundled_model)):
+        torch.testing.assert_close(
+            PathwayGradient(wrapped).attribute(x, target=3, sparsity=0.95), per_example
+        )
+    with torch.no_grad():
+        sens = sensitivity_max(
+            method.attribute, x, target=labels[:3], sparsity=0.95, n_perturb_samples=2
+        )
+    assert sens.shape == (3,) and bool(torch.isfinite(sens).all())
