@@ -410,20 +410,21 @@ class PathwayGradient(GradientAttribution):
                     f"`layers`: none of the scored modules ({', '.join(names[:5])}"
                     f"{', ...' if len(names) > 5 else ''}) ran in the forward pass."
                 )
-            gates = sites.gates
-            selected = logits.gather(1, classes).sum()
-            found = objective_gradients(selected, gates, allow_unused=True)
+            gates, sites.gates = sites.gates, []
             if score == "taylor":
+                selected = logits.gather(1, classes).sum()
+                found = objective_gradients(selected, gates, allow_unused=True)
                 scores = [
                     torch.zeros_like(g) if d is None else d.detach().abs()
                     for g, d in zip(gates, found)
                 ]
+                del found, selected
             else:
+                del logits  # the first pass only gave the classes and the calls
                 scores = self._integrated_scores(
                     sites, x, classes, additional_forward_args, n_steps
                 )
-            del gates, found, logits, selected
-            sites.gates = []
+            del gates
             # 2. one threshold per example over all neurons
             n = x[0].shape[0]
             flat = torch.cat([s.reshape(n, -1) for s in scores], dim=1)
