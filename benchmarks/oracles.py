@@ -30,7 +30,14 @@ from captum.attr import (
     Saliency,
 )
 
-from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerGradCamPlusPlus, LayerIBA
+from captum_ext.attr import (
+    ContrastCAM,
+    FinerCAM,
+    GradCAM,
+    LayerGradCamPlusPlus,
+    LayerIBA,
+    PathwayGradient,
+)
 from captum_ext.metrics.ground_truth import attribution_f1
 from captum_ext.testing import dominant_colour_oracle, interaction_oracle, null_region_oracle
 
@@ -62,6 +69,9 @@ def _methods(oracle, layer):
         "GuidedBackprop": lambda: GuidedBackprop(model).attribute(x.clone(), target=t),
         "Occlusion (1 px)": lambda: Occlusion(model).attribute(
             x, sliding_window_shapes=(x.shape[1], 1, 1), baselines=base, target=t
+        ),
+        "PathwayGradient (sparsity 0.7)": lambda: PathwayGradient(model).attribute(
+            x, target=t, sparsity=0.7
         ),
     }
     if layer is not None:

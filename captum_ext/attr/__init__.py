@@ -1,5 +1,5 @@
 """Attribution methods: Grad-CAM, contrastive, counterfactual, Finer-CAM, Grad-CAM++ maps; VOICE;
-activation-matching minimal masks; IBA bottleneck maps."""
+activation-matching minimal masks; IBA bottleneck maps; PathwayGradient."""
 
 from .activation_matching import (
     WEIGHT_PRESETS,
@@ -14,6 +14,7 @@ from .finer_cam import FinerCAM
 from .grad_cam import GradCAM
 from .grad_cam_plus_plus import LayerGradCamPlusPlus
 from .layer_iba import LayerIBA, upsample_bits
+from .pathway_gradient import PathwayGradient, PathwayGradientResult
 from .voice import VOICE, VOICEResult
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "LayerGradCamPlusPlus",
     "LayerIBA",
     "MaskLossWeights",
+    "PathwayGradient",
+    "PathwayGradientResult",
     "VOICE",
     "VOICEResult",
     "WEIGHT_PRESETS",

@@ -10,6 +10,7 @@ plots one (needs the ``viz`` extra).
 from captum_ext.circuits.compare import CircuitComparison, compare, from_json, to_json
 from captum_ext.circuits.connection import Connection
 from captum_ext.circuits.draw import draw
+from captum_ext.circuits.pathway import pathway_graphs
 from captum_ext.circuits.readout import CircuitReadout
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "compare",
     "draw",
     "from_json",
+    "pathway_graphs",
     "to_json",
 ]
