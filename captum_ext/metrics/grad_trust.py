@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.batched_grad import per_example_parameter_gradients
+from captum_ext._utils.batched_grad import per_example_parameter_gradients, run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import format_additional_forward_args, format_inputs
@@ -40,6 +40,8 @@ __all__ = ["GradTrust", "gradtrust"]
 FORMS = ("topk", "reference")
 METHODS = ("auto", "closed_form", "autograd")
 DEFAULT_K = 5
+#: the ``layer`` value that measures the gradients of every parameter of the model
+ALL_PARAMETERS = "all"
 
 
 def _check_k(k: Any, num_classes: int) -> int:
@@ -149,13 +151,24 @@ def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
     return torch.where(vanishing, torch.full_like(score, math.nan), score)
 
 
-def _variances(g: Tensor) -> Tensor:
-    """(n, K) unbiased variance over all entries of each (n, K, ...) gradient, accumulated in
-    float64 where the device has it (float32 sums of ~1e5 squares lose digits)."""
-    flat = g.flatten(2)
-    if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) and flat.device.type != "mps":
-        return flat.double().var(2)
-    return flat.float().var(2) if flat.dtype != torch.float64 else flat.var(2)
+def _accumulation_dtype(g: Tensor) -> torch.dtype:
+    """float64 where the device has it (float32 sums of ~1e5 squares lose digits)."""
+    if g.dtype == torch.float64 or g.device.type != "mps":
+        return torch.float64
+    return torch.float32
+
+
+def _variances(grads: dict[str, Tensor]) -> Tensor:
+    """(n, K) unbiased variance over all entries of the (n, K, ...) gradients taken together
+    (one parameter, or every parameter of the model as one vector), accumulated in float64
+    where the device has it. Two passes (the mean, then the squared deviations), so a large
+    mean does not cancel digits."""
+    flats = [g.flatten(2) for g in grads.values()]
+    dtype = _accumulation_dtype(flats[0])
+    count = sum(f.shape[2] for f in flats)
+    mean = sum(f.to(dtype).sum(2) for f in flats) / count
+    squares = sum((f.to(dtype) - mean.unsqueeze(2)).pow(2).sum(2) for f in flats)
+    return squares / (count - 1)
 
 
 def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
@@ -165,9 +178,8 @@ def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]
 
     def reduce(grads: dict[str, Tensor]) -> Tensor:
         nonlocal position
-        (g,) = grads.values()
-        n = g.shape[0]
-        variances = _variances(g)
+        n = next(iter(grads.values())).shape[0]
+        variances = _variances(grads)
         scale = log_scale[position : position + n].to(variances.device, variances.dtype)
         position += n
         return _log_ratio(torch.log(variances) + 2 * scale)
@@ -385,6 +397,11 @@ def gradtrust(
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
+    if isinstance(layer, str) and layer == ALL_PARAMETERS:
+        score, logits = _all_parameters_score(
+            forward_func, inputs, extra, form, k, method, output_transform
+        )
+        return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
     head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
     model = root_module(forward_func)
     with preserved_state([model, head]):
@@ -432,6 +449,55 @@ def gradtrust(
     if form == "topk":
         return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
     return torch.log(score).to(logits.dtype) if log else score.to(logits.dtype)
+
+
+def _all_parameters_score(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    form: str,
+    k: int | None,
+    method: str,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """``layer="all"``: (log-score (N,), logits) of the topk form with the variance taken over
+    every entry of every parameter of the model (one vector), by per-example autograd."""
+    if form != "topk":
+        raise ValueError(
+            "`layer`='all' is only defined for form='topk': the reference form takes the "
+            "variance of each row of one weight matrix (one energy per class), which a "
+            "model's parameters as a whole do not have; pass a layer for form='reference'."
+        )
+    if method == "closed_form":
+        raise ValueError(
+            "`layer`='all' has no closed form (the gradients of the inner parameters need a "
+            "backward pass); use method='auto' or method='autograd'."
+        )
+    model = root_module(forward_func)
+    if model is None:
+        raise TypeError(
+            "`layer`='all' measures the gradients of every parameter of the model, but "
+            "forward_func is not an nn.Module (nor a bound method of one); pass `layer`."
+        )
+    params = dict(model.named_parameters())
+    if not params:
+        raise ValueError(f"`layer`='all': the model ({type(model).__name__}) has no parameters.")
+    with preserved_state([model]):
+        with torch.no_grad():
+            logits = run_forward(forward_func, inputs, extra, output_transform)
+        k = _check_k(k, logits.shape[1])
+        cotangents, log_scale = _scaled_topk_cotangents(logits, k)
+        score = per_example_parameter_gradients(
+            forward_func,
+            inputs,
+            extra,
+            {"m": model},
+            {f"m.{name}": p for name, p in params.items()},
+            cotangents,
+            _log_topk_reduce(log_scale),
+            output_transform,
+        )
+    return score.to(device=logits.device), logits
 
 
 def _exp_score(log_score: Tensor, dtype: torch.dtype) -> Tensor:
