@@ -64,6 +64,11 @@ def score_functions(evidence) -> dict:
         f"gradtrust[{layer}]": (lambda m, x, layer=layer: gradtrust(m, x, layer=layer, log=True))
         for layer in LAYERS
     }
+    # the contrasts: only the runner-up class (k = 1) or every other class (k = C - 1 = 9)
+    for layer, k in (("classifier", 1), ("classifier", 9), ("all", 1)):
+        scores[f"gradtrust[{layer}, k={k}]"] = lambda m, x, layer=layer, k=k: gradtrust(
+            m, x, layer=layer, k=k, log=True
+        )
     baselines = evidence.score_functions(SEED)
     for name in ("gradtrust (top-k)", "gradtrust (reference)"):
         baselines.pop(name)  # gradtrust[classifier] is the top-k form at the last layer
