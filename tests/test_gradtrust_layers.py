@@ -189,3 +189,17 @@ def test_all_parameters_vanishing_gradients_are_nan_like_autograd():
     scores = gradtrust(model, x, layer="all", log=True, k=1)
     assert torch.isnan(scores).all()
     assert torch.isnan(loop_log_gradtrust(model, x, 1, "all")).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layer", ["features.3.conv", "all"])
+def test_inner_layer_and_all_parameters_on_cuda_equal_cpu(layer):
+    model = make_tiny_cnn(seed=0)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cpu = gradtrust(model, x, layer=layer, log=True)
+    gpu_model = copy.deepcopy(model).cuda()
+    before = model_snapshot(gpu_model)
+    gpu = gradtrust(gpu_model, x.cuda(), layer=layer, log=True)
+    assert_model_unchanged(gpu_model, before)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-10)
