@@ -167,6 +167,8 @@ def test_layer_all_bad_arguments():
         gradtrust(model, x, layer="all", form="reference")
     with pytest.raises(ValueError, match="`layer`='all' has no closed form"):
         gradtrust(model, x, layer="all", method="closed_form")
+    with pytest.raises(ValueError, match="`layer`='all' is only defined for form='topk'"):
+        GradTrust(model, layer="all", form="reference")  # checked once, at construction
     with pytest.raises(TypeError, match="`layer`='all'.*not an nn.Module"):
         gradtrust(lambda t: model(t), x, layer="all")
     with pytest.raises(ValueError, match="`k`=5 is out of range"):

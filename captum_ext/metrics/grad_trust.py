@@ -247,6 +247,8 @@ class GradTrust:
                 raise ValueError(f"`k`={k} is out of range: expected k >= 1.")
         if not isinstance(log, bool):
             raise TypeError(f"`log` must be True or False, got {type(log).__name__}.")
+        if isinstance(layer, str) and layer == ALL_PARAMETERS:
+            _check_all_parameters_options(self.form, self.method)
         self.k = k
         self.layer = layer
         self.log = log
@@ -479,17 +481,7 @@ def gradtrust(
     return torch.log(score).to(logits.dtype) if log else score.to(logits.dtype)
 
 
-def _all_parameters_score(
-    forward_func: Callable,
-    inputs: tuple[Tensor, ...],
-    extra: tuple,
-    form: str,
-    k: int | None,
-    method: str,
-    output_transform: Callable[[Any], Tensor] | None,
-) -> tuple[Tensor, Tensor]:
-    """``layer="all"``: (log-score (N,), logits) of the topk form with the variance taken over
-    every entry of every parameter of the model (one vector), by per-example autograd."""
+def _check_all_parameters_options(form: str, method: str) -> None:
     if form != "topk":
         raise ValueError(
             "`layer`='all' is only defined for form='topk': the reference form takes the "
@@ -501,6 +493,20 @@ def _all_parameters_score(
             "`layer`='all' has no closed form (the gradients of the inner parameters need a "
             "backward pass); use method='auto' or method='autograd'."
         )
+
+
+def _all_parameters_score(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    form: str,
+    k: int | None,
+    method: str,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """``layer="all"``: (log-score (N,), logits) of the topk form with the variance taken over
+    every entry of every parameter of the model (one vector), by per-example autograd."""
+    _check_all_parameters_options(form, method)
     model = root_module(forward_func)
     if model is None:
         raise TypeError(
