@@ -1,4 +1,5 @@
-r"""GradTrust: the trust of a prediction from the counterfactual gradients of the last layer.
+r"""GradTrust: the trust of a prediction from counterfactual gradients (by default those of the
+last layer; of an inner layer or of every parameter on request).
 
 :func:`gradtrust` scores a batch; :class:`GradTrust` holds a configuration for scoring many
 batches. Higher always means more trusted; the model is left exactly as it was found. On
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.batched_grad import per_example_parameter_gradients
+from captum_ext._utils.batched_grad import per_example_parameter_gradients, run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import format_additional_forward_args, format_inputs
@@ -40,6 +41,8 @@ __all__ = ["GradTrust", "gradtrust"]
 FORMS = ("topk", "reference")
 METHODS = ("auto", "closed_form", "autograd")
 DEFAULT_K = 5
+#: the ``layer`` value that measures the gradients of every parameter of the model
+ALL_PARAMETERS = "all"
 
 
 def _check_k(k: Any, num_classes: int) -> int:
@@ -149,13 +152,24 @@ def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
     return torch.where(vanishing, torch.full_like(score, math.nan), score)
 
 
-def _variances(g: Tensor) -> Tensor:
-    """(n, K) unbiased variance over all entries of each (n, K, ...) gradient, accumulated in
-    float64 where the device has it (float32 sums of ~1e5 squares lose digits)."""
-    flat = g.flatten(2)
-    if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) and flat.device.type != "mps":
-        return flat.double().var(2)
-    return flat.float().var(2) if flat.dtype != torch.float64 else flat.var(2)
+def _accumulation_dtype(g: Tensor) -> torch.dtype:
+    """float64 where the device has it (float32 sums of ~1e5 squares lose digits)."""
+    if g.dtype == torch.float64 or g.device.type != "mps":
+        return torch.float64
+    return torch.float32
+
+
+def _variances(grads: dict[str, Tensor]) -> Tensor:
+    """(n, K) unbiased variance over all entries of the (n, K, ...) gradients taken together
+    (one parameter, or every parameter of the model as one vector), accumulated in float64
+    where the device has it. Two passes (the mean, then the squared deviations), so a large
+    mean does not cancel digits."""
+    flats = [g.flatten(2) for g in grads.values()]
+    dtype = _accumulation_dtype(flats[0])
+    count = sum(f.shape[2] for f in flats)
+    mean = sum(f.to(dtype).sum(2) for f in flats) / count
+    squares = sum((f.to(dtype) - mean.unsqueeze(2)).pow(2).sum(2) for f in flats)
+    return squares / (count - 1)
 
 
 def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
@@ -165,9 +179,8 @@ def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]
 
     def reduce(grads: dict[str, Tensor]) -> Tensor:
         nonlocal position
-        (g,) = grads.values()
-        n = g.shape[0]
-        variances = _variances(g)
+        n = next(iter(grads.values())).shape[0]
+        variances = _variances(grads)
         scale = log_scale[position : position + n].to(variances.device, variances.dtype)
         position += n
         return _log_ratio(torch.log(variances) + 2 * scale)
@@ -197,8 +210,9 @@ class GradTrust:
             (the published demo's definition).
         k (int, optional): number of counterfactual classes for ``form="topk"``.
             Default: min(5, C - 1).
-        layer (nn.Module or str, optional): the layer whose weight gradients are measured.
-            Default: the last ``nn.Linear`` of the model, which must produce the logits.
+        layer (nn.Module or str, optional): the layer whose weight gradients are measured,
+            or ``"all"`` for every parameter of the model. Default: the last ``nn.Linear``
+            of the model, which must produce the logits.
         method (str, optional): ``"auto"``, ``"closed_form"`` or ``"autograd"``.
         log (bool, optional): return the natural log of the score (finite on confident
             models, where the score itself overflows). Default: False.
@@ -233,6 +247,8 @@ class GradTrust:
                 raise ValueError(f"`k`={k} is out of range: expected k >= 1.")
         if not isinstance(log, bool):
             raise TypeError(f"`log` must be True or False, got {type(log).__name__}.")
+        if isinstance(layer, str) and layer == ALL_PARAMETERS:
+            _check_all_parameters_options(self.form, self.method)
         self.k = k
         self.layer = layer
         self.log = log
@@ -321,6 +337,30 @@ def gradtrust(
     each example as a batch of one (batch norm uses that example's statistics) on its own
     copy of the buffers; the model's running statistics are never changed.
 
+    **Which parameters** (``layer``). The paper describes the gradients as "the required
+    changes in the network parameters"; the authors' published demo takes them at the final
+    linear layer's weight only (the first 2-D parameter with C rows). There, as shown above,
+    the score is a function of the softmax vector alone. ``layer`` may name any module with a
+    ``weight`` (a convolution too: its whole weight tensor is one gradient), and
+    ``layer="all"`` takes the gradients of every parameter of the model (frozen ones
+    included: the score describes the model's function, not its training set-up) and the
+    variance over all their entries as one vector, by per-example autograd:
+
+    .. code-block:: text
+
+        layer="all":  gradtrust = mean_Q Var_t(grad_t CE(z, Q)) / Var_t(grad_t CE(z, P))
+                      (t = all parameters of the model as one vector)
+
+    ``layer="all"`` is defined for ``form="topk"`` only and costs one backward pass per
+    contrast. Recommended setting: the default (final linear layer, closed form). On the
+    bundled digit model's 1,000 held-out digits (``benchmarks/gradtrust_layers.py``) the
+    inner layers and ``"all"`` do not beat it in any setting: on a weakly trained model they
+    decorrelate from softmax confidence (Spearman 0.24-0.77) but rank mispredictions worse
+    (misprediction AUROC 0.58-0.64 against 0.69 at the last layer and 0.68 for softmax
+    confidence), and on noisy inputs they are below both. No setting clearly beats softmax
+    confidence there: the last layer is ahead by 0.007 AUROC on the weak model and behind by
+    0.003 on noisy inputs.
+
     **Confident models and** ``log``. The topk score grows like exp(2 (z_P - z_Q)): it
     exceeds the float32 range (3.4e38) once the top-1/top-2 logit gap passes about 44, and
     the float64 range past about 355; ImageNet models are that confident on many images. It
@@ -352,7 +392,8 @@ def gradtrust(
         k (int, optional): counterfactual classes for ``"topk"``, in [1, C - 1].
             Default: min(5, C - 1).
         layer (nn.Module or str, optional): the layer whose ``weight`` gradient is measured,
-            as a module or a dotted name. Default: the last ``nn.Linear`` of the model; its
+            as a module or a dotted name, or ``"all"`` for every parameter of the model (see
+            "Which parameters"). Default: the last ``nn.Linear`` of the model; its
             output must be the logits, else a ValueError asks for ``layer`` or
             ``method="autograd"``.
         method (str, optional): ``"auto"`` (closed form when the layer produces the logits,
@@ -377,6 +418,9 @@ def gradtrust(
         >>> log_scores = gradtrust(model, images, log=True)         # confident models
         >>> scores = gradtrust(model, images, form="reference")     # published demo
         >>> scores = gradtrust(model, images, layer="features.6")  # autograd path
+        >>> log_all = gradtrust(model, x, layer="all", log=True)   # every parameter
+        >>> log_all.shape
+        torch.Size([4])
     """
     form = _check_choice(form, FORMS, "form")
     method = _check_choice(method, METHODS, "method")
@@ -385,6 +429,11 @@ def gradtrust(
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
+    if isinstance(layer, str) and layer == ALL_PARAMETERS:
+        score, logits = _all_parameters_score(
+            forward_func, inputs, extra, form, k, method, output_transform
+        )
+        return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
     head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
     model = root_module(forward_func)
     with preserved_state([model, head]):
@@ -432,6 +481,59 @@ def gradtrust(
     if form == "topk":
         return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
     return torch.log(score).to(logits.dtype) if log else score.to(logits.dtype)
+
+
+def _check_all_parameters_options(form: str, method: str) -> None:
+    if form != "topk":
+        raise ValueError(
+            "`layer`='all' is only defined for form='topk': the reference form takes the "
+            "variance of each row of one weight matrix (one energy per class), which a "
+            "model's parameters as a whole do not have; pass a layer for form='reference'."
+        )
+    if method == "closed_form":
+        raise ValueError(
+            "`layer`='all' has no closed form (the gradients of the inner parameters need a "
+            "backward pass); use method='auto' or method='autograd'."
+        )
+
+
+def _all_parameters_score(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    form: str,
+    k: int | None,
+    method: str,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """``layer="all"``: (log-score (N,), logits) of the topk form with the variance taken over
+    every entry of every parameter of the model (one vector), by per-example autograd."""
+    _check_all_parameters_options(form, method)
+    model = root_module(forward_func)
+    if model is None:
+        raise TypeError(
+            "`layer`='all' measures the gradients of every parameter of the model, but "
+            "forward_func is not an nn.Module (nor a bound method of one); pass `layer`."
+        )
+    params = dict(model.named_parameters())
+    if not params:
+        raise ValueError(f"`layer`='all': the model ({type(model).__name__}) has no parameters.")
+    with preserved_state([model]):
+        with torch.no_grad():
+            logits = run_forward(forward_func, inputs, extra, output_transform)
+        k = _check_k(k, logits.shape[1])
+        cotangents, log_scale = _scaled_topk_cotangents(logits, k)
+        score = per_example_parameter_gradients(
+            forward_func,
+            inputs,
+            extra,
+            {"m": model},
+            {f"m.{name}": p for name, p in params.items()},
+            cotangents,
+            _log_topk_reduce(log_scale),
+            output_transform,
+        )
+    return score.to(device=logits.device), logits
 
 
 def _exp_score(log_score: Tensor, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,207 @@
+"""GradTrust beyond the last layer: the gradients at an inner weight layer of the bundled
+digit model and over every parameter (``layer="all"``), each against a per-example float64
+autograd loop written here (``torch.autograd.grad`` of the cross-entropy, one example and one
+class at a time)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from captum_ext.metrics import GradTrust, gradtrust
+
+
+def loop_log_gradtrust(model: nn.Module, x: torch.Tensor, k: int, layer: str) -> torch.Tensor:
+    """log(mean_Q Var(grad CE(z, Q)) / Var(grad CE(z, P))) for each example, by autograd in
+    float64: the variance over every entry of the weight of ``layer``, or of all parameters
+    concatenated into one vector for ``layer="all"``."""
+    model = copy.deepcopy(model).double()
+    if layer == "all":
+        params = list(model.parameters())
+    else:
+        params = [dict(model.named_modules())[layer].weight]
+    for p in params:
+        p.requires_grad_(True)
+    out = []
+    for i in range(len(x)):
+        xi = x[i : i + 1].double()
+        with torch.no_grad():
+            classes = model(xi).topk(k + 1, dim=1).indices[0].tolist()
+        variances = []
+        for c in classes:
+            loss = F.cross_entropy(model(xi), torch.tensor([c]))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            flat = torch.cat(
+                [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]
+            )
+            variances.append(flat.var())
+        variances = torch.stack(variances)
+        out.append(torch.log(variances[1:].mean() / variances[0]))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def digits64(bundled_digits):
+    images, _ = bundled_digits
+    return images[:6].double()
+
+
+@pytest.fixture(scope="module")
+def model64(_bundled_model_once):
+    return copy.deepcopy(_bundled_model_once).double().eval()
+
+
+@pytest.mark.parametrize("layer", ["features.0", "features.3", "features.6", "all"])
+def test_bundled_model_layers_equal_float64_autograd_loop(model64, digits64, layer):
+    before = model_snapshot(model64)
+    scores = gradtrust(model64, digits64, layer=layer, log=True)
+    assert_model_unchanged(model64, before)
+    expected = loop_log_gradtrust(model64, digits64, 5, layer)
+    assert scores.shape == (len(digits64),) and scores.dtype == torch.float64
+    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-12)
+    # the raw score is exp of the log score
+    raw = gradtrust(model64, digits64, layer=layer)
+    torch.testing.assert_close(raw, expected.exp(), rtol=1e-9, atol=0)
+
+
+def test_all_parameters_on_the_float32_bundled_model_equal_float64(bundled_model, sample_digits):
+    images = sample_digits[0][:8]
+    before = model_snapshot(bundled_model)
+    scores32 = gradtrust(bundled_model, images, layer="all", log=True)
+    assert_model_unchanged(bundled_model, before)
+    scores64 = gradtrust(
+        copy.deepcopy(bundled_model).double(), images.double(), layer="all", log=True
+    )
+    assert scores32.dtype == torch.float32
+    torch.testing.assert_close(scores32.double(), scores64, rtol=1e-4, atol=1e-4)
+    # not a function of the softmax vector alone: differs from the last-layer score
+    last = gradtrust(bundled_model, images, log=True)
+    assert not torch.allclose(scores32, last, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_all_parameters_tiny_cnn_with_batchnorm_and_residual(k):
+    model = make_tiny_cnn(seed=2)  # float64, eval mode, batch norm with real statistics
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = loop_log_gradtrust(model, x, k, "all")
+    torch.testing.assert_close(
+        gradtrust(model, x, layer="all", k=k, log=True), expected, rtol=1e-9, atol=1e-12
+    )
+    # the GradTrust class passes layer="all" through
+    torch.testing.assert_close(
+        GradTrust(model, layer="all", k=k, log=True).score(x), expected, rtol=1e-9, atol=1e-12
+    )
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_all_parameters_batched_equals_one_by_one(batch, k, seed):
+    model = make_tiny_cnn(seed=1)
+    x = torch.randn(
+        batch, 3, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    batched = gradtrust(model, x, layer="all", k=k, log=True)
+    single = torch.cat(
+        [gradtrust(model, x[i : i + 1], layer="all", k=k, log=True) for i in range(batch)]
+    )
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-12)
+    order = torch.arange(batch).flip(0)
+    torch.testing.assert_close(
+        gradtrust(model, x[order], layer="all", k=k, log=True),
+        batched[order],
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+def test_frozen_parameters_count_and_model_left_exactly_as_found():
+    model = make_tiny_cnn(seed=0)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = gradtrust(model, x, layer="all", log=True)
+    # an unusual state that must survive: frozen layer, stale grads, mixed modes, a hook
+    model.features[0].weight.requires_grad_(False)
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    model.features[4].train()
+    handle = model.head.register_forward_hook(lambda m, i, o: None)
+    try:
+        before = model_snapshot(model)
+        scores = gradtrust(model, x, layer="all", log=True)
+        assert_model_unchanged(model, before)
+    finally:
+        handle.remove()
+    # the frozen weight still counts (the score describes the model function); dropout in
+    # train mode is not part of the eval-mode expectation, so compare with eval-mode dropout
+    model.features[4].eval()
+    torch.testing.assert_close(
+        gradtrust(model, x, layer="all", log=True), expected, rtol=1e-12, atol=0
+    )
+    assert torch.isfinite(scores).all()
+
+
+def test_train_mode_batchnorm_statistics_untouched():
+    model = make_tiny_cnn(seed=0).train()
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    before = model_snapshot(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        scores = gradtrust(model, x, layer="all", log=True)
+    assert_model_unchanged(model, before)
+    assert scores.shape == (3,)
+
+
+def test_layer_all_bad_arguments():
+    model = make_tiny_cnn(seed=0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="`layer`='all' is only defined for form='topk'"):
+        gradtrust(model, x, layer="all", form="reference")
+    with pytest.raises(ValueError, match="`layer`='all' has no closed form"):
+        gradtrust(model, x, layer="all", method="closed_form")
+    with pytest.raises(ValueError, match="`layer`='all' is only defined for form='topk'"):
+        GradTrust(model, layer="all", form="reference")  # checked once, at construction
+    with pytest.raises(TypeError, match="`layer`='all'.*not an nn.Module"):
+        gradtrust(lambda t: model(t), x, layer="all")
+    with pytest.raises(ValueError, match="`k`=5 is out of range"):
+        gradtrust(model, x, layer="all", k=5)
+
+    class NoParameters(nn.Module):
+        def forward(self, t):
+            return t.flatten(1)[:, :4]
+
+    with pytest.raises(ValueError, match="`layer`='all'.*no parameters"):
+        gradtrust(NoParameters(), x, layer="all")
+    with pytest.raises(ValueError, match="`layer`='al'"):
+        gradtrust(model, x, layer="al")  # a misspelling is a module name that does not exist
+
+
+def test_all_parameters_vanishing_gradients_are_nan_like_autograd():
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 3, bias=False))
+    model = model.double().eval()
+    x = torch.zeros(2, 3, dtype=torch.float64)  # every gradient is zero: 0 / 0
+    scores = gradtrust(model, x, layer="all", log=True, k=1)
+    assert torch.isnan(scores).all()
+    assert torch.isnan(loop_log_gradtrust(model, x, 1, "all")).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layer", ["features.3.conv", "all"])
+def test_inner_layer_and_all_parameters_on_cuda_equal_cpu(layer):
+    model = make_tiny_cnn(seed=0)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cpu = gradtrust(model, x, layer=layer, log=True)
+    gpu_model = copy.deepcopy(model).cuda()
+    before = model_snapshot(gpu_model)
+    gpu = gradtrust(gpu_model, x.cuda(), layer=layer, log=True)
+    assert_model_unchanged(gpu_model, before)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-10)
