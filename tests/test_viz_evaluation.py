@@ -45,6 +45,7 @@ def test_scores_are_the_metric_functions_on_the_same_maps(scores_and_inputs):
         "ContrastCAM",
         "FinerCAM",
         "LayerIBA",
+        "PathwayGradient",
     ]
     with torch.no_grad():
         target = model(images).argmax(dim=1)
@@ -77,6 +78,18 @@ def test_layer_iba_is_estimated_on_all_images_and_scored_like_the_others(scores_
     expected = deletion(model, images, maps, target=target, n_steps=10).mean().item()
     assert scores.scores["deletion AUC"]["LayerIBA"] == pytest.approx(expected, abs=1e-6)
     assert not math.isnan(scores.scores["randomisation"]["LayerIBA"])
+
+
+def test_pathway_gradient_is_scored_on_its_own_maps(scores_and_inputs):
+    from captum_ext.attr import PathwayGradient
+
+    scores, model, all_images = scores_and_inputs
+    images = all_images[:5]
+    with torch.no_grad():
+        target = model(images).argmax(dim=1)
+    maps = PathwayGradient(model).attribute(images.clone(), target=target).sum(1, keepdim=True)
+    expected = deletion(model, images, maps, target=target, n_steps=10).mean().item()
+    assert scores.scores["deletion AUC"]["PathwayGradient"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_sanity_checks_separate_guided_backprop_from_the_gradient(scores_and_inputs):

@@ -5,8 +5,9 @@
 :func:`evaluation_section` does both (``captum-ext report --sections evaluation``).
 
 Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM,
-ContrastCAM and FinerCAM (at ``layer``, upsampled), and LayerIBA at ``layer`` (its
-statistics estimated on all the images given; bits per position, upsampled). Metrics, each
+ContrastCAM and FinerCAM (at ``layer``, upsampled), LayerIBA at ``layer`` (its
+statistics estimated on all the images given; bits per position, upsampled) and
+PathwayGradient (sparsity 0.7). Metrics, each
 the mean over the images:
 
 ============================  =======  ==================================================
@@ -93,7 +94,7 @@ def _explainers(
     and std (estimated again for every model the factory is given, e.g. a randomised one)."""
     from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
 
-    from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerIBA
+    from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerIBA, PathwayGradient
 
     names = {id(module): name for name, module in model.named_modules()}
     layer_name = names[id(layer)]
@@ -154,6 +155,7 @@ def _explainers(
         "ContrastCAM": contrastcam,
         "FinerCAM": finercam,
         "LayerIBA": layer_iba,
+        "PathwayGradient": lambda m: PathwayGradient(m),
     }
 
 
