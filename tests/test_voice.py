@@ -305,3 +305,15 @@ def test_finer_cam_explanation_with_grad_cam_contrasts():
     for i in range(3):
         torch.testing.assert_close(result.explanation[i], _minmax(expected[i]), atol=1e-6, rtol=0)
     assert not torch.allclose(result.explanation, grad_cam.explanation)
+
+
+@pytest.mark.parametrize("name", ["LayerIBA", "PathwayGradient"])
+def test_methods_without_a_one_pass_contrastive_form_are_refused(name):
+    import captum_ext.attr as attr
+
+    model = make_tiny_cnn(num_classes=4)
+    method = (
+        attr.LayerIBA(model, "features.3") if name == "LayerIBA" else attr.PathwayGradient(model)
+    )
+    with pytest.raises(TypeError, match=f"`method` must be .*got {name}"):
+        VOICE(method)
