@@ -69,7 +69,9 @@ def test_road_imputation_equals_quantus_noisy_linear_imputation(bundled_digits):
                 for i in range(6)
             ]
         )
+        ours_block = road_imputation(images, removed.view(6, 28, 28), noise=0.0, solver="block")
         np.testing.assert_allclose(ours_direct.numpy(), theirs, atol=1e-10, rtol=0)
+        np.testing.assert_allclose(ours_block.numpy(), theirs, atol=1e-10, rtol=0)
         np.testing.assert_allclose(ours_cg.numpy(), theirs, atol=1e-6, rtol=0)
 
 

@@ -38,7 +38,7 @@ def _scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("solver", ["cg", "direct"])
+@pytest.mark.parametrize("solver", ["cg", "direct", "block"])
 @pytest.mark.parametrize("batch", [1, 4, 5])
 def test_batched_imputation_matches_scipy(batch, solver):
     generator = torch.Generator().manual_seed(batch)
@@ -65,6 +65,28 @@ def test_float32_imputation_within_1e4_and_noise_only_on_removed_pixels():
     difference = (noisy - exact)[:, 0]
     assert float(difference[~removed].abs().max()) == 0.0
     assert 0.005 < float(difference[removed].std()) < 0.02
+
+
+def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypatch):
+    """The batched block Cholesky in chunks equals one direct solve of the whole batch; an
+    image with nothing removed comes back unchanged; float32 images are solved in float64."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(7, 2, 9, 11, generator=generator, dtype=torch.float64)
+    removed = torch.rand(7, 9, 11, generator=generator) < torch.rand(7, 1, 1, generator=generator)
+    removed[0] = False
+    removed[1] = True
+    removed[1, 4, 5] = False  # a single kept pixel: the whole image is one hole
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    monkeypatch.setattr(module, "_BLOCK_CHUNK_ELEMENTS", 3 * 9 * 11 * 11)  # chunks of 3 images
+    chunked = road_imputation(images, removed, noise=0.0, solver="block")
+    np.testing.assert_allclose(chunked.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+    assert torch.equal(chunked[0], images[0])
+    single = road_imputation(images.float(), removed, noise=0.0, solver="block")
+    assert single.dtype == torch.float32
+    assert float((single.double() - exact).abs().max()) < 1e-6
+    assert road_imputation(images, removed, noise=0.0).sub(exact).abs().max() < 1e-10  # auto
 
 
 def test_imputation_errors_name_the_argument():
