@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captum_ext.metrics.remove_and_debias import completeness, road, road_imputation, soundness
 from captum_ext.testing import dominant_colour_oracle
@@ -87,6 +89,26 @@ def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypat
     assert single.dtype == torch.float32
     assert float((single.double() - exact).abs().max()) < 1e-6
     assert road_imputation(images, removed, noise=0.0).sub(exact).abs().max() < 1e-10  # auto
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_block_solver_equals_direct_for_any_shape(n, c, h, w, share, seed):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, c, h, w, generator=generator, dtype=torch.float64)
+    removed = torch.rand(n, h, w, generator=generator) < share
+    removed.view(n, -1)[:, seed % (h * w)] = False  # keep one pixel per image
+    block = road_imputation(images, removed, noise=0.0, solver="block")
+    direct = road_imputation(images, removed, noise=0.0, solver="direct")
+    assert block.shape == images.shape
+    np.testing.assert_allclose(block.numpy(), direct.numpy(), atol=1e-9, rtol=0)
 
 
 def test_imputation_errors_name_the_argument():
