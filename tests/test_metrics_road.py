@@ -244,3 +244,16 @@ def test_on_a_model_blind_to_its_input_all_re_added_mass_is_false(oracle):
     assert bool((curves.soundness[:, -1] < curves.soundness[:, 0]).all())
     with pytest.raises(ValueError, match="removed_fractions"):
         soundness(Blind(), oracle.inputs[:3], maps, removed_fractions=[0.1, 0.5])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", ["block", "cg", "auto"])
+def test_imputation_on_cuda_equals_the_cpu_direct_solve(solver):
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(6, 3, 20, 24, generator=generator, dtype=torch.float64)
+    removed = torch.rand(6, 20, 24, generator=generator) < 0.6
+    removed[0, :10, :12] = True
+    expected = road_imputation(images, removed, noise=0.0, solver="direct")
+    got = road_imputation(images.cuda(), removed.cuda(), noise=0.0, solver=solver)
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(got.cpu().numpy(), expected.numpy(), atol=1e-5, rtol=0)
