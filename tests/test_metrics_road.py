@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captum_ext.metrics.remove_and_debias import completeness, road, road_imputation, soundness
 from captum_ext.testing import dominant_colour_oracle
@@ -38,7 +40,7 @@ def _scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("solver", ["cg", "direct"])
+@pytest.mark.parametrize("solver", ["cg", "direct", "block"])
 @pytest.mark.parametrize("batch", [1, 4, 5])
 def test_batched_imputation_matches_scipy(batch, solver):
     generator = torch.Generator().manual_seed(batch)
@@ -65,6 +67,48 @@ def test_float32_imputation_within_1e4_and_noise_only_on_removed_pixels():
     difference = (noisy - exact)[:, 0]
     assert float(difference[~removed].abs().max()) == 0.0
     assert 0.005 < float(difference[removed].std()) < 0.02
+
+
+def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypatch):
+    """The batched block Cholesky in chunks equals one direct solve of the whole batch; an
+    image with nothing removed comes back unchanged; float32 images are solved in float64."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(7, 2, 9, 11, generator=generator, dtype=torch.float64)
+    removed = torch.rand(7, 9, 11, generator=generator) < torch.rand(7, 1, 1, generator=generator)
+    removed[0] = False
+    removed[1] = True
+    removed[1, 4, 5] = False  # a single kept pixel: the whole image is one hole
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    monkeypatch.setattr(module, "_BLOCK_CHUNK_ELEMENTS", 3 * 9 * 11 * 11)  # chunks of 3 images
+    chunked = road_imputation(images, removed, noise=0.0, solver="block")
+    np.testing.assert_allclose(chunked.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+    assert torch.equal(chunked[0], images[0])
+    single = road_imputation(images.float(), removed, noise=0.0, solver="block")
+    assert single.dtype == torch.float32
+    assert float((single.double() - exact).abs().max()) < 1e-6
+    assert road_imputation(images, removed, noise=0.0).sub(exact).abs().max() < 1e-10  # auto
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_block_solver_equals_direct_for_any_shape(n, c, h, w, share, seed):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, c, h, w, generator=generator, dtype=torch.float64)
+    removed = torch.rand(n, h, w, generator=generator) < share
+    removed.view(n, -1)[:, seed % (h * w)] = False  # keep one pixel per image
+    block = road_imputation(images, removed, noise=0.0, solver="block")
+    direct = road_imputation(images, removed, noise=0.0, solver="direct")
+    assert block.shape == images.shape
+    np.testing.assert_allclose(block.numpy(), direct.numpy(), atol=1e-9, rtol=0)
 
 
 def test_imputation_errors_name_the_argument():
@@ -200,3 +244,16 @@ def test_on_a_model_blind_to_its_input_all_re_added_mass_is_false(oracle):
     assert bool((curves.soundness[:, -1] < curves.soundness[:, 0]).all())
     with pytest.raises(ValueError, match="removed_fractions"):
         soundness(Blind(), oracle.inputs[:3], maps, removed_fractions=[0.1, 0.5])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", ["block", "cg", "auto"])
+def test_imputation_on_cuda_equals_the_cpu_direct_solve(solver):
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(6, 3, 20, 24, generator=generator, dtype=torch.float64)
+    removed = torch.rand(6, 20, 24, generator=generator) < 0.6
+    removed[0, :10, :12] = True
+    expected = road_imputation(images, removed, noise=0.0, solver="direct")
+    got = road_imputation(images.cuda(), removed.cuda(), noise=0.0, solver=solver)
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(got.cpu().numpy(), expected.numpy(), atol=1e-5, rtol=0)

@@ -11,9 +11,10 @@ with the kept pixels fixed, then adds :math:`\mathcal{N}(0, \sigma^2)` noise (:m
 0.01`) to the imputed pixels. The system is the Dirichlet problem of a weighted graph
 Laplacian: symmetric positive definite whenever every region of removed pixels touches a kept
 one. :func:`road_imputation` solves it for a whole batch (every image and every channel at
-once): on the CPU by one sparse LU factorisation of the block-diagonal system (scipy), on
-other devices by conjugate gradients with the Laplacian applied as a 3 x 3 convolution, where
-no sparse matrix is built.
+once): on the CPU by a batched block-tridiagonal Cholesky factorisation (small images) or one
+sparse LU factorisation of the block-diagonal system (scipy, large images), on other devices
+by conjugate gradients with the Laplacian applied as a 3 x 3 convolution, where no sparse
+matrix is built.
 
 - :func:`road`: the probability of the target after removing the most (``order="morf"``) or
   least (``"lerf"``) relevant fraction of pixels, for several fractions, with ROAD imputation.
@@ -152,6 +153,77 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
     return out.reshape(n, c, h, w).to(device=images.device, dtype=images.dtype)
 
 
+_BLOCK_MAX_WIDTH = 64
+_BLOCK_CHUNK_ELEMENTS = 16_000_000  # per chunk: about 2 x 128 MB of float64 factors
+
+
+def _block_solve(images: Tensor, removed: Tensor) -> Tensor:
+    r"""Every system of the batch at once by a block-tridiagonal Cholesky factorisation (float64).
+
+    The system is written on the whole pixel grid: a removed pixel's row is the Laplacian row
+    (kept neighbours moved to the right-hand side), a kept pixel's row is the identity. The
+    matrix is symmetric positive definite and, with the pixels in row-major order,
+    block-tridiagonal with ``H`` blocks of ``W x W``; one Cholesky sweep over the image rows
+    factorises the systems of every image and mask of a chunk together (batched LAPACK calls,
+    no per-image Python), ``O(H W^3)`` per system: fast for small images."""
+    n, c, h, w = images.shape
+    x = images.detach().to(torch.float64)
+    u = removed.reshape(n, h, w).to(torch.float64)
+    kernel = _neighbour_kernel(torch.float64, x.device)
+    degree = F.conv2d(
+        torch.ones(1, 1, h, w, dtype=torch.float64, device=x.device), kernel, padding=1
+    )
+    kept = (1.0 - u)[:, None]
+    neighbours = F.conv2d((x * kept).reshape(n * c, 1, h, w), kernel, padding=1)
+    rhs = u[:, None] * neighbours.reshape(n, c, h, w) + kept * x  # (N, C, H, W)
+    rhs = rhs.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): block i is rhs[:, i]
+    centre = u * degree[0, 0] + (1.0 - u)  # (N, H, W)
+    across = -_DIRECT * u[..., 1:] * u[..., :-1]  # (N, H, W - 1)
+    below, above = u[:, 1:], u[:, :-1]  # coupling of image row i + 1 (rows) with row i (columns)
+    straight = -_DIRECT * below * above
+    left = -_DIAGONAL * below[..., 1:] * above[..., :-1]
+    right = -_DIAGONAL * below[..., :-1] * above[..., 1:]
+
+    def tridiagonal(middle: Tensor, upper: Tensor, lower: Tensor) -> Tensor:  # (N, W, W)
+        block = torch.zeros(n, w, w, dtype=torch.float64, device=x.device)
+        block.diagonal(0, 1, 2).copy_(middle)
+        block.diagonal(1, 1, 2).copy_(upper)
+        block.diagonal(-1, 1, 2).copy_(lower)
+        return block
+
+    def diagonal_block(i: int) -> Tensor:
+        return tridiagonal(centre[:, i], across[:, i], across[:, i])
+
+    def coupling_block(i: int) -> Tensor:  # rows: image row i + 1, columns: row i
+        return tridiagonal(straight[:, i], right[:, i], left[:, i])
+
+    factors, lowers, forward = [], [], []
+    factor = torch.linalg.cholesky(diagonal_block(0))
+    factors.append(factor)
+    forward.append(torch.linalg.solve_triangular(factor, rhs[:, 0], upper=False))
+    for i in range(1, h):
+        # coupling @ factor^-T, the block of the Cholesky factor below the previous one, as
+        # (factor^-1 coupling^T)^T: torch's right-sided batched triangular solve
+        # (left=False) is up to 1000x slower with more than one thread
+        lower = torch.linalg.solve_triangular(factor, coupling_block(i - 1).mT, upper=False).mT
+        factor = torch.linalg.cholesky(torch.baddbmm(diagonal_block(i), lower, lower.mT, alpha=-1))
+        lowers.append(lower)
+        factors.append(factor)
+        forward.append(
+            torch.linalg.solve_triangular(factor, rhs[:, i] - lower @ forward[-1], upper=False)
+        )
+    solution = [torch.linalg.solve_triangular(factors[-1].mT, forward[-1], upper=True)]
+    for i in range(h - 2, -1, -1):
+        solution.append(
+            torch.linalg.solve_triangular(
+                factors[i].mT, forward[i] - lowers[i].mT @ solution[-1], upper=True
+            )
+        )
+    filled = torch.stack(solution[::-1], dim=1).permute(0, 3, 1, 2)  # (N, C, H, W)
+    filled = torch.where(removed.reshape(n, 1, h, w), filled, x)
+    return filled.to(images.dtype)
+
+
 def _scipy_available() -> bool:
     try:
         import scipy.sparse.linalg  # noqa: F401
@@ -180,9 +252,13 @@ def road_imputation(
             Default: 0.01 (ROAD's). 0 for the plain linear imputation.
         generator (torch.Generator, optional): for the noise.
         solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
-            block-diagonal system with scipy, on the CPU), ``"cg"`` (conjugate gradients with
-            the Laplacian as a convolution, on the inputs' device), or ``"auto"``: direct for
-            CPU inputs when scipy is installed, CG otherwise. Default: ``"auto"``.
+            block-diagonal system with scipy, on the CPU), ``"block"`` (the system on the whole
+            pixel grid, block-tridiagonal over image rows, factorised for every image of a
+            chunk at once by batched dense Cholesky in torch, float64, any device;
+            :math:`O(HW^3)` per image), ``"cg"`` (conjugate gradients with the Laplacian as a
+            convolution, on the inputs' device), or ``"auto"``: on the CPU block for images
+            up to 64 pixels wide and direct for wider ones (block when scipy is missing), CG
+            on other devices. Default: ``"auto"``.
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
         max_iterations (int, optional): default ``4 * (H + W) + 100``.
@@ -192,6 +268,16 @@ def road_imputation(
 
     Raises:
         ValueError: an image has every pixel removed (nothing to impute from).
+
+    Example::
+
+        >>> removed = torch.zeros(4, 28, 28, dtype=torch.bool)
+        >>> removed[:, 8:20, 8:20] = True  # a 12 x 12 hole in each digit
+        >>> filled = road_imputation(x, removed, noise=0.0)  # CPU, 28 px: the block solver
+        >>> direct = road_imputation(x, removed, noise=0.0, solver="direct")
+        >>> kept = ~removed[:, None]
+        >>> bool((filled - direct).abs().max() < 1e-5), bool(torch.equal(filled[kept], x[kept]))
+        (True, True)
 
     Reference: Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci, "A consistent and
     efficient evaluation strategy for attribution methods", ICML 2022.
@@ -210,10 +296,27 @@ def road_imputation(
     noise = check_number(noise, "noise", allow_minimum=True)
     iterations = max_iterations if max_iterations is not None else 4 * (h + w) + 100
     iterations = check_int(iterations, "max_iterations")
-    if solver not in ("auto", "direct", "cg"):
-        raise ValueError(f"`solver`={solver!r}: expected 'auto', 'direct' or 'cg'.")
+    if solver not in ("auto", "direct", "block", "cg"):
+        raise ValueError(f"`solver`={solver!r}: expected 'auto', 'direct', 'block' or 'cg'.")
     if solver == "auto":
-        solver = "direct" if inputs.device.type == "cpu" and _scipy_available() else "cg"
+        if inputs.device.type != "cpu":
+            solver = "cg"
+        elif w <= _BLOCK_MAX_WIDTH or not _scipy_available():
+            solver = "block"
+        else:
+            solver = "direct"
+    if solver == "block":
+        per_chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (h * w * w))
+        filled = torch.cat(
+            [
+                _block_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
+                for i in range(0, n, per_chunk)
+            ]
+        )
+        if noise > 0:
+            draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
+            filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
+        return filled
     if solver == "direct":
         # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
         # (SuperLU's memory grows faster than the system)
