@@ -276,7 +276,13 @@ class ActivationMatchingMask(PerturbationAttribution):
             1.2, 50, 10), ``"cnn_imagenet"`` (1.0, 4.0, 0.4, 15, 0.3, 15, 6) or
             ``"vit_imagenet"`` (4.5, 15, 5, 55, 1.5, 57, 45) for (l_act, l_ce, l_kl, l_area,
             l_bin, l_tv, l_rob), or a dict with those keys (``act``, ``ce``, ``kl``,
-            ``area``, ``bin``, ``tv``, ``rob``, optionally ``nec``). Default: "mnist".
+            ``area``, ``bin``, ``tv``, ``rob``, optionally ``nec``, ``kl_temperature``,
+            ``rob_gradient``, ``tv_diagonal``). Also ``"paper"``: the MNIST weights with the
+            loss forms of the co-authors' notebook (KL at temperature 2, eight-neighbour TV,
+            robustness through the hard mask without gradient); and ours, ``"sparse"``
+            (0.6, 40, 0.54, 200, 1.2, 50, 0; per-image) and ``"sparse_amortised"`` (area
+            100; the bundled mask net), which keep 4-8 % of the pixels of the bundled
+            model's digits at >= 95 % agreement (``benchmarks/RESULTS.md``). Default: "mnist".
         baseline (float or Tensor, optional): the value of masked-out pixels, in the
             classifier's input space; a tensor must broadcast to one image (1, C, H, W),
             e.g. (1, C, 1, 1). Default: 0.0.
