@@ -16,7 +16,7 @@ The report's ``masks`` section and the tutorial load it with
 
 Usage::
 
-    python scripts/train_bundled_mask_net.py [--epochs 3]
+    python scripts/train_bundled_mask_net.py [--epochs 10]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ LR = 3e-4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out-dir", default=str(DATA_DIR))
     args = parser.parse_args()
     torch.set_num_threads(1)

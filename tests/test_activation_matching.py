@@ -590,7 +590,7 @@ def test_presets_are_the_papers_numbers():
         "mnist": (0.6, 4.0, 0.54, 100, 1.2, 50, 10),
         "paper": (0.6, 4.0, 0.54, 100, 1.2, 50, 10),
         "sparse": (0.6, 40, 0.54, 200, 1.2, 50, 0),
-        "sparse_amortised": (0.6, 40, 0.54, 100, 1.2, 50, 0),
+        "sparse_amortised": (0.6, 80, 0.54, 200, 1.2, 50, 0),
     }
     assert all(w.nec == 0 for w in WEIGHT_PRESETS.values())
 
