@@ -13,11 +13,22 @@ trained on (part of) the 4,000 training digits, and every method explains the fi
 * time per image of each mode (per-image: the whole fit; amortised: one forward pass of the
   batch, median of repeats) and their ratio, and the one-off training time of the amortised net.
 
+* the curve of label agreement against the active-pixel fraction (issue 13): for each area
+  k in ``--fractions``, the top-k fraction of the pixels by the mask probability p (per-image
+  and amortised), by Grad-CAM and by ContrastCAM (upsampled), the rest set to the baseline;
+  and the share of digits whose confidence on m * x is at least that on x.
+
+Per-image fits and the amortised net may use different weight presets (``--weights`` /
+``--pi-weights``: a preset name of ``WEIGHT_PRESETS``, e.g. ``paper`` or ``sparse``) and
+different numbers of held-out digits (``--n-images`` for the amortised net and the CAMs,
+``--pi-images`` for the slower per-image fits: the first ones of the same digits).
+
 Prints a markdown table on stderr and one JSON line on stdout. Nothing is tuned to make a
 target hold; the budget used is printed.
 
     python benchmarks/activation_matching.py [--baseline zero|black] [--n-images 20]
-        [--steps 300] [--lr 1e-3] [--n-train 4000] [--epochs 2] [--fit-lr 3e-4] [--batch 32]
+        [--pi-images N] [--steps 300] [--lr 1e-3] [--keep best|last] [--n-train 4000]
+        [--epochs 2] [--fit-lr 3e-4] [--batch 32] [--weights mnist] [--pi-weights mnist]
 """
 
 from __future__ import annotations
@@ -36,7 +47,31 @@ from captum_ext.data._mnist_split import load_mnist_split
 from captum_ext.metrics import deletion, insertion
 
 LAYERS = {"features.1": 1.0, "features.4": 1.0, "features.7": 1.0, "flatten": 1.0}
+FRACTIONS = (0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3)
 BASELINES = {"zero": 0.0, "black": float(normalize_digits(torch.tensor(0.0)))}
+
+
+def top_fraction_mask(ranking, fraction: float):
+    """Binary (N, 1, H, W) mask of the top ``fraction`` of the pixels of each example by
+    ``ranking`` (channels averaged); at least one pixel."""
+    scores = ranking.mean(1, keepdim=True) if ranking.shape[1] > 1 else ranking
+    flat = scores.flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    order = flat.argsort(dim=1, descending=True, stable=True)[:, :k]
+    mask = torch.zeros_like(flat).scatter_(1, order, 1.0)
+    return mask.view_as(scores)
+
+
+@torch.no_grad()
+def agreement_curve(model, images, ranking, baseline, fractions) -> dict[str, float]:
+    """Label agreement argmax f(m_k * x + (1 - m_k) * b) == argmax f(x) per area k."""
+    predicted = model(images).argmax(1)
+    curve = {}
+    for fraction in fractions:
+        mask = top_fraction_mask(ranking, fraction)
+        kept = model(mask * images + (1 - mask) * baseline).argmax(1) == predicted
+        curve[f"{fraction:g}"] = float(kept.float().mean())
+    return curve
 
 
 def summarise(result, model, images, baseline, ranking) -> dict[str, float]:
@@ -48,6 +83,9 @@ def summarise(result, model, images, baseline, ranking) -> dict[str, float]:
         "confidence_x": float(result.confidence.mean()),
         "confidence_e": float(result.explanation_confidence.mean()),
         "confidence_change": float((result.explanation_confidence - result.confidence).mean()),
+        "confidence_at_least_x": float(
+            (result.explanation_confidence >= result.confidence).float().mean()
+        ),
         "sufficiency": float(result.sufficiency.mean()),
         "necessity": float(result.necessity.mean()),
         "deletion_auc": float(auc_del.mean()),
@@ -77,8 +115,15 @@ def main() -> None:
         " mean grey), black = normalised pixel 0 (MNIST background)",
     )
     parser.add_argument("--n-images", type=int, default=20)
+    parser.add_argument("--pi-images", type=int, default=None, help="default: --n-images")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--keep", choices=("best", "last"), default="best")
+    parser.add_argument("--weights", default="mnist", help="preset of the amortised net")
+    parser.add_argument("--pi-weights", default=None, help="per-image preset (default: --weights)")
+    parser.add_argument(
+        "--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="curve areas"
+    )
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--fit-lr", type=float, default=3e-4)
@@ -88,28 +133,32 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     baseline = BASELINES[args.baseline]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    pi_weights = args.pi_weights or args.weights
 
     model = load_bundled_model()
     split = load_mnist_split()
     train = normalize_digits(torch.from_numpy(split.train_images[: args.n_train])).unsqueeze(1)
     images = normalize_digits(torch.from_numpy(split.heldout_images[: args.n_images])).unsqueeze(1)
+    pi_images = images[: args.pi_images or args.n_images]
 
     # per-image fits (the papers' setting)
-    per_image = ActivationMatchingMask(model, LAYERS, weights="mnist", baseline=baseline)
+    per_image = ActivationMatchingMask(model, LAYERS, weights=pi_weights, baseline=baseline)
     t0 = time.perf_counter()
     result_pi = per_image.attribute(
-        images,
+        pi_images,
         mode="per_image",
         steps=args.steps,
         lr=args.lr,
+        keep=args.keep,
         seed=args.seed,
         return_details=True,
         progress=False,
     )
-    per_image_s = (time.perf_counter() - t0) / len(images)
+    per_image_s = (time.perf_counter() - t0) / len(pi_images)
 
     # amortised: train once on the training split, then one forward pass per batch
-    amortised = ActivationMatchingMask(model, LAYERS, weights="mnist", baseline=baseline)
+    amortised = ActivationMatchingMask(model, LAYERS, weights=args.weights, baseline=baseline)
     t0 = time.perf_counter()
     amortised.fit(
         torch.utils.data.TensorDataset(train),
@@ -128,12 +177,12 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     amortised_s = sorted(times)[len(times) // 2] / len(images)
 
-    target = result_pi.target
+    target = result_am.target
     rows = {
         "per-image (rank by p)": summarise(
-            result_pi, model, images, baseline, result_pi.probabilities
+            result_pi, model, pi_images, baseline, result_pi.probabilities
         ),
-        "per-image (binary mask)": summarise(result_pi, model, images, baseline, result_pi.mask),
+        "per-image (binary mask)": summarise(result_pi, model, pi_images, baseline, result_pi.mask),
         "amortised (rank by p)": summarise(
             result_am, model, images, baseline, result_am.probabilities
         ),
@@ -141,6 +190,30 @@ def main() -> None:
         "Grad-CAM": cam_row(GradCAM(model, BUNDLED_CAM_LAYER), model, images, baseline, target),
         "ContrastCAM": cam_row(
             ContrastCAM(model, BUNDLED_CAM_LAYER), model, images, baseline, None
+        ),
+    }
+    grad_cam_maps = GradCAM(model, BUNDLED_CAM_LAYER).attribute(
+        images, target, upsample_to_input=True
+    )
+    contrast_maps = ContrastCAM(model, BUNDLED_CAM_LAYER).attribute(
+        images, None, upsample_to_input=True
+    )
+    n_pi = len(pi_images)
+    curves = {
+        f"per-image (p), {n_pi} digits": agreement_curve(
+            model, pi_images, result_pi.probabilities, baseline, fractions
+        ),
+        f"Grad-CAM, same {n_pi} digits": agreement_curve(
+            model, pi_images, grad_cam_maps[:n_pi], baseline, fractions
+        ),
+        f"amortised (p), {len(images)} digits": agreement_curve(
+            model, images, result_am.probabilities, baseline, fractions
+        ),
+        f"Grad-CAM, {len(images)} digits": agreement_curve(
+            model, images, grad_cam_maps, baseline, fractions
+        ),
+        f"ContrastCAM, {len(images)} digits": agreement_curve(
+            model, images, contrast_maps, baseline, fractions
         ),
     }
     ratio = per_image_s / amortised_s
@@ -157,15 +230,18 @@ def main() -> None:
         "confidence_x",
         "confidence_e",
         "confidence_change",
+        "confidence_at_least_x",
         "sufficiency",
         "necessity",
         "deletion_auc",
         "insertion_auc",
     ]
     lines = [
-        f"baseline={args.baseline} ({baseline:.4f}), {len(images)} held-out digits, per-image "
-        f"{args.steps} steps lr {args.lr}; amortised net: {len(train)} training digits x "
-        f"{args.epochs} epoch(s), batch {args.batch}, lr {args.fit_lr}; 1 CPU thread",
+        f"baseline={args.baseline} ({baseline:.4f}); per-image: {n_pi} held-out digits, "
+        f"weights {pi_weights!r}, {args.steps} steps lr {args.lr} keep {args.keep}; amortised: "
+        f"{len(images)} held-out digits, weights {args.weights!r}, net trained on {len(train)} "
+        f"digits x {args.epochs} epoch(s), batch {args.batch}, lr {args.fit_lr}; seed "
+        f"{args.seed}; 1 CPU thread",
         "",
         "| method | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -173,6 +249,15 @@ def main() -> None:
     for name, row in rows.items():
         cells = [f"{row[c]:.3f}" if c in row else "-" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "label agreement of the top-k fraction of the pixels (rest = baseline):",
+        "",
+        "| ranking | " + " | ".join(f"{f:g}" for f in fractions) + " |",
+        "|---" * (len(fractions) + 1) + "|",
+    ]
+    for name, curve in curves.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curve.values()) + " |")
     lines += [
         "",
         f"time per image: per-image {per_image_s:.3f} s, amortised {amortised_s * 1e3:.3f} ms "
@@ -189,6 +274,11 @@ def main() -> None:
                 "benchmark": "activation_matching",
                 "baseline": args.baseline,
                 "n_images": len(images),
+                "pi_images": n_pi,
+                "weights": args.weights,
+                "pi_weights": pi_weights,
+                "keep": args.keep,
+                "seed": args.seed,
                 "steps": args.steps,
                 "lr": args.lr,
                 "n_train": len(train),
@@ -202,6 +292,7 @@ def main() -> None:
                 "deletion_auc_relative": relative,
                 "deletion_within_10pct": within,
                 "rows": rows,
+                "agreement_curves": curves,
                 "total_s": total_s,
             }
         )

@@ -67,7 +67,7 @@ GENERATOR_OPTIONS: dict[str, Any] = {
 #: The layers whose activations the bundled mask net was trained to match (a_l = 1 each).
 BUNDLED_MASK_LAYERS: tuple[str, ...] = ("features.1", "features.4", "features.7", "flatten")
 #: The explainer's options the bundled mask net was trained with.
-MASK_OPTIONS: dict[str, Any] = {"weights": "mnist", "baseline": 0.0}
+MASK_OPTIONS: dict[str, Any] = {"weights": "sparse_amortised", "baseline": 0.0}
 
 
 def _resource(name: str):

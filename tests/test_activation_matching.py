@@ -225,6 +225,63 @@ def test_each_term_alone_gives_the_mask_net_gradients(term):
     assert all(p.grad is None for p in model.parameters())  # the classifier stays frozen
 
 
+def test_paper_loss_forms_equal_hand_computations():
+    """The notebook's forms behind the "paper" preset: KL at temperature T scaled by T^2,
+    eight-neighbour TV, and a robustness term that is reported but trains nothing."""
+    z = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)
+    z_ref = torch.tensor([[0.0, 3.0, -1.0]], dtype=torch.float64)
+    t = 2.0
+    eq = [math.exp(v / t) for v in (0.0, 3.0, -1.0)]
+    ep = [math.exp(v / t) for v in (1.0, 2.0, 0.5)]
+    q = [v / sum(eq) for v in eq]
+    pz = [v / sum(ep) for v in ep]
+    hand = t * t * sum(qi * math.log(qi / pi) for qi, pi in zip(q, pz))
+    assert loss_module.kl_divergence(z_ref, z, t).item() == pytest.approx(hand, rel=1e-12)
+    assert loss_module.kl_divergence(z_ref, z, 1.0).item() == pytest.approx(
+        loss_module.kl_divergence(z_ref, z).item()
+    )
+
+    p = torch.tensor([[[[0.2, 0.9], [0.6, 0.1]]]], dtype=torch.float64)
+    # vertical |0.2-0.6|, |0.9-0.1|; horizontal |0.2-0.9|, |0.6-0.1|; diagonals |0.1-0.2|
+    # (down-right) and |0.6-0.9| (down-left), one pair each, weighted 1/sqrt(2)
+    hand_tv8 = (0.4 + 0.8) / 2 + (0.7 + 0.5) / 2 + (0.1 + 0.3) / math.sqrt(2)
+    assert loss_module.total_variation_8(p).item() == pytest.approx(hand_tv8, rel=1e-12)
+    assert loss_module.total_variation_8(p[..., :1, :1]).item() == 0.0
+    row = p[..., :1, :]  # 1 x 2: only the horizontal pair
+    assert loss_module.total_variation_8(row).item() == pytest.approx(0.7)
+
+    paper = WEIGHT_PRESETS["paper"]
+    assert (paper.kl_temperature, paper.rob_gradient, paper.tv_diagonal) == (2.0, False, True)
+    model = make_tiny_cnn()
+    x = tiny_images()
+    rob_only = MaskLossWeights(**{**only("rob").__dict__, "rob_gradient": False})
+    explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=rob_only)
+    net = build_mask_net(3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    reference = explainer._reference(x)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    with explainer._frozen_model():
+        loss, terms, _, _ = explainer._objective(
+            net, x, reference.logits.argmax(1), reference, explainer._baseline_for(x), noise
+        )
+        grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+    assert terms["rob"].abs().sum() > 0  # reported ...
+    assert all(g is None or g.abs().sum() == 0 for g in grads)  # ... but trains nothing
+
+
+def test_weights_dict_takes_the_loss_form_options():
+    model = make_tiny_cnn()
+    base = dict(act=1, ce=1, kl=1, area=1, bin=1, tv=1, rob=1)
+    explainer = ActivationMatchingMask(
+        model, "head", weights={**base, "kl_temperature": 2, "tv_diagonal": True}
+    )
+    assert explainer.weights.kl_temperature == 2.0 and explainer.weights.tv_diagonal
+    assert explainer.weights.rob_gradient
+    with pytest.raises(TypeError, match="rob_gradient"):
+        ActivationMatchingMask(model, "head", weights={**base, "rob_gradient": 1})
+    with pytest.raises(ValueError, match="kl_temperature"):
+        ActivationMatchingMask(model, "head", weights={**base, "kl_temperature": 0})
+
+
 def test_activations_survive_an_in_place_relu():
     model = make_tiny_cnn()
     x = tiny_images()
@@ -531,6 +588,9 @@ def test_presets_are_the_papers_numbers():
         "cnn_imagenet": (1.0, 4.0, 0.4, 15, 0.3, 15, 6),
         "vit_imagenet": (4.5, 15, 5, 55, 1.5, 57, 45),
         "mnist": (0.6, 4.0, 0.54, 100, 1.2, 50, 10),
+        "paper": (0.6, 4.0, 0.54, 100, 1.2, 50, 10),
+        "sparse": (0.6, 40, 0.54, 200, 1.2, 50, 0),
+        "sparse_amortised": (0.6, 80, 0.54, 200, 1.2, 50, 0),
     }
     assert all(w.nec == 0 for w in WEIGHT_PRESETS.values())
 

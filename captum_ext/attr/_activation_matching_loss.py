@@ -9,6 +9,8 @@ e = m * x + (1 - m) * b (= m * x for the default b = 0)::
             + l_kl * KL(softmax f(x) || softmax f(e))
     L_MIN = l_area * mean(p) + l_bin * mean(p * (1 - p)) + l_tv * TV(p)
     L_ROB = l_rob * CE(f(m * x + (1 - m) * r), y),      r ~ N(0, 1) in normalised space
+    (the "paper" preset: KL at temperature T = 2 scaled by T^2, eight-neighbour TV, and
+    L_ROB through the hard mask without a gradient, as in the co-authors' notebook)
     L_NEC = l_nec * max(0, margin - (z_y(x) - z_y((1 - m) * x + m * b)))
 
 d is the mean squared error for maps (activations with more than 2 dimensions) and the
@@ -39,6 +41,7 @@ __all__ = [
     "mask_objective",
     "necessity_hinge",
     "total_variation",
+    "total_variation_8",
 ]
 
 #: Names of the per-example loss terms, in the order of the formula (before weighting).
@@ -60,11 +63,12 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target, reduction="none")
 
 
-def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
-    """Per-example KL(softmax(reference) || softmax(logits)) = sum_c q_c (log q_c - log p_c)."""
-    log_q = F.log_softmax(reference_logits, dim=1)
-    log_p = F.log_softmax(logits, dim=1)
-    return (log_q.exp() * (log_q - log_p)).sum(1)
+def kl_divergence(reference_logits: Tensor, logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-example T^2 * KL(softmax(reference / T) || softmax(logits / T))
+    = T^2 * sum_c q_c (log q_c - log p_c) (T = 1: the plain KL)."""
+    log_q = F.log_softmax(reference_logits / temperature, dim=1)
+    log_p = F.log_softmax(logits / temperature, dim=1)
+    return temperature**2 * (log_q.exp() * (log_q - log_p)).sum(1)
 
 
 def area(probabilities: Tensor) -> Tensor:
@@ -85,6 +89,25 @@ def total_variation(probabilities: Tensor) -> Tensor:
     if both.shape[1] == 0:  # a 1 x 1 image has no neighbours
         return probabilities.new_zeros(probabilities.shape[0])
     return both.mean(1)
+
+
+def total_variation_8(probabilities: Tensor) -> Tensor:
+    """Per-example eight-neighbour TV: the mean |p_i - p_j| along each of the four
+    directions (vertical, horizontal, both diagonals), the diagonal ones weighted
+    1 / sqrt(2), summed (the form of the co-authors' notebook)."""
+    p = probabilities
+    n = p.shape[0]
+    pairs = [
+        (p[..., 1:, :], p[..., :-1, :], 1.0),
+        (p[..., :, 1:], p[..., :, :-1], 1.0),
+        (p[..., 1:, 1:], p[..., :-1, :-1], 2**-0.5),
+        (p[..., 1:, :-1], p[..., :-1, 1:], 2**-0.5),
+    ]
+    total = p.new_zeros(n)
+    for a, b, weight in pairs:
+        if a.numel():
+            total = total + weight * (a - b).abs().reshape(n, -1).mean(1)
+    return total
 
 
 def necessity_hinge(reference_logit: Tensor, complement_logit: Tensor, margin: float) -> Tensor:
@@ -186,15 +209,21 @@ def mask_objective(
             logits = forward_func(explanation)
             terms["act"] = zeros
         terms["ce"] = cross_entropy(logits, target)
-        terms["kl"] = kl_divergence(reference.logits, logits)
+        terms["kl"] = kl_divergence(
+            reference.logits, logits, getattr(weights, "kl_temperature", 1.0)
+        )
     else:
         terms.update(act=zeros, ce=zeros, kl=zeros)
         logits = None
     terms["area"] = area(probabilities)
     terms["bin"] = binarisation(probabilities)
-    terms["tv"] = total_variation(probabilities)
+    tv = total_variation_8 if getattr(weights, "tv_diagonal", False) else total_variation
+    terms["tv"] = tv(probabilities)
     if weights.rob != 0 and noise is not None:
-        terms["rob"] = cross_entropy(forward_func(mask * inputs + (1 - mask) * noise), target)
+        rob_mask = mask if getattr(weights, "rob_gradient", True) else mask.detach()
+        terms["rob"] = cross_entropy(
+            forward_func(rob_mask * inputs + (1 - rob_mask) * noise), target
+        )
     else:
         terms["rob"] = zeros
     if weights.nec != 0:
