@@ -1,0 +1,180 @@
+r"""Introspective features: "Why P, rather than Q?" for every Q, measured as weight gradients.
+
+Prabhushankar & AlRegib, "Introspective Learning: A Two-Stage Approach for Inference in Neural
+Networks", NeurIPS 2022. For the final linear layer ``z = W h + b`` (W: C x d) and the
+cross-entropy with label Q,
+
+.. code-block:: text
+
+    d CE(z, Q) / d W = (p - e_Q) h^T          p = softmax(z), e_Q one-hot
+
+so every feature is known in closed form from one forward pass (no backward pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_ext._utils.batched_grad import per_example_parameter_gradients
+from captum_ext._utils.layers import root_module
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import check_int, format_additional_forward_args, format_inputs
+from captum_ext.metrics._trust_common import (
+    _check_choice,
+    _check_transform,
+    _forward_recording,
+    _head_features,
+    _resolve_head,
+    _weight_of,
+)
+
+#: the feature forms: every class Q, the slides' single all-ones label, the k most likely Q
+FORMS = ("per_class", "all_ones", "topk")
+#: how the gradients are scaled: each by its own Frobenius norm, each example as a whole
+NORMALIZATIONS = ("per_class", "global")
+
+
+def introspective_features(
+    forward_func: Callable,
+    inputs: Tensor | tuple[Tensor, ...],
+    *,
+    layer: Any = None,
+    form: str = "per_class",
+    k: int | None = None,
+    normalize: str | None = "per_class",
+    additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> Tensor:
+    r"""The introspective features r_x of each example, ``(N, F)``.
+
+    For each contrast class Q, the gradient of the cross-entropy with label Q with respect to
+    the weight of ``layer`` ("how would the network have to change if Q were the label?"):
+
+    .. code-block:: text
+
+        per_class  r_x = [ (p - e_Q) h^T ]_{Q = 0..C-1}        K = C rows
+        topk       the rows of the k most probable Q, most probable first (P itself first)
+        all_ones   r_x = sum_Q (p - e_Q) h^T = (C p - 1) h^T     K = 1 row (the slides' form)
+
+    Each row is divided by its Frobenius norm (``normalize="per_class"``; a zero row stays
+    zero) or each example's K rows by their joint norm (``"global"``), or left as is (None).
+    On the final ``nn.Linear`` whose output is the logits (found automatically, checked with
+    a forward hook as in :func:`~captum_ext.metrics.gradtrust`) the closed form needs one
+    forward pass and no backward pass; for any other ``layer`` the per-example gradients of
+    its ``weight`` come from torch.func (vmap of vector-Jacobian products, the shared engine).
+
+    Memory per example, float32, with F = K x (C x d) for a C x d weight:
+
+    ============  ==============================  ===================================
+    form          10 classes, d = 64 (digits)      1000 classes, d = 512 (ImageNet)
+    ============  ==============================  ===================================
+    per_class     100 x 64 = 6,400 (25.6 kB)       1000 x 1000 x 512 = 512 M (2 GB)
+    topk, k = 5   5 x 10 x 64 = 3,200 (12.8 kB)    5 x 1000 x 512 = 2.56 M (10 MB)
+    all_ones      10 x 64 = 640 (2.6 kB)           1000 x 512 = 512 k (2 MB)
+    ============  ==============================  ===================================
+
+    so ``"topk"`` (or ``"all_ones"``) is the form that keeps ImageNet-sized models practical.
+
+    Paper: M. Prabhushankar and G. AlRegib, "Introspective Learning: A Two-Stage Approach for
+    Inference in Neural Networks", NeurIPS 2022.
+
+    Args:
+        forward_func (Callable): the classifier, returning (N, C) logits.
+        inputs (Tensor or tuple of Tensor): the examples, batch first.
+        layer (nn.Module or str, optional): the layer whose weight gradient is the feature.
+            Default: the last ``nn.Linear``, which must produce the logits.
+        form (str, optional): ``"per_class"``, ``"topk"`` or ``"all_ones"``.
+            Default: "per_class".
+        k (int, optional): classes kept by ``"topk"``, in [1, C]. Default: min(5, C).
+        normalize (str or None, optional): ``"per_class"``, ``"global"`` or None.
+            Default: "per_class".
+        additional_forward_args (Any, optional): extra arguments of the model.
+        output_transform (Callable, optional): maps the model's output to (N, C) logits.
+
+    Returns:
+        Tensor: ``(N, F)`` features in the dtype and on the device of the logits.
+
+    Examples::
+
+        >>> from captum_ext.introspection import introspective_features
+        >>> introspective_features(model, images[:4]).shape     # 10 classes x 10 x 64
+        torch.Size([4, 6400])
+        >>> introspective_features(model, images[:4], form="topk", k=3).shape
+        torch.Size([4, 1920])
+    """
+    form = _check_choice(form, FORMS, "form")
+    if normalize is not None:
+        normalize = _check_choice(normalize, NORMALIZATIONS, "normalize")
+    output_transform = _check_transform(output_transform)
+    inputs = format_inputs(inputs)
+    for x in inputs:
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError("`inputs` contain NaN or infinite values.")
+    extra = format_additional_forward_args(additional_forward_args)
+    head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
+    model = root_module(forward_func)
+    with preserved_state([model, head]):
+        logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(
+                f"the model must return (N, C) logits with C >= 2 classes (a contrast class "
+                f"needs a second class); got shape {tuple(logits.shape)}."
+            )
+        cotangents = _cotangents(logits, form, k)
+        h = _head_features(head, logits, calls)
+        if h is not None:
+            grads = cotangents[..., None] * h[:, None, None, :].to(cotangents.dtype)
+            grads = grads.flatten(2)
+        elif automatic:
+            raise ValueError(
+                "`layer` is None and the last nn.Linear of the model does not produce the "
+                "logits (its output differs from the model's, or it ran more than once); pass "
+                "the layer to differentiate as `layer`."
+            )
+        else:
+            if not calls:
+                raise ValueError(
+                    f"`layer` ({type(head).__name__}) did not run during the forward pass; pick "
+                    "a module the model calls."
+                )
+            weight = _weight_of(head)
+            grads = per_example_parameter_gradients(
+                forward_func,
+                inputs,
+                extra,
+                {"m": head},
+                {"m.weight": weight},
+                cotangents.to(logits.dtype),
+                lambda g: g["m.weight"].flatten(2),
+                output_transform,
+            )
+    grads = grads.to(device=logits.device, dtype=logits.dtype)
+    if normalize == "per_class":
+        grads = grads / grads.norm(dim=2, keepdim=True).clamp_min(torch.finfo(grads.dtype).tiny)
+    elif normalize == "global":
+        norm = grads.flatten(1).norm(dim=1)[:, None, None]
+        grads = grads / norm.clamp_min(torch.finfo(grads.dtype).tiny)
+    return grads.flatten(1)
+
+
+def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
+    """dCE(z, Q)/dz = p - e_Q for the form's classes Q: (N, K, C)."""
+    n, classes = logits.shape
+    detached = logits.detach()
+    precise = detached if detached.dtype == torch.float64 else detached.float()
+    p = torch.softmax(precise, dim=1)
+    if form == "all_ones":
+        return (classes * p - 1)[:, None, :]
+    if form == "topk":
+        k = min(5, classes) if k is None else check_int(k, "k", minimum=1)
+        if k > classes:
+            raise ValueError(f"`k`={k} exceeds the model's {classes} classes.")
+        chosen = p.topk(k, dim=1).indices
+    else:
+        chosen = torch.arange(classes, device=p.device).expand(n, classes)
+    one_hot = torch.nn.functional.one_hot(chosen, classes).to(p.dtype)
+    return p[:, None, :] - one_hot

@@ -1,0 +1,311 @@
+r"""IntrospectiveNetwork: a reflective second stage on the introspective features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.training import load_checkpoint, progress_bar, save_checkpoint
+from captum_ext._utils.validation import check_int, check_number, model_device
+
+from .features import introspective_features
+
+#: the keys of a saved network (see :meth:`IntrospectiveNetwork.save`)
+_SAVED_KEYS = ("config", "head")
+_CHECKPOINT_NAME = "introspection.pt"
+
+
+def make_head(in_features: int, num_classes: int, hidden_width: int = 256) -> nn.Sequential:
+    """Stage 2: an MLP with three linear layers (ReLU between them), as in the paper."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_width),
+        nn.ReLU(),
+        nn.Linear(hidden_width, hidden_width),
+        nn.ReLU(),
+        nn.Linear(hidden_width, num_classes),
+    )
+
+
+class IntrospectiveNetwork(nn.Module):
+    r"""Introspective learning: stage 1 senses, stage 2 reflects on "Why P, rather than Q?".
+
+    Stage 1 is the trained ``model`` (frozen: it is never trained here and comes back exactly
+    as found). Stage 2 is a three-layer MLP ``head`` trained with cross-entropy on the
+    :func:`~captum_ext.introspection.introspective_features` of the training set; its
+    prediction is the introspective prediction:
+
+    .. code-block:: text
+
+        r_x        = [ d CE(f(x), Q) / d W ]_Q       (closed form (p - e_Q) h^T on the last layer)
+        prediction = argmax H(r_x),   probabilities = softmax(H(r_x))
+
+    Paper: M. Prabhushankar and G. AlRegib, "Introspective Learning: A Two-Stage Approach for
+    Inference in Neural Networks", NeurIPS 2022.
+
+    Args:
+        model (nn.Module): the trained classifier, returning (N, C) logits.
+        head (nn.Module, optional): stage 2, mapping (N, F) features to (N, C) logits.
+            Default: None, :func:`make_head` built by :meth:`fit` from the feature size.
+        layer, form, k, normalize, output_transform: as in
+            :func:`~captum_ext.introspection.introspective_features`.
+        hidden_width (int, optional): width of the default head. Default: 256.
+
+    Examples::
+
+        >>> from captum_ext.introspection import IntrospectiveNetwork
+        >>> network = IntrospectiveNetwork(model, hidden_width=32)
+        >>> network = network.fit(images, labels, epochs=2, progress=False)
+        >>> network.predict_proba(images[:3]).shape
+        torch.Size([3, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Module | None = None,
+        *,
+        layer: Any = None,
+        form: str = "per_class",
+        k: int | None = None,
+        normalize: str | None = "per_class",
+        hidden_width: int = 256,
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        if head is not None and not isinstance(head, nn.Module):
+            raise TypeError(f"`head` must be an nn.Module or None, got {type(head).__name__}.")
+        # stage 1 is held outside the module tree: it is frozen, and neither saved with the
+        # head nor moved by .to() on the network
+        self.__dict__["model"] = model
+        self.head = head
+        self.layer, self.form, self.k, self.normalize = layer, form, k, normalize
+        self.hidden_width = check_int(hidden_width, "hidden_width")
+        self.output_transform = output_transform
+
+    # ------------------------------------------------------------------ stage 1
+    def features(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """The introspective features of ``inputs``, ``(N, F)`` (no gradient)."""
+        return introspective_features(
+            self.model,
+            inputs,
+            layer=self.layer,
+            form=self.form,
+            k=self.k,
+            normalize=self.normalize,
+            output_transform=self.output_transform,
+        ).detach()
+
+    # ------------------------------------------------------------------ stage 2
+    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """Stage 2's logits, ``(N, C)``."""
+        head = self._fitted_head()
+        features = self.features(inputs)
+        first = next(head.parameters(), None)
+        if first is not None:
+            features = features.to(device=first.device, dtype=first.dtype)
+        return head(features)
+
+    def predict_proba(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """The introspective probabilities, ``(N, C)``."""
+        head = self._fitted_head()
+        with preserved_state([head]):
+            head.eval()
+            with torch.no_grad():
+                return torch.softmax(self(inputs).float(), dim=1)
+
+    def predict(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """The introspective predictions, ``(N,)`` class indices."""
+        return self.predict_proba(inputs).argmax(dim=1)
+
+    def _fitted_head(self) -> nn.Module:
+        if self.head is None:
+            raise RuntimeError(
+                "the introspective head is not fitted: call fit(...) first, or load(...)."
+            )
+        return self.head
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        inputs_or_loader: Any,
+        labels: Tensor | None = None,
+        *,
+        epochs: int = 10,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> IntrospectiveNetwork:
+        r"""Train stage 2 on the introspective features of the training set.
+
+        The features of every example are computed once (stage 1 is frozen, so they do not
+        change), then the head is trained with Adam and cross-entropy on shuffled
+        mini-batches drawn from a generator seeded with ``seed``. With ``checkpoint_dir``
+        the head, the optimiser and the generator are saved atomically (with a checksum)
+        after each epoch; ``resume=True`` continues from there and ends bit-identical to an
+        uninterrupted fit.
+
+        Args:
+            inputs_or_loader: a tensor of inputs (with ``labels``), or an iterable of
+                ``(inputs, labels)`` batches such as a ``DataLoader``.
+            labels (Tensor, optional): ``(N,)`` class indices, with a tensor of inputs.
+            epochs (int): passes over the features. Default: 10.
+            batch_size (int): examples per step. Default: 128.
+            lr (float): Adam's learning rate. Default: 1e-3.
+            weight_decay (float): Adam's weight decay. Default: 0.
+            checkpoint_dir (str or Path, optional): folder of ``introspection.pt``.
+            resume (bool): continue from the checkpoint in ``checkpoint_dir`` if there is one.
+            progress (bool): a progress bar over the epochs on stderr. Default: True.
+            seed (int): seed of the head's initialisation and of the shuffling. Default: 0.
+
+        Returns:
+            IntrospectiveNetwork: ``self``, fitted.
+        """
+        epochs = check_int(epochs, "epochs")
+        batch_size = check_int(batch_size, "batch_size")
+        lr = check_number(lr, "lr")
+        weight_decay = check_number(weight_decay, "weight_decay", minimum=0, allow_minimum=True)
+        seed = check_int(seed, "seed", minimum=0)
+        features, targets = self._training_set(inputs_or_loader, labels)
+        with torch.no_grad():
+            num_classes = self.model(*self._first_inputs(inputs_or_loader)).shape[1]
+        if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
+            raise ValueError(
+                f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
+                f"[{int(targets.min())}, {int(targets.max())}]."
+            )
+        torch.manual_seed(seed)
+        if self.head is None:
+            self.head = make_head(features.shape[1], num_classes, self.hidden_width)
+            self.head.to(features.device)
+        head = self.head
+        optimiser = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        start = 0
+        path = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
+        if resume and path is not None and path.is_file():
+            state = load_checkpoint(
+                path, argument="checkpoint_dir", keys=("head", "optimiser", "generator", "epoch")
+            )
+            head.load_state_dict(state["head"])
+            optimiser.load_state_dict(state["optimiser"])
+            generator.set_state(state["generator"])
+            start = int(state["epoch"])
+        head.train()
+        bar = progress_bar(epochs, progress, desc="introspective head", unit="epoch", initial=start)
+        try:
+            for epoch in range(start, epochs):
+                order = torch.randperm(len(features), generator=generator)
+                for first in range(0, len(order), batch_size):
+                    batch = order[first : first + batch_size].to(features.device)
+                    loss = F.cross_entropy(head(features[batch]), targets[batch])
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                if path is not None:
+                    save_checkpoint(
+                        {
+                            "head": head.state_dict(),
+                            "optimiser": optimiser.state_dict(),
+                            "generator": generator.get_state(),
+                            "epoch": epoch + 1,
+                        },
+                        path,
+                    )
+                if bar:
+                    bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+        head.eval()
+        return self
+
+    def _training_set(self, inputs_or_loader: Any, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        if isinstance(inputs_or_loader, Tensor):
+            if labels is None:
+                raise ValueError("`labels` is required when `inputs_or_loader` is a tensor.")
+            labels = torch.as_tensor(labels)
+            if labels.dim() != 1 or labels.shape[0] != inputs_or_loader.shape[0]:
+                raise ValueError(
+                    f"`labels` must have shape ({inputs_or_loader.shape[0]},) to match the "
+                    f"inputs, got {tuple(labels.shape)}."
+                )
+            batches: Iterable = [(inputs_or_loader, labels)]
+        elif labels is not None:
+            raise ValueError("`labels` goes with a tensor of inputs, not with a loader.")
+        else:
+            batches = inputs_or_loader
+        features, targets = [], []
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(
+                    "`inputs_or_loader` must yield (inputs, labels) batches, got "
+                    f"{type(batch).__name__}."
+                )
+            x, y = batch[0], torch.as_tensor(batch[1])
+            features.append(self.features(x))
+            targets.append(y.to(device=features[-1].device, dtype=torch.long))
+        if not features:
+            raise ValueError("`inputs_or_loader` is empty.")
+        return torch.cat(features), torch.cat(targets)
+
+    @staticmethod
+    def _first_inputs(inputs_or_loader: Any) -> tuple[Tensor, ...]:
+        if isinstance(inputs_or_loader, Tensor):
+            return (inputs_or_loader[:1],)
+        x = next(iter(inputs_or_loader))[0]
+        return (x[:1],)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """Write the head and the feature settings to ``path`` (atomically, with a checksum;
+        readable with ``torch.load(..., weights_only=True)``). Stage 1 is not saved."""
+        head = self._fitted_head()
+        if not isinstance(head, nn.Sequential) or len(head) != 5:
+            raise TypeError(
+                "save() stores the default head (make_head); save a custom head "
+                "yourself with torch.save(network.head.state_dict(), ...)."
+            )
+        config = {
+            "form": self.form,
+            "k": -1 if self.k is None else int(self.k),
+            "normalize": "none" if self.normalize is None else self.normalize,
+            "layer": "" if self.layer is None else str(self.layer),
+            "in_features": int(head[0].in_features),
+            "hidden_width": int(head[0].out_features),
+            "num_classes": int(head[4].out_features),
+        }
+        if self.layer is not None and not isinstance(self.layer, str):
+            raise TypeError("save() needs `layer` as a dotted name (or None), not a module.")
+        state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        return save_checkpoint({"config": config, "head": state}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module) -> IntrospectiveNetwork:
+        """Read a network written by :meth:`save` (``weights_only``, checksum verified) on top
+        of ``model`` (stage 1), on the model's device."""
+        state = load_checkpoint(path, argument="path", keys=_SAVED_KEYS)
+        config = state["config"]
+        network = cls(
+            model,
+            layer=config["layer"] or None,
+            form=config["form"],
+            k=None if config["k"] < 0 else config["k"],
+            normalize=None if config["normalize"] == "none" else config["normalize"],
+            hidden_width=config["hidden_width"],
+        )
+        head = make_head(config["in_features"], config["num_classes"], config["hidden_width"])
+        head.load_state_dict(state["head"])
+        network.head = head.to(model_device(model)).eval()
+        return network

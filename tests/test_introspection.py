@@ -1,0 +1,227 @@
+"""Introspective learning: features against a float64 autograd loop, the stage-2 head, files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_model_unchanged, model_snapshot
+from torch import nn
+
+from captum_ext.introspection import IntrospectiveNetwork, introspective_features
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def features_by_autograd(model, x, weight, form, k=None, normalize="per_class"):
+    """One example and one class at a time: d CE(f(x), Q) / d weight by autograd."""
+    rows = []
+    for i in range(x.shape[0]):
+        logits = model(x[i : i + 1])[0]
+        p = logits.softmax(0)
+        if form == "all_ones":
+            loss = -(torch.log_softmax(logits, 0)).sum()  # sum_Q CE(z, Q)
+            classes = [None]
+        elif form == "topk":
+            classes = p.topk(k).indices.tolist()
+        else:
+            classes = list(range(logits.shape[0]))
+        grads = []
+        for q in classes:
+            if q is not None:
+                loss = F.cross_entropy(logits[None], torch.tensor([q]))
+            (g,) = torch.autograd.grad(loss, weight, retain_graph=True)
+            grads.append(g.flatten())
+        g = torch.stack(grads)
+        if normalize == "per_class":
+            g = g / g.norm(dim=1, keepdim=True)
+        elif normalize == "global":
+            g = g / g.norm()
+        rows.append(g.flatten())
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def model64(bundled_model):
+    return copy.deepcopy(bundled_model).double()
+
+
+@pytest.mark.parametrize(
+    "form, k, normalize",
+    [
+        ("per_class", None, "per_class"),
+        ("per_class", None, "global"),
+        ("per_class", None, None),
+        ("topk", 3, "per_class"),
+        ("all_ones", None, "per_class"),
+    ],
+)
+def test_closed_form_equals_the_autograd_loop(model64, bundled_digits, form, k, normalize):
+    x = bundled_digits[0][:5].double()
+    before = model_snapshot(model64)
+    got = introspective_features(model64, x, form=form, k=k, normalize=normalize)
+    assert_model_unchanged(model64, before)
+    expected = features_by_autograd(model64, x, model64.classifier.weight, form, k, normalize)
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
+
+
+def test_any_other_layer_goes_through_autograd(model64, bundled_digits):
+    x = bundled_digits[0][:3].double()
+    conv = model64.features[6]
+    got = introspective_features(model64, x, layer="features.6", form="topk", k=2)
+    expected = features_by_autograd(model64, x, conv.weight, "topk", 2)
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
+
+
+def test_batch_equals_one_by_one(bundled_model, bundled_digits):
+    x = bundled_digits[0][:6]
+    batch = introspective_features(bundled_model, x)
+    for i in range(6):
+        alone = introspective_features(bundled_model, x[i : i + 1])
+        torch.testing.assert_close(alone[0], batch[i])
+
+
+def test_train_mode_model_comes_back_as_found(bundled_digits):
+    from captum_ext.bundled import load_bundled_model
+
+    model = load_bundled_model().train()
+    before = model_snapshot(model)
+    introspective_features(model, bundled_digits[0][:4], layer="features.6")
+    assert_model_unchanged(model, before)
+    assert model.training
+
+
+def test_bad_input_gets_clear_errors(bundled_model, bundled_digits):
+    x = bundled_digits[0][:2]
+    with pytest.raises(ValueError, match="`form`"):
+        introspective_features(bundled_model, x, form="everything")
+    with pytest.raises(ValueError, match="`normalize`"):
+        introspective_features(bundled_model, x, normalize="l1")
+    with pytest.raises(ValueError, match="`k`"):
+        introspective_features(bundled_model, x, form="topk", k=11)
+    with pytest.raises(ValueError, match="`inputs`"):
+        introspective_features(bundled_model, torch.full_like(x, float("nan")))
+    no_linear = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match="layer"):
+        introspective_features(no_linear, x)
+    one_class = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1))
+    with pytest.raises(ValueError, match="C >= 2"):
+        introspective_features(one_class, x)
+    network = IntrospectiveNetwork(bundled_model)
+    with pytest.raises(ValueError, match="`labels`"):
+        network.fit(x, torch.tensor([1, 2, 3]), progress=False)
+    with pytest.raises(ValueError, match="`labels`"):
+        network.fit(x, torch.tensor([1, 12]), progress=False)
+    with pytest.raises(RuntimeError, match="fit"):
+        network.predict(x)
+    with pytest.raises(TypeError, match="`model`"):
+        IntrospectiveNetwork(lambda t: t)
+
+
+def _toy_problem():
+    """A random stage-1 MLP on 2-D points, labelled by its own prediction: the classes are
+    separable in its features, so stage 2 must learn them."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    points = torch.randn(300, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        labels = model(points).argmax(1)
+    return model, points, labels
+
+
+def test_the_head_learns_a_separable_toy_problem():
+    model, points, labels = _toy_problem()
+    before = model_snapshot(model)
+    network = IntrospectiveNetwork(model, hidden_width=32)
+    network.fit(points, labels, epochs=60, batch_size=64, lr=3e-3, progress=False)
+    assert_model_unchanged(model, before)
+    accuracy = (network.predict(points) == labels).float().mean().item()
+    assert accuracy >= 0.95
+    probabilities = network.predict_proba(points)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(300))
+
+
+def test_loader_equals_tensors_and_resume_is_bit_identical(tmp_path):
+    model, points, labels = _toy_problem()
+    straight = IntrospectiveNetwork(model, hidden_width=8).fit(
+        points, labels, epochs=4, batch_size=50, progress=False, seed=1
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(points, labels), batch_size=100
+    )
+    from_loader = IntrospectiveNetwork(model, hidden_width=8).fit(
+        loader, epochs=4, batch_size=50, progress=False, seed=1
+    )
+    interrupted = IntrospectiveNetwork(model, hidden_width=8).fit(
+        points, labels, epochs=2, batch_size=50, progress=False, seed=1, checkpoint_dir=tmp_path
+    )
+    resumed = IntrospectiveNetwork(model, hidden_width=8).fit(
+        points,
+        labels,
+        epochs=4,
+        batch_size=50,
+        progress=False,
+        seed=1,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
+    for key, value in straight.head.state_dict().items():
+        assert torch.equal(value, from_loader.head.state_dict()[key])
+        assert torch.equal(value, resumed.head.state_dict()[key])
+    assert interrupted is not resumed
+    (tmp_path / "introspection.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        IntrospectiveNetwork(model, hidden_width=8).fit(
+            points, labels, epochs=4, progress=False, checkpoint_dir=tmp_path, resume=True
+        )
+
+
+def test_save_and_load_round_trip(tmp_path, bundled_model, bundled_digits):
+    images, labels = bundled_digits
+    network = IntrospectiveNetwork(bundled_model, form="topk", k=3, hidden_width=16)
+    network.fit(images, labels, epochs=2, progress=False)
+    path = network.save(tmp_path / "head.pt")
+    loaded = IntrospectiveNetwork.load(path, bundled_model)
+    assert (loaded.form, loaded.k, loaded.normalize) == ("topk", 3, "per_class")
+    torch.testing.assert_close(loaded.predict_proba(images), network.predict_proba(images))
+    assert set(torch.load(path, weights_only=True)) >= {"config", "head"}
+
+
+def test_bundled_network_reproduces_its_recorded_heldout_numbers(bundled_model):
+    from captum_ext.bundled import load_bundled_introspective_network
+    from captum_ext.data import load_mnist_split, normalize_digits
+    from captum_ext.metrics import expected_calibration_error
+
+    info = json.loads(
+        resources.files("captum_ext.data").joinpath("bundled_introspection_head.json").read_text()
+    )
+    network = load_bundled_introspective_network(bundled_model)
+    split = load_mnist_split()
+    heldout = normalize_digits(torch.from_numpy(split.heldout_images)).unsqueeze(1)
+    labels = torch.from_numpy(split.heldout_labels).long()
+    intro = network.predict_proba(heldout)
+    accuracy = float((intro.argmax(1) == labels).double().mean())
+    assert accuracy == pytest.approx(info["heldout_accuracy_introspective"], abs=1e-9)
+    ece = float(expected_calibration_error(intro, labels))
+    assert ece == pytest.approx(info["heldout_ece_introspective"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_script_regenerates_the_bundled_head_exactly():
+    pytest.importorskip("mlxtend")
+    result = subprocess.run(
+        [sys.executable, "scripts/train_bundled_introspection.py", "--check", "--quiet"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check OK" in result.stdout
