@@ -6,30 +6,27 @@ in [0, 1]; the result is clipped to [0, 1] and mapped back to ``value_range``. R
 come from ``generator`` (made on the generator's device, the CPU by default, then moved to the
 images' device, so a seed gives the same corruption on every device).
 
-========================  ===========================================  ==========================
-name                      formula (on ``u``; ``S = min(H, W)``)          severities 1 .. 5
-========================  ===========================================  ==========================
-``"gaussian_noise"``      ``u + sigma * z``, ``z ~ N(0, 1)`` per pixel   sigma = .08 .12 .18 .26 .38
-``"shot_noise"``          ``Poisson(lam * u) / lam`` per pixel           lam = 60 25 12 5 3
-``"blur"``                Gaussian blur, std ``s * S / 28`` pixels,      s = .5 .75 1 1.5 2
-                          separable, truncated at 3 std, edges
-                          replicated
-``"contrast"``            ``(u - m) * c + m``, ``m`` the image's mean    c = .4 .3 .2 .1 .05
-``"brightness"``          ``u + b``                                      b = .1 .2 .3 .4 .5
-``"affine"``              rotation by ``±a`` degrees, shear ``±h``,       a = 6 12 18 24 30;
-                          zoom ``z^(±1)``, shift by ``t * S`` in a       h = .05 .1 .15 .2 .25;
-                          random direction (signs and direction          z = .95 .9 .85 .8 .75;
-                          drawn per image); bilinear, zeros outside      t = .02 .04 .06 .08 .1
-``"elastic"``             Simard's displacement field: ``U(-1, 1)`` per  alpha = 8 16 24 32 40
-                          pixel and axis, Gaussian-smoothed with std
-                          ``4 * S / 28``, times ``alpha * S / 28``
-                          pixels; bilinear, zeros outside
-``"fog"``                 ``(u + t * f) / (1 + t)``, ``f`` low-          t = .25 .5 .75 1 1.5
-                          frequency noise in [0, 1]: white noise
-                          whose Fourier amplitude is divided by
-                          ``|k|^2`` (no constant term), min-max scaled
-                          per image and channel
-========================  ===========================================  ==========================
+Formulas (on ``u``; ``S = min(H, W)``, the tables' pixel sizes are for ``S = 28``) and the
+parameter at severities 1 to 5:
+
+- ``"gaussian_noise"``: ``u + sigma * z``, ``z ~ N(0, 1)`` per pixel;
+  sigma = 0.08, 0.12, 0.18, 0.26, 0.38.
+- ``"shot_noise"``: ``Poisson(lam * u) / lam`` per pixel; lam = 60, 25, 12, 5, 3.
+- ``"blur"``: Gaussian blur of std ``s * S / 28`` pixels, separable, truncated at 3 std,
+  edges replicated; s = 0.5, 0.75, 1, 1.5, 2.
+- ``"contrast"``: ``(u - m) * c + m``, ``m`` the mean of each image; c = 0.4, 0.3, 0.2, 0.1,
+  0.05.
+- ``"brightness"``: ``u + b``; b = 0.1, 0.2, 0.3, 0.4, 0.5.
+- ``"affine"``: rotation by ``±a`` degrees, shear ``±h``, zoom ``z`` or ``1 / z``, and a shift
+  by ``t * S`` pixels in a random direction (signs and direction drawn per image); bilinear,
+  zeros outside; (a, h, z, t) = (6, 0.05, 0.95, 0.02), (12, 0.1, 0.9, 0.04),
+  (18, 0.15, 0.85, 0.06), (24, 0.2, 0.8, 0.08), (30, 0.25, 0.75, 0.1).
+- ``"elastic"``: Simard's displacement field: ``U(-1, 1)`` per pixel and axis, smoothed by a
+  Gaussian of std ``4 * S / 28`` pixels, times ``alpha * S / 28`` pixels; bilinear, zeros
+  outside; alpha = 8, 16, 24, 32, 40.
+- ``"fog"``: ``(u + t * f) / (1 + t)``, ``f`` low-frequency noise in [0, 1] (white noise whose
+  Fourier amplitude is divided by ``|k|^2``, no constant term, min-max scaled per image and
+  channel); t = 0.25, 0.5, 0.75, 1, 1.5.
 
 Choices, and where they follow the references:
 
@@ -75,7 +72,7 @@ from captum_ext._utils.validation import ArgumentTypeError, check_int
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt"]
 
-#: the parameter of each corruption at severities 1 .. 5 (see the module's table)
+#: the parameter of each corruption at severities 1 .. 5 (formulas in the module's docstring)
 SEVERITIES: dict[str, tuple[Any, ...]] = {
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
     "shot_noise": (60.0, 25.0, 12.0, 5.0, 3.0),
@@ -94,7 +91,7 @@ SEVERITIES: dict[str, tuple[Any, ...]] = {
     "fog": (0.25, 0.5, 0.75, 1.0, 1.5),
 }
 
-#: names accepted by :func:`corrupt`, in the order of the module's table
+#: names accepted by :func:`corrupt`, in the order of the module's docstring
 CORRUPTIONS: tuple[str, ...] = tuple(SEVERITIES)
 
 _REFERENCE_SIDE = 28.0  # the tables' pixel sizes are for 28 x 28 digits
