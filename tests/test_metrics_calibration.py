@@ -1,4 +1,5 @@
-"""expected_calibration_error: hand cases and an independent float64 numpy computation."""
+"""expected_calibration_error and reliability_diagram: hand cases, an independent float64
+numpy computation, and torchmetrics' multiclass calibration error."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from captum_ext.metrics import expected_calibration_error
+from captum_ext.metrics import expected_calibration_error, reliability_diagram
 
 
 def numpy_calibration(confidence, correct, n_bins, norm):
@@ -83,3 +84,136 @@ def test_bad_input_names_the_argument():
         expected_calibration_error(torch.tensor([1.5]), torch.tensor([1]))
     with pytest.raises(ValueError, match="examples"):
         expected_calibration_error(p, torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------- against torchmetrics
+
+
+@pytest.fixture
+def tm_calibration():
+    """torchmetrics' classification functions (the ``dev`` extra)."""
+    return pytest.importorskip("torchmetrics.functional.classification")
+
+
+def _away_from_edges(confidence, n_bins, margin=1e-5):
+    """True where a confidence is not within ``margin`` of an inner bin edge, nor 1."""
+    scaled = confidence * n_bins
+    return ((scaled - scaled.round()).abs() > margin * n_bins) & (confidence < 1 - margin)
+
+
+def _probabilities_with_ties(generator, n, classes):
+    """Random softmax rows, some rows repeated (tied confidences across examples) and some
+    with two classes sharing the largest probability (tied within a row)."""
+    logits = torch.randn(n, classes, generator=generator, dtype=torch.float64) * 2.5
+    logits[: n // 8] = logits[n // 8 : 2 * (n // 8)]  # repeated rows
+    tied = torch.arange(2 * (n // 8), 3 * (n // 8))
+    logits[tied, 1] = logits[tied, 0] = logits[tied].max(dim=1).values + 0.5
+    return logits.softmax(dim=1)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+@pytest.mark.parametrize("n_bins", [1, 5, 15])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_torchmetrics_away_from_bin_edges(norm, n_bins, seed, tm_calibration):
+    gen = torch.Generator().manual_seed(seed)
+    classes = 3 + seed
+    probabilities = _probabilities_with_ties(gen, 400, classes)
+    labels = torch.randint(0, classes, (400,), generator=gen)
+    # torchmetrics works in float32: compare on the float32 values, away from the edges,
+    # where both bin the same way
+    probabilities = probabilities.float()
+    keep = _away_from_edges(probabilities.max(dim=1).values.double(), n_bins)
+    probabilities, labels = probabilities[keep], labels[keep]
+    # the within-row ties survive, and the first tied class is the prediction for both
+    top2 = probabilities.topk(2, dim=1).values
+    assert bool((top2[:, 0] == top2[:, 1]).any())
+    expected = tm_calibration.multiclass_calibration_error(
+        probabilities, labels, num_classes=classes, n_bins=n_bins, norm=norm
+    )
+    got = expected_calibration_error(probabilities, labels, n_bins=n_bins, norm=norm)
+    assert got == pytest.approx(float(expected), abs=2e-6)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+@pytest.mark.parametrize("n_bins", [2, 4, 8, 16])
+def test_bin_edge_confidences_mirror_torchmetrics(norm, n_bins, tm_calibration):
+    # confidences on the bin edges k / M (exact in float32): torchmetrics' bins are closed on
+    # the left, ours on the right, so the identity is the mirror image conf -> 1 - conf
+    gen = torch.Generator().manual_seed(n_bins)
+    confidence = torch.randint(1, n_bins + 1, (300,), generator=gen).double() / n_bins
+    confidence[:50] = torch.rand(50, generator=gen, dtype=torch.float64)  # and some inside
+    confidence[:50] = (confidence[:50] * 64).round().clamp_min(1) / 64  # exact in float32
+    correct = torch.rand(300, generator=gen) < confidence
+    expected = tm_calibration.binary_calibration_error(
+        (1 - confidence).float(), (~correct).long(), n_bins=n_bins, norm=norm
+    )
+    got = expected_calibration_error(confidence, correct, n_bins=n_bins, norm=norm)
+    assert got == pytest.approx(float(expected), abs=2e-6)
+    # ... and our reference loop agrees with the edges going into the lower bin
+    assert got == pytest.approx(numpy_calibration(confidence, correct, n_bins, norm), abs=1e-12)
+
+
+def test_bin_edges_are_where_torchmetrics_differs(tm_calibration):
+    # two confidences on the edge 0.5 with 2 bins: ours puts them in (0, 0.5], torchmetrics
+    # in [0.5, 1), together with the 0.75 prediction, so the two values differ
+    confidence = torch.tensor([0.5, 0.5, 0.75])
+    correct = torch.tensor([1, 1, 0])
+    ours = expected_calibration_error(confidence, correct, n_bins=2)
+    theirs = float(tm_calibration.binary_calibration_error(confidence, correct, n_bins=2))
+    assert ours == pytest.approx((2 * 0.5 + 0.75) / 3)
+    assert theirs == pytest.approx(abs(2 / 3 - 1.75 / 3))
+
+
+# ---------------------------------------------------------------- reliability diagram
+
+
+@pytest.mark.parametrize("n_bins", [1, 7, 15])
+def test_reliability_diagram_bins_and_identity(n_bins):
+    gen = torch.Generator().manual_seed(n_bins)
+    probabilities = _probabilities_with_ties(gen, 300, 5)
+    labels = torch.randint(0, 5, (300,), generator=gen)
+    diagram = reliability_diagram(probabilities, labels, n_bins=n_bins)
+    assert diagram.n_bins == n_bins
+    assert torch.allclose(diagram.bin_edges, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64))
+    assert diagram.count.dtype == torch.int64 and int(diagram.count.sum()) == 300
+    # per bin, against explicit loops
+    conf, pred = probabilities.max(dim=1)
+    correct = (pred == labels).double()
+    for m in range(n_bins):
+        inside = (conf > m / n_bins) & (conf <= (m + 1) / n_bins)
+        assert int(diagram.count[m]) == int(inside.sum())
+        if inside.any():
+            assert float(diagram.confidence[m]) == pytest.approx(float(conf[inside].mean()))
+            assert float(diagram.accuracy[m]) == pytest.approx(float(correct[inside].mean()))
+        else:
+            assert bool(diagram.confidence[m].isnan()) and bool(diagram.accuracy[m].isnan())
+    for norm in ("l1", "l2", "max"):
+        ece = expected_calibration_error(probabilities, labels, n_bins=n_bins, norm=norm)
+        assert diagram.calibration_error(norm) == pytest.approx(ece, abs=1e-12)
+        expected = numpy_calibration(conf.numpy(), correct.numpy(), n_bins, norm)
+        assert diagram.calibration_error(norm) == pytest.approx(expected, abs=1e-12)
+
+
+def test_reliability_diagram_of_the_bundled_model(bundled_model, bundled_digits):
+    images, labels = bundled_digits
+    with torch.no_grad():
+        probabilities = bundled_model(images).softmax(dim=1)
+    diagram = reliability_diagram(probabilities, labels)
+    assert diagram.calibration_error() == pytest.approx(
+        expected_calibration_error(probabilities, labels), abs=1e-12
+    )
+    # a confident model: most predictions in the top bin, where accuracy is high
+    assert int(diagram.count[-1]) >= 30 and float(diagram.accuracy[-1]) >= 0.9
+    gap = diagram.gap
+    filled = diagram.count > 0
+    assert torch.allclose(gap[filled], (diagram.accuracy - diagram.confidence)[filled])
+
+
+def test_reliability_diagram_bad_input():
+    p = torch.tensor([[0.9, 0.1]])
+    with pytest.raises(ValueError, match="`n_bins`"):
+        reliability_diagram(p, torch.tensor([0]), n_bins=0)
+    with pytest.raises(ValueError, match="`labels`"):
+        reliability_diagram(p, torch.tensor([5]))
+    with pytest.raises(ValueError, match="`norm`"):
+        reliability_diagram(p, torch.tensor([0])).calibration_error("l3")

@@ -32,9 +32,11 @@ from captum_ext.data._digit_cnn import (
     DigitCNN,
 )
 from captum_ext.data._mnist_split import MnistSplit, load_mnist_split
+from captum_ext.data.corruptions import CORRUPTIONS, corrupt
 
 __all__ = [
     "BUNDLED_CAM_LAYER",
+    "CORRUPTIONS",
     "DIGIT_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -43,6 +45,7 @@ __all__ = [
     "DigitCNN",
     "MnistSplit",
     "TorchScriptLayerModel",
+    "corrupt",
     "default_cam_layer",
     "denormalize_digits",
     "denormalize_for_display",

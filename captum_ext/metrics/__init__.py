@@ -12,7 +12,11 @@ from captum_ext.metrics.accumulators import (
     InsertionAUC,
     MispredictionAUROC,
 )
-from captum_ext.metrics.calibration import expected_calibration_error
+from captum_ext.metrics.calibration import (
+    ReliabilityDiagram,
+    expected_calibration_error,
+    reliability_diagram,
+)
 from captum_ext.metrics.curves import (
     RetentionCurve,
     accuracy_retention_curve,
@@ -121,6 +125,8 @@ __all__ = [
     "fpr_at_tpr",
     # calibration
     "expected_calibration_error",
+    "ReliabilityDiagram",
+    "reliability_diagram",
     # accumulating classes (update / compute / reset)
     "AUAC",
     "AUFC",

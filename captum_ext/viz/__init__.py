@@ -18,6 +18,8 @@ tqdm; each is imported only when the function that needs it runs).
   :func:`render_inversion`, :func:`compute_ood` / :func:`render_ood`,
   :func:`compute_evaluation` / :func:`render_evaluation`; each ``*_section`` function calls
   both.
+- :func:`plot_reliability_diagram`: a reliability diagram (accuracy against confidence per
+  bin, from :func:`captum_ext.metrics.reliability_diagram`) as a matplotlib figure.
 - :func:`evaluation_section`: every method scored by deletion, insertion, ROAD, completeness
   and the sanity checks.
 - :func:`contrastive_section`: the "Why P? / Why P, rather than Q? / What if not P?" section.
@@ -37,6 +39,7 @@ tqdm; each is imported only when the function that needs it runs).
 """
 
 from .build import SECTION_REGISTRY, ReportConfig, SectionInputs, build_report
+from .calibration import plot_reliability_diagram
 from .evaluation import EvaluationScores, compute_evaluation, evaluation_section, render_evaluation
 from .inversion import InversionData, compute_inversion, inversion_section, render_inversion
 from .masks import MinimalMaskData, compute_minimal_mask, minimal_mask_section, render_minimal_mask
@@ -91,6 +94,7 @@ __all__ = [
     "trust_section",
     "voice_section",
     "evaluation_section",
+    "plot_reliability_diagram",
     # the two steps of each section: numbers, then figures
     "EvaluationScores",
     "ExplanationMetricsData",
