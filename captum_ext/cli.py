@@ -270,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         "for the bundled model: its shipped mask net)",
     )
     report.add_argument(
+        "--introspection-head",
+        metavar="FILE",
+        help="fitted IntrospectiveNetwork for the introspection section, written by its save "
+        "method (default for the bundled model: its shipped head)",
+    )
+    report.add_argument(
         "--mask-layers",
         metavar="LIST",
         help="comma-separated layers the --mask-net was trained to match (default: --layer)",

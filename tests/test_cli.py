@@ -276,10 +276,10 @@ def test_inversion_section_trains_a_generator_for_your_own_model(tmp_path, capsy
 
 def test_help_and_docs_list_every_section(capsys):
     """`captum-ext --help`, `captum-ext report --help` and docs/api/cli.md name all the
-    sections of the registry (seven), not a stale subset."""
+    sections of the registry (eight), not a stale subset."""
     from captum_ext.cli import SECTION_DESCRIPTIONS, SECTIONS, build_parser
 
-    assert len(SECTIONS) == 7 and tuple(SECTION_DESCRIPTIONS) == SECTIONS
+    assert len(SECTIONS) == 8 and tuple(SECTION_DESCRIPTIONS) == SECTIONS
     for argv in (["--help"], ["report", "--help"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)

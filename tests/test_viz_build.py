@@ -51,6 +51,7 @@ def test_every_registered_section_has_a_description_and_a_build():
         "trust",
         "masks",
         "inversion",
+        "introspection",
         "evaluation",
     ]
     for name, spec in SECTION_REGISTRY.items():

@@ -177,6 +177,7 @@ class ReportConfig:
     limit: int | None = None
     sections: Sequence[str] | None = None
     mask_net: str | None = None
+    introspection_head: str | None = None
     mask_layers: str | None = None
     inversion_steps: int = 300
     inversion_classes: int = 20
@@ -419,6 +420,35 @@ def _pixel_maps(transform: Any) -> tuple[Any, Any]:
     return None, None
 
 
+def _build_introspection(inputs: SectionInputs, config: ReportConfig, asked: bool):
+    """The bundled introspective head, or ``--introspection-head`` for your own model."""
+    from captum_ext.introspection import IntrospectiveNetwork
+    from captum_ext.viz.introspection import introspection_section
+
+    if config.introspection_head is None:
+        if config.model is not None:
+            raise ValueError(
+                "the introspection section needs `--introspection-head` for your own model: "
+                "an IntrospectiveNetwork fitted on your training data and written with its "
+                "save method."
+            )
+        from captum_ext.bundled import load_bundled_introspective_network
+
+        network = load_bundled_introspective_network(inputs.model)
+    else:
+        network = IntrospectiveNetwork.load(config.introspection_head, inputs.model)
+    return introspection_section(
+        network,
+        inputs.images,
+        inputs.display_images,
+        inputs.class_names,
+        inputs.out,
+        labels=inputs.labels,
+        names=inputs.names,
+        batch_size=inputs.batch_size,
+    )
+
+
 def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
     """The bundled generator, or one trained for ``--inversion-steps``."""
     from captum_ext.inversion import NetworkInversion
@@ -488,8 +518,15 @@ SECTION_REGISTRY: dict[str, SectionSpec] = {
         _build_inversion,
         {"max_classes": "inversion_classes"},
     ),
+    "introspection": SectionSpec(
+        "feed-forward vs introspective predictions, the images where they disagree first "
+        "(your own model needs --introspection-head; asked for by name)",
+        _build_introspection,
+        in_defaults=False,
+    ),
     "evaluation": SectionSpec(
-        "every method (Saliency, IG, Guided Backprop, GradCAM, ContrastCAM) scored by "
+        "every method (Saliency, IG, Guided Backprop, GradCAM, ContrastCAM, FinerCAM, "
+        "LayerIBA, PathwayGradient) scored by "
         "deletion, insertion, ROAD, completeness and the sanity checks (asked for by name)",
         _build_evaluation,
         in_defaults=False,

@@ -1,0 +1,91 @@
+"""The report's introspection section: numbers tied to both stages, then the page."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from captum_ext.viz.build import SECTION_REGISTRY, ReportConfig, default_sections
+from captum_ext.viz.introspection import (
+    SHOWN_IMAGES,
+    compute_introspection,
+    render_introspection,
+)
+
+
+class _FixedNetwork:
+    """Stage 1 = a fixed table of logits; stage 2 = fixed probabilities (a stand-in with the
+    two things the section reads)."""
+
+    def __init__(self, logits: torch.Tensor, intro: torch.Tensor) -> None:
+        self.model = lambda x: logits[x[:, 0, 0, 0].long()]
+        self.intro = intro
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intro[x[:, 0, 0, 0].long()]
+
+
+def _fixed_case():
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [2.0, 0.0, 0.0]])
+    intro = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.4, 0.1]])
+    images = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    return _FixedNetwork(logits, intro), images
+
+
+def test_numbers_are_both_stages_and_disagreements_come_first():
+    network, images = _fixed_case()
+    summary = compute_introspection(network, images, labels=[0, 1, None, 0], batch_size=3)
+    assert summary.feed_forward.tolist() == [0, 1, 2, 0]
+    assert summary.introspective.tolist() == [0, 0, 2, 0]
+    torch.testing.assert_close(
+        summary.feed_forward_confidence, torch.softmax(network.model(images), 1).max(1).values
+    )
+    torch.testing.assert_close(summary.introspective_confidence, torch.tensor([0.9, 0.6, 0.8, 0.5]))
+    assert summary.disagree.tolist() == [False, True, False, False]
+    # the disagreement first, then by introspective confidence, lowest first
+    assert summary.order.tolist() == [1, 3, 2, 0]
+    assert summary.labels.tolist() == [0, 1, -1, 0]
+
+
+def test_bundled_network_numbers_tie_to_predict(bundled_model, bundled_digits):
+    from captum_ext.bundled import load_bundled_introspective_network
+
+    images, labels = bundled_digits
+    network = load_bundled_introspective_network(bundled_model)
+    summary = compute_introspection(network, images, labels=labels)
+    assert summary.introspective.tolist() == network.predict(images).tolist()
+    with torch.no_grad():
+        assert summary.feed_forward.tolist() == bundled_model(images).argmax(1).tolist()
+
+
+def test_render_writes_the_table_and_the_first_images(tmp_path, monkeypatch):
+    network, images = _fixed_case()
+    summary = compute_introspection(network, images, labels=[0, 1, None, 0])
+    section = render_introspection(
+        summary, np.zeros((4, 2, 2, 3)), tmp_path, class_names=["a", "b", "c"]
+    )
+    summary_row, *image_rows = section.rows
+    assert summary_row.table.rows[1] == ["accuracy (labelled images)", "1.000", "0.667"]
+    assert len(image_rows) == min(4, SHOWN_IMAGES)
+    assert image_rows[0].label.startswith("#1: feed-forward b") and "they disagree" in (
+        image_rows[0].label
+    )
+    assert "disagree on 1 of 4 images" in section.intro
+    assert (tmp_path / "images" / "introspection" / "00001_input.png").is_file()
+
+
+def test_section_is_registered_asked_for_by_name_and_needs_a_head_for_your_model(tmp_path, capsys):
+    from captum_ext.bundled import load_bundled_introspective_network
+    from captum_ext.cli import main
+
+    assert "introspection" in SECTION_REGISTRY
+    assert "introspection" not in default_sections(ReportConfig())
+    argv = ["report", "--model", "captum_ext.bundled:load_bundled_model", "--limit", "3"]
+    argv += ["--no-progress", "--layer", "features.7", "--sections", "introspection"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 2
+    assert "needs `--introspection-head`" in capsys.readouterr().err
+    head = load_bundled_introspective_network().save(tmp_path / "head.pt")
+    code = main(argv + ["--out", str(tmp_path / "b"), "--introspection-head", str(head)])
+    assert code == 0, capsys.readouterr().err
+    html = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
+    assert "Does the network agree with itself?" in html and "disagree on" in html
