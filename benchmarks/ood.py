@@ -30,7 +30,7 @@ sample excluded), and on the plain n-class model ``MSP`` (max softmax), ``energy
 (in-distribution positive) and FPR at 95 % TPR; scores: higher = more in-distribution.
 
     python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
-        [--openset-epochs 8] [--n-ood 1000]
+        [--openset-epochs 8] [--n-ood 1000] [--garbage-noise pixel_range|data_stats]
 
 Prints the budgets, markdown tables and, last, one JSON line.
 """
@@ -191,6 +191,7 @@ def run_tie(model, x, y, args, baseline: str) -> tuple[TIE, dict, float]:
         baseline=baseline,
         generator_steps=args.generator_steps,
         generator_width=args.generator_width,
+        garbage_noise=args.garbage_noise,
         seed=SEED,
     )
     tie = TIE(model, config=config, **BUNDLED_INVERSION_OPTIONS)
@@ -274,6 +275,12 @@ def main() -> None:
     parser.add_argument("--generator-width", type=int, default=32)
     parser.add_argument("--openset-epochs", type=int, default=8, help="0-4 model training")
     parser.add_argument("--n-ood", type=int, default=1000, help="images per generated set")
+    parser.add_argument(
+        "--garbage-noise",
+        default="pixel_range",
+        choices=["pixel_range", "data_stats"],
+        help="TIEConfig.garbage_noise: how the garbage pool is seeded",
+    )
     parser.add_argument("--progress", action="store_true", help="show TIE's progress bars")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -288,6 +295,7 @@ def main() -> None:
         "tie_threshold": 0.5,
         "tie_stop_fraction": 0.05,
         "tie_sample_vector": "one_hot",
+        "tie_garbage_noise": args.garbage_noise,
         "openset_training_epochs": args.openset_epochs,
         "n_ood_per_set": args.n_ood,
         "seed": SEED,

@@ -55,9 +55,10 @@ from captum_ext.inversion.tie import (
     OOD_SCORE_KINDS,
     TIE,
     TIEPrediction,
+    pixel_range_noise,
     uncertainty_ue,
 )
-from captum_ext.inversion.tie_config import TIE_BASELINES, TIEConfig
+from captum_ext.inversion.tie_config import GARBAGE_NOISE_KINDS, TIE_BASELINES, TIEConfig
 
 __all__ = [
     "CONDITIONINGS",
@@ -96,6 +97,8 @@ __all__ = [
     "TIE_BASELINES",
     "TIEPrediction",
     "uncertainty_ue",
+    "GARBAGE_NOISE_KINDS",
+    "pixel_range_noise",
     # audits
     "PrivacyAuditResult",
     "ShortcutAuditResult",
