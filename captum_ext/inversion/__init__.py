@@ -40,6 +40,7 @@ from captum_ext.inversion.generator import (
     estimate_inversion_cost,
 )
 from captum_ext.inversion.losses import (
+    class_cosine_diversity,
     cosine_diversity,
     cross_entropy_to_labels,
     feature_orthogonality,
@@ -69,6 +70,7 @@ __all__ = [
     "NetworkInversion",
     "available_memory_bytes",
     "cosine_diversity",
+    "class_cosine_diversity",
     "cross_entropy_to_labels",
     "estimate_inversion_cost",
     "feature_orthogonality",
