@@ -13,6 +13,10 @@ digits as the reference. One process, one thread, seed 0.
 
     python benchmarks/inversion_diversity.py [--steps 250] [--batch-size 64]
         [--class-cosine 2 5] [--batch-weight 2] [--per-class 16]
+        [--grid-class-cosine 0.5 --png docs/_static/inversion_samples_class_cosine.png]
+
+With ``--png``, a grid of 8 samples per class of the ``--grid-class-cosine`` variant (and of
+the preset beside it, ``*_preset.png``) is written.
 
 Prints a markdown table and, last, one JSON line.
 """
@@ -31,6 +35,7 @@ from captum_ext.data._mnist_split import load_mnist_split
 from captum_ext.inversion.evaluation import (
     label_consistency,
     mean_confidence,
+    sample_grid,
     within_class_diversity,
 )
 from captum_ext.inversion.network_inversion import NetworkInversion
@@ -56,6 +61,8 @@ def main() -> None:
     parser.add_argument("--class-cosine", type=float, nargs="*", default=[2.0, 5.0])
     parser.add_argument("--batch-weight", type=float, nargs="*", default=[2.0])
     parser.add_argument("--per-class", type=int, default=16)
+    parser.add_argument("--grid-class-cosine", type=float, default=0.5)
+    parser.add_argument("--png", default=None, help="write sample grids here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     budgets = {
@@ -96,6 +103,19 @@ def main() -> None:
         samples = inversion.sample(labels, generator=1)
         results[name] = {**metrics(model, samples, labels), "weights": weights}
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
+        grid_weight = (weights or {}).get("class_cosine")
+        if args.png and (weights is None or grid_weight == args.grid_class_cosine):
+            grid_labels = torch.arange(10).repeat_interleave(8)
+            figure = sample_grid(
+                inversion.sample(grid_labels, generator=2),
+                grid_labels,
+                per_class=8,
+                denormalize=denormalize_digits,
+                title=f"{name}, {args.steps} steps",
+            )
+            path = args.png if weights else args.png.replace(".png", "_preset.png")
+            figure.savefig(path, dpi=100)
+            print(f"wrote {path}", flush=True)
         print(name, json.dumps(results[name]), flush=True)
     results["real held-out digits (reference)"] = metrics(model, held[rows], held_y[rows])
 
