@@ -19,7 +19,9 @@ Settings, each scored on the same splits by every method:
    - ``letters``: 1,000 letters rendered with Pillow's built-in font
      (``ImageFont.load_default(size)``, sizes 14 to 24, stroke 1, random offsets), white on
      black; O, o, I and l are left out (they are drawn like 0 and 1).
-   - ``gaussian-noise``: pixels ``clip(N(0.5, 0.3^2), 0, 1)``; ``uniform-noise``: ``U(0, 1)``.
+   - ``gaussian-noise``: pixels ``clip(N(0.5, 0.3^2), 0, 1)``; ``uniform-noise``: ``U(0, 1)``;
+     ``dark-noise (data stats)``: ``N(mean, std^2)`` of the normalised training digits (what
+     ``TIEConfig(garbage_noise="data_stats")`` seeds the garbage class with).
 2. ``open-set``: a DigitCNN trained here on the training digits 0-4; in-distribution = the
    held-out digits 0-4, OOD = the held-out digits 5-9.
 
@@ -308,6 +310,12 @@ def main() -> None:
     x_test = _to_inputs(split.heldout_images)
     y_test = torch.from_numpy(split.heldout_labels)
     sets = ood_sets(args.n_ood)
+    # the earlier garbage seeding's distribution: N(mean, std^2) of the normalised training
+    # digits (dark; about a third of its pixels below 0 in pixel units)
+    dark = torch.Generator().manual_seed(SEED + 1)
+    sets["dark-noise (data stats)"] = (
+        torch.randn(args.n_ood, 1, 28, 28, generator=dark) * x_train.std() + x_train.mean()
+    )
     results: dict = {}
     logs: dict = {}
 
