@@ -15,8 +15,8 @@ digits as the reference. One process, one thread, seed 0.
         [--class-cosine 2 5] [--batch-weight 2] [--per-class 16]
         [--grid-class-cosine 0.5 --png docs/_static/inversion_samples_class_cosine.png]
 
-With ``--png``, a grid of 8 samples per class of the ``--grid-class-cosine`` variant (and of
-the preset beside it, ``*_preset.png``) is written.
+With ``--png``, a grid of 8 samples per class of the ``--grid-class-cosine`` variant is
+written there (and one of the preset as ``*_preset.png``).
 
 Prints a markdown table and, last, one JSON line.
 """
