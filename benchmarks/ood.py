@@ -19,7 +19,9 @@ Settings, each scored on the same splits by every method:
    - ``letters``: 1,000 letters rendered with Pillow's built-in font
      (``ImageFont.load_default(size)``, sizes 14 to 24, stroke 1, random offsets), white on
      black; O, o, I and l are left out (they are drawn like 0 and 1).
-   - ``gaussian-noise``: pixels ``clip(N(0.5, 0.3^2), 0, 1)``; ``uniform-noise``: ``U(0, 1)``.
+   - ``gaussian-noise``: pixels ``clip(N(0.5, 0.3^2), 0, 1)``; ``uniform-noise``: ``U(0, 1)``;
+     ``dark-noise (data stats)``: ``N(mean, std^2)`` of the normalised training digits (what
+     ``TIEConfig(garbage_noise="data_stats")`` seeds the garbage class with).
 2. ``open-set``: a DigitCNN trained here on the training digits 0-4; in-distribution = the
    held-out digits 0-4, OOD = the held-out digits 5-9.
 
@@ -30,7 +32,7 @@ sample excluded), and on the plain n-class model ``MSP`` (max softmax), ``energy
 (in-distribution positive) and FPR at 95 % TPR; scores: higher = more in-distribution.
 
     python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
-        [--openset-epochs 8] [--n-ood 1000]
+        [--openset-epochs 8] [--n-ood 1000] [--garbage-noise pixel_range|data_stats]
 
 Prints the budgets, markdown tables and, last, one JSON line.
 """
@@ -191,6 +193,7 @@ def run_tie(model, x, y, args, baseline: str) -> tuple[TIE, dict, float]:
         baseline=baseline,
         generator_steps=args.generator_steps,
         generator_width=args.generator_width,
+        garbage_noise=args.garbage_noise,
         seed=SEED,
     )
     tie = TIE(model, config=config, **BUNDLED_INVERSION_OPTIONS)
@@ -274,6 +277,12 @@ def main() -> None:
     parser.add_argument("--generator-width", type=int, default=32)
     parser.add_argument("--openset-epochs", type=int, default=8, help="0-4 model training")
     parser.add_argument("--n-ood", type=int, default=1000, help="images per generated set")
+    parser.add_argument(
+        "--garbage-noise",
+        default="pixel_range",
+        choices=["pixel_range", "data_stats"],
+        help="TIEConfig.garbage_noise: how the garbage pool is seeded",
+    )
     parser.add_argument("--progress", action="store_true", help="show TIE's progress bars")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -288,6 +297,7 @@ def main() -> None:
         "tie_threshold": 0.5,
         "tie_stop_fraction": 0.05,
         "tie_sample_vector": "one_hot",
+        "tie_garbage_noise": args.garbage_noise,
         "openset_training_epochs": args.openset_epochs,
         "n_ood_per_set": args.n_ood,
         "seed": SEED,
@@ -300,6 +310,12 @@ def main() -> None:
     x_test = _to_inputs(split.heldout_images)
     y_test = torch.from_numpy(split.heldout_labels)
     sets = ood_sets(args.n_ood)
+    # the earlier garbage seeding's distribution: N(mean, std^2) of the normalised training
+    # digits (dark; about a third of its pixels below 0 in pixel units)
+    dark = torch.Generator().manual_seed(SEED + 1)
+    sets["dark-noise (data stats)"] = (
+        torch.randn(args.n_ood, 1, 28, 28, generator=dark) * x_train.std() + x_train.mean()
+    )
     results: dict = {}
     logs: dict = {}
 

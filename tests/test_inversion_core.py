@@ -238,6 +238,48 @@ def test_cosine_diversity_against_double_loop():
     assert float(cosine_diversity(same)) == pytest.approx(1.0)
 
 
+def test_class_cosine_diversity_against_double_loop():
+    from captum_ext.inversion import class_cosine_diversity
+
+    phi = torch.randn(9, 3, 2, generator=gen(4), dtype=D)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 2])
+    flat = phi.flatten(1)
+    total, count = 0.0, 0
+    for i in range(9):
+        for j in range(9):
+            if i != j and labels[i] == labels[j]:
+                a, b = flat[i], flat[j]
+                total += float(a @ b) / (float(a.norm()) * float(b.norm()))
+                count += 1
+    assert float(class_cosine_diversity(phi, labels)) == pytest.approx(total / count, rel=1e-12)
+    # one class: the batch-wide term
+    one = torch.zeros(9, dtype=torch.long)
+    assert float(class_cosine_diversity(phi, one)) == pytest.approx(float(cosine_diversity(phi)))
+    # no pair shares a label: 0, with a gradient (of zeros) for the trainer
+    x = phi.clone().requires_grad_(True)
+    value = class_cosine_diversity(x, torch.arange(9))
+    value.backward()
+    assert float(value.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(ValueError, match="labels"):
+        class_cosine_diversity(phi, labels[:4])
+
+
+def test_class_cosine_weight_enters_the_inversion_loss():
+    from captum_ext.inversion import NetworkInversion
+
+    model = make_tiny_cnn(num_classes=4, dtype=torch.float32)
+    generator = ConditionedGenerator(4, (3, 8, 8), latent_dim=8, width=8)
+    inversion = NetworkInversion(
+        model, generator, weights={"class_cosine": 2.0}, batch_size=8, seed=0
+    )
+    history = inversion.fit(2, progress=False)
+    assert all(0.0 <= v <= 1.0 for v in history["class_cosine"])
+    plain = NetworkInversion(
+        model, ConditionedGenerator(4, (3, 8, 8), latent_dim=8, width=8), batch_size=8, seed=0
+    )
+    assert all(math.isnan(v) for v in plain.fit(1, progress=False)["class_cosine"])
+
+
 def test_feature_orthogonality_against_formula():
     phi = torch.randn(5, 4, generator=gen(2), dtype=D)
     total = 0.0

@@ -315,10 +315,13 @@ def test_seeding_counts_weights_and_noise_statistics(monkeypatch):
         return original(logits, target, weight=weight, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
-    tie = TIE(tiny_model(), **SMALL, baseline="all", final_training=False)
+    tie = TIE(
+        tiny_model(), **SMALL, baseline="all", final_training=False, garbage_noise="data_stats"
+    )
     tie.fit(x, y, epochs=1, progress=False)
     garbage = 70 // CLASSES  # as many as an average class
     seed = tie.pool[:garbage]
+    # the earlier seeding: the inputs' mean and std
     assert seed.mean().item() == pytest.approx(3.0, abs=0.2)
     assert seed.std().item() == pytest.approx(2.0, abs=0.2)
     # class weights N / ((n + 1) N_c) over 70 digits (14 per class) + 14 noise images
@@ -335,6 +338,78 @@ def test_seeding_counts_weights_and_noise_statistics(monkeypatch):
     counts = torch.tensor([30.0, 10, 10, 10, 10, 7], dtype=torch.float64)
     assert torch.allclose(seen[0][1].double(), 77 / (6 * counts))
     assert tie.log["pool_size"][0] <= 7 + 6
+
+
+def test_default_seeding_is_pixel_range_noise_through_the_preprocessing():
+    """The pool's seeds are preprocess(pixels) with pixels spread over the whole range,
+    whatever the inputs' statistics."""
+    x, y = tiny_data(60)
+    x = x * 0.01 - 4.0  # inputs far from the noise: the seeds must not follow them
+    mean, std = (0.2, 0.3, 0.4), (0.5, 0.25, 2.0)
+    tie = TIE(tiny_model(), **SMALL, preprocess=(mean, std), baseline="all")
+    assert tie.config.garbage_noise == "pixel_range"
+    tie._seed_pool(x)
+    seeds = tie.pool.double()
+    assert seeds.shape == (60 // CLASSES, *SHAPE)
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    pixels = seeds * s + m  # undo the (mean, std) preprocessing by hand
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    brightness = pixels.mean(dim=(2, 3)).flatten()  # per image and channel
+    assert brightness.max() - brightness.min() > 0.5  # dark and bright noise alike
+    # the same seeds again from the same config seed
+    again = TIE(tiny_model(), **SMALL, preprocess=(mean, std), baseline="all")
+    again._seed_pool(x)
+    assert torch.equal(again.pool, tie.pool)
+
+
+def test_pixel_range_noise_kinds_and_statistics():
+    gen = torch.Generator().manual_seed(3)
+    noise = tie_module.pixel_range_noise(300, (2, 16, 12), generator=gen)
+    assert noise.shape == (300, 2, 16, 12) and noise.dtype == torch.float64
+    assert noise.min() >= 0 and noise.max() <= 1
+    white, uniform, smooth = noise[0::3], noise[1::3], noise[2::3]
+
+    def roughness(images):  # mean squared neighbour difference relative to the variance
+        diff = (images[..., 1:, :] - images[..., :-1, :]).square().mean(dim=(2, 3))
+        return (diff / images.var(dim=(2, 3)).clamp(min=1e-12)).median().item()
+
+    # white and uniform noise: neighbours independent (ratio near 2); low-frequency: smooth
+    assert roughness(white) > 1.5 and roughness(uniform) > 1.5
+    assert roughness(smooth) < 0.5
+    # uniform noise is flat between its bounds: its histogram has no central peak
+    per_image = uniform.flatten(2)
+    low, high = per_image.amin(2, keepdim=True), per_image.amax(2, keepdim=True)
+    rel = ((per_image - low) / (high - low).clamp(min=1e-12)).flatten()
+    counts = torch.histc(rel, bins=4, min=0, max=1)
+    assert counts.min() / counts.max() > 0.8
+    # brightness covers the range: per-image means from dark to bright
+    means = noise.mean(dim=(2, 3)).flatten()
+    assert means.min() < 0.15 and means.max() > 0.85
+    # seeded: same generator seed, same noise
+    again = tie_module.pixel_range_noise(
+        300, (2, 16, 12), generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(again, noise)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"size": 0, "shape": (1, 4, 4)}, "size"),
+        ({"size": 3, "shape": (1, 4)}, "shape"),
+        ({"size": 3, "shape": (1, 0, 4)}, "shape"),
+    ],
+)
+def test_pixel_range_noise_errors_name_the_argument(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        tie_module.pixel_range_noise(**kwargs)
+
+
+def test_garbage_noise_is_checked():
+    with pytest.raises(ValueError, match="garbage_noise"):
+        TIEConfig(garbage_noise="pink")
+    assert TIEConfig(garbage_noise="data_stats").garbage_noise == "data_stats"
 
 
 def test_log_keys_and_training_changes_the_copy_only():
@@ -579,12 +654,27 @@ def test_short_tie_on_the_bundled_model_learns_a_garbage_class():
     accuracy = (result.labels == y_test).double().mean().item()
     assert accuracy >= plain - 0.05  # the digits are still recognised
     assert result.is_garbage.double().mean().item() < 0.05
-    # fresh noise of the seeding kind (the data's mean and std) goes to the garbage class
+    # fresh noise of the seeding kind (other draws of pixel_range_noise) goes to the
+    # garbage class; the plain model, or an untrained garbage row, puts about none there.
+    # (0.76 measured: 100 seeds of a wide noise family generalise less than the earlier
+    # narrow seeding did, 0.95; benchmarks/ood.py with 400 seeds sends all noise there)
+    fresh = tie_module.pixel_range_noise(
+        200, (1, 28, 28), generator=torch.Generator().manual_seed(99)
+    )
+    fresh = normalize_digits(fresh.float() * 255)
+    shares = {"fresh seeds": tie.predict(fresh).is_garbage.double().mean().item()}
+    assert shares["fresh seeds"] > 0.5
+    # the benchmark's bright Gaussian pixels and the earlier seeding's dark noise (the data's
+    # mean and std): at this small budget (100 seeds, 4 epochs) only partly sent to garbage
+    # (benchmarks/ood.py, 400 seeds and 8 epochs: all of it), but ranked below the digits
     gen = torch.Generator().manual_seed(99)
-    noise = torch.randn(200, 1, 28, 28, generator=gen) * x.std() + x.mean()
-    # (0.95 measured; the plain model, or an untrained garbage row, puts about none there)
-    assert tie.predict(noise).is_garbage.double().mean().item() > 0.8
-    assert tie.in_distribution_score(x_test).mean() > tie.in_distribution_score(noise).mean()
+    bright = (torch.randn(200, 28, 28, generator=gen) * 0.3 + 0.5).clamp(0, 1) * 255
+    dark = torch.randn(200, 1, 28, 28, generator=gen) * x.std() + x.mean()
+    digits = tie.in_distribution_score(x_test)
+    for name, noise in (("bright", normalize_digits(bright).unsqueeze(1)), ("dark", dark)):
+        shares[name] = tie.predict(noise).is_garbage.double().mean().item()
+        assert digits.mean() > tie.in_distribution_score(noise).mean(), name
+    print(shares)
     assert len(log["epoch"]) >= 1 and log["pool_size"][-1] > 1000 // 10
 
 

@@ -40,6 +40,7 @@ from captum_ext.inversion.generator import (
     estimate_inversion_cost,
 )
 from captum_ext.inversion.losses import (
+    class_cosine_diversity,
     cosine_diversity,
     cross_entropy_to_labels,
     feature_orthogonality,
@@ -55,9 +56,10 @@ from captum_ext.inversion.tie import (
     OOD_SCORE_KINDS,
     TIE,
     TIEPrediction,
+    pixel_range_noise,
     uncertainty_ue,
 )
-from captum_ext.inversion.tie_config import TIE_BASELINES, TIEConfig
+from captum_ext.inversion.tie_config import GARBAGE_NOISE_KINDS, TIE_BASELINES, TIEConfig
 
 __all__ = [
     "CONDITIONINGS",
@@ -68,6 +70,7 @@ __all__ = [
     "NetworkInversion",
     "available_memory_bytes",
     "cosine_diversity",
+    "class_cosine_diversity",
     "cross_entropy_to_labels",
     "estimate_inversion_cost",
     "feature_orthogonality",
@@ -96,6 +99,8 @@ __all__ = [
     "TIE_BASELINES",
     "TIEPrediction",
     "uncertainty_ue",
+    "GARBAGE_NOISE_KINDS",
+    "pixel_range_noise",
     # audits
     "PrivacyAuditResult",
     "ShortcutAuditResult",

@@ -21,6 +21,7 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import preserved_state
 
 __all__ = [
+    "class_cosine_diversity",
     "cosine_diversity",
     "cross_entropy_to_labels",
     "feature_orthogonality",
@@ -172,6 +173,51 @@ def cosine_diversity(features: Tensor, *, eps: float = 1e-8) -> Tensor:
     unit = phi / phi.norm(dim=1, keepdim=True).clamp_min(eps)
     sims = unit @ unit.T
     return (sims.sum() - sims.diagonal().sum()) / (n * (n - 1))
+
+
+def class_cosine_diversity(features: Tensor, labels: Tensor, *, eps: float = 1e-8) -> Tensor:
+    r"""Mean pairwise cosine similarity of features *within each class* (lower is more
+    diverse).
+
+    ``L_cls = sum_{i != j, y_i = y_j} cos(phi_i, phi_j) / #{(i, j): i != j, y_i = y_j}``
+    (0 when no two examples share a label). :func:`cosine_diversity` averages over every
+    pair of a mixed batch, where pairs of different classes are the great majority (with
+    ``K`` classes drawn uniformly, about ``1 - 1/K`` of them) and are already dissimilar;
+    this term pushes apart only the images of the same class, which is where a
+    conditioned generator collapses. Our addition to the papers' cosine / orthogonality
+    terms (Suhail, Sethi et al., arXiv 2407.18002), aimed at the within-class diversity
+    they measure.
+
+    Args:
+        features (Tensor): ``N x D`` features (``N >= 2``; more dimensions are flattened).
+        labels (Tensor): ``(N,)`` integer labels.
+        eps (float, optional): Floor of the norms. Default: 1e-8
+
+    Returns:
+        Tensor: Scalar.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.inversion.losses import class_cosine_diversity
+        >>> phi = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> float(class_cosine_diversity(phi, torch.tensor([0, 0, 1, 2])))
+        1.0
+    """
+    phi = _flat_features(features)
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != phi.shape[0]:
+        raise ValueError(
+            f"`labels` must be a 1-D tensor with one label per row of `features` "
+            f"({phi.shape[0]}), got {getattr(labels, 'shape', type(labels).__name__)}."
+        )
+    unit = phi / phi.norm(dim=1, keepdim=True).clamp_min(eps)
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    pairs = same.sum()
+    if int(pairs) == 0:
+        return phi.sum() * 0.0
+    sims = unit @ unit.T
+    return (sims * same.to(sims.dtype)).sum() / pairs.to(sims.dtype)
 
 
 def feature_orthogonality(features: Tensor, *, eps: float = 1e-8) -> Tensor:

@@ -31,6 +31,7 @@ from captum_ext.inversion.conditioning import _check_labels, one_hot_vectors
 from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
 from captum_ext.inversion.losses import (
     _upcast,
+    class_cosine_diversity,
     cosine_diversity,
     cross_entropy_to_labels,
     feature_orthogonality,
@@ -53,6 +54,7 @@ LOSS_TERMS: tuple[str, ...] = (
     "total_variation",
     "pixel_range",
     "weight_gradient",
+    "class_cosine",
 )
 
 _INVERSION = {"kl": 1.0, "ce": 1.0, "cosine": 0.5, "orthogonality": 0.5}
@@ -127,6 +129,7 @@ class NetworkInversion:
     on the weighted loss::
 
         L = a KL(c || softmax q) + b CE(q, argmax c) + g cos(phi) + d orth(phi)
+            [+ within-class cosine of phi (``class_cosine``, off in every preset)]
             [+ TLDR priors: perturbed KL/CE, total variation, pixel range,
                squared norm of grad_w CE(f(x), argmax c)]
 
@@ -414,6 +417,8 @@ class NetworkInversion:
             terms["cosine"] = cosine_diversity(features)
         if weights.get("orthogonality", 0):
             terms["orthogonality"] = feature_orthogonality(features)
+        if weights.get("class_cosine", 0):
+            terms["class_cosine"] = class_cosine_diversity(features, labels)
         if weights.get("total_variation", 0):
             terms["total_variation"] = total_variation(_upcast(pixels))
         if weights.get("pixel_range", 0):

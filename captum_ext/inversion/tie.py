@@ -41,15 +41,17 @@ from captum_ext.inversion._checkpointing import inversion_state, restore_inversi
 from captum_ext.inversion._features import count_classes, final_linear
 from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
 from captum_ext.inversion.network_inversion import NetworkInversion
-from captum_ext.inversion.tie_config import TIE_BASELINES, TIEConfig
+from captum_ext.inversion.tie_config import GARBAGE_NOISE_KINDS, TIE_BASELINES, TIEConfig
 
 __all__ = [
     "BASELINES",
+    "GARBAGE_NOISE_KINDS",
     "OOD_SCORE_KINDS",
     "TIE",
     "TIEConfig",
     "TIEPrediction",
     "TIE_BASELINES",
+    "pixel_range_noise",
     "uncertainty_ue",
 ]
 
@@ -142,6 +144,79 @@ def uncertainty_ue(probs: Tensor) -> Tensor:
     k = probs.shape[1]
     spread = (probs - 1.0 / k).square().sum(1)
     return (1.0 - spread * (k / (k - 1))).clamp(0.0, 1.0)
+
+
+def pixel_range_noise(
+    size: int, shape: Sequence[int], *, generator: torch.Generator | None = None
+) -> Tensor:
+    r"""Noise images over the whole pixel range ``[0, 1]``: TIE's garbage-class seeds.
+
+    Image ``i`` is, by ``i mod 3``: white Gaussian noise ``clip(m + s z, 0, 1)``; uniform
+    noise ``U(a, b)``; or low-frequency noise ``clip(m + s up(z_r), 0, 1)``, where ``z_r`` is
+    standard Gaussian noise at a random resolution ``r x r`` (``r`` in ``2..max(2, H // 2)``)
+    bilinearly upsampled to ``H x W`` and standardised. Per image the brightness
+    ``m ~ U(0, 1)``, the contrast ``s ~ U(0.05, 0.5)`` and the bounds ``a <= b`` (two
+    ``U(0, 1)`` draws) are random; channels are drawn independently.
+
+    Seeding the garbage class with noise of every brightness and contrast in the valid pixel
+    range (and then the model's preprocessing) is what lets it absorb noise that is brighter
+    or darker than the average training image; Gaussian noise with the preprocessed data's
+    mean and std (``TIEConfig(garbage_noise="data_stats")``) covers only noise as dark as
+    the average digit. TIE: Suhail, Sethi et al. (arXiv 2512.00229) seed the garbage class
+    with noise images.
+
+    Args:
+        size (int): Number of images.
+        shape (tuple[int, int, int]): ``(C, H, W)``.
+        generator (torch.Generator, optional): CPU random generator. Default: None (the
+            global one).
+
+    Returns:
+        Tensor: ``size x C x H x W`` float64 pixels in ``[0, 1]`` on the CPU.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.inversion.tie import pixel_range_noise
+        >>> noise = pixel_range_noise(6, (1, 28, 28), generator=torch.Generator().manual_seed(0))
+        >>> noise.shape, bool(noise.min() >= 0), bool(noise.max() <= 1)
+        (torch.Size([6, 1, 28, 28]), True, True)
+    """
+    size = check_int(size, "size")
+    if (
+        not isinstance(shape, Sequence)
+        or len(shape) != 3
+        or not all(type(v) is int and v > 0 for v in shape)
+    ):
+        raise ValueError(f"`shape` must be (C, H, W) of positive ints, got {shape!r}.")
+    c, h, w = shape
+    f64 = torch.float64
+
+    def uniform(*dims: int) -> Tensor:
+        return torch.rand(*dims, generator=generator, dtype=f64)
+
+    m = uniform(size, c, 1, 1)
+    s = 0.05 + 0.45 * uniform(size, c, 1, 1)
+    bounds = uniform(size, c, 1, 2).sort(-1).values
+    out = torch.empty(size, c, h, w, dtype=f64)
+    highest = max(2, min(h, w) // 2)
+    for i in range(size):
+        kind = i % 3
+        if kind == 0:
+            z = torch.randn(c, h, w, generator=generator, dtype=f64)
+            out[i] = (m[i] + s[i] * z).clamp(0.0, 1.0)
+        elif kind == 1:
+            low, high = bounds[i, :, :, :1], bounds[i, :, :, 1:]
+            out[i] = low + (high - low) * uniform(c, h, w)
+        else:
+            r = int(torch.randint(2, highest + 1, (1,), generator=generator))
+            z = torch.randn(1, c, r, r, generator=generator, dtype=f64)
+            z = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)[0]
+            z = (z - z.mean(dim=(1, 2), keepdim=True)) / z.std(dim=(1, 2), keepdim=True).clamp(
+                min=1e-6
+            )
+            out[i] = (m[i] + s[i] * z).clamp(0.0, 1.0)
+    return out
 
 
 class TIEPrediction(NamedTuple):
@@ -266,9 +341,13 @@ class TIE:
     Inversion for Uncertainty-Aware Out-of-Distribution Detection" (arXiv 2505.23448).
 
     An ``n``-class classifier is extended to ``n + 1`` outputs; class ``n`` is "garbage".
-    The garbage pool is seeded with Gaussian-noise images (``N(mean, std^2)`` per channel,
-    the in-distribution inputs' mean and standard deviation; DEFAULT as many as an average
-    class). Then each epoch of :meth:`fit`:
+    The garbage pool is seeded with noise images (DEFAULT as many as an average class):
+    white Gaussian, uniform and low-frequency noise of random brightness and contrast over
+    the whole pixel range, mapped to the model's input space by ``preprocess``
+    (:func:`pixel_range_noise`; DEFAULT). ``TIEConfig(garbage_noise="data_stats")`` gives the
+    earlier seeding, ``N(mean, std^2)`` of the preprocessed inputs per channel: noise as dark
+    as the average input, which leaves brighter noise to the in-distribution classes. Then
+    each epoch of :meth:`fit`:
 
     1. one epoch of class-weighted cross-entropy (weights inverse to the class frequencies,
        ``w_c = N / ((n + 1) N_c)``) on the in-distribution data plus the garbage pool;
@@ -577,12 +656,18 @@ class TIE:
     def _seed_pool(self, inputs: Tensor) -> None:
         n = inputs.shape[0]
         size = self.garbage_size or max(1, round(n / self.num_classes))
-        dims = [0, 2, 3]
-        mean = inputs.mean(dim=dims, keepdim=True)
-        std = inputs.std(dim=dims, keepdim=True) if n > 1 else torch.ones_like(mean)
         gen = torch.Generator(device="cpu").manual_seed(_seed_of(self.seed, 5, 0))
-        noise = torch.randn(size, *self.input_shape, generator=gen, dtype=torch.float64)
-        self.pool = (noise.to(inputs.device, inputs.dtype) * std + mean).detach()
+        if self.config.garbage_noise == "data_stats":
+            dims = [0, 2, 3]
+            mean = inputs.mean(dim=dims, keepdim=True)
+            std = inputs.std(dim=dims, keepdim=True) if n > 1 else torch.ones_like(mean)
+            noise = torch.randn(size, *self.input_shape, generator=gen, dtype=torch.float64)
+            self.pool = (noise.to(inputs.device, inputs.dtype) * std + mean).detach()
+            return
+        pixels = pixel_range_noise(size, self.input_shape, generator=gen)
+        with torch.no_grad():
+            images = self.generator.preprocess_pixels(pixels.to(inputs.device, inputs.dtype))
+        self.pool = images.detach()
 
     def _train_classifier(self, inputs: Tensor, labels: Tensor, epoch: int) -> dict[str, float]:
         from torch.utils.data.distributed import DistributedSampler

@@ -10,11 +10,16 @@ from typing import Any
 
 from captum_ext._utils.validation import check_int, check_number
 
-__all__ = ["TIE_BASELINES", "TIEConfig"]
+__all__ = ["GARBAGE_NOISE_KINDS", "TIE_BASELINES", "TIEConfig"]
 
 #: What is excluded into the garbage pool each epoch: ``"uncertain"`` (TIE: the inverted
 #: samples with ``UE > threshold``) or ``"all"`` (the earlier version: every inverted sample).
 TIE_BASELINES: tuple[str, ...] = ("uncertain", "all")
+
+#: How the noise images seeding the garbage pool are drawn: ``"pixel_range"`` (varied noise
+#: over the whole pixel range, then the model's preprocessing) or ``"data_stats"`` (the
+#: earlier default: ``N(mean, std^2)`` of the preprocessed inputs, per channel).
+GARBAGE_NOISE_KINDS: tuple[str, ...] = ("pixel_range", "data_stats")
 
 
 def _float_in(value: Any, argument: str, low: float, high: float) -> float:
@@ -40,8 +45,15 @@ class TIEConfig:
             below this, in [0, 1]. Default: 0.05
         baseline (str, optional): ``"uncertain"`` (TIE) or ``"all"`` (every inverted sample
             is excluded; never stops early). Default: ``"uncertain"``
-        garbage_size (int, optional): Number of Gaussian-noise images seeding the pool.
+        garbage_size (int, optional): Number of noise images seeding the pool.
             Default: None, the in-distribution size divided by ``n`` (an average class).
+        garbage_noise (str, optional): How the seeding noise is drawn (see
+            :class:`~captum_ext.inversion.TIE`): ``"pixel_range"`` (white Gaussian, uniform
+            and low-frequency noise of random brightness and contrast over the whole pixel
+            range ``value_range``, mapped by ``preprocess``) or ``"data_stats"`` (the
+            earlier default: Gaussian noise with the preprocessed inputs' per-channel mean
+            and std, which covers only images as dark as the average input).
+            Default: ``"pixel_range"``
         samples_per_class (int, optional): Inverted images sampled per class and epoch.
             Default: None, ``ceil(N / (n (n + 1)))``: an average class's worth in all.
         sample_vector (str, optional): ``"one_hot"`` or ``"soft"`` conditioning of the
@@ -75,6 +87,7 @@ class TIEConfig:
     stop_fraction: float = 0.05
     baseline: str = "uncertain"
     garbage_size: int | None = None
+    garbage_noise: str = "pixel_range"
     samples_per_class: int | None = None
     sample_vector: str = "one_hot"
     final_training: bool = True
@@ -93,6 +106,11 @@ class TIEConfig:
         if self.baseline not in TIE_BASELINES:
             raise ValueError(
                 f"`baseline` must be one of {list(TIE_BASELINES)}, got {self.baseline!r}."
+            )
+        if self.garbage_noise not in GARBAGE_NOISE_KINDS:
+            raise ValueError(
+                f"`garbage_noise` must be one of {list(GARBAGE_NOISE_KINDS)}, got "
+                f"{self.garbage_noise!r}."
             )
         if self.sample_vector not in ("one_hot", "soft"):
             raise ValueError(
