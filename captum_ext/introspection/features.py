@@ -115,7 +115,13 @@ def introspective_features(
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("`inputs` contain NaN or infinite values.")
     extra = format_additional_forward_args(additional_forward_args)
-    head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
+    # the last nn.Linear is looked up on the first example only (a forward pass of one)
+    n = inputs[0].shape[0]
+    first = tuple(x[:1] for x in inputs)
+    first_extra = tuple(
+        a[:1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in extra
+    )
+    head, automatic = _resolve_head(forward_func, layer, first, first_extra, output_transform)
     model = root_module(forward_func)
     with preserved_state([model, head]):
         logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
@@ -127,31 +133,33 @@ def introspective_features(
         cotangents = _cotangents(logits, form, k)
         h = _head_features(head, logits, calls)
         if h is not None:
-            grads = cotangents[..., None] * h[:, None, None, :].to(cotangents.dtype)
-            grads = grads.flatten(2)
-        elif automatic:
+            # ||(p - e_Q) h^T||_F = ||p - e_Q|| ||h||: normalise the two factors, then form
+            # the outer products once (one pass over the large tensor)
+            a, b = _normalised_factors(cotangents.to(logits.dtype), h.to(logits.dtype), normalize)
+            return (a[..., None] * b[:, None, None, :]).flatten(1)
+        if automatic:
             raise ValueError(
                 "`layer` is None and the last nn.Linear of the model does not produce the "
                 "logits (its output differs from the model's, or it ran more than once); pass "
                 "the layer to differentiate as `layer`."
             )
-        else:
-            if not calls:
-                raise ValueError(
-                    f"`layer` ({type(head).__name__}) did not run during the forward pass; pick "
-                    "a module the model calls."
-                )
-            weight = _weight_of(head)
-            grads = per_example_parameter_gradients(
-                forward_func,
-                inputs,
-                extra,
-                {"m": head},
-                {"m.weight": weight},
-                cotangents.to(logits.dtype),
-                lambda g: g["m.weight"].flatten(2),
-                output_transform,
+        # any other layer: per-example gradients through torch.func
+        if not calls:
+            raise ValueError(
+                f"`layer` ({type(head).__name__}) did not run during the forward pass; pick "
+                "a module the model calls."
             )
+        weight = _weight_of(head)
+        grads = per_example_parameter_gradients(
+            forward_func,
+            inputs,
+            extra,
+            {"m": head},
+            {"m.weight": weight},
+            cotangents.to(logits.dtype),
+            lambda g: g["m.weight"].flatten(2),
+            output_transform,
+        )
     grads = grads.to(device=logits.device, dtype=logits.dtype)
     if normalize == "per_class":
         grads = grads / grads.norm(dim=2, keepdim=True).clamp_min(torch.finfo(grads.dtype).tiny)
@@ -159,6 +167,19 @@ def introspective_features(
         norm = grads.flatten(1).norm(dim=1)[:, None, None]
         grads = grads / norm.clamp_min(torch.finfo(grads.dtype).tiny)
     return grads.flatten(1)
+
+
+def _normalised_factors(
+    cotangents: Tensor, h: Tensor, normalize: str | None
+) -> tuple[Tensor, Tensor]:
+    """The factors a (N, K, C) and b (N, d) with a_K b^T the normalised rows."""
+    tiny = torch.finfo(h.dtype).tiny
+    if normalize is None:
+        return cotangents, h
+    b = h / h.norm(dim=1, keepdim=True).clamp_min(tiny)
+    if normalize == "per_class":
+        return cotangents / cotangents.norm(dim=2, keepdim=True).clamp_min(tiny), b
+    return cotangents / cotangents.flatten(1).norm(dim=1)[:, None, None].clamp_min(tiny), b
 
 
 def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
