@@ -217,6 +217,8 @@ def markdown(name: str, description: str, result: dict, summary: dict, ood: dict
         lines.append(f"| {corruption} | " + " | ".join(cells) + " |")
     lines.append("")
     for group in ("noise", "all_corruptions"):
+        change = summary[f"{group}/ece_reduction_percent"]
+        direction = f"{change:.1f} % lower" if change >= 0 else f"{-change:.1f} % higher"
         lines.append(
             f"Mean over {group.replace('_', ' ')}: accuracy "
             f"{summary[f'{group}/feed_forward/accuracy']:.3f} -> "
@@ -224,7 +226,7 @@ def markdown(name: str, description: str, result: dict, summary: dict, ood: dict
             f"({summary[f'{group}/accuracy_gain_points']:+.2f} points; paper: about +4); ECE "
             f"{summary[f'{group}/feed_forward/ece']:.4f} -> "
             f"{summary[f'{group}/introspective/ece']:.4f} "
-            f"({summary[f'{group}/ece_reduction_percent']:.1f} % lower; paper: about 42 %)."
+            f"({direction}; paper: about 42 % lower)."
         )
     lines.append("\n| OOD set | method | AUROC | AUPR-In | FPR@95TPR |")
     lines.append("|---|---|---|---|---|")
