@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _distributed import run_gloo
 from _helpers import assert_model_unchanged, model_snapshot
 from torch import nn
 
@@ -225,3 +226,29 @@ def test_script_regenerates_the_bundled_head_exactly():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check OK" in result.stdout
+
+
+def _gloo_job(rank, world, out_dir):
+    model, points, labels = _toy_problem()
+    network = IntrospectiveNetwork(model, hidden_width=8).fit(
+        points, labels, epochs=3, batch_size=25, progress=False, checkpoint_dir=out_dir
+    )
+    torch.save(network.head.state_dict(), f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_identical_heads(tmp_path):
+    run_gloo(_gloo_job, tmp_path)
+    heads = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in heads[0]:
+        assert torch.equal(heads[0][name], heads[1][name]), name
+    state = torch.load(tmp_path / "introspection.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["world_size"] == 2
+    for name in heads[0]:
+        assert torch.equal(state["head"][name], heads[0][name]), name
+    model, points, labels = _toy_problem()
+    alone = IntrospectiveNetwork(model, hidden_width=8).fit(
+        points, labels, epochs=3, batch_size=25, progress=False
+    )
+    # each rank saw half of every epoch: the distributed head is not the single-process one
+    assert any(not torch.equal(alone.head.state_dict()[k], heads[0][k]) for k in heads[0])

@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.model_state import preserved_state
-from captum_ext._utils.training import load_checkpoint, progress_bar, save_checkpoint
+from captum_ext._utils.training import (
+    barrier,
+    distributed_shard,
+    is_main_process,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+    unwrap_distributed,
+    wrap_distributed,
+)
 from captum_ext._utils.validation import check_int, check_number, model_device
 
 from .features import introspective_features
@@ -156,6 +165,12 @@ class IntrospectiveNetwork(nn.Module):
         after each epoch; ``resume=True`` continues from there and ends bit-identical to an
         uninterrupted fit.
 
+        Under ``torchrun`` (an initialised torch.distributed process group) every process
+        computes the features of the training set, takes its share of each epoch's shuffled
+        order (the same generator on every rank; ``batch_size`` is per process, so one step
+        sees ``world_size x batch_size`` examples) and the head is trained in
+        ``DistributedDataParallel``; rank 0 writes the checkpoints.
+
         Args:
             inputs_or_loader: a tensor of inputs (with ``labels``), or an iterable of
                 ``(inputs, labels)`` batches such as a ``DataLoader``.
@@ -203,26 +218,37 @@ class IntrospectiveNetwork(nn.Module):
             generator.set_state(state["generator"])
             start = int(state["epoch"])
         head.train()
+        shard = distributed_shard()
+        rank, world = shard if shard is not None else (0, 1)
+        if len(features) < world:
+            raise ValueError(
+                f"`inputs_or_loader` has {len(features)} examples for {world} processes."
+            )
+        trained = wrap_distributed(head)
         bar = progress_bar(epochs, progress, desc="introspective head", unit="epoch", initial=start)
         try:
             for epoch in range(start, epochs):
                 order = torch.randperm(len(features), generator=generator)
+                # every rank the same number of steps (DDP all-reduces each one)
+                order = order[: len(order) // world * world][rank::world]
                 for first in range(0, len(order), batch_size):
                     batch = order[first : first + batch_size].to(features.device)
-                    loss = F.cross_entropy(head(features[batch]), targets[batch])
+                    loss = F.cross_entropy(trained(features[batch]), targets[batch])
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
-                if path is not None:
+                if path is not None and is_main_process():
                     save_checkpoint(
                         {
-                            "head": head.state_dict(),
+                            "head": unwrap_distributed(trained).state_dict(),
                             "optimiser": optimiser.state_dict(),
                             "generator": generator.get_state(),
                             "epoch": epoch + 1,
+                            "world_size": world,
                         },
                         path,
                     )
+                barrier()
                 if bar:
                     bar.update(1)
         finally:
