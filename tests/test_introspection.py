@@ -252,3 +252,22 @@ def test_two_gloo_processes_train_identical_heads(tmp_path):
     )
     # each rank saw half of every epoch: the distributed head is not the single-process one
     assert any(not torch.equal(alone.head.state_dict()[k], heads[0][k]) for k in heads[0])
+
+
+@pytest.mark.cuda
+def test_cuda_model_features_and_network_stay_on_the_device(bundled_model, bundled_digits):
+    images, labels = bundled_digits
+    gpu = copy.deepcopy(bundled_model).cuda()
+    x = images.cuda()
+    features = introspective_features(gpu, x[:4])
+    assert features.is_cuda
+    torch.testing.assert_close(features.cpu(), introspective_features(bundled_model, images[:4]))
+    autograd = introspective_features(gpu, x[:2], layer="features.6", form="topk", k=2)
+    assert autograd.is_cuda
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = introspective_features(gpu, x[:4])
+    assert torch.isfinite(half).all()
+    network = IntrospectiveNetwork(gpu, hidden_width=16).fit(
+        x, labels.cuda(), epochs=2, progress=False
+    )
+    assert network.predict_proba(x[:3]).is_cuda
