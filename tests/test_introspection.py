@@ -271,3 +271,26 @@ def test_cuda_model_features_and_network_stay_on_the_device(bundled_model, bundl
         x, labels.cuda(), epochs=2, progress=False
     )
     assert network.predict_proba(x[:3]).is_cuda
+
+
+def test_output_transform_reaches_every_step(bundled_model, bundled_digits):
+    """A model returning a dict works with ``output_transform`` in fit and predict."""
+
+    class DictModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"logits": self.inner(x)}
+
+    images, labels = bundled_digits
+    wrapped = DictModel(bundled_model)
+    network = IntrospectiveNetwork(
+        wrapped, hidden_width=8, output_transform=lambda out: out["logits"]
+    )
+    network.fit(images, labels, epochs=1, progress=False)
+    assert network.predict_proba(images[:2]).shape == (2, 10)
+    torch.testing.assert_close(
+        network.features(images[:3]), introspective_features(bundled_model, images[:3])
+    )

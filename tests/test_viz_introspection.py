@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from captum_ext.viz.build import SECTION_REGISTRY, ReportConfig, default_sections
@@ -89,3 +90,17 @@ def test_section_is_registered_asked_for_by_name_and_needs_a_head_for_your_model
     assert code == 0, capsys.readouterr().err
     html = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
     assert "Does the network agree with itself?" in html and "disagree on" in html
+
+
+@pytest.mark.cuda
+def test_a_cuda_network_takes_cpu_images(bundled_model, bundled_digits):
+    import copy
+
+    from captum_ext.bundled import load_bundled_introspective_network
+
+    images, _ = bundled_digits
+    network = load_bundled_introspective_network(copy.deepcopy(bundled_model).cuda())
+    summary = compute_introspection(network, images)
+    assert not summary.introspective.is_cuda
+    expected = load_bundled_introspective_network(bundled_model).predict(images)
+    assert summary.introspective.tolist() == expected.tolist()

@@ -193,8 +193,11 @@ class IntrospectiveNetwork(nn.Module):
         weight_decay = check_number(weight_decay, "weight_decay", minimum=0, allow_minimum=True)
         seed = check_int(seed, "seed", minimum=0)
         features, targets = self._training_set(inputs_or_loader, labels)
-        with torch.no_grad():
-            num_classes = self.model(*self._first_inputs(inputs_or_loader)).shape[1]
+        with preserved_state([self.model]), torch.no_grad():
+            output = self.model(*self._first_inputs(inputs_or_loader))
+            if self.output_transform is not None:
+                output = self.output_transform(output)
+            num_classes = output.shape[1]
         if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
             raise ValueError(
                 f"`labels` must be class indices in [0, {num_classes - 1}], got values in "

@@ -51,12 +51,14 @@ def compute_introspection(
 ) -> IntrospectionSummary:
     """Both predictions of every image, from a fitted
     :class:`~captum_ext.introspection.IntrospectiveNetwork` (its ``model`` is stage 1)."""
-    from captum_ext._utils.validation import check_int
+    from captum_ext._utils.validation import check_int, model_device
 
     batch_size = check_int(batch_size, "batch_size")
+    device = model_device(network.model) if isinstance(network.model, torch.nn.Module) else None
     forward, intro = [], []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size]
+        x = x.to(device) if device is not None else x
         with torch.no_grad():
             forward.append(torch.softmax(network.model(x).float(), dim=1).cpu())
         intro.append(network.predict_proba(x).cpu())
