@@ -294,3 +294,25 @@ def test_output_transform_reaches_every_step(bundled_model, bundled_digits):
     torch.testing.assert_close(
         network.features(images[:3]), introspective_features(bundled_model, images[:3])
     )
+
+
+@pytest.mark.parametrize("scale", [3.0, 30.0, 1000.0])
+@pytest.mark.parametrize("normalize", ["per_class", "global"])
+def test_confident_models_give_the_float64_features_in_float32(bundled_digits, scale, normalize):
+    """Logit gaps of about 29, 290 and 9,700: the prediction's own row (p - e_P) has entries
+    of exp(-gap); its norm must neither underflow nor cancel, so float32 features equal the
+    float64 ones and stay unit rows."""
+    from _helpers import make_confident_model
+
+    model = make_confident_model(scale)
+    images = bundled_digits[0][:8]
+    features = introspective_features(model, images, normalize=normalize)
+    reference = introspective_features(
+        copy.deepcopy(model).double(), images.double(), normalize=normalize
+    )
+    torch.testing.assert_close(features.double(), reference, atol=1e-5, rtol=0)
+    rows = features.reshape(8, 10, -1).norm(dim=2)
+    if normalize == "per_class":
+        assert ((rows - 1).abs() < 1e-5).logical_or(rows == 0).all()
+    else:
+        torch.testing.assert_close(rows.square().sum(1), torch.ones(8), atol=1e-5, rtol=0)

@@ -135,7 +135,8 @@ def introspective_features(
         if h is not None:
             # ||(p - e_Q) h^T||_F = ||p - e_Q|| ||h||: normalise the two factors, then form
             # the outer products once (one pass over the large tensor)
-            a, b = _normalised_factors(cotangents.to(logits.dtype), h.to(logits.dtype), normalize)
+            a, b = _normalised_factors(cotangents, h.to(cotangents.dtype), normalize)
+            a, b = a.to(logits.dtype), b.to(logits.dtype)
             return (a[..., None] * b[:, None, None, :]).flatten(1)
         if automatic:
             raise ValueError(
@@ -162,31 +163,39 @@ def introspective_features(
         )
     grads = grads.to(device=logits.device, dtype=logits.dtype)
     if normalize == "per_class":
-        grads = grads / grads.norm(dim=2, keepdim=True).clamp_min(torch.finfo(grads.dtype).tiny)
+        grads = _unit(grads, (2,))
     elif normalize == "global":
-        norm = grads.flatten(1).norm(dim=1)[:, None, None]
-        grads = grads / norm.clamp_min(torch.finfo(grads.dtype).tiny)
+        grads = _unit(grads, (1, 2))
     return grads.flatten(1)
+
+
+def _unit(values: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``values`` divided by their norm over ``dims`` (zero stays zero). Scaled by the largest
+    magnitude first, so that tiny entries (the gradient of a confident prediction) neither
+    underflow in the squares of the norm nor blow up when divided by it."""
+    largest = values.abs().amax(dim=dims, keepdim=True)
+    scaled = torch.where(largest > 0, values / torch.where(largest > 0, largest, 1), 0)
+    return scaled / scaled.square().sum(dim=dims, keepdim=True).sqrt().clamp_min(1)
 
 
 def _normalised_factors(
     cotangents: Tensor, h: Tensor, normalize: str | None
 ) -> tuple[Tensor, Tensor]:
-    """The factors a (N, K, C) and b (N, d) with a_K b^T the normalised rows."""
-    tiny = torch.finfo(h.dtype).tiny
+    """The factors a (N, K, C) and b (N, d) with a_K b^T the normalised rows
+    (||(p - e_Q) h^T||_F = ||p - e_Q|| ||h||)."""
     if normalize is None:
         return cotangents, h
-    b = h / h.norm(dim=1, keepdim=True).clamp_min(tiny)
-    if normalize == "per_class":
-        return cotangents / cotangents.norm(dim=2, keepdim=True).clamp_min(tiny), b
-    return cotangents / cotangents.flatten(1).norm(dim=1)[:, None, None].clamp_min(tiny), b
+    b = _unit(h, (1,))
+    return (_unit(cotangents, (2,)) if normalize == "per_class" else _unit(cotangents, (1, 2))), b
 
 
 def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
     """dCE(z, Q)/dz = p - e_Q for the form's classes Q: (N, K, C)."""
     n, classes = logits.shape
     detached = logits.detach()
-    precise = detached if detached.dtype == torch.float64 else detached.float()
+    # float64 where the device has it: the probabilities of a confident prediction's other
+    # classes (exp of minus the logit gap) stay representable far longer than in float32
+    precise = detached.float() if detached.device.type == "mps" else detached.double()
     p = torch.softmax(precise, dim=1)
     if form == "all_ones":
         return (classes * p - 1)[:, None, :]
@@ -198,4 +207,7 @@ def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
     else:
         chosen = torch.arange(classes, device=p.device).expand(n, classes)
     one_hot = torch.nn.functional.one_hot(chosen, classes).to(p.dtype)
-    return p[:, None, :] - one_hot
+    others = p[:, None, :] * (1 - one_hot)
+    # entry Q is p_Q - 1 = -(sum of the other probabilities): summed directly, since 1 - p_Q
+    # cancels to 0 when p_Q rounds to 1 (a confident prediction's own row)
+    return others - others.sum(dim=2, keepdim=True) * one_hot
