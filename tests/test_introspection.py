@@ -193,6 +193,13 @@ def test_save_and_load_round_trip(tmp_path, bundled_model, bundled_digits):
     assert (loaded.form, loaded.k, loaded.normalize) == ("topk", 3, "per_class")
     torch.testing.assert_close(loaded.predict_proba(images), network.predict_proba(images))
     assert set(torch.load(path, weights_only=True)) >= {"config", "head"}
+    pytest.importorskip("safetensors")
+    safe = IntrospectiveNetwork.load(network.save(tmp_path / "head.safetensors"), bundled_model)
+    assert (safe.form, safe.k, safe.normalize) == ("topk", 3, "per_class")
+    torch.testing.assert_close(safe.predict_proba(images), network.predict_proba(images))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="`path`"):
+        IntrospectiveNetwork.load(tmp_path / "bad.safetensors", bundled_model)
 
 
 def test_bundled_network_reproduces_its_recorded_heldout_numbers(bundled_model):

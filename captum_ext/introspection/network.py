@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import (
+    atomic_path,
     barrier,
     distributed_shard,
     is_main_process,
@@ -298,8 +299,9 @@ class IntrospectiveNetwork(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
-        """Write the head and the feature settings to ``path`` (atomically, with a checksum;
-        readable with ``torch.load(..., weights_only=True)``). Stage 1 is not saved."""
+        """Write the head and the feature settings to ``path``, atomically: a safetensors file
+        (settings as metadata) when ``path`` ends in ``.safetensors``, else a checkpoint with
+        a checksum that ``torch.load(..., weights_only=True)`` reads. Stage 1 is not saved."""
         head = self._fitted_head()
         if not isinstance(head, nn.Sequential) or len(head) != 5:
             raise TypeError(
@@ -317,14 +319,25 @@ class IntrospectiveNetwork(nn.Module):
         }
         if self.layer is not None and not isinstance(self.layer, str):
             raise TypeError("save() needs `layer` as a dotted name (or None), not a module.")
-        state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        path = Path(path).expanduser()
+        if path.suffix == ".safetensors":  # the settings as string metadata
+            from safetensors.torch import save_file
+
+            with atomic_path(path) as temp:
+                save_file(state, str(temp), metadata={k: str(v) for k, v in config.items()})
+            return path
         return save_checkpoint({"config": config, "head": state}, path)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module) -> IntrospectiveNetwork:
-        """Read a network written by :meth:`save` (``weights_only``, checksum verified) on top
-        of ``model`` (stage 1), on the model's device."""
-        state = load_checkpoint(path, argument="path", keys=_SAVED_KEYS)
+        """Read a network written by :meth:`save` (a ``.safetensors`` file, or a checkpoint
+        read with ``weights_only`` and its checksum verified) on top of ``model`` (stage 1),
+        on the model's device."""
+        if Path(path).suffix == ".safetensors":
+            state = _read_safetensors(Path(path).expanduser())
+        else:
+            state = load_checkpoint(path, argument="path", keys=_SAVED_KEYS)
         config = state["config"]
         network = cls(
             model,
@@ -338,3 +351,28 @@ class IntrospectiveNetwork(nn.Module):
         head.load_state_dict(state["head"])
         network.head = head.to(model_device(model)).eval()
         return network
+
+
+_INT_SETTINGS = ("k", "in_features", "hidden_width", "num_classes")
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """``{"config": ..., "head": ...}`` of a ``.safetensors`` file written by ``save``."""
+    if not path.is_file():
+        raise ValueError(f"`path`: no file at {str(path)!r}.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            head = {key: handle.get_tensor(key) for key in handle.keys()}
+        config = {k: int(v) if k in _INT_SETTINGS else v for k, v in metadata.items()}
+    except Exception as error:
+        raise ValueError(
+            f"`path`: {str(path)!r} is not a readable introspective network "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    missing = [k for k in ("form", "normalize", "layer", *_INT_SETTINGS) if k not in config]
+    if missing:
+        raise ValueError(f"`path`: {str(path)!r} lacks the settings {missing}.")
+    return {"config": config, "head": head}
