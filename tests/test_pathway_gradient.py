@@ -366,6 +366,34 @@ def test_percentile_threshold_is_numpy_percentile(rows, size, q, seed, ties):
         assert got[r].item() == pytest.approx(float(expected), abs=1e-15, rel=1e-15)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    widths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    q=st.floats(0.0, 0.999),
+    seed=st.integers(0, 1000),
+    zero_share=st.floats(0.0, 1.0),
+)
+def test_percentile_threshold_of_column_blocks_is_numpy_percentile_of_the_rows(
+    rows, widths, q, seed, zero_share
+):
+    # rows that are mostly zeros take the shortcut (the minimum's count), the others the
+    # selection; a batch mixes both, and the blocks are the columns of one row
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for width in widths:
+        values = torch.rand(rows, width, generator=generator)
+        share = torch.rand(rows, 1, generator=generator) * zero_share
+        blocks.append(torch.where(torch.rand(rows, width, generator=generator) < share, 0, values))
+    got = percentile_threshold(blocks, q)
+    assert torch.equal(got, percentile_threshold(torch.cat(blocks, dim=1), q))
+    joined = torch.cat(blocks, dim=1).double().numpy()
+    for r in range(rows):
+        # numpy gets the percentile 100 q and divides it by 100 again: q moves in its last bit
+        expected = np.percentile(joined[r], 100 * q)
+        assert got[r].item() == pytest.approx(float(expected), abs=1e-15, rel=1e-13)
+
+
 def test_kept_share_is_at_most_one_minus_sparsity(bundled_model, bundled_digits):
     images, _ = bundled_digits
     result = PathwayGradient(bundled_model).attribute(

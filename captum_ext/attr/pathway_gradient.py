@@ -49,7 +49,7 @@ class PathwayGradientResult:
     sites: tuple[str, ...]
 
 
-def percentile_threshold(values: Tensor, q: float) -> Tensor:
+def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:
     r"""Row-wise ``numpy.percentile(values[n], 100 * q)`` (method ``"linear"``), batched.
 
     ``torch.quantile`` refuses inputs of more than about 16 million elements, which the
@@ -65,16 +65,22 @@ def percentile_threshold(values: Tensor, q: float) -> Tensor:
         tau   = a_lo + (a_hi - a_lo) g      if g < 0.5
                 a_hi - (a_hi - a_lo)(1 - g) otherwise
 
-    with ``a_k`` the k-th smallest value of the row (0-based).
+    with ``a_k`` the k-th smallest value of the row (0-based). A row whose smallest value
+    occurs at least ``hi + 1`` times has ``a_lo = a_hi`` = that value and needs no selection:
+    the neuron scores of a ReLU network are mostly exact zeros (dead units, units a max-pool
+    discards), so at the usual sparsities most rows are settled by one minimum and one count.
 
     Args:
-        values (Tensor): (N, M) values, M >= 1.
+        values (Tensor or sequence of Tensor): (N, M) values, M >= 1; or several (N, M_i)
+            blocks whose columns together are the row (as if concatenated along dim 1, which
+            is done only for the rows that need a selection).
         q (float): the quantile, in [0, 1] (the percentile divided by 100).
 
     Returns:
         Tensor: (N,) float64 thresholds, on the device of ``values``.
     """
-    m = values.shape[1]
+    blocks = [values] if isinstance(values, Tensor) else list(values)
+    m = sum(block.shape[1] for block in blocks)
     virtual = m * q + (1.0 + q * (1.0 - 1.0 - 1.0)) - 1.0
     if virtual >= m - 1:
         lo = hi = m - 1
@@ -84,21 +90,31 @@ def percentile_threshold(values: Tensor, q: float) -> Tensor:
         lo = math.floor(virtual)
         hi = lo + 1
     gamma = virtual - math.floor(virtual)
-    low_value = values.kthvalue(lo + 1, dim=1, keepdim=True).values
+    smallest = torch.stack([block.amin(dim=1) for block in blocks]).amin(dim=0)
+    ties = sum((block == smallest[:, None]).sum(dim=1, dtype=torch.int32) for block in blocks)
+    settled = ties >= hi + 1
+    threshold = smallest.double()
+    if bool(settled.all()):
+        return threshold
+    rest = None if not bool(settled.any()) else ~settled
+    rows = torch.cat([block if rest is None else block[rest] for block in blocks], dim=1)
+    low_value = rows.kthvalue(lo + 1, dim=1, keepdim=True).values
     if hi == lo:
         high_value = low_value
     else:
         # the next order statistic without a second selection: a_lo again when it occurs more
         # than lo + 1 times, else the smallest value above it
-        above = values > low_value
-        repeated = (values.shape[1] - above.sum(dim=1, keepdim=True)) > lo + 1
-        smallest_above = torch.where(above, values, torch.full_like(values, math.inf))
+        above = rows > low_value
+        repeated = (rows.shape[1] - above.sum(dim=1, keepdim=True)) > lo + 1
+        smallest_above = torch.where(above, rows, torch.full_like(rows, math.inf))
         high_value = torch.where(repeated, low_value, smallest_above.amin(dim=1, keepdim=True))
     low, high = low_value[:, 0].double(), high_value[:, 0].double()
     diff = high - low
-    if gamma >= 0.5:
-        return high - diff * (1.0 - gamma)
-    return low + diff * gamma
+    selected = high - diff * (1.0 - gamma) if gamma >= 0.5 else low + diff * gamma
+    if rest is None:
+        return selected
+    threshold[rest] = selected
+    return threshold
 
 
 def _round_down(threshold: Tensor, dtype: torch.dtype) -> Tensor:
@@ -118,8 +134,8 @@ class _Sites:
 
     ``mode`` decides what a hook does with a call's output:
 
-    - ``"gate"``: return ``output * g`` with ``g`` a ones tensor requiring grad (kept in
-      ``gates``); ``d y / d g = a * d y / d a``, the Taylor term, whatever in-place
+    - ``"gate"``: return ``output + g`` with ``g`` a zeros tensor requiring grad (kept in
+      ``gates``, the output in ``outputs``); ``d y / d g = d y / d a`` whatever in-place
       operations follow.
     - ``"mask"``: return ``output * mask`` with the site's fixed mask (the pruned network).
     - ``"probe"``: at the site ``probe_site`` only, return ``output * alpha + z`` (``alpha``
@@ -151,6 +167,7 @@ class _Sites:
         self.position = 0
         self.counts = [0] * len(self.modules)
         self.gates = []
+        self.outputs = []
 
     def hook(self, index: int) -> Callable:
         def on_output(module, args, output):
@@ -167,9 +184,10 @@ class _Sites:
             if self.calls is None or self.mode == "gate":
                 if self.calls is None:
                     self.recording.append((index, shape))
-                gate = torch.ones_like(output).requires_grad_(True)
+                gate = torch.zeros_like(output).requires_grad_(True)
                 self.gates.append(gate)
-                return output * gate
+                self.outputs.append(output.detach())
+                return output + gate
             if site >= len(self.calls) or self.calls[site] != (index, shape):
                 raise RuntimeError(
                     "PathwayGradient: the model made different calls of the scored layers in "
@@ -411,12 +429,13 @@ class PathwayGradient(GradientAttribution):
                     f"{', ...' if len(names) > 5 else ''}) ran in the forward pass."
                 )
             gates, sites.gates = sites.gates, []
+            outputs, sites.outputs = sites.outputs, []
             if score == "taylor":
                 selected = logits.gather(1, classes).sum()
                 found = objective_gradients(selected, gates, allow_unused=True)
                 scores = [
-                    torch.zeros_like(g) if d is None else d.detach().abs()
-                    for g, d in zip(gates, found)
+                    torch.zeros_like(a) if d is None else (a * d.detach()).abs_()
+                    for a, d in zip(outputs, found)
                 ]
                 del found, selected
             else:
@@ -424,12 +443,10 @@ class PathwayGradient(GradientAttribution):
                 scores = self._integrated_scores(
                     sites, x, classes, additional_forward_args, n_steps
                 )
-            del gates
+            del gates, outputs
             # 2. one threshold per example over all neurons
             n = x[0].shape[0]
-            flat = torch.cat([s.reshape(n, -1) for s in scores], dim=1)
-            threshold = percentile_threshold(flat, sparsity)
-            del flat
+            threshold = percentile_threshold([s.reshape(n, -1) for s in scores], sparsity)
             sites.masks = [
                 s > _round_down(threshold, s.dtype).reshape(-1, *([1] * (s.dim() - 1)))
                 for s in scores
