@@ -460,6 +460,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         upsample_to_input: bool = False,
         generator: Any = None,
         reuse_prefix: bool = True,
+        bottleneck_dtype: torch.dtype | str = "auto",
     ) -> Tensor:
         r"""Per-example IBA maps of ``inputs`` for the class in ``target``.
 
@@ -502,9 +503,19 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 layer's output (tried on the first step; otherwise, and with False, every
                 copy runs through the whole model as in the reference). The maps are the
                 same either way; only the time differs.
+            bottleneck_dtype (torch.dtype or "auto"): the dtype of the bottleneck's own
+                arithmetic: ``alpha`` and its Adam state, ``lambda``, the mix ``Z`` and the
+                capacity (the noise is drawn in the layer's dtype, so a seed gives the same
+                draws either way, and ``Z`` is cast to the layer's dtype before the rest of
+                the model). "auto": float64 (float32 on devices without float64, such as
+                MPS), so that the maps of a float32 model carry only the model's own
+                rounding: on a random resnet18 at ``layer2`` the float32 maps then agree
+                with the reference implementation's float32 maps to 8.8e-6 bits instead of
+                1.5e-5 (``benchmarks/RESULTS.md``). ``torch.float32`` (or the layer's dtype)
+                does the arithmetic as the reference does and holds less memory.
 
         Returns:
-            Tensor: (N, 1, h, w) bits by default (see ``return_type``).
+            Tensor: (N, 1, h, w) bits by default (see ``return_type``), in the layer's dtype.
         """
         beta = check_number(beta, "beta", minimum=0, allow_minimum=True)
         steps = check_int(steps, "steps")
@@ -528,6 +539,14 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             loss = "cross_entropy"
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"`loss`={loss!r}: expected one of {LOSSES} or a callable.")
+        if not (
+            bottleneck_dtype == "auto"
+            or (isinstance(bottleneck_dtype, torch.dtype) and bottleneck_dtype.is_floating_point)
+        ):
+            raise TypeError(
+                "`bottleneck_dtype` must be 'auto' or a floating-point torch.dtype, got "
+                f"{bottleneck_dtype!r}."
+            )
         if self.mean is None:
             raise ValueError(
                 "LayerIBA needs the layer's feature statistics: call `estimate(data)` first, or "
@@ -542,7 +561,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             result = self._optimise(
                 formatted, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
                 init_alpha, min_std, post_relu, inverse, loss, return_type, generator,
-                reuse_prefix,
+                reuse_prefix, bottleneck_dtype,
             )  # fmt: skip
         if upsample_to_input:
             size = tuple(formatted[0].shape[2:])
@@ -604,6 +623,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     def _optimise(
         self, inputs, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
         init_alpha, min_std, post_relu, inverse, loss, return_type, generator, reuse_prefix,
+        bottleneck_dtype,
     ) -> Tensor:  # fmt: skip
         classification = loss == "cross_entropy"
         activations, clean = self._clean_pass(
@@ -620,9 +640,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 f"`layer` output has {activations.shape[0]} rows for {n} examples; LayerIBA "
                 "needs a layer whose output keeps the examples first."
             )
+        layer_dtype = activations.dtype
+        if bottleneck_dtype == "auto":
+            bottleneck_dtype = torch.float32 if activations.device.type == "mps" else torch.float64
         kernel = None
         if sigma is not None:
-            kernel = gaussian_kernel(sigma, activations.dtype, activations.device)
+            kernel = gaussian_kernel(sigma, bottleneck_dtype, activations.device)
             pad = (kernel.shape[-1] - 1) // 2
             if pad >= min(activations.shape[2:]):
                 raise ValueError(
@@ -631,6 +654,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     "smaller sigma (or None)."
                 )
         mean, std, active = self._statistics_for(activations, min_std)
+        activations = activations.to(bottleneck_dtype)
+        mean, std = mean.to(bottleneck_dtype), std.to(bottleneck_dtype)
+        if active.is_floating_point():
+            active = active.to(bottleneck_dtype)
         columns = self._columns(target, clean, loss)
         generators = _as_generators(generator, n, activations.device)
         repeated_inputs = tuple(x.repeat_interleave(n_noise, dim=0) for x in inputs)
@@ -662,8 +689,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 capacity = bottleneck_capacity(activations, lam, mean, std, active)
                 if step == steps - 1:
                     break  # the map is this step's capacity; its update would be unused
-                eps = standard_normal(noise_shape, generators, activations.dtype, alpha.device)
-                eps = std * eps + mean
+                eps = standard_normal(noise_shape, generators, layer_dtype, alpha.device)
+                eps = std * eps.to(bottleneck_dtype) + mean
                 lam_k = lam.unsqueeze(1)
                 if inverse:
                     z = lam_k * eps + (1 - lam_k) * expanded
@@ -672,7 +699,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 z = z * active
                 if post_relu:
                     z = torch.clamp(z, 0.0)
-                state["z"] = z.flatten(0, 1)
+                state["z"] = z.flatten(0, 1).to(layer_dtype)
                 with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
                     output = None
                     if shared is not False:
@@ -697,11 +724,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 state.clear()
         capacity = capacity.detach()
         if return_type == "lambda":
-            return lam.detach()
+            return lam.detach().to(layer_dtype)
         bits = capacity / math.log(2)
         if return_type == "capacity":
-            return bits
-        return bits.sum(dim=1, keepdim=True)
+            return bits.to(layer_dtype)
+        return bits.sum(dim=1, keepdim=True).to(layer_dtype)
 
     def _shared_prefix_forward(self, inputs, extra, rows, classification) -> Tensor | None:
         """The model's output when it runs on the N examples and the layer's output is
