@@ -88,22 +88,35 @@ def upsample_bits(bits: Tensor, size: tuple[int, ...] | torch.Size) -> Tensor:
 
 
 def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The normalised 2-D Gaussian of IBA's mask smoothing: side ``2 round(2 sigma) + 1``."""
+    """The normalised 2-D Gaussian of IBA's mask smoothing: side ``2 round(2 sigma) + 1``.
+
+    It is the outer product of :func:`gaussian_taps` with itself, which is how
+    :func:`smooth_lambda` applies it."""
+    taps = torch.tensor(gaussian_taps(sigma), dtype=torch.float64)
+    return torch.outer(taps, taps).to(dtype=dtype, device=device)
+
+
+def gaussian_taps(sigma: float) -> tuple[float, ...]:
+    """The normalised 1-D factor of :func:`gaussian_kernel` (float64 numbers)."""
     side = 2 * int(round(2 * sigma)) + 1
     coords = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
-    grid = coords[None, :] ** 2 + coords[:, None] ** 2
-    kernel = torch.exp(-grid / (2 * sigma**2))
-    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+    taps = torch.exp(-(coords**2) / (2 * sigma**2))
+    return tuple((taps / taps.sum()).tolist())
 
 
-def smooth_lambda(lam: Tensor, kernel: Tensor | None) -> Tensor:
-    """Blur each channel of (N, C, h, w) ``lam`` with ``kernel`` (reflection padding)."""
-    if kernel is None:
+def smooth_lambda(lam: Tensor, taps: tuple[float, ...] | None) -> Tensor:
+    """Blur each channel of (N, C, h, w) ``lam`` with the separable Gaussian whose 1-D factor
+    is ``taps`` (reflection padding): a weighted sum of shifted copies along the width, then
+    along the height, which is the 2-D convolution with :func:`gaussian_kernel` and runs at
+    the same speed in any dtype on any device (a grouped float64 convolution on a CPU takes
+    torch's slow path)."""
+    if taps is None:
         return lam
-    channels = lam.shape[1]
-    pad = (kernel.shape[-1] - 1) // 2
-    weight = kernel.expand(channels, 1, *kernel.shape)
-    return F.conv2d(F.pad(lam, (pad, pad, pad, pad), mode="reflect"), weight, groups=channels)
+    pad = (len(taps) - 1) // 2
+    padded = F.pad(lam, (pad, pad, pad, pad), mode="reflect")
+    h, w = lam.shape[2:]
+    across = sum(t * padded[..., j : j + w] for j, t in enumerate(taps))
+    return sum(t * across[..., i : i + h, :] for i, t in enumerate(taps))
 
 
 def bottleneck_capacity(
@@ -504,15 +517,15 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 copy runs through the whole model as in the reference). The maps are the
                 same either way; only the time differs.
             bottleneck_dtype (torch.dtype or "auto"): the dtype of the bottleneck's own
-                arithmetic: ``alpha`` and its Adam state, ``lambda``, the mix ``Z`` and the
-                capacity (the noise is drawn in the layer's dtype, so a seed gives the same
-                draws either way, and ``Z`` is cast to the layer's dtype before the rest of
-                the model). "auto": float64 (float32 on devices without float64, such as
-                MPS), so that the maps of a float32 model carry only the model's own
-                rounding: on a random resnet18 at ``layer2`` the float32 maps then agree
-                with the reference implementation's float32 maps to 8.8e-6 bits instead of
-                1.5e-5 (``benchmarks/RESULTS.md``). ``torch.float32`` (or the layer's dtype)
-                does the arithmetic as the reference does and holds less memory.
+                arithmetic: ``alpha`` and its Adam state, ``lambda`` and the capacity (the
+                noise and the mix ``Z``, the large tensors, stay in the layer's dtype, so a
+                seed gives the same draws either way). "auto": float64 (float32 on devices
+                without float64, such as MPS), so that the maps of a float32 model carry
+                only the model's own rounding: on a random resnet18 at ``layer2`` the
+                float32 maps then agree with the reference implementation's float32 maps
+                to 8.0e-6 bits instead of 1.5e-5 (``benchmarks/RESULTS.md``), for 1.03-1.15x
+                the time. ``torch.float32`` (or the layer's dtype) does the arithmetic as the
+                reference does.
 
         Returns:
             Tensor: (N, 1, h, w) bits by default (see ``return_type``), in the layer's dtype.
@@ -645,19 +658,20 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             bottleneck_dtype = torch.float32 if activations.device.type == "mps" else torch.float64
         kernel = None
         if sigma is not None:
-            kernel = gaussian_kernel(sigma, bottleneck_dtype, activations.device)
-            pad = (kernel.shape[-1] - 1) // 2
+            kernel = gaussian_taps(sigma)
+            pad = (len(kernel) - 1) // 2
             if pad >= min(activations.shape[2:]):
                 raise ValueError(
-                    f"`sigma`={sigma:g} needs a blur of side {kernel.shape[-1]}, too large for "
+                    f"`sigma`={sigma:g} needs a blur of side {len(kernel)}, too large for "
                     f"the layer's {activations.shape[2]} x {activations.shape[3]} maps; use a "
                     "smaller sigma (or None)."
                 )
         mean, std, active = self._statistics_for(activations, min_std)
+        # the mix Z is formed in the layer's dtype (the model rounds it to that anyway, and
+        # the N x n_noise copies are the large tensors); the capacity in bottleneck_dtype
+        expanded, noise_mean, noise_std = activations.unsqueeze(1), mean, std
         activations = activations.to(bottleneck_dtype)
         mean, std = mean.to(bottleneck_dtype), std.to(bottleneck_dtype)
-        if active.is_floating_point():
-            active = active.to(bottleneck_dtype)
         columns = self._columns(target, clean, loss)
         generators = _as_generators(generator, n, activations.device)
         repeated_inputs = tuple(x.repeat_interleave(n_noise, dim=0) for x in inputs)
@@ -672,7 +686,6 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         alpha = torch.full_like(activations, init_alpha).requires_grad_(True)
         optimizer = torch.optim.Adam([alpha], lr=lr)
         noise_shape = (n, n_noise, *activations.shape[1:])
-        expanded = activations.unsqueeze(1)
         state: dict[str, Tensor] = {}
 
         def substitute(module, args, output):
@@ -690,8 +703,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 if step == steps - 1:
                     break  # the map is this step's capacity; its update would be unused
                 eps = standard_normal(noise_shape, generators, layer_dtype, alpha.device)
-                eps = std * eps.to(bottleneck_dtype) + mean
-                lam_k = lam.unsqueeze(1)
+                eps = noise_std * eps + noise_mean
+                lam_k = lam.unsqueeze(1).to(layer_dtype)
                 if inverse:
                     z = lam_k * eps + (1 - lam_k) * expanded
                 else:
@@ -699,7 +712,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 z = z * active
                 if post_relu:
                     z = torch.clamp(z, 0.0)
-                state["z"] = z.flatten(0, 1).to(layer_dtype)
+                state["z"] = z.flatten(0, 1)
                 with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
                     output = None
                     if shared is not False:
