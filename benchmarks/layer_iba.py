@@ -17,7 +17,10 @@ the target; it skips the last step's backward pass (its update would not change 
 By default it also runs the layers before the bottleneck on the N examples only (their output
 is replaced anyway), which the baseline does not; ``layer_iba_full_copies``
 (``reuse_prefix=False``) runs every copy through the whole model, like the reference and the
-baseline, and is timed beside it.
+baseline, and is timed beside it. ``layer_iba_float32_bottleneck`` (``bottleneck_dtype=
+torch.float32``) does the bottleneck's own arithmetic in the model's float32 as the reference
+does, against the default float64 (``"auto"``); its ratio is reported as the price of the
+float64 bottleneck.
 
 Settings: torchvision resnet18 (``weights=None``, seeded, eval mode) at 64 x 64, layer
 ``layer2``, N = 4; and the bundled digit CNN, layer ``features.7``, N = 16. The two are
@@ -83,6 +86,9 @@ def setting(name, model, layer_name, x, device, args):
         "layer_iba_full_copies": lambda: iba.attribute(
             x, target=target, generator=args.seed, reuse_prefix=False
         ),
+        "layer_iba_float32_bottleneck": lambda: iba.attribute(
+            x, target=target, generator=args.seed, bottleneck_dtype=torch.float32
+        ),
         "baseline_10x_fwd_bwd_to_layer": lambda: floor_work(model, layer, x, target, activations),
     }
     timings = time_interleaved(
@@ -95,7 +101,8 @@ def setting(name, model, layer_name, x, device, args):
     log(
         f"[{name}] N={x.shape[0]}: LayerIBA {ours * 1e3:.1f} ms (full copies {full * 1e3:.1f} "
         f"ms), baseline {base * 1e3:.1f} ms, ratio {ratio:.3f} / {full / base:.3f} "
-        f"({timings['layer_iba']['repeats']} rounds)"
+        f"({timings['layer_iba']['repeats']} rounds); float64 / float32 bottleneck "
+        f"{ours / timings['layer_iba_float32_bottleneck']['median_s']:.3f}"
     )
     return {
         "batch": int(x.shape[0]),
@@ -114,6 +121,9 @@ def setting(name, model, layer_name, x, device, args):
             timings["layer_iba_full_copies"]["min_s"]
             / timings["baseline_10x_fwd_bwd_to_layer"]["min_s"],
             4,
+        ),
+        "ratio_float64_over_float32_bottleneck": round(
+            ours / timings["layer_iba_float32_bottleneck"]["median_s"], 4
         ),
         "target_max": TARGET,
         "target_met": ratio <= TARGET,

@@ -523,7 +523,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 without float64, such as MPS), so that the maps of a float32 model carry
                 only the model's own rounding: on a random resnet18 at ``layer2`` the
                 float32 maps then agree with the reference implementation's float32 maps
-                to 8.0e-6 bits instead of 1.5e-5 (``benchmarks/RESULTS.md``), for 1.03-1.15x
+                to 8.0e-6 bits instead of 1.5e-5 (``benchmarks/RESULTS.md``), for 0.95-1.23x
                 the time. ``torch.float32`` (or the layer's dtype) does the arithmetic as the
                 reference does.
 
