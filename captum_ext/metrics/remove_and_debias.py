@@ -11,10 +11,10 @@ with the kept pixels fixed, then adds :math:`\mathcal{N}(0, \sigma^2)` noise (:m
 0.01`) to the imputed pixels. The system is the Dirichlet problem of a weighted graph
 Laplacian: symmetric positive definite whenever every region of removed pixels touches a kept
 one. :func:`road_imputation` solves it for a whole batch (every image and every channel at
-once): on the CPU by a batched block-tridiagonal Cholesky factorisation (small images) or one
-sparse LU factorisation of the block-diagonal system (scipy, large images), on other devices
-by conjugate gradients with the Laplacian applied as a 3 x 3 convolution, where no sparse
-matrix is built.
+once): on the CPU by a batched nested-dissection Cholesky factorisation of the system written
+on the whole pixel grid (images with large holes) or one sparse LU factorisation of the
+block-diagonal system (scipy, images with small holes), on other devices by conjugate
+gradients with the Laplacian applied as a 3 x 3 convolution, where no sparse matrix is built.
 
 - :func:`road`: the probability of the target after removing the most (``order="morf"``) or
   least (``"lerf"``) relevant fraction of pixels, for several fractions, with ROAD imputation.
@@ -27,6 +27,7 @@ matrix is built.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -224,12 +225,312 @@ def _block_solve(images: Tensor, removed: Tensor) -> Tensor:
     return filled.to(images.dtype)
 
 
+_NESTED_LEAF = 4  # boxes up to 4 x 4 pixels are eliminated whole
+_NESTED_CHUNK_PIXELS = 200_000  # systems per chunk: this many pixels (about 3 images of 224 px)
+_STENCIL = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1)]  # index 4 is the pixel itself
+
+
+class _FrontGroup(NamedTuple):
+    """Fronts of one height of the dissection tree with the same shape, eliminated together.
+
+    ``blocks[name]`` / ``rhs[name]`` list ``(source, source indices, target indices)``: source
+    -1 is the stencil values (or the right-hand side), ``k >= 0`` the Schur complements (or
+    updated right-hand sides) of group ``k``; the targets index the flattened block."""
+
+    eliminated: Tensor  # (fronts * ne,) pixels eliminated by the fronts
+    update: Tensor  # (fronts * nu,) pixels of their update sets (the rings around their boxes)
+    ne: int
+    nu: int
+    fronts: int
+    blocks: dict
+    rhs: dict
+    last_use: int  # the last group that reads this group's Schur complements
+
+
+def _index(parts: list) -> Tensor:
+    import numpy as np
+
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+def _scatter(
+    blocks: dict, shapes: dict, source: int, front: int, rows: Any, cols: Any, picked: Any
+) -> None:
+    """Record that entries ``picked`` of ``source`` land at (``rows``, ``cols``) of front
+    ``front``, split over the blocks (eliminated/update rows and columns) they fall in."""
+    for name, (row0, nrows, col0, ncols) in shapes.items():
+        sel = (rows >= row0) & (rows < row0 + nrows) & (cols >= col0) & (cols < col0 + ncols)
+        if sel.any():
+            target = front * nrows * ncols + (rows[sel] - row0) * ncols + cols[sel] - col0
+            entry = blocks[name].setdefault(source, ([], []))
+            entry[0].append(picked[sel])
+            entry[1].append(target)
+
+
+def _on_device(group: _FrontGroup, device: torch.device) -> _FrontGroup:
+    def moved(parts: dict) -> dict:
+        return {k: [(s, a.to(device), b.to(device)) for s, a, b in v] for k, v in parts.items()}
+
+    return group._replace(
+        eliminated=group.eliminated.to(device),
+        update=group.update.to(device),
+        blocks=moved(group.blocks),
+        rhs=moved(group.rhs),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
+    r"""The symbolic nested-dissection factorisation of the ``h x w`` grid (shared by every
+    system on that grid): boxes are split across their longer side by a one-pixel separator
+    line (it disconnects the 9-point stencil) until they are at most ``leaf x leaf``. Each box
+    is a front: its separator (or, for a leaf, all its pixels) is eliminated onto the ring of
+    pixels around the box, which holds the pixels of coarser separators it touches."""
+    import numpy as np
+
+    n = h * w
+    fronts: list[tuple[int, Any, Any, list[int]]] = []  # (height, eliminated, update, children)
+
+    def ring(r0: int, r1: int, c0: int, c1: int) -> Any:
+        rows = np.arange(max(r0 - 1, 0), min(r1 + 1, h))
+        cols = np.arange(max(c0 - 1, 0), min(c1 + 1, w))
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        outside = (rr < r0) | (rr >= r1) | (cc < c0) | (cc >= c1)
+        return (rr * w + cc)[outside]
+
+    def build(r0: int, r1: int, c0: int, c1: int) -> int | None:
+        if r1 <= r0 or c1 <= c0:
+            return None
+        if r1 - r0 <= leaf and c1 - c0 <= leaf:
+            rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+            fronts.append((0, (rr * w + cc).ravel(), ring(r0, r1, c0, c1), []))
+            return len(fronts) - 1
+        if c1 - c0 >= r1 - r0:
+            mid = c0 + (c1 - c0) // 2
+            kids = [build(r0, r1, c0, mid), build(r0, r1, mid + 1, c1)]
+            separator = np.arange(r0, r1) * w + mid
+        else:
+            mid = r0 + (r1 - r0) // 2
+            kids = [build(r0, mid, c0, c1), build(mid + 1, r1, c0, c1)]
+            separator = mid * w + np.arange(c0, c1)
+        children = [k for k in kids if k is not None]
+        height = 1 + max((fronts[k][0] for k in children), default=-1)
+        fronts.append((height, separator, ring(r0, r1, c0, c1), children))
+        return len(fronts) - 1
+
+    build(0, h, 0, w)
+    members_of: dict[tuple[int, int, int], list[int]] = {}
+    for k, (height, eliminated, update, _) in enumerate(fronts):
+        members_of.setdefault((height, eliminated.size, update.size), []).append(k)
+    keys = sorted(members_of)  # by height: children before parents
+    group_of, local_of = {}, {}
+    for g, key in enumerate(keys):
+        for i, k in enumerate(members_of[key]):
+            group_of[k], local_of[k] = g, i
+    rows_of, cols_of = np.divmod(np.arange(n), w)
+    position = -np.ones(n, dtype=np.int64)
+    groups: list[dict] = []
+    for key in keys:
+        _, ne, nu = key
+        members = members_of[key]
+        shapes = {"ee": (0, ne, 0, ne), "eu": (0, ne, ne, nu), "uu": (ne, nu, ne, nu)}
+        blocks: dict[str, dict] = {name: {} for name in shapes}
+        rhs: dict[str, dict] = {"e": {}, "u": {}}
+
+        for i, k in enumerate(members):
+            _, eliminated, update, children = fronts[k]
+            index = np.concatenate([eliminated, update])
+            position[index] = np.arange(ne + nu)
+            own = position[eliminated]
+            # the matrix entries of the eliminated pixels' rows not eliminated before
+            for s, (dr, dq) in enumerate(_STENCIL):
+                r, q = rows_of[eliminated] + dr, cols_of[eliminated] + dq
+                inside = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+                other = np.where(inside, position[np.where(inside, r * w + q, 0)], -1)
+                ok = other >= 0
+                _scatter(blocks, shapes, -1, i, own[ok], other[ok], s * n + eliminated[ok])
+            entry = rhs["e"].setdefault(-1, ([], []))
+            entry[0].append(eliminated)
+            entry[1].append(i * ne + own)
+            for child in children:  # extend-add of the children's Schur complements
+                source, local = group_of[child], local_of[child]
+                where = position[fronts[child][2]]
+                size = where.size
+                rows, cols = np.repeat(where, size), np.tile(where, size)
+                _scatter(
+                    blocks,
+                    shapes,
+                    source,
+                    i,
+                    rows,
+                    cols,
+                    local * size * size + np.arange(size * size),
+                )
+                first = where < ne
+                for name, sel, shift, width in (("e", first, 0, ne), ("u", ~first, ne, nu)):
+                    entry = rhs[name].setdefault(source, ([], []))
+                    entry[0].append(local * size + np.flatnonzero(sel))
+                    entry[1].append(i * width + where[sel] - shift)
+            position[index] = -1
+        groups.append(
+            {
+                "eliminated": _index([fronts[k][1] for k in members]),
+                "update": _index([fronts[k][2] for k in members]),
+                "ne": ne,
+                "nu": nu,
+                "fronts": len(members),
+                "blocks": {
+                    name: [(s, _index(a), _index(b)) for s, (a, b) in sorted(parts.items())]
+                    for name, parts in blocks.items()
+                },
+                "rhs": {
+                    name: [(s, _index(a), _index(b)) for s, (a, b) in sorted(parts.items())]
+                    for name, parts in rhs.items()
+                },
+                "last_use": -1,
+            }
+        )
+    for g, group in enumerate(groups):
+        for parts in (*group["blocks"].values(), *group["rhs"].values()):
+            for source, _, _ in parts:
+                if source >= 0:
+                    groups[source]["last_use"] = max(groups[source]["last_use"], g)
+    return tuple(_FrontGroup(**group) for group in groups)
+
+
+def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
+    r"""Every system of the batch by one batched nested-dissection Cholesky (float64).
+
+    As in :func:`_block_solve` the system lives on the whole pixel grid (identity rows for the
+    kept pixels), so every system of every image has the same sparsity pattern and one
+    symbolic factorisation (:func:`_nested_plan`, cached per image size) serves them all. The
+    numeric factorisation is multifrontal: the fronts of one height of the dissection tree
+    with the same shape are factorised for every system of the batch at once (batched dense
+    Cholesky, triangular solves and Schur-complement updates), the right-hand side is carried
+    along, and a top-down sweep of triangular solves gives the solution. Cost per system:
+    :math:`O((HW)^{3/2})` flops, :math:`O(HW \log(HW))` memory."""
+    n, c, h, w = images.shape
+    device = images.device
+    plan = _nested_plan(h, w, _NESTED_LEAF)
+    if device.type != "cpu":
+        plan = tuple(_on_device(group, device) for group in plan)
+    x = images.detach().to(torch.float64)
+    u = removed.reshape(n, h, w).to(torch.float64)
+    padded_u = F.pad(u, (1, 1, 1, 1))
+    padded_kept = F.pad(x * (1.0 - u)[:, None], (1, 1, 1, 1))
+    inside = F.pad(torch.ones(h, w, dtype=torch.float64, device=device), (1, 1, 1, 1))
+    degree = torch.zeros(h, w, dtype=torch.float64, device=device)
+    neighbours = torch.zeros_like(x)
+    stencil = []
+    for dr, dq in _STENCIL:
+        if (dr, dq) == (0, 0):
+            stencil.append(None)
+            continue
+        weight = _DIRECT if dr == 0 or dq == 0 else _DIAGONAL
+        rows, cols = slice(1 + dr, 1 + dr + h), slice(1 + dq, 1 + dq + w)
+        degree += weight * inside[rows, cols]
+        neighbours += weight * padded_kept[:, :, rows, cols]
+        stencil.append(-weight * u * padded_u[:, rows, cols])
+    stencil[4] = u * degree + (1.0 - u)
+    values = torch.stack(stencil, dim=1).reshape(n, 9 * h * w)  # entry (p, p + offset s)
+    rhs = u[:, None] * neighbours + (1.0 - u)[:, None] * x
+    rhs = rhs.reshape(n, c, h * w).transpose(1, 2).contiguous()  # (N, HW, C)
+    schur: dict[int, Tensor] = {}
+    carried: dict[int, Tensor] = {}
+
+    def assemble(parts: list, sources: Callable[[int], Tensor], shape: tuple) -> Tensor:
+        out = values.new_zeros(n, *shape)
+        flat = out.view(n, -1, *shape[1:])
+        for source, picked, target in parts:
+            flat.index_add_(1, target, sources(source).index_select(1, picked))
+        return out
+
+    def matrix(s: int) -> Tensor:
+        return values if s < 0 else schur[s].view(n, -1)
+
+    def vector(s: int) -> Tensor:
+        return rhs if s < 0 else carried[s].view(n, -1, c)
+
+    factors = []
+    for index, group in enumerate(plan):
+        ne, nu, count = group.ne, group.nu, group.fronts
+        block_ee = assemble(group.blocks["ee"], matrix, (count * ne * ne,))
+        factor, info = torch.linalg.cholesky_ex(block_ee.view(n * count, ne, ne))
+        if bool((info != 0).any()):
+            raise RuntimeError("road_imputation: the imputation system is not positive definite.")
+        del block_ee
+        y = torch.linalg.solve_triangular(
+            factor, assemble(group.rhs["e"], vector, (count * ne, c)).view(-1, ne, c), upper=False
+        )
+        coupling = None
+        if nu:
+            block_eu = assemble(group.blocks["eu"], matrix, (count * ne * nu,))
+            coupling = torch.linalg.solve_triangular(
+                factor, block_eu.view(n * count, ne, nu), upper=False
+            )
+            del block_eu
+            block_uu = assemble(group.blocks["uu"], matrix, (count * nu * nu,))
+            block_uu = block_uu.view(n * count, nu, nu).baddbmm_(coupling.mT, coupling, alpha=-1)
+            rest = assemble(group.rhs["u"], vector, (count * nu, c)).view(-1, nu, c)
+            schur[index], carried[index] = block_uu, rest.baddbmm_(coupling.mT, y, alpha=-1)
+        for done in [k for k in schur if plan[k].last_use <= index]:
+            del schur[done], carried[done]
+        factors.append((factor, coupling, y))
+    solution = torch.zeros_like(rhs)
+    for group in reversed(plan):
+        factor, coupling, y = factors.pop()
+        if coupling is not None:
+            known = solution.index_select(1, group.update).view(-1, group.nu, c)
+            y = torch.baddbmm(y, coupling, known, alpha=-1)
+        solved = torch.linalg.solve_triangular(factor.mT, y, upper=True)
+        solution.index_copy_(1, group.eliminated, solved.reshape(n, -1, c))
+    filled = solution.transpose(1, 2).reshape(n, c, h, w)
+    return torch.where(removed.reshape(n, 1, h, w), filled, x).to(images.dtype)
+
+
 def _scipy_available() -> bool:
     try:
         import scipy.sparse.linalg  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+_NESTED_FRACTION = 0.5  # "auto": images with at least this share removed go to "nested"
+
+
+def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
+    """``inputs`` imputed (no noise) by one of the factorising solvers, in chunks."""
+    n, _, h, w = inputs.shape
+    if solver == "block":
+        per_chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (h * w * w))
+        return torch.cat(
+            [
+                _block_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
+                for i in range(0, n, per_chunk)
+            ]
+        )
+    if solver == "nested":
+        per_chunk = max(1, _NESTED_CHUNK_PIXELS // (h * w))
+        return torch.cat(
+            [
+                _nested_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
+                for i in range(0, n, per_chunk)
+            ]
+        )
+    # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
+    # (SuperLU's memory grows faster than the system)
+    per_image = removed.flatten(1).sum(dim=1).tolist()
+    parts, start, total = [], 0, 0
+    for i, count in enumerate(per_image):
+        if total and total + count > _DIRECT_UNKNOWNS:
+            parts.append(_direct_solve(inputs[start:i], removed[start:i]))
+            start, total = i, 0
+        total += count
+    parts.append(_direct_solve(inputs[start:], removed[start:]))
+    return torch.cat(parts)
 
 
 def road_imputation(
@@ -255,10 +556,13 @@ def road_imputation(
             block-diagonal system with scipy, on the CPU), ``"block"`` (the system on the whole
             pixel grid, block-tridiagonal over image rows, factorised for every image of a
             chunk at once by batched dense Cholesky in torch, float64, any device;
-            :math:`O(HW^3)` per image), ``"cg"`` (conjugate gradients with the Laplacian as a
-            convolution, on the inputs' device), or ``"auto"``: on the CPU block for images
-            up to 64 pixels wide and direct for wider ones (block when scipy is missing), CG
-            on other devices. Default: ``"auto"``.
+            :math:`O(HW^3)` per image), ``"nested"`` (the same whole-grid system factorised
+            by a batched nested-dissection (multifrontal) Cholesky in torch, float64, any
+            device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
+            Laplacian as a convolution, on the inputs' device), or ``"auto"``: on the CPU
+            direct for the images with less than half of their pixels removed (their holes
+            are small and the sparse LU is cheap) and nested for the others (nested for all
+            when scipy is missing), CG on other devices. Default: ``"auto"``.
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
         max_iterations (int, optional): default ``4 * (H + W) + 100``.
@@ -273,7 +577,7 @@ def road_imputation(
 
         >>> removed = torch.zeros(4, 28, 28, dtype=torch.bool)
         >>> removed[:, 8:20, 8:20] = True  # a 12 x 12 hole in each digit
-        >>> filled = road_imputation(x, removed, noise=0.0)  # CPU, 28 px: the block solver
+        >>> filled = road_imputation(x, removed, noise=0.0, solver="nested")
         >>> direct = road_imputation(x, removed, noise=0.0, solver="direct")
         >>> kept = ~removed[:, None]
         >>> bool((filled - direct).abs().max() < 1e-5), bool(torch.equal(filled[kept], x[kept]))
@@ -296,39 +600,22 @@ def road_imputation(
     noise = check_number(noise, "noise", allow_minimum=True)
     iterations = max_iterations if max_iterations is not None else 4 * (h + w) + 100
     iterations = check_int(iterations, "max_iterations")
-    if solver not in ("auto", "direct", "block", "cg"):
-        raise ValueError(f"`solver`={solver!r}: expected 'auto', 'direct', 'block' or 'cg'.")
-    if solver == "auto":
-        if inputs.device.type != "cpu":
-            solver = "cg"
-        elif w <= _BLOCK_MAX_WIDTH or not _scipy_available():
-            solver = "block"
-        else:
-            solver = "direct"
-    if solver == "block":
-        per_chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (h * w * w))
-        filled = torch.cat(
-            [
-                _block_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
-                for i in range(0, n, per_chunk)
-            ]
+    if solver not in ("auto", "direct", "block", "nested", "cg"):
+        raise ValueError(
+            f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested' or 'cg'."
         )
-        if noise > 0:
-            draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
-            filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
-        return filled
-    if solver == "direct":
-        # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
-        # (SuperLU's memory grows faster than the system)
-        per_image = removed.flatten(1).sum(dim=1).tolist()
-        parts, start, total = [], 0, 0
-        for i, count in enumerate(per_image):
-            if total and total + count > _DIRECT_UNKNOWNS:
-                parts.append(_direct_solve(inputs[start:i], removed[start:i]))
-                start, total = i, 0
-            total += count
-        parts.append(_direct_solve(inputs[start:], removed[start:]))
-        filled = torch.cat(parts)
+    if solver != "cg" and (solver != "auto" or inputs.device.type == "cpu"):
+        if solver == "auto":
+            dense = removed.flatten(1).double().mean(dim=1) >= _NESTED_FRACTION
+            if not _scipy_available():
+                dense[:] = True
+            filled = torch.empty_like(inputs)
+            for picked, method in ((dense, "nested"), (~dense, "direct")):
+                rows = picked.nonzero()[:, 0]
+                if rows.numel():
+                    filled[rows] = _factorised(inputs[rows], removed[rows], method)
+        else:
+            filled = _factorised(inputs, removed, solver)
         if noise > 0:
             draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
             filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
