@@ -11,8 +11,10 @@ process on the same (image, removal mask) pairs:
   image (a stricter baseline than the pipelines themselves).
 
 ``captum_ext.metrics.road_imputation`` solves every image and step of a batch at once:
-``auto`` (on the CPU: batched block-tridiagonal Cholesky up to 64 px wide, else ``direct``),
-``direct`` (one sparse LU of the block-diagonal system), ``block``.
+``auto`` (on the CPU: ``nested`` for the masks removing half of the pixels or more, ``direct``
+for the others), ``direct`` (one sparse LU of the block-diagonal system), ``nested`` (batched
+nested-dissection Cholesky on the whole pixel grid), ``block`` (batched block-tridiagonal
+Cholesky, 28 px only).
 
 The masks are those of completeness (9 thresholds, by value) and soundness (96 area steps) for
 random maps. The baselines run on an even spread of ``--baseline-systems`` of the pairs and are
@@ -21,7 +23,8 @@ extrapolated likewise. Prints the agreement (max abs difference to Quantus' impu
 ratios as one JSON line.
 
 Run: ``python benchmarks/evaluation.py`` (about 5-10 minutes on 2 shared CPU cores);
-``--quick`` for a smaller set.
+``--quick`` for a smaller set; ``--threads 2`` for two torch threads (the baselines stay
+single-threaded, so one thread is the like-for-like comparison).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def run(
     ours_rows = ours_images * repeats
     scale = systems / ours_rows
     result = {"images": n, "channels": channels, "size": size, "systems": systems}
-    solvers = ["auto", "direct"] + (["block"] if size <= 64 else [])
+    solvers = ["auto", "direct", "nested"] + (["block"] if size <= 64 else [])
     ours = {}
     for solver in solvers:  # warm-up (first LAPACK / scipy calls)
         road_imputation(stacked[:2], removed[:2], noise=0.0, solver=solver)
@@ -158,8 +161,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-systems", type=int, default=420)
     parser.add_argument("--large-images", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the baselines are single-threaded: compare like with like
+    # the baselines are single-threaded: one torch thread compares like with like
+    torch.set_num_threads(args.threads)
     if args.quick:
         cases = [run(8, 1, 28, 8, 105, args.seed)]
     else:
@@ -172,6 +177,7 @@ def main() -> None:
             {
                 "benchmark": "road_imputation_completeness_soundness",
                 "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
                 "seed": args.seed,
                 "cases": cases,
             }
