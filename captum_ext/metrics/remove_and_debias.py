@@ -148,9 +148,10 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
         shape=(unknown.size, unknown.size),
     )
     solution = sparse_linalg.splu(matrix).solve(rhs)
-    filled = values_in.transpose(0, 2, 1).reshape(n * pixels, c).copy()
-    filled[unknown] = solution
-    out = torch.from_numpy(filled.reshape(n, pixels, c).transpose(0, 2, 1).copy())
+    out = torch.from_numpy(values_in.copy())  # (N, C, HW)
+    out.permute(0, 2, 1)[torch.from_numpy(image_of), torch.from_numpy(pixel)] = torch.from_numpy(
+        solution
+    )
     return out.reshape(n, c, h, w).to(device=images.device, dtype=images.dtype)
 
 
@@ -233,9 +234,12 @@ _STENCIL = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1)]  # index 4 is th
 class _FrontGroup(NamedTuple):
     """Fronts of one height of the dissection tree with the same shape, eliminated together.
 
-    ``blocks[name]`` / ``rhs[name]`` list ``(source, source indices, target indices)``: source
-    -1 is the stencil values (or the right-hand side), ``k >= 0`` the Schur complements (or
-    updated right-hand sides) of group ``k``; the targets index the flattened block."""
+    The matrix blocks (``"ee"``, ``"eu"``, ``"uu"``: eliminated / update rows and columns) and
+    right-hand sides (``"e"``, ``"u"``) of the fronts are gathered from an arena per system
+    that holds the stencil values (or right-hand side) followed by every group's Schur
+    complement (or updated right-hand side) and a zero: ``(primary, extra_source,
+    extra_target)`` gives each entry of the flattened block its first contribution (arena
+    index) and the entries with a second one."""
 
     eliminated: Tensor  # (fronts * ne,) pixels eliminated by the fronts
     update: Tensor  # (fronts * nu,) pixels of their update sets (the rings around their boxes)
@@ -244,7 +248,8 @@ class _FrontGroup(NamedTuple):
     fronts: int
     blocks: dict
     rhs: dict
-    last_use: int  # the last group that reads this group's Schur complements
+    offset: int  # where the group's Schur complements start in the matrix arena
+    rhs_offset: int  # where its updated right-hand sides start in the right-hand side arena
 
 
 def _index(parts: list) -> Tensor:
@@ -271,13 +276,36 @@ def _scatter(
 
 def _on_device(group: _FrontGroup, device: torch.device) -> _FrontGroup:
     def moved(parts: dict) -> dict:
-        return {k: [(s, a.to(device), b.to(device)) for s, a, b in v] for k, v in parts.items()}
+        return {name: tuple(t.to(device) for t in block) for name, block in parts.items()}
 
     return group._replace(
         eliminated=group.eliminated.to(device),
         update=group.update.to(device),
         blocks=moved(group.blocks),
         rhs=moved(group.rhs),
+    )
+
+
+def _gathers(parts: dict, bases: dict, size: int, zero: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(primary, extra_source, extra_target) of one block from its ``{source: (indices,
+    targets)}`` contributions, with ``bases[source]`` the source's start in the arena."""
+    import numpy as np
+
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long)
+        return torch.full((size,), zero, dtype=torch.long), empty, empty
+    source = np.concatenate([bases[k] + np.concatenate(a) for k, (a, _) in sorted(parts.items())])
+    target = np.concatenate([np.concatenate(b) for _, (_, b) in sorted(parts.items())])
+    order = np.argsort(target, kind="stable")
+    source, target = source[order], target[order]
+    first = np.ones(target.size, dtype=bool)
+    first[1:] = target[1:] != target[:-1]
+    primary = np.full(size, zero, dtype=np.int64)
+    primary[target[first]] = source[first]
+    return (
+        torch.from_numpy(primary),
+        torch.from_numpy(source[~first].astype(np.int64)),
+        torch.from_numpy(target[~first].astype(np.int64)),
     )
 
 
@@ -331,7 +359,8 @@ def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
             group_of[k], local_of[k] = g, i
     rows_of, cols_of = np.divmod(np.arange(n), w)
     position = -np.ones(n, dtype=np.int64)
-    groups: list[dict] = []
+    groups: list[_FrontGroup] = []
+    matrix_end, rhs_end = 9 * n, n
     for key in keys:
         _, ne, nu = key
         members = members_of[key]
@@ -374,40 +403,53 @@ def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
                     entry[0].append(local * size + np.flatnonzero(sel))
                     entry[1].append(i * width + where[sel] - shift)
             position[index] = -1
+        fronts_here = len(members)
+        block_sizes = {"ee": ne * ne, "eu": ne * nu, "uu": nu * nu}
         groups.append(
-            {
-                "eliminated": _index([fronts[k][1] for k in members]),
-                "update": _index([fronts[k][2] for k in members]),
-                "ne": ne,
-                "nu": nu,
-                "fronts": len(members),
-                "blocks": {
-                    name: [(s, _index(a), _index(b)) for s, (a, b) in sorted(parts.items())]
-                    for name, parts in blocks.items()
+            _FrontGroup(
+                eliminated=_index([fronts[k][1] for k in members]),
+                update=_index([fronts[k][2] for k in members]),
+                ne=ne,
+                nu=nu,
+                fronts=fronts_here,
+                blocks={
+                    name: (parts, fronts_here * block_sizes[name]) for name, parts in blocks.items()
                 },
-                "rhs": {
-                    name: [(s, _index(a), _index(b)) for s, (a, b) in sorted(parts.items())]
-                    for name, parts in rhs.items()
-                },
-                "last_use": -1,
-            }
+                rhs={"e": (rhs["e"], fronts_here * ne), "u": (rhs["u"], fronts_here * nu)},
+                offset=matrix_end,
+                rhs_offset=rhs_end,
+            )
         )
-    for g, group in enumerate(groups):
-        for parts in (*group["blocks"].values(), *group["rhs"].values()):
-            for source, _, _ in parts:
-                if source >= 0:
-                    groups[source]["last_use"] = max(groups[source]["last_use"], g)
-    return tuple(_FrontGroup(**group) for group in groups)
+        matrix_end += fronts_here * nu * nu
+        rhs_end += fronts_here * nu
+    # the arenas: stencil values (9 per pixel) / right-hand side (one row per pixel), then the
+    # groups' Schur complements / updated right-hand sides, then a zero
+    matrix_bases = {-1: 0, **{k: g.offset for k, g in enumerate(groups)}}
+    rhs_bases = {-1: 0, **{k: g.rhs_offset for k, g in enumerate(groups)}}
+    groups = [
+        g._replace(
+            blocks={
+                name: _gathers(parts, matrix_bases, size, matrix_end)
+                for name, (parts, size) in g.blocks.items()
+            },
+            rhs={
+                name: _gathers(parts, rhs_bases, size, rhs_end)
+                for name, (parts, size) in g.rhs.items()
+            },
+        )
+        for g in groups
+    ]
+    return tuple(groups)
 
 
 def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
-    r"""Every system of the batch by one batched nested-dissection Cholesky (float64).
+    r"""Every system of the batch by a batched nested-dissection Cholesky (float64).
 
     As in :func:`_block_solve` the system lives on the whole pixel grid (identity rows for the
     kept pixels), so every system of every image has the same sparsity pattern and one
     symbolic factorisation (:func:`_nested_plan`, cached per image size) serves them all. The
     numeric factorisation is multifrontal: the fronts of one height of the dissection tree
-    with the same shape are factorised for every system of the batch at once (batched dense
+    with the same shape are factorised for every system of a chunk at once (batched dense
     Cholesky, triangular solves and Schur-complement updates), the right-hand side is carried
     along, and a top-down sweep of triangular solves gives the solution. Cost per system:
     :math:`O((HW)^{3/2})` flops, :math:`O(HW \log(HW))` memory."""
@@ -416,6 +458,28 @@ def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
     plan = _nested_plan(h, w, _NESTED_LEAF)
     if device.type != "cpu":
         plan = tuple(_on_device(group, device) for group in plan)
+    per_chunk = min(n, max(1, _NESTED_CHUNK_PIXELS // (h * w)))
+    last = plan[-1]
+    matrix_size = last.offset + last.fronts * last.nu * last.nu + 1
+    rhs_size = last.rhs_offset + last.fronts * last.nu + 1
+    # reused by every chunk (allocating them afresh costs more than filling them)
+    arena = torch.zeros(per_chunk, matrix_size, dtype=torch.float64, device=device)
+    rhs_arena = torch.zeros(per_chunk, rhs_size, c, dtype=torch.float64, device=device)
+    out = torch.empty(n, c, h, w, dtype=images.dtype, device=device)
+    for start in range(0, n, per_chunk):
+        stop = min(n, start + per_chunk)
+        out[start:stop] = _nested_chunk(
+            images[start:stop], removed[start:stop], plan, arena, rhs_arena
+        )
+    return out
+
+
+def _nested_chunk(
+    images: Tensor, removed: Tensor, plan: tuple, arena: Tensor, rhs_arena: Tensor
+) -> Tensor:
+    n, c, h, w = images.shape
+    device = images.device
+    arena, rhs_arena = arena[:n], rhs_arena[:n]
     x = images.detach().to(torch.float64)
     u = removed.reshape(n, h, w).to(torch.float64)
     padded_u = F.pad(u, (1, 1, 1, 1))
@@ -423,62 +487,56 @@ def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
     inside = F.pad(torch.ones(h, w, dtype=torch.float64, device=device), (1, 1, 1, 1))
     degree = torch.zeros(h, w, dtype=torch.float64, device=device)
     neighbours = torch.zeros_like(x)
-    stencil = []
-    for dr, dq in _STENCIL:
+    values = arena[:, : 9 * h * w].view(n, 9, h, w)  # entry (p, p + offset s) at s * HW + p
+    for s, (dr, dq) in enumerate(_STENCIL):
         if (dr, dq) == (0, 0):
-            stencil.append(None)
             continue
         weight = _DIRECT if dr == 0 or dq == 0 else _DIAGONAL
         rows, cols = slice(1 + dr, 1 + dr + h), slice(1 + dq, 1 + dq + w)
         degree += weight * inside[rows, cols]
         neighbours += weight * padded_kept[:, :, rows, cols]
-        stencil.append(-weight * u * padded_u[:, rows, cols])
-    stencil[4] = u * degree + (1.0 - u)
-    values = torch.stack(stencil, dim=1).reshape(n, 9 * h * w)  # entry (p, p + offset s)
+        torch.mul(u * padded_u[:, rows, cols], -weight, out=values[:, s])
+    values[:, 4] = u * degree + (1.0 - u)
     rhs = u[:, None] * neighbours + (1.0 - u)[:, None] * x
-    rhs = rhs.reshape(n, c, h * w).transpose(1, 2).contiguous()  # (N, HW, C)
-    schur: dict[int, Tensor] = {}
-    carried: dict[int, Tensor] = {}
+    rhs_arena[:, : h * w] = rhs.reshape(n, c, h * w).transpose(1, 2)
 
-    def assemble(parts: list, sources: Callable[[int], Tensor], shape: tuple) -> Tensor:
-        out = values.new_zeros(n, *shape)
-        flat = out.view(n, -1, *shape[1:])
-        for source, picked, target in parts:
-            flat.index_add_(1, target, sources(source).index_select(1, picked))
-        return out
-
-    def matrix(s: int) -> Tensor:
-        return values if s < 0 else schur[s].view(n, -1)
-
-    def vector(s: int) -> Tensor:
-        return rhs if s < 0 else carried[s].view(n, -1, c)
+    def gather(source: Tensor, block: tuple) -> Tensor:
+        primary, extra_source, extra_target = block
+        if n <= 8 and source.dim() == 2:  # row by row: faster than gathering along dim 1
+            picked = source.new_empty(n, primary.numel())
+            for row in range(n):
+                torch.index_select(source[row], 0, primary, out=picked[row])
+        else:
+            picked = source.index_select(1, primary)
+        if extra_source.numel():
+            picked.index_add_(1, extra_target, source.index_select(1, extra_source))
+        return picked
 
     factors = []
-    for index, group in enumerate(plan):
+    for group in plan:
         ne, nu, count = group.ne, group.nu, group.fronts
-        block_ee = assemble(group.blocks["ee"], matrix, (count * ne * ne,))
-        factor, info = torch.linalg.cholesky_ex(block_ee.view(n * count, ne, ne))
+        block_ee = gather(arena, group.blocks["ee"]).view(n * count, ne, ne)
+        factor, info = torch.linalg.cholesky_ex(block_ee)
         if bool((info != 0).any()):
             raise RuntimeError("road_imputation: the imputation system is not positive definite.")
         del block_ee
-        y = torch.linalg.solve_triangular(
-            factor, assemble(group.rhs["e"], vector, (count * ne, c)).view(-1, ne, c), upper=False
-        )
+        y = gather(rhs_arena, group.rhs["e"]).view(n * count, ne, c)
+        y = torch.linalg.solve_triangular(factor, y, upper=False)
         coupling = None
         if nu:
-            block_eu = assemble(group.blocks["eu"], matrix, (count * ne * nu,))
-            coupling = torch.linalg.solve_triangular(
-                factor, block_eu.view(n * count, ne, nu), upper=False
-            )
+            block_eu = gather(arena, group.blocks["eu"]).view(n * count, ne, nu)
+            coupling = torch.linalg.solve_triangular(factor, block_eu, upper=False)
             del block_eu
-            block_uu = assemble(group.blocks["uu"], matrix, (count * nu * nu,))
-            block_uu = block_uu.view(n * count, nu, nu).baddbmm_(coupling.mT, coupling, alpha=-1)
-            rest = assemble(group.rhs["u"], vector, (count * nu, c)).view(-1, nu, c)
-            schur[index], carried[index] = block_uu, rest.baddbmm_(coupling.mT, y, alpha=-1)
-        for done in [k for k in schur if plan[k].last_use <= index]:
-            del schur[done], carried[done]
+            block_uu = gather(arena, group.blocks["uu"]).view(n * count, nu, nu)
+            block_uu.baddbmm_(coupling.mT, coupling, alpha=-1)
+            size = count * nu * nu
+            arena[:, group.offset : group.offset + size] = block_uu.view(n, size)
+            rest = gather(rhs_arena, group.rhs["u"]).view(n * count, nu, c)
+            rest.baddbmm_(coupling.mT, y, alpha=-1)
+            size = count * nu
+            rhs_arena[:, group.rhs_offset : group.rhs_offset + size] = rest.view(n, size, c)
         factors.append((factor, coupling, y))
-    solution = torch.zeros_like(rhs)
+    solution = rhs.new_zeros(n, h * w, c)
     for group in reversed(plan):
         factor, coupling, y = factors.pop()
         if coupling is not None:
@@ -513,13 +571,7 @@ def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
             ]
         )
     if solver == "nested":
-        per_chunk = max(1, _NESTED_CHUNK_PIXELS // (h * w))
-        return torch.cat(
-            [
-                _nested_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
-                for i in range(0, n, per_chunk)
-            ]
-        )
+        return _nested_solve(inputs, removed)
     # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
     # (SuperLU's memory grows faster than the system)
     per_image = removed.flatten(1).sum(dim=1).tolist()
