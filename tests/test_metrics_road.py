@@ -188,8 +188,8 @@ def test_nested_dissection_eliminates_every_pixel_once_children_first(shape):
 
 
 def test_auto_splits_the_batch_between_nested_and_direct(monkeypatch):
-    """'auto' on the CPU sends dense masks to the nested solver and sparse ones to the sparse
-    LU, and puts every image back in its place."""
+    """'auto' on the CPU sends dense masks to a whole-grid Cholesky (block when narrow, nested
+    when wide) and sparse ones to the sparse LU, and puts every image back in its place."""
     import captum_ext.metrics.remove_and_debias as module
 
     generator = torch.Generator().manual_seed(4)
@@ -208,7 +208,12 @@ def test_auto_splits_the_batch_between_nested_and_direct(monkeypatch):
 
     monkeypatch.setattr(module, "_factorised", spy)
     auto = road_imputation(images, removed, noise=0.0)
+    assert sorted(calls) == [("block", 3), ("direct", 2)]  # 10 px wide: block
+    monkeypatch.setattr(module, "_BLOCK_MAX_WIDTH", 8)
+    calls.clear()
+    wide = road_imputation(images, removed, noise=0.0)
     assert sorted(calls) == [("direct", 2), ("nested", 3)]
+    np.testing.assert_allclose(wide.numpy(), auto.numpy(), atol=1e-12, rtol=0)
     exact = road_imputation(images, removed, noise=0.0, solver="direct")
     np.testing.assert_allclose(auto.numpy(), exact.numpy(), atol=1e-10, rtol=0)
 

@@ -155,7 +155,7 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
     return out.reshape(n, c, h, w).to(device=images.device, dtype=images.dtype)
 
 
-_BLOCK_MAX_WIDTH = 64
+_BLOCK_MAX_WIDTH = 40  # "auto": narrower images go to "block" rather than "nested" (measured)
 _BLOCK_CHUNK_ELEMENTS = 16_000_000  # per chunk: about 2 x 128 MB of float64 factors
 
 
@@ -463,8 +463,10 @@ def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
     matrix_size = last.offset + last.fronts * last.nu * last.nu + 1
     rhs_size = last.rhs_offset + last.fronts * last.nu + 1
     # reused by every chunk (allocating them afresh costs more than filling them)
-    arena = torch.zeros(per_chunk, matrix_size, dtype=torch.float64, device=device)
-    rhs_arena = torch.zeros(per_chunk, rhs_size, c, dtype=torch.float64, device=device)
+    arena = torch.empty(per_chunk, matrix_size, dtype=torch.float64, device=device)
+    rhs_arena = torch.empty(per_chunk, rhs_size, c, dtype=torch.float64, device=device)
+    arena[:, -1] = 0.0  # the zero every entry without a contribution is gathered from
+    rhs_arena[:, -1] = 0.0
     out = torch.empty(n, c, h, w, dtype=images.dtype, device=device)
     for start in range(0, n, per_chunk):
         stop = min(n, start + per_chunk)
@@ -613,8 +615,10 @@ def road_imputation(
             device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
             Laplacian as a convolution, on the inputs' device), or ``"auto"``: on the CPU
             direct for the images with less than half of their pixels removed (their holes
-            are small and the sparse LU is cheap) and nested for the others (nested for all
-            when scipy is missing), CG on other devices. Default: ``"auto"``.
+            are small and the sparse LU is cheap; all images when scipy is missing go to
+            the next rule) and for the others block up to 40 pixels wide, nested for wider
+            images (the faster on a CPU in each case, see ``benchmarks/RESULTS.md``); CG on
+            other devices. Default: ``"auto"``.
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
         max_iterations (int, optional): default ``4 * (H + W) + 100``.
@@ -662,7 +666,8 @@ def road_imputation(
             if not _scipy_available():
                 dense[:] = True
             filled = torch.empty_like(inputs)
-            for picked, method in ((dense, "nested"), (~dense, "direct")):
+            whole_grid = "block" if w <= _BLOCK_MAX_WIDTH else "nested"
+            for picked, method in ((dense, whole_grid), (~dense, "direct")):
                 rows = picked.nonzero()[:, 0]
                 if rows.numel():
                     filled[rows] = _factorised(inputs[rows], removed[rows], method)
