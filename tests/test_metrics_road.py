@@ -130,17 +130,18 @@ def _mixed_masks(n: int, h: int, w: int, seed: int) -> torch.Tensor:
 def test_nested_solver_equals_the_sparse_lu_and_one_by_one(shape):
     """The nested-dissection Cholesky solves the same systems as scipy's sparse LU (1e-10,
     float64) on odd sizes, one-pixel rows and columns, 3 channels and a batch of mixed masks;
-    each image alone gives the same result as in the batch."""
+    each image alone gives the same result as in the batch (10 systems are gathered with the
+    systems last, one alone row by row)."""
     h, w = shape
     generator = torch.Generator().manual_seed(h * 100 + w)
-    images = torch.rand(6, 3, h, w, generator=generator, dtype=torch.float64)
-    removed = _mixed_masks(6, h, w, seed=h + w)
-    removed.view(6, -1)[:, -1] = False  # keep one pixel per image
+    images = torch.rand(10, 3, h, w, generator=generator, dtype=torch.float64)
+    removed = _mixed_masks(10, h, w, seed=h + w)
+    removed.view(10, -1)[:, -1] = False  # keep one pixel per image
     exact = road_imputation(images, removed, noise=0.0, solver="direct")
     nested = road_imputation(images, removed, noise=0.0, solver="nested")
     np.testing.assert_allclose(nested.numpy(), exact.numpy(), atol=1e-10, rtol=0)
     assert torch.equal(nested[0], images[0])  # nothing removed: unchanged
-    for i in range(6):
+    for i in range(10):
         alone = road_imputation(images[i : i + 1], removed[i : i + 1], noise=0.0, solver="nested")
         np.testing.assert_allclose(alone[0].numpy(), nested[i].numpy(), atol=1e-12, rtol=0)
 

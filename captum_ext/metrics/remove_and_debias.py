@@ -462,16 +462,22 @@ def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
     last = plan[-1]
     matrix_size = last.offset + last.fronts * last.nu * last.nu + 1
     rhs_size = last.rhs_offset + last.fronts * last.nu + 1
-    # reused by every chunk (allocating them afresh costs more than filling them)
-    arena = torch.empty(per_chunk, matrix_size, dtype=torch.float64, device=device)
-    rhs_arena = torch.empty(per_chunk, rhs_size, c, dtype=torch.float64, device=device)
-    arena[:, -1] = 0.0  # the zero every entry without a contribution is gathered from
-    rhs_arena[:, -1] = 0.0
     out = torch.empty(n, c, h, w, dtype=images.dtype, device=device)
+    arenas: dict[int, tuple[Tensor, Tensor]] = {}
     for start in range(0, n, per_chunk):
         stop = min(n, start + per_chunk)
+        if stop - start not in arenas:  # reused by the chunks (refilled, not reallocated)
+            systems = stop - start
+            # many systems: the matrix arena has them last (a gathered entry is one contiguous
+            # row); a few: one row per system, gathered row by row (measured faster)
+            shape = (matrix_size, systems) if systems > 8 else (systems, matrix_size)
+            arena = torch.empty(shape, dtype=torch.float64, device=device)
+            rhs_arena = torch.empty(systems, rhs_size, c, dtype=torch.float64, device=device)
+            arena[(-1, slice(None)) if systems > 8 else (slice(None), -1)] = 0.0  # the zero
+            rhs_arena[:, -1] = 0.0
+            arenas[stop - start] = (arena, rhs_arena)
         out[start:stop] = _nested_chunk(
-            images[start:stop], removed[start:stop], plan, arena, rhs_arena
+            images[start:stop], removed[start:stop], plan, *arenas[stop - start]
         )
     return out
 
@@ -481,7 +487,6 @@ def _nested_chunk(
 ) -> Tensor:
     n, c, h, w = images.shape
     device = images.device
-    arena, rhs_arena = arena[:n], rhs_arena[:n]
     x = images.detach().to(torch.float64)
     u = removed.reshape(n, h, w).to(torch.float64)
     padded_u = F.pad(u, (1, 1, 1, 1))
@@ -489,7 +494,7 @@ def _nested_chunk(
     inside = F.pad(torch.ones(h, w, dtype=torch.float64, device=device), (1, 1, 1, 1))
     degree = torch.zeros(h, w, dtype=torch.float64, device=device)
     neighbours = torch.zeros_like(x)
-    values = arena[:, : 9 * h * w].view(n, 9, h, w)  # entry (p, p + offset s) at s * HW + p
+    values = x.new_empty(n, 9, h, w)  # entry (p, p + offset s) at s * HW + p
     for s, (dr, dq) in enumerate(_STENCIL):
         if (dr, dq) == (0, 0):
             continue
@@ -500,40 +505,57 @@ def _nested_chunk(
         torch.mul(u * padded_u[:, rows, cols], -weight, out=values[:, s])
     values[:, 4] = u * degree + (1.0 - u)
     rhs = u[:, None] * neighbours + (1.0 - u)[:, None] * x
+    last = arena.shape[0] != n  # systems last
+    if last:
+        arena[: 9 * h * w] = values.view(n, -1).t()
+    else:
+        arena[:, : 9 * h * w] = values.view(n, -1)
     rhs_arena[:, : h * w] = rhs.reshape(n, c, h * w).transpose(1, 2)
 
-    def gather(source: Tensor, block: tuple) -> Tensor:
+    def gather(block: tuple) -> Tensor:  # (N, block size) from the matrix arena
         primary, extra_source, extra_target = block
-        if n <= 8 and source.dim() == 2:  # row by row: faster than gathering along dim 1
-            picked = source.new_empty(n, primary.numel())
-            for row in range(n):
-                torch.index_select(source[row], 0, primary, out=picked[row])
-        else:
-            picked = source.index_select(1, primary)
+        if last:
+            picked = arena.index_select(0, primary)
+            if extra_source.numel():
+                picked.index_add_(0, extra_target, arena.index_select(0, extra_source))
+            return picked.t().contiguous()
+        picked = arena.new_empty(n, primary.numel())
+        for row in range(n):
+            torch.index_select(arena[row], 0, primary, out=picked[row])
         if extra_source.numel():
-            picked.index_add_(1, extra_target, source.index_select(1, extra_source))
+            picked.index_add_(1, extra_target, arena.index_select(1, extra_source))
+        return picked
+
+    def gather_rhs(block: tuple) -> Tensor:
+        primary, extra_source, extra_target = block
+        picked = rhs_arena.index_select(1, primary)
+        if extra_source.numel():
+            picked.index_add_(1, extra_target, rhs_arena.index_select(1, extra_source))
         return picked
 
     factors = []
     for group in plan:
         ne, nu, count = group.ne, group.nu, group.fronts
-        block_ee = gather(arena, group.blocks["ee"]).view(n * count, ne, ne)
+        block_ee = gather(group.blocks["ee"]).view(n * count, ne, ne)
         factor, info = torch.linalg.cholesky_ex(block_ee)
         if bool((info != 0).any()):
             raise RuntimeError("road_imputation: the imputation system is not positive definite.")
         del block_ee
-        y = gather(rhs_arena, group.rhs["e"]).view(n * count, ne, c)
+        y = gather_rhs(group.rhs["e"]).view(n * count, ne, c)
         y = torch.linalg.solve_triangular(factor, y, upper=False)
         coupling = None
         if nu:
-            block_eu = gather(arena, group.blocks["eu"]).view(n * count, ne, nu)
+            block_eu = gather(group.blocks["eu"]).view(n * count, ne, nu)
             coupling = torch.linalg.solve_triangular(factor, block_eu, upper=False)
             del block_eu
-            block_uu = gather(arena, group.blocks["uu"]).view(n * count, nu, nu)
+            block_uu = gather(group.blocks["uu"]).view(n * count, nu, nu)
             block_uu.baddbmm_(coupling.mT, coupling, alpha=-1)
             size = count * nu * nu
-            arena[:, group.offset : group.offset + size] = block_uu.view(n, size)
-            rest = gather(rhs_arena, group.rhs["u"]).view(n * count, nu, c)
+            if last:
+                arena[group.offset : group.offset + size] = block_uu.view(n, size).t()
+            else:
+                arena[:, group.offset : group.offset + size] = block_uu.view(n, size)
+            rest = gather_rhs(group.rhs["u"]).view(n * count, nu, c)
             rest.baddbmm_(coupling.mT, y, alpha=-1)
             size = count * nu
             rhs_arena[:, group.rhs_offset : group.rhs_offset + size] = rest.view(n, size, c)
