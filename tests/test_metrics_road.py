@@ -219,6 +219,17 @@ def test_auto_splits_the_batch_between_nested_and_direct(monkeypatch):
     np.testing.assert_allclose(auto.numpy(), exact.numpy(), atol=1e-10, rtol=0)
 
 
+def test_auto_sends_compact_holes_and_dense_masks_to_the_whole_grid_solvers():
+    from captum_ext.metrics.remove_and_debias import _whole_grid_is_faster
+
+    generator = torch.Generator().manual_seed(6)
+    noise = torch.rand(4, 40, 40, generator=generator)
+    removed = noise < torch.tensor([0.3, 0.55, 0.7, 0.0])[:, None, None]
+    removed[3, 10:30, 10:30] = True  # one compact hole: 25% removed, 20% with no kept neighbour
+    assert _whole_grid_is_faster(removed, "block").tolist() == [False, True, True, True]
+    assert _whole_grid_is_faster(removed, "nested").tolist() == [False, False, True, True]
+
+
 def test_imputation_errors_name_the_argument():
     images = torch.rand(1, 1, 4, 4)
     with pytest.raises(ValueError, match="removed"):

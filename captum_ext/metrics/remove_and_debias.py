@@ -104,7 +104,7 @@ def _neighbour_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
     return kernel[None, None]
 
 
-_DIRECT_UNKNOWNS = 200_000
+_DIRECT_UNKNOWNS = 20_000  # measured: smaller groups factorise faster (28 and 224 px)
 _OFFSETS = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1) if (dr, dq) != (0, 0)]
 
 
@@ -580,7 +580,23 @@ def _scipy_available() -> bool:
     return True
 
 
-_NESTED_FRACTION = 0.5  # "auto": images with at least this share removed go to "nested"
+# "auto" on the CPU: the sparse LU is faster than the whole-grid Cholesky (block / nested) for
+# scattered masks below these removed shares, and for compact holes (most removed pixels have
+# only removed neighbours) up to about this share of such pixels (measured, benchmarks/RESULTS.md)
+_WHOLE_GRID_SHARE = {"block": 0.5, "nested": 0.6}
+_WHOLE_GRID_INTERIOR = 0.15
+
+
+def _whole_grid_is_faster(removed: Tensor, whole_grid: str) -> Tensor:
+    """``(N,)`` True for the masks that ``whole_grid`` solves faster than the sparse LU: the
+    LU's fill grows with the removed pixels that form one 2-D region (a percolating cluster
+    or compact holes), the whole-grid factorisation costs the same for every mask."""
+    mask = removed.reshape(removed.shape[0], 1, *removed.shape[-2:]).to(torch.float32)
+    share = mask.flatten(1).mean(dim=1)
+    interior = -F.max_pool2d(-mask, 3, stride=1, padding=1)  # every neighbour removed
+    return (share >= _WHOLE_GRID_SHARE[whole_grid]) | (
+        interior.flatten(1).mean(dim=1) >= _WHOLE_GRID_INTERIOR
+    )
 
 
 def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
@@ -636,10 +652,11 @@ def road_imputation(
             by a batched nested-dissection (multifrontal) Cholesky in torch, float64, any
             device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
             Laplacian as a convolution, on the inputs' device), or ``"auto"``: on the CPU
-            direct for the images with less than half of their pixels removed (their holes
-            are small and the sparse LU is cheap; all images when scipy is missing go to
-            the next rule) and for the others block up to 40 pixels wide, nested for wider
-            images (the faster on a CPU in each case, see ``benchmarks/RESULTS.md``); CG on
+            direct for the masks with small or scattered holes (less than half of the pixels
+            removed up to 40 pixels wide, 60% above, and under 15% of the pixels removed
+            with all their neighbours; the sparse LU is cheap there), block (up to 40
+            pixels wide) or nested (wider) for the others and for all when scipy is
+            missing: the faster on a CPU in each case, see ``benchmarks/RESULTS.md``; CG on
             other devices. Default: ``"auto"``.
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
@@ -684,11 +701,11 @@ def road_imputation(
         )
     if solver != "cg" and (solver != "auto" or inputs.device.type == "cpu"):
         if solver == "auto":
-            dense = removed.flatten(1).double().mean(dim=1) >= _NESTED_FRACTION
+            whole_grid = "block" if w <= _BLOCK_MAX_WIDTH else "nested"
+            dense = _whole_grid_is_faster(removed, whole_grid)
             if not _scipy_available():
                 dense[:] = True
             filled = torch.empty_like(inputs)
-            whole_grid = "block" if w <= _BLOCK_MAX_WIDTH else "nested"
             for picked, method in ((dense, whole_grid), (~dense, "direct")):
                 rows = picked.nonzero()[:, 0]
                 if rows.numel():
