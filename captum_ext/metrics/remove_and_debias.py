@@ -239,7 +239,7 @@ class _FrontGroup(NamedTuple):
     that holds the stencil values (or right-hand side) followed by every group's Schur
     complement (or updated right-hand side) and a zero: ``(primary, extra_source,
     extra_target)`` gives each entry of the flattened block its first contribution (arena
-    index) and the entries with a second one."""
+    index) and the further contributions of the entries that have more than one."""
 
     eliminated: Tensor  # (fronts * ne,) pixels eliminated by the fronts
     update: Tensor  # (fronts * nu,) pixels of their update sets (the rings around their boxes)
@@ -309,7 +309,7 @@ def _gathers(parts: dict, bases: dict, size: int, zero: int) -> tuple[Tensor, Te
     )
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)  # about 100 MB of indices for 224 x 224
 def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
     r"""The symbolic nested-dissection factorisation of the ``h x w`` grid (shared by every
     system on that grid): boxes are split across their longer side by a one-pixel separator
@@ -658,6 +658,9 @@ def road_imputation(
             pixels wide) or nested (wider) for the others and for all when scipy is
             missing: the faster on a CPU in each case, see ``benchmarks/RESULTS.md``; CG on
             other devices. Default: ``"auto"``.
+            The block and nested solvers run many small batched LAPACK calls: on a busy
+            machine several torch threads can make them much slower than one
+            (``torch.set_num_threads(1)``; measured in ``benchmarks/RESULTS.md``).
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
         max_iterations (int, optional): default ``4 * (H + W) + 100``.
@@ -679,7 +682,10 @@ def road_imputation(
         (True, True)
 
     Reference: Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci, "A consistent and
-    efficient evaluation strategy for attribution methods", ICML 2022.
+    efficient evaluation strategy for attribution methods", ICML 2022. The nested solver:
+    A. George, "Nested dissection of a regular finite element mesh", SIAM J. Numer. Anal.
+    10(2), 1973; I. S. Duff, J. K. Reid, "The multifrontal solution of indefinite sparse
+    symmetric linear equations", ACM TOMS 9(3), 1983.
     """
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise ValueError("`inputs` must be an (N, C, H, W) tensor.")
