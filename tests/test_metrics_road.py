@@ -144,6 +144,8 @@ def test_nested_solver_equals_the_sparse_lu_and_one_by_one(shape):
     for i in range(10):
         alone = road_imputation(images[i : i + 1], removed[i : i + 1], noise=0.0, solver="nested")
         np.testing.assert_allclose(alone[0].numpy(), nested[i].numpy(), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="removed"):  # every pixel removed: nothing to impute from
+        road_imputation(images[:1], torch.ones(1, h, w, dtype=torch.bool), solver="nested")
 
 
 def test_nested_solver_matches_the_pixel_by_pixel_scipy_system_on_a_larger_image(monkeypatch):
