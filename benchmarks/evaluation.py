@@ -11,17 +11,21 @@ process on the same (image, removal mask) pairs:
   image (a stricter baseline than the pipelines themselves).
 
 ``captum_ext.metrics.road_imputation`` solves every image and step of a batch at once:
-``auto`` (on the CPU: batched block-tridiagonal Cholesky up to 64 px wide, else ``direct``),
-``direct`` (one sparse LU of the block-diagonal system), ``block``.
+``auto`` (on the CPU: ``nested`` for the masks removing half of the pixels or more, ``direct``
+for the others), ``direct`` (one sparse LU of the block-diagonal system), ``nested`` (batched
+nested-dissection Cholesky on the whole pixel grid), ``block`` (batched block-tridiagonal
+Cholesky, 28 px only).
 
 The masks are those of completeness (9 thresholds, by value) and soundness (96 area steps) for
 random maps. The baselines run on an even spread of ``--baseline-systems`` of the pairs and are
 extrapolated to all of them; for 224 px ours runs on ``--large-images`` of the 8 images and is
 extrapolated likewise. Prints the agreement (max abs difference to Quantus' imputation) and the
-ratios as one JSON line.
+ratios as one JSON line: wall-clock (``speedup_*``) and process CPU time (``cpu_speedup_*``,
+less sensitive to other jobs on a shared machine).
 
 Run: ``python benchmarks/evaluation.py`` (about 5-10 minutes on 2 shared CPU cores);
-``--quick`` for a smaller set.
+``--quick`` for a smaller set; ``--threads 2`` for two torch threads (the baselines stay
+single-threaded, so one thread is the like-for-like comparison).
 """
 
 from __future__ import annotations
@@ -102,9 +106,13 @@ def quantus_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     ).reshape(image.shape)
 
 
+_CPU: dict[str, float] = {}  # process CPU seconds of the last timed call (the machine is shared)
+
+
 def _timed(function, *args, **kwargs):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = function(*args, **kwargs)
+    _CPU["last"] = time.process_time() - cpu
     return out, time.perf_counter() - start
 
 
@@ -120,7 +128,7 @@ def run(
     ours_rows = ours_images * repeats
     scale = systems / ours_rows
     result = {"images": n, "channels": channels, "size": size, "systems": systems}
-    solvers = ["auto", "direct"] + (["block"] if size <= 64 else [])
+    solvers = ["auto", "direct", "nested"] + (["block"] if size <= 64 else [])
     ours = {}
     for solver in solvers:  # warm-up (first LAPACK / scipy calls)
         road_imputation(stacked[:2], removed[:2], noise=0.0, solver=solver)
@@ -129,6 +137,7 @@ def run(
             road_imputation, stacked[:ours_rows], removed[:ours_rows], noise=0.0, solver=solver
         )
         result[f"ours_{solver}_s"] = round(seconds * scale, 2)
+        result[f"ours_{solver}_cpu_s"] = round(_CPU["last"] * scale, 2)
     count = min(baseline_systems, ours_rows)
     picked = np.linspace(0, ours_rows - 1, count).round().astype(int)
     result["baseline_systems_timed"] = int(count)
@@ -136,16 +145,22 @@ def run(
         lambda: [quantus_imputation(stacked[i].numpy(), removed[i].numpy()) for i in picked]
     )
     result["quantus_s"] = round(seconds * systems / count, 2)
+    result["quantus_cpu_s"] = round(_CPU["last"] * systems / count, 2)
     _, seconds = _timed(
         lambda: [scipy_imputation(stacked[i].numpy(), removed[i].numpy()) for i in picked]
     )
     result["scipy_vectorised_s"] = round(seconds * systems / count, 2)
+    result["scipy_vectorised_cpu_s"] = round(_CPU["last"] * systems / count, 2)
     for solver in solvers:
         ours_s = result[f"ours_{solver}_s"]
         result[f"speedup_{solver}_vs_quantus"] = round(result["quantus_s"] / ours_s, 2)
         result[f"speedup_{solver}_vs_scipy_vectorised"] = round(
             result["scipy_vectorised_s"] / ours_s, 2
         )
+        for baseline in ("quantus", "scipy_vectorised"):
+            result[f"cpu_speedup_{solver}_vs_{baseline}"] = round(
+                result[f"{baseline}_cpu_s"] / result[f"ours_{solver}_cpu_s"], 2
+            )
         result[f"max_abs_difference_{solver}"] = max(
             float(np.abs(ours[solver][i].numpy() - r).max()) for i, r in zip(picked, reference)
         )
@@ -158,8 +173,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-systems", type=int, default=420)
     parser.add_argument("--large-images", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the baselines are single-threaded: compare like with like
+    # the baselines are single-threaded: one torch thread compares like with like
+    torch.set_num_threads(args.threads)
     if args.quick:
         cases = [run(8, 1, 28, 8, 105, args.seed)]
     else:
@@ -172,6 +189,7 @@ def main() -> None:
             {
                 "benchmark": "road_imputation_completeness_soundness",
                 "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
                 "seed": args.seed,
                 "cases": cases,
             }

@@ -40,7 +40,7 @@ def _scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("solver", ["cg", "direct", "block"])
+@pytest.mark.parametrize("solver", ["cg", "direct", "block", "nested"])
 @pytest.mark.parametrize("batch", [1, 4, 5])
 def test_batched_imputation_matches_scipy(batch, solver):
     generator = torch.Generator().manual_seed(batch)
@@ -100,7 +100,7 @@ def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypat
     share=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_block_solver_equals_direct_for_any_shape(n, c, h, w, share, seed):
+def test_block_and_nested_solvers_equal_direct_for_any_shape(n, c, h, w, share, seed):
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(n, c, h, w, generator=generator, dtype=torch.float64)
     removed = torch.rand(n, h, w, generator=generator) < share
@@ -109,6 +109,127 @@ def test_block_solver_equals_direct_for_any_shape(n, c, h, w, share, seed):
     direct = road_imputation(images, removed, noise=0.0, solver="direct")
     assert block.shape == images.shape
     np.testing.assert_allclose(block.numpy(), direct.numpy(), atol=1e-9, rtol=0)
+    nested = road_imputation(images, removed, noise=0.0, solver="nested")
+    np.testing.assert_allclose(nested.numpy(), direct.numpy(), atol=1e-10, rtol=0)
+
+
+def _mixed_masks(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Random masks of every density, one with a single kept pixel, one with none removed."""
+    generator = torch.Generator().manual_seed(seed)
+    removed = torch.rand(n, h, w, generator=generator) < torch.rand(n, 1, 1, generator=generator)
+    removed[0] = False
+    if n > 1:
+        removed[1] = True
+        removed[1, h // 2, w - 1] = False  # the whole image is one hole around one pixel
+    if n > 2:
+        removed[2, :, : max(1, w // 2)] = True  # a large hole
+    return removed
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (13, 7), (1, 9), (9, 1), (1, 1), (2, 3), (21, 18)])
+def test_nested_solver_equals_the_sparse_lu_and_one_by_one(shape):
+    """The nested-dissection Cholesky solves the same systems as scipy's sparse LU (1e-10,
+    float64) on odd sizes, one-pixel rows and columns, 3 channels and a batch of mixed masks;
+    each image alone gives the same result as in the batch (10 systems are gathered with the
+    systems last, one alone row by row)."""
+    h, w = shape
+    generator = torch.Generator().manual_seed(h * 100 + w)
+    images = torch.rand(10, 3, h, w, generator=generator, dtype=torch.float64)
+    removed = _mixed_masks(10, h, w, seed=h + w)
+    removed.view(10, -1)[:, -1] = False  # keep one pixel per image
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    nested = road_imputation(images, removed, noise=0.0, solver="nested")
+    np.testing.assert_allclose(nested.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+    assert torch.equal(nested[0], images[0])  # nothing removed: unchanged
+    for i in range(10):
+        alone = road_imputation(images[i : i + 1], removed[i : i + 1], noise=0.0, solver="nested")
+        np.testing.assert_allclose(alone[0].numpy(), nested[i].numpy(), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="removed"):  # every pixel removed: nothing to impute from
+        road_imputation(images[:1], torch.ones(1, h, w, dtype=torch.bool), solver="nested")
+
+
+def test_nested_solver_matches_the_pixel_by_pixel_scipy_system_on_a_larger_image(monkeypatch):
+    """A 40 x 37 image (several dissection levels) against the independently built scipy
+    system; chunks of one image give the same result; float32 comes back float32."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    generator = torch.Generator().manual_seed(11)
+    images = torch.rand(3, 2, 40, 37, generator=generator, dtype=torch.float64)
+    removed = (
+        torch.rand(3, 40, 37, generator=generator) < torch.tensor([0.3, 0.6, 0.95])[:, None, None]
+    )
+    removed[2, 0, 0] = False
+    ours = road_imputation(images, removed, noise=0.0, solver="nested")
+    for i in range(3):
+        expected = _scipy_imputation(images[i].numpy(), removed[i].numpy())
+        np.testing.assert_allclose(ours[i].numpy(), expected, atol=1e-10, rtol=0)
+    monkeypatch.setattr(module, "_NESTED_CHUNK_PIXELS", 1)  # one image per chunk
+    chunked = road_imputation(images, removed, noise=0.0, solver="nested")
+    np.testing.assert_allclose(chunked.numpy(), ours.numpy(), atol=1e-12, rtol=0)
+    single = road_imputation(images.float(), removed, noise=0.0, solver="nested")
+    assert single.dtype == torch.float32
+    assert float((single.double() - ours).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 10), (10, 1), (7, 13), (30, 17)])
+def test_nested_dissection_eliminates_every_pixel_once_children_first(shape):
+    """The symbolic plan: every pixel is eliminated by exactly one front, and each front's
+    update set (the ring around its box) is eliminated later."""
+    from captum_ext.metrics.remove_and_debias import _NESTED_LEAF, _nested_plan
+
+    h, w = shape
+    plan = _nested_plan(h, w, _NESTED_LEAF)
+    eliminated = torch.cat([group.eliminated for group in plan])
+    assert torch.equal(eliminated.sort().values, torch.arange(h * w))
+    step = torch.empty(h * w, dtype=torch.long)
+    step[eliminated] = torch.arange(h * w)
+    for group in plan:
+        if group.nu:
+            first = step[group.eliminated].view(group.fronts, group.ne).max(dim=1).values
+            later = step[group.update].view(group.fronts, group.nu).min(dim=1).values
+            assert bool((later > first).all())
+
+
+def test_auto_splits_the_batch_between_nested_and_direct(monkeypatch):
+    """'auto' on the CPU sends dense masks to a whole-grid Cholesky (block when narrow, nested
+    when wide) and sparse ones to the sparse LU, and puts every image back in its place."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(5, 1, 12, 10, generator=generator, dtype=torch.float64)
+    removed = (
+        torch.rand(5, 12, 10, generator=generator)
+        < torch.tensor([0.9, 0.1, 0.7, 0.2, 0.95])[:, None, None]
+    )
+    removed.view(5, -1)[:, 0] = False
+    calls = []
+    factorised = module._factorised
+
+    def spy(inputs, mask, solver):
+        calls.append((solver, inputs.shape[0]))
+        return factorised(inputs, mask, solver)
+
+    monkeypatch.setattr(module, "_factorised", spy)
+    auto = road_imputation(images, removed, noise=0.0)
+    assert sorted(calls) == [("block", 3), ("direct", 2)]  # 10 px wide: block
+    monkeypatch.setattr(module, "_BLOCK_MAX_WIDTH", 8)
+    calls.clear()
+    wide = road_imputation(images, removed, noise=0.0)
+    assert sorted(calls) == [("direct", 2), ("nested", 3)]
+    np.testing.assert_allclose(wide.numpy(), auto.numpy(), atol=1e-12, rtol=0)
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    np.testing.assert_allclose(auto.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+
+
+def test_auto_sends_compact_holes_and_dense_masks_to_the_whole_grid_solvers():
+    from captum_ext.metrics.remove_and_debias import _whole_grid_is_faster
+
+    generator = torch.Generator().manual_seed(6)
+    noise = torch.rand(4, 40, 40, generator=generator)
+    removed = noise < torch.tensor([0.3, 0.55, 0.7, 0.0])[:, None, None]
+    removed[3, 10:30, 10:30] = True  # one compact hole: 25% removed, 20% with no kept neighbour
+    assert _whole_grid_is_faster(removed, "block").tolist() == [False, True, True, True]
+    assert _whole_grid_is_faster(removed, "nested").tolist() == [False, False, True, True]
 
 
 def test_imputation_errors_name_the_argument():
@@ -247,7 +368,7 @@ def test_on_a_model_blind_to_its_input_all_re_added_mass_is_false(oracle):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("solver", ["block", "cg", "auto"])
+@pytest.mark.parametrize("solver", ["block", "nested", "cg", "auto"])
 def test_imputation_on_cuda_equals_the_cpu_direct_solve(solver):
     generator = torch.Generator().manual_seed(5)
     images = torch.rand(6, 3, 20, 24, generator=generator, dtype=torch.float64)

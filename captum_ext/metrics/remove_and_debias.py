@@ -11,10 +11,10 @@ with the kept pixels fixed, then adds :math:`\mathcal{N}(0, \sigma^2)` noise (:m
 0.01`) to the imputed pixels. The system is the Dirichlet problem of a weighted graph
 Laplacian: symmetric positive definite whenever every region of removed pixels touches a kept
 one. :func:`road_imputation` solves it for a whole batch (every image and every channel at
-once): on the CPU by a batched block-tridiagonal Cholesky factorisation (small images) or one
-sparse LU factorisation of the block-diagonal system (scipy, large images), on other devices
-by conjugate gradients with the Laplacian applied as a 3 x 3 convolution, where no sparse
-matrix is built.
+once): on the CPU by a batched nested-dissection Cholesky factorisation of the system written
+on the whole pixel grid (images with large holes) or one sparse LU factorisation of the
+block-diagonal system (scipy, images with small holes), on other devices by conjugate
+gradients with the Laplacian applied as a 3 x 3 convolution, where no sparse matrix is built.
 
 - :func:`road`: the probability of the target after removing the most (``order="morf"``) or
   least (``"lerf"``) relevant fraction of pixels, for several fractions, with ROAD imputation.
@@ -27,6 +27,7 @@ matrix is built.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -103,7 +104,7 @@ def _neighbour_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
     return kernel[None, None]
 
 
-_DIRECT_UNKNOWNS = 200_000
+_DIRECT_UNKNOWNS = 20_000  # measured: smaller groups factorise faster (28 and 224 px)
 _OFFSETS = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1) if (dr, dq) != (0, 0)]
 
 
@@ -147,13 +148,14 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
         shape=(unknown.size, unknown.size),
     )
     solution = sparse_linalg.splu(matrix).solve(rhs)
-    filled = values_in.transpose(0, 2, 1).reshape(n * pixels, c).copy()
-    filled[unknown] = solution
-    out = torch.from_numpy(filled.reshape(n, pixels, c).transpose(0, 2, 1).copy())
+    out = torch.from_numpy(values_in.copy())  # (N, C, HW)
+    out.permute(0, 2, 1)[torch.from_numpy(image_of), torch.from_numpy(pixel)] = torch.from_numpy(
+        solution
+    )
     return out.reshape(n, c, h, w).to(device=images.device, dtype=images.dtype)
 
 
-_BLOCK_MAX_WIDTH = 64
+_BLOCK_MAX_WIDTH = 40  # "auto": narrower images go to "block" rather than "nested" (measured)
 _BLOCK_CHUNK_ELEMENTS = 16_000_000  # per chunk: about 2 x 128 MB of float64 factors
 
 
@@ -224,12 +226,403 @@ def _block_solve(images: Tensor, removed: Tensor) -> Tensor:
     return filled.to(images.dtype)
 
 
+_NESTED_LEAF = 4  # boxes up to 4 x 4 pixels are eliminated whole
+_NESTED_CHUNK_PIXELS = 200_000  # systems per chunk: this many pixels (about 3 images of 224 px)
+_STENCIL = [(dr, dq) for dr in (-1, 0, 1) for dq in (-1, 0, 1)]  # index 4 is the pixel itself
+
+
+class _FrontGroup(NamedTuple):
+    """Fronts of one height of the dissection tree with the same shape, eliminated together.
+
+    The matrix blocks (``"ee"``, ``"eu"``, ``"uu"``: eliminated / update rows and columns) and
+    right-hand sides (``"e"``, ``"u"``) of the fronts are gathered from an arena per system
+    that holds the stencil values (or right-hand side) followed by every group's Schur
+    complement (or updated right-hand side) and a zero: ``(primary, extra_source,
+    extra_target)`` gives each entry of the flattened block its first contribution (arena
+    index) and the further contributions of the entries that have more than one."""
+
+    eliminated: Tensor  # (fronts * ne,) pixels eliminated by the fronts
+    update: Tensor  # (fronts * nu,) pixels of their update sets (the rings around their boxes)
+    ne: int
+    nu: int
+    fronts: int
+    blocks: dict
+    rhs: dict
+    offset: int  # where the group's Schur complements start in the matrix arena
+    rhs_offset: int  # where its updated right-hand sides start in the right-hand side arena
+
+
+def _index(parts: list) -> Tensor:
+    import numpy as np
+
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+def _scatter(
+    blocks: dict, shapes: dict, source: int, front: int, rows: Any, cols: Any, picked: Any
+) -> None:
+    """Record that entries ``picked`` of ``source`` land at (``rows``, ``cols``) of front
+    ``front``, split over the blocks (eliminated/update rows and columns) they fall in."""
+    for name, (row0, nrows, col0, ncols) in shapes.items():
+        sel = (rows >= row0) & (rows < row0 + nrows) & (cols >= col0) & (cols < col0 + ncols)
+        if sel.any():
+            target = front * nrows * ncols + (rows[sel] - row0) * ncols + cols[sel] - col0
+            entry = blocks[name].setdefault(source, ([], []))
+            entry[0].append(picked[sel])
+            entry[1].append(target)
+
+
+def _on_device(group: _FrontGroup, device: torch.device) -> _FrontGroup:
+    def moved(parts: dict) -> dict:
+        return {name: tuple(t.to(device) for t in block) for name, block in parts.items()}
+
+    return group._replace(
+        eliminated=group.eliminated.to(device),
+        update=group.update.to(device),
+        blocks=moved(group.blocks),
+        rhs=moved(group.rhs),
+    )
+
+
+def _gathers(parts: dict, bases: dict, size: int, zero: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(primary, extra_source, extra_target) of one block from its ``{source: (indices,
+    targets)}`` contributions, with ``bases[source]`` the source's start in the arena."""
+    import numpy as np
+
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long)
+        return torch.full((size,), zero, dtype=torch.long), empty, empty
+    source = np.concatenate([bases[k] + np.concatenate(a) for k, (a, _) in sorted(parts.items())])
+    target = np.concatenate([np.concatenate(b) for _, (_, b) in sorted(parts.items())])
+    order = np.argsort(target, kind="stable")
+    source, target = source[order], target[order]
+    first = np.ones(target.size, dtype=bool)
+    first[1:] = target[1:] != target[:-1]
+    primary = np.full(size, zero, dtype=np.int64)
+    primary[target[first]] = source[first]
+    return (
+        torch.from_numpy(primary),
+        torch.from_numpy(source[~first].astype(np.int64)),
+        torch.from_numpy(target[~first].astype(np.int64)),
+    )
+
+
+@functools.lru_cache(maxsize=4)  # about 100 MB of indices for 224 x 224
+def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
+    r"""The symbolic nested-dissection factorisation of the ``h x w`` grid (shared by every
+    system on that grid): boxes are split across their longer side by a one-pixel separator
+    line (it disconnects the 9-point stencil) until they are at most ``leaf x leaf``. Each box
+    is a front: its separator (or, for a leaf, all its pixels) is eliminated onto the ring of
+    pixels around the box, which holds the pixels of coarser separators it touches."""
+    import numpy as np
+
+    n = h * w
+    fronts: list[tuple[int, Any, Any, list[int]]] = []  # (height, eliminated, update, children)
+
+    def ring(r0: int, r1: int, c0: int, c1: int) -> Any:
+        rows = np.arange(max(r0 - 1, 0), min(r1 + 1, h))
+        cols = np.arange(max(c0 - 1, 0), min(c1 + 1, w))
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        outside = (rr < r0) | (rr >= r1) | (cc < c0) | (cc >= c1)
+        return (rr * w + cc)[outside]
+
+    def build(r0: int, r1: int, c0: int, c1: int) -> int | None:
+        if r1 <= r0 or c1 <= c0:
+            return None
+        if r1 - r0 <= leaf and c1 - c0 <= leaf:
+            rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+            fronts.append((0, (rr * w + cc).ravel(), ring(r0, r1, c0, c1), []))
+            return len(fronts) - 1
+        if c1 - c0 >= r1 - r0:
+            mid = c0 + (c1 - c0) // 2
+            kids = [build(r0, r1, c0, mid), build(r0, r1, mid + 1, c1)]
+            separator = np.arange(r0, r1) * w + mid
+        else:
+            mid = r0 + (r1 - r0) // 2
+            kids = [build(r0, mid, c0, c1), build(mid + 1, r1, c0, c1)]
+            separator = mid * w + np.arange(c0, c1)
+        children = [k for k in kids if k is not None]
+        height = 1 + max((fronts[k][0] for k in children), default=-1)
+        fronts.append((height, separator, ring(r0, r1, c0, c1), children))
+        return len(fronts) - 1
+
+    build(0, h, 0, w)
+    members_of: dict[tuple[int, int, int], list[int]] = {}
+    for k, (height, eliminated, update, _) in enumerate(fronts):
+        members_of.setdefault((height, eliminated.size, update.size), []).append(k)
+    keys = sorted(members_of)  # by height: children before parents
+    group_of, local_of = {}, {}
+    for g, key in enumerate(keys):
+        for i, k in enumerate(members_of[key]):
+            group_of[k], local_of[k] = g, i
+    rows_of, cols_of = np.divmod(np.arange(n), w)
+    position = -np.ones(n, dtype=np.int64)
+    groups: list[_FrontGroup] = []
+    matrix_end, rhs_end = 9 * n, n
+    for key in keys:
+        _, ne, nu = key
+        members = members_of[key]
+        shapes = {"ee": (0, ne, 0, ne), "eu": (0, ne, ne, nu), "uu": (ne, nu, ne, nu)}
+        blocks: dict[str, dict] = {name: {} for name in shapes}
+        rhs: dict[str, dict] = {"e": {}, "u": {}}
+
+        for i, k in enumerate(members):
+            _, eliminated, update, children = fronts[k]
+            index = np.concatenate([eliminated, update])
+            position[index] = np.arange(ne + nu)
+            own = position[eliminated]
+            # the matrix entries of the eliminated pixels' rows not eliminated before
+            for s, (dr, dq) in enumerate(_STENCIL):
+                r, q = rows_of[eliminated] + dr, cols_of[eliminated] + dq
+                inside = (r >= 0) & (r < h) & (q >= 0) & (q < w)
+                other = np.where(inside, position[np.where(inside, r * w + q, 0)], -1)
+                ok = other >= 0
+                _scatter(blocks, shapes, -1, i, own[ok], other[ok], s * n + eliminated[ok])
+            entry = rhs["e"].setdefault(-1, ([], []))
+            entry[0].append(eliminated)
+            entry[1].append(i * ne + own)
+            for child in children:  # extend-add of the children's Schur complements
+                source, local = group_of[child], local_of[child]
+                where = position[fronts[child][2]]
+                size = where.size
+                rows, cols = np.repeat(where, size), np.tile(where, size)
+                _scatter(
+                    blocks,
+                    shapes,
+                    source,
+                    i,
+                    rows,
+                    cols,
+                    local * size * size + np.arange(size * size),
+                )
+                first = where < ne
+                for name, sel, shift, width in (("e", first, 0, ne), ("u", ~first, ne, nu)):
+                    entry = rhs[name].setdefault(source, ([], []))
+                    entry[0].append(local * size + np.flatnonzero(sel))
+                    entry[1].append(i * width + where[sel] - shift)
+            position[index] = -1
+        fronts_here = len(members)
+        block_sizes = {"ee": ne * ne, "eu": ne * nu, "uu": nu * nu}
+        groups.append(
+            _FrontGroup(
+                eliminated=_index([fronts[k][1] for k in members]),
+                update=_index([fronts[k][2] for k in members]),
+                ne=ne,
+                nu=nu,
+                fronts=fronts_here,
+                blocks={
+                    name: (parts, fronts_here * block_sizes[name]) for name, parts in blocks.items()
+                },
+                rhs={"e": (rhs["e"], fronts_here * ne), "u": (rhs["u"], fronts_here * nu)},
+                offset=matrix_end,
+                rhs_offset=rhs_end,
+            )
+        )
+        matrix_end += fronts_here * nu * nu
+        rhs_end += fronts_here * nu
+    # the arenas: stencil values (9 per pixel) / right-hand side (one row per pixel), then the
+    # groups' Schur complements / updated right-hand sides, then a zero
+    matrix_bases = {-1: 0, **{k: g.offset for k, g in enumerate(groups)}}
+    rhs_bases = {-1: 0, **{k: g.rhs_offset for k, g in enumerate(groups)}}
+    groups = [
+        g._replace(
+            blocks={
+                name: _gathers(parts, matrix_bases, size, matrix_end)
+                for name, (parts, size) in g.blocks.items()
+            },
+            rhs={
+                name: _gathers(parts, rhs_bases, size, rhs_end)
+                for name, (parts, size) in g.rhs.items()
+            },
+        )
+        for g in groups
+    ]
+    return tuple(groups)
+
+
+def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
+    r"""Every system of the batch by a batched nested-dissection Cholesky (float64).
+
+    As in :func:`_block_solve` the system lives on the whole pixel grid (identity rows for the
+    kept pixels), so every system of every image has the same sparsity pattern and one
+    symbolic factorisation (:func:`_nested_plan`, cached per image size) serves them all. The
+    numeric factorisation is multifrontal: the fronts of one height of the dissection tree
+    with the same shape are factorised for every system of a chunk at once (batched dense
+    Cholesky, triangular solves and Schur-complement updates), the right-hand side is carried
+    along, and a top-down sweep of triangular solves gives the solution. Cost per system:
+    :math:`O((HW)^{3/2})` flops, :math:`O(HW \log(HW))` memory."""
+    n, c, h, w = images.shape
+    device = images.device
+    plan = _nested_plan(h, w, _NESTED_LEAF)
+    if device.type != "cpu":
+        plan = tuple(_on_device(group, device) for group in plan)
+    per_chunk = min(n, max(1, _NESTED_CHUNK_PIXELS // (h * w)))
+    last = plan[-1]
+    matrix_size = last.offset + last.fronts * last.nu * last.nu + 1
+    rhs_size = last.rhs_offset + last.fronts * last.nu + 1
+    out = torch.empty(n, c, h, w, dtype=images.dtype, device=device)
+    arenas: dict[int, tuple[Tensor, Tensor]] = {}
+    for start in range(0, n, per_chunk):
+        stop = min(n, start + per_chunk)
+        if stop - start not in arenas:  # reused by the chunks (refilled, not reallocated)
+            systems = stop - start
+            # many systems: the matrix arena has them last (a gathered entry is one contiguous
+            # row); a few: one row per system, gathered row by row (measured faster)
+            shape = (matrix_size, systems) if systems > 8 else (systems, matrix_size)
+            arena = torch.empty(shape, dtype=torch.float64, device=device)
+            rhs_arena = torch.empty(systems, rhs_size, c, dtype=torch.float64, device=device)
+            arena[(-1, slice(None)) if systems > 8 else (slice(None), -1)] = 0.0  # the zero
+            rhs_arena[:, -1] = 0.0
+            arenas[stop - start] = (arena, rhs_arena)
+        out[start:stop] = _nested_chunk(
+            images[start:stop], removed[start:stop], plan, *arenas[stop - start]
+        )
+    return out
+
+
+def _nested_chunk(
+    images: Tensor, removed: Tensor, plan: tuple, arena: Tensor, rhs_arena: Tensor
+) -> Tensor:
+    n, c, h, w = images.shape
+    device = images.device
+    x = images.detach().to(torch.float64)
+    u = removed.reshape(n, h, w).to(torch.float64)
+    padded_u = F.pad(u, (1, 1, 1, 1))
+    padded_kept = F.pad(x * (1.0 - u)[:, None], (1, 1, 1, 1))
+    inside = F.pad(torch.ones(h, w, dtype=torch.float64, device=device), (1, 1, 1, 1))
+    degree = torch.zeros(h, w, dtype=torch.float64, device=device)
+    neighbours = torch.zeros_like(x)
+    values = x.new_empty(n, 9, h, w)  # entry (p, p + offset s) at s * HW + p
+    for s, (dr, dq) in enumerate(_STENCIL):
+        if (dr, dq) == (0, 0):
+            continue
+        weight = _DIRECT if dr == 0 or dq == 0 else _DIAGONAL
+        rows, cols = slice(1 + dr, 1 + dr + h), slice(1 + dq, 1 + dq + w)
+        degree += weight * inside[rows, cols]
+        neighbours += weight * padded_kept[:, :, rows, cols]
+        torch.mul(u * padded_u[:, rows, cols], -weight, out=values[:, s])
+    values[:, 4] = u * degree + (1.0 - u)
+    rhs = u[:, None] * neighbours + (1.0 - u)[:, None] * x
+    last = arena.shape[0] != n  # systems last
+    if last:
+        arena[: 9 * h * w] = values.view(n, -1).t()
+    else:
+        arena[:, : 9 * h * w] = values.view(n, -1)
+    rhs_arena[:, : h * w] = rhs.reshape(n, c, h * w).transpose(1, 2)
+
+    def gather(block: tuple) -> Tensor:  # (N, block size) from the matrix arena
+        primary, extra_source, extra_target = block
+        if last:
+            picked = arena.index_select(0, primary)
+            if extra_source.numel():
+                picked.index_add_(0, extra_target, arena.index_select(0, extra_source))
+            return picked.t().contiguous()
+        picked = arena.new_empty(n, primary.numel())
+        for row in range(n):
+            torch.index_select(arena[row], 0, primary, out=picked[row])
+        if extra_source.numel():
+            picked.index_add_(1, extra_target, arena.index_select(1, extra_source))
+        return picked
+
+    def gather_rhs(block: tuple) -> Tensor:
+        primary, extra_source, extra_target = block
+        picked = rhs_arena.index_select(1, primary)
+        if extra_source.numel():
+            picked.index_add_(1, extra_target, rhs_arena.index_select(1, extra_source))
+        return picked
+
+    factors = []
+    for group in plan:
+        ne, nu, count = group.ne, group.nu, group.fronts
+        block_ee = gather(group.blocks["ee"]).view(n * count, ne, ne)
+        factor, info = torch.linalg.cholesky_ex(block_ee)
+        if bool((info != 0).any()):
+            raise RuntimeError("road_imputation: the imputation system is not positive definite.")
+        del block_ee
+        y = gather_rhs(group.rhs["e"]).view(n * count, ne, c)
+        y = torch.linalg.solve_triangular(factor, y, upper=False)
+        coupling = None
+        if nu:
+            block_eu = gather(group.blocks["eu"]).view(n * count, ne, nu)
+            coupling = torch.linalg.solve_triangular(factor, block_eu, upper=False)
+            del block_eu
+            block_uu = gather(group.blocks["uu"]).view(n * count, nu, nu)
+            block_uu.baddbmm_(coupling.mT, coupling, alpha=-1)
+            size = count * nu * nu
+            if last:
+                arena[group.offset : group.offset + size] = block_uu.view(n, size).t()
+            else:
+                arena[:, group.offset : group.offset + size] = block_uu.view(n, size)
+            rest = gather_rhs(group.rhs["u"]).view(n * count, nu, c)
+            rest.baddbmm_(coupling.mT, y, alpha=-1)
+            size = count * nu
+            rhs_arena[:, group.rhs_offset : group.rhs_offset + size] = rest.view(n, size, c)
+        factors.append((factor, coupling, y))
+    solution = rhs.new_zeros(n, h * w, c)
+    for group in reversed(plan):
+        factor, coupling, y = factors.pop()
+        if coupling is not None:
+            known = solution.index_select(1, group.update).view(-1, group.nu, c)
+            y = torch.baddbmm(y, coupling, known, alpha=-1)
+        solved = torch.linalg.solve_triangular(factor.mT, y, upper=True)
+        solution.index_copy_(1, group.eliminated, solved.reshape(n, -1, c))
+    filled = solution.transpose(1, 2).reshape(n, c, h, w)
+    return torch.where(removed.reshape(n, 1, h, w), filled, x).to(images.dtype)
+
+
 def _scipy_available() -> bool:
     try:
         import scipy.sparse.linalg  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+# "auto" on the CPU: the sparse LU is faster than the whole-grid Cholesky (block / nested) for
+# scattered masks below these removed shares, and for compact holes (most removed pixels have
+# only removed neighbours) up to about this share of such pixels (measured, benchmarks/RESULTS.md)
+_WHOLE_GRID_SHARE = {"block": 0.5, "nested": 0.6}
+_WHOLE_GRID_INTERIOR = 0.15
+
+
+def _whole_grid_is_faster(removed: Tensor, whole_grid: str) -> Tensor:
+    """``(N,)`` True for the masks that ``whole_grid`` solves faster than the sparse LU: the
+    LU's fill grows with the removed pixels that form one 2-D region (a percolating cluster
+    or compact holes), the whole-grid factorisation costs the same for every mask."""
+    mask = removed.reshape(removed.shape[0], 1, *removed.shape[-2:]).to(torch.float32)
+    share = mask.flatten(1).mean(dim=1)
+    interior = -F.max_pool2d(-mask, 3, stride=1, padding=1)  # every neighbour removed
+    return (share >= _WHOLE_GRID_SHARE[whole_grid]) | (
+        interior.flatten(1).mean(dim=1) >= _WHOLE_GRID_INTERIOR
+    )
+
+
+def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
+    """``inputs`` imputed (no noise) by one of the factorising solvers, in chunks."""
+    n, _, h, w = inputs.shape
+    if solver == "block":
+        per_chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (h * w * w))
+        return torch.cat(
+            [
+                _block_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
+                for i in range(0, n, per_chunk)
+            ]
+        )
+    if solver == "nested":
+        return _nested_solve(inputs, removed)
+    # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
+    # (SuperLU's memory grows faster than the system)
+    per_image = removed.flatten(1).sum(dim=1).tolist()
+    parts, start, total = [], 0, 0
+    for i, count in enumerate(per_image):
+        if total and total + count > _DIRECT_UNKNOWNS:
+            parts.append(_direct_solve(inputs[start:i], removed[start:i]))
+            start, total = i, 0
+        total += count
+    parts.append(_direct_solve(inputs[start:], removed[start:]))
+    return torch.cat(parts)
 
 
 def road_imputation(
@@ -255,10 +648,19 @@ def road_imputation(
             block-diagonal system with scipy, on the CPU), ``"block"`` (the system on the whole
             pixel grid, block-tridiagonal over image rows, factorised for every image of a
             chunk at once by batched dense Cholesky in torch, float64, any device;
-            :math:`O(HW^3)` per image), ``"cg"`` (conjugate gradients with the Laplacian as a
-            convolution, on the inputs' device), or ``"auto"``: on the CPU block for images
-            up to 64 pixels wide and direct for wider ones (block when scipy is missing), CG
-            on other devices. Default: ``"auto"``.
+            :math:`O(HW^3)` per image), ``"nested"`` (the same whole-grid system factorised
+            by a batched nested-dissection (multifrontal) Cholesky in torch, float64, any
+            device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
+            Laplacian as a convolution, on the inputs' device), or ``"auto"``: on the CPU
+            direct for the masks with small or scattered holes (less than half of the pixels
+            removed up to 40 pixels wide, 60% above, and under 15% of the pixels removed
+            with all their neighbours; the sparse LU is cheap there), block (up to 40
+            pixels wide) or nested (wider) for the others and for all when scipy is
+            missing: the faster on a CPU in each case, see ``benchmarks/RESULTS.md``; CG on
+            other devices. Default: ``"auto"``.
+            The block and nested solvers run many small batched LAPACK calls: on a busy
+            machine several torch threads can make them much slower than one
+            (``torch.set_num_threads(1)``; measured in ``benchmarks/RESULTS.md``).
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
         max_iterations (int, optional): default ``4 * (H + W) + 100``.
@@ -273,14 +675,17 @@ def road_imputation(
 
         >>> removed = torch.zeros(4, 28, 28, dtype=torch.bool)
         >>> removed[:, 8:20, 8:20] = True  # a 12 x 12 hole in each digit
-        >>> filled = road_imputation(x, removed, noise=0.0)  # CPU, 28 px: the block solver
+        >>> filled = road_imputation(x, removed, noise=0.0, solver="nested")
         >>> direct = road_imputation(x, removed, noise=0.0, solver="direct")
         >>> kept = ~removed[:, None]
         >>> bool((filled - direct).abs().max() < 1e-5), bool(torch.equal(filled[kept], x[kept]))
         (True, True)
 
     Reference: Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci, "A consistent and
-    efficient evaluation strategy for attribution methods", ICML 2022.
+    efficient evaluation strategy for attribution methods", ICML 2022. The nested solver:
+    A. George, "Nested dissection of a regular finite element mesh", SIAM J. Numer. Anal.
+    10(2), 1973; I. S. Duff, J. K. Reid, "The multifrontal solution of indefinite sparse
+    symmetric linear equations", ACM TOMS 9(3), 1983.
     """
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise ValueError("`inputs` must be an (N, C, H, W) tensor.")
@@ -296,39 +701,23 @@ def road_imputation(
     noise = check_number(noise, "noise", allow_minimum=True)
     iterations = max_iterations if max_iterations is not None else 4 * (h + w) + 100
     iterations = check_int(iterations, "max_iterations")
-    if solver not in ("auto", "direct", "block", "cg"):
-        raise ValueError(f"`solver`={solver!r}: expected 'auto', 'direct', 'block' or 'cg'.")
-    if solver == "auto":
-        if inputs.device.type != "cpu":
-            solver = "cg"
-        elif w <= _BLOCK_MAX_WIDTH or not _scipy_available():
-            solver = "block"
-        else:
-            solver = "direct"
-    if solver == "block":
-        per_chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (h * w * w))
-        filled = torch.cat(
-            [
-                _block_solve(inputs[i : i + per_chunk], removed[i : i + per_chunk])
-                for i in range(0, n, per_chunk)
-            ]
+    if solver not in ("auto", "direct", "block", "nested", "cg"):
+        raise ValueError(
+            f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested' or 'cg'."
         )
-        if noise > 0:
-            draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
-            filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
-        return filled
-    if solver == "direct":
-        # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
-        # (SuperLU's memory grows faster than the system)
-        per_image = removed.flatten(1).sum(dim=1).tolist()
-        parts, start, total = [], 0, 0
-        for i, count in enumerate(per_image):
-            if total and total + count > _DIRECT_UNKNOWNS:
-                parts.append(_direct_solve(inputs[start:i], removed[start:i]))
-                start, total = i, 0
-            total += count
-        parts.append(_direct_solve(inputs[start:], removed[start:]))
-        filled = torch.cat(parts)
+    if solver != "cg" and (solver != "auto" or inputs.device.type == "cpu"):
+        if solver == "auto":
+            whole_grid = "block" if w <= _BLOCK_MAX_WIDTH else "nested"
+            dense = _whole_grid_is_faster(removed, whole_grid)
+            if not _scipy_available():
+                dense[:] = True
+            filled = torch.empty_like(inputs)
+            for picked, method in ((dense, whole_grid), (~dense, "direct")):
+                rows = picked.nonzero()[:, 0]
+                if rows.numel():
+                    filled[rows] = _factorised(inputs[rows], removed[rows], method)
+        else:
+            filled = _factorised(inputs, removed, solver)
         if noise > 0:
             draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
             filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
