@@ -27,7 +27,8 @@ Prints a markdown table on stderr and one JSON line on stdout. Nothing is tuned 
 target hold; the budget used is printed.
 
     python benchmarks/activation_matching.py [--baseline zero|black] [--n-images 20]
-        [--pi-images N] [--steps 300] [--lr 1e-3] [--keep best|last] [--n-train 4000]
+        [--pi-images N] [--pi-batch 100] [--steps 300] [--lr 1e-3] [--keep best|last]
+        [--n-train 4000]
         [--epochs 2] [--fit-lr 3e-4] [--batch 32] [--weights mnist] [--pi-weights mnist]
 """
 
@@ -119,6 +120,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--keep", choices=("best", "last"), default="best")
+    parser.add_argument(
+        "--pi-batch",
+        type=int,
+        default=100,
+        help="per-image fits run this many images at once (each its own mask net; the"
+        " masks equal one-by-one fits)",
+    )
     parser.add_argument("--weights", default="mnist", help="preset of the amortised net")
     parser.add_argument("--pi-weights", default=None, help="per-image preset (default: --weights)")
     parser.add_argument(
@@ -152,6 +160,7 @@ def main() -> None:
         lr=args.lr,
         keep=args.keep,
         seed=args.seed,
+        batch_size=args.pi_batch,
         return_details=True,
         progress=False,
     )
@@ -238,7 +247,8 @@ def main() -> None:
     ]
     lines = [
         f"baseline={args.baseline} ({baseline:.4f}); per-image: {n_pi} held-out digits, "
-        f"weights {pi_weights!r}, {args.steps} steps lr {args.lr} keep {args.keep}; amortised: "
+        f"weights {pi_weights!r}, {args.steps} steps lr {args.lr} keep {args.keep}, "
+        f"{args.pi_batch} at once; amortised: "
         f"{len(images)} held-out digits, weights {args.weights!r}, net trained on {len(train)} "
         f"digits x {args.epochs} epoch(s), batch {args.batch}, lr {args.fit_lr}; seed "
         f"{args.seed}; 1 CPU thread",
@@ -278,6 +288,7 @@ def main() -> None:
                 "weights": args.weights,
                 "pi_weights": pi_weights,
                 "keep": args.keep,
+                "pi_batch": args.pi_batch,
                 "seed": args.seed,
                 "steps": args.steps,
                 "lr": args.lr,
