@@ -85,9 +85,10 @@ class MaskLossWeights:
             pairs; True, the notebook's eight-neighbour form: the mean absolute difference
             along each of the four directions (vertical, horizontal and the two diagonals,
             these weighted 1 / sqrt(2)), summed.
-        conf: l_conf, the confidence hinge max(0, softmax f(x)_y - softmax f(e)_y): zero once
-            the explanation is at least as confident in y as the image (0 in every preset;
-            issue 13).
+        conf: l_conf, the confidence hinge max(0, lo_y(x) - lo_y(e)) on the log-odds
+            lo_y = log(p_y / (1 - p_y)) of p = softmax f: zero once the explanation is at
+            least as confident in y as the image (issue 13). In log-odds, not in p, so that
+            it still pulls when p_y is close to 1.
     """
 
     act: float
@@ -270,7 +271,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         L_MIN = l_area * mean(p) + l_bin * mean(p * (1 - p)) + l_tv * TV(p)
         L_ROB = l_rob * CE(f(m * x + (1 - m) * r), y)          r ~ N(0, 1), fresh each step
         L_NEC = l_nec * max(0, margin - (z_y(x) - z_y((1 - m) * x + m * b)))
-        L_CONF = l_conf * max(0, softmax f(x)_y - softmax f(e)_y)
+        L_CONF = l_conf * max(0, lo_y(x) - lo_y(e))      lo_y = log(p_y / (1 - p_y)), p = softmax f
 
     with f the frozen classifier, y = argmax f(x) (the model's own top-1), phi_l the outputs
     of ``layers``, d the mean squared error for maps and the cosine distance 1 - cos for
