@@ -334,9 +334,16 @@ class ActivationMatchingMask(PerturbationAttribution):
             model's held-out digits 4.0 % of the pixels kept at 95 % agreement per image (40
             digits), 6.9 % at 95.5 % amortised (1,000 digits; ``benchmarks/RESULTS.md``).
             Default: "mnist".
-        baseline (float or Tensor, optional): the value of masked-out pixels, in the
+        baseline (float or Tensor, optional): the value b of masked-out pixels, in the
             classifier's input space; a tensor must broadcast to one image (1, C, H, W),
-            e.g. (1, C, 1, 1). Default: 0.0.
+            e.g. (1, C, 1, 1). Default: 0.0, which for a normalised input is the dataset's
+            mean colour: the class does not know the model's normalisation, and the mean is
+            the neutral choice for natural images (the co-authors' ImageNet notebook masks
+            with zeros in normalised space). Where the papers' e = m * x is meant in pixel
+            space, pass the normalised black instead: on MNIST that is the background, and
+            for the bundled digit model (:data:`captum_ext.bundled.BUNDLED_BLACK`, about
+            -0.424, where 0 is a grey) it keeps the label more often at a similar area and
+            loses less confidence (``benchmarks/RESULTS.md``).
         necessity_margin (float, optional): the margin of the necessity hinge, in logits.
             Default: 1.0.
 
