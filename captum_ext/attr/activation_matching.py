@@ -330,9 +330,9 @@ class ActivationMatchingMask(PerturbationAttribution):
             eight-neighbour TV, robustness through the hard mask without gradient); and
             ours, ``"sparse"`` (0.6, 40, 0.54, 200, 1.2, 50, 0; per-image) and
             ``"sparse_amortised"`` (0.6, 80, 0.54, 200, 1.2, 50, 0; the bundled mask net,
-            10 epochs): on the bundled
-            model's held-out digits 4.0 % of the pixels kept at 95 % agreement per image (40
-            digits), 6.9 % at 95.5 % amortised (1,000 digits; ``benchmarks/RESULTS.md``).
+            10 epochs): on the bundled model's held-out digits, per image 4.4 % of the
+            pixels kept at 94 % agreement (100 digits, masked pixels 0), amortised 7.8 %
+            at 97.8 % (1,000 digits, masked pixels black; ``benchmarks/RESULTS.md``).
             Default: "mnist".
         baseline (float or Tensor, optional): the value b of masked-out pixels, in the
             classifier's input space; a tensor must broadcast to one image (1, C, H, W),
