@@ -30,7 +30,7 @@ target hold; the budget used is printed.
         [--pi-images N] [--pi-batch 100] [--steps 300] [--lr 1e-3] [--keep best|last]
         [--n-train 4000]
         [--epochs 2] [--fit-lr 3e-4] [--batch 32] [--weights mnist] [--pi-weights mnist]
-        [--conf 0]
+        [--conf 0] [--set area=400 ...]
 """
 
 from __future__ import annotations
@@ -144,6 +144,13 @@ def main() -> None:
         " added to both presets (0 in every preset)",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one weight of both presets, e.g. --set area=400 (repeatable)",
+    )
+    parser.add_argument(
         "--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="curve areas"
     )
     parser.add_argument("--n-train", type=int, default=4000)
@@ -157,8 +164,12 @@ def main() -> None:
     baseline = BASELINES[args.baseline]
     fractions = [float(f) for f in args.fractions.split(",")]
     pi_weights = args.pi_weights or args.weights
-    weights = dataclasses.replace(WEIGHT_PRESETS[args.weights], conf=args.conf)
-    pi_weights_used = dataclasses.replace(WEIGHT_PRESETS[pi_weights], conf=args.conf)
+    overrides = {"conf": args.conf}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name.strip()] = float(value)
+    weights = dataclasses.replace(WEIGHT_PRESETS[args.weights], **overrides)
+    pi_weights_used = dataclasses.replace(WEIGHT_PRESETS[pi_weights], **overrides)
 
     model = load_bundled_model()
     split = load_mnist_split()
@@ -267,7 +278,7 @@ def main() -> None:
         f"{args.pi_batch} at once; amortised: "
         f"{len(images)} held-out digits, weights {args.weights!r}, net trained on {len(train)} "
         f"digits x {args.epochs} epoch(s), batch {args.batch}, lr {args.fit_lr}; seed "
-        f"{args.seed}; confidence hinge weight {args.conf}; 1 CPU thread",
+        f"{args.seed}; weight overrides {overrides}; 1 CPU thread",
         "",
         "| method | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -304,6 +315,7 @@ def main() -> None:
                 "weights": args.weights,
                 "pi_weights": pi_weights,
                 "conf": args.conf,
+                "overrides": overrides,
                 "keep": args.keep,
                 "pi_batch": args.pi_batch,
                 "seed": args.seed,
