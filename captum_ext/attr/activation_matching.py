@@ -600,7 +600,10 @@ class ActivationMatchingMask(PerturbationAttribution):
                 sum of the per-image losses, so every net receives only its own image's
                 gradient and the masks equal those of fitting the images one by one (up to
                 floating-point rounding: the batched convolutions sum in another order).
-                Memory grows with it; 1 fits one image at a time. Default: 32.
+                This holds for a classifier that treats the examples of a batch
+                independently (eval mode); in train mode its batch-norm layers mix the
+                images of a batch, so use 1 there. Memory grows with it; 1 fits one image
+                at a time. Default: 32.
 
         Returns:
             Tensor or ActivationMatchingResult: the binary mask (values 0 and 1, the
