@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _helpers import make_tiny_cnn
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -145,8 +145,6 @@ def test_bad_batch_size_names_the_argument(value, error):
 
 
 def test_batched_per_image_leaves_the_model_as_it_was():
-    from _helpers import assert_model_unchanged, model_snapshot
-
     model = make_tiny_cnn().eval()
     before = model_snapshot(model)
     explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=ALL_TERMS)
