@@ -28,6 +28,7 @@ import torch
 from captum_ext.data import DigitCNN, normalize_digits
 
 __all__ = [
+    "BUNDLED_BLACK",
     "BUNDLED_INVERSION_OPTIONS",
     "BUNDLED_MASK_LAYERS",
     "bundled_generator",
@@ -66,10 +67,17 @@ GENERATOR_OPTIONS: dict[str, Any] = {
     "width": 32,
 }
 
+#: A black pixel (0 on the 0..255 scale, the MNIST background) in the bundled model's
+#: normalised input space: ``normalize_digits(0) = -0.1307 / 0.3081``, about -0.4242. The
+#: masked-out value of the bundled mask net, so that ``m * x + (1 - m) * BUNDLED_BLACK`` is
+#: the papers' MNIST explanation ``m * x`` taken in pixel space (masked pixels black like the
+#: background). 0 in normalised space would be the mean pixel, a grey.
+BUNDLED_BLACK: float = float(normalize_digits(torch.tensor(0.0, dtype=torch.float64)))
+
 #: The layers whose activations the bundled mask net was trained to match (a_l = 1 each).
 BUNDLED_MASK_LAYERS: tuple[str, ...] = ("features.1", "features.4", "features.7", "flatten")
-#: The explainer's options the bundled mask net was trained with.
-MASK_OPTIONS: dict[str, Any] = {"weights": "sparse_amortised", "baseline": 0.0}
+#: The explainer's options the bundled mask net was trained with (masked pixels black).
+MASK_OPTIONS: dict[str, Any] = {"weights": "sparse_amortised", "baseline": BUNDLED_BLACK}
 
 
 def _resource(name: str):
@@ -204,8 +212,10 @@ def load_bundled_mask_explainer(model: Any = None):
     with its trained amortised mask net.
 
     The mask net (a 2-level U-Net of width 16) was trained by
-    ``scripts/train_bundled_mask_net.py`` on the 4,000 training digits with the "mnist"
-    weights, masked pixels set to 0 in normalised space (the mean grey) and the activations
+    ``scripts/train_bundled_mask_net.py`` on the 4,000 training digits with the options
+    :data:`MASK_OPTIONS`: the "sparse_amortised" weights, masked pixels black
+    (:data:`BUNDLED_BLACK`, as the papers' MNIST explanations m * x in pixel space; the
+    explainer's own default, 0 in normalised space, is a mean grey) and the activations
     of ``features.1``, ``features.4``, ``features.7`` and ``flatten`` matched. What it
     achieves on the 1,000 held-out digits (active-pixel fraction, label agreement,
     confidences) is recorded next to the weights, in ``captum_ext/data/bundled_mask_net.json``.

@@ -1,13 +1,16 @@
 """Train the amortised activation-matching mask net of the bundled digit classifier.
 
-Fits :class:`captum_ext.attr.ActivationMatchingMask` (``mode="amortised"``, the
-``MASK_OPTIONS`` weights: "sparse_amortised" since issue 13,
-masked pixels = 0 in normalised space, matched layers ``BUNDLED_MASK_LAYERS``) on the 4,000
+Fits :class:`captum_ext.attr.ActivationMatchingMask` (``mode="amortised"``, the options
+``captum_ext.bundled.MASK_OPTIONS``: the "sparse_amortised" weights, and masked pixels
+black, ``baseline=BUNDLED_BLACK`` = normalize_digits(0), as the papers' MNIST explanation
+m * x in pixel space, since issue 13 (before: 0 in normalised space, a mean grey); matched
+layers ``BUNDLED_MASK_LAYERS``) on the 4,000
 training digits of :func:`captum_ext.data.load_mnist_split`, one CPU thread, fixed seed, and
 writes into ``captum_ext/data``:
 
 - ``bundled_mask_net.pt``    the mask net's state dict (``torch.load(..., weights_only=True)``)
-- ``bundled_mask_net.json``  epochs, batch size, lr, seed, and on the 1,000 held-out digits:
+- ``bundled_mask_net.json``  epochs, batch size, lr, seed, weights, baseline, and on the
+                             1,000 held-out digits:
                              mean active-pixel fraction, label agreement, mean confidence on
                              x and on m * x; training time, torch version
 
@@ -63,6 +66,7 @@ def main() -> None:
         "seed": SEED,
         "layers": list(BUNDLED_MASK_LAYERS),
         "weights": MASK_OPTIONS["weights"],
+        "baseline": MASK_OPTIONS["baseline"],
         "heldout_active_fraction": float(details.active_fraction.mean()),
         "heldout_agreement": float(details.agreement.float().mean()),
         "heldout_confidence_x": float(details.confidence.mean()),

@@ -233,6 +233,9 @@ def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(bundled_
 
     info = _package_json("bundled_mask_net.json")
     assert tuple(info["layers"]) == bundled.BUNDLED_MASK_LAYERS
+    assert info["weights"] == bundled.MASK_OPTIONS["weights"]
+    assert info["baseline"] == bundled.MASK_OPTIONS["baseline"] == bundled.BUNDLED_BLACK
+    assert bundled.BUNDLED_BLACK == pytest.approx((0 - 0.1307) / 0.3081, abs=1e-12)
     explainer = load_bundled_mask_explainer(bundled_model)
     split = load_mnist_split()
     heldout = normalize_digits(torch.from_numpy(split.heldout_images)).unsqueeze(1)

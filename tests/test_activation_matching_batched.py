@@ -1,0 +1,152 @@
+"""ActivationMatchingMask per-image mode fitted several images at once (``batch_size``):
+each image keeps its own mask net, seeds and Adam state, so the masks equal a one-by-one fit
+written out here with plain modules and one Adam per image."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from captum_ext.attr import ActivationMatchingMask, MaskLossWeights
+from captum_ext.attr._activation_matching_loss import Reference, mask_objective
+from captum_ext.attr._activation_matching_training import derived_seed
+from captum_ext.attr._mask_net import build_mask_net
+from captum_ext.bundled import BUNDLED_MASK_LAYERS
+
+TINY_LAYERS = ["features.1", "features.3", "head"]
+# every term on, the robustness term too, so that the per-image backgrounds matter
+ALL_TERMS = MaskLossWeights(1.0, 2.0, 0.5, 5.0, 0.3, 2.0, 1.0, nec=0.5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_images(n: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=generator, dtype=torch.float64)
+
+
+def one_by_one(explainer, x, steps, lr, seed):
+    """The per-image fit written out: one fresh net and one Adam per image, the image's own
+    loss only. Returns the probabilities after the last step (``keep="last"``) and those of
+    ``keep="best"``: the step with the lowest loss among those whose hard mask is non-empty
+    and keeps the class (the later one on ties), else the last."""
+    model, layers = explainer.forward_func, explainer.layers
+    baseline = explainer._baseline_for(x)
+    out, best_out = [], []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        with torch.no_grad():
+            explainer_ref = explainer._reference(xi)
+        target = explainer_ref.logits.argmax(1)
+        net = build_mask_net(
+            x.shape[1],
+            x.shape[2],
+            x.shape[3],
+            generator=torch.Generator().manual_seed(derived_seed(seed, i, 0)),
+            dtype=x.dtype,
+        )
+        optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+        noise_gen = torch.Generator().manual_seed(derived_seed(seed, i, 1))
+        best, best_loss = None, math.inf
+        for _ in range(steps):
+            noise = torch.randn(xi.shape, generator=noise_gen, dtype=x.dtype)
+            probabilities = torch.sigmoid(net(xi))
+            loss, _, _ = mask_objective(
+                model,
+                layers,
+                explainer.layer_weights,
+                explainer.weights,
+                xi,
+                probabilities,
+                target,
+                Reference(explainer_ref.logits, explainer_ref.activations),
+                baseline,
+                noise,
+                explainer.necessity_margin,
+            )
+            with torch.no_grad():
+                mask = (probabilities > 0.5).to(x.dtype)
+                kept = model(mask * xi + (1 - mask) * baseline).argmax(1) == target
+            if bool(kept) and bool(mask.any()) and float(loss.detach()) <= best_loss:
+                best, best_loss = probabilities.detach().clone(), float(loss.detach())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            out.append(torch.sigmoid(net(xi)))
+        best_out.append(out[-1] if best is None else best)
+    model.zero_grad(set_to_none=True)
+    return torch.cat(out), torch.cat(best_out)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_batched_per_image_equals_a_one_by_one_fit_written_out(batch_size):
+    model = make_tiny_cnn().eval()
+    x = tiny_images(5)
+    explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=ALL_TERMS, baseline=-0.3)
+    kwargs = dict(mode="per_image", steps=8, lr=5e-2, seed=4, batch_size=batch_size)
+    last = explainer.attribute(x, keep="last", return_details=True, progress=False, **kwargs)
+    best = explainer.attribute(x, keep="best", return_details=True, progress=False, **kwargs)
+    expected_last, expected_best = one_by_one(explainer, x, steps=8, lr=5e-2, seed=4)
+    assert torch.allclose(last.probabilities, expected_last, rtol=0, atol=1e-10)
+    assert torch.equal(last.mask, (expected_last > 0.5).to(x.dtype))
+    assert torch.allclose(best.probabilities, expected_best, rtol=0, atol=1e-10)
+    # the test has teeth: the best iterate differs from the last for some image
+    assert not torch.equal(expected_best > 0.5, expected_last > 0.5)
+
+
+def test_batched_per_image_keeps_each_images_own_best_iterate_on_the_bundled_model(
+    bundled_model, bundled_digits
+):
+    model = bundled_model.double()
+    try:
+        x = bundled_digits[0][:4].double()
+        explainer = ActivationMatchingMask(model, list(BUNDLED_MASK_LAYERS), weights="sparse")
+        kwargs = dict(mode="per_image", steps=12, seed=1, return_details=True, progress=False)
+        alone = explainer.attribute(x, batch_size=1, **kwargs)
+        together = explainer.attribute(x, batch_size=3, **kwargs)
+        assert torch.allclose(alone.probabilities, together.probabilities, rtol=0, atol=1e-9)
+        assert torch.equal(alone.mask, together.mask)
+        assert torch.equal(alone.agreement, together.agreement)
+        # each image alone: the same as its row of the batch
+        first = explainer.attribute(x[:1], batch_size=4, **kwargs)
+        assert torch.allclose(first.probabilities, together.probabilities[:1], atol=1e-9)
+    finally:
+        model.float()
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(n=st.integers(1, 5), batch_size=st.integers(1, 6), seed=st.integers(0, 50))
+def test_chunking_never_changes_the_masks(n, batch_size, seed):
+    model = make_tiny_cnn().eval()
+    x = tiny_images(n, seed=seed)
+    explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=ALL_TERMS)
+    kwargs = dict(mode="per_image", steps=3, lr=1e-2, seed=seed, progress=False)
+    a = explainer.attribute(x, batch_size=1, return_details=True, **kwargs)
+    b = explainer.attribute(x, batch_size=batch_size, return_details=True, **kwargs)
+    assert torch.allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-10)
+    assert b.mask.shape == (n, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "value, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)]
+)
+def test_bad_batch_size_names_the_argument(value, error):
+    explainer = ActivationMatchingMask(make_tiny_cnn(), TINY_LAYERS)
+    with pytest.raises(error, match="`batch_size`"):
+        explainer.attribute(tiny_images(2), mode="per_image", steps=1, batch_size=value)
+
+
+def test_batched_per_image_leaves_the_model_as_it_was():
+    model = make_tiny_cnn().eval()
+    before = model_snapshot(model)
+    explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=ALL_TERMS)
+    explainer.attribute(tiny_images(3), mode="per_image", steps=2, batch_size=3, progress=False)
+    assert_model_unchanged(model, before)
