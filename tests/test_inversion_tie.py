@@ -340,6 +340,36 @@ def test_seeding_counts_weights_and_noise_statistics(monkeypatch):
     assert tie.log["pool_size"][0] <= 7 + 6
 
 
+def test_garbage_weight_scales_the_garbage_class_only(monkeypatch):
+    x, y = tiny_data(70)
+    seen = []
+    original = torch.nn.functional.cross_entropy
+
+    def recording(logits, target, weight=None, **kwargs):
+        if weight is not None:
+            seen.append((target.clone(), weight.clone()))
+        return original(logits, target, weight=weight, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    y2 = torch.tensor([0] * 30 + [1, 2, 3, 4] * 10)
+    tie = TIE(
+        tiny_model(),
+        **SMALL,
+        garbage_size=7,
+        samples_per_class=1,
+        final_training=False,
+        garbage_weight=0.25,
+    )
+    tie.fit(x, y2, epochs=1, progress=False)
+    counts = torch.tensor([30.0, 10, 10, 10, 10, 7], dtype=torch.float64)
+    expected = 77 / (6 * counts)
+    expected[5] *= 0.25  # only the garbage class's inverse-frequency weight is scaled
+    assert torch.allclose(seen[0][1].double(), expected)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="garbage_weight"):
+            TIEConfig(garbage_weight=bad)
+
+
 def test_default_seeding_is_pixel_range_noise_through_the_preprocessing():
     """The pool's seeds are preprocess(pixels) with pixels spread over the whole range,
     whatever the inputs' statistics."""

@@ -436,7 +436,8 @@ class TIE:
     each epoch of :meth:`fit`:
 
     1. one epoch of class-weighted cross-entropy (weights inverse to the class frequencies,
-       ``w_c = N / ((n + 1) N_c)``) on the in-distribution data plus the garbage pool;
+       ``w_c = N / ((n + 1) N_c)``, the garbage class's times ``garbage_weight``, DEFAULT 1)
+       on the in-distribution data plus the garbage pool;
     2. a :class:`NetworkInversion` generator (vector-matrix conditioning, KL + CE + cosine
        diversity) is trained for ``generator_steps`` steps against the just-trained
        classifier, then ``samples_per_class`` inverted images of each of the ``n + 1``
@@ -778,6 +779,7 @@ class TIE:
         )
         counts = torch.bincount(targets, minlength=k).to(torch.float64)
         weight = torch.where(counts > 0, targets.numel() / (k * counts.clamp(min=1)), 0.0)
+        weight[n] *= self.config.garbage_weight
         shard = distributed_shard()
         rank, world = (0, 1) if shard is None else shard
         sampler = DistributedSampler(
