@@ -35,7 +35,7 @@ in-distribution.
 
     python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
         [--openset-epochs 8] [--n-ood 1000] [--garbage-noise pixel_range|data_stats]
-        [--garbage-strokes 0.0] [--seed 0]
+        [--garbage-strokes 0.0] [--garbage-weight 1.0] [--seed 0]
 
 Prints the budgets, markdown tables and, last, one JSON line.
 """
@@ -198,6 +198,7 @@ def run_tie(model, x, y, args, baseline: str) -> tuple[TIE, dict, float]:
         generator_width=args.generator_width,
         garbage_noise=args.garbage_noise,
         garbage_strokes=args.garbage_strokes,
+        garbage_weight=args.garbage_weight,
         seed=args.seed,
     )
     tie = TIE(model, config=config, **BUNDLED_INVERSION_OPTIONS)
@@ -298,6 +299,12 @@ def main() -> None:
         help="TIEConfig.garbage_strokes: share of the garbage seeds drawn as pen scribbles",
     )
     parser.add_argument(
+        "--garbage-weight",
+        type=float,
+        default=1.0,
+        help="TIEConfig.garbage_weight: factor on the garbage class's loss weight",
+    )
+    parser.add_argument(
         "--seed", type=int, default=SEED, help="TIEConfig.seed (data and OOD sets stay seed 0)"
     )
     parser.add_argument("--progress", action="store_true", help="show TIE's progress bars")
@@ -316,6 +323,7 @@ def main() -> None:
         "tie_sample_vector": "one_hot",
         "tie_garbage_noise": args.garbage_noise,
         "tie_garbage_strokes": args.garbage_strokes,
+        "tie_garbage_weight": args.garbage_weight,
         "tie_seed": args.seed,
         "openset_training_epochs": args.openset_epochs,
         "n_ood_per_set": args.n_ood,
