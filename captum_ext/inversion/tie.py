@@ -432,8 +432,10 @@ class TIE:
     the whole pixel range, mapped to the model's input space by ``preprocess``
     (:func:`pixel_range_noise`; DEFAULT). ``TIEConfig(garbage_noise="data_stats")`` gives the
     earlier seeding, ``N(mean, std^2)`` of the preprocessed inputs per channel: noise as dark
-    as the average input, which leaves brighter noise to the in-distribution classes. Then
-    each epoch of :meth:`fit`:
+    as the average input, which leaves brighter noise to the in-distribution classes.
+    ``TIEConfig(garbage_strokes=s)`` draws a share ``s`` of the seeds as random pen
+    scribbles instead (:func:`pen_strokes`; not in the paper, DEFAULT 0). Then each epoch of
+    :meth:`fit`:
 
     1. one epoch of class-weighted cross-entropy (weights inverse to the class frequencies,
        ``w_c = N / ((n + 1) N_c)``, the garbage class's times ``garbage_weight``, DEFAULT 1)
