@@ -40,7 +40,7 @@ garbage class had seen letters (outlier exposure with the test distribution itse
 
     python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
         [--openset-epochs 8] [--n-ood 1000] [--garbage-noise pixel_range|data_stats]
-        [--garbage-strokes 0.0] [--garbage-weight 1.0] [--seed 0]
+        [--garbage-strokes 0.0] [--garbage-weight 0.5] [--seed 0]
         [--settings digits open-set] [--no-tie-all] [--oracle-letters 0]
 
 Prints the budgets, markdown tables and, last, one JSON line.
@@ -322,7 +322,7 @@ def main() -> None:
     parser.add_argument(
         "--garbage-weight",
         type=float,
-        default=1.0,
+        default=TIEConfig().garbage_weight,
         help="TIEConfig.garbage_weight: factor on the garbage class's loss weight",
     )
     parser.add_argument(

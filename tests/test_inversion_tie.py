@@ -315,8 +315,14 @@ def test_seeding_counts_weights_and_noise_statistics(monkeypatch):
         return original(logits, target, weight=weight, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    balanced = {"garbage_weight": 1.0}  # the paper's inverse-frequency weights
     tie = TIE(
-        tiny_model(), **SMALL, baseline="all", final_training=False, garbage_noise="data_stats"
+        tiny_model(),
+        **SMALL,
+        **balanced,
+        baseline="all",
+        final_training=False,
+        garbage_noise="data_stats",
     )
     tie.fit(x, y, epochs=1, progress=False)
     garbage = 70 // CLASSES  # as many as an average class
@@ -332,7 +338,9 @@ def test_seeding_counts_weights_and_noise_statistics(monkeypatch):
     assert tie.log["sampled"] == [18.0]
     # unequal classes: inverse frequency
     seen.clear()
-    tie = TIE(tiny_model(), **SMALL, garbage_size=7, samples_per_class=1, final_training=False)
+    tie = TIE(
+        tiny_model(), **SMALL, **balanced, garbage_size=7, samples_per_class=1, final_training=False
+    )
     y2 = torch.tensor([0] * 30 + [1, 2, 3, 4] * 10)
     tie.fit(x, y2, epochs=1, progress=False)
     counts = torch.tensor([30.0, 10, 10, 10, 10, 7], dtype=torch.float64)
@@ -365,6 +373,7 @@ def test_garbage_weight_scales_the_garbage_class_only(monkeypatch):
     expected = 77 / (6 * counts)
     expected[5] *= 0.25  # only the garbage class's inverse-frequency weight is scaled
     assert torch.allclose(seen[0][1].double(), expected)
+    assert TIEConfig().garbage_weight == 0.5  # our default (see TIEConfig)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="garbage_weight"):
             TIEConfig(garbage_weight=bad)

@@ -438,7 +438,7 @@ class TIE:
     :meth:`fit`:
 
     1. one epoch of class-weighted cross-entropy (weights inverse to the class frequencies,
-       ``w_c = N / ((n + 1) N_c)``, the garbage class's times ``garbage_weight``, DEFAULT 1)
+       ``w_c = N / ((n + 1) N_c)``, the garbage class's times ``garbage_weight``, DEFAULT 0.5)
        on the in-distribution data plus the garbage pool;
     2. a :class:`NetworkInversion` generator (vector-matrix conditioning, KL + CE + cosine
        diversity) is trained for ``generator_steps`` steps against the just-trained
