@@ -41,7 +41,7 @@ garbage class had seen letters (outlier exposure with the test distribution itse
     python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
         [--openset-epochs 8] [--n-ood 1000] [--garbage-noise pixel_range|data_stats]
         [--garbage-strokes 0.0] [--garbage-weight 0.5] [--seed 0]
-        [--settings digits open-set] [--no-tie-all] [--oracle-letters 0]
+        [--settings digits open-set] [--no-tie-all] [--oracle-letters 0] [--tie-config JSON]
 
 Prints the budgets, markdown tables and, last, one JSON line.
 """
@@ -206,7 +206,7 @@ def run_tie(model, x, y, args, baseline: str, extra_garbage=None) -> tuple[TIE, 
         garbage_strokes=args.garbage_strokes,
         garbage_weight=args.garbage_weight,
         seed=args.seed,
-    )
+    ).replace(**json.loads(args.tie_config))
     tie = TIE(model, config=config, **BUNDLED_INVERSION_OPTIONS)
     if extra_garbage is not None:
         # ceiling diagnostic (--oracle-letters), not a method: real OOD images in the pool
@@ -337,6 +337,11 @@ def main() -> None:
     )
     parser.add_argument("--no-tie-all", action="store_true", help="skip the TIE-all fits")
     parser.add_argument(
+        "--tie-config",
+        default="{}",
+        help="other TIEConfig fields as JSON, e.g. '{\"threshold\": 0.2}' (scratch studies)",
+    )
+    parser.add_argument(
         "--oracle-letters",
         type=int,
         default=0,
@@ -361,6 +366,7 @@ def main() -> None:
         "tie_garbage_strokes": args.garbage_strokes,
         "tie_garbage_weight": args.garbage_weight,
         "tie_seed": args.seed,
+        "tie_config_overrides": json.loads(args.tie_config),
         "openset_training_epochs": args.openset_epochs,
         "n_ood_per_set": args.n_ood,
         "settings": args.settings,
