@@ -56,6 +56,7 @@ from captum_ext.inversion.tie import (
     OOD_SCORE_KINDS,
     TIE,
     TIEPrediction,
+    pen_strokes,
     pixel_range_noise,
     uncertainty_ue,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "uncertainty_ue",
     "GARBAGE_NOISE_KINDS",
     "pixel_range_noise",
+    "pen_strokes",
     # audits
     "PrivacyAuditResult",
     "ShortcutAuditResult",

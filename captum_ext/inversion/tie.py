@@ -51,6 +51,7 @@ __all__ = [
     "TIEConfig",
     "TIEPrediction",
     "TIE_BASELINES",
+    "pen_strokes",
     "pixel_range_noise",
     "uncertainty_ue",
 ]
@@ -219,6 +220,91 @@ def pixel_range_noise(
     return out
 
 
+def pen_strokes(
+    size: int,
+    shape: Sequence[int],
+    *,
+    max_strokes: int = 4,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Random pen scribbles over the pixel range ``[0, 1]``: structured garbage-class seeds.
+
+    Image ``i`` holds ``k ~ U{1, ..., max_strokes}`` cubic Bezier curves, each with four
+    control points uniform in the central ``[0.15, 0.85]`` of the image (in units of its
+    height and width), drawn with one solid, anti-aliased pen:
+
+    .. code-block:: text
+
+        ink(x) = clip(r - d(x) + 1/2, 0, 1),    r = S (0.02 + 0.06 u),  u ~ U(0, 1)
+        image  = b + (v - b) ink,               b ~ U(0, 0.3),  v ~ U(0.6, 1)
+
+    where ``d(x)`` is the distance (in pixels) from pixel centre ``x`` to the nearest of
+    ``max(64, 4 S)`` points sampled along each curve, ``S = min(H, W)``, and ``b`` (background)
+    and ``v`` (pen) are drawn per channel. With probability 1/2 the image is inverted
+    (``1 - image``: dark pen on a bright background).
+
+    Noise seeds (:func:`pixel_range_noise`) teach TIE's garbage class what is unlike any
+    image; scribbles are unlike the training classes too, but made of strokes, as many
+    out-of-distribution images are (glyphs, sketches, other symbols), so the garbage class
+    must use shape, not texture, to absorb them. A generic family: nothing in it is drawn
+    from the training data or from any test set. Used by ``TIEConfig(garbage_strokes=...)``;
+    the TIE paper (Suhail, Sethi et al., arXiv 2512.00229) seeds with noise only.
+
+    Args:
+        size (int): Number of images.
+        shape (tuple[int, int, int]): ``(C, H, W)``.
+        max_strokes (int, optional): Most curves per image. Default: 4
+        generator (torch.Generator, optional): CPU random generator. Default: None (the
+            global one).
+
+    Returns:
+        Tensor: ``size x C x H x W`` float64 pixels in ``[0, 1]`` on the CPU.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.inversion.tie import pen_strokes
+        >>> scribbles = pen_strokes(6, (1, 28, 28), generator=torch.Generator().manual_seed(0))
+        >>> scribbles.shape, bool(scribbles.min() >= 0), bool(scribbles.max() <= 1)
+        (torch.Size([6, 1, 28, 28]), True, True)
+    """
+    size = check_int(size, "size")
+    max_strokes = check_int(max_strokes, "max_strokes")
+    if (
+        not isinstance(shape, Sequence)
+        or len(shape) != 3
+        or not all(type(v) is int and v > 0 for v in shape)
+    ):
+        raise ValueError(f"`shape` must be (C, H, W) of positive ints, got {shape!r}.")
+    c, h, w = shape
+    f64 = torch.float64
+    side = min(h, w)
+    points = max(64, 4 * side)  # spacing below one pixel along any curve in the image
+    t = torch.linspace(0.0, 1.0, points, dtype=f64).unsqueeze(1)
+    basis = torch.cat([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t**2 * (1 - t), t**3], 1)
+    ys = (torch.arange(h, dtype=f64) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w, dtype=f64) + 0.5).view(1, 1, w)
+    scale = torch.tensor([h, w], dtype=f64)
+    out = torch.empty(size, c, h, w, dtype=f64)
+    for i in range(size):
+        k = int(torch.randint(1, max_strokes + 1, (1,), generator=generator))
+        control = 0.15 + 0.7 * torch.rand(k, 4, 2, generator=generator, dtype=f64)
+        curve = torch.einsum("tj,kjd->ktd", basis, control).reshape(-1, 2) * scale
+        radius = side * (0.02 + 0.06 * float(torch.rand((), generator=generator, dtype=f64)))
+        dist2 = torch.full((h, w), math.inf, dtype=f64)
+        for chunk in curve.split(64):  # running minimum: memory O(64 H W), not O(k T H W)
+            d2 = (ys - chunk[:, :1, None]).square() + (xs - chunk[:, 1:, None]).square()
+            dist2 = torch.minimum(dist2, d2.amin(0))
+        ink = (radius - dist2.sqrt() + 0.5).clamp(0.0, 1.0)
+        back = 0.3 * torch.rand(c, 1, 1, generator=generator, dtype=f64)
+        pen = 0.6 + 0.4 * torch.rand(c, 1, 1, generator=generator, dtype=f64)
+        image = back + (pen - back) * ink
+        if bool(torch.rand((), generator=generator) < 0.5):
+            image = 1.0 - image
+        out[i] = image
+    return out
+
+
 class TIEPrediction(NamedTuple):
     """The answer of :meth:`TIE.predict`.
 
@@ -346,11 +432,14 @@ class TIE:
     the whole pixel range, mapped to the model's input space by ``preprocess``
     (:func:`pixel_range_noise`; DEFAULT). ``TIEConfig(garbage_noise="data_stats")`` gives the
     earlier seeding, ``N(mean, std^2)`` of the preprocessed inputs per channel: noise as dark
-    as the average input, which leaves brighter noise to the in-distribution classes. Then
-    each epoch of :meth:`fit`:
+    as the average input, which leaves brighter noise to the in-distribution classes.
+    ``TIEConfig(garbage_strokes=s)`` draws a share ``s`` of the seeds as random pen
+    scribbles instead (:func:`pen_strokes`; not in the paper, DEFAULT 0). Then each epoch of
+    :meth:`fit`:
 
     1. one epoch of class-weighted cross-entropy (weights inverse to the class frequencies,
-       ``w_c = N / ((n + 1) N_c)``) on the in-distribution data plus the garbage pool;
+       ``w_c = N / ((n + 1) N_c)``, the garbage class's times ``garbage_weight``, DEFAULT 0.5)
+       on the in-distribution data plus the garbage pool;
     2. a :class:`NetworkInversion` generator (vector-matrix conditioning, KL + CE + cosine
        diversity) is trained for ``generator_steps`` steps against the just-trained
        classifier, then ``samples_per_class`` inverted images of each of the ``n + 1``
@@ -655,19 +744,31 @@ class TIE:
     # ----------------------------------------------------------------- training
     def _seed_pool(self, inputs: Tensor) -> None:
         n = inputs.shape[0]
-        size = self.garbage_size or max(1, round(n / self.num_classes))
+        total = self.garbage_size or max(1, round(n / self.num_classes))
+        strokes = round(self.config.garbage_strokes * total)
+        size = total - strokes
         gen = torch.Generator(device="cpu").manual_seed(_seed_of(self.seed, 5, 0))
-        if self.config.garbage_noise == "data_stats":
+        seeds = []
+        if size and self.config.garbage_noise == "data_stats":
             dims = [0, 2, 3]
             mean = inputs.mean(dim=dims, keepdim=True)
             std = inputs.std(dim=dims, keepdim=True) if n > 1 else torch.ones_like(mean)
             noise = torch.randn(size, *self.input_shape, generator=gen, dtype=torch.float64)
-            self.pool = (noise.to(inputs.device, inputs.dtype) * std + mean).detach()
-            return
-        pixels = pixel_range_noise(size, self.input_shape, generator=gen)
-        with torch.no_grad():
-            images = self.generator.preprocess_pixels(pixels.to(inputs.device, inputs.dtype))
-        self.pool = images.detach()
+            seeds.append(noise.to(inputs.device, inputs.dtype) * std + mean)
+        elif size:
+            pixels = pixel_range_noise(size, self.input_shape, generator=gen)
+            with torch.no_grad():
+                seeds.append(
+                    self.generator.preprocess_pixels(pixels.to(inputs.device, inputs.dtype))
+                )
+        if strokes:
+            gen = torch.Generator(device="cpu").manual_seed(_seed_of(self.seed, 8, 0))
+            pixels = pen_strokes(strokes, self.input_shape, generator=gen)
+            with torch.no_grad():
+                seeds.append(
+                    self.generator.preprocess_pixels(pixels.to(inputs.device, inputs.dtype))
+                )
+        self.pool = torch.cat(seeds).detach()
 
     def _train_classifier(self, inputs: Tensor, labels: Tensor, epoch: int) -> dict[str, float]:
         from torch.utils.data.distributed import DistributedSampler
@@ -680,6 +781,7 @@ class TIE:
         )
         counts = torch.bincount(targets, minlength=k).to(torch.float64)
         weight = torch.where(counts > 0, targets.numel() / (k * counts.clamp(min=1)), 0.0)
+        weight[n] *= self.config.garbage_weight
         shard = distributed_shard()
         rank, world = (0, 1) if shard is None else shard
         sampler = DistributedSampler(
