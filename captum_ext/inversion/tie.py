@@ -147,6 +147,17 @@ def uncertainty_ue(probs: Tensor) -> Tensor:
     return (1.0 - spread * (k / (k - 1))).clamp(0.0, 1.0)
 
 
+def _image_shape(shape: Any) -> tuple[int, int, int]:
+    """``shape`` checked to be (C, H, W) of positive ints."""
+    if (
+        not isinstance(shape, Sequence)
+        or len(shape) != 3
+        or not all(type(v) is int and v > 0 for v in shape)
+    ):
+        raise ValueError(f"`shape` must be (C, H, W) of positive ints, got {shape!r}.")
+    return tuple(shape)
+
+
 def pixel_range_noise(
     size: int, shape: Sequence[int], *, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -184,13 +195,7 @@ def pixel_range_noise(
         (torch.Size([6, 1, 28, 28]), True, True)
     """
     size = check_int(size, "size")
-    if (
-        not isinstance(shape, Sequence)
-        or len(shape) != 3
-        or not all(type(v) is int and v > 0 for v in shape)
-    ):
-        raise ValueError(f"`shape` must be (C, H, W) of positive ints, got {shape!r}.")
-    c, h, w = shape
+    c, h, w = _image_shape(shape)
     f64 = torch.float64
 
     def uniform(*dims: int) -> Tensor:
@@ -270,13 +275,7 @@ def pen_strokes(
     """
     size = check_int(size, "size")
     max_strokes = check_int(max_strokes, "max_strokes")
-    if (
-        not isinstance(shape, Sequence)
-        or len(shape) != 3
-        or not all(type(v) is int and v > 0 for v in shape)
-    ):
-        raise ValueError(f"`shape` must be (C, H, W) of positive ints, got {shape!r}.")
-    c, h, w = shape
+    c, h, w = _image_shape(shape)
     f64 = torch.float64
     side = min(h, w)
     points = max(64, 4 * side)  # spacing below one pixel along any curve in the image
