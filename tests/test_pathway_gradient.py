@@ -56,9 +56,12 @@ def _wrapped(model: nn.Module) -> tuple[nn.Module, list[_Recorded], list]:
 
 def reference_pathway(model, x, target, sparsity, score="taylor", n_steps=11):
     """Per example, in float64: scores by autograd on the ReLU outputs, numpy's percentile,
-    then the input gradient of the masked network. Returns (attributions, per-example masks)."""
+    then the input gradient of the masked network. Returns (attributions, per-example masks);
+    each example's scores and threshold are kept in ``reference_pathway.last`` as
+    ``[(scores in call order, tau), ...]``."""
     net, wrappers, log = _wrapped(model)
     out, all_masks = [], []
+    reference_pathway.last = []
     for i in range(x.shape[0]):
         xi = x[i : i + 1].double()
         for w in wrappers:
@@ -83,6 +86,7 @@ def reference_pathway(model, x, target, sparsity, score="taylor", n_steps=11):
                 scores.append((acts[site] * torch.stack(grads).mean(0)).abs())
         flat = np.concatenate([s.numpy().ravel() for s in scores])
         tau = np.percentile(flat, 100 * sparsity)
+        reference_pathway.last.append(([s[0] for s in scores], float(tau)))
         masks = [(s > tau).double() for s in scores]
         called = _call_order(net, wrappers, xi)
         for w, m in zip(called, masks):
@@ -146,6 +150,11 @@ def test_equals_independent_float64_reference_on_trained_digits(digits64, sparsi
     for i in range(x.shape[0]):
         for site, mask in zip(result.sites, masks[i]):
             assert torch.equal(result.masks[site][i], mask), site
+        # the read-outs themselves: |a dy/da| per site and numpy's percentile of them
+        scores, tau = reference_pathway.last[i]
+        for site, score in zip(result.sites, scores):
+            torch.testing.assert_close(result.scores[site][i], score, atol=1e-12, rtol=1e-10)
+        assert result.threshold[i].item() == pytest.approx(tau, rel=1e-10, abs=1e-14)
     if sparsity == 0.97:  # the pathway really differs from the plain gradient there
         plain = Saliency(model).attribute(x.clone(), target=y, abs=False)
         assert (plain - result.attributions).abs().max() > 1e-3
