@@ -30,11 +30,13 @@ def tiny_images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 8, 8, generator=generator, dtype=torch.float64)
 
 
-def one_by_one(explainer, x, steps, lr, seed):
+def one_by_one(explainer, x, steps, lr, seed, attempt=0):
     """The per-image fit written out: one fresh net and one Adam per image, the image's own
     loss only. Returns the probabilities after the last step (``keep="last"``) and those of
     ``keep="best"``: the step with the lowest loss among those whose hard mask is non-empty
-    and keeps the class (the later one on ties), else the last."""
+    and keeps the class (the later one on ties), else the last. ``attempt`` > 0: the seeds
+    of that restart."""
+    extra = (attempt,) if attempt else ()
     model, layers = explainer.forward_func, explainer.layers
     baseline = explainer._baseline_for(x)
     out, best_out = [], []
@@ -47,11 +49,11 @@ def one_by_one(explainer, x, steps, lr, seed):
             x.shape[1],
             x.shape[2],
             x.shape[3],
-            generator=torch.Generator().manual_seed(derived_seed(seed, i, 0)),
+            generator=torch.Generator().manual_seed(derived_seed(seed, i, 0, *extra)),
             dtype=x.dtype,
         )
         optimiser = torch.optim.Adam(net.parameters(), lr=lr)
-        noise_gen = torch.Generator().manual_seed(derived_seed(seed, i, 1))
+        noise_gen = torch.Generator().manual_seed(derived_seed(seed, i, 1, *extra))
         best, best_loss = None, math.inf
         for _ in range(steps):
             noise = torch.randn(xi.shape, generator=noise_gen, dtype=x.dtype)
@@ -89,7 +91,7 @@ def test_batched_per_image_equals_a_one_by_one_fit_written_out(batch_size):
     model = make_tiny_cnn().eval()
     x = tiny_images(5)
     explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=ALL_TERMS, baseline=-0.3)
-    kwargs = dict(mode="per_image", steps=8, lr=5e-2, seed=4, batch_size=batch_size)
+    kwargs = dict(mode="per_image", steps=8, lr=5e-2, seed=4, batch_size=batch_size, restarts=0)
     last = explainer.attribute(x, keep="last", return_details=True, progress=False, **kwargs)
     best = explainer.attribute(x, keep="best", return_details=True, progress=False, **kwargs)
     expected_last, expected_best = one_by_one(explainer, x, steps=8, lr=5e-2, seed=4)
@@ -133,6 +135,55 @@ def test_chunking_never_changes_the_masks(n, batch_size, seed):
     b = explainer.attribute(x, batch_size=batch_size, return_details=True, **kwargs)
     assert torch.allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-10)
     assert b.mask.shape == (n, 1, 8, 8)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_restarts_refit_exactly_the_images_whose_fit_fails(batch_size):
+    """A restart refits an image whose returned hard mask is empty or changes the class, with
+    that attempt's seeds (written out by ``one_by_one``), and leaves the others untouched;
+    ``fits`` counts the fits per image."""
+    model = make_tiny_cnn().eval()
+    x = tiny_images(5)
+    explainer = ActivationMatchingMask(model, TINY_LAYERS, weights=ALL_TERMS, baseline=-0.3)
+    kwargs = dict(mode="per_image", steps=8, lr=5e-2, seed=4, batch_size=batch_size)
+    kwargs.update(return_details=True, progress=False)
+    first = explainer.attribute(x, restarts=0, **kwargs)
+    again = explainer.attribute(x, restarts=2, **kwargs)
+    failed = ~(first.agreement & first.mask.flatten(1).any(1))
+    assert failed.any() and not failed.all()  # the test has teeth
+    assert torch.equal(first.fits, torch.ones(5, dtype=torch.long))
+    assert torch.equal(again.fits > 1, failed)
+    assert int(again.fits.max()) <= 3
+    assert torch.equal(again.probabilities[~failed], first.probabilities[~failed])
+    for attempt in (1, 2):
+        rows = again.fits == attempt + 1
+        if rows.any():
+            _, expected = one_by_one(explainer, x, steps=8, lr=5e-2, seed=4, attempt=attempt)
+            assert torch.allclose(again.probabilities[rows], expected[rows], rtol=0, atol=1e-10)
+    # an image that needed a restart but not the last one kept its class
+    settled = again.fits < 3
+    assert bool((again.agreement & again.mask.flatten(1).any(1))[settled].all())
+
+
+def test_restarts_rescue_collapsed_fits_on_the_bundled_model(bundled_model, bundled_digits):
+    """On the confident bundled model some initialisations collapse to an empty mask in the
+    first steps (the sigmoid saturates): with restarts every digit keeps its class."""
+    x = bundled_digits[0][:12]
+    explainer = ActivationMatchingMask(bundled_model, list(BUNDLED_MASK_LAYERS), weights="sparse")
+    kwargs = dict(mode="per_image", steps=25, seed=4, batch_size=12, return_details=True)
+    first = explainer.attribute(x, restarts=0, progress=False, **kwargs)
+    again = explainer.attribute(x, restarts=3, progress=False, **kwargs)
+    kept_first = first.agreement & first.mask.flatten(1).any(1)
+    assert not kept_first.all()  # some first fits fail at this seed
+    assert bool((again.agreement & again.mask.flatten(1).any(1)).all())
+    assert torch.equal(again.fits > 1, ~kept_first)
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_restarts_names_the_argument(value, error):
+    explainer = ActivationMatchingMask(make_tiny_cnn(), TINY_LAYERS)
+    with pytest.raises(error, match="`restarts`"):
+        explainer.attribute(tiny_images(2), mode="per_image", steps=1, restarts=value)
 
 
 @pytest.mark.parametrize(

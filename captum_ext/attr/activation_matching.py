@@ -154,6 +154,9 @@ class ActivationMatchingResult:
             argmax f(m * x + (1 - m) * r) == y.
         necessity: (N,) z_y(x) - z_y((1 - m) * x + m * baseline), the drop of the target
             logit when only the complement is shown (larger: the kept pixels are needed).
+        fits: (N,) int64, per-image mode: how many fits the image took, 1 plus the restarts
+            it used (see ``restarts`` of :meth:`ActivationMatchingMask.attribute`); None in
+            amortised mode.
     """
 
     mask: Tensor
@@ -168,6 +171,7 @@ class ActivationMatchingResult:
     active_fraction: Tensor
     sufficiency: Tensor
     necessity: Tensor
+    fits: Tensor | None = None
 
 
 def _resolve_weights(weights: Any) -> MaskLossWeights:
@@ -547,6 +551,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         sufficiency_samples: int = 8,
         keep: str = "best",
         batch_size: int = 32,
+        restarts: int = 2,
     ) -> Tensor | ActivationMatchingResult:
         r"""Binary masks of ``inputs`` that keep the model's decision.
 
@@ -604,6 +609,17 @@ class ActivationMatchingMask(PerturbationAttribution):
                 independently (eval mode); in train mode its batch-norm layers mix the
                 images of a batch, so use 1 there. Memory grows with it; 1 fits one image
                 at a time. Default: 32.
+            restarts (int, optional): per-image mode: how many times a fit whose returned
+                mask fails (its hard mask is empty or argmax f(e) != y) is started again
+                from a fresh initialisation (new seeds for the net and the backgrounds; the
+                other images keep their first fit, unchanged). A fit fails mostly through
+                its first Adam steps: from some initialisations the area term drives every
+                p towards 0 before the label term can hold the mask, the sigmoid
+                saturates and no gradient revives it (on the bundled digit model about 6-11
+                % of the seeds; a second seed almost always succeeds). The papers do not
+                say what they do then; the first fit is theirs. The image's last attempt is
+                returned if all fail; ``fits`` in the details says how many were used.
+                0 turns restarts off. Default: 2.
 
         Returns:
             Tensor or ActivationMatchingResult: the binary mask (values 0 and 1, the
@@ -619,6 +635,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         if keep not in ("best", "last"):
             raise ValueError(f"`keep`={keep!r}: expected 'best' or 'last'.")
         batch_size = check_int(batch_size, "batch_size")
+        restarts = check_int(restarts, "restarts", minimum=0)
         base_seed = resolve_seed(generator, seed)
         baseline = self._baseline_for(x)
         if mode == "amortised" and (self.mask_net is None or not self._trained):
@@ -645,9 +662,10 @@ class ActivationMatchingMask(PerturbationAttribution):
                         f"`mask_net` must map {tuple(x.shape)} images to (N, 1, H, W) logits, "
                         f"got {tuple(probabilities.shape)}."
                     )
+                fits = None
             else:
-                probabilities = self._per_image(
-                    x, targets, baseline, steps, lr, base_seed, progress, keep, batch_size
+                probabilities, fits = self._per_image(
+                    x, targets, baseline, steps, lr, base_seed, progress, keep, batch_size, restarts
                 )
             probabilities = probabilities.detach()
             mask = (probabilities > 0.5).to(x.dtype)
@@ -664,54 +682,78 @@ class ActivationMatchingMask(PerturbationAttribution):
                     sufficiency_samples,
                     derived_seed(base_seed, 7),
                 )
+            result.fits = fits
         if broadcast:
             result.mask = mask.expand_as(x).contiguous()
         return result
 
     def _per_image(
-        self, x, targets, baseline, steps, lr, base_seed, progress, keep, batch_size
-    ) -> Tensor:
+        self, x, targets, baseline, steps, lr, base_seed, progress, keep, batch_size, restarts
+    ) -> tuple[Tensor, Tensor]:
         """Fit one fresh mask net per image, ``batch_size`` images at a time (see
         :class:`_StackedMaskNets`); image ``i`` of ``x`` gets the same seeds (net
-        initialisation, backgrounds) whichever chunk it is in."""
+        initialisation, backgrounds) whichever chunk it is in. Images whose returned hard
+        mask is empty or changes the class are fitted again with attempt-specific seeds, up
+        to ``restarts`` times. Returns the probabilities and the number of fits per image."""
         reference = self._reference(x)
         bar = progress_bar(x.shape[0] * steps, bool(progress), desc="mask per image", unit="step")
-        out = []
+        probabilities = torch.empty((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        fits = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        pending = torch.arange(x.shape[0], device=x.device)
         try:
-            for start in range(0, x.shape[0], batch_size):
-                rows = slice(start, min(start + batch_size, x.shape[0]))
-                out.append(
-                    self._per_image_chunk(
+            for attempt in range(restarts + 1):
+                if attempt and bar:
+                    bar.total += pending.numel() * steps
+                for start in range(0, pending.numel(), batch_size):
+                    rows = pending[start : start + batch_size]
+                    probabilities[rows] = self._per_image_chunk(
                         x[rows],
                         targets[rows],
                         Reference(reference.logits[rows], [a[rows] for a in reference.activations]),
-                        range(rows.start, rows.stop),
+                        rows.tolist(),
                         baseline,
                         steps,
                         lr,
                         base_seed,
                         keep,
                         bar,
+                        attempt,
                     )
-                )
+                fits[pending] += 1
+                if attempt == restarts:
+                    break
+                pending = pending[~self._keeps_class(x, targets, probabilities, baseline, pending)]
+                if pending.numel() == 0:
+                    break
         finally:
             if bar:
                 bar.close()
-        return torch.cat(out)
+        return probabilities, fits
+
+    @torch.no_grad()
+    def _keeps_class(self, x, targets, probabilities, baseline, rows) -> Tensor:
+        """Whether the hard masks 1[p > 0.5] of ``rows`` are non-empty and keep the class."""
+        mask = (probabilities[rows] > 0.5).to(x.dtype)
+        explained = mask * x[rows] + (1 - mask) * baseline
+        return (self._logits(explained).argmax(1) == targets[rows]) & mask.flatten(1).any(1)
 
     def _per_image_chunk(
-        self, x, targets, reference, indices, baseline, steps, lr, base_seed, keep, bar
+        self, x, targets, reference, indices, baseline, steps, lr, base_seed, keep, bar, attempt=0
     ) -> Tensor:
         """Per-image fits of the images ``x`` (their indices in the call: ``indices``) in
         one optimisation: the loss is the SUM of the per-example losses, so the gradient
         of net i is that of its own image's loss, and Adam acts elementwise, so each net
-        follows the path of its own one-image fit."""
+        follows the path of its own one-image fit. ``attempt`` > 0 (a restart) derives
+        other seeds for the same images."""
         k = x.shape[0]
+        extra = (attempt,) if attempt else ()
         nets = _StackedMaskNets(
-            [self._default_net(x[:1], derived_seed(base_seed, i, 0)) for i in indices]
+            [self._default_net(x[:1], derived_seed(base_seed, i, 0, *extra)) for i in indices]
         )
         optimiser = torch.optim.Adam(nets.params, lr=lr)
-        noise_gens = [seeded_generator(x.device, derived_seed(base_seed, i, 1)) for i in indices]
+        noise_gens = [
+            seeded_generator(x.device, derived_seed(base_seed, i, 1, *extra)) for i in indices
+        ]
         draw_noise = self.weights.rob != 0
         best = None
         best_value = torch.full((k,), math.inf, dtype=torch.float64, device=x.device)
