@@ -91,6 +91,34 @@ def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypat
     assert road_imputation(images, removed, noise=0.0).sub(exact).abs().max() < 1e-10  # auto
 
 
+@pytest.mark.parametrize("shape", [(13, 17), (9, 1), (1, 7)])
+def test_direct_solver_equals_the_pixel_by_pixel_scipy_system_to_1e10(shape, monkeypatch):
+    """The direct solver (SuperLU in symmetric mode: minimum-degree ordering of A + A^T,
+    diagonal pivots) against the independently built system solved by ``spsolve`` with its
+    default (pivoting, COLAMD) settings, to 1e-10: odd sizes, 3 channels, a batch of mixed
+    masks (none removed, one kept pixel, a large hole, random densities) split into several
+    factorisations; float32 images are solved in float64 and rounded once."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    h, w = shape
+    generator = torch.Generator().manual_seed(h * 31 + w)
+    images = torch.rand(6, 3, h, w, generator=generator, dtype=torch.float64)
+    removed = _mixed_masks(6, h, w, seed=h * w)
+    removed.view(6, -1)[:, 0] = False  # keep one pixel per image
+    expected = [_scipy_imputation(images[i].numpy(), removed[i].numpy()) for i in range(6)]
+    whole = road_imputation(images, removed, noise=0.0, solver="direct")
+    monkeypatch.setattr(module, "_DIRECT_UNKNOWNS", max(1, h * w // 3))  # several groups
+    grouped = road_imputation(images, removed, noise=0.0, solver="direct")
+    for i in range(6):
+        np.testing.assert_allclose(whole[i].numpy(), expected[i], atol=1e-10, rtol=0)
+        np.testing.assert_allclose(grouped[i].numpy(), expected[i], atol=1e-10, rtol=0)
+    single = road_imputation(images.float(), removed, noise=0.0, solver="direct")
+    assert single.dtype == torch.float32
+    for i in range(6):
+        rounded = _scipy_imputation(images[i].float().double().numpy(), removed[i].numpy())
+        np.testing.assert_allclose(single[i].double().numpy(), rounded, atol=1e-6, rtol=0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 3),

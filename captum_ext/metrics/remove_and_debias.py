@@ -147,7 +147,15 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
         (np.concatenate(entries), (np.concatenate(rows), np.concatenate(columns))),
         shape=(unknown.size, unknown.size),
     )
-    solution = sparse_linalg.splu(matrix).solve(rhs)
+    # symmetric positive definite: SuperLU's symmetric mode (diagonal pivots, no row
+    # interchanges) with a minimum-degree ordering of A + A^T fills in about half as much as
+    # the default COLAMD column ordering (measured, benchmarks/RESULTS.md)
+    solution = sparse_linalg.splu(
+        matrix,
+        permc_spec="MMD_AT_PLUS_A",
+        diag_pivot_thresh=0.0,
+        options={"SymmetricMode": True},
+    ).solve(rhs)
     out = torch.from_numpy(values_in.copy())  # (N, C, HW)
     out.permute(0, 2, 1)[torch.from_numpy(image_of), torch.from_numpy(pixel)] = torch.from_numpy(
         solution
