@@ -772,7 +772,8 @@ def road_imputation(
             Default: 0.01 (ROAD's). 0 for the plain linear imputation.
         generator (torch.Generator, optional): for the noise.
         solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
-            block-diagonal system with scipy, on the CPU), ``"block"`` (the system on the whole
+            block-diagonal system with scipy's SuperLU in symmetric mode, on the CPU),
+            ``"block"`` (the system on the whole
             pixel grid, block-tridiagonal over image rows, factorised for every image of a
             chunk at once by batched dense Cholesky in torch, float64, any device;
             :math:`O(HW^3)` per image), ``"nested"`` (the same whole-grid system factorised
