@@ -690,7 +690,8 @@ def _nested_refined(
         filled.index_add_(0, rows, correction)
         change = correction.abs().flatten(1).amax(dim=1)
         # the error left after a correction is about ratio * change, with ratio the observed
-        # contraction change / previous change (Wilkinson's stopping rule); NaN: not converged
+        # contraction change / previous change (refinement converges linearly while the
+        # float32 factor is accurate enough); NaN: not converged
         before = previous[rows]
         left = torch.where(before < float("inf"), change * change / before, float("inf"))
         limit = _REFINEMENT_TOLERANCE * scale[rows]
@@ -773,9 +774,9 @@ def road_imputation(
         generator (torch.Generator, optional): for the noise.
         solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
             block-diagonal system with scipy's SuperLU in symmetric mode, on the CPU),
-            ``"block"`` (the system on the whole
-            pixel grid, block-tridiagonal over image rows, factorised for every image of a
-            chunk at once by batched dense Cholesky in torch, float64, any device;
+            ``"block"`` (the system on the whole pixel grid, block-tridiagonal over image
+            rows, factorised for every image of a chunk at once by batched dense Cholesky in
+            torch, float64, any device;
             :math:`O(HW^3)` per image), ``"nested"`` (the same whole-grid system factorised
             by a batched nested-dissection (multifrontal) Cholesky in torch, float64, any
             device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
