@@ -91,6 +91,34 @@ def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypat
     assert road_imputation(images, removed, noise=0.0).sub(exact).abs().max() < 1e-10  # auto
 
 
+@pytest.mark.parametrize("shape", [(13, 17), (9, 1), (1, 7)])
+def test_direct_solver_equals_the_pixel_by_pixel_scipy_system_to_1e10(shape, monkeypatch):
+    """The direct solver (SuperLU in symmetric mode: minimum-degree ordering of A + A^T,
+    diagonal pivots) against the independently built system solved by ``spsolve`` with its
+    default (pivoting, COLAMD) settings, to 1e-10: odd sizes, 3 channels, a batch of mixed
+    masks (none removed, one kept pixel, a large hole, random densities) split into several
+    factorisations; float32 images are solved in float64 and rounded once."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    h, w = shape
+    generator = torch.Generator().manual_seed(h * 31 + w)
+    images = torch.rand(6, 3, h, w, generator=generator, dtype=torch.float64)
+    removed = _mixed_masks(6, h, w, seed=h * w)
+    removed.view(6, -1)[:, 0] = False  # keep one pixel per image
+    expected = [_scipy_imputation(images[i].numpy(), removed[i].numpy()) for i in range(6)]
+    whole = road_imputation(images, removed, noise=0.0, solver="direct")
+    monkeypatch.setattr(module, "_DIRECT_UNKNOWNS", max(1, h * w // 3))  # several groups
+    grouped = road_imputation(images, removed, noise=0.0, solver="direct")
+    for i in range(6):
+        np.testing.assert_allclose(whole[i].numpy(), expected[i], atol=1e-10, rtol=0)
+        np.testing.assert_allclose(grouped[i].numpy(), expected[i], atol=1e-10, rtol=0)
+    single = road_imputation(images.float(), removed, noise=0.0, solver="direct")
+    assert single.dtype == torch.float32
+    for i in range(6):
+        rounded = _scipy_imputation(images[i].float().double().numpy(), removed[i].numpy())
+        np.testing.assert_allclose(single[i].double().numpy(), rounded, atol=1e-6, rtol=0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 3),
@@ -378,3 +406,109 @@ def test_imputation_on_cuda_equals_the_cpu_direct_solve(solver):
     got = road_imputation(images.cuda(), removed.cuda(), noise=0.0, solver=solver)
     assert got.device.type == "cuda"
     np.testing.assert_allclose(got.cpu().numpy(), expected.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (21, 8)])
+def test_mixed_precision_nested_solver_refines_a_float32_factor_to_the_scipy_solution(
+    shape, monkeypatch
+):
+    """``_nested_solve(..., "mixed")``: float32 factorisation, float64 iterative refinement.
+    Against the pixel-by-pixel scipy system to 1e-10 on odd sizes, 3 channels, mixed masks
+    (a large hole, one kept pixel, nothing removed) in chunks of two images, float64 and
+    float32 inputs; the one-solve float32 answer is not that close, so refinement did the
+    work; no system needed the float64 fallback; each image alone gives the same result."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    h, w = shape
+    generator = torch.Generator().manual_seed(h + 7 * w)
+    images = torch.rand(6, 3, h, w, generator=generator, dtype=torch.float64)
+    removed = _mixed_masks(6, h, w, seed=h * w + 1)
+    removed.view(6, -1)[:, 0] = False
+    expected = np.stack(
+        [_scipy_imputation(images[i].numpy(), removed[i].numpy()) for i in range(6)]
+    )
+    fallback, solves = [], []
+    double, substitute = module._nested_double, module._nested_substitute
+    monkeypatch.setattr(
+        module, "_nested_double", lambda x, *a: fallback.append(len(x)) or double(x, *a)
+    )
+    monkeypatch.setattr(module, "_nested_substitute", lambda *a: solves.append(1) or substitute(*a))
+    monkeypatch.setattr(module, "_NESTED_CHUNK_PIXELS", 2 * h * w)  # chunks of two images
+    mixed = module._nested_solve(images, removed[:, None], "mixed")
+    np.testing.assert_allclose(mixed.numpy(), expected, atol=1e-10, rtol=0)
+    assert fallback == [] and len(solves) >= 3 * 2  # three chunks, at least two solves each
+    assert torch.equal(mixed[0], images[0])  # nothing removed
+    # one float32 solve alone: float32 accuracy only
+    values, rhs, _, _ = module._nested_system(images[2:3], removed[2:3])
+    plan = module._nested_plan(h, w, module._NESTED_LEAF)
+    arena, rhs_arena = module._NestedWorkspaces(plan, 3, images.device).get(1, torch.float32)
+    factors, broken = module._nested_factorise(values, plan, arena)
+    once = module._nested_substitute(factors, plan, rhs.float(), rhs_arena)
+    once = once.transpose(1, 2).reshape(3, h, w).double().numpy()
+    assert not bool(broken.any())
+    assert 1e-9 < np.abs(once - expected[2]).max() < 1e-4
+    single = module._nested_solve(images.float(), removed, "mixed")
+    assert single.dtype == torch.float32
+    for i in range(6):
+        rounded = _scipy_imputation(images[i].float().double().numpy(), removed[i].numpy())
+        np.testing.assert_allclose(single[i].double().numpy(), rounded, atol=1e-6, rtol=0)
+        alone = module._nested_solve(images[i : i + 1], removed[i : i + 1], "mixed")
+        np.testing.assert_allclose(alone[0].numpy(), mixed[i].numpy(), atol=1e-10, rtol=0)
+
+
+def test_mixed_precision_nested_solver_falls_back_to_float64_per_system(monkeypatch):
+    """Systems whose refinement has not converged within ``_REFINEMENT_STEPS`` solves (here
+    one: nothing to compare the first correction with), or whose float32 factorisation
+    breaks down, are solved again in float64 -- only those; the result is exact either way."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(4, 2, 11, 9, generator=generator, dtype=torch.float64)
+    removed = _mixed_masks(4, 11, 9, seed=5)
+    removed[3, :, :] = torch.rand(11, 9, generator=generator) < 0.5
+    removed.view(4, -1)[:, 0] = False
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    fallback = []
+    double = module._nested_double
+    monkeypatch.setattr(
+        module, "_nested_double", lambda x, *a: fallback.append(len(x)) or double(x, *a)
+    )
+    monkeypatch.setattr(module, "_REFINEMENT_STEPS", 1)
+    once = module._nested_solve(images, removed, "mixed")
+    assert fallback == [3]  # image 0 (nothing removed) converged at once, the others did not
+    np.testing.assert_allclose(once.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+    monkeypatch.setattr(module, "_REFINEMENT_STEPS", 8)
+    factorise = module._nested_factorise
+
+    def breaks_down_on_image_two(values, plan, arena):
+        factors, broken = factorise(values, plan, arena)
+        if arena.dtype == torch.float32:
+            broken = broken.clone()
+            broken[2] = True
+        return factors, broken
+
+    monkeypatch.setattr(module, "_nested_factorise", breaks_down_on_image_two)
+    fallback.clear()
+    broken = module._nested_solve(images, removed, "mixed")
+    assert fallback == [1]
+    np.testing.assert_allclose(broken.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+
+
+def test_mixed_precision_refinement_corrects_until_the_error_left_is_below_tolerance(
+    monkeypatch,
+):
+    """One hole over the whole 24 x 24 image but its border: two solves (the float32 answer
+    and one correction) are not enough for 1e-12, a third is made; the result equals the
+    float64 sparse LU to 1e-12."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    images = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)).double()
+    removed = torch.zeros(1, 24, 24, dtype=torch.bool)
+    removed[:, 1:-1, 1:-1] = True
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    solves = []
+    substitute = module._nested_substitute
+    monkeypatch.setattr(module, "_nested_substitute", lambda *a: solves.append(1) or substitute(*a))
+    mixed = module._nested_solve(images, removed, "mixed")
+    assert len(solves) >= 3
+    np.testing.assert_allclose(mixed.numpy(), exact.numpy(), atol=1e-12, rtol=0)

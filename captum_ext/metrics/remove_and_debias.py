@@ -147,7 +147,15 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
         (np.concatenate(entries), (np.concatenate(rows), np.concatenate(columns))),
         shape=(unknown.size, unknown.size),
     )
-    solution = sparse_linalg.splu(matrix).solve(rhs)
+    # symmetric positive definite: SuperLU's symmetric mode (diagonal pivots, no row
+    # interchanges) with a minimum-degree ordering of A + A^T fills in about half as much as
+    # the default COLAMD column ordering (measured, benchmarks/RESULTS.md)
+    solution = sparse_linalg.splu(
+        matrix,
+        permc_spec="MMD_AT_PLUS_A",
+        diag_pivot_thresh=0.0,
+        options={"SymmetricMode": True},
+    ).solve(rhs)
     out = torch.from_numpy(values_in.copy())  # (N, C, HW)
     out.permute(0, 2, 1)[torch.from_numpy(image_of), torch.from_numpy(pixel)] = torch.from_numpy(
         solution
@@ -442,59 +450,97 @@ def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
     return tuple(groups)
 
 
-def _nested_solve(images: Tensor, removed: Tensor) -> Tensor:
-    r"""Every system of the batch by a batched nested-dissection Cholesky (float64).
+def _nested_solve(images: Tensor, removed: Tensor, precision: str = "double") -> Tensor:
+    r"""Every system of the batch by a batched nested-dissection Cholesky.
 
     As in :func:`_block_solve` the system lives on the whole pixel grid (identity rows for the
     kept pixels), so every system of every image has the same sparsity pattern and one
     symbolic factorisation (:func:`_nested_plan`, cached per image size) serves them all. The
     numeric factorisation is multifrontal: the fronts of one height of the dissection tree
     with the same shape are factorised for every system of a chunk at once (batched dense
-    Cholesky, triangular solves and Schur-complement updates), the right-hand side is carried
-    along, and a top-down sweep of triangular solves gives the solution. Cost per system:
-    :math:`O((HW)^{3/2})` flops, :math:`O(HW \log(HW))` memory."""
+    Cholesky, triangular solves and Schur-complement updates), then a bottom-up and a
+    top-down sweep of triangular solves give the solution. Cost per system:
+    :math:`O((HW)^{3/2})` flops, :math:`O(HW \log(HW))` memory.
+
+    ``precision="double"`` (the default) factorises and solves in float64.
+    ``precision="mixed"`` factorises in float32 and recovers float64 accuracy by iterative
+    refinement: the residual :math:`r = b - A x` is computed in float64 with the stencil as a
+    3 x 3 convolution, the correction :math:`A d = r` solved with the float32 factor, until
+    the error left (the last correction, or its square over the one before) is below
+    ``_REFINEMENT_TOLERANCE`` times the largest kept value; a system whose float32
+    factorisation breaks down or that has not converged after ``_REFINEMENT_STEPS`` solves is
+    solved again in float64. On the 2-core CPU of ``benchmarks/RESULTS.md`` the float32
+    factorisation is about 1.5x faster but the two or three triangular sweeps of the
+    refinement cost more than that saves, so "mixed" is not used by :func:`road_imputation`
+    (``benchmarks/evaluation.py`` measures it beside "double").
+    """
     n, c, h, w = images.shape
     device = images.device
     plan = _nested_plan(h, w, _NESTED_LEAF)
     if device.type != "cpu":
         plan = tuple(_on_device(group, device) for group in plan)
     per_chunk = min(n, max(1, _NESTED_CHUNK_PIXELS // (h * w)))
-    last = plan[-1]
-    matrix_size = last.offset + last.fronts * last.nu * last.nu + 1
-    rhs_size = last.rhs_offset + last.fronts * last.nu + 1
+    workspaces = _NestedWorkspaces(plan, c, device)
     out = torch.empty(n, c, h, w, dtype=images.dtype, device=device)
-    arenas: dict[int, tuple[Tensor, Tensor]] = {}
     for start in range(0, n, per_chunk):
         stop = min(n, start + per_chunk)
-        if stop - start not in arenas:  # reused by the chunks (refilled, not reallocated)
-            systems = stop - start
-            # many systems: the matrix arena has them last (a gathered entry is one contiguous
-            # row); a few: one row per system, gathered row by row (measured faster)
-            shape = (matrix_size, systems) if systems > 8 else (systems, matrix_size)
-            arena = torch.empty(shape, dtype=torch.float64, device=device)
-            rhs_arena = torch.empty(systems, rhs_size, c, dtype=torch.float64, device=device)
-            arena[(-1, slice(None)) if systems > 8 else (slice(None), -1)] = 0.0  # the zero
-            rhs_arena[:, -1] = 0.0
-            arenas[stop - start] = (arena, rhs_arena)
-        out[start:stop] = _nested_chunk(
-            images[start:stop], removed[start:stop], plan, *arenas[stop - start]
-        )
+        x, u = images[start:stop].detach().to(torch.float64), removed[start:stop]
+        if precision == "mixed":
+            solved, failed = _nested_refined(x, u, plan, workspaces)
+        else:
+            solved, failed = None, torch.ones(stop - start, dtype=torch.bool, device=device)
+        if bool(failed.any()):
+            rows = failed.nonzero()[:, 0]
+            exact = _nested_double(x[rows], u[rows], plan, workspaces)
+            solved = exact if solved is None else solved.index_copy(0, rows, exact)
+        out[start:stop] = solved.to(images.dtype)
     return out
 
 
-def _nested_chunk(
-    images: Tensor, removed: Tensor, plan: tuple, arena: Tensor, rhs_arena: Tensor
-) -> Tensor:
-    n, c, h, w = images.shape
-    device = images.device
-    x = images.detach().to(torch.float64)
+_REFINEMENT_STEPS = 8  # float32 factor: at most this many solves before the float64 fallback
+_REFINEMENT_TOLERANCE = 1e-12  # error left, relative to the largest kept value
+
+
+class _NestedWorkspaces:
+    """The arenas of :func:`_nested_factorise` / :func:`_nested_substitute` per (systems,
+    dtype), reused by the chunks of one solve (refilled, not reallocated)."""
+
+    def __init__(self, plan: tuple, channels: int, device: torch.device) -> None:
+        last = plan[-1]
+        self.matrix_size = last.offset + last.fronts * last.nu * last.nu + 1
+        self.rhs_size = last.rhs_offset + last.fronts * last.nu + 1
+        self.channels, self.device = channels, device
+        self.cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def get(self, systems: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (systems, dtype)
+        if key not in self.cache:
+            # many systems: the matrix arena has them last (a gathered entry is one
+            # contiguous row); a few: one row per system, gathered row by row (measured faster)
+            shape = (self.matrix_size, systems) if systems > 8 else (systems, self.matrix_size)
+            arena = torch.empty(shape, dtype=dtype, device=self.device)
+            rhs_arena = torch.empty(
+                systems, self.rhs_size, self.channels, dtype=dtype, device=self.device
+            )
+            arena[(-1, slice(None)) if systems > 8 else (slice(None), -1)] = 0.0  # the zero
+            rhs_arena[:, -1] = 0.0
+            self.cache[key] = (arena, rhs_arena)
+        return self.cache[key]
+
+
+def _nested_system(x: Tensor, removed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole-grid system of ``x`` ``(N, C, H, W)`` float64: stencil values ``(N, 9, H,
+    W)`` (entry (p, p + offset s) at ``[:, s, p]``), right-hand side ``(N, C, H, W)``, the
+    removed pixels as 0/1 ``(N, 1, H, W)`` and the degree ``(H, W)`` (summed neighbour
+    weights)."""
+    n, c, h, w = x.shape
     u = removed.reshape(n, h, w).to(torch.float64)
     padded_u = F.pad(u, (1, 1, 1, 1))
     padded_kept = F.pad(x * (1.0 - u)[:, None], (1, 1, 1, 1))
-    inside = F.pad(torch.ones(h, w, dtype=torch.float64, device=device), (1, 1, 1, 1))
-    degree = torch.zeros(h, w, dtype=torch.float64, device=device)
+    inside = F.pad(torch.ones(h, w, dtype=torch.float64, device=x.device), (1, 1, 1, 1))
+    degree = torch.zeros(h, w, dtype=torch.float64, device=x.device)
     neighbours = torch.zeros_like(x)
-    values = x.new_empty(n, 9, h, w)  # entry (p, p + offset s) at s * HW + p
+    values = x.new_empty(n, 9, h, w)
     for s, (dr, dq) in enumerate(_STENCIL):
         if (dr, dq) == (0, 0):
             continue
@@ -505,12 +551,21 @@ def _nested_chunk(
         torch.mul(u * padded_u[:, rows, cols], -weight, out=values[:, s])
     values[:, 4] = u * degree + (1.0 - u)
     rhs = u[:, None] * neighbours + (1.0 - u)[:, None] * x
+    return values, rhs, u[:, None], degree
+
+
+def _nested_factorise(values: Tensor, plan: tuple, arena: Tensor) -> tuple[list, Tensor]:
+    """Numeric factorisation of the systems with stencil ``values`` ``(N, 9, H, W)`` in the
+    arena's dtype: per group of fronts (Cholesky factor of the eliminated block, its
+    coupling :math:`L^{-1} A_{eu}` or None); and ``(N,)`` True where a system's factorisation
+    broke down (not positive definite in that precision)."""
+    n = values.shape[0]
     last = arena.shape[0] != n  # systems last
+    stencil = values.reshape(n, -1).to(arena.dtype)
     if last:
-        arena[: 9 * h * w] = values.view(n, -1).t()
+        arena[: stencil.shape[1]] = stencil.t()
     else:
-        arena[:, : 9 * h * w] = values.view(n, -1)
-    rhs_arena[:, : h * w] = rhs.reshape(n, c, h * w).transpose(1, 2)
+        arena[:, : stencil.shape[1]] = stencil
 
     def gather(block: tuple) -> Tensor:  # (N, block size) from the matrix arena
         primary, extra_source, extra_target = block
@@ -526,6 +581,38 @@ def _nested_chunk(
             picked.index_add_(1, extra_target, arena.index_select(1, extra_source))
         return picked
 
+    factors = []
+    broken = torch.zeros(n, dtype=torch.bool, device=values.device)
+    for group in plan:
+        ne, nu, count = group.ne, group.nu, group.fronts
+        factor, info = torch.linalg.cholesky_ex(gather(group.blocks["ee"]).view(n * count, ne, ne))
+        broken |= (info != 0).view(n, count).any(dim=1)
+        coupling = None
+        if nu:
+            block_eu = gather(group.blocks["eu"]).view(n * count, ne, nu)
+            coupling = torch.linalg.solve_triangular(factor, block_eu, upper=False)
+            del block_eu
+            block_uu = gather(group.blocks["uu"]).view(n * count, nu, nu)
+            size = count * nu * nu
+            if last:
+                block_uu.baddbmm_(coupling.mT, coupling, alpha=-1)
+                arena[group.offset : group.offset + size] = block_uu.view(n, size).t()
+            else:  # the Schur complements written straight into the arena, system by system
+                target = arena[:, group.offset : group.offset + size]
+                for row, (uu, cc) in enumerate(zip(block_uu.split(count), coupling.split(count))):
+                    torch.baddbmm(uu, cc.mT, cc, alpha=-1, out=target[row].view(count, nu, nu))
+            del block_uu
+        factors.append((factor, coupling))
+    return factors, broken
+
+
+def _nested_substitute(factors: list, plan: tuple, rhs: Tensor, rhs_arena: Tensor) -> Tensor:
+    """Solve the factorised systems for ``rhs`` ``(N, C, H, W)`` (cast to the factors'
+    dtype): a bottom-up sweep of forward substitutions carrying the updated right-hand sides
+    up the tree, then a top-down sweep of back substitutions. Returns ``(N, HW, C)``."""
+    n, c, h, w = rhs.shape
+    rhs_arena[:, : h * w] = rhs.reshape(n, c, h * w).transpose(1, 2)
+
     def gather_rhs(block: tuple) -> Tensor:
         primary, extra_source, extra_target = block
         picked = rhs_arena.index_select(1, primary)
@@ -533,43 +620,84 @@ def _nested_chunk(
             picked.index_add_(1, extra_target, rhs_arena.index_select(1, extra_source))
         return picked
 
-    factors = []
-    for group in plan:
+    forward = []
+    for group, (factor, coupling) in zip(plan, factors):
         ne, nu, count = group.ne, group.nu, group.fronts
-        block_ee = gather(group.blocks["ee"]).view(n * count, ne, ne)
-        factor, info = torch.linalg.cholesky_ex(block_ee)
-        if bool((info != 0).any()):
-            raise RuntimeError("road_imputation: the imputation system is not positive definite.")
-        del block_ee
         y = gather_rhs(group.rhs["e"]).view(n * count, ne, c)
         y = torch.linalg.solve_triangular(factor, y, upper=False)
-        coupling = None
-        if nu:
-            block_eu = gather(group.blocks["eu"]).view(n * count, ne, nu)
-            coupling = torch.linalg.solve_triangular(factor, block_eu, upper=False)
-            del block_eu
-            block_uu = gather(group.blocks["uu"]).view(n * count, nu, nu)
-            block_uu.baddbmm_(coupling.mT, coupling, alpha=-1)
-            size = count * nu * nu
-            if last:
-                arena[group.offset : group.offset + size] = block_uu.view(n, size).t()
-            else:
-                arena[:, group.offset : group.offset + size] = block_uu.view(n, size)
+        if coupling is not None:
             rest = gather_rhs(group.rhs["u"]).view(n * count, nu, c)
             rest.baddbmm_(coupling.mT, y, alpha=-1)
             size = count * nu
             rhs_arena[:, group.rhs_offset : group.rhs_offset + size] = rest.view(n, size, c)
-        factors.append((factor, coupling, y))
-    solution = rhs.new_zeros(n, h * w, c)
-    for group in reversed(plan):
-        factor, coupling, y = factors.pop()
+        forward.append(y)
+    solution = rhs_arena.new_zeros(n, h * w, c)
+    for group, (factor, coupling), y in zip(reversed(plan), reversed(factors), reversed(forward)):
         if coupling is not None:
             known = solution.index_select(1, group.update).view(-1, group.nu, c)
             y = torch.baddbmm(y, coupling, known, alpha=-1)
         solved = torch.linalg.solve_triangular(factor.mT, y, upper=True)
         solution.index_copy_(1, group.eliminated, solved.reshape(n, -1, c))
+    return solution
+
+
+def _nested_double(
+    x: Tensor, removed: Tensor, plan: tuple, workspaces: _NestedWorkspaces
+) -> Tensor:
+    """The systems of ``x`` ``(N, C, H, W)`` float64 by one float64 factorisation and solve."""
+    n, c, h, w = x.shape
+    values, rhs, u, _ = _nested_system(x, removed)
+    arena, rhs_arena = workspaces.get(n, torch.float64)
+    factors, broken = _nested_factorise(values, plan, arena)
+    if bool(broken.any()):
+        raise RuntimeError("road_imputation: the imputation system is not positive definite.")
+    solution = _nested_substitute(factors, plan, rhs, rhs_arena)
     filled = solution.transpose(1, 2).reshape(n, c, h, w)
-    return torch.where(removed.reshape(n, 1, h, w), filled, x).to(images.dtype)
+    return torch.where(u.bool(), filled, x)
+
+
+def _nested_refined(
+    x: Tensor, removed: Tensor, plan: tuple, workspaces: _NestedWorkspaces
+) -> tuple[Tensor, Tensor]:
+    """The systems of ``x`` ``(N, C, H, W)`` float64 by a float32 factorisation and float64
+    iterative refinement; returns the solutions and ``(N,)`` True for the systems that need
+    the float64 fallback (broken factorisation or no convergence)."""
+    n, c, h, w = x.shape
+    values, _, u, degree = _nested_system(x, removed)
+    arena, rhs_arena = workspaces.get(n, torch.float32)
+    factors, failed = _nested_factorise(values, plan, arena)
+    kernel = _neighbour_kernel(torch.float64, x.device)
+    # the discrete maximum principle: the solution lies within the kept values
+    scale = (x * (1.0 - u)).abs().flatten(1).amax(dim=1)
+    filled = x * (1.0 - u)  # removed pixels start at 0; the kept ones are exact throughout
+    active = ~failed
+    previous = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
+    for _ in range(_REFINEMENT_STEPS):
+        rows = active.nonzero()[:, 0]
+        if rows.numel() == 0:
+            break
+        current = filled[rows]
+        # r = b - A x on the removed pixels: the weighted neighbours minus degree * centre
+        residual = F.conv2d(current.reshape(-1, 1, h, w), kernel, padding=1).view_as(current)
+        residual = u[rows] * (residual - degree * current)
+        size = residual.abs().flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        step = residual / size.view(-1, 1, 1, 1)  # scaled into float32's range
+        if rows.numel() < n:  # the converged systems' rows solve a zero right-hand side
+            step = torch.zeros_like(x).index_copy(0, rows, step)
+        correction = _nested_substitute(factors, plan, step.float(), rhs_arena)
+        correction = correction.transpose(1, 2).reshape(n, c, h, w)[rows].double()
+        correction = u[rows] * correction * size.view(-1, 1, 1, 1)
+        filled.index_add_(0, rows, correction)
+        change = correction.abs().flatten(1).amax(dim=1)
+        # the error left after a correction is about ratio * change, with ratio the observed
+        # contraction change / previous change (refinement converges linearly while the
+        # float32 factor is accurate enough); NaN: not converged
+        before = previous[rows]
+        left = torch.where(before < float("inf"), change * change / before, float("inf"))
+        limit = _REFINEMENT_TOLERANCE * scale[rows]
+        active[rows] = ~((change <= limit) | ((change <= 0.5 * before) & (left <= limit)))
+        previous[rows] = change
+    return filled, failed | active
 
 
 def _scipy_available() -> bool:
@@ -645,9 +773,10 @@ def road_imputation(
             Default: 0.01 (ROAD's). 0 for the plain linear imputation.
         generator (torch.Generator, optional): for the noise.
         solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
-            block-diagonal system with scipy, on the CPU), ``"block"`` (the system on the whole
-            pixel grid, block-tridiagonal over image rows, factorised for every image of a
-            chunk at once by batched dense Cholesky in torch, float64, any device;
+            block-diagonal system with scipy's SuperLU in symmetric mode, on the CPU),
+            ``"block"`` (the system on the whole pixel grid, block-tridiagonal over image
+            rows, factorised for every image of a chunk at once by batched dense Cholesky in
+            torch, float64, any device;
             :math:`O(HW^3)` per image), ``"nested"`` (the same whole-grid system factorised
             by a batched nested-dissection (multifrontal) Cholesky in torch, float64, any
             device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
