@@ -396,7 +396,7 @@ def test_on_a_model_blind_to_its_input_all_re_added_mass_is_false(oracle):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("solver", ["block", "nested", "cg", "auto"])
+@pytest.mark.parametrize("solver", ["block", "nested", "nested_mixed", "cg", "auto"])
 def test_imputation_on_cuda_equals_the_cpu_direct_solve(solver):
     generator = torch.Generator().manual_seed(5)
     images = torch.rand(6, 3, 20, 24, generator=generator, dtype=torch.float64)
@@ -454,6 +454,11 @@ def test_mixed_precision_nested_solver_refines_a_float32_factor_to_the_scipy_sol
         np.testing.assert_allclose(single[i].double().numpy(), rounded, atol=1e-6, rtol=0)
         alone = module._nested_solve(images[i : i + 1], removed[i : i + 1], "mixed")
         np.testing.assert_allclose(alone[0].numpy(), mixed[i].numpy(), atol=1e-10, rtol=0)
+    # the public solver name runs this path (float32 substitutions, refinement)
+    solves.clear()
+    public = road_imputation(images, removed, noise=0.0, solver="nested_mixed")
+    np.testing.assert_allclose(public.numpy(), expected, atol=1e-10, rtol=0)
+    assert len(solves) >= 2
 
 
 def test_mixed_precision_nested_solver_falls_back_to_float64_per_system(monkeypatch):

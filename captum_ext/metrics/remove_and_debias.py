@@ -740,6 +740,8 @@ def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
         )
     if solver == "nested":
         return _nested_solve(inputs, removed)
+    if solver == "nested_mixed":
+        return _nested_solve(inputs, removed, "mixed")
     # one factorisation per group of images with at most _DIRECT_UNKNOWNS removed pixels
     # (SuperLU's memory grows faster than the system)
     per_image = removed.flatten(1).sum(dim=1).tolist()
@@ -779,7 +781,12 @@ def road_imputation(
             torch, float64, any device;
             :math:`O(HW^3)` per image), ``"nested"`` (the same whole-grid system factorised
             by a batched nested-dissection (multifrontal) Cholesky in torch, float64, any
-            device: :math:`O((HW)^{3/2})` per image), ``"cg"`` (conjugate gradients with the
+            device: :math:`O((HW)^{3/2})` per image), ``"nested_mixed"`` (the nested
+            factorisation in float32, float64 accuracy recovered by iterative refinement, a
+            float64 fallback per system that does not converge: equal to "nested" to about
+            1e-12; for devices whose float64 is slow, e.g. consumer GPUs, and not chosen by
+            "auto": on the CPU of ``benchmarks/RESULTS.md`` it measured no faster than
+            "nested", on a GPU it is unmeasured), ``"cg"`` (conjugate gradients with the
             Laplacian as a convolution, on the inputs' device), or ``"auto"``: on the CPU
             direct for the masks with small or scattered holes (less than half of the pixels
             removed up to 40 pixels wide, 60% above, and under 15% of the pixels removed
@@ -830,9 +837,10 @@ def road_imputation(
     noise = check_number(noise, "noise", allow_minimum=True)
     iterations = max_iterations if max_iterations is not None else 4 * (h + w) + 100
     iterations = check_int(iterations, "max_iterations")
-    if solver not in ("auto", "direct", "block", "nested", "cg"):
+    if solver not in ("auto", "direct", "block", "nested", "nested_mixed", "cg"):
         raise ValueError(
-            f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested' or 'cg'."
+            f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested', "
+            "'nested_mixed' or 'cg'."
         )
     if solver != "cg" and (solver != "auto" or inputs.device.type == "cpu"):
         if solver == "auto":
