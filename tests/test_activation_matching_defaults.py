@@ -4,6 +4,8 @@ also when ``forward_func`` is a plain function hiding the model)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
@@ -132,3 +134,27 @@ def test_a_batchnorm_mask_net_still_trains_its_own_statistics():
     explainer.fit(TensorDataset(images()), batch_size=3, progress=False)
     assert int(net[1].num_batches_tracked) == 1
     assert not torch.equal(net[1].running_mean, torch.zeros(2, dtype=torch.float64))
+
+
+def test_restarts_on_a_train_mode_model_judge_each_image_as_its_fit_did():
+    """With ``batch_size=1`` (the setting for train-mode batch norm) a restart is decided per
+    image, as the fit judged it: the images refitted are exactly those whose first mask,
+    shown to the model alone, is empty or changes the class; the model comes back as it was."""
+    model = bn_model()
+    x = images(8)
+    weights = {"act": 0.0, "ce": 1.0, "kl": 0.0, "area": 0.05, "bin": 0.0, "tv": 0.0, "rob": 0.0}
+    explainer = ActivationMatchingMask(model, [model[2]], weights=weights)
+    kwargs = dict(mode="per_image", steps=4, lr=0.05, batch_size=1, seed=1, keep="last")
+    kwargs.update(progress=False, return_details=True)
+    before = model_snapshot(model)
+    first = explainer.attribute(x, restarts=0, **kwargs)
+    again = explainer.attribute(x, restarts=2, **kwargs)
+    assert_model_unchanged(model, before)
+    judge = copy.deepcopy(model)  # train mode: judging updates its running statistics
+    with torch.no_grad():
+        shown = first.mask * x
+        alone = torch.cat([judge(shown[i : i + 1]).argmax(1) for i in range(8)])
+    failed = ~((alone == first.target) & first.mask.flatten(1).any(1))
+    assert failed.any() and not failed.all()  # the test has teeth
+    assert torch.equal(again.fits > 1, failed)
+    assert torch.equal(again.mask[~failed], first.mask[~failed])

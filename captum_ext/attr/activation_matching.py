@@ -722,7 +722,13 @@ class ActivationMatchingMask(PerturbationAttribution):
                 fits[pending] += 1
                 if attempt == restarts:
                     break
-                pending = pending[~self._keeps_class(x, targets, probabilities, baseline, pending)]
+                kept = torch.cat(
+                    [
+                        self._keeps_class(x, targets, probabilities, baseline, rows)
+                        for rows in pending.split(batch_size)
+                    ]
+                )
+                pending = pending[~kept]
                 if pending.numel() == 0:
                     break
         finally:
@@ -732,7 +738,9 @@ class ActivationMatchingMask(PerturbationAttribution):
 
     @torch.no_grad()
     def _keeps_class(self, x, targets, probabilities, baseline, rows) -> Tensor:
-        """Whether the hard masks 1[p > 0.5] of ``rows`` are non-empty and keep the class."""
+        """Whether the hard masks 1[p > 0.5] of ``rows`` are non-empty and keep the class
+        (judged ``batch_size`` rows at a time, as the fit judged them: a train-mode model's
+        batch-norm layers see the same batches)."""
         mask = (probabilities[rows] > 0.5).to(x.dtype)
         explained = mask * x[rows] + (1 - mask) * baseline
         return (self._logits(explained).argmax(1) == targets[rows]) & mask.flatten(1).any(1)
