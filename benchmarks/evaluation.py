@@ -43,7 +43,6 @@ import torch
 from captum_ext.metrics.remove_and_debias import (
     DEFAULT_COMPLETENESS_THRESHOLDS,
     DEFAULT_SOUNDNESS_RATIOS,
-    _nested_solve,
     road_imputation,
 )
 
@@ -134,8 +133,7 @@ def run(
     ours = {}
 
     def impute(solver: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if solver == "nested_mixed":  # float32 factor + float64 refinement (not used by auto)
-            return _nested_solve(x, mask, "mixed")
+        # nested_mixed: float32 factor + float64 refinement (not chosen by auto)
         return road_imputation(x, mask, noise=0.0, solver=solver)
 
     for solver in solvers:  # warm-up (first LAPACK / scipy calls)
