@@ -18,11 +18,13 @@ block-diagonal system), ``nested`` (batched nested-dissection Cholesky on the wh
 refinement; not used by ``auto``), ``block`` (batched block-tridiagonal Cholesky, 28 px only).
 
 The masks are those of completeness (9 thresholds, by value) and soundness (96 area steps) for
-random maps. The baselines run on an even spread of ``--baseline-systems`` of the pairs and are
-extrapolated to all of them; for 224 px ours runs on ``--large-images`` of the 8 images and is
-extrapolated likewise. Prints the agreement (max abs difference to Quantus' imputation) and the
-ratios as one JSON line: wall-clock (``speedup_*``) and process CPU time (``cpu_speedup_*``,
-less sensitive to other jobs on a shared machine).
+random maps: i.i.d. uniform pixels (scattered masks; the default) or, with ``--maps smooth``,
+blurred noise (compact holes, as upsampled CAMs give). The baselines run on an even spread of
+``--baseline-systems`` of the pairs and are extrapolated to all of them; for 224 px ours runs
+on ``--large-images`` of the 8 images and is extrapolated likewise. Prints the agreement (max
+abs difference to Quantus' imputation) and the ratios as one JSON line: wall-clock
+(``speedup_*``) and process CPU time (``cpu_speedup_*``, less sensitive to other jobs on a
+shared machine).
 
 Run: ``python benchmarks/evaluation.py`` (about 5-10 minutes on 2 shared CPU cores);
 ``--quick`` for a smaller set; ``--threads 2`` for two torch threads (the baselines stay
@@ -85,10 +87,27 @@ def scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return out.reshape(c, h, w)
 
 
-def masks(n: int, size: int, seed: int, steps: str) -> torch.Tensor:
-    """Removal masks of completeness (by value) and/or soundness (by area) for random maps."""
+def smooth_maps(noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(N, H, W)`` uniform noise blurred by a Gaussian of ``sigma`` pixels (reflected at the
+    border) and min-max scaled per map: spatially coherent maps like upsampled CAMs."""
+    radius = int(3 * sigma)
+    taps = torch.exp(-(torch.arange(-radius, radius + 1.0) ** 2) / (2 * sigma**2))
+    taps = (taps / taps.sum()).to(noise.dtype)
+    blurred = torch.nn.functional.pad(noise[:, None], (radius,) * 4, mode="reflect")
+    blurred = torch.nn.functional.conv2d(blurred, taps.view(1, 1, 1, -1))
+    blurred = torch.nn.functional.conv2d(blurred, taps.view(1, 1, -1, 1)).flatten(1)
+    low = blurred.min(dim=1, keepdim=True).values
+    return (blurred - low) / (blurred.max(dim=1, keepdim=True).values - low)
+
+
+def masks(n: int, size: int, seed: int, steps: str, kind: str = "random") -> torch.Tensor:
+    """Removal masks of completeness (by value) and/or soundness (by area) for random maps:
+    ``kind`` "random" (i.i.d. uniform pixels: scattered masks) or "smooth" (:func:`smooth_maps`
+    with sigma = size / 28: compact holes)."""
     generator = torch.Generator().manual_seed(seed)
     maps = torch.rand(n, size * size, generator=generator)
+    if kind == "smooth":
+        maps = smooth_maps(maps.view(n, size, size), size / 28)
     out = []
     if steps in ("both", "completeness"):
         top = maps.max(dim=1, keepdim=True).values
@@ -118,17 +137,23 @@ def _timed(function, *args, **kwargs):
 
 
 def run(
-    n: int, channels: int, size: int, ours_images: int, baseline_systems: int, seed: int
+    n: int,
+    channels: int,
+    size: int,
+    ours_images: int,
+    baseline_systems: int,
+    seed: int,
+    kind: str = "random",
 ) -> dict:
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(n, channels, size, size, generator=generator, dtype=torch.float64)
-    removed = masks(n, size, seed + 1, "both")
+    removed = masks(n, size, seed + 1, "both", kind)
     repeats = removed.shape[0] // n
     stacked = images.repeat_interleave(repeats, dim=0)
     systems = stacked.shape[0]
     ours_rows = ours_images * repeats
     scale = systems / ours_rows
-    result = {"images": n, "channels": channels, "size": size, "systems": systems}
+    result = {"images": n, "channels": channels, "size": size, "maps": kind, "systems": systems}
     solvers = ["auto", "direct", "nested", "nested_mixed"] + (["block"] if size <= 64 else [])
     ours = {}
 
@@ -178,15 +203,22 @@ def main() -> None:
     parser.add_argument("--baseline-systems", type=int, default=420)
     parser.add_argument("--large-images", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--maps",
+        choices=("random", "smooth"),
+        default="random",
+        help="attribution maps whose masks are imputed: i.i.d. uniform pixels (scattered"
+        " masks) or blurred noise (compact holes, like upsampled CAMs)",
+    )
     args = parser.parse_args()
     # the baselines are single-threaded: one torch thread compares like with like
     torch.set_num_threads(args.threads)
     if args.quick:
-        cases = [run(8, 1, 28, 8, 105, args.seed)]
+        cases = [run(8, 1, 28, 8, 105, args.seed, args.maps)]
     else:
         cases = [
-            run(64, 1, 28, 64, args.baseline_systems, args.seed),
-            run(8, 3, 224, args.large_images, 21, args.seed),
+            run(64, 1, 28, 64, args.baseline_systems, args.seed, args.maps),
+            run(8, 3, 224, args.large_images, 21, args.seed, args.maps),
         ]
     print(
         json.dumps(
