@@ -44,6 +44,7 @@ import time
 import torch
 
 from captum_ext.attr import WEIGHT_PRESETS, ActivationMatchingMask, ContrastCAM, GradCAM
+from captum_ext.attr._activation_matching_loss import activation_distance, run_with_activations
 from captum_ext.bundled import BUNDLED_BLACK, load_bundled_model
 from captum_ext.data import BUNDLED_CAM_LAYER, normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
@@ -81,10 +82,24 @@ def agreement_curve(model, images, ranking, baseline, fractions) -> dict[str, fl
     return curve
 
 
-def summarise(result, model, images, baseline, ranking) -> dict[str, float]:
+@torch.no_grad()
+def matched_activations(explainer, images, explanation) -> float:
+    """Mean over the digits of sum_l a_l d(phi_l(x), phi_l(e)), the activation term of the
+    objective (lower: the masked image's activations match the image's better)."""
+    _, reference = run_with_activations(explainer.forward_func, explainer.layers, images)
+    _, acts = run_with_activations(explainer.forward_func, explainer.layers, explanation)
+    terms = zip(explainer.layer_weights, reference, acts)
+    return float(sum(a_l * activation_distance(r, e) for a_l, r, e in terms).mean())
+
+
+def summarise(result, model, images, baseline, ranking, explainer=None) -> dict[str, float]:
     auc_del = deletion(model, images, ranking, target=result.target, baselines=baseline)
     auc_ins = insertion(model, images, ranking, target=result.target, baselines=baseline)
+    extra = {}
+    if explainer is not None:
+        extra["activation_distance"] = matched_activations(explainer, images, result.explanation)
     return {
+        **extra,
         "active_fraction": float(result.active_fraction.mean()),
         "agreement": float(result.agreement.float().mean()),
         "confidence_x": float(result.confidence.mean()),
@@ -165,6 +180,12 @@ def main() -> None:
     parser.add_argument("--fit-lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="also report both kinds of mask after the pruning pass (ActivationMatchingMask"
+        ".prune: drop kept pixels while the label and the confidence hold)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -227,16 +248,32 @@ def main() -> None:
         "per-image (rank by p)": summarise(
             result_pi, model, pi_images, baseline, result_pi.probabilities
         ),
-        "per-image (binary mask)": summarise(result_pi, model, pi_images, baseline, result_pi.mask),
+        "per-image (binary mask)": summarise(
+            result_pi, model, pi_images, baseline, result_pi.mask, per_image
+        ),
         "amortised (rank by p)": summarise(
             result_am, model, images, baseline, result_am.probabilities
         ),
-        "amortised (binary mask)": summarise(result_am, model, images, baseline, result_am.mask),
+        "amortised (binary mask)": summarise(
+            result_am, model, images, baseline, result_am.mask, amortised
+        ),
         "Grad-CAM": cam_row(GradCAM(model, BUNDLED_CAM_LAYER), model, images, baseline, target),
         "ContrastCAM": cam_row(
             ContrastCAM(model, BUNDLED_CAM_LAYER), model, images, baseline, None
         ),
     }
+    prune_s = {}
+    if args.prune:
+        for name, explainer, result, digits in (
+            ("per-image", per_image, result_pi, pi_images),
+            ("amortised", amortised, result_am, images),
+        ):
+            t0 = time.perf_counter()
+            pruned = explainer.prune(digits, result, seed=args.seed)
+            prune_s[name] = (time.perf_counter() - t0) / len(digits)
+            rows[f"{name} + prune (binary mask)"] = summarise(
+                pruned, model, digits, baseline, pruned.mask, explainer
+            )
     grad_cam_maps = GradCAM(model, BUNDLED_CAM_LAYER).attribute(
         images, target, upsample_to_input=True
     )
@@ -280,6 +317,7 @@ def main() -> None:
         "necessity",
         "deletion_auc",
         "insertion_auc",
+        "activation_distance",
     ]
     lines = [
         f"baseline={args.baseline} ({baseline:.4f}); per-image: {n_pi} held-out digits, "
@@ -313,6 +351,7 @@ def main() -> None:
         "(amortised at most 10% worse)",
         f"per-image fits restarted: {restarted:.1%} of the images (--restarts {args.restarts},"
         f" fits per image at most {int(result_pi.fits.max())})",
+        *([f"pruning pass: {1e3 * v:.1f} ms per image ({k})" for k, v in prune_s.items()]),
         f"total wall time {total_s:.0f} s",
     ]
     print("\n".join(lines), file=sys.stderr)
@@ -345,6 +384,8 @@ def main() -> None:
                 "fit_s": fit_s,
                 "deletion_auc_relative": relative,
                 "deletion_within_10pct": within,
+                "prune": args.prune,
+                "prune_s_per_image": prune_s,
                 "rows": rows,
                 "agreement_curves": curves,
                 "total_s": total_s,
