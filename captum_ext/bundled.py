@@ -77,7 +77,7 @@ BUNDLED_BLACK: float = float(normalize_digits(torch.tensor(0.0, dtype=torch.floa
 #: The layers whose activations the bundled mask net was trained to match (a_l = 1 each).
 BUNDLED_MASK_LAYERS: tuple[str, ...] = ("features.1", "features.4", "features.7", "flatten")
 #: The explainer's options the bundled mask net was trained with (masked pixels black).
-MASK_OPTIONS: dict[str, Any] = {"weights": "sparse_amortised", "baseline": BUNDLED_BLACK}
+MASK_OPTIONS: dict[str, Any] = {"weights": "sparse_confident", "baseline": BUNDLED_BLACK}
 
 
 def _resource(name: str):
@@ -213,13 +213,15 @@ def load_bundled_mask_explainer(model: Any = None):
 
     The mask net (a 2-level U-Net of width 16) was trained by
     ``scripts/train_bundled_mask_net.py`` on the 4,000 training digits with the options
-    :data:`MASK_OPTIONS`: the "sparse_amortised" weights, masked pixels black
-    (:data:`BUNDLED_BLACK`, as the papers' MNIST explanations m * x in pixel space; the
+    :data:`MASK_OPTIONS`: the "sparse_confident" weights (with the confidence hinge), masked
+    pixels black (:data:`BUNDLED_BLACK`, as the papers' MNIST explanations m * x in pixel space; the
     explainer's own default, 0 in normalised space, is a mean grey) and the activations
     of ``features.1``, ``features.4``, ``features.7`` and ``flatten`` matched. What it
     achieves on the 1,000 held-out digits (active-pixel fraction, label agreement,
-    confidences) is recorded next to the weights, in ``captum_ext/data/bundled_mask_net.json``.
-    One forward pass explains a batch: ``explainer.attribute(images)``.
+    confidences), without and with the pruning pass, is recorded next to the weights, in
+    ``captum_ext/data/bundled_mask_net.json``. One forward pass explains a batch:
+    ``explainer.attribute(images)``; ``attribute(images, prune=True)`` prunes the masks
+    further (one forward pass per kept pixel).
 
     Args:
         model (nn.Module, optional): the classifier; it must be the bundled model (or a copy

@@ -1,7 +1,7 @@
 """Train the amortised activation-matching mask net of the bundled digit classifier.
 
 Fits :class:`captum_ext.attr.ActivationMatchingMask` (``mode="amortised"``, the options
-``captum_ext.bundled.MASK_OPTIONS``: the "sparse_amortised" weights, and masked pixels
+``captum_ext.bundled.MASK_OPTIONS``: the "sparse_confident" weights, and masked pixels
 black, ``baseline=BUNDLED_BLACK`` = normalize_digits(0), as the papers' MNIST explanation
 m * x in pixel space, since issue 13 (before: 0 in normalised space, a mean grey); matched
 layers ``BUNDLED_MASK_LAYERS``) on the 4,000
@@ -12,14 +12,16 @@ writes into ``captum_ext/data``:
 - ``bundled_mask_net.json``  epochs, batch size, lr, seed, weights, baseline, and on the
                              1,000 held-out digits:
                              mean active-pixel fraction, label agreement, mean confidence on
-                             x and on m * x; training time, torch version
+                             x and on m * x, share of digits at least as confident on m * x,
+                             the same after the pruning pass (``prune=True``, ``pruned_*``);
+                             training time, torch version
 
 The report's ``masks`` section and the tutorial load it with
 :func:`captum_ext.bundled.load_bundled_mask_explainer`.
 
 Usage::
 
-    python scripts/train_bundled_mask_net.py [--epochs 10]
+    python scripts/train_bundled_mask_net.py [--epochs 25]
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ LR = 3e-4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--out-dir", default=str(DATA_DIR))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -59,6 +61,7 @@ def main() -> None:
     )
     seconds = time.perf_counter() - start
     details = explainer.attribute(heldout, return_details=True, seed=SEED, progress=False)
+    pruned = explainer.prune(heldout, details, seed=SEED)
     info = {
         "epochs": args.epochs,
         "batch_size": BATCH,
@@ -73,6 +76,12 @@ def main() -> None:
         "heldout_confidence_masked": float(details.explanation_confidence.mean()),
         "heldout_confidence_at_least_x": float(
             (details.explanation_confidence >= details.confidence).float().mean()
+        ),
+        "pruned_heldout_active_fraction": float(pruned.active_fraction.mean()),
+        "pruned_heldout_agreement": float(pruned.agreement.float().mean()),
+        "pruned_heldout_confidence_masked": float(pruned.explanation_confidence.mean()),
+        "pruned_heldout_confidence_at_least_x": float(
+            (pruned.explanation_confidence >= pruned.confidence).float().mean()
         ),
         "train_seconds": round(seconds, 1),
         "torch": torch.__version__,

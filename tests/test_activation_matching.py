@@ -591,8 +591,11 @@ def test_presets_are_the_papers_numbers():
         "paper": (0.6, 4.0, 0.54, 100, 1.2, 50, 10),
         "sparse": (0.6, 40, 0.54, 200, 1.2, 50, 0),
         "sparse_amortised": (0.6, 80, 0.54, 200, 1.2, 50, 0),
+        "sparse_confident": (0.6, 80, 0.54, 1300, 1.2, 50, 0),
     }
     assert all(w.nec == 0 for w in WEIGHT_PRESETS.values())
+    assert {name for name, w in WEIGHT_PRESETS.items() if w.conf} == {"sparse_confident"}
+    assert WEIGHT_PRESETS["sparse_confident"].conf == 100
 
 
 def test_bad_arguments_name_the_argument(tmp_path):

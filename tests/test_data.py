@@ -247,6 +247,30 @@ def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(bundled_
     assert float(details.agreement.float().mean()) == pytest.approx(
         info["heldout_agreement"], abs=1e-6
     )
+    at_least = (details.explanation_confidence >= details.confidence).float().mean()
+    assert float(at_least) == pytest.approx(info["heldout_confidence_at_least_x"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_bundled_mask_explainer_reproduces_its_recorded_pruned_numbers(bundled_model) -> None:
+    from captum_ext.bundled import load_bundled_mask_explainer
+    from captum_ext.data import load_mnist_split
+
+    info = _package_json("bundled_mask_net.json")
+    explainer = load_bundled_mask_explainer(bundled_model)
+    heldout = normalize_digits(torch.from_numpy(load_mnist_split().heldout_images)).unsqueeze(1)
+    details = explainer.attribute(heldout, return_details=True, seed=info["seed"], progress=False)
+    pruned = explainer.prune(heldout, details, seed=info["seed"])
+    assert bool((pruned.mask <= details.mask).all())
+    recorded = {
+        "pruned_heldout_active_fraction": pruned.active_fraction.mean(),
+        "pruned_heldout_agreement": pruned.agreement.float().mean(),
+        "pruned_heldout_confidence_at_least_x": (pruned.explanation_confidence >= pruned.confidence)
+        .float()
+        .mean(),
+    }
+    for key, value in recorded.items():
+        assert float(value) == pytest.approx(info[key], abs=1e-6), key
 
 
 def test_bundled_inversion_reproduces_its_recorded_consistency(bundled_model) -> None:
