@@ -189,3 +189,28 @@ def test_prune_method_checks_its_arguments():
         explainer.prune(x[:2], result)
     with pytest.raises(ValueError, match="`max_passes`"):
         explainer.prune(x, result, max_passes=0)
+
+
+def test_train_mode_model_comes_back_unchanged():
+    """The pass runs the model on subsets of the batch; a train-mode model's batch-norm
+    statistics, flags and gradients are put back afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    ).double()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.train()
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
+    mask_logits = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64) + 1.0
+    explainer = ActivationMatchingMask(model, ["0"], mask_net=StoredLogits(mask_logits))
+    snapshot = model_snapshot(model)
+    result = explainer.attribute(x, return_details=True, prune=True, progress=False)
+    explainer.prune(x, result)
+    assert_model_unchanged(model, snapshot)
+    assert model.training
