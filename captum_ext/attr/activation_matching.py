@@ -643,9 +643,10 @@ class ActivationMatchingMask(PerturbationAttribution):
             prune (bool or int, optional): after the mask is made (either mode), drop the
                 kept pixels the decision does not need: in increasing order of p, each
                 pixel whose removal still leaves argmax f(e) == y and
-                lo_y(e) >= min(lo_y(x), lo_y(e_0)) (lo_y the log-odds of y, e_0 the
-                explanation before pruning) is dropped, in passes over the kept pixels
-                until one drops nothing (True) or for at most this many passes (an int).
+                lo_y(e) >= min(lo_y(x), lo_y(e_0)) + 1e-3 (lo_y the log-odds of y, e_0
+                the explanation before pruning; the 1e-3 guards against rounding) is
+                dropped, in passes over the kept pixels until one drops nothing (True) or
+                for at most this many passes (an int).
                 The result is then 1-minimal (no single kept pixel can go) and keeps the
                 class and the confidence the mask had, or the image's if that was lower;
                 at least one pixel stays. It optimises nothing and ignores the
