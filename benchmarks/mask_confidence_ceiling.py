@@ -41,18 +41,12 @@ import time
 
 import torch
 
+from captum_ext.attr._activation_matching_loss import log_odds
 from captum_ext.bundled import BUNDLED_BLACK, load_bundled_model
 from captum_ext.data import normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
 
 BASELINES = {"zero": 0.0, "black": BUNDLED_BLACK}
-
-
-def log_odds(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """lo_y = z_y - logsumexp over the other classes, per row."""
-    kept = logits.gather(1, target[:, None])[:, 0]
-    others = logits.scatter(1, target[:, None], float("-inf"))
-    return kept - torch.logsumexp(others, 1)
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
