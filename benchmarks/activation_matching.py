@@ -27,7 +27,8 @@ Prints a markdown table on stderr and one JSON line on stdout. Nothing is tuned 
 target hold; the budget used is printed.
 
     python benchmarks/activation_matching.py [--baseline black|zero] [--n-images 20]
-        [--pi-images N] [--pi-batch 100] [--steps 300] [--lr 1e-3] [--keep best|last] [--restarts 2]
+        [--pi-images N] [--pi-offset 0] [--starts 1] [--pi-batch 100] [--steps 300]
+        [--lr 1e-3] [--keep best|last] [--restarts 2]
         [--n-train 4000]
         [--epochs 2] [--fit-lr 3e-4] [--batch 32] [--weights mnist] [--pi-weights mnist]
         [--conf 0] [--set area=400 ...]
@@ -44,7 +45,11 @@ import time
 import torch
 
 from captum_ext.attr import WEIGHT_PRESETS, ActivationMatchingMask, ContrastCAM, GradCAM
-from captum_ext.attr._activation_matching_loss import activation_distance, run_with_activations
+from captum_ext.attr._activation_matching_loss import (
+    activation_distance,
+    log_odds,
+    run_with_activations,
+)
 from captum_ext.bundled import BUNDLED_BLACK, load_bundled_model
 from captum_ext.data import BUNDLED_CAM_LAYER, normalize_digits
 from captum_ext.data._mnist_split import load_mnist_split
@@ -98,6 +103,9 @@ def summarise(result, model, images, baseline, ranking, explainer=None) -> dict[
     extra = {}
     if explainer is not None:
         extra["activation_distance"] = matched_activations(explainer, images, result.explanation)
+    with torch.no_grad():  # the same share judged in log-odds: no float32 ties of p at 1
+        image_log_odds = log_odds(model(images), result.target)
+        explanation_log_odds = log_odds(model(result.explanation), result.target)
     return {
         **extra,
         "active_fraction": float(result.active_fraction.mean()),
@@ -107,6 +115,9 @@ def summarise(result, model, images, baseline, ranking, explainer=None) -> dict[
         "confidence_change": float((result.explanation_confidence - result.confidence).mean()),
         "confidence_at_least_x": float(
             (result.explanation_confidence >= result.confidence).float().mean()
+        ),
+        "confidence_at_least_x_log_odds": float(
+            (explanation_log_odds >= image_log_odds).float().mean()
         ),
         "sufficiency": float(result.sufficiency.mean()),
         "necessity": float(result.necessity.mean()),
@@ -139,6 +150,21 @@ def main() -> None:
     )
     parser.add_argument("--n-images", type=int, default=20)
     parser.add_argument("--pi-images", type=int, default=None, help="default: --n-images")
+    parser.add_argument(
+        "--pi-offset",
+        type=int,
+        default=0,
+        help="per-image fits explain held-out digits pi-offset .. pi-offset + pi-images - 1"
+        " (to split a long run over processes; default 0: the first ones)",
+    )
+    parser.add_argument(
+        "--starts",
+        type=int,
+        default=1,
+        help="per-image: fit each digit from this many initialisations and keep the best"
+        " mask (attribute(starts=...): class, then confidence, then size; after pruning"
+        " with --prune)",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--keep", choices=("best", "last"), default="best")
@@ -203,7 +229,11 @@ def main() -> None:
     split = load_mnist_split()
     train = normalize_digits(torch.from_numpy(split.train_images[: args.n_train])).unsqueeze(1)
     images = normalize_digits(torch.from_numpy(split.heldout_images[: args.n_images])).unsqueeze(1)
-    pi_images = images[: args.pi_images or args.n_images]
+    pi_count = args.pi_images or args.n_images
+    pi_digits = split.heldout_images[args.pi_offset : args.pi_offset + pi_count]
+    pi_images = normalize_digits(torch.from_numpy(pi_digits)).unsqueeze(1)
+    # with several starts the pruning (--prune) happens inside attribute, before the choice
+    prune_inside = args.prune and args.starts > 1
 
     # per-image fits (the papers' setting)
     per_image = ActivationMatchingMask(model, LAYERS, weights=pi_weights_used, baseline=baseline)
@@ -219,8 +249,10 @@ def main() -> None:
         restarts=args.restarts,
         return_details=True,
         progress=False,
+        starts=args.starts,
+        prune=prune_inside,
     )
-    restarted = float((result_pi.fits > 1).float().mean())
+    restarted = float((result_pi.fits > args.starts).float().mean())
     per_image_s = (time.perf_counter() - t0) / len(pi_images)
 
     # amortised: train once on the training split, then one forward pass per batch
@@ -244,11 +276,13 @@ def main() -> None:
     amortised_s = sorted(times)[len(times) // 2] / len(images)
 
     target = result_am.target
+    pi_name = "per-image" if args.starts == 1 else f"per-image, best of {args.starts} starts"
+    pi_name += " + prune" if prune_inside else ""
     rows = {
-        "per-image (rank by p)": summarise(
+        f"{pi_name} (rank by p)": summarise(
             result_pi, model, pi_images, baseline, result_pi.probabilities
         ),
-        "per-image (binary mask)": summarise(
+        f"{pi_name} (binary mask)": summarise(
             result_pi, model, pi_images, baseline, result_pi.mask, per_image
         ),
         "amortised (rank by p)": summarise(
@@ -265,7 +299,7 @@ def main() -> None:
     prune_s = {}
     if args.prune:
         for name, explainer, result, digits in (
-            ("per-image", per_image, result_pi, pi_images),
+            *([] if prune_inside else [(pi_name, per_image, result_pi, pi_images)]),
             ("amortised", amortised, result_am, images),
         ):
             t0 = time.perf_counter()
@@ -281,12 +315,15 @@ def main() -> None:
         images, None, upsample_to_input=True
     )
     n_pi = len(pi_images)
+    pi_grad_cam_maps = GradCAM(model, BUNDLED_CAM_LAYER).attribute(
+        pi_images, result_pi.prediction, upsample_to_input=True
+    )
     curves = {
-        f"per-image (p), {n_pi} digits": agreement_curve(
+        f"{pi_name} (p), {n_pi} digits": agreement_curve(
             model, pi_images, result_pi.probabilities, baseline, fractions
         ),
         f"Grad-CAM, same {n_pi} digits": agreement_curve(
-            model, pi_images, grad_cam_maps[:n_pi], baseline, fractions
+            model, pi_images, pi_grad_cam_maps, baseline, fractions
         ),
         f"amortised (p), {len(images)} digits": agreement_curve(
             model, images, result_am.probabilities, baseline, fractions
@@ -299,7 +336,7 @@ def main() -> None:
         ),
     }
     ratio = per_image_s / amortised_s
-    del_pi = rows["per-image (rank by p)"]["deletion_auc"]
+    del_pi = rows[f"{pi_name} (rank by p)"]["deletion_auc"]
     del_am = rows["amortised (rank by p)"]["deletion_auc"]
     # the target: the amortised masks are not worse (higher deletion AUC) by more than 10%
     within = del_am <= 1.1 * del_pi
@@ -313,6 +350,7 @@ def main() -> None:
         "confidence_e",
         "confidence_change",
         "confidence_at_least_x",
+        "confidence_at_least_x_log_odds",
         "sufficiency",
         "necessity",
         "deletion_auc",
@@ -320,7 +358,8 @@ def main() -> None:
         "activation_distance",
     ]
     lines = [
-        f"baseline={args.baseline} ({baseline:.4f}); per-image: {n_pi} held-out digits, "
+        f"baseline={args.baseline} ({baseline:.4f}); per-image: {n_pi} held-out digits "
+        f"from {args.pi_offset}, {args.starts} start(s), "
         f"weights {pi_weights!r}, {args.steps} steps lr {args.lr} keep {args.keep}, "
         f"{args.pi_batch} at once; amortised: "
         f"{len(images)} held-out digits, weights {args.weights!r}, net trained on {len(train)} "
@@ -362,6 +401,8 @@ def main() -> None:
                 "baseline": args.baseline,
                 "n_images": len(images),
                 "pi_images": n_pi,
+                "pi_offset": args.pi_offset,
+                "starts": args.starts,
                 "weights": args.weights,
                 "pi_weights": pi_weights,
                 "conf": args.conf,
