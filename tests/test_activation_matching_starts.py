@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import assert_model_unchanged, make_confident_model, make_tiny_cnn, model_snapshot
 
 from captum_ext.attr import ActivationMatchingMask
 from captum_ext.attr._activation_matching_starts import best_start
@@ -39,9 +39,12 @@ def fit(explainer, x, **kwargs):
 
 
 def log_odds64(model, image, y):
+    """log(p_y / (1 - p_y)) = z_y - log sum_{c != y} exp(z_c), in float64 (the form that
+    does not saturate where p_y rounds to 1)."""
     with torch.no_grad():
-        log_p = model(image[None].double()).double().log_softmax(1)[0]
-    return float(log_p[y] - torch.log1p(-log_p[y].exp()))
+        z = model(image[None])[0].double()
+    others = torch.cat([z[:y], z[y + 1 :]])
+    return float(z[y] - torch.logsumexp(others, 0))
 
 
 def reference_choice(model, x, targets, masks):
@@ -162,3 +165,21 @@ def test_several_starts_need_per_image_mode():
     _, x, explainer = setting(2)
     with pytest.raises(ValueError, match="starts"):
         explainer.attribute(x, mode="amortised", starts=2)
+
+
+def test_confident_model_the_choice_is_made_in_log_odds():
+    """Logit gaps in the thousands (bundled logits x 1000, float32): softmax rounds p_y to 1
+    on the image and on most masks, so a probability comparison would call every mask "as
+    confident"; the choice compares log-odds and still equals the float64 reference."""
+    model = make_confident_model(1000.0)
+    x = load_sample_digits()[0][:4]
+    explainer = ActivationMatchingMask(model, ["features.4"], weights="sparse", baseline=BASELINE)
+    separate = [fit(explainer, x, seed=start_seed(SEED, j), prune=True) for j in range(2)]
+    combined = fit(explainer, x, seed=SEED, starts=2, prune=True)
+    reference_model = copy.deepcopy(model).double()
+    expected = reference_choice(
+        reference_model, x.double(), combined.target, [r.mask.double() for r in separate]
+    )
+    assert torch.equal(combined.start, expected)
+    assert bool(torch.isfinite(combined.explanation_confidence).all())
+    assert bool((combined.confidence == 1.0).any())  # the probabilities do round to 1
