@@ -14,7 +14,8 @@ one. :func:`road_imputation` solves it for a whole batch (every image and every 
 once): on the CPU by a batched nested-dissection Cholesky factorisation of the system written
 on the whole pixel grid (images with large holes) or one sparse LU factorisation of the
 block-diagonal system (scipy, images with small holes), on other devices by conjugate
-gradients with the Laplacian applied as a 3 x 3 convolution, where no sparse matrix is built.
+gradients in float64 with the Laplacian applied as a 3 x 3 convolution, where no sparse matrix
+is built (and the nested factorisation for any image they leave unconverged).
 
 - :func:`road`: the probability of the target after removing the most (``order="morf"``) or
   least (``"lerf"``) relevant fraction of pixels, for several fractions, with ROAD imputation.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -700,6 +702,11 @@ def _nested_refined(
     return filled, failed | active
 
 
+def _auto_factorises_on(device: torch.device) -> bool:
+    """Whether "auto" factorises on ``device`` (the CPU) rather than iterating (CG)."""
+    return device.type == "cpu"
+
+
 def _scipy_available() -> bool:
     try:
         import scipy.sparse.linalg  # noqa: F401
@@ -786,14 +793,17 @@ def road_imputation(
             float64 fallback per system that does not converge: equal to "nested" to about
             1e-12; for devices whose float64 is slow, e.g. consumer GPUs, and not chosen by
             "auto": on the CPU of ``benchmarks/RESULTS.md`` it measured no faster than
-            "nested", on a GPU it is unmeasured), ``"cg"`` (conjugate gradients with the
-            Laplacian as a convolution, on the inputs' device), or ``"auto"``: on the CPU
+            "nested", on a GPU it is unmeasured), ``"cg"`` (conjugate gradients in float64
+            with the Laplacian as a convolution, on the inputs' device; a RuntimeWarning
+            names the images that miss ``tolerance`` within ``max_iterations``), or
+            ``"auto"``: on the CPU
             direct for the masks with small or scattered holes (less than half of the pixels
             removed up to 40 pixels wide, 60% above, and under 15% of the pixels removed
             with all their neighbours; the sparse LU is cheap there), block (up to 40
             pixels wide) or nested (wider) for the others and for all when scipy is
             missing: the faster on a CPU in each case, see ``benchmarks/RESULTS.md``; CG on
-            other devices. Default: ``"auto"``.
+            other devices, then the nested solver for any image CG leaves unconverged.
+            Default: ``"auto"``.
             The block and nested solvers run many small batched LAPACK calls: on a busy
             machine several torch threads can make them much slower than one
             (``torch.set_num_threads(1)``; measured in ``benchmarks/RESULTS.md``).
@@ -842,7 +852,7 @@ def road_imputation(
             f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested', "
             "'nested_mixed' or 'cg'."
         )
-    if solver != "cg" and (solver != "auto" or inputs.device.type == "cpu"):
+    if solver != "cg" and (solver != "auto" or _auto_factorises_on(inputs.device)):
         if solver == "auto":
             whole_grid = "block" if w <= _BLOCK_MAX_WIDTH else "nested"
             dense = _whole_grid_is_faster(removed, whole_grid)
@@ -860,13 +870,42 @@ def road_imputation(
             filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
         return filled
 
-    work_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    x = inputs.to(work_dtype).reshape(n * c, 1, h, w)
-    unknown = removed.repeat_interleave(c, dim=0).to(work_dtype)
+    filled, converged = _conjugate_gradients(inputs, removed, tolerance, iterations)
+    if not bool(converged.all()):
+        stuck = (~converged).nonzero()[:, 0]
+        if solver == "auto":  # exact instead: the nested factorisation runs on any device
+            filled[stuck] = _factorised(inputs[stuck].to(torch.float64), removed[stuck], "nested")
+        else:
+            warnings.warn(
+                f"road_imputation(solver='cg'): {stuck.numel()} of {n} images did not reach "
+                f"`tolerance`={tolerance:g} within `max_iterations`={iterations}; their "
+                "imputation is approximate. Raise `max_iterations` or use solver='nested'.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if noise > 0:  # drawn as on the CPU path: the same generator gives the same noise
+        draw_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+        draw = torch.randn(filled.shape, generator=generator, dtype=draw_dtype)
+        filled = filled + noise * removed.to(filled.dtype) * draw.to(filled)
+    return filled.to(inputs.dtype)
+
+
+def _conjugate_gradients(
+    inputs: Tensor, removed: Tensor, tolerance: float, iterations: int
+) -> tuple[Tensor, Tensor]:
+    """``inputs`` imputed (no noise) by conjugate gradients, in float64 on the inputs' device,
+    with the Laplacian applied as a 3 x 3 convolution; and ``(N,)`` True where every channel
+    reached ``tolerance``. Always float64: the residual of these systems is a poor guide to
+    the error (condition numbers grow with a hole's area), and float32 iterations left
+    errors of 1e-4 to 1e-2 on float32 images with large holes (one kept pixel: 3e-4 at
+    48 x 48, 1.5e-2 at 224 x 224)."""
+    n, c, h, w = inputs.shape
+    x = inputs.to(torch.float64).reshape(n * c, 1, h, w)
+    unknown = removed.repeat_interleave(c, dim=0).to(torch.float64)
     known = 1.0 - unknown
-    kernel = _neighbour_kernel(work_dtype, inputs.device)
+    kernel = _neighbour_kernel(torch.float64, inputs.device)
     # degree: the summed weight of the neighbours inside the image
-    degree = F.conv2d(torch.ones(1, 1, h, w, dtype=work_dtype, device=x.device), kernel, padding=1)
+    degree = F.conv2d(torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device), kernel, padding=1)
 
     def laplacian(v: Tensor) -> Tensor:  # v is zero on known pixels
         return unknown * (degree * v - F.conv2d(v, kernel, padding=1))
@@ -890,12 +929,9 @@ def road_imputation(
         beta = torch.where(active, rs_new / rs_old.clamp_min(1e-300), 0.0)
         direction = residual + beta.view(-1, 1, 1, 1) * direction
         rs_old = rs_new
-    if noise > 0:
-        solution = solution + noise * unknown * torch.randn(
-            solution.shape, generator=generator, dtype=work_dtype, device="cpu"
-        ).to(solution.device)
+    converged = (rs_old <= stop).view(n, c).all(dim=1)
     filled = x * known + solution * unknown
-    return filled.reshape(n, c, h, w).to(inputs.dtype)
+    return filled.reshape(n, c, h, w), converged
 
 
 def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
