@@ -29,7 +29,11 @@ def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tens
                         {\sum_{j \in S_c} p_j + 10^{-9}}.
 
     The weights :math:`p_j` are differentiated too, as in the published implementation.
+    Half-precision logits are scored in float32: the 1e-9 guard is 0 in float16, where the
+    vanishing weights of a confident prediction gave 0 / 0.
     """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     n, classes = logits.shape
     distance = (logits[:, :, None] - logits[:, None, :]).abs()
     # each class first in its own ordering, also when another class has the same logit
