@@ -392,3 +392,32 @@ def test_old_scores_name_of_the_engine_warns_and_still_works():
     with pytest.warns(DeprecationWarning, match="TARGET_SCORE_FUNCTIONS"):
         old = engine.SCORES
     assert old is engine.TARGET_SCORE_FUNCTIONS
+
+
+def test_a_segmentation_output_error_points_to_what_each_function_takes():
+    """Functions without an ``output_transform`` argument (the ROAD family, deletion /
+    insertion, masking, PathwayGradient, LayerIBA) say to wrap the model instead of naming
+    an argument they do not have; those with one (the trust scores, the CAMs) name it."""
+    from captum_ext.attr import GradCAM, LayerIBA, PathwayGradient
+    from captum_ext.metrics import completeness, deletion, energy, masking_score, road
+
+    segmenter = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    iba = LayerIBA(segmenter, segmenter[0], mean=torch.zeros(4, 8, 8), std=torch.ones(4, 8, 8))
+    without = {
+        "road": lambda: road(segmenter, x, maps, target=1),
+        "completeness": lambda: completeness(segmenter, x, maps, target=1),
+        "deletion": lambda: deletion(segmenter, x, maps[:, None], target=1),
+        "masking_score": lambda: masking_score(segmenter, x, maps[:, None], target=1),
+        "PathwayGradient": lambda: PathwayGradient(segmenter).attribute(x, target=1),
+        "LayerIBA": lambda: iba.attribute(x, target=1, steps=1),
+    }
+    for name, call in without.items():
+        with pytest.raises(ValueError, match=r"no `output_transform`: wrap the model") as caught:
+            call()
+        assert "pass `output_transform`" not in str(caught.value), name
+    with pytest.raises(ValueError, match=r"pass `output_transform`"):
+        energy(segmenter, x)
+    with pytest.raises(ValueError, match=r"output_transform"):
+        GradCAM(segmenter, segmenter[0]).attribute(x, target=1)

@@ -80,12 +80,15 @@ def run_forward(
     output_transform: Callable[[Any], Tensor] | None = None,
     *,
     allow_multidim: bool = False,
+    takes_output_transform: bool = True,
 ) -> Tensor:
     """Call the model and check that it returns (N, C) logits.
 
     With ``allow_multidim`` any output with the examples first is accepted: (N,) scalars,
     (N, C) logits, or (N, C, *positions) (a segmentation network's (N, C, H, W)), which
-    Captum's tuple targets index.
+    Captum's tuple targets index. ``takes_output_transform``: whether the caller's public
+    function has an ``output_transform`` argument, which the error then points to (else it
+    says to wrap the model).
     """
     extra = format_additional_forward_args(additional_forward_args)
     try:
@@ -111,14 +114,20 @@ def run_forward(
     elif isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == n:
         return output
     got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    if takes_output_transform:
+        remedy = "pass `output_transform` to reduce the output to (N, classes) scores."
+    else:
+        remedy = (
+            "this function has no `output_transform`: wrap the model so that it returns "
+            "(N, classes) scores, e.g. forward_func=lambda x: model(x).mean(dim=(2, 3)) for a "
+            "segmentation output."
+        )
     if allow_multidim:
         raise ValueError(
-            f"forward_func must return a tensor with the N={n} examples first, got {got}; pass "
-            "`output_transform` to reduce the output to (N, classes) scores."
+            f"forward_func must return a tensor with the N={n} examples first, got {got}; " + remedy
         )
     raise ValueError(
-        f"forward_func must return (N, classes) logits for N={n} examples, got {got}; pass "
-        "`output_transform` to reduce the output to (N, classes)."
+        f"forward_func must return (N, classes) logits for N={n} examples, got {got}; " + remedy
     )
 
 

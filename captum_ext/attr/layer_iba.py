@@ -602,7 +602,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             registered_hooks(lambda: self.layer.register_forward_hook(on_output)),
         ):
             output = run_forward(
-                self.forward_func, inputs, additional_forward_args, allow_multidim=allow_multidim
+                self.forward_func,
+                inputs,
+                additional_forward_args,
+                allow_multidim=allow_multidim,
+                takes_output_transform=False,
             )
         if len(captured) != 1:
             raise ValueError(
@@ -726,6 +730,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                             repeated_inputs,
                             extra,
                             allow_multidim=not classification,
+                            takes_output_transform=False,
                         )
                 model_loss = self._model_loss(output, clean_copies, copy_columns, loss, n)
                 model_loss = model_loss.view(n, n_noise).mean(dim=1)

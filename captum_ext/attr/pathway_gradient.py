@@ -415,7 +415,9 @@ class PathwayGradient(GradientAttribution):
             x = tuple(t.detach() for t in formatted)
             # 1. score: one forward with gates, one backward of the target logits
             sites.start("gate")
-            logits = run_forward(self.forward_func, x, additional_forward_args)
+            logits = run_forward(
+                self.forward_func, x, additional_forward_args, takes_output_transform=False
+            )
             classes, multi = class_selection(target, logits, argument="target", default="predicted")
             if multi:
                 raise ValueError(
@@ -454,7 +456,9 @@ class PathwayGradient(GradientAttribution):
             # 3. the gradient of the pruned network
             sites.start("mask")
             leaves = tuple(t.detach().requires_grad_(True) for t in x)
-            pruned = run_forward(self.forward_func, leaves, additional_forward_args)
+            pruned = run_forward(
+                self.forward_func, leaves, additional_forward_args, takes_output_transform=False
+            )
             self._check_all_ran(sites)
             grads = objective_gradients(pruned.gather(1, classes).sum(), leaves, allow_unused=True)
             attributions = tuple(
@@ -506,7 +510,7 @@ class PathwayGradient(GradientAttribution):
         for site in range(len(sites.calls)):
             sites.start("probe")
             sites.probe_site = site
-            logits = run_forward(self.forward_func, repeated, extra)
+            logits = run_forward(self.forward_func, repeated, extra, takes_output_transform=False)
             self._check_all_ran(sites)
             probe, activation = sites.probe, sites.probe_output
             sites.probe = sites.probe_output = None

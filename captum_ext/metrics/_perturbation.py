@@ -208,13 +208,18 @@ class Evaluator:
         return self.targets
 
     def original(self, x: Tensor) -> Tensor:
-        logits = run_forward(self.forward_func, (x,), self.extra)
+        logits = run_forward(self.forward_func, (x,), self.extra, takes_output_transform=False)
         self.resolve_target(logits)
         return logits
 
     def __call__(self, rows: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
         """Target probability and 0/1 correctness of each row; ``examples`` gives its example."""
-        logits = run_forward(self.forward_func, (rows,), self._rows_of_extra(examples))
+        logits = run_forward(
+            self.forward_func,
+            (rows,),
+            self._rows_of_extra(examples),
+            takes_output_transform=False,
+        )
         if self.targets is None:
             # masking_score with an explicit target: one row per example, only the class
             # count of the logits is used

@@ -953,7 +953,7 @@ def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
 
 
 def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) -> Tensor:
-    logits = run_forward(forward_func, (inputs,), extra)
+    logits = run_forward(forward_func, (inputs,), extra, takes_output_transform=False)
     classes, multi = class_selection(target, logits, argument="target", default="predicted")
     if multi or classes.shape[1] != 1:
         raise ValueError("`target` must give one class per example (int, list or 1-D tensor).")
@@ -971,7 +971,7 @@ def _score_rows(
         else arg
         for arg in extra
     )
-    logits = run_forward(forward_func, (rows,), row_extra).float()
+    logits = run_forward(forward_func, (rows,), row_extra, takes_output_transform=False).float()
     row_targets = targets.to(logits.device)[examples.to(logits.device)]
     probability = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0]
     return probability, (logits.argmax(dim=1) == row_targets).float()
