@@ -565,3 +565,15 @@ def test_mixed_precision_refinement_corrects_until_the_error_left_is_below_toler
     mixed = module._nested_solve(images, removed, "mixed")
     assert len(solves) >= 3
     np.testing.assert_allclose(mixed.numpy(), exact.numpy(), atol=1e-12, rtol=0)
+
+
+def test_non_finite_maps_are_refused_by_road_completeness_and_soundness(oracle):
+    """A NaN in a map used to rank silently (argsort puts it last) and give curves."""
+    maps = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    maps[1, 0, 3, 3] = float("nan")
+    for metric in (road, completeness, soundness):
+        with pytest.raises(ValueError, match="`attributions` contains NaN or infinite"):
+            metric(oracle.model, oracle.inputs[:2], maps, target=0)
+    maps[1, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="`attributions` contains NaN or infinite"):
+        road(oracle.model, oracle.inputs[:2], maps, target=0)

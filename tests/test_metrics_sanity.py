@@ -117,3 +117,34 @@ def test_bad_arguments_name_themselves(digits):
         model_randomisation(lambda m: m, model, images)
     with pytest.raises(ValueError, match="contrast"):
         class_sensitivity(lambda m: Saliency(m), model, images, contrast="random")
+
+
+def test_non_finite_maps_are_refused_naming_where_they_came_from(digits):
+    """NaN in a map made the rank and SSIM similarities meaningless without a word. The
+    similarity functions name the argument; model_randomisation names the layer after whose
+    randomisation the explainer returned them."""
+    model, images = digits
+    good = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    bad = good.clone()
+    bad[1, 0, 4, 4] = float("nan")
+    for similarity in (spearman_similarity, ssim_similarity):
+        with pytest.raises(ValueError, match="`maps_b` contains NaN"):
+            similarity(good, bad)
+        with pytest.raises(ValueError, match="`maps_a` contains NaN"):
+            similarity(bad.clone().fill_(float("inf")), good)
+
+    class BreaksOnceRandomised:
+        """Saliency, NaN once the classifier's weights are no longer the trained ones."""
+
+        def __init__(self, model):
+            self.saliency = Saliency(model)
+            self.trained = torch.equal(
+                model.classifier.weight, digits[0].classifier.weight.to(model.classifier.weight)
+            )
+
+        def attribute(self, inputs, target=None):
+            maps = self.saliency.attribute(inputs, target=target)
+            return maps if self.trained else maps * float("nan")
+
+    with pytest.raises(ValueError, match=r"after randomising 'classifier' for the examples"):
+        model_randomisation(BreaksOnceRandomised, model, images[:3])

@@ -949,6 +949,8 @@ def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
             f"`attributions` must be (N, C, H, W) or (N, H, W) maps at the input size "
             f"{tuple(inputs.shape[-2:])}, got {tuple(maps.shape)}."
         )
+    if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
+        raise ValueError("`attributions` contains NaN or infinite values.")
     return maps.detach().to(device=inputs.device, dtype=torch.float64)
 
 

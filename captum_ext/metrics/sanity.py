@@ -109,6 +109,8 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
 def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True) -> Tensor:
     """Spearman rank correlation of two batches of maps, ``(N,)`` float64 (ties: mean ranks;
     a constant map correlates 0)."""
+    _check_finite(maps_a, "maps_a")
+    _check_finite(maps_b, "maps_b")
     a = maps_a.flatten(1).double()
     b = maps_b.flatten(1).double()
     if absolute:
@@ -134,6 +136,8 @@ def ssim_similarity(
     with Gaussian-weighted local statistics, :math:`C_1 = 0.01^2`, :math:`C_2 = 0.03^2`
     (data range 1), averaged over the positions where the window fits.
     """
+    _check_finite(maps_a, "maps_a")
+    _check_finite(maps_b, "maps_b")
     a = _unit_range(maps_a.double())
     b = _unit_range(maps_b.double())
     size = min(window, a.shape[-2], a.shape[-1])
@@ -204,6 +208,7 @@ def _explain(
     inputs: Tensor,
     target: Tensor,
     attribute_kwargs: dict[str, Any],
+    when: str = "on the model",
 ) -> Tensor:
     method = explainer(model)
     attribute = getattr(method, "attribute", None)
@@ -223,7 +228,18 @@ def _explain(
         maps = F.interpolate(
             maps.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False
         )
+    if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
+        bad = (~torch.isfinite(maps)).flatten(1).any(dim=1).nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"`explainer` returned NaN or infinite maps {when} for the examples {bad}; "
+            "similarities of such maps mean nothing (a float64 model or another method may help)."
+        )
     return maps
+
+
+def _check_finite(maps: Tensor, argument: str) -> None:
+    if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"`{argument}` contains NaN or infinite values.")
 
 
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -306,7 +322,9 @@ def model_randomisation(
                 working = copy.deepcopy(model).eval()
             torch.manual_seed(seed + step)
             dict(working.named_modules())[name].reset_parameters()
-            maps = _explain(explainer, working, inputs, target, kwargs)
+            maps = _explain(
+                explainer, working, inputs, target, kwargs, f"after randomising {name!r}"
+            )
             randomised_maps.append(maps)
             for measure, values in _similarities(original, maps, measures).items():
                 similarity_rows.setdefault(measure, []).append(values)
