@@ -577,3 +577,25 @@ def test_non_finite_maps_are_refused_by_road_completeness_and_soundness(oracle):
     maps[1, 0, 3, 3] = float("inf")
     with pytest.raises(ValueError, match="`attributions` contains NaN or infinite"):
         road(oracle.model, oracle.inputs[:2], maps, target=0)
+
+
+def test_inputs_are_checked_before_the_model_runs(oracle):
+    """A 1-tuple is Captum's convention and works; the rest used to fail deep inside torch
+    (3-D or integer images) or to give NaN curves (NaN pixels)."""
+    maps = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    images = oracle.inputs[:2]
+    nan_images = images.clone()
+    nan_images[0, 0, 0, 0] = float("nan")
+    for metric in (road, completeness, soundness):
+        plain = metric(oracle.model, images, maps, target=0, noise=0.0)
+        as_tuple = metric(oracle.model, (images,), maps, target=0, noise=0.0)
+        for got, expected in zip(as_tuple, plain):
+            torch.testing.assert_close(got, expected)
+        with pytest.raises(ValueError, match=r"`inputs` must be a floating point batch"):
+            metric(oracle.model, images[:, 0], maps, target=0)
+        with pytest.raises(ValueError, match=r"`inputs` must be a floating point batch"):
+            metric(oracle.model, (images * 255).to(torch.uint8), maps, target=0)
+        with pytest.raises(ValueError, match=r"`inputs` contains NaN"):
+            metric(oracle.model, nan_images, maps, target=0)
+    with pytest.raises(ValueError, match=r"`inputs` must be floating point images without NaN"):
+        road_imputation(nan_images, torch.zeros(2, 12, 12, dtype=torch.bool))

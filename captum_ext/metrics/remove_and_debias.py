@@ -46,6 +46,7 @@ from captum_ext._utils.validation import (
     class_selection,
     format_additional_forward_args,
 )
+from captum_ext.metrics._perturbation import image_batch
 
 __all__ = [
     "CompletenessCurves",
@@ -841,6 +842,8 @@ def road_imputation(
     removed = removed.reshape(n, 1, h, w) if removed.numel() == n * h * w else None
     if removed is None:
         raise ValueError(f"`removed` must have shape (N, 1, H, W) or (N, H, W) = ({n}, {h}, {w}).")
+    if not inputs.is_floating_point() or not bool(torch.isfinite(inputs).all()):
+        raise ValueError("`inputs` must be floating point images without NaN or infinite values.")
     removed = removed.to(device=inputs.device, dtype=torch.bool)
     if bool(removed.flatten(1).all(dim=1).any()):
         raise ValueError("`removed`: an image has every pixel removed; keep at least one.")
@@ -1046,6 +1049,7 @@ def road(
     Returns:
         RoadCurves: ``percentages``, ``probability`` and ``correct`` ``(N, P)``.
     """
+    inputs = image_batch(inputs)
     if order not in ("morf", "lerf"):
         raise ValueError(f"`order`={order!r}: expected 'morf' or 'lerf'.")
     fractions = torch.tensor(
@@ -1115,6 +1119,7 @@ def completeness(
     Reference: X. Li, Y. Zhang, ..., A. Khakzar, "Sound and complete: a dual perspective on
     attribution evaluation" (TMLR 2024).
     """
+    inputs = image_batch(inputs)
     values = torch.tensor(
         [check_number(t, "thresholds", maximum=1.0) for t in thresholds], dtype=torch.float64
     )
@@ -1213,6 +1218,7 @@ def soundness(
     Reference: X. Li, Y. Zhang, ..., A. Khakzar, "Sound and complete: a dual perspective on
     attribution evaluation" (TMLR 2024); the reference implementation is ``soco``.
     """
+    inputs = image_batch(inputs)
     if score not in ("probability", "accuracy"):
         raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
     ratios = [
