@@ -148,3 +148,24 @@ def test_non_finite_maps_are_refused_naming_where_they_came_from(digits):
 
     with pytest.raises(ValueError, match=r"after randomising 'classifier' for the examples"):
         model_randomisation(BreaksOnceRandomised, model, images[:3])
+
+
+def test_inputs_are_checked_before_the_model_runs(digits):
+    """A 1-tuple works as in Captum; 3-D, integer and NaN batches are refused naming
+    `inputs` (class_sensitivity raised AttributeError on a tuple; NaN ran silently)."""
+    model, images = digits
+    images = images[:2]
+    explainer = lambda m: Saliency(m)  # noqa: E731
+    nan_images = images.clone()
+    nan_images[1, 0, 5, 5] = float("nan")
+    for check in (model_randomisation, class_sensitivity):
+        with pytest.raises(ValueError, match="`inputs` must be a floating point batch"):
+            check(explainer, model, images[:, 0])
+        with pytest.raises(ValueError, match="`inputs` must be a floating point batch"):
+            check(explainer, model, (images * 255).to(torch.uint8))
+        with pytest.raises(ValueError, match="`inputs` contains NaN"):
+            check(explainer, model, nan_images)
+    plain = class_sensitivity(explainer, model, images)
+    as_tuple = class_sensitivity(explainer, model, (images,))
+    torch.testing.assert_close(as_tuple.target_maps, plain.target_maps)
+    torch.testing.assert_close(as_tuple.similarity["ssim"], plain.similarity["ssim"])

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import check_int
+from captum_ext.metrics._perturbation import image_batch
 
 __all__ = [
     "ClassSensitivity",
@@ -298,8 +299,7 @@ def model_randomisation(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
-    if not isinstance(inputs, Tensor) or inputs.dim() != 4:
-        raise ValueError("`inputs` must be an (N, C, H, W) tensor.")
+    inputs = image_batch(inputs)
     measures = _check_measures(similarity)
     seed = check_int(seed, "seed", minimum=0)
     kwargs = dict(attribute_kwargs or {})
@@ -365,6 +365,7 @@ def class_sensitivity(
         two classes and their maps. Both are computed in one ``attribute`` call on the inputs
         stacked twice.
     """
+    inputs = image_batch(inputs)
     measures = _check_measures(similarity)
     n = inputs.shape[0]
     with preserved_state([model]):
