@@ -387,6 +387,43 @@ def test_image_folder_errors(tmp_path, image_folder):
         load_image_folder(image_folder, lambda image: torch.zeros(5, 5), limit=1)
 
 
+def test_hidden_files_and_folders_are_skipped(image_folder):
+    """Jupyter's checkpoint copies and macOS's resource forks are not the user's images (an
+    empty ``._`` file failed the whole folder; ``.ipynb_checkpoints`` became a class)."""
+    plain, plain_paths, plain_labels = load_image_folder(
+        image_folder, "none", labels_from_subfolders=True
+    )
+    write_image(image_folder / ".ipynb_checkpoints" / "1-checkpoint.png", seed=9)
+    write_image(image_folder / "a_class" / ".cache" / "4.png", seed=10)
+    (image_folder / "a_class" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    images, paths, labels = load_image_folder(image_folder, "none", labels_from_subfolders=True)
+    assert paths == plain_paths and labels == plain_labels
+    assert torch.equal(images, plain)
+
+
+def test_sixteen_bit_and_float_grey_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert() clips 16-bit values above 255: 99.6 % of this ramp came out white.
+    The named transforms read a 16-bit PNG as its 8-bit rounding and a float TIFF in [0, 1]
+    likewise; a float image outside [0, 1] is refused; a callable sees the 16-bit image."""
+    ramp = np.linspace(0.0, 1.0, 40 * 50).reshape(40, 50)
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(folder / "a16.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(folder / "b_float.tiff")
+    Image.fromarray(np.round(ramp * 255).astype(np.uint8)).save(folder / "c8.png")
+    for transform in ("none", "digits", "imagenet"):
+        images, _ = load_image_folder(folder, transform)
+        assert images.shape[0] == 3
+        torch.testing.assert_close(images[0], images[2], atol=0, rtol=0)
+        torch.testing.assert_close(images[1], images[2], atol=0, rtol=0)
+    modes = []
+    load_image_folder(folder, lambda image: modes.append(image.mode) or torch.zeros(1, 2, 2))
+    assert modes[0].startswith("I") and modes[1] == "F" and modes[2] == "L"
+    Image.fromarray((ramp * 7).astype(np.float32), mode="F").save(folder / "d_float.tiff")
+    with pytest.raises(ValueError, match=r"d_float.tiff.*'F' image with values in \[0, 7\]"):
+        load_image_folder(folder, "none")
+
+
 def test_denormalize_for_display_inverts_each_transform():
     x = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(0))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -380,8 +380,17 @@ def default_cam_layer(model: nn.Module) -> str | None:
 
 
 def _find_images(directory: Path, extensions: Sequence[str]) -> list[Path]:
+    """Image files under ``directory``, sorted; hidden ones skipped (any name below
+    ``directory`` starting with "."): Jupyter's ``.ipynb_checkpoints`` copies and macOS's
+    ``._name.jpg`` resource forks are not the user's images."""
     wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in wanted
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def _imagenet_pil(image) -> Tensor:
@@ -445,6 +454,30 @@ def _digits_transform(image) -> Tensor:
     return normalize_digits(pixels).reshape(1, _DIGITS_SIZE, _DIGITS_SIZE)
 
 
+def _eight_bit(image, path: Path):
+    """High-bit-depth grey images (16-bit PNG / TIFF, 32-bit integer, float) as 8-bit "L",
+    scaled by their bit depth: PIL's own ``convert("RGB")`` / ``convert("L")`` clips every
+    value above 255, which turns a 16-bit image almost entirely white."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (
+        image.mode == "I" and values.min() >= 0 and values.max() <= 65535
+    ):
+        scaled = values / 65535.0
+    elif image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+        scaled = values
+    else:
+        raise ValueError(
+            f"`--images`: {str(path)!r} is a {image.mode!r} image with values in "
+            f"[{values.min():g}, {values.max():g}], which has no standard scale to 8 bits; "
+            "pass a callable `transform` that maps it to a C x H x W tensor."
+        )
+    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+
+
 def _resolve_transform(transform: Any) -> Callable:
     if callable(transform):
         return transform
@@ -473,6 +506,8 @@ def load_image_folder(
     Args:
         directory (str or Path): the folder. Images in sub-folders are included; with
             ``labels_from_subfolders=True`` the first sub-folder is the image's class name.
+            Hidden files and folders (names starting with ".", such as
+            ``.ipynb_checkpoints`` or macOS's ``._photo.jpg``) are skipped.
         transform (str or Callable, optional):
 
             - ``"imagenet"``: RGB, resize the shorter side to 256, center crop 224, scale to
@@ -485,7 +520,9 @@ def load_image_folder(
               as in MNIST.
             - a callable taking a PIL image and returning a C x H x W float tensor.
 
-            Default: ``"imagenet"``.
+            The named transforms read 16-bit grey images (PNG, TIFF) scaled by 1/65535 and
+            float ones in [0, 1] (as grey images); a callable gets the image as PIL opened
+            it. Default: ``"imagenet"``.
         extensions (Sequence[str], optional): file name endings to read (case-insensitive).
             Default: :data:`IMAGE_EXTENSIONS`.
         labels_from_subfolders (bool, optional): also return each image's sub-folder name
@@ -549,7 +586,7 @@ def load_image_folder(
         try:
             with Image.open(path) as image:
                 image.load()
-                tensor = function(image)
+                tensor = function(image if callable(transform) else _eight_bit(image, path))
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"`--images`: cannot read image {str(path)!r}: {error}") from None
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
