@@ -121,3 +121,22 @@ def test_the_section_is_registered_but_only_built_when_asked():
     assert "evaluation" in SECTION_REGISTRY
     assert "evaluation" not in default_sections(ReportConfig())
     assert "evaluation" not in default_sections(ReportConfig(model="torchvision.models:resnet18"))
+
+
+def test_progress_reports_the_methods_on_stderr(scores_and_inputs, capsys):
+    """The section takes minutes at 224 x 224 on a CPU: with ``progress`` it says how far it
+    is (plain lines when stderr is not a terminal, as under pytest), and the same numbers."""
+    from captum_ext.data import BUNDLED_CAM_LAYER
+
+    _, model, images = scores_and_inputs
+    quiet = compute_evaluation(model, BUNDLED_CAM_LAYER, images, max_images=1)
+    assert capsys.readouterr().err == ""
+    loud = compute_evaluation(model, BUNDLED_CAM_LAYER, images, max_images=1, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    total = len(loud.methods)
+    assert lines[0] == f"evaluation:   0% (0/{total} method)"
+    assert lines[-1] == f"evaluation: 100% ({total}/{total} method)"
+    for metric in METRIC_DIRECTIONS:
+        for method in loud.methods:
+            a, b = loud.scores[metric][method], quiet.scores[metric][method]
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6)
