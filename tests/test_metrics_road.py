@@ -117,6 +117,43 @@ def test_cg_warns_when_it_stops_early_and_auto_then_factorises(monkeypatch):
     assert torch.equal(auto[[0, 2]], stopped[[0, 2]])
 
 
+def test_without_float64_auto_factorises_on_the_cpu_and_cg_warns(monkeypatch):
+    """Apple's MPS has no float64 (simulated on the CPU here): "auto" and the factorising
+    solvers compute on the CPU (exact; here the same call), CG runs in float32 and says so."""
+    import captum_ext.metrics.remove_and_debias as module
+
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(2, 3, 32, 32, generator=generator)
+    removed = torch.ones(2, 32, 32, dtype=torch.bool)
+    removed[:, 5, 7] = False
+    exact = road_imputation(images.double(), removed, noise=0.0, solver="direct")
+    expected = road_imputation(images, removed, noise=0.0)
+    on_mps = {"now": True}  # the outer call's images are "on MPS", the re-call's on the CPU
+    monkeypatch.setattr(module, "_lacks_float64", lambda device: on_mps["now"])
+    monkeypatch.setattr(module, "_auto_factorises_on", lambda device: not on_mps["now"])
+    calls = []
+    original = module.road_imputation
+
+    def on_the_cpu(x, *args, **kwargs):
+        calls.append(x.device.type)
+        on_mps["now"] = False
+        try:
+            return original(x, *args, **kwargs)
+        finally:
+            on_mps["now"] = True
+
+    monkeypatch.setattr(module, "road_imputation", on_the_cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = road_imputation(images, removed, noise=0.0)
+    assert calls == ["cpu"]  # the one re-call, with the images on the CPU
+    assert torch.equal(got, expected)
+    with pytest.warns(RuntimeWarning, match="no float64 there, so CG runs in float32"):
+        single = road_imputation(images, removed, noise=0.0, solver="cg")
+    error = float((single.double() - exact).abs().max())
+    assert 1e-5 < error < 1e-2  # float32 CG's error on a one-pixel-known image
+
+
 def test_block_solver_chunks_float32_and_empty_masks_agree_with_direct(monkeypatch):
     """The batched block Cholesky in chunks equals one direct solve of the whole batch; an
     image with nothing removed comes back unchanged; float32 images are solved in float64."""

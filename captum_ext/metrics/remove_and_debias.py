@@ -703,6 +703,11 @@ def _nested_refined(
     return filled, failed | active
 
 
+def _lacks_float64(device: torch.device) -> bool:
+    """Whether ``device`` has no float64 (Apple's MPS)."""
+    return device.type == "mps"
+
+
 def _auto_factorises_on(device: torch.device) -> bool:
     """Whether "auto" factorises on ``device`` (the CPU) rather than iterating (CG)."""
     return device.type == "cpu"
@@ -796,15 +801,17 @@ def road_imputation(
             "auto": on the CPU of ``benchmarks/RESULTS.md`` it measured no faster than
             "nested", on a GPU it is unmeasured), ``"cg"`` (conjugate gradients in float64
             with the Laplacian as a convolution, on the inputs' device; a RuntimeWarning
-            names the images that miss ``tolerance`` within ``max_iterations``), or
+            names the images that miss ``tolerance`` within ``max_iterations``; on Apple's
+            MPS, which has no float64, in float32 with a warning), or
             ``"auto"``: on the CPU
             direct for the masks with small or scattered holes (less than half of the pixels
             removed up to 40 pixels wide, 60% above, and under 15% of the pixels removed
             with all their neighbours; the sparse LU is cheap there), block (up to 40
             pixels wide) or nested (wider) for the others and for all when scipy is
             missing: the faster on a CPU in each case, see ``benchmarks/RESULTS.md``; CG on
-            other devices, then the nested solver for any image CG leaves unconverged.
-            Default: ``"auto"``.
+            other devices, then the nested solver for any image CG leaves unconverged; on
+            MPS (no float64) the CPU's choice, computed on the CPU. The other factorising
+            solvers also run on the CPU for MPS images. Default: ``"auto"``.
             The block and nested solvers run many small batched LAPACK calls: on a busy
             machine several torch threads can make them much slower than one
             (``torch.set_num_threads(1)``; measured in ``benchmarks/RESULTS.md``).
@@ -855,6 +862,18 @@ def road_imputation(
             f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested', "
             "'nested_mixed' or 'cg'."
         )
+    if _lacks_float64(inputs.device) and solver != "cg":
+        # Apple's MPS has no float64: the factorisations run, exactly, on the CPU
+        filled = road_imputation(
+            inputs.cpu(),
+            removed.cpu(),
+            noise=noise,
+            generator=generator,
+            solver=solver,
+            tolerance=tolerance,
+            max_iterations=max_iterations,
+        )
+        return filled.to(inputs.device)
     if solver != "cg" and (solver != "auto" or _auto_factorises_on(inputs.device)):
         if solver == "auto":
             whole_grid = "block" if w <= _BLOCK_MAX_WIDTH else "nested"
@@ -873,6 +892,14 @@ def road_imputation(
             filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
         return filled
 
+    if _lacks_float64(inputs.device):
+        warnings.warn(
+            f"road_imputation(solver='cg') on {inputs.device.type}: no float64 there, so CG runs "
+            "in float32, whose errors reach 1e-4 to 1e-2 on large holes; solver='auto' "
+            "solves exactly on the CPU.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     filled, converged = _conjugate_gradients(inputs, removed, tolerance, iterations)
     if not bool(converged.all()):
         stuck = (~converged).nonzero()[:, 0]
@@ -896,17 +923,19 @@ def road_imputation(
 def _conjugate_gradients(
     inputs: Tensor, removed: Tensor, tolerance: float, iterations: int
 ) -> tuple[Tensor, Tensor]:
-    """``inputs`` imputed (no noise) by conjugate gradients, in float64 on the inputs' device,
-    with the Laplacian applied as a 3 x 3 convolution; and ``(N,)`` True where every channel
-    reached ``tolerance``. Always float64: the residual of these systems is a poor guide to
-    the error (condition numbers grow with a hole's area), and float32 iterations left
+    """``inputs`` imputed (no noise) by conjugate gradients on the inputs' device, with the
+    Laplacian applied as a 3 x 3 convolution; and ``(N,)`` True where every channel reached
+    ``tolerance``. In float64 wherever the device has it (not on MPS), whatever the images'
+    dtype: the residual of these systems is a poor guide to the error (condition numbers
+    grow with a hole's area), and float32 iterations left
     errors of 1e-4 to 1e-2 on float32 images with large holes (one kept pixel: 3e-4 at
     48 x 48, 1.5e-2 at 224 x 224)."""
     n, c, h, w = inputs.shape
-    x = inputs.to(torch.float64).reshape(n * c, 1, h, w)
-    unknown = removed.repeat_interleave(c, dim=0).to(torch.float64)
+    dtype = torch.float32 if _lacks_float64(inputs.device) else torch.float64
+    x = inputs.to(dtype).reshape(n * c, 1, h, w)
+    unknown = removed.repeat_interleave(c, dim=0).to(dtype)
     known = 1.0 - unknown
-    kernel = _neighbour_kernel(torch.float64, inputs.device)
+    kernel = _neighbour_kernel(dtype, inputs.device)
     # degree: the summed weight of the neighbours inside the image
     degree = F.conv2d(torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device), kernel, padding=1)
 
