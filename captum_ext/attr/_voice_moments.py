@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_ext._utils.precision import precise_dtype
+
 
 def interpolation_matrix(low: int, high: int, dtype: torch.dtype, device) -> Tensor:
     """(high x low) weights of 1-D linear interpolation, ``align_corners=False`` (torch's)."""
@@ -92,7 +94,7 @@ class UpsampledMoments:
         # E[x^2] - E[x]^2 cancels, and the final min-max magnifies what is left: the
         # (small, low-resolution) moments are formed in float64 where the device has it
         device = torch.device(device)
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.dtype = precise_dtype(device)
         self.out_dtype = dtype
         (h, w), (height, width) = low, size
         self.a_h = interpolation_matrix(h, height, self.dtype, device)
@@ -108,7 +110,7 @@ class UpsampledMoments:
         """Whether the exact route holds (2-D maps, two-adjacent-tap interpolation)."""
         if len(low) != 2 or len(size) != 2:
             return False
-        compute = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        compute = precise_dtype(device)
         return all(
             _two_adjacent(interpolation_matrix(n, m, compute, device))
             for n, m in zip(low, size, strict=True)

@@ -16,6 +16,8 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ext._utils.precision import precise_dtype
+
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.model_state import preserved_state
@@ -956,7 +958,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         ]
         draw_noise = self.weights.rob != 0
         best = None
-        best_value = torch.full((k,), math.inf, dtype=torch.float64, device=x.device)
+        best_value = torch.full((k,), math.inf, dtype=precise_dtype(x.device), device=x.device)
         for _ in range(steps):
             noise = None
             if draw_noise:
@@ -974,7 +976,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                 if logits_e is None:
                     with torch.no_grad():
                         logits_e = self._logits(mask * x + (1 - mask) * baseline)
-                values = per_example.detach().to(torch.float64)
+                values = per_example.detach().to(best_value.dtype)
                 better = (
                     (logits_e.argmax(1) == targets)
                     & mask.flatten(1).any(1)

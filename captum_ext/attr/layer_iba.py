@@ -18,6 +18,8 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_ext._utils.precision import precise, precise_dtype
+
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
@@ -408,7 +410,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                             "`layer` did not run during the forward pass, so it has no "
                             "activations to estimate; pick a module that forward_func calls."
                         )
-                    acts = captured[0].to(torch.float64)
+                    acts = precise(captured[0])
                     if acts.shape[0] != take:
                         raise ValueError(
                             f"`layer` output has {acts.shape[0]} rows for {take} examples; "
@@ -420,7 +422,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     batch_m2 = (acts - batch_mean).square().sum(0)
                     if mean is None:
                         mean, m2 = batch_mean, batch_m2
-                        nonzero = (acts != 0).sum(0).to(torch.float64)
+                        nonzero = (acts != 0).sum(0).to(acts.dtype)
                     elif acts.shape[1:] != mean.shape:
                         raise ValueError(
                             f"`layer` output changed shape between batches: "
@@ -659,7 +661,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             )
         layer_dtype = activations.dtype
         if bottleneck_dtype == "auto":
-            bottleneck_dtype = torch.float32 if activations.device.type == "mps" else torch.float64
+            bottleneck_dtype = precise_dtype(activations.device)
         kernel = None
         if sigma is not None:
             kernel = gaussian_taps(sigma)

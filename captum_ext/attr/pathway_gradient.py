@@ -12,6 +12,8 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ext._utils.precision import precise, precise_dtype
+
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, root_module
@@ -93,7 +95,7 @@ def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:
     smallest = torch.stack([block.amin(dim=1) for block in blocks]).amin(dim=0)
     ties = sum((block == smallest[:, None]).sum(dim=1, dtype=torch.int32) for block in blocks)
     settled = ties >= hi + 1
-    threshold = smallest.double()
+    threshold = precise(smallest)
     if bool(settled.all()):
         return threshold
     rest = None if not bool(settled.any()) else ~settled
@@ -108,7 +110,7 @@ def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:
         repeated = (rows.shape[1] - above.sum(dim=1, keepdim=True)) > lo + 1
         smallest_above = torch.where(above, rows, torch.full_like(rows, math.inf))
         high_value = torch.where(repeated, low_value, smallest_above.amin(dim=1, keepdim=True))
-    low, high = low_value[:, 0].double(), high_value[:, 0].double()
+    low, high = precise(low_value[:, 0]), precise(high_value[:, 0])
     diff = high - low
     selected = high - diff * (1.0 - gamma) if gamma >= 0.5 else low + diff * gamma
     if rest is None:
@@ -120,10 +122,10 @@ def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:
 def _round_down(threshold: Tensor, dtype: torch.dtype) -> Tensor:
     """The largest ``dtype`` number <= each float64 threshold: for scores of that dtype,
     ``s > threshold`` (compared exactly) is ``s > _round_down(threshold)``."""
-    if dtype == torch.float64:
+    if dtype == threshold.dtype:
         return threshold
     rounded = threshold.to(dtype)
-    too_big = rounded.double() > threshold
+    too_big = rounded.to(threshold.dtype) > threshold
     return torch.where(
         too_big, torch.nextafter(rounded, torch.full_like(rounded, -math.inf)), rounded
     )
@@ -498,7 +500,9 @@ class PathwayGradient(GradientAttribution):
     ) -> list[Tensor]:
         """Per site: |a * mean over alpha of dy/d(alpha a)|, the site scaled alone."""
         n = x[0].shape[0]
-        alphas = torch.linspace(0.0, 1.0, n_steps, dtype=torch.float64, device=x[0].device)
+        alphas = torch.linspace(
+            0.0, 1.0, n_steps, dtype=precise_dtype(x[0].device), device=x[0].device
+        )
         # rows: step-major (all examples at alpha_0, then alpha_1, ...)
         repeated = tuple(t.repeat(n_steps, *([1] * (t.dim() - 1))) for t in x)
         extra = additional_forward_args

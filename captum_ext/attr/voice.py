@@ -11,6 +11,8 @@ from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ext._utils.precision import float64_here_or_cpu
+
 from .._utils.batched_grad import class_gradients, run_forward
 from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
@@ -411,7 +413,6 @@ class VOICE:
                 reduce=accumulate,
             )
         logits = clean if self.plan.smooth else computed.logits
-        n = formatted[0].shape[0]
         explained, runner_up, weights = (
             classes["explained"],
             classes["runner_up"],
@@ -439,7 +440,7 @@ class VOICE:
             iou=voice_iou(flat_explanation, flat_uncertainty, threshold=threshold),
             snr=voice_snr(flat_uncertainty),
             # float64: confident predictions would round to exactly 0 in float32
-            log_likelihood=torch.log_softmax(logits.double(), 1)[torch.arange(n), explained],
+            log_likelihood=_log_likelihood(logits, explained),
             prediction=prediction,
             target=explained,
             contrast_class=runner_up,
@@ -558,6 +559,13 @@ class VOICE:
             for m in model.modules()
             if isinstance(m, nn.ReLU)
         ]
+
+
+def _log_likelihood(logits: Tensor, explained: Tensor) -> Tensor:
+    """(N,) log softmax of ``logits`` at the ``explained`` classes, in float64 (on the CPU for
+    a device without float64): confident predictions would round to exactly 0 in float32."""
+    log_probs = torch.log_softmax(float64_here_or_cpu(logits), 1)
+    return log_probs.gather(1, explained.to(log_probs.device).view(-1, 1))[:, 0]
 
 
 def _check_threshold(threshold: Any) -> float:

@@ -114,7 +114,7 @@ def pathway_graphs(
             work = torch.float64 if values.dtype == torch.float64 else torch.float32
             energy = (values.to(work) * keep).sum(dim=2)
         else:
-            energy = kept.double() / keep.shape[2]
+            energy = kept.cpu().double() / keep.shape[2]
         per_layer.append((kept.cpu().tolist(), energy.cpu().tolist()))
     graphs = []
     for b in range(n):

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_ext._utils.precision import precise_dtype
 from captum_ext._utils.validation import ArgumentTypeError, check_int
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt"]
@@ -171,14 +172,16 @@ def _blur(u: Tensor, sigma: float) -> Tensor:
 def _draw(
     kind: str, shape: tuple[int, ...], generator: torch.Generator, like: Tensor, **kwargs: Any
 ) -> Tensor:
-    """Random numbers drawn on the generator's device in float64, then moved to ``like``."""
+    """Random numbers drawn on the generator's device in float64 (float32 where the device
+    has no float64), then moved to ``like``."""
     device = generator.device
+    dtype = precise_dtype(device)
     if kind == "normal":
-        values = torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
+        values = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     elif kind == "uniform":
-        values = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        values = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     else:  # poisson with the given rates
-        rates = kwargs["rates"].to(device=device, dtype=torch.float64)
+        rates = kwargs["rates"].to(device=device, dtype=dtype)
         values = torch.poisson(rates, generator=generator)
     return values.to(device=like.device, dtype=like.dtype)
 
@@ -264,9 +267,10 @@ def _low_frequency_noise(
     n: int, c: int, h: int, w: int, generator: torch.Generator, like: Tensor
 ) -> Tensor:
     """White noise with its Fourier amplitude divided by ``|k|^2``, min-max scaled to [0, 1]."""
-    white = _draw("normal", (n, c, h, w), generator, like).to(torch.float64)
-    ky = torch.fft.fftfreq(h, dtype=torch.float64, device=like.device).view(h, 1)
-    kx = torch.fft.rfftfreq(w, dtype=torch.float64, device=like.device).view(1, -1)
+    work = precise_dtype(like.device)
+    white = _draw("normal", (n, c, h, w), generator, like).to(work)
+    ky = torch.fft.fftfreq(h, dtype=work, device=like.device).view(h, 1)
+    kx = torch.fft.rfftfreq(w, dtype=work, device=like.device).view(1, -1)
     k2 = kx**2 + ky**2
     k2[0, 0] = math.inf  # no constant term
     fog = torch.fft.irfft2(torch.fft.rfft2(white) / k2, s=(h, w))

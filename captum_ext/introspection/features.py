@@ -22,6 +22,7 @@ from torch import Tensor
 from captum_ext._utils.batched_grad import per_example_parameter_gradients
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import precise
 from captum_ext._utils.validation import check_int, format_additional_forward_args, format_inputs
 from captum_ext.metrics._trust_common import (
     _check_choice,
@@ -195,8 +196,7 @@ def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
     detached = logits.detach()
     # float64 where the device has it: the probabilities of a confident prediction's other
     # classes (exp of minus the logit gap) stay representable far longer than in float32
-    precise = detached.float() if detached.device.type == "mps" else detached.double()
-    p = torch.softmax(precise, dim=1)
+    p = torch.softmax(precise(detached), dim=1)
     if form == "all_ones":
         return (classes * p - 1)[:, None, :]
     if form == "topk":

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import precise, share
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -855,11 +856,11 @@ class TIE:
         losses = history["loss"]
         return {
             "generator_loss": sum(losses) / len(losses),
-            "label_consistency": float((probs.argmax(1) == labels).double().mean()),
+            "label_consistency": share(probs.argmax(1) == labels),
             "sampled": float(ue.numel()),
             "excluded": float(excluded.sum()),
-            "excluded_fraction": float(excluded.double().mean()),
-            "mean_ue": float(ue.double().mean()),
+            "excluded_fraction": share(excluded),
+            "mean_ue": float(precise(ue).mean()),
         }
 
     @staticmethod

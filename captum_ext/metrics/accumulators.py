@@ -60,7 +60,7 @@ def _as_stored(values: Any, argument: str, dtype: torch.dtype, *, rows: bool = F
         )
     if tensor.dtype == torch.bool and dtype != torch.bool:
         tensor = tensor.to(torch.long)
-    return tensor.to(device="cpu", dtype=dtype)
+    return tensor.cpu().to(dtype)  # moved first: MPS tensors cannot be float64
 
 
 def _gather(tensor: Tensor) -> Tensor:
@@ -405,7 +405,7 @@ class _PerturbationAUC(_Accumulator):
             additional_forward_args=additional_forward_args,
             **self.options,
         )
-        self._append(auc=auc.detach().to(device="cpu", dtype=_F64))
+        self._append(auc=auc.detach().cpu().to(_F64))
         return auc
 
     def per_example(self) -> Tensor:

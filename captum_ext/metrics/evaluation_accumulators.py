@@ -50,7 +50,7 @@ class _PerExampleMean(_Accumulator):
     _states = ("value",)
 
     def _store(self, values: Tensor) -> Tensor:
-        self._append(value=values.detach().to(device="cpu", dtype=torch.float64).reshape(-1))
+        self._append(value=values.detach().cpu().to(torch.float64).reshape(-1))
         return values
 
     def per_example(self) -> Tensor:
@@ -85,7 +85,7 @@ class PointingGame(_PerExampleMean):
     def update(self, attributions: Any, objects: Any) -> Tensor:
         """Play a batch; returns its (N,) bool hits."""
         hits = pointing_game(attributions, objects, tolerance=self.tolerance)
-        self._store(hits.double())
+        self._store(hits)
         return hits
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from captum_ext._utils.batched_grad import per_example_parameter_gradients, run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import precise_dtype
 from captum_ext._utils.validation import format_additional_forward_args, format_inputs
 from captum_ext.metrics._trust_common import (
     _check_choice,
@@ -154,9 +155,7 @@ def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
 
 def _accumulation_dtype(g: Tensor) -> torch.dtype:
     """float64 where the device has it (float32 sums of ~1e5 squares lose digits)."""
-    if g.dtype == torch.float64 or g.device.type != "mps":
-        return torch.float64
-    return torch.float32
+    return torch.float64 if g.dtype == torch.float64 else precise_dtype(g.device)
 
 
 def _variances(grads: dict[str, Tensor]) -> Tensor:
@@ -191,8 +190,7 @@ def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]
 def _reference_reduce(grads: dict[str, Tensor]) -> Tensor:
     (g,) = grads.values()
     rows = g.flatten(3)[:, 0]  # (n, rows, d)
-    if rows.dtype != torch.float64 and rows.device.type != "mps":
-        rows = rows.double()
+    rows = rows.to(_accumulation_dtype(rows))
     energies = rows.pow(2).var(2)  # (n, rows): unbiased, over each row
     return energies.amax(1) / energies.mean(1)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_ext._utils.precision import float64_here_or_cpu
 from captum_ext._utils.validation import check_int, check_number
 
 __all__ = [
@@ -62,7 +63,7 @@ def _pixel_maps(maps: Any, argument: str) -> Tensor:
         maps = maps.sum(dim=1)
     if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
-    return maps.to(torch.float64)
+    return float64_here_or_cpu(maps)
 
 
 def _same_shape(maps: Tensor, truth: Tensor) -> None:
@@ -166,9 +167,9 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
             f"`objects` must be a torch.Tensor (masks or boxes), got {type(objects).__name__}."
         )
     if objects.dim() == 2 and objects.shape == (n, 4):
-        boxes = objects.to(torch.float64)
-        ys = torch.arange(h, dtype=torch.float64, device=objects.device).view(1, h, 1)
-        xs = torch.arange(w, dtype=torch.float64, device=objects.device).view(1, 1, w)
+        boxes = float64_here_or_cpu(objects)
+        ys = torch.arange(h, dtype=torch.float64, device=boxes.device).view(1, h, 1)
+        xs = torch.arange(w, dtype=torch.float64, device=boxes.device).view(1, 1, w)
         x0, y0, x1, y1 = (boxes[:, i].view(n, 1, 1) for i in range(4))
         if bool(((x1 < x0) | (y1 < y0)).any()):
             raise ValueError("`objects`: boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0.")

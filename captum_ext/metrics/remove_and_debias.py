@@ -40,6 +40,7 @@ from torch import Tensor
 from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import has_float64
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -705,7 +706,7 @@ def _nested_refined(
 
 def _lacks_float64(device: torch.device) -> bool:
     """Whether ``device`` has no float64 (Apple's MPS)."""
-    return device.type == "mps"
+    return not has_float64(device)
 
 
 def _auto_factorises_on(device: torch.device) -> bool:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import float64_here_or_cpu
 from captum_ext._utils.validation import check_int
 from captum_ext.metrics._perturbation import image_batch
 
@@ -112,8 +113,8 @@ def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True
     a constant map correlates 0)."""
     _check_finite(maps_a, "maps_a")
     _check_finite(maps_b, "maps_b")
-    a = maps_a.flatten(1).double()
-    b = maps_b.flatten(1).double()
+    a = float64_here_or_cpu(maps_a.flatten(1))
+    b = float64_here_or_cpu(maps_b.flatten(1))
     if absolute:
         a, b = a.abs(), b.abs()
     return _pearson(_ranks(a), _ranks(b))
@@ -139,8 +140,8 @@ def ssim_similarity(
     """
     _check_finite(maps_a, "maps_a")
     _check_finite(maps_b, "maps_b")
-    a = _unit_range(maps_a.double())
-    b = _unit_range(maps_b.double())
+    a = _unit_range(float64_here_or_cpu(maps_a))
+    b = _unit_range(float64_here_or_cpu(maps_b))
     size = min(window, a.shape[-2], a.shape[-1])
     size -= 1 - size % 2
     coords = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
@@ -169,7 +170,7 @@ def _hog_similarity(maps_a: Tensor, maps_b: Tensor) -> Tensor | None:
     def features(maps: Tensor) -> Tensor:
         rows = [
             hog(m[0].numpy(), pixels_per_cell=(cell, cell), cells_per_block=(1, 1))
-            for m in _unit_range(maps.double()).cpu()
+            for m in _unit_range(maps.cpu().double())
         ]
         return torch.tensor(rows, dtype=torch.float64)
 

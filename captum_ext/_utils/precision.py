@@ -1,0 +1,44 @@
+"""float64 where the device has it.
+
+Several computations here are formed in float64 because float32 loses the digits that matter
+(the probabilities of a confident prediction's other classes, sums of squares over a layer,
+rank statistics over a whole image). Apple's MPS backend has no float64: ``tensor.double()``
+on an MPS tensor raises ``TypeError`` from inside torch. Every such computation asks this
+module which dtype the device can hold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def has_float64(device: torch.device | str) -> bool:
+    """Whether tensors on ``device`` can be float64 (every device but Apple's MPS)."""
+    return torch.device(device).type != "mps"
+
+
+def precise_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 on ``device`` where it has it, else float32."""
+    return torch.float64 if has_float64(device) else torch.float32
+
+
+def precise(tensor: Tensor) -> Tensor:
+    """``tensor`` in :func:`precise_dtype` of its device, on that device."""
+    return tensor.to(precise_dtype(tensor.device))
+
+
+def float64_here_or_cpu(tensor: Tensor) -> Tensor:
+    """``tensor`` in float64: on its device where that has float64, else on the CPU (for
+    read-outs whose digits matter more than where they are computed)."""
+    if has_float64(tensor.device):
+        return tensor.to(torch.float64)
+    return tensor.to(device="cpu", dtype=torch.float64)
+
+
+def share(mask: Tensor) -> float:
+    """Fraction of True entries of a bool tensor, counted exactly on any device (NaN when
+    it is empty, as the mean of nothing)."""
+    return int(mask.sum()) / mask.numel() if mask.numel() else math.nan
