@@ -636,3 +636,37 @@ def test_inputs_are_checked_before_the_model_runs(oracle):
             metric(oracle.model, nan_images, maps, target=0)
     with pytest.raises(ValueError, match=r"`inputs` must be floating point images without NaN"):
         road_imputation(nan_images, torch.zeros(2, 12, 12, dtype=torch.bool))
+
+
+def _constant_model(gap: float, dtype: torch.dtype) -> torch.nn.Module:
+    """Logits (gap, 0) for every image: the target's probability is sigmoid(gap) exactly."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([gap, 0.0]))
+    return model.to(dtype).eval()
+
+
+def test_float64_models_are_scored_in_float64():
+    """A float64 model's scores keep float64 digits: with a logit gap of 25 the probability is
+    1 - 1.4e-11, which float32 rounds to exactly 1 (road returned float32 before)."""
+    model = _constant_model(25.0, torch.float64)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = torch.sigmoid(torch.tensor(25.0, dtype=torch.float64))
+    curves = road(model, x, maps, target=0, percentages=(0.25, 0.5))
+    assert curves.probability.dtype == torch.float64
+    torch.testing.assert_close(curves.probability, expected.expand(2, 2), rtol=0, atol=1e-15)
+    assert bool((curves.probability < 1).all())
+    sound = soundness(model, x, maps, target=0, removed_fractions=(0.5, 0.25))
+    torch.testing.assert_close(sound.score, expected.expand(2, 2), rtol=0, atol=1e-15)
+    drop = completeness(model, x, maps, target=0, thresholds=(0.5,)).drop
+    assert drop.dtype == torch.float64 and bool((drop == 0).all())
+
+
+def test_half_precision_models_are_scored_in_float32():
+    model = _constant_model(3.0, torch.bfloat16)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    curves = road(model, x, torch.rand(2, 8, 8), target=0, percentages=(0.5,))
+    assert curves.probability.dtype == torch.float32
+    torch.testing.assert_close(curves.probability, torch.sigmoid(torch.tensor(3.0)).expand(2, 1))

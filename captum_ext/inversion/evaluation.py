@@ -282,7 +282,7 @@ def mean_confidence(
     if labels is not None:
         labels = _labels(labels, images.shape[0], "labels", "images")
     logits, _ = _forward_batches(model, images, batch_size)
-    probs = torch.softmax(logits.double(), dim=1).cpu()
+    probs = torch.softmax(logits.cpu().double(), dim=1)
     if labels is None:
         return float(probs.max(dim=1).values.mean())
     _check_label_range(labels, probs.shape[1], "labels")
@@ -398,7 +398,7 @@ def within_class_diversity(
         _, features = _forward_batches(
             source, images, batch_size, feature_layer=layer, layer_input=layer_input
         )
-    features = features.to(torch.float64).cpu()
+    features = features.cpu().to(torch.float64)
     unit = torch.nn.functional.normalize(features, dim=1)
     classes, counts = torch.unique(labels, return_counts=True)
     per_class = torch.full((classes.numel(),), float("nan"), dtype=torch.float64)

@@ -139,7 +139,7 @@ class _ModelMetric(_PerExampleMean):
             additional_forward_args=additional_forward_args,
             **self.options,
         )
-        return self._store(getattr(result, self._curve).double().mean(dim=1))
+        return self._store(getattr(result, self._curve).cpu().double().mean(dim=1))
 
 
 class ROAD(_ModelMetric):

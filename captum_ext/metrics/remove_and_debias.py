@@ -40,7 +40,7 @@ from torch import Tensor
 from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
-from captum_ext._utils.precision import has_float64
+from captum_ext._utils.precision import has_float64, precise
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -1006,10 +1006,12 @@ def _score_rows(
         else arg
         for arg in extra
     )
-    logits = run_forward(forward_func, (rows,), row_extra, takes_output_transform=False).float()
+    logits = run_forward(forward_func, (rows,), row_extra, takes_output_transform=False)
+    if logits.dtype != torch.float64:  # half-precision logits scored in float32
+        logits = logits.float()
     row_targets = targets.to(logits.device)[examples.to(logits.device)]
     probability = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0]
-    return probability, (logits.argmax(dim=1) == row_targets).float()
+    return probability, (logits.argmax(dim=1) == row_targets).to(logits.dtype)
 
 
 def _scores(
@@ -1183,7 +1185,7 @@ def completeness(
         original, _ = _scores(forward_func, inputs, targets, extra, batch_size, 1)
         probability, _ = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
     drop = original[:, None] - probability.view(n, repeats)
-    return CompletenessCurves(values, drop, removed.flatten(2).double().mean(dim=2))
+    return CompletenessCurves(values, drop, precise(removed.flatten(2)).mean(dim=2))
 
 
 def _lerf_positions(scores: Tensor, seed: int) -> Tensor:
@@ -1289,8 +1291,8 @@ def soundness(
             )
             p, c = _score_rows(forward_func, imputed, examples, targets, extra, n)
             # rows are example-major: row i * steps + j is example i at step j
-            probability.view(-1)[start : start + len(chunk)] = p.double().cpu()
-            correct.view(-1)[start : start + len(chunk)] = c.double().cpu()
+            probability.view(-1)[start : start + len(chunk)] = p.cpu().double()
+            correct.view(-1)[start : start + len(chunk)] = c.cpu().double()
     maps = maps.cpu()
     sorted_maps = maps.gather(1, positions.cpu().argsort(dim=1))  # increasing, tie-broken
     suffix = sorted_maps.flip(1).cumsum(1).flip(1)  # suffix[k] = mass of positions >= k

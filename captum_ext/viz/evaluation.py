@@ -244,8 +244,8 @@ def compute_evaluation(
             curves = road(
                 model, images, maps, percentages=road_percentages, batch_size=batch_size, **common
             )
-            road_curves[name] = curves.probability.double().mean(dim=0)
-            scores["ROAD (MoRF)"][name] = float(curves.probability.double().mean())
+            road_curves[name] = curves.probability.cpu().double().mean(dim=0)
+            scores["ROAD (MoRF)"][name] = float(curves.probability.cpu().double().mean())
             scores["completeness"][name] = float(
                 completeness(
                     model,

@@ -289,18 +289,18 @@ def compute_ood(
         raise ValueError(f"`pool_images` must be a non-negative int, got {pool_images!r}.")
 
     scorers: dict[str, Callable[[Tensor], Tensor]] = {
-        "TIE": lambda x: (1.0 - tie.ood_score(x, kind=kind)).detach().double().cpu()
+        "TIE": lambda x: (1.0 - tie.ood_score(x, kind=kind)).detach().cpu().double()
     }
     if plain_model is not None:
         device = _model_device(plain_model, in_distribution)
         scorers["max-softmax"] = lambda x: (
-            softmax_confidence(plain_model, x.to(device)).double().cpu()
+            softmax_confidence(plain_model, x.to(device)).cpu().double()
         )
-        scorers["energy"] = lambda x: energy(plain_model, x.to(device)).double().cpu()
+        scorers["energy"] = lambda x: energy(plain_model, x.to(device)).cpu().double()
     counts, garbage, scores, metrics = {}, {}, {}, {}
     for name, images in {IN_DISTRIBUTION: in_distribution, **sets}.items():
         counts[name] = int(images.shape[0])
-        garbage[name] = float(tie.predict(images).is_garbage.double().mean())
+        garbage[name] = float(tie.predict(images).is_garbage.cpu().double().mean())
         scores[name] = {score: fn(images) for score, fn in scorers.items()}
     for name in sets:
         metrics[name] = {
