@@ -282,6 +282,12 @@ class TestBadInput:
         with pytest.raises(ValueError, match="inputs.*NaN or infinite"):
             ContrastCAM(tiny_cnn, LAYER).attribute(tiny_inputs)
 
+    def test_empty_batch(self, tiny_cnn, tiny_inputs):
+        # Captum's own LayerGradCam fails here with an IndexError from inside its hooks
+        for method in (ContrastCAM, CounterfactualCAM, GradCAM):
+            with pytest.raises(ValueError, match=r"`inputs` has no examples"):
+                method(tiny_cnn, LAYER).attribute(tiny_inputs[:0])
+
     def test_non_2d_output(self, tiny_inputs):
         model = nn.Sequential(nn.Conv2d(3, 4, 3)).double()
         with pytest.raises(ValueError, match="output_transform"):

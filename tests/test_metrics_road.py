@@ -670,3 +670,16 @@ def test_half_precision_models_are_scored_in_float32():
     curves = road(model, x, torch.rand(2, 8, 8), target=0, percentages=(0.5,))
     assert curves.probability.dtype == torch.float32
     torch.testing.assert_close(curves.probability, torch.sigmoid(torch.tensor(3.0)).expand(2, 1))
+
+
+def test_road_imputation_refuses_a_soft_removed_mask():
+    """A float mask in (0, 1) became all True (every pixel removed: a misleading error) and
+    a 0/1 one of another dtype is read as the bool mask it means."""
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"`removed` must be a bool mask.*float32 values in"):
+        road_imputation(x, torch.full((1, 8, 8), 0.5))
+    removed = torch.zeros(1, 8, 8, dtype=torch.bool)
+    removed[0, 2:5, 3:6] = True
+    expected = road_imputation(x, removed, noise=0.0)
+    torch.testing.assert_close(road_imputation(x, removed.long(), noise=0.0), expected)
+    torch.testing.assert_close(road_imputation(x, removed.float(), noise=0.0), expected)

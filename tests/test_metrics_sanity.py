@@ -169,3 +169,22 @@ def test_inputs_are_checked_before_the_model_runs(digits):
     as_tuple = class_sensitivity(explainer, model, (images,))
     torch.testing.assert_close(as_tuple.target_maps, plain.target_maps)
     torch.testing.assert_close(as_tuple.similarity["ssim"], plain.similarity["ssim"])
+
+
+@pytest.mark.parametrize("similarity", [spearman_similarity, ssim_similarity])
+def test_similarities_refuse_mismatched_or_empty_batches(similarity):
+    """Mismatched batches failed inside torch (a broadcasting or convolution error)."""
+    maps = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"`maps_a` \(2, 1, 8, 8\) and `maps_b` \(3, 1, 8, 8\)"):
+        similarity(maps, torch.rand(3, 1, 8, 8))
+    with pytest.raises(ValueError, match="`maps_b` must be a batch"):
+        similarity(maps, maps[:, :, :0])
+    with pytest.raises(TypeError, match="`maps_a` must be a torch.Tensor"):
+        similarity(maps.numpy(), maps)
+
+
+def test_ssim_takes_maps_without_a_channel_axis_and_refuses_several_channels():
+    a, b = torch.rand(2, 8, 8), torch.rand(2, 8, 8)
+    torch.testing.assert_close(ssim_similarity(a, b), ssim_similarity(a[:, None], b[:, None]))
+    with pytest.raises(ValueError, match="reduce the channels"):
+        ssim_similarity(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))

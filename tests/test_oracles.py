@@ -168,6 +168,36 @@ def test_pointing_games():
         pointing_game(maps, torch.zeros(3, 5, 5))
 
 
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        # boxes in the coordinates of a larger original image: outside the 10 x 10 maps
+        (torch.tensor([[1, 1, 6, 6], [12, 12, 20, 20]]), r"example\(s\) \[1\].*outside"),
+        (torch.tensor([[1, 1, 6, 6], [3, 3, 3, 8]]), r"zero area"),
+        (torch.tensor([[1.0, 1, 6, 6], [float("nan"), 1, 6, 6]]), "NaN"),
+        # a soft (probability) mask, not a 0/1 one
+        (torch.full((2, 10, 10), 0.3), "0 and 1"),
+        (torch.zeros(2, 10, 10, dtype=torch.bool), r"example\(s\) \[0, 1\] covers no pixel"),
+    ],
+)
+def test_pointing_games_refuse_objects_that_cover_nothing(objects, message):
+    """An object with no pixel on the maps made every game a silent miss (a box scaled for the
+    original image, an empty mask), and a soft mask counted every non-zero pixel as object."""
+    maps = torch.rand(2, 1, 10, 10)
+    for game in (pointing_game, energy_pointing_game):
+        with pytest.raises(ValueError, match=message):
+            game(maps, objects)
+
+
+def test_pointing_game_takes_0_1_masks_of_any_dtype():
+    maps = torch.zeros(1, 1, 4, 4)
+    maps[0, 0, 1, 1] = 1.0
+    mask = torch.zeros(1, 4, 4)
+    mask[0, 1, 1] = 1.0
+    assert pointing_game(maps, mask).tolist() == [True]
+    assert pointing_game(maps, mask.long()).tolist() == [True]
+
+
 def test_deeplift_runs_on_the_interaction_cell_and_matches_its_shapley_values():
     from captum.attr import DeepLift
 

@@ -227,13 +227,15 @@ def test_one_output_model_is_refused():
         assert_model_unchanged(model, before)
 
 
-@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_threshold_is_refused(threshold):
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -float("inf"), -0.1, 1.0, 2.0])
+def test_threshold_outside_0_1_is_refused(threshold):
+    """The maps are min-max normalised to [0, 1]: a threshold below 0 marks every pixel and
+    one of 1 or more none, so the IoU was 1 whatever the maps (a read-out of nothing)."""
     model = make_tiny_cnn(num_classes=5)
-    with pytest.raises(ValueError, match="threshold.*finite"):
+    with pytest.raises(ValueError, match=r"threshold.*finite number >= 0 and < 1"):
         VOICE(GradCAM(model, "features.3")).attribute(_inputs(), threshold=threshold)
     maps = torch.rand(2, 1, 4, 4)
-    with pytest.raises(ValueError, match="threshold.*finite"):
+    with pytest.raises(ValueError, match=r"threshold.*finite number >= 0 and < 1"):
         voice_iou(maps, maps, threshold=threshold)
     with pytest.raises(TypeError, match="threshold"):
         VOICE(GradCAM(model, "features.3")).attribute(_inputs(), threshold="0.1")

@@ -23,6 +23,9 @@ def format_inputs(inputs: Any, *, argument: str = "inputs") -> tuple[Tensor, ...
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"`{where}` contains NaN or infinite values.")
     batch = as_tuple[0].shape[0]
+    if batch == 0:
+        where = argument if len(as_tuple) == 1 else f"{argument}[0]"
+        raise ValueError(f"`{where}` has no examples (a batch of 0); nothing to explain.")
     for i, tensor in enumerate(as_tuple[1:], start=1):
         if tensor.shape[0] != batch:
             raise ValueError(

@@ -343,7 +343,8 @@ class VOICE:
             additional_forward_args (Any, optional): extra arguments of the model.
             max_batch (int, optional): classes per batched backward. Default: 64 (fewer
                 if one chunk's gradients would exceed about 1 GiB).
-            threshold (float, optional): threshold of the IoU read-out, a finite number.
+            threshold (float, optional): threshold of the IoU read-out, in [0, 1) (the maps are
+                min-max normalised first).
                 Default: 0.1.
             nt_samples (int, optional): noisy copies per example (SmoothGrad only).
             stdevs (float, optional): standard deviation of the noise (SmoothGrad only), in
@@ -569,7 +570,10 @@ def _log_likelihood(logits: Tensor, explained: Tensor) -> Tensor:
 
 
 def _check_threshold(threshold: Any) -> float:
-    return check_number(threshold, "threshold", minimum=None)
+    # the maps are min-max normalised to [0, 1]: outside [0, 1) every mask is full or empty
+    return check_number(
+        threshold, "threshold", allow_minimum=True, maximum=1.0, allow_maximum=False
+    )
 
 
 def _explanation_then_cross_entropy(

@@ -168,19 +168,42 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
         )
     if objects.dim() == 2 and objects.shape == (n, 4):
         boxes = float64_here_or_cpu(objects)
+        if not bool(torch.isfinite(boxes).all()):
+            raise ValueError("`objects`: boxes contain NaN or infinite coordinates.")
         ys = torch.arange(h, dtype=torch.float64, device=boxes.device).view(1, h, 1)
         xs = torch.arange(w, dtype=torch.float64, device=boxes.device).view(1, 1, w)
         x0, y0, x1, y1 = (boxes[:, i].view(n, 1, 1) for i in range(4))
         if bool(((x1 < x0) | (y1 < y0)).any()):
             raise ValueError("`objects`: boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0.")
-        return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-    masks = objects.squeeze(1) if objects.dim() == 4 and objects.shape[1] == 1 else objects
-    if tuple(masks.shape) != shape:
-        raise ValueError(
-            f"`objects` must be (N, 4) boxes (x0, y0, x1, y1) or masks of shape (N, H, W) = "
-            f"{shape} (or (N, 1, H, W)), got {tuple(objects.shape)}."
+        masks = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+        kind = "box"
+    else:
+        masks = objects.squeeze(1) if objects.dim() == 4 and objects.shape[1] == 1 else objects
+        if tuple(masks.shape) != shape:
+            raise ValueError(
+                f"`objects` must be (N, 4) boxes (x0, y0, x1, y1) or masks of shape (N, H, W) = "
+                f"{shape} (or (N, 1, H, W)), got {tuple(objects.shape)}."
+            )
+        if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
+            raise ValueError(
+                f"`objects`: masks must be bool or hold only 0 and 1, got {masks.dtype} values "
+                f"in [{float(masks.min()):g}, {float(masks.max()):g}]; threshold them first."
+            )
+        masks, kind = masks.bool(), "mask"
+    empty = (~masks.flatten(1).any(dim=1)).nonzero()[:, 0].tolist()
+    if empty:
+        shown = empty[:5] + (["..."] if len(empty) > 5 else [])
+        hint = (
+            " (outside the image or of zero area: boxes are in pixels of the maps, (x0, y0, x1, "
+            "y1) with x1, y1 exclusive)"
+            if kind == "box"
+            else ""
         )
-    return masks.bool()
+        raise ValueError(
+            f"`objects`: the {kind} of example(s) {shown} covers no pixel of the {h} x {w} "
+            f"maps{hint}; leave out the examples without an object."
+        )
+    return masks
 
 
 def pointing_game(attributions: Any, objects: Any, *, tolerance: int = 0) -> Tensor:

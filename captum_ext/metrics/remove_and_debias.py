@@ -846,6 +846,11 @@ def road_imputation(
         raise ValueError("`inputs` must be an (N, C, H, W) tensor.")
     if not isinstance(removed, Tensor):
         raise TypeError(f"`removed` must be a bool tensor, got {type(removed).__name__}.")
+    if removed.dtype != torch.bool and not bool(((removed == 0) | (removed == 1)).all()):
+        raise ValueError(
+            f"`removed` must be a bool mask (or hold only 0 and 1), got {removed.dtype} values in "
+            f"[{float(removed.min()):g}, {float(removed.max()):g}]."
+        )
     n, c, h, w = inputs.shape
     removed = removed.reshape(n, 1, h, w) if removed.numel() == n * h * w else None
     if removed is None:

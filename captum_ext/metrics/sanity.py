@@ -111,8 +111,7 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
 def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True) -> Tensor:
     """Spearman rank correlation of two batches of maps, ``(N,)`` float64 (ties: mean ranks;
     a constant map correlates 0)."""
-    _check_finite(maps_a, "maps_a")
-    _check_finite(maps_b, "maps_b")
+    _check_pair(maps_a, maps_b)
     a = float64_here_or_cpu(maps_a.flatten(1))
     b = float64_here_or_cpu(maps_b.flatten(1))
     if absolute:
@@ -138,8 +137,14 @@ def ssim_similarity(
     with Gaussian-weighted local statistics, :math:`C_1 = 0.01^2`, :math:`C_2 = 0.03^2`
     (data range 1), averaged over the positions where the window fits.
     """
-    _check_finite(maps_a, "maps_a")
-    _check_finite(maps_b, "maps_b")
+    _check_pair(maps_a, maps_b)
+    if maps_a.dim() == 3:  # (N, H, W): one channel
+        maps_a, maps_b = maps_a[:, None], maps_b[:, None]
+    if maps_a.dim() != 4 or maps_a.shape[1] != 1:
+        raise ValueError(
+            f"`maps_a` and `maps_b` must be (N, 1, H, W) or (N, H, W) maps, got "
+            f"{tuple(maps_a.shape)}; reduce the channels first (e.g. sum them)."
+        )
     a = _unit_range(float64_here_or_cpu(maps_a))
     b = _unit_range(float64_here_or_cpu(maps_b))
     size = min(window, a.shape[-2], a.shape[-1])
@@ -237,6 +242,24 @@ def _explain(
             "similarities of such maps mean nothing (a float64 model or another method may help)."
         )
     return maps
+
+
+def _check_pair(maps_a: Any, maps_b: Any) -> None:
+    """Two finite tensors of one shape with at least one example and one value each."""
+    for maps, argument in ((maps_a, "maps_a"), (maps_b, "maps_b")):
+        if not isinstance(maps, Tensor):
+            raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(maps).__name__}.")
+        if maps.dim() < 2 or maps.shape[0] == 0 or maps[0].numel() == 0:
+            raise ValueError(
+                f"`{argument}` must be a batch of maps (N, ...) with N >= 1, got "
+                f"{tuple(maps.shape)}."
+            )
+        _check_finite(maps, argument)
+    if maps_a.shape != maps_b.shape:
+        raise ValueError(
+            f"`maps_a` {tuple(maps_a.shape)} and `maps_b` {tuple(maps_b.shape)} must have the "
+            "same shape."
+        )
 
 
 def _check_finite(maps: Tensor, argument: str) -> None:

@@ -63,7 +63,8 @@ def voice_iou(
     Args:
         explanation (Tensor): (N, 1, H, W) or (N, H, W) maps.
         uncertainty (Tensor): uncertainty maps of the same shape.
-        threshold (float, optional): mask level after min-max normalisation. Default: 0.1.
+        threshold (float, optional): mask level after min-max normalisation, in [0, 1).
+            Default: 0.1.
         smoothing (float, optional): added to numerator and denominator. Default: 1e-6.
 
     Returns:
@@ -85,7 +86,9 @@ def voice_iou(
             f"`explanation` {tuple(a.shape)} and `uncertainty` {tuple(b.shape)} must have the "
             "same shape (upsample one to the other first)."
         )
-    threshold = check_number(threshold, "threshold", minimum=None)
+    threshold = check_number(
+        threshold, "threshold", allow_minimum=True, maximum=1.0, allow_maximum=False
+    )
     smoothing = check_number(smoothing, "smoothing")
     dtype = torch.promote_types(a.dtype, b.dtype)
     mask_a = minmax_normalize(a.to(dtype), 1) > threshold
