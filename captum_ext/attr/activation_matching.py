@@ -16,11 +16,10 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.precision import precise_dtype
-
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.model_state import preserved_state
+from .._utils.precision import precise_dtype
 from .._utils.training import atomic_path, progress_bar, unwrap_distributed
 from .._utils.validation import check_int, class_selection, format_inputs
 from ._activation_matching_loss import (

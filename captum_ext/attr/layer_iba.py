@@ -18,13 +18,12 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_ext._utils.precision import precise, precise_dtype
-
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.maps import upsample_maps
 from .._utils.model_state import preserved_state
+from .._utils.precision import precise, precise_dtype
 from .._utils.training import progress_bar
 from .._utils.validation import (
     check_int,
@@ -133,6 +132,20 @@ def bottleneck_capacity(
     var_z = (1 - lam) ** 2
     mu_z = r_norm * lam
     return -0.5 * (1 + torch.log(var_z) - mu_z**2 - var_z) * active
+
+
+def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
+    """Per-feature ``maps`` in the layer's layout as (N, C, h, w) through ``reshape_transform``."""
+    if reshape_transform is None:
+        return maps
+    folded = reshape_transform(maps)
+    if not isinstance(folded, Tensor) or folded.dim() != 4 or folded.shape[0] != n:
+        shown = tuple(folded.shape) if isinstance(folded, Tensor) else type(folded).__name__
+        raise ValueError(
+            f"`reshape_transform` returned {shown} for the layer's {tuple(maps.shape)}; it "
+            f"must return (N, C, h, w) with N = {n}."
+        )
+    return folded
 
 
 def _as_generators(generator: Any, n: int, device: torch.device) -> list | None:
@@ -476,6 +489,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         generator: Any = None,
         reuse_prefix: bool = True,
         bottleneck_dtype: torch.dtype | str = "auto",
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         r"""Per-example IBA maps of ``inputs`` for the class in ``target``.
 
@@ -528,9 +542,32 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 to 8.0e-6 bits instead of 1.5e-5 (``benchmarks/RESULTS.md``), for 0.95-1.23x
                 the time. ``torch.float32`` (or the layer's dtype) does the arithmetic as the
                 reference does.
+            reshape_transform (Callable, optional): for a layer whose output is not
+                N x C x h x w, such as a vision transformer's (N, tokens, D): maps a tensor of
+                the layer's output shape to (N, C, h, w), e.g. drop the class token and fold
+                the patch tokens into their grid (the callable the CAM classes take). The
+                bottleneck then runs in the layer's own layout (one ``alpha``, mean and
+                standard deviation per token feature, every token included) without a blur,
+                so ``sigma`` must be None; the capacity or lambda is folded into maps at the
+                end. A 4-D output is read as (N, C, h, w) without it, so a channels-last
+                (N, h, w, C) one (Swin) needs ``lambda t: t.permute(0, 3, 1, 2)`` here.
+                Default: None (the layer must output N x C x h x w).
 
         Returns:
             Tensor: (N, 1, h, w) bits by default (see ``return_type``), in the layer's dtype.
+
+        Example (a vision transformer, its patch tokens folded as for the CAMs)::
+
+            >>> from torchvision.models import VisionTransformer
+            >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
+            ...                         mlp_dim=32, num_classes=5).eval()
+            >>> fold = lambda t: t[:, 1:].reshape(len(t), 4, 4, -1).permute(0, 3, 1, 2)
+            >>> iba = LayerIBA(vit, "encoder.layers.encoder_layer_1")
+            >>> iba.estimate(torch.randn(16, 3, 32, 32))
+            >>> bits = iba.attribute(torch.randn(2, 3, 32, 32), target=[0, 1], sigma=None,
+            ...                      reshape_transform=fold)
+            >>> tuple(bits.shape)
+            (2, 1, 4, 4)
         """
         beta = check_number(beta, "beta", minimum=0, allow_minimum=True)
         steps = check_int(steps, "steps")
@@ -562,6 +599,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 "`bottleneck_dtype` must be 'auto' or a floating-point torch.dtype, got "
                 f"{bottleneck_dtype!r}."
             )
+        if reshape_transform is not None and not callable(reshape_transform):
+            raise TypeError(
+                "`reshape_transform` must be callable (the layer's output -> N x C x h x w)."
+            )
         if self.mean is None:
             raise ValueError(
                 "LayerIBA needs the layer's feature statistics: call `estimate(data)` first, or "
@@ -576,7 +617,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             result = self._optimise(
                 formatted, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
                 init_alpha, min_std, post_relu, inverse, loss, return_type, generator,
-                reuse_prefix, bottleneck_dtype,
+                reuse_prefix, bottleneck_dtype, reshape_transform,
             )  # fmt: skip
         if upsample_to_input:
             size = tuple(formatted[0].shape[2:])
@@ -642,16 +683,28 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     def _optimise(
         self, inputs, target, additional_forward_args, beta, steps, lr, n_noise, sigma,
         init_alpha, min_std, post_relu, inverse, loss, return_type, generator, reuse_prefix,
-        bottleneck_dtype,
+        bottleneck_dtype, reshape_transform,
     ) -> Tensor:  # fmt: skip
         classification = loss == "cross_entropy"
         activations, clean = self._clean_pass(
             inputs, additional_forward_args, allow_multidim=not classification
         )
-        if activations.dim() != 4 or not activations.is_floating_point():
+        shape = tuple(activations.shape)
+        if not activations.is_floating_point() or activations.dim() < 2:
             raise ValueError(
-                f"`layer` outputs a tensor of shape {tuple(activations.shape)}; LayerIBA needs "
-                "floating-point N x C x h x w activations (a convolutional layer or block)."
+                f"`layer` outputs a {activations.dtype} tensor of shape {shape}; LayerIBA needs "
+                "floating-point activations with the examples first."
+            )
+        if reshape_transform is None and activations.dim() != 4:
+            raise ValueError(
+                f"`layer` outputs activations of shape {shape}, not N x C x h x w; pass "
+                "`reshape_transform` mapping them to (N, C, h, w) (for a vision transformer's "
+                "(N, tokens, D): drop the class token and fold the rest into the patch grid)."
+            )
+        if reshape_transform is not None and sigma is not None:
+            raise ValueError(
+                f"`sigma`={sigma:g} blurs lambda over an h x w grid, which the layer's own "
+                f"layout {shape} is not; with `reshape_transform` pass sigma=None."
             )
         n = inputs[0].shape[0]
         if activations.shape[0] != n:
@@ -659,6 +712,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 f"`layer` output has {activations.shape[0]} rows for {n} examples; LayerIBA "
                 "needs a layer whose output keeps the examples first."
             )
+        _folded(activations, reshape_transform, n)  # its shape checked before optimising
         layer_dtype = activations.dtype
         if bottleneck_dtype == "auto":
             bottleneck_dtype = precise_dtype(activations.device)
@@ -742,10 +796,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 alpha.grad = grad
                 optimizer.step()
                 state.clear()
-        capacity = capacity.detach()
         if return_type == "lambda":
-            return lam.detach().to(layer_dtype)
-        bits = capacity / math.log(2)
+            return _folded(lam.detach(), reshape_transform, n).to(layer_dtype)
+        bits = _folded(capacity.detach() / math.log(2), reshape_transform, n)
         if return_type == "capacity":
             return bits.to(layer_dtype)
         return bits.sum(dim=1, keepdim=True).to(layer_dtype)

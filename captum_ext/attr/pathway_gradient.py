@@ -12,12 +12,11 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.precision import precise, precise_dtype
-
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, root_module
 from .._utils.model_state import preserved_state
+from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
 
 SCORES = ("taylor", "integrated")

@@ -11,13 +11,12 @@ from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.precision import float64_here_or_cpu
-
 from .._utils.batched_grad import class_gradients, run_forward
 from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import preserved_state
+from .._utils.precision import float64_here_or_cpu
 from .._utils.validation import (
     check_int,
     check_number,
