@@ -347,6 +347,8 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
         explainer = load_bundled_mask_explainer(inputs.model)
     else:
         layers = config.mask_layers.split(",") if config.mask_layers else [inputs.layer_name]
+        if config.mask_layers and inputs.layer_name == "grid":  # names inside the wrapper
+            layers = [f"model.{name.strip()}" for name in layers]
         explainer = ActivationMatchingMask(inputs.forward, [name.strip() for name in layers])
         explainer.load(config.mask_net)
     return minimal_mask_section(
@@ -556,6 +558,28 @@ def _conv_layer_names(model: Any) -> list[str]:
     return names
 
 
+def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
+    """A :class:`~captum_ext.token_grid.TokenGridModel` when ``layer`` outputs tokens
+    ``(N, tokens, D)`` (a vision transformer's block), else None. ``ValueError`` naming
+    ``--layer`` when the tokens do not form a square grid after 0-2 leading tokens."""
+    import torch
+
+    from captum_ext.token_grid import expose_token_grid, layer_output_shape, token_grid_shape
+
+    if not isinstance(forward, torch.nn.Module) or isinstance(forward, torch.jit.ScriptModule):
+        return None
+    shape = layer_output_shape(forward, layer, example)
+    if len(shape) != 3:
+        return None
+    if token_grid_shape(shape[1]) is None:
+        raise ValueError(
+            f"`--layer` {layer_name!r} outputs {shape}: {shape[1]} tokens are not 0-2 leading "
+            "tokens and a square grid of patches, so they cannot be shown as a map; explain "
+            "it from Python with captum_ext.token_grid.expose_token_grid(..., grid_size=(h, w))."
+        )
+    return expose_token_grid(forward, layer, example)
+
+
 def pick_layer(model: Any, layer: str | None) -> str:
     """``layer``, or the last convolutional block of a known torchvision model (said on
     stdout); otherwise a ``ValueError`` naming ``--layer`` and the last convolutions."""
@@ -667,6 +691,18 @@ def build_section_inputs(
             forward, layer = expose_layer(model, layer_name, example=example)
     else:
         forward, layer = expose_layer(model, layer_name, example=example)
+    layer_description = layer_name
+    grid = _token_grid(forward, layer, layer_name, example)
+    if grid is not None:  # a vision transformer's tokens, explained as a map of the patches
+        forward, layer = grid, grid.grid
+        h, w = grid.grid_size
+        layer_description = f"{layer_name} (its {h} x {w} patch tokens as a map)"
+        print(
+            f"Explaining the {h} x {w} patch tokens of {layer_name!r} as a map"
+            + (f" (the {grid.leading} leading token(s) left out)." if grid.leading else "."),
+            flush=True,
+        )
+        layer_name = "grid"
     probabilities = _probabilities(forward, images, device, config.batch_size)
     inputs = SectionInputs(
         model=model,
@@ -689,7 +725,7 @@ def build_section_inputs(
     )
     metadata = {
         "Model": model_description,
-        "Layer": layer_name,
+        "Layer": layer_description,
         "Images": resolved.description,
         "Transform": resolved.transform,
         "Device": str(device),

@@ -1,0 +1,179 @@
+r"""A vision transformer's patch tokens as a layer with an ``N x D x h x w`` output.
+
+Captum's layer methods and ours (Grad-CAM, ContrastCAM, VOICE, LayerIBA, activation-matching
+masks, ...) read a layer's output as a grid. A transformer block outputs ``(N, tokens, D)``:
+``k`` leading tokens (the class token, DeiT's distillation token) then the ``h x w`` patch
+tokens in row-major order. The CAM classes take a ``reshape_transform`` for that; the report
+command, and any code that hands a method a *layer*, needs the grid to be a module's output.
+
+:class:`TokenGridModel` computes the model exactly as it is, except that while it runs, the
+chosen layer's output passes through an identity module, :attr:`TokenGridModel.grid`, as the
+``(N, D, h, w)`` grid of its patch tokens, and is put back together after it (the leading
+tokens untouched). Hooks on ``grid`` therefore see the patch tokens as a map, gradients with
+respect to its output are the patch tokens' gradients folded the same way, and a method that
+replaces its output (LayerIBA's bottleneck) replaces the patch tokens. A hook lives on the
+user's layer only during the wrapper's forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_ext._utils.layers import resolve_layer
+
+__all__ = ["TokenGridModel", "expose_token_grid", "token_grid_shape"]
+
+
+class TokenGridModel(nn.Module):
+    """``model`` with the ``(N, leading + h * w, D)`` output of ``layer`` passed through
+    :attr:`grid` as ``(N, D, h, w)``. Build it with :func:`expose_token_grid`."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module, leading: int, grid_size: tuple) -> None:
+        super().__init__()
+        self.model = model
+        self.grid = nn.Identity()
+        self.leading = int(leading)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        # not a submodule attribute: the layer is already registered inside `model`
+        self._tokens_layer = [layer]
+
+    def _through_grid(self, module: nn.Module, args: Any, output: Any) -> Tensor:
+        h, w = self.grid_size
+        expected = self.leading + h * w
+        if not isinstance(output, Tensor) or output.dim() != 3 or output.shape[1] != expected:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(
+                f"the token layer output {shape}; the grid expects (N, {expected}, D) "
+                f"({self.leading} leading tokens and {h} x {w} patches): inputs of another size "
+                "need another grid (expose_token_grid on an example of that size)."
+            )
+        n, _, d = output.shape
+        patches = output[:, self.leading :].reshape(n, h, w, d).permute(0, 3, 1, 2)
+        grid = self.grid(patches)
+        back = grid.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        return torch.cat([output[:, : self.leading], back], dim=1)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self._tokens_layer[0].register_forward_hook(self._through_grid)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            handle.remove()
+
+
+def layer_output_shape(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple:
+    seen: list[tuple] = []
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        seen.append(tuple(output.shape) if isinstance(output, Tensor) else ())
+
+    handle = layer.register_forward_hook(record)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(seen) != 1:
+        raise ValueError(
+            f"`layer` ran {len(seen)} times in one forward pass; pick a layer that runs once."
+        )
+    return seen[0]
+
+
+def token_grid_shape(tokens: int) -> tuple[int, tuple[int, int]] | None:
+    """``(leading, (h, w))`` for ``tokens`` = leading + a square number of patches, with 0,
+    1 (class token) or 2 (class and distillation tokens) leading tokens; None otherwise."""
+    for leading in (1, 0, 2):
+        side = math.isqrt(max(tokens - leading, 0))
+        if side > 0 and side * side == tokens - leading:
+            return leading, (side, side)
+    return None
+
+
+def expose_token_grid(
+    model: nn.Module,
+    layer: str | nn.Module,
+    example: Tensor,
+    *,
+    leading: int | None = None,
+    grid_size: tuple[int, int] | None = None,
+) -> TokenGridModel:
+    r"""A :class:`TokenGridModel` of ``model`` at a token ``layer``, its ``grid`` the layer
+    to give to a layer method.
+
+    Args:
+        model (nn.Module): an eager model (a vision transformer).
+        layer (str or nn.Module): the token layer, ``(N, tokens, D)`` output.
+        example (Tensor): a small input batch of the size to be explained; the layer's output
+            on it gives the number of tokens.
+        leading (int, optional): tokens before the patches (1 for a class token, 2 with
+            DeiT's distillation token). Default: inferred with ``grid_size`` from the token
+            count: 0, 1 or 2 leading tokens before a square grid.
+        grid_size (tuple[int, int], optional): ``(h, w)`` patches, for a non-square grid.
+            Default: inferred.
+
+    Returns:
+        TokenGridModel: computes what ``model`` computes; ``.grid`` is the layer.
+
+    Raises:
+        ValueError: the layer's output is not 3-D, or its token count does not match the
+            grid (or cannot be inferred: pass ``leading`` and ``grid_size``).
+
+    Examples::
+
+        >>> from torchvision.models import VisionTransformer
+        >>> from captum_ext.attr import GradCAM
+        >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
+        ...                         mlp_dim=32, num_classes=5).eval()
+        >>> x = torch.randn(3, 3, 32, 32)
+        >>> wrapped = expose_token_grid(vit, "encoder.layers.encoder_layer_1", x[:1])
+        >>> (wrapped.leading, wrapped.grid_size)
+        (1, (4, 4))
+        >>> maps = GradCAM(wrapped, wrapped.grid).attribute(x, target=[0, 1, 2])
+        >>> tuple(maps.shape)
+        (3, 1, 4, 4)
+        >>> bool(torch.equal(wrapped(x), vit(x)))
+        True
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("`model` must be an eager nn.Module (hooks cannot reach into TorchScript).")
+    module = resolve_layer(model, layer)
+    shape = layer_output_shape(model, module, example)
+    if len(shape) != 3:
+        raise ValueError(
+            f"`layer` outputs {shape}, not (N, tokens, D); expose_token_grid is for the token "
+            "layers of vision transformers."
+        )
+    tokens = shape[1]
+    if grid_size is None and leading is None:
+        inferred = token_grid_shape(tokens)
+        if inferred is None:
+            raise ValueError(
+                f"`layer` outputs {tokens} tokens, not 0-2 leading tokens and a square grid; "
+                "pass `leading` and `grid_size`=(h, w)."
+            )
+        leading, grid_size = inferred
+    elif grid_size is None:
+        side = math.isqrt(max(tokens - leading, 0))
+        if side < 1 or side * side != tokens - leading:
+            raise ValueError(
+                f"`leading`={leading} leaves {tokens - leading} of the layer's {tokens} tokens, "
+                "not a square grid; pass `grid_size`=(h, w)."
+            )
+        grid_size = (side, side)
+    elif leading is None:
+        leading = tokens - grid_size[0] * grid_size[1]
+    h, w = grid_size
+    if leading < 0 or h < 1 or w < 1 or leading + h * w != tokens:
+        raise ValueError(
+            f"`leading`={leading} and `grid_size`={tuple(grid_size)} make {leading + h * w} "
+            f"tokens, but `layer` outputs {tokens}."
+        )
+    return TokenGridModel(model, module, leading, (h, w))
