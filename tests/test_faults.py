@@ -486,3 +486,22 @@ def test_report_write_removes_only_figures_its_previous_page_listed(tmp_path):
     assert not copied.exists()
     assert all(file.read_bytes() == b"the user's" for file in users)
     assert (out / "images" / ".captum-ext-figures").read_text() == "images/maps/0.png\n"
+
+
+def test_plain_progress_says_the_time_so_far_and_left(monkeypatch):
+    """A log of a long run (the report's inversion at 224 px: minutes between lines) says how
+    long it took so far and, at the pace so far, about how long is left."""
+    clock = iter([100.0, 160.0, 220.0, 280.0, 340.0])  # start, then one line per quarter
+    monkeypatch.setattr("captum_ext._utils.training.time.monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    bar = progress_bar(8, True, desc="inversion", unit="step", file=stream)
+    for _ in range(8):
+        bar.update(1)
+    bar.close()
+    assert stream.getvalue().splitlines() == [
+        "inversion:   0% (0/8 step)",
+        "inversion:  25% (2/8 step), 60 s, about 3.0 min left",
+        "inversion:  50% (4/8 step), 2.0 min, about 2.0 min left",
+        "inversion:  75% (6/8 step), 3.0 min, about 60 s left",
+        "inversion: 100% (8/8 step), 4.0 min",
+    ]

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -311,7 +312,9 @@ def unwrap_distributed(module: nn.Module) -> nn.Module:
 class PlainProgress:
     """A progress report for logs: one line at 0, 25, 50, 75 and 100 % of ``total`` (at the
     start and at the end when ``total`` is unknown), instead of the many carriage-return
-    updates of a tqdm bar. Offers the part of tqdm's interface the trainers use (``update``,
+    updates of a tqdm bar. Lines after the first say the time so far and, before the end,
+    about how long is left at the pace so far (a log of a long run then says whether to
+    wait). Offers the part of tqdm's interface the trainers use (``update``,
     ``set_postfix``, ``close``, use as a context manager)."""
 
     _MARKS = (0, 25, 50, 75, 100)
@@ -320,6 +323,7 @@ class PlainProgress:
         self.total, self.desc, self.unit, self.n = total, desc, unit, int(initial)
         self.file = sys.stderr if file is None else file
         self.postfix = ""
+        self._start, self._initial = time.monotonic(), int(initial)
         self._next = 0  # index into _MARKS of the next line to print
         self._closed = False
         self._report()
@@ -329,6 +333,12 @@ class PlainProgress:
             text = f"{self.desc}: {percent:3d}% ({self.n}/{self.total} {self.unit})"
         else:
             text = f"{self.desc}: {self.n} {self.unit}"
+        done = self.n - self._initial
+        if done > 0:
+            elapsed = time.monotonic() - self._start
+            text += f", {_duration(elapsed)}"
+            if self.total and self.n < self.total:
+                text += f", about {_duration(elapsed / done * (self.total - self.n))} left"
         if self.postfix:
             text += f" {self.postfix}"
         print(text, file=self.file, flush=True)
@@ -372,6 +382,15 @@ class PlainProgress:
 
     def __bool__(self) -> bool:
         return True
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for a person: "12 s", "4.5 min", "1.2 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _is_terminal(stream: Any) -> bool:
