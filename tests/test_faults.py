@@ -505,3 +505,18 @@ def test_plain_progress_says_the_time_so_far_and_left(monkeypatch):
         "inversion:  75% (6/8 step), 3.0 min, about 60 s left",
         "inversion: 100% (8/8 step), 4.0 min",
     ]
+
+
+def test_plain_progress_of_a_run_under_a_second_has_no_clock(monkeypatch):
+    clock = iter([0.0, 0.2, 0.4])
+    monkeypatch.setattr("captum_ext._utils.training.time.monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    bar = progress_bar(2, True, desc="scoring", unit="batch", file=stream)
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    assert stream.getvalue().splitlines() == [
+        "scoring:   0% (0/2 batch)",
+        "scoring:  50% (1/2 batch)",
+        "scoring: 100% (2/2 batch)",
+    ]

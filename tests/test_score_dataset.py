@@ -207,6 +207,47 @@ def test_bad_batches_and_devices():
         score_dataset(model, loader(x, y), ["softmax"], device="meta", progress=False)
 
 
+class _DictDataset(Dataset):
+    """Examples as Hugging Face datasets give them: dicts with extra keys."""
+
+    def __init__(self, x, y, input_key="pixel_values", label_key="labels"):
+        self.x, self.y, self.input_key, self.label_key = x, y, input_key, label_key
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        item = {self.input_key: self.x[i], "id": i}
+        if self.label_key is not None:
+            item[self.label_key] = self.y[i]
+        return item
+
+
+@pytest.mark.parametrize(("input_key", "label_key"), [("pixel_values", "labels"), ("image", None)])
+def test_dict_batches_score_as_pairs(input_key, label_key):
+    model = make_model()
+    x, y = make_data()
+    pairs = score_dataset(model, loader(x, y), ["softmax", "margin"], progress=False)
+    dicts = DataLoader(_DictDataset(x, y, input_key, label_key), batch_size=BATCH)
+    table = score_dataset(model, dicts, ["softmax", "margin"], progress=False)
+    for name in ("prediction", "softmax", "margin"):
+        torch.testing.assert_close(table[name], pairs[name])
+    expected_labels = pairs["label"] if label_key else torch.full_like(pairs["label"], -1)
+    torch.testing.assert_close(table["label"], expected_labels)
+
+
+def test_dict_batches_without_one_input_key_are_refused():
+    x, y = make_data()
+    ambiguous = DataLoader(
+        [{"image": a, "pixel_values": a, "labels": b} for a, b in zip(x, y)], batch_size=BATCH
+    )
+    with pytest.raises(ValueError, match=r"keys \['image', 'labels', 'pixel_values'\]"):
+        score_dataset(make_model(), ambiguous, ["softmax"], progress=False)
+    unnamed = DataLoader([{"x": a} for a in x], batch_size=BATCH)
+    with pytest.raises(ValueError, match="exactly one tensor of"):
+        score_dataset(make_model(), unnamed, ["softmax"], progress=False)
+
+
 def test_progress_bar_on_stderr(capsys):
     x, y = make_data()
     score_dataset(make_model(), loader(x, y), ["softmax"], progress=True)

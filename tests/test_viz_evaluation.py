@@ -135,7 +135,7 @@ def test_progress_reports_the_methods_on_stderr(scores_and_inputs, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     total = len(loud.methods)
     assert lines[0] == f"evaluation:   0% (0/{total} method)"
-    assert lines[-1].startswith(f"evaluation: 100% ({total}/{total} method), ")
+    assert lines[-1].startswith(f"evaluation: 100% ({total}/{total} method)")
     for metric in METRIC_DIRECTIONS:
         for method in loud.methods:
             a, b = loud.scores[metric][method], quiet.scores[metric][method]

@@ -334,8 +334,8 @@ class PlainProgress:
         else:
             text = f"{self.desc}: {self.n} {self.unit}"
         done = self.n - self._initial
-        if done > 0:
-            elapsed = time.monotonic() - self._start
+        elapsed = time.monotonic() - self._start if done > 0 else 0.0
+        if elapsed >= 1:  # a run of under a second needs no clock
             text += f", {_duration(elapsed)}"
             if self.total and self.n < self.total:
                 text += f", about {_duration(elapsed / done * (self.total - self.n))} left"

@@ -276,9 +276,29 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
+# keys of dict batches (Hugging Face datasets and image processors name them so)
+_INPUT_KEYS = ("pixel_values", "image", "images", "inputs", "input")
+_LABEL_KEYS = ("labels", "label", "targets", "target")
+
+
+def _split_dict_batch(batch: Mapping) -> tuple[Tensor, Tensor | None]:
+    inputs = [key for key in _INPUT_KEYS if key in batch]
+    labels = [key for key in _LABEL_KEYS if key in batch]
+    if len(inputs) != 1 or len(labels) > 1 or not isinstance(batch[inputs[0]], Tensor):
+        raise ValueError(
+            f"the DataLoader yields dicts with keys {sorted(map(str, batch))}; score_dataset "
+            f"reads the inputs from exactly one tensor of {list(_INPUT_KEYS)} and the labels "
+            f"from at most one of {list(_LABEL_KEYS)} (or give a collate_fn that returns "
+            "(inputs, labels) pairs)."
+        )
+    return batch[inputs[0]], (batch[labels[0]] if labels else None)
+
+
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, Tensor):
         return batch, None
+    if isinstance(batch, Mapping):
+        return _split_dict_batch(batch)
     if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
         inputs = batch[0]
         labels = batch[1] if len(batch) == 2 else None
@@ -290,7 +310,8 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
         else f"a {type(batch).__name__}"
     )
     raise ValueError(
-        f"the DataLoader must yield `inputs` tensors or `(inputs, labels)` pairs, got {described}."
+        f"the DataLoader must yield `inputs` tensors, `(inputs, labels)` pairs or dicts with "
+        f"'pixel_values' (and 'labels'), got {described}."
     )
 
 
@@ -441,8 +462,11 @@ def score_dataset(
     ``mc_dropout``), and is left exactly as it was found: training flags,
     ``requires_grad`` and ``.grad`` are restored, also when a score raises.
 
-    **Batches.** The loader must yield ``inputs`` tensors or ``(inputs, labels)`` pairs
-    (labels: integer class indices). Without labels, ``label`` is ``-1`` (and ``correct``
+    **Batches.** The loader must yield ``inputs`` tensors, ``(inputs, labels)`` pairs
+    (labels: integer class indices) or dicts as Hugging Face datasets give them, the inputs
+    under one of ``"pixel_values"``, ``"image"``, ``"images"``, ``"inputs"``, ``"input"``
+    and the labels (optional) under one of ``"labels"``, ``"label"``, ``"targets"``,
+    ``"target"``; other keys are ignored. Without labels, ``label`` is ``-1`` (and ``correct``
     False). Every example is scored exactly once, in dataset order: a loader with a
     sequential sampler is used as it is; otherwise (``shuffle=True``, a custom sampler,
     ``drop_last=True``) a loader with the same ``dataset``, ``collate_fn``, ``num_workers``
