@@ -9,12 +9,14 @@ Also the seeding helpers that the per-image optimisation shares.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._utils.batches import dict_batch
 from .._utils.layers import root_module
 from .._utils.training import (
     barrier,
@@ -66,6 +68,8 @@ def batch_inputs(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    if isinstance(batch, Mapping):
+        return dict_batch(batch, "data")[0]
     raise TypeError(
         "`data` must yield image tensors or (images, ...) tuples, got a batch of type "
         f"{type(batch).__name__}."

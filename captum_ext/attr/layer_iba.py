@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from .._utils.batched_grad import objective_gradients, run_forward
+from .._utils.batches import dict_batch
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.maps import upsample_maps
@@ -400,6 +401,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                         break
                     if isinstance(batch, list):
                         batch = tuple(batch)
+                    if isinstance(batch, Mapping):
+                        batch = dict_batch(batch, "inputs_or_dataloader")[0]
                     if isinstance(batch, tuple) and len(batch) and isinstance(batch[0], Tensor):
                         # (images, labels, ...) from a DataLoader: the first entry is the input
                         batch = batch[0] if not isinstance(inputs_or_dataloader, tuple) else batch

@@ -2,7 +2,7 @@ r"""IntrospectiveNetwork: a reflective second stage on the introspective feature
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import (
     atomic_path,
@@ -278,10 +279,14 @@ class IntrospectiveNetwork(nn.Module):
             batches = inputs_or_loader
         features, targets = [], []
         for batch in batches:
+            if isinstance(batch, Mapping):
+                x, y = dict_batch(batch, "inputs_or_loader")
+                batch = (x, y) if y is not None else (x,)
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError(
-                    "`inputs_or_loader` must yield (inputs, labels) batches, got "
-                    f"{type(batch).__name__}."
+                    "`inputs_or_loader` must yield (inputs, labels) batches or dicts with "
+                    f"'pixel_values' and 'labels', got {type(batch).__name__}"
+                    + (" without labels." if isinstance(batch, (tuple, list)) else ".")
                 )
             x, y = batch[0], torch.as_tensor(batch[1])
             features.append(self.features(x))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
@@ -276,29 +277,11 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
-# keys of dict batches (Hugging Face datasets and image processors name them so)
-_INPUT_KEYS = ("pixel_values", "image", "images", "inputs", "input")
-_LABEL_KEYS = ("labels", "label", "targets", "target")
-
-
-def _split_dict_batch(batch: Mapping) -> tuple[Tensor, Tensor | None]:
-    inputs = [key for key in _INPUT_KEYS if key in batch]
-    labels = [key for key in _LABEL_KEYS if key in batch]
-    if len(inputs) != 1 or len(labels) > 1 or not isinstance(batch[inputs[0]], Tensor):
-        raise ValueError(
-            f"the DataLoader yields dicts with keys {sorted(map(str, batch))}; score_dataset "
-            f"reads the inputs from exactly one tensor of {list(_INPUT_KEYS)} and the labels "
-            f"from at most one of {list(_LABEL_KEYS)} (or give a collate_fn that returns "
-            "(inputs, labels) pairs)."
-        )
-    return batch[inputs[0]], (batch[labels[0]] if labels else None)
-
-
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, Tensor):
         return batch, None
     if isinstance(batch, Mapping):
-        return _split_dict_batch(batch)
+        return dict_batch(batch, "dataloader")
     if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
         inputs = batch[0]
         labels = batch[1] if len(batch) == 2 else None
