@@ -40,6 +40,7 @@ class TokenGridModel(nn.Module):
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         # not a submodule attribute: the layer is already registered inside `model`
         self._tokens_layer = [layer]
+        self.training = model.training  # the wrapper is in the mode the model is in
 
     def _through_grid(self, module: nn.Module, args: Any, output: Any) -> Tensor:
         h, w = self.grid_size

@@ -39,6 +39,7 @@ def test_the_wrapper_computes_the_model_and_leaves_no_hook(vit, x):
     wrapped = expose_token_grid(vit, LAYER, x[:1])
     assert isinstance(wrapped, TokenGridModel)
     assert (wrapped.leading, wrapped.grid_size) == (1, (4, 4))
+    assert not wrapped.training  # the eval model's mode, not nn.Module's default
     torch.testing.assert_close(wrapped(x), vit(x), rtol=0, atol=0)
     layer = dict(vit.named_modules())[LAYER]
     assert not layer._forward_hooks
