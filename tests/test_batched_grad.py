@@ -421,3 +421,47 @@ def test_a_segmentation_output_error_points_to_what_each_function_takes():
         energy(segmenter, x)
     with pytest.raises(ValueError, match=r"output_transform"):
         GradCAM(segmenter, segmenter[0]).attribute(x, target=1)
+
+
+class _LogitsOutput:
+    """Like a Hugging Face ``ImageClassifierOutput``: the logits as an attribute."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+@pytest.mark.parametrize("wrap", ["dict", "attribute"])
+def test_a_hugging_face_style_output_error_says_how_to_take_its_logits(wrap):
+    """A model returning its logits inside a dict or an output object (Hugging Face's
+    classifiers) was told only to reduce its output to scores."""
+    from captum_ext.attr import GradCAM
+    from captum_ext.metrics import deletion, softmax_confidence
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, pixel_values):
+            logits = self.head(self.features(pixel_values).mean(dim=(2, 3)))
+            return {"logits": logits} if wrap == "dict" else _LogitsOutput(logits)
+
+    model = Classifier().eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pick = r"\['logits'\]" if wrap == "dict" else r"\.logits"
+    with pytest.raises(
+        ValueError, match=r"with a `logits` tensor.*output_transform=lambda out: out" + pick
+    ):
+        softmax_confidence(model, x)
+    with pytest.raises(ValueError, match=r"output_transform=lambda out: out" + pick):
+        GradCAM(model, model.features).attribute(x, target=0)
+    with pytest.raises(
+        ValueError, match=r"wrap the model, e.g. forward_func=lambda x: model\(x\)" + pick
+    ):
+        deletion(model, x, torch.rand(2, 1, 8, 8), target=0)
+    # the remedy works
+    confidence = softmax_confidence(
+        model, x, output_transform=lambda out: out["logits"] if wrap == "dict" else out.logits
+    )
+    assert confidence.shape == (2,) and bool(((confidence > 0) & (confidence <= 1)).all())

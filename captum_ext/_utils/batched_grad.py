@@ -11,7 +11,7 @@ example ``n`` alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +114,19 @@ def run_forward(
     elif isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == n:
         return output
     got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-    if takes_output_transform:
+    has_logits = isinstance(getattr(output, "logits", None), Tensor) or (
+        isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor)
+    )
+    if has_logits:  # a Hugging Face model's output (ImageClassifierOutput) or such a dict
+        got += " with a `logits` tensor (a Hugging Face model?)"
+        pick = "['logits']" if isinstance(output, Mapping) else ".logits"
+        remedy = (
+            f"pass output_transform=lambda out: out{pick}."
+            if takes_output_transform
+            else "this function has no `output_transform`: wrap the model, e.g. "
+            f"forward_func=lambda x: model(x){pick}."
+        )
+    elif takes_output_transform:
         remedy = "pass `output_transform` to reduce the output to (N, classes) scores."
     else:
         remedy = (
