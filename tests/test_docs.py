@@ -104,6 +104,11 @@ def test_api_reference_documents_the_public_names(html: Path):
     circuits_page = _page(html, "api/circuits.html")
     for name in circuits.__all__:
         assert f'id="captum_ext.circuits.{name}"' in circuits_page, name
+    from captum_ext import token_grid
+
+    token_grid_page = _page(html, "api/token_grid.html")
+    for name in token_grid.__all__:
+        assert f'id="captum_ext.token_grid.{name}"' in token_grid_page, name
     # the value is written out in docs/api/data.rst: it must follow the package
     assert f"&quot;{data.BUNDLED_CAM_LAYER}&quot;" in data_page
 

@@ -37,7 +37,8 @@ class PathwayGradientResult:
         masks (dict of str to Tensor): per site, the pathway: a bool tensor (N, ...) of the
             site's output shape, True for the neurons kept (``score > threshold``).
         scores (dict of str to Tensor): per site, the neuron scores (N, ...), >= 0.
-        threshold (Tensor): (N,) float64, each example's threshold over all its neurons.
+        threshold (Tensor): (N,) float64 (float32 on MPS), each example's threshold over all
+            its neurons.
         target (Tensor): (N,) the class explained in each example.
         sites (tuple of str): the sites in the order they ran (the keys of ``masks``).
     """
@@ -78,7 +79,8 @@ def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:
         q (float): the quantile, in [0, 1] (the percentile divided by 100).
 
     Returns:
-        Tensor: (N,) float64 thresholds, on the device of ``values``.
+        Tensor: (N,) float64 thresholds (float32 on MPS, which has no float64), on the device
+        of ``values``.
     """
     blocks = [values] if isinstance(values, Tensor) else list(values)
     m = sum(block.shape[1] for block in blocks)
