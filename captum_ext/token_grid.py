@@ -1,5 +1,7 @@
 r"""A vision transformer's patch tokens as a layer with an ``N x D x h x w`` output.
 
+(The same for a channels-last ``(N, h, w, C)`` stage, as Swin transformers output.)
+
 Captum's layer methods and ours (Grad-CAM, ContrastCAM, VOICE, LayerIBA, activation-matching
 masks, ...) read a layer's output as a grid. A transformer block outputs ``(N, tokens, D)``:
 ``k`` leading tokens (the class token, DeiT's distillation token) then the ``h x w`` patch
@@ -25,25 +27,45 @@ from torch import Tensor, nn
 
 from captum_ext._utils.layers import resolve_layer
 
-__all__ = ["TokenGridModel", "expose_token_grid", "token_grid_shape"]
+__all__ = ["TokenGridModel", "expose_token_grid", "looks_channels_last", "token_grid_shape"]
 
 
 class TokenGridModel(nn.Module):
-    """``model`` with the ``(N, leading + h * w, D)`` output of ``layer`` passed through
+    """``model`` with the ``(N, leading + h * w, D)`` output of ``layer`` (``layout=
+    "tokens"``) or its ``(N, h, w, D)`` output (``layout="channels_last"``) passed through
     :attr:`grid` as ``(N, D, h, w)``. Build it with :func:`expose_token_grid`."""
 
-    def __init__(self, model: nn.Module, layer: nn.Module, leading: int, grid_size: tuple) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        leading: int,
+        grid_size: tuple,
+        layout: str = "tokens",
+    ) -> None:
         super().__init__()
+        if layout not in ("tokens", "channels_last"):
+            raise ValueError(f"`layout`={layout!r}: expected 'tokens' or 'channels_last'.")
         self.model = model
         self.grid = nn.Identity()
         self.leading = int(leading)
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.layout = layout
         # not a submodule attribute: the layer is already registered inside `model`
         self._tokens_layer = [layer]
         self.training = model.training  # the wrapper is in the mode the model is in
 
     def _through_grid(self, module: nn.Module, args: Any, output: Any) -> Tensor:
         h, w = self.grid_size
+        if self.layout == "channels_last":
+            if not isinstance(output, Tensor) or output.dim() != 4 or output.shape[1:3] != (h, w):
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"the layer output {shape}; the grid expects (N, {h}, {w}, C): inputs of "
+                    "another size need another grid (expose_token_grid on an example of that "
+                    "size)."
+                )
+            return self.grid(output.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         expected = self.leading + h * w
         if not isinstance(output, Tensor) or output.dim() != 3 or output.shape[1] != expected:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
@@ -98,6 +120,21 @@ def token_grid_shape(tokens: int) -> tuple[int, tuple[int, int]] | None:
     return None
 
 
+def looks_channels_last(shape: tuple, input_size: tuple) -> bool:
+    """Whether a 4-D layer output ``shape`` is channels-last ``(N, h, w, C)`` rather than
+    ``(N, C, h, w)`` for inputs of spatial ``input_size`` ``(H, W)``: its dims 1 and 2 keep
+    the input's aspect ratio and dims 2 and 3 do not (a square grid of C == h == w channels
+    counts as channels-first)."""
+    if len(shape) != 4 or len(input_size) != 2:
+        return False
+    aspect = input_size[0] / input_size[1]
+
+    def keeps(h: int, w: int) -> bool:
+        return w > 0 and abs(h / w - aspect) <= 0.25 * aspect
+
+    return keeps(shape[1], shape[2]) and not keeps(shape[2], shape[3])
+
+
 def expose_token_grid(
     model: nn.Module,
     layer: str | nn.Module,
@@ -108,6 +145,10 @@ def expose_token_grid(
 ) -> TokenGridModel:
     r"""A :class:`TokenGridModel` of ``model`` at a token ``layer``, its ``grid`` the layer
     to give to a layer method.
+
+    A 3-D ``(N, tokens, D)`` output is split into ``leading`` tokens and an ``h x w`` grid of
+    patches; a 4-D output is read as a channels-last ``(N, h, w, C)`` grid (the stages of
+    torchvision's Swin transformers), and ``leading`` and ``grid_size`` do not apply.
 
     Args:
         model (nn.Module): an eager model (a vision transformer).
@@ -147,10 +188,18 @@ def expose_token_grid(
         raise TypeError("`model` must be an eager nn.Module (hooks cannot reach into TorchScript).")
     module = resolve_layer(model, layer)
     shape = layer_output_shape(model, module, example)
+    if len(shape) == 4 and leading is None and grid_size is None:
+        if not looks_channels_last(shape, tuple(example.shape[-2:])):
+            raise ValueError(
+                f"`layer` outputs {shape}, which reads as (N, C, h, w) already for inputs of "
+                f"{tuple(example.shape[-2:])}: give the layer itself to the method."
+            )
+        return TokenGridModel(model, module, 0, shape[1:3], layout="channels_last")
     if len(shape) != 3:
         raise ValueError(
-            f"`layer` outputs {shape}, not (N, tokens, D); expose_token_grid is for the token "
-            "layers of vision transformers."
+            f"`layer` outputs {shape}, not (N, tokens, D) (or a channels-last (N, h, w, C), "
+            "without `leading` and `grid_size`); expose_token_grid is for the token layers "
+            "of vision transformers."
         )
     tokens = shape[1]
     if grid_size is None and leading is None:

@@ -10,11 +10,16 @@ import textwrap
 import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
-from torchvision.models import VisionTransformer
+from torchvision.models import SwinTransformer, VisionTransformer
 
 from captum_ext.attr import ContrastCAM, GradCAM, LayerIBA
 from captum_ext.cli import main
-from captum_ext.token_grid import TokenGridModel, expose_token_grid, token_grid_shape
+from captum_ext.token_grid import (
+    TokenGridModel,
+    expose_token_grid,
+    looks_channels_last,
+    token_grid_shape,
+)
 
 LAYER = "encoder.layers.encoder_layer_1.ln_1"  # (N, 1 + 16, 16)
 
@@ -84,8 +89,10 @@ def test_token_grid_shape(tokens, expected):
 
 
 def test_errors_name_the_argument(vit, x):
-    with pytest.raises(ValueError, match=r"not \(N, tokens, D\)"):
+    with pytest.raises(ValueError, match=r"reads as \(N, C, h, w\) already"):
         expose_token_grid(vit, "conv_proj", x[:1])
+    with pytest.raises(ValueError, match=r"not \(N, tokens, D\)"):
+        expose_token_grid(vit, "heads", x[:1])
     with pytest.raises(ValueError, match=r"`leading`=2 leaves 15"):
         expose_token_grid(vit, LAYER, x[:1], leading=2)
     with pytest.raises(ValueError, match=r"make 9 tokens, but `layer` outputs 17"):
@@ -99,12 +106,19 @@ def test_errors_name_the_argument(vit, x):
 MODULE = textwrap.dedent(
     """
     import torch
-    from torchvision.models import VisionTransformer
+    from torchvision.models import SwinTransformer, VisionTransformer
 
 
     def tiny_vit():
         torch.manual_seed(0)
         return VisionTransformer(224, 56, 1, 2, 16, 32, num_classes=4).eval()
+
+
+    def tiny_swin():
+        from torchvision.models import SwinTransformer
+
+        torch.manual_seed(0)
+        return SwinTransformer([4, 4], 8, [1, 1, 1, 1], [1, 1, 1, 1], [2, 2], num_classes=5).eval()
     """
 )
 
@@ -136,3 +150,61 @@ def test_report_on_a_vision_transformer(tmp_path, capsys, vit_module):
     assert "Explaining the 4 x 4 patch tokens of 'encoder.layers.encoder_layer_0' as a map" in said
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "its 4 x 4 patch tokens as a map" in html and "left out" not in html
+
+
+# ------------------------------------------------------------ channels-last stages (Swin)
+
+
+@pytest.fixture(scope="module")
+def swin() -> SwinTransformer:
+    torch.manual_seed(0)
+    return SwinTransformer([4, 4], 8, [1, 1], [1, 1], [2, 2], num_classes=3).eval()
+
+
+def test_a_channels_last_stage_is_read_as_a_grid(swin, x):
+    """features.3 outputs (N, 4, 4, 16): the CAM of the grid equals the CAM with the
+    permutation as ``reshape_transform``."""
+    before = model_snapshot(swin)
+    wrapped = expose_token_grid(swin, "features.3", x[:1])
+    assert (wrapped.layout, wrapped.leading, wrapped.grid_size) == ("channels_last", 0, (4, 4))
+    torch.testing.assert_close(wrapped(x), swin(x), rtol=0, atol=0)
+    on_grid = GradCAM(wrapped, wrapped.grid).attribute(x, target=[0, 1, 2])
+    permuted = GradCAM(swin, "features.3").attribute(
+        x, target=[0, 1, 2], reshape_transform=lambda t: t.permute(0, 3, 1, 2)
+    )
+    assert on_grid.shape == (3, 1, 4, 4)
+    torch.testing.assert_close(on_grid, permuted)
+    assert_model_unchanged(swin, before)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "expected"),
+    [
+        ((2, 7, 7, 768), (224, 224), True),  # Swin
+        ((2, 512, 7, 7), (224, 224), False),  # ResNet
+        ((2, 7, 10, 768), (224, 320), True),
+        ((2, 512, 7, 10), (224, 320), False),
+        ((2, 7, 7, 7), (224, 224), False),  # ambiguous: channels first
+        ((2, 17, 16), (32, 32), False),
+    ],
+)
+def test_looks_channels_last(shape, size, expected):
+    assert looks_channels_last(shape, size) is expected
+
+
+def test_report_on_a_swin_transformer(tmp_path, capsys, vit_module):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = torch.rand(240, 250, 3, generator=torch.Generator().manual_seed(0)) * 255
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(images / "im.png")
+    argv = ["report", "--model", f"{vit_module}:tiny_swin", "--images", str(images)]
+    argv += ["--sections", "contrastive", "--no-progress"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert "Explaining layer 'permute', the last stage (after its norm)" in capsys.readouterr().out
+    assert main(argv + ["--layer", "features.7", "--out", str(tmp_path / "b")]) == 0
+    said = capsys.readouterr().out
+    assert "Reading the channels-last output of 'features.7' as N x C x 7 x 7." in said
+    html = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
+    assert "features.7 (channels last: read as N x C x 7 x 7)" in html

@@ -331,6 +331,8 @@ def load_model(
 _DEFAULT_LAYERS: dict[str, str] = {
     "ResNet": "layer4",
     "DenseNet": "features",
+    # after the last stage's norm, where torchvision's Swin turns (N, h, w, C) into (N, C, h, w)
+    "SwinTransformer": "permute",
 }
 
 
@@ -341,12 +343,14 @@ def _model_class_name(model: nn.Module) -> str:
 
 
 def default_cam_layer(model: nn.Module) -> str | None:
-    r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet or MobileNet, else None.
+    r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet, MobileNet or Swin
+    transformer, else None.
 
     ResNet: ``"layer4"`` (the last residual stage); DenseNet: ``"features"`` (the last dense
     block and its batch norm); VGG: the last ReLU of ``features`` (before the final max-pool);
-    MobileNet V2/V3: the last block of ``features``. Matched on the class name, so models
-    loaded from TorchScript files are recognised too.
+    MobileNet V2/V3: the last block of ``features``; Swin: ``"permute"`` (the last stage after
+    its norm, as ``(N, C, h, w)``: the stages themselves are channels-last). Matched on the
+    class name, so models loaded from TorchScript files are recognised too.
 
     Returns:
         str or None: a dotted name from ``model.named_modules()``, or None when the model is

@@ -560,15 +560,23 @@ def _conv_layer_names(model: Any) -> list[str]:
 
 def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
     """A :class:`~captum_ext.token_grid.TokenGridModel` when ``layer`` outputs tokens
-    ``(N, tokens, D)`` (a vision transformer's block), else None. ``ValueError`` naming
-    ``--layer`` when the tokens do not form a square grid after 0-2 leading tokens."""
+    ``(N, tokens, D)`` (a vision transformer's block) or a channels-last ``(N, h, w, C)``
+    grid (a Swin stage), else None. ``ValueError`` naming ``--layer`` when the tokens do not
+    form a square grid after 0-2 leading tokens."""
     import torch
 
-    from captum_ext.token_grid import expose_token_grid, layer_output_shape, token_grid_shape
+    from captum_ext.token_grid import (
+        expose_token_grid,
+        layer_output_shape,
+        looks_channels_last,
+        token_grid_shape,
+    )
 
     if not isinstance(forward, torch.nn.Module) or isinstance(forward, torch.jit.ScriptModule):
         return None
     shape = layer_output_shape(forward, layer, example)
+    if len(shape) == 4 and looks_channels_last(shape, tuple(example.shape[-2:])):
+        return expose_token_grid(forward, layer, example)
     if len(shape) != 3:
         return None
     if token_grid_shape(shape[1]) is None:
@@ -597,7 +605,9 @@ def pick_layer(model: Any, layer: str | None) -> str:
             "layer to explain, from model.named_modules()."
         )
     print(
-        f"Explaining layer {picked!r}, the last convolutional block of {kind} (--layer to change)."
+        f"Explaining layer {picked!r}, the last "
+        + ("stage (after its norm)" if kind == "SwinTransformer" else "convolutional block")
+        + f" of {kind} (--layer to change)."
     )
     return picked
 
@@ -693,15 +703,18 @@ def build_section_inputs(
         forward, layer = expose_layer(model, layer_name, example=example)
     layer_description = layer_name
     grid = _token_grid(forward, layer, layer_name, example)
-    if grid is not None:  # a vision transformer's tokens, explained as a map of the patches
+    if grid is not None:  # a transformer's tokens or channels-last grid, explained as a map
         forward, layer = grid, grid.grid
         h, w = grid.grid_size
-        layer_description = f"{layer_name} (its {h} x {w} patch tokens as a map)"
-        print(
-            f"Explaining the {h} x {w} patch tokens of {layer_name!r} as a map"
-            + (f" (the {grid.leading} leading token(s) left out)." if grid.leading else "."),
-            flush=True,
-        )
+        if grid.layout == "channels_last":
+            layer_description = f"{layer_name} (channels last: read as N x C x {h} x {w})"
+            said = f"Reading the channels-last output of {layer_name!r} as N x C x {h} x {w}."
+        else:
+            layer_description = f"{layer_name} (its {h} x {w} patch tokens as a map)"
+            said = f"Explaining the {h} x {w} patch tokens of {layer_name!r} as a map" + (
+                f" (the {grid.leading} leading token(s) left out)." if grid.leading else "."
+            )
+        print(said, flush=True)
         layer_name = "grid"
     probabilities = _probabilities(forward, images, device, config.batch_size)
     inputs = SectionInputs(
