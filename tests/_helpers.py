@@ -7,6 +7,9 @@ Import them with ``from _helpers import ...`` (the tests folder is on ``sys.path
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -159,3 +162,15 @@ def assert_model_unchanged(model: nn.Module, before: dict) -> None:
     assert before["default_dtype"] == after["default_dtype"]
     for name, grad in before["grads"].items():
         assert after["grads"][name] is grad, f".grad of {name} changed"
+
+
+def importable_module(name: str, source: str, tmp_path: Path, monkeypatch) -> Iterator[str]:
+    """Write ``source`` as module ``name`` in a folder put on ``sys.path`` (for the command
+    line's ``--model package.module:factory``); yields the name, forgets the module after.
+    Use from a fixture: ``yield from importable_module(...)``."""
+    folder = tmp_path / "mods"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    yield name
+    sys.modules.pop(name, None)

@@ -3,11 +3,11 @@ memory, TorchScript models, many classes (issue 19)."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import pytest
 import torch
+from _helpers import importable_module
 
 from captum_ext.cli import main
 from captum_ext.viz import build
@@ -60,12 +60,7 @@ MODULE = textwrap.dedent(
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A module ``_issue19_models`` on sys.path with a 1000-class tiny CNN factory."""
-    folder = tmp_path / "mods"
-    folder.mkdir()
-    (folder / "_issue19_models.py").write_text(MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    yield "_issue19_models"
-    sys.modules.pop("_issue19_models", None)
+    yield from importable_module("_issue19_models", MODULE, tmp_path, monkeypatch)
 
 
 def _low_memory(monkeypatch, free=500):

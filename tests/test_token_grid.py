@@ -4,12 +4,11 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import pytest
 import torch
-from _helpers import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, importable_module, model_snapshot
 from torchvision.models import SwinTransformer, VisionTransformer
 
 from captum_ext.attr import ContrastCAM, GradCAM, LayerIBA
@@ -125,12 +124,7 @@ MODULE = textwrap.dedent(
 
 @pytest.fixture
 def vit_module(tmp_path, monkeypatch):
-    folder = tmp_path / "mods"
-    folder.mkdir()
-    (folder / "_token_grid_models.py").write_text(MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    yield "_token_grid_models"
-    sys.modules.pop("_token_grid_models", None)
+    yield from importable_module("_token_grid_models", MODULE, tmp_path, monkeypatch)
 
 
 def test_report_on_a_vision_transformer(tmp_path, capsys, vit_module):
