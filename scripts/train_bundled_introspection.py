@@ -15,7 +15,7 @@ and the recorded numbers exactly.
 
 Usage::
 
-    python scripts/train_bundled_introspection.py [--check] [--quiet]
+    python scripts/train_bundled_introspection.py [--check] [--out-dir DIR] [--quiet]
 """
 
 from __future__ import annotations
@@ -84,18 +84,25 @@ def fit(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fit again and compare")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DATA_DIR,
+        help=f"where to write (default: {DATA_DIR}); with --check, what to compare",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if not args.check:
-        info = fit(DATA_DIR)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        info = fit(args.out_dir)
         if not args.quiet:
             print(json.dumps(info))
         return
     with tempfile.TemporaryDirectory() as folder:
         info = fit(Path(folder))
         fresh = torch.load(Path(folder) / "bundled_introspection_head.pt", weights_only=True)
-        packaged = torch.load(DATA_DIR / "bundled_introspection_head.pt", weights_only=True)
-    recorded = json.loads((DATA_DIR / "bundled_introspection_head.json").read_text())
+        packaged = torch.load(args.out_dir / "bundled_introspection_head.pt", weights_only=True)
+    recorded = json.loads((args.out_dir / "bundled_introspection_head.json").read_text())
     same_weights = (
         all(torch.equal(fresh["head"][k], packaged["head"][k]) for k in packaged["head"])
         and fresh["config"] == packaged["config"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import check_regeneration
 
 import captum_ext.bundled as bundled
 import captum_ext.data as data
@@ -208,17 +209,19 @@ def test_heldout_accuracy_matches_json(bundled_model: DigitCNN) -> None:
 
 
 @pytest.mark.slow
-def test_training_script_regenerates_identical_weights() -> None:
+def test_training_script_regenerates_the_committed_model(tmp_path) -> None:
+    """Bit for bit where this CPU computes as the machine that trained it did; otherwise
+    deterministic here and within half a point of its held-out accuracy (see
+    ``check_regeneration``)."""
     pytest.importorskip("mlxtend")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--check", "--quiet"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    check_regeneration(
+        SCRIPT,
+        tmp_path / "retrained",
+        REPO_ROOT / "captum_ext" / "data",
+        {"bundled_digit_cnn.pt": lambda path: torch.load(path, weights_only=True)},
+        "bundled_model.json",
+        {"heldout_accuracy": 0.005, "train_accuracy": 0.005},
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "check OK" in result.stdout
 
 
 def _package_json(name: str) -> dict:
@@ -269,8 +272,12 @@ def test_bundled_mask_explainer_reproduces_its_recorded_pruned_numbers(bundled_m
         .float()
         .mean(),
     }
+    # pruning keeps a pixel by comparing log-odds, whose last bits depend on the CPU's float
+    # kernels: on an AVX-512 machine one pixel of the 784,000 went the other way (1.3e-6)
+    pixels = heldout.shape[0] * heldout.shape[-2] * heldout.shape[-1]
+    tolerance = {"pruned_heldout_active_fraction": 5 / pixels}
     for key, value in recorded.items():
-        assert float(value) == pytest.approx(info[key], abs=1e-6), key
+        assert float(value) == pytest.approx(info[key], abs=tolerance.get(key, 1e-6)), key
 
 
 def test_bundled_inversion_reproduces_its_recorded_consistency(bundled_model) -> None:

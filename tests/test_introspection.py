@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _distributed import run_gloo
-from _helpers import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, check_regeneration, model_snapshot
 from torch import nn
 
 from captum_ext.introspection import IntrospectiveNetwork, introspective_features
@@ -222,17 +220,28 @@ def test_bundled_network_reproduces_its_recorded_heldout_numbers(bundled_model):
 
 
 @pytest.mark.slow
-def test_script_regenerates_the_bundled_head_exactly():
+def test_script_regenerates_the_bundled_head(tmp_path):
+    """Bit for bit where this CPU computes as the machine that fitted it did; otherwise
+    deterministic here and within half a point of its recorded read-outs (see
+    ``check_regeneration``)."""
     pytest.importorskip("mlxtend")
-    result = subprocess.run(
-        [sys.executable, "scripts/train_bundled_introspection.py", "--check", "--quiet"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+
+    def head(path):
+        saved = torch.load(path, weights_only=True)
+        return {**saved["head"], "config": saved["config"]}
+
+    check_regeneration(
+        REPO_ROOT / "scripts" / "train_bundled_introspection.py",
+        tmp_path / "refitted",
+        REPO_ROOT / "captum_ext" / "data",
+        {"bundled_introspection_head.pt": head},
+        "bundled_introspection_head.json",
+        {
+            "heldout_accuracy_feed_forward": 0.0,
+            "heldout_accuracy_introspective": 0.005,
+            "heldout_ece_introspective": 0.005,
+        },
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "check OK" in result.stdout
 
 
 def _gloo_job(rank, world, out_dir):
