@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.layers import resolve_layer
+from captum_ext._utils.model_state import preserved_state
 
 __all__ = ["TokenGridModel", "expose_token_grid", "looks_channels_last", "token_grid_shape"]
 
@@ -89,20 +90,20 @@ class TokenGridModel(nn.Module):
 
 
 def layer_output_shape(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple:
+    """The shape of ``layer``'s output when ``model`` runs on ``example`` (in eval mode,
+    without gradients; the model's modes, flags and buffers restored after)."""
     seen: list[tuple] = []
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
         seen.append(tuple(output.shape) if isinstance(output, Tensor) else ())
 
     handle = layer.register_forward_hook(record)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved_state([model]), torch.no_grad():
+            model.eval()
             model(example)
     finally:
         handle.remove()
-        model.train(was_training)
     if len(seen) != 1:
         raise ValueError(
             f"`layer` ran {len(seen)} times in one forward pass; pick a layer that runs once."

@@ -202,3 +202,16 @@ def test_report_on_a_swin_transformer(tmp_path, capsys, vit_module):
     assert "Reading the channels-last output of 'features.7' as N x C x 7 x 7." in said
     html = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
     assert "features.7 (channels last: read as N x C x 7 x 7)" in html
+
+
+def test_exposing_leaves_a_model_of_mixed_modes_as_it_was(x):
+    """The layer's shape is read in eval mode; a model in train mode with one block kept in
+    eval by the user (a frozen part) comes back with exactly those modes."""
+    torch.manual_seed(0)
+    model = VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5).train()
+    model.encoder.layers.encoder_layer_0.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    before = model_snapshot(model)
+    expose_token_grid(model, LAYER, x[:1])
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    assert_model_unchanged(model, before)
