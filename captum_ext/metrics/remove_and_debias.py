@@ -31,6 +31,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -769,6 +770,50 @@ def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
     return torch.cat(parts)
 
 
+_DIRECT_PART_UNKNOWNS = 10_000  # on several threads: sparse-LU parts at least this large
+
+
+def _split_rows(rows: Tensor, removed: Tensor, method: str, workers: int) -> list[Tensor]:
+    """``rows`` (systems for ``method``) in contiguous parts for ``workers`` threads: one part
+    per thread for the whole-grid solvers (the same work per system); for the sparse LU up to
+    four per thread, of about equal removed pixels and at least ``_DIRECT_PART_UNKNOWNS``
+    each, so that threads that drew the cheap parts take the next ones (its work grows
+    faster than the removed pixels where they form large holes)."""
+    if rows.numel() == 0:
+        return []
+    if workers <= 1 or rows.numel() == 1:
+        return [rows]
+    parts = workers
+    if method == "direct":
+        weight = removed[rows].flatten(1).sum(dim=1).to(torch.float64).cpu()
+        parts = min(4 * workers, max(1, int(weight.sum()) // _DIRECT_PART_UNKNOWNS))
+    else:
+        weight = torch.ones(rows.numel(), dtype=torch.float64)
+    ends = weight.cumsum(0)
+    cuts = torch.searchsorted(ends, ends[-1] * torch.arange(1, parts) / parts).tolist()
+    bounds = sorted({0, *(min(cut + 1, rows.numel()) for cut in cuts), rows.numel()})
+    return [rows[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _run_tasks(tasks: list[Callable[[], Tensor]], workers: int) -> list[Tensor]:
+    """The results of ``tasks``, run by ``workers`` threads with one torch thread each.
+
+    The factorising solvers are long chains of small batched LAPACK / BLAS calls and scipy's
+    SuperLU (which releases the GIL): several torch threads inside each call mostly wait on one
+    another, whole groups of systems on separate threads keep the cores busy (measured in
+    ``benchmarks/RESULTS.md``). torch's thread count is per thread under OpenMP, so the
+    caller's own setting is left as it was."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+
+    def single_threaded(task: Callable[[], Tensor]) -> Tensor:
+        torch.set_num_threads(1)
+        return task()
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        return list(pool.map(single_threaded, tasks))
+
+
 def road_imputation(
     inputs: Tensor,
     removed: Tensor,
@@ -813,9 +858,12 @@ def road_imputation(
             other devices, then the nested solver for any image CG leaves unconverged; on
             MPS (no float64) the CPU's choice, computed on the CPU. The other factorising
             solvers also run on the CPU for MPS images. Default: ``"auto"``.
-            The block and nested solvers run many small batched LAPACK calls: on a busy
-            machine several torch threads can make them much slower than one
-            (``torch.set_num_threads(1)``; measured in ``benchmarks/RESULTS.md``).
+            On the CPU the factorising solvers use ``torch.get_num_threads()`` cores: the
+            systems are split into that many groups, each solved on its own thread with one
+            torch thread (they are chains of small batched LAPACK calls and SuperLU, which
+            several torch threads inside one call slow down; measured in
+            ``benchmarks/RESULTS.md``). ``torch.set_num_threads(1)`` keeps them on the
+            calling thread.
         tolerance (float): conjugate gradients stop when the residual norm of every system is
             below ``tolerance`` times the norm of its right-hand side. Default: 1e-7.
         max_iterations (int, optional): default ``4 * (H + W) + 100``.
@@ -886,13 +934,21 @@ def road_imputation(
             dense = _whole_grid_is_faster(removed, whole_grid)
             if not _scipy_available():
                 dense[:] = True
-            filled = torch.empty_like(inputs)
-            for picked, method in ((dense, whole_grid), (~dense, "direct")):
-                rows = picked.nonzero()[:, 0]
-                if rows.numel():
-                    filled[rows] = _factorised(inputs[rows], removed[rows], method)
+            routes = ((dense, whole_grid), (~dense, "direct"))
         else:
-            filled = _factorised(inputs, removed, solver)
+            routes = ((torch.ones(n, dtype=torch.bool, device=removed.device), solver),)
+        workers = torch.get_num_threads() if inputs.device.type == "cpu" else 1
+        parts = [
+            (part, method)
+            for picked, method in routes
+            for part in _split_rows(picked.nonzero()[:, 0], removed, method, workers)
+        ]
+        filled = torch.empty_like(inputs)
+        solved = _run_tasks(
+            [functools.partial(_factorised, inputs[r], removed[r], m) for r, m in parts], workers
+        )
+        for (rows, _), part in zip(parts, solved):
+            filled[rows] = part
         if noise > 0:
             draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
             filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)

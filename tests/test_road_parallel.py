@@ -1,0 +1,136 @@
+"""ROAD imputation on several CPU threads: whole groups of systems per thread, the same answer
+as one thread, the caller's torch thread count untouched."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import captum_ext.metrics.remove_and_debias as module
+from captum_ext.metrics.remove_and_debias import road_imputation
+
+
+@pytest.fixture
+def three_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(seed: int, n: int = 7, h: int = 12, w: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 2, h, w, generator=generator, dtype=torch.float64)
+    shares = torch.linspace(0.05, 0.95, n)[:, None, None]
+    removed = torch.rand(n, h, w, generator=generator) < shares
+    removed.view(n, -1)[:, 0] = False
+    return images, removed
+
+
+@pytest.mark.parametrize("solver", ["auto", "direct", "block", "nested"])
+def test_several_threads_give_the_one_thread_answer(solver, three_threads):
+    images, removed = _batch(1)
+    torch.set_num_threads(1)
+    single = road_imputation(images, removed, noise=0.0, solver=solver)
+    torch.set_num_threads(3)
+    threaded = road_imputation(images, removed, noise=0.0, solver=solver)
+    np.testing.assert_allclose(threaded.numpy(), single.numpy(), atol=1e-12, rtol=0)
+    assert torch.get_num_threads() == 3  # the caller's setting is left as it was
+
+
+def test_each_thread_solves_whole_groups_with_one_torch_thread(monkeypatch, three_threads):
+    """'auto' splits each route's systems into at most one part per thread (contiguous, every
+    system once), and each part runs on a worker thread set to one torch thread."""
+    images, removed = _batch(2, n=9)
+    seen = []
+    factorised = module._factorised
+    lock = threading.Lock()
+
+    def spy(inputs, mask, solver):
+        with lock:
+            seen.append((solver, inputs.shape[0], torch.get_num_threads(), threading.get_ident()))
+        return factorised(inputs, mask, solver)
+
+    monkeypatch.setattr(module, "_factorised", spy)
+    filled = road_imputation(images, removed, noise=0.0)
+    main = threading.get_ident()
+    assert all(threads == 1 and ident != main for _, _, threads, ident in seen)
+    per_route = {}
+    for solver, count, _, _ in seen:
+        per_route.setdefault(solver, []).append(count)
+    assert set(per_route) == {"block", "direct"}
+    assert all(1 <= len(parts) <= 3 for parts in per_route.values())
+    dense = module._whole_grid_is_faster(removed, "block")
+    assert sum(per_route["block"]) == int(dense.sum())
+    assert sum(per_route["direct"]) == int((~dense).sum())
+    monkeypatch.setattr(module, "_factorised", factorised)
+    torch.set_num_threads(1)
+    exact = road_imputation(images, removed, noise=0.0, solver="direct")
+    np.testing.assert_allclose(filled.numpy(), exact.numpy(), atol=1e-10, rtol=0)
+
+
+def test_one_thread_runs_inline(monkeypatch):
+    """With one torch thread (the suite's setting) nothing is handed to another thread."""
+    images, removed = _batch(3)
+    idents = []
+    factorised = module._factorised
+
+    def spy(inputs, mask, solver):
+        idents.append(threading.get_ident())
+        return factorised(inputs, mask, solver)
+
+    monkeypatch.setattr(module, "_factorised", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        road_imputation(images, removed, noise=0.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert idents and set(idents) == {threading.get_ident()}
+
+
+def test_a_failure_on_a_worker_thread_reaches_the_caller(monkeypatch, three_threads):
+    images, removed = _batch(4)
+
+    def broken(inputs, mask, solver):
+        raise RuntimeError(f"factorisation failed ({solver})")
+
+    monkeypatch.setattr(module, "_factorised", broken)
+    with pytest.raises(RuntimeError, match="factorisation failed"):
+        road_imputation(images, removed, noise=0.0, solver="nested")
+
+
+def test_rows_are_split_by_count_for_the_grid_and_by_removed_pixels_for_the_lu(monkeypatch):
+    removed = torch.zeros(6, 4, 4, dtype=torch.bool)
+    removed.view(6, -1)[:, :8] = True
+    removed.view(6, -1)[5, :16] = True  # the last system: twice the unknowns of the others
+    rows = torch.arange(6)
+    grid = module._split_rows(rows, removed, "nested", 2)
+    assert [part.tolist() for part in grid] == [[0, 1, 2], [3, 4, 5]]
+    # 56 unknowns: one sparse LU unless the parts may be as small as half of them
+    assert [part.tolist() for part in module._split_rows(rows, removed, "direct", 2)] == [
+        rows.tolist()
+    ]
+    monkeypatch.setattr(module, "_DIRECT_PART_UNKNOWNS", 28)
+    lu = module._split_rows(rows, removed, "direct", 2)
+    assert [part.tolist() for part in lu] == [[0, 1, 2, 3], [4, 5]]  # 32 and 24 unknowns
+    monkeypatch.setattr(module, "_DIRECT_PART_UNKNOWNS", 1)  # at most four parts per thread
+    assert len(module._split_rows(rows, removed, "direct", 1)) == 1
+    twenty = torch.ones(20, 4, 4, dtype=torch.bool)
+    assert [len(p) for p in module._split_rows(torch.arange(20), twenty, "direct", 2)] == [
+        3,
+        2,
+        3,
+        2,
+        3,
+        2,
+        3,
+        2,
+    ]
+    assert [p.tolist() for p in module._split_rows(rows[:1], removed, "direct", 4)] == [[0]]
+    assert module._split_rows(rows[:0], removed, "nested", 2) == []
+    many = module._split_rows(rows, removed, "nested", 10)
+    assert torch.equal(torch.cat(many), rows) and len(many) == 6
