@@ -134,3 +134,19 @@ def test_rows_are_split_by_count_for_the_grid_and_by_removed_pixels_for_the_lu(m
     assert module._split_rows(rows[:0], removed, "nested", 2) == []
     many = module._split_rows(rows, removed, "nested", 10)
     assert torch.equal(torch.cat(many), rows) and len(many) == 6
+
+
+def test_the_threads_are_capped_whatever_the_core_count(monkeypatch, three_threads):
+    """Each thread holds one chunk's factorisation: a 64-core machine must not hold 64."""
+    images, removed = _batch(5, n=9)
+    counts = []
+    monkeypatch.setattr(module, "_MAX_SOLVER_THREADS", 2)
+    split = module._split_rows
+
+    def spy(rows, mask, method, workers):
+        counts.append(workers)
+        return split(rows, mask, method, workers)
+
+    monkeypatch.setattr(module, "_split_rows", spy)
+    road_imputation(images, removed, noise=0.0, solver="nested")
+    assert counts == [2]

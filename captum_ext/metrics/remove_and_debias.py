@@ -771,6 +771,9 @@ def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
 
 
 _DIRECT_PART_UNKNOWNS = 10_000  # on several threads: sparse-LU parts at least this large
+# each thread of a whole-grid solver holds one chunk's factorisation (measured: 265 MB at
+# 224 px): at most this many threads, whatever the machine's core count
+_MAX_SOLVER_THREADS = 8
 
 
 def _split_rows(rows: Tensor, removed: Tensor, method: str, workers: int) -> list[Tensor]:
@@ -858,7 +861,8 @@ def road_imputation(
             other devices, then the nested solver for any image CG leaves unconverged; on
             MPS (no float64) the CPU's choice, computed on the CPU. The other factorising
             solvers also run on the CPU for MPS images. Default: ``"auto"``.
-            On the CPU the factorising solvers use ``torch.get_num_threads()`` cores: the
+            On the CPU the factorising solvers use ``torch.get_num_threads()`` cores (at
+            most 8; each holds one chunk's factorisation, about 265 MB at 224 px): the
             systems are split into that many groups, each solved on its own thread with one
             torch thread (they are chains of small batched LAPACK calls and SuperLU, which
             several torch threads inside one call slow down; measured in
@@ -937,7 +941,9 @@ def road_imputation(
             routes = ((dense, whole_grid), (~dense, "direct"))
         else:
             routes = ((torch.ones(n, dtype=torch.bool, device=removed.device), solver),)
-        workers = torch.get_num_threads() if inputs.device.type == "cpu" else 1
+        workers = 1
+        if inputs.device.type == "cpu":
+            workers = min(torch.get_num_threads(), _MAX_SOLVER_THREADS)
         parts = [
             (part, method)
             for picked, method in routes
