@@ -20,6 +20,7 @@ user's layer only during the wrapper's forward pass.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -28,7 +29,13 @@ from torch import Tensor, nn
 from captum_ext._utils.layers import resolve_layer
 from captum_ext._utils.model_state import preserved_state
 
-__all__ = ["TokenGridModel", "expose_token_grid", "looks_channels_last", "token_grid_shape"]
+__all__ = [
+    "TokenGridModel",
+    "expose_token_grid",
+    "grid_reaches_output",
+    "looks_channels_last",
+    "token_grid_shape",
+]
 
 
 class TokenGridModel(nn.Module):
@@ -175,8 +182,9 @@ def expose_token_grid(
         >>> from captum_ext.attr import GradCAM
         >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
         ...                         mlp_dim=32, num_classes=5).eval()
+        >>> _ = torch.nn.init.normal_(vit.heads.head.weight)  # torchvision's fresh head is 0
         >>> x = torch.randn(3, 3, 32, 32)
-        >>> wrapped = expose_token_grid(vit, "encoder.layers.encoder_layer_1", x[:1])
+        >>> wrapped = expose_token_grid(vit, "encoder.layers.encoder_layer_1.ln_1", x[:1])
         >>> (wrapped.leading, wrapped.grid_size)
         (1, (4, 4))
         >>> maps = GradCAM(wrapped, wrapped.grid).attribute(x, target=[0, 1, 2])
@@ -195,7 +203,9 @@ def expose_token_grid(
                 f"`layer` outputs {shape}, which reads as (N, C, h, w) already for inputs of "
                 f"{tuple(example.shape[-2:])}: give the layer itself to the method."
             )
-        return TokenGridModel(model, module, 0, shape[1:3], layout="channels_last")
+        return _checked(
+            TokenGridModel(model, module, 0, shape[1:3], layout="channels_last"), example
+        )
     if len(shape) != 3:
         raise ValueError(
             f"`layer` outputs {shape}, not (N, tokens, D) (or a channels-last (N, h, w, C), "
@@ -227,4 +237,47 @@ def expose_token_grid(
             f"`leading`={leading} and `grid_size`={tuple(grid_size)} make {leading + h * w} "
             f"tokens, but `layer` outputs {tokens}."
         )
-    return TokenGridModel(model, module, leading, (h, w))
+    return _checked(TokenGridModel(model, module, leading, (h, w)), example)
+
+
+def _checked(wrapped: TokenGridModel, example: Tensor) -> TokenGridModel:
+    if grid_reaches_output(wrapped, example) is False:
+        warnings.warn(
+            "the patch tokens of `layer` do not reach the model's output (their gradients are "
+            "exactly zero), so every gradient-based map on the grid is zero. After a vision "
+            "transformer's last block only the class token is read: expose the block's first "
+            "norm instead (`encoder.layers.encoder_layer_<last>.ln_1` in torchvision, "
+            "`blocks[-1].norm1` in timm). A freshly built torchvision ViT has an all-zero "
+            "head: load trained weights.",
+            stacklevel=3,
+        )
+    return wrapped
+
+
+def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None:
+    """Whether the grid (the patch tokens) changes ``wrapped``'s output on ``example``: one
+    backward pass of a fixed random projection of the output to the grid, in eval mode (the
+    model's modes, flags and buffers restored after, its parameters' ``.grad`` untouched).
+    None when the output is not a tensor (nothing to project)."""
+    store: dict[str, Tensor] = {}
+
+    def leaf(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        store["grid"] = output.detach().requires_grad_()
+        return store["grid"]
+
+    handle = wrapped.grid.register_forward_hook(leaf)
+    try:
+        with preserved_state([wrapped.model]), torch.enable_grad():
+            wrapped.model.eval()
+            output = wrapped(example)
+            if not isinstance(output, Tensor) or not output.is_floating_point():
+                return None
+            generator = torch.Generator().manual_seed(0)
+            projection = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+            score = (output * projection.to(output.device)).sum()
+            if not score.requires_grad:
+                return False
+            (gradient,) = torch.autograd.grad(score, store["grid"], allow_unused=True)
+    finally:
+        handle.remove()
+    return gradient is not None and bool(gradient.ne(0).any())

@@ -218,6 +218,8 @@ _SIMPLE_NODES: dict[str, Callable[[Any, list], Any]] = {
     "aten::__isnot__": lambda node, args: args[0] is not args[1],
     "aten::__not__": lambda node, args: not args[0],
     "prim::ListConstruct": lambda node, args: list(args),
+    # the message of a torch._assert (a vararg schema the operator call cannot take)
+    "aten::format": lambda node, args: str(args[0]).format(*args[1:]),
     "prim::TupleConstruct": lambda node, args: tuple(args),
     "prim::DictConstruct": lambda node, args: dict(zip(args[0::2], args[1::2])),
     "prim::TupleUnpack": lambda node, args: tuple(args[0]),
@@ -432,6 +434,12 @@ def _check_wrapper(
             got = wrapper(example)
         except _TorchScriptUnsupported as error:
             raise ValueError(f"`{argument}`={name!r}: {error}. {fallback}") from None
+        except RuntimeError as error:  # a compiled submodule refused what the interpreter gave
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            raise ValueError(
+                f"`{argument}`={name!r}: evaluating the TorchScript model around this layer "
+                f"failed ({first}). {fallback}"
+            ) from None
         expected = model(example)
     same = (
         isinstance(got, Tensor)

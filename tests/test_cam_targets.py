@@ -444,7 +444,8 @@ class SideBranch(nn.Module):
 
 def test_allow_unused_false_raises_like_captum(tiny_inputs):
     model = SideBranch().double()
-    zeros = GradCAM(model, "side").attribute(tiny_inputs, target=1, relu_attributions=False)
+    with pytest.warns(UserWarning, match="exactly zero for every input"):
+        zeros = GradCAM(model, "side").attribute(tiny_inputs, target=1, relu_attributions=False)
     assert bool((zeros == 0).all())
     with pytest.raises(RuntimeError, match="not have been used"):
         LayerGradCam(model, model.side).attribute(

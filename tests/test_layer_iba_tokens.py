@@ -18,7 +18,7 @@ from torchvision.models import VisionTransformer
 
 from captum_ext.attr import LayerIBA
 
-LAYER = "encoder.layers.encoder_layer_1"  # (N, 1 + 16 tokens, 16)
+LAYER = "encoder.layers.encoder_layer_1.ln_1"  # (N, 1 + 16 tokens, 16): reaches the head
 
 
 def fold(tokens: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,9 @@ def vit() -> VisionTransformer:
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
         num_classes=5,
     )  # fmt: skip
+    with torch.no_grad():  # torchvision zero-initialises the head: all gradients would be 0
+        model.heads.head.weight.normal_(0, 1)
+        model.heads.head.bias.normal_(0, 0.1)
     return model.eval()
 
 

@@ -5,17 +5,19 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 
 import pytest
 import torch
 from _helpers import assert_model_unchanged, importable_module, model_snapshot
 from torchvision.models import SwinTransformer, VisionTransformer
 
-from captum_ext.attr import ContrastCAM, GradCAM, LayerIBA
+from captum_ext.attr import VOICE, ContrastCAM, GradCAM, LayerIBA
 from captum_ext.cli import main
 from captum_ext.token_grid import (
     TokenGridModel,
     expose_token_grid,
+    grid_reaches_output,
     looks_channels_last,
     token_grid_shape,
 )
@@ -27,10 +29,18 @@ def fold(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:].reshape(tokens.shape[0], 4, 4, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
+def with_head(model: VisionTransformer) -> VisionTransformer:
+    """torchvision zero-initialises a ViT's head: every logit, gradient and map would be 0."""
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 1)
+        model.heads.head.bias.normal_(0, 0.1)
+    return model
+
+
 @pytest.fixture(scope="module")
 def vit() -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5).eval()
+    return with_head(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +67,11 @@ def test_cams_on_the_grid_equal_the_cams_with_reshape_transform(vit, x):
     target = [0, 3, 4]
     on_grid = GradCAM(wrapped, wrapped.grid).attribute(x, target=target)
     reshaped = GradCAM(vit, LAYER).attribute(x, target=target, reshape_transform=fold)
+    assert bool((on_grid.flatten(1) > 0).any(dim=1).all())  # a map in every row, not zeros
     torch.testing.assert_close(on_grid, reshaped)
     every = ContrastCAM(wrapped, wrapped.grid).attribute(x, contrast="all")
     every_reshaped = ContrastCAM(vit, LAYER).attribute(x, contrast="all", reshape_transform=fold)
-    assert every.shape == (3, 5, 4, 4)
+    assert every.shape == (3, 5, 4, 4) and bool((every > 0).any())
     torch.testing.assert_close(every, every_reshaped)
 
 
@@ -110,6 +121,14 @@ MODULE = textwrap.dedent(
 
     def tiny_vit():
         torch.manual_seed(0)
+        model = VisionTransformer(224, 56, 1, 2, 16, 32, num_classes=4)
+        with torch.no_grad():  # torchvision's fresh ViT head is all zeros
+            model.heads.head.weight.normal_(0, 1)
+        return model.eval()
+
+
+    def tiny_vit_without_head():
+        torch.manual_seed(0)
         return VisionTransformer(224, 56, 1, 2, 16, 32, num_classes=4).eval()
 
 
@@ -138,10 +157,13 @@ def test_report_on_a_vision_transformer(tmp_path, capsys, vit_module):
         Image.fromarray(pixels).save(images / f"im{i}.png")
     out = tmp_path / "out"
     argv = ["report", "--model", f"{vit_module}:tiny_vit", "--images", str(images)]
-    argv += ["--layer", "encoder.layers.encoder_layer_0", "--sections", "contrastive,voice"]
+    argv += ["--layer", "encoder.layers.encoder_layer_0.ln_1", "--sections", "contrastive,voice"]
     assert main(argv + ["--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
-    assert "Explaining the 4 x 4 patch tokens of 'encoder.layers.encoder_layer_0' as a map" in said
+    assert (
+        "Explaining the 4 x 4 patch tokens of 'encoder.layers.encoder_layer_0.ln_1' as a map"
+        in said
+    )
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "its 4 x 4 patch tokens as a map" in html and "left out" not in html
 
@@ -208,10 +230,100 @@ def test_exposing_leaves_a_model_of_mixed_modes_as_it_was(x):
     """The layer's shape is read in eval mode; a model in train mode with one block kept in
     eval by the user (a frozen part) comes back with exactly those modes."""
     torch.manual_seed(0)
-    model = VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5).train()
+    model = with_head(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)).train()
     model.encoder.layers.encoder_layer_0.eval()
     modes = {name: module.training for name, module in model.named_modules()}
     before = model_snapshot(model)
     expose_token_grid(model, LAYER, x[:1])
     assert {name: module.training for name, module in model.named_modules()} == modes
     assert_model_unchanged(model, before)
+
+
+# ------------------------------------------- layers whose patch tokens never reach the output
+
+
+LAST_BLOCK = "encoder.layers.encoder_layer_1"  # only its class token is read after it
+
+
+def test_grid_reaches_output_tells_the_last_block_from_its_first_norm(vit, x):
+    """After the last block the head reads the class token alone: the patch tokens of the
+    block's output have exactly zero gradients, those of its first norm do not."""
+    before = model_snapshot(vit)
+    reaching = expose_token_grid(vit, LAYER, x[:1])
+    assert grid_reaches_output(reaching, x[:1]) is True
+    with pytest.warns(UserWarning, match="do not reach the model's output"):
+        blind = expose_token_grid(vit, LAST_BLOCK, x[:1])
+    assert grid_reaches_output(blind, x[:1]) is False
+    assert all(p.grad is None for p in vit.parameters())  # the check leaves no gradients
+    assert_model_unchanged(vit, before)
+    # the definition: the patch tokens' gradient of the output, by hand
+    store = {}
+    block = dict(vit.named_modules())[LAST_BLOCK]
+
+    def keep(module, args, output):
+        store["tokens"] = output.detach().requires_grad_()
+        return store["tokens"]
+
+    handle = block.register_forward_hook(keep)
+    try:
+        (gradient,) = torch.autograd.grad(vit(x[:1]).sum(), store["tokens"])
+    finally:
+        handle.remove()
+    assert bool(gradient[:, 0].ne(0).any()) and not bool(gradient[:, 1:].ne(0).any())
+
+
+def test_cams_and_voice_warn_when_every_gradient_at_the_layer_is_zero(vit, x):
+    blind = GradCAM(vit, LAST_BLOCK)
+    with pytest.warns(UserWarning, match="exactly zero for every input") as caught:
+        maps = blind.attribute(x, target=[0, 1, 2], reshape_transform=fold)
+    assert not bool(maps.ne(0).any())
+    assert caught[0].filename == __file__  # points at the caller, not at captum_ext
+    with pytest.warns(UserWarning, match="ViT has an all-zero head"):
+        VOICE(GradCAM(vit, LAST_BLOCK)).attribute(x, target=[0, 1, 2], reshape_transform=fold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layer that reaches the output: no warning
+        GradCAM(vit, LAYER).attribute(x, target=[0, 1, 2], reshape_transform=fold)
+        VOICE(GradCAM(vit, LAYER)).attribute(x, target=[0, 1, 2], reshape_transform=fold)
+
+
+def test_the_default_layer_of_a_vit_is_its_last_blocks_first_norm(vit):
+    from captum_ext.data import default_cam_layer
+
+    assert default_cam_layer(vit) == LAYER
+    deeper = VisionTransformer(32, 8, 12, 2, 16, 32, num_classes=5)
+    assert default_cam_layer(deeper) == "encoder.layers.encoder_layer_11.ln_1"
+
+
+def _two_images(folder):
+    from PIL import Image
+
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = (torch.rand(240, 250, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_report_refuses_a_layer_whose_tokens_never_reach_the_output(tmp_path, capsys, vit_module):
+    images = _two_images(tmp_path / "images")
+    argv = ["report", "--images", str(images), "--sections", "contrastive", "--no-progress"]
+    argv += ["--out", str(tmp_path / "out")]
+    last = ["--model", f"{vit_module}:tiny_vit", "--layer", "encoder.layers.encoder_layer_0"]
+    assert main(argv + last) == 2
+    said = capsys.readouterr().err
+    assert "'encoder.layers.encoder_layer_0': its patch tokens do not reach" in said
+    assert "encoder_layer_<last>.ln_1" in said
+    assert main(argv + ["--model", f"{vit_module}:tiny_vit_without_head"]) == 2
+    assert "all-zero head" in capsys.readouterr().err
+
+
+def test_report_on_a_vit_without_layer_explains_the_last_blocks_first_norm(
+    tmp_path, capsys, vit_module
+):
+    images = _two_images(tmp_path / "images")
+    argv = ["report", "--model", f"{vit_module}:tiny_vit", "--images", str(images)]
+    argv += ["--sections", "contrastive", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "encoder.layers.encoder_layer_0.ln_1" in said

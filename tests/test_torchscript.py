@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,46 @@ def test_old_private_path_still_imports_without_warning():
     assert expose_layer is torchscript.expose_layer
     assert expose_final_layer is torchscript.expose_final_layer
     assert last_linear_name is torchscript.last_linear_name
+
+
+class _Asserting(nn.Module):
+    """A forward with ``torch._assert`` and an f-string message, as torchvision's ViT has
+    (TorchScript compiles the message to ``aten::format``, a vararg operator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[2]
+        torch._assert(h == 8, f"Wrong image height {h}, expected {8}")
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_an_assert_with_a_formatted_message_is_evaluated():
+    """``aten::format`` failed ("expected at most 1 argument(s) but received 3")."""
+    torch.manual_seed(0)
+    model = torch.jit.script(_Asserting().eval())
+    x = torch.randn(2, 1, 8, 8)
+    wrapper, tap = torchscript.expose_layer(model, "conv", x[:1])
+    torch.testing.assert_close(wrapper(x), model(x))
+    assert tap is wrapper.tap
+
+
+def test_a_failure_inside_a_compiled_submodule_is_a_clear_error(monkeypatch):
+    """A RuntimeError from deep inside a compiled call (a torchvision ViT's attention gave
+    "strides() called on an undefined Tensor") names the layer and the way out."""
+    torch.manual_seed(0)
+    model = torch.jit.script(_Asserting().eval())
+
+    def broken(self, *args):
+        raise RuntimeError("strides() called on an undefined Tensor\nmore detail")
+
+    monkeypatch.setattr(torchscript.TorchScriptLayerModel, "forward", broken)
+    with pytest.raises(
+        ValueError,
+        match=r"`--layer`='conv': evaluating the TorchScript model "
+        r"around this layer failed \(strides\(\) called on an undefined Tensor\)",
+    ):
+        torchscript.expose_layer(model, "conv", torch.randn(1, 1, 8, 8))

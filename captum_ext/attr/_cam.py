@@ -16,10 +16,14 @@ the size of the maps.
 
 from __future__ import annotations
 
+import os
+import sys
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import captum
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
@@ -76,6 +80,29 @@ class NoSpatialDimensions(ValueError):
         )
 
 
+def user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised here that points at the first frame outside
+    captum_ext and Captum (the user's call, through NoiseTunnel or Captum's log wrapper)."""
+    ours = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(captum.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def zero_gradient_warning(method: str, where: str) -> str:
+    """The warning for gradients that are exactly zero at the explained layer for every input:
+    every gradient-weighted map is then zero, which says nothing about the input."""
+    return (
+        f"{method}: the gradients at {where} output are exactly zero for every input, so "
+        "every map is zero: the scores explained do not depend on the layer. After a vision "
+        "transformer's last block only the class token is read (explain the block's first "
+        "norm instead, `encoder.layers.encoder_layer_<last>.ln_1` in torchvision, "
+        "`blocks[-1].norm1` in timm), and a freshly built torchvision ViT has an all-zero head "
+        "(load trained weights)."
+    )
+
+
 def make_cam_reducer(
     weight_fn: Callable[[Tensor, Tensor], Tensor],
     relu: bool,
@@ -98,6 +125,8 @@ def make_cam_reducer(
             if act.dim() < 3:
                 raise NoSpatialDimensions(tuple(act.shape))
             grad = _apply_reshape(reshape_transform, grad, 2)
+            if not reduce.saw_gradient:  # the gradients the maps are made of
+                reduce.saw_gradient = bool(grad.ne(0).any())
             weights = weight_fn(grad, act)
             if attr_dim_summation:
                 cam = torch.einsum("nbk,nk...->nb...", weights, act)
@@ -106,6 +135,7 @@ def make_cam_reducer(
             maps.append(torch.relu(cam) if relu else cam)
         return tuple(maps)
 
+    reduce.saw_gradient = False  # any non-zero gradient at the layer, over every chunk
     return reduce
 
 
@@ -231,6 +261,9 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             )
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         formatted = format_inputs(inputs)
+        reduce = make_cam_reducer(
+            self._channel_weights, relu_attributions, reshape_transform, attr_dim_summation
+        )
         try:
             computed = class_gradients(
                 self.forward_func,
@@ -242,12 +275,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 additional_forward_args=additional_forward_args,
                 output_transform=self.output_transform,
                 max_batch=max_batch,
-                reduce=make_cam_reducer(
-                    self._channel_weights,
-                    relu_attributions,
-                    reshape_transform,
-                    attr_dim_summation,
-                ),
+                reduce=reduce,
                 class_argument=self._class_argument,
                 default_classes=self._default_classes,
                 grad_kwargs=grad_kwargs,
@@ -261,6 +289,8 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 attribute_to_layer_input,
                 reshape_transform,
             ) from None
+        if not reduce.saw_gradient:
+            warnings.warn(zero_gradient_warning(name, "the layer's"), stacklevel=user_stacklevel())
         maps = computed.result
         lead = 2 if attr_dim_summation else 3  # (N, C'[, K]) before the spatial dims
         if upsample_to_input:

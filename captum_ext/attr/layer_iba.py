@@ -564,8 +564,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             >>> from torchvision.models import VisionTransformer
             >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
             ...                         mlp_dim=32, num_classes=5).eval()
+            >>> _ = torch.nn.init.normal_(vit.heads.head.weight)  # a fresh one's head is 0
             >>> fold = lambda t: t[:, 1:].reshape(len(t), 4, 4, -1).permute(0, 3, 1, 2)
-            >>> iba = LayerIBA(vit, "encoder.layers.encoder_layer_1")
+            >>> iba = LayerIBA(vit, "encoder.layers.encoder_layer_1.ln_1")
             >>> iba.estimate(torch.randn(16, 3, 32, 32))
             >>> bits = iba.attribute(torch.randn(2, 3, 32, 32), target=[0, 1], sigma=None,
             ...                      reshape_transform=fold)

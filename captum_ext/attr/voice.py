@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,13 @@ from .._utils.validation import (
     format_inputs,
     repeat_per_example,
 )
-from ._cam import ClassActivationMapBase, gradcam_weights, make_cam_reducer
+from ._cam import (
+    ClassActivationMapBase,
+    gradcam_weights,
+    make_cam_reducer,
+    user_stacklevel,
+    zero_gradient_warning,
+)
 from ._voice_moments import UpsampledMoments
 from .counterfactual_cam import CounterfactualCAM
 from .finer_cam import FinerCAM
@@ -107,7 +114,12 @@ class _Plan:
         if self.weighting is None:
             return self.to_maps
         cam = make_cam_reducer(self.weighting, True, reshape_transform)
-        return lambda grads, acts: cam(grads, acts)[0]
+
+        def first_map(grads: tuple[Tensor, ...], acts: tuple[Tensor, ...]) -> Tensor:
+            return cam(grads, acts)[0]
+
+        first_map.cam = cam  # its `saw_gradient` tells whether any gradient reached the layer
+        return first_map
 
 
 def _plan_for(method: Any) -> _Plan:
@@ -411,6 +423,12 @@ class VOICE:
                 output_transform=self.output_transform,
                 max_batch=max_batch,
                 reduce=accumulate,
+            )
+        cam = getattr(accumulate.to_maps, "cam", None)
+        if cam is not None and not cam.saw_gradient:
+            warnings.warn(
+                zero_gradient_warning(f"VOICE({type(self.method).__name__})", "the layer's"),
+                stacklevel=user_stacklevel(),
             )
         logits = clean if self.plan.smooth else computed.logits
         explained, runner_up, weights = (

@@ -343,14 +343,17 @@ def _model_class_name(model: nn.Module) -> str:
 
 
 def default_cam_layer(model: nn.Module) -> str | None:
-    r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet, MobileNet or Swin
+    r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet, MobileNet, Swin or vision
     transformer, else None.
 
     ResNet: ``"layer4"`` (the last residual stage); DenseNet: ``"features"`` (the last dense
     block and its batch norm); VGG: the last ReLU of ``features`` (before the final max-pool);
     MobileNet V2/V3: the last block of ``features``; Swin: ``"permute"`` (the last stage after
-    its norm, as ``(N, C, h, w)``: the stages themselves are channels-last). Matched on the
-    class name, so models loaded from TorchScript files are recognised too.
+    its norm, as ``(N, C, h, w)``: the stages themselves are channels-last); ViT: the last
+    encoder block's first norm, ``"encoder.layers.encoder_layer_<last>.ln_1"`` (tokens, which
+    the report shows as a grid; the block's own output reaches the head only through the
+    class token). Matched on the class name, so models loaded from TorchScript files are
+    recognised too.
 
     Returns:
         str or None: a dotted name from ``model.named_modules()``, or None when the model is
@@ -358,6 +361,11 @@ def default_cam_layer(model: nn.Module) -> str | None:
     """
     name = _model_class_name(model)
     modules = dict(model.named_modules())
+    if name == "VisionTransformer":
+        # the last block's first norm: after the block only the class token is read, so the
+        # block's own output has zero gradients at the patch tokens
+        norms = [n for n in modules if n.startswith("encoder.layers.") and n.endswith(".ln_1")]
+        return norms[-1] if norms else None
     if name in _DEFAULT_LAYERS:
         layer = _DEFAULT_LAYERS[name]
         return layer if layer in modules else None

@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -567,6 +568,7 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
 
     from captum_ext.token_grid import (
         expose_token_grid,
+        grid_reaches_output,
         layer_output_shape,
         looks_channels_last,
         token_grid_shape,
@@ -575,17 +577,29 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
     if not isinstance(forward, torch.nn.Module) or isinstance(forward, torch.jit.ScriptModule):
         return None
     shape = layer_output_shape(forward, layer, example)
-    if len(shape) == 4 and looks_channels_last(shape, tuple(example.shape[-2:])):
-        return expose_token_grid(forward, layer, example)
-    if len(shape) != 3:
+    channels_last = len(shape) == 4 and looks_channels_last(shape, tuple(example.shape[-2:]))
+    if not channels_last and len(shape) != 3:
         return None
-    if token_grid_shape(shape[1]) is None:
+    if not channels_last and token_grid_shape(shape[1]) is None:
         raise ValueError(
             f"`--layer` {layer_name!r} outputs {shape}: {shape[1]} tokens are not 0-2 leading "
             "tokens and a square grid of patches, so they cannot be shown as a map; explain "
             "it from Python with captum_ext.token_grid.expose_token_grid(..., grid_size=(h, w))."
         )
-    return expose_token_grid(forward, layer, example)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the patch tokens of `layer` do not reach")
+        wrapped = expose_token_grid(forward, layer, example)
+    if grid_reaches_output(wrapped, example) is False:
+        raise ValueError(
+            f"`--layer` {layer_name!r}: its patch tokens do not reach the model's output (their "
+            "gradients are exactly zero), so every map would be blank. After a vision "
+            "transformer's last block only the class token is read; give the block's first "
+            "norm, e.g. `encoder.layers.encoder_layer_<last>.ln_1` (torchvision) or "
+            "`blocks.<last>.norm1` (timm), or leave `--layer` out for a torchvision ViT. A "
+            "freshly built torchvision ViT (no `--weights`) has an all-zero head, so no layer "
+            "reaches its output."
+        )
+    return wrapped
 
 
 def pick_layer(model: Any, layer: str | None) -> str:
@@ -604,11 +618,11 @@ def pick_layer(model: Any, layer: str | None) -> str:
             f"`--layer` is required for a {kind} model{hint}; give the dotted name of the "
             "layer to explain, from model.named_modules()."
         )
-    print(
-        f"Explaining layer {picked!r}, the last "
-        + ("stage (after its norm)" if kind == "SwinTransformer" else "convolutional block")
-        + f" of {kind} (--layer to change)."
-    )
+    what = {
+        "SwinTransformer": "stage (after its norm)",
+        "VisionTransformer": "block's first norm",
+    }.get(kind, "convolutional block")
+    print(f"Explaining layer {picked!r}, the last {what} of {kind} (--layer to change).")
     return picked
 
 
