@@ -123,3 +123,21 @@ def test_identity_reshape_on_a_convolutional_layer_equals_the_plain_path(
     plain = iba.attribute(x, sigma=None, steps=3, generator=0)
     through = iba.attribute(x, sigma=None, steps=3, generator=0, reshape_transform=lambda t: t)
     torch.testing.assert_close(through, plain, rtol=0, atol=0)
+
+
+def test_a_bottleneck_the_loss_does_not_depend_on_is_said(vit, images):
+    """After the last block only the class token reaches the head: a bottleneck on its patch
+    tokens trades nothing against the information cost, and the user is told (at their own
+    line); on the block's first norm the loss depends on the patch tokens and nothing is said."""
+    import warnings
+
+    blind = LayerIBA(vit, "encoder.layers.encoder_layer_1")
+    blind.estimate(images)
+    with pytest.warns(UserWarning, match="does not depend on the bottleneck") as caught:
+        blind.attribute(images[:2], target=[0, 1], steps=2, sigma=None, reshape_transform=fold)
+    assert caught[0].filename == __file__
+    seeing = LayerIBA(vit, LAYER)
+    seeing.estimate(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seeing.attribute(images[:2], target=[0, 1], steps=2, sigma=None, reshape_transform=fold)

@@ -16,20 +16,18 @@ the size of the maps.
 
 from __future__ import annotations
 
-import os
-import sys
 import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import captum
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
+from .._utils.caller import user_stacklevel
 from .._utils.layers import resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
@@ -78,16 +76,6 @@ class NoSpatialDimensions(ValueError):
             f"`layer` outputs activations of shape {shape} without spatial dimensions; a CAM "
             "layer must output N x K x h x w (or tokens with a `reshape_transform` to that)."
         )
-
-
-def user_stacklevel() -> int:
-    """``stacklevel`` for a warning raised here that points at the first frame outside
-    captum_ext and Captum (the user's call, through NoiseTunnel or Captum's log wrapper)."""
-    ours = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(captum.__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(ours):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def zero_gradient_warning(method: str, where: str) -> str:

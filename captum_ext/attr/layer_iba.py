@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.batches import dict_batch
+from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module
 from .._utils.maps import upsample_maps
@@ -147,6 +149,25 @@ def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
             f"must return (N, C, h, w) with N = {n}."
         )
     return folded
+
+
+def _warn_if_blind(z_grad: Tensor | None, reshape_transform: Callable | None, n: int) -> None:
+    """Warn when the model's loss has exactly zero gradient at every bottleneck entry that the
+    maps show: the bottleneck then trades nothing against the information cost, and the maps
+    show only that cost (the prior), nothing the model uses."""
+    if z_grad is not None:
+        shown = _folded(z_grad.abs().sum(dim=1), reshape_transform, n)
+        if bool(shown.ne(0).any()):
+            return
+    warnings.warn(
+        "LayerIBA: the model's loss does not depend on the bottleneck at `layer` (its gradient "
+        "there is exactly zero), so the maps show only the information cost, nothing the "
+        "model uses. After a vision transformer's last block only the class token is read "
+        "(use the block's first norm, `encoder.layers.encoder_layer_<last>.ln_1` in "
+        "torchvision, `blocks[-1].norm1` in timm), and a freshly built torchvision ViT has an "
+        "all-zero head (load trained weights).",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _as_generators(generator: Any, n: int, device: torch.device) -> list | None:
@@ -776,6 +797,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 z = z * active
                 if post_relu:
                     z = torch.clamp(z, 0.0)
+                if step == 0:  # the model loss's gradient at the bottleneck, for free
+                    z.register_hook(lambda g: state.__setitem__("z_grad", g.detach()))
                 state["z"] = z.flatten(0, 1)
                 with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
                     output = None
@@ -797,6 +820,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 information = capacity.flatten(1).mean(dim=1)
                 per_example = (-model_loss if inverse else model_loss) + beta * information
                 (grad,) = objective_gradients(per_example.sum(), [alpha])
+                if step == 0:
+                    _warn_if_blind(state.get("z_grad"), reshape_transform, n)
                 alpha.grad = grad
                 optimizer.step()
                 state.clear()

@@ -13,6 +13,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import class_gradients, run_forward
+from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
@@ -29,7 +30,6 @@ from ._cam import (
     ClassActivationMapBase,
     gradcam_weights,
     make_cam_reducer,
-    user_stacklevel,
     zero_gradient_warning,
 )
 from ._voice_moments import UpsampledMoments
