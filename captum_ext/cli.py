@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         metavar="NAME",
         help="dotted name of the layer to explain (from model.named_modules()); picked "
-        "automatically for torchvision ResNet, VGG, DenseNet, MobileNet and Swin models",
+        "automatically for torchvision ResNet, VGG, DenseNet, MobileNet, Swin and ViT models",
     )
     report.add_argument(
         "--images",

@@ -150,3 +150,30 @@ def test_the_threads_are_capped_whatever_the_core_count(monkeypatch, three_threa
     monkeypatch.setattr(module, "_split_rows", spy)
     road_imputation(images, removed, noise=0.0, solver="nested")
     assert counts == [2]
+
+
+def test_after_a_failure_the_parts_not_started_are_dropped():
+    """Both threads busy, the first part fails: the parts still queued never run (a Ctrl-C or
+    an error does not wait for the rest of the batch)."""
+    both_busy = threading.Barrier(2)
+    never = threading.Event()
+    ran = []
+
+    def failing():
+        both_busy.wait(timeout=30)
+        raise RuntimeError("part 0 failed")
+
+    def blocking(i):
+        def task():
+            if i == 1:
+                both_busy.wait(timeout=30)
+            ran.append(i)
+            never.wait(timeout=1.0)  # holds its thread while the caller sees the failure
+            return torch.zeros(1)
+
+        return task
+
+    tasks = [failing] + [blocking(i) for i in range(1, 8)]
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        module._run_tasks(tasks, 2)
+    assert 1 in ran and len(ran) <= 2  # part 1 and at most the one taken right after the failure

@@ -813,8 +813,12 @@ def _run_tasks(tasks: list[Callable[[], Tensor]], workers: int) -> list[Tensor]:
         torch.set_num_threads(1)
         return task()
 
-    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        return list(pool.map(single_threaded, tasks))
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(tasks)))
+    try:
+        futures = [pool.submit(single_threaded, task) for task in tasks]
+        return [future.result() for future in futures]
+    finally:  # on an error or Ctrl-C the parts not started are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def road_imputation(
