@@ -166,6 +166,9 @@ def test_report_on_a_vision_transformer(tmp_path, capsys, vit_module):
     )
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "its 4 x 4 patch tokens as a map" in html and "left out" not in html
+    # the captions name the user's layer, not the wrapper's "grid"
+    assert "at layer encoder.layers.encoder_layer_0.ln_1 (its 4 x 4 patch tokens" in html
+    assert "at layer grid" not in html
 
 
 # ------------------------------------------------------------ channels-last stages (Swin)

@@ -729,7 +729,8 @@ def build_section_inputs(
                 f" (the {grid.leading} leading token(s) left out)." if grid.leading else "."
             )
         print(said, flush=True)
-        layer_name = "grid"
+        layer_name = "grid"  # its name inside the wrapper; the captions show the user's
+        grid.grid.layer_name = layer_description
     probabilities = _probabilities(forward, images, device, config.batch_size)
     inputs = SectionInputs(
         model=model,

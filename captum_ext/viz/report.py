@@ -433,7 +433,8 @@ def _model_device(model: Any, images: Tensor) -> torch.device:
 def _layer_name(model: Any, layer: Any, module: Any) -> str:
     if isinstance(layer, str):
         return layer
-    if isinstance(getattr(module, "layer_name", None), str):  # a TorchScript layer tap
+    # a TorchScript layer tap, or the report's token grid: the name of the user's layer
+    if isinstance(getattr(module, "layer_name", None), str):
         return module.layer_name
     owner = root_module(model)
     if owner is not None:
