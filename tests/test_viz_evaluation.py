@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -140,3 +141,20 @@ def test_progress_reports_the_methods_on_stderr(scores_and_inputs, capsys):
         for method in loud.methods:
             a, b = loud.scores[metric][method], quiet.scores[metric][method]
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6)
+
+
+def test_notes_of_methods_not_computed_read_as_one_sentence(scores_and_inputs, tmp_path):
+    """Errors end with a full stop already: the intro must not print ".." after them."""
+    scores, _, _ = scores_and_inputs
+    noted = dataclasses.replace(
+        scores,
+        notes=[
+            "PathwayGradient: ValueError: no nn.ReLU module to score.",
+            "randomisation: no layer",
+        ],
+    )
+    intro = render_evaluation(noted, tmp_path).intro
+    assert intro.endswith(
+        "Not computed: PathwayGradient: ValueError: no nn.ReLU module to score; "
+        "randomisation: no layer."
+    )

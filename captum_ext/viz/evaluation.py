@@ -332,7 +332,7 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
         "weights randomised; a map that does not change is not explaining the model)."
     )
     if scores.notes:
-        intro += " Not computed: " + "; ".join(scores.notes) + "."
+        intro += " Not computed: " + "; ".join(note.rstrip(".") for note in scores.notes) + "."
     section = Section("Evaluation of the explanations", intro)
     section.add_row(
         "Scores", [Figure("ROAD curves", path, width=420)], table=table, per_image=False
