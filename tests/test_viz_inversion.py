@@ -136,6 +136,8 @@ def test_caveat_only_when_the_diversity_says_collapse(inversion, tmp_path, monke
 
         return within
 
+    # every sample classified as requested (the consistency caveat is tested on its own)
+    monkeypatch.setattr(evaluation, "label_consistency", lambda *args, **kwargs: 1.0)
     monkeypatch.setattr(evaluation, "within_class_diversity", fake([0.2, 0.3, 0.4]))
     diverse = inversion_section(inversion, tmp_path, per_class=4, class_names=["a", "b", "c"])
     assert "Caveat" not in diverse.intro and "Nearly identical" not in diverse.intro
@@ -147,3 +149,34 @@ def test_caveat_only_when_the_diversity_says_collapse(inversion, tmp_path, monke
     collapsed = inversion_section(inversion, tmp_path, per_class=4)
     assert "Caveat: the samples are nearly identical within classes" in collapsed.intro
     assert "nearly identical samples" in collapsed.rows[0].figures[0].caption
+
+
+def test_a_generator_that_has_not_inverted_the_model_is_said(inversion, tmp_path, monkeypatch):
+    """Label consistency below 90 %: the section says which classes the generator has not
+    inverted, and the collapse caveat no longer claims the classifier accepts the rows."""
+    import captum_ext.inversion.evaluation as evaluation
+    from captum_ext.inversion.evaluation import DiversityResult
+
+    per_class = {0: 1.0, 1: 0.0, 2: 0.25}
+
+    def consistency(classifier, images, labels, **kwargs):
+        return sum(per_class[int(k)] for k in labels) / len(labels)
+
+    def collapsed(source, images, labels, **kwargs):
+        values = torch.tensor([0.99, 0.98, 0.97], dtype=torch.float64)
+        classes = torch.arange(3)
+        return DiversityResult(float(values.mean()), values, classes, classes * 0 + 4)
+
+    monkeypatch.setattr(evaluation, "label_consistency", consistency)
+    monkeypatch.setattr(evaluation, "within_class_diversity", collapsed)
+    section = inversion_section(inversion, tmp_path, per_class=4, class_names=["a", "b", "c"])
+    assert "assigns only 41.7% of the samples to the class they were generated for" in (
+        section.intro
+    )
+    assert "has not inverted the classifier for b, c, so those rows" in section.intro
+    assert "each row shows one image, not the variety" in section.intro
+    assert "the classifier accepts, not" not in section.intro
+    monkeypatch.setattr(evaluation, "label_consistency", lambda *args, **kwargs: 0.95)
+    fine = inversion_section(inversion, tmp_path, per_class=4, class_names=["a", "b", "c"])
+    assert "has not inverted" not in fine.intro
+    assert "each row shows one image the classifier accepts, not" in fine.intro

@@ -57,6 +57,8 @@ _GRID_WIDTH = 640
 #: mean within-class feature cosine above which the samples of a class count as nearly
 #: identical (a collapsed generator); the section then says so beside the grid
 COLLAPSE_COSINE = 0.9
+#: label consistency below which the section says the generator has not inverted the model
+CONSISTENT_SHARE = 0.9
 
 #: classes shown by default when the model has more (a seeded random sample of them)
 DEFAULT_MAX_CLASSES = 20
@@ -347,15 +349,30 @@ def render_inversion(
         if per_class_diversity[k] > COLLAPSE_COSINE  # NaN (one image) is not
     ]
     caveat = ""
-    if data.diversity > COLLAPSE_COSINE:
+    consistent = data.consistency >= CONSISTENT_SHARE
+    if not consistent:
+        missed = [class_names[k] for k in chosen if data.class_consistency[k] < 0.5]
         caveat = (
+            f" Caveat: the classifier assigns only {data.consistency:.1%} of the samples to the "
+            "class they were generated for: the generator has not inverted the classifier"
+            + (
+                " for " + ", ".join(missed[:10]) + (", ..." if len(missed) > 10 else "")
+                if missed
+                else ""
+            )
+            + ", so those rows do not show what the model calls that class; train longer "
+            "(more generator steps)."
+        )
+    if data.diversity > COLLAPSE_COSINE:
+        accepted = " the classifier accepts" if consistent else ""
+        caveat += (
             f" Caveat: the samples are nearly identical within classes (mean feature cosine "
             f"{data.diversity:.3f} > {COLLAPSE_COSINE}: the generator has collapsed to about "
-            "one image per class), so each row shows one image the classifier accepts, not "
-            "the variety of what it accepts; train longer or with a larger diversity weight."
+            f"one image per class), so each row shows one image{accepted}, not the variety of "
+            "what the classifier accepts; train longer or with a larger diversity weight."
         )
     elif collapsed:
-        caveat = (
+        caveat += (
             f" Nearly identical samples (feature cosine > {COLLAPSE_COSINE}) in: "
             + ", ".join(collapsed[:10])
             + (", ..." if len(collapsed) > 10 else "")
