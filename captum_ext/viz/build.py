@@ -404,14 +404,16 @@ def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> str | Non
     )
 
 
-def _pixel_maps(transform: Any) -> tuple[Any, Any]:
-    """(preprocess, denormalize) of the inversion generator for a transform name."""
+def _pixel_maps(transform: Any) -> tuple[Any, tuple[float, float], Any]:
+    """(preprocess, value_range, denormalize) of the inversion generator for a transform name:
+    ``preprocess`` takes the generator's pixels in ``value_range`` to the model's inputs,
+    ``denormalize`` takes those back to [0, 1] for display."""
     import torch
 
     from captum_ext.data import IMAGENET_MEAN, IMAGENET_STD, denormalize_digits, normalize_digits
 
-    if transform == "digits":
-        return normalize_digits, denormalize_digits
+    if transform == "digits":  # normalize_digits reads pixels on the 0..255 scale
+        return normalize_digits, (0.0, 255.0), denormalize_digits
     if transform == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN).reshape(1, -1, 1, 1)
         std = torch.tensor(IMAGENET_STD).reshape(1, -1, 1, 1)
@@ -419,8 +421,8 @@ def _pixel_maps(transform: Any) -> tuple[Any, Any]:
         def denormalize(x):
             return x * std.to(x.device) + mean.to(x.device)
 
-        return (IMAGENET_MEAN, IMAGENET_STD), denormalize
-    return None, None
+        return (IMAGENET_MEAN, IMAGENET_STD), (0.0, 1.0), denormalize
+    return None, (0.0, 1.0), None
 
 
 def _build_introspection(inputs: SectionInputs, config: ReportConfig, asked: bool):
@@ -457,7 +459,7 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
     from captum_ext.inversion import NetworkInversion
     from captum_ext.viz import inversion_section
 
-    preprocess, denormalize = _pixel_maps(inputs.transform)
+    preprocess, value_range, denormalize = _pixel_maps(inputs.transform)
     if config.model is None:
         from captum_ext.bundled import load_bundled_inversion
 
@@ -472,6 +474,7 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
             inputs.model,
             input_shape=tuple(inputs.images.shape[1:]),
             preprocess=preprocess,
+            value_range=value_range,
             batch_size=INVERSION_BATCH,
             seed=0,
         )
