@@ -953,6 +953,8 @@ def road_imputation(
             for picked, method in routes
             for part in _split_rows(picked.nonzero()[:, 0], removed, method, workers)
         ]
+        if len(parts) > 1 and any(m in ("nested", "nested_mixed") for _, m in parts):
+            _nested_plan(h, w, _NESTED_LEAF)  # built once here, not by every thread at once
         filled = torch.empty_like(inputs)
         solved = _run_tasks(
             [functools.partial(_factorised, inputs[r], removed[r], m) for r, m in parts], workers
