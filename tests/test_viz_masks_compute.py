@@ -112,3 +112,33 @@ def test_compute_checks_its_arguments(bundled_model, explainer, images):
         compute_minimal_mask(bundled_model, images, explainer="nope")
     with pytest.raises(ValueError, match="`class_names`"):
         compute_minimal_mask(bundled_model, images, explainer=explainer, class_names=["a"])
+
+
+def test_a_network_the_circuit_readout_cannot_follow_still_gets_its_masks(
+    bundled_model, explainer, images, tmp_path, monkeypatch, no_drawing
+):
+    """The automatic CircuitReadout refuses attention layers (a ViT): the masks and their
+    read-outs still come, and the section says why no circuit is drawn. A readout the
+    caller passed keeps its error."""
+    import captum_ext.circuits as circuits
+
+    class Refusing(CircuitReadout):
+        def readout(self, *args, **kwargs):
+            raise ValueError("`layers`: cannot follow attention.\nmore")
+
+    monkeypatch.setattr(circuits, "CircuitReadout", Refusing)
+    data = compute_minimal_mask(bundled_model, images, explainer=explainer, circuit_rows=2, seed=3)
+    plain = explainer.attribute(images, seed=3, return_details=True, progress=False)
+    np.testing.assert_array_equal(data.mask, plain.mask[:, 0].float().numpy())
+    assert data.circuits == {} and data.comparisons == {}
+    assert data.circuit_problem == "`layers`: cannot follow attention."
+    shown = denormalize_digits(images).permute(0, 2, 3, 1).numpy()
+    section = render_minimal_mask(data, shown, tmp_path)
+    assert section.intro.endswith(
+        "No circuits are drawn: the circuit readout cannot follow this network "
+        "(`layers`: cannot follow attention)."
+    )
+    with pytest.raises(ValueError, match="cannot follow attention"):
+        compute_minimal_mask(
+            bundled_model, images, explainer=explainer, circuit=Refusing(bundled_model)
+        )

@@ -247,6 +247,9 @@ class MinimalMaskData:
             first ``circuit_rows`` images.
         comparisons (dict[int, Any]): image index -> :func:`~captum_ext.circuits.compare` of
             those two circuits.
+        circuit_problem (str or None): why no circuit was read out, when the automatic
+            :class:`~captum_ext.circuits.CircuitReadout` cannot follow the network (e.g. its
+            attention layers); None otherwise.
     """
 
     mask: np.ndarray
@@ -261,6 +264,7 @@ class MinimalMaskData:
     mode: str
     circuits: dict[int, tuple[Any, Any]]
     comparisons: dict[int, Any]
+    circuit_problem: str | None = None
 
 
 def compute_minimal_mask(
@@ -317,15 +321,25 @@ def compute_minimal_mask(
     circuits: dict[int, tuple[Any, Any]] = {}
     comparisons: dict[int, Any] = {}
     chosen = list(range(min(circuit_rows, n)))
+    circuit_problem = None
     if chosen:
-        readout = circuit if circuit is not None else CircuitReadout(model)
         x = images[chosen].to(device)
         explanations = torch.cat([part.explanation for part in parts])[chosen].to(device)
-        graphs_x = readout.readout(x, target=torch.tensor([target[i] for i in chosen]))
-        graphs_e = readout.readout(explanations, target=torch.tensor([target[i] for i in chosen]))
-        for i, graph_x, graph_e in zip(chosen, graphs_x, graphs_e):
-            circuits[i] = (graph_x, graph_e)
-            comparisons[i] = compare(graph_x, graph_e)
+        chosen_targets = torch.tensor([target[i] for i in chosen])
+        try:
+            readout = circuit if circuit is not None else CircuitReadout(model)
+            graphs_x = readout.readout(x, target=chosen_targets)
+            graphs_e = readout.readout(explanations, target=chosen_targets)
+        except ValueError as error:
+            if circuit is not None:  # the caller's own readout: its error is theirs to see
+                raise
+            # the automatic readout cannot follow this network (attention, say): the masks
+            # stand on their own, and the section says why no circuit is drawn
+            circuit_problem = str(error).strip().splitlines()[0]
+        else:
+            for i, graph_x, graph_e in zip(chosen, graphs_x, graphs_e):
+                circuits[i] = (graph_x, graph_e)
+                comparisons[i] = compare(graph_x, graph_e)
     return MinimalMaskData(
         mask=column("mask")[:, 0].numpy(),
         active=column("active_fraction").numpy(),
@@ -339,6 +353,7 @@ def compute_minimal_mask(
         mode=mode,
         circuits=circuits,
         comparisons=comparisons,
+        circuit_problem=circuit_problem,
     )
 
 
@@ -400,6 +415,12 @@ def render_minimal_mask(
             "mask are shown. The circuits (channel-level graphs: the strongest channels of each "
             "stage and the connections between them) of the image and of its kept pixels show "
             "whether the masked image travels the same pathway through the network."
+            + (
+                f" No circuits are drawn: the circuit readout cannot follow this network "
+                f"({data.circuit_problem.rstrip('.')})."
+                if data.circuit_problem
+                else ""
+            )
         ),
     )
     summary = Table(
