@@ -255,10 +255,36 @@ def _checked(wrapped: TokenGridModel, example: Tensor) -> TokenGridModel:
 
 
 def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None:
-    """Whether the grid (the patch tokens) changes ``wrapped``'s output on ``example``: one
-    backward pass of a fixed random projection of the output to the grid, in eval mode (the
-    model's modes, flags and buffers restored after, its parameters' ``.grad`` untouched).
-    None when the output is not a tensor (nothing to project)."""
+    r"""Whether the grid (the patch tokens) changes ``wrapped``'s output on ``example``.
+
+    .. code-block:: text
+
+        reaches = any( d <r, f(x)> / d grid != 0 ),   r ~ N(0, I) fixed (seed 0)
+
+    One backward pass of a fixed random projection of the output to the grid, in eval mode
+    (the model's modes, flags and buffers restored after, its parameters' ``.grad``
+    untouched). A random projection rather than the sum: the sum of a softmax output is
+    constant.
+
+    Args:
+        wrapped (TokenGridModel): from :func:`expose_token_grid`.
+        example (Tensor): a small input batch of the size to be explained.
+
+    Returns:
+        bool or None: False when every gradient at the grid is exactly zero (after a vision
+        transformer's last block only the class token is read; a freshly built torchvision
+        ViT has an all-zero head); None when the output is not a floating-point tensor.
+
+    Example::
+
+        >>> from torchvision.models import VisionTransformer
+        >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
+        ...                         mlp_dim=32, num_classes=5).eval()
+        >>> _ = torch.nn.init.normal_(vit.heads.head.weight)
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> grid_reaches_output(expose_token_grid(vit, "encoder.layers.encoder_layer_1.ln_1", x), x)
+        True
+    """
     store: dict[str, Tensor] = {}
 
     def leaf(module: nn.Module, args: Any, output: Tensor) -> Tensor:
