@@ -183,6 +183,9 @@ class InversionData:
         class_consistency (dict[int, float]): class -> its label consistency.
         class_confidence (dict[int, float]): class -> its mean confidence.
         class_diversity (dict[int, float]): class -> its diversity (NaN for one image).
+        similarity_across (float): the same feature cosine over all pairs of images, whatever
+            their class (near 1: the rows are nearly identical across classes too, and the
+            classifier tells them apart by small differences; NaN for one class).
     """
 
     images: Tensor
@@ -200,6 +203,7 @@ class InversionData:
     class_consistency: dict[int, float]
     class_confidence: dict[int, float]
     class_diversity: dict[int, float]
+    similarity_across: float = float("nan")
 
     @property
     def collapsed(self) -> bool:
@@ -247,6 +251,11 @@ def compute_inversion(
         labels = torch.tensor(chosen, device=device).repeat_interleave(per_class)
         images = inversion.sample(labels, generator=seed)
     diversity = evaluation.within_class_diversity(classifier, images, labels)
+    across = float("nan")
+    if len(chosen) > 1:  # every image in one group: the cosine over all pairs
+        across = evaluation.within_class_diversity(
+            classifier, images, torch.zeros_like(labels)
+        ).mean
     # per_class is indexed like diversity.classes (the distinct labels), not by class index
     class_diversity = {
         int(k): float(v)
@@ -278,6 +287,7 @@ def compute_inversion(
         class_consistency=consistency,
         class_confidence=confidence,
         class_diversity=class_diversity,
+        similarity_across=float(across),
     )
 
 
@@ -377,6 +387,18 @@ def render_inversion(
             + ", ".join(collapsed[:10])
             + (", ..." if len(collapsed) > 10 else "")
             + "."
+        )
+    if data.similarity_across > COLLAPSE_COSINE:
+        caveat += (
+            " Caveat: the samples are nearly identical across classes too (mean feature "
+            "cosine over all pairs of samples, whatever their class, "
+            f"{data.similarity_across:.3f})"
+            + (
+                ": the classifier puts the rows in different classes for small differences, "
+                "not for anything a person would see as the class."
+                if consistent
+                else "."
+            )
         )
     section = Section(
         title,
