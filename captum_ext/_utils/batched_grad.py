@@ -11,6 +11,7 @@ example ``n`` alone.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -488,6 +489,7 @@ class _Holder(nn.Module):
 
 #: bytes of per-example gradients held at once by :func:`per_example_parameter_gradients`
 PER_EXAMPLE_CHUNK_BYTES = 256 * 2**20
+_UNBATCHED_OPERATOR_NOTE = "There is a performance drop because we have not yet implemented"
 
 
 def per_example_parameter_gradients(
@@ -562,8 +564,12 @@ def per_example_parameter_gradients(
         xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
         extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
         bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
-        grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
-            xs, extras_b, cotangents[start:stop], bufs
-        )
+        with warnings.catch_warnings():
+            # torch's note that an operator (attention's fused kernels, say) runs unbatched
+            # under vmap: about speed only, and nothing the caller can act on
+            warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
+            grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
+                xs, extras_b, cotangents[start:stop], bufs
+            )
         scores.append(reduce(grads).detach())
     return torch.cat(scores)
