@@ -129,13 +129,13 @@ class TorchScriptLayerModel(nn.Module):
             is_forward = method == "forward" or method.startswith("forward__")
             if is_forward and path is not None and path in (self.layer_name, self.head_name):
                 run = self.head if path == self.head_name else _compiled(args[0], method)
-                result = run(*args[1:])
+                result = _call_compiled(run, args[1:])
                 if path == self.layer_name:
                     result = self.tap(result)
             elif path is not None and self._on_path(path):
                 result = self._run_method(args[0], path, method, tuple(args[1:]))
             else:
-                result = _compiled(args[0], method)(*args[1:])
+                result = _call_compiled(_compiled(args[0], method), args[1:])
             self._bind(outs, result, env)
             return
         if kind == "prim::CallFunction":
@@ -193,6 +193,34 @@ class TorchScriptLayerModel(nn.Module):
         else:
             for value, item in zip(outs, result):
                 env[value.unique()] = item
+
+
+def _call_compiled(function: Callable, args: Any) -> Any:
+    """``function(*args)``, a compiled method called from Python.
+
+    Under ``torch.no_grad()`` a scripted ``nn.MultiheadAttention`` called from Python fails
+    in its fast path ("strides() called on an undefined Tensor"; the same module inside the
+    whole scripted model runs). That call is repeated with gradients enabled (the standard
+    path, the same attention) and its outputs detached, as no_grad would have left them.
+    """
+    try:
+        return function(*args)
+    except RuntimeError as error:
+        if torch.is_grad_enabled() or "undefined Tensor" not in str(error):
+            raise
+    with torch.enable_grad():
+        result = function(*args)
+    return _detached(result)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    return value
 
 
 def _compiled(module: Any, method: str) -> Any:

@@ -89,3 +89,30 @@ def test_a_failure_inside_a_compiled_submodule_is_a_clear_error(monkeypatch):
         r"around this layer failed \(strides\(\) called on an undefined Tensor\)",
     ):
         torchscript.expose_layer(model, "conv", torch.randn(1, 1, 8, 8))
+
+
+def test_a_scripted_vision_transformer_is_evaluated_around_its_layer():
+    """A scripted nn.MultiheadAttention called from Python under no_grad fails in torch's fast
+    path ("strides() called on an undefined Tensor"); the interpreter repeats that call with
+    gradients enabled, so a scripted torchvision ViT can be explained at a block's norm."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)
+    with torch.no_grad():  # torchvision's fresh ViT head is all zeros
+        vit.heads.head.weight.normal_(0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation
+        model = torch.jit.script(vit.eval())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    wrapper, tap = torchscript.expose_layer(model, "encoder.layers.encoder_layer_1.ln_1", x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), model(x), rtol=1e-5, atol=1e-5)
+        assert not wrapper(x).requires_grad
+    seen = {}
+    handle = tap.register_forward_hook(lambda m, a, out: seen.setdefault("tokens", out))
+    try:
+        wrapper(x)
+    finally:
+        handle.remove()
+    assert seen["tokens"].shape == (2, 17, 16)
