@@ -337,8 +337,12 @@ def test_bad_arguments_raise_clear_errors(bundled_model, bundled_digits):
         method.attribute(x, layers=["features.77"])
     with pytest.raises(TypeError, match="layers"):
         method.attribute(x, layers=[3])
-    with pytest.raises(ValueError, match="layers.*no nn.ReLU"):
+    with pytest.raises(ValueError, match="layers.*no nn.ReLU") as linear:
         PathwayGradient(nn.Sequential(nn.Flatten(), nn.Linear(784, 3))).attribute(x)
+    assert "its activations" not in str(linear.value)
+    gelu_net = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.GELU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"no nn.ReLU module to score \(its activations: GELU\)"):
+        PathwayGradient(gelu_net).attribute(x)
     with pytest.raises(ValueError, match="layers.*not an nn.Module"):
         PathwayGradient(lambda t: bundled_model(t)).attribute(x)
     with pytest.raises(ValueError, match="target.*one class"):

@@ -313,10 +313,18 @@ class PathwayGradient(GradientAttribution):
                 )
             found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
             if not found:
+                others = sorted(
+                    {
+                        type(m).__name__
+                        for m in model.modules()
+                        if type(m).__module__ == "torch.nn.modules.activation"
+                    }
+                )
+                has = f" (its activations: {', '.join(others)})" if others else ""
                 raise ValueError(
-                    f"`layers`: {type(model).__name__} has no nn.ReLU module to score (a "
-                    "functional relu cannot be hooked); pass the modules whose outputs are the "
-                    "neurons as `layers`."
+                    f"`layers`: {type(model).__name__} has no nn.ReLU module to score{has}; "
+                    "PathwayGradient's neurons are ReLU outputs, and a functional relu cannot "
+                    "be hooked. Pass the modules whose outputs are the neurons as `layers`."
                 )
             return [m for _, m in found], [name or "<model>" for name, _ in found]
         if isinstance(layers, (str, nn.Module)):
