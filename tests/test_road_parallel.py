@@ -152,12 +152,23 @@ def test_the_threads_are_capped_whatever_the_core_count(monkeypatch, three_threa
     assert counts == [2]
 
 
-def test_after_a_failure_the_parts_not_started_are_dropped():
+def test_after_a_failure_the_parts_not_started_are_dropped(monkeypatch):
     """Both threads busy, the first part fails: the parts still queued never run (a Ctrl-C or
-    an error does not wait for the rest of the batch)."""
+    an error does not wait for the rest of the batch). The running parts are held until the
+    pool has been shut down, so the verdict does not depend on the machine's speed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     both_busy = threading.Barrier(2)
-    never = threading.Event()
+    shut_down = threading.Event()
     ran = []
+
+    class Pool(ThreadPoolExecutor):
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=False, cancel_futures=cancel_futures)
+            shut_down.set()  # the queue is settled: release the parts that run
+            super().shutdown(wait=wait)
+
+    monkeypatch.setattr(module, "ThreadPoolExecutor", Pool)
 
     def failing():
         both_busy.wait(timeout=30)
@@ -168,7 +179,7 @@ def test_after_a_failure_the_parts_not_started_are_dropped():
             if i == 1:
                 both_busy.wait(timeout=30)
             ran.append(i)
-            never.wait(timeout=1.0)  # holds its thread while the caller sees the failure
+            shut_down.wait(timeout=30)
             return torch.zeros(1)
 
         return task
