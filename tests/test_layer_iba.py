@@ -689,3 +689,38 @@ def test_shapes_for_any_batch_and_settings(n, n_noise, steps, return_type, upsam
     if steps == 1 and return_type == "lambda" and not upsample and not sigma:
         # no update yet: lambda is sigmoid(init_alpha) everywhere
         torch.testing.assert_close(maps, torch.full_like(maps, torch.sigmoid(torch.tensor(5.0))))
+
+
+def test_a_saturated_loss_is_told_apart_from_a_layer_the_output_ignores():
+    """With logit gaps of about 2,000 the cross-entropy is exactly 0 even on the noisy copies,
+    so its gradient at the bottleneck is 0 too: the warning names saturation (and the way
+    round it), not a layer the output does not read. Gaps of about 20 warn of nothing."""
+    import warnings
+
+    from _helpers import make_confident_model
+
+    from captum_ext.data import load_sample_digits
+
+    images, _ = load_sample_digits()
+    for scale, saturated in ((3.0, False), (300.0, True)):
+        model = make_confident_model(scale)
+        iba = LayerIBA(model, "features.4")
+        iba.estimate(images)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            iba.attribute(images[:4], steps=2, generator=0)
+        said = [str(w.message) for w in caught if "LayerIBA" in str(w.message)]
+        if not saturated:
+            assert said == []
+            continue
+        (message,) = said
+        assert "exactly 0 on every example" in message and "underflows" in message
+        assert "does not depend" not in message
+        # the custom loss the message suggests sees the bottleneck
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            predicted = model(images[:4]).argmax(dim=1)
+            iba.attribute(
+                images[:4], target=predicted, steps=2, generator=0,
+                loss=lambda out, clean, t: -out.gather(1, t[:, None])[:, 0],
+            )  # fmt: skip

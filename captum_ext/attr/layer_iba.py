@@ -151,21 +151,34 @@ def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
     return folded
 
 
-def _warn_if_blind(z_grad: Tensor | None, reshape_transform: Callable | None, n: int) -> None:
+def _warn_if_blind(
+    z_grad: Tensor | None, model_loss: Tensor, reshape_transform: Callable | None, n: int
+) -> None:
     """Warn when the model's loss has exactly zero gradient at every bottleneck entry that the
     maps show: the bottleneck then trades nothing against the information cost, and the maps
-    show only that cost (the prior), nothing the model uses."""
+    show only that cost (the prior), nothing the model uses. Two causes, told apart by the
+    loss: it is exactly 0 (saturated), or it does not depend on the layer."""
     if z_grad is not None:
         shown = _folded(z_grad.abs().sum(dim=1), reshape_transform, n)
         if bool(shown.ne(0).any()):
             return
+    if bool((model_loss.detach() == 0).all()):
+        cause = (
+            "the loss is exactly 0 on every example: the predictions are so confident that "
+            "their cross-entropy underflows, even on the noisy copies (a `loss=` callable on "
+            "the logits, such as the negative target logit, does not saturate)"
+        )
+    else:
+        cause = (
+            "the loss does not depend on the bottleneck. After a vision transformer's last "
+            "block only the class token is read (use the block's first norm, "
+            "`encoder.layers.encoder_layer_<last>.ln_1` in torchvision, `blocks[-1].norm1` in "
+            "timm), and a freshly built torchvision ViT has an all-zero head (load trained "
+            "weights)"
+        )
     warnings.warn(
-        "LayerIBA: the model's loss does not depend on the bottleneck at `layer` (its gradient "
-        "there is exactly zero), so the maps show only the information cost, nothing the "
-        "model uses. After a vision transformer's last block only the class token is read "
-        "(use the block's first norm, `encoder.layers.encoder_layer_<last>.ln_1` in "
-        "torchvision, `blocks[-1].norm1` in timm), and a freshly built torchvision ViT has an "
-        "all-zero head (load trained weights).",
+        "LayerIBA: the model loss's gradient at the bottleneck of `layer` is exactly zero, so "
+        f"the maps show only the information cost, nothing the model uses: {cause}.",
         stacklevel=user_stacklevel(),
     )
 
@@ -821,7 +834,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 per_example = (-model_loss if inverse else model_loss) + beta * information
                 (grad,) = objective_gradients(per_example.sum(), [alpha])
                 if step == 0:
-                    _warn_if_blind(state.get("z_grad"), reshape_transform, n)
+                    _warn_if_blind(state.get("z_grad"), model_loss, reshape_transform, n)
                 alpha.grad = grad
                 optimizer.step()
                 state.clear()
