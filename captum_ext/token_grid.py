@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.hooks import registered_hooks
 from captum_ext._utils.layers import resolve_layer
 from captum_ext._utils.model_state import preserved_state
 
@@ -41,7 +42,8 @@ __all__ = [
 class TokenGridModel(nn.Module):
     """``model`` with the ``(N, leading + h * w, D)`` output of ``layer`` (``layout=
     "tokens"``) or its ``(N, h, w, D)`` output (``layout="channels_last"``) passed through
-    :attr:`grid` as ``(N, D, h, w)``. Build it with :func:`expose_token_grid`."""
+    :attr:`grid` as ``(N, D, h, w)``. Build it with :func:`expose_token_grid`, which sets
+    ``reaches_output`` (:func:`grid_reaches_output` on its example)."""
 
     def __init__(
         self,
@@ -62,6 +64,8 @@ class TokenGridModel(nn.Module):
         # not a submodule attribute: the layer is already registered inside `model`
         self._tokens_layer = [layer]
         self.training = model.training  # the wrapper is in the mode the model is in
+        # grid_reaches_output on expose_token_grid's example (None: not checked)
+        self.reaches_output: bool | None = None
 
     def _through_grid(self, module: nn.Module, args: Any, output: Any) -> Tensor:
         h, w = self.grid_size
@@ -241,7 +245,8 @@ def expose_token_grid(
 
 
 def _checked(wrapped: TokenGridModel, example: Tensor) -> TokenGridModel:
-    if grid_reaches_output(wrapped, example) is False:
+    wrapped.reaches_output = grid_reaches_output(wrapped, example)
+    if wrapped.reaches_output is False:
         warnings.warn(
             "the patch tokens of `layer` do not reach the model's output (their gradients are "
             "exactly zero), so every gradient-based map on the grid is zero. After a vision "
@@ -291,19 +296,16 @@ def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None
         store["grid"] = output.detach().requires_grad_()
         return store["grid"]
 
-    handle = wrapped.grid.register_forward_hook(leaf)
-    try:
-        with preserved_state([wrapped.model]), torch.enable_grad():
-            wrapped.model.eval()
-            output = wrapped(example)
-            if not isinstance(output, Tensor) or not output.is_floating_point():
-                return None
-            generator = torch.Generator().manual_seed(0)
-            projection = torch.randn(output.shape, generator=generator, dtype=output.dtype)
-            score = (output * projection.to(output.device)).sum()
-            if not score.requires_grad:
-                return False
-            (gradient,) = torch.autograd.grad(score, store["grid"], allow_unused=True)
-    finally:
-        handle.remove()
+    hooked = registered_hooks(lambda: wrapped.grid.register_forward_hook(leaf))
+    with hooked, preserved_state([wrapped.model]), torch.enable_grad():
+        wrapped.model.eval()
+        output = wrapped(example)
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return None
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+        score = (output * projection.to(output.device)).sum()
+        if not score.requires_grad:
+            return False
+        (gradient,) = torch.autograd.grad(score, store["grid"], allow_unused=True)
     return gradient is not None and bool(gradient.ne(0).any())

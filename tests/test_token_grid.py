@@ -253,11 +253,12 @@ def test_grid_reaches_output_tells_the_last_block_from_its_first_norm(vit, x):
     block's output have exactly zero gradients, those of its first norm do not."""
     before = model_snapshot(vit)
     reaching = expose_token_grid(vit, LAYER, x[:1])
-    assert grid_reaches_output(reaching, x[:1]) is True
+    assert grid_reaches_output(reaching, x[:1]) is True and reaching.reaches_output is True
     with pytest.warns(UserWarning, match="do not reach the model's output"):
         blind = expose_token_grid(vit, LAST_BLOCK, x[:1])
-    assert grid_reaches_output(blind, x[:1]) is False
+    assert grid_reaches_output(blind, x[:1]) is False and blind.reaches_output is False
     assert all(p.grad is None for p in vit.parameters())  # the check leaves no gradients
+    assert not reaching.grid._forward_hooks and not blind.grid._forward_hooks
     assert_model_unchanged(vit, before)
     # the definition: the patch tokens' gradient of the output, by hand
     store = {}

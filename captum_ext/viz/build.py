@@ -571,7 +571,6 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
 
     from captum_ext.token_grid import (
         expose_token_grid,
-        grid_reaches_output,
         layer_output_shape,
         looks_channels_last,
         token_grid_shape,
@@ -592,7 +591,7 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the patch tokens of `layer` do not reach")
         wrapped = expose_token_grid(forward, layer, example)
-    if grid_reaches_output(wrapped, example) is False:
+    if wrapped.reaches_output is False:  # checked by expose_token_grid on the same example
         raise ValueError(
             f"`--layer` {layer_name!r}: its patch tokens do not reach the model's output (their "
             "gradients are exactly zero), so every map would be blank. After a vision "
