@@ -36,6 +36,10 @@ def _entry(rank: int, world: int, port: int, job: Callable, out_dir: str, args: 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         job(rank, world, out_dir, *args)
+        # both ranks done before either tears the group down: rank 0 hosts the store, and a
+        # rank leaving while its peer still talks to it ended once in SIGABRT ("terminate
+        # called without an active exception") on the CI-like 2-core machine
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
