@@ -425,6 +425,39 @@ def test_sixteen_bit_and_float_grey_images_are_scaled_not_clipped(tmp_path):
         load_image_folder(folder, "none")
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8, 2])
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, orientation):
+    """A phone stores a portrait photo as the sensor's landscape pixels with EXIF orientation
+    6 (turn 90 degrees clockwise to view). The named transforms show the model the photo
+    as a viewer shows it; a callable gets PIL's pixels untouched, as ImageFolder gives them."""
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)  # 40 wide, 30 high
+    upright = {
+        2: stored[:, ::-1],  # mirrored left-right
+        3: stored[::-1, ::-1],  # turned 180 degrees
+        6: np.rot90(stored, k=-1),  # turned 90 degrees clockwise
+        8: np.rot90(stored, k=1),  # turned 90 degrees anticlockwise
+    }[orientation]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(folder / "turned.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(upright)).save(folder / "upright.png")
+    images, paths = load_image_folder(folder, "none")
+    assert [path.name for path in paths] == ["turned.png", "upright.png"]
+    assert images.shape[2:] == upright.shape[:2]
+    torch.testing.assert_close(images[0], images[1], atol=0, rtol=0)
+    torch.testing.assert_close(
+        images[1], torch.from_numpy(np.ascontiguousarray(upright)).permute(2, 0, 1) / 255.0
+    )
+    resized, _ = load_image_folder(folder, "imagenet")
+    torch.testing.assert_close(resized[0], resized[1], atol=0, rtol=0)
+    sizes = []
+    load_image_folder(folder, lambda image: sizes.append(image.size) or torch.zeros(1, 2, 2))
+    assert sizes[0] == (40, 30)
+
+
 def test_denormalize_for_display_inverts_each_transform():
     x = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(0))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -490,6 +490,19 @@ def _eight_bit(image, path: Path):
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(image):
+    """The image as a viewer shows it: phones and cameras store the pixels as the sensor read
+    them and record the turn in the EXIF orientation tag, which PIL does not apply."""
+    from PIL import ImageOps
+
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def _resolve_transform(transform: Any) -> Callable:
     if callable(transform):
         return transform
@@ -532,9 +545,11 @@ def load_image_folder(
               as in MNIST.
             - a callable taking a PIL image and returning a C x H x W float tensor.
 
-            The named transforms read 16-bit grey images (PNG, TIFF) scaled by 1/65535 and
+            The named transforms turn photos upright by their EXIF orientation tag (as image
+            viewers show them) and read 16-bit grey images (PNG, TIFF) scaled by 1/65535 and
             float ones in [0, 1] (as grey images); a callable gets the image as PIL opened
-            it. Default: ``"imagenet"``.
+            it, as torchvision's ``ImageFolder`` passes it to its transform, so a pipeline
+            the model was trained with sees the same pixels. Default: ``"imagenet"``.
         extensions (Sequence[str], optional): file name endings to read (case-insensitive).
             Default: :data:`IMAGE_EXTENSIONS`.
         labels_from_subfolders (bool, optional): also return each image's sub-folder name
@@ -598,7 +613,9 @@ def load_image_folder(
         try:
             with Image.open(path) as image:
                 image.load()
-                tensor = function(image if callable(transform) else _eight_bit(image, path))
+                tensor = function(
+                    image if callable(transform) else _eight_bit(_upright(image), path)
+                )
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"`--images`: cannot read image {str(path)!r}: {error}") from None
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
