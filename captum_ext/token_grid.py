@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.hooks import registered_hooks
 from captum_ext._utils.layers import resolve_layer
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import gradients_on, preserved_state
 
 __all__ = [
     "TokenGridModel",
@@ -297,7 +297,7 @@ def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None
         return store["grid"]
 
     hooked = registered_hooks(lambda: wrapped.grid.register_forward_hook(leaf))
-    with hooked, preserved_state([wrapped.model]), torch.enable_grad():
+    with hooked, preserved_state([wrapped.model]), gradients_on():
         wrapped.model.eval()
         output = wrapped(example)
         if not isinstance(output, Tensor) or not output.is_floating_point():

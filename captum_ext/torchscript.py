@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils.layers import find_last_linear, is_linear, resolve_layer
+from ._utils.model_state import gradients_on
 
 _LIST_AT_MOST = 5
 
@@ -208,7 +209,7 @@ def _call_compiled(function: Callable, args: Any) -> Any:
     except RuntimeError as error:
         if torch.is_grad_enabled() or "undefined Tensor" not in str(error):
             raise
-    with torch.enable_grad():
+    with gradients_on():
         result = function(*args)
     return _detached(result)
 

@@ -69,6 +69,11 @@ def small_cnn() -> SmallCNN:
     return SmallCNN()
 
 
+def compiled_small_cnn() -> nn.Module:
+    """A factory that compiles what it builds (the "aot_eager" backend: no C++ compiler)."""
+    return torch.compile(small_cnn(), backend="aot_eager")
+
+
 def grey_cnn() -> SmallCNN:
     """Single-channel input, 4 classes."""
     torch.manual_seed(0)

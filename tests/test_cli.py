@@ -305,3 +305,23 @@ def test_report_prints_the_time_per_section(tmp_path, capsys):
     seconds = [float(line.rsplit(None, 2)[1]) for line in lines]
     assert all(line.endswith(" s") for line in lines) and min(seconds) >= 0
     assert abs(sum(seconds[:-1]) - seconds[-1]) <= 0.05 * len(seconds) + 1e-9  # to 0.1 s
+
+
+def test_report_on_a_compiled_model(tmp_path, monkeypatch, capsys):
+    """A factory that returns torch.compile(model): the --layer hint named the wrapper's class
+    (OptimizedModule) and its prefixed names, and the evaluation section looked the layer up
+    by a name its randomised copies do not have."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    common = ["report", "--model", "_factories:compiled_small_cnn", "--images"]
+    common += [str(tmp_path / "pngs"), "--transform", "none", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "for a SmallCNN model (the last convolutions are features.0, features.2)" in err
+    sections = "contrastive,voice,trust,evaluation"
+    out = tmp_path / "out"
+    code = main(common + ["--layer", "features.3", "--sections", sections, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    html = check_report(out / "index.html")
+    assert "_orig_mod" not in html and "OptimizedModule" not in html

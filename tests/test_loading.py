@@ -110,6 +110,16 @@ def test_wrapped_and_data_parallel_state_dicts(tmp_path, factories):
     prefixed = tmp_path / "dp.pt"
     torch.save({f"module.{k}": v for k, v in trained.state_dict().items()}, prefixed)
     assert_same_state(load_model("_factories:small_cnn", weights=prefixed), trained.state_dict())
+    # saved from torch.compile(model) ("_orig_mod."), also inside DataParallel and around it
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        compiled = tmp_path / "compiled.pt"
+        torch.save({f"{prefix}{k}": v for k, v in trained.state_dict().items()}, compiled)
+        loaded = load_model("_factories:small_cnn", weights=compiled)
+        assert_same_state(loaded, trained.state_dict())
+    # a factory that returns torch.compile(model) takes the eager model's weights
+    loaded = load_model("_factories:compiled_small_cnn", weights=nested)
+    assert isinstance(loaded, torch._dynamo.eval_frame.OptimizedModule)
+    assert_same_state(loaded._orig_mod, trained.state_dict())
 
 
 def test_weights_are_read_with_weights_only(tmp_path, factories):
@@ -215,6 +225,8 @@ def test_default_cam_layers_of_torchvision_families():
             model = build()
             assert default_cam_layer(model) == layer, build.__name__
             assert layer in dict(model.named_modules())
+            compiled = torch.compile(model, backend="aot_eager")  # compiles on first call only
+            assert default_cam_layer(compiled) == layer, build.__name__
 
 
 def test_no_default_layer_for_other_models(factories):

@@ -22,8 +22,8 @@ from torch.func import functional_call, vjp, vmap
 
 from .deprecation import moved_names
 from .hooks import _as_leaves, capture_layer, restored_buffers_of_modules_run
-from .layers import root_module
-from .model_state import preserved_state
+from .layers import root_module, uncompiled
+from .model_state import gradients_on, preserved_state
 from .validation import check_int, format_additional_forward_args, output_selection
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
@@ -93,7 +93,7 @@ def run_forward(
     """
     extra = format_additional_forward_args(additional_forward_args)
     try:
-        output = forward_func(*inputs, *extra)
+        output = uncompiled(forward_func)(*inputs, *extra)
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError) as error:
@@ -355,7 +355,7 @@ def class_gradients(
     with (
         preserved_state([model, layer]),
         restored_buffers_of_modules_run(exclude=[model, layer]),
-        torch.enable_grad(),
+        gradients_on(),
     ):
         if layer is None:
             replaced, leaves = _as_leaves(inputs)
@@ -443,7 +443,7 @@ def objective_gradients(
     ``torch.autograd.grad``. With ``allow_unused`` a tensor the objective does not depend on
     gets ``None``.
     """
-    with torch.enable_grad():
+    with gradients_on():
         return tuple(torch.autograd.grad(objective, list(wrt), allow_unused=allow_unused))
 
 
@@ -461,7 +461,7 @@ def input_gradients(
         TypeError: ``inputs`` holds no floating-point tensor.
     """
     model = root_module(forward_func)
-    with preserved_state([model]), torch.enable_grad():
+    with preserved_state([model]), gradients_on():
         leaves = tuple(
             x.detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs
         )

@@ -7,14 +7,42 @@ import difflib
 import torch
 from torch import nn
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def uncompiled(forward_func):
+    """The eager module behind ``torch.compile(model)`` (its ``_orig_mod``); anything else
+    as it is.
+
+    Methods run a compiled model through its eager module: the same parameters and the
+    same outputs up to float rounding. Compiled graphs do not take the per-example
+    gradients' ``vmap`` (a deep "vmap: aten::copy_" error) and recompile each time a
+    method registers its hooks. ``model.compile()`` (in place) is handled by
+    :func:`captum_ext._utils.model_state.preserved_state`.
+    """
+    while isinstance(forward_func, nn.Module) and isinstance(
+        getattr(forward_func, "_orig_mod", None), nn.Module
+    ):
+        forward_func = forward_func._orig_mod
+    return forward_func
+
+
+def eager_name(name: str, modules: dict[str, nn.Module]) -> str:
+    """``name`` without the ``_orig_mod.`` prefixes that ``torch.compile(model)`` puts in
+    front of its module names, where ``modules`` (the eager model's) lacks the full name."""
+    while name not in modules and name.startswith(_COMPILED_PREFIX):
+        name = name[len(_COMPILED_PREFIX) :]
+    return name
+
 
 def root_module(forward_func) -> nn.Module | None:
-    """The ``nn.Module`` behind ``forward_func``: itself, or the owner of a bound method."""
+    """The eager ``nn.Module`` behind ``forward_func``: itself (``torch.compile``'s original
+    module for a compiled one), or the owner of a bound method."""
     if isinstance(forward_func, nn.Module):
-        return forward_func
+        return uncompiled(forward_func)
     owner = getattr(forward_func, "__self__", None)
     if isinstance(owner, nn.Module):
-        return owner
+        return uncompiled(owner)
     return None
 
 
@@ -41,15 +69,16 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
                 "pass the module itself."
             )
         modules = dict(model.named_modules())
-        if layer not in modules:
+        name = eager_name(layer, modules)
+        if name not in modules:
             names = [name for name in modules if name]
-            close = difflib.get_close_matches(layer, names, n=5, cutoff=0.4)
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
             hint = f" Closest names: {', '.join(close)}." if close else ""
             raise ValueError(
                 f"`{argument}`={layer!r} is not a module of {type(model).__name__}.{hint} "
                 "Use a name from model.named_modules()."
             )
-        layer = modules[layer]
+        layer = modules[name]
     if not isinstance(layer, nn.Module):
         raise TypeError(
             f"`{argument}` must be an nn.Module or a dotted module name, got "
@@ -83,7 +112,8 @@ def _called_modules(model: nn.Module, run) -> list[tuple[str, nn.Module, tuple]]
         if id(m) in names and not isinstance(m, torch.jit.ScriptModule)
     ]
     try:
-        run()
+        with torch.compiler.set_stance("force_eager"):  # hooks on a compiled model's layers
+            run()
     finally:
         for handle in handles:
             handle.remove()

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from .validation import outside_inference_mode
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
 @contextlib.contextmanager
@@ -14,11 +20,15 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
     """Restore training flags, ``requires_grad``, ``.grad``, buffers, grad mode and dtype.
 
     Applies to every submodule, parameter and buffer of the given modules, after the block
-    exits normally or by an exception. Buffers matter for models in train mode: a forward
-    pass there updates BatchNorm's ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` in place, and a method must not leave those changed. Their values
-    are copied back in place (the same tensor objects), so references the user holds stay
-    valid; a buffer the block replaced by another tensor is left as it is.
+    exits normally or by an exception. Compiled code (``model.compile()``, compiled
+    submodules) runs eagerly inside the block (``torch.compiler.set_stance("force_eager")``):
+    a compiled graph does not take the per-example gradients' ``vmap`` and recompiles for
+    each set of hooks a method registers (``torch.compile(model)`` itself is unwrapped by
+    ``root_module``, which also spares torch's warning about global hooks). Buffers matter for
+    models in train mode: a forward pass there updates BatchNorm's ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` in place, and a method must not leave those
+    changed. Their values are copied back in place (the same tensor objects), so references
+    the user holds stay valid; a buffer the block replaced by another tensor is left as it is.
     """
     seen: dict[int, nn.Module] = {}
     for module in modules:
@@ -35,7 +45,8 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
     grad_enabled = torch.is_grad_enabled()
     default_dtype = torch.get_default_dtype()
     try:
-        yield
+        with torch.compiler.set_stance("force_eager"):
+            yield
     finally:
         for module, was_training in training:
             module.training = was_training  # per module: .train() would recurse
@@ -51,3 +62,42 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
         torch.set_grad_enabled(grad_enabled)
         if torch.get_default_dtype() != default_dtype:
             torch.set_default_dtype(default_dtype)
+
+
+@contextlib.contextmanager
+def gradients_on() -> Iterator[None]:
+    """``torch.enable_grad()`` that also holds inside ``torch.inference_mode()``.
+
+    ``enable_grad`` alone does not undo inference mode, and a method called in a serving
+    block would find that its model's output "does not depend on the inputs". Inference mode
+    is left only where gradients are taken: tensors made in it (the inputs are copied by
+    ``format_inputs``) stay usable for everything else.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _normal_tensors(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return type(value)(_normal_tensors(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _normal_tensors(item) for key, item in value.items()}
+    return outside_inference_mode(value)
+
+
+def leaves_inference_mode(function: _Function) -> _Function:
+    """Run a public method or function outside ``torch.inference_mode()`` when it is called
+    inside it: it optimises, copies or re-initialises models, or differentiates through code
+    the package does not own (a Captum method). Tensor arguments made in inference mode (also
+    inside tuples, lists and dicts) are replaced by normal copies. Outside inference mode the
+    call is unchanged."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return function(*args, **kwargs)
+        args, kwargs = _normal_tensors(args), _normal_tensors(kwargs)
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

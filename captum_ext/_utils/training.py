@@ -301,11 +301,15 @@ def wrap_distributed(module: nn.Module) -> nn.Module:
 
 
 def unwrap_distributed(module: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (and inside
+    ``torch.compile``'s wrapper, whose module names carry an ``_orig_mod.`` prefix)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+    from .layers import uncompiled
+
+    module = uncompiled(module)
     while isinstance(module, DataParallel | DistributedDataParallel):
-        module = module.module
+        module = uncompiled(module.module)
     return module
 
 

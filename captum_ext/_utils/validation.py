@@ -9,9 +9,25 @@ import torch
 from torch import Tensor
 
 
+def outside_inference_mode(value: Any) -> Any:
+    """A normal copy of a tensor made under ``torch.inference_mode()`` (anything else as it is).
+
+    Such tensors (a serving or preprocessing pipeline's output) cannot take part in autograd:
+    torch refuses them deep inside the backward ("Inference tensors cannot be saved for
+    backward"). The copy is made outside inference mode, so it is an ordinary tensor even when
+    the caller is inside an inference-mode block.
+    """
+    if isinstance(value, Tensor) and value.is_inference():
+        with torch.inference_mode(False):
+            return value.clone()
+    return value
+
+
 def format_inputs(inputs: Any, *, argument: str = "inputs") -> tuple[Tensor, ...]:
-    """Captum's input convention: a tensor or a tuple of tensors, batch first, finite."""
+    """Captum's input convention: a tensor or a tuple of tensors, batch first, finite.
+    Tensors made under ``torch.inference_mode()`` are replaced by normal copies."""
     as_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
+    as_tuple = tuple(outside_inference_mode(value) for value in as_tuple)
     if not as_tuple:
         raise ValueError(f"`{argument}` is an empty tuple; expected at least one tensor.")
     for i, tensor in enumerate(as_tuple):
@@ -38,9 +54,9 @@ def format_inputs(inputs: Any, *, argument: str = "inputs") -> tuple[Tensor, ...
 def format_additional_forward_args(additional_forward_args: Any) -> tuple:
     if additional_forward_args is None:
         return ()
-    if isinstance(additional_forward_args, tuple):
-        return additional_forward_args
-    return (additional_forward_args,)
+    if not isinstance(additional_forward_args, tuple):
+        additional_forward_args = (additional_forward_args,)
+    return tuple(outside_inference_mode(value) for value in additional_forward_args)
 
 
 def expand_per_example(values: Tensor, n: int, argument: str) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._utils.batches import dict_batch
 from .._utils.layers import root_module
+from .._utils.model_state import gradients_on
 from .._utils.training import (
     barrier,
     distributed_shard,
@@ -277,7 +278,7 @@ def train_step(method, x, net, wrapped, optimiser, base_seed, step, rank, world)
     targets = reference.logits.argmax(1)
     noise_gen = seeded_generator(x.device, derived_seed(base_seed, step, rank + 2))
     noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
-    with torch.enable_grad():
+    with gradients_on():
         loss, *_ = method._objective(wrapped, x, targets, reference, baseline, noise)
         if wrapped is net:
             params = [p for p in net.parameters() if p.requires_grad]

@@ -17,8 +17,8 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.hooks import restored_buffers_of_modules_run
-from .._utils.layers import resolve_layer, root_module
-from .._utils.model_state import preserved_state
+from .._utils.layers import resolve_layer, root_module, uncompiled
+from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise_dtype
 from .._utils.training import atomic_path, progress_bar, unwrap_distributed
 from .._utils.validation import check_int, class_selection, format_inputs
@@ -413,7 +413,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             raise TypeError(
                 f"`forward_func` must be callable (a model), got {type(forward_func).__name__}."
             )
-        super().__init__(forward_func)
+        super().__init__(uncompiled(forward_func))  # hooks and vmap run on the eager model
         self.layers, self.layer_weights = self._resolve_layers(layers)
         if mask_net is not None and not isinstance(mask_net, nn.Module):
             raise TypeError(f"`mask_net` must be an nn.Module, got {type(mask_net).__name__}.")
@@ -560,6 +560,7 @@ class ActivationMatchingMask(PerturbationAttribution):
     # attribute
 
     @log_usage()
+    @leaves_inference_mode
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor],
@@ -701,7 +702,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         baseline = self._baseline_for(x)
         if mode == "amortised" and (self.mask_net is None or not self._trained):
             raise ValueError(_UNFITTED_MESSAGE)
-        with self._frozen_model(), torch.enable_grad():
+        with self._frozen_model(), gradients_on():
             with torch.no_grad():
                 logits = self._logits(x)
             targets, multi = class_selection(target, logits, argument="target", default="predicted")
@@ -1035,6 +1036,7 @@ class ActivationMatchingMask(PerturbationAttribution):
     # ----------------------------------------------------------------------------------
     # fit
 
+    @leaves_inference_mode
     def fit(
         self,
         data: Any,

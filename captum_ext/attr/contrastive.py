@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._utils.batched_grad import run_forward
 from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
-from .._utils.model_state import preserved_state
+from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.validation import (
     check_class_range,
     check_int,
@@ -325,6 +325,7 @@ class Contrastive(GradientAttribution):
 
     @log_usage()
     @renamed_arguments(max_batch="batch_size")
+    @leaves_inference_mode
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],

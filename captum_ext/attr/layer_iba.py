@@ -23,9 +23,9 @@ from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.batches import dict_batch
 from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
-from .._utils.layers import resolve_layer, root_module
+from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.maps import upsample_maps
-from .._utils.model_state import preserved_state
+from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.training import progress_bar
 from .._utils.validation import (
@@ -368,6 +368,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             active = active != 0
         self.mean, self.std, self.active = mean.detach(), std.detach(), active.detach()
 
+    @leaves_inference_mode
     def estimate(
         self,
         inputs_or_dataloader: Any,
@@ -452,7 +453,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     )
                     captured.clear()
                     try:
-                        self.forward_func(*inputs, *extra)
+                        uncompiled(self.forward_func)(*inputs, *extra)
                     except _StopForward:
                         pass
                     if not captured:
@@ -505,6 +506,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     # ---------------------------------------------------------------- attribution
 
     @log_usage()
+    @leaves_inference_mode
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -794,7 +796,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 )
             return state["z"]
 
-        with torch.enable_grad():
+        with gradients_on():
             for step in range(steps):
                 lam = smooth_lambda(torch.sigmoid(alpha), kernel)
                 capacity = bottleneck_capacity(activations, lam, mean, std, active)
@@ -857,7 +859,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         batch that broadcasts against the copies is harmless: every copy shares the example.
         """
         try:
-            output = self.forward_func(*inputs, *extra)
+            output = uncompiled(self.forward_func)(*inputs, *extra)
         except torch.OutOfMemoryError:
             raise
         except Exception:  # noqa: BLE001 - any failure means: run the copies in full

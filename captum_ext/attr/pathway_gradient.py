@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, root_module
-from .._utils.model_state import preserved_state
+from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
 
@@ -343,6 +343,7 @@ class PathwayGradient(GradientAttribution):
         return modules, [names.get(id(m), type(m).__name__) or "<model>" for m in modules]
 
     @log_usage()
+    @leaves_inference_mode
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -421,7 +422,7 @@ class PathwayGradient(GradientAttribution):
         with (
             preserved_state([model, *modules]),
             registered_hooks(*registrations),
-            torch.enable_grad(),
+            gradients_on(),
         ):
             x = tuple(t.detach() for t in formatted)
             # 1. score: one forward with gates, one backward of the target logits

@@ -17,7 +17,7 @@ from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
-from .._utils.model_state import preserved_state
+from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.precision import float64_here_or_cpu
 from .._utils.validation import (
     check_int,
@@ -327,6 +327,7 @@ class VOICE:
     _fast_postprocess = True  # private: False materialises every upsampled map (tests)
 
     @log_usage()
+    @leaves_inference_mode
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],

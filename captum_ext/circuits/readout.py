@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from .._utils.batched_grad import objective_gradients
 from .._utils.hooks import registered_hooks
-from .._utils.layers import resolve_layer
-from .._utils.model_state import preserved_state
+from .._utils.layers import resolve_layer, uncompiled
+from .._utils.model_state import gradients_on, preserved_state
 from .._utils.training import unwrap_distributed
 from .._utils.validation import (
     check_int,
@@ -235,7 +235,7 @@ class CircuitReadout:
             )
         if not isinstance(gradient, bool):
             raise TypeError(f"`gradient` must be a bool, got {type(gradient).__name__}.")
-        self.model = model
+        self.model = uncompiled(model)
         network = unwrap_distributed(model)  # names are those of the wrapped network
         self._network = network
         self.gradient = gradient
@@ -456,7 +456,7 @@ class CircuitReadout:
                 inputs = tuple(
                     t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs
                 )
-            with torch.set_grad_enabled(gradient):
+            with gradients_on() if gradient else torch.no_grad():
                 logits = model(*inputs, *extra)
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 raise ValueError(
@@ -479,7 +479,7 @@ class CircuitReadout:
             grads: list[Tensor | None] = [None] * (n_stages + 1)
             if gradient:
                 wrt = [tensor for call in calls[1:] for _, tensor in call]
-                with torch.enable_grad():
+                with gradients_on():
                     selected = logits.gather(1, classes).sum()
                 found = list(objective_gradients(selected, wrt, allow_unused=True))
                 for i, call in enumerate(calls[1:], start=1):

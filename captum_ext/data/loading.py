@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import moved_names
+from captum_ext._utils.layers import uncompiled
 from captum_ext._utils.validation import parse_device
 from captum_ext.torchscript import TorchScriptLayerModel, expose_layer
 
@@ -218,14 +219,25 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
     return dict(loaded)
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _apply_state_dict(model: nn.Module, state_dict: dict[str, Tensor], weights: Any) -> None:
+    model = uncompiled(model)  # a factory's torch.compile(model): load into its module
     expected = set(model.state_dict().keys())
     given = set(state_dict)
-    if given != expected and all(k.startswith("module.") for k in given):
-        # saved from nn.DataParallel / DistributedDataParallel
-        stripped = {k[len("module.") :]: v for k, v in state_dict.items()}
-        if set(stripped) == expected:
-            state_dict, given = stripped, set(stripped)
+    stripped = state_dict
+    while set(stripped) != expected:
+        # saved from nn.DataParallel / DistributedDataParallel ("module.") or from
+        # torch.compile(model) ("_orig_mod."), in any nesting
+        prefix = next(
+            (p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in stripped)), None
+        )
+        if prefix is None:
+            break
+        stripped = {k[len(prefix) :]: v for k, v in stripped.items()}
+    if set(stripped) == expected:
+        state_dict, given = stripped, set(stripped)
     missing = sorted(expected - given)
     unexpected = sorted(given - expected)
     if missing or unexpected:
@@ -356,9 +368,10 @@ def default_cam_layer(model: nn.Module) -> str | None:
     recognised too.
 
     Returns:
-        str or None: a dotted name from ``model.named_modules()``, or None when the model is
-        not one of these families.
+        str or None: a dotted name from ``model.named_modules()`` (of the eager model inside
+        ``torch.compile``'s wrapper), or None when the model is not one of these families.
     """
+    model = uncompiled(model)  # names of the eager model, which the methods resolve too
     name = _model_class_name(model)
     modules = dict(model.named_modules())
     if name == "VisionTransformer":

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.batches import dict_batch
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.training import (
     atomic_path,
     barrier,
@@ -144,6 +144,7 @@ class IntrospectiveNetwork(nn.Module):
         return self.head
 
     # ------------------------------------------------------------------ training
+    @leaves_inference_mode
     def fit(
         self,
         inputs_or_loader: Any,

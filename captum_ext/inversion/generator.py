@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
+from captum_ext._utils.model_state import gradients_on
 from captum_ext.inversion.conditioning import (
     _check_labels,
     _check_num_classes,
@@ -647,7 +648,7 @@ def estimate_inversion_cost(
             def step(n: int) -> float:
                 labels = torch.arange(n, device=device) % num_classes
                 start = time.perf_counter()
-                with torch.enable_grad():
+                with gradients_on():
                     images = gen.generate(labels)
                     logits = model(images)
                     loss = F.cross_entropy(logits.float(), labels)

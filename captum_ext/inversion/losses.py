@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import gradients_on, preserved_state
 
 __all__ = [
     "class_cosine_diversity",
@@ -366,7 +366,7 @@ def weight_gradient_norm(
         model.eval()
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with gradients_on():
             logits = model(inputs)
             labels = _as_labels(labels, logits)
             loss = F.cross_entropy(_upcast(logits), labels)

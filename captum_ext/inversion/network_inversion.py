@@ -511,6 +511,7 @@ class NetworkInversion:
         try:
             with (
                 preserved_state([self.model]),
+                torch.inference_mode(False),  # training also inside an inference-mode block
                 torch.random.fork_rng(devices=self._rng_devices(device)),
                 self._tap.active(),
             ):

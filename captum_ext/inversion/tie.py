@@ -25,7 +25,8 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.layers import uncompiled
+from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import precise, share
 from captum_ext._utils.training import (
     barrier,
@@ -596,6 +597,7 @@ class TIE:
         self.input_shape = tuple(int(s) for s in input_shape)
 
         if isinstance(model, nn.Module):
+            model = uncompiled(model)  # torch.compile's wrapper: extend and train its module
             device, dtype = model_device_dtype(model)
             outputs = count_classes(model, self.input_shape, device, dtype)
             if outputs < 2:
@@ -928,6 +930,7 @@ class TIE:
         return int(state["fit_epoch"]), int(state["fit_start"])
 
     @log_usage()
+    @leaves_inference_mode
     def fit(
         self,
         inputs: Tensor,
@@ -1022,7 +1025,7 @@ class TIE:
 
         bar = progress_bar(epochs, bool(progress), desc="TIE", unit="epoch", initial=start)
         try:
-            with torch.enable_grad():
+            with gradients_on():
                 for i in range(start, epochs):
                     record = {"epoch": float(self.epoch + 1)}
                     record.update(self._train_classifier(inputs, labels, self.epoch))

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.layers import eager_name, uncompiled
+from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import float64_here_or_cpu
 from captum_ext._utils.validation import check_int
 from captum_ext.metrics._perturbation import image_batch
@@ -270,6 +271,7 @@ def _check_finite(maps: Tensor, argument: str) -> None:
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
     if layers is not None:
+        layers = [eager_name(name, modules) for name in layers]
         missing = [name for name in layers if name not in modules]
         if missing:
             raise ValueError(f"`layers`: {missing} are not modules of {type(model).__name__}.")
@@ -284,6 +286,7 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
     return names[::-1]  # top (output) first
 
 
+@leaves_inference_mode
 def model_randomisation(
     explainer: Callable[[nn.Module], Any],
     model: nn.Module,
@@ -323,6 +326,7 @@ def model_randomisation(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    model = uncompiled(model)
     inputs = image_batch(inputs)
     measures = _check_measures(similarity)
     seed = check_int(seed, "seed", minimum=0)
@@ -362,6 +366,7 @@ def model_randomisation(
     )
 
 
+@leaves_inference_mode
 def class_sensitivity(
     explainer: Callable[[nn.Module], Any],
     model: nn.Module,
@@ -389,6 +394,7 @@ def class_sensitivity(
         two classes and their maps. Both are computed in one ``attribute`` call on the inputs
         stacked twice.
     """
+    model = uncompiled(model)
     inputs = image_batch(inputs)
     measures = _check_measures(similarity)
     n = inputs.shape[0]

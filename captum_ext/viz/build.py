@@ -607,10 +607,12 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
 def pick_layer(model: Any, layer: str | None) -> str:
     """``layer``, or the last convolutional block of a known torchvision model (said on
     stdout); otherwise a ``ValueError`` naming ``--layer`` and the last convolutions."""
+    from captum_ext._utils.layers import uncompiled
     from captum_ext.data.loading import default_cam_layer
 
     if layer is not None:
         return layer
+    model = uncompiled(model)  # torch.compile's wrapper: its module's class and names
     picked = default_cam_layer(model)
     kind = getattr(model, "original_name", type(model).__name__)
     if picked is None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.layers import find_last_linear, resolve_layer
+from captum_ext._utils.layers import find_last_linear, resolve_layer, uncompiled
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import progress_bar
 from captum_ext._utils.validation import check_int
@@ -201,6 +201,7 @@ def compute_evaluation(
         road,
     )
 
+    model = uncompiled(model)  # the methods are built on (copies of) the eager module
     module = resolve_layer(model, layer)
     explainers = _explainers(model, module, images)
     if max_images is not None:

@@ -1,0 +1,96 @@
+"""Serving code runs under ``torch.inference_mode()``, and so do many preprocessing pipelines.
+
+Before: a batch made in inference mode failed deep inside the backward ("Inference tensors
+cannot be saved for backward"), and a method called inside an inference-mode block said that
+the model's output "does not depend on the differentiated tensors" (``enable_grad`` does not
+undo inference mode), or failed in LayerIBA's hooks or the sanity checks' copied model. Every
+result below must equal the one computed outside inference mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import Saliency
+
+from captum_ext.attr import (
+    VOICE,
+    ActivationMatchingMask,
+    Contrastive,
+    GradCAM,
+    LayerIBA,
+    PathwayGradient,
+)
+from captum_ext.circuits import CircuitReadout
+from captum_ext.metrics import completeness, deletion, gradtrust, model_randomisation
+
+LAYER = "features.7"
+
+
+def _iba(model, estimate_on, x, y):
+    iba = LayerIBA(model, LAYER)
+    iba.estimate(estimate_on)
+    torch.manual_seed(0)
+    return iba.attribute(x, target=y)
+
+
+CALLS = {
+    "GradCAM": lambda model, x, y: GradCAM(model, LAYER).attribute(x, target=y),
+    "VOICE": lambda model, x, y: VOICE(GradCAM(model, LAYER)).attribute(x, target=y).uncertainty,
+    "Contrastive(Saliency)": lambda model, x, y: Contrastive(Saliency(model)).attribute(
+        x, contrast=(y + 1) % 10
+    ),
+    "PathwayGradient": lambda model, x, y: PathwayGradient(model).attribute(x, target=y),
+    "LayerIBA": lambda model, x, y: _iba(model, x, x, y),
+    "gradtrust, all parameters": lambda model, x, y: gradtrust(model, x, layer="all"),
+    "masks": lambda model, x, y: ActivationMatchingMask(model, [LAYER]).attribute(
+        x[:2], target=y[:2], mode="per_image", steps=3, seed=0, progress=False
+    ),
+    "circuit, gradient": lambda model, x, y: torch.tensor(
+        sorted(
+            weight
+            for graph in CircuitReadout(model, gradient=True).readout(x[:2], target=y[:2])
+            for *_, weight in graph.edges(data="weight")
+        )
+    ),
+    "model_randomisation": lambda model, x, y: model_randomisation(
+        lambda m: GradCAM(m, LAYER), model, x, target=y, layers=["classifier"]
+    ).similarity["spearman_abs"],
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_inputs_made_in_inference_mode_and_calls_inside_it(name, bundled_model, sample_digits):
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    call = CALLS[name]
+    expected = call(bundled_model, x, y)
+    assert expected.abs().sum() > 0  # not a comparison of blank maps
+    with torch.inference_mode():
+        made_there = x * 1.0
+    assert made_there.is_inference()
+    torch.testing.assert_close(call(bundled_model, made_there, y), expected)
+    with torch.inference_mode():
+        inside = call(bundled_model, x, y)
+        assert not torch.is_grad_enabled()  # the block's mode is back after the call
+    torch.testing.assert_close(inside, expected)
+    assert all(not p.is_inference() for p in bundled_model.parameters())
+
+
+def test_metrics_inside_inference_mode_take_maps_made_there(bundled_model, sample_digits):
+    """The perturbation metrics need no gradients: they stay in inference mode, where the
+    maps a user made in the same block can be used as they are."""
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    maps = GradCAM(bundled_model, LAYER).attribute(x, target=y, upsample_to_input=True)
+    assert maps.flatten(1).amax(dim=1).gt(0).all()
+    expected = (
+        deletion(bundled_model, x, maps, target=y),
+        completeness(bundled_model, x, maps, target=y, noise=0.0).drop,
+    )
+    with torch.inference_mode():
+        there = maps * 1.0
+        got = (
+            deletion(bundled_model, x, there, target=y),
+            completeness(bundled_model, x, there, target=y, noise=0.0).drop,
+        )
+    for value, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(value, reference)
