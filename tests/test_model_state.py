@@ -98,3 +98,21 @@ def test_the_models_own_exception_reaches_the_user(name, tiny_inputs):
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "(4, 3, 6, 6)" in notes or "(4, 3, 6, 6)" in str(info.value)
     assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "convert, hint",
+    [
+        (lambda x: x.float(), "`inputs` is torch.float32 but the model's parameters are"),
+        (lambda x: (x * 50).to(torch.uint8), "holds integers (torch.uint8); if they are image"),
+    ],
+)
+@pytest.mark.parametrize("name", ["GradCAM", "VOICE", "gradtrust"])
+def test_a_dtype_mismatch_is_named_beside_torchs_error(name, convert, hint, tiny_inputs):
+    """torch says "Input type (double) and bias type (float) should be the same" from inside
+    the first convolution; the note names the argument and the conversion."""
+    model = make_tiny_cnn().eval()  # float64
+    with pytest.raises(RuntimeError, match="should be the same") as info:
+        CALLS[name](model, convert(tiny_inputs))
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert hint in notes

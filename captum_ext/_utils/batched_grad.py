@@ -74,6 +74,36 @@ def add_note(error: BaseException, note: str) -> None:
         error.args = (f"{error.args[0]}\n{note}", *error.args[1:])
 
 
+def _mismatch_hint(forward_func: Callable, inputs: tuple[Tensor, ...]) -> str:
+    """Name a dtype or device mismatch between the inputs and the model's parameters, the
+    usual cause of torch's "Input type (double) and bias type (float) should be the same"."""
+    model = root_module(forward_func)
+    parameter = (
+        next((p for p in model.parameters() if p.is_floating_point()), None) if model else None
+    )
+    if parameter is None:
+        return ""
+    hints = []
+    for i, x in enumerate(inputs):
+        where = "`inputs`" if len(inputs) == 1 else f"`inputs[{i}]`"
+        if x.device != parameter.device:
+            hints.append(
+                f"{where} is on {x.device} but the model's parameters are on "
+                f"{parameter.device}: move one to the other (inputs.to(device))."
+            )
+        elif x.is_floating_point() and x.dtype != parameter.dtype:
+            hints.append(
+                f"{where} is {x.dtype} but the model's parameters are {parameter.dtype}: pass "
+                f"inputs.to({parameter.dtype}) (or convert the model)."
+            )
+        elif not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+            hints.append(
+                f"{where} holds integers ({x.dtype}); if they are image pixels, convert them to "
+                f"{parameter.dtype} and normalise them as the model was trained."
+            )
+    return "".join(" " + hint for hint in hints)
+
+
 def run_forward(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -103,7 +133,8 @@ def run_forward(
         add_note(
             error,
             f"captum_ext: forward_func raised on `inputs` of shape {shapes}. If the inputs are "
-            "at fault, check the rank and size the model expects (batch first).",
+            "at fault, check the rank and size the model expects (batch first)."
+            + _mismatch_hint(forward_func, inputs),
         )
         raise
     if output_transform is not None:
