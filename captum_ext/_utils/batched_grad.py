@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from .caller import user_stacklevel
 from .deprecation import moved_names
 from .hooks import _as_leaves, capture_layer, restored_buffers_of_modules_run
 from .layers import root_module, uncompiled
@@ -595,12 +596,99 @@ def per_example_parameter_gradients(
         xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
         extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
         bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
-        with warnings.catch_warnings():
-            # torch's note that an operator (attention's fused kernels, say) runs unbatched
-            # under vmap: about speed only, and nothing the caller can act on
-            warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
-            grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
-                xs, extras_b, cotangents[start:stop], bufs
-            )
+        try:
+            with warnings.catch_warnings():
+                # torch's note that an operator (attention's fused kernels, say) runs unbatched
+                # under vmap: about speed only, and nothing the caller can act on
+                warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
+                grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
+                    xs, extras_b, cotangents[start:stop], bufs
+                )
+        except RuntimeError as error:
+            if not any(sign in str(error) for sign in _TRANSFORM_REFUSALS):
+                raise
+            if start == 0:
+                warnings.warn(
+                    "per-example gradients run one example at a time: torch.func cannot "
+                    f"batch this model ({str(error).splitlines()[0][:160]}). The results are "
+                    "the same, only slower. Activation checkpointing (torch.utils.checkpoint) "
+                    "and autograd.Functions without `setup_context` are the usual causes.",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            grads = _per_example_by_loop(
+                forward_func, xs, extra, batched, start, names, original,
+                cotangents[start:stop], output_transform,
+            )  # fmt: skip
         scores.append(reduce(grads).detach())
     return torch.cat(scores)
+
+
+#: torch.utils.checkpoint's warning when a reentrant segment's inputs need no gradient
+_REENTRANT_CHECKPOINT = "None of the inputs have requires_grad=True. Gradients will be None"
+
+#: what torch.func says when it cannot transform a model (then: one example at a time)
+_TRANSFORM_REFUSALS = (
+    "don't yet support saved tensor hooks",
+    "must override the setup_context staticmethod",
+    "functorch",
+    "vmap:",
+)
+
+
+def _per_example_by_loop(
+    forward_func: Callable,
+    xs: tuple,
+    extra: tuple,
+    batched: list[bool],
+    start: int,
+    names: dict[str, Tensor],
+    original: dict[str, str],
+    cotangents: Tensor,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> dict[str, Tensor]:
+    """What the vmapped vector-Jacobian products of :func:`per_example_parameter_gradients`
+    compute, with plain autograd: a forward pass per example (a batch of one, as under
+    ``vmap``) and a backward pass per cotangent row. The caller restores the model's state
+    (``preserved_state``), including the ``requires_grad`` flags set here."""
+    parameters = list(names.values())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    rows: dict[str, list[Tensor]] = {original[name]: [] for name in names}
+    for i in range(cotangents.shape[0]):
+        args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in xs]
+        more = [a[start + i : start + i + 1] if b else a for a, b in zip(extra, batched)]
+        with gradients_on():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = uncompiled(forward_func)(*args, *more)
+            reentrant = any(_REENTRANT_CHECKPOINT in str(w.message) for w in caught)
+            for w in caught if i == 0 else ():  # the model's own warnings, once
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            out = output_transform(out) if output_transform is not None else out
+            per_row = []
+            for j in range(cotangents.shape[1]):
+                per_row.append(
+                    torch.autograd.grad(
+                        out,
+                        parameters,
+                        grad_outputs=cotangents[i, j].reshape(out.shape).to(out.dtype),
+                        retain_graph=j + 1 < cotangents.shape[1],
+                        allow_unused=True,
+                    )
+                )
+        if reentrant and any(g is None for row in per_row for g in row):
+            raise ValueError(
+                "the model runs part of its forward pass under torch.utils.checkpoint with "
+                "use_reentrant=True, whose parameters get no gradients from "
+                "torch.autograd.grad (their per-example gradients would read as 0); use "
+                "use_reentrant=False, or turn activation checkpointing off while explaining "
+                "(e.g. timm's model.set_grad_checkpointing(False))."
+            )
+        for k, name in enumerate(names):
+            rows[original[name]].append(
+                torch.stack(
+                    [g[k] if g[k] is not None else torch.zeros_like(parameters[k]) for g in per_row]
+                )
+            )
+    return {name: torch.stack(values) for name, values in rows.items()}

@@ -87,7 +87,9 @@ def zero_gradient_warning(method: str, where: str) -> str:
         "transformer's last block only the class token is read (explain the block's first "
         "norm instead, `encoder.layers.encoder_layer_<last>.ln_1` in torchvision, "
         "`blocks[-1].norm1` in timm), and a freshly built torchvision ViT has an all-zero head "
-        "(load trained weights)."
+        "(load trained weights). A layer inside `torch.utils.checkpoint(..., "
+        "use_reentrant=True)` gets no gradients either: use `use_reentrant=False` or turn "
+        "activation checkpointing off while explaining."
     )
 
 

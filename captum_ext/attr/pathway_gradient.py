@@ -180,6 +180,15 @@ class _Sites:
                     f"`layers`: {self.names[index]} ({type(module).__name__}) returns {got}; "
                     "every scored layer must return one floating-point tensor."
                 )
+            if _in_backward_pass():
+                raise RuntimeError(
+                    f"PathwayGradient: {self.names[index]} ran again during the backward pass: "
+                    "the model recomputes it there (activation checkpointing, "
+                    "torch.utils.checkpoint), so its gates and masks would not be the ones "
+                    "scored. Turn checkpointing off while explaining (e.g. timm's "
+                    "model.set_grad_checkpointing(False), Hugging Face's "
+                    "model.gradient_checkpointing_disable())."
+                )
             site = self.position
             self.position += 1
             self.counts[index] += 1
@@ -222,6 +231,13 @@ class _Sites:
             seen[index] += 1
             names.append(name)
         return names
+
+
+def _in_backward_pass() -> bool:
+    """Whether autograd is running a backward pass on this thread (a forward hook firing
+    then is a recomputation by activation checkpointing)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class PathwayGradient(GradientAttribution):
