@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -29,6 +31,12 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
     ``running_var`` and ``num_batches_tracked`` in place, and a method must not leave those
     changed. Their values are copied back in place (the same tensor objects), so references
     the user holds stay valid; a buffer the block replaced by another tensor is left as it is.
+
+    Calls from several threads on the same model run one after the other: each block holds
+    a lock on every submodule it covers for its whole length. The methods register hooks on
+    the user's modules and swap parameters for per-example gradients (``functional_call``),
+    which a second thread's forward pass would see; without the lock concurrent GradCAM
+    calls on one model failed or, for GradTrust at a layer, returned wrong scores.
     """
     seen: dict[int, nn.Module] = {}
     for module in modules:
@@ -36,7 +44,11 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
             continue
         for sub in module.modules():
             seen.setdefault(id(sub), sub)
-    submodules = list(seen.values())
+    with _locked(seen):
+        yield from _preserved(list(seen.values()))
+
+
+def _preserved(submodules: list[nn.Module]) -> Iterator[None]:
     training = [(m, m.training) for m in submodules]
     params = {id(p): p for m in submodules for p in m.parameters(recurse=False)}
     flags = [(p, p.requires_grad, p.grad) for p in params.values()]
@@ -74,6 +86,22 @@ def gradients_on() -> Iterator[None]:
     ``format_inputs``) stay usable for everything else.
     """
     with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked(modules: dict[int, nn.Module]) -> Iterator[None]:
+    """Hold the (re-entrant) lock of every module, taken in one global order (by ``id``) so
+    that two threads locking overlapping sets cannot wait on each other."""
+    with _LOCKS_GUARD:
+        locks = [_LOCKS.setdefault(modules[key], threading.RLock()) for key in sorted(modules)]
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
         yield
 
 
