@@ -26,6 +26,7 @@ tuning; budgets are arguments and are printed with the results.
     python benchmarks/inversion.py [--steps 250] [--recon-steps 200] [--counterfeit-steps 150]
         [--batch-size 64] [--per-class 16] [--png docs/_static/inversion_samples.png]
         [--train-sizes 100 500 4000] [--parts inversion reconstruction counterfeit]
+        [--recon-weights '{"weight_gradient": 1.0}']
 
 Prints the budgets, markdown tables and, last, one JSON line.
 """
@@ -140,6 +141,13 @@ def main() -> None:
     parser.add_argument("--png", default=str(ROOT / "docs" / "_static" / "inversion_samples.png"))
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[100, 500, 4000])
     parser.add_argument(
+        "--recon-weights",
+        type=json.loads,
+        default=None,
+        help="loss weights overriding the reconstruction preset's, as JSON, e.g. "
+        "'{\"weight_gradient\": 1.0}' (NetworkInversion(weights=...))",
+    )
+    parser.add_argument(
         "--parts",
         nargs="+",
         default=["inversion", "reconstruction", "counterfeit"],
@@ -156,6 +164,7 @@ def main() -> None:
         "samples_per_class": args.per_class,
         "classifier_adam_steps": CLASSIFIER_STEPS,
         "train_sizes": args.train_sizes,
+        "reconstruction_weights": args.recon_weights,
         "parts": args.parts,
         "threads": torch.get_num_threads(),
         "seed": SEED,
@@ -241,6 +250,7 @@ def main() -> None:
         reconstruction = NetworkInversion(
             model,
             preset="reconstruction",
+            weights=args.recon_weights,
             batch_size=args.batch_size,
             seed=SEED,
             **BUNDLED_INVERSION_OPTIONS,
