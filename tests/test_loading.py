@@ -233,6 +233,22 @@ def test_no_default_layer_for_other_models(factories):
     assert default_cam_layer(factories.small_cnn()) is None
 
 
+def test_default_layer_of_a_timm_style_vision_transformer():
+    """timm names its ViT class VisionTransformer too, with blocks.<i>.norm1 (timm is not a
+    dependency: a module tree with timm's names stands in for it)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.attn, self.norm2 = nn.LayerNorm(4), nn.Identity(), nn.LayerNorm(4)
+
+    VisionTransformer = type("VisionTransformer", (nn.Module,), {})
+    model = VisionTransformer()
+    model.blocks = nn.Sequential(Block(), Block(), Block())
+    model.norm = nn.LayerNorm(4)
+    assert default_cam_layer(model) == "blocks.2.norm1"
+
+
 def test_expose_layer_passes_eager_models_through(factories):
     model = factories.small_cnn()
     forward, layer = expose_layer(model, "features.3")

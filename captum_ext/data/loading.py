@@ -364,8 +364,9 @@ def default_cam_layer(model: nn.Module) -> str | None:
     its norm, as ``(N, C, h, w)``: the stages themselves are channels-last); ViT: the last
     encoder block's first norm, ``"encoder.layers.encoder_layer_<last>.ln_1"`` (tokens, which
     the report shows as a grid; the block's own output reaches the head only through the
-    class token). Matched on the class name, so models loaded from TorchScript files are
-    recognised too.
+    class token; timm's ViT: ``"blocks.<last>.norm1"``). Matched on the class name, so
+    models loaded from TorchScript files (and timm's ResNet and ViT, which share the class
+    names) are recognised too.
 
     Returns:
         str or None: a dotted name from ``model.named_modules()`` (of the eager model inside
@@ -378,6 +379,8 @@ def default_cam_layer(model: nn.Module) -> str | None:
         # the last block's first norm: after the block only the class token is read, so the
         # block's own output has zero gradients at the patch tokens
         norms = [n for n in modules if n.startswith("encoder.layers.") and n.endswith(".ln_1")]
+        # timm's VisionTransformer (same class name): blocks.<i>.norm1
+        norms = norms or [n for n in modules if n.startswith("blocks.") and n.endswith(".norm1")]
         return norms[-1] if norms else None
     if name in _DEFAULT_LAYERS:
         layer = _DEFAULT_LAYERS[name]
