@@ -247,6 +247,11 @@ def test_default_layer_of_a_timm_style_vision_transformer():
     model.blocks = nn.Sequential(Block(), Block(), Block())
     model.norm = nn.LayerNorm(4)
     assert default_cam_layer(model) == "blocks.2.norm1"
+    SwinTransformer = type("SwinTransformer", (nn.Module,), {})  # timm's: no "permute"
+    swin = SwinTransformer()
+    swin.layers = nn.Sequential(nn.Identity(), nn.Identity())
+    swin.norm = nn.LayerNorm(4)
+    assert default_cam_layer(swin) == "norm"
 
 
 def test_expose_layer_passes_eager_models_through(factories):

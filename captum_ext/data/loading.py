@@ -364,9 +364,9 @@ def default_cam_layer(model: nn.Module) -> str | None:
     its norm, as ``(N, C, h, w)``: the stages themselves are channels-last); ViT: the last
     encoder block's first norm, ``"encoder.layers.encoder_layer_<last>.ln_1"`` (tokens, which
     the report shows as a grid; the block's own output reaches the head only through the
-    class token; timm's ViT: ``"blocks.<last>.norm1"``). Matched on the class name, so
-    models loaded from TorchScript files (and timm's ResNet and ViT, which share the class
-    names) are recognised too.
+    class token; timm's ViT: ``"blocks.<last>.norm1"``; timm's Swin: its final ``"norm"``,
+    channels-last). Matched on the class name, so models loaded from TorchScript files (and
+    timm's ResNet, ViT and Swin, which share the class names) are recognised too.
 
     Returns:
         str or None: a dotted name from ``model.named_modules()`` (of the eager model inside
@@ -382,6 +382,9 @@ def default_cam_layer(model: nn.Module) -> str | None:
         # timm's VisionTransformer (same class name): blocks.<i>.norm1
         norms = norms or [n for n in modules if n.startswith("blocks.") and n.endswith(".norm1")]
         return norms[-1] if norms else None
+    if name == "SwinTransformer" and "permute" not in modules and "layers" in modules:
+        # timm's Swin (same class name): its final norm, (N, h, w, C) channels-last
+        return "norm" if "norm" in modules else None
     if name in _DEFAULT_LAYERS:
         layer = _DEFAULT_LAYERS[name]
         return layer if layer in modules else None
