@@ -468,6 +468,7 @@ def _run_score(args: argparse.Namespace) -> int:
         load_model,
         read_class_names,
         resolve_inputs,
+        with_logits_output,
     )
     from captum_ext.metrics.dataset import score_dataset
 
@@ -494,6 +495,7 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_bundled_model().to(device)
         else:
             model = load_model(args.model, args.weights, device)
+            model, _ = with_logits_output(model, images[:1].to(device))
         if class_names is not None:
             check_class_names(model, images[:1].to(device), class_names)
         options = gradtrust_kwargs(model, args.final_layer)

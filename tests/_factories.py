@@ -74,6 +74,18 @@ def compiled_small_cnn() -> nn.Module:
     return torch.compile(small_cnn(), backend="aot_eager")
 
 
+class _LogitsInAField(SmallCNN):
+    """Returns ``{"logits": ...}``, as a Hugging Face model returns ``.logits``."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": super().forward(x), "hidden": x}
+
+
+def logits_in_a_field() -> nn.Module:
+    torch.manual_seed(0)
+    return _LogitsInAField()
+
+
 def grey_cnn() -> SmallCNN:
     """Single-channel input, 4 classes."""
     torch.manual_seed(0)

@@ -325,3 +325,22 @@ def test_report_on_a_compiled_model(tmp_path, monkeypatch, capsys):
     assert code == 0, captured.err
     html = check_report(out / "index.html")
     assert "_orig_mod" not in html and "OptimizedModule" not in html
+
+
+def test_report_and_score_on_a_model_returning_its_logits_in_a_field(tmp_path, monkeypatch, capsys):
+    """Hugging Face's classifiers return an ImageClassifierOutput (here: a dict) with
+    ``logits``; the commands refused them ("must return (N, classes) logits")."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    common = ["--model", "_factories:logits_in_a_field", "--images", str(tmp_path / "pngs")]
+    common += ["--transform", "none", "--no-progress"]
+    out = tmp_path / "out"
+    code = main(["report", *common, "--layer", "features.3", "--sections", "contrastive,trust"]
+                + ["--out", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "its logits in a `logits` field" in captured.out
+    check_report(out / "index.html")
+    scores = tmp_path / "scores.csv"
+    assert main(["score", *common, "--out", str(scores)]) == 0, capsys.readouterr().err
+    assert len(scores.read_text().strip().splitlines()) == 3

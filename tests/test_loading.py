@@ -547,3 +547,44 @@ def test_check_class_names_counts_the_outputs():
     with pytest.raises(ValueError, match="--classes.*3 names.*4 outputs"):
         check_class_names(model, torch.zeros(1, 3), ["a", "b", "c"])
     check_class_names(model, torch.zeros(1, 5), ["a"])  # a failing model is left to the caller
+
+
+def test_logits_output_shares_the_models_modules_names_and_mode(factories):
+    from captum_ext.attr import GradCAM
+    from captum_ext.data import LogitsOutput, with_logits_output
+
+    model = factories.logits_in_a_field().eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    wrapped, adapted = with_logits_output(model, x[:1])
+    assert adapted and isinstance(wrapped, LogitsOutput) and not model.training
+    assert [n for n, _ in wrapped.named_modules()] == [n for n, _ in model.named_modules()]
+    assert wrapped.state_dict().keys() == model.state_dict().keys()
+    torch.testing.assert_close(wrapped(x), model(x)["logits"])
+    wrapped.train()
+    assert model.training and model.features[0].training
+    wrapped.eval()
+    expected = GradCAM(model, "features.3", output_transform=lambda out: out["logits"])
+    torch.testing.assert_close(
+        GradCAM(wrapped, "features.3").attribute(x, target=1), expected.attribute(x, target=1)
+    )
+    wrapped.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    plain = factories.small_cnn().eval()
+    assert with_logits_output(plain, x[:1]) == (plain, False)
+
+
+def test_default_layer_of_numbered_pre_norm_blocks():
+    """Hugging Face's ViTForImageClassification names its blocks vit.layers.<i> (transformers
+    5; vit.encoder.layer.<i> before) with layernorm_before as the first norm."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layernorm_before, self.layernorm_after = nn.LayerNorm(4), nn.LayerNorm(4)
+
+    ViTForImageClassification = type("ViTForImageClassification", (nn.Module,), {})
+    model = ViTForImageClassification()
+    model.vit = nn.Module()
+    model.vit.layers = nn.ModuleList([Block() for _ in range(12)])
+    model.vit.layernorm = nn.LayerNorm(4)
+    assert default_cam_layer(model) == "vit.layers.11.layernorm_before"

@@ -43,6 +43,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSFORMS",
     "DigitCNN",
+    "LogitsOutput",
     "MnistSplit",
     "TorchScriptLayerModel",
     "corrupt",
@@ -56,6 +57,7 @@ __all__ = [
     "load_sample_digits",
     "load_state_dict_file",
     "normalize_digits",
+    "with_logits_output",
 ]
 
 #: Class names of the bundled model, index ``i`` is the digit ``str(i)``.
@@ -164,6 +166,7 @@ from captum_ext.data.loading import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     TRANSFORMS,
+    LogitsOutput,
     TorchScriptLayerModel,
     default_cam_layer,
     denormalize_for_display,
@@ -171,6 +174,7 @@ from captum_ext.data.loading import (  # noqa: E402
     load_image_folder,
     load_model,
     load_state_dict_file,
+    with_logits_output,
 )
 
 #: pre-trained objects moved to captum_ext.bundled (layer L5: above attr and inversion)

@@ -42,6 +42,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "TRANSFORMS",
+    "LogitsOutput",
     "TorchScriptLayerModel",
     "default_cam_layer",
     "denormalize_for_display",
@@ -53,6 +54,7 @@ __all__ = [
     "folder_labels",
     "read_class_names",
     "resolve_inputs",
+    "with_logits_output",
 ]
 
 #: File name endings read by :func:`load_image_folder` (compared case-insensitively).
@@ -348,7 +350,64 @@ _DEFAULT_LAYERS: dict[str, str] = {
 }
 
 
+class LogitsOutput(nn.Module):
+    r"""A classifier whose output carries the logits in a field (Hugging Face's
+    ``ImageClassifierOutput.logits``, or a dict's ``"logits"``), seen as a model that returns
+    the logits tensor: what ``captum-ext report`` and ``score`` explain and score.
+
+    The wrapper shares the model's submodules, parameters and buffers (the same objects under
+    the same names), so layer names, ``state_dict`` keys and ``.to()`` / ``.eval()`` are the
+    model's, and its ``training`` flag is the model's own.
+
+    Args:
+        model (nn.Module): the classifier.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.__dict__["model"] = model  # before Module.__init__: `training` reads it
+        mode = model.training
+        super().__init__()  # sets training = True: put the model's own mode back
+        model.training = mode
+        for shared in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[shared] = getattr(model, shared)
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self.__dict__["model"].training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["model"].training = mode
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return _logits_field(self.__dict__["model"](*args, **kwargs))
+
+
+def _logits_field(output: Any) -> Any:
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) and not isinstance(output, Tensor) else output
+
+
+def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bool]:
+    """``(LogitsOutput(model), True)`` when ``model(example)`` returns an object or dict with
+    a ``logits`` tensor instead of a tensor, else ``(model, False)``. One forward pass, without
+    gradients; the model's state is kept."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return model, False
+    from captum_ext._utils.model_state import preserved_state
+
+    with preserved_state([model]), torch.no_grad():
+        output = model(example)
+    if isinstance(output, Tensor) or _logits_field(output) is output:
+        return model, False
+    return LogitsOutput(model), True
+
+
 def _model_class_name(model: nn.Module) -> str:
+    if isinstance(model, LogitsOutput):
+        return type(model.model).__name__
     if isinstance(model, torch.jit.ScriptModule):
         return getattr(model, "original_name", type(model).__name__)
     return type(model).__name__
@@ -356,7 +415,11 @@ def _model_class_name(model: nn.Module) -> str:
 
 def default_cam_layer(model: nn.Module) -> str | None:
     r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet, MobileNet, Swin or vision
-    transformer, else None.
+    transformer, or of any other model with numbered pre-norm transformer blocks; else None.
+
+    Transformer blocks of other models (Hugging Face's ViT, DeiT, BEiT, CLIP vision towers):
+    the last block's first norm (``...<last>.layernorm_before``, ``ln_1``, ``norm1`` or
+    ``layer_norm1``).
 
     ResNet: ``"layer4"`` (the last residual stage); DenseNet: ``"features"`` (the last dense
     block and its batch norm); VGG: the last ReLU of ``features`` (before the final max-pool);
@@ -373,8 +436,30 @@ def default_cam_layer(model: nn.Module) -> str | None:
         ``torch.compile``'s wrapper), or None when the model is not one of these families.
     """
     model = uncompiled(model)  # names of the eager model, which the methods resolve too
-    name = _model_class_name(model)
     modules = dict(model.named_modules())
+    return _family_cam_layer(_model_class_name(model), modules) or _last_pre_norm(modules)
+
+
+#: the first norm of a pre-norm transformer block: torchvision, timm, Hugging Face (ViT,
+#: DeiT, BEiT: layernorm_before; CLIP, SigLIP: layer_norm1)
+_PRE_NORMS = ("ln_1", "norm1", "layernorm_before", "layer_norm1")
+
+
+def _last_pre_norm(modules: dict[str, nn.Module]) -> str | None:
+    """``<blocks>.<last index>.<first norm>`` of the longest run of numbered transformer blocks
+    (a Hugging Face ``...ForImageClassification``, say), else None."""
+    blocks: dict[str, list[tuple[int, str]]] = {}
+    for name in modules:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-1] in _PRE_NORMS and parts[-2].isdigit():
+            blocks.setdefault(".".join(parts[:-2]), []).append((int(parts[-2]), name))
+    if not blocks:
+        return None
+    longest = max(blocks.values(), key=len)
+    return max(longest)[1]
+
+
+def _family_cam_layer(name: str, modules: dict[str, nn.Module]) -> str | None:
     if name == "VisionTransformer":
         # the last block's first norm: after the block only the class token is read, so the
         # block's own output has zero gradients at the patch tokens

@@ -608,13 +608,13 @@ def pick_layer(model: Any, layer: str | None) -> str:
     """``layer``, or the last convolutional block of a known torchvision model (said on
     stdout); otherwise a ``ValueError`` naming ``--layer`` and the last convolutions."""
     from captum_ext._utils.layers import uncompiled
-    from captum_ext.data.loading import default_cam_layer
+    from captum_ext.data.loading import _PRE_NORMS, _model_class_name, default_cam_layer
 
     if layer is not None:
         return layer
     model = uncompiled(model)  # torch.compile's wrapper: its module's class and names
     picked = default_cam_layer(model)
-    kind = getattr(model, "original_name", type(model).__name__)
+    kind = _model_class_name(model)
     if picked is None:
         candidates = _conv_layer_names(model)[-3:]
         hint = f" (the last convolutions are {', '.join(candidates)})" if candidates else ""
@@ -626,6 +626,8 @@ def pick_layer(model: Any, layer: str | None) -> str:
         "SwinTransformer": "stage (after its norm)",
         "VisionTransformer": "block's first norm",
     }.get(kind, "convolutional block")
+    if picked.rsplit(".", 1)[-1] in _PRE_NORMS:
+        what = "transformer block's first norm"
     print(f"Explaining layer {picked!r}, the last {what} of {kind} (--layer to change).")
     return picked
 
@@ -671,6 +673,7 @@ def build_section_inputs(
         load_model,
         read_class_names,
         resolve_inputs,
+        with_logits_output,
     )
 
     device = parse_device(config.device, argument="--device")
@@ -703,9 +706,15 @@ def build_section_inputs(
     images = resolved.images
     known = class_names is not None or config.images is not None
     labels = resolved.label_list() if known else None
+    example = images[:2].to(device)
+    model, adapted = with_logits_output(model, example)
+    if adapted:  # e.g. a Hugging Face model's ImageClassifierOutput
+        print(
+            "The model returns its logits in a `logits` field (as Hugging Face's models do): "
+            "they are explained."
+        )
     if layer_name is None:
         layer_name = pick_layer(model, config.layer)
-    example = images[:2].to(device)
     trust_problem = None
     if isinstance(model, torch.jit.ScriptModule) and "trust" in sections:
         # GradTrust reads the final linear layer: run an eager copy of it (same weights)
