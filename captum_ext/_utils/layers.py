@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 import torch
@@ -25,6 +26,13 @@ def uncompiled(forward_func):
     ):
         forward_func = forward_func._orig_mod
     return forward_func
+
+
+def compiled_code_runs_eagerly() -> contextlib.AbstractContextManager:
+    """``torch.compiler.set_stance("force_eager")`` (torch >= 2.6; a no-op before): compiled
+    code called in the block runs eagerly, so hooks and ``vmap`` see the eager modules."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def eager_name(name: str, modules: dict[str, nn.Module]) -> str:
@@ -112,7 +120,7 @@ def _called_modules(model: nn.Module, run) -> list[tuple[str, nn.Module, tuple]]
         if id(m) in names and not isinstance(m, torch.jit.ScriptModule)
     ]
     try:
-        with torch.compiler.set_stance("force_eager"):  # hooks on a compiled model's layers
+        with compiled_code_runs_eagerly():  # hooks on a compiled model's layers
             run()
     finally:
         for handle in handles:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .layers import compiled_code_runs_eagerly
 from .validation import outside_inference_mode
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
@@ -57,7 +58,7 @@ def _preserved(submodules: list[nn.Module]) -> Iterator[None]:
     grad_enabled = torch.is_grad_enabled()
     default_dtype = torch.get_default_dtype()
     try:
-        with torch.compiler.set_stance("force_eager"):
+        with compiled_code_runs_eagerly():
             yield
     finally:
         for module, was_training in training:
