@@ -722,3 +722,18 @@ def test_fit_delegates_to_the_trainer_module():
     ):
         assert hasattr(activation_matching, name)
     assert callable(trainer.fit_mask_net)
+
+
+def test_fit_takes_a_tuple_of_images_and_labels(bundled_model, sample_digits):
+    """``fit((images, labels))`` as the other methods take data; it was read as a dataset of
+    two items and failed in the DataLoader's collate ("stack expects each tensor to be equal
+    size")."""
+    from torch.utils.data import TensorDataset
+
+    x, y = sample_digits
+    masks = []
+    for data in ((x, y), TensorDataset(x, y)):
+        method = ActivationMatchingMask(bundled_model, ["features.7"])
+        method.fit(data, epochs=1, batch_size=20, progress=False, seed=0)
+        masks.append(method.attribute(x[:2], target=y[:2], progress=False))
+    torch.testing.assert_close(masks[0], masks[1])

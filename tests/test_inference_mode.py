@@ -94,3 +94,33 @@ def test_metrics_inside_inference_mode_take_maps_made_there(bundled_model, sampl
         )
     for value, reference in zip(got, expected, strict=True):
         torch.testing.assert_close(value, reference)
+
+
+def test_training_methods_inside_inference_mode(bundled_model, sample_digits):
+    """The mask net, the introspective head and the inversion generator are trained inside
+    an inference-mode block as outside it (same seeds, same results)."""
+    from captum_ext.attr import ActivationMatchingMask
+    from captum_ext.introspection import IntrospectiveNetwork
+    from captum_ext.inversion import NetworkInversion
+
+    x, y = sample_digits
+
+    def train_all():
+        masks = ActivationMatchingMask(bundled_model, [LAYER]).fit(
+            (x, y), epochs=1, batch_size=20, progress=False, seed=0
+        )
+        head = IntrospectiveNetwork(bundled_model, layer="classifier", hidden_width=16)
+        head.fit(x, y, epochs=1, batch_size=20, progress=False, seed=0)
+        inversion = NetworkInversion(bundled_model, batch_size=4, seed=0)
+        inversion.fit(1, progress=False)
+        return (
+            masks.attribute(x[:2], target=y[:2], progress=False),
+            head(x[:4]),
+            torch.tensor(inversion.history["loss"]),
+        )
+
+    expected = train_all()
+    with torch.inference_mode():
+        inside = train_all()
+    for got, reference in zip(inside, expected, strict=True):
+        torch.testing.assert_close(got, reference)

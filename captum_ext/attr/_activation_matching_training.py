@@ -77,6 +77,18 @@ def batch_inputs(batch: Any) -> Tensor:
     )
 
 
+def _is_tensor_batch(data: Any) -> bool:
+    """A tuple ``(images, labels, ...)`` of tensors with the examples first (images
+    N x C x H x W), as the other methods take it; a tuple of single images stays a dataset."""
+    return (
+        isinstance(data, tuple)
+        and len(data) > 0
+        and all(isinstance(t, Tensor) and t.dim() > 0 for t in data)
+        and data[0].dim() == 4
+        and all(t.shape[0] == data[0].shape[0] for t in data)
+    )
+
+
 def fit_mask_net(
     method,
     data,
@@ -93,8 +105,10 @@ def fit_mask_net(
 ) -> Any:
     """Train ``method``'s amortised mask net: the body of ``ActivationMatchingMask.fit``,
     whose signature and docstring give the arguments (all required here)."""
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+    if _is_tensor_batch(data):  # (images, labels, ...) as tensors: their examples
+        data = TensorDataset(*data)
     epochs = check_int(epochs, "epochs")
     lr = check_lr(lr)
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every")

@@ -1079,8 +1079,9 @@ class ActivationMatchingMask(PerturbationAttribution):
         ``DistributedDataParallel``, so every rank ends with the same parameters.
 
         Args:
-            data (DataLoader or Dataset): yields normalised images (N, C, H, W), or tuples
-                whose first element is the images.
+            data (DataLoader, Dataset or tuple): yields normalised images (N, C, H, W), or
+                tuples whose first element is the images; or a tuple of tensors
+                ``(images, labels, ...)`` with the examples first, taken as their dataset.
             epochs (int, optional): passes over the data. Default: 1.
             lr (float, optional): Adam learning rate. Default: 3e-4.
             batch_size (int, optional): examples per step. Default: the DataLoader's batch

@@ -13,7 +13,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -213,6 +213,7 @@ class NetworkInversion:
     """
 
     @renamed_arguments(classifier="model", generator="generator_net", normalize="preprocess")
+    @leaves_inference_mode  # a generator built in inference mode could not be trained
     def __init__(
         self,
         model: nn.Module,

@@ -539,6 +539,7 @@ class TIE:
     """
 
     @renamed_arguments(classifier="model", normalize="preprocess")
+    @leaves_inference_mode  # the extended classifier and generators are trained later
     def __init__(
         self,
         model: nn.Module | Callable[[int], nn.Module],
