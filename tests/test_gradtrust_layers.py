@@ -225,3 +225,23 @@ def test_attention_under_per_example_gradients_leaves_no_torch_performance_note(
         scores = gradtrust(vit, x, layer="encoder.layers.encoder_layer_0.mlp.0")
     assert scores.shape == (3,) and bool(torch.isfinite(scores).all())
     assert not [w for w in caught if "performance drop" in str(w.message)]
+
+
+def test_a_parametrized_layer_is_named_not_a_deep_torch_func_error(sample_digits):
+    """weight_norm / spectral_norm layers: torch.func stops with "attempted to call in-place
+    operation (aten::set_...) that would mutate a captured Tensor"; the error now names the
+    parametrization and how to fold it. Other layers and all parameters still work."""
+    import copy
+
+    from torch.nn.utils import parametrizations
+
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.metrics import gradtrust
+
+    model = copy.deepcopy(load_bundled_model())
+    parametrizations.weight_norm(model.features[6])
+    x = sample_digits[0][:4]
+    with pytest.raises(ValueError, match="parametrized layer.*remove_parametrizations"):
+        gradtrust(model, x, layer="features.6")
+    assert torch.isfinite(gradtrust(model, x, layer="features.3")).all()
+    assert torch.isfinite(gradtrust(model, x, layer="all")).all()

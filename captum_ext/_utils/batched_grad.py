@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils import parametrize
 
 from .caller import user_stacklevel
 from .deprecation import moved_names
@@ -605,6 +606,16 @@ def per_example_parameter_gradients(
                     xs, extras_b, cotangents[start:stop], bufs
                 )
         except RuntimeError as error:
+            if "would mutate a captured Tensor" in str(error) and any(
+                parametrize.is_parametrized(m) for m in holder.modules()
+            ):
+                raise ValueError(
+                    "per-example gradients: torch.func cannot differentiate through a "
+                    "parametrized layer (torch.nn.utils.parametrize: weight_norm, "
+                    "spectral_norm, ...) whose parameters are asked for. Pick another layer, "
+                    "or fold the parametrization into a plain weight first "
+                    "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))."
+                ) from error
             if not any(sign in str(error) for sign in _TRANSFORM_REFUSALS):
                 raise
             if start == 0:
