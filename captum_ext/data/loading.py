@@ -402,7 +402,7 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
         output = model(example)
     if isinstance(output, Tensor) or _logits_field(output) is output:
         return model, False
-    return LogitsOutput(model), True
+    return LogitsOutput(uncompiled(model)), True  # names of the eager model
 
 
 def _model_class_name(model: nn.Module) -> str:
