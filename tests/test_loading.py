@@ -572,7 +572,7 @@ def test_logits_output_shares_the_models_modules_names_and_mode(factories):
     plain = factories.small_cnn().eval()
     assert with_logits_output(plain, x[:1]) == (plain, False)
     compiled = torch.compile(model, backend="aot_eager")  # names of the eager model
-    wrapped, _ = with_logits_output(compiled, x[:1])
+    wrapped, _ = with_logits_output(compiled, x[:1].double())
     assert [n for n, _ in wrapped.named_modules()] == [n for n, _ in model.named_modules()]
 
 
