@@ -106,6 +106,28 @@ def _mismatch_hint(forward_func: Callable, inputs: tuple[Tensor, ...]) -> str:
     return "".join(" " + hint for hint in hints)
 
 
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_model_precision(forward_func: Callable, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``inputs`` with float32 / float64 tensors cast to the model's dtype where the model's
+    floating-point parameters are all float16 or all bfloat16; otherwise as given.
+
+    Captum's NoiseTunnel adds float32 noise to the inputs, so half-precision inputs reach a
+    half-precision model as float32 and torch refuses them ("Input type (float) and bias type
+    (c10::Half) should be the same"). The cast is differentiable: gradients still reach the
+    inputs as they were passed."""
+    if not any(x.dtype in (torch.float32, torch.float64) for x in inputs):
+        return inputs
+    model = root_module(forward_func)
+    if model is None:
+        return inputs
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or (dtype := next(iter(dtypes))) not in _HALF_PRECISION:
+        return inputs
+    return tuple(x.to(dtype) if x.dtype in (torch.float32, torch.float64) else x for x in inputs)
+
+
 def run_forward(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -124,6 +146,7 @@ def run_forward(
     says to wrap the model).
     """
     extra = format_additional_forward_args(additional_forward_args)
+    inputs = in_model_precision(forward_func, inputs)
     try:
         output = uncompiled(forward_func)(*inputs, *extra)
     except torch.OutOfMemoryError:

@@ -25,6 +25,15 @@ def precise_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float64 if has_float64(device) else torch.float32
 
 
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 where it is float16 or bfloat16, else as it is: scores from a
+    half-precision model's logits (float16 rounds every probability above 0.9995 to 1 and
+    overflows above 65,504)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
 def precise(tensor: Tensor) -> Tensor:
     """``tensor`` in :func:`precise_dtype` of its device, on that device."""
     return tensor.to(precise_dtype(tensor.device))

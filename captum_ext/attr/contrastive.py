@@ -22,7 +22,7 @@ from captum.attr import (
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import run_forward
+from .._utils.batched_grad import in_model_precision, run_forward
 from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
 from .._utils.model_state import leaves_inference_mode, preserved_state
@@ -122,10 +122,14 @@ class ContrastiveForward(nn.Module):
         # set by Contrastive for the duration of one attribute call
         self._paired = False
         self._max_class: int | None = None
+        self._inputs = 0  # how many leading arguments are the inputs (cast to a half model's dtype)
         self._calls = 0
 
     def forward(self, *args: Any) -> Tensor:
         self._calls += 1
+        if self._inputs:
+            inputs, extra = args[: self._inputs], args[self._inputs :]
+            args = in_model_precision(self.forward_func, inputs) + extra
         output = self.forward_func(*args)
         if self.output_transform is not None:
             output = self.output_transform(output)
@@ -397,6 +401,7 @@ class Contrastive(GradientAttribution):
             formatted = tuple(t.detach() for t in formatted)
             calls = forward._calls
             forward._paired, forward._max_class = self._paired, max_class
+            forward._inputs = len(formatted)
             try:
                 if not multi:
                     result = self.method.attribute(
@@ -410,7 +415,7 @@ class Contrastive(GradientAttribution):
                         formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
                     )
             finally:
-                forward._paired, forward._max_class = False, None
+                forward._paired, forward._max_class, forward._inputs = False, None, 0
         if forward._calls == calls:
             raise RuntimeError(
                 f"{type(self.method).__name__} never called the contrastive forward function: "

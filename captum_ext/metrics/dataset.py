@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.batched_grad import in_model_precision
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.model_state import preserved_state
@@ -548,6 +549,7 @@ def score_dataset(
                 inputs, labels = _split_batch(batch)
                 n = inputs.shape[0]
                 inputs = inputs.to(device, non_blocking=True)
+                (inputs,) = in_model_precision(model, (inputs,))  # float32 pixels, half model
                 label = _labels_tensor(labels, n)
                 prediction = _predict(model, inputs).cpu()
                 if indices is None:

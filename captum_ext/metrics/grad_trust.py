@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from captum_ext._utils.batched_grad import per_example_parameter_gradients, run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
-from captum_ext._utils.precision import precise_dtype
+from captum_ext._utils.precision import at_least_float32, precise_dtype
 from captum_ext._utils.validation import format_additional_forward_args, format_inputs
 from captum_ext.metrics._trust_common import (
     _check_choice,
@@ -61,13 +61,6 @@ def _check_k(k: Any, num_classes: int) -> int:
     return k
 
 
-def _compute_dtype(logits: Tensor) -> Tensor:
-    """The logits in at least float32 (half-precision logits lose the small probabilities)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        return logits.float()
-    return logits
-
-
 def _log_complements(log_p: Tensor, classes: Tensor) -> Tensor:
     """log(1 - p_c) = logsumexp_{j != c} log p_j, (N, K) for the (N, K) ``classes``: exact
     also where 1 - p_c rounds to 0."""
@@ -84,7 +77,7 @@ def _scaled_topk_cotangents(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     c, p_j / (1 - p_c) elsewhere, computed from the log-probabilities so that nothing
     underflows) and (N, k + 1) ``log(1 - p_c)``; ``p - e_c = exp(log_scale) * g_hat``.
     """
-    z = _compute_dtype(logits)
+    z = at_least_float32(logits)
     log_p = torch.log_softmax(z, dim=1)
     classes = z.topk(k + 1, dim=1).indices
     log_scale = _log_complements(log_p, classes)  # (N, K)
@@ -98,7 +91,7 @@ def _scaled_topk_cotangents(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _reference_cotangents(logits: Tensor) -> Tensor:
     """(N, 1, C): dMSE(z, 1/C)/dz = 2 (z - 1/C) / C, divided by its largest magnitude (the
     reference ratio max / mean of the row energies is invariant to that scale)."""
-    dev = _compute_dtype(logits) - 1.0 / logits.shape[1]
+    dev = at_least_float32(logits) - 1.0 / logits.shape[1]
     scale = dev.abs().amax(1, keepdim=True)
     return (dev / scale).unsqueeze(1).to(logits.dtype)
 
@@ -115,7 +108,7 @@ def _log_topk_closed_form(logits: Tensor, h: Tensor, k: int) -> Tensor:
     from the other classes' log-probabilities (logsumexp with P left out); for a
     counterfactual Q (p_Q <= 1/2, p_Q^2 <= half the sum of squares) the complements
     log(1 - p_Q) and log(sum_j p_j^2 - p_Q^2) lose nothing."""
-    z = _compute_dtype(logits)
+    z = at_least_float32(logits)
     log_p = torch.log_softmax(z, dim=1)
     classes = z.topk(k + 1, dim=1).indices
     log_top = log_p.gather(1, classes)  # (N, K)
@@ -145,7 +138,7 @@ def _log_ratio(log_values: Tensor) -> Tensor:
 
 
 def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
-    dev = _compute_dtype(logits) - 1.0 / logits.shape[1]
+    dev = at_least_float32(logits) - 1.0 / logits.shape[1]
     scale = dev.abs().amax(1, keepdim=True)
     score = 1.0 / (dev / scale).pow(4).mean(1)  # = max_c dev^4 / mean_c dev^4; 0/0 -> NaN
     # energies g_c^4 Var(h^2): all zero (undefined ratio) when h^2 is constant or d == 1
@@ -408,7 +401,7 @@ def gradtrust(
 
     Returns:
         Tensor: (N,) scores (or their natural log with ``log=True``), higher = more trusted,
-        in the dtype and device of the logits.
+        on the device of the logits, in their dtype (float32 for float16 / bfloat16 logits).
 
     Examples::
 
@@ -431,7 +424,8 @@ def gradtrust(
         score, logits = _all_parameters_score(
             forward_func, inputs, extra, form, k, method, output_transform
         )
-        return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
+        dtype = at_least_float32(logits).dtype
+        return score.to(dtype) if log else _exp_score(score, dtype)
     head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
     model = root_module(forward_func)
     with preserved_state([model, head]):
@@ -476,9 +470,10 @@ def gradtrust(
                 output_transform,
             )
     score = score.to(device=logits.device)
+    dtype = at_least_float32(logits).dtype  # a half-precision model's scores in float32
     if form == "topk":
-        return score.to(logits.dtype) if log else _exp_score(score, logits.dtype)
-    return torch.log(score).to(logits.dtype) if log else score.to(logits.dtype)
+        return score.to(dtype) if log else _exp_score(score, dtype)
+    return torch.log(score).to(dtype) if log else score.to(dtype)
 
 
 def _check_all_parameters_options(form: str, method: str) -> None:

@@ -7,8 +7,9 @@ and :func:`purview` (computed by the engine in :mod:`captum_ext._utils.batched_g
 
 Every function takes ``forward_func`` (a model returning (N, C) logits, or any output with
 ``output_transform`` mapping it to them), ``inputs`` (a tensor or a tuple of tensors, batch
-first) and keyword options, and returns an (N,) tensor on the device of the logits. **Higher
-always means more trusted.** The model is left exactly as it was found.
+first) and keyword options, and returns an (N,) tensor on the device of the logits, in their
+dtype (float32 for a half-precision model's: float16 rounds every probability above 0.9995 to
+1). **Higher always means more trusted.** The model is left exactly as it was found.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from captum_ext._utils.batched_grad import (
 )
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -85,7 +87,9 @@ def softmax_confidence(
 
         >>> scores = softmax_confidence(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
+    logits = at_least_float32(
+        _logits(forward_func, inputs, additional_forward_args, output_transform)
+    )
     return torch.softmax(logits, 1).amax(1)
 
 
@@ -123,7 +127,9 @@ def energy(
         >>> scores = energy(model, images)
     """
     t = check_number(temperature, "temperature")
-    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
+    logits = at_least_float32(
+        _logits(forward_func, inputs, additional_forward_args, output_transform)
+    )
     return t * torch.logsumexp(logits / t, dim=1)
 
 
@@ -154,7 +160,9 @@ def negative_entropy(
 
         >>> scores = negative_entropy(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
+    logits = at_least_float32(
+        _logits(forward_func, inputs, additional_forward_args, output_transform)
+    )
     log_p = torch.log_softmax(logits, 1)
     return (log_p.exp() * log_p).sum(1)
 
@@ -186,7 +194,9 @@ def margin(
 
         >>> scores = margin(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
+    logits = at_least_float32(
+        _logits(forward_func, inputs, additional_forward_args, output_transform)
+    )
     if logits.shape[1] < 2:
         raise ValueError("margin needs a model with at least 2 classes.")
     top = torch.softmax(logits, 1).topk(2, dim=1).values
@@ -220,7 +230,9 @@ def log_likelihood(
 
         >>> scores = log_likelihood(model, images)
     """
-    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
+    logits = at_least_float32(
+        _logits(forward_func, inputs, additional_forward_args, output_transform)
+    )
     return torch.log_softmax(logits, 1).amax(1)
 
 
@@ -279,7 +291,7 @@ def odin(
         )
         with torch.no_grad():
             logits = run_forward(forward_func, perturbed, additional_forward_args, output_transform)
-    return torch.softmax(logits / temperature, 1).amax(1)
+    return torch.softmax(at_least_float32(logits) / temperature, 1).amax(1)
 
 
 def _seed_from(generator: Any) -> int | None:
@@ -371,7 +383,7 @@ def mc_dropout(
                 logits = run_forward(
                     forward_func, inputs, additional_forward_args, output_transform
                 )
-                probs = torch.softmax(logits, 1)
+                probs = torch.softmax(at_least_float32(logits), 1)
                 mean = probs if mean is None else mean + probs
     mean = mean / n_passes
     return torch.special.xlogy(mean, mean).sum(1)
@@ -432,6 +444,7 @@ def gradnorm(
         g = torch.softmax(logits, 1) - 1.0 / logits.shape[1]
         h = _head_features(head, logits, calls)
         if h is not None:
+            g, h = at_least_float32(g), at_least_float32(h)
             return torch.linalg.vector_norm(g, p, dim=1) * torch.linalg.vector_norm(h, p, dim=1)
         if automatic:
             raise ValueError(
@@ -441,7 +454,7 @@ def gradnorm(
 
         def reduce(grads: dict[str, Tensor]) -> Tensor:
             (grad,) = grads.values()
-            return torch.linalg.vector_norm(grad.flatten(1), p, dim=1)
+            return torch.linalg.vector_norm(at_least_float32(grad.flatten(1)), p, dim=1)
 
         return per_example_parameter_gradients(
             forward_func,
@@ -540,7 +553,7 @@ def purview(
 
         def reduce(grads: dict[str, Tensor]) -> Tensor:
             per_group = [
-                sum(grads[f"m.{name}"].flatten(1).pow(2).sum(1) for name in group)
+                sum(at_least_float32(grads[f"m.{name}"].flatten(1)).pow(2).sum(1) for name in group)
                 for group in group_names
             ]
             return -torch.stack(per_group).mean(0)

@@ -1,0 +1,137 @@
+"""Half-precision models (``model.half()``, ``model.to(torch.bfloat16)``), as users load them.
+
+Before: Captum's NoiseTunnel adds float32 noise to the inputs, so half-precision inputs reached
+a half-precision model as float32 and every NoiseTunnel over our methods failed inside torch
+("Input type (float) and bias type (c10::Half) should be the same"), and so did
+``score_dataset`` on a loader of float32 pixels. The trust scores came back in float16:
+``gradtrust`` overflowed to inf for every example of the bundled model (with a warning), and
+max-softmax rounded the probabilities above 0.9995 to 1, tying confident predictions.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import assert_model_unchanged, model_snapshot
+from captum.attr import NoiseTunnel, Saliency
+from torch.utils.data import DataLoader, TensorDataset
+
+from captum_ext.attr import ContrastCAM, Contrastive, FinerCAM, GradCAM
+from captum_ext.metrics import (
+    TRUST_SCORES,
+    gradtrust,
+    margin,
+    score_dataset,
+    softmax_confidence,
+)
+
+LAYER = "features.7"
+HALF = [torch.float16, torch.bfloat16]
+
+NOISE_TUNNELS = {
+    "GradCAM": lambda m, x, y: NoiseTunnel(GradCAM(m, LAYER)).attribute(
+        x, target=y, nt_samples=3, stdevs=0.1, nt_type="smoothgrad"
+    ),
+    "ContrastCAM": lambda m, x, y: NoiseTunnel(ContrastCAM(m, LAYER)).attribute(
+        x, contrast=(y + 1) % 10, nt_samples=3, stdevs=0.1, nt_type="smoothgrad"
+    ),
+    "FinerCAM": lambda m, x, y: NoiseTunnel(FinerCAM(m, LAYER)).attribute(
+        x, target=y, nt_samples=3, stdevs=0.1, nt_type="smoothgrad"
+    ),
+    "Contrastive(Saliency)": lambda m, x, y: NoiseTunnel(Contrastive(Saliency(m))).attribute(
+        x, contrast=(y + 1) % 10, nt_samples=3, stdevs=0.1, nt_type="smoothgrad"
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", list(NOISE_TUNNELS))
+def test_noise_tunnel_over_a_half_precision_model(name, dtype, bundled_model, sample_digits):
+    """The same NoiseTunnel (same seed, so the same float32 noise) on the half model and on
+    its float32 copy: equal up to half-precision rounding."""
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    half = copy.deepcopy(bundled_model).to(dtype)
+    wide = copy.deepcopy(half).float()  # the same (rounded) weights, in float32
+    before = model_snapshot(half)
+    torch.manual_seed(0)
+    got = NOISE_TUNNELS[name](half, x.to(dtype), y)
+    torch.manual_seed(0)
+    expected = NOISE_TUNNELS[name](wide, x.to(dtype).float(), y)
+    assert torch.isfinite(got).all() and expected.abs().amax() > 0
+    error = (got.float() - expected).abs().amax() / expected.abs().amax()
+    # measured: CAMs <= 1e-2, Saliency's input gradients 6e-2 (plain Captum Saliency on the
+    # same half model, without noise: 0.14-0.17)
+    assert error < (0.15 if name.startswith("Contrastive") else 0.03), float(error)
+    assert_model_unchanged(half, before)
+
+
+def test_float32_inputs_to_a_half_model_are_cast_as_the_model_would_need(
+    bundled_model, sample_digits
+):
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    half = copy.deepcopy(bundled_model).half()
+    cam = GradCAM(half, LAYER)
+    torch.testing.assert_close(
+        cam.attribute(x, target=y), cam.attribute(x.half(), target=y), rtol=0, atol=0
+    )
+
+
+def test_a_mixed_precision_model_gets_its_inputs_as_given(bundled_model, sample_digits):
+    """Only a model whose floating parameters are all one half dtype has its inputs cast: a
+    model kept partly in float32 on purpose gets them untouched (torch's error and our note
+    name the mismatch)."""
+    x = sample_digits[0][:2]
+    mixed = copy.deepcopy(bundled_model).half()
+    mixed.classifier.float()
+    with pytest.raises(RuntimeError) as raised:
+        softmax_confidence(mixed, x)
+    assert "torch.float32" in "".join(getattr(raised.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_trust_scores_of_a_half_model_are_float32(dtype, bundled_model, sample_digits):
+    x = sample_digits[0][:8].to(dtype)
+    half = copy.deepcopy(bundled_model).to(dtype)
+    with torch.no_grad():
+        logits = half(x).float()
+    probabilities = logits.softmax(1)
+    # by definition, from the half model's logits in float32
+    torch.testing.assert_close(softmax_confidence(half, x), probabilities.amax(1))
+    top = probabilities.topk(2, dim=1).values
+    torch.testing.assert_close(margin(half, x), top[:, 0] - top[:, 1])
+    for name, score in TRUST_SCORES.items():
+        if name == "mc_dropout":
+            continue  # the bundled model has no dropout (below, on one that has)
+        got = score(half, x)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
+    with_dropout = torch.nn.Sequential(half, torch.nn.Dropout(0.2)).to(dtype)
+    got = TRUST_SCORES["mc_dropout"](with_dropout, x, n_passes=3, generator=0)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+def test_gradtrust_of_a_half_model_is_finite_and_close_to_float32(bundled_model, sample_digits):
+    """Before: inf for every example (the scores of the bundled model reach 1e10)."""
+    x = sample_digits[0][:8]
+    half = copy.deepcopy(bundled_model).half()
+    wide = copy.deepcopy(half).float()
+    for layer in (None, "features.6", "all"):
+        got = gradtrust(half, x.half(), layer=layer, log=True)
+        expected = gradtrust(wide, x.half().float(), layer=layer, log=True)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=0.05)
+        raw = gradtrust(half, x.half(), layer=layer)
+        assert torch.isfinite(raw).all()
+
+
+def test_score_dataset_on_float32_pixels_and_a_half_model(bundled_model, sample_digits):
+    x, y = sample_digits
+    half = copy.deepcopy(bundled_model).half()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    table = score_dataset(half, loader, scores=("gradtrust", "softmax"), progress=False)
+    assert table["gradtrust"].dtype == torch.float32
+    assert torch.isfinite(table["gradtrust"]).all()
+    with torch.no_grad():
+        expected = half(x.half()).float().softmax(1).amax(1)
+    torch.testing.assert_close(table["softmax"], expected)
