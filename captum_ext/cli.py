@@ -459,6 +459,7 @@ def _run_score(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
+    from captum_ext._utils.batched_grad import in_model_precision
     from captum_ext._utils.training import distributed_from_environment
     from captum_ext._utils.validation import parse_device
     from captum_ext.bundled import load_bundled_model
@@ -495,6 +496,7 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_bundled_model().to(device)
         else:
             model = load_model(args.model, args.weights, device)
+            (images,) = in_model_precision(model, (images,))  # float32 pixels, half model
             model, _ = with_logits_output(model, images[:1].to(device))
         if class_names is not None:
             check_class_names(model, images[:1].to(device), class_names)

@@ -74,6 +74,11 @@ def compiled_small_cnn() -> nn.Module:
     return torch.compile(small_cnn(), backend="aot_eager")
 
 
+def half_precision_small_cnn() -> nn.Module:
+    """A factory that returns its model in bfloat16 (the images load as float32)."""
+    return small_cnn().to(torch.bfloat16)
+
+
 class _LogitsInAField(SmallCNN):
     """Returns ``{"logits": ...}``, as a Hugging Face model returns ``.logits``."""
 

@@ -327,6 +327,26 @@ def test_report_on_a_compiled_model(tmp_path, monkeypatch, capsys):
     assert "_orig_mod" not in html and "OptimizedModule" not in html
 
 
+def test_report_and_score_on_a_half_precision_model(tmp_path, monkeypatch, capsys):
+    """The images load as float32; a bfloat16 model refused them in every section ("Input
+    type (float) and bias type (c10::BFloat16) should be the same")."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    common = ["--model", "_factories:half_precision_small_cnn", "--images"]
+    common += [str(tmp_path / "pngs"), "--transform", "none", "--no-progress"]
+    out = tmp_path / "out"
+    sections = "contrastive,voice,metrics,trust,evaluation"
+    code = main(["report", *common, "--layer", "features.3", "--sections", sections]
+                + ["--out", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    check_report(out / "index.html")
+    scores = tmp_path / "scores.csv"
+    assert main(["score", *common, "--out", str(scores)]) == 0, capsys.readouterr().err
+    rows = scores.read_text().splitlines()
+    assert len(rows) == 3 and "inf" not in scores.read_text()
+
+
 def test_report_and_score_on_a_model_returning_its_logits_in_a_field(tmp_path, monkeypatch, capsys):
     """Hugging Face's classifiers return an ImageClassifierOutput (here: a dict) with
     ``logits``; the commands refused them ("must return (N, classes) logits")."""

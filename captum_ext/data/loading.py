@@ -396,10 +396,11 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     gradients; the model's state is kept."""
     if isinstance(model, torch.jit.ScriptModule):
         return model, False
+    from captum_ext._utils.batched_grad import in_model_precision
     from captum_ext._utils.model_state import preserved_state
 
     with preserved_state([model]), torch.no_grad():
-        output = model(example)
+        output = model(*in_model_precision(model, (example,)))
     if isinstance(output, Tensor) or _logits_field(output) is output:
         return model, False
     return LogitsOutput(uncompiled(model)), True  # names of the eager model

@@ -703,7 +703,10 @@ def build_section_inputs(
         class_names=class_names,
         limit=config.limit,
     )
-    images = resolved.images
+    from captum_ext._utils.batched_grad import in_model_precision
+
+    # a half-precision model gets its images in its dtype (they load as float32)
+    (images,) = in_model_precision(model, (resolved.images,))
     known = class_names is not None or config.images is not None
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
@@ -751,7 +754,7 @@ def build_section_inputs(
         layer=layer,
         layer_name=layer_name,
         images=images,
-        display_images=denormalize_for_display(images, resolved.transform),
+        display_images=denormalize_for_display(resolved.images, resolved.transform),
         labels=labels,
         names=resolved.names,
         class_names=class_names,
