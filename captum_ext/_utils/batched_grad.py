@@ -128,6 +128,37 @@ def in_model_precision(forward_func: Callable, inputs: tuple[Tensor, ...]) -> tu
     return tuple(x.to(dtype) if x.dtype in (torch.float32, torch.float64) else x for x in inputs)
 
 
+PROBABILITIES_WARNING = (
+    "captum_ext: the model's outputs look like probabilities (every row is non-negative and "
+    "sums to 1), but they are read as logits: a softmax here (the cross-entropy of the "
+    "contrastive methods, the probabilities of the metrics and trust scores) would be a second "
+    "one, which flattens the maps and curves without an error. "
+)
+
+
+def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None:
+    """Warn where ``output`` is (N, C) with rows on the probability simplex: a model that ends
+    in a softmax. ``log`` of probabilities are logits (``softmax(log p) = p``)."""
+    if output.dim() != 2 or output.shape[1] < 2 or not output.is_floating_point():
+        return
+    tolerance = 1e-2 if output.dtype in _HALF_PRECISION else 1e-4
+    with torch.no_grad():
+        simplex = bool(
+            (output >= 0).all()
+            and (output <= 1).all()
+            and ((output.sum(dim=1, dtype=torch.float32) - 1).abs() <= tolerance).all()
+        )
+    if simplex:
+        remedy = (
+            "Pass output_transform=torch.log (log-probabilities are logits: softmax(log p) = p) "
+            "or remove the final softmax."
+            if takes_output_transform
+            else "Wrap the model: forward_func=lambda x: torch.log(model(x)) "
+            "(log-probabilities are logits: softmax(log p) = p), or remove the final softmax."
+        )
+        warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=3)
+
+
 def run_forward(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -167,8 +198,10 @@ def run_forward(
     n = inputs[0].shape[0]
     if allow_multidim and isinstance(output, Tensor) and output.dim() >= 1:
         if output.shape[0] == n:
+            _warn_if_probabilities(output, takes_output_transform)
             return output
     elif isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == n:
+        _warn_if_probabilities(output, takes_output_transform)
         return output
     got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
     has_logits = isinstance(getattr(output, "logits", None), Tensor) or (
