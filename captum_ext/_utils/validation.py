@@ -113,6 +113,35 @@ def _tuple_on_logits_error(value: Any, argument: str, *, in_list: bool = False) 
     )
 
 
+def single_logit_hint(*, takes_output_transform: bool = True) -> str:
+    """What a binary classifier with one logit needs: its two-class logits ``[0, z]``."""
+    fix = (
+        "pass output_transform=captum_ext.data.two_class_logits"
+        if takes_output_transform
+        else "wrap the model, forward_func=lambda x: captum_ext.data.two_class_logits(model(x))"
+    )
+    return (
+        f" A binary classifier with one logit z (P(class 1) = sigmoid(z)) has the two-class "
+        f"logits [0, z]: {fix}."
+    )
+
+
+def check_several_classes(
+    logits: Tensor,
+    what: str,
+    *,
+    why: str = "the softmax of one output is always 1, so the scores would be constant",
+    takes_output_transform: bool = True,
+) -> None:
+    """Refuse (N, 1) logits where ``what`` needs several classes (a softmax over one class is
+    always 1), naming :func:`captum_ext.data.two_class_logits`."""
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        raise ValueError(
+            f"{what}: the model has 1 output, and {why}."
+            + single_logit_hint(takes_output_transform=takes_output_transform)
+        )
+
+
 def parse_class_selection(
     value: Any, n: int, device: torch.device | str | None = None, *, argument: str
 ) -> tuple[Tensor, bool]:
@@ -214,7 +243,7 @@ def class_selection(
             if num_classes < 2:
                 raise ValueError(
                     f"`{argument}` defaults to the runner-up class, but the model has only "
-                    f"{num_classes} output."
+                    f"{num_classes} output." + single_logit_hint()
                 )
             classes = logits.detach().topk(2, dim=1).indices[:, 1:2]
         else:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_ext._utils.validation import check_int, check_number
+from captum_ext._utils.validation import check_int, check_number, single_logit_hint
 
 from ._cam import TargetClassCAMBase, target_cam
 
@@ -152,6 +152,7 @@ class FinerCAM(TargetClassCAMBase):
             raise ValueError(
                 f"`comparison_positions` {self.comparison_positions} reach beyond the model's "
                 f"{classes} classes (position 0 is the explained class itself)."
+                + (single_logit_hint() if classes == 1 else "")
             )
         scores = finer_scores(logits, self.alpha, self.comparison_positions)
         self._warn_if_vanishing(logits.detach())

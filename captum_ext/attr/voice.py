@@ -25,6 +25,7 @@ from .._utils.validation import (
     class_selection,
     format_inputs,
     repeat_per_example,
+    single_logit_hint,
 )
 from ._cam import (
     ClassActivationMapBase,
@@ -474,6 +475,7 @@ class VOICE:
                 f"VOICE needs a model with at least 2 classes: the uncertainty is the "
                 f"variance over the classes other than P, but the model has only "
                 f"{num_classes} output (pass `output_transform` if the output holds more)."
+                + single_logit_hint()
             )
         explained, _ = class_selection(target, logits, argument="target", default="predicted")
         if explained.shape[1] != 1:

@@ -57,6 +57,7 @@ __all__ = [
     "load_sample_digits",
     "load_state_dict_file",
     "normalize_digits",
+    "two_class_logits",
     "with_logits_output",
 ]
 
@@ -174,6 +175,7 @@ from captum_ext.data.loading import (  # noqa: E402
     load_image_folder,
     load_model,
     load_state_dict_file,
+    two_class_logits,
     with_logits_output,
 )
 

@@ -406,6 +406,43 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     return LogitsOutput(uncompiled(model)), True  # names of the eager model
 
 
+def two_class_logits(output: Tensor) -> Tensor:
+    r"""The two-class logits ``[0, z]`` of a binary classifier that outputs one logit ``z``.
+
+    A binary classifier trained with ``BCEWithLogitsLoss`` gives ``P(class 1) = sigmoid(z)``.
+    The softmax of ``[0, z]`` is ``[1 - sigmoid(z), sigmoid(z)]``, the same probabilities, so
+    the methods that read (N, C) logits (the contrasts, the trust scores, the deletion
+    curves, which all take a softmax) see the model as the two-class classifier it is:
+    class 0 the negative, class 1 the positive. Pass it as ``output_transform``, or wrap the
+    model (``lambda x: two_class_logits(model(x))``) where a function has none.
+
+    Args:
+        output (Tensor): ``(N,)`` or ``(N, 1)`` logits.
+
+    Returns:
+        Tensor: ``(N, 2)`` logits, ``[0, z]`` per example.
+
+    Example::
+
+        >>> z = torch.tensor([[2.0], [-1.0]])
+        >>> two_class_logits(z)
+        tensor([[ 0.,  2.],
+                [ 0., -1.]])
+        >>> torch.allclose(two_class_logits(z).softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
+        True
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(f"`output` must be a tensor of logits, got {type(output).__name__}.")
+    if output.dim() == 2 and output.shape[1] == 1:
+        output = output[:, 0]
+    if output.dim() != 1:
+        raise ValueError(
+            f"`output` must hold one logit per example, (N,) or (N, 1), got shape "
+            f"{tuple(output.shape)}."
+        )
+    return torch.stack([torch.zeros_like(output), output], dim=1)
+
+
 def _model_class_name(model: nn.Module) -> str:
     if isinstance(model, LogitsOutput):
         return type(model.model).__name__

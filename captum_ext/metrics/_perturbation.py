@@ -22,6 +22,7 @@ from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import (
     check_int,
     check_number,
+    check_several_classes,
     class_selection,
     format_additional_forward_args,
     format_inputs,
@@ -196,6 +197,11 @@ class Evaluator:
         return tuple(rows)
 
     def resolve_target(self, logits: Tensor) -> Tensor:
+        check_several_classes(
+            logits,
+            "deletion, insertion and masking_score read the softmax probability of the target",
+            takes_output_transform=False,
+        )
         classes, multi = class_selection(
             self._target, logits, argument="target", default="predicted"
         )

@@ -27,7 +27,11 @@ from captum_ext._utils.batched_grad import per_example_parameter_gradients, run_
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32, precise_dtype
-from captum_ext._utils.validation import format_additional_forward_args, format_inputs
+from captum_ext._utils.validation import (
+    format_additional_forward_args,
+    format_inputs,
+    single_logit_hint,
+)
 from captum_ext.metrics._trust_common import (
     _check_choice,
     _check_transform,
@@ -49,7 +53,9 @@ ALL_PARAMETERS = "all"
 def _check_k(k: Any, num_classes: int) -> int:
     if k is None:
         if num_classes < 2:
-            raise ValueError("gradtrust needs at least 2 classes (a counterfactual class).")
+            raise ValueError(
+                "gradtrust needs at least 2 classes (a counterfactual class)." + single_logit_hint()
+            )
         return min(DEFAULT_K, num_classes - 1)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"`k` must be an int or None, got {type(k).__name__}.")

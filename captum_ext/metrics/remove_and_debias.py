@@ -45,6 +45,7 @@ from captum_ext._utils.precision import has_float64, precise
 from captum_ext._utils.validation import (
     check_int,
     check_number,
+    check_several_classes,
     class_selection,
     format_additional_forward_args,
 )
@@ -1062,6 +1063,11 @@ def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
 
 def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) -> Tensor:
     logits = run_forward(forward_func, (inputs,), extra, takes_output_transform=False)
+    check_several_classes(
+        logits,
+        "road, completeness and soundness read the softmax probability of the target",
+        takes_output_transform=False,
+    )
     classes, multi = class_selection(target, logits, argument="target", default="predicted")
     if multi or classes.shape[1] != 1:
         raise ValueError("`target` must give one class per example (int, list or 1-D tensor).")

@@ -32,6 +32,7 @@ from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import (
     check_int,
     check_number,
+    check_several_classes,
     format_additional_forward_args,
     format_inputs,
 )
@@ -90,6 +91,7 @@ def softmax_confidence(
     logits = at_least_float32(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
+    check_several_classes(logits, "softmax_confidence takes a softmax over the classes")
     return torch.softmax(logits, 1).amax(1)
 
 
@@ -130,6 +132,12 @@ def energy(
     logits = at_least_float32(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
+    check_several_classes(
+        logits,
+        "energy takes a log-sum-exp over the classes",
+        why="that of one output is the logit itself, which ranks the positive class, not "
+        "the confidence of the prediction",
+    )
     return t * torch.logsumexp(logits / t, dim=1)
 
 
@@ -163,6 +171,7 @@ def negative_entropy(
     logits = at_least_float32(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
+    check_several_classes(logits, "negative_entropy takes a softmax over the classes")
     log_p = torch.log_softmax(logits, 1)
     return (log_p.exp() * log_p).sum(1)
 
@@ -197,8 +206,7 @@ def margin(
     logits = at_least_float32(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
-    if logits.shape[1] < 2:
-        raise ValueError("margin needs a model with at least 2 classes.")
+    check_several_classes(logits, "margin takes a softmax over the classes")
     top = torch.softmax(logits, 1).topk(2, dim=1).values
     return top[:, 0] - top[:, 1]
 
@@ -233,6 +241,7 @@ def log_likelihood(
     logits = at_least_float32(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
+    check_several_classes(logits, "log_likelihood takes a softmax over the classes")
     return torch.log_softmax(logits, 1).amax(1)
 
 
@@ -291,6 +300,7 @@ def odin(
         )
         with torch.no_grad():
             logits = run_forward(forward_func, perturbed, additional_forward_args, output_transform)
+    check_several_classes(logits, "odin takes a softmax over the classes")
     return torch.softmax(at_least_float32(logits) / temperature, 1).amax(1)
 
 
@@ -383,6 +393,7 @@ def mc_dropout(
                 logits = run_forward(
                     forward_func, inputs, additional_forward_args, output_transform
                 )
+                check_several_classes(logits, "mc_dropout takes a softmax over the classes")
                 probs = torch.softmax(at_least_float32(logits), 1)
                 mean = probs if mean is None else mean + probs
     mean = mean / n_passes

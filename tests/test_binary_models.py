@@ -1,0 +1,120 @@
+"""Binary classifiers with one logit (trained with ``BCEWithLogitsLoss``): P(class 1) = sigmoid(z).
+
+Before: the softmax of one output is always 1, so ``softmax_confidence`` was 1 and every
+deletion curve flat at 1 for every image, without an error; the contrastive methods, VOICE and
+GradTrust refused the model without saying what to do. ``captum_ext.data.two_class_logits``
+gives the equivalent two-class logits ``[0, z]`` (same probabilities), and every refusal names
+it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from captum_ext.attr import VOICE, ContrastCAM, FinerCAM, GradCAM
+from captum_ext.data import two_class_logits
+from captum_ext.metrics import (
+    completeness,
+    deletion,
+    energy,
+    gradtrust,
+    insertion,
+    margin,
+    negative_entropy,
+    odin,
+    softmax_confidence,
+)
+
+LAYER = "m.features.7"
+
+
+class _OneLogit(nn.Module):
+    """The bundled model as a "1 vs 0" detector: z = z_1 - z_0."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.m(x)
+        return z[:, 1:2] - z[:, 0:1]
+
+
+@pytest.fixture
+def one_logit(bundled_model) -> nn.Module:
+    return _OneLogit(bundled_model).eval()
+
+
+def test_two_class_logits_keep_the_sigmoid_probabilities():
+    z = torch.tensor([[3.0], [-2.0], [0.0]], dtype=torch.float64)
+    logits = two_class_logits(z)
+    assert logits.shape == (3, 2)
+    torch.testing.assert_close(logits.softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
+    torch.testing.assert_close(two_class_logits(z[:, 0]), logits)  # (N,) as well
+    with pytest.raises(ValueError, match="one logit per example"):
+        two_class_logits(torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="`output`"):
+        two_class_logits([1.0, 2.0])
+
+
+NAMED = {
+    "ContrastCAM": lambda m, x: ContrastCAM(m, LAYER).attribute(x),
+    "FinerCAM": lambda m, x: FinerCAM(m, LAYER).attribute(x),
+    "VOICE": lambda m, x: VOICE(GradCAM(m, LAYER)).attribute(x),
+    "gradtrust": lambda m, x: gradtrust(m, x),
+    "softmax_confidence": lambda m, x: softmax_confidence(m, x),
+    "margin": lambda m, x: margin(m, x),
+    "negative_entropy": lambda m, x: negative_entropy(m, x),
+    "energy": lambda m, x: energy(m, x),
+    "odin": lambda m, x: odin(m, x),
+}
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_one_logit_is_refused_with_the_remedy(name, one_logit, sample_digits):
+    x = sample_digits[0][:4]
+    with pytest.raises(ValueError, match="output_transform=captum_ext.data.two_class_logits"):
+        NAMED[name](one_logit, x)
+
+
+@pytest.mark.parametrize("metric", [deletion, insertion, completeness])
+def test_perturbation_metrics_refuse_one_logit_and_say_to_wrap(metric, one_logit, sample_digits):
+    x = sample_digits[0][:2]
+    maps = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"lambda x: captum_ext.data.two_class_logits\(model"):
+        metric(one_logit, x, maps, target=0)
+
+
+class _FirstTwo(nn.Module):
+    """The bundled model restricted to the classes 0 and 1: logits ``[z_0, z_1]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x)[:, :2]
+
+
+def test_with_two_class_logits_the_binary_model_is_the_two_class_one(
+    one_logit, bundled_model, sample_digits
+):
+    """``[0, z_1 - z_0]`` and ``[z_0, z_1]`` differ by a constant per row, so every read-out
+    built on their softmax (or cross-entropy) is the same."""
+    x = sample_digits[0][:6]
+    restricted = _FirstTwo(bundled_model).eval()
+    torch.testing.assert_close(
+        softmax_confidence(one_logit, x, output_transform=two_class_logits),
+        softmax_confidence(restricted, x),
+    )
+    maps = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        deletion(lambda inputs: two_class_logits(one_logit(inputs)), x, maps, target=1),
+        deletion(restricted, x, maps, target=1),
+    )
+    expected = ContrastCAM(restricted, LAYER).attribute(x)  # why P rather than the other?
+    got = ContrastCAM(one_logit, LAYER, output_transform=two_class_logits).attribute(x)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
