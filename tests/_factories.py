@@ -74,6 +74,12 @@ def compiled_small_cnn() -> nn.Module:
     return torch.compile(small_cnn(), backend="aot_eager")
 
 
+def one_logit_small_cnn() -> nn.Module:
+    """A binary classifier with one logit per image (``BCEWithLogitsLoss`` style)."""
+    torch.manual_seed(0)
+    return SmallCNN(num_classes=1)
+
+
 def half_precision_small_cnn() -> nn.Module:
     """A factory that returns its model in bfloat16 (the images load as float32)."""
     return small_cnn().to(torch.bfloat16)

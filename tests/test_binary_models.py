@@ -3,7 +3,7 @@
 Before: the softmax of one output is always 1, so ``softmax_confidence`` was 1 and every
 deletion curve flat at 1 for every image, without an error; the contrastive methods, VOICE and
 GradTrust refused the model without saying what to do. ``captum_ext.data.two_class_logits``
-gives the equivalent two-class logits ``[0, z]`` (same probabilities), and every refusal names
+gives the equivalent two-class logits ``[-z/2, z/2]`` (same probabilities), and every refusal names
 it.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from captum_ext.attr import VOICE, ContrastCAM, FinerCAM, GradCAM
+from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, FinerCAM, GradCAM
 from captum_ext.data import two_class_logits
 from captum_ext.metrics import (
     completeness,
@@ -101,8 +101,8 @@ class _FirstTwo(nn.Module):
 def test_with_two_class_logits_the_binary_model_is_the_two_class_one(
     one_logit, bundled_model, sample_digits
 ):
-    """``[0, z_1 - z_0]`` and ``[z_0, z_1]`` differ by a constant per row, so every read-out
-    built on their softmax (or cross-entropy) is the same."""
+    """With ``z = z_1 - z_0``, ``[-z/2, z/2]`` and ``[z_0, z_1]`` differ by a constant per
+    row, so every read-out built on their softmax (or cross-entropy) is the same."""
     x = sample_digits[0][:6]
     restricted = _FirstTwo(bundled_model).eval()
     torch.testing.assert_close(
@@ -118,3 +118,29 @@ def test_with_two_class_logits_the_binary_model_is_the_two_class_one(
     got = ContrastCAM(one_logit, LAYER, output_transform=two_class_logits).attribute(x)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_why_negative_is_the_opposite_evidence_of_why_positive(one_logit, sample_digits):
+    """Grad-CAM of class 0 differentiates -z/2 and CounterfactualCAM of class 1 negates the
+    weights of z/2: the same map (with ``[0, z]`` class 0 would be a constant, a zero map)."""
+    x = sample_digits[0][:6]
+    zeros, ones = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    negative = GradCAM(one_logit, LAYER, output_transform=two_class_logits).attribute(
+        x, target=zeros
+    )
+    against_positive = CounterfactualCAM(
+        one_logit, LAYER, output_transform=two_class_logits
+    ).attribute(x, target=ones)
+    assert negative.abs().sum() > 0
+    torch.testing.assert_close(negative, against_positive)
+
+
+@pytest.mark.filterwarnings("ignore:FinerCAM. for .* examples the classes compared:RuntimeWarning")
+def test_finer_cam_compares_a_binary_prediction_with_the_other_class(one_logit, sample_digits):
+    x = sample_digits[0][:4]
+    transform = {"output_transform": two_class_logits}
+    default = FinerCAM(one_logit, LAYER, **transform).attribute(x)
+    explicit = FinerCAM(one_logit, LAYER, comparison_positions=(1,), **transform).attribute(x)
+    torch.testing.assert_close(default, explicit)
+    with pytest.raises(ValueError, match="reach beyond the model's 2 classes"):
+        FinerCAM(one_logit, LAYER, comparison_positions=(1, 2), **transform).attribute(x)

@@ -114,7 +114,7 @@ def _tuple_on_logits_error(value: Any, argument: str, *, in_list: bool = False) 
 
 
 def single_logit_hint(*, takes_output_transform: bool = True) -> str:
-    """What a binary classifier with one logit needs: its two-class logits ``[0, z]``."""
+    """What a binary classifier with one logit needs: its two-class logits ``[-z/2, z/2]``."""
     fix = (
         "pass output_transform=captum_ext.data.two_class_logits"
         if takes_output_transform
@@ -122,7 +122,7 @@ def single_logit_hint(*, takes_output_transform: bool = True) -> str:
     )
     return (
         f" A binary classifier with one logit z (P(class 1) = sigmoid(z)) has the two-class "
-        f"logits [0, z]: {fix}."
+        f"logits [-z/2, z/2]: {fix}."
     )
 
 

@@ -47,10 +47,16 @@ def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tens
     return numerator / (weights.sum(dim=2) + 1e-9)
 
 
+def default_positions(classes: int) -> tuple[int, ...]:
+    """The default comparison positions (1, 2, 3) that a model with ``classes`` outputs has:
+    every other class below 4 classes."""
+    return tuple(p for p in DEFAULT_COMPARISON_POSITIONS if p < classes)
+
+
 def comparison_classes(
     logits: Tensor,
     target: Tensor | None = None,
-    positions: Sequence[int] = DEFAULT_COMPARISON_POSITIONS,
+    positions: Sequence[int] | None = None,
 ) -> Tensor:
     r"""The classes Finer-CAM compares each example's class P with, ``(N, len(positions))``.
 
@@ -60,7 +66,8 @@ def comparison_classes(
     Args:
         logits (Tensor): ``(N, C)`` logits.
         target (Tensor, optional): ``(N,)`` classes P. Default: None, the predictions.
-        positions (sequence of int): positions in the order (0 is P). Default: (1, 2, 3).
+        positions (sequence of int, optional): positions in the order (0 is P). Default:
+            (1, 2, 3), or every other class of a model with fewer than 4.
 
     Returns:
         Tensor: ``(N, k)`` class indices.
@@ -73,6 +80,8 @@ def comparison_classes(
         tensor([[3, 2, 1]])
     """
     logits = logits.detach()
+    if positions is None:
+        positions = default_positions(logits.shape[1])
     if target is None:
         target = logits.argmax(dim=1)
     target = target.to(logits.device).reshape(-1, 1)
@@ -113,8 +122,9 @@ class FinerCAM(TargetClassCAMBase):
         {init_args}
         alpha (float): strength of the comparison; 0 gives Grad-CAM weighted by the
             comparison set. Default: 1.0.
-        comparison_positions (sequence of int): which classes P is compared with, as
-            positions in the order of logit closeness to P (0 is P). Default: (1, 2, 3).
+        comparison_positions (sequence of int, optional): which classes P is compared with,
+            as positions in the order of logit closeness to P (0 is P). Default: (1, 2, 3),
+            or every other class of a model with fewer than 4 (a binary one: (1,)).
 
     Examples::
 
@@ -132,10 +142,13 @@ class FinerCAM(TargetClassCAMBase):
         *,
         output_transform: Callable[[Any], Tensor] | None = None,
         alpha: float = 1.0,
-        comparison_positions: Sequence[int] = DEFAULT_COMPARISON_POSITIONS,
+        comparison_positions: Sequence[int] | None = None,
     ) -> None:
         super().__init__(forward_func, layer, device_ids, output_transform=output_transform)
         self.alpha = check_number(alpha, "alpha", minimum=None)
+        self._default_positions = comparison_positions is None
+        if comparison_positions is None:
+            comparison_positions = DEFAULT_COMPARISON_POSITIONS
         if isinstance(comparison_positions, (str, bytes)) or not isinstance(
             comparison_positions, Sequence
         ):
@@ -146,22 +159,30 @@ class FinerCAM(TargetClassCAMBase):
         self.comparison_positions = positions
         self._score = self._finer_score
 
+    def _positions(self, classes: int) -> tuple[int, ...]:
+        """The comparison positions for a model with ``classes`` outputs: the default ones
+        that it has (a model with 2 or 3 classes compares P with the others)."""
+        if self._default_positions and classes >= 2:
+            return default_positions(classes)
+        return self.comparison_positions
+
     def _finer_score(self, logits: Tensor) -> Tensor:
         classes = logits.shape[1]
-        if max(self.comparison_positions) >= classes:
+        positions = self._positions(classes)
+        if max(positions) >= classes:
             raise ValueError(
                 f"`comparison_positions` {self.comparison_positions} reach beyond the model's "
                 f"{classes} classes (position 0 is the explained class itself)."
                 + (single_logit_hint() if classes == 1 else "")
             )
-        scores = finer_scores(logits, self.alpha, self.comparison_positions)
+        scores = finer_scores(logits, self.alpha, positions)
         self._warn_if_vanishing(logits.detach())
         return scores
 
     def _warn_if_vanishing(self, logits: Tensor) -> None:
         """The maps of confident predictions vanish (the comparison classes' probabilities
         fall below the formula's 1e-9 guard): say so rather than return blank maps silently."""
-        compared = comparison_classes(logits, None, self.comparison_positions)
+        compared = comparison_classes(logits, None, self._positions(logits.shape[1]))
         weight = logits.softmax(dim=1).gather(1, compared).sum(dim=1)
         vanishing = int((weight < 1e-7).sum())
         if vanishing:

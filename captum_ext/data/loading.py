@@ -352,8 +352,10 @@ _DEFAULT_LAYERS: dict[str, str] = {
 
 class LogitsOutput(nn.Module):
     r"""A classifier whose output carries the logits in a field (Hugging Face's
-    ``ImageClassifierOutput.logits``, or a dict's ``"logits"``), seen as a model that returns
-    the logits tensor: what ``captum-ext report`` and ``score`` explain and score.
+    ``ImageClassifierOutput.logits``, or a dict's ``"logits"``), or that returns one logit per
+    example (a binary classifier, ``P(class 1) = sigmoid(z)``), seen as a model that returns
+    (N, classes) logits: the field, or the two-class logits ``[-z/2, z/2]``
+    (:func:`two_class_logits`). What ``captum-ext report`` and ``score`` explain and score.
 
     The wrapper shares the model's submodules, parameters and buffers (the same objects under
     the same names), so layer names, ``state_dict`` keys and ``.to()`` / ``.eval()`` are the
@@ -361,10 +363,15 @@ class LogitsOutput(nn.Module):
 
     Args:
         model (nn.Module): the classifier.
+
+    Attributes:
+        one_logit (bool): whether :func:`with_logits_output` found one logit per example
+            (False when built directly).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.__dict__["model"] = model  # before Module.__init__: `training` reads it
+        self.__dict__["one_logit"] = False
         mode = model.training
         super().__init__()  # sets training = True: put the model's own mode back
         model.training = mode
@@ -380,7 +387,7 @@ class LogitsOutput(nn.Module):
         self.__dict__["model"].training = mode
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return _logits_field(self.__dict__["model"](*args, **kwargs))
+        return _class_logits(self.__dict__["model"](*args, **kwargs))
 
 
 def _logits_field(output: Any) -> Any:
@@ -390,9 +397,24 @@ def _logits_field(output: Any) -> Any:
     return logits if isinstance(logits, Tensor) and not isinstance(output, Tensor) else output
 
 
+def _is_one_logit(output: Any) -> bool:
+    return (
+        isinstance(output, Tensor)
+        and output.is_floating_point()
+        and (output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1))
+    )
+
+
+def _class_logits(output: Any) -> Any:
+    """The logits field of ``output``; a single logit per example as ``[-z/2, z/2]``."""
+    output = _logits_field(output)
+    return two_class_logits(output) if _is_one_logit(output) else output
+
+
 def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bool]:
     """``(LogitsOutput(model), True)`` when ``model(example)`` returns an object or dict with
-    a ``logits`` tensor instead of a tensor, else ``(model, False)``. One forward pass, without
+    a ``logits`` tensor instead of a tensor, or one logit per example ((N,) or (N, 1): a binary
+    classifier, read as ``[-z/2, z/2]``), else ``(model, False)``. One forward pass, without
     gradients; the model's state is kept."""
     if isinstance(model, torch.jit.ScriptModule):
         return model, False
@@ -401,33 +423,39 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
 
     with preserved_state([model]), torch.no_grad():
         output = model(*in_model_precision(model, (example,)))
-    if isinstance(output, Tensor) or _logits_field(output) is output:
+    one_logit = _is_one_logit(_logits_field(output))
+    if not one_logit and (isinstance(output, Tensor) or _logits_field(output) is output):
         return model, False
-    return LogitsOutput(uncompiled(model)), True  # names of the eager model
+    wrapper = LogitsOutput(uncompiled(model))  # names of the eager model
+    wrapper.one_logit = one_logit
+    return wrapper, True
 
 
 def two_class_logits(output: Tensor) -> Tensor:
-    r"""The two-class logits ``[0, z]`` of a binary classifier that outputs one logit ``z``.
+    r"""The two-class logits ``[-z/2, z/2]`` of a binary classifier that outputs one logit ``z``.
 
     A binary classifier trained with ``BCEWithLogitsLoss`` gives ``P(class 1) = sigmoid(z)``.
-    The softmax of ``[0, z]`` is ``[1 - sigmoid(z), sigmoid(z)]``, the same probabilities, so
-    the methods that read (N, C) logits (the contrasts, the trust scores, the deletion
-    curves, which all take a softmax) see the model as the two-class classifier it is:
-    class 0 the negative, class 1 the positive. Pass it as ``output_transform``, or wrap the
-    model (``lambda x: two_class_logits(model(x))``) where a function has none.
+    The softmax of ``[-z/2, z/2]`` is ``[1 - sigmoid(z), sigmoid(z)]``, the same
+    probabilities, so the methods that read (N, C) logits (the contrasts, the trust scores,
+    the deletion curves, which all take a softmax) see the model as the two-class classifier
+    it is: class 0 the negative, class 1 the positive. The split is symmetric, so "why
+    negative?" (Grad-CAM of class 0) is the opposite evidence of "why positive?", not the
+    zero map of a constant logit, and the energy score ``log(2 cosh(z/2))`` ranks confident
+    predictions of either class alike. Pass it as ``output_transform``, or wrap the model
+    (``lambda x: two_class_logits(model(x))``) where a function has none.
 
     Args:
         output (Tensor): ``(N,)`` or ``(N, 1)`` logits.
 
     Returns:
-        Tensor: ``(N, 2)`` logits, ``[0, z]`` per example.
+        Tensor: ``(N, 2)`` logits, ``[-z/2, z/2]`` per example.
 
     Example::
 
         >>> z = torch.tensor([[2.0], [-1.0]])
         >>> two_class_logits(z)
-        tensor([[ 0.,  2.],
-                [ 0., -1.]])
+        tensor([[-1.0000,  1.0000],
+                [ 0.5000, -0.5000]])
         >>> torch.allclose(two_class_logits(z).softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
         True
     """
@@ -440,7 +468,8 @@ def two_class_logits(output: Tensor) -> Tensor:
             f"`output` must hold one logit per example, (N,) or (N, 1), got shape "
             f"{tuple(output.shape)}."
         )
-    return torch.stack([torch.zeros_like(output), output], dim=1)
+    half = output / 2
+    return torch.stack([-half, half], dim=1)
 
 
 def _model_class_name(model: nn.Module) -> str:

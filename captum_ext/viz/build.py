@@ -145,12 +145,19 @@ def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: st
 
 
 def gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str, Any]]:
-    """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores (eager models)."""
+    """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores (eager models).
+
+    A binary classifier read as ``[-z/2, z/2]`` (:class:`~captum_ext.data.LogitsOutput` with
+    ``one_logit``) takes its gradients by autograd: its last linear layer gives ``z``, not
+    the two logits, so GradTrust's closed form does not apply."""
     import torch
 
-    if final_layer is None or isinstance(model, torch.jit.ScriptModule):
-        return {}
-    return {name: {"layer": final_layer} for name in GRADTRUST_SCORES}
+    options: dict[str, Any] = {}
+    if getattr(model, "one_logit", False):
+        options["method"] = "autograd"
+    if final_layer is not None and not isinstance(model, torch.jit.ScriptModule):
+        options["layer"] = final_layer
+    return {name: dict(options) for name in GRADTRUST_SCORES} if options else {}
 
 
 # --------------------------------------------------------------------------------------
@@ -711,7 +718,12 @@ def build_section_inputs(
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
     model, adapted = with_logits_output(model, example)
-    if adapted:  # e.g. a Hugging Face model's ImageClassifierOutput
+    if adapted and model.one_logit:
+        print(
+            "The model returns one logit z per image (a binary classifier): it is read as the "
+            "two-class logits [-z/2, z/2], class 0 the negative, class 1 the positive."
+        )
+    elif adapted:  # e.g. a Hugging Face model's ImageClassifierOutput
         print(
             "The model returns its logits in a `logits` field (as Hugging Face's models do): "
             "they are explained."
