@@ -144,3 +144,26 @@ def test_finer_cam_compares_a_binary_prediction_with_the_other_class(one_logit, 
     torch.testing.assert_close(default, explicit)
     with pytest.raises(ValueError, match="reach beyond the model's 2 classes"):
         FinerCAM(one_logit, LAYER, comparison_positions=(1, 2), **transform).attribute(x)
+
+
+def test_one_label_of_a_multi_label_model(bundled_model, sample_digits):
+    """conventions.md: label c of independent sigmoids is read as a binary classifier."""
+    x = sample_digits[0][:4]
+    label = 3
+
+    def transform(out: torch.Tensor) -> torch.Tensor:
+        return two_class_logits(out[:, label])
+
+    with torch.no_grad():
+        p = torch.sigmoid(bundled_model(x)[:, label])
+    torch.testing.assert_close(
+        softmax_confidence(bundled_model, x, output_transform=transform), torch.maximum(p, 1 - p)
+    )
+    maps = GradCAM(bundled_model, "features.7", output_transform=transform).attribute(
+        x, target=torch.ones(4, dtype=torch.long)
+    )
+    expected = GradCAM(bundled_model, "features.7").attribute(
+        x, target=torch.full((4,), label, dtype=torch.long)
+    )
+    # Grad-CAM of z_c / 2: the same map as Grad-CAM of z_c, halved
+    torch.testing.assert_close(maps, expected / 2)
