@@ -4,6 +4,7 @@ by one or Captum's LayerGradCam."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _interop import (
@@ -85,6 +86,10 @@ def target_forms(n: int) -> dict:
         "1-element-tensor": (torch.tensor([3]), [3] * n),
         "per-example-tensor": (torch.tensor(classes), classes),
         "per-example-int32-tensor": (torch.tensor(classes, dtype=torch.int32), classes),
+        # labels from numpy (a dataset's array, or one of its np.int64 entries)
+        "numpy-int64-scalar": (np.int64(3), [3] * n),
+        "numpy-array": (np.array(classes), classes),
+        "numpy-int32-array": (np.array(classes, dtype=np.int32), classes),
     }
 
 
@@ -103,6 +108,13 @@ def test_every_target_form_equals_examples_one_by_one(name, form, n, tiny_cnn):
     ]
     assert got.shape == (n, 1, 6, 6)
     torch.testing.assert_close(got, torch.cat(rows), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("value", [np.full(3, 1.0), np.ones(3, dtype=bool), np.array(["a"] * 3)])
+def test_numpy_values_that_are_not_class_indices_are_refused(value, tiny_cnn):
+    method = ContrastCAM(tiny_cnn, LAYER)
+    with pytest.raises(TypeError, match="`contrast`"):
+        method.attribute(tiny_batch(3), contrast=value)
 
 
 @pytest.mark.parametrize("name", list(CAM_CLASSES))

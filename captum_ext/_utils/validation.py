@@ -150,7 +150,8 @@ def parse_class_selection(
     The part of :func:`class_selection` that needs only the batch size: ``value`` is an int,
     a 0-dim or 1-element tensor, a tuple of one int, a list of ints or of one-int tuples or a
     1-D tensor (one class per example), or a 2-D tensor / list of lists (N or 1 rows of C'
-    classes each). None and ``"all"`` need the logits and are not accepted here. Indices are
+    classes each); numpy integers and integer arrays are read as tensors. None and ``"all"``
+    need the logits and are not accepted here. Indices are
     returned as given (negative ones included); :func:`check_class_range` checks and wraps
     them once the number of classes is known.
 
@@ -159,6 +160,13 @@ def parse_class_selection(
         per example were asked for.
     """
     multi = False
+    if type(value).__module__ == "numpy":  # labels from numpy: np.int64 scalars, int arrays
+        try:
+            value = torch.as_tensor(value)  # its dtype is checked below
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"`{argument}`: a numpy value that is not class indices: {error}"
+            ) from None
     if isinstance(value, tuple):
         if len(value) != 1:
             raise _tuple_on_logits_error(value, argument)
