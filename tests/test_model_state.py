@@ -116,3 +116,21 @@ def test_a_dtype_mismatch_is_named_beside_torchs_error(name, convert, hint, tiny
         CALLS[name](model, convert(tiny_inputs))
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert hint in notes
+
+
+@pytest.mark.parametrize(
+    "convert, hint",
+    [
+        (lambda x: x.permute(0, 2, 3, 1).contiguous(), "pass inputs.permute(0, 3, 1, 2)"),
+        (lambda x: x[0], "lacks the batch dimension; pass inputs.unsqueeze(0)"),
+    ],
+    ids=["channels-last", "no-batch-dimension"],
+)
+@pytest.mark.parametrize("name", ["GradCAM", "gradtrust"])
+def test_a_layout_mistake_is_named_beside_torchs_error(name, convert, hint, bundled_model):
+    """Images in (N, H, W, C) (as from PIL through numpy) or one (C, H, W) image: torch's
+    error comes from the first convolution or the linear layer; the note says what to do."""
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError) as info:
+        CALLS[name](bundled_model, convert(x))
+    assert hint in "\n".join(getattr(info.value, "__notes__", []))

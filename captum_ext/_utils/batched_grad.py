@@ -88,6 +88,16 @@ def _mismatch_hint(forward_func: Callable, inputs: tuple[Tensor, ...]) -> str:
     hints = []
     for i, x in enumerate(inputs):
         where = "`inputs`" if len(inputs) == 1 else f"`inputs[{i}]`"
+        if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4:
+            hints.append(
+                f"{where} has shape {tuple(x.shape)}: if these are images with their channels "
+                "last (N, H, W, C), pass inputs.permute(0, 3, 1, 2) for (N, C, H, W)."
+            )
+        elif x.dim() == 3 and x.shape[0] in (1, 3, 4) and min(x.shape[1:]) > 4:
+            hints.append(
+                f"{where} has shape {tuple(x.shape)}: if it is one (C, H, W) image, it lacks "
+                "the batch dimension; pass inputs.unsqueeze(0)."
+            )
         if x.device != parameter.device:
             hints.append(
                 f"{where} is on {x.device} but the model's parameters are on "
