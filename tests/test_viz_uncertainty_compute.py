@@ -140,6 +140,32 @@ def test_voice_section_is_compute_then_render(tmp_path, bundled_model, digits):
         render_voice(data, shown[:2], tmp_path / "c")
 
 
+def test_voice_section_says_why_a_two_class_model_has_no_uncertainty(tmp_path, bundled_model):
+    """Two classes: one contrast, whose variance is 0; the page said nothing about the
+    empty maps (a binary model read through two_class_logits, as the report does)."""
+    from torch import nn
+
+    from captum_ext.data import two_class_logits
+
+    class OneLogit(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            z = self.m(x)
+            return two_class_logits(z[:, 1] - z[:, 0])
+
+    images = load_sample_digits()[0][:3]
+    binary = OneLogit(bundled_model).eval()
+    data = compute_voice(binary, f"m.{BUNDLED_CAM_LAYER}", images)
+    assert (data.n_contrasts == 1).all() and not data.uncertainty.any()
+    section = render_voice(data, denormalize_digits(images), tmp_path)
+    assert "VOICE needs three classes or more" in section.intro
+    full = compute_voice(bundled_model, BUNDLED_CAM_LAYER, images)
+    assert "VOICE needs three" not in render_voice(full, denormalize_digits(images), tmp_path).intro
+
+
 # ---------------------------------------------------------------------------------------
 # deletion / insertion
 

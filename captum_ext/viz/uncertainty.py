@@ -454,6 +454,13 @@ def render_voice(
             "very pixels it attributes the prediction to: it deserves less trust. "
             "SNR: mean / std of the uncertainty map; higher means more dispersed uncertainty. "
             "Log-likelihood: log-probability of P (0 is certain)."
+            + (
+                "\nThe model has two classes, so every image has a single contrast class: "
+                "the variance of one map is 0, the uncertainty maps are empty and IoU and SNR "
+                "are 0. VOICE needs three classes or more."
+                if n and int(data.n_contrasts.max()) <= 1
+                else ""
+            )
         ),
     )
     summary = Table(
