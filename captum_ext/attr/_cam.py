@@ -89,7 +89,9 @@ def zero_gradient_warning(method: str, where: str) -> str:
         "`blocks[-1].norm1` in timm), and a freshly built torchvision ViT has an all-zero head "
         "(load trained weights). A layer inside `torch.utils.checkpoint(..., "
         "use_reentrant=True)` gets no gradients either: use `use_reentrant=False` or turn "
-        "activation checkpointing off while explaining."
+        "activation checkpointing off while explaining. Nor does a layer that the model runs "
+        "under `torch.no_grad()` (a frozen backbone inside `forward`) or whose output it "
+        "detaches: explain a layer after that point, or lift the `no_grad` while explaining."
     )
 
 

@@ -430,6 +430,7 @@ def gradtrust(
         score, logits = _all_parameters_score(
             forward_func, inputs, extra, form, k, method, output_transform
         )
+        _warn_if_every_score_is_undefined(score, layer)
         dtype = at_least_float32(logits).dtype
         return score.to(dtype) if log else _exp_score(score, dtype)
     head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
@@ -476,6 +477,7 @@ def gradtrust(
                 output_transform,
             )
     score = score.to(device=logits.device)
+    _warn_if_every_score_is_undefined(score, layer)
     dtype = at_least_float32(logits).dtype  # a half-precision model's scores in float32
     if form == "topk":
         return score.to(dtype) if log else _exp_score(score, dtype)
@@ -533,6 +535,21 @@ def _all_parameters_score(
             output_transform,
         )
     return score.to(device=logits.device), logits
+
+
+def _warn_if_every_score_is_undefined(score: Tensor, layer: Any) -> None:
+    """Warn where every score is NaN: the gradients vanish for every example (0 / 0)."""
+    if score.numel() and bool(torch.isnan(score).all()):
+        where = "the final linear layer" if layer is None else f"`layer`={layer!r}"
+        warnings.warn(
+            f"gradtrust: every score is NaN: the gradients at {where} vanish for every "
+            "example, so the ratio of their variances is 0 / 0. A layer that the model runs "
+            "under `torch.no_grad()` (a frozen backbone inside `forward`) or whose output it "
+            "detaches gets no gradient; a layer whose input features are all zero neither. "
+            "Pick a layer after that point.",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of gradtrust (behind Captum's log_usage)
+        )
 
 
 def _exp_score(log_score: Tensor, dtype: torch.dtype) -> Tensor:
