@@ -327,61 +327,46 @@ def test_report_on_a_compiled_model(tmp_path, monkeypatch, capsys):
     assert "_orig_mod" not in html and "OptimizedModule" not in html
 
 
-def test_report_and_score_on_a_binary_model_with_one_logit(tmp_path, monkeypatch, capsys):
-    """One logit per image: read as the two-class logits [-z/2, z/2] (before, the
-    contrastive section refused the model and `score` failed in GradTrust)."""
+def _report_and_score(tmp_path, monkeypatch, capsys, factory: str, sections: str):
+    """``report`` (the given sections, on two RGB PNGs) and ``score`` with a model from
+    ``_factories``: the report's stdout and the score CSV's rows."""
     monkeypatch.syspath_prepend(str(TESTS))
     write_pngs(tmp_path / "pngs", 2, mode="RGB")
-    common = ["--model", "_factories:one_logit_small_cnn", "--images", str(tmp_path / "pngs")]
+    common = ["--model", f"_factories:{factory}", "--images", str(tmp_path / "pngs")]
     common += ["--transform", "none", "--no-progress"]
     out = tmp_path / "out"
-    sections = "contrastive,voice,metrics,trust,evaluation"
     code = main(["report", *common, "--layer", "features.3", "--sections", sections]
                 + ["--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "one logit z per image (a binary classifier)" in captured.out
     check_report(out / "index.html")
     scores = tmp_path / "scores.csv"
     assert main(["score", *common, "--out", str(scores)]) == 0, capsys.readouterr().err
-    rows = scores.read_text().splitlines()
+    return captured.out, scores.read_text().strip().splitlines()
+
+
+def test_report_and_score_on_a_binary_model_with_one_logit(tmp_path, monkeypatch, capsys):
+    """One logit per image: read as the two-class logits [-z/2, z/2] (before, the
+    contrastive section refused the model and `score` failed in GradTrust)."""
+    sections = "contrastive,voice,metrics,trust,evaluation"
+    out, rows = _report_and_score(tmp_path, monkeypatch, capsys, "one_logit_small_cnn", sections)
+    assert "one logit z per image (a binary classifier)" in out
     assert len(rows) == 3 and {row.split(",")[3] for row in rows[1:]} <= {"0", "1"}
 
 
 def test_report_and_score_on_a_half_precision_model(tmp_path, monkeypatch, capsys):
     """The images load as float32; a bfloat16 model refused them in every section ("Input
     type (float) and bias type (c10::BFloat16) should be the same")."""
-    monkeypatch.syspath_prepend(str(TESTS))
-    write_pngs(tmp_path / "pngs", 2, mode="RGB")
-    common = ["--model", "_factories:half_precision_small_cnn", "--images"]
-    common += [str(tmp_path / "pngs"), "--transform", "none", "--no-progress"]
-    out = tmp_path / "out"
     sections = "contrastive,voice,metrics,trust,evaluation"
-    code = main(["report", *common, "--layer", "features.3", "--sections", sections]
-                + ["--out", str(out)])  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    check_report(out / "index.html")
-    scores = tmp_path / "scores.csv"
-    assert main(["score", *common, "--out", str(scores)]) == 0, capsys.readouterr().err
-    rows = scores.read_text().splitlines()
-    assert len(rows) == 3 and "inf" not in scores.read_text()
+    _, rows = _report_and_score(tmp_path, monkeypatch, capsys, "half_precision_small_cnn", sections)
+    assert len(rows) == 3 and not any("inf" in row for row in rows)
 
 
 def test_report_and_score_on_a_model_returning_its_logits_in_a_field(tmp_path, monkeypatch, capsys):
     """Hugging Face's classifiers return an ImageClassifierOutput (here: a dict) with
     ``logits``; the commands refused them ("must return (N, classes) logits")."""
-    monkeypatch.syspath_prepend(str(TESTS))
-    write_pngs(tmp_path / "pngs", 2, mode="RGB")
-    common = ["--model", "_factories:logits_in_a_field", "--images", str(tmp_path / "pngs")]
-    common += ["--transform", "none", "--no-progress"]
-    out = tmp_path / "out"
-    code = main(["report", *common, "--layer", "features.3", "--sections", "contrastive,trust"]
-                + ["--out", str(out)])  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert "its logits in a `logits` field" in captured.out
-    check_report(out / "index.html")
-    scores = tmp_path / "scores.csv"
-    assert main(["score", *common, "--out", str(scores)]) == 0, capsys.readouterr().err
-    assert len(scores.read_text().strip().splitlines()) == 3
+    out, rows = _report_and_score(
+        tmp_path, monkeypatch, capsys, "logits_in_a_field", "contrastive,trust"
+    )
+    assert "its logits in a `logits` field" in out
+    assert len(rows) == 3
