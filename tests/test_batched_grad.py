@@ -465,3 +465,32 @@ def test_a_hugging_face_style_output_error_says_how_to_take_its_logits(wrap):
         model, x, output_transform=lambda out: out["logits"] if wrap == "dict" else out.logits
     )
     assert confidence.shape == (2,) and bool(((confidence > 0) & (confidence <= 1)).all())
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_a_tuple_output_error_says_how_to_take_its_first_element(container):
+    """(logits, features) or (logits, aux_logits): the error named the type only."""
+    from captum_ext.attr import GradCAM
+    from captum_ext.metrics import deletion, softmax_confidence
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            pooled = self.features(x).mean(dim=(2, 3))
+            return container([self.head(pooled), pooled])
+
+    model = TwoOutputs().eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"of \(2, 5\), \(2, 4\); .*lambda out: out\[0\]"):
+        softmax_confidence(model, x)
+    with pytest.raises(ValueError, match=r"lambda out: out\[0\]"):
+        GradCAM(model, model.features).attribute(x, target=0)
+    with pytest.raises(ValueError, match=r"wrap the model, forward_func=lambda x: model\(x\)\[0\]"):
+        deletion(model, x, torch.rand(2, 1, 8, 8), target=0)
+    # the remedy works
+    confidence = softmax_confidence(model, x, output_transform=lambda out: out[0])
+    assert confidence.shape == (2,)

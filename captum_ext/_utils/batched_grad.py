@@ -226,6 +226,23 @@ def run_forward(
             else "this function has no `output_transform`: wrap the model, e.g. "
             f"forward_func=lambda x: model(x){pick}."
         )
+    elif (
+        isinstance(output, (tuple, list))
+        and output
+        and isinstance(output[0], Tensor)
+        and output[0].dim() >= 1
+        and output[0].shape[0] == n
+    ):  # (logits, features), (logits, aux_logits): the first is usually the logits
+        got += " of " + ", ".join(
+            f"{tuple(item.shape)}" if isinstance(item, Tensor) else type(item).__name__
+            for item in output
+        )
+        remedy = (
+            "if its first element holds the logits, pass output_transform=lambda out: out[0]."
+            if takes_output_transform
+            else "this function has no `output_transform`: if its first element holds the "
+            "logits, wrap the model, forward_func=lambda x: model(x)[0]."
+        )
     elif takes_output_transform:
         remedy = "pass `output_transform` to reduce the output to (N, classes) scores."
     else:
