@@ -80,6 +80,11 @@ def one_logit_small_cnn() -> nn.Module:
     return SmallCNN(num_classes=1)
 
 
+def softmax_small_cnn() -> nn.Module:
+    """A classifier that ends in a softmax (returns probabilities)."""
+    return nn.Sequential(small_cnn(), nn.Softmax(dim=1))
+
+
 def half_precision_small_cnn() -> nn.Module:
     """A factory that returns its model in bfloat16 (the images load as float32)."""
     return small_cnn().to(torch.bfloat16)

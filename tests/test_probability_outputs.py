@@ -78,3 +78,29 @@ def test_functions_without_output_transform_say_to_wrap_the_model(softmax_model,
         lambda: run_forward(softmax_model, (x,), None, takes_output_transform=False)
     )
     assert messages and "lambda x: torch.log(model(x))" in messages[0]
+
+
+def test_with_logits_output_reads_probabilities_as_log_probabilities(
+    softmax_model, bundled_model, sample_digits
+):
+    """What `captum-ext report` and `score` do with such a model."""
+    from captum_ext.data import LogitsOutput, with_logits_output
+
+    x, y = sample_digits[0][:8], sample_digits[1][:8]
+    wrapped, adapted = with_logits_output(softmax_model, x[:2])
+    assert adapted and isinstance(wrapped, LogitsOutput) and wrapped.reads == "probabilities"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            wrapped(x).softmax(1), bundled_model(x).softmax(1), rtol=1e-5, atol=1e-7
+        )
+    expected = ContrastCAM(bundled_model, LAYER).attribute(x, contrast=(y + 1) % 10)
+    got = []
+    assert not _probabilities_warnings(
+        lambda: got.append(ContrastCAM(wrapped, f"0.{LAYER}").attribute(x, contrast=(y + 1) % 10))
+    )
+    torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    # a probability of exactly 0 (underflow) gives a finite logit
+    zero = LogitsOutput(nn.Identity(), reads="probabilities")(torch.tensor([[1.0, 0.0]]))
+    assert torch.isfinite(zero).all() and zero[0, 1] < -80
+    with pytest.raises(ValueError, match="`reads`"):
+        LogitsOutput(bundled_model, reads="softmax")

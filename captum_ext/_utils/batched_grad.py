@@ -146,19 +146,26 @@ PROBABILITIES_WARNING = (
 )
 
 
-def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None:
-    """Warn where ``output`` is (N, C) with rows on the probability simplex: a model that ends
-    in a softmax. ``log`` of probabilities are logits (``softmax(log p) = p``)."""
-    if output.dim() != 2 or output.shape[1] < 2 or not output.is_floating_point():
-        return
+def looks_like_probabilities(output: Any) -> bool:
+    """Whether ``output`` is (N, C >= 2) with every row on the probability simplex (entries in
+    [0, 1] summing to 1): the output of a model that ends in a softmax."""
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] < 2:
+        return False
+    if not output.is_floating_point():
+        return False
     tolerance = 1e-2 if output.dtype in _HALF_PRECISION else 1e-4
     with torch.no_grad():
-        simplex = bool(
+        return bool(
             (output >= 0).all()
             and (output <= 1).all()
             and ((output.sum(dim=1, dtype=torch.float32) - 1).abs() <= tolerance).all()
         )
-    if simplex:
+
+
+def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None:
+    """Warn where ``output`` is (N, C) with rows on the probability simplex: a model that ends
+    in a softmax. ``log`` of probabilities are logits (``softmax(log p) = p``)."""
+    if looks_like_probabilities(output):
         remedy = (
             "Pass output_transform=torch.log (log-probabilities are logits: softmax(log p) = p) "
             "or remove the final softmax."

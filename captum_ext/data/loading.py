@@ -350,28 +350,39 @@ _DEFAULT_LAYERS: dict[str, str] = {
 }
 
 
-class LogitsOutput(nn.Module):
-    r"""A classifier whose output carries the logits in a field (Hugging Face's
-    ``ImageClassifierOutput.logits``, or a dict's ``"logits"``), or that returns one logit per
-    example (a binary classifier, ``P(class 1) = sigmoid(z)``), seen as a model that returns
-    (N, classes) logits: the field, or the two-class logits ``[-z/2, z/2]``
-    (:func:`two_class_logits`). What ``captum-ext report`` and ``score`` explain and score.
+# how LogitsOutput reads the model's output
+LOGITS_READS = ("field", "one logit", "probabilities")
 
-    The wrapper shares the model's submodules, parameters and buffers (the same objects under
-    the same names), so layer names, ``state_dict`` keys and ``.to()`` / ``.eval()`` are the
-    model's, and its ``training`` flag is the model's own.
+
+class LogitsOutput(nn.Module):
+    r"""A classifier seen as a model that returns (N, classes) logits: what ``captum-ext
+    report`` and ``score`` explain and score. ``reads`` says how its output is read:
+
+    - ``"field"``: the output carries the logits in a field (Hugging Face's
+      ``ImageClassifierOutput.logits``, or a dict's ``"logits"``);
+    - ``"one logit"``: one logit per example (a binary classifier,
+      ``P(class 1) = sigmoid(z)``), read as the two-class logits ``[-z/2, z/2]``
+      (:func:`two_class_logits`);
+    - ``"probabilities"``: the model ends in a softmax; its probabilities are read as
+      log-probabilities, which are logits (``softmax(log p) = p``; ``log 0`` is clamped to
+      the log of the dtype's smallest normal number).
+
+    A ``logits`` field is taken first in every case. The wrapper shares the model's
+    submodules, parameters and buffers (the same objects under the same names), so layer
+    names, ``state_dict`` keys and ``.to()`` / ``.eval()`` are the model's, and its
+    ``training`` flag is the model's own.
 
     Args:
         model (nn.Module): the classifier.
-
-    Attributes:
-        one_logit (bool): whether :func:`with_logits_output` found one logit per example
-            (False when built directly).
+        reads (str, optional): ``"field"``, ``"one logit"`` or ``"probabilities"``.
+            Default: ``"field"``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, reads: str = "field") -> None:
+        if reads not in LOGITS_READS:
+            raise ValueError(f"`reads`={reads!r}: expected one of {LOGITS_READS}.")
         self.__dict__["model"] = model  # before Module.__init__: `training` reads it
-        self.__dict__["one_logit"] = False
+        self.__dict__["reads"] = reads
         mode = model.training
         super().__init__()  # sets training = True: put the model's own mode back
         model.training = mode
@@ -387,7 +398,12 @@ class LogitsOutput(nn.Module):
         self.__dict__["model"].training = mode
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return _class_logits(self.__dict__["model"](*args, **kwargs))
+        output = _logits_field(self.__dict__["model"](*args, **kwargs))
+        if self.reads == "one logit":
+            return two_class_logits(output)
+        if self.reads == "probabilities":
+            return torch.log(output.clamp_min(torch.finfo(output.dtype).tiny))
+        return output
 
 
 def _logits_field(output: Any) -> Any:
@@ -405,30 +421,29 @@ def _is_one_logit(output: Any) -> bool:
     )
 
 
-def _class_logits(output: Any) -> Any:
-    """The logits field of ``output``; a single logit per example as ``[-z/2, z/2]``."""
-    output = _logits_field(output)
-    return two_class_logits(output) if _is_one_logit(output) else output
-
-
 def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bool]:
-    """``(LogitsOutput(model), True)`` when ``model(example)`` returns an object or dict with
-    a ``logits`` tensor instead of a tensor, or one logit per example ((N,) or (N, 1): a binary
-    classifier, read as ``[-z/2, z/2]``), else ``(model, False)``. One forward pass, without
+    """``(LogitsOutput(model, reads), True)`` when ``model(example)`` is not (N, C) logits
+    but has them in a ``logits`` field (``reads="field"``), is one logit per example ((N,)
+    or (N, 1): a binary classifier, ``"one logit"``) or rows of probabilities (a final
+    softmax, ``"probabilities"``); else ``(model, False)``. One forward pass, without
     gradients; the model's state is kept."""
     if isinstance(model, torch.jit.ScriptModule):
         return model, False
-    from captum_ext._utils.batched_grad import in_model_precision
+    from captum_ext._utils.batched_grad import in_model_precision, looks_like_probabilities
     from captum_ext._utils.model_state import preserved_state
 
     with preserved_state([model]), torch.no_grad():
         output = model(*in_model_precision(model, (example,)))
-    one_logit = _is_one_logit(_logits_field(output))
-    if not one_logit and (isinstance(output, Tensor) or _logits_field(output) is output):
+    logits = _logits_field(output)
+    if _is_one_logit(logits):
+        reads = "one logit"
+    elif looks_like_probabilities(logits):
+        reads = "probabilities"
+    elif logits is not output:
+        reads = "field"
+    else:
         return model, False
-    wrapper = LogitsOutput(uncompiled(model))  # names of the eager model
-    wrapper.one_logit = one_logit
-    return wrapper, True
+    return LogitsOutput(uncompiled(model), reads), True  # names of the eager model
 
 
 def two_class_logits(output: Tensor) -> Tensor:

@@ -144,16 +144,27 @@ def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: st
     return expose_final_layer(model, final_layer, layer=layer, example=example)
 
 
+#: what the report prints when :func:`~captum_ext.data.with_logits_output` adapts the model
+ADAPTATION_MESSAGES = {
+    "field": "The model returns its logits in a `logits` field (as Hugging Face's models do): "
+    "they are explained.",
+    "one logit": "The model returns one logit z per image (a binary classifier): it is read "
+    "as the two-class logits [-z/2, z/2], class 0 the negative, class 1 the positive.",
+    "probabilities": "The model returns probabilities (it ends in a softmax): they are read "
+    "as log-probabilities, which are logits (softmax(log p) = p).",
+}
+
+
 def gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str, Any]]:
     """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores (eager models).
 
-    A binary classifier read as ``[-z/2, z/2]`` (:class:`~captum_ext.data.LogitsOutput` with
-    ``one_logit``) takes its gradients by autograd: its last linear layer gives ``z``, not
-    the two logits, so GradTrust's closed form does not apply."""
+    A model whose output is transformed into logits (:class:`~captum_ext.data.LogitsOutput`
+    reading one logit or probabilities) takes its gradients by autograd: its last linear
+    layer does not give those logits, so GradTrust's closed form does not apply."""
     import torch
 
     options: dict[str, Any] = {}
-    if getattr(model, "one_logit", False):
+    if getattr(model, "reads", "field") != "field":
         options["method"] = "autograd"
     if final_layer is not None and not isinstance(model, torch.jit.ScriptModule):
         options["layer"] = final_layer
@@ -718,16 +729,8 @@ def build_section_inputs(
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
     model, adapted = with_logits_output(model, example)
-    if adapted and model.one_logit:
-        print(
-            "The model returns one logit z per image (a binary classifier): it is read as the "
-            "two-class logits [-z/2, z/2], class 0 the negative, class 1 the positive."
-        )
-    elif adapted:  # e.g. a Hugging Face model's ImageClassifierOutput
-        print(
-            "The model returns its logits in a `logits` field (as Hugging Face's models do): "
-            "they are explained."
-        )
+    if adapted:
+        print(ADAPTATION_MESSAGES[model.reads])
     if layer_name is None:
         layer_name = pick_layer(model, config.layer)
     trust_problem = None
