@@ -47,6 +47,7 @@ from typing import Any
 
 from captum_ext._utils.deprecation import moved_names
 from captum_ext.viz.build import (
+    ADAPTATION_MESSAGES,
     GRADTRUST_SCORES,
     SECTION_REGISTRY,
     USER_MODEL_SECTIONS,
@@ -497,7 +498,9 @@ def _run_score(args: argparse.Namespace) -> int:
         else:
             model = load_model(args.model, args.weights, device)
             (images,) = in_model_precision(model, (images,))  # float32 pixels, half model
-            model, _ = with_logits_output(model, images[:1].to(device))
+            model, adapted = with_logits_output(model, images[:1].to(device))
+            if adapted and int(os.environ.get("RANK", "0")) == 0:
+                print(ADAPTATION_MESSAGES[model.reads])
         if class_names is not None:
             check_class_names(model, images[:1].to(device), class_names)
         options = gradtrust_kwargs(model, args.final_layer)

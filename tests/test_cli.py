@@ -342,8 +342,10 @@ def _report_and_score(tmp_path, monkeypatch, capsys, factory: str, sections: str
     assert code == 0, captured.err
     check_report(out / "index.html")
     scores = tmp_path / "scores.csv"
-    assert main(["score", *common, "--out", str(scores)]) == 0, capsys.readouterr().err
-    return captured.out, scores.read_text().strip().splitlines()
+    code = main(["score", *common, "--out", str(scores)])
+    scored = capsys.readouterr()
+    assert code == 0, scored.err
+    return captured.out + scored.out, scores.read_text().strip().splitlines()
 
 
 def test_report_and_score_on_a_binary_model_with_one_logit(tmp_path, monkeypatch, capsys):
@@ -361,7 +363,7 @@ def test_report_and_score_on_a_model_that_ends_in_a_softmax(tmp_path, monkeypatc
     failed in GradTrust)."""
     sections = "contrastive,voice,metrics,trust"
     out, rows = _report_and_score(tmp_path, monkeypatch, capsys, "softmax_small_cnn", sections)
-    assert "read as log-probabilities" in out
+    assert out.count("read as log-probabilities") == 2  # report, then score
     assert len(rows) == 3
 
 
