@@ -135,3 +135,41 @@ def test_score_dataset_on_float32_pixels_and_a_half_model(bundled_model, sample_
     with torch.no_grad():
         expected = half(x.half()).float().softmax(1).amax(1)
     torch.testing.assert_close(table["softmax"], expected)
+
+
+def _iba(model, x):
+    from captum_ext.attr import LayerIBA
+
+    iba = LayerIBA(model, LAYER)
+    iba.estimate(x)
+    torch.manual_seed(0)
+    return iba.attribute(x, target=0)
+
+
+def _circuit_weights(model, x):
+    from captum_ext.circuits import CircuitReadout
+
+    graphs = CircuitReadout(model, gradient=True).readout(x[:2], target=[0, 0])
+    return torch.tensor(sorted(w for g in graphs for *_, w in g.edges(data="weight")))
+
+
+FLOAT32_INPUT_CALLS = {
+    "gradtrust at a layer": lambda m, x: gradtrust(m, x, layer="features.6", log=True),
+    "gradtrust, all parameters": lambda m, x: gradtrust(m, x, layer="all", log=True),
+    "LayerIBA": _iba,
+    "circuit readout": _circuit_weights,
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT32_INPUT_CALLS))
+def test_float32_inputs_reach_a_half_model_in_its_dtype(name, bundled_model, sample_digits):
+    """The per-example gradient engine, LayerIBA and the circuit readout call the model
+    themselves: float32 inputs are cast there too (the same result as half inputs)."""
+    x = sample_digits[0][:4]
+    half = copy.deepcopy(bundled_model).to(torch.bfloat16)
+    call = FLOAT32_INPUT_CALLS[name]
+    torch.manual_seed(0)
+    got = call(half, x)
+    torch.manual_seed(0)
+    expected = call(half, x.to(torch.bfloat16))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

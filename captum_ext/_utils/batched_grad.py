@@ -642,6 +642,7 @@ def per_example_parameter_gradients(
     each example is normalised with its own statistics, as a batch of one). The caller keeps
     the model's state with ``preserved_state``; no parameter is modified.
     """
+    inputs = in_model_precision(forward_func, inputs)
     model = root_module(forward_func)
     paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
     if all(id(module) in paths for module in modules.values()):

@@ -19,7 +19,7 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from .._utils.batched_grad import objective_gradients, run_forward
+from .._utils.batched_grad import in_model_precision, objective_gradients, run_forward
 from .._utils.batches import dict_batch
 from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
@@ -442,6 +442,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                         # (images, labels, ...) from a DataLoader: the first entry is the input
                         batch = batch[0] if not isinstance(inputs_or_dataloader, tuple) else batch
                     inputs = format_inputs(batch, argument="inputs_or_dataloader")
+                    inputs = in_model_precision(self.forward_func, inputs)
                     rows = inputs[0].shape[0]
                     take = min(rows, n_samples - count)
                     inputs = tuple(t[:take] for t in inputs)
@@ -648,7 +649,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 "LayerIBA needs the layer's feature statistics: call `estimate(data)` first, or "
                 "pass `mean` and `std` to the constructor or to `set_statistics`."
             )
-        formatted = format_inputs(inputs)
+        formatted = in_model_precision(self.forward_func, format_inputs(inputs))
         model = root_module(self.forward_func)
         with (
             preserved_state([model, self.layer]),

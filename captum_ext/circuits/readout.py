@@ -9,7 +9,7 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
-from .._utils.batched_grad import objective_gradients
+from .._utils.batched_grad import in_model_precision, objective_gradients
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, uncompiled
 from .._utils.model_state import gradients_on, preserved_state
@@ -403,7 +403,7 @@ class CircuitReadout:
             - graph attributes ``example``, ``target``, ``prediction``, ``gradient``,
               ``stages``.
         """
-        inputs = format_inputs(inputs)
+        inputs = in_model_precision(self.model, format_inputs(inputs))
         extra = format_additional_forward_args(additional_forward_args)
         model, network = self.model, self._network
         n_stages = len(self.layers)
