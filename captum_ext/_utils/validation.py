@@ -151,9 +151,9 @@ def parse_class_selection(
     a 0-dim or 1-element tensor, a tuple of one int, a list of ints or of one-int tuples or a
     1-D tensor (one class per example), or a 2-D tensor / list of lists (N or 1 rows of C'
     classes each); numpy integers and integer arrays are read as tensors. None and ``"all"``
-    need the logits and are not accepted here. Indices are
-    returned as given (negative ones included); :func:`check_class_range` checks and wraps
-    them once the number of classes is known.
+    need the logits and are not accepted here. Indices are returned as given (negative ones
+    included); :func:`check_class_range` checks and wraps them once the number of classes is
+    known.
 
     Returns:
         (classes, multi): an (N, C') long tensor on ``device`` and whether several classes

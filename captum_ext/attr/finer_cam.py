@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import check_int, check_number, single_logit_hint
 
 from ._cam import TargetClassCAMBase, target_cam
@@ -32,8 +33,7 @@ def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tens
     Half-precision logits are scored in float32: the 1e-9 guard is 0 in float16, where the
     vanishing weights of a confident prediction gave 0 / 0.
     """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits = at_least_float32(logits)
     n, classes = logits.shape
     distance = (logits[:, :, None] - logits[:, None, :]).abs()
     # each class first in its own ordering, also when another class has the same logit

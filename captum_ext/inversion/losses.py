@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on, preserved_state
+from captum_ext._utils.precision import at_least_float32
 
 __all__ = [
     "class_cosine_diversity",
@@ -31,11 +32,6 @@ __all__ = [
     "total_variation",
     "weight_gradient_norm",
 ]
-
-
-def _upcast(tensor: Tensor) -> Tensor:
-    """float16 / bfloat16 (autocast) to float32; float32 and float64 as they are."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def _check_tensor(value, argument: str, dims: tuple[int, ...] | None = None) -> Tensor:
@@ -369,9 +365,9 @@ def weight_gradient_norm(
         with gradients_on():
             logits = model(inputs)
             labels = _as_labels(labels, logits)
-            loss = F.cross_entropy(_upcast(logits), labels)
+            loss = F.cross_entropy(at_least_float32(logits), labels)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-    total = sum((_upcast(g) ** 2).sum() for g in grads if g is not None)
+    total = sum((at_least_float32(g) ** 2).sum() for g in grads if g is not None)
     if not isinstance(total, Tensor):
         total = loss * 0
     return total if squared else total.sqrt()
@@ -427,6 +423,6 @@ def perturbed_kl_ce(
     signs = torch.randint(0, 2, pixels.shape, generator=generator, device=pixels.device)
     perturbed = pixels + eps * (2 * signs.to(pixels.dtype) - 1)
     inputs = perturbed if preprocess is None else preprocess(perturbed)
-    logits = _upcast(model(inputs))
+    logits = at_least_float32(model(inputs))
     conditioning = conditioning.to(logits.dtype)
     return kl_to_conditioning(logits, conditioning) + cross_entropy_to_labels(logits, conditioning)

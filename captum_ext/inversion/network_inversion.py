@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -30,7 +31,6 @@ from captum_ext.inversion._features import _feature_tap, count_classes
 from captum_ext.inversion.conditioning import _check_labels, one_hot_vectors
 from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
 from captum_ext.inversion.losses import (
-    _upcast,
     class_cosine_diversity,
     cosine_diversity,
     cross_entropy_to_labels,
@@ -406,8 +406,8 @@ class NetworkInversion:
         target = vectors if vectors is not None else one_hot_vectors(labels, k)
         cast = [None if t is None else t.to(param.dtype) for t in (z, vectors, matrices)]
         images, pixels = net(*cast, return_pixels=True)
-        logits = _upcast(self.model(images))
-        features = _upcast(self._tap.pop())
+        logits = at_least_float32(self.model(images))
+        features = at_least_float32(self._tap.pop())
         target = target.to(logits.dtype)
         terms: dict[str, Tensor] = {}
         if weights.get("kl", 0):
@@ -421,9 +421,9 @@ class NetworkInversion:
         if weights.get("class_cosine", 0):
             terms["class_cosine"] = class_cosine_diversity(features, labels)
         if weights.get("total_variation", 0):
-            terms["total_variation"] = total_variation(_upcast(pixels))
+            terms["total_variation"] = total_variation(at_least_float32(pixels))
         if weights.get("pixel_range", 0):
-            terms["pixel_range"] = pixel_range(_upcast(pixels))
+            terms["pixel_range"] = pixel_range(at_least_float32(pixels))
         if weights.get("perturbed", 0):
             terms["perturbed"] = perturbed_kl_ce(
                 self.model,

@@ -19,6 +19,7 @@ from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.maps import upsample_maps
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -231,7 +232,7 @@ class Evaluator:
             # count of the logits is used
             self.resolve_target(logits)
         targets = self.targets.to(logits.device)[examples.to(logits.device)]
-        work = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        work = at_least_float32(logits)
         probability = work.softmax(dim=1).gather(1, targets[:, None])[:, 0]
         correct = (work.argmax(dim=1) == targets).to(probability.dtype)
         return probability, correct
