@@ -16,6 +16,7 @@ import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
 from captum.attr import NoiseTunnel, Saliency
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_ext.attr import ContrastCAM, Contrastive, FinerCAM, GradCAM
@@ -173,3 +174,32 @@ def test_float32_inputs_reach_a_half_model_in_its_dtype(name, bundled_model, sam
     torch.manual_seed(0)
     expected = call(half, x.to(torch.bfloat16))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_only_the_inputs_are_cast_not_the_additional_arguments(sample_digits):
+    """The cast is for the inputs that NoiseTunnel noised; an extra float32 argument reaches
+    the model as given (it may be meant as float32, e.g. a temperature or a mask)."""
+    seen = []
+
+    class TakesAScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x, scale):
+            seen.append((x.dtype, scale.dtype))
+            return self.head(self.features(x).mean(dim=(2, 3))) * scale.to(x.dtype)
+
+    model = TakesAScale().to(torch.bfloat16).eval()
+    x = sample_digits[0][:2].to(torch.bfloat16)
+    scale = torch.ones(2, 1)  # float32 on purpose
+    torch.manual_seed(0)
+    NoiseTunnel(Contrastive(Saliency(model))).attribute(
+        x, contrast=1, additional_forward_args=(scale,), nt_samples=2, stdevs=0.1
+    )
+    NoiseTunnel(GradCAM(model, "features.1")).attribute(
+        x, target=0, additional_forward_args=(scale,), nt_samples=2, stdevs=0.1
+    )
+    assert seen and all(pair == (torch.bfloat16, torch.float32) for pair in seen)
