@@ -167,3 +167,22 @@ def test_one_label_of_a_multi_label_model(bundled_model, sample_digits):
     )
     # Grad-CAM of z_c / 2: the same map as Grad-CAM of z_c, halved
     torch.testing.assert_close(maps, expected / 2)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_two_class_logits_can_be_scripted_into_a_torchscript_model(one_logit, sample_digits):
+    """A model that applies the helper in its forward (to hand Captum-style tools a
+    two-class model) can still be scripted."""
+
+    class Scripted(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return two_class_logits(self.model(x))
+
+    x = sample_digits[0][:3]
+    eager = Scripted(one_logit).eval()
+    scripted = torch.jit.script(eager)
+    torch.testing.assert_close(scripted(x), eager(x))

@@ -474,14 +474,14 @@ def two_class_logits(output: Tensor) -> Tensor:
         >>> torch.allclose(two_class_logits(z).softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
         True
     """
-    if not isinstance(output, Tensor):
+    if not torch.jit.is_scripting() and not isinstance(output, Tensor):  # scriptable
         raise TypeError(f"`output` must be a tensor of logits, got {type(output).__name__}.")
     if output.dim() == 2 and output.shape[1] == 1:
         output = output[:, 0]
     if output.dim() != 1:
         raise ValueError(
             f"`output` must hold one logit per example, (N,) or (N, 1), got shape "
-            f"{tuple(output.shape)}."
+            f"{list(output.shape)}."
         )
     half = output / 2
     return torch.stack([-half, half], dim=1)
