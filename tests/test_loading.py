@@ -373,6 +373,16 @@ def test_none_transform_keeps_pixels(tmp_path):
     grey = tmp_path / "grey"
     write_image(grey / "g.png", size=(9, 7), mode="L")
     assert load_image_folder(grey, "none")[0].shape == (1, 1, 7, 9)
+    # every grey mode keeps one channel, as the docstring says (1-bit and grey-and-alpha
+    # images became RGB, so a folder that mixed them with 8-bit grey ones failed)
+    from PIL import Image
+
+    base = Image.open(grey / "g.png")
+    base.convert("1").save(grey / "h.png")
+    base.convert("LA").save(grey / "i.png")
+    images = load_image_folder(grey, "none")[0]
+    assert images.shape == (3, 1, 7, 9)
+    torch.testing.assert_close(images[2], images[0])  # the alpha channel is dropped
 
 
 def test_none_transform_needs_equal_sizes(image_folder, tmp_path):

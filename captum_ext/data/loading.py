@@ -636,8 +636,15 @@ def _to_tensor(image) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 255.0
 
 
+# grey modes: 1-bit, 8-bit, grey with alpha (16-bit and float ones become "L" before)
+_GREY_MODES = ("1", "L", "LA")
+
+
 def _plain_transform(image) -> Tensor:
-    return _to_tensor(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    """Grey images as one channel (a 1-bit or grey-and-alpha image too), others as RGB."""
+    if image.mode in _GREY_MODES:
+        return _to_tensor(image if image.mode == "L" else image.convert("L"))
+    return _to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def _digits_transform(image) -> Tensor:
@@ -724,7 +731,8 @@ def load_image_folder(
             - ``"imagenet"``: RGB, resize the shorter side to 256, center crop 224, scale to
               [0, 1], normalise with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`
               (torchvision's transforms when installed, else the same steps with PIL).
-            - ``"none"``: scale to [0, 1] only (``ToTensor``); grey images keep 1 channel,
+            - ``"none"``: scale to [0, 1] only (``ToTensor``); grey images (1-bit, 8-bit,
+              16-bit, float, and grey with alpha, whose alpha is dropped) keep 1 channel,
               others become RGB. All images must then have the same size and mode.
             - ``"digits"``: grey, resize to 28 x 28, the bundled model's normalisation
               (:func:`captum_ext.data.normalize_digits`). Digits are expected light on dark,
