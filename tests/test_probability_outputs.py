@@ -4,7 +4,9 @@ Every method reads the model's output as logits. On probabilities its softmax is
 on the bundled model behind ``nn.Softmax``, ContrastCAM's maps correlated 0.18-0.73 with the
 logits model's, and deletion curves flattened towards 1/C (AUC 0.098-0.109 on four digits
 against 0.065-0.155), all without a word. A warning now names the cause and the remedy,
-``output_transform=torch.log`` (log-probabilities are logits: ``softmax(log p) = p``).
+``output_transform=captum_ext.data.log_probabilities`` (log-probabilities are logits:
+``softmax(log p) = p``; plain ``torch.log`` gives NaN maps where a confident model's
+probabilities underflow to 0).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from captum_ext._utils.batched_grad import PROBABILITIES_WARNING
 from captum_ext.attr import ContrastCAM, GradCAM
+from captum_ext.data import log_probabilities
 from captum_ext.metrics import deletion, softmax_confidence
 
 LAYER = "features.7"
@@ -46,7 +49,7 @@ CALLS = {
 def test_a_softmax_at_the_end_is_named(name, softmax_model, bundled_model, sample_digits):
     x, y = sample_digits[0][:4], sample_digits[1][:4]
     messages = _probabilities_warnings(lambda: CALLS[name](softmax_model, x, y, f"0.{LAYER}"))
-    assert messages and "torch.log" in messages[0]  # output_transform=, or wrap the model
+    assert messages and "log_probabilities" in messages[0]  # output_transform=, or wrap
     assert not _probabilities_warnings(lambda: CALLS[name](bundled_model, x, y, LAYER))
 
 
@@ -55,7 +58,7 @@ def test_the_named_remedy_gives_the_logits_model_s_maps(
 ):
     x, y = sample_digits[0][:8], sample_digits[1][:8]
     expected = ContrastCAM(bundled_model, LAYER).attribute(x, contrast=(y + 1) % 10)
-    cam = ContrastCAM(softmax_model, f"0.{LAYER}", output_transform=torch.log)
+    cam = ContrastCAM(softmax_model, f"0.{LAYER}", output_transform=log_probabilities)
     got = cam.attribute(x, contrast=(y + 1) % 10)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert not _probabilities_warnings(lambda: cam.attribute(x, contrast=(y + 1) % 10))
@@ -77,7 +80,7 @@ def test_functions_without_output_transform_say_to_wrap_the_model(softmax_model,
     messages = _probabilities_warnings(
         lambda: run_forward(softmax_model, (x,), None, takes_output_transform=False)
     )
-    assert messages and "lambda x: torch.log(model(x))" in messages[0]
+    assert messages and "lambda x: captum_ext.data.log_probabilities(model(x))" in messages[0]
 
 
 def test_with_logits_output_reads_probabilities_as_log_probabilities(
@@ -104,3 +107,30 @@ def test_with_logits_output_reads_probabilities_as_log_probabilities(
     assert torch.isfinite(zero).all() and zero[0, 1] < -80
     with pytest.raises(ValueError, match="`reads`"):
         LogitsOutput(bundled_model, reads="softmax")
+
+
+def test_a_confident_softmax_model_is_told_that_underflowed_classes_are_lost(sample_digits):
+    """Logit gaps of 29 and more: some probabilities are exactly 0. ``torch.log`` gave NaN
+    maps; ``log_probabilities`` keeps them finite, and the warning says that no transform
+    brings those classes back (the remedy is the logits before the softmax)."""
+    from _helpers import make_confident_model
+
+    from captum_ext.data import with_logits_output
+
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    confident = nn.Sequential(make_confident_model(29.0), nn.Softmax(dim=1)).eval()
+    with torch.no_grad():
+        assert (confident(x) == 0).any()
+    contrast = (y + 1) % 10
+    nan_maps = ContrastCAM(confident, f"0.{LAYER}", output_transform=torch.log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.isnan(nan_maps.attribute(x, contrast=contrast)).any()
+    messages = _probabilities_warnings(lambda: softmax_confidence(confident, x))
+    assert messages and "exactly 0" in messages[0] and "without its final softmax" in messages[0]
+    cam = ContrastCAM(confident, f"0.{LAYER}", output_transform=log_probabilities)
+    with pytest.warns(UserWarning, match="exactly zero"):  # the contrasts underflowed: lost
+        assert torch.isfinite(cam.attribute(x, contrast=contrast)).all()
+    with pytest.warns(UserWarning, match="exactly 0"):
+        wrapped, _ = with_logits_output(confident, x)
+    assert wrapped.reads == "probabilities"

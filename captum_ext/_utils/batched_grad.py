@@ -162,17 +162,28 @@ def looks_like_probabilities(output: Any) -> bool:
         )
 
 
+#: added where some probabilities are exactly 0: their logits are gone
+UNDERFLOW_NOTE = (
+    " Some of its probabilities are exactly 0 (a confident model's softmax underflows): no "
+    "transform recovers their logits, so the explanations of those classes are lost. Explain "
+    "the model without its final softmax (the logits before it) where you can."
+)
+
+
 def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None:
     """Warn where ``output`` is (N, C) with rows on the probability simplex: a model that ends
     in a softmax. ``log`` of probabilities are logits (``softmax(log p) = p``)."""
     if looks_like_probabilities(output):
         remedy = (
-            "Pass output_transform=torch.log (log-probabilities are logits: softmax(log p) = p) "
-            "or remove the final softmax."
+            "Pass output_transform=captum_ext.data.log_probabilities (log-probabilities are "
+            "logits: softmax(log p) = p) or remove the final softmax."
             if takes_output_transform
-            else "Wrap the model: forward_func=lambda x: torch.log(model(x)) "
-            "(log-probabilities are logits: softmax(log p) = p), or remove the final softmax."
+            else "Wrap the model: forward_func=lambda x: "
+            "captum_ext.data.log_probabilities(model(x)) (log-probabilities are logits: "
+            "softmax(log p) = p), or remove the final softmax."
         )
+        if bool((output == 0).any()):
+            remedy += UNDERFLOW_NOTE
         warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=3)
 
 

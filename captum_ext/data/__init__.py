@@ -56,6 +56,7 @@ __all__ = [
     "load_model",
     "load_sample_digits",
     "load_state_dict_file",
+    "log_probabilities",
     "normalize_digits",
     "two_class_logits",
     "with_logits_output",
@@ -175,6 +176,7 @@ from captum_ext.data.loading import (  # noqa: E402
     load_image_folder,
     load_model,
     load_state_dict_file,
+    log_probabilities,
     two_class_logits,
     with_logits_output,
 )

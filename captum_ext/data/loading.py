@@ -364,8 +364,7 @@ class LogitsOutput(nn.Module):
       ``P(class 1) = sigmoid(z)``), read as the two-class logits ``[-z/2, z/2]``
       (:func:`two_class_logits`);
     - ``"probabilities"``: the model ends in a softmax; its probabilities are read as
-      log-probabilities, which are logits (``softmax(log p) = p``; ``log 0`` is clamped to
-      the log of the dtype's smallest normal number).
+      log-probabilities, which are logits (:func:`log_probabilities`).
 
     A ``logits`` field is taken first in every case. The wrapper shares the model's
     submodules, parameters and buffers (the same objects under the same names), so layer
@@ -402,7 +401,7 @@ class LogitsOutput(nn.Module):
         if self.reads == "one logit":
             return two_class_logits(output)
         if self.reads == "probabilities":
-            return torch.log(output.clamp_min(torch.finfo(output.dtype).tiny))
+            return log_probabilities(output)
         return output
 
 
@@ -429,7 +428,11 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     gradients; the model's state is kept."""
     if isinstance(model, torch.jit.ScriptModule):
         return model, False
-    from captum_ext._utils.batched_grad import in_model_precision, looks_like_probabilities
+    from captum_ext._utils.batched_grad import (
+        UNDERFLOW_NOTE,
+        in_model_precision,
+        looks_like_probabilities,
+    )
     from captum_ext._utils.model_state import preserved_state
 
     with preserved_state([model]), torch.no_grad():
@@ -439,11 +442,35 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
         reads = "one logit"
     elif looks_like_probabilities(logits):
         reads = "probabilities"
+        if bool((logits == 0).any()):
+            warnings.warn(UNDERFLOW_NOTE.strip(), UserWarning, stacklevel=2)
     elif logits is not output:
         reads = "field"
     else:
         return model, False
     return LogitsOutput(uncompiled(model), reads), True  # names of the eager model
+
+
+def log_probabilities(probabilities: Tensor) -> Tensor:
+    r"""Logits of a model that ends in a softmax: the log of its probabilities, which are
+    logits since ``softmax(log p) = p``. A probability of exactly 0 (a confident model's
+    softmax underflows) is clamped to the dtype's smallest normal number, so the logits and
+    their gradients stay finite; its own logit is lost, and the explanations of that class
+    with it: explain such a model without its final softmax where you can.
+
+    Args:
+        probabilities (Tensor): ``(N, C)`` rows of probabilities.
+
+    Returns:
+        Tensor: ``(N, C)`` logits.
+
+    Example::
+
+        >>> p = torch.tensor([[0.7, 0.2, 0.1]])
+        >>> torch.allclose(log_probabilities(p).softmax(1), p)
+        True
+    """
+    return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
 
 
 def two_class_logits(output: Tensor) -> Tensor:
