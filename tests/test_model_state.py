@@ -107,10 +107,13 @@ def test_the_models_own_exception_reaches_the_user(name, tiny_inputs):
         (lambda x: (x * 50).to(torch.uint8), "holds integers (torch.uint8); if they are image"),
     ],
 )
-@pytest.mark.parametrize("name", ["GradCAM", "VOICE", "gradtrust"])
+@pytest.mark.parametrize(
+    "name", ["GradCAM", "VOICE", "gradtrust", "Contrastive", "LayerIBA", "CircuitReadout"]
+)
 def test_a_dtype_mismatch_is_named_beside_torchs_error(name, convert, hint, tiny_inputs):
     """torch says "Input type (double) and bias type (float) should be the same" from inside
-    the first convolution; the note names the argument and the conversion."""
+    the first convolution; the note names the argument and the conversion (uint8 pixels from
+    ``torchvision.io.read_image`` or ``pil_to_tensor`` are the usual case)."""
     model = make_tiny_cnn().eval()  # float64
     with pytest.raises(RuntimeError, match="should be the same") as info:
         CALLS[name](model, convert(tiny_inputs))

@@ -116,6 +116,28 @@ def _mismatch_hint(forward_func: Callable, inputs: tuple[Tensor, ...]) -> str:
     return "".join(" " + hint for hint in hints)
 
 
+def call_model(
+    forward_func: Callable, inputs: tuple[Tensor, ...], extra: tuple[Any, ...] = ()
+) -> Any:
+    """``forward_func(*inputs, *extra)``; where the model raises a RuntimeError or ValueError,
+    the exception is kept (its type, message and traceback) with a note that gives the inputs'
+    shapes and names a dtype, device or layout mismatch (integer pixels, channels last, a
+    missing batch dimension), so that the cause is easy to trace back."""
+    try:
+        return forward_func(*inputs, *extra)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
+        add_note(
+            error,
+            f"captum_ext: forward_func raised on `inputs` of shape {shapes}. If the inputs are "
+            "at fault, check the rank and size the model expects (batch first)."
+            + _mismatch_hint(forward_func, inputs),
+        )
+        raise
+
+
 _HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -206,21 +228,7 @@ def run_forward(
     """
     extra = format_additional_forward_args(additional_forward_args)
     inputs = in_model_precision(forward_func, inputs)
-    try:
-        output = uncompiled(forward_func)(*inputs, *extra)
-    except torch.OutOfMemoryError:
-        raise
-    except (RuntimeError, ValueError) as error:
-        # keep the model's own exception (its type, message and traceback); add which inputs
-        # it was called with, so that a shape mismatch is easy to trace back
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
-        add_note(
-            error,
-            f"captum_ext: forward_func raised on `inputs` of shape {shapes}. If the inputs are "
-            "at fault, check the rank and size the model expects (batch first)."
-            + _mismatch_hint(forward_func, inputs),
-        )
-        raise
+    output = call_model(uncompiled(forward_func), inputs, extra)
     if output_transform is not None:
         output = output_transform(output)
     n = inputs[0].shape[0]

@@ -22,7 +22,7 @@ from captum.attr import (
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import in_model_precision, run_forward
+from .._utils.batched_grad import call_model, in_model_precision, run_forward
 from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
 from .._utils.model_state import leaves_inference_mode, preserved_state
@@ -129,8 +129,11 @@ class ContrastiveForward(nn.Module):
         self._calls += 1
         if self._inputs:
             inputs, extra = args[: self._inputs], args[self._inputs :]
-            args = in_model_precision(self.forward_func, inputs) + extra
-        output = self.forward_func(*args)
+            output = call_model(
+                self.forward_func, in_model_precision(self.forward_func, inputs), extra
+            )
+        else:
+            output = self.forward_func(*args)
         if self.output_transform is not None:
             output = self.output_transform(output)
         if not isinstance(output, Tensor) or output.dim() != 2:

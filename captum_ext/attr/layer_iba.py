@@ -19,7 +19,12 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from .._utils.batched_grad import in_model_precision, objective_gradients, run_forward
+from .._utils.batched_grad import (
+    call_model,
+    in_model_precision,
+    objective_gradients,
+    run_forward,
+)
 from .._utils.batches import dict_batch
 from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
@@ -454,7 +459,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     )
                     captured.clear()
                     try:
-                        uncompiled(self.forward_func)(*inputs, *extra)
+                        call_model(uncompiled(self.forward_func), inputs, extra)
                     except _StopForward:
                         pass
                     if not captured:

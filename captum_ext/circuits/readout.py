@@ -9,7 +9,7 @@ import networkx as nx
 import torch
 from torch import Tensor, nn
 
-from .._utils.batched_grad import in_model_precision, objective_gradients
+from .._utils.batched_grad import call_model, in_model_precision, objective_gradients
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, uncompiled
 from .._utils.model_state import gradients_on, preserved_state
@@ -457,7 +457,7 @@ class CircuitReadout:
                     t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs
                 )
             with gradients_on() if gradient else torch.no_grad():
-                logits = model(*inputs, *extra)
+                logits = call_model(model, inputs, extra)
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 raise ValueError(
                     "`model` must return N x classes logits, got "
