@@ -498,14 +498,17 @@ def _run_score(args: argparse.Namespace) -> int:
         else:
             model = load_model(args.model, args.weights, device)
             (images,) = in_model_precision(model, (images,))  # float32 pixels, half model
+        loaded = model
+        if any(name in GRADTRUST_SCORES for name in args.scores):
+            # TorchScript: a wrapper running an eager copy of the final linear layer
+            model = gradtrust_model(model, args.final_layer, images[:2].to(device))
+        if args.model is not None:
             model, adapted = with_logits_output(model, images[:1].to(device))
             if adapted and int(os.environ.get("RANK", "0")) == 0:
                 print(ADAPTATION_MESSAGES[model.reads])
         if class_names is not None:
             check_class_names(model, images[:1].to(device), class_names)
-        options = gradtrust_kwargs(model, args.final_layer)
-        if any(name in GRADTRUST_SCORES for name in args.scores):
-            model = gradtrust_model(model, args.final_layer, images[:2].to(device))
+        options = gradtrust_kwargs(loaded, args.final_layer, reads=getattr(model, "reads", None))
         loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size)
         if "mc_dropout" in args.scores:
             options["mc_dropout"] = {"generator": args.seed}

@@ -470,14 +470,32 @@ def _check_wrapper(
                 f"failed ({first}). {fallback}"
             ) from None
         expected = model(example)
-    same = (
-        isinstance(got, Tensor)
-        and isinstance(expected, Tensor)
-        and got.shape == expected.shape
-        and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-    )
-    if not same:
+    if not _same_output(got, expected):
         raise ValueError(
             f"`{argument}`={name!r}: evaluating the TorchScript model around this "
             f"layer did not reproduce its output. {fallback}"
         )
+
+
+def _same_output(got: Any, expected: Any) -> bool:
+    """Whether two model outputs agree: tensors to float32 rounding, or dicts, tuples and
+    lists of them (a dict of logits, ``(logits, features)``) item by item."""
+    if isinstance(expected, Tensor):
+        return (
+            isinstance(got, Tensor)
+            and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+        )
+    if isinstance(expected, dict):
+        return (
+            isinstance(got, dict)
+            and got.keys() == expected.keys()
+            and all(_same_output(got[key], expected[key]) for key in expected)
+        )
+    if isinstance(expected, (tuple, list)):
+        return (
+            isinstance(got, (tuple, list))
+            and len(got) == len(expected)
+            and all(_same_output(a, b) for a, b in zip(got, expected))
+        )
+    return False

@@ -94,7 +94,8 @@ class _LogitsInAField(SmallCNN):
     """Returns ``{"logits": ...}``, as a Hugging Face model returns ``.logits``."""
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": super().forward(x), "hidden": x}
+        logits = self.classifier(torch.flatten(self.pool(self.features(x)), 1))  # scriptable
+        return {"logits": logits, "hidden": x}
 
 
 def logits_in_a_field() -> nn.Module:

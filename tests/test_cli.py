@@ -383,3 +383,57 @@ def test_report_and_score_on_a_model_returning_its_logits_in_a_field(tmp_path, m
     )
     assert "its logits in a `logits` field" in out
     assert len(rows) == 3
+
+
+def _score_rows(path: Path) -> tuple[list[str], np.ndarray]:
+    """The score CSV's header and its numeric columns after ``correct`` (one row per image)."""
+    header, *rows = path.read_text().strip().splitlines()
+    values = [[float(value) for value in row.split(",")[5:]] for row in rows]
+    return header.split(","), np.array(values)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+@pytest.mark.parametrize(
+    "factory, layer, said",
+    [
+        ("one_logit_small_cnn", "features.3", "one logit z per image (a binary classifier)"),
+        ("softmax_small_cnn", "0.features.3", "read as log-probabilities"),
+        ("logits_in_a_field", "features.3", "its logits in a `logits` field"),
+    ],
+)
+def test_a_torchscript_file_is_read_as_its_eager_model(
+    factory, layer, said, tmp_path, monkeypatch, capsys
+):
+    """A scripted model that returns one logit, probabilities or a dict of logits: the
+    report refused the one-logit model, and read the probabilities as logits (a second
+    softmax everywhere; GradTrust left out); `score` gave GradTrust and the softmax of the
+    probabilities. Now both commands adapt the TorchScript file as they adapt the factory,
+    and `score` gives the factory's numbers."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    import _factories
+
+    scripted = tmp_path / "model.pt"
+    torch.jit.script(getattr(_factories, factory)().eval()).save(str(scripted))
+    write_pngs(tmp_path / "pngs", 3, mode="RGB")
+    images = ["--images", str(tmp_path / "pngs"), "--transform", "none", "--no-progress"]
+    out = tmp_path / "out"
+    sections = "contrastive,voice,metrics,trust"
+    code = main(["report", "--model", str(scripted), "--layer", layer, *images]
+                + ["--sections", sections, "--out", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert said in captured.out and "left out" not in captured.out + captured.err
+    check_report(out / "index.html")
+    tables = {}
+    for name, spec in (("eager", f"_factories:{factory}"), ("scripted", str(scripted))):
+        for scores in ("gradtrust,softmax,margin", "softmax,margin"):  # without GradTrust's wrapper
+            csv = tmp_path / f"{name}-{scores.count(',')}.csv"
+            code = main(["score", "--model", spec, *images, "--scores", scores]
+                        + ["--out", str(csv)])  # fmt: skip
+            assert code == 0, capsys.readouterr().err
+            tables[name, scores] = _score_rows(csv)
+    for scores in ("gradtrust,softmax,margin", "softmax,margin"):
+        header, eager = tables["eager", scores]
+        assert tables["scripted", scores][0] == header
+        np.testing.assert_allclose(tables["scripted", scores][1], eager, rtol=1e-4, atol=1e-6)
+    assert said in capsys.readouterr().out

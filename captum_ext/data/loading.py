@@ -425,9 +425,9 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     but has them in a ``logits`` field (``reads="field"``), is one logit per example ((N,)
     or (N, 1): a binary classifier, ``"one logit"``) or rows of probabilities (a final
     softmax, ``"probabilities"``); else ``(model, False)``. One forward pass, without
-    gradients; the model's state is kept."""
-    if isinstance(model, torch.jit.ScriptModule):
-        return model, False
+    gradients; the model's state is kept. A TorchScript model is wrapped as it is (its
+    compiled layers take no hooks: to explain one of them, wrap the model that
+    :func:`expose_layer` returns instead)."""
     from captum_ext._utils.batched_grad import (
         UNDERFLOW_NOTE,
         in_model_precision,

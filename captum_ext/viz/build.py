@@ -155,16 +155,19 @@ ADAPTATION_MESSAGES = {
 }
 
 
-def gradtrust_kwargs(model: Any, final_layer: str | None) -> dict[str, dict[str, Any]]:
+def gradtrust_kwargs(
+    model: Any, final_layer: str | None, *, reads: str | None = None
+) -> dict[str, dict[str, Any]]:
     """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores (eager models).
 
     A model whose output is transformed into logits (:class:`~captum_ext.data.LogitsOutput`
-    reading one logit or probabilities) takes its gradients by autograd: its last linear
-    layer does not give those logits, so GradTrust's closed form does not apply."""
+    reading one logit or probabilities; ``reads`` when the wrapper is not ``model`` itself,
+    as for a TorchScript model) takes its gradients by autograd: its last linear layer does
+    not give those logits, so GradTrust's closed form does not apply."""
     import torch
 
     options: dict[str, Any] = {}
-    if getattr(model, "reads", "field") != "field":
+    if (reads or getattr(model, "reads", "field")) != "field":
         options["method"] = "autograd"
     if final_layer is not None and not isinstance(model, torch.jit.ScriptModule):
         options["layer"] = final_layer
@@ -339,7 +342,9 @@ def _build_trust(inputs: SectionInputs, config: ReportConfig, asked: bool):
             *arguments,
             **options,
             **SECTION_REGISTRY["trust"].kwargs(config),
-            score_kwargs=gradtrust_kwargs(inputs.model, config.final_layer),
+            score_kwargs=gradtrust_kwargs(
+                inputs.model, config.final_layer, reads=getattr(inputs.forward, "reads", None)
+            ),
         )
     except (ValueError, TypeError) as error:
         error = name_the_option(error)
@@ -728,13 +733,15 @@ def build_section_inputs(
     known = class_names is not None or config.images is not None
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
-    model, adapted = with_logits_output(model, example)
-    if adapted:
-        print(ADAPTATION_MESSAGES[model.reads])
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    if not scripted:  # a TorchScript model: its layer's wrapper is adapted below
+        model, adapted = with_logits_output(model, example)
+        if adapted:
+            print(ADAPTATION_MESSAGES[model.reads])
     if layer_name is None:
         layer_name = pick_layer(model, config.layer)
     trust_problem = None
-    if isinstance(model, torch.jit.ScriptModule) and "trust" in sections:
+    if scripted and "trust" in sections:
         # GradTrust reads the final linear layer: run an eager copy of it (same weights)
         try:
             forward = gradtrust_model(model, config.final_layer, example, layer=layer_name)
@@ -746,6 +753,10 @@ def build_section_inputs(
             forward, layer = expose_layer(model, layer_name, example=example)
     else:
         forward, layer = expose_layer(model, layer_name, example=example)
+    if scripted:  # the wrapper's modules (the layer's tap among them) stay reachable
+        forward, adapted = with_logits_output(forward, example)
+        if adapted:
+            print(ADAPTATION_MESSAGES[forward.reads])
     layer_description = layer_name
     grid = _token_grid(forward, layer, layer_name, example)
     if grid is not None:  # a transformer's tokens or channels-last grid, explained as a map

@@ -498,8 +498,9 @@ def _logits(model: Callable, x: Tensor) -> Tensor:
     if logits.shape[1] < 2:
         raise ValueError(
             "the model has a single output; contrastive maps need two classes. A binary "
-            "classifier with one logit z has the two-class logits [-z/2, z/2]: the report reads "
-            "a model given as 'package.module:factory' that way itself (not a TorchScript file)."
+            "classifier with one logit z has the two-class logits [-z/2, z/2] "
+            "(captum_ext.data.two_class_logits; `captum-ext report` reads such a model that way "
+            "itself)."
         )
     return logits
 
