@@ -158,6 +158,30 @@ def spatial_layer_suggestions(model: nn.Module, run, before: nn.Module, n: int =
     return picked
 
 
+def quantized_note(model: nn.Module | None) -> str:
+    """A sentence naming the quantized layers of ``model`` (``torch.ao.quantization``'s
+    ``quantize_dynamic`` / ``convert``), which pass no gradients: torch has no autograd for
+    quantized kernels, so a gradient through them is zero or missing. ``""`` when none."""
+    if not isinstance(model, nn.Module):
+        return ""
+    found, names = [], []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in names)  # its packed params
+        if not inside and type(module).__module__.startswith(
+            ("torch.ao.nn.quantized", "torch.nn.quantized")
+        ):
+            names.append(name)
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            found.append(f"{name or 'the model'} ({kind})")
+    if not found:
+        return ""
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (
+        f"The model has quantized layers: {shown}. Quantized kernels pass no gradients (torch "
+        "has no autograd for them): explain the floating-point model they were made from."
+    )
+
+
 def is_linear(module) -> bool:
     """An ``nn.Linear``, or a compiled one in a TorchScript model (scripted or traced)."""
     if isinstance(module, nn.Linear):
@@ -193,9 +217,10 @@ def find_last_linear(
     if not names and is_linear(model):
         names = {id(model): ""}
     if not names:
+        quantized = quantized_note(model)
         raise ValueError(
             f"`{argument}`: {type(model).__name__} has no linear layer to take as the final "
-            f"layer; {hint}."
+            f"layer; {hint}." + (f" {quantized}" if quantized else "")
         )
     modules = {name: m for name, m in model.named_modules() if id(m) in names}
     scripted = isinstance(model, torch.jit.ScriptModule) or any(

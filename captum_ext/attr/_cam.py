@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
 from .._utils.caller import user_stacklevel
-from .._utils.layers import resolve_layer, root_module, spatial_layer_suggestions
+from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
 from ._docs import with_cam_args
@@ -78,9 +78,16 @@ class NoSpatialDimensions(ValueError):
         )
 
 
-def zero_gradient_warning(method: str, where: str) -> str:
+def zero_gradient_warning(method: str, where: str, model: nn.Module | None = None) -> str:
     """The warning for gradients that are exactly zero at the explained layer for every input:
-    every gradient-weighted map is then zero, which says nothing about the input."""
+    every gradient-weighted map is then zero, which says nothing about the input. A
+    quantized ``model`` is named first: its quantized layers are then the cause."""
+    quantized = quantized_note(model)
+    if quantized:
+        return (
+            f"{method}: the gradients at {where} output are exactly zero for every input, so "
+            f"every map is zero. {quantized}"
+        )
     return (
         f"{method}: the gradients at {where} output are exactly zero for every input, so "
         "every map is zero: the scores explained do not depend on the layer. After a vision "
@@ -282,7 +289,10 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 reshape_transform,
             ) from None
         if not reduce.saw_gradient:
-            warnings.warn(zero_gradient_warning(name, "the layer's"), stacklevel=user_stacklevel())
+            warnings.warn(
+                zero_gradient_warning(name, "the layer's", root_module(self.forward_func)),
+                stacklevel=user_stacklevel(),
+            )
         maps = computed.result
         lead = 2 if attr_dim_summation else 3  # (N, C'[, K]) before the spatial dims
         if upsample_to_input:

@@ -429,7 +429,11 @@ class VOICE:
         cam = getattr(accumulate.to_maps, "cam", None)
         if cam is not None and not cam.saw_gradient:
             warnings.warn(
-                zero_gradient_warning(f"VOICE({type(self.method).__name__})", "the layer's"),
+                zero_gradient_warning(
+                    f"VOICE({type(self.method).__name__})",
+                    "the layer's",
+                    root_module(self.forward_func),
+                ),
                 stacklevel=user_stacklevel(),
             )
         logits = clean if self.plan.smooth else computed.logits
