@@ -4,6 +4,7 @@ refused inputs, read-outs tied to the returned maps, confident models."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -225,6 +226,28 @@ def test_one_output_model_is_refused():
         with pytest.raises(ValueError, match="at least 2 classes.*only 1 output"):
             VOICE(method).attribute(_inputs())
         assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "num_classes, contrasts, said",
+    [(2, "all", "a two-class model has one"), (5, [[1], [2], [3]], "Give `contrasts` at least")],
+)
+def test_one_contrast_per_example_warns_that_the_uncertainty_is_empty(num_classes, contrasts, said):
+    """One contrast class: its variance is 0, so the maps are zeros whatever the input (the
+    top-k form already refuses k = 1; a two-class model or one explicit class did not)."""
+    model = make_tiny_cnn(num_classes=num_classes)
+    with pytest.warns(UserWarning, match="fewer than 2 contrast classes") as caught:
+        result = VOICE(GradCAM(model, "features.3")).attribute(_inputs(), contrasts=contrasts)
+    assert any(said in str(w.message) for w in caught)
+    assert not result.uncertainty.any() and (result.n_contrasts == 1).all()
+
+
+def test_two_contrasts_do_not_warn():
+    model = make_tiny_cnn(num_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = VOICE(GradCAM(model, "features.3")).attribute(_inputs())
+    assert (result.n_contrasts == 2).all()
 
 
 @pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -float("inf"), -0.1, 1.0, 2.0])

@@ -271,7 +271,8 @@ class VOICE:
 
     For gradient techniques (GuidedBackprop, Saliency, SmoothGrad) the maps keep the input's
     channels; the read-outs use their mean over channels. With 2 classes there is one
-    contrast only: the variance is 0, the uncertainty all zeros, and the IoU ~0. A model
+    contrast only: the variance is 0, the uncertainty all zeros, and the IoU ~0 (a warning
+    says so, as for one explicit contrast class). A model
     with a single output has no contrast at all and is refused (ValueError).
 
     Paper: Prabhushankar & AlRegib, "VOICE: Variance of Induced Contrastive Explanations to
@@ -491,6 +492,25 @@ class VOICE:
         order = torch.cat([explained[:, None], others], dim=1)
         runner_up = order[:, 1]
         contrast_set = self._contrast_set(contrasts, order, n, num_classes)
+        weights = contrast_set != explained[:, None]
+        if bool((weights.sum(1) < 2).all()):
+            warnings.warn(
+                "VOICE: every example has fewer than 2 contrast classes "
+                + (
+                    "(a two-class model has one: the class other than P)"
+                    if num_classes == 2
+                    else "(`contrasts` gives at most one class other than P)"
+                )
+                + ", and the variance of one map is 0: the uncertainty maps are all zeros and "
+                "the IoU is ~0, whatever the input. "
+                + (
+                    "VOICE needs a model with 3 or more classes."
+                    if num_classes == 2
+                    else "Give `contrasts` at least two classes other than the explained one."
+                ),
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         columns = torch.cat(
             [explained[:, None], num_classes + runner_up[:, None], num_classes + contrast_set],
             dim=1,
@@ -498,7 +518,7 @@ class VOICE:
         return {
             "explained": explained,
             "runner_up": runner_up,
-            "weights": contrast_set != explained[:, None],
+            "weights": weights,
             "columns": columns,
         }
 

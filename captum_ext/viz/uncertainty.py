@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,7 +339,10 @@ def compute_voice(
                     f"`contrasts` (--voice-contrasts) = {contrasts}, but a model with "
                     f"{num_classes} classes has at most {num_classes - 1} contrasts."
                 )
-            result = voice.attribute(x, contrasts=contrasts, threshold=threshold)
+            with warnings.catch_warnings():
+                # a two-class model's empty maps are explained in the section's text
+                warnings.filterwarnings("ignore", message="VOICE: every example has fewer")
+                result = voice.attribute(x, contrasts=contrasts, threshold=threshold)
             chunks["probabilities"].append(probabilities.detach().to("cpu"))
             for key in ("prediction", "contrast_class", "n_contrasts"):
                 chunks[key].append(torch.as_tensor(getattr(result, key)).detach().to("cpu"))
