@@ -203,3 +203,47 @@ def test_only_the_inputs_are_cast_not_the_additional_arguments(sample_digits):
         x, target=0, additional_forward_args=(scale,), nt_samples=2, stdevs=0.1
     )
     assert seen and all(pair == (torch.bfloat16, torch.float32) for pair in seen)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_masks_of_a_half_model_are_optimised_in_float32(dtype, bundled_model, sample_digits):
+    """The mask's Adam steps and losses ran in the model's dtype: in float16 the masks kept
+    54 % of the pixels instead of 19 % (6 digits, default settings) and one digit in six lost
+    its class. Now the images are float32 during the fit, the model runs in its dtype, and
+    float32 inputs are taken too; the mask comes back in the inputs' dtype."""
+    from captum_ext.attr import ActivationMatchingMask
+
+    x, y = sample_digits[0][::8][:4], sample_digits[1][::8][:4]
+    model = copy.deepcopy(bundled_model).to(dtype)
+    before = model_snapshot(model)
+    options = dict(target=y, mode="per_image", steps=100, seed=0, progress=False)
+    method = ActivationMatchingMask(model, ["features.7"])
+    half = method.attribute(x.to(dtype), return_details=True, **options)
+    assert half.mask.dtype == dtype and half.probabilities.dtype == torch.float32
+    # the same fit as on the float32 copy of the half inputs
+    as_float32 = method.attribute(x.to(dtype).float(), **options)
+    assert as_float32.dtype == torch.float32 and torch.equal(as_float32, half.mask.float())
+    assert_model_unchanged(model, before)
+    # the masks do what they should on the half model, at the float32 model's size
+    reference = ActivationMatchingMask(bundled_model, ["features.7"]).attribute(x, **options)
+    with torch.no_grad():
+        kept = model((half.mask * x.to(dtype)).to(dtype)).argmax(1)
+    assert torch.equal(kept, y)
+    # (100 steps: float32 model 0.22 of the pixels on average; float16 0.25, bfloat16 0.29;
+    # float16 before: 0.45, the first digit's mask empty and its class lost)
+    assert abs(half.mask.float().mean() - reference.mean()) < 0.1
+
+
+def test_the_mask_net_of_a_float16_model_trains_in_float32(bundled_model, sample_digits):
+    """fit() trained the mask net in the images' dtype: with a float16 model its weights
+    overflowed to inf after the first step and every later loss was NaN."""
+    from captum_ext.attr import ActivationMatchingMask
+
+    x, y = sample_digits
+    model = copy.deepcopy(bundled_model).half()
+    method = ActivationMatchingMask(model, ["features.7"])
+    method.fit((x.half(), y), epochs=1, batch_size=10, progress=False, seed=0)
+    assert next(method.mask_net.parameters()).dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(method.history)))
+    mask = method.attribute(x[:4].half())
+    assert mask.dtype == torch.float16 and set(mask.unique().tolist()) <= {0.0, 1.0}

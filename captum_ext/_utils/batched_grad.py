@@ -151,13 +151,22 @@ def in_model_precision(forward_func: Callable, inputs: tuple[Tensor, ...]) -> tu
     inputs as they were passed."""
     if not any(x.dtype in (torch.float32, torch.float64) for x in inputs):
         return inputs
-    model = root_module(forward_func)
-    if model is None:
-        return inputs
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) != 1 or (dtype := next(iter(dtypes))) not in _HALF_PRECISION:
+    dtype = half_precision_dtype(forward_func)
+    if dtype is None:
         return inputs
     return tuple(x.to(dtype) if x.dtype in (torch.float32, torch.float64) else x for x in inputs)
+
+
+def half_precision_dtype(forward_func: Callable) -> torch.dtype | None:
+    """float16 or bfloat16 where every floating-point parameter of the model behind
+    ``forward_func`` has that dtype; None otherwise (float32 / float64, mixed, or no model)."""
+    model = root_module(forward_func)
+    if model is None:
+        return None
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or (dtype := next(iter(dtypes))) not in _HALF_PRECISION:
+        return None
+    return dtype
 
 
 PROBABILITIES_WARNING = (

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils.hooks import registered_hooks
+from .._utils.precision import at_least_float32
 from ._mask_net import straight_through_mask
 
 __all__ = [
@@ -189,7 +190,7 @@ def run_with_activations(
                 f"`layers`: {type(layer).__name__} ran {len(slot)} times in one forward pass; "
                 "pick modules that run exactly once."
             )
-        activations.append(slot[0])
+        activations.append(at_least_float32(slot[0]))  # a half-precision model's, in float32
     return logits, activations
 
 

@@ -230,7 +230,7 @@ def fit_mask_net(
                     x = batch_inputs(raw)
                     if device is not None:
                         x = x.to(device)
-                    x = method._check_images(x)
+                    x = method._working_images(method._check_images(x))
                     if net is None:
                         net, optimiser, wrapped = training_net(method, x, base_seed, lr, state)
                     loss = method._train_step(

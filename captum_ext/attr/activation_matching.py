@@ -16,10 +16,11 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from .._utils.batched_grad import half_precision_dtype
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
-from .._utils.precision import precise_dtype
+from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.training import atomic_path, progress_bar, unwrap_distributed
 from .._utils.validation import check_int, class_selection, format_inputs
 from ._activation_matching_loss import (
@@ -185,6 +186,17 @@ class ActivationMatchingResult:
     fits: Tensor | None = None
     pruned: Tensor | None = None
     start: Tensor | None = None
+
+
+class _HalfModelOnFloat32:
+    """A half-precision model's forward function seen from float32 images: the images are cast
+    to the model's dtype, its logits back to float32 (gradients pass through both casts)."""
+
+    def __init__(self, forward_func: Callable, dtype: torch.dtype) -> None:
+        self.forward_func, self.dtype = forward_func, dtype
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return at_least_float32(self.forward_func(images.to(self.dtype)))
 
 
 def _check_prune(prune: Any) -> int | None:
@@ -504,11 +516,28 @@ class ActivationMatchingMask(PerturbationAttribution):
         """
         model = root_module(self.forward_func)
         keep = [model, *self.layers, self.mask_net]
+        forward_func, half = self.forward_func, half_precision_dtype(self.forward_func)
         with preserved_state([model, *self.layers]), restored_buffers_of_modules_run(exclude=keep):
             if model is not None:
                 for param in model.parameters():
                     param.requires_grad_(False)
-            yield model
+            if half is not None:  # see _working_images: float32 images in, float32 logits out
+                self.forward_func = _HalfModelOnFloat32(forward_func, half)
+            try:
+                yield model
+            finally:
+                self.forward_func = forward_func
+
+    def _working_images(self, x: Tensor) -> Tensor:
+        """The images the masks are optimised on: float32 for a half-precision model (the
+        model still runs in its dtype, see ``_frozen_model``). In float16 the mask's Adam
+        steps and the losses lose the small differences the optimisation follows: on the
+        bundled model (6 digits, default settings) the masks kept 54 % of the pixels instead
+        of 19 %, one digit in six lost its class, and the CPU took 20x longer."""
+        half = isinstance(self.forward_func, _HalfModelOnFloat32) or half_precision_dtype(
+            self.forward_func
+        )
+        return x.float() if half and x.dtype in (torch.float16, torch.bfloat16) else x
 
     def _reference(self, x: Tensor) -> Reference:
         with torch.no_grad():
@@ -682,6 +711,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             ``broadcast=True``; with ``return_details=True`` the result object.
         """
         x = self._check_images(inputs)
+        input_dtype, x = x.dtype, self._working_images(x)
         if mode not in MODES:
             raise ValueError(f"`mode`={mode!r}: expected one of {MODES}.")
         steps = check_int(steps, "steps")
@@ -751,6 +781,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                 probabilities, fits, mask, pruned, start = self._pick_starts(
                     x, targets, baseline, logits, candidates
                 )
+            mask = mask.to(input_dtype)
             if not return_details:
                 return mask.expand_as(x).contiguous() if broadcast else mask
             with torch.no_grad():
@@ -800,6 +831,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             result already held; ``fits`` and ``start`` carried over).
         """
         x = self._check_images(inputs)
+        input_dtype, x = x.dtype, self._working_images(x)
         if not isinstance(result, ActivationMatchingResult):
             raise TypeError(
                 "`result` must be the ActivationMatchingResult of attribute(..., "
@@ -838,6 +870,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                 sufficiency_samples,
                 derived_seed(resolve_seed(None, seed), 7),
             )
+        pruned.mask = pruned.mask.to(input_dtype)
         pruned.fits = result.fits
         pruned.start = result.start
         pruned.pruned = dropped if result.pruned is None else result.pruned + dropped
