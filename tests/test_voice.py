@@ -104,6 +104,55 @@ def test_uncertainty_equals_the_per_class_loop(kind, make):
     assert torch.equal(result.n_contrasts, torch.full((3,), 6))
 
 
+def _signal_or_volume_model(spatial: int) -> nn.Module:
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[spatial]
+    pool = {1: nn.AdaptiveAvgPool1d, 3: nn.AdaptiveAvgPool3d}[spatial]
+    torch.manual_seed(spatial)
+    return nn.Sequential(
+        conv(2, 6, 3, padding=1), nn.ReLU(), conv(6, 6, 3, padding=1, stride=2), nn.ReLU(),
+        pool(1), nn.Flatten(), nn.Linear(6, 5),
+    ).double().eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 16), (3, 2, 4, 6, 6)], ids=["signal", "volume"])
+def test_signals_and_volumes_get_the_per_class_loop_with_a_channel_dim(shape):
+    """A 1-D (N, C, L) or 3-D (N, C, T, H, W) model: VOICE's uncertainty is the per-class
+    loop of Captum's LayerGradCam on the cross-entropies, each map ReLU-ed, upsampled
+    (linear / trilinear), min-max normalised, their population variance min-max normalised;
+    returned as (N, 1, *spatial) like the 2-D maps. Before, a signal's VOICE raised on its
+    own read-out ("expected (N, 1, H, W)") and a volume's maps lost their channel dim."""
+    from captum.attr import LayerAttribution
+
+    model = _signal_or_volume_model(len(shape) - 2)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    result = VOICE(GradCAM(model, "3")).attribute(x)
+    n, spatial = shape[0], shape[2:]
+    assert result.uncertainty.shape == result.explanation.shape == (n, 1, *spatial)
+    logits = model(x).detach()
+    mode = "linear" if len(spatial) == 1 else "trilinear"
+
+    def post(cam):
+        up = LayerAttribution.interpolate(torch.relu(cam), spatial, interpolate_mode=mode)
+        return _minmax_per_example(up)
+
+    cross_entropy = LayerGradCam(lambda inputs: -torch.log_softmax(model(inputs), 1), model[3])
+    for i in range(n):
+        p = int(logits[i].argmax())
+        maps = [post(cross_entropy.attribute(x[i : i + 1], target=q)) for q in range(5) if q != p]
+        expected = _minmax_per_example(torch.cat(maps).var(dim=0, unbiased=False)[None])
+        torch.testing.assert_close(result.uncertainty[i : i + 1], expected, atol=1e-6, rtol=0)
+    from captum_ext.metrics import voice_iou, voice_snr
+
+    torch.testing.assert_close(result.iou, voice_iou(result.explanation, result.uncertainty))
+    torch.testing.assert_close(result.snr, voice_snr(result.uncertainty))
+
+
+def _minmax_per_example(maps):
+    flat = maps.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
+
+
 def test_batch_equals_one_by_one_and_chunking_does_not_matter():
     model = make_tiny_cnn(num_classes=6)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -447,17 +447,18 @@ class VOICE:
         total, total_sq = accumulate.sums()
         count = weights.sum(1).to(accumulate.explanation.dtype if total is None else total.dtype)
         uncertainty = _variance(total, total_sq, count)
-        uncertainty = minmax_normalize(_with_channel_dim(uncertainty), start_dim=1)
+        cam = self.plan.layer is not None
+        uncertainty = minmax_normalize(_with_channel_dim(uncertainty, cam), start_dim=1)
         uncertainty = uncertainty.to(accumulate.explanation.dtype)
-        explanation = _with_channel_dim(accumulate.explanation)
-        contrast = _with_channel_dim(accumulate.contrast)
+        explanation = _with_channel_dim(accumulate.explanation, cam)
+        contrast = _with_channel_dim(accumulate.contrast, cam)
         if self.postprocess == "raw":
             explanation = minmax_normalize(explanation, start_dim=1)
             contrast = minmax_normalize(contrast, start_dim=1)
         from ..metrics.explanation import voice_iou, voice_snr
 
-        flat_explanation = explanation.mean(1)
-        flat_uncertainty = uncertainty.mean(1)
+        flat_explanation = explanation.mean(1, keepdim=True)  # (N, 1, *spatial)
+        flat_uncertainty = uncertainty.mean(1, keepdim=True)
         return VOICEResult(
             explanation=explanation,
             contrast=contrast,
@@ -661,9 +662,11 @@ def _variance(total: Tensor | None, total_sq: Tensor | None, count: Tensor) -> T
     return torch.where(count.view(shape) > 1, variance, torch.zeros_like(variance))
 
 
-def _with_channel_dim(maps: Tensor) -> Tensor:
-    """CAM maps (N, H, W) -> (N, 1, H, W); gradient maps (N, C, H, W) stay as they are."""
-    return maps.unsqueeze(1) if maps.dim() == 3 else maps
+def _with_channel_dim(maps: Tensor, cam: bool) -> Tensor:
+    """CAM maps (N, *spatial) -> (N, 1, *spatial), for images (N, 1, H, W) and as well for
+    signals (N, 1, L) or volumes (N, 1, T, H, W); gradient maps (N, C, *spatial) stay as
+    they are."""
+    return maps.unsqueeze(1) if cam else maps
 
 
 def _noisy_copies(

@@ -18,11 +18,12 @@ __all__ = ["voice_iou", "voice_snr"]
 def _voice_maps(maps: Any, argument: str) -> Tensor:
     if not isinstance(maps, Tensor):
         raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(maps).__name__}.")
-    if maps.dim() == 4 and maps.shape[1] == 1:
-        maps = maps[:, 0]
-    if maps.dim() != 3:
+    if maps.dim() >= 3 and maps.shape[1] == 1:
+        maps = maps[:, 0]  # (N, 1, *spatial): (N, 1, H, W), a signal's (N, 1, L), a volume's
+    elif maps.dim() != 3:
         raise ValueError(
-            f"`{argument}` has shape {tuple(maps.shape)}; expected (N, 1, H, W) or (N, H, W)."
+            f"`{argument}` has shape {tuple(maps.shape)}; expected (N, 1, H, W) or (N, H, W) "
+            "(or (N, 1, *spatial) for other spatial shapes: (N, 1, L), (N, 1, T, H, W))."
         )
     if maps.is_complex() or maps.dtype == torch.bool:
         raise TypeError(f"`{argument}` must hold real values, got {maps.dtype}.")
@@ -61,7 +62,8 @@ def voice_iou(
     to Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
 
     Args:
-        explanation (Tensor): (N, 1, H, W) or (N, H, W) maps.
+        explanation (Tensor): (N, 1, H, W) or (N, H, W) maps (or (N, 1, *spatial) of
+            any spatial shape: a signal's (N, 1, L), a volume's (N, 1, T, H, W)).
         uncertainty (Tensor): uncertainty maps of the same shape.
         threshold (float, optional): mask level after min-max normalisation, in [0, 1).
             Default: 0.1.
@@ -114,7 +116,7 @@ def voice_snr(uncertainty: Tensor) -> Tensor:
     to Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
 
     Args:
-        uncertainty (Tensor): (N, 1, H, W) or (N, H, W) maps.
+        uncertainty (Tensor): (N, 1, H, W) or (N, H, W) maps (or (N, 1, *spatial)).
 
     Returns:
         Tensor: (N,) SNR per example, on the maps' device.
