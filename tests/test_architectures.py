@@ -304,14 +304,63 @@ def test_transformer_shapes_identity_and_all_equals_single(name, zoo):
     assert_model_unchanged(model, before)
 
 
-@pytest.mark.slow
-def test_vit_without_reshape_transform_is_not_a_spatial_map(zoo):
-    """Without the transform the token axis is taken for channels: the maps are (N, 1, 768)
-    vectors, not images -- so upsampling to the input must refuse with a clear error."""
-    model = zoo("vit_b_16")
-    layer_name = TRANSFORMERS["vit_b_16"][0]
-    x = images(1, 224)
-    raw = ContrastCAM(model, layer_name).attribute(x)
-    assert raw.shape == (1, 1, 768)
-    with pytest.raises(ValueError, match="upsample"):
-        ContrastCAM(model, layer_name).attribute(x, upsample_to_input=True)
+def _tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer (its layer names) at 32 px: 4 x 4 patches of 8 px."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    )  # fmt: skip
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero
+    return vit.eval()
+
+
+def test_vit_tokens_without_reshape_transform_are_refused_with_the_fold():
+    """Without the transform the token axis was taken for channels: the maps were (N, 1, D)
+    vectors over the embedding, returned without a word (only upsampling refused them). Now
+    every CAM (and VOICE) refuses, and the fold it names gives the patch grid's map, the
+    map of the token-grid wrapper's ``.grid``."""
+    import re
+
+    from captum_ext.attr import VOICE, GradCAM
+    from captum_ext.token_grid import expose_token_grid
+
+    model = _tiny_vit()
+    layer = "encoder.layers.encoder_layer_0.ln_1"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calls = (
+        lambda: GradCAM(model, layer).attribute(x, target=0),
+        lambda: ContrastCAM(model, layer).attribute(x, upsample_to_input=True),
+        lambda: CounterfactualCAM(model, layer).attribute(x),
+        lambda: VOICE(LayerGradCam(model, dict(model.named_modules())[layer])).attribute(x),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match=r"transformer's tokens \(a class token and 4 x 4"):
+            call()
+    with pytest.raises(ValueError) as info:
+        calls[0]()
+    fold = eval(re.search(r"reshape_transform=(lambda t: [^`]*)`", str(info.value)).group(1))
+    maps = GradCAM(model, layer).attribute(x, target=0, reshape_transform=fold)
+    wrapper = expose_token_grid(model, layer, x)
+    assert maps.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(maps, GradCAM(wrapper, wrapper.grid).attribute(x, target=0))
+
+
+def test_a_layer_that_reads_images_as_rows_is_not_taken_for_tokens():
+    """(N, C, W) activations of a model that pools the image's height away (as OCR models
+    do): a 1-D map along the width, which the token check must let through, though its 16
+    channels would make a 4 x 4 grid of tokens (they do not tile the 8 x 36 images)."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), Rows(), nn.Conv1d(16, 16, 3, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 1, 8, 36, generator=torch.Generator().manual_seed(0))
+    maps = ContrastCAM(model, "3").attribute(x, contrast=1)
+    assert maps.shape == (2, 1, 36)
+
+
+class Rows(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=2)  # (N, C, H, W) -> (N, C, W)

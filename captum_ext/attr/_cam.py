@@ -31,6 +31,7 @@ from .._utils.caller import user_stacklevel
 from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
+from ..token_grid import token_grid_shape
 from ._docs import with_cam_args
 
 WEIGHTINGS = ("gradcam", "gradcam++")
@@ -78,6 +79,44 @@ class NoSpatialDimensions(ValueError):
         )
 
 
+class TokenActivations(ValueError):
+    """The CAM layer's output looks like a vision transformer's tokens (N, tokens, D) while the
+    inputs are images: read as channels along one dimension, the map would run over the
+    embedding, not the image (raised by the reducer)."""
+
+    def __init__(
+        self, shape: tuple[int, ...], input_shape: tuple[int, ...], leading: int, side: int
+    ):
+        self.shape = shape
+        fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({side}, {side}))"
+        lead = {0: "", 1: "a class token and ", 2: "2 leading tokens and "}[leading]
+        super().__init__(
+            f"`layer` outputs activations of shape {shape} for images of shape {input_shape}: "
+            f"a transformer's tokens ({lead}{side} x {side} patches of {shape[2]} features), "
+            f"which a CAM would read as {shape[1]} channels along one dimension of length "
+            f"{shape[2]}, so the map would run over the embedding, not the image. Pass "
+            f"`reshape_transform` folding the patch tokens into N x D x h x w (here "
+            f"`reshape_transform={fold}`), or explain the `.grid` of "
+            "`captum_ext.token_grid.expose_token_grid(model, layer, example)`."
+        )
+
+
+def _token_layout(act: Tensor, input_shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """``(leading, side)`` when ``act`` (N, T, D) is a square grid of patch tokens (after 0-2
+    leading tokens) that tiles 2-D inputs of ``input_shape`` with square patches; else None.
+    (An (N, C, L) layer of a model that reads images row by row does not tile them so.)"""
+    if act.dim() != 3 or input_shape is None or len(input_shape) != 4:
+        return None
+    grid = token_grid_shape(act.shape[1])
+    if grid is None:
+        return None
+    leading, (side, _) = grid
+    height, width = input_shape[2:]
+    if height % side or width % side or height != width or height // side < 2:
+        return None
+    return leading, side
+
+
 def zero_gradient_warning(method: str, where: str, model: nn.Module | None = None) -> str:
     """The warning for gradients that are exactly zero at the explained layer for every input:
     every gradient-weighted map is then zero, which says nothing about the input. A
@@ -107,6 +146,7 @@ def make_cam_reducer(
     relu: bool,
     reshape_transform: Callable | None,
     attr_dim_summation: bool = True,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Callable:
     """``reduce(gradients, activations)`` for the engine: (N, B, K, *S) gradients -> maps.
 
@@ -115,6 +155,9 @@ def make_cam_reducer(
 
     The maps are (N, B, *S), or with ``attr_dim_summation=False`` the per-channel weighted
     activations (N, B, K, *S) (Captum's LayerGradCam convention for that flag).
+
+    ``input_shape``: the inputs' shape (N, C, *spatial), to refuse a transformer's tokens
+    given without ``reshape_transform`` (:class:`TokenActivations`).
     """
 
     def reduce(gradients: tuple[Tensor, ...], activations: tuple[Tensor, ...]):
@@ -123,6 +166,9 @@ def make_cam_reducer(
             act = _apply_reshape(reshape_transform, act, 1)
             if act.dim() < 3:
                 raise NoSpatialDimensions(tuple(act.shape))
+            tokens = _token_layout(act, input_shape)
+            if tokens is not None:
+                raise TokenActivations(tuple(act.shape), input_shape, *tokens)
             grad = _apply_reshape(reshape_transform, grad, 2)
             if not reduce.saw_gradient:  # the gradients the maps are made of
                 reduce.saw_gradient = bool(grad.ne(0).any())
@@ -261,7 +307,11 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         formatted = format_inputs(inputs)
         reduce = make_cam_reducer(
-            self._channel_weights, relu_attributions, reshape_transform, attr_dim_summation
+            self._channel_weights,
+            relu_attributions,
+            reshape_transform,
+            attr_dim_summation,
+            input_shape=tuple(formatted[0].shape),
         )
         try:
             computed = class_gradients(

@@ -111,10 +111,12 @@ class _Plan:
     # or Finer-CAM's contrast with P's look-alikes; the contrasts are always cross-entropies
     explanation_score: Callable[[Tensor], Tensor] | None = None
 
-    def maps(self, reshape_transform: Callable | None) -> Callable:
+    def maps(
+        self, reshape_transform: Callable | None, input_shape: tuple[int, ...] | None = None
+    ) -> Callable:
         if self.weighting is None:
             return self.to_maps
-        cam = make_cam_reducer(self.weighting, True, reshape_transform)
+        cam = make_cam_reducer(self.weighting, True, reshape_transform, input_shape=input_shape)
 
         def first_map(grads: tuple[Tensor, ...], acts: tuple[Tensor, ...]) -> Tensor:
             return cam(grads, acts)[0]
@@ -385,7 +387,7 @@ class VOICE:
         model = root_module(self.forward_func)
         classes: dict[str, Tensor] = {}
         accumulate = _Accumulator(
-            self.plan.maps(reshape_transform),
+            self.plan.maps(reshape_transform, tuple(formatted[0].shape)),
             self._finish(formatted[0]),
             None,
             1,
