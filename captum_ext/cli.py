@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         metavar="NAME",
         help="dotted name of the layer to explain (from model.named_modules()); picked "
-        "automatically for torchvision ResNet, VGG, DenseNet, MobileNet, Swin and ViT models",
+        "automatically for every torchvision classifier family (ResNet, VGG, DenseNet, "
+        "MobileNet, EfficientNet, ConvNeXt, RegNet, Swin, ViT, ...) and for transformers with "
+        "numbered pre-norm blocks",
     )
     report.add_argument(
         "--images",

@@ -219,6 +219,16 @@ def test_default_cam_layers_of_torchvision_families():
         models.mobilenet_v2: "features.18",
         models.mobilenet_v3_small: "features.12",
         models.swin_t: "permute",
+        models.alexnet: "features.11",
+        models.convnext_tiny: "features",
+        models.efficientnet_b0: "features",
+        models.efficientnet_v2_s: "features",
+        models.squeezenet1_1: "features",
+        models.mnasnet0_5: "layers",
+        models.shufflenet_v2_x0_5: "conv5",
+        models.googlenet: "inception5b",
+        models.inception_v3: "Mixed_7c",
+        models.maxvit_t: "blocks.3",
     }
     with torch.device("meta"):  # names only: no memory, no initialisation time
         for build, layer in expected.items():
@@ -227,6 +237,42 @@ def test_default_cam_layers_of_torchvision_families():
             assert layer in dict(model.named_modules())
             compiled = torch.compile(model, backend="aot_eager")  # compiles on first call only
             assert default_cam_layer(compiled) == layer, build.__name__
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet", "inception_v3",
+     "maxvit_t", "mnasnet0_5", "mobilenet_v3_small", "regnet_y_400mf", "resnet18",
+     "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_32"],
+)  # fmt: skip
+def test_every_torchvision_family_gets_a_layer_with_a_spatial_map(name):
+    """The layer runs once and outputs N x C x h x w (a ViT: its class token and a square
+    grid of patch tokens, which the report folds). Before, `captum-ext report` asked for
+    `--layer` on ConvNeXt, EfficientNet, RegNet and six other families."""
+    torchvision = pytest.importorskip("torchvision")
+    options = (
+        {"aux_logits": False, "init_weights": False}
+        if name in ("googlenet", "inception_v3")
+        else {}
+    )
+    # RegNet computes its widths with .tolist(), which meta tensors refuse: build it for real
+    with torch.device("cpu" if name.startswith("regnet") else "meta"):
+        model = torchvision.models.get_model(name, **options).eval()
+        layer = default_cam_layer(model)
+        outputs = []
+        handle = dict(model.named_modules())[layer].register_forward_hook(
+            lambda module, args, output: outputs.append(tuple(output.shape))
+        )
+        try:
+            model(torch.empty(1, 3, 224, 224))
+        finally:
+            handle.remove()
+    assert len(outputs) == 1, layer
+    shape = outputs[0]
+    if name.startswith("vit"):
+        assert len(shape) == 3 and round((shape[1] - 1) ** 0.5) ** 2 == shape[1] - 1
+    else:
+        assert len(shape) == 4 and min(shape[2:]) >= 5, (layer, shape)
 
 
 def test_no_default_layer_for_other_models(factories):

@@ -347,6 +347,15 @@ _DEFAULT_LAYERS: dict[str, str] = {
     "DenseNet": "features",
     # after the last stage's norm, where torchvision's Swin turns (N, h, w, C) into (N, C, h, w)
     "SwinTransformer": "permute",
+    # the last stage (or the final 1 x 1 convolution block) of the other torchvision families
+    "ConvNeXt": "features",
+    "EfficientNet": "features",
+    "RegNet": "trunk_output",
+    "MNASNet": "layers",
+    "ShuffleNetV2": "conv5",
+    "SqueezeNet": "features",
+    "GoogLeNet": "inception5b",
+    "Inception3": "Mixed_7c",
 }
 
 
@@ -523,8 +532,9 @@ def _model_class_name(model: nn.Module) -> str:
 
 
 def default_cam_layer(model: nn.Module) -> str | None:
-    r"""The usual CAM layer of a torchvision ResNet, VGG, DenseNet, MobileNet, Swin or vision
-    transformer, or of any other model with numbered pre-norm transformer blocks; else None.
+    r"""The usual CAM layer of a torchvision classifier (every family in
+    ``torchvision.models``), or of any other model with numbered pre-norm transformer
+    blocks; else None.
 
     Transformer blocks of other models (Hugging Face's ViT, DeiT, BEiT, CLIP vision towers):
     the last block's first norm (``...<last>.layernorm_before``, ``ln_1``, ``norm1`` or
@@ -532,7 +542,11 @@ def default_cam_layer(model: nn.Module) -> str | None:
 
     ResNet: ``"layer4"`` (the last residual stage); DenseNet: ``"features"`` (the last dense
     block and its batch norm); VGG: the last ReLU of ``features`` (before the final max-pool);
-    MobileNet V2/V3: the last block of ``features``; Swin: ``"permute"`` (the last stage after
+    AlexNet likewise; MobileNet V2/V3: the last block of ``features``; ConvNeXt, EfficientNet
+    and SqueezeNet: ``"features"`` (their last stage or final 1 x 1 convolution block);
+    RegNet: ``"trunk_output"``; MNASNet: ``"layers"``; ShuffleNet V2: ``"conv5"``; GoogLeNet:
+    ``"inception5b"``; Inception v3: ``"Mixed_7c"``; MaxViT: the last of its ``blocks``;
+    Swin: ``"permute"`` (the last stage after
     its norm, as ``(N, C, h, w)``: the stages themselves are channels-last); ViT: the last
     encoder block's first norm, ``"encoder.layers.encoder_layer_<last>.ln_1"`` (tokens, which
     the report shows as a grid; the block's own output reaches the head only through the
@@ -582,13 +596,16 @@ def _family_cam_layer(name: str, modules: dict[str, nn.Module]) -> str | None:
     if name in _DEFAULT_LAYERS:
         layer = _DEFAULT_LAYERS[name]
         return layer if layer in modules else None
+    if name == "MaxVit" and "blocks" in modules:  # the last stage (a ModuleList does not run)
+        stages = [n for n, _ in modules["blocks"].named_children()]
+        return f"blocks.{stages[-1]}" if stages else None
     features = modules.get("features")
     if features is None:
         return None
     children = [n for n, _ in features.named_children()]
     if not children:
         return None
-    if name == "VGG":
+    if name in ("VGG", "AlexNet"):
         relus = [
             n
             for n, m in features.named_children()
