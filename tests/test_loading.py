@@ -209,6 +209,7 @@ def test_bad_device(factories):
 # layers
 
 
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
 def test_default_cam_layers_of_torchvision_families():
     torchvision = pytest.importorskip("torchvision")
     models = torchvision.models
