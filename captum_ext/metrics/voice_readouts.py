@@ -62,7 +62,7 @@ def voice_iou(
     to Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
 
     Args:
-        explanation (Tensor): (N, 1, H, W) or (N, H, W) maps (or (N, 1, *spatial) of
+        explanation (Tensor): (N, 1, H, W) or (N, H, W) maps (or ``(N, 1, *spatial)`` of
             any spatial shape: a signal's (N, 1, L), a volume's (N, 1, T, H, W)).
         uncertainty (Tensor): uncertainty maps of the same shape.
         threshold (float, optional): mask level after min-max normalisation, in [0, 1).
@@ -116,7 +116,7 @@ def voice_snr(uncertainty: Tensor) -> Tensor:
     to Quantify Uncertainty in Neural Network Interpretability", IEEE JSTSP 2024.
 
     Args:
-        uncertainty (Tensor): (N, 1, H, W) or (N, H, W) maps (or (N, 1, *spatial)).
+        uncertainty (Tensor): (N, 1, H, W) or (N, H, W) maps (or ``(N, 1, *spatial)``).
 
     Returns:
         Tensor: (N,) SNR per example, on the maps' device.
