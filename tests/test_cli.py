@@ -437,3 +437,23 @@ def test_a_torchscript_file_is_read_as_its_eager_model(
         assert tables["scripted", scores][0] == header
         np.testing.assert_allclose(tables["scripted", scores][1], eager, rtol=1e-4, atol=1e-6)
     assert said in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_the_evaluation_section_of_a_torchscript_file(tmp_path, monkeypatch, capsys):
+    """The sanity check's randomisation called `reset_parameters`, which compiled layers
+    lack: the section stopped the report with an AttributeError from inside torch."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    import _factories
+
+    scripted = tmp_path / "model.pt"
+    torch.jit.script(_factories.small_cnn().eval()).save(str(scripted))
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    out = tmp_path / "out"
+    code = main(["report", "--model", str(scripted), "--layer", "features.3", "--images"]
+                + [str(tmp_path / "pngs"), "--transform", "none", "--no-progress"]
+                + ["--sections", "evaluation", "--out", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    html = check_report(out / "index.html", contrastive=False)
+    assert "no final linear layer found to randomise" not in html

@@ -88,6 +88,30 @@ def test_independent_randomisation_changes_one_layer_at_a_time(digits):
     assert curves.similarity["spearman_abs"].shape == (1, 3)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_torchscript_model_is_randomised_as_its_eager_twin(digits):
+    """The compiled layers of a TorchScript model have no ``reset_parameters``:
+    ``captum-ext report --sections evaluation`` on a TorchScript file stopped with an
+    AttributeError from inside torch. Its parameters now get torch's default rule written
+    out, drawn in the same order, so the cascade equals the eager model's, also through the
+    report's layer wrapper."""
+    from captum_ext.data import expose_layer
+
+    model, images = digits
+    scripted = torch.jit.script(model)
+    before = model_snapshot(scripted)
+    eager = model_randomisation(lambda m: Saliency(m), model, images[:4])
+    compiled = model_randomisation(lambda m: Saliency(m), scripted, images[:4])
+    assert compiled.layers == eager.layers  # every parametrised layer, top first
+    torch.testing.assert_close(compiled.randomised, eager.randomised)
+    assert_model_unchanged(scripted, before)
+    wrapper, _ = expose_layer(scripted, "features.7", example=images[:2])
+    through = model_randomisation(
+        lambda m: Saliency(m), wrapper, images[:4], layers=["script_module.classifier"]
+    )
+    torch.testing.assert_close(through.randomised[0], eager.randomised[0])
+
+
 def test_class_sensitivity_explains_both_classes_in_one_call(digits):
     model, images = digits
     calls = []

@@ -280,10 +280,40 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
         name
         for name, module in model.named_modules()
         if name
-        and callable(getattr(module, "reset_parameters", None))
+        and (
+            callable(getattr(module, "reset_parameters", None))
+            or isinstance(module, torch.jit.ScriptModule)  # compiled: see _reset_parameters
+        )
         and any(True for _ in module.parameters(recurse=False))
     ]
     return names[::-1]  # top (output) first
+
+
+def _reset_parameters(module: nn.Module) -> None:
+    """Re-initialise ``module``'s own parameters: its ``reset_parameters``, or, for a compiled
+    layer of a TorchScript model (which has none), torch's default rule for linear and
+    convolutional layers written out: weights of 2 or more dims Kaiming-uniform with
+    ``a = sqrt(5)``, a bias uniform in +-1/sqrt(fan_in) of that weight; 1-D weights (norms)
+    ones, other biases zeros. The parameters are changed in place, so the compiled code
+    runs with the new values."""
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+        return
+    parameters = dict(module.named_parameters(recurse=False))
+    weight = parameters.get("weight")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if parameter.dim() >= 2:
+                nn.init.kaiming_uniform_(parameter, a=5**0.5)
+            elif name == "bias" and weight is not None and weight.dim() >= 2:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+                bound = 1 / fan_in**0.5 if fan_in > 0 else 0.0
+                nn.init.uniform_(parameter, -bound, bound)
+            elif name == "weight":
+                nn.init.ones_(parameter)
+            else:
+                nn.init.zeros_(parameter)
 
 
 @leaves_inference_mode
@@ -312,7 +342,9 @@ def model_randomisation(
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
         layers (list of str, optional): the layers to randomise, top first. Default: every
-            module with its own parameters and ``reset_parameters``, from the output down.
+            module with its own parameters and ``reset_parameters`` (or compiled, in a
+            TorchScript model: then torch's default initialisation is applied to its
+            parameters), from the output down.
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
@@ -349,7 +381,7 @@ def model_randomisation(
             if not cascade:
                 working = copy.deepcopy(model).eval()
             torch.manual_seed(seed + step)
-            dict(working.named_modules())[name].reset_parameters()
+            _reset_parameters(dict(working.named_modules())[name])
             maps = _explain(
                 explainer, working, inputs, target, kwargs, f"after randomising {name!r}"
             )
