@@ -457,3 +457,40 @@ def test_the_evaluation_section_of_a_torchscript_file(tmp_path, monkeypatch, cap
     assert code == 0, captured.err
     html = check_report(out / "index.html", contrastive=False)
     assert "no final linear layer found to randomise" not in html
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_masks_and_introspection_sections_of_a_torchscript_file(tmp_path, capsys):
+    """The masks section looked the explained layer up by its name in the TorchScript
+    wrapper ("'features.7' is not a module of TorchScriptLayerModel"), and the introspection
+    section put hooks on compiled layers (a RuntimeError from inside torch). Both now run,
+    with the pages of the eager model; --mask-layers, which compiled layers cannot serve,
+    is refused by name."""
+    from captum_ext.bundled import (
+        load_bundled_introspective_network,
+        load_bundled_mask_explainer,
+        load_bundled_model,
+    )
+
+    scripted = tmp_path / "model.pt"
+    torch.jit.script(load_bundled_model()).save(str(scripted))
+    mask_net = load_bundled_mask_explainer().save(tmp_path / "mask_net.pt")
+    head = load_bundled_introspective_network().save(tmp_path / "head.pt")
+    common = ["--layer", "features.7", "--limit", "3", "--no-progress"]
+    common += ["--sections", "masks,introspection", "--mask-net", str(mask_net)]
+    common += ["--introspection-head", str(head)]
+    pages = {}
+    for name, spec in (("eager", "captum_ext.bundled:load_bundled_model"), ("ts", str(scripted))):
+        out = tmp_path / name
+        code = main(["report", "--model", spec, *common, "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        pages[name] = check_report(out / "index.html", contrastive=False)
+    eager, ts = [re.findall(r"<td[^>]*>([^<]*)</td>", page)[1:] for page in pages.values()]
+    # the circuit table (a row of three numbers per digit) needs hooks inside the compiled
+    # model: the TorchScript page says that no circuits are drawn, and why
+    at = eager.index("sample digit 0")
+    assert ts == eager[:at] + eager[at + 3 * 4 :]  # the same masks and introspective results
+    assert "No circuits are drawn" in pages["ts"]
+    code = main(["report", "--model", str(scripted), *common, "--mask-layers", "features.6"]
+                + ["--out", str(tmp_path / "refused")])  # fmt: skip
+    assert code == 2 and "`--mask-layers` with a TorchScript model" in capsys.readouterr().err

@@ -370,10 +370,22 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
 
         explainer = load_bundled_mask_explainer(inputs.model)
     else:
-        layers = config.mask_layers.split(",") if config.mask_layers else [inputs.layer_name]
-        if config.mask_layers and inputs.layer_name == "grid":  # names inside the wrapper
-            layers = [f"model.{name.strip()}" for name in layers]
-        explainer = ActivationMatchingMask(inputs.forward, [name.strip() for name in layers])
+        import torch
+
+        if config.mask_layers and isinstance(inputs.model, torch.jit.ScriptModule):
+            raise ValueError(
+                "`--mask-layers` with a TorchScript model: its compiled layers take no hooks, "
+                "so the masks can match the activations of the explained layer (--layer) "
+                "only; leave --mask-layers out, or give --model as 'package.module:factory' "
+                "with --weights."
+            )
+        if config.mask_layers:
+            layers = [name.strip() for name in config.mask_layers.split(",")]
+            if inputs.layer_name == "grid":  # names inside the wrapper
+                layers = [f"model.{name}" for name in layers]
+        else:  # the explained layer itself (a TorchScript model's tap, a transformer's grid)
+            layers = [inputs.layer]
+        explainer = ActivationMatchingMask(inputs.forward, layers)
         explainer.load(config.mask_net)
     return minimal_mask_section(
         inputs.forward,
@@ -464,7 +476,12 @@ def _build_introspection(inputs: SectionInputs, config: ReportConfig, asked: boo
 
         network = load_bundled_introspective_network(inputs.model)
     else:
-        network = IntrospectiveNetwork.load(config.introspection_head, inputs.model)
+        # a TorchScript model: the wrapper running an eager copy of its final linear layer,
+        # which the introspective features read (as GradTrust does)
+        model = gradtrust_model(
+            inputs.model, config.final_layer, inputs.images[:2].to(inputs.device)
+        )
+        network = IntrospectiveNetwork.load(config.introspection_head, model)
     return introspection_section(
         network,
         inputs.images,
