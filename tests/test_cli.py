@@ -490,7 +490,7 @@ def test_masks_and_introspection_sections_of_a_torchscript_file(tmp_path, capsys
     # model: the TorchScript page says that no circuits are drawn, and why
     at = eager.index("sample digit 0")
     assert ts == eager[:at] + eager[at + 3 * 4 :]  # the same masks and introspective results
-    assert "No circuits are drawn" in pages["ts"]
+    assert "No circuits are drawn" in pages["ts"] and "compiled TorchScript" in pages["ts"]
     code = main(["report", "--model", str(scripted), *common, "--mask-layers", "features.6"]
                 + ["--out", str(tmp_path / "refused")])  # fmt: skip
     assert code == 2 and "`--mask-layers` with a TorchScript model" in capsys.readouterr().err

@@ -219,9 +219,15 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
             continue
         i += 1
     if not stages:
+        compiled = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
         raise ValueError(
-            f"`layers`: found no convolutional stage in {type(model).__name__}; pass the "
-            "layers to read out explicitly."
+            f"`layers`: found no convolutional stage in {type(model).__name__}; "
+            + (
+                "its layers are compiled TorchScript, which takes no hooks: load the eager "
+                "model (for the command line, --model 'package.module:factory')."
+                if compiled
+                else "pass the layers to read out explicitly."
+            )
         )
     return [name for name, _ in stages]
 
