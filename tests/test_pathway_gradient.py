@@ -532,3 +532,14 @@ def test_targets_in_captum_forms_and_wrapped_models(bundled_model, bundled_digit
             method.attribute, x, target=labels[:3], sparsity=0.95, n_perturb_samples=2
         )
     assert sens.shape == (3,) and bool(torch.isfinite(sens).all())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_torchscript_model_is_refused_by_name():
+    """It said the model had "no nn.ReLU module to score" (its ReLUs are compiled)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+    ).eval()
+    with pytest.raises(TypeError, match="TorchScript model: PathwayGradient hooks"):
+        PathwayGradient(torch.jit.script(model)).attribute(torch.randn(2, 1, 4, 4), target=0)

@@ -33,6 +33,26 @@ def test_expose_final_layer_reproduces_the_model():
     torch.testing.assert_close(wrapper(x), model(x))
 
 
+@pytest.mark.parametrize("score", ["gradtrust", "gradnorm"])
+def test_trust_scores_of_a_scripted_model_name_the_wrapper(score):
+    """They put a hook on the compiled final linear layer, and torch said only
+    "register_forward_hook is not supported on ScriptModules"; now the error names
+    expose_final_layer, whose wrapper gives the eager model's scores."""
+    from captum_ext import metrics
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).eval()
+    scripted = torch.jit.script(eager)
+    x = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    function = getattr(metrics, score)
+    with pytest.raises(TypeError, match="expose_final_layer"):
+        function(scripted, x)
+    wrapper = torchscript.expose_final_layer(scripted, example=x)
+    torch.testing.assert_close(function(wrapper, x), function(eager, x))
+
+
 def test_old_private_path_still_imports_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

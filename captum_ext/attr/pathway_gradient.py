@@ -327,6 +327,12 @@ class PathwayGradient(GradientAttribution):
                     "`layers`: forward_func is not an nn.Module (nor a bound method of one), "
                     "so its ReLUs cannot be found; pass the modules to score as `layers`."
                 )
+            if isinstance(model, torch.jit.ScriptModule):
+                raise TypeError(
+                    "`forward_func` is a TorchScript model: PathwayGradient hooks the output of "
+                    "every ReLU, and forward hooks cannot be registered on its compiled "
+                    "modules. Explain the eager model."
+                )
             found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
             if not found:
                 others = sorted(

@@ -34,6 +34,13 @@ def _last_linear(forward_func: Callable, run: Callable[[], Any] | None) -> nn.Li
         )
     with preserved_state([model]):
         _, module = find_last_linear(model, run, argument="layer")
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            "`layer`: the final linear layer of this TorchScript model is compiled, and forward "
+            "hooks cannot be registered on ScriptModules. Wrap the model with "
+            "captum_ext.torchscript.expose_final_layer(model), which runs an eager copy of "
+            "that layer (as `captum-ext score` does)."
+        )
     return module
 
 
