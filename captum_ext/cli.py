@@ -48,7 +48,7 @@ from typing import Any
 from captum_ext._utils.deprecation import moved_names
 from captum_ext.viz.build import (
     ADAPTATION_MESSAGES,
-    GRADTRUST_SCORES,
+    FINAL_LAYER_SCORES,
     SECTION_REGISTRY,
     USER_MODEL_SECTIONS,
     OutputError,
@@ -501,7 +501,7 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_model(args.model, args.weights, device)
             (images,) = in_model_precision(model, (images,))  # float32 pixels, half model
         loaded = model
-        if any(name in GRADTRUST_SCORES for name in args.scores):
+        if any(name in FINAL_LAYER_SCORES for name in args.scores):
             # TorchScript: a wrapper running an eager copy of the final linear layer
             model = gradtrust_model(model, args.final_layer, images[:2].to(device))
         if args.model is not None:

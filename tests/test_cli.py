@@ -494,3 +494,26 @@ def test_masks_and_introspection_sections_of_a_torchscript_file(tmp_path, capsys
     code = main(["report", "--model", str(scripted), *common, "--mask-layers", "features.6"]
                 + ["--out", str(tmp_path / "refused")])  # fmt: skip
     assert code == 2 and "`--mask-layers` with a TorchScript model" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_score_gradnorm_of_a_torchscript_file_equals_the_factory(tmp_path, monkeypatch, capsys):
+    """gradnorm reads the final linear layer with a hook, as GradTrust does, but only
+    GradTrust got the wrapper that runs an eager copy of it: `score --scores gradnorm` on a
+    TorchScript file failed."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    import _factories
+
+    scripted = tmp_path / "model.pt"
+    torch.jit.script(_factories.small_cnn().eval()).save(str(scripted))
+    write_pngs(tmp_path / "pngs", 3, mode="RGB")
+    common = ["--images", str(tmp_path / "pngs"), "--transform", "none", "--no-progress"]
+    common += ["--scores", "gradnorm,energy"]
+    rows = []
+    for name, spec in (("eager", "_factories:small_cnn"), ("ts", str(scripted))):
+        csv = tmp_path / f"{name}.csv"
+        code = main(["score", "--model", spec, *common, "--out", str(csv)])
+        assert code == 0, capsys.readouterr().err
+        rows.append(_score_rows(csv))
+    assert rows[0][0] == rows[1][0]
+    np.testing.assert_allclose(rows[1][1], rows[0][1], rtol=1e-5, atol=1e-7)

@@ -121,6 +121,9 @@ def writing_to(out: Path) -> Iterator[None]:
 # GradTrust on TorchScript models (shared with ``captum-ext score``)
 
 GRADTRUST_SCORES = ("gradtrust", "gradtrust_reference")
+#: the scores that read the final linear layer with a hook (a TorchScript model needs the
+#: wrapper of :func:`gradtrust_model` for them)
+FINAL_LAYER_SCORES = (*GRADTRUST_SCORES, "gradnorm")
 
 
 def name_the_option(error: Exception) -> Exception:
