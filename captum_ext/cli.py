@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--model",
         metavar="SPEC",
-        help="a TorchScript file, or 'package.module:factory' called with no arguments "
-        "(e.g. torchvision.models:resnet18). Default: the bundled digit classifier.",
+        help="a TorchScript file, a torch.export archive (.pt2), or 'package.module:factory' "
+        "called with no arguments (e.g. torchvision.models:resnet18). Default: the bundled "
+        "digit classifier.",
     )
     report.add_argument(
         "--weights",
@@ -350,8 +351,8 @@ def _add_score_parser(commands: Any) -> None:
     score.add_argument(
         "--model",
         metavar="SPEC",
-        help="a TorchScript file, or 'package.module:factory' called with no arguments. "
-        "Default: the bundled digit classifier.",
+        help="a TorchScript file, a torch.export archive (.pt2), or 'package.module:factory' "
+        "called with no arguments. Default: the bundled digit classifier.",
     )
     score.add_argument(
         "--weights",

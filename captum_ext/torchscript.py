@@ -390,7 +390,8 @@ def expose_layer(
     For an eager model this is ``(model, resolve_layer(model, layer))``. For a TorchScript
     model (whose submodules cannot carry hooks) it is ``(wrapper, wrapper.tap)``: a
     :class:`TorchScriptLayerModel` that computes the same output and passes the layer's output
-    through an identity module.
+    through an identity module. For the module of a ``torch.export`` program it is the same
+    pair from :func:`captum_ext.exported.expose_exported_layer`.
 
     Args:
         model (nn.Module): an eager or TorchScript model.
@@ -423,6 +424,10 @@ def expose_layer(
         >>> expose_layer(model, "features.7") == (model, model.features[7])  # eager: as is
         True
     """
+    from .exported import expose_exported_layer, is_exported
+
+    if is_exported(model) and isinstance(layer, str):  # a torch.export program's module
+        return expose_exported_layer(model, layer, example)
     if not isinstance(model, torch.jit.ScriptModule):
         return model, resolve_layer(model, layer, argument="--layer")
     if not isinstance(layer, str):

@@ -109,6 +109,11 @@ def test_api_reference_documents_the_public_names(html: Path):
     token_grid_page = _page(html, "api/token_grid.html")
     for name in token_grid.__all__:
         assert f'id="captum_ext.token_grid.{name}"' in token_grid_page, name
+    from captum_ext import exported
+
+    exported_page = _page(html, "api/exported.html")
+    for name in exported.__all__:
+        assert f'id="captum_ext.exported.{name}"' in exported_page, name
     # the value is written out in docs/api/data.rst: it must follow the package
     assert f"&quot;{data.BUNDLED_CAM_LAYER}&quot;" in data_page
 

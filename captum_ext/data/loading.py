@@ -24,6 +24,7 @@ import importlib
 import inspect
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ def _looks_like_path(spec: str) -> bool:
         "/" in spec
         or "\\" in spec
         or spec.startswith(".")
-        or Path(spec).suffix.lower() in (".pt", ".pth", ".ts", ".jit", ".torchscript", ".zip")
+        or Path(spec).suffix.lower()
+        in (".pt", ".pth", ".ts", ".jit", ".torchscript", ".zip", ".pt2")
     )
 
 
@@ -115,6 +117,19 @@ def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
             f"`--model` (spec) {str(path)!r} is not a TorchScript file ({first}). Save one with "
             "torch.jit.save(torch.jit.script(model), path), or pass 'package.module:factory' "
             "and the weights with --weights."
+        ) from None
+
+
+def _load_exported(path: Path, device: torch.device) -> nn.Module:
+    from captum_ext.exported import load_exported
+
+    try:
+        return load_exported(path, device)
+    except (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"`--model` (spec) {str(path)!r} is not a torch.export archive ({first}). Save one "
+            "with torch.export.save(torch.export.export(model, (example,)), path)."
         ) from None
 
 
@@ -310,7 +325,9 @@ def load_model(
     spec = spec.strip()
     device = parse_device(device, argument="--device")
     path = Path(spec).expanduser()
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() == ".pt2":
+        model = _load_exported(path, device)
+    elif path.is_file():
         model = _load_torchscript(path, device)
     elif path.is_dir():
         raise ValueError(

@@ -136,15 +136,37 @@ def name_the_option(error: Exception) -> Exception:
 
 def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: str | None = None):
     """For a TorchScript model: a wrapper whose final linear layer GradTrust can read
-    (:func:`captum_ext.torchscript.expose_final_layer`), also exposing ``layer``.
-    Eager models are returned unchanged (``--final-layer`` goes to GradTrust's ``layer``)."""
+    (:func:`captum_ext.torchscript.expose_final_layer`), also exposing ``layer``; for the
+    module of a ``torch.export`` program, the same from :mod:`captum_ext.exported` (the last
+    linear operator: ``--final-layer`` does not apply). Eager models are returned unchanged
+    (``--final-layer`` goes to GradTrust's ``layer``)."""
     import torch
 
+    from captum_ext.exported import (
+        expose_exported_final_layer,
+        expose_exported_layer,
+        is_exported,
+    )
     from captum_ext.torchscript import expose_final_layer
 
+    if is_exported(model):
+        if layer is None:
+            return expose_exported_final_layer(model, example)
+        return expose_exported_layer(model, layer, example)[0]
     if not isinstance(model, torch.jit.ScriptModule):
         return model
     return expose_final_layer(model, final_layer, layer=layer, example=example)
+
+
+def compiled_model(model: Any) -> bool:
+    """A TorchScript model or the module of a ``torch.export`` program: its layers are reached
+    through a wrapper (:func:`~captum_ext.data.expose_layer`), which is what gets adapted to
+    logits, and ``--final-layer`` names no hookable module."""
+    import torch
+
+    from captum_ext.exported import is_exported
+
+    return isinstance(model, torch.jit.ScriptModule) or is_exported(model)
 
 
 #: what the report prints when :func:`~captum_ext.data.with_logits_output` adapts the model
@@ -167,12 +189,11 @@ def gradtrust_kwargs(
     reading one logit or probabilities; ``reads`` when the wrapper is not ``model`` itself,
     as for a TorchScript model) takes its gradients by autograd: its last linear layer does
     not give those logits, so GradTrust's closed form does not apply."""
-    import torch
 
     options: dict[str, Any] = {}
     if (reads or getattr(model, "reads", "field")) != "field":
         options["method"] = "autograd"
-    if final_layer is not None and not isinstance(model, torch.jit.ScriptModule):
+    if final_layer is not None and not compiled_model(model):
         options["layer"] = final_layer
     return {name: dict(options) for name in GRADTRUST_SCORES} if options else {}
 
@@ -597,6 +618,10 @@ def default_sections(config: ReportConfig) -> list[str]:
 
 
 def _conv_layer_names(model: Any) -> list[str]:
+    from captum_ext.exported import exported_conv_layers, is_exported
+
+    if is_exported(model):  # its layers are gone as modules: read the graph's module paths
+        return exported_conv_layers(model)
     names = []
     for name, module in model.named_modules():
         kind = getattr(module, "original_name", type(module).__name__)
@@ -661,9 +686,16 @@ def pick_layer(model: Any, layer: str | None) -> str:
     if picked is None:
         candidates = _conv_layer_names(model)[-3:]
         hint = f" (the last convolutions are {', '.join(candidates)})" if candidates else ""
+        from captum_ext.exported import is_exported
+
+        names = (
+            "the names of the model it was exported from"
+            if is_exported(model)
+            else "from model.named_modules()"
+        )
         raise ValueError(
             f"`--layer` is required for a {kind} model{hint}; give the dotted name of the "
-            "layer to explain, from model.named_modules()."
+            f"layer to explain, {names}."
         )
     what = {
         "SwinTransformer": "stage (after its norm)",
@@ -754,7 +786,8 @@ def build_section_inputs(
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
     scripted = isinstance(model, torch.jit.ScriptModule)
-    if not scripted:  # a TorchScript model: its layer's wrapper is adapted below
+    compiled = compiled_model(model)
+    if not compiled:  # a TorchScript or exported model: its layer's wrapper is adapted below
         model, adapted = with_logits_output(model, example)
         if adapted:
             print(ADAPTATION_MESSAGES[model.reads])
@@ -773,7 +806,7 @@ def build_section_inputs(
             forward, layer = expose_layer(model, layer_name, example=example)
     else:
         forward, layer = expose_layer(model, layer_name, example=example)
-    if scripted:  # the wrapper's modules (the layer's tap among them) stay reachable
+    if compiled:  # the wrapper's modules (the layer's tap among them) stay reachable
         forward, adapted = with_logits_output(forward, example)
         if adapted:
             print(ADAPTATION_MESSAGES[forward.reads])

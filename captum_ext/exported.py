@@ -1,0 +1,243 @@
+r"""Explaining a layer inside a model saved with ``torch.export`` (a ``.pt2`` archive).
+
+``torch.export.load(path).module()`` is an fx ``GraphModule`` in which the model's layers no
+longer exist as modules: every operator is a graph node, tagged with the path of the module
+it came from (its ``nn_module_stack``), and the parameters hang on bare containers. Hooks have
+nothing to attach to. :func:`expose_exported_layer` returns a copy of the graph (sharing the
+parameters) in which
+
+- the output of the named layer (the last node tagged with its path) passes through
+  ``.tap``, an identity module that Captum's layer methods can hook, and
+- the final linear operator is computed by ``.final_linear``, an ``nn.Linear`` holding the
+  same parameter objects, which GradTrust and the other final-layer scores can hook.
+
+:func:`load_exported` reads the archive into a ``GraphModule`` that accepts ``.eval()`` (the
+module ``torch.export`` returns refuses it; the mode was fixed when the program was exported).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "exported_conv_layers",
+    "exported_layer_names",
+    "expose_exported_final_layer",
+    "expose_exported_layer",
+    "is_exported",
+    "load_exported",
+]
+
+_LIST_AT_MOST = 5
+_LINEAR = "torch.nn.modules.linear.Linear"
+
+
+class _Tap(nn.Module):
+    """Identity on the explained layer's output, so that hooks can see it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"layer_name={self.layer_name!r}"
+
+
+def _paths(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """``(module path, module type)`` of every module the node ran inside, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        path, kind = value[0], value[1]
+        paths.append((path, kind if isinstance(kind, str) else getattr(kind, "__name__", "")))
+    return paths
+
+
+def is_exported(model: Any) -> bool:
+    """Whether ``model`` is the module of a ``torch.export`` program (an fx ``GraphModule``
+    whose nodes carry the module paths they came from)."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        node.meta.get("nn_module_stack") for node in model.graph.nodes
+    )
+
+
+def exported_layer_names(model: torch.fx.GraphModule) -> list[str]:
+    """The paths of the layers of an exported model, in the order they first run."""
+    names: dict[str, None] = {}
+    for node in model.graph.nodes:
+        for path, _ in _paths(node):
+            if path:  # not the model itself
+                names.setdefault(path, None)
+    return list(names)
+
+
+def exported_conv_layers(model: torch.fx.GraphModule) -> list[str]:
+    """The paths of the convolutional layers of an exported model, in the order they run."""
+    names: dict[str, None] = {}
+    for node in model.graph.nodes:
+        for path, kind in _paths(node):
+            if path and "Conv" in kind.rsplit(".", 1)[-1]:
+                names.setdefault(path, None)
+    return list(names)
+
+
+def load_exported(path: str | os.PathLike, device: Any = "cpu") -> torch.fx.GraphModule:
+    """The module of the ``torch.export`` program saved at ``path`` (``torch.export.save``), on
+    ``device``, as a plain ``GraphModule`` (same graph and parameters) that takes ``.eval()``
+    and ``.train()`` without effect: the program's mode was fixed when it was exported."""
+    program = torch.export.load(os.fspath(path))
+    module = program.module()
+    plain = torch.fx.GraphModule(module, module.graph)
+    return plain.to(device)
+
+
+def _final_linear_nodes(graph: torch.fx.Graph) -> tuple[str, list[torch.fx.Node]] | None:
+    """The path and nodes of the last ``nn.Linear`` that ran, when it is one ``aten.linear``
+    call on two (or three) parameters; else None."""
+    last = None
+    for node in graph.nodes:
+        for path, kind in _paths(node):
+            if kind == _LINEAR or kind.endswith(".Linear"):
+                last = path
+    if last is None:
+        return None
+    nodes = [n for n in graph.nodes if any(p == last for p, _ in _paths(n))]
+    calls = [n for n in nodes if n.op == "call_function" and "linear" in str(n.target)]
+    if len(calls) != 1 or len(calls[0].args) < 2:
+        return None
+    return last, calls
+
+
+def _parameter(model: torch.fx.GraphModule, node: Any) -> nn.Parameter | None:
+    """The parameter a ``get_attr`` node reads, or None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        return model.get_parameter(node.target)
+    except AttributeError:
+        return None
+
+
+def expose_exported_layer(
+    model: torch.fx.GraphModule, layer: str, example: Tensor | None = None
+) -> tuple[torch.fx.GraphModule, nn.Module]:
+    """``(wrapper, wrapper.tap)``: a copy of an exported model's graph (sharing its parameters)
+    whose ``layer`` output runs through the identity module ``tap`` and whose final linear
+    operator runs as the ``nn.Linear`` ``final_linear`` (same parameter objects), so that
+    layer methods and the final-layer trust scores can hook them.
+
+    Args:
+        model (GraphModule): the module of a ``torch.export`` program (:func:`load_exported`).
+        layer (str): the path of the layer, as in the exported model's source
+            (``"layer4"``, ``"features.7"``): :func:`exported_layer_names` lists them.
+        example (Tensor, optional): a small input batch; the wrapper must reproduce the
+            model's output on it.
+
+    Raises:
+        ValueError: no operator of the graph ran inside ``layer`` (the closest paths are
+            listed), or the wrapper does not reproduce the model's output on ``example``.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.attr import GradCAM
+        >>> from captum_ext.exported import expose_exported_layer, load_exported
+        >>> program = torch.export.export(model, (images[:2],))  # the bundled digit model
+        >>> torch.export.save(program, "model.pt2")
+        >>> exported = load_exported("model.pt2")
+        >>> wrapper, tap = expose_exported_layer(exported, "features.7", example=images[:2])
+        >>> maps = GradCAM(wrapper, tap).attribute(images[:2], target=[0, 1])
+        >>> torch.equal(maps, GradCAM(model, "features.7").attribute(images[:2], target=[0, 1]))
+        True
+    """
+    wrapper = _exposed(model, layer, example)
+    return wrapper, wrapper.tap
+
+
+def expose_exported_final_layer(
+    model: torch.fx.GraphModule, example: Tensor | None = None
+) -> torch.fx.GraphModule:
+    """A copy of an exported model's graph (sharing its parameters) whose final linear
+    operator runs as the ``nn.Linear`` ``final_linear`` (same parameter objects), for GradTrust
+    and the other scores that hook the final layer; :func:`expose_exported_layer` without a
+    layer to tap. ``example``: as there."""
+    return _exposed(model, None, example)
+
+
+def _exposed(
+    model: torch.fx.GraphModule, layer: str | None, example: Tensor | None
+) -> torch.fx.GraphModule:
+    if not is_exported(model):
+        raise TypeError(
+            "`model` must be the module of a torch.export program (torch.export.load(path)"
+            f".module(), or load_exported(path)), got {type(model).__name__}."
+        )
+    graph = copy.deepcopy(model.graph)
+    wrapper = torch.fx.GraphModule(model, graph)
+    if layer is not None:
+        _insert_tap(model, wrapper, graph, layer)
+    final = _final_linear_nodes(graph)
+    if final is not None:
+        _, (call,) = final
+        weight = _parameter(model, call.args[1])
+        bias = _parameter(model, call.args[2]) if len(call.args) > 2 else None
+        if weight is not None and weight.dim() == 2:
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            linear.weight = weight  # the same Parameter objects: no copy, one set of values
+            if bias is not None:
+                linear.bias = bias
+            wrapper.add_submodule("final_linear", linear)
+            with graph.inserting_after(call):
+                replaced = graph.call_module("final_linear", (call.args[0],))
+            call.replace_all_uses_with(replaced)
+            graph.erase_node(call)
+    graph.eliminate_dead_code()
+    graph.lint()
+    wrapper.recompile()
+    if example is not None:
+        with torch.no_grad():
+            expected, got = model(example), wrapper(example)
+        if not (
+            isinstance(got, Tensor)
+            and isinstance(expected, Tensor)
+            and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+        ):
+            raise ValueError(
+                f"`--layer`={layer!r}: the exported model with its layer exposed did not "
+                "reproduce the model's output. Pass the model as 'package.module:factory' "
+                "with --weights instead."
+            )
+    return wrapper
+
+
+def _insert_tap(
+    model: torch.fx.GraphModule, wrapper: torch.fx.GraphModule, graph: torch.fx.Graph, layer: str
+) -> None:
+    """Route the output of ``layer`` (its last node) through ``wrapper.tap``."""
+    inside = [n for n in graph.nodes if any(p == layer for p, _ in _paths(n))]
+    if not inside:
+        names = exported_layer_names(model)
+        close = difflib.get_close_matches(layer, names, n=_LIST_AT_MOST, cutoff=0.4)
+        hint = f" Closest layers: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"`--layer`={layer!r}: no operator of the exported model ran inside a layer of "
+            f"that name.{hint} Layer names are those of the model it was exported from "
+            "(captum_ext.exported.exported_layer_names lists them)."
+        )
+    wrapper.add_submodule("tap", _Tap(layer))
+    last, members = inside[-1], set(inside)
+    with graph.inserting_after(last):
+        tapped = graph.call_module("tap", (last,))
+    for user in list(last.users):
+        if user is not tapped and user not in members:
+            user.replace_input_with(last, tapped)

@@ -1,0 +1,121 @@
+"""Models saved with ``torch.export`` (``.pt2``): their layers are gone as modules, so hooks
+need the wrapper of :mod:`captum_ext.exported`; every map and score must equal the eager
+model's, the parameters stay shared and untouched, and the command line reads the archive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import assert_model_unchanged, model_snapshot
+
+from captum_ext.attr import ContrastCAM, GradCAM
+from captum_ext.exported import (
+    exported_conv_layers,
+    exported_layer_names,
+    expose_exported_final_layer,
+    expose_exported_layer,
+    is_exported,
+    load_exported,
+)
+from captum_ext.metrics import gradnorm, gradtrust
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    """(eager bundled model, its exported module read back from a .pt2 file, digits)."""
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import load_sample_digits
+
+    model = load_bundled_model().eval()
+    images, labels = load_sample_digits()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (images[:2],), dynamic_shapes=({0: batch},))
+    path = tmp_path_factory.mktemp("exported") / "digits.pt2"
+    torch.export.save(program, str(path))
+    return model, load_exported(path), images[:8], labels[:8], path
+
+
+def test_the_archive_reads_back_as_a_module_that_takes_eval(exported):
+    model, module, images, _, _ = exported
+    assert is_exported(module) and not is_exported(model)
+    module.eval()  # the module torch.export returns refuses this
+    torch.testing.assert_close(module(images), model(images), rtol=0, atol=0)
+    assert exported_layer_names(module)[:3] == ["features", "features.0", "features.1"]
+    assert exported_conv_layers(module) == ["features.0", "features.3", "features.6"]
+
+
+def test_maps_and_trust_scores_equal_the_eager_models(exported):
+    model, module, images, labels, _ = exported
+    before = model_snapshot(module)
+    wrapper, tap = expose_exported_layer(module, "features.7", example=images[:2])
+    torch.testing.assert_close(
+        GradCAM(wrapper, tap).attribute(images, target=labels),
+        GradCAM(model, "features.7").attribute(images, target=labels),
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        ContrastCAM(wrapper, tap).attribute(images, contrast="all"),
+        ContrastCAM(model, "features.7").attribute(images, contrast="all"),
+        rtol=0,
+        atol=1e-6,
+    )
+    final = expose_exported_final_layer(module, example=images[:2])
+    for score in (gradtrust, gradnorm):
+        torch.testing.assert_close(score(final, images), score(model, images))
+    # the wrappers share the parameter objects: nothing was copied, nothing changed
+    assert wrapper.final_linear.weight is module.get_parameter("classifier.weight")
+    assert_model_unchanged(module, before)
+
+
+def test_an_unknown_layer_lists_the_closest_paths(exported):
+    _, module, _, _, _ = exported
+    with pytest.raises(ValueError, match=r"'features\.77'.*Closest layers: features\.7"):
+        expose_exported_layer(module, "features.77")
+    with pytest.raises(TypeError, match="torch.export program"):
+        expose_exported_layer(torch.nn.Linear(2, 2), "weight")
+
+
+def test_load_model_reads_the_archive_and_its_weights(exported, tmp_path):
+    from captum_ext.data import load_model
+
+    model, _, images, _, path = exported
+    loaded = load_model(str(path))
+    torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+    # a state dict of the eager model loads into the exported module's parameters
+    zeroed = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+    torch.save(zeroed, tmp_path / "zeros.pt")
+    assert not load_model(str(path), weights=str(tmp_path / "zeros.pt"))(images).any()
+    (tmp_path / "broken.pt2").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="is not a torch.export archive"):
+        load_model(str(tmp_path / "broken.pt2"))
+
+
+def test_report_and_score_on_an_archive(exported, tmp_path, capsys):
+    """The command line read .pt2 files as TorchScript and refused them."""
+    import numpy as np
+
+    from captum_ext.cli import main
+
+    _, _, _, _, path = exported
+    common = ["--limit", "4", "--no-progress"]
+    code = main(["report", "--model", str(path), *common, "--out", str(tmp_path / "refused")])
+    assert code == 2
+    assert "the last convolutions are features.0, features.3, features.6" in (
+        capsys.readouterr().err
+    )
+    sections = ["--sections", "contrastive,trust,evaluation"]
+    code = main(["report", "--model", str(path), "--layer", "features.7", *common, *sections]
+                + ["--out", str(tmp_path / "r")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "left out" not in captured.out + captured.err
+    rows = {}
+    for name, spec in (("eager", "captum_ext.bundled:load_bundled_model"), ("pt2", str(path))):
+        csv = tmp_path / f"{name}.csv"
+        code = main(["score", "--model", spec, *common, "--out", str(csv)]
+                    + ["--scores", "gradtrust,gradnorm,softmax"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        lines = csv.read_text().strip().splitlines()
+        rows[name] = np.array([[float(v) for v in line.split(",")[5:]] for line in lines[1:]])
+    np.testing.assert_allclose(rows["pt2"], rows["eager"], rtol=1e-6, atol=1e-7)
