@@ -119,3 +119,40 @@ def test_report_and_score_on_an_archive(exported, tmp_path, capsys):
         lines = csv.read_text().strip().splitlines()
         rows[name] = np.array([[float(v) for v in line.split(",")[5:]] for line in lines[1:]])
     np.testing.assert_allclose(rows["pt2"], rows["eager"], rtol=1e-6, atol=1e-7)
+
+
+def _tiny_vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    )  # fmt: skip
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero
+    return vit.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_torchvision_models_exported_give_the_eager_maps_and_scores(name):
+    """Residual stages with in-place ReLUs (the tap sits after the stage's last operator) and
+    a vision transformer's token layer (folded by reshape_transform)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    if name == "vit":
+        model, layer, size = _tiny_vit(), "encoder.layers.encoder_layer_1.ln_1", 32
+        options = {"reshape_transform": lambda t: t[:, 1:].transpose(1, 2).unflatten(2, (4, 4))}
+    else:
+        model, layer, size = torchvision.models.resnet18(num_classes=6).eval(), "layer4", 64
+        options = {}
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},))
+    module = torch.fx.GraphModule(program.module(), program.module().graph)
+    wrapper, tap = expose_exported_layer(module, layer, example=x[:2])
+    torch.testing.assert_close(
+        ContrastCAM(wrapper, tap).attribute(x, contrast="all", **options),
+        ContrastCAM(model, layer).attribute(x, contrast="all", **options),
+    )
+    # (float32 rounding: the exported attention sums in another order)
+    torch.testing.assert_close(gradtrust(wrapper, x), gradtrust(model, x), rtol=1e-5, atol=0)
