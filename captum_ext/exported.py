@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._utils.layers import LayerTap
+
 __all__ = [
     "exported_conv_layers",
     "exported_layer_names",
@@ -36,20 +38,6 @@ __all__ = [
 
 _LIST_AT_MOST = 5
 _LINEAR = "torch.nn.modules.linear.Linear"
-
-
-class _Tap(nn.Module):
-    """Identity on the explained layer's output, so that hooks can see it."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.layer_name = name
-
-    def forward(self, x: Any) -> Any:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"layer_name={self.layer_name!r}"
 
 
 def _paths(node: torch.fx.Node) -> list[tuple[str, str]]:
@@ -234,7 +222,7 @@ def _insert_tap(
             f"that name.{hint} Layer names are those of the model it was exported from "
             "(captum_ext.exported.exported_layer_names lists them)."
         )
-    wrapper.add_submodule("tap", _Tap(layer))
+    wrapper.add_submodule("tap", LayerTap(layer))
     last, members = inside[-1], set(inside)
     with graph.inserting_after(last):
         tapped = graph.call_module("tap", (last,))

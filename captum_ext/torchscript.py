@@ -20,24 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils.layers import find_last_linear, is_linear, resolve_layer
+from ._utils.layers import LayerTap, find_last_linear, is_linear, resolve_layer
 from ._utils.model_state import gradients_on
 
 _LIST_AT_MOST = 5
-
-
-class _LayerTap(nn.Module):
-    """Identity placed on a TorchScript layer's output so hooks can see it."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.layer_name = name
-
-    def forward(self, x: Any) -> Any:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"layer_name={self.layer_name!r}"
 
 
 class _TorchScriptUnsupported(ValueError):
@@ -63,7 +49,7 @@ class TorchScriptLayerModel(nn.Module):
         super().__init__()
         self.script_module = script_module
         self.layer_name = layer
-        self.tap = _LayerTap(layer or "")
+        self.tap = LayerTap(layer or "")
         self.head_name = head
         #: an eager ``nn.Linear`` that shares the weight and bias of the compiled linear layer
         #: ``head`` and runs in its place, so that GradTrust (hooks, ``.weight``) can see it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,6 +157,21 @@ def spatial_layer_suggestions(model: nn.Module, run, before: nn.Module, n: int =
         if name not in picked:
             picked.append(name)
     return picked
+
+
+class LayerTap(nn.Module):
+    """Identity placed on a layer's output where the layer itself cannot carry hooks (inside
+    a TorchScript or ``torch.export`` model), so that layer methods can hook the tap."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"layer_name={self.layer_name!r}"
 
 
 def quantized_note(model: nn.Module | None) -> str:
