@@ -63,6 +63,14 @@ def test_maps_and_trust_scores_equal_the_eager_models(exported):
     final = expose_exported_final_layer(module, example=images[:2])
     for score in (gradtrust, gradnorm):
         torch.testing.assert_close(score(final, images), score(model, images))
+    # the sanity check randomises the final layer the same way (same draws, same values)
+    from captum.attr import Saliency
+
+    from captum_ext.metrics import model_randomisation
+
+    randomised = model_randomisation(Saliency, final, images[:4], layers=["final_linear"])
+    expected = model_randomisation(Saliency, model, images[:4], layers=["classifier"])
+    torch.testing.assert_close(randomised.randomised, expected.randomised, rtol=0, atol=0)
     # the wrappers share the parameter objects: nothing was copied, nothing changed
     assert wrapper.final_linear.weight is module.get_parameter("classifier.weight")
     assert_model_unchanged(module, before)
