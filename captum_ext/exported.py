@@ -88,15 +88,24 @@ def load_exported(path: str | os.PathLike, device: Any = "cpu") -> torch.fx.Grap
     return plain.to(device)
 
 
-def _final_linear_nodes(graph: torch.fx.Graph) -> tuple[str, list[torch.fx.Node]] | None:
-    """The path and nodes of the last ``nn.Linear`` that ran, when it is one ``aten.linear``
-    call on two (or three) parameters; else None."""
-    last = None
+def _linear_layers(graph: torch.fx.Graph) -> list[str]:
+    """The paths of the ``nn.Linear`` layers that ran, in order."""
+    names: dict[str, None] = {}
     for node in graph.nodes:
         for path, kind in _paths(node):
             if kind == _LINEAR or kind.endswith(".Linear"):
-                last = path
-    if last is None:
+                names.setdefault(path, None)
+    return list(names)
+
+
+def _final_linear_nodes(
+    graph: torch.fx.Graph, path: str | None = None
+) -> tuple[str, list[torch.fx.Node]] | None:
+    """The path and ``aten.linear`` node of the ``nn.Linear`` at ``path`` (default: the last
+    one that ran), when it is one call on two (or three) parameters; else None."""
+    linears = _linear_layers(graph)
+    last = path if path is not None else (linears[-1] if linears else None)
+    if last is None or last not in linears:
         return None
     nodes = [n for n in graph.nodes if any(p == last for p, _ in _paths(n))]
     calls = [n for n in nodes if n.op == "call_function" and "linear" in str(n.target)]
@@ -116,7 +125,11 @@ def _parameter(model: torch.fx.GraphModule, node: Any) -> nn.Parameter | None:
 
 
 def expose_exported_layer(
-    model: torch.fx.GraphModule, layer: str, example: Tensor | None = None
+    model: torch.fx.GraphModule,
+    layer: str,
+    example: Tensor | None = None,
+    *,
+    final_layer: str | None = None,
 ) -> tuple[torch.fx.GraphModule, nn.Module]:
     """``(wrapper, wrapper.tap)``: a copy of an exported model's graph (sharing its parameters)
     whose ``layer`` output runs through the identity module ``tap`` and whose final linear
@@ -129,10 +142,13 @@ def expose_exported_layer(
             (``"layer4"``, ``"features.7"``): :func:`exported_layer_names` lists them.
         example (Tensor, optional): a small input batch; the wrapper must reproduce the
             model's output on it.
+        final_layer (str, optional): the path of the linear layer that produces the logits.
+            Default: None (the last linear layer that runs).
 
     Raises:
         ValueError: no operator of the graph ran inside ``layer`` (the closest paths are
-            listed), or the wrapper does not reproduce the model's output on ``example``.
+            listed), ``final_layer`` is not one of its linear layers, or the wrapper does not
+            reproduce the model's output on ``example``.
 
     Examples::
 
@@ -147,22 +163,28 @@ def expose_exported_layer(
         >>> torch.equal(maps, GradCAM(model, "features.7").attribute(images[:2], target=[0, 1]))
         True
     """
-    wrapper = _exposed(model, layer, example)
+    wrapper = _exposed(model, layer, example, final_layer)
     return wrapper, wrapper.tap
 
 
 def expose_exported_final_layer(
-    model: torch.fx.GraphModule, example: Tensor | None = None
+    model: torch.fx.GraphModule,
+    example: Tensor | None = None,
+    *,
+    final_layer: str | None = None,
 ) -> torch.fx.GraphModule:
     """A copy of an exported model's graph (sharing its parameters) whose final linear
     operator runs as the ``nn.Linear`` ``final_linear`` (same parameter objects), for GradTrust
     and the other scores that hook the final layer; :func:`expose_exported_layer` without a
-    layer to tap. ``example``: as there."""
-    return _exposed(model, None, example)
+    layer to tap. ``example`` and ``final_layer``: as there."""
+    return _exposed(model, None, example, final_layer)
 
 
 def _exposed(
-    model: torch.fx.GraphModule, layer: str | None, example: Tensor | None
+    model: torch.fx.GraphModule,
+    layer: str | None,
+    example: Tensor | None,
+    final_layer: str | None = None,
 ) -> torch.fx.GraphModule:
     if not is_exported(model):
         raise TypeError(
@@ -173,7 +195,13 @@ def _exposed(
     wrapper = torch.fx.GraphModule(model, graph)
     if layer is not None:
         _insert_tap(model, wrapper, graph, layer)
-    final = _final_linear_nodes(graph)
+    final = _final_linear_nodes(graph, final_layer)
+    if final is None and final_layer is not None:
+        linears = ", ".join(_linear_layers(graph)) or "none"
+        raise ValueError(
+            f"`--final-layer`={final_layer!r} is not a linear layer of the exported model that "
+            f"runs as one linear operator (its linear layers: {linears})."
+        )
     if final is not None:
         _, (call,) = final
         weight = _parameter(model, call.args[1])

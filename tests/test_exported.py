@@ -164,3 +164,20 @@ def test_torchvision_models_exported_give_the_eager_maps_and_scores(name):
     )
     # (float32 rounding: the exported attention sums in another order)
     torch.testing.assert_close(gradtrust(wrapper, x), gradtrust(model, x), rtol=1e-5, atol=0)
+
+
+def test_the_final_layer_can_be_named(exported, tmp_path, capsys):
+    """`--final-layer` named no hookable module of an exported model; now it picks the
+    linear operator, and a path that is no linear layer is refused with the choices."""
+    from captum_ext.cli import main
+
+    model, module, images, _, path = exported
+    final = expose_exported_final_layer(module, images[:2], final_layer="classifier")
+    torch.testing.assert_close(gradtrust(final, images), gradtrust(model, images))
+    with pytest.raises(ValueError, match=r"'features\.3' is not a linear layer.*classifier"):
+        expose_exported_final_layer(module, final_layer="features.3")
+    csv = tmp_path / "scores.csv"
+    common = ["score", "--model", str(path), "--limit", "2", "--no-progress", "--out", str(csv)]
+    assert main(common + ["--final-layer", "classifier"]) == 0, capsys.readouterr().err
+    assert main(common + ["--final-layer", "features.3"]) == 2
+    assert "`--final-layer`='features.3' is not a linear layer" in capsys.readouterr().err

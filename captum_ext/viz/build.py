@@ -137,9 +137,8 @@ def name_the_option(error: Exception) -> Exception:
 def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: str | None = None):
     """For a TorchScript model: a wrapper whose final linear layer GradTrust can read
     (:func:`captum_ext.torchscript.expose_final_layer`), also exposing ``layer``; for the
-    module of a ``torch.export`` program, the same from :mod:`captum_ext.exported` (the last
-    linear operator: ``--final-layer`` does not apply). Eager models are returned unchanged
-    (``--final-layer`` goes to GradTrust's ``layer``)."""
+    module of a ``torch.export`` program, the same from :mod:`captum_ext.exported`. Eager
+    models are returned unchanged (``--final-layer`` goes to GradTrust's ``layer``)."""
     import torch
 
     from captum_ext.exported import (
@@ -151,8 +150,8 @@ def gradtrust_model(model: Any, final_layer: str | None, example: Any, layer: st
 
     if is_exported(model):
         if layer is None:
-            return expose_exported_final_layer(model, example)
-        return expose_exported_layer(model, layer, example)[0]
+            return expose_exported_final_layer(model, example, final_layer=final_layer)
+        return expose_exported_layer(model, layer, example, final_layer=final_layer)[0]
     if not isinstance(model, torch.jit.ScriptModule):
         return model
     return expose_final_layer(model, final_layer, layer=layer, example=example)
@@ -785,7 +784,6 @@ def build_section_inputs(
     known = class_names is not None or config.images is not None
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
-    scripted = isinstance(model, torch.jit.ScriptModule)
     compiled = compiled_model(model)
     if not compiled:  # a TorchScript or exported model: its layer's wrapper is adapted below
         model, adapted = with_logits_output(model, example)
@@ -794,7 +792,7 @@ def build_section_inputs(
     if layer_name is None:
         layer_name = pick_layer(model, config.layer)
     trust_problem = None
-    if scripted and "trust" in sections:
+    if compiled and "trust" in sections:
         # GradTrust reads the final linear layer: run an eager copy of it (same weights)
         try:
             forward = gradtrust_model(model, config.final_layer, example, layer=layer_name)
