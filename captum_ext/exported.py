@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils.layers import LayerTap
+from ._utils.layers import LayerTap, is_exported
 
 __all__ = [
     "exported_conv_layers",
@@ -48,14 +48,6 @@ def _paths(node: torch.fx.Node) -> list[tuple[str, str]]:
         path, kind = value[0], value[1]
         paths.append((path, kind if isinstance(kind, str) else getattr(kind, "__name__", "")))
     return paths
-
-
-def is_exported(model: Any) -> bool:
-    """Whether ``model`` is the module of a ``torch.export`` program (an fx ``GraphModule``
-    whose nodes carry the module paths they came from)."""
-    return isinstance(model, torch.fx.GraphModule) and any(
-        node.meta.get("nn_module_stack") for node in model.graph.nodes
-    )
 
 
 def exported_layer_names(model: torch.fx.GraphModule) -> list[str]:

@@ -181,3 +181,20 @@ def test_the_final_layer_can_be_named(exported, tmp_path, capsys):
     assert main(common + ["--final-layer", "classifier"]) == 0, capsys.readouterr().err
     assert main(common + ["--final-layer", "features.3"]) == 2
     assert "`--final-layer`='features.3' is not a linear layer" in capsys.readouterr().err
+
+
+def test_methods_that_need_modules_say_the_exported_graph_has_none(exported):
+    """PathwayGradient said the model had "no nn.ReLU module to score", GradTrust "pass
+    `layer`", the circuit readout "pass the layers": none of these exist in the graph."""
+    from captum_ext.attr import PathwayGradient
+    from captum_ext.circuits import CircuitReadout
+
+    _, module, images, labels, _ = exported
+    with pytest.raises(TypeError, match="torch.export program, whose ReLUs are graph operators"):
+        PathwayGradient(module).attribute(images[:2], target=labels[:2])
+    for call in (lambda: gradtrust(module, images[:2]), lambda: CircuitReadout(module)):
+        with pytest.raises(ValueError, match="expose_exported_final_layer"):
+            call()
+    wrapper = expose_exported_final_layer(module)
+    with pytest.raises(ValueError, match="operators of a torch.export graph, not modules"):
+        CircuitReadout(wrapper).readout(images[:2], target=labels[:2])

@@ -541,5 +541,5 @@ def test_a_torchscript_model_is_refused_by_name():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3)
     ).eval()
-    with pytest.raises(TypeError, match="TorchScript model: PathwayGradient hooks"):
+    with pytest.raises(TypeError, match="TorchScript model, whose compiled modules take no"):
         PathwayGradient(torch.jit.script(model)).attribute(torch.randn(2, 1, 4, 4), target=0)

@@ -174,6 +174,14 @@ class LayerTap(nn.Module):
         return f"layer_name={self.layer_name!r}"
 
 
+def is_exported(model: Any) -> bool:
+    """Whether ``model`` is the module of a ``torch.export`` program (an fx ``GraphModule``
+    whose nodes carry the module paths they came from)."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        node.meta.get("nn_module_stack") for node in model.graph.nodes
+    )
+
+
 def quantized_note(model: nn.Module | None) -> str:
     """A sentence naming the quantized layers of ``model`` (``torch.ao.quantization``'s
     ``quantize_dynamic`` / ``convert``), which pass no gradients: torch has no autograd for
@@ -234,6 +242,11 @@ def find_last_linear(
         names = {id(model): ""}
     if not names:
         quantized = quantized_note(model)
+        if is_exported(model):
+            quantized = (
+                "Its layers are operators of a torch.export graph, not modules: wrap it with "
+                "captum_ext.exported.expose_exported_final_layer(model)."
+            )
         raise ValueError(
             f"`{argument}`: {type(model).__name__} has no linear layer to take as the final "
             f"layer; {hint}." + (f" {quantized}" if quantized else "")

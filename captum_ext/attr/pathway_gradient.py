@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks
-from .._utils.layers import resolve_layer, root_module
+from .._utils.layers import is_exported, resolve_layer, root_module
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
@@ -327,11 +327,16 @@ class PathwayGradient(GradientAttribution):
                     "`layers`: forward_func is not an nn.Module (nor a bound method of one), "
                     "so its ReLUs cannot be found; pass the modules to score as `layers`."
                 )
-            if isinstance(model, torch.jit.ScriptModule):
+            if isinstance(model, torch.jit.ScriptModule) or is_exported(model):
+                what = (
+                    "a TorchScript model, whose compiled modules take no forward hooks"
+                    if isinstance(model, torch.jit.ScriptModule)
+                    else "the module of a torch.export program, whose ReLUs are graph "
+                    "operators, not modules"
+                )
                 raise TypeError(
-                    "`forward_func` is a TorchScript model: PathwayGradient hooks the output of "
-                    "every ReLU, and forward hooks cannot be registered on its compiled "
-                    "modules. Explain the eager model."
+                    f"`forward_func` is {what}: PathwayGradient hooks the output of every ReLU. "
+                    "Explain the eager model."
                 )
             found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
             if not found:

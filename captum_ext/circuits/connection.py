@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from captum_ext._utils.layers import find_last_linear
+from captum_ext._utils.layers import find_last_linear, is_exported
 
 #: Normalisations and activations: they act on each channel separately.
 _NORMS_AND_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -220,14 +220,20 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
         i += 1
     if not stages:
         compiled = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
-        raise ValueError(
-            f"`layers`: found no convolutional stage in {type(model).__name__}; "
-            + (
-                "its layers are compiled TorchScript, which takes no hooks: load the eager "
-                "model (for the command line, --model 'package.module:factory')."
+        if compiled or is_exported(model):
+            what = (
+                "are compiled TorchScript, which takes no hooks"
                 if compiled
-                else "pass the layers to read out explicitly."
+                else "are operators of a torch.export graph, not modules"
             )
+            raise ValueError(
+                f"`layers`: found no convolutional stage in {type(model).__name__}; its layers "
+                f"{what}: load the eager model (for the command line, --model "
+                "'package.module:factory')."
+            )
+        raise ValueError(
+            f"`layers`: found no convolutional stage in {type(model).__name__}; pass the "
+            "layers to read out explicitly."
         )
     return [name for name, _ in stages]
 
