@@ -287,7 +287,9 @@ def load_model(
     r"""Load the user's model, ready to explain (in eval mode, on ``device``).
 
     Args:
-        spec (str or PathLike): the path of a TorchScript file (``torch.jit.save``), or
+        spec (str or PathLike): the path of a TorchScript file (``torch.jit.save``) or of a
+            ``torch.export`` archive (``torch.export.save``, a ``.pt2`` file, read with
+            :func:`captum_ext.exported.load_exported`), or
             ``"package.module:factory"``: the module is imported and ``factory()`` is called
             with no arguments (``"torchvision.models:resnet18"`` builds a ResNet-18 with
             random weights; pass the trained ones with ``weights``). ``factory`` may be a
@@ -299,8 +301,9 @@ def load_model(
         device (str or torch.device, optional): where the model is put. Default: "cpu".
 
     Returns:
-        nn.Module: the model in eval mode. TorchScript models are ``ScriptModule``\ s: explain
-        a layer of one through :func:`expose_layer`.
+        nn.Module: the model in eval mode. TorchScript models are ``ScriptModule``\ s, and
+        ``.pt2`` archives give the fx ``GraphModule`` of the exported program: explain a layer
+        of either through :func:`expose_layer`.
 
     Raises:
         FileNotFoundError: ``spec`` looks like a path that does not exist, or ``weights`` does
