@@ -28,10 +28,12 @@ from torch import Tensor, nn
 from ._utils.layers import LayerTap, is_exported
 
 __all__ = [
+    "FixedBatchError",
     "exported_conv_layers",
     "exported_layer_names",
     "expose_exported_final_layer",
     "expose_exported_layer",
+    "fixed_batch_size",
     "is_exported",
     "load_exported",
 ]
@@ -70,13 +72,49 @@ def exported_conv_layers(model: torch.fx.GraphModule) -> list[str]:
     return list(names)
 
 
-def load_exported(path: str | os.PathLike, device: Any = "cpu") -> torch.fx.GraphModule:
+class FixedBatchError(ValueError):
+    """A ``torch.export`` program specialised to one batch size (:func:`load_exported`)."""
+
+
+def fixed_batch_size(model: torch.fx.GraphModule) -> int | None:
+    """The batch size an exported model was specialised to (its first input's first dimension
+    is a number, not a symbol: the program refuses any other batch size), or None when that
+    dimension is dynamic."""
+    for node in model.graph.nodes:
+        if node.op == "placeholder" and isinstance(node.meta.get("val"), Tensor):
+            shape = node.meta["val"].shape
+            return int(shape[0]) if len(shape) and isinstance(shape[0], int) else None
+    return None
+
+
+def load_exported(
+    path: str | os.PathLike, device: Any = "cpu", *, fixed_batch: bool = False
+) -> torch.fx.GraphModule:
     """The module of the ``torch.export`` program saved at ``path`` (``torch.export.save``), on
     ``device``, as a plain ``GraphModule`` (same graph and parameters) that takes ``.eval()``
-    and ``.train()`` without effect: the program's mode was fixed when it was exported."""
+    and ``.train()`` without effect: the program's mode was fixed when it was exported.
+
+    A program exported with a fixed batch size refuses every other batch ("Guard failed:
+    x.size()[0] == 2"), and the methods run batches of their own size (a chunk of classes,
+    noisy copies, one image at a time): it is refused here, naming the fix, unless
+    ``fixed_batch=True``.
+
+    Raises:
+        FixedBatchError: (a ``ValueError``) the program has a fixed batch size and
+            ``fixed_batch`` is False.
+    """
     program = torch.export.load(os.fspath(path))
     module = program.module()
     plain = torch.fx.GraphModule(module, module.graph)
+    size = fixed_batch_size(plain)
+    if size is not None and not fixed_batch:
+        raise FixedBatchError(
+            f"the torch.export program in {os.fspath(path)!r} was exported with a fixed batch "
+            f"size of {size}, and the methods call it with batches of other sizes. Export it "
+            "with a dynamic batch dimension: torch.export.export(model, (example,), "
+            "dynamic_shapes=({0: torch.export.Dim('batch')},)); or, where every call will have "
+            "that size, load_exported(path, fixed_batch=True)."
+        )
     return plain.to(device)
 
 

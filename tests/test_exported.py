@@ -198,3 +198,23 @@ def test_methods_that_need_modules_say_the_exported_graph_has_none(exported):
     wrapper = expose_exported_final_layer(module)
     with pytest.raises(ValueError, match="operators of a torch.export graph, not modules"):
         CircuitReadout(wrapper).readout(images[:2], target=labels[:2])
+
+
+def test_a_program_with_a_fixed_batch_size_is_refused_naming_the_fix(exported, tmp_path, capsys):
+    """Exported with the default static shapes, the program refuses other batch sizes, and
+    the report died on "AssertionError: Guard failed: x.size()[0] == 2" from inside the
+    graph. It is refused on loading, with the export call that fixes it."""
+    from captum_ext.cli import main
+    from captum_ext.exported import FixedBatchError, fixed_batch_size
+
+    model, module, images, _, _ = exported
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(model, (images[:2],)), str(path))
+    with pytest.raises(FixedBatchError, match=r"fixed batch size of 2.*dynamic_shapes"):
+        load_exported(path)
+    static = load_exported(path, fixed_batch=True)
+    assert fixed_batch_size(static) == 2 and fixed_batch_size(module) is None
+    torch.testing.assert_close(static(images[:2]), model(images[:2]))
+    code = main(["report", "--model", str(path), "--layer", "features.7", "--limit", "4"]
+                + ["--no-progress", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2 and "fixed batch size of 2" in capsys.readouterr().err

@@ -121,10 +121,12 @@ def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
 
 
 def _load_exported(path: Path, device: torch.device) -> nn.Module:
-    from captum_ext.exported import load_exported
+    from captum_ext.exported import FixedBatchError, load_exported
 
     try:
         return load_exported(path, device)
+    except FixedBatchError as error:
+        raise ValueError(f"`--model` (spec): {error}") from None
     except (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
