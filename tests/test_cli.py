@@ -493,7 +493,7 @@ def test_masks_and_introspection_sections_of_a_torchscript_file(tmp_path, capsys
     assert "No circuits are drawn" in pages["ts"] and "compiled TorchScript" in pages["ts"]
     code = main(["report", "--model", str(scripted), *common, "--mask-layers", "features.6"]
                 + ["--out", str(tmp_path / "refused")])  # fmt: skip
-    assert code == 2 and "`--mask-layers` with a TorchScript model" in capsys.readouterr().err
+    assert code == 2 and "`--mask-layers` with a TorchScript" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")

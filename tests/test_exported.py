@@ -218,3 +218,20 @@ def test_a_program_with_a_fixed_batch_size_is_refused_naming_the_fix(exported, t
     code = main(["report", "--model", str(path), "--layer", "features.7", "--limit", "4"]
                 + ["--no-progress", "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 2 and "fixed batch size of 2" in capsys.readouterr().err
+
+
+def test_the_masks_section_of_an_archive_matches_the_explained_layer(exported, tmp_path, capsys):
+    """With --mask-layers the names of an exported model are bare parameter holders that
+    never run; only the explained layer's tap can be matched, and the flag is refused."""
+    from captum_ext.bundled import load_bundled_mask_explainer
+    from captum_ext.cli import main
+
+    _, _, _, _, path = exported
+    mask_net = load_bundled_mask_explainer().save(tmp_path / "mask_net.pt")
+    common = ["report", "--model", str(path), "--layer", "features.7", "--limit", "2"]
+    common += ["--no-progress", "--sections", "masks", "--mask-net", str(mask_net)]
+    assert main(common + ["--out", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    code = main(common + ["--mask-layers", "features.6", "--out", str(tmp_path / "refused")])
+    assert code == 2 and "`--mask-layers` with a TorchScript or torch.export" in (
+        capsys.readouterr().err
+    )

@@ -393,14 +393,12 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
 
         explainer = load_bundled_mask_explainer(inputs.model)
     else:
-        import torch
-
-        if config.mask_layers and isinstance(inputs.model, torch.jit.ScriptModule):
+        if config.mask_layers and compiled_model(inputs.model):
             raise ValueError(
-                "`--mask-layers` with a TorchScript model: its compiled layers take no hooks, "
-                "so the masks can match the activations of the explained layer (--layer) "
-                "only; leave --mask-layers out, or give --model as 'package.module:factory' "
-                "with --weights."
+                "`--mask-layers` with a TorchScript or torch.export model: its layers take no "
+                "hooks (compiled, or graph operators), so the masks can match the activations "
+                "of the explained layer (--layer) only; leave --mask-layers out, or give "
+                "--model as 'package.module:factory' with --weights."
             )
         if config.mask_layers:
             layers = [name.strip() for name in config.mask_layers.split(",")]
