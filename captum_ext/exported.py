@@ -185,7 +185,10 @@ def expose_exported_layer(
         >>> import torch
         >>> from captum_ext.attr import GradCAM
         >>> from captum_ext.exported import expose_exported_layer, load_exported
-        >>> program = torch.export.export(model, (images[:2],))  # the bundled digit model
+        >>> batch = torch.export.Dim("batch")  # a dynamic batch size (see load_exported)
+        >>> program = torch.export.export(  # the bundled digit model
+        ...     model, (images[:2],), dynamic_shapes=({0: batch},)
+        ... )
         >>> torch.export.save(program, "model.pt2")
         >>> exported = load_exported("model.pt2")
         >>> wrapper, tap = expose_exported_layer(exported, "features.7", example=images[:2])
