@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,10 @@ __all__ = [
 ]
 
 _LIST_AT_MOST = 5
-_LINEAR = "torch.nn.modules.linear.Linear"
+
+
+def _is_linear(class_name: str) -> bool:
+    return class_name == "Linear"  # not MultiheadAttention's NonDynamicallyQuantizableLinear
 
 
 def _paths(node: torch.fx.Node) -> list[tuple[str, str]]:
@@ -52,24 +56,25 @@ def _paths(node: torch.fx.Node) -> list[tuple[str, str]]:
     return paths
 
 
-def exported_layer_names(model: torch.fx.GraphModule) -> list[str]:
-    """The paths of the layers of an exported model, in the order they first run."""
+def _layer_paths(graph: torch.fx.Graph, accept: Callable[[str], bool] | None = None) -> list[str]:
+    """The paths of the layers that ran, in order (those whose class name ``accept`` takes)."""
     names: dict[str, None] = {}
-    for node in model.graph.nodes:
-        for path, _ in _paths(node):
-            if path:  # not the model itself
+    for node in graph.nodes:
+        for path, module_type in _paths(node):
+            name = module_type.rsplit(".", 1)[-1]
+            if path and (accept is None or accept(name)):  # path "": the model itself
                 names.setdefault(path, None)
     return list(names)
+
+
+def exported_layer_names(model: torch.fx.GraphModule) -> list[str]:
+    """The paths of the layers of an exported model, in the order they first run."""
+    return _layer_paths(model.graph)
 
 
 def exported_conv_layers(model: torch.fx.GraphModule) -> list[str]:
     """The paths of the convolutional layers of an exported model, in the order they run."""
-    names: dict[str, None] = {}
-    for node in model.graph.nodes:
-        for path, kind in _paths(node):
-            if path and "Conv" in kind.rsplit(".", 1)[-1]:
-                names.setdefault(path, None)
-    return list(names)
+    return _layer_paths(model.graph, lambda name: "Conv" in name)
 
 
 class FixedBatchError(ValueError):
@@ -118,22 +123,12 @@ def load_exported(
     return plain.to(device)
 
 
-def _linear_layers(graph: torch.fx.Graph) -> list[str]:
-    """The paths of the ``nn.Linear`` layers that ran, in order."""
-    names: dict[str, None] = {}
-    for node in graph.nodes:
-        for path, kind in _paths(node):
-            if kind == _LINEAR or kind.endswith(".Linear"):
-                names.setdefault(path, None)
-    return list(names)
-
-
 def _final_linear_nodes(
     graph: torch.fx.Graph, path: str | None = None
 ) -> tuple[str, list[torch.fx.Node]] | None:
     """The path and ``aten.linear`` node of the ``nn.Linear`` at ``path`` (default: the last
     one that ran), when it is one call on two (or three) parameters; else None."""
-    linears = _linear_layers(graph)
+    linears = _layer_paths(graph, _is_linear)
     last = path if path is not None else (linears[-1] if linears else None)
     if last is None or last not in linears:
         return None
@@ -230,7 +225,7 @@ def _exposed(
         _insert_tap(model, wrapper, graph, layer)
     final = _final_linear_nodes(graph, final_layer)
     if final is None and final_layer is not None:
-        linears = ", ".join(_linear_layers(graph)) or "none"
+        linears = ", ".join(_layer_paths(graph, _is_linear)) or "none"
         raise ValueError(
             f"`--final-layer`={final_layer!r} is not a linear layer of the exported model that "
             f"runs as one linear operator (its linear layers: {linears})."
