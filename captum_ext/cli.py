@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted name of the layer to explain (from model.named_modules()); picked "
         "automatically for every torchvision classifier family (ResNet, VGG, DenseNet, "
         "MobileNet, EfficientNet, ConvNeXt, RegNet, Swin, ViT, ...) and for transformers with "
-        "numbered pre-norm blocks",
+        "numbered pre-norm blocks (also when saved as TorchScript or a torch.export archive)",
     )
     report.add_argument(
         "--images",
@@ -470,6 +470,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from captum_ext.data import DIGIT_CLASSES
     from captum_ext.data.loading import (
         check_class_names,
+        check_model_takes,
         load_model,
         read_class_names,
         resolve_inputs,
@@ -501,6 +502,7 @@ def _run_score(args: argparse.Namespace) -> int:
         else:
             model = load_model(args.model, args.weights, device)
             (images,) = in_model_precision(model, (images,))  # float32 pixels, half model
+        check_model_takes(model, images[:2].to(device))  # images it cannot take: one line
         loaded = model
         if any(name in FINAL_LAYER_SCORES for name in args.scores):
             # TorchScript: a wrapper running an eager copy of the final linear layer

@@ -31,7 +31,9 @@ from ._utils.layers import LayerTap, is_exported
 __all__ = [
     "FixedBatchError",
     "exported_conv_layers",
+    "exported_input_shape",
     "exported_layer_names",
+    "exported_module_types",
     "expose_exported_final_layer",
     "expose_exported_layer",
     "fixed_batch_size",
@@ -56,15 +58,28 @@ def _paths(node: torch.fx.Node) -> list[tuple[str, str]]:
     return paths
 
 
-def _layer_paths(graph: torch.fx.Graph, accept: Callable[[str], bool] | None = None) -> list[str]:
-    """The paths of the layers that ran, in order (those whose class name ``accept`` takes)."""
-    names: dict[str, None] = {}
+def _module_types(graph: torch.fx.Graph) -> dict[str, str]:
+    types: dict[str, str] = {}
     for node in graph.nodes:
         for path, module_type in _paths(node):
-            name = module_type.rsplit(".", 1)[-1]
-            if path and (accept is None or accept(name)):  # path "": the model itself
-                names.setdefault(path, None)
-    return list(names)
+            types.setdefault(path, module_type.rsplit(".", 1)[-1])
+    return types
+
+
+def exported_module_types(model: torch.fx.GraphModule) -> dict[str, str]:
+    """The class name of every module of an exported model that ran, by module path, in the
+    order they first run; ``""`` is the model itself (e.g. ``{"": "ResNet", "conv1":
+    "Conv2d", ...}``), as ``torch.export`` recorded them in each node's module stack."""
+    return _module_types(model.graph)
+
+
+def _layer_paths(graph: torch.fx.Graph, accept: Callable[[str], bool] | None = None) -> list[str]:
+    """The paths of the layers that ran, in order (those whose class name ``accept`` takes)."""
+    return [
+        path
+        for path, name in _module_types(graph).items()
+        if path and (accept is None or accept(name))  # path "": the model itself
+    ]
 
 
 def exported_layer_names(model: torch.fx.GraphModule) -> list[str]:
@@ -81,15 +96,24 @@ class FixedBatchError(ValueError):
     """A ``torch.export`` program specialised to one batch size (:func:`load_exported`)."""
 
 
+def exported_input_shape(model: torch.fx.GraphModule) -> tuple[int | None, ...] | None:
+    """The shape of an exported model's first input as the program fixed it: a number where
+    the size was fixed when it was exported (the program refuses any other), None where the
+    dimension is dynamic; None when the program records no input shape."""
+    for node in model.graph.nodes:
+        if node.op == "placeholder" and isinstance(node.meta.get("val"), Tensor):
+            return tuple(
+                int(size) if isinstance(size, int) else None for size in node.meta["val"].shape
+            )
+    return None
+
+
 def fixed_batch_size(model: torch.fx.GraphModule) -> int | None:
     """The batch size an exported model was specialised to (its first input's first dimension
     is a number, not a symbol: the program refuses any other batch size), or None when that
     dimension is dynamic."""
-    for node in model.graph.nodes:
-        if node.op == "placeholder" and isinstance(node.meta.get("val"), Tensor):
-            shape = node.meta["val"].shape
-            return int(shape[0]) if len(shape) and isinstance(shape[0], int) else None
-    return None
+    shape = exported_input_shape(model)
+    return shape[0] if shape else None
 
 
 def load_exported(

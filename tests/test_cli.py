@@ -517,3 +517,29 @@ def test_score_gradnorm_of_a_torchscript_file_equals_the_factory(tmp_path, monke
         rows.append(_score_rows(csv))
     assert rows[0][0] == rows[1][0]
     np.testing.assert_allclose(rows[1][1], rows[0][1], rtol=1e-5, atol=1e-7)
+
+
+def test_images_the_model_cannot_take_are_one_line_for_report_and_score(tmp_path, capsys):
+    """RGB images for a one-channel model: `report` and `score` printed torch's traceback
+    from inside the model (the first forward pass adapting its output ran before the check
+    that names --transform). Now both say it in one line, before any work."""
+    from captum_ext.cli import main
+
+    write_pngs(tmp_path / "pngs", 3, mode="RGB")
+    common = [
+        "--model",
+        "captum_ext.bundled:load_bundled_model",
+        "--images",
+        str(tmp_path / "pngs"),
+    ]
+    common += ["--transform", "none", "--no-progress"]
+    for command in (
+        ["report", "--out", str(tmp_path / "r")],
+        ["score", "--out", str(tmp_path / "s.csv")],
+    ):
+        assert main([*command, *common]) == 2
+        err = capsys.readouterr().err
+        assert "the model failed on images of shape (2, 3, 20, 20)" in err, err
+        assert "to have 1 channels, but got 3 channels" in err and "Check --transform" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "s.csv").exists()

@@ -235,3 +235,97 @@ def test_the_masks_section_of_an_archive_matches_the_explained_layer(exported, t
     assert code == 2 and "`--mask-layers` with a TorchScript or torch.export" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [("resnet18", "layer4"), ("alexnet", "features.11"), ("mobilenet_v3_small", "features.12")],
+)
+def test_the_default_layer_of_an_exported_torchvision_model_is_the_eager_ones(name, layer):
+    """`captum-ext report --model x.pt2` asked for `--layer` on every torchvision model: the
+    archive keeps no modules, so the family was not recognised. The graph records the class
+    of every module it came from, the model's own among them."""
+    torchvision = pytest.importorskip("torchvision")
+    from captum_ext.data import default_cam_layer
+    from captum_ext.data.loading import _model_class_name
+    from captum_ext.exported import exported_module_types
+
+    with torch.device("meta"):  # the graph's records only: no weights, no initialisation
+        model = torchvision.models.get_model(name).eval()
+        batch = torch.export.Dim("batch")
+        program = torch.export.export(
+            model, (torch.empty(2, 3, 224, 224),), dynamic_shapes=({0: batch},)
+        )
+    module = program.module()
+    assert default_cam_layer(model) == layer
+    assert default_cam_layer(module) == layer
+    assert _model_class_name(module) == type(model).__name__
+    types = exported_module_types(module)
+    assert (
+        types[""] == type(model).__name__
+        and types[layer] == type(model.get_submodule(layer)).__name__
+    )
+
+
+def test_a_stage_list_that_never_runs_as_a_whole_still_gives_the_default_layer():
+    """MaxViT's stages sit in a ModuleList, which never runs, so the graph records only its
+    children; the last stage is still found (a stand-in with MaxViT's class and names: the
+    real one takes 10 s to export)."""
+    from captum_ext.data import default_cam_layer
+
+    class MaxVit(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+            self.classifier = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x).relu()
+            return self.classifier(x.mean(dim=(2, 3)))
+
+    model = MaxVit().eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    module = program.module()
+    assert "blocks" not in exported_layer_names(module)  # the list itself never ran
+    assert default_cam_layer(model) == default_cam_layer(module) == "blocks.2"
+    x = torch.randn(3, 3, 8, 8)
+    wrapper, tap = expose_exported_layer(module, "blocks.2", example=x[:2])
+    torch.testing.assert_close(
+        GradCAM(wrapper, tap).attribute(x, target=1),
+        GradCAM(model, "blocks.2").attribute(x, target=1),
+    )
+
+
+def test_images_of_another_size_than_the_program_was_exported_with_are_one_line(
+    exported, tmp_path, capsys
+):
+    """A program exported with a dynamic batch still fixes the image size; images of another
+    size died on "AssertionError: Guard failed: x.size()[2] == 28" from inside the graph,
+    in `report` and `score`. Now one line gives the program's input shape."""
+    import numpy as np
+    from PIL import Image
+
+    from captum_ext.cli import main
+    from captum_ext.exported import exported_input_shape
+
+    _, module, _, _, path = exported
+    assert exported_input_shape(module) == (None, 1, 28, 28)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    common = ["--model", str(path), "--images", str(folder), "--transform", "none", "--no-progress"]
+    for command in (
+        ["report", "--out", str(tmp_path / "r")],
+        ["score", "--out", str(tmp_path / "s.csv")],
+    ):
+        assert main([*command, *common]) == 2
+        err = capsys.readouterr().err
+        assert "failed on images of shape (2, 1, 20, 20)" in err, err
+        assert "takes inputs of shape (N, 1, 28, 28) only" in err and "--transform" in err
+        assert "Traceback" not in err

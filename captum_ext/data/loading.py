@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import moved_names
-from captum_ext._utils.layers import uncompiled
+from captum_ext._utils.layers import is_exported, uncompiled
 from captum_ext._utils.validation import parse_device
+from captum_ext.exported import exported_input_shape, exported_module_types
 from captum_ext.torchscript import TorchScriptLayerModel, expose_layer
 
 __all__ = [
@@ -451,6 +452,39 @@ def _is_one_logit(output: Any) -> bool:
     )
 
 
+def model_failed_on_images(model: Any, shape: Sequence[int], error: BaseException) -> ValueError:
+    """The one-line error of ``captum-ext report`` / ``score`` when ``model`` fails on images
+    of ``shape``: the model's own first line and where to look (``--transform``); for an
+    exported program, the input shape it was exported with."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    fixed = exported_input_shape(model) if is_exported(model) else None
+    note = ""
+    if fixed is not None and any(size is not None for size in fixed[1:]):
+        sizes = ", ".join("N" if size is None else str(size) for size in fixed)
+        note = (
+            f" The exported program takes inputs of shape ({sizes}) only (sizes fixed by "
+            "torch.export.export; export with dynamic_shapes for others)."
+        )
+    return ValueError(
+        f"the model failed on images of shape {tuple(shape)}: {first}.{note} Check --transform "
+        "(image size, channels, normalisation) against what the model expects."
+    )
+
+
+def check_model_takes(model: Any, example: Tensor) -> None:
+    """Run ``model`` once on ``example`` (a few of the user's images, without gradients, the
+    model's state kept) before anything else is built on it: images the model cannot take
+    (their size, channels or dtype) are a :func:`model_failed_on_images` ``ValueError``, not
+    a traceback from inside the model."""
+    from captum_ext._utils.model_state import preserved_state
+
+    with preserved_state([model]), torch.no_grad():
+        try:
+            model(example)
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+            raise model_failed_on_images(model, example.shape, error) from None
+
+
 def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bool]:
     """``(LogitsOutput(model, reads), True)`` when ``model(example)`` is not (N, C) logits
     but has them in a ``logits`` field (``reads="field"``), is one logit per example ((N,)
@@ -550,7 +584,28 @@ def _model_class_name(model: nn.Module) -> str:
         return type(model.model).__name__
     if isinstance(model, torch.jit.ScriptModule):
         return getattr(model, "original_name", type(model).__name__)
+    if is_exported(model):  # the class it was exported from, as the graph recorded it
+        return exported_module_types(model).get("", "") or type(model).__name__
     return type(model).__name__
+
+
+def _module_types(model: nn.Module) -> dict[str, str]:
+    """The class name of every module of ``model`` by dotted name (``""``: the model); for an
+    exported model, of the modules it was exported from (it keeps none of its own)."""
+    if is_exported(model):
+        types = exported_module_types(model)
+    else:
+        types = {name: _model_class_name(module) for name, module in model.named_modules()}
+    types[""] = _model_class_name(model)
+    return types
+
+
+def _children(types: Mapping[str, str], parent: str) -> list[str]:
+    """The names of ``parent``'s direct children, in order (also those that never ran as a
+    whole in an exported model, whose own children did)."""
+    prefix = parent + "."
+    children = (name[len(prefix) :].split(".", 1)[0] for name in types if name.startswith(prefix))
+    return list(dict.fromkeys(children))
 
 
 def default_cam_layer(model: nn.Module) -> str | None:
@@ -581,8 +636,8 @@ def default_cam_layer(model: nn.Module) -> str | None:
         ``torch.compile``'s wrapper), or None when the model is not one of these families.
     """
     model = uncompiled(model)  # names of the eager model, which the methods resolve too
-    modules = dict(model.named_modules())
-    return _family_cam_layer(_model_class_name(model), modules) or _last_pre_norm(modules)
+    types = _module_types(model)
+    return _family_cam_layer(types[""], types) or _last_pre_norm(types)
 
 
 #: the first norm of a pre-norm transformer block: torchvision, timm, Hugging Face (ViT,
@@ -590,7 +645,7 @@ def default_cam_layer(model: nn.Module) -> str | None:
 _PRE_NORMS = ("ln_1", "norm1", "layernorm_before", "layer_norm1")
 
 
-def _last_pre_norm(modules: dict[str, nn.Module]) -> str | None:
+def _last_pre_norm(modules: Mapping[str, str]) -> str | None:
     """``<blocks>.<last index>.<first norm>`` of the longest run of numbered transformer blocks
     (a Hugging Face ``...ForImageClassification``, say), else None."""
     blocks: dict[str, list[tuple[int, str]]] = {}
@@ -604,35 +659,30 @@ def _last_pre_norm(modules: dict[str, nn.Module]) -> str | None:
     return max(longest)[1]
 
 
-def _family_cam_layer(name: str, modules: dict[str, nn.Module]) -> str | None:
+def _family_cam_layer(name: str, types: Mapping[str, str]) -> str | None:
+    """The CAM layer of the torchvision family ``name`` whose modules' class names are
+    ``types`` (by dotted name), or None."""
     if name == "VisionTransformer":
         # the last block's first norm: after the block only the class token is read, so the
         # block's own output has zero gradients at the patch tokens
-        norms = [n for n in modules if n.startswith("encoder.layers.") and n.endswith(".ln_1")]
+        norms = [n for n in types if n.startswith("encoder.layers.") and n.endswith(".ln_1")]
         # timm's VisionTransformer (same class name): blocks.<i>.norm1
-        norms = norms or [n for n in modules if n.startswith("blocks.") and n.endswith(".norm1")]
+        norms = norms or [n for n in types if n.startswith("blocks.") and n.endswith(".norm1")]
         return norms[-1] if norms else None
-    if name == "SwinTransformer" and "permute" not in modules and "layers" in modules:
+    if name == "SwinTransformer" and "permute" not in types and _children(types, "layers"):
         # timm's Swin (same class name): its final norm, (N, h, w, C) channels-last
-        return "norm" if "norm" in modules else None
+        return "norm" if "norm" in types else None
     if name in _DEFAULT_LAYERS:
         layer = _DEFAULT_LAYERS[name]
-        return layer if layer in modules else None
-    if name == "MaxVit" and "blocks" in modules:  # the last stage (a ModuleList does not run)
-        stages = [n for n, _ in modules["blocks"].named_children()]
+        return layer if layer in types else None
+    if name == "MaxVit":  # the last stage (a ModuleList does not run)
+        stages = _children(types, "blocks")
         return f"blocks.{stages[-1]}" if stages else None
-    features = modules.get("features")
-    if features is None:
-        return None
-    children = [n for n, _ in features.named_children()]
+    children = _children(types, "features")
     if not children:
         return None
     if name in ("VGG", "AlexNet"):
-        relus = [
-            n
-            for n, m in features.named_children()
-            if _model_class_name(m) in ("ReLU", "ReLU6") or isinstance(m, nn.ReLU)
-        ]
+        relus = [c for c in children if types.get(f"features.{c}") in ("ReLU", "ReLU6")]
         return f"features.{relus[-1]}" if relus else None
     if name in ("MobileNetV2", "MobileNetV3"):
         return f"features.{children[-1]}"

@@ -740,6 +740,7 @@ def build_section_inputs(
 
     from captum_ext._utils.validation import parse_device
     from captum_ext.data.loading import (
+        check_model_takes,
         denormalize_for_display,
         expose_layer,
         load_model,
@@ -782,6 +783,7 @@ def build_section_inputs(
     known = class_names is not None or config.images is not None
     labels = resolved.label_list() if known else None
     example = images[:2].to(device)
+    check_model_takes(model, example)  # images it cannot take: one line, before any wrapper
     compiled = compiled_model(model)
     if not compiled:  # a TorchScript or exported model: its layer's wrapper is adapted below
         model, adapted = with_logits_output(model, example)

@@ -480,15 +480,13 @@ def _probabilities(model: Callable, x: Tensor) -> Tensor:
 
 def _logits(model: Callable, x: Tensor) -> Tensor:
     """The model's (N, classes) logits of ``x``, with errors that name the likely cause."""
+    from captum_ext.data.loading import model_failed_on_images
+
     with torch.no_grad():
         try:
             logits = model(x)
-        except (RuntimeError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ValueError(
-                f"the model failed on images of shape {tuple(x.shape)}: {first}. Check "
-                "--transform (image size, channels, normalisation) against what the model expects."
-            ) from None
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+            raise model_failed_on_images(model, x.shape, error) from None
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(
