@@ -691,3 +691,45 @@ def test_template_attribute_shows_the_full_signature_and_docs():
         assert cls.attribute.__qualname__ == f"{cls.__name__}.attribute"
         assert "{" not in cls.attribute.__doc__ and "Returns:" in cls.attribute.__doc__
         assert "forward_func (Callable" in cls.__doc__ and "{init_args}" not in cls.__doc__
+
+
+def test_every_contrast_map_of_a_confident_model_equals_float64_map_by_map(
+    confident_model, sample_digits
+):
+    """Q == P ("why not even more confident in P?"): d CE(z, P)/dz = p - e_P, and on a
+    confident prediction p_P rounds to 1 in float32, so its entry p_P - 1 was 0 instead of
+    about -1e-8 and the map was noise (relative error 1.5 at a logit gap of 18.5). The test
+    above scales its tolerance by the largest map of each example, which hid it; here each
+    class's map is held to its own maximum, wherever float32 can represent it (at the two
+    larger scales the own-class maps are below 1e-100 in float64: float32 gives 0). The
+    engine's probability score, d p_c / dz = p_c (e_c - p), had the same entry."""
+    from captum_ext._utils.batched_grad import class_gradients
+
+    x = sample_digits[0][:8]
+    model64 = make_confident_model(1.0, torch.float64)
+    model64.load_state_dict({k: v.double() for k, v in confident_model.state_dict().items()})
+    own = (torch.arange(8), confident_model(x).argmax(1))
+    pairs = (
+        (
+            ContrastCAM(confident_model, "features.7").attribute(x, contrast="all"),
+            ContrastCAM(model64, "features.7").attribute(x.double(), contrast="all"),
+        ),
+        (
+            class_gradients(
+                confident_model, (x,), "all", layer=confident_model.features[7],
+                score="probability",
+            ).result[0],
+            class_gradients(
+                model64, (x.double(),), "all", layer=model64.features[7], score="probability"
+            ).result[0],
+        ),
+    )  # fmt: skip
+    for got, expected in pairs:
+        largest = expected.flatten(2).abs().amax(2)  # (8, 10): each map's own scale
+        error = (got.double() - expected).abs().flatten(2).amax(2) / largest.clamp_min(1e-300)
+        representable = largest > 1e-30
+        assert float(torch.where(representable, error, 0.0)[own].max()) < 1e-4, error[own]
+        tiny = torch.where(representable, 0.0, got.double().abs().flatten(2).amax(2))
+        assert float(tiny.max()) < 1e-30
+        if confident_model.classifier.weight.abs().max() < 10:  # the x3 model: gaps ~29
+            assert bool(representable[own].all())  # the own-class maps were compared

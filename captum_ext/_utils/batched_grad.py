@@ -363,13 +363,31 @@ def _one_hot(columns: Tensor, width: int, like: Tensor) -> Tensor:
     return rows.scatter_(2, columns.unsqueeze(-1), 1)
 
 
+def softmax_complement(logits: Tensor, dim: int = 1) -> Tensor:
+    r"""``1 - softmax(logits)`` along ``dim``, without the cancellation of ``1 - p``.
+
+    On a confident prediction (a logit gap of 17 or more in float32) ``p_P`` rounds to 1, so
+    ``p_P - 1`` is 0 where its true value is ``-sum_{j != P} p_j`` (about ``1e-8``): every
+    gradient of ``-log p_P`` or ``p_P`` then loses its largest term. Only the top class can
+    have ``p > 1/2``; its complement is summed from the other classes' exponentials, the
+    others' ``1 - p_c >= 1/2`` is exact as it is.
+    """
+    top = logits.argmax(dim=dim, keepdim=True)
+    e = torch.exp(logits - logits.gather(dim, top))
+    total = e.sum(dim=dim, keepdim=True)
+    rest_of_top = e.scatter(dim, top, 0.0).sum(dim=dim, keepdim=True) / total
+    return (1 - e / total).scatter(dim, top, rest_of_top)
+
+
 def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tensor]:
     """Cotangents on ``logits.flatten(1)`` equal to d score_c / d logits for the built-in scores.
 
     Handing them to the backward directly skips the log-softmax / gather backward, which has
     no batching rule and would otherwise run once per class row. For an output
     (N, C, *positions) the softmax runs over the class axis (dim 1) at each position, and a
-    column ``c * P + j`` is the score of class ``c`` at (ravelled) position ``j``.
+    column ``c * P + j`` is the score of class ``c`` at (ravelled) position ``j``. The entry
+    ``c`` itself uses :func:`softmax_complement` (``p_c - 1 = -(1 - p_c)``), which keeps the
+    gradient of a confident class's own score (Q == P) exact.
     """
     width = logits[0].numel()
     if score == "logit":
@@ -377,6 +395,7 @@ def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tenso
     detached = logits.detach()
     precise = detached if detached.dtype == torch.float64 else detached.float()
     p = torch.softmax(precise, dim=1).to(logits.dtype)  # half logits: softmax in float32
+    rest = softmax_complement(precise, dim=1).to(logits.dtype).reshape(p.shape[0], width)
     n, num_classes = p.shape[:2]
     positions = width // max(num_classes, 1)
     if positions == 1:
@@ -394,12 +413,27 @@ def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tenso
             return (p_grid * at).flatten(2)
 
         p = p.reshape(n, width)
-    if score == "cross_entropy":  # d(-log p_c)/dz = p - e_c
-        return lambda columns: softmax_at(columns) - _one_hot(columns, width, p)
-    # probability: d p_c / dz = p_c (e_c - p)
-    return lambda columns: (
-        p.gather(1, columns).unsqueeze(-1) * (_one_hot(columns, width, p) - softmax_at(columns))
-    )
+
+    def own_and_others(columns: Tensor) -> tuple[Tensor, Tensor]:
+        """The one-hot rows of ``columns`` and the softmax at their positions without them."""
+        own = _one_hot(columns, width, p)
+        return own, softmax_at(columns) * (1 - own)
+
+    if score == "cross_entropy":  # d(-log p_c)/dz = p - e_c; entry c: -(1 - p_c)
+
+        def cross_entropy(columns: Tensor) -> Tensor:
+            own, others = own_and_others(columns)
+            return others - rest.gather(1, columns).unsqueeze(-1) * own
+
+        return cross_entropy
+
+    # probability: d p_c / dz = p_c (e_c - p); entry c: p_c (1 - p_c)
+    def probability(columns: Tensor) -> Tensor:
+        own, others = own_and_others(columns)
+        p_c = p.gather(1, columns).unsqueeze(-1)
+        return p_c * (rest.gather(1, columns).unsqueeze(-1) * own - others)
+
+    return probability
 
 
 def _vjp_chunks(

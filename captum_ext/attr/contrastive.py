@@ -12,9 +12,13 @@ from captum.attr import (
     Attribution,
     DataLoaderAttribution,
     DeepLift,
+    DeepLiftShap,
     GradientAttribution,
+    GradientShap,
     LayerActivation,
+    LayerDeepLiftShap,
     LayerFeaturePermutation,
+    LayerGradientShap,
     LLMAttribution,
     LLMGradientAttribution,
     NeuronAttribution,
@@ -22,7 +26,7 @@ from captum.attr import (
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import call_model, in_model_precision, run_forward
+from .._utils.batched_grad import call_model, in_model_precision, run_forward, softmax_complement
 from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
 from .._utils.model_state import leaves_inference_mode, preserved_state
@@ -36,6 +40,36 @@ from .._utils.validation import (
 )
 
 DEFAULT_ROWS_PER_CALL = 64
+
+
+class _NegLogSoftmax(torch.autograd.Function):
+    r"""``-log_softmax(logits, dim=1)`` whose backward keeps ``p_c - 1`` exact.
+
+    torch's backward computes ``p_c * sum(g) - g_c``; for the explained class of a confident
+    prediction (``p_P`` rounded to 1 in float32) its ``p_P - 1`` is 0 instead of about
+    ``-1e-8``, and the gradient of ``CE(z, P)`` loses its largest term (the map of
+    "Q == P" was noise). Written as ``p_c (sum_{j != c} g_j) - g_c (1 - p_c)`` with
+    :func:`~captum_ext._utils.batched_grad.softmax_complement`, it is exact to rounding.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor) -> Tensor:
+        return -torch.log_softmax(logits, dim=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (logits,) = ctx.saved_tensors
+        precise = logits if logits.dtype == torch.float64 else logits.float()
+        p = torch.softmax(precise, dim=1).to(grad.dtype)
+        rest = softmax_complement(precise, dim=1).to(grad.dtype)
+        others = grad.sum(dim=1, keepdim=True) - grad
+        return p * others - grad * rest
 
 
 class _PairedNegLogSoftmax(torch.autograd.Function):
@@ -146,8 +180,12 @@ class ContrastiveForward(nn.Module):
             check_class_range(torch.tensor([self._max_class]), output.shape[1], argument="contrast")
         if self._paired:
             return _PairedNegLogSoftmax.apply(output)
-        return -torch.log_softmax(output, dim=1)
+        return _NegLogSoftmax.apply(output)
 
+
+#: Captum methods whose ``baselines`` are a distribution of any number of references, not
+#: one per example: a distribution of N rows must not be repeated and sliced with the inputs
+_BASELINE_DISTRIBUTIONS = (DeepLiftShap, GradientShap, LayerDeepLiftShap, LayerGradientShap)
 
 #: Captum methods that explain no output class, or whose rules stop at the logits.
 _REFUSED: tuple[tuple[type, str], ...] = (
@@ -445,7 +483,9 @@ class Contrastive(GradientAttribution):
                     additional_forward_args, n, per_example, rows
                 ),
                 **{
-                    key: repeat_per_example(value, n, per_example, rows)
+                    key: value
+                    if key == "baselines" and isinstance(self.method, _BASELINE_DISTRIBUTIONS)
+                    else repeat_per_example(value, n, per_example, rows)
                     for key, value in kwargs.items()
                 },
             )

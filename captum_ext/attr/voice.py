@@ -12,7 +12,7 @@ from captum.attr import GuidedBackprop, LayerGradCam, NoiseTunnel, Saliency
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import class_gradients, run_forward
+from .._utils.batched_grad import class_gradients, run_forward, softmax_complement
 from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
@@ -310,6 +310,13 @@ class VOICE:
         output_transform: Callable[[Any], Tensor] | None = None,
     ) -> None:
         if postprocess not in POSTPROCESS:
+            if isinstance(method, nn.Module) and not hasattr(method, "attribute"):
+                # VOICE(model, "layer"), as the CAMs are called: the layer went to postprocess
+                raise TypeError(
+                    f"VOICE wraps an attribution method, not a model: VOICE(GradCAM(model, "
+                    f"{postprocess!r})) for Grad-CAM at that layer (or another CAM, Saliency, "
+                    f"...). The second argument is `postprocess`, one of {POSTPROCESS}."
+                )
             raise ValueError(f"`postprocess`={postprocess!r}: expected one of {POSTPROCESS}.")
         if output_transform is not None and not callable(output_transform):
             raise TypeError(
@@ -646,11 +653,20 @@ def _logit_then_cross_entropy(logits: Tensor) -> Tensor:
     gradient of the linear ``softmax(z).detach() . z - z_Q``. Under ``is_grads_batched`` the
     log-softmax backward runs once per class row (a vmap fallback: ~1000 small calls, 10% of
     VOICE on resnet18 at batch 1); the linear form's backward (sum, mul, sub) batches.
+
+    Written as ``sum_{j != Q} p_j z_j - (1 - p_Q) z_Q`` (the same gradient), so that the
+    entry ``p_Q - 1`` is ``-(1 - p_Q)`` from
+    :func:`~captum_ext._utils.batched_grad.softmax_complement`: with Q the confident class
+    (a target other than the prediction) ``p_Q - 1`` rounds to 0 in float32 and the map
+    lost its largest term. ``t.sum() - t`` with ``t = p * z`` passes exactly 0 to ``z_Q``.
     """
     detached = logits.detach()
     precise = detached if detached.dtype == torch.float64 else detached.float()
     p = torch.softmax(precise, dim=1).to(logits.dtype)  # half logits: softmax in float32
-    return torch.cat([logits, (p * logits).sum(1, keepdim=True) - logits], dim=1)
+    rest = softmax_complement(precise, dim=1).to(logits.dtype)
+    weighted = p * logits
+    contrasts = (weighted.sum(1, keepdim=True) - weighted) - rest * logits
+    return torch.cat([logits, contrasts], dim=1)
 
 
 def _variance(total: Tensor | None, total_sq: Tensor | None, count: Tensor) -> Tensor:
