@@ -7,6 +7,8 @@ References: Captum 0.9's LayerGradCam on the same model, and float64 autograd by
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -733,3 +735,40 @@ def test_every_contrast_map_of_a_confident_model_equals_float64_map_by_map(
         assert float(tiny.max()) < 1e-30
         if confident_model.classifier.weight.abs().max() < 10:  # the x3 model: gaps ~29
             assert bool(representable[own].all())  # the own-class maps were compared
+
+
+@pytest.mark.parametrize("name", ["GradCAM", "CounterfactualCAM", "LayerGradCamPlusPlus",
+                                  "FinerCAM", "LayerIBA", "VOICE"])  # fmt: skip
+def test_a_target_list_shorter_than_the_batch_is_refused(name, bundled_model, sample_digits):
+    """target=[3, 1] for 4 images was read as [3, 3, 1, 1] (the repetition that `contrast`
+    needs inside Captum's NoiseTunnel, which expands `target` itself); Captum's own
+    LayerGradCam refuses it. Now a ValueError naming `target`; NoiseTunnel with one target
+    per example still works, and `contrast` keeps its repetition."""
+    from captum_ext.attr import VOICE, FinerCAM, LayerIBA
+
+    x = sample_digits[0][:4]
+    build = {
+        "GradCAM": GradCAM, "CounterfactualCAM": CounterfactualCAM,
+        "LayerGradCamPlusPlus": LayerGradCamPlusPlus, "FinerCAM": FinerCAM,
+        "LayerIBA": LayerIBA, "VOICE": lambda model, layer: VOICE(GradCAM(model, layer)),
+    }[name]  # fmt: skip
+    method = build(bundled_model, "features.7")
+    if name == "LayerIBA":
+        method.estimate(sample_digits[0])
+    for target in ([3, 1], torch.tensor([3, 1])):
+        with pytest.raises(ValueError, match="`target` has 2 entries but the inputs have 4"):
+            method.attribute(x, target=target)
+    if name in ("VOICE", "LayerIBA"):
+        return
+    labels = sample_digits[1][:4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # Finer-CAM's vanishing maps
+        smoothed = NoiseTunnel(method).attribute(
+            x, target=labels, nt_type="smoothgrad", nt_samples=2, stdevs=0.0
+        )
+        torch.testing.assert_close(smoothed, method.attribute(x, target=labels))
+    if name == "GradCAM":  # ContrastCAM's `contrast`: Captum passes it through, repeated
+        contrast = ContrastCAM(bundled_model, "features.7")
+        torch.testing.assert_close(
+            contrast.attribute(x, contrast=[3, 1]), contrast.attribute(x, contrast=[3, 3, 1, 1])
+        )

@@ -122,3 +122,30 @@ def test_half_precision_model_gives_finite_maps_close_to_float32():
     assert bool(torch.isfinite(maps).all())
     assert float(reference.abs().max()) > 0.1
     torch.testing.assert_close(maps.float(), reference, atol=2e-3, rtol=0)
+
+
+def test_an_unlikely_target_warns_that_its_map_vanishes(bundled_model, sample_digits):
+    """The vanishing-map warning looked at the prediction's comparison classes only: a target
+    the model finds unlikely (its look-alikes' summed probability below 1e-7, next to the
+    formula's 1e-9 guard) gave maps orders of magnitude smaller than the prediction's
+    without a word. The warning now checks the classes explained, also through VOICE."""
+    from captum_ext.attr import VOICE
+    from captum_ext.attr.finer_cam import comparison_classes
+
+    x = sample_digits[0]
+    logits = bundled_model(x).detach()
+    probability = logits.softmax(1)
+    predicted, unlikely = logits.argmax(dim=1), logits.argmin(dim=1)
+    weight_predicted = probability.gather(1, comparison_classes(logits, predicted)).sum(1)
+    weight_unlikely = probability.gather(1, comparison_classes(logits, unlikely)).sum(1)
+    # digits whose prediction has look-alikes but whose least likely class has none
+    rows = ((weight_predicted >= 1e-7) & (weight_unlikely < 1e-7)).nonzero().flatten()[:4]
+    assert len(rows) == 4
+    x, predicted, unlikely = x[rows], predicted[rows], unlikely[rows]
+    with pytest.warns(RuntimeWarning, match="FinerCAM: for 4 of 4 examples"):
+        FinerCAM(bundled_model, "features.7").attribute(x, target=unlikely)
+    with pytest.warns(RuntimeWarning, match="FinerCAM: for 4 of 4 examples"):
+        VOICE(FinerCAM(bundled_model, "features.7")).attribute(x, target=unlikely)
+    with warnings.catch_warnings():  # the prediction's look-alikes: no warning
+        warnings.simplefilter("error", RuntimeWarning)
+        FinerCAM(bundled_model, "features.7").attribute(x, target=predicted)

@@ -309,3 +309,43 @@ def test_confident_model_is_finite_and_equals_float64(confident_model, sample_di
             getattr(got, field).double(), getattr(expected, field), atol=1e-4, rtol=0
         )
     torch.testing.assert_close(got.log_likelihood, expected.log_likelihood, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_methods_refuse_several_input_tensors_instead_of_dropping_them():
+    """VOICE(Saliency) on inputs (x, v) returned maps of x only, without a word (Captum's
+    Saliency returns one map per input). One tensor is mapped; the others belong in
+    additional_forward_args, which works."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.side = nn.Linear(2, 4)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x, v):
+            return self.head(self.conv(x).mean(dim=(2, 3)) + self.side(v))
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x, v = torch.randn(3, 3, 6, 6), torch.randn(3, 2)
+    for method in (Saliency(model), NoiseTunnel(Saliency(model))):
+        with pytest.raises(ValueError, match="maps one input tensor, and `inputs` holds 2"):
+            VOICE(method).attribute((x, v))
+    result = VOICE(Saliency(model)).attribute(x, additional_forward_args=(v,))
+    assert result.uncertainty.shape == x.shape
+
+
+def test_a_numpy_or_tensor_integer_is_a_top_k_number_of_contrasts():
+    """contrasts=np.int64(3) (e.g. from a config read with numpy) raised "must be a non-empty
+    1-D or 2-D integer list"; it means top-3, as a plain 3 does."""
+    import numpy as np
+
+    model = make_tiny_cnn()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    voice = VOICE(GradCAM(model, model.features[3]))
+    expected = voice.attribute(x, contrasts=3)
+    for k in (np.int64(3), torch.tensor(3)):
+        got = voice.attribute(x, contrasts=k)
+        torch.testing.assert_close(got.uncertainty, expected.uncertainty)
+        assert torch.equal(got.n_contrasts, expected.n_contrasts)

@@ -59,19 +59,27 @@ def format_additional_forward_args(additional_forward_args: Any) -> tuple:
     return tuple(outside_inference_mode(value) for value in additional_forward_args)
 
 
+#: arguments that Captum's NoiseTunnel, ``infidelity`` and ``sensitivity_max`` expand with
+#: the inputs themselves: they arrive with one entry per (expanded) example, or one for all
+EXPANDED_BY_CAPTUM = frozenset({"target"})
+
+
 def expand_per_example(values: Tensor, n: int, argument: str) -> Tensor:
     """Match per-example ``values`` (L, ...) to a batch of ``n``.
 
-    L == n is used as is; L == 1 is broadcast; L dividing n is repeated with
-    ``repeat_interleave``, the order in which Captum's NoiseTunnel, ``infidelity`` and
-    ``sensitivity_max`` expand the inputs while passing other keywords through unchanged.
+    L == n is used as is; L == 1 is broadcast; for the arguments Captum does not know (our
+    ``contrast``), L dividing n is repeated with ``repeat_interleave``, the order in which
+    Captum's NoiseTunnel, ``infidelity`` and ``sensitivity_max`` expand the inputs while
+    passing other keywords through unchanged. ``target`` (:data:`EXPANDED_BY_CAPTUM`) is
+    expanded by those wrappers already, so a shorter one is the caller's mistake (Captum's
+    own methods refuse it too) and is refused, not repeated.
     """
     length = values.shape[0]
     if length == n:
         return values
     if length == 1:
         return values.expand(n, *values.shape[1:])
-    if length and n % length == 0:
+    if length and n % length == 0 and argument not in EXPANDED_BY_CAPTUM:
         return values.repeat_interleave(n // length, dim=0)
     raise ValueError(
         f"`{argument}` has {length} entries but the inputs have {n} examples; give one per "

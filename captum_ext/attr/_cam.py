@@ -343,6 +343,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 zero_gradient_warning(name, "the layer's", root_module(self.forward_func)),
                 stacklevel=user_stacklevel(),
             )
+        self._check_explained(computed.logits, computed.classes)
         maps = computed.result
         lead = 2 if attr_dim_summation else 3  # (N, C'[, K]) before the spatial dims
         if upsample_to_input:
@@ -353,6 +354,10 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         if not attr_dim_summation and not computed.multi:
             maps = tuple(m.squeeze(1) for m in maps)  # (N, K, *S), as LayerGradCam
         return maps[0] if len(maps) == 1 else maps
+
+    def _check_explained(self, logits: Tensor, classes: Tensor) -> None:
+        """Called with the logits and the (N, C') classes explained once the maps are
+        computed: a subclass warns here about maps its formula makes meaningless."""
 
 
 def _upsample(maps: Tensor, lead: int, size: tuple[int, ...], mode: str | None) -> Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import check_int, check_number, single_logit_hint
 
@@ -175,23 +176,28 @@ class FinerCAM(TargetClassCAMBase):
                 f"{classes} classes (position 0 is the explained class itself)."
                 + (single_logit_hint() if classes == 1 else "")
             )
-        scores = finer_scores(logits, self.alpha, positions)
-        self._warn_if_vanishing(logits.detach())
-        return scores
+        return finer_scores(logits, self.alpha, positions)
 
-    def _warn_if_vanishing(self, logits: Tensor) -> None:
-        """The maps of confident predictions vanish (the comparison classes' probabilities
-        fall below the formula's 1e-9 guard): say so rather than return blank maps silently."""
-        compared = comparison_classes(logits, None, self._positions(logits.shape[1]))
-        weight = logits.softmax(dim=1).gather(1, compared).sum(dim=1)
-        vanishing = int((weight < 1e-7).sum())
-        if vanishing:
+    def _check_explained(self, logits: Tensor, classes: Tensor) -> None:
+        """The maps of the explained classes whose comparison classes' summed probability
+        falls below the formula's 1e-9 guard vanish: say so rather than return blank maps
+        silently (for the classes explained, not only the prediction)."""
+        if logits.dim() != 2:
+            return
+        positions = self._positions(logits.shape[1])
+        probability = at_least_float32(logits).softmax(dim=1)
+        vanishing = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        for column in range(classes.shape[1]):
+            compared = comparison_classes(logits, classes[:, column], positions)
+            vanishing |= probability.gather(1, compared).sum(dim=1) < 1e-7
+        count = int(vanishing.sum())
+        if count:
             warnings.warn(
-                f"FinerCAM: for {vanishing} of {logits.shape[0]} examples the classes compared "
-                "with the prediction have a summed probability below 1e-7, so the formula's "
-                "1e-9 guard dominates and their maps (near) vanish. Finer-CAM is meant for "
-                "classes the model finds similar; for a confident prediction use ContrastCAM "
-                "or GradCAM.",
+                f"FinerCAM: for {count} of {logits.shape[0]} examples the classes compared "
+                "with the explained class have a summed probability below 1e-7, so the "
+                "formula's 1e-9 guard dominates and their maps (near) vanish. Finer-CAM is "
+                "meant for classes the model finds similar; for a confident prediction, or a "
+                "class the model finds unlikely, use ContrastCAM or GradCAM.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )

@@ -152,6 +152,23 @@ def _plan_for(method: Any) -> _Plan:
     return _Plan(layer, None, weighting=weighting)
 
 
+def _is_integer_scalar(value: Any) -> bool:
+    """A numpy integer or a 0-dim / one-element integer tensor (read as an int)."""
+    if type(value).__module__ == "numpy":
+        return (
+            getattr(value, "ndim", None) == 0
+            and getattr(value, "dtype", None) is not None
+            and (value.dtype.kind in "iu")
+        )
+    return (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    )
+
+
 def _gradient_maps(absolute: bool) -> Callable:
     def to_maps(grads: tuple[Tensor, ...], acts: tuple[Tensor, ...]) -> Tensor:
         return grads[0].abs() if absolute else grads[0]
@@ -383,6 +400,12 @@ class VOICE:
         """
         formatted = format_inputs(inputs)
         threshold = _check_threshold(threshold)
+        if self.plan.weighting is None and len(formatted) > 1:
+            raise ValueError(
+                f"VOICE({type(self.method).__name__}) maps one input tensor, and `inputs` holds "
+                f"{len(formatted)}: pass the image as `inputs` and the model's other inputs "
+                "as `additional_forward_args` (their maps would be silently left out)."
+            )
         if reshape_transform is not None:
             if not callable(reshape_transform):
                 raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
@@ -452,6 +475,9 @@ class VOICE:
             classes["runner_up"],
             classes["weights"],
         )
+        check_explained = getattr(self.method, "_check_explained", None)
+        if check_explained is not None:  # e.g. Finer-CAM's maps that vanish
+            check_explained(logits, explained.reshape(-1, 1))
         prediction = logits.argmax(dim=1)
         total, total_sq = accumulate.sums()
         count = weights.sum(1).to(accumulate.explanation.dtype if total is None else total.dtype)
@@ -579,6 +605,8 @@ class VOICE:
             return torch.arange(num_classes, device=device).expand(n, num_classes)
         if isinstance(contrasts, bool):
             raise TypeError("`contrasts` must be 'all', an int k or class indices, not a bool.")
+        if _is_integer_scalar(contrasts):  # numpy ints and 0-dim tensors are top-k too
+            contrasts = int(contrasts)
         if isinstance(contrasts, int):
             if not 2 <= contrasts <= num_classes - 1:
                 raise ValueError(
