@@ -88,3 +88,64 @@ def test_model_metrics_accumulate_to_the_function_on_all_data(oracle_maps):
         assert metric.compute() == pytest.approx(whole.mean().item(), abs=1e-6)
     with pytest.raises(TypeError, match="forward_func"):
         ROAD("not a model")
+
+
+def test_with_the_default_noise_an_example_scores_the_same_alone_or_anywhere(oracle_maps):
+    """The imputation noise was one draw for the whole stacked batch, so an example's ROAD,
+    completeness and soundness scores moved (by up to 0.01 in probability) with the other
+    images beside it, their order, and the accumulator's batching. Each example's noise now
+    comes from the seed, its own pixels and the step."""
+    oracle, maps = oracle_maps
+    model = _Scaled(oracle.model).eval()
+    x, target = oracle.inputs, oracle.target
+    options = {
+        "road": {"percentages": [0.2, 0.6]},
+        "completeness": {"thresholds": [0.3, 0.7]},
+        "soundness": {"removed_fractions": [0.8, 0.5, 0.2], "score_floor": None},
+    }
+    order = torch.tensor([6, 2, 5, 0, 3, 1, 4])
+    for cls, function, field, key in (
+        (ROAD, road, "probability", "road"),
+        (Completeness, completeness, "drop", "completeness"),
+        (Soundness, soundness, "soundness", "soundness"),
+    ):
+        whole = getattr(function(model, x, maps, target=target, **options[key]), field)
+        alone = getattr(
+            function(model, x[3:4], maps[3:4], target=target[3:4], **options[key]), field
+        )
+        shuffled = getattr(
+            function(model, x[order], maps[order], target=target[order], **options[key]), field
+        )
+        torch.testing.assert_close(alone[0], whole[3], atol=1e-12, rtol=0)
+        torch.testing.assert_close(shuffled, whole[order], atol=1e-12, rtol=0)
+        other_seed = getattr(function(model, x, maps, target=target, seed=1, **options[key]), field)
+        if key != "soundness":  # the noise is real: another seed moves the scores
+            assert float((other_seed - whole).abs().max()) > 0
+        metric = cls(model, **options[key])
+        for start, stop in ((0, 4), (4, 7)):
+            metric.update(x[start:stop], maps[start:stop], target=target[start:stop])
+        torch.testing.assert_close(metric.per_example(), whole.double().mean(1), atol=1e-12, rtol=0)
+
+
+def test_the_soundness_floor_is_each_examples_own_probability():
+    """With score="probability" the floor compared the batch's mean probability: an example
+    whose target has probability 0 at every step (nothing to gain, so no mass is false)
+    got false mass 64 next to a confident image and none alone. Now the floor reads each
+    example's own probability; with score="accuracy" it stays the batch's (soco's rule)."""
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import load_sample_digits
+
+    model = load_bundled_model().eval()
+    x, labels = load_sample_digits()
+    x, labels = x[:2], labels[:2]
+    least_likely = model(x).argmin(dim=1)
+    target = torch.stack([least_likely[0], labels[1]])
+    maps = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    options = {"removed_fractions": [0.8, 0.6, 0.4, 0.2], "noise": 0.0}
+    both = soundness(model, x, maps, target=target, **options)
+    alone = soundness(model, x[:1], maps[:1], target=target[:1], **options)
+    assert float(both.score[0].max()) < 0.04  # the premise: never above the floor
+    assert float(both.false_mass[0]) == 0.0 == float(alone.false_mass[0])
+    torch.testing.assert_close(both.soundness[0], alone.soundness[0], atol=0, rtol=0)
+    accuracy = soundness(model, x, maps, target=target, score="accuracy", **options)
+    assert accuracy.score.shape == both.score.shape

@@ -683,3 +683,69 @@ def test_road_imputation_refuses_a_soft_removed_mask():
     expected = road_imputation(x, removed, noise=0.0)
     torch.testing.assert_close(road_imputation(x, removed.long(), noise=0.0), expected)
     torch.testing.assert_close(road_imputation(x, removed.float(), noise=0.0), expected)
+
+
+def test_cam_maps_smaller_than_the_input_are_upsampled_as_deletion_does(oracle):
+    """road, completeness and soundness refused a CAM's (N, 1, h, w) maps ("got (8, 3, 3)",
+    the shape after summing the channels), where deletion and insertion upsample them. They
+    now upsample bilinearly too: the same curves as the maps upsampled by hand."""
+    from captum_ext._utils.maps import upsample_maps
+
+    model = _softmax_model(oracle)
+    small = torch.rand(8, 1, 3, 3, generator=torch.Generator().manual_seed(2))
+    full = upsample_maps(small.double(), tuple(oracle.inputs.shape[-2:]))
+    x, target = oracle.inputs, oracle.target
+    for function, field, options in (
+        (road, "probability", {"percentages": [0.3, 0.6]}),
+        (completeness, "drop", {"thresholds": [0.5]}),
+        (soundness, "soundness", {"removed_fractions": [0.7, 0.3]}),
+    ):
+        got = getattr(function(model, x, small, target=target, **options), field)
+        expected = getattr(function(model, x, full, target=target, **options), field)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"`attributions` has 2 channels; expected 1 or 3"):
+        road(model, x, torch.rand(8, 2, 12, 12))
+
+
+def test_the_imputers_and_scores_of_the_spec_for_soundness_and_completeness(oracle):
+    """The spec gives both metrics imputer="road" | "mean" | "blur" | callable and score=
+    "probability" | "accuracy"; soundness had no imputer and completeness neither "blur"
+    nor "accuracy". Each imputer is tied to its definition through a callable doing the
+    same by hand."""
+    from captum_ext.metrics._perturbation import gaussian_blur
+
+    model = _softmax_model(oracle)
+    x, target = oracle.inputs, oracle.target
+    maps = torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    by_hand = {
+        "mean": lambda images, removed: torch.where(
+            removed, images.mean(dim=(2, 3), keepdim=True), images
+        ),
+        "blur": lambda images, removed: torch.where(removed, gaussian_blur(images, 11, 5.0), images),
+    }
+    for name, manual in by_hand.items():
+        for function, field, options in (
+            (completeness, "drop", {"thresholds": [0.4, 0.8]}),
+            (soundness, "soundness", {"removed_fractions": [0.7, 0.4, 0.1]}),
+        ):
+            got = getattr(function(model, x, maps, target=target, imputer=name, **options), field)
+            expected = getattr(
+                function(model, x, maps, target=target, imputer=manual, **options), field
+            )
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    accuracy = completeness(model, x, maps, target=target, imputer="mean", score="accuracy")
+    probability = completeness(model, x, maps, target=target, imputer="mean")
+    assert set(accuracy.drop.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert not torch.equal(accuracy.drop, probability.drop)
+    with torch.no_grad():  # correctness drop by hand at the first threshold
+        removed = maps[:, 0] > 0.9 * maps.flatten(1).amax(1).view(8, 1, 1)
+        filled = by_hand["mean"](x, removed[:, None])
+        hand = (model(x).argmax(1) == target).double() - (model(filled).argmax(1) == target).double()
+    torch.testing.assert_close(accuracy.drop[:, 0].double(), hand)
+    for function in (completeness, soundness):
+        with pytest.raises(ValueError, match="`imputer`='zeros'"):
+            function(model, x, maps, imputer="zeros")
+        with pytest.raises(ValueError, match="`imputer` must return images of shape"):
+            function(model, x, maps, imputer=lambda images, removed: images[:1])
+    with pytest.raises(ValueError, match="`score`='logit'"):
+        completeness(model, x, maps, score="logit")

@@ -212,3 +212,45 @@ def test_ssim_takes_maps_without_a_channel_axis_and_refuses_several_channels():
     torch.testing.assert_close(ssim_similarity(a, b), ssim_similarity(a[:, None], b[:, None]))
     with pytest.raises(ValueError, match="reduce the channels"):
         ssim_similarity(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))
+
+
+def test_class_sensitivity_never_compares_a_class_with_itself(digits):
+    """With target given (e.g. the labels of misclassified images), the default contrast was
+    the runner-up of the logits, which can be the target itself: the two maps were the same
+    and the similarity 1, read as "blind to the class". The contrast is now the most (least)
+    likely class other than the target, and an explicit contrast equal to the target is
+    refused."""
+    model, images = digits
+    images = images[:6]
+    with torch.no_grad():
+        order = model(images).argsort(dim=1, descending=True)
+    runner_up = order[:, 1]
+    result = class_sensitivity(lambda m: Saliency(m), model, images, target=runner_up)
+    assert torch.equal(result.target, runner_up)
+    assert torch.equal(result.contrast, order[:, 0])  # the most likely class but the target
+    assert bool((result.similarity["spearman_abs"] < 0.999).all())
+    last = order[:, -1]
+    least = class_sensitivity(
+        lambda m: Saliency(m), model, images, target=last, contrast="least-likely"
+    )
+    assert torch.equal(least.contrast, order[:, -2])
+    with pytest.raises(ValueError, match=r"`contrast` equals `target` for example\(s\) \[0, 1"):
+        class_sensitivity(lambda m: Saliency(m), model, images, target=3, contrast=3)
+
+
+def test_sanity_checks_name_a_bad_target(digits):
+    """A target list of the wrong length, an index beyond the classes or a float target ended
+    in torch's "expanded size", "index 12 is out of bounds" or Captum's "Target list length
+    does not match output!"; now errors name `target` as the other metrics do."""
+    model, images = digits
+    images = images[:4]
+    explainer = lambda m: Saliency(m)  # noqa: E731
+    for check in (class_sensitivity, model_randomisation):
+        with pytest.raises(ValueError, match="`target` has 2 entries but the inputs have 4"):
+            check(explainer, model, images, target=[1, 2])
+        with pytest.raises(ValueError, match="`target` holds class indices outside"):
+            check(explainer, model, images, target=12)
+        with pytest.raises(TypeError, match="`target` must hold integer class indices"):
+            check(explainer, model, images, target=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="`contrast` holds class indices outside"):
+        class_sensitivity(explainer, model, images, contrast=[1, 2, 3, 40])

@@ -71,8 +71,9 @@ def check_choice(value: Any, choices: Sequence[str], argument: str) -> None:
         )
 
 
-def maps_for(maps: Any, x: Tensor, argument: str) -> Tensor:
-    """(N, K, H, W) float maps at the input's size, K = 1 or C (upsampled when needed)."""
+def maps_for(maps: Any, x: Tensor, argument: str, dtype: torch.dtype | None = None) -> Tensor:
+    """(N, K, H, W) float maps at the input's size, K = 1 or C (upsampled when needed), in
+    ``dtype`` (default: the input's)."""
     if isinstance(maps, tuple):
         if len(maps) != 1:
             raise ValueError(
@@ -102,7 +103,7 @@ def maps_for(maps: Any, x: Tensor, argument: str) -> Tensor:
         )
     if a.is_complex():
         raise TypeError(f"`{argument}` must be real, got {a.dtype}.")
-    a = a.to(device=x.device, dtype=x.dtype)
+    a = a.to(device=x.device, dtype=x.dtype if dtype is None else dtype)
     if not bool(torch.isfinite(a).all()):
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
     if tuple(a.shape[2:]) != (h, w):

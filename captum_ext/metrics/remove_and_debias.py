@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from torch import Tensor
 from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
-from captum_ext._utils.precision import has_float64, precise
+from captum_ext._utils.precision import has_float64, precise, precise_dtype
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -49,7 +50,13 @@ from captum_ext._utils.validation import (
     class_selection,
     format_additional_forward_args,
 )
-from captum_ext.metrics._perturbation import image_batch
+from captum_ext.metrics._perturbation import (
+    DEFAULT_BLUR_KERNEL_SIZE,
+    DEFAULT_BLUR_SIGMA,
+    gaussian_blur,
+    image_batch,
+    maps_for,
+)
 
 __all__ = [
     "CompletenessCurves",
@@ -85,7 +92,8 @@ class CompletenessCurves(NamedTuple):
     thresholds: Tensor
     """``(T,)`` the thresholds :math:`t`."""
     drop: Tensor
-    """``(N, T)`` :math:`s(x) - s(\\tilde x_t)` with :math:`s` the target's probability."""
+    """``(N, T)`` :math:`s(x) - s(\\tilde x_t)` with :math:`s` the target's probability (or
+    its correctness, with ``score="accuracy"``)."""
     removed_fraction: Tensor
     """``(N, T)`` fraction of the pixels removed at each threshold."""
 
@@ -1042,23 +1050,10 @@ def _conjugate_gradients(
 
 
 def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
-    maps = (
-        attributions[0]
-        if isinstance(attributions, tuple) and len(attributions) == 1
-        else attributions
-    )
-    if not isinstance(maps, Tensor):
-        raise TypeError(f"`attributions` must be a tensor, got {type(maps).__name__}.")
-    if maps.dim() == 4:
-        maps = maps.sum(dim=1)
-    if maps.shape != (inputs.shape[0], *inputs.shape[-2:]):
-        raise ValueError(
-            f"`attributions` must be (N, C, H, W) or (N, H, W) maps at the input size "
-            f"{tuple(inputs.shape[-2:])}, got {tuple(maps.shape)}."
-        )
-    if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
-        raise ValueError("`attributions` contains NaN or infinite values.")
-    return maps.detach().to(device=inputs.device, dtype=torch.float64)
+    """(N, H, W) float64 pixel scores: the maps' channels summed (with their sign), maps
+    smaller than the input (a CAM's (N, 1, h, w)) upsampled bilinearly as in deletion."""
+    dtype = precise_dtype(inputs.device)  # float64 but on MPS
+    return maps_for(attributions, inputs, "attributions", dtype=dtype).sum(dim=1)
 
 
 def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) -> Tensor:
@@ -1072,6 +1067,86 @@ def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) 
     if multi or classes.shape[1] != 1:
         raise ValueError("`target` must give one class per example (int, list or 1-D tensor).")
     return classes[:, 0]
+
+
+def _example_keys(inputs: Tensor, seed: int) -> list[int]:
+    """One 63-bit key per example, from ``seed`` and the example's own pixels (its bytes):
+    the noise drawn with it does not depend on the rest of the batch or the example's place
+    in it."""
+    seed = check_int(seed, "seed", minimum=0)
+    values = inputs.detach().cpu().double().contiguous()  # (bf16 has no numpy dtype)
+    keys = []
+    for example in values:
+        digest = hashlib.blake2b(example.numpy().tobytes(), digest_size=8, key=str(seed).encode())
+        keys.append(int.from_bytes(digest.digest(), "little") >> 1)
+    return keys
+
+
+def _add_row_noise(
+    imputed: Tensor, removed: Tensor, keys: Sequence[int], steps: Sequence[int], noise: float
+) -> Tensor:
+    """``imputed + noise * removed * z`` with ``z`` standard normal, row ``k`` drawn from its
+    own generator seeded by (example key, step): an example's imputations, and so its scores,
+    are the same alone, anywhere in a batch, or spread over accumulator updates."""
+    if noise <= 0:
+        return imputed
+    dtype = imputed.dtype if imputed.dtype == torch.float64 else torch.float32
+    draws = torch.empty(imputed.shape, dtype=dtype)
+    generator = torch.Generator()
+    for row, (key, step) in enumerate(zip(keys, steps)):
+        generator.manual_seed((key + 1_000_003 * (step + 1)) % (2**63 - 1))
+        draws[row] = torch.randn(imputed.shape[1:], generator=generator, dtype=dtype)
+    mask = removed.reshape(removed.shape[0], 1, *imputed.shape[-2:]).to(imputed.dtype)
+    return imputed + noise * mask * draws.to(device=imputed.device, dtype=imputed.dtype)
+
+
+#: the imputers of :func:`completeness` and :func:`soundness` (or a callable)
+IMPUTERS = ("road", "mean", "blur")
+
+
+def _check_imputer(imputer: Any) -> None:
+    if not callable(imputer) and imputer not in IMPUTERS:
+        raise ValueError(
+            f"`imputer`={imputer!r}: expected 'road', 'mean', 'blur' or a callable "
+            "imputer(images, removed) -> images."
+        )
+
+
+def _imputed(
+    images: Tensor,
+    removed: Tensor,
+    imputer: Any,
+    noise: float,
+    keys: Sequence[int],
+    steps: Sequence[int],
+) -> Tensor:
+    """``images`` (R, C, H, W) with the ``removed`` (R, H, W) pixels filled by ``imputer``:
+    ROAD's linear imputation plus each row's own noise (:func:`_add_row_noise`), each image's
+    per-channel mean, its Gaussian blur (as deletion's ``baselines="blur"``), or
+    ``imputer(images, removed[:, None])``."""
+    if callable(imputer):
+        filled = imputer(images, removed[:, None])
+        if not isinstance(filled, Tensor) or filled.shape != images.shape:
+            got = tuple(filled.shape) if isinstance(filled, Tensor) else type(filled).__name__
+            raise ValueError(
+                f"`imputer` must return images of shape {tuple(images.shape)}, got {got}."
+            )
+        return filled
+    if imputer == "road":
+        everything = removed.flatten(1).all(dim=1)
+        safe = removed.clone()
+        safe[everything] = False  # nothing to impute from: filled by the mean below
+        filled = road_imputation(images, safe, noise=0.0)
+        filled = _add_row_noise(filled, safe, keys, steps, noise)
+        if bool(everything.any()):
+            mean = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+            filled[everything] = mean[everything]
+        return filled
+    if imputer == "mean":
+        fill = images.mean(dim=(2, 3), keepdim=True)
+    else:
+        fill = gaussian_blur(images, DEFAULT_BLUR_KERNEL_SIZE, DEFAULT_BLUR_SIGMA)
+    return torch.where(removed[:, None], fill, images)
 
 
 def _score_rows(
@@ -1147,14 +1222,18 @@ def road(
     Args:
         forward_func (Callable): the model, returning ``(N, classes)`` logits.
         inputs (Tensor): ``(N, C, H, W)``.
-        attributions (Tensor): maps ``(N, C, H, W)`` (channels summed) or ``(N, H, W)``.
+        attributions (Tensor): maps ``(N, C, H, W)`` (channels summed) or ``(N, H, W)``;
+            maps smaller than the input (a CAM's ``(N, 1, h, w)``) are upsampled
+            bilinearly, as in :func:`~captum_ext.metrics.deletion`.
         target (int, list or Tensor, optional): the class followed; default the prediction.
         additional_forward_args (Any, optional): passed to the model.
         percentages (sequence of float): fractions removed, each in (0, 1).
             Default: 0.1, ..., 0.9.
         order (str): ``"morf"`` or ``"lerf"``. Default: ``"morf"``.
         noise (float): imputation noise. Default: 0.01.
-        seed (int): seed of the noise. Default: 0.
+        seed (int): seed of the noise. Each example's noise is drawn from the seed, its
+            own pixels and the step, so its scores are the same alone, anywhere in a batch
+            or over an accumulator's updates. Default: 0.
         batch_size (int): rows per forward pass. Default: 64.
 
     Returns:
@@ -1183,14 +1262,18 @@ def road(
     removed = position[:, None, :] < counts[None, :, None]  # (N, P, HW)
     repeats = len(fractions)
     stacked = inputs.repeat_interleave(repeats, dim=0)
-    generator = torch.Generator().manual_seed(check_int(seed, "seed", minimum=0))
+    noise = check_number(noise, "noise", allow_minimum=True)
+    keys = _example_keys(inputs, seed)
+    flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
     with _evaluated(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
-        imputed = road_imputation(
-            stacked,
-            removed.reshape(n * repeats, *inputs.shape[-2:]),
-            noise=noise,
-            generator=generator,
+        imputed = road_imputation(stacked, flat_removed, noise=0.0)
+        imputed = _add_row_noise(
+            imputed,
+            flat_removed,
+            [key for key in keys for _ in range(repeats)],
+            list(range(repeats)) * n,
+            noise,
         )
         probability, correct = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
     return RoadCurves(fractions, probability.view(n, repeats), correct.view(n, repeats))
@@ -1205,6 +1288,7 @@ def completeness(
     additional_forward_args: Any = None,
     thresholds: Sequence[float] = DEFAULT_COMPLETENESS_THRESHOLDS,
     imputer: str | Callable[[Tensor, Tensor], Tensor] = "road",
+    score: str = "probability",
     noise: float = 0.01,
     seed: int = 0,
     batch_size: int = 64,
@@ -1213,16 +1297,21 @@ def completeness(
 
     At threshold :math:`t` the pixels with :math:`a(p) > (1 - t)\max_p a(p)` are removed and
     filled by ``imputer``; the curve is :math:`s(x) - s(\tilde x_t)` with :math:`s` the
-    target's probability.
+    target's probability, or its correctness (1 when the model predicts the target, else 0:
+    the mean over a dataset is the paper's accuracy drop).
 
     Args:
         forward_func, inputs, attributions, target, additional_forward_args: as in
             :func:`road`.
         thresholds (sequence of float): values of :math:`t` in (0, 1]. Default: 0.1, ..., 0.9.
         imputer (str or Callable): ``"road"`` (noisy linear imputation), ``"mean"`` (each
-            image's per-channel mean), or ``imputer(images, removed) -> images``.
+            image's per-channel mean), ``"blur"`` (each image's Gaussian blur, kernel 11,
+            sigma 5, as deletion's ``baselines="blur"``), or
+            ``imputer(images, removed) -> images`` (``removed``: ``(R, 1, H, W)`` bool).
             Default: ``"road"``.
-        noise, seed, batch_size: as in :func:`road`.
+        score (str): ``"probability"`` or ``"accuracy"`` (per-example correctness).
+            Default: ``"probability"``.
+        noise, seed, batch_size: as in :func:`road` (``noise`` for the ROAD imputer).
 
     Returns:
         CompletenessCurves: ``thresholds``, ``drop`` and ``removed_fraction``, ``(N, T)``.
@@ -1231,6 +1320,9 @@ def completeness(
     attribution evaluation" (TMLR 2024).
     """
     inputs = image_batch(inputs)
+    _check_imputer(imputer)
+    if score not in ("probability", "accuracy"):
+        raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
     values = torch.tensor(
         [check_number(t, "thresholds", maximum=1.0) for t in thresholds], dtype=torch.float64
     )
@@ -1244,26 +1336,18 @@ def completeness(
     repeats = len(values)
     flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
     stacked = inputs.repeat_interleave(repeats, dim=0)
-    generator = torch.Generator().manual_seed(check_int(seed, "seed", minimum=0))
+    noise = check_number(noise, "noise", allow_minimum=True)
+    keys = _example_keys(inputs, seed)
     with _evaluated(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
-        if imputer == "road":
-            everything = flat_removed.flatten(1).all(dim=1)
-            safe = flat_removed.clone()
-            safe[everything] = False  # nothing to impute from: filled by the mean below
-            imputed = road_imputation(stacked, safe, noise=noise, generator=generator)
-            mean = stacked.mean(dim=(2, 3), keepdim=True).expand_as(stacked)
-            imputed[everything] = mean[everything]
-        elif imputer == "mean":
-            mean = stacked.mean(dim=(2, 3), keepdim=True)
-            imputed = torch.where(flat_removed[:, None], mean, stacked)
-        elif callable(imputer):
-            imputed = imputer(stacked, flat_removed[:, None])
-        else:
-            raise ValueError(f"`imputer`={imputer!r}: expected 'road', 'mean' or a callable.")
-        original, _ = _scores(forward_func, inputs, targets, extra, batch_size, 1)
-        probability, _ = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
-    drop = original[:, None] - probability.view(n, repeats)
+        rows_keys = [key for key in keys for _ in range(repeats)]
+        imputed = _imputed(
+            stacked, flat_removed, imputer, noise, rows_keys, list(range(repeats)) * n
+        )
+        original = _scores(forward_func, inputs, targets, extra, batch_size, 1)
+        changed = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
+    which = 0 if score == "probability" else 1  # (probability, correct)
+    drop = original[which][:, None] - changed[which].view(n, repeats)
     return CompletenessCurves(values, drop, precise(removed.flatten(2)).mean(dim=2))
 
 
@@ -1287,6 +1371,7 @@ def soundness(
     target: Any = None,
     additional_forward_args: Any = None,
     removed_fractions: Sequence[float] = DEFAULT_SOUNDNESS_RATIOS,
+    imputer: str | Callable[[Tensor, Tensor], Tensor] = "road",
     score: str = "probability",
     threshold: float = 0.01,
     score_floor: float | None = 0.04,
@@ -1298,11 +1383,12 @@ def soundness(
 
     Maps are min-max normalised to [0, 1] per example. Pixels are ranked by increasing value
     (ties by one random permutation drawn with ``seed``). At step :math:`i` the least relevant
-    fraction :math:`r_i` of the pixels is removed (ROAD imputation), so pixels come back in
-    decreasing order as :math:`r` falls. With :math:`s_i` the target's score after step
+    fraction :math:`r_i` of the pixels is removed (ROAD imputation by default), so pixels
+    come back in decreasing order as :math:`r` falls. With :math:`s_i` the target's score after step
     :math:`i` (:math:`s_{-1} = 0`), the mass :math:`\Delta_i` of the pixels re-added at step
     :math:`i` is counted as *false* when :math:`s_i - s_{i-1} \le` ``threshold`` (and, if
-    ``score_floor`` is set, the batch's mean score is above it). Before that update,
+    ``score_floor`` is set, :math:`s_i` is above it: the example's own probability, or the
+    batch's accuracy with ``score="accuracy"``). Before that update,
 
     .. math::  \mathrm{soundness}_i = \frac{M_i - F_{i-1}}{M_i + 10^{-6}},
 
@@ -1313,12 +1399,16 @@ def soundness(
             :func:`road`.
         removed_fractions (sequence of float): decreasing fractions in (0, 1).
             Default: 0.98, 0.97, ..., 0.03 (96 steps).
+        imputer (str or Callable): how removed pixels are filled, as in
+            :func:`completeness`. Default: ``"road"``.
         score (str): ``"probability"`` (each example's own decision) or ``"accuracy"`` (one
             decision for the batch from its accuracy, as in the paper's default).
             Default: ``"probability"``.
         threshold (float): the largest score gain still counted as "no gain". Default: 0.01.
-        score_floor (float or None): skip the update while the batch's mean score is at or
-            below this. Default: 0.04.
+        score_floor (float or None): skip the update while the score is at or below this:
+            each example's own probability (so one example's result does not depend on the
+            rest of the batch), or the batch's accuracy with ``score="accuracy"`` (soco's
+            rule). Default: 0.04.
         noise, seed, batch_size: as in :func:`road`; all steps are imputed and evaluated in
             batches of ``batch_size`` rows.
 
@@ -1330,6 +1420,7 @@ def soundness(
     attribution evaluation" (TMLR 2024); the reference implementation is ``soco``.
     """
     inputs = image_batch(inputs)
+    _check_imputer(imputer)
     if score not in ("probability", "accuracy"):
         raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
     ratios = [
@@ -1350,7 +1441,8 @@ def soundness(
     positions = _lerf_positions(maps, seed)
     counts = [int(pixels * r) for r in ratios]
     steps = len(ratios)
-    generator = torch.Generator().manual_seed(seed)
+    noise = check_number(noise, "noise", allow_minimum=True)
+    keys = _example_keys(inputs, seed)
     with _evaluated(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
         probability = torch.empty(n, steps, dtype=torch.float64)
@@ -1362,11 +1454,14 @@ def soundness(
             examples = torch.tensor([i for i, _ in chunk], device=inputs.device)
             limits = torch.tensor([counts[j] for _, j in chunk], device=inputs.device)
             removed = positions[examples] < limits[:, None]
-            imputed = road_imputation(
+            removed = removed.view(len(chunk), *inputs.shape[-2:])
+            imputed = _imputed(
                 inputs[examples],
-                removed.view(len(chunk), *inputs.shape[-2:]),
-                noise=noise,
-                generator=generator,
+                removed,
+                imputer,
+                noise,
+                [keys[i] for i, _ in chunk],
+                [j for _, j in chunk],
             )
             p, c = _score_rows(forward_func, imputed, examples, targets, extra, n)
             # rows are example-major: row i * steps + j is example i at step j
@@ -1388,8 +1483,10 @@ def soundness(
         current = measured[:, j]
         if score == "accuracy":
             current = current.mean().expand(n)
-        if score_floor is None or float(current.mean()) > score_floor:
-            no_gain = (current - previous) <= threshold
-            false_mass = false_mass + torch.where(no_gain, added, 0.0)
+        # the floor: each example's own probability, or the batch's accuracy
+        counted = (current - previous) <= threshold
+        if score_floor is not None:
+            counted &= current > score_floor
+        false_mass = false_mass + torch.where(counted, added, 0.0)
         previous, previous_count = current, count
     return SoundnessCurves(torch.tensor(ratios, dtype=torch.float64), curves, measured, false_mass)

@@ -36,7 +36,11 @@ from torch import Tensor, nn
 from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import float64_here_or_cpu
-from captum_ext._utils.validation import check_int
+from captum_ext._utils.validation import (
+    check_class_range,
+    check_int,
+    parse_class_selection,
+)
 from captum_ext.metrics._perturbation import image_batch
 
 __all__ = [
@@ -368,9 +372,12 @@ def model_randomisation(
         raise ValueError("`layers`: the model has no layer with parameters to randomise.")
     with preserved_state([model]):
         model.eval()
-        if target is None:
-            with torch.no_grad():
-                target = model(inputs).argmax(dim=1)
+        with torch.no_grad():
+            output = model(inputs)
+        if isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
+            target = _one_class_each(target, output, "target")
+        elif target is None:
+            target = output.argmax(dim=1)
         original = _explain(explainer, model, inputs, target, kwargs)
     randomised_maps = []
     similarity_rows: dict[str, list[Tensor]] = {}
@@ -396,6 +403,18 @@ def model_randomisation(
         original=original,
         randomised=torch.stack(randomised_maps),
     )
+
+
+def _one_class_each(value: Any, logits: Tensor, argument: str) -> Tensor:
+    """``(N,)`` classes from an int, list or tensor (one per example, or one for all), or
+    the prediction for None; checked against the model's classes, naming ``argument``."""
+    n, classes = logits.shape[0], logits.shape[1]
+    if value is None:
+        return logits.argmax(dim=1)
+    selected, multi = parse_class_selection(value, n, logits.device, argument=argument)
+    if multi:
+        raise ValueError(f"`{argument}` must give one class per example, not several.")
+    return check_class_range(selected, classes, argument=argument)[:, 0]
 
 
 @leaves_inference_mode
@@ -434,17 +453,28 @@ def class_sensitivity(
         model.eval()
         with torch.no_grad():
             logits = model(inputs)
-        order = logits.argsort(dim=1, descending=True)
-        target = order[:, 0] if target is None else torch.as_tensor(target).expand(n)
+        target = _one_class_each(target, logits, "target")
         if isinstance(contrast, str):
             if contrast not in ("runner-up", "least-likely"):
                 raise ValueError(
                     f"`contrast`={contrast!r}: expected 'runner-up', 'least-likely' or classes."
                 )
-            contrast = order[:, 1] if contrast == "runner-up" else order[:, -1]
+            # the most (least) likely class other than the target: a given target may be
+            # the runner-up itself (a misclassified image explained for its label)
+            others = logits.detach().float().scatter(1, target[:, None], float("nan"))
+            if contrast == "runner-up":
+                contrast = others.nan_to_num(float("-inf")).argmax(dim=1)
+            else:
+                contrast = others.nan_to_num(float("inf")).argmin(dim=1)
         else:
-            contrast = torch.as_tensor(contrast).expand(n)
-        target, contrast = target.to(logits.device), contrast.to(logits.device)
+            contrast = _one_class_each(contrast, logits, "contrast")
+            same = (contrast == target).nonzero()[:, 0]
+            if len(same):
+                raise ValueError(
+                    f"`contrast` equals `target` for example(s) {same[:5].tolist()}: the check "
+                    "compares the maps of two different classes (the same class gives "
+                    "similarity 1, read as 'blind to the class')."
+                )
         stacked = torch.cat([inputs, inputs])
         maps = _explain(
             explainer, model, stacked, torch.cat([target, contrast]), dict(attribute_kwargs or {})
