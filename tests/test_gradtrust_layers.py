@@ -246,3 +246,44 @@ def test_a_parametrized_layer_is_named_not_a_deep_torch_func_error(sample_digits
         gradtrust(model, x, layer="features.6")
     assert torch.isfinite(gradtrust(model, x, layer="features.3")).all()
     assert torch.isfinite(gradtrust(model, x, layer="all")).all()
+
+
+def test_train_mode_batch_norm_scores_each_example_with_its_own_forward_pass():
+    """On the autograd path a train-mode model runs each example alone (its batch norm uses
+    that example's statistics), but the cotangents p - e_Q and the contrast classes came
+    from the whole batch's forward pass: two different forward passes mixed (scores off by
+    up to 0.4). Now they come from each example's own pass, so the scores equal the float64
+    loop that runs every example alone."""
+    model = make_tiny_cnn(seed=1).train()
+    model.features[4].eval()  # the dropouts off: only the batch norm depends on the batch
+    model.head[3].eval()
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    before = model_snapshot(model)
+    for layer in ("features.0", "all"):
+        got = gradtrust(model, x, layer=layer, k=3, log=True)
+        torch.testing.assert_close(
+            got, loop_log_gradtrust(model, x, 3, layer), rtol=1e-9, atol=1e-9
+        )
+    assert_model_unchanged(model, before)
+    assert model.training and not model.features[4].training
+
+
+def test_a_train_mode_batchnorm1d_says_to_call_eval():
+    """BatchNorm1d in train mode cannot normalise one example, and the per-example path ended
+    in torch's "Expected more than 1 value per channel when training"."""
+    from captum_ext.metrics import gradnorm, purview
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).train()
+    x = torch.randn(10, 6)
+    assert gradtrust(model, x).shape == (10,)  # the closed form runs the batch as it is
+    for call in (
+        lambda: gradtrust(model, x, layer="0"),
+        lambda: gradtrust(model, x, layer="all"),
+        lambda: gradnorm(model, x, layer="0"),
+        lambda: purview(model, x),
+    ):
+        with pytest.raises(ValueError, match=r"cannot normalise a single example.*model\.eval\(\)"):
+            call()
+    model.eval()
+    assert torch.isfinite(gradtrust(model, x, layer="0")).all()

@@ -295,8 +295,23 @@ def test_predict_and_scores_against_hand_computation():
     assert torch.allclose(tie.ood_score(images, "garbage").double(), probs[:, -1], atol=1e-6)
     for kind in ("max_in", "ue", "garbage"):
         assert torch.allclose(
-            tie.in_distribution_score(images, kind), 1 - tie.ood_score(images, kind)
+            tie.in_distribution_score(images, kind), 1 - tie.ood_score(images, kind).double()
         )
+    # in float64: 1 - p_garbage keeps garbage probabilities below float32's 6e-8 apart (in
+    # float32 they were all exactly 1.0, ties that changed AUROC / AUPR against -ood_score)
+    with torch.no_grad():  # the garbage logit 25 below class 0's: p_garbage about 1e-11
+        tie.model.classifier.weight[CLASSES, 0] = 50.0
+        tie.model.classifier.bias[CLASSES] = -25.0
+    images = constant_images(torch.tensor([1.0, 0.0, 0.1, 0.02]))
+    garbage = tie.ood_score(images, "garbage")
+    assert bool((garbage < 1e-9).all()) and len(set(garbage.tolist())) == 4
+    inside = tie.in_distribution_score(images, "garbage")
+    assert inside.dtype == torch.float64 and bool((inside < 1).all())
+    assert torch.equal((-inside).argsort(), garbage.argsort())
+    from captum_ext.metrics import auroc
+
+    separation = auroc(inside[:2], inside[2:])
+    assert separation == auroc(-garbage[:2], -garbage[2:])
     # orientation: the confident digit-like input scores more in-distribution than garbage
     score = tie.in_distribution_score(images)
     assert score[0] > score[2] and score[0] > score[1]

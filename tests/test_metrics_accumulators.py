@@ -154,3 +154,24 @@ def test_distributed_compute_gathers_every_shard(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name, value in expected.items():
             assert got[name] == pytest.approx(value, abs=1e-12), (rank, name)
+
+
+def test_accumulators_refuse_what_their_functions_refuse():
+    """update() cast to integers before any check: a correctness of 0.7 was stored as 0 (and
+    MispredictionAUROC returned 1.0), float predictions 1.7 became class 1, integer
+    "confidences" were read as probabilities. Now update() raises what the function
+    raises."""
+    from captum_ext.metrics import AUAC, AUFC, ExpectedCalibrationError, MispredictionAUROC
+
+    scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
+    for metric in (MispredictionAUROC(), AUAC()):
+        with pytest.raises(ValueError, match="`correct` must hold booleans"):
+            metric.update(scores, torch.tensor([1.0, 0.7, 0.0, 0.4]))
+        metric.update(scores, torch.tensor([1.0, 1.0, 0.0, 0.0]))  # 0/1 floats are fine
+    with pytest.raises(TypeError, match="`predictions` must hold integer class indices"):
+        AUFC().update(scores[:3], torch.tensor([1.7, 0.2, 2.0]), torch.tensor([1, 0, 2]))
+    ece = ExpectedCalibrationError()
+    with pytest.raises(TypeError, match="`labels` must hold integer class indices"):
+        ece.update(torch.tensor([0.9, 0.8, 0.3]), torch.tensor([1.0, 0.0, 0.5]))
+    with pytest.raises(TypeError, match="must hold floating point values"):
+        ece.update(torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0]))

@@ -217,3 +217,14 @@ def test_reliability_diagram_bad_input():
         reliability_diagram(p, torch.tensor([5]))
     with pytest.raises(ValueError, match="`norm`"):
         reliability_diagram(p, torch.tensor([0])).calibration_error("l3")
+
+
+def test_bins_follow_the_reported_edges_also_where_c_times_m_rounds():
+    """Bin m is documented as (bin_edges[m], bin_edges[m + 1]]; the binning used ceil(c M) - 1,
+    which disagrees with the linspace edges where c M rounds (0.55 * 20 =
+    11.000000000000002, while bin_edges[11] = 0.5499999999999999)."""
+    for n_bins, confidence in ((20, 0.55), (25, 0.28), (25, 0.68), (10, 0.7), (15, 0.0)):
+        diagram = reliability_diagram(np.array([confidence]), np.array([1]), n_bins=n_bins)
+        (m,) = diagram.count.nonzero()[:, 0].tolist()
+        edges = diagram.bin_edges
+        assert float(edges[m]) < confidence <= float(edges[m + 1]) or (m == 0 and confidence == 0)

@@ -238,3 +238,59 @@ def test_ood_metrics_on_separated_and_identical_scores():
 def test_ood_metric_errors_name_the_argument(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_python_float_lists_are_not_rounded_to_float32():
+    """torch.as_tensor([...floats...]) is float32: scores that differ in the ninth digit
+    (pandas' .tolist() of float64 columns) became ties, and auroc gave 0.5 where sklearn
+    gives 0.75. Lists are read in float64, as numpy arrays already were."""
+    from sklearn.metrics import average_precision_score
+
+    from captum_ext.metrics import AUROC, expected_calibration_error
+
+    inside, outside = [1 + 1e-9, 2 + 1e-9], [1.0, 2.0]
+    truth = [1, 1, 0, 0]
+    assert auroc(inside, outside) == pytest.approx(roc_auc_score(truth, inside + outside))
+    assert auroc(inside, outside) == auroc(np.array(inside), np.array(outside)) == 0.75
+    assert aupr(inside, outside) == pytest.approx(average_precision_score(truth, inside + outside))
+    assert auroc([40 + 1e-6], [40.0]) == 1.0
+    correct = [True, False, True]
+    assert auac([0.3 + 1e-9, 0.3, 0.1], correct) == auac(np.array([0.3 + 1e-9, 0.3, 0.1]), correct)
+    metric = AUROC()
+    metric.update(inside, outside)
+    assert metric.compute() == 0.75
+    assert expected_calibration_error([0.8], [0]) == 0.8
+
+
+def test_fpr_at_tpr_takes_the_positive_class_as_an_argument():
+    """OOD papers disagree on which class is positive for FPR@95TPR (USER_NEEDS 9); aupr had
+    `positive`, fpr_at_tpr did not. With "out" the OOD examples are the positives: sklearn's
+    roc_curve with OOD labelled 1 and the scores negated."""
+    from sklearn.metrics import roc_curve
+
+    from captum_ext.metrics import FPRAtTPR
+
+    rng = np.random.default_rng(0)
+    inside, outside = rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.5, 200)
+    for positive, labels, values in (
+        ("in", np.r_[np.ones(300), np.zeros(200)], np.r_[inside, outside]),
+        ("out", np.r_[np.zeros(300), np.ones(200)], -np.r_[inside, outside]),
+    ):
+        fpr, tpr, _ = roc_curve(labels, values)
+        expected = fpr[tpr >= 0.95].min()
+        assert fpr_at_tpr(inside, outside, positive=positive) == pytest.approx(expected)
+        metric = FPRAtTPR(positive=positive)
+        metric.update(inside[:100], outside[:50])
+        metric.update(inside[100:], outside[50:])
+        assert metric.compute() == pytest.approx(expected)
+    assert fpr_at_tpr(inside, outside, positive="out") == fpr_at_tpr(-outside, -inside)
+    assert fpr_at_tpr(inside, outside) != fpr_at_tpr(inside, outside, positive="out")
+    with pytest.raises(ValueError, match="`positive`='ood'"):
+        fpr_at_tpr(inside, outside, positive="ood")
+    with pytest.raises(ValueError, match="`positive`='ood'"):
+        FPRAtTPR(positive="ood")
+
+
+def test_aufc_names_the_scores_and_predictions_that_disagree():
+    with pytest.raises(ValueError, match="`scores` has 2 entries but `predictions` has 3"):
+        aufc([0.1, 0.2], [0, 1, 0], [0, 0, 0])

@@ -721,7 +721,9 @@ def test_the_imputers_and_scores_of_the_spec_for_soundness_and_completeness(orac
         "mean": lambda images, removed: torch.where(
             removed, images.mean(dim=(2, 3), keepdim=True), images
         ),
-        "blur": lambda images, removed: torch.where(removed, gaussian_blur(images, 11, 5.0), images),
+        "blur": lambda images, removed: torch.where(
+            removed, gaussian_blur(images, 11, 5.0), images
+        ),
     }
     for name, manual in by_hand.items():
         for function, field, options in (
@@ -740,7 +742,9 @@ def test_the_imputers_and_scores_of_the_spec_for_soundness_and_completeness(orac
     with torch.no_grad():  # correctness drop by hand at the first threshold
         removed = maps[:, 0] > 0.9 * maps.flatten(1).amax(1).view(8, 1, 1)
         filled = by_hand["mean"](x, removed[:, None])
-        hand = (model(x).argmax(1) == target).double() - (model(filled).argmax(1) == target).double()
+        hand = (model(x).argmax(1) == target).double() - (
+            model(filled).argmax(1) == target
+        ).double()
     torch.testing.assert_close(accuracy.drop[:, 0].double(), hand)
     for function in (completeness, soundness):
         with pytest.raises(ValueError, match="`imputer`='zeros'"):

@@ -489,3 +489,17 @@ def test_trust_module_still_exports_everything_without_warning():
         for name in trust.__all__:
             home = new_gradtrust if name in new_gradtrust.__all__ else baselines
             assert getattr(trust, name) is getattr(home, name)
+
+
+def test_gradnorm_refuses_one_logit_and_mc_dropout_a_seed_beyond_64_bits():
+    """gradnorm on a one-logit model returned all zeros silently (the softmax of one output is
+    1, every gradient 0), where every other score refuses C = 1; mc_dropout(generator=2**70)
+    ended in torch's "Overflow when unpacking long long"."""
+    model = mlp(1)
+    x = torch.randn(4, 6, dtype=DTYPE)
+    with pytest.raises(ValueError, match="gradnorm .* the model has 1 output.*two_class_logits"):
+        gradnorm(model, x)
+    dropout = nn.Sequential(nn.Linear(6, 12), nn.Dropout(0.5), nn.Linear(12, 3)).to(DTYPE)
+    with pytest.raises(ValueError, match=r"`generator`=1180591620717411303424: an int seed"):
+        mc_dropout(dropout, x, generator=2**70)
+    assert mc_dropout(dropout, x, generator=2**63).shape == (4,)

@@ -677,6 +677,70 @@ PER_EXAMPLE_CHUNK_BYTES = 256 * 2**20
 _UNBATCHED_OPERATOR_NOTE = "There is a performance drop because we have not yet implemented"
 
 
+#: torch's error when a batch norm in train mode sees one value per channel (a batch of one)
+_BATCH_OF_ONE_NORM = "Expected more than 1 value per channel when training"
+
+
+def _batch_of_one_error(error: Exception) -> ValueError | None:
+    """The clear error for a train-mode batch norm that cannot normalise one example alone
+    (``BatchNorm1d`` on (1, C)), or None for any other error."""
+    if _BATCH_OF_ONE_NORM not in str(error):
+        return None
+    return ValueError(
+        "per-example gradients run each example alone (a batch of one), and the model is in "
+        "train mode with a batch norm that cannot normalise a single example (BatchNorm1d "
+        "on (1, C): one value per channel). Call model.eval() first: scores and explanations "
+        "are meant for the model as it predicts."
+    )
+
+
+def _training_batch_norms(model: nn.Module | None) -> bool:
+    return model is not None and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
+
+
+def logits_seen_per_example(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    logits: Tensor,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> Tensor:
+    """The logits that :func:`per_example_parameter_gradients` differentiates: ``logits``
+    (the batch's), unless a batch norm of the model is in train mode. There each example
+    runs alone (normalised by its own statistics), so its logits differ from the batch's,
+    and cotangents built from the batch's logits would mix two forward passes (GradTrust at
+    an inner layer of a train-mode ResNet: scores off by up to 0.4). Then each example is run
+    alone here too, without gradients, on a copy of the buffers (left as they were)."""
+    model = root_module(forward_func)
+    if not _training_batch_norms(model):
+        return logits
+    n = inputs[0].shape[0]
+    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    rows = []
+    try:
+        with torch.no_grad():
+            for i in range(n):
+                args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in inputs]
+                more = [a[i : i + 1] if b else a for a, b in zip(extra, batched)]
+                try:
+                    out = uncompiled(forward_func)(*args, *more)
+                except ValueError as error:
+                    clear = _batch_of_one_error(error)
+                    if clear is None:
+                        raise
+                    raise clear from None
+                rows.append(output_transform(out) if output_transform is not None else out)
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+    return torch.cat(rows).to(logits.dtype)
+
+
 def per_example_parameter_gradients(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -758,6 +822,11 @@ def per_example_parameter_gradients(
                 grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
                     xs, extras_b, cotangents[start:stop], bufs
                 )
+        except ValueError as error:
+            clear = _batch_of_one_error(error)
+            if clear is None:
+                raise
+            raise clear from None
         except RuntimeError as error:
             if "would mutate a captured Tensor" in str(error) and any(
                 parametrize.is_parametrized(m) for m in holder.modules()

@@ -51,3 +51,19 @@ def share(mask: Tensor) -> float:
     """Fraction of True entries of a bool tensor, counted exactly on any device (NaN when
     it is empty, as the mean of nothing)."""
     return int(mask.sum()) / mask.numel() if mask.numel() else math.nan
+
+
+def array_like_tensor(values) -> Tensor:
+    """``torch.as_tensor(values)``, except that Python floats (a list, a tuple, a
+    ``pandas.Series.tolist()``) become float64, not torch's default float32: rounding them
+    to float32 merges scores that differ in the eighth digit into ties, and rank metrics
+    then disagree with scikit-learn on the same list. Tensors and numpy arrays keep their
+    dtype."""
+    tensor = torch.as_tensor(values)
+    if (
+        tensor.is_floating_point()
+        and not isinstance(values, Tensor)
+        and not hasattr(values, "__array__")
+    ):
+        tensor = torch.as_tensor(values, dtype=torch.float64)
+    return tensor

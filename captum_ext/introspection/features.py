@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_ext._utils.batched_grad import per_example_parameter_gradients
+from captum_ext._utils.batched_grad import logits_seen_per_example, per_example_parameter_gradients
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import precise
@@ -152,6 +152,9 @@ def introspective_features(
                 "a module the model calls."
             )
         weight = _weight_of(head)
+        seen = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
+        if seen is not logits:  # a train-mode batch norm: each example's own logits
+            cotangents = _cotangents(seen, form, k)
         grads = per_example_parameter_gradients(
             forward_func,
             inputs,

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import uncompiled
 from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
-from captum_ext._utils.precision import precise, share
+from captum_ext._utils.precision import precise, precise_dtype, share
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -1126,7 +1126,11 @@ class TIE:
         barrier()
 
     # ----------------------------------------------------------------- inference
-    def _probabilities(self, inputs: Tensor, batch_size: int = 256) -> Tensor:
+    def _probabilities(
+        self, inputs: Tensor, batch_size: int = 256, *, precise: bool = False
+    ) -> Tensor:
+        """Softmax of the n + 1 logits, in float32 at least (float64 where ``precise`` and the
+        device has it)."""
         model = self.model
         device, dtype = model_device_dtype(model)
         out = []
@@ -1135,6 +1139,8 @@ class TIE:
             for chunk in inputs.split(batch_size):
                 logits = model(chunk.to(device=device, dtype=dtype))
                 wide = torch.promote_types(logits.dtype, torch.float32)
+                if precise:
+                    wide = precise_dtype(logits.device)
                 out.append(torch.softmax(logits.to(wide), dim=1))
         if not out:
             return torch.empty(0, self.num_classes + 1, device=device)
@@ -1219,7 +1225,9 @@ class TIE:
     ) -> Tensor:
         r"""``1 - ood_score(inputs, kind)``: HIGHER = MORE in-distribution, the orientation of
         :func:`captum_ext.metrics.auroc`, ``aupr`` and ``fpr_at_tpr``. For ``"max_in"`` it is
-        ``max_{c < n} p_c``.
+        ``max_{c < n} p_c``. Computed in float64 (where the device has it): in float32
+        ``1 - p_garbage`` is exactly 1 for every ``p_garbage`` below 6e-8, and those ties
+        changed the metrics (negating :meth:`ood_score` would not have them).
 
         Examples::
 
@@ -1232,4 +1240,14 @@ class TIE:
             >>> 0.0 <= separation <= 1.0
             True
         """
-        return 1.0 - self.ood_score(inputs, kind, batch_size=batch_size)
+        if kind not in OOD_SCORE_KINDS:
+            raise ValueError(f"`kind` must be one of {list(OOD_SCORE_KINDS)}, got {kind!r}.")
+        inputs = self._check_inputs(inputs)
+        batch_size = check_int(batch_size, "batch_size")
+        probs = self._probabilities(inputs, batch_size, precise=True).to(inputs.device)
+        n = self.num_classes
+        if kind == "max_in":
+            return probs[:, :n].amax(1)
+        if kind == "ue":
+            return 1.0 - uncertainty_ue(probs)
+        return 1.0 - probs[:, n]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_ext._utils.precision import array_like_tensor
 from captum_ext.metrics.calibration import expected_calibration_error
 from captum_ext.metrics.curves import auac, aufc, aupr, auroc, fpr_at_tpr, misprediction_auroc
 from captum_ext.metrics.deletion_insertion import deletion, insertion
@@ -47,10 +48,21 @@ __all__ = [
 ]
 
 
-def _as_stored(values: Any, argument: str, dtype: torch.dtype, *, rows: bool = False) -> Tensor:
-    """A detached CPU copy of one batch's values: 1-D, or (N, C) when ``rows``."""
+def _as_stored(
+    values: Any,
+    argument: str,
+    dtype: torch.dtype,
+    *,
+    rows: bool = False,
+    kind: str | None = None,
+) -> Tensor:
+    """A detached CPU copy of one batch's values: 1-D, or (N, C) when ``rows``; checked as
+    the metric's function checks them (``kind``: ``"classes"`` integer class indices,
+    ``"correct"`` booleans or 0/1, ``"probabilities"`` floating point), so that the cast to
+    ``dtype`` never truncates what the function would refuse (a correctness of 0.7 stored
+    as 0)."""
     try:
-        tensor = torch.as_tensor(values).detach()
+        tensor = array_like_tensor(values).detach()
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"`{argument}` must be a tensor or array-like: {error}") from None
     if tensor.dim() != (2 if rows else 1) and not (rows and tensor.dim() == 1):
@@ -58,6 +70,15 @@ def _as_stored(values: Any, argument: str, dtype: torch.dtype, *, rows: bool = F
             f"`{argument}` must be {'(N, C) or (N,)' if rows else '1-D (N,)'}, got shape "
             f"{tuple(tensor.shape)}."
         )
+    if kind == "classes" and (tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
+    if kind == "correct" and tensor.dtype != torch.bool:
+        if tensor.is_complex() or not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise ValueError(
+                f"`{argument}` must hold booleans (or 0/1): True = correct prediction."
+            )
+    if kind == "probabilities" and not tensor.is_floating_point():
+        raise TypeError(f"`{argument}` must hold floating point values, got {tensor.dtype}.")
     if tensor.dtype == torch.bool and dtype != torch.bool:
         tensor = tensor.to(torch.long)
     return tensor.cpu().to(dtype)  # moved first: MPS tensors cannot be float64
@@ -136,7 +157,7 @@ class _ScoresAndCorrect(_Accumulator):
     def update(self, scores: Any, correct: Any) -> None:
         """Add a batch: trust ``scores`` (N,) and ``correct`` (N,) booleans or 0/1."""
         s = _as_stored(scores, "scores", _F64)
-        c = _as_stored(correct, "correct", torch.long)
+        c = _as_stored(correct, "correct", torch.long, kind="correct")
         _check_same_length(scores=s, correct=c)
         self._append(scores=s, correct=c)
 
@@ -224,8 +245,8 @@ class AUFC(_Accumulator):
     def update(self, scores: Any, predictions: Any, labels: Any) -> None:
         """Add a batch: ``scores``, predicted classes and true labels, each (N,)."""
         s = _as_stored(scores, "scores", _F64)
-        p = _as_stored(predictions, "predictions", torch.long)
-        y = _as_stored(labels, "labels", torch.long)
+        p = _as_stored(predictions, "predictions", torch.long, kind="classes")
+        y = _as_stored(labels, "labels", torch.long, kind="classes")
         _check_same_length(scores=s, predictions=p, labels=y)
         self._append(scores=s, predictions=p, labels=y)
 
@@ -308,15 +329,20 @@ class FPRAtTPR(_InOut):
 
     Args:
         tpr (float, optional): the true positive rate. Default: 0.95.
+        positive (str, optional): ``"in"`` (default) or ``"out"``, as in
+            :func:`~captum_ext.metrics.fpr_at_tpr`.
     """
 
-    def __init__(self, *, tpr: float = 0.95) -> None:
+    def __init__(self, *, tpr: float = 0.95, positive: str = "in") -> None:
+        if positive not in ("in", "out"):
+            raise ValueError(f"`positive`={positive!r}: expected 'in' or 'out'.")
         self.tpr = tpr
+        self.positive = positive
         super().__init__()
 
     def compute(self) -> float:
         """The FPR at ``tpr`` on everything accumulated."""
-        return fpr_at_tpr(*self._data(), tpr=self.tpr)
+        return fpr_at_tpr(*self._data(), tpr=self.tpr, positive=self.positive)
 
 
 class ExpectedCalibrationError(_Accumulator):
@@ -351,9 +377,13 @@ class ExpectedCalibrationError(_Accumulator):
         """Add a batch: (N, C) probabilities with (N,) labels, or (N,) confidences with (N,)
         correctness."""
         values = _as_stored(
-            probabilities_or_confidences, "probabilities_or_confidences", _F64, rows=True
+            probabilities_or_confidences,
+            "probabilities_or_confidences",
+            _F64,
+            rows=True,
+            kind="probabilities",
         )
-        y = _as_stored(labels, "labels", torch.long)
+        y = _as_stored(labels, "labels", torch.long, kind="classes")
         _check_same_length(probabilities_or_confidences=values, labels=y)
         earlier = self._values["values"]
         if earlier and earlier[0].shape[1:] != values.shape[1:]:

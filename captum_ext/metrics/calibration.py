@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_ext._utils.precision import array_like_tensor
 from captum_ext._utils.validation import check_int
 
 __all__ = [
@@ -27,8 +28,8 @@ def _confidence_and_correct(
 ) -> tuple[Tensor, Tensor]:
     """(N,) float64 confidences in [0, 1] and (N,) float64 0/1 correctness, on the CPU."""
     try:
-        values = torch.as_tensor(probabilities_or_confidences).detach()
-        targets = torch.as_tensor(labels).detach()
+        values = array_like_tensor(probabilities_or_confidences).detach()
+        targets = array_like_tensor(labels).detach()
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(
             f"`probabilities_or_confidences` and `labels` must be tensors or array-like: {error}"
@@ -155,10 +156,19 @@ def _check_norm(norm: Any) -> None:
         )
 
 
+def _bin_edges(n_bins: int) -> Tensor:
+    """``(M + 1,)`` float64 edges ``0, 1/M, ..., 1``."""
+    return torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+
+
 def _bin_sums(confidence: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per bin ``((m-1)/M, m/M]`` (0 in the first): count, sum of correctness, sum of
-    confidence, float64."""
-    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    """Per bin ``(bin_edges[m], bin_edges[m + 1]]`` (0 in the first): count, sum of
+    correctness, sum of confidence, float64. Binned against the edges the diagram reports
+    (``linspace``): ``ceil(c M) - 1`` disagreed with them where ``c M`` rounds (0.55 with
+    20 bins: ``0.55 * 20 = 11.000000000000002``)."""
+    edges = _bin_edges(n_bins).to(confidence.device)
+    bins = torch.searchsorted(edges[1:].contiguous(), confidence, right=False)
+    bins = bins.clamp(0, n_bins - 1)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(correct))
     accuracy = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     mean_confidence = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
@@ -271,7 +281,7 @@ def reliability_diagram(
     safe = count.clamp_min(1)
     nan = torch.full_like(count, float("nan"))
     return ReliabilityDiagram(
-        bin_edges=torch.linspace(0, 1, n_bins + 1, dtype=torch.float64),
+        bin_edges=_bin_edges(n_bins),
         confidence=torch.where(empty, nan, mean_confidence / safe),
         accuracy=torch.where(empty, nan, accuracy / safe),
         count=count.long(),

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from captum_ext._utils.precision import array_like_tensor
+
 __all__ = [
     "RetentionCurve",
     "accuracy_retention_curve",
@@ -49,7 +51,7 @@ class RetentionCurve(NamedTuple):
 
 def _vector(values: Any, argument: str, *, dtype=None) -> Tensor:
     try:
-        tensor = torch.as_tensor(values)
+        tensor = array_like_tensor(values)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"`{argument}` must be a 1-D tensor or array-like: {error}") from None
     tensor = tensor.detach()
@@ -291,6 +293,12 @@ def aufc(scores: Any, predictions: Any, labels: Any, *, percentiles: Any = None)
         raise ValueError(
             f"`predictions` has {pred.numel()} entries but `labels` has {true.numel()}."
         )
+    n_scores = _scores(scores).numel()
+    if n_scores != pred.numel():  # before `correct` (= predictions == labels) is formed
+        raise ValueError(
+            f"`scores` has {n_scores} entries but `predictions` has {pred.numel()}; give one "
+            "of each per example."
+        )
     curve = accuracy_retention_curve(
         scores, pred == true, predictions=pred, labels=true, percentiles=percentiles
     )
@@ -450,12 +458,18 @@ def aupr(in_scores: Any, out_scores: Any, *, positive: str = "in") -> float:
     return float((steps * precision).sum())
 
 
-def fpr_at_tpr(in_scores: Any, out_scores: Any, *, tpr: float = 0.95) -> float:
+def fpr_at_tpr(
+    in_scores: Any, out_scores: Any, *, tpr: float = 0.95, positive: str = "in"
+) -> float:
     r"""False-positive rate at a given true-positive rate (FPR@95TPR by default).
 
-    Scores: higher = more in-distribution; in-distribution is the positive class. The
-    threshold is the highest one that keeps at least ``tpr`` of the in-distribution examples
-    (score >= threshold); the result is the share of OOD examples that pass it too:
+    Scores: higher = more in-distribution. OOD papers disagree on which class is positive;
+    ``positive`` makes it explicit. With ``"in"`` (the default, as in OpenOOD and most
+    detection papers) the threshold is the highest one that keeps at least ``tpr`` of the
+    in-distribution examples (score >= threshold), and the result is the share of OOD
+    examples that pass it too; with ``"out"`` the roles swap: the OOD examples are the
+    positives, ranked by increasing score, and the result is the share of in-distribution
+    examples caught at ``tpr`` of the OOD ones (``fpr_at_tpr(-out, -in)``):
 
     .. code-block:: text
 
@@ -468,6 +482,8 @@ def fpr_at_tpr(in_scores: Any, out_scores: Any, *, tpr: float = 0.95) -> float:
         in_scores (Tensor or array-like): (N_in,) finite scores of in-distribution examples.
         out_scores (Tensor or array-like): (N_out,) finite scores of OOD examples.
         tpr (float, optional): the true-positive rate, in (0, 1]. Default: 0.95.
+        positive (str, optional): ``"in"`` or ``"out"``, the positive class. Default:
+            ``"in"``.
 
     Returns:
         float: FPR in [0, 1].
@@ -483,7 +499,11 @@ def fpr_at_tpr(in_scores: Any, out_scores: Any, *, tpr: float = 0.95) -> float:
     """
     if isinstance(tpr, bool) or not isinstance(tpr, int | float) or not 0 < tpr <= 1:
         raise ValueError(f"`tpr` must be a number in (0, 1], got {tpr!r}.")
+    if positive not in ("in", "out"):
+        raise ValueError(f"`positive`={positive!r}: expected 'in' or 'out'.")
     values, is_in = _in_out(in_scores, out_scores)
+    if positive == "out":
+        values, is_in = -values, ~is_in
     true_pos, false_pos = _threshold_counts(values, is_in)
     n_in, n_out = int(is_in.sum()), int((~is_in).sum())
     reached = true_pos / n_in >= tpr - 1e-12

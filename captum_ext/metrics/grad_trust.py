@@ -23,7 +23,11 @@ import torch.nn.functional as F
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.batched_grad import per_example_parameter_gradients, run_forward
+from captum_ext._utils.batched_grad import (
+    logits_seen_per_example,
+    per_example_parameter_gradients,
+    run_forward,
+)
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32, precise_dtype
@@ -461,11 +465,13 @@ def gradtrust(
                     "a module that forward_func calls."
                 )
             weight = _weight_of(head)
+            # a train-mode batch norm: the logits each example has when run alone
+            seen = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
             if form == "topk":
-                cotangents, log_scale = _scaled_topk_cotangents(logits, k)
+                cotangents, log_scale = _scaled_topk_cotangents(seen, k)
                 reduce = _log_topk_reduce(log_scale)
             else:
-                cotangents, reduce = _reference_cotangents(logits), _reference_reduce
+                cotangents, reduce = _reference_cotangents(seen), _reference_reduce
             score = per_example_parameter_gradients(
                 forward_func,
                 inputs,
@@ -523,7 +529,8 @@ def _all_parameters_score(
         with torch.no_grad():
             logits = run_forward(forward_func, inputs, extra, output_transform)
         k = _check_k(k, logits.shape[1])
-        cotangents, log_scale = _scaled_topk_cotangents(logits, k)
+        seen = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
+        cotangents, log_scale = _scaled_topk_cotangents(seen, k)
         score = per_example_parameter_gradients(
             forward_func,
             inputs,

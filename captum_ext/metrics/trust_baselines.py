@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import (
     input_gradients,
+    logits_seen_per_example,
     per_example_parameter_gradients,
     run_forward,
 )
@@ -310,6 +311,10 @@ def _seed_from(generator: Any) -> int | None:
     if isinstance(generator, bool):
         raise TypeError("`generator` must be a torch.Generator, an int seed or None.")
     if isinstance(generator, int):
+        if not -(2**63) <= generator < 2**64:
+            raise ValueError(
+                f"`generator`={generator}: an int seed must fit in 64 bits (torch's range)."
+            )
         generator = torch.Generator().manual_seed(generator)
     if not isinstance(generator, torch.Generator):
         raise TypeError(
@@ -452,6 +457,12 @@ def gradnorm(
     model = root_module(forward_func)
     with preserved_state([model, head]):
         logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
+        check_several_classes(
+            logits,
+            "gradnorm takes the gradient of KL(uniform || softmax) over the classes",
+            why="the softmax of one output is always 1, so every gradient is 0 and every "
+            "score would be 0",
+        )
         g = torch.softmax(logits, 1) - 1.0 / logits.shape[1]
         h = _head_features(head, logits, calls)
         if h is not None:
@@ -462,6 +473,8 @@ def gradnorm(
                 "`layer` is None and the last nn.Linear does not produce the logits; pass `layer`."
             )
         weight = _weight_of(head)
+        seen = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
+        g = torch.softmax(seen, 1) - 1.0 / seen.shape[1]
 
         def reduce(grads: dict[str, Tensor]) -> Tensor:
             (grad,) = grads.values()
@@ -560,6 +573,7 @@ def purview(
     wanted = {f"m.{name}": named[name] for group in group_names for name in group}
     with preserved_state([model]):
         logits = _logits(forward_func, inputs, extra, output_transform)
+        logits = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
         cotangent = (torch.sigmoid(logits) - 1) / logits.shape[1]
 
         def reduce(grads: dict[str, Tensor]) -> Tensor:
