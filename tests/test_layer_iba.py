@@ -724,3 +724,39 @@ def test_a_saturated_loss_is_told_apart_from_a_layer_the_output_ignores():
                 images[:4], target=predicted, steps=2, generator=0,
                 loss=lambda out, clean, t: -out.gather(1, t[:, None])[:, 0],
             )  # fmt: skip
+
+
+class _SkipAcrossTheLayer(nn.Module):
+    """An in-place op on the layer's output, then a skip connection across the layer: the
+    shared-prefix attempt fails on the batch sizes after the in-place op has run."""
+
+    def __init__(self, in_place: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.layer = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.in_place = in_place
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.layer(x)
+        h = torch.relu_(h) if self.in_place == "relu" else h.mul_(2.0)
+        return self.fc((h + x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("in_place", ["relu", "mul"])
+def test_reuse_prefix_gives_the_same_maps_after_an_in_place_op_on_the_layer(in_place):
+    """The layer's substitute output was one tensor shared by every forward pass: the failed
+    shared-prefix attempt ran the in-place op on it, and the full forward pass that follows
+    read the changed copies (an in-place ReLU raised autograd's "modified by an inplace
+    operation", as on a torchvision ResNet; `mul_` gave other maps silently). The docstring
+    promises the same maps either way."""
+    torch.manual_seed(0)
+    model = _SkipAcrossTheLayer(in_place).eval()
+    iba = LayerIBA(model, "layer")
+    iba.estimate(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    options = {"target": [0, 1, 2], "generator": [1, 2, 3], "steps": 4}
+    shared = iba.attribute(x, reuse_prefix=True, **options)
+    full = iba.attribute(x, reuse_prefix=False, **options)
+    torch.testing.assert_close(shared, full, rtol=0, atol=0)

@@ -800,7 +800,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     "`layer` produced a different output on the noisy copies than on the clean "
                     "inputs; LayerIBA needs a layer that runs once with N x C x h x w output."
                 )
-            return state["z"]
+            # a copy per forward pass: an in-place op after the layer (ReLU(inplace=True))
+            # would otherwise change the noisy copies that a retried forward pass reads
+            return state["z"].clone()
 
         with gradients_on():
             for step in range(steps):
