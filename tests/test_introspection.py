@@ -332,3 +332,61 @@ def test_confident_models_give_the_float64_features_in_float32(bundled_digits, s
         assert ((rows - 1).abs() < 1e-5).logical_or(rows == 0).all()
     else:
         torch.testing.assert_close(rows.square().sum(1), torch.ones(8), atol=1e-5, rtol=0)
+
+
+def test_fit_takes_a_float64_model_and_every_documented_batch_form(
+    model64, bundled_digits, tmp_path
+):
+    """fit on a float64 model failed ("mat1 and mat2 must have the same dtype": the head was
+    float32); a generator of (x, y) batches raised a bare StopIteration and a list of
+    {'pixel_values', 'labels'} dicts a KeyError (the first batch was read a second time).
+    The fitted head keeps the model's float64 through save and load."""
+    x, y = bundled_digits[0][:24].double(), bundled_digits[1][:24]
+    options = {"epochs": 2, "batch_size": 8, "progress": False}
+    net = IntrospectiveNetwork(model64).fit(x, y, **options)
+    assert next(net.head.parameters()).dtype == torch.float64
+    reference = net.predict_proba(x)
+    for loader in (
+        ((x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)),  # a generator, read once
+        [{"pixel_values": x[i : i + 8], "labels": y[i : i + 8]} for i in range(0, 24, 8)],
+    ):
+        fitted = IntrospectiveNetwork(model64).fit(loader, **options)
+        torch.testing.assert_close(fitted.predict_proba(x), reference)
+    path = net.save(tmp_path / "head.pt")
+    loaded = IntrospectiveNetwork.load(path, model64)
+    torch.testing.assert_close(loaded.predict_proba(x), reference, rtol=0, atol=0)
+
+
+def test_load_takes_the_output_transform_and_refuses_another_model(
+    bundled_model, bundled_digits, tmp_path
+):
+    """load() had no output_transform, so a network fitted on a model returning a dict could
+    not be used after loading; loading a head onto another model ended in torch's "mat1 and
+    mat2 shapes cannot be multiplied" at the first prediction. fit no longer resets the
+    caller's global RNG."""
+
+    class DictOutput(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return {"logits": self.model(x)}
+
+    wrapped = DictOutput(bundled_model).eval()
+    x, y = bundled_digits[0][:16], bundled_digits[1][:16]
+    transform = lambda out: out["logits"]  # noqa: E731
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    net = IntrospectiveNetwork(wrapped, output_transform=transform).fit(
+        x, y, epochs=1, progress=False, seed=5
+    )
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's RNG untouched
+    path = net.save(tmp_path / "head.pt")
+    loaded = IntrospectiveNetwork.load(path, wrapped, output_transform=transform)
+    torch.testing.assert_close(loaded.predict(x), net.predict(x))
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 7)).eval()
+    mismatched = IntrospectiveNetwork.load(path, other)
+    with pytest.raises(ValueError, match="head takes 6400 features, but this model .* gives 38416"):
+        mismatched.predict(x)

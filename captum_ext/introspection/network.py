@@ -122,6 +122,14 @@ class IntrospectiveNetwork(nn.Module):
         first = next(head.parameters(), None)
         if first is not None:
             features = features.to(device=first.device, dtype=first.dtype)
+        takes = getattr(head[0], "in_features", None) if isinstance(head, nn.Sequential) else None
+        if takes is not None and features.shape[1] != takes:
+            raise ValueError(
+                f"the introspective head takes {takes} features, but this model (at layer "
+                f"{self.layer or 'its final linear layer'}, form {self.form!r}) gives "
+                f"{features.shape[1]}: the head was fitted or saved for another model, "
+                "layer or form."
+            )
         return head(features)
 
     def predict_proba(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -195,9 +203,9 @@ class IntrospectiveNetwork(nn.Module):
         lr = check_number(lr, "lr")
         weight_decay = check_number(weight_decay, "weight_decay", minimum=0, allow_minimum=True)
         seed = check_int(seed, "seed", minimum=0)
-        features, targets = self._training_set(inputs_or_loader, labels)
+        features, targets, first = self._training_set(inputs_or_loader, labels)
         with preserved_state([self.model]), torch.no_grad():
-            output = self.model(*self._first_inputs(inputs_or_loader))
+            output = self.model(*first)
             if self.output_transform is not None:
                 output = self.output_transform(output)
             num_classes = output.shape[1]
@@ -206,11 +214,39 @@ class IntrospectiveNetwork(nn.Module):
                 f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
                 f"[{int(targets.min())}, {int(targets.max())}]."
             )
-        torch.manual_seed(seed)
+        # the seed drives the head's initialisation without resetting the caller's RNG
+        devices = [features.device] if features.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._train_head(
+                features, targets, num_classes, epochs, batch_size, lr, weight_decay,
+                checkpoint_dir, resume, progress, seed,
+            )  # fmt: skip
+
+    def _train_head(
+        self,
+        features: Tensor,
+        targets: Tensor,
+        num_classes: int,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float,
+        checkpoint_dir: str | Path | None,
+        resume: bool,
+        progress: bool,
+        seed: int,
+    ) -> IntrospectiveNetwork:
         if self.head is None:
+            # float32 at least, float64 for a float64 model's features
+            dtype = torch.promote_types(features.dtype, torch.float32)
             self.head = make_head(features.shape[1], num_classes, self.hidden_width)
-            self.head.to(features.device)
+            self.head.to(device=features.device, dtype=dtype)
         head = self.head
+        first_parameter = next(head.parameters(), None)
+        if first_parameter is not None:  # a given head: the features in its dtype
+            features = features.to(device=first_parameter.device, dtype=first_parameter.dtype)
+            targets = targets.to(first_parameter.device)
         optimiser = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
         start = 0
@@ -263,7 +299,11 @@ class IntrospectiveNetwork(nn.Module):
         head.eval()
         return self
 
-    def _training_set(self, inputs_or_loader: Any, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _training_set(
+        self, inputs_or_loader: Any, labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """The features and labels of every example, and the first batch's first input (the
+        loader is read once: a generator of batches cannot be read twice)."""
         if isinstance(inputs_or_loader, Tensor):
             if labels is None:
                 raise ValueError("`labels` is required when `inputs_or_loader` is a tensor.")
@@ -278,7 +318,7 @@ class IntrospectiveNetwork(nn.Module):
             raise ValueError("`labels` goes with a tensor of inputs, not with a loader.")
         else:
             batches = inputs_or_loader
-        features, targets = [], []
+        features, targets, first = [], [], None
         for batch in batches:
             if isinstance(batch, Mapping):
                 x, y = dict_batch(batch, "inputs_or_loader")
@@ -290,18 +330,13 @@ class IntrospectiveNetwork(nn.Module):
                     + (" without labels." if isinstance(batch, (tuple, list)) else ".")
                 )
             x, y = batch[0], torch.as_tensor(batch[1])
+            if first is None:
+                first = tuple(t[:1] for t in x) if isinstance(x, (tuple, list)) else (x[:1],)
             features.append(self.features(x))
             targets.append(y.to(device=features[-1].device, dtype=torch.long))
         if not features:
             raise ValueError("`inputs_or_loader` is empty.")
-        return torch.cat(features), torch.cat(targets)
-
-    @staticmethod
-    def _first_inputs(inputs_or_loader: Any) -> tuple[Tensor, ...]:
-        if isinstance(inputs_or_loader, Tensor):
-            return (inputs_or_loader[:1],)
-        x = next(iter(inputs_or_loader))[0]
-        return (x[:1],)
+        return torch.cat(features), torch.cat(targets), first
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -336,10 +371,17 @@ class IntrospectiveNetwork(nn.Module):
         return save_checkpoint({"config": config, "head": state}, path)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module) -> IntrospectiveNetwork:
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        *,
+        output_transform: Callable[[Any], Tensor] | None = None,
+    ) -> IntrospectiveNetwork:
         """Read a network written by :meth:`save` (a ``.safetensors`` file, or a checkpoint
         read with ``weights_only`` and its checksum verified) on top of ``model`` (stage 1),
-        on the model's device."""
+        on the model's device. ``output_transform`` (a function, so not saved) is given again
+        as to the constructor, for a model that does not return (N, C) logits."""
         if Path(path).suffix == ".safetensors":
             state = _read_safetensors(Path(path).expanduser())
         else:
@@ -352,9 +394,11 @@ class IntrospectiveNetwork(nn.Module):
             k=None if config["k"] < 0 else config["k"],
             normalize=None if config["normalize"] == "none" else config["normalize"],
             hidden_width=config["hidden_width"],
+            output_transform=output_transform,
         )
         head = make_head(config["in_features"], config["num_classes"], config["hidden_width"])
-        head.load_state_dict(state["head"])
+        saved_dtype = next(iter(state["head"].values())).dtype  # a float64 model's head too
+        head.to(dtype=saved_dtype).load_state_dict(state["head"])
         network.head = head.to(model_device(model)).eval()
         return network
 
