@@ -743,3 +743,69 @@ def test_old_discovery_module_warns_and_still_works():
     with pytest.warns(DeprecationWarning):
         from captum_ext.circuits._discovery import Connection as OldConnection
     assert OldConnection is Connection
+
+
+def test_class_nodes_of_a_confident_model_are_the_top_logits():
+    """With logit gaps of 80-150 the float32 softmax of the other classes is exactly 0, and
+    the "top classes by probability" were the lowest class indices (0, 1, 2) instead of the
+    next logits. They are now ranked by logit, and their probabilities kept in float64."""
+    from _helpers import make_confident_model
+
+    from captum_ext.data import load_sample_digits
+
+    model = make_confident_model(12.0)
+    x = load_sample_digits()[0][:4]
+    logits = model(x).detach()
+    graphs = CircuitReadout(model, top_classes=3).readout(x)
+    for graph, row in zip(graphs, logits):
+        shown = {d["channel"] for _, d in graph.nodes(data=True) if d["layer"] == "class"}
+        assert shown == set(row.topk(3).indices.tolist())
+        # a class node's energy is its probability: float64, about 1e-35 here, not 0
+        probabilities = [d["energy"] for _, d in graph.nodes(data=True) if d["layer"] == "class"]
+        assert 0.0 < min(probabilities)
+
+
+def test_a_shared_activation_module_is_not_a_default_stage():
+    """Two convolutions sharing one nn.ReLU (as torchvision's ResNet stem shares its relu):
+    the default discovery picked the shared ReLU as a stage, then refused it ("produces 2
+    outputs (or runs twice)"). A stage now ends before a post-activation module that runs
+    more than once."""
+
+    class SharedRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+            self.conv2 = nn.Conv2d(6, 12, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(12, 10)
+
+        def forward(self, x):
+            x = self.relu(self.conv1(x))
+            x = self.relu(self.conv2(x))
+            return self.fc(self.pool(x).flatten(1))
+
+    torch.manual_seed(0)
+    readout = CircuitReadout(SharedRelu().eval())
+    assert readout.layers == ("conv1", "conv2")
+    (graph,) = readout.readout(torch.randn(1, 1, 8, 8))
+    assert graph.number_of_nodes() > 0
+
+
+def test_the_gradient_variant_gives_every_stage_its_gradient_and_numpy_ints_are_ints():
+    """The first stage's nodes had no `gradient` attribute in the gradient variant (it was
+    never differentiated), although the docstring promises it; top_k=np.int64(5) was refused
+    while the other integer arguments took numpy ints."""
+    import numpy as np
+
+    from captum_ext.data import load_sample_digits
+
+    model = load_bundled_model().eval()
+    x = load_sample_digits()[0][:1]
+    (graph,) = CircuitReadout(model, gradient=True).readout(x)
+    for _, data in graph.nodes(data=True):
+        if data["layer"] != "class":
+            assert "gradient" in data and data["gradient"] >= 0, data
+    first = CircuitReadout(model, gradient=True, top_k=np.int64(5))
+    assert first.top_k == CircuitReadout(model, gradient=True, top_k=5).top_k
+    assert CircuitReadout(model, top_k=np.array([5, 5, 5, 5])).top_k == (5, 5, 5, 5)

@@ -543,3 +543,35 @@ def test_a_torchscript_model_is_refused_by_name():
     ).eval()
     with pytest.raises(TypeError, match="TorchScript model, whose compiled modules take no"):
         PathwayGradient(torch.jit.script(model)).attribute(torch.randn(2, 1, 4, 4), target=0)
+
+
+def test_data_parallel_models_keep_the_names_of_the_model_inside(bundled_model, sample_digits):
+    """Under nn.DataParallel, PathwayGradient named its sites "module.features.1" while
+    CircuitReadout's stages stayed "features.1" (so pathway_graphs and the readout shared no
+    node); LayerIBA and PathwayGradient refused "features.3", CircuitReadout refused
+    "module.features.1". Names are now those of the model inside, and both spellings are
+    accepted everywhere, as for torch.compile's "_orig_mod." prefix."""
+    from captum_ext.attr import LayerIBA
+    from captum_ext.circuits import CircuitReadout
+    from captum_ext.data import default_cam_layer
+
+    x = sample_digits[0][:2]
+    parallel = torch.nn.DataParallel(bundled_model)
+    plain = PathwayGradient(bundled_model).attribute(x, return_pathway=True)
+    wrapped = PathwayGradient(parallel).attribute(x, return_pathway=True)
+    assert wrapped.sites == plain.sites == ("features.1", "features.4", "features.7")
+    torch.testing.assert_close(wrapped.attributions, plain.attributions)
+    for name in ("features.1", "module.features.1"):
+        got = PathwayGradient(parallel).attribute(x, layers=[name])
+        torch.testing.assert_close(
+            got, PathwayGradient(bundled_model).attribute(x, layers=["features.1"])
+        )
+        assert CircuitReadout(parallel, layers=[name, "features.4"]).layers == (
+            "features.1",
+            "features.4",
+        )
+    assert LayerIBA(parallel, "features.3").layer is LayerIBA(parallel, "module.features.3").layer
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        resnet = torchvision.models.resnet18()
+    assert default_cam_layer(torch.nn.DataParallel(resnet)) == "layer4"

@@ -36,12 +36,34 @@ def compiled_code_runs_eagerly() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+_PARALLEL_PREFIX = "module."
+
+
 def eager_name(name: str, modules: dict[str, nn.Module]) -> str:
     """``name`` without the ``_orig_mod.`` prefixes that ``torch.compile(model)`` puts in
-    front of its module names, where ``modules`` (the eager model's) lacks the full name."""
-    while name not in modules and name.startswith(_COMPILED_PREFIX):
-        name = name[len(_COMPILED_PREFIX) :]
+    front of its module names, or the ``module.`` of ``nn.DataParallel`` /
+    ``DistributedDataParallel``, where ``modules`` (the eager, unwrapped model's) lacks the
+    full name."""
+    while name not in modules:
+        for prefix in (_COMPILED_PREFIX, _PARALLEL_PREFIX):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        else:
+            break
     return name
+
+
+def unwrap_distributed(module: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (and inside
+    ``torch.compile``'s wrapper, whose module names carry an ``_orig_mod.`` prefix): the
+    model whose module names the user knows."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    module = uncompiled(module)
+    while isinstance(module, DataParallel | DistributedDataParallel):
+        module = uncompiled(module.module)
+    return module
 
 
 def root_module(forward_func) -> nn.Module | None:
@@ -77,7 +99,9 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
                 "nn.Module (nor a bound method of one), so names cannot be looked up; "
                 "pass the module itself."
             )
-        modules = dict(model.named_modules())
+        # names as in the model the user built: inside DataParallel ("features.3" or
+        # "module.features.3") and torch.compile's wrappers
+        modules = dict(unwrap_distributed(model).named_modules())
         name = eager_name(layer, modules)
         if name not in modules:
             names = [name for name in modules if name]

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import unwrap_distributed
+
 __all__ = [
     "CHECKSUM_KEY",
     "PlainProgress",
@@ -298,19 +300,6 @@ def wrap_distributed(module: nn.Module) -> nn.Module:
     if device.type == "cuda":
         return DistributedDataParallel(module, device_ids=[device])
     return DistributedDataParallel(module)
-
-
-def unwrap_distributed(module: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (and inside
-    ``torch.compile``'s wrapper, whose module names carry an ``_orig_mod.`` prefix)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    from .layers import uncompiled
-
-    module = uncompiled(module)
-    while isinstance(module, DataParallel | DistributedDataParallel):
-        module = uncompiled(module.module)
-    return module
 
 
 class PlainProgress:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._utils.batched_grad import objective_gradients, run_forward
 from .._utils.hooks import registered_hooks
-from .._utils.layers import is_exported, resolve_layer, root_module
+from .._utils.layers import is_exported, resolve_layer, root_module, unwrap_distributed
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
@@ -338,7 +338,10 @@ class PathwayGradient(GradientAttribution):
                     f"`forward_func` is {what}: PathwayGradient hooks the output of every ReLU. "
                     "Explain the eager model."
                 )
-            found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
+            # names as in the model the user built (inside DataParallel's wrapper too), the
+            # names CircuitReadout gives its stages
+            named = unwrap_distributed(model).named_modules()
+            found = [(name, m) for name, m in named if isinstance(m, nn.ReLU)]
             if not found:
                 others = sorted(
                     {
@@ -366,7 +369,7 @@ class PathwayGradient(GradientAttribution):
             raise ValueError("`layers` lists a module twice.")
         names = {}
         if model is not None:
-            names = {id(m): name for name, m in model.named_modules()}
+            names = {id(m): name for name, m in unwrap_distributed(model).named_modules()}
         return modules, [names.get(id(m), type(m).__name__) or "<model>" for m in modules]
 
     @log_usage()

@@ -183,6 +183,19 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
       (post-activation) output is the pooled feature vector, the classifier's input.
     """
     units = [(n, m) for n, m in _units(model) if n != classifier]
+    # a post-activation module the forward pass calls more than once (one nn.ReLU shared by
+    # every convolution) has no single output to read: a stage ends before it
+    graph = trace(model)
+    if graph is not None:
+        calls: dict[str, int] = {}
+        for node in graph.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        units = [
+            (n, m)
+            for n, m in units
+            if not (isinstance(m, _POST_CONV_MODULES) and calls.get(n, 0) > 1)
+        ]
     # hidden linear layers of the head; the last one produces the pooled features
     hidden = [n for n, m in units if isinstance(m, nn.Linear)]
     linear_stages = set(hidden[:-1])

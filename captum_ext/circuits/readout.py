@@ -13,6 +13,7 @@ from .._utils.batched_grad import call_model, in_model_precision, objective_grad
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, uncompiled
 from .._utils.model_state import gradients_on, preserved_state
+from .._utils.precision import precise_dtype
 from .._utils.training import unwrap_distributed
 from .._utils.validation import (
     check_int,
@@ -292,6 +293,8 @@ class CircuitReadout:
     def _parse_top_k(top_k: Any, n_stages: int) -> tuple[int, ...]:
         if top_k is None:
             return (_DEFAULT_K_STAGE,) * (n_stages - 1) + (_DEFAULT_K_LAST, _DEFAULT_K_POOLED)
+        if type(top_k).__module__ == "numpy" or isinstance(top_k, torch.Tensor):
+            top_k = top_k.tolist()  # a numpy or tensor int, or an array of them
         if isinstance(top_k, int) and not isinstance(top_k, bool):
             return (check_int(top_k, "top_k"),) * (n_stages + 1)
         if isinstance(top_k, Sequence) and not isinstance(top_k, str):
@@ -478,11 +481,13 @@ class CircuitReadout:
             energies = [torch.cat([e.to(logits.device) for e, _ in call]) for call in calls]
             grads: list[Tensor | None] = [None] * (n_stages + 1)
             if gradient:
-                wrt = [tensor for call in calls[1:] for _, tensor in call]
+                # every stage's gradient: the first's weighs no edge, but is its nodes'
+                # documented `gradient` attribute
+                wrt = [tensor for call in calls for _, tensor in call]
                 with gradients_on():
                     selected = logits.gather(1, classes).sum()
                 found = list(objective_gradients(selected, wrt, allow_unused=True))
-                for i, call in enumerate(calls[1:], start=1):
+                for i, call in enumerate(calls):
                     parts = [found.pop(0) for _ in call]
                     if any(part is None for part in parts):
                         raise ValueError(
@@ -525,9 +530,12 @@ class CircuitReadout:
             transitions.append((order, weights.gather(2, order)))
 
         # pooled -> class edges
-        probabilities = logits.to(work).softmax(dim=1)
+        # float64 where the device has it: the other classes of a confident prediction
+        probabilities = logits.to(precise_dtype(logits.device)).softmax(dim=1)
         n_classes = logits.shape[1]
-        shown = _stable_top(probabilities, min(self.top_classes, n_classes))
+        # ranked by logit: the same order as by probability, also where the probabilities of
+        # a confident prediction's other classes underflow to 0 (ties broken by index)
+        shown = _stable_top(logits.to(work), min(self.top_classes, n_classes))
         missing = (shown != targets.unsqueeze(1)).all(dim=1)
         shown[missing, -1] = targets[missing]
         fc = self._network.get_submodule(self.classifier).weight.detach().to(like.device, work)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import moved_names
-from captum_ext._utils.layers import is_exported, uncompiled
+from captum_ext._utils.layers import is_exported, uncompiled, unwrap_distributed
 from captum_ext._utils.validation import parse_device
 from captum_ext.exported import exported_input_shape, exported_module_types
 from captum_ext.torchscript import TorchScriptLayerModel, expose_layer
@@ -635,7 +635,9 @@ def default_cam_layer(model: nn.Module) -> str | None:
         str or None: a dotted name from ``model.named_modules()`` (of the eager model inside
         ``torch.compile``'s wrapper), or None when the model is not one of these families.
     """
-    model = uncompiled(model)  # names of the eager model, which the methods resolve too
+    # names of the eager model (inside torch.compile's and DataParallel's wrappers), which
+    # the methods resolve too
+    model = unwrap_distributed(model)
     types = _module_types(model)
     return _family_cam_layer(types[""], types) or _last_pre_norm(types)
 
