@@ -336,7 +336,12 @@ def test_designed_model_mask_covers_the_region_and_little_else():
     is R. Threshold: IoU(mask, R) >= 0.8 for each of 3 images (R is 6% of the image).
 
     l_ce is raised to 10: at a full match (e = x) the activation and KL terms have zero
-    gradient, so it is the CE term that holds R's pixels on against the area term."""
+    gradient, so it is the CE term that holds R's pixels on against the area term.
+
+    One fit from one random start reaches it for about half of the seeds only (all three
+    images at IoU >= 0.8 for 4 of seeds 0-7; this test passed on the lucky seeds that each
+    image's index gave it before its seeds came from its pixels). Three starts, the method's
+    own remedy, reach it for all 8 seeds tried."""
     torch.manual_seed(0)
     model = RegionModel().eval()
     generator = torch.Generator().manual_seed(4)
@@ -345,7 +350,14 @@ def test_designed_model_mask_covers_the_region_and_little_else():
     weights = {"act": 10.0, "ce": 10.0, "kl": 1.0, "area": 20.0, "bin": 1.0, "tv": 1.0, "rob": 1.0}
     explainer = ActivationMatchingMask(model, ["region"], weights=weights)
     result = explainer.attribute(
-        x, mode="per_image", steps=150, lr=1e-3, seed=0, return_details=True, progress=False
+        x,
+        mode="per_image",
+        steps=150,
+        lr=1e-3,
+        seed=0,
+        starts=3,
+        return_details=True,
+        progress=False,
     )
     masks = result.mask[:, 0].bool()
     for mask in masks:
@@ -737,3 +749,54 @@ def test_fit_takes_a_tuple_of_images_and_labels(bundled_model, sample_digits):
         method.fit(data, epochs=1, batch_size=20, progress=False, seed=0)
         masks.append(method.attribute(x[:2], target=y[:2], progress=False))
     torch.testing.assert_close(masks[0], masks[1])
+
+
+class _MaskNetWithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        return self.out(self.norm(self.conv(x)).relu())
+
+
+def test_a_given_mask_net_is_left_in_eval_mode_dtype_and_statistics():
+    """fit left a user's mask net in train mode, so every later attribute call updated its
+    batch-norm statistics and gave an image another mask in another batch; attribute also
+    cast the net to the images' dtype for good. fit also advanced the caller's global RNG
+    (its DataLoader drew a worker seed from it)."""
+    model = make_tiny_cnn().eval()
+    torch.manual_seed(0)
+    net = _MaskNetWithBatchNorm().double().eval()
+    explainer = ActivationMatchingMask(model, ["features.3"], mask_net=net)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    expected_draw = torch.rand(2)
+    torch.manual_seed(123)
+    explainer.fit(x, epochs=1, batch_size=4, progress=False, seed=0)
+    assert torch.equal(torch.rand(2), expected_draw)
+    assert not net.training
+    statistics = net.norm.running_mean.clone()
+    batch = explainer.attribute(x, return_details=True)
+    alone = explainer.attribute(x[:1], return_details=True)
+    assert torch.equal(net.norm.running_mean, statistics)
+    torch.testing.assert_close(alone.probabilities[0], batch.probabilities[0])
+    net.float()  # a float32 net on float64 images: used in its dtype, not cast for good
+    explainer.attribute(x)
+    assert next(net.parameters()).dtype == torch.float32
+
+
+def test_a_tuple_of_inputs_gives_a_tuple_as_captum_methods_do(bundled_model, sample_digits):
+    """sensitivity_max(explainer.attribute, x) failed inside Captum: a 1-tuple of inputs came
+    back as a bare tensor, which Captum iterated over the batch."""
+    from captum.metrics import sensitivity_max
+
+    from captum_ext.bundled import load_bundled_mask_explainer
+
+    explainer = load_bundled_mask_explainer(bundled_model)
+    x = sample_digits[0][:2]
+    (mask,) = explainer.attribute((x,))
+    assert torch.equal(mask, explainer.attribute(x))
+    assert sensitivity_max(explainer.attribute, x, n_perturb_samples=2).shape == (2,)

@@ -52,8 +52,8 @@ def test_introspective_training_set_from_dicts(bundled_model, sample_digits):
     images, labels = sample_digits
     pairs, dicts = _loaders(images[:16], labels[:16])
     network = IntrospectiveNetwork(bundled_model)
-    features, targets = network._training_set(pairs, None)
-    dict_features, dict_targets = network._training_set(dicts, None)
+    features, targets, _ = network._training_set(pairs, None)
+    dict_features, dict_targets, _ = network._training_set(dicts, None)
     torch.testing.assert_close(dict_features, features)
     assert torch.equal(dict_targets, targets)
     unlabelled = DataLoader([{"pixel_values": x} for x in images[:4]], batch_size=2)

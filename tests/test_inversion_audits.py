@@ -429,3 +429,31 @@ def test_audits_old_keywords_warn_and_work():
             shortcuts={"kind": "position", "size": 2},
         )
     assert 0.0 <= audit.accuracy_shortcut <= 1.0
+
+
+def test_shortcut_audit_leaves_the_callers_rng_and_privacy_audit_names_classes(
+    bundled_model, sample_digits
+):
+    """shortcut_audit(seed=...) advanced the caller's global RNG three times (its DataLoaders
+    drew worker seeds from it); privacy_audit(classes=[12]) on a 10-class model said
+    "`labels` must lie in 0..9" from inside the conditioning."""
+    from captum_ext.bundled import load_bundled_inversion
+
+    side, k = 8, 4
+    generator = torch.Generator().manual_seed(0)
+    train_x = torch.rand(40, 1, side, side, generator=generator) * 0.5
+    train_y = torch.randint(0, k, (40,), generator=generator)
+    cued = shortcut_dataset(TensorDataset(train_x, train_y), size=2, value=1.0, seed=1)
+    model = _train_linear(cued, k, side)
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    shortcut_audit(model, TensorDataset(train_x, train_y), cued, seed=5)
+    assert torch.equal(torch.rand(2), expected)
+    images, labels = sample_digits
+    with pytest.raises(ValueError, match=r"`classes` holds 12, but the model has 10 classes"):
+        inversion = load_bundled_inversion(bundled_model)
+        privacy_audit(
+            bundled_model, images[:10], labels[:10], inversion=inversion, classes=[12],
+            progress=False,
+        )  # fmt: skip

@@ -176,3 +176,21 @@ def test_thousand_class_inversion_runs_under_a_memory_limit():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "peak address space" in done.stdout
+
+
+def test_cost_estimate_names_a_bad_input_shape_and_memory_of_unknown_devices_is_none():
+    """estimate_inversion_cost ran the model on the shape unchecked: torch's "Given groups=1,
+    weight of size [16, 1, 3, 3] ..." for 3 channels, "Output size is too small" for (1, 5).
+    available_memory_bytes("cuda") without a driver raised, and "meta" reported the CPU's
+    memory; both are unknown (None), as documented."""
+    from captum_ext.bundled import load_bundled_model
+
+    model = load_bundled_model()
+    with pytest.raises(ValueError, match=r"`input_shape` \(3, 28, 28\): the model fails"):
+        estimate_inversion_cost(model, (3, 28, 28))
+    with pytest.raises(ValueError, match=r"`input_shape` must be \(C, H, W\)"):
+        estimate_inversion_cost(model, (1, 5))
+    assert available_memory_bytes("meta") is None
+    if not torch.cuda.is_available():
+        assert available_memory_bytes("cuda") is None
+    assert available_memory_bytes("cpu") is None or available_memory_bytes("cpu") > 0

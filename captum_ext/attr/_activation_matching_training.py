@@ -224,6 +224,11 @@ def fit_mask_net(
                 loader = DataLoader(
                     dataset,
                     sampler=indices[skip * batch :],
+                    # its own generator: a loader without one draws its workers' base seed
+                    # from (and so advances) the caller's global RNG
+                    generator=seeded_generator(
+                        torch.device("cpu"), derived_seed(base_seed, epoch, 3)
+                    ),
                     **{k: v for k, v in loader_args.items()},
                 )
                 for position, raw in enumerate(loader, start=skip):
@@ -253,7 +258,7 @@ def fit_mask_net(
     if net is None and state is not None:  # resumed a finished run: just load it
         net, _, _ = training_net_from_state(method, state)
     if net is not None:
-        method.mask_net = unwrap_distributed(net)
+        method.mask_net = unwrap_distributed(net).eval()  # trained: as it predicts
         method._trained = True
     method.history = history
     return method

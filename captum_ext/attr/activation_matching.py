@@ -21,6 +21,7 @@ from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import at_least_float32, precise_dtype
+from .._utils.seeding import content_keys
 from .._utils.training import atomic_path, progress_bar, unwrap_distributed
 from .._utils.validation import check_int, class_selection, format_inputs
 from ._activation_matching_loss import (
@@ -708,7 +709,8 @@ class ActivationMatchingMask(PerturbationAttribution):
         Returns:
             Tensor or ActivationMatchingResult: the binary mask (values 0 and 1, the
             inputs' dtype and device) of shape (N, 1, H, W), or the input's shape with
-            ``broadcast=True``; with ``return_details=True`` the result object.
+            ``broadcast=True`` (a 1-tuple of it for a 1-tuple of inputs, as Captum's
+            methods return); with ``return_details=True`` the result object.
         """
         x = self._check_images(inputs)
         input_dtype, x = x.dtype, self._working_images(x)
@@ -746,9 +748,13 @@ class ActivationMatchingMask(PerturbationAttribution):
                 )
             if mode == "amortised":
                 net = self.mask_net
-                net.to(device=x.device, dtype=x.dtype)
-                with torch.no_grad():
-                    probabilities = torch.sigmoid(net(x))
+                net.to(device=x.device)
+                # in eval mode and its own dtype, left as it was: a net with batch norm keeps
+                # its statistics and gives each image the mask it gets alone
+                net_dtype = next(net.parameters(), x).dtype
+                with preserved_state([net]), torch.no_grad():
+                    net.eval()
+                    probabilities = torch.sigmoid(net(x.to(net_dtype))).to(x.dtype)
                 if probabilities.shape != (x.shape[0], 1, *x.shape[2:]):
                     raise ValueError(
                         f"`mask_net` must map {tuple(x.shape)} images to (N, 1, H, W) logits, "
@@ -783,7 +789,10 @@ class ActivationMatchingMask(PerturbationAttribution):
                 )
             mask = mask.to(input_dtype)
             if not return_details:
-                return mask.expand_as(x).contiguous() if broadcast else mask
+                out = mask.expand_as(x).contiguous() if broadcast else mask
+                # Captum's convention: a tuple of inputs gives a tuple of attributions (what
+                # sensitivity_max and infidelity index into)
+                return (out,) if isinstance(inputs, tuple) else out
             with torch.no_grad():
                 result = self._details(
                     x,
@@ -937,7 +946,6 @@ class ActivationMatchingMask(PerturbationAttribution):
                         x[rows],
                         targets[rows],
                         Reference(reference.logits[rows], [a[rows] for a in reference.activations]),
-                        rows.tolist(),
                         baseline,
                         steps,
                         lr,
@@ -973,21 +981,24 @@ class ActivationMatchingMask(PerturbationAttribution):
         return (self._logits(explained).argmax(1) == targets[rows]) & mask.flatten(1).any(1)
 
     def _per_image_chunk(
-        self, x, targets, reference, indices, baseline, steps, lr, base_seed, keep, bar, attempt=0
+        self, x, targets, reference, baseline, steps, lr, base_seed, keep, bar, attempt=0
     ) -> Tensor:
-        """Per-image fits of the images ``x`` (their indices in the call: ``indices``) in
-        one optimisation: the loss is the SUM of the per-example losses, so the gradient
-        of net i is that of its own image's loss, and Adam acts elementwise, so each net
-        follows the path of its own one-image fit. ``attempt`` > 0 (a restart) derives
-        other seeds for the same images."""
+        """Per-image fits of the images ``x`` in one optimisation: the loss is the SUM of the
+        per-example losses, so the gradient of net i is that of its own image's loss, and
+        Adam acts elementwise, so each net follows the path of its own one-image fit. Each
+        image's seeds come from its pixels (``content_keys``). ``attempt`` > 0 (a restart)
+        derives other seeds for the same images."""
         k = x.shape[0]
         extra = (attempt,) if attempt else ()
+        # each image's seeds come from its own pixels, not its place in the call: its mask is
+        # the same alone, in another batch or in another order
+        keys = content_keys(x)
         nets = _StackedMaskNets(
-            [self._default_net(x[:1], derived_seed(base_seed, i, 0, *extra)) for i in indices]
+            [self._default_net(x[:1], derived_seed(base_seed, key, 0, *extra)) for key in keys]
         )
         optimiser = torch.optim.Adam(nets.params, lr=lr)
         noise_gens = [
-            seeded_generator(x.device, derived_seed(base_seed, i, 1, *extra)) for i in indices
+            seeded_generator(x.device, derived_seed(base_seed, key, 1, *extra)) for key in keys
         ]
         draw_noise = self.weights.rob != 0
         best = None
@@ -1041,9 +1052,18 @@ class ActivationMatchingMask(PerturbationAttribution):
         logits_e = self._logits(explanation)
         rows = torch.arange(x.shape[0], device=x.device)
         sufficiency = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        noise_gen = seeded_generator(x.device, seed)
+        # each image's backgrounds from its own generator (seeded by the seed and its pixels):
+        # its sufficiency is the same alone, in another batch or in another order
+        noise_gens = [
+            seeded_generator(x.device, derived_seed(seed, key, 2)) for key in content_keys(x)
+        ]
         for _ in range(samples):
-            noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
+            noise = torch.cat(
+                [
+                    torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+                    for g in noise_gens
+                ]
+            )
             kept = self._logits(mask * x + (1 - mask) * noise).argmax(1) == targets
             sufficiency += kept.to(x.dtype)
         if samples:

@@ -127,6 +127,13 @@ def count_classes(model: nn.Module, input_shape, device, dtype) -> int:
     one forward pass on two zero images (eval mode, no gradients; the model's state is
     restored). A model that fails on such inputs, or does not return N x K logits, raises a
     ValueError naming ``input_shape`` / ``model``."""
+    if (
+        isinstance(input_shape, str)
+        or not hasattr(input_shape, "__len__")
+        or len(input_shape) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)
+    ):
+        raise ValueError(f"`input_shape` must be (C, H, W) of positive ints, got {input_shape}")
     example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     with preserved_state([model]), torch.no_grad():
         model.eval()

@@ -359,7 +359,10 @@ def _predict_dataset(model: Any, dataset: Any, batch_size: int) -> tuple[Tensor,
     device = model_device(model)
     module = root_module(model)
     predictions, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # its own generator: a loader without one advances the caller's global RNG
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0)
+    )
     with preserved_state([module]):
         if module is not None:
             module.eval()
@@ -692,6 +695,12 @@ def privacy_audit(
             **options,
         )
         inversion.fit(steps, batch_size=batch_size, progress=progress)
+    classes_known = getattr(getattr(inversion, "generator", None), "num_classes", None)
+    if classes_known is not None and max(chosen) >= classes_known:
+        raise ValueError(
+            f"`classes` holds {max(chosen)}, but the model has {classes_known} classes "
+            f"(0..{classes_known - 1})."
+        )
     sample_labels = torch.tensor(chosen, dtype=torch.long).repeat_interleave(samples_per_class)
     module = root_module(model)
     with preserved_state([module]):

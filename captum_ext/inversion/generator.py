@@ -522,8 +522,12 @@ def available_memory_bytes(device: torch.device | str | None = None) -> int | No
     """
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None  # no driver here: unknown, as documented
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    if device.type != "cpu":  # mps, meta, xla, ...: not the CPU's memory; unknown
+        return None
     limits = []
     try:
         with open("/proc/meminfo") as meminfo:
@@ -623,15 +627,10 @@ def estimate_inversion_cost(
     handles = []
     with preserved_state([model]):
         model.eval()
-        if num_classes is None:
-            with torch.no_grad():
-                probe = model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
-            if not isinstance(probe, Tensor) or probe.dim() != 2:
-                raise ValueError(
-                    "`model` must return N x K logits to estimate the inversion cost, got "
-                    f"{tuple(probe.shape) if isinstance(probe, Tensor) else type(probe)}."
-                )
-            num_classes = int(probe.shape[1])
+        if num_classes is None:  # one probe: a bad input_shape is named, not torch's error
+            from captum_ext.inversion._features import count_classes
+
+            num_classes = count_classes(model, input_shape, device, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             gen = ConditionedGenerator(

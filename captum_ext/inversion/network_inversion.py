@@ -304,12 +304,6 @@ class NetworkInversion:
     # ----------------------------------------------------------------- model
     @staticmethod
     def _probe_classes(model, input_shape, device, dtype) -> int:
-        if (
-            not isinstance(input_shape, Sequence)
-            or len(input_shape) != 3
-            or not all(isinstance(s, int) and s > 0 for s in input_shape)
-        ):
-            raise ValueError(f"`input_shape` must be (C, H, W) of positive ints, got {input_shape}")
         return count_classes(model, input_shape, device, dtype)
 
     @property

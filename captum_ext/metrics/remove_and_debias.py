@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import has_float64, precise, precise_dtype
+from captum_ext._utils.seeding import content_keys
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -1070,16 +1070,9 @@ def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) 
 
 
 def _example_keys(inputs: Tensor, seed: int) -> list[int]:
-    """One 63-bit key per example, from ``seed`` and the example's own pixels (its bytes):
-    the noise drawn with it does not depend on the rest of the batch or the example's place
-    in it."""
-    seed = check_int(seed, "seed", minimum=0)
-    values = inputs.detach().cpu().double().contiguous()  # (bf16 has no numpy dtype)
-    keys = []
-    for example in values:
-        digest = hashlib.blake2b(example.numpy().tobytes(), digest_size=8, key=str(seed).encode())
-        keys.append(int.from_bytes(digest.digest(), "little") >> 1)
-    return keys
+    """One key per example, from ``seed`` and the example's own pixels: the noise drawn with
+    it does not depend on the rest of the batch or the example's place in it."""
+    return content_keys(inputs, check_int(seed, "seed", minimum=0))
 
 
 def _add_row_noise(
