@@ -17,11 +17,13 @@ from torch import Tensor
 
 def content_keys(batch: Tensor, seed: int = 0) -> list[int]:
     """One 63-bit key per example (dim 0) of ``batch``, from ``seed`` and the example's
-    values (its float64 bytes on the CPU: the same for every dtype that holds them)."""
-    values = batch.detach().cpu().to(torch.float64).contiguous()
-    salt = str(int(seed)).encode()
+    values: the bytes of its elements on the CPU, as stored (any dtype, bfloat16 too; no
+    float64 is formed, which some devices lack)."""
+    values = batch.detach().cpu().contiguous()
+    salt = f"{int(seed)}:{values.dtype}".encode()
     keys = []
     for example in values:
-        digest = hashlib.blake2b(example.numpy().tobytes(), digest_size=8, key=salt)
+        data = example.reshape(-1).view(torch.uint8).numpy().tobytes()
+        digest = hashlib.blake2b(data, digest_size=8, key=salt)
         keys.append(int.from_bytes(digest.digest(), "little") >> 1)
     return keys
