@@ -22,7 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASELINE = float(BUNDLED_BLACK)
 FIT = {"mode": "per_image", "steps": 20, "lr": 0.05}
-SEED = 3
+# a seed whose starts exercise every rule of the choice (checked in the test): with the
+# per-image seeds derived from each image's pixels, seed 3 no longer gave a start kept for
+# its confidence over a smaller mask (with and without pruning); seed 5 does
+SEED = 5
 
 
 def setting(n: int = 6):
