@@ -460,6 +460,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_score(args: argparse.Namespace) -> int:
+    import torch
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -470,6 +471,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from captum_ext.data import DIGIT_CLASSES
     from captum_ext.data.loading import (
         check_class_names,
+        check_folder_labels,
         check_model_takes,
         load_model,
         read_class_names,
@@ -513,6 +515,12 @@ def _run_score(args: argparse.Namespace) -> int:
                 print(ADAPTATION_MESSAGES[model.reads])
         if class_names is not None:
             check_class_names(model, images[:1].to(device), class_names)
+        from captum_ext._utils.layers import root_module
+        from captum_ext._utils.model_state import preserved_state
+
+        with preserved_state([root_module(model)]), torch.no_grad():
+            num_classes = model(images[:1].to(device)).shape[-1]
+        check_folder_labels(labels, names, num_classes)
         options = gradtrust_kwargs(loaded, args.final_layer, reads=getattr(model, "reads", None))
         loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size)
         if "mc_dropout" in args.scores:

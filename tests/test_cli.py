@@ -543,3 +543,130 @@ def test_images_the_model_cannot_take_are_one_line_for_report_and_score(tmp_path
         assert "to have 1 channels, but got 3 channels" in err and "Check --transform" in err
         assert "Traceback" not in err
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_class_name_files_as_editors_write_them(tmp_path, capsys):
+    """A byte-order mark (Windows Notepad) stayed in the first name, so the `cat/` images got
+    label -1 and the page showed "\\ufeffcat"; a blank line in the middle became an empty
+    class name that shifted every later label; a Latin-1 file failed with a bare codec
+    message."""
+    from captum_ext.data.loading import read_class_names
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffcat\ndog\n".encode())
+    assert read_class_names(bom) == ["cat", "dog"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("cat\n\ndog\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"`--classes` file .* has an empty line \(line 2\)"):
+        read_class_names(blank)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="`--classes` file .* is not UTF-8 text"):
+        read_class_names(latin)
+
+
+def test_image_folders_as_users_keep_them(tmp_path, capsys):
+    """A report written inside --images (the default `--out report` in a photo folder) was
+    read back as input on the next run, and by `score`; a class folder reached through a
+    symbolic link was skipped (the help promises a recursive read); a folder named by a class
+    the model does not have counted as a wrong prediction in `score` and was refused as
+    "`labels`[1]=7" in `report`."""
+    from captum_ext.cli import main
+
+    photos = tmp_path / "photos"
+    write_pngs(photos, 4)  # class_0/, class_1/
+    common = ["--images", str(photos), "--transform", "digits", "--no-progress"]
+    out = photos / "report"
+    for _ in range(2):
+        code = main(["report", *common, "--sections", "contrastive", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        html = (out / "index.html").read_text(encoding="utf-8")
+        assert "4 images from" in html and "report/images" not in html
+    csv = tmp_path / "scores.csv"
+    assert main(["score", *common, "--scores", "softmax", "--out", str(csv)]) == 0
+    assert len(csv.read_text().strip().splitlines()) == 1 + 4
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "class_0").symlink_to(photos / "class_0", target_is_directory=True)
+    (linked / "loop").symlink_to(linked, target_is_directory=True)  # read once, no loop
+    assert main(["score", "--images", str(linked), "--transform", "digits", "--no-progress"]
+                + ["--scores", "softmax", "--out", str(csv)]) == 0  # fmt: skip
+    assert len(csv.read_text().strip().splitlines()) == 1 + 2
+    numbered = tmp_path / "numbered"
+    for folder in ("1", "12"):
+        write_pngs(numbered / folder, 1)
+    own = ["--model", "captum_ext.bundled:load_bundled_model"]  # no class names: indices
+    report = ["report", "--layer", "features.7", "--out", str(tmp_path / "r")]
+    for command in (report, ["score", "--out", str(csv)]):
+        args = [*command, *own, "--images", str(numbered), "--transform", "digits"]
+        assert main([*args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is in a folder named 12, but the model has 10 classes (0..9)" in err, err
+
+
+def test_a_failed_run_leaves_no_page_beside_other_pictures_and_files_are_checked_first(
+    tmp_path, capsys, monkeypatch
+):
+    """A re-run into a report folder that failed halfway kept the first run's page, which
+    then showed the second run's pictures; a missing --mask-net was found only when its
+    section came, after the other sections' work; an unusable --device (meta, xpu, ...) gave
+    a traceback."""
+    from captum_ext.cli import main
+
+    out = tmp_path / "report"
+    common = ["--limit", "2", "--no-progress", "--out", str(out)]
+    assert main(["report", "--sections", "contrastive", *common]) == 0
+    assert (out / "index.html").exists()
+    own = ["--model", "captum_ext.bundled:load_bundled_model", "--transform", "digits"]
+    write_pngs(tmp_path / "pngs", 2)
+    own += ["--images", str(tmp_path / "pngs")]
+    assert main(["report", *own, "--sections", "contrastive,masks", *common]) == 2
+    err = capsys.readouterr().err
+    assert "the masks section needs `--mask-net`" in err
+    assert (out / "index.html").exists()  # refused before any work: the old page stands
+    missing = ["--mask-net", str(tmp_path / "nope.pt")]
+    assert main(["report", *own, "--sections", "masks", *missing, *common]) == 2
+    assert "`--mask-net`: no file at" in capsys.readouterr().err
+
+    # a run that fails after writing pictures leaves no page of the earlier run beside them
+    import dataclasses
+
+    import captum_ext.viz.build as build
+
+    def fail_in_section(*args, **kwargs):
+        raise ValueError("a section failed")
+
+    failing = dataclasses.replace(build.SECTION_REGISTRY["voice"], build=fail_in_section)
+    monkeypatch.setitem(build.SECTION_REGISTRY, "voice", failing)
+    assert main(["report", "--sections", "contrastive,voice", *common]) == 2
+    assert "a section failed" in capsys.readouterr().err
+    assert (out / "images" / "contrastive").is_dir()
+    assert not (out / "index.html").exists()
+    for device in ("meta", "xpu"):
+        assert main(["score", "--device", device, "--out", str(tmp_path / "s.csv")]) == 2
+        assert f"`--device`='{device}'" in capsys.readouterr().err
+
+
+def test_file_names_that_are_not_utf8_and_oversized_images(tmp_path, capsys, monkeypatch):
+    """A file name with a Latin-1 byte (café.png from an old archive) failed after all the
+    work with "'utf-8' codec can't encode character '\\udce9'", naming neither the file nor
+    an option; an image above PIL's decompression-bomb limit ended in a traceback."""
+    import os
+
+    from PIL import Image
+
+    from captum_ext.cli import main
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "plain.png")
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(os.fsdecode(odd))
+    csv = tmp_path / "s.csv"
+    common = ["--images", str(folder), "--transform", "digits", "--no-progress"]
+    assert main(["score", *common, "--scores", "softmax", "--out", str(csv)]) == 0
+    assert "caf\ufffd.png" in csv.read_text(encoding="utf-8")
+    assert main(["report", *common, "--sections", "contrastive", "--out", str(tmp_path / "r")]) == 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels: twice over, a "bomb"
+    assert main(["score", *common, "--out", str(csv)]) == 2
+    assert "`--images`: cannot read image" in capsys.readouterr().err

@@ -434,6 +434,22 @@ def parse_device(device: Any, *, argument: str = "device") -> torch.device:
             )
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"`{argument}`={device!r}: MPS is not available on this machine.")
+    if parsed.type == "meta" and argument.startswith("--"):
+        raise ValueError(
+            f"`{argument}`={device!r}: the meta device holds shapes, not values; nothing can "
+            "be computed on it."
+        )
+    if parsed.type not in ("cpu", "cuda", "mps", "meta"):  # xpu, hpu, vulkan, ...
+        backend = getattr(torch, parsed.type, None)
+        try:
+            available = bool(backend.is_available())  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - no such backend, or it fails to answer
+            available = False
+        if not available:
+            raise ValueError(
+                f"`{argument}`={device!r}: no {parsed.type} device is available to this torch "
+                f"({torch.__version__})."
+            )
     return parsed
 
 

@@ -695,18 +695,43 @@ def _family_cam_layer(name: str, types: Mapping[str, str]) -> str | None:
 # images
 
 
-def _find_images(directory: Path, extensions: Sequence[str]) -> list[Path]:
+#: the file ``captum-ext report`` leaves in its output folder: image folders read for a
+#: report or a score skip any folder holding it (a report written inside ``--images``)
+REPORT_MARKER = ".captum-ext-report"
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A file name as text that can be written to UTF-8 (CSV, HTML, messages): bytes that
+    are not UTF-8 in the name (kept by Python as surrogates) become U+FFFD."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", errors="replace")
+
+
+def _find_images(
+    directory: Path, extensions: Sequence[str], exclude: Sequence[Path] = ()
+) -> list[Path]:
     """Image files under ``directory``, sorted; hidden ones skipped (any name below
     ``directory`` starting with "."): Jupyter's ``.ipynb_checkpoints`` copies and macOS's
-    ``._name.jpg`` resource forks are not the user's images."""
+    ``._name.jpg`` resource forks are not the user's images. Folders reached through a
+    symbolic link are read too (as torchvision's ``ImageFolder`` does; ``Path.rglob`` skips
+    them), each real folder once; folders in ``exclude`` (the report being written inside
+    ``--images``) and the output folders of earlier reports (:data:`REPORT_MARKER`) are
+    skipped."""
     wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in wanted
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
+    excluded = {os.path.realpath(p) for p in exclude}
+    found = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or real in excluded or REPORT_MARKER in files:
+            subfolders[:] = []  # read once; never the pictures of a report written here
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.suffix.lower() in wanted and path.is_file():
+                found.append(path)
+    return sorted(found)
 
 
 def _imagenet_pil(image) -> Tensor:
@@ -836,6 +861,7 @@ def load_image_folder(
     *,
     labels_from_subfolders: bool = False,
     limit: int | None = None,
+    exclude: Sequence[str | os.PathLike] = (),
 ) -> tuple[Tensor, list[Path]] | tuple[Tensor, list[Path], list[str]]:
     r"""Read every image under ``directory`` (recursively, sorted by path) into one batch.
 
@@ -912,7 +938,7 @@ def load_image_folder(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"`--limit` must be a positive int, got {limit!r}.")
     function = _resolve_transform(transform)
-    paths = _find_images(root, extensions)
+    paths = _find_images(root, extensions, [Path(p).expanduser() for p in exclude])
     if not paths:
         raise ValueError(
             f"`--images` (directory) {str(directory)!r} holds no images with the endings "
@@ -928,8 +954,8 @@ def load_image_folder(
                 tensor = function(
                     image if callable(transform) else _eight_bit(_upright(image), path)
                 )
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"`--images`: cannot read image {str(path)!r}: {error}") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from None
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
             got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
             raise ValueError(
@@ -1008,12 +1034,26 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"`--classes` file not found: {str(path)!r}.")
-    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    try:  # utf-8-sig: Windows editors start the file with a byte-order mark
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"`--classes` file {str(path)!r} is not UTF-8 text ({error.reason} at byte "
+            f"{error.start}); save it as UTF-8."
+        ) from None
+    names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names:
         raise ValueError(
             f"`--classes` file {str(path)!r} is empty; expected one class name per line."
+        )
+    blank = [number for number, name in enumerate(names, start=1) if not name]
+    if blank:
+        raise ValueError(
+            f"`--classes` file {str(path)!r} has an empty line (line {blank[0]}): every line "
+            "names the class of the output at its position, so an empty one would shift all "
+            "the names after it."
         )
     return names
 
@@ -1078,6 +1118,7 @@ def resolve_inputs(
     default_transform: str = "imagenet",
     class_names: Sequence[str] | None = None,
     limit: int | None = None,
+    exclude: Sequence[str | os.PathLike] = (),
 ) -> ResolvedInputs:
     r"""Turn the images argument of ``captum-ext report`` / ``score`` into tensors: THE one
     place for the bundled default, the transform and the labels from folder names.
@@ -1095,6 +1136,8 @@ def resolve_inputs(
         class_names (Sequence[str], optional): class names in the order of the model's
             outputs, for labels from folder names. Default: None.
         limit (int, optional): keep only the first ``limit`` images. Default: None (all).
+        exclude (sequence of paths, optional): folders not to read (the report being
+            written inside ``images``). Default: none.
 
     Returns:
         :class:`ResolvedInputs`: images, labels (``-1`` = unknown), names, transform,
@@ -1128,14 +1171,31 @@ def resolve_inputs(
             x, labels.to(torch.int64), names, "digits", f"{x.shape[0]} bundled sample digits"
         )
     chosen = default_transform if transform is None else transform
-    x, paths, folders = load_image_folder(images, chosen, labels_from_subfolders=True, limit=limit)
+    x, paths, folders = load_image_folder(
+        images, chosen, labels_from_subfolders=True, limit=limit, exclude=exclude
+    )
     root = Path(images).expanduser()
-    names = [p.relative_to(root).as_posix() for p in paths]
+    names = [_shown(p.relative_to(root).as_posix()) for p in paths]
     labels = torch.tensor(folder_labels(folders, class_names), dtype=torch.int64)
     return ResolvedInputs(x, labels, names, chosen, f"{x.shape[0]} images from {images}")
 
 
 __getattr__ = moved_names(__name__, {"_parse_device": "captum_ext._utils.validation:parse_device"})
+
+
+def check_folder_labels(labels: Tensor, names: Sequence[str], num_classes: int) -> None:
+    """The classes that ``--images``' folders name (``3/``) must be outputs of the model:
+    one line naming the folder, the same in ``report`` and ``score`` (``score`` counted an
+    image in ``7/`` of a 3-class model as a wrong prediction, ``report`` refused it as
+    "`labels`[1]=7")."""
+    beyond = (labels >= num_classes).nonzero()[:, 0]
+    if len(beyond):
+        first = int(beyond[0])
+        raise ValueError(
+            f"`--images`: {names[first]!r} is in a folder named {int(labels[first])}, but the "
+            f"model has {num_classes} classes (0..{num_classes - 1}); name the class folders "
+            "by the model's output indices, or give --classes with the folder names."
+        )
 
 
 def check_class_names(model: Any, example: Tensor, class_names: list[str]) -> None:

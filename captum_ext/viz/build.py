@@ -740,6 +740,7 @@ def build_section_inputs(
 
     from captum_ext._utils.validation import parse_device
     from captum_ext.data.loading import (
+        check_folder_labels,
         check_model_takes,
         denormalize_for_display,
         expose_layer,
@@ -771,6 +772,7 @@ def build_section_inputs(
         class_names = list(DIGIT_CLASSES)
     resolved = resolve_inputs(
         config.images,
+        exclude=[config.out],  # the report being written inside --images is not an input
         transform=config.transform,
         default_transform=default_transform,
         class_names=class_names,
@@ -825,6 +827,7 @@ def build_section_inputs(
         layer_name = "grid"  # its name inside the wrapper; the captions show the user's
         grid.grid.layer_name = layer_description
     probabilities = _probabilities(forward, images, device, config.batch_size)
+    check_folder_labels(resolved.labels, resolved.names, probabilities.shape[1])
     inputs = SectionInputs(
         model=model,
         forward=forward,
@@ -866,6 +869,36 @@ class ReportResult:
     left_out: dict[str, str]
 
 
+def _check_section_files(config: ReportConfig, sections: Sequence[str]) -> None:
+    """The files a section needs, checked before any work (a missing one was found only when
+    its section came, after minutes of the others, leaving their pictures behind)."""
+    needs = (
+        ("masks", "mask_net", "--mask-net", "a mask net trained with ActivationMatchingMask.fit "
+         "and written with its save method"),
+        ("introspection", "introspection_head", "--introspection-head", "an "
+         "IntrospectiveNetwork fitted on your training data and written with its save method"),
+    )  # fmt: skip
+    for section, field, option, what in needs:
+        if section not in sections:
+            continue
+        path = getattr(config, field)
+        if path is None and config.model is not None:
+            raise ValueError(f"the {section} section needs `{option}` for your own model: {what}.")
+        if path is not None and not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"`{option}`: no file at {str(path)!r}.")
+
+
+def _claim_output_folder(out: Path) -> None:
+    """Mark ``out`` as a report folder (image folders read later skip it) and remove the page
+    of an earlier run there: this run rewrites the pictures it shows, so a run that fails
+    halfway must not leave that page beside another run's pictures."""
+    from captum_ext.data.loading import REPORT_MARKER
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARKER).touch()
+    (out / "index.html").unlink(missing_ok=True)
+
+
 def build_report(config: ReportConfig) -> ReportResult:
     """Do what ``captum-ext report`` does: load the model and images once
     (:class:`SectionInputs`), build each section of ``config.sections`` from
@@ -901,11 +934,13 @@ def build_report(config: ReportConfig) -> ReportResult:
     if config.model is None and config.weights is not None:
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
     check_output(out, folder=True)
+    _check_section_files(config, sections)
     inputs, metadata = build_section_inputs(config, sections)
     report = Report(config.title or "captum-ext report", metadata=metadata)
     timings: list[tuple[str, float]] = []
     left_out: dict[str, str] = {}
     with writing_to(out):
+        _claim_output_folder(out)
         for name in sections:
             started = time.perf_counter()
             try:
