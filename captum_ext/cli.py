@@ -416,6 +416,13 @@ def _score_names() -> list[str]:
     return list(TRUST_SCORES)
 
 
+#: options naming a file, a folder or a layer, where an empty value is a mistake
+_PATH_OPTIONS = (
+    "--model", "--weights", "--layer", "--images", "--classes", "--out", "--mask-net",
+    "--introspection-head", "--final-layer", "--mask-layers",
+)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``captum-ext`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -423,6 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.error("choose a command: report, score")
     prog = f"{_PROG} {args.command}"
+    for option in _PATH_OPTIONS:  # "" read the current folder, or was ignored
+        value = getattr(args, option.lstrip("-").replace("-", "_"), None)
+        if isinstance(value, str) and not value.strip():
+            print(
+                f"{prog}: error: `{option}` is empty; give a value or leave it out.",
+                file=sys.stderr,
+            )
+            return 2
     try:
         return args.handler(args)
     except (OutputError, SectionTooBigError, *_USER_ERRORS) as error:

@@ -670,3 +670,29 @@ def test_file_names_that_are_not_utf8_and_oversized_images(tmp_path, capsys, mon
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels: twice over, a "bomb"
     assert main(["score", *common, "--out", str(csv)]) == 2
     assert "`--images`: cannot read image" in capsys.readouterr().err
+
+
+def test_weights_files_and_empty_options_get_one_clear_line(tmp_path, capsys):
+    """A whole pickled model as --weights gave torch's message with its terminal colour codes
+    and a cut-off sentence; a state dict with one non-tensor entry said it held "a dict"
+    rather than a state dict; --final-layer 'nope' was reported as `layer`; empty values
+    (--images "" read the current folder, --classes "" was ignored) are refused."""
+    torchvision = pytest.importorskip("torchvision")
+    from captum_ext.cli import main
+
+    whole, extra = tmp_path / "whole.pt", tmp_path / "extra.pt"
+    model = torchvision.models.resnet18(num_classes=3)
+    torch.save(model, whole)
+    torch.save({**model.state_dict(), "version": 2}, extra)
+    common = ["--model", "torchvision.models:resnet18", "--out", str(tmp_path / "s.csv")]
+    assert main(["score", *common, "--weights", str(whole)]) == 2
+    err = capsys.readouterr().err
+    assert "holds pickled Python objects" in err and "\x1b[" not in err
+    assert main(["score", *common, "--weights", str(extra)]) == 2
+    assert "its entry 'version' is of type int" in capsys.readouterr().err
+    bundled = ["--model", "captum_ext.bundled:load_bundled_model", "--no-progress"]
+    assert main(["score", *bundled, "--final-layer", "nope", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "`--final-layer`='nope' is not a module of DigitCNN" in capsys.readouterr().err
+    for option in ("--images", "--classes", "--layer"):
+        assert main(["report", option, "", "--out", str(tmp_path / "r")]) == 2
+        assert f"`{option}` is empty" in capsys.readouterr().err

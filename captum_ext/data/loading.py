@@ -23,6 +23,7 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -218,7 +219,16 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
         try:
             loaded = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's terminal colours
+            if "Weights only load failed" in text:
+                raise ValueError(
+                    f"`--weights` {str(weights)!r} holds pickled Python objects (a whole model "
+                    "saved with torch.save(model, path), or a checkpoint with objects in it), "
+                    "which are never unpickled here (weights_only=True: unpickling runs code). "
+                    "Save its state dict, torch.save(model.state_dict(), path), and give the "
+                    "architecture as --model."
+                ) from None
+            first = text.splitlines()[0] if text else ""
             raise ValueError(
                 f"`--weights` {str(weights)!r} could not be loaded with weights_only=True "
                 f"({type(error).__name__}: {first}). Save a plain state dict with "
@@ -229,12 +239,19 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
             if isinstance(loaded.get(key), Mapping):
                 loaded = loaded[key]
                 break
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
-    ):
+    if not isinstance(loaded, Mapping):
         raise ValueError(
             f"`--weights` {str(weights)!r} does not hold a state dict (a mapping of parameter "
             f"names to tensors); it holds a {type(loaded).__name__}."
+        )
+    odd = [(k, v) for k, v in loaded.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if odd:
+        key, value = odd[0]
+        raise ValueError(
+            f"`--weights` {str(weights)!r} does not hold a state dict (a mapping of parameter "
+            f"names to tensors): its entry {key!r} is of type {type(value).__name__}"
+            + (f" ({len(odd)} entries are not tensors)" if len(odd) > 1 else "")
+            + "; save model.state_dict() itself."
         )
     return dict(loaded)
 

@@ -193,6 +193,9 @@ def gradtrust_kwargs(
     if (reads or getattr(model, "reads", "field")) != "field":
         options["method"] = "autograd"
     if final_layer is not None and not compiled_model(model):
+        from captum_ext._utils.layers import resolve_layer
+
+        resolve_layer(model, final_layer, argument="--final-layer")  # named as the option
         options["layer"] = final_layer
     return {name: dict(options) for name in GRADTRUST_SCORES} if options else {}
 
@@ -676,6 +679,8 @@ def pick_layer(model: Any, layer: str | None) -> str:
     from captum_ext.data.loading import _PRE_NORMS, _model_class_name, default_cam_layer
 
     if layer is not None:
+        if not layer.strip():
+            raise ValueError("`--layer` is empty; give a dotted layer name or leave it out.")
         return layer
     model = uncompiled(model)  # torch.compile's wrapper: its module's class and names
     picked = default_cam_layer(model)
