@@ -696,3 +696,18 @@ def test_weights_files_and_empty_options_get_one_clear_line(tmp_path, capsys):
     for option in ("--images", "--classes", "--layer"):
         assert main(["report", option, "", "--out", str(tmp_path / "r")]) == 2
         assert f"`{option}` is empty" in capsys.readouterr().err
+
+
+def test_section_files_that_are_not_the_sections_nets_name_their_option(tmp_path, capsys):
+    """A file that is no mask net / introspective head was reported in the Python API's
+    words ("`path`: ...", "resume=False"), naming no option of the command."""
+    from captum_ext.cli import main
+
+    other = tmp_path / "other.pt"
+    torch.save({"a": torch.zeros(2)}, other)
+    common = ["--model", "captum_ext.bundled:load_bundled_model", "--layer", "features.7"]
+    common += ["--limit", "2", "--no-progress", "--out", str(tmp_path / "r")]
+    for option, section in (("--mask-net", "masks"), ("--introspection-head", "introspection")):
+        assert main(["report", *common, option, str(other), "--sections", section]) == 2
+        err = capsys.readouterr().err
+        assert f"error: `{option}`: " in err and "`path`" not in err and "resume=" not in err

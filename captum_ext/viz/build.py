@@ -410,7 +410,8 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
         else:  # the explained layer itself (a TorchScript model's tap, a transformer's grid)
             layers = [inputs.layer]
         explainer = ActivationMatchingMask(inputs.forward, layers)
-        explainer.load(config.mask_net)
+        with _named_file_errors("--mask-net"):
+            explainer.load(config.mask_net)
     return minimal_mask_section(
         inputs.forward,
         inputs.images,
@@ -505,7 +506,8 @@ def _build_introspection(inputs: SectionInputs, config: ReportConfig, asked: boo
         model = gradtrust_model(
             inputs.model, config.final_layer, inputs.images[:2].to(inputs.device)
         )
-        network = IntrospectiveNetwork.load(config.introspection_head, model)
+        with _named_file_errors("--introspection-head"):
+            network = IntrospectiveNetwork.load(config.introspection_head, model)
     return introspection_section(
         network,
         inputs.images,
@@ -872,6 +874,18 @@ class ReportResult:
     index: Path
     timings: list[tuple[str, float]]
     left_out: dict[str, str]
+
+
+@contextmanager
+def _named_file_errors(option: str) -> Iterator[None]:
+    """A file that cannot be read as the section's net: the Python API's message (`path`,
+    resume=False) becomes one that names the command line's option."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        text = str(error).replace("`path`: ", "").replace("`path` ", "")
+        text = text.replace(" Start the fit afresh (delete the file, or resume=False).", "")
+        raise ValueError(f"`{option}`: {text}") from None
 
 
 def _check_section_files(config: ReportConfig, sections: Sequence[str]) -> None:
