@@ -711,3 +711,15 @@ def test_section_files_that_are_not_the_sections_nets_name_their_option(tmp_path
         assert main(["report", *common, option, str(other), "--sections", section]) == 2
         err = capsys.readouterr().err
         assert f"error: `{option}`: " in err and "`path`" not in err and "resume=" not in err
+
+
+def test_a_layer_without_a_map_is_named_as_the_commands_option(tmp_path, capsys):
+    """`report --layer classifier` said "GradCAM: `layer`='classifier' ...", the Python
+    argument, where the command's option is --layer."""
+    from captum_ext.cli import main
+
+    args = ["report", "--model", "captum_ext.bundled:load_bundled_model", "--layer"]
+    args += ["classifier", "--limit", "2", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "`--layer`='classifier' has an output of shape (2, 10)" in err, err
