@@ -648,3 +648,16 @@ def test_default_layer_of_numbered_pre_norm_blocks():
     model.vit.layers = nn.ModuleList([Block() for _ in range(12)])
     model.vit.layernorm = nn.LayerNorm(4)
     assert default_cam_layer(model) == "vit.layers.11.layernorm_before"
+
+
+def test_a_folder_named_by_a_duplicated_class_name_is_labelled_with_a_warning():
+    """ImageNet's list of names has two "crane"s (outputs 134 and 517): a folder "crane" was
+    labelled with the last of them silently; it still is (the folder cannot say which), and
+    the user is told, with the way to choose."""
+    from captum_ext.data.loading import folder_labels
+
+    with pytest.warns(UserWarning, match=r"names 'crane' more than once \(outputs 0, 2\)"):
+        assert folder_labels(["crane", "dog", "0"], ["crane", "dog", "crane"]) == [2, 1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert folder_labels(["dog"], ["crane", "dog", "crane"]) == [1]

@@ -1092,6 +1092,20 @@ def folder_labels(folders: Sequence[str], class_names: Sequence[str] | None) -> 
         [3, -1]
     """
     index = {name: i for i, name in enumerate(class_names or [])}
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(class_names or []):
+        positions.setdefault(name, []).append(i)
+    ambiguous = sorted({f for f in folders if len(positions.get(f, ())) > 1})
+    if ambiguous:  # ImageNet's names list has two "crane"s and two "maillot"s
+        name = ambiguous[0]
+        warnings.warn(
+            f"`--classes` names {name!r} more than once (outputs "
+            f"{', '.join(map(str, positions[name]))}); the images in the folder {name!r} are "
+            f"labelled {positions[name][-1]}, the last. Rename the folder to the output index "
+            "to choose another.",
+            UserWarning,
+            stacklevel=2,
+        )
     labels = []
     for folder in folders:
         if folder in index:
