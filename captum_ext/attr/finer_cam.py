@@ -186,10 +186,18 @@ class FinerCAM(TargetClassCAMBase):
             return
         positions = self._positions(logits.shape[1])
         probability = at_least_float32(logits).softmax(dim=1)
-        vanishing = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        for column in range(classes.shape[1]):
-            compared = comparison_classes(logits, classes[:, column], positions)
-            vanishing |= probability.gather(1, compared).sum(dim=1) < 1e-7
+        n, num_classes = logits.shape
+        vanishing = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        # the explained classes' comparison sets, 64 classes per example at a time (one
+        # ordering of every class per explained class: N x 64 x C at most)
+        for start in range(0, classes.shape[1], 64):
+            chunk = classes[:, start : start + 64]
+            width = chunk.shape[1]
+            compared = comparison_classes(
+                logits.repeat_interleave(width, dim=0), chunk.reshape(-1), positions
+            ).view(n, width, -1)
+            weight = probability[:, None, :].expand(n, width, num_classes).gather(2, compared)
+            vanishing |= (weight.sum(dim=2) < 1e-7).any(dim=1)
         count = int(vanishing.sum())
         if count:
             warnings.warn(

@@ -153,7 +153,7 @@ def _plan_for(method: Any) -> _Plan:
 
 
 def _is_integer_scalar(value: Any) -> bool:
-    """A numpy integer or a 0-dim / one-element integer tensor (read as an int)."""
+    """A numpy integer scalar or a 0-dim integer tensor (read as an int)."""
     if type(value).__module__ == "numpy":
         return (
             getattr(value, "ndim", None) == 0

@@ -1260,14 +1260,8 @@ def road(
     flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
     with _evaluated(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
-        imputed = road_imputation(stacked, flat_removed, noise=0.0)
-        imputed = _add_row_noise(
-            imputed,
-            flat_removed,
-            [key for key in keys for _ in range(repeats)],
-            list(range(repeats)) * n,
-            noise,
-        )
+        rows_keys = [key for key in keys for _ in range(repeats)]
+        imputed = _imputed(stacked, flat_removed, "road", noise, rows_keys, [*range(repeats)] * n)
         probability, correct = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
     return RoadCurves(fractions, probability.view(n, repeats), correct.view(n, repeats))
 

@@ -36,11 +36,7 @@ from torch import Tensor, nn
 from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import float64_here_or_cpu
-from captum_ext._utils.validation import (
-    check_class_range,
-    check_int,
-    parse_class_selection,
-)
+from captum_ext._utils.validation import check_int, class_selection
 from captum_ext.metrics._perturbation import image_batch
 
 __all__ = [
@@ -408,13 +404,10 @@ def model_randomisation(
 def _one_class_each(value: Any, logits: Tensor, argument: str) -> Tensor:
     """``(N,)`` classes from an int, list or tensor (one per example, or one for all), or
     the prediction for None; checked against the model's classes, naming ``argument``."""
-    n, classes = logits.shape[0], logits.shape[1]
-    if value is None:
-        return logits.argmax(dim=1)
-    selected, multi = parse_class_selection(value, n, logits.device, argument=argument)
-    if multi:
+    selected, multi = class_selection(value, logits, argument=argument, default="predicted")
+    if multi or selected.shape[1] != 1:
         raise ValueError(f"`{argument}` must give one class per example, not several.")
-    return check_class_range(selected, classes, argument=argument)[:, 0]
+    return selected[:, 0]
 
 
 @leaves_inference_mode

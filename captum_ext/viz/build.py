@@ -388,10 +388,7 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
 
     if config.mask_net is None:
         if config.model is not None:
-            raise ValueError(
-                "the masks section needs `--mask-net` for your own model: a mask net trained "
-                "with ActivationMatchingMask.fit and written with its save method."
-            )
+            raise _missing_section_file("masks")
         from captum_ext.bundled import load_bundled_mask_explainer
 
         explainer = load_bundled_mask_explainer(inputs.model)
@@ -492,11 +489,7 @@ def _build_introspection(inputs: SectionInputs, config: ReportConfig, asked: boo
 
     if config.introspection_head is None:
         if config.model is not None:
-            raise ValueError(
-                "the introspection section needs `--introspection-head` for your own model: "
-                "an IntrospectiveNetwork fitted on your training data and written with its "
-                "save method."
-            )
+            raise _missing_section_file("introspection")
         from captum_ext.bundled import load_bundled_introspective_network
 
         network = load_bundled_introspective_network(inputs.model)
@@ -888,21 +881,29 @@ def _named_file_errors(option: str) -> Iterator[None]:
         raise ValueError(f"`{option}`: {text}") from None
 
 
+#: the file each section needs for a model of your own: (config field, option, what it is)
+_SECTION_FILES = {
+    "masks": ("mask_net", "--mask-net", "a mask net trained with ActivationMatchingMask.fit "
+              "and written with its save method"),
+    "introspection": ("introspection_head", "--introspection-head", "an IntrospectiveNetwork "
+                      "fitted on your training data and written with its save method"),
+}  # fmt: skip
+
+
+def _missing_section_file(section: str) -> ValueError:
+    _, option, what = _SECTION_FILES[section]
+    return ValueError(f"the {section} section needs `{option}` for your own model: {what}.")
+
+
 def _check_section_files(config: ReportConfig, sections: Sequence[str]) -> None:
     """The files a section needs, checked before any work (a missing one was found only when
     its section came, after minutes of the others, leaving their pictures behind)."""
-    needs = (
-        ("masks", "mask_net", "--mask-net", "a mask net trained with ActivationMatchingMask.fit "
-         "and written with its save method"),
-        ("introspection", "introspection_head", "--introspection-head", "an "
-         "IntrospectiveNetwork fitted on your training data and written with its save method"),
-    )  # fmt: skip
-    for section, field, option, what in needs:
+    for section, (field, option, _) in _SECTION_FILES.items():
         if section not in sections:
             continue
         path = getattr(config, field)
         if path is None and config.model is not None:
-            raise ValueError(f"the {section} section needs `{option}` for your own model: {what}.")
+            raise _missing_section_file(section)
         if path is not None and not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"`{option}`: no file at {str(path)!r}.")
 
