@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from captum.attr import Saliency
+from captum.attr import IntegratedGradients, Saliency
 
 from captum_ext.attr import (
     VOICE,
@@ -124,3 +124,63 @@ def test_training_methods_inside_inference_mode(bundled_model, sample_digits):
         inside = train_all()
     for got, reference in zip(inside, expected, strict=True):
         torch.testing.assert_close(got, reference)
+
+
+class _Scaled(torch.nn.Module):
+    """A model with a second, per-example tensor argument (a temperature)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, scale):
+        return self.model(x) * scale
+
+
+ARGUMENT_CALLS = {
+    "Contrastive contrast": lambda m, x, t: Contrastive(Saliency(m)).attribute(x, contrast=t["q"]),
+    "Contrastive additional_forward_args": lambda m, x, t: Contrastive(
+        Saliency(_Scaled(m))
+    ).attribute(x, contrast=1, additional_forward_args=(t["scale"],)),
+    "Contrastive baselines": lambda m, x, t: Contrastive(IntegratedGradients(m)).attribute(
+        x, contrast=1, baselines=t["black"], n_steps=4
+    ),
+    "PathwayGradient target": lambda m, x, t: PathwayGradient(m).attribute(x, target=t["p"]),
+    "PathwayGradient integrated target": lambda m, x, t: PathwayGradient(m).attribute(
+        x, target=t["p"], score="integrated", n_steps=3
+    ),
+    "CircuitReadout target": lambda m, x, t: torch.tensor(
+        sorted(
+            weight
+            for graph in CircuitReadout(m, gradient=True).readout(x[:2], target=t["p"][:2])
+            for *_, weight in graph.edges(data="weight")
+        )
+    ),
+    "ActivationMatchingMask baseline": lambda m, x, t: ActivationMatchingMask(
+        m, [LAYER], baseline=t["black"]
+    ).attribute(x[:2], target=t["p"][:2], mode="per_image", steps=3, seed=0, progress=False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARGUMENT_CALLS))
+def test_other_arguments_made_in_inference_mode(name, bundled_model, sample_digits):
+    """A serving pipeline's predictions, temperatures and baselines are inference tensors too:
+    passed as target / contrast / additional_forward_args / baselines they gave "Inference
+    tensors cannot be saved for backward" from inside the backward."""
+    x = sample_digits[0][:4]
+    with torch.no_grad():
+        logits = bundled_model(x)
+    normal = {
+        "p": logits.argmax(1),
+        "q": logits.topk(2, 1).indices[:, 1],
+        "scale": torch.full((4, 1), 1.5),
+        "black": torch.full((1, 1, 28, 28), -0.4242),
+    }
+    with torch.inference_mode():
+        made_there = {key: value.clone() for key, value in normal.items()}
+    assert all(value.is_inference() for value in made_there.values())
+    expected = ARGUMENT_CALLS[name](bundled_model, x, normal)
+    torch.testing.assert_close(ARGUMENT_CALLS[name](bundled_model, x, made_there), expected)
+    with torch.inference_mode():  # the call inside the block as well
+        inside = ARGUMENT_CALLS[name](bundled_model, x, made_there)
+    torch.testing.assert_close(inside, expected)

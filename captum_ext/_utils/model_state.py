@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import compiled_code_runs_eagerly
-from .validation import outside_inference_mode
+from .validation import outside_inference_mode_nested
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 
@@ -106,14 +106,6 @@ def _locked(modules: dict[int, nn.Module]) -> Iterator[None]:
         yield
 
 
-def _normal_tensors(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return type(value)(_normal_tensors(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _normal_tensors(item) for key, item in value.items()}
-    return outside_inference_mode(value)
-
-
 def leaves_inference_mode(function: _Function) -> _Function:
     """Run a public method or function outside ``torch.inference_mode()`` when it is called
     inside it: it optimises, copies or re-initialises models, or differentiates through code
@@ -125,7 +117,7 @@ def leaves_inference_mode(function: _Function) -> _Function:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_inference_mode_enabled():
             return function(*args, **kwargs)
-        args, kwargs = _normal_tensors(args), _normal_tensors(kwargs)
+        args, kwargs = outside_inference_mode_nested(args), outside_inference_mode_nested(kwargs)
         with torch.inference_mode(False):
             return function(*args, **kwargs)
 

@@ -23,6 +23,16 @@ def outside_inference_mode(value: Any) -> Any:
     return value
 
 
+def outside_inference_mode_nested(value: Any) -> Any:
+    """:func:`outside_inference_mode` for every tensor in ``value``, also inside tuples, lists
+    and dicts (whose types are kept)."""
+    if isinstance(value, tuple | list):
+        return type(value)(outside_inference_mode_nested(item) for item in value)
+    if isinstance(value, dict):
+        return {key: outside_inference_mode_nested(item) for key, item in value.items()}
+    return outside_inference_mode(value)
+
+
 def format_inputs(inputs: Any, *, argument: str = "inputs") -> tuple[Tensor, ...]:
     """Captum's input convention: a tensor or a tuple of tensors, batch first, finite.
     Tensors made under ``torch.inference_mode()`` are replaced by normal copies."""
@@ -203,7 +213,9 @@ def parse_class_selection(
         )
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"`{argument}` must hold integer class indices, got {value.dtype}.")
-    value = value.to(device=device, dtype=torch.long)
+    # a serving pipeline's predictions (argmax under inference_mode) index logits that autograd
+    # differentiates: an inference tensor there fails deep inside the backward
+    value = outside_inference_mode(value).to(device=device, dtype=torch.long)
     if value.numel() == 1 and value.dim() <= 1:
         classes = value.reshape(1, 1).expand(n, 1)
     elif value.dim() == 1:

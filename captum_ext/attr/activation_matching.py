@@ -23,7 +23,12 @@ from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_
 from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.seeding import content_keys
 from .._utils.training import atomic_path, progress_bar, unwrap_distributed
-from .._utils.validation import check_int, class_selection, format_inputs
+from .._utils.validation import (
+    check_int,
+    class_selection,
+    format_inputs,
+    outside_inference_mode,
+)
 from ._activation_matching_loss import (
     TERMS,
     Reference,
@@ -487,7 +492,8 @@ class ActivationMatchingMask(PerturbationAttribution):
                 f"`baseline` of shape {tuple(baseline.shape)} does not broadcast to one image "
                 f"{(1, *x.shape[1:])}."
             )
-        return baseline.to(device=x.device, dtype=x.dtype)
+        # a baseline made under inference_mode (stored at construction) cannot enter autograd
+        return outside_inference_mode(baseline).to(device=x.device, dtype=x.dtype)
 
     @staticmethod
     def _check_images(inputs: Any) -> Tensor:

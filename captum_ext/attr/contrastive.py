@@ -35,6 +35,7 @@ from .._utils.validation import (
     check_int,
     class_selection,
     format_inputs,
+    outside_inference_mode_nested,
     parse_class_selection,
     repeat_per_example,
 )
@@ -408,6 +409,10 @@ class Contrastive(GradientAttribution):
         if batch_size is not None:
             batch_size = check_int(batch_size, "batch_size")
         formatted = format_inputs(inputs)
+        # tensors from a serving pipeline (made under inference_mode) go to the wrapped Captum
+        # method, which differentiates through them: normal copies
+        additional_forward_args = outside_inference_mode_nested(additional_forward_args)
+        kwargs = outside_inference_mode_nested(kwargs)
         model = root_module(self.model_forward)
         unwrap = not isinstance(inputs, tuple)
         forward = self.contrastive_forward
