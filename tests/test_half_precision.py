@@ -22,10 +22,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from captum_ext.attr import ContrastCAM, Contrastive, FinerCAM, GradCAM
 from captum_ext.metrics import (
     TRUST_SCORES,
+    deletion_curves,
     gradtrust,
+    insertion_curves,
     margin,
+    masking_score,
     score_dataset,
     softmax_confidence,
+    structure_deletion,
 )
 
 LAYER = "features.7"
@@ -247,3 +251,36 @@ def test_the_mask_net_of_a_float16_model_trains_in_float32(bundled_model, sample
     assert all(torch.isfinite(torch.tensor(method.history)))
     mask = method.attribute(x[:4].half())
     assert mask.dtype == torch.float16 and set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+PERTURBATION_CALLS = {
+    "deletion_curves (7 x 7 maps)": lambda m, x, y, maps7, maps: deletion_curves(
+        m, x, maps7, target=y
+    ),
+    "insertion_curves": lambda m, x, y, maps7, maps: insertion_curves(m, x, maps, target=y),
+    "structure_deletion": lambda m, x, y, maps7, maps: structure_deletion(m, x, maps, target=y),
+    "masking_score": lambda m, x, y, maps7, maps: (masking_score(m, x, maps, target=y),),
+}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", list(PERTURBATION_CALLS))
+def test_perturbation_curves_of_half_inputs_equal_those_of_the_same_values_in_float32(
+    name, dtype, bundled_model, sample_digits
+):
+    """The same pixel values as a half tensor or as float32 (which the model wrapper casts):
+    the curves must agree. Before, half inputs rounded the float32 maps to their dtype before
+    ranking (bfloat16 merged ranks, so pixels were deleted in another order: curves 0.19
+    apart), and the probabilities and perturbed fractions were stored in bfloat16 (a count
+    above 256 rounded)."""
+    x, y = sample_digits[0][::4][:8], sample_digits[1][::4][:8]
+    cam = GradCAM(bundled_model, LAYER)
+    maps7 = cam.attribute(x, target=y)
+    maps = cam.attribute(x, target=y, upsample_to_input=True, normalize="minmax")
+    half = copy.deepcopy(bundled_model).to(dtype)
+    x_half = x.to(dtype)
+    got = PERTURBATION_CALLS[name](half, x_half, y, maps7, maps)
+    expected = PERTURBATION_CALLS[name](half, x_half.float(), y, maps7, maps)
+    for value, reference in zip(got, expected, strict=True):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)

@@ -111,10 +111,19 @@ def maps_for(maps: Any, x: Tensor, argument: str, dtype: torch.dtype | None = No
     return a
 
 
+def score_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the ranks, probabilities and fractions of perturbation curves on the
+    images ``x``: the images' own, at least float32 (a half-precision model is fed its own
+    dtype, but its curves are not rounded to it: bfloat16 holds counts exactly only to 256)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tensor:
-    """The values pixels are ranked by: (N, 1, H, W) or, per channel, (N, C, H, W)."""
+    """The values pixels are ranked by: (N, 1, H, W) or, per channel, (N, C, H, W), in at
+    least float32 (:func:`score_dtype`): a half-precision batch must not merge the ranks of
+    pixels whose attributions differ in the fourth digit."""
     check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
-    a = maps_for(attributions, x, "attributions")
+    a = maps_for(attributions, x, "attributions", dtype=score_dtype(x))
     if a.shape[1] > 1 and channel_reduction == "sum_abs":
         a = a.abs().sum(dim=1, keepdim=True)
     return a

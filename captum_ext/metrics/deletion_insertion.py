@@ -29,6 +29,7 @@ from captum_ext.metrics._perturbation import (
     image_batch,
     keyword_only_after,
     ranking_scores,
+    score_dtype,
 )
 
 __all__ = [
@@ -91,7 +92,8 @@ def _perturbation_curves(
     n_points = n_steps + 1
 
     evaluator = Evaluator(forward_func, x, target, additional_forward_args)
-    probabilities = torch.empty(n * n_points, dtype=x.dtype, device=device)
+    dtype = score_dtype(x)
+    probabilities = torch.empty(n * n_points, dtype=dtype, device=device)
     with evaluation(forward_func):
         evaluator.original(x)
         for start in range(0, n * n_points, chunk):
@@ -103,9 +105,9 @@ def _perturbation_curves(
             else:
                 images = torch.where(perturbed, x[examples], base[examples])
             probability, _ = evaluator(images, examples)
-            probabilities[rows] = probability.to(device=device, dtype=x.dtype)
+            probabilities[rows] = probability.to(device=device, dtype=dtype)
     curves = probabilities.view(n, n_points)
-    fractions = counts.to(x.dtype) / n_units
+    fractions = counts.to(dtype) / n_units
     auc = torch.trapezoid(curves, fractions, dim=1)
     return PerturbationCurves(auc, curves, fractions)
 

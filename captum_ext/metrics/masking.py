@@ -17,6 +17,7 @@ from captum_ext.metrics._perturbation import (
     image_batch,
     keyword_only_after,
     maps_for,
+    score_dtype,
 )
 
 __all__ = ["masking_score"]
@@ -82,7 +83,7 @@ def masking_score(
     """
     x = image_batch(inputs)
     check_score(score)
-    heat = maps_for(attributions, x, "attributions")
+    heat = maps_for(attributions, x, "attributions", dtype=score_dtype(x))
     if bool((heat < 0).any()) or bool((heat > 1).any()):
         raise ValueError(
             "`attributions` (the heatmaps) must lie in [0, 1], got values in "

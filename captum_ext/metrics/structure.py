@@ -26,6 +26,7 @@ from captum_ext.metrics._perturbation import (
     image_batch,
     keyword_only_after,
     ranking_scores,
+    score_dtype,
 )
 
 __all__ = ["StructureCurves", "structure_deletion", "structure_insertion"]
@@ -43,13 +44,16 @@ class StructureCurves(NamedTuple):
 
 
 def _default_uint8(x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    low = x.amin(dim=(1, 2, 3))
-    span = x.amax(dim=(1, 2, 3)) - low
+    # in at least float32: half-precision images would round (x - low) * scale to levels
+    # other than the same pixel values in float32 give
+    dtype = score_dtype(x)
+    low = x.to(dtype).amin(dim=(1, 2, 3))
+    span = x.to(dtype).amax(dim=(1, 2, 3)) - low
     scale = torch.where(span > 0, 255.0 / torch.where(span > 0, span, 1.0), 0.0)
 
     def to_uint8(images: Tensor, examples: Tensor) -> Tensor:
         view = (-1, 1, 1, 1)
-        return (images - low[examples].view(view)) * scale[examples].view(view)
+        return (images.to(dtype) - low[examples].view(view)) * scale[examples].view(view)
 
     return to_uint8
 
@@ -76,7 +80,7 @@ def _quantised(
 
 def _check_thresholds(thresholds: Any, x: Tensor) -> Tensor:
     try:
-        values = torch.as_tensor(thresholds, dtype=x.dtype, device=x.device)
+        values = torch.as_tensor(thresholds, dtype=score_dtype(x), device=x.device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
             f"`thresholds` must be a sequence of numbers, got {type(thresholds).__name__}."
@@ -121,7 +125,8 @@ def _structure_curves(
     original_bits = huffman_bits_of_images(_quantised(to_uint8, default_uint8, x, every))
 
     evaluator = Evaluator(forward_func, x, target, additional_forward_args)
-    values = torch.empty(n * n_levels, dtype=x.dtype, device=device)
+    dtype = score_dtype(x)
+    values = torch.empty(n * n_levels, dtype=dtype, device=device)
     bits = torch.empty(n * n_levels, dtype=torch.long, device=device)
     with evaluation(forward_func):
         evaluator.original(x)
@@ -135,12 +140,12 @@ def _structure_curves(
                 images = torch.where(selected, x[examples], base[examples])
             probability, correct = evaluator(images, examples)
             value = probability if score == "probability" else correct
-            values[rows] = value.to(device=device, dtype=x.dtype)
+            values[rows] = value.to(device=device, dtype=dtype)
             bits[rows] = huffman_bits_of_images(
                 _quantised(to_uint8, default_uint8, images, examples)
             )
     scores = values.view(n, n_levels)
-    ratios = bits.view(n, n_levels).to(x.dtype) / original_bits.to(x.dtype)[:, None]
+    ratios = bits.view(n, n_levels).to(dtype) / original_bits.to(dtype)[:, None]
     sorted_ratios, order = torch.sort(ratios, dim=1, stable=True)
     area = torch.trapezoid(scores.gather(1, order), sorted_ratios, dim=1)
     return StructureCurves(area, ratios, scores)
