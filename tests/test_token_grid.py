@@ -331,3 +331,69 @@ def test_report_on_a_vit_without_layer_explains_the_last_blocks_first_norm(
     assert main(argv) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
     assert "encoder.layers.encoder_layer_0.ln_1" in said
+
+
+def test_a_channels_last_stage_without_the_permutation_is_refused(swin, x):
+    """Before, (N, 4, 4, 16) was read as 4 channels of 4 x 16 maps: the CAMs and VOICE
+    returned maps over (w, features), and upsampling stretched them to a plausible image."""
+    from captum.attr import LayerGradCam
+
+    from captum_ext.attr import CounterfactualCAM, FinerCAM, LayerGradCamPlusPlus
+
+    calls = {
+        "GradCAM": lambda: GradCAM(swin, "features.3").attribute(x, target=0),
+        "ContrastCAM": lambda: ContrastCAM(swin, "features.3").attribute(x, upsample_to_input=True),
+        "CounterfactualCAM": lambda: CounterfactualCAM(swin, "features.3").attribute(x),
+        "LayerGradCamPlusPlus": lambda: LayerGradCamPlusPlus(swin, "features.3").attribute(x),
+        "FinerCAM": lambda: FinerCAM(swin, "features.3").attribute(x),
+        "VOICE": lambda: VOICE(GradCAM(swin, "features.3")).attribute(x),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"channels-last grid \(4 x 4 positions of 16") as info:
+            call()
+        assert "t.permute(0, 3, 1, 2)" in str(info.value), name
+    # Captum's own LayerGradCam is not ours to change; the permuted CAM is the grid's
+    assert LayerGradCam(swin, swin.features[3]).attribute(x, target=0).shape == (3, 1, 4, 16)
+
+
+class _PatchTransformer(torch.nn.Module):
+    """A pre-norm ViT of 8-pixel patches and a class token, for any grid of rows x columns."""
+
+    def __init__(self, rows: int, columns: int, width: int = 16, classes: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = torch.nn.Conv2d(3, width, 8, stride=8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, width) * 0.1)
+        self.pos = torch.nn.Parameter(torch.randn(1, 1 + rows * columns, width) * 0.1)
+        block = torch.nn.TransformerEncoderLayer(
+            width, 2, 32, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(block, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, images):
+        tokens = self.patch(images).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1) + self.pos
+        return self.head(self.encoder(tokens)[:, 0])
+
+
+def test_tokens_of_non_square_images_are_refused_with_their_grid():
+    """The token check took only square images: on 32 x 64 images (4 x 8 patches) the CAMs
+    returned (N, 1, D) maps over the embedding without a word. The fold the message names
+    gives the patch grid's map, the map of the token-grid wrapper."""
+    import re
+
+    model = _PatchTransformer(4, 8).eval()
+    layer = "encoder.layers.0.norm1"
+    images = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"a class token and 4 x 8 patches") as info:
+        GradCAM(model, layer).attribute(images, target=[0, 1])
+    with pytest.raises(ValueError, match=r"a class token and 4 x 8 patches"):
+        ContrastCAM(model, layer).attribute(images)
+    fold = eval(re.search(r"reshape_transform=(lambda t: [^`]*)`", str(info.value)).group(1))
+    maps = GradCAM(model, layer).attribute(images, target=[0, 1], reshape_transform=fold)
+    wrapped = expose_token_grid(model, layer, images[:1], leading=1, grid_size=(4, 8))
+    assert maps.shape == (2, 1, 4, 8)
+    torch.testing.assert_close(
+        maps, GradCAM(wrapped, wrapped.grid).attribute(images, target=[0, 1])
+    )

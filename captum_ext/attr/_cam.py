@@ -16,6 +16,7 @@ the size of the maps.
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from .._utils.caller import user_stacklevel
 from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import format_inputs
-from ..token_grid import token_grid_shape
+from ..token_grid import looks_channels_last
 from ._docs import with_cam_args
 
 WEIGHTINGS = ("gradcam", "gradcam++")
@@ -85,36 +86,65 @@ class TokenActivations(ValueError):
     embedding, not the image (raised by the reducer)."""
 
     def __init__(
-        self, shape: tuple[int, ...], input_shape: tuple[int, ...], leading: int, side: int
+        self,
+        shape: tuple[int, ...],
+        input_shape: tuple[int, ...],
+        leading: int,
+        grid: tuple[int, int],
     ):
         self.shape = shape
-        fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({side}, {side}))"
+        rows, columns = grid
+        fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({rows}, {columns}))"
         lead = {0: "", 1: "a class token and ", 2: "2 leading tokens and "}[leading]
         super().__init__(
             f"`layer` outputs activations of shape {shape} for images of shape {input_shape}: "
-            f"a transformer's tokens ({lead}{side} x {side} patches of {shape[2]} features), "
-            f"which a CAM would read as {shape[1]} channels along one dimension of length "
-            f"{shape[2]}, so the map would run over the embedding, not the image. Pass "
+            f"a transformer's tokens ({lead}{rows} x {columns} patches of {shape[2]} "
+            f"features), which a CAM would read as {shape[1]} channels along one dimension of "
+            f"length {shape[2]}, so the map would run over the embedding, not the image. Pass "
             f"`reshape_transform` folding the patch tokens into N x D x h x w (here "
             f"`reshape_transform={fold}`), or explain the `.grid` of "
             "`captum_ext.token_grid.expose_token_grid(model, layer, example)`."
         )
 
 
-def _token_layout(act: Tensor, input_shape: tuple[int, ...] | None) -> tuple[int, int] | None:
-    """``(leading, side)`` when ``act`` (N, T, D) is a square grid of patch tokens (after 0-2
-    leading tokens) that tiles 2-D inputs of ``input_shape`` with square patches; else None.
-    (An (N, C, L) layer of a model that reads images row by row does not tile them so.)"""
+class ChannelsLastActivations(ValueError):
+    """The CAM layer's output is a channels-last grid (N, h, w, C) (a Swin stage): read as
+    (N, C, h, w), the map would run over (w, C), not the image (raised by the reducer)."""
+
+    def __init__(self, shape: tuple[int, ...], input_shape: tuple[int, ...]):
+        self.shape = shape
+        super().__init__(
+            f"`layer` outputs activations of shape {shape} for images of shape {input_shape}: "
+            f"a channels-last grid ({shape[1]} x {shape[2]} positions of {shape[3]} features, "
+            "as a Swin transformer's stages give), which a CAM would read as "
+            f"{shape[1]} channels of {shape[2]} x {shape[3]} maps, so the map would run over "
+            "the features, not the image. Pass `reshape_transform=lambda t: "
+            "t.permute(0, 3, 1, 2)`, or explain the module that permutes the stage's output "
+            "to N x C x h x w (torchvision's Swin: `permute`)."
+        )
+
+
+def _token_layout(
+    act: Tensor, input_shape: tuple[int, ...] | None
+) -> tuple[int, tuple[int, int]] | None:
+    """``(leading, (h, w))`` when ``act`` (N, T, D) is a grid of patch tokens (after 0-2
+    leading tokens) that tiles 2-D inputs of ``input_shape`` with square patches of at least
+    2 pixels (H / h == W / w); else None. (An (N, C, L) layer of a model that reads images
+    row by row does not tile them so.)"""
     if act.dim() != 3 or input_shape is None or len(input_shape) != 4:
         return None
-    grid = token_grid_shape(act.shape[1])
-    if grid is None:
-        return None
-    leading, (side, _) = grid
     height, width = input_shape[2:]
-    if height % side or width % side or height != width or height // side < 2:
-        return None
-    return leading, side
+    for leading in (1, 0, 2):
+        patches = act.shape[1] - leading
+        for rows in range(1, math.isqrt(max(patches, 0)) + 1):
+            if patches % rows:
+                continue
+            for h, w in ((rows, patches // rows), (patches // rows, rows)):
+                if height % h or width % w:
+                    continue
+                if height // h == width // w >= 2:
+                    return leading, (h, w)
+    return None
 
 
 def zero_gradient_warning(method: str, where: str, model: nn.Module | None = None) -> str:
@@ -169,6 +199,12 @@ def make_cam_reducer(
             tokens = _token_layout(act, input_shape)
             if tokens is not None:
                 raise TokenActivations(tuple(act.shape), input_shape, *tokens)
+            if (
+                input_shape is not None
+                and len(input_shape) == 4
+                and looks_channels_last(tuple(act.shape), tuple(input_shape[2:]))
+            ):
+                raise ChannelsLastActivations(tuple(act.shape), input_shape)
             grad = _apply_reshape(reshape_transform, grad, 2)
             if not reduce.saw_gradient:  # the gradients the maps are made of
                 reduce.saw_gradient = bool(grad.ne(0).any())
@@ -330,6 +366,9 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 grad_kwargs=grad_kwargs,
                 allow_multidim=True,
             )
+        except (TokenActivations, ChannelsLastActivations) as error:
+            # the reducer's own message says what to do; the engine's frames do not help
+            raise error.with_traceback(None) from None
         except NoSpatialDimensions as error:
             raise self._no_spatial_error(
                 error.shape,
