@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from captum_ext._utils.seeding import seeded_rng
 from captum_ext.data import DigitCNN, normalize_digits
 
 __all__ = [
@@ -159,8 +160,7 @@ def bundled_generator(seed: int = 0):
 
     options = dict(GENERATOR_OPTIONS)
     num_classes, out_shape = options.pop("num_classes"), options.pop("out_shape")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         return ConditionedGenerator(
             num_classes,
             out_shape,

@@ -399,3 +399,31 @@ def test_voice_given_a_model_and_a_layer_says_it_wraps_a_method(bundled_model):
     expected one of ('reference', 'raw')"."""
     with pytest.raises(TypeError, match=r"VOICE\(GradCAM\(model, 'features.7'\)\)"):
         VOICE(bundled_model, "features.7")
+
+
+def test_smoothgrad_noise_belongs_to_the_example_not_its_place_in_the_batch():
+    """One noise draw for the stacked batch gave an example its neighbours' noise: its
+    uncertainty moved by 0.3 with its position or batch size (the digits of the audit). Each
+    example's copies come from the call's seed and its own values now."""
+    model = make_tiny_cnn(num_classes=5)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    voice = VOICE(NoiseTunnel(Saliency(model)))
+
+    def run(batch):
+        return voice.attribute(
+            batch, nt_samples=4, stdevs=0.3, generator=torch.Generator().manual_seed(7)
+        )
+
+    together = run(x)
+    order = torch.tensor([2, 0, 3, 1])
+    shuffled = run(x[order])
+    for field in ("uncertainty", "explanation", "iou", "snr"):
+        torch.testing.assert_close(getattr(shuffled, field), getattr(together, field)[order])
+    alone = run(x[2:3])
+    torch.testing.assert_close(alone.uncertainty, together.uncertainty[2:3])
+    # the same generator state twice gives the same maps; a generator used on gives others
+    generator = torch.Generator().manual_seed(7)
+    first = voice.attribute(x, nt_samples=4, stdevs=0.3, generator=generator)
+    second = voice.attribute(x, nt_samples=4, stdevs=0.3, generator=generator)
+    torch.testing.assert_close(first.uncertainty, together.uncertainty)
+    assert not torch.allclose(second.uncertainty, first.uncertainty)

@@ -19,6 +19,7 @@ from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.precision import float64_here_or_cpu
+from .._utils.seeding import content_keys, example_normal, seed_from
 from .._utils.validation import (
     check_int,
     check_number,
@@ -389,7 +390,11 @@ class VOICE:
             nt_samples (int, optional): noisy copies per example (SmoothGrad only).
             stdevs (float, optional): standard deviation of the noise (SmoothGrad only), in
                 input units as Captum's NoiseTunnel. Default: 0.1.
-            generator (torch.Generator, optional): random source of the noise.
+            generator (torch.Generator, optional): random source of the noise (SmoothGrad
+                only): one seed is drawn from it per call (from torch's global generator
+                when None, as Captum's NoiseTunnel draws its noise), and each example's
+                noisy copies come from that seed and the example's own values, so an
+                example gets the same copies alone, anywhere in a batch and in any order.
             reshape_transform (Callable, optional): CAM techniques only: turns the layer's
                 activations (and gradients) into (N, K, h, w) maps, e.g. the tokens
                 (N, 1 + h*w, K) of a vision transformer (drop the class token, reshape,
@@ -722,14 +727,18 @@ def _noisy_copies(
     stdev: float,
     generator: torch.Generator | None,
 ) -> tuple[tuple[Tensor, ...], Any]:
-    """SmoothGrad inputs: each example repeated ``samples`` times (repeat_interleave) + noise."""
+    """SmoothGrad inputs: each example repeated ``samples`` times (repeat_interleave) + noise.
+
+    One seed is drawn from ``generator`` (the global generator when None); each example's
+    noise comes from that seed and the example's own values (:func:`content_keys`), so an
+    example gets the same noisy copies alone, anywhere in a batch or in another order."""
     noisy = []
-    for x in inputs:
+    seed = seed_from(generator)
+    for index, x in enumerate(inputs):
         repeated = x.repeat_interleave(samples, dim=0)
         if x.is_floating_point() and stdev > 0:
-            noise = torch.randn(
-                repeated.shape, generator=generator, dtype=x.dtype, device="cpu"
-            ).to(x.device)
+            keys = content_keys(x, seed + index)
+            noise = example_normal(keys, samples, tuple(x.shape[1:]), x.dtype).to(x.device)
             repeated = repeated + stdev * noise
         noisy.append(repeated)
     n = inputs[0].shape[0]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
+from captum_ext._utils.seeding import seeded_rng
 from captum_ext._utils.training import (
     atomic_path,
     barrier,
@@ -216,8 +217,7 @@ class IntrospectiveNetwork(nn.Module):
             )
         # the seed drives the head's initialisation without resetting the caller's RNG
         devices = [features.device] if features.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(seed, devices):
             return self._train_head(
                 features, targets, num_classes, epochs, batch_size, lr, weight_decay,
                 checkpoint_dir, resume, progress, seed,

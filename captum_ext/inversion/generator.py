@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on
+from captum_ext._utils.seeding import seeded_rng
 from captum_ext.inversion.conditioning import (
     _check_labels,
     _check_num_classes,
@@ -631,8 +632,7 @@ def estimate_inversion_cost(
             from captum_ext.inversion._features import count_classes
 
             num_classes = count_classes(model, input_shape, device, dtype)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded_rng(0):
             gen = ConditionedGenerator(
                 num_classes,
                 tuple(input_shape),

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
+from captum_ext._utils.seeding import seeded_rng
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -274,8 +275,7 @@ class NetworkInversion:
                 )
             device, dtype = model_device_dtype(model)
             num_classes = self._probe_classes(model, input_shape, device, dtype)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded_rng(seed):
                 generator_net = ConditionedGenerator(
                     num_classes,
                     tuple(input_shape),
@@ -355,8 +355,7 @@ class NetworkInversion:
         shard = distributed_shard()
         rank = 0 if shard is None else shard[0]
         sampler = torch.Generator(device=device).manual_seed(_stream_seed(self.seed, rank, 0))
-        with torch.random.fork_rng(devices=self._rng_devices(device)):
-            torch.manual_seed(_stream_seed(self.seed, rank, 1))
+        with seeded_rng(_stream_seed(self.seed, rank, 1), self._rng_devices(device)):
             self._rng = {"sampler": sampler.get_state(), **self._global_rng(device)}
 
     @staticmethod

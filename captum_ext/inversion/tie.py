@@ -28,6 +28,7 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import uncompiled
 from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import precise, precise_dtype, share
+from captum_ext._utils.seeding import seeded_rng
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -613,8 +614,7 @@ class TIE:
             if num_classes is None:
                 raise ValueError("`num_classes` (n) is required with a `model` factory.")
             self.num_classes = num_classes
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed_of(seed, 2, 0))
+            with seeded_rng(_seed_of(seed, 2, 0)):
                 built = model(num_classes + 1)
             if not isinstance(built, nn.Module):
                 raise TypeError(
@@ -643,8 +643,7 @@ class TIE:
         device, dtype = model_device_dtype(self.model)
         k = self.num_classes + 1
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_of(seed, 3, 0))
+        with seeded_rng(_seed_of(seed, 3, 0)):
             if generator_factory is None:
                 generator = ConditionedGenerator(
                     k,
@@ -799,8 +798,7 @@ class TIE:
                 self._ddp = wrap_distributed(self.model)
             net = self._ddp
         totals = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, batches, in ok, in n, gb ok, gb n
-        with torch.random.fork_rng(devices=self._rng_devices(device)):
-            torch.manual_seed(_seed_of(self.seed, 6, epoch, rank))
+        with seeded_rng(_seed_of(self.seed, 6, epoch, rank), self._rng_devices(device)):
             self.model.train()
             try:
                 for rows in order.split(self.batch_size):

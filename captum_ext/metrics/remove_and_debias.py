@@ -42,7 +42,7 @@ from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import has_float64, precise, precise_dtype
-from captum_ext._utils.seeding import content_keys
+from captum_ext._utils.seeding import combined_keys, content_keys, example_normal, seed_from
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -848,7 +848,10 @@ def road_imputation(
             (all its channels).
         noise (float): standard deviation of the Gaussian noise added to the imputed pixels.
             Default: 0.01 (ROAD's). 0 for the plain linear imputation.
-        generator (torch.Generator, optional): for the noise.
+        generator (torch.Generator, optional): for the noise: one seed is drawn from it
+            per call (from torch's global generator when None), and each image's noise
+            comes from that seed, its pixels and its mask, so an image is imputed alike
+            alone, anywhere in a batch and in any order.
         solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
             block-diagonal system with scipy's SuperLU in symmetric mode, on the CPU),
             ``"block"`` (the system on the whole pixel grid, block-tridiagonal over image
@@ -970,10 +973,7 @@ def road_imputation(
         )
         for (rows, _), part in zip(parts, solved):
             filled[rows] = part
-        if noise > 0:
-            draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype)
-            filled = filled + noise * removed.to(filled.dtype) * draw.to(filled.device)
-        return filled
+        return _with_imputation_noise(filled, inputs, removed, noise, generator)
 
     if _lacks_float64(inputs.device):
         warnings.warn(
@@ -996,11 +996,23 @@ def road_imputation(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    if noise > 0:  # drawn as on the CPU path: the same generator gives the same noise
-        draw_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-        draw = torch.randn(filled.shape, generator=generator, dtype=draw_dtype)
-        filled = filled + noise * removed.to(filled.dtype) * draw.to(filled)
-    return filled.to(inputs.dtype)
+    # drawn as on the CPU path: the same generator gives the same noise
+    return _with_imputation_noise(filled, inputs, removed, noise, generator).to(inputs.dtype)
+
+
+def _with_imputation_noise(
+    filled: Tensor, inputs: Tensor, removed: Tensor, noise: float, generator: Any
+) -> Tensor:
+    """``filled + noise * removed * z``: one seed drawn from ``generator`` per call, each
+    image's ``z`` from that seed, its pixels and its mask, so an image's imputation does not
+    depend on the other images of the batch or their order."""
+    if noise <= 0:
+        return filled
+    seed = seed_from(generator)
+    keys = combined_keys(content_keys(inputs, seed), content_keys(removed, seed))
+    # drawn in the inputs' dtype whatever the solver's, so every solver gets the same noise
+    draw = example_normal(keys, 1, tuple(filled.shape[1:]), inputs.dtype)
+    return filled + noise * removed.to(filled.dtype) * draw.to(filled)
 
 
 def _conjugate_gradients(

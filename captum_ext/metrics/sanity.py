@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import float64_here_or_cpu
+from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
 from captum_ext._utils.validation import check_int, class_selection
 from captum_ext.metrics._perturbation import image_batch
 
@@ -377,13 +378,13 @@ def model_randomisation(
         original = _explain(explainer, model, inputs, target, kwargs)
     randomised_maps = []
     similarity_rows: dict[str, list[Tensor]] = {}
-    generator_state = torch.random.get_rng_state()
-    try:
+    cuda_devices = initialised_cuda_devices()  # a CUDA model's parameters draw there
+    with seeded_rng(None, cuda_devices):  # the caller's random states come back afterwards
         working = copy.deepcopy(model).eval()
         for step, name in enumerate(names):
             if not cascade:
                 working = copy.deepcopy(model).eval()
-            torch.manual_seed(seed + step)
+            seed_generators(seed + step, cuda_devices)
             _reset_parameters(dict(working.named_modules())[name])
             maps = _explain(
                 explainer, working, inputs, target, kwargs, f"after randomising {name!r}"
@@ -391,8 +392,6 @@ def model_randomisation(
             randomised_maps.append(maps)
             for measure, values in _similarities(original, maps, measures).items():
                 similarity_rows.setdefault(measure, []).append(values)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return RandomisationCurves(
         layers=names,
         similarity={m: torch.stack(rows) for m, rows in similarity_rows.items()},

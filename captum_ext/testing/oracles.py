@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.seeding import seeded_rng
 from captum_ext._utils.validation import check_int, check_number
 
 __all__ = [
@@ -115,11 +116,14 @@ class DominantColourCounter(nn.Module):
     def __init__(self, palette: Tensor) -> None:
         super().__init__()
         k, c = palette.shape
-        self.detect_difference = nn.Conv2d(c, 2 * c * k, kernel_size=1)
-        self.detect = nn.Conv2d(2 * c * k, k, kernel_size=1)
-        self.relu1 = nn.ReLU()
-        self.relu2 = nn.ReLU()
-        self.head = nn.Linear(k, k)
+        # the layers' default initialisation (overwritten below) must not draw from the
+        # caller's random stream
+        with seeded_rng(None, cuda_devices=()):
+            self.detect_difference = nn.Conv2d(c, 2 * c * k, kernel_size=1)
+            self.detect = nn.Conv2d(2 * c * k, k, kernel_size=1)
+            self.relu1 = nn.ReLU()
+            self.relu2 = nn.ReLU()
+            self.head = nn.Linear(k, k)
         with torch.no_grad():
             w1 = torch.zeros(2 * c * k, c)
             b1 = torch.zeros(2 * c * k)
@@ -239,9 +243,7 @@ class MaskedInputNet(nn.Module):
 
     def __init__(self, keep: Tensor, channels: int, classes: int, seed: int) -> None:
         super().__init__()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
+        with seeded_rng(seed, cuda_devices=()):  # built on the CPU
             self.features = nn.Sequential(
                 nn.Conv2d(channels, 8, 3, padding=1),
                 nn.ReLU(),
@@ -249,8 +251,6 @@ class MaskedInputNet(nn.Module):
                 nn.ReLU(),
             )
             self.head = nn.Linear(8, classes)
-        finally:
-            torch.random.set_rng_state(generator_state)
         self.register_buffer("keep", keep.clone())
         self.eval()
 
