@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma-separated sections of the report, shown in the order given, from: "
         + ", ".join(SECTIONS)
-        + " (described above). Default: all of them for the bundled model, "
+        + " (described above). Default: "
+        + ",".join(name for name, spec in SECTION_REGISTRY.items() if spec.in_defaults)
+        + " for the bundled model, "
         + ",".join(USER_MODEL_SECTIONS)
         + " for your own",
     )

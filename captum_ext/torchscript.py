@@ -385,6 +385,10 @@ def expose_layer(
             for eager models the module itself.
         example (Tensor, optional): a small input batch; for TorchScript models the wrapper is
             run on it and checked against the compiled model. Default: None (no check).
+        final_layer (str, optional): TorchScript models only: the dotted name of the final
+            linear layer to expose as well, so that GradTrust can read it (the wrapper of
+            :func:`expose_final_layer`, with ``layer`` as its ``tap``). Default: None (only
+            ``layer`` is exposed).
 
     Returns:
         tuple[nn.Module, nn.Module]: the forward function and the layer module.

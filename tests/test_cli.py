@@ -292,6 +292,21 @@ def test_help_and_docs_list_every_section(capsys):
     assert "SECTION_DESCRIPTIONS" in docs  # the page prints the registry itself
 
 
+def test_help_names_the_default_sections_the_report_builds(capsys):
+    """The help said "Default: all of them for the bundled model", which builds six of the
+    eight sections (introspection and evaluation only when asked for)."""
+    from captum_ext.cli import build_parser
+    from captum_ext.viz import ReportConfig
+    from captum_ext.viz.build import USER_MODEL_SECTIONS, default_sections
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["report", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    bundled = ",".join(default_sections(ReportConfig()))
+    assert len(default_sections(ReportConfig())) == 6
+    assert f"Default: {bundled} for the bundled model, {','.join(USER_MODEL_SECTIONS)}" in text
+
+
 def test_report_prints_the_time_per_section(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["report", "--limit", "2", "--out", str(out), "--no-progress"]

@@ -33,11 +33,11 @@ CALLS = {
     "NetworkInversion": lambda model, x: __import__(
         "captum_ext.inversion", fromlist=["NetworkInversion"]
     ).NetworkInversion(model, batch_size=2, seed=0),
-    "IntrospectiveNetwork.fit": lambda model, x: __import__(
-        "captum_ext.introspection", fromlist=["IntrospectiveNetwork"]
-    )
-    .IntrospectiveNetwork(model, layer="classifier", hidden_width=4)
-    .fit(x, torch.arange(len(x)) % 10, epochs=1, batch_size=4, progress=False, seed=0),
+    "IntrospectiveNetwork.fit": lambda model, x: (
+        __import__("captum_ext.introspection", fromlist=["IntrospectiveNetwork"])
+        .IntrospectiveNetwork(model, layer="classifier", hidden_width=4)
+        .fit(x, torch.arange(len(x)) % 10, epochs=1, batch_size=4, progress=False, seed=0)
+    ),
     "dominant_colour_oracle": lambda model, x: dominant_colour_oracle(seed=3),
     "null_region_oracle": lambda model, x: null_region_oracle(seed=3),
     "interaction_oracle": lambda model, x: interaction_oracle(),

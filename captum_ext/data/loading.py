@@ -911,6 +911,10 @@ def load_image_folder(
             (``""`` for images directly in ``directory``). Default: False.
         limit (int, optional): read only the first ``limit`` images (in path order).
             Default: None (all).
+        exclude (Sequence[str or Path], optional): folders under ``directory`` not to read
+            (e.g. an output folder written inside it). Folders holding a report written by
+            ``captum-ext report`` (marked by a ``.captum-ext-report`` file) are always
+            skipped. Default: none.
 
     Returns:
         ``(images, paths)``, or ``(images, paths, labels)`` with ``labels_from_subfolders``:
