@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils.layers import LayerTap, is_exported
+from ._utils.validation import same_model_output
 
 __all__ = [
     "FixedBatchError",
@@ -274,12 +275,7 @@ def _exposed(
     if example is not None:
         with torch.no_grad():
             expected, got = model(example), wrapper(example)
-        if not (
-            isinstance(got, Tensor)
-            and isinstance(expected, Tensor)
-            and got.shape == expected.shape
-            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-        ):
+        if not same_model_output(got, expected):  # a dict of a segmentation model too
             raise ValueError(
                 f"`--layer`={layer!r}: the exported model with its layer exposed did not "
                 "reproduce the model's output. Pass the model as 'package.module:factory' "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from ._utils.layers import LayerTap, find_last_linear, is_linear, resolve_layer
 from ._utils.model_state import gradients_on
+from ._utils.validation import same_model_output
 
 _LIST_AT_MOST = 5
 
@@ -148,6 +150,12 @@ class TorchScriptLayerModel(nn.Module):
             args[0].append(args[1])
             self._bind(outs, args[0], env)
             return
+        container_operation = _CONTAINER_NODES.get(kind)
+        if container_operation is not None and args and isinstance(args[0], list | dict):
+            # the schemas of generic lists and dicts (t[], Dict(t, t)) match no Python one:
+            # `x.shape[-2:]`, torchvision's `out["out"] = x`
+            self._bind(outs, container_operation(*args), env)
+            return
         try:
             operation, _ = torch._C._jit_get_operation(kind)
         except RuntimeError:
@@ -175,6 +183,8 @@ class TorchScriptLayerModel(nn.Module):
 
     @staticmethod
     def _bind(outs: list, result: Any, env: dict[int, Any]) -> None:
+        if not outs:  # an in-place operation (item assignment, extend)
+            return
         if len(outs) == 1:
             env[outs[0].unique()] = result
         else:
@@ -247,6 +257,19 @@ _SIMPLE_NODES: dict[str, Callable[[Any, list], Any]] = {
 }
 
 
+# Operators on Python lists and dicts whose tensor overloads share the name (aten::slice of a
+# list, as `x.shape[-2:]` compiles; aten::add of two lists; item assignment).
+_CONTAINER_NODES: dict[str, Callable[..., Any]] = {
+    "aten::slice": lambda items, start=None, end=None, step=1: items[start:end:step],
+    "aten::add": lambda items, other: items + list(other),
+    "aten::extend": lambda items, other: items.extend(other),
+    "aten::_set_item": lambda items, key, value: items.__setitem__(key, value),
+    "aten::keys": lambda items: list(items.keys()),
+    "aten::values": lambda items: list(items.values()),
+    "aten::items": lambda items: list(items.items()),
+}
+
+
 @functools.lru_cache(maxsize=512)
 def _keyword_names(schema: str) -> tuple[str | None, ...]:
     """Per argument of an operator schema: its name if keyword-only, else None."""
@@ -267,8 +290,14 @@ def _split_arguments(schema: str, args: list) -> tuple[list, dict[str, Any]]:
 
 
 def _python_function(qualified: str) -> Callable:
-    """The Python function behind a TorchScript function constant (``__torch__.pkg.fn``)."""
-    name = qualified.removeprefix("__torch__.")
+    """The function behind a TorchScript function constant (``__torch__.pkg.fn``): the
+    compiled function where this process compiled it, else the Python function of that
+    name (TorchScript's ``___torch_mangle_N`` segments, which tell apart several compiled
+    copies of one function, removed)."""
+    compiled = torch.jit._state._python_cu.find_function(qualified)
+    if compiled is not None:
+        return compiled
+    name = re.sub(r"___torch_mangle_\d+\.", "", qualified.removeprefix("__torch__."))
     module_name, _, attribute = name.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attribute)
@@ -465,32 +494,8 @@ def _check_wrapper(
                 f"failed ({first}). {fallback}"
             ) from None
         expected = model(example)
-    if not _same_output(got, expected):
+    if not same_model_output(got, expected):
         raise ValueError(
             f"`{argument}`={name!r}: evaluating the TorchScript model around this "
             f"layer did not reproduce its output. {fallback}"
         )
-
-
-def _same_output(got: Any, expected: Any) -> bool:
-    """Whether two model outputs agree: tensors to float32 rounding, or dicts, tuples and
-    lists of them (a dict of logits, ``(logits, features)``) item by item."""
-    if isinstance(expected, Tensor):
-        return (
-            isinstance(got, Tensor)
-            and got.shape == expected.shape
-            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-        )
-    if isinstance(expected, dict):
-        return (
-            isinstance(got, dict)
-            and got.keys() == expected.keys()
-            and all(_same_output(got[key], expected[key]) for key in expected)
-        )
-    if isinstance(expected, (tuple, list)):
-        return (
-            isinstance(got, (tuple, list))
-            and len(got) == len(expected)
-            and all(_same_output(a, b) for a, b in zip(got, expected))
-        )
-    return False

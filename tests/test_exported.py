@@ -329,3 +329,52 @@ def test_images_of_another_size_than_the_program_was_exported_with_are_one_line(
         assert "failed on images of shape (2, 1, 20, 20)" in err, err
         assert "takes inputs of shape (N, 1, 28, 28) only" in err and "--transform" in err
         assert "Traceback" not in err
+
+
+def test_a_module_path_of_the_program_is_refused_naming_the_wrapper(exported):
+    """The program lists the original module paths, but only as holders of the parameters:
+    a hook there never fires, and the error said "did not run during the forward pass ...
+    pick a module that forward_func calls", which the user had done."""
+    from captum_ext.attr import LayerIBA
+
+    _, module, images, labels, _ = exported
+    calls = (
+        lambda: GradCAM(module, "features.7").attribute(images[:2], target=labels[:2]),
+        lambda: GradCAM(module, module.get_submodule("features.6")).attribute(images[:2]),
+        lambda: LayerIBA(module, "features.7").estimate(images[:4]),
+        lambda: gradtrust(module, images[:2], layer="features.6"),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match=r"expose_exported_layer\(model, 'features\.[67]'\)"):
+            call()
+    wrapper, tap = expose_exported_layer(module, "features.7")  # the way the message names
+    assert GradCAM(wrapper, tap).attribute(images[:2], target=labels[:2]).shape == (2, 1, 7, 7)
+
+
+class _DictSegmenter(torch.nn.Module):
+    """A fully convolutional net returning a dict, as torchvision's segmentation models do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1)
+        )
+
+    def forward(self, x):
+        return {"out": self.body(x)}
+
+
+def test_a_program_returning_a_dict_is_checked_item_by_item():
+    """`example=` compared outputs only as tensors, so every dict-returning model (all of
+    torchvision's segmentation models) was refused as "did not reproduce the model's
+    output", though the wrapper's maps equal the eager model's."""
+    model = _DictSegmenter().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    program = torch.export.export(model, (x,)).module()
+    wrapper, tap = expose_exported_layer(program, "body.1", x)
+    target = (1, 3, 4)
+    head = lambda output: output["out"]  # noqa: E731
+    maps = GradCAM(wrapper, tap, output_transform=head).attribute(x, target=target)
+    eager = GradCAM(model, "body.1", output_transform=head).attribute(x, target=target)
+    torch.testing.assert_close(maps, eager)

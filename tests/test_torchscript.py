@@ -136,3 +136,43 @@ def test_a_scripted_vision_transformer_is_evaluated_around_its_layer():
     finally:
         handle.remove()
     assert seen["tokens"].shape == (2, 17, 16)
+
+
+class _Segmenter(nn.Module):
+    """The parts of torchvision's segmentation models that TorchScript compiles into list and
+    dict operators: `x.shape[-2:]` (a list slice), `F.interpolate` (a compiled function with
+    a mangled name) and a dict filled item by item."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        result = {}
+        features = self.head(self.backbone(x))
+        result["out"] = nn.functional.interpolate(
+            features, size=size, mode="bilinear", align_corners=False
+        )
+        return result
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_scripted_segmentation_model_gives_the_eager_maps(tmp_path):
+    """Before, expose_layer refused it: the mangled name `...___torch_mangle_N.interpolate`
+    was "not importable here", and the list slice and dict assignment matched no schema
+    (torchvision's scripted fcn_resnet50 failed the same way)."""
+    from captum_ext.attr import GradCAM
+
+    torch.manual_seed(0)
+    model = _Segmenter().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    head = lambda output: output["out"]  # noqa: E731
+    eager = GradCAM(model, "backbone.1", output_transform=head).attribute(x, target=(1, 5, 7))
+    scripted = torch.jit.script(model)
+    torch.jit.save(scripted, str(tmp_path / "segmenter.pt"))
+    for compiled in (scripted, torch.jit.load(str(tmp_path / "segmenter.pt"))):
+        forward, tap = torchscript.expose_layer(compiled, "backbone.1", example=x)
+        maps = GradCAM(forward, tap, output_transform=head).attribute(x, target=(1, 5, 7))
+        torch.testing.assert_close(maps, eager)

@@ -103,6 +103,8 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
         # "module.features.3") and torch.compile's wrappers
         modules = dict(unwrap_distributed(model).named_modules())
         name = eager_name(layer, modules)
+        if name not in modules and is_exported(model):
+            raise _exported_layer_error(model, name, argument)
         if name not in modules:
             names = [name for name in modules if name]
             close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
@@ -124,7 +126,48 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
             "it may be scripted), or wrap a loaded TorchScript model with "
             "captum_ext.data.expose_layer(model, 'layer.name')."
         )
+    _check_not_an_exported_holder(root_module(forward_func), layer, argument)
     return layer
+
+
+def _exported_layer_error(model: nn.Module, name: str, argument: str) -> ValueError:
+    """The error for a layer name of a ``torch.export`` program: its layers are operators of
+    the graph, reached through :func:`captum_ext.exported.expose_exported_layer`."""
+    from captum_ext.exported import exported_layer_names
+
+    paths = exported_layer_names(model)
+    if name in paths:
+        where = f"{name!r} is a layer of the program, run as graph operators, not a module"
+    else:
+        close = difflib.get_close_matches(name, paths, n=5, cutoff=0.4)
+        hint = f" (closest layer paths: {', '.join(close)})" if close else ""
+        where = f"{name!r} is not a layer path of the program{hint}"
+    return ValueError(
+        f"`{argument}`={name!r}: {where}. The layers of a torch.export program run as graph "
+        "operators, which no hook reaches. Wrap the program with "
+        f"captum_ext.exported.expose_exported_layer(model, {name!r}) and explain the returned "
+        "(model, layer) pair; for GradTrust's final layer, "
+        "captum_ext.exported.expose_exported_final_layer(model)."
+    )
+
+
+def _check_not_an_exported_holder(model: nn.Module | None, layer: nn.Module, argument: str):
+    """Refuse a submodule of a ``torch.export`` program that the graph never calls: the
+    program keeps the original module paths as holders of the parameters, but runs every
+    layer as graph operators, so a hook on the holder never fires."""
+    if model is None or not is_exported(model):
+        return
+    called = {node.target for node in model.graph.nodes if node.op == "call_module"}
+    for name, module in model.named_modules():
+        if module is layer and name and name not in called:
+            raise ValueError(
+                f"`{argument}`={name!r} names a module of a torch.export program, where it only "
+                "holds the parameters: the graph runs the layer as operators, so no hook on "
+                "the module ever fires. Wrap the program with "
+                f"captum_ext.exported.expose_exported_layer(model, {name!r}) and explain the "
+                "returned (model, layer) pair; for GradTrust's final layer, "
+                "captum_ext.exported.expose_exported_final_layer(model)."
+            )
 
 
 def _called_modules(model: nn.Module, run) -> list[tuple[str, nn.Module, tuple]]:

@@ -488,3 +488,27 @@ def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
+
+
+def same_model_output(got: Any, expected: Any) -> bool:
+    """Whether two model outputs agree: tensors to float32 rounding, or dicts, tuples and
+    lists of them (a dict of logits, ``(logits, features)``) item by item."""
+    if isinstance(expected, Tensor):
+        return (
+            isinstance(got, Tensor)
+            and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+        )
+    if isinstance(expected, dict):
+        return (
+            isinstance(got, dict)
+            and got.keys() == expected.keys()
+            and all(same_model_output(got[key], expected[key]) for key in expected)
+        )
+    if isinstance(expected, (tuple, list)):
+        return (
+            isinstance(got, (tuple, list))
+            and len(got) == len(expected)
+            and all(same_model_output(a, b) for a, b in zip(got, expected))
+        )
+    return False
