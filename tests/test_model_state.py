@@ -121,6 +121,15 @@ def test_a_dtype_mismatch_is_named_beside_torchs_error(name, convert, hint, tiny
     assert hint in notes
 
 
+def test_a_dtype_mismatch_is_named_by_the_mask_fits(tiny_inputs):
+    """ActivationMatchingMask called the model itself and gave torch's bare error."""
+    model = make_tiny_cnn().eval()  # float64
+    with pytest.raises(RuntimeError, match="should be the same") as info:
+        CALLS["ActivationMatchingMask"](model, tiny_inputs.float())
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "`inputs` is torch.float32 but the model's parameters are" in notes
+
+
 @pytest.mark.parametrize(
     "convert, hint",
     [

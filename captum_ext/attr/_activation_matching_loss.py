@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils.batched_grad import call_model
 from .._utils.hooks import registered_hooks
 from .._utils.precision import at_least_float32
 from ._mask_net import straight_through_mask
@@ -177,7 +178,7 @@ def run_with_activations(
         for layer, slot in zip(layers, captured)
     ]
     with registered_hooks(*registrations):
-        logits = forward_func(inputs)
+        logits = call_model(forward_func, (inputs,))  # a dtype or layout mistake is named
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise ValueError(
             "`forward_func` must return (N, classes) logits, got "

@@ -140,7 +140,9 @@ def build_mask_net(
     the global random number generator."""
     config = dict(config or default_unet_config(height, width))
     with torch.random.fork_rng(devices=[]):  # nn.Conv2d's default init draws from it
-        net = MaskUNet(in_channels, **config)
+        # float32 whatever torch's default dtype: the generator's draws differ by dtype,
+        # and a seed must give the same net under set_default_dtype(torch.float64)
+        net = MaskUNet(in_channels, **config).to(torch.float32)
     init_mask_net(net, generator)
     return net.to(device=device, dtype=dtype)
 

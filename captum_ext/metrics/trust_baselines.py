@@ -348,7 +348,10 @@ def mc_dropout(
     ``torch.randint(0, 2**62, (), generator=generator)`` and the passes run inside
     ``torch.random.fork_rng`` with torch's RNG (CPU and the inputs' CUDA device) seeded with
     ``s``, so the global RNG state is left untouched. With ``generator=None`` the global RNG is
-    used (and advanced).
+    used (and advanced). The model's dropout layers draw their masks for the whole batch at
+    once, so with a fixed seed an example's score still depends on the other examples of the
+    call and their order (the dropout masks it gets are a different part of the draws);
+    call it one example at a time where a score must be a property of the example alone.
 
     Args:
         forward_func (Callable): the model (an ``nn.Module`` or a bound method of one) with at
