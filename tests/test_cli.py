@@ -738,3 +738,16 @@ def test_a_layer_without_a_map_is_named_as_the_commands_option(tmp_path, capsys)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "`--layer`='classifier' has an output of shape (2, 10)" in err, err
+
+
+def test_a_missing_jinja2_is_named_before_any_section_is_computed(tmp_path, capsys, monkeypatch):
+    """Without jinja2 the report computed every section and wrote its figures (532 files on
+    the bundled model) before saying that the page needs jinja2."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # `import jinja2` raises ImportError
+    out = tmp_path / "out"
+    code = main(["report", "--limit", "2", "--out", str(out), "--no-progress"])
+    assert code != 0
+    assert "needs jinja2: pip install 'captum-ext[report]'" in capsys.readouterr().err
+    assert not out.exists() or not any(path.is_file() for path in out.rglob("*"))

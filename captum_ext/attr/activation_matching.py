@@ -20,6 +20,7 @@ from .._utils.batched_grad import call_model, half_precision_dtype
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
+from .._utils.optional import import_optional
 from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.seeding import content_keys
 from .._utils.training import atomic_path, progress_bar, unwrap_distributed
@@ -1196,9 +1197,8 @@ class ActivationMatchingMask(PerturbationAttribution):
         }
         with atomic_path(path) as temp:
             if path.suffix == ".safetensors":
-                from safetensors.torch import save_file
-
-                save_file(state, str(temp))
+                safetensors = import_optional("safetensors.torch", "saving a .safetensors file")
+                safetensors.save_file(state, str(temp))
             else:
                 torch.save(state, temp)
         return path
@@ -1217,11 +1217,11 @@ class ActivationMatchingMask(PerturbationAttribution):
         path = Path(path).expanduser()
         if not path.is_file():
             raise ValueError(f"`path`: no file at {str(path)!r}.")
+        if path.suffix == ".safetensors":  # a missing package is not the file's fault
+            safetensors = import_optional("safetensors.torch", "reading a .safetensors file")
         try:
             if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
+                state = safetensors.load_file(str(path))
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:

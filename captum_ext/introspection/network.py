@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
+from captum_ext._utils.optional import import_optional
 from captum_ext._utils.seeding import seeded_rng
 from captum_ext._utils.training import (
     atomic_path,
@@ -363,10 +364,11 @@ class IntrospectiveNetwork(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         path = Path(path).expanduser()
         if path.suffix == ".safetensors":  # the settings as string metadata
-            from safetensors.torch import save_file
-
+            safetensors = import_optional("safetensors.torch", "saving a .safetensors file")
             with atomic_path(path) as temp:
-                save_file(state, str(temp), metadata={k: str(v) for k, v in config.items()})
+                safetensors.save_file(
+                    state, str(temp), metadata={k: str(v) for k, v in config.items()}
+                )
             return path
         return save_checkpoint({"config": config, "head": state}, path)
 
@@ -410,10 +412,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     """``{"config": ..., "head": ...}`` of a ``.safetensors`` file written by ``save``."""
     if not path.is_file():
         raise ValueError(f"`path`: no file at {str(path)!r}.")
+    safetensors = import_optional("safetensors", "reading a .safetensors file")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             head = {key: handle.get_tensor(key) for key in handle.keys()}
         config = {k: int(v) if k in _INT_SETTINGS else v for k, v in metadata.items()}

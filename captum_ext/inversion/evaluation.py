@@ -34,6 +34,7 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.hooks import capture_layer
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.optional import import_optional
 from captum_ext._utils.training import progress_bar
 from captum_ext._utils.validation import check_int, model_device
 from captum_ext.inversion._features import final_linear
@@ -583,9 +584,10 @@ def matched_ssim(
     else:
         channel_kwargs = {"channel_axis": 0}
 
-    from scipy.optimize import linear_sum_assignment
-
-    structural_similarity = _ssim_function()
+    structural_similarity = _ssim_function()  # its message names scikit-image first
+    linear_sum_assignment = import_optional(
+        "scipy.optimize", "matched_ssim() (its optimal matching)"
+    ).linear_sum_assignment
     shared = sorted(set(labels_generated.tolist()) & set(labels_training.tolist()))
     if not shared:
         raise ValueError(

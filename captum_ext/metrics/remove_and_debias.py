@@ -41,6 +41,7 @@ from torch import Tensor
 from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.optional import import_optional
 from captum_ext._utils.precision import has_float64, precise, precise_dtype
 from captum_ext._utils.seeding import combined_keys, content_keys, example_normal, seed_from
 from captum_ext._utils.validation import (
@@ -126,8 +127,9 @@ def _direct_solve(images: Tensor, removed: Tensor) -> Tensor:
     """All systems of the batch as one block-diagonal sparse matrix, factorised once by
     scipy's SuperLU (float64, on the CPU)."""
     import numpy as np
-    import scipy.sparse as sparse
-    import scipy.sparse.linalg as sparse_linalg
+
+    sparse = import_optional("scipy.sparse", "road_imputation(solver='direct')")
+    sparse_linalg = import_optional("scipy.sparse.linalg", "road_imputation(solver='direct')")
 
     n, c, h, w = images.shape
     pixels = h * w

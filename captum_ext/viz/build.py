@@ -946,8 +946,9 @@ def build_report(config: ReportConfig) -> ReportResult:
         >>> result.index.name
         'index.html'
     """
-    from captum_ext.viz.report import Report
+    from captum_ext.viz.report import Report, require_jinja2
 
+    require_jinja2()  # before any section's work, not when the page is written
     asked = config.sections is not None
     sections = _check_sections(config.sections) if asked else default_sections(config)
     out = Path(config.out).expanduser()

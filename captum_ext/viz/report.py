@@ -194,6 +194,18 @@ def _slug(text: str, taken: set[str]) -> str:
     return slug
 
 
+def require_jinja2():
+    """The ``jinja2`` module that writes the page, or an ImportError naming the extra (checked
+    before a report's sections are computed, not after)."""
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError(
+            "writing the report's HTML page needs jinja2: pip install 'captum-ext[report]'"
+        ) from None
+    return jinja2
+
+
 class Report:
     """An HTML report made of independent sections.
 
@@ -248,12 +260,7 @@ class Report:
         Raises:
             FileNotFoundError: a figure's PNG does not exist.
         """
-        try:
-            import jinja2
-        except ImportError:
-            raise ImportError(
-                "Report.write() needs jinja2: pip install 'captum-ext[report]'"
-            ) from None
+        jinja2 = require_jinja2()
         from captum_ext import __version__
 
         out = Path(out_dir).resolve()
