@@ -7,8 +7,11 @@
 Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM,
 ContrastCAM and FinerCAM (at ``layer``, upsampled), LayerIBA at ``layer`` (its
 statistics estimated on all the images given; bits per position, upsampled) and
-PathwayGradient (sparsity 0.7). Metrics, each
-the mean over the images:
+PathwayGradient (sparsity 0.7). Where 70 % or more of a network's ReLU outputs score zero
+for an image (a max pooling after each ReLU discards three quarters of them; on the bundled
+digit model 90 % score zero), sparsity 0.7 prunes only neurons that carry nothing, and
+PathwayGradient's map is the plain signed gradient: its sanity-check numbers, which compare
+absolute values, then equal Saliency's exactly. Metrics, each the mean over the images:
 
 ============================  =======  ==================================================
 metric                        better   what it is
@@ -18,9 +21,9 @@ insertion AUC                 higher   :func:`~captum_ext.metrics.insertion`
 ROAD (MoRF)                   lower    mean target probability along
                                        :func:`~captum_ext.metrics.road`
 completeness                  higher   mean drop of :func:`~captum_ext.metrics.completeness`
-class sensitivity             lower    Spearman of the maps for the prediction and the
+class sensitivity             lower    Spearman of |maps| for the prediction and the
                                        runner-up (:func:`~captum_ext.metrics.class_sensitivity`)
-randomisation                 lower    Spearman of the maps before and after randomising the
+randomisation                 lower    Spearman of |maps| before and after randomising the
                                        last layer (:func:`~captum_ext.metrics.model_randomisation`)
 ============================  =======  ==================================================
 """
@@ -42,6 +45,7 @@ from captum_ext._utils.layers import find_last_linear, resolve_layer, uncompiled
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import progress_bar
 from captum_ext._utils.validation import check_int
+from captum_ext.viz.report import _model_device
 
 __all__ = ["EvaluationScores", "compute_evaluation", "evaluation_section", "render_evaluation"]
 
@@ -78,12 +82,20 @@ class EvaluationScores:
     notes: list[str]
 
     def best(self, metric: str) -> str | None:
-        """The method with the best finite value of ``metric`` (None if none)."""
+        """The method with the best finite value of ``metric`` (None if none; the first in
+        table order among tied methods, all of which :meth:`best_methods` gives)."""
+        tied = self.best_methods(metric)
+        return tied[0] if tied else None
+
+    def best_methods(self, metric: str) -> list[str]:
+        """Every method whose finite value of ``metric`` is the best one, in table order
+        (several on an exact tie; empty if none is finite)."""
         values = {m: v for m, v in self.scores[metric].items() if v == v}
         if not values:
-            return None
+            return []
         pick = max if METRIC_DIRECTIONS[metric] else min
-        return pick(values, key=values.get)
+        top = pick(values.values())
+        return [method for method in self.methods if values.get(method) == top]
 
 
 def _explainers(
@@ -115,9 +127,11 @@ def _explainers(
         cam = ContrastCAM(m, m.get_submodule(layer_name))
 
         def attribute(x: Tensor, target: Tensor) -> Tensor:
-            # "why the prediction, rather than the runner-up?" (target is the prediction here)
+            # "why the prediction, rather than the runner-up?" (target is the prediction
+            # here). The runner-up is the trained model's, also for a randomised copy `m`:
+            # the sanity check must compare maps of the same question
             with torch.no_grad():
-                runner_up = m(x).topk(2, dim=1).indices[:, 1]
+                runner_up = model(x).topk(2, dim=1).indices[:, 1]
             return cam.attribute(x, contrast=runner_up, upsample_to_input=True)
 
         return _Adapter(attribute)
@@ -139,8 +153,9 @@ def _explainers(
         iba.estimate(statistics_images)
 
         def attribute(x: Tensor, target: Tensor) -> Tensor:
-            generator = torch.Generator(device=x.device).manual_seed(0)
-            return iba.attribute(x, target=target, generator=generator)
+            # one seed per example: an image's noise, and so its map, does not depend on the
+            # other images or its place among them (class_sensitivity stacks the batch twice)
+            return iba.attribute(x, target=target, generator=[0] * x.shape[0])
 
         return _Adapter(attribute)
 
@@ -203,6 +218,7 @@ def compute_evaluation(
 
     model = uncompiled(model)  # the methods are built on (copies of) the eager module
     module = resolve_layer(model, layer)
+    images = images.to(_model_device(model, images))
     explainers = _explainers(model, module, images)
     if max_images is not None:
         images = images[: check_int(max_images, "max_images")]
@@ -303,14 +319,18 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
         f"{metric} ({'higher' if METRIC_DIRECTIONS[metric] else 'lower'} is better)"
         for metric in metrics
     ]
-    table = Table(columns, caption="Mean over the images; * marks the best of each column.")
-    best = {metric: scores.best(metric) for metric in metrics}
+    table = Table(
+        columns,
+        caption="Mean over the images; * marks the best of each column (every method on a "
+        "tie). The sanity checks compare the absolute values of the maps (Spearman of |maps|).",
+    )
+    best = {metric: scores.best_methods(metric) for metric in metrics}
     for method in scores.methods:
         cells = [method]
         for metric in metrics:
             value = scores.scores[metric][method]
             text = "n/a" if value != value else f"{value:.3f}"
-            cells.append(text + (" *" if best[metric] == method else ""))
+            cells.append(text + (" *" if method in best[metric] else ""))
         table.add_row(cells)
 
     figure, axis = plt.subplots(figsize=(4.2, 3.0), dpi=100)
