@@ -60,6 +60,11 @@ def array_like_tensor(values) -> Tensor:
     then disagree with scikit-learn on the same list. Tensors and numpy arrays keep their
     dtype."""
     tensor = torch.as_tensor(values)
+    if tensor.is_meta:
+        raise ValueError(
+            "scores on the meta device hold shapes but no values; nothing can be computed "
+            "from them."
+        )
     if (
         tensor.is_floating_point()
         and not isinstance(values, Tensor)

@@ -23,6 +23,15 @@ def outside_inference_mode(value: Any) -> Any:
     return value
 
 
+def check_not_meta(tensor: Tensor, argument: str) -> None:
+    """Refuse a tensor on the ``meta`` device (shapes without values), by name."""
+    if tensor.is_meta:
+        raise ValueError(
+            f"`{argument}` is on the meta device, which holds shapes but no values; nothing "
+            "can be computed from it (load or create the values on 'cpu' or 'cuda')."
+        )
+
+
 def outside_inference_mode_nested(value: Any) -> Any:
     """:func:`outside_inference_mode` for every tensor in ``value``, also inside tuples, lists
     and dicts (whose types are kept)."""
@@ -46,6 +55,7 @@ def format_inputs(inputs: Any, *, argument: str = "inputs") -> tuple[Tensor, ...
             raise TypeError(f"`{where}` must be a torch.Tensor, got {type(tensor).__name__}.")
         if tensor.dim() == 0:
             raise ValueError(f"`{where}` is a scalar; expected a batch with the examples first.")
+        check_not_meta(tensor, where)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"`{where}` contains NaN or infinite values.")
     batch = as_tuple[0].shape[0]
@@ -213,6 +223,7 @@ def parse_class_selection(
         )
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"`{argument}` must hold integer class indices, got {value.dtype}.")
+    check_not_meta(value, argument)
     # a serving pipeline's predictions (argmax under inference_mode) index logits that autograd
     # differentiates: an inference tensor there fails deep inside the backward
     value = outside_inference_mode(value).to(device=device, dtype=torch.long)
@@ -429,14 +440,30 @@ def check_number(
     return number
 
 
-def parse_device(device: Any, *, argument: str = "device") -> torch.device:
-    """``device`` (a string or ``torch.device``) as a ``torch.device`` that exists here."""
+def torch_device(device: Any, *, argument: str = "device") -> torch.device:
+    """``torch.device(device)``, or a ValueError naming ``argument`` for what torch cannot
+    read as a device (``"gpu7"``, a dtype); whether the device exists is not checked."""
     try:
-        parsed = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(
             f"`{argument}`={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {error}"
         ) from None
+
+
+def check_float_dtype(dtype: Any, argument: str = "dtype") -> torch.dtype:
+    """``dtype`` if it is a floating-point ``torch.dtype``, else a TypeError naming it."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"`{argument}` must be a floating-point torch.dtype (e.g. torch.float32), got "
+            f"{dtype!r}."
+        )
+    return dtype
+
+
+def parse_device(device: Any, *, argument: str = "device") -> torch.device:
+    """``device`` (a string or ``torch.device``) as a ``torch.device`` that exists here."""
+    parsed = torch_device(device, argument=argument)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"`{argument}`={device!r}: CUDA is not available on this machine.")
@@ -512,3 +539,11 @@ def same_model_output(got: Any, expected: Any) -> bool:
             and all(same_model_output(a, b) for a, b in zip(got, expected))
         )
     return False
+
+
+def check_flag(value: Any, argument: str) -> bool:
+    """``value`` if it is a bool (numpy's included), else a TypeError naming ``argument``: a
+    string such as ``"False"`` is truthy and would silently mean True."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"`{argument}` must be True or False, got {type(value).__name__} {value!r}.")

@@ -31,7 +31,7 @@ from .._utils.batched_grad import check_grad_kwargs, class_gradients
 from .._utils.caller import user_stacklevel
 from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_suggestions
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
-from .._utils.validation import format_inputs
+from .._utils.validation import check_flag, format_inputs
 from ..token_grid import looks_channels_last
 from ._docs import with_cam_args
 
@@ -331,10 +331,13 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         name = type(self).__name__
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
-        if not isinstance(attr_dim_summation, bool):
-            raise TypeError(
-                f"`attr_dim_summation` must be a bool, got {type(attr_dim_summation).__name__}."
-            )
+        for argument, flag in (
+            ("attr_dim_summation", attr_dim_summation),
+            ("attribute_to_layer_input", attribute_to_layer_input),
+            ("relu_attributions", relu_attributions),
+            ("upsample_to_input", upsample_to_input),
+        ):
+            check_flag(flag, argument)
         if interpolate_mode is not None and not upsample_to_input:
             raise ValueError(
                 "`interpolate_mode` applies to the upsampling; pass upsample_to_input=True "

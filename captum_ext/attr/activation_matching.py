@@ -215,8 +215,8 @@ def _check_prune(prune: Any) -> int | None:
 
 
 def _resolve_weights(weights: Any) -> MaskLossWeights:
-    if isinstance(weights, MaskLossWeights):
-        return weights
+    if isinstance(weights, MaskLossWeights):  # checked like a dict: NaN weights gave blank masks
+        weights = {field.name: getattr(weights, field.name) for field in fields(weights)}
     if isinstance(weights, str):
         if weights not in WEIGHT_PRESETS:
             raise ValueError(

@@ -553,7 +553,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 ``sigmoid(alpha)`` (kernel side ``2 round(2 sigma) + 1``, reflection
                 padding); None or 0 for no blur.
             init_alpha (float): initial value of every ``alpha``.
-            min_std (float): lower bound on the feature standard deviations.
+            min_std (float): lower bound on the feature standard deviations, > 0 (features
+                that never vary, e.g. dead ReLU channels, have std 0).
             post_relu (bool): clamp ``Z`` at 0 (for a layer followed by, or ending in, ReLU).
             inverse (bool): Inverse IBA: ``Z = lambda eps + (1 - lambda) R``, loss negated.
             loss (None, "cross_entropy", "mse" or Callable): the model loss per noisy copy.
@@ -622,7 +623,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         if sigma is not None:
             sigma = check_number(sigma, "sigma", minimum=0, allow_minimum=True) or None
         init_alpha = check_number(init_alpha, "init_alpha", minimum=None)
-        min_std = check_number(min_std, "min_std", minimum=0, allow_minimum=True)
+        # > 0: a dead feature's std of 0 would divide by zero (all-NaN maps)
+        min_std = check_number(min_std, "min_std", minimum=0)
         for name, flag in (
             ("post_relu", post_relu),
             ("inverse", inverse),

@@ -552,6 +552,11 @@ def log_probabilities(probabilities: Tensor) -> Tensor:
         >>> torch.allclose(log_probabilities(p).softmax(1), p)
         True
     """
+    if not isinstance(probabilities, Tensor) or not probabilities.is_floating_point():
+        raise TypeError(
+            "`probabilities` must be a floating-point tensor of probabilities, got "
+            f"{getattr(probabilities, 'dtype', type(probabilities).__name__)}."
+        )
     return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
 
 
@@ -652,6 +657,8 @@ def default_cam_layer(model: nn.Module) -> str | None:
         str or None: a dotted name from ``model.named_modules()`` (of the eager model inside
         ``torch.compile``'s wrapper), or None when the model is not one of these families.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__} {model!r}.")
     # names of the eager model (inside torch.compile's and DataParallel's wrappers), which
     # the methods resolve too
     model = unwrap_distributed(model)

@@ -36,6 +36,9 @@ _CHECKPOINT_NAME = "introspection.pt"
 
 def make_head(in_features: int, num_classes: int, hidden_width: int = 256) -> nn.Sequential:
     """Stage 2: an MLP with three linear layers (ReLU between them), as in the paper."""
+    in_features = check_int(in_features, "in_features")
+    num_classes = check_int(num_classes, "num_classes")
+    hidden_width = check_int(hidden_width, "hidden_width")
     return nn.Sequential(
         nn.Linear(in_features, hidden_width),
         nn.ReLU(),
@@ -306,6 +309,10 @@ class IntrospectiveNetwork(nn.Module):
         """The features and labels of every example, and the first batch's first input (the
         loader is read once: a generator of batches cannot be read twice)."""
         if isinstance(inputs_or_loader, Tensor):
+            if inputs_or_loader.dim() == 0:
+                raise ValueError(
+                    "`inputs_or_loader` is a scalar; expected a batch of inputs, examples first."
+                )
             if labels is None:
                 raise ValueError("`labels` is required when `inputs_or_loader` is a tensor.")
             labels = torch.as_tensor(labels)

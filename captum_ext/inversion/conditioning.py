@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from captum_ext._utils.validation import check_float_dtype, torch_device
+
 __all__ = ["hot_matrices", "one_hot_vectors", "soft_vectors", "vector_matrix"]
 
 
@@ -94,13 +96,14 @@ def soft_vectors(
         (torch.Size([4, 10]), True)
     """
     num_classes = _check_num_classes(num_classes)
+    dtype = check_float_dtype(dtype)
+    if device is not None:
+        device = torch_device(device)
     if labels is not None:
         labels = _check_labels(labels, num_classes, device)
         n = labels.shape[0]
         device = labels.device if device is None else device
     n = _check_n(n)
-    if not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
     r = torch.randn(n, num_classes, generator=generator, device=device, dtype=dtype)
     if labels is not None:
         labels = labels.to(r.device)
@@ -134,6 +137,7 @@ def one_hot_vectors(
                 [1., 0., 0.]])
     """
     num_classes = _check_num_classes(num_classes)
+    dtype = check_float_dtype(dtype)
     labels = _check_labels(labels, num_classes)
     return torch.nn.functional.one_hot(labels, num_classes).to(dtype)
 
@@ -198,8 +202,7 @@ def hot_matrices(
         size = num_classes
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"`size` must be a positive int, got {size!r}.")
-    if not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
+    dtype = check_float_dtype(dtype)
     a = _class_profiles(labels, num_classes, size, dtype)  # N x S
     if size == num_classes:  # binary: the exact construction
         rows = a[:, :, None].expand(-1, -1, size)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on
 from captum_ext._utils.seeding import seeded_rng
+from captum_ext._utils.validation import torch_device
 from captum_ext.inversion.conditioning import (
     _check_labels,
     _check_num_classes,
@@ -521,7 +522,7 @@ def available_memory_bytes(device: torch.device | str | None = None) -> int | No
     Args:
         device (torch.device or str, optional): Default: None (the CPU)
     """
-    device = torch.device("cpu" if device is None else device)
+    device = torch_device("cpu" if device is None else device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None  # no driver here: unknown, as documented

@@ -22,6 +22,7 @@ from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import (
     check_int,
+    check_not_meta,
     check_number,
     check_several_classes,
     class_selection,
@@ -103,6 +104,7 @@ def maps_for(maps: Any, x: Tensor, argument: str, dtype: torch.dtype | None = No
         )
     if a.is_complex():
         raise TypeError(f"`{argument}` must be real, got {a.dtype}.")
+    check_not_meta(a, argument)
     a = a.to(device=x.device, dtype=x.dtype if dtype is None else dtype)
     if not bool(torch.isfinite(a).all()):
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
@@ -162,7 +164,7 @@ def baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigma
     if isinstance(baselines, bool):
         raise TypeError("`baselines` must be a number, 'mean', 'blur' or a tensor, not a bool.")
     if isinstance(baselines, (int, float)):
-        return torch.full_like(x, float(baselines))
+        return torch.full_like(x, check_number(baselines, "baselines", minimum=None))
     if isinstance(baselines, Tensor):
         b = baselines.detach().to(device=x.device, dtype=x.dtype)
         try:

@@ -70,7 +70,9 @@ def _as_stored(
             f"`{argument}` must be {'(N, C) or (N,)' if rows else '1-D (N,)'}, got shape "
             f"{tuple(tensor.shape)}."
         )
-    if kind == "classes" and (tensor.is_floating_point() or tensor.is_complex()):
+    if tensor.is_complex():  # the functions refuse it; a cast would drop the imaginary part
+        raise TypeError(f"`{argument}` must hold real values, got {tensor.dtype}.")
+    if kind == "classes" and tensor.is_floating_point():
         raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
     if kind == "correct" and tensor.dtype != torch.bool:
         if tensor.is_complex() or not bool(((tensor == 0) | (tensor == 1)).all()):
@@ -82,6 +84,35 @@ def _as_stored(
     if tensor.dtype == torch.bool and dtype != torch.bool:
         tensor = tensor.to(torch.long)
     return tensor.cpu().to(dtype)  # moved first: MPS tensors cannot be float64
+
+
+def _checked_options(function: Callable, *example: Any, **options: Any) -> None:
+    """Run ``function`` once on a tiny valid ``example`` with the accumulator's ``options``,
+    so that a bad option is refused when the accumulator is made, by the function's own
+    checks, not at ``compute()`` after a pass over a whole dataset."""
+    function(*example, **options)
+
+
+_SCORES = torch.tensor([0.9, 0.2, 0.6, 0.4], dtype=torch.float64)
+_CORRECT = torch.tensor([True, False, True, False])
+
+
+def check_option_names(function: Callable, options: dict[str, Any], owner: str) -> None:
+    """Refuse keyword ``options`` that ``function`` does not take, when the accumulator is
+    made (their values are checked by the function at the first ``update``)."""
+    import inspect
+
+    taken = {
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise TypeError(
+            f"{owner}: unknown options {unknown}; {function.__name__} takes "
+            f"{', '.join(sorted(taken))}."
+        )
 
 
 def _gather(tensor: Tensor) -> Tensor:
@@ -186,6 +217,7 @@ class AUAC(_ScoresAndCorrect):
     """
 
     def __init__(self, *, percentiles: Any = None) -> None:
+        _checked_options(auac, _SCORES, _CORRECT, percentiles=percentiles)
         self.percentiles = percentiles
         super().__init__()
 
@@ -239,6 +271,8 @@ class AUFC(_Accumulator):
     _states = ("scores", "predictions", "labels")
 
     def __init__(self, *, percentiles: Any = None) -> None:
+        labels = torch.tensor([0, 1, 1, 0])
+        _checked_options(aufc, _SCORES, labels, torch.tensor([0, 0, 1, 1]), percentiles=percentiles)
         self.percentiles = percentiles
         super().__init__()
 
@@ -314,6 +348,7 @@ class AUPR(_InOut):
     """
 
     def __init__(self, *, positive: str = "in") -> None:
+        _checked_options(aupr, _SCORES[:2], _SCORES[2:], positive=positive)
         self.positive = positive
         super().__init__()
 
@@ -334,8 +369,7 @@ class FPRAtTPR(_InOut):
     """
 
     def __init__(self, *, tpr: float = 0.95, positive: str = "in") -> None:
-        if positive not in ("in", "out"):
-            raise ValueError(f"`positive`={positive!r}: expected 'in' or 'out'.")
+        _checked_options(fpr_at_tpr, _SCORES[:2], _SCORES[2:], tpr=tpr, positive=positive)
         self.tpr = tpr
         self.positive = positive
         super().__init__()
@@ -369,6 +403,7 @@ class ExpectedCalibrationError(_Accumulator):
     _states = ("values", "labels")
 
     def __init__(self, *, n_bins: int = 15, norm: str = "l1") -> None:
+        _checked_options(expected_calibration_error, _SCORES, _CORRECT, n_bins=n_bins, norm=norm)
         self.n_bins = n_bins
         self.norm = norm
         super().__init__()
@@ -414,6 +449,7 @@ class _PerturbationAUC(_Accumulator):
             raise TypeError(f"`forward_func` must be callable, got {type(forward_func).__name__}.")
         if "return_curves" in options:
             raise TypeError("`return_curves` is not an option here: the AUCs are accumulated.")
+        check_option_names(type(self)._function, options, type(self).__name__)
         self.forward_func = forward_func
         self.options = options
         super().__init__()

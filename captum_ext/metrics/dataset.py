@@ -25,6 +25,7 @@ from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
+from captum_ext._utils.validation import parse_device
 from captum_ext.metrics.trust import (
     energy,
     gradnorm,
@@ -526,7 +527,7 @@ def score_dataset(
     if device is None:
         device = model_device or torch.device("cpu")
     else:
-        device = torch.device(device)
+        device = parse_device(device)
         if model_device is not None and _same_device(model_device, device) is False:
             raise ValueError(
                 f"`device`={str(device)!r} but the model is on {str(model_device)!r}; move the "

@@ -17,7 +17,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_ext._utils.deprecation import renamed_arguments
-from captum_ext._utils.validation import check_int
+from captum_ext._utils.validation import check_flag, check_int
 from captum_ext.metrics._perturbation import (
     DEFAULT_BLUR_KERNEL_SIZE,
     DEFAULT_BLUR_SIGMA,
@@ -113,7 +113,7 @@ def _perturbation_curves(
 
 
 def _auc_or_deprecated_curves(result: PerturbationCurves, return_curves: Any, mode: str) -> Tensor:
-    if return_curves:
+    if check_flag(return_curves, "return_curves"):
         warnings.warn(
             f"{mode}(return_curves=True) is deprecated: call {mode}_curves(...), which always "
             "returns PerturbationCurves; {mode}() always returns the (N,) AUC.".replace(

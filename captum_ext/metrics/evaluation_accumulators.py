@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_ext.metrics.accumulators import _Accumulator
+from captum_ext.metrics.accumulators import _Accumulator, check_option_names
 from captum_ext.metrics.ground_truth import attribution_f1, energy_pointing_game, pointing_game
 from captum_ext.metrics.remove_and_debias import completeness, road, soundness
 
@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 _EMPTY = torch.zeros(0, dtype=torch.float64)
+# a tiny valid map and object mask, to check an accumulator's options when it is made
+_MAP = torch.linspace(0, 1, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+_OBJECT = torch.zeros(1, 4, 4, dtype=torch.bool)
+_OBJECT[0, 1:3, 1:3] = True
 
 
 class _PerExampleMean(_Accumulator):
@@ -79,6 +83,7 @@ class PointingGame(_PerExampleMean):
     """
 
     def __init__(self, *, tolerance: int = 0) -> None:
+        pointing_game(_MAP, _OBJECT, tolerance=tolerance)  # a bad option refused now
         self.tolerance = tolerance
         super().__init__()
 
@@ -101,6 +106,7 @@ class AttributionF1(_PerExampleMean):
     (``sign``, ``selection``, ``threshold``)."""
 
     def __init__(self, **options: Any) -> None:
+        attribution_f1(_MAP, _OBJECT.unsqueeze(1).float(), **options)  # refused now, not later
         self.options = options
         super().__init__()
 
@@ -118,6 +124,7 @@ class _ModelMetric(_PerExampleMean):
     def __init__(self, forward_func: Callable, **options: Any) -> None:
         if not callable(forward_func):
             raise TypeError(f"`forward_func` must be callable, got {type(forward_func).__name__}.")
+        check_option_names(type(self)._function, options, type(self).__name__)
         self.forward_func = forward_func
         self.options = options
         super().__init__()

@@ -931,6 +931,7 @@ def road_imputation(
     if bool(removed.flatten(1).all(dim=1).any()):
         raise ValueError("`removed`: an image has every pixel removed; keep at least one.")
     noise = check_number(noise, "noise", allow_minimum=True)
+    tolerance = check_number(tolerance, "tolerance")  # > 0: CG squares it
     iterations = max_iterations if max_iterations is not None else 4 * (h + w) + 100
     iterations = check_int(iterations, "max_iterations")
     if solver not in ("auto", "direct", "block", "nested", "nested_mixed", "cg"):
@@ -1107,6 +1108,16 @@ def _add_row_noise(
     return imputed + noise * mask * draws.to(device=imputed.device, dtype=imputed.dtype)
 
 
+def _fractions(values: Any, argument: str, **bounds: Any) -> list[float]:
+    """A non-empty sequence of numbers in the given bounds (:func:`check_number`'s)."""
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise TypeError(f"`{argument}` must be a sequence of numbers, got {type(values).__name__}.")
+    checked = [check_number(value, argument, **bounds) for value in values]
+    if not checked:
+        raise ValueError(f"`{argument}` is empty; give at least one value.")
+    return checked
+
+
 #: the imputers of :func:`completeness` and :func:`soundness` (or a callable)
 IMPUTERS = ("road", "mean", "blur")
 
@@ -1250,7 +1261,7 @@ def road(
     if order not in ("morf", "lerf"):
         raise ValueError(f"`order`={order!r}: expected 'morf' or 'lerf'.")
     fractions = torch.tensor(
-        [check_number(p, "percentages", maximum=1.0, allow_maximum=False) for p in percentages],
+        _fractions(percentages, "percentages", maximum=1.0, allow_maximum=False),
         dtype=torch.float64,
     )
     batch_size = check_int(batch_size, "batch_size")
@@ -1324,9 +1335,7 @@ def completeness(
     _check_imputer(imputer)
     if score not in ("probability", "accuracy"):
         raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
-    values = torch.tensor(
-        [check_number(t, "thresholds", maximum=1.0) for t in thresholds], dtype=torch.float64
-    )
+    values = torch.tensor(_fractions(thresholds, "thresholds", maximum=1.0), dtype=torch.float64)
     batch_size = check_int(batch_size, "batch_size")
     extra = format_additional_forward_args(additional_forward_args)
     scores = _pixel_scores(attributions, inputs)
@@ -1424,10 +1433,7 @@ def soundness(
     _check_imputer(imputer)
     if score not in ("probability", "accuracy"):
         raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
-    ratios = [
-        check_number(r, "removed_fractions", maximum=1.0, allow_maximum=False)
-        for r in removed_fractions
-    ]
+    ratios = _fractions(removed_fractions, "removed_fractions", maximum=1.0, allow_maximum=False)
     if any(b > a for a, b in zip(ratios, ratios[1:])) or not ratios:
         raise ValueError("`removed_fractions` must be a non-empty decreasing sequence.")
     threshold = check_number(threshold, "threshold", minimum=None)

@@ -37,7 +37,7 @@ from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import float64_here_or_cpu
 from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
-from captum_ext._utils.validation import check_int, class_selection
+from captum_ext._utils.validation import check_flag, check_int, check_number, class_selection
 from captum_ext.metrics._perturbation import image_batch
 
 __all__ = [
@@ -114,6 +114,7 @@ def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True
     """Spearman rank correlation of two batches of maps, ``(N,)`` float64 (ties: mean ranks;
     a constant map correlates 0)."""
     _check_pair(maps_a, maps_b)
+    absolute = check_flag(absolute, "absolute")
     a = float64_here_or_cpu(maps_a.flatten(1))
     b = float64_here_or_cpu(maps_b.flatten(1))
     if absolute:
@@ -138,6 +139,14 @@ def ssim_similarity(
 
     with Gaussian-weighted local statistics, :math:`C_1 = 0.01^2`, :math:`C_2 = 0.03^2`
     (data range 1), averaged over the positions where the window fits.
+
+    Args:
+        maps_a (Tensor): ``(N, 1, H, W)`` or ``(N, H, W)`` maps.
+        maps_b (Tensor): maps of the same shape.
+        window (int, optional): odd side of the Gaussian window; maps smaller than it use
+            the largest odd window that fits them. Default: 11.
+        sigma (float, optional): > 0, the window's standard deviation in pixels.
+            Default: 1.5.
     """
     _check_pair(maps_a, maps_b)
     if maps_a.dim() == 3:  # (N, H, W): one channel
@@ -147,6 +156,10 @@ def ssim_similarity(
             f"`maps_a` and `maps_b` must be (N, 1, H, W) or (N, H, W) maps, got "
             f"{tuple(maps_a.shape)}; reduce the channels first (e.g. sum them)."
         )
+    window = check_int(window, "window")
+    if window % 2 == 0:
+        raise ValueError(f"`window` must be odd (a centred Gaussian window), got {window}.")
+    sigma = check_number(sigma, "sigma")
     a = _unit_range(float64_here_or_cpu(maps_a))
     b = _unit_range(float64_here_or_cpu(maps_b))
     size = min(window, a.shape[-2], a.shape[-1])
@@ -201,6 +214,11 @@ def _similarities(maps_a: Tensor, maps_b: Tensor, measures: Sequence[str]) -> di
 
 
 def _check_measures(measures: Any) -> tuple[str, ...]:
+    if not isinstance(measures, str) and not hasattr(measures, "__iter__"):
+        raise TypeError(
+            f"`similarity` must be a measure's name or a list of names (of "
+            f"{', '.join(SIMILARITIES)}), got {type(measures).__name__}."
+        )
     measures = (measures,) if isinstance(measures, str) else tuple(measures)
     unknown = [m for m in measures if m not in SIMILARITIES]
     if unknown or not measures:
@@ -276,6 +294,13 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
         missing = [name for name in layers if name not in modules]
         if missing:
             raise ValueError(f"`layers`: {missing} are not modules of {type(model).__name__}.")
+        empty = [name for name in layers if not list(modules[name].parameters(recurse=False))]
+        if empty:  # "randomising" them changes nothing: similarity 1 by construction
+            raise ValueError(
+                f"`layers`: {empty} have no parameters of their own to randomise (an "
+                "activation, a pooling layer or a container); name the layers that hold the "
+                "weights (e.g. a container's convolutions and linear layers)."
+            )
         return list(layers)
     names = [
         name
@@ -363,6 +388,7 @@ def model_randomisation(
     inputs = image_batch(inputs)
     measures = _check_measures(similarity)
     seed = check_int(seed, "seed", minimum=0)
+    cascade = check_flag(cascade, "cascade")
     kwargs = dict(attribute_kwargs or {})
     names = _parametrised_layers(model, layers)
     if not names:

@@ -284,6 +284,7 @@ def null_region_oracle(
     size = check_int(size, "size", minimum=2)
     channels = check_int(channels, "channels")
     classes = check_int(classes, "classes", minimum=2)
+    seed = check_int(seed, "seed", minimum=0)
     keep = torch.ones(1, 1, size, size)
     keep[..., size // 2 :] = 0.0
     model = MaskedInputNet(keep, channels, classes, seed)
