@@ -514,15 +514,13 @@ def test_fit_trains_and_resume_is_bit_identical(tmp_path):
         )
     state = torch.load(path, weights_only=True)
     assert (state["step"], state["epoch"], state["batch"]) == (4, 1, 1)  # mid-epoch
+    with pytest.raises(ValueError, match="`seed`=999, but `checkpoint` was written with"):
+        ActivationMatchingMask(model, TINY_LAYERS).fit(
+            data, epochs=2, lr=1e-2, seed=999, progress=False, checkpoint=path, resume=True
+        )  # another seed than the checkpoint's was silently ignored
     resumed = ActivationMatchingMask(model, TINY_LAYERS).fit(
-        data,
-        epochs=2,
-        lr=1e-2,
-        seed=999,
-        progress=False,
-        checkpoint=path,
-        resume=True,
-    )  # the checkpoint's seed wins
+        data, epochs=2, lr=1e-2, progress=False, checkpoint=path, resume=True
+    )  # without a seed: the checkpoint's
     assert resumed.history == full.history
     for a, b in zip(full.mask_net.state_dict().values(), resumed.mask_net.state_dict().values()):
         assert torch.equal(a, b)

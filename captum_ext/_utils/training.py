@@ -17,6 +17,7 @@ dataset scorer use these, so that they all
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,80 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(temp)
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        named = _named_write_error(error, path)
+        if named is not None:
+            raise named from error
         raise
+
+
+def _named_write_error(error: BaseException, path: Path) -> OSError | None:
+    """An OSError naming ``path`` for a failed write whose own error does not: torch's zip
+    writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] ...
+    unexpected pos``, safetensors as ``SafetensorError``, and Python's ``write`` gives no
+    file name. None where the error is not a failed write (a bug, an interrupt)."""
+    if isinstance(error, OSError):
+        if error.filename is not None:
+            return None
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    if isinstance(error, Exception) and _disk_is_full(path.parent):
+        return OSError(
+            errno.ENOSPC,
+            f"No space left on device while writing {str(path)!r} ({error}); the file there "
+            "before, if any, is kept",
+            str(path),
+        )
+    return None
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool) -> None:
+    """Raise the OSError (naming the place) that writing ``path`` (a file, or with ``folder``
+    a folder to write files in) would meet, before any work: a scratch file must be
+    creatable in it, or, when it does not exist yet, in its nearest existing parent (nothing
+    is created there), and the disk must not be full (under 1 MiB free). The temporaries of
+    an earlier writer of ``path`` that was killed are removed."""
+    path = Path(path).expanduser()
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    existing = target.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+    handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
+    os.close(handle)
+    os.unlink(scratch)
+    if _disk_is_full(existing):
+        raise OSError(errno.ENOSPC, "No space left on device", str(existing))
+    if existing == target.absolute() and not folder:
+        _remove_stale_temporaries(path)
+
+
+def writable_path_argument(path: str | os.PathLike | None, argument: str, *, folder: bool = False):
+    """``path`` checked by :func:`check_writable` before a fit's work, as a ValueError naming
+    ``argument`` (None passes)."""
+    if path is None:
+        return None
+    try:
+        check_writable(path, folder=folder)
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        where = f": {error.filename!r}" if error.filename else ""
+        raise ValueError(
+            f"`{argument}` {str(path)!r} cannot be written ({reason}{where}); nothing was trained."
+        ) from None
+    return path
+
+
+def _disk_is_full(folder: Path, *, below: int = 1 << 20) -> bool:
+    """Whether the file system holding ``folder`` has less than ``below`` bytes free."""
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return stats.f_bavail * stats.f_frsize < below
 
 
 #: The key under which :func:`save_checkpoint` stores the checksum of the other entries.
@@ -417,3 +489,19 @@ def progress_bar(
         file=stream,
         dynamic_ncols=True,
     )
+
+
+@contextmanager
+def undone_on_failure(enabled: bool, save: Callable[[], Any], restore: Callable[[Any], None]):
+    """Run the block; if it raises or is interrupted and ``enabled``, put back what ``save()``
+    copied before it (``restore(copy)``). A fit with a checkpoint uses it, so that an object
+    interrupted before (or while) writing its first checkpoint resumes with
+    ``resume=True`` from where the call started, bit for bit, not from its partly trained
+    state."""
+    snapshot = save() if enabled else None
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            restore(snapshot)
+        raise

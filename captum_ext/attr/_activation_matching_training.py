@@ -9,6 +9,7 @@ Also the seeding helpers that the per-image optimisation shares.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from .._utils.training import (
     load_checkpoint,
     progress_bar,
     save_checkpoint,
+    undone_on_failure,
     unwrap_distributed,
     wrap_distributed,
+    writable_path_argument,
 )
 from .._utils.validation import check_int, check_number
 from ._mask_net import MaskUNet, unet_config_from_state_dict
@@ -135,6 +138,7 @@ def fit_mask_net(
         raise ValueError("`data` is empty.")
     if resume and checkpoint is None:
         raise ValueError("`resume`=True needs a `checkpoint` path.")
+    writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
     if not isinstance(resume, bool):
         raise TypeError(f"`resume` must be a bool, got {type(resume).__name__}.")
     base_seed = resolve_seed(generator, seed)
@@ -158,8 +162,20 @@ def fit_mask_net(
                 f"`checkpoint` was written by {state.get('world_size')} processes; resume "
                 f"it with the same number, not {world}."
             )
+        saved_batch = int(state.get("batch_size", loader_args["batch_size"]))
+        # a resumed fit follows the checkpoint's order: a different request was ignored
+        if batch_size is not None and loader_args["batch_size"] != saved_batch:
+            raise ValueError(
+                f"`batch_size`={loader_args['batch_size']}, but `checkpoint` was written with "
+                f"{saved_batch}; resume with the same batch size (or leave it out)."
+            )
+        if seed is not None and base_seed != int(state["seed"]):
+            raise ValueError(
+                f"`seed`={seed}, but `checkpoint` was written with another seed; resume with "
+                "the same one (or leave it out: the checkpoint's is used)."
+            )
         base_seed = int(state["seed"])
-        loader_args["batch_size"] = int(state.get("batch_size", loader_args["batch_size"]))
+        loader_args["batch_size"] = saved_batch
 
     model = root_module(method.forward_func)
     device = next((p.device for p in model.parameters()), None) if model is not None else None
@@ -185,7 +201,12 @@ def fit_mask_net(
     if batches_per_epoch == 0:
         raise ValueError("`batch_size` is larger than the data with drop_last=True.")
 
-    with method._frozen_model():
+    # with a checkpoint, an interrupted call leaves a given mask net as it was, so that
+    # resume=True continues from the file (or from the start), not from a partial state
+    with (
+        undone_on_failure(checkpoint is not None, lambda: _mask_net_copy(method), _put_back),
+        method._frozen_model(),
+    ):
         step = int(state["step"]) if state else 0
         start_epoch = int(state["epoch"]) if state else 0
         start_batch = int(state["batch"]) if state else 0
@@ -262,6 +283,20 @@ def fit_mask_net(
         method._trained = True
     method.history = history
     return method
+
+
+def _mask_net_copy(method) -> tuple:
+    net = method.mask_net
+    saved = None if net is None else copy.deepcopy(unwrap_distributed(net).state_dict())
+    return method, net, saved, method._trained, list(method.history)
+
+
+def _put_back(snapshot: tuple) -> None:
+    method, net, saved, trained, history = snapshot
+    if net is not None:
+        with torch.no_grad():
+            unwrap_distributed(net).load_state_dict(saved)
+    method.mask_net, method._trained, method.history = net, trained, history
 
 
 def training_net_from_state(method, state):

@@ -1157,7 +1157,12 @@ class ActivationMatchingMask(PerturbationAttribution):
             progress (bool, optional): tqdm bar (steps) on rank 0. Default: True.
             checkpoint (str or PathLike, optional): checkpoint file. Default: None.
             checkpoint_every (int, optional): steps between checkpoints. Default: 100.
-            resume (bool, optional): continue from ``checkpoint``. Default: False.
+            resume (bool, optional): continue from ``checkpoint``, with its seed and batch
+                size (a different ``seed`` or ``batch_size`` given with it is refused; a
+                ``generator``'s draw is not used). With a ``checkpoint``, a call that raises
+                or is interrupted leaves a given mask net as it was before the call (so the
+                same object resumes exactly), and a path that cannot be written is refused
+                before training. Default: False.
             generator (torch.Generator, optional): a seed is drawn from it (on every rank;
                 rank 0's is used).
             seed (int, optional): the seed instead of a generator. Default: 0.

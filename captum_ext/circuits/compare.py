@@ -158,8 +158,11 @@ def to_json(graph: nx.DiGraph, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(nx.node_link_data(graph, edges="edges"))
     except TypeError as error:
         raise TypeError(f"`graph` holds attributes that JSON cannot store: {error}") from None
-    if path is not None:
-        Path(path).write_text(text, encoding="utf-8")
+    if path is not None:  # atomically: a full disk must not truncate an earlier good file
+        from captum_ext._utils.training import atomic_path
+
+        with atomic_path(path) as temp:
+            temp.write_text(text, encoding="utf-8")
     return text
 
 

@@ -2,6 +2,7 @@ r"""IntrospectiveNetwork: a reflective second stage on the introspective feature
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from captum_ext._utils.training import (
     load_checkpoint,
     progress_bar,
     save_checkpoint,
+    undone_on_failure,
     unwrap_distributed,
     wrap_distributed,
+    writable_path_argument,
 )
 from captum_ext._utils.validation import check_int, check_number, model_device
 
@@ -197,6 +200,9 @@ class IntrospectiveNetwork(nn.Module):
             weight_decay (float): Adam's weight decay. Default: 0.
             checkpoint_dir (str or Path, optional): folder of ``introspection.pt``.
             resume (bool): continue from the checkpoint in ``checkpoint_dir`` if there is one.
+                With ``checkpoint_dir``, a call that raises or is interrupted leaves the head
+                as it was before the call (so the same object resumes exactly), and a folder
+                that cannot be written is refused before training.
             progress (bool): a progress bar over the epochs on stderr. Default: True.
             seed (int): seed of the head's initialisation and of the shuffling. Default: 0.
 
@@ -221,11 +227,27 @@ class IntrospectiveNetwork(nn.Module):
             )
         # the seed drives the head's initialisation without resetting the caller's RNG
         devices = [features.device] if features.device.type == "cuda" else []
-        with seeded_rng(seed, devices):
+        # with checkpoints, an interrupted call leaves the head as it was, so that resume=True
+        # continues from the file (or from the start), not from a partly trained head
+        with (
+            undone_on_failure(checkpoint_dir is not None, self._head_copy, self._put_head_back),
+            seeded_rng(seed, devices),
+        ):
             return self._train_head(
                 features, targets, num_classes, epochs, batch_size, lr, weight_decay,
                 checkpoint_dir, resume, progress, seed,
             )  # fmt: skip
+
+    def _head_copy(self) -> tuple:
+        head = self.head
+        return head, None if head is None else copy.deepcopy(head.state_dict())
+
+    def _put_head_back(self, snapshot: tuple) -> None:
+        head, saved = snapshot
+        if head is not None:
+            with torch.no_grad():
+                head.load_state_dict(saved)
+        self.head = head
 
     def _train_head(
         self,
@@ -254,6 +276,7 @@ class IntrospectiveNetwork(nn.Module):
         optimiser = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
         start = 0
+        writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
         path = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
         if resume and path is not None and path.is_file():
             state = load_checkpoint(

@@ -2,6 +2,7 @@ r"""NetworkInversion: train a conditioned generator against a frozen classifier.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -23,8 +24,10 @@ from captum_ext._utils.training import (
     load_checkpoint,
     progress_bar,
     save_checkpoint,
+    undone_on_failure,
     unwrap_distributed,
     wrap_distributed,
+    writable_path_argument,
 )
 from captum_ext._utils.validation import check_int, model_device_dtype
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
@@ -464,7 +467,11 @@ class NetworkInversion:
             resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
                 (same ``steps``, preset and number of processes); the result is
                 bit-identical to an uninterrupted run on the same machine. When the file
-                does not exist yet the fit starts from the beginning. Default: False
+                does not exist yet the fit starts from the beginning. With a
+                ``checkpoint``, a call that raises or is interrupted (Ctrl-C) leaves the
+                object as it was before the call, so that the same object resumes exactly
+                too. A ``checkpoint`` that cannot be written is refused before any step.
+                Default: False
 
         Returns:
             dict[str, list[float]]: This fit's per-step records: ``"step"`` (global step
@@ -481,7 +488,34 @@ class NetworkInversion:
             raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
+        writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
         every = checkpoint_every or max(1, steps // 10)
+        # with a checkpoint, an interrupted call leaves the object as it was before it, so
+        # that resume=True continues from the file (or from here), not from a partial state
+        with undone_on_failure(checkpoint is not None, self._fit_snapshot, self._fit_restore):
+            return self._fit_steps(steps, batch_size, progress, checkpoint, resume, every)
+
+    def _fit_snapshot(self) -> dict[str, Any]:
+        """What a fit changes, copied (tensors to the CPU)."""
+        return {
+            "generator": {
+                k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()
+            },
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "step": self._step,
+            "history": copy.deepcopy(self.history),
+            "rng": copy.deepcopy(self._rng),
+        }
+
+    def _fit_restore(self, snapshot: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            self.generator.load_state_dict(snapshot["generator"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self._step = snapshot["step"]
+        self.history = snapshot["history"]
+        self._rng = snapshot["rng"]
+
+    def _fit_steps(self, steps, batch_size, progress, checkpoint, resume, every):
         gen = self.generator
         param = next(gen.parameters())
         device = param.device

@@ -38,6 +38,7 @@ from captum_ext._utils.training import (
     save_checkpoint,
     unwrap_distributed,
     wrap_distributed,
+    writable_path_argument,
 )
 from captum_ext._utils.validation import check_int, model_device_dtype
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
@@ -994,6 +995,7 @@ class TIE:
             raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
+        writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
         device, dtype = model_device_dtype(self.model)
         inputs = inputs.detach().to(device=device, dtype=dtype)
         labels = labels.to(device)

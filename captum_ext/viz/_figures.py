@@ -23,7 +23,9 @@ def new_figure(width_px: float, height_px: float, *, dpi: int = DPI, **kwargs: A
 def save_figure(figure: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     """Write a matplotlib figure as PNG to ``path`` (creating its folder) and return the
     path; ``kwargs`` go to ``Figure.savefig``."""
+    from captum_ext._utils.training import atomic_path
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png", **kwargs)
+    with atomic_path(target) as temp:  # never a truncated PNG where a figure was
+        figure.savefig(temp, format="png", **kwargs)
     return target

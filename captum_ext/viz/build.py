@@ -22,7 +22,6 @@ import dataclasses
 import errno
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,24 +66,15 @@ def _describe_os_error(error: OSError) -> str:
 def check_output(out: Path, *, folder: bool) -> None:
     """Fail early, before any work, when ``--out`` cannot be written: a scratch file must be
     creatable in the ``--out`` folder (or the folder the ``--out`` file goes in), or, when
-    that does not exist yet, in its nearest existing parent (nothing is created there). The
-    temporary files of an earlier run that was killed while writing are removed."""
-    from captum_ext._utils.training import _remove_stale_temporaries
+    that does not exist yet, in its nearest existing parent (nothing is created there), and
+    its disk must not be full. The temporary files of an earlier run that was killed while
+    writing are removed."""
+    from captum_ext._utils.training import _remove_stale_temporaries, check_writable
 
-    target = out if folder else out.parent
     try:
-        if not folder and out.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
-        existing = target.absolute()
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
-        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
-        os.close(handle)
-        os.unlink(scratch)
-        if existing == target.absolute():
-            _remove_stale_temporaries(out / "index.html" if folder else out)
+        check_writable(out, folder=folder)
+        if folder and out.is_dir():
+            _remove_stale_temporaries(out / "index.html")
     except OSError as error:
         raise OutputError(
             f"`--out` {str(out)!r} cannot be written ({_describe_os_error(error)})."

@@ -174,7 +174,9 @@ def save_png(array: Any, path: str | os.PathLike) -> Path:
     except ImportError:
         raise ImportError("save_png() needs pillow: pip install 'captum-ext[viz]'") from None
     rgb = to_uint8_rgb(array, "array")
+    from captum_ext._utils.training import atomic_path
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(target, format="PNG")
+    with atomic_path(target) as temp:  # never a truncated PNG where a figure was
+        Image.fromarray(rgb).save(temp, format="PNG")
     return target
