@@ -214,3 +214,24 @@ def test_compute_bad_arguments_name_the_argument(bundled_model, digits, options,
     images, _ = digits
     with pytest.raises(ValueError, match=pattern):
         compute_trust(bundled_model, BUNDLED_CAM_LAYER, images[:3], **options)
+
+
+def test_compute_leaves_the_global_generator_alone(bundled_model, digits):
+    """Iterating its DataLoader drew a base seed from the global generator, and mc_dropout
+    (a default score) drew its masks there: a report's numbers depended on what the process
+    drew before, and the caller's stream moved."""
+    images, labels = digits
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    first = compute_trust(
+        bundled_model, BUNDLED_CAM_LAYER, images[:6], labels=labels[:6], least_trusted=1
+    )
+    assert torch.equal(torch.rand(1), expected)
+    torch.manual_seed(7)  # another state: the same table
+    second = compute_trust(
+        bundled_model, BUNDLED_CAM_LAYER, images[:6], labels=labels[:6], least_trusted=1
+    )
+    assert "mc_dropout" in first.score_names
+    for name in first.score_names:
+        torch.testing.assert_close(first.table[name], second.table[name], rtol=0, atol=0)

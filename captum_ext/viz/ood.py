@@ -154,7 +154,7 @@ def ood_section(
 
     .. code-block:: text
 
-        TIE          s(x) = 1 - ood_score(x)     ("max_in": max in-distribution probability)
+        TIE          s(x) = 1 - ood_score(x)     (in float64: TIE.in_distribution_score)
         max-softmax  s(x) = max_c softmax(f(x))_c          (plain classifier f, if given)
         energy       s(x) = logsumexp_c f(x)_c             (plain classifier f, if given)
 
@@ -289,7 +289,8 @@ def compute_ood(
         raise ValueError(f"`pool_images` must be a non-negative int, got {pool_images!r}.")
 
     scorers: dict[str, Callable[[Tensor], Tensor]] = {
-        "TIE": lambda x: (1.0 - tie.ood_score(x, kind=kind)).detach().cpu().double()
+        # float64: in float32 1 - p_garbage is exactly 1 below 6e-8, and the ties move AUROC
+        "TIE": lambda x: tie.in_distribution_score(x, kind=kind).detach().cpu().double()
     }
     if plain_model is not None:
         device = _model_device(plain_model, in_distribution)

@@ -466,7 +466,9 @@ def compute_trust(
         scores (Sequence[str] or str, optional): names of
             :data:`~captum_ext.metrics.TRUST_SCORES`, as for :func:`trust_section`.
         score_kwargs (Mapping, optional): options per score name, as for
-            :func:`~captum_ext.metrics.score_dataset`.
+            :func:`~captum_ext.metrics.score_dataset`; ``mc_dropout`` gets
+            ``generator=0`` unless given, so that the numbers do not depend on what the
+            process drew before (the global random state is left as it was).
         batch_size (int, optional): images per scoring call. Default: 64.
         least_trusted (int, optional): how many least-trusted images get maps. Default: 10.
         progress (bool, optional): tqdm progress bar on stderr. Default: False.
@@ -507,14 +509,21 @@ def compute_trust(
     owner = root_module(model)
     if owner is None:
         raise TypeError("trust_section needs `model` to be an nn.Module or a bound method of one.")
+    # a seeded mc_dropout: a report does not depend on what the process drew before it
+    score_kwargs = dict(score_kwargs or {})
+    score_kwargs["mc_dropout"] = {"generator": 0, **score_kwargs.get("mc_dropout", {})}
     runnable, failed = _runnable_scores(owner, images[:2].to(device), score_names, score_kwargs)
+    kwargs = {k: v for k, v in score_kwargs.items() if k in runnable}
     table = score_dataset(
         owner,
-        DataLoader(TensorDataset(images, label_column), batch_size=batch_size),
+        # its own generator: iterating a loader draws a base seed from the global one
+        DataLoader(
+            TensorDataset(images, label_column), batch_size=batch_size, generator=torch.Generator()
+        ),
         runnable,
         device=device,
         progress=progress,
-        score_kwargs={k: v for k, v in (score_kwargs or {}).items() if k in runnable},
+        score_kwargs=kwargs,
     )
 
     unranked: dict[str, str] = {}
