@@ -168,3 +168,20 @@ def test_a_resumed_mask_fit_refuses_another_batch_size(tmp_path):
             _mask_data(), epochs=2, batch_size=2, progress=False,
             checkpoint=tmp_path / "m.pt", resume=True,
         )  # fmt: skip
+
+
+def test_save_on_a_rank_other_than_zero_writes_nothing(tmp_path, monkeypatch):
+    """Called on every rank of a torchrun script, two ranks wrote one file and one removed
+    the other's temporary as stale (a FileNotFoundError in 2-35 % of the saves)."""
+    import captum_ext.attr.activation_matching as activation_matching
+    import captum_ext.introspection.network as network
+
+    explainer = ActivationMatchingMask(make_tiny_cnn(), ["features.1", "head"])
+    explainer.fit(_mask_data(), epochs=1, progress=False)
+    head = IntrospectiveNetwork(make_tiny_cnn(dtype=torch.float32), layer="classifier")
+    head.fit(torch.randn(6, 3, 6, 6), torch.arange(6) % 2, epochs=1, progress=False)
+    monkeypatch.setattr(activation_matching, "is_main_process", lambda: False)
+    monkeypatch.setattr(network, "is_main_process", lambda: False)
+    assert explainer.save(tmp_path / "m.pt") == tmp_path / "m.pt"
+    assert head.save(tmp_path / "h.pt") == tmp_path / "h.pt"
+    assert list(tmp_path.iterdir()) == []

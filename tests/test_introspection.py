@@ -390,3 +390,45 @@ def test_load_takes_the_output_transform_and_refuses_another_model(
     mismatched = IntrospectiveNetwork.load(path, other)
     with pytest.raises(ValueError, match="head takes 6400 features, but this model .* gives 38416"):
         mismatched.predict(x)
+
+
+def _gloo_uneven_job(rank, world, out_dir):
+    model, points, labels = _toy_problem()
+    keep = 60 if rank == 0 else 40  # each rank given its own share, the usual DDP habit
+    try:
+        IntrospectiveNetwork(model, hidden_width=8).fit(
+            points[:keep], labels[:keep], epochs=1, batch_size=25, progress=False
+        )
+        message = "trained"
+    except ValueError as error:
+        message = str(error)
+    with open(f"{out_dir}/rank{rank}.txt", "w") as handle:
+        handle.write(message)
+
+
+@pytest.mark.slow
+def test_ranks_with_different_training_sets_are_refused_not_left_waiting(tmp_path):
+    """Each rank took another number of steps, and one waited in DDP's all-reduce until the
+    process group timed out (30 minutes by default)."""
+    run_gloo(_gloo_uneven_job, tmp_path)
+    for rank in range(2):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "holds [60, 40] examples on the 2 processes" in said, said
+
+
+def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(tmp_path):
+    """Resuming with another number of processes trained on other shares without a word."""
+    from captum_ext._utils.training import load_checkpoint, save_checkpoint
+
+    model, points, labels = _toy_problem()
+    IntrospectiveNetwork(model, hidden_width=8).fit(
+        points, labels, epochs=1, batch_size=25, progress=False, checkpoint_dir=tmp_path
+    )
+    state = load_checkpoint(tmp_path / "introspection.pt")
+    state["world_size"] = 2  # as written under torchrun with two processes
+    save_checkpoint(state, tmp_path / "introspection.pt")
+    with pytest.raises(ValueError, match="written by 2 processes; resume it with the same"):
+        IntrospectiveNetwork(model, hidden_width=8).fit(
+            points, labels, epochs=2, batch_size=25, progress=False, checkpoint_dir=tmp_path,
+            resume=True,
+        )  # fmt: skip

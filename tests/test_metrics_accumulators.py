@@ -156,6 +156,25 @@ def test_distributed_compute_gathers_every_shard(tmp_path):
             assert got[name] == pytest.approx(value, abs=1e-12), (rank, name)
 
 
+def _job_with_an_empty_rank(rank: int, world: int, out_dir: str) -> None:
+    scores, correct, predictions, labels, probabilities, out = data()
+    metric = ExpectedCalibrationError()
+    if rank == 0:  # rank 1 holds nothing: its empty state was (0,) against rank 0's (N, C)
+        metric.update(probabilities, labels)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"ece": metric.compute()}))
+
+
+def test_a_rank_without_data_joins_the_gather(tmp_path):
+    """ExpectedCalibrationError with (N, C) probabilities on one rank and none on the other
+    aborted the whole job inside gloo ("Received data size doesn't match expected size")."""
+    run_gloo(_job_with_an_empty_rank, tmp_path)
+    _, _, _, labels, probabilities, _ = data()
+    expected = expected_calibration_error(probabilities, labels)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["ece"] == pytest.approx(expected, abs=1e-12), rank
+
+
 def test_accumulators_refuse_what_their_functions_refuse():
     """update() cast to integers before any check: a correctness of 0.7 was stored as 0 (and
     MispredictionAUROC returned 1.0), float predictions 1.7 became class 1, integer

@@ -125,6 +125,19 @@ def test_dataset_order_with_a_shuffling_loader_and_no_labels():
     )
 
 
+def test_a_loader_with_its_own_generator_leaves_the_global_one_alone():
+    """The loader rebuilt for a shuffling (or sharded) loader dropped the user's generator,
+    so iterating it drew a base seed from the global generator."""
+    model = make_model()
+    x, y = make_data()
+    shuffled = loader(x, y, shuffle=True, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    expected = torch.rand(2)
+    torch.manual_seed(11)
+    score_dataset(model, shuffled, ["softmax"], progress=False)
+    assert torch.equal(torch.rand(2), expected)
+
+
 class DigitsByIndex(Dataset):
     """Example i is a function of i only, so the order can be checked from the values."""
 

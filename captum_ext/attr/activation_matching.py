@@ -23,7 +23,7 @@ from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_
 from .._utils.optional import import_optional
 from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.seeding import content_keys
-from .._utils.training import atomic_path, progress_bar, unwrap_distributed
+from .._utils.training import atomic_path, is_main_process, progress_bar, unwrap_distributed
 from .._utils.validation import (
     check_int,
     class_selection,
@@ -1169,7 +1169,8 @@ class ActivationMatchingMask(PerturbationAttribution):
 
         Returns:
             ActivationMatchingMask: ``self``, with the trained ``mask_net`` and ``history``
-            (the mean loss of every step, on this rank).
+            (the mean loss of every step, on this rank; after a resume under torchrun the
+            steps before it are rank 0's, which the checkpoint holds).
         """
         options = dict(locals())
         del options["self"], options["data"]
@@ -1186,6 +1187,8 @@ class ActivationMatchingMask(PerturbationAttribution):
     def save(self, path: str | os.PathLike) -> Path:
         r"""Write the mask net's state dict: safetensors when ``path`` ends in
         ``.safetensors``, else ``torch.save``; atomically (temporary file, then rename).
+        Under ``torch.distributed`` only rank 0 writes (the other ranks return the path
+        without writing), so it may be called on every rank.
 
         Args:
             path (str or PathLike): the file.
@@ -1196,6 +1199,8 @@ class ActivationMatchingMask(PerturbationAttribution):
         if self.mask_net is None:
             raise ValueError("there is no mask net to save yet; call fit(...) first.")
         path = Path(path).expanduser()
+        if not is_main_process():  # two ranks writing one file would race
+            return path
         state = {
             k: v.detach().to("cpu").contiguous()
             for k, v in unwrap_distributed(self.mask_net).state_dict().items()

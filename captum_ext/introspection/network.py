@@ -37,6 +37,22 @@ _SAVED_KEYS = ("config", "head")
 _CHECKPOINT_NAME = "introspection.pt"
 
 
+def _check_same_examples_on_every_rank(count: int, world: int) -> None:
+    """Every process must hold the whole training set (each trains on its share of one
+    shuffled order); with different counts the ranks take different numbers of steps and one
+    waits in DDP's all-reduce until the process group times out (30 minutes by default)."""
+    import torch.distributed as dist
+
+    counts: list[Any] = [None] * world
+    dist.all_gather_object(counts, count)
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"`inputs_or_loader` holds {counts} examples on the {world} processes; every "
+            "process must compute the features of the same, whole training set (the fit "
+            "shards it itself)."
+        )
+
+
 def make_head(in_features: int, num_classes: int, hidden_width: int = 256) -> nn.Sequential:
     """Stage 2: an MLP with three linear layers (ReLU between them), as in the paper."""
     in_features = check_int(in_features, "in_features")
@@ -278,21 +294,28 @@ class IntrospectiveNetwork(nn.Module):
         start = 0
         writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
         path = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
+        shard = distributed_shard()
+        rank, world = shard if shard is not None else (0, 1)
         if resume and path is not None and path.is_file():
             state = load_checkpoint(
                 path, argument="checkpoint_dir", keys=("head", "optimiser", "generator", "epoch")
             )
+            if int(state.get("world_size", 1)) != world:  # each rank trains on order[rank::world]
+                raise ValueError(
+                    f"`checkpoint_dir`: the checkpoint was written by {state.get('world_size', 1)} "
+                    f"processes; resume it with the same number, not {world}."
+                )
             head.load_state_dict(state["head"])
             optimiser.load_state_dict(state["optimiser"])
             generator.set_state(state["generator"])
             start = int(state["epoch"])
         head.train()
-        shard = distributed_shard()
-        rank, world = shard if shard is not None else (0, 1)
         if len(features) < world:
             raise ValueError(
                 f"`inputs_or_loader` has {len(features)} examples for {world} processes."
             )
+        if shard is not None:
+            _check_same_examples_on_every_rank(len(features), world)
         trained = wrap_distributed(head)
         bar = progress_bar(epochs, progress, desc="introspective head", unit="epoch", initial=start)
         try:
@@ -373,7 +396,9 @@ class IntrospectiveNetwork(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write the head and the feature settings to ``path``, atomically: a safetensors file
         (settings as metadata) when ``path`` ends in ``.safetensors``, else a checkpoint with
-        a checksum that ``torch.load(..., weights_only=True)`` reads. Stage 1 is not saved."""
+        a checksum that ``torch.load(..., weights_only=True)`` reads. Stage 1 is not saved.
+        Under ``torch.distributed`` only rank 0 writes (the others return the path), so it
+        may be called on every rank."""
         head = self._fitted_head()
         if not isinstance(head, nn.Sequential) or len(head) != 5:
             raise TypeError(
@@ -391,6 +416,8 @@ class IntrospectiveNetwork(nn.Module):
         }
         if self.layer is not None and not isinstance(self.layer, str):
             raise TypeError("save() needs `layer` as a dotted name (or None), not a module.")
+        if not is_main_process():  # two ranks writing one file would race
+            return Path(path).expanduser()
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         path = Path(path).expanduser()
         if path.suffix == ".safetensors":  # the settings as string metadata

@@ -466,7 +466,9 @@ class NetworkInversion:
             checkpoint_every (int, optional): Default: ``max(1, steps // 10)``.
             resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
                 (same ``steps``, preset and number of processes); the result is
-                bit-identical to an uninterrupted run on the same machine. When the file
+                bit-identical to an uninterrupted run on the same machine (under torchrun
+                the records of the steps before the resume are rank 0's on every rank: the
+                checkpoint holds rank 0's history). When the file
                 does not exist yet the fit starts from the beginning. With a
                 ``checkpoint``, a call that raises or is interrupted (Ctrl-C) leaves the
                 object as it was before the call, so that the same object resumes exactly

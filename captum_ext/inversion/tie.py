@@ -963,7 +963,9 @@ class TIE:
                 and random streams), garbage pool, log and counters. Default: None
             resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
                 (same ``epochs``, settings and number of processes); the result is identical
-                to an uninterrupted run with the same seed on the same machine. Starts from
+                to an uninterrupted run with the same seed on the same machine (under
+                torchrun the checkpoint holds rank 0's loss records, so after a resume the
+                other ranks' records of the earlier epochs are rank 0's). Starts from
                 the beginning when the file does not exist yet. Default: False
 
         Returns:

@@ -115,6 +115,9 @@ def check_option_names(function: Callable, options: dict[str, Any], owner: str) 
         )
 
 
+_MAX_DIMS = 8  # of an accumulated state: (N,) or (N, C) here
+
+
 def _gather(tensor: Tensor) -> Tensor:
     """Concatenation over all processes (rank order) of a tensor whose first dimension may
     differ between processes; the tensor itself when torch.distributed is not initialised."""
@@ -127,10 +130,18 @@ def _gather(tensor: Tensor) -> Tensor:
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     local = tensor.to(device)
-    # first dimension and trailing shape can differ only in N; exchange sizes first
-    size = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    # exchange the shapes first: the first dimension differs between ranks, and a rank
+    # without data holds (0,) where the others hold (N, C) (all_gather needs equal sizes)
+    shape = torch.full((1 + _MAX_DIMS,), -1, dtype=torch.long, device=device)
+    shape[0] = local.dim()
+    shape[1 : 1 + local.dim()] = torch.tensor(local.shape, dtype=torch.long)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    filled = [s for s in shapes if int(s[1]) > 0]
+    if filled and local.shape[0] == 0:
+        first = filled[0]
+        local = local.reshape(0, *(int(d) for d in first[2 : 1 + int(first[0])]))
+    sizes = [s[1] for s in shapes]
     longest = int(max(int(s) for s in sizes))
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[: local.shape[0]] = local

@@ -339,6 +339,8 @@ def _rebuilt_loader(loader: Any, batches: list[list[int]]) -> Any:
         "pin_memory": loader.pin_memory,
         "timeout": loader.timeout,
         "worker_init_fn": loader.worker_init_fn,
+        # the user's generator: without it iterating draws a base seed from the global one
+        "generator": loader.generator,
     }
     if loader.num_workers > 0:
         options["multiprocessing_context"] = loader.multiprocessing_context
