@@ -386,10 +386,13 @@ def _add_score_parser(commands: Any) -> None:
         metavar="LIST",
         help="comma-separated scores, one CSV column each, from: "
         + ", ".join(_score_names())
-        + " (default: gradtrust,softmax)",
+        + " (default: gradtrust,softmax). The gradtrust column holds the natural log of "
+        "GradTrust (its values span many orders of magnitude; the ranking is the same).",
     )
     score.add_argument("--final-layer", metavar="NAME", help=_FINAL_LAYER_HELP)
-    score.add_argument("--out", metavar="FILE", default="scores.csv", help="the CSV file")
+    score.add_argument(
+        "--out", metavar="FILE", default="scores.csv", help="the CSV file (default: scores.csv)"
+    )
     score.add_argument(
         "--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64"
     )
