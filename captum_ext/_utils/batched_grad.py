@@ -379,6 +379,21 @@ def softmax_complement(logits: Tensor, dim: int = 1) -> Tensor:
     return (1 - e / total).scatter(dim, top, rest_of_top)
 
 
+def log_softmax_precise(logits: Tensor, dim: int = 1) -> Tensor:
+    r"""``log_softmax(logits)`` with the top class's entry exact on confident predictions.
+
+    ``log_softmax`` forms ``z - logsumexp(z)``; for the top class that is ``-log(1 + S)``
+    with ``S = sum_{j != P} exp(z_j - z_P)``, which rounds to exactly 0 once ``S`` is below
+    the dtype's epsilon (a logit gap of about 17 in float32, 37 in float64) although ``-S``
+    is representable far beyond. Here it is ``-log1p(S)``; the other entries are
+    ``z_j - z_P - log1p(S)``, as exact as before.
+    """
+    top = logits.argmax(dim=dim, keepdim=True)
+    shifted = logits - logits.gather(dim, top)
+    rest = torch.exp(shifted).scatter(dim, top, 0.0).sum(dim=dim, keepdim=True)
+    return shifted - torch.log1p(rest)
+
+
 def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tensor]:
     """Cotangents on ``logits.flatten(1)`` equal to d score_c / d logits for the built-in scores.
 

@@ -155,6 +155,15 @@ def introspective_features(
         seen = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
         if seen is not logits:  # a train-mode batch norm: each example's own logits
             cotangents = _cotangents(seen, form, k)
+        if normalize is not None:
+            # the gradient is linear in the cotangent and is normalised over the same dims
+            # below: scaling the (float64) cotangents first keeps a confident prediction's
+            # own row (entries about exp(-gap)) from underflowing in the model's float32
+            dims = (2,) if normalize == "per_class" else (1, 2)
+            largest = cotangents.abs().amax(dim=dims, keepdim=True)
+            cotangents = torch.where(
+                largest > 0, cotangents / torch.where(largest > 0, largest, 1), 0
+            )
         grads = per_example_parameter_gradients(
             forward_func,
             inputs,

@@ -147,8 +147,14 @@ def uncertainty_ue(probs: Tensor) -> Tensor:
         if bool(((probs.sum(1) - 1).abs() > tol).any()):
             raise ValueError("`probs` rows must sum to 1 (apply softmax to logits first).")
     k = probs.shape[1]
-    spread = (probs - 1.0 / k).square().sum(1)
-    return (1.0 - spread * (k / (k - 1))).clamp(0.0, 1.0)
+    # UE = K / (K - 1) (1 - sum p^2), and 1 - sum p^2 = eps (1 + p_k) - sum_{i != k} p_i^2 with
+    # eps = sum_{i != k} p_i = 1 - p_k summed from the other classes: a confident row's UE is
+    # about 2 eps K / (K - 1), where the direct form cancels to exactly 0
+    top = probs.argmax(1, keepdim=True)
+    others = probs.scatter(1, top, 0.0)
+    eps = others.sum(1)
+    spread = eps * (1.0 + probs.gather(1, top)[:, 0]) - others.square().sum(1)
+    return (spread * (k / (k - 1))).clamp(0.0, 1.0)
 
 
 def _image_shape(shape: Any) -> tuple[int, int, int]:
@@ -1216,8 +1222,9 @@ class TIE:
             raise ValueError(f"`kind` must be one of {list(OOD_SCORE_KINDS)}, got {kind!r}.")
         probs = self.probabilities(inputs, batch_size=batch_size)
         n = self.num_classes
-        if kind == "max_in":
-            return 1.0 - probs[:, :n].amax(1)
+        if kind == "max_in":  # 1 - max_{c<n} p_c as the sum of the other probabilities
+            top = probs[:, :n].argmax(1, keepdim=True)
+            return probs.scatter(1, top, 0.0).sum(1)
         if kind == "ue":
             return uncertainty_ue(probs)
         return probs[:, n]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import (
     input_gradients,
+    log_softmax_precise,
     logits_seen_per_example,
     per_example_parameter_gradients,
     run_forward,
@@ -173,7 +174,8 @@ def negative_entropy(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
     check_several_classes(logits, "negative_entropy takes a softmax over the classes")
-    log_p = torch.log_softmax(logits, 1)
+    # the top class's p log p is about -(1 - p_P): kept, where log_softmax rounds it to 0
+    log_p = log_softmax_precise(logits, 1)
     return (log_p.exp() * log_p).sum(1)
 
 
@@ -243,7 +245,8 @@ def log_likelihood(
         _logits(forward_func, inputs, additional_forward_args, output_transform)
     )
     check_several_classes(logits, "log_likelihood takes a softmax over the classes")
-    return torch.log_softmax(logits, 1).amax(1)
+    # -log1p(sum of the other classes' exp(z_j - z_P)): log_softmax gives exactly 0 there
+    return log_softmax_precise(logits, 1).amax(1)
 
 
 @log_usage()
