@@ -120,3 +120,22 @@ def test_introspective_features_of_an_inner_layer_keep_the_predicted_row():
         model.double(), images.double(), layer="features.6", form="per_class"
     ).view(6, 10, -1)
     torch.testing.assert_close(rows.double(), reference, rtol=1e-3, atol=1e-4)
+
+
+def test_grad_cam_plus_plus_weights_of_tiny_gradients():
+    """alpha = g^2 / (2 g^2 + sum(A) g^3) squared gradients below 1e-19 to 0 in float32 (the
+    maps of a confident prediction's own class were all zero); 1 / (2 + sum(A) g) is the
+    same where g != 0."""
+    from captum_ext.attr._cam import gradcam_plus_plus_weights
+
+    generator = torch.Generator().manual_seed(0)
+    activations = torch.rand(2, 3, 4, 4, generator=generator)
+    for scale in (1.0, 1e-23):
+        gradients = torch.randn(2, 1, 3, 4, 4, generator=generator) * scale
+        g, a = gradients.double(), activations.double()
+        sums = a.sum(dim=(2, 3))[:, None, :, None, None]
+        alpha = g.square() / (2 * g.square() + sums * g.pow(3))
+        expected = (alpha * torch.relu(g)).sum(dim=(3, 4))
+        got = gradcam_plus_plus_weights(gradients, activations).double()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        assert bool((got > 0).any())

@@ -52,10 +52,12 @@ def gradcam_plus_plus_weights(gradients: Tensor, activations: Tensor) -> Tensor:
     spatial = tuple(range(3, gradients.dim()))
     sum_activations = activations.sum(dim=tuple(range(2, activations.dim())))  # (N, K)
     sum_activations = sum_activations.reshape(*sum_activations.shape, *([1] * len(spatial)))
-    squared = gradients.pow(2)
-    denominator = 2 * squared + sum_activations.unsqueeze(1) * squared * gradients
+    # alpha = g^2 / (2 g^2 + sum(A) g^3) = 1 / (2 + sum(A) g) where g != 0: the g^2 cancels
+    # (formed as written, g^2 underflows for |g| below about 1e-19 in float32 and a
+    # confident prediction's maps, whose gradients are that small, came out all zero)
+    denominator = 2 + sum_activations.unsqueeze(1) * gradients
     usable = (gradients != 0) & (denominator != 0)
-    alpha = torch.where(usable, squared / torch.where(usable, denominator, 1), 0)
+    alpha = torch.where(usable, 1 / torch.where(usable, denominator, 1), 0)
     return (alpha * torch.relu(gradients)).sum(dim=spatial)
 
 
