@@ -4,8 +4,10 @@ Each class pairs with a function and follows the torchmetrics contract without d
 it: ``update(...)`` stores the batch's values, ``compute()`` returns what the function returns
 on all the data seen so far (in the order given), ``reset()`` forgets it. Under
 ``torch.distributed`` (initialised process group) ``compute()`` first gathers the stored
-values of every process (``all_gather``, uneven sizes allowed), so every rank gets the value
-on the union of the shards.
+values of every process (``all_gather``, uneven sizes and ranks without data allowed), so
+every rank gets the value on the union of the shards. It is a collective call: every rank
+must call it (``if rank == 0: metric.compute()`` waits for the other ranks until the process
+group times out); print or save the value on rank 0 afterwards.
 
 =========================  =========================================================
 class                      function
