@@ -26,7 +26,13 @@ from captum.attr import (
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import call_model, in_model_precision, run_forward, softmax_complement
+from .._utils.batched_grad import (
+    call_model,
+    in_model_precision,
+    log_softmax_precise,
+    run_forward,
+    softmax_complement,
+)
 from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
 from .._utils.model_state import leaves_inference_mode, preserved_state
@@ -97,10 +103,41 @@ class _PairedNegLogSoftmax(torch.autograd.Function):
                 f"({logits.shape[0]} rows); expected inputs and baselines concatenated."
             )
         half = logits.shape[0] // 2
-        secant = _secant_softmax(logits[:half].detach(), logits[half:].detach())
+        z, z0 = logits[:half].detach(), logits[half:].detach()
+        secant = _secant_softmax(z, z0)
+        rest = _secant_complement(z, z0, secant)
         secant = torch.cat([secant, secant]).to(grad.dtype)
-        # d(-log softmax_j)/dz_c = p_c - [j == c]; with p replaced by the secant softmax
-        return secant * grad.sum(dim=1, keepdim=True) - grad
+        rest = torch.cat([rest, rest]).to(grad.dtype)
+        # d(-log softmax_j)/dz_c = p_c - [j == c], with p the secant softmax, written as
+        # p_c (sum_{j != c} grad_j) - grad_c (1 - p_c): no 1 - p_c formed by subtraction
+        others = grad.sum(dim=1, keepdim=True) - grad
+        return secant * others - grad * rest
+
+
+def _secant_complement(z: Tensor, z0: Tensor, secant: Tensor) -> Tensor:
+    r"""``1 - p~`` for the secant softmax ``p~`` of :func:`_secant_softmax`, without the
+    cancellation of ``1 - p~_P`` when input and baseline both predict P confidently (``p~_P``
+    rounds to 1, and DeepLift's attributions of ``CE_P`` lost their sum). From
+    ``sum_c p~_c (z_c - z0_c) = L - L0``:
+
+    .. code-block:: text
+
+        1 - p~_P = (log p_P(z) - log p_P(z0) + sum_{c != P} p~_c (z_c - z0_c)) / (z_P - z0_P)
+
+    with both log-probabilities from :func:`log_softmax_precise`; used for the class of the
+    largest ``p~`` where ``|z_P - z0_P| > 1e-3`` (else, and for the others, ``1 - p~``).
+    """
+    rest = 1 - secant
+    top = secant.argmax(dim=1, keepdim=True)
+    delta = (z - z0).to(secant.dtype)
+    delta_top = delta.gather(1, top)
+    log_ratio = (
+        log_softmax_precise(z.to(secant.dtype), 1) - log_softmax_precise(z0.to(secant.dtype), 1)
+    ).gather(1, top)
+    spread = (secant * delta).scatter(1, top, 0.0).sum(dim=1, keepdim=True)
+    usable = delta_top.abs() > 1e-3
+    stable = (log_ratio + spread) / torch.where(usable, delta_top, 1)
+    return rest.scatter(1, top, torch.where(usable, stable, rest.gather(1, top)))
 
 
 def _one_minus_exp_over(t: Tensor) -> Tensor:
