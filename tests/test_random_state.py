@@ -15,6 +15,8 @@ import torch
 
 from captum_ext._utils.seeding import seed_generators, seeded_rng
 from captum_ext.attr import GradCAM
+from captum_ext.introspection import IntrospectiveNetwork
+from captum_ext.inversion import NetworkInversion
 from captum_ext.metrics import model_randomisation
 from captum_ext.testing import dominant_colour_oracle, interaction_oracle, null_region_oracle
 
@@ -30,14 +32,10 @@ CALLS = {
     "model_randomisation": lambda model, x: model_randomisation(
         lambda m: GradCAM(m, "features.7"), model, x, target=0, layers=["classifier"]
     ),
-    "NetworkInversion": lambda model, x: __import__(
-        "captum_ext.inversion", fromlist=["NetworkInversion"]
-    ).NetworkInversion(model, batch_size=2, seed=0),
-    "IntrospectiveNetwork.fit": lambda model, x: (
-        __import__("captum_ext.introspection", fromlist=["IntrospectiveNetwork"])
-        .IntrospectiveNetwork(model, layer="classifier", hidden_width=4)
-        .fit(x, torch.arange(len(x)) % 10, epochs=1, batch_size=4, progress=False, seed=0)
-    ),
+    "NetworkInversion": lambda model, x: NetworkInversion(model, batch_size=2, seed=0),
+    "IntrospectiveNetwork.fit": lambda model, x: IntrospectiveNetwork(
+        model, layer="classifier", hidden_width=4
+    ).fit(x, torch.arange(len(x)) % 10, epochs=1, batch_size=4, progress=False, seed=0),
     "dominant_colour_oracle": lambda model, x: dominant_colour_oracle(seed=3),
     "null_region_oracle": lambda model, x: null_region_oracle(seed=3),
     "interaction_oracle": lambda model, x: interaction_oracle(),

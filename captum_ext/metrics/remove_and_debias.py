@@ -1098,14 +1098,10 @@ def _add_row_noise(
     are the same alone, anywhere in a batch, or spread over accumulator updates."""
     if noise <= 0:
         return imputed
-    dtype = imputed.dtype if imputed.dtype == torch.float64 else torch.float32
-    draws = torch.empty(imputed.shape, dtype=dtype)
-    generator = torch.Generator()
-    for row, (key, step) in enumerate(zip(keys, steps)):
-        generator.manual_seed((key + 1_000_003 * (step + 1)) % (2**63 - 1))
-        draws[row] = torch.randn(imputed.shape[1:], generator=generator, dtype=dtype)
+    row_keys = [(key + 1_000_003 * (step + 1)) % (2**63 - 1) for key, step in zip(keys, steps)]
+    draws = example_normal(row_keys, 1, tuple(imputed.shape[1:]), imputed.dtype)
     mask = removed.reshape(removed.shape[0], 1, *imputed.shape[-2:]).to(imputed.dtype)
-    return imputed + noise * mask * draws.to(device=imputed.device, dtype=imputed.dtype)
+    return imputed + noise * mask * draws.to(imputed.device)
 
 
 def _fractions(values: Any, argument: str, **bounds: Any) -> list[float]:
