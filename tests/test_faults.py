@@ -459,6 +459,40 @@ def test_report_again_removes_only_its_own_stale_figures(tmp_path, capsys):
     assert all(file.read_bytes() == b"the user's" for file in mine)
 
 
+@pytest.mark.slow  # the bundled model, contrastive maps of 3 then 1 digits
+def test_figures_of_a_failed_report_run_are_removed_by_the_next(tmp_path, monkeypatch, capsys):
+    """A run interrupted after a section wrote its figures lists them, so that the next run
+    into the folder removes those it does not use (before: they stayed for good)."""
+    import dataclasses
+
+    from captum_ext.cli import main
+    from captum_ext.viz import build
+
+    out = tmp_path / "out"
+    mine = out / "images" / "mine.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's")
+    spec = build.SECTION_REGISTRY["contrastive"]
+
+    def built_then_interrupted(*args):
+        spec.build(*args)
+        raise KeyboardInterrupt
+
+    interrupted = dataclasses.replace(spec, build=built_then_interrupted)
+    argv = ["report", "--out", str(out), "--sections", "contrastive", "--no-progress"]
+    with monkeypatch.context() as patch:
+        patch.setitem(build.SECTION_REGISTRY, "contrastive", interrupted)
+        assert main([*argv, "--limit", "3"]) == 130  # Ctrl-C: "interrupted"
+    left = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")}
+    manifest = (out / "images" / ".captum-ext-figures").read_text().split()
+    assert len(left) > 4 and set(manifest) == left - {"images/mine.png"}
+    assert main([*argv, "--limit", "1"]) == 0
+    html = (out / "index.html").read_text()
+    pngs = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")}
+    assert pngs - {"images/mine.png"} == {p for p in pngs if f'src="{p}"' in html}
+    assert len(pngs) < len(left) and mine.read_bytes() == b"the user's"
+
+
 def test_report_write_removes_only_figures_its_previous_page_listed(tmp_path):
     import numpy as np
 

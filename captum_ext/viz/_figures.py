@@ -3,12 +3,42 @@ the width it is shown at, so that its text is drawn at the size it is read)."""
 
 from __future__ import annotations
 
+import contextvars
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 #: dots per inch of the report's figures: a figure of ``w`` inches is ``w * DPI`` pixels wide
 DPI = 100
+
+
+#: the figures written while :func:`recording_figures` is active (None: not recording)
+_WRITTEN: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar(
+    "captum_ext_written_figures", default=None
+)
+
+
+@contextmanager
+def recording_figures() -> Iterator[list[Path]]:
+    """Collect the path of every PNG that :func:`save_figure` and
+    :func:`captum_ext.viz.overlay.save_png` write inside the block, in order (the report
+    lists them for removal by a later run when its own run fails part-way)."""
+    written: list[Path] = []
+    token = _WRITTEN.set(written)
+    try:
+        yield written
+    finally:
+        _WRITTEN.reset(token)
+
+
+def record_written(path: Path) -> Path:
+    """Note ``path`` as written, when :func:`recording_figures` is active; returns it."""
+    written = _WRITTEN.get()
+    if written is not None:
+        written.append(path)
+    return path
 
 
 def new_figure(width_px: float, height_px: float, *, dpi: int = DPI, **kwargs: Any):
@@ -28,4 +58,4 @@ def save_figure(figure: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     target = Path(path)
     with atomic_path(target) as temp:  # never a truncated PNG where a figure was
         figure.savefig(temp, format="png", **kwargs)
-    return target
+    return record_written(target)

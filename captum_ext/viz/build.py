@@ -917,6 +917,9 @@ def build_report(config: ReportConfig) -> ReportResult:
     A section the user did not ask for by name that cannot be built for this model (GradTrust
     on a compiled final layer, an inversion generator that would not fit in memory) is left
     out with one line on stderr and in the page's metadata; asked for by name it raises.
+    A run that fails or is interrupted part-way lists the figures it wrote in
+    ``images/.captum-ext-figures``, so that the next run into ``config.out`` removes those it
+    does not use (see :meth:`Report.write`).
 
     Args:
         config (ReportConfig): the report's settings.
@@ -936,7 +939,8 @@ def build_report(config: ReportConfig) -> ReportResult:
         >>> result.index.name
         'index.html'
     """
-    from captum_ext.viz.report import Report, require_jinja2
+    from captum_ext.viz._figures import recording_figures
+    from captum_ext.viz.report import Report, list_written_figures, require_jinja2
 
     require_jinja2()  # before any section's work, not when the page is written
     asked = config.sections is not None
@@ -950,24 +954,30 @@ def build_report(config: ReportConfig) -> ReportResult:
     report = Report(config.title or "captum-ext report", metadata=metadata)
     timings: list[tuple[str, float]] = []
     left_out: dict[str, str] = {}
-    with writing_to(out):
+    with writing_to(out), recording_figures() as written:
         _claim_output_folder(out)
-        for name in sections:
+        try:
+            for name in sections:
+                started = time.perf_counter()
+                try:
+                    built = SECTION_REGISTRY[name].build(inputs, config, asked)
+                    if isinstance(built, str):
+                        print(f"captum-ext report: {built}", file=sys.stderr)
+                        label, _, reason = built.partition(" left out: ")
+                        left_out[name] = reason
+                        report.metadata.append((label.capitalize(), f"left out: {reason}"))
+                    else:
+                        report.add_section(built)
+                finally:
+                    timings.append((name, time.perf_counter() - started))
             started = time.perf_counter()
-            try:
-                built = SECTION_REGISTRY[name].build(inputs, config, asked)
-                if isinstance(built, str):
-                    print(f"captum-ext report: {built}", file=sys.stderr)
-                    label, _, reason = built.partition(" left out: ")
-                    left_out[name] = reason
-                    report.metadata.append((label.capitalize(), f"left out: {reason}"))
-                else:
-                    report.add_section(built)
-            finally:
-                timings.append((name, time.perf_counter() - started))
-        started = time.perf_counter()
-        index = report.write(out)
-        timings.append(("(writing the page)", time.perf_counter() - started))
+            index = report.write(out)
+            timings.append(("(writing the page)", time.perf_counter() - started))
+        except BaseException:
+            # a later run into the same folder removes what this one wrote, as it does a
+            # finished run's figures (Ctrl-C included)
+            list_written_figures(out, written)
+            raise
     return ReportResult(Path(index), timings, left_out)
 
 

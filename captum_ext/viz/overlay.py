@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._figures import save_figure
+from ._figures import record_written, save_figure
 
 __all__ = ["DEFAULT_CMAP", "overlay", "save_colorbar", "save_png", "to_uint8_rgb"]
 
@@ -179,4 +179,4 @@ def save_png(array: Any, path: str | os.PathLike) -> Path:
     target = Path(path)
     with atomic_path(target) as temp:  # never a truncated PNG where a figure was
         Image.fromarray(rgb).save(temp, format="PNG")
-    return target
+    return record_written(target)

@@ -373,6 +373,29 @@ def _write_manifest(images: Path, paths: Iterable[str]) -> None:
         temporary.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
 
 
+def list_written_figures(out_dir: str | os.PathLike, written: Iterable[str | os.PathLike]) -> None:
+    """Add the figures of a report run that failed part-way (``written``: the PNG files it
+    wrote, see :func:`captum_ext.viz._figures.recording_figures`) to the list in
+    ``out_dir/images/.captum-ext-figures``, so that the next report written there removes
+    those it does not use, as it does a finished report's. Files outside ``out_dir/images``
+    are not listed. Best effort: a list that cannot be written (full disk) is left as it was,
+    and the run's own error is the one the user sees."""
+    out = Path(out_dir).resolve()
+    images = out / "images"
+    new = []
+    for path in written:
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to(images) and resolved.is_file():
+            new.append(resolved.relative_to(out).as_posix())
+    if not new:
+        return
+    previous = _read_manifest(images)
+    try:
+        _write_manifest(images, sorted(set(previous) | set(new)))
+    except OSError:
+        pass
+
+
 def _remove_figures(out: Path, images: Path, stale: Iterable[str]) -> None:
     """Delete the listed figures (paths relative to ``out``) that lie under ``images``, then
     the folders under ``images`` that this left empty."""
