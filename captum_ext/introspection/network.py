@@ -204,7 +204,10 @@ class IntrospectiveNetwork(nn.Module):
         computes the features of the training set, takes its share of each epoch's shuffled
         order (the same generator on every rank; ``batch_size`` is per process, so one step
         sees ``world_size x batch_size`` examples) and the head is trained in
-        ``DistributedDataParallel``; rank 0 writes the checkpoints.
+        ``DistributedDataParallel``; rank 0 writes the checkpoints. So that every process
+        takes the same number of steps, each epoch leaves out the ``N mod world_size``
+        examples that its shuffled order puts last (other ones each epoch; none on one
+        process).
 
         Args:
             inputs_or_loader: a tensor of inputs (with ``labels``), or an iterable of
