@@ -124,6 +124,49 @@ def test_bad_input_gets_clear_errors(bundled_model, bundled_digits):
         IntrospectiveNetwork(lambda t: t)
 
 
+@pytest.mark.parametrize("form", ["per_class", "all_ones"])
+@pytest.mark.parametrize("k", [3, -5, "abc", 2.5])
+def test_k_outside_topk_is_refused_not_ignored(bundled_model, bundled_digits, form, k):
+    """`k` only selects the classes of form="topk"; with the other forms any value was
+    accepted and ignored (the full features came back)."""
+    with pytest.raises((ValueError, TypeError), match="`k`"):
+        introspective_features(bundled_model, bundled_digits[0][:2], form=form, k=k)
+    with pytest.raises((ValueError, TypeError), match="`k`"):
+        IntrospectiveNetwork(bundled_model, form=form, k=k)
+
+
+@pytest.mark.parametrize("k", [0, -1, "3", 2.5])
+def test_a_bad_k_is_refused_when_the_network_is_made(bundled_model, k):
+    with pytest.raises((ValueError, TypeError), match="`k`"):
+        IntrospectiveNetwork(bundled_model, form="topk", k=k)
+
+
+def test_resume_without_a_checkpoint_folder_is_refused(bundled_model, bundled_digits):
+    """fit(resume=True) without `checkpoint_dir` trained from scratch without a word, and
+    resume="no" counted as True."""
+    x, y = bundled_digits[0][:8], bundled_digits[1][:8]
+    network = IntrospectiveNetwork(bundled_model, hidden_width=8)
+    with pytest.raises(ValueError, match="`resume=True` needs the `checkpoint_dir`"):
+        network.fit(x, y, epochs=1, resume=True, progress=False)
+    for flag, value in (("resume", "no"), ("progress", "False")):
+        options = {"progress": False, flag: value}
+        with pytest.raises(TypeError, match=f"`{flag}`"):
+            network.fit(x, y, epochs=1, **options)
+    assert network.head is None  # nothing trained
+
+
+def test_probabilities_keep_a_float64_models_precision(model64, bundled_digits):
+    """predict_proba cast the logits of a float64 head to float32 (relative error up to
+    1.5e-6 on the small probabilities)."""
+    x, y = bundled_digits[0][:16].double(), bundled_digits[1][:16]
+    net = IntrospectiveNetwork(model64, hidden_width=16).fit(x, y, epochs=1, progress=False)
+    probabilities = net.predict_proba(x)
+    assert probabilities.dtype == torch.float64
+    with torch.no_grad():
+        expected = torch.softmax(net(x), dim=1)
+    torch.testing.assert_close(probabilities, expected, rtol=1e-13, atol=0)
+
+
 def _toy_problem():
     """A random stage-1 MLP on 2-D points, labelled by its own prediction: the classes are
     separable in its features, so stage 2 must learn them."""

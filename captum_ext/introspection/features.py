@@ -90,7 +90,8 @@ def introspective_features(
             Default: the last ``nn.Linear``, which must produce the logits.
         form (str, optional): ``"per_class"``, ``"topk"`` or ``"all_ones"``.
             Default: "per_class".
-        k (int, optional): classes kept by ``"topk"``, in [1, C]. Default: min(5, C).
+        k (int, optional): classes kept by ``"topk"``, in [1, C]; only with
+            ``form="topk"`` (the other forms keep every class). Default: min(5, C).
         normalize (str or None, optional): ``"per_class"``, ``"global"`` or None.
             Default: "per_class".
         additional_forward_args (Any, optional): extra arguments of the model.
@@ -107,9 +108,7 @@ def introspective_features(
         >>> introspective_features(model, images[:4], form="topk", k=3).shape
         torch.Size([4, 1920])
     """
-    form = _check_choice(form, FORMS, "form")
-    if normalize is not None:
-        normalize = _check_choice(normalize, NORMALIZATIONS, "normalize")
+    form, k, normalize = check_feature_options(form, k, normalize)
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     for x in inputs:
@@ -202,6 +201,24 @@ def _normalised_factors(
     return (_unit(cotangents, (2,)) if normalize == "per_class" else _unit(cotangents, (1, 2))), b
 
 
+def check_feature_options(form: Any, k: Any, normalize: Any) -> tuple[str, int | None, str | None]:
+    """``form``, ``k`` and ``normalize`` of :func:`introspective_features`, checked: ``k`` is
+    a positive int, and only with ``form="topk"`` (the other forms keep every class, so a
+    ``k`` given with them would be silently ignored)."""
+    form = _check_choice(form, FORMS, "form")
+    if k is not None:
+        k = check_int(k, "k", minimum=1)
+        if form != "topk":
+            raise ValueError(
+                f"`k` selects the classes of form='topk'; form={form!r} keeps "
+                f"{'every class' if form == 'per_class' else 'one summed row'}, so leave `k` "
+                "unset or pass form='topk'."
+            )
+    if normalize is not None:
+        normalize = _check_choice(normalize, NORMALIZATIONS, "normalize")
+    return form, k, normalize
+
+
 def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
     """dCE(z, Q)/dz = p - e_Q for the form's classes Q: (N, K, C)."""
     n, classes = logits.shape
@@ -212,7 +229,7 @@ def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
     if form == "all_ones":
         return (classes * p - 1)[:, None, :]
     if form == "topk":
-        k = min(5, classes) if k is None else check_int(k, "k", minimum=1)
+        k = min(5, classes) if k is None else k
         if k > classes:
             raise ValueError(f"`k`={k} exceeds the model's {classes} classes.")
         chosen = p.topk(k, dim=1).indices

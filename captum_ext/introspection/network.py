@@ -28,9 +28,10 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.validation import check_int, check_number, model_device
+from captum_ext._utils.precision import at_least_float32
+from captum_ext._utils.validation import check_flag, check_int, check_number, model_device
 
-from .features import introspective_features
+from .features import check_feature_options, introspective_features
 
 #: the keys of a saved network (see :meth:`IntrospectiveNetwork.save`)
 _SAVED_KEYS = ("config", "head")
@@ -121,7 +122,8 @@ class IntrospectiveNetwork(nn.Module):
         # head nor moved by .to() on the network
         self.__dict__["model"] = model
         self.head = head
-        self.layer, self.form, self.k, self.normalize = layer, form, k, normalize
+        self.form, self.k, self.normalize = check_feature_options(form, k, normalize)
+        self.layer = layer
         self.hidden_width = check_int(hidden_width, "hidden_width")
         self.output_transform = output_transform
 
@@ -162,7 +164,7 @@ class IntrospectiveNetwork(nn.Module):
         with preserved_state([head]):
             head.eval()
             with torch.no_grad():
-                return torch.softmax(self(inputs).float(), dim=1)
+                return torch.softmax(at_least_float32(self(inputs)), dim=1)
 
     def predict(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
         """The introspective predictions, ``(N,)`` class indices."""
@@ -218,7 +220,8 @@ class IntrospectiveNetwork(nn.Module):
             lr (float): Adam's learning rate. Default: 1e-3.
             weight_decay (float): Adam's weight decay. Default: 0.
             checkpoint_dir (str or Path, optional): folder of ``introspection.pt``.
-            resume (bool): continue from the checkpoint in ``checkpoint_dir`` if there is one.
+            resume (bool): continue from the checkpoint in ``checkpoint_dir`` (which it
+                needs) if there is one.
                 With ``checkpoint_dir``, a call that raises or is interrupted leaves the head
                 as it was before the call (so the same object resumes exactly), and a folder
                 that cannot be written is refused before training.
@@ -233,6 +236,10 @@ class IntrospectiveNetwork(nn.Module):
         lr = check_number(lr, "lr")
         weight_decay = check_number(weight_decay, "weight_decay", minimum=0, allow_minimum=True)
         seed = check_int(seed, "seed", minimum=0)
+        resume = check_flag(resume, "resume")
+        progress = check_flag(progress, "progress")
+        if resume and checkpoint_dir is None:
+            raise ValueError("`resume=True` needs the `checkpoint_dir` to resume from.")
         features, targets, first = self._training_set(inputs_or_loader, labels)
         with preserved_state([self.model]), torch.no_grad():
             output = self.model(*first)
