@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.optional import import_optional
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import seeded_rng
 from captum_ext._utils.training import (
     atomic_path,
@@ -28,7 +29,6 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import check_flag, check_int, check_number, model_device
 
 from .features import check_feature_options, introspective_features
