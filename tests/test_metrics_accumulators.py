@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _distributed import run_gloo
@@ -190,7 +191,105 @@ def test_accumulators_refuse_what_their_functions_refuse():
     with pytest.raises(TypeError, match="`predictions` must hold integer class indices"):
         AUFC().update(scores[:3], torch.tensor([1.7, 0.2, 2.0]), torch.tensor([1, 0, 2]))
     ece = ExpectedCalibrationError()
-    with pytest.raises(TypeError, match="`labels` must hold integer class indices"):
+    with pytest.raises(ValueError, match="`labels` must hold booleans"):
         ece.update(torch.tensor([0.9, 0.8, 0.3]), torch.tensor([1.0, 0.0, 0.5]))
+    with pytest.raises(TypeError, match="`labels` must hold integer class indices"):
+        ece.update(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([1.0, 0.0]))
     with pytest.raises(TypeError, match="must hold floating point values"):
         ece.update(torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0]))
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_boolean_scores_are_refused_as_the_functions_refuse_them(index):
+    """The curve functions refuse boolean scores; their accumulators stored them as 0 and 1
+    and returned a number (AUAC 50.0, AUROC 0.5, ...)."""
+    scores = torch.tensor([True, False, True, False])
+    correct = torch.tensor([True, False, False, True])
+    classes = torch.tensor([1, 0, 2, 1])
+    metric, arguments = [
+        (AUAC(), (scores, correct)),
+        (MispredictionAUROC(), (scores, correct)),
+        (AUFC(), (scores, classes, classes)),
+        (AUROC(), (scores, scores)),
+        (AUPR(), (scores, scores)),
+        (FPRAtTPR(), (scores, scores)),
+    ][index]
+    with pytest.raises(TypeError, match="scores` must be real numbers"):
+        metric.update(*arguments)
+
+
+def test_boolean_class_indices_are_refused_by_aufc_and_its_accumulator():
+    scores = torch.tensor([0.9, 0.1])
+    flags = torch.tensor([True, False])
+    with pytest.raises(TypeError, match="`predictions` must hold integer class indices"):
+        aufc(scores, flags, flags)
+    with pytest.raises(TypeError, match="`predictions` must hold integer class indices"):
+        AUFC().update(scores, flags, flags)
+
+
+def test_integer_scores_beyond_float64s_integers_are_refused_not_tied():
+    """Ranked in float64, 2**53 + 1 and 2**53 tied: auroc 0.625 where scikit-learn, ranking
+    the int64 values, gives the exact 0.75."""
+    big = 2**53
+    inside = torch.tensor([big + 1, big + 3])
+    outside = torch.tensor([big, big + 2])
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        auroc(inside, outside)
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        AUROC().update(inside, outside)
+    assert auroc(inside - big, outside - big) == 0.75  # the same ranks, exactly representable
+    lowest = torch.tensor([torch.iinfo(torch.int64).min, 0])
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        auac(lowest, torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("tpr", [np.float32(0.95), np.float32(1.0), np.int64(1), 0.95])
+def test_tpr_takes_numpy_scalars(tpr):
+    """np.float32(0.95) was refused as "not a number in (0, 1]"."""
+    inside = torch.tensor([0.9, 0.8, 0.7, 0.4])
+    outside = torch.tensor([0.5, 0.3, 0.2])
+    assert fpr_at_tpr(inside, outside, tpr=tpr) == fpr_at_tpr(inside, outside, tpr=float(tpr))
+    assert FPRAtTPR(tpr=tpr).tpr == tpr
+
+
+def test_empty_batches_are_skipped_by_every_accumulator():
+    """AUFC and ECE refused an empty list as "float" class indices, and an empty batch
+    before (N, C) probabilities made every later batch "another number of classes"."""
+    scores, correct, predictions, labels, probabilities, _ = data()
+    aufc_metric = AUFC()
+    aufc_metric.update([], [], [])
+    aufc_metric.update(scores, predictions, labels)
+    assert aufc_metric.compute() == aufc(scores, predictions, labels)
+    ece = ExpectedCalibrationError()
+    ece.update(torch.zeros(0), [])
+    ece.update(probabilities, labels)
+    assert ece.compute() == expected_calibration_error(probabilities, labels)
+
+
+def test_float_zero_one_correctness_is_read_by_the_calibration_error():
+    """Documented "booleans (or 0/1)", float 0/1 was refused by the calibration error (the
+    curve metrics took it)."""
+    confidences = torch.tensor([0.9, 0.6, 0.8, 0.3])
+    correct = torch.tensor([True, False, True, True])
+    expected = expected_calibration_error(confidences, correct)
+    assert expected_calibration_error(confidences, correct.double()) == expected
+    ece = ExpectedCalibrationError()
+    ece.update(confidences, correct.float())
+    assert ece.compute() == expected
+    with pytest.raises(ValueError, match="booleans or 0/1"):
+        expected_calibration_error(confidences, torch.tensor([1.0, 0.5, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_a_refilled_buffer_does_not_change_what_was_accumulated(index):
+    """update() kept the caller's float64 tensor itself: an audit loop refilling one buffer
+    changed every earlier batch (AUAC 43.55 instead of 71.97)."""
+    metric, arrays, function = pairs()[index]
+    buffers = [torch.empty_like(a[:15]) for a in arrays]
+    for first in (0, 15):
+        for buffer, array in zip(buffers, arrays, strict=True):
+            buffer.copy_(array[first : first + 15])
+        metric.update(*buffers)
+    for buffer in buffers:
+        buffer.zero_()
+    assert metric.compute() == pytest.approx(function(), abs=1e-12)

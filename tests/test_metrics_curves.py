@@ -231,8 +231,11 @@ def test_ood_metrics_on_separated_and_identical_scores():
         (lambda: auroc([1.0], [[1.0]]), "`out_scores` must be 1-D"),
         (lambda: aupr([1.0], [float("nan")]), "`out_scores` contains NaN"),
         (lambda: aupr([1.0], [0.0], positive="ood"), "`positive`='ood'"),
-        (lambda: fpr_at_tpr([1.0], [0.0], tpr=0.0), "`tpr` must be a number in"),
-        (lambda: fpr_at_tpr([1.0], [0.0], tpr=True), "`tpr` must be a number in"),
+        (
+            lambda: fpr_at_tpr([1.0], [0.0], tpr=0.0),
+            "`tpr`=0.0: expected a finite number > 0 and <= 1",
+        ),
+        (lambda: fpr_at_tpr([1.0], [0.0], tpr=True), "`tpr` must be a number, got bool"),
     ],
 )
 def test_ood_metric_errors_name_the_argument(call, pattern):

@@ -239,7 +239,9 @@ def parse_class_selection(
             f"`{argument}` has {value.dim()} dimensions; expected 1 (one class per example) "
             "or 2 (several classes per example)."
         )
-    return classes, multi
+    # a tensor of its own: results hand the classes back, and a view of the caller's `target`
+    # (or a stride-0 expansion of a single class) would let an edit of one change the other
+    return torch.clone(classes, memory_format=torch.contiguous_format), multi
 
 
 def check_class_range(classes: Tensor, num_classes: int, *, argument: str) -> Tensor:

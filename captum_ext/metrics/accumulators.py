@@ -34,7 +34,15 @@ from torch import Tensor
 
 from captum_ext._utils.precision import array_like_tensor
 from captum_ext.metrics.calibration import expected_calibration_error
-from captum_ext.metrics.curves import auac, aufc, aupr, auroc, fpr_at_tpr, misprediction_auroc
+from captum_ext.metrics.curves import (
+    auac,
+    aufc,
+    aupr,
+    auroc,
+    checked_scores,
+    fpr_at_tpr,
+    misprediction_auroc,
+)
 from captum_ext.metrics.deletion_insertion import deletion, insertion
 
 __all__ = [
@@ -59,14 +67,18 @@ def _as_stored(
     kind: str | None = None,
 ) -> Tensor:
     """A detached CPU copy of one batch's values: 1-D, or (N, C) when ``rows``; checked as
-    the metric's function checks them (``kind``: ``"classes"`` integer class indices,
-    ``"correct"`` booleans or 0/1, ``"probabilities"`` floating point), so that the cast to
-    ``dtype`` never truncates what the function would refuse (a correctness of 0.7 stored
-    as 0)."""
+    the metric's function checks them (``kind``: ``"scores"`` real numbers, not booleans;
+    ``"indices"`` integer class indices, not booleans; ``"classes"`` integers or booleans;
+    ``"correct"`` booleans or 0/1; ``"probabilities"`` floating point), so that the cast to
+    ``dtype`` never turns into a number what the function would refuse (a correctness of
+    0.7 stored as 0, boolean scores stored as 0 and 1). An empty batch (``[]``) is stored
+    as empty whatever its dtype."""
     try:
         tensor = array_like_tensor(values).detach()
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"`{argument}` must be a tensor or array-like: {error}") from None
+    if tensor.dim() == 1 and tensor.numel() == 0:  # [] reads as float64: nothing to check
+        return torch.zeros(0, dtype=dtype)
     if tensor.dim() != (2 if rows else 1) and not (rows and tensor.dim() == 1):
         raise ValueError(
             f"`{argument}` must be {'(N, C) or (N,)' if rows else '1-D (N,)'}, got shape "
@@ -74,8 +86,12 @@ def _as_stored(
         )
     if tensor.is_complex():  # the functions refuse it; a cast would drop the imaginary part
         raise TypeError(f"`{argument}` must hold real values, got {tensor.dtype}.")
-    if kind == "classes" and tensor.is_floating_point():
+    if kind in ("classes", "indices") and tensor.is_floating_point():
         raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
+    if kind == "indices" and tensor.dtype == torch.bool:
+        raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
+    if kind == "scores":
+        tensor = checked_scores(tensor, argument)
     if kind == "correct" and tensor.dtype != torch.bool:
         if tensor.is_complex() or not bool(((tensor == 0) | (tensor == 1)).all()):
             raise ValueError(
@@ -85,7 +101,9 @@ def _as_stored(
         raise TypeError(f"`{argument}` must hold floating point values, got {tensor.dtype}.")
     if tensor.dtype == torch.bool and dtype != torch.bool:
         tensor = tensor.to(torch.long)
-    return tensor.cpu().to(dtype)  # moved first: MPS tensors cannot be float64
+    # moved first (MPS tensors cannot be float64); always a copy: the caller's buffer may be
+    # refilled with the next batch
+    return tensor.cpu().to(dtype, copy=True)
 
 
 def _checked_options(function: Callable, *example: Any, **options: Any) -> None:
@@ -200,7 +218,7 @@ class _ScoresAndCorrect(_Accumulator):
 
     def update(self, scores: Any, correct: Any) -> None:
         """Add a batch: trust ``scores`` (N,) and ``correct`` (N,) booleans or 0/1."""
-        s = _as_stored(scores, "scores", _F64)
+        s = _as_stored(scores, "scores", _F64, kind="scores")
         c = _as_stored(correct, "correct", torch.long, kind="correct")
         _check_same_length(scores=s, correct=c)
         self._append(scores=s, correct=c)
@@ -291,9 +309,9 @@ class AUFC(_Accumulator):
 
     def update(self, scores: Any, predictions: Any, labels: Any) -> None:
         """Add a batch: ``scores``, predicted classes and true labels, each (N,)."""
-        s = _as_stored(scores, "scores", _F64)
-        p = _as_stored(predictions, "predictions", torch.long, kind="classes")
-        y = _as_stored(labels, "labels", torch.long, kind="classes")
+        s = _as_stored(scores, "scores", _F64, kind="scores")
+        p = _as_stored(predictions, "predictions", torch.long, kind="indices")
+        y = _as_stored(labels, "labels", torch.long, kind="indices")
         _check_same_length(scores=s, predictions=p, labels=y)
         self._append(scores=s, predictions=p, labels=y)
 
@@ -313,8 +331,8 @@ class _InOut(_Accumulator):
     def update(self, in_scores: Any = (), out_scores: Any = ()) -> None:
         """Add scores of in-distribution and/or out-of-distribution examples (higher = more
         in-distribution); either may be empty in a batch."""
-        inside = _as_stored(in_scores, "in_scores", _F64)
-        outside = _as_stored(out_scores, "out_scores", _F64)
+        inside = _as_stored(in_scores, "in_scores", _F64, kind="scores")
+        outside = _as_stored(out_scores, "out_scores", _F64, kind="scores")
         self._append(in_scores=inside, out_scores=outside)
 
     def _data(self) -> tuple[Tensor, Tensor]:
@@ -431,8 +449,13 @@ class ExpectedCalibrationError(_Accumulator):
             rows=True,
             kind="probabilities",
         )
-        y = _as_stored(labels, "labels", torch.long, kind="classes")
+        # (N,) confidences take correctness (booleans or 0/1), (N, C) probabilities labels
+        y = _as_stored(
+            labels, "labels", torch.long, kind="correct" if values.dim() == 1 else "classes"
+        )
         _check_same_length(probabilities_or_confidences=values, labels=y)
+        if values.shape[0] == 0:  # an empty batch fixes no number of classes
+            return
         earlier = self._values["values"]
         if earlier and earlier[0].shape[1:] != values.shape[1:]:
             raise ValueError(
@@ -484,7 +507,7 @@ class _PerturbationAUC(_Accumulator):
             additional_forward_args=additional_forward_args,
             **self.options,
         )
-        self._append(auc=auc.detach().cpu().to(_F64))
+        self._append(auc=auc.detach().cpu().to(_F64, copy=True))  # not the returned tensor
         return auc
 
     def per_example(self) -> Tensor:

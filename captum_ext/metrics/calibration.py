@@ -61,8 +61,8 @@ def _confidence_and_correct(
             "`probabilities_or_confidences` must lie in [0, 1] (softmax probabilities or "
             "confidences), without NaN."
         )
-    if targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"`labels` must hold integers or booleans, got {targets.dtype}.")
+    if targets.is_complex() or (targets.is_floating_point() and values.dim() == 2):
+        raise TypeError(f"`labels` must hold integer class indices, got {targets.dtype}.")
     if values.dim() == 2:
         confidence, predicted = values.max(dim=1)
         targets = targets.long()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.precision import array_like_tensor
+from captum_ext._utils.validation import check_number
 
 __all__ = [
     "RetentionCurve",
@@ -64,11 +65,31 @@ def _vector(values: Any, argument: str, *, dtype=None) -> Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
-def _scores(scores: Any, argument: str = "scores") -> Tensor:
-    tensor = _vector(scores, argument)
+#: integers beyond this magnitude do not all have a float64 of their own (ranked in float64,
+#: 2**53 + 1 and 2**53 would tie)
+_EXACT_INTEGERS = 2**53
+
+
+def checked_scores(tensor: Tensor, argument: str) -> Tensor:
+    """``tensor`` (scores, any shape) if it holds real numbers that float64 ranks exactly:
+    booleans and complex numbers are refused, as are integers beyond 2**53 in magnitude."""
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"`{argument}` must be real numbers, got {tensor.dtype}.")
-    tensor = tensor.to(torch.float64)
+    if not tensor.is_floating_point() and tensor.numel():
+        largest = int(tensor.abs().max()) if tensor.dtype != torch.int64 else None
+        if largest is None:  # abs() of int64's minimum overflows
+            largest = max(int(tensor.max()), -int(tensor.min()))
+        if largest > _EXACT_INTEGERS:
+            raise ValueError(
+                f"`{argument}` holds integers up to {largest} in magnitude; beyond 2**53 "
+                "float64 (in which the scores are ranked) rounds distinct integers to equal "
+                "values and would make false ties. Rescale or rank them first."
+            )
+    return tensor
+
+
+def _scores(scores: Any, argument: str = "scores") -> Tensor:
+    tensor = checked_scores(_vector(scores, argument), argument).to(torch.float64)
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         nan = int(torch.isnan(tensor).sum())
@@ -497,8 +518,7 @@ def fpr_at_tpr(
         >>> fpr_at_tpr(in_scores, out_scores, tpr=0.75)
         0.0
     """
-    if isinstance(tpr, bool) or not isinstance(tpr, int | float) or not 0 < tpr <= 1:
-        raise ValueError(f"`tpr` must be a number in (0, 1], got {tpr!r}.")
+    tpr = check_number(tpr, "tpr", maximum=1.0)
     if positive not in ("in", "out"):
         raise ValueError(f"`positive`={positive!r}: expected 'in' or 'out'.")
     values, is_in = _in_out(in_scores, out_scores)

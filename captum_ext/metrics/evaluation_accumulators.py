@@ -54,7 +54,8 @@ class _PerExampleMean(_Accumulator):
     _states = ("value",)
 
     def _store(self, values: Tensor) -> Tensor:
-        self._append(value=values.detach().cpu().to(torch.float64).reshape(-1))
+        # a copy: editing the returned values must not edit the accumulated ones
+        self._append(value=values.detach().cpu().to(torch.float64, copy=True).reshape(-1))
         return values
 
     def per_example(self) -> Tensor:
