@@ -149,3 +149,13 @@ def test_the_soundness_floor_is_each_examples_own_probability():
     torch.testing.assert_close(both.soundness[0], alone.soundness[0], atol=0, rtol=0)
     accuracy = soundness(model, x, maps, target=target, score="accuracy", **options)
     assert accuracy.score.shape == both.score.shape
+
+
+@pytest.mark.parametrize("cls", [ROAD, Completeness, Soundness])
+@pytest.mark.parametrize("option", ["target", "additional_forward_args"])
+def test_per_batch_arguments_are_refused_by_the_constructor(cls, option):
+    """ROAD(model, target=1) was accepted, then every update() failed with "got multiple
+    values for keyword argument 'target'"."""
+    oracle = dominant_colour_oracle(2, size=6)
+    with pytest.raises(TypeError, match=f"`{option}` goes with each batch, to update"):
+        cls(oracle.model, **{option: 1})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,29 @@ def test_saturation_correlates_across_images():
     assert saturation(maps, first, second) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="first_boxes"):
         saturation(maps, torch.zeros(3, 4), second)
+
+
+def test_a_zero_denominator_warns_and_says_which_rows():
+    """A whole-image box gave single_patch inf and all-zero maps nan from all three metrics,
+    silently (one such example made a dataset mean nan)."""
+    maps = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps[1] = 0
+    box_a = torch.tensor([[0, 0, 3, 3]] * 3)
+    box_b = torch.tensor([[4, 4, 8, 8]] * 3)
+    with pytest.warns(RuntimeWarning, match=r"null_player: 1 of 3 examples .* \(rows 1\)"):
+        values = null_player(maps, box_a, box_b)
+    assert torch.isnan(values[1]) and torch.isfinite(values[[0, 2]]).all()
+    with pytest.warns(RuntimeWarning, match="patch_class_sensitivity: 1 of 3"):
+        assert torch.isnan(patch_class_sensitivity(maps, maps, box_a, box_b)[1])
+    inside_only = torch.zeros(3, 1, 8, 8)
+    inside_only[:, :, :3, :3] = 1.0
+    with pytest.warns(RuntimeWarning, match="single_patch: 3 of 3"):
+        assert torch.isinf(single_patch(inside_only, box_a)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where every ratio is defined
+        single_patch(maps[[0, 2]], box_a[:2])
+
+
+def test_single_patch_refuses_a_box_covering_the_whole_image():
+    with pytest.raises(ValueError, match="`boxes`: the box of example 1 covers the whole"):
+        single_patch(torch.rand(2, 1, 6, 6), torch.tensor([[0, 0, 3, 3], [0, 0, 6, 6]]))

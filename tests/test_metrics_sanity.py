@@ -254,3 +254,26 @@ def test_sanity_checks_name_a_bad_target(digits):
             check(explainer, model, images, target=torch.tensor([1.0, 2.0, 3.0, 4.0]))
     with pytest.raises(ValueError, match="`contrast` holds class indices outside"):
         class_sensitivity(explainer, model, images, contrast=[1, 2, 3, 40])
+
+
+def test_identical_constant_maps_are_similar_not_unrelated():
+    """A dead layer's all-zero maps for both classes were similarity 0 by Spearman and HOG
+    ("class-sensitive"), 1 only by SSIM."""
+    zeros = torch.zeros(3, 1, 12, 12)
+    varying = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(spearman_similarity(zeros, zeros + 2), torch.ones(3).double())
+    torch.testing.assert_close(spearman_similarity(zeros, varying), torch.zeros(3).double())
+    pytest.importorskip("skimage")
+    from captum_ext.metrics.sanity import _hog_similarity
+
+    torch.testing.assert_close(_hog_similarity(zeros, zeros), torch.ones(3).double())
+    tiny = torch.rand(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_hog_similarity(tiny, tiny), torch.ones(2).double())
+
+
+def test_hog_refuses_maps_narrower_than_a_cell():
+    pytest.importorskip("skimage")
+    from captum_ext.metrics.sanity import _hog_similarity
+
+    with pytest.raises(ValueError, match="'hog' needs maps of at least 2 x 2 pixels .*, got 5 x 1"):
+        _hog_similarity(torch.rand(2, 1, 5, 1), torch.rand(2, 1, 5, 1))

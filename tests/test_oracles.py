@@ -206,3 +206,26 @@ def test_deeplift_runs_on_the_interaction_cell_and_matches_its_shapley_values():
         oracle.inputs.clone(), baselines=oracle.baselines, target=oracle.target
     )
     torch.testing.assert_close(maps, oracle.ground_truth, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size, fill", [(4, 0.03), (1, 0.4)])
+def test_a_fill_that_colours_no_pixel_is_refused(size, fill):
+    """Every image was black, every logit 0 and the target class 0 by an argmax tie."""
+    with pytest.raises(ValueError, match="rounds to no coloured pixel"):
+        dominant_colour_oracle(2, size=size, fill=fill)
+    assert dominant_colour_oracle(2, size=1, fill=0.6).inputs.abs().sum() > 0  # rounds to 1
+
+
+def test_channel_sums_are_formed_in_float64():
+    """float16 maps whose channel sum passes 65,504 were refused as "NaN or infinite", and
+    float32 sums merged maxima 2**24 + 1 and 2**24 (pointing game miss instead of hit)."""
+    half = torch.full((1, 3, 4, 4), 30000.0, dtype=torch.float16)
+    half[0, :, 1, 1] = 30010.0
+    boxes = torch.tensor([[1, 1, 2, 2]])
+    assert pointing_game(half, boxes).tolist() == [True]
+    single = torch.zeros(1, 2, 4, 4)
+    single[0, 0] = 2.0**24
+    single[0, 1, 2, 2] = 1.0  # the channel sum 2**24 + 1 there: the one maximum
+    assert pointing_game(single, torch.tensor([[2, 2, 3, 3]])).tolist() == [True]
+    with pytest.raises(TypeError, match="`attributions` must hold real values"):
+        pointing_game(torch.ones(1, 1, 4, 4, dtype=torch.complex64), boxes)

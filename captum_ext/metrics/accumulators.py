@@ -117,10 +117,22 @@ _SCORES = torch.tensor([0.9, 0.2, 0.6, 0.4], dtype=torch.float64)
 _CORRECT = torch.tensor([True, False, True, False])
 
 
+#: arguments that an accumulator's ``update`` takes with each batch
+PER_BATCH = ("target", "additional_forward_args")
+
+
 def check_option_names(function: Callable, options: dict[str, Any], owner: str) -> None:
-    """Refuse keyword ``options`` that ``function`` does not take, when the accumulator is
-    made (their values are checked by the function at the first ``update``)."""
+    """Refuse keyword ``options`` that ``function`` does not take, and those ``update``
+    takes with each batch (:data:`PER_BATCH`), when the accumulator is made (their values
+    are checked by the function at the first ``update``)."""
     import inspect
+
+    per_batch = [name for name in PER_BATCH if name in options]
+    if per_batch:
+        raise TypeError(
+            f"{owner}: `{per_batch[0]}` goes with each batch, to update(..., "
+            f"{per_batch[0]}=...), not to the constructor."
+        )
 
     taken = {
         name

@@ -59,11 +59,14 @@ def _pixel_maps(maps: Any, argument: str) -> Tensor:
         raise ValueError(
             f"`{argument}` must have shape (N, C, H, W) or (N, H, W), got {tuple(maps.shape)}."
         )
-    if maps.dim() == 4:
-        maps = maps.sum(dim=1)
+    if maps.is_complex():
+        raise TypeError(f"`{argument}` must hold real values, got {maps.dtype}.")
     if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
-    return float64_here_or_cpu(maps)
+    # channels summed in float64: a float16 sum overflows past 65,504 and a float32 one
+    # merges maxima that differ in the last bits
+    maps = float64_here_or_cpu(maps)
+    return maps.sum(dim=1) if maps.dim() == 4 else maps
 
 
 def _same_shape(maps: Tensor, truth: Tensor) -> None:

@@ -16,10 +16,17 @@ and maps ``(N, C, H, W)`` (channels summed):
 - :func:`saturation`: the same patch pasted twice; the Spearman correlation, across images,
   of the :math:`|a|` mass on one copy against the other (a method that saturates, giving all
   the mass to one copy, decorrelates them).
+
+Where a ratio's denominator is zero for an example (no mass on the target patch, no mass on
+either patch, no mass outside the single patch), its value is ``nan`` when the numerator is
+zero too and ``inf`` (signed) otherwise, as the division gives, and a ``RuntimeWarning``
+says how many examples are affected: average such scores with ``torch.nanmean`` or drop
+them, knowingly.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -38,18 +45,36 @@ def _masks(boxes: Any, maps: Tensor, argument: str) -> Tensor:
         raise type(error)(str(error).replace("`objects`", f"`{argument}`")) from None
 
 
+def _ratio(numerator: Tensor, denominator: Tensor, metric: str, zero: str) -> Tensor:
+    """``numerator / denominator``, with a warning naming the examples whose denominator is
+    zero (``zero`` says what that means) and whose value is therefore inf or nan."""
+    undefined = denominator == 0
+    if bool(undefined.any()):
+        rows = undefined.nonzero().flatten().tolist()
+        shown = ", ".join(str(i) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        warnings.warn(
+            f"{metric}: {len(rows)} of {denominator.numel()} examples have {zero} (rows "
+            f"{shown}); their value is inf, or nan where the numerator is 0 too.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return numerator / denominator
+
+
 def null_player(attributions: Any, target_boxes: Any, null_boxes: Any) -> Tensor:
-    """Signed map mass on the null patch over that on the target patch, ``(N,)`` float64."""
+    """Signed map mass on the null patch over that on the target patch, ``(N,)`` float64
+    (inf or nan, with a warning, for an example with no signed mass on its target patch)."""
     maps = _pixel_maps(attributions, "attributions")
     on_target = (maps * _masks(target_boxes, maps, "target_boxes")).flatten(1).sum(1)
     on_null = (maps * _masks(null_boxes, maps, "null_boxes")).flatten(1).sum(1)
-    return on_null / on_target
+    return _ratio(on_null, on_target, "null_player", "no signed map mass on the target patch")
 
 
 def patch_class_sensitivity(
     attributions_a: Any, attributions_b: Any, boxes_a: Any, boxes_b: Any
 ) -> Tensor:
-    """Overlap of the two classes' absolute maps on the two patches, ``(N,)`` float64."""
+    """Overlap of the two classes' absolute maps on the two patches, ``(N,)`` float64 (nan,
+    with a warning, for an example whose maps are zero on both patches)."""
     h_a = _pixel_maps(attributions_a, "attributions_a").abs()
     h_b = _pixel_maps(attributions_b, "attributions_b").abs()
     if h_a.shape != h_b.shape:
@@ -62,17 +87,25 @@ def patch_class_sensitivity(
     overlap = torch.minimum(h_a, h_b)
     shared = (overlap * on_a).flatten(1).sum(1) + (overlap * on_b).flatten(1).sum(1)
     own = (h_a * on_a).flatten(1).sum(1) + (h_b * on_b).flatten(1).sum(1)
-    return shared / own
+    return _ratio(shared, own, "patch_class_sensitivity", "no map mass on either patch")
 
 
 def single_patch(attributions: Any, boxes: Any) -> Tensor:
-    """Mean ``|a|`` inside the patch over mean ``|a|`` outside it, ``(N,)`` float64."""
+    """Mean ``|a|`` inside the patch over mean ``|a|`` outside it, ``(N,)`` float64 (inf or
+    nan, with a warning, for an example with no mass outside the patch). A box that covers
+    the whole image leaves no outside and is refused."""
     maps = _pixel_maps(attributions, "attributions").abs()
     inside = _masks(boxes, maps, "boxes").flatten(1)
+    whole = inside.all(dim=1)
+    if bool(whole.any()):
+        raise ValueError(
+            f"`boxes`: the box of example {int(whole.nonzero()[0, 0])} covers the whole "
+            f"{maps.shape[-2]} x {maps.shape[-1]} image, so there is no outside to compare with."
+        )
     flat = maps.flatten(1)
-    mean_in = (flat * inside).sum(1) / inside.sum(1).clamp_min(1)
-    mean_out = (flat * ~inside).sum(1) / (~inside).sum(1).clamp_min(1)
-    return mean_in / mean_out
+    mean_in = (flat * inside).sum(1) / inside.sum(1)
+    mean_out = (flat * ~inside).sum(1) / (~inside).sum(1)
+    return _ratio(mean_in, mean_out, "single_patch", "no map mass outside the patch")
 
 
 def saturation(attributions: Any, first_boxes: Any, second_boxes: Any) -> float:

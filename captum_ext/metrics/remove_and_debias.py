@@ -1242,7 +1242,9 @@ def road(
         target (int, list or Tensor, optional): the class followed; default the prediction.
         additional_forward_args (Any, optional): passed to the model.
         percentages (sequence of float): fractions removed, each in (0, 1).
-            Default: 0.1, ..., 0.9.
+            Default: 0.1, ..., 0.9. A fraction that removes every pixel of a small image
+            (0.99 of 5 x 5) leaves nothing to impute from: that image is filled with its
+            per-channel mean, without noise.
         order (str): ``"morf"`` or ``"lerf"``. Default: ``"morf"``.
         noise (float): imputation noise. Default: 0.01.
         seed (int): seed of the noise. Each example's noise is drawn from the seed, its
@@ -1316,7 +1318,9 @@ def completeness(
             image's per-channel mean), ``"blur"`` (each image's Gaussian blur, kernel 11,
             sigma 5, as deletion's ``baselines="blur"``), or
             ``imputer(images, removed) -> images`` (``removed``: ``(R, 1, H, W)`` bool).
-            Default: ``"road"``.
+            Default: ``"road"``. Where every pixel is removed (``t = 1`` with a map above
+            zero everywhere, such as ``|gradient|``), ``"road"`` has nothing to impute from
+            and fills the image with its per-channel mean, without noise.
         score (str): ``"probability"`` or ``"accuracy"`` (per-example correctness).
             Default: ``"probability"``.
         noise, seed, batch_size: as in :func:`road` (``noise`` for the ROAD imputer).

@@ -29,6 +29,7 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,17 +103,21 @@ def _ranks(values: Tensor) -> Tensor:
 
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise correlation; two constant rows correlate 1 (they are equal up to an offset:
+    identical, all-tied rankings), a constant row with a varying one 0."""
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
+    varies_a, varies_b = a.norm(dim=1) > 0, b.norm(dim=1) > 0
     denominator = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
-    return torch.where(
-        (a.norm(dim=1) > 0) & (b.norm(dim=1) > 0), (a * b).sum(dim=1) / denominator, 0.0
-    )
+    correlation = torch.where(varies_a & varies_b, (a * b).sum(dim=1) / denominator, 0.0)
+    return torch.where(~varies_a & ~varies_b, 1.0, correlation)
 
 
 def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True) -> Tensor:
-    """Spearman rank correlation of two batches of maps, ``(N,)`` float64 (ties: mean ranks;
-    a constant map correlates 0)."""
+    """Spearman rank correlation of two batches of maps, ``(N,)`` float64 (ties: mean ranks).
+    Two constant maps (e.g. the all-zero maps of a dead layer) correlate 1: their rankings
+    are identical, so a sanity check reads them as the same map; a constant map and a
+    varying one correlate 0."""
     _check_pair(maps_a, maps_b)
     absolute = check_flag(absolute, "absolute")
     a = float64_here_or_cpu(maps_a.flatten(1))
@@ -185,6 +190,11 @@ def _hog_similarity(maps_a: Tensor, maps_b: Tensor) -> Tensor | None:
     except ImportError:
         return None
     h, w = maps_a.shape[-2:]
+    if min(h, w) < 2:
+        raise ValueError(
+            f"`similarity` 'hog' needs maps of at least 2 x 2 pixels (one gradient cell), got "
+            f"{h} x {w}; use 'spearman_abs' or 'ssim' for these maps."
+        )
     cell = max(2, min(h, w) // 4)
 
     def features(maps: Tensor) -> Tensor:
@@ -192,7 +202,7 @@ def _hog_similarity(maps_a: Tensor, maps_b: Tensor) -> Tensor | None:
             hog(m[0].numpy(), pixels_per_cell=(cell, cell), cells_per_block=(1, 1))
             for m in _unit_range(maps.cpu().double())
         ]
-        return torch.tensor(rows, dtype=torch.float64)
+        return torch.from_numpy(np.stack(rows)).to(torch.float64)
 
     return _pearson(features(maps_a), features(maps_b))
 

@@ -53,7 +53,8 @@ __all__ = [
     "null_region_oracle",
 ]
 
-# eight clearly separated colours (no two closer than 1 in L1 distance; none black)
+# eight colours, none black, no two closer than 0.5 in L1 distance (orange is 0.5 from red
+# and from yellow): the detectors' ReLU(1 - 2 d) is exactly 0 for every other colour
 _PALETTE = (
     (1.0, 0.0, 0.0),
     (0.0, 1.0, 0.0),
@@ -212,6 +213,11 @@ def dominant_colour_oracle(
     if colours > len(_PALETTE):
         raise ValueError(f"`colours` must be at most {len(_PALETTE)}, got {colours}.")
     fill = check_number(fill, "fill", maximum=1.0)
+    if round(fill * size * size) < 1:
+        raise ValueError(
+            f"`fill`={fill} of {size} x {size} pixels rounds to no coloured pixel: every image "
+            "would be black, with no dominant colour to explain; raise `fill` or `size`."
+        )
     palette = torch.tensor(_PALETTE[:colours])
     model = DominantColourCounter(palette)
 
