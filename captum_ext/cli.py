@@ -42,6 +42,8 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -428,6 +430,16 @@ _PATH_OPTIONS = (
 )  # fmt: skip
 
 
+def _warning_line(prog: str) -> Callable[..., None]:
+    """Warnings shown as one line ``captum-ext report: warning: ...`` on stderr, as the
+    command's errors are, not as Python's two lines naming a source file of the package."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``captum-ext`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -444,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            warnings.showwarning = _warning_line(prog)
+            return args.handler(args)
     except (OutputError, SectionTooBigError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         if args.command == "report":  # the methods' argument is the command's --layer

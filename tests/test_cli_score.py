@@ -220,3 +220,23 @@ def test_help_says_the_gradtrust_column_is_a_log_and_names_the_default_file(caps
     text = " ".join(capsys.readouterr().out.split())
     assert "The gradtrust column holds the natural log of GradTrust" in text
     assert "the CSV file (default: scores.csv)" in text
+
+
+def test_warnings_are_one_line_each_like_the_errors(tmp_path, capsys):
+    """A warning (here: an image file skipped by its ending) printed Python's two lines naming
+    a source file of the package; the command prints it as one line of its own."""
+    from PIL import Image
+
+    from captum_ext.cli import main
+
+    folder = tmp_path / "digits"
+    write_digit_pngs(folder)
+    Image.open(folder / "img5.png").save(folder / "img6.ppm")
+    out = tmp_path / "s.csv"
+    argv = ["score", "--images", str(folder), "--scores", "softmax", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"captum-ext score: warning: `--images` {str(folder)!r}: skipped 1 files that Pillow "
+        "may read as images, by endings not read (1 .ppm; `extensions` lists those read)."
+    ]

@@ -442,7 +442,8 @@ def test_digits_transform(tmp_path):
     root = tmp_path / "digits"
     write_image(root / "7" / "a.png", size=(40, 40), mode="L")
     write_image(root / "3" / "b.png", size=(28, 28), mode="RGBA")
-    images, _, labels = load_image_folder(root, "digits", labels_from_subfolders=True)
+    with pytest.warns(UserWarning, match=r"1 of 2 images have transparent pixels \(3/b.png\)"):
+        images, _, labels = load_image_folder(root, "digits", labels_from_subfolders=True)
     assert images.shape == (2, 1, 28, 28)
     low, high = normalize_digits(torch.tensor([0.0, 255.0])).tolist()
     assert low - 1e-5 <= float(images.min()) and float(images.max()) <= high + 1e-5
@@ -494,19 +495,32 @@ def test_hidden_files_and_folders_are_skipped(image_folder):
 
 def test_sixteen_bit_and_float_grey_images_are_scaled_not_clipped(tmp_path):
     """PIL's convert() clips 16-bit values above 255: 99.6 % of this ramp came out white.
-    The named transforms read a 16-bit PNG as its 8-bit rounding and a float TIFF in [0, 1]
-    likewise; a float image outside [0, 1] is refused; a callable sees the 16-bit image."""
+    "digits" and "imagenet" read a 16-bit PNG as its 8-bit rounding and a float TIFF in
+    [0, 1] likewise; "none" keeps every level (it read them at 8 bits too: a ramp over 200
+    of the 65,536 levels came out as 2 values); a float image outside [0, 1] is refused; a
+    callable sees the 16-bit image."""
     ramp = np.linspace(0.0, 1.0, 40 * 50).reshape(40, 50)
     folder = tmp_path / "grey"
     folder.mkdir()
     Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(folder / "a16.png")
     Image.fromarray(ramp.astype(np.float32), mode="F").save(folder / "b_float.tiff")
     Image.fromarray(np.round(ramp * 255).astype(np.uint8)).save(folder / "c8.png")
-    for transform in ("none", "digits", "imagenet"):
+    for transform in ("digits", "imagenet"):
         images, _ = load_image_folder(folder, transform)
         assert images.shape[0] == 3
         torch.testing.assert_close(images[0], images[2], atol=0, rtol=0)
         torch.testing.assert_close(images[1], images[2], atol=0, rtol=0)
+    images, _ = load_image_folder(folder, "none")
+    expected = torch.from_numpy(ramp).float()[None]
+    torch.testing.assert_close(images[0], expected, atol=0.5 / 65535, rtol=0)
+    torch.testing.assert_close(images[1], expected, atol=0, rtol=0)
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    levels = np.linspace(1000, 1200, 40 * 50).round().astype(np.uint16).reshape(40, 50)
+    Image.fromarray(levels).save(narrow / "microscope.png")
+    images, _ = load_image_folder(narrow, "none")
+    assert images.unique().numel() == np.unique(levels).size == 201
+    torch.testing.assert_close(images[0, 0].double(), torch.from_numpy(levels / 65535.0))
     modes = []
     load_image_folder(folder, lambda image: modes.append(image.mode) or torch.zeros(1, 2, 2))
     assert modes[0].startswith("I") and modes[1] == "F" and modes[2] == "L"
@@ -661,3 +675,52 @@ def test_a_folder_named_by_a_duplicated_class_name_is_labelled_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert folder_labels(["dog"], ["crane", "dog", "crane"]) == [1]
+
+
+@pytest.mark.parametrize("link", ["best", "kittens", "new", "val", "aaa", "zzz"])
+def test_a_link_beside_its_class_folder_never_takes_its_name(tmp_path, link):
+    """Which name a linked class folder was read under followed the file system's listing
+    order: for 7 of 13 names a link `best -> cat` took cat's images (label "best")."""
+    root = tmp_path / "classes"
+    write_image(root / "cat" / "1.png")
+    write_image(root / "dog" / "1.png")
+    (root / link).symlink_to(root / "cat", target_is_directory=True)
+    outside = tmp_path / "elsewhere"
+    write_image(outside / "2.png")
+    (root / "more").symlink_to(outside, target_is_directory=True)
+    (root / "zz_again").symlink_to(outside, target_is_directory=True)
+    _, paths, labels = load_image_folder(root, "none", labels_from_subfolders=True)
+    assert labels == ["cat", "dog", "more"]  # a folder outside: its first link in path order
+    assert [p.name for p in paths] == ["1.png", "1.png", "2.png"]
+
+
+def test_skipped_files_are_named_in_a_warning(tmp_path):
+    """`.jfif` (a browser's "Save image as" JPEG), `.ppm` and links to nothing were dropped
+    without a word."""
+    root = tmp_path / "mixed"
+    write_image(root / "a.png")
+    write_image(root / "b.jpg")
+    (root / "b.jpg").rename(root / "b.jfif")
+    write_image(root / "c.png")
+    from PIL import Image
+
+    Image.open(root / "c.png").save(root / "d.ppm")
+    (root / "notes.txt").write_text("not an image")
+    (root / "e.png").symlink_to(root / "gone.png")
+    with pytest.warns(
+        UserWarning, match=r"1 files that Pillow may read .*\(1 \.ppm;.*1 links to nothing .*e\.png"
+    ):
+        _, paths = load_image_folder(root, "none")
+    assert [p.name for p in paths] == ["a.png", "b.jfif", "c.png"]
+
+
+def test_a_conversion_pil_cannot_do_names_the_file(tmp_path):
+    """A CIE-Lab TIFF under "digits": PIL's "conversion from LAB to L not supported"
+    escaped without the file's name."""
+    from PIL import Image
+
+    root = tmp_path / "lab"
+    root.mkdir()
+    Image.new("LAB", (8, 8), (50, 0, 0)).save(root / "lab.tif")
+    with pytest.raises(ValueError, match=r"cannot read image .*lab\.tif.*conversion"):
+        load_image_folder(root, "digits")

@@ -65,6 +65,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png",
     ".jpg",
     ".jpeg",
+    ".jfif",
+    ".jpe",
     ".bmp",
     ".gif",
     ".tif",
@@ -730,6 +732,10 @@ def _shown(path: str | os.PathLike) -> str:
     return os.fsencode(os.fspath(path)).decode("utf-8", errors="replace")
 
 
+def _visible(names: list[str]) -> list[str]:
+    return sorted(name for name in names if not name.startswith("."))
+
+
 def _find_images(
     directory: Path, extensions: Sequence[str], exclude: Sequence[Path] = ()
 ) -> list[Path]:
@@ -737,25 +743,77 @@ def _find_images(
     ``directory`` starting with "."): Jupyter's ``.ipynb_checkpoints`` copies and macOS's
     ``._name.jpg`` resource forks are not the user's images. Folders reached through a
     symbolic link are read too (as torchvision's ``ImageFolder`` does; ``Path.rglob`` skips
-    them), each real folder once; folders in ``exclude`` (the report being written inside
-    ``--images``) and the output folders of earlier reports (:data:`REPORT_MARKER`) are
-    skipped."""
+    them), each real folder once: under its own name when it lies in ``directory``, else
+    under the first link to it in path order. Folders in ``exclude`` (the report being
+    written inside ``--images``) and the output folders of earlier reports
+    (:data:`REPORT_MARKER`) are skipped. What else is left out says a warning: files whose
+    ending Pillow reads as an image but ``extensions`` does not list, links to nothing, and
+    folders that cannot be listed."""
     wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     excluded = {os.path.realpath(p) for p in exclude}
-    found = []
-    seen: set[str] = set()
-    for folder, subfolders, files in os.walk(directory, followlinks=True):
+    unlisted: list[str] = []
+
+    def walk(follow: bool):
+        def note(error: OSError) -> None:
+            if follow:
+                unlisted.append(f"{_shown(error.filename)} ({error.strerror})")
+
+        for folder, subfolders, files in os.walk(directory, followlinks=follow, onerror=note):
+            if os.path.realpath(folder) in excluded or REPORT_MARKER in files:
+                subfolders[:] = []  # never the pictures of a report written here
+                continue
+            subfolders[:] = _visible(subfolders)  # in path order: the same links win every time
+            yield folder, subfolders, files
+
+    # the real folders under `directory`, read under their own names (not a link's, which
+    # would label their images by the link's name in an order the file system chooses)
+    own = {os.path.realpath(folder): os.path.normpath(folder) for folder, _, _ in walk(False)}
+    found, seen = [], set()
+    skipped: dict[str, int] = {}
+    dangling: list[str] = []
+    known = _pillow_endings()
+    for folder, subfolders, files in walk(True):
         real = os.path.realpath(folder)
-        if real in seen or real in excluded or REPORT_MARKER in files:
-            subfolders[:] = []  # read once; never the pictures of a report written here
+        if real in seen or own.get(real, os.path.normpath(folder)) != os.path.normpath(folder):
+            subfolders[:] = []  # read once, under its own name
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        for name in files:
+        for name in _visible(files):
             path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in wanted and path.is_file():
-                found.append(path)
+            ending = path.suffix.lower()
+            if ending in wanted:
+                if path.is_file():
+                    found.append(path)
+                elif not path.exists():
+                    dangling.append(_shown(path))
+            elif ending in known and tuple(extensions) == IMAGE_EXTENSIONS:  # not chosen
+                skipped[ending] = skipped.get(ending, 0) + 1
+    notes = []
+    if skipped:
+        counts = ", ".join(f"{n} {ending}" for ending, n in sorted(skipped.items()))
+        notes.append(
+            f"{sum(skipped.values())} files that Pillow may read as images, by endings not "
+            f"read ({counts}; `extensions` lists those read)"
+        )
+    if dangling:
+        notes.append(f"{len(dangling)} links to nothing ({', '.join(dangling[:3])})")
+    if unlisted:
+        notes.append(f"{len(unlisted)} folders that cannot be listed ({', '.join(unlisted[:3])})")
+    if notes:
+        warnings.warn(
+            f"`--images` {_shown(directory)!r}: skipped {'; '.join(notes)}.", stacklevel=3
+        )
     return sorted(found)
+
+
+def _pillow_endings() -> frozenset[str]:
+    """File endings Pillow opens as images (empty without Pillow)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return frozenset()
+    readable = Image.registered_extensions()  # also loads the plugins, filling Image.OPEN
+    return frozenset(ending.lower() for ending, kind in readable.items() if kind in Image.OPEN)
 
 
 def _imagenet_pil(image) -> Tensor:
@@ -803,12 +861,15 @@ def _to_tensor(image) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 255.0
 
 
-# grey modes: 1-bit, 8-bit, grey with alpha (16-bit and float ones become "L" before)
+# grey modes: 1-bit, 8-bit, grey with alpha (16-bit and float ones: see _high_bit_depth)
 _GREY_MODES = ("1", "L", "LA")
 
 
 def _plain_transform(image) -> Tensor:
-    """Grey images as one channel (a 1-bit or grey-and-alpha image too), others as RGB."""
+    """Grey images as one channel (a 1-bit or grey-and-alpha image too), others as RGB; a
+    16-bit or float grey image (:class:`_UnitGrey`) with every level it has."""
+    if isinstance(image, _UnitGrey):
+        return torch.from_numpy(image.values.astype(np.float32))[None]
     if image.mode in _GREY_MODES:
         return _to_tensor(image if image.mode == "L" else image.convert("L"))
     return _to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
@@ -826,28 +887,52 @@ def _digits_transform(image) -> Tensor:
     return normalize_digits(pixels).reshape(1, _DIGITS_SIZE, _DIGITS_SIZE)
 
 
-def _eight_bit(image, path: Path):
-    """High-bit-depth grey images (16-bit PNG / TIFF, 32-bit integer, float) as 8-bit "L",
-    scaled by their bit depth: PIL's own ``convert("RGB")`` / ``convert("L")`` clips every
-    value above 255, which turns a 16-bit image almost entirely white."""
-    from PIL import Image
+class _ImageError(ValueError):
+    """An image refused by the loader itself (its message already names the file)."""
 
+
+@dataclasses.dataclass(frozen=True)
+class _UnitGrey:
+    """A 16-bit or float grey image scaled to [0, 1] in float64: for ``transform="none"``,
+    which keeps every level (8 bits would merge them), and :meth:`eight_bit` for the
+    transforms that read 8-bit images."""
+
+    values: np.ndarray
+
+    def eight_bit(self):
+        from PIL import Image
+
+        return Image.fromarray(np.round(self.values * 255.0).astype(np.uint8), mode="L")
+
+
+def _high_bit_depth(image, path: Path):
+    """High-bit-depth grey images (16-bit PNG / TIFF, 32-bit integer, float) scaled to [0, 1]
+    by their bit depth (:class:`_UnitGrey`); others unchanged. PIL's own ``convert("RGB")`` /
+    ``convert("L")`` clips every value above 255, which turns a 16-bit image almost entirely
+    white."""
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     values = np.asarray(image).astype(np.float64)
     if image.mode.startswith("I;16") or (
         image.mode == "I" and values.min() >= 0 and values.max() <= 65535
     ):
-        scaled = values / 65535.0
-    elif image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
-        scaled = values
-    else:
-        raise ValueError(
-            f"`--images`: {str(path)!r} is a {image.mode!r} image with values in "
-            f"[{values.min():g}, {values.max():g}], which has no standard scale to 8 bits; "
-            "pass a callable `transform` that maps it to a C x H x W tensor."
-        )
-    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+        return _UnitGrey(values / 65535.0)
+    if image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+        return _UnitGrey(values)
+    raise _ImageError(
+        f"`--images`: {str(path)!r} is a {image.mode!r} image with values in "
+        f"[{values.min():g}, {values.max():g}], which has no standard scale to [0, 1]; "
+        "pass a callable `transform` that maps it to a C x H x W tensor."
+    )
+
+
+def _has_transparent_pixels(image) -> bool:
+    """Whether any pixel is less than opaque (an alpha band, or a palette's or grey image's
+    transparent colour)."""
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        return alpha.getextrema()[0] < 255
+    return False
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -893,7 +978,10 @@ def load_image_folder(
         directory (str or Path): the folder. Images in sub-folders are included; with
             ``labels_from_subfolders=True`` the first sub-folder is the image's class name.
             Hidden files and folders (names starting with ".", such as
-            ``.ipynb_checkpoints`` or macOS's ``._photo.jpg``) are skipped.
+            ``.ipynb_checkpoints`` or macOS's ``._photo.jpg``) are skipped. Folders reached
+            through symbolic links are read, each real folder once: under its own name when
+            it lies in ``directory`` (a link ``best -> cat`` beside ``cat`` adds nothing),
+            else under the first link to it in path order.
         transform (str or Callable, optional):
 
             - ``"imagenet"``: RGB, resize the shorter side to 256, center crop 224, scale to
@@ -909,11 +997,18 @@ def load_image_folder(
 
             The named transforms turn photos upright by their EXIF orientation tag (as image
             viewers show them) and read 16-bit grey images (PNG, TIFF) scaled by 1/65535 and
-            float ones in [0, 1] (as grey images); a callable gets the image as PIL opened
-            it, as torchvision's ``ImageFolder`` passes it to its transform, so a pipeline
-            the model was trained with sees the same pixels. Default: ``"imagenet"``.
+            float ones in [0, 1] (as grey images): ``"none"`` keeps every level they have,
+            ``"imagenet"`` and ``"digits"`` read them at 8 bits, as the images those models
+            were trained on (Pillow itself reads 16-bit colour images at 8 bits). Alpha is
+            dropped (the colour stored under a transparent pixel is read, as torchvision's
+            ``ImageFolder`` does), with a warning naming the images that have transparent
+            pixels; animated images and multi-page TIFFs give their first frame. A callable
+            gets the image as PIL opened it, as ``ImageFolder`` passes it to its transform,
+            so a pipeline the model was trained with sees the same pixels.
+            Default: ``"imagenet"``.
         extensions (Sequence[str], optional): file name endings to read (case-insensitive).
-            Default: :data:`IMAGE_EXTENSIONS`.
+            Links to nothing are skipped with a warning, and so, with the default, are files
+            that Pillow may read as images by other endings. Default: :data:`IMAGE_EXTENSIONS`.
         labels_from_subfolders (bool, optional): also return each image's sub-folder name
             (``""`` for images directly in ``directory``). Default: False.
         limit (int, optional): read only the first ``limit`` images (in path order).
@@ -975,14 +1070,24 @@ def load_image_folder(
     if limit is not None:
         paths = paths[:limit]
     tensors = []
+    transparent = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 image.load()
-                tensor = function(
-                    image if callable(transform) else _eight_bit(_upright(image), path)
-                )
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+                if callable(transform):
+                    tensor = function(image)
+                else:
+                    if _has_transparent_pixels(image):
+                        transparent.append(_shown(path.relative_to(root)))
+                    image = _high_bit_depth(_upright(image), path)
+                    if isinstance(image, _UnitGrey) and function is not _plain_transform:
+                        image = image.eight_bit()
+                    tensor = function(image)
+        except _ImageError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            # ValueError: PIL's conversions (a CIE-Lab TIFF to grey) and the user's transform
             raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from None
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
             got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
@@ -998,6 +1103,15 @@ def load_image_folder(
                 "same size and channels (use transform 'imagenet' to resize and crop)."
             )
         tensors.append(tensor.to(torch.float32))
+    if transparent:
+        warnings.warn(
+            f"`--images`: {len(transparent)} of {len(paths)} images have transparent pixels "
+            f"({', '.join(transparent[:3])}{', ...' if len(transparent) > 3 else ''}); their "
+            "transparency is dropped (the colour stored under each pixel is read, as "
+            "torchvision's ImageFolder does). Flatten them onto the background they are "
+            "meant to be seen on first (PIL's Image.alpha_composite).",
+            stacklevel=2,
+        )
     images = torch.stack(tensors)
     if not labels_from_subfolders:
         return images, paths
