@@ -26,7 +26,12 @@ from .deprecation import moved_names
 from .hooks import _as_leaves, capture_layer, restored_buffers_of_modules_run
 from .layers import root_module, uncompiled
 from .model_state import gradients_on, preserved_state
-from .validation import check_int, format_additional_forward_args, output_selection
+from .validation import (
+    OutOfMemoryError,
+    check_int,
+    format_additional_forward_args,
+    output_selection,
+)
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
 #: the (N, C) logits. (Named ``SCORES`` before; that name still works.)
@@ -125,7 +130,7 @@ def call_model(
     missing batch dimension), so that the cause is easy to trace back."""
     try:
         return forward_func(*inputs, *extra)
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:
         raise
     except (RuntimeError, ValueError) as error:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import OutOfMemoryError
+
 NORMALIZE_CHOICES = (None, "minmax")
 
 
@@ -76,7 +78,7 @@ def upsample_maps(maps: Tensor, size: tuple[int, ...], mode: str | None = None) 
         return F.interpolate(
             maps, size=tuple(size), mode=mode, align_corners=False if linear else None
         )
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:
         raise
     except (NotImplementedError, ValueError, RuntimeError) as error:
         # torch refuses a mode for this number of spatial dims (e.g. "bicubic" on 1-D maps)

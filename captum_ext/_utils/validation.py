@@ -383,6 +383,13 @@ def output_selection(
 # numbers, devices and dtypes: the one place every module checks them
 
 
+#: torch's out-of-memory error: ``torch.OutOfMemoryError`` from torch 2.5, before that only
+#: ``torch.cuda.OutOfMemoryError`` (the same class where both exist)
+OutOfMemoryError: type[BaseException] = getattr(
+    torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError
+)
+
+
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type. A ``TypeError`` that is also a ``ValueError``, so
     callers who catch either (both were raised for this in earlier releases) still do."""

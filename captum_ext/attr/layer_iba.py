@@ -34,6 +34,7 @@ from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_
 from .._utils.precision import precise, precise_dtype
 from .._utils.training import progress_bar
 from .._utils.validation import (
+    OutOfMemoryError,
     check_int,
     check_number,
     format_additional_forward_args,
@@ -870,7 +871,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         """
         try:
             output = uncompiled(self.forward_func)(*inputs, *extra)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise
         except Exception:  # noqa: BLE001 - any failure means: run the copies in full
             return None
