@@ -240,8 +240,10 @@ def parse_class_selection(
             "or 2 (several classes per example)."
         )
     # a tensor of its own: results hand the classes back, and a view of the caller's `target`
-    # (or a stride-0 expansion of a single class) would let an edit of one change the other
-    return torch.clone(classes, memory_format=torch.contiguous_format), multi
+    # (or a stride-0 expansion of a single class) would let an edit of one change the other;
+    # made outside inference mode, as the classes index logits that autograd differentiates
+    with torch.inference_mode(False):
+        return torch.clone(classes, memory_format=torch.contiguous_format), multi
 
 
 def check_class_range(classes: Tensor, num_classes: int, *, argument: str) -> Tensor:
