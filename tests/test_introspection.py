@@ -141,6 +141,20 @@ def test_a_bad_k_is_refused_when_the_network_is_made(bundled_model, k):
         IntrospectiveNetwork(bundled_model, form="topk", k=k)
 
 
+def test_a_file_saved_with_an_unused_k_still_loads(tmp_path, bundled_model, bundled_digits):
+    """Before `k` was refused outside form="topk", a network made with form="per_class",
+    k=3 saved k=3 (never used); such files must load, their k dropped."""
+    x, y = bundled_digits[0][:8], bundled_digits[1][:8]
+    network = IntrospectiveNetwork(bundled_model, hidden_width=8)
+    expected = network.fit(x, y, epochs=1, progress=False).predict_proba(x)
+    network.k = 3  # as the constructor kept it before
+    for suffix in (".pt", ".safetensors"):
+        path = network.save(tmp_path / f"old{suffix}")
+        loaded = IntrospectiveNetwork.load(path, bundled_model)
+        assert loaded.k is None
+        torch.testing.assert_close(loaded.predict_proba(x), expected)
+
+
 def test_resume_without_a_checkpoint_folder_is_refused(bundled_model, bundled_digits):
     """fit(resume=True) without `checkpoint_dir` trained from scratch without a word, and
     resume="no" counted as True."""

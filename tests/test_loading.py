@@ -724,3 +724,19 @@ def test_a_conversion_pil_cannot_do_names_the_file(tmp_path):
     Image.new("LAB", (8, 8), (50, 0, 0)).save(root / "lab.tif")
     with pytest.raises(ValueError, match=r"cannot read image .*lab\.tif.*conversion"):
         load_image_folder(root, "digits")
+
+
+def test_a_transparent_grey_level_of_a_16_bit_image_is_compared_at_16_bits(tmp_path):
+    """A 16-bit grey PNG's transparent colour (tRNS) was compared with the image cut to 8
+    bits: a false alarm for a level no pixel has, none for one a pixel has."""
+    from PIL import Image
+
+    ramp = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    for level, warned in ((255, False), (1000, True)):
+        root = tmp_path / str(level)
+        root.mkdir()
+        Image.fromarray(ramp).save(root / "ramp.png", transparency=level)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_image_folder(root, "none")
+        assert any("transparent pixels" in str(w.message) for w in caught) == warned

@@ -99,3 +99,16 @@ def test_a_zero_denominator_warns_and_says_which_rows():
 def test_single_patch_refuses_a_box_covering_the_whole_image():
     with pytest.raises(ValueError, match="`boxes`: the box of example 1 covers the whole"):
         single_patch(torch.rand(2, 1, 6, 6), torch.tensor([[0, 0, 3, 3], [0, 0, 6, 6]]))
+
+
+def test_saturation_of_maps_without_mass_is_nan_with_a_warning():
+    """Both copies' masses constant across images (all-zero maps) read 1.0 ("no
+    saturation") through the constant-map rule of the map similarities."""
+    first = torch.tensor([[0, 0, 3, 3]] * 4)
+    second = torch.tensor([[4, 4, 7, 7]] * 4)
+    with pytest.warns(RuntimeWarning, match="saturation: .* undefined"):
+        assert np.isnan(saturation(torch.zeros(4, 1, 8, 8), first, second))
+    maps = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert -1 <= saturation(maps, first, second) <= 1

@@ -267,13 +267,38 @@ def test_identical_constant_maps_are_similar_not_unrelated():
     from captum_ext.metrics.sanity import _hog_similarity
 
     torch.testing.assert_close(_hog_similarity(zeros, zeros), torch.ones(3).double())
-    tiny = torch.rand(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(_hog_similarity(tiny, tiny), torch.ones(2).double())
+    small = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_hog_similarity(small, small), torch.ones(2).double())
+    other = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(2))
+    assert (_hog_similarity(small, other) < 0.99).all()  # not 1 for any pair
 
 
 def test_hog_refuses_maps_narrower_than_a_cell():
     pytest.importorskip("skimage")
     from captum_ext.metrics.sanity import _hog_similarity
 
-    with pytest.raises(ValueError, match="'hog' needs maps of at least 2 x 2 pixels .*, got 5 x 1"):
-        _hog_similarity(torch.rand(2, 1, 5, 1), torch.rand(2, 1, 5, 1))
+    for shape in ((5, 1), (2, 2), (16, 2)):  # at 2 pixels: no gradient inside a direction
+        maps = torch.rand(2, 1, *shape)
+        with pytest.raises(
+            ValueError, match=f"at least 3 x 3 pixels .*, got {shape[0]} x {shape[1]}"
+        ):
+            _hog_similarity(maps, maps)
+
+
+def test_sanity_checks_sum_half_precision_channels_without_overflow():
+    """Finite float16 maps of 3 channels near 30,000 each summed to inf in float16: "explainer
+    returned NaN or infinite maps"."""
+
+    class Half:
+        def __init__(self, model):
+            self.model = model
+
+        def attribute(self, inputs, target=None):
+            maps = torch.full((inputs.shape[0], 3, *inputs.shape[-2:]), 30000.0)
+            maps[:, :, :2] = 1.0
+            return maps.half()
+
+    model = load_bundled_model()
+    x = load_sample_digits()[0][:2]
+    result = class_sensitivity(Half, model, x, similarity="spearman_abs")
+    torch.testing.assert_close(result.similarity["spearman_abs"], torch.ones(2).double())

@@ -813,7 +813,15 @@ def _pillow_endings() -> frozenset[str]:
     except ImportError:
         return frozenset()
     readable = Image.registered_extensions()  # also loads the plugins, filling Image.OPEN
-    return frozenset(ending.lower() for ending, kind in readable.items() if kind in Image.OPEN)
+    return frozenset(
+        ending.lower()
+        for ending, kind in readable.items()
+        if kind in Image.OPEN and kind not in _PILLOW_STUBS
+    )
+
+
+#: Pillow formats that only identify a file (they need a handler of the user's to read it)
+_PILLOW_STUBS = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF"})
 
 
 def _imagenet_pil(image) -> Tensor:
@@ -929,6 +937,10 @@ def _high_bit_depth(image, path: Path):
 def _has_transparent_pixels(image) -> bool:
     """Whether any pixel is less than opaque (an alpha band, or a palette's or grey image's
     transparent colour)."""
+    if image.mode.startswith("I") or image.mode == "F":  # a grey level marked transparent
+        if "transparency" not in image.info:
+            return False
+        return bool((np.asarray(image) == image.info["transparency"]).any())
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         alpha = image.convert("RGBA").getchannel("A")
         return alpha.getextrema()[0] < 255
@@ -1088,7 +1100,10 @@ def load_image_folder(
             raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
             # ValueError: PIL's conversions (a CIE-Lab TIFF to grey) and the user's transform
-            raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from None
+            # (chained: its traceback is the user's to read)
+            raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from (
+                error if isinstance(error, ValueError) else None
+            )
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
             got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
             raise ValueError(

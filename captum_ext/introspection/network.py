@@ -460,7 +460,8 @@ class IntrospectiveNetwork(nn.Module):
             model,
             layer=config["layer"] or None,
             form=config["form"],
-            k=None if config["k"] < 0 else config["k"],
+            # files written before `k` was refused outside "topk" may hold one it never used
+            k=None if config["k"] < 0 or config["form"] != "topk" else config["k"],
             normalize=None if config["normalize"] == "none" else config["normalize"],
             hidden_width=config["hidden_width"],
             output_transform=output_transform,

@@ -76,9 +76,10 @@ def checked_scores(tensor: Tensor, argument: str) -> Tensor:
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"`{argument}` must be real numbers, got {tensor.dtype}.")
     if not tensor.is_floating_point() and tensor.numel():
-        largest = int(tensor.abs().max()) if tensor.dtype != torch.int64 else None
-        if largest is None:  # abs() of int64's minimum overflows
-            largest = max(int(tensor.max()), -int(tensor.min()))
+        # in numpy: torch's abs() overflows at int64's minimum, and torch has neither abs()
+        # nor max() for uint16/32/64
+        values = tensor.detach().cpu().numpy()
+        largest = max(int(values.max()), -int(values.min()))
         if largest > _EXACT_INTEGERS:
             raise ValueError(
                 f"`{argument}` holds integers up to {largest} in magnitude; beyond 2**53 "

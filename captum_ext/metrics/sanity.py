@@ -190,10 +190,10 @@ def _hog_similarity(maps_a: Tensor, maps_b: Tensor) -> Tensor | None:
     except ImportError:
         return None
     h, w = maps_a.shape[-2:]
-    if min(h, w) < 2:
+    if min(h, w) < 3:  # central differences with zero borders: no gradient across 2 pixels
         raise ValueError(
-            f"`similarity` 'hog' needs maps of at least 2 x 2 pixels (one gradient cell), got "
-            f"{h} x {w}; use 'spearman_abs' or 'ssim' for these maps."
+            f"`similarity` 'hog' needs maps of at least 3 x 3 pixels (a gradient inside each "
+            f"direction), got {h} x {w}; use 'spearman_abs' or 'ssim' for these maps."
         )
     cell = max(2, min(h, w) // 4)
 
@@ -259,8 +259,8 @@ def _explain(
     if isinstance(maps, tuple):
         maps = maps[0]
     maps = maps.detach()
-    if maps.dim() == 4:
-        maps = maps.sum(dim=1, keepdim=True)
+    if maps.dim() == 4:  # summed in float64: a float16 sum overflows past 65,504
+        maps = float64_here_or_cpu(maps).sum(dim=1, keepdim=True)
     if maps.shape[-2:] != inputs.shape[-2:]:
         maps = F.interpolate(
             maps.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.layers import find_last_linear, resolve_layer, uncompiled
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.training import progress_bar
 from captum_ext._utils.validation import check_int
 from captum_ext.viz.report import _model_device
@@ -178,7 +179,7 @@ def _explainers(
 def _maps(explainer: Any, x: Tensor, target: Tensor) -> Tensor:
     maps = explainer.attribute(x.clone(), target=target)
     maps = maps[0] if isinstance(maps, tuple) else maps
-    maps = maps.detach().sum(dim=1, keepdim=True)
+    maps = at_least_float32(maps.detach()).sum(dim=1, keepdim=True)  # no float16 overflow
     if maps.shape[-2:] != x.shape[-2:]:
         maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return maps
