@@ -457,3 +457,22 @@ def test_shortcut_audit_leaves_the_callers_rng_and_privacy_audit_names_classes(
             bundled_model, images[:10], labels[:10], inversion=inversion, classes=[12],
             progress=False,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"steps": 10},
+        {"preprocess": lambda x: x},
+        {"value_range": (0.0, 255.0)},
+        {"batch_size": 4},
+        {"inversion_options": {"lr": 0.1}},
+    ],
+)
+def test_privacy_audit_refuses_training_settings_with_a_fitted_inversion(setting):
+    """With `inversion=` given they were accepted and ignored."""
+    images, labels = _digits_like(n=6, num_classes=3, side=9, seed=2)
+    model = make_tiny_cnn(in_channels=1, num_classes=3, dtype=torch.float32)
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"`{name}`=.* would be ignored"):
+        privacy_audit(model, images, labels, inversion=lambda y: images[: len(y)], **setting)

@@ -388,3 +388,20 @@ def test_old_classifier_keyword_warns_and_works(model, images, labels):
         assert label_consistency(classifier=model, images=images, labels=labels) == new
     with pytest.warns(DeprecationWarning, match="`classifier` is renamed `model`"):
         mean_confidence(classifier=model, images=images)
+
+
+def test_evaluation_takes_images_of_another_float_dtype_than_the_model(model, images, labels):
+    """float32 images for a float64 model failed inside conv2d ("Input type (float) and bias
+    type (double) should be the same"); TIE's own scores cast them, now these do too."""
+    model = model.double()
+    single = images.float()
+    assert label_consistency(model, single, labels) == label_consistency(model, images, labels)
+    torch.testing.assert_close(
+        mean_confidence(model, single), mean_confidence(model, images), atol=1e-7, rtol=0
+    )
+    torch.testing.assert_close(
+        within_class_diversity(model, single, labels),
+        within_class_diversity(model, images, labels),
+        atol=1e-6,
+        rtol=0,
+    )

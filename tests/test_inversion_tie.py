@@ -157,12 +157,46 @@ def test_generator_factory():
     def factory(k):
         return ConditionedGenerator(k, SHAPE, latent_dim=4, width=8, conditioning="vector_matrix")
 
-    tie = TIE(tiny_model(), factory, **SMALL)
+    own = {k: v for k, v in SMALL.items() if k not in ("latent_dim", "generator_width")}
+    tie = TIE(tiny_model(), factory, **own)
     assert tie.generator.latent_dim == 4 and tie.generator.num_classes == CLASSES + 1
     with pytest.raises(ValueError, match="`generator_factory`"):
-        TIE(tiny_model(), lambda k: ConditionedGenerator(k - 1, SHAPE, width=8), **SMALL)
+        TIE(tiny_model(), lambda k: ConditionedGenerator(k - 1, SHAPE, width=8), **own)
     with pytest.raises(TypeError, match="`generator_factory`"):
-        TIE(tiny_model(), lambda k: nn.Linear(2, 2), **SMALL)
+        TIE(tiny_model(), lambda k: nn.Linear(2, 2), **own)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"latent_dim": 8},
+        {"generator_width": 8},
+        {"dropout": 0.5},
+        {"preprocess": ([0.5, 0.5, 0.5], [0.2, 0.2, 0.2])},
+        {"value_range": (0.0, 255.0)},
+    ],
+)
+def test_default_generator_settings_are_refused_with_a_generator_factory(setting):
+    """With `generator_factory` they were ignored without a word: `preprocess` for
+    normalised data left the garbage pool seeded with raw [0, 1] noise."""
+
+    def factory(k):
+        return ConditionedGenerator(k, SHAPE, latent_dim=4, width=8, conditioning="vector_matrix")
+
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"`{name}`=.* would be ignored: .*`generator_factory`"):
+        TIE(tiny_model(), factory, input_shape=SHAPE, **setting)
+
+
+def test_making_a_tie_leaves_the_global_random_stream_alone():
+    """The extended head's nn.Linear drew its (overwritten) initialisation from the caller's
+    global generator."""
+    model = tiny_model()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    TIE(model, **SMALL)
+    assert torch.equal(torch.rand(3), expected)
 
 
 # --------------------------------------------------------------------------- designed model

@@ -136,6 +136,41 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         )
 
 
+def test_a_checkpoint_of_other_images_is_not_resumed(tmp_path):
+    """A 3 x 8 x 8 fit's checkpoint was resumed by an inversion of 3 x 7 x 7 images without a
+    word (its weights have the same shapes), and by a 1-channel one with torch's "size
+    mismatch" error."""
+    path = tmp_path / "inversion.pt"
+    flaky = Flaky(tiny_classifier(), fail_at=None)
+    first = NetworkInversion(flaky, tiny_generator(), preset="reconstruction", batch_size=4)
+    flaky.fail_at = flaky.calls + 4 + 3 + 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+    other = ConditionedGenerator(CLASSES, (3, 7, 7), latent_dim=8, width=8, preprocess=(0.5, 0.25))
+    smaller = NetworkInversion(tiny_classifier(), other, preset="reconstruction", batch_size=4)
+    with pytest.raises(ValueError, match=r"`checkpoint` is for a generator with image_shape"):
+        smaller.fit(8, progress=False, checkpoint=path, resume=True)
+    wider = ConditionedGenerator(CLASSES, SHAPE, latent_dim=6, width=8, preprocess=(0.5, 0.25))
+    with pytest.raises(ValueError, match=r"`checkpoint` is for a generator with latent_dim 8"):
+        NetworkInversion(tiny_classifier(), wider, preset="reconstruction", batch_size=4).fit(
+            8, progress=False, checkpoint=path, resume=True
+        )
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"latent_dim": 16}, {"dropout": 0.5}, {"input_shape": (3, 16, 16)}],
+)
+def test_built_in_generator_settings_are_refused_with_a_generator(setting):
+    """With `generator_net` they were accepted and ignored (latent 100, dropout 0.1 and the
+    generator's own shape kept)."""
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        NetworkInversion(tiny_classifier(), tiny_generator(), **setting)
+    same = {"latent_dim": 8, "dropout": 0.1, "input_shape": SHAPE}[name]  # the generator's own
+    NetworkInversion(tiny_classifier(), tiny_generator(), **{name: same})
+
+
 def test_consecutive_fits_continue_and_follow_a_changed_classifier():
     model = tiny_classifier()
     inversion = NetworkInversion(model, tiny_generator(), batch_size=4)

@@ -558,3 +558,36 @@ def check_flag(value: Any, argument: str) -> bool:
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return bool(value)
     raise TypeError(f"`{argument}` must be True or False, got {type(value).__name__} {value!r}.")
+
+
+def refuse_ignored_settings(settings: dict[str, tuple[Any, Any]], reason: str) -> None:
+    """Refuse each setting (``name -> (value, default)``) given a value other than its default
+    where it would be ignored; ``reason`` says why, e.g. "it sets the generator built here,
+    and `generator_net` is given"."""
+    for name, (value, default) in settings.items():
+        if value is not default and not _equal_setting(value, default):
+            raise ValueError(f"`{name}`={value!r} would be ignored: {reason}.")
+
+
+def _equal_setting(value: Any, default: Any) -> bool:
+    try:
+        return bool(value == default)
+    except (TypeError, RuntimeError, ValueError):  # a tensor compared with None, ...
+        return False
+
+
+def to_model_input(tensor: Tensor, model: Any) -> Tensor:
+    """``tensor`` on the device of ``model`` (an ``nn.Module`` or a callable wrapping one;
+    left where it is for a model spread over several devices), and, when both are floating
+    point, in its dtype (float32 images for a float64 model: a convolution refuses mixed
+    dtypes deep inside torch). Unchanged for a model without parameters or buffers."""
+    from captum_ext._utils.layers import root_module
+
+    module = root_module(model)
+    if module is None or next(iter([*module.parameters(), *module.buffers()]), None) is None:
+        return tensor
+    device = model_device(module)
+    _, dtype = model_device_dtype(module)
+    if tensor.is_floating_point() and dtype.is_floating_point:
+        tensor = tensor.to(dtype)
+    return tensor if device is None else tensor.to(device)

@@ -58,6 +58,8 @@ def inversion_state(inversion: Any, fit_step: int, steps: int, fit_start: int) -
         "format": CHECKPOINT_FORMAT,
         "preset": inversion.preset,
         "num_classes": inversion.generator.num_classes,
+        "image_shape": list(unwrap_distributed(inversion.generator).out_shape),
+        "latent_dim": int(unwrap_distributed(inversion.generator).latent_dim),
         "world_size": len(ranks),
         "generator": unwrap_distributed(inversion.generator).state_dict(),
         "optimizer": inversion.optimizer.state_dict(),
@@ -84,6 +86,17 @@ def restore_inversion(inversion: Any, state: Mapping[str, Any], steps: int) -> t
             f"`checkpoint` is for preset {state['preset']!r} with {state['num_classes']} "
             f"classes, not {inversion.preset!r} with {num_classes}."
         )
+    generator = unwrap_distributed(inversion.generator)
+    for key, own in (
+        ("image_shape", list(generator.out_shape)),
+        ("latent_dim", generator.latent_dim),
+    ):
+        # (checkpoints written before these were recorded are not checked here)
+        if key in state and state[key] != own:
+            raise ValueError(
+                f"`checkpoint` is for a generator with {key} {state[key]}, not {own}: it "
+                "belongs to another fit."
+            )
     if state["fit_steps"] != steps:
         raise ValueError(
             f"`steps`={steps} differs from the interrupted fit's {state['fit_steps']}; "

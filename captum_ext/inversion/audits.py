@@ -28,7 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
-from captum_ext._utils.validation import check_int, model_device
+from captum_ext._utils.validation import (
+    check_int,
+    model_device,
+    refuse_ignored_settings,
+    to_model_input,
+)
 from captum_ext.inversion.evaluation import (
     MatchedSSIM,
     _check_model,
@@ -356,7 +361,6 @@ class ShortcutAuditResult(NamedTuple):
 
 def _predict_dataset(model: Any, dataset: Any, batch_size: int) -> tuple[Tensor, Tensor]:
     """Predicted classes and labels of a dataset, in order (eval mode, no gradients)."""
-    device = model_device(model)
     module = root_module(model)
     predictions, labels = [], []
     # its own generator: a loader without one advances the caller's global RNG
@@ -369,9 +373,7 @@ def _predict_dataset(model: Any, dataset: Any, batch_size: int) -> tuple[Tensor,
         with torch.no_grad():
             for batch in loader:
                 images, targets = batch[0], batch[1]
-                if device is not None:
-                    images = images.to(device)
-                logits = model(images)
+                logits = model(to_model_input(images, model))
                 if not isinstance(logits, Tensor) or logits.dim() != 2:
                     raise ValueError("`model` must return N x K logits.")
                 predictions.append(logits.argmax(1).cpu())
@@ -669,7 +671,18 @@ def privacy_audit(
             raise TypeError(f"`classes` must be a sequence of ints, got {classes!r}.") from None
         if not chosen or min(chosen) < 0:
             raise ValueError(f"`classes` must be non-empty class indices, got {classes!r}.")
-    if inversion is None:
+    if inversion is not None:
+        refuse_ignored_settings(
+            {
+                "steps": (steps, 2000),
+                "preprocess": (preprocess, None),
+                "value_range": (value_range, (0.0, 1.0)),
+                "batch_size": (batch_size, None),
+                "inversion_options": (inversion_options, None),
+            },
+            "it sets the inversion trained here, and a fitted `inversion` is given",
+        )
+    else:
         steps = check_int(steps, "steps")
         if batch_size is not None:
             batch_size = check_int(batch_size, "batch_size")

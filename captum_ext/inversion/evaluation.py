@@ -36,7 +36,7 @@ from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.training import progress_bar
-from captum_ext._utils.validation import check_int, model_device
+from captum_ext._utils.validation import check_int, to_model_input
 from captum_ext.inversion._features import final_linear
 
 __all__ = [
@@ -150,7 +150,6 @@ def _forward_batches(
 
     Batches go to the model's device; results come back on ``images``' device.
     """
-    device = model_device(model)
     module = root_module(model)
     logits, features = [], []
     with preserved_state([module]):
@@ -158,9 +157,7 @@ def _forward_batches(
             module.eval()
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
-                batch = images[start : start + batch_size]
-                if device is not None:
-                    batch = batch.to(device)
+                batch = to_model_input(images[start : start + batch_size], model)
                 if feature_layer is None:
                     out = model(batch)
                 else:
@@ -313,11 +310,7 @@ def _penultimate_layer(source: Any, images: Tensor) -> nn.Module:
             "`source` is not an nn.Module (nor a bound method of one), so its penultimate "
             "features cannot be found; pass `feature_layer`, or the features themselves."
         )
-    example = images[:1]
-    device = model_device(source)
-    if device is not None:
-        example = example.to(device)
-    return final_linear(module, example)
+    return final_linear(module, to_model_input(images[:1], source))
 
 
 def within_class_diversity(

@@ -29,7 +29,7 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.validation import check_int, model_device_dtype
+from captum_ext._utils.validation import check_int, model_device_dtype, refuse_ignored_settings
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
 from captum_ext.inversion._features import _feature_tap, count_classes
 from captum_ext.inversion.conditioning import _check_labels, one_hot_vectors
@@ -289,11 +289,29 @@ class NetworkInversion:
                     value_range=value_range,
                 )
             generator_net = generator_net.to(device=device, dtype=dtype)
-        elif preprocess is not None or value_range != (0.0, 1.0):
-            raise ValueError(
-                "`preprocess` and `value_range` are only used for the generator built here; "
-                "give them to the ConditionedGenerator you pass as `generator_net`."
+        else:
+            refuse_ignored_settings(
+                {
+                    "preprocess": (preprocess, None),
+                    "value_range": (value_range, (0.0, 1.0)),
+                    # the generator's own size is not ignored: it is what it uses
+                    "latent_dim": (
+                        latent_dim,
+                        latent_dim
+                        if latent_dim == getattr(generator_net, "latent_dim", None)
+                        else 100,
+                    ),
+                    "dropout": (dropout, 0.1),
+                },
+                "it sets the generator built here, and `generator_net` is given; give it to "
+                "the ConditionedGenerator you pass",
             )
+            shape = getattr(generator_net, "out_shape", None)
+            if input_shape is not None and shape is not None and tuple(input_shape) != shape:
+                raise ValueError(
+                    f"`input_shape`={tuple(input_shape)} differs from the {shape} images of "
+                    "`generator_net`."
+                )
         self.generator = generator_net
         self.model = model  # probes the classes and finds the feature layer
         self.optimizer = torch.optim.Adam(generator_net.parameters(), lr=float(lr), betas=betas)

@@ -40,7 +40,7 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.validation import check_int, model_device_dtype
+from captum_ext._utils.validation import check_int, model_device_dtype, refuse_ignored_settings
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
 from captum_ext.inversion._features import count_classes, final_linear
 from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
@@ -373,8 +373,11 @@ def _extend_classifier(
         param.grad = None
     old = extended.get_submodule(name)
     w = old.weight
-    new = nn.Linear(old.in_features, num_classes + 1, bias=old.bias is not None)
-    new = new.to(device=w.device, dtype=w.dtype)
+    # made on the meta device (no initialisation drawn from the caller's global generator:
+    # every entry is set below), then given real storage
+    new = nn.Linear(
+        old.in_features, num_classes + 1, bias=old.bias is not None, device="meta", dtype=w.dtype
+    ).to_empty(device=w.device)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         gen = torch.Generator().manual_seed(_seed_of(seed, 1, 0))
         bound = 1.0 / math.sqrt(max(1, old.in_features))
@@ -663,6 +666,18 @@ class TIE:
                     width=generator_width,
                 )
             elif callable(generator_factory):
+                defaults = TIEConfig()
+                refuse_ignored_settings(
+                    {
+                        "preprocess": (preprocess, None),
+                        "value_range": (value_range, (0.0, 1.0)),
+                        "latent_dim": (latent_dim, defaults.latent_dim),
+                        "generator_width": (generator_width, defaults.generator_width),
+                        "dropout": (dropout, defaults.dropout),
+                    },
+                    "it sets the default generator, and `generator_factory` builds its own; "
+                    "give it to the ConditionedGenerator the factory builds",
+                )
                 generator = generator_factory(k)
             else:
                 raise TypeError(
