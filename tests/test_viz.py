@@ -329,3 +329,21 @@ def test_report_manifest_lists_the_folded_figures(tmp_path):
     assert all(f"s/{i}.png" in manifest for i in range(3))
     write(pngs[:1])
     assert pngs[0].is_file() and not pngs[1].exists() and not pngs[2].exists()
+
+
+def test_direction_controls_in_names_are_shown_not_obeyed(tmp_path):
+    """U+202E (right-to-left override) in a file or class name reversed the rest of its line
+    on the page, the report's own words and numbers included."""
+    import numpy as np
+
+    from captum_ext.viz import Report, Section, save_png
+
+    png = save_png(np.zeros((4, 4, 3)), tmp_path / "out" / "images" / "a.png")
+    report = Report("names \u202eevil")
+    section = Section("Maps", "intro \u2067isolated")
+    section.add_row("nine\u202e/photo.png: predicted zero (53.7%)", [("caption \u200f", png)])
+    report.add_section(section)
+    html = report.write(tmp_path / "out").read_text(encoding="utf-8")
+    assert not any(c in html for c in "\u202e\u2067\u200f")
+    assert "nine\\u202e/photo.png: predicted zero (53.7%)" in html
+    assert "names \\u202eevil" in html and "caption \\u200f" in html

@@ -72,7 +72,21 @@ def test_render_writes_the_table_and_the_first_images(tmp_path, monkeypatch):
         image_rows[0].label
     )
     assert "disagree on 1 of 4 images" in section.intro
+    assert "are pictured" not in section.intro  # every image is
     assert (tmp_path / "images" / "introspection" / "00001_input.png").is_file()
+
+
+def test_the_intro_says_how_many_images_are_pictured(tmp_path):
+    """With more images than are pictured the intro said the disagreeing images "come first
+    below" without saying that only the first 12 are there."""
+    n = SHOWN_IMAGES + 3
+    logits = torch.eye(3)[torch.arange(n) % 3] * 2
+    network = _FixedNetwork(logits, torch.softmax(logits, 1))
+    images = torch.arange(float(n)).reshape(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    summary = compute_introspection(network, images)
+    section = render_introspection(summary, np.zeros((n, 2, 2, 3)), tmp_path)
+    assert f"(the first {SHOWN_IMAGES} of the {n} are pictured)" in section.intro
+    assert len(section.rows) - 1 == SHOWN_IMAGES
 
 
 def test_section_is_registered_asked_for_by_name_and_needs_a_head_for_your_model(tmp_path, capsys):

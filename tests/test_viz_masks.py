@@ -57,18 +57,18 @@ def test_summary_equals_the_explainer_details(section, digits, explainer):
     assert summary.columns[:3] == ["images", "count", "active pixels"]
     row = summary.rows[0]
     assert row[:2] == ["all", "5"]
-    assert row[2] == f"{100 * details.active_fraction.mean():.1f} %"
-    assert row[3] == f"{100 * details.agreement.float().mean():.0f} %"
+    assert row[2] == f"{100 * details.active_fraction.mean():.1f}%"
+    assert row[3] == f"{100 * details.agreement.float().mean():.0f}%"
     assert row[4] == (
         f"{details.confidence.mean():.3f} -> {details.explanation_confidence.mean():.3f}"
     )
-    assert row[5] == f"{100 * details.sufficiency.mean():.0f} %"
+    assert row[5] == f"{100 * details.sufficiency.mean():.0f}%"
     assert row[6] == f"{details.necessity.mean():.2f}"
     image_rows = section.rows[2:]
     assert len(image_rows) == 5
     for i, image_row in enumerate(image_rows):
         active = float(details.mask[i].float().mean())
-        assert image_row.figures[1].caption == f"Mask: {100 * active:.1f} % of the pixels"
+        assert image_row.figures[1].caption == f"Mask: {100 * active:.1f}% of the pixels"
 
 
 def test_circuit_table_equals_a_direct_comparison(section, bundled_model, digits, explainer):
@@ -84,13 +84,14 @@ def test_circuit_table_equals_a_direct_comparison(section, bundled_model, digits
         assert row[1:] == [
             f"{expected.node_jaccard:.3f}",
             f"{expected.edge_jaccard:.3f}",
-            f"{expected.flow_retained:.3f}",
+            f"{expected.flow_retained:.1%}",
         ]
 
 
 def test_figures_are_drawn_and_only_the_first_rows_get_circuits(section, tmp_path):
     image_rows = section.rows[2:]
     assert [len(row.figures) for row in image_rows] == [5, 5, 3, 3, 3]
+    assert "Circuits are drawn for the first 2 of the 5 images." in section.intro
     for row in image_rows[:2]:
         for figure in row.figures:
             with Image.open(figure.path) as picture:

@@ -118,7 +118,8 @@ def render_introspection(
         "for every class Q, how the last layer would have to change if Q were the label, and "
         "predicts from those gradients. The two stages disagree on "
         f"{int(disagree.sum())} of {n} images; they come first below, then the images the "
-        "introspective stage is least sure of."
+        "introspective stage is least sure of"
+        + (f" (the first {SHOWN_IMAGES} of the {n} are pictured)." if n > SHOWN_IMAGES else ".")
     )
     section = Section("Does the network agree with itself? (introspection)", intro)
     section.add_row("Summary", [], table=table, per_image=False)

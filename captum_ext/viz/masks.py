@@ -392,7 +392,7 @@ def render_minimal_mask(
             Figure(
                 "Circuit of the kept pixels: "
                 f"edge Jaccard {comparisons[i].edge_jaccard:.2f}, "
-                f"flow retained {comparisons[i].flow_retained:.0%}",
+                f"flow retained {comparisons[i].flow_retained:.1%}",
                 _save_circuit(graph_e, "circuit of m * x", Path(f"{stem}_circuit_e.png")),
                 _CIRCUIT_WIDTH,
             ),
@@ -421,6 +421,11 @@ def render_minimal_mask(
                 if data.circuit_problem
                 else ""
             )
+            + (
+                f" Circuits are drawn for the first {len(comparisons)} of the {n} images."
+                if comparisons and len(comparisons) < n
+                else ""
+            )
         ),
     )
     summary = Table(
@@ -447,10 +452,10 @@ def render_minimal_mask(
             [
                 group,
                 int(member.sum()),
-                f"{100 * active[member].mean():.1f} %",
-                f"{100 * agreement[member].mean():.0f} %",
+                f"{100 * active[member].mean():.1f}%",
+                f"{100 * agreement[member].mean():.0f}%",
                 f"{confidence[member].mean():.3f} -> {kept_confidence[member].mean():.3f}",
-                f"{100 * sufficiency[member].mean():.0f} %",
+                f"{100 * sufficiency[member].mean():.0f}%",
                 f"{necessity[member].mean():.2f}",
             ]
         )
@@ -466,7 +471,7 @@ def render_minimal_mask(
                     str(names[i]) if names is not None else f"#{i}",
                     f"{comparison.node_jaccard:.3f}",
                     f"{comparison.edge_jaccard:.3f}",
-                    f"{comparison.flow_retained:.3f}",
+                    f"{comparison.flow_retained:.1%}",
                 ]
             )
         section.add_row("Circuits", table=shared)
@@ -477,7 +482,7 @@ def render_minimal_mask(
         figures: list[Any] = [
             ("Input", save_png(shown[i], f"{stem}_input.png")),
             (
-                f"Mask: {100 * active[i]:.1f} % of the pixels",
+                f"Mask: {100 * active[i]:.1f}% of the pixels",
                 save_png(_mask_overlay(shown[i], mask[i]), f"{stem}_mask.png"),
             ),
             (

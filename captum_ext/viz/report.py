@@ -297,6 +297,7 @@ class Report:
             trim_blocks=True,
             lstrip_blocks=True,
             undefined=jinja2.StrictUndefined,
+            finalize=_bidi_controls_shown,
         )
         html = environment.get_template(_TEMPLATE).render(
             title=self.title,
@@ -358,6 +359,23 @@ class Report:
 
 
 _MANIFEST = ".captum-ext-figures"
+
+#: characters that change the direction of the text after them (overrides, embeddings,
+#: isolates, marks): in a file or class name they would reverse the page's own words
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_BIDI_SHOWN = {ord(c): f"\\u{ord(c):04x}" for c in _BIDI_CONTROLS}
+
+
+def _bidi_controls_shown(value: Any) -> Any:
+    """Every text the page prints, with direction controls written out as ``\\u202e``
+    (visible, and inert): a name holding U+202E otherwise reverses the rest of its line,
+    the report's words and numbers included, and can disguise a file's extension. Markup
+    (a rendered row) was made of texts already passed through here."""
+    from markupsafe import Markup
+
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return value.translate(_BIDI_SHOWN)
+    return value
 
 
 def _read_manifest(images: Path) -> list[str]:

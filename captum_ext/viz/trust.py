@@ -663,7 +663,7 @@ def render_trust(
         )
         accuracy_text = (
             f" Accuracy on the {int(labelled.sum())} labelled images: "
-            f"{100 * float(kept_correct.double().mean()):.1f} %."
+            f"{100 * float(kept_correct.double().mean()):.1f}%."
         )
 
     skipped = "".join(f"\n{note}" for note in notes)
