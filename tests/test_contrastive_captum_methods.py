@@ -450,3 +450,22 @@ def test_deep_lift_for_every_contrast_equals_single_calls(batch_size):
             model, baselines, torch.full((4,), q)
         )
         torch.testing.assert_close(every[:, q].sum(dim=(1, 2, 3)), expected, rtol=0, atol=1e-12)
+
+
+def test_no_warning_that_the_input_did_not_require_gradients(bundled_model, bundled_digits):
+    """Captum's "Input Tensor 0 did not already require gradients" came from every call of
+    Contrastive(Saliency / InputXGradient), whatever the caller's input: the method got a
+    detached view. The view now requires gradients itself; the caller's tensor is left as
+    it was."""
+    import warnings
+
+    from captum.attr import InputXGradient, Saliency
+
+    from captum_ext.attr import Contrastive
+
+    x, y = bundled_digits[0][:3], bundled_digits[1][:3]
+    for method in (Saliency, InputXGradient):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Contrastive(method, bundled_model).attribute(x, contrast=y)
+    assert not x.requires_grad and x.grad is None

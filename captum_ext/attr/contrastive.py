@@ -480,8 +480,12 @@ class Contrastive(GradientAttribution):
                 )
                 max_class = None
             # Captum's Saliency and GuidedBackprop switch requires_grad on for the tensors
-            # they get and only switch it back on success: hand them detached views.
-            formatted = tuple(t.detach() for t in formatted)
+            # they get (with a warning that the input did not require gradients) and only
+            # switch it back on success: hand them detached views that already require it.
+            formatted = tuple(
+                t.detach().requires_grad_() if t.is_floating_point() else t.detach()
+                for t in formatted
+            )
             calls = forward._calls
             forward._paired, forward._max_class = self._paired, max_class
             forward._inputs = len(formatted)
