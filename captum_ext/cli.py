@@ -498,7 +498,7 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_score(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, TensorDataset, default_collate
 
     from captum_ext._utils.batched_grad import in_model_precision
     from captum_ext._utils.training import distributed_from_environment
@@ -506,6 +506,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from captum_ext.bundled import load_bundled_model
     from captum_ext.data import DIGIT_CLASSES
     from captum_ext.data.loading import (
+        ImageFolderDataset,
         check_class_names,
         check_folder_labels,
         check_model_takes,
@@ -525,14 +526,20 @@ def _run_score(args: argparse.Namespace) -> int:
     class_names = read_class_names(args.classes) if args.classes else None
     if class_names is None and args.model is None:
         class_names = list(DIGIT_CLASSES)
-    inputs = resolve_inputs(
-        args.images,
-        transform=args.transform,
-        default_transform="digits" if args.model is None else "imagenet",
-        class_names=class_names,
-        limit=args.limit,
-    )
-    images, labels, names = inputs.images, inputs.labels, inputs.names
+    default_transform = "digits" if args.model is None else "imagenet"
+    if args.images is None:  # the bundled sample digits, in memory
+        inputs = resolve_inputs(transform=args.transform, class_names=class_names, limit=args.limit)
+        dataset = TensorDataset(inputs.images, inputs.labels)
+        labels, names = inputs.labels, inputs.names
+    else:  # read batch by batch: a large folder never sits in memory whole
+        dataset = ImageFolderDataset(
+            args.images,
+            default_transform if args.transform is None else args.transform,
+            class_names=class_names,
+            limit=args.limit,
+        )
+        labels, names = dataset.labels, dataset.names
+    images = default_collate([dataset[i] for i in range(min(2, len(dataset)))])[0]
 
     with distributed_from_environment(device) as device:
         if args.model is None:
@@ -558,7 +565,12 @@ def _run_score(args: argparse.Namespace) -> int:
             num_classes = model(images[:1].to(device)).shape[-1]
         check_folder_labels(labels, names, num_classes)
         options = gradtrust_kwargs(loaded, args.final_layer, reads=getattr(model, "reads", None))
-        loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size)
+
+        def collate(items):  # pixels in the model's precision (float32 read, half model)
+            batch, batch_labels = default_collate(items)
+            return (*in_model_precision(loaded, (batch,)), batch_labels)
+
+        loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
         if "mc_dropout" in args.scores:
             options["mc_dropout"] = {"generator": args.seed}
         options = {name: value for name, value in options.items() if name in args.scores}
@@ -573,6 +585,8 @@ def _run_score(args: argparse.Namespace) -> int:
             )
         except (ValueError, TypeError) as error:
             raise name_the_option(error) from None
+        if isinstance(dataset, ImageFolderDataset):
+            dataset.warn_transparent()
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
             with writing_to(out):

@@ -740,3 +740,32 @@ def test_a_transparent_grey_level_of_a_16_bit_image_is_compared_at_16_bits(tmp_p
             warnings.simplefilter("always")
             load_image_folder(root, "none")
         assert any("transparent pixels" in str(w.message) for w in caught) == warned
+
+
+def test_image_folder_dataset_reads_what_load_image_folder_reads(tmp_path):
+    """The lazy dataset `score` uses: the same files, order, pixels and labels as the
+    in-memory loader; another size is refused naming both files; transparent images are
+    listed as read and warned about once."""
+    from captum_ext.data import ImageFolderDataset
+
+    root = tmp_path / "classes"
+    for i, name in enumerate(["cat/a.png", "cat/b.png", "dog/c.png", "loose.png"]):
+        write_image(root / name, size=(20, 16), seed=i)
+    write_image(root / "dog" / "d.png", size=(20, 16), mode="RGBA", seed=9)
+    with pytest.warns(UserWarning, match="transparent"):
+        images, paths, _ = load_image_folder(root, "none", labels_from_subfolders=True)
+    dataset = ImageFolderDataset(root, "none", class_names=["cat", "dog"])
+    assert dataset.paths == paths and len(dataset) == 5
+    assert dataset.labels.tolist() == [0, 0, 1, 1, -1]
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert torch.equal(image, images[i]) and int(label) == dataset.labels[i]
+    assert dataset.transparent == ["dog/d.png"]
+    with pytest.warns(UserWarning, match=r"1 of 5 images have transparent pixels \(dog/d.png\)"):
+        dataset.warn_transparent()
+    write_image(root / "zz.png", size=(30, 30))
+    bigger = ImageFolderDataset(root, "none")
+    bigger[0]
+    with pytest.raises(ValueError, match=r"zz\.png.*gives a \(3, 30, 30\) tensor but .*a\.png"):
+        bigger[len(bigger) - 1]
+    assert len(ImageFolderDataset(root, "none", limit=2)) == 2

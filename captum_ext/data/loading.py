@@ -51,6 +51,7 @@ __all__ = [
     "denormalize_for_display",
     "expose_layer",
     "load_image_folder",
+    "ImageFolderDataset",
     "load_model",
     "load_state_dict_file",
     "ResolvedInputs",
@@ -1063,8 +1064,34 @@ def load_image_folder(
         >>> torch.equal(images, digits[[0, 1, 4, 5]])  # PNG kept the pixels exactly
         True
     """
-    from PIL import Image, UnidentifiedImageError
+    root, paths, function = _image_files(directory, transform, extensions, limit, exclude)
+    tensors = []
+    transparent = []
+    for path in paths:
+        tensor, see_through = _read_image(path, transform, function)
+        if see_through:
+            transparent.append(_shown(path.relative_to(root)))
+        if tensors and tensor.shape != tensors[0].shape:
+            raise _size_error(path, tensor, paths[0], tensors[0], transform)
+        tensors.append(tensor)
+    if transparent:
+        _warn_transparent(transparent, len(paths), stacklevel=3)
+    images = torch.stack(tensors)
+    if not labels_from_subfolders:
+        return images, paths
+    return images, paths, _first_folders(root, paths)
 
+
+def _image_files(
+    directory: str | os.PathLike,
+    transform: Any,
+    extensions: Sequence[str],
+    limit: int | None,
+    exclude: Sequence[str | os.PathLike],
+) -> tuple[Path, list[Path], Callable]:
+    """The checked folder, its image files in path order (the first ``limit``) and the
+    transform's function: what :func:`load_image_folder` and :class:`ImageFolderDataset`
+    read."""
     root = Path(directory).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"`--images` (directory) not found: {str(directory)!r}.")
@@ -1079,61 +1106,169 @@ def load_image_folder(
             f"`--images` (directory) {str(directory)!r} holds no images with the endings "
             f"{', '.join(extensions)}."
         )
-    if limit is not None:
-        paths = paths[:limit]
-    tensors = []
-    transparent = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                if callable(transform):
-                    tensor = function(image)
-                else:
-                    if _has_transparent_pixels(image):
-                        transparent.append(_shown(path.relative_to(root)))
-                    image = _high_bit_depth(_upright(image), path)
-                    if isinstance(image, _UnitGrey) and function is not _plain_transform:
-                        image = image.eight_bit()
-                    tensor = function(image)
-        except _ImageError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            # ValueError: PIL's conversions (a CIE-Lab TIFF to grey) and the user's transform
-            # (chained: its traceback is the user's to read)
-            raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from (
-                error if isinstance(error, ValueError) else None
-            )
-        if not isinstance(tensor, Tensor) or tensor.dim() != 3:
-            got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(
-                f"`--transform` must turn each image into a C x H x W tensor, got {got} for "
-                f"{str(path)!r}."
-            )
-        if tensors and tensor.shape != tensors[0].shape:
-            raise ValueError(
-                f"`--images`: {str(path)!r} gives a {tuple(tensor.shape)} tensor but "
-                f"{str(paths[0])!r} gives {tuple(tensors[0].shape)}; with transform="
-                f"{transform if isinstance(transform, str) else 'callable'!r} all images need the "
-                "same size and channels (use transform 'imagenet' to resize and crop)."
-            )
-        tensors.append(tensor.to(torch.float32))
-    if transparent:
-        warnings.warn(
-            f"`--images`: {len(transparent)} of {len(paths)} images have transparent pixels "
-            f"({', '.join(transparent[:3])}{', ...' if len(transparent) > 3 else ''}); their "
-            "transparency is dropped (the colour stored under each pixel is read, as "
-            "torchvision's ImageFolder does). Flatten them onto the background they are "
-            "meant to be seen on first (PIL's Image.alpha_composite).",
-            stacklevel=2,
+    return root, paths if limit is None else paths[:limit], function
+
+
+def _read_image(path: Path, transform: Any, function: Callable) -> tuple[Tensor, bool]:
+    """One image file as a float32 C x H x W tensor by ``function`` (the resolved
+    ``transform``), and whether it has transparent pixels (named transforms only). Errors
+    are a ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    transparent = False
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if callable(transform):
+                tensor = function(image)
+            else:
+                transparent = _has_transparent_pixels(image)
+                image = _high_bit_depth(_upright(image), path)
+                if isinstance(image, _UnitGrey) and function is not _plain_transform:
+                    image = image.eight_bit()
+                tensor = function(image)
+    except _ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        # ValueError: PIL's conversions (a CIE-Lab TIFF to grey) and the user's transform
+        # (chained: its traceback is the user's to read)
+        raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from (
+            error if isinstance(error, ValueError) else None
         )
-    images = torch.stack(tensors)
-    if not labels_from_subfolders:
-        return images, paths
-    labels = [
+    if not isinstance(tensor, Tensor) or tensor.dim() != 3:
+        got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(
+            f"`--transform` must turn each image into a C x H x W tensor, got {got} for "
+            f"{str(path)!r}."
+        )
+    return tensor.to(torch.float32), transparent
+
+
+def _size_error(path: Path, tensor: Tensor, first: Path, shape_of: Any, transform: Any):
+    shape = tuple(shape_of.shape) if isinstance(shape_of, Tensor) else tuple(shape_of)
+    return ValueError(
+        f"`--images`: {str(path)!r} gives a {tuple(tensor.shape)} tensor but "
+        f"{str(first)!r} gives {shape}; with transform="
+        f"{transform if isinstance(transform, str) else 'callable'!r} all images need the "
+        "same size and channels (use transform 'imagenet' to resize and crop)."
+    )
+
+
+def _warn_transparent(transparent: Sequence[str], total: int, *, stacklevel: int) -> None:
+    warnings.warn(
+        f"`--images`: {len(transparent)} of {total} images have transparent pixels "
+        f"({', '.join(transparent[:3])}{', ...' if len(transparent) > 3 else ''}); their "
+        "transparency is dropped (the colour stored under each pixel is read, as "
+        "torchvision's ImageFolder does). Flatten them onto the background they are "
+        "meant to be seen on first (PIL's Image.alpha_composite).",
+        stacklevel=stacklevel,
+    )
+
+
+def _first_folders(root: Path, paths: Sequence[Path]) -> list[str]:
+    """Each image's first sub-folder under ``root`` ("" for images directly in it)."""
+    return [
         p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths
     ]
-    return images, paths, labels
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    r"""The images of a folder read one at a time, for a ``DataLoader``: what
+    :func:`load_image_folder` reads, without holding every image in memory (a folder of
+    50,000 ImageNet images is 30 GB as one float32 batch). ``captum-ext score`` reads
+    ``--images`` through it.
+
+    Item ``i`` is ``(image, label)``: the ``C x H x W`` float32 image of ``paths[i]``
+    (read and transformed when asked for) and its class from the first sub-folder's name
+    (:func:`folder_labels`; ``-1`` where unknown). The files, their order, the transforms
+    and every error are :func:`load_image_folder`'s; images of another size than the first
+    one read are refused naming both files. Images with transparent pixels are listed in
+    ``transparent`` as they are read (in each ``DataLoader`` worker's own copy), not warned
+    about one by one.
+
+    Args:
+        directory (str or Path): the folder, read recursively.
+        transform (str or Callable, optional): as in :func:`load_image_folder`.
+            Default: ``"imagenet"``.
+        extensions (Sequence[str], optional): as in :func:`load_image_folder`.
+            Default: :data:`IMAGE_EXTENSIONS`.
+        class_names (Sequence[str], optional): class names in the order of the model's
+            outputs, for labels from folder names. Default: None.
+        limit (int, optional): only the first ``limit`` images (in path order). Default: None.
+        exclude (Sequence[str or Path], optional): folders not to read. Default: none.
+
+    Attributes:
+        paths (list[Path]): the files, in path order.
+        names (list[str]): each file's path under ``directory``, as text.
+        labels (Tensor): ``(N,)`` int64 classes, ``-1`` where unknown.
+        transparent (list[str]): names of the images read so far that have transparent
+            pixels.
+
+    Examples::
+
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> from torch.utils.data import DataLoader
+        >>> from captum_ext.data import denormalize_digits, load_sample_digits
+        >>> from captum_ext.metrics import score_dataset
+        >>> digits, digit_labels = load_sample_digits()
+        >>> for i in (0, 1, 4, 5):  # two 0s and two 1s as PNG files, one folder per class
+        ...     folder = Path("photos") / str(int(digit_labels[i]))
+        ...     folder.mkdir(parents=True, exist_ok=True)
+        ...     pixels = (denormalize_digits(digits[i])[0] * 255).round().byte().numpy()
+        ...     Image.fromarray(pixels).save(folder / f"{i}.png")
+        >>> dataset = ImageFolderDataset("photos", transform="digits")
+        >>> len(dataset), dataset.names[0], dataset.labels.tolist()
+        (4, '0/0.png', [0, 0, 1, 1])
+        >>> torch.equal(dataset[2][0], digits[4])  # read when asked for
+        True
+        >>> table = score_dataset(model, DataLoader(dataset, batch_size=2), ["softmax"],
+        ...                       progress=False)
+        >>> len(table)
+        4
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        transform: str | Callable = "imagenet",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        *,
+        class_names: Sequence[str] | None = None,
+        limit: int | None = None,
+        exclude: Sequence[str | os.PathLike] = (),
+    ) -> None:
+        root, paths, function = _image_files(directory, transform, extensions, limit, exclude)
+        self.root = root
+        self.paths = paths
+        self.transform = transform
+        self.names = [_shown(p.relative_to(root).as_posix()) for p in paths]
+        self.labels = torch.tensor(
+            folder_labels(_first_folders(root, paths), class_names), dtype=torch.int64
+        )
+        self.transparent: list[str] = []
+        self._function = function
+        self._first: tuple[Path, tuple[int, ...]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        path = self.paths[index]
+        tensor, see_through = _read_image(path, self.transform, self._function)
+        if see_through and self.names[index] not in self.transparent:
+            self.transparent.append(self.names[index])
+        if self._first is None:
+            self._first = (path, tuple(tensor.shape))
+        elif tuple(tensor.shape) != self._first[1]:
+            raise _size_error(path, tensor, self._first[0], self._first[1], self.transform)
+        return tensor, self.labels[index]
+
+    def warn_transparent(self) -> None:
+        """One warning naming the images read so far that have transparent pixels (as
+        :func:`load_image_folder` gives), if any."""
+        if self.transparent:
+            _warn_transparent(self.transparent, len(self), stacklevel=3)
 
 
 def denormalize_for_display(x: Tensor, transform: str | Callable | None = "imagenet") -> np.ndarray:
