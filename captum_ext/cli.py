@@ -366,7 +366,8 @@ def _add_score_parser(commands: Any) -> None:
     score.add_argument(
         "--images",
         metavar="DIR",
-        help="folder of images (read recursively, sorted by path). A first-level sub-folder "
+        help="folder of images (read recursively, sorted by path, one batch at a time: a "
+        "large folder never sits in memory whole). A first-level sub-folder "
         "gives the true class when its name is a class index (e.g. 3/) or a name from "
         "--classes; otherwise the label is -1. Default: the 40 bundled sample digits.",
     )
