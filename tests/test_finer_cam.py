@@ -149,3 +149,44 @@ def test_an_unlikely_target_warns_that_its_map_vanishes(bundled_model, sample_di
     with warnings.catch_warnings():  # the prediction's look-alikes: no warning
         warnings.simplefilter("error", RuntimeWarning)
         FinerCAM(bundled_model, "features.7").attribute(x, target=predicted)
+
+
+def _scores_by_full_orderings(logits, alpha, positions):
+    """Finer-CAM's scores from every class's full ordering of all C classes (N x C x C):
+    the formula as written, the reference for the chunked k-nearest selection."""
+    n, classes = logits.shape
+    distance = (logits[:, :, None] - logits[:, None, :]).abs()
+    distance = distance - torch.eye(classes, dtype=logits.dtype)
+    compared = distance.detach().argsort(dim=2, stable=True)[:, :, list(positions)]
+    probability = logits.softmax(dim=1)
+    weights = probability[:, None, :].expand(n, classes, classes).gather(2, compared)
+    others = logits[:, None, :].expand(n, classes, classes).gather(2, compared)
+    return (weights * (logits[:, :, None] - alpha * others)).sum(2) / (weights.sum(2) + 1e-9)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 2**22])
+def test_scores_equal_the_full_orderings_with_ties_and_in_chunks(monkeypatch, chunk):
+    """finer_scores sorted all C classes for each of the C classes (N x C x C: 1.9 GB per
+    image at 21,843 classes, and a batched backward through it per contrast chunk: VOICE of
+    FinerCAM took 46 s against 1.1 s for Grad-CAM at 1,000 classes). It now keeps each
+    class's nearest few; the scores and their gradients are the same, ties included."""
+    import captum_ext.attr.finer_cam as finer_module
+
+    monkeypatch.setattr(finer_module, "_CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n, classes = 1 + trial % 3, 2 + (7 * trial) % 30
+        if trial % 2:  # integer logits: many exact ties
+            logits = torch.randint(0, 4, (n, classes), generator=generator).double()
+        else:
+            logits = torch.randn(n, classes, generator=generator, dtype=torch.float64)
+        positions = [p for p in (1, 2, 3, 5) if p < classes][: 1 + trial % 3]
+        ours = logits.clone().requires_grad_()
+        theirs = logits.clone().requires_grad_()
+        got = finer_scores(ours, 0.7, positions)
+        expected = _scores_by_full_orderings(theirs, 0.7, positions)
+        assert torch.equal(got, expected), (trial, positions)
+        weights = torch.randn(n, classes, generator=generator, dtype=torch.float64)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-14)

@@ -36,16 +36,52 @@ def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tens
     """
     logits = at_least_float32(logits)
     n, classes = logits.shape
-    distance = (logits[:, :, None] - logits[:, None, :]).abs()
-    # each class first in its own ordering, also when another class has the same logit
-    distance = distance - torch.eye(classes, dtype=logits.dtype, device=logits.device)
-    order = distance.detach().argsort(dim=2, stable=True)
-    compared = order[:, :, list(positions)]  # (N, C, k)
+    with torch.no_grad():
+        compared = comparison_sets(logits, positions).reshape(n, -1)  # (N, C * k)
     probability = logits.softmax(dim=1)
-    weights = probability[:, None, :].expand(n, classes, classes).gather(2, compared)
-    others = logits[:, None, :].expand(n, classes, classes).gather(2, compared)
+    # gathered from the (N, C) rows themselves: a backward of O(N C k), not of N x C x C
+    weights = probability.gather(1, compared).view(n, classes, -1)
+    others = logits.gather(1, compared).view(n, classes, -1)
     numerator = (weights * (logits[:, :, None] - alpha * others)).sum(dim=2)
     return numerator / (weights.sum(dim=2) + 1e-9)
+
+
+#: distances compared at once by :func:`comparison_sets` (N x classes of a chunk x C)
+_CHUNK_ELEMENTS = 2**22
+
+
+def comparison_sets(logits: Tensor, positions: Sequence[int]) -> Tensor:
+    r"""For every class :math:`c`, the classes at ``positions`` when all classes are ordered
+    by :math:`|y_j - y_c|` (``c`` first, ties in class order), ``(N, C, k)``: the comparison
+    sets of :func:`finer_scores`.
+
+    Each row needs only its ``max(positions) + 1`` nearest classes: the distance of the
+    last of them (a k-smallest selection, not a sort of all C), every class closer than it,
+    and the tied ones at it in class order. Classes are taken in chunks, so memory stays
+    at about ``N x C`` per chunk (at 21,843 classes the full ``N x C x C`` orderings are
+    1.9 GB per image in float32).
+    """
+    logits = at_least_float32(logits.detach())
+    n, classes = logits.shape
+    keep = max(positions) + 1
+    chosen_positions = torch.tensor(list(positions), device=logits.device)
+    result = torch.empty(n, classes, len(positions), dtype=torch.long, device=logits.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n * classes))
+    for start in range(0, classes, step):
+        stop = min(classes, start + step)
+        width = stop - start
+        distance = (logits[:, None, :] - logits[:, start:stop, None]).abs()  # (N, w, C)
+        rows = torch.arange(width, device=logits.device)
+        distance[:, rows, rows + start] = -1.0  # each class first, also beside equal logits
+        threshold = distance.topk(keep, dim=2, largest=False).values[..., -1:]
+        closer = distance < threshold
+        tied = distance == threshold
+        room = keep - closer.sum(dim=2, keepdim=True)
+        chosen = closer | (tied & (tied.cumsum(dim=2) <= room))
+        members = chosen.nonzero()[:, 2].view(n, width, keep)  # in class order
+        order = distance.gather(2, members).argsort(dim=2, stable=True)
+        result[:, start:stop] = members.gather(2, order)[..., chosen_positions]
+    return result
 
 
 def default_positions(classes: int) -> tuple[int, ...]:

@@ -79,6 +79,9 @@ def introspective_features(
     ============  ==============================  ===================================
 
     so ``"topk"`` (or ``"all_ones"``) is the form that keeps ImageNet-sized models practical.
+    ``"per_class"`` also holds its ``C x C`` cotangents ``p - e_Q`` in float64 while it
+    works, ``8 C^2`` bytes per example whatever the layer: 8 MB at 1,000 classes, 800 MB at
+    10,000, 3.8 GB at 21,843 (ImageNet-21k).
 
     Paper: M. Prabhushankar and G. AlRegib, "Introspective Learning: A Two-Stage Approach for
     Inference in Neural Networks", NeurIPS 2022.
@@ -235,8 +238,12 @@ def _cotangents(logits: Tensor, form: str, k: Any) -> Tensor:
         chosen = p.topk(k, dim=1).indices
     else:
         chosen = torch.arange(classes, device=p.device).expand(n, classes)
-    one_hot = torch.nn.functional.one_hot(chosen, classes).to(p.dtype)
-    others = p[:, None, :] * (1 - one_hot)
-    # entry Q is p_Q - 1 = -(sum of the other probabilities): summed directly, since 1 - p_Q
-    # cancels to 0 when p_Q rounds to 1 (a confident prediction's own row)
-    return others - others.sum(dim=2, keepdim=True) * one_hot
+    # entry Q of row Q is p_Q - 1: for the most likely class summed from the others, since
+    # 1 - p_Q cancels to 0 when p_Q rounds to 1 (a confident prediction's own row); for the
+    # rest (p_Q <= 1/2) 1 - p_Q loses nothing. Written into a copy of p: one (N, K, C)
+    # tensor, not several (per_class at 21,843 classes: 3.8 GB each in float64)
+    top = p.argmax(dim=1, keepdim=True)
+    others_of_top = p.scatter(1, top, 0.0).sum(dim=1, keepdim=True)
+    complement = torch.where(chosen == top, others_of_top, 1 - p.gather(1, chosen))
+    rows = p[:, None, :].expand(n, chosen.shape[1], classes).clone()
+    return rows.scatter_(2, chosen[..., None], -complement[..., None])

@@ -30,7 +30,7 @@ from captum_ext._utils.batched_grad import (
 )
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
-from captum_ext._utils.precision import at_least_float32, precise_dtype
+from captum_ext._utils.precision import at_least_float32, precise, precise_dtype
 from captum_ext._utils.validation import (
     format_additional_forward_args,
     format_inputs,
@@ -87,7 +87,10 @@ def _scaled_topk_cotangents(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     c, p_j / (1 - p_c) elsewhere, computed from the log-probabilities so that nothing
     underflows) and (N, k + 1) ``log(1 - p_c)``; ``p - e_c = exp(log_scale) * g_hat``.
     """
-    z = at_least_float32(logits)
+    # float64 where the device has it: log(1 - p_P) from the other classes' float32
+    # log-probabilities carries their log-sum-exp's rounding (1e-6 at 21,843 classes), as
+    # large as the log-score itself for near-uniform predictions
+    z = precise(logits)
     log_p = torch.log_softmax(z, dim=1)
     classes = z.topk(k + 1, dim=1).indices
     log_scale = _log_complements(log_p, classes)  # (N, K)
@@ -117,8 +120,10 @@ def _log_topk_closed_form(logits: Tensor, h: Tensor, k: int) -> Tensor:
     ||p - e_c||^2 = (1 - p_c)^2 + sum_{j != c} p_j^2. For the prediction P both terms come
     from the other classes' log-probabilities (logsumexp with P left out); for a
     counterfactual Q (p_Q <= 1/2, p_Q^2 <= half the sum of squares) the complements
-    log(1 - p_Q) and log(sum_j p_j^2 - p_Q^2) lose nothing."""
-    z = at_least_float32(logits)
+    log(1 - p_Q) and log(sum_j p_j^2 - p_Q^2) lose nothing. In float64 where the device
+    has it (the float32 log-sum-exp's rounding, 1e-6 at 21,843 classes, is as large as the
+    log-score of a near-uniform prediction)."""
+    z = precise(logits)
     log_p = torch.log_softmax(z, dim=1)
     classes = z.topk(k + 1, dim=1).indices
     log_top = log_p.gather(1, classes)  # (N, K)
