@@ -27,7 +27,7 @@ def precise_dtype(device: torch.device | str) -> torch.dtype:
 
 def at_least_float32(tensor: Tensor) -> Tensor:
     """``tensor`` in float32 where it is float16 or bfloat16, else as it is: scores from a
-    half-precision model's logits (float16 rounds every probability above 0.9995 to 1 and
+    half-precision model's logits (float16 rounds every probability above about 0.99976 to 1 and
     overflows above 65,504)."""
     if tensor.dtype in (torch.float16, torch.bfloat16):
         return tensor.float()

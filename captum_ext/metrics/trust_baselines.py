@@ -8,7 +8,7 @@ and :func:`purview` (computed by the engine in :mod:`captum_ext._utils.batched_g
 Every function takes ``forward_func`` (a model returning (N, C) logits, or any output with
 ``output_transform`` mapping it to them), ``inputs`` (a tensor or a tuple of tensors, batch
 first) and keyword options, and returns an (N,) tensor on the device of the logits, in their
-dtype (float32 for a half-precision model's: float16 rounds every probability above 0.9995 to
+dtype (float32 for a half-precision model's: float16 rounds every probability above about 0.99976 to
 1). **Higher always means more trusted.** The model is left exactly as it was found.
 """
 
