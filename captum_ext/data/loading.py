@@ -1015,7 +1015,8 @@ def load_image_folder(
             were trained on (Pillow itself reads 16-bit colour images at 8 bits). Alpha is
             dropped (the colour stored under a transparent pixel is read, as torchvision's
             ``ImageFolder`` does), with a warning naming the images that have transparent
-            pixels; animated images and multi-page TIFFs give their first frame. A callable
+            pixels; animated images and multi-page TIFFs give their first frame; colour
+            profiles (ICC, e.g. a phone's Display P3) are not applied. A callable
             gets the image as PIL opened it, as ``ImageFolder`` passes it to its transform,
             so a pipeline the model was trained with sees the same pixels.
             Default: ``"imagenet"``.

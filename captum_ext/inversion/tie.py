@@ -175,10 +175,10 @@ def pixel_range_noise(
 
     Image ``i`` is, by ``i mod 3``: white Gaussian noise ``clip(m + s z, 0, 1)``; uniform
     noise ``U(a, b)``; or low-frequency noise ``clip(m + s up(z_r), 0, 1)``, where ``z_r`` is
-    standard Gaussian noise at a random resolution ``r x r`` (``r`` in ``2..max(2, H // 2)``)
-    bilinearly upsampled to ``H x W`` and standardised. Per image the brightness
-    ``m ~ U(0, 1)``, the contrast ``s ~ U(0.05, 0.5)`` and the bounds ``a <= b`` (two
-    ``U(0, 1)`` draws) are random; channels are drawn independently.
+    standard Gaussian noise at a random resolution ``r x r`` (``r`` in
+    ``2..max(2, min(H, W) // 2)``) bilinearly upsampled to ``H x W`` and standardised. Per
+    image the brightness ``m ~ U(0, 1)``, the contrast ``s ~ U(0.05, 0.5)`` and the bounds
+    ``a <= b`` (two ``U(0, 1)`` draws) are random; channels are drawn independently.
 
     Seeding the garbage class with noise of every brightness and contrast in the valid pixel
     range (and then the model's preprocessing) is what lets it absorb noise that is brighter
