@@ -501,9 +501,8 @@ def _run_score(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-    from captum_ext._utils.batched_grad import in_model_precision
     from captum_ext._utils.training import distributed_from_environment
-    from captum_ext._utils.validation import parse_device
+    from captum_ext._utils.validation import model_input_dtype, parse_device, to_model_input
     from captum_ext.bundled import load_bundled_model
     from captum_ext.data import DIGIT_CLASSES
     from captum_ext.data.loading import (
@@ -547,7 +546,7 @@ def _run_score(args: argparse.Namespace) -> int:
             model = load_bundled_model().to(device)
         else:
             model = load_model(args.model, args.weights, device)
-            (images,) = in_model_precision(model, (images,))  # float32 pixels, half model
+            images = to_model_input(images, model)  # float32 pixels, a half or float64 model
         check_model_takes(model, images[:2].to(device))  # images it cannot take: one line
         loaded = model
         if any(name in FINAL_LAYER_SCORES for name in args.scores):
@@ -567,9 +566,11 @@ def _run_score(args: argparse.Namespace) -> int:
         check_folder_labels(labels, names, num_classes)
         options = gradtrust_kwargs(loaded, args.final_layer, reads=getattr(model, "reads", None))
 
-        def collate(items):  # pixels in the model's precision (float32 read, half model)
+        dtype = model_input_dtype(loaded)
+
+        def collate(items):  # pixels in the model's dtype (float32 read; half, float64 model)
             batch, batch_labels = default_collate(items)
-            return (*in_model_precision(loaded, (batch,)), batch_labels)
+            return (batch if dtype is None else batch.to(dtype)), batch_labels
 
         loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
         if "mc_dropout" in args.scores:

@@ -85,6 +85,11 @@ def softmax_small_cnn() -> nn.Module:
     return nn.Sequential(small_cnn(), nn.Softmax(dim=1))
 
 
+def double_precision_small_cnn() -> nn.Module:
+    """A factory that returns its model in float64 (the images load as float32)."""
+    return small_cnn().double()
+
+
 def half_precision_small_cnn() -> nn.Module:
     """A factory that returns its model in bfloat16 (the images load as float32)."""
     return small_cnn().to(torch.bfloat16)

@@ -390,6 +390,18 @@ def test_report_and_score_on_a_half_precision_model(tmp_path, monkeypatch, capsy
     assert len(rows) == 3 and not any("inf" in row for row in rows)
 
 
+def test_score_on_a_double_precision_model(tmp_path, monkeypatch, capsys):
+    """A float64 model got the float32 images and failed ("the model failed on images ...
+    Check --transform"): only half precision was cast to."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    scores = tmp_path / "scores.csv"
+    argv = ["score", "--model", "_factories:double_precision_small_cnn", "--images"]
+    argv += [str(tmp_path / "pngs"), "--transform", "none", "--no-progress", "--out", str(scores)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(scores.read_text().strip().splitlines()) == 3
+
+
 def test_report_and_score_on_a_model_returning_its_logits_in_a_field(tmp_path, monkeypatch, capsys):
     """Hugging Face's classifiers return an ImageClassifierOutput (here: a dict) with
     ``logits``; the commands refused them ("must return (N, classes) logits")."""

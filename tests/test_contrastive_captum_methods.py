@@ -469,3 +469,22 @@ def test_no_warning_that_the_input_did_not_require_gradients(bundled_model, bund
             warnings.simplefilter("error")
             Contrastive(method, bundled_model).attribute(x, contrast=y)
     assert not x.requires_grad and x.grad is None
+
+
+def test_results_carry_no_graph_over_the_inner_copies(bundled_model, bundled_digits):
+    """With the inner copies requiring gradients, Contrastive(IntegratedGradients) returned
+    attributions with a graph over them: `.numpy()` failed ("Can't call numpy() on Tensor
+    that requires grad")."""
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    from captum_ext.attr import Contrastive
+
+    x, y = bundled_digits[0][:2], bundled_digits[1][:2]
+    for method in (IntegratedGradients, InputXGradient):
+        maps = Contrastive(method, bundled_model).attribute(x, contrast=y)
+        assert not maps.requires_grad and maps.grad_fn is None
+        maps.numpy()
+    maps, delta = Contrastive(IntegratedGradients, bundled_model).attribute(
+        x, contrast=y, n_steps=8, return_convergence_delta=True
+    )
+    assert not maps.requires_grad and not delta.requires_grad

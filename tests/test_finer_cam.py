@@ -190,3 +190,15 @@ def test_scores_equal_the_full_orderings_with_ties_and_in_chunks(monkeypatch, ch
         (got * weights).sum().backward()
         (expected * weights).sum().backward()
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_nan_logit_leaves_the_other_examples_explained():
+    """One example's NaN logit made the chunked selection fail for the whole batch with a
+    shape error; as with the full orderings, only that example's score is NaN."""
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits[0, 4] = float("nan")
+    logits[1, 2] = float("inf")
+    got = finer_scores(logits, 1.0, (1, 2, 3))
+    expected = _scores_by_full_orderings(logits, 1.0, (1, 2, 3))
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+    assert torch.isfinite(got[2]).all()

@@ -476,3 +476,21 @@ def test_privacy_audit_refuses_training_settings_with_a_fitted_inversion(setting
     name = next(iter(setting))
     with pytest.raises(ValueError, match=f"`{name}`=.* would be ignored"):
         privacy_audit(model, images, labels, inversion=lambda y: images[: len(y)], **setting)
+
+
+def test_privacy_audit_takes_default_values_in_other_forms_with_an_inversion():
+    """An empty `inversion_options` and `value_range=[0.0, 1.0]` lose nothing, yet were
+    refused."""
+    images, labels = _digits_like(n=6, num_classes=3, side=9, seed=2)
+    model = make_tiny_cnn(in_channels=1, num_classes=3, dtype=torch.float32)
+    audit = privacy_audit(
+        model,
+        images,
+        labels,
+        inversion=lambda y: images[: len(y)],
+        inversion_options={},
+        value_range=[0.0, 1.0],
+        samples_per_class=1,
+        progress=False,
+    )
+    assert audit.samples.shape[0] == 3

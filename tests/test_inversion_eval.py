@@ -405,3 +405,24 @@ def test_evaluation_takes_images_of_another_float_dtype_than_the_model(model, im
         atol=1e-6,
         rtol=0,
     )
+
+
+def test_a_model_of_mixed_dtypes_gets_its_images_as_given():
+    """A bfloat16 body with a float32 temperature registered first: the images were cast
+    to float32 (the first parameter's dtype) and the body refused them."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+            self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 5)).to(
+                torch.bfloat16
+            )
+
+        def forward(self, x):
+            return self.body(x).float() / self.temperature
+
+    model = Mixed().eval()
+    x = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    labels = model(x).argmax(1)
+    assert label_consistency(model, x, labels) == 1.0

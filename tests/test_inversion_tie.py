@@ -937,3 +937,27 @@ def test_generic_model_with_explicit_shape_and_preprocess():
     with torch.no_grad():
         images = tie.inversion.sample(torch.arange(4))
     assert float(images.min()) >= -1 - 1e-5 and float(images.max()) <= 1 + 1e-5
+
+
+def test_a_factorys_own_settings_are_not_refused():
+    """The settings were refused whenever they were not the defaults, also where the
+    factory's generator has exactly them (its latent size, its pixel range and
+    preprocessing)."""
+
+    def scaled(x):
+        return x / 255.0
+
+    def factory(k):
+        return ConditionedGenerator(
+            k, SHAPE, latent_dim=8, width=8, value_range=(0.0, 255.0), preprocess=scaled
+        )
+
+    tie = TIE(
+        tiny_model(), factory, input_shape=SHAPE, latent_dim=8, value_range=(0.0, 255.0),
+        preprocess=scaled,
+    )  # fmt: skip
+    assert tie.generator.latent_dim == 8
+    with pytest.raises(ValueError, match="`latent_dim`=16 would be ignored"):
+        TIE(tiny_model(), factory, input_shape=SHAPE, latent_dim=16)
+    with pytest.raises(ValueError, match="`value_range`=.* would be ignored"):
+        TIE(tiny_model(), factory, input_shape=SHAPE, value_range=(0.0, 1.5))

@@ -769,3 +769,18 @@ def test_image_folder_dataset_reads_what_load_image_folder_reads(tmp_path):
     with pytest.raises(ValueError, match=r"zz\.png.*gives a \(3, 30, 30\) tensor but .*a\.png"):
         bigger[len(bigger) - 1]
     assert len(ImageFolderDataset(root, "none", limit=2)) == 2
+
+
+def test_image_folder_dataset_refuses_other_sizes_in_dataloader_workers(tmp_path):
+    """Each worker took the first image it read as the reference size, so with workers a
+    folder of mixed sizes was loaded in batches of different sizes without an error."""
+    from torch.utils.data import DataLoader
+
+    from captum_ext.data import ImageFolderDataset
+
+    root = tmp_path / "mixed"
+    for i in range(6):  # the second worker's batch, 2.png and 3.png, is the other size
+        write_image(root / f"{i}.png", size=(30, 30) if i in (2, 3) else (20, 16), seed=i)
+    loader = DataLoader(ImageFolderDataset(root, "none"), batch_size=2, num_workers=2)
+    with pytest.raises(ValueError, match=r"2\.png.*gives a \(3, 30, 30\) tensor but .*0\.png"):
+        list(loader)

@@ -579,15 +579,30 @@ def _equal_setting(value: Any, default: Any) -> bool:
 def to_model_input(tensor: Tensor, model: Any) -> Tensor:
     """``tensor`` on the device of ``model`` (an ``nn.Module`` or a callable wrapping one;
     left where it is for a model spread over several devices), and, when both are floating
-    point, in its dtype (float32 images for a float64 model: a convolution refuses mixed
-    dtypes deep inside torch). Unchanged for a model without parameters or buffers."""
+    point and all the model's floating-point parameters and buffers have one dtype, in that
+    dtype (float32 images for a float64 model: a convolution refuses mixed dtypes deep
+    inside torch); a model whose parameters mix dtypes gets the dtype as given. Unchanged
+    for a model without parameters or buffers."""
     from captum_ext._utils.layers import root_module
 
     module = root_module(model)
     if module is None or next(iter([*module.parameters(), *module.buffers()]), None) is None:
         return tensor
     device = model_device(module)
-    _, dtype = model_device_dtype(module)
-    if tensor.is_floating_point() and dtype.is_floating_point:
+    dtype = model_input_dtype(module)
+    if tensor.is_floating_point() and dtype is not None:
         tensor = tensor.to(dtype)
     return tensor if device is None else tensor.to(device)
+
+
+def model_input_dtype(model: Any) -> torch.dtype | None:
+    """The one dtype of ``model``'s floating-point parameters and buffers, which its
+    floating-point inputs are given; None where they mix dtypes (the inputs as given) or
+    it has none."""
+    from captum_ext._utils.layers import root_module
+
+    module = root_module(model)
+    if module is None:
+        return None
+    dtypes = {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None

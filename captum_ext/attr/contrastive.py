@@ -509,7 +509,9 @@ class Contrastive(GradientAttribution):
                 "it evaluates the model some other way, so its result would not be "
                 "contrastive. Contrastive cannot wrap this method."
             )
-        return result
+        # the views required gradients: a method that multiplies by them (IG, InputXGradient)
+        # would hand back a graph over our copies, which the caller can neither use nor free
+        return _detached(result)
 
     def _attribute_many(
         self, formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
@@ -549,3 +551,15 @@ def _join(pieces: list, n: int, per_example: int) -> Any:
     if isinstance(first, tuple):
         return tuple(_join([p[i] for p in pieces], n, per_example) for i in range(len(first)))
     return pieces
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with every tensor in it (a tuple of attributions, a convergence delta)
+    detached."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    return value

@@ -2,6 +2,7 @@ r"""Finer-CAM: "What sets P apart from the classes it is most easily confused wi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,6 +72,8 @@ def comparison_sets(logits: Tensor, positions: Sequence[int]) -> Tensor:
         stop = min(classes, start + step)
         width = stop - start
         distance = (logits[:, None, :] - logits[:, start:stop, None]).abs()  # (N, w, C)
+        # as a stable sort orders them: infinite distances before NaN ones (a NaN logit)
+        distance = distance.nan_to_num(nan=math.inf, posinf=torch.finfo(distance.dtype).max)
         rows = torch.arange(width, device=logits.device)
         distance[:, rows, rows + start] = -1.0  # each class first, also beside equal logits
         threshold = distance.topk(keep, dim=2, largest=False).values[..., -1:]

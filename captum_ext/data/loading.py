@@ -1182,10 +1182,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Item ``i`` is ``(image, label)``: the ``C x H x W`` float32 image of ``paths[i]``
     (read and transformed when asked for) and its class from the first sub-folder's name
     (:func:`folder_labels`; ``-1`` where unknown). The files, their order, the transforms
-    and every error are :func:`load_image_folder`'s; images of another size than the first
-    one read are refused naming both files. Images with transparent pixels are listed in
-    ``transparent`` as they are read (in each ``DataLoader`` worker's own copy), not warned
-    about one by one.
+    and every error are :func:`load_image_folder`'s; an image of another size than the
+    first file's is refused naming both files (in every ``DataLoader`` worker). Images with
+    transparent pixels are listed in ``transparent`` as they are read (in each
+    ``DataLoader`` worker's own copy), not warned about one by one.
 
     Args:
         directory (str or Path): the folder, read recursively.
@@ -1248,7 +1248,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             folder_labels(_first_folders(root, paths), class_names), dtype=torch.int64
         )
         self.transparent: list[str] = []
-        self._function = function
+        self._reader = (transform, function)
         self._first: tuple[Path, tuple[int, ...]] | None = None
 
     def __len__(self) -> int:
@@ -1256,12 +1256,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         path = self.paths[index]
-        tensor, see_through = _read_image(path, self.transform, self._function)
+        tensor, see_through = _read_image(path, *self._reader)
         if see_through and self.names[index] not in self.transparent:
             self.transparent.append(self.names[index])
-        if self._first is None:
-            self._first = (path, tuple(tensor.shape))
-        elif tuple(tensor.shape) != self._first[1]:
+        if self._first is None:  # the first file's size (in each DataLoader worker too)
+            first = tensor if index == 0 else _read_image(self.paths[0], *self._reader)[0]
+            self._first = (self.paths[0], tuple(first.shape))
+        if tuple(tensor.shape) != self._first[1]:
             raise _size_error(path, tensor, self._first[0], self._first[1], self.transform)
         return tensor, self.labels[index]
 

@@ -42,6 +42,7 @@ from captum_ext.inversion.evaluation import (
     label_consistency,
     matched_ssim,
 )
+from captum_ext.inversion.generator import check_value_range
 
 __all__ = [
     "PrivacyAuditResult",
@@ -676,9 +677,9 @@ def privacy_audit(
             {
                 "steps": (steps, 2000),
                 "preprocess": (preprocess, None),
-                "value_range": (value_range, (0.0, 1.0)),
+                "value_range": (check_value_range(value_range), (0.0, 1.0)),
                 "batch_size": (batch_size, None),
-                "inversion_options": (inversion_options, None),
+                "inversion_options": (inversion_options or None, None),
             },
             "it sets the inversion trained here, and a fitted `inversion` is given",
         )

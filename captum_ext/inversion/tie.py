@@ -395,6 +395,43 @@ def _extend_classifier(
     return extended, name
 
 
+def _refuse_settings_the_factory_ignores(
+    generator: ConditionedGenerator,
+    preprocess: Any,
+    value_range: tuple[float, float],
+    latent_dim: int,
+    width: int,
+    dropout: float,
+) -> None:
+    """The default generator's settings given with a ``generator_factory`` are refused where
+    the factory's generator does not have them (they would be ignored): a latent size or
+    pixel range other than its own, a ``preprocess`` for a generator without one, a width
+    or dropout other than the defaults (not recorded by a generator)."""
+    defaults = TIEConfig()
+
+    def default_or(value: Any, default: Any, own: Any) -> Any:
+        """What ``value`` is compared with: left at its default, or the generator's own."""
+        return value if value == default else own
+
+    refuse_ignored_settings(
+        {
+            "preprocess": (preprocess, None if generator.preprocess is None else preprocess),
+            "value_range": (
+                value_range,
+                default_or(value_range, (0.0, 1.0), tuple(generator.value_range)),
+            ),
+            "latent_dim": (
+                latent_dim,
+                default_or(latent_dim, defaults.latent_dim, generator.latent_dim),
+            ),
+            "generator_width": (width, defaults.generator_width),
+            "dropout": (dropout, defaults.dropout),
+        },
+        "it sets the default generator, and `generator_factory` built one without it; give "
+        "it to the ConditionedGenerator the factory builds",
+    )
+
+
 def _cpu_copy(value: Any) -> Any:
     """A copy of a (nested) state dict with every tensor copied to the CPU."""
     if isinstance(value, Tensor):
@@ -666,18 +703,6 @@ class TIE:
                     width=generator_width,
                 )
             elif callable(generator_factory):
-                defaults = TIEConfig()
-                refuse_ignored_settings(
-                    {
-                        "preprocess": (preprocess, None),
-                        "value_range": (value_range, (0.0, 1.0)),
-                        "latent_dim": (latent_dim, defaults.latent_dim),
-                        "generator_width": (generator_width, defaults.generator_width),
-                        "dropout": (dropout, defaults.dropout),
-                    },
-                    "it sets the default generator, and `generator_factory` builds its own; "
-                    "give it to the ConditionedGenerator the factory builds",
-                )
                 generator = generator_factory(k)
             else:
                 raise TypeError(
@@ -688,6 +713,10 @@ class TIE:
             raise TypeError(
                 "`generator_factory` must return a ConditionedGenerator, got "
                 f"{type(generator).__name__}."
+            )
+        if generator_factory is not None:
+            _refuse_settings_the_factory_ignores(
+                generator, preprocess, value_range, latent_dim, generator_width, dropout
             )
         if generator.num_classes != k or tuple(generator.out_shape) != self.input_shape:
             raise ValueError(
