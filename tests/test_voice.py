@@ -194,6 +194,18 @@ def test_top_k_and_explicit_contrasts():
     torch.testing.assert_close(everything.uncertainty, listed.uncertainty)
 
 
+def test_a_contrast_class_named_twice_is_refused():
+    """A repeated class was weighted twice in the variance and counted twice in
+    `n_contrasts` ([2, 2, 3, 4]: 4 contrasts, maps up to 0.159 apart from [2, 3, 4])."""
+    model = make_tiny_cnn(num_classes=6)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    voice = VOICE(GradCAM(model, "features.3"))
+    for contrasts in ([2, 2, 3, 4], torch.tensor([[1, 2, 3], [4, 5, 4]])):
+        with pytest.raises(ValueError, match="`contrasts` names a class more than once"):
+            voice.attribute(x, contrasts=contrasts)
+    assert torch.equal(voice.attribute(x, contrasts=[2, 3, 4]).n_contrasts.max(), torch.tensor(3))
+
+
 def test_two_classes_give_zero_uncertainty_not_nan():
     model = make_tiny_cnn(num_classes=2)
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))

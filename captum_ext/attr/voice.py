@@ -384,8 +384,9 @@ class VOICE:
             contrasts (str, int, list or Tensor, optional): the contrast classes Q: ``"all"``
                 (every class but P, as in the paper), an int k >= 2 (the k most likely
                 classes other than P), or classes given as a list / 1-D tensor (for every
-                example) or a 2-D tensor (one row per example); P is left out of the
-                variance wherever it appears. Default: "all".
+                example) or a 2-D tensor (one row per example), each class at most once
+                in a row; P is left out of the variance wherever it appears.
+                Default: "all".
             additional_forward_args (Any, optional): extra arguments of the model.
             max_batch (int, optional): classes per batched backward. Default: 64 (fewer
                 if one chunk's gradients would exceed about 1 GiB).
@@ -630,6 +631,12 @@ class VOICE:
         values = values.long()
         if int(values.min()) < 0 or int(values.max()) >= num_classes:
             raise ValueError(f"`contrasts` holds classes outside [0, {num_classes}).")
+        rows = values.reshape(-1, values.shape[-1]).sort(dim=1).values
+        if bool((rows[:, 1:] == rows[:, :-1]).any()):  # a set: each class counts once
+            raise ValueError(
+                "`contrasts` names a class more than once in a row; the uncertainty is the "
+                "variance over a set of contrast classes, where each counts once."
+            )
         if values.dim() == 1:
             return values.expand(n, len(values))
         if values.shape[0] not in (1, n):
