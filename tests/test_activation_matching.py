@@ -518,9 +518,13 @@ def test_fit_trains_and_resume_is_bit_identical(tmp_path):
         ActivationMatchingMask(model, TINY_LAYERS).fit(
             data, epochs=2, lr=1e-2, seed=999, progress=False, checkpoint=path, resume=True
         )  # another seed than the checkpoint's was silently ignored
+    with pytest.raises(ValueError, match="`lr`=0.001, but `checkpoint` was written with 0.01"):
+        ActivationMatchingMask(model, TINY_LAYERS).fit(
+            data, epochs=2, lr=1e-3, progress=False, checkpoint=path, resume=True
+        )  # the optimiser's saved state set another learning rate back without a word
     resumed = ActivationMatchingMask(model, TINY_LAYERS).fit(
-        data, epochs=2, lr=1e-2, progress=False, checkpoint=path, resume=True
-    )  # without a seed: the checkpoint's
+        data, epochs=2, progress=False, checkpoint=path, resume=True
+    )  # without a seed or a learning rate: the checkpoint's
     assert resumed.history == full.history
     for a, b in zip(full.mask_net.state_dict().values(), resumed.mask_net.state_dict().values()):
         assert torch.equal(a, b)
@@ -798,3 +802,14 @@ def test_a_tuple_of_inputs_gives_a_tuple_as_captum_methods_do(bundled_model, sam
     (mask,) = explainer.attribute((x,))
     assert torch.equal(mask, explainer.attribute(x))
     assert sensitivity_max(explainer.attribute, x, n_perturb_samples=2).shape == (2,)
+
+
+def test_a_tuple_of_tensors_of_different_lengths_is_refused_by_name():
+    """(images[:20], labels[:40]) was read as a dataset of two items and failed deep in
+    torch's collate."""
+    model = make_tiny_cnn()
+    images = tiny_images(6, seed=1)
+    with pytest.raises(ValueError, match=r"`data`: .* first dimensions \[6, 4\]"):
+        ActivationMatchingMask(model, TINY_LAYERS).fit(
+            (images, torch.zeros(4, dtype=torch.long)), progress=False
+        )

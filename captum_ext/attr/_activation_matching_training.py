@@ -83,13 +83,18 @@ def batch_inputs(batch: Any) -> Tensor:
 def _is_tensor_batch(data: Any) -> bool:
     """A tuple ``(images, labels, ...)`` of tensors with the examples first (images
     N x C x H x W), as the other methods take it; a tuple of single images stays a dataset."""
-    return (
+    batch = (
         isinstance(data, tuple)
         and len(data) > 0
         and all(isinstance(t, Tensor) and t.dim() > 0 for t in data)
         and data[0].dim() == 4
-        and all(t.shape[0] == data[0].shape[0] for t in data)
     )
+    if batch and any(t.shape[0] != data[0].shape[0] for t in data):
+        raise ValueError(
+            "`data`: the tensors of an (images, labels, ...) tuple must hold one entry per "
+            f"example, got first dimensions {[int(t.shape[0]) for t in data]}."
+        )
+    return batch
 
 
 def fit_mask_net(
@@ -113,7 +118,8 @@ def fit_mask_net(
     if _is_tensor_batch(data):  # (images, labels, ...) as tensors: their examples
         data = TensorDataset(*data)
     epochs = check_int(epochs, "epochs")
-    lr = check_lr(lr)
+    lr_given = lr is not None
+    lr = check_lr(3e-4 if lr is None else lr)
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
     if isinstance(data, DataLoader):
         dataset = data.dataset
@@ -174,8 +180,15 @@ def fit_mask_net(
                 f"`seed`={seed}, but `checkpoint` was written with another seed; resume with "
                 "the same one (or leave it out: the checkpoint's is used)."
             )
+        saved_lr = float(state["optimizer"]["param_groups"][0]["lr"])
+        if lr_given and lr != saved_lr:  # the optimiser's state would set it back
+            raise ValueError(
+                f"`lr`={lr}, but `checkpoint` was written with {saved_lr}; resume with the "
+                "same learning rate (or leave it out: the checkpoint's is used)."
+            )
         base_seed = int(state["seed"])
         loader_args["batch_size"] = saved_batch
+        lr = saved_lr
 
     model = root_module(method.forward_func)
     device = next((p.device for p in model.parameters()), None) if model is not None else None

@@ -1109,7 +1109,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         self,
         data: Any,
         epochs: int = 1,
-        lr: float = 3e-4,
+        lr: float | None = None,
         batch_size: int | None = None,
         progress: bool = True,
         checkpoint: str | os.PathLike | None = None,
@@ -1151,14 +1151,16 @@ class ActivationMatchingMask(PerturbationAttribution):
                 tuples whose first element is the images; or a tuple of tensors
                 ``(images, labels, ...)`` with the examples first, taken as their dataset.
             epochs (int, optional): passes over the data. Default: 1.
-            lr (float, optional): Adam learning rate. Default: 3e-4.
+            lr (float, optional): Adam learning rate. Default: 3e-4 (a resumed fit: the
+                checkpoint's; another given with ``resume`` is refused).
             batch_size (int, optional): examples per step. Default: the DataLoader's batch
                 size, or 32 for a Dataset.
             progress (bool, optional): tqdm bar (steps) on rank 0. Default: True.
             checkpoint (str or PathLike, optional): checkpoint file. Default: None.
             checkpoint_every (int, optional): steps between checkpoints. Default: 100.
-            resume (bool, optional): continue from ``checkpoint``, with its seed and batch
-                size (a different ``seed`` or ``batch_size`` given with it is refused; a
+            resume (bool, optional): continue from ``checkpoint``, with its seed, batch size
+                and learning rate (a different ``seed``, ``batch_size`` or ``lr`` given with it
+                is refused; a
                 ``generator``'s draw is not used). With a ``checkpoint``, a call that raises
                 or is interrupted leaves a given mask net as it was before the call (so the
                 same object resumes exactly), and a path that cannot be written is refused

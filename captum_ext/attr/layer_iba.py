@@ -573,7 +573,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             generator (torch.Generator, int, list or None): the noise source: one generator
                 (or seed) for the batch, a list of one per example (each example's noise
                 then comes from its own generator, so a batch equals its examples explained
-                one by one with the same seeds), or None for torch's global generator.
+                one by one with the same seeds), or None for torch's global generator. A
+                model in train mode runs its own dropout from torch's global generator
+                whatever this is: put it in eval mode for maps that repeat.
             reuse_prefix (bool): run the layers before ``layer`` on the N examples rather
                 than on the N * n_noise copies, when the rest of the model takes only the
                 layer's output (tried on the first step; otherwise, and with False, every
