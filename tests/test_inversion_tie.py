@@ -961,3 +961,15 @@ def test_a_factorys_own_settings_are_not_refused():
         TIE(tiny_model(), factory, input_shape=SHAPE, latent_dim=16)
     with pytest.raises(ValueError, match="`value_range`=.* would be ignored"):
         TIE(tiny_model(), factory, input_shape=SHAPE, value_range=(0.0, 1.5))
+
+
+def test_final_training_takes_only_a_bool_and_config_is_read_only():
+    """TIEConfig(final_training="False") meant True; reassigning `tie.config` applied its
+    garbage weight but not its threshold (settings copied when the TIE was made)."""
+    for value in ("False", "no", None, 1.0):
+        with pytest.raises(TypeError, match="`final_training`"):
+            TIEConfig(final_training=value)
+    tie = TIE(tiny_model(), **SMALL)
+    with pytest.raises(AttributeError, match="`config` is fixed when a TIE is made"):
+        tie.config = tie.config.replace(threshold=1.0)
+    assert tie.config.threshold == tie.threshold

@@ -552,7 +552,8 @@ class TIE:
     Attributes:
         model (nn.Module): The ``n + 1``-output classifier being trained (the copy;
             formerly ``classifier``).
-        config (TIEConfig): The training settings in use.
+        config (TIEConfig): The training settings in use (fixed when the TIE is made:
+            assigning another is refused; make a new TIE for other settings).
         generator (ConditionedGenerator): The generator.
         inversion (NetworkInversion): The generator's trainer.
         pool (Tensor or None): The garbage pool, in the classifier's input space.
@@ -613,7 +614,7 @@ class TIE:
                     f"are the fields of TIEConfig: {sorted(known)}."
                 )
             config = dataclasses.replace(config, **settings)
-        self.config = config
+        self._config = config
         self.threshold = config.threshold
         self.stop_fraction = config.stop_fraction
         self.baseline = config.baseline
@@ -746,6 +747,18 @@ class TIE:
         self.stopped = False
         self.log: dict[str, list[float]] = {key: [] for key in _LOG_KEYS}
         self._ddp: nn.Module | None = None
+
+    @property
+    def config(self) -> TIEConfig:
+        """The training settings in use (read only)."""
+        return self._config
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        raise AttributeError(
+            "`config` is fixed when a TIE is made (its settings were copied then, so a new "
+            "one would apply only in part); make a new TIE with the settings you want."
+        )
 
     @property
     def classifier(self) -> nn.Module:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from captum_ext._utils.validation import check_int, check_number
+from captum_ext._utils.validation import check_flag, check_int, check_number
 
 __all__ = ["GARBAGE_NOISE_KINDS", "TIE_BASELINES", "TIEConfig"]
 
@@ -147,7 +147,7 @@ class TIEConfig:
             ),
             "latent_dim": check_int(self.latent_dim, "latent_dim"),
             "generator_width": check_int(self.generator_width, "generator_width"),
-            "final_training": bool(self.final_training),
+            "final_training": check_flag(self.final_training, "final_training"),
         }
         for name in ("garbage_size", "samples_per_class"):
             value = getattr(self, name)
