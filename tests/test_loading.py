@@ -784,3 +784,17 @@ def test_image_folder_dataset_refuses_other_sizes_in_dataloader_workers(tmp_path
     loader = DataLoader(ImageFolderDataset(root, "none"), batch_size=2, num_workers=2)
     with pytest.raises(ValueError, match=r"2\.png.*gives a \(3, 30, 30\) tensor but .*0\.png"):
         list(loader)
+
+
+@pytest.mark.parametrize("transform", ["imagenet", "none", "digits"])
+def test_image_folder_dataset_pickles_for_spawned_workers(tmp_path, transform):
+    """A DataLoader's workers started by spawn (macOS's and Windows' default) pickle the
+    dataset; the "imagenet" transform was a local lambda ("Can't pickle local object")."""
+    import pickle
+
+    from captum_ext.data import ImageFolderDataset
+
+    write_image(tmp_path / "images" / "a.png", size=(30, 24))
+    dataset = ImageFolderDataset(tmp_path / "images", transform)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(copy[0][0], dataset[0][0])

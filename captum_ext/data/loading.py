@@ -859,7 +859,18 @@ def _imagenet_transform() -> Callable:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-    return lambda image: pipeline(image.convert("RGB"))
+    return _RGBThen(pipeline)
+
+
+class _RGBThen:
+    """``pipeline(image.convert("RGB"))``, as a picklable object (a ``DataLoader`` with
+    workers started by spawn, macOS's and Windows' default, pickles its dataset)."""
+
+    def __init__(self, pipeline: Callable) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, image) -> Tensor:
+        return self.pipeline(image.convert("RGB"))
 
 
 def _to_tensor(image) -> Tensor:
