@@ -969,6 +969,10 @@ def test_final_training_takes_only_a_bool_and_config_is_read_only():
     for value in ("False", "no", None, 1.0):
         with pytest.raises(TypeError, match="`final_training`"):
             TIEConfig(final_training=value)
+    import numpy as np
+
+    # numpy's bools are bools (NumPy 2 names their type "bool", not "bool_")
+    assert TIEConfig(final_training=np.bool_(False)).final_training is False
     tie = TIE(tiny_model(), **SMALL)
     with pytest.raises(AttributeError, match="`config` is fixed when a TIE is made"):
         tie.config = tie.config.replace(threshold=1.0)

@@ -201,9 +201,18 @@ def test_a_contrast_class_named_twice_is_refused():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     voice = VOICE(GradCAM(model, "features.3"))
     for contrasts in ([2, 2, 3, 4], torch.tensor([[1, 2, 3], [4, 5, 4]])):
-        with pytest.raises(ValueError, match="`contrasts` names a class more than once"):
+        with pytest.raises(ValueError, match="`contrasts` names a class other than P more"):
             voice.attribute(x, contrasts=contrasts)
     assert torch.equal(voice.attribute(x, contrasts=[2, 3, 4]).n_contrasts.max(), torch.tensor(3))
+    # P itself may pad a row (it is left out): per-example sets of different sizes
+    p = model(x).argmax(1)
+    padded = torch.stack([torch.tensor([q for q in range(6) if q != int(c)][:3] + [int(c)] * 2)
+                          for c in p])  # fmt: skip
+    padded[1, 2] = p[1]  # the second example: two contrasts, P three times
+    result = voice.attribute(x, contrasts=padded)
+    assert result.n_contrasts.tolist() == [3, 2]
+    alone = voice.attribute(x[1:], contrasts=padded[1:2, :2])
+    torch.testing.assert_close(result.uncertainty[1:], alone.uncertainty)
 
 
 def test_two_classes_give_zero_uncertainty_not_nan():

@@ -555,7 +555,9 @@ def same_model_output(got: Any, expected: Any) -> bool:
 def check_flag(value: Any, argument: str) -> bool:
     """``value`` if it is a bool (numpy's included), else a TypeError naming ``argument``: a
     string such as ``"False"`` is truthy and would silently mean True."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    import numpy as np
+
+    if isinstance(value, bool | np.bool_):
         return bool(value)
     raise TypeError(f"`{argument}` must be True or False, got {type(value).__name__} {value!r}.")
 

@@ -631,19 +631,23 @@ class VOICE:
         values = values.long()
         if int(values.min()) < 0 or int(values.max()) >= num_classes:
             raise ValueError(f"`contrasts` holds classes outside [0, {num_classes}).")
-        rows = values.reshape(-1, values.shape[-1]).sort(dim=1).values
-        if bool((rows[:, 1:] == rows[:, :-1]).any()):  # a set: each class counts once
-            raise ValueError(
-                "`contrasts` names a class more than once in a row; the uncertainty is the "
-                "variance over a set of contrast classes, where each counts once."
-            )
         if values.dim() == 1:
-            return values.expand(n, len(values))
-        if values.shape[0] not in (1, n):
+            chosen = values.expand(n, len(values))
+        elif values.shape[0] not in (1, n):
             raise ValueError(
                 f"`contrasts` has {values.shape[0]} rows for {n} examples; give 1 or {n}."
             )
-        return values.expand(n, values.shape[1])
+        else:
+            chosen = values.expand(n, values.shape[1])
+        # a set: each class other than P counts once (P, left out, may pad a row)
+        rows = chosen.masked_fill(chosen == order[:, :1], -1).sort(dim=1).values
+        if bool(((rows[:, 1:] == rows[:, :-1]) & (rows[:, 1:] >= 0)).any()):
+            raise ValueError(
+                "`contrasts` names a class other than P more than once in a row; the "
+                "uncertainty is the variance over a set of contrast classes, where each "
+                "counts once."
+            )
+        return chosen
 
     @staticmethod
     def _check_samples(nt_samples: Any, stdevs: Any) -> int:
