@@ -798,3 +798,15 @@ def test_image_folder_dataset_pickles_for_spawned_workers(tmp_path, transform):
     dataset = ImageFolderDataset(tmp_path / "images", transform)
     copy = pickle.loads(pickle.dumps(dataset))
     assert torch.equal(copy[0][0], dataset[0][0])
+
+
+def test_a_python_file_as_model_spec_says_how_to_name_its_module(tmp_path):
+    """`--model path/to/nets.py:build` answered "file not found" although the file exists."""
+    source = tmp_path / "nets.py"
+    source.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Linear(2, 2)\n")
+    with pytest.raises(
+        ValueError, match=r"names a Python file; give its module instead, 'nets:build'"
+    ):
+        load_model(f"{source}:build")
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        load_model(f"{tmp_path / 'missing.py'}:build")

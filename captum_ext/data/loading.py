@@ -369,6 +369,14 @@ def load_model(
                 "expected a torch.nn.Module."
             )
     elif _looks_like_path(spec):
+        source, _, factory_name = spec.rpartition(":")
+        source_file = Path(source).expanduser()
+        if source_file.suffix == ".py" and source_file.is_file():  # a file, not a module
+            raise ValueError(
+                f"`--model` (spec) {spec!r} names a Python file; give its module instead, "
+                f"'{source_file.stem}:{factory_name}', with {str(source_file.parent)!r} as the "
+                "current folder or on PYTHONPATH."
+            )
         raise FileNotFoundError(f"`--model` (spec) file not found: {spec!r}.")
     else:
         raise ValueError(
@@ -1162,7 +1170,8 @@ def _size_error(path: Path, tensor: Tensor, first: Path, shape_of: Any, transfor
         f"`--images`: {str(path)!r} gives a {tuple(tensor.shape)} tensor but "
         f"{str(first)!r} gives {shape}; with transform="
         f"{transform if isinstance(transform, str) else 'callable'!r} all images need the "
-        "same size and channels (use transform 'imagenet' to resize and crop)."
+        "same size and channels (a transform that resizes: 'imagenet', or 'digits' for a "
+        "digit model)."
     )
 
 
