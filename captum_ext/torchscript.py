@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils.layers import LayerTap, find_last_linear, is_linear, resolve_layer
-from ._utils.model_state import gradients_on
+from ._utils.model_state import detached, gradients_on
 from ._utils.validation import same_model_output
 
 _LIST_AT_MOST = 5
@@ -207,17 +207,7 @@ def _call_compiled(function: Callable, args: Any) -> Any:
             raise
     with gradients_on():
         result = function(*args)
-    return _detached(result)
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple | list):
-        return type(value)(_detached(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    return value
+    return detached(result)
 
 
 def _compiled(module: Any, method: str) -> Any:

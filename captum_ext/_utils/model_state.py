@@ -122,3 +122,15 @@ def leaves_inference_mode(function: _Function) -> _Function:
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def detached(value: Any) -> Any:
+    """``value`` with every tensor in it (nested tuples, lists, dicts: a tuple of attributions
+    with a convergence delta, a scripted model's outputs) detached from autograd."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple | list):
+        return type(value)(detached(item) for item in value)
+    if isinstance(value, dict):
+        return {key: detached(item) for key, item in value.items()}
+    return value

@@ -35,7 +35,7 @@ from .._utils.batched_grad import (
 )
 from .._utils.deprecation import renamed_arguments
 from .._utils.layers import root_module
-from .._utils.model_state import leaves_inference_mode, preserved_state
+from .._utils.model_state import detached, leaves_inference_mode, preserved_state
 from .._utils.validation import (
     check_class_range,
     check_int,
@@ -511,7 +511,7 @@ class Contrastive(GradientAttribution):
             )
         # the views required gradients: a method that multiplies by them (IG, InputXGradient)
         # would hand back a graph over our copies, which the caller can neither use nor free
-        return _detached(result)
+        return detached(result)
 
     def _attribute_many(
         self, formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
@@ -551,15 +551,3 @@ def _join(pieces: list, n: int, per_example: int) -> Any:
     if isinstance(first, tuple):
         return tuple(_join([p[i] for p in pieces], n, per_example) for i in range(len(first)))
     return pieces
-
-
-def _detached(value: Any) -> Any:
-    """``value`` with every tensor in it (a tuple of attributions, a convergence delta)
-    detached."""
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
-    if isinstance(value, list):
-        return [_detached(v) for v in value]
-    return value
