@@ -782,3 +782,21 @@ def test_the_imputers_and_scores_of_the_spec_for_soundness_and_completeness(orac
             function(model, x, maps, imputer=lambda images, removed: images[:1])
     with pytest.raises(ValueError, match="`score`='logit'"):
         completeness(model, x, maps, score="logit")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [lambda m: m.transpose(1, 2), lambda m: m.permute(1, 2, 0), lambda m: m.flatten(1)],
+    ids=["N-W-H", "H-W-N", "N-HW"],
+)
+def test_a_mask_in_another_layout_is_refused_not_read_in_the_wrong_order(layout):
+    """A mask with N * H * W elements in any shape was reshaped without a word: a transposed
+    (N, W, H) mask of non-square images removed other pixels than the ones it marks."""
+    x = torch.rand(2, 3, 6, 10, dtype=torch.float64)
+    removed = torch.zeros(2, 6, 10, dtype=torch.bool)
+    removed[:, 1:4, 2:7] = True
+    with pytest.raises(ValueError, match=r"`removed` must have shape .* got \("):
+        road_imputation(x, layout(removed), noise=0.0)
+    # the documented layouts give one answer
+    filled = road_imputation(x, removed, noise=0.0)
+    torch.testing.assert_close(road_imputation(x, removed[:, None], noise=0.0), filled)

@@ -922,12 +922,14 @@ def road_imputation(
             f"[{float(removed.min()):g}, {float(removed.max()):g}]."
         )
     n, c, h, w = inputs.shape
-    removed = removed.reshape(n, 1, h, w) if removed.numel() == n * h * w else None
-    if removed is None:
-        raise ValueError(f"`removed` must have shape (N, 1, H, W) or (N, H, W) = ({n}, {h}, {w}).")
+    if tuple(removed.shape) not in ((n, 1, h, w), (n, h, w)):  # a transposed mask is refused
+        raise ValueError(
+            f"`removed` must have shape (N, 1, H, W) or (N, H, W) = ({n}, {h}, {w}), got "
+            f"{tuple(removed.shape)}."
+        )
     if not inputs.is_floating_point() or not bool(torch.isfinite(inputs).all()):
         raise ValueError("`inputs` must be floating point images without NaN or infinite values.")
-    removed = removed.to(device=inputs.device, dtype=torch.bool)
+    removed = removed.reshape(n, 1, h, w).to(device=inputs.device, dtype=torch.bool)
     if bool(removed.flatten(1).all(dim=1).any()):
         raise ValueError("`removed`: an image has every pixel removed; keep at least one.")
     noise = check_number(noise, "noise", allow_minimum=True)
