@@ -12,6 +12,7 @@ import torch
 from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from captum.attr import Saliency
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from captum_ext.attr import (
     VOICE,
@@ -23,7 +24,14 @@ from captum_ext.attr import (
     LayerIBA,
 )
 from captum_ext.circuits import CircuitReadout
-from captum_ext.metrics import gradtrust, softmax_confidence
+from captum_ext.inversion import weight_gradient_norm
+from captum_ext.metrics import (
+    class_sensitivity,
+    gradtrust,
+    model_randomisation,
+    score_dataset,
+    softmax_confidence,
+)
 
 
 def _train_mode_model() -> nn.Module:
@@ -146,3 +154,33 @@ def test_a_layout_mistake_is_named_beside_torchs_error(name, convert, hint, bund
     with pytest.raises(RuntimeError) as info:
         CALLS[name](bundled_model, convert(x))
     assert hint in "\n".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        (
+            "model_randomisation",
+            lambda m, x: model_randomisation(lambda net: GradCAM(net, net.features[3]), m, x),
+        ),
+        (
+            "class_sensitivity",
+            lambda m, x: class_sensitivity(lambda net: GradCAM(net, net.features[3]), m, x),
+        ),
+        ("weight_gradient_norm", lambda m, x: weight_gradient_norm(m, x, torch.zeros(len(x)))),
+        (
+            "score_dataset",
+            lambda m, x: score_dataset(
+                m, DataLoader(TensorDataset(x)), scores="softmax", progress=False
+            ),
+        ),
+    ],
+)
+def test_the_sanity_checks_and_dataset_scores_name_a_dtype_mismatch_too(name, call, tiny_inputs):
+    """These ran the model on the inputs themselves and gave torch's bare "Input type
+    (float) and bias type (double) should be the same" without the note naming `inputs`."""
+    model = make_tiny_cnn().eval()  # float64
+    with pytest.raises(RuntimeError, match="should be the same") as info:
+        call(model, tiny_inputs.float())
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "`inputs` is torch.float32 but the model's parameters are" in notes

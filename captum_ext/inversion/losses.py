@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ext._utils.batched_grad import call_model
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on, preserved_state
 from captum_ext._utils.precision import at_least_float32
@@ -363,7 +364,7 @@ def weight_gradient_norm(
         for p in params:
             p.requires_grad_(True)
         with gradients_on():
-            logits = model(inputs)
+            logits = call_model(model, (inputs,))
             labels = _as_labels(labels, logits)
             loss = F.cross_entropy(at_least_float32(logits), labels)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_ext._utils.batched_grad import in_model_precision
+from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.model_state import preserved_state
@@ -425,7 +425,7 @@ def _gather(local: dict[str, Tensor], world: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def _predict(model: nn.Module, inputs: Tensor) -> Tensor:
-    logits = model(inputs)
+    logits = call_model(model, (inputs,))
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"the model must return (N, C) logits, got {got}.")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ext._utils.batched_grad import call_model
 from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import float64_here_or_cpu
@@ -406,7 +407,7 @@ def model_randomisation(
     with preserved_state([model]):
         model.eval()
         with torch.no_grad():
-            output = model(inputs)
+            output = call_model(model, (inputs,))
         if isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
             target = _one_class_each(target, output, "target")
         elif target is None:
@@ -480,7 +481,7 @@ def class_sensitivity(
     with preserved_state([model]):
         model.eval()
         with torch.no_grad():
-            logits = model(inputs)
+            logits = call_model(model, (inputs,))
         target = _one_class_each(target, logits, "target")
         if isinstance(contrast, str):
             if contrast not in ("runner-up", "least-likely"):
