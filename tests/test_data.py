@@ -124,6 +124,12 @@ def test_normalize_formula_and_types() -> None:
     assert f64.dtype == torch.float64
     torch.testing.assert_close(f64.float(), expected)
     torch.testing.assert_close(denormalize_digits(out), torch.tensor([0.0, 0.2, 1.0]))
+    # numpy arrays become float32 whatever their dtype, as documented: scikit-learn's digits
+    # are float64 and went to the float32 bundled model as float64 (a dtype error there)
+    for dtype in (np.float64, np.float16, np.int64):
+        from_numpy = normalize_digits(u8.astype(dtype))
+        assert from_numpy.dtype == torch.float32
+        torch.testing.assert_close(from_numpy, expected)
     # perturbed inputs are clamped for display
     assert denormalize_digits(torch.tensor([-10.0, 10.0])).tolist() == [0.0, 1.0]
 

@@ -800,3 +800,22 @@ def test_a_mask_in_another_layout_is_refused_not_read_in_the_wrong_order(layout)
     # the documented layouts give one answer
     filled = road_imputation(x, removed, noise=0.0)
     torch.testing.assert_close(road_imputation(x, removed[:, None], noise=0.0), filled)
+
+
+def test_fractions_given_as_a_tensor_are_taken_as_a_list_is():
+    """A 1-D tensor of fractions was refused as "must be a number, got Tensor tensor(0.2)"."""
+    model = _constant_model(3.0, torch.float64)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    fractions = (0.6, 0.2)  # soundness takes them decreasing
+    for metric, argument in ((road, "percentages"), (soundness, "removed_fractions")):
+        as_list = metric(model, x, maps, target=0, noise=0.0, **{argument: list(fractions)})
+        as_tensor = metric(
+            model, x, maps, target=0, noise=0.0, **{argument: torch.tensor(fractions)}
+        )
+        for got, expected in zip(as_tensor, as_list):
+            torch.testing.assert_close(got, expected)
+    drop = completeness(model, x, maps, target=0, thresholds=torch.tensor([0.5])).drop
+    assert drop.shape == (2, 1)
+    with pytest.raises(ValueError, match="`percentages` must be 1-D"):
+        road(model, x, maps, target=0, percentages=torch.tensor([[0.2, 0.6]]))

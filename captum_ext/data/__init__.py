@@ -97,7 +97,8 @@ def normalize_digits(x: torch.Tensor | np.ndarray) -> torch.Tensor:
         >>> normalize_digits(np.array([0, 255], dtype=np.uint8))
         tensor([-0.4242,  2.8215])
     """
-    if isinstance(x, np.ndarray):
+    from_numpy = isinstance(x, np.ndarray)
+    if from_numpy:
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -105,7 +106,7 @@ def normalize_digits(x: torch.Tensor | np.ndarray) -> torch.Tensor:
         )
     if x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"x must hold real pixel values in 0..255, got dtype {x.dtype}")
-    if not x.is_floating_point():
+    if from_numpy or not x.is_floating_point():  # numpy's float64 (sklearn's digits) too
         x = x.to(torch.float32)
     return (x / 255.0 - NORMALIZE_MEAN) / NORMALIZE_STD
 

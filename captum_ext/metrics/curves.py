@@ -187,7 +187,8 @@ def accuracy_retention_curve(
 
     Returns:
         RetentionCurve: ``percentiles``, ``kept``, ``accuracy`` and ``macro_f1`` (None when
-        ``predictions``/``labels`` are not given), float64 tensors on the CPU.
+        ``predictions``/``labels`` are not given), tensors on the CPU: ``kept`` int64, the
+        others float64.
 
     Examples::
 

@@ -485,9 +485,9 @@ def score_dataset(
             single process).
         scores (sequence of str or str, optional): names from :data:`TRUST_SCORES`
             (``"gradtrust"`` (its natural log), ``"gradtrust_reference"``, ``"softmax"``,
-            ``"entropy"``, ``"margin"``, ``"log_likelihood"``, ``"odin"``, ``"mc_dropout"``,
-            ``"gradnorm"``, ``"purview"``), or one comma-separated string. Default: ``("gradtrust",
-            "softmax")``.
+            ``"entropy"``, ``"margin"``, ``"log_likelihood"``, ``"odin"``, ``"energy"``,
+            ``"mc_dropout"``, ``"gradnorm"``, ``"purview"``), or one comma-separated
+            string. Default: ``("gradtrust", "softmax")``.
         device (str or torch.device, optional): where the batches go. Default: the model's
             device. It must be the device the model is on (the model is not moved).
         progress (bool, optional): show a tqdm progress bar (batches) on stderr, on rank 0

@@ -1110,6 +1110,10 @@ def _fractions(values: Any, argument: str, **bounds: Any) -> list[float]:
     """A non-empty sequence of numbers in the given bounds (:func:`check_number`'s)."""
     if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
         raise TypeError(f"`{argument}` must be a sequence of numbers, got {type(values).__name__}.")
+    if isinstance(values, Tensor):  # a 1-D tensor of fractions, as numpy arrays are taken
+        if values.dim() != 1:
+            raise ValueError(f"`{argument}` must be 1-D, got shape {tuple(values.shape)}.")
+        values = values.tolist()
     checked = [check_number(value, argument, **bounds) for value in values]
     if not checked:
         raise ValueError(f"`{argument}` is empty; give at least one value.")

@@ -81,7 +81,9 @@ class Oracle:
             ground truth is relative to (black for the colour counter, zero for the null
             region, the same image with both patches dark for the interaction cell).
         ground_truth (Tensor): ``(N, 1, H, W)`` exact attribution of each pixel (summed over
-            channels) to ``model(inputs)[n, target[n]]`` relative to ``baselines``.
+            channels) to ``model(inputs)[n, target[n]]`` relative to ``baselines``, except
+            for ``null_region_oracle``, whose ground truth is the 0/1 indicator of the pixels
+            the model sees (it sums to the visible area, not to the logit difference).
         sampler (Callable): ``sampler(n, generator) -> (inputs, target, ground_truth)``.
     """
 

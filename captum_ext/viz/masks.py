@@ -154,7 +154,7 @@ def minimal_mask_section(
         model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
         display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display.
-        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bars on stderr. Default: True.
         explainer (ActivationMatchingMask): the mask explainer of ``model``; for

@@ -590,7 +590,7 @@ def contrastive_section(
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
         display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
             N x C x H x W (tensor) or N x H x W x C (array).
-        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
         labels (optional): true class per image (indices, or None where unknown), shown in

@@ -174,7 +174,7 @@ def voice_section(
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
         display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
             N x C x H x W (tensor) or N x H x W x C (array).
-        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
         contrasts (str or int, optional): the contrast classes of the variance: ``"all"``
@@ -628,7 +628,7 @@ def explanation_metrics_section(
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
         display_images (Tensor, numpy.ndarray or None): the same images in [0, 1] for the
             example rows, N x C x H x W (tensor) or N x H x W x C (array); None: no examples.
-        class_names (Sequence[str], optional): one name per model output. None: the indices.
+        class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
         n_steps (int, optional): perturbation steps of each curve. Default: 50.
