@@ -24,6 +24,7 @@ from captum_ext.attr._mask_net import (
     build_mask_net,
     default_unet_config,
     straight_through_mask,
+    unet_config_from_state_dict,
 )
 
 TINY_LAYERS = ["features.1", "features.3", "head"]  # BN map before an in-place ReLU, map, vector
@@ -556,6 +557,28 @@ def test_save_and_load_round_trip(tmp_path, suffix):
         assert set(state) == set(explainer.mask_net.state_dict())
     with pytest.raises(ValueError, match="`path`"):
         ActivationMatchingMask(model, TINY_LAYERS).load(tmp_path / "missing.pt")
+
+
+def test_a_refused_load_leaves_the_trained_net_as_it_was(tmp_path):
+    """load_state_dict copies every tensor that fits before it raises for the others: a
+    file of a net with another width replaced the current net's fitting tensors (masks
+    changed by up to 0.46) while the explainer stayed "trained"."""
+    model = make_tiny_cnn()
+    explainer = ActivationMatchingMask(model, TINY_LAYERS).fit(
+        _fit_data(), epochs=1, batch_size=5, seed=2, progress=False
+    )
+    x = tiny_images(3, seed=8)
+    before = explainer.attribute(x, return_details=True).probabilities
+    config = {**unet_config_from_state_dict(explainer.mask_net.state_dict())}
+    config["in_channels"] = config["in_channels"] + 2  # another input: the first conv differs
+    other = tmp_path / "other.pt"
+    torch.save(MaskUNet(**config).state_dict(), other)
+    with pytest.raises(
+        ValueError, match="does not fit the mask net .* the current net is unchanged"
+    ):
+        explainer.load(other)
+    after = explainer.attribute(x, return_details=True).probabilities
+    assert torch.equal(before, after)
 
 
 def _gloo_job(rank, world, out_dir):

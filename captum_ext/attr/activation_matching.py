@@ -1248,9 +1248,20 @@ class ActivationMatchingMask(PerturbationAttribution):
             dtype = next(iter(state.values())).dtype
             with torch.random.fork_rng(devices=[]):
                 self.mask_net = MaskUNet(**config).to(dtype=dtype)
-        try:
-            self.mask_net.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"`path`: the state dict does not fit the mask net: {error}") from None
+        # checked before anything is copied: load_state_dict copies every tensor that fits
+        # before it raises for the others, which would leave the current net half replaced
+        current = self.mask_net.state_dict()
+        misfits = sorted(set(current) ^ set(state)) + [
+            key
+            for key in sorted(set(current) & set(state))
+            if not isinstance(state[key], Tensor) or state[key].shape != current[key].shape
+        ]
+        if misfits:
+            raise ValueError(
+                f"`path`: the state dict in {str(path)!r} does not fit the mask net (keys "
+                f"missing, unexpected or of another shape: {', '.join(misfits[:5])}"
+                f"{', ...' if len(misfits) > 5 else ''}); the current net is unchanged."
+            )
+        self.mask_net.load_state_dict(state)
         self._trained = True
         return self
