@@ -16,6 +16,7 @@ from torch import nn
 from captum_ext.attr import VOICE, ContrastCAM, CounterfactualCAM, FinerCAM, GradCAM
 from captum_ext.data import two_class_logits
 from captum_ext.metrics import (
+    class_sensitivity,
     completeness,
     deletion,
     energy,
@@ -186,3 +187,13 @@ def test_two_class_logits_can_be_scripted_into_a_torchscript_model(one_logit, sa
     eager = Scripted(one_logit).eval()
     scripted = torch.jit.script(eager)
     torch.testing.assert_close(scripted(x), eager(x))
+
+
+def test_class_sensitivity_refuses_one_logit_instead_of_comparing_class_0_with_itself(
+    one_logit, sample_digits
+):
+    """The runner-up of a one-output model was the target itself: every similarity came
+    out 1 ("the method ignores the class") for maps of one class compared with themselves."""
+    x = sample_digits[0][:3]
+    with pytest.raises(ValueError, match=r"1 output.*two_class_logits\(model\(x\)\)"):
+        class_sensitivity(lambda m: GradCAM(m, LAYER), one_logit, x)

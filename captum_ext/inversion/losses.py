@@ -148,8 +148,9 @@ def cosine_diversity(features: Tensor, *, eps: float = 1e-8) -> Tensor:
     r"""Mean pairwise cosine similarity of features (lower is more diverse).
 
     ``L_cos = 1 / (N (N - 1)) * sum_{i != j} cos(phi_i, phi_j)``, with
-    ``cos(a, b) = a . b / max(|a| |b|, eps)``; signed, in ``[-1, 1]``. Minimising it
-    spreads the generated images apart in feature space.
+    ``cos(a, b) = a . b / (max(|a|, eps) max(|b|, eps))`` (each norm floored, so tiny
+    features keep their direction); signed, in ``[-1, 1]``. Minimising it spreads the
+    generated images apart in feature space.
 
     Args:
         features (Tensor): ``N x D`` features (``N >= 2``; more dimensions are flattened).

@@ -483,6 +483,13 @@ def class_sensitivity(
         with torch.no_grad():
             logits = call_model(model, (inputs,))
         target = _one_class_each(target, logits, "target")
+        if logits.dim() == 2 and logits.shape[1] == 1:  # else its only class with itself
+            raise ValueError(
+                "class_sensitivity: the model has 1 output, so there is no second class to "
+                "compare its maps with. A binary classifier with one logit z has the two-class "
+                "logits [-z/2, z/2]: wrap it in an nn.Module whose forward returns "
+                "captum_ext.data.two_class_logits(model(x))."
+            )
         if isinstance(contrast, str):
             if contrast not in ("runner-up", "least-likely"):
                 raise ValueError(
