@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext.metrics import (
     PerturbationCurves,
     StructureCurves,
@@ -803,3 +804,50 @@ def test_masking_batch_equals_one_by_one(cnn_batch):
     torch.testing.assert_close(full, singles, rtol=1e-12, atol=1e-12)
     correct = masking_score(model, x, heat, target=0, score="correct")
     assert correct.shape == (len(x),) and set(correct.tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("side", [1, 5, 12, 13])
+def test_masking_takes_a_normalised_map_of_any_size(bundled_model, sample_digits, side):
+    """Bilinear resizing of a [0, 1] map to 28 x 28 gave 1.0000001 at some pixels and the
+    check after it refused the map ("got values in [1, 1]"). The range is checked on the
+    map as given; the score equals that of the same map resized beforehand."""
+    x = sample_digits[0][:2]
+    generator = torch.Generator().manual_seed(side)
+    heat = torch.rand(2, 1, side, side, generator=generator)
+    heat = (heat - heat.amin(dim=(2, 3), keepdim=True)) / heat.amax(dim=(2, 3), keepdim=True).sub(
+        heat.amin(dim=(2, 3), keepdim=True)
+    ).clamp_min(1e-12)
+    if side == 1:
+        heat = torch.ones(2, 1, 1, 1)
+    score = masking_score(bundled_model, x, heat)
+    resized = F.interpolate(heat, size=(28, 28), mode="bilinear", align_corners=False)
+    expected = masking_score(bundled_model, x, resized.clamp(0, 1))
+    torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got values in \[.*, 1.5\]"):
+        masking_score(bundled_model, x, heat * 1.5)
+
+
+@pytest.mark.parametrize("curves", [deletion_curves, insertion_curves])
+def test_a_low_resolution_plateau_is_ranked_by_pixel_index_as_at_full_size(
+    bundled_model, sample_digits, curves
+):
+    """A constant 1 x 1 map resized by F.interpolate became 552 values an ulp apart, so the
+    pixels were removed in the order of that rounding noise, not by index: deletion curves
+    of the same constant map given at 1 x 1 and at 28 x 28 differed by up to 0.35."""
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    small = torch.full((4, 1, 1, 1), 0.37)
+    full = torch.full((4, 1, 28, 28), 0.37)
+    a = curves(bundled_model, x, small, target=y, n_steps=28)
+    b = curves(bundled_model, x, full, target=y, n_steps=28)
+    torch.testing.assert_close(a.curves, b.curves, rtol=0, atol=0)
+    # a 7 x 7 map with a plateau ranks the plateau's pixels exactly alike at any size
+    plateau = torch.rand(4, 1, 7, 7, generator=torch.Generator().manual_seed(3))
+    plateau[:, :, 2:5, 2:5] = 0.9
+    resized = upsample_keeping_ties(plateau, (28, 28))
+    assert bool((resized[:, :, 10:18, 10:18] == 0.9).all())
+    torch.testing.assert_close(
+        resized, F.interpolate(plateau, size=(28, 28), mode="bilinear"), rtol=0, atol=1e-6
+    )
+    c = curves(bundled_model, x, plateau, target=y, n_steps=28)
+    d = curves(bundled_model, x, resized, target=y, n_steps=28)
+    torch.testing.assert_close(c.curves, d.curves, rtol=0, atol=0)

@@ -88,6 +88,36 @@ def upsample_maps(maps: Tensor, size: tuple[int, ...], mode: str | None = None) 
         ) from error
 
 
+
+def upsample_keeping_ties(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resizing of (N, C, h, w) maps to ``size`` (``align_corners=False``, the
+    sample positions of ``F.interpolate(mode="bilinear")``) that keeps equal values equal.
+
+    ``F.interpolate`` forms ``w0 a + w1 b``, which for ``a == b`` rounds to a value an ulp
+    off ``a`` at some pixels: a constant 1 x 1 map becomes 552 slightly different values on
+    a 28 x 28 image, and a metric that ranks pixels (ties broken by index) orders them by
+    rounding noise instead. Here each axis is one ``torch.lerp`` (``a + t (b - a)``, exact
+    for ``a == b``): equal to ``F.interpolate`` up to rounding, exact on plateaus, and
+    never outside the range of the values it interpolates between.
+    """
+    out = maps
+    for dim, new in ((2, size[0]), (3, size[1])):
+        old = out.shape[dim]
+        if old == new:
+            continue
+        position = (torch.arange(new, dtype=torch.float64) + 0.5) * (old / new) - 0.5
+        position = position.clamp_min(0)
+        low = position.floor().long().clamp_max(old - 1)
+        high = (low + 1).clamp_max(old - 1)
+        weight = (position - low).to(device=out.device, dtype=out.dtype)
+        shape = [1] * out.dim()
+        shape[dim] = new
+        low, high = low.to(out.device), high.to(out.device)
+        out = torch.lerp(
+            out.index_select(dim, low), out.index_select(dim, high), weight.view(shape)
+        )
+    return out
+
 def check_normalize(normalize) -> None:
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"`normalize`={normalize!r}: expected None or 'minmax'.")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
-from captum_ext._utils.maps import upsample_maps
+from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import (
@@ -73,8 +73,9 @@ def check_choice(value: Any, choices: Sequence[str], argument: str) -> None:
 
 
 def maps_for(maps: Any, x: Tensor, argument: str, dtype: torch.dtype | None = None) -> Tensor:
-    """(N, K, H, W) float maps at the input's size, K = 1 or C (upsampled when needed), in
-    ``dtype`` (default: the input's)."""
+    """(N, K, H, W) float maps at the input's size, K = 1 or C (resized bilinearly when
+    needed, equal values kept equal: :func:`upsample_keeping_ties`), in ``dtype`` (default:
+    the input's)."""
     if isinstance(maps, tuple):
         if len(maps) != 1:
             raise ValueError(
@@ -108,8 +109,8 @@ def maps_for(maps: Any, x: Tensor, argument: str, dtype: torch.dtype | None = No
     a = a.to(device=x.device, dtype=x.dtype if dtype is None else dtype)
     if not bool(torch.isfinite(a).all()):
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
-    if tuple(a.shape[2:]) != (h, w):
-        a = upsample_maps(a, (h, w))
+    if tuple(a.shape[2:]) != (h, w):  # plateaus stay exact ties (ranked by pixel index)
+        a = upsample_keeping_ties(a, (h, w))
     return a
 
 

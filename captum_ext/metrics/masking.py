@@ -84,10 +84,13 @@ def masking_score(
     x = image_batch(inputs)
     check_score(score)
     heat = maps_for(attributions, x, "attributions", dtype=score_dtype(x))
-    if bool((heat < 0).any()) or bool((heat > 1).any()):
+    # the maps as given (a resized map could skip or round at the values out of range)
+    given = (attributions[0] if isinstance(attributions, tuple) else attributions).detach()
+    if bool((given < 0).any()) or bool((given > 1).any()):
         raise ValueError(
             "`attributions` (the heatmaps) must lie in [0, 1], got values in "
-            f"[{float(heat.min()):.4g}, {float(heat.max()):.4g}]; min-max normalise them first."
+            f"[{float(given.min()):.9g}, {float(given.max()):.9g}]; min-max normalise them "
+            "first."
         )
     n = x.shape[0]
     evaluator = Evaluator(forward_func, x, target, additional_forward_args)
