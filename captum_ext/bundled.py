@@ -203,8 +203,9 @@ def load_bundled_inversion(model: Any = None):
     with resources.as_file(_resource(_GENERATOR_FILE)) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     generator_net.load_state_dict(state)
-    device = next(model.parameters()).device
-    return NetworkInversion(model, generator_net.to(device), batch_size=64, seed=0)
+    parameter = next(model.parameters())  # a float64 copy gets a float64 generator
+    generator_net = generator_net.to(device=parameter.device, dtype=parameter.dtype)
+    return NetworkInversion(model, generator_net, batch_size=64, seed=0)
 
 
 def load_bundled_mask_explainer(model: Any = None):

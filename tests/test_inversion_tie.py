@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
 from torch import nn
 
 import captum_ext.inversion.tie as tie_module
-from captum_ext._utils.training import load_checkpoint
+from captum_ext._utils.training import load_checkpoint, save_checkpoint
 from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS, load_bundled_model
 from captum_ext.data import load_sample_digits
 from captum_ext.inversion import ConditionedGenerator, TIEConfig
@@ -699,6 +700,57 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         TIE(tiny_model(), **SMALL, baseline="all").fit(
             x, y, epochs=3, progress=False, checkpoint=tmp_path / "part.pt", resume=True
         )
+
+
+def test_resume_refuses_another_config_by_its_field_names(tmp_path, monkeypatch):
+    """`TIE(lr=1e-5, generator_lr=1e-6, seed=99, batch_size=8)` resumed a fit of other
+    settings without a word (the optimisers came back with the old learning rates while
+    `config.lr` reported the new one), and a `generator_steps` mismatch blamed a `steps`
+    argument TIE does not have."""
+    x, y = tiny_data()
+    broken = TIE(tiny_model(), **SMALL, seed=3)
+    original = broken._invert_and_exclude
+    calls = {"n": 0}
+
+    def fail_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(broken, "_invert_and_exclude", fail_second)
+    path = tmp_path / "part.pt"
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit(x, y, epochs=3, progress=False, checkpoint=path)
+    for change, named in (
+        ({"lr": 1e-5}, "lr=1e-05 (the checkpoint's: 0.001)"),
+        ({"generator_lr": 1e-6}, "generator_lr=1e-06 (the checkpoint's: 0.001)"),
+        ({"seed": 99}, "seed=99 (the checkpoint's: 3)"),
+        ({"batch_size": 8}, "batch_size=8 (the checkpoint's: 16)"),
+        ({"generator_steps": 5}, "generator_steps=5 (the checkpoint's: 2)"),
+    ):
+        options = {**SMALL, "seed": 3, **change}
+        with pytest.raises(ValueError, match=re.escape(named)):
+            TIE(tiny_model(), **options).fit(
+                x, y, epochs=3, progress=False, checkpoint=path, resume=True
+            )
+    # a checkpoint written before the config was recorded: the inner inversion's own
+    # check names TIE's setting, not NetworkInversion's `steps`
+    state = load_checkpoint(path)
+    del state["config"]
+    save_checkpoint(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=re.escape("`generator_steps`=5 (the checkpoint's: 2)")):
+        TIE(tiny_model(), **{**SMALL, "seed": 3, "generator_steps": 5}).fit(
+            x, y, epochs=3, progress=False, checkpoint=tmp_path / "old.pt", resume=True
+        )
+    # a classifier of another architecture: named, and nothing is loaded
+    wider = make_tiny_cnn(dtype=torch.float32, num_classes=CLASSES, width=12)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError, match="`checkpoint` belongs to another architecture"):
+        TIE(wider, **SMALL, seed=3).fit(
+            x, y, epochs=3, progress=False, checkpoint=path, resume=True
+        )
+    assert all(torch.equal(v, wider.state_dict()[k]) for k, v in before.items())
 
 
 def test_progress_bar_on_stderr(capsys):

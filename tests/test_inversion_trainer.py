@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -134,6 +135,51 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         NetworkInversion(tiny_classifier(), tiny_generator(), preset="reconstruction").fit(
             6, progress=False, checkpoint=path, resume=True
         )
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"lr": 1e-5}, "`lr`=1e-05 (the checkpoint's: 0.001)"),
+        ({"betas": (0.9, 0.99)}, "`betas`=(0.9, 0.99) (the checkpoint's: (0.5, 0.999))"),
+        ({"seed": 99}, "`seed`=99 (the checkpoint's: 1)"),
+        ({"batch_size": 6}, "`batch_size`=6 (the checkpoint's: 4)"),
+    ],
+)
+def test_resume_refuses_other_settings_instead_of_taking_the_checkpoints(tmp_path, settings, named):
+    """The optimiser's saved state brought the old learning rate and betas back, and the
+    saved random state the old seed's draws: `NetworkInversion(lr=1e-5)` resumed at 1e-3
+    (the lr a FloatingPointError tells the user to lower), without a word."""
+    path = tmp_path / "inversion.pt"
+    flaky = Flaky(tiny_classifier(), fail_at=None)
+    first = NetworkInversion(flaky, tiny_generator(), preset="reconstruction", batch_size=4, seed=1)
+    flaky.fail_at = flaky.calls + 4 + 3 + 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+    options = {"preset": "reconstruction", "batch_size": 4, "seed": 1, **settings}
+    other = NetworkInversion(tiny_classifier(), tiny_generator(), **options)
+    before = params_of(other.generator)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        other.fit(8, progress=False, checkpoint=path, resume=True)
+    assert all(torch.equal(v, params_of(other.generator)[k]) for k, v in before.items())
+
+
+def test_a_checkpoint_of_another_generator_width_is_named_and_loads_nothing(tmp_path):
+    """torch's bare "Error(s) in loading state_dict" named neither `checkpoint` nor what
+    differs, after copying every tensor that fitted."""
+    path = tmp_path / "inversion.pt"
+    flaky = Flaky(tiny_classifier(), fail_at=None)
+    first = NetworkInversion(flaky, tiny_generator(), preset="reconstruction", batch_size=4)
+    flaky.fail_at = flaky.calls + 4 + 3 + 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+    wider = ConditionedGenerator(CLASSES, SHAPE, latent_dim=8, width=12, preprocess=(0.5, 0.25))
+    before = params_of(wider)
+    with pytest.raises(ValueError, match=r"`checkpoint` belongs to another architecture"):
+        NetworkInversion(tiny_classifier(), wider, preset="reconstruction", batch_size=4).fit(
+            8, progress=False, checkpoint=path, resume=True
+        )
+    assert all(torch.equal(v, params_of(wider)[k]) for k, v in before.items())
 
 
 def test_a_checkpoint_of_other_images_is_not_resumed(tmp_path):

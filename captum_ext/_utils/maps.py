@@ -88,7 +88,6 @@ def upsample_maps(maps: Tensor, size: tuple[int, ...], mode: str | None = None) 
         ) from error
 
 
-
 def upsample_keeping_ties(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resizing of (N, C, h, w) maps to ``size`` (``align_corners=False``, the
     sample positions of ``F.interpolate(mode="bilinear")``) that keeps equal values equal.
@@ -117,6 +116,7 @@ def upsample_keeping_ties(maps: Tensor, size: tuple[int, int]) -> Tensor:
             out.index_select(dim, low), out.index_select(dim, high), weight.view(shape)
         )
     return out
+
 
 def check_normalize(normalize) -> None:
     if normalize not in NORMALIZE_CHOICES:

@@ -44,6 +44,7 @@ __all__ = [
     "distributed_shard",
     "is_main_process",
     "load_checkpoint",
+    "load_fitting_state",
     "progress_bar",
     "save_checkpoint",
     "unwrap_distributed",
@@ -245,6 +246,28 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     with atomic_path(path) as temp:
         torch.save(state, temp)
     return path
+
+
+def load_fitting_state(module: nn.Module, state: Any, what: str) -> None:
+    """``module.load_state_dict(state)`` after checking that every key and shape fits, so
+    that a state of another architecture changes nothing: ``load_state_dict`` copies every
+    tensor that fits before it raises for the others. ``what`` names the source in the
+    ValueError (the argument and, where known, the file)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} does not hold a state dict ({type(state).__name__}).")
+    current = module.state_dict()
+    misfits = sorted(set(current) ^ set(state)) + [
+        key
+        for key in sorted(set(current) & set(state))
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != current[key].shape
+    ]
+    if misfits:
+        shown = ", ".join(misfits[:5]) + (", ..." if len(misfits) > 5 else "")
+        raise ValueError(
+            f"{what} belongs to another architecture than this {type(module).__name__} (keys "
+            f"missing, unexpected or of another shape: {shown}); nothing was loaded."
+        )
+    module.load_state_dict(state)
 
 
 def load_checkpoint(

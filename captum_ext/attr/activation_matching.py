@@ -23,7 +23,13 @@ from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_
 from .._utils.optional import import_optional
 from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.seeding import content_keys
-from .._utils.training import atomic_path, is_main_process, progress_bar, unwrap_distributed
+from .._utils.training import (
+    atomic_path,
+    is_main_process,
+    load_fitting_state,
+    progress_bar,
+    unwrap_distributed,
+)
 from .._utils.validation import (
     check_int,
     class_selection,
@@ -1248,20 +1254,6 @@ class ActivationMatchingMask(PerturbationAttribution):
             dtype = next(iter(state.values())).dtype
             with torch.random.fork_rng(devices=[]):
                 self.mask_net = MaskUNet(**config).to(dtype=dtype)
-        # checked before anything is copied: load_state_dict copies every tensor that fits
-        # before it raises for the others, which would leave the current net half replaced
-        current = self.mask_net.state_dict()
-        misfits = sorted(set(current) ^ set(state)) + [
-            key
-            for key in sorted(set(current) & set(state))
-            if not isinstance(state[key], Tensor) or state[key].shape != current[key].shape
-        ]
-        if misfits:
-            raise ValueError(
-                f"`path`: the state dict in {str(path)!r} does not fit the mask net (keys "
-                f"missing, unexpected or of another shape: {', '.join(misfits[:5])}"
-                f"{', ...' if len(misfits) > 5 else ''}); the current net is unchanged."
-            )
-        self.mask_net.load_state_dict(state)
+        load_fitting_state(self.mask_net, state, f"`path`: the state dict in {str(path)!r}")
         self._trained = True
         return self

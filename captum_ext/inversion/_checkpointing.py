@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from captum_ext._utils.training import distributed_shard, unwrap_distributed
+from captum_ext._utils.training import distributed_shard, load_fitting_state, unwrap_distributed
 
 __all__ = ["CHECKPOINT_FORMAT", "inversion_state", "restore_inversion", "rng_devices"]
 
@@ -41,9 +41,22 @@ def rng_devices(device: torch.device) -> list[int]:
     return []
 
 
-def inversion_state(inversion: Any, fit_step: int, steps: int, fit_start: int) -> dict[str, Any]:
-    """What a checkpoint of ``inversion`` holds after ``fit_step`` of ``steps`` steps (every
-    rank's random state is gathered, so all ranks must call it)."""
+#: the names of a NetworkInversion's settings in its own signature; TIE passes its own
+NETWORK_INVERSION_NAMES = {
+    "steps": "steps",
+    "lr": "lr",
+    "betas": "betas",
+    "seed": "seed",
+    "batch_size": "batch_size",
+}
+
+
+def inversion_state(
+    inversion: Any, fit_step: int, steps: int, fit_start: int, batch_size: int
+) -> dict[str, Any]:
+    """What a checkpoint of ``inversion`` holds after ``fit_step`` of ``steps`` steps of
+    ``batch_size`` images (every rank's random state is gathered, so all ranks must call
+    it)."""
     rng = dict(inversion._rng)
     shard = distributed_shard()
     if shard is not None:
@@ -67,14 +80,51 @@ def inversion_state(inversion: Any, fit_step: int, steps: int, fit_start: int) -
         "fit_step": fit_step,
         "fit_steps": steps,
         "fit_start": fit_start,
+        "seed": int(inversion.seed),
+        "batch_size": int(batch_size),
         "rng": ranks,
         "history": {key: list(values) for key, values in inversion.history.items()},
     }
 
 
-def restore_inversion(inversion: Any, state: Mapping[str, Any], steps: int) -> tuple[int, int]:
+def _differing_settings(
+    inversion: Any, state: Mapping[str, Any], steps: int, batch_size: int, names: Mapping
+) -> list[str]:
+    """The settings of this call that differ from the checkpointed fit's, as
+    "`name`=value (the checkpoint's: value)": the optimiser's state would bring the old
+    learning rate and betas back, and the random state the old seed's draws, without a word.
+    (Checkpoints written before the seed and batch size were recorded are not checked for
+    those.)"""
+    own_group = inversion.optimizer.param_groups[0]
+    saved_groups = state["optimizer"].get("param_groups") or [{}]
+    ours = {"steps": steps, "seed": int(inversion.seed), "batch_size": int(batch_size)}
+    theirs = {
+        "steps": state["fit_steps"],
+        "seed": state.get("seed"),
+        "batch_size": state.get("batch_size"),
+    }
+    for key in ("lr", "betas"):
+        ours[key], theirs[key] = own_group.get(key), saved_groups[0].get(key)
+    differ = []
+    for key in ("steps", "lr", "betas", "seed", "batch_size"):
+        mine, saved = ours[key], theirs[key]
+        if isinstance(mine, tuple | list):
+            mine, saved = tuple(mine), tuple(saved) if saved is not None else None
+        if saved is not None and mine != saved:
+            differ.append(f"`{names[key]}`={mine!r} (the checkpoint's: {saved!r})")
+    return differ
+
+
+def restore_inversion(
+    inversion: Any,
+    state: Mapping[str, Any],
+    steps: int,
+    batch_size: int,
+    names: Mapping[str, str] = NETWORK_INVERSION_NAMES,
+) -> tuple[int, int]:
     """Load ``state`` (from :func:`inversion_state`) into ``inversion`` after checking it
-    belongs to the same fit; returns ``(fit_step, fit_start)``."""
+    belongs to the same fit, with the same settings (named as in ``names``); returns
+    ``(fit_step, fit_start)``."""
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError("`checkpoint` was not written by NetworkInversion.fit.")
     missing = [key for key in _CHECKPOINT_KEYS if key not in state]
@@ -97,10 +147,11 @@ def restore_inversion(inversion: Any, state: Mapping[str, Any], steps: int) -> t
                 f"`checkpoint` is for a generator with {key} {state[key]}, not {own}: it "
                 "belongs to another fit."
             )
-    if state["fit_steps"] != steps:
+    differ = _differing_settings(inversion, state, steps, batch_size, names)
+    if differ:
         raise ValueError(
-            f"`steps`={steps} differs from the interrupted fit's {state['fit_steps']}; "
-            "resume with the same `steps`."
+            f"`resume`: {', '.join(differ)} differ from the interrupted fit's; resume with "
+            "the same settings, or start a new fit without `resume`."
         )
     shard = distributed_shard()
     rank, world = (0, 1) if shard is None else shard
@@ -109,7 +160,7 @@ def restore_inversion(inversion: Any, state: Mapping[str, Any], steps: int) -> t
             f"`resume`: the checkpoint was written by {state['world_size']} processes, "
             f"this run has {world}."
         )
-    inversion.generator.load_state_dict(state["generator"])
+    load_fitting_state(inversion.generator, state["generator"], "`checkpoint`")
     inversion.optimizer.load_state_dict(state["optimizer"])
     inversion._step = int(state["step"])
     inversion.history = {key: list(values) for key, values in state["history"].items()}

@@ -453,11 +453,13 @@ class NetworkInversion:
             self._tap.clear()
         return terms
 
-    def _checkpoint_state(self, fit_step: int, steps: int, fit_start: int) -> dict[str, Any]:
-        return inversion_state(self, fit_step, steps, fit_start)
+    def _checkpoint_state(
+        self, fit_step: int, steps: int, fit_start: int, batch_size: int
+    ) -> dict[str, Any]:
+        return inversion_state(self, fit_step, steps, fit_start, batch_size)
 
-    def _restore(self, state: Mapping[str, Any], steps: int) -> tuple[int, int]:
-        return restore_inversion(self, state, steps)
+    def _restore(self, state: Mapping[str, Any], steps: int, batch_size: int) -> tuple[int, int]:
+        return restore_inversion(self, state, steps, batch_size)
 
     @log_usage()
     def fit(
@@ -483,7 +485,9 @@ class NetworkInversion:
                 counters, history and every rank's random state. Default: None
             checkpoint_every (int, optional): Default: ``max(1, steps // 10)``.
             resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
-                (same ``steps``, preset and number of processes); the result is
+                (same ``steps``, ``batch_size``, preset, ``lr``, ``betas``, ``seed`` and
+                number of processes: another setting is refused by name, not silently
+                replaced by the checkpoint's optimiser and random state); the result is
                 bit-identical to an uninterrupted run on the same machine (under torchrun
                 the records of the steps before the resume are rank 0's on every rank: the
                 checkpoint holds rank 0's history). When the file
@@ -543,7 +547,7 @@ class NetworkInversion:
         start, fit_start = 0, len(self.history["step"])
         if resume and os.path.isfile(os.fspath(checkpoint)):
             state = load_checkpoint(checkpoint, map_location=device)
-            start, fit_start = self._restore(state, steps)
+            start, fit_start = self._restore(state, steps, batch_size)
         if self._rng is None:
             self._init_rng(device)
 
@@ -591,7 +595,7 @@ class NetworkInversion:
                         bar.update(1)
                         bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}", refresh=False)
                     if checkpoint is not None and ((i + 1) % every == 0 or i + 1 == steps):
-                        state = self._checkpoint_state(i + 1, steps, fit_start)
+                        state = self._checkpoint_state(i + 1, steps, fit_start, batch_size)
                         if is_main_process():
                             save_checkpoint(state, checkpoint)
                         barrier()

@@ -34,6 +34,7 @@ from captum_ext._utils.training import (
     distributed_shard,
     is_main_process,
     load_checkpoint,
+    load_fitting_state,
     progress_bar,
     save_checkpoint,
     unwrap_distributed,
@@ -67,6 +68,29 @@ BASELINES: tuple[str, ...] = TIE_BASELINES
 #: The kinds of :meth:`TIE.ood_score`: ``"max_in"`` (``1 - max_{c < n} p_c``), ``"ue"``
 #: (:func:`uncertainty_ue` of the ``n + 1`` probabilities) and ``"garbage"`` (``p_n``).
 OOD_SCORE_KINDS: tuple[str, ...] = ("max_in", "ue", "garbage")
+
+#: the TIEConfig fields that name the settings of TIE's inner NetworkInversion
+_INVERSION_SETTING_NAMES = {
+    "steps": "generator_steps",
+    "lr": "generator_lr",
+    "betas": "betas",
+    "seed": "seed",
+    "batch_size": "generator_batch_size",
+}
+
+
+def _recorded_config(config: Any) -> dict[str, Any]:
+    """A TIEConfig as plain values a ``weights_only`` checkpoint holds (tuples as lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        if isinstance(value, Mapping):
+            return {str(key): plain(item) for key, item in value.items()}
+        return value
+
+    return {field.name: plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
+
 
 _FORMAT = "captum_ext.TIE/1"
 _CHECKPOINT_KEYS = (
@@ -949,7 +973,10 @@ class TIE:
             "classifier": unwrap_distributed(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             # collective under torch.distributed (gathers every rank's random state)
-            "inversion": inversion_state(self.inversion, steps, steps, 0),
+            "inversion": inversion_state(
+                self.inversion, steps, steps, 0, self.inversion.batch_size
+            ),
+            "config": _recorded_config(self._config),
             "pool": self.pool.detach().cpu(),
             "log": {key: list(values) for key, values in self.log.items()},
         }
@@ -975,6 +1002,19 @@ class TIE:
                 f"`epochs`={epochs} differs from the interrupted fit's {state['fit_epochs']}; "
                 "resume with the same `epochs`."
             )
+        if "config" in state:  # (checkpoints before it was recorded: the inversion's checks)
+            own = _recorded_config(self._config)
+            differ = [
+                f"{name}={own[name]!r} (the checkpoint's: {saved!r})"
+                for name, saved in state["config"].items()
+                if name in own and own[name] != saved
+            ]
+            if differ:
+                raise ValueError(
+                    f"`resume`: this TIE's settings {', '.join(differ)} differ from the "
+                    "interrupted fit's; build the TIE with the same TIEConfig to resume, or "
+                    "start a new fit without `resume`."
+                )
         shard = distributed_shard()
         world = 1 if shard is None else shard[1]
         if state["world_size"] != world:
@@ -983,9 +1023,15 @@ class TIE:
                 f"this run has {world}."
             )
         device, dtype = model_device_dtype(self.model)
-        unwrap_distributed(self.model).load_state_dict(state["classifier"])
+        load_fitting_state(unwrap_distributed(self.model), state["classifier"], "`checkpoint`")
         self.optimizer.load_state_dict(state["optimizer"])
-        restore_inversion(self.inversion, state["inversion"], self.generator_steps)
+        restore_inversion(
+            self.inversion,
+            state["inversion"],
+            self.generator_steps,
+            self.inversion.batch_size,
+            _INVERSION_SETTING_NAMES,
+        )
         self.pool = state["pool"].to(device=device, dtype=dtype)
         self.epoch = int(state["epoch"])
         self.stopped = bool(state["stopped"])
@@ -1025,7 +1071,8 @@ class TIE:
                 every epoch: classifier, its optimiser, generator state (with its optimiser
                 and random streams), garbage pool, log and counters. Default: None
             resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
-                (same ``epochs``, settings and number of processes); the result is identical
+                (same ``epochs``, TIEConfig and number of processes: another setting is
+                refused by name, not replaced by the checkpoint's); the result is identical
                 to an uninterrupted run with the same seed on the same machine (under
                 torchrun the checkpoint holds rank 0's loss records, so after a resume the
                 other ranks' records of the earlier epochs are rank 0's). Starts from
