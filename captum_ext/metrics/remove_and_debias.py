@@ -1413,8 +1413,10 @@ def soundness(
     Args:
         forward_func, inputs, attributions, target, additional_forward_args: as in
             :func:`road`.
-        removed_fractions (sequence of float): decreasing fractions in (0, 1).
-            Default: 0.98, 0.97, ..., 0.03 (96 steps).
+        removed_fractions (sequence of float): decreasing fractions in (0, 1); the step
+            of fraction ``r`` removes ``int(H W r)`` pixels, truncated as soco does (so
+            0.29 of 100 pixels is 28: ``100 * 0.29`` is 28.999999999999996 in floating
+            point). Default: 0.98, 0.97, ..., 0.03 (96 steps).
         imputer (str or Callable): how removed pixels are filled, as in
             :func:`completeness`. Default: ``"road"``.
         score (str): ``"probability"`` (each example's own decision) or ``"accuracy"`` (one
