@@ -98,3 +98,23 @@ def test_distributed_from_environment_is_a_no_op_in_a_plain_process(monkeypatch)
     with distributed_from_environment(torch.device("cpu")) as device:
         assert device == torch.device("cpu")
         assert not (dist.is_available() and dist.is_initialized())
+
+
+def test_a_folder_that_refuses_the_temporary_file_names_the_file_asked_for(tmp_path, monkeypatch):
+    """In a read-only folder the error named the random temporary (".net.pt.x1y2.tmp"),
+    not the file the user asked to write. (Root ignores folder permissions, so the refusal
+    is simulated.)"""
+    import errno
+    import tempfile
+
+    def refuse(prefix, suffix, dir):
+        name = f"{dir}/{prefix}abc123{suffix}"
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    target = tmp_path / "net.pt"
+    with pytest.raises(OSError) as info:
+        with atomic_path(target):
+            pass
+    assert info.value.filename == str(target)
+    assert info.value.errno == errno.EACCES

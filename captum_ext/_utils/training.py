@@ -95,7 +95,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # a read-only folder: name the file asked for, not the temporary
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     try:
         os.close(handle)
         yield Path(temp)
