@@ -134,3 +134,44 @@ def detached(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: detached(item) for key, item in value.items()}
     return value
+
+
+def module_state(module: nn.Module) -> list[tuple]:
+    """What :func:`restore_module_state` restores: per submodule its train/eval flag and
+    its parameters and buffers (the tensor objects, copies of their values in their dtype
+    and device, ``requires_grad``, and ``.grad``: the object and a copy of its value)."""
+    saved = []
+    for sub in module.modules():
+        parameters = {
+            name: (p, p.detach().clone(), p.requires_grad, p.grad, _clone(p.grad))
+            for name, p in sub._parameters.items()
+            if p is not None
+        }
+        buffers = {
+            name: (b, b.detach().clone()) for name, b in sub._buffers.items() if b is not None
+        }
+        saved.append((sub, sub.training, parameters, buffers))
+    return saved
+
+
+def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
+
+
+def restore_module_state(saved: list[tuple]) -> None:
+    """Undo training and ``.to()`` on the modules of :func:`module_state` (the same
+    parameter and buffer objects, with their old values, dtype, device and flags)."""
+    with torch.no_grad():
+        for sub, training, parameters, buffers in saved:
+            sub.training = training  # per module: .train() would recurse
+            for name, (param, value, requires_grad, grad, grad_value) in parameters.items():
+                param.grad = None
+                param.data = value
+                param.requires_grad_(requires_grad)
+                if grad is not None:  # .to() converts a .grad in place (its .data)
+                    grad.data = grad_value
+                param.grad = grad
+                sub._parameters[name] = param
+            for name, (buffer, value) in buffers.items():
+                buffer.data = value
+                sub._buffers[name] = buffer

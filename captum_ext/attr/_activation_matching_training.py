@@ -9,7 +9,6 @@ Also the seeding helpers that the per-image optimisation shares.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,14 @@ from torch import Tensor
 
 from .._utils.batches import dict_batch
 from .._utils.layers import root_module
-from .._utils.model_state import gradients_on
+from .._utils.model_state import gradients_on, module_state, restore_module_state
+from .._utils.seeding import initialised_cuda_devices, seed_generators
 from .._utils.training import (
     barrier,
     distributed_shard,
     is_main_process,
     load_checkpoint,
+    load_fitting_state,
     progress_bar,
     save_checkpoint,
     undone_on_failure,
@@ -186,6 +187,20 @@ def fit_mask_net(
                 f"`lr`={lr}, but `checkpoint` was written with {saved_lr}; resume with the "
                 "same learning rate (or leave it out: the checkpoint's is used)."
             )
+        saved_epoch, saved_position = int(state["epoch"]), int(state["batch"])
+        if epochs < saved_epoch or (epochs == saved_epoch and saved_position > 0):
+            # the loop would not run, and the longer-trained net would come back as it is
+            held = f"{saved_epoch} epoch{'' if saved_epoch == 1 else 's'}" + (
+                f" and {saved_position} step{'' if saved_position == 1 else 's'} of the next"
+                if saved_position
+                else ""
+            )
+            raise ValueError(
+                f"`epochs`={epochs}, but `checkpoint` already holds {held} "
+                f"({int(state['step'])} steps); resume with `epochs` >= "
+                f"{saved_epoch + (1 if saved_position else 0)}, or start a new fit without "
+                "`resume`."
+            )
         base_seed = int(state["seed"])
         loader_args["batch_size"] = saved_batch
         lr = saved_lr
@@ -215,10 +230,15 @@ def fit_mask_net(
         raise ValueError("`batch_size` is larger than the data with drop_last=True.")
 
     # with a checkpoint, an interrupted call leaves a given mask net as it was, so that
-    # resume=True continues from the file (or from the start), not from a partial state
+    # resume=True continues from the file (or from the start), not from a partial state.
+    # The loop runs on a fork of torch's global RNG (CPU and initialised CUDA devices),
+    # seeded at every step from (seed, step, rank): a mask net with random layers (dropout)
+    # draws the same numbers whatever the caller's random state, which is left as it was,
+    # and a resumed fit draws those of an uninterrupted one.
     with (
         undone_on_failure(checkpoint is not None, lambda: _mask_net_copy(method), _put_back),
         method._frozen_model(),
+        torch.random.fork_rng(devices=initialised_cuda_devices()),
     ):
         step = int(state["step"]) if state else 0
         start_epoch = int(state["epoch"]) if state else 0
@@ -271,7 +291,13 @@ def fit_mask_net(
                         x = x.to(device)
                     x = method._working_images(method._check_images(x))
                     if net is None:
-                        net, optimiser, wrapped = training_net(method, x, base_seed, lr, state)
+                        net, optimiser, wrapped = training_net(
+                            method, x, base_seed, lr, state, checkpoint
+                        )
+                    seed_generators(
+                        derived_seed(base_seed, step, rank, 1),
+                        [x.device] if x.device.type == "cuda" else [],
+                    )
                     loss = method._train_step(
                         x, net, wrapped, optimiser, base_seed, step, rank, world
                     )
@@ -290,7 +316,7 @@ def fit_mask_net(
             if bar:
                 bar.close()
     if net is None and state is not None:  # resumed a finished run: just load it
-        net, _, _ = training_net_from_state(method, state)
+        net, _, _ = training_net_from_state(method, state, checkpoint)
     if net is not None:
         method.mask_net = unwrap_distributed(net).eval()  # trained: as it predicts
         method._trained = True
@@ -300,35 +326,38 @@ def fit_mask_net(
 
 def _mask_net_copy(method) -> tuple:
     net = method.mask_net
-    saved = None if net is None else copy.deepcopy(unwrap_distributed(net).state_dict())
+    saved = None if net is None else module_state(unwrap_distributed(net))
     return method, net, saved, method._trained, list(method.history)
 
 
 def _put_back(snapshot: tuple) -> None:
     method, net, saved, trained, history = snapshot
     if net is not None:
-        with torch.no_grad():
-            unwrap_distributed(net).load_state_dict(saved)
+        restore_module_state(saved)
     method.mask_net, method._trained, method.history = net, trained, history
 
 
-def training_net_from_state(method, state):
+def _checkpoint_named(checkpoint) -> str:
+    return f"`checkpoint`: {str(Path(checkpoint).expanduser())!r}"
+
+
+def training_net_from_state(method, state, checkpoint):
     config = unet_config_from_state_dict(state["mask_net"])
     if method.mask_net is None:
         dtype = next(iter(state["mask_net"].values())).dtype
         with torch.random.fork_rng(devices=[]):
             method.mask_net = MaskUNet(**config).to(dtype=dtype)
-    method.mask_net.load_state_dict(state["mask_net"])
+    load_fitting_state(method.mask_net, state["mask_net"], _checkpoint_named(checkpoint))
     return method.mask_net, None, None
 
 
-def training_net(method, x: Tensor, base_seed: int, lr: float, state):
+def training_net(method, x: Tensor, base_seed: int, lr: float, state, checkpoint=None):
     if method.mask_net is None:
         net = method._default_net(x, derived_seed(base_seed, 0, 0))
     else:
-        net = method.mask_net.to(device=x.device, dtype=x.dtype)
-    if state is not None:
-        net.load_state_dict(state["mask_net"])
+        net = method.mask_net.to(device=x.device, dtype=x.dtype)  # undone if the fit fails
+    if state is not None:  # every key and shape checked before anything is copied
+        load_fitting_state(net, state["mask_net"], _checkpoint_named(checkpoint))
     net.train()
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     if state is not None:

@@ -1138,9 +1138,12 @@ class ActivationMatchingMask(PerturbationAttribution):
         **Order and randomness.** The data order is this method's own, so that a run can be
         resumed exactly: epoch ``k`` visits the dataset in ``torch.randperm`` order seeded
         with (seed, k) (``DistributedSampler`` with that seed under torch.distributed); the
-        backgrounds of step ``t`` are drawn from a generator seeded with (seed, t, rank).
-        The DataLoader's own sampler and shuffling are not used; its ``dataset``,
-        ``batch_size``, ``collate_fn``, ``drop_last`` and ``num_workers`` are.
+        backgrounds of step ``t`` are drawn from a generator seeded with (seed, t, rank),
+        and random layers of a given mask net (dropout) draw from torch's global generator,
+        forked for the call (the caller's random state is left as it was) and seeded at step
+        ``t`` from (seed, t, rank). The DataLoader's own sampler and shuffling are not used;
+        its ``dataset``, ``batch_size``, ``collate_fn``, ``drop_last`` and ``num_workers``
+        are.
 
         **Checkpoints.** With ``checkpoint`` set, every ``checkpoint_every`` steps and at the
         end rank 0 writes (atomically) the mask net, the optimiser's state, the step, epoch
@@ -1166,11 +1169,13 @@ class ActivationMatchingMask(PerturbationAttribution):
             checkpoint_every (int, optional): steps between checkpoints. Default: 100.
             resume (bool, optional): continue from ``checkpoint``, with its seed, batch size
                 and learning rate (a different ``seed``, ``batch_size`` or ``lr`` given with it
-                is refused; a
-                ``generator``'s draw is not used). With a ``checkpoint``, a call that raises
-                or is interrupted leaves a given mask net as it was before the call (so the
-                same object resumes exactly), and a path that cannot be written is refused
-                before training. Default: False.
+                is refused, and so are ``epochs`` fewer than the checkpoint holds and a
+                checkpoint of another mask net's architecture; a ``generator``'s draw is not
+                used). With a ``checkpoint``, a call that raises or is interrupted leaves a
+                given mask net as it was before the call (values, dtype and device, train/eval
+                mode of every submodule, ``requires_grad`` and ``.grad``; so the same object
+                resumes exactly), and a path that cannot be written is refused before
+                training. Default: False.
             generator (torch.Generator, optional): a seed is drawn from it (on every rank;
                 rank 0's is used).
             seed (int, optional): the seed instead of a generator. Default: 0.

@@ -2,7 +2,6 @@ r"""IntrospectiveNetwork: a reflective second stage on the introspective feature
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.batches import dict_batch
-from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
+from captum_ext._utils.model_state import (
+    leaves_inference_mode,
+    module_state,
+    preserved_state,
+    restore_module_state,
+)
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import seeded_rng
@@ -22,6 +26,7 @@ from captum_ext._utils.training import (
     distributed_shard,
     is_main_process,
     load_checkpoint,
+    load_fitting_state,
     progress_bar,
     save_checkpoint,
     undone_on_failure,
@@ -66,6 +71,58 @@ def make_head(in_features: int, num_classes: int, hidden_width: int = 256) -> nn
         nn.ReLU(),
         nn.Linear(hidden_width, num_classes),
     )
+
+
+def _check_resumed_settings(
+    state: Mapping[str, Any],
+    path: Path,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> None:
+    """Refuse a resumed fit whose settings differ from the checkpoint's: the optimiser's
+    saved state would set the old ``lr`` and ``weight_decay`` back, the saved generator the
+    old seed's order, and a checkpoint past ``epochs`` would be returned as it is."""
+    where = f"the checkpoint in `checkpoint_dir` ({str(path)!r})"
+    group = state["optimiser"]["param_groups"][0]
+    saved = {
+        "lr": (lr, float(group["lr"]), "learning rate"),
+        "weight_decay": (weight_decay, float(group["weight_decay"]), "weight decay"),
+    }
+    if "seed" in state:  # checkpoints written before the seed was saved: not checked
+        saved["seed"] = (seed, int(state["seed"]), "seed")
+    if "batch_size" in state:
+        saved["batch_size"] = (batch_size, int(state["batch_size"]), "batch size")
+    for name, (given, written, what) in saved.items():
+        if given != written:
+            raise ValueError(
+                f"`{name}`={given}, but {where} was written with {written}; resume with the "
+                f"same {what}, or start a new fit without `resume`."
+            )
+    done = int(state["epoch"])
+    if epochs < done:
+        raise ValueError(
+            f"`epochs`={epochs}, but {where} already holds {done} epoch"
+            f"{'' if done == 1 else 's'}; resume with "
+            f"`epochs` >= {done}, or start a new fit without `resume`."
+        )
+
+
+def _global_rng(device: torch.device) -> dict[str, Tensor]:
+    """torch's global random state on the CPU and on ``device`` (a CUDA one)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_global_rng(state: Mapping[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class IntrospectiveNetwork(nn.Module):
@@ -197,10 +254,38 @@ class IntrospectiveNetwork(nn.Module):
 
         The features of every example are computed once (stage 1 is frozen, so they do not
         change), then the head is trained with Adam and cross-entropy on shuffled
-        mini-batches drawn from a generator seeded with ``seed``. With ``checkpoint_dir``
-        the head, the optimiser and the generator are saved atomically (with a checksum)
-        after each epoch; ``resume=True`` continues from there and ends bit-identical to an
-        uninterrupted fit.
+        mini-batches drawn from a generator seeded with ``seed``. Every other random draw of
+        the call (the default head's initialisation, dropout or other random layers of a
+        given head) comes from torch's global random generator (CPU, and the head's CUDA
+        device) seeded with ``seed`` inside the call: the same ``seed`` gives the same head
+        whatever the caller's random state, and the caller's random state is left as it was.
+
+        With ``checkpoint_dir`` the head, the optimiser, the shuffling generator and the
+        global random state of the call are saved atomically (with a checksum) after each
+        epoch, with the seed, batch size and epoch count; ``resume=True`` continues from
+        there and ends bit-identical to an uninterrupted fit. The resumed call must be given
+        the settings of the checkpoint's fit: another ``lr``, ``weight_decay``, ``seed`` or
+        ``batch_size``, or fewer ``epochs`` than the checkpoint already holds, is refused
+        with a ``ValueError`` (a checkpoint written before the seed and the batch size were
+        saved is not checked for those two), and so is a checkpoint of a head of another
+        architecture (another ``hidden_width``, say), before anything is loaded. A
+        checkpoint written before the global random state was saved still resumes; the
+        global generator then restarts from ``seed`` at the resumed epoch, which changes
+        nothing for a head without random layers (the default one) but gives a head with
+        dropout other draws than an uninterrupted fit.
+
+        **A later call continues.** A call that does not resume a checkpoint trains the
+        current head for ``epochs`` more epochs: a head fitted by an earlier call (or given
+        to the constructor) is not re-initialised, so ``seed`` then seeds only the shuffling
+        and the head's random layers, not its initial parameters; each call uses a new Adam
+        optimiser (its moment estimates start from zero) and restarts the shuffling
+        generator and the global random generator from ``seed``. Two calls of 2 epochs
+        therefore give neither one call of 4 epochs nor a fresh fit with the second call's
+        ``seed``; the second call equals the fit of a new network given a copy of the first
+        call's fitted head as ``head``. To start afresh, set ``network.head = None`` first
+        (the default head is then built again from ``seed``). With ``checkpoint_dir`` and
+        ``resume=False`` the call counts its epochs from 0 and overwrites the checkpoint;
+        with ``resume=True`` a checkpoint's head replaces the current head's values.
 
         Under ``torchrun`` (an initialised torch.distributed process group) every process
         computes the features of the training set, takes its share of each epoch's shuffled
@@ -215,18 +300,23 @@ class IntrospectiveNetwork(nn.Module):
             inputs_or_loader: a tensor of inputs (with ``labels``), or an iterable of
                 ``(inputs, labels)`` batches such as a ``DataLoader``.
             labels (Tensor, optional): ``(N,)`` class indices, with a tensor of inputs.
-            epochs (int): passes over the features. Default: 10.
+            epochs (int): passes over the features (in all, counting those a resumed
+                checkpoint holds). Default: 10.
             batch_size (int): examples per step. Default: 128.
             lr (float): Adam's learning rate. Default: 1e-3.
             weight_decay (float): Adam's weight decay. Default: 0.
             checkpoint_dir (str or Path, optional): folder of ``introspection.pt``.
             resume (bool): continue from the checkpoint in ``checkpoint_dir`` (which it
-                needs) if there is one.
+                needs) if there is one, with the same ``lr``, ``weight_decay``, ``seed`` and
+                ``batch_size`` as the fit that wrote it.
                 With ``checkpoint_dir``, a call that raises or is interrupted leaves the head
-                as it was before the call (so the same object resumes exactly), and a folder
-                that cannot be written is refused before training.
+                as it was before the call (parameter and buffer values, dtype and device,
+                train/eval mode of every submodule, ``requires_grad`` and ``.grad``; so the
+                same object resumes exactly), and a folder that cannot be written is refused
+                before training.
             progress (bool): a progress bar over the epochs on stderr. Default: True.
-            seed (int): seed of the head's initialisation and of the shuffling. Default: 0.
+            seed (int): seed of the default head's initialisation (when the call builds it),
+                of the shuffling and of the head's random layers. Default: 0.
 
         Returns:
             IntrospectiveNetwork: ``self``, fitted.
@@ -251,8 +341,10 @@ class IntrospectiveNetwork(nn.Module):
                 f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
                 f"[{int(targets.min())}, {int(targets.max())}]."
             )
-        # the seed drives the head's initialisation without resetting the caller's RNG
-        devices = [features.device] if features.device.type == "cuda" else []
+        # the seed drives the head's initialisation and random layers without resetting the
+        # caller's RNG (CPU, and the CUDA device the head trains on)
+        device = self._training_device(features)
+        devices = [device] if device.type == "cuda" else []
         # with checkpoints, an interrupted call leaves the head as it was, so that resume=True
         # continues from the file (or from the start), not from a partly trained head
         with (
@@ -264,15 +356,19 @@ class IntrospectiveNetwork(nn.Module):
                 checkpoint_dir, resume, progress, seed,
             )  # fmt: skip
 
+    def _training_device(self, features: Tensor) -> torch.device:
+        """Where the head trains: a given head's device, else the features'."""
+        first = None if self.head is None else next(self.head.parameters(), None)
+        return features.device if first is None else first.device
+
     def _head_copy(self) -> tuple:
         head = self.head
-        return head, None if head is None else copy.deepcopy(head.state_dict())
+        return head, None if head is None else module_state(head)
 
     def _put_head_back(self, snapshot: tuple) -> None:
         head, saved = snapshot
         if head is not None:
-            with torch.no_grad():
-                head.load_state_dict(saved)
+            restore_module_state(saved)
         self.head = head
 
     def _train_head(
@@ -289,6 +385,24 @@ class IntrospectiveNetwork(nn.Module):
         progress: bool,
         seed: int,
     ) -> IntrospectiveNetwork:
+        writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
+        path = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
+        shard = distributed_shard()
+        rank, world = shard if shard is not None else (0, 1)
+        state = None
+        if resume and path is not None and path.is_file():
+            state = load_checkpoint(
+                path, argument="checkpoint_dir", keys=("head", "optimiser", "generator", "epoch")
+            )
+            if int(state.get("world_size", 1)) != world:  # each rank trains on order[rank::world]
+                raise ValueError(
+                    f"`checkpoint_dir`: the checkpoint was written by {state.get('world_size', 1)} "
+                    f"processes; resume it with the same number, not {world}."
+                )
+            _check_resumed_settings(
+                state, path, epochs=epochs, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, seed=seed,
+            )  # fmt: skip
         if self.head is None:
             # float32 at least, float64 for a float64 model's features
             dtype = torch.promote_types(features.dtype, torch.float32)
@@ -299,25 +413,19 @@ class IntrospectiveNetwork(nn.Module):
         if first_parameter is not None:  # a given head: the features in its dtype
             features = features.to(device=first_parameter.device, dtype=first_parameter.dtype)
             targets = targets.to(first_parameter.device)
+        device = features.device
         optimiser = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
         start = 0
-        writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
-        path = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
-        shard = distributed_shard()
-        rank, world = shard if shard is not None else (0, 1)
-        if resume and path is not None and path.is_file():
-            state = load_checkpoint(
-                path, argument="checkpoint_dir", keys=("head", "optimiser", "generator", "epoch")
+        if state is not None:
+            # every key and shape checked before anything is copied into the head
+            load_fitting_state(
+                head, state["head"], f"`checkpoint_dir`: the checkpoint {str(path)!r}"
             )
-            if int(state.get("world_size", 1)) != world:  # each rank trains on order[rank::world]
-                raise ValueError(
-                    f"`checkpoint_dir`: the checkpoint was written by {state.get('world_size', 1)} "
-                    f"processes; resume it with the same number, not {world}."
-                )
-            head.load_state_dict(state["head"])
             optimiser.load_state_dict(state["optimiser"])
             generator.set_state(state["generator"])
+            if "rng" in state:  # older checkpoints: the global RNG as seeded by the call
+                _set_global_rng(state["rng"], device)
             start = int(state["epoch"])
         head.train()
         if len(features) < world:
@@ -345,7 +453,10 @@ class IntrospectiveNetwork(nn.Module):
                             "head": unwrap_distributed(trained).state_dict(),
                             "optimiser": optimiser.state_dict(),
                             "generator": generator.get_state(),
+                            "rng": _global_rng(device),
                             "epoch": epoch + 1,
+                            "seed": seed,
+                            "batch_size": batch_size,
                             "world_size": world,
                         },
                         path,
