@@ -573,9 +573,7 @@ def test_a_refused_load_leaves_the_trained_net_as_it_was(tmp_path):
     config["in_channels"] = config["in_channels"] + 2  # another input: the first conv differs
     other = tmp_path / "other.pt"
     torch.save(MaskUNet(**config).state_dict(), other)
-    with pytest.raises(
-        ValueError, match="another architecture .* nothing was loaded"
-    ):
+    with pytest.raises(ValueError, match="another architecture .* nothing was loaded"):
         explainer.load(other)
     after = explainer.attribute(x, return_details=True).probabilities
     assert torch.equal(before, after)

@@ -303,7 +303,6 @@ def test_bundled_inversion_reproduces_its_recorded_consistency(bundled_model) ->
     assert info["label_consistency"] >= 0.95
 
 
-
 def test_bundled_inversion_follows_a_float64_copy_of_the_model(bundled_model) -> None:
     """The generator stayed float32 beside a float64 copy of the bundled model, and the
     inversion's own check then blamed `input_shape` for the dtype mismatch."""
@@ -315,6 +314,7 @@ def test_bundled_inversion_follows_a_float64_copy_of_the_model(bundled_model) ->
     assert images.dtype == torch.float64
     single = load_bundled_inversion().sample(torch.arange(4), generator=0)
     torch.testing.assert_close(images.float(), single, rtol=1e-4, atol=1e-4)
+
 
 # ------------------------------------------------------------------ layering and shims
 def test_data_does_not_import_attr_or_inversion() -> None:
