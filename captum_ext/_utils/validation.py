@@ -262,6 +262,22 @@ def check_class_range(classes: Tensor, num_classes: int, *, argument: str) -> Te
     return classes
 
 
+def runner_up_classes(logits: Tensor, predicted: Tensor | None = None) -> Tensor:
+    """``(N,)`` the most likely class other than ``predicted`` (default: the arg-max), ties
+    to the lowest index, read from the logits in at least float32.
+
+    ``topk(2)[1]`` is not that: on an exact tie with the top class it may return the
+    prediction itself, and on probabilities that rounded to 0 (a confident float32 softmax)
+    any of the other classes."""
+    scores = logits.detach()
+    if not scores.is_floating_point() or scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    if predicted is None:
+        predicted = scores.argmax(dim=1)
+    others = scores.scatter(1, predicted.reshape(-1, 1), float("-inf"))
+    return others.argmax(dim=1)
+
+
 def class_selection(
     value: Any, logits: Tensor, *, argument: str, default: str
 ) -> tuple[Tensor, bool]:
@@ -288,7 +304,7 @@ def class_selection(
                     f"`{argument}` defaults to the runner-up class, but the model has only "
                     f"{num_classes} output." + single_logit_hint()
                 )
-            classes = logits.detach().topk(2, dim=1).indices[:, 1:2]
+            classes = runner_up_classes(logits)[:, None]
         else:
             classes = logits.detach().argmax(dim=1, keepdim=True)
         return classes, False

@@ -382,12 +382,12 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 attribute_to_layer_input,
                 reshape_transform,
             ) from None
-        if not reduce.saw_gradient:
+        every_map_explained = self._check_explained(computed.logits, computed.classes)
+        if not reduce.saw_gradient and not every_map_explained:
             warnings.warn(
                 zero_gradient_warning(name, "the layer's", root_module(self.forward_func)),
                 stacklevel=user_stacklevel(),
             )
-        self._check_explained(computed.logits, computed.classes)
         maps = computed.result
         lead = 2 if attr_dim_summation else 3  # (N, C'[, K]) before the spatial dims
         if upsample_to_input:
@@ -399,9 +399,12 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             maps = tuple(m.squeeze(1) for m in maps)  # (N, K, *S), as LayerGradCam
         return maps[0] if len(maps) == 1 else maps
 
-    def _check_explained(self, logits: Tensor, classes: Tensor) -> None:
+    def _check_explained(self, logits: Tensor, classes: Tensor) -> bool:
         """Called with the logits and the (N, C') classes explained once the maps are
-        computed: a subclass warns here about maps its formula makes meaningless."""
+        computed: a subclass warns here about maps its formula makes meaningless, and
+        returns True where that warning covers every example (then the generic "zero
+        gradients at the layer" warning, which blames the model, is not given)."""
+        return False
 
 
 def _upsample(maps: Tensor, lead: int, size: tuple[int, ...], mode: str | None) -> Tensor:

@@ -217,12 +217,12 @@ class FinerCAM(TargetClassCAMBase):
             )
         return finer_scores(logits, self.alpha, positions)
 
-    def _check_explained(self, logits: Tensor, classes: Tensor) -> None:
+    def _check_explained(self, logits: Tensor, classes: Tensor) -> bool:
         """The maps of the explained classes whose comparison classes' summed probability
         falls below the formula's 1e-9 guard vanish: say so rather than return blank maps
         silently (for the classes explained, not only the prediction)."""
         if logits.dim() != 2:
-            return
+            return False
         positions = self._positions(logits.shape[1])
         probability = at_least_float32(logits).softmax(dim=1)
         n, num_classes = logits.shape
@@ -248,3 +248,4 @@ class FinerCAM(TargetClassCAMBase):
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )
+        return count == n

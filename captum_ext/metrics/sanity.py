@@ -37,9 +37,15 @@ from torch import Tensor, nn
 from captum_ext._utils.batched_grad import call_model
 from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
-from captum_ext._utils.precision import float64_here_or_cpu
+from captum_ext._utils.precision import at_least_float32, float64_here_or_cpu
 from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
-from captum_ext._utils.validation import check_flag, check_int, check_number, class_selection
+from captum_ext._utils.validation import (
+    check_flag,
+    check_int,
+    check_number,
+    class_selection,
+    runner_up_classes,
+)
 from captum_ext.metrics._perturbation import image_batch
 
 __all__ = [
@@ -497,11 +503,11 @@ def class_sensitivity(
                 )
             # the most (least) likely class other than the target: a given target may be
             # the runner-up itself (a misclassified image explained for its label)
-            others = logits.detach().float().scatter(1, target[:, None], float("nan"))
             if contrast == "runner-up":
-                contrast = others.nan_to_num(float("-inf")).argmax(dim=1)
-            else:
-                contrast = others.nan_to_num(float("inf")).argmin(dim=1)
+                contrast = runner_up_classes(logits, target)
+            else:  # (float64 logits kept: differences in the 9th digit still rank)
+                others = at_least_float32(logits.detach()).scatter(1, target[:, None], float("inf"))
+                contrast = others.argmin(dim=1)
         else:
             contrast = _one_class_each(contrast, logits, "contrast")
             same = (contrast == target).nonzero()[:, 0]

@@ -45,7 +45,7 @@ from captum_ext._utils.layers import find_last_linear, resolve_layer, uncompiled
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.training import progress_bar
-from captum_ext._utils.validation import check_int
+from captum_ext._utils.validation import check_int, runner_up_classes
 from captum_ext.viz.report import _model_device
 
 __all__ = ["EvaluationScores", "compute_evaluation", "evaluation_section", "render_evaluation"]
@@ -132,7 +132,7 @@ def _explainers(
             # here). The runner-up is the trained model's, also for a randomised copy `m`:
             # the sanity check must compare maps of the same question
             with torch.no_grad():
-                runner_up = model(x).topk(2, dim=1).indices[:, 1]
+                runner_up = runner_up_classes(model(x), target)
             return cam.attribute(x, contrast=runner_up, upsample_to_input=True)
 
         return _Adapter(attribute)

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.training import atomic_path, progress_bar
+from captum_ext._utils.validation import runner_up_classes
 
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
 
@@ -697,7 +698,9 @@ def compute_contrastive(
     contrast_cam = ContrastCAM(model, module)
     counterfactual_cam = CounterfactualCAM(model, module)
     finer_cam = FinerCAM(model, module)
-    chunks: dict[str, list[Any]] = {k: [] for k in ("probabilities", "compared", *_MAP_KINDS)}
+    chunks: dict[str, list[Any]] = {
+        k: [] for k in ("probabilities", "predicted", "runner_up", "compared", *_MAP_KINDS)
+    }
     with _progress_bar(n, "contrastive maps", progress) as bar:
         for start in range(0, n, batch_size):
             x = images[start : start + batch_size].to(device)
@@ -710,8 +713,9 @@ def compute_contrastive(
                     f"`class_names` (--classes) has {len(class_names)} names but the model has "
                     f"{probabilities.shape[1]} outputs."
                 )
-            top = probabilities.topk(2, dim=1)
-            predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
+            # from the logits: a confident float32 softmax rounds every other class to 0
+            predicted = logits.detach().argmax(dim=1)
+            runner_up = runner_up_classes(logits, predicted)
             maps = {
                 "gradcam": gradcam.attribute(
                     x, target=predicted, upsample_to_input=True, normalize="minmax"
@@ -732,14 +736,15 @@ def compute_contrastive(
             for kind, heat in maps.items():
                 chunks[kind].append(heat.detach().to("cpu", torch.float32)[:, 0].numpy())
             chunks["probabilities"].append(probabilities.detach().cpu())
+            chunks["predicted"].append(predicted.cpu())
+            chunks["runner_up"].append(runner_up.cpu())
             chunks["compared"].append(comparison_classes(logits, predicted).cpu())
             bar.update(x.shape[0])
     probabilities = torch.cat(chunks["probabilities"])
-    top = probabilities.topk(2, dim=1).indices
     return ContrastiveMaps(
         probabilities=probabilities,
-        predicted=top[:, 0],
-        runner_up=top[:, 1],
+        predicted=torch.cat(chunks["predicted"]),
+        runner_up=torch.cat(chunks["runner_up"]),
         maps={k: np.concatenate(chunks[k]) for k in _MAP_KINDS},
         class_names=list(class_names),
         layer_name=layer_name,
