@@ -115,7 +115,8 @@ def load_bundled_model() -> DigitCNN:
         >>> cam.shape
         torch.Size([40, 1, 7, 7])
     """
-    model = DigitCNN()
+    with torch.random.fork_rng(devices=[]):  # the initialisation, overwritten below, draws
+        model = DigitCNN()  # from the global generator: the caller's stream is left alone
     with _resource(_WEIGHTS_FILE).open("rb") as f:
         state_dict = torch.load(f, map_location="cpu", weights_only=True)
     model.load_state_dict(state_dict)

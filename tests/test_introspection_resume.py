@@ -198,3 +198,45 @@ def test_a_later_call_continues_from_the_current_head_as_documented(tmp_path):
     assert "A later call continues." in doc
     assert "is not re-initialised" in doc and "a new Adam optimiser" in doc
     assert "set ``network.head = None`` first" in doc
+
+
+def test_a_shuffled_loader_follows_the_seed_and_leaves_the_callers_stream(bundled_model):
+    """The loader was iterated before the seeded block: it drew its base seed and shuffled
+    order from the caller's generator, so the head depended on the caller's seed."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from captum_ext.data import load_sample_digits
+    from captum_ext.introspection import IntrospectiveNetwork
+
+    images, labels = load_sample_digits()
+    heads = []
+    for caller_seed in (0, 1):
+        torch.manual_seed(caller_seed)
+        expected = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        loader = DataLoader(TensorDataset(images[:16], labels[:16]), batch_size=4, shuffle=True)
+        network = IntrospectiveNetwork(bundled_model)
+        network.fit(loader, epochs=1, seed=3, progress=False)
+        assert torch.equal(torch.rand(3), expected)  # the caller's stream is untouched
+        heads.append({k: v.clone() for k, v in network.head.state_dict().items()})
+    for key in heads[0]:
+        assert torch.equal(heads[0][key], heads[1][key]), key
+
+
+def test_loading_a_head_or_the_bundled_model_draws_nothing(tmp_path, bundled_model):
+    """Modules built only to be overwritten by saved weights drew their initialisation from
+    the caller's global generator."""
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import load_sample_digits
+    from captum_ext.introspection import IntrospectiveNetwork
+
+    images, labels = load_sample_digits()
+    network = IntrospectiveNetwork(bundled_model)
+    network.fit(images[:16], labels[:16], epochs=1, progress=False)
+    path = network.save(tmp_path / "head.pt")
+    for load in (load_bundled_model, lambda: IntrospectiveNetwork.load(path, bundled_model)):
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        load()
+        assert torch.equal(torch.rand(3), expected)

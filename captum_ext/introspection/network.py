@@ -330,7 +330,10 @@ class IntrospectiveNetwork(nn.Module):
         progress = check_flag(progress, "progress")
         if resume and checkpoint_dir is None:
             raise ValueError("`resume=True` needs the `checkpoint_dir` to resume from.")
-        features, targets, first = self._training_set(inputs_or_loader, labels)
+        # a DataLoader draws its base seed (and a shuffling sampler its order) from torch's
+        # global generator: from ``seed`` here, and the caller's stream is left alone
+        with seeded_rng(seed, []):
+            features, targets, first = self._training_set(inputs_or_loader, labels)
         with preserved_state([self.model]), torch.no_grad():
             output = self.model(*first)
             if self.output_transform is not None:
@@ -577,7 +580,8 @@ class IntrospectiveNetwork(nn.Module):
             hidden_width=config["hidden_width"],
             output_transform=output_transform,
         )
-        head = make_head(config["in_features"], config["num_classes"], config["hidden_width"])
+        with torch.random.fork_rng(devices=[]):  # its initialisation is overwritten below
+            head = make_head(config["in_features"], config["num_classes"], config["hidden_width"])
         saved_dtype = next(iter(state["head"].values())).dtype  # a float64 model's head too
         head.to(dtype=saved_dtype).load_state_dict(state["head"])
         network.head = head.to(model_device(model)).eval()
