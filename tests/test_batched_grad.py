@@ -494,3 +494,23 @@ def test_a_tuple_output_error_says_how_to_take_its_first_element(container):
     # the remedy works
     confidence = softmax_confidence(model, x, output_transform=lambda out: out[0])
     assert confidence.shape == (2,)
+
+
+def test_nan_logits_from_finite_inputs_are_named_not_passed_on_silently():
+    """A float16 model on inputs x 1e4 overflows inside: every logit NaN, and VOICE read
+    the NaN gradients as all-zero maps with IoU 1 ("fully uncertain"), without a word."""
+    from captum_ext.attr import VOICE, GradCAM
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import BUNDLED_CAM_LAYER, load_sample_digits
+    from captum_ext.metrics import softmax_confidence
+
+    model = load_bundled_model().half().eval()
+    x = (load_sample_digits()[0][:2] * 1e4).half()
+    assert bool(torch.isfinite(x).all())
+    for call in (
+        lambda: softmax_confidence(model, x),
+        lambda: GradCAM(model, BUNDLED_CAM_LAYER).attribute(x),
+        lambda: VOICE(GradCAM(model, BUNDLED_CAM_LAYER)).attribute(x),
+    ):
+        with pytest.warns(RuntimeWarning, match=r"holds NaN for 2 of 2 examples \(rows 0, 1\)"):
+            call()

@@ -851,3 +851,18 @@ def test_a_low_resolution_plateau_is_ranked_by_pixel_index_as_at_full_size(
     c = curves(bundled_model, x, plateau, target=y, n_steps=28)
     d = curves(bundled_model, x, resized, target=y, n_steps=28)
     torch.testing.assert_close(c.curves, d.curves, rtol=0, atol=0)
+
+
+def test_float64_maps_are_ranked_in_float64(bundled_model, sample_digits):
+    """Maps were cast to the images' float32 before ranking: values differing in the 9th
+    digit became ties ranked by index (AUC 0.50 where the map's own order gives 0.31),
+    values below float32's range became 0, and finite maps above it were refused as
+    "NaN or infinite"."""
+    x, y = sample_digits[0][:2], sample_digits[1][:2]
+    base = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected = deletion_curves(bundled_model, x, base, target=y, n_steps=28).auc
+    for scaled in (1 + 1e-9 * base, base * 1e-50, base * 1e300):
+        got = deletion_curves(bundled_model, x, scaled, target=y, n_steps=28).auc
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        deletion_curves(bundled_model, x, base * float("inf"), target=y, n_steps=28)

@@ -503,3 +503,22 @@ def test_gradnorm_refuses_one_logit_and_mc_dropout_a_seed_beyond_64_bits():
     with pytest.raises(ValueError, match=r"`generator`=1180591620717411303424: an int seed"):
         mc_dropout(dropout, x, generator=2**70)
     assert mc_dropout(dropout, x, generator=2**63).shape == (4,)
+
+
+def test_gradnorm_and_minmax_survive_values_whose_squares_overflow_float32():
+    """`vector_norm` squared features above ~1.8e19 to inf in float32 (gradnorm inf where the
+    score is 1.4e20), and min-max normalisation of a map spanning +-3e38 divided by an
+    overflowed span (NaN)."""
+    from captum_ext._utils.maps import minmax_normalize
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import load_sample_digits
+    from captum_ext.metrics import gradnorm
+
+    model = load_bundled_model().eval()
+    x = load_sample_digits()[0][:2]
+    reference = gradnorm(model.double(), x.double() * 1e19)
+    got = gradnorm(load_bundled_model().eval(), x * 1e19)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), reference, rtol=1e-4, atol=0)
+    maps = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 6e38 - 3e38
+    torch.testing.assert_close(minmax_normalize(maps, 1), minmax_normalize(maps / 1e30, 1))

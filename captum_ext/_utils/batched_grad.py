@@ -223,6 +223,29 @@ def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None
         warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=3)
 
 
+def _warn_if_nan(output: Tensor, inputs: tuple[Tensor, ...]) -> None:
+    """Warn, naming the examples, where the model's output holds NaN for finite inputs (they
+    are checked on entry): activations that overflowed inside the model (a float16 model on
+    large inputs, say). Everything computed from such rows is NaN or meaningless (a VOICE
+    map of NaN gradients reads as "no uncertainty")."""
+    if not output.is_floating_point():
+        return
+    broken = torch.isnan(output.detach().reshape(output.shape[0], -1)).any(dim=1)
+    if bool(broken.any()):
+        rows = broken.nonzero()[:, 0].tolist()
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        dtypes = sorted({str(x.dtype).replace("torch.", "") for x in inputs})
+        warnings.warn(
+            f"the model's output holds NaN for {len(rows)} of {output.shape[0]} examples "
+            f"(rows {shown}) although the inputs are finite: activations overflowed inside "
+            f"the model (inputs in {', '.join(dtypes)}; check their scale and normalisation, "
+            "or run the model in float32 / float64). Results for these rows are not "
+            "meaningful.",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def run_forward(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -249,9 +272,11 @@ def run_forward(
     if allow_multidim and isinstance(output, Tensor) and output.dim() >= 1:
         if output.shape[0] == n:
             _warn_if_probabilities(output, takes_output_transform)
+            _warn_if_nan(output, inputs)
             return output
     elif isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == n:
         _warn_if_probabilities(output, takes_output_transform)
+        _warn_if_nan(output, inputs)
         return output
     got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
     has_logits = isinstance(getattr(output, "logits", None), Tensor) or (

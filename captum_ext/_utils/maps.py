@@ -27,6 +27,13 @@ def minmax_normalize(maps: Tensor, start_dim: int = 2) -> Tensor:
     flat = maps.flatten(start_dim)
     low = flat.amin(dim=-1, keepdim=True)
     span = flat.amax(dim=-1, keepdim=True) - low
+    if flat.is_floating_point() and not bool(torch.isfinite(span).all()):
+        # finite maps spanning more than the dtype's range (+-2e38 in float32): max - min
+        # overflowed; the normalised map is scale-free, so divide by max |m| first
+        magnitude = flat.abs().amax(dim=-1, keepdim=True)
+        flat = flat / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+        low = flat.amin(dim=-1, keepdim=True)
+        span = flat.amax(dim=-1, keepdim=True) - low
     if flat.is_floating_point():
         rounding = 8 * torch.finfo(flat.dtype).eps * flat.abs().amax(dim=-1, keepdim=True)
         varies = span > rounding

@@ -106,9 +106,14 @@ def maps_for(maps: Any, x: Tensor, argument: str, dtype: torch.dtype | None = No
     if a.is_complex():
         raise TypeError(f"`{argument}` must be real, got {a.dtype}.")
     check_not_meta(a, argument)
+    if a.is_floating_point() and not bool(torch.isfinite(a).all()):  # before any cast
+        raise ValueError(f"`{argument}` contains NaN or infinite values.")
     a = a.to(device=x.device, dtype=x.dtype if dtype is None else dtype)
     if not bool(torch.isfinite(a).all()):
-        raise ValueError(f"`{argument}` contains NaN or infinite values.")
+        raise ValueError(
+            f"`{argument}` holds values beyond the range of {a.dtype} (largest magnitude "
+            f"{float(maps.detach().abs().max()):.3g}); scale the maps down first."
+        )
     if tuple(a.shape[2:]) != (h, w):  # plateaus stay exact ties (ranked by pixel index)
         a = upsample_keeping_ties(a, (h, w))
     return a
@@ -121,12 +126,24 @@ def score_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _ranking_dtype(attributions: Any, x: Tensor) -> torch.dtype:
+    """:func:`score_dtype`, or the maps' own float64 (not on Apple's MPS, which has none):
+    float64 maps whose values differ in the 9th digit, or lie below float32's range, are
+    ranked as given, not merged into ties by a cast to the images' float32."""
+    given = attributions[0] if isinstance(attributions, tuple) and attributions else attributions
+    dtype = score_dtype(x)
+    if isinstance(given, Tensor) and given.is_floating_point() and x.device.type != "mps":
+        dtype = torch.promote_types(given.dtype, dtype)
+    return dtype
+
+
 def ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tensor:
     """The values pixels are ranked by: (N, 1, H, W) or, per channel, (N, C, H, W), in at
-    least float32 (:func:`score_dtype`): a half-precision batch must not merge the ranks of
-    pixels whose attributions differ in the fourth digit."""
+    least float32 (:func:`score_dtype`), float64 for float64 maps: a half-precision batch
+    must not merge the ranks of pixels whose attributions differ in the fourth digit, nor
+    a float32 one those of float64 maps that differ in the ninth."""
     check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
-    a = maps_for(attributions, x, "attributions", dtype=score_dtype(x))
+    a = maps_for(attributions, x, "attributions", dtype=_ranking_dtype(attributions, x))
     if a.shape[1] > 1 and channel_reduction == "sum_abs":
         a = a.abs().sum(dim=1, keepdim=True)
     return a

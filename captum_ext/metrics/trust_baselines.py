@@ -416,6 +416,15 @@ def mc_dropout(
 
 
 @log_usage()
+def _row_norms(values: Tensor, p: float) -> Tensor:
+    """The p-norm of each row, by ``max |v| * ||v / max |v|||``: ``vector_norm`` itself
+    squares the entries, which overflows float32 for features above about 1.8e19 (inf
+    where the norm is a finite float32 number)."""
+    scale = values.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale[:, 0] * torch.linalg.vector_norm(values / scale, p, dim=1)
+
+
 def gradnorm(
     forward_func: Callable,
     inputs: Tensor | tuple[Tensor, ...],
@@ -473,7 +482,7 @@ def gradnorm(
         h = _head_features(head, logits, calls)
         if h is not None:
             g, h = at_least_float32(g), at_least_float32(h)
-            return torch.linalg.vector_norm(g, p, dim=1) * torch.linalg.vector_norm(h, p, dim=1)
+            return _row_norms(g, p) * _row_norms(h, p)
         if automatic:
             raise ValueError(
                 "`layer` is None and the last nn.Linear does not produce the logits; pass `layer`."
@@ -484,7 +493,7 @@ def gradnorm(
 
         def reduce(grads: dict[str, Tensor]) -> Tensor:
             (grad,) = grads.values()
-            return torch.linalg.vector_norm(at_least_float32(grad.flatten(1)), p, dim=1)
+            return _row_norms(at_least_float32(grad.flatten(1)), p)
 
         return per_example_parameter_gradients(
             forward_func,
