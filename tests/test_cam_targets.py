@@ -767,8 +767,14 @@ def test_a_target_list_shorter_than_the_batch_is_refused(name, bundled_model, sa
             x, target=labels, nt_type="smoothgrad", nt_samples=2, stdevs=0.0
         )
         torch.testing.assert_close(smoothed, method.attribute(x, target=labels))
-    if name == "GradCAM":  # ContrastCAM's `contrast`: Captum passes it through, repeated
+    if name == "GradCAM":
+        # ContrastCAM's `contrast` is repeated only where Captum's wrappers expand the inputs
+        # and pass it through unchanged; in a direct call [3, 1] for 4 images was read as
+        # [3, 3, 1, 1] without a word, and is refused now as `target` is
         contrast = ContrastCAM(bundled_model, "features.7")
-        torch.testing.assert_close(
-            contrast.attribute(x, contrast=[3, 1]), contrast.attribute(x, contrast=[3, 3, 1, 1])
+        with pytest.raises(ValueError, match="`contrast` has 2 entries but the inputs have 4"):
+            contrast.attribute(x, contrast=[3, 1])
+        smoothed = NoiseTunnel(contrast).attribute(
+            x, contrast=[3, 1, 2, 5], nt_type="smoothgrad", nt_samples=2, stdevs=0.0
         )
+        torch.testing.assert_close(smoothed, contrast.attribute(x, contrast=[3, 1, 2, 5]))

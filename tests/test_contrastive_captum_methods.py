@@ -488,3 +488,90 @@ def test_results_carry_no_graph_over_the_inner_copies(bundled_model, bundled_dig
         x, contrast=y, n_steps=8, return_convergence_delta=True
     )
     assert not maps.requires_grad and not delta.requires_grad
+
+
+def _small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 5),
+        )
+        .double()
+        .eval()
+    )
+
+
+@pytest.mark.parametrize("method", ["DeepLift", "DeepLiftShap", "GuidedBackprop"])
+def test_module_rule_methods_refuse_a_plain_function(method):
+    """A lambda hides the model's ReLUs from DeepLift's and Guided Backprop's hooks: the
+    result was a plain gradient (completeness off by 0.0135), without a word."""
+    import captum.attr as captum_attr
+
+    from captum_ext.attr import Contrastive
+
+    model = _small_cnn()
+    with pytest.raises(TypeError, match="`forward_func`: .* Pass the nn.Module"):
+        Contrastive(getattr(captum_attr, method), lambda x: model(x))
+    Contrastive(getattr(captum_attr, method), model)  # the module itself works
+    if method != "GuidedBackprop":  # (Captum's own GuidedBackprop takes only a Module)
+        Contrastive(getattr(captum_attr, method), model.forward)  # a bound forward has one
+
+
+def test_distribution_baselines_stay_a_distribution_for_several_classes():
+    """NoiseTunnel(IG) with draw_baseline_from_distrib and contrast="all": a 3-row
+    distribution for 3 images was repeated per example, so example i drew only baseline i."""
+    from captum.attr import GradientShap, IntegratedGradients, NoiseTunnel
+
+    from captum_ext.attr import Contrastive
+
+    model = _small_cnn()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dist = torch.stack([torch.zeros(3, 6, 6), 3 * torch.ones(3, 6, 6), -3 * torch.ones(3, 6, 6)])
+    dist = dist.double()
+    method = Contrastive(NoiseTunnel(IntegratedGradients(model)))
+    options = {"baselines": dist, "draw_baseline_from_distrib": True, "stdevs": 0.0}
+    torch.manual_seed(0)
+    np.random.seed(0)  # NoiseTunnel draws the baselines with numpy
+    many = method.attribute(x, contrast="all", nt_samples=3, n_steps=4, batch_size=5, **options)
+    ce = lambda t: -torch.log_softmax(model(t), 1)  # noqa: E731
+    with torch.no_grad():
+        implied = ce(x) - many.flatten(2).sum(2)  # mean CE(b) of the baselines drawn
+        rows = ce(dist)
+    # with draws restricted to each example's own row, example i's would be exactly CE(b_i)
+    assert not torch.allclose(implied[:, 0], rows[:, 0], atol=1e-3)
+    with pytest.raises(ValueError, match="draw_baseline_from_distrib=True"):
+        Contrastive(NoiseTunnel(GradientShap(model))).attribute(
+            x, contrast="all", baselines=dist, nt_samples=2, stdevs=0.0
+        )
+
+
+def test_a_broadcast_baseline_of_three_rgb_images_is_one_baseline_for_all():
+    """A (C, H, W) baseline or feature mask for 3 RGB images has N = C = 3 rows and was
+    repeated as if per example: contrast="all" failed deep in torch."""
+    from captum.attr import FeatureAblation
+
+    from captum_ext.attr import Contrastive
+
+    model = _small_cnn()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    baseline = torch.linspace(-1, 1, 3 * 6 * 6, dtype=torch.float64).view(3, 6, 6)
+    mask = torch.arange(36).view(1, 6, 6).expand(3, 6, 6) // 6
+    method = Contrastive(FeatureAblation, model)
+    many = method.attribute(x, contrast="all", baselines=baseline, feature_mask=mask)
+    for q in range(5):
+        one = method.attribute(x, contrast=q, baselines=baseline, feature_mask=mask)
+        torch.testing.assert_close(many[:, q], one)
+
+
+def test_a_contrastive_layer_method_exposes_its_layer():
+    from captum.attr import LayerGradCam
+
+    from captum_ext.attr import Contrastive
+
+    model = _small_cnn()
+    assert Contrastive(LayerGradCam, model, model[1]).layer is model[1]
+    assert Contrastive(Saliency, model).layer is None

@@ -18,3 +18,23 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGES):
         frame, level = frame.f_back, level + 1
     return level
+
+
+#: Captum's wrappers that repeat each example's inputs k times (in ``repeat_interleave``
+#: order) and pass keywords they do not know unchanged
+_EXPANDING_WRAPPERS = (
+    os.path.join(os.path.dirname(captum.__file__), "attr", "_core", "noise_tunnel.py"),
+    os.path.join(os.path.dirname(captum.__file__), "metrics", ""),
+)
+
+
+def inside_expanding_wrapper() -> bool:
+    """Whether the current call came through Captum's NoiseTunnel, ``infidelity`` or
+    ``sensitivity_max``, which hand a method N x k inputs with our per-example keywords
+    (``contrast=``) still of length N."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_EXPANDING_WRAPPERS):
+            return True
+        frame = frame.f_back
+    return False

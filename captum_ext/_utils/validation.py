@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .caller import inside_expanding_wrapper
+
 
 def outside_inference_mode(value: Any) -> Any:
     """A normal copy of a tensor made under ``torch.inference_mode()`` (anything else as it is).
@@ -99,7 +101,12 @@ def expand_per_example(values: Tensor, n: int, argument: str) -> Tensor:
         return values
     if length == 1:
         return values.expand(n, *values.shape[1:])
-    if length and n % length == 0 and argument not in EXPANDED_BY_CAPTUM:
+    if (
+        length
+        and n % length == 0
+        and argument not in EXPANDED_BY_CAPTUM
+        and inside_expanding_wrapper()  # a direct call with a short list is a mistake
+    ):
         return values.repeat_interleave(n // length, dim=0)
     raise ValueError(
         f"`{argument}` has {length} entries but the inputs have {n} examples; give one per "

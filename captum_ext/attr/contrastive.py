@@ -23,6 +23,7 @@ from captum.attr import (
     LLMGradientAttribution,
     NeuronAttribution,
 )
+from captum.attr._core.guided_backprop_deconvnet import ModifiedReluGradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
@@ -225,6 +226,10 @@ class ContrastiveForward(nn.Module):
 #: one per example: a distribution of N rows must not be repeated and sliced with the inputs
 _BASELINE_DISTRIBUTIONS = (DeepLiftShap, GradientShap, LayerDeepLiftShap, LayerGradientShap)
 
+#: Captum methods whose rules are hooks on the model's modules (DeepLift's multipliers,
+#: Guided Backprop's and Deconvolution's ReLU rules): a plain function gives them nothing
+_MODULE_RULES = (DeepLift, ModifiedReluGradientAttribution)
+
 #: Captum methods that explain no output class, or whose rules stop at the logits.
 _REFUSED: tuple[tuple[type, str], ...] = (
     (
@@ -260,6 +265,18 @@ def _refusal(method: type | Attribution) -> str | None:
             name = method.__name__ if isinstance(method, type) else type(method).__name__
             return f"Contrastive cannot make {name} contrastive: {why}."
     return None
+
+
+def _refuse_plain_function(methods: list[type], forward_func: Callable) -> None:
+    """Refuse a plain function for methods whose rules hook the model's modules: it has
+    none to hook (DeepLift's result would silently be a gradient)."""
+    if methods and root_module(forward_func) is None:
+        name = methods[0].__name__
+        raise TypeError(
+            f"`forward_func`: {name} applies its rules to the model's modules (hooks on its "
+            f"ReLUs), and a plain function has none to hook: its result would be a gradient, "
+            f"not {name}. Pass the nn.Module (or its bound forward)."
+        )
 
 
 def _methods_in(method: Attribution) -> list[Attribution]:
@@ -377,6 +394,8 @@ class Contrastive(GradientAttribution):
         elif isinstance(method, type) and issubclass(method, Attribution):
             if forward_func is None:
                 raise TypeError("`forward_func` is required when `method` is a class.")
+            if issubclass(method, _MODULE_RULES):  # before Captum's own AssertionError
+                _refuse_plain_function([method], forward_func)
             instance = method(forward_func, *args, **kwargs)
         else:
             raise TypeError(
@@ -390,6 +409,8 @@ class Contrastive(GradientAttribution):
             if refusal is not None:
                 raise TypeError(refusal)
         self.model_forward = instance.forward_func
+        hooked = [type(m) for m in _methods_in(instance) if isinstance(m, _MODULE_RULES)]
+        _refuse_plain_function(hooked, self.model_forward)
         self.contrastive_forward = ContrastiveForward(self.model_forward, output_transform)
         originals = (self.model_forward, root_module(self.model_forward))
         self.method = _swap_forward(
@@ -402,6 +423,11 @@ class Contrastive(GradientAttribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return self.method.multiplies_by_inputs
+
+    @property
+    def layer(self) -> Any:
+        """The wrapped layer method's ``layer`` (None for a method of the inputs)."""
+        return getattr(self.method, "layer", None)
 
     def has_convergence_delta(self) -> bool:
         return self.method.has_convergence_delta()
@@ -520,6 +546,32 @@ class Contrastive(GradientAttribution):
         total = n * per_example
         rows_per_call = DEFAULT_ROWS_PER_CALL if batch_size is None else batch_size
         flat_targets = classes.reshape(-1)
+        # baselines a method samples from (GradientShap, also inside NoiseTunnel, or any
+        # method with draw_baseline_from_distrib) are a distribution, not one per example
+        distribution = bool(kwargs.get("draw_baseline_from_distrib")) or isinstance(
+            self.method, _BASELINE_DISTRIBUTIONS
+        )
+        inner = [m for m in _methods_in(self.method)[1:] if isinstance(m, _BASELINE_DISTRIBUTIONS)]
+        if inner and not distribution:
+            # NoiseTunnel(GradientShap): Captum's NoiseTunnel takes N-row baselines as one per
+            # example and the inner method samples from all of them; stacked (example, class)
+            # rows would each sample only from their own example's row
+            baselines = kwargs.get("baselines")
+            given = baselines if isinstance(baselines, tuple) else (baselines,)
+            if any(isinstance(b, Tensor) and b.dim() > 0 and b.shape[0] > 1 for b in given):
+                raise ValueError(
+                    "`baselines`: with several classes per example, "
+                    f"{type(self.method).__name__} around {type(inner[0]).__name__} would "
+                    "draw each (example, class) row's baselines from that example's row "
+                    "only. Pass draw_baseline_from_distrib=True (the baselines are then a "
+                    "distribution), or explain one class per call."
+                )
+
+        def repeated(key: str, value: Any, rows: slice) -> Any:
+            if key == "baselines" and distribution:
+                return value
+            return _repeat_batch_shaped(value, formatted, n, per_example, rows)
+
         pieces = []
         for start in range(0, total, rows_per_call):
             rows = slice(start, min(start + rows_per_call, total))
@@ -530,15 +582,26 @@ class Contrastive(GradientAttribution):
                 additional_forward_args=repeat_per_example(
                     additional_forward_args, n, per_example, rows
                 ),
-                **{
-                    key: value
-                    if key == "baselines" and isinstance(self.method, _BASELINE_DISTRIBUTIONS)
-                    else repeat_per_example(value, n, per_example, rows)
-                    for key, value in kwargs.items()
-                },
+                **{key: repeated(key, value, rows) for key, value in kwargs.items()},
             )
             pieces.append(result)
         return _join(pieces, n, per_example)
+
+
+def _repeat_batch_shaped(
+    value: Any, inputs: tuple[Tensor, ...], n: int, per_example: int, rows: slice
+) -> Any:
+    """:func:`repeat_per_example` for the tensors of ``value`` that have the examples first,
+    as Captum reads them: the rank of their input (``baselines``, ``feature_mask``) and N
+    rows. A broadcastable ``(C, H, W)`` baseline of 3 images has N rows too, but is one
+    baseline for all, and stays as it is."""
+    if isinstance(value, tuple) and len(value) == len(inputs):
+        return tuple(
+            _repeat_batch_shaped(item, (x,), n, per_example, rows) for item, x in zip(value, inputs)
+        )
+    if isinstance(value, Tensor) and value.dim() != inputs[0].dim():
+        return value
+    return repeat_per_example(value, n, per_example, rows)
 
 
 def _join(pieces: list, n: int, per_example: int) -> Any:

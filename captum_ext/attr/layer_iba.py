@@ -26,7 +26,7 @@ from .._utils.batched_grad import (
     run_forward,
 )
 from .._utils.batches import dict_batch
-from .._utils.caller import user_stacklevel
+from .._utils.caller import inside_expanding_wrapper, user_stacklevel
 from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.maps import upsample_maps
@@ -199,9 +199,17 @@ def _as_generators(generator: Any, n: int, device: torch.device) -> list | None:
         return [torch.Generator(device=device).manual_seed(int(generator))]
     if isinstance(generator, list | tuple):
         if len(generator) != n:
+            wrapped = (
+                " Inside NoiseTunnel, infidelity or sensitivity_max the inputs arrive repeated"
+                " (N x samples) while a list of generators does not: give one generator (or"
+                " int seed) for the batch there."
+                if inside_expanding_wrapper()
+                else ""
+            )
             raise ValueError(
                 f"`generator` holds {len(generator)} entries but `inputs` has {n} examples; "
                 "give one generator (or int seed) per example, or a single one for the batch."
+                + wrapped
             )
         out = []
         for item in generator:
