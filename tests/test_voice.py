@@ -448,3 +448,14 @@ def test_smoothgrad_noise_belongs_to_the_example_not_its_place_in_the_batch():
     second = voice.attribute(x, nt_samples=4, stdevs=0.3, generator=generator)
     torch.testing.assert_close(first.uncertainty, together.uncertainty)
     assert not torch.allclose(second.uncertainty, first.uncertainty)
+
+
+def test_noise_tunnel_around_voice_is_refused_clearly(bundled_model):
+    """NoiseTunnel(VOICE(...)) failed with "'VOICE' object has no attribute
+    'has_convergence_delta'"."""
+    from captum.attr import NoiseTunnel
+
+    from captum_ext.attr import VOICE, GradCAM
+
+    with pytest.raises(TypeError, match="VOICE is not a Captum attribution method"):
+        NoiseTunnel(VOICE(GradCAM(bundled_model, "features.7")))

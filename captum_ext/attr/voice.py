@@ -360,6 +360,15 @@ class VOICE:
 
     _fast_postprocess = True  # private: False materialises every upsampled map (tests)
 
+    def has_convergence_delta(self) -> bool:
+        """Refuses, clearly, what Captum's wrappers ask first: ``NoiseTunnel(VOICE(...))``
+        failed with "'VOICE' object has no attribute 'has_convergence_delta'"."""
+        raise TypeError(
+            "VOICE is not a Captum attribution method: its result is a VOICEResult (maps and "
+            "read-outs), which NoiseTunnel cannot average. For SmoothGrad explanations give "
+            "VOICE NoiseTunnel(Saliency(model)) with its own `nt_samples` and `stdevs`."
+        )
+
     @log_usage()
     @leaves_inference_mode
     def attribute(
