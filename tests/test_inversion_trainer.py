@@ -137,6 +137,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         )
 
 
+def _interrupted_at_step_4(path, seed: int = 0) -> None:
+    """An 8-step reconstruction fit (batch 4) that crashes in step 6, checkpointed at 4."""
+    flaky = Flaky(tiny_classifier(), fail_at=None)
+    first = NetworkInversion(
+        flaky, tiny_generator(), preset="reconstruction", batch_size=4, seed=seed
+    )
+    flaky.fail_at = flaky.calls + 4 + 3 + 2  # step 6 is in phase 2 (3 calls a step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+
+
 @pytest.mark.parametrize(
     "settings, named",
     [
@@ -151,11 +162,7 @@ def test_resume_refuses_other_settings_instead_of_taking_the_checkpoints(tmp_pat
     saved random state the old seed's draws: `NetworkInversion(lr=1e-5)` resumed at 1e-3
     (the lr a FloatingPointError tells the user to lower), without a word."""
     path = tmp_path / "inversion.pt"
-    flaky = Flaky(tiny_classifier(), fail_at=None)
-    first = NetworkInversion(flaky, tiny_generator(), preset="reconstruction", batch_size=4, seed=1)
-    flaky.fail_at = flaky.calls + 4 + 3 + 2
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+    _interrupted_at_step_4(path, seed=1)
     options = {"preset": "reconstruction", "batch_size": 4, "seed": 1, **settings}
     other = NetworkInversion(tiny_classifier(), tiny_generator(), **options)
     before = params_of(other.generator)
@@ -168,11 +175,7 @@ def test_a_checkpoint_of_another_generator_width_is_named_and_loads_nothing(tmp_
     """torch's bare "Error(s) in loading state_dict" named neither `checkpoint` nor what
     differs, after copying every tensor that fitted."""
     path = tmp_path / "inversion.pt"
-    flaky = Flaky(tiny_classifier(), fail_at=None)
-    first = NetworkInversion(flaky, tiny_generator(), preset="reconstruction", batch_size=4)
-    flaky.fail_at = flaky.calls + 4 + 3 + 2
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+    _interrupted_at_step_4(path)
     wider = ConditionedGenerator(CLASSES, SHAPE, latent_dim=8, width=12, preprocess=(0.5, 0.25))
     before = params_of(wider)
     with pytest.raises(ValueError, match=r"`checkpoint` belongs to another architecture"):
@@ -187,11 +190,7 @@ def test_a_checkpoint_of_other_images_is_not_resumed(tmp_path):
     word (its weights have the same shapes), and by a 1-channel one with torch's "size
     mismatch" error."""
     path = tmp_path / "inversion.pt"
-    flaky = Flaky(tiny_classifier(), fail_at=None)
-    first = NetworkInversion(flaky, tiny_generator(), preset="reconstruction", batch_size=4)
-    flaky.fail_at = flaky.calls + 4 + 3 + 2
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        first.fit(8, progress=False, checkpoint=path, checkpoint_every=2)
+    _interrupted_at_step_4(path)
     other = ConditionedGenerator(CLASSES, (3, 7, 7), latent_dim=8, width=8, preprocess=(0.5, 0.25))
     smaller = NetworkInversion(tiny_classifier(), other, preset="reconstruction", batch_size=4)
     with pytest.raises(ValueError, match=r"`checkpoint` is for a generator with image_shape"):
