@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
@@ -514,3 +516,11 @@ def test_nan_logits_from_finite_inputs_are_named_not_passed_on_silently():
     ):
         with pytest.warns(RuntimeWarning, match=r"holds NaN for 2 of 2 examples \(rows 0, 1\)"):
             call()
+    # a metric names them once, by the user's examples, not once per chunk of perturbed rows
+    from captum_ext.metrics import deletion_curves
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deletion_curves(model, x, torch.rand(2, 1, 28, 28), target=0, n_steps=20, batch_size=8)
+    named = [str(w.message) for w in caught if "holds NaN" in str(w.message)]
+    assert len(named) == 1 and "(rows 0, 1)" in named[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from _distributed import run_gloo
@@ -1029,3 +1030,15 @@ def test_final_training_takes_only_a_bool_and_config_is_read_only():
     with pytest.raises(AttributeError, match="`config` is fixed when a TIE is made"):
         tie.config = tie.config.replace(threshold=1.0)
     assert tie.config.threshold == tie.threshold
+
+
+def test_a_config_with_numpy_numbers_resumes(tmp_path):
+    """The recorded TIEConfig kept numpy scalars (dropout=np.float64(0.1) passes the config's
+    checks), which a weights-only load refuses: the checkpoint could not be read back."""
+    x, y = tiny_data()
+    path = tmp_path / "c.pt"
+    options = {**SMALL, "seed": 3, "dropout": np.float64(0.1)}
+    TIE(tiny_model(), **options).fit(x, y, epochs=1, progress=False, checkpoint=path)
+    again = TIE(tiny_model(), **options)
+    again.fit(x, y, epochs=1, progress=False, checkpoint=path, resume=True)
+    assert load_checkpoint(path)["config"]["dropout"] == 0.1

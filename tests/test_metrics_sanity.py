@@ -302,3 +302,30 @@ def test_sanity_checks_sum_half_precision_channels_without_overflow():
     x = load_sample_digits()[0][:2]
     result = class_sensitivity(Half, model, x, similarity="spearman_abs")
     torch.testing.assert_close(result.similarity["spearman_abs"], torch.ones(2).double())
+
+
+def test_class_sensitivity_least_likely_takes_integer_scores():
+    """`at_least_float32` keeps int64 scores, and scattering inf into them raised."""
+    from captum.attr import FeatureAblation
+    from torch import nn
+
+    from captum_ext.metrics import class_sensitivity
+
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 5, 3, padding=1)
+
+        def forward(self, x):
+            return (self.conv(x).sum(dim=(2, 3)) * 100).long()
+
+    torch.manual_seed(0)
+    model = Counts().eval()
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = model(x)
+    result = class_sensitivity(
+        lambda m: FeatureAblation(m), model, x, contrast="least-likely", similarity="spearman_abs"
+    )
+    others = scores.double().scatter(1, result.target[:, None], float("inf"))
+    assert result.contrast.tolist() == others.argmin(dim=1).tolist()

@@ -520,5 +520,6 @@ def test_gradnorm_and_minmax_survive_values_whose_squares_overflow_float32():
     got = gradnorm(load_bundled_model().eval(), x * 1e19)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.double(), reference, rtol=1e-4, atol=0)
+    assert hasattr(gradnorm, "__wrapped__")  # still Captum's log_usage-wrapped entry point
     maps = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 6e38 - 3e38
     torch.testing.assert_close(minmax_normalize(maps, 1), minmax_normalize(maps / 1e30, 1))

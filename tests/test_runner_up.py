@@ -95,3 +95,58 @@ def test_class_sensitivity_ranks_float64_logits_in_float64():
     x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
     result = class_sensitivity(lambda m: GradCAM(m, m.conv), model, x)
     assert result.contrast.tolist() == [7, 7]
+
+
+class _Confident(nn.Module):
+    """Logits with class 0 first and class 3 second; every other probability rounds to 0
+    in float32."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, classes)
+        with torch.no_grad():
+            bias = torch.full((classes,), -400.0)
+            bias[0], bias[3] = 0.0, -150.0
+            self.fc.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_every_report_section_names_the_same_runner_up():
+    """The explanation-metrics and trust sections still took topk(2) of the float32
+    softmax and named class 7 where the contrastive section names 3."""
+    from captum_ext.viz.trust import compute_trust
+    from captum_ext.viz.uncertainty import compute_explanation_metrics
+
+    model = _Confident().eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        contrastive = compute_contrastive(model, "conv", x)
+        metrics = compute_explanation_metrics(model, "conv", x, n_steps=4)
+        trust = compute_trust(
+            model, "conv", x, labels=[0, 0, 3], least_trusted=3, scores=["softmax"]
+        )
+    assert contrastive.runner_up.tolist() == [3, 3, 3]
+    assert metrics.runner_up.tolist() == [3, 3, 3]
+    assert trust.runner_up.tolist() == [3, 3, 3]
+
+
+def test_voice_names_the_lowest_index_of_tied_runner_ups():
+    """VOICE sorted the classes with an unstable sort: on 99 tied classes its Q was 74 while
+    ContrastCAM's default (and the report's other sections) say 1."""
+    from captum_ext.attr import VOICE
+
+    model = _Confident(classes=100).eval()
+    with torch.no_grad():
+        model.fc.weight[1:] = model.fc.weight[1]
+        model.fc.bias[1:] = model.fc.bias[1]
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    result = VOICE(GradCAM(model, model.conv)).attribute(x, contrasts=3)
+    with torch.no_grad():
+        expected = runner_up_classes(model(x))
+    assert expected.tolist() == [1, 1]
+    assert result.contrast_class.tolist() == [1, 1]  # the runner-up Q

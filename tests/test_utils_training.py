@@ -118,3 +118,33 @@ def test_a_folder_that_refuses_the_temporary_file_names_the_file_asked_for(tmp_p
             pass
     assert info.value.filename == str(target)
     assert info.value.errno == errno.EACCES
+
+
+def test_load_fitting_state_takes_extra_state_and_refuses_other_shapes():
+    """Non-tensor entries (a module's `_extra_state`) were counted as misfits, so a mask net
+    with extra state could no longer be loaded."""
+    from captum_ext._utils.training import load_fitting_state
+
+    class WithExtra(nn.Module):
+        def __init__(self, width: int = 3) -> None:
+            super().__init__()
+            self.linear = nn.Linear(2, width)
+            self.temperature = 1.0
+
+        def get_extra_state(self):
+            return {"temperature": self.temperature}
+
+        def set_extra_state(self, state):
+            self.temperature = state["temperature"]
+
+    saved = WithExtra()
+    saved.temperature = 0.5
+    target = WithExtra()
+    load_fitting_state(target, saved.state_dict(), "`path`")
+    assert target.temperature == 0.5
+    assert torch.equal(target.linear.weight, saved.linear.weight)
+    before = WithExtra(width=4)
+    weight = before.linear.weight.clone()
+    with pytest.raises(ValueError, match="another architecture .* linear.weight"):
+        load_fitting_state(before, saved.state_dict(), "`path`")
+    assert torch.equal(before.linear.weight, weight)

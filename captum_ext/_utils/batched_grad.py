@@ -223,27 +223,35 @@ def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None
         warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=3)
 
 
-def _warn_if_nan(output: Tensor, inputs: tuple[Tensor, ...]) -> None:
+def warn_if_nan(output: Tensor, inputs: tuple[Tensor, ...], examples: Tensor | None = None) -> bool:
     """Warn, naming the examples, where the model's output holds NaN for finite inputs (they
     are checked on entry): activations that overflowed inside the model (a float16 model on
     large inputs, say). Everything computed from such rows is NaN or meaningless (a VOICE
-    map of NaN gradients reads as "no uncertainty")."""
+    map of NaN gradients reads as "no uncertainty"). ``examples``: the user's example of
+    each row, where the rows are perturbed copies (a metric's chunks). True if it warned."""
     if not output.is_floating_point():
-        return
+        return False
     broken = torch.isnan(output.detach().reshape(output.shape[0], -1)).any(dim=1)
-    if bool(broken.any()):
+    if not bool(broken.any()):
+        return False
+    if examples is None:
         rows = broken.nonzero()[:, 0].tolist()
-        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
-        dtypes = sorted({str(x.dtype).replace("torch.", "") for x in inputs})
-        warnings.warn(
-            f"the model's output holds NaN for {len(rows)} of {output.shape[0]} examples "
-            f"(rows {shown}) although the inputs are finite: activations overflowed inside "
-            f"the model (inputs in {', '.join(dtypes)}; check their scale and normalisation, "
-            "or run the model in float32 / float64). Results for these rows are not "
-            "meaningful.",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
-        )
+        which = f"{len(rows)} of {output.shape[0]} examples"
+    else:
+        rows = sorted(set(examples.to(broken.device)[broken].tolist()))
+        which = f"{len(rows)} examples"
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    dtypes = sorted({str(x.dtype).replace("torch.", "") for x in inputs})
+    warnings.warn(
+        f"the model's output holds NaN for {which} "
+        f"(rows {shown}) although the inputs are finite: activations overflowed inside "
+        f"the model (inputs in {', '.join(dtypes)}; check their scale and normalisation, "
+        "or run the model in float32 / float64). Results for these rows are not "
+        "meaningful.",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return True
 
 
 def run_forward(
@@ -254,6 +262,7 @@ def run_forward(
     *,
     allow_multidim: bool = False,
     takes_output_transform: bool = True,
+    check_nan: bool = True,
 ) -> Tensor:
     """Call the model and check that it returns (N, C) logits.
 
@@ -272,11 +281,13 @@ def run_forward(
     if allow_multidim and isinstance(output, Tensor) and output.dim() >= 1:
         if output.shape[0] == n:
             _warn_if_probabilities(output, takes_output_transform)
-            _warn_if_nan(output, inputs)
+            if check_nan:
+                warn_if_nan(output, inputs)
             return output
     elif isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == n:
         _warn_if_probabilities(output, takes_output_transform)
-        _warn_if_nan(output, inputs)
+        if check_nan:
+            warn_if_nan(output, inputs)
         return output
     got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
     has_logits = isinstance(getattr(output, "logits", None), Tensor) or (

@@ -260,9 +260,10 @@ def load_fitting_state(module: nn.Module, state: Any, what: str) -> None:
         raise ValueError(f"{what} does not hold a state dict ({type(state).__name__}).")
     current = module.state_dict()
     misfits = sorted(set(current) ^ set(state)) + [
-        key
+        key  # (non-tensor entries, a module's `_extra_state`, are the module's to check)
         for key in sorted(set(current) & set(state))
-        if not isinstance(state[key], torch.Tensor) or state[key].shape != current[key].shape
+        if isinstance(current[key], torch.Tensor)
+        and (not isinstance(state[key], torch.Tensor) or state[key].shape != current[key].shape)
     ]
     if misfits:
         shown = ", ".join(misfits[:5]) + (", ..." if len(misfits) > 5 else "")

@@ -29,7 +29,10 @@ CONTRAST_ARG = """
                 from the end. Default: None, the second most likely class of each example
                 (an output of more than two dimensions needs an explicit contrast). Inside
                 NoiseTunnel, ``infidelity`` and ``sensitivity_max`` a per-example
-                ``contrast`` of length N is expanded with the inputs (``repeat_interleave``).
+                ``contrast`` of length N is expanded with the inputs (``repeat_interleave``);
+                there a list of another length that divides the expanded batch cannot be
+                told from it and is repeated too, so give one entry per example. In a direct
+                call a length other than N or 1 is refused.
 """
 
 CAM_ARGS = """

@@ -543,7 +543,7 @@ class VOICE:
             raise ValueError("`target` must give one class per example for VOICE.")
         explained = explained[:, 0]
         # classes by decreasing logit, the explained class P moved to the front
-        order = logits.argsort(dim=1, descending=True)
+        order = logits.argsort(dim=1, descending=True, stable=True)  # ties: lowest index
         others = order[order != explained[:, None]].view(n, num_classes - 1)
         order = torch.cat([explained[:, None], others], dim=1)
         runner_up = order[:, 1]

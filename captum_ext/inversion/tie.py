@@ -87,6 +87,8 @@ def _recorded_config(config: Any) -> dict[str, Any]:
             return [plain(item) for item in value]
         if isinstance(value, Mapping):
             return {str(key): plain(item) for key, item in value.items()}
+        if hasattr(value, "item") and not isinstance(value, str):  # numpy / 0-d tensor values:
+            return value.item()  # a weights_only load refuses numpy scalars
         return value
 
     return {field.name: plain(getattr(config, field.name)) for field in dataclasses.fields(config)}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from captum_ext._utils.batched_grad import run_forward
+from captum_ext._utils.batched_grad import run_forward, warn_if_nan
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext._utils.model_state import preserved_state
@@ -218,6 +218,7 @@ class Evaluator:
         self.extra = format_additional_forward_args(extra)
         self._target = target
         self.targets: Tensor | None = None
+        self._nan_named = False  # NaN logits are named once per call, by the user's examples
 
     def _rows_of_extra(self, examples: Tensor) -> tuple:
         rows = []
@@ -245,7 +246,10 @@ class Evaluator:
         return self.targets
 
     def original(self, x: Tensor) -> Tensor:
-        logits = run_forward(self.forward_func, (x,), self.extra, takes_output_transform=False)
+        logits = run_forward(
+            self.forward_func, (x,), self.extra, takes_output_transform=False, check_nan=False
+        )
+        self._nan_named = warn_if_nan(logits, (x,))
         self.resolve_target(logits)
         return logits
 
@@ -256,7 +260,10 @@ class Evaluator:
             (rows,),
             self._rows_of_extra(examples),
             takes_output_transform=False,
+            check_nan=False,
         )
+        if not self._nan_named:
+            self._nan_named = warn_if_nan(logits, (rows,), examples)
         if self.targets is None:
             # masking_score with an explicit target: one row per example, only the class
             # count of the logits is used

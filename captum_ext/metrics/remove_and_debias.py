@@ -1180,7 +1180,10 @@ def _score_rows(
         else arg
         for arg in extra
     )
-    logits = run_forward(forward_func, (rows,), row_extra, takes_output_transform=False)
+    # (NaN logits are named once, on the clean batch: not again for every imputed chunk)
+    logits = run_forward(
+        forward_func, (rows,), row_extra, takes_output_transform=False, check_nan=False
+    )
     if logits.dtype != torch.float64:  # half-precision logits scored in float32
         logits = logits.float()
     row_targets = targets.to(logits.device)[examples.to(logits.device)]

@@ -506,7 +506,10 @@ def class_sensitivity(
             if contrast == "runner-up":
                 contrast = runner_up_classes(logits, target)
             else:  # (float64 logits kept: differences in the 9th digit still rank)
-                others = at_least_float32(logits.detach()).scatter(1, target[:, None], float("inf"))
+                scores = at_least_float32(logits.detach())
+                if not scores.is_floating_point():  # integer scores: inf needs a float
+                    scores = scores.double()
+                others = scores.scatter(1, target[:, None], float("inf"))
                 contrast = others.argmin(dim=1)
         else:
             contrast = _one_class_each(contrast, logits, "contrast")

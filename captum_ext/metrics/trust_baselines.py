@@ -415,7 +415,6 @@ def mc_dropout(
 # gradient-based baselines
 
 
-@log_usage()
 def _row_norms(values: Tensor, p: float) -> Tensor:
     """The p-norm of each row, by ``max |v| * ||v / max |v|||``: ``vector_norm`` itself
     squares the entries, which overflows float32 for features above about 1.8e19 (inf
@@ -425,6 +424,7 @@ def _row_norms(values: Tensor, p: float) -> Tensor:
     return scale[:, 0] * torch.linalg.vector_norm(values / scale, p, dim=1)
 
 
+@log_usage()
 def gradnorm(
     forward_func: Callable,
     inputs: Tensor | tuple[Tensor, ...],

@@ -527,6 +527,16 @@ def _probabilities(model: Callable, x: Tensor) -> Tensor:
     return torch.softmax(_logits(model, x).float(), dim=1)
 
 
+def _predicted_and_runner_up(model: Callable, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax probabilities, the prediction P and the runner-up Q of ``x``, P and Q
+    read from the logits (a confident float32 softmax rounds every other class to 0, so
+    ``probabilities.topk(2)`` would name any of them)."""
+    logits = _logits(model, x)
+    predicted = logits.argmax(dim=1)
+    runner_up = runner_up_classes(logits, predicted)
+    return torch.softmax(logits.float(), dim=1), predicted, runner_up
+
+
 def _logits(model: Callable, x: Tensor) -> Tensor:
     """The model's (N, classes) logits of ``x``, with errors that name the likely cause."""
     from captum_ext.data.loading import model_failed_on_images

@@ -67,6 +67,7 @@ from .report import (
     _display_array,
     _layer_name,
     _model_device,
+    _predicted_and_runner_up,
     _probabilities,
 )
 
@@ -552,9 +553,7 @@ def compute_trust(
     size = (int(images.shape[2]), int(images.shape[3]))
     if order.numel():
         x = images[order.tolist()].to(device)
-        probabilities = _probabilities(model, x)
-        top = probabilities.topk(2, dim=1)
-        predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
+        probabilities, predicted, runner_up = _predicted_and_runner_up(model, x)
         grad_cam = GradCAM(model, module).attribute(
             x, target=predicted, upsample_to_input=True, normalize="minmax"
         )

@@ -68,6 +68,7 @@ from .report import (
     _display_array,
     _layer_name,
     _model_device,
+    _predicted_and_runner_up,
     _probabilities,
     _progress_bar,
 )
@@ -821,10 +822,8 @@ def compute_explanation_metrics(
     with _progress_bar(n, "deletion / insertion", progress) as bar:
         for start in range(0, n, batch_size):
             x = images[start : start + batch_size].to(device)
-            probabilities = _probabilities(model, x)
+            probabilities, predicted, runner_up = _predicted_and_runner_up(model, x)
             names = _class_names(class_names, probabilities.shape[1])
-            top = probabilities.topk(2, dim=1)
-            predicted, runner_up = top.indices[:, 0], top.indices[:, 1]
             predicted_all.append(predicted.cpu())
             runner_up_all.append(runner_up.cpu())
             for kind, cam in cams.items():
