@@ -220,7 +220,7 @@ def _warn_if_probabilities(output: Tensor, takes_output_transform: bool) -> None
         )
         if bool((output == 0).any()):
             remedy += UNDERFLOW_NOTE
-        warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=3)
+        warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=user_stacklevel())
 
 
 def warn_if_nan(output: Tensor, inputs: tuple[Tensor, ...], examples: Tensor | None = None) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_ext._utils.caller import user_stacklevel
+from captum_ext._utils.caller import inside_expanding_wrapper, user_stacklevel
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import check_int, check_number, single_logit_hint
 
@@ -239,8 +239,13 @@ class FinerCAM(TargetClassCAMBase):
             vanishing |= (weight.sum(dim=2) < 1e-7).any(dim=1)
         count = int(vanishing.sum())
         if count:
+            rows = (
+                "rows (noisy copies of the examples, inside a Captum wrapper)"
+                if inside_expanding_wrapper()
+                else "examples"
+            )
             warnings.warn(
-                f"FinerCAM: for {count} of {logits.shape[0]} examples the classes compared "
+                f"FinerCAM: for {count} of {logits.shape[0]} {rows} the classes compared "
                 "with the explained class have a summed probability below 1e-7, so the "
                 "formula's 1e-9 guard dominates and their maps (near) vanish. Finer-CAM is "
                 "meant for classes the model finds similar; for a confident prediction, or a "

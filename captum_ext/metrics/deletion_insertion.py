@@ -16,6 +16,7 @@ import torch
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.validation import check_flag, check_int
 from captum_ext.metrics._perturbation import (
@@ -120,7 +121,7 @@ def _auc_or_deprecated_curves(result: PerturbationCurves, return_curves: Any, mo
                 "{mode}", mode
             ),
             DeprecationWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # the user's line: shown by Python's default filters
         )
         return result  # type: ignore[return-value]
     return result.auc

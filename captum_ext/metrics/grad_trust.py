@@ -28,6 +28,7 @@ from captum_ext._utils.batched_grad import (
     per_example_parameter_gradients,
     run_forward,
 )
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32, precise, precise_dtype
@@ -560,7 +561,7 @@ def _warn_if_every_score_is_undefined(score: Tensor, layer: Any) -> None:
             "detaches gets no gradient; a layer whose input features are all zero neither. "
             "Pick a layer after that point.",
             RuntimeWarning,
-            stacklevel=4,  # the caller of gradtrust (behind Captum's log_usage)
+            stacklevel=user_stacklevel(),  # the user's line, also through GradTrust.score
         )
 
 
@@ -575,7 +576,7 @@ def _exp_score(log_score: Tensor, dtype: torch.dtype) -> Tensor:
             "them; pass log=True for the natural log of the score, finite and correctly "
             "ordered (what score_dataset and the report use).",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return score
 

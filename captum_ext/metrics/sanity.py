@@ -262,6 +262,8 @@ def _explain(
             "attribution object (e.g. `lambda m: Saliency(m)`), got one that returned "
             f"{type(method).__name__}."
         )
+    if inputs.is_floating_point():  # as Captum expects: else its gradient methods warn
+        inputs = inputs.detach().requires_grad_()  # "did not already require gradients"
     maps = attribute(inputs, target=target, **attribute_kwargs)
     if isinstance(maps, tuple):
         maps = maps[0]
