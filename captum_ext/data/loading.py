@@ -536,7 +536,9 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     elif looks_like_probabilities(logits):
         reads = "probabilities"
         if bool((logits == 0).any()):
-            warnings.warn(UNDERFLOW_NOTE.strip(), UserWarning, stacklevel=2)
+            warnings.warn(
+                "The model ends in a softmax." + UNDERFLOW_NOTE, UserWarning, stacklevel=2
+            )
     elif logits is not output:
         reads = "field"
     else:
