@@ -435,8 +435,14 @@ def _warning_line(prog: str) -> Callable[..., None]:
     """Warnings shown as one line ``captum-ext report: warning: ...`` on stderr, as the
     command's errors are, not as Python's two lines naming a source file of the package."""
 
+    shown: set[str] = set()
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"{prog}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        text = f"{prog}: warning: {' '.join(str(message).split())}"
+        if text in shown:  # the same warning from every section that meets it: once a run
+            return
+        shown.add(text)
+        print(text, file=file or sys.stderr)
 
     return show
 

@@ -278,3 +278,25 @@ def test_a_folder_is_read_batch_by_batch_not_all_at_once(tmp_path, monkeypatch):
         row = by_path[path.relative_to(folder).as_posix()]
         assert float(row["softmax"]) == pytest.approx(float(softmax[i]), abs=1e-6)
         assert float(row["margin"]) == pytest.approx(float(gap[i]), abs=1e-6)
+
+
+def test_the_same_warning_is_printed_once_a_run():
+    """Every section that met a model's NaN rows printed the same line again (five times in
+    one report run)."""
+    from captum_ext.cli import _warning_line
+
+    lines = []
+
+    class Sink:
+        def write(self, text):
+            lines.append(text)
+
+    show = _warning_line("captum-ext report")
+    for _ in range(3):
+        show(UserWarning("the same\n  warning"), UserWarning, "x.py", 1, file=Sink())
+    show(UserWarning("another"), UserWarning, "x.py", 1, file=Sink())
+    printed = [line for line in lines if line.strip()]
+    assert printed == [
+        "captum-ext report: warning: the same warning",
+        "captum-ext report: warning: another",
+    ]

@@ -11,8 +11,9 @@ example ``n`` alone.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -865,52 +866,77 @@ def per_example_parameter_gradients(
 
     x_dims = tuple(0 if isinstance(x, Tensor) else None for x in inputs)
     scores = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
-        extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
-        bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
-        try:
-            with warnings.catch_warnings():
-                # torch's note that an operator (attention's fused kernels, say) runs unbatched
-                # under vmap: about speed only, and nothing the caller can act on
-                warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
-                grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
-                    xs, extras_b, cotangents[start:stop], bufs
-                )
-        except ValueError as error:
-            clear = _batch_of_one_error(error)
-            if clear is None:
-                raise
-            raise clear from None
-        except RuntimeError as error:
-            if "would mutate a captured Tensor" in str(error) and any(
-                parametrize.is_parametrized(m) for m in holder.modules()
-            ):
-                raise ValueError(
-                    "per-example gradients: torch.func cannot differentiate through a "
-                    "parametrized layer (torch.nn.utils.parametrize: weight_norm, "
-                    "spectral_norm, ...) whose parameters are asked for. Pick another layer, "
-                    "or fold the parametrization into a plain weight first "
-                    "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))."
-                ) from error
-            if not any(sign in str(error) for sign in _TRANSFORM_REFUSALS):
-                raise
-            if start == 0:
-                warnings.warn(
-                    "per-example gradients run one example at a time: torch.func cannot "
-                    f"batch this model ({str(error).splitlines()[0][:160]}). The results are "
-                    "the same, only slower. Activation checkpointing (torch.utils.checkpoint) "
-                    "and autograd.Functions without `setup_context` are the usual causes.",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
-            grads = _per_example_by_loop(
-                forward_func, xs, extra, batched, start, names, original,
-                cotangents[start:stop], output_transform,
-            )  # fmt: skip
-        scores.append(reduce(grads).detach())
+    with _tensors_put_back(holder):
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
+            extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
+            bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
+            try:
+                with warnings.catch_warnings():
+                    # torch's note that an operator (attention's fused kernels, say) runs unbatched
+                    # under vmap: about speed only, and nothing the caller can act on
+                    warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
+                    grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
+                        xs, extras_b, cotangents[start:stop], bufs
+                    )
+            except ValueError as error:
+                clear = _batch_of_one_error(error)
+                if clear is None:
+                    raise
+                raise clear from None
+            except RuntimeError as error:
+                if "would mutate a captured Tensor" in str(error) and any(
+                    parametrize.is_parametrized(m) for m in holder.modules()
+                ):
+                    raise ValueError(
+                        "per-example gradients: torch.func cannot differentiate through a "
+                        "parametrized layer (torch.nn.utils.parametrize: weight_norm, "
+                        "spectral_norm, ...) whose parameters are asked for. Pick another layer, "
+                        "or fold the parametrization into a plain weight first "
+                        "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))."
+                    ) from error
+                if not any(sign in str(error) for sign in _TRANSFORM_REFUSALS):
+                    raise
+                if start == 0:
+                    warnings.warn(
+                        "per-example gradients run one example at a time: torch.func cannot "
+                        f"batch this model ({str(error).splitlines()[0][:160]}). The results are "
+                        "the same, only slower. Activation checkpointing (torch.utils.checkpoint) "
+                        "and autograd.Functions without `setup_context` are the usual causes.",
+                        RuntimeWarning,
+                        stacklevel=user_stacklevel(),
+                    )
+                grads = _per_example_by_loop(
+                    forward_func, xs, extra, batched, start, names, original,
+                    cotangents[start:stop], output_transform,
+                )  # fmt: skip
+            scores.append(reduce(grads).detach())
     return torch.cat(scores)
+
+
+@contextlib.contextmanager
+def _tensors_put_back(root: nn.Module) -> Iterator[None]:
+    """Put every parameter and buffer object of ``root``'s modules back where it was.
+
+    ``functional_call`` swaps tensors in by attribute path; a module reached by two paths
+    (``self.head = self.backbone.fc``) is swapped twice and restored from the second swap,
+    which left torch.func's wrapper tensors in the user's model (no longer nn.Parameters,
+    and a later ``copy.deepcopy`` failed)."""
+    saved = [
+        (module, kind, name, tensor)
+        for module in root.modules()
+        if not isinstance(module, torch.jit.ScriptModule)  # (their tables are not dicts)
+        for kind in ("_parameters", "_buffers")
+        for name, tensor in getattr(module, kind).items()
+    ]
+    try:
+        yield
+    finally:
+        for module, kind, name, tensor in saved:
+            table = getattr(module, kind)
+            if name in table and table[name] is not tensor:
+                table[name] = tensor
 
 
 #: torch.utils.checkpoint's warning when a reentrant segment's inputs need no gradient

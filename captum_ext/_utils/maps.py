@@ -15,10 +15,11 @@ def minmax_normalize(maps: Tensor, start_dim: int = 2) -> Tensor:
     """Scale each map (the dims from ``start_dim`` on) to [0, 1]; a constant map gives zeros.
 
     ``(m - min m) / (max m - min m)`` per map; where the map is constant the result is all
-    zeros (never NaN). "Constant" allows for rounding: a span of at most 8 units in the last
-    place of the map's largest magnitude (``8 eps max|m|``) is what bilinear upsampling of a
-    constant map leaves (its weights sum to 1 only up to rounding), and stretching it to
-    [0, 1] would draw a pattern that is not in the map.
+    zeros (never NaN); a map holding NaN (a model whose activations overflowed) comes back
+    all NaN, not as an empty map. "Constant" allows for rounding: a span of at most 8
+    units in the last place of the map's largest magnitude (``8 eps max|m|``) is what
+    bilinear upsampling of a constant map leaves (its weights sum to 1 only up to
+    rounding), and stretching it to [0, 1] would draw a pattern that is not in the map.
     """
     if maps.dim() <= start_dim:
         raise ValueError(
@@ -41,6 +42,9 @@ def minmax_normalize(maps: Tensor, start_dim: int = 2) -> Tensor:
         varies = span > 0
     safe = torch.where(varies, span, torch.ones_like(span))
     scaled = torch.where(varies, (flat - low) / safe, torch.zeros_like(flat))
+    if flat.is_floating_point():  # a map holding NaN (a model that overflowed) stays NaN,
+        broken = torch.isnan(flat).any(dim=-1, keepdim=True)  # not an all-zero "empty" map
+        scaled = torch.where(broken, torch.full_like(scaled, float("nan")), scaled)
     return scaled.view_as(maps)
 
 

@@ -514,12 +514,26 @@ class VOICE:
 
         flat_explanation = explanation.mean(1, keepdim=True)  # (N, 1, *spatial)
         flat_uncertainty = uncertainty.mean(1, keepdim=True)
+        # rows whose maps are NaN (a model that overflowed, named by a warning) read NaN
+        broken = torch.isnan(flat_explanation.flatten(1)).any(1) | torch.isnan(
+            flat_uncertainty.flatten(1)
+        ).any(1)
+        iou = torch.full(
+            (logits.shape[0],), float("nan"), dtype=flat_uncertainty.dtype, device=logits.device
+        )
+        snr = iou.clone()
+        kept = ~broken
+        if bool(kept.any()):
+            iou[kept] = voice_iou(
+                flat_explanation[kept], flat_uncertainty[kept], threshold=threshold
+            ).to(iou)
+            snr[kept] = voice_snr(flat_uncertainty[kept]).to(snr)
         return VOICEResult(
             explanation=explanation,
             contrast=contrast,
             uncertainty=uncertainty,
-            iou=voice_iou(flat_explanation, flat_uncertainty, threshold=threshold),
-            snr=voice_snr(flat_uncertainty),
+            iou=iou,
+            snr=snr,
             # float64: confident predictions would round to exactly 0 in float32
             log_likelihood=_log_likelihood(logits, explained),
             prediction=prediction,

@@ -740,15 +740,20 @@ class ExplanationMetricsData:
     @property
     def best_counts(self) -> dict[str, dict[str, int]]:
         """metric -> method -> on how many images the method scores best (lowest deletion
-        AUC, highest insertion AUC; ties go to the first method of ``_METHODS``)."""
-        best = {
-            "deletion": np.stack([self.auc["deletion"][k] for k in _METHODS]).argmin(0),
-            "insertion": np.stack([self.auc["insertion"][k] for k in _METHODS]).argmax(0),
-        }
-        return {
-            m: {k: int((b == index).sum()) for index, k in enumerate(_METHODS)}
-            for m, b in best.items()
-        }
+        AUC, highest insertion AUC): every method equal to the best value counts on a tie;
+        NaN AUCs (a model that overflowed) never count, and an image whose AUCs are all NaN
+        counts for no method."""
+        counts = {}
+        for metric, pick in (("deletion", np.nanmin), ("insertion", np.nanmax)):
+            table = np.stack([self.auc[metric][k] for k in _METHODS]).astype(np.float64)
+            finite = ~np.isnan(table)
+            scored = finite.any(axis=0)
+            best = np.full(table.shape[1], np.nan)
+            if scored.any():
+                best[scored] = pick(table[:, scored], axis=0)
+            winners = finite & (table == best[None, :])
+            counts[metric] = {k: int(winners[i].sum()) for i, k in enumerate(_METHODS)}
+        return counts
 
 
 def compute_explanation_metrics(
@@ -835,7 +840,7 @@ def compute_explanation_metrics(
                     result = function(
                         model,
                         x,
-                        heat,
+                        heat.nan_to_num(0.0),  # NaN maps of NaN logits: their AUCs read NaN
                         target=predicted,
                         baselines=baselines,
                         n_steps=n_steps,
@@ -938,7 +943,10 @@ def render_explanation_metrics(
             "best deletion on",
             "best insertion on",
         ],
-        caption=f"Mean AUC over {n} images, and on how many images each method scores best",
+        caption=(
+            f"Mean AUC over {n} images, and on how many images each method scores best "
+            "(every method on a tie; an image's NaN AUCs count for no method)"
+        ),
     )
     best = data.best_counts
     for kind in _METHODS:
