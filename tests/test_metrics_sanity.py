@@ -329,3 +329,26 @@ def test_class_sensitivity_least_likely_takes_integer_scores():
     )
     others = scores.double().scatter(1, result.target[:, None], float("inf"))
     assert result.contrast.tolist() == others.argmin(dim=1).tolist()
+
+
+def test_explainers_that_use_numpy_or_work_in_place_get_an_ordinary_copy(
+    bundled_model, sample_digits
+):
+    """The inputs were given to explainers with requires_grad on (to quiet Captum's warning):
+    an explainer reading them through numpy then failed, and one that clamps them in place
+    raised torch's leaf-variable error (before that, it changed the user's tensor)."""
+    from captum_ext.metrics import class_sensitivity, model_randomisation
+
+    class ThroughNumpy:
+        def __init__(self, model):
+            self.model = model
+
+        def attribute(self, inputs, target=None):
+            inputs.clamp_(-5, 5)
+            return torch.from_numpy(np.abs(inputs.numpy())).sum(1, keepdim=True)
+
+    x = sample_digits[0][:3]
+    before = x.clone()
+    model_randomisation(ThroughNumpy, bundled_model, x, layers=["classifier"])
+    class_sensitivity(ThroughNumpy, bundled_model, x)
+    assert torch.equal(x, before)

@@ -26,6 +26,7 @@ The user's model is never changed: randomisation acts on a deep copy.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -262,9 +263,12 @@ def _explain(
             "attribution object (e.g. `lambda m: Saliency(m)`), got one that returned "
             f"{type(method).__name__}."
         )
-    if inputs.is_floating_point():  # as Captum expects: else its gradient methods warn
-        inputs = inputs.detach().requires_grad_()  # "did not already require gradients"
-    maps = attribute(inputs, target=target, **attribute_kwargs)
+    with warnings.catch_warnings():
+        # Captum's gradient methods warn that the inputs "did not already require gradients"
+        # at every step: true and harmless here (they turn it on themselves). A copy, so an
+        # explainer that works in place, or through numpy, meets an ordinary tensor.
+        warnings.filterwarnings("ignore", message=r"Input Tensor .* did not already require")
+        maps = attribute(inputs.detach().clone(), target=target, **attribute_kwargs)
     if isinstance(maps, tuple):
         maps = maps[0]
     maps = maps.detach()
