@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -99,3 +99,19 @@ def seeded_rng(
         if seed is not None:
             seed_generators(seed, devices)
         yield
+
+
+def global_rng_state(device: torch.device) -> dict[str, Tensor]:
+    """torch's global random state on the CPU and, for a CUDA ``device``, on that device:
+    what a checkpoint keeps so that a resumed fit draws what an uninterrupted one would."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_global_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
+    """Put back a :func:`global_rng_state` (its CUDA part only where ``device`` is CUDA)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -19,7 +19,7 @@ from captum_ext._utils.model_state import (
 )
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.precision import at_least_float32
-from captum_ext._utils.seeding import seeded_rng
+from captum_ext._utils.seeding import global_rng_state, seeded_rng, set_global_rng_state
 from captum_ext._utils.training import (
     atomic_path,
     barrier,
@@ -109,20 +109,6 @@ def _check_resumed_settings(
             f"{'' if done == 1 else 's'}; resume with "
             f"`epochs` >= {done}, or start a new fit without `resume`."
         )
-
-
-def _global_rng(device: torch.device) -> dict[str, Tensor]:
-    """torch's global random state on the CPU and on ``device`` (a CUDA one)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_global_rng(state: Mapping[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class IntrospectiveNetwork(nn.Module):
@@ -428,7 +414,7 @@ class IntrospectiveNetwork(nn.Module):
             optimiser.load_state_dict(state["optimiser"])
             generator.set_state(state["generator"])
             if "rng" in state:  # older checkpoints: the global RNG as seeded by the call
-                _set_global_rng(state["rng"], device)
+                set_global_rng_state(state["rng"], device)
             start = int(state["epoch"])
         head.train()
         if len(features) < world:
@@ -456,7 +442,7 @@ class IntrospectiveNetwork(nn.Module):
                             "head": unwrap_distributed(trained).state_dict(),
                             "optimiser": optimiser.state_dict(),
                             "generator": generator.get_state(),
-                            "rng": _global_rng(device),
+                            "rng": global_rng_state(device),
                             "epoch": epoch + 1,
                             "seed": seed,
                             "batch_size": batch_size,

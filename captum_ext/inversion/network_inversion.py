@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
-from captum_ext._utils.seeding import seeded_rng
+from captum_ext._utils.seeding import global_rng_state, seeded_rng, set_global_rng_state
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -377,24 +377,11 @@ class NetworkInversion:
         rank = 0 if shard is None else shard[0]
         sampler = torch.Generator(device=device).manual_seed(_stream_seed(self.seed, rank, 0))
         with seeded_rng(_stream_seed(self.seed, rank, 1), self._rng_devices(device)):
-            self._rng = {"sampler": sampler.get_state(), **self._global_rng(device)}
+            self._rng = {"sampler": sampler.get_state(), **global_rng_state(device)}
 
     @staticmethod
     def _rng_devices(device: torch.device) -> list[int]:
         return rng_devices(device)
-
-    @staticmethod
-    def _global_rng(device: torch.device) -> dict[str, Tensor]:
-        state = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(device)
-        return state
-
-    @staticmethod
-    def _set_global_rng(state: Mapping[str, Tensor], device: torch.device) -> None:
-        torch.set_rng_state(state["cpu"].cpu())
-        if device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
     # ----------------------------------------------------------------- training
     def _phase_of(self, step: int, steps: int) -> int:
@@ -573,7 +560,7 @@ class NetworkInversion:
                 torch.set_grad_enabled(True)
                 sampler = torch.Generator(device=device)
                 sampler.set_state(self._rng["sampler"].cpu())
-                self._set_global_rng(self._rng, device)
+                set_global_rng_state(self._rng, device)
                 gen.train()
                 for i in range(start, steps):
                     phase = self._phase_of(i, steps)
@@ -590,7 +577,7 @@ class NetworkInversion:
                     self.optimizer.step()
                     self._step += 1
                     self._record(phase, loss, terms)
-                    self._rng = {"sampler": sampler.get_state(), **self._global_rng(device)}
+                    self._rng = {"sampler": sampler.get_state(), **global_rng_state(device)}
                     if bar:
                         bar.update(1)
                         bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}", refresh=False)
