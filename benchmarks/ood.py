@@ -40,7 +40,7 @@ garbage class had seen letters (outlier exposure with the test distribution itse
 
     python benchmarks/ood.py [--epochs 8] [--generator-steps 60] [--generator-width 32]
         [--openset-epochs 8] [--n-ood 1000] [--garbage-noise pixel_range|data_stats]
-        [--garbage-strokes 0.0] [--garbage-weight 0.5] [--seed 0]
+        [--garbage-strokes 0.0] [--garbage-transforms 0.0] [--garbage-weight 0.5] [--seed 0]
         [--settings digits open-set] [--no-tie-all] [--oracle-letters 0] [--tie-config JSON]
 
 Prints the budgets, markdown tables and, last, one JSON line.
@@ -204,6 +204,7 @@ def run_tie(model, x, y, args, baseline: str, extra_garbage=None) -> tuple[TIE, 
         generator_width=args.generator_width,
         garbage_noise=args.garbage_noise,
         garbage_strokes=args.garbage_strokes,
+        garbage_transforms=args.garbage_transforms,
         garbage_weight=args.garbage_weight,
         seed=args.seed,
     ).replace(**json.loads(args.tie_config))
@@ -320,6 +321,13 @@ def main() -> None:
         help="TIEConfig.garbage_strokes: share of the garbage seeds drawn as pen scribbles",
     )
     parser.add_argument(
+        "--garbage-transforms",
+        type=float,
+        default=0.0,
+        help="TIEConfig.garbage_transforms: share of the garbage seeds drawn as mirrored or "
+        "quarter-turned training digits",
+    )
+    parser.add_argument(
         "--garbage-weight",
         type=float,
         default=TIEConfig().garbage_weight,
@@ -364,6 +372,7 @@ def main() -> None:
         "tie_sample_vector": "one_hot",
         "tie_garbage_noise": args.garbage_noise,
         "tie_garbage_strokes": args.garbage_strokes,
+        "tie_garbage_transforms": args.garbage_transforms,
         "tie_garbage_weight": args.garbage_weight,
         "tie_seed": args.seed,
         "tie_config_overrides": json.loads(args.tie_config),

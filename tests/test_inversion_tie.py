@@ -597,6 +597,109 @@ def test_garbage_strokes_share_of_the_seeds():
         TIEConfig(garbage_strokes="half")
 
 
+def _all_transforms(images: torch.Tensor) -> list[torch.Tensor]:
+    """The four candidate transforms, computed here by index arithmetic (not flip/rot90)."""
+    h, w = images.shape[-2:]
+    rows, cols = torch.arange(h), torch.arange(w)
+    out = [images[..., :, cols.flip(0)], images[..., rows.flip(0), :]]
+    if h == w:
+        out.append(images.transpose(-2, -1)[..., rows.flip(0), :])  # quarter turn left
+        out.append(images.transpose(-2, -1)[..., :, cols.flip(0)])  # quarter turn right
+    return out
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 6, 10)])
+def test_transformed_inputs_are_unlike_transforms_of_the_inputs(shape):
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.rand(5, *shape, generator=gen, dtype=torch.float64)
+    inputs[0] = inputs[0] + inputs[0].flip(-1)  # mirror-symmetric: its mirror is dropped
+    out = tie_module.transformed_inputs(inputs, 40, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (40, *shape) and out.dtype == torch.float64
+    candidates = [(i, t) for i in range(5) for t in _all_transforms(inputs[i])]
+    for copy in out:
+        sources = [i for i, t in candidates if torch.equal(t, copy)]
+        assert sources, "every output is a transform of an input"
+        assert all(_pearson(copy, inputs[i]) < 0.6 for i in sources)
+    assert not any(torch.equal(copy, inputs[0].flip(-1)) for copy in out)
+    again = tie_module.transformed_inputs(inputs, 40, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    if shape[1] == shape[2]:  # square: the quarter turns are drawn too
+        turned = [t for i in range(5) for t in _all_transforms(inputs[i])[2:]]
+        assert any(torch.equal(copy, t) for copy in out for t in turned)
+    # a looser threshold keeps the symmetric image's mirror
+    loose = tie_module.transformed_inputs(
+        inputs, 200, max_correlation=1.0, generator=torch.Generator().manual_seed(1)
+    )
+    assert any(torch.equal(copy, inputs[0].flip(-1)) for copy in loose)
+
+
+def test_transformed_inputs_return_fewer_when_the_inputs_are_symmetric():
+    symmetric = torch.ones(4, 1, 6, 6)
+    symmetric[:, :, 2:4, 2:4] = 3.0  # unchanged by every transform
+    out = tie_module.transformed_inputs(symmetric, 10, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (0, 1, 6, 6)
+    constant = torch.zeros(3, 1, 6, 6)  # correlation undefined: dropped, not kept
+    assert tie_module.transformed_inputs(constant, 4).shape[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"inputs": torch.zeros(1, 4, 4), "size": 2}, "inputs"),
+        ({"inputs": torch.zeros(0, 1, 4, 4), "size": 2}, "inputs"),
+        ({"inputs": [[0.0]], "size": 2}, "inputs"),
+        ({"inputs": torch.rand(2, 1, 4, 4), "size": 0}, "size"),
+        ({"inputs": torch.rand(2, 1, 4, 4), "size": 2, "max_correlation": -1.0}, "max_corr"),
+        ({"inputs": torch.rand(2, 1, 4, 4), "size": 2, "max_correlation": True}, "max_corr"),
+    ],
+)
+def test_transformed_inputs_errors_name_the_argument(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        tie_module.transformed_inputs(**kwargs)
+
+
+def test_garbage_transforms_share_of_the_seeds():
+    x, y = tiny_data(60)  # 12 seeds (an average class)
+    plain = TIE(tiny_model(), **SMALL)
+    plain._seed_pool(x)
+    assert plain.config.garbage_transforms == 0.0
+    half = TIE(tiny_model(), **SMALL, garbage_transforms=0.5)
+    half._seed_pool(x)
+    assert half.pool.shape == plain.pool.shape == (12, *SHAPE)
+    # the noise seeds are the same draws as without transforms (their own stream)
+    noise_only = TIE(tiny_model(), **SMALL, garbage_size=6)
+    noise_only._seed_pool(x)
+    assert torch.equal(half.pool[:6], noise_only.pool)
+    candidates = [t for row in x for t in _all_transforms(row)]
+    for copy in half.pool[6:]:  # in the input space, exact copies of transformed inputs
+        assert any(torch.equal(copy, t) for t in candidates)
+    assert not any(torch.equal(copy, t) for copy in half.pool[:6] for t in candidates)
+    both = TIE(tiny_model(), **SMALL, garbage_strokes=0.5, garbage_transforms=0.5)
+    both._seed_pool(x)
+    assert both.pool.shape[0] == 12
+    assert sum(any(torch.equal(c, t) for t in candidates) for c in both.pool) == 6
+    with pytest.raises(ValueError, match="garbage_transforms"):
+        TIEConfig(garbage_transforms=1.5)
+    with pytest.raises(ValueError, match="`garbage_strokes` \\+ `garbage_transforms`"):
+        TIEConfig(garbage_strokes=0.5, garbage_transforms=0.75)
+    config = TIEConfig(garbage_transforms=0.25)
+    assert TIEConfig.from_dict(config.to_dict()) == config
+
+
+def test_garbage_transforms_fall_back_to_noise_with_a_warning():
+    x = torch.ones(60, *SHAPE)  # every transform leaves these images unchanged
+    tie = TIE(tiny_model(), **SMALL, garbage_transforms=1.0)
+    with pytest.warns(UserWarning, match="only 0 of 12 mirrored") as caught:
+        tie._seed_pool(x)
+    assert caught[0].filename == __file__
+    assert tie.pool.shape == (12, *SHAPE)
+    assert not any(torch.equal(row, x[0]) for row in tie.pool)
+
+
 def test_garbage_noise_is_checked():
     with pytest.raises(ValueError, match="garbage_noise"):
         TIEConfig(garbage_noise="pink")
@@ -729,6 +832,7 @@ def test_resume_refuses_another_config_by_its_field_names(tmp_path, monkeypatch)
         ({"seed": 99}, "seed=99 (the checkpoint's: 3)"),
         ({"batch_size": 8}, "batch_size=8 (the checkpoint's: 16)"),
         ({"generator_steps": 5}, "generator_steps=5 (the checkpoint's: 2)"),
+        ({"garbage_transforms": 0.5}, "garbage_transforms=0.5 (the checkpoint's: 0.0)"),
     ):
         options = {**SMALL, "seed": 3, **change}
         with pytest.raises(ValueError, match=re.escape(named)):

@@ -58,6 +58,7 @@ from captum_ext.inversion.tie import (
     TIEPrediction,
     pen_strokes,
     pixel_range_noise,
+    transformed_inputs,
     uncertainty_ue,
 )
 from captum_ext.inversion.tie_config import GARBAGE_NOISE_KINDS, TIE_BASELINES, TIEConfig
@@ -103,6 +104,7 @@ __all__ = [
     "GARBAGE_NOISE_KINDS",
     "pixel_range_noise",
     "pen_strokes",
+    "transformed_inputs",
     # audits
     "PrivacyAuditResult",
     "ShortcutAuditResult",
