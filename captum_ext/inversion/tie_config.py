@@ -66,7 +66,7 @@ class TIEConfig:
             ``1 - garbage_strokes``: seeds that look like the data but are no class of it,
             so that the garbage class also takes near out-of-distribution images. Not in
             the paper. On the bundled digit model, half of a doubled pool moved rendered
-            letters from AUROC 0.93 to 0.96 at 0.3 to 0.8 points of held-out accuracy
+            letters from AUROC 0.93 to 0.95-0.96 at 0.3 to 1.0 points of held-out accuracy
             (``benchmarks/RESULTS.md``). Default: 0.0
         garbage_weight (float, optional): Factor on the garbage class's weight in the
             classifier's class-weighted cross-entropy, ``> 0``: ``1`` gives it the weight of
