@@ -96,9 +96,16 @@ def test_metrics_inside_inference_mode_take_maps_made_there(bundled_model, sampl
         torch.testing.assert_close(value, reference)
 
 
-def test_training_methods_inside_inference_mode(bundled_model, sample_digits):
+@pytest.mark.parametrize(
+    "context",
+    [torch.inference_mode, torch.no_grad, lambda: torch.set_grad_enabled(False)],
+    ids=["inference_mode", "no_grad", "set_grad_enabled(False)"],
+)
+def test_training_methods_inside_inference_mode(context, bundled_model, sample_digits):
     """The mask net, the introspective head and the inversion generator are trained inside
-    an inference-mode block as outside it (same seeds, same results)."""
+    an inference-mode or no-grad block as outside it (same seeds, same results). Under
+    no_grad the introspective head failed in its backward ("element 0 of tensors does not
+    require grad")."""
     from captum_ext.attr import ActivationMatchingMask
     from captum_ext.introspection import IntrospectiveNetwork
     from captum_ext.inversion import NetworkInversion
@@ -120,8 +127,9 @@ def test_training_methods_inside_inference_mode(bundled_model, sample_digits):
         )
 
     expected = train_all()
-    with torch.inference_mode():
+    with context():
         inside = train_all()
+    assert torch.is_grad_enabled()
     for got, reference in zip(inside, expected, strict=True):
         torch.testing.assert_close(got, reference)
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.model_state import (
+    gradients_on,
     leaves_inference_mode,
     module_state,
     preserved_state,
@@ -432,9 +433,10 @@ class IntrospectiveNetwork(nn.Module):
                 order = order[: len(order) // world * world][rank::world]
                 for first in range(0, len(order), batch_size):
                     batch = order[first : first + batch_size].to(features.device)
-                    loss = F.cross_entropy(trained(features[batch]), targets[batch])
-                    optimiser.zero_grad()
-                    loss.backward()
+                    with gradients_on():  # also when called inside torch.no_grad()
+                        loss = F.cross_entropy(trained(features[batch]), targets[batch])
+                        optimiser.zero_grad()
+                        loss.backward()
                     optimiser.step()
                 if path is not None and is_main_process():
                     save_checkpoint(
