@@ -217,3 +217,23 @@ def test_every_tied_best_method_is_starred(tmp_path):
     (row,) = render_evaluation(scores, tmp_path).rows
     column = row.table.columns.index("insertion AUC (higher is better)")
     assert [cells[0] for cells in row.table.rows if cells[column].endswith(" *")] == ["a", "b"]
+
+
+def test_inside_inference_mode_every_method_is_scored_as_outside(scores_and_inputs):
+    """Inside a serving block Saliency, Integrated Gradients and Guided Backprop failed on
+    "does not require grad" and were reported as NaN rows with a torch message."""
+    from captum_ext.data import BUNDLED_CAM_LAYER
+
+    _, model, all_images = scores_and_inputs
+    images = all_images[:2]
+    outside = compute_evaluation(model, BUNDLED_CAM_LAYER, images, max_images=None)
+    with torch.inference_mode():
+        inside = compute_evaluation(model, BUNDLED_CAM_LAYER, images.clone(), max_images=None)
+    assert inside.notes == outside.notes
+    for metric in METRIC_DIRECTIONS:
+        for method in outside.methods:
+            a, b = outside.scores[metric][method], inside.scores[metric][method]
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6), (
+                metric,
+                method,
+            )

@@ -42,7 +42,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ext._utils.layers import find_last_linear, resolve_layer, uncompiled
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.training import progress_bar
 from captum_ext._utils.validation import check_int, runner_up_classes
@@ -185,6 +185,7 @@ def _maps(explainer: Any, x: Tensor, target: Tensor) -> Tensor:
     return maps
 
 
+@leaves_inference_mode  # Captum's methods cannot differentiate inside inference mode
 def compute_evaluation(
     model: nn.Module,
     layer: Any,
