@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from captum_ext._utils.batched_grad import call_model
 from captum_ext._utils.layers import eager_name, uncompiled
@@ -310,6 +311,11 @@ def _check_finite(maps: Tensor, argument: str) -> None:
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
 
 
+def _has_own_parameters(module: nn.Module) -> bool:
+    """Parameters of its own, or weights moved into ``module.parametrizations``."""
+    return parametrize.is_parametrized(module) or any(True for _ in module.parameters(False))
+
+
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
     if layers is not None:
@@ -317,7 +323,7 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
         missing = [name for name in layers if name not in modules]
         if missing:
             raise ValueError(f"`layers`: {missing} are not modules of {type(model).__name__}.")
-        empty = [name for name in layers if not list(modules[name].parameters(recurse=False))]
+        empty = [name for name in layers if not _has_own_parameters(modules[name])]
         if empty:  # "randomising" them changes nothing: similarity 1 by construction
             raise ValueError(
                 f"`layers`: {empty} have no parameters of their own to randomise (an "
@@ -333,9 +339,46 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
             callable(getattr(module, "reset_parameters", None))
             or isinstance(module, torch.jit.ScriptModule)  # compiled: see _reset_parameters
         )
-        and any(True for _ in module.parameters(recurse=False))
+        and _has_own_parameters(module)
     ]
     return names[::-1]  # top (output) first
+
+
+def _reset_parametrized(module: nn.Module) -> None:
+    """Re-initialise a layer whose weights are parametrised (``weight_norm``,
+    ``spectral_norm``, ...): its ``reset_parameters`` would write into the computed
+    ``weight``, a fresh tensor on each access, and leave the parametrisation's tensors as
+    they were. A plain twin is re-initialised instead and its values assigned through the
+    parametrisation (its ``right_inverse``)."""
+    names = list(module.parametrizations)
+    # a plain instance of the layer's own class (the parametrised class derives from it)
+    # sharing nothing that the re-initialisation writes: ``remove_parametrizations`` on a
+    # deep copy would delete the properties of the class the copy shares with ``module``
+    plain_class = type(module).__bases__[0]
+    twin = plain_class.__new__(plain_class)
+    twin.__dict__.update(module.__dict__)
+    twin._modules = {
+        key: value for key, value in module._modules.items() if key != "parametrizations"
+    }
+    twin._parameters = {
+        key: None if value is None else nn.Parameter(value.detach().clone())
+        for key, value in module._parameters.items()
+    }
+    for name in names:
+        twin._parameters[name] = nn.Parameter(getattr(module, name).detach().clone())
+    _reset_parameters(twin)
+    with torch.no_grad():
+        for name in names:
+            try:
+                setattr(module, name, getattr(twin, name).detach())  # a tensor: the setter
+            except NotImplementedError as error:  # a parametrisation without right_inverse
+                raise ValueError(
+                    f"`layers`: the parametrised `{name}` of a {type(module).__name__} cannot "
+                    "be re-initialised (its parametrisation has no right_inverse); name "
+                    "other layers."
+                ) from error
+        for name, parameter in module.named_parameters(recurse=False):
+            parameter.copy_(getattr(twin, name))
 
 
 def _reset_parameters(module: nn.Module) -> None:
@@ -345,6 +388,9 @@ def _reset_parameters(module: nn.Module) -> None:
     ``a = sqrt(5)``, a bias uniform in +-1/sqrt(fan_in) of that weight; 1-D weights (norms)
     ones, other biases zeros. The parameters are changed in place, so the compiled code
     runs with the new values."""
+    if parametrize.is_parametrized(module):
+        _reset_parametrized(module)
+        return
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
         reset()
