@@ -418,6 +418,23 @@ def test_mc_dropout_reproducible_and_only_dropout_in_train_mode():
     torch.testing.assert_close(a, (mean * mean.log()).sum(1), rtol=1e-12, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:FutureWarning")
+def test_mc_dropout_on_torchscript_models():
+    """A scripted model keeps its dropout layer (as a compiled submodule with
+    ``original_name`` "Dropout"), but was refused as having "no dropout module". It now
+    gives the eager model's numbers; a traced one, whose dropout was fixed at tracing, is
+    refused by name."""
+    model, x = convnet(4), images(5)
+    scripted = torch.jit.script(model)
+    expected = mc_dropout(model, x, n_passes=6, generator=3)
+    torch.testing.assert_close(mc_dropout(scripted, x, n_passes=6, generator=3), expected)
+    assert not scripted.training and not scripted.drop.training
+    traced = torch.jit.trace(model, x)
+    with pytest.raises(ValueError, match="traced TorchScript"):
+        mc_dropout(traced, x, n_passes=2, generator=0)
+
+
 def test_mc_dropout_without_dropping_is_negative_entropy():
     model, x = convnet(4), images(3)
     model.drop.p = 0.0

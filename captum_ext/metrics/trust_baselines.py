@@ -327,6 +327,29 @@ def _seed_from(generator: Any) -> int | None:
     return int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
 
 
+_DROPOUT_CLASS_NAMES = frozenset(
+    cls.__name__
+    for cls in (
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.FeatureAlphaDropout,
+    )
+)
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    """A dropout layer, also compiled by ``torch.jit.script`` (which keeps only its class
+    name, as ``original_name``)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    return isinstance(module, torch.jit.ScriptModule) and (
+        getattr(module, "original_name", None) in _DROPOUT_CLASS_NAMES
+    )
+
+
 @log_usage()
 def mc_dropout(
     forward_func: Callable,
@@ -345,8 +368,10 @@ def mc_dropout(
         p_bar = (1/T) sum_t softmax(z_t),   z_t = logits with dropout masks t
         score = sum_c p_bar_c log p_bar_c
 
-    Only the dropout modules (subclasses of ``nn.modules.dropout._DropoutNd``) are switched
-    to train mode; batch norm and everything else keep their mode, and all flags are restored.
+    Only the dropout modules (subclasses of ``nn.modules.dropout._DropoutNd``, or their
+    ``torch.jit.script`` compilations; a traced model, whose dropout tracing fixed, is
+    refused) are switched to train mode; batch norm and everything else keep their mode,
+    and all flags are restored.
     Reproducibility: with a ``generator`` (or an int seed), a seed ``s`` is drawn as
     ``torch.randint(0, 2**62, (), generator=generator)`` and the passes run inside
     ``torch.random.fork_rng`` with torch's RNG (CPU and the inputs' CUDA device) seeded with
@@ -381,7 +406,13 @@ def mc_dropout(
             "mc_dropout needs forward_func to be an nn.Module (or a bound method of one) to "
             "find its dropout modules."
         )
-    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    dropouts = [m for m in model.modules() if _is_dropout(m)]
+    if dropouts and isinstance(model, torch.jit.TracedModule):
+        raise ValueError(
+            "`forward_func` is a traced TorchScript model: tracing fixed its dropout as it was "
+            "when traced, so MC-dropout cannot switch it on; pass the eager model or a "
+            "torch.jit.script one."
+        )
     if not dropouts:
         raise ValueError(
             f"{type(model).__name__} has no dropout module, so MC-dropout would equal "
