@@ -192,3 +192,31 @@ def test_other_arguments_made_in_inference_mode(name, bundled_model, sample_digi
     with torch.inference_mode():  # the call inside the block as well
         inside = ARGUMENT_CALLS[name](bundled_model, x, made_there)
     torch.testing.assert_close(inside, expected)
+
+
+def test_a_model_loaded_inside_inference_mode(bundled_model, sample_digits):
+    """A model loaded in a serving block has inference-tensor parameters. The mask
+    explainer loaded there raised "Setting requires_grad=True on inference tensor outside
+    InferenceMode" while restoring its classifier, and left 8 of its 34 parameters frozen;
+    gradient methods failed with torch's "Inference tensors cannot be saved for backward",
+    which does not say that the parameters are the cause."""
+    from captum_ext.bundled import load_bundled_mask_explainer, load_bundled_model
+
+    x, y = sample_digits[0][:4], sample_digits[1][:4]
+    expected = load_bundled_mask_explainer().attribute(x, target=y, progress=False)
+    with torch.inference_mode():
+        explainer = load_bundled_mask_explainer()
+        model = load_bundled_model()
+    held = [
+        p
+        for module in vars(explainer).values()
+        if isinstance(module, torch.nn.Module)
+        for p in module.parameters()
+    ]
+    assert held and all(p.is_inference() and p.requires_grad for p in held)
+    torch.testing.assert_close(explainer.attribute(x, target=y, progress=False), expected)
+    assert all(p.requires_grad for p in held)
+    with pytest.raises(ValueError, match="parameters are inference tensors"):
+        GradCAM(model, LAYER).attribute(x, target=y)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()

@@ -60,12 +60,25 @@ def _preserved(submodules: list[nn.Module]) -> Iterator[None]:
     try:
         with compiled_code_runs_eagerly():
             yield
+    except RuntimeError as error:
+        if "Inference tensors cannot be saved for backward" in str(error) and any(
+            param.is_inference() for param in params.values()
+        ):
+            raise ValueError(
+                "The model's parameters are inference tensors (the model was loaded or built "
+                "inside torch.inference_mode()), and autograd cannot differentiate through "
+                "them: load or build the model outside inference mode, or replace its "
+                "parameters by clones made outside it."
+            ) from error
+        raise
     finally:
         for module, was_training in training:
             module.training = was_training  # per module: .train() would recurse
         for param, requires_grad, grad in flags:
             if param.requires_grad != requires_grad:
-                param.requires_grad_(requires_grad)
+                # an inference tensor's flag can be set back to True only in inference mode
+                with torch.inference_mode(param.is_inference()):
+                    param.requires_grad_(requires_grad)
             if param.grad is not grad:
                 param.grad = grad
         with torch.no_grad():
