@@ -241,11 +241,35 @@ class LayerTap(nn.Module):
         return f"layer_name={self.layer_name!r}"
 
 
+#: What ``torch.export`` leaves in place of a layer: a call of a dispatcher operator
+#: (``aten.conv2d.default``: an ``OpOverload``, or a higher-order operator such as ``cond``).
+_OPERATOR_TYPES: tuple[type, ...] = tuple(
+    kind
+    for kind in (
+        getattr(torch._ops, "OperatorBase", None),
+        getattr(torch._ops, "OpOverload", None),
+    )
+    if isinstance(kind, type)
+)
+
+
 def is_exported(model: Any) -> bool:
-    """Whether ``model`` is the module of a ``torch.export`` program (an fx ``GraphModule``
-    whose nodes carry the module paths they came from)."""
-    return isinstance(model, torch.fx.GraphModule) and any(
-        node.meta.get("nn_module_stack") for node in model.graph.nodes
+    """Whether ``model`` is the module of a ``torch.export`` program: an fx ``GraphModule``
+    in which the layers ran as dispatcher operators (``call_function`` nodes of ``aten`` ops
+    that carry the module paths they came from, ``nn_module_stack``), not as modules.
+
+    A ``torch.fx.symbolic_trace`` GraphModule is not one: its layers are submodules the graph
+    calls (``call_module`` nodes), which take hooks as in the eager model, and its functions
+    are the Python ones of the model's code (``torch.flatten``, ``operator.add``), although
+    it records ``nn_module_stack`` too (recent torch).
+    """
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    return any(
+        node.op == "call_function"
+        and isinstance(node.target, _OPERATOR_TYPES)
+        and node.meta.get("nn_module_stack")
+        for node in model.graph.nodes
     )
 
 

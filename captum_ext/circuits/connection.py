@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from captum_ext._utils.layers import find_last_linear, is_exported
 
@@ -143,29 +144,51 @@ class Connection:
 
 
 def _is_leaf(module: nn.Module) -> bool:
-    return next(module.children(), None) is None
+    """A module without submodules, or one whose only submodule is the ``parametrizations``
+    dict that ``torch.nn.utils.parametrize`` adds (``weight_norm``, ``spectral_norm``, ...):
+    the parametrizations compute its weights, the module still runs as one layer."""
+    children = [name for name, _ in module.named_children()]
+    return not children or (
+        children == ["parametrizations"] and parametrize.is_parametrized(module)
+    )
 
 
 def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
-def _units(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+def _called_modules(model: nn.Module) -> set[str] | None:
+    """The submodules a ``torch.fx`` GraphModule's graph calls (its ``call_module``
+    targets); None for any other model, whose modules run their own ``forward``."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    return {str(node.target) for node in model.graph.nodes if node.op == "call_module"}
+
+
+def _units(
+    module: nn.Module, prefix: str = "", called: set[str] | None = None
+) -> list[tuple[str, nn.Module]]:
     """The model cut into the units stages are made of, in registration order.
 
     Leaves are units; an ``nn.Sequential`` / ``nn.ModuleList`` holding at least one leaf is
     opened (a plain stack); a container holding only blocks (``layer1`` of a ResNet) is one
-    unit, and so is any other module with its own ``forward`` (a residual block).
+    unit, and so is any other module with its own ``forward`` (a residual block). In a
+    ``torch.fx`` GraphModule (``symbolic_trace``) only the modules its graph calls run
+    (``called``): a container it never calls (``features``, a bare ``nn.Module`` holding
+    the layers there) is opened, as no hook on it would fire.
     """
+    if called is None and not prefix:
+        called = _called_modules(module)
     units: list[tuple[str, nn.Module]] = []
     for name, child in module.named_children():
         full = f"{prefix}{name}"
         if _is_leaf(child):
             units.append((full, child))
-        elif isinstance(child, (nn.Sequential, nn.ModuleList)) and any(
-            _is_leaf(c) for c in child.children()
+        elif (called is not None and full not in called) or (
+            isinstance(child, (nn.Sequential, nn.ModuleList))
+            and any(_is_leaf(c) for c in child.children())
         ):
-            units.extend(_units(child, full + "."))
+            units.extend(_units(child, full + ".", called))
         else:
             units.append((full, child))
     return units
