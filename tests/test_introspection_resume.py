@@ -102,9 +102,11 @@ class _HeadWithState(nn.Module):
         return self.last(self.frozen(self.norm(self.first(features)).relu()).relu())
 
 
-def test_an_interrupted_fit_leaves_a_given_head_as_it_was(tmp_path):
+@pytest.mark.parametrize("with_checkpoints", [True, False])
+def test_an_interrupted_fit_leaves_a_given_head_as_it_was(tmp_path, with_checkpoints):
     """Only the parameter values came back: the user's eval-mode head was left in train mode
-    with its .grad filled (the docstring promises the head "as it was before the call")."""
+    with its .grad filled (the docstring promises the head "as it was before the call").
+    Without a checkpoint folder nothing was put back at all."""
     model, points, labels = _toy_problem()
     torch.manual_seed(0)
     head = _HeadWithState().eval()
@@ -122,10 +124,12 @@ def test_an_interrupted_fit_leaves_a_given_head_as_it_was(tmp_path):
             raise KeyboardInterrupt
 
     handle = head.last.register_forward_hook(interrupt)
+    folder = tmp_path if with_checkpoints else None
     with pytest.raises(KeyboardInterrupt):
-        _fit(model, points, labels, head, epochs=3, checkpoint_dir=tmp_path)
+        _fit(model, points, labels, head, epochs=3, checkpoint_dir=folder)
     handle.remove()
-    assert load_checkpoint(tmp_path / "introspection.pt")["epoch"] == 1
+    if with_checkpoints:
+        assert load_checkpoint(tmp_path / "introspection.pt")["epoch"] == 1
     assert {n: m.training for n, m in head.named_modules()} == {
         "": False, "first": False, "norm": True, "frozen": False, "last": False,
     }  # fmt: skip
@@ -136,6 +140,35 @@ def test_an_interrupted_fit_leaves_a_given_head_as_it_was(tmp_path):
     assert head.first.weight.grad is grad and torch.equal(grad, torch.full_like(grad, 0.5))
     assert all(p.grad is None for n, p in head.named_parameters() if n != "first.weight")
     assert all(torch.equal(v, head.state_dict()[k]) for k, v in values.items())
+
+
+def test_an_interrupted_first_fit_leaves_the_network_unfitted(monkeypatch):
+    """The default head was attached before training, so after Ctrl-C an unfitted network
+    predicted with a half-trained head (in train mode) instead of saying it is not fitted."""
+    import captum_ext.introspection.network as network_module
+
+    model, points, labels = _toy_problem()
+    built = network_module.make_head
+    calls = {"n": 0}
+
+    def interrupting_head(*args, **kwargs):
+        head = built(*args, **kwargs)
+
+        def interrupt(module, inputs, output):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+
+        head.register_forward_hook(interrupt)
+        return head
+
+    monkeypatch.setattr(network_module, "make_head", interrupting_head)
+    network = IntrospectiveNetwork(model, hidden_width=8)
+    with pytest.raises(KeyboardInterrupt):
+        network.fit(points, labels, epochs=2, progress=False, **SETTINGS)
+    assert network.head is None
+    with pytest.raises(RuntimeError, match="not fitted"):
+        network.predict(points[:4])
 
 
 def _dropout_head() -> nn.Module:

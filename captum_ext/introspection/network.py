@@ -296,11 +296,11 @@ class IntrospectiveNetwork(nn.Module):
             resume (bool): continue from the checkpoint in ``checkpoint_dir`` (which it
                 needs) if there is one, with the same ``lr``, ``weight_decay``, ``seed`` and
                 ``batch_size`` as the fit that wrote it.
-                With ``checkpoint_dir``, a call that raises or is interrupted leaves the head
-                as it was before the call (parameter and buffer values, dtype and device,
-                train/eval mode of every submodule, ``requires_grad`` and ``.grad``; so the
-                same object resumes exactly), and a folder that cannot be written is refused
-                before training.
+                A call that raises or is interrupted leaves the head as it was before the
+                call (parameter and buffer values, dtype and device, train/eval mode of every
+                submodule, ``requires_grad`` and ``.grad``; no head if the call was to build
+                it; so the same object resumes exactly from the checkpoint), and a folder
+                that cannot be written is refused before training.
             progress (bool): a progress bar over the epochs on stderr. Default: True.
             seed (int): seed of the default head's initialisation (when the call builds it),
                 of the shuffling and of the head's random layers. Default: 0.
@@ -335,10 +335,11 @@ class IntrospectiveNetwork(nn.Module):
         # caller's RNG (CPU, and the CUDA device the head trains on)
         device = self._training_device(features)
         devices = [device] if device.type == "cuda" else []
-        # with checkpoints, an interrupted call leaves the head as it was, so that resume=True
-        # continues from the file (or from the start), not from a partly trained head
+        # an interrupted call leaves the head as it was (and an unfitted network unfitted), so
+        # that resume=True continues from the file (or from the start), not from a partly
+        # trained head, and a head given in eval mode does not come back training
         with (
-            undone_on_failure(checkpoint_dir is not None, self._head_copy, self._put_head_back),
+            undone_on_failure(True, self._head_copy, self._put_head_back),
             seeded_rng(seed, devices),
         ):
             return self._train_head(
