@@ -703,7 +703,7 @@ def input_gradients(
         TypeError: ``inputs`` holds no floating-point tensor.
     """
     model = root_module(forward_func)
-    with preserved_state([model]), gradients_on():
+    with preserved_state([model], hidden_model=model is None), gradients_on():
         leaves = tuple(
             x.detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs
         )

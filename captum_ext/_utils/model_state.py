@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .hooks import restored_buffers_of_modules_run
 from .layers import compiled_code_runs_eagerly
 from .validation import outside_inference_mode_nested
 
@@ -19,7 +20,9 @@ _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
 @contextlib.contextmanager
-def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
+def preserved_state(
+    modules: Iterable[nn.Module | None], *, hidden_model: bool = False
+) -> Iterator[None]:
     """Restore training flags, ``requires_grad``, ``.grad``, buffers, grad mode and dtype.
 
     Applies to every submodule, parameter and buffer of the given modules, after the block
@@ -32,6 +35,9 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
     ``running_var`` and ``num_batches_tracked`` in place, and a method must not leave those
     changed. Their values are copied back in place (the same tensor objects), so references
     the user holds stay valid; a buffer the block replaced by another tensor is left as it is.
+    ``hidden_model=True`` (for a ``forward_func`` that is a plain function, whose model no
+    method can name) also puts back the buffers of every other module that runs in the block
+    (``restored_buffers_of_modules_run``).
 
     Calls from several threads on the same model run one after the other: each block holds
     a lock on every submodule it covers for its whole length. The methods register hooks on
@@ -45,8 +51,14 @@ def preserved_state(modules: Iterable[nn.Module | None]) -> Iterator[None]:
             continue
         for sub in module.modules():
             seen.setdefault(id(sub), sub)
-    with _locked(seen):
+    hidden = restored_buffers_of_modules_run if hidden_model else _nothing_hidden
+    with _locked(seen), hidden(exclude=list(seen.values())):
         yield from _preserved(list(seen.values()))
+
+
+@contextlib.contextmanager
+def _nothing_hidden(exclude: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
+    yield []
 
 
 def _preserved(submodules: list[nn.Module]) -> Iterator[None]:

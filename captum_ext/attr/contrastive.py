@@ -479,7 +479,7 @@ class Contrastive(GradientAttribution):
         model = root_module(self.model_forward)
         unwrap = not isinstance(inputs, tuple)
         forward = self.contrastive_forward
-        with preserved_state([model]):
+        with preserved_state([model], hidden_model=model is None):
             classes = multi = None
             max_class = None
             if contrast is not None and not isinstance(contrast, str):

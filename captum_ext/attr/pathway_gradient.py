@@ -450,7 +450,7 @@ class PathwayGradient(GradientAttribution):
             (lambda m=m, h=sites.hook(i): m.register_forward_hook(h)) for i, m in enumerate(modules)
         ]
         with (
-            preserved_state([model, *modules]),
+            preserved_state([model, *modules], hidden_model=model is None),
             registered_hooks(*registrations),
             gradients_on(),
         ):

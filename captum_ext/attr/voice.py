@@ -454,7 +454,7 @@ class VOICE:
         if self.plan.smooth:
             # the classes come from the clean inputs; the engine sees the noisy copies
             samples = self._check_samples(nt_samples, stdevs)
-            with preserved_state([model]), torch.no_grad():
+            with preserved_state([model], hidden_model=model is None), torch.no_grad():
                 clean = run_forward(
                     self.forward_func, formatted, additional_forward_args, self.output_transform
                 )

@@ -283,7 +283,7 @@ def evaluation(forward_func: Callable) -> Iterator[None]:
     scores do not depend on how the perturbed images are batched.
     """
     model = root_module(forward_func)
-    with preserved_state([model]), torch.no_grad():
+    with preserved_state([model], hidden_model=model is None), torch.no_grad():
         if model is not None:
             model.eval()
         yield

@@ -33,7 +33,7 @@ def _last_linear(forward_func: Callable, run: Callable[[], Any] | None) -> nn.Li
             "`layer` is None, so the final nn.Linear is looked up in the model, but "
             "forward_func is not an nn.Module (nor a bound method of one); pass `layer`."
         )
-    with preserved_state([model]):
+    with preserved_state([model], hidden_model=model is None):
         _, module = find_last_linear(model, run, argument="layer")
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError(
@@ -142,5 +142,5 @@ def _logits(forward_func, inputs, additional_forward_args, output_transform=None
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     model = root_module(forward_func)
-    with preserved_state([model]), torch.no_grad():
+    with preserved_state([model], hidden_model=model is None), torch.no_grad():
         return run_forward(forward_func, inputs, additional_forward_args, output_transform)

@@ -445,7 +445,7 @@ def gradtrust(
         return score.to(dtype) if log else _exp_score(score, dtype)
     head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
     model = root_module(forward_func)
-    with preserved_state([model, head]):
+    with preserved_state([model, head], hidden_model=model is None):
         logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
         num_classes = logits.shape[1]
         if form == "topk":

@@ -1216,7 +1216,7 @@ def _scores(
 def _evaluated(forward_func: Callable) -> Iterator[None]:
     """no_grad and eval mode for the model behind ``forward_func``; its state restored after."""
     model = root_module(forward_func)
-    with preserved_state([model]), torch.no_grad():
+    with preserved_state([model], hidden_model=model is None), torch.no_grad():
         if model is not None:
             model.eval()
         yield

@@ -290,7 +290,7 @@ def odin(
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     model = root_module(forward_func)
-    with preserved_state([model]):
+    with preserved_state([model], hidden_model=model is None):
 
         def objective(logits: Tensor) -> Tensor:
             return torch.log_softmax(logits / temperature, 1).amax(1).sum()
@@ -421,7 +421,7 @@ def mc_dropout(
     seed = _seed_from(generator)
     device = inputs[0].device
     cuda = [device] if device.type == "cuda" else []
-    with preserved_state([model]), torch.no_grad():
+    with preserved_state([model], hidden_model=model is None), torch.no_grad():
         for module in dropouts:
             module.training = True
         with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
@@ -501,7 +501,7 @@ def gradnorm(
     extra = format_additional_forward_args(additional_forward_args)
     head, automatic = _resolve_head(forward_func, layer, inputs, extra, output_transform)
     model = root_module(forward_func)
-    with preserved_state([model, head]):
+    with preserved_state([model, head], hidden_model=model is None):
         logits, calls = _forward_recording(forward_func, inputs, extra, head, output_transform)
         check_several_classes(
             logits,
@@ -617,7 +617,7 @@ def purview(
     group_names = _group_parameters(model, _default_groups(model) if groups is None else groups)
     named = dict(model.named_parameters())
     wanted = {f"m.{name}": named[name] for group in group_names for name in group}
-    with preserved_state([model]):
+    with preserved_state([model], hidden_model=model is None):
         logits = _logits(forward_func, inputs, extra, output_transform)
         logits = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
         cotangent = (torch.sigmoid(logits) - 1) / logits.shape[1]
