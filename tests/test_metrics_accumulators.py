@@ -199,6 +199,38 @@ def test_accumulators_refuse_what_their_functions_refuse():
         ece.update(torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0]))
 
 
+@pytest.mark.parametrize("index", range(7))
+def test_a_batch_the_function_refuses_is_refused_by_update_and_not_stored(index):
+    """NaN or infinite scores, probabilities above 1 and labels beyond the classes were
+    stored by update(); every compute() after the pass over the dataset then raised, and
+    only reset() could drop the batch."""
+    metric, arguments, function = pairs()[index]
+    bad = [a.clone() for a in arguments]
+    if isinstance(metric, ExpectedCalibrationError):
+        bad_cases = [(bad[0] * 3, bad[1]), (bad[0], bad[1] + 4)]  # above 1; labels >= C
+    else:
+        nan, inf = bad[0].clone(), bad[0].clone()
+        nan[4], inf[2] = float("nan"), float("inf")
+        bad_cases = [(nan, *bad[1:]), (inf, *bad[1:])]
+    plain = {
+        AUAC: auac,
+        MispredictionAUROC: misprediction_auroc,
+        AUFC: aufc,
+        AUROC: auroc,
+        AUPR: aupr,
+        FPRAtTPR: fpr_at_tpr,
+        ExpectedCalibrationError: expected_calibration_error,
+    }[type(metric)]
+    for case in bad_cases:
+        with pytest.raises(ValueError):  # the function refuses it too
+            plain(*case)
+        with pytest.raises(ValueError):
+            metric.update(*case)
+        assert metric.n_seen == 0
+    metric.update(*arguments)  # the accumulator is still usable
+    assert metric.compute() == pytest.approx(function())
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_boolean_scores_are_refused_as_the_functions_refuse_them(index):
     """The curve functions refuse boolean scores; their accumulators stored them as 0 and 1

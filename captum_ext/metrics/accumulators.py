@@ -33,13 +33,13 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.precision import array_like_tensor
-from captum_ext.metrics.calibration import expected_calibration_error
+from captum_ext.metrics.calibration import _confidence_and_correct, expected_calibration_error
 from captum_ext.metrics.curves import (
     auac,
     aufc,
     aupr,
     auroc,
-    checked_scores,
+    finite_scores,
     fpr_at_tpr,
     misprediction_auroc,
 )
@@ -90,8 +90,10 @@ def _as_stored(
         raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
     if kind == "indices" and tensor.dtype == torch.bool:
         raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
-    if kind == "scores":
-        tensor = checked_scores(tensor, argument)
+    if kind == "scores" and tensor.numel():
+        # the function's own check, now: a NaN stored here would make every compute() fail
+        # after the pass over the dataset, with no way to drop the batch but reset()
+        finite_scores(tensor, argument)
     if kind == "correct" and tensor.dtype != torch.bool:
         if tensor.is_complex() or not bool(((tensor == 0) | (tensor == 1)).all()):
             raise ValueError(
@@ -468,6 +470,7 @@ class ExpectedCalibrationError(_Accumulator):
         _check_same_length(probabilities_or_confidences=values, labels=y)
         if values.shape[0] == 0:  # an empty batch fixes no number of classes
             return
+        _confidence_and_correct(values, y)  # the function's range and label checks, now
         earlier = self._values["values"]
         if earlier and earlier[0].shape[1:] != values.shape[1:]:
             raise ValueError(

@@ -89,6 +89,12 @@ def checked_scores(tensor: Tensor, argument: str) -> Tensor:
     return tensor
 
 
+def finite_scores(scores: Any, argument: str = "scores") -> Tensor:
+    """``scores`` as a float64 vector, refused unless real, exactly rankable and finite (the
+    check every score metric makes)."""
+    return _scores(scores, argument)
+
+
 def _scores(scores: Any, argument: str = "scores") -> Tensor:
     tensor = checked_scores(_vector(scores, argument), argument).to(torch.float64)
     finite = torch.isfinite(tensor)
