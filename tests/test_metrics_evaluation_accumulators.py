@@ -159,3 +159,102 @@ def test_per_batch_arguments_are_refused_by_the_constructor(cls, option):
     oracle = dominant_colour_oracle(2, size=6)
     with pytest.raises(TypeError, match=f"`{option}` goes with each batch, to update"):
         cls(oracle.model, **{option: 1})
+
+
+def test_accuracy_soundness_takes_its_decisions_over_the_whole_dataset():
+    """Soundness(score="accuracy") decided "no gain" from each batch's accuracy, so the same
+    16 digits scored 1.000 in one batch and 0.899 in batches of one; the paper (and the
+    function on all the data) decide from the dataset's accuracy. A hand-written loop over
+    the function's own per-step scores and masses gives the expected values."""
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import load_sample_digits
+
+    model = load_bundled_model().eval()
+    x, labels = load_sample_digits()
+    x, labels = x[:10], labels[:10]
+    maps = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    ratios = [0.9, 0.7, 0.5, 0.3, 0.1]
+    options = {"removed_fractions": ratios, "noise": 0.0, "score": "accuracy"}
+    whole = soundness(model, x, maps, target=labels, **options)
+    # the rule by hand: masses from the maps, decisions from the mean correctness
+    flat = maps.flatten(1).double()
+    flat = (flat - flat.min(1, keepdim=True).values) / (
+        flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values
+    )
+    ranked = flat.sort(dim=1, descending=True).values  # no ties in uniform noise
+    kept = [ranked[:, : 784 - int(784 * r)].sum(1) for r in ratios]
+    expected = torch.empty(10, len(ratios), dtype=torch.float64)
+    false_mass, previous, previous_kept = torch.zeros(10, dtype=torch.float64), 0.0, 0.0
+    for j, mass in enumerate(kept):
+        expected[:, j] = (mass - false_mass) / (mass + 1e-6)
+        accuracy = float(whole.score[:, j].mean())
+        if accuracy - previous <= 0.01 and accuracy > 0.04:
+            false_mass = false_mass + (mass - previous_kept)
+        previous, previous_kept = accuracy, mass
+    torch.testing.assert_close(whole.soundness, expected, atol=1e-9, rtol=0)
+    for batches in ((10,), (1,) * 10, (3, 7), (6, 1, 3)):
+        metric = Soundness(model, **options)
+        start = 0
+        for size in batches:
+            metric.update(
+                x[start : start + size],
+                maps[start : start + size],
+                target=labels[start : start + size],
+            )
+            start += size
+        torch.testing.assert_close(metric.per_example(), expected.mean(1), atol=1e-9, rtol=0)
+    # the premise: batches of one decide otherwise than the dataset
+    one = torch.stack(
+        [
+            soundness(
+                model, x[i : i + 1], maps[i : i + 1], target=labels[i : i + 1], **options
+            ).soundness[0]
+            for i in range(10)
+        ]
+    )
+    assert float((one.mean(1) - expected.mean(1)).abs().max()) > 1e-3
+
+
+def test_nan_outputs_give_nan_not_a_score():
+    """NaN logits were "correct" whenever the target was class 0 (argmax of a NaN row is 0),
+    and their soundness counted no false mass (a NaN gain is never "no gain"), so the
+    example scored about 1.0 and Soundness.compute() stayed finite."""
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+
+    def model(x):
+        out = inner(x)
+        return torch.where(x.flatten(1).mean(1, keepdim=True) > 10, float("nan"), out)
+
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    x[2] += 20.0  # example 2's outputs are NaN, imputed (from its bright pixels) or not
+    maps = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    target = torch.zeros(4, dtype=torch.long)
+    with pytest.warns(RuntimeWarning):
+        curves = road(model, x, maps, target=target, percentages=[0.3, 0.6], noise=0.0)
+    assert curves.correct[2].isnan().all() and not curves.correct[[0, 1, 3]].isnan().any()
+    for score in ("probability", "accuracy"):
+        with pytest.warns(RuntimeWarning):
+            result = soundness(
+                model,
+                x,
+                maps,
+                target=target,
+                score=score,
+                removed_fractions=[0.8, 0.5, 0.2],
+                noise=0.0,
+            )
+        assert result.soundness[2].isnan().all() and result.false_mass[2].isnan()
+        assert not result.soundness[[0, 1, 3]].isnan().any()
+        metric = Soundness(model, score=score, removed_fractions=[0.8, 0.5, 0.2], noise=0.0)
+        with pytest.warns(RuntimeWarning):
+            metric.update(x, maps, target=target)
+        assert torch.isnan(torch.tensor(metric.compute()))
+
+
+def test_options_given_as_one_shot_iterables_serve_every_batch(oracle_maps):
+    oracle, maps = oracle_maps
+    metric = ROAD(_Scaled(oracle.model).eval(), percentages=(p for p in (0.2, 0.6)), noise=0.0)
+    for start, stop in ((0, 4), (4, 7)):
+        metric.update(oracle.inputs[start:stop], maps[start:stop], target=oracle.target[start:stop])
+    assert metric.n_seen == 7

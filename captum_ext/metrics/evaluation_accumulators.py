@@ -17,14 +17,15 @@ class                       per-example value
 :class:`Soundness`          mean over steps of :func:`~captum_ext.metrics.soundness`
 ==========================  ==============================================================
 
-``Soundness(score="accuracy")`` takes its "no gain" decisions per batch given to ``update``
-(the paper takes them over the whole dataset); use ``score="probability"`` (the default) for
-per-example decisions that do not depend on the batching.
+``Soundness`` keeps each example's masses and scores per step and applies the soundness rule
+in ``compute()``, so that ``Soundness(score="accuracy")`` takes its "no gain" decisions from
+the accuracy over the whole dataset, as the paper does, whatever the batching.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +33,14 @@ from torch import Tensor
 
 from captum_ext.metrics.accumulators import _Accumulator, check_option_names
 from captum_ext.metrics.ground_truth import attribution_f1, energy_pointing_game, pointing_game
-from captum_ext.metrics.remove_and_debias import completeness, road, soundness
+from captum_ext.metrics.remove_and_debias import (
+    _accumulated_soundness,
+    _soundness_parts,
+    _soundness_rule,
+    completeness,
+    road,
+    soundness,
+)
 
 __all__ = [
     "ROAD",
@@ -127,7 +135,11 @@ class _ModelMetric(_PerExampleMean):
             raise TypeError(f"`forward_func` must be callable, got {type(forward_func).__name__}.")
         check_option_names(type(self)._function, options, type(self).__name__)
         self.forward_func = forward_func
-        self.options = options
+        # a one-shot iterable (a generator of percentages) would be used up by the first batch
+        self.options = {
+            name: tuple(value) if isinstance(value, Iterator) else value
+            for name, value in options.items()
+        }
         super().__init__()
 
     def update(
@@ -166,9 +178,81 @@ class Completeness(_ModelMetric):
     _curve = "drop"
 
 
+_RULE = ("score", "threshold", "score_floor")
+
+
 class Soundness(_ModelMetric):
     """Mean of :func:`~captum_ext.metrics.soundness`'s curve over its steps (higher is
-    better)."""
+    better), ``**options`` as there.
+
+    ``update`` imputes and scores a batch and keeps, per example and step, the attribution
+    mass kept and re-added and the score; ``compute()`` and ``per_example()`` apply the
+    soundness rule to everything accumulated. So the values equal the function's on all the
+    examples at once, also with ``score="accuracy"``, whose "no gain" decisions come from the
+    accuracy over the whole dataset (the paper's), not over one batch.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_ext.metrics import Soundness
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> metric = Soundness(model, removed_fractions=(0.75, 0.5, 0.25), noise=0.0)
+        >>> images, maps = torch.rand(4, 1, 4, 4), torch.rand(4, 1, 4, 4)
+        >>> _ = metric.update(images[:3], maps[:3], target=0)
+        >>> _ = metric.update(images[3:], maps[3:], target=0)
+        >>> 0.0 <= metric.compute() <= 1.0
+        True
+    """
 
     _function = staticmethod(soundness)
     _curve = "soundness"
+    _states = ("remaining", "added", "measured")
+
+    def __init__(self, forward_func: Callable, **options: Any) -> None:
+        super().__init__(forward_func, **options)
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(soundness).parameters.items()
+            if parameter.kind is parameter.KEYWORD_ONLY
+        }
+        chosen = {**defaults, **self.options}
+        self._rule = _soundness_rule(*(chosen[name] for name in _RULE))  # refused now
+        self._parts_options = {
+            name: value
+            for name, value in chosen.items()
+            if name not in (*_RULE, "target", "additional_forward_args")
+        }
+
+    def update(
+        self,
+        inputs: Tensor,
+        attributions: Any,
+        *,
+        target: Any = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """Score a batch and keep its masses and scores; returns the batch's own (N,)
+        values (with ``score="accuracy"``, decided on this batch's accuracy alone)."""
+        parts = _soundness_parts(
+            self.forward_func,
+            inputs,
+            attributions,
+            target=target,
+            additional_forward_args=additional_forward_args,
+            **self._parts_options,
+        )
+        measured = parts.probability if self._rule[0] == "probability" else parts.correct
+        self._append(remaining=parts.remaining, added=parts.added, measured=measured)
+        curves, _ = _accumulated_soundness(parts.remaining, parts.added, measured, *self._rule)
+        return curves.mean(dim=1)
+
+    def per_example(self) -> Tensor:
+        """(N,) soundness of every example accumulated (all processes), in order, with the
+        rule applied to all of them at once."""
+        steps = len(self._parts_options["removed_fractions"])
+        empty = torch.zeros(0, steps, dtype=torch.float64)
+        remaining, added, measured = (self._concatenated(name, empty) for name in self._states)
+        if remaining.shape[0] == 0:
+            return _EMPTY
+        curves, _ = _accumulated_soundness(remaining, added, measured, *self._rule)
+        return curves.mean(dim=1)

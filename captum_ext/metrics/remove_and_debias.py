@@ -84,7 +84,8 @@ class RoadCurves(NamedTuple):
     probability: Tensor
     """``(N, P)`` probability of the target after each removal."""
     correct: Tensor
-    """``(N, P)`` 1 where the model still predicts the target."""
+    """``(N, P)`` 1 where the model still predicts the target (NaN where its logits are
+    NaN)."""
 
 
 class CompletenessCurves(NamedTuple):
@@ -1188,7 +1189,10 @@ def _score_rows(
         logits = logits.float()
     row_targets = targets.to(logits.device)[examples.to(logits.device)]
     probability = logits.softmax(dim=1).gather(1, row_targets[:, None])[:, 0]
-    return probability, (logits.argmax(dim=1) == row_targets).to(logits.dtype)
+    correct = (logits.argmax(dim=1) == row_targets).to(logits.dtype)
+    # argmax of a NaN row is 0: without this, NaN logits were "correct" for class 0
+    undefined = logits.isnan().any(dim=1)
+    return probability, correct.masked_fill(undefined, float("nan"))
 
 
 def _scores(
@@ -1435,19 +1439,74 @@ def soundness(
 
     Returns:
         SoundnessCurves: ``removed_fractions``, ``soundness`` and ``score`` ``(N, R)``,
-        ``false_mass`` ``(N,)``.
+        ``false_mass`` ``(N,)``. An example whose model output is NaN at some step gets NaN
+        soundness and false mass (its decisions are undefined); the accuracy of
+        ``score="accuracy"`` leaves such examples out. For a dataset in batches,
+        :class:`~captum_ext.metrics.Soundness` applies the rule to all of them at once.
 
     Reference: X. Li, Y. Zhang, ..., A. Khakzar, "Sound and complete: a dual perspective on
     attribution evaluation" (TMLR 2024); the reference implementation is ``soco``.
     """
-    inputs = image_batch(inputs)
-    _check_imputer(imputer)
+    score, threshold, score_floor = _soundness_rule(score, threshold, score_floor)
+    parts = _soundness_parts(
+        forward_func,
+        inputs,
+        attributions,
+        target=target,
+        additional_forward_args=additional_forward_args,
+        removed_fractions=removed_fractions,
+        imputer=imputer,
+        noise=noise,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    measured = parts.probability if score == "probability" else parts.correct
+    curves, false_mass = _accumulated_soundness(
+        parts.remaining, parts.added, measured, score, threshold, score_floor
+    )
+    return SoundnessCurves(parts.removed_fractions, curves, measured, false_mass)
+
+
+def _soundness_rule(score: Any, threshold: Any, score_floor: Any) -> tuple[str, float, Any]:
+    """``score``, ``threshold`` and ``score_floor`` of :func:`soundness`, checked."""
     if score not in ("probability", "accuracy"):
         raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
+    threshold = check_number(threshold, "threshold", minimum=None)
+    if score_floor is not None:
+        score_floor = check_number(score_floor, "score_floor", minimum=None)
+    return score, threshold, score_floor
+
+
+class _SoundnessParts(NamedTuple):
+    """What the soundness rule needs per example: the masses kept and re-added at each step,
+    and the two scores measured there (all ``(N, R)`` float64 on the CPU)."""
+
+    removed_fractions: Tensor
+    remaining: Tensor
+    added: Tensor
+    probability: Tensor
+    correct: Tensor
+
+
+def _soundness_parts(
+    forward_func: Callable,
+    inputs: Tensor,
+    attributions: Any,
+    *,
+    target: Any,
+    additional_forward_args: Any,
+    removed_fractions: Sequence[float],
+    imputer: Any,
+    noise: float,
+    seed: int,
+    batch_size: int,
+) -> _SoundnessParts:
+    """Impute and score every (example, step) of :func:`soundness`; the masses per step."""
+    inputs = image_batch(inputs)
+    _check_imputer(imputer)
     ratios = _fractions(removed_fractions, "removed_fractions", maximum=1.0, allow_maximum=False)
     if any(b > a for a, b in zip(ratios, ratios[1:])) or not ratios:
         raise ValueError("`removed_fractions` must be a non-empty decreasing sequence.")
-    threshold = check_number(threshold, "threshold", minimum=None)
     batch_size = check_int(batch_size, "batch_size")
     seed = check_int(seed, "seed", minimum=0)
     extra = format_additional_forward_args(additional_forward_args)
@@ -1489,22 +1548,44 @@ def soundness(
     sorted_maps = maps.gather(1, positions.cpu().argsort(dim=1))  # increasing, tie-broken
     suffix = sorted_maps.flip(1).cumsum(1).flip(1)  # suffix[k] = mass of positions >= k
     total = torch.cat([suffix, torch.zeros(n, 1, dtype=suffix.dtype)], dim=1)
+    remaining = total[:, counts]
+    before = total[:, [pixels, *counts[:-1]]]
+    return _SoundnessParts(
+        torch.tensor(ratios, dtype=torch.float64),
+        remaining,
+        remaining - before,
+        probability,
+        correct,
+    )
+
+
+def _accumulated_soundness(
+    remaining: Tensor,
+    added: Tensor,
+    measured: Tensor,
+    score: str,
+    threshold: float,
+    score_floor: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Soundness curves ``(N, R)`` and false mass ``(N,)`` from the per-step masses and
+    scores. With ``score="accuracy"`` one decision per step from the accuracy over all the
+    examples given (those whose model output was NaN left out). An example whose score is
+    NaN at any step gets NaN (its decisions are undefined)."""
+    n, steps = measured.shape
     false_mass = torch.zeros(n, dtype=torch.float64)
     curves = torch.empty(n, steps, dtype=torch.float64)
     previous = torch.zeros(n, dtype=torch.float64)
-    previous_count = pixels
-    measured = probability if score == "probability" else correct
-    for j, count in enumerate(counts):
-        remaining = total[:, count]
-        added = total[:, count] - total[:, previous_count]
-        curves[:, j] = (remaining - false_mass) / (remaining + 1e-6)
+    for j in range(steps):
+        curves[:, j] = (remaining[:, j] - false_mass) / (remaining[:, j] + 1e-6)
         current = measured[:, j]
         if score == "accuracy":
-            current = current.mean().expand(n)
-        # the floor: each example's own probability, or the batch's accuracy
+            current = current.nanmean().expand(n)
+        # the floor: each example's own probability, or the accuracy
         counted = (current - previous) <= threshold
         if score_floor is not None:
             counted &= current > score_floor
-        false_mass = false_mass + torch.where(counted, added, 0.0)
-        previous, previous_count = current, count
-    return SoundnessCurves(torch.tensor(ratios, dtype=torch.float64), curves, measured, false_mass)
+        false_mass = false_mass + torch.where(counted, added[:, j], 0.0)
+        previous = current
+    undefined = measured.isnan().any(dim=1)
+    curves[undefined] = float("nan")
+    return curves, false_mass.masked_fill(undefined, float("nan"))
