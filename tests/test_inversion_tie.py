@@ -839,6 +839,15 @@ def test_resume_refuses_another_config_by_its_field_names(tmp_path, monkeypatch)
             TIE(tiny_model(), **options).fit(
                 x, y, epochs=3, progress=False, checkpoint=path, resume=True
             )
+    # a checkpoint written before `garbage_transforms` existed ran with its default (0):
+    # another value is refused as for a current checkpoint
+    state = load_checkpoint(path)
+    del state["config"]["garbage_transforms"]
+    save_checkpoint(state, tmp_path / "older_field.pt")
+    with pytest.raises(ValueError, match=re.escape("garbage_transforms=0.5 (the checkpoint's: 0")):
+        TIE(tiny_model(), **{**SMALL, "seed": 3, "garbage_transforms": 0.5}).fit(
+            x, y, epochs=3, progress=False, checkpoint=tmp_path / "older_field.pt", resume=True
+        )
     # a checkpoint written before the config was recorded: the inner inversion's own
     # check names TIE's setting, not NetworkInversion's `steps`
     state = load_checkpoint(path)

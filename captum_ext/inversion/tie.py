@@ -1143,9 +1143,11 @@ class TIE:
             )
         if "config" in state:  # (checkpoints before it was recorded: the inversion's checks)
             own = _recorded_config(self._config)
+            # a setting added since the checkpoint was written: the fit ran with its default
+            saved_config = {**_recorded_config(TIEConfig()), **state["config"]}
             differ = [
                 f"{name}={own[name]!r} (the checkpoint's: {saved!r})"
-                for name, saved in state["config"].items()
+                for name, saved in saved_config.items()
                 if name in own and own[name] != saved
             ]
             if differ:
