@@ -144,6 +144,34 @@ def test_weight_normalised_layers_are_randomised_as_their_plain_twins(digits):
     torch.testing.assert_close(normalised(x), plain(x))  # the user's model as it was
 
 
+def test_other_parametrisations_are_renormalised_or_refused_by_name():
+    """spectral_norm's power-iteration vectors stayed those of the old weight, so the
+    re-initialised layer was not spectrally normalised (sigma 6 to 51 instead of 1); a
+    parametrisation without right_inverse failed with torch's RuntimeError."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from captum_ext.metrics.sanity import _reset_parameters
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = spectral_norm(torch.nn.Linear(12, 7)).eval()
+        _reset_parameters(layer)
+        with torch.no_grad():
+            sigma = torch.linalg.matrix_norm(layer.weight, ord=2)
+        assert float(sigma) == pytest.approx(1.0, abs=0.05)
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    layer = torch.nn.Linear(4, 3)
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    model = torch.nn.Sequential(torch.nn.Flatten(), layer)
+    with pytest.raises(ValueError, match="`weight` of a ParametrizedLinear.*no right_inverse"):
+        model_randomisation(lambda m: Saliency(m), model, torch.rand(2, 1, 2, 2), target=0)
+
+
 def test_class_sensitivity_explains_both_classes_in_one_call(digits):
     model, images = digits
     calls = []

@@ -351,6 +351,15 @@ def _reset_parametrized(module: nn.Module) -> None:
     they were. A plain twin is re-initialised instead and its values assigned through the
     parametrisation (its ``right_inverse``)."""
     names = list(module.parametrizations)
+    for name in names:
+        for parametrization in module.parametrizations[name]:
+            inverse = getattr(type(parametrization), "right_inverse", None)
+            if inverse is None or inverse is nn.Module.__dict__.get("right_inverse"):
+                _refuse_parametrization(module, name, "has no right_inverse")
+            if list(parametrization.buffers()) and not _is_spectral_norm(parametrization):
+                # state computed from the old weight (as spectral_norm's u and v) would be
+                # stale, and only the parametrisation knows how to refresh it
+                _refuse_parametrization(module, name, "keeps state of its own (buffers)")
     # a plain instance of the layer's own class (the parametrised class derives from it)
     # sharing nothing that the re-initialisation writes: ``remove_parametrizations`` on a
     # deep copy would delete the properties of the class the copy shares with ``module``
@@ -369,16 +378,31 @@ def _reset_parametrized(module: nn.Module) -> None:
     _reset_parameters(twin)
     with torch.no_grad():
         for name in names:
-            try:
-                setattr(module, name, getattr(twin, name).detach())  # a tensor: the setter
-            except NotImplementedError as error:  # a parametrisation without right_inverse
-                raise ValueError(
-                    f"`layers`: the parametrised `{name}` of a {type(module).__name__} cannot "
-                    "be re-initialised (its parametrisation has no right_inverse); name "
-                    "other layers."
-                ) from error
+            setattr(module, name, getattr(twin, name).detach())  # a tensor: the setter
+            for parametrization in module.parametrizations[name]:
+                if _is_spectral_norm(parametrization):  # u, v of the new weight, as at creation
+                    original = module.parametrizations[name].original
+                    parametrization._power_method(
+                        parametrization._reshape_weight_to_matrix(original), 15
+                    )
         for name, parameter in module.named_parameters(recurse=False):
             parameter.copy_(getattr(twin, name))
+
+
+def _is_spectral_norm(parametrization: nn.Module) -> bool:
+    """torch's ``spectral_norm`` parametrisation (its power-iteration vectors ``_u``, ``_v``
+    belong to the weight)."""
+    return all(
+        hasattr(parametrization, name)
+        for name in ("_u", "_v", "_power_method", "_reshape_weight_to_matrix")
+    )
+
+
+def _refuse_parametrization(module: nn.Module, name: str, why: str) -> None:
+    raise ValueError(
+        f"`layers`: the parametrised `{name}` of a {type(module).__name__} cannot be "
+        f"re-initialised (its parametrisation {why}); name other layers in `layers`."
+    )
 
 
 def _reset_parameters(module: nn.Module) -> None:
