@@ -434,6 +434,19 @@ def test_mc_dropout_on_torchscript_models():
     with pytest.raises(ValueError, match="traced TorchScript"):
         mc_dropout(traced, x, n_passes=2, generator=0)
 
+    class OwnDropout(torch.nn.Dropout):  # a user's subclass keeps only its own class name
+        pass
+
+    own = copy.deepcopy(model)
+    own.drop = OwnDropout(model.drop.p)
+    expected = mc_dropout(own, x, n_passes=6, generator=3)
+    torch.testing.assert_close(
+        mc_dropout(torch.jit.script(own), x, n_passes=6, generator=3), expected
+    )
+    wrapper = torch.nn.Sequential(torch.jit.trace(model, x))  # traced inside an eager model
+    with pytest.raises(ValueError, match="traced TorchScript"):
+        mc_dropout(wrapper, x, n_passes=2, generator=0)
+
 
 def test_mc_dropout_without_dropping_is_negative_entropy():
     model, x = convnet(4), images(3)

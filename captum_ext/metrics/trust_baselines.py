@@ -340,14 +340,28 @@ _DROPOUT_CLASS_NAMES = frozenset(
 )
 
 
+_DROPOUT_OPERATORS = (
+    "aten::dropout",
+    "aten::feature_dropout",
+    "aten::alpha_dropout",
+    "aten::feature_alpha_dropout",
+)
+
+
 def _is_dropout(module: nn.Module) -> bool:
-    """A dropout layer, also compiled by ``torch.jit.script`` (which keeps only its class
-    name, as ``original_name``)."""
+    """A dropout layer, also compiled by ``torch.jit.script``: a torch dropout class by name
+    (``original_name``), or a scripted module without submodules whose forward calls a
+    dropout operator (a user's subclass of ``nn.Dropout``)."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return True
-    return isinstance(module, torch.jit.ScriptModule) and (
-        getattr(module, "original_name", None) in _DROPOUT_CLASS_NAMES
-    )
+    if not isinstance(module, torch.jit.ScriptModule):
+        return False
+    if getattr(module, "original_name", None) in _DROPOUT_CLASS_NAMES:
+        return True
+    if isinstance(module, torch.jit.TracedModule) or next(module.children(), None) is not None:
+        return False  # tracing fixed what dropout did; a container is not a dropout layer
+    graph = getattr(module, "inlined_graph", None)
+    return graph is not None and any(graph.findAllNodes(kind) for kind in _DROPOUT_OPERATORS)
 
 
 @log_usage()
@@ -407,7 +421,7 @@ def mc_dropout(
             "find its dropout modules."
         )
     dropouts = [m for m in model.modules() if _is_dropout(m)]
-    if dropouts and isinstance(model, torch.jit.TracedModule):
+    if any(isinstance(m, torch.jit.TracedModule) for m in dropouts):
         raise ValueError(
             "`forward_func` is a traced TorchScript model: tracing fixed its dropout as it was "
             "when traced, so MC-dropout cannot switch it on; pass the eager model or a "
