@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -123,8 +124,25 @@ def restored_buffers_of_modules_run(
     changed buffers are copied back in place (the same tensor objects). Only modules run by
     the calling thread are recorded (another thread training a model keeps its updates).
     Modules inside ``exclude`` (already restored by the caller) are skipped. Yields the list
-    of modules seen.
+    of modules seen. Such blocks run one at a time in the process (two threads calling
+    methods on one hidden model would otherwise each put back their own snapshot), and
+    torch's warning that a compiled module runs while global hooks exist (this one, not the
+    user's) is silenced inside them. Global module hooks do not fire in TorchScript code: a
+    hidden scripted model is not covered.
     """
+    with _HIDDEN_MODEL_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks"
+        )
+        yield from _restoring_buffers_of_modules_run(exclude)
+
+
+_HIDDEN_MODEL_LOCK = threading.RLock()
+
+
+def _restoring_buffers_of_modules_run(
+    exclude: Iterable[nn.Module | None],
+) -> Iterator[list[nn.Module]]:
     seen: dict[int, tuple[nn.Module, list[tuple[Tensor, Tensor]]]] = {}
     modules: list[nn.Module] = []  # in the order they first ran
     skipped = {id(sub) for module in exclude if module is not None for sub in module.modules()}
