@@ -532,3 +532,14 @@ def undone_on_failure(enabled: bool, save: Callable[[], Any], restore: Callable[
         if enabled:
             restore(snapshot)
         raise
+
+
+def optimiser_step(optimiser: torch.optim.Optimizer) -> None:
+    """``optimiser.step()``, then forget autocast's cached low-precision weights.
+
+    Inside the caller's ``torch.autocast`` block torch keeps the float16 / bfloat16 copy of
+    each weight until the outermost block exits; a fit run there would keep computing with
+    the weights of its first step (losses flat, a head at chance) unless the cache is
+    cleared after every in-place update."""
+    optimiser.step()
+    torch.clear_autocast_cache()

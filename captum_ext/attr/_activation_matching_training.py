@@ -26,6 +26,7 @@ from .._utils.training import (
     is_main_process,
     load_checkpoint,
     load_fitting_state,
+    optimiser_step,
     progress_bar,
     save_checkpoint,
     undone_on_failure,
@@ -383,6 +384,6 @@ def train_step(method, x, net, wrapped, optimiser, base_seed, step, rank, world)
                 param.grad = grad
         else:  # DistributedDataParallel averages the gradients in backward
             loss.backward()
-    optimiser.step()
+    optimiser_step(optimiser)
     optimiser.zero_grad(set_to_none=True)
     return float(loss.detach())

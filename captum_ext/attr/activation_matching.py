@@ -27,6 +27,7 @@ from .._utils.training import (
     atomic_path,
     is_main_process,
     load_fitting_state,
+    optimiser_step,
     progress_bar,
     unwrap_distributed,
 )
@@ -1057,14 +1058,15 @@ class ActivationMatchingMask(PerturbationAttribution):
             grads = torch.autograd.grad(per_example.sum(), nets.params)
             for param, grad in zip(nets.params, grads):
                 param.grad = grad
-            optimiser.step()
+            optimiser_step(optimiser)
             if bar:
                 bar.update(k)
         with torch.no_grad():
-            last = torch.sigmoid(nets(x))
+            # in the input's dtype also inside torch.autocast (one image: a bfloat16 mask)
+            last = torch.sigmoid(nets(x)).to(x.dtype)
         if best is None:
             return last
-        return torch.where(found[:, None, None, None], best, last)
+        return torch.where(found[:, None, None, None], best.to(x.dtype), last)
 
     def _details(
         self, x, logits, targets, mask, probabilities, baseline, samples, seed

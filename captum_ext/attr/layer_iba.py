@@ -32,7 +32,7 @@ from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.maps import upsample_maps
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
-from .._utils.training import progress_bar
+from .._utils.training import optimiser_step, progress_bar
 from .._utils.validation import (
     OutOfMemoryError,
     check_int,
@@ -859,7 +859,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 if step == 0:
                     _warn_if_blind(state.get("z_grad"), model_loss, reshape_transform, n)
                 alpha.grad = grad
-                optimizer.step()
+                optimiser_step(optimizer)
                 state.clear()
         if return_type == "lambda":
             return _folded(lam.detach(), reshape_transform, n).to(layer_dtype)

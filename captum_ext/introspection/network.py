@@ -28,6 +28,7 @@ from captum_ext._utils.training import (
     is_main_process,
     load_checkpoint,
     load_fitting_state,
+    optimiser_step,
     progress_bar,
     save_checkpoint,
     undone_on_failure,
@@ -438,7 +439,7 @@ class IntrospectiveNetwork(nn.Module):
                         loss = F.cross_entropy(trained(features[batch]), targets[batch])
                         optimiser.zero_grad()
                         loss.backward()
-                    optimiser.step()
+                    optimiser_step(optimiser)
                 if path is not None and is_main_process():
                     save_checkpoint(
                         {

@@ -22,6 +22,7 @@ from captum_ext._utils.training import (
     distributed_shard,
     is_main_process,
     load_checkpoint,
+    optimiser_step,
     progress_bar,
     save_checkpoint,
     undone_on_failure,
@@ -574,7 +575,7 @@ class NetworkInversion:
                         )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward(inputs=gen_params)
-                    self.optimizer.step()
+                    optimiser_step(self.optimizer)
                     self._step += 1
                     self._record(phase, loss, terms)
                     self._rng = {"sampler": sampler.get_state(), **global_rng_state(device)}

@@ -36,6 +36,7 @@ from captum_ext._utils.training import (
     is_main_process,
     load_checkpoint,
     load_fitting_state,
+    optimiser_step,
     progress_bar,
     save_checkpoint,
     unwrap_distributed,
@@ -1041,7 +1042,7 @@ class TIE:
                         )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    self.optimizer.step()
+                    optimiser_step(self.optimizer)
                     with torch.no_grad():
                         hit = logits.argmax(1) == y
                         is_in = y < n

@@ -505,6 +505,9 @@ def model_randomisation(
                 working = copy.deepcopy(model).eval()
             seed_generators(seed + step, cuda_devices)
             _reset_parameters(dict(working.named_modules())[name])
+            # inside the caller's torch.autocast block the low-precision copies of weights
+            # already run would be reused: the cascade stopped after its first layer
+            torch.clear_autocast_cache()
             maps = _explain(
                 explainer, working, inputs, target, kwargs, f"after randomising {name!r}"
             )
