@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,3 +116,20 @@ def set_global_rng_state(state: Mapping[str, Tensor], device: torch.device) -> N
     torch.set_rng_state(state["cpu"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def as_generator(generator: Any, argument: str = "generator") -> torch.Generator | None:
+    """A ``generator`` argument as the conventions take it: a ``torch.Generator`` (returned
+    as is), an int seed (a new CPU generator seeded with it) or None."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        if not -(2**63) <= generator < 2**64:
+            raise ValueError(
+                f"`{argument}`={generator}: an int seed must fit in 64 bits (torch's range)."
+            )
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(
+        f"`{argument}` must be a torch.Generator, an int seed or None, got "
+        f"{type(generator).__name__}."
+    )

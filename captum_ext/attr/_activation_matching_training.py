@@ -50,7 +50,8 @@ def resolve_seed(generator: Any, seed: Any) -> int:
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(
-                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+                f"`generator` must be a torch.Generator, got {type(generator).__name__} "
+                "(for an int, pass it as `seed`)."
             )
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     if seed is None:

@@ -24,7 +24,7 @@ from .._utils.layers import root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.precision import float64_here_or_cpu
-from .._utils.seeding import content_keys, example_normal, seed_from
+from .._utils.seeding import as_generator, content_keys, example_normal, seed_from
 from .._utils.validation import (
     check_int,
     check_number,
@@ -381,7 +381,7 @@ class VOICE:
         threshold: float = 0.1,
         nt_samples: int = 8,
         stdevs: float = 0.1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> VOICEResult:
         r"""Explanation, runner-up contrast and uncertainty of each example's prediction.
@@ -405,7 +405,7 @@ class VOICE:
             nt_samples (int, optional): noisy copies per example (SmoothGrad only).
             stdevs (float, optional): standard deviation of the noise (SmoothGrad only), in
                 input units as Captum's NoiseTunnel. Default: 0.1.
-            generator (torch.Generator, optional): random source of the noise (SmoothGrad
+            generator (torch.Generator or int, optional): random source of the noise (SmoothGrad
                 only): one seed is drawn from it per call (from torch's global generator
                 when None, as Captum's NoiseTunnel draws its noise), and each example's
                 noisy copies come from that seed and the example's own values, so an
@@ -773,7 +773,7 @@ def _noisy_copies(
     noise comes from that seed and the example's own values (:func:`content_keys`), so an
     example gets the same noisy copies alone, anywhere in a batch or in another order."""
     noisy = []
-    seed = seed_from(generator)
+    seed = seed_from(as_generator(generator))
     for index, x in enumerate(inputs):
         repeated = x.repeat_interleave(samples, dim=0)
         if x.is_floating_point() and stdev > 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from captum_ext._utils.seeding import as_generator
 from captum_ext._utils.validation import check_float_dtype, torch_device
 
 __all__ = ["hot_matrices", "one_hot_vectors", "soft_vectors", "vector_matrix"]
@@ -63,7 +64,7 @@ def soft_vectors(
     num_classes: int,
     *,
     labels: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
@@ -79,7 +80,7 @@ def soft_vectors(
         n (int): Number of vectors (ignored when ``labels`` are given: one per label).
         num_classes (int): ``K >= 2``.
         labels (Tensor, optional): ``N`` int class indices in ``0..K-1``. Default: None
-        generator (torch.Generator, optional): Source of the normal draws, for
+        generator (torch.Generator or int, optional): Source of the normal draws, for
             reproducibility; on ``device``. Default: None (torch's global generator)
         device (torch.device or str, optional): Default: the device of ``labels``, or CPU.
         dtype (torch.dtype, optional): Floating dtype. Default: ``torch.float32``
@@ -95,6 +96,7 @@ def soft_vectors(
         >>> c.shape, bool(torch.allclose(c.sum(1), torch.ones(4)))
         (torch.Size([4, 10]), True)
     """
+    generator = as_generator(generator)
     num_classes = _check_num_classes(num_classes)
     dtype = check_float_dtype(dtype)
     if device is not None:
@@ -216,7 +218,7 @@ def vector_matrix(
     num_classes: int,
     *,
     labels: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -229,7 +231,7 @@ def vector_matrix(
         n (int): Number of examples (ignored when ``labels`` are given).
         num_classes (int): ``K >= 2``.
         labels (Tensor, optional): ``N`` class indices to condition on. Default: None
-        generator (torch.Generator, optional): Source of randomness. Default: None
+        generator (torch.Generator or int, optional): Source of randomness. Default: None
         device (torch.device or str, optional): Default: labels' device, or CPU.
         dtype (torch.dtype, optional): Default: ``torch.float32``
 
@@ -247,6 +249,7 @@ def vector_matrix(
         >>> c.shape, m.shape, bool((c.argmax(1) == y).all())
         (torch.Size([8, 10]), torch.Size([8, 1, 10, 10]), True)
     """
+    generator = as_generator(generator)
     vectors = soft_vectors(
         n, num_classes, labels=labels, generator=generator, device=device, dtype=dtype
     )

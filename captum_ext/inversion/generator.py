@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on
-from captum_ext._utils.seeding import seeded_rng
+from captum_ext._utils.seeding import as_generator, seeded_rng
 from captum_ext._utils.validation import torch_device
 from captum_ext.inversion.conditioning import (
     _check_labels,
@@ -278,7 +278,7 @@ class ConditionedGenerator(nn.Module):
         labels: Tensor,
         *,
         vector: str | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         r"""The conditioning inputs for ``labels`` in this generator's mode.
 
@@ -286,13 +286,14 @@ class ConditionedGenerator(nn.Module):
             labels (Tensor): ``N`` class indices.
             vector (str, optional): ``"soft"`` or ``"one_hot"`` to override the mode's
                 vector kind (only for modes with a vector). Default: None
-            generator (torch.Generator, optional): For the soft vectors. Default: None
+            generator (torch.Generator or int, optional): For the soft vectors. Default: None
 
         Returns:
             tuple: ``(vectors, matrices)``, ``N x K`` and ``N x 1 x S x S`` (``S`` =
             :attr:`matrix_size`, ``K`` up to ``max_matrix_size`` classes), each None when
             the mode does not use it. Float32 on the device of ``labels``.
         """
+        generator = as_generator(generator)
         labels = _check_labels(labels, self.num_classes)
         kind = self.vector_kind if vector is None else vector
         if vector is not None and vector not in ("soft", "one_hot"):
@@ -414,7 +415,7 @@ class ConditionedGenerator(nn.Module):
         self,
         labels: Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
         vector: str | None = None,
         return_pixels: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -425,10 +426,11 @@ class ConditionedGenerator(nn.Module):
 
         Args:
             labels (Tensor): ``N`` class indices (on the generator's device).
-            generator (torch.Generator, optional): Source of ``z`` and the soft vectors.
+            generator (torch.Generator or int, optional): Source of ``z`` and the soft vectors.
             vector (str, optional): ``"soft"`` / ``"one_hot"`` override. Default: None
             return_pixels (bool, optional): Also return the pixels in ``[0, 1]``.
         """
+        generator = as_generator(generator)
         param = next(self.parameters())
         labels = _check_labels(labels, self.num_classes, param.device).to(param.device)
         z = torch.randn(

@@ -21,6 +21,7 @@ from captum_ext._utils.batched_grad import call_model
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on, preserved_state
 from captum_ext._utils.precision import at_least_float32
+from captum_ext._utils.seeding import as_generator
 
 __all__ = [
     "class_cosine_diversity",
@@ -383,7 +384,7 @@ def perturbed_kl_ce(
     *,
     eps: float = 0.1,
     preprocess=None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> Tensor:
     r"""KL and CE again, on a randomly perturbed copy of the images.
 
@@ -400,7 +401,7 @@ def perturbed_kl_ce(
         eps (float, optional): Perturbation size in pixel units. Default: 0.1
         preprocess (callable, optional): Maps pixels to the model's input space, e.g.
             :meth:`ConditionedGenerator.preprocess_pixels`. Default: None (identity)
-        generator (torch.Generator, optional): Source of the signs, on the pixels' device.
+        generator (torch.Generator or int, optional): Source of the signs, on the pixels' device.
             Default: None
 
     Returns:
@@ -419,6 +420,7 @@ def perturbed_kl_ce(
         ...     model, pixels, c, preprocess=lambda p: normalize_digits(255 * p),
         ...     generator=torch.Generator().manual_seed(1))
     """
+    generator = as_generator(generator)
     _check_images(pixels, "pixels")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
         raise ValueError(f"`eps` must be a non-negative float, got {eps!r}.")

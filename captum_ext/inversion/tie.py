@@ -29,7 +29,7 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import uncompiled
 from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import precise, precise_dtype, share
-from captum_ext._utils.seeding import seeded_rng
+from captum_ext._utils.seeding import as_generator, seeded_rng
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -198,7 +198,7 @@ def _image_shape(shape: Any) -> tuple[int, int, int]:
 
 
 def pixel_range_noise(
-    size: int, shape: Sequence[int], *, generator: torch.Generator | None = None
+    size: int, shape: Sequence[int], *, generator: torch.Generator | int | None = None
 ) -> Tensor:
     r"""Noise images over the whole pixel range ``[0, 1]``: TIE's garbage-class seeds.
 
@@ -219,7 +219,7 @@ def pixel_range_noise(
     Args:
         size (int): Number of images.
         shape (tuple[int, int, int]): ``(C, H, W)``.
-        generator (torch.Generator, optional): CPU random generator. Default: None (the
+        generator (torch.Generator or int, optional): CPU random generator. Default: None (the
             global one).
 
     Returns:
@@ -233,6 +233,7 @@ def pixel_range_noise(
         >>> noise.shape, bool(noise.min() >= 0), bool(noise.max() <= 1)
         (torch.Size([6, 1, 28, 28]), True, True)
     """
+    generator = as_generator(generator)
     size = check_int(size, "size")
     c, h, w = _image_shape(shape)
     f64 = torch.float64
@@ -269,7 +270,7 @@ def pen_strokes(
     shape: Sequence[int],
     *,
     max_strokes: int = 4,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> Tensor:
     r"""Random pen scribbles over the pixel range ``[0, 1]``: structured garbage-class seeds.
 
@@ -298,7 +299,7 @@ def pen_strokes(
         size (int): Number of images.
         shape (tuple[int, int, int]): ``(C, H, W)``.
         max_strokes (int, optional): Most curves per image. Default: 4
-        generator (torch.Generator, optional): CPU random generator. Default: None (the
+        generator (torch.Generator or int, optional): CPU random generator. Default: None (the
             global one).
 
     Returns:
@@ -312,6 +313,7 @@ def pen_strokes(
         >>> scribbles.shape, bool(scribbles.min() >= 0), bool(scribbles.max() <= 1)
         (torch.Size([6, 1, 28, 28]), True, True)
     """
+    generator = as_generator(generator)
     size = check_int(size, "size")
     max_strokes = check_int(max_strokes, "max_strokes")
     c, h, w = _image_shape(shape)
@@ -377,7 +379,7 @@ def transformed_inputs(
     size: int,
     *,
     max_correlation: float = 0.6,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> Tensor:
     r"""Mirrored, flipped and quarter-turned copies of in-distribution images: structured
     garbage-class seeds that look like the data but are no class of it.
@@ -407,7 +409,7 @@ def transformed_inputs(
         size (int): Number of copies wanted.
         max_correlation (float, optional): Copies at least this correlated with their source
             are dropped, in (-1, 1]. Default: 0.6
-        generator (torch.Generator, optional): CPU random generator for the draws.
+        generator (torch.Generator or int, optional): CPU random generator for the draws.
             Default: None (the global one).
 
     Returns:
@@ -425,6 +427,7 @@ def transformed_inputs(
         >>> copies.shape
         torch.Size([4, 1, 8, 8])
     """
+    generator = as_generator(generator)
     if not isinstance(inputs, Tensor) or inputs.dim() != 4 or inputs.shape[0] == 0:
         shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
         raise ValueError(f"`inputs` must be an N x C x H x W tensor with N >= 1, got {shape}.")

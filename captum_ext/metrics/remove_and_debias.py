@@ -43,7 +43,13 @@ from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.precision import has_float64, precise, precise_dtype
-from captum_ext._utils.seeding import combined_keys, content_keys, example_normal, seed_from
+from captum_ext._utils.seeding import (
+    as_generator,
+    combined_keys,
+    content_keys,
+    example_normal,
+    seed_from,
+)
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -838,7 +844,7 @@ def road_imputation(
     removed: Tensor,
     *,
     noise: float = 0.01,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     solver: str = "auto",
     tolerance: float = 1e-7,
     max_iterations: int | None = None,
@@ -851,7 +857,7 @@ def road_imputation(
             (all its channels).
         noise (float): standard deviation of the Gaussian noise added to the imputed pixels.
             Default: 0.01 (ROAD's). 0 for the plain linear imputation.
-        generator (torch.Generator, optional): for the noise: one seed is drawn from it
+        generator (torch.Generator or int, optional): for the noise: one seed is drawn from it
             per call (from torch's global generator when None), and each image's noise
             comes from that seed, its pixels and its mask, so an image is imputed alike
             alone, anywhere in a batch and in any order.
@@ -913,6 +919,7 @@ def road_imputation(
     10(2), 1973; I. S. Duff, J. K. Reid, "The multifrontal solution of indefinite sparse
     symmetric linear equations", ACM TOMS 9(3), 1983.
     """
+    generator = as_generator(generator)
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise ValueError("`inputs` must be an (N, C, H, W) tensor.")
     if not isinstance(removed, Tensor):
