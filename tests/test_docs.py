@@ -114,6 +114,16 @@ def test_api_reference_documents_the_public_names(html: Path):
     exported_page = _page(html, "api/exported.html")
     for name in exported.__all__:
         assert f'id="captum_ext.exported.{name}"' in exported_page, name
+    from captum_ext import bundled, introspection, testing
+
+    for module, page in (
+        (introspection, "api/introspection.html"),
+        (testing, "api/testing.html"),
+        (bundled, "api/data.html"),
+    ):
+        text = _page(html, page)
+        for name in module.__all__:
+            assert f'id="{module.__name__}.{name}"' in text, (page, name)
     # the value is written out in docs/api/data.rst: it must follow the package
     assert f"&quot;{data.BUNDLED_CAM_LAYER}&quot;" in data_page
 
