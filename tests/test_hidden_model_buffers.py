@@ -102,36 +102,6 @@ def test_batchnorm_statistics_of_a_hidden_model_come_back(name, interrupted):
     assert all(module.training for module in model.modules())
 
 
-def test_two_threads_on_one_hidden_model_leave_its_statistics():
-    """Each call put back its own snapshot: with two threads on the same model the
-    snapshots overlapped and the statistics were left changed."""
-    import threading
-
-    model = _model()
-
-    def forward(x):
-        return model(x)
-
-    buffers = {key: value.clone() for key, value in model.state_dict().items()}
-    errors = []
-
-    def run():
-        try:
-            for _ in range(60):
-                softmax_confidence(forward, X)
-        except Exception as error:  # pragma: no cover - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, buffers[key]), key
-
-
 def test_a_compiled_model_behind_a_function_gets_no_warning_about_our_hook():
     import warnings
 

@@ -161,6 +161,21 @@ def test_other_parametrisations_are_renormalised_or_refused_by_name():
             sigma = torch.linalg.matrix_norm(layer.weight, ord=2)
         assert float(sigma) == pytest.approx(1.0, abs=0.05)
 
+    # orthogonal keeps a buffer that its right_inverse sets: re-initialised, still orthogonal
+    from torch.nn.utils.parametrizations import orthogonal
+
+    torch.manual_seed(0)
+    layer = orthogonal(torch.nn.Linear(6, 6)).eval()
+    before = layer.weight.detach().clone()
+    _reset_parameters(layer)
+    with torch.no_grad():
+        product = layer.weight @ layer.weight.T
+    assert not torch.allclose(layer.weight, before)
+    torch.testing.assert_close(product, torch.eye(6), atol=1e-5, rtol=0)
+    fixed = orthogonal(torch.nn.Linear(6, 6), use_trivialization=False)
+    with pytest.raises(ValueError, match="`layers`: the parametrised `weight`"):
+        _reset_parameters(fixed)
+
     class Doubled(torch.nn.Module):
         def forward(self, weight):
             return 2 * weight

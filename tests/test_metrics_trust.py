@@ -443,6 +443,22 @@ def test_mc_dropout_on_torchscript_models():
     torch.testing.assert_close(
         mc_dropout(torch.jit.script(own), x, n_passes=6, generator=3), expected
     )
+
+    class NormThenDrop(torch.nn.Module):  # reads `training` for more than dropout
+        def forward(self, h):
+            if self.training:
+                h = h - h.mean(0, keepdim=True)
+            return torch.nn.functional.dropout(h, 0.3, self.training)
+
+    mixed = copy.deepcopy(model)
+    mixed.drop = torch.nn.Sequential(model.drop, NormThenDrop())
+    expected = mc_dropout(mixed, x, n_passes=4, generator=1)  # eager: only nn.Dropout switched
+    scripted_mixed = torch.jit.script(mixed)
+    torch.testing.assert_close(mc_dropout(scripted_mixed, x, n_passes=4, generator=1), expected)
+    from captum_ext.metrics.trust_baselines import _is_dropout
+
+    found = [name for name, m in scripted_mixed.named_modules() if _is_dropout(m)]
+    assert found == ["drop.0"]  # the scripted nn.Dropout, not the leaf that also centres
     wrapper = torch.nn.Sequential(torch.jit.trace(model, x))  # traced inside an eager model
     with pytest.raises(ValueError, match="traced TorchScript"):
         mc_dropout(wrapper, x, n_passes=2, generator=0)

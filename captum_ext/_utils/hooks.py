@@ -124,20 +124,17 @@ def restored_buffers_of_modules_run(
     changed buffers are copied back in place (the same tensor objects). Only modules run by
     the calling thread are recorded (another thread training a model keeps its updates).
     Modules inside ``exclude`` (already restored by the caller) are skipped. Yields the list
-    of modules seen. Such blocks run one at a time in the process (two threads calling
-    methods on one hidden model would otherwise each put back their own snapshot), and
-    torch's warning that a compiled module runs while global hooks exist (this one, not the
-    user's) is silenced inside them. Global module hooks do not fire in TorchScript code: a
-    hidden scripted model is not covered.
+    of modules seen. Torch's warning that a compiled module runs while global hooks exist
+    (this one, not the user's) is silenced inside the block. Not covered: a hidden
+    TorchScript model (global module hooks do not fire in TorchScript code), and two
+    threads calling methods on the same hidden model at once (each puts back its own
+    snapshot; pass the model itself, whose calls ``preserved_state`` runs one at a time).
     """
-    with _HIDDEN_MODEL_LOCK, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks"
         )
         yield from _restoring_buffers_of_modules_run(exclude)
-
-
-_HIDDEN_MODEL_LOCK = threading.RLock()
 
 
 def _restoring_buffers_of_modules_run(

@@ -349,17 +349,14 @@ def _reset_parametrized(module: nn.Module) -> None:
     ``spectral_norm``, ...): its ``reset_parameters`` would write into the computed
     ``weight``, a fresh tensor on each access, and leave the parametrisation's tensors as
     they were. A plain twin is re-initialised instead and its values assigned through the
-    parametrisation (its ``right_inverse``)."""
+    parametrisation (its ``right_inverse``); spectral_norm's power-iteration vectors are then
+    recomputed for the new weight, as when it is created."""
     names = list(module.parametrizations)
     for name in names:
         for parametrization in module.parametrizations[name]:
             inverse = getattr(type(parametrization), "right_inverse", None)
             if inverse is None or inverse is nn.Module.__dict__.get("right_inverse"):
                 _refuse_parametrization(module, name, "has no right_inverse")
-            if list(parametrization.buffers()) and not _is_spectral_norm(parametrization):
-                # state computed from the old weight (as spectral_norm's u and v) would be
-                # stale, and only the parametrisation knows how to refresh it
-                _refuse_parametrization(module, name, "keeps state of its own (buffers)")
     # a plain instance of the layer's own class (the parametrised class derives from it)
     # sharing nothing that the re-initialisation writes: ``remove_parametrizations`` on a
     # deep copy would delete the properties of the class the copy shares with ``module``
@@ -378,7 +375,13 @@ def _reset_parametrized(module: nn.Module) -> None:
     _reset_parameters(twin)
     with torch.no_grad():
         for name in names:
-            setattr(module, name, getattr(twin, name).detach())  # a tensor: the setter
+            try:
+                setattr(module, name, getattr(twin, name).detach())  # a tensor: the setter
+            except (NotImplementedError, RuntimeError) as error:  # its right_inverse refuses
+                raise ValueError(
+                    f"`layers`: the parametrised `{name}` of a {type(module).__name__} cannot "
+                    f"be re-initialised ({error}); name other layers in `layers`."
+                ) from error
             for parametrization in module.parametrizations[name]:
                 if _is_spectral_norm(parametrization):  # u, v of the new weight, as at creation
                     original = module.parametrizations[name].original

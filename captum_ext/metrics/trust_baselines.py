@@ -14,7 +14,7 @@ dtype (float32 for a half-precision model's: float16 rounds every probability ab
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -340,18 +340,17 @@ _DROPOUT_CLASS_NAMES = frozenset(
 )
 
 
-_DROPOUT_OPERATORS = (
-    "aten::dropout",
-    "aten::feature_dropout",
-    "aten::alpha_dropout",
-    "aten::feature_alpha_dropout",
+_DROPOUT_OPERATORS = tuple(
+    f"aten::{name}{suffix}"
+    for name in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+    for suffix in ("", "_")  # F.dropout(..., inplace=...) compiles both branches
 )
 
 
 def _is_dropout(module: nn.Module) -> bool:
     """A dropout layer, also compiled by ``torch.jit.script``: a torch dropout class by name
-    (``original_name``), or a scripted module without submodules whose forward calls a
-    dropout operator (a user's subclass of ``nn.Dropout``)."""
+    (``original_name``), or a scripted module without submodules whose forward does nothing
+    but dropout (a user's subclass of ``nn.Dropout``)."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return True
     if not isinstance(module, torch.jit.ScriptModule):
@@ -361,7 +360,25 @@ def _is_dropout(module: nn.Module) -> bool:
     if isinstance(module, torch.jit.TracedModule) or next(module.children(), None) is not None:
         return False  # tracing fixed what dropout did; a container is not a dropout layer
     graph = getattr(module, "inlined_graph", None)
-    return graph is not None and any(graph.findAllNodes(kind) for kind in _DROPOUT_OPERATORS)
+    if graph is None:
+        return False
+    operators = {kind for kind in _node_kinds(graph.block()) if kind.startswith("aten::")}
+    # only dropout and the argument checks of F.dropout: a leaf that also computes something
+    # from `training` (batch statistics) must keep its mode, as in the eager model
+    return bool(operators & set(_DROPOUT_OPERATORS)) and operators <= _DROPOUT_CALL_OPERATORS
+
+
+_DROPOUT_CALL_OPERATORS = frozenset(
+    (*_DROPOUT_OPERATORS, "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::eq", "aten::ne")
+    + ("aten::__or__", "aten::__and__", "aten::__not__", "aten::format", "aten::warn")
+)
+
+
+def _node_kinds(block: Any) -> Iterator[str]:
+    for node in block.nodes():
+        yield node.kind()
+        for inner in node.blocks():
+            yield from _node_kinds(inner)
 
 
 @log_usage()
