@@ -170,10 +170,15 @@ def test_scores_do_not_depend_on_the_order_of_the_images(scores_and_inputs):
     images = all_images[:3]
     forward = compute_evaluation(model, BUNDLED_CAM_LAYER, images, max_images=None)
     backward = compute_evaluation(model, BUNDLED_CAM_LAYER, images.flip(0), max_images=None)
+    _assert_same_scores(forward, backward, abs=1e-5)
+
+
+def _assert_same_scores(first, second, *, abs):
+    """Every (metric, method) score equal to ``abs``, NaN where the other is NaN."""
     for metric in METRIC_DIRECTIONS:
-        for method in forward.methods:
-            a, b = forward.scores[metric][method], backward.scores[metric][method]
-            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-5), (
+        for method in first.methods:
+            a, b = first.scores[metric][method], second.scores[metric][method]
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=abs), (
                 metric,
                 method,
             )
@@ -230,10 +235,4 @@ def test_inside_inference_mode_every_method_is_scored_as_outside(scores_and_inpu
     with torch.inference_mode():
         inside = compute_evaluation(model, BUNDLED_CAM_LAYER, images.clone(), max_images=None)
     assert inside.notes == outside.notes
-    for metric in METRIC_DIRECTIONS:
-        for method in outside.methods:
-            a, b = outside.scores[metric][method], inside.scores[metric][method]
-            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6), (
-                metric,
-                method,
-            )
+    _assert_same_scores(outside, inside, abs=1e-6)

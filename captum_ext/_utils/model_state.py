@@ -51,14 +51,13 @@ def preserved_state(
             continue
         for sub in module.modules():
             seen.setdefault(id(sub), sub)
-    hidden = restored_buffers_of_modules_run if hidden_model else _nothing_hidden
-    with _locked(seen), hidden(exclude=list(seen.values())):
+    hidden = (
+        restored_buffers_of_modules_run(exclude=list(seen.values()))
+        if hidden_model
+        else contextlib.nullcontext()
+    )
+    with _locked(seen), hidden:
         yield from _preserved(list(seen.values()))
-
-
-@contextlib.contextmanager
-def _nothing_hidden(exclude: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
-    yield []
 
 
 def _preserved(submodules: list[nn.Module]) -> Iterator[None]:

@@ -118,9 +118,12 @@ def set_global_rng_state(state: Mapping[str, Tensor], device: torch.device) -> N
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def as_generator(generator: Any, argument: str = "generator") -> torch.Generator | None:
+def as_generator(
+    generator: Any, argument: str = "generator", *, device: Any = None
+) -> torch.Generator | None:
     """A ``generator`` argument as the conventions take it: a ``torch.Generator`` (returned
-    as is), an int seed (a new CPU generator seeded with it) or None."""
+    as is), an int seed (a new generator on ``device``, the CPU by default, seeded with it)
+    or None."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
@@ -128,7 +131,7 @@ def as_generator(generator: Any, argument: str = "generator") -> torch.Generator
             raise ValueError(
                 f"`{argument}`={generator}: an int seed must fit in 64 bits (torch's range)."
             )
-        return torch.Generator().manual_seed(generator)
+        return torch.Generator(device=device or "cpu").manual_seed(generator)
     raise TypeError(
         f"`{argument}` must be a torch.Generator, an int seed or None, got "
         f"{type(generator).__name__}."

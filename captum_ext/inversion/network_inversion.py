@@ -16,7 +16,12 @@ from torch import Tensor, nn
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
-from captum_ext._utils.seeding import global_rng_state, seeded_rng, set_global_rng_state
+from captum_ext._utils.seeding import (
+    as_generator,
+    global_rng_state,
+    seeded_rng,
+    set_global_rng_state,
+)
 from captum_ext._utils.training import (
     barrier,
     distributed_shard,
@@ -605,14 +610,7 @@ class NetworkInversion:
     def _sampling_generator(self, generator, device) -> torch.Generator:
         if generator is None:
             return torch.Generator(device=device).manual_seed(_stream_seed(self.seed, 0, 2))
-        if isinstance(generator, int) and not isinstance(generator, bool):
-            return torch.Generator(device=device).manual_seed(generator)
-        if isinstance(generator, torch.Generator):
-            return generator
-        raise TypeError(
-            f"`generator` must be a torch.Generator, an int seed or None, got "
-            f"{type(generator).__name__}."
-        )
+        return as_generator(generator, device=device)
 
     def sample(
         self,

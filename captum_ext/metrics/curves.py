@@ -92,10 +92,6 @@ def checked_scores(tensor: Tensor, argument: str) -> Tensor:
 def finite_scores(scores: Any, argument: str = "scores") -> Tensor:
     """``scores`` as a float64 vector, refused unless real, exactly rankable and finite (the
     check every score metric makes)."""
-    return _scores(scores, argument)
-
-
-def _scores(scores: Any, argument: str = "scores") -> Tensor:
     tensor = checked_scores(_vector(scores, argument), argument).to(torch.float64)
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
@@ -208,7 +204,7 @@ def accuracy_retention_curve(
         >>> int(curve.kept[50])
         2
     """
-    values = _scores(scores)
+    values = finite_scores(scores)
     ok = _correct(correct, values.numel())
     ts = _percentiles(percentiles)
     if (predictions is None) != (labels is None):
@@ -322,7 +318,7 @@ def aufc(scores: Any, predictions: Any, labels: Any, *, percentiles: Any = None)
         raise ValueError(
             f"`predictions` has {pred.numel()} entries but `labels` has {true.numel()}."
         )
-    n_scores = _scores(scores).numel()
+    n_scores = finite_scores(scores).numel()
     if n_scores != pred.numel():  # before `correct` (= predictions == labels) is formed
         raise ValueError(
             f"`scores` has {n_scores} entries but `predictions` has {pred.numel()}; give one "
@@ -363,7 +359,7 @@ def misprediction_auroc(scores: Any, correct: Any) -> float:
         >>> misprediction_auroc(softmax_confidence(model, images), correct)
         1.0
     """
-    values = _scores(scores).cpu()
+    values = finite_scores(scores).cpu()
     ok = _correct(correct, values.numel()).cpu()
     if bool(ok.all()) or not bool(ok.any()):
         raise ValueError("`correct` must contain both correct and wrong predictions for an AUROC.")
@@ -389,8 +385,8 @@ def _rank_auroc(values: Tensor, positive: Tensor) -> float:
 
 def _in_out(in_scores: Any, out_scores: Any) -> tuple[Tensor, Tensor]:
     """All scores (float64, CPU) and the in-distribution mask."""
-    inside = _scores(in_scores, "in_scores").cpu()
-    outside = _scores(out_scores, "out_scores").cpu()
+    inside = finite_scores(in_scores, "in_scores").cpu()
+    outside = finite_scores(out_scores, "out_scores").cpu()
     values = torch.cat([inside, outside])
     is_in = torch.zeros(values.numel(), dtype=torch.bool)
     is_in[: inside.numel()] = True

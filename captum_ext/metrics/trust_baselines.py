@@ -31,6 +31,7 @@ from captum_ext._utils.batched_grad import (
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32
+from captum_ext._utils.seeding import as_generator
 from captum_ext._utils.validation import (
     check_int,
     check_number,
@@ -309,21 +310,9 @@ def odin(
 
 
 def _seed_from(generator: Any) -> int | None:
+    generator = as_generator(generator)
     if generator is None:
         return None
-    if isinstance(generator, bool):
-        raise TypeError("`generator` must be a torch.Generator, an int seed or None.")
-    if isinstance(generator, int):
-        if not -(2**63) <= generator < 2**64:
-            raise ValueError(
-                f"`generator`={generator}: an int seed must fit in 64 bits (torch's range)."
-            )
-        generator = torch.Generator().manual_seed(generator)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator, an int seed or None, got "
-            f"{type(generator).__name__}."
-        )
     return int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
 
 
