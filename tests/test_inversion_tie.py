@@ -137,6 +137,31 @@ def test_extension_of_the_bundled_digit_cnn():
     assert tie.generator.num_classes == 11
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_extension_of_a_model_with_legacy_weight_norm_keeps_its_normalised_layers():
+    """torch's hook-based weight_norm computes ``weight`` in a forward pre-hook: the deep
+    copy failed with torch's "Only Tensors created explicitly by the user" and, had it
+    worked, clearing the copy's hooks would have frozen the layer's weight (its trained
+    ``weight_g`` / ``weight_v`` no longer used)."""
+    model = tiny_model(torch.float64)
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    nn.utils.weight_norm(conv)
+    x = torch.randn(7, *SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    model(x).sum().backward()  # the computed weight now has autograd history
+    model.zero_grad(set_to_none=True)
+    before = model_snapshot(model)
+    tie = TIE(model, **SMALL)
+    assert_model_unchanged(model, before)
+    with torch.no_grad():
+        torch.testing.assert_close(tie.model(x)[:, :CLASSES], expected, rtol=0, atol=1e-12)
+        copied = next(m for m in tie.model.modules() if isinstance(m, nn.Conv2d))
+        copied.weight_g.mul_(2.0)  # the copy's layer follows its parameters
+        assert not torch.allclose(tie.model(x)[:, :CLASSES], expected)
+    assert torch.equal(model(x).detach(), expected)
+
+
 def test_classifier_factory():
     built = []
 

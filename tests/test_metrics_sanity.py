@@ -187,6 +187,47 @@ def test_other_parametrisations_are_renormalised_or_refused_by_name():
         model_randomisation(lambda m: Saliency(m), model, torch.rand(2, 1, 2, 2), target=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_legacy_weight_norm_and_spectral_norm_layers_are_randomised(digits):
+    """torch's hook-based weight_norm / spectral_norm: the deep copy failed with torch's
+    "Only Tensors created explicitly by the user (graph leaves)", and ``reset_parameters``
+    wrote into the computed ``weight``, which the pre-hook overwrote from the old
+    parameters. The maps now equal the plain twin's, and a re-initialised spectrally
+    normalised weight has norm 1."""
+    import copy
+
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    from captum_ext.metrics.sanity import _reset_parameters
+
+    model, images = digits
+    x = images[:4].double()
+    plain = copy.deepcopy(model).double()
+    normalised = copy.deepcopy(plain)
+    for name in ("features.0", "features.3", "features.6", "classifier"):
+        weight_norm(normalised.get_submodule(name))
+    normalised(x).sum().backward()  # computed weights with autograd history
+    normalised.zero_grad(set_to_none=True)
+    before = model_snapshot(normalised)
+    expected = model_randomisation(lambda m: Saliency(m), plain, x)
+    got = model_randomisation(lambda m: Saliency(m), normalised, x)
+    assert got.layers == expected.layers
+    torch.testing.assert_close(got.randomised, expected.randomised)
+    assert_model_unchanged(normalised, before)
+    torch.testing.assert_close(normalised(x), plain(x))
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = spectral_norm(torch.nn.Linear(12, 7)).eval()
+        old = layer.weight.detach().clone()
+        _reset_parameters(layer)
+        layer(torch.zeros(1, 12))  # the pre-hook recomputes the weight from the parameters
+        with torch.no_grad():
+            sigma = torch.linalg.matrix_norm(layer.weight, ord=2)
+        assert float(sigma) == pytest.approx(1.0, abs=0.05)
+        assert not torch.allclose(layer.weight, old)
+
+
 def test_class_sensitivity_explains_both_classes_in_one_call(digits):
     model, images = digits
     calls = []

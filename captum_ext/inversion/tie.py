@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import uncompiled
+from captum_ext._utils.legacy_norms import copied_model, is_legacy_norm_hook
 from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import precise, precise_dtype, share
 from captum_ext._utils.seeding import as_generator, seeded_rng
@@ -480,7 +481,8 @@ class TIEPrediction(NamedTuple):
 
 def _clear_hooks(model: nn.Module) -> None:
     """Drop the forward/backward hooks a deep copy inherited from the user's model (their
-    closures may refer to the user's objects)."""
+    closures may refer to the user's objects), except those of torch's legacy
+    ``weight_norm`` / ``spectral_norm``, which compute the layer's weight."""
     for module in model.modules():
         for name in (
             "_forward_hooks",
@@ -496,8 +498,9 @@ def _clear_hooks(model: nn.Module) -> None:
             "_load_state_dict_post_hooks",
         ):
             hooks = getattr(module, name, None)
-            if hooks is not None:
-                hooks.clear()
+            for key, hook in list((hooks or {}).items()):
+                if not is_legacy_norm_hook(hook):
+                    del hooks[key]
 
 
 def _extend_classifier(
@@ -515,7 +518,7 @@ def _extend_classifier(
             "(a callable, not an nn.Module) that builds a model with n + 1 outputs instead."
         ) from error
     name = next(n for n, m in model.named_modules() if m is head)
-    extended = copy.deepcopy(model)
+    extended = copied_model(model)
     _clear_hooks(extended)
     for param in extended.parameters():
         param.grad = None

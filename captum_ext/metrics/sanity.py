@@ -25,7 +25,6 @@ The user's model is never changed: randomisation acts on a deep copy.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -38,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from captum_ext._utils.batched_grad import call_model
 from captum_ext._utils.layers import eager_name, uncompiled
+from captum_ext._utils.legacy_norms import copied_model, resynchronise_legacy_norms
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32, float64_here_or_cpu
 from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
@@ -421,6 +421,7 @@ def _reset_parameters(module: nn.Module) -> None:
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
         reset()
+        resynchronise_legacy_norms(module)
         return
     parameters = dict(module.named_parameters(recurse=False))
     weight = parameters.get("weight")
@@ -502,10 +503,10 @@ def model_randomisation(
     similarity_rows: dict[str, list[Tensor]] = {}
     cuda_devices = initialised_cuda_devices()  # a CUDA model's parameters draw there
     with seeded_rng(None, cuda_devices):  # the caller's random states come back afterwards
-        working = copy.deepcopy(model).eval()
+        working = copied_model(model).eval()
         for step, name in enumerate(names):
             if not cascade:
-                working = copy.deepcopy(model).eval()
+                working = copied_model(model).eval()
             seed_generators(seed + step, cuda_devices)
             _reset_parameters(dict(working.named_modules())[name])
             # inside the caller's torch.autocast block the low-precision copies of weights
