@@ -7,7 +7,8 @@ import pytest
 import torch
 from captum.attr import NoiseTunnel, Saliency
 
-from captum_ext.attr import VOICE
+from captum_ext.attr import VOICE, ActivationMatchingMask
+from captum_ext.data import corrupt
 from captum_ext.inversion import (
     pen_strokes,
     pixel_range_noise,
@@ -28,6 +29,10 @@ CALLS = {
     "soft_vectors": lambda g: soft_vectors(5, 4, generator=g),
     "vector_matrix": lambda g: vector_matrix(5, 4, generator=g)[0],
     "road_imputation": lambda g: road_imputation(IMAGES, REMOVED, generator=g),
+    "corrupt": lambda g: corrupt(IMAGES, "elastic", 3, generator=g),
+    "ActivationMatchingMask": lambda g: ActivationMatchingMask(MODEL, ["1"]).attribute(
+        IMAGES, target=0, mode="per_image", steps=3, generator=g, progress=False
+    ),
     "VOICE(NoiseTunnel)": lambda g: (
         VOICE(NoiseTunnel(Saliency(MODEL)))
         .attribute(IMAGES, target=0, nt_samples=2, stdevs=0.1, generator=g)

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._utils.batches import dict_batch
 from .._utils.layers import root_module
 from .._utils.model_state import gradients_on, module_state, restore_module_state
-from .._utils.seeding import initialised_cuda_devices, seed_generators
+from .._utils.seeding import as_generator, initialised_cuda_devices, seed_generators
 from .._utils.training import (
     barrier,
     distributed_shard,
@@ -47,12 +47,8 @@ def resolve_seed(generator: Any, seed: Any) -> int:
     """One integer seed from which every random draw of a call is derived."""
     if generator is not None and seed is not None:
         raise ValueError("give either `generator` or `seed`, not both.")
+    generator = as_generator(generator)  # an int is a seeded generator, as everywhere
     if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator, got {type(generator).__name__} "
-                "(for an int, pass it as `seed`)."
-            )
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     if seed is None:
         return 0

@@ -651,8 +651,9 @@ class ActivationMatchingMask(PerturbationAttribution):
             lr (float, optional): Adam learning rate (per-image mode). The papers report
                 5e-5 to 1e-4 with up to 1000 steps; 1e-3 reaches comparable masks in 300
                 steps on the bundled MNIST model. Default: 1e-3.
-            generator (torch.Generator, optional): source of randomness (mask-net
-                initialisation, the backgrounds r); a seed is drawn from it.
+            generator (torch.Generator or int, optional): source of randomness (mask-net
+                initialisation, the backgrounds r); a seed is drawn from it (an int is a
+                generator seeded with it).
             seed (int, optional): the seed instead of a generator. Default (neither given):
                 seed 0, so results are reproducible.
             return_details (bool, optional): return an :class:`ActivationMatchingResult`
@@ -1178,8 +1179,8 @@ class ActivationMatchingMask(PerturbationAttribution):
                 mode of every submodule, ``requires_grad`` and ``.grad``; so the same object
                 resumes exactly), and a path that cannot be written is refused before
                 training. Default: False.
-            generator (torch.Generator, optional): a seed is drawn from it (on every rank;
-                rank 0's is used).
+            generator (torch.Generator or int, optional): a seed is drawn from it (on
+                every rank; rank 0's is used; an int is a generator seeded with it).
             seed (int, optional): the seed instead of a generator. Default: 0.
 
         Returns:

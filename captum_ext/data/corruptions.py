@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captum_ext._utils.precision import precise_dtype
+from captum_ext._utils.seeding import as_generator
 from captum_ext._utils.validation import ArgumentTypeError, check_int
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt"]
@@ -134,19 +135,15 @@ def _check_range(value_range: Any) -> tuple[float, float]:
 
 
 def _check_generator(generator: Any) -> torch.Generator:
+    """The conventions' ``generator`` (a torch.Generator or an int seed), with None a seed
+    drawn from torch's global random state."""
     if generator is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's global random state
         return torch.Generator().manual_seed(seed)
-    if isinstance(generator, bool):
-        raise ArgumentTypeError("`generator` must be a torch.Generator, an int seed or None.")
-    if isinstance(generator, int):
-        return torch.Generator().manual_seed(generator)
-    if not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(
-            "`generator` must be a torch.Generator, an int seed or None, got "
-            f"{type(generator).__name__}."
-        )
-    return generator
+    try:
+        return as_generator(generator)
+    except TypeError as error:  # (also a ValueError, as this function raised before)
+        raise ArgumentTypeError(str(error)) from None
 
 
 def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
