@@ -25,7 +25,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 BUILD_TIMEOUT_S = 1800  # about a minute here; a wide margin for a loaded CI machine
-PAGES_WITH_EXAMPLES = ("index.md", "methods.md")
+PAGES_WITH_EXAMPLES = (
+    "docs/index.md",
+    "docs/methods.md",
+    "docs/evaluation.md",
+    "docs/segmentation.md",
+    "README.md",
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +177,7 @@ def test_tutorials_rendered_from_the_shared_execution(html: Path):
 @pytest.mark.parametrize("name", PAGES_WITH_EXAMPLES)
 def test_examples_in_pages_run(name: str):
     """The ```python blocks of a page run in order, as a reader would paste them."""
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(encoding="utf-8"), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(encoding="utf-8"), re.S)
     assert blocks, f"no Python examples found in {name}"
     namespace: dict = {}
     for number, block in enumerate(blocks):
