@@ -257,7 +257,10 @@ def test_bundled_mask_explainer_reproduces_its_recorded_heldout_numbers(bundled_
         info["heldout_agreement"], abs=1e-6
     )
     at_least = (details.explanation_confidence >= details.confidence).float().mean()
-    assert float(at_least) == pytest.approx(info["heldout_confidence_at_least_x"], abs=1e-6)
+    # a comparison of two float32 probabilities, many of them saturated near 1: on another
+    # CPU (other float kernels) a few near-ties fall the other way (2 of the 1,000 digits on
+    # an AMD EPYC against the machine that recorded the figure)
+    assert float(at_least) == pytest.approx(info["heldout_confidence_at_least_x"], abs=0.005)
 
 
 @pytest.mark.slow

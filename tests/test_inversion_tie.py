@@ -1170,6 +1170,28 @@ def test_final_training_takes_only_a_bool_and_config_is_read_only():
     assert tie.config.threshold == tie.threshold
 
 
+def test_inversion_weights_are_frozen_hashable_and_checked_when_the_config_is_built():
+    """A frozen TIEConfig with ``inversion_weights`` could not be hashed and its weights
+    could still be changed; a negative or unknown weight only failed when TIE was made."""
+    import json
+    import pickle
+
+    config = TIEConfig(inversion_weights={"kl": 2, "cosine": 0.25})
+    assert hash(config) == hash(TIEConfig(inversion_weights={"cosine": 0.25, "kl": 2.0}))
+    assert config.inversion_weights == {"kl": 2.0, "cosine": 0.25}
+    with pytest.raises(TypeError):
+        config.inversion_weights["kl"] = -5.0
+    assert TIEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert pickle.loads(pickle.dumps(config)) == config
+    for bad, message in (
+        ({"kl": -5.0}, r"`inversion_weights\['kl'\]` must be a finite number >= 0"),
+        ({"kl": float("inf")}, r"`inversion_weights\['kl'\]` must be finite"),
+        ({"klx": 1.0}, "`inversion_weights` has an unknown term 'klx'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TIEConfig(inversion_weights=bad)
+
+
 def test_a_config_with_numpy_numbers_resumes(tmp_path):
     """The recorded TIEConfig kept numpy scalars (dropout=np.float64(0.1) passes the config's
     checks), which a weights-only load refuses: the checkpoint could not be read back."""

@@ -28,6 +28,32 @@ def _float_in(value: Any, argument: str, low: float, high: float) -> float:
     return float(value)
 
 
+class _FrozenWeights(Mapping):
+    """Loss weights that cannot change after the config is built (the config is frozen and
+    hashable; a dict inside it was neither)."""
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        self._weights = {str(name): float(value) for name, value in weights.items()}
+
+    def __getitem__(self, name: str) -> float:
+        return self._weights[name]
+
+    def __iter__(self):
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._weights.items())))
+
+    def __repr__(self) -> str:
+        return repr(self._weights)
+
+    def __deepcopy__(self, memo: dict) -> _FrozenWeights:
+        return self
+
+
 @dataclass(frozen=True)
 class TIEConfig:
     r"""How :class:`~captum_ext.inversion.TIE` trains: every setting that does not describe
@@ -181,7 +207,14 @@ class TIEConfig:
                     "`inversion_weights` must be a dict of loss weights, got "
                     f"{type(weights).__name__}."
                 )
-            checked["inversion_weights"] = dict(weights)
+            from captum_ext.inversion.network_inversion import _phase_weights
+
+            try:  # NetworkInversion's own check (terms it knows, finite, >= 0), at build time
+                _phase_weights("inversion", weights)
+            except (TypeError, ValueError) as error:
+                message = str(error).replace("`weights", "`inversion_weights")
+                raise type(error)(message) from None
+            checked["inversion_weights"] = _FrozenWeights(weights)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
