@@ -228,6 +228,26 @@ def test_legacy_weight_norm_and_spectral_norm_layers_are_randomised(digits):
         assert not torch.allclose(layer.weight, old)
 
 
+def test_one_layer_name_and_explainers_that_are_not_factories(digits):
+    """``layers="classifier"`` was read as the layers 'c', 'l', 'a', ...; an explainer
+    given as a string failed with "'str' object is not callable", and an attribution
+    object already made would have explained the unrandomised model."""
+    model, images = digits
+    one = model_randomisation(lambda m: Saliency(m), model, images[:2], layers="classifier")
+    listed = model_randomisation(lambda m: Saliency(m), model, images[:2], layers=["classifier"])
+    assert one.layers == ["classifier"]
+    torch.testing.assert_close(one.randomised, listed.randomised)
+    by_class = model_randomisation(Saliency, model, images[:2], layers="classifier")
+    torch.testing.assert_close(by_class.randomised, listed.randomised)  # a class is a factory
+    with pytest.raises(TypeError, match="`layers` must be a module name or a list"):
+        model_randomisation(lambda m: Saliency(m), model, images[:2], layers=[3])
+    for function in (model_randomisation, class_sensitivity):
+        with pytest.raises(TypeError, match="`explainer` must be a callable"):
+            function("saliency", model, images[:2])
+        with pytest.raises(TypeError, match=r"`explainer` must build .* `lambda m: Saliency\(m\)`"):
+            function(Saliency(model), model, images[:2])
+
+
 def test_class_sensitivity_explains_both_classes_in_one_call(digits):
     model, images = digits
     calls = []

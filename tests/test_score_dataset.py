@@ -220,6 +220,22 @@ def test_bad_batches_and_devices():
         score_dataset(model, loader(x, y), ["softmax"], device="meta", progress=False)
 
 
+@pytest.mark.parametrize("offset", [-3, -2, 0, 53])
+def test_labels_outside_the_models_classes_are_refused(offset):
+    """Labels of another label space (1-based, or a superset) counted every example as
+    wrong without a word; only -1 (no label) may lie outside 0 .. C-1."""
+    model = make_model()
+    x, y = make_data()
+    classes = model(x[:1]).shape[1]
+    labels = y.clone()
+    labels[5] = offset if offset < 0 else classes + offset
+    with pytest.raises(ValueError, match=rf"labels must be class indices in 0 \.\. {classes - 1}"):
+        score_dataset(model, loader(x, labels), ["softmax"], progress=False)
+    labels[5] = -1  # no label: allowed
+    table = score_dataset(model, loader(x, labels), ["softmax"], progress=False)
+    assert table["label"][5] == -1 and not table["correct"][5]
+
+
 class _DictDataset(Dataset):
     """Examples as Hugging Face datasets give them: dicts with extra keys."""
 

@@ -33,6 +33,23 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
 
 
+def test_a_folder_as_the_path_is_refused_naming_it_and_leaves_nothing(tmp_path):
+    """The rename failed with "Is a directory: '.../.tmp.XXXX.tmp' -> '...'", naming a
+    temporary file the user never asked for."""
+    from captum_ext.circuits import to_json
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as caught, atomic_path(folder) as temp:
+        temp.write_text("x")
+    assert caught.value.filename == str(folder) and ".tmp" not in str(caught.value)
+    import networkx as nx
+
+    with pytest.raises(IsADirectoryError, match="a folder, not a file"):
+        to_json(nx.DiGraph(), folder)
+    assert list(folder.iterdir()) == [] and sorted(tmp_path.iterdir()) == [folder]
+
+
 def test_checkpoint_round_trip_with_generator_state(tmp_path):
     model = nn.Linear(3, 2)
     generator = torch.Generator().manual_seed(5)

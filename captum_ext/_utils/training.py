@@ -93,6 +93,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (``.NAME.XXXXXXXX.tmp``) are removed first; two processes must not write the same
     ``path`` at the same time (under ``torch.distributed`` only rank 0 writes)."""
     path = Path(path).expanduser()
+    if path.is_dir():  # else the rename fails, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     try:

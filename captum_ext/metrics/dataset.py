@@ -424,11 +424,21 @@ def _gather(local: dict[str, Tensor], world: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, inputs: Tensor) -> Tensor:
+def _predict(model: nn.Module, inputs: Tensor, label: Tensor) -> Tensor:
+    """The model's classes for ``inputs``; the batch's labels are checked against its
+    number of classes C (``-1``, no label, is the one value allowed outside ``0 .. C-1``:
+    another one made every such example count as wrong without a word)."""
     logits = call_model(model, (inputs,))
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"the model must return (N, C) logits, got {got}.")
+    classes = logits.shape[1]
+    wrong = label[(label != -1) & ((label < 0) | (label >= classes))]
+    if wrong.numel():
+        raise ValueError(
+            f"labels must be class indices in 0 .. {classes - 1} (the model's {classes} "
+            f"classes) or -1 for no label, got {sorted(set(wrong.tolist()))[:5]}."
+        )
     return logits.argmax(1)
 
 
@@ -450,7 +460,9 @@ def score_dataset(
     ``requires_grad`` and ``.grad`` are restored, also when a score raises.
 
     **Batches.** The loader must yield ``inputs`` tensors, ``(inputs, labels)`` pairs
-    (labels: integer class indices) or dicts as Hugging Face datasets give them, the inputs
+    (labels: integer class indices of the model's ``C`` classes, ``0 .. C-1``, or ``-1`` for
+    an unlabelled example; other values are refused) or dicts as Hugging Face datasets give
+    them, the inputs
     under one of ``"pixel_values"``, ``"image"``, ``"images"``, ``"inputs"``, ``"input"``
     and the labels (optional) under one of ``"labels"``, ``"label"``, ``"targets"``,
     ``"target"``; other keys are ignored. Without labels, ``label`` is ``-1`` (and ``correct``
@@ -554,7 +566,7 @@ def score_dataset(
                 inputs = inputs.to(device, non_blocking=True)
                 (inputs,) = in_model_precision(model, (inputs,))  # float32 pixels, half model
                 label = _labels_tensor(labels, n)
-                prediction = _predict(model, inputs).cpu()
+                prediction = _predict(model, inputs, label).cpu()
                 if indices is None:
                     index = torch.arange(seen, seen + n, dtype=torch.int64)
                 else:

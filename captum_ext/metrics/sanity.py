@@ -248,6 +248,25 @@ def _check_measures(measures: Any) -> tuple[str, ...]:
     return measures
 
 
+def _check_explainer(explainer: Any) -> None:
+    """A factory (a function, or an attribution class such as ``Saliency``), not a string
+    or an attribution object already made for the unrandomised model."""
+    if isinstance(explainer, type) or (
+        callable(explainer) and not callable(getattr(explainer, "attribute", None))
+    ):
+        return
+    if callable(getattr(explainer, "attribute", None)):
+        raise TypeError(
+            f"`explainer` must build the attribution object from a model, e.g. `lambda m: "
+            f"{type(explainer).__name__}(m)`, not be one already made "
+            f"({type(explainer).__name__}): it must follow each randomised copy of the model."
+        )
+    raise TypeError(
+        "`explainer` must be a callable taking the model and returning a Captum attribution "
+        f"object (e.g. `lambda m: Saliency(m)`), got {type(explainer).__name__}."
+    )
+
+
 def _explain(
     explainer: Callable[[nn.Module], Any],
     model: nn.Module,
@@ -318,7 +337,13 @@ def _has_own_parameters(module: nn.Module) -> bool:
 
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
+    if isinstance(layers, str):  # one layer (a string is a sequence of its characters)
+        layers = [layers]
     if layers is not None:
+        if not isinstance(layers, Sequence) or not all(isinstance(n, str) for n in layers):
+            raise TypeError(
+                f"`layers` must be a module name or a list of module names, got {layers!r}."
+            )
         layers = [eager_name(name, modules) for name in layers]
         missing = [name for name in layers if name not in modules]
         if missing:
@@ -464,10 +489,10 @@ def model_randomisation(
         target (int or Tensor, optional): classes to explain; default the model's predictions.
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
-        layers (list of str, optional): the layers to randomise, top first. Default: every
-            module with its own parameters and ``reset_parameters`` (or compiled, in a
-            TorchScript model: then torch's default initialisation is applied to its
-            parameters), from the output down.
+        layers (str or list of str, optional): the layers to randomise, top first (one
+            name: that layer only). Default: every module with its own parameters and
+            ``reset_parameters`` (or compiled, in a TorchScript model: then torch's default
+            initialisation is applied to its parameters), from the output down.
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
@@ -481,6 +506,7 @@ def model_randomisation(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    _check_explainer(explainer)
     model = uncompiled(model)
     inputs = image_batch(inputs)
     measures = _check_measures(similarity)
@@ -563,6 +589,7 @@ def class_sensitivity(
         two classes and their maps. Both are computed in one ``attribute`` call on the inputs
         stacked twice.
     """
+    _check_explainer(explainer)
     model = uncompiled(model)
     inputs = image_batch(inputs)
     measures = _check_measures(similarity)
