@@ -10,11 +10,12 @@ Also the seeding helpers that the per-image optimisation shares.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._utils.batches import dict_batch
 from .._utils.layers import root_module
@@ -156,6 +157,8 @@ def fit_mask_net(
         dist.broadcast_object_list(box, src=0)
         base_seed = int(box[0])
 
+    # read here, before the loop swaps a half-precision model's forward_func for a wrapper
+    objective = objective_settings(method)
     state = None
     if resume and Path(checkpoint).expanduser().is_file():
         state = load_checkpoint(checkpoint, argument="checkpoint")
@@ -198,6 +201,13 @@ def fit_mask_net(
                 f"({int(state['step'])} steps); resume with `epochs` >= "
                 f"{saved_epoch + (1 if saved_position else 0)}, or start a new fit without "
                 "`resume`."
+            )
+        differ = objective_differences(objective, state.get("objective") or {})
+        if differ:
+            raise ValueError(
+                f"`resume`: the objective settings {', '.join(differ)} differ from those "
+                "`checkpoint` was written with; build the ActivationMatchingMask with the "
+                "same settings to resume, or start a new fit without `resume`."
             )
         base_seed = int(state["seed"])
         loader_args["batch_size"] = saved_batch
@@ -265,6 +275,7 @@ def fit_mask_net(
                     "batch_size": batch,
                     "world_size": world,
                     "history": history,
+                    "objective": objective,
                 },
                 checkpoint,
             )
@@ -322,6 +333,139 @@ def fit_mask_net(
     return method
 
 
+#: the objective settings of a checkpoint written before they were recorded: the
+#: constructor's defaults (``layers`` has none, so it is not compared then)
+_OBJECTIVE_DEFAULTS = {"baseline": 0.0, "necessity_margin": 1.0}
+_DEFAULT_PRESET = "mnist"
+
+
+def objective_settings(method) -> dict[str, Any]:
+    """The settings that shape the loss of ``method``'s fit, as plain values that a
+    ``weights_only`` checkpoint holds and that compare exactly: the loss weights as a dict
+    (floats, and the two bool switches), the layers as their dotted names in the model with
+    their weights, the baseline as a float or a CPU tensor, and the necessity margin."""
+    model = root_module(method.forward_func)
+    names: dict[int, str] = {}
+    if model is not None:
+        for name, module in unwrap_distributed(model).named_modules():
+            names.setdefault(id(module), name)
+    # a layer outside the model (a plain-function forward_func) is known by its class only
+    layers = [names.get(id(layer), f"<{type(layer).__qualname__}>") for layer in method.layers]
+    baseline = method.baseline
+    return {
+        "weights": _plain_weights(method.weights),
+        "layers": layers,
+        "layer_weights": [float(weight) for weight in method.layer_weights],
+        "baseline": (
+            baseline.detach().to("cpu").clone() if isinstance(baseline, Tensor) else float(baseline)
+        ),
+        "necessity_margin": float(method.necessity_margin),
+    }
+
+
+def _plain_weights(weights: Any) -> dict[str, float | bool]:
+    return {
+        field.name: (
+            value if isinstance(value := getattr(weights, field.name), bool) else float(value)
+        )
+        for field in fields(weights)
+    }
+
+
+def objective_differences(own: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """The settings in ``own`` (:func:`objective_settings`) that differ from the
+    checkpoint's ``saved`` ones, as "`name`=value (the checkpoint's: value)". A setting the
+    checkpoint lacks (written before it was recorded) is compared with its default, as TIE
+    does."""
+    from .activation_matching import WEIGHT_PRESETS, MaskLossWeights  # imports this module
+
+    if "weights" in saved:  # a weight added since: the fit ran with its default
+        saved_weights = {
+            field.name: field.default
+            for field in fields(MaskLossWeights)
+            if field.default is not MISSING
+        }
+        saved_weights.update(saved["weights"])
+    else:
+        saved_weights = _plain_weights(WEIGHT_PRESETS[_DEFAULT_PRESET])
+    differ = [
+        f"`weights[{name!r}]`={value!r} (the checkpoint's: {saved_weights.get(name)!r})"
+        for name, value in own["weights"].items()
+        if saved_weights.get(name) != value
+    ]
+    # a checkpoint without them: the layers cannot be told (they have no default), their
+    # weights were 1 (the default of a list of layers)
+    saved_layers = [str(name) for name in saved.get("layers", own["layers"])]
+    saved_layer_weights = [float(w) for w in saved.get("layer_weights", [1.0] * len(saved_layers))]
+    if saved_layers != own["layers"] or saved_layer_weights != own["layer_weights"]:
+        differ.append(
+            f"`layers`={_layers_described(own['layers'], own['layer_weights'])} (the "
+            f"checkpoint's: {_layers_described(saved_layers, saved_layer_weights)})"
+        )
+    saved_baseline = saved.get("baseline", _OBJECTIVE_DEFAULTS["baseline"])
+    if not _same_baseline(own["baseline"], saved_baseline):
+        differ.append(
+            f"`baseline`={_described(own['baseline'])} (the checkpoint's: "
+            f"{_described(saved_baseline)})"
+        )
+    saved_margin = float(saved.get("necessity_margin", _OBJECTIVE_DEFAULTS["necessity_margin"]))
+    if saved_margin != own["necessity_margin"]:
+        differ.append(
+            f"`necessity_margin`={own['necessity_margin']!r} (the checkpoint's: {saved_margin!r})"
+        )
+    return differ
+
+
+def _layers_described(names: list[str], weights: list[float]) -> str:
+    """A list of names when every weight is 1, else the {name: weight} dict."""
+    if all(weight == 1.0 for weight in weights):
+        return repr(names)
+    return repr(dict(zip(names, weights)))
+
+
+def _same_baseline(a: float | Tensor, b: float | Tensor) -> bool:
+    """Exactly the same baseline image: numbers by value, tensors (or a number and a tensor)
+    by their values broadcast to one shape, in float64 (exact for every float dtype)."""
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        return float(a) == float(b)
+    a, b = (torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in (a, b))
+    try:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        return False
+    return torch.equal(a.expand(shape), b.expand(shape))
+
+
+def _described(baseline: float | Tensor) -> str:
+    if isinstance(baseline, Tensor):
+        if baseline.numel() == 1:
+            return f"a tensor of shape {tuple(baseline.shape)} holding {baseline.item()!r}"
+        return f"a tensor of shape {tuple(baseline.shape)}"
+    return repr(float(baseline))
+
+
+def mask_net_channels(net: nn.Module) -> int | None:
+    """The number of image channels ``net`` takes where it is known: a :class:`MaskUNet`'s
+    ``in_channels``. None for a user's own net: its first registered convolution need not be
+    the first to run, nor see the images' channels (a net may reduce them first), so a
+    guess could refuse a net that works."""
+    net = unwrap_distributed(net)
+    return int(net.in_channels) if isinstance(net, MaskUNet) else None
+
+
+def check_mask_net_channels(net: nn.Module, x: Tensor, images: str) -> None:
+    """Refuse a mask net made for another number of channels than the images ``x`` (named
+    ``images`` in the message), before torch's convolution error deep inside the net."""
+    channels = mask_net_channels(net)
+    if channels is not None and channels != x.shape[1]:
+        raise ValueError(
+            f"`mask_net` takes {channels}-channel images (the in_channels of its first "
+            f"convolution), but {images} have {x.shape[1]} channels (shape {tuple(x.shape)}); "
+            f"use a mask net made for {x.shape[1]}-channel images (mask_net=None trains a "
+            "new one), or images like those the mask net was trained on."
+        )
+
+
 def _mask_net_copy(method) -> tuple:
     net = method.mask_net
     saved = None if net is None else module_state(unwrap_distributed(net))
@@ -353,6 +497,7 @@ def training_net(method, x: Tensor, base_seed: int, lr: float, state, checkpoint
     if method.mask_net is None:
         net = method._default_net(x, derived_seed(base_seed, 0, 0))
     else:
+        check_mask_net_channels(method.mask_net, x, "the images of `data`")
         net = method.mask_net.to(device=x.device, dtype=x.dtype)  # undone if the fit fails
     if state is not None:  # every key and shape checked before anything is copied
         load_fitting_state(net, state["mask_net"], _checkpoint_named(checkpoint))

@@ -47,6 +47,7 @@ from ._activation_matching_prune import prune_mask
 from ._activation_matching_starts import best_start, start_seed
 from ._activation_matching_training import (
     check_lr,
+    check_mask_net_channels,
     derived_seed,
     fit_mask_net,
     resolve_seed,
@@ -756,6 +757,8 @@ class ActivationMatchingMask(PerturbationAttribution):
         baseline = self._baseline_for(x)
         if mode == "amortised" and (self.mask_net is None or not self._trained):
             raise ValueError(_UNFITTED_MESSAGE)
+        if mode == "amortised":  # before the model runs, not as torch's conv error in the net
+            check_mask_net_channels(self.mask_net, x, "`inputs`")
         with self._frozen_model(), gradients_on():
             with torch.no_grad():
                 logits = self._logits(x)
@@ -1150,9 +1153,10 @@ class ActivationMatchingMask(PerturbationAttribution):
 
         **Checkpoints.** With ``checkpoint`` set, every ``checkpoint_every`` steps and at the
         end rank 0 writes (atomically) the mask net, the optimiser's state, the step, epoch
-        and position in the epoch, the seed and the loss history. ``resume=True`` continues
-        from that file (when it exists; otherwise training starts afresh) and gives
-        bit-for-bit the mask net of an uninterrupted run with the same seed.
+        and position in the epoch, the seed, the loss history and the objective's settings
+        (``weights``, ``layers`` with their weights, ``baseline``, ``necessity_margin``).
+        ``resume=True`` continues from that file (when it exists; otherwise training starts
+        afresh) and gives bit-for-bit the mask net of an uninterrupted run with the same seed.
 
         **torchrun.** When a process group is initialised, each rank trains on its
         ``DistributedSampler`` shard and the mask net is wrapped in
@@ -1172,13 +1176,15 @@ class ActivationMatchingMask(PerturbationAttribution):
             checkpoint_every (int, optional): steps between checkpoints. Default: 100.
             resume (bool, optional): continue from ``checkpoint``, with its seed, batch size
                 and learning rate (a different ``seed``, ``batch_size`` or ``lr`` given with it
-                is refused, and so are ``epochs`` fewer than the checkpoint holds and a
-                checkpoint of another mask net's architecture; a ``generator``'s draw is not
-                used). With a ``checkpoint``, a call that raises or is interrupted leaves a
-                given mask net as it was before the call (values, dtype and device, train/eval
-                mode of every submodule, ``requires_grad`` and ``.grad``; so the same object
-                resumes exactly), and a path that cannot be written is refused before
-                training. Default: False.
+                is refused, and so are ``epochs`` fewer than the checkpoint holds, a
+                checkpoint of another mask net's architecture, and an objective other than
+                the checkpoint's, each differing setting named; a checkpoint written before
+                the objective was recorded is compared with the constructor's defaults; a
+                ``generator``'s draw is not used). With a ``checkpoint``, a call that raises
+                or is interrupted leaves a given mask net as it was before the call (values,
+                dtype and device, train/eval mode of every submodule, ``requires_grad`` and
+                ``.grad``; so the same object resumes exactly), and a path that cannot be
+                written is refused before training. Default: False.
             generator (torch.Generator or int, optional): a seed is drawn from it (on
                 every rank; rank 0's is used; an int is a generator seeded with it).
             seed (int, optional): the seed instead of a generator. Default: 0.

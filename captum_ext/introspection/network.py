@@ -75,6 +75,37 @@ def make_head(in_features: int, num_classes: int, hidden_width: int = 256) -> nn
     )
 
 
+#: the feature settings of a checkpoint written before they were recorded: the
+#: constructor's defaults
+_FEATURE_DEFAULTS: dict[str, Any] = {
+    "form": "per_class",
+    "k": None,
+    "normalize": "per_class",
+    "layer": None,
+}
+
+
+def _feature_settings(network: IntrospectiveNetwork) -> dict[str, Any]:
+    """The settings that make the features (and so the objective) of ``network``'s fit, as
+    plain values a ``weights_only`` checkpoint holds: ``layer`` as its dotted name in the
+    model (None: the final linear layer found automatically; it is compared as given, so
+    None and that layer's name count as different). ``output_transform`` is a function and
+    is not compared."""
+    layer = network.layer
+    if layer is not None and not isinstance(layer, str):
+        names = {
+            id(module): name for name, module in unwrap_distributed(network.model).named_modules()
+        }
+        # a module outside the model is known by its class only
+        layer = names.get(id(layer), f"<{type(layer).__qualname__}>")
+    return {
+        "form": network.form,
+        "k": None if network.k is None else int(network.k),
+        "normalize": network.normalize,
+        "layer": layer,
+    }
+
+
 def _check_resumed_settings(
     state: Mapping[str, Any],
     path: Path,
@@ -84,11 +115,26 @@ def _check_resumed_settings(
     lr: float,
     weight_decay: float,
     seed: int,
+    features: Mapping[str, Any],
 ) -> None:
     """Refuse a resumed fit whose settings differ from the checkpoint's: the optimiser's
     saved state would set the old ``lr`` and ``weight_decay`` back, the saved generator the
-    old seed's order, and a checkpoint past ``epochs`` would be returned as it is."""
+    old seed's order, a checkpoint past ``epochs`` would be returned as it is, and other
+    ``features`` (form, k, normalize, layer) would train the head on another objective.
+    A feature setting the checkpoint lacks is compared with its default."""
     where = f"the checkpoint in `checkpoint_dir` ({str(path)!r})"
+    saved_features = {**_FEATURE_DEFAULTS, **(state.get("features") or {})}
+    differ = [
+        f"`{name}`={value!r} (the checkpoint's: {saved_features[name]!r})"
+        for name, value in features.items()
+        if saved_features[name] != value
+    ]
+    if differ:
+        raise ValueError(
+            f"`resume`: the feature settings {', '.join(differ)} differ from those {where} "
+            "was written with; build the IntrospectiveNetwork with the same settings to "
+            "resume, or start a new fit without `resume`."
+        )
     group = state["optimiser"]["param_groups"][0]
     saved = {
         "lr": (lr, float(group["lr"]), "learning rate"),
@@ -256,7 +302,11 @@ class IntrospectiveNetwork(nn.Module):
         ``batch_size``, or fewer ``epochs`` than the checkpoint already holds, is refused
         with a ``ValueError`` (a checkpoint written before the seed and the batch size were
         saved is not checked for those two), and so is a checkpoint of a head of another
-        architecture (another ``hidden_width``, say), before anything is loaded. A
+        architecture (another ``hidden_width``, say), before anything is loaded. The
+        feature settings ``form``, ``k``, ``normalize`` and ``layer`` (as given: None and
+        the name of the layer it finds are different settings) are saved too and must
+        match as well (a checkpoint written before they were saved is compared with the
+        defaults); ``output_transform``, a function, is not compared. A
         checkpoint written before the global random state was saved still resumes; the
         global generator then restarts from ``seed`` at the resumed epoch, which changes
         nothing for a head without random layers (the default one) but gives a head with
@@ -393,7 +443,7 @@ class IntrospectiveNetwork(nn.Module):
                 )
             _check_resumed_settings(
                 state, path, epochs=epochs, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, seed=seed,
+                weight_decay=weight_decay, seed=seed, features=_feature_settings(self),
             )  # fmt: skip
         if self.head is None:
             # float32 at least, float64 for a float64 model's features
@@ -451,6 +501,7 @@ class IntrospectiveNetwork(nn.Module):
                             "seed": seed,
                             "batch_size": batch_size,
                             "world_size": world,
+                            "features": _feature_settings(self),
                         },
                         path,
                     )

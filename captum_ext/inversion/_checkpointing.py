@@ -14,7 +14,13 @@ import torch
 
 from captum_ext._utils.training import distributed_shard, load_fitting_state, unwrap_distributed
 
-__all__ = ["CHECKPOINT_FORMAT", "inversion_state", "restore_inversion", "rng_devices"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "inversion_state",
+    "objective_settings",
+    "restore_inversion",
+    "rng_devices",
+]
 
 #: the ``format`` entry of a NetworkInversion checkpoint
 CHECKPOINT_FORMAT = "captum_ext.NetworkInversion/1"
@@ -84,7 +90,65 @@ def inversion_state(
         "batch_size": int(batch_size),
         "rng": ranks,
         "history": {key: list(values) for key, values in inversion.history.items()},
+        "objective": objective_settings(inversion),
     }
+
+
+#: the objective settings of a checkpoint written before they were recorded: the
+#: constructor's defaults (the loss weights default to the preset's, see
+#: :func:`_saved_objective`)
+_OBJECTIVE_DEFAULTS: dict[str, Any] = {
+    "eps": 0.1,
+    "feature_layer": None,
+    "feature_layer_input": False,
+}
+
+
+def objective_settings(inversion: Any) -> dict[str, Any]:
+    """The settings that shape the loss of ``inversion``'s fit besides its preset, as plain
+    values a ``weights_only`` checkpoint holds: the loss weights of every phase (dicts of
+    floats), the perturbation size ``eps`` and the feature layer as its dotted name in the
+    model (None: the one found automatically, compared as given). The generator's
+    ``preprocess`` is a function of the generator, not compared here."""
+    layer = inversion._feature_layer
+    if layer is not None and not isinstance(layer, str):
+        names = {id(m): n for n, m in unwrap_distributed(inversion.model).named_modules()}
+        # a module outside the model is known by its class only
+        layer = names.get(id(layer), f"<{type(layer).__qualname__}>")
+    return {
+        "weights": [{k: float(v) for k, v in phase.items()} for phase in inversion._phases],
+        "eps": float(inversion.eps),
+        "feature_layer": layer,
+        "feature_layer_input": bool(inversion._feature_layer_input),
+    }
+
+
+def _saved_objective(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's objective settings, a missing one (written before it was recorded)
+    with its default: the preset's loss weights, ``eps`` 0.1, the automatic feature layer."""
+    from captum_ext.inversion.network_inversion import _phase_weights  # imports this module
+
+    saved = dict(state.get("objective") or {})
+    if "weights" not in saved:
+        saved["weights"] = _phase_weights(state["preset"], None)
+    return {**_OBJECTIVE_DEFAULTS, **saved}
+
+
+def _differing_weights(own: list, saved: list, name: str) -> list[str]:
+    """Each loss term whose weight differs, per phase: "`weights['ce']`=10.0 (the
+    checkpoint's: 1.0)" (a list over the phases for a preset of several)."""
+    if len(own) != len(saved):  # (the preset is checked first: not reached)
+        return [f"`{name}`={own!r} (the checkpoint's: {saved!r})"]
+    differ = []
+    terms = list(dict.fromkeys(term for phase in [*own, *saved] for term in phase))
+    for term in terms:
+        mine = [float(phase.get(term, 0.0)) for phase in own]
+        theirs = [float(phase.get(term, 0.0)) for phase in saved]
+        if mine != theirs:
+            if len(mine) == 1:
+                mine, theirs = mine[0], theirs[0]
+            differ.append(f"`{name}[{term!r}]`={mine!r} (the checkpoint's: {theirs!r})")
+    return differ
 
 
 def _differing_settings(
@@ -92,9 +156,10 @@ def _differing_settings(
 ) -> list[str]:
     """The settings of this call that differ from the checkpointed fit's, as
     "`name`=value (the checkpoint's: value)": the optimiser's state would bring the old
-    learning rate and betas back, and the random state the old seed's draws, without a word.
+    learning rate and betas back, and the random state the old seed's draws, without a word;
+    and other loss weights, ``eps`` or feature layer would continue on another objective.
     (Checkpoints written before the seed and batch size were recorded are not checked for
-    those.)"""
+    those; one written before the objective was recorded is compared with the defaults.)"""
     own_group = inversion.optimizer.param_groups[0]
     saved_groups = state["optimizer"].get("param_groups") or [{}]
     ours = {"steps": steps, "seed": int(inversion.seed), "batch_size": int(batch_size)}
@@ -112,6 +177,21 @@ def _differing_settings(
             mine, saved = tuple(mine), tuple(saved) if saved is not None else None
         if saved is not None and mine != saved:
             differ.append(f"`{names[key]}`={mine!r} (the checkpoint's: {saved!r})")
+    # the objective: a setting the checkpoint lacks is compared with its default. A TIE
+    # (which passes its own `names`) builds its inversion with other weights than the
+    # preset's, and compares them itself through its recorded TIEConfig: its checkpoints
+    # written before the objective was recorded are not compared with the defaults here
+    if "objective" not in state and dict(names) != NETWORK_INVERSION_NAMES:
+        return differ
+    own, saved_objective = objective_settings(inversion), _saved_objective(state)
+    differ += _differing_weights(
+        own["weights"], saved_objective["weights"], names.get("weights", "weights")
+    )
+    for key in ("eps", "feature_layer", "feature_layer_input"):
+        if own[key] != saved_objective[key]:
+            differ.append(
+                f"`{names.get(key, key)}`={own[key]!r} (the checkpoint's: {saved_objective[key]!r})"
+            )
     return differ
 
 
