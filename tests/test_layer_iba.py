@@ -298,7 +298,8 @@ def digits_iba(bundled_model, bundled_digits):
 def test_batch_equals_single_calls(digits_iba, bundled_model):
     """Per-example seeds: the batch gives each example's single-call map. In float32 the
     batched convolutions round differently from single ones (maps of ~10 bits per position
-    differ in the last bits: relative 1e-6); in float64 the equality is to 1e-10."""
+    differ in the last bits: 1e-6 on one CPU, 2e-6 on an AMD EPYC, whose kernels round
+    otherwise); in float64 the equality is to 1e-10."""
     iba, images, labels = digits_iba
     x, y = images[:4], labels[:4]
     seeds = [3, 1, 4, 1]
@@ -310,7 +311,7 @@ def test_batch_equals_single_calls(digits_iba, bundled_model):
     batched64 = iba64.attribute(x.double(), target=y, generator=seeds)
     for i in range(4):
         single = iba.attribute(x[i : i + 1], target=int(y[i]), generator=seeds[i])
-        torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-5, atol=1e-5)
         single64 = iba64.attribute(x[i : i + 1].double(), target=int(y[i]), generator=seeds[i])
         torch.testing.assert_close(batched64[i : i + 1], single64, rtol=0, atol=1e-10)
 

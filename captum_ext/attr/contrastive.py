@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import captum
 import torch
 from captum.attr import (
     LRP,
@@ -40,6 +45,7 @@ from .._utils.model_state import detached, leaves_inference_mode, preserved_stat
 from .._utils.validation import (
     check_class_range,
     check_int,
+    check_number,
     class_selection,
     format_inputs,
     outside_inference_mode_nested,
@@ -257,6 +263,116 @@ _REFUSED: tuple[tuple[type, str], ...] = (
 )
 
 
+#: keyword arguments of Captum's methods that must be positive ints when given (None, where
+#: allowed, is left to the method): checked before the call, by name
+_POSITIVE_INTS = ("n_steps", "n_samples", "nt_samples", "perturbations_per_eval")
+_POSITIVE_INTS_OR_NONE = ("internal_batch_size", "nt_samples_batch_size")
+
+#: Captum checks some arguments with ``assert``; the argument each message is about (read in
+#: this order, first match wins). Other AssertionErrors are re-raised unchanged.
+_CAPTUM_ASSERTIONS: tuple[tuple[str, str], ...] = (
+    (r"number of steps", "n_steps"),
+    (r"^Approximation method", "method"),
+    (r"^Noise types", "nt_type"),
+    (r"stdevs", "stdevs"),
+    (r"^Batch size must be greater than 0", "internal_batch_size"),
+    (r"(Ablations|Perturbations) per evaluation", "perturbations_per_eval"),
+    (r"^Stride", "strides"),
+    (r"[Ss]liding window|Occlusion shape", "sliding_window_shapes"),
+    (r"[Bb]aseline", "baselines"),
+    (r"feature_mask|[Mm]asks? ", "feature_mask"),
+)
+
+_CAPTUM_DIR = os.path.dirname(os.path.abspath(captum.__file__))
+
+
+@contextmanager
+def _captum_argument_errors(method: Attribution) -> Iterator[None]:
+    """Turn the AssertionError with which Captum refuses an argument into a ValueError
+    naming it (Captum's message included, the AssertionError chained). Only assertions
+    raised inside Captum whose message is about a known argument are translated; any other
+    AssertionError propagates as it is."""
+    try:
+        yield
+    except AssertionError as error:
+        frames = []
+        tb = error.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        inside_captum = bool(frames) and os.path.abspath(frames[-1]).startswith(_CAPTUM_DIR)
+        message = str(error)
+        argument = next(
+            (name for pattern, name in _CAPTUM_ASSERTIONS if re.search(pattern, message)), None
+        )
+        if not inside_captum or argument is None:
+            raise
+        raise ValueError(
+            f"`{argument}`: {type(method).__name__} (Captum) refused the value: {message}"
+        ) from error
+
+
+def _check_captum_arguments(
+    kwargs: dict[str, Any], inputs: tuple[Tensor, ...], distribution: bool
+) -> None:
+    """Check the common keyword arguments of the wrapped Captum method before calling it, so
+    that a bad value gets a ValueError/TypeError naming it rather than Captum's bare
+    AssertionError or, for baselines with a NaN, a silently all-NaN map."""
+    for name in _POSITIVE_INTS:
+        if name in kwargs:
+            check_int(kwargs[name], name)
+    for name in _POSITIVE_INTS_OR_NONE:
+        if kwargs.get(name) is not None:
+            check_int(kwargs[name], name)
+    if "stdevs" in kwargs:
+        stdevs = kwargs["stdevs"]
+        for i, value in enumerate(stdevs if isinstance(stdevs, tuple) else (stdevs,)):
+            where = f"stdevs[{i}]" if isinstance(stdevs, tuple) else "stdevs"
+            check_number(value, where, allow_minimum=True)
+    if "baselines" in kwargs:
+        _check_baselines(kwargs["baselines"], inputs, distribution)
+
+
+def _check_baselines(baselines: Any, inputs: tuple[Tensor, ...], distribution: bool) -> None:
+    """Tensor and number baselines must be finite; unless they are a distribution to draw
+    from (GradientShap, DeepLiftShap, ``draw_baseline_from_distrib=True``), a baseline with
+    the rank of its input has one row per example or one row for all (Captum's rule)."""
+    if baselines is None or (callable(baselines) and not isinstance(baselines, Tensor)):
+        return
+    given = baselines if isinstance(baselines, tuple) else (baselines,)
+    n = inputs[0].shape[0]
+    for i, baseline in enumerate(given):
+        where = "baselines" if len(given) == 1 else f"baselines[{i}]"
+        if isinstance(baseline, Tensor):
+            if baseline.is_floating_point() and not bool(torch.isfinite(baseline).all()):
+                raise ValueError(f"`{where}` contains NaN or infinite values.")
+            if (
+                not distribution
+                and i < len(inputs)
+                and baseline.dim() > 0
+                and baseline.dim() == inputs[i].dim()
+                and baseline.shape[0] not in (1, n)
+            ):
+                raise ValueError(
+                    f"`{where}` has {baseline.shape[0]} examples but the inputs have {n}; "
+                    "give one baseline per example, one for all (a batch of 1), or a scalar."
+                )
+            if not distribution and i < len(inputs) and not _broadcasts_to(baseline, inputs[i]):
+                raise ValueError(
+                    f"`{where}` of shape {tuple(baseline.shape)} does not broadcast to its "
+                    f"input of shape {tuple(inputs[i].shape)}."
+                )
+        elif isinstance(baseline, float) and not math.isfinite(baseline):
+            raise ValueError(f"`{where}`={baseline!r}: a baseline must be finite.")
+
+
+def _broadcasts_to(tensor: Tensor, target: Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(tensor.shape, target.shape) == target.shape
+    except RuntimeError:
+        return False
+
+
 def _refusal(method: type | Attribution) -> str | None:
     for refused, why in _REFUSED:
         if (isinstance(method, type) and issubclass(method, refused)) or isinstance(
@@ -459,6 +575,17 @@ class Contrastive(GradientAttribution):
                 (Formerly ``max_batch``, which still works with a DeprecationWarning.)
             **kwargs: any other argument of the wrapped method's ``attribute`` (baselines,
                 n_steps, nt_type, ...). Per-example tensors are expanded with the rows.
+                Checked before the call: ``n_steps``, ``n_samples``, ``nt_samples`` and
+                ``perturbations_per_eval`` must be positive ints, ``internal_batch_size`` and
+                ``nt_samples_batch_size`` None or positive ints, ``stdevs`` finite and
+                >= 0; tensor and number ``baselines`` must be finite and, unless they are a
+                distribution to draw from (GradientShap, DeepLiftShap,
+                ``draw_baseline_from_distrib=True``), broadcast to their input, and a
+                baseline tensor with the rank of its input must have 1 or N rows.
+
+        Raises:
+            ValueError: an argument above is invalid, or Captum refused an argument with
+                an AssertionError (its message is kept, and the argument named).
 
         Returns:
             What the wrapped method returns for ``target=Q``; with several classes per
@@ -476,6 +603,12 @@ class Contrastive(GradientAttribution):
         # method, which differentiates through them: normal copies
         additional_forward_args = outside_inference_mode_nested(additional_forward_args)
         kwargs = outside_inference_mode_nested(kwargs)
+        # baselines a method samples from (GradientShap, DeepLiftShap, or any method with
+        # draw_baseline_from_distrib) are a distribution of any size, not one per example
+        distribution = bool(kwargs.get("draw_baseline_from_distrib")) or isinstance(
+            self.method, _BASELINE_DISTRIBUTIONS
+        )
+        _check_captum_arguments(kwargs, formatted, distribution)
         model = root_module(self.model_forward)
         unwrap = not isinstance(inputs, tuple)
         forward = self.contrastive_forward
@@ -516,17 +649,18 @@ class Contrastive(GradientAttribution):
             forward._paired, forward._max_class = self._paired, max_class
             forward._inputs = len(formatted)
             try:
-                if not multi:
-                    result = self.method.attribute(
-                        formatted[0] if unwrap else formatted,
-                        target=classes[:, 0],
-                        additional_forward_args=additional_forward_args,
-                        **kwargs,
-                    )
-                else:
-                    result = self._attribute_many(
-                        formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
-                    )
+                with _captum_argument_errors(self.method):
+                    if not multi:
+                        result = self.method.attribute(
+                            formatted[0] if unwrap else formatted,
+                            target=classes[:, 0],
+                            additional_forward_args=additional_forward_args,
+                            **kwargs,
+                        )
+                    else:
+                        result = self._attribute_many(
+                            formatted, classes, additional_forward_args, batch_size, unwrap, kwargs
+                        )
             finally:
                 forward._paired, forward._max_class, forward._inputs = False, None, 0
         if forward._calls == calls:

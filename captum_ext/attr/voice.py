@@ -402,14 +402,18 @@ class VOICE:
             threshold (float, optional): threshold of the IoU read-out, in [0, 1) (the maps are
                 min-max normalised first).
                 Default: 0.1.
-            nt_samples (int, optional): noisy copies per example (SmoothGrad only).
+            nt_samples (int, optional): noisy copies per example (SmoothGrad only), a
+                positive int. Default: 8.
             stdevs (float, optional): standard deviation of the noise (SmoothGrad only), in
-                input units as Captum's NoiseTunnel. Default: 0.1.
+                input units as Captum's NoiseTunnel, a finite number >= 0. Default: 0.1.
             generator (torch.Generator or int, optional): random source of the noise (SmoothGrad
                 only): one seed is drawn from it per call (from torch's global generator
                 when None, as Captum's NoiseTunnel draws its noise), and each example's
                 noisy copies come from that seed and the example's own values, so an
                 example gets the same copies alone, anywhere in a batch and in any order.
+                ``nt_samples``, ``stdevs`` and ``generator`` have no effect on the other
+                methods, but are checked with every method (an invalid value raises the
+                same error as with SmoothGrad), so that it is never silently ignored.
             reshape_transform (Callable, optional): CAM techniques only: turns the layer's
                 activations (and gradients) into (N, K, h, w) maps, e.g. the tokens
                 (N, 1 + h*w, K) of a vision transformer (drop the class token, reshape,
@@ -420,6 +424,9 @@ class VOICE:
         """
         formatted = format_inputs(inputs)
         threshold = _check_threshold(threshold)
+        # checked for every method, not only SmoothGrad's: an invalid value is never ignored
+        samples = self._check_samples(nt_samples, stdevs)
+        generator = as_generator(generator)
         if self.plan.weighting is None and len(formatted) > 1:
             raise ValueError(
                 f"VOICE({type(self.method).__name__}) maps one input tensor, and `inputs` holds "
@@ -453,7 +460,6 @@ class VOICE:
         engine_inputs, engine_args = formatted, additional_forward_args
         if self.plan.smooth:
             # the classes come from the clean inputs; the engine sees the noisy copies
-            samples = self._check_samples(nt_samples, stdevs)
             with preserved_state([model], hidden_model=model is None), torch.no_grad():
                 clean = run_forward(
                     self.forward_func, formatted, additional_forward_args, self.output_transform

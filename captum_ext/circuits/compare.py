@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,9 @@ class CircuitComparison:
         flow_a (float): total edge weight of ``graph_a``.
         flow_b (float): total edge weight of ``graph_b``.
         flow_retained (float): share of ``graph_a``'s flow carried by edges ``graph_b`` also
-            has.
-        flow_retained_by_layer (dict of str to float): the same, per destination layer.
+            has; NaN, with a RuntimeWarning, when ``graph_a`` has no flow.
+        flow_retained_by_layer (dict of str to float): the same, per destination layer
+            (NaN, with a RuntimeWarning, for a layer whose edges in ``graph_a`` all weigh 0).
     """
 
     shared_nodes: list[str]
@@ -68,11 +70,13 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
       |E_a | E_b|`` (1.0 when both sets are empty);
     - ``flow_a = sum_{e in E_a} w_a(e)``, ``flow_b`` likewise;
     - ``flow_retained = sum_{e in E_a & E_b} w_a(e) / flow_a``: the share of ``graph_a``'s
-      flow that runs through connections ``graph_b`` also uses (NaN when ``flow_a`` is 0).
-      It is not symmetric.
+      flow that runs through connections ``graph_b`` also uses. It is not symmetric. NaN,
+      with a RuntimeWarning, when ``flow_a`` is 0 (``graph_a`` has no edges, or all its
+      weights are 0): there is no flow to retain.
     - ``flow_retained_by_layer[l]``: the same restricted to edges whose destination node has
       ``layer`` attribute ``l`` (``"class"`` for feature-to-class edges), because edge
-      weights of different stages have different scales.
+      weights of different stages have different scales (NaN, with a RuntimeWarning, for a
+      layer whose edges in ``graph_a`` all weigh 0).
 
     From "Minimalist Explanation Generation and Circuit Discovery" (Suhail, Anand, Sethi,
     arXiv 2509.25686), where the circuit of a minimal explanation is compared with that of
@@ -119,6 +123,23 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
         layer: (by_layer_kept.get(layer, 0.0) / total if total > 0 else math.nan)
         for layer, total in by_layer_total.items()
     }
+    if flow_a <= 0:
+        what = "no edges" if not edges_a else "only edges of weight 0"
+        warnings.warn(
+            f"compare: `graph_a` has {what}, so it has no flow for `graph_b` to retain; "
+            "flow_retained is nan.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    else:
+        empty_layers = sorted(layer for layer, total in by_layer_total.items() if total <= 0)
+        if empty_layers:
+            warnings.warn(
+                f"compare: in `graph_a` the edges into layer(s) {empty_layers} all weigh 0, so "
+                "they have no flow to retain; their flow_retained_by_layer is nan.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return CircuitComparison(
         shared_nodes=sorted(nodes_a & nodes_b, key=str),
         node_jaccard=_jaccard(nodes_a, nodes_b),

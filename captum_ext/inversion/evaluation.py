@@ -23,6 +23,7 @@ and is left exactly as it was (train/eval flags, ``requires_grad``, ``.grad``, h
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -292,7 +293,7 @@ class DiversityResult(NamedTuple):
 
     mean: float
     """Mean of ``per_class`` over the classes with at least two images (lower = more
-    diverse); NaN when no class has two images."""
+    diverse); NaN, with a RuntimeWarning, when no class has two images."""
     per_class: Tensor
     """(C',) float64, mean pairwise cosine similarity within each class of ``classes``; NaN
     for a class with a single image."""
@@ -351,6 +352,8 @@ def within_class_diversity(
 
     Returns:
         DiversityResult: ``mean``, ``per_class`` (float64, CPU), ``classes``, ``counts``.
+        ``per_class`` is NaN for a class with a single image; ``mean`` is NaN, with a
+        RuntimeWarning, when no class has two or more images.
 
     Examples::
 
@@ -404,7 +407,17 @@ def within_class_diversity(
         gram = members @ members.T
         per_class[i] = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
     valid = ~torch.isnan(per_class)
-    mean = float(per_class[valid].mean()) if bool(valid.any()) else float("nan")
+    if bool(valid.any()):
+        mean = float(per_class[valid].mean())
+    else:
+        warnings.warn(
+            f"within_class_diversity: no class has two or more images (the {labels.numel()} "
+            f"labels hold {classes.numel()} distinct classes), so there is no pair to compare; "
+            "returning mean=nan. Give several images per class.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        mean = float("nan")
     return DiversityResult(mean, per_class, classes, counts)
 
 

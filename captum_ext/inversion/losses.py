@@ -59,6 +59,38 @@ def _check_logits_targets(logits: Tensor, conditioning: Tensor) -> None:
         )
 
 
+def _check_model_logits(output, n: int | None, *, module_only: bool) -> Tensor:
+    """The model's output if it is (N, classes) logits for the ``n`` examples given, else a
+    ValueError naming ``model`` (a tuple such as ``(logits, features)`` gets the hint to keep
+    its first element)."""
+    if (
+        isinstance(output, Tensor)
+        and output.dim() == 2
+        and output.is_floating_point()
+        and (n is None or output.shape[0] == n)
+    ):
+        return output
+    if isinstance(output, Tensor):
+        got = f"a {output.dtype} tensor of shape {tuple(output.shape)}"
+    else:
+        got = type(output).__name__
+    if isinstance(output, (tuple, list)):
+        got += " of " + ", ".join(
+            f"{tuple(item.shape)}" if isinstance(item, Tensor) else type(item).__name__
+            for item in output
+        )
+        remedy = (
+            " If its first element holds the logits, wrap the model in an nn.Module whose "
+            "forward returns model(x)[0]."
+            if module_only
+            else " If its first element holds the logits, pass lambda x: model(x)[0]."
+        )
+    else:
+        remedy = ""
+    examples = "" if n is None else f" for N={n} examples"
+    raise ValueError(f"`model` must return (N, classes) logits{examples}, got {got}.{remedy}")
+
+
 def _as_labels(labels, logits: Tensor) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
@@ -333,7 +365,8 @@ def weight_gradient_norm(
     the generator's parameters) so that nothing accumulates into the model's ``.grad``.
 
     Args:
-        model (nn.Module): The model ``f`` (logits ``N x K``).
+        model (nn.Module): The model ``f``; it must return ``N x K`` logits (else a
+            ValueError naming ``model``).
         inputs (Tensor): ``N x ...`` inputs in the model's input space.
         labels (Tensor): ``N`` class indices, or ``N x K`` conditioning vectors (argmax).
         squared (bool, optional): Return the squared norm. Default: True
@@ -366,7 +399,11 @@ def weight_gradient_norm(
         for p in params:
             p.requires_grad_(True)
         with gradients_on():
-            logits = call_model(model, (inputs,))
+            logits = _check_model_logits(
+                call_model(model, (inputs,)),
+                inputs.shape[0] if inputs.dim() else None,
+                module_only=True,
+            )
             labels = _as_labels(labels, logits)
             loss = F.cross_entropy(at_least_float32(logits), labels)
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
@@ -395,7 +432,8 @@ def perturbed_kl_ce(
 
     Args:
         model (nn.Module or callable): The model (used as it is; the trainers run
-            it frozen in eval mode).
+            it frozen in eval mode); it must return ``N x K`` logits (else a ValueError
+            naming ``model``).
         pixels (Tensor): ``N x C x H x W`` pixels (in [0, 1] in the trainers).
         conditioning (Tensor): ``N x K`` conditioning vectors (one-hot for labels).
         eps (float, optional): Perturbation size in pixel units. Default: 0.1
@@ -427,6 +465,8 @@ def perturbed_kl_ce(
     signs = torch.randint(0, 2, pixels.shape, generator=generator, device=pixels.device)
     perturbed = pixels + eps * (2 * signs.to(pixels.dtype) - 1)
     inputs = perturbed if preprocess is None else preprocess(perturbed)
-    logits = at_least_float32(model(inputs))
+    logits = at_least_float32(
+        _check_model_logits(model(inputs), pixels.shape[0], module_only=False)
+    )
     conditioning = conditioning.to(logits.dtype)
     return kl_to_conditioning(logits, conditioning) + cross_entropy_to_labels(logits, conditioning)
