@@ -134,6 +134,8 @@ def draw(
             )
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    elif not isinstance(ax, plt.Axes):
+        raise TypeError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}.")
 
     order = _stage_order(graph)
     columns = [_kept_nodes(graph, layer, max_nodes_per_layer) for layer in order]

