@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 import torch
@@ -48,6 +49,35 @@ def test_a_folder_as_the_path_is_refused_naming_it_and_leaves_nothing(tmp_path):
     with pytest.raises(IsADirectoryError, match="a folder, not a file"):
         to_json(nx.DiGraph(), folder)
     assert list(folder.iterdir()) == [] and sorted(tmp_path.iterdir()) == [folder]
+
+
+def test_a_symlink_is_written_through_and_a_fifo_in_place(tmp_path):
+    """``os.replace`` over the path replaced a user's symbolic link with a file (its target
+    never written) and a named pipe with a file (its reader got nothing); as root, ``--out
+    /dev/null`` replaced the device."""
+    import threading
+
+    target = tmp_path / "real" / "scores.csv"
+    target.parent.mkdir()
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    with atomic_path(link) as temp:
+        temp.write_text("through the link")
+    assert link.is_symlink() and target.read_text() == "through the link"
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes on this platform")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    with atomic_path(pipe) as temp:
+        temp.write_bytes(b"to the reader")
+    reader.join(timeout=60)
+    assert received == [b"to the reader"]
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "real"]
 
 
 def test_checkpoint_round_trip_with_generator_state(tmp_path):

@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -92,26 +93,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` left by a process that was killed before it could clean up
     (``.NAME.XXXXXXXX.tmp``) are removed first; two processes must not write the same
     ``path`` at the same time (under ``torch.distributed`` only rank 0 writes)."""
-    path = Path(path).expanduser()
-    if path.is_dir():  # else the rename fails, naming the temporary file
-        raise IsADirectoryError(errno.EISDIR, "a folder, not a file to write", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    try:
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:  # a read-only folder: name the file asked for, not the temporary
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    path, special = _write_target(path)
+    if special:  # a pipe or device (/dev/stdout): written in place, after the block succeeds
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        try:
+            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as error:  # a read-only folder: name the file asked for, not the temp
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     try:
         os.close(handle)
         yield Path(temp)
-        os.chmod(temp, 0o666 & ~_umask())
-        os.replace(temp, path)
+        if special:
+            with open(temp, "rb") as source, open(path, "wb") as destination:
+                shutil.copyfileobj(source, destination)
+            os.unlink(temp)
+        else:
+            os.chmod(temp, 0o666 & ~_umask())
+            os.replace(temp, path)
     except BaseException as error:
         Path(temp).unlink(missing_ok=True)
         named = _named_write_error(error, path)
         if named is not None:
             raise named from error
         raise
+
+
+def _write_target(path: str | os.PathLike) -> tuple[Path, bool]:
+    """Where writing ``path`` must go, and whether it is a pipe or device written in place.
+
+    A symbolic link is followed (renaming over it would replace the user's link with a file
+    and leave its target unwritten), a folder or a socket is refused naming ``path``, and an
+    existing pipe or device (``/dev/stdout``, a FIFO) cannot be replaced by a rename: it
+    is written directly (renaming over ``/dev/null`` as root replaced the device)."""
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        path = path.resolve()
+    if path.is_dir():  # else the rename fails, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file to write", str(path))
+    if path.is_socket():
+        raise OSError(errno.EINVAL, "a socket, not a file to write", str(path))
+    return path, path.exists() and not path.is_file()
 
 
 def _named_write_error(error: BaseException, path: Path) -> OSError | None:
@@ -140,9 +164,13 @@ def check_writable(path: str | os.PathLike, *, folder: bool) -> None:
     is created there), and the disk must not be full (under 1 MiB free). The temporaries of
     an earlier writer of ``path`` that was killed are removed."""
     path = Path(path).expanduser()
+    if not folder:
+        path, special = _write_target(path)
+        if special:  # written in place: it must be writable itself
+            if not os.access(path, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return
     target = path if folder else path.parent
-    if not folder and path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
     existing = target.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
