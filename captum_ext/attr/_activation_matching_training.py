@@ -35,7 +35,7 @@ from .._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from .._utils.validation import check_int, check_number
+from .._utils.validation import check_flag, check_int, check_number
 from ._mask_net import MaskUNet, unet_config_from_state_dict
 
 
@@ -118,6 +118,8 @@ def fit_mask_net(
     if _is_tensor_batch(data):  # (images, labels, ...) as tensors: their examples
         data = TensorDataset(*data)
     epochs = check_int(epochs, "epochs")
+    progress = check_flag(progress, "progress")
+    resume = check_flag(resume, "resume")
     lr_given = lr is not None
     lr = check_lr(3e-4 if lr is None else lr)
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
@@ -145,8 +147,6 @@ def fit_mask_net(
     if resume and checkpoint is None:
         raise ValueError("`resume`=True needs a `checkpoint` path.")
     writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
-    if not isinstance(resume, bool):
-        raise TypeError(f"`resume` must be a bool, got {type(resume).__name__}.")
     base_seed = resolve_seed(generator, seed)
     shard = distributed_shard()
     rank, world = shard if shard is not None else (0, 1)

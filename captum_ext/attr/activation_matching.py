@@ -32,6 +32,7 @@ from .._utils.training import (
     unwrap_distributed,
 )
 from .._utils.validation import (
+    check_flag,
     check_int,
     class_selection,
     format_inputs,
@@ -174,7 +175,8 @@ class ActivationMatchingResult:
         explanation_confidence: (N,) softmax f(e) at y.
         active_fraction: (N,) mean of m over the pixels.
         sufficiency: (N,) fraction of the K random backgrounds r ~ N(0, 1) for which
-            argmax f(m * x + (1 - m) * r) == y.
+            argmax f(m * x + (1 - m) * r) == y; NaN for every example when the read-out was
+            skipped (``sufficiency_samples=0``).
         necessity: (N,) z_y(x) - z_y((1 - m) * x + m * baseline), the drop of the target
             logit when only the complement is shown (larger: the kept pixels are needed).
         fits: (N,) int64, per-image mode: how many fits the image took, 1 plus the restarts
@@ -201,6 +203,26 @@ class ActivationMatchingResult:
     fits: Tensor | None = None
     pruned: Tensor | None = None
     start: Tensor | None = None
+
+
+def _check_finite_baseline(baseline: float | Tensor) -> None:
+    """Refuse a NaN or infinite ``baseline``: the explanation e = m * x + (1 - m) * b would
+    hold it in every masked-out pixel (and the objective would be NaN) while the mask looks
+    fine."""
+    if isinstance(baseline, Tensor):
+        finite = baseline.is_meta or bool(torch.isfinite(baseline.detach()).all())
+    else:
+        finite = math.isfinite(float(baseline))
+    if not finite:
+        what = (
+            "`baseline` contains NaN or infinite values"
+            if isinstance(baseline, Tensor)
+            else f"`baseline`={baseline!r} is not finite"
+        )
+        raise ValueError(
+            f"{what}; the masked-out pixels of the explanation take its value, so it must "
+            "be finite (e.g. 0.0, the normalised mean colour)."
+        )
 
 
 class _HalfModelOnFloat32:
@@ -453,6 +475,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             )
         if isinstance(baseline, Tensor) and not baseline.is_floating_point():
             raise TypeError(f"`baseline` must be a floating-point tensor, got {baseline.dtype}.")
+        _check_finite_baseline(baseline)
         self.baseline = baseline
         if isinstance(necessity_margin, bool) or not isinstance(necessity_margin, int | float):
             raise TypeError(f"`necessity_margin` must be a number, got {necessity_margin!r}.")
@@ -490,6 +513,7 @@ class ActivationMatchingMask(PerturbationAttribution):
 
     def _baseline_for(self, x: Tensor) -> Tensor:
         baseline = self.baseline
+        _check_finite_baseline(baseline)  # also a value set on the attribute afterwards
         if not isinstance(baseline, Tensor):
             return torch.tensor(float(baseline), dtype=x.dtype, device=x.device)
         try:
@@ -663,7 +687,8 @@ class ActivationMatchingMask(PerturbationAttribution):
                 instead of (N, 1, H, W). Default: False.
             progress (bool, optional): tqdm bar over the per-image steps. Default: True.
             sufficiency_samples (int, optional): K, the random backgrounds of the
-                sufficiency read-out. Default: 8.
+                sufficiency read-out (K forward passes of the batch). 0 skips the read-out:
+                ``sufficiency`` in the details is then NaN for every example. Default: 8.
             keep (str, optional): which mask of a per-image fit is returned. ``"best"``
                 (DEFAULT, our choice; the papers do not say): the mask of the step with the
                 lowest loss among the steps whose hard mask is non-empty and keeps the class
@@ -742,6 +767,9 @@ class ActivationMatchingMask(PerturbationAttribution):
         steps = check_int(steps, "steps")
         lr = check_lr(lr)
         sufficiency_samples = check_int(sufficiency_samples, "sufficiency_samples", minimum=0)
+        return_details = check_flag(return_details, "return_details")
+        broadcast = check_flag(broadcast, "broadcast")
+        progress = check_flag(progress, "progress")
         if keep not in ("best", "last"):
             raise ValueError(f"`keep`={keep!r}: expected 'best' or 'last'.")
         batch_size = check_int(batch_size, "batch_size")
@@ -854,8 +882,8 @@ class ActivationMatchingMask(PerturbationAttribution):
                 ``probabilities`` (the order of the pass) and ``target`` are used.
             max_passes (int, optional): at most this many passes. Default: None, until a
                 pass drops nothing (as ``prune=True``).
-            sufficiency_samples (int, optional): K of the new sufficiency read-out.
-                Default: 8.
+            sufficiency_samples (int, optional): K of the new sufficiency read-out; 0 skips
+                it (``sufficiency`` is then NaN). Default: 8.
             seed (int, optional): seed of its backgrounds (as ``seed`` of ``attribute``;
                 default 0).
 

@@ -61,6 +61,19 @@ def _check_same_examples_on_every_rank(count: int, world: int) -> None:
         )
 
 
+def _label_tensor(labels: Any) -> Tensor:
+    """``labels`` (a tensor, a numpy array or a list of ints) as a tensor of integer class
+    indices; float, complex or boolean labels are refused, naming ``labels`` (a cast would
+    truncate 3.7 to class 3 without a word)."""
+    try:
+        tensor = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`labels` must hold integer class indices: {error}") from None
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"`labels` must hold integer class indices, got {tensor.dtype}.")
+    return tensor
+
+
 def make_head(in_features: int, num_classes: int, hidden_width: int = 256) -> nn.Sequential:
     """Stage 2: an MLP with three linear layers (ReLU between them), as in the paper."""
     in_features = check_int(in_features, "in_features")
@@ -337,7 +350,10 @@ class IntrospectiveNetwork(nn.Module):
         Args:
             inputs_or_loader: a tensor of inputs (with ``labels``), or an iterable of
                 ``(inputs, labels)`` batches such as a ``DataLoader``.
-            labels (Tensor, optional): ``(N,)`` class indices, with a tensor of inputs.
+            labels (Tensor, optional): ``(N,)`` integer class indices in ``[0, C)`` (a tensor,
+                a numpy integer array or a list of ints), with a tensor of inputs; float
+                labels are refused with a ``TypeError``, not rounded. A given ``head`` must
+                map the introspective features to ``C`` logits (``ValueError`` otherwise).
             epochs (int): passes over the features (in all, counting those a resumed
                 checkpoint holds). Default: 10.
             batch_size (int): examples per step. Default: 128.
@@ -382,6 +398,8 @@ class IntrospectiveNetwork(nn.Module):
                 f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
                 f"[{int(targets.min())}, {int(targets.max())}]."
             )
+        if self.head is not None:
+            self._check_head(features, num_classes)
         # the seed drives the head's initialisation and random layers without resetting the
         # caller's RNG (CPU, and the CUDA device the head trains on)
         device = self._training_device(features)
@@ -397,6 +415,51 @@ class IntrospectiveNetwork(nn.Module):
                 features, targets, num_classes, epochs, batch_size, lr, weight_decay,
                 checkpoint_dir, resume, progress, seed,
             )  # fmt: skip
+
+    def _check_head(self, features: Tensor, num_classes: int) -> None:
+        """Refuse a given head that does not map the introspective features (N, F) to the
+        model's (N, C) logits, naming ``head`` with both sizes (torch fails deep inside the
+        training otherwise, or a head with fewer outputs fits and predicts too few classes).
+        The head is run once on one example, in eval mode and without gradients; its state
+        is left as it was."""
+        head = self.head
+        assert head is not None
+        size = features.shape[1]
+        where = f"(at layer {self.layer or 'its final linear layer'}, form {self.form!r})"
+        takes = getattr(head[0], "in_features", None) if isinstance(head, nn.Sequential) else None
+        if isinstance(takes, int) and takes > 0 and takes != size:
+            raise ValueError(
+                f"`head` takes {takes} input features, but the introspective features of this "
+                f"model {where} have {size}; give a head that takes {size} features "
+                f"(e.g. make_head({size}, {num_classes})), or head=None to build one."
+            )
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in head.parameters()):
+            return  # a lazy head takes its sizes from its first batch
+        first = next(head.parameters(), None)
+        sample = features[:1]
+        if first is not None:
+            sample = sample.to(device=first.device, dtype=first.dtype)
+        try:
+            with preserved_state([head]), torch.no_grad():
+                head.eval()
+                output = head(sample)
+        except RuntimeError as error:
+            raise ValueError(
+                f"`head` cannot take the introspective features of this model {where}, "
+                f"{size} per example: {error}"
+            ) from None
+        outputs = output.shape[1] if isinstance(output, Tensor) and output.dim() == 2 else None
+        if outputs != num_classes:
+            got = (
+                f"{outputs} outputs"
+                if outputs is not None
+                else f"an output of shape {tuple(getattr(output, 'shape', ()))}"
+            )
+            raise ValueError(
+                f"`head` gives {got} per example, but the model has {num_classes} classes; "
+                f"give a head with {num_classes} outputs (e.g. make_head({size}, "
+                f"{num_classes})), or head=None to build one."
+            )
 
     def _training_device(self, features: Tensor) -> torch.device:
         """Where the head trains: a given head's device, else the features'."""
@@ -526,7 +589,7 @@ class IntrospectiveNetwork(nn.Module):
                 )
             if labels is None:
                 raise ValueError("`labels` is required when `inputs_or_loader` is a tensor.")
-            labels = torch.as_tensor(labels)
+            labels = _label_tensor(labels)
             if labels.dim() != 1 or labels.shape[0] != inputs_or_loader.shape[0]:
                 raise ValueError(
                     f"`labels` must have shape ({inputs_or_loader.shape[0]},) to match the "
@@ -548,7 +611,7 @@ class IntrospectiveNetwork(nn.Module):
                     f"'pixel_values' and 'labels', got {type(batch).__name__}"
                     + (" without labels." if isinstance(batch, (tuple, list)) else ".")
                 )
-            x, y = batch[0], torch.as_tensor(batch[1])
+            x, y = batch[0], _label_tensor(batch[1])
             if first is None:
                 first = tuple(t[:1] for t in x) if isinstance(x, (tuple, list)) else (x[:1],)
             features.append(self.features(x))

@@ -35,7 +35,12 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.validation import check_int, model_device_dtype, refuse_ignored_settings
+from captum_ext._utils.validation import (
+    check_int,
+    model_device_dtype,
+    model_input_dtype,
+    refuse_ignored_settings,
+)
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
 from captum_ext.inversion._features import _feature_tap, count_classes
 from captum_ext.inversion.conditioning import _check_labels, one_hot_vectors
@@ -333,6 +338,23 @@ class NetworkInversion:
     def _probe_classes(model, input_shape, device, dtype) -> int:
         return count_classes(model, input_shape, device, dtype)
 
+    def _check_model_dtype(self, model: nn.Module) -> None:
+        """Refuse a model whose floating-point parameters and buffers (all of one dtype)
+        differ in dtype from the generator's: its images would reach the model in the
+        generator's dtype, and torch fails deep inside the first layer ("Input type (float)
+        and bias type (double) should be the same"). A model mixing dtypes, or without
+        parameters, is not checked."""
+        model_dtype = model_input_dtype(model)
+        generator_dtype = next(self.generator.parameters()).dtype
+        if model_dtype is not None and model_dtype != generator_dtype:
+            raise ValueError(
+                f"`model` is in {model_dtype} but the generator (`generator_net`) is in "
+                f"{generator_dtype}: the generated images must reach the model in its dtype. "
+                f"Move the generator to the model's dtype first, "
+                f"`inversion.generator.to({model_dtype})` (its optimiser state follows at the "
+                f"next fit), or the model back to {generator_dtype}."
+            )
+
     @property
     def model(self) -> nn.Module:
         """The frozen model; assigning a new one checks it and finds its feature layer."""
@@ -344,6 +366,7 @@ class NetworkInversion:
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
         gen = self.generator
         param = next(gen.parameters())
+        self._check_model_dtype(model)  # else the probe below fails and blames `input_shape`
         classes = self._probe_classes(model, gen.out_shape, param.device, param.dtype)
         if classes != gen.num_classes:
             raise ValueError(
@@ -506,11 +529,28 @@ class NetworkInversion:
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
         writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
+        # the classifier as it is now: moved to another dtype since the generator was built
+        self._check_model_dtype(self.model)
         every = checkpoint_every or max(1, steps // 10)
         # with a checkpoint, an interrupted call leaves the object as it was before it, so
         # that resume=True continues from the file (or from here), not from a partial state
         with undone_on_failure(checkpoint is not None, self._fit_snapshot, self._fit_restore):
             return self._fit_steps(steps, batch_size, progress, checkpoint, resume, every)
+
+    def _optimizer_follows_generator(self) -> None:
+        """Adam's moment estimates in the dtype and on the device of their parameters: after
+        ``inversion.generator.to(torch.float64)`` (or to another device) following a fit,
+        they are still float32 (or elsewhere), and torch's Adam step fails on the mix.
+        Casting them keeps their values (what ``Optimizer.load_state_dict`` does)."""
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if (
+                    key != "step"
+                    and isinstance(value, Tensor)
+                    and value.is_floating_point()
+                    and (value.dtype != param.dtype or value.device != param.device)
+                ):
+                    state[key] = value.to(dtype=param.dtype, device=param.device)
 
     def _fit_snapshot(self) -> dict[str, Any]:
         """What a fit changes, copied (tensors to the CPU)."""
@@ -543,6 +583,7 @@ class NetworkInversion:
             start, fit_start = self._restore(state, steps, batch_size)
         if self._rng is None:
             self._init_rng(device)
+        self._optimizer_follows_generator()
 
         gen_params = [p for p in gen.parameters() if p.requires_grad]
         was_training = gen.training
