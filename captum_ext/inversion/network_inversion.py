@@ -501,8 +501,9 @@ class NetworkInversion:
                 counters, history and every rank's random state. Default: None
             checkpoint_every (int, optional): Default: ``max(1, steps // 10)``.
             resume (bool, optional): Continue the interrupted fit stored in ``checkpoint``
-                (same ``steps``, ``batch_size``, preset, ``lr``, ``betas``, ``seed`` and
-                number of processes: another setting is refused by name, not silently
+                (same ``steps``, ``batch_size``, preset, ``lr``, ``betas``, ``seed``, loss
+                ``weights``, ``eps``, ``feature_layer`` and number of processes: another
+                setting is refused by name, not silently
                 replaced by the checkpoint's optimiser and random state); the result is
                 bit-identical to an uninterrupted run on the same machine (under torchrun
                 the records of the steps before the resume are rank 0's on every rank: the
