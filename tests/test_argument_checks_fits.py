@@ -238,6 +238,27 @@ def _inversion() -> tuple[NetworkInversion, nn.Module]:
     return NetworkInversion(model, generator, batch_size=4, seed=1), model
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_that_casts_its_input_itself_is_not_refused(dtype):
+    """A low- or high-precision model behind ``x.to(dtype)`` with a float32 generator (mixed
+    precision) trained before the dtype check and must still."""
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+            self.body.to(dtype)
+
+        def forward(self, x):
+            return self.body(x.to(dtype)).float()
+
+    torch.manual_seed(0)
+    generator = ConditionedGenerator(3, (1, 8, 8), latent_dim=8, width=8)
+    inversion = NetworkInversion(Casting(), generator_net=generator, batch_size=4)
+    inversion.fit(2, progress=False)
+    assert len(inversion.history["loss"]) == 2
+
+
 def test_fit_after_model_double_names_both_dtypes():
     inversion, model = _inversion()
     inversion.fit(1, progress=False)

@@ -239,6 +239,10 @@ def test_one_layer_name_and_explainers_that_are_not_factories(digits):
     torch.testing.assert_close(one.randomised, listed.randomised)
     by_class = model_randomisation(Saliency, model, images[:2], layers="classifier")
     torch.testing.assert_close(by_class.randomised, listed.randomised)  # a class is a factory
+    top_first = model_randomisation(
+        Saliency, model, images[:2], layers=reversed(["features.6", "classifier"])
+    )
+    assert top_first.layers == ["classifier", "features.6"]  # any iterable of names
     with pytest.raises(TypeError, match="`layers` must be a module name or a list"):
         model_randomisation(lambda m: Saliency(m), model, images[:2], layers=[3])
     for function in (model_randomisation, class_sensitivity):

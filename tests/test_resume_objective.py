@@ -121,6 +121,26 @@ def test_activation_matching_resume_with_the_same_objective_is_the_uninterrupted
     assert _same_parameters(resumed.mask_net, full.mask_net)
 
 
+def test_a_number_baseline_and_the_same_value_as_a_float32_tensor_are_one_objective(tmp_path):
+    """0.1 and float32(0.1) differ in float64 but the fit casts either to the images' dtype:
+    the resume refused the very baseline it trained with."""
+    from captum_ext.attr._activation_matching_training import _same_baseline
+
+    assert _same_baseline(0.1, torch.tensor(0.1, dtype=torch.float32))
+    assert _same_baseline(0.1, torch.tensor(0.1, dtype=torch.float64))
+    assert not _same_baseline(0.1, torch.tensor(0.1000001, dtype=torch.float64))
+    model = make_tiny_cnn()
+    path = tmp_path / "m.pt"
+    _am_fit(ActivationMatchingMask(model, AM_LAYERS, baseline=0.1), epochs=1, checkpoint=path)
+    as_tensor = torch.tensor(0.1, dtype=torch.float32)
+    _am_fit(
+        ActivationMatchingMask(model, AM_LAYERS, baseline=as_tensor),
+        epochs=2,
+        checkpoint=path,
+        resume=True,
+    )
+
+
 def test_activation_matching_checkpoint_without_the_objective_resumes_with_the_defaults(
     tmp_path,
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,23 @@ def test_a_symlink_is_written_through_and_a_fifo_in_place(tmp_path):
     assert received == [b"to the reader"]
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe", "real"]
+
+    # `--out /dev/stdout` into a pipe: /proc/self/fd/N links to "pipe:[...]", no path
+    read_end, write_end = os.pipe()
+    try:
+        descriptor = Path(f"/proc/self/fd/{write_end}")
+        if descriptor.exists():
+            with atomic_path(descriptor) as temp:
+                temp.write_bytes(b"piped")
+            assert os.read(read_end, 100) == b"piped"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    folder_link = tmp_path / "folder_link"
+    folder_link.symlink_to(target.parent)
+    with pytest.raises(IsADirectoryError) as caught, atomic_path(folder_link):
+        pass
+    assert caught.value.filename == str(folder_link)  # the path given, not its target
 
 
 def test_checkpoint_round_trip_with_generator_state(tmp_path):

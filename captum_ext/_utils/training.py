@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -124,18 +125,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def _write_target(path: str | os.PathLike) -> tuple[Path, bool]:
     """Where writing ``path`` must go, and whether it is a pipe or device written in place.
 
-    A symbolic link is followed (renaming over it would replace the user's link with a file
-    and leave its target unwritten), a folder or a socket is refused naming ``path``, and an
-    existing pipe or device (``/dev/stdout``, a FIFO) cannot be replaced by a rename: it
-    is written directly (renaming over ``/dev/null`` as root replaced the device)."""
-    path = Path(path).expanduser()
-    if path.is_symlink():
-        path = path.resolve()
-    if path.is_dir():  # else the rename fails, naming the temporary file
-        raise IsADirectoryError(errno.EISDIR, "a folder, not a file to write", str(path))
-    if path.is_socket():
-        raise OSError(errno.EINVAL, "a socket, not a file to write", str(path))
-    return path, path.exists() and not path.is_file()
+    What ``path`` is, is read as ``open`` would see it (symbolic links followed). A symbolic
+    link to a regular file (or to nothing yet) is followed to its target (renaming over the
+    link would replace the user's link with a file and leave its target unwritten); a pipe
+    or device, also through a link (``/dev/stdout`` piped: ``/proc/self/fd/1`` leads to
+    ``pipe:[...]``, which is no path), is written in place as given (renaming over
+    ``/dev/null`` as root replaced the device); a folder, a socket or a link loop is
+    refused naming ``path`` as given."""
+    given = Path(path).expanduser()
+    try:
+        mode = os.stat(given).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:  # a link loop, a name too long, ...
+        raise OSError(error.errno, error.strerror or str(error), str(given)) from None
+    if mode is not None and stat.S_ISDIR(mode):  # else the rename names the temporary file
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file to write", str(given))
+    if mode is not None and stat.S_ISSOCK(mode):
+        raise OSError(errno.EINVAL, "a socket, not a file to write", str(given))
+    if mode is not None and not stat.S_ISREG(mode):
+        return given, True
+    return (given.resolve() if given.is_symlink() else given), False
 
 
 def _named_write_error(error: BaseException, path: Path) -> OSError | None:

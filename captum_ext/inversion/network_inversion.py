@@ -340,20 +340,27 @@ class NetworkInversion:
 
     def _check_model_dtype(self, model: nn.Module) -> None:
         """Refuse a model whose floating-point parameters and buffers (all of one dtype)
-        differ in dtype from the generator's: its images would reach the model in the
-        generator's dtype, and torch fails deep inside the first layer ("Input type (float)
-        and bias type (double) should be the same"). A model mixing dtypes, or without
-        parameters, is not checked."""
+        differ in dtype from the generator's *and* that fails on the generator's images:
+        torch fails deep inside the first layer ("Input type (float) and bias type (double)
+        should be the same"), and the class probe would blame ``input_shape``. A model that
+        casts its input itself (a float64 or bfloat16 model behind ``x.to(dtype)``), one
+        mixing dtypes, or one without parameters, is not refused."""
         model_dtype = model_input_dtype(model)
-        generator_dtype = next(self.generator.parameters()).dtype
-        if model_dtype is not None and model_dtype != generator_dtype:
+        param = next(self.generator.parameters())
+        if model_dtype is None or model_dtype == param.dtype:
+            return
+        try:
+            self._probe_classes(model, self.generator.out_shape, param.device, param.dtype)
+        except (RuntimeError, ValueError) as error:
+            cause = error.__cause__ or error  # the probe's ValueError wraps torch's error
             raise ValueError(
                 f"`model` is in {model_dtype} but the generator (`generator_net`) is in "
-                f"{generator_dtype}: the generated images must reach the model in its dtype. "
+                f"{param.dtype}, and the model fails on the generator's images "
+                f"({type(cause).__name__}: {cause}). "
                 f"Move the generator to the model's dtype first, "
                 f"`inversion.generator.to({model_dtype})` (its optimiser state follows at the "
-                f"next fit), or the model back to {generator_dtype}."
-            )
+                f"next fit), or the model back to {param.dtype}."
+            ) from error
 
     @property
     def model(self) -> nn.Module:

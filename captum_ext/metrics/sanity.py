@@ -340,10 +340,12 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
     if isinstance(layers, str):  # one layer (a string is a sequence of its characters)
         layers = [layers]
     if layers is not None:
-        if not isinstance(layers, Sequence) or not all(isinstance(n, str) for n in layers):
-            raise TypeError(
-                f"`layers` must be a module name or a list of module names, got {layers!r}."
-            )
+        try:  # any iterable of names: a list, reversed(...), dict keys, a numpy array
+            layers = [str(name) if isinstance(name, str) else name for name in layers]
+        except TypeError:
+            layers = None
+        if layers is None or not all(isinstance(name, str) for name in layers):
+            raise TypeError("`layers` must be a module name or a list of module names.")
         layers = [eager_name(name, modules) for name in layers]
         missing = [name for name in layers if name not in modules]
         if missing:

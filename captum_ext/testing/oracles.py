@@ -118,9 +118,9 @@ class DominantColourCounter(nn.Module):
 
     def __init__(self, palette: Tensor) -> None:
         super().__init__()
-        if not isinstance(palette, Tensor) or palette.dim() != 2 or not palette.is_floating_point():
+        if not isinstance(palette, Tensor) or palette.dim() != 2 or palette.is_complex():
             raise TypeError(
-                "`palette` must be a (colours, channels) floating-point tensor, got "
+                "`palette` must be a real (colours, channels) tensor, got "
                 + (
                     f"{palette.dtype} {tuple(palette.shape)}"
                     if isinstance(palette, Tensor)
@@ -128,6 +128,8 @@ class DominantColourCounter(nn.Module):
                 )
                 + "."
             )
+        if not palette.is_floating_point():  # integer or bool colours (0 / 1)
+            palette = palette.float()
         k, c = palette.shape
         # the layers' default initialisation (overwritten below) must not draw from the
         # caller's random stream
