@@ -141,9 +141,9 @@ def test_a_number_baseline_and_the_same_value_as_a_float32_tensor_are_one_object
     )
 
 
-def test_activation_matching_checkpoint_without_the_objective_resumes_with_the_defaults(
-    tmp_path,
-):
+def test_activation_matching_checkpoint_without_the_objective_resumes_uncompared(tmp_path):
+    """A checkpoint written before the objective was recorded cannot tell which settings it
+    was fitted with (the user's, not necessarily the defaults): it resumes, as before."""
     model = make_tiny_cnn()
     full = _am_fit(ActivationMatchingMask(model, AM_LAYERS), epochs=2)
     path = tmp_path / "m.pt"
@@ -154,14 +154,15 @@ def test_activation_matching_checkpoint_without_the_objective_resumes_with_the_d
     )
     assert resumed.history == full.history
     assert _same_parameters(resumed.mask_net, full.mask_net)
-    # such a fit ran with the default objective: another one is refused
-    with pytest.raises(ValueError, match=re.escape("`baseline`=-0.5 (the checkpoint's: 0.0)")):
-        _am_fit(
-            ActivationMatchingMask(model, AM_LAYERS, baseline=-0.5),
-            epochs=2,
-            checkpoint=_without(path, tmp_path / "old2.pt", "objective"),
-            resume=True,
-        )
+    # fitted with another baseline than the default: still resumes (nothing to compare)
+    custom = tmp_path / "custom.pt"
+    _am_fit(ActivationMatchingMask(model, AM_LAYERS, baseline=-0.5), epochs=1, checkpoint=custom)
+    _am_fit(
+        ActivationMatchingMask(model, AM_LAYERS, baseline=-0.5),
+        epochs=2,
+        checkpoint=_without(custom, tmp_path / "old2.pt", "objective"),
+        resume=True,
+    )
     # a loss weight added since the checkpoint was written: compared with its default
     state = dict(load_checkpoint(path))
     weights = {k: v for k, v in state["objective"]["weights"].items() if k != "conf"}

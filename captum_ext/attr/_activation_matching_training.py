@@ -202,7 +202,13 @@ def fit_mask_net(
                 f"{saved_epoch + (1 if saved_position else 0)}, or start a new fit without "
                 "`resume`."
             )
-        differ = objective_differences(objective, state.get("objective") or {})
+        # a checkpoint written before the objective was recorded: the settings it was fitted
+        # with cannot be told (they were the user's, not necessarily the defaults), so they
+        # are not compared, as before
+        saved_objective = state.get("objective")
+        differ = (
+            [] if saved_objective is None else objective_differences(objective, saved_objective)
+        )
         if differ:
             raise ValueError(
                 f"`resume`: the objective settings {', '.join(differ)} differ from those "

@@ -134,14 +134,17 @@ def _check_resumed_settings(
     saved state would set the old ``lr`` and ``weight_decay`` back, the saved generator the
     old seed's order, a checkpoint past ``epochs`` would be returned as it is, and other
     ``features`` (form, k, normalize, layer) would train the head on another objective.
-    A feature setting the checkpoint lacks is compared with its default."""
+    A checkpoint written before the feature settings were recorded is not compared for them
+    (they cannot be told); a single setting it lacks is compared with its default."""
     where = f"the checkpoint in `checkpoint_dir` ({str(path)!r})"
-    saved_features = {**_FEATURE_DEFAULTS, **(state.get("features") or {})}
-    differ = [
-        f"`{name}`={value!r} (the checkpoint's: {saved_features[name]!r})"
-        for name, value in features.items()
-        if saved_features[name] != value
-    ]
+    differ = []
+    if state.get("features") is not None:
+        saved_features = {**_FEATURE_DEFAULTS, **state["features"]}
+        differ = [
+            f"`{name}`={value!r} (the checkpoint's: {saved_features[name]!r})"
+            for name, value in features.items()
+            if saved_features[name] != value
+        ]
     if differ:
         raise ValueError(
             f"`resume`: the feature settings {', '.join(differ)} differ from those {where} "

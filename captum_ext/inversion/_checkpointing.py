@@ -158,8 +158,8 @@ def _differing_settings(
     "`name`=value (the checkpoint's: value)": the optimiser's state would bring the old
     learning rate and betas back, and the random state the old seed's draws, without a word;
     and other loss weights, ``eps`` or feature layer would continue on another objective.
-    (Checkpoints written before the seed and batch size were recorded are not checked for
-    those; one written before the objective was recorded is compared with the defaults.)"""
+    (Checkpoints written before the seed, batch size or objective were recorded are not
+    checked for those.)"""
     own_group = inversion.optimizer.param_groups[0]
     saved_groups = state["optimizer"].get("param_groups") or [{}]
     ours = {"steps": steps, "seed": int(inversion.seed), "batch_size": int(batch_size)}
@@ -177,11 +177,10 @@ def _differing_settings(
             mine, saved = tuple(mine), tuple(saved) if saved is not None else None
         if saved is not None and mine != saved:
             differ.append(f"`{names[key]}`={mine!r} (the checkpoint's: {saved!r})")
-    # the objective: a setting the checkpoint lacks is compared with its default. A TIE
-    # (which passes its own `names`) builds its inversion with other weights than the
-    # preset's, and compares them itself through its recorded TIEConfig: its checkpoints
-    # written before the objective was recorded are not compared with the defaults here
-    if "objective" not in state and dict(names) != NETWORK_INVERSION_NAMES:
+    # the objective: a checkpoint written before it was recorded is not compared for it (the
+    # settings it was fitted with cannot be told: the user's, not necessarily the
+    # defaults); in a recorded one, a setting added since is compared with its default
+    if "objective" not in state:
         return differ
     own, saved_objective = objective_settings(inversion), _saved_objective(state)
     differ += _differing_weights(
