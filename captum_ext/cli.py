@@ -512,6 +512,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from captum_ext.bundled import load_bundled_model
     from captum_ext.data import DIGIT_CLASSES
     from captum_ext.data.loading import (
+        COMMAND_LINE_NAMES,
         ImageFolderDataset,
         check_class_names,
         check_folder_labels,
@@ -529,12 +530,18 @@ def _run_score(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         check_output(out, folder=False)
-    class_names = read_class_names(args.classes) if args.classes else None
+    flags = COMMAND_LINE_NAMES  # the loaders' errors name this command's options
+    class_names = read_class_names(args.classes, argument_names=flags) if args.classes else None
     if class_names is None and args.model is None:
         class_names = list(DIGIT_CLASSES)
     default_transform = "digits" if args.model is None else "imagenet"
     if args.images is None:  # the bundled sample digits, in memory
-        inputs = resolve_inputs(transform=args.transform, class_names=class_names, limit=args.limit)
+        inputs = resolve_inputs(
+            transform=args.transform,
+            class_names=class_names,
+            limit=args.limit,
+            argument_names=flags,
+        )
         dataset = TensorDataset(inputs.images, inputs.labels)
         labels, names = inputs.labels, inputs.names
     else:  # read batch by batch: a large folder never sits in memory whole
@@ -543,6 +550,7 @@ def _run_score(args: argparse.Namespace) -> int:
             default_transform if args.transform is None else args.transform,
             class_names=class_names,
             limit=args.limit,
+            argument_names=flags,
         )
         labels, names = dataset.labels, dataset.names
     images = default_collate([dataset[i] for i in range(min(2, len(dataset)))])[0]
@@ -551,7 +559,7 @@ def _run_score(args: argparse.Namespace) -> int:
         if args.model is None:
             model = load_bundled_model().to(device)
         else:
-            model = load_model(args.model, args.weights, device)
+            model = load_model(args.model, args.weights, device, argument_names=flags)
             images = to_model_input(images, model)  # float32 pixels, a half or float64 model
         check_model_takes(model, images[:2].to(device))  # images it cannot take: one line
         loaded = model

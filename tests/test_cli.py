@@ -584,11 +584,11 @@ def test_class_name_files_as_editors_write_them(tmp_path, capsys):
     assert read_class_names(bom) == ["cat", "dog"]
     blank = tmp_path / "blank.txt"
     blank.write_text("cat\n\ndog\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"`--classes` file .* has an empty line \(line 2\)"):
+    with pytest.raises(ValueError, match=r"`path` file .* has an empty line \(line 2\)"):
         read_class_names(blank)
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="`--classes` file .* is not UTF-8 text"):
+    with pytest.raises(ValueError, match="`path` file .* is not UTF-8 text"):
         read_class_names(latin)
 
 

@@ -125,7 +125,7 @@ def test_wrapped_and_data_parallel_state_dicts(tmp_path, factories):
 def test_weights_are_read_with_weights_only(tmp_path, factories):
     pickled = tmp_path / "whole_model.pt"
     torch.save(factories.small_cnn(), pickled)  # a pickled module, not a state dict
-    with pytest.raises(ValueError, match="--weights.*weights_only=True"):
+    with pytest.raises(ValueError, match="`weights`.*weights_only=True"):
         load_model("_factories:small_cnn", weights=pickled)
 
 
@@ -141,16 +141,16 @@ def test_safetensors_weights(tmp_path, factories):
 @pytest.mark.parametrize(
     ("spec", "error", "pattern"),
     [
-        ("missing/model.pt", FileNotFoundError, "--model.*not found"),
-        ("model.ts", FileNotFoundError, "--model.*not found"),
-        ("just_a_word", ValueError, "--model.*package.module:factory"),
-        ("no_such_package_xyz:build", ValueError, "--model.*cannot import"),
-        ("_factories:smal_cnn", ValueError, "--model.*no attribute.*small_cnn"),
-        ("_factories:NOT_CALLABLE", ValueError, "--model.*not a callable"),
-        ("_factories:needs_argument", ValueError, "--model.*without arguments"),
-        ("_factories:not_a_model", ValueError, "--model.*returned a int"),
-        (":small_cnn", ValueError, "--model"),
-        ("", ValueError, "--model"),
+        ("missing/model.pt", FileNotFoundError, "`spec`.*not found"),
+        ("model.ts", FileNotFoundError, "`spec`.*not found"),
+        ("just_a_word", ValueError, "`spec`.*package.module:factory"),
+        ("no_such_package_xyz:build", ValueError, "`spec`.*cannot import"),
+        ("_factories:smal_cnn", ValueError, "`spec`.*no attribute.*small_cnn"),
+        ("_factories:NOT_CALLABLE", ValueError, "`spec`.*not a callable"),
+        ("_factories:needs_argument", ValueError, "`spec`.*without arguments"),
+        ("_factories:not_a_model", ValueError, "`spec`.*returned a int"),
+        (":small_cnn", ValueError, "`spec`"),
+        ("", ValueError, "`spec`"),
     ],
 )
 def test_bad_model_specs_name_the_argument(factories, spec, error, pattern):
@@ -161,14 +161,14 @@ def test_bad_model_specs_name_the_argument(factories, spec, error, pattern):
 def test_model_spec_that_is_not_torchscript(tmp_path):
     junk = tmp_path / "notes.pt"
     junk.write_text("not a model")
-    with pytest.raises(ValueError, match="--model.*not a TorchScript file"):
+    with pytest.raises(ValueError, match="`spec`.*not a TorchScript file"):
         load_model(str(junk))
-    with pytest.raises(ValueError, match="--model.*directory"):
+    with pytest.raises(ValueError, match="`spec`.*directory"):
         load_model(str(tmp_path))
 
 
 def test_missing_weights_file(factories, tmp_path):
-    with pytest.raises(FileNotFoundError, match="--weights.*not found"):
+    with pytest.raises(FileNotFoundError, match="`weights`.*not found"):
         load_model("_factories:small_cnn", weights=tmp_path / "nope.pt")
 
 
@@ -178,7 +178,7 @@ def test_mismatched_state_dict_lists_keys(tmp_path, factories):
     state["extra.weight"] = torch.zeros(1)
     weights = tmp_path / "weights.pt"
     torch.save(state, weights)
-    with pytest.raises(ValueError, match="--weights") as caught:
+    with pytest.raises(ValueError, match="`weights`") as caught:
         load_model("_factories:small_cnn", weights=weights)
     message = str(caught.value)
     assert "missing" in message and "classifier.bias" in message
@@ -189,19 +189,19 @@ def test_state_dict_with_wrong_shapes(tmp_path, factories):
     other = factories.SmallCNN(num_classes=7).state_dict()
     weights = tmp_path / "weights.pt"
     torch.save(other, weights)
-    with pytest.raises(ValueError, match="--weights.*classifier.weight"):
+    with pytest.raises(ValueError, match="`weights`.*classifier.weight"):
         load_model("_factories:small_cnn", weights=weights)
 
 
 def test_state_dict_file_must_hold_tensors(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(ValueError, match="--weights.*state dict"):
+    with pytest.raises(ValueError, match="`weights`.*state dict"):
         load_state_dict_file(path)
 
 
 def test_bad_device(factories):
-    with pytest.raises(ValueError, match="--device"):
+    with pytest.raises(ValueError, match="`device`"):
         load_model("_factories:small_cnn", device="not-a-device")
 
 
@@ -434,7 +434,7 @@ def test_none_transform_keeps_pixels(tmp_path):
 
 def test_none_transform_needs_equal_sizes(image_folder, tmp_path):
     write_image(image_folder / "z_other_size.png", size=(30, 30))
-    with pytest.raises(ValueError, match="--images.*same size"):
+    with pytest.raises(ValueError, match="`directory`.*same size"):
         load_image_folder(image_folder, "none")
 
 
@@ -462,20 +462,20 @@ def test_callable_transform_limit_and_extensions(image_folder):
 
 
 def test_image_folder_errors(tmp_path, image_folder):
-    with pytest.raises(FileNotFoundError, match="--images.*not found"):
+    with pytest.raises(FileNotFoundError, match="`directory`.*not found"):
         load_image_folder(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="--images.*no images"):
+    with pytest.raises(ValueError, match="`directory`.*no images"):
         load_image_folder(empty)
-    with pytest.raises(ValueError, match="--transform"):
+    with pytest.raises(ValueError, match="`transform`"):
         load_image_folder(image_folder, "bicubic")
-    with pytest.raises(ValueError, match="--limit"):
+    with pytest.raises(ValueError, match="`limit`"):
         load_image_folder(image_folder, limit=0)
     (image_folder / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match="broken.png"):
         load_image_folder(image_folder)
-    with pytest.raises(ValueError, match="--transform.*C x H x W"):
+    with pytest.raises(ValueError, match="`transform`.*C x H x W"):
         load_image_folder(image_folder, lambda image: torch.zeros(5, 5), limit=1)
 
 

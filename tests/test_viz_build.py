@@ -175,9 +175,9 @@ def test_resolve_inputs_bundled_default():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"transform": "imagenet"}, "--transform"),
-        ({"limit": 0}, "--limit"),
-        ({"limit": True}, "--limit"),
+        ({"transform": "imagenet"}, "`transform`"),
+        ({"limit": 0}, "`limit`"),
+        ({"limit": True}, "`limit`"),
     ],
 )
 def test_resolve_inputs_bad_arguments_name_them(kwargs, pattern):
@@ -186,10 +186,10 @@ def test_resolve_inputs_bad_arguments_name_them(kwargs, pattern):
 
 
 def test_resolve_inputs_missing_or_empty_folder_names_images(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--images"):
+    with pytest.raises(FileNotFoundError, match="`images`"):
         resolve_inputs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="--images"):
+    with pytest.raises(ValueError, match="`images`"):
         resolve_inputs(tmp_path / "empty")
 
 

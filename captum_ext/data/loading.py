@@ -12,8 +12,10 @@ r"""Load the user's own model and images: no configuration files, no downloads.
 - :func:`default_cam_layer` and :func:`expose_layer`: which layer to explain, and a way to
   explain a layer inside a TorchScript model (whose submodules cannot carry hooks).
 
-Error messages name the argument, with the command-line flag first (``--model``,
-``--weights``, ``--images``, ``--layer``), so the command line can show them as they are.
+Error messages name the argument: the Python parameter (```spec```, ```weights```,
+```directory```), or, where the caller passes ``argument_names=COMMAND_LINE_NAMES`` as
+``captum-ext`` does, the command-line flag first (```--model` (spec)``, ```--weights```,
+```--images```), so the command line can show them as they are.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +104,51 @@ def _few(names: Sequence[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
+#: what ``captum-ext`` passes as ``argument_names`` to the loaders: their parameters by the
+#: names of its options, so that their errors name the flags
+COMMAND_LINE_NAMES: dict[str, str] = {
+    "spec": "--model",
+    "weights": "--weights",
+    "device": "--device",
+    "directory": "--images",
+    "images": "--images",
+    "transform": "--transform",
+    "limit": "--limit",
+    "path": "--classes",
+}
+
+
+def _names(argument_names: Mapping[str, str] | None) -> dict[str, str]:
+    """``argument_names`` checked, as a plain (picklable) dict."""
+    if argument_names is None:
+        return {}
+    if not isinstance(argument_names, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in argument_names.items()
+    ):
+        raise TypeError(
+            "`argument_names` must be a mapping of parameter names to the names shown in "
+            f"errors (str to str), got {type(argument_names).__name__}."
+        )
+    return dict(argument_names)
+
+
+def _arg(names: Mapping[str, str], name: str, *, python: bool = False) -> str:
+    """How an error names the parameter ``name``: ```name``` from Python; the flag that
+    ``names`` maps it to from the command line (```--model```, or ```--model` (spec)``
+    with ``python``)."""
+    shown = names.get(name, name)
+    if python and shown.startswith("--"):
+        return f"`{shown}` ({name})"
+    return f"`{shown}`"
+
+
+def _mention(names: Mapping[str, str], name: str) -> str:
+    """``name`` in a piece of advice: the bare flag (--weights) from the command line, else
+    ```weights```."""
+    shown = names.get(name, name)
+    return shown if shown.startswith("--") else f"`{shown}`"
+
+
 def _looks_like_path(spec: str) -> bool:
     return (
         "/" in spec
@@ -109,7 +159,7 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
+def _load_torchscript(path: Path, device: torch.device, names: Mapping[str, str]) -> nn.Module:
     try:
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream but is exactly what users hand us here.
@@ -119,40 +169,70 @@ def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         first = first.split(". ")[0].rstrip(".")
         raise ValueError(
-            f"`--model` (spec) {str(path)!r} is not a TorchScript file ({first}). Save one with "
-            "torch.jit.save(torch.jit.script(model), path), or pass 'package.module:factory' "
-            "and the weights with --weights."
+            f"{_arg(names, 'spec', python=True)} {str(path)!r} is not a TorchScript file "
+            f"({first}). Save one with torch.jit.save(torch.jit.script(model), path), or pass "
+            f"'package.module:factory' and the weights with {_mention(names, 'weights')}."
         ) from None
 
 
-def _load_exported(path: Path, device: torch.device) -> nn.Module:
+def _load_exported(path: Path, device: torch.device, names: Mapping[str, str]) -> nn.Module:
     from captum_ext.exported import FixedBatchError, load_exported
 
     try:
         return load_exported(path, device)
     except FixedBatchError as error:
-        raise ValueError(f"`--model` (spec): {error}") from None
+        raise ValueError(f"{_arg(names, 'spec', python=True)}: {error}") from None
     except (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"`--model` (spec) {str(path)!r} is not a torch.export archive ({first}). Save one "
+            f"{_arg(names, 'spec', python=True)} {str(path)!r} is not a torch.export archive "
+            f"({first}). Save one "
             "with torch.export.save(torch.export.export(model, (example,)), path)."
         ) from None
 
 
-def _import_factory(spec: str) -> Callable[[], Any]:
+@contextmanager
+def _current_folder_importable(module_name: str) -> Iterator[None]:
+    """Import ``module_name`` from the current folder too, as ``python -m`` does (the
+    installed ``captum-ext`` script does not put it on ``sys.path``): when it is not
+    importable otherwise and a module or package of its top-level name lies in the current
+    folder, the folder leads ``sys.path`` inside the block (the factory's call included) and
+    is taken off it again afterwards; the imported module stays imported."""
+    top = module_name.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = True  # let the import itself say what is wrong
+    folder = os.getcwd()
+    here = Path(folder)
+    if found or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+        yield
+        return
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if sys.path and sys.path[0] == folder:
+            del sys.path[0]
+        elif folder in sys.path:  # moved by the module: take off the entry put there
+            sys.path.remove(folder)
+
+
+def _import_factory(spec: str, names: Mapping[str, str]) -> Callable[[], Any]:
+    what = _arg(names, "spec", python=True)
     module_name, _, attribute = spec.partition(":")
     module_name, attribute = module_name.strip(), attribute.strip()
     if not module_name or not attribute:
         raise ValueError(
-            f"`--model` (spec) {spec!r}: expected 'package.module:factory' (e.g. "
+            f"{what} {spec!r}: expected 'package.module:factory' (e.g. "
             "'torchvision.models:resnet18') or the path of a TorchScript file."
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(
-            f"`--model` (spec) {spec!r}: cannot import module {module_name!r} ({error}). Is it "
+            f"{what} {spec!r}: cannot import module {module_name!r} ({error}). Is it "
             "installed, or on PYTHONPATH?"
         ) from None
     target: Any = module
@@ -162,27 +242,33 @@ def _import_factory(spec: str) -> Callable[[], Any]:
             close = difflib.get_close_matches(part, names, n=_LIST_AT_MOST, cutoff=0.5)
             hint = f" Closest names: {', '.join(close)}." if close else ""
             raise ValueError(
-                f"`--model` (spec) {spec!r}: {module_name!r} has no attribute {attribute!r}.{hint}"
+                f"{what} {spec!r}: {module_name!r} has no attribute {attribute!r}.{hint}"
             )
         target = getattr(target, part)
     if not callable(target):
         raise ValueError(
-            f"`--model` (spec) {spec!r}: {attribute!r} is a {type(target).__name__}, not a "
+            f"{what} {spec!r}: {attribute!r} is a {type(target).__name__}, not a "
             "callable that returns a model."
         )
     try:
         inspect.signature(target).bind()
     except TypeError:
         raise ValueError(
-            f"`--model` (spec) {spec!r}: {attribute!r} cannot be called without arguments; "
-            "write a small factory function that builds the model and point --model at it."
+            f"{what} {spec!r}: {attribute!r} cannot be called without arguments; "
+            f"write a small factory function that builds the model and point "
+            f"{_mention(names, 'spec')} at it."
         ) from None
     except ValueError:  # no signature available (some builtins): just try calling it
         pass
     return target
 
 
-def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, Tensor]:
+def load_state_dict_file(
+    weights: str | Path,
+    device: Any = "cpu",
+    *,
+    argument_names: Mapping[str, str] | None = None,
+) -> dict[str, Tensor]:
     r"""Read a state dict safely: ``torch.load(..., weights_only=True)`` or safetensors.
 
     Checkpoints that wrap the state dict as ``{"state_dict": ...}`` or
@@ -192,6 +278,9 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
         weights (str or Path): a file written by ``torch.save(model.state_dict(), path)``, or
             a ``.safetensors`` file (needs the ``safetensors`` package).
         device (str or torch.device, optional): where the tensors are loaded. Default: "cpu".
+        argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
+            ``{"weights": "--weights"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            Default: None (their Python names).
 
     Returns:
         dict[str, Tensor]: the state dict.
@@ -200,23 +289,25 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
         FileNotFoundError: the file does not exist.
         ValueError: the file cannot be read with ``weights_only=True`` or holds no state dict.
     """
+    names = _names(argument_names)
+    what = _arg(names, "weights")
     path = Path(weights).expanduser()
-    device = parse_device(device, argument="--device")
+    device = parse_device(device, argument=names.get("device", "device"))
     if not path.is_file():
-        raise FileNotFoundError(f"`--weights` file not found: {str(weights)!r}.")
+        raise FileNotFoundError(f"{_arg(names, 'weights')} file not found: {str(weights)!r}.")
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise ValueError(
-                f"`--weights` {str(weights)!r} is a safetensors file, but the safetensors "
+                f"{what} {str(weights)!r} is a safetensors file, but the safetensors "
                 "package is not installed (pip install safetensors)."
             ) from None
         try:
             loaded: Any = load_file(str(path), device=str(device))
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(
-                f"`--weights` {str(weights)!r} could not be read as safetensors: {error}"
+                f"{what} {str(weights)!r} could not be read as safetensors: {error}"
             ) from None
     else:
         try:
@@ -225,15 +316,15 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's terminal colours
             if "Weights only load failed" in text:
                 raise ValueError(
-                    f"`--weights` {str(weights)!r} holds pickled Python objects (a whole model "
+                    f"{what} {str(weights)!r} holds pickled Python objects (a whole model "
                     "saved with torch.save(model, path), or a checkpoint with objects in it), "
                     "which are never unpickled here (weights_only=True: unpickling runs code). "
                     "Save its state dict, torch.save(model.state_dict(), path), and give the "
-                    "architecture as --model."
+                    f"architecture as {_mention(names, 'spec')}."
                 ) from None
             first = text.splitlines()[0] if text else ""
             raise ValueError(
-                f"`--weights` {str(weights)!r} could not be loaded with weights_only=True "
+                f"{what} {str(weights)!r} could not be loaded with weights_only=True "
                 f"({type(error).__name__}: {first}). Save a plain state dict with "
                 "torch.save(model.state_dict(), path)."
             ) from None
@@ -244,14 +335,14 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
                 break
     if not isinstance(loaded, Mapping):
         raise ValueError(
-            f"`--weights` {str(weights)!r} does not hold a state dict (a mapping of parameter "
+            f"{what} {str(weights)!r} does not hold a state dict (a mapping of parameter "
             f"names to tensors); it holds a {type(loaded).__name__}."
         )
     odd = [(k, v) for k, v in loaded.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
     if odd:
         key, value = odd[0]
         raise ValueError(
-            f"`--weights` {str(weights)!r} does not hold a state dict (a mapping of parameter "
+            f"{what} {str(weights)!r} does not hold a state dict (a mapping of parameter "
             f"names to tensors): its entry {key!r} is of type {type(value).__name__}"
             + (f" ({len(odd)} entries are not tensors)" if len(odd) > 1 else "")
             + "; save model.state_dict() itself."
@@ -262,7 +353,10 @@ def load_state_dict_file(weights: str | Path, device: Any = "cpu") -> dict[str, 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _apply_state_dict(model: nn.Module, state_dict: dict[str, Tensor], weights: Any) -> None:
+def _apply_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], weights: Any, names: Mapping[str, str]
+) -> None:
+    what = _arg(names, "weights")
     model = uncompiled(model)  # a factory's torch.compile(model): load into its module
     expected = set(model.state_dict().keys())
     given = set(state_dict)
@@ -287,9 +381,9 @@ def _apply_state_dict(model: nn.Module, state_dict: dict[str, Tensor], weights: 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
         raise ValueError(
-            f"`--weights` {str(weights)!r} does not match the model {type(model).__name__}: "
+            f"{what} {str(weights)!r} does not match the model {type(model).__name__}: "
             + "; ".join(parts)
-            + ". Is --model the architecture these weights were trained with?"
+            + f". Is {_mention(names, 'spec')} the architecture these weights were trained with?"
         )
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -298,14 +392,18 @@ def _apply_state_dict(model: nn.Module, state_dict: dict[str, Tensor], weights: 
             str(error).strip()
         ]
         raise ValueError(
-            f"`--weights` {str(weights)!r} does not fit the model {type(model).__name__}: "
+            f"{what} {str(weights)!r} does not fit the model {type(model).__name__}: "
             + " ".join(details[:_LIST_AT_MOST])
-            + " Is --model the architecture these weights were trained with?"
+            + f" Is {_mention(names, 'spec')} the architecture these weights were trained with?"
         ) from None
 
 
 def load_model(
-    spec: str | os.PathLike, weights: str | Path | None = None, device: Any = "cpu"
+    spec: str | os.PathLike,
+    weights: str | Path | None = None,
+    device: Any = "cpu",
+    *,
+    argument_names: Mapping[str, str] | None = None,
 ) -> nn.Module:
     r"""Load the user's model, ready to explain (in eval mode, on ``device``).
 
@@ -313,7 +411,8 @@ def load_model(
         spec (str or PathLike): the path of a TorchScript file (``torch.jit.save``) or of a
             ``torch.export`` archive (``torch.export.save``, a ``.pt2`` file, read with
             :func:`captum_ext.exported.load_exported`), or
-            ``"package.module:factory"``: the module is imported and ``factory()`` is called
+            ``"package.module:factory"``: the module is imported (from ``sys.path``, else
+            from the current folder, as ``python -m`` does) and ``factory()`` is called
             with no arguments (``"torchvision.models:resnet18"`` builds a ResNet-18 with
             random weights; pass the trained ones with ``weights``). ``factory`` may be a
             dotted attribute (``"package.module:Class.build"``).
@@ -322,6 +421,9 @@ def load_model(
             arbitrary objects) or, for ``.safetensors`` files, with the ``safetensors``
             package. Loaded with ``strict=True``. Default: None (keep the factory's weights).
         device (str or torch.device, optional): where the model is put. Default: "cpu".
+        argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
+            ``{"spec": "--model"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            Default: None (their Python names: ```spec```, ```weights```, ```device```).
 
     Returns:
         nn.Module: the model in eval mode. TorchScript models are ``ScriptModule``\ s, and
@@ -341,31 +443,33 @@ def load_model(
         >>> torch.save(torchvision.models.resnet18().state_dict(), "r18.pt")
         >>> model = load_model("torchvision.models:resnet18", weights="r18.pt")
     """
+    names = _names(argument_names)
+    what = _arg(names, "spec", python=True)
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
-            f"`--model` (spec) must be a TorchScript file path or 'package.module:factory', "
-            f"got {spec!r}."
+            f"{what} must be a TorchScript file path or 'package.module:factory', got {spec!r}."
         )
     spec = spec.strip()
-    device = parse_device(device, argument="--device")
+    device = parse_device(device, argument=names.get("device", "device"))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".pt2":
-        model = _load_exported(path, device)
+        model = _load_exported(path, device, names)
     elif path.is_file():
-        model = _load_torchscript(path, device)
+        model = _load_torchscript(path, device, names)
     elif path.is_dir():
         raise ValueError(
-            f"`--model` (spec) {spec!r} is a directory; expected a TorchScript file or "
+            f"{what} {spec!r} is a directory; expected a TorchScript file or "
             "'package.module:factory'."
         )
     elif ":" in spec and not _looks_like_path(spec):
-        factory = _import_factory(spec)
-        model = factory()
+        with _current_folder_importable(spec.partition(":")[0].strip()):
+            factory = _import_factory(spec, names)
+            model = factory()
         if not isinstance(model, nn.Module):
             raise ValueError(
-                f"`--model` (spec) {spec!r}: the factory returned a {type(model).__name__}, "
+                f"{what} {spec!r}: the factory returned a {type(model).__name__}, "
                 "expected a torch.nn.Module."
             )
     elif _looks_like_path(spec):
@@ -373,19 +477,19 @@ def load_model(
         source_file = Path(source).expanduser()
         if source_file.suffix == ".py" and source_file.is_file():  # a file, not a module
             raise ValueError(
-                f"`--model` (spec) {spec!r} names a Python file; give its module instead, "
+                f"{what} {spec!r} names a Python file; give its module instead, "
                 f"'{source_file.stem}:{factory_name}', with {str(source_file.parent)!r} as the "
                 "current folder or on PYTHONPATH."
             )
-        raise FileNotFoundError(f"`--model` (spec) file not found: {spec!r}.")
+        raise FileNotFoundError(f"{what} file not found: {spec!r}.")
     else:
         raise ValueError(
-            f"`--model` (spec) {spec!r} is neither an existing TorchScript file nor "
+            f"{what} {spec!r} is neither an existing TorchScript file nor "
             "'package.module:factory' (e.g. 'torchvision.models:resnet18')."
         )
     if weights is not None:
-        state_dict = load_state_dict_file(weights, device)
-        _apply_state_dict(model, state_dict, weights)
+        state_dict = load_state_dict_file(weights, device, argument_names=names)
+        _apply_state_dict(model, state_dict, weights, names)
     return model.to(device).eval()
 
 
@@ -460,8 +564,8 @@ class LogitsOutput(nn.Module):
         output = _logits_field(self.__dict__["model"](*args, **kwargs))
         if self.reads == "one logit":
             return two_class_logits(output)
-        if self.reads == "probabilities":
-            return log_probabilities(output)
+        if self.reads == "probabilities":  # a softmax's output, found so when wrapped
+            return _log(output)
         return output
 
 
@@ -548,16 +652,21 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
 
 def log_probabilities(probabilities: Tensor) -> Tensor:
     r"""Logits of a model that ends in a softmax: the log of its probabilities, which are
-    logits since ``softmax(log p) = p``. A probability of exactly 0 (a confident model's
+    logits since ``softmax(log p) = p``. The values must be probabilities (in [0, 1], up to
+    rounding): logits or other scores are refused. A probability of exactly 0 (a confident model's
     softmax underflows) is clamped to the dtype's smallest normal number, so the logits and
     their gradients stay finite; its own logit is lost, and the explanations of that class
     with it: explain such a model without its final softmax where you can.
 
     Args:
-        probabilities (Tensor): ``(N, C)`` rows of probabilities.
+        probabilities (Tensor): ``(N, C)`` rows of probabilities (a softmax's output).
 
     Returns:
         Tensor: ``(N, C)`` logits.
+
+    Raises:
+        TypeError: ``probabilities`` is not a floating-point tensor.
+        ValueError: a value lies outside [0, 1] (beyond a rounding tolerance) or is NaN.
 
     Example::
 
@@ -570,7 +679,34 @@ def log_probabilities(probabilities: Tensor) -> Tensor:
             "`probabilities` must be a floating-point tensor of probabilities, got "
             f"{getattr(probabilities, 'dtype', type(probabilities).__name__)}."
         )
+    _check_probabilities(probabilities)
+    return _log(probabilities)
+
+
+def _log(probabilities: Tensor) -> Tensor:
+    """``log_probabilities`` without its checks (for outputs already known as probabilities)."""
     return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
+
+
+def _check_probabilities(probabilities: Tensor) -> None:
+    """Values in [0, 1], up to rounding (a few ulps of 1 in the tensor's dtype)."""
+    if probabilities.numel() == 0 or probabilities.device.type == "meta":
+        return
+    try:  # under torch.func (vmap, grad) the values cannot be read: checked outside
+        if torch._C._functorch.is_functorch_wrapped_tensor(probabilities):
+            return
+    except AttributeError:  # pragma: no cover - torch without functorch
+        pass
+    tolerance = 8 * torch.finfo(probabilities.dtype).eps
+    values = probabilities.detach()
+    outside = (values < -tolerance) | (values > 1 + tolerance)  # NaN rows are left to the caller
+    if bool(outside.any()):
+        finite = values[~values.isnan()]
+        raise ValueError(
+            "`probabilities` must hold probabilities in [0, 1] (a softmax's output), got "
+            f"values in [{float(finite.min()):g}, {float(finite.max()):g}]; pass the "
+            "model's softmax probabilities, not its logits (logits need no conversion)."
+        )
 
 
 def two_class_logits(output: Tensor) -> Tensor:
@@ -748,7 +884,10 @@ def _visible(names: list[str]) -> list[str]:
 
 
 def _find_images(
-    directory: Path, extensions: Sequence[str], exclude: Sequence[Path] = ()
+    directory: Path,
+    extensions: Sequence[str],
+    exclude: Sequence[Path] = (),
+    names: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Image files under ``directory``, sorted; hidden ones skipped (any name below
     ``directory`` starting with "."): Jupyter's ``.ipynb_checkpoints`` copies and macOS's
@@ -812,7 +951,8 @@ def _find_images(
         notes.append(f"{len(unlisted)} folders that cannot be listed ({', '.join(unlisted[:3])})")
     if notes:
         warnings.warn(
-            f"`--images` {_shown(directory)!r}: skipped {'; '.join(notes)}.", stacklevel=3
+            f"{_arg(names or {}, 'directory')} {_shown(directory)!r}: skipped {'; '.join(notes)}.",
+            stacklevel=3,
         )
     return sorted(found)
 
@@ -935,7 +1075,7 @@ class _UnitGrey:
         return Image.fromarray(np.round(self.values * 255.0).astype(np.uint8), mode="L")
 
 
-def _high_bit_depth(image, path: Path):
+def _high_bit_depth(image, path: Path, names: Mapping[str, str]):
     """High-bit-depth grey images (16-bit PNG / TIFF, 32-bit integer, float) scaled to [0, 1]
     by their bit depth (:class:`_UnitGrey`); others unchanged. PIL's own ``convert("RGB")`` /
     ``convert("L")`` clips every value above 255, which turns a 16-bit image almost entirely
@@ -950,9 +1090,9 @@ def _high_bit_depth(image, path: Path):
     if image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
         return _UnitGrey(values)
     raise _ImageError(
-        f"`--images`: {str(path)!r} is a {image.mode!r} image with values in "
+        f"{_arg(names, 'directory')}: {str(path)!r} is a {image.mode!r} image with values in "
         f"[{values.min():g}, {values.max():g}], which has no standard scale to [0, 1]; "
-        "pass a callable `transform` that maps it to a C x H x W tensor."
+        f"pass a callable {_arg(names, 'transform')} that maps it to a C x H x W tensor."
     )
 
 
@@ -982,7 +1122,7 @@ def _upright(image):
     return ImageOps.exif_transpose(image)
 
 
-def _resolve_transform(transform: Any) -> Callable:
+def _resolve_transform(transform: Any, names: Mapping[str, str]) -> Callable:
     if callable(transform):
         return transform
     if transform is None or transform == "none":
@@ -992,7 +1132,8 @@ def _resolve_transform(transform: Any) -> Callable:
     if transform == "digits":
         return _digits_transform
     raise ValueError(
-        f"`--transform`={transform!r}: expected one of {', '.join(TRANSFORMS)} or a callable "
+        f"{_arg(names, 'transform')}={transform!r}: expected one of {', '.join(TRANSFORMS)} "
+        "or a callable "
         "taking a PIL image and returning a C x H x W tensor."
     )
 
@@ -1005,6 +1146,7 @@ def load_image_folder(
     labels_from_subfolders: bool = False,
     limit: int | None = None,
     exclude: Sequence[str | os.PathLike] = (),
+    argument_names: Mapping[str, str] | None = None,
 ) -> tuple[Tensor, list[Path]] | tuple[Tensor, list[Path], list[str]]:
     r"""Read every image under ``directory`` (recursively, sorted by path) into one batch.
 
@@ -1052,6 +1194,9 @@ def load_image_folder(
             (e.g. an output folder written inside it). Folders holding a report written by
             ``captum-ext report`` (marked by a ``.captum-ext-report`` file) are always
             skipped. Default: none.
+        argument_names (Mapping[str, str], optional): how errors and warnings name the
+            parameters, e.g. ``{"directory": "--images"}`` (``captum-ext`` passes
+            :data:`COMMAND_LINE_NAMES`). Default: None (their Python names).
 
     Returns:
         ``(images, paths)``, or ``(images, paths, labels)`` with ``labels_from_subfolders``:
@@ -1086,18 +1231,19 @@ def load_image_folder(
         >>> torch.equal(images, digits[[0, 1, 4, 5]])  # PNG kept the pixels exactly
         True
     """
-    root, paths, function = _image_files(directory, transform, extensions, limit, exclude)
+    names = _names(argument_names)
+    root, paths, function = _image_files(directory, transform, extensions, limit, exclude, names)
     tensors = []
     transparent = []
     for path in paths:
-        tensor, see_through = _read_image(path, transform, function)
+        tensor, see_through = _read_image(path, transform, function, names)
         if see_through:
             transparent.append(_shown(path.relative_to(root)))
         if tensors and tensor.shape != tensors[0].shape:
-            raise _size_error(path, tensor, paths[0], tensors[0], transform)
+            raise _size_error(path, tensor, paths[0], tensors[0], transform, names)
         tensors.append(tensor)
     if transparent:
-        _warn_transparent(transparent, len(paths), stacklevel=3)
+        _warn_transparent(transparent, len(paths), names, stacklevel=3)
     images = torch.stack(tensors)
     if not labels_from_subfolders:
         return images, paths
@@ -1110,28 +1256,31 @@ def _image_files(
     extensions: Sequence[str],
     limit: int | None,
     exclude: Sequence[str | os.PathLike],
+    names: Mapping[str, str],
 ) -> tuple[Path, list[Path], Callable]:
     """The checked folder, its image files in path order (the first ``limit``) and the
     transform's function: what :func:`load_image_folder` and :class:`ImageFolderDataset`
     read."""
+    folder = _arg(names, "directory", python=True)
     root = Path(directory).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"`--images` (directory) not found: {str(directory)!r}.")
+        raise FileNotFoundError(f"{folder} not found: {str(directory)!r}.")
     if not root.is_dir():
-        raise ValueError(f"`--images` (directory) {str(directory)!r} is not a directory.")
+        raise ValueError(f"{folder} {str(directory)!r} is not a directory.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"`--limit` must be a positive int, got {limit!r}.")
-    function = _resolve_transform(transform)
-    paths = _find_images(root, extensions, [Path(p).expanduser() for p in exclude])
+        raise ValueError(f"{_arg(names, 'limit')} must be a positive int, got {limit!r}.")
+    function = _resolve_transform(transform, names)
+    paths = _find_images(root, extensions, [Path(p).expanduser() for p in exclude], names)
     if not paths:
         raise ValueError(
-            f"`--images` (directory) {str(directory)!r} holds no images with the endings "
-            f"{', '.join(extensions)}."
+            f"{folder} {str(directory)!r} holds no images with the endings {', '.join(extensions)}."
         )
     return root, paths if limit is None else paths[:limit], function
 
 
-def _read_image(path: Path, transform: Any, function: Callable) -> tuple[Tensor, bool]:
+def _read_image(
+    path: Path, transform: Any, function: Callable, names: Mapping[str, str]
+) -> tuple[Tensor, bool]:
     """One image file as a float32 C x H x W tensor by ``function`` (the resolved
     ``transform``), and whether it has transparent pixels (named transforms only). Errors
     are a ValueError naming the file."""
@@ -1145,7 +1294,7 @@ def _read_image(path: Path, transform: Any, function: Callable) -> tuple[Tensor,
                 tensor = function(image)
             else:
                 transparent = _has_transparent_pixels(image)
-                image = _high_bit_depth(_upright(image), path)
+                image = _high_bit_depth(_upright(image), path, names)
                 if isinstance(image, _UnitGrey) and function is not _plain_transform:
                     image = image.eight_bit()
                 tensor = function(image)
@@ -1154,22 +1303,24 @@ def _read_image(path: Path, transform: Any, function: Callable) -> tuple[Tensor,
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         # ValueError: PIL's conversions (a CIE-Lab TIFF to grey) and the user's transform
         # (chained: its traceback is the user's to read)
-        raise ValueError(f"`--images`: cannot read image {_shown(path)!r}: {error}") from (
-            error if isinstance(error, ValueError) else None
-        )
+        raise ValueError(
+            f"{_arg(names, 'directory')}: cannot read image {_shown(path)!r}: {error}"
+        ) from (error if isinstance(error, ValueError) else None)
     if not isinstance(tensor, Tensor) or tensor.dim() != 3:
         got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
         raise ValueError(
-            f"`--transform` must turn each image into a C x H x W tensor, got {got} for "
-            f"{str(path)!r}."
+            f"{_arg(names, 'transform')} must turn each image into a C x H x W tensor, got "
+            f"{got} for {str(path)!r}."
         )
     return tensor.to(torch.float32), transparent
 
 
-def _size_error(path: Path, tensor: Tensor, first: Path, shape_of: Any, transform: Any):
+def _size_error(
+    path: Path, tensor: Tensor, first: Path, shape_of: Any, transform: Any, names: Mapping[str, str]
+):
     shape = tuple(shape_of.shape) if isinstance(shape_of, Tensor) else tuple(shape_of)
     return ValueError(
-        f"`--images`: {str(path)!r} gives a {tuple(tensor.shape)} tensor but "
+        f"{_arg(names, 'directory')}: {str(path)!r} gives a {tuple(tensor.shape)} tensor but "
         f"{str(first)!r} gives {shape}; with transform="
         f"{transform if isinstance(transform, str) else 'callable'!r} all images need the "
         "same size and channels (a transform that resizes: 'imagenet', or 'digits' for a "
@@ -1177,9 +1328,11 @@ def _size_error(path: Path, tensor: Tensor, first: Path, shape_of: Any, transfor
     )
 
 
-def _warn_transparent(transparent: Sequence[str], total: int, *, stacklevel: int) -> None:
+def _warn_transparent(
+    transparent: Sequence[str], total: int, names: Mapping[str, str], *, stacklevel: int
+) -> None:
     warnings.warn(
-        f"`--images`: {len(transparent)} of {total} images have transparent pixels "
+        f"{_arg(names, 'directory')}: {len(transparent)} of {total} images have transparent pixels "
         f"({', '.join(transparent[:3])}{', ...' if len(transparent) > 3 else ''}); their "
         "transparency is dropped (the colour stored under each pixel is read, as "
         "torchvision's ImageFolder does). Flatten them onto the background they are "
@@ -1219,6 +1372,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             outputs, for labels from folder names. Default: None.
         limit (int, optional): only the first ``limit`` images (in path order). Default: None.
         exclude (Sequence[str or Path], optional): folders not to read. Default: none.
+        argument_names (Mapping[str, str], optional): how errors name the parameters, as in
+            :func:`load_image_folder`. Default: None (their Python names).
 
     Attributes:
         paths (list[Path]): the files, in path order.
@@ -1260,8 +1415,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         class_names: Sequence[str] | None = None,
         limit: int | None = None,
         exclude: Sequence[str | os.PathLike] = (),
+        argument_names: Mapping[str, str] | None = None,
     ) -> None:
-        root, paths, function = _image_files(directory, transform, extensions, limit, exclude)
+        names = _names(argument_names)
+        root, paths, function = _image_files(
+            directory, transform, extensions, limit, exclude, names
+        )
         self.root = root
         self.paths = paths
         self.transform = transform
@@ -1270,7 +1429,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             folder_labels(_first_folders(root, paths), class_names), dtype=torch.int64
         )
         self.transparent: list[str] = []
-        self._reader = (transform, function)
+        self._reader = (transform, function, names)
         self._first: tuple[Path, tuple[int, ...]] | None = None
 
     def __len__(self) -> int:
@@ -1285,14 +1444,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             first = tensor if index == 0 else _read_image(self.paths[0], *self._reader)[0]
             self._first = (self.paths[0], tuple(first.shape))
         if tuple(tensor.shape) != self._first[1]:
-            raise _size_error(path, tensor, self._first[0], self._first[1], self.transform)
+            raise _size_error(
+                path, tensor, self._first[0], self._first[1], self.transform, self._reader[2]
+            )
         return tensor, self.labels[index]
 
     def warn_transparent(self) -> None:
         """One warning naming the images read so far that have transparent pixels (as
         :func:`load_image_folder` gives), if any."""
         if self.transparent:
-            _warn_transparent(self.transparent, len(self), stacklevel=3)
+            _warn_transparent(self.transparent, len(self), self._reader[2], stacklevel=3)
 
 
 def denormalize_for_display(x: Tensor, transform: str | Callable | None = "imagenet") -> np.ndarray:
@@ -1344,17 +1505,31 @@ def denormalize_for_display(x: Tensor, transform: str | Callable | None = "image
     return array[0] if single else array
 
 
-def read_class_names(path: str | os.PathLike) -> list[str]:
+def read_class_names(
+    path: str | os.PathLike, *, argument_names: Mapping[str, str] | None = None
+) -> list[str]:
     """Class names from a text file, one per line, in the order of the model's outputs
-    (trailing empty lines are ignored). Errors name ``--classes``."""
+    (trailing empty lines are ignored).
+
+    Args:
+        path (str or PathLike): the text file (UTF-8).
+        argument_names (Mapping[str, str], optional): how errors name ``path``, e.g.
+            ``{"path": "--classes"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            Default: None (```path```).
+
+    Returns:
+        list[str]: the names.
+    """
+    names = _names(argument_names)
+    argument = _arg(names, "path")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"`--classes` file not found: {str(path)!r}.")
+        raise FileNotFoundError(f"{argument} file not found: {str(path)!r}.")
     try:  # utf-8-sig: Windows editors start the file with a byte-order mark
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(
-            f"`--classes` file {str(path)!r} is not UTF-8 text ({error.reason} at byte "
+            f"{argument} file {str(path)!r} is not UTF-8 text ({error.reason} at byte "
             f"{error.start}); save it as UTF-8."
         ) from None
     names = [line.strip() for line in text.splitlines()]
@@ -1362,12 +1537,12 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         names.pop()
     if not names:
         raise ValueError(
-            f"`--classes` file {str(path)!r} is empty; expected one class name per line."
+            f"{argument} file {str(path)!r} is empty; expected one class name per line."
         )
     blank = [number for number, name in enumerate(names, start=1) if not name]
     if blank:
         raise ValueError(
-            f"`--classes` file {str(path)!r} has an empty line (line {blank[0]}): every line "
+            f"{argument} file {str(path)!r} has an empty line (line {blank[0]}): every line "
             "names the class of the output at its position, so an empty one would shift all "
             "the names after it."
         )
@@ -1449,6 +1624,7 @@ def resolve_inputs(
     class_names: Sequence[str] | None = None,
     limit: int | None = None,
     exclude: Sequence[str | os.PathLike] = (),
+    argument_names: Mapping[str, str] | None = None,
 ) -> ResolvedInputs:
     r"""Turn the images argument of ``captum-ext report`` / ``score`` into tensors: THE one
     place for the bundled default, the transform and the labels from folder names.
@@ -1468,6 +1644,9 @@ def resolve_inputs(
         limit (int, optional): keep only the first ``limit`` images. Default: None (all).
         exclude (sequence of paths, optional): folders not to read (the report being
             written inside ``images``). Default: none.
+        argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
+            ``{"images": "--images"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            Default: None (their Python names).
 
     Returns:
         :class:`ResolvedInputs`: images, labels (``-1`` = unknown), names, transform,
@@ -1483,13 +1662,15 @@ def resolve_inputs(
         >>> inputs.images.shape, inputs.transform
         (torch.Size([4, 1, 28, 28]), 'digits')
     """
+    names = _names(argument_names)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"`--limit` must be a positive int, got {limit!r}.")
+        raise ValueError(f"{_arg(names, 'limit')} must be a positive int, got {limit!r}.")
     if images is None:
         if transform not in (None, "digits"):
             raise ValueError(
-                "`--transform` applies to `--images`; the bundled sample digits are already "
-                "normalised for the bundled model (transform 'digits')."
+                f"{_arg(names, 'transform')} applies to {_arg(names, 'images')}; the bundled "
+                "sample digits are already normalised for the bundled model (transform "
+                "'digits')."
             )
         from captum_ext.data import load_sample_digits
 
@@ -1501,8 +1682,14 @@ def resolve_inputs(
             x, labels.to(torch.int64), names, "digits", f"{x.shape[0]} bundled sample digits"
         )
     chosen = default_transform if transform is None else transform
+    folder_names = {"directory": names.get("images", "images"), **names}
     x, paths, folders = load_image_folder(
-        images, chosen, labels_from_subfolders=True, limit=limit, exclude=exclude
+        images,
+        chosen,
+        labels_from_subfolders=True,
+        limit=limit,
+        exclude=exclude,
+        argument_names=folder_names,
     )
     root = Path(images).expanduser()
     names = [_shown(p.relative_to(root).as_posix()) for p in paths]
@@ -1520,9 +1707,11 @@ def check_folder_labels(labels: Tensor, names: Sequence[str], num_classes: int) 
     "`labels`[1]=7")."""
     beyond = (labels >= num_classes).nonzero()[:, 0]
     if len(beyond):
-        first = int(beyond[0])
+        first, label = int(beyond[0]), int(labels[beyond[0]])
+        folder = Path(names[first]).parts[0] if Path(names[first]).parts else ""
+        named = folder if folder == str(label) else f"{folder!r} (class {label})"
         raise ValueError(
-            f"`--images`: {names[first]!r} is in a folder named {int(labels[first])}, but the "
+            f"`--images`: {names[first]!r} is in a folder named {named}, but the "
             f"model has {num_classes} classes (0..{num_classes - 1}); name the class folders "
             "by the model's output indices, or give --classes with the folder names."
         )

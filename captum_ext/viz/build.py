@@ -396,7 +396,13 @@ def _build_masks(inputs: SectionInputs, config: ReportConfig, asked: bool):
                 layers = [f"model.{name}" for name in layers]
         else:  # the explained layer itself (a TorchScript model's tap, a transformer's grid)
             layers = [inputs.layer]
-        explainer = ActivationMatchingMask(inputs.forward, layers)
+        try:
+            explainer = ActivationMatchingMask(inputs.forward, layers)
+        except (ValueError, TypeError) as error:
+            if not config.mask_layers:  # about the explained layer (--layer): as they are
+                raise
+            # the names are the command's --mask-layers, not the method's `layers`
+            raise type(error)(str(error).replace("`layers`", "`--mask-layers`")) from None
         with _named_file_errors("--mask-net"):
             explainer.load(config.mask_net)
     return minimal_mask_section(
@@ -730,6 +736,8 @@ def build_section_inputs(
 
     from captum_ext._utils.validation import parse_device
     from captum_ext.data.loading import (
+        COMMAND_LINE_NAMES,
+        check_class_names,
         check_folder_labels,
         check_model_takes,
         denormalize_for_display,
@@ -743,6 +751,7 @@ def build_section_inputs(
     device = parse_device(config.device, argument="--device")
     if config.model is None and config.weights is not None:
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+    flags = COMMAND_LINE_NAMES  # the loaders' errors name the command's options
     out = Path(config.out).expanduser()
     if config.model is None:
         from captum_ext.bundled import load_bundled_model
@@ -753,11 +762,11 @@ def build_section_inputs(
         layer_name = config.layer or BUNDLED_CAM_LAYER
         default_transform = "digits"
     else:
-        model = load_model(config.model, config.weights, device)
+        model = load_model(config.model, config.weights, device, argument_names=flags)
         model_description = config.model + (f" + {config.weights}" if config.weights else "")
         layer_name = None
         default_transform = "imagenet"
-    class_names = read_class_names(config.classes) if config.classes else None
+    class_names = read_class_names(config.classes, argument_names=flags) if config.classes else None
     if class_names is None and config.model is None:
         class_names = list(DIGIT_CLASSES)
     resolved = resolve_inputs(
@@ -767,6 +776,7 @@ def build_section_inputs(
         default_transform=default_transform,
         class_names=class_names,
         limit=config.limit,
+        argument_names=flags,
     )
     from captum_ext._utils.batched_grad import in_model_precision
 
@@ -816,6 +826,8 @@ def build_section_inputs(
         print(said, flush=True)
         layer_name = "grid"  # its name inside the wrapper; the captions show the user's
         grid.grid.layer_name = layer_description
+    if class_names is not None:  # before the folders' labels, which the names give (as `score`)
+        check_class_names(forward, example[:1], class_names)
     probabilities = _probabilities(forward, images, device, config.batch_size)
     check_folder_labels(resolved.labels, resolved.names, probabilities.shape[1])
     inputs = SectionInputs(
@@ -948,6 +960,11 @@ def build_report(config: ReportConfig) -> ReportResult:
     out = Path(config.out).expanduser()
     if config.model is None and config.weights is not None:
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
+    if config.mask_layers is not None and config.mask_net is None:
+        raise ValueError(
+            "`--mask-layers` needs `--mask-net` (the layers that mask net was trained to "
+            "match); the bundled mask net matches its own layer."
+        )
     check_output(out, folder=True)
     _check_section_files(config, sections)
     inputs, metadata = build_section_inputs(config, sections)
