@@ -282,9 +282,14 @@ def test_bundled_mask_explainer_reproduces_its_recorded_pruned_numbers(bundled_m
         .mean(),
     }
     # pruning keeps a pixel by comparing log-odds, whose last bits depend on the CPU's float
-    # kernels: on an AVX-512 machine one pixel of the 784,000 went the other way (1.3e-6)
+    # kernels: on an AVX-512 machine one pixel of the 784,000 went the other way (1.3e-6);
+    # near-ties of saturated float32 probabilities likewise (2 of the 1,000 digits on an
+    # AMD EPYC, as for the unpruned figure above)
     pixels = heldout.shape[0] * heldout.shape[-2] * heldout.shape[-1]
-    tolerance = {"pruned_heldout_active_fraction": 5 / pixels}
+    tolerance = {
+        "pruned_heldout_active_fraction": 5 / pixels,
+        "pruned_heldout_confidence_at_least_x": 0.005,
+    }
     for key, value in recorded.items():
         assert float(value) == pytest.approx(info[key], abs=tolerance.get(key, 1e-6)), key
 
