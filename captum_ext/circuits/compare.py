@@ -24,7 +24,8 @@ class CircuitComparison:
         flow_a (float): total edge weight of ``graph_a``.
         flow_b (float): total edge weight of ``graph_b``.
         flow_retained (float): share of ``graph_a``'s flow carried by edges ``graph_b`` also
-            has; NaN, with a RuntimeWarning, when ``graph_a`` has no flow.
+            has; NaN when ``graph_a`` has no edges (a node-only graph, such as a pathway's)
+            and, with a RuntimeWarning, when all its edges weigh 0.
         flow_retained_by_layer (dict of str to float): the same, per destination layer
             (NaN, with a RuntimeWarning, for a layer whose edges in ``graph_a`` all weigh 0).
     """
@@ -70,9 +71,10 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
       |E_a | E_b|`` (1.0 when both sets are empty);
     - ``flow_a = sum_{e in E_a} w_a(e)``, ``flow_b`` likewise;
     - ``flow_retained = sum_{e in E_a & E_b} w_a(e) / flow_a``: the share of ``graph_a``'s
-      flow that runs through connections ``graph_b`` also uses. It is not symmetric. NaN,
-      with a RuntimeWarning, when ``flow_a`` is 0 (``graph_a`` has no edges, or all its
-      weights are 0): there is no flow to retain.
+      flow that runs through connections ``graph_b`` also uses. It is not symmetric. NaN
+      when ``flow_a`` is 0: silently when ``graph_a`` has no edges (node-only graphs such as
+      ``pathway_graphs``' are compared by ``node_jaccard``), with a RuntimeWarning when
+      it has edges that all weigh 0.
     - ``flow_retained_by_layer[l]``: the same restricted to edges whose destination node has
       ``layer`` attribute ``l`` (``"class"`` for feature-to-class edges), because edge
       weights of different stages have different scales (NaN, with a RuntimeWarning, for a
@@ -123,15 +125,14 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
         layer: (by_layer_kept.get(layer, 0.0) / total if total > 0 else math.nan)
         for layer, total in by_layer_total.items()
     }
-    if flow_a <= 0:
-        what = "no edges" if not edges_a else "only edges of weight 0"
+    if flow_a <= 0 and edges_a:
         warnings.warn(
-            f"compare: `graph_a` has {what}, so it has no flow for `graph_b` to retain; "
-            "flow_retained is nan.",
+            "compare: the edges of `graph_a` all weigh 0, so it has no flow for `graph_b` to "
+            "retain; flow_retained is nan.",
             RuntimeWarning,
             stacklevel=2,
         )
-    else:
+    elif flow_a > 0:
         empty_layers = sorted(layer for layer, total in by_layer_total.items() if total <= 0)
         if empty_layers:
             warnings.warn(
