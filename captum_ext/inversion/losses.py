@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_ext._utils.batched_grad import call_model
+from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on, preserved_state
 from captum_ext._utils.precision import at_least_float32
@@ -367,7 +367,8 @@ def weight_gradient_norm(
     Args:
         model (nn.Module): The model ``f``; it must return ``N x K`` logits (else a
             ValueError naming ``model``).
-        inputs (Tensor): ``N x ...`` inputs in the model's input space.
+        inputs (Tensor): ``N x ...`` inputs in the model's input space (float32 inputs of
+            a float16 or bfloat16 model are cast to its dtype, differentiably).
         labels (Tensor): ``N`` class indices, or ``N x K`` conditioning vectors (argmax).
         squared (bool, optional): Return the squared norm. Default: True
         create_graph (bool, optional): Keep the graph for differentiating the result.
@@ -400,7 +401,7 @@ def weight_gradient_norm(
             p.requires_grad_(True)
         with gradients_on():
             logits = _check_model_logits(
-                call_model(model, (inputs,)),
+                call_model(model, in_model_precision(model, (inputs,))),
                 inputs.shape[0] if inputs.dim() else None,
                 module_only=True,
             )
@@ -434,7 +435,9 @@ def perturbed_kl_ce(
         model (nn.Module or callable): The model (used as it is; the trainers run
             it frozen in eval mode); it must return ``N x K`` logits (else a ValueError
             naming ``model``).
-        pixels (Tensor): ``N x C x H x W`` pixels (in [0, 1] in the trainers).
+        pixels (Tensor): ``N x C x H x W`` pixels (in [0, 1] in the trainers); the
+            perturbed (and preprocessed) float32 images reach a float16 or bfloat16 model
+            in its dtype.
         conditioning (Tensor): ``N x K`` conditioning vectors (one-hot for labels).
         eps (float, optional): Perturbation size in pixel units. Default: 0.1
         preprocess (callable, optional): Maps pixels to the model's input space, e.g.
@@ -465,8 +468,10 @@ def perturbed_kl_ce(
     signs = torch.randint(0, 2, pixels.shape, generator=generator, device=pixels.device)
     perturbed = pixels + eps * (2 * signs.to(pixels.dtype) - 1)
     inputs = perturbed if preprocess is None else preprocess(perturbed)
+    # float32 pixels of a half-precision model's generator: cast to the model's dtype
+    inputs = in_model_precision(model, (inputs,)) if isinstance(inputs, Tensor) else (inputs,)
     logits = at_least_float32(
-        _check_model_logits(model(inputs), pixels.shape[0], module_only=False)
+        _check_model_logits(model(*inputs), pixels.shape[0], module_only=False)
     )
     conditioning = conditioning.to(logits.dtype)
     return kl_to_conditioning(logits, conditioning) + cross_entropy_to_labels(logits, conditioning)

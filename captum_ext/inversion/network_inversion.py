@@ -13,6 +13,7 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ext._utils.batched_grad import half_precision_dtype, in_model_precision
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
@@ -114,6 +115,24 @@ def _stream_seed(seed: int, rank: int, stream: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + stream * 104_729 + 12_345) % (2**63)
 
 
+def _float32_master(generator: nn.Module, model: nn.Module) -> bool:
+    """Move a float16 / bfloat16 ``generator`` to float32 where ``model`` is a half-precision
+    model (all its floating-point parameters float16, or all bfloat16): the float32 master
+    copy of mixed-precision training. In float16, Adam's ``eps`` (1e-8) and its small
+    squared-gradient averages ``v`` round to 0, so its steps ``m / (sqrt(v) + eps)`` are inf
+    or NaN; in bfloat16 (8 significant bits) small updates are rounded away. The model still
+    runs in its own dtype: the images are cast at its input (:func:`in_model_precision`).
+    Returns whether the generator was moved."""
+    if half_precision_dtype(model) is None:
+        return False
+    tensors = [*generator.parameters(), *generator.buffers()]
+    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        return False
+    with torch.inference_mode(False):  # parameters that can still be trained
+        generator.float()
+    return True
+
+
 def _phase_weights(preset: str, weights: Mapping[str, float] | None) -> list[dict[str, float]]:
     phases = [dict(phase["weights"]) for phase in PRESETS[preset]["phases"]]
     if weights is None:
@@ -167,6 +186,14 @@ class NetworkInversion:
     attribute): each :meth:`fit` trains the generator against the classifier as it is then,
     continuing from the generator's and optimiser's current state.
 
+    A float16 or bfloat16 model (all its floating-point parameters in that dtype) is trained
+    against in mixed precision: the generator and its Adam state are kept in float32 (a
+    generator built here is float32; a float16 / bfloat16 ``generator_net`` is moved to
+    float32 here and at each :meth:`fit`), its images are cast to the model's dtype at the
+    model's input, and the losses are computed in float32 from the model's logits and
+    features. In float16, Adam's ``eps`` (1e-8) and its small squared-gradient averages
+    round to 0, and its steps would turn the generator's weights into inf and NaN.
+
     Under ``torchrun`` (an initialised process group) the generator is wrapped in
     ``DistributedDataParallel``; every rank draws its own labels and noise from a stream
     derived from ``seed`` and its rank, ``batch_size`` is per process, and rank 0 writes the
@@ -178,8 +205,8 @@ class NetworkInversion:
         generator_net (ConditionedGenerator, optional): The generator network to train
             (formerly ``generator``; ``generator`` in :meth:`sample` is a
             ``torch.Generator``). Default: a new one with the preset's conditioning, ``K``
-            classes and ``input_shape``, on the model's device and dtype, initialised from
-            ``seed``.
+            classes and ``input_shape``, on the model's device and in its dtype (float32 for
+            a float16 or bfloat16 model), initialised from ``seed``.
         preset (str, optional): ``"inversion"``, ``"reconstruction"`` or ``"counterfeit"``.
             Default: ``"inversion"``
         weights (dict, optional): Loss weights overriding the preset's, keys from
@@ -299,6 +326,8 @@ class NetworkInversion:
                     preprocess=preprocess,
                     value_range=value_range,
                 )
+            if half_precision_dtype(model) is not None:
+                dtype = torch.float32  # the master copy: see _float32_master
             generator_net = generator_net.to(device=device, dtype=dtype)
         else:
             refuse_ignored_settings(
@@ -323,6 +352,7 @@ class NetworkInversion:
                     f"`input_shape`={tuple(input_shape)} differs from the {shape} images of "
                     "`generator_net`."
                 )
+        _float32_master(generator_net, model)
         self.generator = generator_net
         self.model = model  # probes the classes and finds the feature layer
         self.optimizer = torch.optim.Adam(generator_net.parameters(), lr=float(lr), betas=betas)
@@ -338,28 +368,45 @@ class NetworkInversion:
     def _probe_classes(model, input_shape, device, dtype) -> int:
         return count_classes(model, input_shape, device, dtype)
 
+    @staticmethod
+    def _input_dtype(model: nn.Module, param: Tensor) -> torch.dtype:
+        """The dtype in which ``model`` receives images made in ``param``'s dtype: the
+        model's own for a half-precision model and float32 / float64 images, else
+        ``param``'s (the cast of :func:`in_model_precision`)."""
+        (example,) = in_model_precision(model, (param.new_empty(0),))
+        return example.dtype
+
     def _check_model_dtype(self, model: nn.Module) -> None:
         """Refuse a model whose floating-point parameters and buffers (all of one dtype)
-        differ in dtype from the generator's *and* that fails on the generator's images:
-        torch fails deep inside the first layer ("Input type (float) and bias type (double)
-        should be the same"), and the class probe would blame ``input_shape``. A model that
-        casts its input itself (a float64 or bfloat16 model behind ``x.to(dtype)``), one
-        mixing dtypes, or one without parameters, is not refused."""
+        differ in dtype from the generator's images as the model receives them *and* that
+        fails on them: torch fails deep inside the first layer ("Input type (float) and bias
+        type (double) should be the same"), and the class probe would blame
+        ``input_shape``. A half-precision model receives a float32 or float64 generator's
+        images cast to its dtype (:func:`in_model_precision`), so it is not refused; nor is a
+        model that casts its input itself (a float64 or bfloat16 model behind
+        ``x.to(dtype)``), one mixing dtypes, or one without parameters."""
         model_dtype = model_input_dtype(model)
         param = next(self.generator.parameters())
-        if model_dtype is None or model_dtype == param.dtype:
+        if model_dtype is None or model_dtype == self._input_dtype(model, param):
             return
         try:
             self._probe_classes(model, self.generator.out_shape, param.device, param.dtype)
         except (RuntimeError, ValueError) as error:
             cause = error.__cause__ or error  # the probe's ValueError wraps torch's error
+            if model_dtype in (torch.float16, torch.bfloat16):
+                # its generator is kept in float32, the images cast (see _float32_master)
+                advice = "Move the generator to float32 first, `inversion.generator.float()`"
+            else:
+                advice = (
+                    "Move the generator to the model's dtype first, "
+                    f"`inversion.generator.to({model_dtype})`"
+                )
             raise ValueError(
                 f"`model` is in {model_dtype} but the generator (`generator_net`) is in "
                 f"{param.dtype}, and the model fails on the generator's images "
                 f"({type(cause).__name__}: {cause}). "
-                f"Move the generator to the model's dtype first, "
-                f"`inversion.generator.to({model_dtype})` (its optimiser state follows at the "
-                f"next fit), or the model back to {param.dtype}."
+                f"{advice} (its optimiser state follows at the next fit), or the model back "
+                f"to {param.dtype}."
             ) from error
 
     @property
@@ -374,13 +421,14 @@ class NetworkInversion:
         gen = self.generator
         param = next(gen.parameters())
         self._check_model_dtype(model)  # else the probe below fails and blames `input_shape`
-        classes = self._probe_classes(model, gen.out_shape, param.device, param.dtype)
+        dtype = self._input_dtype(model, param)  # a half-precision model's own
+        classes = self._probe_classes(model, gen.out_shape, param.device, dtype)
         if classes != gen.num_classes:
             raise ValueError(
                 f"`generator_net` is conditioned on {gen.num_classes} classes but the model "
                 f"has {classes} outputs."
             )
-        example = torch.zeros(2, *gen.out_shape, device=param.device, dtype=param.dtype)
+        example = torch.zeros(2, *gen.out_shape, device=param.device, dtype=dtype)
         self._tap = _feature_tap(
             model, self._feature_layer, example, layer_input=self._feature_layer_input
         )
@@ -443,7 +491,9 @@ class NetworkInversion:
         target = vectors if vectors is not None else one_hot_vectors(labels, k)
         cast = [None if t is None else t.to(param.dtype) for t in (z, vectors, matrices)]
         images, pixels = net(*cast, return_pixels=True)
-        logits = at_least_float32(self.model(images))
+        # a half-precision model gets the float32 images in its dtype (gradients pass the
+        # cast); the losses are formed in float32 from its logits and features
+        logits = at_least_float32(self.model(*in_model_precision(self.model, (images,))))
         features = at_least_float32(self._tap.pop())
         target = target.to(logits.dtype)
         terms: dict[str, Tensor] = {}
@@ -537,6 +587,10 @@ class NetworkInversion:
         if resume and checkpoint is None:
             raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
         writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
+        # the generator of a half-precision model trains in float32, also after
+        # `inversion.generator.half()` or a model converted since it was built
+        if _float32_master(self.generator, self.model):
+            self._ddp = None  # a DistributedDataParallel wrapper holds buckets of the old dtype
         # the classifier as it is now: moved to another dtype since the generator was built
         self._check_model_dtype(self.model)
         every = checkpoint_every or max(1, steps // 10)
@@ -688,7 +742,9 @@ class NetworkInversion:
 
         Returns:
             Tensor: ``N x C x H x W`` (and the pixels with ``return_pixels``), on the
-            generator's device.
+            generator's device, in the dtype the model takes: its own for a float16 or
+            bfloat16 model (the float32 generator's images cast as in training), else the
+            generator's.
         """
         gen = self.generator
         param = next(gen.parameters())
@@ -720,9 +776,10 @@ class NetworkInversion:
             gen.train(was_training)
         if not images:
             empty = torch.empty(0, *gen.out_shape, device=param.device, dtype=param.dtype)
-            return (empty, empty) if return_pixels else empty
-        out = torch.cat(images)
-        return (out, torch.cat(pixels)) if return_pixels else out
+            images, pixels = [empty], [empty]
+        # as the model takes them: a half-precision model's dtype (see _float32_master)
+        out, out_pixels = in_model_precision(self.model, (torch.cat(images), torch.cat(pixels)))
+        return (out, out_pixels) if return_pixels else out
 
     def sample_classes(
         self,
@@ -739,8 +796,8 @@ class NetworkInversion:
             generator, vector, batch_size: As in :meth:`sample`.
 
         Returns:
-            tuple[Tensor, Tensor]: images ``(K per_class) x C x H x W`` and their labels
-            ``0, ..., 0, 1, ..., K - 1`` (int64).
+            tuple[Tensor, Tensor]: images ``(K per_class) x C x H x W`` (in the dtype of
+            :meth:`sample`) and their labels ``0, ..., 0, 1, ..., K - 1`` (int64).
         """
         per_class = check_int(per_class, "per_class")
         param = next(self.generator.parameters())

@@ -55,7 +55,9 @@ def masking_score(
         forward_func (Callable or nn.Module): the model, returning (N, C) logits. It runs
             under ``torch.no_grad`` and, when it is an ``nn.Module`` (or a bound method of
             one), in eval mode; its train/eval and gradient flags are restored afterwards.
-        inputs (Tensor): images (N, C, H, W), floating point (a 1-tuple is accepted).
+        inputs (Tensor): images (N, C, H, W), floating point (a 1-tuple is accepted). The
+            masked images keep their dtype, so the model sees one dtype with or without
+            ``target`` (float32 images reach a float16 / bfloat16 model in its dtype).
         attributions (Tensor): the heatmaps, values in [0, 1], (N, 1, h, w) or (N, h, w) (upsampled
             bilinearly to H x W and applied to every channel) or (N, C, H, W).
         target (int, list, Tensor, optional): the class scored, one per example.
@@ -97,6 +99,10 @@ def masking_score(
     with evaluation(forward_func):
         if target is None:
             evaluator.original(x)
-        probability, correct = evaluator(x * heat, torch.arange(n, device=x.device))
+        # the masked images in the images' dtype, as the unmasked ones (the product formed in
+        # the heatmap's float32 at least, rounded once): the model sees one dtype with or
+        # without a target; float32 images still reach a half-precision model in its dtype
+        masked = (x * heat).to(x.dtype)
+        probability, correct = evaluator(masked, torch.arange(n, device=x.device))
     value = probability if score == "probability" else correct
     return value.to(device=x.device)

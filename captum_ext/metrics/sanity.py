@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from captum_ext._utils.batched_grad import call_model
+from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.layers import eager_name, uncompiled
 from captum_ext._utils.legacy_norms import copied_model, resynchronise_legacy_norms
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
@@ -487,7 +487,10 @@ def model_randomisation(
             ``lambda m: GradCAM(m, m.features[3])`` (build layer methods from the model given,
             so that they follow the randomised copy).
         model (nn.Module): the trained model; it is not changed (a deep copy is randomised).
-        inputs (Tensor): ``(N, C, H, W)``.
+        inputs (Tensor): ``(N, C, H, W)``, passed to the explainer as given. The forward
+            pass that reads the classes gives float32 images to a float16 / bfloat16
+            model in its dtype, as this package's explainers do (Captum's own need the
+            images in the model's dtype).
         target (int or Tensor, optional): classes to explain; default the model's predictions.
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
@@ -521,7 +524,8 @@ def model_randomisation(
     with preserved_state([model]):
         model.eval()
         with torch.no_grad():
-            output = call_model(model, (inputs,))
+            # float32 images of a half-precision model in its dtype, as the explainers do
+            output = call_model(model, in_model_precision(model, (inputs,)))
         if isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
             target = _one_class_each(target, output, "target")
         elif target is None:
@@ -579,7 +583,10 @@ def class_sensitivity(
     Args:
         explainer (Callable): as in :func:`model_randomisation`.
         model (nn.Module): the model (not changed).
-        inputs (Tensor): ``(N, C, H, W)``.
+        inputs (Tensor): ``(N, C, H, W)``, passed to the explainer as given. The forward
+            pass that reads the classes gives float32 images to a float16 / bfloat16
+            model in its dtype, as this package's explainers do (Captum's own need the
+            images in the model's dtype).
         target (int or Tensor, optional): first class; default the prediction.
         contrast (str, int or Tensor): second class: ``"runner-up"`` (second most likely),
             ``"least-likely"``, or given classes. Default: ``"runner-up"``.
@@ -599,7 +606,7 @@ def class_sensitivity(
     with preserved_state([model]):
         model.eval()
         with torch.no_grad():
-            logits = call_model(model, (inputs,))
+            logits = call_model(model, in_model_precision(model, (inputs,)))
         target = _one_class_each(target, logits, "target")
         if logits.dim() == 2 and logits.shape[1] == 1:  # else its only class with itself
             raise ValueError(
