@@ -492,3 +492,50 @@ def test_explainers_that_use_numpy_or_work_in_place_get_an_ordinary_copy(
     model_randomisation(ThroughNumpy, bundled_model, x, layers=["classifier"])
     class_sensitivity(ThroughNumpy, bundled_model, x)
     assert torch.equal(x, before)
+
+
+def test_default_cascade_ends_with_no_trained_parameter_of_a_vision_transformer():
+    """The default cascade took only modules with a public ``reset_parameters``: a vision
+    transformer's attention projections (``nn.MultiheadAttention``), class token and
+    positional embedding, about 29 % of its parameters, kept their trained values after
+    the last step. Every parameter now changes by the end of the cascade, the model's own
+    (its class token) last, and an independent step changes only its own layer."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=16,
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=3,
+    ).eval()
+    with torch.no_grad():  # trained-looking values, unlike the zero class token at creation
+        for parameter in vit.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    x = torch.rand(2, 3, 16, 16)
+    trained = {name: p.detach().clone() for name, p in vit.named_parameters()}
+    seen = []
+    curves = model_randomisation(lambda m: seen.append(m) or Saliency(m), vit, x)
+    assert curves.layers[-1] == ""  # the class token's module: the model itself
+    assert "encoder.layers.encoder_layer_0.self_attention" in curves.layers
+    last = dict(seen[-1].named_parameters())
+    unchanged = [n for n, p in trained.items() if torch.equal(last[n], p)]
+    assert unchanged == []
+    independent = model_randomisation(
+        lambda m: seen.append(m) or Saliency(m),
+        vit,
+        x,
+        cascade=False,
+        layers=["encoder.layers.encoder_layer_0.self_attention"],
+    )
+    changed = [n for n, p in seen[-1].named_parameters() if not torch.equal(trained[n], p)]
+    assert changed == [
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_bias",
+    ]
+    assert independent.similarity["spearman_abs"].shape == (1, 2)
+    for name, parameter in vit.named_parameters():  # the user's model as it was
+        assert torch.equal(parameter, trained[name])

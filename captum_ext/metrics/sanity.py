@@ -358,17 +358,23 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
                 "weights (e.g. a container's convolutions and linear layers)."
             )
         return list(layers)
+    # every module holding parameters of its own, the model itself included (a vision
+    # transformer keeps its class token there, and attention layers, positional embeddings
+    # or layer scales have no public ``reset_parameters``: _reset_parameters falls back to
+    # torch's default initialisation), so that the last step of the cascade is a model
+    # with no trained parameter left
+    inside_parametrisations = {  # re-initialised with the layer they belong to
+        id(part)
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for part in module.parametrizations.modules()
+    }
     names = [
         name
         for name, module in model.named_modules()
-        if name
-        and (
-            callable(getattr(module, "reset_parameters", None))
-            or isinstance(module, torch.jit.ScriptModule)  # compiled: see _reset_parameters
-        )
-        and _has_own_parameters(module)
+        if id(module) not in inside_parametrisations and _has_own_parameters(module)
     ]
-    return names[::-1]  # top (output) first
+    return names[::-1]  # top (output) first; the model's own parameters ("") last
 
 
 def _reset_parametrized(module: nn.Module) -> None:
@@ -436,12 +442,13 @@ def _refuse_parametrization(module: nn.Module, name: str, why: str) -> None:
 
 
 def _reset_parameters(module: nn.Module) -> None:
-    """Re-initialise ``module``'s own parameters: its ``reset_parameters``, or, for a compiled
-    layer of a TorchScript model (which has none), torch's default rule for linear and
-    convolutional layers written out: weights of 2 or more dims Kaiming-uniform with
-    ``a = sqrt(5)``, a bias uniform in +-1/sqrt(fan_in) of that weight; 1-D weights (norms)
-    ones, other biases zeros. The parameters are changed in place, so the compiled code
-    runs with the new values."""
+    """Re-initialise ``module``'s own parameters: its ``reset_parameters``, or, for a module
+    without one (a compiled layer of a TorchScript model, ``nn.MultiheadAttention``, a
+    module holding raw parameters such as a class token or a positional embedding), torch's
+    default rule for linear and convolutional layers written out: weights of 2 or more
+    dims Kaiming-uniform with ``a = sqrt(5)``, a bias uniform in +-1/sqrt(fan_in) of that
+    weight; 1-D weights (norms) ones, other 1-D parameters zeros. The parameters are
+    changed in place, so compiled code runs with the new values."""
     if parametrize.is_parametrized(module):
         _reset_parametrized(module)
         return
@@ -495,9 +502,14 @@ def model_randomisation(
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
         layers (str or list of str, optional): the layers to randomise, top first (one
-            name: that layer only). Default: every module with its own parameters and
-            ``reset_parameters`` (or compiled, in a TorchScript model: then torch's default
-            initialisation is applied to its parameters), from the output down.
+            name: that layer only). Default: every module with parameters of its own,
+            from the output down, the model itself (name ``""``: a vision transformer's
+            class token, say) last, so that the cascade ends with no trained parameter
+            left. A module's ``reset_parameters`` re-initialises it; modules without one
+            (``nn.MultiheadAttention``, positional embeddings, layer scales, compiled
+            layers of a TorchScript model) get torch's default initialisation of linear
+            and convolutional layers (weights of 2 or more dimensions Kaiming-uniform,
+            1-D weights ones, other 1-D parameters zeros).
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
