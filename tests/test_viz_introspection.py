@@ -9,7 +9,9 @@ import torch
 from captum_ext.viz.build import SECTION_REGISTRY, ReportConfig, default_sections
 from captum_ext.viz.introspection import (
     SHOWN_IMAGES,
+    IntrospectionSummary,
     compute_introspection,
+    introspection_section,
     render_introspection,
 )
 
@@ -104,6 +106,83 @@ def test_section_is_registered_asked_for_by_name_and_needs_a_head_for_your_model
     assert code == 0, capsys.readouterr().err
     html = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
     assert "Does the network agree with itself?" in html and "disagree on" in html
+
+
+class _NotToBeRun:
+    """A network the section must not run: its arguments are wrong."""
+
+    def model(self, x):
+        raise AssertionError("the network ran before the arguments were checked")
+
+    predict_proba = model
+
+
+@pytest.mark.parametrize(
+    ("arguments", "pattern"),
+    [
+        ({"names": ["a", "b"]}, "`names` has 2 entries for 4 images"),
+        ({"labels": [0, 1, 2]}, "`labels` has 3 entries for 4 images"),
+        ({"labels": torch.tensor([0, 1])}, "`labels` has 2 entries for 4 images"),
+        ({"display_images": np.zeros((2, 2, 2, 3))}, "`display_images` must hold 4 images"),
+        ({"display_images": np.zeros((4, 2, 2), np.int64)}, "`display_images` has dtype int64"),
+        ({"batch_size": 0}, "batch-size"),
+    ],
+)
+def test_section_checks_its_arguments_before_running_the_network(arguments, pattern, tmp_path):
+    """Wrong lengths gave an IndexError from the middle of the drawing (or a wrong page)."""
+    _, images = _fixed_case()
+    call = {"display_images": np.zeros((4, 2, 2, 3)), "class_names": None, **arguments}
+    display, class_names = call.pop("display_images"), call.pop("class_names")
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        introspection_section(_NotToBeRun(), images, display, class_names, tmp_path, **call)
+    assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "pattern"),
+    [
+        ({"class_names": ["a", "b"]}, r"`class_names` \(--classes\) has 2 names .* 3 outputs"),
+        ({"class_names": list("abcd")}, r"`class_names` \(--classes\) has 4 names .* 3 outputs"),
+        ({"labels": [0, 3, None, 1]}, r"`labels`\[1\]=3 is not a class index .* \(0..2\)"),
+        ({"labels": [0, -1, None, 1]}, r"`labels`\[1\]=-1 is not a class index"),
+    ],
+)
+def test_section_checks_class_names_and_labels_against_the_network(arguments, pattern, tmp_path):
+    network, images = _fixed_case()
+    call = {"class_names": None, **arguments}
+    class_names = call.pop("class_names")
+    with pytest.raises(ValueError, match=pattern):
+        introspection_section(
+            network, images, np.zeros((4, 2, 2, 3)), class_names, tmp_path, **call
+        )
+
+
+def test_render_checks_names_and_class_names(tmp_path):
+    network, images = _fixed_case()
+    summary = compute_introspection(network, images, labels=[0, 1, None, 0])
+    assert summary.num_classes == 3
+    shown = np.zeros((4, 2, 2, 3))
+    with pytest.raises(ValueError, match="`names` has 3 entries for 4 images"):
+        render_introspection(summary, shown, tmp_path, names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="`class_names`"):
+        render_introspection(summary, shown, tmp_path, class_names=["a", "b"])
+    # a summary built by hand (no num_classes): the names must cover the classes it shows
+    by_hand = IntrospectionSummary(
+        *[
+            getattr(summary, f)
+            for f in (
+                "feed_forward",
+                "feed_forward_confidence",
+                "introspective",
+                "introspective_confidence",
+                "order",
+            )
+        ]
+    )
+    with pytest.raises(ValueError, match="`class_names` .* 2 names .* up to class 2"):
+        render_introspection(by_hand, shown, tmp_path, class_names=["a", "b"])
+    section = render_introspection(by_hand, shown, tmp_path, names=list("pqrs"))
+    assert section.rows[1].label.startswith("q: feed-forward 1 ")
 
 
 @pytest.mark.cuda

@@ -652,6 +652,29 @@ def matched_ssim(
 
 # ---------------------------------------------------------------- sample grid
 
+#: the longest row name :func:`sample_grid` draws whole; longer ones end in an ellipsis, so
+#: that the figure stays a bounded width (the names come from the user, e.g. ``--classes``)
+_MAX_ROW_NAME = 24
+#: points between a row name and the first image of its row
+_ROW_NAME_PAD = 6.0
+
+
+def _row_name(name: str) -> str:
+    return name if len(name) <= _MAX_ROW_NAME else name[: _MAX_ROW_NAME - 1] + "\u2026"
+
+
+def _text_width_inches(text: Any) -> float:
+    """The width of a matplotlib ``Text`` drawn literally, from its font's glyph metrics
+    (no renderer needed; the widest line of a multi-line text)."""
+    from matplotlib.textpath import TextToPath
+
+    measure, font = TextToPath(), text.get_fontproperties()
+    widths = [
+        measure.get_text_width_height_descent(line, font, ismath=False)[0]
+        for line in text.get_text().split("\n")
+    ]
+    return max(widths, default=0.0) / 72.0  # points -> inches
+
 
 def sample_grid(
     images: Tensor,
@@ -686,11 +709,13 @@ def sample_grid(
             ascending.
         denormalize (callable, optional): maps images to [0, 1] display space, e.g.
             :func:`captum_ext.data.denormalize_digits`. Default: None
-        class_names (sequence of str, optional): row titles, indexed by class. Default: the
-            class indices.
+        class_names (sequence of str, optional): row titles, indexed by class, drawn as
+            given (``$`` does not start mathtext) and right-aligned left of the row; the left
+            margin grows to fit the longest, and names longer than 24 characters are cut to
+            23 and an ellipsis. Default: the class indices.
         cmap (str, optional): matplotlib colormap for one-channel images. Default: "gray"
         cell_size (float, optional): inches per image. Default: 0.8
-        title (str, optional): figure title. Default: None
+        title (str, optional): figure title, drawn as given. Default: None
         colorbar (bool, optional): for one-channel images, a grey-scale bar on the right
             with the scale of the pixels (``0`` to ``1`` after ``denormalize``, otherwise the
             global minimum and maximum it was stretched from). Default: True
@@ -751,9 +776,10 @@ def sample_grid(
     with_bar = bool(colorbar) and shown.shape[1] == 1
     bar_room = 1.1 if with_bar else 0.0
 
-    width = cell_size * per_class + 0.6 + bar_room
+    from captum_ext.viz._figures import literal_text
+
     height = cell_size * len(rows) + (0.5 if title is not None else 0.1)
-    figure = Figure(figsize=(width, height))
+    figure = Figure(figsize=(cell_size * per_class + 0.6 + bar_room, height))
     axes = figure.subplots(len(rows), per_class, squeeze=False)
     for r, k in enumerate(rows):
         for c in range(per_class):
@@ -768,12 +794,22 @@ def sample_grid(
                     ax.imshow(picture[0], cmap=cmap, vmin=0.0, vmax=1.0)
                 else:
                     ax.imshow(np.transpose(picture, (1, 2, 0)))
-        name = class_names[k] if class_names is not None else str(k)
-        axes[r][0].set_ylabel(name, rotation=0, labelpad=12, va="center")
+        name = _row_name(class_names[k] if class_names is not None else str(k))
+        # right-aligned, ending _ROW_NAME_PAD points left of the row's first image
+        literal_text(
+            axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", labelpad=_ROW_NAME_PAD)
+        )
+    # the left margin holds the widest name, its gap to the images and some slack: 10 % of
+    # the name, for the renderers' glyph hinting (a few pixels over 24 characters), and
+    # 0.1 inch (0.5 inch at least, the margin of short names)
+    widest = max(_text_width_inches(axes[r][0].yaxis.label) for r in range(len(rows)))
+    left = max(0.5, 1.1 * widest + _ROW_NAME_PAD / 72.0 + 0.1)
+    width = left + cell_size * per_class + 0.1 + bar_room
+    figure.set_size_inches(width, height)
     if title is not None:
-        figure.suptitle(title, y=1.0 - 0.1 / height, va="top")
+        literal_text(figure.suptitle(title, y=1.0 - 0.1 / height, va="top"))
     figure.subplots_adjust(
-        left=0.5 / width,
+        left=left / width,
         right=1.0 - (0.1 + bar_room) / width,
         bottom=0.05 / height,
         top=1.0 - (0.45 if title is not None else 0.05) / height,

@@ -73,3 +73,13 @@ def _check_count(value: Any, argument: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{argument}` must be a non-negative int, got {value!r}.")
     return value
+
+
+def _check_overlay_options(alpha: Any, cmap: Any, caller: str) -> None:
+    """Check a section's ``alpha`` (a number in [0, 1]) and ``cmap`` (a matplotlib colormap
+    name; None: the section takes no ``cmap``) when it is called, before any map is computed."""
+    from .overlay import _check_alpha, _colormap
+
+    _check_alpha(alpha)
+    if cmap is not None:
+        _colormap(cmap, caller)

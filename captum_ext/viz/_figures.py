@@ -50,6 +50,27 @@ def new_figure(width_px: float, height_px: float, *, dpi: int = DPI, **kwargs: A
     return PlotFigure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, **kwargs)
 
 
+def literal_text(*artists: Any) -> None:
+    """Have matplotlib draw user-supplied text exactly as given.
+
+    Matplotlib reads text between two ``$`` as mathtext (and all text as TeX under
+    ``rcParams["text.usetex"]``): a class name ``"bin_$0_to_$5"`` fails to parse at
+    ``savefig`` and a name that happens to be valid mathtext is drawn mangled. Every class
+    name, title, label and set name a user gives goes through here once its ``Text`` artist
+    exists (``literal_text(ax.set_title(title))``). ``artists``: ``Text`` artists, or
+    ``Legend`` objects (their entries and title); ``None`` is skipped. ``get_text()`` still
+    returns the string as given.
+    """
+    for artist in artists:
+        if artist is None:
+            continue
+        if hasattr(artist, "get_texts"):  # a Legend
+            literal_text(*artist.get_texts(), artist.get_title())
+            continue
+        artist.set_parse_math(False)
+        artist.set_usetex(False)
+
+
 def save_figure(figure: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     """Write a matplotlib figure as PNG to ``path`` (creating its folder) and return the
     path; ``kwargs`` go to ``Figure.savefig``."""

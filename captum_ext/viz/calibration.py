@@ -35,7 +35,8 @@ def plot_reliability_diagram(
         diagram (ReliabilityDiagram): from :func:`captum_ext.metrics.reliability_diagram`.
         ax (matplotlib.axes.Axes, optional): the axes to draw in (the count strip is then
             added as an inset under them); ``None`` makes a new figure. Default: None.
-        title (str, optional): text before the ECE in the title. Default: None.
+        title (str, optional): text before the ECE in the title, drawn as given (``$`` does
+            not start mathtext). Default: None.
         show_counts (bool, optional): draw the share of predictions per bin. Default: True.
         color (str, optional): colour of the accuracy bars. Default: ``"tab:blue"``.
 
@@ -107,7 +108,10 @@ def plot_reliability_diagram(
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=6, framealpha=0.9)
     ece = diagram.calibration_error("l1")
-    ax.set_title(f"{title + ', ' if title else ''}ECE = {ece:.3f}", fontsize=9)
+    from captum_ext.viz._figures import literal_text
+
+    # the title is drawn as given ("model_$10 vs model_$20" is not mathtext)
+    literal_text(ax.set_title(f"{title + ', ' if title else ''}ECE = {ece:.3f}", fontsize=9))
     if show_counts:
         strip = ax.inset_axes([0.0, -0.42, 1.0, 0.16])
         share = diagram.count.double().cpu() / max(int(diagram.count.sum()), 1)

@@ -307,13 +307,11 @@ def compute_evaluation(
 
 def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
     """The report section of :func:`compute_evaluation`'s numbers: the table (the best value
-    of each metric marked with a star) and the ROAD curves."""
-    import matplotlib
+    of each metric marked with a star) and the ROAD curves.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from captum_ext.viz._figures import save_figure
+    The plot is a :class:`matplotlib.figure.Figure` of its own: no pyplot state (backend,
+    open figures, the current figure) is read or changed."""
+    from captum_ext.viz._figures import literal_text, new_figure, save_figure
     from captum_ext.viz.report import Figure, Section, Table
 
     metrics = list(METRIC_DIRECTIONS)
@@ -335,17 +333,26 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
             cells.append(text + (" *" if method in best[metric] else ""))
         table.add_row(cells)
 
-    figure, axis = plt.subplots(figsize=(4.2, 3.0), dpi=100)
+    figure = new_figure(420, 300, layout=None)
+    axis = figure.subplots()
+    lines, methods = [], []
     for method, curve in scores.road_curves.items():
-        axis.plot(scores.road_percentages.numpy(), curve.numpy(), marker="o", label=method)
+        (line,) = axis.plot(scores.road_percentages.numpy(), curve.numpy(), marker="o")
+        lines.append(line)
+        methods.append(str(method))
     axis.set_xlabel("fraction of pixels removed (most relevant first)")
     axis.set_ylabel("probability of the prediction")
     axis.set_title("ROAD (lower = the map found what matters)", fontsize=9)
-    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    path = save_figure(
-        figure, Path(out_dir) / "images" / "evaluation" / "road.png", bbox_inches="tight"
-    )
-    plt.close(figure)
+    if lines:  # handles and names given: a name starting with "_" is listed too
+        literal_text(
+            axis.legend(lines, methods, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        )
+    try:
+        path = save_figure(
+            figure, Path(out_dir) / "images" / "evaluation" / "road.png", bbox_inches="tight"
+        )
+    finally:
+        figure.clear()  # its memory goes now, also when the PNG cannot be written
 
     intro = (
         f"Which explanation to trust for this model: each method's maps of {scores.n_images} "

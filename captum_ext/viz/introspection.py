@@ -15,8 +15,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import _check_images, _check_names_labels, _class_names, _image_name, _true_class
+
 #: how many images of the page get a picture (the disagreements first)
 SHOWN_IMAGES = 12
+
+
+def _display_size(display_images: Any) -> tuple[int, int]:
+    """The H x W of ``display_images`` as :func:`~captum_ext.viz.report._display_array`
+    reads them (tensor N x C x H x W, array N x H x W [x C])."""
+    if isinstance(display_images, Tensor):
+        return tuple(display_images.shape[-2:])
+    return tuple(np.asarray(display_images).shape[1:3])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +40,9 @@ class IntrospectionSummary:
         introspective_confidence (Tensor): its probability.
         order (Tensor): the images ordered with the disagreements first (then by the
             introspective confidence, lowest first).
-        labels (Tensor, optional): the true classes, when known.
+        labels (Tensor, optional): the true classes (``-1`` where unknown), when given.
+        num_classes (int, optional): the number of classes of the network (what
+            ``class_names`` must name). Default: None (not known).
     """
 
     feed_forward: Tensor
@@ -39,6 +51,7 @@ class IntrospectionSummary:
     introspective_confidence: Tensor
     order: Tensor
     labels: Tensor | None = None
+    num_classes: int | None = None
 
     @property
     def disagree(self) -> Tensor:
@@ -50,10 +63,15 @@ def compute_introspection(
     network: Any, images: Tensor, *, labels: Any = None, batch_size: int = 64
 ) -> IntrospectionSummary:
     """Both predictions of every image, from a fitted
-    :class:`~captum_ext.introspection.IntrospectiveNetwork` (its ``model`` is stage 1)."""
+    :class:`~captum_ext.introspection.IntrospectiveNetwork` (its ``model`` is stage 1).
+
+    ``labels``: the true class of each image (None where unknown), one per image, each a
+    class index of the network; a ``ValueError`` names what does not fit."""
     from captum_ext._utils.validation import check_int, model_device
 
+    images = _check_images(images)
     batch_size = check_int(batch_size, "batch_size")
+    labels = _check_names_labels(None, labels, images.shape[0])
     device = model_device(network.model) if isinstance(network.model, torch.nn.Module) else None
     forward, intro = [], []
     for start in range(0, images.shape[0], batch_size):
@@ -68,9 +86,31 @@ def compute_introspection(
     disagree = (ff != inn).double()
     # disagreements first, then the least confident introspective predictions
     order = torch.from_numpy(np.lexsort((in_conf.double().numpy(), -disagree.numpy())))
+    num_classes = int(forward_p.shape[1])
     if labels is not None:
-        labels = torch.as_tensor([-1 if v is None else int(v) for v in labels])
-    return IntrospectionSummary(ff, ff_conf, inn, in_conf, order, labels)
+        indices = [str(c) for c in range(num_classes)]
+        known = [_true_class(labels, i, indices) for i in range(len(labels))]
+        labels = torch.as_tensor([-1 if v is None else v for v in known], dtype=torch.int64)
+    return IntrospectionSummary(ff, ff_conf, inn, in_conf, order, labels, num_classes)
+
+
+def _summary_class_names(summary: IntrospectionSummary, class_names: Any) -> list[str]:
+    """One name per class of the network (``class_names`` checked against it)."""
+    if summary.num_classes is not None:
+        return _class_names(class_names, summary.num_classes)
+    # a summary built by hand: the names must cover every class it mentions
+    used = [summary.feed_forward, summary.introspective]
+    if summary.labels is not None:
+        used.append(summary.labels)
+    largest = max((int(t.max()) for t in used if t.numel()), default=-1)
+    if class_names is None:
+        return [str(c) for c in range(largest + 1)]
+    if len(class_names) <= largest:
+        raise ValueError(
+            f"`class_names` (--classes) has {len(class_names)} names but the predictions and "
+            f"labels go up to class {largest}."
+        )
+    return [str(name) for name in class_names]
 
 
 def render_introspection(
@@ -82,18 +122,23 @@ def render_introspection(
     names: Any = None,
 ) -> Any:
     """The section of :func:`compute_introspection`'s numbers: a summary table, then the
-    first :data:`SHOWN_IMAGES` images in ``summary.order`` with both predictions."""
+    first :data:`SHOWN_IMAGES` images in ``summary.order`` with both predictions.
+
+    ``display_images``: the N images for display (N x C x H x W tensor or N x H x W x C array;
+    uint8, or float in [0, 1]); ``class_names``: one name per class of the network (None: the
+    indices); ``names``: one name per image (None: ``#i``). A ``ValueError`` names the
+    argument that does not fit."""
     from captum_ext.viz.overlay import save_png
     from captum_ext.viz.report import Section, Table, _display_array
 
     n = summary.feed_forward.shape[0]
-    size = (
-        tuple(display_images.shape[-2:])
-        if isinstance(display_images, Tensor)
-        else tuple(np.asarray(display_images).shape[1:3])
-    )
-    shown = _display_array(display_images, n, size)
-    name_of = (lambda c: str(c)) if class_names is None else (lambda c: class_names[int(c)])
+    shown = _display_array(display_images, n, _display_size(display_images))
+    _check_names_labels(names, None, n)
+    class_names = _summary_class_names(summary, class_names)
+
+    def name_of(c: Any) -> str:
+        return class_names[int(c)]
+
     disagree = summary.disagree
     table = Table(["", "feed-forward", "introspective"])
     table.add_row(
@@ -126,7 +171,7 @@ def render_introspection(
     folder = Path(out_dir) / "images" / "introspection"
     folder.mkdir(parents=True, exist_ok=True)
     for i in summary.order[:SHOWN_IMAGES].tolist():
-        label = f"{names[i] if names is not None else f'#{i}'}: feed-forward "
+        label = f"{_image_name(names, i)}: feed-forward "
         label += f"{name_of(summary.feed_forward[i])} "
         label += f"({float(summary.feed_forward_confidence[i]):.1%}), introspective "
         label += f"{name_of(summary.introspective[i])} "
@@ -151,8 +196,18 @@ def introspection_section(
     names: Any = None,
     batch_size: int = 64,
 ) -> Any:
-    """:func:`compute_introspection` then :func:`render_introspection` (the report section)."""
+    """:func:`compute_introspection` then :func:`render_introspection` (the report section).
+
+    The arguments are checked before anything is computed, as in the other sections:
+    ``display_images`` must hold the N images at the size of ``images``, ``labels`` and
+    ``names`` one entry per image (``class_names`` is checked against the network's number
+    of classes, which its predictions give)."""
+    from captum_ext.viz.report import _check_batch_size, _display_array
+
+    images = _check_images(images)
+    n = images.shape[0]
+    batch_size = _check_batch_size(batch_size)
+    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    labels = _check_names_labels(names, labels, n)
     summary = compute_introspection(network, images, labels=labels, batch_size=batch_size)
-    return render_introspection(
-        summary, display_images, out_dir, class_names=class_names, names=names
-    )
+    return render_introspection(summary, shown, out_dir, class_names=class_names, names=names)

@@ -153,7 +153,8 @@ def minimal_mask_section(
     Args:
         model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
-        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display.
+        display_images (Tensor or numpy.ndarray): the same images for display, float in
+            [0, 1] or uint8 (0..255).
         class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bars on stderr. Default: True.

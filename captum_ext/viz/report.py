@@ -42,7 +42,8 @@ from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.training import atomic_path, progress_bar
 from captum_ext._utils.validation import runner_up_classes
 
-from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
+from ._checks import _check_overlay_options
+from .overlay import DEFAULT_CMAP, _image_values, overlay, save_colorbar, save_png
 
 __all__ = [
     "ContrastiveMaps",
@@ -449,13 +450,19 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _display_array(display_images: Any, n: int, size: tuple[int, int]) -> np.ndarray:
+    """``display_images`` as an N x H x W x C array: uint8 (0..255) kept as it is, booleans
+    as uint8 black and white, floats clipped to [0, 1] (tensors as float32; a warning when
+    they go above 1: images on a 0..255 scale); other integer dtypes are refused with a
+    ``TypeError`` (see :func:`~captum_ext.viz.overlay.to_uint8_rgb`)."""
     if isinstance(display_images, Tensor):
-        shown = display_images.detach().to("cpu", torch.float32)
+        shown = display_images.detach().cpu()
         if shown.dim() != 4:
             raise ValueError(
                 f"`display_images` must be N x C x H x W (tensor) or N x H x W x C (array), got "
                 f"shape {tuple(shown.shape)}."
             )
+        if shown.is_floating_point():
+            shown = shown.to(torch.float32)  # bfloat16 has no numpy dtype
         array = shown.permute(0, 2, 3, 1).numpy()
     else:
         array = np.asarray(display_images)
@@ -466,6 +473,9 @@ def _display_array(display_images: Any, n: int, size: tuple[int, int]) -> np.nda
             f"`display_images` must hold {n} images of {size[0]} x {size[1]} (the inputs' size), "
             f"got shape {array.shape}."
         )
+    array = _image_values(array, "display_images")
+    if array.dtype != np.uint8:  # clipped here once: no warning per image when drawn
+        array = np.clip(array, 0.0, 1.0)
     return array
 
 
@@ -599,8 +609,9 @@ def contrastive_section(
         model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
         layer (nn.Module or str): the layer to explain, or its dotted name.
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
-        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
-            N x C x H x W (tensor) or N x H x W x C (array).
+        display_images (Tensor or numpy.ndarray): the same images for display, float in
+            [0, 1] or uint8 (0..255), N x C x H x W (tensor) or N x H x W x C (array); other
+            integer dtypes raise a ``TypeError`` (convert them first).
         class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
@@ -624,6 +635,7 @@ def contrastive_section(
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"`images` must be an N x C x H x W tensor, got {got}.")
     batch_size = _check_batch_size(batch_size)
+    _check_overlay_options(alpha, cmap, "contrastive_section()")
     n = images.shape[0]
     shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     if names is not None and len(names) != n:
@@ -775,6 +787,7 @@ def render_contrastive(
 ) -> Section:
     """Draw :func:`compute_contrastive`'s maps over ``display_images`` (N x H x W x C in
     [0, 1], or a tensor) into ``out_dir/images/contrastive/`` and return the Section."""
+    _check_overlay_options(alpha, cmap, "render_contrastive()")
     n = data.probabilities.shape[0]
     size = next(iter(data.maps.values())).shape[1:]
     shown = _display_array(display_images, n, (size[0], size[1]))

@@ -52,6 +52,7 @@ from ._checks import (
     _check_count,
     _check_images,
     _check_names_labels,
+    _check_overlay_options,
     _class_names,
     _to_cpu,
     _true_class,
@@ -327,8 +328,9 @@ def trust_section(
             returning (N, C) logits, in eval mode.
         layer (nn.Module or str): the layer of the Grad-CAM and ContrastCAM maps.
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
-        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
-            N x C x H x W (tensor) or N x H x W x C (array).
+        display_images (Tensor or numpy.ndarray): the same images for display, float in
+            [0, 1] or uint8 (0..255), N x C x H x W (tensor) or N x H x W x C (array); other
+            integer dtypes raise a ``TypeError`` (convert them first).
         class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
@@ -363,6 +365,7 @@ def trust_section(
     batch_size = _check_batch_size(batch_size)
     least_trusted = _check_count(least_trusted, "least_trusted")
     _check_scores(scores, model)  # fails before anything runs; compute_trust orders them
+    _check_overlay_options(alpha, cmap, "trust_section()")
     n = images.shape[0]
     shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     labels = _check_names_labels(names, labels, n)
@@ -604,6 +607,7 @@ def render_trust(
     Section of :func:`trust_section`: the scatter and accuracy-retention plots with the table
     of metrics, then the least-trusted images (from ``display_images``, N x H x W x C in
     [0, 1] or an N x C x H x W tensor) with their maps."""
+    _check_overlay_options(alpha, cmap, "render_trust()")
     table = data.table
     n = len(table)
     shown = _display_array(display_images, n, data.image_size)

@@ -52,6 +52,7 @@ from captum_ext._utils.layers import resolve_layer
 from ._checks import (
     _check_images,
     _check_names_labels,
+    _check_overlay_options,
     _class_names,
     _image_name,
     _row_label,
@@ -59,7 +60,14 @@ from ._checks import (
     _true_class,
 )
 from ._figures import new_figure, save_figure
-from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png, to_uint8_rgb
+from .overlay import (
+    DEFAULT_CMAP,
+    _check_alpha,
+    overlay,
+    save_colorbar,
+    save_png,
+    to_uint8_rgb,
+)
 from .report import (
     Figure,
     Section,
@@ -173,8 +181,9 @@ def voice_section(
         model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
         layer (nn.Module or str): the layer to explain, or its dotted name.
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
-        display_images (Tensor or numpy.ndarray): the same images in [0, 1] for display,
-            N x C x H x W (tensor) or N x H x W x C (array).
+        display_images (Tensor or numpy.ndarray): the same images for display, float in
+            [0, 1] or uint8 (0..255), N x C x H x W (tensor) or N x H x W x C (array); other
+            integer dtypes raise a ``TypeError`` (convert them first).
         class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
@@ -205,6 +214,7 @@ def voice_section(
     images = _check_images(images)
     contrasts = _check_contrasts(contrasts)
     batch_size = _check_batch_size(batch_size)
+    _check_overlay_options(alpha, cmap, "voice_section()")
     n = images.shape[0]
     shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
     labels = _check_names_labels(names, labels, n)
@@ -401,6 +411,7 @@ def render_voice(
     Returns:
         Section: as :func:`voice_section`.
     """
+    _check_overlay_options(alpha, cmap, "render_voice()")
     n = data.prediction.shape[0]
     size = data.uncertainty.shape[1:]
     shown = _display_array(display_images, n, (size[0], size[1]))
@@ -534,8 +545,7 @@ def _first_pixels(heat: np.ndarray, fraction: float) -> np.ndarray:
 
 def _mark(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
     """The image with the pixels of ``mask`` tinted red (opacity ``alpha``)."""
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+    alpha = _check_alpha(alpha)
     rgb = to_uint8_rgb(image, "display_images").astype(np.float64) / 255.0
     red = np.array([1.0, 0.0, 0.0])
     blend = (1.0 - alpha) * rgb + alpha * red
@@ -627,8 +637,9 @@ def explanation_metrics_section(
         model (Callable): the classifier (``nn.Module``), returning (N, C) logits, in eval mode.
         layer (nn.Module or str): the layer to explain, or its dotted name.
         images (Tensor): N x C x H x W inputs, normalised as the model expects.
-        display_images (Tensor, numpy.ndarray or None): the same images in [0, 1] for the
-            example rows, N x C x H x W (tensor) or N x H x W x C (array); None: no examples.
+        display_images (Tensor, numpy.ndarray or None): the same images for the example
+            rows, float in [0, 1] or uint8 (0..255), N x C x H x W (tensor) or N x H x W x C
+            (array); None: no examples.
         class_names (Sequence[str] or None): one name per model output. None: the indices.
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bar on stderr. Default: True.
@@ -660,6 +671,7 @@ def explanation_metrics_section(
     batch_size = _check_batch_size(batch_size)
     n_steps = _check_n_steps(n_steps)
     examples = _check_examples(examples)
+    _check_overlay_options(alpha, None, "explanation_metrics_section()")
     n = images.shape[0]
     shown = None
     if display_images is not None:
@@ -898,6 +910,7 @@ def render_explanation_metrics(
     Returns:
         Section: as :func:`explanation_metrics_section`.
     """
+    _check_overlay_options(alpha, None, "render_explanation_metrics()")
     n = data.predicted.shape[0]
     auc = data.auc
     class_names = data.class_names
