@@ -7,6 +7,8 @@ masks, ...) read a layer's output as a grid. A transformer block outputs ``(N, t
 ``k`` leading tokens (the class token, DeiT's distillation token) then the ``h x w`` patch
 tokens in row-major order. The CAM classes take a ``reshape_transform`` for that; the report
 command, and any code that hands a method a *layer*, needs the grid to be a module's output.
+The examples come first: a tokens-first ``(tokens, N, D)`` layer (``nn.TransformerEncoderLayer``
+with its default ``batch_first=False``) is refused, not read as a grid of one token.
 
 :class:`TokenGridModel` computes the model exactly as it is, except that while it runs, the
 chosen layer's output passes through an identity module, :attr:`TokenGridModel.grid`, as the
@@ -27,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.hooks import registered_hooks
-from captum_ext._utils.layers import resolve_layer
+from captum_ext._utils.layers import random_projection_score, resolve_layer
 from captum_ext._utils.model_state import gradients_on, preserved_state
+from captum_ext._utils.validation import check_examples_first
 
 __all__ = [
     "TokenGridModel",
@@ -100,13 +103,16 @@ class TokenGridModel(nn.Module):
             handle.remove()
 
 
-def layer_output_shape(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple:
+def _layer_output(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple | str:
     """The shape of ``layer``'s output when ``model`` runs on ``example`` (in eval mode,
-    without gradients; the model's modes, flags and buffers restored after)."""
-    seen: list[tuple] = []
+    without gradients; the model's modes, flags and buffers restored after), or, for an
+    output that is not one tensor, a description of it (``"a tuple of a (1, 17, 32) tensor
+    and a (1, 17, 17) tensor"``). A tensor output must have the example's N examples first
+    (:func:`~captum_ext._utils.validation.check_examples_first`)."""
+    seen: list[tuple | str] = []
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
-        seen.append(tuple(output.shape) if isinstance(output, Tensor) else ())
+        seen.append(tuple(output.shape) if isinstance(output, Tensor) else _describe(output))
 
     handle = layer.register_forward_hook(record)
     try:
@@ -119,15 +125,53 @@ def layer_output_shape(model: nn.Module, layer: nn.Module, example: Tensor) -> t
         raise ValueError(
             f"`layer` ran {len(seen)} times in one forward pass; pick a layer that runs once."
         )
+    if isinstance(seen[0], tuple) and isinstance(example, Tensor) and example.dim():
+        name = next((n for n, m in model.named_modules() if m is layer and n), None)
+        label = f"{name!r} ({type(layer).__name__})" if name else type(layer).__name__
+        check_examples_first(
+            seen[0], example.shape[0], what=f"`layer` {label} output", remedy="as_is"
+        )
     return seen[0]
 
 
+def _describe(output: Any) -> str:
+    """A short description of a layer output that is not one tensor."""
+    if isinstance(output, (tuple, list)):
+        items = [
+            f"a {tuple(item.shape)} tensor"
+            if isinstance(item, Tensor)
+            else "None"
+            if item is None
+            else f"a {type(item).__name__}"
+            for item in output
+        ]
+        if not items:
+            return f"an empty {type(output).__name__}"
+        listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+        return f"a {type(output).__name__} of {listed}"
+    return f"a {type(output).__name__}"
+
+
+def layer_output_shape(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple:
+    """The shape of ``layer``'s output when ``model`` runs on ``example`` (in eval mode,
+    without gradients; the model's modes, flags and buffers restored after); ``()`` for an
+    output that is not one tensor (a tuple).
+
+    Raises:
+        ValueError: the layer ran more than once, or its output does not have the example's
+            N examples first (a tokens-first ``(tokens, N, D)`` layer, ``batch_first=False``).
+    """
+    seen = _layer_output(model, layer, example)
+    return seen if isinstance(seen, tuple) else ()
+
+
 def token_grid_shape(tokens: int) -> tuple[int, tuple[int, int]] | None:
-    """``(leading, (h, w))`` for ``tokens`` = leading + a square number of patches, with 0,
-    1 (class token) or 2 (class and distillation tokens) leading tokens; None otherwise."""
+    """``(leading, (h, w))`` for ``tokens`` = leading + a square grid of at least 2 x 2
+    patches, with 0, 1 (class token) or 2 (class and distillation tokens) leading tokens;
+    None otherwise (a single token is no grid: pass ``grid_size`` for a 1 x 1 one)."""
     for leading in (1, 0, 2):
         side = math.isqrt(max(tokens - leading, 0))
-        if side > 0 and side * side == tokens - leading:
+        if side > 1 and side * side == tokens - leading:
             return leading, (side, side)
     return None
 
@@ -164,12 +208,13 @@ def expose_token_grid(
 
     Args:
         model (nn.Module): an eager model (a vision transformer).
-        layer (str or nn.Module): the token layer, ``(N, tokens, D)`` output.
+        layer (str or nn.Module): the token layer, ``(N, tokens, D)`` output (the examples
+            first: a tokens-first ``(tokens, N, D)`` layer is refused).
         example (Tensor): a small input batch of the size to be explained; the layer's output
             on it gives the number of tokens.
         leading (int, optional): tokens before the patches (1 for a class token, 2 with
             DeiT's distillation token). Default: inferred with ``grid_size`` from the token
-            count: 0, 1 or 2 leading tokens before a square grid.
+            count: 0, 1 or 2 leading tokens before a square grid of at least 2 x 2 patches.
         grid_size (tuple[int, int], optional): ``(h, w)`` patches, for a non-square grid.
             Default: inferred.
 
@@ -177,8 +222,13 @@ def expose_token_grid(
         TokenGridModel: computes what ``model`` computes; ``.grid`` is the layer.
 
     Raises:
-        ValueError: the layer's output is not 3-D, or its token count does not match the
-            grid (or cannot be inferred: pass ``leading`` and ``grid_size``).
+        ValueError: the layer's output is not one 3-D tensor, or its first dimension is not
+            the example's N examples (a tokens-first ``(tokens, N, D)`` layer, as
+            ``nn.TransformerEncoderLayer`` gives with its default ``batch_first=False``:
+            build the model with ``batch_first=True``, or use a CAM class with a
+            ``reshape_transform`` that moves the examples first), or its token count does
+            not match the grid (or cannot be inferred as 0-2 leading tokens and a square
+            grid of at least 2 x 2 patches: pass ``leading`` and ``grid_size``).
 
     Examples::
 
@@ -200,7 +250,14 @@ def expose_token_grid(
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise TypeError("`model` must be an eager nn.Module (hooks cannot reach into TorchScript).")
     module = resolve_layer(model, layer)
-    shape = layer_output_shape(model, module, example)
+    shape = _layer_output(model, module, example)
+    if isinstance(shape, str):
+        raise ValueError(
+            f"`layer` outputs {shape}, not one (N, tokens, D) tensor; expose_token_grid needs a "
+            "module whose output is the tokens (for a block's attention, nn.MultiheadAttention, "
+            "whose output is (tokens, weights), take the norm before it, e.g. the block's "
+            "`ln_1` / `norm1`)."
+        )
     if len(shape) == 4 and leading is None and grid_size is None:
         if not looks_channels_last(shape, tuple(example.shape[-2:])):
             raise ValueError(
@@ -221,16 +278,16 @@ def expose_token_grid(
         inferred = token_grid_shape(tokens)
         if inferred is None:
             raise ValueError(
-                f"`layer` outputs {tokens} tokens, not 0-2 leading tokens and a square grid; "
-                "pass `leading` and `grid_size`=(h, w)."
+                f"`layer` outputs {tokens} tokens, not 0-2 leading tokens and a square grid of "
+                "at least 2 x 2 patches; pass `leading` and `grid_size`=(h, w)."
             )
         leading, grid_size = inferred
     elif grid_size is None:
         side = math.isqrt(max(tokens - leading, 0))
-        if side < 1 or side * side != tokens - leading:
+        if side < 2 or side * side != tokens - leading:
             raise ValueError(
                 f"`leading`={leading} leaves {tokens - leading} of the layer's {tokens} tokens, "
-                "not a square grid; pass `grid_size`=(h, w)."
+                "not a square grid of at least 2 x 2 patches; pass `grid_size`=(h, w)."
             )
         grid_size = (side, side)
     elif leading is None:
@@ -302,9 +359,7 @@ def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None
         output = wrapped(example)
         if not isinstance(output, Tensor) or not output.is_floating_point():
             return None
-        generator = torch.Generator().manual_seed(0)
-        projection = torch.randn(output.shape, generator=generator, dtype=output.dtype)
-        score = (output * projection.to(output.device)).sum()
+        score = random_projection_score(output)
         if not score.requires_grad:
             return False
         (gradient,) = torch.autograd.grad(score, store["grid"], allow_unused=True)

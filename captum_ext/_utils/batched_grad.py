@@ -29,6 +29,7 @@ from .layers import root_module, uncompiled
 from .model_state import gradients_on, preserved_state
 from .validation import (
     OutOfMemoryError,
+    check_examples_first,
     check_int,
     format_additional_forward_args,
     output_selection,
@@ -556,6 +557,7 @@ def class_gradients(
     default_classes: str = "predicted",
     grad_kwargs: dict[str, Any] | None = None,
     allow_multidim: bool = False,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> ClassGradients:
     """Gradients of ``score(logits)[n, c]`` for the requested classes, in one forward pass.
 
@@ -585,6 +587,16 @@ def class_gradients(
             (N,) scalars (one column) and (N, C, *positions), whose class axis is dim 1 (the
             softmax of "cross_entropy" and "probability" runs over it at each position) and
             whose elements Captum's tuple targets select.
+        reshape_transform: the caller's transform of the layer's activations to an output
+            with the examples first (the CAMs' ``reshape_transform``). The engine does not
+            apply it to what it returns; it only reads it for the check below.
+
+    The layer's activations must have the N examples first (row ``i`` is example ``i``),
+    or, with ``reshape_transform``, its output must: a tokens-first ``(tokens, N, D)``
+    layer (``batch_first=False``) is refused with a ValueError naming ``layer``
+    (:func:`~captum_ext._utils.validation.check_examples_first`), unless the transform
+    moves the examples first. Whatever the layout, the gradients come back with the class
+    axis at dimension 1: (A_0, B, *A[1:]) for activations A.
 
     Returns:
         ClassGradients.
@@ -621,6 +633,9 @@ def class_gradients(
                     allow_multidim=multidim,
                 )
             wrt = capture.single_call(type(layer).__name__)
+            _check_layer_examples_first(
+                wrt, inputs[0].shape[0], forward_func, layer, layer_input, reshape_transform
+            )
         if logits.dim() == 1:  # one scalar per example: a single column
             logits = logits.unsqueeze(1)
         if callable(classes):
@@ -658,6 +673,49 @@ def class_gradients(
             pieces.append(grads if reduce is None else reduce(grads, activations))
     result = _concat_pieces(pieces)
     return ClassGradients(result, activations, logits.detach(), selection, multi)
+
+
+def _layer_label(forward_func: Callable, layer: nn.Module) -> str:
+    """``'dotted.name' (Class)`` of ``layer`` in the model behind ``forward_func``."""
+    model = root_module(forward_func)
+    name = None
+    if model is not None:
+        name = next((n for n, m in model.named_modules() if m is layer and n), None)
+    kind = type(layer).__name__
+    return f"{name!r} ({kind})" if name else kind
+
+
+def _check_layer_examples_first(
+    activations: tuple[Tensor, ...],
+    n: int,
+    forward_func: Callable,
+    layer: nn.Module,
+    layer_input: bool,
+    reshape_transform: Callable[[Tensor], Tensor] | None,
+) -> None:
+    """The one place where a layer's captured activations are checked to have the ``n``
+    examples first (after ``reshape_transform``, where the caller gives one)."""
+    where = "input" if layer_input else "output"
+    for i, activation in enumerate(activations):
+        which = f" {where} {i}" if len(activations) > 1 else f" {where}"
+        if reshape_transform is None:
+            if activation.dim() and activation.shape[0] == n:
+                continue
+            label = _layer_label(forward_func, layer)
+            check_examples_first(tuple(activation.shape), n, what=f"`layer` {label}{which}")
+            continue
+        with torch.no_grad():
+            folded = reshape_transform(activation.detach())
+        if not isinstance(folded, Tensor):
+            raise TypeError("`reshape_transform` must return a tensor.")
+        if folded.dim() and folded.shape[0] == n:
+            continue
+        raise ValueError(
+            f"`reshape_transform` returned a tensor of shape {tuple(folded.shape)} for the "
+            f"{tuple(activation.shape)}{which} of `layer` {_layer_label(forward_func, layer)}: "
+            f"it must return the N={n} examples first (N x K x h x w), as every method reads "
+            "row i of the activations as example i."
+        )
 
 
 def _concat_pieces(pieces: list) -> Any:

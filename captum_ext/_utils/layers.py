@@ -198,32 +198,113 @@ def _called_modules(model: nn.Module, run) -> list[tuple[str, nn.Module, tuple]]
 
 def spatial_layer_suggestions(model: nn.Module, run, before: nn.Module, n: int = 3) -> list[str]:
     """Names of the layers closest before ``before`` (in execution order) whose output has
-    spatial dimensions larger than 1 x 1 (``N x K x h x w``): the two that finish last (often
-    the enclosing blocks) and the last convolution among them.
+    spatial dimensions larger than 1 x 1 (``N x K x h x w``, or tokens ``(N, T, D)``) and
+    reaches the output: the two that finish last (often the enclosing blocks) and the last
+    convolution among them. See :func:`spatial_layer_candidates`, which gives their output
+    shapes too."""
+    return [name for name, _ in spatial_layer_candidates(model, run, before, n)]
 
-    ``run()`` performs one forward pass of ``model`` (run under ``torch.no_grad``; the
-    caller keeps the model's state).
+
+def spatial_layer_candidates(
+    model: nn.Module, run, before: nn.Module, n: int = 3
+) -> list[tuple[str, tuple]]:
+    """``(name, output shape)`` of the layers :func:`spatial_layer_suggestions` names.
+
+    A layer whose activations do not reach the output is left out: a fixed random
+    projection of ``run()``'s output (:func:`random_projection_score`) has an exactly zero
+    gradient there, so every gradient map of it would be zero. For a token layer
+    ``(N, T, D)`` whose T tokens are 0-2 leading tokens and a square grid (a vision
+    transformer's) the patch tokens are what must reach it: after a ViT's last block only
+    the class token is read, so its output, the final norm and the encoder are left out
+    and the last block's first norm (``ln_1``, ``norm1``) is suggested.
+
+    ``run()`` performs one forward pass of ``model`` and returns its output (the caller
+    keeps the model's state); it runs twice, once under ``torch.no_grad`` for the shapes and
+    once with gradients for the check (skipped where the output is not a floating-point
+    tensor: then no layer is left out).
     """
     with torch.no_grad():
         order = _called_modules(model, run)
     stop = next((i for i, entry in enumerate(order) if entry[1] is before), len(order))
     spatial = [
-        (name, module)
+        (name, module, shape)
         for name, module, shape in order[:stop]
         if len(shape) >= 3 and any(s > 1 for s in shape[2:])
     ][::-1]
-    picked = [name for name, _ in spatial[: max(0, n - 1)]]
-    conv = next(
-        (name for name, module in spatial if isinstance(module, nn.modules.conv._ConvNd)), None
-    )
+    if spatial:
+        blind = _modules_not_reaching_output(model, run, [module for _, module, _ in spatial])
+        spatial = [entry for entry in spatial if id(entry[1]) not in blind]
+    picked = [entry for entry in spatial[: max(0, n - 1)]]
+    conv = next((entry for entry in spatial if isinstance(entry[1], nn.modules.conv._ConvNd)), None)
     if conv is not None and conv not in picked:
         picked.append(conv)
-    for name, _ in spatial:
+    for entry in spatial:
         if len(picked) >= n:
             break
-        if name not in picked:
-            picked.append(name)
-    return picked
+        if entry not in picked:
+            picked.append(entry)
+    return [(name, shape) for name, _, shape in picked]
+
+
+def random_projection_score(output: torch.Tensor) -> torch.Tensor:
+    """``sum(output * r)`` with ``r ~ N(0, I)`` drawn from seed 0: one scalar whose gradient
+    is non-zero wherever the output depends on a tensor (the sum of a softmax output is
+    constant, a random projection of it is not)."""
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+    return (output * projection.to(output.device)).sum()
+
+
+def _modules_not_reaching_output(model: nn.Module, run, modules: list[nn.Module]) -> set[int]:
+    """ids of ``modules`` at whose output (the patch tokens of a token layer) the gradient of
+    :func:`random_projection_score` of ``run()`` is exactly zero. Modules whose output takes
+    no part in the graph (made from no parameter or input that requires gradients), and all
+    of them where the check cannot run, are not named."""
+    from captum_ext.token_grid import token_grid_shape
+
+    from .model_state import gradients_on, preserved_state
+
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            outputs.setdefault(id(module), output)
+
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        with preserved_state([model]), gradients_on():
+            for parameter in model.parameters():
+                if parameter.is_floating_point():
+                    parameter.requires_grad_(True)
+            with compiled_code_runs_eagerly():
+                result = run()
+            if (
+                not isinstance(result, torch.Tensor)
+                or not result.is_floating_point()
+                or not result.requires_grad
+                or not outputs
+            ):
+                return set()
+            keys = list(outputs)
+            grads = torch.autograd.grad(
+                random_projection_score(result),
+                [outputs[key] for key in keys],
+                allow_unused=True,
+            )
+    except Exception:  # noqa: BLE001 - the check only refines a courtesy suggestion
+        return set()
+    finally:
+        for handle in handles:
+            handle.remove()
+    blind = set()
+    for key, grad in zip(keys, grads):
+        if grad is not None and grad.dim() == 3:
+            grid = token_grid_shape(grad.shape[1])
+            if grid is not None:
+                grad = grad[:, grid[0] :]
+        if grad is None or not bool(grad.ne(0).any()):
+            blind.add(key)
+    return blind
 
 
 class LayerTap(nn.Module):

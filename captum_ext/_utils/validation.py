@@ -130,6 +130,77 @@ def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = No
     return value
 
 
+#: what the message of :func:`check_examples_first` suggests for a tokens-first layer, by
+#: where the layer is read: the CAM classes (a ``reshape_transform`` can move the examples
+#: first) and code that takes the layer's output as it is (``expose_token_grid``)
+TOKENS_FIRST_REMEDY = {
+    "reshape_transform": (
+        "Build the model with batch_first=True, or pass a `reshape_transform` that moves the "
+        "examples first before folding the tokens, e.g. lambda t: fold(t.transpose(0, 1))."
+    ),
+    "as_is": (
+        "Build the model with batch_first=True, or explain the layer with a CAM class and a "
+        "`reshape_transform` that moves the examples first before folding the tokens, e.g. "
+        "lambda t: fold(t.transpose(0, 1))."
+    ),
+}
+
+
+def check_examples_first(
+    shape: tuple[int, ...], n: int, *, what: str, remedy: str = "reshape_transform"
+) -> None:
+    """Refuse a layer's activations whose first dimension is not the batch of ``n`` examples.
+
+    Every method reads row ``i`` of a layer's output as example ``i``. A layer laid out
+    tokens-first, ``(tokens, N, D)`` (``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` with their default ``batch_first=False``), would otherwise give
+    one "map" per token, or a 1 x 1 grid, without an error. ``what`` names the activations in
+    the message (e.g. "`layer` ('encoder.layers.1') output"); ``remedy`` is a key of
+    :data:`TOKENS_FIRST_REMEDY`. A tokens-first layer whose token count equals ``n`` cannot
+    be told from its shape and passes.
+
+    Raises:
+        ValueError: ``shape`` is empty or its first dimension is not ``n``; the message says
+            when the layout looks tokens-first (dimension 1 has the ``n`` examples) or folds
+            several rows per example into the batch.
+    """
+    shape = tuple(int(s) for s in shape)
+    if shape and shape[0] == n:
+        return
+    if not shape:
+        raise ValueError(
+            f"{what} is a scalar; a layer explained for N={n} examples must output a tensor "
+            "with the examples first."
+        )
+    message = (
+        f"{what} has shape {shape} for N={n} example{'' if n == 1 else 's'}: its first "
+        "dimension is not the "
+        "batch, and every method reads row i of a layer's activations as example i."
+    )
+    if len(shape) >= 2 and shape[1] == n:
+        examples = "example" if n == 1 else f"{n} examples"
+        message += (
+            f" Dimension 1 has the {examples}: the layer looks tokens-first, "
+            f"(tokens, N, D), the layout of nn.TransformerEncoderLayer and "
+            f"nn.MultiheadAttention with batch_first=False (their default). "
+            + TOKENS_FIRST_REMEDY[remedy]
+        )
+    elif n > 1 and shape[0] % n == 0:
+        message += (
+            f" Its {shape[0]} rows are {shape[0] // n} per example: the model folds another "
+            "axis (frames, windows, crops) into the batch; explain a layer where the examples "
+            "are apart"
+            + (
+                ", or pass a `reshape_transform` that unfolds them to N rows."
+                if remedy == "reshape_transform"
+                else "."
+            )
+        )
+    else:
+        message += " Explain a layer whose output has the examples first."
+    raise ValueError(message)
+
+
 ALL_CLASSES = "all"
 
 _SEVERAL_CLASSES_HINT = (

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
 from .._utils.caller import user_stacklevel
-from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_suggestions
+from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_candidates
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
 from .._utils.validation import check_flag, format_inputs
 from ..token_grid import looks_channels_last
@@ -61,14 +61,27 @@ def gradcam_plus_plus_weights(gradients: Tensor, activations: Tensor) -> Tensor:
     return (alpha * torch.relu(gradients)).sum(dim=spatial)
 
 
-def _apply_reshape(reshape_transform, tensor: Tensor, batch_dims: int) -> Tensor:
+def _reshaped_activations(reshape_transform, activations: Tensor) -> Tensor:
+    """The layer's activations through ``reshape_transform`` (as they are without one)."""
     if reshape_transform is None:
-        return tensor
-    lead = tensor.shape[:batch_dims]
-    reshaped = reshape_transform(tensor.flatten(0, batch_dims - 1))
+        return activations
+    reshaped = reshape_transform(activations)
     if not isinstance(reshaped, Tensor):
         raise TypeError("`reshape_transform` must return a tensor.")
-    return reshaped.unflatten(0, lead)
+    return reshaped
+
+
+def _reshaped_gradients(reshape_transform, gradients: Tensor) -> Tensor:
+    """(A_0, B, *A[1:]) gradients (the engine's layout: the class axis inserted at dimension
+    1 of the layer's activations A, whatever their layout) -> (N, B, *reshaped): each class's
+    gradient goes through ``reshape_transform`` as the activations do, so a transform written
+    for a tokens-first (tokens, N, D) layer applies as it is."""
+    if reshape_transform is None:
+        return gradients
+    per_class = [
+        _reshaped_activations(reshape_transform, gradients[:, b]) for b in range(gradients.shape[1])
+    ]
+    return torch.stack(per_class, dim=1)
 
 
 class NoSpatialDimensions(ValueError):
@@ -85,7 +98,8 @@ class NoSpatialDimensions(ValueError):
 class TokenActivations(ValueError):
     """The CAM layer's output looks like a vision transformer's tokens (N, tokens, D) while the
     inputs are images: read as channels along one dimension, the map would run over the
-    embedding, not the image (raised by the reducer)."""
+    embedding, not the image (raised by the reducer). ``layer_shape``: the layer's own
+    output shape where the tokens came out of the user's ``reshape_transform``."""
 
     def __init__(
         self,
@@ -93,16 +107,37 @@ class TokenActivations(ValueError):
         input_shape: tuple[int, ...],
         leading: int,
         grid: tuple[int, int],
+        *,
+        layer_shape: tuple[int, ...] | None = None,
     ):
         self.shape = shape
         rows, columns = grid
-        fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({rows}, {columns}))"
         lead = {0: "", 1: "a class token and ", 2: "2 leading tokens and "}[leading]
+        tokens = f"a transformer's tokens ({lead}{rows} x {columns} patches of {shape[2]} features)"
+        reading = (
+            f"which a CAM would read as {shape[1]} channels along one dimension of length "
+            f"{shape[2]}, so the map would run over the embedding, not the image."
+        )
+        expected = (shape[0], shape[2], rows, columns)
+        if layer_shape is not None:
+            example = ""
+            skip = layer_shape[1] - rows * columns if len(layer_shape) == 3 else -1
+            if layer_shape[0] == shape[0] and 0 <= skip <= 2:  # batch-first tokens
+                example = (
+                    f", e.g. lambda t: t[:, {skip}:].transpose(1, 2).unflatten(2, "
+                    f"({rows}, {columns}))"
+                )
+            super().__init__(
+                f"`reshape_transform` returned a tensor of shape {shape} for the layer's "
+                f"output of shape {layer_shape} (images of shape {input_shape}): still {tokens}, "
+                f"{reading} It must return N x D x h x w, here {expected}: fold the patch "
+                f"tokens into their {rows} x {columns} grid{example}."
+            )
+            return
+        fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({rows}, {columns}))"
         super().__init__(
             f"`layer` outputs activations of shape {shape} for images of shape {input_shape}: "
-            f"a transformer's tokens ({lead}{rows} x {columns} patches of {shape[2]} "
-            f"features), which a CAM would read as {shape[1]} channels along one dimension of "
-            f"length {shape[2]}, so the map would run over the embedding, not the image. Pass "
+            f"{tokens}, {reading} Pass "
             f"`reshape_transform` folding the patch tokens into N x D x h x w (here "
             f"`reshape_transform={fold}`), or explain the `.grid` of "
             "`captum_ext.token_grid.expose_token_grid(model, layer, example)`."
@@ -111,33 +146,52 @@ class TokenActivations(ValueError):
 
 class ChannelsLastActivations(ValueError):
     """The CAM layer's output is a channels-last grid (N, h, w, C) (a Swin stage): read as
-    (N, C, h, w), the map would run over (w, C), not the image (raised by the reducer)."""
+    (N, C, h, w), the map would run over (w, C), not the image (raised by the reducer).
+    ``layer_shape``: the layer's own output shape where the grid came out of the user's
+    ``reshape_transform``."""
 
-    def __init__(self, shape: tuple[int, ...], input_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        input_shape: tuple[int, ...],
+        *,
+        layer_shape: tuple[int, ...] | None = None,
+    ):
         self.shape = shape
-        super().__init__(
-            f"`layer` outputs activations of shape {shape} for images of shape {input_shape}: "
+        grid = (
             f"a channels-last grid ({shape[1]} x {shape[2]} positions of {shape[3]} features, "
             "as a Swin transformer's stages give), which a CAM would read as "
             f"{shape[1]} channels of {shape[2]} x {shape[3]} maps, so the map would run over "
-            "the features, not the image. Pass `reshape_transform=lambda t: "
+            "the features, not the image."
+        )
+        if layer_shape is not None:
+            super().__init__(
+                f"`reshape_transform` returned a tensor of shape {shape} for the layer's "
+                f"output of shape {layer_shape} (images of shape {input_shape}): {grid} It "
+                f"must return N x C x h x w, here {(shape[0], shape[3], shape[1], shape[2])}: "
+                "end it with .permute(0, 3, 1, 2)."
+            )
+            return
+        super().__init__(
+            f"`layer` outputs activations of shape {shape} for images of shape {input_shape}: "
+            f"{grid} Pass `reshape_transform=lambda t: "
             "t.permute(0, 3, 1, 2)`, or explain the module that permutes the stage's output "
             "to N x C x h x w (torchvision's Swin: `permute`)."
         )
 
 
 def _token_layout(
-    act: Tensor, input_shape: tuple[int, ...] | None
+    shape: tuple[int, ...], input_shape: tuple[int, ...] | None
 ) -> tuple[int, tuple[int, int]] | None:
-    """``(leading, (h, w))`` when ``act`` (N, T, D) is a grid of patch tokens (after 0-2
-    leading tokens) that tiles 2-D inputs of ``input_shape`` with square patches of at least
-    2 pixels (H / h == W / w); else None. (An (N, C, L) layer of a model that reads images
-    row by row does not tile them so.)"""
-    if act.dim() != 3 or input_shape is None or len(input_shape) != 4:
+    """``(leading, (h, w))`` when activations of ``shape`` (N, T, D) are a grid of patch
+    tokens (after 0-2 leading tokens) that tiles 2-D inputs of ``input_shape`` with square
+    patches of at least 2 pixels (H / h == W / w); else None. (An (N, C, L) layer of a model
+    that reads images row by row does not tile them so.)"""
+    if len(shape) != 3 or input_shape is None or len(input_shape) != 4:
         return None
     height, width = input_shape[2:]
     for leading in (1, 0, 2):
-        patches = act.shape[1] - leading
+        patches = shape[1] - leading
         for rows in range(1, math.isqrt(max(patches, 0)) + 1):
             if patches % rows:
                 continue
@@ -195,19 +249,29 @@ def make_cam_reducer(
     def reduce(gradients: tuple[Tensor, ...], activations: tuple[Tensor, ...]):
         maps = []
         for grad, act in zip(gradients, activations):
-            act = _apply_reshape(reshape_transform, act, 1)
+            layer_shape = tuple(act.shape)
+            act = _reshaped_activations(reshape_transform, act)
             if act.dim() < 3:
                 raise NoSpatialDimensions(tuple(act.shape))
-            tokens = _token_layout(act, input_shape)
+            tokens = _token_layout(tuple(act.shape), input_shape)
             if tokens is not None:
-                raise TokenActivations(tuple(act.shape), input_shape, *tokens)
+                raise TokenActivations(
+                    tuple(act.shape),
+                    input_shape,
+                    *tokens,
+                    layer_shape=layer_shape if reshape_transform is not None else None,
+                )
             if (
                 input_shape is not None
                 and len(input_shape) == 4
                 and looks_channels_last(tuple(act.shape), tuple(input_shape[2:]))
             ):
-                raise ChannelsLastActivations(tuple(act.shape), input_shape)
-            grad = _apply_reshape(reshape_transform, grad, 2)
+                raise ChannelsLastActivations(
+                    tuple(act.shape),
+                    input_shape,
+                    layer_shape=layer_shape if reshape_transform is not None else None,
+                )
+            grad = _reshaped_gradients(reshape_transform, grad)
             if not reduce.saw_gradient:  # the gradients the maps are made of
                 reduce.saw_gradient = bool(grad.ne(0).any())
             weights = weight_fn(grad, act)
@@ -220,6 +284,26 @@ def make_cam_reducer(
 
     reduce.saw_gradient = False  # any non-zero gradient at the layer, over every chunk
     return reduce
+
+
+def _suggestion_hint(close: list[tuple[str, tuple[int, ...]]], input_shape: tuple[int, ...]) -> str:
+    """The sentence naming the suggested layers; a token layer (its tokens tile the images
+    of ``input_shape``, :func:`_token_layout`) is marked as such, with the
+    ``reshape_transform`` that folds its patch tokens."""
+    names, fold = [], ""
+    for name, shape in close:
+        grid = _token_layout(shape, input_shape)
+        names.append(repr(name) if grid is None else f"{name!r} (tokens {shape})")
+        if grid is not None and not fold:
+            leading, (rows, columns) = grid
+            fold = (
+                " A token layer needs the reshape_transform that folds its patch tokens, here "
+                f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({rows}, {columns}))."
+            )
+    return (
+        " The closest layers with spatial output before it (whose activations reach the "
+        f"output): {', '.join(names)}.{fold}"
+    )
 
 
 class ClassActivationMapBase(LayerAttribution, GradientAttribution):
@@ -274,13 +358,13 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             label = next((n for n, m in model.named_modules() if m is self.layer), label)
             try:
                 with preserved_state([model]):
-                    close = spatial_layer_suggestions(
+                    close = spatial_layer_candidates(
                         model,
                         lambda: run_forward(
                             self.forward_func,
                             inputs,
                             additional_forward_args,
-                            None,
+                            self.output_transform,
                             allow_multidim=True,
                         ),
                         self.layer,
@@ -288,11 +372,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             except Exception:  # the suggestion is a courtesy; the error below stands
                 close = []
             if close:
-                hint = (
-                    " The closest layers with spatial output before it: "
-                    + ", ".join(repr(n) for n in close)
-                    + "."
-                )
+                hint = _suggestion_hint(close, tuple(inputs[0].shape))
         shaping = " after `reshape_transform`" if reshape_transform is not None else ""
         return ValueError(
             f"{name}: `layer`={label!r} has an {where} of shape {shape}{shaping}, without "
@@ -370,6 +450,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 default_classes=self._default_classes,
                 grad_kwargs=grad_kwargs,
                 allow_multidim=True,
+                reshape_transform=reshape_transform,
             )
         except (TokenActivations, ChannelsLastActivations) as error:
             # the reducer's own message says what to do; the engine's frames do not help

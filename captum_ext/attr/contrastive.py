@@ -46,8 +46,8 @@ from .._utils.validation import (
     check_class_range,
     check_int,
     check_number,
-    class_selection,
     format_inputs,
+    output_selection,
     outside_inference_mode_nested,
     parse_class_selection,
     repeat_per_example,
@@ -180,6 +180,11 @@ def _secant_softmax(z: Tensor, z0: Tensor) -> Tensor:
 class ContrastiveForward(nn.Module):
     r"""``x -> -log_softmax(f(x))``: column Q is the per-example cross-entropy with label Q.
 
+    While :class:`Contrastive` explains elements of an output (N, C, *positions) (a
+    segmentation network's), the softmax runs over the class axis at each position and the
+    result is flattened to (N, C * P): column ``q * P + j`` is the cross-entropy at position
+    ``j`` with label ``q``, the column ``output_selection`` gives the tuple ``(q, *position)``.
+
     Handing this function to a Captum method with ``target=Q`` makes the method explain
     ``CE(f(x), Q)`` instead of the logit of the target class. It is an ``nn.Module`` holding
     the model as a submodule, so methods that work on a model rather than a function
@@ -200,6 +205,9 @@ class ContrastiveForward(nn.Module):
         self.output_transform = output_transform
         # set by Contrastive for the duration of one attribute call
         self._paired = False
+        # True while the model's output has more than two dimensions (a segmentation
+        # network's (N, C, H, W)): the cross-entropy at each position, flattened
+        self._multidim = False
         self._max_class: int | None = None
         self._inputs = 0  # how many leading arguments are the inputs (cast to a half model's dtype)
         self._calls = 0
@@ -215,17 +223,51 @@ class ContrastiveForward(nn.Module):
             output = self.forward_func(*args)
         if self.output_transform is not None:
             output = self.output_transform(output)
-        if not isinstance(output, Tensor) or output.dim() != 2:
-            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise ValueError(
-                f"forward_func must return (N, classes) logits, got {got}; pass "
-                "`output_transform` to Contrastive."
-            )
+        multidim = self._multidim and isinstance(output, Tensor) and output.dim() > 2
+        if not multidim and (not isinstance(output, Tensor) or output.dim() != 2):
+            raise _output_error(output)
         if self._max_class is not None and self._max_class >= output.shape[1]:
             check_class_range(torch.tensor([self._max_class]), output.shape[1], argument="contrast")
+        # (N, C, *positions): the softmax runs over the class axis at each position, and
+        # column c * P + j of the flattened result is CE(output[n, :, j], c), the column
+        # `output_selection` gives for the tuple (c, *position)
         if self._paired:
-            return _PairedNegLogSoftmax.apply(output)
-        return _NegLogSoftmax.apply(output)
+            return _PairedNegLogSoftmax.apply(output).flatten(1)
+        return _NegLogSoftmax.apply(output).flatten(1)
+
+
+def _output_error(output: Any) -> ValueError:
+    """The error for a model output that is not (N, C) logits, where ``contrast`` was given
+    in a form that names classes only (or an output that is no tensor at all)."""
+    if isinstance(output, Tensor) and output.dim() > 2:
+        sizes = ", ".join(str(s) for s in output.shape[1:])
+        positions = ", ".join(f"i_{a}" for a in range(1, output.dim() - 1))
+        if output.dim() == 4:
+            positions = "h, w"
+        return ValueError(
+            f"forward_func returns an output of shape (N, {sizes}), more than (N, classes) "
+            "logits: the class axis 1, then positions. On such an output "
+            f"`contrast` must name one element per example, as for ContrastCAM: a tuple "
+            f"(q, {positions}) (the cross-entropy of the logits at that position with label q) "
+            "or a list of N such tuples. A class alone (an int, a list of ints, a tensor, "
+            "'all') names no position; for a region's score pass `output_transform` reducing "
+            "the output to (N, classes) (e.g. each class's logits summed over a pixel mask)."
+        )
+    got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    return ValueError(
+        f"forward_func must return (N, classes) logits, got {got}; pass "
+        "`output_transform` to Contrastive."
+    )
+
+
+def _names_elements(contrast: Any) -> bool:
+    """Whether ``contrast`` is Captum's index of elements of an output with more than two
+    dimensions: a tuple of several indices, or a list holding such tuples."""
+    if isinstance(contrast, tuple):
+        return len(contrast) != 1
+    return isinstance(contrast, list) and any(
+        isinstance(item, tuple) and len(item) != 1 for item in contrast
+    )
 
 
 #: Captum methods whose ``baselines`` are a distribution of any number of references, not
@@ -437,10 +479,16 @@ class Contrastive(GradientAttribution):
         explained scalar  CE(f(x), Q) = -log softmax(f(x))_Q
         its gradient      d CE / d x = J^T (softmax(f(x)) - onehot(Q))
 
-    the signal ContrastCAM backpropagates. Sign: a positive attribution is evidence against
-    Q (it raises the loss of predicting Q), i.e. evidence for the class the network prefers
-    over Q. ``Contrastive(LayerGradCam, model, layer)`` with ``relu_attributions=True`` (Captum's
-    default is False) equals ``ContrastCAM(model, layer)``.
+    the signal ContrastCAM backpropagates. On an output with more than two dimensions,
+    (N, C, *positions) (a segmentation network's (N, C, H, W)), ``contrast`` takes the forms
+    ContrastCAM takes, ``(q, h, w)`` or a list of N such tuples, and the explained scalar is
+    ``CE(f(x)[n, :, h, w], q)``, the softmax over the classes at that pixel (as in
+    ContrastCAM, the tuple is read by the same helper).
+
+    Sign: a positive attribution is evidence against Q (it raises the loss of predicting Q),
+    i.e. evidence for the class the network prefers over Q.
+    ``Contrastive(LayerGradCam, model, layer)`` with ``relu_attributions=True`` (Captum's
+    default is False) equals ``ContrastCAM(model, layer)``, also on such outputs.
 
     How: the method is rebuilt on :class:`ContrastiveForward`, an ``nn.Module`` that holds
     the model as a submodule; every reference of the method to the model (its
@@ -563,11 +611,16 @@ class Contrastive(GradientAttribution):
 
         Args:
             inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
-            contrast (int, list, Tensor or str, optional): the class Q: an int, one per
-                example (list or 1-D tensor), ``"all"``, or a 2-D selection of several
-                classes per example. Default: None, each example's runner-up class. A
-                per-example ``contrast`` of length N is expanded with the inputs inside
-                NoiseTunnel, ``infidelity`` and ``sensitivity_max``.
+            contrast (int, list, tuple, Tensor or str, optional): the class Q: an int, one
+                per example (list or 1-D tensor), ``"all"``, or a 2-D selection of several
+                classes per example. Default: None, each example's runner-up class. For a
+                model output with more than two dimensions (a segmentation network's
+                (N, C, H, W)), the forms ContrastCAM takes: ``(q, h, w)`` (the same element
+                for every example) or a list of N such tuples, explaining
+                ``CE(output[n, :, h, w], q)``, the softmax taken over the classes at that
+                pixel; there is no default there. A per-example ``contrast`` of length N is
+                expanded with the inputs inside NoiseTunnel, ``infidelity`` and
+                ``sensitivity_max``.
             additional_forward_args (Any, optional): extra arguments of the model.
             batch_size (int, optional): with several classes per example, the (example,
                 class) pairs are stacked into a batch of N * C' rows and handed to the
@@ -615,28 +668,37 @@ class Contrastive(GradientAttribution):
         with preserved_state([model], hidden_model=model is None):
             classes = multi = None
             max_class = None
+            multidim = False
             if contrast is not None and not isinstance(contrast, str):
-                # explicit classes: no extra forward; the range is checked against the
-                # number of outputs by the contrastive forward the method calls
-                classes, multi = parse_class_selection(
-                    contrast, formatted[0].shape[0], formatted[0].device, argument="contrast"
-                )
-                if classes.numel():
-                    max_class = int(classes.max())
-                if classes.numel() and int(classes.min()) < 0:
-                    classes = None  # negative indices count from the last class: need C
+                if not _names_elements(contrast):
+                    # explicit classes: no extra forward; the range is checked against the
+                    # number of outputs by the contrastive forward the method calls
+                    classes, multi = parse_class_selection(
+                        contrast, formatted[0].shape[0], formatted[0].device, argument="contrast"
+                    )
+                    if classes.numel():
+                        max_class = int(classes.max())
+                    if classes.numel() and int(classes.min()) < 0:
+                        classes = None  # negative indices count from the last class: need C
             if classes is None:
-                # the runner-up, every class, or negative indices: one forward for the logits
+                # the runner-up, every class, negative indices, or elements of an output of
+                # more than two dimensions: one forward for the output
                 with torch.no_grad():
-                    logits = run_forward(
+                    output = run_forward(
                         self.model_forward,
                         formatted,
                         additional_forward_args,
                         forward.output_transform,
+                        allow_multidim=True,
                     )
-                classes, multi = class_selection(
-                    contrast, logits, argument="contrast", default="runner_up"
+                if output.dim() < 2:
+                    raise _output_error(output)
+                # ContrastCAM's reading of the forms (one place): for (N, C) logits the
+                # classes, for (N, C, *positions) columns of the flattened cross-entropy
+                classes, multi = output_selection(
+                    contrast, output, argument="contrast", default="runner_up"
                 )
+                multidim = output.dim() > 2
                 max_class = None
             # Captum's Saliency and GuidedBackprop switch requires_grad on for the tensors
             # they get (with a warning that the input did not require gradients) and only
@@ -647,7 +709,7 @@ class Contrastive(GradientAttribution):
             )
             calls = forward._calls
             forward._paired, forward._max_class = self._paired, max_class
-            forward._inputs = len(formatted)
+            forward._inputs, forward._multidim = len(formatted), multidim
             try:
                 with _captum_argument_errors(self.method):
                     if not multi:
@@ -663,6 +725,7 @@ class Contrastive(GradientAttribution):
                         )
             finally:
                 forward._paired, forward._max_class, forward._inputs = False, None, 0
+                forward._multidim = False
         if forward._calls == calls:
             raise RuntimeError(
                 f"{type(self.method).__name__} never called the contrastive forward function: "
