@@ -44,7 +44,10 @@ CAM_ARGS = """
                 Default: True.
             reshape_transform (Callable, optional): maps token activations (N, tokens, K) of
                 a vision transformer to (N, K, h, w), e.g. drop the class token and fold the
-                rest into a grid. Applied to activations and gradients alike. Default: None.
+                rest into a grid. Applied to activations and gradients alike. A tokens-first
+                layer (T, N, K), such as ``nn.TransformerEncoderLayer`` with
+                ``batch_first=False``, works with a transform that moves the examples first
+                (e.g. ``lambda t: fold(t.transpose(0, 1))``). Default: None.
             upsample_to_input (bool, optional): upsample the maps to the spatial size of the
                 input, with ``interpolate_mode``. Default: False.
             normalize (str, optional): ``"minmax"`` scales each map to [0, 1] (a constant map

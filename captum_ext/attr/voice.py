@@ -417,7 +417,10 @@ class VOICE:
             reshape_transform (Callable, optional): CAM techniques only: turns the layer's
                 activations (and gradients) into (N, K, h, w) maps, e.g. the tokens
                 (N, 1 + h*w, K) of a vision transformer (drop the class token, reshape,
-                move K first), as in the CAM classes and pytorch-grad-cam. Default: None.
+                move K first), as in the CAM classes and pytorch-grad-cam. A tokens-first
+                layer (T, N, K), such as ``nn.TransformerEncoderLayer`` with
+                ``batch_first=False``, works with a transform that moves the examples first
+                (e.g. ``lambda t: fold(t.transpose(0, 1))``). Default: None.
 
         Returns:
             VOICEResult: see its attributes.
@@ -484,6 +487,7 @@ class VOICE:
                 output_transform=self.output_transform,
                 max_batch=max_batch,
                 reduce=accumulate,
+                reshape_transform=reshape_transform,
             )
         cam = getattr(accumulate.to_maps, "cam", None)
         if cam is not None and not cam.saw_gradient:

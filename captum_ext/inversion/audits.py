@@ -491,8 +491,8 @@ def shortcut_audit(
         >>> # the model under audit would be trained on `cued`; the bundled one never saw a cue
         >>> audit = shortcut_audit(model, TensorDataset(images, labels), cued,
         ...                        inversion=load_bundled_inversion(model), samples_per_class=2)
-        >>> audit.accuracy_clean                           # the bundled model on the samples
-        1.0
+        >>> audit.accuracy_clean                # the bundled model on the 40 sample digits
+        0.975
         >>> audit.cue_response.shape                       # one value per class
         torch.Size([10])
     """
@@ -542,7 +542,7 @@ def shortcut_audit(
         module = root_module(model)
         with preserved_state([module]):
             samples = _draw_samples(inversion, sample_labels, model_device(model), seed)
-        samples = _images(samples, "inversion samples")
+        samples = _images(samples, "inversion samples", model_input=True)
         response = _cue_response(samples, sample_labels, cued)
     return ShortcutAuditResult(
         accuracy_clean,
@@ -610,8 +610,9 @@ def privacy_audit(
 
     Args:
         model (nn.Module or callable): the model under audit (left unchanged).
-        training_images (Tensor): ``N x C x H x W`` training images in the model's input
-            space (a subset of its training set).
+        training_images (Tensor): ``N x C x H x W`` floating-point training images in the
+            model's input space (a subset of its training set); integer pixels are refused,
+            as in :func:`~captum_ext.inversion.evaluation.label_consistency`.
         training_labels (Tensor): their ``N`` labels.
         inversion (NetworkInversion or callable, optional): a fitted inversion (its
             ``sample(labels, generator=seed)`` is used) or a callable mapping labels to images;
@@ -656,7 +657,7 @@ def privacy_audit(
         (True, torch.Size([20, 1, 28, 28]))
     """
     _check_model(model)
-    training_images = _images(training_images, "training_images")
+    training_images = _images(training_images, "training_images", model_input=True)
     training_labels = _labels(
         training_labels, training_images.shape[0], "training_labels", "training_images"
     )
@@ -719,7 +720,7 @@ def privacy_audit(
     module = root_module(model)
     with preserved_state([module]):
         samples = _draw_samples(inversion, sample_labels, model_device(model), int(seed))
-    samples = _images(samples, "inversion samples")
+    samples = _images(samples, "inversion samples", model_input=True)
     consistency = label_consistency(model, samples, sample_labels)
     matched = matched_ssim(
         samples,

@@ -37,7 +37,7 @@ from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.training import progress_bar
-from captum_ext._utils.validation import check_int, to_model_input
+from captum_ext._utils.validation import check_int, check_number, to_model_input
 from captum_ext.inversion._features import final_linear
 
 __all__ = [
@@ -54,8 +54,13 @@ __all__ = [
 # ---------------------------------------------------------------- argument checks
 
 
-def _images(images: Any, argument: str) -> Tensor:
-    """A floating ``N x C x H x W`` tensor (``N x H x W`` gets a channel axis)."""
+def _images(images: Any, argument: str, *, model_input: bool = False) -> Tensor:
+    """A floating ``N x C x H x W`` tensor (``N x H x W`` gets a channel axis).
+
+    Integer pixels are converted to float32 where only pixels are compared; images that
+    go to the model (``model_input``) must already be floating point, as TIE's inputs:
+    uint8 pixels (0..255) run through a model that expects normalised inputs give a
+    number without an error."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, Tensor):
@@ -71,6 +76,10 @@ def _images(images: Any, argument: str) -> Tensor:
         )
     if images.shape[0] == 0:
         raise ValueError(f"`{argument}` is empty; expected at least one image.")
+    if model_input and not images.is_floating_point():
+        raise TypeError(
+            f"`{argument}` must be floating point (the model's inputs), got {images.dtype}."
+        )
     if images.dtype == torch.bool or images.is_complex():
         raise TypeError(f"`{argument}` must hold real pixel values, got {images.dtype}.")
     if not images.is_floating_point():
@@ -204,8 +213,9 @@ def label_consistency(
     Args:
         model (nn.Module or callable): maps ``N x C x H x W`` images to ``N x K`` logits.
             An ``nn.Module`` is run in eval mode under ``torch.no_grad`` and restored after.
-        images (Tensor): ``N x C x H x W`` images in the model's input space (for
-            example the output of ``NetworkInversion.sample``).
+        images (Tensor): ``N x C x H x W`` floating-point images in the model's input
+            space (for example the output of ``NetworkInversion.sample``); integer pixels
+            (uint8 0..255) are refused, normalise them as the model expects first.
         labels (Tensor): ``N`` conditioning labels, one per image.
         batch_size (int, optional): images per forward pass. Default: 256
 
@@ -223,7 +233,7 @@ def label_consistency(
         1.0
     """
     _check_model(model)
-    images = _images(images, "images")
+    images = _images(images, "images", model_input=True)
     labels = _labels(labels, images.shape[0], "labels", "images")
     batch_size = check_int(batch_size, "batch_size")
     logits, _ = _forward_batches(model, images, batch_size)
@@ -256,7 +266,9 @@ def mean_confidence(
     Args:
         model (nn.Module or callable): maps images to ``N x K`` logits (run in eval mode,
             without gradients; an ``nn.Module`` is restored afterwards).
-        images (Tensor): ``N x C x H x W`` images in the model's input space.
+        images (Tensor): ``N x C x H x W`` floating-point images in the model's input
+            space; integer pixels (uint8 0..255) are refused, normalise them as the model
+            expects first.
         labels (Tensor, optional): ``N`` class indices; see above. Default: None
         batch_size (int, optional): images per forward pass. Default: 256
 
@@ -276,7 +288,7 @@ def mean_confidence(
         True
     """
     _check_model(model)
-    images = _images(images, "images")
+    images = _images(images, "images", model_input=True)
     batch_size = check_int(batch_size, "batch_size")
     if labels is not None:
         labels = _labels(labels, images.shape[0], "labels", "images")
@@ -338,13 +350,19 @@ def within_class_diversity(
     orthogonal ones 0. Compare generators at the same budget; a collapsed generator scores
     near 1.
 
+    An all-zero feature vector (a blank image, or features behind ReLUs that are all off)
+    has no direction; it counts as identical to another all-zero vector (cosine 1) and as
+    orthogonal to any non-zero one (cosine 0). So identical samples give 1 also when their
+    features are zero, and a generator collapsed to blank images scores 1, not 0.
+
     Args:
         source (nn.Module, callable or Tensor): the model (its features are computed in
             eval mode without gradients, and it is restored afterwards), or a precomputed
             ``N x D`` (or ``N x ...``, flattened) tensor of features, in which case
             ``images`` is ignored and may be None. To measure diversity in pixel space, pass
             the images themselves as ``source``.
-        images (Tensor or None): ``N x C x H x W`` images in the model's input space.
+        images (Tensor or None): ``N x C x H x W`` floating-point images in the model's
+            input space (integer pixels are refused, as in :func:`label_consistency`).
         labels (Tensor): ``N`` class indices.
         feature_layer (nn.Module or str, optional): the layer whose output is used instead
             of the penultimate features (a module or its dotted name). Default: None
@@ -383,7 +401,7 @@ def within_class_diversity(
         _check_model(source)
         if images is None:
             raise ValueError("`images` is None; give the images when `source` is a model.")
-        images = _images(images, "images")
+        images = _images(images, "images", model_input=True)
         labels = _labels(labels, images.shape[0], "labels", "images")
         if feature_layer is None:
             layer, layer_input = _penultimate_layer(source, images), True
@@ -396,7 +414,11 @@ def within_class_diversity(
             source, images, batch_size, feature_layer=layer, layer_input=layer_input
         )
     features = features.cpu().to(torch.float64)
-    unit = torch.nn.functional.normalize(features, dim=1)
+    norms = features.norm(dim=1, keepdim=True)
+    # an all-zero feature vector has no direction: cos(0, 0) = 1 (identical samples), cos(0,
+    # phi) = 0 for phi != 0; F.normalize's 0 for both scored blank samples "perfectly diverse"
+    blank = (norms[:, 0] == 0).to(torch.float64)
+    unit = features / torch.where(norms > 0, norms, torch.ones_like(norms))
     classes, counts = torch.unique(labels, return_counts=True)
     per_class = torch.full((classes.numel(),), float("nan"), dtype=torch.float64)
     for i, k in enumerate(classes.tolist()):
@@ -404,7 +426,8 @@ def within_class_diversity(
         n = members.shape[0]
         if n < 2:
             continue
-        gram = members @ members.T
+        zero = blank[labels == k]
+        gram = members @ members.T + torch.outer(zero, zero)
         per_class[i] = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
     valid = ~torch.isnan(per_class)
     if bool(valid.any()):
@@ -447,6 +470,17 @@ class MatchedSSIM(NamedTuple):
     """The ``data_range`` passed to scikit-image."""
     win_size: int
     """The ``win_size`` passed to scikit-image."""
+
+
+def _real_number(value: Any, argument: str, **bounds: Any) -> float:
+    """:func:`check_number` of ``value``, a 0-d tensor or array first read as its number
+    (``images.max() - images.min()`` of a tensor or an array is one)."""
+    if isinstance(value, Tensor) and value.dim() == 0:
+        if not (value.is_complex() or value.dtype == torch.bool):
+            value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
+    return check_number(value, argument, **bounds)
 
 
 def _default_win_size(height: int, width: int) -> int:
@@ -504,12 +538,14 @@ def matched_ssim(
         training (Tensor): ``N_t x C x H x W`` training images, same ``C x H x W``.
         labels_generated (Tensor): ``N_g`` class indices of ``generated``.
         labels_training (Tensor): ``N_t`` class indices of ``training``.
-        threshold (float, optional): SSIM threshold of ``share_above``. Default: 0.4
+        threshold (float, optional): SSIM threshold of ``share_above``, in [-1, 1]; any
+            real number (a Python or numpy scalar, or a 0-d tensor or array). Default: 0.4
         denormalize (callable, optional): applied to both sets before SSIM, e.g.
             :func:`captum_ext.data.denormalize_digits` to compare in [0, 1] pixel space
             images given in the model's input space. Default: None (compare as given)
         data_range (float, optional): scikit-image's ``data_range`` (max minus min possible
-            value). Default: None, meaning max minus min over both sets (after
+            value), a finite number > 0 (a Python or numpy scalar, or a 0-d tensor or
+            array). Default: None, meaning max minus min over both sets (after
             ``denormalize``); pass 1.0 for images in [0, 1].
         win_size (int, optional): odd side of the SSIM window, at most the smaller image
             side. Default: None, meaning 7, or the largest odd size that fits smaller images.
@@ -545,9 +581,8 @@ def matched_ssim(
         labels_generated, generated.shape[0], "labels_generated", "generated"
     )
     labels_training = _labels(labels_training, training.shape[0], "labels_training", "training")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"`threshold` must be a number, got {type(threshold).__name__}.")
-    if not -1.0 <= float(threshold) <= 1.0:
+    threshold = _real_number(threshold, "threshold", minimum=None)
+    if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"`threshold` must lie in [-1, 1] (the range of SSIM), got {threshold}.")
     generated = _apply_denormalize(generated, denormalize, "generated")
     training = _apply_denormalize(training, denormalize, "training")
@@ -576,14 +611,8 @@ def matched_ssim(
         low = min(gen_np.min(), train_np.min())
         high = max(gen_np.max(), train_np.max())
         data_range = float(high - low) if high > low else 1.0
-    elif (
-        isinstance(data_range, bool)
-        or not isinstance(data_range, (int, float))
-        or not np.isfinite(data_range)
-        or data_range <= 0
-    ):
-        raise ValueError(f"`data_range` must be a positive number, got {data_range!r}.")
-    data_range = float(data_range)
+    else:
+        data_range = _real_number(data_range, "data_range")  # finite and > 0
     if channels == 1:
         gen_np, train_np = gen_np[:, 0], train_np[:, 0]
         channel_kwargs: dict[str, Any] = {}

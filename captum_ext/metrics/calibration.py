@@ -23,6 +23,34 @@ CALIBRATION_NORMS = ("l1", "l2", "max")
 """Values of ``norm``: the weighted mean gap (ECE), its root mean square, the largest gap."""
 
 
+def _row_sum_tolerance(probabilities: Tensor) -> float:
+    """How far from 1 a row of ``probabilities`` may sum: 1e-4 (the tolerance of
+    :func:`~captum_ext.inversion.tie.uncertainty_ue` for float32), or 4 rounding units of the
+    coarsest half-precision dtype that holds every value exactly (a float16 softmax sums to 1
+    within about 4e-4, a bfloat16 one within about 3e-3), also after a cast to float64."""
+    for dtype in (torch.bfloat16, torch.float16):
+        if bool((probabilities.to(dtype).to(probabilities.dtype) == probabilities).all()):
+            return max(1e-4, 4 * torch.finfo(dtype).eps)
+    return 1e-4
+
+
+def _check_rows_sum_to_one(probabilities: Tensor, argument: str) -> None:
+    """A ValueError naming ``argument`` unless every row of the (N, C) ``probabilities``
+    sums to 1 within :func:`_row_sum_tolerance`: per-class sigmoids, or logits that happen
+    to lie in [0, 1], are no distribution over the classes, and their ECE means nothing."""
+    sums = probabilities.sum(dim=1, dtype=torch.float64)
+    tolerance = _row_sum_tolerance(probabilities)
+    bad = ((sums - 1).abs() > tolerance).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ValueError(
+            f"`{argument}` rows must sum to 1 (class probabilities; apply softmax to logits "
+            f"first), but row {row} sums to {float(sums[row]):.6g} (tolerance {tolerance:g}). "
+            "For per-class scores such as sigmoids, pass the (N,) confidences of the "
+            "predictions with whether each is correct instead."
+        )
+
+
 def _confidence_and_correct(
     probabilities_or_confidences: Any, labels: Any
 ) -> tuple[Tensor, Tensor]:
@@ -61,9 +89,12 @@ def _confidence_and_correct(
             "`probabilities_or_confidences` must lie in [0, 1] (softmax probabilities or "
             "confidences), without NaN."
         )
-    if targets.is_complex() or (targets.is_floating_point() and values.dim() == 2):
+    if targets.is_complex() or (
+        values.dim() == 2 and (targets.is_floating_point() or targets.dtype == torch.bool)
+    ):
         raise TypeError(f"`labels` must hold integer class indices, got {targets.dtype}.")
     if values.dim() == 2:
+        _check_rows_sum_to_one(values, "probabilities_or_confidences")
         confidence, predicted = values.max(dim=1)
         targets = targets.long()
         if bool((targets < 0).any()) or bool((targets >= values.shape[1]).any()):
@@ -121,9 +152,11 @@ def expected_calibration_error(
 
     Args:
         probabilities_or_confidences (Tensor or array-like): (N, C) class probabilities
-            (e.g. a softmax), or (N,) confidences of the predictions, in [0, 1].
-        labels (Tensor or array-like): (N,) true class indices with (N, C) probabilities;
-            with (N,) confidences, whether each prediction is correct (booleans or 0/1).
+            (e.g. a softmax; each row must sum to 1, within 1e-4, or a few rounding units
+            for half-precision values), or (N,) confidences of the predictions, in [0, 1].
+        labels (Tensor or array-like): (N,) true integer class indices with (N, C)
+            probabilities (booleans are refused there); with (N,) confidences, whether
+            each prediction is correct (booleans or 0/1).
         n_bins (int, optional): number of equal-width bins M. Default: 15.
         norm (str, optional): ``"l1"`` (default, the ECE), ``"l2"`` (root mean square
             calibration error) or ``"max"`` (maximum calibration error).
@@ -253,9 +286,11 @@ def reliability_diagram(
 
     Args:
         probabilities_or_confidences (Tensor or array-like): (N, C) class probabilities
-            (e.g. a softmax), or (N,) confidences of the predictions, in [0, 1].
-        labels (Tensor or array-like): (N,) true class indices with (N, C) probabilities;
-            with (N,) confidences, whether each prediction is correct (booleans or 0/1).
+            (e.g. a softmax; each row must sum to 1, within 1e-4, or a few rounding units
+            for half-precision values), or (N,) confidences of the predictions, in [0, 1].
+        labels (Tensor or array-like): (N,) true integer class indices with (N, C)
+            probabilities (booleans are refused there); with (N,) confidences, whether
+            each prediction is correct (booleans or 0/1).
         n_bins (int, optional): number of equal-width bins M. Default: 15.
 
     Returns:
