@@ -238,7 +238,8 @@ def test_warnings_are_one_line_each_like_the_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"captum-ext score: warning: `--images` {str(folder)!r}: skipped 1 files that Pillow "
-        "may read as images, by endings not read (1 .ppm; `extensions` lists those read)."
+        "may read as images, by endings not read (1 .ppm; only .png, .jpg, .jpeg, .jfif, .jpe, "
+        ".bmp, .gif, .tif, .tiff, .webp files are read)."
     ]
 
 

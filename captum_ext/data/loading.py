@@ -28,6 +28,7 @@ import inspect
 import os
 import re
 import sys
+import unicodedata
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -115,6 +116,7 @@ COMMAND_LINE_NAMES: dict[str, str] = {
     "transform": "--transform",
     "limit": "--limit",
     "path": "--classes",
+    "class_names": "--classes",
 }
 
 
@@ -147,6 +149,12 @@ def _mention(names: Mapping[str, str], name: str) -> str:
     ```weights```."""
     shown = names.get(name, name)
     return shown if shown.startswith("--") else f"`{shown}`"
+
+
+def _on_command_line(names: Mapping[str, str]) -> bool:
+    """Whether the caller names the parameters by command-line flags (``captum-ext``, with
+    :data:`COMMAND_LINE_NAMES`): advice then names no Python-only parameter or value."""
+    return any(shown.startswith("--") for shown in names.values())
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -219,6 +227,26 @@ def _current_folder_importable(module_name: str) -> Iterator[None]:
             sys.path.remove(folder)
 
 
+def _python_file_error(spec: str, names: Mapping[str, str]) -> Exception:
+    """The error for a ``spec`` whose module part is a Python file (``nets.py:build``, which
+    is imported by its module name, ``nets:build``): a ValueError, or a FileNotFoundError
+    when there is no such file."""
+    what = _arg(names, "spec", python=True)
+    source, _, factory_name = spec.rpartition(":")
+    source_file = Path(source.strip()).expanduser()
+    module = f"'{source_file.stem}:{factory_name.strip()}'"
+    if source_file.is_file():
+        return ValueError(
+            f"{what} {spec!r} names a Python file; give its module instead, {module}, with "
+            f"{str(source_file.parent)!r} as the current folder or on PYTHONPATH."
+        )
+    return FileNotFoundError(
+        f"{what} file not found: {str(source_file)!r} (in {spec!r}). A Python file is given "
+        f"by its module, {module}, with the folder that holds it as the current folder or on "
+        "PYTHONPATH."
+    )
+
+
 def _import_factory(spec: str, names: Mapping[str, str]) -> Callable[[], Any]:
     what = _arg(names, "spec", python=True)
     module_name, _, attribute = spec.partition(":")
@@ -231,6 +259,8 @@ def _import_factory(spec: str, names: Mapping[str, str]) -> Callable[[], Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
+        if module_name.lower().endswith(".py"):  # 'mymodels.py:net'
+            raise _python_file_error(spec, names) from None
         raise ValueError(
             f"{what} {spec!r}: cannot import module {module_name!r} ({error}). Is it "
             "installed, or on PYTHONPATH?"
@@ -287,7 +317,9 @@ def load_state_dict_file(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be read with ``weights_only=True`` or holds no state dict.
+        ValueError: the file cannot be read with ``weights_only=True`` or holds no state dict
+            (a TorchScript file or ``torch.export`` archive is said to be one, to give as the
+            model instead).
     """
     names = _names(argument_names)
     what = _arg(names, "weights")
@@ -310,6 +342,13 @@ def load_state_dict_file(
                 f"{what} {str(weights)!r} could not be read as safetensors: {error}"
             ) from None
     else:
+        kind = _model_archive(path)
+        if kind is not None:  # torch.load would advise weights_only=False (unsafe)
+            raise ValueError(
+                f"{what} {str(weights)!r} is a {kind}, which holds the whole model "
+                "(architecture and weights), not a state dict; give it as "
+                f"{_mention(names, 'spec')} instead, without {_mention(names, 'weights')}."
+            )
         try:
             loaded = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
@@ -350,7 +389,76 @@ def load_state_dict_file(
     return dict(loaded)
 
 
+def _model_archive(path: Path) -> str | None:
+    """What kind of whole-model archive ``path`` is, by the entries of its zip file: "a
+    TorchScript file" (``torch.jit.save``: ``<name>/constants.pkl``, as ``torch.load``
+    tells them), "a torch.export archive" (``torch.export.save``:
+    ``<name>/archive_format``), else None (a state dict's file, or not a zip file)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            entries = {name.partition("/")[2] for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None  # torch.load says what is wrong with it
+    if "constants.pkl" in entries:
+        return "TorchScript file (torch.jit.save)"
+    if "archive_format" in entries:
+        return "torch.export archive (torch.export.save)"
+    return None
+
+
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _optional_keys(expected: set[str]) -> set[str]:
+    """BatchNorm's ``num_batches_tracked`` counters: checkpoints saved before PyTorch 0.4.1
+    (torchvision's own older ones among them) have none, and ``load_state_dict`` keeps the
+    model's own when a plain dict lacks them."""
+    return {key for key in expected if key.rpartition(".")[2] == "num_batches_tracked"}
+
+
+def _key_matched(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """``state_dict`` with the keys of ``model`` (its ``module.`` / ``_orig_mod.`` prefixes
+    taken off, in any nesting, where that makes them fit), or None when its keys do not fit:
+    every key of the model but the optional ones (:func:`_optional_keys`), and no other."""
+    expected = set(model.state_dict().keys())
+    needed = expected - _optional_keys(expected)
+
+    def fits(keys: set[str]) -> bool:
+        return needed <= keys <= expected
+
+    stripped = state_dict
+    while not fits(set(stripped)):
+        # saved from nn.DataParallel / DistributedDataParallel ("module.") or from
+        # torch.compile(model) ("_orig_mod."), in any nesting
+        prefix = next(
+            (p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in stripped)), None
+        )
+        if prefix is None or not stripped:
+            return None
+        stripped = {k[len(prefix) :]: v for k, v in stripped.items()}
+    return stripped
+
+
+#: a key of the dense layers of torchvision's DenseNet in its checkpoints' old layout
+#: ("denselayer1.norm.1.weight"), whose modules are now named "norm1", "conv2", ...
+_OLD_DENSE_LAYER_KEY = re.compile(r"(denselayer[0-9]+\.(?:norm|relu|conv))\.([12])\.")
+
+
+def _renamed_dense_layer_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision DenseNet's checkpoint with the old names of its dense layers' keys
+    (torchvision's own files, which its builders rename when they load them) renamed as the
+    model has them (``denselayer1.norm.1.weight`` -> ``denselayer1.norm1.weight``), unless
+    it fits as it is; any other model's, or one without those names, as it is. A checkpoint
+    that still does not fit is then refused naming keys the model's way."""
+    if type(model).__module__ != "torchvision.models.densenet" or not any(
+        _OLD_DENSE_LAYER_KEY.search(key) for key in state_dict
+    ):
+        return state_dict
+    if _key_matched(model, state_dict) is not None:
+        return state_dict
+    return {_OLD_DENSE_LAYER_KEY.sub(r"\1\2.", key): value for key, value in state_dict.items()}
 
 
 def _apply_state_dict(
@@ -358,23 +466,13 @@ def _apply_state_dict(
 ) -> None:
     what = _arg(names, "weights")
     model = uncompiled(model)  # a factory's torch.compile(model): load into its module
-    expected = set(model.state_dict().keys())
-    given = set(state_dict)
-    stripped = state_dict
-    while set(stripped) != expected:
-        # saved from nn.DataParallel / DistributedDataParallel ("module.") or from
-        # torch.compile(model) ("_orig_mod."), in any nesting
-        prefix = next(
-            (p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in stripped)), None
-        )
-        if prefix is None:
-            break
-        stripped = {k[len(prefix) :]: v for k, v in stripped.items()}
-    if set(stripped) == expected:
-        state_dict, given = stripped, set(stripped)
-    missing = sorted(expected - given)
-    unexpected = sorted(given - expected)
-    if missing or unexpected:
+    state_dict = _renamed_dense_layer_keys(model, state_dict)
+    matched = _key_matched(model, state_dict)
+    if matched is None:
+        expected = set(model.state_dict().keys())
+        given = set(state_dict)
+        missing = sorted(expected - _optional_keys(expected) - given)
+        unexpected = sorted(given - expected)
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
@@ -386,7 +484,7 @@ def _apply_state_dict(
             + f". Is {_mention(names, 'spec')} the architecture these weights were trained with?"
         )
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(matched, strict=True)
     except RuntimeError as error:
         details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [
             str(error).strip()
@@ -396,6 +494,49 @@ def _apply_state_dict(
             + " ".join(details[:_LIST_AT_MOST])
             + f" Is {_mention(names, 'spec')} the architecture these weights were trained with?"
         ) from None
+
+
+#: torchvision's builders that build another model when given pretrained weights: the
+#: keyword arguments they set then (the auxiliary heads follow the checkpoint's keys)
+_PRETRAINED_BUILDS: dict[str, tuple[re.Pattern[str], dict[str, bool]]] = {
+    "inception_v3": (
+        re.compile(r"(?:^|\.)AuxLogits\."),
+        {"transform_input": True, "init_weights": False},
+    ),
+    "googlenet": (
+        re.compile(r"(?:^|\.)aux[12]\."),
+        {"transform_input": True, "init_weights": False},
+    ),
+}
+
+
+def _torchvision_builder(factory: Any) -> str | None:
+    """``"inception_v3"`` or ``"googlenet"`` when ``factory`` is that builder of
+    ``torchvision.models`` (:data:`_PRETRAINED_BUILDS`), else None."""
+    if not str(getattr(factory, "__module__", "") or "").startswith("torchvision.models"):
+        return None
+    import torchvision.models
+
+    for name in _PRETRAINED_BUILDS:
+        if factory is getattr(torchvision.models, name, None):
+            return name
+    return None
+
+
+def _pretrained_kwargs(builder: str, state_dict: Mapping[str, Tensor]) -> dict[str, bool]:
+    """What torchvision's ``builder`` passes to its model class when given weights, with
+    ``aux_logits`` as the checkpoint's keys say."""
+    aux_key, kwargs = _PRETRAINED_BUILDS[builder]
+    return {**kwargs, "aux_logits": any(aux_key.search(key) for key in state_dict)}
+
+
+def _as_torchvision_pretrained(builder: str, model: nn.Module) -> None:
+    """What torchvision's ``builder`` does after loading its weights by default: GoogLeNet's
+    auxiliary heads (never trained in its weights) are dropped; Inception v3 keeps its."""
+    if builder == "googlenet" and getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        model.aux1 = None
+        model.aux2 = None
 
 
 def load_model(
@@ -419,7 +560,18 @@ def load_model(
         weights (str or Path, optional): a state dict file for the model, read with
             ``torch.load(path, map_location=device, weights_only=True)`` (never unpickles
             arbitrary objects) or, for ``.safetensors`` files, with the ``safetensors``
-            package. Loaded with ``strict=True``. Default: None (keep the factory's weights).
+            package. Loaded with ``strict=True`` (BatchNorm's ``num_batches_tracked``
+            counters, which checkpoints older than PyTorch 0.4.1 lack, excepted).
+            torchvision's own checkpoint files (what its builders download) give its
+            pretrained models: a DenseNet's old key names (``denselayer1.norm.1.weight``)
+            are renamed as torchvision renames them, and ``torchvision.models:inception_v3``
+            and ``torchvision.models:googlenet`` are built as torchvision builds them for
+            its weights, ``transform_input=True`` (they take ImageNet-normalised images and
+            re-normalise them as those weights expect), ``init_weights=False``, auxiliary
+            heads as the file has them (GoogLeNet's then dropped, as torchvision does). For
+            weights trained with ``transform_input=False``, write a factory that builds the
+            model so (``inception_v3(init_weights=False, transform_input=False)``).
+            Default: None (keep the factory's weights).
         device (str or torch.device, optional): where the model is put. Default: "cpu".
         argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
             ``{"spec": "--model"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
@@ -431,11 +583,13 @@ def load_model(
         of either through :func:`expose_layer`.
 
     Raises:
-        FileNotFoundError: ``spec`` looks like a path that does not exist, or ``weights`` does
-            not exist.
-        ValueError: ``spec`` is neither a TorchScript file nor an importable factory, the
-            factory does not return an ``nn.Module``, or the state dict does not match the
-            model (the message lists a few missing and unexpected keys).
+        FileNotFoundError: ``spec`` looks like a path that does not exist (or names a Python
+            file that does not exist), or ``weights`` does not exist.
+        ValueError: ``spec`` is neither a TorchScript file nor an importable factory (a
+            Python file, ``nets.py:build``, is told to be given by its module,
+            ``nets:build``), the factory does not return an ``nn.Module``, ``weights`` is a
+            whole model (a TorchScript file) rather than a state dict, or the state dict
+            does not match the model (the message lists a few missing and unexpected keys).
 
     Examples::
 
@@ -453,6 +607,8 @@ def load_model(
         )
     spec = spec.strip()
     device = parse_device(device, argument=names.get("device", "device"))
+    builder: str | None = None  # torchvision's inception_v3 or googlenet, built as for weights
+    state_dict: dict[str, Tensor] | None = None
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".pt2":
         model = _load_exported(path, device, names)
@@ -466,21 +622,20 @@ def load_model(
     elif ":" in spec and not _looks_like_path(spec):
         with _current_folder_importable(spec.partition(":")[0].strip()):
             factory = _import_factory(spec, names)
-            model = factory()
+            builder = _torchvision_builder(factory)
+            kwargs: dict[str, bool] = {}
+            if weights is not None and builder is not None:  # built as for its weights
+                state_dict = load_state_dict_file(weights, device, argument_names=names)
+                kwargs = _pretrained_kwargs(builder, state_dict)
+            model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(
                 f"{what} {spec!r}: the factory returned a {type(model).__name__}, "
                 "expected a torch.nn.Module."
             )
     elif _looks_like_path(spec):
-        source, _, factory_name = spec.rpartition(":")
-        source_file = Path(source).expanduser()
-        if source_file.suffix == ".py" and source_file.is_file():  # a file, not a module
-            raise ValueError(
-                f"{what} {spec!r} names a Python file; give its module instead, "
-                f"'{source_file.stem}:{factory_name}', with {str(source_file.parent)!r} as the "
-                "current folder or on PYTHONPATH."
-            )
+        if Path(spec.rpartition(":")[0]).suffix.lower() == ".py":  # a file, not a module
+            raise _python_file_error(spec, names)
         raise FileNotFoundError(f"{what} file not found: {spec!r}.")
     else:
         raise ValueError(
@@ -488,8 +643,11 @@ def load_model(
             "'package.module:factory' (e.g. 'torchvision.models:resnet18')."
         )
     if weights is not None:
-        state_dict = load_state_dict_file(weights, device, argument_names=names)
+        if state_dict is None:
+            state_dict = load_state_dict_file(weights, device, argument_names=names)
         _apply_state_dict(model, state_dict, weights, names)
+        if builder is not None:
+            _as_torchvision_pretrained(builder, model)
     return model.to(device).eval()
 
 
@@ -941,9 +1099,14 @@ def _find_images(
     notes = []
     if skipped:
         counts = ", ".join(f"{n} {ending}" for ending, n in sorted(skipped.items()))
+        if _on_command_line(names or {}) and "extensions" not in (names or {}):
+            # no option chooses the endings there: say which are read
+            read = f"only {', '.join(extensions)} files are read"
+        else:
+            read = f"{_arg(names or {}, 'extensions')} lists those read"
         notes.append(
             f"{sum(skipped.values())} files that Pillow may read as images, by endings not "
-            f"read ({counts}; `extensions` lists those read)"
+            f"read ({counts}; {read})"
         )
     if dangling:
         notes.append(f"{len(dangling)} links to nothing ({', '.join(dangling[:3])})")
@@ -1076,10 +1239,14 @@ class _UnitGrey:
 
 
 def _high_bit_depth(image, path: Path, names: Mapping[str, str]):
-    """High-bit-depth grey images (16-bit PNG / TIFF, 32-bit integer, float) scaled to [0, 1]
-    by their bit depth (:class:`_UnitGrey`); others unchanged. PIL's own ``convert("RGB")`` /
-    ``convert("L")`` clips every value above 255, which turns a 16-bit image almost entirely
-    white."""
+    """High-bit-depth grey images as :class:`_UnitGrey` in [0, 1]; others unchanged. 16-bit
+    ones (PNG, TIFF: modes ``I;16*``) are divided by 65535, and so are 32-bit integer ones
+    (mode ``I``, which is also how Pillow opens some 16-bit files) whose values all lie in
+    0..65535, whatever range they use (one holding only 0..255 comes out dark: a fixed scale
+    keeps the images of a folder comparable); float ones (mode ``F``) in [0, 1] are kept as
+    they are. Other ranges are refused (:class:`_ImageError`). PIL's own
+    ``convert("RGB")`` / ``convert("L")`` clips every value above 255, which turns a 16-bit
+    image almost entirely white."""
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     values = np.asarray(image).astype(np.float64)
@@ -1089,10 +1256,17 @@ def _high_bit_depth(image, path: Path, names: Mapping[str, str]):
         return _UnitGrey(values / 65535.0)
     if image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
         return _UnitGrey(values)
+    if _on_command_line(names):  # a callable transform cannot be given there
+        advice = (
+            "convert it to an 8- or 16-bit image first (from Python, a callable `transform` "
+            "can read it as it is)"
+        )
+    else:
+        advice = f"pass a callable {_arg(names, 'transform')} that maps it to a C x H x W tensor"
     raise _ImageError(
         f"{_arg(names, 'directory')}: {str(path)!r} is a {image.mode!r} image with values in "
         f"[{values.min():g}, {values.max():g}], which has no standard scale to [0, 1]; "
-        f"pass a callable {_arg(names, 'transform')} that maps it to a C x H x W tensor."
+        f"{advice}."
     )
 
 
@@ -1172,8 +1346,10 @@ def load_image_folder(
             - a callable taking a PIL image and returning a C x H x W float tensor.
 
             The named transforms turn photos upright by their EXIF orientation tag (as image
-            viewers show them) and read 16-bit grey images (PNG, TIFF) scaled by 1/65535 and
-            float ones in [0, 1] (as grey images): ``"none"`` keeps every level they have,
+            viewers show them) and read 16-bit grey images (PNG, TIFF) scaled by 1/65535,
+            32-bit integer ones with values in 0..65535 likewise (read as 16-bit, even when
+            they hold only 0..255), and float ones in [0, 1] as they are (other integer or
+            float ranges are refused; pass a callable): ``"none"`` keeps every level they have,
             ``"imagenet"`` and ``"digits"`` read them at 8 bits, as the images those models
             were trained on (Pillow itself reads 16-bit colour images at 8 bits). Alpha is
             dropped (the colour stored under a transparent pixel is read, as torchvision's
@@ -1278,19 +1454,33 @@ def _image_files(
     return root, paths if limit is None else paths[:limit], function
 
 
+def _error_type(error: BaseException) -> str:
+    """``SyntaxError``, ``struct.error``: an exception's type as a message shows it."""
+    kind = type(error)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
 def _read_image(
     path: Path, transform: Any, function: Callable, names: Mapping[str, str]
 ) -> tuple[Tensor, bool]:
     """One image file as a float32 C x H x W tensor by ``function`` (the resolved
-    ``transform``), and whether it has transparent pixels (named transforms only). Errors
-    are a ValueError naming the file."""
+    ``transform``), and whether it has transparent pixels (named transforms only). A file
+    that cannot be read (not an image, truncated, damaged: whatever Pillow's decoders raise
+    for it, MemoryError aside) is a ValueError naming the file; so is an OSError or
+    ValueError of a callable ``transform``, whose other errors are raised as they are."""
     from PIL import Image, UnidentifiedImageError
 
     transparent = False
+    users = False  # inside the user's callable transform
     try:
         with Image.open(path) as image:
             image.load()
             if callable(transform):
+                users = True
                 tensor = function(image)
             else:
                 transparent = _has_transparent_pixels(image)
@@ -1298,7 +1488,7 @@ def _read_image(
                 if isinstance(image, _UnitGrey) and function is not _plain_transform:
                     image = image.eight_bit()
                 tensor = function(image)
-    except _ImageError:
+    except (_ImageError, MemoryError):
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         # ValueError: PIL's conversions (a CIE-Lab TIFF to grey) and the user's transform
@@ -1306,6 +1496,15 @@ def _read_image(
         raise ValueError(
             f"{_arg(names, 'directory')}: cannot read image {_shown(path)!r}: {error}"
         ) from (error if isinstance(error, ValueError) else None)
+    except Exception as error:
+        if users:  # the user's own transform failed: its error as it is
+            raise
+        # a damaged file: Pillow's decoders raise SyntaxError (a PNG chunk's length),
+        # struct.error, EOFError, IndexError, TypeError, ... while reading it
+        raise ValueError(
+            f"{_arg(names, 'directory')}: cannot read image {_shown(path)!r}: the file is "
+            f"damaged ({_error_type(error)}: {error})"
+        ) from error
     if not isinstance(tensor, Tensor) or tensor.dim() != 3:
         got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
         raise ValueError(
@@ -1426,7 +1625,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.names = [_shown(p.relative_to(root).as_posix()) for p in paths]
         self.labels = torch.tensor(
-            folder_labels(_first_folders(root, paths), class_names), dtype=torch.int64
+            folder_labels(
+                _first_folders(root, paths),
+                class_names,
+                argument_names={"directory": "directory", **names},
+            ),
+            dtype=torch.int64,
         )
         self.transparent: list[str] = []
         self._reader = (transform, function, names)
@@ -1549,46 +1753,125 @@ def read_class_names(
     return names
 
 
-def folder_labels(folders: Sequence[str], class_names: Sequence[str] | None) -> list[int]:
+def folder_labels(
+    folders: Sequence[str],
+    class_names: Sequence[str] | None,
+    *,
+    argument_names: Mapping[str, str] | None = None,
+) -> list[int]:
     """The one rule for the true class of an image from its first-level sub-folder name:
 
     1. a name from ``class_names`` gives that class's index;
-    2. otherwise a folder named by a class index (``3/``) gives that index (when it is below
-       ``len(class_names)``, if class names are given);
+    2. otherwise a folder named by a class index in ASCII digits (``3/``) gives that index
+       (when it is below ``len(class_names)``, if class names are given);
     3. otherwise (and for images directly in the folder, ``""``) the label is ``-1``
        (unknown).
 
+    Names are compared in Unicode's composed form (NFC): a folder named on macOS, which
+    stores ``café`` decomposed (``e`` and a combining accent), matches ``café`` typed in
+    ``class_names``. When class names are given, folders that match no name and no index
+    (``cat/`` for the name ``Cat``) are named in one warning, with the closest class names;
+    their images stay unlabelled. Without class names (or with names that are the indices
+    themselves, ``"0"``, ``"1"``, ...: the bundled digits') other folders are unlabelled
+    silently. A name given twice (ImageNet's two "crane"s) labels its folder by the last of
+    its outputs, with a warning.
+
+    Args:
+        folders (Sequence[str]): each image's first sub-folder name (``""`` for none).
+        class_names (Sequence[str], optional): class names in the order of the model's
+            outputs, or None.
+        argument_names (Mapping[str, str], optional): how warnings name the parameters:
+            ``class_names``, and ``directory``, the folder the names come from (named only
+            when given), e.g. ``{"class_names": "--classes", "directory": "--images"}``.
+            Default: None (```class_names```).
+
+    Returns:
+        list[int]: a label per folder, ``-1`` where unknown.
+
     Examples::
 
-        >>> folder_labels(["cat", "dog", "7", ""], ["cat", "dog"])
-        [0, 1, -1, -1]
+        >>> folder_labels(["cat", "dog", "1", ""], ["cat", "dog"])
+        [0, 1, 1, -1]
         >>> folder_labels(["3", "x"], None)
         [3, -1]
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     folder_labels(["Cat", "7"], ["cat", "dog"])
+        [-1, -1]
+        >>> print(caught[0].message)
+        2 folder(s) match no class name and no class index (0..1), so their images are
+        unlabelled: 'Cat' (closest: 'cat'); '7'. ...
     """
-    index = {name: i for i, name in enumerate(class_names or [])}
+    shown = _names(argument_names)
+    given = _arg(shown, "class_names")
+    names = [_composed(name) for name in class_names or []]
     positions: dict[str, list[int]] = {}
-    for i, name in enumerate(class_names or []):
+    for i, name in enumerate(names):
         positions.setdefault(name, []).append(i)
-    ambiguous = sorted({f for f in folders if len(positions.get(f, ())) > 1})
+    index = {name: at[-1] for name, at in positions.items()}  # the last of repeated names
+    ambiguous = sorted({_composed(f) for f in folders if len(positions.get(_composed(f), ())) > 1})
     if ambiguous:  # ImageNet's names list has two "crane"s and two "maillot"s
         name = ambiguous[0]
         warnings.warn(
-            f"`--classes` names {name!r} more than once (outputs "
+            f"{given} names {name!r} more than once (outputs "
             f"{', '.join(map(str, positions[name]))}); the images in the folder {name!r} are "
             f"labelled {positions[name][-1]}, the last. Rename the folder to the output index "
             "to choose another.",
             UserWarning,
             stacklevel=2,
         )
+    # names that only repeat the indices (the digits' "0".."9") name nothing more
+    named = any(name != str(i) for i, name in enumerate(names))
     labels = []
+    unmatched: dict[str, None] = {}
     for folder in folders:
-        if folder in index:
-            labels.append(index[folder])
-        elif folder.isdigit() and (class_names is None or int(folder) < len(class_names)):
-            labels.append(int(folder))
+        name = _composed(folder)
+        if name in index:
+            labels.append(index[name])
+        elif _ASCII_INDEX.fullmatch(name) and (class_names is None or int(name) < len(names)):
+            labels.append(int(name))
         else:
             labels.append(-1)
+            if named and folder:
+                unmatched.setdefault(folder, None)
+    if unmatched:
+        where = f"{_arg(shown, 'directory')}: " if "directory" in shown else ""
+        _warn_unmatched(list(unmatched), names, where)
     return labels
+
+
+#: a class index as a folder name: ASCII digits only ("²" and "①" are digits to
+#: ``str.isdigit`` but not to ``int``)
+_ASCII_INDEX = re.compile(r"[0-9]+")
+
+
+def _composed(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC), as folder names and class names are
+    compared."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _warn_unmatched(folders: Sequence[str], names: Sequence[str], where: str) -> None:
+    """One warning naming the folders that match no class name and no index, each with the
+    closest class names (compared ignoring case)."""
+    by_case: dict[str, str] = {}
+    for name in names:
+        by_case.setdefault(name.casefold(), name)
+    described = []
+    for folder in folders[:_LIST_AT_MOST]:
+        close = difflib.get_close_matches(_composed(folder).casefold(), list(by_case), n=3)
+        hint = f" (closest: {', '.join(repr(by_case[c]) for c in close)})" if close else ""
+        described.append(f"{_shown(folder)!r}{hint}")
+    more = len(folders) - _LIST_AT_MOST
+    listed = "; ".join(described) + (f"; and {more} more" if more > 0 else "")
+    warnings.warn(
+        f"{where}{len(folders)} folder(s) match no class name and no class index "
+        f"(0..{len(names) - 1}), so their images are unlabelled: {listed}. Name each class "
+        "folder exactly as its class (case and spelling) or by its output index.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1693,7 +1976,9 @@ def resolve_inputs(
     )
     root = Path(images).expanduser()
     names = [_shown(p.relative_to(root).as_posix()) for p in paths]
-    labels = torch.tensor(folder_labels(folders, class_names), dtype=torch.int64)
+    labels = torch.tensor(
+        folder_labels(folders, class_names, argument_names=folder_names), dtype=torch.int64
+    )
     return ResolvedInputs(x, labels, names, chosen, f"{x.shape[0]} images from {images}")
 
 
