@@ -7,6 +7,7 @@ import pytest
 import torch
 from _helpers import assert_model_unchanged, model_snapshot
 from captum.attr import GuidedBackprop, Saliency
+from torch import nn
 
 from captum_ext.bundled import load_bundled_model
 from captum_ext.data import load_sample_digits
@@ -498,8 +499,9 @@ def test_default_cascade_ends_with_no_trained_parameter_of_a_vision_transformer(
     """The default cascade took only modules with a public ``reset_parameters``: a vision
     transformer's attention projections (``nn.MultiheadAttention``), class token and
     positional embedding, about 29 % of its parameters, kept their trained values after
-    the last step. Every parameter now changes by the end of the cascade, the model's own
-    (its class token) last, and an independent step changes only its own layer."""
+    the last step. Every weight now changes by the end of the cascade, the model's own
+    (its class token) last (the attention's bias vector, not a weight, keeps its value),
+    and an independent step changes only its own layer."""
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
@@ -523,7 +525,7 @@ def test_default_cascade_ends_with_no_trained_parameter_of_a_vision_transformer(
     assert "encoder.layers.encoder_layer_0.self_attention" in curves.layers
     last = dict(seen[-1].named_parameters())
     unchanged = [n for n, p in trained.items() if torch.equal(last[n], p)]
-    assert unchanged == []
+    assert unchanged == ["encoder.layers.encoder_layer_0.self_attention.in_proj_bias"]
     independent = model_randomisation(
         lambda m: seen.append(m) or Saliency(m),
         vit,
@@ -532,10 +534,49 @@ def test_default_cascade_ends_with_no_trained_parameter_of_a_vision_transformer(
         layers=["encoder.layers.encoder_layer_0.self_attention"],
     )
     changed = [n for n, p in seen[-1].named_parameters() if not torch.equal(trained[n], p)]
-    assert changed == [
+    assert changed == [  # named explicitly: all its own parameters
         "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
         "encoder.layers.encoder_layer_0.self_attention.in_proj_bias",
     ]
     assert independent.similarity["spearman_abs"].shape == (1, 2)
     for name, parameter in vit.named_parameters():  # the user's model as it was
         assert torch.equal(parameter, trained[name])
+
+
+class _ScaledNet(nn.Module):
+    """A small CNN with raw parameters of its own: a learned temperature (0-d), a learned
+    per-class scale (1-D), frozen normalisation constants and an integer counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.fc = nn.Linear(16, 3)
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+        self.scale = nn.Parameter(torch.tensor([1.5, 0.5, 1.0]))
+        self.mean = nn.Parameter(torch.full((1, 1, 1, 1), 0.3), requires_grad=False)
+        self.steps = nn.Parameter(torch.tensor([[7]]), requires_grad=False)
+
+    def forward(self, x):
+        z = self.fc(self.features(x - self.mean).flatten(1))
+        return z * self.scale / self.temperature
+
+
+def test_default_cascade_leaves_raw_vectors_scalars_and_constants_alone():
+    """The first version of the wider default re-initialised every raw parameter with the
+    rule for linear and convolutional layers: a learned temperature became 0 (all maps NaN:
+    the call failed), a per-class scale 0 (all maps 0, reported as a perfect pass), frozen
+    normalisation constants were "randomised", and an integer parameter failed inside
+    torch. Such modules now contribute only their trained weights of 2+ dimensions, and
+    here the model has none: the steps are its layers, as before the change."""
+    torch.manual_seed(0)
+    model = _ScaledNet().eval()
+    x = torch.rand(3, 1, 8, 8)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = []
+    curves = model_randomisation(lambda m: seen.append(m) or Saliency(m), model, x)
+    assert curves.layers == ["fc", "features.0"]
+    assert bool(torch.isfinite(curves.randomised).all())
+    last = dict(seen[-1].named_parameters())
+    for name in ("temperature", "scale", "mean", "steps"):
+        assert torch.equal(last[name], before[name])
+    assert not torch.equal(last["fc.weight"], before["fc.weight"])

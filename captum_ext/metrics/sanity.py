@@ -358,11 +358,10 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
                 "weights (e.g. a container's convolutions and linear layers)."
             )
         return list(layers)
-    # every module holding parameters of its own, the model itself included (a vision
-    # transformer keeps its class token there, and attention layers, positional embeddings
-    # or layer scales have no public ``reset_parameters``: _reset_parameters falls back to
-    # torch's default initialisation), so that the last step of the cascade is a model
-    # with no trained parameter left
+    # every layer that re-initialises itself (``reset_parameters``, or compiled), and every
+    # other module holding trainable weights of its own, the model itself included: a vision
+    # transformer keeps its class token there, and attention layers and positional
+    # embeddings have no public ``reset_parameters`` (see _raw_weights for what is taken)
     inside_parametrisations = {  # re-initialised with the layer they belong to
         id(part)
         for module in model.modules()
@@ -372,7 +371,9 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
     names = [
         name
         for name, module in model.named_modules()
-        if id(module) not in inside_parametrisations and _has_own_parameters(module)
+        if id(module) not in inside_parametrisations
+        and _has_own_parameters(module)
+        and ((name and _resets_itself(module)) or _raw_weights(module))
     ]
     return names[::-1]  # top (output) first; the model's own parameters ("") last
 
@@ -441,14 +442,41 @@ def _refuse_parametrization(module: nn.Module, name: str, why: str) -> None:
     )
 
 
-def _reset_parameters(module: nn.Module) -> None:
+def _resets_itself(module: nn.Module) -> bool:
+    """A layer re-initialised by its own ``reset_parameters`` (or a compiled layer of a
+    TorchScript model, given torch's default initialisation by _reset_parameters)."""
+    return (
+        callable(getattr(module, "reset_parameters", None))
+        or parametrize.is_parametrized(module)
+        or isinstance(module, torch.jit.ScriptModule)
+    )
+
+
+def _raw_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weights of a module without ``reset_parameters`` that the default cascade
+    re-initialises: its own floating-point parameters of two or more dimensions that are
+    trained (``requires_grad``): attention projections, class tokens, positional
+    embeddings. Vectors and scalars (a temperature, a scale, a bias without its layer) and
+    frozen or integer parameters (normalisation constants, counters) keep their values: a
+    rule written for linear and convolutional weights would set a temperature to 0 or a
+    scale to 1, and constants are not what the test is about."""
+    return [
+        (name, parameter)
+        for name, parameter in module.named_parameters(recurse=False)
+        if parameter.is_floating_point() and parameter.dim() >= 2 and parameter.requires_grad
+    ]
+
+
+def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None:
     """Re-initialise ``module``'s own parameters: its ``reset_parameters``, or, for a module
     without one (a compiled layer of a TorchScript model, ``nn.MultiheadAttention``, a
     module holding raw parameters such as a class token or a positional embedding), torch's
     default rule for linear and convolutional layers written out: weights of 2 or more
     dims Kaiming-uniform with ``a = sqrt(5)``, a bias uniform in +-1/sqrt(fan_in) of that
-    weight; 1-D weights (norms) ones, other 1-D parameters zeros. The parameters are
-    changed in place, so compiled code runs with the new values."""
+    weight; 1-D weights (norms) ones, other biases zeros. The parameters are changed in
+    place, so compiled code runs with the new values. ``raw_weights_only`` (the default
+    cascade, on a module without ``reset_parameters`` that is not a compiled layer, or the
+    model itself): only :func:`_raw_weights`, each Kaiming-uniform."""
     if parametrize.is_parametrized(module):
         _reset_parametrized(module)
         return
@@ -456,6 +484,11 @@ def _reset_parameters(module: nn.Module) -> None:
     if callable(reset):
         reset()
         resynchronise_legacy_norms(module)
+        return
+    if raw_weights_only:
+        with torch.no_grad():
+            for _, parameter in _raw_weights(module):
+                nn.init.kaiming_uniform_(parameter, a=5**0.5)
         return
     parameters = dict(module.named_parameters(recurse=False))
     weight = parameters.get("weight")
@@ -502,14 +535,15 @@ def model_randomisation(
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
         layers (str or list of str, optional): the layers to randomise, top first (one
-            name: that layer only). Default: every module with parameters of its own,
-            from the output down, the model itself (name ``""``: a vision transformer's
-            class token, say) last, so that the cascade ends with no trained parameter
-            left. A module's ``reset_parameters`` re-initialises it; modules without one
-            (``nn.MultiheadAttention``, positional embeddings, layer scales, compiled
-            layers of a TorchScript model) get torch's default initialisation of linear
-            and convolutional layers (weights of 2 or more dimensions Kaiming-uniform,
-            1-D weights ones, other 1-D parameters zeros).
+            name: that layer only). Default: from the output down, every layer that
+            re-initialises itself (``reset_parameters``; compiled layers of a
+            TorchScript model get torch's default initialisation of linear and
+            convolutional layers), and the trained weights of every other module, the
+            model itself (name ``""``: a vision transformer's class token) last: their own
+            floating-point parameters of two or more dimensions with ``requires_grad``
+            (``nn.MultiheadAttention``'s projections, positional embeddings), each
+            Kaiming-uniform. Vectors, scalars and frozen or integer parameters of such
+            modules (a temperature, normalisation constants) keep their values.
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
@@ -531,6 +565,7 @@ def model_randomisation(
     cascade = check_flag(cascade, "cascade")
     kwargs = dict(attribute_kwargs or {})
     names = _parametrised_layers(model, layers)
+    default = layers is None  # raw modules: only their trained weights (_raw_weights)
     if not names:
         raise ValueError("`layers`: the model has no layer with parameters to randomise.")
     with preserved_state([model]):
@@ -552,7 +587,11 @@ def model_randomisation(
             if not cascade:
                 working = copied_model(model).eval()
             seed_generators(seed + step, cuda_devices)
-            _reset_parameters(dict(working.named_modules())[name])
+            module = dict(working.named_modules())[name]
+            # the default cascade: compiled layers as a whole, the model itself and other
+            # modules without reset_parameters by their trained weights only
+            compiled_layer = bool(name) and isinstance(module, torch.jit.ScriptModule)
+            _reset_parameters(module, raw_weights_only=default and not compiled_layer)
             # inside the caller's torch.autocast block the low-precision copies of weights
             # already run would be reused: the cascade stopped after its first layer
             torch.clear_autocast_cache()
