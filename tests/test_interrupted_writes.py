@@ -173,15 +173,16 @@ def test_a_resumed_mask_fit_refuses_another_batch_size(tmp_path):
 def test_save_on_a_rank_other_than_zero_writes_nothing(tmp_path, monkeypatch):
     """Called on every rank of a torchrun script, two ranks wrote one file and one removed
     the other's temporary as stale (a FileNotFoundError in 2-35 % of the saves)."""
-    import captum_ext.attr.activation_matching as activation_matching
-    import captum_ext.introspection.network as network
+    import captum_ext._utils.distributed as distributed
 
     explainer = ActivationMatchingMask(make_tiny_cnn(), ["features.1", "head"])
     explainer.fit(_mask_data(), epochs=1, progress=False)
     head = IntrospectiveNetwork(make_tiny_cnn(dtype=torch.float32), layer="classifier")
     head.fit(torch.randn(6, 3, 6, 6), torch.arange(6) % 2, epochs=1, progress=False)
-    monkeypatch.setattr(activation_matching, "is_main_process", lambda: False)
-    monkeypatch.setattr(network, "is_main_process", lambda: False)
+    # rank 1 of 2 (the agreement after rank 0's write is tested with two real processes in
+    # test_distributed_agreement.py)
+    monkeypatch.setattr(distributed, "distributed_shard", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "all_gather_or_raise", lambda *args, **kwargs: None)
     assert explainer.save(tmp_path / "m.pt") == tmp_path / "m.pt"
     assert head.save(tmp_path / "h.pt") == tmp_path / "h.pt"
     assert list(tmp_path.iterdir()) == []

@@ -176,6 +176,43 @@ def test_a_rank_without_data_joins_the_gather(tmp_path):
         assert got["ece"] == pytest.approx(expected, abs=1e-12), rank
 
 
+def _padding_job(rank: int, world: int, out_dir: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    scores, correct, *_ = data(n=37)
+    dataset = TensorDataset(scores, correct)
+    results = {}
+    for name, sampler in [
+        ("distributed_sampler", DistributedSampler(dataset, shuffle=False)),
+        ("recipe", list(range(rank, len(dataset), world))),  # the module docstring's
+    ]:
+        metric = AUAC()
+        for s, c in DataLoader(dataset, batch_size=8, sampler=sampler):
+            metric.update(s, c)
+        results[name] = {"n_seen": metric.n_seen, "auac": metric.compute()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow  # documents the module docstring's padding paragraph and its recipe
+def test_distributed_sampler_padding_is_counted_and_the_recipe_avoids_it(tmp_path):
+    """37 examples on 2 processes: DistributedSampler gives rank 1 a repeat of example 0,
+    which the accumulators count (38 rows); shards without padding give the value on the
+    37 examples."""
+    run_gloo(_padding_job, tmp_path, timeout_s=60)
+    scores, correct, *_ = data(n=37)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    padded = [*range(0, 37, 2), *range(1, 37, 2), 0]  # rank 0's shard, then rank 1's
+    assert [r["distributed_sampler"]["n_seen"] for r in ranks] == [19, 19]
+    assert [r["recipe"]["n_seen"] for r in ranks] == [19, 18]
+    for rank in ranks:
+        assert rank["distributed_sampler"]["auac"] == pytest.approx(
+            auac(scores[padded], correct[padded]), abs=1e-12
+        )
+        assert rank["recipe"]["auac"] == pytest.approx(auac(scores, correct), abs=1e-12)
+    assert auac(scores[padded], correct[padded]) != pytest.approx(auac(scores, correct))
+
+
 def test_accumulators_refuse_what_their_functions_refuse():
     """update() cast to integers before any check: a correctness of 0.7 was stored as 0 (and
     MispredictionAUROC returned 1.0), float predictions 1.7 became class 1, integer

@@ -308,7 +308,7 @@ def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
     names = [*DETERMINISTIC, "mc_dropout"]
     single = score_dataset(model, loader(x, y), names, progress=False, score_kwargs=MC)
     shards = []
-    monkeypatch.setattr(module, "_gather", lambda local, world: shards.append(local) or local)
+    monkeypatch.setattr(module, "_gather", lambda local, error: shards.append(local) or local)
     for rank in range(3):
         monkeypatch.setattr(module, "distributed_shard", lambda rank=rank: (rank, 3))
         score_dataset(model, loader(x, y), names, progress=False, score_kwargs=MC)
@@ -319,11 +319,7 @@ def test_shards_for_sizes_not_divisible_by_the_world(monkeypatch):
     everything = sorted(torch.cat([shard["index"] for shard in shards]).tolist())
     assert everything == sorted([*range(37), *range(12)])
 
-    def fake_all_gather_object(out, obj):
-        out[:] = shards
-
-    monkeypatch.setattr(torch.distributed, "all_gather_object", fake_all_gather_object)
-    gathered = module._gather(shards[1], 3)
+    gathered = module._merged(shards)
     assert list(gathered) == list(single.columns)
     for name in single.columns:
         assert torch.equal(gathered[name], single[name]), name

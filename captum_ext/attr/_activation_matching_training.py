@@ -18,13 +18,18 @@ import torch
 from torch import Tensor, nn
 
 from .._utils.batches import dict_batch
+from .._utils.distributed import (
+    agreed_batches,
+    checked_on_every_rank,
+    dataset_fingerprint,
+    written_on_main_process,
+)
 from .._utils.layers import root_module
 from .._utils.model_state import gradients_on, module_state, restore_module_state
 from .._utils.seeding import as_generator, initialised_cuda_devices, seed_generators
 from .._utils.training import (
     barrier,
     distributed_shard,
-    is_main_process,
     load_checkpoint,
     load_fitting_state,
     optimiser_step,
@@ -115,109 +120,118 @@ def fit_mask_net(
     whose signature and docstring give the arguments (all required here)."""
     from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-    if _is_tensor_batch(data):  # (images, labels, ...) as tensors: their examples
-        data = TensorDataset(*data)
-    epochs = check_int(epochs, "epochs")
-    progress = check_flag(progress, "progress")
-    resume = check_flag(resume, "resume")
-    lr_given = lr is not None
-    lr = check_lr(3e-4 if lr is None else lr)
-    checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
-    if isinstance(data, DataLoader):
-        dataset = data.dataset
-        loader_args = {
-            "batch_size": data.batch_size,
-            "collate_fn": data.collate_fn,
-            "drop_last": data.drop_last,
-            "num_workers": data.num_workers,
-        }
-    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        dataset = data
-        loader_args = {"batch_size": 32, "drop_last": False}
-    else:
-        raise TypeError(
-            f"`data` must be a DataLoader or a map-style Dataset, got {type(data).__name__}."
-        )
-    if batch_size is not None:
-        loader_args["batch_size"] = check_int(batch_size, "batch_size")
-    if loader_args["batch_size"] is None:
-        raise ValueError("`data` has batch_size=None; pass `batch_size`.")
-    if len(dataset) == 0:
-        raise ValueError("`data` is empty.")
-    if resume and checkpoint is None:
-        raise ValueError("`resume`=True needs a `checkpoint` path.")
-    writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
-    base_seed = resolve_seed(generator, seed)
     shard = distributed_shard()
     rank, world = shard if shard is not None else (0, 1)
-    if shard is not None:
+    # under torch.distributed every check before the first collective (the seed's broadcast,
+    # DDP's) ends in one gathering step: a failure on one process raises on every process,
+    # and processes given different datasets are refused (with different lengths they took
+    # different numbers of steps, and one waited in DDP's all-reduce until the process group
+    # timed out)
+    with checked_on_every_rank("ActivationMatchingMask.fit") as agreement:
+        if _is_tensor_batch(data):  # (images, labels, ...) as tensors: their examples
+            data = TensorDataset(*data)
+        epochs = check_int(epochs, "epochs")
+        progress = check_flag(progress, "progress")
+        resume = check_flag(resume, "resume")
+        lr_given = lr is not None
+        lr = check_lr(3e-4 if lr is None else lr)
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
+        if isinstance(data, DataLoader):
+            dataset = data.dataset
+            loader_args = {
+                "batch_size": data.batch_size,
+                "collate_fn": data.collate_fn,
+                "drop_last": data.drop_last,
+                "num_workers": data.num_workers,
+            }
+        elif isinstance(data, Dataset) or (
+            hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        ):
+            dataset = data
+            loader_args = {"batch_size": 32, "drop_last": False}
+        else:
+            raise TypeError(
+                f"`data` must be a DataLoader or a map-style Dataset, got {type(data).__name__}."
+            )
+        if batch_size is not None:
+            loader_args["batch_size"] = check_int(batch_size, "batch_size")
+        if loader_args["batch_size"] is None:
+            raise ValueError("`data` has batch_size=None; pass `batch_size`.")
+        if len(dataset) == 0:
+            raise ValueError("`data` is empty.")
+        if resume and checkpoint is None:
+            raise ValueError("`resume`=True needs a `checkpoint` path.")
+        writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
+        base_seed = resolve_seed(generator, seed)
+        # read here, before the loop swaps a half-precision model's forward_func for a wrapper
+        objective = objective_settings(method)
+        state = None
+        if resume and Path(checkpoint).expanduser().is_file():
+            state = load_checkpoint(checkpoint, argument="checkpoint")
+            for key in ("mask_net", "optimizer", "step", "epoch", "batch", "seed"):
+                if key not in state:
+                    raise ValueError(f"`checkpoint` is not a mask-net checkpoint (no {key!r}).")
+            if state.get("world_size", 1) != world:
+                raise ValueError(
+                    f"`checkpoint` was written by {state.get('world_size')} processes; resume "
+                    f"it with the same number, not {world}."
+                )
+            saved_batch = int(state.get("batch_size", loader_args["batch_size"]))
+            # a resumed fit follows the checkpoint's order: a different request was ignored
+            if batch_size is not None and loader_args["batch_size"] != saved_batch:
+                raise ValueError(
+                    f"`batch_size`={loader_args['batch_size']}, but `checkpoint` was written with "
+                    f"{saved_batch}; resume with the same batch size (or leave it out)."
+                )
+            if seed is not None and base_seed != int(state["seed"]):
+                raise ValueError(
+                    f"`seed`={seed}, but `checkpoint` was written with another seed; resume with "
+                    "the same one (or leave it out: the checkpoint's is used)."
+                )
+            saved_lr = float(state["optimizer"]["param_groups"][0]["lr"])
+            if lr_given and lr != saved_lr:  # the optimiser's state would set it back
+                raise ValueError(
+                    f"`lr`={lr}, but `checkpoint` was written with {saved_lr}; resume with the "
+                    "same learning rate (or leave it out: the checkpoint's is used)."
+                )
+            saved_epoch, saved_position = int(state["epoch"]), int(state["batch"])
+            if epochs < saved_epoch or (epochs == saved_epoch and saved_position > 0):
+                # the loop would not run, and the longer-trained net would come back as it is
+                held = f"{saved_epoch} epoch{'' if saved_epoch == 1 else 's'}" + (
+                    f" and {saved_position} step{'' if saved_position == 1 else 's'} of the next"
+                    if saved_position
+                    else ""
+                )
+                raise ValueError(
+                    f"`epochs`={epochs}, but `checkpoint` already holds {held} "
+                    f"({int(state['step'])} steps); resume with `epochs` >= "
+                    f"{saved_epoch + (1 if saved_position else 0)}, or start a new fit without "
+                    "`resume`."
+                )
+            # a checkpoint written before the objective was recorded: the settings it was fitted
+            # with cannot be told (they were the user's, not necessarily the defaults), so they
+            # are not compared, as before
+            saved_objective = state.get("objective")
+            differ = (
+                [] if saved_objective is None else objective_differences(objective, saved_objective)
+            )
+            if differ:
+                raise ValueError(
+                    f"`resume`: the objective settings {', '.join(differ)} differ from those "
+                    "`checkpoint` was written with; build the ActivationMatchingMask with the "
+                    "same settings to resume, or start a new fit without `resume`."
+                )
+            base_seed = int(state["seed"])
+            loader_args["batch_size"] = saved_batch
+            lr = saved_lr
+        if shard is not None:
+            agreement.same_data("`data`", len(dataset), dataset_fingerprint(dataset))
+    if shard is not None:  # a generator's draw: rank 0's (a resumed fit's seed is the same)
         import torch.distributed as dist
 
         box = [base_seed]
         dist.broadcast_object_list(box, src=0)
         base_seed = int(box[0])
-
-    # read here, before the loop swaps a half-precision model's forward_func for a wrapper
-    objective = objective_settings(method)
-    state = None
-    if resume and Path(checkpoint).expanduser().is_file():
-        state = load_checkpoint(checkpoint, argument="checkpoint")
-        for key in ("mask_net", "optimizer", "step", "epoch", "batch", "seed"):
-            if key not in state:
-                raise ValueError(f"`checkpoint` is not a mask-net checkpoint (no {key!r}).")
-        if state.get("world_size", 1) != world:
-            raise ValueError(
-                f"`checkpoint` was written by {state.get('world_size')} processes; resume "
-                f"it with the same number, not {world}."
-            )
-        saved_batch = int(state.get("batch_size", loader_args["batch_size"]))
-        # a resumed fit follows the checkpoint's order: a different request was ignored
-        if batch_size is not None and loader_args["batch_size"] != saved_batch:
-            raise ValueError(
-                f"`batch_size`={loader_args['batch_size']}, but `checkpoint` was written with "
-                f"{saved_batch}; resume with the same batch size (or leave it out)."
-            )
-        if seed is not None and base_seed != int(state["seed"]):
-            raise ValueError(
-                f"`seed`={seed}, but `checkpoint` was written with another seed; resume with "
-                "the same one (or leave it out: the checkpoint's is used)."
-            )
-        saved_lr = float(state["optimizer"]["param_groups"][0]["lr"])
-        if lr_given and lr != saved_lr:  # the optimiser's state would set it back
-            raise ValueError(
-                f"`lr`={lr}, but `checkpoint` was written with {saved_lr}; resume with the "
-                "same learning rate (or leave it out: the checkpoint's is used)."
-            )
-        saved_epoch, saved_position = int(state["epoch"]), int(state["batch"])
-        if epochs < saved_epoch or (epochs == saved_epoch and saved_position > 0):
-            # the loop would not run, and the longer-trained net would come back as it is
-            held = f"{saved_epoch} epoch{'' if saved_epoch == 1 else 's'}" + (
-                f" and {saved_position} step{'' if saved_position == 1 else 's'} of the next"
-                if saved_position
-                else ""
-            )
-            raise ValueError(
-                f"`epochs`={epochs}, but `checkpoint` already holds {held} "
-                f"({int(state['step'])} steps); resume with `epochs` >= "
-                f"{saved_epoch + (1 if saved_position else 0)}, or start a new fit without "
-                "`resume`."
-            )
-        # a checkpoint written before the objective was recorded: the settings it was fitted
-        # with cannot be told (they were the user's, not necessarily the defaults), so they
-        # are not compared, as before
-        saved_objective = state.get("objective")
-        differ = (
-            [] if saved_objective is None else objective_differences(objective, saved_objective)
-        )
-        if differ:
-            raise ValueError(
-                f"`resume`: the objective settings {', '.join(differ)} differ from those "
-                "`checkpoint` was written with; build the ActivationMatchingMask with the "
-                "same settings to resume, or start a new fit without `resume`."
-            )
-        base_seed = int(state["seed"])
-        loader_args["batch_size"] = saved_batch
-        lr = saved_lr
 
     model = root_module(method.forward_func)
     device = next((p.device for p in model.parameters()), None) if model is not None else None
@@ -268,23 +282,33 @@ def fit_mask_net(
         )
 
         def write_checkpoint(epoch: int, next_batch: int) -> None:
-            if checkpoint is None or not is_main_process():
+            """Rank 0 writes; every rank returns once it has (a failed write raises on
+            every rank). Without a checkpoint: a barrier."""
+            if checkpoint is None:
+                barrier()
                 return
-            save_checkpoint(
-                {
-                    "mask_net": unwrap_distributed(net).state_dict(),
-                    "optimizer": optimiser.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                    "batch": next_batch,
-                    "seed": base_seed,
-                    "batch_size": batch,
-                    "world_size": world,
-                    "history": history,
-                    "objective": objective,
-                },
-                checkpoint,
+            written = {
+                "mask_net": unwrap_distributed(net).state_dict(),
+                "optimizer": optimiser.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch": next_batch,
+                "seed": base_seed,
+                "batch_size": batch,
+                "world_size": world,
+                "history": history,
+                "objective": objective,
+            }
+            written_on_main_process(
+                lambda: save_checkpoint(written, checkpoint), what="writing the checkpoint"
             )
+
+        def prepared(item: tuple[int, Any]) -> tuple[int, Tensor]:
+            position, raw = item
+            x = batch_inputs(raw)
+            if device is not None:
+                x = x.to(device)
+            return position, method._working_images(method._check_images(x))
 
         try:
             for epoch in range(start_epoch, epochs):
@@ -300,11 +324,11 @@ def fit_mask_net(
                     ),
                     **{k: v for k, v in loader_args.items()},
                 )
-                for position, raw in enumerate(loader, start=skip):
-                    x = batch_inputs(raw)
-                    if device is not None:
-                        x = x.to(device)
-                    x = method._working_images(method._check_images(x))
+                # a batch that fails its checks on one process (a NaN image in its shard)
+                # raises on every process, not only there while the others wait in DDP
+                for position, x in agreed_batches(
+                    enumerate(loader, start=skip), prepared, what="ActivationMatchingMask.fit"
+                ):
                     if net is None:
                         net, optimiser, wrapped = training_net(
                             method, x, base_seed, lr, state, checkpoint
@@ -326,7 +350,6 @@ def fit_mask_net(
                             write_checkpoint(epoch + 1, 0)
                         else:
                             write_checkpoint(epoch, position + 1)
-                        barrier()
         finally:
             if bar:
                 bar.close()

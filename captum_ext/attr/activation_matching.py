@@ -17,6 +17,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import call_model, half_precision_dtype
+from .._utils.distributed import written_on_main_process
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
@@ -25,7 +26,6 @@ from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.seeding import content_keys
 from .._utils.training import (
     atomic_path,
-    is_main_process,
     load_fitting_state,
     optimiser_step,
     progress_bar,
@@ -1188,7 +1188,14 @@ class ActivationMatchingMask(PerturbationAttribution):
 
         **torchrun.** When a process group is initialised, each rank trains on its
         ``DistributedSampler`` shard and the mask net is wrapped in
-        ``DistributedDataParallel``, so every rank ends with the same parameters.
+        ``DistributedDataParallel``, so every rank ends with the same parameters. Every rank
+        must pass the full dataset (not its own share: the fit shards it itself); the
+        datasets' lengths (and, at no cost, the indices of a ``Subset`` and the first and
+        last rows of a ``TensorDataset``) are compared before training, and ranks given
+        different ones are refused with a ``ValueError`` on every rank. A check that fails
+        before training on one rank only raises on every rank (that rank its own error,
+        the others a ``ValueError`` naming it), and so does a checkpoint that rank 0 fails
+        to write.
 
         Args:
             data (DataLoader, Dataset or tuple): yields normalised images (N, C, H, W), or
@@ -1237,8 +1244,12 @@ class ActivationMatchingMask(PerturbationAttribution):
     def save(self, path: str | os.PathLike) -> Path:
         r"""Write the mask net's state dict: safetensors when ``path`` ends in
         ``.safetensors``, else ``torch.save``; atomically (temporary file, then rename).
-        Under ``torch.distributed`` only rank 0 writes (the other ranks return the path
-        without writing), so it may be called on every rank.
+        Under ``torch.distributed`` (an initialised process group of more than one
+        process) this is a collective call: *every* rank must call it (``if rank == 0:
+        explainer.save(...)`` waits until the process group times out). Rank 0 writes, and
+        every rank returns once the file is there, so that a ``load`` right after it reads
+        the new file on every rank; a failed write raises on every rank (rank 0 its own
+        error, the others a ``ValueError`` naming rank 0 and its message).
 
         Args:
             path (str or PathLike): the file.
@@ -1249,18 +1260,21 @@ class ActivationMatchingMask(PerturbationAttribution):
         if self.mask_net is None:
             raise ValueError("there is no mask net to save yet; call fit(...) first.")
         path = Path(path).expanduser()
-        if not is_main_process():  # two ranks writing one file would race
-            return path
-        state = {
-            k: v.detach().to("cpu").contiguous()
-            for k, v in unwrap_distributed(self.mask_net).state_dict().items()
-        }
-        with atomic_path(path) as temp:
-            if path.suffix == ".safetensors":
-                safetensors = import_optional("safetensors.torch", "saving a .safetensors file")
-                safetensors.save_file(state, str(temp))
-            else:
-                torch.save(state, temp)
+        net = self.mask_net
+
+        def write() -> None:  # rank 0 only: two ranks writing one file would race
+            state = {
+                k: v.detach().to("cpu").contiguous()
+                for k, v in unwrap_distributed(net).state_dict().items()
+            }
+            with atomic_path(path) as temp:
+                if path.suffix == ".safetensors":
+                    safetensors = import_optional("safetensors.torch", "saving a .safetensors file")
+                    safetensors.save_file(state, str(temp))
+                else:
+                    torch.save(state, temp)
+
+        written_on_main_process(write, what="ActivationMatchingMask.save")
         return path
 
     def load(self, path: str | os.PathLike) -> ActivationMatchingMask:

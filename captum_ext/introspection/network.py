@@ -2,6 +2,7 @@ r"""IntrospectiveNetwork: a reflective second stage on the introspective feature
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.batches import dict_batch
+from captum_ext._utils.distributed import (
+    checked_on_every_rank,
+    tensor_fingerprint,
+    written_on_main_process,
+)
 from captum_ext._utils.model_state import (
     gradients_on,
     leaves_inference_mode,
@@ -25,7 +31,6 @@ from captum_ext._utils.training import (
     atomic_path,
     barrier,
     distributed_shard,
-    is_main_process,
     load_checkpoint,
     load_fitting_state,
     optimiser_step,
@@ -43,22 +48,6 @@ from .features import check_feature_options, introspective_features
 #: the keys of a saved network (see :meth:`IntrospectiveNetwork.save`)
 _SAVED_KEYS = ("config", "head")
 _CHECKPOINT_NAME = "introspection.pt"
-
-
-def _check_same_examples_on_every_rank(count: int, world: int) -> None:
-    """Every process must hold the whole training set (each trains on its share of one
-    shuffled order); with different counts the ranks take different numbers of steps and one
-    waits in DDP's all-reduce until the process group times out (30 minutes by default)."""
-    import torch.distributed as dist
-
-    counts: list[Any] = [None] * world
-    dist.all_gather_object(counts, count)
-    if len(set(counts)) > 1:
-        raise ValueError(
-            f"`inputs_or_loader` holds {counts} examples on the {world} processes; every "
-            "process must compute the features of the same, whole training set (the fit "
-            "shards it itself)."
-        )
 
 
 def _label_tensor(labels: Any) -> Tensor:
@@ -348,7 +337,13 @@ class IntrospectiveNetwork(nn.Module):
         ``DistributedDataParallel``; rank 0 writes the checkpoints. So that every process
         takes the same number of steps, each epoch leaves out the ``N mod world_size``
         examples that its shuffled order puts last (other ones each epoch; none on one
-        process).
+        process). Every process must therefore pass the same, whole training set (not its
+        own share): the number of examples and the labels in order (with a tensor of
+        inputs, its first and last rows as well) are compared before training, and
+        processes given different ones are refused with a ``ValueError`` on every process.
+        A check that fails on one process only (a label outside the model's classes in its
+        data) raises on every process too: that process its own error, the others a
+        ``ValueError`` naming its rank and message.
 
         Args:
             inputs_or_loader: a tensor of inputs (with ``labels``), or an iterable of
@@ -378,31 +373,52 @@ class IntrospectiveNetwork(nn.Module):
         Returns:
             IntrospectiveNetwork: ``self``, fitted.
         """
-        epochs = check_int(epochs, "epochs")
-        batch_size = check_int(batch_size, "batch_size")
-        lr = check_number(lr, "lr")
-        weight_decay = check_number(weight_decay, "weight_decay", minimum=0, allow_minimum=True)
-        seed = check_int(seed, "seed", minimum=0)
-        resume = check_flag(resume, "resume")
-        progress = check_flag(progress, "progress")
-        if resume and checkpoint_dir is None:
-            raise ValueError("`resume=True` needs the `checkpoint_dir` to resume from.")
-        # a DataLoader draws its base seed (and a shuffling sampler its order) from torch's
-        # global generator: from ``seed`` here, and the caller's stream is left alone
-        with seeded_rng(seed, []):
-            features, targets, first = self._training_set(inputs_or_loader, labels)
-        with preserved_state([self.model]), torch.no_grad():
-            output = self.model(*first)
-            if self.output_transform is not None:
-                output = self.output_transform(output)
-            num_classes = output.shape[1]
-        if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
+        shard = distributed_shard()
+        # under torch.distributed every check before the first collective ends in one
+        # gathering step: a check that fails on one process only (a label outside the
+        # classes in its data) raises on every process instead of leaving the others in
+        # DDP's all-reduce, and processes given different training sets are refused
+        with checked_on_every_rank("IntrospectiveNetwork.fit") as agreement:
+            epochs = check_int(epochs, "epochs")
+            batch_size = check_int(batch_size, "batch_size")
+            lr = check_number(lr, "lr")
+            weight_decay = check_number(weight_decay, "weight_decay", minimum=0, allow_minimum=True)
+            seed = check_int(seed, "seed", minimum=0)
+            resume = check_flag(resume, "resume")
+            progress = check_flag(progress, "progress")
+            if resume and checkpoint_dir is None:
+                raise ValueError("`resume=True` needs the `checkpoint_dir` to resume from.")
+            writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
+            # a DataLoader draws its base seed (and a shuffling sampler its order) from torch's
+            # global generator: from ``seed`` here, and the caller's stream is left alone
+            with seeded_rng(seed, []):
+                features, targets, first = self._training_set(inputs_or_loader, labels)
+            with preserved_state([self.model]), torch.no_grad():
+                output = self.model(*first)
+                if self.output_transform is not None:
+                    output = self.output_transform(output)
+                num_classes = output.shape[1]
+            if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
+                raise ValueError(
+                    f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
+                    f"[{int(targets.min())}, {int(targets.max())}]."
+                )
+            if self.head is not None:
+                self._check_head(features, num_classes)
+            if shard is not None:  # the labels, in order (and a tensor's first and last rows)
+                given = inputs_or_loader if isinstance(inputs_or_loader, Tensor) else None
+                rows = () if given is None else (given[:1], given[-1:])
+                agreement.same_data(
+                    "`inputs_or_loader`",
+                    len(features),
+                    tensor_fingerprint(*rows, targets),
+                    whole="the same, whole training set",
+                )
+        world = 1 if shard is None else shard[1]
+        if len(features) < world:  # the same on every process (their counts agree)
             raise ValueError(
-                f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
-                f"[{int(targets.min())}, {int(targets.max())}]."
+                f"`inputs_or_loader` has {len(features)} examples for {world} processes."
             )
-        if self.head is not None:
-            self._check_head(features, num_classes)
         # the seed drives the head's initialisation and random layers without resetting the
         # caller's RNG (CPU, and the CUDA device the head trains on)
         device = self._training_device(features)
@@ -493,7 +509,6 @@ class IntrospectiveNetwork(nn.Module):
         progress: bool,
         seed: int,
     ) -> IntrospectiveNetwork:
-        writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
         path = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
         shard = distributed_shard()
         rank, world = shard if shard is not None else (0, 1)
@@ -536,12 +551,6 @@ class IntrospectiveNetwork(nn.Module):
                 set_global_rng_state(state["rng"], device)
             start = int(state["epoch"])
         head.train()
-        if len(features) < world:
-            raise ValueError(
-                f"`inputs_or_loader` has {len(features)} examples for {world} processes."
-            )
-        if shard is not None:
-            _check_same_examples_on_every_rank(len(features), world)
         trained = wrap_distributed(head)
         bar = progress_bar(epochs, progress, desc="introspective head", unit="epoch", initial=start)
         try:
@@ -556,22 +565,24 @@ class IntrospectiveNetwork(nn.Module):
                         optimiser.zero_grad()
                         loss.backward()
                     optimiser_step(optimiser)
-                if path is not None and is_main_process():
-                    save_checkpoint(
-                        {
-                            "head": unwrap_distributed(trained).state_dict(),
-                            "optimiser": optimiser.state_dict(),
-                            "generator": generator.get_state(),
-                            "rng": global_rng_state(device),
-                            "epoch": epoch + 1,
-                            "seed": seed,
-                            "batch_size": batch_size,
-                            "world_size": world,
-                            "features": _feature_settings(self),
-                        },
-                        path,
+                if path is None:
+                    barrier()
+                else:  # rank 0 writes; a failed write raises on every process
+                    state = {
+                        "head": unwrap_distributed(trained).state_dict(),
+                        "optimiser": optimiser.state_dict(),
+                        "generator": generator.get_state(),
+                        "rng": global_rng_state(device),
+                        "epoch": epoch + 1,
+                        "seed": seed,
+                        "batch_size": batch_size,
+                        "world_size": world,
+                        "features": _feature_settings(self),
+                    }
+                    written_on_main_process(
+                        functools.partial(save_checkpoint, state, path),
+                        what="writing the checkpoint",
                     )
-                barrier()
                 if bar:
                     bar.update(1)
         finally:
@@ -628,8 +639,14 @@ class IntrospectiveNetwork(nn.Module):
         """Write the head and the feature settings to ``path``, atomically: a safetensors file
         (settings as metadata) when ``path`` ends in ``.safetensors``, else a checkpoint with
         a checksum that ``torch.load(..., weights_only=True)`` reads. Stage 1 is not saved.
-        Under ``torch.distributed`` only rank 0 writes (the others return the path), so it
-        may be called on every rank."""
+        Returns the path written.
+
+        Under ``torch.distributed`` (an initialised process group of more than one process)
+        this is a collective call: *every* rank must call it (``if rank == 0:
+        network.save(...)`` waits until the process group times out). Rank 0 writes, and
+        every rank returns once the file is there, so that a ``load`` right after it reads
+        the new file on every rank; a failed write raises on every rank (rank 0 its own
+        error, the others a ``ValueError`` naming rank 0 and its message)."""
         head = self._fitted_head()
         if not isinstance(head, nn.Sequential) or len(head) != 5:
             raise TypeError(
@@ -647,18 +664,21 @@ class IntrospectiveNetwork(nn.Module):
         }
         if self.layer is not None and not isinstance(self.layer, str):
             raise TypeError("save() needs `layer` as a dotted name (or None), not a module.")
-        if not is_main_process():  # two ranks writing one file would race
-            return Path(path).expanduser()
-        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         path = Path(path).expanduser()
-        if path.suffix == ".safetensors":  # the settings as string metadata
-            safetensors = import_optional("safetensors.torch", "saving a .safetensors file")
-            with atomic_path(path) as temp:
-                safetensors.save_file(
-                    state, str(temp), metadata={k: str(v) for k, v in config.items()}
-                )
-            return path
-        return save_checkpoint({"config": config, "head": state}, path)
+
+        def write() -> None:  # rank 0 only: two ranks writing one file would race
+            state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+            if path.suffix == ".safetensors":  # the settings as string metadata
+                safetensors = import_optional("safetensors.torch", "saving a .safetensors file")
+                with atomic_path(path) as temp:
+                    safetensors.save_file(
+                        state, str(temp), metadata={k: str(v) for k, v in config.items()}
+                    )
+            else:
+                save_checkpoint({"config": config, "head": state}, path)
+
+        written_on_main_process(write, what="IntrospectiveNetwork.save")
+        return path
 
     @classmethod
     def load(

@@ -26,15 +26,20 @@ from torch import Tensor, nn
 
 from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.deprecation import renamed_arguments
+from captum_ext._utils.distributed import (
+    broadcast_buffers,
+    checked_on_every_rank,
+    raise_if_any_rank_failed,
+    tensor_fingerprint,
+    written_on_main_process,
+)
 from captum_ext._utils.layers import uncompiled
 from captum_ext._utils.legacy_norms import copied_model, is_legacy_norm_hook
 from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import precise, precise_dtype, share
 from captum_ext._utils.seeding import as_generator, seeded_rng
 from captum_ext._utils.training import (
-    barrier,
     distributed_shard,
-    is_main_process,
     load_checkpoint,
     load_fitting_state,
     optimiser_step,
@@ -599,16 +604,6 @@ def _cpu_copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _broadcast_buffers(module: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm statistics drift apart under DDP)."""
-    if distributed_shard() is None:
-        return
-    import torch.distributed as dist
-
-    for buffer in unwrap_distributed(module).buffers():
-        dist.broadcast(buffer.data, src=0)
-
-
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     if distributed_shard() is None:
         return values
@@ -1040,12 +1035,16 @@ class TIE:
                     logits = net(x)
                     loss = F.cross_entropy(logits, y, weight=weight.to(logits.dtype))
                     value = float(loss.detach())
+                    diverged = None
                     if not math.isfinite(value):
-                        raise FloatingPointError(
+                        diverged = FloatingPointError(
                             f"TIE.fit: the classifier's training loss became {value} "
                             f"in epoch {epoch + 1}; try a smaller `lr`. The TIE is left as "
                             "it was before this fit."
                         )
+                    # under torchrun one rank's batch can diverge first: every rank raises,
+                    # before the backward pass whose all-reduce the others would wait in
+                    raise_if_any_rank_failed(diverged, what="TIE.fit")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser_step(self.optimizer)
@@ -1061,7 +1060,7 @@ class TIE:
             finally:
                 self.model.eval()
                 self.optimizer.zero_grad(set_to_none=True)
-        _broadcast_buffers(self.model)
+        broadcast_buffers(self.model)
         totals = _all_sum(totals, device)
         return {
             "loss": totals[0] / max(totals[1], 1),
@@ -1071,7 +1070,7 @@ class TIE:
 
     def _invert_and_exclude(self, per_class: int, epoch: int) -> dict[str, float]:
         history = self.inversion.fit(self.generator_steps, progress=False)
-        _broadcast_buffers(self.generator)
+        broadcast_buffers(self.generator)
         images, labels = self.inversion.sample_classes(
             per_class, generator=_seed_of(self.seed, 7, epoch) % (2**62), vector=self.sample_vector
         )
@@ -1211,7 +1210,10 @@ class TIE:
         Args:
             inputs (Tensor): ``N x C x H x W`` in-distribution training images, in the
                 classifier's input space (moved to the classifier's device and dtype).
-                Under ``torchrun`` give every rank the full data.
+                Under ``torchrun`` give every rank the full data (the fit shards it
+                itself): the number of images, the first and last ones and the labels are
+                compared before training, and ranks given different data are refused with
+                a ``ValueError`` on every rank.
             labels (Tensor): ``(N,)`` their classes in ``0..n - 1``.
             epochs (int, optional): Maximum number of epochs of this call. Default: 10
             progress (bool, optional): Show a tqdm bar (rank 0). Default: True
@@ -1231,7 +1233,10 @@ class TIE:
 
         Raises:
             ValueError: ``inputs`` hold NaN or infinite values, have the wrong shape, or
-                ``labels`` are not classes ``0..n - 1`` (checked before any training).
+                ``labels`` are not classes ``0..n - 1`` (checked before any training);
+                under torchrun, ranks given different data, or one of these checks that
+                failed on another rank (named, with its message; the failing rank raises
+                its own error).
             FloatingPointError: the classifier's training loss, or its outputs on the
                 inverted samples, became NaN or infinite (e.g. a too large ``lr``).
 
@@ -1240,28 +1245,40 @@ class TIE:
         pool, the log and the counters are restored; a ``checkpoint`` written by the
         failed call keeps its progress for ``resume=True``.
         """
-        inputs = self._check_inputs(inputs)
-        labels = self._check_labels(labels, inputs.shape[0])
-        if inputs.shape[0] == 0:
-            raise ValueError("`inputs` must hold at least one image.")
-        if not bool(torch.isfinite(inputs).all()):
-            bad = int((~torch.isfinite(inputs)).flatten(1).any(1).sum())
-            raise ValueError(
-                f"`inputs` must be finite: {bad} of {inputs.shape[0]} images hold NaN or "
-                "infinite values."
+        # under torch.distributed every check before the first collective ends in one
+        # gathering step: a check that fails on one process raises on every process, and
+        # processes given different data are refused (with different numbers of examples
+        # they took different numbers of steps, and gloo aborted the job inside DDP)
+        with checked_on_every_rank("TIE.fit") as agreement:
+            inputs = self._check_inputs(inputs)
+            labels = self._check_labels(labels, inputs.shape[0])
+            if inputs.shape[0] == 0:
+                raise ValueError("`inputs` must hold at least one image.")
+            if not bool(torch.isfinite(inputs).all()):
+                bad = int((~torch.isfinite(inputs)).flatten(1).any(1).sum())
+                raise ValueError(
+                    f"`inputs` must be finite: {bad} of {inputs.shape[0]} images hold NaN or "
+                    "infinite values."
+                )
+            epochs = check_int(epochs, "epochs")
+            if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+                raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
+            if resume and checkpoint is None:
+                raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
+            writable_path_argument(checkpoint, "checkpoint")  # before any step
+            device, dtype = model_device_dtype(self.model)
+            inputs = inputs.detach().to(device=device, dtype=dtype)
+            labels = labels.to(device)
+            per_class = self.samples_per_class or max(
+                1, math.ceil(inputs.shape[0] / (self.num_classes * (self.num_classes + 1)))
             )
-        epochs = check_int(epochs, "epochs")
-        if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
-            raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
-        if resume and checkpoint is None:
-            raise ValueError("`resume=True` needs the `checkpoint` file to resume from.")
-        writable_path_argument(checkpoint, "checkpoint")  # before any step, not at the first save
-        device, dtype = model_device_dtype(self.model)
-        inputs = inputs.detach().to(device=device, dtype=dtype)
-        labels = labels.to(device)
-        per_class = self.samples_per_class or max(
-            1, math.ceil(inputs.shape[0] / (self.num_classes * (self.num_classes + 1)))
-        )
+            if distributed_shard() is not None:  # first and last images, every label
+                agreement.same_data(
+                    "`inputs`",
+                    inputs.shape[0],
+                    tensor_fingerprint(inputs[:1], inputs[-1:], labels),
+                    whole="the full data",
+                )
 
         snapshot = self._snapshot()
         try:
@@ -1381,9 +1398,10 @@ class TIE:
         if checkpoint is None:
             return
         state = self._checkpoint_state(fit_epoch, epochs, fit_start)
-        if is_main_process():
-            save_checkpoint(state, checkpoint)
-        barrier()
+        # rank 0 writes; every rank returns once it has (a failed write raises on every rank)
+        written_on_main_process(
+            lambda: save_checkpoint(state, checkpoint), what="writing the checkpoint"
+        )
 
     # ----------------------------------------------------------------- inference
     def _probabilities(

@@ -5,9 +5,27 @@ it: ``update(...)`` stores the batch's values, ``compute()`` returns what the fu
 on all the data seen so far (in the order given), ``reset()`` forgets it. Under
 ``torch.distributed`` (initialised process group) ``compute()`` first gathers the stored
 values of every process (``all_gather``, uneven sizes and ranks without data allowed), so
-every rank gets the value on the union of the shards. It is a collective call: every rank
-must call it (``if rank == 0: metric.compute()`` waits for the other ranks until the process
-group times out); print or save the value on rank 0 afterwards.
+every rank gets the value on everything the processes were updated with, concatenated in
+rank order. It is a collective call: every rank must call it (``if rank == 0:
+metric.compute()`` waits for the other ranks until the process group times out); print or
+save the value on rank 0 afterwards.
+
+**DistributedSampler pads.** What the processes were updated with is the dataset only when
+their shards split it exactly. The usual ``DataLoader(dataset, sampler=DistributedSampler(
+dataset))`` does not when ``len(dataset)`` is not a multiple of the number of processes:
+the sampler (``drop_last=False``, its default) repeats the first examples to give every
+process as many, and the accumulators count the repeats like any other example (they
+cannot tell them apart): 37 examples on 2 processes give 38 rows, one example counted
+twice, and a value slightly off the single-process one (``drop_last=True`` leaves examples
+out instead). For the value on the dataset exactly, give each process a shard without
+padding, which the accumulators allow (uneven shards)::
+
+    shard = range(rank, len(dataset), world_size)   # 19 and 18 of 37 examples
+    loader = DataLoader(dataset, batch_size=64, sampler=list(shard))
+
+or score with :func:`~captum_ext.metrics.score_dataset`, which drops the repeats when it
+gathers its table (one row per example, in dataset order), and give its columns to the
+functions (``auac(table["softmax"], table["correct"])``).
 
 =========================  =========================================================
 class                      function

@@ -23,6 +23,11 @@ from torch import Tensor, nn
 from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.deprecation import moved_names
+from captum_ext._utils.distributed import (
+    all_gather_or_raise,
+    checked_on_every_rank,
+    dataset_fingerprint,
+)
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
 from captum_ext._utils.validation import parse_device
@@ -411,14 +416,16 @@ def _plan(
 # scoring
 
 
-def _gather(local: dict[str, Tensor], world: int) -> dict[str, Tensor]:
-    """All-gather every rank's columns, drop DistributedSampler's padding duplicates and sort
-    by dataset index."""
-    import torch.distributed as dist
+def _gather(local: dict[str, Tensor] | None, error: Exception | None) -> dict[str, Tensor]:
+    """Every process's columns in one ``all_gather_object`` (a process that failed sends its
+    failure instead, and then every process raises: see ``all_gather_or_raise``), merged."""
+    return _merged(all_gather_or_raise(local, error, what="score_dataset"))
 
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, local)
-    merged = {name: torch.cat([part[name] for part in parts]) for name in local}
+
+def _merged(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The processes' columns concatenated, DistributedSampler's padding duplicates dropped
+    and sorted by dataset index."""
+    merged = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     index = merged["index"]
     order = torch.sort(index, stable=True).indices
     sorted_index = index[order]
@@ -480,7 +487,11 @@ def score_dataset(
 
     **torch.distributed.** When a process group is initialised by the caller (e.g. under
     ``torchrun``) with more than one process, *every* process must call ``score_dataset``
-    with the same arguments. The consecutive batches above are dealt out to the processes
+    with the same arguments, the whole dataset included (not its own shard: score_dataset
+    shards it itself). The datasets are compared before any scoring, by their lengths and,
+    at no cost, the indices of a ``Subset`` (also one of ``random_split``) and the first
+    and last rows of a ``TensorDataset``; processes given different ones are refused with a
+    ``ValueError`` on every process. The consecutive batches above are dealt out to the processes
     with ``DistributedSampler(batches, shuffle=False, drop_last=False)`` (the sampler pads
     with repeats of the first batches when their number is not a multiple of the world size),
     each process scores its batches on its ``device`` in a new loader as above, and the
@@ -492,7 +503,11 @@ def score_dataset(
     (matrix products, vectorised ``exp``) give results that depend on the batch in the last
     bit, so this is what makes the gathered table equal the single-process table bit for bit
     (same devices and library versions). ``mc_dropout`` with an int ``generator`` seed is
-    reproducible in the same way (batch ``b`` uses seed ``s * 2**20 + b``).
+    reproducible in the same way (batch ``b`` uses seed ``s * 2**20 + b``). An error on one
+    process (a label outside the model's classes in its shard, a batch its collate_fn
+    cannot stack) is raised on every process when the shards are gathered: that process
+    raises its own exception, the others a ``ValueError`` naming its rank and message, so
+    that no process waits for the others nor pairs its gather with a later call's.
 
     Args:
         model (nn.Module): a classifier returning ``(N, C)`` logits. ``DataParallel`` and
@@ -521,7 +536,8 @@ def score_dataset(
     Raises:
         ValueError: unknown score names (the message lists the known ones), an empty dataset,
             a batch that is not ``inputs`` or ``(inputs, labels)``, a ``device`` the model is
-            not on.
+            not on; under torch.distributed, processes given different datasets, or an error
+            on another process (named with its rank).
 
     Examples::
 
@@ -537,23 +553,59 @@ def score_dataset(
         >>> table.to_csv("scores.csv")  # under torchrun: on rank 0 only
         PosixPath('scores.csv')
     """
-    names = _score_names(scores)
-    options = _score_options(score_kwargs, names)
-    model = _unwrap(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
-    model_device = _model_device(model)
-    if device is None:
-        device = model_device or torch.device("cpu")
-    else:
-        device = parse_device(device)
-        if model_device is not None and _same_device(model_device, device) is False:
-            raise ValueError(
-                f"`device`={str(device)!r} but the model is on {str(model_device)!r}; move the "
-                "model first (model.to(device)) or leave `device` out."
-            )
     shard = distributed_shard()
-    loader, indices, numbers = _plan(dataloader, shard)
+    # under torch.distributed every check before the scoring ends in one gathering step: a
+    # failure on one process is raised on all of them (not only there, while the others go
+    # on to wait in the final gather), and processes given different datasets are refused
+    with checked_on_every_rank("score_dataset") as agreement:
+        names = _score_names(scores)
+        options = _score_options(score_kwargs, names)
+        model = _unwrap(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        model_device = _model_device(model)
+        if device is None:
+            device = model_device or torch.device("cpu")
+        else:
+            device = parse_device(device)
+            if model_device is not None and _same_device(model_device, device) is False:
+                raise ValueError(
+                    f"`device`={str(device)!r} but the model is on {str(model_device)!r}; move "
+                    "the model first (model.to(device)) or leave `device` out."
+                )
+        loader, indices, numbers = _plan(dataloader, shard)
+        if shard is not None:  # a map-style dataset (_plan refuses the others)
+            dataset = dataloader.dataset
+            agreement.same_data("`dataloader`", len(dataset), dataset_fingerprint(dataset))
+
+    error: Exception | None = None
+    local: dict[str, Tensor] | None = None
+    try:
+        local = _score_shard(model, loader, indices, numbers, names, options, device, progress)
+    except Exception as failure:
+        if shard is None:
+            raise
+        # not raised yet: the other processes are (or will be) in the gather below, which
+        # would otherwise pair with this process's next collective (another call's gather)
+        error = failure
+    columns = _gather(local, error) if shard is not None else local
+    if columns["index"].numel() == 0:
+        raise ValueError("the dataset is empty; nothing to score.")
+    return ScoreTable(columns)
+
+
+def _score_shard(
+    model: nn.Module,
+    loader: Any,
+    indices: list[int] | None,
+    numbers: list[int] | None,
+    names: list[str],
+    options: Mapping[str, Mapping[str, Any]],
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """This process's columns: every batch of ``loader`` scored (the body of
+    :func:`score_dataset`)."""
     try:
         total: int | None = len(loader)
     except TypeError:
@@ -597,11 +649,7 @@ def score_dataset(
             f"the loader yielded {seen} examples, its sampler {len(indices)}; score_dataset "
             "needs a collate_fn that keeps one row per example."
         )
-    local = {name: torch.cat(parts) if parts else _empty(name) for name, parts in chunks.items()}
-    columns = _gather(local, shard[1]) if shard is not None else local
-    if columns["index"].numel() == 0:
-        raise ValueError("the dataset is empty; nothing to score.")
-    return ScoreTable(columns)
+    return {name: torch.cat(parts) if parts else _empty(name) for name, parts in chunks.items()}
 
 
 def _batch_options(name: str, kwargs: dict[str, Any], number: int) -> dict[str, Any]:
