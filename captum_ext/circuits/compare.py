@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -40,19 +43,71 @@ class CircuitComparison:
     flow_retained_by_layer: dict[str, float] = field(default_factory=dict)
 
 
-def _check_graph(graph, argument: str) -> None:
+def _real(value) -> float | None:
+    """``value`` as a Python float when it is a real number: a Python or numpy int / float,
+    or a 0-d tensor or array of a real dtype (not a bool); None otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 0 or value.dtype.kind not in "iuf":
+            return None
+        return float(value)
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _weights(graph, argument: str) -> list[tuple[object, object, float]]:
+    """The graph's edges ``(u, v, weight)`` in edge order, the weights as Python floats;
+    a ``ValueError`` names the first edge whose weight is not a finite non-negative real."""
     if not isinstance(graph, nx.DiGraph):
         raise TypeError(
             f"`{argument}` must be a networkx.DiGraph (from CircuitReadout.readout), got "
             f"{type(graph).__name__}."
         )
+    edges = []
     for u, v, data in graph.edges(data=True):
         weight = data.get("weight")
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        value = _real(weight)
+        if value is None or not math.isfinite(value) or value < 0:
             raise ValueError(
                 f"`{argument}`: edge {u!r} -> {v!r} has weight {weight!r}; circuit edges need a "
                 "finite non-negative `weight` attribute."
             )
+        edges.append((u, v, value))
+    return edges
+
+
+def _check_stages(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> None:
+    """Refuse graphs read out at different stages (their ``stages`` attributes differ).
+
+    Graphs without the attribute (built by hand) are not checked. A node-only graph (no
+    edges, e.g. from :func:`pathway_graphs`) may be compared with a circuit whose stages
+    include all of its own: its node keys then mean the same channels.
+    """
+    if "stages" not in graph_a.graph or "stages" not in graph_b.graph:
+        return
+    stages_a, stages_b = list(graph_a.graph["stages"]), list(graph_b.graph["stages"])
+    if stages_a == stages_b:
+        return
+    for small, large, other in (
+        (graph_a, stages_b, graph_b),
+        (graph_b, stages_a, graph_a),
+    ):
+        if (
+            small.number_of_edges() == 0
+            and other.number_of_edges() > 0
+            and set(small.graph["stages"]) <= set(large)
+        ):
+            return
+    raise ValueError(
+        f"`graph_a` and `graph_b` come from different stages: `graph_a` has stages "
+        f"{stages_a}, `graph_b` has {stages_b}; compare circuits read out at the same stages "
+        "(the same `layers` of the same model), where their node and edge keys mean the same "
+        "channels and connections."
+    )
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -64,14 +119,20 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
     r"""How much of circuit ``graph_a`` circuit ``graph_b`` uses (e.g. x against its mask).
 
     Nodes and edges are matched by their keys (``"<layer>:<channel>"``), so both graphs
-    must come from the same model and layers. With ``w_a(e)`` the ``weight`` of edge ``e``
-    in ``graph_a``:
+    must come from the same model and layers: graphs whose ``stages`` attributes differ
+    (read out at different ``layers``) are refused with a ``ValueError`` naming both lists.
+    Graphs without that attribute (built by hand) are not checked, and a node-only graph
+    (:func:`pathway_graphs`') may be compared with a circuit whose stages include its own.
+    Edge weights may be any finite non-negative real number (Python, numpy, or a 0-d tensor).
+    With ``w_a(e)`` the ``weight`` of edge ``e`` in ``graph_a``:
 
     - ``node_jaccard = |V_a & V_b| / |V_a | V_b|`` and ``edge_jaccard = |E_a & E_b| /
       |E_a | E_b|`` (1.0 when both sets are empty);
     - ``flow_a = sum_{e in E_a} w_a(e)``, ``flow_b`` likewise;
     - ``flow_retained = sum_{e in E_a & E_b} w_a(e) / flow_a``: the share of ``graph_a``'s
-      flow that runs through connections ``graph_b`` also uses. It is not symmetric. NaN
+      flow that runs through connections ``graph_b`` also uses, in [0, 1] (both sums run in
+      ``graph_a``'s edge order, so a graph against itself gives exactly 1.0). It is not
+      symmetric. NaN
       when ``flow_a`` is 0: silently when ``graph_a`` has no edges (node-only graphs such as
       ``pathway_graphs``' are compared by ``node_jaccard``), with a RuntimeWarning when
       it has edges that all weigh 0.
@@ -106,20 +167,25 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
         >>> same.edge_jaccard, same.flow_retained  # a circuit against itself
         (1.0, 1.0)
     """
-    _check_graph(graph_a, "graph_a")
-    _check_graph(graph_b, "graph_b")
+    weights_a = _weights(graph_a, "graph_a")
+    weights_b = _weights(graph_b, "graph_b")
+    _check_stages(graph_a, graph_b)
     nodes_a, nodes_b = set(graph_a.nodes), set(graph_b.nodes)
     edges_a, edges_b = set(graph_a.edges), set(graph_b.edges)
     shared_edges = edges_a & edges_b
-    flow_a = float(sum(w for _, _, w in graph_a.edges(data="weight")))
-    flow_b = float(sum(w for _, _, w in graph_b.edges(data="weight")))
-    kept = float(sum(graph_a.edges[e]["weight"] for e in shared_edges))
+    flow_b = float(sum(w for _, _, w in weights_b))
+    # the flow and its kept part summed in the same (edge) order: the kept share of a
+    # graph against itself is exactly 1, and never above 1 (each partial sum of the kept
+    # weights is at most the same partial sum of all weights, also after rounding)
+    flow_a = kept = 0.0
     by_layer_total: dict[str, float] = {}
     by_layer_kept: dict[str, float] = {}
-    for u, v, w in graph_a.edges(data="weight"):
+    for u, v, w in weights_a:
         layer = str(graph_a.nodes[v].get("layer", ""))
+        flow_a += w
         by_layer_total[layer] = by_layer_total.get(layer, 0.0) + w
         if (u, v) in shared_edges:
+            kept += w
             by_layer_kept[layer] = by_layer_kept.get(layer, 0.0) + w
     by_layer = {
         layer: (by_layer_kept.get(layer, 0.0) / total if total > 0 else math.nan)

@@ -19,10 +19,18 @@ Two ways of reading the model:
   module must produce the destination's features itself (only channel-wise operations after
   it); two linear layers in a row between stages raise an error naming them. A linear layer
   may read the stage's map flattened (VGG, AlexNet): the readout maps its C x h x w input
-  features back to the C channels.
+  features back to the C channels. When no ingress convolution reaches the destination's
+  output without a further convolution, the series of the destination block's own
+  convolutions that do (an inverted-residual block: expand, depthwise, project) are recorded
+  as ``Connection.paths``; an ingress convolution outside the destination that reaches it
+  only through further convolutions means a stage is missing from the list (an error).
 - module order (when the model does not trace): the first convolution or linear layer
   registered after the previous stage, plus the ``downsample`` / ``shortcut`` convolution of
-  the same block when there is one.
+  the same block when there is one. The readout checks in its forward pass that the stages
+  run in the listed order and these modules between their stages.
+
+Default stages: a single stage that is a container of blocks (MobileNet's ``features``) is
+opened, each block a stage, when its blocks connect (otherwise an error says what to pass).
 """
 
 from __future__ import annotations
@@ -134,13 +142,19 @@ class Connection:
 
     ``ingress`` holds the dotted names of the convolutions / linear layers in between; an
     empty tuple means the channels are tied one to one (global pooling before the
-    classifier). ``method`` is ``"fx"`` or ``"module_order"``.
+    classifier). ``method`` is ``"fx"`` or ``"module_order"``. ``paths`` (found with
+    ``torch.fx`` only) holds, for a destination block such as an inverted-residual block
+    (expand, depthwise, project convolutions), each series of its convolutions from the
+    source to the block's output (joined to it at most by the block's residual addition); the
+    readout composes them where none of the ingress modules produces the destination's
+    channels itself.
     """
 
     source: str
     destination: str
     ingress: tuple[str, ...]
     method: str
+    paths: tuple[tuple[str, ...], ...] = ()
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -204,6 +218,8 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
     - a hidden linear layer of the head (VGG's and AlexNet's ``classifier.0`` / ``.3``) is a
       stage ending at its post-activation, except the last one before the classifier: its
       (post-activation) output is the pooled feature vector, the classifier's input.
+    - when the only stage is a container of blocks (MobileNetV2's ``features``), its blocks
+      are the stages (:func:`_blocks_of`).
     """
     units = [(n, m) for n, m in _units(model) if n != classifier]
     # a post-activation module the forward pass calls more than once (one nn.ReLU shared by
@@ -254,6 +270,10 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
             i = end + 1
             continue
         i += 1
+    if len(stages) == 1 and stages[0][1]:
+        opened = _blocks_of(model, stages[0][0], classifier)
+        if opened is not None:
+            return opened
     if not stages:
         compiled = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
         if compiled or is_exported(model):
@@ -272,6 +292,31 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
             "layers to read out explicitly."
         )
     return [name for name, _ in stages]
+
+
+def _blocks_of(model: nn.Module, name: str, classifier: str) -> list[str] | None:
+    """The blocks of ``name`` as stages, when it is the only stage found and a container
+    (``nn.Sequential`` / ``nn.ModuleList``) of blocks (MobileNet's and EfficientNet's
+    ``features``): one stage would give a graph of the last block's channels only. None
+    when it holds fewer than two blocks with a convolution. A ``ValueError`` (naming the
+    blocks, the connection that fails and what to pass) when the blocks do not connect."""
+    container = model.get_submodule(name)
+    if not isinstance(container, nn.Sequential | nn.ModuleList):
+        return None
+    blocks = [f"{name}.{child}" for child, m in container.named_children() if _contains_conv(m)]
+    if len(blocks) < 2:
+        return None
+    try:
+        find_connections(model, blocks, classifier, strict=True)
+    except ValueError as error:
+        reason = str(error).split(": ", 1)[-1].split(" Circuits follow", 1)[0]
+        raise ValueError(
+            f"`layers`: the only stage found in {type(model).__name__} is {name!r}, a container "
+            f"of blocks, and its blocks {blocks} could not be connected as stages: {reason} "
+            f"Pass `layers` explicitly: blocks whose connections resolve, or [{name!r}] to read "
+            "the container out as one stage (a graph of its last block's channels only)."
+        ) from None
+    return blocks
 
 
 def find_classifier(model: nn.Module) -> str:
@@ -346,7 +391,12 @@ def _describe(node: fx.Node) -> str:
 
 
 def _fx_connection(
-    graph: fx.Graph, model: nn.Module, source: str, destination: str, classifier: str
+    graph: fx.Graph,
+    model: nn.Module,
+    source: str,
+    destination: str,
+    classifier: str,
+    strict: bool = False,
 ) -> Connection:
     start = _output_node(graph, model, source)
     if destination == classifier:
@@ -412,7 +462,98 @@ def _fx_connection(
             raise _unresolved(source, destination, "no path to the classifier")
     elif not ingress:
         raise _unresolved(source, destination, "no convolution or linear layer in between")
-    return Connection(source, destination, tuple(ingress), "fx")
+    paths: tuple[tuple[str, ...], ...] = ()
+    if ingress and not any(isinstance(model.get_submodule(name), nn.Linear) for name in ingress):
+        nodes = [n for n in graph.nodes if n.op == "call_module" and n.target in ingress]
+        if not _reaches(nodes, end, model):
+            inside = [node for node in nodes if _belongs(node, destination)]
+            if not inside:
+                # the ingress convolutions feed further convolutions outside the destination
+                # before it: a stage in between is missing
+                raise _unresolved(
+                    source,
+                    destination,
+                    f"its ingress modules {ingress} reach it only through further "
+                    "convolutions outside it, which belong to no listed stage; list every "
+                    "convolutional stage in between",
+                )
+            paths = _chains(inside, end, model, destination)
+            if strict and not paths:
+                raise _unresolved(
+                    source,
+                    destination,
+                    f"its ingress modules {ingress} reach its output only through further "
+                    "convolutions, and no series of its convolutions leads there through "
+                    "channel-wise operations (and a final residual addition)",
+                )
+    return Connection(source, destination, tuple(ingress), "fx", paths)
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+
+
+def _reaches(
+    starts: list[fx.Node], end: fx.Node, model: nn.Module, *, channelwise: bool = False
+) -> bool:
+    """Whether the output of one of ``starts`` reaches ``end`` without crossing a further
+    convolution or linear layer; ``channelwise=True``: through channel-wise operations
+    only."""
+    seen: set[fx.Node] = set()
+    todo = deque(starts)
+    while todo:
+        node = todo.popleft()
+        if node is end:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        if channelwise:
+            follow = node in starts or _passes_through(node, model)
+        else:
+            follow = node in starts or not (
+                node.op == "call_module"
+                and isinstance(model.get_submodule(node.target), _INGRESS_MODULES)
+            )
+        if follow:
+            todo.extend(node.users)
+    return False
+
+
+#: At most this many convolution series per connection (a block has a handful).
+_MAX_PATHS = 64
+
+
+def _chains(
+    starts: list[fx.Node], end: fx.Node, model: nn.Module, destination: str
+) -> tuple[tuple[str, ...], ...]:
+    """Each series of convolutions of the block ``destination`` that leads from one of
+    ``starts`` (its ingress convolutions) to ``end`` (the block's output) through
+    channel-wise operations, joined to ``end`` at most by a residual addition that reaches it
+    through channel-wise operations only (an inverted-residual block: expand, depthwise,
+    project, ``x + block(x)``). A series never crosses an earlier residual addition (the
+    blocks of a ResNet stage); empty when there is none, or more than ``_MAX_PATHS``."""
+    found: list[tuple[str, ...]] = []
+    todo = [(node, (str(node.target),)) for node in starts]
+    while todo:
+        node, chain = todo.pop()
+        for user in node.users:
+            if user is end:
+                found.append(chain)
+            elif user.op == "call_module" and isinstance(
+                model.get_submodule(user.target), nn.modules.conv._ConvNd
+            ):
+                if _belongs(user, destination):
+                    todo.append((user, (*chain, str(user.target))))
+            elif _passes_through(user, model) or (
+                _is_add(user) and _reaches([user], end, model, channelwise=True)
+            ):
+                todo.append((user, chain))
+            if len(found) + len(todo) > _MAX_PATHS:
+                return ()
+    return tuple(sorted(set(found)))
 
 
 def _passes_through(node: fx.Node, model: nn.Module) -> bool:
@@ -514,15 +655,27 @@ def _module_order_connection(
 
 
 def find_connections(
-    model: nn.Module, stages: list[str], classifier: str, *, use_fx: bool = True
+    model: nn.Module,
+    stages: list[str],
+    classifier: str,
+    *,
+    use_fx: bool = True,
+    strict: bool = False,
 ) -> list[Connection]:
-    """One :class:`Connection` per consecutive pair of ``stages + [classifier input]``."""
+    """One :class:`Connection` per consecutive pair of ``stages + [classifier input]``.
+
+    ``strict=True`` (stages that are single blocks): with ``torch.fx``, a block none of
+    whose ingress modules reaches its output without a further convolution must have a series
+    of convolutions that does (``Connection.paths``); otherwise a ``ValueError``.
+    """
     graph_module = trace(model) if use_fx else None
     chain = [*stages, classifier]
     connections = []
     for source, destination in zip(chain[:-1], chain[1:], strict=True):
         if graph_module is not None:
-            connection = _fx_connection(graph_module.graph, model, source, destination, classifier)
+            connection = _fx_connection(
+                graph_module.graph, model, source, destination, classifier, strict
+            )
         else:
             connection = _module_order_connection(model, source, destination, classifier)
         connections.append(connection)

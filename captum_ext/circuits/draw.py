@@ -35,19 +35,30 @@ _KIND_LABELS = {
 
 
 def _kept_nodes(graph: nx.DiGraph, layer: str, limit: int | None) -> tuple[list, int]:
-    """The nodes of ``layer`` drawn (strongest first) and the layer's node count."""
+    """The nodes of ``layer`` drawn (strongest first) and the layer's node count.
+
+    In the class layer the target and the predicted class are always kept, also where that
+    makes more than ``limit`` nodes (``limit=1`` with a prediction other than the target)."""
     nodes = [(n, d) for n, d in graph.nodes(data=True) if d["layer"] == layer]
     nodes.sort(key=lambda item: (-float(item[1]["energy"]), item[1].get("channel", 0)))
     if limit is None or len(nodes) <= limit:
         return nodes, len(nodes)
-    kept = nodes[:limit]
-    if layer == "class":  # the target and the predicted class stay, whatever their energy
-        wanted = {graph.graph.get("target"), graph.graph.get("prediction")}
-        missing = [item for item in nodes[limit:] if item[1].get("channel") in wanted]
-        if missing:
-            kept = kept[: limit - len(missing)] + missing
-            kept.sort(key=lambda item: (-float(item[1]["energy"]), item[1].get("channel", 0)))
-    return kept, len(nodes)
+    if layer != "class":
+        return nodes[:limit], len(nodes)
+    wanted = {graph.graph.get("target"), graph.graph.get("prediction")}
+    always = {n for n, d in nodes if d.get("channel") in wanted}
+    others = [n for n, _ in nodes if n not in always][: max(limit - len(always), 0)]
+    drawn = always | set(others)
+    return [item for item in nodes if item[0] in drawn], len(nodes)
+
+
+def _literal(*texts: Any) -> None:
+    """Have matplotlib draw the texts as given, not as mathtext / TeX (a layer named
+    ``"conv$x$"``). ``captum_ext.viz._figures.literal_text`` does the same for the figures
+    of ``viz``, which the circuits package (a lower import layer) may not import."""
+    for text in texts:
+        text.set_parse_math(False)
+        text.set_usetex(False)
 
 
 def draw(
@@ -66,7 +77,8 @@ def draw(
     Only the ``max_nodes_per_layer`` strongest channels of each layer (by energy) are drawn,
     with the edges between them; the x-axis label says how many were left out (for the
     bundled digit CNN, 8 of 16-48 channels per layer, 130 nodes in the full graph). In the
-    class layer the target and the predicted class are always drawn.
+    class layer the target and the predicted class are always drawn, also where that makes
+    one more class than ``max_nodes_per_layer`` (1, with a prediction other than the target).
 
     Node ``(layer, channel)`` is drawn in its layer's column at a height given by its energy
     rank within the layer (y axis "rank by energy": the channel with the highest energy at
@@ -76,7 +88,8 @@ def draw(
     scales); colour by ``kind`` (blue ``weight_activation``, orange ``gradient``, green
     ``class``). Nodes are labelled with their channel (class nodes with the class index)
     where the labels fit (at least about 9 points between neighbouring nodes). A legend
-    explains the colours and sizes.
+    explains the colours and sizes. Layer names, labels and the title are drawn as given
+    (a ``$`` in a layer name is not read as mathtext).
 
     Args:
         graph (networkx.DiGraph): a graph from :meth:`CircuitReadout.readout` (or
@@ -158,7 +171,7 @@ def draw(
             sizes.append(4.0 + max_node_size * share)
             wanted = label_classes if layer == "class" else label_channels
             if wanted and (labels_fit or layer == "class"):
-                ax.annotate(
+                label = ax.annotate(
                     str(data.get("channel", node)),
                     (column, y),
                     xytext=(6, 0),
@@ -167,6 +180,7 @@ def draw(
                     va="center",
                     zorder=4,
                 )
+                _literal(label)
         ax.scatter(xs, ys, s=sizes, color="0.25", zorder=3)
 
     strongest: dict[str, float] = {}
@@ -189,7 +203,8 @@ def draw(
             LineCollection(segments, linewidths=widths, colors=colors, alpha=0.6, zorder=2)
         )
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
+    # layer names and the title are drawn as given, never read as mathtext
+    _literal(*ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8))
     ax.set_yticks([])
     # a little room at the right for the labels of the last column
     ax.set_xlim(-0.5, max(len(order), 1) - 0.5 + 0.3)
@@ -205,9 +220,11 @@ def draw(
         note = f"layer\n(all {total} nodes)"
     ax.set_xlabel(note, fontsize=8)
     ax.set_ylabel("rank by energy (highest at top)", fontsize=8)
-    ax.set_title(
-        f"circuit (target {graph.graph.get('target', '?')}, "
-        f"prediction {graph.graph.get('prediction', '?')})"
+    _literal(
+        ax.set_title(
+            f"circuit (target {graph.graph.get('target', '?')}, "
+            f"prediction {graph.graph.get('prediction', '?')})"
+        )
     )
     if legend:
         handles = [

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .._utils.batched_grad import call_model, in_model_precision, objective_gradients
 from .._utils.hooks import registered_hooks
 from .._utils.layers import resolve_layer, uncompiled
-from .._utils.model_state import gradients_on, preserved_state
+from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise_dtype
 from .._utils.training import unwrap_distributed
 from .._utils.validation import (
@@ -120,7 +120,13 @@ class CircuitReadout:
        where the ingress modules are the convolutions that consume stage l and produce the
        channels of stage l + 1 (for a residual stage the first block's first conv and its 1 x 1
        downsample conv; an ingress conv whose outputs are not the stage's channels, such as
-       the first conv of a bottleneck block, is left out). Each destination keeps its
+       the first conv of a bottleneck block, is left out). Where no ingress module produces
+       them, as in an inverted-residual block (MobileNetV2: expand, depthwise, project
+       convs, and ``x + block(x)``), the block's series of convs from the source to its
+       output is composed: ``sum_taps |W|`` becomes the product of the series' tap-L1
+       matrices, ``(|W_project| |W_depthwise| |W_expand|)[d, s]`` (the sum over the
+       intermediate channels of the products of tap L1 norms); the identity path of the
+       residual addition carries no weight, as in a ResNet. Each destination keeps its
        ``edges_per_node`` strongest incoming edges among the kept source nodes.
     3. Last stage to pooled features: a global pooling ties pooled feature j to channel j of the
        last stage (one edge ``j -> j`` of weight ``E^L_j``: the pooling's taps have L1 norm 1);
@@ -158,18 +164,28 @@ class CircuitReadout:
     ``classifier``); its input is the pooled stage. Hidden linear layers of the head other
     than the last one before the classifier are stages too, ending at their post-activation
     (VGG's and AlexNet's first classifier layer: ``classifier.2`` / ``classifier.3``), so
-    that every connection crosses exactly one linear layer. The ingress modules are found with
-    ``torch.fx`` where the model traces (following the stage's output through channel-wise
-    operations, stopping at convolutions, linear layers and residual additions) and from
-    module order otherwise; a connection that cannot be resolved raises a ``ValueError``
-    naming the layers.
+    that every connection crosses exactly one linear layer. When the only stage found is a
+    container of blocks (MobileNetV2's ``features``), each of its blocks is a stage instead
+    (``features.0`` .. ``features.18``); where its blocks cannot be connected (EfficientNet's
+    squeeze-and-excitation gates) a ``ValueError`` says what to pass as ``layers``. The
+    ingress modules are found with ``torch.fx`` where the model traces (following the stage's
+    output through channel-wise operations, stopping at convolutions, linear layers and
+    residual additions) and from module order otherwise; a connection that cannot be
+    resolved raises a ``ValueError`` naming the layers, in the constructor where the traced
+    graph shows it (a stage skipped in ``layers``), otherwise in :meth:`readout`. The readout
+    also checks that the stages run in the order of ``layers`` (and, for connections found
+    from module order, that their ingress modules run between their stages): a model whose
+    modules are registered in another order than they run is refused with a ``ValueError``
+    naming both orders, not read out through the wrong convolutions.
 
     Node counts with the defaults: the bundled ``DigitCNN`` gives 130 nodes (stages
     ``features.1``, ``features.4``, ``features.7`` with 16, 24 and 32 nodes, 48 pooled
     features, 10 classes); torchvision's ``resnet18`` gives 186 (``maxpool`` and ``layer1`` to
-    ``layer3`` with 24 each, ``layer4`` 32, 48 pooled, 10 classes); torchvision's ``vgg11``
-    has the stages ``features.1`` .. ``features.19`` (the eight conv post-activations) and
-    ``classifier.2``, its pooled features being the 4096 inputs of ``classifier.6``.
+    ``layer3`` with 24 each, ``layer4`` 32, 48 pooled, 10 classes); torchvision's
+    ``mobilenet_v2`` has the 19 stages ``features.0`` .. ``features.18`` (its blocks);
+    torchvision's ``vgg11`` has the stages ``features.1`` .. ``features.19`` (the eight conv
+    post-activations) and ``classifier.2``, its pooled features being the 4096 inputs of
+    ``classifier.6``.
 
     Vision transformers are not supported (the papers' scope is CNNs).
 
@@ -195,7 +211,8 @@ class CircuitReadout:
         classifier (str): the final linear layer's name.
         connections (tuple of Connection): per consecutive pair of stages (the last pair being
             the last stage and the classifier), the ingress modules and how they were found
-            (``"fx"`` or ``"module_order"``).
+            (``"fx"`` or ``"module_order"``), and for a destination block such as an
+            inverted-residual block the series of its convs that are composed (``paths``).
         top_k (tuple of int): nodes kept per stage and for the pooled features.
 
     Examples::
@@ -255,6 +272,7 @@ class CircuitReadout:
                 )
             self.classifier = _module_name(network, module, "classifier")
 
+        self._discovered = layers is None
         if layers is None:
             names = default_stages(network, self.classifier)
         else:
@@ -367,6 +385,8 @@ class CircuitReadout:
                 matrix = _dense_l1(module)
             matrix = matrix.to(device=like.device, dtype=like.dtype)
             total = matrix if total is None else total + matrix
+        if total is None and connection.paths:
+            total = self._path_matrix(connection, c_src, c_dst, like)
         if total is None:
             raise ValueError(
                 f"`layers`: cannot resolve the connection from layer {connection.source!r} to "
@@ -376,6 +396,30 @@ class CircuitReadout:
             )
         return total
 
+    def _path_matrix(
+        self, connection: Connection, c_src: int, c_dst: int, like: Tensor
+    ) -> Tensor | None:
+        """(c_dst, c_src) sum over the connection's series of convolutions (an
+        inverted-residual block: expand, depthwise, project) of the product of their tap L1
+        matrices, ``|W_k| @ ... @ |W_1|``; None when no series runs from ``c_src`` to
+        ``c_dst`` channels."""
+        total = None
+        for path in connection.paths:
+            modules = [self._network.get_submodule(name) for name in path]
+            channels = [modules[0].in_channels] + [m.out_channels for m in modules]
+            joined = all(
+                m.in_channels == channels[i] for i, m in enumerate(modules)
+            )  # each conv reads the previous one's channels
+            if not joined or channels[0] != c_src or channels[-1] != c_dst:
+                continue
+            matrix = None
+            for module in modules:
+                step = _dense_l1(module).to(device=like.device, dtype=like.dtype)
+                matrix = step if matrix is None else step @ matrix
+            total = matrix if total is None else total + matrix
+        return total
+
+    @leaves_inference_mode  # the gradient variant backpropagates (also through the target)
     def readout(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -383,6 +427,10 @@ class CircuitReadout:
         additional_forward_args: Any = None,
     ) -> list[nx.DiGraph]:
         r"""The circuit graph of every example, from one batched forward (and backward).
+
+        Called inside ``torch.inference_mode()``, the readout leaves inference mode for the
+        call (inputs and targets made there are copied to normal tensors), so that the
+        gradient variant can backpropagate; the graphs are those computed outside it.
 
         Args:
             inputs (Tensor or tuple of Tensor): the batch, ``N x ...`` (N >= 1).
@@ -415,6 +463,8 @@ class CircuitReadout:
         records: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in names]
         spatial = [False] * len(names)  # whether the stage returns maps (N x C x ...)
         gradient = self.gradient
+        # (device, stage index or ingress module name) in the order the hooks fire
+        fired: list[tuple[Any, int | str]] = []
 
         def stage_hook(index: int, name: str):
             def hook(module, args, output):
@@ -425,6 +475,7 @@ class CircuitReadout:
                         "N x C (x ...) tensor."
                     )
                 records[index].append((_energy(output), output if gradient else None))
+                fired.append((output.device, index))
                 spatial[index] = output.dim() > 2
                 # later in-place operations must leave the recorded tensor intact
                 return output.clone() if gradient else None
@@ -438,9 +489,28 @@ class CircuitReadout:
                     "(the pooled feature vector)."
                 )
             records[n_stages].append((_energy(args[0]), args[0] if gradient else None))
+            fired.append((args[0].device, n_stages))
             return (args[0].clone(), *args[1:]) if gradient else None
 
+        def ingress_hook(name: str):
+            def hook(module, args, output):
+                fired.append((output.device if isinstance(output, Tensor) else None, name))
+
+            return hook
+
+        # the ingress modules of connections found from module order: checked to run between
+        # their stages (registered first: a stage that is itself an ingress module fires after)
+        checked = {
+            name
+            for connection in self.connections
+            if connection.method == "module_order"
+            for name in connection.ingress
+        }
         registrations = [
+            (lambda m=network.get_submodule(name), h=ingress_hook(name): m.register_forward_hook(h))
+            for name in sorted(checked)
+        ]
+        registrations += [
             (
                 lambda m=network.get_submodule(name), h=stage_hook(i, name): (
                     m.register_forward_hook(h)
@@ -469,6 +539,7 @@ class CircuitReadout:
             calls = [
                 _in_device_order(records[i], name, i == n_stages) for i, name in enumerate(names)
             ]
+            self._check_run_order(fired)
             if classifier.out_features != logits.shape[1]:
                 raise ValueError(
                     f"`classifier` {self.classifier!r} has {classifier.out_features} outputs but "
@@ -496,6 +567,77 @@ class CircuitReadout:
                     grads[i] = torch.cat([part.to(logits.device) for part in parts])
             with torch.no_grad():
                 return self._graphs(logits.detach(), targets, energies, grads, spatial)
+
+    def _check_run_order(self, fired: list[tuple[Any, int | str]]) -> None:
+        """Refuse a forward pass whose stages do not run in the order of :attr:`layers`, or
+        where an ingress module found from module order does not run between its stages.
+
+        Each connection joins consecutive stages, so stages listed out of their run order
+        (for a model that does not trace with ``torch.fx``: modules registered in another
+        order than they run) would give edges through the wrong convolutions. ``fired``: per
+        hook call, the device and the stage index (the classifier last) or the ingress
+        module's name; DataParallel replicas are checked one device at a time."""
+        names = [*self.layers, self.classifier]
+        stage_calls = [what for _, what in fired if isinstance(what, int)]
+        if len(stage_calls) == len(set(stage_calls)):  # one call each (a model split
+            sequences = [[what for _, what in fired]]  # over devices too): one order
+        else:  # DataParallel: one replica per device, running side by side
+            by_device: dict[Any, list[int | str]] = {}
+            for device, what in fired:
+                by_device.setdefault(device, []).append(what)
+            sequences = list(by_device.values())
+        from_order = any(c.method == "module_order" for c in self.connections)
+        for sequence in sequences:
+            stages = [what for what in sequence if isinstance(what, int)]
+            if stages != sorted(stages):
+                listed, ran = list(names), [names[i] for i in stages]
+                if ran[-1] == self.classifier:  # the classifier in its place: not shown
+                    listed, ran = listed[:-1], ran[:-1]
+                how = (
+                    "as listed"
+                    if not self._discovered
+                    else "as registered (found from module order: the model does not trace "
+                    "with torch.fx)"
+                    if from_order
+                    else "as discovered"
+                )
+                if self._discovered and from_order:
+                    remedy = (
+                        "register the model's modules in the order they run (the connections "
+                        "come from module order), or make the model traceable by torch.fx"
+                    )
+                else:
+                    remedy = "pass `layers` in the order they run" + (
+                        " (without torch.fx the connections come from module order, so the "
+                        "modules must also be registered in that order)"
+                        if from_order
+                        else ""
+                    )
+                raise ValueError(
+                    f"`layers`: the stages do not run in the order listed. {how[0].upper()}"
+                    f"{how[1:]}: "
+                    f"{listed}; as run in the forward pass: {ran}. Each connection joins "
+                    f"consecutive stages, so the graph would join the wrong layers; {remedy}."
+                )
+            position = {what: p for p, what in enumerate(sequence) if isinstance(what, int)}
+            for i, connection in enumerate(self.connections):
+                if connection.method != "module_order":
+                    continue
+                for name in connection.ingress:
+                    if i not in position or i + 1 not in position:
+                        continue
+                    runs = [p for p, what in enumerate(sequence) if what == name]
+                    if not any(position[i] < p < position[i + 1] for p in runs):
+                        raise ValueError(
+                            f"`layers`: the connection from layer {connection.source!r} to "
+                            f"layer {connection.destination!r} was found from module order "
+                            f"(the model does not trace with torch.fx), but its ingress module "
+                            f"{name!r} "
+                            f"{'does not run' if not runs else 'does not run between them'} in "
+                            "the forward pass, so the graph would join the wrong layers. "
+                            "Register the model's modules in the order they run, or make the "
+                            "model traceable by torch.fx."
+                        )
 
     def _graphs(
         self,
