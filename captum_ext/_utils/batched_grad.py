@@ -33,6 +33,7 @@ from .validation import (
     check_int,
     format_additional_forward_args,
     output_selection,
+    rows_read_as_examples,
 )
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
@@ -591,12 +592,14 @@ def class_gradients(
             with the examples first (the CAMs' ``reshape_transform``). The engine does not
             apply it to what it returns; it only reads it for the check below.
 
-    The layer's activations must have the N examples first (row ``i`` is example ``i``),
-    or, with ``reshape_transform``, its output must: a tokens-first ``(tokens, N, D)``
-    layer (``batch_first=False``) is refused with a ValueError naming ``layer``
+    The layer's activations must have the N examples first (row ``i`` is example ``i``, or
+    a multiple of N rows where the model folds frames or crops into the batch), or, with
+    ``reshape_transform``, its output must: a tokens-first ``(tokens, N, D)`` layer
+    (``batch_first=False``) is refused with a ValueError naming ``layer``
     (:func:`~captum_ext._utils.validation.check_examples_first`), unless the transform
-    moves the examples first. Whatever the layout, the gradients come back with the class
-    axis at dimension 1: (A_0, B, *A[1:]) for activations A.
+    moves the examples first. Of several tensors (a layer's inputs), one with a single row
+    is broadcast over the batch and passes. Whatever the layout, the gradients come back
+    with the class axis at dimension 1: (A_0, B, *A[1:]) for activations A.
 
     Returns:
         ClassGradients.
@@ -694,21 +697,36 @@ def _check_layer_examples_first(
     reshape_transform: Callable[[Tensor], Tensor] | None,
 ) -> None:
     """The one place where a layer's captured activations are checked to have the ``n``
-    examples first (after ``reshape_transform``, where the caller gives one)."""
+    examples first (after ``reshape_transform``, where the caller gives one), by the rule of
+    :func:`~captum_ext._utils.validation.check_examples_first`: ``n`` rows, or a multiple of
+    ``n`` rows that does not look tokens-first (a model folding frames or crops into the
+    batch gets one map per row, as before).
+
+    Of several tensors (a block's inputs ``(x, pos)`` with ``attribute_to_layer_input``), one
+    with a single row while ``n > 1`` is broadcast over the batch (a positional map shared by
+    the examples; Captum's LayerGradCam gives it a one-row map) and is not checked, unless
+    every tensor is so."""
     where = "input" if layer_input else "output"
-    for i, activation in enumerate(activations):
+    checked = [
+        (i, activation)
+        for i, activation in enumerate(activations)
+        if not (n > 1 and len(activations) > 1 and activation.dim() and activation.shape[0] == 1)
+    ] or list(enumerate(activations))
+    for i, activation in checked:
         which = f" {where} {i}" if len(activations) > 1 else f" {where}"
         if reshape_transform is None:
-            if activation.dim() and activation.shape[0] == n:
+            if rows_read_as_examples(tuple(activation.shape), n):
                 continue
             label = _layer_label(forward_func, layer)
-            check_examples_first(tuple(activation.shape), n, what=f"`layer` {label}{which}")
+            check_examples_first(
+                tuple(activation.shape), n, what=f"`layer` {label}{which}", where=where
+            )
             continue
         with torch.no_grad():
             folded = reshape_transform(activation.detach())
         if not isinstance(folded, Tensor):
             raise TypeError("`reshape_transform` must return a tensor.")
-        if folded.dim() and folded.shape[0] == n:
+        if rows_read_as_examples(tuple(folded.shape), n):
             continue
         raise ValueError(
             f"`reshape_transform` returned a tensor of shape {tuple(folded.shape)} for the "

@@ -146,38 +146,73 @@ TOKENS_FIRST_REMEDY = {
 }
 
 
+def rows_read_as_examples(shape: tuple[int, ...], n: int) -> bool:
+    """Whether activations of ``shape`` can be read with the ``n`` examples first: the rule
+    of :func:`check_examples_first` (``n`` rows, or a multiple of ``n`` rows, examples
+    folded with frames or crops, that do not look tokens-first)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return False
+    if shape[0] == n:
+        return True
+    tokens_first = len(shape) >= 2 and shape[1] == n
+    return n > 0 and shape[0] > 0 and shape[0] % n == 0 and not tokens_first
+
+
 def check_examples_first(
-    shape: tuple[int, ...], n: int, *, what: str, remedy: str = "reshape_transform"
+    shape: tuple[int, ...],
+    n: int,
+    *,
+    what: str,
+    remedy: str = "reshape_transform",
+    where: str = "output",
 ) -> None:
-    """Refuse a layer's activations whose first dimension is not the batch of ``n`` examples.
+    """Refuse a layer's activations whose first dimension cannot be read as the batch of
+    ``n`` examples.
 
     Every method reads row ``i`` of a layer's output as example ``i``. A layer laid out
     tokens-first, ``(tokens, N, D)`` (``nn.TransformerEncoderLayer`` and
     ``nn.MultiheadAttention`` with their default ``batch_first=False``), would otherwise give
     one "map" per token, or a 1 x 1 grid, without an error. ``what`` names the activations in
     the message (e.g. "`layer` ('encoder.layers.1') output"); ``remedy`` is a key of
-    :data:`TOKENS_FIRST_REMEDY`. A tokens-first layer whose token count equals ``n`` cannot
-    be told from its shape and passes.
+    :data:`TOKENS_FIRST_REMEDY`; ``where`` ("output" or "input") is what the message asks
+    for when it suggests another layer.
+
+    The rule, for activations of shape ``(A_0, A_1, ...)``:
+
+    - ``A_0 == n``: the examples come first; allowed.
+    - otherwise refused when ``A_1 == n`` (the examples sit in dimension 1: tokens-first;
+      this also refuses ``(17, 1, 32)`` for a single example) or when ``A_0`` is not a
+      multiple of ``n`` (no reading of the rows as examples exists).
+    - otherwise (``A_0 = k * n`` rows with ``A_1 != n``) allowed: a model that folds another
+      axis into the batch (frames or crops, ``(N, T, C, H, W)`` reshaped to
+      ``(N * T, C, H, W)``) has ``k`` rows per example, and the methods give one map per row
+      (``A_0`` maps, as Captum's layer methods do), each row explained for its own example's
+      target.
+
+    What the shape cannot tell apart: a tokens-first layer whose token count equals ``n``
+    passes (read as examples-first), and a folded layer whose dimension 1 happens to equal
+    ``n`` (e.g. ``n`` channels) is refused as tokens-first.
 
     Raises:
-        ValueError: ``shape`` is empty or its first dimension is not ``n``; the message says
-            when the layout looks tokens-first (dimension 1 has the ``n`` examples) or folds
-            several rows per example into the batch.
+        ValueError: ``shape`` is empty, or refused by the rule above; the message says when
+            the layout looks tokens-first (dimension 1 has the ``n`` examples).
     """
     shape = tuple(int(s) for s in shape)
-    if shape and shape[0] == n:
+    if rows_read_as_examples(shape, n):
         return
     if not shape:
         raise ValueError(
-            f"{what} is a scalar; a layer explained for N={n} examples must output a tensor "
-            "with the examples first."
+            f"{what} is a scalar; a layer explained for N={n} examples must have a tensor "
+            f"{where} with the examples first."
         )
+    tokens_first = len(shape) >= 2 and shape[1] == n
     message = (
         f"{what} has shape {shape} for N={n} example{'' if n == 1 else 's'}: its first "
         "dimension is not the "
         "batch, and every method reads row i of a layer's activations as example i."
     )
-    if len(shape) >= 2 and shape[1] == n:
+    if tokens_first:
         examples = "example" if n == 1 else f"{n} examples"
         message += (
             f" Dimension 1 has the {examples}: the layer looks tokens-first, "
@@ -185,19 +220,12 @@ def check_examples_first(
             f"nn.MultiheadAttention with batch_first=False (their default). "
             + TOKENS_FIRST_REMEDY[remedy]
         )
-    elif n > 1 and shape[0] % n == 0:
-        message += (
-            f" Its {shape[0]} rows are {shape[0] // n} per example: the model folds another "
-            "axis (frames, windows, crops) into the batch; explain a layer where the examples "
-            "are apart"
-            + (
-                ", or pass a `reshape_transform` that unfolds them to N rows."
-                if remedy == "reshape_transform"
-                else "."
-            )
-        )
     else:
-        message += " Explain a layer whose output has the examples first."
+        message += (
+            f" Its {shape[0]} rows are no whole number of rows per example (a model that "
+            "folds frames or crops into the batch has a multiple of N rows). Explain a "
+            f"layer whose {where} has the examples first."
+        )
     raise ValueError(message)
 
 

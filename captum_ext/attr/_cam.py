@@ -71,16 +71,34 @@ def _reshaped_activations(reshape_transform, activations: Tensor) -> Tensor:
     return reshaped
 
 
-def _reshaped_gradients(reshape_transform, gradients: Tensor) -> Tensor:
+def _reshaped_gradients(reshape_transform, gradients: Tensor, rows_kept: bool = False) -> Tensor:
     """(A_0, B, *A[1:]) gradients (the engine's layout: the class axis inserted at dimension
     1 of the layer's activations A, whatever their layout) -> (N, B, *reshaped): each class's
     gradient goes through ``reshape_transform`` as the activations do, so a transform written
-    for a tokens-first (tokens, N, D) layer applies as it is."""
+    for a tokens-first (tokens, N, D) layer applies as it is.
+
+    ``rows_kept``: the transform kept the activations' rows (A_0 rows in, A_0 out: a
+    batch-first layer). Then the transform is called once on all B classes' gradients
+    stacked along the rows, (B * A_0, *A[1:]), where a row-wise transform (any B rows to B
+    rows) returns B * A_0 rows, split back per class: one call per chunk instead of one per
+    class. A transform that returns another number of rows there, or raises (one written
+    for exactly N rows), is called per class as before."""
     if reshape_transform is None:
         return gradients
-    per_class = [
-        _reshaped_activations(reshape_transform, gradients[:, b]) for b in range(gradients.shape[1])
-    ]
+    rows, classes = gradients.shape[:2]
+    if rows_kept and classes > 1:
+        stacked = gradients.transpose(0, 1).flatten(0, 1)  # class-major: row b * A_0 + a
+        try:
+            reshaped = reshape_transform(stacked)
+        except Exception:  # noqa: BLE001 -- not row-wise: per class below
+            reshaped = None
+        if (
+            isinstance(reshaped, Tensor)
+            and reshaped.dim()
+            and reshaped.shape[0] == stacked.shape[0]
+        ):
+            return reshaped.unflatten(0, (classes, rows)).transpose(0, 1)
+    per_class = [_reshaped_activations(reshape_transform, gradients[:, b]) for b in range(classes)]
     return torch.stack(per_class, dim=1)
 
 
@@ -271,7 +289,9 @@ def make_cam_reducer(
                     input_shape,
                     layer_shape=layer_shape if reshape_transform is not None else None,
                 )
-            grad = _reshaped_gradients(reshape_transform, grad)
+            grad = _reshaped_gradients(
+                reshape_transform, grad, rows_kept=act.shape[0] == layer_shape[0]
+            )
             if not reduce.saw_gradient:  # the gradients the maps are made of
                 reduce.saw_gradient = bool(grad.ne(0).any())
             weights = weight_fn(grad, act)

@@ -23,15 +23,28 @@ CALIBRATION_NORMS = ("l1", "l2", "max")
 """Values of ``norm``: the weighted mean gap (ECE), its root mean square, the largest gap."""
 
 
-def _row_sum_tolerance(probabilities: Tensor) -> float:
-    """How far from 1 a row of ``probabilities`` may sum: 1e-4 (the tolerance of
-    :func:`~captum_ext.inversion.tie.uncertainty_ue` for float32), or 4 rounding units of the
-    coarsest half-precision dtype that holds every value exactly (a float16 softmax sums to 1
-    within about 4e-4, a bfloat16 one within about 3e-3), also after a cast to float64."""
-    for dtype in (torch.bfloat16, torch.float16):
-        if bool((probabilities.to(dtype).to(probabilities.dtype) == probabilities).all()):
-            return max(1e-4, 4 * torch.finfo(dtype).eps)
-    return 1e-4
+def _row_sum_tolerance(classes: int) -> float:
+    """How far from 1 a row of ``classes`` probabilities may sum: ``max(1e-2, classes *
+    5e-5)``, at most 0.5, the same for every dtype and every row of that width (so the
+    accumulator, which checks each batch, and the function on the concatenated batches
+    agree).
+
+    The check is there for rows that are no distribution at all: per-class sigmoids sum to
+    about C / 2 (2.4 for a few classes), unnormalised scores in [0, 1] to anything (0.35);
+    both miss 1 by far more than this. What it must accept is rounding:
+
+    - half precision: a float16 softmax misses 1 by up to about 4e-4, a bfloat16 one by up
+      to about 3e-3, and so does their mean taken in float32 (MC dropout, test-time
+      augmentation of an autocast model);
+    - probabilities written with 4 decimals (a CSV): each value is off by at most 5e-5, so
+      a row of C classes by at most ``C * 5e-5`` (0.05 for 1000 classes; measured on
+      softmaxes of 1000 classes at temperatures 0.01..12: at most 6.3e-3, about
+      ``sqrt(C) * 2.9e-5`` when the errors do not all lean one way).
+
+    The 0.5 cap keeps refusing sums below 0.5 or above 1.5 for any number of classes: a
+    4-decimal rounding that loses half the mass (classes of which most fall below 5e-5) no
+    longer describes the distribution either."""
+    return min(max(1e-2, classes * 5e-5), 0.5)
 
 
 def _check_rows_sum_to_one(probabilities: Tensor, argument: str) -> None:
@@ -39,7 +52,7 @@ def _check_rows_sum_to_one(probabilities: Tensor, argument: str) -> None:
     sums to 1 within :func:`_row_sum_tolerance`: per-class sigmoids, or logits that happen
     to lie in [0, 1], are no distribution over the classes, and their ECE means nothing."""
     sums = probabilities.sum(dim=1, dtype=torch.float64)
-    tolerance = _row_sum_tolerance(probabilities)
+    tolerance = _row_sum_tolerance(probabilities.shape[1])
     bad = ((sums - 1).abs() > tolerance).nonzero()
     if bad.numel():
         row = int(bad[0, 0])
@@ -152,8 +165,9 @@ def expected_calibration_error(
 
     Args:
         probabilities_or_confidences (Tensor or array-like): (N, C) class probabilities
-            (e.g. a softmax; each row must sum to 1, within 1e-4, or a few rounding units
-            for half-precision values), or (N,) confidences of the predictions, in [0, 1].
+            (e.g. a softmax; each row must sum to 1 within max(1e-2, C * 5e-5), at most
+            0.5, which takes half-precision and 4-decimal rounding but not per-class
+            sigmoids), or (N,) confidences of the predictions, in [0, 1].
         labels (Tensor or array-like): (N,) true integer class indices with (N, C)
             probabilities (booleans are refused there); with (N,) confidences, whether
             each prediction is correct (booleans or 0/1).
@@ -286,8 +300,9 @@ def reliability_diagram(
 
     Args:
         probabilities_or_confidences (Tensor or array-like): (N, C) class probabilities
-            (e.g. a softmax; each row must sum to 1, within 1e-4, or a few rounding units
-            for half-precision values), or (N,) confidences of the predictions, in [0, 1].
+            (e.g. a softmax; each row must sum to 1 within max(1e-2, C * 5e-5), at most
+            0.5, which takes half-precision and 4-decimal rounding but not per-class
+            sigmoids), or (N,) confidences of the predictions, in [0, 1].
         labels (Tensor or array-like): (N,) true integer class indices with (N, C)
             probabilities (booleans are refused there); with (N,) confidences, whether
             each prediction is correct (booleans or 0/1).

@@ -199,15 +199,17 @@ def introspection_section(
     """:func:`compute_introspection` then :func:`render_introspection` (the report section).
 
     The arguments are checked before anything is computed, as in the other sections:
-    ``display_images`` must hold the N images at the size of ``images``, ``labels`` and
-    ``names`` one entry per image (``class_names`` is checked against the network's number
-    of classes, which its predictions give)."""
+    ``display_images`` must hold the N images (at any size: thumbnails larger or smaller
+    than ``images`` are drawn at their own size, as :func:`render_introspection` draws
+    them), ``labels`` and ``names`` one entry per image (``class_names`` is checked against
+    the network's number of classes, which its predictions give)."""
     from captum_ext.viz.report import _check_batch_size, _display_array
 
     images = _check_images(images)
     n = images.shape[0]
     batch_size = _check_batch_size(batch_size)
-    shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
+    # only N is checked: the section draws the display images, never the inputs, at their size
+    shown = _display_array(display_images, n, _display_size(display_images))
     labels = _check_names_labels(names, labels, n)
     summary = compute_introspection(network, images, labels=labels, batch_size=batch_size)
     return render_introspection(summary, shown, out_dir, class_names=class_names, names=names)

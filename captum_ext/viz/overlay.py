@@ -32,15 +32,21 @@ def _as_array(x: Any, argument: str) -> np.ndarray:
     return x
 
 
-#: how far above 1 a float image may go (rounding in a denormalisation) before it is taken
-#: for an image on another scale (0..255) and a warning says so
-_FLOAT_SLACK = 1e-3
+#: the largest value of a float image still taken for one on the [0, 1] scale (above it a
+#: warning says the image looks like one on another scale; values above 1 are clipped either
+#: way). Resampling a [0, 1] image overshoots: bicubic (PyTorch, a = -0.75) up to 1.45 in
+#: 2-D, antialiased bicubic (a = -0.5) and Lanczos-2 up to 1.28, Lanczos-3 up to 1.69 (a
+#: checkerboard; natural images stay near 1.2), and a denormalisation rounds just above 1.
+#: An image on the 0..255 scale goes far past 2 unless it is black, and an ImageNet-
+#: normalised one that was not denormalised reaches 2.25-2.64 at a white pixel.
+_FLOAT_LARGEST = 2.0
 
 
 def _image_values(array: np.ndarray, argument: str) -> np.ndarray:
     """``array`` if its values can be drawn as an image: uint8 (0..255) as it is, booleans
-    as uint8 black (False) and white (True), floats on a [0, 1] scale (a warning names
-    ``argument`` when they go above 1, which comes out white). Other integer types are
+    as uint8 black (False) and white (True), floats on a [0, 1] scale (values above 1 come out
+    white; a warning names ``argument`` when they go above 2, which no resampling of a
+    [0, 1] image reaches, :data:`_FLOAT_LARGEST`). Other integer types are
     refused: 0..255 in an int64 array and 0..65535 in a 16-bit PNG cannot be told apart, and
     guessing wrong gives a white or a black picture."""
     if array.dtype == np.uint8:
@@ -61,7 +67,7 @@ def _image_values(array: np.ndarray, argument: str) -> np.ndarray:
             f"{array.dtype}."
         )
     finite = array[np.isfinite(array)]
-    if finite.size and float(finite.max()) > 1.0 + _FLOAT_SLACK:
+    if finite.size and float(finite.max()) > _FLOAT_LARGEST:
         from captum_ext._utils.caller import user_stacklevel
 
         warnings.warn(
@@ -96,10 +102,11 @@ def to_uint8_rgb(image: Any, argument: str = "image") -> np.ndarray:
     """An H x W, H x W x 1 or H x W x 3 image (uint8, or float in [0, 1]) as uint8 RGB.
 
     uint8 is taken as 0..255, booleans as black and white, floats as [0, 1] (values outside
-    are clipped; a warning names ``argument`` when floats go above 1, e.g. an image on a
-    0..255 scale). Other integer dtypes (int64, uint16) raise a ``TypeError``: their scale is
-    ambiguous, so convert them to uint8 or to floats in [0, 1] first. Tensors may be on any
-    device and of any float dtype (bfloat16 included).
+    are clipped; a warning names ``argument`` when floats go above 2, e.g. an image on a
+    0..255 scale, not for the overshoot of a resized [0, 1] image). Other integer dtypes
+    (int64, uint16) raise a ``TypeError``: their scale is ambiguous, so convert them to
+    uint8 or to floats in [0, 1] first. Tensors may be on any device and of any float dtype
+    (bfloat16 included).
     """
     array = _as_array(image, argument)
     if array.ndim == 3 and array.shape[2] == 4:
@@ -131,7 +138,7 @@ def overlay(
             ``H x W``), float in [0, 1] or uint8 (e.g. from
             :func:`captum_ext.data.loading.denormalize_for_display`). Other integer dtypes
             (int64, uint16) raise a ``TypeError``: convert them to uint8 or to floats in
-            [0, 1] first (floats above 1 are clipped, with a warning).
+            [0, 1] first (floats above 1 are clipped, with a warning above 2).
         heatmap_01_hw (numpy.ndarray or Tensor): the map, ``H x W`` (or ``1 x H x W``) in
             [0, 1] (values outside are clipped), the size of the image: upsample first (e.g.
             ``upsample_to_input=True, normalize="minmax"``).
