@@ -274,6 +274,107 @@ def test_tie_fit_refuses_ranks_given_different_data(tmp_path):
     )
 
 
+# ---------------------------------------------------------------------------- NetworkInversion
+
+
+def _inversion():
+    from captum_ext.inversion import ConditionedGenerator, NetworkInversion
+
+    model = make_tiny_cnn(dtype=torch.float32, num_classes=5)
+    torch.manual_seed(0)  # the same generator on every rank
+    generator = ConditionedGenerator(
+        5, (3, 8, 8), latent_dim=8, conditioning="vector_matrix", width=8, preprocess=(0.5, 0.25)
+    )
+    return NetworkInversion(model, generator, batch_size=4, seed=7)
+
+
+def _inversion_buffers_job(rank: int, world: int, out_dir: str) -> None:
+    inversion = _inversion()
+    inversion.fit(3, progress=False)
+    images, labels = inversion.sample_classes(2, generator=123)
+    state = {k: v.clone() for k, v in inversion.generator.state_dict().items()}
+    torch.save(
+        {"state": state, "images": images, "one": inversion.sample(torch.tensor([3]))},
+        Path(out_dir, f"rank{rank}.pt"),
+    )
+
+
+def test_network_inversion_generators_are_the_same_on_every_rank_after_fit(tmp_path):
+    """DDP broadcasts rank 0's buffers at the start of each forward pass only: after fit each
+    rank held the BatchNorm statistics its own last batch updated, and sample_classes with
+    the same seed gave other images on each rank (max |diff| 1.9e-3)."""
+    run_gloo(_inversion_buffers_job, tmp_path, timeout_s=TIMEOUT_S)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert any("running_mean" in key for key in ranks[0]["state"])
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    assert torch.equal(ranks[0]["images"], ranks[1]["images"])
+    assert torch.equal(ranks[0]["one"], ranks[1]["one"])
+
+
+def _inversion_fit(**kwargs) -> int:
+    return len(_inversion().fit(3, progress=False, **kwargs)["loss"])
+
+
+def _diverged_at_step_2_on_rank_1(rank: int) -> int:
+    import captum_ext.inversion.network_inversion as module
+
+    original, calls = module.cross_entropy_to_labels, []
+
+    def nan_from_step_2(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 2 else loss
+
+    if rank == 1:
+        module.cross_entropy_to_labels = nan_from_step_2
+    try:
+        return _inversion_fit()
+    finally:
+        module.cross_entropy_to_labels = original
+
+
+def _inversion_failures_job(rank: int, world: int, out_dir: str) -> None:
+    import captum_ext.inversion.network_inversion as module
+
+    results = {"diverged": _outcome(lambda: _diverged_at_step_2_on_rank_1(rank))}
+    original = module.save_checkpoint
+    if rank == 0:  # rank 0's disk is full
+        module.save_checkpoint = _failing
+    try:
+        results["checkpoint"] = _outcome(
+            lambda: _inversion_fit(checkpoint=Path(out_dir, "inversion.pt"))
+        )
+    finally:
+        module.save_checkpoint = original
+    results["after"] = _outcome(_inversion_fit)  # the ranks' collectives still pair up
+    _write(out_dir, rank, results)
+
+
+def test_network_inversion_failures_on_one_rank_raise_on_every_rank(tmp_path):
+    """A loss that became NaN on rank 1's batch raised FloatingPointError there only, and
+    rank 0 waited in the backward pass's all-reduce; a checkpoint that rank 0 could not write
+    raised there only, and the other rank waited at the barrier."""
+    run_gloo(_inversion_failures_job, tmp_path, timeout_s=TIMEOUT_S)
+    ranks = _read(tmp_path)
+    said = "NetworkInversion.fit: the loss became nan at step 2"
+    assert ranks[1]["diverged"]["error"] == "FloatingPointError", ranks[1]["diverged"]
+    assert ranks[1]["diverged"]["message"].startswith(said)
+    assert ranks[0]["diverged"]["error"] == "ValueError", ranks[0]["diverged"]
+    assert (
+        f"NetworkInversion.fit failed on rank 1 (FloatingPointError: {said}"
+        in ranks[0]["diverged"]["message"]
+    )
+    assert ranks[0]["checkpoint"]["error"] == "OSError", ranks[0]["checkpoint"]
+    assert ranks[1]["checkpoint"]["error"] == "ValueError", ranks[1]["checkpoint"]
+    assert (
+        "NetworkInversion.fit writing the checkpoint failed on rank 0 (OSError: [Errno 28] No "
+        "space left on device" in ranks[1]["checkpoint"]["message"]
+    )
+    for rank in ranks:
+        assert rank["after"] == {"value": 3}
+
+
 # ---------------------------------------------------------------------------- introspection
 
 

@@ -375,3 +375,25 @@ def test_a_refilled_buffer_does_not_change_what_was_accumulated(index):
     for buffer in buffers:
         buffer.zero_()
     assert metric.compute() == pytest.approx(function(), abs=1e-12)
+
+
+def test_boolean_class_labels_with_probabilities_are_refused_at_update():
+    """The accumulator read booleans as classes 0 / 1 with (N, C) probabilities (and its
+    compute() gave a number) where ``expected_calibration_error`` refuses them."""
+    probabilities = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    flags = torch.tensor([True, False, True])
+    said = "`labels` must hold integer class indices, got torch.bool."
+    with pytest.raises(TypeError, match=said):
+        expected_calibration_error(probabilities, flags)
+    metric = ExpectedCalibrationError()
+    with pytest.raises(TypeError, match=said):
+        metric.update(probabilities, flags)
+    with pytest.raises(TypeError, match="`labels` must hold integer class indices"):
+        metric.update(probabilities.numpy(), flags.numpy())
+    assert metric._values["values"] == []  # nothing stored
+    # integer labels are taken, and (N,) confidences with boolean correctness, as documented
+    metric.update(probabilities, torch.tensor([0, 1, 0]))
+    assert metric.compute() == expected_calibration_error(probabilities, torch.tensor([0, 1, 0]))
+    confidences = ExpectedCalibrationError()
+    confidences.update(probabilities.max(1).values, flags)
+    assert confidences.compute() == expected_calibration_error(probabilities.max(1).values, flags)

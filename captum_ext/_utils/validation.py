@@ -730,3 +730,44 @@ def model_input_dtype(model: Any) -> torch.dtype | None:
         return None
     dtypes = {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def row_sum_tolerance(classes: int) -> float:
+    """How far from 1 a row of ``classes`` probabilities may sum: ``max(1e-2, classes *
+    5e-5)``, at most 0.5, the same for every dtype and every row of that width (so the
+    accumulator, which checks each batch, and the function on the concatenated batches
+    agree).
+
+    The check is there for rows that are no distribution at all: per-class sigmoids sum to
+    about C / 2 (2.4 for a few classes), unnormalised scores in [0, 1] to anything (0.35);
+    both miss 1 by far more than this. What it must accept is rounding:
+
+    - half precision: a float16 softmax misses 1 by up to about 4e-4, a bfloat16 one by up
+      to about 3e-3, and so does their mean taken in float32 (MC dropout, test-time
+      augmentation of an autocast model);
+    - probabilities written with 4 decimals (a CSV): each value is off by at most 5e-5, so
+      a row of C classes by at most ``C * 5e-5`` (0.05 for 1000 classes; measured on
+      softmaxes of 1000 classes at temperatures 0.01..12: at most 6.3e-3, about
+      ``sqrt(C) * 2.9e-5`` when the errors do not all lean one way).
+
+    The 0.5 cap keeps refusing sums below 0.5 or above 1.5 for any number of classes: a
+    4-decimal rounding that loses half the mass (classes of which most fall below 5e-5) no
+    longer describes the distribution either."""
+    return min(max(1e-2, classes * 5e-5), 0.5)
+
+
+def check_rows_sum_to_one(probabilities: Tensor, argument: str, advice: str = "") -> None:
+    """A ValueError naming ``argument`` unless every row of the (N, C) ``probabilities``
+    sums to 1 within :func:`row_sum_tolerance`: per-class sigmoids, or logits that happen
+    to lie in [0, 1], are no distribution over the classes (their ECE or UE means nothing).
+    ``advice`` ends the message (the caller's alternative form, if it has one)."""
+    sums = probabilities.sum(dim=1, dtype=torch.float64)
+    tolerance = row_sum_tolerance(probabilities.shape[1])
+    bad = ((sums - 1).abs() > tolerance).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ValueError(
+            f"`{argument}` rows must sum to 1 (class probabilities; apply softmax to logits "
+            f"first), but row {row} sums to {float(sums[row]):.6g} (tolerance {tolerance:g})."
+            + advice
+        )

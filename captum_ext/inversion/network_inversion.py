@@ -15,6 +15,11 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import half_precision_dtype, in_model_precision
 from captum_ext._utils.deprecation import renamed_arguments
+from captum_ext._utils.distributed import (
+    broadcast_buffers,
+    raise_if_any_rank_failed,
+    written_on_main_process,
+)
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import (
@@ -24,9 +29,7 @@ from captum_ext._utils.seeding import (
     set_global_rng_state,
 )
 from captum_ext._utils.training import (
-    barrier,
     distributed_shard,
-    is_main_process,
     load_checkpoint,
     optimiser_step,
     progress_bar,
@@ -197,7 +200,11 @@ class NetworkInversion:
     Under ``torchrun`` (an initialised process group) the generator is wrapped in
     ``DistributedDataParallel``; every rank draws its own labels and noise from a stream
     derived from ``seed`` and its rank, ``batch_size`` is per process, and rank 0 writes the
-    checkpoints (which hold every rank's random state).
+    checkpoints (which hold every rank's random state; a failed write raises on every rank).
+    A loss that becomes NaN or infinite on one rank's batch raises on every rank, before the
+    backward pass. After each :meth:`fit` every rank holds rank 0's buffers (the
+    generator's BatchNorm statistics), so the generators, and :meth:`sample`'s images, are
+    the same on every rank.
 
     Args:
         model (nn.Module): The classifier ``f`` with ``K`` outputs (logits). Formerly
@@ -676,11 +683,16 @@ class NetworkInversion:
                     terms = self._losses(net, phase, batch_size, sampler)
                     weights = self._phases[phase]
                     loss = sum(weights[name] * value for name, value in terms.items())
-                    if not math.isfinite(float(loss.detach())):
-                        raise FloatingPointError(
-                            f"NetworkInversion.fit: the loss became {float(loss.detach())} at step "
+                    value = float(loss.detach())
+                    diverged = None
+                    if not math.isfinite(value):
+                        diverged = FloatingPointError(
+                            f"NetworkInversion.fit: the loss became {value} at step "
                             f"{self._step + 1} ({', '.join(terms)}); try a smaller `lr`."
                         )
+                    # under torchrun one rank's batch can diverge alone: every rank raises,
+                    # before the backward pass whose all-reduce the others would wait in
+                    raise_if_any_rank_failed(diverged, what="NetworkInversion.fit")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward(inputs=gen_params)
                     optimiser_step(self.optimizer)
@@ -692,13 +704,20 @@ class NetworkInversion:
                         bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}", refresh=False)
                     if checkpoint is not None and ((i + 1) % every == 0 or i + 1 == steps):
                         state = self._checkpoint_state(i + 1, steps, fit_start, batch_size)
-                        if is_main_process():
-                            save_checkpoint(state, checkpoint)
-                        barrier()
+                        # rank 0 writes; every rank returns once it has (a failed write
+                        # raises on every rank, not on rank 0 alone)
+                        written_on_main_process(
+                            lambda state=state: save_checkpoint(state, checkpoint),
+                            what="NetworkInversion.fit writing the checkpoint",
+                        )
         finally:
             gen.train(was_training)
             if bar:
                 bar.close()
+        # DDP gives every rank rank 0's buffers at the start of each forward pass only: after
+        # the last step each rank holds the BatchNorm statistics its own batch updated, and
+        # sample() would give other images on every rank
+        broadcast_buffers(gen)
         return {key: values[fit_start:] for key, values in self.history.items()}
 
     def _record(self, phase: int, loss: Tensor, terms: Mapping[str, Tensor]) -> None:

@@ -36,7 +36,13 @@ from captum_ext._utils.distributed import (
 from captum_ext._utils.layers import uncompiled
 from captum_ext._utils.legacy_norms import copied_model, is_legacy_norm_hook
 from captum_ext._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
-from captum_ext._utils.precision import precise, precise_dtype, share
+from captum_ext._utils.precision import (
+    at_least_float32,
+    has_float64,
+    precise,
+    precise_dtype,
+    share,
+)
 from captum_ext._utils.seeding import as_generator, seeded_rng
 from captum_ext._utils.training import (
     distributed_shard,
@@ -49,7 +55,12 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.validation import check_int, model_device_dtype, refuse_ignored_settings
+from captum_ext._utils.validation import (
+    check_int,
+    check_rows_sum_to_one,
+    model_device_dtype,
+    refuse_ignored_settings,
+)
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
 from captum_ext.inversion._features import count_classes, final_linear
 from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
@@ -156,8 +167,9 @@ def uncertainty_ue(probs: Tensor) -> Tensor:
     2512.00229), where inverted samples with ``UE > 0.5`` are excluded into the garbage class.
 
     Args:
-        probs (Tensor): ``N x K`` probabilities (rows non-negative, summing to 1, ``K >= 2``),
-            e.g. ``model(x).softmax(1)``.
+        probs (Tensor): ``N x K`` probabilities (rows non-negative, summing to 1 within
+            the tolerance of :func:`~captum_ext.metrics.expected_calibration_error`, which
+            takes float16 and bfloat16 softmaxes; ``K >= 2``), e.g. ``model(x).softmax(1)``.
 
     Returns:
         Tensor: ``(N,)`` UE scores in ``[0, 1]``, dtype and device of ``probs``.
@@ -178,9 +190,11 @@ def uncertainty_ue(probs: Tensor) -> Tensor:
     if probs.numel():
         if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
             raise ValueError("`probs` must hold finite non-negative probabilities.")
-        tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
-        if bool(((probs.sum(1) - 1).abs() > tol).any()):
-            raise ValueError("`probs` rows must sum to 1 (apply softmax to logits first).")
+        # the row-sum check of expected_calibration_error, so that both take and refuse the
+        # same rows (a bfloat16 softmax misses 1 by up to about 3e-3, per-class sigmoids by
+        # far more); it sums in float64, on the CPU where the device has none
+        rows = probs if has_float64(probs.device) else probs.cpu()
+        check_rows_sum_to_one(rows, "probs")
     k = probs.shape[1]
     # UE = K / (K - 1) (1 - sum p^2), and 1 - sum p^2 = eps (1 + p_k) - sum_{i != k} p_i^2 with
     # eps = sum_{i != k} p_i = 1 - p_k summed from the other classes: a confident row's UE is
@@ -614,6 +628,20 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _float32_masters(params: Sequence[nn.Parameter]) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """``(parameter, float32 master copy)`` for each float16 / bfloat16 parameter: the master
+    copies of mixed-precision training, which Adam steps instead of the parameters. In
+    float16, Adam's ``eps`` (1e-8) and its small squared-gradient averages round to 0, and
+    its steps ``m / (sqrt(v) + eps)`` turn the weights into inf and NaN at the first step;
+    in bfloat16 (8 significant bits) small updates are rounded away."""
+    with torch.no_grad():
+        return [
+            (param, nn.Parameter(param.detach().to(torch.float32, copy=True)))
+            for param in params
+            if param.dtype in (torch.float16, torch.bfloat16)
+        ]
+
+
 class TIE:
     r"""TIE: training, inversion and exclusion for out-of-distribution detection.
 
@@ -672,6 +700,15 @@ class TIE:
     (BatchNorm statistics) are broadcast from rank 0 after each training phase, every rank
     samples the same inverted images, so all ranks hold identical models and pools; rank 0
     writes the checkpoints.
+
+    **Half precision.** A float16 or bfloat16 classifier keeps its dtype (the classifier
+    trained, sampled against and returned is in it), but its trainable parameters are
+    stepped through float32 master copies, the usual mixed-precision recipe: each step's
+    gradients (computed by the model in its dtype, from a float32 cross-entropy) move to the
+    float32 copies, Adam and its moments work in float32, and the parameters take the new
+    values rounded to their dtype. (Adam in float16 turns the weights into NaN at the first
+    step: its ``eps`` and small squared-gradient averages round to 0.) The generator is
+    float32 as well (see :class:`NetworkInversion`).
 
     Args:
         model (nn.Module or callable): The ``n``-class classifier (logits), or a factory
@@ -891,7 +928,10 @@ class TIE:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("`model` has no trainable parameter.")
-        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        # a half-precision classifier's parameters are stepped through float32 copies
+        self._masters = _float32_masters(params)
+        stepped = {id(param): master for param, master in self._masters}
+        self.optimizer = torch.optim.Adam([stepped.get(id(p), p) for p in params], lr=self.lr)
         self.pool: Tensor | None = None
         self.epoch = 0
         self.stopped = False
@@ -938,6 +978,14 @@ class TIE:
             raise ValueError(
                 f"`{argument}` must have shape (N, {', '.join(map(str, self.input_shape))}), "
                 f"got {tuple(inputs.shape)}."
+            )
+        # for fit and every prediction alike: a NaN image gives NaN probabilities, whose
+        # argmax is class 0 ("in distribution") with NaN confidence
+        finite = torch.isfinite(inputs).flatten(1).all(1)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"`{argument}` must be finite: {int((~finite).sum())} of {inputs.shape[0]} "
+                "images hold NaN or infinite values."
             )
         return inputs
 
@@ -1027,13 +1075,16 @@ class TIE:
                 self._ddp = wrap_distributed(self.model)
             net = self._ddp
         totals = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, batches, in ok, in n, gb ok, gb n
+        self._masters_follow_model()
         with seeded_rng(_seed_of(self.seed, 6, epoch, rank), self._rng_devices(device)):
             self.model.train()
             try:
                 for rows in order.split(self.batch_size):
                     x, y = data[rows], targets[rows]
                     logits = net(x)
-                    loss = F.cross_entropy(logits, y, weight=weight.to(logits.dtype))
+                    # the loss in float32 at least: a float16 cross-entropy keeps 3 digits
+                    wide = at_least_float32(logits)
+                    loss = F.cross_entropy(wide, y, weight=weight.to(wide.dtype))
                     value = float(loss.detach())
                     diverged = None
                     if not math.isfinite(value):
@@ -1047,7 +1098,7 @@ class TIE:
                     raise_if_any_rank_failed(diverged, what="TIE.fit")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    optimiser_step(self.optimizer)
+                    self._master_step()
                     with torch.no_grad():
                         hit = logits.argmax(1) == y
                         is_in = y < n
@@ -1060,6 +1111,8 @@ class TIE:
             finally:
                 self.model.eval()
                 self.optimizer.zero_grad(set_to_none=True)
+                for param, _ in self._masters:
+                    param.grad = None
         broadcast_buffers(self.model)
         totals = _all_sum(totals, device)
         return {
@@ -1068,9 +1121,29 @@ class TIE:
             "garbage_accuracy": totals[4] / max(totals[5], 1),
         }
 
+    def _master_step(self) -> None:
+        """The optimiser's step: a half-precision parameter's gradient moves to its float32
+        master copy, which Adam steps, and the parameter takes the master's new value in
+        its own dtype; other parameters are stepped as they are."""
+        for param, master in self._masters:
+            master.grad = None if param.grad is None else param.grad.to(master.dtype)
+            param.grad = None
+        optimiser_step(self.optimizer)
+        with torch.no_grad():
+            for param, master in self._masters:
+                param.copy_(master)
+
+    def _masters_follow_model(self) -> None:
+        """Float32 master copies that no longer round to their parameters (the classifier's
+        weights loaded or changed since the last fit) start again from the parameters."""
+        with torch.no_grad():
+            for param, master in self._masters:
+                if not torch.equal(master.to(param.dtype), param):
+                    master.copy_(param)
+
     def _invert_and_exclude(self, per_class: int, epoch: int) -> dict[str, float]:
+        # (ends with rank 0's generator buffers on every rank)
         history = self.inversion.fit(self.generator_steps, progress=False)
-        broadcast_buffers(self.generator)
         images, labels = self.inversion.sample_classes(
             per_class, generator=_seed_of(self.seed, 7, epoch) % (2**62), vector=self.sample_vector
         )
@@ -1116,6 +1189,8 @@ class TIE:
             "fit_epochs": epochs,
             "fit_start": fit_start,
             "classifier": unwrap_distributed(self.model).state_dict(),
+            # a half-precision classifier's float32 master copies, for an exact resume
+            "classifier_masters": [master.detach() for _, master in self._masters],
             "optimizer": self.optimizer.state_dict(),
             # collective under torch.distributed (gathers every rank's random state)
             "inversion": inversion_state(
@@ -1171,6 +1246,7 @@ class TIE:
             )
         device, dtype = model_device_dtype(self.model)
         load_fitting_state(unwrap_distributed(self.model), state["classifier"], "`checkpoint`")
+        self._load_masters(state.get("classifier_masters"))
         self.optimizer.load_state_dict(state["optimizer"])
         restore_inversion(
             self.inversion,
@@ -1254,12 +1330,6 @@ class TIE:
             labels = self._check_labels(labels, inputs.shape[0])
             if inputs.shape[0] == 0:
                 raise ValueError("`inputs` must hold at least one image.")
-            if not bool(torch.isfinite(inputs).all()):
-                bad = int((~torch.isfinite(inputs)).flatten(1).any(1).sum())
-                raise ValueError(
-                    f"`inputs` must be finite: {bad} of {inputs.shape[0]} images hold NaN or "
-                    "infinite values."
-                )
             epochs = check_int(epochs, "epochs")
             if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
                 raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}.")
@@ -1350,6 +1420,7 @@ class TIE:
         params = [p for m in modules for p in m.parameters()]
         return {
             "classifier": _cpu_copy(unwrap_distributed(self.model).state_dict()),
+            "classifier_masters": _cpu_copy([master for _, master in self._masters]),
             "optimizer": _cpu_copy(self.optimizer.state_dict()),
             "generator": _cpu_copy(unwrap_distributed(self.generator).state_dict()),
             "generator_optimizer": _cpu_copy(inversion.optimizer.state_dict()),
@@ -1370,6 +1441,7 @@ class TIE:
         with torch.no_grad():
             unwrap_distributed(self.model).load_state_dict(snapshot["classifier"])
             unwrap_distributed(self.generator).load_state_dict(snapshot["generator"])
+        self._load_masters(snapshot["classifier_masters"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
         inversion.optimizer.load_state_dict(snapshot["generator_optimizer"])
         inversion._step = snapshot["generator_step"]
@@ -1384,6 +1456,15 @@ class TIE:
         self.epoch = snapshot["epoch"]
         self.stopped = snapshot["stopped"]
         self.log = snapshot["log"]
+
+    def _load_masters(self, masters: Sequence[Tensor] | None) -> None:
+        """The float32 master copies as saved (None, or another number of them, as in a
+        checkpoint written before they were saved: from the classifier's parameters)."""
+        with torch.no_grad():
+            if masters is not None and len(masters) == len(self._masters):
+                for (_, master), saved in zip(self._masters, masters, strict=True):
+                    master.copy_(saved)
+        self._masters_follow_model()
 
     def _needs_final_training(self) -> bool:
         """The last log row is a TIE epoch that added samples the classifier has not seen."""
@@ -1428,7 +1509,9 @@ class TIE:
         r"""Softmax probabilities of the ``n + 1`` classes (the last one is garbage).
 
         Args:
-            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space.
+            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space,
+                finite (NaN or infinite values are refused with a ``ValueError``, as by
+                :meth:`fit`).
             batch_size (int, optional): Images per forward pass. Default: 256
 
         Returns:
@@ -1447,7 +1530,9 @@ class TIE:
             confidence = p_k
 
         Args:
-            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space.
+            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space,
+                finite (NaN or infinite values are refused with a ``ValueError``, as by
+                :meth:`fit`).
             batch_size (int, optional): Images per forward pass. Default: 256
 
         Returns:
@@ -1480,7 +1565,9 @@ class TIE:
         :meth:`in_distribution_score` (``1 - ood_score``; negating gives the same metrics).
 
         Args:
-            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space.
+            inputs (Tensor): ``N x C x H x W`` images in the classifier's input space,
+                finite (NaN or infinite values are refused with a ``ValueError``, as by
+                :meth:`fit`).
             kind (str, optional): ``"max_in"``, ``"ue"`` or ``"garbage"``.
                 Default: ``"max_in"``
             batch_size (int, optional): Images per forward pass. Default: 256
@@ -1506,7 +1593,9 @@ class TIE:
         :func:`captum_ext.metrics.auroc`, ``aupr`` and ``fpr_at_tpr``. For ``"max_in"`` it is
         ``max_{c < n} p_c``. Computed in float64 (where the device has it): in float32
         ``1 - p_garbage`` is exactly 1 for every ``p_garbage`` below 6e-8, and those ties
-        changed the metrics (negating :meth:`ood_score` would not have them).
+        changed the metrics (negating :meth:`ood_score` would not have them). ``inputs``
+        and ``batch_size`` as in :meth:`ood_score` (images holding NaN or infinite values
+        are refused).
 
         Examples::
 

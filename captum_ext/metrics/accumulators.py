@@ -86,11 +86,11 @@ def _as_stored(
 ) -> Tensor:
     """A detached CPU copy of one batch's values: 1-D, or (N, C) when ``rows``; checked as
     the metric's function checks them (``kind``: ``"scores"`` real numbers, not booleans;
-    ``"indices"`` integer class indices, not booleans; ``"classes"`` integers or booleans;
-    ``"correct"`` booleans or 0/1; ``"probabilities"`` floating point), so that the cast to
-    ``dtype`` never turns into a number what the function would refuse (a correctness of
-    0.7 stored as 0, boolean scores stored as 0 and 1). An empty batch (``[]``) is stored
-    as empty whatever its dtype."""
+    ``"indices"`` integer class indices, not booleans; ``"correct"`` booleans or 0/1;
+    ``"probabilities"`` floating point), so that the cast to ``dtype`` never turns into a
+    number what the function would refuse (a correctness of 0.7 stored as 0, boolean
+    scores or class labels stored as 0 and 1). An empty batch (``[]``) is stored as empty
+    whatever its dtype."""
     try:
         tensor = array_like_tensor(values).detach()
     except (TypeError, ValueError, RuntimeError) as error:
@@ -104,9 +104,7 @@ def _as_stored(
         )
     if tensor.is_complex():  # the functions refuse it; a cast would drop the imaginary part
         raise TypeError(f"`{argument}` must hold real values, got {tensor.dtype}.")
-    if kind in ("classes", "indices") and tensor.is_floating_point():
-        raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
-    if kind == "indices" and tensor.dtype == torch.bool:
+    if kind == "indices" and (tensor.is_floating_point() or tensor.dtype == torch.bool):
         raise TypeError(f"`{argument}` must hold integer class indices, got {tensor.dtype}.")
     if kind == "scores" and tensor.numel():
         # the function's own check, now: a NaN stored here would make every compute() fail
@@ -472,8 +470,10 @@ class ExpectedCalibrationError(_Accumulator):
         super().__init__()
 
     def update(self, probabilities_or_confidences: Any, labels: Any) -> None:
-        """Add a batch: (N, C) probabilities with (N,) labels, or (N,) confidences with (N,)
-        correctness."""
+        """Add a batch: (N, C) probabilities with (N,) integer class labels, or (N,)
+        confidences with (N,) correctness (booleans or 0/1). What
+        :func:`~captum_ext.metrics.expected_calibration_error` refuses (boolean class labels
+        with (N, C) probabilities, say) is refused here, not at ``compute()``."""
         values = _as_stored(
             probabilities_or_confidences,
             "probabilities_or_confidences",
@@ -481,9 +481,11 @@ class ExpectedCalibrationError(_Accumulator):
             rows=True,
             kind="probabilities",
         )
-        # (N,) confidences take correctness (booleans or 0/1), (N, C) probabilities labels
+        # (N,) confidences take correctness (booleans or 0/1), (N, C) probabilities integer
+        # class indices (booleans refused, as the function refuses them: stored as 0 / 1
+        # they would be taken here and refused by nothing)
         y = _as_stored(
-            labels, "labels", torch.long, kind="correct" if values.dim() == 1 else "classes"
+            labels, "labels", torch.long, kind="correct" if values.dim() == 1 else "indices"
         )
         _check_same_length(probabilities_or_confidences=values, labels=y)
         if values.shape[0] == 0:  # an empty batch fixes no number of classes
