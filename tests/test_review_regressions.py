@@ -130,6 +130,11 @@ def test_folded_frames_through_a_reshape_transform_give_one_map_per_frame():
         ((7, 8, 4, 4), 2, "no whole number of rows per example"),
         ((1, 8, 4, 4), 3, "no whole number of rows per example"),
         ((), 2, "is a scalar"),
+        # found by the second review: a layer without its batch axis (squeezed for one
+        # example) and token-major flattened tokens were read as folded rows
+        ((6, 8, 8), 1, "has lost its batch axis"),
+        ((8, 32), 2, "has lost its batch axis"),
+        ((6, 8), 3, "has lost its batch axis"),
     ],
 )
 def test_the_examples_first_rule(shape, n, refused):
@@ -389,7 +394,9 @@ def test_a_row_wise_reshape_transform_runs_once_per_chunk_of_classes():
         calls.clear()
         got = cam(model, model.block).attribute(x, target="all", reshape_transform=counted)
         assert got.shape == (3, 12, 4, 4)
-        assert len(calls) <= 3  # the check, the activations, all 12 classes' gradients
+        # the check, the activations, all 12 classes' gradients, and the first and the
+        # last class again (the stacked call must give what their own calls give)
+        assert len(calls) <= 5
         assert (36, 17, 16) in calls
         expected = cam(model, model.block).attribute(x, target="all", reshape_transform=strict)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -400,3 +407,27 @@ def test_a_row_wise_reshape_transform_runs_once_per_chunk_of_classes():
         )
         torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-6)
         assert sum(shape[0] > 3 for shape in calls) == 3  # chunks of 5, 5 and 2 classes
+
+
+def test_a_reshape_transform_that_is_not_row_wise_gives_the_per_class_maps():
+    """Found by the second review: a transform that keeps the row count without being
+    row-wise (here: it normalises over the rows it is given) gave other maps when called
+    once on all classes' gradients stacked; the stacked call is now checked against the
+    first and the last class's own calls."""
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def batch_normalised(tokens: torch.Tensor) -> torch.Tensor:
+        folded = fold(tokens)
+        return folded / folded.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
+
+    def strict(tokens: torch.Tensor) -> torch.Tensor:  # only N rows: per class
+        if len(tokens) != len(x):
+            raise RuntimeError("written for N rows")
+        return batch_normalised(tokens)
+
+    for cam in (GradCAM, LayerGradCamPlusPlus):
+        got = cam(model, model.block).attribute(x, target="all", reshape_transform=batch_normalised)
+        expected = cam(model, model.block).attribute(x, target="all", reshape_transform=strict)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -148,15 +148,20 @@ TOKENS_FIRST_REMEDY = {
 
 def rows_read_as_examples(shape: tuple[int, ...], n: int) -> bool:
     """Whether activations of ``shape`` can be read with the ``n`` examples first: the rule
-    of :func:`check_examples_first` (``n`` rows, or a multiple of ``n`` rows, examples
-    folded with frames or crops, that do not look tokens-first)."""
+    of :func:`check_examples_first` (``n`` rows, or feature maps of a multiple of ``n``
+    rows, examples folded with frames or crops, that do not look tokens-first)."""
     shape = tuple(int(s) for s in shape)
     if not shape:
         return False
     if shape[0] == n:
         return True
     tokens_first = len(shape) >= 2 and shape[1] == n
-    return n > 0 and shape[0] > 0 and shape[0] % n == 0 and not tokens_first
+    # folded rows only as feature maps (rows x C x H x W): a layer without its batch axis
+    # (a squeeze inside the model, (C, H, W) for one example) or flattened tokens
+    # ((T * N, D), token-major) would also be "a multiple of n rows"
+    feature_maps = len(shape) >= 4
+    folded = n > 0 and shape[0] > 0 and shape[0] % n == 0 and feature_maps
+    return folded and not tokens_first
 
 
 def check_examples_first(
@@ -182,17 +187,21 @@ def check_examples_first(
 
     - ``A_0 == n``: the examples come first; allowed.
     - otherwise refused when ``A_1 == n`` (the examples sit in dimension 1: tokens-first;
-      this also refuses ``(17, 1, 32)`` for a single example) or when ``A_0`` is not a
-      multiple of ``n`` (no reading of the rows as examples exists).
-    - otherwise (``A_0 = k * n`` rows with ``A_1 != n``) allowed: a model that folds another
-      axis into the batch (frames or crops, ``(N, T, C, H, W)`` reshaped to
-      ``(N * T, C, H, W)``) has ``k`` rows per example, and the methods give one map per row
-      (``A_0`` maps, as Captum's layer methods do), each row explained for its own example's
-      target.
+      this also refuses ``(17, 1, 32)`` for a single example), when ``A_0`` is not a
+      multiple of ``n`` (no reading of the rows as examples exists), or when the
+      activations have fewer than 4 dimensions (a layer without its batch axis, e.g.
+      ``(C, H, W)`` after a squeeze for one example, or flattened tokens ``(T * N, D)``).
+    - otherwise (feature maps ``(k * n, C, H, W, ...)`` with ``C != n``) allowed: a model
+      that folds another axis into the batch (frames or crops, ``(N, T, C, H, W)`` reshaped
+      to ``(N * T, C, H, W)``) has ``k`` rows per example, and the methods give one map per
+      row (``A_0`` maps, as Captum's layer methods do), each row explained for its own
+      example's target.
 
     What the shape cannot tell apart: a tokens-first layer whose token count equals ``n``
-    passes (read as examples-first), and a folded layer whose dimension 1 happens to equal
-    ``n`` (e.g. ``n`` channels) is refused as tokens-first.
+    passes (read as examples-first), a folded layer whose dimension 1 happens to equal
+    ``n`` (e.g. ``n`` channels) is refused as tokens-first, and folded rows are read
+    example-major (the ``k`` rows of example 0 first), as ``x.reshape(N * T, ...)`` of an
+    ``(N, T, ...)`` tensor gives them.
 
     Raises:
         ValueError: ``shape`` is empty, or refused by the rule above; the message says when
@@ -219,6 +228,14 @@ def check_examples_first(
             f"(tokens, N, D), the layout of nn.TransformerEncoderLayer and "
             f"nn.MultiheadAttention with batch_first=False (their default). "
             + TOKENS_FIRST_REMEDY[remedy]
+        )
+    elif n > 0 and shape[0] % n == 0:  # a multiple of n rows, but no feature maps
+        message += (
+            f" Its {shape[0]} rows are read as folded examples only for feature maps (rows x "
+            f"C x H x W, frames or crops folded into the batch); a {len(shape)}-D {where} "
+            "with another row count has lost its batch axis (a squeeze inside the model) or "
+            "folds tokens into it. Explain a layer whose "
+            f"{where} has the examples first."
         )
     else:
         message += (

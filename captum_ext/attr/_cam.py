@@ -81,8 +81,10 @@ def _reshaped_gradients(reshape_transform, gradients: Tensor, rows_kept: bool = 
     batch-first layer). Then the transform is called once on all B classes' gradients
     stacked along the rows, (B * A_0, *A[1:]), where a row-wise transform (any B rows to B
     rows) returns B * A_0 rows, split back per class: one call per chunk instead of one per
-    class. A transform that returns another number of rows there, or raises (one written
-    for exactly N rows), is called per class as before."""
+    class. A transform that returns another number of rows there, raises (one written
+    for exactly N rows), or gives the first or the last class other values than a call of
+    its own (a transform that is not row-wise: it normalises over the batch), is called per
+    class as before."""
     if reshape_transform is None:
         return gradients
     rows, classes = gradients.shape[:2]
@@ -97,7 +99,15 @@ def _reshaped_gradients(reshape_transform, gradients: Tensor, rows_kept: bool = 
             and reshaped.dim()
             and reshaped.shape[0] == stacked.shape[0]
         ):
-            return reshaped.unflatten(0, (classes, rows)).transpose(0, 1)
+            split = reshaped.unflatten(0, (classes, rows)).transpose(0, 1)
+            # a transform that keeps the row count without being row-wise (it normalises
+            # over the batch, or reads row 0) gives other values stacked than per class:
+            # the first and the last class are compared with their own calls
+            if all(
+                torch.equal(split[:, b], _reshaped_activations(reshape_transform, gradients[:, b]))
+                for b in (0, classes - 1)
+            ):
+                return split
     per_class = [_reshaped_activations(reshape_transform, gradients[:, b]) for b in range(classes)]
     return torch.stack(per_class, dim=1)
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.layers import is_exported, uncompiled, unwrap_distributed
 from captum_ext._utils.validation import parse_device
@@ -530,6 +531,25 @@ def _pretrained_kwargs(builder: str, state_dict: Mapping[str, Tensor]) -> dict[s
     return {**kwargs, "aux_logits": any(aux_key.search(key) for key in state_dict)}
 
 
+def _warn_pretrained_build(
+    spec: str, builder: str, kwargs: dict[str, bool], names: Mapping[str, str]
+) -> None:
+    """Say that ``builder`` was built as torchvision builds it for its own weights: a
+    state dict does not tell whether it came from torchvision, and ``transform_input=True``
+    changes what the model computes for weights trained without it."""
+    settings = ", ".join(f"{key}={value}" for key, value in kwargs.items())
+    warnings.warn(
+        f"{_arg(names, 'spec')} {spec!r} with {_arg(names, 'weights')}: built as "
+        f"torchvision builds {builder} for its pretrained weights ({settings}); "
+        "transform_input=True re-normalises ImageNet-normalised inputs as those weights "
+        f"expect. For weights trained with transform_input=False, give a factory of your "
+        f"own, e.g. `def net(): return torchvision.models.{builder}(weights=None, "
+        "transform_input=False, init_weights=False, aux_logits=...)`.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 def _as_torchvision_pretrained(builder: str, model: nn.Module) -> None:
     """What torchvision's ``builder`` does after loading its weights by default: GoogLeNet's
     auxiliary heads (never trained in its weights) are dropped; Inception v3 keeps its."""
@@ -627,6 +647,7 @@ def load_model(
             if weights is not None and builder is not None:  # built as for its weights
                 state_dict = load_state_dict_file(weights, device, argument_names=names)
                 kwargs = _pretrained_kwargs(builder, state_dict)
+                _warn_pretrained_build(spec, builder, kwargs, names)
             model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(
