@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import matplotlib
 import networkx as nx
@@ -331,16 +332,64 @@ def test_skipped_plain_stage_is_refused_by_the_constructor():
         CircuitReadout(load_bundled_model(), layers=["features.1", "features.7"])
 
 
-def test_a_container_whose_blocks_do_not_connect_names_what_to_pass():
+def test_a_container_whose_blocks_do_not_connect_stays_one_stage_with_a_warning():
     """EfficientNet's squeeze-and-excitation gate (a product) is not followed."""
     model = torchvision.models.efficientnet_b0(weights=None, num_classes=10).eval()
-    with pytest.raises(
-        ValueError,
-        match=r"only stage found in EfficientNet is 'features', a container of blocks.*"
-        r"'features.0' to layer 'features.1'.*\['features'\] to read the container out",
-    ):
-        CircuitReadout(model)
+    with pytest.warns(UserWarning) as record:
+        readout = CircuitReadout(model)
+    assert readout.layers == ("features",)
+    assert len(record) == 1
+    assert re.search(
+        r"only stage found in EfficientNet is 'features', a container of blocks.*"
+        r"'features.0' to layer 'features.1'.*single stage, \['features'\].*"
+        r"pass the blocks as `layers` explicitly",
+        str(record[0].message),
+    )
     assert CircuitReadout(model, layers=["features"]).layers == ("features",)
+
+
+class _Concat(nn.Module):
+    """An Inception-style block: two branches (4 + 4 channels) concatenated."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.a = nn.Conv2d(channels, 4, 1)
+        self.b = nn.Conv2d(channels, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class _ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(stem, _Concat(8), _Concat(8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_a_container_of_concatenating_blocks_stays_one_stage_with_a_warning():
+    """No ingress module of a concatenating block produces its channels: the blocks pass
+    the structural check but not the readout's channel check, so the default keeps the
+    container as one stage (as before blocks were opened) and warns once."""
+    torch.manual_seed(0)
+    model = _ConcatNet().eval()
+    with pytest.warns(UserWarning) as record:
+        readout = CircuitReadout(model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "'features.0' to layer 'features.1' (8 channels" in message
+    assert "['features.1.a', 'features.1.b']" in message
+    assert "single stage, ['features']" in message
+    assert record[0].filename == __file__
+    assert readout.layers == ("features",)
+    (graph,) = readout.readout(torch.randn(1, 3, 16, 16))
+    assert {layer for _, layer in graph.nodes(data="layer")} >= {"features"}
+    assert graph.number_of_edges() > 0
 
 
 # ---------------------------------------------------------------------------------------

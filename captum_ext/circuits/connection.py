@@ -30,12 +30,14 @@ Two ways of reading the model:
   run in the listed order and these modules between their stages.
 
 Default stages: a single stage that is a container of blocks (MobileNet's ``features``) is
-opened, each block a stage, when its blocks connect (otherwise an error says what to pass).
+opened, each block a stage, when its blocks connect (otherwise it stays one stage, with a
+warning naming the connection that fails).
 """
 
 from __future__ import annotations
 
 import operator
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -296,10 +298,12 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
 
 def _blocks_of(model: nn.Module, name: str, classifier: str) -> list[str] | None:
     """The blocks of ``name`` as stages, when it is the only stage found and a container
-    (``nn.Sequential`` / ``nn.ModuleList``) of blocks (MobileNet's and EfficientNet's
-    ``features``): one stage would give a graph of the last block's channels only. None
-    when it holds fewer than two blocks with a convolution. A ``ValueError`` (naming the
-    blocks, the connection that fails and what to pass) when the blocks do not connect."""
+    (``nn.Sequential`` / ``nn.ModuleList``) of blocks (MobileNetV2's ``features``): one stage
+    would give a graph of the last block's channels only. None when it holds fewer than two
+    blocks with a convolution. When the blocks do not connect as the readout resolves
+    connections (:func:`find_connections` with ``strict=True``, then the channel check of
+    :func:`_unresolved_channels`), ``[name]`` (the one-stage graph) with a ``UserWarning``
+    naming the first connection that fails and why."""
     container = model.get_submodule(name)
     if not isinstance(container, nn.Sequential | nn.ModuleList):
         return None
@@ -307,16 +311,79 @@ def _blocks_of(model: nn.Module, name: str, classifier: str) -> list[str] | None
     if len(blocks) < 2:
         return None
     try:
-        find_connections(model, blocks, classifier, strict=True)
+        connections = find_connections(model, blocks, classifier, strict=True)
     except ValueError as error:
         reason = str(error).split(": ", 1)[-1].split(" Circuits follow", 1)[0]
-        raise ValueError(
-            f"`layers`: the only stage found in {type(model).__name__} is {name!r}, a container "
-            f"of blocks, and its blocks {blocks} could not be connected as stages: {reason} "
-            f"Pass `layers` explicitly: blocks whose connections resolve, or [{name!r}] to read "
-            "the container out as one stage (a graph of its last block's channels only)."
-        ) from None
-    return blocks
+    else:
+        reason = _unresolved_channels(model, connections)
+    if reason is None:
+        return blocks
+    warnings.warn(
+        f"`layers`: the only stage found in {type(model).__name__} is {name!r}, a container "
+        f"of blocks, and its blocks {blocks} could not be connected as stages: {reason} "
+        f"The graph has a single stage, [{name!r}] (its last block's channels only); pass "
+        "the blocks as `layers` explicitly to try otherwise.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return [name]
+
+
+def _unresolved_channels(model: nn.Module, connections: list[Connection]) -> str | None:
+    """Why the readout would not resolve a block-to-block connection, from the channel
+    counts of the modules alone (no forward pass): the destination block's channels are the
+    input channels of the next connection's ingress modules (or divide the input features of
+    a linear one, which may read the map flattened); the readout needs an ingress module
+    producing them, or a series of the destination's convolutions (``Connection.paths``)
+    ending in them. None when every connection resolves (or its channels are unknown)."""
+
+    def widths(module: nn.Module) -> tuple[int, int] | None:
+        if isinstance(module, nn.Linear):
+            return module.in_features, module.out_features
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels, module.out_channels
+        return None
+
+    def fits(channels: int, consumers: list[nn.Module]) -> bool:
+        return all(
+            channels == m.in_channels
+            if isinstance(m, nn.modules.conv._ConvNd)
+            else m.in_features % channels == 0
+            for m in consumers
+        )
+
+    for connection, following in zip(connections, connections[1:], strict=False):
+        if not connection.ingress:
+            continue
+        if following.ingress:
+            consumers = [model.get_submodule(n) for n in following.ingress]
+        else:  # global pooling (or a flatten) straight into the classifier
+            consumers = [model.get_submodule(following.destination)]
+        consumers = [m for m in consumers if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+        if not consumers:
+            continue
+        produced = [widths(model.get_submodule(n)) for n in connection.ingress]
+        if any(w is not None and fits(w[1], consumers) for w in produced):
+            continue
+        for path in connection.paths:
+            convs = [model.get_submodule(n) for n in path]
+            joined = all(a.out_channels == b.in_channels for a, b in zip(convs, convs[1:]))
+            if joined and fits(convs[-1].out_channels, consumers):
+                break
+        else:
+            first = consumers[0]
+            if isinstance(first, nn.modules.conv._ConvNd):
+                channels = f"{first.in_channels} channels"
+            else:
+                channels = f"channels dividing {first.in_features} features"
+            series = " nor does a series of its convolutions" if connection.paths else ""
+            return (
+                f"from layer {connection.source!r} to layer {connection.destination!r} "
+                f"({channels}, as read by the next stage): none of its ingress modules "
+                f"{list(connection.ingress)} produces them{series} (a block that "
+                "concatenates branches, for instance)."
+            )
+    return None
 
 
 def find_classifier(model: nn.Module) -> str:

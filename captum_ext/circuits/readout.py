@@ -167,7 +167,8 @@ class CircuitReadout:
     that every connection crosses exactly one linear layer. When the only stage found is a
     container of blocks (MobileNetV2's ``features``), each of its blocks is a stage instead
     (``features.0`` .. ``features.18``); where its blocks cannot be connected (EfficientNet's
-    squeeze-and-excitation gates) a ``ValueError`` says what to pass as ``layers``. The
+    squeeze-and-excitation gates, blocks that concatenate branches) the container stays one
+    stage and a ``UserWarning`` says why and that the blocks may be passed as ``layers``. The
     ingress modules are found with ``torch.fx`` where the model traces (following the stage's
     output through channel-wise operations, stopping at convolutions, linear layers and
     residual additions) and from module order otherwise; a connection that cannot be
