@@ -180,7 +180,7 @@ def _secant_softmax(z: Tensor, z0: Tensor) -> Tensor:
 class ContrastiveForward(nn.Module):
     r"""``x -> -log_softmax(f(x))``: column Q is the per-example cross-entropy with label Q.
 
-    While :class:`Contrastive` explains elements of an output (N, C, *positions) (a
+    While :class:`Contrastive` explains elements of an output ``(N, C, *positions)`` (a
     segmentation network's), the softmax runs over the class axis at each position and the
     result is flattened to (N, C * P): column ``q * P + j`` is the cross-entropy at position
     ``j`` with label ``q``, the column ``output_selection`` gives the tuple ``(q, *position)``.
@@ -480,7 +480,7 @@ class Contrastive(GradientAttribution):
         its gradient      d CE / d x = J^T (softmax(f(x)) - onehot(Q))
 
     the signal ContrastCAM backpropagates. On an output with more than two dimensions,
-    (N, C, *positions) (a segmentation network's (N, C, H, W)), ``contrast`` takes the forms
+    ``(N, C, *positions)`` (a segmentation network's ``(N, C, H, W)``), ``contrast`` takes the forms
     ContrastCAM takes, ``(q, h, w)`` or a list of N such tuples, and the explained scalar is
     ``CE(f(x)[n, :, h, w], q)``, the softmax over the classes at that pixel (as in
     ContrastCAM, the tuple is read by the same helper).
