@@ -12,7 +12,12 @@ from torch import Tensor
 
 from captum_ext._utils.caller import inside_expanding_wrapper, user_stacklevel
 from captum_ext._utils.precision import at_least_float32
-from captum_ext._utils.validation import check_int, check_number, single_logit_hint
+from captum_ext._utils.validation import (
+    check_int,
+    check_number,
+    class_selection,
+    single_logit_hint,
+)
 
 from ._cam import TargetClassCAMBase, target_cam
 
@@ -95,7 +100,7 @@ def default_positions(classes: int) -> tuple[int, ...]:
 
 def comparison_classes(
     logits: Tensor,
-    target: Tensor | None = None,
+    target: Any = None,
     positions: Sequence[int] | None = None,
 ) -> Tensor:
     r"""The classes Finer-CAM compares each example's class P with, ``(N, len(positions))``.
@@ -105,9 +110,11 @@ def comparison_classes(
 
     Args:
         logits (Tensor): ``(N, C)`` logits.
-        target (Tensor, optional): ``(N,)`` classes P. Default: None, the predictions.
-        positions (sequence of int, optional): positions in the order (0 is P). Default:
-            (1, 2, 3), or every other class of a model with fewer than 4.
+        target (int, list or Tensor, optional): the class P of each example, in Captum's
+            forms: an int (every example), a list of N ints or an ``(N,)`` integer tensor;
+            negative indices count from the last class. Default: None, the predictions.
+        positions (sequence of int, optional): positions in the order (0 is P), each below
+            C. Default: (1, 2, 3), or every other class of a model with fewer than 4.
 
     Returns:
         Tensor: ``(N, k)`` class indices.
@@ -119,12 +126,29 @@ def comparison_classes(
         >>> comparison_classes(torch.tensor([[5.0, 1.0, 4.0, 4.5]]))
         tensor([[3, 2, 1]])
     """
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 1:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"`logits` must be an (N, C) tensor, got {got}.")
     logits = logits.detach()
+    classes = logits.shape[1]
     if positions is None:
-        positions = default_positions(logits.shape[1])
-    if target is None:
-        target = logits.argmax(dim=1)
-    target = target.to(logits.device).reshape(-1, 1)
+        positions = default_positions(classes)
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence):
+        raise TypeError("`positions` must be a sequence of ints, e.g. (1, 2, 3).")
+    positions = tuple(check_int(p, "positions", minimum=0) for p in positions)
+    if not positions:
+        raise ValueError("`positions` is empty; give at least one position.")
+    if max(positions) >= classes:
+        raise ValueError(
+            f"`positions` {positions} reach beyond the model's {classes} classes (position 0 "
+            "is the explained class itself)." + (single_logit_hint() if classes == 1 else "")
+        )
+    target, multi = class_selection(target, logits, argument="target", default="predicted")
+    if multi and target.shape[1] != 1:
+        raise ValueError(
+            f"`target` names {target.shape[1]} classes per example; comparison_classes takes "
+            "one class P per example."
+        )
     distance = (logits - logits.gather(1, target)).abs()
     distance.scatter_(1, target, -1.0)  # P first, also when another class has its logit
     return distance.argsort(dim=1, stable=True)[:, list(positions)]

@@ -20,6 +20,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from .._utils.batched_grad import (
+    _training_batch_norms,
     call_model,
     in_model_precision,
     objective_gradients,
@@ -157,18 +158,24 @@ def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
     return folded
 
 
-def _warn_if_blind(
-    z_grad: Tensor | None, model_loss: Tensor, reshape_transform: Callable | None, n: int
-) -> None:
-    """Warn when the model's loss has exactly zero gradient at every bottleneck entry that the
-    maps show: the bottleneck then trades nothing against the information cost, and the maps
-    show only that cost (the prior), nothing the model uses. Two causes, told apart by the
-    loss: it is exactly 0 (saturated), or it does not depend on the layer."""
-    if z_grad is not None:
-        shown = _folded(z_grad.abs().sum(dim=1), reshape_transform, n)
-        if bool(shown.ne(0).any()):
-            return
-    if bool((model_loss.detach() == 0).all()):
+def _sees_the_model(z_grad: Tensor | None, reshape_transform: Callable | None, n: int) -> bool:
+    """Whether the model loss's gradient at the bottleneck (one step's, (N, n_noise, ...)) is
+    non-zero at some entry that the maps show."""
+    if z_grad is None:
+        return False
+    shown = _folded(z_grad.abs().sum(dim=1), reshape_transform, n)
+    return bool(shown.ne(0).any())
+
+
+def _warn_if_blind(saturated: bool) -> None:
+    """Warn that the model's loss had exactly zero gradient at every bottleneck entry that the
+    maps show, at every step of the optimisation: the bottleneck then traded nothing against
+    the information cost, and the maps show only that cost (the prior), nothing the model
+    uses. Two causes, told apart by the loss: it was exactly 0 on every example at every step
+    (``saturated``), or it does not depend on the layer. A loss that is 0 at the first step
+    only (a confident prediction, whose noisy copies become less confident as the
+    bottleneck closes) is not blind and is not warned of."""
+    if saturated:
         cause = (
             "the loss is exactly 0 on every example: the predictions are so confident that "
             "their cross-entropy underflows, even on the noisy copies (a `loss=` callable on "
@@ -183,8 +190,8 @@ def _warn_if_blind(
             "weights)"
         )
     warnings.warn(
-        "LayerIBA: the model loss's gradient at the bottleneck of `layer` is exactly zero, so "
-        f"the maps show only the information cost, nothing the model uses: {cause}.",
+        "LayerIBA: the model loss's gradient at the bottleneck of `layer` is exactly zero at "
+        f"every step, so the maps show only the information cost, nothing the model uses: {cause}.",
         stacklevel=user_stacklevel(),
     )
 
@@ -269,7 +276,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     more than 1 % of the samples) are the layer's statistics from :meth:`estimate` (or given
     to the constructor / :meth:`set_statistics`). Each example has its own ``alpha``; the
     whole batch is optimised at once with Adam on the sum of the per-example losses, so each
-    example follows the trajectory it would follow alone. ``n_noise`` noisy copies per
+    example follows the trajectory it would follow alone (unless a batch norm in train mode
+    mixes the examples: a warning says so). ``n_noise`` noisy copies per
     example and step; the map is the capacity of the last evaluated step, as in the
     reference implementation (so ``steps`` loss evaluations make ``steps - 1`` Adam updates
     that count, and the last backward pass is skipped). Cost per example: one clean forward
@@ -550,8 +558,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         Args:
             inputs (Tensor or tuple[Tensor, ...]): a batch, examples first.
             target (int, list, Tensor or None): the class explained, in Captum's forms
-                (one per example); None explains the predicted class (for ``loss="mse"``
-                the single output of a one-output model).
+                (one per example); None explains the predicted class of (N, C) outputs,
+                for a callable ``loss`` too (the columns it gets are then the predicted
+                classes), and the single output of a one-output model; ``loss="mse"`` on
+                a model with several outputs, and any output with more than two
+                dimensions, need ``target``.
             additional_forward_args: passed to the model after the inputs (repeated with
                 the noisy copies when their first dimension is N).
             beta (float): weight of the information loss (>= 0); larger gives fewer bits.
@@ -583,7 +594,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 then comes from its own generator, so a batch equals its examples explained
                 one by one with the same seeds), or None for torch's global generator. A
                 model in train mode runs its own dropout from torch's global generator
-                whatever this is: put it in eval mode for maps that repeat.
+                whatever this is: put it in eval mode for maps that repeat. A batch norm
+                in train mode normalises the N x ``n_noise`` noisy copies with their joint
+                statistics, so each example's map then depends on the rest of the batch
+                (a warning says so): put the model in eval mode there too.
             reuse_prefix (bool): run the layers before ``layer`` on the N examples rather
                 than on the N * n_noise copies, when the rest of the model takes only the
                 layer's output (tried on the first step; otherwise, and with False, every
@@ -669,6 +683,15 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             )
         formatted = in_model_precision(self.forward_func, format_inputs(inputs))
         model = root_module(self.forward_func)
+        if _training_batch_norms(model):
+            warnings.warn(
+                "LayerIBA: the model is in train mode with a batch norm, which normalises the "
+                "N x n_noise noisy copies with their joint statistics: each example's map then "
+                "depends on the other examples of the batch and differs from its map explained "
+                "alone. Call model.eval() first: explanations are meant for the model as it "
+                "predicts.",
+                stacklevel=user_stacklevel(),
+            )
         with (
             preserved_state([model, self.layer]),
             restored_buffers_of_modules_run(exclude=[model, self.layer]),
@@ -806,6 +829,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         optimizer = torch.optim.Adam([alpha], lr=lr)
         noise_shape = (n, n_noise, *activations.shape[1:])
         state: dict[str, Tensor] = {}
+        # whether the model loss's gradient at the bottleneck was zero at every step so far
+        # (and the loss itself 0 on every example): warned of after the loop, since a
+        # confident model whose loss underflows at the first step sees the bottleneck once
+        # its noisy copies are less certain
+        blind, saturated = steps > 1, True
 
         def substitute(module, args, output):
             if not isinstance(output, Tensor) or output.shape[1:] != activations.shape[1:]:
@@ -833,7 +861,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 z = z * active
                 if post_relu:
                     z = torch.clamp(z, 0.0)
-                if step == 0:  # the model loss's gradient at the bottleneck, for free
+                if blind:  # the model loss's gradient at the bottleneck, for free
                     z.register_hook(lambda g: state.__setitem__("z_grad", g.detach()))
                 state["z"] = z.flatten(0, 1)
                 with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
@@ -856,11 +884,14 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 information = capacity.flatten(1).mean(dim=1)
                 per_example = (-model_loss if inverse else model_loss) + beta * information
                 (grad,) = objective_gradients(per_example.sum(), [alpha])
-                if step == 0:
-                    _warn_if_blind(state.get("z_grad"), model_loss, reshape_transform, n)
+                if blind:
+                    blind = not _sees_the_model(state.get("z_grad"), reshape_transform, n)
+                    saturated = saturated and bool((model_loss.detach() == 0).all())
                 alpha.grad = grad
                 optimiser_step(optimizer)
                 state.clear()
+        if blind:  # (a callable loss that is exactly 0 does not depend on the bottleneck)
+            _warn_if_blind(saturated and classification)
         if return_type == "lambda":
             return _folded(lam.detach(), reshape_transform, n).to(layer_dtype)
         bits = _folded(capacity.detach() / math.log(2), reshape_transform, n)
@@ -897,14 +928,17 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     @staticmethod
     def _columns(target: Any, clean: Tensor, loss: Any) -> Tensor:
         output = clean.unsqueeze(1) if clean.dim() == 1 else clean
-        if target is None and loss != "cross_entropy":
-            if output.flatten(1).shape[1] != 1:
-                raise ValueError(
-                    "`target` is required for a regression loss on a model with "
-                    f"{output.flatten(1).shape[1]} outputs per example: name the output "
-                    "explained."
-                )
+        if target is None and output.flatten(1).shape[1] == 1:
+            # a one-output model: its single output (the prediction of a regression model)
             return torch.zeros(output.shape[0], dtype=torch.long, device=output.device)
+        if target is None and loss == "mse":
+            raise ValueError(
+                "`target` is required for a regression loss on a model with "
+                f"{output.flatten(1).shape[1]} outputs per example: name the output "
+                "explained."
+            )
+        # None: the predicted class of (N, C) outputs, for a callable loss too (an output of
+        # more dimensions needs `target`, which output_selection says)
         columns, multi = output_selection(target, output, argument="target", default="predicted")
         if multi:
             raise ValueError(

@@ -111,6 +111,31 @@ def introspective_features(
         >>> introspective_features(model, images[:4], form="topk", k=3).shape
         torch.Size([4, 1920])
     """
+    return _features_and_classes(
+        forward_func,
+        inputs,
+        layer=layer,
+        form=form,
+        k=k,
+        normalize=normalize,
+        additional_forward_args=additional_forward_args,
+        output_transform=output_transform,
+    )[0]
+
+
+def _features_and_classes(
+    forward_func: Callable,
+    inputs: Tensor | tuple[Tensor, ...],
+    *,
+    layer: Any = None,
+    form: str = "per_class",
+    k: int | None = None,
+    normalize: str | None = "per_class",
+    additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+) -> tuple[Tensor, int]:
+    """:func:`introspective_features` and the number of classes C of the logits it computed
+    (so that a caller needs no forward pass of its own to count them)."""
     form, k, normalize = check_feature_options(form, k, normalize)
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
@@ -118,11 +143,12 @@ def introspective_features(
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("`inputs` contain NaN or infinite values.")
     extra = format_additional_forward_args(additional_forward_args)
-    # the last nn.Linear is looked up on the first example only (a forward pass of one)
+    # the last nn.Linear is looked up on the first two examples only: a forward pass of one
+    # fails on a train-mode batch norm that the batch passes (BatchNorm1d on (1, C))
     n = inputs[0].shape[0]
-    first = tuple(x[:1] for x in inputs)
+    first = tuple(x[:2] for x in inputs)
     first_extra = tuple(
-        a[:1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in extra
+        a[:2] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in extra
     )
     head, automatic = _resolve_head(forward_func, layer, first, first_extra, output_transform)
     model = root_module(forward_func)
@@ -140,7 +166,7 @@ def introspective_features(
             # the outer products once (one pass over the large tensor)
             a, b = _normalised_factors(cotangents, h.to(cotangents.dtype), normalize)
             a, b = a.to(logits.dtype), b.to(logits.dtype)
-            return (a[..., None] * b[:, None, None, :]).flatten(1)
+            return (a[..., None] * b[:, None, None, :]).flatten(1), logits.shape[1]
         if automatic:
             raise ValueError(
                 "`layer` is None and the last nn.Linear of the model does not produce the "
@@ -181,7 +207,7 @@ def introspective_features(
         grads = _unit(grads, (2,))
     elif normalize == "global":
         grads = _unit(grads, (1, 2))
-    return grads.flatten(1)
+    return grads.flatten(1), logits.shape[1]
 
 
 def _unit(values: Tensor, dims: tuple[int, ...]) -> Tensor:

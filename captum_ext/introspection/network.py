@@ -43,7 +43,7 @@ from captum_ext._utils.training import (
 )
 from captum_ext._utils.validation import check_flag, check_int, check_number, model_device
 
-from .features import check_feature_options, introspective_features
+from .features import _features_and_classes, check_feature_options, introspective_features
 
 #: the keys of a saved network (see :meth:`IntrospectiveNetwork.save`)
 _SAVED_KEYS = ("config", "head")
@@ -236,6 +236,19 @@ class IntrospectiveNetwork(nn.Module):
             output_transform=self.output_transform,
         ).detach()
 
+    def _features_and_classes(self, inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, int]:
+        """:meth:`features` and the number of classes of the logits they came from."""
+        features, classes = _features_and_classes(
+            self.model,
+            inputs,
+            layer=self.layer,
+            form=self.form,
+            k=self.k,
+            normalize=self.normalize,
+            output_transform=self.output_transform,
+        )
+        return features.detach(), classes
+
     # ------------------------------------------------------------------ stage 2
     def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
         """Stage 2's logits, ``(N, C)``."""
@@ -391,13 +404,11 @@ class IntrospectiveNetwork(nn.Module):
             writable_path_argument(checkpoint_dir, "checkpoint_dir", folder=True)
             # a DataLoader draws its base seed (and a shuffling sampler its order) from torch's
             # global generator: from ``seed`` here, and the caller's stream is left alone
+            # (the number of classes comes from the logits of the features' own forward
+            # passes: a further pass of one example would fail on a train-mode BatchNorm1d
+            # and draw train-mode dropout from the caller's generator)
             with seeded_rng(seed, []):
-                features, targets, first = self._training_set(inputs_or_loader, labels)
-            with preserved_state([self.model]), torch.no_grad():
-                output = self.model(*first)
-                if self.output_transform is not None:
-                    output = self.output_transform(output)
-                num_classes = output.shape[1]
+                features, targets, num_classes = self._training_set(inputs_or_loader, labels)
             if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
                 raise ValueError(
                     f"`labels` must be class indices in [0, {num_classes - 1}], got values in "
@@ -593,9 +604,10 @@ class IntrospectiveNetwork(nn.Module):
 
     def _training_set(
         self, inputs_or_loader: Any, labels: Tensor | None
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """The features and labels of every example, and the first batch's first input (the
-        loader is read once: a generator of batches cannot be read twice)."""
+    ) -> tuple[Tensor, Tensor, int]:
+        """The features and labels of every example, and the model's number of classes (from
+        the first batch's logits; the loader is read once: a generator of batches cannot be
+        read twice)."""
         if isinstance(inputs_or_loader, Tensor):
             if inputs_or_loader.dim() == 0:
                 raise ValueError(
@@ -614,7 +626,7 @@ class IntrospectiveNetwork(nn.Module):
             raise ValueError("`labels` goes with a tensor of inputs, not with a loader.")
         else:
             batches = inputs_or_loader
-        features, targets, first = [], [], None
+        features, targets, num_classes = [], [], None
         for batch in batches:
             if isinstance(batch, Mapping):
                 x, y = dict_batch(batch, "inputs_or_loader")
@@ -626,13 +638,14 @@ class IntrospectiveNetwork(nn.Module):
                     + (" without labels." if isinstance(batch, (tuple, list)) else ".")
                 )
             x, y = batch[0], _label_tensor(batch[1])
-            if first is None:
-                first = tuple(t[:1] for t in x) if isinstance(x, (tuple, list)) else (x[:1],)
-            features.append(self.features(x))
+            batch_features, classes = self._features_and_classes(x)
+            if num_classes is None:
+                num_classes = classes
+            features.append(batch_features)
             targets.append(y.to(device=features[-1].device, dtype=torch.long))
         if not features:
             raise ValueError("`inputs_or_loader` is empty.")
-        return torch.cat(features), torch.cat(targets), first
+        return torch.cat(features), torch.cat(targets), num_classes
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:

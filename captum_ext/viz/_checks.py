@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,28 @@ def _check_names_labels(names: Any, labels: Any, n: int) -> list[Any] | None:
     labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
     if len(labels) != n:
         raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
-    return labels
+    return [_label_entry(label, i) for i, label in enumerate(labels)]
+
+
+def _label_entry(label: Any, i: int) -> int | None:
+    """``labels[i]`` as a class index (None where unknown). Integers only, as
+    ``IntrospectiveNetwork.fit`` takes them: a float (also 2.0) or a bool is refused, naming
+    ``labels``, where ``int()`` would truncate 0.7 and -0.9 to class 0 without a word."""
+    if label is None:
+        return None
+    if isinstance(label, Tensor) and label.dim() == 0:
+        if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+            raise TypeError(
+                f"`labels`[{i}] must be an integer class index (or None), got a {label.dtype} "
+                "tensor; float labels are refused, not rounded."
+            )
+        return int(label)
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        raise TypeError(
+            f"`labels`[{i}] must be an integer class index (or None), got "
+            f"{type(label).__name__} {label!r}; float labels are refused, not rounded."
+        )
+    return int(label)
 
 
 def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -43,7 +65,7 @@ def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[st
 def _true_class(labels: list[Any] | None, i: int, class_names: list[str]) -> int | None:
     if labels is None or labels[i] is None:
         return None
-    true = int(labels[i])
+    true = _label_entry(labels[i], i)
     if not 0 <= true < len(class_names):
         raise ValueError(
             f"`labels`[{i}]={true} is not a class index of the model (0..{len(class_names) - 1})."

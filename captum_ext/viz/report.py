@@ -42,7 +42,7 @@ from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.training import atomic_path, progress_bar
 from captum_ext._utils.validation import runner_up_classes
 
-from ._checks import _check_overlay_options
+from ._checks import _check_names_labels, _check_overlay_options, _true_class
 from .overlay import DEFAULT_CMAP, _image_values, overlay, save_colorbar, save_png
 
 __all__ = [
@@ -638,12 +638,7 @@ def contrastive_section(
     _check_overlay_options(alpha, cmap, "contrastive_section()")
     n = images.shape[0]
     shown = _display_array(display_images, n, (images.shape[2], images.shape[3]))
-    if names is not None and len(names) != n:
-        raise ValueError(f"`names` has {len(names)} entries for {n} images.")
-    if labels is not None:
-        labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
-        if len(labels) != n:
-            raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
+    labels = _check_names_labels(names, labels, n)
     data = compute_contrastive(
         model, layer, images, class_names=class_names, batch_size=batch_size, progress=progress
     )
@@ -833,13 +828,8 @@ def render_contrastive(
         label = f"{names[i] if names is not None else f'#{i}'}: predicted {name_p} "
         label += f"({float(data.probabilities[i, p]):.1%}), runner-up {name_q} "
         label += f"({float(data.probabilities[i, q]):.1%})"
-        if labels is not None and labels[i] is not None:
-            true = int(labels[i])
-            if not 0 <= true < len(class_names):
-                raise ValueError(
-                    f"`labels`[{i}]={true} is not a class index of the model "
-                    f"(0..{len(class_names) - 1})."
-                )
+        true = _true_class(labels, i, class_names)
+        if true is not None:
             verdict = "correct" if true == p else "wrong"
             label += f"; true class {class_names[true]} ({verdict})"
         row = section.add_row(label)
