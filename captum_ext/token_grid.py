@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from captum_ext._utils.hooks import registered_hooks
 from captum_ext._utils.layers import random_projection_score, resolve_layer
 from captum_ext._utils.model_state import gradients_on, preserved_state
-from captum_ext._utils.validation import check_examples_first
+from captum_ext._utils.validation import ArgumentTypeError, check_examples_first, check_int
 
 __all__ = [
     "TokenGridModel",
@@ -61,8 +61,8 @@ class TokenGridModel(nn.Module):
             raise ValueError(f"`layout`={layout!r}: expected 'tokens' or 'channels_last'.")
         self.model = model
         self.grid = nn.Identity()
-        self.leading = int(leading)
-        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.leading = check_int(leading, "leading", minimum=0)
+        self.grid_size = _check_grid_size(grid_size)
         self.layout = layout
         # not a submodule attribute: the layer is already registered inside `model`
         self._tokens_layer = [layer]
@@ -176,6 +176,51 @@ def token_grid_shape(tokens: int) -> tuple[int, tuple[int, int]] | None:
     return None
 
 
+def _check_grid_size(grid_size: Any) -> tuple[int, int]:
+    """``grid_size`` as a pair ``(h, w)`` of positive ints, refused by name otherwise."""
+    if not isinstance(grid_size, (tuple, list)):
+        raise ArgumentTypeError(
+            "`grid_size` must be a pair (h, w) of positive ints, got "
+            f"{type(grid_size).__name__} {grid_size!r}."
+        )
+    if len(grid_size) != 2:
+        raise ValueError(
+            f"`grid_size` must be a pair (h, w) of positive ints, got {tuple(grid_size)!r}."
+        )
+    return (check_int(grid_size[0], "grid_size[0]"), check_int(grid_size[1], "grid_size[1]"))
+
+
+def _image_grid_layouts(
+    tokens: int, image_size: tuple[int, int], leadings: tuple[int, ...] = (1, 0, 2)
+) -> list[tuple[int, tuple[int, int]]]:
+    """Every ``(leading, (h, w))`` with ``leading`` in ``leadings`` and ``h * w = tokens -
+    leading >= 2`` patches whose grid fits images of ``image_size`` ``(H, W)`` with square
+    patches of ``p`` pixels: exactly (``H = h p``, ``W = w p``, the rule of the CAMs' token
+    check) or, where no grid fits exactly, with the remainder dropped or padded
+    (``h = floor(H / p)`` or ``ceil(H / p)``, the same for ``w``)."""
+    height, width = (int(side) for side in image_size)
+    shapes = []
+    for leading in leadings:
+        patches = tokens - leading
+        if patches < 2:
+            continue
+        for h in range(1, patches + 1):
+            if patches % h == 0:
+                shapes.append((leading, (h, patches // h)))
+
+    def exact(h: int, w: int) -> bool:
+        return height % h == 0 and width % w == 0 and height // h == width // w
+
+    def rounded(h: int, w: int) -> bool:
+        return any(
+            (height // p, width // p) == (h, w) or (-(-height // p), -(-width // p)) == (h, w)
+            for p in range(1, max(height, width) + 1)
+        )
+
+    fits = [shape for shape in shapes if exact(*shape[1])]
+    return fits or [shape for shape in shapes if rounded(*shape[1])]
+
+
 def looks_channels_last(shape: tuple, input_size: tuple) -> bool:
     """Whether a 4-D layer output ``shape`` is channels-last ``(N, h, w, C)`` rather than
     ``(N, C, h, w)`` for inputs of spatial ``input_size`` ``(H, W)``: its dims 1 and 2 keep
@@ -212,11 +257,16 @@ def expose_token_grid(
             first: a tokens-first ``(tokens, N, D)`` layer is refused).
         example (Tensor): a small input batch of the size to be explained; the layer's output
             on it gives the number of tokens.
-        leading (int, optional): tokens before the patches (1 for a class token, 2 with
-            DeiT's distillation token). Default: inferred with ``grid_size`` from the token
-            count: 0, 1 or 2 leading tokens before a square grid of at least 2 x 2 patches.
-        grid_size (tuple[int, int], optional): ``(h, w)`` patches, for a non-square grid.
-            Default: inferred.
+        leading (int, optional): tokens (>= 0) before the patches (1 for a class token, 2
+            with DeiT's distillation token). Default: inferred with ``grid_size``.
+        grid_size (tuple[int, int], optional): ``(h, w)`` patches, positive ints. Default:
+            inferred from the token count and the example's ``H x W``: 0, 1 or 2 leading
+            tokens (only ``leading`` when given) before a grid of square patches, that is a
+            square grid of at least 2 x 2 patches for square images (and for an example that
+            is not an ``(N, C, H, W)`` image), and for non-square images the one ``h x w``
+            grid with ``H / h == W / w`` (or, where none divides the image, the one that
+            tiles it with the remainder dropped or padded). Pass it when the tokens do not
+            tile the example as the patches of the image (a model that resizes its input).
 
     Returns:
         TokenGridModel: computes what ``model`` computes; ``.grid`` is the layer.
@@ -227,8 +277,9 @@ def expose_token_grid(
             ``nn.TransformerEncoderLayer`` gives with its default ``batch_first=False``:
             build the model with ``batch_first=True``, or use a CAM class with a
             ``reshape_transform`` that moves the examples first), or its token count does
-            not match the grid (or cannot be inferred as 0-2 leading tokens and a square
-            grid of at least 2 x 2 patches: pass ``leading`` and ``grid_size``).
+            not match the grid, or no grid or more than one can be inferred (pass
+            ``leading`` and ``grid_size``); ``leading`` is negative or ``grid_size`` is not
+            two positive ints (``TypeError`` for the wrong types).
 
     Examples::
 
@@ -249,6 +300,10 @@ def expose_token_grid(
     """
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise TypeError("`model` must be an eager nn.Module (hooks cannot reach into TorchScript).")
+    if leading is not None:
+        leading = check_int(leading, "leading", minimum=0)
+    if grid_size is not None:
+        grid_size = _check_grid_size(grid_size)
     module = resolve_layer(model, layer)
     shape = _layer_output(model, module, example)
     if isinstance(shape, str):
@@ -274,22 +329,8 @@ def expose_token_grid(
             "of vision transformers."
         )
     tokens = shape[1]
-    if grid_size is None and leading is None:
-        inferred = token_grid_shape(tokens)
-        if inferred is None:
-            raise ValueError(
-                f"`layer` outputs {tokens} tokens, not 0-2 leading tokens and a square grid of "
-                "at least 2 x 2 patches; pass `leading` and `grid_size`=(h, w)."
-            )
-        leading, grid_size = inferred
-    elif grid_size is None:
-        side = math.isqrt(max(tokens - leading, 0))
-        if side < 2 or side * side != tokens - leading:
-            raise ValueError(
-                f"`leading`={leading} leaves {tokens - leading} of the layer's {tokens} tokens, "
-                "not a square grid of at least 2 x 2 patches; pass `grid_size`=(h, w)."
-            )
-        grid_size = (side, side)
+    if grid_size is None:
+        leading, grid_size = _infer_grid(tokens, example, leading)
     elif leading is None:
         leading = tokens - grid_size[0] * grid_size[1]
     h, w = grid_size
@@ -299,6 +340,50 @@ def expose_token_grid(
             f"tokens, but `layer` outputs {tokens}."
         )
     return _checked(TokenGridModel(model, module, leading, (h, w)), example)
+
+
+def _infer_grid(tokens: int, example: Tensor, leading: int | None) -> tuple[int, tuple[int, int]]:
+    """``(leading, (h, w))`` of ``tokens`` for :func:`expose_token_grid` without
+    ``grid_size`` (``leading`` given or None): for a non-square ``(N, C, H, W)`` example, the
+    one grid of square patches that fits its ``H x W`` (:func:`_image_grid_layouts`); for a
+    square one (whose grids of square patches are square) or an example that is not an image,
+    the square grid of at least 2 x 2 patches (:func:`token_grid_shape`)."""
+    image = (
+        tuple(example.shape[-2:]) if isinstance(example, Tensor) and example.dim() == 4 else None
+    )
+    leadings = (1, 0, 2) if leading is None else (leading,)
+    given = "" if leading is None else f"`leading`={leading} leaves {tokens - leading} of "
+    if image is None or image[0] == image[1]:
+        for count in leadings:
+            side = math.isqrt(max(tokens - count, 0))
+            if side > 1 and side * side == tokens - count:
+                return count, (side, side)
+        if leading is None:
+            raise ValueError(
+                f"`layer` outputs {tokens} tokens, not 0-2 leading tokens and a square grid of "
+                "at least 2 x 2 patches; pass `leading` and `grid_size`=(h, w)."
+            )
+        raise ValueError(
+            f"{given}the layer's {tokens} tokens, not a square grid of at least 2 x 2 "
+            "patches; pass `grid_size`=(h, w)."
+        )
+    fits = _image_grid_layouts(tokens, image, leadings)
+    if len(fits) == 1:
+        return fits[0]
+    what = (
+        f"`layer` outputs {tokens} tokens"
+        if leading is None
+        else f"{given}the layer's {tokens} tokens"
+    )
+    if not fits:
+        reason = (
+            f"no grid of square patches after {'0-2' if leading is None else leading} leading "
+            f"tokens fits the example's {image[0]} x {image[1]} images"
+        )
+    else:
+        listed = ", ".join(f"{count} leading and {h} x {w}" for count, (h, w) in fits)
+        reason = f"several grids fit the example's {image[0]} x {image[1]} images ({listed})"
+    raise ValueError(f"{what}: {reason}; pass `leading` and `grid_size`=(h, w).")
 
 
 def _checked(wrapped: TokenGridModel, example: Tensor) -> TokenGridModel:

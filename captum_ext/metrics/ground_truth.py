@@ -98,7 +98,8 @@ def attribution_precision_recall(
         selection (str): how the map marks :math:`P`. ``"top-k"``: the :math:`|R|` highest
             ranked pixels (per example; only pixels with a rank score > 0), so precision and
             recall coincide when there are enough of them. ``"threshold"``: the pixels with a
-            rank score above ``threshold`` times the example's highest. ``"nonzero"``: every
+            rank score >= ``threshold`` times the example's highest (and > 0), so
+            ``threshold=1`` marks the pixels at the maximum. ``"nonzero"``: every
             pixel with a rank score above 1e-6 of the highest (for null regions). Default:
             ``"top-k"``.
         threshold (float): for ``selection="threshold"``, in (0, 1]. Default: 0.5.
@@ -141,7 +142,8 @@ def attribution_precision_recall(
         )
         marked = (ranks < k) & (score > 0)
     elif selection == "threshold":
-        marked = (score > threshold * top) & (score > 0)
+        # >=: threshold=1 (allowed) marks the maximum; > would mark nothing
+        marked = (score >= threshold * top) & (score > 0)
     else:
         marked = (score > 1e-6 * top) & (score > 0)
     hits = (marked & relevant).sum(dim=1).double()

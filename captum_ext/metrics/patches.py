@@ -110,16 +110,23 @@ def single_patch(attributions: Any, boxes: Any) -> Tensor:
 
 def saturation(attributions: Any, first_boxes: Any, second_boxes: Any) -> float:
     """Spearman correlation across images of the ``|a|`` mass on two copies of one patch
-    (nan, with a warning, where neither copy's mass varies across the images: e.g. a method
-    that attributes nothing)."""
+    (nan, with a warning, where either copy's mass is the same in every image, as for a method
+    that attributes nothing or one that never gives the second copy any mass: a rank
+    correlation with a constant is undefined)."""
     maps = _pixel_maps(attributions, "attributions").abs()
     first = (maps * _masks(first_boxes, maps, "first_boxes")).flatten(1).sum(1)
     second = (maps * _masks(second_boxes, maps, "second_boxes")).flatten(1).sum(1)
     if maps.shape[0] < 3:
         raise ValueError("`attributions`: saturation correlates across images; give at least 3.")
-    if bool((first == first[0]).all()) and bool((second == second[0]).all()):
+    constant = [
+        name
+        for name, mass in (("first", first), ("second", second))
+        if bool((mass == mass[0]).all())
+    ]
+    if constant:
+        copies = "each copy" if len(constant) == 2 else f"the {constant[0]} copy"
         warnings.warn(
-            "saturation: the mass on each copy is the same in every image, so the correlation "
+            f"saturation: the mass on {copies} is the same in every image, so the correlation "
             "across images is undefined; returning nan.",
             RuntimeWarning,
             stacklevel=2,

@@ -77,9 +77,10 @@ class Oracle:
             ``(N, classes)`` logits.
         inputs (Tensor): ``(N, C, H, W)`` inputs.
         target (Tensor): ``(N,)`` the class whose logit the ground truth explains.
-        baselines (Tensor): ``(1, C, H, W)`` or ``(N, C, H, W)``: the reference input the
-            ground truth is relative to (black for the colour counter, zero for the null
-            region, the same image with both patches dark for the interaction cell).
+        baselines (Tensor): ``(1, C, H, W)``: the reference input the ground truth is
+            relative to, for :attr:`inputs` and for the inputs of :meth:`sample` alike (black
+            for the colour counter, zero for the null region, black for the interaction cell:
+            both patches dark, and the pixels outside them do not enter the network).
         ground_truth (Tensor): ``(N, 1, H, W)`` exact attribution of each pixel (summed over
             channels) to ``model(inputs)[n, target[n]]`` relative to ``baselines``, except
             for ``null_region_oracle``, whose ground truth is the 0/1 indicator of the pixels
@@ -96,9 +97,11 @@ class Oracle:
     sampler: Callable[[int, torch.Generator], tuple[Tensor, Tensor, Tensor]]
 
     def sample(self, n: int, *, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``n`` fresh ``(inputs, target, ground_truth)`` drawn with ``seed``."""
+        """``n`` fresh ``(inputs, target, ground_truth)`` drawn with ``seed`` (an int >= 0;
+        the same seed draws the same examples). ``baselines`` holds for them too."""
         n = check_int(n, "n")
-        generator = torch.Generator().manual_seed(int(seed))
+        seed = check_int(seed, "seed", minimum=0)
+        generator = torch.Generator().manual_seed(seed)
         return self.sampler(n, generator)
 
 
@@ -114,6 +117,16 @@ class DominantColourCounter(nn.Module):
     (the L1 distance to :math:`c_k`) into :math:`\mathrm{ReLU}(1 - 2\,\|x - c_k\|_1)`, which is 1
     on a pixel of colour :math:`k` and 0 on black and on every other palette colour; ``count``
     sums over the image and ``head`` (Linear) forms the logits.
+
+    That holds when the detector of each colour is exactly 0 on black and on the others, i.e.
+    :math:`1 - 2\,\|c_j - c_k\|_1 \le 0`: every two palette colours are at least 0.5 apart
+    in L1 distance, and every colour at least 0.5 from black (:math:`\|c_k\|_1 \ge 0.5`).
+    A closer palette is refused, as is one of fewer than 2 colours (the head divides by
+    :math:`K - 1`).
+
+    Args:
+        palette (Tensor): ``(K, C)`` colours, ``K >= 2``, finite; integer or bool colours are
+            read as floats.
     """
 
     def __init__(self, palette: Tensor) -> None:
@@ -130,6 +143,7 @@ class DominantColourCounter(nn.Module):
             )
         if not palette.is_floating_point():  # integer or bool colours (0 / 1)
             palette = palette.float()
+        _check_palette(palette)
         k, c = palette.shape
         # the layers' default initialisation (overwritten below) must not draw from the
         # caller's random stream
@@ -163,6 +177,38 @@ class DominantColourCounter(nn.Module):
         detected = self.relu2(self.detect(self.relu1(self.detect_difference(x))))
         counts = detected.sum(dim=(2, 3))
         return self.head(counts)
+
+
+def _check_palette(palette: Tensor) -> None:
+    """Refuse a palette for which the detectors' ``ReLU(1 - 2 d)`` is not exactly 0 on black
+    and on the other colours (``d`` the L1 distance), by name."""
+    k, c = palette.shape
+    if k < 2 or c < 1:
+        raise ValueError(
+            f"`palette` must hold at least 2 colours of at least 1 channel, got shape "
+            f"{tuple(palette.shape)}: the logits compare each colour with the others."
+        )
+    if not bool(torch.isfinite(palette).all()):
+        raise ValueError("`palette` contains NaN or infinite values.")
+    # the colours as the network's float32 weights hold them
+    colours = palette.detach().float().cpu().double()
+    with_black = torch.cat([colours, torch.zeros(1, c, dtype=torch.float64)])
+    distance = torch.cdist(colours, with_black, p=1)
+    distance[:, :k].fill_diagonal_(float("inf"))
+    close = (distance < 0.5).nonzero().tolist()
+    if close:
+        i, j = close[0]
+
+        def shown(row: int) -> str:
+            return "(" + ", ".join(f"{float(v):.6g}" for v in colours[row]) + ")"
+
+        other = "black" if j == k else f"colour {j} {shown(j)}"
+        raise ValueError(
+            f"`palette`: colour {i} {shown(i)} is {float(distance[i, j]):.6g} from "
+            f"{other} in L1 distance; the detectors ReLU(1 - 2 d) need every two colours, and "
+            "every colour and black (the background), at least 0.5 apart, or a pixel is "
+            "counted for more than one colour."
+        )
 
 
 def _colour_images(
@@ -227,6 +273,7 @@ def dominant_colour_oracle(
     if colours > len(_PALETTE):
         raise ValueError(f"`colours` must be at most {len(_PALETTE)}, got {colours}.")
     fill = check_number(fill, "fill", maximum=1.0)
+    seed = check_int(seed, "seed", minimum=0)
     if round(fill * size * size) < 1:
         raise ValueError(
             f"`fill`={fill} of {size} x {size} pixels rounds to no coloured pixel: every image "
@@ -242,7 +289,7 @@ def dominant_colour_oracle(
         truth = torch.where(labels < 0, 0.0, truth)
         return images, target, truth
 
-    inputs, target, truth = sampler(n, torch.Generator().manual_seed(int(seed)))
+    inputs, target, truth = sampler(n, torch.Generator().manual_seed(seed))
     return Oracle(
         name="dominant colour",
         model=model,
@@ -315,7 +362,7 @@ def null_region_oracle(
             target = model(images).argmax(dim=1)
         return images, target, keep.expand(count, 1, size, size).clone()
 
-    inputs, target, truth = sampler(n, torch.Generator().manual_seed(int(seed) + 1))
+    inputs, target, truth = sampler(n, torch.Generator().manual_seed(seed + 1))
     return Oracle(
         name="null region",
         model=model,
@@ -337,12 +384,18 @@ class PatchInteractionCell(nn.Module):
     ``a`` and ``b`` are the mean intensities of two fixed patches (1 when lit, 0 when dark);
     ``AND = ReLU(a + b - 1)``, ``XOR = ReLU(a - b) + ReLU(b - a)``. Pixels outside the patches
     do not enter.
+
+    Args:
+        patch_a (Tensor): the first patch, a mask (or non-negative weights) broadcastable to
+            the inputs' ``(N, 1, H, W)`` channel mean, with at least one non-zero pixel; it is
+            divided by its sum, so ``a`` is the patch's (weighted) mean intensity.
+        patch_b (Tensor): the second patch, likewise.
     """
 
     def __init__(self, patch_a: Tensor, patch_b: Tensor) -> None:
         super().__init__()
-        self.register_buffer("patch_a", patch_a / patch_a.sum())
-        self.register_buffer("patch_b", patch_b / patch_b.sum())
+        self.register_buffer("patch_a", _patch_weights(patch_a, "patch_a"))
+        self.register_buffer("patch_b", _patch_weights(patch_b, "patch_b"))
         # one ReLU module per use, so that methods with per-module rules (DeepLift) apply
         self.relu_and = nn.ReLU()
         self.relu_a_not_b = nn.ReLU()
@@ -358,14 +411,36 @@ class PatchInteractionCell(nn.Module):
         return torch.stack([both, either], dim=1)
 
 
+def _patch_weights(patch: Tensor, argument: str) -> Tensor:
+    """``patch`` divided by its sum, after refusing what is not a patch, by name."""
+    if not isinstance(patch, Tensor) or patch.is_complex():
+        got = f"{patch.dtype} tensor" if isinstance(patch, Tensor) else type(patch).__name__
+        raise TypeError(f"`{argument}` must be a real tensor (a mask of the patch), got {got}.")
+    patch = patch.detach().clone() if patch.is_floating_point() else patch.float()
+    if not bool(torch.isfinite(patch).all()):
+        raise ValueError(f"`{argument}` contains NaN or infinite values.")
+    if bool((patch < 0).any()):
+        raise ValueError(
+            f"`{argument}` has negative values; a patch is a 0 / 1 mask (or non-negative weights)."
+        )
+    total = patch.sum()
+    if not bool(total > 0):
+        raise ValueError(
+            f"`{argument}` is all zero: the patch covers no pixel, so its mean intensity "
+            "(the sum divided by the patch's area) is undefined."
+        )
+    return patch / total
+
+
 def interaction_oracle(n: int = 8, *, size: int = 12, patch: int = 4, seed: int = 0) -> Oracle:
     r"""Two patches and the AND / XOR of whether each is lit, with Shapley ground truth.
 
     Patch A sits in the top-left, patch B in the bottom-right corner (``patch x patch`` pixels
     each); the rest of the image is uniform noise the network ignores. Each image lights A, B,
     both or neither, and explains class 0 (AND) or 1 (XOR). The ground truth is each patch's
-    Shapley value relative to both patches dark (the ``baselines``: the same image with the
-    patches dark), spread evenly over its pixels:
+    Shapley value relative to both patches dark (the ``baselines``: a black image, the same
+    as each image with its patches dark since the network ignores the other pixels), spread
+    evenly over its pixels:
 
     ==========  ==========  ======================  ======================
     A lit       B lit       AND: A, B               XOR: A, B
@@ -382,11 +457,13 @@ def interaction_oracle(n: int = 8, *, size: int = 12, patch: int = 4, seed: int 
         seed (int): seed of the images. Default: 0.
 
     Returns:
-        Oracle: ``model`` is a :class:`PatchInteractionCell` (one channel).
+        Oracle: ``model`` is a :class:`PatchInteractionCell` (one channel); ``baselines`` is
+        black, ``(1, 1, size, size)``.
     """
     n = check_int(n, "n")
     patch = check_int(patch, "patch")
     size = check_int(size, "size", minimum=2 * patch)
+    seed = check_int(seed, "seed", minimum=0)
     patch_a = torch.zeros(1, 1, size, size)
     patch_a[..., :patch, :patch] = 1.0
     patch_b = torch.zeros(1, 1, size, size)
@@ -408,14 +485,15 @@ def interaction_oracle(n: int = 8, *, size: int = 12, patch: int = 4, seed: int 
         truth = phi[:, 0, None, None, None] * patch_a + phi[:, 1, None, None, None] * patch_b
         return images, target, truth / area
 
-    inputs, target, truth = sampler(n, torch.Generator().manual_seed(int(seed)))
-    patches = patch_a + patch_b
+    inputs, target, truth = sampler(n, torch.Generator().manual_seed(seed))
     return Oracle(
         name="interaction",
         model=model,
         inputs=inputs,
         target=target,
-        baselines=inputs * (1.0 - patches),
+        # both patches dark; the pixels outside them do not enter the network, so one black
+        # image is "the same image with the patches dark" for every input, sampled ones too
+        baselines=torch.zeros(1, 1, size, size),
         ground_truth=truth,
         sampler=sampler,
     )

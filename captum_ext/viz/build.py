@@ -625,14 +625,14 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
     """A :class:`~captum_ext.token_grid.TokenGridModel` when ``layer`` outputs tokens
     ``(N, tokens, D)`` (a vision transformer's block) or a channels-last ``(N, h, w, C)``
     grid (a Swin stage), else None. ``ValueError`` naming ``--layer`` when the tokens do not
-    form a square grid after 0-2 leading tokens."""
+    form a grid of patches that tiles the example's height and width after 0-2 leading
+    tokens."""
     import torch
 
     from captum_ext.token_grid import (
         expose_token_grid,
         layer_output_shape,
         looks_channels_last,
-        token_grid_shape,
     )
 
     if not isinstance(forward, torch.nn.Module) or isinstance(forward, torch.jit.ScriptModule):
@@ -641,15 +641,16 @@ def _token_grid(forward: Any, layer: Any, layer_name: str, example: Any):
     channels_last = len(shape) == 4 and looks_channels_last(shape, tuple(example.shape[-2:]))
     if not channels_last and len(shape) != 3:
         return None
-    if not channels_last and token_grid_shape(shape[1]) is None:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the patch tokens of `layer` do not reach")
+            wrapped = expose_token_grid(forward, layer, example)
+    except ValueError as error:
         raise ValueError(
-            f"`--layer` {layer_name!r} outputs {shape}: {shape[1]} tokens are not 0-2 leading "
-            "tokens and a square grid of patches, so they cannot be shown as a map; explain "
-            "it from Python with captum_ext.token_grid.expose_token_grid(..., grid_size=(h, w))."
-        )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the patch tokens of `layer` do not reach")
-        wrapped = expose_token_grid(forward, layer, example)
+            f"`--layer` {layer_name!r} outputs {shape}, which cannot be shown as a map: {error} "
+            "Explain it from Python with captum_ext.token_grid.expose_token_grid(..., "
+            "grid_size=(h, w), leading=k)."
+        ) from error
     if wrapped.reaches_output is False:  # checked by expose_token_grid on the same example
         raise ValueError(
             f"`--layer` {layer_name!r}: its patch tokens do not reach the model's output (their "

@@ -1,0 +1,79 @@
+"""The contrastive report section reads ``labels`` by the report sections' shared rule:
+integer class indices or None, floats refused before any map is computed (they were
+truncated: 0.7 became class 0)."""
+
+import pytest
+import torch
+
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import denormalize_digits, load_sample_digits
+from captum_ext.viz.report import contrastive_section
+
+CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = load_sample_digits()
+    return load_bundled_model(), images[:2], labels[:2]
+
+
+def _section(model, images, out, labels):
+    shown = denormalize_digits(images)
+    return contrastive_section(
+        model, "features.6", images, shown, CLASSES, out, False, labels=labels
+    )
+
+
+@pytest.mark.parametrize("labels", [[0.7, 1.0], torch.tensor([0.0, 1.0]), [True, 0]])
+def test_contrastive_section_refuses_float_labels_before_computing(digits, labels, tmp_path):
+    model, images, _ = digits
+    with pytest.raises(TypeError, match=r"`labels`\[0\] must be an integer class index"):
+        _section(model, images, tmp_path, labels)
+    assert not any(tmp_path.iterdir())
+
+
+def test_contrastive_section_keeps_integer_labels_and_none(digits, tmp_path):
+    model, images, labels = digits
+    true = int(labels[1])
+    section = _section(model, images, tmp_path, [None, true])
+    _, first, second = section.rows
+    assert "true class" not in first.label
+    assert f"true class {CLASSES[true]} (" in second.label
+
+
+class _PatchTokens(torch.nn.Module):
+    """A class token and 4 x 4-pixel patch tokens of the image, one linear block, a head on
+    the mean of the tokens (so the patch tokens reach the output)."""
+
+    def __init__(self, keep=None):
+        super().__init__()
+        self.keep = keep
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(1, 6, 4, stride=4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 6))
+        self.block = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)[:, : self.keep]
+        return self.head(torch.relu(self.block(tokens)).mean(1))
+
+
+def test_report_takes_the_token_grid_of_non_square_images():
+    """16 x 32 images make 1 + 4 x 8 = 33 tokens: no square grid, but one grid that tiles the
+    image. The report's check refused it before reading the image's shape."""
+    from captum_ext.viz.build import _token_grid
+
+    model = _PatchTokens().eval()
+    wrapped = _token_grid(model, model.block, "block", torch.rand(2, 1, 16, 32))
+    assert wrapped is not None and tuple(wrapped.grid_size) == (4, 8)
+
+
+def test_report_names_the_layer_when_tokens_fit_no_grid():
+    from captum_ext.viz.build import _token_grid
+
+    model = _PatchTokens(keep=31).eval()  # 31 of the 33 tokens: no grid fits 16 x 32
+    with pytest.raises(ValueError, match="`--layer` 'block' outputs"):
+        _token_grid(model, model.block, "block", torch.rand(2, 1, 16, 32))
