@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args)
     except (OutputError, SectionTooBigError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
+        message = message.replace("`final_layer`=", "`--final-layer`=")  # the methods' name
         if args.command == "report":  # the methods' argument is the command's --layer
             message = message.replace("`layer`=", "`--layer`=")
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -148,6 +148,43 @@ def load_exported(
     return plain.to(device)
 
 
+#: the operators a decomposed ``aten.linear`` becomes (``run_decompositions``)
+_DECOMPOSED_LINEAR = ("addmm", "mm", "bmm", "matmul")
+
+
+def _operator_name(node: torch.fx.Node) -> str:
+    """``"addmm"`` for ``aten.addmm.default``: the operator's name without its overload."""
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
+
+
+def _linear_calls(graph: torch.fx.Graph, path: str) -> list[torch.fx.Node]:
+    """The ``aten.linear`` calls that ran inside the module at ``path``."""
+    return [
+        node
+        for node in graph.nodes
+        if node.op == "call_function"
+        and "linear" in str(node.target)
+        and any(p == path for p, _ in _paths(node))
+    ]
+
+
+def _decomposed_into(graph: torch.fx.Graph, path: str) -> list[str]:
+    """The matrix-product operators a decomposed program runs for the linear layer at
+    ``path`` (``["addmm"]`` after ``run_decompositions()``); empty when it is not one."""
+    if _linear_calls(graph, path):
+        return []
+    return sorted(
+        {
+            _operator_name(node)
+            for node in graph.nodes
+            if node.op == "call_function"
+            and _operator_name(node) in _DECOMPOSED_LINEAR
+            and any(p == path for p, _ in _paths(node))
+        }
+    )
+
+
 def _final_linear_nodes(
     graph: torch.fx.Graph, path: str | None = None
 ) -> tuple[str, list[torch.fx.Node]] | None:
@@ -157,11 +194,56 @@ def _final_linear_nodes(
     last = path if path is not None else (linears[-1] if linears else None)
     if last is None or last not in linears:
         return None
-    nodes = [n for n in graph.nodes if any(p == last for p, _ in _paths(n))]
-    calls = [n for n in nodes if n.op == "call_function" and "linear" in str(n.target)]
+    calls = _linear_calls(graph, last)
     if len(calls) != 1 or len(calls[0].args) < 2:
         return None
     return last, calls
+
+
+def _no_final_linear(
+    graph: torch.fx.Graph, final_layer: str | None, option: str = "final_layer"
+) -> ValueError:
+    """Why no final linear operator can be exposed (``final_layer``, or the last linear layer
+    when None), as the error to raise, naming the argument ``option``."""
+    linears = _layer_paths(graph, _is_linear)
+    named = f"`{option}`={final_layer!r}" if final_layer is not None else ""
+    if final_layer is None and not linears:
+        return ValueError(
+            "the exported model ran no linear layer (nn.Linear) that GradTrust could take as "
+            "the final layer: the scores that read the final layer need the linear layer "
+            "that produces the logits."
+        )
+    path = final_layer if final_layer is not None else linears[-1]
+    layers = _layer_paths(graph)
+    if path not in layers:
+        close = difflib.get_close_matches(path, layers, n=_LIST_AT_MOST, cutoff=0.4)
+        hint = f" Closest layers: {', '.join(close)}." if close else ""
+        return ValueError(
+            f"{named} is not a layer of the exported model.{hint} Layer names are those of "
+            "the model it was exported from (captum_ext.exported.exported_layer_names lists "
+            f"them); its linear layers: {', '.join(linears) or 'none'}."
+        )
+    if path not in linears:
+        return ValueError(
+            f"{named} is not a linear layer of the exported model (its linear layers: "
+            f"{', '.join(linears) or 'none'})."
+        )
+    decomposed = _decomposed_into(graph, path)
+    which = named or f"the last linear layer {path!r}"
+    if decomposed:
+        return ValueError(
+            f"{which}: the exported program was decomposed (ExportedProgram."
+            "run_decompositions(), as for ExecuTorch or AOTInductor), and this linear layer "
+            f"runs as {', '.join('aten.' + op for op in decomposed)} operators, not as one "
+            "linear operator that can be exposed as the final layer. Explain the program as "
+            "torch.export.export returns it, before run_decompositions()."
+        )
+    calls = len(_linear_calls(graph, path))
+    return ValueError(
+        f"{which} does not run as one linear operator in the exported model ("
+        f"{f'it runs {calls} times' if calls else 'no aten.linear operator ran inside it'}), "
+        f"so it cannot be exposed as the final layer (its linear layers: {', '.join(linears)})."
+    )
 
 
 def _parameter(model: torch.fx.GraphModule, node: Any) -> nn.Parameter | None:
@@ -193,12 +275,15 @@ def expose_exported_layer(
         example (Tensor, optional): a small input batch; the wrapper must reproduce the
             model's output on it.
         final_layer (str, optional): the path of the linear layer that produces the logits.
-            Default: None (the last linear layer that runs).
+            Default: None (the last linear layer that runs, when it runs as one linear
+            operator on parameters; else no ``final_linear``).
 
     Raises:
         ValueError: no operator of the graph ran inside ``layer`` (the closest paths are
-            listed), ``final_layer`` is not one of its linear layers, or the wrapper does not
-            reproduce the model's output on ``example``.
+            listed), ``final_layer`` is not one of its linear layers or does not run as one
+            linear operator (a program decomposed by ``run_decompositions()`` runs it as
+            ``aten.addmm``: explain the program before decomposing it), or the wrapper does
+            not reproduce the model's output on ``example``.
 
     Examples::
 
@@ -229,7 +314,15 @@ def expose_exported_final_layer(
     """A copy of an exported model's graph (sharing its parameters) whose final linear
     operator runs as the ``nn.Linear`` ``final_linear`` (same parameter objects), for GradTrust
     and the other scores that hook the final layer; :func:`expose_exported_layer` without a
-    layer to tap. ``example`` and ``final_layer``: as there."""
+    layer to tap. ``example`` and ``final_layer``: as there.
+
+    Raises:
+        ValueError: the model runs no linear layer, ``final_layer`` is not one of its linear
+            layers, or the final linear layer does not run as one linear operator on
+            parameters (a program decomposed by ``run_decompositions()`` runs it as
+            ``aten.addmm``: explain the program before decomposing it); or as
+            :func:`expose_exported_layer`.
+    """
     return _exposed(model, None, example, final_layer)
 
 
@@ -238,7 +331,12 @@ def _exposed(
     layer: str | None,
     example: Tensor | None,
     final_layer: str | None = None,
+    *,
+    option: str = "final_layer",
 ) -> torch.fx.GraphModule:
+    """The wrapper of :func:`expose_exported_layer` (``layer`` None: no tap); errors about
+    ``final_layer`` name the argument ``option`` (``"--final-layer"`` from the command
+    line's :func:`captum_ext.torchscript.expose_final_layer`)."""
     if not is_exported(model):
         raise TypeError(
             "`model` must be the module of a torch.export program (torch.export.load(path)"
@@ -249,17 +347,28 @@ def _exposed(
     if layer is not None:
         _insert_tap(model, wrapper, graph, layer)
     final = _final_linear_nodes(graph, final_layer)
-    if final is None and final_layer is not None:
-        linears = ", ".join(_layer_paths(graph, _is_linear)) or "none"
-        raise ValueError(
-            f"`--final-layer`={final_layer!r} is not a linear layer of the exported model that "
-            f"runs as one linear operator (its linear layers: {linears})."
-        )
+    if final is None and (final_layer is not None or layer is None):
+        # named, or asked for alone (expose_exported_final_layer): a wrapper without
+        # final_linear would only send GradTrust back here
+        raise _no_final_linear(graph, final_layer, option)
     if final is not None:
-        _, (call,) = final
+        path, (call,) = final
         weight = _parameter(model, call.args[1])
-        bias = _parameter(model, call.args[2]) if len(call.args) > 2 else None
-        if weight is not None and weight.dim() == 2:
+        has_bias = len(call.args) > 2 and call.args[2] is not None
+        bias = _parameter(model, call.args[2]) if has_bias else None
+        if weight is None or weight.dim() != 2 or (has_bias and bias is None):
+            if final_layer is not None or layer is None:
+                which = (
+                    f"`{option}`={final_layer!r}"
+                    if final_layer is not None
+                    else f"the last linear layer {path!r}"
+                )
+                raise ValueError(
+                    f"{which}: the weight or bias of this linear layer is not a parameter of "
+                    "the exported model (a constant, or computed in the graph), so it cannot be "
+                    "exposed as the final layer."
+                )
+        else:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             linear.weight = weight  # the same Parameter objects: no copy, one set of values
             if bias is not None:
@@ -276,8 +385,9 @@ def _exposed(
         with torch.no_grad():
             expected, got = model(example), wrapper(example)
         if not same_model_output(got, expected):  # a dict of a segmentation model too
+            exposed = f"`--layer`={layer!r}" if layer is not None else "the final layer"
             raise ValueError(
-                f"`--layer`={layer!r}: the exported model with its layer exposed did not "
+                f"{exposed}: the exported model with its layer exposed did not "
                 "reproduce the model's output. Pass the model as 'package.module:factory' "
                 "with --weights instead."
             )

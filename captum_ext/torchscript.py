@@ -332,7 +332,7 @@ def expose_final_layer(
     layer: str | None = None,
     example: Tensor | None = None,
     option: str = "--final-layer",
-) -> TorchScriptLayerModel:
+) -> nn.Module:
     r"""A TorchScript model whose final linear layer GradTrust can read.
 
     GradTrust needs the final ``nn.Linear`` (its input and its weight, through a hook); in a
@@ -340,10 +340,16 @@ def expose_final_layer(
     eager ``nn.Linear`` sharing the compiled layer's weight and bias in its place, and, when
     ``layer`` is given, also exposes that layer through ``wrapper.tap``.
 
+    For the module of a ``torch.export`` program it is the wrapper of
+    :func:`captum_ext.exported.expose_exported_final_layer` (with ``layer``,
+    :func:`captum_ext.exported.expose_exported_layer`'s).
+
     Args:
-        model (torch.jit.ScriptModule): a scripted or traced model.
+        model (torch.jit.ScriptModule): a scripted or traced model, or the module of a
+            ``torch.export`` program.
         final_layer (str, optional): dotted name of its final linear layer. Default: None
-            (the last linear layer in ``model.named_modules()``).
+            (the last linear layer in ``model.named_modules()``; for an exported model the
+            last one that runs).
         layer (str, optional): a layer to expose as well (as :func:`expose_layer`).
         example (Tensor, optional): a small batch; the wrapper must reproduce the model's
             output on it.
@@ -353,6 +359,10 @@ def expose_final_layer(
         ValueError: no linear layer is found or named, or the model's code on the way to it
             cannot be evaluated (the message names ``option``).
     """
+    from .exported import _exposed, is_exported
+
+    if is_exported(model):  # a torch.export program's module: its layers are graph operators
+        return _exposed(model, layer, example, final_layer, option=option)
     modules = dict(model.named_modules())
     if final_layer is None:
         final_layer = last_linear_name(model)
@@ -404,10 +414,12 @@ def expose_layer(
             for eager models the module itself.
         example (Tensor, optional): a small input batch; for TorchScript models the wrapper is
             run on it and checked against the compiled model. Default: None (no check).
-        final_layer (str, optional): TorchScript models only: the dotted name of the final
-            linear layer to expose as well, so that GradTrust can read it (the wrapper of
-            :func:`expose_final_layer`, with ``layer`` as its ``tap``). Default: None (only
-            ``layer`` is exposed).
+        final_layer (str, optional): TorchScript and exported models only: the dotted name
+            of the final linear layer to expose as well, so that GradTrust can read it (the
+            wrapper of :func:`expose_final_layer`, with ``layer`` as its ``tap``; for an
+            exported model that of :func:`captum_ext.exported.expose_exported_layer`, which
+            checks it names a linear layer). Default: None (only ``layer`` is exposed; an
+            exported model's last linear layer is exposed as well when it can be).
 
     Returns:
         tuple[nn.Module, nn.Module]: the forward function and the layer module.
@@ -436,7 +448,7 @@ def expose_layer(
     from .exported import expose_exported_layer, is_exported
 
     if is_exported(model) and isinstance(layer, str):  # a torch.export program's module
-        return expose_exported_layer(model, layer, example)
+        return expose_exported_layer(model, layer, example, final_layer=final_layer)
     if not isinstance(model, torch.jit.ScriptModule):
         return model, resolve_layer(model, layer, argument="--layer")
     if not isinstance(layer, str):

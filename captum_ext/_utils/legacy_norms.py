@@ -50,7 +50,14 @@ def is_legacy_norm_hook(hook: Any) -> bool:
 def copied_model(model: _Module) -> _Module:
     """``copy.deepcopy(model)``, also when legacy normalised layers hold a computed weight
     with autograd history (the copy gets it detached; its pre-hook recomputes it on the next
-    forward). The user's model is left as it was."""
+    forward). The user's model is left as it was.
+
+    A TorchScript module (the model, or one inside it) is copied by cloning its tensors,
+    which with gradients enabled gives parameters that are not leaves and lead back to the
+    user's: every backward pass through the copy then warns about ``.grad`` of a non-leaf
+    tensor, and gradients could reach the user's parameters. It is copied under
+    ``torch.no_grad()`` (leaf tensors, no graph), its ``requires_grad`` flags set as the
+    user's."""
     computed = [
         (module.__dict__, name, value)
         for module in model.modules()
@@ -61,10 +68,18 @@ def copied_model(model: _Module) -> _Module:
     try:
         for attributes, name, value in computed:
             attributes[name] = value.detach()
-        return copy.deepcopy(model)
+        if not any(isinstance(module, torch.jit.ScriptModule) for module in model.modules()):
+            return copy.deepcopy(model)
+        with torch.no_grad():
+            copied = copy.deepcopy(model)
     finally:
         for attributes, name, value in computed:
             attributes[name] = value
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, parameter in copied.named_parameters():
+        if name in flags and parameter.requires_grad != flags[name]:
+            parameter.requires_grad_(flags[name])
+    return copied
 
 
 def resynchronise_legacy_norms(module: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .hooks import restored_buffers_of_modules_run
-from .layers import compiled_code_runs_eagerly
+from .layers import compiled_code_runs_eagerly, is_exported
 from .validation import outside_inference_mode_nested
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
@@ -99,6 +99,24 @@ def _preserved(submodules: list[nn.Module]) -> Iterator[None]:
         torch.set_grad_enabled(grad_enabled)
         if torch.get_default_dtype() != default_dtype:
             torch.set_default_dtype(default_dtype)
+
+
+def set_eval_mode(model: nn.Module) -> None:
+    """``model.eval()``, also for the module of a ``torch.export`` program (or a model holding
+    one, ``nn.Sequential(normalise, exported)``), whose ``.eval()`` torch refuses ("Calling
+    eval() is not supported yet"): its mode was fixed when it was exported, so only its
+    ``training`` flags are cleared, without calling it; every other module gets its own
+    ``.eval()``. Call it inside :func:`preserved_state`, which puts the flags back."""
+    if not any(is_exported(module) for module in model.modules()):
+        model.eval()
+        return
+    if is_exported(model):
+        for module in model.modules():
+            module.training = False  # per module: its .train() raises
+        return
+    model.training = False  # not .eval(): it would recurse into the exported module
+    for child in model.children():
+        set_eval_mode(child)
 
 
 @contextlib.contextmanager

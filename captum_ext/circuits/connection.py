@@ -182,7 +182,10 @@ def _called_modules(model: nn.Module) -> set[str] | None:
 
 
 def _units(
-    module: nn.Module, prefix: str = "", called: set[str] | None = None
+    module: nn.Module,
+    prefix: str = "",
+    called: set[str] | None = None,
+    classifier: str | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """The model cut into the units stages are made of, in registration order.
 
@@ -191,7 +194,10 @@ def _units(
     unit, and so is any other module with its own ``forward`` (a residual block). In a
     ``torch.fx`` GraphModule (``symbolic_trace``) only the modules its graph calls run
     (``called``): a container it never calls (``features``, a bare ``nn.Module`` holding
-    the layers there) is opened, as no hook on it would fire.
+    the layers there) is opened, as no hook on it would fire. A module holding both
+    convolutions and the ``classifier`` (the model itself inside a wrapper,
+    ``nn.Sequential(normalise, model)``) is opened too: as one unit it would be a stage that
+    contains the classifier.
     """
     if called is None and not prefix:
         called = _called_modules(module)
@@ -200,11 +206,19 @@ def _units(
         full = f"{prefix}{name}"
         if _is_leaf(child):
             units.append((full, child))
-        elif (called is not None and full not in called) or (
-            isinstance(child, (nn.Sequential, nn.ModuleList))
-            and any(_is_leaf(c) for c in child.children())
+        elif (
+            (called is not None and full not in called)
+            or (
+                isinstance(child, (nn.Sequential, nn.ModuleList))
+                and any(_is_leaf(c) for c in child.children())
+            )
+            or (
+                classifier is not None
+                and classifier.startswith(full + ".")
+                and _contains_conv(child)
+            )
         ):
-            units.extend(_units(child, full + ".", called))
+            units.extend(_units(child, full + ".", called, classifier))
         else:
             units.append((full, child))
     return units
@@ -223,7 +237,7 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
     - when the only stage is a container of blocks (MobileNetV2's ``features``), its blocks
       are the stages (:func:`_blocks_of`).
     """
-    units = [(n, m) for n, m in _units(model) if n != classifier]
+    units = [(n, m) for n, m in _units(model, classifier=classifier) if n != classifier]
     # a post-activation module the forward pass calls more than once (one nn.ReLU shared by
     # every convolution) has no single output to read: a stage ends before it
     graph = trace(model)

@@ -18,7 +18,7 @@ from torch import Tensor
 from captum_ext._utils.batched_grad import run_forward, warn_if_nan
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.maps import upsample_keeping_ties
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import preserved_state, set_eval_mode
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import (
     check_int,
@@ -285,7 +285,7 @@ def evaluation(forward_func: Callable) -> Iterator[None]:
     model = root_module(forward_func)
     with preserved_state([model], hidden_model=model is None), torch.no_grad():
         if model is not None:
-            model.eval()
+            set_eval_mode(model)
         yield
 
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from captum_ext._utils.batched_grad import run_forward
 from captum_ext._utils.layers import root_module
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import preserved_state, set_eval_mode
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.precision import has_float64, precise, precise_dtype
 from captum_ext._utils.seeding import (
@@ -1229,7 +1229,7 @@ def _evaluated(forward_func: Callable) -> Iterator[None]:
     model = root_module(forward_func)
     with preserved_state([model], hidden_model=model is None), torch.no_grad():
         if model is not None:
-            model.eval()
+            set_eval_mode(model)
         yield
 
 

@@ -36,9 +36,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from captum_ext._utils.batched_grad import call_model, in_model_precision
-from captum_ext._utils.layers import eager_name, uncompiled
+from captum_ext._utils.layers import eager_name, is_exported, uncompiled
 from captum_ext._utils.legacy_norms import copied_model, resynchronise_legacy_norms
-from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
+from captum_ext._utils.model_state import (
+    leaves_inference_mode,
+    preserved_state,
+    set_eval_mode,
+)
 from captum_ext._utils.precision import at_least_float32, float64_here_or_cpu
 from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
 from captum_ext._utils.validation import (
@@ -335,6 +339,23 @@ def _has_own_parameters(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module) or any(True for _ in module.parameters(False))
 
 
+def _exported_layer_holders(model: nn.Module) -> set[str]:
+    """The names of the modules of ``model`` that hold the parameters of a layer of a
+    ``torch.export`` program (the model itself, or an exported module inside it): in the
+    program's module the layers ran as graph operators, and their parameters hang on bare
+    containers at the layers' paths (:func:`captum_ext.exported.exported_module_types`),
+    without the layers' ``reset_parameters``. Like the compiled layers of a TorchScript
+    model, they get torch's default initialisation as a whole (biases included)."""
+    from captum_ext.exported import exported_module_types
+
+    holders: set[str] = set()
+    for prefix, module in model.named_modules():
+        if is_exported(module):
+            head = f"{prefix}." if prefix else ""
+            holders.update(head + path for path in exported_module_types(module) if path)
+    return holders
+
+
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
     if isinstance(layers, str):  # one layer (a string is a sequence of its characters)
@@ -368,12 +389,13 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
         if parametrize.is_parametrized(module)
         for part in module.parametrizations.modules()
     }
+    holders = _exported_layer_holders(model)
     names = [
         name
         for name, module in model.named_modules()
         if id(module) not in inside_parametrisations
         and _has_own_parameters(module)
-        and ((name and _resets_itself(module)) or _raw_weights(module))
+        and ((name and (_resets_itself(module) or name in holders)) or _raw_weights(module))
     ]
     return names[::-1]  # top (output) first; the model's own parameters ("") last
 
@@ -444,7 +466,8 @@ def _refuse_parametrization(module: nn.Module, name: str, why: str) -> None:
 
 def _resets_itself(module: nn.Module) -> bool:
     """A layer re-initialised by its own ``reset_parameters`` (or a compiled layer of a
-    TorchScript model, given torch's default initialisation by _reset_parameters)."""
+    TorchScript model, given torch's default initialisation by _reset_parameters; the
+    parameter holders of a ``torch.export`` program: :func:`_exported_layer_holders`)."""
     return (
         callable(getattr(module, "reset_parameters", None))
         or parametrize.is_parametrized(module)
@@ -473,10 +496,11 @@ def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None
     module holding raw parameters such as a class token or a positional embedding), torch's
     default rule for linear and convolutional layers written out: weights of 2 or more
     dims Kaiming-uniform with ``a = sqrt(5)``, a bias uniform in +-1/sqrt(fan_in) of that
-    weight; 1-D weights (norms) ones, other biases zeros. The parameters are changed in
-    place, so compiled code runs with the new values. ``raw_weights_only`` (the default
-    cascade, on a module without ``reset_parameters`` that is not a compiled layer, or the
-    model itself): only :func:`_raw_weights`, each Kaiming-uniform."""
+    weight; 1-D weights (norms) ones, other biases zeros, a batch norm's running statistics
+    reset (mean 0, variance 1). The parameters are changed in place, so compiled code runs
+    with the new values. ``raw_weights_only`` (the default cascade, on a module without
+    ``reset_parameters`` that is not a compiled layer, or the model itself): only
+    :func:`_raw_weights`, each Kaiming-uniform."""
     if parametrize.is_parametrized(module):
         _reset_parametrized(module)
         return
@@ -504,6 +528,14 @@ def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None
                 nn.init.ones_(parameter)
             else:
                 nn.init.zeros_(parameter)
+        # a batch norm's running statistics, as its reset_parameters resets them
+        buffers = dict(module.named_buffers(recurse=False))
+        if isinstance(buffers.get("running_mean"), Tensor):
+            buffers["running_mean"].zero_()
+        if isinstance(buffers.get("running_var"), Tensor):
+            buffers["running_var"].fill_(1)
+        if isinstance(buffers.get("num_batches_tracked"), Tensor):
+            buffers["num_batches_tracked"].zero_()
 
 
 @leaves_inference_mode
@@ -569,7 +601,7 @@ def model_randomisation(
     if not names:
         raise ValueError("`layers`: the model has no layer with parameters to randomise.")
     with preserved_state([model]):
-        model.eval()
+        set_eval_mode(model)
         with torch.no_grad():
             # float32 images of a half-precision model in its dtype, as the explainers do
             output = call_model(model, in_model_precision(model, (inputs,)))
@@ -582,15 +614,21 @@ def model_randomisation(
     similarity_rows: dict[str, list[Tensor]] = {}
     cuda_devices = initialised_cuda_devices()  # a CUDA model's parameters draw there
     with seeded_rng(None, cuda_devices):  # the caller's random states come back afterwards
-        working = copied_model(model).eval()
+        holders = _exported_layer_holders(model)
+        working = copied_model(model)
+        set_eval_mode(working)
         for step, name in enumerate(names):
             if not cascade:
-                working = copied_model(model).eval()
+                working = copied_model(model)
+                set_eval_mode(working)
             seed_generators(seed + step, cuda_devices)
             module = dict(working.named_modules())[name]
-            # the default cascade: compiled layers as a whole, the model itself and other
-            # modules without reset_parameters by their trained weights only
-            compiled_layer = bool(name) and isinstance(module, torch.jit.ScriptModule)
+            # the default cascade: compiled layers (and the layers of a torch.export
+            # program) as a whole, the model itself and other modules without
+            # reset_parameters by their trained weights only
+            compiled_layer = bool(name) and (
+                isinstance(module, torch.jit.ScriptModule) or name in holders
+            )
             _reset_parameters(module, raw_weights_only=default and not compiled_layer)
             # inside the caller's torch.autocast block the low-precision copies of weights
             # already run would be reused: the cascade stopped after its first layer
@@ -655,7 +693,7 @@ def class_sensitivity(
     measures = _check_measures(similarity)
     n = inputs.shape[0]
     with preserved_state([model]):
-        model.eval()
+        set_eval_mode(model)
         with torch.no_grad():
             logits = call_model(model, in_model_precision(model, (inputs,)))
         target = _one_class_each(target, logits, "target")

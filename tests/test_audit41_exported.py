@@ -1,0 +1,296 @@
+"""Audit 41: models exported with ``torch.export`` (and TorchScript, wrapped models) in the
+metrics, the final-layer wrappers and the circuit readout."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from captum_ext.attr import GradCAM
+from captum_ext.bundled import load_bundled_model
+from captum_ext.data import load_sample_digits
+from captum_ext.exported import (
+    exported_layer_names,
+    expose_exported_final_layer,
+    expose_exported_layer,
+)
+from captum_ext.metrics import (
+    class_sensitivity,
+    deletion,
+    gradtrust,
+    insertion,
+    model_randomisation,
+    road,
+)
+from captum_ext.torchscript import expose_final_layer, expose_layer
+
+torch.set_num_threads(1)
+
+
+def _export(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The module ``torch.export`` returns (its ``.eval()`` / ``.train()`` raise)."""
+    batch = torch.export.Dim("batch")
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+
+
+def _plain(module: nn.Module) -> torch.fx.GraphModule:
+    """The same graph and parameters as a plain GraphModule (as ``load_exported`` gives)."""
+    return torch.fx.GraphModule(module, module.graph)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_bundled_model()
+    images, labels = load_sample_digits()
+    images, labels = images[:4], labels[:4]
+    return model, _export(model, images[:2]), images, labels
+
+
+class _TwoHeads(nn.Module):
+    """``fc`` gives the logits; ``aux`` (a calibration layer) runs after it, last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.aux = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aux(self.fc(torch.relu(self.conv(x)).mean((2, 3))))
+
+
+class _ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _trained_conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    model = _ConvBN()
+    with torch.no_grad():  # as after training: biases and statistics away from their init
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.bias.uniform_(-1, 1)
+        model.conv.bias.uniform_(-1, 1)
+        model.fc.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+# -- 1. expose_layer passes final_layer on for an exported model -------------------------------
+
+
+def test_expose_layer_gives_final_layer_to_an_exported_model():
+    """expose_layer(exported, layer, final_layer=...) dropped final_layer: a bogus name was
+    accepted and GradTrust silently read the last linear layer (aux) instead of fc."""
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    x = torch.randn(2, 3, 8, 8)
+    exported = _export(model, x)
+    wrapper, tap = expose_layer(exported, "conv", example=x, final_layer="fc")
+    assert torch.equal(wrapper.final_linear.weight, model.fc.weight)
+    assert wrapper.final_linear.bias is exported.get_parameter("fc.bias")
+    torch.testing.assert_close(wrapper(x), model(x))
+    with pytest.raises(ValueError, match=r"`final_layer`='does_not_exist' is not a layer"):
+        expose_layer(exported, "conv", example=x, final_layer="does_not_exist")
+    with pytest.raises(ValueError, match=r"`final_layer`='conv' is not a linear layer.*fc, aux"):
+        expose_layer(exported, "conv", example=x, final_layer="conv")
+
+
+# -- 2. model_randomisation re-initialises an exported model's layers as the eager ones -------
+
+
+def test_model_randomisation_of_an_exported_model_equals_the_eager_model():
+    """The parameter holders of an exported model have no reset_parameters: only their
+    weights were re-initialised (trained biases and batch-norm statistics kept), and the
+    curves differed from the eager (and TorchScript) model's."""
+    model = _trained_conv_bn()
+    x = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    exported = _plain(_export(model, x[:2]))  # as load_exported gives it (takes .eval())
+    before = _state(exported)
+    eager = model_randomisation(lambda m: GradCAM(m, "conv"), model, x, target=0)
+    curves = model_randomisation(
+        lambda m: GradCAM(*expose_exported_layer(m, "conv")), exported, x, target=0
+    )
+    assert curves.layers == eager.layers == ["fc", "bn", "conv"]
+    torch.testing.assert_close(curves.randomised, eager.randomised)
+    for measure, values in eager.similarity.items():
+        torch.testing.assert_close(curves.similarity[measure], values)
+    after = _state(exported)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the user's copy as it was
+
+
+# -- 3. the metrics accept the module torch.export returns ------------------------------------
+
+
+def test_metrics_accept_the_module_torch_export_returns(digits):
+    """deletion, insertion, road, model_randomisation and class_sensitivity called
+    model.eval(), which torch refuses on torch.export.export(...).module()
+    (NotImplementedError); the CAMs took the same module. Results equal the eager model's."""
+    model, exported, x, y = digits
+    before = _state(exported)
+    wrapper, tap = expose_exported_layer(exported, "features.7", example=x[:2])
+    maps = GradCAM(wrapper, tap).attribute(x, target=y)
+    for metric, options in (
+        (deletion, {"n_steps": 4}),
+        (insertion, {"n_steps": 4}),
+        (road, {"percentages": (0.2, 0.6)}),
+    ):
+        got = metric(exported, x, maps, target=y, **options)
+        expected = metric(model, x, maps, target=y, **options)
+        torch.testing.assert_close(got, expected)
+    # a wrapper holding the exported module (its .eval() would recurse into it)
+    wrapped = nn.Sequential(nn.Identity(), exported)
+    torch.testing.assert_close(
+        deletion(wrapped, x, maps, target=y, n_steps=4),
+        deletion(model, x, maps, target=y, n_steps=4),
+    )
+    curves = model_randomisation(
+        lambda m: GradCAM(*expose_exported_layer(m, "features.7")),
+        exported,
+        x[:2],
+        target=y[:2],
+        layers=["classifier", "features.6"],
+    )
+    eager = model_randomisation(
+        lambda m: GradCAM(m, "features.7"),
+        model,
+        x[:2],
+        target=y[:2],
+        layers=["classifier", "features.6"],
+    )
+    torch.testing.assert_close(curves.randomised, eager.randomised)
+    sensitivity = class_sensitivity(
+        lambda m: GradCAM(*expose_exported_layer(m, "features.7")), exported, x[:2]
+    )
+    expected = class_sensitivity(lambda m: GradCAM(m, "features.7"), model, x[:2])
+    for measure, values in expected.similarity.items():
+        torch.testing.assert_close(sensitivity.similarity[measure], values)
+    after = _state(exported)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# -- 4. a decomposed program is refused with the reason ---------------------------------------
+
+
+def test_a_decomposed_program_is_refused_naming_run_decompositions(digits):
+    """After run_decompositions() the linear layer runs as aten.addmm: the final-layer
+    wrapper silently had no final_linear, GradTrust then asked for the wrapper already made,
+    and final_layer='classifier' was "not a linear layer (its linear layers: classifier)"."""
+    model, _, x, y = digits
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},))
+    decomposed = program.run_decompositions().module()
+    assert "classifier" in exported_layer_names(decomposed)
+    with pytest.raises(ValueError, match=r"decomposed.*run_decompositions"):
+        expose_exported_final_layer(decomposed, x[:2])
+    with pytest.raises(ValueError, match=r"`final_layer`='classifier'.*run_decompositions"):
+        expose_exported_final_layer(decomposed, x[:2], final_layer="classifier")
+    with pytest.raises(ValueError, match=r"run_decompositions"):
+        expose_exported_layer(decomposed, "features.7", final_layer="classifier")
+    # a layer to explain is still exposed (no final layer asked for)
+    wrapper, tap = expose_exported_layer(decomposed, "features.7", example=x[:2])
+    torch.testing.assert_close(
+        GradCAM(wrapper, tap).attribute(x, target=y),
+        GradCAM(model, "features.7").attribute(x, target=y),
+    )
+
+
+def test_final_layer_messages_name_the_python_argument(digits):
+    model, exported, x, _ = digits
+    with pytest.raises(ValueError, match=r"^`final_layer`='features\.3' is not a linear layer"):
+        expose_exported_final_layer(exported, final_layer="features.3")
+    with pytest.raises(ValueError) as error:
+        expose_exported_final_layer(exported, final_layer="clasifier")
+    assert "--final-layer" not in str(error.value) and "Closest layers: classifier" in str(
+        error.value
+    )
+
+
+def test_expose_final_layer_takes_an_exported_model(digits):
+    """expose_final_layer(exported) called it "the TorchScript model GraphModule" without
+    a linear layer; it now gives the exported model's final-layer wrapper."""
+    model, exported, x, _ = digits
+    wrapper = expose_final_layer(exported, example=x[:2])
+    assert torch.equal(wrapper.final_linear.weight, model.classifier.weight)
+    torch.testing.assert_close(gradtrust(wrapper, x), gradtrust(model, x))
+    with pytest.raises(ValueError, match=r"`--final-layer`='features\.3' is not a linear"):
+        expose_final_layer(exported, "features.3")  # its `option`, as for TorchScript
+
+
+# -- 5. the circuit readout opens a model nested in a wrapper ---------------------------------
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_circuit_readout_opens_a_wrapped_model(digits, index):
+    """nn.Sequential(normalise, model) and nn.Sequential(model): the inner model, which
+    holds the classifier, was one stage, and the readout failed asking for `layers`."""
+    from captum_ext.circuits import CircuitReadout
+
+    model, _, x, y = digits
+    wrapped = nn.Sequential(*([nn.Identity()] if index else []), model)
+    inner = CircuitReadout(model)
+    readout = CircuitReadout(wrapped)
+
+    def prefixed(name: str) -> str:
+        return name if name in ("pooled", "class") else f"{index}.{name}"
+
+    assert readout.stages == tuple(prefixed(stage) for stage in inner.stages)
+    (graph, *_), (expected, *_) = readout.readout(x[:2]), inner.readout(x[:2])
+
+    def node(name: str) -> str:
+        stage, _, channel = name.rpartition(":")
+        return f"{prefixed(stage)}:{channel}"
+
+    assert set(graph.nodes) == {node(n) for n in expected.nodes}
+    assert set(graph.edges) == {(node(a), node(b)) for a, b in expected.edges}
+
+
+# -- 6. copying a TorchScript model gives leaf parameters --------------------------------------
+
+
+def test_model_randomisation_of_a_scripted_model_warns_nothing(digits):
+    """deepcopy of a ScriptModule clones its parameters with autograd history: every
+    backward pass on the copy warned about .grad of a non-leaf tensor."""
+    from captum_ext._utils.legacy_norms import copied_model
+
+    model, _, x, y = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    copy = copied_model(scripted)
+    for (name, parameter), original in zip(copy.named_parameters(), scripted.parameters()):
+        assert parameter.is_leaf and parameter.grad_fn is None, name
+        assert parameter.requires_grad == original.requires_grad, name
+        assert parameter.data_ptr() != original.data_ptr(), name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curves = model_randomisation(
+            lambda m: GradCAM(*expose_layer(m, "features.7")),
+            scripted,
+            x[:2],
+            target=y[:2],
+            layers=["classifier", "features.6"],
+        )
+    assert not [w for w in caught if "leaf" in str(w.message)]
+    assert all(p.grad is None for p in scripted.parameters())
+    eager = model_randomisation(
+        lambda m: GradCAM(m, "features.7"),
+        model,
+        x[:2],
+        target=y[:2],
+        layers=["classifier", "features.6"],
+    )
+    torch.testing.assert_close(curves.randomised, eager.randomised)
