@@ -190,14 +190,20 @@ def _check_grid_size(grid_size: Any) -> tuple[int, int]:
     return (check_int(grid_size[0], "grid_size[0]"), check_int(grid_size[1], "grid_size[1]"))
 
 
+LARGEST_PATCH = 32
+"""The largest patch, in pixels, that grid inference considers: vision transformers' patches
+(and hierarchical stages' strides) are 4 to 32 pixels. Larger cells are taken only
+through ``grid_size``."""
+
+
 def _image_grid_layouts(
     tokens: int, image_size: tuple[int, int], leadings: tuple[int, ...] = (1, 0, 2)
-) -> list[tuple[int, tuple[int, int]]]:
-    """Every ``(leading, (h, w))`` with ``leading`` in ``leadings`` and ``h * w = tokens -
-    leading >= 2`` patches whose grid fits images of ``image_size`` ``(H, W)`` with square
-    patches of ``p`` pixels: exactly (``H = h p``, ``W = w p``, the rule of the CAMs' token
-    check) or, where no grid fits exactly, with the remainder dropped or padded
-    (``h = floor(H / p)`` or ``ceil(H / p)``, the same for ``w``)."""
+) -> tuple[list[tuple[int, tuple[int, int]]], list[tuple[int, tuple[int, int]]]]:
+    """``(exact, rounded)``: the ``(leading, (h, w))`` with ``leading`` in ``leadings`` and
+    ``h * w = tokens - leading >= 2`` patches whose grid fits images of ``image_size``
+    ``(H, W)`` with square patches of ``p <= LARGEST_PATCH`` pixels: exactly (``H = h p``,
+    ``W = w p``, the rule of the CAMs' token check), or with the remainder dropped or padded
+    (``h = floor(H / p)`` or ``ceil(H / p)``, the same for ``w``, ``p >= 2``)."""
     height, width = (int(side) for side in image_size)
     shapes = []
     for leading in leadings:
@@ -209,16 +215,18 @@ def _image_grid_layouts(
                 shapes.append((leading, (h, patches // h)))
 
     def exact(h: int, w: int) -> bool:
-        return height % h == 0 and width % w == 0 and height // h == width // w
+        return height % h == 0 and width % w == 0 and height // h == width // w <= LARGEST_PATCH
 
     def rounded(h: int, w: int) -> bool:
         return any(
             (height // p, width // p) == (h, w) or (-(-height // p), -(-width // p)) == (h, w)
-            for p in range(1, max(height, width) + 1)
+            for p in range(2, LARGEST_PATCH + 1)
         )
 
-    fits = [shape for shape in shapes if exact(*shape[1])]
-    return fits or [shape for shape in shapes if rounded(*shape[1])]
+    return (
+        [shape for shape in shapes if exact(*shape[1])],
+        [shape for shape in shapes if rounded(*shape[1])],
+    )
 
 
 def looks_channels_last(shape: tuple, input_size: tuple) -> bool:
@@ -264,9 +272,11 @@ def expose_token_grid(
             tokens (only ``leading`` when given) before a grid of square patches, that is a
             square grid of at least 2 x 2 patches for square images (and for an example that
             is not an ``(N, C, H, W)`` image), and for non-square images the one ``h x w``
-            grid with ``H / h == W / w`` (or, where none divides the image, the one that
-            tiles it with the remainder dropped or padded). Pass it when the tokens do not
-            tile the example as the patches of the image (a model that resizes its input).
+            grid with ``H / h == W / w`` and patches of at most ``LARGEST_PATCH`` (32)
+            pixels (where none divides the image, the one that tiles it with the remainder
+            dropped or padded; where none does either, the square grid, as for a model that
+            resizes its input). Pass it when the tokens do not tile the example as the
+            patches of the image (a model that resizes its input to another aspect ratio).
 
     Returns:
         TokenGridModel: computes what ``model`` computes; ``.grid`` is the layer.
@@ -344,20 +354,27 @@ def expose_token_grid(
 
 def _infer_grid(tokens: int, example: Tensor, leading: int | None) -> tuple[int, tuple[int, int]]:
     """``(leading, (h, w))`` of ``tokens`` for :func:`expose_token_grid` without
-    ``grid_size`` (``leading`` given or None): for a non-square ``(N, C, H, W)`` example, the
-    one grid of square patches that fits its ``H x W`` (:func:`_image_grid_layouts`); for a
-    square one (whose grids of square patches are square) or an example that is not an image,
-    the square grid of at least 2 x 2 patches (:func:`token_grid_shape`)."""
+    ``grid_size`` (``leading`` given or None). For a square example, or one that is not an
+    ``(N, C, H, W)`` image: the square grid of at least 2 x 2 patches (a square image's
+    grids of square patches are square). For a non-square image: the one grid of square
+    patches of at most ``LARGEST_PATCH`` pixels that tiles its ``H x W``
+    (:func:`_image_grid_layouts`); where none does, the one that tiles it with the remainder
+    dropped or padded; where none does either, the square grid (a model that resizes its
+    input). Several grids at the first step that has any, or none at all, are refused."""
     image = (
         tuple(example.shape[-2:]) if isinstance(example, Tensor) and example.dim() == 4 else None
     )
     leadings = (1, 0, 2) if leading is None else (leading,)
     given = "" if leading is None else f"`leading`={leading} leaves {tokens - leading} of "
+    square = None
+    for count in leadings:
+        side = math.isqrt(max(tokens - count, 0))
+        if side > 1 and side * side == tokens - count:
+            square = (count, (side, side))
+            break
     if image is None or image[0] == image[1]:
-        for count in leadings:
-            side = math.isqrt(max(tokens - count, 0))
-            if side > 1 and side * side == tokens - count:
-                return count, (side, side)
+        if square is not None:
+            return square
         if leading is None:
             raise ValueError(
                 f"`layer` outputs {tokens} tokens, not 0-2 leading tokens and a square grid of "
@@ -367,7 +384,8 @@ def _infer_grid(tokens: int, example: Tensor, leading: int | None) -> tuple[int,
             f"{given}the layer's {tokens} tokens, not a square grid of at least 2 x 2 "
             "patches; pass `grid_size`=(h, w)."
         )
-    fits = _image_grid_layouts(tokens, image, leadings)
+    exact, rounded = _image_grid_layouts(tokens, image, leadings)
+    fits = exact or rounded or ([square] if square is not None else [])
     if len(fits) == 1:
         return fits[0]
     what = (

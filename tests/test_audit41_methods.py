@@ -237,7 +237,10 @@ def test_report_sections_refuse_float_labels(fitted, labels):
     from captum_ext.viz.introspection import compute_introspection
 
     network, x, _ = fitted
-    with pytest.raises(TypeError, match=r"`labels`\[0\] must be an integer class index"):
+    with pytest.raises(
+        TypeError,
+        match=r"`labels`(\[0\] must be an integer class index| must hold integer class indices)",
+    ):
         compute_introspection(network, x, labels=labels)
 
 

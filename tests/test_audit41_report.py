@@ -2,6 +2,7 @@
 integer class indices or None, floats refused before any map is computed (they were
 truncated: 0.7 became class 0)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,7 +29,10 @@ def _section(model, images, out, labels):
 @pytest.mark.parametrize("labels", [[0.7, 1.0], torch.tensor([0.0, 1.0]), [True, 0]])
 def test_contrastive_section_refuses_float_labels_before_computing(digits, labels, tmp_path):
     model, images, _ = digits
-    with pytest.raises(TypeError, match=r"`labels`\[0\] must be an integer class index"):
+    with pytest.raises(
+        TypeError,
+        match=r"`labels`(\[0\] must be an integer class index| must hold integer class indices)",
+    ):
         _section(model, images, tmp_path, labels)
     assert not any(tmp_path.iterdir())
 
@@ -77,3 +81,54 @@ def test_report_names_the_layer_when_tokens_fit_no_grid():
     model = _PatchTokens(keep=31).eval()  # 31 of the 33 tokens: no grid fits 16 x 32
     with pytest.raises(ValueError, match="`--layer` 'block' outputs"):
         _token_grid(model, model.block, "block", torch.rand(2, 1, 16, 32))
+
+
+# --------------------------------------------------------------------------------------------
+# review of the fixes above
+
+
+@pytest.mark.parametrize(
+    ("tokens", "image", "expected"),
+    [
+        (50, (480, 640), (1, (7, 7))),  # ViT-B/32 that resizes to 224 inside: the square grid
+        (50, (224, 320), (1, (7, 7))),
+        (197, (480, 640), (1, (14, 14))),
+        (65, (16, 64), (1, (4, 16))),  # the image's own 4-pixel patches
+        (281, (224, 320), (1, (14, 20))),  # ViT-B/16 on 224 x 320
+        (282, (224, 320), (2, (14, 20))),  # DeiT's distillation token
+        (253, (230, 300), (1, (14, 18))),  # 16-pixel patches, the remainder dropped
+        (197, (224, 224), (1, (14, 14))),
+    ],
+)
+def test_grid_inference_prefers_plausible_patches_then_the_square_grid(tokens, image, expected):
+    """A grid of 80-pixel patches (2 leading + 6 x 8 on 480 x 640) is no ViT's; the square
+    reading of a model that resizes its input is taken where no grid of patches of at most
+    32 pixels tiles the image."""
+    from captum_ext.token_grid import _infer_grid
+
+    assert _infer_grid(tokens, torch.zeros(1, 3, *image), None) == expected
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [torch.tensor([3]), torch.tensor([1])],  # a DataLoader with batch_size=1
+        [np.array(3), np.int64(1)],
+        np.array([3, 1]),
+        np.array([3, None], dtype=object),
+    ],
+)
+def test_report_labels_take_one_element_integer_tensors_and_arrays(labels):
+    from captum_ext.viz._checks import _check_names_labels
+
+    expected = [3, None] if isinstance(labels, np.ndarray) and labels.dtype == object else [3, 1]
+    assert _check_names_labels(None, labels, 2) == expected
+
+
+def test_report_labels_name_the_float_dtype():
+    from captum_ext.viz._checks import _check_names_labels
+
+    with pytest.raises(TypeError, match=r"got a torch.float32 Tensor"):
+        _check_names_labels(None, torch.tensor([3.0, 1.0]), 2)
+    with pytest.raises(TypeError, match=r"`labels`\[0\] .* of shape \(2,\)"):
+        _check_names_labels(None, [torch.tensor([3, 1]), 1], 2)

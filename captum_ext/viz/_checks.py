@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,7 +25,13 @@ def _check_names_labels(names: Any, labels: Any, n: int) -> list[Any] | None:
         raise ValueError(f"`names` has {len(names)} entries for {n} images.")
     if labels is None:
         return None
-    labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+    mixed = isinstance(labels, np.ndarray) and labels.dtype == object  # e.g. [3, None]
+    if isinstance(labels, (Tensor, np.ndarray)) and not mixed and not _integer_dtype(labels.dtype):
+        raise TypeError(
+            f"`labels` must hold integer class indices (or None), got a {labels.dtype} "
+            f"{type(labels).__name__}; float labels are refused, not rounded."
+        )
+    labels = labels.tolist() if isinstance(labels, (Tensor, np.ndarray)) else list(labels)
     if len(labels) != n:
         raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
     return [_label_entry(label, i) for i, label in enumerate(labels)]
@@ -32,23 +39,34 @@ def _check_names_labels(names: Any, labels: Any, n: int) -> list[Any] | None:
 
 def _label_entry(label: Any, i: int) -> int | None:
     """``labels[i]`` as a class index (None where unknown). Integers only, as
-    ``IntrospectiveNetwork.fit`` takes them: a float (also 2.0) or a bool is refused, naming
-    ``labels``, where ``int()`` would truncate 0.7 and -0.9 to class 0 without a word."""
+    ``IntrospectiveNetwork.fit`` takes them: Python and numpy integers, and one-element
+    integer tensors or arrays (a DataLoader's ``tensor([3])``). A float (also 2.0) or a bool
+    is refused, naming ``labels``, where ``int()`` would truncate 0.7 and -0.9 to class 0
+    without a word."""
     if label is None:
         return None
-    if isinstance(label, Tensor) and label.dim() == 0:
-        if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+    if isinstance(label, (Tensor, np.ndarray)):  # e.g. tensor([3]) from a DataLoader
+        count = label.numel() if isinstance(label, Tensor) else label.size
+        if count != 1 or not _integer_dtype(label.dtype):
             raise TypeError(
                 f"`labels`[{i}] must be an integer class index (or None), got a {label.dtype} "
-                "tensor; float labels are refused, not rounded."
+                f"{type(label).__name__} of shape {tuple(label.shape)}; float labels are "
+                "refused, not rounded."
             )
-        return int(label)
+        return int(label.reshape(()).item())
     if isinstance(label, bool) or not isinstance(label, numbers.Integral):
         raise TypeError(
             f"`labels`[{i}] must be an integer class index (or None), got "
             f"{type(label).__name__} {label!r}; float labels are refused, not rounded."
         )
     return int(label)
+
+
+def _integer_dtype(dtype: Any) -> bool:
+    """Whether a tensor's or array's ``dtype`` holds integers (bool does not count)."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return np.issubdtype(dtype, np.integer)
 
 
 def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
