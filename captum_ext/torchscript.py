@@ -331,7 +331,7 @@ def expose_final_layer(
     *,
     layer: str | None = None,
     example: Tensor | None = None,
-    option: str = "--final-layer",
+    option: str = "final_layer",
 ) -> nn.Module:
     r"""A TorchScript model whose final linear layer GradTrust can read.
 
@@ -353,7 +353,8 @@ def expose_final_layer(
         layer (str, optional): a layer to expose as well (as :func:`expose_layer`).
         example (Tensor, optional): a small batch; the wrapper must reproduce the model's
             output on it.
-        option (str): the name of the option giving ``final_layer``, for error messages.
+        option (str): the name of the argument giving ``final_layer``, for error messages
+            (the command line passes ``"--final-layer"``). Default: ``"final_layer"``.
 
     Raises:
         ValueError: no linear layer is found or named, or the model's code on the way to it
@@ -370,8 +371,8 @@ def expose_final_layer(
             kind = getattr(model, "original_name", type(model).__name__)
             raise ValueError(
                 f"the TorchScript model {kind} has no linear layer GradTrust could take as the "
-                f"final layer; pass `{option}` (the dotted name of the linear layer that "
-                "produces the logits), or load the model as 'package.module:factory'."
+                f"final layer; pass `{option}`=NAME (the dotted name of the linear layer "
+                "that produces the logits), or load the model as 'package.module:factory'."
             )
     elif final_layer not in modules or not final_layer:
         names = [n for n in modules if n]

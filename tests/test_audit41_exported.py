@@ -226,8 +226,8 @@ def test_expose_final_layer_takes_an_exported_model(digits):
     wrapper = expose_final_layer(exported, example=x[:2])
     assert torch.equal(wrapper.final_linear.weight, model.classifier.weight)
     torch.testing.assert_close(gradtrust(wrapper, x), gradtrust(model, x))
-    with pytest.raises(ValueError, match=r"`--final-layer`='features\.3' is not a linear"):
-        expose_final_layer(exported, "features.3")  # its `option`, as for TorchScript
+    with pytest.raises(ValueError, match=r"^`final_layer`='features\.3' is not a linear"):
+        expose_final_layer(exported, "features.3")  # the Python argument, as for TorchScript
 
 
 # -- 5. the circuit readout opens a model nested in a wrapper ---------------------------------
@@ -294,3 +294,135 @@ def test_model_randomisation_of_a_scripted_model_warns_nothing(digits):
         layers=["classifier", "features.6"],
     )
     torch.testing.assert_close(curves.randomised, eager.randomised)
+
+
+# -- 7. model_randomisation: an exported layer is reset as its eager class, or not at all ------
+
+
+class _LayerScale(nn.Module):
+    """timm's LayerScale: a 1-D ``gamma`` and no ``reset_parameters``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.PReLU(4)
+        self.ls = _LayerScale(4)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv(x)))
+        h = h + self.ls(h)
+        return self.fc(self.norm(h.mean((2, 3))))
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_model_randomisation_resets_exported_layers_as_their_eager_classes(cascade):
+    """Every parameter holder of the exported model got a written-out rule: PReLU set to 1
+    (its reset_parameters gives 0.25), and the LayerScale, which the eager cascade leaves
+    alone (no reset_parameters, no weight of 2 dims), randomised as an extra layer with its
+    gamma zeroed."""
+    from captum.attr import Saliency
+
+    torch.manual_seed(0)
+    model = _Mixed()
+    with torch.no_grad():  # as after training: every parameter and statistic moved
+        for tensor in [*model.parameters(), model.bn.running_mean]:
+            tensor.add_(torch.rand_like(tensor))
+        model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.rand(2, 3, 8, 8)
+    exported = _export(model, x)
+
+    def run(m: nn.Module):
+        return model_randomisation(
+            lambda mm: Saliency(mm), m, x, target=0, cascade=cascade, similarity="spearman"
+        )
+
+    eager, curves = run(model), run(exported)
+    assert curves.layers == eager.layers == ["fc", "norm", "act", "bn", "conv"]
+    assert torch.equal(curves.randomised, eager.randomised)
+    torch.testing.assert_close(
+        curves.similarity["spearman"], eager.similarity["spearman"], rtol=0, atol=1e-6
+    )
+    # named explicitly, the LayerScale gets the same rule as in the eager model
+    named = {
+        key: model_randomisation(
+            lambda mm: Saliency(mm), m, x, target=0, layers=["ls", "act"], similarity="spearman"
+        ).randomised
+        for key, m in (("eager", model), ("exported", exported))
+    }
+    assert torch.equal(named["exported"], named["eager"])
+
+
+# -- 8. a fixed-batch torch.export program is refused by the metrics, as by load_exported -----
+
+
+def _fixed_batch_program() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
+    x = torch.rand(2, 3, 8, 8)
+    return torch.export.export(model, (x,)).module(), x  # torch.export's default: batch 2
+
+
+@pytest.mark.parametrize("metric", ["deletion", "road"])
+def test_metrics_refuse_a_fixed_batch_program(metric):
+    """They failed deep inside torch ("Guard failed: input.size()[0] == 2")."""
+    from captum_ext.exported import FixedBatchError
+
+    exported, x = _fixed_batch_program()
+    call = {"deletion": lambda: deletion(exported, x, torch.rand_like(x), target=0, n_steps=4)}
+    call["road"] = lambda: road(exported, x, torch.rand_like(x), target=0)
+    with pytest.raises(FixedBatchError, match=r"^`forward_func`: .*fixed batch size of 2.*Dim"):
+        call[metric]()
+
+
+def test_class_sensitivity_refuses_a_fixed_batch_program_and_randomisation_takes_it():
+    """class_sensitivity stacks the inputs twice (refused, naming `model`); the model
+    randomisation test runs the caller's batch only, which the program takes."""
+    from captum.attr import Saliency
+
+    from captum_ext.exported import FixedBatchError
+
+    exported, x = _fixed_batch_program()
+    with pytest.raises(FixedBatchError, match=r"^`model`: .*fixed batch size of 2"):
+        class_sensitivity(lambda m: Saliency(m), exported, x)
+    curves = model_randomisation(
+        lambda m: Saliency(m), exported, x, target=0, similarity="spearman"
+    )
+    assert curves.layers == ["4", "0"]
+
+
+# -- 9. the TorchScript final-layer errors name the Python argument ----------------------------
+
+
+def test_torchscript_final_layer_errors_name_the_python_argument(digits):
+    """expose_final_layer's default `option` was "--final-layer", the command line's
+    name, in errors of the Python API (the exported models' say `final_layer`)."""
+    model, _, x, _ = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+        no_linear = torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
+    with pytest.raises(ValueError, match=r"^`final_layer`='features\.3' is a"):
+        expose_final_layer(scripted, "features.3")
+    with pytest.raises(ValueError, match=r"^`final_layer`='clasifier' is not a module"):
+        expose_layer(scripted, "features.7", final_layer="clasifier")
+    with pytest.raises(ValueError, match=r"pass `final_layer`=NAME") as error:
+        expose_final_layer(no_linear)
+    assert "--final-layer" not in str(error.value)
+    # the command line still names its option
+    with pytest.raises(ValueError, match=r"^`--final-layer`='clasifier' is not a module"):
+        expose_final_layer(scripted, "clasifier", option="--final-layer")

@@ -101,15 +101,26 @@ def _preserved(submodules: list[nn.Module]) -> Iterator[None]:
             torch.set_default_dtype(default_dtype)
 
 
-def set_eval_mode(model: nn.Module) -> None:
+def set_eval_mode(
+    model: nn.Module, *, fixed_batch: bool = False, argument: str = "forward_func"
+) -> None:
     """``model.eval()``, also for the module of a ``torch.export`` program (or a model holding
     one, ``nn.Sequential(normalise, exported)``), whose ``.eval()`` torch refuses ("Calling
     eval() is not supported yet"): its mode was fixed when it was exported, so only its
     ``training`` flags are cleared, without calling it; every other module gets its own
-    ``.eval()``. Call it inside :func:`preserved_state`, which puts the flags back."""
-    if not any(is_exported(module) for module in model.modules()):
+    ``.eval()``. Call it inside :func:`preserved_state`, which puts the flags back.
+
+    A program exported with a fixed batch size refuses every other batch ("Guard failed:
+    input.size()[0] == 2") and the metrics run batches of their own size: it is refused
+    (:func:`refuse_fixed_batch`, naming ``argument``: the caller's argument holding the
+    model, by default the metrics' ``forward_func``) unless ``fixed_batch`` is True (for a
+    caller that runs only its caller's batch)."""
+    exported = [module for module in model.modules() if is_exported(module)]
+    if not exported:
         model.eval()
         return
+    if not fixed_batch:
+        refuse_fixed_batch(exported, argument)
     if is_exported(model):
         for module in model.modules():
             module.training = False  # per module: its .train() raises
@@ -117,6 +128,25 @@ def set_eval_mode(model: nn.Module) -> None:
     model.training = False  # not .eval(): it would recurse into the exported module
     for child in model.children():
         set_eval_mode(child)
+
+
+def refuse_fixed_batch(exported: Iterable[nn.Module], argument: str) -> None:
+    """Raise :class:`captum_ext.exported.FixedBatchError` (a ``ValueError`` naming
+    ``argument``) when one of the ``torch.export`` modules ``exported`` was exported with a
+    fixed batch size, as :func:`captum_ext.exported.load_exported` refuses such a program:
+    the metrics call the model with batches of their own size (perturbed copies, stacked
+    classes), which the program's guard rejects deep inside torch."""
+    from captum_ext.exported import FixedBatchError, fixed_batch_size
+
+    for module in exported:
+        size = fixed_batch_size(module)
+        if size is not None:
+            raise FixedBatchError(
+                f"`{argument}`: the torch.export program was exported with a fixed batch size "
+                f"of {size}, and the metrics call it with batches of other sizes. Export it "
+                "with a dynamic batch dimension: torch.export.export(model, (example,), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},))."
+            )
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ The user's model is never changed: randomisation acts on a deep copy.
 
 from __future__ import annotations
 
+import inspect
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -339,21 +341,104 @@ def _has_own_parameters(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module) or any(True for _ in module.parameters(False))
 
 
-def _exported_layer_holders(model: nn.Module) -> set[str]:
-    """The names of the modules of ``model`` that hold the parameters of a layer of a
-    ``torch.export`` program (the model itself, or an exported module inside it): in the
-    program's module the layers ran as graph operators, and their parameters hang on bare
-    containers at the layers' paths (:func:`captum_ext.exported.exported_module_types`),
-    without the layers' ``reset_parameters``. Like the compiled layers of a TorchScript
-    model, they get torch's default initialisation as a whole (biases included)."""
-    from captum_ext.exported import exported_module_types
-
-    holders: set[str] = set()
+def _exported_layer_holders(model: nn.Module) -> dict[str, type]:
+    """The modules of ``model`` that hold the parameters of a layer of a ``torch.export``
+    program (the model itself, or an exported module inside it) whose class re-initialises
+    itself (``reset_parameters``), by name, with that class. In the program's module the
+    layers ran as graph operators, and their parameters hang on bare containers at the
+    layers' paths, without the layers' methods; the class each layer had is the one the
+    program recorded (:func:`captum_ext.exported.exported_module_types`, by its qualified
+    name), taken from a Python module already imported (nothing is imported). The other
+    holders (a class without ``reset_parameters``, such as a LayerScale, or one that cannot
+    be found) are treated as the eager model's modules without it: their trained weights
+    only (:func:`_raw_weights`)."""
+    holders: dict[str, type] = {}
     for prefix, module in model.named_modules():
         if is_exported(module):
             head = f"{prefix}." if prefix else ""
-            holders.update(head + path for path in exported_module_types(module) if path)
+            for path, kind in _exported_classes(module).items():
+                if path and callable(getattr(kind, "reset_parameters", None)):
+                    holders[head + path] = kind
     return holders
+
+
+def _exported_classes(model: torch.fx.GraphModule) -> dict[str, type | None]:
+    """The class of every module of an exported model that ran, by path (None where it is
+    not in a Python module already imported), as ``torch.export`` recorded it in each
+    node's ``nn_module_stack`` (a qualified name such as ``"torch.nn.modules.conv.Conv2d"``,
+    or in older releases the class itself)."""
+    classes: dict[str, type | None] = {}
+    for node in model.graph.nodes:
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            path, kind = value[0], value[1]
+            if path not in classes:
+                classes[path] = kind if isinstance(kind, type) else _imported_class(str(kind))
+    return classes
+
+
+def _imported_class(qualified: str) -> type | None:
+    """The ``nn.Module`` subclass named ``qualified`` (``module.Class``, or ``module.Outer.Inner``)
+    in a Python module already imported; None when there is none."""
+    parts = qualified.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        owner: Any = sys.modules.get(".".join(parts[:cut]))
+        if owner is None:
+            continue
+        for part in parts[cut:]:
+            owner = getattr(owner, part, None)
+        if isinstance(owner, type) and issubclass(owner, nn.Module):
+            return owner
+        return None
+    return None
+
+
+def _reset_as(kind: type, holder: nn.Module) -> None:
+    """Re-initialise ``holder``'s parameters (and buffers) in place as ``kind``'s
+    ``reset_parameters`` would those of the eager layer: it runs on a stand-in, an instance of
+    ``kind`` made without its ``__init__`` that holds the same parameter and buffer objects
+    (absent ``weight`` / ``bias`` as None, as torch registers them), whose other attributes
+    are ``kind``'s constructor defaults, except the flags that follow from the parameters
+    present (``affine`` and ``elementwise_affine``: a weight; ``track_running_stats``: a
+    running mean). It draws the same random numbers in the same order as the eager layer:
+    Linear, convolutions, batch, layer and group norms, PReLU (with its default ``init``,
+    0.25: the one given to the eager layer is not recorded) give the eager values. A class
+    whose ``reset_parameters`` needs an attribute the defaults do not give (an RNN's sizes)
+    gets torch's default initialisation instead (:func:`_reset_parameters`)."""
+    stand_in = kind.__new__(kind)
+    nn.Module.__init__(stand_in)
+    parameters = dict(holder._parameters)
+    buffers = dict(holder._buffers)
+    stand_in._parameters = dict(parameters)  # the same objects, in the holder's order
+    stand_in._buffers = dict(buffers)
+    for name in ("weight", "bias"):
+        stand_in._parameters.setdefault(name, None)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        stand_in._buffers.setdefault(name, None)
+    try:
+        arguments = inspect.signature(kind.__init__).parameters.values()
+    except (TypeError, ValueError):
+        arguments = []
+    taken = set(stand_in._parameters) | set(stand_in._buffers)
+    for argument in arguments:
+        if argument.default is not inspect.Parameter.empty and argument.name not in taken:
+            stand_in.__dict__[argument.name] = argument.default
+    has_weight = parameters.get("weight") is not None
+    stand_in.__dict__.update(
+        affine=has_weight,
+        elementwise_affine=has_weight,
+        track_running_stats=buffers.get("running_mean") is not None,
+    )
+    try:
+        with torch.no_grad():
+            stand_in.reset_parameters()
+    except (AttributeError, TypeError):
+        _reset_parameters(holder)
+        return
+    with torch.no_grad():  # a reset_parameters that assigned new tensors
+        for store, ours in ((parameters, stand_in._parameters), (buffers, stand_in._buffers)):
+            for name, value in store.items():
+                if value is not None and ours.get(name) is not value:
+                    value.copy_(ours[name])
 
 
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -466,7 +551,7 @@ def _refuse_parametrization(module: nn.Module, name: str, why: str) -> None:
 
 def _resets_itself(module: nn.Module) -> bool:
     """A layer re-initialised by its own ``reset_parameters`` (or a compiled layer of a
-    TorchScript model, given torch's default initialisation by _reset_parameters; the
+    TorchScript model, given torch's default initialisation by _reset_parameters; for the
     parameter holders of a ``torch.export`` program: :func:`_exported_layer_holders`)."""
     return (
         callable(getattr(module, "reset_parameters", None))
@@ -570,9 +655,11 @@ def model_randomisation(
             name: that layer only). Default: from the output down, every layer that
             re-initialises itself (``reset_parameters``; compiled layers of a
             TorchScript model get torch's default initialisation of linear and
-            convolutional layers), and the trained weights of every other module, the
-            model itself (name ``""``: a vision transformer's class token) last: their own
-            floating-point parameters of two or more dimensions with ``requires_grad``
+            convolutional layers; the layers of a ``torch.export`` program are
+            re-initialised as their eager class's ``reset_parameters`` would, when the
+            program records a class that has one), and the trained weights of every other
+            module, the model itself (name ``""``: a vision transformer's class token) last:
+            their own floating-point parameters of two or more dimensions with ``requires_grad``
             (``nn.MultiheadAttention``'s projections, positional embeddings), each
             Kaiming-uniform. Vectors, scalars and frozen or integer parameters of such
             modules (a temperature, normalisation constants) keep their values.
@@ -601,7 +688,7 @@ def model_randomisation(
     if not names:
         raise ValueError("`layers`: the model has no layer with parameters to randomise.")
     with preserved_state([model]):
-        set_eval_mode(model)
+        set_eval_mode(model, fixed_batch=True)  # the explainer runs the caller's batch
         with torch.no_grad():
             # float32 images of a half-precision model in its dtype, as the explainers do
             output = call_model(model, in_model_precision(model, (inputs,)))
@@ -616,20 +703,21 @@ def model_randomisation(
     with seeded_rng(None, cuda_devices):  # the caller's random states come back afterwards
         holders = _exported_layer_holders(model)
         working = copied_model(model)
-        set_eval_mode(working)
+        set_eval_mode(working, fixed_batch=True)
         for step, name in enumerate(names):
             if not cascade:
                 working = copied_model(model)
-                set_eval_mode(working)
+                set_eval_mode(working, fixed_batch=True)
             seed_generators(seed + step, cuda_devices)
             module = dict(working.named_modules())[name]
-            # the default cascade: compiled layers (and the layers of a torch.export
-            # program) as a whole, the model itself and other modules without
-            # reset_parameters by their trained weights only
-            compiled_layer = bool(name) and (
-                isinstance(module, torch.jit.ScriptModule) or name in holders
-            )
-            _reset_parameters(module, raw_weights_only=default and not compiled_layer)
+            if name in holders:  # a layer of a torch.export program, as its eager class
+                _reset_as(holders[name], module)
+            else:
+                # the default cascade: compiled layers as a whole, the model itself and
+                # other modules without reset_parameters (the parameter holders of a
+                # torch.export program included) by their trained weights only
+                compiled_layer = bool(name) and isinstance(module, torch.jit.ScriptModule)
+                _reset_parameters(module, raw_weights_only=default and not compiled_layer)
             # inside the caller's torch.autocast block the low-precision copies of weights
             # already run would be reused: the cascade stopped after its first layer
             torch.clear_autocast_cache()
@@ -693,7 +781,7 @@ def class_sensitivity(
     measures = _check_measures(similarity)
     n = inputs.shape[0]
     with preserved_state([model]):
-        set_eval_mode(model)
+        set_eval_mode(model, argument="model")  # refuses a fixed-batch torch.export program
         with torch.no_grad():
             logits = call_model(model, in_model_precision(model, (inputs,)))
         target = _one_class_each(target, logits, "target")
