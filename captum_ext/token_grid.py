@@ -273,10 +273,10 @@ def expose_token_grid(
             square grid of at least 2 x 2 patches for square images (and for an example that
             is not an ``(N, C, H, W)`` image), and for non-square images the one ``h x w``
             grid with ``H / h == W / w`` and patches of at most ``LARGEST_PATCH`` (32)
-            pixels (where none divides the image, the one that tiles it with the remainder
-            dropped or padded; where none does either, the square grid, as for a model that
-            resizes its input). Pass it when the tokens do not tile the example as the
-            patches of the image (a model that resizes its input to another aspect ratio).
+            pixels (where none divides the image, the one grid that tiles it with the
+            remainder dropped or padded, or the square grid of a model that resizes its
+            input, if only one of them is possible). Pass it when the tokens do not tile the
+            example as the patches of the image (a model that resizes its input).
 
     Returns:
         TokenGridModel: computes what ``model`` computes; ``.grid`` is the layer.
@@ -359,8 +359,8 @@ def _infer_grid(tokens: int, example: Tensor, leading: int | None) -> tuple[int,
     grids of square patches are square). For a non-square image: the one grid of square
     patches of at most ``LARGEST_PATCH`` pixels that tiles its ``H x W``
     (:func:`_image_grid_layouts`); where none does, the one that tiles it with the remainder
-    dropped or padded; where none does either, the square grid (a model that resizes its
-    input). Several grids at the first step that has any, or none at all, are refused."""
+    dropped or padded, or the square grid of a model that resizes its input, if only one of
+    them is possible. Several grids, or none, are refused."""
     image = (
         tuple(example.shape[-2:]) if isinstance(example, Tensor) and example.dim() == 4 else None
     )
@@ -385,7 +385,10 @@ def _infer_grid(tokens: int, example: Tensor, leading: int | None) -> tuple[int,
             "patches; pass `grid_size`=(h, w)."
         )
     exact, rounded = _image_grid_layouts(tokens, image, leadings)
-    fits = exact or rounded or ([square] if square is not None else [])
+    squares = [square] if square is not None else []
+    # no exact tiling: a remainder dropped or padded, or a model that resizes its input;
+    # the image cannot tell the two apart, so where both fit the choice is the user's
+    fits = exact or rounded + [grid for grid in squares if grid not in rounded] or squares
     if len(fits) == 1:
         return fits[0]
     what = (

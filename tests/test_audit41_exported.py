@@ -426,3 +426,86 @@ def test_torchscript_final_layer_errors_name_the_python_argument(digits):
     # the command line still names its option
     with pytest.raises(ValueError, match=r"^`--final-layer`='clasifier' is not a module"):
         expose_final_layer(scripted, "clasifier", option="--final-layer")
+
+
+# -- 10. second review: wrappers of fixed-batch programs, attention, embeddings, failing resets -
+
+
+def test_model_randomisation_takes_a_wrapper_of_a_fixed_batch_program():
+    """The bare program was taken, a wrapper holding it refused (naming `forward_func`)."""
+    from captum.attr import Saliency
+
+    exported, x = _fixed_batch_program()
+    wrapped = nn.Sequential(nn.Identity(), exported)
+    before = _state(wrapped)
+    curves = model_randomisation(lambda m: Saliency(m), wrapped, x, target=0)
+    assert curves.layers == ["1.4", "1.0"]
+    assert all(torch.equal(v, before[k]) for k, v in wrapped.state_dict().items())
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x.flatten(2).transpose(1, 2))
+        return self.fc(self.att(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+
+def test_exported_attention_out_proj_is_reset_as_a_linear():
+    """``out_proj`` never runs as a module, so the program does not record it: only its
+    weight was re-initialised, the eager model resets its bias too."""
+    from captum.attr import Saliency
+
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.rand_like(parameter))
+    x = torch.rand(2, 3, 4, 4)
+    exported = _export(model, x)
+
+    def run(m: nn.Module):
+        return model_randomisation(lambda mm: Saliency(mm), m, x, target=0)
+
+    eager, curves = run(model), run(exported)
+    assert curves.layers == eager.layers and "att.out_proj" in eager.layers
+    assert torch.equal(curves.randomised, eager.randomised)
+
+
+def test_exported_embedding_keeps_its_padding_row_and_failing_resets_fall_back():
+    """An embedding's padding row (all zeros after training) stays zero, as the eager
+    ``reset_parameters`` keeps it; a class whose ``reset_parameters`` fails on the stand-in
+    gets its tensors back and torch's default initialisation, not a ValueError from torch."""
+    from captum_ext.metrics.sanity import _reset_as
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 4, padding_idx=3)
+    holder = nn.Module()
+    holder.weight = nn.Parameter(embedding.weight.detach().clone())
+    torch.manual_seed(1)
+    embedding.reset_parameters()
+    torch.manual_seed(1)
+    _reset_as(nn.Embedding, holder)
+    assert torch.equal(holder.weight, embedding.weight)
+    assert not holder.weight[3].any()
+
+    class _NeedsMatrix(nn.Module):  # its default init cannot handle a vector
+        def __init__(self, init: str = "kaiming") -> None:
+            super().__init__()
+            self.init = init
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def reset_parameters(self) -> None:
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.scale)
+            else:
+                nn.init.ones_(self.scale)
+
+    odd = nn.Module()
+    odd.scale = nn.Parameter(torch.full((4,), 0.5))
+    _reset_as(_NeedsMatrix, odd)  # no ValueError("Fan in and fan out can not be computed")
+    assert odd.scale.shape == (4,) and torch.isfinite(odd.scale).all()

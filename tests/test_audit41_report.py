@@ -132,3 +132,33 @@ def test_report_labels_name_the_float_dtype():
         _check_names_labels(None, torch.tensor([3.0, 1.0]), 2)
     with pytest.raises(TypeError, match=r"`labels`\[0\] .* of shape \(2,\)"):
         _check_names_labels(None, [torch.tensor([3, 1]), 1], 2)
+
+
+def test_grid_inference_refuses_a_rounded_grid_that_a_resizing_model_could_also_be():
+    """1 + 7 x 7 tokens on 224 x 320: 7 x 10 patches of 32 pixels would be 71 tokens, but
+    6 x 8 with 2 leading tokens tiles it with the remainder dropped (p = 37 is over 32 and
+    not counted; p = 28..32 gives 8 x 11) -- whichever grid the shape allows next to the
+    square one, the choice is the user's."""
+    from captum_ext.token_grid import _infer_grid
+
+    with pytest.raises(ValueError, match=r"several grids fit .*1 leading and 12 x 12"):
+        _infer_grid(145, torch.zeros(1, 3, 112, 256), None)  # 8 x 18 of 14 px, or a 12 x 12
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [(torch.tensor([[3], [1]]), [3, 1]), (np.array([[3], [1]]), [3, 1])],
+)
+def test_report_labels_take_a_column_of_labels(labels, expected):
+    from captum_ext.viz._checks import _check_names_labels
+
+    assert _check_names_labels(None, labels, 2) == expected
+
+
+def test_report_labels_refuse_a_scalar_and_word_bools_as_bools():
+    from captum_ext.viz._checks import _check_names_labels
+
+    with pytest.raises(ValueError, match=r"sequence of N = 1 class indices .* shape \(\)"):
+        _check_names_labels(None, torch.tensor(3), 1)
+    with pytest.raises(TypeError, match=r"got bool True\.$"):
+        _check_names_labels(None, [True, 0], 2)

@@ -126,8 +126,8 @@ def set_eval_mode(
             module.training = False  # per module: its .train() raises
         return
     model.training = False  # not .eval(): it would recurse into the exported module
-    for child in model.children():
-        set_eval_mode(child)
+    for child in model.children():  # refused (or allowed) once above, for the whole model
+        set_eval_mode(child, fixed_batch=True)
 
 
 def refuse_fixed_batch(exported: Iterable[nn.Module], argument: str) -> None:

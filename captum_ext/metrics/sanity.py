@@ -351,12 +351,19 @@ def _exported_layer_holders(model: nn.Module) -> dict[str, type]:
     name), taken from a Python module already imported (nothing is imported). The other
     holders (a class without ``reset_parameters``, such as a LayerScale, or one that cannot
     be found) are treated as the eager model's modules without it: their trained weights
-    only (:func:`_raw_weights`)."""
+    only (:func:`_raw_weights`). A ``MultiheadAttention``'s ``out_proj``, which the program
+    does not record (it never runs as a module), is a Linear, as in the eager model."""
     holders: dict[str, type] = {}
     for prefix, module in model.named_modules():
         if is_exported(module):
             head = f"{prefix}." if prefix else ""
-            for path, kind in _exported_classes(module).items():
+            classes = _exported_classes(module)
+            for path, kind in list(classes.items()):
+                # a MultiheadAttention's out_proj (a Linear) never runs as a module of its own,
+                # so the program does not record it; the eager model resets it as a Linear
+                if isinstance(kind, type) and issubclass(kind, nn.MultiheadAttention):
+                    classes.setdefault(f"{path}.out_proj", nn.Linear)
+            for path, kind in classes.items():
                 if path and callable(getattr(kind, "reset_parameters", None)):
                     holders[head + path] = kind
     return holders
@@ -401,9 +408,11 @@ def _reset_as(kind: type, holder: nn.Module) -> None:
     present (``affine`` and ``elementwise_affine``: a weight; ``track_running_stats``: a
     running mean). It draws the same random numbers in the same order as the eager layer:
     Linear, convolutions, batch, layer and group norms, PReLU (with its default ``init``,
-    0.25: the one given to the eager layer is not recorded) give the eager values. A class
-    whose ``reset_parameters`` needs an attribute the defaults do not give (an RNN's sizes)
-    gets torch's default initialisation instead (:func:`_reset_parameters`)."""
+    0.25: the one given to the eager layer is not recorded) give the eager values; an
+    embedding's ``padding_idx`` is its one all-zero row. A class whose ``reset_parameters``
+    fails on the stand-in (it needs an attribute the defaults do not give, such as an RNN's
+    sizes, or a constructor argument other than the default) gets its tensors back and then
+    torch's default initialisation (:func:`_reset_parameters`)."""
     stand_in = kind.__new__(kind)
     nn.Module.__init__(stand_in)
     parameters = dict(holder._parameters)
@@ -428,10 +437,16 @@ def _reset_as(kind: type, holder: nn.Module) -> None:
         elementwise_affine=has_weight,
         track_running_stats=buffers.get("running_mean") is not None,
     )
+    if issubclass(kind, (nn.Embedding, nn.EmbeddingBag)):
+        stand_in.__dict__["padding_idx"] = _padding_row(parameters.get("weight"))
+    saved = {name: value.detach().clone() for name, value in holder.state_dict().items()}
     try:
         with torch.no_grad():
             stand_in.reset_parameters()
-    except (AttributeError, TypeError):
+    except Exception:  # it needs what the program did not record: torch's default instead
+        with torch.no_grad():
+            for name, value in holder.state_dict().items():
+                value.copy_(saved[name])
         _reset_parameters(holder)
         return
     with torch.no_grad():  # a reset_parameters that assigned new tensors
@@ -439,6 +454,16 @@ def _reset_as(kind: type, holder: nn.Module) -> None:
             for name, value in store.items():
                 if value is not None and ours.get(name) is not value:
                     value.copy_(ours[name])
+
+
+def _padding_row(weight: Tensor | None) -> int | None:
+    """The padding row of an embedding's trained ``weight``: the one row that is all zeros
+    (``padding_idx`` keeps it at zero through training; the program does not record the
+    index). None where no row, or more than one, is all zeros."""
+    if weight is None or weight.dim() != 2:
+        return None
+    rows = torch.nonzero(~weight.detach().ne(0).any(dim=1)).flatten()
+    return int(rows[0]) if len(rows) == 1 else None
 
 
 def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:

@@ -29,9 +29,24 @@ def _check_names_labels(names: Any, labels: Any, n: int) -> list[Any] | None:
     if isinstance(labels, (Tensor, np.ndarray)) and not mixed and not _integer_dtype(labels.dtype):
         raise TypeError(
             f"`labels` must hold integer class indices (or None), got a {labels.dtype} "
-            f"{type(labels).__name__}; float labels are refused, not rounded."
+            f"{type(labels).__name__}"
+            + _float_note(
+                labels.dtype.is_floating_point
+                if isinstance(labels, Tensor)
+                else np.issubdtype(labels.dtype, np.floating)
+            )
         )
-    labels = labels.tolist() if isinstance(labels, (Tensor, np.ndarray)) else list(labels)
+    if isinstance(labels, (Tensor, np.ndarray)):
+        if labels.ndim == 2 and labels.shape[1] == 1:  # (N, 1): one label per row
+            labels = labels.reshape(-1)
+        if labels.ndim != 1:  # a 0-d label for one image, or a table
+            raise ValueError(
+                f"`labels` must be a sequence of N = {n} class indices (or None), got a "
+                f"{type(labels).__name__} of shape {tuple(labels.shape)}."
+            )
+        labels = labels.tolist()
+    else:
+        labels = list(labels)
     if len(labels) != n:
         raise ValueError(f"`labels` has {len(labels)} entries for {n} images.")
     return [_label_entry(label, i) for i, label in enumerate(labels)]
@@ -50,16 +65,27 @@ def _label_entry(label: Any, i: int) -> int | None:
         if count != 1 or not _integer_dtype(label.dtype):
             raise TypeError(
                 f"`labels`[{i}] must be an integer class index (or None), got a {label.dtype} "
-                f"{type(label).__name__} of shape {tuple(label.shape)}; float labels are "
-                "refused, not rounded."
+                f"{type(label).__name__} of shape {tuple(label.shape)}"
+                + _float_note(
+                    label.dtype.is_floating_point
+                    if isinstance(label, Tensor)
+                    else (np.issubdtype(label.dtype, np.floating))
+                )
             )
         return int(label.reshape(()).item())
     if isinstance(label, bool) or not isinstance(label, numbers.Integral):
         raise TypeError(
             f"`labels`[{i}] must be an integer class index (or None), got "
-            f"{type(label).__name__} {label!r}; float labels are refused, not rounded."
+            f"{type(label).__name__} {label!r}"
+            + _float_note(
+                isinstance(label, numbers.Real) and not isinstance(label, numbers.Integral)
+            )
         )
     return int(label)
+
+
+def _float_note(is_float: bool) -> str:
+    return "; float labels are refused, not rounded." if is_float else "."
 
 
 def _integer_dtype(dtype: Any) -> bool:
