@@ -43,7 +43,7 @@ from captum_ext._utils.training import (
 )
 from captum_ext._utils.validation import check_flag, check_int, check_number, model_device
 
-from .features import _features_and_classes, check_feature_options, introspective_features
+from .features import _features_and_classes, check_feature_options
 
 #: the keys of a saved network (see :meth:`IntrospectiveNetwork.save`)
 _SAVED_KEYS = ("config", "head")
@@ -226,15 +226,7 @@ class IntrospectiveNetwork(nn.Module):
     # ------------------------------------------------------------------ stage 1
     def features(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
         """The introspective features of ``inputs``, ``(N, F)`` (no gradient)."""
-        return introspective_features(
-            self.model,
-            inputs,
-            layer=self.layer,
-            form=self.form,
-            k=self.k,
-            normalize=self.normalize,
-            output_transform=self.output_transform,
-        ).detach()
+        return self._features_and_classes(inputs)[0]
 
     def _features_and_classes(self, inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, int]:
         """:meth:`features` and the number of classes of the logits they came from."""
