@@ -13,7 +13,8 @@ explanation at least as confident as the image stays so, and one that was less c
 does not lose more. The pass visits the kept pixels in increasing order of the mask
 probability p (the pixels the mask net or fit was least sure of first) and drops each
 redundant one at once; passes repeat until one drops nothing (or ``max_passes``), so the
-result is 1-minimal: no single kept pixel of it is redundant. At least one pixel is kept.
+result is 1-minimal: no single kept pixel of it is redundant. At least one pixel of a
+non-empty mask is kept; an empty mask (a fit that failed) stays empty.
 
 Every image of the batch is pruned at the same time: step j of a pass tries the j-th pixel
 of each image in one forward pass (of the images that still have a j-th pixel), so a pass

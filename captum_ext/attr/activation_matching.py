@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -734,13 +735,14 @@ class ActivationMatchingMask(PerturbationAttribution):
                 for at most this many passes (an int).
                 The result is then 1-minimal (no single kept pixel can go) and keeps the
                 class and the confidence the mask had, or the image's if that was lower;
-                at least one pixel stays. It optimises nothing and ignores the
-                activation terms: a pass costs one forward pass of the batch per kept pixel
-                of the largest mask (no gradients), and the mask is then no longer
-                1[p > 0.5]; ``pruned`` in the details counts the pixels dropped. Not in the
-                papers: ours, for masks that must be small (issue 13; on the bundled digit
-                model's 1,000 held-out digits it takes the bundled mask net from 9.2 % to
-                5.8 % of the pixels, ``benchmarks/RESULTS.md``). Default: False.
+                at least one pixel of a non-empty mask stays (a per-image fit that ended
+                empty after its restarts stays empty, with a warning). It optimises nothing
+                and ignores the activation terms: a pass costs one forward pass of the
+                batch per kept pixel of the largest mask (no gradients), and the mask is
+                then no longer 1[p > 0.5]; ``pruned`` in the details counts the pixels
+                dropped. Not in the papers: ours, for masks that must be small (issue 13; on
+                the bundled digit model's 1,000 held-out digits it takes the bundled mask
+                net from 9.2 % to 5.8 % of the pixels, ``benchmarks/RESULTS.md``). Default: False.
             starts (int, optional): per-image mode: fit every image this many times from
                 independent initialisations (start 0 with this call's seeds, start j with
                 the seeds of a call with ``seed=start_seed(seed, j)``, a function of
@@ -840,6 +842,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                 probabilities, fits, mask, pruned, start = self._pick_starts(
                     x, targets, baseline, logits, candidates
                 )
+                self._warn_failed_fits(x, targets, baseline, mask, batch_size, starts)
             mask = mask.to(input_dtype)
             if not return_details:
                 out = mask.expand_as(x).contiguous() if broadcast else mask
@@ -1024,6 +1027,30 @@ class ActivationMatchingMask(PerturbationAttribution):
             if bar:
                 bar.close()
         return probabilities, fits
+
+    def _warn_failed_fits(self, x, targets, baseline, mask, batch_size, starts) -> None:
+        """Warn, naming the images, where every fit (all restarts of every start) ended in a
+        hard mask that is empty or does not keep the class: such a mask explains nothing,
+        and pruning cannot make it (the details say ``agreement`` False; ``fits`` how many
+        were tried)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        kept = torch.cat(
+            [
+                self._keeps_class(x, targets, mask.to(x.dtype), baseline, chunk)
+                for chunk in rows.split(batch_size)
+            ]
+        )
+        failed = rows[~kept].tolist()
+        if failed:
+            shown = ", ".join(str(i) for i in failed[:10]) + (", ..." if len(failed) > 10 else "")
+            warnings.warn(
+                f"ActivationMatchingMask: for {len(failed)} of {x.shape[0]} images (index "
+                f"{shown}) every per-image fit ({starts} start(s), each with its restarts) "
+                "ended in a mask that is empty or does not keep the class, so it explains "
+                "nothing (their details say agreement False). More `restarts` or `starts`, "
+                "or weights with less area pressure, may find one.",
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def _keeps_class(self, x, targets, probabilities, baseline, rows) -> Tensor:
