@@ -35,7 +35,7 @@ def test_iba_warns_of_a_batch_norm_in_train_mode():
     iba = LayerIBA(model, "2")
     iba.estimate(torch.randn(20, 1, 4, 4))
     x = torch.randn(2, 1, 4, 4)
-    with pytest.warns(UserWarning, match="train mode with a batch norm") as caught:
+    with pytest.warns(UserWarning, match="batch norm of the model normalises") as caught:
         iba.attribute(x, target=1, steps=2, n_noise=2, generator=0)
     assert caught[0].filename == __file__
     assert model.training  # the model comes back as it went in
@@ -43,6 +43,22 @@ def test_iba_warns_of_a_batch_norm_in_train_mode():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         iba.attribute(x, target=1, steps=2, n_noise=2, generator=0)
+
+
+def test_iba_warns_of_a_batch_norm_without_running_statistics():
+    """``track_running_stats=False`` normalises with the batch's statistics in eval mode too,
+    so the noisy copies of a batch are normalised together there as well."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3),
+    ).eval()  # fmt: skip
+    iba = LayerIBA(model, "2")
+    iba.estimate(torch.randn(20, 1, 4, 4))
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.warns(UserWarning, match="track_running_stats=False"):
+        iba.attribute(x, target=1, steps=2, n_noise=2, generator=[0, 1])
+    assert not model.training
 
 
 class _Quadrant(nn.Module):

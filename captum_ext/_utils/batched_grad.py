@@ -828,8 +828,13 @@ def _batch_of_one_error(error: Exception) -> ValueError | None:
 
 
 def _training_batch_norms(model: nn.Module | None) -> bool:
+    """Whether a batch norm of ``model`` normalises with the statistics of the batch it is
+    given: in train mode, or, in eval mode too, one built with
+    ``track_running_stats=False`` (it has no running statistics to use)."""
     return model is not None and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.training or (m.running_mean is None and m.running_var is None))
+        for m in model.modules()
     )
 
 

@@ -685,11 +685,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         model = root_module(self.forward_func)
         if _training_batch_norms(model):
             warnings.warn(
-                "LayerIBA: the model is in train mode with a batch norm, which normalises the "
-                "N x n_noise noisy copies with their joint statistics: each example's map then "
-                "depends on the other examples of the batch and differs from its map explained "
-                "alone. Call model.eval() first: explanations are meant for the model as it "
-                "predicts.",
+                "LayerIBA: a batch norm of the model normalises with the batch's statistics (it "
+                "is in train mode, or built with track_running_stats=False), so the N x n_noise "
+                "noisy copies are normalised together: each example's map then depends on the "
+                "other examples of the batch and differs from its map explained alone. Call "
+                "model.eval() first (explanations are meant for the model as it predicts), or, "
+                "for a batch norm without running statistics, explain one example per call.",
                 stacklevel=user_stacklevel(),
             )
         with (
