@@ -508,6 +508,16 @@ def print_tables(results, logs) -> None:
             )
 
 
+def json_ready(value):
+    """``value`` for the JSON line: floats rounded to 4 decimals (None where not finite),
+    nested dicts likewise."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8, help="maximum TIE epochs")
@@ -662,21 +672,14 @@ def main() -> None:
     print_tables(results, logs)
     print(f"\nTotal time: {seconds:.0f} s (1 thread)")
 
-    def clean(value):
-        if isinstance(value, float):
-            return round(value, 4) if math.isfinite(value) else None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
-
     print(
         json.dumps(
             {
                 "benchmark": "ood",
                 "budgets": budgets,
                 "seconds": round(seconds, 1),
-                "geometry": clean(geometry),
-                "results": clean(results),
+                "geometry": json_ready(geometry),
+                "results": json_ready(results),
             }
         )
     )

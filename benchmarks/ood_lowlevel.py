@@ -437,21 +437,14 @@ def main() -> None:
         print_table(setting, table, timings[setting])
     print(f"\nTotal time: {seconds:.0f} s (1 thread)")
 
-    def clean(value):
-        if isinstance(value, float):
-            return round(value, 4) if math.isfinite(value) else None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
-
     print(
         json.dumps(
             {
                 "benchmark": "ood_lowlevel",
                 "config": config,
                 "seconds": round(seconds, 1),
-                "timings": clean(timings),
-                "results": clean(results),
+                "timings": ood.json_ready(timings),
+                "results": ood.json_ready(results),
             }
         )
     )
