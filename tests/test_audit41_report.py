@@ -135,10 +135,9 @@ def test_report_labels_name_the_float_dtype():
 
 
 def test_grid_inference_refuses_a_rounded_grid_that_a_resizing_model_could_also_be():
-    """1 + 7 x 7 tokens on 224 x 320: 7 x 10 patches of 32 pixels would be 71 tokens, but
-    6 x 8 with 2 leading tokens tiles it with the remainder dropped (p = 37 is over 32 and
-    not counted; p = 28..32 gives 8 x 11) -- whichever grid the shape allows next to the
-    square one, the choice is the user's."""
+    """145 tokens on 112 x 256 images: 1 + 8 x 18 patches of 14 pixels with the remainder
+    dropped (256 / 14 = 18.3), or the 1 + 12 x 12 grid of a model that resizes its input.
+    No exact tiling tells them apart, so the choice is the user's."""
     from captum_ext.token_grid import _infer_grid
 
     with pytest.raises(ValueError, match=r"several grids fit .*1 leading and 12 x 12"):
