@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils.layers import LayerTap, is_exported
+from ._utils.layers import EAGER_FALLBACK, LayerTap, is_exported
 from ._utils.validation import same_model_output
 
 __all__ = [
@@ -385,11 +385,10 @@ def _exposed(
         with torch.no_grad():
             expected, got = model(example), wrapper(example)
         if not same_model_output(got, expected):  # a dict of a segmentation model too
-            exposed = f"`--layer`={layer!r}" if layer is not None else "the final layer"
+            exposed = f"`layer`={layer!r}" if layer is not None else "the final layer"
             raise ValueError(
                 f"{exposed}: the exported model with its layer exposed did not "
-                "reproduce the model's output. Pass the model as 'package.module:factory' "
-                "with --weights instead."
+                f"reproduce the model's output. {EAGER_FALLBACK}"
             )
     return wrapper
 
@@ -404,7 +403,7 @@ def _insert_tap(
         close = difflib.get_close_matches(layer, names, n=_LIST_AT_MOST, cutoff=0.4)
         hint = f" Closest layers: {', '.join(close)}." if close else ""
         raise ValueError(
-            f"`--layer`={layer!r}: no operator of the exported model ran inside a layer of "
+            f"`layer`={layer!r}: no operator of the exported model ran inside a layer of "
             f"that name.{hint} Layer names are those of the model it was exported from "
             "(captum_ext.exported.exported_layer_names lists them)."
         )

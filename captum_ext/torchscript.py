@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils.layers import LayerTap, find_last_linear, is_linear, resolve_layer
+from ._utils.layers import EAGER_FALLBACK, LayerTap, find_last_linear, is_linear, resolve_layer
 from ._utils.model_state import detached, gradients_on
 from ._utils.validation import same_model_output
 
@@ -451,10 +451,10 @@ def expose_layer(
     if is_exported(model) and isinstance(layer, str):  # a torch.export program's module
         return expose_exported_layer(model, layer, example, final_layer=final_layer)
     if not isinstance(model, torch.jit.ScriptModule):
-        return model, resolve_layer(model, layer, argument="--layer")
+        return model, resolve_layer(model, layer)
     if not isinstance(layer, str):
         raise TypeError(
-            "`--layer` must be given by its dotted name for a TorchScript model, got "
+            "`layer` must be given by its dotted name for a TorchScript model, got "
             f"{type(layer).__name__}."
         )
     modules = dict(model.named_modules())
@@ -463,7 +463,7 @@ def expose_layer(
         close = difflib.get_close_matches(layer, names, n=_LIST_AT_MOST, cutoff=0.4)
         hint = f" Closest names: {', '.join(close)}." if close else ""
         raise ValueError(
-            f"`--layer`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
+            f"`layer`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
             "from model.named_modules()."
         )
     if final_layer is not None:
@@ -480,10 +480,10 @@ def _check_wrapper(
     model: nn.Module,
     example: Tensor,
     *,
-    argument: str = "--layer",
+    argument: str = "layer",
     name: str | None = None,
 ) -> None:
-    fallback = "Pass the model as 'package.module:factory' with --weights instead."
+    fallback = EAGER_FALLBACK
     name = wrapper.layer_name if name is None else name
     with torch.no_grad():
         try:

@@ -78,8 +78,8 @@ def test_maps_and_trust_scores_equal_the_eager_models(exported):
 
 def test_an_unknown_layer_lists_the_closest_paths(exported):
     _, module, _, _, _ = exported
-    with pytest.raises(ValueError, match=r"'features\.77'.*Closest layers: features\.7"):
-        expose_exported_layer(module, "features.77")
+    with pytest.raises(ValueError, match=r"^`layer`='features\.77'.*Closest layers: features\.7"):
+        expose_exported_layer(module, "features.77")  # the Python argument, not `--layer`
     with pytest.raises(TypeError, match="torch.export program"):
         expose_exported_layer(torch.nn.Linear(2, 2), "weight")
 

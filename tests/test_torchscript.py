@@ -105,7 +105,7 @@ def test_a_failure_inside_a_compiled_submodule_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torchscript.TorchScriptLayerModel, "forward", broken)
     with pytest.raises(
         ValueError,
-        match=r"`--layer`='conv': evaluating the TorchScript model "
+        match=r"`layer`='conv': evaluating the TorchScript model "
         r"around this layer failed \(strides\(\) called on an undefined Tensor\)",
     ):
         torchscript.expose_layer(model, "conv", torch.randn(1, 1, 8, 8))
@@ -176,3 +176,31 @@ def test_a_scripted_segmentation_model_gives_the_eager_maps(tmp_path):
         forward, tap = torchscript.expose_layer(compiled, "backbone.1", example=x)
         maps = GradCAM(forward, tap, output_transform=head).attribute(x, target=(1, 5, 7))
         torch.testing.assert_close(maps, eager)
+
+
+def test_python_errors_name_the_python_argument():
+    """expose_layer is Python API: its errors said `--layer` (the command line's option) and
+    told the caller to use --weights. They name `layer` now; ``captum-ext report`` turns
+    `layer`= into `--layer`= (tests/test_cli.py)."""
+    model = _scripted()
+    with pytest.raises(ValueError, match=r"^`layer`='conv0' is not a module") as error:
+        torchscript.expose_layer(model, "conv0")
+    assert "--layer" not in str(error.value)
+    with pytest.raises(TypeError, match=r"^`layer` must be given by its dotted name"):
+        torchscript.expose_layer(model, nn.ReLU())
+    eager = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="`layer`") as error:
+        torchscript.expose_layer(eager, "nope")
+    assert "--layer" not in str(error.value)
+
+
+def test_the_fallback_advice_names_the_eager_model(monkeypatch):
+    model = torch.jit.script(_Asserting().eval())
+
+    def broken(self, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torchscript.TorchScriptLayerModel, "forward", broken)
+    with pytest.raises(ValueError, match=r"Explain the eager model instead") as error:
+        torchscript.expose_layer(model, "conv", torch.randn(1, 1, 8, 8))
+    assert "`--layer`" not in str(error.value)

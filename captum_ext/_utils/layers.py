@@ -77,6 +77,14 @@ def root_module(forward_func) -> nn.Module | None:
     return None
 
 
+#: the way out when a compiled (TorchScript or exported) model cannot be evaluated around a
+#: layer, in errors of :mod:`captum_ext.torchscript` and :mod:`captum_ext.exported`
+EAGER_FALLBACK = (
+    "Explain the eager model instead (with captum-ext report: give it as "
+    "'package.module:factory' with --weights)."
+)
+
+
 def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
     """Return the module named by ``layer``.
 
