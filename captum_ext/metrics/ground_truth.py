@@ -180,14 +180,30 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
         x0, y0, x1, y1 = (boxes[:, i].view(n, 1, 1) for i in range(4))
         if bool(((x1 < x0) | (y1 < y0)).any()):
             raise ValueError("`objects`: boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0.")
+        outside = ((x0 < 0) | (y0 < 0) | (x1 > w) | (y1 > h)).flatten().nonzero()[:, 0].tolist()
+        if outside:  # boxes in image pixels with layer-sized maps would be read as map pixels
+            shown = outside[:5] + (["..."] if len(outside) > 5 else [])
+            raise ValueError(
+                f"`objects`: the box of example(s) {shown} reaches past the {h} x {w} maps "
+                f"(first: {[round(float(v), 4) for v in boxes[outside[0]]]}). Boxes are in "
+                "pixels of the maps: upsample the maps to the image's size first "
+                "(captum.attr.LayerAttribution.interpolate), or clip boxes that leave the image "
+                f"(boxes.clamp(min=0) and x1 <= {w}, y1 <= {h})."
+            )
         masks = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
         kind = "box"
     else:
         masks = objects.squeeze(1) if objects.dim() == 4 and objects.shape[1] == 1 else objects
         if tuple(masks.shape) != shape:
+            resize = (
+                f"; the maps are {h} x {w}: give them at the masks' size (upsample them with "
+                "captum.attr.LayerAttribution.interpolate)"
+                if masks.dim() == 3 and masks.shape[0] == n and masks.shape[1:] != shape[1:]
+                else ""
+            )
             raise ValueError(
                 f"`objects` must be (N, 4) boxes (x0, y0, x1, y1) or masks of shape (N, H, W) = "
-                f"{shape} (or (N, 1, H, W)), got {tuple(objects.shape)}."
+                f"{shape} (or (N, 1, H, W)), got {tuple(objects.shape)}{resize}."
             )
         if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
             raise ValueError(
@@ -199,8 +215,8 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
     if empty:
         shown = empty[:5] + (["..."] if len(empty) > 5 else [])
         hint = (
-            " (outside the image or of zero area: boxes are in pixels of the maps, (x0, y0, x1, "
-            "y1) with x1, y1 exclusive)"
+            " (of zero area: boxes are in pixels of the maps, (x0, y0, x1, y1) with x1, y1 "
+            "exclusive)"
             if kind == "box"
             else ""
         )
@@ -221,7 +237,9 @@ def pointing_game(attributions: Any, objects: Any, *, tolerance: int = 0) -> Ten
     Args:
         attributions (Tensor): ``(N, C, H, W)`` or ``(N, H, W)`` maps at the input's size.
         objects (Tensor): ``(N, H, W)`` / ``(N, 1, H, W)`` masks, or ``(N, 4)`` boxes
-            ``(x0, y0, x1, y1)`` in pixels (x1, y1 exclusive).
+            ``(x0, y0, x1, y1)`` in pixels of the maps (x1, y1 exclusive; boxes reaching past
+            the maps are refused, since image-pixel boxes on layer-sized maps would be read
+            wrongly).
         tolerance (int): pixels of slack around the object (15 at 224 px in the paper).
             Default: 0.
 
