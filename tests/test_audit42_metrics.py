@@ -37,3 +37,87 @@ def test_image_sized_masks_on_layer_sized_maps_say_to_upsample():
     masks[:, :14, :14] = True
     with pytest.raises(ValueError, match=r"the maps are 7 x 7: give them at the masks' size"):
         pointing_game(_cams(), masks)
+
+
+# --------------------------------------------------------------------------------------------
+# a model hidden behind a plain function, as the segmentation error message suggests
+
+
+def _segmenter() -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout2d(0.5),
+        nn.Conv2d(8, 4, 1),
+    ).train()  # evaluated mid-training
+
+
+def _state(model):
+    return [m.training for m in model.modules()], [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("metric", ["deletion", "road", "soundness"])
+def test_a_train_mode_model_behind_a_lambda_is_evaluated_in_eval_mode(metric):
+    """The metrics put a model they can name in eval mode; behind ``lambda x: model(x)...``
+    (what their own error message for segmentation outputs suggests) a train-mode model ran
+    with dropout and batch statistics: other scores on every call and for every batch size."""
+    from captum_ext import metrics
+
+    seg = _segmenter()
+    torch.manual_seed(1)
+    x, maps = torch.randn(3, 3, 16, 16), torch.rand(3, 1, 16, 16)
+    kwargs = {"target": 1}
+    if metric == "deletion":
+        kwargs |= {"n_steps": 8}
+    if metric != "deletion":
+        kwargs |= {"noise": 0.0}
+
+    def run(forward, **extra):
+        out = getattr(metrics, metric)(forward, x, maps, **kwargs, **extra)
+        if isinstance(out, torch.Tensor):
+            return out
+        return out.probability if metric == "road" else torch.cat([out.score, out.soundness])
+
+    flags, buffers = _state(seg)
+    hidden = run(lambda z: seg(z).mean(dim=(2, 3)))
+    again = run(lambda z: seg(z).mean(dim=(2, 3)))
+    after_flags, after_buffers = _state(seg)
+    assert after_flags == flags  # still in train mode afterwards
+    for before, after in zip(buffers, after_buffers, strict=True):
+        assert torch.equal(before, after)
+
+    class Pooled(torch.nn.Module):  # the same model, visible to the metric
+        def __init__(self):
+            super().__init__()
+            self.seg = seg
+
+        def forward(self, z):
+            return self.seg(z).mean(dim=(2, 3))
+
+    visible = run(Pooled())
+    torch.testing.assert_close(hidden, again, rtol=0, atol=0)
+    torch.testing.assert_close(hidden, visible, rtol=0, atol=0)
+    if metric == "deletion":
+        other_batch = run(lambda z: seg(z).mean(dim=(2, 3)), batch_size=5)
+        torch.testing.assert_close(hidden, other_batch)
+
+
+def test_a_dict_output_names_its_keys_and_a_remedy_that_works():
+    """A torchvision segmentation model returns {"out": ...}; the error suggested
+    ``model(x).mean(dim=(2, 3))``, which fails on a dict."""
+    from captum_ext.metrics import deletion
+
+    seg = _segmenter().eval()
+
+    def as_dict(z):
+        return {"out": seg(z), "aux": seg(z)}
+
+    x, maps = torch.randn(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"keys 'out', 'aux'.*lambda x: model\(x\)\['out'\]"):
+        deletion(as_dict, x, maps, target=1, n_steps=4)
+    scores = deletion(lambda z: as_dict(z)["out"].mean(dim=(2, 3)), x, maps, target=1, n_steps=4)
+    assert scores.shape == (2,) and bool(torch.isfinite(scores).all())

@@ -322,6 +322,17 @@ def run_forward(
             else "this function has no `output_transform`: if its first element holds the "
             "logits, wrap the model, forward_func=lambda x: model(x)[0]."
         )
+    elif isinstance(output, Mapping) and output:  # torchvision's segmentation: {"out": ...}
+        keys = ", ".join(repr(k) for k in list(output)[:5]) + (", ..." if len(output) > 5 else "")
+        got += f" with keys {keys}"
+        pick = f"[{next(iter(output))!r}]"
+        remedy = (
+            f"pass output_transform=lambda out: out{pick} (reduced to (N, classes) scores)."
+            if takes_output_transform
+            else "this function has no `output_transform`: wrap the model so that it returns "
+            f"(N, classes) scores, e.g. forward_func=lambda x: model(x){pick}.mean(dim=(2, 3)) "
+            "for a segmentation output."
+        )
     elif takes_output_transform:
         remedy = "pass `output_transform` to reduce the output to (N, classes) scores."
     else:

@@ -112,7 +112,7 @@ def capture_layer(layer: nn.Module, *, layer_input: bool = False) -> Iterator[La
 
 @contextlib.contextmanager
 def restored_buffers_of_modules_run(
-    exclude: Iterable[nn.Module | None] = (),
+    exclude: Iterable[nn.Module | None] = (), *, eval_mode: bool = False
 ) -> Iterator[list[nn.Module]]:
     """Put back the buffers of every module that runs in the block, as they were before it ran.
 
@@ -124,7 +124,11 @@ def restored_buffers_of_modules_run(
     changed buffers are copied back in place (the same tensor objects). Only modules run by
     the calling thread are recorded (another thread training a model keeps its updates).
     Modules inside ``exclude`` (already restored by the caller) are skipped. Yields the list
-    of modules seen. Torch's warning that a compiled module runs while global hooks exist
+    of modules seen. ``eval_mode=True`` also runs each of them in eval mode (its own
+    ``training`` flag cleared before its first forward in the block, put back on exit), as
+    the metrics run a model they can name: a train-mode model behind a plain function then
+    gives the same scores on every call and for every batch size (dropout off, batch norm on
+    its running statistics). Torch's warning that a compiled module runs while global hooks exist
     (this one, not the user's) is silenced inside the block. Not covered: a hidden
     TorchScript model (global module hooks do not fire in TorchScript code), and two
     threads calling methods on the same hidden model at once (each puts back its own
@@ -134,14 +138,15 @@ def restored_buffers_of_modules_run(
         warnings.filterwarnings(
             "ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks"
         )
-        yield from _restoring_buffers_of_modules_run(exclude)
+        yield from _restoring_buffers_of_modules_run(exclude, eval_mode)
 
 
 def _restoring_buffers_of_modules_run(
-    exclude: Iterable[nn.Module | None],
+    exclude: Iterable[nn.Module | None], eval_mode: bool
 ) -> Iterator[list[nn.Module]]:
     seen: dict[int, tuple[nn.Module, list[tuple[Tensor, Tensor]]]] = {}
     modules: list[nn.Module] = []  # in the order they first ran
+    trained: list[nn.Module] = []  # those switched to eval mode here
     skipped = {id(sub) for module in exclude if module is not None for sub in module.modules()}
     thread = threading.get_ident()
 
@@ -150,12 +155,17 @@ def _restoring_buffers_of_modules_run(
             return
         seen[id(module)] = (module, [(b, b.detach().clone()) for b in module.buffers(False)])
         modules.append(module)
+        if eval_mode and module.training:
+            trained.append(module)
+            module.training = False  # this module only: each submodule comes here as it runs
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
     try:
         yield modules
     finally:
         handle.remove()
+        for module in trained:
+            module.training = True
         with torch.no_grad():
             for _, buffers in seen.values():
                 for buffer, value in buffers:

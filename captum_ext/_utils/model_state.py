@@ -21,7 +21,7 @@ _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 @contextlib.contextmanager
 def preserved_state(
-    modules: Iterable[nn.Module | None], *, hidden_model: bool = False
+    modules: Iterable[nn.Module | None], *, hidden_model: bool = False, hidden_eval: bool = False
 ) -> Iterator[None]:
     """Restore training flags, ``requires_grad``, ``.grad``, buffers, grad mode and dtype.
 
@@ -37,7 +37,8 @@ def preserved_state(
     the user holds stay valid; a buffer the block replaced by another tensor is left as it is.
     ``hidden_model=True`` (for a ``forward_func`` that is a plain function, whose model no
     method can name) also puts back the buffers of every other module that runs in the block
-    (``restored_buffers_of_modules_run``).
+    (``restored_buffers_of_modules_run``); with ``hidden_eval=True`` those modules also run
+    in eval mode, as a caller that calls ``set_eval_mode`` on a model it can name.
 
     Calls from several threads on the same model run one after the other: each block holds
     a lock on every submodule it covers for its whole length. The methods register hooks on
@@ -52,7 +53,7 @@ def preserved_state(
         for sub in module.modules():
             seen.setdefault(id(sub), sub)
     hidden = (
-        restored_buffers_of_modules_run(exclude=list(seen.values()))
+        restored_buffers_of_modules_run(exclude=list(seen.values()), eval_mode=hidden_eval)
         if hidden_model
         else contextlib.nullcontext()
     )

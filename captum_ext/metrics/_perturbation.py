@@ -280,10 +280,13 @@ def evaluation(forward_func: Callable) -> Iterator[None]:
     """no_grad and eval mode for the model behind ``forward_func``; all flags restored after.
 
     Eval mode keeps dropout off and batch norm on its running statistics (never updated), so
-    scores do not depend on how the perturbed images are batched.
+    scores do not depend on how the perturbed images are batched. A model hidden behind a
+    plain function (``lambda x: model(x)["out"]``) runs in eval mode too: each of its modules
+    as it runs.
     """
     model = root_module(forward_func)
-    with preserved_state([model], hidden_model=model is None), torch.no_grad():
+    hidden = model is None
+    with preserved_state([model], hidden_model=hidden, hidden_eval=hidden), torch.no_grad():
         if model is not None:
             set_eval_mode(model)
         yield

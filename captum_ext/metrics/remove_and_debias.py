@@ -27,10 +27,9 @@ is built (and the nested factorisation for any image they leave unconverged).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -39,8 +38,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captum_ext._utils.batched_grad import run_forward
-from captum_ext._utils.layers import root_module
-from captum_ext._utils.model_state import preserved_state, set_eval_mode
 from captum_ext._utils.optional import import_optional
 from captum_ext._utils.precision import has_float64, precise, precise_dtype
 from captum_ext._utils.seeding import (
@@ -60,6 +57,7 @@ from captum_ext._utils.validation import (
 from captum_ext.metrics._perturbation import (
     DEFAULT_BLUR_KERNEL_SIZE,
     DEFAULT_BLUR_SIGMA,
+    evaluation,
     gaussian_blur,
     image_batch,
     maps_for,
@@ -1223,16 +1221,6 @@ def _scores(
     return torch.cat(probabilities), torch.cat(corrects)
 
 
-@contextlib.contextmanager
-def _evaluated(forward_func: Callable) -> Iterator[None]:
-    """no_grad and eval mode for the model behind ``forward_func``; its state restored after."""
-    model = root_module(forward_func)
-    with preserved_state([model], hidden_model=model is None), torch.no_grad():
-        if model is not None:
-            set_eval_mode(model)
-        yield
-
-
 def road(
     forward_func: Callable,
     inputs: Tensor,
@@ -1301,7 +1289,7 @@ def road(
     noise = check_number(noise, "noise", allow_minimum=True)
     keys = _example_keys(inputs, seed)
     flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
-    with _evaluated(forward_func):
+    with evaluation(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
         rows_keys = [key for key in keys for _ in range(repeats)]
         imputed = _imputed(stacked, flat_removed, "road", noise, rows_keys, [*range(repeats)] * n)
@@ -1368,7 +1356,7 @@ def completeness(
     stacked = inputs.repeat_interleave(repeats, dim=0)
     noise = check_number(noise, "noise", allow_minimum=True)
     keys = _example_keys(inputs, seed)
-    with _evaluated(forward_func):
+    with evaluation(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
         rows_keys = [key for key in keys for _ in range(repeats)]
         imputed = _imputed(
@@ -1527,7 +1515,7 @@ def _soundness_parts(
     steps = len(ratios)
     noise = check_number(noise, "noise", allow_minimum=True)
     keys = _example_keys(inputs, seed)
-    with _evaluated(forward_func):
+    with evaluation(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
         probability = torch.empty(n, steps, dtype=torch.float64)
         correct = torch.empty(n, steps, dtype=torch.float64)
