@@ -171,3 +171,57 @@ def _restoring_buffers_of_modules_run(
                 for buffer, value in buffers:
                     if buffer.shape == value.shape and not torch.equal(buffer, value):
                         buffer.copy_(value)
+
+
+@dataclass
+class OutputBytes:
+    """What :func:`counted_output_bytes` records: ``bytes`` of the tensors the leaf modules
+    returned, from the moment counting ``started``."""
+
+    bytes: int = 0
+    started: bool = False
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+@contextlib.contextmanager
+def counted_output_bytes(layer: nn.Module | None = None) -> Iterator[OutputBytes]:
+    """Count the bytes of the outputs of every leaf module (one without children) that runs
+    in the block on this thread: from the start, or with ``layer`` from the moment it starts
+    its forward (what runs after it is, in a feed-forward network, what a backward pass from
+    the output to the layer goes through).
+
+    An estimate of the memory a backward pass works in: it keeps a gradient for about every
+    activation it goes through (the batched backward of :mod:`batched_grad`, one per class
+    of a chunk). Not counted: functions that are not modules (``torch.flatten`` in a
+    ``forward``) and TorchScript code (global hooks do not fire in it): the count is then
+    low, never high, so a caller sizing chunks by it errs towards the size it would choose
+    without it."""
+    counter = OutputBytes(started=layer is None)
+    thread = threading.get_ident()
+
+    def on_output(module: nn.Module, args, output) -> None:
+        if counter.started and threading.get_ident() == thread and not module._modules:
+            counter.bytes += _tensor_bytes(output)
+
+    def on_layer(module: nn.Module, args) -> None:
+        counter.started = True
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks"
+        )
+        handles = [torch.nn.modules.module.register_module_forward_hook(on_output)]
+        try:
+            if layer is not None:
+                handles.append(layer.register_forward_pre_hook(on_layer))
+            yield counter
+        finally:
+            for handle in handles:
+                handle.remove()

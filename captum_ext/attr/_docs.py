@@ -54,8 +54,10 @@ CAM_ARGS = """
                 becomes zeros, never NaN). With ``upsample_to_input=True`` this is the
                 published post-processing. Default: None (raw maps, like LayerGradCam).
             max_batch (int, optional): classes per batched backward when several classes
-                are requested per example; bounds memory. Default: 64 (fewer if one chunk
-                would exceed about 1 GiB).
+                are requested per example; bounds memory (lower it if memory runs out).
+                Default: 64, fewer where one chunk would need more than about 1 GiB (its
+                gradients and the backward pass's working memory, estimated from the
+                sizes of the module outputs it goes through).
             attr_dim_summation (bool, optional): as in Captum's LayerGradCam: True sums the
                 weighted activations over the channel dimension (one map per class); False
                 returns the per-channel maps ``alpha_k * A_k`` (ReLU applied to each when

@@ -276,8 +276,10 @@ class VOICE:
     All maps of a batch (P, Q2 and every contrast) come from ONE forward pass and the shared
     batched backward, chunked by ``max_batch``; the classes P, Q2 and the contrasts are read
     off the logits of that same forward (SmoothGrad adds one forward of the clean inputs,
-    whose prediction it explains). The variance is accumulated chunk by chunk so memory
-    stays at a few maps per example, even for 1000 classes. Vision transformers: pass
+    whose prediction it explains). The variance is accumulated chunk by chunk, so the maps
+    held stay at a few per example, even for 1000 classes; the backward pass of a chunk
+    works in memory of about half the model's activations per class (lower ``max_batch``
+    if it runs out). Vision transformers: pass
     ``reshape_transform`` to :meth:`attribute`, as to the CAM classes.
 
     ``postprocess="reference"`` (default) reproduces the published order: each map is
@@ -397,8 +399,10 @@ class VOICE:
                 in a row; P is left out of the variance wherever it appears.
                 Default: "all".
             additional_forward_args (Any, optional): extra arguments of the model.
-            max_batch (int, optional): classes per batched backward. Default: 64 (fewer
-                if one chunk's gradients would exceed about 1 GiB).
+            max_batch (int, optional): classes per batched backward. Default: 64, fewer
+                where one chunk would need more than about 1 GiB (its gradients and the
+                backward pass's working memory, estimated from the sizes of the module
+                outputs it goes through).
             threshold (float, optional): threshold of the IoU read-out, in [0, 1) (the maps are
                 min-max normalised first).
                 Default: 0.1.
