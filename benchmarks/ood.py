@@ -510,11 +510,13 @@ def print_tables(results, logs) -> None:
 
 def json_ready(value):
     """``value`` for the JSON line: floats rounded to 4 decimals (None where not finite),
-    nested dicts likewise."""
+    nested dicts and lists likewise."""
     if isinstance(value, float):
         return round(value, 4) if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
     return value
 
 
