@@ -503,6 +503,24 @@ def _run_report(args: argparse.Namespace) -> int:
 # score
 
 
+def _check_out_is_no_image(out: Path, images: str | None) -> None:
+    """Refuse an ``--out`` that is an existing image file (one of ``--images`` among them):
+    the scores, written as CSV over it, destroyed it."""
+    from captum_ext.data.loading import IMAGE_EXTENSIONS
+
+    if not (out.is_file() and out.suffix.lower() in IMAGE_EXTENSIONS):
+        return
+    root = None if images is None else Path(images).expanduser()
+    if root is not None and root.is_dir() and out.resolve().is_relative_to(root.resolve()):
+        what = f"one of the `--images` files (in {images!r})"
+    else:
+        what = "an existing image file"
+    raise ValueError(
+        f"`--out` {str(out)!r} is {what}: the scores (CSV) would be written over it; give "
+        "`--out` a .csv file (e.g. 'scores.csv')."
+    )
+
+
 def _run_score(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -529,6 +547,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.model is None and args.weights is not None:
         raise ValueError("`--weights` needs `--model` (the architecture the weights are for).")
     out = Path(args.out).expanduser()
+    _check_out_is_no_image(out, args.images)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         check_output(out, folder=False)
     flags = COMMAND_LINE_NAMES  # the loaders' errors name this command's options

@@ -305,7 +305,7 @@ def test_expose_layer_passes_eager_models_through(factories):
     model = factories.small_cnn()
     forward, layer = expose_layer(model, "features.3")
     assert forward is model and layer is model.features[3]
-    with pytest.raises(ValueError, match="--layer.*features.3"):
+    with pytest.raises(ValueError, match="`layer`=.*features.3"):
         expose_layer(model, "features.33")
 
 
@@ -349,7 +349,7 @@ def test_torchscript_resnet18_layer_maps_equal_eager_maps(tmp_path):
 
 def test_expose_layer_rejects_unknown_torchscript_layer(tmp_path, factories):
     scripted = load_model(save_torchscript(factories.small_cnn(), tmp_path / "m.ts"))
-    with pytest.raises(ValueError, match="--layer.*Closest names: features"):
+    with pytest.raises(ValueError, match="`layer`=.*Closest names: features"):
         expose_layer(scripted, "feature.3")
 
 

@@ -32,7 +32,7 @@ import unicodedata
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,9 @@ _IMAGENET_RESIZE = 256
 _IMAGENET_CROP = 224
 _DIGITS_SIZE = 28
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+#: checkpoints of timm, DeiT, detectron2: ``{"model": state_dict, "epoch": ..., ...}``, read
+#: when that entry is a state dict (a mapping of names to tensors)
+_MODEL_KEY = "model"
 _LIST_AT_MOST = 5
 
 
@@ -302,8 +305,9 @@ def load_state_dict_file(
 ) -> dict[str, Tensor]:
     r"""Read a state dict safely: ``torch.load(..., weights_only=True)`` or safetensors.
 
-    Checkpoints that wrap the state dict as ``{"state_dict": ...}`` or
-    ``{"model_state_dict": ...}`` are unwrapped.
+    Checkpoints that wrap the state dict as ``{"state_dict": ...}``,
+    ``{"model_state_dict": ...}`` or ``{"model": ...}`` (timm, DeiT, detectron2) are
+    unwrapped.
 
     Args:
         weights (str or Path): a file written by ``torch.save(model.state_dict(), path)``, or
@@ -318,14 +322,16 @@ def load_state_dict_file(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be read with ``weights_only=True`` or holds no state dict
-            (a TorchScript file or ``torch.export`` archive is said to be one, to give as the
-            model instead).
+        ValueError: ``weights`` is a directory, or the file cannot be read with
+            ``weights_only=True`` or holds no state dict (a TorchScript file or
+            ``torch.export`` archive is said to be one, to give as the model instead).
     """
     names = _names(argument_names)
     what = _arg(names, "weights")
     path = Path(weights).expanduser()
     device = parse_device(device, argument=names.get("device", "device"))
+    if path.is_dir():
+        raise ValueError(f"{what} {str(weights)!r} is a directory; expected a state dict's file.")
     if not path.is_file():
         raise FileNotFoundError(f"{_arg(names, 'weights')} file not found: {str(weights)!r}.")
     if path.suffix.lower() == ".safetensors":
@@ -373,6 +379,12 @@ def load_state_dict_file(
             if isinstance(loaded.get(key), Mapping):
                 loaded = loaded[key]
                 break
+        else:
+            inner = loaded.get(_MODEL_KEY)
+            if isinstance(inner, Mapping) and all(
+                isinstance(k, str) and isinstance(v, Tensor) for k, v in inner.items()
+            ):
+                loaded = inner
     if not isinstance(loaded, Mapping):
         raise ValueError(
             f"{what} {str(weights)!r} does not hold a state dict (a mapping of parameter "
@@ -1307,6 +1319,18 @@ def _has_transparent_pixels(image) -> bool:
 _EXIF_ORIENTATION = 0x0112
 
 
+def _turned_tiff(image) -> bool:
+    """Whether ``image`` (opened, not loaded) is a TIFF whose orientation tag turns it.
+    Pillow turns such a TIFF when loading it, but a file it maps into memory (one strip of
+    L, P, I;16, RGBA, CMYK pixels: grey scans among them) it reads at the turned size, which
+    scrambles the pixels of a quarter turn (tags 5 to 8), silently; read from a stream it
+    turns them right."""
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None:
+        return False
+    return tags.get(_EXIF_ORIENTATION) not in (None, 1)
+
+
 def _upright(image):
     """The image as a viewer shows it: phones and cameras store the pixels as the sensor read
     them and record the turn in the EXIF orientation tag, which PIL does not apply."""
@@ -1498,7 +1522,10 @@ def _read_image(
     transparent = False
     users = False  # inside the user's callable transform
     try:
-        with Image.open(path) as image:
+        with ExitStack() as opened:
+            image = opened.enter_context(Image.open(path))
+            if _turned_tiff(image):  # read from a stream: Pillow maps no file then
+                image = opened.enter_context(Image.open(opened.enter_context(open(path, "rb"))))
             image.load()
             if callable(transform):
                 users = True
@@ -1748,6 +1775,10 @@ def read_class_names(
     names = _names(argument_names)
     argument = _arg(names, "path")
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(
+            f"{argument} {str(path)!r} is a directory; expected a text file of class names."
+        )
     if not file.is_file():
         raise FileNotFoundError(f"{argument} file not found: {str(path)!r}.")
     try:  # utf-8-sig: Windows editors start the file with a byte-order mark

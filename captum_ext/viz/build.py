@@ -911,6 +911,64 @@ def _check_section_files(config: ReportConfig, sections: Sequence[str]) -> None:
             raise FileNotFoundError(f"`{option}`: no file at {str(path)!r}.")
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds image files that an image folder read would take (hidden
+    names and the output folders of earlier reports, :data:`REPORT_MARKER`, left aside)."""
+    from captum_ext.data.loading import IMAGE_EXTENSIONS, REPORT_MARKER
+
+    for _, subfolders, files in os.walk(folder):
+        if REPORT_MARKER in files:  # an earlier report: its pictures are its own
+            subfolders[:] = []
+            continue
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        if any(
+            not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            for name in files
+        ):
+            return True
+    return False
+
+
+def _check_out_beside_images(out: Path, images: str | os.PathLike | None) -> None:
+    """Refuse, before any work, an ``--out`` that would take the place of ``--images``: the
+    ``--images`` folder itself, or an existing folder inside it (or around it) that holds
+    images and is not an earlier report's. The report marks its folder
+    (:data:`~captum_ext.data.loading.REPORT_MARKER`) so that image folders read later skip
+    it: the images there were left out of this run and of every later ``report`` and
+    ``score`` on that folder, silently. A new or empty folder inside ``--images``, or an
+    earlier report's, is fine (it is not read as input)."""
+    from captum_ext.data.loading import REPORT_MARKER
+
+    if images is None:
+        return
+    root = Path(images).expanduser()
+    if not root.is_dir():
+        return  # the loader says what is wrong with it
+    real_out, real_root = Path(os.path.realpath(out)), Path(os.path.realpath(root))
+    if real_out == real_root:
+        raise ValueError(
+            f"`--out` {str(out)!r} is the `--images` folder {str(images)!r}: the report "
+            "would be written among the images it reads; give `--out` another folder (e.g. "
+            "'report', the default, outside `--images` or in a new folder inside it)."
+        )
+    if not out.is_dir():
+        return  # a new folder
+    if real_out.is_relative_to(real_root):
+        if _holds_images(out):
+            raise ValueError(
+                f"`--out` {str(out)!r} is a folder inside `--images` {str(images)!r} that "
+                "holds images: they would be left out of this report, and of every later "
+                "run on `--images` (a report's folder is skipped when images are read); "
+                "give `--out` a new or empty folder."
+            )
+    elif real_root.is_relative_to(real_out) and not (out / REPORT_MARKER).exists():
+        raise ValueError(
+            f"`--out` {str(out)!r} holds the `--images` folder {str(images)!r}: its images "
+            "would be left out of every later run on a folder holding `--out` (a report's "
+            "folder is skipped when images are read); give `--out` a new or empty folder."
+        )
+
+
 def _claim_output_folder(out: Path) -> None:
     """Mark ``out`` as a report folder (image folders read later skip it) and remove the page
     of an earlier run there: this run rewrites the pictures it shows, so a run that fails
@@ -966,6 +1024,7 @@ def build_report(config: ReportConfig) -> ReportResult:
             "`--mask-layers` needs `--mask-net` (the layers that mask net was trained to "
             "match); the bundled mask net matches its own layer."
         )
+    _check_out_beside_images(out, config.images)
     check_output(out, folder=True)
     _check_section_files(config, sections)
     inputs, metadata = build_section_inputs(config, sections)
