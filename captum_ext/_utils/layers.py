@@ -66,6 +66,21 @@ def unwrap_distributed(module: nn.Module) -> nn.Module:
     return module
 
 
+def user_model(module: nn.Module) -> nn.Module:
+    """The model whose module names the user knows, for looking up and reporting layers by
+    name: :func:`unwrap_distributed`, and inside a wrapper of ours that holds the user's
+    model (:class:`~captum_ext.attr.ContrastiveForward`, whose own names would carry a
+    ``forward_func.`` prefix). A wrapper says what it holds with a
+    ``_captum_ext_user_model()`` method (None: a plain function, no model to name)."""
+    module = unwrap_distributed(module)
+    while True:
+        held_by = getattr(type(module), "_captum_ext_user_model", None)
+        inner = held_by(module) if callable(held_by) else None
+        if not isinstance(inner, nn.Module) or inner is module:
+            return module
+        module = unwrap_distributed(inner)
+
+
 def root_module(forward_func) -> nn.Module | None:
     """The eager ``nn.Module`` behind ``forward_func``: itself (``torch.compile``'s original
     module for a compiled one), or the owner of a bound method."""
@@ -108,9 +123,14 @@ def resolve_layer(forward_func, layer, *, argument: str = "layer") -> nn.Module:
                 "pass the module itself."
             )
         # names as in the model the user built: inside DataParallel ("features.3" or
-        # "module.features.3") and torch.compile's wrappers
-        modules = dict(unwrap_distributed(model).named_modules())
+        # "module.features.3"), torch.compile's wrappers and ContrastiveForward (whose own
+        # names, "forward_func.features.3", are still found)
+        modules = dict(user_model(model).named_modules())
         name = eager_name(layer, modules)
+        if name not in modules:
+            wrapper = dict(unwrap_distributed(model).named_modules())
+            if eager_name(layer, wrapper) in wrapper:
+                modules, name = wrapper, eager_name(layer, wrapper)
         if name not in modules and is_exported(model):
             raise _exported_layer_error(model, name, argument)
         if name not in modules:

@@ -605,7 +605,9 @@ _TARGET_CAM_INIT_ARGS = """
 """
 
 
-def target_cam(summary: str) -> Callable[[type], type]:
+def target_cam(
+    summary: str, *, init_args: str | None = None, target_arg: str | None = None
+) -> Callable[[type], type]:
     """Class decorator: give a :class:`TargetClassCAMBase` subclass its public ``attribute``.
 
     The method is the shared template above with the full signature (what ``help()`` and
@@ -613,6 +615,11 @@ def target_cam(summary: str) -> Callable[[type], type]:
     ``{init_args}`` slot receives the shared constructor arguments), and a code object renamed to
     ``<Class>.attribute`` so that Python's own messages about its arguments (an unknown
     keyword, a missing ``inputs``) name the public class rather than a base.
+
+    A method whose arguments differ from the shared texts (FinerCAM takes (N, C) logits
+    only, not a segmentation output) gives its own: ``init_args`` for the class docstring's
+    ``{init_args}`` slot, ``target_arg`` for ``attribute``'s ``target`` (both indented as
+    the shared texts are).
     """
 
     def decorate(cls: type) -> type:
@@ -627,8 +634,11 @@ def target_cam(summary: str) -> Callable[[type], type]:
         function.__module__ = cls.__module__
         function.__qualname__ = qualname
         function.__doc__ = _TARGET_CAM_DOC.replace("{summary}", summary)
+        if target_arg is not None:
+            function.__doc__ = function.__doc__.replace("{target_arg}", target_arg.strip())
         if cls.__doc__:
-            cls.__doc__ = cls.__doc__.replace("{init_args}", _TARGET_CAM_INIT_ARGS.strip())
+            shared = _TARGET_CAM_INIT_ARGS if init_args is None else init_args
+            cls.__doc__ = cls.__doc__.replace("{init_args}", shared.strip())
         cls.attribute = log_usage()(with_cam_args(function))
         return cls
 

@@ -188,7 +188,9 @@ class ContrastiveForward(nn.Module):
     Handing this function to a Captum method with ``target=Q`` makes the method explain
     ``CE(f(x), Q)`` instead of the logit of the target class. It is an ``nn.Module`` holding
     the model as a submodule, so methods that work on a model rather than a function
-    (DeepLift, GuidedBackprop) can be built on it too.
+    (DeepLift, GuidedBackprop) can be built on it too. Layers are named as in the model
+    itself: ``layers="features.4"`` and the site names methods report carry no
+    ``forward_func.`` prefix.
 
     Args:
         forward_func (Callable): the model (an ``nn.Module``, a bound ``forward`` or a
@@ -211,6 +213,11 @@ class ContrastiveForward(nn.Module):
         self._max_class: int | None = None
         self._inputs = 0  # how many leading arguments are the inputs (cast to a half model's dtype)
         self._calls = 0
+
+    def _captum_ext_user_model(self) -> nn.Module | None:
+        """The user's model (None for a plain function): layers are named and looked up in
+        it, not with this wrapper's ``forward_func.`` prefix (see ``_utils.layers``)."""
+        return root_module(self.forward_func)
 
     def forward(self, *args: Any) -> Tensor:
         self._calls += 1

@@ -154,7 +154,37 @@ def comparison_classes(
     return distance.argsort(dim=1, stable=True)[:, list(positions)]
 
 
-@target_cam("Finer-CAM maps of ``inputs`` for the class(es) P in ``target``.")
+#: FinerCAM's constructor arguments: unlike the other target-class CAMs it scores the
+#: classes of (N, C) logits against each other, so it takes no segmentation output
+_FINER_CAM_INIT_ARGS = """
+        forward_func (Callable or nn.Module): the model, returning (N, C) logits with
+            C >= 2 classes (P is compared with the classes whose logits are closest). An
+            output with more than two dimensions (a segmentation network's (N, C, H, W)) is
+            refused: pass ``output_transform`` to reduce it to (N, C) scores.
+        layer (nn.Module or str): the layer to explain, or its dotted name.
+        device_ids (list[int], optional): as in Captum's layer methods.
+        output_transform (Callable, optional): reduces the model's output to (N, C) logits
+            (a dict, a tuple; or a segmentation output summed over a pixel mask).
+"""
+
+_FINER_CAM_TARGET_ARG = """
+            target (int, list, Tensor or str, optional): the class P to explain, in the
+                forms Captum's LayerGradCam accepts for (N, C) logits: an int or a 0-dim /
+                1-element tensor (the same class for every example), a list of ints, a list
+                of one-int tuples, a 1-D tensor or an (N, 1) tensor (one class per example).
+                Negative indices count from the end (-1 is the last class), as in PyTorch
+                indexing. Several classes per example: ``"all"``, or a 2-D tensor (or list
+                of lists) of N or 1 rows of class indices. A tuple of several ints (Captum's
+                index into an output of more than two dimensions) is refused: FinerCAM needs
+                (N, C) logits. Default: None, the predicted class.
+"""
+
+
+@target_cam(
+    "Finer-CAM maps of ``inputs`` for the class(es) P in ``target``.",
+    init_args=_FINER_CAM_INIT_ARGS,
+    target_arg=_FINER_CAM_TARGET_ARG,
+)
 class FinerCAM(TargetClassCAMBase):
     r"""Finer-CAM: Grad-CAM of P's logit against the classes most similar to it.
 

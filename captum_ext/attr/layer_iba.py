@@ -941,7 +941,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         # None: the predicted class of (N, C) outputs, for a callable loss too (an output of
         # more dimensions needs `target`, which output_selection says)
         columns, multi = output_selection(target, output, argument="target", default="predicted")
-        if multi:
+        # an (N, 1) target names one class per example, as (N,) does (as in FinerCAM)
+        if multi and columns.shape[1] != 1:
             raise ValueError(
                 "`target` must name one class per example for LayerIBA (one map per example); "
                 "call attribute once per class for several."

@@ -13,8 +13,9 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import objective_gradients, run_forward
+from .._utils.caller import inside_expanding_wrapper
 from .._utils.hooks import registered_hooks
-from .._utils.layers import is_exported, resolve_layer, root_module, unwrap_distributed
+from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
@@ -338,9 +339,9 @@ class PathwayGradient(GradientAttribution):
                     f"`forward_func` is {what}: PathwayGradient hooks the output of every ReLU. "
                     "Explain the eager model."
                 )
-            # names as in the model the user built (inside DataParallel's wrapper too), the
-            # names CircuitReadout gives its stages
-            named = unwrap_distributed(model).named_modules()
+            # names as in the model the user built (inside DataParallel's wrapper and
+            # Contrastive's ContrastiveForward too), the names CircuitReadout gives its stages
+            named = user_model(model).named_modules()
             found = [(name, m) for name, m in named if isinstance(m, nn.ReLU)]
             if not found:
                 others = sorted(
@@ -369,7 +370,7 @@ class PathwayGradient(GradientAttribution):
             raise ValueError("`layers` lists a module twice.")
         names = {}
         if model is not None:
-            names = {id(m): name for name, m in unwrap_distributed(model).named_modules()}
+            names = {id(m): name for name, m in user_model(model).named_modules()}
         return modules, [names.get(id(m), type(m).__name__) or "<model>" for m in modules]
 
     @log_usage()
@@ -391,7 +392,8 @@ class PathwayGradient(GradientAttribution):
         Args:
             inputs (Tensor or tuple of Tensor): the batch, examples first; floating point.
             target (int, list, tuple or Tensor, optional): the class whose logit is
-                explained, one per example, in the forms Captum accepts for (N, C) logits.
+                explained, one per example, in the forms Captum accepts for (N, C) logits
+                (an (N, 1) tensor too).
                 Default: None, the predicted class.
             sparsity (float, optional): the share of neurons pruned, in [0, 1): the
                 threshold is the ``100 * sparsity``-th percentile of each example's scores.
@@ -405,7 +407,9 @@ class PathwayGradient(GradientAttribution):
             multiply_by_inputs (bool, optional): multiply the gradient by the inputs.
                 Default: None, the value given to the constructor (False).
             return_pathway (bool, optional): return a :class:`PathwayGradientResult` with
-                the masks, scores and thresholds as well. Default: False.
+                the masks, scores and thresholds as well; for direct calls only (inside
+                Captum's NoiseTunnel, ``infidelity`` or ``sensitivity_max`` it raises a
+                ``ValueError``). Default: False.
             additional_forward_args (Any, optional): extra arguments for forward_func,
                 after the inputs. Default: None.
             n_steps (int, optional): points of the integral for ``score="integrated"``
@@ -434,6 +438,15 @@ class PathwayGradient(GradientAttribution):
             raise TypeError(
                 f"`return_pathway` must be a bool, got {type(return_pathway).__name__}."
             )
+        if return_pathway and inside_expanding_wrapper():
+            # Captum's wrapper expects attributions shaped like the inputs, and its rows are
+            # noisy copies of the examples: a PathwayGradientResult means nothing to it
+            raise ValueError(
+                "`return_pathway`=True is for direct calls: inside Captum's NoiseTunnel, "
+                "infidelity or sensitivity_max the result must be attributions shaped like "
+                "the inputs. Call PathwayGradient(...).attribute(..., return_pathway=True) "
+                "directly for the masks, scores and thresholds."
+            )
         n_steps = check_int(n_steps, "n_steps", minimum=2)
         unwrap = not isinstance(inputs, tuple)
         formatted = format_inputs(inputs)
@@ -461,7 +474,8 @@ class PathwayGradient(GradientAttribution):
                 self.forward_func, x, additional_forward_args, takes_output_transform=False
             )
             classes, multi = class_selection(target, logits, argument="target", default="predicted")
-            if multi:
+            # an (N, 1) target names one class per example, as (N,) does (as in FinerCAM)
+            if multi and classes.shape[1] != 1:
                 raise ValueError(
                     "`target` must give one class per example; PathwayGradient prunes one "
                     "pathway per (example, class)."

@@ -10,13 +10,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
+from captum_ext._utils.batched_grad import in_model_precision, run_forward
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.distributed import (
     checked_on_every_rank,
     tensor_fingerprint,
     written_on_main_process,
 )
+from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import (
     gradients_on,
     leaves_inference_mode,
@@ -25,7 +29,7 @@ from captum_ext._utils.model_state import (
     restore_module_state,
 )
 from captum_ext._utils.optional import import_optional
-from captum_ext._utils.precision import at_least_float32
+from captum_ext._utils.precision import at_least_float32, precise
 from captum_ext._utils.seeding import global_rng_state, seeded_rng, set_global_rng_state
 from captum_ext._utils.training import (
     atomic_path,
@@ -41,9 +45,22 @@ from captum_ext._utils.training import (
     wrap_distributed,
     writable_path_argument,
 )
-from captum_ext._utils.validation import check_flag, check_int, check_number, model_device
+from captum_ext._utils.validation import (
+    check_flag,
+    check_int,
+    check_number,
+    format_inputs,
+    model_device,
+)
+from captum_ext.metrics._trust_common import _head_features, _resolve_head, _weight_of
 
-from .features import _features_and_classes, check_feature_options
+from .features import (
+    _cotangents,
+    _features_and_classes,
+    _normalised_factors,
+    _unit,
+    check_feature_options,
+)
 
 #: the keys of a saved network (see :meth:`IntrospectiveNetwork.save`)
 _SAVED_KEYS = ("config", "head")
@@ -180,6 +197,16 @@ class IntrospectiveNetwork(nn.Module):
     Paper: M. Prabhushankar and G. AlRegib, "Introspective Learning: A Two-Stage Approach for
     Inference in Neural Networks", NeurIPS 2022.
 
+    The network is a differentiable function of its inputs: Captum's gradient methods
+    (``Saliency(network)``, ``IntegratedGradients(network)``, ``NoiseTunnel``) explain the
+    introspective prediction. Where an input requires gradients, :meth:`forward` computes
+    the features twice: their values (as without gradients, so the outputs are the same)
+    and their graph (the closed form with ``p`` and ``h`` differentiated; at another
+    ``layer``, per example, the weight gradients with ``create_graph``, a second-order
+    derivative of stage 1). Stage 1's parameters stay out of the graph: a ``backward``
+    leaves their ``.grad`` as it was. :meth:`features`, :meth:`predict` and
+    :meth:`predict_proba` take no gradient.
+
     Args:
         model (nn.Module): the trained classifier, returning (N, C) logits.
         head (nn.Module, optional): stage 2, mapping (N, F) features to (N, C) logits.
@@ -241,11 +268,33 @@ class IntrospectiveNetwork(nn.Module):
         )
         return features.detach(), classes
 
+    def _differentiable_features(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """:meth:`features`, differentiable in ``inputs``: their values exactly (computed by
+        :func:`~captum_ext.introspection.introspective_features`, which takes no gradient),
+        with the gradient of a second pass that follows the same formula under autograd
+        (``values + (again - again.detach())``). That pass differentiates ``p`` and ``h`` of
+        the closed form ``(p - e_Q) h^T`` (one more forward pass of stage 1), or, at another
+        ``layer``, the per-example weight gradients with the graph kept (a second-order
+        derivative of stage 1). Stage 1's parameters take no part in the graph (it is frozen:
+        a ``backward`` leaves their ``.grad`` as it was)."""
+        values = self.features(inputs)
+        again = _feature_graph(self, format_inputs(inputs))
+        return values + (again - again.detach()).to(values.dtype)
+
     # ------------------------------------------------------------------ stage 2
     def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
-        """Stage 2's logits, ``(N, C)``."""
+        """Stage 2's logits, ``(N, C)``.
+
+        Differentiable in ``inputs`` (the introspective features and the head), so Captum's
+        gradient methods (Saliency, IntegratedGradients, NoiseTunnel, ...) explain the
+        introspective prediction. Where an input requires gradients the features are
+        computed twice (their values, then their graph), else once; stage 1 stays frozen.
+        """
         head = self._fitted_head()
-        features = self.features(inputs)
+        if _wants_input_gradient(inputs):
+            features = self._differentiable_features(inputs)
+        else:
+            features = self.features(inputs)
         first = next(head.parameters(), None)
         if first is not None:
             features = features.to(device=first.device, dtype=first.dtype)
@@ -718,6 +767,105 @@ class IntrospectiveNetwork(nn.Module):
         head.to(dtype=saved_dtype).load_state_dict(state["head"])
         network.head = head.to(model_device(model)).eval()
         return network
+
+
+def _wants_input_gradient(inputs: Any) -> bool:
+    """Whether the forward pass must be differentiable in ``inputs``: gradients on and an
+    input tensor that requires them (Captum's gradient methods set that on their inputs)."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    return any(isinstance(x, Tensor) and x.requires_grad for x in tensors)
+
+
+def _feature_graph(network: IntrospectiveNetwork, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The introspective features of ``inputs`` as a function of them under autograd: the
+    formula of :func:`~captum_ext.introspection.introspective_features`, whose values it
+    repeats up to rounding; :meth:`IntrospectiveNetwork._differentiable_features` takes
+    only its gradient. The cotangents ``p - e_Q`` are those of the feature function (its
+    careful float64 values) with the gradient of ``p = softmax(z)``; ``e_Q`` and the top-k
+    choice are constant almost everywhere."""
+    model, transform = network.model, network.output_transform
+    head, _ = _resolve_head(model, network.layer, tuple(x[:2] for x in inputs), (), transform)
+    calls: list[tuple[Tensor | None, Tensor | None]] = []
+
+    def record(module, args, output):
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        calls.append((first, output if isinstance(output, Tensor) else None))
+
+    with preserved_state([root_module(model), head]), gradients_on():
+        # stage 1 is frozen: its parameters stay out of the graph (restored on exit)
+        for parameter in root_module(model).parameters():
+            parameter.requires_grad_(False)
+        with registered_hooks(lambda: head.register_forward_hook(record)):
+            logits = run_forward(model, inputs, (), transform, check_nan=False)
+        h = _head_features(head, logits.detach(), calls)
+        if h is None:  # another layer: its weight's per-example gradients, graph kept
+            grads = _layer_gradients_with_graph(model, inputs, head, network, transform)
+            if network.normalize == "per_class":
+                grads = _unit(grads, (2,))
+            elif network.normalize == "global":
+                grads = _unit(grads, (1, 2))
+            return grads.flatten(1)
+        cotangents = _cotangents_with_graph(logits, network.form, network.k)
+        a, b = _normalised_factors(cotangents, h.to(cotangents.dtype), network.normalize)
+        a, b = a.to(logits.dtype), b.to(logits.dtype)
+        return (a[..., None] * b[:, None, None, :]).flatten(1)
+
+
+def _cotangents_with_graph(logits: Tensor, form: str, k: int | None) -> Tensor:
+    """``p - e_Q`` of the feature function (its values), differentiable in ``logits``."""
+    values = _cotangents(logits, form, k)  # (N, K, C), from detached logits
+    p = torch.softmax(precise(logits), dim=1).to(values.dtype)
+    rate = logits.shape[1] * p[:, None, :] if form == "all_ones" else p[:, None, :]
+    return values + (rate - rate.detach()).expand_as(values)
+
+
+def _layer_gradients_with_graph(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    layer: nn.Module,
+    network: IntrospectiveNetwork,
+    transform: Callable[[Any], Tensor] | None,
+) -> Tensor:
+    """``(N, K, F)``: per example (run alone, as the per-example gradient engine runs it),
+    the gradients of ``<p - e_Q, z>`` for the form's classes Q with respect to ``layer``'s
+    weight, differentiable in ``inputs`` (``create_graph``; a second-order derivative). The
+    weight is swapped for a detached copy (``functional_call``), so that the model's own
+    parameter takes no part in the graph."""
+    weight = _weight_of(layer)
+    names = {id(t): n for n, t in root_module(model).named_parameters(remove_duplicate=False)}
+    names.update({id(t): n for n, t in root_module(model).named_buffers()})
+    if id(weight) not in names:
+        raise ValueError(
+            f"`layer` ({type(layer).__name__}): its weight is not a parameter of the model, "
+            "so the introspective features cannot be differentiated in the inputs."
+        )
+    name, rows = names[id(weight)], []
+    inputs = in_model_precision(model, inputs)  # as the feature function runs a half model
+    for i in range(inputs[0].shape[0]):
+        own = weight.detach().requires_grad_(True)
+        xs = tuple(x[i : i + 1] for x in inputs)
+        out = functional_call(root_module(model), {name: own}, xs)
+        logits = transform(out) if transform is not None else out
+        cotangents = _cotangents_with_graph(logits, network.form, network.k)[0]  # (K, C)
+        if network.normalize is not None:  # as the feature function scales them
+            dims = (1,) if network.normalize == "per_class" else (0, 1)
+            largest = cotangents.detach().abs().amax(dim=dims, keepdim=True)
+            cotangents = torch.where(
+                largest > 0, cotangents / torch.where(largest > 0, largest, 1), 0
+            )
+        # the vector-Jacobian product sum_c cot_c dz_c/dW: the cotangent is the vector (not
+        # differentiated in W), and with create_graph the product keeps its graph in x
+        # through both the Jacobian and the cotangent (p)
+        grads = []
+        for row in cotangents:
+            (grad,) = torch.autograd.grad(
+                logits[0], own, grad_outputs=row.to(logits.dtype), create_graph=True
+            )
+            grads.append(grad.flatten())
+        rows.append(torch.stack(grads))
+    return torch.stack(rows)
 
 
 _INT_SETTINGS = ("k", "in_features", "hidden_width", "num_classes")
