@@ -27,6 +27,7 @@ from captum_ext._utils.batched_grad import (
     logits_seen_per_example,
     per_example_parameter_gradients,
     run_forward,
+    softmax_complement,
 )
 from captum_ext._utils.layers import resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
@@ -450,16 +451,23 @@ def mc_dropout(
                 if cuda:
                     with torch.cuda.device(device):
                         torch.cuda.manual_seed(seed)
-            mean = None
+            mean = complement = None
             for _ in range(n_passes):
                 logits = run_forward(
                     forward_func, inputs, additional_forward_args, output_transform
                 )
                 check_several_classes(logits, "mc_dropout takes a softmax over the classes")
-                probs = torch.softmax(at_least_float32(logits), 1)
+                work = at_least_float32(logits)
+                probs, rest = torch.softmax(work, 1), softmax_complement(work, 1)
                 mean = probs if mean is None else mean + probs
-    mean = mean / n_passes
-    return torch.special.xlogy(mean, mean).sum(1)
+                complement = rest if complement is None else complement + rest
+    mean, complement = mean / n_passes, complement / n_passes
+    # the top class's p_bar rounds to 1 on confident predictions and its term,
+    # p log p = -(1 - p) + ..., to 0: it is formed from the mean complement 1 - p_bar instead
+    top = mean.argmax(dim=1, keepdim=True)
+    rest_of_top = complement.gather(1, top)
+    top_term = (1 - rest_of_top) * torch.log1p(-rest_of_top)
+    return torch.special.xlogy(mean, mean).scatter(1, top, top_term).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
