@@ -236,7 +236,8 @@ class MinimalMaskData:
     Attributes:
         mask (numpy.ndarray): ``N x H x W`` binary masks m (1: kept pixel).
         active (numpy.ndarray): ``N`` shares of kept pixels, ``mean(m)``.
-        agreement (numpy.ndarray): ``N`` bools, ``argmax f(m x) == argmax f(x)``.
+        agreement (numpy.ndarray): ``N`` bools, ``argmax f(e) == argmax f(x)`` for the explanation
+            ``e = m x + (1 - m) baseline``.
         confidence (numpy.ndarray): ``N`` values ``softmax f(x)[y]``.
         kept_confidence (numpy.ndarray): ``N`` values ``softmax f(e)[y]`` of the explanation.
         sufficiency (numpy.ndarray): ``N`` shares of random backgrounds keeping the class.
