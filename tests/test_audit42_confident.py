@@ -74,3 +74,23 @@ def test_mc_dropout_keeps_the_top_class_term_on_confident_predictions():
     ).sum(1)
     assert (expected > -1e-6).any()  # some predictions are confident enough to matter
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=0)
+
+
+def test_zero_maps_of_a_half_precision_model_name_underflow_first():
+    """A float16 model's gradients for a confident prediction's cross-entropy underflow to
+    zero; the warning blamed vision transformers, checkpointing and no_grad only."""
+    import warnings
+
+    from captum_ext.attr import ContrastCAM
+
+    model = _confident(3.0).half()
+    x = load_sample_digits()[0][[0, 10, 18, 27, 35]].half()
+    predicted = model(x).argmax(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = ContrastCAM(model, "features.7").attribute(x, contrast=predicted)
+    assert not bool(maps.any())
+    messages = [str(w.message) for w in caught if "exactly zero" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert "runs in float16" in messages[0] and "copy.deepcopy(model).float()" in messages[0]
+    assert messages[0].index("float16") < messages[0].index("vision transformer")

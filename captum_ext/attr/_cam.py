@@ -231,6 +231,27 @@ def _token_layout(
     return None
 
 
+def _half_precision_note(model: nn.Module | None) -> str:
+    """For a model in float16 or bfloat16, the likelier cause of zero gradients, first."""
+    dtype = next(
+        (
+            p.dtype
+            for p in (model.parameters() if model is not None else ())
+            if p.is_floating_point()
+        ),
+        None,
+    )
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    tiny = torch.finfo(dtype).tiny * (2.0**-10 if dtype == torch.float16 else 2.0**-7)
+    return (
+        f"The model runs in {str(dtype).replace('torch.', '')}, where gradients below about "
+        f"{tiny:.0e} round to zero: those of a confident prediction's cross-entropy or "
+        "probability (a contrast with the predicted class, say) often are: explain a float32 "
+        "copy (copy.deepcopy(model).float()) to see them. "
+    )
+
+
 def zero_gradient_warning(method: str, where: str, model: nn.Module | None = None) -> str:
     """The warning for gradients that are exactly zero at the explained layer for every input:
     every gradient-weighted map is then zero, which says nothing about the input. A
@@ -241,9 +262,11 @@ def zero_gradient_warning(method: str, where: str, model: nn.Module | None = Non
             f"{method}: the gradients at {where} output are exactly zero for every input, so "
             f"every map is zero. {quantized}"
         )
+    half = _half_precision_note(model)
+    cause = "Otherwise the scores" if half else "The scores"
     return (
         f"{method}: the gradients at {where} output are exactly zero for every input, so "
-        "every map is zero: the scores explained do not depend on the layer. After a vision "
+        f"every map is zero. {half}{cause} explained do not depend on the layer. After a vision "
         "transformer's last block only the class token is read (explain the block's first "
         "norm instead, `encoder.layers.encoder_layer_<last>.ln_1` in torchvision, "
         "`blocks[-1].norm1` in timm), and a freshly built torchvision ViT has an all-zero head "
