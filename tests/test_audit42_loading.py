@@ -46,9 +46,37 @@ def test_report_out_in_an_image_folder_inside_images_is_refused(tmp_path, capsys
     out = photos / "class_0"
     assert main([*REPORT, "--images", str(photos), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "`--out`" in err and "inside `--images`" in err and "holds images" in err, err
+    assert "`--out`" in err and "inside `--images`" in err and "holds 2 of its images" in err, err
     assert not (out / REPORT_MARKER).exists() and not (out / "index.html").exists()
     assert scored_rows(capsys, photos, tmp_path / "s.csv") == 4
+
+
+def test_report_out_reaching_images_through_a_link_is_refused(tmp_path, capsys):
+    """The check walked `--out` without following links, which the loader follows: a
+    folder holding only a link to images elsewhere passed, and its marker hid them."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    write_pngs(photos, 2)
+    write_pngs(elsewhere, 4)
+    out = photos / "linked"
+    out.mkdir()
+    (out / "class_0").symlink_to(elsewhere / "class_0", target_is_directory=True)
+    assert main([*REPORT, "--images", str(photos), "--out", str(out)]) == 2
+    assert "holds 2 of its images" in capsys.readouterr().err
+    assert not (out / REPORT_MARKER).exists()
+
+
+@pytest.mark.parametrize("where", [".hidden", "old_report/images"])
+def test_report_out_where_the_loader_reads_nothing_is_taken(tmp_path, capsys, where):
+    """A hidden folder, or one inside an earlier report's folder, is never read as input:
+    an `--out` there hides nothing and is taken."""
+    photos = tmp_path / "photos"
+    write_pngs(photos, 2)
+    (photos / "old_report").mkdir()
+    (photos / "old_report" / REPORT_MARKER).write_text("")
+    out = photos / where
+    write_pngs(out, 2)  # pictures there, which no read of `photos` takes
+    assert main([*REPORT, "--images", str(photos), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "index.html").exists()
 
 
 def test_report_out_holding_images_is_refused(tmp_path, capsys):

@@ -911,22 +911,22 @@ def _check_section_files(config: ReportConfig, sections: Sequence[str]) -> None:
             raise FileNotFoundError(f"`{option}`: no file at {str(path)!r}.")
 
 
-def _holds_images(folder: Path) -> bool:
-    """Whether ``folder`` holds image files that an image folder read would take (hidden
-    names and the output folders of earlier reports, :data:`REPORT_MARKER`, left aside)."""
-    from captum_ext.data.loading import IMAGE_EXTENSIONS, REPORT_MARKER
+def _images_read_under(root: Path, folder: Path) -> int:
+    """How many of the images an image-folder read of ``root`` takes (by the loader's own
+    rules: hidden names and earlier reports' folders skipped, symbolic links followed) lie
+    in ``folder``: the ones a report marker there would hide from later runs."""
+    from captum_ext.data.loading import IMAGE_EXTENSIONS, _find_images
 
-    for _, subfolders, files in os.walk(folder):
-        if REPORT_MARKER in files:  # an earlier report: its pictures are its own
-            subfolders[:] = []
-            continue
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        if any(
-            not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-            for name in files
-        ):
-            return True
-    return False
+    with warnings.catch_warnings():  # the read proper says what it skips
+        warnings.simplefilter("ignore")
+        found = _find_images(root, IMAGE_EXTENSIONS)
+    inside = os.path.realpath(folder)
+    return sum(
+        1
+        for path in found
+        if Path(os.path.realpath(path)).is_relative_to(inside)
+        or Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder))
+    )
 
 
 def _check_out_beside_images(out: Path, images: str | os.PathLike | None) -> None:
@@ -954,12 +954,13 @@ def _check_out_beside_images(out: Path, images: str | os.PathLike | None) -> Non
     if not out.is_dir():
         return  # a new folder
     if real_out.is_relative_to(real_root):
-        if _holds_images(out):
+        hidden = _images_read_under(root, out)
+        if hidden:
             raise ValueError(
                 f"`--out` {str(out)!r} is a folder inside `--images` {str(images)!r} that "
-                "holds images: they would be left out of this report, and of every later "
-                "run on `--images` (a report's folder is skipped when images are read); "
-                "give `--out` a new or empty folder."
+                f"holds {hidden} of its images: they would be left out of this report, and of "
+                "every later run on `--images` (a report's folder is skipped when images are "
+                "read); give `--out` a new or empty folder."
             )
     elif real_root.is_relative_to(real_out) and not (out / REPORT_MARKER).exists():
         raise ValueError(
