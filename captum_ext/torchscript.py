@@ -365,6 +365,8 @@ def expose_final_layer(
     if is_exported(model):  # a torch.export program's module: its layers are graph operators
         return _exposed(model, layer, example, final_layer, option=option)
     modules = dict(model.named_modules())
+    if layer is not None:
+        _check_layer_name(model, layer)
     if final_layer is None:
         final_layer = last_linear_name(model)
         if final_layer is None:
@@ -392,6 +394,20 @@ def expose_final_layer(
     if example is not None:
         _check_wrapper(wrapper, model, example, argument=option, name=final_layer)
     return wrapper
+
+
+def _check_layer_name(model: nn.Module, layer: str) -> None:
+    """Refuse a ``layer`` that names no module of the TorchScript ``model`` (the closest
+    names listed)."""
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        names = [n for n in modules if n]
+        close = difflib.get_close_matches(layer, names, n=_LIST_AT_MOST, cutoff=0.4)
+        hint = f" Closest names: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"`layer`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
+            "from model.named_modules()."
+        )
 
 
 def expose_layer(
@@ -457,15 +473,7 @@ def expose_layer(
             "`layer` must be given by its dotted name for a TorchScript model, got "
             f"{type(layer).__name__}."
         )
-    modules = dict(model.named_modules())
-    if layer not in modules or not layer:
-        names = [n for n in modules if n]
-        close = difflib.get_close_matches(layer, names, n=_LIST_AT_MOST, cutoff=0.4)
-        hint = f" Closest names: {', '.join(close)}." if close else ""
-        raise ValueError(
-            f"`layer`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
-            "from model.named_modules()."
-        )
+    _check_layer_name(model, layer)
     if final_layer is not None:
         wrapper = expose_final_layer(model, final_layer, layer=layer, example=example)
         return wrapper, wrapper.tap

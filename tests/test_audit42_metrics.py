@@ -121,3 +121,51 @@ def test_a_dict_output_names_its_keys_and_a_remedy_that_works():
         deletion(as_dict, x, maps, target=1, n_steps=4)
     scores = deletion(lambda z: as_dict(z)["out"].mean(dim=(2, 3)), x, maps, target=1, n_steps=4)
     assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
+
+
+def test_boxes_rescaled_in_floating_point_are_taken():
+    """A whole-image box of a 26 px image rescaled to 7 x 7 maps in float32 ends at
+    7.0000005: refused by the first version of the check above."""
+    box = torch.tensor([[0.0, 0.0, 26.0, 26.0]]) * (7 / 26)
+    assert float(box[0, 2]) > 7
+    maps = torch.zeros(1, 1, 7, 7)
+    maps[0, 0, 6, 6] = 1.0
+    assert pointing_game(maps, box).tolist() == [True]
+    assert energy_pointing_game(maps, torch.tensor([[-0.3, 0.0, 7.4, 7.0]])).tolist() == [1.0]
+
+
+class _ReadsAChildsFlag(torch.nn.Module):
+    """A forward that uses a child's buffers and flag without running the child, as
+    hand-written code does with ``F.batch_norm(..., training=self.bn.training)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = torch.nn.functional.batch_norm(
+            h, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
+            training=self.bn.training,
+        )  # fmt: skip
+        return self.head(h.relu().mean(dim=(2, 3)))
+
+
+def test_a_hidden_model_reading_a_childs_flag_runs_as_in_eval_mode():
+    from captum_ext.metrics import deletion
+
+    model = _ReadsAChildsFlag().train()
+    torch.manual_seed(1)
+    x, maps = torch.randn(4, 3, 8, 8), torch.rand(4, 1, 8, 8)
+    hidden = deletion(lambda z: model(z), x, maps, target=0, n_steps=4)
+    assert all(m.training for m in model.modules())  # put back
+    one_at_a_time = deletion(lambda z: model(z), x, maps, target=0, n_steps=4, batch_size=1)
+    visible = deletion(model, x, maps, target=0, n_steps=4)
+    torch.testing.assert_close(hidden, visible)
+    torch.testing.assert_close(hidden, one_at_a_time)

@@ -204,3 +204,12 @@ def test_the_fallback_advice_names_the_eager_model(monkeypatch):
     with pytest.raises(ValueError, match=r"Explain the eager model instead") as error:
         torchscript.expose_layer(model, "conv", torch.randn(1, 1, 8, 8))
     assert "`--layer`" not in str(error.value)
+
+
+def test_expose_final_layer_checks_the_layer_it_exposes_too():
+    """With a mistyped `layer` it built a wrapper whose tap never ran; the report's default
+    sections (trust among them) then said "`layer` ran 0 times" instead of naming the
+    closest layers."""
+    model = _scripted()
+    with pytest.raises(ValueError, match=r"^`layer`='0x' is not a module.*Closest names: 0"):
+        torchscript.expose_final_layer(model, layer="0x", example=torch.randn(2, 1, 4, 4))

@@ -124,8 +124,9 @@ def restored_buffers_of_modules_run(
     changed buffers are copied back in place (the same tensor objects). Only modules run by
     the calling thread are recorded (another thread training a model keeps its updates).
     Modules inside ``exclude`` (already restored by the caller) are skipped. Yields the list
-    of modules seen. ``eval_mode=True`` also runs each of them in eval mode (its own
-    ``training`` flag cleared before its first forward in the block, put back on exit), as
+    of modules seen. ``eval_mode=True`` also runs each of them in eval mode (its flag and
+    those of its submodules cleared before its first forward in the block, put back on
+    exit), as
     the metrics run a model they can name: a train-mode model behind a plain function then
     gives the same scores on every call and for every batch size (dropout off, batch norm on
     its running statistics). Torch's warning that a compiled module runs while global hooks exist
@@ -155,9 +156,12 @@ def _restoring_buffers_of_modules_run(
             return
         seen[id(module)] = (module, [(b, b.detach().clone()) for b in module.buffers(False)])
         modules.append(module)
-        if eval_mode and module.training:
-            trained.append(module)
-            module.training = False  # this module only: each submodule comes here as it runs
+        if eval_mode:  # its whole subtree, before any child's flag is read (a forward may
+            # read `self.bn.training`, or call a child's functional form, without running it)
+            for sub in module.modules():
+                if sub.training and id(sub) not in skipped:
+                    trained.append(sub)
+                    sub.training = False
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
     try:

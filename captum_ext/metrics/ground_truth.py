@@ -164,6 +164,11 @@ def attribution_f1(attributions: Any, ground_truth: Any, **kwargs: Any) -> Tenso
     return attribution_precision_recall(attributions, ground_truth, **kwargs).f1
 
 
+#: pixels a box may reach past the maps' edge and still be taken (clipped): the rounding of a
+#: box rescaled in floating point, never a whole pixel
+_BOX_SLACK = 0.5
+
+
 def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
     """``(N, H, W)`` bool masks from masks or ``(N, 4)`` boxes ``(x0, y0, x1, y1)``."""
     n, h, w = shape
@@ -180,12 +185,20 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
         x0, y0, x1, y1 = (boxes[:, i].view(n, 1, 1) for i in range(4))
         if bool(((x1 < x0) | (y1 < y0)).any()):
             raise ValueError("`objects`: boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0.")
-        outside = ((x0 < 0) | (y0 < 0) | (x1 > w) | (y1 > h)).flatten().nonzero()[:, 0].tolist()
-        if outside:  # boxes in image pixels with layer-sized maps would be read as map pixels
+        # boxes in image pixels with layer-sized maps would be read as map pixels; an
+        # overshoot under half a pixel (a box rescaled in floating point) changes no pixel
+        slack = _BOX_SLACK
+        outside = (
+            ((x0 < -slack) | (y0 < -slack) | (x1 > w + slack) | (y1 > h + slack))
+            .flatten()
+            .nonzero()[:, 0]
+            .tolist()
+        )
+        if outside:
             shown = outside[:5] + (["..."] if len(outside) > 5 else [])
             raise ValueError(
                 f"`objects`: the box of example(s) {shown} reaches past the {h} x {w} maps "
-                f"(first: {[round(float(v), 4) for v in boxes[outside[0]]]}). Boxes are in "
+                f"(first: {boxes[outside[0]].tolist()}). Boxes are in "
                 "pixels of the maps: upsample the maps to the image's size first "
                 "(captum.attr.LayerAttribution.interpolate), or clip boxes that leave the image "
                 f"(boxes.clamp(min=0) and x1 <= {w}, y1 <= {h})."
