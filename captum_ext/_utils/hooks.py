@@ -126,10 +126,11 @@ def restored_buffers_of_modules_run(
     Modules inside ``exclude`` (already restored by the caller) are skipped. Yields the list
     of modules seen. ``eval_mode=True`` also runs each of them in eval mode (its flag and
     those of its submodules cleared before its first forward in the block, put back on
-    exit), as
-    the metrics run a model they can name: a train-mode model behind a plain function then
-    gives the same scores on every call and for every batch size (dropout off, batch norm on
-    its running statistics). Torch's warning that a compiled module runs while global hooks exist
+    exit), as the metrics run a model they can name: a train-mode model behind a plain
+    function then gives the same scores on every call and for every batch size (dropout
+    off, batch norm on its running statistics). The flags are the modules' own: another
+    thread running the same model meanwhile sees them too, as it would a named model's.
+    Torch's warning that a compiled module runs while global hooks exist
     (this one, not the user's) is silenced inside the block. Not covered: a hidden
     TorchScript model (global module hooks do not fire in TorchScript code), and two
     threads calling methods on the same hidden model at once (each puts back its own
