@@ -376,15 +376,9 @@ def expose_final_layer(
                 f"final layer; pass `{option}`=NAME (the dotted name of the linear layer "
                 "that produces the logits), or load the model as 'package.module:factory'."
             )
-    elif final_layer not in modules or not final_layer:
-        names = [n for n in modules if n]
-        close = difflib.get_close_matches(final_layer, names, n=_LIST_AT_MOST, cutoff=0.4)
-        hint = f" Closest names: {', '.join(close)}." if close else ""
-        raise ValueError(
-            f"`{option}`={final_layer!r} is not a module of the model.{hint} Use a name from "
-            "model.named_modules()."
-        )
-    elif not is_linear(modules[final_layer]):
+    else:
+        _check_layer_name(model, final_layer, option=option)
+    if not is_linear(modules[final_layer]):
         raise ValueError(
             f"`{option}`={final_layer!r} is a {getattr(modules[final_layer], 'original_name', '')}"
             " module; GradTrust on a TorchScript model needs the linear layer that produces the "
@@ -396,16 +390,16 @@ def expose_final_layer(
     return wrapper
 
 
-def _check_layer_name(model: nn.Module, layer: str) -> None:
+def _check_layer_name(model: nn.Module, layer: str, *, option: str = "layer") -> None:
     """Refuse a ``layer`` that names no module of the TorchScript ``model`` (the closest
-    names listed)."""
+    names listed; the argument is called ``option``)."""
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         names = [n for n in modules if n]
         close = difflib.get_close_matches(layer, names, n=_LIST_AT_MOST, cutoff=0.4)
         hint = f" Closest names: {', '.join(close)}." if close else ""
         raise ValueError(
-            f"`layer`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
+            f"`{option}`={layer!r} is not a module of the TorchScript model.{hint} Use a name "
             "from model.named_modules()."
         )
 
