@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_ext._utils.batched_grad import in_model_precision, run_forward
+from captum_ext._utils.batched_grad import _tensors_put_back, in_model_precision
 from captum_ext._utils.batches import dict_batch
 from captum_ext._utils.distributed import (
     checked_on_every_rank,
@@ -204,8 +204,20 @@ class IntrospectiveNetwork(nn.Module):
     and their graph (the closed form with ``p`` and ``h`` differentiated; at another
     ``layer``, per example, the weight gradients with ``create_graph``, a second-order
     derivative of stage 1). Stage 1's parameters stay out of the graph: a ``backward``
-    leaves their ``.grad`` as it was. :meth:`features`, :meth:`predict` and
-    :meth:`predict_proba` take no gradient.
+    leaves their ``.grad`` as it was, and its buffers (batch norm running statistics) are
+    never changed. A stage 1 in train mode is differentiated as the features are computed:
+    at the final linear layer one pass over the batch (a batch norm normalises with the
+    batch's statistics, so an example's gradient also flows through the others), at another
+    ``layer`` each example alone. With dropout active in stage 1, the second pass draws the
+    random masks of the first at the final linear layer (the gradient is that of the
+    value); at another ``layer`` the two passes draw different masks, so the value and the
+    gradient come from different dropout masks: call ``model.eval()`` to explain the
+    model as it predicts. :meth:`features`, :meth:`predict` and :meth:`predict_proba` take
+    no gradient.
+
+    A stage 1 with several inputs is called as Captum calls it, ``network(x, y)`` (or
+    ``network((x, y))``): ``Saliency(network).attribute((x, y), target=...)`` explains
+    both.
 
     Args:
         model (nn.Module): the trained classifier, returning (N, C) logits.
@@ -277,19 +289,31 @@ class IntrospectiveNetwork(nn.Module):
         ``layer``, the per-example weight gradients with the graph kept (a second-order
         derivative of stage 1). Stage 1's parameters take no part in the graph (it is frozen:
         a ``backward`` leaves their ``.grad`` as it was)."""
+        inputs = format_inputs(inputs)
+        device = model_device(self.model) or inputs[0].device
+        drawn = global_rng_state(device)
         values = self.features(inputs)
-        again = _feature_graph(self, format_inputs(inputs))
+        # the same random draws again (dropout in train mode): at the final linear layer
+        # the graph pass runs the forward passes of the feature function in its order,
+        # so its dropout masks are those of the values
+        set_global_rng_state(drawn, device)
+        again = _feature_graph(self, inputs)
         return values + (again - again.detach()).to(values.dtype)
 
     # ------------------------------------------------------------------ stage 2
-    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+    def forward(self, *inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
         """Stage 2's logits, ``(N, C)``.
+
+        ``inputs``: stage 1's inputs, as Captum passes them: ``network(x)``, or for a
+        stage 1 with several inputs ``network(x, y)`` (Captum's ``forward(*inputs)``) or
+        ``network((x, y))``.
 
         Differentiable in ``inputs`` (the introspective features and the head), so Captum's
         gradient methods (Saliency, IntegratedGradients, NoiseTunnel, ...) explain the
         introspective prediction. Where an input requires gradients the features are
         computed twice (their values, then their graph), else once; stage 1 stays frozen.
         """
+        inputs = _packed_inputs(inputs)
         head = self._fitted_head()
         if _wants_input_gradient(inputs):
             features = self._differentiable_features(inputs)
@@ -769,6 +793,23 @@ class IntrospectiveNetwork(nn.Module):
         return network
 
 
+def _packed_inputs(given: tuple[Any, ...]) -> Tensor | tuple[Tensor, ...]:
+    """The positional arguments of :meth:`IntrospectiveNetwork.forward` as the one
+    ``inputs`` (a tensor or a tuple of tensors) of the rest of the class: one argument as it
+    is, several packed into a tuple (Captum calls ``forward(*inputs)``)."""
+    if not given:
+        raise TypeError("IntrospectiveNetwork.forward() needs `inputs`: stage 1's input tensors.")
+    if len(given) == 1:
+        return given[0]
+    for i, value in enumerate(given):
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"`inputs[{i}]` must be a torch.Tensor, got {type(value).__name__}: pass stage "
+                "1's inputs as network(x, y) or network((x, y)), not both."
+            )
+    return tuple(given)
+
+
 def _wants_input_gradient(inputs: Any) -> bool:
     """Whether the forward pass must be differentiable in ``inputs``: gradients on and an
     input tensor that requires them (Captum's gradient methods set that on their inputs)."""
@@ -778,14 +819,38 @@ def _wants_input_gradient(inputs: Any) -> bool:
     return any(isinstance(x, Tensor) and x.requires_grad for x in tensors)
 
 
+def _frozen_state(root: nn.Module, skip: Tensor | None = None) -> dict[str, Tensor]:
+    """Stage 1's parameters (detached) and buffers (fresh copies) by name, for
+    ``functional_call``: a graph pass through them differentiates no parameter and updates
+    only the copies (a batch norm in train mode updates its running statistics in place),
+    so the user's tensors and their flags are never touched and nothing is put back in
+    place afterwards (which would bump the version of a tensor the graph saved: "modified
+    by an inplace operation" in the backward pass). ``skip``: a tensor left out (the weight
+    the caller swaps in itself)."""
+    state = {name: p.detach() for name, p in root.named_parameters() if p is not skip}
+    state.update({name: b.detach().clone() for name, b in root.named_buffers() if b is not skip})
+    return state
+
+
+def _stage1_output(model: nn.Module, inputs: tuple[Tensor, ...], state: dict[str, Tensor]) -> Any:
+    """Stage 1's output on ``inputs`` (in the model's precision, as the feature function runs
+    a half model) with its parameters and buffers swapped for ``state``."""
+    root = root_module(model)
+    with _tensors_put_back(root):
+        return functional_call(root, state, in_model_precision(model, inputs))
+
+
 def _feature_graph(network: IntrospectiveNetwork, inputs: tuple[Tensor, ...]) -> Tensor:
     """The introspective features of ``inputs`` as a function of them under autograd: the
     formula of :func:`~captum_ext.introspection.introspective_features`, whose values it
     repeats up to rounding; :meth:`IntrospectiveNetwork._differentiable_features` takes
     only its gradient. The cotangents ``p - e_Q`` are those of the feature function (its
     careful float64 values) with the gradient of ``p = softmax(z)``; ``e_Q`` and the top-k
-    choice are constant almost everywhere."""
+    choice are constant almost everywhere. Stage 1 runs as the feature function runs it (one
+    batched pass at the final linear layer, each example alone at another layer: a batch
+    norm in train mode normalises with those statistics), through :func:`_frozen_state`."""
     model, transform = network.model, network.output_transform
+    root = root_module(model)
     head, _ = _resolve_head(model, network.layer, tuple(x[:2] for x in inputs), (), transform)
     calls: list[tuple[Tensor | None, Tensor | None]] = []
 
@@ -793,13 +858,15 @@ def _feature_graph(network: IntrospectiveNetwork, inputs: tuple[Tensor, ...]) ->
         first = args[0] if args and isinstance(args[0], Tensor) else None
         calls.append((first, output if isinstance(output, Tensor) else None))
 
-    with preserved_state([root_module(model), head]), gradients_on():
-        # stage 1 is frozen: its parameters stay out of the graph (restored on exit)
-        for parameter in root_module(model).parameters():
-            parameter.requires_grad_(False)
+    with preserved_state([root, head]), gradients_on():
         with registered_hooks(lambda: head.register_forward_hook(record)):
-            logits = run_forward(model, inputs, (), transform, check_nan=False)
-        h = _head_features(head, logits.detach(), calls)
+            out = _stage1_output(model, inputs, _frozen_state(root))
+        logits = transform(out) if transform is not None else out
+        # whether the closed form applies is decided on detached tensors (the comparison
+        # reads scalars, which torch warns about on a tensor that requires gradients); the
+        # attached h is kept for the graph
+        seen = [tuple(t.detach() if t is not None else None for t in call) for call in calls]
+        h = calls[0][0] if _head_features(head, logits.detach(), seen) is not None else None
         if h is None:  # another layer: its weight's per-example gradients, graph kept
             grads = _layer_gradients_with_graph(model, inputs, head, network, transform)
             if network.normalize == "per_class":
@@ -831,22 +898,25 @@ def _layer_gradients_with_graph(
     """``(N, K, F)``: per example (run alone, as the per-example gradient engine runs it),
     the gradients of ``<p - e_Q, z>`` for the form's classes Q with respect to ``layer``'s
     weight, differentiable in ``inputs`` (``create_graph``; a second-order derivative). The
-    weight is swapped for a detached copy (``functional_call``), so that the model's own
-    parameter takes no part in the graph."""
-    weight = _weight_of(layer)
-    names = {id(t): n for n, t in root_module(model).named_parameters(remove_duplicate=False)}
-    names.update({id(t): n for n, t in root_module(model).named_buffers()})
+    weight is swapped for a detached copy and the other parameters and buffers for
+    :func:`_frozen_state` (``functional_call``), so that none of the model's own tensors
+    takes part in the graph or is changed."""
+    weight, root = _weight_of(layer), root_module(model)
+    names: dict[int, str] = {}  # the first name of each tensor (the one functional_call ties)
+    for n, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]:
+        names.setdefault(id(t), n)
     if id(weight) not in names:
         raise ValueError(
             f"`layer` ({type(layer).__name__}): its weight is not a parameter of the model, "
             "so the introspective features cannot be differentiated in the inputs."
         )
     name, rows = names[id(weight)], []
-    inputs = in_model_precision(model, inputs)  # as the feature function runs a half model
     for i in range(inputs[0].shape[0]):
         own = weight.detach().requires_grad_(True)
         xs = tuple(x[i : i + 1] for x in inputs)
-        out = functional_call(root_module(model), {name: own}, xs)
+        # each example with its own copies of the buffers (as the per-example engine runs
+        # it): a train-mode batch norm updates only those, after no graph has saved them
+        out = _stage1_output(model, xs, {**_frozen_state(root, skip=weight), name: own})
         logits = transform(out) if transform is not None else out
         cotangents = _cotangents_with_graph(logits, network.form, network.k)[0]  # (K, C)
         if network.normalize is not None:  # as the feature function scales them
