@@ -71,3 +71,36 @@ def test_an_explicit_max_batch_is_taken_as_given():
     assert engine.auto_chunk(None, 40, (torch.zeros(10),), working_bytes=1 << 40) == 1
     with pytest.raises(ValueError, match="max_batch"):
         engine.auto_chunk(0, 40, (torch.zeros(10),))
+
+
+def test_per_example_chunks_count_the_working_memory(monkeypatch):
+    """GradTrust's per-example gradients were chunked by the gradients' bytes alone: at an
+    early layer of a resnet18 at 224 px, 8 images went in one chunk and peaked 1.7 GB over
+    the inputs for 12 MB of gradients. The first example now measures the module outputs,
+    and the other chunks count them; the scores are the same whatever the chunks."""
+    from captum_ext.metrics import gradtrust
+
+    torch.manual_seed(0)
+    model = _Wide(classes=5).eval()
+    x = torch.randn(6, 1, 8, 8)
+    reference = gradtrust(model, x, layer="body.0", log=True)
+    sizes = []
+    original = engine.vmap
+
+    def recording(fn, *args, **kwargs):
+        batched = original(fn, *args, **kwargs)
+
+        def call(xs, *rest):
+            if isinstance(xs, tuple):
+                sizes.append(xs[0].shape[0])
+            return batched(xs, *rest)
+
+        return call
+
+    monkeypatch.setattr(engine, "vmap", recording)
+    gradient = 5 * (64 * 2 * 9 + 64) * 4  # k = 5 cotangents x the conv's weight and bias
+    monkeypatch.setattr(engine, "PER_EXAMPLE_CHUNK_BYTES", 50 * gradient)  # 25 by gradients
+    scores = gradtrust(model, x, layer="body.0", log=True)
+    assert sizes[0] == 1 and sum(sizes) == 6
+    assert max(sizes[1:]) < 5  # by the gradients alone: the other 5 in one chunk
+    torch.testing.assert_close(scores, reference)

@@ -196,11 +196,14 @@ def _tensor_bytes(value) -> int:
 
 
 @contextlib.contextmanager
-def counted_output_bytes(layer: nn.Module | None = None) -> Iterator[OutputBytes]:
+def counted_output_bytes(
+    layer: nn.Module | Iterable[nn.Module] | None = None,
+) -> Iterator[OutputBytes]:
     """Count the bytes of the outputs of every leaf module (one without children) that runs
-    in the block on this thread: from the start, or with ``layer`` from the moment it starts
-    its forward (what runs after it is, in a feed-forward network, what a backward pass from
-    the output to the layer goes through).
+    in the block on this thread: from the start, or with ``layer`` (a module or several)
+    from the moment it (the first of them) starts its forward (what runs after it is, in a
+    feed-forward network, what a backward pass from the output to the layer goes through).
+    Under ``torch.func.vmap`` an output counts with its per-example shape.
 
     An estimate of the memory a backward pass works in: it keeps a gradient for about every
     activation it goes through (the batched backward of :mod:`batched_grad`, one per class
@@ -209,6 +212,8 @@ def counted_output_bytes(layer: nn.Module | None = None) -> Iterator[OutputBytes
     low, never high, so a caller sizing chunks by it errs towards the size it would choose
     without it."""
     counter = OutputBytes(started=layer is None)
+    if layer is not None and not isinstance(layer, nn.Module):
+        layer = list(layer)
     thread = threading.get_ident()
 
     def on_output(module: nn.Module, args, output) -> None:
@@ -224,8 +229,9 @@ def counted_output_bytes(layer: nn.Module | None = None) -> Iterator[OutputBytes
         )
         handles = [torch.nn.modules.module.register_module_forward_hook(on_output)]
         try:
-            if layer is not None:
-                handles.append(layer.register_forward_pre_hook(on_layer))
+            starts = [layer] if isinstance(layer, nn.Module) else list(layer or ())
+            for module in starts:
+                handles.append(module.register_forward_pre_hook(on_layer))
             yield counter
         finally:
             for handle in handles:
