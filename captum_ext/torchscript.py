@@ -393,6 +393,11 @@ def expose_final_layer(
 def _check_layer_name(model: nn.Module, layer: str, *, option: str = "layer") -> None:
     """Refuse a ``layer`` that names no module of the TorchScript ``model`` (the closest
     names listed; the argument is called ``option``)."""
+    if not isinstance(layer, str):
+        raise TypeError(
+            f"`{option}` must be given by its dotted name for a TorchScript model, got "
+            f"{type(layer).__name__}."
+        )
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         names = [n for n in modules if n]
@@ -462,11 +467,6 @@ def expose_layer(
         return expose_exported_layer(model, layer, example, final_layer=final_layer)
     if not isinstance(model, torch.jit.ScriptModule):
         return model, resolve_layer(model, layer)
-    if not isinstance(layer, str):
-        raise TypeError(
-            "`layer` must be given by its dotted name for a TorchScript model, got "
-            f"{type(layer).__name__}."
-        )
     _check_layer_name(model, layer)
     if final_layer is not None:
         wrapper = expose_final_layer(model, final_layer, layer=layer, example=example)

@@ -195,3 +195,18 @@ def test_train_mode_dropout_value_and_gradient_share_their_masks_at_the_final_la
     torch.manual_seed(11)
     network(x.clone().requires_grad_())
     assert torch.equal(torch.get_rng_state(), plain)
+
+
+def test_inputs_can_still_be_given_by_name():
+    """``forward(inputs)`` became ``forward(*inputs)``: ``network(inputs=x)``, the documented
+    parameter's name, broke."""
+    from captum_ext.bundled import load_bundled_introspective_network
+    from captum_ext.data import load_sample_digits
+
+    network = load_bundled_introspective_network()
+    x = load_sample_digits()[0][:4]
+    torch.testing.assert_close(network(inputs=x), network(x))
+    with pytest.raises(TypeError, match="both by position and as `inputs`"):
+        network(x, inputs=x)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'input'"):
+        network(input=x)

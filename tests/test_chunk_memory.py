@@ -104,3 +104,28 @@ def test_per_example_chunks_count_the_working_memory(monkeypatch):
     assert sizes[0] == 1 and sum(sizes) == 6
     assert max(sizes[1:]) < 5  # by the gradients alone: the other 5 in one chunk
     torch.testing.assert_close(scores, reference)
+
+
+def test_per_example_gradients_of_scripted_modules_still_run():
+    """The chunk estimate hooked every module holding a parameter asked for, and a
+    ScriptModule refuses hooks: GradTrust over a scripted model (or an eager one with a
+    scripted head) with ``layer="all"`` failed inside torch."""
+    from captum_ext.bundled import load_bundled_model
+    from captum_ext.data import load_sample_digits
+    from captum_ext.metrics import gradtrust
+
+    x = load_sample_digits()[0][:3]
+    model = load_bundled_model().eval()
+    expected = gradtrust(model, x, layer="all")
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(model.features, model.pool, model.flatten)
+            self.head = torch.jit.script(model.classifier)
+
+        def forward(self, inputs):
+            return self.head(self.body(inputs))
+
+    torch.testing.assert_close(gradtrust(Mixed().eval(), x, layer="all"), expected)
+    torch.testing.assert_close(gradtrust(torch.jit.script(model), x, layer="all"), expected)

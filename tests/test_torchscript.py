@@ -213,3 +213,9 @@ def test_expose_final_layer_checks_the_layer_it_exposes_too():
     model = _scripted()
     with pytest.raises(ValueError, match=r"^`layer`='0x' is not a module.*Closest names: 0"):
         torchscript.expose_final_layer(model, layer="0x", example=torch.randn(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU(), 3])
+def test_expose_final_layer_names_a_layer_given_otherwise_than_by_name(layer):
+    with pytest.raises(TypeError, match=r"^`layer` must be given by its dotted name"):
+        torchscript.expose_final_layer(_scripted(), layer=layer)

@@ -994,7 +994,12 @@ def per_example_parameter_gradients(
     x_dims = tuple(0 if isinstance(x, Tensor) else None for x in inputs)
     scores = []
     wanted = {id(t) for t in names.values()}
-    starts = [m for m in starts if any(id(p) in wanted for p in m.parameters(recurse=False))]
+    starts = [  # ScriptModules take no hooks; their outputs go uncounted (an estimate low)
+        m
+        for m in starts
+        if any(id(p) in wanted for p in m.parameters(recurse=False))
+        and not isinstance(m, torch.jit.ScriptModule)
+    ]
     with _tensors_put_back(holder):
         start = 0
         while start < n:

@@ -231,7 +231,8 @@ def counted_output_bytes(
         try:
             starts = [layer] if isinstance(layer, nn.Module) else list(layer or ())
             for module in starts:
-                handles.append(module.register_forward_pre_hook(on_layer))
+                if not isinstance(module, torch.jit.ScriptModule):  # takes no hooks
+                    handles.append(module.register_forward_pre_hook(on_layer))
             yield counter
         finally:
             for handle in handles:

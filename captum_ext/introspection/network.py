@@ -301,19 +301,19 @@ class IntrospectiveNetwork(nn.Module):
         return values + (again - again.detach()).to(values.dtype)
 
     # ------------------------------------------------------------------ stage 2
-    def forward(self, *inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
+    def forward(self, *args: Tensor | tuple[Tensor, ...], **kwargs: Any) -> Tensor:
         """Stage 2's logits, ``(N, C)``.
 
         ``inputs``: stage 1's inputs, as Captum passes them: ``network(x)``, or for a
         stage 1 with several inputs ``network(x, y)`` (Captum's ``forward(*inputs)``) or
-        ``network((x, y))``.
+        ``network((x, y))``; also by name, ``network(inputs=x)``.
 
         Differentiable in ``inputs`` (the introspective features and the head), so Captum's
         gradient methods (Saliency, IntegratedGradients, NoiseTunnel, ...) explain the
         introspective prediction. Where an input requires gradients the features are
         computed twice (their values, then their graph), else once; stage 1 stays frozen.
         """
-        inputs = _packed_inputs(inputs)
+        inputs = _packed_inputs(_named_inputs(args, kwargs))
         head = self._fitted_head()
         if _wants_input_gradient(inputs):
             features = self._differentiable_features(inputs)
@@ -791,6 +791,24 @@ class IntrospectiveNetwork(nn.Module):
         head.to(dtype=saved_dtype).load_state_dict(state["head"])
         network.head = head.to(model_device(model)).eval()
         return network
+
+
+def _named_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """:meth:`IntrospectiveNetwork.forward`'s positional inputs, or the one given by name
+    (``inputs=``, its name before it took several)."""
+    if not kwargs:
+        return args
+    unknown = sorted(set(kwargs) - {"inputs"})
+    if unknown:
+        raise TypeError(
+            f"IntrospectiveNetwork.forward() got an unexpected keyword argument {unknown[0]!r}."
+        )
+    if args:
+        raise TypeError(
+            "IntrospectiveNetwork.forward() got stage 1's inputs both by position and as "
+            "`inputs`; give them one way."
+        )
+    return (kwargs["inputs"],)
 
 
 def _packed_inputs(given: tuple[Any, ...]) -> Tensor | tuple[Tensor, ...]:
