@@ -232,23 +232,21 @@ def _token_layout(
 
 
 def _half_precision_note(model: nn.Module | None) -> str:
-    """For a model in float16 or bfloat16, the likelier cause of zero gradients, first."""
-    dtype = next(
-        (
-            p.dtype
-            for p in (model.parameters() if model is not None else ())
-            if p.is_floating_point()
-        ),
-        None,
-    )
-    if dtype not in (torch.float16, torch.bfloat16):
+    """For a model with float16 or bfloat16 parameters, the likelier cause of zero
+    gradients, first."""
+    halves = {
+        p.dtype
+        for p in (model.parameters() if model is not None else ())
+        if p.dtype in (torch.float16, torch.bfloat16)
+    }
+    if not halves:
         return ""
-    tiny = torch.finfo(dtype).tiny * (2.0**-10 if dtype == torch.float16 else 2.0**-7)
+    dtype = str(sorted(halves, key=str)[0]).replace("torch.", "")
     return (
-        f"The model runs in {str(dtype).replace('torch.', '')}, where gradients below about "
-        f"{tiny:.0e} round to zero: those of a confident prediction's cross-entropy or "
-        "probability (a contrast with the predicted class, say) often are: explain a float32 "
-        "copy (copy.deepcopy(model).float()) to see them. "
+        f"The model runs in {dtype}, where the gradients of a confident prediction's "
+        "cross-entropy or probability (a contrast with the predicted class, say) often round "
+        "to zero (below float16's smallest number, or lost to bfloat16's 8-bit mantissa): "
+        "explain a float32 copy (copy.deepcopy(model).float()) to see them. "
     )
 
 
