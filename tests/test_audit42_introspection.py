@@ -14,13 +14,7 @@ from torch import nn
 from captum_ext.introspection import IntrospectiveNetwork, make_head
 from captum_ext.metrics import _trust_common
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fitted(model, x, **options):
