@@ -34,6 +34,7 @@ def test_counted_output_bytes_counts_leaf_outputs_from_the_layer_on():
     with torch.no_grad(), counted_output_bytes(model.body) as downstream:
         model(x)
     assert downstream.bytes == 2 * wide + 2 * pooled + logits
+    assert downstream.total == everything.total == everything.bytes  # all of them, always
 
 
 def test_the_automatic_chunk_shrinks_with_the_working_memory(monkeypatch):

@@ -1013,15 +1013,12 @@ def per_example_parameter_gradients(
                     # under vmap: about speed only, and nothing the caller can act on
                     warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
                     first = start == 0
-                    with (
-                        counted_output_bytes() if first else nullcontext() as everything,
-                        counted_output_bytes(starts) if first else nullcontext() as downstream,
-                    ):
+                    with counted_output_bytes(starts) if first else nullcontext() as counted:
                         grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
                             xs, extras_b, cotangents[start:stop], bufs
                         )
                     if first:
-                        working = everything.bytes + k * downstream.bytes
+                        working = counted.total + k * counted.bytes
                         chunk = max(1, min(n, budget // max(2 * gradient_bytes + working, 1)))
             except ValueError as error:
                 clear = _batch_of_one_error(error)

@@ -181,9 +181,10 @@ def _restoring_buffers_of_modules_run(
 @dataclass
 class OutputBytes:
     """What :func:`counted_output_bytes` records: ``bytes`` of the tensors the leaf modules
-    returned, from the moment counting ``started``."""
+    returned from the moment counting ``started``, and ``total`` from the start."""
 
     bytes: int = 0
+    total: int = 0
     started: bool = False
 
 
@@ -200,40 +201,41 @@ def counted_output_bytes(
     layer: nn.Module | Iterable[nn.Module] | None = None,
 ) -> Iterator[OutputBytes]:
     """Count the bytes of the outputs of every leaf module (one without children) that runs
-    in the block on this thread: from the start, or with ``layer`` (a module or several)
-    from the moment it (the first of them) starts its forward (what runs after it is, in a
-    feed-forward network, what a backward pass from the output to the layer goes through).
-    Under ``torch.func.vmap`` an output counts with its per-example shape.
+    in the block on this thread: ``total`` from the start, ``bytes`` from the start too, or
+    with ``layer`` (a module or several) from the moment it (the first of them) starts its
+    forward (what runs after it is, in a feed-forward network, what a backward pass from
+    the output to the layer goes through). Under ``torch.func.vmap`` an output counts with
+    its per-example shape.
 
     An estimate of the memory a backward pass works in: it keeps a gradient for about every
     activation it goes through (the batched backward of :mod:`batched_grad`, one per class
     of a chunk). Not counted: functions that are not modules (``torch.flatten`` in a
-    ``forward``) and TorchScript code (global hooks do not fire in it): the count is then
-    low, never high, so a caller sizing chunks by it errs towards the size it would choose
-    without it."""
+    ``forward``) and TorchScript code (global hooks do not fire in it, and a ScriptModule
+    given as ``layer`` takes no hook): the count is then low, never high, so a caller sizing
+    chunks by it errs towards the size it would choose without it."""
+    starts = [layer] if isinstance(layer, nn.Module) else list(layer or ())
     counter = OutputBytes(started=layer is None)
-    if layer is not None and not isinstance(layer, nn.Module):
-        layer = list(layer)
     thread = threading.get_ident()
 
     def on_output(module: nn.Module, args, output) -> None:
-        if counter.started and threading.get_ident() == thread and not module._modules:
-            counter.bytes += _tensor_bytes(output)
+        if threading.get_ident() == thread and not module._modules:
+            size = _tensor_bytes(output)
+            counter.total += size
+            if counter.started:
+                counter.bytes += size
 
     def on_layer(module: nn.Module, args) -> None:
         counter.started = True
 
+    registrations = [lambda: torch.nn.modules.module.register_module_forward_hook(on_output)]
+    registrations += [
+        (lambda m=module: m.register_forward_pre_hook(on_layer))
+        for module in starts
+        if not isinstance(module, torch.jit.ScriptModule)
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks"
         )
-        handles = [torch.nn.modules.module.register_module_forward_hook(on_output)]
-        try:
-            starts = [layer] if isinstance(layer, nn.Module) else list(layer or ())
-            for module in starts:
-                if not isinstance(module, torch.jit.ScriptModule):  # takes no hooks
-                    handles.append(module.register_forward_pre_hook(on_layer))
+        with registered_hooks(*registrations):
             yield counter
-        finally:
-            for handle in handles:
-                handle.remove()
