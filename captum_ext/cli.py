@@ -479,6 +479,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of the output went away (``captum-ext score ... | head``): the results
+        # are written; stop quietly, as other command-line tools do
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, the status a shell gives a tool its pipe closed on
+
+
+def _silence_stdout() -> None:
+    """Point standard output at the null device, so that the interpreter's own flush at exit
+    does not meet the closed pipe again (and print a second error)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
+        pass
 
 
 # --------------------------------------------------------------------------------------

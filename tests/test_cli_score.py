@@ -91,6 +91,24 @@ def test_bad_score_name_in_a_subprocess_has_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_closed_output_pipe_ends_quietly_after_writing_the_scores(tmp_path):
+    # `captum-ext score ... | head -0`: the reader is gone before the summary line is printed
+    process = subprocess.Popen(
+        [sys.executable, "-m", "captum_ext", "score", "--limit", "4", "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=600)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert process.returncode == 141
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert len(rows) == 4
+
+
 def write_digit_pngs(folder: Path) -> list[int]:
     """The first 6 sample digits as PNGs: digit sub-folders, one named folder, one loose."""
     images, labels = load_sample_digits()
