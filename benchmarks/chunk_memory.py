@@ -12,13 +12,17 @@ Two engines chunk their work by an estimate of its memory:
   counted them once, so its chunks and peaks were if anything larger than shown). Now:
   the first example measures the forward and backward passes' module outputs, which the
   other chunks count.
+- PathwayGradient's integrated scores: rows (example, step) per forward and backward pass.
+  Former rule: all ``n_steps x N`` rows at once (reproduced by ``internal_batch_size``
+  equal to that). Now: as many rows as keep the module outputs measured on the first pass,
+  and their gradients, near 1 GiB.
 
 Each configuration runs in a fresh subprocess (peak RSS from ``getrusage``, minus the RSS
 after the model and images were built); each also records the scores, so that the two
 rules are shown to give the same numbers. Model: torchvision's resnet18 with random
 weights (seed 0), 224 x 224 inputs (seed 1), CPU, one thread.
 
-    python benchmarks/chunk_memory.py [--images 4] [--classes 100]
+    python benchmarks/chunk_memory.py [--images 4] [--classes 100] [--cases ...]
 
 Prints a markdown table and, last, one JSON line with the ratios (former / now).
 """
@@ -69,6 +73,12 @@ if case == "voice_saliency":
     extra = {"max_batch": 64} if rule == "former" else {}
     result = VOICE(Saliency(model)).attribute(x, **extra)
     values = result.iou.tolist()
+elif case == "pathway_integrated":
+    from captum_ext.attr import PathwayGradient
+
+    extra = {"internal_batch_size": 11 * n} if rule == "former" else {}
+    attr = PathwayGradient(model).attribute(x, target=0, score="integrated", n_steps=11, **extra)
+    values = [*attr.sum((1, 2, 3)).tolist(), *attr.abs().sum((1, 2, 3)).tolist()]
 else:
     from captum_ext.metrics import gradtrust
 
@@ -78,7 +88,12 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"peak_mib": round(peak - base), "values": values, "chunks": chunks[:1]}))
 """
 
-CASES = ("voice_saliency", "gradtrust:layer1.0.conv1", "gradtrust:layer4.1.conv2")
+CASES = (
+    "voice_saliency",
+    "gradtrust:layer1.0.conv1",
+    "gradtrust:layer4.1.conv2",
+    "pathway_integrated",
+)
 
 
 def run(case: str, rule: str, n: int, classes: int) -> dict:
@@ -97,9 +112,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument(
+        "--cases", nargs="+", choices=CASES, default=list(CASES), help="default: every case"
+    )
     args = parser.parse_args()
     rows = {}
-    for case in CASES:
+    for case in args.cases:
         former = run(case, "former", args.images, args.classes)
         now = run(case, "now", args.images, args.classes)
         same = max(abs(a - b) for a, b in zip(former["values"], now["values"], strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +13,9 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import objective_gradients, run_forward
+from .._utils.batched_grad import _CHUNK_BYTES, objective_gradients, run_forward
 from .._utils.caller import inside_expanding_wrapper
-from .._utils.hooks import registered_hooks
+from .._utils.hooks import counted_output_bytes, registered_hooks
 from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
@@ -265,7 +266,8 @@ class PathwayGradient(GradientAttribution):
     ``torch.kthvalue`` so that any number of neurons works; see
     :func:`percentile_threshold`). Cost: one forward and backward to score and one to take
     the gradient (about twice Saliency); ``"integrated"`` adds one forward and backward of
-    ``n_steps`` copies of the batch per site.
+    ``n_steps`` copies of the batch per site, in passes of ``internal_batch_size`` rows (by
+    default as many as keep the module outputs of a pass, and their gradients, near 1 GiB).
 
     With ``sparsity=0`` only the neurons of the lowest score are pruned, which in a ReLU
     network are the dead units (s = 0) and those that do not reach the output (max-pooled
@@ -386,6 +388,7 @@ class PathwayGradient(GradientAttribution):
         return_pathway: bool = False,
         additional_forward_args: Any = None,
         n_steps: int = 11,
+        internal_batch_size: int | None = None,
     ) -> Tensor | tuple[Tensor, ...] | PathwayGradientResult:
         r"""The gradient of the pruned network (its critical pathway) for each example.
 
@@ -414,6 +417,13 @@ class PathwayGradient(GradientAttribution):
                 after the inputs. Default: None.
             n_steps (int, optional): points of the integral for ``score="integrated"``
                 (including both ends; the reference uses 11). Default: 11.
+            internal_batch_size (int, optional): rows (example, step) per forward and
+                backward pass of ``score="integrated"``, whose ``n_steps x N`` rows would
+                otherwise all run at once (Captum's ``IntegratedGradients`` has the same
+                argument). A model in train mode normalises each pass's rows together, so
+                its scores depend on this. Default: None, as many rows as keep the module
+                outputs of a pass and their gradients near 1 GiB (measured on the first
+                pass).
 
         Returns:
             Tensor or tuple of Tensor: the attributions, the shape of ``inputs``; a
@@ -448,6 +458,8 @@ class PathwayGradient(GradientAttribution):
                 "directly for the masks, scores and thresholds."
             )
         n_steps = check_int(n_steps, "n_steps", minimum=2)
+        if internal_batch_size is not None:
+            internal_batch_size = check_int(internal_batch_size, "internal_batch_size")
         unwrap = not isinstance(inputs, tuple)
         formatted = format_inputs(inputs)
         for i, tensor in enumerate(formatted):
@@ -470,9 +482,10 @@ class PathwayGradient(GradientAttribution):
             x = tuple(t.detach() for t in formatted)
             # 1. score: one forward with gates, one backward of the target logits
             sites.start("gate")
-            logits = run_forward(
-                self.forward_func, x, additional_forward_args, takes_output_transform=False
-            )
+            with counted_output_bytes() if score == "integrated" else nullcontext() as counted:
+                logits = run_forward(
+                    self.forward_func, x, additional_forward_args, takes_output_transform=False
+                )
             classes, multi = class_selection(target, logits, argument="target", default="predicted")
             # an (N, 1) target names one class per example, as (N,) does (as in FinerCAM)
             if multi and classes.shape[1] != 1:
@@ -498,8 +511,12 @@ class PathwayGradient(GradientAttribution):
                 del found, selected
             else:
                 del logits  # the first pass only gave the classes and the calls
+                if internal_batch_size is None:  # a backward keeps about one gradient per
+                    # output it goes through: twice the outputs' bytes per row
+                    per_row = 2 * counted.total / max(x[0].shape[0], 1)
+                    internal_batch_size = max(1, int(_CHUNK_BYTES // max(per_row, 1)))
                 scores = self._integrated_scores(
-                    sites, x, classes, additional_forward_args, n_steps
+                    sites, x, classes, additional_forward_args, n_steps, internal_batch_size
                 )
             del gates, outputs
             # 2. one threshold per example over all neurons
@@ -551,43 +568,63 @@ class PathwayGradient(GradientAttribution):
         classes: Tensor,
         additional_forward_args: Any,
         n_steps: int,
+        rows_per_pass: int,
     ) -> list[Tensor]:
-        """Per site: |a * mean over alpha of dy/d(alpha a)|, the site scaled alone."""
+        """Per site: |a * mean over alpha of dy/d(alpha a)|, the site scaled alone. The
+        ``n_steps x N`` rows (step-major: every example at alpha_0, then at alpha_1, ...) run
+        in passes of ``rows_per_pass``; each example's gradients are summed over its rows."""
         n = x[0].shape[0]
         alphas = torch.linspace(
             0.0, 1.0, n_steps, dtype=precise_dtype(x[0].device), device=x[0].device
         )
-        # rows: step-major (all examples at alpha_0, then alpha_1, ...)
-        repeated = tuple(t.repeat(n_steps, *([1] * (t.dim() - 1))) for t in x)
-        extra = additional_forward_args
-        if extra is not None:
-            extra = _repeat_extra(extra, n, n_steps)
-        rows_classes = classes.repeat(n_steps, 1)
-        sites.alpha = alphas.repeat_interleave(n)
+        rows = n_steps * n
         scores = []
         for site in range(len(sites.calls)):
-            sites.start("probe")
-            sites.probe_site = site
-            logits = run_forward(self.forward_func, repeated, extra, takes_output_transform=False)
-            self._check_all_ran(sites)
-            probe, activation = sites.probe, sites.probe_output
-            sites.probe = sites.probe_output = None
-            (grad,) = objective_gradients(
-                logits.gather(1, rows_classes).sum(), [probe], allow_unused=True
-            )
-            if grad is None:
-                scores.append(torch.zeros_like(activation[:n]))
-                continue
-            mean = grad.detach().reshape(n_steps, n, *grad.shape[1:]).mean(dim=0)
-            scores.append((mean * activation[:n]).abs())
+            total: Tensor | None = None
+            activation: Tensor | None = None
+            for start in range(0, rows, rows_per_pass):
+                row = torch.arange(start, min(start + rows_per_pass, rows), device=x[0].device)
+                example = row % n
+                sites.start("probe")
+                sites.probe_site = site
+                sites.alpha = alphas[row // n]
+                logits = run_forward(
+                    self.forward_func,
+                    tuple(t[example.to(t.device)] for t in x),
+                    _rows_of_extra(additional_forward_args, n, example),
+                    takes_output_transform=False,
+                )
+                self._check_all_ran(sites)
+                probe, output = sites.probe, sites.probe_output
+                sites.probe = sites.probe_output = None
+                (grad,) = objective_gradients(
+                    logits.gather(1, classes[example.to(classes.device)]).sum(),
+                    [probe],
+                    allow_unused=True,
+                )
+                del logits, probe
+                if activation is None:
+                    activation = output.new_zeros((n, *output.shape[1:]))
+                first = (row < n).to(output.device)  # step 0; the unscaled output is that of
+                if bool(first.any()):  # every step
+                    activation[example.to(output.device)[first]] = output[first]
+                if grad is not None:
+                    if total is None:
+                        total = grad.new_zeros((n, *grad.shape[1:]))
+                    total.index_add_(0, example.to(grad.device), grad.detach())
+            if total is None:
+                scores.append(torch.zeros_like(activation))
+            else:
+                scores.append((total / n_steps * activation).abs())
         sites.probe_site = -1
         return scores
 
 
-def _repeat_extra(value: Any, n: int, repeats: int) -> Any:
-    """Per-example tensors of ``additional_forward_args`` tiled like the inputs (step-major)."""
+def _rows_of_extra(value: Any, n: int, example: Tensor) -> Any:
+    """The rows ``example`` of the per-example tensors of ``additional_forward_args`` (those
+    with ``n`` rows); everything else as it is."""
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value.repeat(repeats, *([1] * (value.dim() - 1)))
+        return value[example.to(value.device)]
     if isinstance(value, tuple):
-        return tuple(_repeat_extra(v, n, repeats) for v in value)
+        return tuple(_rows_of_extra(v, n, example) for v in value)
     return value
