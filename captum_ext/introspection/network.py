@@ -792,6 +792,103 @@ class IntrospectiveNetwork(nn.Module):
         network.head = head.to(model_device(model)).eval()
         return network
 
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, also on a network not fitted yet: the
+        usual checkpoint idiom ``IntrospectiveNetwork(model, ...).load_state_dict(
+        fitted.state_dict())`` works. An unfitted network (``head`` None) given the state of
+        a default head (:func:`make_head`: keys ``head.0``, ``head.2``, ``head.4``) builds
+        that head first, its ``in_features`` and ``num_classes`` read from the weights' shapes,
+        in the weights' dtype, on the model's device and in eval mode, as :meth:`load` does;
+        its width must be the constructor's ``hidden_width``. The state dict holds the head
+        only: build the network with the feature settings (``layer``, ``form``, ``k``,
+        ``normalize``) it was fitted with, or use :meth:`save` / :meth:`load`, which record
+        them. A custom head's state needs that head given to the constructor. A call that
+        raises leaves an unfitted network unfitted."""
+        unfitted = self.head is None
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            if unfitted:
+                self.head = None
+            raise
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # runs before the children are loaded (also inside a parent module's load), so the
+        # head built here is filled by torch's own loading, with its checks
+        if self.head is None:
+            head_prefix = prefix + "head."
+            given = {
+                key[len(head_prefix) :]: value
+                for key, value in state_dict.items()
+                if key.startswith(head_prefix)
+            }
+            if set(given) == _DEFAULT_HEAD_KEYS:
+                head, problem = _head_for_state(given, self.hidden_width)
+                if head is not None:
+                    self.head = head.to(model_device(self.model)).eval()
+                else:  # as a size mismatch, also with strict=False
+                    error_msgs.append(problem)
+            elif given and strict:  # torch lists the keys as unexpected; say why
+                error_msgs.append(
+                    "the network's head is not fitted (None), and the state dict's head "
+                    f"({', '.join(sorted(head_prefix + key for key in given))}) is not that "
+                    f"of make_head{_HEAD_STATE_ADVICE}"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+#: the parameters of a :func:`make_head` head, by name in the head
+_DEFAULT_HEAD_KEYS = frozenset(f"{i}.{kind}" for i in (0, 2, 4) for kind in ("weight", "bias"))
+
+
+_HEAD_STATE_ADVICE = (
+    "; fit the network first, give the fitted head to the constructor "
+    "(IntrospectiveNetwork(model, head=...)), or write and read the network with "
+    "IntrospectiveNetwork.save() / IntrospectiveNetwork.load()."
+)
+
+
+def _head_for_state(state: Mapping[str, Any], hidden_width: int) -> tuple[nn.Module | None, str]:
+    """The :func:`make_head` head that ``state`` (a default head's state, keys without
+    ``head.``) fits, in its dtype, its initialisation drawn outside the caller's random
+    stream; or None and why not (weights that are not matrices, another width than
+    ``hidden_width``)."""
+    first, last = state["0.weight"], state["4.weight"]
+    shaped = all(
+        isinstance(weight, Tensor) and weight.dim() == 2 and weight.is_floating_point()
+        for weight in (first, last)
+    )
+    if not shaped or min(*first.shape, *last.shape) < 1:
+        return None, (
+            "the network's head is not fitted (None), and the state dict's head.0.weight and "
+            "head.4.weight are not both non-empty floating-point matrices, so no make_head "
+            f"head can be built for them{_HEAD_STATE_ADVICE}"
+        )
+    width, in_features = first.shape
+    if width != hidden_width:
+        return None, (
+            f"`hidden_width`={hidden_width}, but the state dict's head is {width} wide "
+            f"(head.0.weight {tuple(first.shape)}); build the network with "
+            f"hidden_width={width}, or use IntrospectiveNetwork.save() / load(), which "
+            "record it."
+        )
+    with torch.random.fork_rng(devices=[]):  # its initialisation is overwritten by the load
+        head = make_head(in_features, last.shape[0], width)
+    return head.to(dtype=first.dtype), ""
+
 
 def _named_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """:meth:`IntrospectiveNetwork.forward`'s positional inputs, or the one given by name

@@ -85,7 +85,9 @@ class Oracle:
             channels) to ``model(inputs)[n, target[n]]`` relative to ``baselines``, except
             for ``null_region_oracle``, whose ground truth is the 0/1 indicator of the pixels
             the model sees (it sums to the visible area, not to the logit difference).
-        sampler (Callable): ``sampler(n, generator) -> (inputs, target, ground_truth)``.
+        sampler (Callable): ``sampler(n, generator) -> (inputs, target, ground_truth)``; a
+            module-level callable holding the oracle's model, so an Oracle pickles (spawn
+            workers, DataLoader workers) and a deep copy's sampler uses the copy's model.
     """
 
     name: str
@@ -103,6 +105,80 @@ class Oracle:
         seed = check_int(seed, "seed", minimum=0)
         generator = torch.Generator().manual_seed(seed)
         return self.sampler(n, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers: module-level callables holding what they draw from as attributes (not closures),
+# so that an Oracle pickles (spawn workers, DataLoader workers) and a deep copy's sampler uses
+# the copy's model
+
+
+class _DominantColourSampler:
+    """``(count, generator) -> (images, target, ground_truth)`` of the dominant-colour oracle:
+    images of ``palette`` colours, the target ``model``'s predicted (dominant) colour."""
+
+    def __init__(self, model: nn.Module, palette: Tensor, size: int, fill: float) -> None:
+        self.model, self.palette, self.size, self.fill = model, palette, size, fill
+
+    def __call__(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        images, labels = _colour_images(self.palette, count, self.size, self.fill, generator)
+        target = self.model(images).argmax(dim=1)
+        others = -1.0 / (self.palette.shape[0] - 1)
+        truth = torch.where(labels == target.view(-1, 1, 1, 1), 1.0, others)
+        truth = torch.where(labels < 0, 0.0, truth)
+        return images, target, truth
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(colours={self.palette.shape[0]}, size={self.size}, "
+            f"fill={self.fill})"
+        )
+
+
+class _NullRegionSampler:
+    """``(count, generator) -> (images, target, ground_truth)`` of the null-region oracle:
+    uniform noise, the target ``model``'s prediction, the ground truth ``keep``."""
+
+    def __init__(self, model: nn.Module, keep: Tensor, channels: int) -> None:
+        self.model, self.keep, self.channels = model, keep, channels
+
+    def __call__(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        size = self.keep.shape[-1]
+        images = torch.rand(count, self.channels, size, size, generator=generator)
+        with torch.no_grad():
+            target = self.model(images).argmax(dim=1)
+        return images, target, self.keep.expand(count, 1, size, size).clone()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(channels={self.channels}, size={self.keep.shape[-1]})"
+
+
+class _InteractionSampler:
+    """``(count, generator) -> (images, target, ground_truth)`` of the interaction oracle:
+    patches ``patch_a`` and ``patch_b`` (0 / 1 masks of ``area`` pixels each) lit or dark,
+    noise elsewhere, and each patch's Shapley value spread over its pixels."""
+
+    def __init__(self, patch_a: Tensor, patch_b: Tensor, area: float) -> None:
+        self.patch_a, self.patch_b, self.area = patch_a, patch_b, area
+
+    def __call__(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        patch_a, patch_b = self.patch_a, self.patch_b
+        size = patch_a.shape[-1]
+        lit = torch.randint(2, (count, 2), generator=generator).float()
+        target = torch.randint(2, (count,), generator=generator)
+        noise = torch.rand(count, 1, size, size, generator=generator)
+        outside = 1.0 - patch_a - patch_b
+        images = noise * outside + lit[:, 0, None, None, None] * patch_a
+        images = images + lit[:, 1, None, None, None] * patch_b
+        a, b = lit[:, 0], lit[:, 1]
+        phi_and = torch.stack([a * b / 2, a * b / 2], dim=1)
+        phi_xor = torch.stack([a * (1 - b), b * (1 - a)], dim=1)
+        phi = torch.where(target.view(-1, 1) == 0, phi_and, phi_xor)
+        truth = phi[:, 0, None, None, None] * patch_a + phi[:, 1, None, None, None] * patch_b
+        return images, target, truth / self.area
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.patch_a.shape[-1]}, area={self.area:g})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,14 +357,7 @@ def dominant_colour_oracle(
         )
     palette = torch.tensor(_PALETTE[:colours])
     model = DominantColourCounter(palette)
-
-    def sampler(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        images, labels = _colour_images(palette, count, size, fill, generator)
-        target = model(images).argmax(dim=1)
-        truth = torch.where(labels == target.view(-1, 1, 1, 1), 1.0, -1.0 / (colours - 1))
-        truth = torch.where(labels < 0, 0.0, truth)
-        return images, target, truth
-
+    sampler = _DominantColourSampler(model, palette, size, fill)
     inputs, target, truth = sampler(n, torch.Generator().manual_seed(seed))
     return Oracle(
         name="dominant colour",
@@ -355,13 +424,7 @@ def null_region_oracle(
     keep = torch.ones(1, 1, size, size)
     keep[..., size // 2 :] = 0.0
     model = MaskedInputNet(keep, channels, classes, seed)
-
-    def sampler(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        images = torch.rand(count, channels, size, size, generator=generator)
-        with torch.no_grad():
-            target = model(images).argmax(dim=1)
-        return images, target, keep.expand(count, 1, size, size).clone()
-
+    sampler = _NullRegionSampler(model, keep, channels)
     inputs, target, truth = sampler(n, torch.Generator().manual_seed(seed + 1))
     return Oracle(
         name="null region",
@@ -469,22 +532,7 @@ def interaction_oracle(n: int = 8, *, size: int = 12, patch: int = 4, seed: int 
     patch_b = torch.zeros(1, 1, size, size)
     patch_b[..., size - patch :, size - patch :] = 1.0
     model = PatchInteractionCell(patch_a, patch_b)
-    area = float(patch * patch)
-
-    def sampler(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        lit = torch.randint(2, (count, 2), generator=generator).float()
-        target = torch.randint(2, (count,), generator=generator)
-        noise = torch.rand(count, 1, size, size, generator=generator)
-        outside = 1.0 - patch_a - patch_b
-        images = noise * outside + lit[:, 0, None, None, None] * patch_a
-        images = images + lit[:, 1, None, None, None] * patch_b
-        a, b = lit[:, 0], lit[:, 1]
-        phi_and = torch.stack([a * b / 2, a * b / 2], dim=1)
-        phi_xor = torch.stack([a * (1 - b), b * (1 - a)], dim=1)
-        phi = torch.where(target.view(-1, 1) == 0, phi_and, phi_xor)
-        truth = phi[:, 0, None, None, None] * patch_a + phi[:, 1, None, None, None] * patch_b
-        return images, target, truth / area
-
+    sampler = _InteractionSampler(patch_a, patch_b, float(patch * patch))
     inputs, target, truth = sampler(n, torch.Generator().manual_seed(seed))
     return Oracle(
         name="interaction",
