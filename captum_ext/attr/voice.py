@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,9 +133,14 @@ class _Plan:
 
 
 def _plan_for(method: Any) -> _Plan:
+    """The plan for ``method`` as it is now (its layer, weighting, ...); cheap: VOICE derives
+    it again at each call, so that it follows a changed or replaced ``method``."""
     if isinstance(method, ClassActivationMapBase):
         if isinstance(method, CounterfactualCAM):
-            raise TypeError("VOICE explains 'Why P?' maps; CounterfactualCAM is not one.")
+            raise TypeError(
+                "`method` is a CounterfactualCAM: VOICE explains 'Why P?' maps, and "
+                "CounterfactualCAM's are 'What if not P?' maps."
+            )
         weighting = method._channel_weights
         layer = method.layer
         if isinstance(method, FinerCAM):
@@ -175,11 +181,20 @@ def _is_integer_scalar(value: Any) -> bool:
     )
 
 
-def _gradient_maps(absolute: bool) -> Callable:
-    def to_maps(grads: tuple[Tensor, ...], acts: tuple[Tensor, ...]) -> Tensor:
-        return grads[0].abs() if absolute else grads[0]
+def _forward_func_of(method: Any) -> Callable:
+    """The model ``method`` explains now: NoiseTunnel runs its attribution method's."""
+    if isinstance(method, NoiseTunnel):
+        return method.attribution_method.forward_func
+    return method.forward_func
 
-    return to_maps
+
+def _gradient_map(absolute: bool, grads: tuple[Tensor, ...], acts: tuple[Tensor, ...]) -> Tensor:
+    return grads[0].abs() if absolute else grads[0]
+
+
+def _gradient_maps(absolute: bool) -> Callable:
+    # a partial of a module-level function, not a closure: a VOICE (or its plan) pickles
+    return functools.partial(_gradient_map, absolute)
 
 
 class _Accumulator:
@@ -313,6 +328,9 @@ class VOICE:
             :class:`~captum_ext.attr.FinerCAM`: its map of P is the explanation (P against
             its look-alikes) and the contrasts are Grad-CAM's "Why P, rather than Q?", so
             the uncertainty is Grad-CAM's and only the explanation and the IoU change.
+            Read at each :meth:`attribute` call, as NoiseTunnel reads its method: a
+            replaced ``voice.method`` or a changed ``layer`` / ``output_transform`` of it
+            is what VOICE explains.
         postprocess (str, optional): ``"reference"`` or ``"raw"``. Default: "reference".
         output_transform (Callable, optional): reduces the model's output to (N, C) logits,
             as on the CAM classes (e.g. ``lambda out: out.logits``). Default: None, the
@@ -343,24 +361,65 @@ class VOICE:
                     f"...). The second argument is `postprocess`, one of {POSTPROCESS}."
                 )
             raise ValueError(f"`postprocess`={postprocess!r}: expected one of {POSTPROCESS}.")
-        if output_transform is not None and not callable(output_transform):
-            raise TypeError(
-                "`output_transform` must be callable (model output -> (N, classes) logits), "
-                f"got {type(output_transform).__name__}."
-            )
+        _check_output_transform(output_transform)
+        # refused here already; `attribute` derives the plan again from `self.method` as it
+        # is then (a replaced method, a CAM's changed layer), as NoiseTunnel reads its method
+        _plan_for(method)
+        _merged_output_transform(output_transform, method)
         self.method = method
-        self.plan = _plan_for(method)
         self.postprocess = postprocess
-        self.forward_func = method.forward_func
-        own = getattr(method, "output_transform", None)
-        if output_transform is not None and own is not None and own is not output_transform:
-            raise ValueError(
-                f"`output_transform` was given to both VOICE and {type(method).__name__}, "
-                "with different functions; give it once."
-            )
-        self.output_transform = output_transform if output_transform is not None else own
+        self._own_output_transform = output_transform
 
     _fast_postprocess = True  # private: False materialises every upsampled map (tests)
+
+    @property
+    def plan(self) -> _Plan:
+        """How VOICE obtains its maps from ``method`` as it is now (its layer, weighting)."""
+        return _plan_for(self.method)
+
+    @property
+    def forward_func(self) -> Callable:
+        """The model explained: the ``forward_func`` of ``method`` as it is now."""
+        return _forward_func_of(self.method)
+
+    @forward_func.setter
+    def forward_func(self, value: Any) -> None:
+        raise AttributeError(
+            "VOICE explains the model of its `method`: replace `method` (e.g. "
+            "voice.method = GradCAM(model, layer)) instead of setting `forward_func`."
+        )
+
+    @property
+    def output_transform(self) -> Callable[[Any], Tensor] | None:
+        """The ``output_transform`` given to VOICE, else that of ``method`` as it is now."""
+        own = self._own_output_transform
+        return own if own is not None else getattr(self.method, "output_transform", None)
+
+    @output_transform.setter
+    def output_transform(self, value: Callable[[Any], Tensor] | None) -> None:
+        _check_output_transform(value)
+        self._own_output_transform = value
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a VOICE pickled when it kept copies of the method's plan, model and transform
+        state = dict(state)
+        state.pop("plan", None)
+        state.pop("forward_func", None)
+        if "output_transform" in state:
+            merged = state.pop("output_transform")
+            own = getattr(state.get("method"), "output_transform", None)
+            state.setdefault("_own_output_transform", None if merged is own else merged)
+        self.__dict__.update(state)
+
+    def _current(self) -> tuple[_Plan, Callable, Callable[[Any], Tensor] | None]:
+        """The plan, model and output transform of ``method`` as it is now, checked."""
+        method = self.method
+        plan = _plan_for(method)
+        return (
+            plan,
+            _forward_func_of(method),
+            _merged_output_transform(self._own_output_transform, method),
+        )
 
     def has_convergence_delta(self) -> bool:
         """Refuses, clearly, what Captum's wrappers ask first: ``NoiseTunnel(VOICE(...))``
@@ -429,12 +488,13 @@ class VOICE:
         Returns:
             VOICEResult: see its attributes.
         """
+        plan, forward_func, output_transform = self._current()
         formatted = format_inputs(inputs)
         threshold = _check_threshold(threshold)
         # checked for every method, not only SmoothGrad's: an invalid value is never ignored
         samples = self._check_samples(nt_samples, stdevs)
         generator = as_generator(generator)
-        if self.plan.weighting is None and len(formatted) > 1:
+        if plan.weighting is None and len(formatted) > 1:
             raise ValueError(
                 f"VOICE({type(self.method).__name__}) maps one input tensor, and `inputs` holds "
                 f"{len(formatted)}: pass the image as `inputs` and the model's other inputs "
@@ -443,19 +503,19 @@ class VOICE:
         if reshape_transform is not None:
             if not callable(reshape_transform):
                 raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
-            if self.plan.weighting is None:
+            if plan.weighting is None:
                 raise ValueError(
                     "`reshape_transform` applies to CAM techniques (layer activations); "
                     f"VOICE({type(self.method).__name__}) explains the inputs."
                 )
-        model = root_module(self.forward_func)
+        model = root_module(forward_func)
         classes: dict[str, Tensor] = {}
         accumulate = _Accumulator(
-            self.plan.maps(reshape_transform, tuple(formatted[0].shape)),
-            self._finish(formatted[0]),
+            plan.maps(reshape_transform, tuple(formatted[0].shape)),
+            self._finish(formatted[0], plan),
             None,
             1,
-            self._moments(formatted[0]),
+            self._moments(formatted[0], plan),
         )
 
         def select(logits: Tensor) -> Tensor:
@@ -465,11 +525,11 @@ class VOICE:
             return classes["columns"]
 
         engine_inputs, engine_args = formatted, additional_forward_args
-        if self.plan.smooth:
+        if plan.smooth:
             # the classes come from the clean inputs; the engine sees the noisy copies
             with preserved_state([model], hidden_model=model is None), torch.no_grad():
                 clean = run_forward(
-                    self.forward_func, formatted, additional_forward_args, self.output_transform
+                    forward_func, formatted, additional_forward_args, output_transform
                 )
             columns = select(clean).repeat_interleave(samples, dim=0)
             engine_inputs, engine_args = _noisy_copies(
@@ -479,16 +539,16 @@ class VOICE:
             columns_of = lambda _logits: columns  # noqa: E731
         else:
             columns_of = select  # one forward: the engine's
-        guided = self._guided_hooks(model) if self.plan.guided else ()
+        guided = self._guided_hooks(model) if plan.guided else ()
         with registered_hooks(*guided):
             computed = class_gradients(
-                self.forward_func,
+                forward_func,
                 engine_inputs,
                 columns_of,
-                layer=self.plan.layer,
-                score=_explanation_then_cross_entropy(self.plan.explanation_score),
+                layer=plan.layer,
+                score=_explanation_then_cross_entropy(plan.explanation_score),
                 additional_forward_args=engine_args,
-                output_transform=self.output_transform,
+                output_transform=output_transform,
                 max_batch=max_batch,
                 reduce=accumulate,
                 reshape_transform=reshape_transform,
@@ -499,11 +559,11 @@ class VOICE:
                 zero_gradient_warning(
                     f"VOICE({type(self.method).__name__})",
                     "the layer's",
-                    root_module(self.forward_func),
+                    root_module(forward_func),
                 ),
                 stacklevel=user_stacklevel(),
             )
-        logits = clean if self.plan.smooth else computed.logits
+        logits = clean if plan.smooth else computed.logits
         explained, runner_up, weights = (
             classes["explained"],
             classes["runner_up"],
@@ -516,7 +576,7 @@ class VOICE:
         total, total_sq = accumulate.sums()
         count = weights.sum(1).to(accumulate.explanation.dtype if total is None else total.dtype)
         uncertainty = _variance(total, total_sq, count)
-        cam = self.plan.layer is not None
+        cam = plan.layer is not None
         uncertainty = minmax_normalize(_with_channel_dim(uncertainty, cam), start_dim=1)
         uncertainty = uncertainty.to(accumulate.explanation.dtype)
         explanation = _with_channel_dim(accumulate.explanation, cam)
@@ -606,10 +666,10 @@ class VOICE:
             "columns": columns,
         }
 
-    def _finish(self, reference_input: Tensor) -> Callable[[Tensor], Tensor]:
+    def _finish(self, reference_input: Tensor, plan: _Plan) -> Callable[[Tensor], Tensor]:
         """Per-map post-processing of every (N, B, ...) chunk of maps, in the paper's order."""
         spatial = tuple(reference_input.shape[2:])
-        upsample = self.plan.layer is not None and self.postprocess == "reference"
+        upsample = plan.layer is not None and self.postprocess == "reference"
 
         def finish(maps: Tensor) -> Tensor:
             maps = torch.relu(maps)
@@ -621,7 +681,7 @@ class VOICE:
 
         return finish
 
-    def _moments(self, reference_input: Tensor) -> Callable | None:
+    def _moments(self, reference_input: Tensor, plan: _Plan) -> Callable | None:
         """Factory of the low-resolution route of the reference post-processing, or None.
 
         CAM maps that are upsampled (2-D, bilinear) take the route of
@@ -631,7 +691,7 @@ class VOICE:
         spatial = tuple(reference_input.shape[2:])
         if (
             not self._fast_postprocess
-            or self.plan.layer is None
+            or plan.layer is None
             or self.postprocess != "reference"
             or len(spatial) != 2
         ):
@@ -708,6 +768,27 @@ def _log_likelihood(logits: Tensor, explained: Tensor) -> Tensor:
     would round to exactly 0 (in float32 from a logit gap of about 17, in float64 of 37)."""
     log_probs = log_softmax_precise(float64_here_or_cpu(logits), 1)
     return log_probs.gather(1, explained.to(log_probs.device).view(-1, 1))[:, 0]
+
+
+def _check_output_transform(output_transform: Any) -> None:
+    if output_transform is not None and not callable(output_transform):
+        raise TypeError(
+            "`output_transform` must be callable (model output -> (N, classes) logits), "
+            f"got {type(output_transform).__name__}."
+        )
+
+
+def _merged_output_transform(
+    output_transform: Callable[[Any], Tensor] | None, method: Any
+) -> Callable[[Any], Tensor] | None:
+    """VOICE's own ``output_transform``, else that of ``method``; both, different: refused."""
+    own = getattr(method, "output_transform", None)
+    if output_transform is not None and own is not None and own is not output_transform:
+        raise ValueError(
+            f"`output_transform` was given to both VOICE and {type(method).__name__}, "
+            "with different functions; give it once."
+        )
+    return output_transform if output_transform is not None else own
 
 
 def _check_threshold(threshold: Any) -> float:
