@@ -495,3 +495,30 @@ def test_render_evaluation_leaves_the_backend_and_pyplot_alone(tmp_path, monkeyp
         assert matplotlib.rcParams["backend_fallback"] is True
     finally:
         plt.close(mine)
+
+
+def test_legends_keep_underscore_names_on_a_matplotlib_that_drops_them(tmp_path, monkeypatch):
+    """matplotlib before 3.10 (the [viz] extra admits 3.6) leaves labels starting with "_"
+    out of a legend even when they are passed explicitly: the report's legends are built
+    with placeholder labels and then given the names, so every name is listed there too."""
+    import matplotlib.axes
+
+    import captum_ext.viz._figures as figures
+
+    original_legend = matplotlib.axes.Axes.legend
+
+    def legend_before_3_10(self, handles, labels, **kwargs):  # as matplotlib 3.6-3.9 did
+        kept = [(h, label) for h, label in zip(handles, labels) if not label.startswith("_")]
+        return original_legend(self, [h for h, _ in kept], [label for _, label in kept], **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend_before_3_10)
+    drawn = {}
+    original = figures.save_figure
+
+    def spy(figure, path, **kwargs):
+        drawn["legend"] = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+        return original(figure, path, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", spy)
+    render_evaluation(_evaluation_scores(["Saliency", "_mine", DOLLARS]), tmp_path)
+    assert drawn["legend"] == ["Saliency", "_mine", DOLLARS]

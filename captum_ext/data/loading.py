@@ -1181,7 +1181,7 @@ def _imagenet_pil(image) -> Tensor:
     new_long = int(_IMAGENET_RESIZE * long / short)
     size = (_IMAGENET_RESIZE, new_long) if width <= height else (new_long, _IMAGENET_RESIZE)
     if (width, height) != size:
-        image = image.resize(size, Image.BILINEAR)
+        image = image.resize(size, Image.Resampling.BILINEAR)
     width, height = image.size
     top = int(round((height - _IMAGENET_CROP) / 2.0))
     left = int(round((width - _IMAGENET_CROP) / 2.0))
@@ -1248,7 +1248,7 @@ def _digits_transform(image) -> Tensor:
 
     image = image.convert("L")
     if image.size != (_DIGITS_SIZE, _DIGITS_SIZE):
-        image = image.resize((_DIGITS_SIZE, _DIGITS_SIZE), Image.BILINEAR)
+        image = image.resize((_DIGITS_SIZE, _DIGITS_SIZE), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8).copy()
     return normalize_digits(pixels).reshape(1, _DIGITS_SIZE, _DIGITS_SIZE)
 

@@ -71,6 +71,18 @@ def literal_text(*artists: Any) -> None:
         artist.set_usetex(False)
 
 
+def legend_as_given(axis: Any, handles: list, names: list[str], **kwargs: Any) -> Any:
+    """``axis.legend(handles, names, **kwargs)`` with every name listed and drawn as given:
+    literal text (:func:`literal_text`), and a name starting with ``"_"`` listed too.
+    Matplotlib before 3.10 drops such names even when they are passed explicitly (with only
+    a warning), so the legend is built with placeholder labels and then given the names."""
+    legend = axis.legend(handles, [f"entry {i}" for i in range(len(names))], **kwargs)
+    for text, name in zip(legend.get_texts(), names, strict=True):
+        text.set_text(name)
+    literal_text(legend)
+    return legend
+
+
 def save_figure(figure: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     """Write a matplotlib figure as PNG to ``path`` (creating its folder) and return the
     path; ``kwargs`` go to ``Figure.savefig``."""

@@ -311,7 +311,7 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
 
     The plot is a :class:`matplotlib.figure.Figure` of its own: no pyplot state (backend,
     open figures, the current figure) is read or changed."""
-    from captum_ext.viz._figures import literal_text, new_figure, save_figure
+    from captum_ext.viz._figures import legend_as_given, new_figure, save_figure
     from captum_ext.viz.report import Figure, Section, Table
 
     metrics = list(METRIC_DIRECTIONS)
@@ -343,9 +343,9 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
     axis.set_xlabel("fraction of pixels removed (most relevant first)")
     axis.set_ylabel("probability of the prediction")
     axis.set_title("ROAD (lower = the map found what matters)", fontsize=9)
-    if lines:  # handles and names given: a name starting with "_" is listed too
-        literal_text(
-            axis.legend(lines, methods, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if lines:  # every method under its own name, also one starting with "_"
+        legend_as_given(
+            axis, lines, methods, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5)
         )
     try:
         path = save_figure(

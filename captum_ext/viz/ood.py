@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ._figures import literal_text, new_figure, save_figure
+from ._figures import legend_as_given, new_figure, save_figure
 from .report import Figure, Section, Table, _model_device
 
 __all__ = ["IN_DISTRIBUTION", "OODData", "compute_ood", "ood_section", "render_ood"]
@@ -83,9 +83,8 @@ def _plot_histograms(scores: dict[str, Tensor], path: Path) -> Path:
     ax.set_ylabel("images")
     ax.set_yscale("log")
     ax.set_title("Scores, in-distribution vs each OOD set")
-    # handles and names given: every set is listed under its own name, also one starting
-    # with "_" (which matplotlib leaves out of a legend it collects), and drawn as given
-    literal_text(ax.legend(handles, names, fontsize=8))
+    # every set under its own name, also one starting with "_", drawn as given
+    legend_as_given(ax, handles, names, fontsize=8)
     save_figure(figure, path)
     return path
 
