@@ -219,6 +219,11 @@ def mask_objective(
     mask = straight_through_mask(probabilities)
     explanation = mask * inputs + (1 - mask) * baseline
     terms: dict[str, Tensor] = {}
+    if len(layer_weights) != len(layers):  # zip would drop the layers without a weight
+        raise ValueError(
+            f"`layers` has {len(layers)} entries but `layer_weights` has {len(layer_weights)}; "
+            "give one weight per layer."
+        )
     need_act = weights.act != 0 and len(layers) > 0
     conf_weight = getattr(weights, "conf", 0.0)
     if need_act or weights.ce != 0 or weights.kl != 0 or conf_weight != 0:

@@ -38,6 +38,13 @@ from ._docs import with_cam_args
 WEIGHTINGS = ("gradcam", "gradcam++")
 
 
+def check_weighting(weighting: Any) -> None:
+    """Refuse a ``weighting`` other than those of :data:`WEIGHTINGS` (at construction, and at
+    each call: the public attribute may have been assigned since)."""
+    if not isinstance(weighting, str) or weighting not in WEIGHTINGS:
+        raise ValueError(f"`weighting`={weighting!r}: expected one of {WEIGHTINGS}.")
+
+
 def gradcam_weights(gradients: Tensor, activations: Tensor) -> Tensor:
     """(N, B, K, *S) gradients -> (N, B, K) channel weights: the spatial mean."""
     if gradients.dim() <= 3:
@@ -381,8 +388,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         output_transform: Callable[[Any], Tensor] | None = None,
     ) -> None:
         layer = resolve_layer(forward_func, layer)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"`weighting`={weighting!r}: expected one of {WEIGHTINGS}.")
+        check_weighting(weighting)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.weighting = weighting
@@ -434,6 +440,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
 
     def _channel_weights(self, gradients: Tensor, activations: Tensor) -> Tensor:
         """(N, B, K, *S) gradients and (N, K, *S) activations -> (N, B, K) channel weights."""
+        check_weighting(self.weighting)  # also a value assigned after construction
         if self.weighting == "gradcam++":
             return gradcam_plus_plus_weights(gradients, activations)
         return gradcam_weights(gradients, activations)
@@ -461,6 +468,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         interpolate_mode: str | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         check_normalize(normalize)
+        check_weighting(self.weighting)  # before the model runs: assigned after construction
         name = type(self).__name__
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")

@@ -464,7 +464,7 @@ class ActivationMatchingMask(PerturbationAttribution):
                 f"`forward_func` must be callable (a model), got {type(forward_func).__name__}."
             )
         super().__init__(uncompiled(forward_func))  # hooks and vmap run on the eager model
-        self.layers, self.layer_weights = self._resolve_layers(layers)
+        self.layers = layers  # resolved by the setter, which sets `layer_weights` too
         if mask_net is not None and not isinstance(mask_net, nn.Module):
             raise TypeError(f"`mask_net` must be an nn.Module, got {type(mask_net).__name__}.")
         self.mask_net = mask_net
@@ -487,6 +487,54 @@ class ActivationMatchingMask(PerturbationAttribution):
     def multiplies_by_inputs(self) -> bool:
         return False
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The layers phi_l matched (modules), with their weights a_l in ``layer_weights``.
+
+        Assigning ``layers`` takes the constructor's forms (a module or dotted name, a list
+        of them, a dict ``{layer: weight}``) and sets ``layer_weights`` as the constructor
+        does (1 each for a list), so the object then behaves as one built with them. A list
+        changed in place must keep ``layer_weights`` the same length (set both); otherwise the
+        next call raises a ``ValueError`` naming both.
+        """
+        return self._layers
+
+    @layers.setter
+    def layers(self, layers: Any) -> None:
+        self._layers, self.layer_weights = self._resolve_layers(layers)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # an explainer pickled when `layers` was a plain attribute
+        state = dict(state)
+        if "layers" in state and "_layers" not in state:
+            state["_layers"] = state.pop("layers")
+        self.__dict__.update(state)
+
+    def _check_layers(self) -> None:
+        """Check ``layers`` and ``layer_weights`` as they are now (they are public: a call uses
+        what was assigned or appended since construction, or says what is wrong); a dotted
+        name put into the list is resolved as the constructor resolves it."""
+        layers, weights = self.layers, self.layer_weights
+        if not isinstance(layers, list):
+            raise TypeError(
+                f"`layers` was changed to a {type(layers).__name__}; assign it with "
+                "`explainer.layers = ...` (a module, a dotted name, a list of them or a dict "
+                "{layer: weight}), which sets `layer_weights` with it."
+            )
+        if isinstance(weights, str) or not isinstance(weights, Sequence):
+            raise TypeError(
+                "`layer_weights` must be a list of numbers, one per entry of `layers`, got "
+                f"{type(weights).__name__}."
+            )
+        if len(weights) != len(layers):
+            raise ValueError(
+                f"`layers` has {len(layers)} entries but `layer_weights` has {len(weights)}; "
+                "give one weight per layer (change both lists, or assign `layers` a list or a "
+                "dict {layer: weight}, which sets `layer_weights` as the constructor does)."
+            )
+        for index, (layer, weight) in enumerate(zip(layers, weights)):
+            layers[index] = self._resolve_item(layer, weight, "layer_weights")
+
     # ----------------------------------------------------------------------------------
     # setup helpers
 
@@ -504,13 +552,19 @@ class ActivationMatchingMask(PerturbationAttribution):
             )
         modules, layer_weights = [], []
         for layer, weight in items:
-            modules.append(resolve_layer(self.forward_func, layer, argument="layers"))
-            if isinstance(weight, bool) or not isinstance(weight, int | float):
-                raise TypeError(f"`layers`: the weight of {layer!r} must be a number.")
-            if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"`layers`: the weight of {layer!r} must be >= 0, got {weight}.")
+            modules.append(self._resolve_item(layer, weight, "layers"))
             layer_weights.append(float(weight))
         return modules, layer_weights
+
+    def _resolve_item(self, layer: Any, weight: Any, argument: str) -> nn.Module:
+        """The module of one entry of ``layers`` (a module or dotted name), its weight
+        checked (``argument`` names where the weight came from)."""
+        module = resolve_layer(self.forward_func, layer, argument="layers")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise TypeError(f"`{argument}`: the weight of {layer!r} must be a number.")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"`{argument}`: the weight of {layer!r} must be >= 0, got {weight}.")
+        return module
 
     def _baseline_for(self, x: Tensor) -> Tensor:
         baseline = self.baseline
@@ -555,6 +609,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         function hides its model, which in train mode would keep the BatchNorm statistics of
         the method's forward passes. The mask net is left out (``fit`` trains it).
         """
+        self._check_layers()  # before anything is changed: they may have been assigned since
         model = root_module(self.forward_func)
         keep = [model, *self.layers, self.mask_net]
         forward_func, half = self.forward_func, half_precision_dtype(self.forward_func)
@@ -1258,6 +1313,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         """
         options = dict(locals())
         del options["self"], options["data"]
+        self._check_layers()  # before the checkpoint's objective is compared with them
         return fit_mask_net(self, data, **options)
 
     def _train_step(self, x, net, wrapped, optimiser, base_seed, step, rank, world) -> float:

@@ -217,8 +217,9 @@ class FinerCAM(TargetClassCAMBase):
         alpha (float): strength of the comparison; 0 gives Grad-CAM weighted by the
             comparison set. Default: 1.0.
         comparison_positions (sequence of int, optional): which classes P is compared with,
-            as positions in the order of logit closeness to P (0 is P). Default: (1, 2, 3),
-            or every other class of a model with fewer than 4 (a binary one: (1,)).
+            as positions in the order of logit closeness to P (0 is P). Default: None,
+            (1, 2, 3), or every other class of a model with fewer than 4 (a binary one:
+            (1,)).
 
     Examples::
 
@@ -240,32 +241,55 @@ class FinerCAM(TargetClassCAMBase):
     ) -> None:
         super().__init__(forward_func, layer, device_ids, output_transform=output_transform)
         self.alpha = check_number(alpha, "alpha", minimum=None)
-        self._default_positions = comparison_positions is None
-        if comparison_positions is None:
-            comparison_positions = DEFAULT_COMPARISON_POSITIONS
-        if isinstance(comparison_positions, (str, bytes)) or not isinstance(
-            comparison_positions, Sequence
-        ):
-            raise TypeError("`comparison_positions` must be a sequence of ints, e.g. (1, 2, 3).")
-        positions = tuple(check_int(p, "comparison_positions") for p in comparison_positions)
-        if not positions:
-            raise ValueError("`comparison_positions` is empty; give at least one position.")
-        self.comparison_positions = positions
+        self.comparison_positions = comparison_positions  # checked by the setter
         self._score = self._finer_score
 
+    @property
+    def comparison_positions(self) -> tuple[int, ...] | None:
+        """The comparison positions given (a tuple of ints), or None for the default: (1, 2,
+        3), or every other class of a model with fewer than 4. Assigning it is checked as
+        the constructor's argument is, and the next call uses it as a FinerCAM built with
+        it would (None: the default again)."""
+        return self._comparison_positions
+
+    @comparison_positions.setter
+    def comparison_positions(self, value: Sequence[int] | None) -> None:
+        if value is not None:
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError(
+                    "`comparison_positions` must be a sequence of ints, e.g. (1, 2, 3), or "
+                    f"None (the default), got {type(value).__name__}."
+                )
+            value = tuple(check_int(p, "comparison_positions") for p in value)
+            if not value:
+                raise ValueError("`comparison_positions` is empty; give at least one position.")
+        self._comparison_positions = value
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a FinerCAM pickled when it kept the positions in `comparison_positions` with a
+        # `_default_positions` flag
+        state = dict(state)
+        if "_comparison_positions" not in state and "comparison_positions" in state:
+            default = state.pop("_default_positions", False)
+            positions = state.pop("comparison_positions")
+            state["_comparison_positions"] = None if default else positions
+        self.__dict__.update(state)
+
     def _positions(self, classes: int) -> tuple[int, ...]:
-        """The comparison positions for a model with ``classes`` outputs: the default ones
-        that it has (a model with 2 or 3 classes compares P with the others)."""
-        if self._default_positions and classes >= 2:
-            return default_positions(classes)
-        return self.comparison_positions
+        """The comparison positions for a model with ``classes`` outputs: the ones given, or
+        the default ones that it has (a model with 2 or 3 classes compares P with the
+        others)."""
+        positions = self.comparison_positions
+        if positions is None:
+            return default_positions(classes) if classes >= 2 else DEFAULT_COMPARISON_POSITIONS
+        return positions
 
     def _finer_score(self, logits: Tensor) -> Tensor:
         classes = logits.shape[1]
         positions = self._positions(classes)
         if max(positions) >= classes:
             raise ValueError(
-                f"`comparison_positions` {self.comparison_positions} reach beyond the model's "
+                f"`comparison_positions` {positions} reach beyond the model's "
                 f"{classes} classes (position 0 is the explained class itself)."
                 + (single_logit_hint() if classes == 1 else "")
             )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._utils.batched_grad import (
     _training_batch_norms,
@@ -340,6 +340,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         self.std: Tensor | None = None
         self.active: Tensor | None = None
         self.n_estimated = 0
+        # the module the statistics belong to: a `layer` assigned afterwards is refused until
+        # they are estimated (or set) again
+        self._statistics_layer: nn.Module | None = None
         if mean is not None or std is not None:
             self.set_statistics(mean, std, active)
         elif active is not None:
@@ -389,6 +392,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 raise ValueError("`active` must be a bool (or 0/1) mask.")
             active = active != 0
         self.mean, self.std, self.active = mean.detach(), std.detach(), active.detach()
+        self._statistics_layer = self.layer
 
     @leaves_inference_mode
     def estimate(
@@ -406,7 +410,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         centred sum of squares are merged into running ones (in float64, Chan et al.'s
         pairwise update) to give the mean and the unbiased standard deviation, and the share
         of samples in which a feature is non-zero gives the active mask (share >
-        ``active_threshold``).
+        ``active_threshold``). The statistics belong to ``layer``: assigning another
+        layer afterwards makes :meth:`attribute` ask for them again.
 
         Args:
             inputs_or_dataloader: a batch (tensor or tuple of tensors, examples first) or an
@@ -525,6 +530,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         self.std = variance.sqrt().to(dtype)
         self.active = nonzero / count > threshold
         self.n_estimated = count
+        self._statistics_layer = self.layer
 
     # ---------------------------------------------------------------- attribution
 
@@ -681,6 +687,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 "LayerIBA needs the layer's feature statistics: call `estimate(data)` first, or "
                 "pass `mean` and `std` to the constructor or to `set_statistics`."
             )
+        self._check_statistics_layer()
         formatted = in_model_precision(self.forward_func, format_inputs(inputs))
         model = root_module(self.forward_func)
         if _training_batch_norms(model):
@@ -743,6 +750,28 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 "runs once."
             )
         return captured[0], output.detach()
+
+    def _check_statistics_layer(self) -> None:
+        """Refuse statistics estimated on another module than ``layer`` (a layer assigned
+        after :meth:`estimate`: the same shape would otherwise pass unnoticed)."""
+        # a LayerIBA pickled before the statistics' layer was recorded: theirs is `layer`
+        estimated_on = getattr(self, "_statistics_layer", self.layer)
+        if estimated_on is None or estimated_on is self.layer:
+            return
+        model = root_module(self.forward_func)
+        names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+
+        def label(module: Any) -> str:
+            if isinstance(module, nn.Module):
+                return repr(names.get(id(module), type(module).__name__))
+            return repr(module)
+
+        raise ValueError(
+            f"LayerIBA: the statistics (`mean`, `std`, `active`) were estimated on the layer "
+            f"{label(estimated_on)}, but `layer` is now {label(self.layer)}; call "
+            "`estimate(data)` again for this layer (or give its statistics to "
+            "`set_statistics`)."
+        )
 
     def _statistics_for(self, activations: Tensor, min_std: float):
         shape = tuple(activations.shape[1:])

@@ -52,6 +52,42 @@ class PathwayGradientResult:
     target: Tensor
     sites: tuple[str, ...]
 
+    def __repr__(self) -> str:
+        # the shapes and dtypes, not the values: a ResNet-50's masks and scores of one image
+        # printed in full are hundreds of kilobytes
+        return (
+            f"{type(self).__name__}(attributions={_tensors_summary(self.attributions)}, "
+            f"masks={_sites_summary(self.masks)}, scores={_sites_summary(self.scores)}, "
+            f"threshold={_tensors_summary(self.threshold)}, "
+            f"target={_tensors_summary(self.target)}, sites={_sites_summary(self.sites)})"
+        )
+
+
+def _tensors_summary(value: Any) -> str:
+    """``Tensor(shape=..., dtype=...)`` of a tensor, a tuple of them in parentheses."""
+    if isinstance(value, Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        device = "" if value.device.type == "cpu" else f", device={value.device}"
+        return f"Tensor(shape={tuple(value.shape)}, dtype={dtype}{device})"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_tensors_summary(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def _sites_summary(per_site: Any, tensors: bool = True) -> str:
+    """``<K sites: ...>``: how many sites, the first two and the last (with their tensors'
+    shapes and dtypes for a dict of per-site tensors)."""
+    if isinstance(per_site, dict):
+        items = [f"{name!r}: {_tensors_summary(value)}" for name, value in per_site.items()]
+    elif isinstance(per_site, tuple | list):
+        items = [repr(name) for name in per_site]
+    else:
+        return type(per_site).__name__
+    if len(items) > 3:
+        items = [*items[:2], "...", items[-1]]
+    count = len(per_site)
+    return f"<{count} site{'' if count == 1 else 's'}: " + ", ".join(items) + ">"
+
 
 def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:
     r"""Row-wise ``numpy.percentile(values[n], 100 * q)`` (method ``"linear"``), batched.

@@ -100,6 +100,12 @@ def _in_device_order(
     )
 
 
+def _same_names(names: Any, expected: tuple[str, ...]) -> bool:
+    """Whether ``names`` (``layers`` as it is now: a tuple, or a list assigned since) lists
+    the names ``expected``."""
+    return isinstance(names, Sequence) and not isinstance(names, str) and tuple(names) == expected
+
+
 def _stable_top(values: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries along the last dim; ties keep the lower index first."""
     return values.argsort(dim=-1, descending=True, stable=True)[..., :k]
@@ -208,13 +214,16 @@ class CircuitReadout:
         edges_per_class (int, optional): incoming edges kept per class node. Default: 3
 
     Attributes:
-        layers (tuple of str): the stage names.
+        layers (tuple of str): the stage names (fixed: a readout with other stages or
+            another classifier is a new ``CircuitReadout``; one changed is refused).
         classifier (str): the final linear layer's name.
         connections (tuple of Connection): per consecutive pair of stages (the last pair being
             the last stage and the classifier), the ingress modules and how they were found
             (``"fx"`` or ``"module_order"``), and for a destination block such as an
             inverted-residual block the series of its convs that are composed (``paths``).
-        top_k (tuple of int): nodes kept per stage and for the pooled features.
+        top_k (tuple of int): nodes kept per stage and for the pooled features (may be
+            assigned in the constructor's forms: an int, a sequence, or None for the
+            default).
 
     Examples::
 
@@ -307,6 +316,9 @@ class CircuitReadout:
             find_connections(network, list(names), self.classifier)
         )
         self.top_k: tuple[int, ...] = self._parse_top_k(top_k, len(names))
+        # what `connections` were found for: `layers` or `classifier` assigned afterwards are
+        # refused (the connections, and the default top_k, belong to these)
+        self._connected = (self.layers, self.classifier)
 
     @staticmethod
     def _parse_top_k(top_k: Any, n_stages: int) -> tuple[int, ...]:
@@ -455,10 +467,14 @@ class CircuitReadout:
             - graph attributes ``example``, ``target``, ``prediction``, ``gradient``,
               ``stages``.
         """
+        self._check_stages()
+        n_stages = len(self.layers)
+        # `top_k` as it is now, in the constructor's forms (an int assigned since applies to
+        # every stage, as it does given to the constructor)
+        top_k = self._parse_top_k(self.top_k, n_stages)
         inputs = in_model_precision(self.model, format_inputs(inputs))
         extra = format_additional_forward_args(additional_forward_args)
         model, network = self.model, self._network
-        n_stages = len(self.layers)
         names = [*self.layers, self.classifier]
         # per stage (the last one: the classifier's input), one (energy, tensor) per call
         records: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in names]
@@ -567,7 +583,23 @@ class CircuitReadout:
                         )
                     grads[i] = torch.cat([part.to(logits.device) for part in parts])
             with torch.no_grad():
-                return self._graphs(logits.detach(), targets, energies, grads, spatial)
+                return self._graphs(logits.detach(), targets, energies, grads, spatial, top_k)
+
+    def _check_stages(self) -> None:
+        """Refuse ``layers`` or ``classifier`` assigned after construction: the connections
+        between the stages (and the default ``top_k``) were found for those given then."""
+        # a readout pickled before this was recorded: its stages are those it has
+        layers, classifier = getattr(self, "_connected", (self.layers, self.classifier))
+        for argument, now, then in (
+            ("layers", self.layers, layers),
+            ("classifier", self.classifier, classifier),
+        ):
+            if now != then and not (argument == "layers" and _same_names(now, then)):
+                raise ValueError(
+                    f"`{argument}` was changed after construction (to {now!r}, built with "
+                    f"{then!r}); the connections between the stages were found for the "
+                    f"stages given then. Build a new CircuitReadout(model, {argument}=...)."
+                )
 
     def _check_run_order(self, fired: list[tuple[Any, int | str]]) -> None:
         """Refuse a forward pass whose stages do not run in the order of :attr:`layers`, or
@@ -647,6 +679,7 @@ class CircuitReadout:
         energies: list[Tensor],
         grads: list[Tensor | None],
         spatial: list[bool],
+        top_k: tuple[int, ...],
     ) -> list[nx.DiGraph]:
         n_stages = len(self.layers)
         names = [*self.layers, POOLED]
@@ -657,7 +690,7 @@ class CircuitReadout:
         like = energy[0]
         size = [e.shape[1] for e in energy]
         gmag = [None if g is None else _energy(g).to(device, work) for g in grads]
-        keep = [_stable_top(energy[i], min(self.top_k[i], size[i])) for i in range(n_stages + 1)]
+        keep = [_stable_top(energy[i], min(top_k[i], size[i])) for i in range(n_stages + 1)]
         n = logits.shape[0]
 
         # stage -> stage (and last stage -> pooled) edges: (N, k_dst, k_src)
