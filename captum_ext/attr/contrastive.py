@@ -23,6 +23,7 @@ from captum.attr import (
     LayerActivation,
     LayerDeepLiftShap,
     LayerFeaturePermutation,
+    LayerGradCam,
     LayerGradientShap,
     LLMAttribution,
     LLMGradientAttribution,
@@ -40,6 +41,7 @@ from .._utils.batched_grad import (
     softmax_complement,
 )
 from .._utils.deprecation import renamed_arguments
+from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
 from .._utils.model_state import detached, leaves_inference_mode, preserved_state
 from .._utils.validation import (
@@ -52,6 +54,8 @@ from .._utils.validation import (
     parse_class_selection,
     repeat_per_example,
 )
+from ..token_grid import looks_channels_last
+from ._cam import _token_layout
 
 DEFAULT_ROWS_PER_CALL = 64
 
@@ -463,6 +467,90 @@ def _methods_in(method: Attribution) -> list[Attribution]:
     return found
 
 
+class _FeatureAxisMaps(ValueError):
+    """A Captum LayerGradCam wrapped by Contrastive reads a layer whose dimension 1 is not its
+    channels (raised from a forward hook on the layer, before any map is formed)."""
+
+
+def _feature_axis_error(
+    shape: tuple[int, ...], input_shape: tuple[int, ...], method: str, where: str
+) -> _FeatureAxisMaps | None:
+    """The error for Captum's LayerGradCam (inside ``method``) on activations of ``shape``
+    that are a transformer's tokens (N, tokens, D) or a channels-last grid (N, h, w, C) for
+    images of ``input_shape``, detected as the CAMs detect them; None for any other shape.
+
+    LayerGradCam sums the weighted activations over dimension 1, whatever it holds: on
+    tokens the "map" runs over the embedding, on a channels-last grid over (w, C)."""
+    if len(input_shape) != 4:
+        return None
+    tokens = _token_layout(shape, input_shape)
+    if tokens is not None:
+        leading, (rows, columns) = tokens
+        lead = {0: "", 1: "a class token and ", 2: "2 leading tokens and "}[leading]
+        what = (
+            f"a transformer's tokens ({lead}{rows} x {columns} patches of {shape[2]} "
+            f"features), which Captum's LayerGradCam reads as {shape[1]} channels along one "
+            f"dimension of length {shape[2]}, so the map would run over the embedding, not "
+            "the image."
+        )
+        fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({rows}, {columns}))"
+    elif looks_channels_last(shape, tuple(input_shape[2:])):
+        what = (
+            f"a channels-last grid ({shape[1]} x {shape[2]} positions of {shape[3]} features, "
+            "as a Swin transformer's stages give), which Captum's LayerGradCam reads as "
+            f"{shape[1]} channels of {shape[2]} x {shape[3]} maps, so the map would run over "
+            "the features, not the image."
+        )
+        fold = "lambda t: t.permute(0, 3, 1, 2)"
+    else:
+        return None
+    return _FeatureAxisMaps(
+        f"Contrastive({method}): `layer` {where} of shape {shape} for images of shape "
+        f"{input_shape}: {what} Captum's LayerGradCam takes no `reshape_transform`; "
+        "captum_ext's Grad-CAM does: Contrastive(GradCAM, model, layer).attribute(inputs, "
+        f"contrast, reshape_transform={fold}, relu_attributions=False) (the same map on an "
+        "N x C x h x w layer; relu_attributions=True is ContrastCAM(model, "
+        "layer).attribute(inputs, contrast, reshape_transform=...))."
+    )
+
+
+@contextmanager
+def _layer_cam_guard(
+    method: Attribution, input_shape: tuple[int, ...], layer_input: bool
+) -> Iterator[None]:
+    """Refuse, from a forward hook on its layer, the token or channels-last activations that
+    a Captum LayerGradCam inside ``method`` (itself, or within NoiseTunnel / GuidedGradCam)
+    would read as channels (:func:`_feature_axis_error`); no hook without one. The layer
+    methods whose attributions have the layer's own shape (LayerIntegratedGradients,
+    LayerConductance, ...) are not CAMs and are left alone."""
+    cams = [m for m in _methods_in(method) if isinstance(m, LayerGradCam)]
+    layers = {id(m.layer): m.layer for m in cams if isinstance(m.layer, nn.Module)}
+    if not layers or len(input_shape) != 4:
+        yield
+        return
+    name = type(method).__name__
+    where = "receives inputs" if layer_input else "outputs activations"
+
+    def check(module: nn.Module, args: tuple, output: Any) -> None:
+        seen = args if layer_input else output
+        for tensor in seen if isinstance(seen, tuple | list) else (seen,):
+            if isinstance(tensor, Tensor):
+                error = _feature_axis_error(tuple(tensor.shape), input_shape, name, where)
+                if error is not None:
+                    raise error
+
+    registrations = [
+        (lambda layer=layer: layer.register_forward_hook(check)) for layer in layers.values()
+    ]
+    try:
+        with registered_hooks(*registrations):
+            yield
+    except _FeatureAxisMaps as error:
+        # a new exception (contextlib would restore the hook's traceback on the same one):
+        # the message says what to do; the frames of Captum and the model do not help
+        raise ValueError(*error.args) from None
+
+
 def _swap_forward(method: Attribution, forward: ContrastiveForward, originals: tuple) -> Any:
     """A copy of ``method`` in which the model is replaced by ``forward`` everywhere.
 
@@ -521,7 +609,13 @@ class Contrastive(GradientAttribution):
     contrast), LRP / LayerLRP (no rule for the cross-entropy), LayerFeaturePermutation
     (fails with any target in Captum 0.9), DataLoaderAttribution and the LLM attributions.
     A method that never calls the contrastive forward raises a RuntimeError rather than
-    returning a non-contrastive result.
+    returning a non-contrastive result. Captum's LayerGradCam (alone, in NoiseTunnel or in
+    GuidedGradCam) on a transformer's tokens (N, tokens, D) or a channels-last (N, h, w, C)
+    layer (a Swin stage) raises a ValueError, as the CAMs do: it sums over dimension 1, so
+    its map would run over the features; ``Contrastive(GradCAM, model, layer)`` takes the
+    ``reshape_transform`` that folds them into N x C x h x w. The layer methods whose
+    attributions have the layer's shape (LayerIntegratedGradients, LayerConductance, ...)
+    explain such layers as they are.
 
     DeepLift methods: the final ``-log_softmax`` gets DeepLift's rescale rule, applied to
     ``logsumexp(z) - z_Q`` written as element-wise exp, a sum and a log. Its multipliers
@@ -727,8 +821,12 @@ class Contrastive(GradientAttribution):
             calls = forward._calls
             forward._paired, forward._max_class = self._paired, max_class
             forward._inputs, forward._multidim = len(formatted), multidim
+            layer_input = bool(kwargs.get("attribute_to_layer_input", False))
             try:
-                with _captum_argument_errors(self.method):
+                with (
+                    _layer_cam_guard(self.method, tuple(formatted[0].shape), layer_input),
+                    _captum_argument_errors(self.method),
+                ):
                     if not multi:
                         result = self.method.attribute(
                             formatted[0] if unwrap else formatted,

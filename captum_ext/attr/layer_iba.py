@@ -43,6 +43,7 @@ from .._utils.validation import (
     output_selection,
     repeat_per_example,
 )
+from ..token_grid import looks_channels_last
 
 RETURN_TYPES = ("bits", "capacity", "lambda")
 LOSSES = ("cross_entropy", "mse")
@@ -156,6 +157,44 @@ def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
             f"must return (N, C, h, w) with N = {n}."
         )
     return folded
+
+
+def _check_not_channels_last(
+    shape: tuple[int, ...],
+    input_shape: tuple[int, ...],
+    layer_shape: tuple[int, ...] | None = None,
+) -> None:
+    """Refuse (N, h, w, C) maps of a channels-last layer (a Swin stage, the inside of a
+    ConvNeXt block after its permute), which LayerIBA would read as (N, C, h, w): the bits
+    would run over (w, C), the features, not the image. ``shape``: the layer's output, or
+    what ``reshape_transform`` made of the layer's ``layer_shape`` output. Detected as the
+    CAMs detect it (:func:`~captum_ext.token_grid.looks_channels_last`: dims 1 and 2 keep
+    the images' aspect ratio, dims 2 and 3 do not)."""
+    if len(shape) != 4 or len(input_shape) != 4:
+        return
+    if not looks_channels_last(shape, tuple(input_shape[2:])):
+        return
+    grid = (
+        f"a channels-last grid ({shape[1]} x {shape[2]} positions of {shape[3]} features, as "
+        "a Swin transformer's stages give), which LayerIBA would read as "
+        f"{shape[1]} channels of {shape[2]} x {shape[3]} maps, so the bits would run over the "
+        "features, not the image."
+    )
+    if layer_shape is not None:
+        raise ValueError(
+            f"LayerIBA: `reshape_transform` returned a tensor of shape {shape} for the layer's "
+            f"output of shape {layer_shape} (inputs of shape {input_shape}): {grid} It must "
+            f"return N x C x h x w, here {(shape[0], shape[3], shape[1], shape[2])}: end it "
+            "with .permute(0, 3, 1, 2)."
+        )
+    raise ValueError(
+        f"LayerIBA: `layer` outputs activations of shape {shape} for inputs of shape "
+        f"{input_shape}: {grid} Pass `reshape_transform=lambda t: t.permute(0, 3, 1, 2)` "
+        "with `sigma=None` (the bottleneck then runs in the layer's own layout and the maps "
+        "are folded to N x C x h x w), or explain a module whose output is N x C x h x w "
+        "(torchvision's Swin: `permute`; a ConvNeXt block as a whole, not the layers inside "
+        "it)."
+    )
 
 
 def _sees_the_model(z_grad: Tensor | None, reshape_transform: Callable | None, n: int) -> bool:
@@ -626,8 +665,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 bottleneck then runs in the layer's own layout (one ``alpha``, mean and
                 standard deviation per token feature, every token included) without a blur,
                 so ``sigma`` must be None; the capacity or lambda is folded into maps at the
-                end. A 4-D output is read as (N, C, h, w) without it, so a channels-last
-                (N, h, w, C) one (Swin) needs ``lambda t: t.permute(0, 3, 1, 2)`` here.
+                end. A 4-D output is read as (N, C, h, w) without it, and a channels-last
+                (N, h, w, C) one (a Swin stage: its h x w keep the images' aspect ratio,
+                its w x C do not) is refused: pass ``lambda t: t.permute(0, 3, 1, 2)``
+                here.
                 Default: None (the layer must output N x C x h x w).
 
         Returns:
@@ -824,7 +865,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 f"`layer` output has {activations.shape[0]} rows for {n} examples; LayerIBA "
                 "needs a layer whose output keeps the examples first."
             )
-        _folded(activations, reshape_transform, n)  # its shape checked before optimising
+        input_shape = tuple(inputs[0].shape)
+        if reshape_transform is None:
+            _check_not_channels_last(shape, input_shape)
+        else:  # its shape checked before optimising
+            folded = _folded(activations, reshape_transform, n)
+            _check_not_channels_last(tuple(folded.shape), input_shape, layer_shape=shape)
         layer_dtype = activations.dtype
         if bottleneck_dtype == "auto":
             bottleneck_dtype = precise_dtype(activations.device)

@@ -157,8 +157,15 @@ def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
     dev = at_least_float32(logits) - 1.0 / logits.shape[1]
     scale = dev.abs().amax(1, keepdim=True)
     score = 1.0 / (dev / scale).pow(4).mean(1)  # = max_c dev^4 / mean_c dev^4; 0/0 -> NaN
-    # energies g_c^4 Var(h^2): all zero (undefined ratio) when h^2 is constant or d == 1
-    vanishing = h.pow(2).var(1) == 0 if h.shape[1] > 1 else torch.ones_like(score, dtype=bool)
+    # energies g_c^4 Var(h^2): all zero (undefined ratio) when h^2 is constant or d == 1.
+    # Tested exactly, |h_j| == |h_0| for every j: Var(h^2) formed in float32 underflows to 0
+    # for features of about 1e-11 and below (the pooled features of a random-weight
+    # network), where the gradients do not vanish and autograd gives a finite score.
+    if h.shape[1] > 1:
+        magnitudes = h.abs()
+        vanishing = (magnitudes == magnitudes[:, :1]).all(1)
+    else:
+        vanishing = torch.ones_like(score, dtype=torch.bool)
     return torch.where(vanishing, torch.full_like(score, math.nan), score)
 
 
