@@ -14,6 +14,7 @@ from captum_ext.attr import (
     VOICE,
     ActivationMatchingMask,
     ContrastCAM,
+    Contrastive,
     FinerCAM,
     LayerIBA,
     PathwayGradient,
@@ -66,6 +67,28 @@ def test_finer_cam_copies_keep_the_positions(model, digits):
     for other in (copy.deepcopy(finer), pickle.loads(pickle.dumps(finer))):
         assert other.comparison_positions == (2,)
         assert torch.equal(other.attribute(x), finer.attribute(x))
+
+
+def test_finer_cam_shallow_copies_use_their_own_positions(model, digits):
+    """Contrastive copies the method (copy.copy): the copy's score read the original's
+    positions, so an assignment on either leaked into the other or was ignored."""
+    x = digits[0][:4]
+    finer = FinerCAM(model, "features.7")
+    wrapped = Contrastive(finer)
+    base = wrapped.attribute(x, contrast=1)
+    wrapped.method.comparison_positions = (1,)
+    one = FinerCAM(model, "features.7", comparison_positions=(1,))
+    torch.testing.assert_close(
+        wrapped.attribute(x, contrast=1), Contrastive(one).attribute(x, contrast=1)
+    )
+    wrapped.method.comparison_positions = None
+    finer.comparison_positions = (1,)
+    torch.testing.assert_close(wrapped.attribute(x, contrast=1), base)
+    shallow = copy.copy(finer)
+    shallow.comparison_positions = (2,)
+    two = FinerCAM(model, "features.7", comparison_positions=(2,))
+    torch.testing.assert_close(shallow.attribute(x), two.attribute(x))
+    torch.testing.assert_close(finer.attribute(x), one.attribute(x))
 
 
 def test_objects_pickled_with_the_former_attributes_load(model, digits):

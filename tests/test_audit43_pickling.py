@@ -130,3 +130,21 @@ def test_an_unfitted_network_refuses_a_state_it_cannot_hold_and_stays_unfitted(
     assert network.head is None
     result = network.load_state_dict({**state, "extra": torch.zeros(1)}, strict=False)
     assert result.unexpected_keys == ["extra"] and network.head is not None
+
+
+def test_strict_false_returns_a_custom_heads_keys_as_unexpected(bundled_model):
+    """torch passes strict=True to every _load_from_state_dict: the explanation of a custom
+    head's keys must not turn a strict=False load into an error."""
+    custom = {
+        "head.0.weight": torch.zeros(8, 100),
+        "head.0.bias": torch.zeros(8),
+        "head.2.weight": torch.zeros(10, 8),
+        "head.2.bias": torch.zeros(10),
+    }
+    network = IntrospectiveNetwork(bundled_model, hidden_width=8)
+    result = network.load_state_dict(custom, strict=False)
+    assert sorted(result.unexpected_keys) == sorted(custom) and not result.missing_keys
+    assert network.head is None
+    with pytest.raises(RuntimeError, match=r"not fitted.*IntrospectiveNetwork\.save\(\)"):
+        network.load_state_dict(custom)
+    assert network.head is None

@@ -242,7 +242,12 @@ class FinerCAM(TargetClassCAMBase):
         super().__init__(forward_func, layer, device_ids, output_transform=output_transform)
         self.alpha = check_number(alpha, "alpha", minimum=None)
         self.comparison_positions = comparison_positions  # checked by the setter
-        self._score = self._finer_score
+
+    @property
+    def _score(self) -> Callable[[Tensor], Tensor]:
+        # the engine's score, bound to this object when read (not stored: a copy, such as
+        # Contrastive's, would keep calling the original's and its comparison positions)
+        return self._finer_score
 
     @property
     def comparison_positions(self) -> tuple[int, ...] | None:
@@ -269,6 +274,7 @@ class FinerCAM(TargetClassCAMBase):
         # a FinerCAM pickled when it kept the positions in `comparison_positions` with a
         # `_default_positions` flag
         state = dict(state)
+        state.pop("_score", None)  # once stored, bound to the pickled object: a property now
         if "_comparison_positions" not in state and "comparison_positions" in state:
             default = state.pop("_default_positions", False)
             positions = state.pop("comparison_positions")

@@ -807,6 +807,16 @@ class IntrospectiveNetwork(nn.Module):
         them. A custom head's state needs that head given to the constructor. A call that
         raises leaves an unfitted network unfitted."""
         unfitted = self.head is None
+        if unfitted and strict:
+            # a custom head's keys: torch would list them as unexpected; say why (only with
+            # strict=True: with strict=False torch returns them as unexpected keys)
+            given = sorted(key for key in state_dict if key.startswith("head."))
+            if given and {key[len("head.") :] for key in given} != _DEFAULT_HEAD_KEYS:
+                raise RuntimeError(
+                    "Error(s) in loading state_dict for IntrospectiveNetwork: the network's "
+                    f"head is not fitted (None), and the state dict's head ({', '.join(given)}) "
+                    f"is not that of make_head{_HEAD_STATE_ADVICE}"
+                )
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except BaseException:
@@ -839,12 +849,8 @@ class IntrospectiveNetwork(nn.Module):
                     self.head = head.to(model_device(self.model)).eval()
                 else:  # as a size mismatch, also with strict=False
                     error_msgs.append(problem)
-            elif given and strict:  # torch lists the keys as unexpected; say why
-                error_msgs.append(
-                    "the network's head is not fitted (None), and the state dict's head "
-                    f"({', '.join(sorted(head_prefix + key for key in given))}) is not that "
-                    f"of make_head{_HEAD_STATE_ADVICE}"
-                )
+            # other head keys: torch reports them as unexpected (``strict`` here is always
+            # True, whatever the caller asked; load_state_dict explains them when strict)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
