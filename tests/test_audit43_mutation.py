@@ -241,3 +241,20 @@ def test_pathway_gradient_result_repr_is_compact(model, digits):
     text = repr(result)
     assert "<50 sites: 'site0': Tensor(shape=(2, 3), dtype=bool), 'site1'" in text
     assert "site25" not in text and "'site49'" in text
+
+
+def test_layer_iba_pickled_before_the_layer_was_recorded_keeps_the_check(model, digits):
+    """An object pickled by the former code has no record of the statistics' layer: they
+    belong to the layer it had then, not to the one assigned after loading."""
+    images, labels = digits
+    iba = LayerIBA(model, "features.7")
+    iba.estimate(images[:32])
+    former = dict(iba.__dict__)
+    del former["_statistics_layer"]  # as the former code pickled it
+    old = LayerIBA.__new__(LayerIBA)
+    old.__setstate__(former)
+    loaded = pickle.loads(pickle.dumps(old))
+    loaded.attribute(images[:2], target=labels[:2], steps=2, n_noise=2, generator=0)
+    loaded.layer = loaded.forward_func.features[6]
+    with pytest.raises(ValueError, match="estimated on the layer"):
+        loaded.attribute(images[:2], target=labels[:2], steps=2, n_noise=2, generator=0)

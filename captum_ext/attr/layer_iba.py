@@ -792,11 +792,19 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             )
         return captured[0], output.detach()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a LayerIBA pickled before the statistics' layer was recorded: they belong to the
+        # layer it had then (read now, once; not to whatever `layer` is at a later call)
+        state = dict(state)
+        if "_statistics_layer" not in state:
+            has = state.get("mean") is not None
+            state["_statistics_layer"] = state.get("layer") if has else None
+        self.__dict__.update(state)
+
     def _check_statistics_layer(self) -> None:
         """Refuse statistics estimated on another module than ``layer`` (a layer assigned
         after :meth:`estimate`: the same shape would otherwise pass unnoticed)."""
-        # a LayerIBA pickled before the statistics' layer was recorded: theirs is `layer`
-        estimated_on = getattr(self, "_statistics_layer", self.layer)
+        estimated_on = self._statistics_layer
         if estimated_on is None or estimated_on is self.layer:
             return
         model = root_module(self.forward_func)
