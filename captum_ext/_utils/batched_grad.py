@@ -12,6 +12,7 @@ example ``n`` alone.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -854,14 +855,18 @@ _BATCH_OF_ONE_NORM = "Expected more than 1 value per channel when training"
 
 def _batch_of_one_error(error: Exception) -> ValueError | None:
     """The clear error for a train-mode batch norm that cannot normalise one example alone
-    (``BatchNorm1d`` on (1, C)), or None for any other error."""
-    if _BATCH_OF_ONE_NORM not in str(error):
+    (one value per channel: ``BatchNorm1d`` on (1, C), or a ``BatchNorm2d`` on a 1 x 1 map
+    such as Inception's auxiliary head), or None for any other error."""
+    text = str(error)
+    if _BATCH_OF_ONE_NORM not in text:
         return None
+    size = re.search(r"got input size (torch\.Size\(\[[^\]]*\]\)|\S+)", text)
+    given = f": it was given {size.group(1)}" if size else ""
     return ValueError(
         "per-example gradients run each example alone (a batch of one), and the model is in "
-        "train mode with a batch norm that cannot normalise a single example (BatchNorm1d "
-        "on (1, C): one value per channel). Call model.eval() first: scores and explanations "
-        "are meant for the model as it predicts."
+        "train mode with a batch norm that cannot normalise a single example whose channels "
+        f"hold one value each (no spatial extent{given}). Call model.eval() first: scores and "
+        "explanations are meant for the model as it predicts."
     )
 
 
@@ -1040,12 +1045,7 @@ def per_example_parameter_gradients(
                     raise
                 if start == 0:
                     warnings.warn(
-                        "per-example gradients run one example at a time: torch.func cannot "
-                        f"batch this model ({str(error).splitlines()[0][:160]}). The results are "
-                        "the same, only slower. Activation checkpointing (torch.utils.checkpoint) "
-                        "and autograd.Functions without `setup_context` are the usual causes.",
-                        RuntimeWarning,
-                        stacklevel=user_stacklevel(),
+                        _unbatched_warning(error), RuntimeWarning, stacklevel=user_stacklevel()
                     )
                     # the loop holds one example's graph at a time: chunks by gradients alone
                     chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
@@ -1092,6 +1092,31 @@ _TRANSFORM_REFUSALS = (
     "functorch",
     "vmap:",
 )
+
+
+def _unbatched_warning(error: Exception) -> str:
+    """The warning that per-example gradients fall back to one example at a time because
+    torch.func refused to batch the model (``error``), with the usual cause of that refusal.
+
+    torch.func refuses an in-place random draw on a tensor made inside the model (the mask
+    of ``torchvision.ops.StochasticDepth``, in EfficientNet and ConvNeXt: ``bernoulli_`` on
+    a new tensor), which runs in train mode only: there the results are random (new masks at
+    every call), and the advice is ``model.eval()``, not a slower but equal loop."""
+    cause = str(error).splitlines()[0][:160]
+    if "randomness" in str(error):
+        return (
+            "per-example gradients run one example at a time: torch.func cannot batch this "
+            f"model ({cause}). A layer draws random numbers in place while the model is in "
+            "train mode (stochastic depth, for instance), so every call draws new random "
+            "masks and its scores differ from call to call. Call model.eval() first: scores "
+            "are meant for the model as it predicts (and eval mode is batched, so faster)."
+        )
+    return (
+        "per-example gradients run one example at a time: torch.func cannot batch this model "
+        f"({cause}). The results are the same, only slower. Activation checkpointing "
+        "(torch.utils.checkpoint) and autograd.Functions without `setup_context` are the "
+        "usual causes."
+    )
 
 
 def _per_example_by_loop(

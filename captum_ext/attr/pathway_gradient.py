@@ -3,6 +3,7 @@ r"""PathwayGradient (NeuronMCT): the gradient of the network pruned to its criti
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import _CHUNK_BYTES, objective_gradients, run_forward
-from .._utils.caller import inside_expanding_wrapper
+from .._utils.caller import inside_expanding_wrapper, user_stacklevel
 from .._utils.hooks import counted_output_bytes, registered_hooks
 from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
@@ -278,6 +279,56 @@ def _in_backward_pass() -> bool:
     return task is not None and task() != -1
 
 
+#: activation modules that are not hidden units of their own: squashing functions that
+#: serve as gates (squeeze-excitation: Sigmoid, Hardsigmoid) or output heads, normalisers,
+#: and attention (a module of torch.nn.modules.activation too)
+_NOT_HIDDEN_ACTIVATIONS = (
+    nn.ReLU,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Tanh,
+    nn.LogSigmoid,
+    nn.Softmax,
+    nn.Softmin,
+    nn.LogSoftmax,
+    nn.Softmax2d,
+    nn.MultiheadAttention,
+)
+#: the other activation modules of torch (GELU, SiLU, Hardswish, LeakyReLU, ReLU6, ...)
+_HIDDEN_ACTIVATIONS = tuple(
+    cls
+    for cls in vars(nn.modules.activation).values()
+    if isinstance(cls, type)
+    and issubclass(cls, nn.Module)
+    and cls.__module__ == "torch.nn.modules.activation"
+    and not issubclass(cls, _NOT_HIDDEN_ACTIVATIONS)
+)
+
+
+def _warn_unscored_activations(model: nn.Module) -> None:
+    """Warn that ``layers=None`` scores the ``nn.ReLU`` modules only when the model has
+    other hidden activations too (MobileNetV3's Hardswish): the pathway then covers part of
+    the network, mostly the ReLUs of its squeeze-excitation gates."""
+    counts: dict[str, int] = {}
+    for m in user_model(model).modules():
+        if isinstance(m, _HIDDEN_ACTIVATIONS):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    if not counts:
+        return
+    relus = sum(isinstance(m, nn.ReLU) for m in user_model(model).modules())
+    others = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    kinds = ", ".join(f"nn.{name}" for name in sorted(counts))
+    warnings.warn(
+        f"PathwayGradient: with `layers=None` the neurons are the outputs of the {relus} "
+        f"nn.ReLU module(s) of {type(model).__name__} only; its other activations ({others}) "
+        "are neither scored nor pruned, so the pathway covers part of the network. To include "
+        "them, pass them as `layers`, e.g. [name for name, m in model.named_modules() if "
+        f"isinstance(m, (nn.ReLU, {kinds}))].",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 class PathwayGradient(GradientAttribution):
     r"""PathwayGradient (NeuronMCT): the input gradient of the network's critical pathway.
 
@@ -328,7 +379,8 @@ class PathwayGradient(GradientAttribution):
     Args:
         forward_func (Callable): the model (or a function calling it) returning (N, C)
             logits. With ``layers=None`` it must be an ``nn.Module`` or a bound method of
-            one, whose ``nn.ReLU`` modules are scored.
+            one, whose ``nn.ReLU`` modules are scored (with a warning when it has other
+            hidden activations too; see ``attribute``'s ``layers``).
         multiply_by_inputs (bool, optional): default of ``attribute``'s
             ``multiply_by_inputs``. Default: False.
 
@@ -395,6 +447,7 @@ class PathwayGradient(GradientAttribution):
                     "PathwayGradient's neurons are ReLU outputs, and a functional relu cannot "
                     "be hooked. Pass the modules whose outputs are the neurons as `layers`."
                 )
+            _warn_unscored_activations(model)
             return [m for _, m in found], [name or "<model>" for name, _ in found]
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
@@ -439,7 +492,13 @@ class PathwayGradient(GradientAttribution):
                 The authors used 0.7 (ResNet-50, sanity checks) to 0.9 (VGG-16).
                 Default: 0.7.
             layers (list of str or nn.Module, optional): the modules whose outputs are the
-                neurons. Default: None, every ``nn.ReLU`` of the model.
+                neurons. Default: None, every ``nn.ReLU`` of the model. A model that has
+                other hidden activation modules too (``nn.Hardswish``, ``nn.GELU``,
+                ``nn.SiLU``, ``nn.LeakyReLU``, ``nn.ReLU6``, ...; not the gates and heads
+                ``nn.Sigmoid``, ``nn.Hardsigmoid``, ``nn.Tanh``, nor softmax) gets a
+                ``UserWarning`` naming them: only its ReLUs are scored (on MobileNetV3,
+                mostly those of the squeeze-excitation gates); list them in ``layers`` to
+                include them.
             score (str, optional): ``"taylor"`` (``|a dy/da|``) or ``"integrated"``
                 (``|a|`` times the mean gradient along the layer scaled from 0 to 1).
                 Default: "taylor".

@@ -181,6 +181,44 @@ def _called_modules(model: nn.Module) -> set[str] | None:
     return {str(node.target) for node in model.graph.nodes if node.op == "call_module"}
 
 
+def _is_container_of_blocks(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` / ``nn.ModuleList`` of blocks only (no leaf among its children):
+    a residual stage such as ResNet's ``layer1`` or RegNet's ``trunk_output.block1``."""
+    children = list(module.children())
+    return (
+        isinstance(module, (nn.Sequential, nn.ModuleList))
+        and bool(children)
+        and not any(_is_leaf(c) for c in children)
+    )
+
+
+def _holds_stages(module: nn.Module) -> bool:
+    """A container whose children are all containers of blocks, at least two of them with a
+    convolution (RegNet's ``trunk_output``, holding the stages ``block1`` .. ``block4``):
+    one unit would be one stage spanning them all, which no connection from the stem
+    resolves. Not ResNet's ``layer1`` (its children are blocks) nor MobileNetV2's
+    ``features`` (it holds a convolution's container with leaves and blocks)."""
+    children = list(module.children())
+    return (
+        isinstance(module, (nn.Sequential, nn.ModuleList))
+        and all(_is_container_of_blocks(c) for c in children)
+        and sum(_contains_conv(c) for c in children) >= 2
+    )
+
+
+def concatenates(model: nn.Module, name: str) -> bool:
+    """Whether the traced forward pass of ``model`` concatenates tensors (``torch.cat``)
+    inside its module ``name``: branches joined along the channels (ShuffleNetV2's blocks),
+    whose channels no single convolution produces. False when the model does not trace."""
+    graph = trace(model)
+    if graph is None:
+        return False
+    return any(
+        node.op == "call_function" and node.target is torch.cat and _belongs(node, name)
+        for node in graph.graph.nodes
+    )
+
+
 def _units(
     module: nn.Module,
     prefix: str = "",
@@ -191,7 +229,9 @@ def _units(
 
     Leaves are units; an ``nn.Sequential`` / ``nn.ModuleList`` holding at least one leaf is
     opened (a plain stack); a container holding only blocks (``layer1`` of a ResNet) is one
-    unit, and so is any other module with its own ``forward`` (a residual block). In a
+    unit, and so is any other module with its own ``forward`` (a residual block). A
+    container holding only such containers of blocks (RegNet's ``trunk_output``, whose
+    children ``block1`` .. ``block4`` are its stages) is opened: each of them is a unit. In a
     ``torch.fx`` GraphModule (``symbolic_trace``) only the modules its graph calls run
     (``called``): a container it never calls (``features``, a bare ``nn.Module`` holding
     the layers there) is opened, as no hook on it would fire. A module holding both
@@ -212,6 +252,7 @@ def _units(
                 isinstance(child, (nn.Sequential, nn.ModuleList))
                 and any(_is_leaf(c) for c in child.children())
             )
+            or _holds_stages(child)
             or (
                 classifier is not None
                 and classifier.startswith(full + ".")
@@ -228,6 +269,8 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
     """Dotted names of the default stages (see :class:`CircuitReadout` for the rules).
 
     - a block unit containing a convolution (a residual stage such as ``layer1``) is a stage;
+      a container of such stages (RegNet's ``trunk_output``) is opened into them
+      (:func:`_units`);
     - a plain convolution's stage ends at its post-activation: the last of the normalisation /
       activation / dropout leaves right after it. When the next stage is a block stage (the
       stem of a ResNet), the stage ends right before that block instead (after the max-pool).

@@ -21,7 +21,14 @@ from .._utils.validation import (
     format_additional_forward_args,
     format_inputs,
 )
-from .connection import Connection, default_stages, find_classifier, find_connections
+from .connection import (
+    Connection,
+    _contains_conv,
+    concatenates,
+    default_stages,
+    find_classifier,
+    find_connections,
+)
 
 #: ``layer`` attribute of the pooled-feature nodes (the classifier's input).
 POOLED = "pooled"
@@ -38,6 +45,58 @@ _DEFAULT_K_POOLED = 48
 def node_id(layer: str, channel: int) -> str:
     """The node key used in circuit graphs: ``"<layer>:<channel>"`` (e.g. ``"layer2:17"``)."""
     return f"{layer}:{channel}"
+
+
+#: the attention modules of vision transformers: torch's own; those of other libraries
+#: (torchvision's Swin ``ShiftedWindowAttention``, timm's ``Attention``) are known by their
+#: class name, and holding no convolution (a CNN's attention gate, CBAM's, holds some)
+_ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _transformer_refusal(network: nn.Module, error: ValueError) -> ValueError | None:
+    """The documented refusal of vision transformers, for a connection that could not be
+    resolved (``error``) in a model with attention modules; None for any other model. Only
+    a failed connection is refused so: a CNN with an attention gate whose stages connect is
+    read out as before."""
+    kinds = sorted(
+        {
+            type(m).__name__
+            for m in network.modules()
+            if isinstance(m, _ATTENTION_MODULES)
+            or (type(m).__name__.endswith("Attention") and not _contains_conv(m))
+        }
+    )
+    if not kinds:
+        return None
+    return ValueError(
+        f"`model`: {type(network).__name__} has attention modules ({', '.join(kinds)}), as a "
+        "vision transformer does, and vision transformers are not supported: CircuitReadout "
+        "follows channels from convolution to convolution (the papers' scope is CNNs), and "
+        "attention mixes tokens through no fixed channel-to-channel weight. (The connection "
+        f"that failed: {str(error).split(' Circuits follow', 1)[0]})"
+    )
+
+
+class _NoIngressProduces(ValueError):
+    """A connection none of whose ingress modules produces the destination's channels. Its
+    advice (list the stages in between, or that a concatenation of branches cannot be read
+    out) needs a ``torch.fx`` trace of the model, made once the readout's hooks are removed
+    (:meth:`explained`)."""
+
+    def __init__(self, head: str, destination: str) -> None:
+        super().__init__(f"{head}; list every convolutional stage in between.")
+        self.head, self.destination = head, destination
+
+    def explained(self, network: nn.Module) -> ValueError:
+        if self.destination == POOLED or not concatenates(network, self.destination):
+            return self
+        return ValueError(
+            f"{self.head}: {self.destination!r} concatenates branches along the channels "
+            "(torch.cat, as ShuffleNetV2's blocks do, which then shuffle the channels), so each "
+            "of its channels comes from one branch and no convolution, nor series of them, "
+            "produces them all. Listing more stages cannot resolve it: CircuitReadout does not "
+            "read out across a concatenation of branches."
+        )
 
 
 def _module_name(model: nn.Module, module: nn.Module, argument: str) -> str:
@@ -194,7 +253,13 @@ class CircuitReadout:
     post-activations) and ``classifier.2``, its pooled features being the 4096 inputs of
     ``classifier.6``.
 
-    Vision transformers are not supported (the papers' scope is CNNs).
+    Vision transformers are not supported (the papers' scope is CNNs): a model with
+    attention modules (``nn.MultiheadAttention``, torchvision's ViT and Swin) whose stages
+    cannot be connected is refused with a ``ValueError`` saying so. Nor are stages that
+    concatenate branches along the channels (ShuffleNetV2's blocks, DenseNet's dense blocks,
+    Inception's mixed blocks): no convolution produces all of their channels (for a stage
+    whose ingress convolutions feed such a concatenation, ShuffleNetV2's, the ``ValueError``
+    says that listing more stages cannot help).
 
     Args:
         model (nn.Module): the classifier, returning ``N x classes`` logits. It is run as it
@@ -284,7 +349,13 @@ class CircuitReadout:
 
         self._discovered = layers is None
         if layers is None:
-            names = default_stages(network, self.classifier)
+            try:
+                names = default_stages(network, self.classifier)
+            except ValueError as error:
+                refusal = _transformer_refusal(network, error)
+                if refusal is None:
+                    raise
+                raise refusal from error
         else:
             if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Sequence):
                 raise TypeError(
@@ -312,9 +383,14 @@ class CircuitReadout:
                 "module."
             )
         self.layers: tuple[str, ...] = tuple(names)
-        self.connections: tuple[Connection, ...] = tuple(
-            find_connections(network, list(names), self.classifier)
-        )
+        try:
+            connections = find_connections(network, list(names), self.classifier)
+        except ValueError as error:
+            refusal = _transformer_refusal(network, error)
+            if refusal is None:
+                raise
+            raise refusal from error
+        self.connections: tuple[Connection, ...] = tuple(connections)
         self.top_k: tuple[int, ...] = self._parse_top_k(top_k, len(names))
         # what `connections` were found for: `layers` or `classifier` assigned afterwards are
         # refused (the connections, and the default top_k, belong to these)
@@ -401,11 +477,11 @@ class CircuitReadout:
         if total is None and connection.paths:
             total = self._path_matrix(connection, c_src, c_dst, like)
         if total is None:
-            raise ValueError(
+            raise _NoIngressProduces(
                 f"`layers`: cannot resolve the connection from layer {connection.source!r} to "
                 f"{destination!r} ({c_dst} channels): none of its ingress modules "
-                f"{list(connection.ingress)} produces {c_dst} channels; list every "
-                "convolutional stage in between."
+                f"{list(connection.ingress)} produces {c_dst} channels",
+                destination,
             )
         return total
 
@@ -538,52 +614,60 @@ class CircuitReadout:
         classifier = network.get_submodule(self.classifier)
         registrations.append(lambda: classifier.register_forward_pre_hook(classifier_hook))
 
-        with (
-            preserved_state([model]),
-            registered_hooks(*registrations),
-        ):
-            if gradient:
-                inputs = tuple(
-                    t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs
+        try:
+            with (
+                preserved_state([model]),
+                registered_hooks(*registrations),
+            ):
+                if gradient:
+                    inputs = tuple(
+                        t.detach().requires_grad_(True) if t.is_floating_point() else t
+                        for t in inputs
+                    )
+                with gradients_on() if gradient else torch.no_grad():
+                    logits = call_model(model, inputs, extra)
+                if not isinstance(logits, Tensor) or logits.dim() != 2:
+                    raise ValueError(
+                        "`model` must return N x classes logits, got "
+                        f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)}."
+                    )
+                calls = [
+                    _in_device_order(records[i], name, i == n_stages)
+                    for i, name in enumerate(names)
+                ]
+                self._check_run_order(fired)
+                if classifier.out_features != logits.shape[1]:
+                    raise ValueError(
+                        f"`classifier` {self.classifier!r} has {classifier.out_features} "
+                        f"outputs but the model returns {logits.shape[1]} logits."
+                    )
+                classes, multi = class_selection(
+                    target, logits, argument="target", default="predicted"
                 )
-            with gradients_on() if gradient else torch.no_grad():
-                logits = call_model(model, inputs, extra)
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                raise ValueError(
-                    "`model` must return N x classes logits, got "
-                    f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)}."
-                )
-            calls = [
-                _in_device_order(records[i], name, i == n_stages) for i, name in enumerate(names)
-            ]
-            self._check_run_order(fired)
-            if classifier.out_features != logits.shape[1]:
-                raise ValueError(
-                    f"`classifier` {self.classifier!r} has {classifier.out_features} outputs but "
-                    f"the model returns {logits.shape[1]} logits."
-                )
-            classes, multi = class_selection(target, logits, argument="target", default="predicted")
-            if multi:
-                raise ValueError("`target` must give one class per example for a readout.")
-            targets = classes[:, 0]
-            energies = [torch.cat([e.to(logits.device) for e, _ in call]) for call in calls]
-            grads: list[Tensor | None] = [None] * (n_stages + 1)
-            if gradient:
-                # every stage's gradient: the first's weighs no edge, but is its nodes'
-                # documented `gradient` attribute
-                wrt = [tensor for call in calls for _, tensor in call]
-                with gradients_on():
-                    selected = logits.gather(1, classes).sum()
-                found = list(objective_gradients(selected, wrt, allow_unused=True))
-                for i, call in enumerate(calls):
-                    parts = [found.pop(0) for _ in call]
-                    if any(part is None for part in parts):
-                        raise ValueError(
-                            f"`layers`: the target logit does not depend on layer {names[i]!r}."
-                        )
-                    grads[i] = torch.cat([part.to(logits.device) for part in parts])
-            with torch.no_grad():
-                return self._graphs(logits.detach(), targets, energies, grads, spatial, top_k)
+                if multi:
+                    raise ValueError("`target` must give one class per example for a readout.")
+                targets = classes[:, 0]
+                energies = [torch.cat([e.to(logits.device) for e, _ in call]) for call in calls]
+                grads: list[Tensor | None] = [None] * (n_stages + 1)
+                if gradient:
+                    # every stage's gradient: the first's weighs no edge, but is its nodes'
+                    # documented `gradient` attribute
+                    wrt = [tensor for call in calls for _, tensor in call]
+                    with gradients_on():
+                        selected = logits.gather(1, classes).sum()
+                    found = list(objective_gradients(selected, wrt, allow_unused=True))
+                    for i, call in enumerate(calls):
+                        parts = [found.pop(0) for _ in call]
+                        if any(part is None for part in parts):
+                            raise ValueError(
+                                f"`layers`: the target logit does not depend on layer {names[i]!r}."
+                            )
+                        grads[i] = torch.cat([part.to(logits.device) for part in parts])
+                with torch.no_grad():
+                    return self._graphs(logits.detach(), targets, energies, grads, spatial, top_k)
+        except _NoIngressProduces as error:
+            # explained here, the hooks removed: its check traces the model with torch.fx
+            raise error.explained(network) from None
 
     def _check_stages(self) -> None:
         """Refuse ``layers`` or ``classifier`` assigned after construction: the connections

@@ -130,8 +130,16 @@ def _auc_or_deprecated_curves(result: PerturbationCurves, return_curves: Any, mo
 _PERTURBATION_ARGS = r"""
     Args:
         forward_func (Callable or nn.Module): the model, returning (N, C) logits. It runs
-            under ``torch.no_grad`` and, when it is an ``nn.Module`` (or a bound method of
-            one), in eval mode; its train/eval and gradient flags are restored afterwards.
+            under ``torch.no_grad`` with every module it runs in eval mode: an
+            ``nn.Module`` (or a bound method of one) is put in eval mode before the metric,
+            and the modules a plain function calls (``lambda x: model(x)["out"]``) each as
+            it first runs (so code in the function that reads ``model.training`` before
+            calling it still sees its own flag on the first call). The train/eval flags,
+            buffers and gradient flags are restored afterwards. A model whose output
+            changes with its mode is therefore called in its eval form: torchvision's
+            ``inception_v3(aux_logits=True)`` returns a tuple (``.logits``, ``.aux_logits``)
+            in train mode only, so here it returns the logits tensor itself, and a function
+            written for its train-mode tuple (``lambda x: model(x).logits``) fails.
         inputs (Tensor): images (N, C, H, W), floating point (a 1-tuple is accepted).
         attributions (Tensor): one explanation per example: (N, C, H, W) like the inputs,
             or one map per example (N, 1, h, w) or (N, h, w) at any resolution (a layer's,
@@ -216,7 +224,8 @@ def deletion(
 
     All ``N * (n_steps + 1)`` perturbed images are evaluated in chunks of ``batch_size``
     rows, many steps per forward pass, in eval mode under ``torch.no_grad`` (so the scores
-    do not depend on the batching); the model's flags are restored afterwards.
+    do not depend on the batching): every module that ``forward_func`` runs, also one called
+    from a plain function; the modules' flags and buffers are restored afterwards.
 
     Paper: Petsiuk, Das & Saenko, "RISE: Randomized Input Sampling for Explanation of
     Black-box Models", BMVC 2018.
