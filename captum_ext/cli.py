@@ -127,9 +127,11 @@ def _non_negative_int(text: str) -> int:
 
 
 _FINAL_LAYER_HELP = (
-    "dotted name of the final linear layer (the one that produces the logits), whose weight "
-    "gradients GradTrust measures. Default: the last linear layer of the model, also of a "
-    "TorchScript (scripted or traced) model"
+    "dotted name of the final layer (the one that produces the logits), whose weight "
+    "gradients GradTrust measures: a linear layer, or for a model without one the final "
+    "convolution (e.g. classifier.1, SqueezeNet's 1 x 1 convolution). Default: the last "
+    "linear layer of the model, also of a TorchScript (scripted or traced) model, where it "
+    "must be a linear layer"
 )
 
 #: the sections of ``captum-ext report``, in their default order, and what each shows: read
@@ -209,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         metavar="SPEC",
         help="a TorchScript file, a torch.export archive (.pt2), or 'package.module:factory' "
-        "called with no arguments (e.g. torchvision.models:resnet18). Default: the bundled "
-        "digit classifier.",
+        "called with no arguments (e.g. torchvision.models:resnet18; a torchvision builder is "
+        "built with the class count of --weights). Default: the bundled digit classifier.",
     )
     report.add_argument(
         "--weights",
@@ -356,7 +358,8 @@ def _add_score_parser(commands: Any) -> None:
         "--model",
         metavar="SPEC",
         help="a TorchScript file, a torch.export archive (.pt2), or 'package.module:factory' "
-        "called with no arguments. Default: the bundled digit classifier.",
+        "called with no arguments (a torchvision builder is built with the class count of "
+        "--weights). Default: the bundled digit classifier.",
     )
     score.add_argument(
         "--weights",
@@ -469,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputError, SectionTooBigError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         message = message.replace("`final_layer`=", "`--final-layer`=")  # the methods' name
+        if message.startswith("`layer`: ") and "pass `--final-layer`" in message:
+            # GradTrust's `layer` is the command's --final-layer (its --layer is another one)
+            message = "`--final-layer`: " + message[len("`layer`: ") :]
         if args.command == "report":  # the methods' argument is the command's --layer
             message = message.replace("`layer`=", "`--layer`=")
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -415,13 +415,59 @@ def is_linear(module) -> bool:
     return kind == "Linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
+#: GradTrust's advice when no final linear layer is found: it takes any layer with a weight,
+#: a final convolution too (SqueezeNet's classifier is a 1 x 1 convolution). ``{here}`` is
+#: filled with the model's last layer with a weight to run, where it has no linear layer
+FINAL_LAYER_REMEDY = (
+    "pass `{argument}` (the module or dotted name of the layer that produces the logits: a "
+    "linear layer, or the final convolution of a model without one{here})"
+)
+
+
+def _weighted(module: nn.Module) -> bool:
+    """A layer with a weight matrix or kernel of its own (a convolution, a linear layer;
+    not a normalisation, whose weight is one number per channel)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2
+
+
+def last_weighted_layer(model: nn.Module, run) -> tuple[str, nn.Module] | None:
+    """``(dotted name, module)`` of the layer with a weight (:func:`_weighted`: a
+    convolution, a linear layer) that runs last in ``run()`` (one forward pass, run here
+    under ``no_grad``; the caller keeps the model's state), or None when there is none, it
+    ran more than once, or the pass cannot be watched (``run`` None, a TorchScript model)."""
+    if run is None or isinstance(model, torch.jit.ScriptModule):
+        return None
+    names = {
+        id(m): name
+        for name, m in model.named_modules()
+        if name and _weighted(m) and not isinstance(m, torch.jit.ScriptModule)
+    }
+    calls: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda module, args, output: calls.append(module))
+        for m in model.modules()
+        if id(m) in names
+    ]
+    try:
+        with torch.no_grad(), compiled_code_runs_eagerly():
+            run()
+    except Exception:  # noqa: BLE001 - it only names a layer in an error message
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls or sum(1 for m in calls if m is calls[-1]) != 1:
+        return None
+    return names[id(calls[-1])], calls[-1]
+
+
 def find_last_linear(
     model: nn.Module,
     run=None,
     *,
     argument: str = "layer",
-    remedy: str = "pass `{argument}` (the module or dotted name of the linear layer that "
-    "produces the logits)",
+    remedy: str = FINAL_LAYER_REMEDY,
 ) -> tuple[str, nn.Module]:
     """The final linear layer of ``model``: ``(dotted name, module)``.
 
@@ -432,15 +478,25 @@ def find_last_linear(
     linear layer in ``named_modules()`` order is taken, which is the order of execution for
     the sequential heads that scripting and tracing preserve.
 
+    ``remedy`` is the advice of the errors, formatted with ``argument``; where it holds
+    ``{here}`` (as the default, GradTrust's, :data:`FINAL_LAYER_REMEDY` does) and the model
+    has no linear layer, ``{here}`` names the last layer with a weight that ``run()`` runs
+    (:func:`last_weighted_layer`: SqueezeNet's final 1 x 1 convolution, ``classifier.1``).
+
     Raises:
         ValueError: the model has no linear layer, or none ran, or the last ran more than
             once; the message names ``argument`` and says what to pass instead.
     """
-    hint = remedy.format(argument=argument)
+    hint = remedy.format(argument=argument, here="")
     names = {id(m): name for name, m in model.named_modules() if name and is_linear(m)}
     if not names and is_linear(model):
         names = {id(model): ""}
     if not names:
+        last = last_weighted_layer(model, run) if "{here}" in remedy else None
+        if last is not None:
+            kind = type(last[1]).__name__
+            here = f"; here {last[0]!r} ({kind}), the last layer with a weight to run"
+            hint = remedy.format(argument=argument, here=here)
         quantized = quantized_note(model)
         if is_exported(model):
             quantized = (

@@ -474,6 +474,65 @@ def _renamed_dense_layer_keys(model: nn.Module, state_dict: dict[str, Tensor]) -
     return {_OLD_DENSE_LAYER_KEY.sub(r"\1\2.", key): value for key, value in state_dict.items()}
 
 
+def _final_layer_name(model: nn.Module) -> str | None:
+    """The last module in ``named_modules()`` order with a weight matrix or kernel of its own
+    (the classifier of torchvision's models), or None."""
+    last = None
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)  # a plain Tensor in a TorchScript model
+        if isinstance(weight, Tensor) and weight.dim() >= 2:
+            last = name
+    return last
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassCount:
+    """The one way a state dict misses its model: the weights' class count (the rows of
+    the final layer's weight and bias, and of an auxiliary classifier's) is not the model's."""
+
+    weights: int
+    model: int
+    keys: list[str]
+
+
+def _class_count_mismatch(model: nn.Module, matched: Mapping[str, Tensor]) -> _ClassCount | None:
+    """A :class:`_ClassCount` when the only tensors of ``matched`` (keys as the model's) whose
+    shape differs from the model's are weights and biases whose first dimension (rows: the
+    classes) alone differs, the same number everywhere, the final layer's
+    (:func:`_final_layer_name`) among them; else None."""
+    own = model.state_dict()
+    differ = [key for key, value in matched.items() if tuple(value.shape) != tuple(own[key].shape)]
+    final = _final_layer_name(model)
+    if not differ or final is None or f"{final}.weight" not in differ:
+        return None
+    rows = set()
+    for key in differ:
+        given, expected = matched[key], own[key]
+        if (
+            key.rpartition(".")[2] not in ("weight", "bias")
+            or given.dim() != expected.dim()
+            or given.dim() == 0
+            or given.shape[1:] != expected.shape[1:]
+        ):
+            return None
+        rows.add((int(given.shape[0]), int(expected.shape[0])))
+    if len(rows) != 1:
+        return None
+    (weights_rows, model_rows) = rows.pop()
+    return _ClassCount(weights_rows, model_rows, differ)
+
+
+def _weights_class_count(model: nn.Module, state_dict: dict[str, Tensor]) -> int | None:
+    """The class count of ``state_dict`` where it is the only thing that does not fit
+    ``model`` (:func:`_class_count_mismatch`), else None."""
+    model = uncompiled(model)
+    matched = _key_matched(model, _renamed_dense_layer_keys(model, state_dict))
+    if matched is None:
+        return None
+    mismatch = _class_count_mismatch(model, matched)
+    return None if mismatch is None else mismatch.weights
+
+
 def _apply_state_dict(
     model: nn.Module, state_dict: dict[str, Tensor], weights: Any, names: Mapping[str, str]
 ) -> None:
@@ -481,6 +540,17 @@ def _apply_state_dict(
     model = uncompiled(model)  # a factory's torch.compile(model): load into its module
     state_dict = _renamed_dense_layer_keys(model, state_dict)
     matched = _key_matched(model, state_dict)
+    mismatch = None if matched is None else _class_count_mismatch(model, matched)
+    if mismatch is not None:
+        raise ValueError(
+            f"{what} {str(weights)!r} is for {mismatch.weights} classes, but the model "
+            f"{type(model).__name__} has {mismatch.model}: only the rows of its final layer "
+            f"differ ({_few(mismatch.keys)}), the architecture fits. Build the model with "
+            f"{mismatch.weights} classes: point {_mention(names, 'spec')} at a factory of your "
+            f"own that does, e.g. `def net(): return {type(model).__name__}(..., "
+            f"num_classes={mismatch.weights})` in a module of yours, given as "
+            "'module:net'."
+        )
     if matched is None:
         expected = set(model.state_dict().keys())
         given = set(state_dict)
@@ -571,6 +641,32 @@ def _as_torchvision_pretrained(builder: str, model: nn.Module) -> None:
         model.aux2 = None
 
 
+def _factory_model(factory: Callable, kwargs: dict[str, Any], spec: str, what: str) -> nn.Module:
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"{what} {spec!r}: the factory returned a {type(model).__name__}, "
+            "expected a torch.nn.Module."
+        )
+    return model
+
+
+def _torchvision_classifier_builder(factory: Any) -> bool:
+    """Whether ``factory`` is a model builder of ``torchvision.models`` that takes
+    ``num_classes`` (its classifiers' builders pass their keyword arguments to the model)."""
+    if not str(getattr(factory, "__module__", "") or "").startswith("torchvision.models"):
+        return False
+    if isinstance(factory, type):
+        return False
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.name == "num_classes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
+
+
 def load_model(
     spec: str | os.PathLike,
     weights: str | Path | None = None,
@@ -603,6 +699,10 @@ def load_model(
             heads as the file has them (GoogLeNet's then dropped, as torchvision does). For
             weights trained with ``transform_input=False``, write a factory that builds the
             model so (``inception_v3(init_weights=False, transform_input=False)``).
+            A builder of ``torchvision.models`` given weights for another number of classes
+            (the final layer's rows, e.g. 10 rather than 1000, the only difference) is built
+            with that number (``num_classes``); any other factory must build the model with
+            the weights' class count itself (the error says so).
             Default: None (keep the factory's weights).
         device (str or torch.device, optional): where the model is put. Default: "cpu".
         argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
@@ -660,12 +760,15 @@ def load_model(
                 state_dict = load_state_dict_file(weights, device, argument_names=names)
                 kwargs = _pretrained_kwargs(builder, state_dict)
                 _warn_pretrained_build(spec, builder, kwargs, names)
-            model = factory(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"{what} {spec!r}: the factory returned a {type(model).__name__}, "
-                "expected a torch.nn.Module."
-            )
+            model = _factory_model(factory, kwargs, spec, what)
+            if weights is not None and _torchvision_classifier_builder(factory):
+                # built with the class count of the weights (torchvision builds 1000 classes
+                # unless told), as torchvision's own builders read it from theirs
+                if state_dict is None:
+                    state_dict = load_state_dict_file(weights, device, argument_names=names)
+                classes = _weights_class_count(model, state_dict)
+                if classes is not None:
+                    model = _factory_model(factory, {**kwargs, "num_classes": classes}, spec, what)
     elif _looks_like_path(spec):
         if Path(spec.rpartition(":")[0]).suffix.lower() == ".py":  # a file, not a module
             raise _python_file_error(spec, names)

@@ -7,7 +7,12 @@
 Methods: Saliency, Integrated Gradients (zero baseline), Guided Backprop, GradCAM,
 ContrastCAM and FinerCAM (at ``layer``, upsampled), LayerIBA at ``layer`` (its
 statistics estimated on all the images given; bits per position, upsampled) and
-PathwayGradient (sparsity 0.7). Where 70 % or more of a network's ReLU outputs score zero
+PathwayGradient (sparsity 0.7). LayerIBA smooths its mask with a Gaussian of sigma 1 (5 x 5)
+where the layer's maps are larger than 2 x 2, and not at all on smaller maps (``sigma=None``:
+nothing to smooth over). PathwayGradient scores the outputs of ``nn.ReLU`` modules; a model
+without any (GELU, SiLU, or a relu called as a function) skips it with a note, as a model
+whose last layer is not a linear one randomises its last layer with a weight (SqueezeNet's
+final 1 x 1 convolution). Where 70 % or more of a network's ReLU outputs score zero
 for an image (a max pooling after each ReLU discards three quarters of them; on the bundled
 digit model 90 % score zero), sparsity 0.7 prunes only neurons that carry nothing, and
 PathwayGradient's map is the plain signed gradient: its sanity-check numbers, which compare
@@ -41,7 +46,13 @@ import torch.nn.functional as F
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ext._utils.layers import find_last_linear, resolve_layer, uncompiled
+from captum_ext._utils.layers import (
+    find_last_linear,
+    last_weighted_layer,
+    resolve_layer,
+    uncompiled,
+    user_model,
+)
 from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.training import progress_bar
@@ -73,6 +84,9 @@ class EvaluationScores:
         road_percentages (Tensor): ``(P,)`` fractions removed along the ROAD curve.
         road_curves (dict): method -> ``(P,)`` mean target probability along ROAD.
         notes (list of str): one line per method or metric that could not run, and why.
+        remarks (list of str): one line per method or metric that ran with another setting
+            than the usual one for this model, and why (e.g. LayerIBA unsmoothed on maps too
+            small for its smoothing).
     """
 
     methods: list[str]
@@ -81,6 +95,7 @@ class EvaluationScores:
     road_percentages: Tensor
     road_curves: dict[str, Tensor]
     notes: list[str]
+    remarks: list[str] = dataclasses.field(default_factory=list)
 
     def best(self, metric: str) -> str | None:
         """The method with the best finite value of ``metric`` (None if none; the first in
@@ -99,16 +114,81 @@ class EvaluationScores:
         return [method for method in self.methods if values.get(method) == top]
 
 
+def _users_model(model: nn.Module) -> nn.Module:
+    """The model the user gave, inside the wrappers of this package that the report puts
+    around it (:class:`~captum_ext.token_grid.TokenGridModel`,
+    :class:`~captum_ext.data.LogitsOutput`, a TorchScript model's layer wrapper): the one
+    whose class a note should name."""
+    model = user_model(model)
+    while type(model).__module__.startswith("captum_ext."):
+        inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "script_module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = user_model(inner)
+    return model
+
+
+def _class_name(model: nn.Module) -> str:
+    model = _users_model(model)
+    return getattr(model, "original_name", None) or type(model).__name__  # TorchScript's own
+
+
+#: LayerIBA's smoothing of its mask in the evaluation (its default)
+_IBA_SIGMA = 1.0
+
+
+def _iba_sigma(iba: Any) -> float | None:
+    """LayerIBA's ``sigma`` for the layer whose statistics ``iba`` holds: the default, or
+    None (no smoothing) where the layer's h x w maps are too small for its blur."""
+    from captum_ext.attr.layer_iba import gaussian_taps
+
+    mean = getattr(iba, "mean", None)
+    if not isinstance(mean, Tensor) or mean.dim() < 3:
+        return _IBA_SIGMA  # not an (h, w) grid: LayerIBA says what it needs
+    pad = (len(gaussian_taps(_IBA_SIGMA)) - 1) // 2
+    return None if pad >= min(mean.shape[-2:]) else _IBA_SIGMA
+
+
+def _no_relu_note(model: nn.Module) -> str | None:
+    """The note for PathwayGradient on a model with no ``nn.ReLU`` module (its neurons are
+    the outputs of those), else None."""
+    if isinstance(model, torch.jit.ScriptModule) or any(
+        isinstance(m, nn.ReLU) for m in model.modules()
+    ):
+        return None  # PathwayGradient finds its neurons, or says why it cannot
+    others = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if type(m).__module__ == "torch.nn.modules.activation"
+        }
+    )
+    has = f" (its activations: {', '.join(others)})" if others else ""
+    return (
+        f"PathwayGradient: {_class_name(model)} has no nn.ReLU modules{has}, and "
+        "PathwayGradient's neurons are the outputs of nn.ReLU modules (a relu called as a "
+        "function cannot be hooked), so it is skipped for this model"
+    )
+
+
 def _explainers(
-    model: nn.Module, layer: nn.Module, statistics_images: Tensor
+    model: nn.Module,
+    layer: nn.Module,
+    statistics_images: Tensor,
+    remarks: list[str] | None = None,
 ) -> dict[str, Callable[[nn.Module], Any]]:
     """method -> ``factory(model) -> (attribute(inputs, target) -> maps at input size)``.
 
     ``statistics_images``: the images whose activations give LayerIBA its per-feature mean
-    and std (estimated again for every model the factory is given, e.g. a randomised one)."""
+    and std (estimated again for every model the factory is given, e.g. a randomised one).
+    ``remarks``: where LayerIBA's maps go unsmoothed (:func:`_iba_sigma`) a line is added
+    (once)."""
     from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
 
     from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerIBA, PathwayGradient
+    from captum_ext.attr.layer_iba import gaussian_taps
 
     names = {id(module): name for name, module in model.named_modules()}
     layer_name = names[id(layer)]
@@ -152,11 +232,24 @@ def _explainers(
     def layer_iba(m: nn.Module) -> _Adapter:
         iba = LayerIBA(m, m.get_submodule(layer_name))
         iba.estimate(statistics_images)
+        sigma = _iba_sigma(iba)
+        if (
+            sigma is None
+            and remarks is not None
+            and not any(line.startswith("LayerIBA:") for line in remarks)
+        ):
+            h, w = iba.mean.shape[-2:]
+            side = len(gaussian_taps(_IBA_SIGMA))
+            remarks.append(
+                f"LayerIBA: the layer's {h} x {w} maps are too small for its smoothing (a "
+                f"Gaussian of sigma {_IBA_SIGMA:g}, {side} x {side}), so its masks are not "
+                "smoothed (sigma=None); a layer with larger maps gets the smoothing"
+            )
 
         def attribute(x: Tensor, target: Tensor) -> Tensor:
             # one seed per example: an image's noise, and so its map, does not depend on the
             # other images or its place among them (class_sensitivity stacks the batch twice)
-            return iba.attribute(x, target=target, generator=[0] * x.shape[0])
+            return iba.attribute(x, target=target, generator=[0] * x.shape[0], sigma=sigma)
 
         return _Adapter(attribute)
 
@@ -183,6 +276,31 @@ def _maps(explainer: Any, x: Tensor, target: Tensor) -> Tensor:
     if maps.shape[-2:] != x.shape[-2:]:
         maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return maps
+
+
+def _top_layer(
+    model: nn.Module, run: Callable[[], Any], notes: list[str], remarks: list[str]
+) -> str | None:
+    """The layer the randomisation check randomises: the final linear layer, or for a model
+    without one its last layer with a weight (a remark says which); None (and a note) where
+    neither is found."""
+    try:
+        return find_last_linear(model, run, remedy="pass `{argument}`")[0]
+    except ValueError:
+        pass
+    last = last_weighted_layer(model, run)
+    if last is None:
+        notes.append(
+            f"randomisation: {_class_name(model)} runs no final layer with a weight (linear "
+            "or convolution) to randomise"
+        )
+        return None
+    shown = {id(m): n for n, m in _users_model(model).named_modules()}.get(id(last[1]), last[0])
+    remarks.append(
+        f"randomisation: {_class_name(model)} has no linear layer, so its last layer with a "
+        f"weight, {shown} ({type(last[1]).__name__}), is the one randomised"
+    )
+    return last[0]
 
 
 @leaves_inference_mode  # Captum's methods cannot differentiate inside inference mode
@@ -221,7 +339,8 @@ def compute_evaluation(
     model = uncompiled(model)  # the methods are built on (copies of) the eager module
     module = resolve_layer(model, layer)
     images = images.to(_model_device(model, images))
-    explainers = _explainers(model, module, images)
+    remarks: list[str] = []
+    explainers = _explainers(model, module, images, remarks)
     if max_images is not None:
         images = images[: check_int(max_images, "max_images")]
     scores: dict[str, dict[str, float]] = {metric: {} for metric in METRIC_DIRECTIONS}
@@ -234,14 +353,16 @@ def compute_evaluation(
         model.eval()
         with torch.no_grad():
             target = model(images).argmax(dim=1)
-        try:
-            top_layer, _ = find_last_linear(model, lambda: model(images[:1]))
-        except ValueError:
-            top_layer = None
-            notes.append("randomisation: no final linear layer found to randomise")
+        top_layer = _top_layer(model, lambda: model(images[:1]), notes, remarks)
+        skipped = {"PathwayGradient": _no_relu_note(model)}
         for done, (name, factory) in enumerate(explainers.items()):
             if bar is not None and done:
                 bar.update(1)  # the method before this one is scored
+            if skipped.get(name) is not None:  # a method with nothing to work on here
+                notes.append(skipped[name])
+                for metric in METRIC_DIRECTIONS:
+                    scores[metric][name] = nan
+                continue
             try:
                 maps = _maps(factory(model), images, target)
             except Exception as error:  # a method that cannot run on this model is a finding
@@ -302,6 +423,7 @@ def compute_evaluation(
         road_percentages=torch.tensor(list(road_percentages), dtype=torch.float64),
         road_curves=road_curves,
         notes=notes,
+        remarks=remarks,
     )
 
 
@@ -363,6 +485,8 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
     )
     if scores.notes:
         intro += " Not computed: " + "; ".join(note.rstrip(".") for note in scores.notes) + "."
+    if scores.remarks:
+        intro += " Settings: " + "; ".join(line.rstrip(".") for line in scores.remarks) + "."
     section = Section("Evaluation of the explanations", intro)
     section.add_row(
         "Scores", [Figure("ROAD curves", path, width=420)], table=table, per_image=False
