@@ -39,11 +39,12 @@ work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -468,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the caller's warning display afterwards
             warnings.showwarning = _warning_line(prog)
-            return args.handler(args)
+            with _closed_pipe_guard() as guard:
+                status = args.handler(args)
+            return 141 if guard.closed else status
     except (OutputError, SectionTooBigError, *_USER_ERRORS) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         message = message.replace("`final_layer`=", "`--final-layer`=")  # the methods' name
@@ -485,11 +488,56 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader of the output went away (``captum-ext score ... | head``): the results
-        # are written; stop quietly, as other command-line tools do
+    except BrokenPipeError:  # a write past the guard (the reader went away): stop quietly
         _silence_stdout()
         return 141  # 128 + SIGPIPE, the status a shell gives a tool its pipe closed on
+
+
+class _StdoutGuard:
+    """``sys.stdout`` while a command runs: once the reader of the output has gone away
+    (``captum-ext score ... | head``), writes are dropped instead of raising
+    ``BrokenPipeError`` mid-run, so the command still writes its results (the report,
+    the CSV) and then ends with status 141, as other command-line tools do."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        if not self.closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        _silence_stdout()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _closed_pipe_guard() -> Iterator[_StdoutGuard]:
+    """Run the block with :class:`_StdoutGuard` as ``sys.stdout``; flushed and put back
+    after it."""
+    stream = sys.stdout
+    guard = _StdoutGuard(stream)
+    sys.stdout = guard
+    try:
+        yield guard
+    finally:
+        guard.flush()
+        sys.stdout = stream
 
 
 def _silence_stdout() -> None:

@@ -763,3 +763,38 @@ def test_a_missing_jinja2_is_named_before_any_section_is_computed(tmp_path, caps
     assert code != 0
     assert "needs jinja2: pip install 'captum-ext[report]'" in capsys.readouterr().err
     assert not out.exists() or not any(path.is_file() for path in out.rglob("*"))
+
+
+class _ClosedPipe:
+    """A standard output whose reader has gone away (``captum-ext ... | head -0``)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_pipe_before_scoring_still_writes_the_scores(tmp_path, monkeypatch, capsys):
+    """A model ending in a softmax prints how it is read before any score is computed: with
+    the pipe closed, that first line ended the command (status 141, no CSV)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    write_pngs(tmp_path / "pngs", 2, mode="RGB")
+    scores = tmp_path / "scores.csv"
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    code = main(
+        ["score", "--model", "_factories:softmax_small_cnn", "--images", str(tmp_path / "pngs")]
+        + ["--transform", "none", "--no-progress", "--out", str(scores)]
+    )
+    assert code == 141
+    assert len(scores.read_text().strip().splitlines()) == 3  # the header and two images
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_closed_pipe_during_the_report_still_writes_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    out = tmp_path / "report"
+    code = main(["report", "--sections", "metrics", "--limit", "4", "--no-progress"]
+                + ["--out", str(out)])  # fmt: skip
+    assert code == 141
+    check_report(out / "index.html")
