@@ -20,6 +20,8 @@ their normalisation) stays in :mod:`captum_ext.data`. The weight files are packa
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -155,20 +157,35 @@ def bundled_generator(seed: int = 0):
             Default: 0
 
     Returns:
-        ConditionedGenerator: on CPU, float32.
+        ConditionedGenerator: on CPU, float32, whatever torch's default dtype (a seed gives
+        the same initial weights under ``torch.set_default_dtype(torch.float64)``).
     """
     from captum_ext.inversion import ConditionedGenerator
 
     options = dict(GENERATOR_OPTIONS)
     num_classes, out_shape = options.pop("num_classes"), options.pop("out_shape")
-    with seeded_rng(seed):
-        return ConditionedGenerator(
+    # built in float32: the initialisation's draws differ by dtype, so a float64 default
+    # would give other weights for the same seed (and a float64 generator)
+    with _float32_default(), seeded_rng(seed):
+        generator = ConditionedGenerator(
             num_classes,
             out_shape,
             preprocess=BUNDLED_INVERSION_OPTIONS["preprocess"],
             value_range=BUNDLED_INVERSION_OPTIONS["value_range"],
             **options,
         )
+    return generator.to(dtype=torch.float32)
+
+
+@contextmanager
+def _float32_default() -> Iterator[None]:
+    """torch's default dtype set to float32 inside, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def load_bundled_inversion(model: Any = None):

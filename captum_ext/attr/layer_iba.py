@@ -44,6 +44,7 @@ from .._utils.validation import (
     repeat_per_example,
 )
 from ..token_grid import looks_channels_last
+from .pathway_gradient import _in_backward_pass
 
 RETURN_TYPES = ("bits", "capacity", "lambda")
 LOSSES = ("cross_entropy", "mse")
@@ -226,7 +227,9 @@ def _warn_if_blind(saturated: bool) -> None:
             "block only the class token is read (use the block's first norm, "
             "`encoder.layers.encoder_layer_<last>.ln_1` in torchvision, `blocks[-1].norm1` in "
             "timm), and a freshly built torchvision ViT has an all-zero head (load trained "
-            "weights)"
+            "weights). Nor does a layer that the model runs inside `torch.utils.checkpoint(..., "
+            "use_reentrant=True)` or under `torch.no_grad()` get gradients: turn activation "
+            "checkpointing off (or lift the `no_grad`) while explaining"
         )
     warnings.warn(
         "LayerIBA: the model loss's gradient at the bottleneck of `layer` is exactly zero at "
@@ -334,7 +337,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
 
     Inside ``captum.metrics.sensitivity_max`` wrap the method so that it returns a tuple
     (Captum 0.9 iterates over a bare tensor's batch there). ``layer`` must be an eager module
-    that runs once per forward pass.
+    that runs once per forward pass, and not again in the backward pass: a model that
+    recomputes it there (activation checkpointing, ``torch.utils.checkpoint``) is refused
+    (RuntimeError); turn checkpointing off while explaining.
 
     Papers: Schulz, Sixt, Tombari, Landgraf, "Restricting the Flow: Information
     Bottlenecks for Attribution", ICLR 2020; Khakzar, Zhang, Mansour, et al., "Explaining
@@ -920,6 +925,15 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         blind, saturated = steps > 1, True
 
         def substitute(module, args, output):
+            if _in_backward_pass():
+                raise RuntimeError(
+                    "LayerIBA: `layer` ran again during the backward pass: the model "
+                    "recomputes it there (activation checkpointing, torch.utils.checkpoint), "
+                    "and the recomputation cannot take the bottleneck's N x n_noise noisy "
+                    "copies in place of its output. Turn checkpointing off while explaining "
+                    "(e.g. timm's model.set_grad_checkpointing(False), Hugging Face's "
+                    "model.gradient_checkpointing_disable())."
+                )
             if not isinstance(output, Tensor) or output.shape[1:] != activations.shape[1:]:
                 raise ValueError(
                     "`layer` produced a different output on the noisy copies than on the clean "
@@ -948,6 +962,9 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 if blind:  # the model loss's gradient at the bottleneck, for free
                     z.register_hook(lambda g: state.__setitem__("z_grad", g.detach()))
                 state["z"] = z.flatten(0, 1)
+                # registered through the backward pass too: a model that recomputes `layer`
+                # there (activation checkpointing) is named by the hook, not by torch's
+                # "Recomputed values ... have different metadata"
                 with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
                     output = None
                     if shared is not False:
@@ -963,11 +980,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                             allow_multidim=not classification,
                             takes_output_transform=False,
                         )
-                model_loss = self._model_loss(output, clean_copies, copy_columns, loss, n)
-                model_loss = model_loss.view(n, n_noise).mean(dim=1)
-                information = capacity.flatten(1).mean(dim=1)
-                per_example = (-model_loss if inverse else model_loss) + beta * information
-                (grad,) = objective_gradients(per_example.sum(), [alpha])
+                    model_loss = self._model_loss(output, clean_copies, copy_columns, loss, n)
+                    model_loss = model_loss.view(n, n_noise).mean(dim=1)
+                    information = capacity.flatten(1).mean(dim=1)
+                    per_example = (-model_loss if inverse else model_loss) + beta * information
+                    (grad,) = objective_gradients(per_example.sum(), [alpha])
                 if blind:
                     blind = not _sees_the_model(state.get("z_grad"), reshape_transform, n)
                     saturated = saturated and bool((model_loss.detach() == 0).all())

@@ -21,7 +21,7 @@ from .._utils.batched_grad import (
 )
 from .._utils.caller import user_stacklevel
 from .._utils.hooks import registered_hooks
-from .._utils.layers import root_module
+from .._utils.layers import quantized_note, root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.precision import float64_here_or_cpu
@@ -36,6 +36,7 @@ from .._utils.validation import (
 )
 from ._cam import (
     ClassActivationMapBase,
+    _half_precision_note,
     gradcam_weights,
     make_cam_reducer,
     zero_gradient_warning,
@@ -225,6 +226,10 @@ class _Accumulator:
         self.moments = None
         self.column = 0
         self.explanation = self.contrast = self.total = self.total_sq = None
+        #: gradient techniques: (N,) whether any map of the example (any class) had a
+        #: non-zero entry before post-processing; None until set to track it
+        self.saw_gradient: Tensor | None = None
+        self.track_gradient = False
 
     def __call__(self, grads, acts):
         maps = self._maps(grads, acts)
@@ -266,6 +271,9 @@ class _Accumulator:
         maps = self.to_maps(grads, acts)
         if self.samples > 1:  # SmoothGrad: average the noisy copies of each example
             maps = maps.unflatten(0, (-1, self.samples)).mean(1)
+        if self.track_gradient:  # read once, after the last chunk: no sync per chunk
+            seen = maps.flatten(1).ne(0).any(1)
+            self.saw_gradient = seen if self.saw_gradient is None else self.saw_gradient | seen
         return maps
 
 
@@ -314,7 +322,10 @@ class VOICE:
     For gradient techniques (GuidedBackprop, Saliency, SmoothGrad) the maps keep the input's
     channels; the read-outs use their mean over channels. With 2 classes there is one
     contrast only: the variance is 0, the uncertainty all zeros, and the IoU ~0 (a warning
-    says so, as for one explicit contrast class). A model
+    says so, as for one explicit contrast class). An example whose input gradients are
+    exactly zero for every class (a model that rounds its input, or runs its backbone under
+    ``torch.no_grad()`` inside ``forward``) gets all-zero maps and a warning naming it: its
+    IoU then reads 1.0 (two empty masks) and says nothing about trust. A model
     with a single output has no contrast at all and is refused (ValueError).
 
     Paper: Prabhushankar & AlRegib, "VOICE: Variance of Induced Contrastive Explanations to
@@ -517,6 +528,9 @@ class VOICE:
             1,
             self._moments(formatted[0], plan),
         )
+        # input-gradient maps: examples whose maps are all exactly zero are warned of
+        # (the CAMs' reducer tracks the gradients at their layer itself)
+        accumulate.track_gradient = plan.weighting is None
 
         def select(logits: Tensor) -> Tensor:
             """The columns to differentiate, from the logits of the engine's own forward."""
@@ -563,6 +577,18 @@ class VOICE:
                 ),
                 stacklevel=user_stacklevel(),
             )
+        if accumulate.saw_gradient is not None:
+            blank = (~accumulate.saw_gradient).nonzero().flatten().tolist()
+            if blank:
+                warnings.warn(
+                    _zero_input_gradient_warning(
+                        f"VOICE({type(self.method).__name__})",
+                        blank,
+                        len(accumulate.saw_gradient),
+                        root_module(forward_func),
+                    ),
+                    stacklevel=user_stacklevel(),
+                )
         logits = clean if plan.smooth else computed.logits
         explained, runner_up, weights = (
             classes["explained"],
@@ -768,6 +794,37 @@ def _log_likelihood(logits: Tensor, explained: Tensor) -> Tensor:
     would round to exactly 0 (in float32 from a logit gap of about 17, in float64 of 37)."""
     log_probs = log_softmax_precise(float64_here_or_cpu(logits), 1)
     return log_probs.gather(1, explained.to(log_probs.device).view(-1, 1))[:, 0]
+
+
+def _zero_input_gradient_warning(
+    method: str, blank: list[int], n: int, model: nn.Module | None
+) -> str:
+    """The warning for examples whose input gradients are exactly zero for every class:
+    their explanation, contrast and uncertainty maps are all zero, and the IoU of two empty
+    masks reads 1 (``voice_iou``'s smoothing), which there says nothing about trust. A
+    quantized ``model`` is named as the cause, and a half-precision one as the likelier one,
+    as in :func:`~captum_ext.attr._cam.zero_gradient_warning`."""
+    if len(blank) == n:
+        which = "for every input"
+    else:
+        shown = ", ".join(str(i) for i in blank[:8]) + (", ..." if len(blank) > 8 else "")
+        which = f"for {len(blank)} of the {n} examples (rows {shown})"
+    half = _half_precision_note(model)
+    cause = quantized_note(model) or (
+        half
+        + ("Otherwise the model's" if half else "The model's")
+        + " output does not depend on its input through autograd: its forward rounds or "
+        "quantises the input (torch.round), runs under torch.no_grad() (a linear probe on a "
+        "frozen backbone inside `forward`) or detaches it. Lift the no_grad / detach while "
+        "explaining, or explain a layer after that point with a CAM technique "
+        "(VOICE(GradCAM(model, layer)))."
+    )
+    return (
+        f"{method}: the input gradients of every class are exactly zero {which}, so the "
+        "explanation, contrast and uncertainty maps there are all zero. Their IoU reads 1.0 "
+        "only because both masks are empty (voice_iou's smoothing gives two empty masks 1) "
+        f"and their SNR 0: neither says anything about the explanation's trust. {cause}"
+    )
 
 
 def _check_output_transform(output_transform: Any) -> None:

@@ -14,6 +14,7 @@ dtype (float32 for a half-precision model's: float16 rounds every probability ab
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,15 +23,16 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import (
-    input_gradients,
     log_softmax_precise,
     logits_seen_per_example,
+    objective_gradients,
     per_example_parameter_gradients,
     run_forward,
     softmax_complement,
 )
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.layers import resolve_layer, root_module
-from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.model_state import gradients_on, preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import as_generator
 from captum_ext._utils.validation import (
@@ -269,8 +271,12 @@ def odin(
         x~      = x - epsilon * sign(-grad_x log S_T(x))
         score   = S_T(x~)
 
-    Every floating-point input tensor is perturbed. Gradients are taken for the whole batch
-    at once, so examples must be independent (a model in eval mode).
+    Every floating-point input tensor is perturbed (one the output does not depend on through
+    autograd has a zero gradient and stays as it is). Gradients are taken for the whole batch
+    at once, so examples must be independent (a model in eval mode). A model whose output
+    does not depend on its inputs through autograd (``torch.no_grad()`` or ``.detach()``
+    inside ``forward``) is refused (ValueError); one whose input gradient is exactly zero
+    (it rounds its input) is scored by temperature scaling alone, with a warning.
 
     Args:
         forward_func (Callable): the model, returning (N, C) logits.
@@ -297,9 +303,19 @@ def odin(
         def objective(logits: Tensor) -> Tensor:
             return torch.log_softmax(logits / temperature, 1).amax(1).sum()
 
-        grads = input_gradients(
+        grads = _odin_gradients(
             forward_func, inputs, objective, additional_forward_args, output_transform
         )
+        if epsilon > 0 and all(g is None or not bool(g.ne(0).any()) for g in grads):
+            warnings.warn(
+                "odin: the gradient of the temperature-scaled softmax with respect to the "
+                "inputs is exactly zero for every example, so no input is perturbed and the "
+                "scores are those of temperature scaling alone. The model's output does not "
+                "change with its input to first order: a forward that rounds or quantises its "
+                "input (torch.round), or a quantized model, passes no input gradient.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         perturbed = tuple(
             x.detach() - epsilon * torch.sign(-g) if g is not None else x
             for x, g in zip(inputs, grads)
@@ -308,6 +324,52 @@ def odin(
             logits = run_forward(forward_func, perturbed, additional_forward_args, output_transform)
     check_several_classes(logits, "odin takes a softmax over the classes")
     return torch.softmax(at_least_float32(logits) / temperature, 1).amax(1)
+
+
+def _odin_gradients(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    objective: Callable[[Tensor], Tensor],
+    additional_forward_args: Any,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``objective(logits)`` with respect to the floating-point ``inputs``
+    (None for the others, and for one the output does not depend on through autograd, such
+    as a float mask compared with a threshold: its gradient is zero).
+
+    Raises:
+        ValueError: the output depends on none of them through autograd (``torch.no_grad()``
+            or ``.detach()`` inside ``forward``), where torch said only that "the
+            differentiated Tensor ... appears to not have been used in the graph".
+    """
+    model = root_module(forward_func)
+    with preserved_state([model], hidden_model=model is None), gradients_on():
+        leaves = tuple(
+            x.detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs
+        )
+        wrt = [x for x in leaves if x.requires_grad]
+        if not wrt:
+            raise TypeError("`inputs` holds no floating-point tensor to perturb.")
+        logits = run_forward(forward_func, leaves, additional_forward_args, output_transform)
+        # before the gradients: one logit has a zero gradient, which is not the input's fault
+        check_several_classes(logits, "odin takes a softmax over the classes")
+        score = objective(logits)
+        found = (
+            objective_gradients(score, wrt, allow_unused=True)
+            if score.requires_grad
+            else (None,) * len(wrt)
+        )
+    if all(g is None for g in found):
+        raise ValueError(
+            "odin perturbs the inputs along the gradient of the model's output, but the "
+            "output of `forward_func` does not depend on its inputs through autograd: its "
+            "forward cuts the graph (torch.no_grad() or .detach() inside forward, e.g. a "
+            "linear probe on a frozen backbone). Lift the no_grad / detach while scoring (a frozen "
+            "backbone can keep requires_grad=False on its parameters), or use a baseline "
+            "that needs no input gradient (softmax_confidence, energy, ...)."
+        )
+    grads = iter(found)
+    return tuple(next(grads) if x.requires_grad else None for x in leaves)
 
 
 def _seed_from(generator: Any) -> int | None:
