@@ -6,7 +6,8 @@ them here from ONE forward pass and one batched vector-Jacobian product
 (``torch.autograd.grad(..., is_grads_batched=True)``), split into chunks of at most
 ``max_batch`` classes to bound memory. Examples are independent in eval mode, so the
 gradient of ``sum_n s_{c_nj}(x_n)`` with respect to ``A`` holds, in row ``n``, the gradient for
-example ``n`` alone.
+example ``n`` alone. Inside autograd's anomaly mode, whose NaN check ``vmap`` cannot batch,
+a chunk's products are taken one class at a time instead (the same numbers, slower).
 """
 
 from __future__ import annotations
@@ -527,6 +528,49 @@ def _analytic_cotangents(score: str, logits: Tensor) -> Callable[[Tensor], Tenso
     return probability
 
 
+def _anomaly_checks_nan() -> bool:
+    """Whether autograd's anomaly mode checks every backward function's output for NaN
+    (``torch.autograd.detect_anomaly()``, ``set_detect_anomaly(True)``). That check reads a
+    value (``.item()``), which ``vmap`` cannot batch: a batched vector-Jacobian product
+    (``is_grads_batched=True``) then fails with "Batching rule not implemented for
+    aten::item"."""
+    return torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
+
+
+def _vjp_one_by_one(
+    output: Tensor,
+    wrt: tuple[Tensor, ...],
+    vectors: Tensor,
+    retain_graph: bool,
+    options: dict[str, Any],
+) -> tuple[Tensor | None, ...]:
+    """The batched vector-Jacobian products of one chunk, (N, B, *t.shape[1:]) per tensor of
+    ``wrt``, computed one cotangent column at a time with plain ``torch.autograd.grad``: the
+    same numbers as ``is_grads_batched=True``, which anomaly mode's NaN check breaks
+    (:func:`_anomaly_checks_nan`). A debugging mode, so speed is secondary."""
+    width = vectors.shape[1]
+    columns: list[tuple[Tensor | None, ...]] = []
+    for j in range(width):
+        columns.append(
+            torch.autograd.grad(
+                output,
+                wrt,
+                grad_outputs=vectors[:, j],
+                retain_graph=retain_graph or j + 1 < width,
+                **options,
+            )
+        )
+    return tuple(
+        None
+        if all(column[i] is None for column in columns)
+        else torch.stack(
+            [torch.zeros_like(t) if column[i] is None else column[i] for column in columns],
+            dim=1,
+        )
+        for i, t in enumerate(wrt)
+    )
+
+
 def _vjp_chunks(
     output: Tensor,
     wrt: tuple[Tensor, ...],
@@ -558,6 +602,8 @@ def _vjp_chunks(
                 **options,
             )
             grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
+        elif _anomaly_checks_nan():
+            grads = _vjp_one_by_one(output, wrt, vectors, keep_graph or not last, options)
         else:
             grads = torch.autograd.grad(
                 output,
@@ -881,6 +927,37 @@ def _training_batch_norms(model: nn.Module | None) -> bool:
     )
 
 
+def _device_types(forward_func: Callable, inputs: tuple[Tensor, ...]) -> set[str]:
+    """The device types of ``inputs`` and of the parameters of the model behind
+    ``forward_func``: those where the caller's ``torch.autocast`` acts on the model."""
+    model = root_module(forward_func)
+    tensors = [x for x in inputs if isinstance(x, Tensor)]
+    if model is not None:
+        tensors += list(model.parameters())
+    return {t.device.type for t in tensors}
+
+
+def _autocast_on(device_types: set[str]) -> list[str]:
+    """Those of ``device_types`` where the caller's ``torch.autocast`` is enabled."""
+    enabled = []
+    for device_type in sorted(device_types):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                enabled.append(device_type)
+        except RuntimeError:  # a device type autocast does not know ("meta")
+            continue
+    return enabled
+
+
+@contextlib.contextmanager
+def _without_autocast(device_types: list[str]) -> Iterator[None]:
+    """``torch.autocast(device_type, enabled=False)`` for each of ``device_types``."""
+    with contextlib.ExitStack() as stack:
+        for device_type in device_types:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 def logits_seen_per_example(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -893,10 +970,36 @@ def logits_seen_per_example(
     runs alone (normalised by its own statistics), so its logits differ from the batch's,
     and cotangents built from the batch's logits would mix two forward passes (GradTrust at
     an inner layer of a train-mode ResNet: scores off by up to 0.4). Then each example is run
-    alone here too, without gradients, on a copy of the buffers (left as they were)."""
+    alone here too, without gradients, on a copy of the buffers (left as they were).
+
+    Inside the caller's ``torch.autocast``, :func:`per_example_parameter_gradients` runs
+    without it (in the model's own dtype), so the logits are computed again here without it
+    too, in the dtype of the model's output, and the cotangents built from them match the
+    forward pass they are applied to (not the batch's float16 / bfloat16 logits)."""
     model = root_module(forward_func)
+    autocast = _autocast_on(_device_types(forward_func, inputs))
+    if autocast:
+        with _without_autocast(autocast):
+            if not _training_batch_norms(model):
+                inputs = in_model_precision(forward_func, inputs)
+                with torch.no_grad():
+                    out = uncompiled(forward_func)(*inputs, *extra)
+                return output_transform(out) if output_transform is not None else out
+            return _logits_one_by_one(forward_func, inputs, extra, output_transform)
     if not _training_batch_norms(model):
         return logits
+    return _logits_one_by_one(forward_func, inputs, extra, output_transform).to(logits.dtype)
+
+
+def _logits_one_by_one(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> Tensor:
+    """Each example run alone (without gradients, on a copy of the buffers, which are left as
+    they were): the logits of a model normalised by the statistics of a batch of one."""
+    model = root_module(forward_func)
     n = inputs[0].shape[0]
     batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
     saved = {name: b.clone() for name, b in model.named_buffers()}
@@ -919,7 +1022,7 @@ def logits_seen_per_example(
             for name, buffer in model.named_buffers():
                 if name in saved:
                     buffer.copy_(saved[name])
-    return torch.cat(rows).to(logits.dtype)
+    return torch.cat(rows)
 
 
 def per_example_parameter_gradients(
@@ -948,7 +1051,42 @@ def per_example_parameter_gradients(
     its own copy: a model in train mode updates those copies, never the user's buffers (and
     each example is normalised with its own statistics, as a batch of one). The caller keeps
     the model's state with ``preserved_state``; no parameter is modified.
+
+    Inside the caller's ``torch.autocast`` the computation runs with autocast disabled for
+    the devices of the inputs and the model: torch.func cannot batch a batch norm under
+    autocast ("expected scalar type BFloat16 but found Float"), so the gradients are those
+    of the model in its own dtype, as outside autocast. Build ``cotangents`` from
+    :func:`logits_seen_per_example`, which computes the logits the same way; cotangents of
+    another dtype are cast to the logits'.
     """
+    autocast = _autocast_on(_device_types(forward_func, inputs))
+    with _without_autocast(autocast):
+        return _per_example_parameter_gradients(
+            forward_func,
+            inputs,
+            extra,
+            modules,
+            names,
+            cotangents,
+            reduce,
+            output_transform,
+            chunk_bytes=chunk_bytes,
+        )
+
+
+def _per_example_parameter_gradients(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    modules: dict[str, nn.Module],
+    names: dict[str, Tensor],
+    cotangents: Tensor,
+    reduce: Callable[[dict[str, Tensor]], Tensor],
+    output_transform: Callable[[Any], Tensor] | None,
+    *,
+    chunk_bytes: int | None,
+) -> Tensor:
+    """:func:`per_example_parameter_gradients`, run where the caller's autocast is off."""
     inputs = in_model_precision(forward_func, inputs)
     model = root_module(forward_func)
     paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
@@ -992,8 +1130,8 @@ def per_example_parameter_gradients(
             out = functional_call(holder, {**own, **p}, tuple(args) + tuple(more))
             return output_transform(out) if output_transform is not None else out
 
-        _, pullback = vjp(logits_of, params)
-        grads = vmap(pullback)(cot.unsqueeze(1))[0]
+        out, pullback = vjp(logits_of, params)
+        grads = vmap(pullback)(cot.unsqueeze(1).to(out.dtype))[0]
         return {original[name]: g for name, g in grads.items()}
 
     x_dims = tuple(0 if isinstance(x, Tensor) else None for x in inputs)

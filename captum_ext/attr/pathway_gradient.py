@@ -14,13 +14,19 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import _CHUNK_BYTES, objective_gradients, run_forward
+from .._utils.batched_grad import (
+    _CHUNK_BYTES,
+    _training_batch_norms,
+    objective_gradients,
+    run_forward,
+)
 from .._utils.caller import inside_expanding_wrapper, user_stacklevel
 from .._utils.hooks import counted_output_bytes, registered_hooks
 from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
+from ._cam import zero_gradient_warning
 
 SCORES = ("taylor", "integrated")
 
@@ -354,7 +360,8 @@ class PathwayGradient(GradientAttribution):
     :func:`percentile_threshold`). Cost: one forward and backward to score and one to take
     the gradient (about twice Saliency); ``"integrated"`` adds one forward and backward of
     ``n_steps`` copies of the batch per site, in passes of ``internal_batch_size`` rows (by
-    default as many as keep the module outputs of a pass, and their gradients, near 1 GiB).
+    default as many as keep the module outputs of a pass, and their gradients, near 1 GiB;
+    all at once for a model that normalises with the statistics of its batch).
 
     With ``sparsity=0`` only the neurons of the lowest score are pruned, which in a ReLU
     network are the dead units (s = 0) and those that do not reach the output (max-pooled
@@ -515,10 +522,15 @@ class PathwayGradient(GradientAttribution):
             internal_batch_size (int, optional): rows (example, step) per forward and
                 backward pass of ``score="integrated"``, whose ``n_steps x N`` rows would
                 otherwise all run at once (Captum's ``IntegratedGradients`` has the same
-                argument). A model in train mode normalises each pass's rows together, so
-                its scores depend on this. Default: None, as many rows as keep the module
-                outputs of a pass and their gradients near 1 GiB (measured on the first
-                pass).
+                argument). Honoured as given: passes of that many rows, the last one the
+                rest. A model that normalises with the statistics of its batch (a batch
+                norm in train mode, or one built with ``track_running_stats=False``)
+                normalises each pass's rows together, so there its scores depend on this
+                (and a pass of one row fails with torch's "Expected more than 1 value per
+                channel when training"). Default: None: for such a model, all rows in one
+                pass; otherwise passes of near-equal size (never one row alone), as few as
+                keep the module outputs of a pass and their gradients near 1 GiB (measured
+                on the first pass).
 
         Returns:
             Tensor or tuple of Tensor: the attributions, the shape of ``inputs``; a
@@ -596,6 +608,7 @@ class PathwayGradient(GradientAttribution):
                 )
             gates, sites.gates = sites.gates, []
             outputs, sites.outputs = sites.outputs, []
+            n = x[0].shape[0]
             if score == "taylor":
                 selected = logits.gather(1, classes).sum()
                 found = objective_gradients(selected, gates, allow_unused=True)
@@ -603,19 +616,24 @@ class PathwayGradient(GradientAttribution):
                     torch.zeros_like(a) if d is None else (a * d.detach()).abs_()
                     for a, d in zip(outputs, found)
                 ]
+                reached = _reached(found, n)
                 del found, selected
             else:
                 del logits  # the first pass only gave the classes and the calls
-                if internal_batch_size is None:  # a backward keeps about one gradient per
-                    # output it goes through: twice the outputs' bytes per row
-                    per_row = 2 * counted.total / max(x[0].shape[0], 1)
-                    internal_batch_size = max(1, int(_CHUNK_BYTES // max(per_row, 1)))
-                scores = self._integrated_scores(
-                    sites, x, classes, additional_forward_args, n_steps, internal_batch_size
+                rows = n_steps * n
+                if internal_batch_size is not None:
+                    bounds = [*range(0, rows, internal_batch_size), rows]
+                elif _training_batch_norms(model):  # batch statistics: every row together
+                    bounds = [0, rows]
+                else:  # a backward keeps about one gradient per output it goes through:
+                    # twice the outputs' bytes per row
+                    per_row = 2 * counted.total / max(n, 1)
+                    bounds = _even_bounds(rows, max(1, int(_CHUNK_BYTES // max(per_row, 1))))
+                scores, reached = self._integrated_scores(
+                    sites, x, classes, additional_forward_args, n_steps, bounds
                 )
             del gates, outputs
             # 2. one threshold per example over all neurons
-            n = x[0].shape[0]
             threshold = percentile_threshold([s.reshape(n, -1) for s in scores], sparsity)
             sites.masks = [
                 s > _round_down(threshold, s.dtype).reshape(-1, *([1] * (s.dim() - 1)))
@@ -634,6 +652,7 @@ class PathwayGradient(GradientAttribution):
             )
             if multiply_by_inputs:
                 attributions = tuple(g * t for g, t in zip(attributions, x))
+        _warn_if_unreached(reached, model)
         result = attributions[0] if unwrap else attributions
         if not return_pathway:
             return result
@@ -663,22 +682,24 @@ class PathwayGradient(GradientAttribution):
         classes: Tensor,
         additional_forward_args: Any,
         n_steps: int,
-        rows_per_pass: int,
-    ) -> list[Tensor]:
-        """Per site: |a * mean over alpha of dy/d(alpha a)|, the site scaled alone. The
+        bounds: list[int],
+    ) -> tuple[list[Tensor], Tensor]:
+        """Per site: |a * mean over alpha of dy/d(alpha a)|, the site scaled alone, and which
+        examples had a nonzero gradient at some site (:func:`_reached`). The
         ``n_steps x N`` rows (step-major: every example at alpha_0, then at alpha_1, ...) run
-        in passes of ``rows_per_pass``; each example's gradients are summed over its rows."""
+        in passes ``bounds[i]:bounds[i + 1]``; each example's gradients are summed over its
+        rows."""
         n = x[0].shape[0]
         alphas = torch.linspace(
             0.0, 1.0, n_steps, dtype=precise_dtype(x[0].device), device=x[0].device
         )
-        rows = n_steps * n
         scores = []
+        totals: list[Tensor | None] = []
         for site in range(len(sites.calls)):
             total: Tensor | None = None
             activation: Tensor | None = None
-            for start in range(0, rows, rows_per_pass):
-                row = torch.arange(start, min(start + rows_per_pass, rows), device=x[0].device)
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                row = torch.arange(start, stop, device=x[0].device)
                 example = row % n
                 sites.start("probe")
                 sites.probe_site = site
@@ -711,8 +732,51 @@ class PathwayGradient(GradientAttribution):
                 scores.append(torch.zeros_like(activation))
             else:
                 scores.append((total / n_steps * activation).abs())
+            totals.append(total)
         sites.probe_site = -1
-        return scores
+        return scores, _reached(totals, n)
+
+
+def _even_bounds(rows: int, size: int) -> list[int]:
+    """Boundaries of passes over ``rows`` rows of at most about ``size`` rows each, of
+    near-equal size: ``ceil(rows / size)`` passes, fewer where one would hold a single row
+    (every pass holds two rows or more when ``rows >= 2``); the larger ones first."""
+    passes = max(1, min(math.ceil(rows / size), rows // 2))
+    small, larger = divmod(rows, passes)
+    return [i * small + min(i, larger) for i in range(passes + 1)]
+
+
+def _reached(gradients: Sequence[Tensor | None], n: int) -> Tensor:
+    """(N,) bool: whether the gradients of the scoring pass, one tensor per site (None where
+    the objective does not depend on it), are nonzero anywhere for each example."""
+    reached = torch.zeros(n, dtype=torch.bool)
+    for gradient in gradients:
+        if gradient is not None and gradient.numel():
+            nonzero = (gradient.detach().reshape(n, -1) != 0).any(dim=1)
+            reached |= nonzero.cpu()
+    return reached
+
+
+def _warn_if_unreached(reached: Tensor, model: nn.Module | None) -> None:
+    """Warn where the target logit has no gradient at any scored neuron of an example: the
+    output does not depend on the neurons through autograd (a backbone run under
+    ``torch.no_grad()`` in ``forward``, or whose output is detached), so every score is 0,
+    every neuron is pruned and the attribution is zero. A pathway pruned at high sparsity
+    does not cause this: the scores come before any pruning."""
+    blank = (~reached).nonzero().flatten().tolist()
+    if not blank:
+        return
+    if len(blank) == len(reached):
+        message = zero_gradient_warning("PathwayGradient", "the scored layers'", model)
+    else:
+        shown = ", ".join(map(str, blank[:8])) + (", ..." if len(blank) > 8 else "")
+        message = (
+            f"PathwayGradient: the gradients at the scored layers' output are exactly zero "
+            f"for {len(blank)} of the {len(reached)} examples (rows {shown}), so every "
+            "neuron of theirs scores 0, all are pruned and their attributions are zero: "
+            "their target logits do not depend on the scored neurons through autograd."
+        )
+    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
 
 def _rows_of_extra(value: Any, n: int, example: Tensor) -> Any:

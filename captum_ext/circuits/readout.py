@@ -396,6 +396,14 @@ class CircuitReadout:
         # refused (the connections, and the default top_k, belong to these)
         self._connected = (self.layers, self.classifier)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a readout pickled before `_connected` was recorded: its connections belong to the
+        # stages it had then (read now, once; not to `layers` assigned after loading)
+        state = dict(state)
+        if "_connected" not in state:
+            state["_connected"] = (state.get("layers"), state.get("classifier"))
+        self.__dict__.update(state)
+
     @staticmethod
     def _parse_top_k(top_k: Any, n_stages: int) -> tuple[int, ...]:
         if top_k is None:
@@ -672,8 +680,8 @@ class CircuitReadout:
     def _check_stages(self) -> None:
         """Refuse ``layers`` or ``classifier`` assigned after construction: the connections
         between the stages (and the default ``top_k``) were found for those given then."""
-        # a readout pickled before this was recorded: its stages are those it has
-        layers, classifier = getattr(self, "_connected", (self.layers, self.classifier))
+        # (a readout pickled before this was recorded gets it on loading: __setstate__)
+        layers, classifier = self._connected
         for argument, now, then in (
             ("layers", self.layers, layers),
             ("classifier", self.classifier, classifier),
