@@ -856,12 +856,23 @@ def input_gradients(
     objective: Callable[[Tensor], Tensor],
     additional_forward_args: Any = None,
     output_transform: Callable[[Any], Tensor] | None = None,
+    *,
+    check_logits: Callable[[Tensor], None] | None = None,
+    needed_by: str = "the input gradient of the model's output",
+    instead: str = "",
 ) -> tuple[Tensor | None, ...]:
     """Gradients of ``objective(logits)`` (a scalar) with respect to every floating-point
-    tensor of ``inputs`` (``None`` for the others), model state restored.
+    tensor of ``inputs``, model state restored: ``None`` for the other tensors, and a zero
+    gradient for a floating-point input the output does not depend on through autograd (a
+    float mask compared with a threshold). ``check_logits`` runs on the logits before the
+    gradients are taken.
 
     Raises:
         TypeError: ``inputs`` holds no floating-point tensor.
+        ValueError: the output depends on none of them through autograd (``torch.no_grad()``
+            or ``.detach()`` inside ``forward``), where torch says only that "the
+            differentiated Tensor ... appears to not have been used in the graph";
+            ``needed_by`` says what needed the gradient and ``instead`` what to use instead.
     """
     model = root_module(forward_func)
     with preserved_state([model], hidden_model=model is None), gradients_on():
@@ -872,7 +883,23 @@ def input_gradients(
         if not wrt:
             raise TypeError("`inputs` holds no floating-point tensor to differentiate.")
         logits = run_forward(forward_func, leaves, additional_forward_args, output_transform)
-        grads = iter(objective_gradients(objective(logits), wrt))
+        if check_logits is not None:
+            check_logits(logits)
+        score = objective(logits)
+        found = (
+            objective_gradients(score, wrt, allow_unused=True)
+            if score.requires_grad
+            else (None,) * len(wrt)
+        )
+    if all(g is None for g in found):
+        raise ValueError(
+            f"{needed_by}, but the output of `forward_func` does not depend on its inputs "
+            "through autograd: its forward cuts the graph (torch.no_grad() or .detach() "
+            "inside forward, e.g. a linear probe on a frozen backbone). Lift the no_grad / "
+            "detach while scoring (a frozen backbone can keep requires_grad=False on its "
+            f"parameters){instead}."
+        )
+    grads = iter(torch.zeros_like(x) if g is None else g for x, g in zip(wrt, found))
     return tuple(next(grads) if x.requires_grad else None for x in leaves)
 
 

@@ -23,16 +23,16 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import (
+    input_gradients,
     log_softmax_precise,
     logits_seen_per_example,
-    objective_gradients,
     per_example_parameter_gradients,
     run_forward,
     softmax_complement,
 )
 from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.layers import resolve_layer, root_module
-from captum_ext._utils.model_state import gradients_on, preserved_state
+from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import as_generator
 from captum_ext._utils.validation import (
@@ -303,8 +303,19 @@ def odin(
         def objective(logits: Tensor) -> Tensor:
             return torch.log_softmax(logits / temperature, 1).amax(1).sum()
 
-        grads = _odin_gradients(
-            forward_func, inputs, objective, additional_forward_args, output_transform
+        grads = input_gradients(
+            forward_func,
+            inputs,
+            objective,
+            additional_forward_args,
+            output_transform,
+            # before the gradients: one logit has a zero gradient, not the input's fault
+            check_logits=lambda z: check_several_classes(
+                z, "odin takes a softmax over the classes"
+            ),
+            needed_by="odin perturbs the inputs along the gradient of the model's output",
+            instead=", or use a baseline that needs no input gradient (softmax_confidence, "
+            "energy, ...)",
         )
         if epsilon > 0 and all(g is None or not bool(g.ne(0).any()) for g in grads):
             warnings.warn(
@@ -322,54 +333,11 @@ def odin(
         )
         with torch.no_grad():
             logits = run_forward(forward_func, perturbed, additional_forward_args, output_transform)
-    check_several_classes(logits, "odin takes a softmax over the classes")
+    check_several_classes(logits, _ODIN_SOFTMAX)
     return torch.softmax(at_least_float32(logits) / temperature, 1).amax(1)
 
 
-def _odin_gradients(
-    forward_func: Callable,
-    inputs: tuple[Tensor, ...],
-    objective: Callable[[Tensor], Tensor],
-    additional_forward_args: Any,
-    output_transform: Callable[[Any], Tensor] | None,
-) -> tuple[Tensor | None, ...]:
-    """Gradients of ``objective(logits)`` with respect to the floating-point ``inputs``
-    (None for the others, and for one the output does not depend on through autograd, such
-    as a float mask compared with a threshold: its gradient is zero).
-
-    Raises:
-        ValueError: the output depends on none of them through autograd (``torch.no_grad()``
-            or ``.detach()`` inside ``forward``), where torch said only that "the
-            differentiated Tensor ... appears to not have been used in the graph".
-    """
-    model = root_module(forward_func)
-    with preserved_state([model], hidden_model=model is None), gradients_on():
-        leaves = tuple(
-            x.detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs
-        )
-        wrt = [x for x in leaves if x.requires_grad]
-        if not wrt:
-            raise TypeError("`inputs` holds no floating-point tensor to perturb.")
-        logits = run_forward(forward_func, leaves, additional_forward_args, output_transform)
-        # before the gradients: one logit has a zero gradient, which is not the input's fault
-        check_several_classes(logits, "odin takes a softmax over the classes")
-        score = objective(logits)
-        found = (
-            objective_gradients(score, wrt, allow_unused=True)
-            if score.requires_grad
-            else (None,) * len(wrt)
-        )
-    if all(g is None for g in found):
-        raise ValueError(
-            "odin perturbs the inputs along the gradient of the model's output, but the "
-            "output of `forward_func` does not depend on its inputs through autograd: its "
-            "forward cuts the graph (torch.no_grad() or .detach() inside forward, e.g. a "
-            "linear probe on a frozen backbone). Lift the no_grad / detach while scoring (a frozen "
-            "backbone can keep requires_grad=False on its parameters), or use a baseline "
-            "that needs no input gradient (softmax_confidence, energy, ...)."
-        )
-    grads = iter(found)
-    return tuple(next(grads) if x.requires_grad else None for x in leaves)
+_ODIN_SOFTMAX = "odin takes a softmax over the classes"
 
 
 def _seed_from(generator: Any) -> int | None:
