@@ -448,7 +448,8 @@ def _evaluation_scores(methods):
     )
 
 
-def test_evaluation_legend_lists_every_method_as_given(tmp_path, monkeypatch):
+def _drawn_road_legend(tmp_path, monkeypatch, methods: list[str]) -> list[str]:
+    """The entries of the ROAD figure's legend that render_evaluation draws for ``methods``."""
     import captum_ext.viz._figures as figures
 
     drawn = {}
@@ -459,8 +460,13 @@ def test_evaluation_legend_lists_every_method_as_given(tmp_path, monkeypatch):
         return original(figure, path, **kwargs)
 
     monkeypatch.setattr(figures, "save_figure", spy)
-    render_evaluation(_evaluation_scores(["Saliency", "_mine", DOLLARS]), tmp_path)
-    assert drawn["legend"] == ["Saliency", "_mine", DOLLARS]
+    render_evaluation(_evaluation_scores(methods), tmp_path)
+    return drawn["legend"]
+
+
+def test_evaluation_legend_lists_every_method_as_given(tmp_path, monkeypatch):
+    methods = ["Saliency", "_mine", DOLLARS]
+    assert _drawn_road_legend(tmp_path, monkeypatch, methods) == methods
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,8 +509,6 @@ def test_legends_keep_underscore_names_on_a_matplotlib_that_drops_them(tmp_path,
     with placeholder labels and then given the names, so every name is listed there too."""
     import matplotlib.axes
 
-    import captum_ext.viz._figures as figures
-
     original_legend = matplotlib.axes.Axes.legend
 
     def legend_before_3_10(self, handles, labels, **kwargs):  # as matplotlib 3.6-3.9 did
@@ -512,13 +516,5 @@ def test_legends_keep_underscore_names_on_a_matplotlib_that_drops_them(tmp_path,
         return original_legend(self, [h for h, _ in kept], [label for _, label in kept], **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend_before_3_10)
-    drawn = {}
-    original = figures.save_figure
-
-    def spy(figure, path, **kwargs):
-        drawn["legend"] = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-        return original(figure, path, **kwargs)
-
-    monkeypatch.setattr(figures, "save_figure", spy)
-    render_evaluation(_evaluation_scores(["Saliency", "_mine", DOLLARS]), tmp_path)
-    assert drawn["legend"] == ["Saliency", "_mine", DOLLARS]
+    methods = ["Saliency", "_mine", DOLLARS]
+    assert _drawn_road_legend(tmp_path, monkeypatch, methods) == methods
