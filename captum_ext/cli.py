@@ -532,6 +532,9 @@ def _closed_pipe_guard() -> Iterator[_StdoutGuard]:
     after it."""
     stream = sys.stdout
     guard = _StdoutGuard(stream)
+    if stream is None:  # no standard output at all (`>&-`, pythonw): print() skips it
+        yield guard
+        return
     sys.stdout = guard
     try:
         yield guard

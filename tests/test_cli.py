@@ -798,3 +798,11 @@ def test_a_closed_pipe_during_the_report_still_writes_it(tmp_path, monkeypatch):
                 + ["--out", str(out)])  # fmt: skip
     assert code == 141
     check_report(out / "index.html")
+
+
+def test_no_standard_output_at_all_still_writes_the_scores(tmp_path, monkeypatch):
+    """`captum-ext score >&-` (or pythonw): sys.stdout is None, which print() skips."""
+    monkeypatch.setattr(sys, "stdout", None)
+    scores = tmp_path / "scores.csv"
+    assert main(["score", "--limit", "3", "--no-progress", "--out", str(scores)]) == 0
+    assert len(scores.read_text().strip().splitlines()) == 4
