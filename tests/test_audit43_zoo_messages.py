@@ -230,3 +230,39 @@ def test_perturbation_metrics_document_eval_mode_behind_a_plain_function():
     first = deletion(f, x, attr, n_steps=3)
     torch.testing.assert_close(first, deletion(f, x, attr, n_steps=3))  # no dropout
     assert seen and not any(seen) and model.training
+
+
+class ChannelAttention(nn.Module):
+    """CBAM's channel attention: an MLP on the pooled channels (no heads, no convolution)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels // 2), nn.ReLU(), nn.Linear(channels // 2, channels)
+        )
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.mlp(x.mean((2, 3))))[:, :, None, None]
+
+
+class _DenseWithGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.att = ChannelAttention(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        s = self.stem(x)
+        h = torch.cat([s, self.conv(s)], 1)  # a dense connection the readout cannot follow
+        return self.fc(self.pool(self.att(h)).flatten(1))
+
+
+def test_a_cnn_with_an_attention_gate_is_not_called_a_vision_transformer():
+    model = _DenseWithGate().eval()
+    with pytest.raises(ValueError) as caught:
+        CircuitReadout(model).readout(torch.randn(1, 3, 16, 16))
+    assert "vision transformer" not in str(caught.value)
+    assert "cannot resolve the connection" in str(caught.value)

@@ -49,7 +49,8 @@ def node_id(layer: str, channel: int) -> str:
 
 #: the attention modules of vision transformers: torch's own; those of other libraries
 #: (torchvision's Swin ``ShiftedWindowAttention``, timm's ``Attention``) are known by their
-#: class name, and holding no convolution (a CNN's attention gate, CBAM's, holds some)
+#: class name and their heads (``num_heads``); a CNN's attention gate (CBAM's channel or
+#: spatial attention, squeeze-excitation) has no heads
 _ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
@@ -63,7 +64,11 @@ def _transformer_refusal(network: nn.Module, error: ValueError) -> ValueError | 
             type(m).__name__
             for m in network.modules()
             if isinstance(m, _ATTENTION_MODULES)
-            or (type(m).__name__.endswith("Attention") and not _contains_conv(m))
+            or (
+                type(m).__name__.endswith("Attention")
+                and hasattr(m, "num_heads")
+                and not _contains_conv(m)
+            )
         }
     )
     if not kinds:
@@ -89,7 +94,7 @@ class _NoIngressProduces(ValueError):
 
     def explained(self, network: nn.Module) -> ValueError:
         if self.destination == POOLED or not concatenates(network, self.destination):
-            return self
+            return ValueError(*self.args)  # a plain ValueError: the private type stays here
         return ValueError(
             f"{self.head}: {self.destination!r} concatenates branches along the channels "
             "(torch.cat, as ShuffleNetV2's blocks do, which then shuffle the channels), so each "
