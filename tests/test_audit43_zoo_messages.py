@@ -266,3 +266,22 @@ def test_a_cnn_with_an_attention_gate_is_not_called_a_vision_transformer():
         CircuitReadout(model).readout(torch.randn(1, 3, 16, 16))
     assert "vision transformer" not in str(caught.value)
     assert "cannot resolve the connection" in str(caught.value)
+
+
+class _NoisyInEval(nn.Module):
+    """Noise of its own in eval mode (randomized smoothing): torch.func refuses to batch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.f(x + 0.1 * torch.empty(x.shape[-1]).normal_())
+
+
+def test_the_fallback_warning_does_not_blame_train_mode_on_an_eval_model():
+    model = _NoisyInEval().eval()
+    with pytest.warns(RuntimeWarning, match="draws random numbers in place") as caught:
+        gradtrust(model, torch.randn(3, 8), layer="f.0", log=True)
+    text = " ".join(str(w.message) for w in caught)
+    assert "train mode" not in text and "model.eval()" not in text

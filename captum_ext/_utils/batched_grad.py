@@ -1210,7 +1210,9 @@ def _per_example_parameter_gradients(
                     raise
                 if start == 0:
                     warnings.warn(
-                        _unbatched_warning(error), RuntimeWarning, stacklevel=user_stacklevel()
+                        _unbatched_warning(error, _any_training(holder)),
+                        RuntimeWarning,
+                        stacklevel=user_stacklevel(),
                     )
                     # the loop holds one example's graph at a time: chunks by gradients alone
                     chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
@@ -1259,15 +1261,30 @@ _TRANSFORM_REFUSALS = (
 )
 
 
-def _unbatched_warning(error: Exception) -> str:
+def _any_training(holder: nn.Module) -> bool:
+    """Whether a module held by ``holder`` (the engine's own wrapper, whose flag means
+    nothing) is in train mode."""
+    return any(m.training for child in holder.children() for m in child.modules())
+
+
+def _unbatched_warning(error: Exception, training: bool = True) -> str:
     """The warning that per-example gradients fall back to one example at a time because
     torch.func refused to batch the model (``error``), with the usual cause of that refusal.
 
     torch.func refuses an in-place random draw on a tensor made inside the model (the mask
     of ``torchvision.ops.StochasticDepth``, in EfficientNet and ConvNeXt: ``bernoulli_`` on
     a new tensor), which runs in train mode only: there the results are random (new masks at
-    every call), and the advice is ``model.eval()``, not a slower but equal loop."""
+    every call), and the advice is ``model.eval()``, not a slower but equal loop.
+    ``training``: whether a module of the model is in train mode (a model in eval mode that
+    draws noise itself, as randomized smoothing does, is told so without that advice)."""
     cause = str(error).splitlines()[0][:160]
+    if "randomness" in str(error) and not training:
+        return (
+            "per-example gradients run one example at a time: torch.func cannot batch this "
+            f"model ({cause}). The model draws random numbers in place (in eval mode: noise "
+            "of its own, as randomized smoothing adds), so its scores differ from call to "
+            "call; seed torch's generator before each call to repeat them."
+        )
     if "randomness" in str(error):
         return (
             "per-example gradients run one example at a time: torch.func cannot batch this "
