@@ -1,10 +1,14 @@
 """Maps over the feature axis, and a NaN of tiny features (audit 43, model zoo).
 
 - LayerIBA on a channels-last (N, h, w, C) layer (a Swin stage) read it as (N, C, h, w)
-  and returned bits over (w, C); it now refuses, naming ``reshape_transform``, as the CAMs do.
+  and returned bits over (w, C); it now warns, naming ``reshape_transform``, as the CAMs do
+  (a warning, not a refusal: the shape heuristic also matches channels-first layers, such as
+  a spectrogram network's that pools over frequency only; a given ``reshape_transform`` is
+  the user's choice of layout and is not checked).
 - Contrastive(LayerGradCam) (Captum's, which sums over dimension 1) on a transformer's
-  tokens or a channels-last layer returned "maps" over the features; it now refuses, naming
-  ``Contrastive(GradCAM, ..., reshape_transform=)``. Layer methods whose attributions have
+  tokens or a channels-last layer returned "maps" over the features; it now warns, naming
+  ``Contrastive(GradCAM, ..., reshape_transform=)``, and computes as before (a Conv1d over
+  image rows looks like tokens). Layer methods whose attributions have
   the layer's own shape (LayerIntegratedGradients) still explain token layers.
 - gradtrust(form="reference")'s closed form tested Var(h^2) == 0 in float32, which
   underflows for features of about 1e-11: NaN where autograd (and float64) give a score.
@@ -101,25 +105,30 @@ def _iba(model, layer):
     return iba
 
 
-def test_layer_iba_refuses_a_channels_last_layer(channels_last):
+def test_layer_iba_warns_of_a_channels_last_layer(channels_last):
     iba = _iba(channels_last, "norm")
     before = model_snapshot(channels_last)
     for sigma in (1.0, None):  # the default blur, and none: both read (w, C) as the map
-        with pytest.raises(ValueError, match=r"channels-last") as info:
-            iba.attribute(_images(), steps=2, n_noise=2, generator=0, sigma=sigma)
-        message = str(info.value)
+        with pytest.warns(UserWarning, match=r"looks like a channels-last") as record:
+            bits = iba.attribute(_images(), steps=2, n_noise=2, generator=0, sigma=sigma)
+        (warning,) = [w for w in record if "LayerIBA" in str(w.message)]
+        assert warning.filename == __file__  # the user's line
+        message = str(warning.message)
         assert "reshape_transform=lambda t: t.permute(0, 3, 1, 2)" in message
         assert "sigma=None" in message
         assert "(2, 4, 4, 8)" in message
+        assert bits.shape == (2, 1, 4, 8)  # computed as before: the layer read as N x C x h x w
     assert_model_unchanged(channels_last, before)
 
 
-def test_layer_iba_refuses_a_reshape_transform_that_stays_channels_last(channels_last):
+def test_layer_iba_takes_an_explicit_reshape_transform_as_the_layout(channels_last):
     iba = _iba(channels_last, "norm")
-    with pytest.raises(ValueError, match=r"`reshape_transform` returned.*permute\(0, 3, 1, 2\)"):
-        iba.attribute(
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bits = iba.attribute(
             _images(), steps=2, n_noise=2, generator=0, sigma=None, reshape_transform=lambda t: t
         )
+    assert bits.shape == (2, 1, 4, 8)
 
 
 def test_layer_iba_channels_last_layer_with_the_advised_permute(channels_last):
@@ -143,7 +152,7 @@ def test_layer_iba_channels_last_layer_with_the_advised_permute(channels_last):
 # ------------------------------------------------------------------------ Contrastive
 
 
-def test_contrastive_layer_gradcam_refuses_a_channels_last_layer(channels_last):
+def test_contrastive_layer_gradcam_warns_of_a_channels_last_layer(channels_last):
     before = model_snapshot(channels_last)
     for method in (
         Contrastive(LayerGradCam, channels_last, channels_last.norm),
@@ -151,15 +160,19 @@ def test_contrastive_layer_gradcam_refuses_a_channels_last_layer(channels_last):
         Contrastive(GuidedGradCam, channels_last, channels_last.norm),
     ):
         kwargs = {"nt_samples": 2} if isinstance(method.method, NoiseTunnel) else {}
-        with pytest.raises(ValueError, match="channels-last") as info:
+        with pytest.warns(UserWarning, match="looks like a channels-last") as record:
             method.attribute(_images(), contrast=[1, 2], **kwargs)
-        assert "reshape_transform=lambda t: t.permute(0, 3, 1, 2)" in str(info.value)
-        assert "Contrastive(GradCAM" in str(info.value)
+        (warning,) = [w for w in record if "channels-last" in str(w.message)]  # once a call
+        assert warning.filename == __file__
+        assert "reshape_transform=lambda t: t.permute(0, 3, 1, 2)" in str(warning.message)
+        assert "Contrastive(GradCAM" in str(warning.message)
     # the input of `unpermute` is the channels-last grid too; its output is N x C x h x w
     cam = Contrastive(LayerGradCam, channels_last, channels_last.unpermute)
-    with pytest.raises(ValueError, match="receives inputs.*channels-last"):
+    with pytest.warns(UserWarning, match="receives inputs.*channels-last"):
         cam.attribute(_images(), contrast=[1, 2], attribute_to_layer_input=True)
-    assert cam.attribute(_images(), contrast=[1, 2]).shape == (2, 1, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cam.attribute(_images(), contrast=[1, 2]).shape == (2, 1, 4, 4)
     assert_model_unchanged(channels_last, before)
 
 
@@ -180,13 +193,13 @@ def test_contrastive_gradcam_with_the_advised_transform_equals_the_channels_firs
     torch.testing.assert_close(advised, channels_first, rtol=1e-5, atol=1e-7)
 
 
-def test_contrastive_layer_gradcam_refuses_tokens(tokens):
+def test_contrastive_layer_gradcam_warns_of_tokens(tokens):
     before = model_snapshot(tokens)
     for contrast in ([1, 2], "all"):
-        with pytest.raises(ValueError, match="transformer's tokens") as info:
+        with pytest.warns(UserWarning, match="looks like a transformer's tokens") as record:
             Contrastive(LayerGradCam, tokens, tokens.ln).attribute(_images(), contrast=contrast)
         fold = "lambda t: t[:, 1:].transpose(1, 2).unflatten(2, (4, 4))"
-        assert f"reshape_transform={fold}" in str(info.value)
+        assert any(f"reshape_transform={fold}" in str(w.message) for w in record)
     assert_model_unchanged(tokens, before)
     # the advice works
     maps = Contrastive(GradCAM, tokens, tokens.ln).attribute(
@@ -203,6 +216,87 @@ def test_contrastive_layer_methods_of_the_layer_shape_still_explain_tokens(token
         _images(), contrast=[1, 2], n_steps=4
     )
     assert attr.shape == (2, 17, 12)  # one attribution per token feature, as documented
+
+
+# ------------------------------------------------- channels-first layers the heuristic matches
+
+
+class Spectrogram(nn.Module):
+    """(N, 1, 128 mel, 64 frames) -> convolutions pooling over frequency only: `layer`
+    outputs (N, 16, 8, 64), channels-first although dims 1 and 2 keep the input's 2:1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks, c = [], 1
+        for _ in range(4):
+            blocks += [nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d((2, 1))]
+            c = 16
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class RowNet(nn.Module):
+    """(N, 1, 32, 32) images read row by row: Conv1d(32, 16) outputs (N, 16, 32) at `act`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(32, 16, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x[:, 0])))
+
+
+def _spectrogram():
+    model = _seeded(Spectrogram)
+    x = torch.randn(3, 1, 128, 64, generator=torch.Generator().manual_seed(3))
+    return model, model.features[11], x
+
+
+def _contrast_by_hand(model, layer, x, contrast):
+    """Captum's LayerGradCam of the cross-entropy with label ``contrast``, formed by hand."""
+
+    def cross_entropy(inputs):
+        return -torch.log_softmax(model(inputs), dim=1)
+
+    return LayerGradCam(cross_entropy, layer).attribute(x, target=contrast)
+
+
+def test_layer_iba_runs_on_a_spectrogram_layer_with_a_warning_only():
+    model, layer, x = _spectrogram()
+    assert model.features[:12](x).shape == (3, 16, 8, 64)
+    iba = LayerIBA(model, layer)
+    iba.estimate(x)
+    with pytest.warns(UserWarning, match=r"looks like a channels-last.*if it is channels-last"):
+        warned = iba.attribute(x, steps=3, n_noise=2, generator=0, sigma=None)
+    # an explicit reshape_transform is the user's choice of layout: no warning, same bits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = iba.attribute(
+            x, steps=3, n_noise=2, generator=0, sigma=None, reshape_transform=lambda t: t
+        )
+    assert warned.shape == (3, 1, 8, 64)
+    torch.testing.assert_close(warned, chosen, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="channels-last"):  # the default blur runs too
+        assert iba.attribute(x, steps=2, n_noise=2, generator=0).shape == (3, 1, 8, 64)
+
+
+def test_contrastive_layer_gradcam_on_channels_first_layers_equals_captum_with_a_warning():
+    model, layer, x = _spectrogram()
+    with pytest.warns(UserWarning, match="looks like a channels-last"):
+        maps = Contrastive(LayerGradCam, model, layer).attribute(x, contrast=1)
+    torch.testing.assert_close(maps, _contrast_by_hand(model, layer, x, 1))
+    assert maps.shape == (3, 1, 8, 64)
+    rows = _seeded(RowNet)
+    images = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match="looks like a transformer's tokens"):
+        maps = Contrastive(LayerGradCam, rows, rows.act).attribute(images, contrast=1)
+    torch.testing.assert_close(maps, _contrast_by_hand(rows, rows.act, images, 1))
+    assert maps.shape == (2, 1, 32)
 
 
 # ------------------------------------------------------------------------ gradtrust

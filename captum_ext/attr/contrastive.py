@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,6 +41,7 @@ from .._utils.batched_grad import (
     run_forward,
     softmax_complement,
 )
+from .._utils.caller import user_stacklevel
 from .._utils.deprecation import renamed_arguments
 from .._utils.hooks import registered_hooks
 from .._utils.layers import root_module
@@ -467,17 +469,14 @@ def _methods_in(method: Attribution) -> list[Attribution]:
     return found
 
 
-class _FeatureAxisMaps(ValueError):
-    """A Captum LayerGradCam wrapped by Contrastive reads a layer whose dimension 1 is not its
-    channels (raised from a forward hook on the layer, before any map is formed)."""
-
-
-def _feature_axis_error(
+def _feature_axis_warning(
     shape: tuple[int, ...], input_shape: tuple[int, ...], method: str, where: str
-) -> _FeatureAxisMaps | None:
-    """The error for Captum's LayerGradCam (inside ``method``) on activations of ``shape``
-    that are a transformer's tokens (N, tokens, D) or a channels-last grid (N, h, w, C) for
-    images of ``input_shape``, detected as the CAMs detect them; None for any other shape.
+) -> str | None:
+    """The warning for Captum's LayerGradCam (inside ``method``) on activations of ``shape``
+    that look like a transformer's tokens (N, tokens, D) or a channels-last grid
+    (N, h, w, C) for images of ``input_shape``, detected as the CAMs detect them; None for
+    any other shape. A heuristic (a spectrogram network pooling over frequency, a Conv1d
+    over image rows can match it), so a warning, not a refusal.
 
     LayerGradCam sums the weighted activations over dimension 1, whatever it holds: on
     tokens the "map" runs over the embedding, on a channels-last grid over (w, C)."""
@@ -489,26 +488,27 @@ def _feature_axis_error(
         lead = {0: "", 1: "a class token and ", 2: "2 leading tokens and "}[leading]
         what = (
             f"a transformer's tokens ({lead}{rows} x {columns} patches of {shape[2]} "
-            f"features), which Captum's LayerGradCam reads as {shape[1]} channels along one "
-            f"dimension of length {shape[2]}, so the map would run over the embedding, not "
-            "the image."
+            f"features). Captum's LayerGradCam reads them as {shape[1]} channels along one "
+            f"dimension of length {shape[2]}; if they are tokens, the map runs over the "
+            "embedding, not the image."
         )
         fold = f"lambda t: t[:, {leading}:].transpose(1, 2).unflatten(2, ({rows}, {columns}))"
     elif looks_channels_last(shape, tuple(input_shape[2:])):
         what = (
             f"a channels-last grid ({shape[1]} x {shape[2]} positions of {shape[3]} features, "
-            "as a Swin transformer's stages give), which Captum's LayerGradCam reads as "
-            f"{shape[1]} channels of {shape[2]} x {shape[3]} maps, so the map would run over "
-            "the features, not the image."
+            "as a Swin transformer's stages give). Captum's LayerGradCam reads it as "
+            f"{shape[1]} channels of {shape[2]} x {shape[3]} maps; if it is channels-last, "
+            "the map runs over the features, not the image."
         )
         fold = "lambda t: t.permute(0, 3, 1, 2)"
     else:
         return None
-    return _FeatureAxisMaps(
+    return (
         f"Contrastive({method}): `layer` {where} of shape {shape} for images of shape "
-        f"{input_shape}: {what} Captum's LayerGradCam takes no `reshape_transform`; "
-        "captum_ext's Grad-CAM does: Contrastive(GradCAM, model, layer).attribute(inputs, "
-        f"contrast, reshape_transform={fold}, relu_attributions=False) (the same map on an "
+        f"{input_shape}, which looks like {what} Captum's LayerGradCam takes no "
+        "`reshape_transform`; if so, use captum_ext's Grad-CAM, which does: "
+        "Contrastive(GradCAM, model, layer).attribute(inputs, contrast, "
+        f"reshape_transform={fold}, relu_attributions=False) (the same map on an "
         "N x C x h x w layer; relu_attributions=True is ContrastCAM(model, "
         "layer).attribute(inputs, contrast, reshape_transform=...))."
     )
@@ -517,16 +517,19 @@ def _feature_axis_error(
 @contextmanager
 def _layer_cam_guard(
     method: Attribution, input_shape: tuple[int, ...], layer_input: bool
-) -> Iterator[None]:
-    """Refuse, from a forward hook on its layer, the token or channels-last activations that
-    a Captum LayerGradCam inside ``method`` (itself, or within NoiseTunnel / GuidedGradCam)
-    would read as channels (:func:`_feature_axis_error`); no hook without one. The layer
-    methods whose attributions have the layer's own shape (LayerIntegratedGradients,
-    LayerConductance, ...) are not CAMs and are left alone."""
+) -> Iterator[list[str]]:
+    """Collect, from a forward hook on its layer, the warnings for activations that look like
+    a transformer's tokens or a channels-last grid, which a Captum LayerGradCam inside
+    ``method`` (itself, or within NoiseTunnel / GuidedGradCam) reads as channels
+    (:func:`_feature_axis_warning`); yields the list of distinct messages, for the caller to
+    warn of at the user's line. No hook without such a method. The layer methods whose
+    attributions have the layer's own shape (LayerIntegratedGradients, LayerConductance,
+    ...) are not CAMs and are left alone."""
+    messages: list[str] = []
     cams = [m for m in _methods_in(method) if isinstance(m, LayerGradCam)]
     layers = {id(m.layer): m.layer for m in cams if isinstance(m.layer, nn.Module)}
     if not layers or len(input_shape) != 4:
-        yield
+        yield messages
         return
     name = type(method).__name__
     where = "receives inputs" if layer_input else "outputs activations"
@@ -535,20 +538,15 @@ def _layer_cam_guard(
         seen = args if layer_input else output
         for tensor in seen if isinstance(seen, tuple | list) else (seen,):
             if isinstance(tensor, Tensor):
-                error = _feature_axis_error(tuple(tensor.shape), input_shape, name, where)
-                if error is not None:
-                    raise error
+                message = _feature_axis_warning(tuple(tensor.shape), input_shape, name, where)
+                if message is not None and message not in messages:
+                    messages.append(message)
 
     registrations = [
         (lambda layer=layer: layer.register_forward_hook(check)) for layer in layers.values()
     ]
-    try:
-        with registered_hooks(*registrations):
-            yield
-    except _FeatureAxisMaps as error:
-        # a new exception (contextlib would restore the hook's traceback on the same one):
-        # the message says what to do; the frames of Captum and the model do not help
-        raise ValueError(*error.args) from None
+    with registered_hooks(*registrations):
+        yield messages
 
 
 def _swap_forward(method: Attribution, forward: ContrastiveForward, originals: tuple) -> Any:
@@ -610,10 +608,11 @@ class Contrastive(GradientAttribution):
     (fails with any target in Captum 0.9), DataLoaderAttribution and the LLM attributions.
     A method that never calls the contrastive forward raises a RuntimeError rather than
     returning a non-contrastive result. Captum's LayerGradCam (alone, in NoiseTunnel or in
-    GuidedGradCam) on a transformer's tokens (N, tokens, D) or a channels-last (N, h, w, C)
-    layer (a Swin stage) raises a ValueError, as the CAMs do: it sums over dimension 1, so
-    its map would run over the features; ``Contrastive(GradCAM, model, layer)`` takes the
-    ``reshape_transform`` that folds them into N x C x h x w. The layer methods whose
+    GuidedGradCam) on a layer that looks like a transformer's tokens (N, tokens, D) or a
+    channels-last (N, h, w, C) grid (a Swin stage), detected as the CAMs detect them, runs
+    with a UserWarning: it sums over dimension 1, so on such a layer its map would run over
+    the features; ``Contrastive(GradCAM, model, layer)`` takes the ``reshape_transform``
+    that folds them into N x C x h x w. The layer methods whose
     attributions have the layer's shape (LayerIntegratedGradients, LayerConductance, ...)
     explain such layers as they are.
 
@@ -822,11 +821,10 @@ class Contrastive(GradientAttribution):
             forward._paired, forward._max_class = self._paired, max_class
             forward._inputs, forward._multidim = len(formatted), multidim
             layer_input = bool(kwargs.get("attribute_to_layer_input", False))
+            guard = _layer_cam_guard(self.method, tuple(formatted[0].shape), layer_input)
+            layout_warnings: list[str] = []  # warned of at the user's line, also on failure
             try:
-                with (
-                    _layer_cam_guard(self.method, tuple(formatted[0].shape), layer_input),
-                    _captum_argument_errors(self.method),
-                ):
+                with guard as layout_warnings, _captum_argument_errors(self.method):
                     if not multi:
                         result = self.method.attribute(
                             formatted[0] if unwrap else formatted,
@@ -841,6 +839,8 @@ class Contrastive(GradientAttribution):
             finally:
                 forward._paired, forward._max_class, forward._inputs = False, None, 0
                 forward._multidim = False
+                for message in layout_warnings:
+                    warnings.warn(message, stacklevel=user_stacklevel())
         if forward._calls == calls:
             raise RuntimeError(
                 f"{type(self.method).__name__} never called the contrastive forward function: "

@@ -160,41 +160,31 @@ def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
     return folded
 
 
-def _check_not_channels_last(
-    shape: tuple[int, ...],
-    input_shape: tuple[int, ...],
-    layer_shape: tuple[int, ...] | None = None,
-) -> None:
-    """Refuse (N, h, w, C) maps of a channels-last layer (a Swin stage, the inside of a
-    ConvNeXt block after its permute), which LayerIBA would read as (N, C, h, w): the bits
-    would run over (w, C), the features, not the image. ``shape``: the layer's output, or
-    what ``reshape_transform`` made of the layer's ``layer_shape`` output. Detected as the
-    CAMs detect it (:func:`~captum_ext.token_grid.looks_channels_last`: dims 1 and 2 keep
-    the images' aspect ratio, dims 2 and 3 do not)."""
+def _warn_if_channels_last(shape: tuple[int, ...], input_shape: tuple[int, ...]) -> None:
+    """Warn that the layer's (N, d1, d2, d3) output looks like the (N, h, w, C) maps of a
+    channels-last layer (a Swin stage, the inside of a ConvNeXt block after its permute),
+    which LayerIBA reads as (N, C, h, w): the bits would then run over (w, C), the features,
+    not the image. Detected as the CAMs detect it
+    (:func:`~captum_ext.token_grid.looks_channels_last`: dims 1 and 2 keep the images' aspect
+    ratio, dims 2 and 3 do not), a heuristic that a channels-first layer can also match (a
+    spectrogram network pooling over frequency only), so only a warning, and none when the
+    user gave ``reshape_transform`` (the layout is then the user's choice)."""
     if len(shape) != 4 or len(input_shape) != 4:
         return
     if not looks_channels_last(shape, tuple(input_shape[2:])):
         return
-    grid = (
-        f"a channels-last grid ({shape[1]} x {shape[2]} positions of {shape[3]} features, as "
-        "a Swin transformer's stages give), which LayerIBA would read as "
-        f"{shape[1]} channels of {shape[2]} x {shape[3]} maps, so the bits would run over the "
-        "features, not the image."
-    )
-    if layer_shape is not None:
-        raise ValueError(
-            f"LayerIBA: `reshape_transform` returned a tensor of shape {shape} for the layer's "
-            f"output of shape {layer_shape} (inputs of shape {input_shape}): {grid} It must "
-            f"return N x C x h x w, here {(shape[0], shape[3], shape[1], shape[2])}: end it "
-            "with .permute(0, 3, 1, 2)."
-        )
-    raise ValueError(
+    warnings.warn(
         f"LayerIBA: `layer` outputs activations of shape {shape} for inputs of shape "
-        f"{input_shape}: {grid} Pass `reshape_transform=lambda t: t.permute(0, 3, 1, 2)` "
-        "with `sigma=None` (the bottleneck then runs in the layer's own layout and the maps "
-        "are folded to N x C x h x w), or explain a module whose output is N x C x h x w "
-        "(torchvision's Swin: `permute`; a ConvNeXt block as a whole, not the layers inside "
-        "it)."
+        f"{input_shape}, which looks like a channels-last grid ({shape[1]} x {shape[2]} "
+        f"positions of {shape[3]} features, as a Swin transformer's stages give). LayerIBA "
+        f"reads it as {shape[1]} channels of {shape[2]} x {shape[3]} maps; if it is "
+        "channels-last, the bits run over the features, not the image: pass "
+        "`reshape_transform=lambda t: t.permute(0, 3, 1, 2)` with `sigma=None` (the "
+        "bottleneck then runs in the layer's own layout and the maps are folded to "
+        "N x C x h x w), or explain a module whose output is N x C x h x w (torchvision's "
+        "Swin: `permute`; a ConvNeXt block as a whole, not the layers inside it). If the "
+        "layer is N x C x h x w, pass `reshape_transform=lambda t: t` to say so (no warning).",
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -670,10 +660,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 bottleneck then runs in the layer's own layout (one ``alpha``, mean and
                 standard deviation per token feature, every token included) without a blur,
                 so ``sigma`` must be None; the capacity or lambda is folded into maps at the
-                end. A 4-D output is read as (N, C, h, w) without it, and a channels-last
-                (N, h, w, C) one (a Swin stage: its h x w keep the images' aspect ratio,
-                its w x C do not) is refused: pass ``lambda t: t.permute(0, 3, 1, 2)``
-                here.
+                end. A 4-D output is read as (N, C, h, w) without it, with a UserWarning
+                when it looks like a channels-last (N, h, w, C) one (a Swin stage: its
+                h x w keep the images' aspect ratio, its w x C do not): if it is, pass
+                ``lambda t: t.permute(0, 3, 1, 2)`` here. A given ``reshape_transform`` is
+                taken as the layout (``lambda t: t`` for an N x C x h x w layer: no
+                warning).
                 Default: None (the layer must output N x C x h x w).
 
         Returns:
@@ -878,12 +870,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 f"`layer` output has {activations.shape[0]} rows for {n} examples; LayerIBA "
                 "needs a layer whose output keeps the examples first."
             )
-        input_shape = tuple(inputs[0].shape)
         if reshape_transform is None:
-            _check_not_channels_last(shape, input_shape)
-        else:  # its shape checked before optimising
-            folded = _folded(activations, reshape_transform, n)
-            _check_not_channels_last(tuple(folded.shape), input_shape, layer_shape=shape)
+            _warn_if_channels_last(shape, tuple(inputs[0].shape))
+        else:  # its shape checked before optimising; the layout is the user's choice
+            _folded(activations, reshape_transform, n)
         layer_dtype = activations.dtype
         if bottleneck_dtype == "auto":
             bottleneck_dtype = precise_dtype(activations.device)
