@@ -137,9 +137,24 @@ def _pass_sizes(model: nn.Module) -> tuple[list[int], object]:
     return sizes, handle
 
 
+def _integrated_passes(model, x, n_steps, target=0):
+    sizes, handle = _pass_sizes(model)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = PathwayGradient(model).attribute(
+                x, target=target, score="integrated", n_steps=n_steps
+            )
+    finally:
+        handle.remove()
+    pass_warnings = [w for w in caught if "statistics of its batch" in str(w.message)]
+    # scoring pass, integrated passes, pruned pass
+    return out, sizes[1:-1], pass_warnings
+
+
 @pytest.mark.parametrize("track_running_stats", [True, False], ids=["train", "eval_no_stats"])
-def test_integrated_runs_every_row_together_on_batch_statistics_models(
-    monkeypatch, track_running_stats
+def test_integrated_runs_every_row_together_on_batch_statistics_models_when_they_fit(
+    track_running_stats,
 ):
     model = _conv_bn_net(track_running_stats)
     model.train(track_running_stats)  # train mode, or eval without running statistics
@@ -148,37 +163,64 @@ def test_integrated_runs_every_row_together_on_batch_statistics_models(
     one_pass = PathwayGradient(model).attribute(
         x, target=0, score="integrated", n_steps=n_steps, internal_batch_size=3 * n_steps
     )
-    monkeypatch.setattr(pathway_module, "_CHUNK_BYTES", 4096)  # passes of a row or two
-    sizes, handle = _pass_sizes(model)
-    try:
-        automatic = PathwayGradient(model).attribute(
-            x, target=0, score="integrated", n_steps=n_steps
-        )
-    finally:
-        handle.remove()
+    automatic, passes, pass_warnings = _integrated_passes(model, x, n_steps)
     torch.testing.assert_close(automatic, one_pass)
-    # scoring pass, integrated passes (all rows), pruned pass
-    assert set(sizes[1:-1]) == {3 * n_steps}
+    assert passes == [3 * n_steps] * 2  # all rows together, for each of the two ReLU sites
+    assert not pass_warnings
 
 
-def test_integrated_automatic_passes_never_hold_one_row(monkeypatch):
+@pytest.mark.parametrize("track_running_stats", [True, False], ids=["train", "eval_no_stats"])
+@pytest.mark.parametrize("chunk_bytes", [1, 4096], ids=["under_a_row", "a_row_or_two"])
+def test_integrated_keeps_the_budget_on_batch_statistics_models_and_warns(
+    monkeypatch, track_running_stats, chunk_bytes
+):
+    model = _conv_bn_net(track_running_stats)
+    model.train(track_running_stats)
+    x = _inputs(3)
+    n_steps = 7  # 21 rows
+    monkeypatch.setattr(pathway_module, "_CHUNK_BYTES", chunk_bytes)
+    _, passes, pass_warnings = _integrated_passes(model, x, n_steps)
+    assert sum(passes) == 21 * 2
+    assert len(passes) > 2  # not all rows in one pass
+    site = passes[: len(passes) // 2]
+    assert min(site) >= 2  # never a row alone (a training batch norm fails on it)
+    assert max(site) - min(site) <= 1
+    assert len(pass_warnings) == 1
+    message = str(pass_warnings[0].message)
+    assert "model.eval()" in message and "internal_batch_size" in message
+    assert pass_warnings[0].filename == __file__
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, "one_row"])
+def test_integrated_automatic_passes_respect_the_budget_on_eval_models(monkeypatch, chunk_bytes):
     model = _conv_bn_net().eval()
     x = _inputs(3)
     n_steps = 3  # 9 rows
     expected = PathwayGradient(model).attribute(x, target=1, score="integrated", n_steps=n_steps)
-    monkeypatch.setattr(pathway_module, "_CHUNK_BYTES", 1)  # a row would exceed the bound
-    sizes, handle = _pass_sizes(model)
-    try:
-        automatic = PathwayGradient(model).attribute(
-            x, target=1, score="integrated", n_steps=n_steps
-        )
-    finally:
-        handle.remove()
+    if chunk_bytes == "one_row":  # a budget of one row and a half
+        per_row = 2 * sum(o.numel() * o.element_size() for o in _module_outputs(model, x[:1]))
+        chunk_bytes = int(1.5 * per_row)
+    monkeypatch.setattr(pathway_module, "_CHUNK_BYTES", chunk_bytes)
+    automatic, passes, pass_warnings = _integrated_passes(model, x, n_steps, target=1)
     torch.testing.assert_close(automatic, expected)
-    passes = sizes[1:-1]
-    assert sum(passes) == 9 * 2  # 9 rows for each of the two ReLU sites
-    assert min(passes) >= 2
-    assert max(passes) - min(passes) <= 1
+    assert passes == [1] * 9 * 2  # 9 rows for each of the two ReLU sites, one at a time
+    assert not pass_warnings
+
+
+def _module_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    outputs: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda m, a, o: outputs.append(o))
+        for m in model.modules()
+        if not list(m.children())  # the leaf modules, as the pass-size estimate counts them
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
 
 
 def test_integrated_explicit_internal_batch_size_is_honoured():

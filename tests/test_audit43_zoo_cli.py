@@ -5,6 +5,7 @@ evaluation section's notes on models without ReLU modules and on tiny maps."""
 from __future__ import annotations
 
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -234,3 +235,42 @@ def test_evaluation_notes_are_ones_the_user_can_act_on(wrapped):
     assert "randomisation" not in notes
     assert "head (Conv2d)" in remarks
     assert scores.scores["randomisation"]["Saliency"] == scores.scores["randomisation"]["Saliency"]
+
+
+class HardswishNet(nn.Module):
+    """One nn.ReLU and two nn.Hardswish, as in MobileNetV3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Hardswish(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Hardswish(),
+        )
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_evaluation_turns_the_unscored_activations_warning_into_one_remark(wrapped):
+    torch.manual_seed(0)
+    model = HardswishNet().eval()
+    forward = LogitsOutput(model) if wrapped else model  # as the report wraps it
+    images = torch.rand(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = compute_evaluation(forward, "features.3", images, max_images=2, deletion_steps=2)
+    leaked = [str(w.message) for w in caught if "PathwayGradient" in str(w.message)]
+    assert not leaked  # its advice (pass `layers`) is for the Python API, not the report
+    assert not any(note.startswith("PathwayGradient") for note in scores.notes)
+    ours = [line for line in scores.remarks if line.startswith("PathwayGradient")]
+    assert ours == [
+        "PathwayGradient: scored only the model's 1 nn.ReLU outputs, so its other activations "
+        "(2 Hardswish) are not part of the pathway"
+    ]
+    assert "`layers`" not in ours[0]

@@ -527,10 +527,11 @@ class PathwayGradient(GradientAttribution):
                 norm in train mode, or one built with ``track_running_stats=False``)
                 normalises each pass's rows together, so there its scores depend on this
                 (and a pass of one row fails with torch's "Expected more than 1 value per
-                channel when training"). Default: None: for such a model, all rows in one
-                pass; otherwise passes of near-equal size (never one row alone), as few as
-                keep the module outputs of a pass and their gradients near 1 GiB (measured
-                on the first pass).
+                channel when training"). Default: None: passes of near-equal size, as few
+                as keep the module outputs of a pass and their gradients within about 1 GiB
+                (measured on the first pass); for a model normalising with batch
+                statistics, all rows in one pass where they fit, otherwise passes of two
+                rows or more, with a warning that the scores depend on the pass size.
 
         Returns:
             Tensor or tuple of Tensor: the attributions, the shape of ``inputs``; a
@@ -623,12 +624,16 @@ class PathwayGradient(GradientAttribution):
                 rows = n_steps * n
                 if internal_batch_size is not None:
                     bounds = [*range(0, rows, internal_batch_size), rows]
-                elif _training_batch_norms(model):  # batch statistics: every row together
-                    bounds = [0, rows]
                 else:  # a backward keeps about one gradient per output it goes through:
                     # twice the outputs' bytes per row
                     per_row = 2 * counted.total / max(n, 1)
-                    bounds = _even_bounds(rows, max(1, int(_CHUNK_BYTES // max(per_row, 1))))
+                    size = max(1, int(_CHUNK_BYTES // max(per_row, 1)))
+                    batch_statistics = _training_batch_norms(model)
+                    if batch_statistics and size < rows:
+                        _warn_batch_statistics_passes(rows)
+                    # batch statistics: every row together when they fit, else passes of
+                    # two rows or more (one row alone fails in a training batch norm)
+                    bounds = _even_bounds(rows, size, min_rows=2 if batch_statistics else 1)
                 scores, reached = self._integrated_scores(
                     sites, x, classes, additional_forward_args, n_steps, bounds
                 )
@@ -737,13 +742,30 @@ class PathwayGradient(GradientAttribution):
         return scores, _reached(totals, n)
 
 
-def _even_bounds(rows: int, size: int) -> list[int]:
-    """Boundaries of passes over ``rows`` rows of at most about ``size`` rows each, of
-    near-equal size: ``ceil(rows / size)`` passes, fewer where one would hold a single row
-    (every pass holds two rows or more when ``rows >= 2``); the larger ones first."""
-    passes = max(1, min(math.ceil(rows / size), rows // 2))
+def _even_bounds(rows: int, size: int, min_rows: int = 1) -> list[int]:
+    """Boundaries of passes over ``rows`` rows of at most ``size`` rows each (at most
+    ``max(size, min_rows)`` where ``size < min_rows``), of near-equal size:
+    ``ceil(rows / size)`` passes, fewer where a pass would hold under ``min_rows`` rows
+    (every pass holds ``min_rows`` rows or more when ``rows >= min_rows``); the larger ones
+    first."""
+    size = max(size, min_rows, 1)
+    passes = max(1, min(math.ceil(rows / size), rows // max(min_rows, 1)))
     small, larger = divmod(rows, passes)
     return [i * small + min(i, larger) for i in range(passes + 1)]
+
+
+def _warn_batch_statistics_passes(rows: int) -> None:
+    """Warn that the ``rows`` rows of ``score="integrated"`` on a model that normalises with
+    the statistics of its batch run in several passes, so its scores depend on their size."""
+    warnings.warn(
+        f"PathwayGradient: the model normalises with the statistics of its batch (a batch norm "
+        f"in train mode, or one built with track_running_stats=False), and the {rows} rows of "
+        '`score="integrated"` do not fit one pass of the memory budget, so they run in several '
+        "passes that are normalised separately: the scores depend on the pass size. Call "
+        "`model.eval()` first, or pass an explicit `internal_batch_size`.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _reached(gradients: Sequence[Tensor | None], n: int) -> Tensor:

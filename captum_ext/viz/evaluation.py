@@ -36,6 +36,7 @@ randomisation                 lower    Spearman of |maps| before and after rando
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,6 +174,26 @@ def _no_relu_note(model: nn.Module) -> str | None:
     )
 
 
+#: the start of PathwayGradient's warning that ``layers=None`` scores the nn.ReLU modules only
+_UNSCORED_WARNING = "PathwayGradient: with `layers=None`"
+
+
+def _remark_unscored_activations(message: str, remarks: list[str]) -> None:
+    """Add (once) the remark for PathwayGradient's warning ``message`` that it scored only
+    the model's ``nn.ReLU`` outputs, worded for the reader of the evaluation."""
+    if any(line.startswith("PathwayGradient: scored only") for line in remarks):
+        return
+    found = re.search(
+        r"outputs of the (\d+) nn\.ReLU .*? its other activations \(([^)]*)\)", message
+    )
+    relus, others = found.groups() if found else ("", "")
+    remarks.append(
+        f"PathwayGradient: scored only the model's {relus + ' ' if relus else ''}nn.ReLU "
+        f"outputs, so its other activations{f' ({others})' if others else ''} are not part "
+        "of the pathway"
+    )
+
+
 def _explainers(
     model: nn.Module,
     layer: nn.Module,
@@ -253,6 +274,24 @@ def _explainers(
 
         return _Adapter(attribute)
 
+    def pathway_gradient(m: nn.Module) -> _Adapter:
+        pathway = PathwayGradient(m)
+
+        def attribute(x: Tensor, target: Tensor) -> Tensor:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.filterwarnings("always", message=_UNSCORED_WARNING)
+                maps = pathway.attribute(x, target=target)
+            for warning in caught:  # its advice is for a caller of the Python API: a remark
+                if remarks is not None and str(warning.message).startswith(_UNSCORED_WARNING):
+                    _remark_unscored_activations(str(warning.message), remarks)
+                else:
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
+            return maps
+
+        return _Adapter(attribute)
+
     def integrated(m: nn.Module) -> _Adapter:
         ig = IntegratedGradients(m)
         return _Adapter(lambda x, target: ig.attribute(x, target=target, n_steps=16))
@@ -265,7 +304,7 @@ def _explainers(
         "ContrastCAM": contrastcam,
         "FinerCAM": finercam,
         "LayerIBA": layer_iba,
-        "PathwayGradient": lambda m: PathwayGradient(m),
+        "PathwayGradient": pathway_gradient,
     }
 
 
