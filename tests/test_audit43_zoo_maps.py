@@ -340,3 +340,37 @@ def test_gradtrust_reference_constant_features_stay_undefined(scale):
         assert bool(torch.isnan(scores).all())
     with pytest.warns(RuntimeWarning, match="every score is NaN"):
         assert bool(torch.isnan(gradtrust(model.float(), x, form="reference")).all())
+
+
+class _PatchTokens(nn.Module):
+    """Patch tokens (N, 64, 16) of 32 x 32 images, 4 x 4 patches, no class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(self.block(t)).mean(1))
+
+
+def test_layer_iba_warns_of_a_reshape_transform_that_forgot_its_permute():
+    """Tokens folded to N x h x w x D: the maps would run over the features (before this
+    release a ValueError; a warning now, as the other layout checks)."""
+    model = _seeded(_PatchTokens).eval()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    iba = LayerIBA(model, model.block)
+    iba.estimate(x)
+    forgot = lambda t: t.reshape(t.shape[0], 8, 8, 16)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"permute\(0, 3, 1, 2\)") as caught:
+        iba.attribute(x[:2], target=0, reshape_transform=forgot, sigma=None, generator=[0, 0])
+    assert caught[0].filename == __file__
+    right = lambda t: t.reshape(t.shape[0], 8, 8, 16).permute(0, 3, 1, 2)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maps = iba.attribute(
+            x[:2], target=0, reshape_transform=right, sigma=None, generator=[0, 0]
+        )
+    assert maps.shape == (2, 1, 8, 8)

@@ -285,3 +285,56 @@ def test_the_fallback_warning_does_not_blame_train_mode_on_an_eval_model():
         gradtrust(model, torch.randn(3, 8), layer="f.0", log=True)
     text = " ".join(str(w.message) for w in caught)
     assert "train mode" not in text and "model.eval()" not in text
+
+
+# a vision transformer with Hugging Face's attribute names (num_attention_heads)
+class ViTSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.num_attention_heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+
+    def forward(self, h):
+        n, t, d = h.shape
+        q, k, v = (
+            f(h).view(n, t, self.num_attention_heads, -1).transpose(1, 2)
+            for f in (self.query, self.key, self.value)
+        )
+        weights = torch.softmax(
+            q @ k.transpose(-1, -2) / (d // self.num_attention_heads) ** 0.5, -1
+        )
+        return (weights @ v).transpose(1, 2).reshape(n, t, d)
+
+
+class _HFLayer(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.attention = ViTSelfAttention(width, 2)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, h):
+        h = h + self.attention(self.norm(h))
+        return h + self.mlp(self.norm(h))
+
+
+class _HFViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(3, 8, 8, stride=8)
+        self.layer = nn.Sequential(_HFLayer(8), _HFLayer(8))
+        self.classifier = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.projection(x).flatten(2).transpose(1, 2)
+        return self.classifier(self.layer(h)[:, 0])
+
+
+def test_hugging_face_style_attention_is_called_a_vision_transformer():
+    model = _HFViT().eval()
+    with pytest.raises(ValueError, match="vision transformers are not supported"):
+        CircuitReadout(model).readout(torch.randn(2, 3, 32, 32))

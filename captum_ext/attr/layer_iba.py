@@ -160,7 +160,9 @@ def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
     return folded
 
 
-def _warn_if_channels_last(shape: tuple[int, ...], input_shape: tuple[int, ...]) -> None:
+def _warn_if_channels_last(
+    shape: tuple[int, ...], input_shape: tuple[int, ...], transformed: bool = False
+) -> None:
     """Warn that the layer's (N, d1, d2, d3) output looks like the (N, h, w, C) maps of a
     channels-last layer (a Swin stage, the inside of a ConvNeXt block after its permute),
     which LayerIBA reads as (N, C, h, w): the bits would then run over (w, C), the features,
@@ -168,10 +170,20 @@ def _warn_if_channels_last(shape: tuple[int, ...], input_shape: tuple[int, ...])
     (:func:`~captum_ext.token_grid.looks_channels_last`: dims 1 and 2 keep the images' aspect
     ratio, dims 2 and 3 do not), a heuristic that a channels-first layer can also match (a
     spectrogram network pooling over frequency only), so only a warning, and none when the
-    user gave ``reshape_transform`` (the layout is then the user's choice)."""
+    user's ``reshape_transform`` keeps the layer's shape (``lambda t: t`` declares it
+    N x C x h x w). ``transformed``: ``shape`` is what ``reshape_transform`` returned."""
     if len(shape) != 4 or len(input_shape) != 4:
         return
     if not looks_channels_last(shape, tuple(input_shape[2:])):
+        return
+    if transformed:
+        warnings.warn(
+            f"LayerIBA: `reshape_transform` returned maps of shape {shape} for inputs of shape "
+            f"{input_shape}, which looks like a channels-last grid ({shape[1]} x {shape[2]} "
+            f"positions of {shape[3]} features): the maps would run over the features, not the "
+            "image. It must return N x C x h x w; end it with `.permute(0, 3, 1, 2)`.",
+            stacklevel=user_stacklevel(),
+        )
         return
     warnings.warn(
         f"LayerIBA: `layer` outputs activations of shape {shape} for inputs of shape "
@@ -872,8 +884,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             )
         if reshape_transform is None:
             _warn_if_channels_last(shape, tuple(inputs[0].shape))
-        else:  # its shape checked before optimising; the layout is the user's choice
-            _folded(activations, reshape_transform, n)
+        else:  # its shape checked before optimising
+            folded = tuple(_folded(activations, reshape_transform, n).shape)
+            if folded != tuple(activations.shape):  # `lambda t: t` declares the layout; a
+                # fold that still looks channels-last forgot its permute (tokens reshaped
+                # to N x h x w x D)
+                _warn_if_channels_last(folded, tuple(inputs[0].shape), transformed=True)
         layer_dtype = activations.dtype
         if bottleneck_dtype == "auto":
             bottleneck_dtype = precise_dtype(activations.device)

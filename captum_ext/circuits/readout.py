@@ -49,9 +49,12 @@ def node_id(layer: str, channel: int) -> str:
 
 #: the attention modules of vision transformers: torch's own; those of other libraries
 #: (torchvision's Swin ``ShiftedWindowAttention``, timm's ``Attention``) are known by their
-#: class name and their heads (``num_heads``); a CNN's attention gate (CBAM's channel or
+#: class name and their heads (:data:`_HEAD_COUNTS`); a CNN's attention gate (CBAM's channel or
 #: spatial attention, squeeze-excitation) has no heads
 _ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+#: how libraries name an attention module's number of heads (torchvision and timm; Hugging
+#: Face's ViT, DeiT and Swin; vit-pytorch)
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "heads")
 
 
 def _transformer_refusal(network: nn.Module, error: ValueError) -> ValueError | None:
@@ -66,7 +69,7 @@ def _transformer_refusal(network: nn.Module, error: ValueError) -> ValueError | 
             if isinstance(m, _ATTENTION_MODULES)
             or (
                 type(m).__name__.endswith("Attention")
-                and hasattr(m, "num_heads")
+                and any(hasattr(m, heads) for heads in _HEAD_COUNTS)
                 and not _contains_conv(m)
             )
         }
