@@ -254,7 +254,7 @@ class _Probe(nn.Module):
 @pytest.mark.parametrize("score", ["taylor", "integrated"])
 def test_pathway_gradient_warns_when_no_neuron_has_a_gradient(score):
     model = _Probe().eval()
-    with pytest.warns(UserWarning, match="exactly zero for every input"):
+    with pytest.warns(UserWarning, match="exactly zero for every example"):
         attributions = PathwayGradient(model).attribute(_inputs(2), target=0, score=score)
     assert not attributions.any()
 
@@ -287,3 +287,26 @@ def test_old_pickled_readout_still_reads_out(bundled_model, sample_digits):
     loaded = pickle.loads(pickle.dumps(readout))
     graphs = loaded.readout(x)
     assert [sorted(g.nodes) for g in graphs] == [sorted(g.nodes) for g in expected]
+
+
+class _DetachedBranch(nn.Module):
+    """A ReLU branch whose output is detached, beside a direct linear path: no scored neuron
+    has a gradient, but the input does (around the branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        self.direct = nn.Linear(6, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.branch(x).detach()) + self.direct(x)
+
+
+def test_pathway_gradient_warning_does_not_call_a_map_through_other_paths_zero():
+    model = _DetachedBranch().eval()
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="around the scored layers") as caught:
+        attributions = PathwayGradient(model).attribute(x, target=0)
+    assert attributions.abs().amax() > 0
+    assert "every map is zero" not in str(caught[0].message)

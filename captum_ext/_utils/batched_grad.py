@@ -893,11 +893,12 @@ def input_gradients(
         )
     if all(g is None for g in found):
         raise ValueError(
-            f"{needed_by}, but the output of `forward_func` does not depend on its inputs "
+            f"{needed_by}, but no floating-point input of `forward_func` reaches its output "
             "through autograd: its forward cuts the graph (torch.no_grad() or .detach() "
-            "inside forward, e.g. a linear probe on a frozen backbone). Lift the no_grad / "
-            "detach while scoring (a frozen backbone can keep requires_grad=False on its "
-            f"parameters){instead}."
+            "inside forward, e.g. a linear probe on a frozen backbone), or uses the input only "
+            "through a comparison (a float mask tested against a threshold). Lift the "
+            "no_grad / detach while scoring (a frozen backbone can keep requires_grad=False "
+            f"on its parameters){instead}."
         )
     grads = iter(torch.zeros_like(x) if g is None else g for x, g in zip(wrt, found))
     return tuple(next(grads) if x.requires_grad else None for x in leaves)

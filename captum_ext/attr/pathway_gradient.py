@@ -26,7 +26,6 @@ from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
 from .._utils.validation import check_int, check_number, class_selection, format_inputs
-from ._cam import zero_gradient_warning
 
 SCORES = ("taylor", "integrated")
 
@@ -361,7 +360,8 @@ class PathwayGradient(GradientAttribution):
     the gradient (about twice Saliency); ``"integrated"`` adds one forward and backward of
     ``n_steps`` copies of the batch per site, in passes of ``internal_batch_size`` rows (by
     default as many as keep the module outputs of a pass, and their gradients, near 1 GiB;
-    all at once for a model that normalises with the statistics of its batch).
+    for a model that normalises with the statistics of its batch, all at once where they
+    fit, else near-equal passes of two rows or more, with a warning).
 
     With ``sparsity=0`` only the neurons of the lowest score are pruned, which in a ReLU
     network are the dead units (s = 0) and those that do not reach the output (max-pooled
@@ -761,8 +761,9 @@ def _warn_batch_statistics_passes(rows: int) -> None:
         f"PathwayGradient: the model normalises with the statistics of its batch (a batch norm "
         f"in train mode, or one built with track_running_stats=False), and the {rows} rows of "
         '`score="integrated"` do not fit one pass of the memory budget, so they run in several '
-        "passes that are normalised separately: the scores depend on the pass size. Call "
-        "`model.eval()` first, or pass an explicit `internal_batch_size`.",
+        "passes that are normalised separately: the scores depend on the pass size. A model "
+        "in train mode: call `model.eval()` first; otherwise (batch norms without running "
+        f"statistics) `internal_batch_size={rows}` runs them in one pass, if memory allows.",
         UserWarning,
         stacklevel=user_stacklevel(),
     )
@@ -788,16 +789,21 @@ def _warn_if_unreached(reached: Tensor, model: nn.Module | None) -> None:
     blank = (~reached).nonzero().flatten().tolist()
     if not blank:
         return
-    if len(blank) == len(reached):
-        message = zero_gradient_warning("PathwayGradient", "the scored layers'", model)
-    else:
-        shown = ", ".join(map(str, blank[:8])) + (", ..." if len(blank) > 8 else "")
-        message = (
-            f"PathwayGradient: the gradients at the scored layers' output are exactly zero "
-            f"for {len(blank)} of the {len(reached)} examples (rows {shown}), so every "
-            "neuron of theirs scores 0, all are pruned and their attributions are zero: "
-            "their target logits do not depend on the scored neurons through autograd."
-        )
+    which = (
+        "every example"
+        if len(blank) == len(reached)
+        else f"{len(blank)} of the {len(reached)} examples (rows "
+        + ", ".join(map(str, blank[:8]))
+        + (", ...)" if len(blank) > 8 else ")")
+    )
+    message = (
+        f"PathwayGradient: the gradients at the scored layers' outputs are exactly zero for "
+        f"{which}, so every neuron scores 0 and all are pruned: the attribution is only the "
+        "gradient through paths around the scored layers (zero where there are none). The "
+        "target logit does not depend on the scored neurons through autograd: "
+        "torch.no_grad() or .detach() inside forward (a frozen backbone), or a quantized "
+        "model, are the usual causes."
+    )
     warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
 
