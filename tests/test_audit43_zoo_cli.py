@@ -270,7 +270,7 @@ def test_evaluation_turns_the_unscored_activations_warning_into_one_remark(wrapp
     assert not any(note.startswith("PathwayGradient") for note in scores.notes)
     ours = [line for line in scores.remarks if line.startswith("PathwayGradient")]
     assert ours == [
-        "PathwayGradient: scored only the model's 1 nn.ReLU outputs, so its other activations "
-        "(2 Hardswish) are not part of the pathway"
+        "PathwayGradient: scored only the outputs of the model's 1 nn.ReLU module, so its "
+        "other activations (2 Hardswish) are not part of the pathway"
     ]
     assert "`layers`" not in ours[0]

@@ -310,6 +310,16 @@ _HIDDEN_ACTIVATIONS = tuple(
 )
 
 
+class _UnscoredActivationsWarning(UserWarning):
+    """PathwayGradient's default scored only the ``nn.ReLU`` outputs of a model with other
+    hidden activations; ``relus`` and ``others`` (activation class name -> modules) say which
+    (read by the report, which words it for its reader)."""
+
+    def __init__(self, message: str, relus: int, others: dict[str, int]) -> None:
+        super().__init__(message)
+        self.relus, self.others = relus, others
+
+
 def _warn_unscored_activations(model: nn.Module) -> None:
     """Warn that ``layers=None`` scores the ``nn.ReLU`` modules only when the model has
     other hidden activations too (MobileNetV3's Hardswish): the pathway then covers part of
@@ -323,15 +333,16 @@ def _warn_unscored_activations(model: nn.Module) -> None:
     relus = sum(isinstance(m, nn.ReLU) for m in user_model(model).modules())
     others = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
     kinds = ", ".join(f"nn.{name}" for name in sorted(counts))
-    warnings.warn(
+    warning = _UnscoredActivationsWarning(
         f"PathwayGradient: with `layers=None` the neurons are the outputs of the {relus} "
         f"nn.ReLU module(s) of {type(model).__name__} only; its other activations ({others}) "
         "are neither scored nor pruned, so the pathway covers part of the network. To include "
         "them, pass them as `layers`, e.g. [name for name, m in model.named_modules() if "
         f"isinstance(m, (nn.ReLU, {kinds}))].",
-        UserWarning,
-        stacklevel=user_stacklevel(),
+        relus,
+        dict(sorted(counts.items())),
     )
+    warnings.warn(warning, stacklevel=user_stacklevel())
 
 
 class PathwayGradient(GradientAttribution):

@@ -36,7 +36,6 @@ randomisation                 lower    Spearman of |maps| before and after rando
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -175,21 +174,16 @@ def _no_relu_note(model: nn.Module) -> str | None:
 
 
 #: the start of PathwayGradient's warning that ``layers=None`` scores the nn.ReLU modules only
-_UNSCORED_WARNING = "PathwayGradient: with `layers=None`"
-
-
-def _remark_unscored_activations(message: str, remarks: list[str]) -> None:
-    """Add (once) the remark for PathwayGradient's warning ``message`` that it scored only
-    the model's ``nn.ReLU`` outputs, worded for the reader of the evaluation."""
+def _remark_unscored_activations(warning: Any, remarks: list[str]) -> None:
+    """Add (once) the remark for PathwayGradient's warning that it scored only the model's
+    ``nn.ReLU`` outputs (its counts), worded for the reader of the evaluation."""
     if any(line.startswith("PathwayGradient: scored only") for line in remarks):
         return
-    found = re.search(
-        r"outputs of the (\d+) nn\.ReLU .*? its other activations \(([^)]*)\)", message
-    )
-    relus, others = found.groups() if found else ("", "")
+    relus = warning.relus
+    others = ", ".join(f"{n} {name}" for name, n in warning.others.items())
     remarks.append(
-        f"PathwayGradient: scored only the model's {relus + ' ' if relus else ''}nn.ReLU "
-        f"outputs, so its other activations{f' ({others})' if others else ''} are not part "
+        f"PathwayGradient: scored only the outputs of the model's {relus} nn.ReLU "
+        f"module{'s' if relus != 1 else ''}, so its other activations ({others}) are not part "
         "of the pathway"
     )
 
@@ -210,6 +204,7 @@ def _explainers(
 
     from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerIBA, PathwayGradient
     from captum_ext.attr.layer_iba import gaussian_taps
+    from captum_ext.attr.pathway_gradient import _UnscoredActivationsWarning
 
     names = {id(module): name for name, module in model.named_modules()}
     layer_name = names[id(layer)]
@@ -279,11 +274,12 @@ def _explainers(
 
         def attribute(x: Tensor, target: Tensor) -> Tensor:
             with warnings.catch_warnings(record=True) as caught:
-                warnings.filterwarnings("always", message=_UNSCORED_WARNING)
+                warnings.simplefilter("always", _UnscoredActivationsWarning)
                 maps = pathway.attribute(x, target=target)
             for warning in caught:  # its advice is for a caller of the Python API: a remark
-                if remarks is not None and str(warning.message).startswith(_UNSCORED_WARNING):
-                    _remark_unscored_activations(str(warning.message), remarks)
+                if issubclass(warning.category, _UnscoredActivationsWarning):
+                    if remarks is not None:
+                        _remark_unscored_activations(warning.message, remarks)
                 else:
                     warnings.warn_explicit(
                         warning.message, warning.category, warning.filename, warning.lineno
