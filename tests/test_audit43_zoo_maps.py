@@ -370,7 +370,5 @@ def test_layer_iba_warns_of_a_reshape_transform_that_forgot_its_permute():
     right = lambda t: t.reshape(t.shape[0], 8, 8, 16).permute(0, 3, 1, 2)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        maps = iba.attribute(
-            x[:2], target=0, reshape_transform=right, sigma=None, generator=[0, 0]
-        )
+        maps = iba.attribute(x[:2], target=0, reshape_transform=right, sigma=None, generator=[0, 0])
     assert maps.shape == (2, 1, 8, 8)
