@@ -274,3 +274,16 @@ def test_evaluation_turns_the_unscored_activations_warning_into_one_remark(wrapp
         "other activations (2 Hardswish) are not part of the pathway"
     ]
     assert "`layers`" not in ours[0]
+
+
+def test_gradnorm_takes_the_final_layer_too(tmp_path, capsys, user_module):
+    """--final-layer reached GradTrust's two scores but not gradnorm, which also needs the
+    layer that gives the logits (a model without a linear layer: 'Not computed')."""
+    images = _images(tmp_path / "imgs")
+    out = tmp_path / "g.csv"
+    argv = ["score", "--model", f"{user_module}:conv_head", "--images", images]
+    argv += ["--transform", "none", "--no-progress", "--scores", "gradnorm"]
+    code = main(argv + ["--out", str(out), "--final-layer", "classifier.1"])
+    assert code == 0, capsys.readouterr().err
+    header, *rows = out.read_text().strip().splitlines()
+    assert "gradnorm" in header and len(rows) == 2

@@ -172,7 +172,8 @@ ADAPTATION_MESSAGES = {
 def gradtrust_kwargs(
     model: Any, final_layer: str | None, *, reads: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores (eager models).
+    """``score_kwargs`` passing ``--final-layer`` to both GradTrust scores and to gradnorm
+    (eager models: the layer whose weight gradient each of them takes).
 
     A model whose output is transformed into logits (:class:`~captum_ext.data.LogitsOutput`
     reading one logit or probabilities; ``reads`` when the wrapper is not ``model`` itself,
@@ -187,7 +188,10 @@ def gradtrust_kwargs(
 
         resolve_layer(model, final_layer, argument="--final-layer")  # named as the option
         options["layer"] = final_layer
-    return {name: dict(options) for name in GRADTRUST_SCORES} if options else {}
+    kwargs = {name: dict(options) for name in GRADTRUST_SCORES} if options else {}
+    if "layer" in options:
+        kwargs["gradnorm"] = {"layer": options["layer"]}
+    return kwargs
 
 
 # --------------------------------------------------------------------------------------
