@@ -78,5 +78,13 @@ def test_a_one_image_mask_inside_autocast(bundled_model, sample_digits):
             x, target=y, **options
         )
     assert inside.dtype == plain.dtype == torch.float32
-    agreement = ((inside > 0.5) == (plain > 0.5)).double().mean()
-    assert float(agreement) > 0.8
+    # bfloat16 steps move the optimisation (how far differs between CPUs' kernels: 0.78 to
+    # above 0.8 agreement measured), so the two masks are compared with what two masks of
+    # their sizes would share by chance, and each must keep the model's decision
+    kept_plain, kept_inside = plain > 0.5, inside > 0.5
+    agreement = (kept_inside == kept_plain).double().mean()
+    p, q = kept_plain.double().mean(), kept_inside.double().mean()
+    chance = p * q + (1 - p) * (1 - q)
+    assert float(agreement) > float(chance) + 0.15
+    for kept in (kept_plain, kept_inside):
+        assert int(bundled_model(x * kept).argmax()) == int(y)

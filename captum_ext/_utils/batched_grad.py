@@ -13,6 +13,7 @@ a chunk's products are taken one class at a time instead (the same numbers, slow
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1053,6 +1054,19 @@ def _logits_one_by_one(
     return torch.cat(rows)
 
 
+def _with_autocast_off(function: Callable) -> Callable:
+    """``function(forward_func, inputs, ...)`` run with the caller's ``torch.autocast``
+    disabled on the devices of ``inputs`` and of the model."""
+
+    @functools.wraps(function)
+    def without_autocast(forward_func: Callable, inputs: tuple[Tensor, ...], *args, **kwargs):
+        with _without_autocast(_autocast_on(_device_types(forward_func, inputs))):
+            return function(forward_func, inputs, *args, **kwargs)
+
+    return without_autocast
+
+
+@_with_autocast_off
 def per_example_parameter_gradients(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -1087,34 +1101,6 @@ def per_example_parameter_gradients(
     :func:`logits_seen_per_example`, which computes the logits the same way; cotangents of
     another dtype are cast to the logits'.
     """
-    autocast = _autocast_on(_device_types(forward_func, inputs))
-    with _without_autocast(autocast):
-        return _per_example_parameter_gradients(
-            forward_func,
-            inputs,
-            extra,
-            modules,
-            names,
-            cotangents,
-            reduce,
-            output_transform,
-            chunk_bytes=chunk_bytes,
-        )
-
-
-def _per_example_parameter_gradients(
-    forward_func: Callable,
-    inputs: tuple[Tensor, ...],
-    extra: tuple,
-    modules: dict[str, nn.Module],
-    names: dict[str, Tensor],
-    cotangents: Tensor,
-    reduce: Callable[[dict[str, Tensor]], Tensor],
-    output_transform: Callable[[Any], Tensor] | None,
-    *,
-    chunk_bytes: int | None,
-) -> Tensor:
-    """:func:`per_example_parameter_gradients`, run where the caller's autocast is off."""
     inputs = in_model_precision(forward_func, inputs)
     model = root_module(forward_func)
     paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
