@@ -53,3 +53,25 @@ def test_threads_sharing_one_model_get_their_own_results(name, bundled_model, sa
         for got, expected in zip(together, alone, strict=True):
             torch.testing.assert_close(got, expected)
     assert_model_unchanged(bundled_model, before)
+
+
+def test_a_layer_seen_twice_names_the_other_threads_remedy(bundled_model, sample_digits):
+    """A plain forward pass of the same model in another thread (or a nested explanation)
+    runs through the method's hooks and makes the layer look as if it ran twice; the error
+    says so and gives the remedy, a copy of the model, instead of only "pick another
+    layer" (the lock orders the methods' calls, not the user's own forward passes)."""
+    x, y = sample_digits
+    layer = bundled_model.features[7]
+
+    def predicts_inside(module, args, output):  # what another thread's forward would do
+        if not getattr(predicts_inside, "busy", False):
+            predicts_inside.busy = True
+            bundled_model(x[:2])
+            predicts_inside.busy = False
+
+    handle = bundled_model.classifier.register_forward_hook(predicts_inside)
+    try:
+        with pytest.raises(ValueError, match=r"ran 2 times.*another thread.*copy\.deepcopy"):
+            GradCAM(bundled_model, layer).attribute(x[:2], target=y[:2])
+    finally:
+        handle.remove()

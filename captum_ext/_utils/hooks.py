@@ -57,7 +57,11 @@ class LayerCapture:
         if len(set(devices)) != len(devices):
             raise ValueError(
                 f"`layer` ({layer_name}) ran {len(self.tensors)} times in one forward pass; "
-                "its activations are ambiguous. Pick a module that runs once."
+                "its activations are ambiguous. Pick a module that runs once. (If it does run "
+                "once: another thread ran the same model meanwhile, or the model called an "
+                "explanation from inside its own forward pass. The method's hooks sit on the "
+                "model's modules, so explain a copy of the model, copy.deepcopy(model), where "
+                "it also serves predictions.)"
             )
         # nn.DataParallel replicas: one call per device, batch split in device order.
         order = sorted(range(len(devices)), key=lambda i: devices[i].index or 0)
