@@ -110,8 +110,11 @@ def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> T
 
 
 def gaussian_taps(sigma: float) -> tuple[float, ...]:
-    """The normalised 1-D factor of :func:`gaussian_kernel` (float64 numbers)."""
+    """The normalised 1-D factor of :func:`gaussian_kernel` (float64 numbers); a single tap
+    of 1 (no blur) for ``sigma`` below 0.25, also where ``sigma**2`` underflows."""
     side = 2 * int(round(2 * sigma)) + 1
+    if side == 1:
+        return (1.0,)
     coords = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
     taps = torch.exp(-(coords**2) / (2 * sigma**2))
     return tuple((taps / taps.sum()).tolist())
@@ -132,18 +135,60 @@ def smooth_lambda(lam: Tensor, taps: tuple[float, ...] | None) -> Tensor:
     return sum(t * across[..., i : i + h, :] for i, t in enumerate(taps))
 
 
+def smooth_log_keep(alpha: Tensor, taps: tuple[float, ...] | None) -> Tensor:
+    """``log(1 - lambda)`` for ``lambda = smooth_lambda(sigmoid(alpha), taps)``, finite for any
+    finite ``alpha``.
+
+    ``1 - sigmoid(alpha) = sigmoid(-alpha)``, and the blur's weights sum to 1, so
+    ``1 - lambda`` is the blur of ``sigmoid(-alpha)``, whose log is accurate while every
+    ``sigmoid(-alpha)`` is a normal number of the dtype (``alpha`` up to about 708 in
+    float64, 87 in float32, 9 in float16); beyond that the blur is taken in log space, a
+    ``logsumexp`` over ``log tap + logsigmoid(-alpha)`` with the same shifts and reflection
+    padding as :func:`smooth_lambda`. Without a blur it is ``logsigmoid(-alpha)``.
+    ``log(1 - lambda)`` itself rounds to ``log 0 = -inf`` once ``sigmoid(alpha)`` rounds to
+    1 (``alpha`` above about 37 in float64, 17 in float32, 8 in float16); this gives about
+    ``-alpha`` there instead."""
+    if taps is None:
+        return F.logsigmoid(-alpha)
+    keep = torch.sigmoid(-alpha)
+    if not keep.numel() or bool(keep.detach().min() >= torch.finfo(keep.dtype).tiny):
+        return torch.log(smooth_lambda(keep, taps))
+    log_keep = F.logsigmoid(-alpha)
+    pad = (len(taps) - 1) // 2
+    padded = F.pad(log_keep, (pad, pad, pad, pad), mode="reflect")
+    h, w = log_keep.shape[2:]
+    weights = [(math.log(t), j) for j, t in enumerate(taps) if t > 0]
+    across = torch.logsumexp(torch.stack([lt + padded[..., j : j + w] for lt, j in weights]), dim=0)
+    return torch.logsumexp(
+        torch.stack([lt + across[..., i : i + h, :] for lt, i in weights]), dim=0
+    )
+
+
 def bottleneck_capacity(
-    activations: Tensor, lam: Tensor, mean: Tensor, std: Tensor, active: Tensor
+    activations: Tensor,
+    lam: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    active: Tensor,
+    log_keep: Tensor | None = None,
 ) -> Tensor:
     r"""Per-feature KL(P(Z|R) || N(mu, sigma^2)) in nats, zero on inactive features.
 
     With ``r = (R - mu) / sigma`` and ``Z = lam R + (1 - lam) eps``, ``eps ~ N(mu, sigma^2)``:
     ``KL = -1/2 (1 + log (1 - lam)^2 - (lam r)^2 - (1 - lam)^2)``.
+
+    ``log_keep`` is ``log(1 - lam)`` when the caller has it in a stable form
+    (:func:`smooth_log_keep`); without it, ``log1p(-lam)``, which is ``-inf`` once ``lam``
+    rounds to 1. The log of the squared term is ``2 log_keep`` and the squared term
+    ``exp(2 log_keep)``, so a finite ``log_keep`` gives a finite KL (about ``-log_keep``
+    for ``lam`` near 1).
     """
+    if log_keep is None:
+        log_keep = torch.log1p(-lam)
     r_norm = (activations - mean) / std
-    var_z = (1 - lam) ** 2
+    var_z = torch.exp(2 * log_keep)
     mu_z = r_norm * lam
-    return -0.5 * (1 + torch.log(var_z) - mu_z**2 - var_z) * active
+    return -0.5 * (1 + 2 * log_keep - mu_z**2 - var_z) * active
 
 
 def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
@@ -240,6 +285,43 @@ def _warn_if_blind(saturated: bool) -> None:
     )
 
 
+def _check_bits_finite(
+    bits: Tensor, alpha: Tensor, init_alpha: float, lr: float, min_std: float
+) -> None:
+    """Refuse maps that overflow their dtype although every ``alpha`` is finite.
+
+    A feature with ``alpha = a`` costs about ``softplus(a) / ln 2`` bits (``a / ln 2`` for a
+    large ``a``), and a position sums them over the channels: an extreme ``init_alpha`` (or
+    an ``lr`` that carries ``alpha`` far out) exceeds the largest value of the bottleneck's
+    or the layer's dtype (65504 in float16). Otherwise the ``(lambda r)^2 / 2`` term
+    overflowed: ``r = (R - mu) / sigma`` is huge where a feature's standard deviation is
+    near 0 and ``min_std`` lets it through. A NaN ``alpha`` comes from the model's own
+    non-finite outputs (warned of where the model runs) and is left to that warning."""
+    if bool(torch.isfinite(bits).all()) or bool(alpha.isnan().any()) or not alpha.numel():
+        return
+    largest = float(alpha.abs().max())
+    # the alpha cost of the most expensive position (the channels a map position sums)
+    positions = bits.shape[-2] * bits.shape[-1] if bits.dim() == 4 else 1
+    per_position = max(alpha[0].numel() // max(positions, 1), 1)
+    cost = per_position * float(F.softplus(alpha.double().max())) / math.log(2)
+    limit = torch.finfo(bits.dtype).max
+    if cost >= limit / 4:
+        raise ValueError(
+            f"LayerIBA: the maps overflow {bits.dtype} (largest finite value {limit:g}): "
+            f"`init_alpha`={init_alpha:g} (with `lr`={lr:g}, alpha reached |alpha| = "
+            f"{largest:g}) makes each feature cost about alpha / ln 2 bits, summed over the "
+            "channels of a position. Use a moderate `init_alpha` (the default 5 lets almost "
+            "all of the layer through: sigmoid(5) = 0.993) and `lr`."
+        )
+    raise ValueError(
+        f"LayerIBA: the maps overflow {bits.dtype} (largest finite value {limit:g}): the "
+        "information cost (lambda r)^2 / 2 with r = (R - mu) / sigma is huge where a "
+        f"feature's standard deviation is about 0 and `min_std`={min_std:g} lets it through. "
+        "Use a larger `min_std` (default 0.01), or statistics estimated on data like the "
+        "inputs explained."
+    )
+
+
 def _as_generators(generator: Any, n: int, device: torch.device) -> list | None:
     """None (the global generator), or one generator for the batch, or one per example."""
     if generator is None:
@@ -315,6 +397,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         KL     = active * 1/2 [ (lambda r)^2 + (1 - lambda)^2 - 1 - 2 ln(1 - lambda) ]
         loss_n = mean_k CE(f(Z_nk), target_n) + beta * mean_features KL_n
         bits   = sum_channels KL / ln 2                      -> (N, 1, h, w)
+
+    ``ln(1 - lambda)`` is taken as the log of the blur of ``sigmoid(-alpha)``
+    (``= 1 - sigmoid(alpha)``; the blur in log space, a ``logsumexp``, where that
+    underflows), so the KL stays finite for any ``alpha``: about ``alpha`` nats for a large
+    one, where ``1 - sigmoid(alpha)`` itself rounds to 0 (``alpha`` above about 37 in
+    float64, 17 in float32).
 
     ``mu``, ``sigma`` (at least ``min_std``) and the ``active`` mask (features non-zero in
     more than 1 % of the samples) are the layer's statistics from :meth:`estimate` (or given
@@ -623,10 +711,19 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             n_noise (int): noisy copies of each example per step.
             sigma (float or None): standard deviation of the Gaussian blur of
                 ``sigmoid(alpha)`` (kernel side ``2 round(2 sigma) + 1``, reflection
-                padding); None or 0 for no blur.
-            init_alpha (float): initial value of every ``alpha``.
+                padding); None or 0 for no blur (as is any sigma below 0.25, whose kernel
+                is a single tap).
+            init_alpha (float): initial value of every ``alpha``: any finite number that
+                ``bottleneck_dtype`` holds (else a ValueError). A large one keeps the
+                maps finite (a feature with ``alpha = a`` costs about ``a / ln 2`` bits),
+                but maps whose bits exceed the layer's dtype (65504 in float16; a
+                position sums its channels) are refused with a ValueError naming
+                ``init_alpha``.
             min_std (float): lower bound on the feature standard deviations, > 0 (features
-                that never vary, e.g. dead ReLU channels, have std 0).
+                that never vary, e.g. dead ReLU channels, have std 0) and neither 0 nor
+                inf in the layer's dtype (else a ValueError). Maps that overflow the
+                layer's dtype because a tiny ``min_std`` makes ``(R - mu) / sigma`` huge
+                are refused with a ValueError naming ``min_std``.
             post_relu (bool): clamp ``Z`` at 0 (for a layer followed by, or ending in, ReLU).
             inverse (bool): Inverse IBA: ``Z = lambda eps + (1 - lambda) R``, loss negated.
             loss (None, "cross_entropy", "mse" or Callable): the model loss per noisy copy.
@@ -847,6 +944,13 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 )
             stats.append(value.to(device=activations.device, dtype=activations.dtype))
         mean, std, active = stats
+        held = float(torch.tensor(min_std, dtype=std.dtype))
+        if held == 0 or not math.isfinite(held):
+            raise ValueError(
+                f"`min_std`={min_std:g} rounds to {held:g} in the layer's dtype {std.dtype}; "
+                "a feature standard deviation must be positive and finite there (the default "
+                "0.01 suits activations of order 1)."
+            )
         std = torch.clamp(std, min=min_std)
         return mean, std, active
 
@@ -920,6 +1024,13 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         shared = None if reuse_prefix and n_noise > 1 else False
         copy_columns = columns.repeat_interleave(n_noise)
         clean_copies = clean.repeat_interleave(n_noise, dim=0)
+        if not math.isfinite(float(torch.tensor(init_alpha, dtype=bottleneck_dtype))):
+            raise ValueError(
+                f"`init_alpha`={init_alpha:g} is beyond the range of the bottleneck's dtype "
+                f"{bottleneck_dtype} (largest {torch.finfo(bottleneck_dtype).max:g}); use a "
+                "moderate value (default 5: lambda = sigmoid(5) = 0.993 lets almost all of "
+                "the layer through) or a wider `bottleneck_dtype`."
+            )
         alpha = torch.full_like(activations, init_alpha).requires_grad_(True)
         optimizer = torch.optim.Adam([alpha], lr=lr)
         noise_shape = (n, n_noise, *activations.shape[1:])
@@ -952,7 +1063,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         with gradients_on():
             for step in range(steps):
                 lam = smooth_lambda(torch.sigmoid(alpha), kernel)
-                capacity = bottleneck_capacity(activations, lam, mean, std, active)
+                log_keep = smooth_log_keep(alpha, kernel)  # log(1 - lam), finite
+                capacity = bottleneck_capacity(activations, lam, mean, std, active, log_keep)
                 if step == steps - 1:
                     break  # the map is this step's capacity; its update would be unused
                 eps = standard_normal(noise_shape, generators, layer_dtype, alpha.device)
@@ -1003,8 +1115,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             return _folded(lam.detach(), reshape_transform, n).to(layer_dtype)
         bits = _folded(capacity.detach() / math.log(2), reshape_transform, n)
         if return_type == "capacity":
-            return bits.to(layer_dtype)
-        return bits.sum(dim=1, keepdim=True).to(layer_dtype)
+            result = bits.to(layer_dtype)
+        else:
+            result = bits.sum(dim=1, keepdim=True).to(layer_dtype)
+        _check_bits_finite(result, alpha.detach(), init_alpha, lr, min_std)
+        return result
 
     def _shared_prefix_forward(self, inputs, extra, rows, classification) -> Tensor | None:
         """The model's output when it runs on the N examples and the layer's output is

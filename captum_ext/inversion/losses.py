@@ -3,7 +3,10 @@ r"""Loss terms of network inversion, training-like reconstruction and counterfei
 Notation: ``q`` are the classifier's logits of generated images (``N x K``), ``c`` the
 conditioning vectors (``N x K``, rows summing to 1), ``phi`` the penultimate features
 (``N x D``), ``x`` images ``N x C x H x W``. Every loss returns a scalar tensor through
-which gradients flow to its tensor inputs (to the generator during training).
+which gradients flow to its tensor inputs (to the generator during training). A batch of
+no examples (``N = 0``) gives 0 for the losses that average over examples (the sum over no
+terms: in the inputs' dtype, on their device and graph, not torch's NaN mean); the
+diversity terms, which compare pairs, need ``N >= 2`` (ValueError naming ``features``).
 
 Sources: Suhail, Sethi et al., "Network Inversion of Convolutional Neural Nets" (arXiv
 2407.18002) for the KL, CE, cosine and orthogonality terms; "Network Inversion for
@@ -12,6 +15,8 @@ pixel range, weight-gradient norm, perturbed KL/CE).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,7 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on, preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import as_generator
+from captum_ext._utils.validation import check_number
 
 __all__ = [
     "class_cosine_diversity",
@@ -34,6 +40,12 @@ __all__ = [
     "total_variation",
     "weight_gradient_norm",
 ]
+
+
+def _mean_or_zero(values: Tensor) -> Tensor:
+    """The mean of ``values``; for no entries (an empty batch) their sum, 0, which keeps
+    the inputs' dtype, device and graph instead of torch's NaN mean over nothing."""
+    return values.mean() if values.numel() else values.sum()
 
 
 def _check_tensor(value, argument: str, dims: tuple[int, ...] | None = None) -> Tensor:
@@ -122,7 +134,7 @@ def kl_to_conditioning(logits: Tensor, conditioning: Tensor) -> Tensor:
         conditioning (Tensor): ``N x K`` probability vectors ``c``.
 
     Returns:
-        Tensor: Scalar, >= 0.
+        Tensor: Scalar, >= 0 (0 for ``N = 0``).
 
     Examples::
 
@@ -136,7 +148,7 @@ def kl_to_conditioning(logits: Tensor, conditioning: Tensor) -> Tensor:
     log_p = F.log_softmax(logits, dim=1)
     c = conditioning.to(log_p.dtype)
     safe = torch.where(c > 0, c, torch.ones_like(c))
-    return (c * (torch.log(safe) - log_p)).sum(dim=1).mean()
+    return _mean_or_zero((c * (torch.log(safe) - log_p)).sum(dim=1))
 
 
 def cross_entropy_to_labels(logits: Tensor, labels: Tensor) -> Tensor:
@@ -150,7 +162,7 @@ def cross_entropy_to_labels(logits: Tensor, labels: Tensor) -> Tensor:
         labels (Tensor): ``N`` int class indices, or ``N x K`` conditioning vectors.
 
     Returns:
-        Tensor: Scalar, >= 0.
+        Tensor: Scalar, >= 0 (0 for ``N = 0``).
 
     Examples::
 
@@ -161,10 +173,13 @@ def cross_entropy_to_labels(logits: Tensor, labels: Tensor) -> Tensor:
     """
     _check_tensor(logits, "logits", (2,))
     labels = _as_labels(labels, logits)
+    if not labels.numel():  # torch's mean over no examples is NaN
+        return F.cross_entropy(logits, labels, reduction="sum")
     return F.cross_entropy(logits, labels)
 
 
-def _flat_features(features) -> Tensor:
+def _flat_features(features, eps: float) -> Tensor:
+    check_number(eps, "eps")
     features = _check_tensor(features, "features")
     if features.dim() < 2:
         raise ValueError(
@@ -187,7 +202,8 @@ def cosine_diversity(features: Tensor, *, eps: float = 1e-8) -> Tensor:
 
     Args:
         features (Tensor): ``N x D`` features (``N >= 2``; more dimensions are flattened).
-        eps (float, optional): Floor of the norms. Default: 1e-8
+        eps (float, optional): Floor of the norms, > 0 (0 would divide an all-zero
+            feature vector by 0). Default: 1e-8
 
     Returns:
         Tensor: Scalar.
@@ -199,7 +215,7 @@ def cosine_diversity(features: Tensor, *, eps: float = 1e-8) -> Tensor:
         >>> float(cosine_diversity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])))
         -1.0
     """
-    phi = _flat_features(features)
+    phi = _flat_features(features, eps)
     n = phi.shape[0]
     unit = phi / phi.norm(dim=1, keepdim=True).clamp_min(eps)
     sims = unit @ unit.T
@@ -222,7 +238,8 @@ def class_cosine_diversity(features: Tensor, labels: Tensor, *, eps: float = 1e-
     Args:
         features (Tensor): ``N x D`` features (``N >= 2``; more dimensions are flattened).
         labels (Tensor): ``(N,)`` integer labels.
-        eps (float, optional): Floor of the norms. Default: 1e-8
+        eps (float, optional): Floor of the norms, > 0 (0 would divide an all-zero
+            feature vector by 0). Default: 1e-8
 
     Returns:
         Tensor: Scalar.
@@ -235,7 +252,7 @@ def class_cosine_diversity(features: Tensor, labels: Tensor, *, eps: float = 1e-
         >>> float(class_cosine_diversity(phi, torch.tensor([0, 0, 1, 2])))
         1.0
     """
-    phi = _flat_features(features)
+    phi = _flat_features(features, eps)
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != phi.shape[0]:
         raise ValueError(
             f"`labels` must be a 1-D tensor with one label per row of `features` "
@@ -259,7 +276,8 @@ def feature_orthogonality(features: Tensor, *, eps: float = 1e-8) -> Tensor:
 
     Args:
         features (Tensor): ``N x D`` features (``N >= 2``; more dimensions are flattened).
-        eps (float, optional): Floor of the norms. Default: 1e-8
+        eps (float, optional): Floor of the norms, > 0 (0 would divide an all-zero
+            feature vector by 0). Default: 1e-8
 
     Returns:
         Tensor: Scalar, >= 0.
@@ -271,7 +289,7 @@ def feature_orthogonality(features: Tensor, *, eps: float = 1e-8) -> Tensor:
         >>> float(feature_orthogonality(torch.eye(3)))
         0.0
     """
-    phi = _flat_features(features)
+    phi = _flat_features(features, eps)
     n = phi.shape[0]
     unit = phi / phi.norm(dim=1, keepdim=True).clamp_min(eps)
     gram = unit @ unit.T
@@ -290,14 +308,15 @@ def total_variation(images: Tensor) -> Tensor:
     r"""Squared total variation: mean squared difference of neighbouring pixels.
 
     ``TV(x) = mean_{n,c,h,w} (x[h+1, w] - x[h, w])^2 + mean_{n,c,h,w} (x[h, w+1] - x[h, w])^2``
-    (each mean over the ``N C (H-1) W`` vertical resp. ``N C H (W-1)`` horizontal pairs).
-    A smoothness prior of training-like reconstruction (TLDR).
+    (each mean over the ``N C (H-1) W`` vertical resp. ``N C H (W-1)`` horizontal pairs;
+    a direction without pairs, such as every direction of an empty batch ``N = 0``,
+    contributes 0). A smoothness prior of training-like reconstruction (TLDR).
 
     Args:
         images (Tensor): ``N x C x H x W`` (pixels in [0, 1] in the trainers).
 
     Returns:
-        Tensor: Scalar, >= 0.
+        Tensor: Scalar, >= 0 (0 for ``N = 0``).
 
     Examples::
 
@@ -308,8 +327,8 @@ def total_variation(images: Tensor) -> Tensor:
     """
     x = _check_images(images)
     zero = x.sum() * 0
-    vertical = ((x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2).mean() if x.shape[2] > 1 else zero
-    horizontal = ((x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2).mean() if x.shape[3] > 1 else zero
+    vertical = _mean_or_zero((x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2) if x.shape[2] > 1 else zero
+    horizontal = _mean_or_zero((x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2) if x.shape[3] > 1 else zero
     return vertical + horizontal
 
 
@@ -326,7 +345,7 @@ def pixel_range(images: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
         high (float, optional): Default: 1.0
 
     Returns:
-        Tensor: Scalar, >= 0.
+        Tensor: Scalar, >= 0 (0 for ``N = 0``).
 
     Examples::
 
@@ -338,7 +357,7 @@ def pixel_range(images: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
     x = _check_images(images)
     if not low < high:
         raise ValueError(f"`low` must be smaller than `high`, got {low} and {high}.")
-    return (F.relu(low - x) ** 2 + F.relu(x - high) ** 2).mean()
+    return _mean_or_zero(F.relu(low - x) ** 2 + F.relu(x - high) ** 2)
 
 
 @renamed_arguments(classifier="model")
@@ -375,7 +394,7 @@ def weight_gradient_norm(
             Default: True
 
     Returns:
-        Tensor: Scalar, >= 0.
+        Tensor: Scalar, >= 0 (0 for ``N = 0``: no example, no gradient).
 
     Examples::
 
@@ -439,14 +458,15 @@ def perturbed_kl_ce(
             perturbed (and preprocessed) float32 images reach a float16 or bfloat16 model
             in its dtype.
         conditioning (Tensor): ``N x K`` conditioning vectors (one-hot for labels).
-        eps (float, optional): Perturbation size in pixel units. Default: 0.1
+        eps (float, optional): Perturbation size in pixel units, finite and >= 0.
+            Default: 0.1
         preprocess (callable, optional): Maps pixels to the model's input space, e.g.
             :meth:`ConditionedGenerator.preprocess_pixels`. Default: None (identity)
         generator (torch.Generator or int, optional): Source of the signs, on the pixels' device.
             Default: None
 
     Returns:
-        Tensor: Scalar, >= 0.
+        Tensor: Scalar, >= 0 (0 for ``N = 0``).
 
     Examples::
 
@@ -463,8 +483,13 @@ def perturbed_kl_ce(
     """
     generator = as_generator(generator)
     _check_images(pixels, "pixels")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
-        raise ValueError(f"`eps` must be a non-negative float, got {eps!r}.")
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, int | float)
+        or not math.isfinite(eps)
+        or eps < 0
+    ):
+        raise ValueError(f"`eps` must be a finite non-negative float, got {eps!r}.")
     signs = torch.randint(0, 2, pixels.shape, generator=generator, device=pixels.device)
     perturbed = pixels + eps * (2 * signs.to(pixels.dtype) - 1)
     inputs = perturbed if preprocess is None else preprocess(perturbed)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.maps import minmax_normalize
+from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.validation import check_number
 from captum_ext.metrics._perturbation import keyword_only_after
 
@@ -29,6 +30,11 @@ def _voice_maps(maps: Any, argument: str) -> Tensor:
         raise TypeError(f"`{argument}` must hold real values, got {maps.dtype}.")
     if not maps.is_floating_point():
         maps = maps.to(torch.get_default_dtype())
+    if 0 in maps.shape[1:]:
+        raise ValueError(
+            f"`{argument}` has shape {tuple(maps.shape)}: its maps hold no pixels (a spatial "
+            "size of 0); each example needs a map of at least one pixel."
+        )
     maps = maps.detach()
     if not bool(torch.isfinite(maps).all()):
         raise ValueError(f"`{argument}` contains NaN or infinite values.")
@@ -70,7 +76,11 @@ def voice_iou(
         smoothing (float, optional): added to numerator and denominator. Default: 1e-6.
 
     Returns:
-        Tensor: (N,) IoU per example, on the maps' device.
+        Tensor: (N,) IoU per example, on the maps' device; empty for ``N = 0``. The ratio
+        is taken in at least float32 (the pixel counts of a float16 map above 65,504
+        pixels would overflow) and returned in the maps' dtype; a ``smoothing`` that
+        the working dtype cannot hold (below its smallest or above its largest number)
+        is taken as that smallest or largest number, so the result stays in [0, 1].
 
     Examples::
 
@@ -93,11 +103,18 @@ def voice_iou(
     )
     smoothing = check_number(smoothing, "smoothing")
     dtype = torch.promote_types(a.dtype, b.dtype)
+    if a.shape[0] == 0:
+        return torch.zeros(0, dtype=dtype, device=a.device)
     mask_a = minmax_normalize(a.to(dtype), 1) > threshold
     mask_b = minmax_normalize(b.to(dtype), 1) > threshold
-    both = (mask_a & mask_b).flatten(1).sum(dim=1).to(dtype)
-    either = (mask_a | mask_b).flatten(1).sum(dim=1).to(dtype)
-    return (both + smoothing) / (either + smoothing)
+    work = torch.promote_types(dtype, torch.float32)
+    both = (mask_a & mask_b).flatten(1).sum(dim=1).to(work)
+    either = (mask_a | mask_b).flatten(1).sum(dim=1).to(work)
+    # a smoothing that rounds to 0 (two empty masks: 0 / 0) or to inf (inf / inf) in the
+    # working dtype is taken as its smallest normal resp. largest number
+    info = torch.finfo(work)
+    smoothing = min(max(smoothing, info.tiny), info.max)
+    return ((both + smoothing) / (either + smoothing)).to(dtype)
 
 
 def voice_snr(uncertainty: Tensor) -> Tensor:
@@ -119,7 +136,9 @@ def voice_snr(uncertainty: Tensor) -> Tensor:
         uncertainty (Tensor): (N, 1, H, W) or (N, H, W) maps (or ``(N, 1, *spatial)``).
 
     Returns:
-        Tensor: (N,) SNR per example, on the maps' device.
+        Tensor: (N,) SNR per example, on the maps' device; empty for ``N = 0``. Mean and
+        standard deviation are taken in at least float32 and the ratio returned in the
+        maps' dtype.
 
     Examples::
 
@@ -129,8 +148,12 @@ def voice_snr(uncertainty: Tensor) -> Tensor:
         tensor([1.4142])
     """
     u = _voice_maps(uncertainty, "uncertainty").flatten(1)
+    if u.shape[0] == 0:  # (torch's std over an empty batch warns of 0 degrees of freedom)
+        return torch.zeros(0, dtype=u.dtype, device=u.device)
+    dtype, u = u.dtype, at_least_float32(u)
     mean = u.mean(dim=1)
     std = u.std(dim=1, correction=0)
     constant = u.amax(dim=1) == u.amin(dim=1)
     usable = ~constant & (std > 0)
-    return torch.where(usable, mean / torch.where(usable, std, torch.ones_like(std)), 0.0)
+    snr = torch.where(usable, mean / torch.where(usable, std, torch.ones_like(std)), 0.0)
+    return snr.to(dtype)
