@@ -94,7 +94,8 @@ def test_with_the_default_noise_an_example_scores_the_same_alone_or_anywhere(ora
     """The imputation noise was one draw for the whole stacked batch, so an example's ROAD,
     completeness and soundness scores moved (by up to 0.01 in probability) with the other
     images beside it, their order, and the accumulator's batching. Each example's noise now
-    comes from the seed, its own pixels and the step."""
+    comes from the seed, its own pixels and its removal mask (not the position of the step
+    in the list, which tied a fraction's score to the other fractions asked for)."""
     oracle, maps = oracle_maps
     model = _Scaled(oracle.model).eval()
     x, target = oracle.inputs, oracle.target

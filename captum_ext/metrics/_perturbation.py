@@ -19,7 +19,7 @@ from captum_ext._utils.batched_grad import run_forward, warn_if_nan
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext._utils.model_state import preserved_state, set_eval_mode
-from captum_ext._utils.precision import at_least_float32
+from captum_ext._utils.precision import at_least_float32, precise_dtype
 from captum_ext._utils.validation import (
     check_int,
     check_not_meta,
@@ -127,21 +127,32 @@ def score_dtype(x: Tensor) -> torch.dtype:
 
 
 def _ranking_dtype(attributions: Any, x: Tensor) -> torch.dtype:
-    """:func:`score_dtype`, or the maps' own float64 (not on Apple's MPS, which has none):
+    """:func:`score_dtype`, or the maps' own float64, or :func:`precise_dtype` (float64 but on
+    Apple's MPS, which has none) for maps that must be resized to the images.
+
     float64 maps whose values differ in the 9th digit, or lie below float32's range, are
-    ranked as given, not merged into ties by a cast to the images' float32."""
+    ranked as given, not merged into ties by a cast to the images' float32. A smaller map (a
+    CAM's 7 x 7) is upsampled in float64, as ``road`` does: a float32 interpolation
+    rounds pixels that are equal in exact arithmetic to values an ulp apart, so their order
+    (and deletion's curve) followed rounding, changed with the map's scale (``3.7 * map``) or
+    dtype, instead of the documented tie-break by pixel index."""
     given = attributions[0] if isinstance(attributions, tuple) and attributions else attributions
     dtype = score_dtype(x)
     if isinstance(given, Tensor) and given.is_floating_point() and x.device.type != "mps":
         dtype = torch.promote_types(given.dtype, dtype)
+    resized = isinstance(given, Tensor) and given.dim() >= 2 and given.shape[-2:] != x.shape[2:]
+    if resized:
+        dtype = torch.promote_types(dtype, precise_dtype(x.device))
     return dtype
 
 
 def ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tensor:
     """The values pixels are ranked by: (N, 1, H, W) or, per channel, (N, C, H, W), in at
-    least float32 (:func:`score_dtype`), float64 for float64 maps: a half-precision batch
-    must not merge the ranks of pixels whose attributions differ in the fourth digit, nor
-    a float32 one those of float64 maps that differ in the ninth."""
+    least float32 (:func:`score_dtype`), float64 for float64 maps and for maps resized to the
+    images (:func:`_ranking_dtype`): a half-precision batch must not merge the ranks of
+    pixels whose attributions differ in the fourth digit, a float32 one those of float64
+    maps that differ in the ninth, nor an upsampling split pixels that are equal into
+    values an ulp apart."""
     check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
     a = maps_for(attributions, x, "attributions", dtype=_ranking_dtype(attributions, x))
     if a.shape[1] > 1 and channel_reduction == "sum_abs":

@@ -1099,14 +1099,18 @@ def _example_keys(inputs: Tensor, seed: int) -> list[int]:
 
 
 def _add_row_noise(
-    imputed: Tensor, removed: Tensor, keys: Sequence[int], steps: Sequence[int], noise: float
+    imputed: Tensor, removed: Tensor, keys: Sequence[int], seed: int, noise: float
 ) -> Tensor:
     """``imputed + noise * removed * z`` with ``z`` standard normal, row ``k`` drawn from its
-    own generator seeded by (example key, step): an example's imputations, and so its scores,
-    are the same alone, anywhere in a batch, or spread over accumulator updates."""
+    own generator seeded by its example's key (``seed`` and the example's pixels) and the
+    mask it imputes (``removed[k]`` with ``seed``), the rule of :func:`road_imputation`: an
+    example's imputations, and so its scores, are the same alone, anywhere in a batch,
+    spread over accumulator updates, and whatever other fractions (or thresholds) are
+    asked for with it or in which order (a key from the fraction's place in the list gave
+    ``road(percentages=[0.5])`` other noise than the 0.5 of ``[0.2, 0.5, 0.8]``)."""
     if noise <= 0:
         return imputed
-    row_keys = [(key + 1_000_003 * (step + 1)) % (2**63 - 1) for key, step in zip(keys, steps)]
+    row_keys = combined_keys(list(keys), content_keys(removed, seed))
     draws = example_normal(row_keys, 1, tuple(imputed.shape[1:]), imputed.dtype)
     mask = removed.reshape(removed.shape[0], 1, *imputed.shape[-2:]).to(imputed.dtype)
     return imputed + noise * mask * draws.to(imputed.device)
@@ -1144,10 +1148,11 @@ def _imputed(
     imputer: Any,
     noise: float,
     keys: Sequence[int],
-    steps: Sequence[int],
+    seed: int,
 ) -> Tensor:
     """``images`` (R, C, H, W) with the ``removed`` (R, H, W) pixels filled by ``imputer``:
-    ROAD's linear imputation plus each row's own noise (:func:`_add_row_noise`), each image's
+    ROAD's linear imputation plus each row's own noise (:func:`_add_row_noise`: from
+    ``keys``, its example's, ``seed`` and its mask), each image's
     per-channel mean, its Gaussian blur (as deletion's ``baselines="blur"``), or
     ``imputer(images, removed[:, None])``."""
     if callable(imputer):
@@ -1163,7 +1168,7 @@ def _imputed(
         safe = removed.clone()
         safe[everything] = False  # nothing to impute from: filled by the mean below
         filled = road_imputation(images, safe, noise=0.0)
-        filled = _add_row_noise(filled, safe, keys, steps, noise)
+        filled = _add_row_noise(filled, safe, keys, seed, noise)
         if bool(everything.any()):
             mean = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
             filled[everything] = mean[everything]
@@ -1255,9 +1260,11 @@ def road(
             per-channel mean, without noise.
         order (str): ``"morf"`` or ``"lerf"``. Default: ``"morf"``.
         noise (float): imputation noise. Default: 0.01.
-        seed (int): seed of the noise. Each example's noise is drawn from the seed, its
-            own pixels and the step, so its scores are the same alone, anywhere in a batch
-            or over an accumulator's updates. Default: 0.
+        seed (int): seed of the noise. Each (example, fraction) image's noise is drawn from
+            the seed, the example's own pixels and the removed pixels' mask (as
+            :func:`road_imputation` draws it), so its scores are the same alone, anywhere in
+            a batch, over an accumulator's updates, and whatever other ``percentages`` are
+            asked for with it or in which order. Default: 0.
         batch_size (int): rows per forward pass. Default: 64.
 
     Returns:
@@ -1287,12 +1294,13 @@ def road(
     repeats = len(fractions)
     stacked = inputs.repeat_interleave(repeats, dim=0)
     noise = check_number(noise, "noise", allow_minimum=True)
+    seed = check_int(seed, "seed", minimum=0)
     keys = _example_keys(inputs, seed)
     flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
     with evaluation(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
         rows_keys = [key for key in keys for _ in range(repeats)]
-        imputed = _imputed(stacked, flat_removed, "road", noise, rows_keys, [*range(repeats)] * n)
+        imputed = _imputed(stacked, flat_removed, "road", noise, rows_keys, seed)
         probability, correct = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
     return RoadCurves(fractions, probability.view(n, repeats), correct.view(n, repeats))
 
@@ -1331,7 +1339,8 @@ def completeness(
             and fills the image with its per-channel mean, without noise.
         score (str): ``"probability"`` or ``"accuracy"`` (per-example correctness).
             Default: ``"probability"``.
-        noise, seed, batch_size: as in :func:`road` (``noise`` for the ROAD imputer).
+        noise, seed, batch_size: as in :func:`road` (``noise`` for the ROAD imputer; each
+            threshold's noise from its mask, not its place in ``thresholds``).
 
     Returns:
         CompletenessCurves: ``thresholds``, ``drop`` and ``removed_fraction``, ``(N, T)``.
@@ -1355,13 +1364,12 @@ def completeness(
     flat_removed = removed.reshape(n * repeats, *inputs.shape[-2:])
     stacked = inputs.repeat_interleave(repeats, dim=0)
     noise = check_number(noise, "noise", allow_minimum=True)
+    seed = check_int(seed, "seed", minimum=0)
     keys = _example_keys(inputs, seed)
     with evaluation(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
         rows_keys = [key for key in keys for _ in range(repeats)]
-        imputed = _imputed(
-            stacked, flat_removed, imputer, noise, rows_keys, list(range(repeats)) * n
-        )
+        imputed = _imputed(stacked, flat_removed, imputer, noise, rows_keys, seed)
         original = _scores(forward_func, inputs, targets, extra, batch_size, 1)
         changed = _scores(forward_func, imputed, targets, extra, batch_size, repeats)
     which = 0 if score == "probability" else 1  # (probability, correct)
@@ -1429,7 +1437,8 @@ def soundness(
             each example's own probability (so one example's result does not depend on the
             rest of the batch), or the batch's accuracy with ``score="accuracy"`` (soco's
             rule). Default: 0.04.
-        noise, seed, batch_size: as in :func:`road`; all steps are imputed and evaluated in
+        noise, seed, batch_size: as in :func:`road` (each step's noise from its mask, not
+            its place in ``removed_fractions``); all steps are imputed and evaluated in
             batches of ``batch_size`` rows.
 
     Returns:
@@ -1533,7 +1542,7 @@ def _soundness_parts(
                 imputer,
                 noise,
                 [keys[i] for i, _ in chunk],
-                [j for _, j in chunk],
+                seed,
             )
             p, c = _score_rows(forward_func, imputed, examples, targets, extra, n)
             # rows are example-major: row i * steps + j is example i at step j
