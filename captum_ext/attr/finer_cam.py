@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -26,8 +27,14 @@ from ._cam import TargetClassCAMBase, target_cam
 DEFAULT_COMPARISON_POSITIONS = (1, 2, 3)
 
 
-def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tensor:
-    r"""Finer-CAM's score of every class, ``(N, C)``.
+def finer_scores(
+    logits: Tensor,
+    alpha: float,
+    positions: Sequence[int],
+    *,
+    classes: Tensor | None = None,
+) -> Tensor:
+    r"""Finer-CAM's score of every class, ``(N, C)``, or of the classes in ``classes``.
 
     For class :math:`c` with logit :math:`y_c`, the comparison set :math:`S_c` holds the
     classes at ``positions`` when all classes are ordered by :math:`|y_j - y_c|` (position 0
@@ -39,48 +46,91 @@ def finer_scores(logits: Tensor, alpha: float, positions: Sequence[int]) -> Tens
     The weights :math:`p_j` are differentiated too, as in the published implementation.
     Half-precision logits are scored in float32: the 1e-9 guard is 0 in float16, where the
     vanishing weights of a confident prediction gave 0 / 0.
+
+    Finding the comparison sets of all C classes compares each class with every other one
+    (N x C x C distances: about 11 s per image at 21,841 classes on one CPU core); a CAM
+    differentiates only the explained classes' scores, so ``classes`` restricts the work to
+    theirs (N x C' x C).
+
+    Args:
+        logits (Tensor): ``(N, C)`` logits.
+        alpha (float): the weight of the comparison classes' logits.
+        positions (sequence of int): positions in the order of closeness (0 is the class
+            itself), each below C.
+        classes (Tensor, optional): ``(N, C')`` class indices in ``[0, C)``: only these
+            classes' scores are computed (the same values, to the bit, as without
+            ``classes``), and the other entries are NaN. Default: None, every class.
+
+    Returns:
+        Tensor: ``(N, C)`` scores, in at least float32.
     """
     logits = at_least_float32(logits)
-    n, classes = logits.shape
+    n, num_classes = logits.shape
     with torch.no_grad():
-        compared = comparison_sets(logits, positions).reshape(n, -1)  # (N, C * k)
+        if classes is None:
+            compared = comparison_sets(logits, positions)  # (N, C, k)
+        else:
+            # each class compared with itself where its score is not asked for (cheap,
+            # finite, and replaced by NaN below); the explained classes' own sets
+            k = len(positions)
+            compared = torch.arange(num_classes, device=logits.device)
+            compared = compared.view(1, num_classes, 1).expand(n, num_classes, k).clone()
+            explained = comparison_sets(logits, positions, classes)  # (N, C', k)
+            compared.scatter_(1, classes[:, :, None].expand(-1, -1, k), explained)
+        compared = compared.reshape(n, -1)  # (N, C * k)
     probability = logits.softmax(dim=1)
     # gathered from the (N, C) rows themselves: a backward of O(N C k), not of N x C x C
-    weights = probability.gather(1, compared).view(n, classes, -1)
-    others = logits.gather(1, compared).view(n, classes, -1)
+    weights = probability.gather(1, compared).view(n, num_classes, -1)
+    others = logits.gather(1, compared).view(n, num_classes, -1)
     numerator = (weights * (logits[:, :, None] - alpha * others)).sum(dim=2)
-    return numerator / (weights.sum(dim=2) + 1e-9)
+    scores = numerator / (weights.sum(dim=2) + 1e-9)
+    if classes is None:
+        return scores
+    asked = torch.zeros(n, num_classes, dtype=torch.bool, device=logits.device)
+    asked.scatter_(1, classes, True)
+    # the classes not asked for read NaN, not a score of the wrong comparison set; their
+    # zero cotangents pass through `where` as zeros
+    return torch.where(asked, scores, torch.full_like(scores, math.nan))
 
 
 #: distances compared at once by :func:`comparison_sets` (N x classes of a chunk x C)
 _CHUNK_ELEMENTS = 2**22
 
 
-def comparison_sets(logits: Tensor, positions: Sequence[int]) -> Tensor:
-    r"""For every class :math:`c`, the classes at ``positions`` when all classes are ordered
-    by :math:`|y_j - y_c|` (``c`` first, ties in class order), ``(N, C, k)``: the comparison
-    sets of :func:`finer_scores`.
+def comparison_sets(
+    logits: Tensor, positions: Sequence[int], classes: Tensor | None = None
+) -> Tensor:
+    r"""For every class :math:`c` (or each one in ``classes``), the classes at ``positions``
+    when all classes are ordered by :math:`|y_j - y_c|` (``c`` first, ties in class order),
+    ``(N, C, k)`` (or ``(N, C', k)``): the comparison sets of :func:`finer_scores`.
 
     Each row needs only its ``max(positions) + 1`` nearest classes: the distance of the
     last of them (a k-smallest selection, not a sort of all C), every class closer than it,
     and the tied ones at it in class order. Classes are taken in chunks, so memory stays
     at about ``N x C`` per chunk (at 21,843 classes the full ``N x C x C`` orderings are
-    1.9 GB per image in float32).
+    1.9 GB per image in float32). The time is that of ``N x C' x C`` distances: give
+    ``classes``, an ``(N, C')`` tensor of class indices in ``[0, C)``, where only some
+    classes' sets are needed (row ``[n, i]`` of the result is then the set of class
+    ``classes[n, i]``, the same as in the result without ``classes``).
     """
     logits = at_least_float32(logits.detach())
-    n, classes = logits.shape
+    n, num_classes = logits.shape
+    if classes is None:
+        classes = torch.arange(num_classes, device=logits.device).expand(n, num_classes)
     keep = max(positions) + 1
     chosen_positions = torch.tensor(list(positions), device=logits.device)
-    result = torch.empty(n, classes, len(positions), dtype=torch.long, device=logits.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, n * classes))
-    for start in range(0, classes, step):
-        stop = min(classes, start + step)
+    total = classes.shape[1]
+    result = torch.empty(n, total, len(positions), dtype=torch.long, device=logits.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n * num_classes))
+    for start in range(0, total, step):
+        stop = min(total, start + step)
         width = stop - start
-        distance = (logits[:, None, :] - logits[:, start:stop, None]).abs()  # (N, w, C)
+        own = classes[:, start:stop]  # (N, w)
+        distance = (logits[:, None, :] - logits.gather(1, own)[:, :, None]).abs()  # (N, w, C)
         # as a stable sort orders them: infinite distances before NaN ones (a NaN logit)
         distance = distance.nan_to_num(nan=math.inf, posinf=torch.finfo(distance.dtype).max)
-        rows = torch.arange(width, device=logits.device)
-        distance[:, rows, rows + start] = -1.0  # each class first, also beside equal logits
+        # each class first, also beside equal logits
+        distance.scatter_(2, own[:, :, None], -1.0)
         threshold = distance.topk(keep, dim=2, largest=False).values[..., -1:]
         closer = distance < threshold
         tied = distance == threshold
@@ -154,6 +204,12 @@ def comparison_classes(
     return distance.argsort(dim=1, stable=True)[:, list(positions)]
 
 
+#: the FinerCAM whose ``_maps`` runs in this thread (or task) and the classes it explains
+_EXPLAINING: ContextVar[tuple[Any, Any] | None] = ContextVar("finer_cam_explaining", default=None)
+
+#: ``FinerCAM._finer_score``'s default: score every class
+_EVERY_CLASS = object()
+
 #: FinerCAM's constructor arguments: unlike the other target-class CAMs it scores the
 #: classes of (N, C) logits against each other, so it takes no segmentation output
 _FINER_CAM_INIT_ARGS = """
@@ -209,6 +265,10 @@ class FinerCAM(TargetClassCAMBase):
     underflow next to the formula's 1e-9 guard and the map vanishes, as in the published
     implementation; Finer-CAM is meant for classes the model finds similar.
 
+    Only the explained classes' comparison sets are found (N x C' x C logit distances for
+    C' classes per example): the cost grows with C, not C x C (``target="all"`` finds every
+    class's set, N x C x C).
+
     Paper: Z. Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for
     Visual Explanation", CVPR 2025.
 
@@ -246,8 +306,26 @@ class FinerCAM(TargetClassCAMBase):
     @property
     def _score(self) -> Callable[[Tensor], Tensor]:
         # the engine's score, bound to this object when read (not stored: a copy, such as
-        # Contrastive's, would keep calling the original's and its comparison positions)
+        # Contrastive's, would keep calling the original's and its comparison positions).
+        # Inside this object's own `_maps` it scores only the classes its `target` explains
+        # (see `_maps`); read elsewhere (VOICE), it scores every class.
+        explaining = _EXPLAINING.get()
+        if explaining is not None and explaining[0] is self:
+            target = explaining[1]
+            return lambda logits: self._finer_score(logits, target=target)
         return self._finer_score
+
+    def _maps(self, inputs: Any, classes: Any, *args: Any, **kwargs: Any) -> Any:
+        # The engine differentiates only the columns of the classes `classes` selects, so
+        # the score computes only theirs: the comparison sets of every class are N x C x C
+        # distances (11 s per image at 21,841 classes) where the explained ones' are N x C'
+        # x C. The score resolves `classes` from the same logits by the same rule as the
+        # engine; a callable selection (the engine's internal form) scores every class.
+        token = _EXPLAINING.set(None if callable(classes) else (self, classes))
+        try:
+            return super()._maps(inputs, classes, *args, **kwargs)
+        finally:
+            _EXPLAINING.reset(token)
 
     @property
     def comparison_positions(self) -> tuple[int, ...] | None:
@@ -290,7 +368,9 @@ class FinerCAM(TargetClassCAMBase):
             return default_positions(classes) if classes >= 2 else DEFAULT_COMPARISON_POSITIONS
         return positions
 
-    def _finer_score(self, logits: Tensor) -> Tensor:
+    def _finer_score(self, logits: Tensor, target: Any = _EVERY_CLASS) -> Tensor:
+        """:func:`finer_scores` of every class, or (given ``target``, in the forms of
+        ``attribute``) of the classes it selects, the others NaN."""
         classes = logits.shape[1]
         positions = self._positions(classes)
         if max(positions) >= classes:
@@ -299,7 +379,12 @@ class FinerCAM(TargetClassCAMBase):
                 f"{classes} classes (position 0 is the explained class itself)."
                 + (single_logit_hint() if classes == 1 else "")
             )
-        return finer_scores(logits, self.alpha, positions)
+        if target is _EVERY_CLASS:
+            return finer_scores(logits, self.alpha, positions)
+        explained, _ = class_selection(
+            target, logits, argument=self._class_argument, default=self._default_classes
+        )
+        return finer_scores(logits, self.alpha, positions, classes=explained)
 
     def _check_explained(self, logits: Tensor, classes: Tensor) -> bool:
         """The maps of the explained classes whose comparison classes' summed probability
