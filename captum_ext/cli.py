@@ -394,7 +394,9 @@ def _add_score_parser(commands: Any) -> None:
         help="comma-separated scores, one CSV column each, from: "
         + ", ".join(_score_names())
         + " (default: gradtrust,softmax). The gradtrust column holds the natural log of "
-        "GradTrust (its values span many orders of magnitude; the ranking is the same).",
+        "GradTrust (its values span many orders of magnitude; the ranking is the same). "
+        "energy and purview need the logits: for a model that ends in a softmax or "
+        "log_softmax they are left out, with a note.",
     )
     score.add_argument("--final-layer", metavar="NAME", help=_FINAL_LAYER_HELP)
     score.add_argument(
@@ -645,7 +647,8 @@ def _run_score(args: argparse.Namespace) -> int:
             argument_names=flags,
         )
         labels, names = dataset.labels, dataset.names
-    images = default_collate([dataset[i] for i in range(min(2, len(dataset)))])[0]
+    # a few images to read the model's output on (how to read it, and its classes)
+    images = default_collate([dataset[i] for i in range(min(_PROBE_IMAGES, len(dataset)))])[0]
 
     with distributed_from_environment(device) as device:
         if args.model is None:
@@ -659,7 +662,9 @@ def _run_score(args: argparse.Namespace) -> int:
             # TorchScript: a wrapper running an eager copy of the final linear layer
             model = gradtrust_model(model, args.final_layer, images[:2].to(device))
         if args.model is not None:
-            model, adapted = with_logits_output(model, images[:1].to(device))
+            # on every image read so far: one output per image that lies in [0, 1] on all of
+            # them is warned of as a sigmoid's probability
+            model, adapted = with_logits_output(model, images.to(device))
             if adapted and int(os.environ.get("RANK", "0")) == 0:
                 print(ADAPTATION_MESSAGES[model.reads])
         if class_names is not None:
@@ -668,8 +673,10 @@ def _run_score(args: argparse.Namespace) -> int:
         from captum_ext._utils.model_state import preserved_state
 
         with preserved_state([root_module(model)]), torch.no_grad():
-            num_classes = model(images[:1].to(device)).shape[-1]
+            probe_logits = model(images.to(device))
+        num_classes = probe_logits.shape[-1]
         check_folder_labels(labels, names, num_classes)
+        args.scores = _without_level_scores(args.scores, model, probe_logits)
         options = gradtrust_kwargs(loaded, args.final_layer, reads=getattr(model, "reads", None))
 
         dtype = model_input_dtype(loaded)
@@ -709,6 +716,47 @@ def _run_score(args: argparse.Namespace) -> int:
                 summary += ", no labels"
             print(f"Scores written to {path} ({summary}; scores: {', '.join(args.scores)})")
     return 0
+
+
+#: images read before scoring to check the model and see how its output is to be read (the
+#: rest are read batch by batch as they are scored)
+_PROBE_IMAGES = 2
+
+#: scores that read the logits' level (their log-sum-exp), not only their softmax
+_LEVEL_SCORES = ("energy", "purview")
+
+
+def _without_level_scores(scores: list[str], model: Any, logits: Any) -> list[str]:
+    """``scores`` less energy and purview, with a printed note, for a model whose outputs are
+    read as probabilities (a final softmax, read as log-probabilities) or are
+    log-probabilities (a final log_softmax): those have lost the constant per row of the
+    logits that the two scores read (the energy of log-probabilities is 0 for every image),
+    and the functions refuse them. A ValueError naming ``--scores`` when nothing is left."""
+    from captum_ext.metrics.trust_baselines import _looks_like_log_probabilities
+
+    dropped = [name for name in scores if name in _LEVEL_SCORES]
+    if not dropped:
+        return scores
+    if getattr(model, "reads", None) == "probabilities":
+        why = "it returns probabilities, read as log-probabilities"
+    elif _looks_like_log_probabilities(logits):
+        why = "it returns log-probabilities (it ends in a log_softmax)"
+    else:
+        return scores
+    kept = [name for name in scores if name not in _LEVEL_SCORES]
+    named = " and ".join(dropped)
+    message = (
+        f"{named} need{'s' if len(dropped) == 1 else ''} the model's logits, and {why}: "
+        "those have lost the constant per row of the logits that "
+        f"{'it reads' if len(dropped) == 1 else 'they read'} (the energy of log-probabilities "
+        "is 0 for every image). Score the model without its final softmax / log_softmax for "
+        f"{'it' if len(dropped) == 1 else 'them'}."
+    )
+    if not kept:
+        raise ValueError(f"`--scores`: {message}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"Note: {named} left out: {message}")
+    return kept
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -264,13 +264,22 @@ def _tuple_on_logits_error(value: Any, argument: str, *, in_list: bool = False) 
     )
 
 
-def single_logit_hint(*, takes_output_transform: bool = True) -> str:
-    """What a binary classifier with one logit needs: its two-class logits ``[-z/2, z/2]``."""
-    fix = (
-        "pass output_transform=captum_ext.data.two_class_logits"
-        if takes_output_transform
-        else "wrap the model, forward_func=lambda x: captum_ext.data.two_class_logits(model(x))"
-    )
+def single_logit_hint(*, takes_output_transform: bool = True, needs_module: bool = False) -> str:
+    """What a binary classifier with one logit needs: its two-class logits ``[-z/2, z/2]``.
+
+    ``takes_output_transform``: the caller's public function has an ``output_transform``
+    argument to pass; else the model is wrapped: in a lambda, or, where the method needs an
+    ``nn.Module`` whose layers it finds by name (``needs_module``), in
+    :class:`captum_ext.data.LogitsOutput`, which keeps the layer names."""
+    if takes_output_transform:
+        fix = "pass output_transform=captum_ext.data.two_class_logits"
+    elif needs_module:
+        fix = (
+            "wrap the model, captum_ext.data.LogitsOutput(model, reads='one logit'), which "
+            "returns them (its layers keep their names)"
+        )
+    else:
+        fix = "wrap the model, forward_func=lambda x: captum_ext.data.two_class_logits(model(x))"
     return (
         f" A binary classifier with one logit z (P(class 1) = sigmoid(z)) has the two-class "
         f"logits [-z/2, z/2]: {fix}."
@@ -283,13 +292,43 @@ def check_several_classes(
     *,
     why: str = "the softmax of one output is always 1, so the scores would be constant",
     takes_output_transform: bool = True,
+    needs_module: bool = False,
 ) -> None:
     """Refuse (N, 1) logits where ``what`` needs several classes (a softmax over one class is
-    always 1), naming :func:`captum_ext.data.two_class_logits`."""
+    always 1), naming :func:`captum_ext.data.two_class_logits` (``takes_output_transform``
+    and ``needs_module``: see :func:`single_logit_hint`)."""
     if logits.dim() == 2 and logits.shape[1] == 1:
         raise ValueError(
             f"{what}: the model has 1 output, and {why}."
-            + single_logit_hint(takes_output_transform=takes_output_transform)
+            + single_logit_hint(
+                takes_output_transform=takes_output_transform, needs_module=needs_module
+            )
+        )
+
+
+def refuse_one_output_contrast(
+    num_classes: int, *, argument: str = "contrast", per_position: bool = False
+) -> None:
+    """Refuse a contrast class on a model with one output, whatever the class given.
+
+    A contrast Q is explained through the cross-entropy ``-log softmax(z)_Q``; over one
+    output the log-softmax is 0 for every input, so its gradients, and every contrastive map,
+    would be zeros without an error. The message names
+    :func:`captum_ext.data.two_class_logits`, which turns one logit into the two classes
+    that a contrast can be taken between (``per_position``: an output (N, 1, *positions), one
+    logit per position, gets the transform that does the same at each position)."""
+    if num_classes == 1:
+        hint = (
+            " A binary segmentation output of one logit z per position has the two-class "
+            "logits [-z/2, z/2] along dimension 1: pass "
+            "output_transform=lambda z: torch.cat([-z / 2, z / 2], dim=1)."
+            if per_position
+            else single_logit_hint()
+        )
+        raise ValueError(
+            f"`{argument}`: the model has only 1 output, and a contrast is explained through "
+            "the cross-entropy -log softmax(z)_Q, which over one output is 0 for every input: "
+            "every contrastive map would be zeros." + hint
         )
 
 
@@ -414,19 +453,26 @@ def class_selection(
     Captum's index into an output with more than two dimensions, so it is refused here with
     a message pointing to the 2-D tensor form of several classes per example.
 
+    ``default="runner_up"`` marks a contrast class (ContrastCAM, Contrastive): it is
+    explained through a cross-entropy, which over one output is 0 for every input, so on a
+    model with one output every contrast is refused (the default and any class given), with
+    a message naming :func:`captum_ext.data.two_class_logits`.
+
     Returns:
         (classes, multi): the indices on the logits' device, in [0, C), and whether the caller
         asked for several classes per example (so the output keeps a class dimension).
     """
     n, num_classes = logits.shape
     device = logits.device
+    if default == "runner_up" and num_classes < 2:
+        if value is None:
+            raise ValueError(
+                f"`{argument}` defaults to the runner-up class, but the model has only "
+                f"{num_classes} output." + single_logit_hint()
+            )
+        refuse_one_output_contrast(num_classes, argument=argument)
     if value is None:
         if default == "runner_up":
-            if num_classes < 2:
-                raise ValueError(
-                    f"`{argument}` defaults to the runner-up class, but the model has only "
-                    f"{num_classes} output." + single_logit_hint()
-                )
             classes = runner_up_classes(logits)[:, None]
         else:
             classes = logits.detach().argmax(dim=1, keepdim=True)
@@ -469,6 +515,8 @@ def output_selection(
     """
     if output.dim() == 2:
         return class_selection(value, output, argument=argument, default=default)
+    if default == "runner_up":  # a contrast: the cross-entropy over one class is 0
+        refuse_one_output_contrast(int(output.shape[1]), argument=argument, per_position=True)
     n, sizes = output.shape[0], tuple(output.shape[1:])
     shape = f"(N, {', '.join(str(s) for s in sizes)})"
     names = {1: ["k"], 2: ["h", "w"], 3: ["d", "h", "w"]}.get(

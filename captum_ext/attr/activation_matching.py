@@ -17,7 +17,14 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils.batched_grad import call_model, half_precision_dtype
+from .._utils.batched_grad import (
+    PROBABILITIES_WARNING,
+    UNDERFLOW_NOTE,
+    call_model,
+    half_precision_dtype,
+    looks_like_probabilities,
+)
+from .._utils.caller import user_stacklevel
 from .._utils.distributed import written_on_main_process
 from .._utils.hooks import restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
@@ -35,6 +42,7 @@ from .._utils.training import (
 from .._utils.validation import (
     check_flag,
     check_int,
+    check_several_classes,
     class_selection,
     format_inputs,
     outside_inference_mode,
@@ -383,7 +391,13 @@ class ActivationMatchingMask(PerturbationAttribution):
 
     Args:
         forward_func (Callable or nn.Module): the classifier, returning (N, classes) logits
-            for normalised images (N, C, H, W).
+            for normalised images (N, C, H, W), C >= 2. One output per image is refused at
+            the first forward pass of ``attribute``, ``prune`` or ``fit`` (the softmax of one
+            output is always 1): wrap a binary classifier with one logit z in
+            ``captum_ext.data.LogitsOutput(model, reads="one logit")`` (its two-class logits
+            ``[-z/2, z/2]``). Outputs that are probabilities (a final softmax, of which the
+            objective would take a second one) get a UserWarning; wrap such a model in
+            ``captum_ext.data.LogitsOutput(model, reads="probabilities")``.
         layers (nn.Module, str, list or dict): the layers phi_l whose outputs are matched:
             a module or dotted name, a list of them (a_l = 1 each) or a dict mapping each to
             its weight a_l (e.g. for a torchvision ResNet the papers use
@@ -641,6 +655,8 @@ class ActivationMatchingMask(PerturbationAttribution):
                 logits, acts = run_with_activations(self.forward_func, self.layers, x)
             else:
                 logits, acts = self._logits(x), []
+        if self.__dict__.pop("_head_unchecked", False):  # the first step of `fit`
+            self._check_output_head(logits)
         return Reference(logits.detach(), [a.detach() for a in acts])
 
     def _logits(self, x: Tensor) -> Tensor:
@@ -648,6 +664,33 @@ class ActivationMatchingMask(PerturbationAttribution):
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError("`forward_func` must return (N, classes) logits.")
         return logits
+
+    def _check_output_head(self, logits: Tensor) -> None:
+        """Check the model's output on the first forward pass of a public call: one output is
+        refused (the cross-entropy, KL and confidence terms and the reported confidences
+        take a softmax over the classes, which over one output is always 1), and rows of
+        probabilities (a model that ends in a softmax, of which those would take a second
+        softmax) get the methods' probabilities warning, with this class's remedy."""
+        check_several_classes(
+            logits,
+            "ActivationMatchingMask takes a softmax over the classes (its cross-entropy, KL "
+            "and confidence terms, and the confidences it reports)",
+            why="the softmax of one output is always 1, so those terms would be constant and "
+            "every confidence 1",
+            takes_output_transform=False,
+            needs_module=True,
+        )
+        if looks_like_probabilities(logits):
+            remedy = (
+                "ActivationMatchingMask takes no output_transform: wrap the model, "
+                "ActivationMatchingMask(captum_ext.data.LogitsOutput(model, "
+                "reads='probabilities'), layers), which returns its log-probabilities "
+                "(logits: softmax(log p) = p) and keeps its layers and their names, or remove "
+                "the final softmax."
+            )
+            if bool((logits == 0).any()):
+                remedy += UNDERFLOW_NOTE
+            warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=user_stacklevel())
 
     def _objective(self, net, x, target, reference, baseline, noise):
         probabilities = torch.sigmoid(net(x))
@@ -847,6 +890,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         with self._frozen_model(), gradients_on():
             with torch.no_grad():
                 logits = self._logits(x)
+            self._check_output_head(logits)
             targets, multi = class_selection(target, logits, argument="target", default="predicted")
             if multi or targets.shape[1] != 1:
                 raise ValueError("`target` must give one class per example.")
@@ -969,6 +1013,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         targets = result.target.to(x.device)
         with self._frozen_model(), torch.no_grad():
             logits = self._logits(x)
+            self._check_output_head(logits)
             mask = result.mask[:, :1].to(device=x.device, dtype=x.dtype)
             mask, dropped = prune_mask(
                 self._logits,
@@ -1314,7 +1359,11 @@ class ActivationMatchingMask(PerturbationAttribution):
         options = dict(locals())
         del options["self"], options["data"]
         self._check_layers()  # before the checkpoint's objective is compared with them
-        return fit_mask_net(self, data, **options)
+        self.__dict__["_head_unchecked"] = True  # checked on the first step's forward pass
+        try:
+            return fit_mask_net(self, data, **options)
+        finally:
+            self.__dict__.pop("_head_unchecked", None)
 
     def _train_step(self, x, net, wrapped, optimiser, base_seed, step, rank, world) -> float:
         """One optimiser step of :meth:`fit` (a seam per instance; the loop is in

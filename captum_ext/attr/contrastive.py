@@ -54,6 +54,7 @@ from .._utils.validation import (
     output_selection,
     outside_inference_mode_nested,
     parse_class_selection,
+    refuse_one_output_contrast,
     repeat_per_example,
 )
 from ..token_grid import looks_channels_last
@@ -249,6 +250,8 @@ class ContrastiveForward(nn.Module):
         multidim = self._multidim and isinstance(output, Tensor) and output.dim() > 2
         if not multidim and (not isinstance(output, Tensor) or output.dim() != 2):
             raise _output_error(output)
+        # one output (a binary model's logit): every cross-entropy over it is 0
+        refuse_one_output_contrast(output.shape[1], per_position=multidim)
         if self._max_class is not None and self._max_class >= output.shape[1]:
             check_class_range(torch.tensor([self._max_class]), output.shape[1], argument="contrast")
         # (N, C, *positions): the softmax runs over the class axis at each position, and

@@ -856,8 +856,8 @@ class LogitsOutput(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         output = _logits_field(self.__dict__["model"](*args, **kwargs))
-        if self.reads == "one logit":
-            return two_class_logits(output)
+        if self.reads == "one logit":  # checked once, where the wrapper was chosen
+            return _two_class(output)
         if self.reads == "probabilities":  # a softmax's output, found so when wrapped
             return _log(output)
         return output
@@ -876,6 +876,49 @@ def _is_one_logit(output: Any) -> bool:
         and output.is_floating_point()
         and (output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1))
     )
+
+
+#: the warning of :func:`two_class_logits` and :func:`with_logits_output` for one output per
+#: example that lies in [0, 1] everywhere: a final ``torch.sigmoid``'s probability
+SIGMOID_OUTPUT_WARNING = (
+    "captum_ext: the model returns one value per example, and every value here lies in "
+    "[0, 1]: it looks like a probability P(class 1) from a final torch.sigmoid, but it is "
+    "read as a logit z (the two-class logits [-z/2, z/2]), so every example would be "
+    "predicted class 1 (any p > 0 is a positive logit) with confidence sigmoid(p) instead "
+    "of p, and every score and map built on it would be wrong. Give the model without its "
+    "final sigmoid (returning its logit z), or turn the probability back into the logit "
+    "first with torch.logit (e.g. output_transform=lambda p: "
+    "captum_ext.data.two_class_logits(torch.logit(p)), or a model whose forward returns "
+    "torch.logit(model(x))). If these values are logits that happen to lie in [0, 1], "
+    "ignore this warning."
+)
+
+
+def _looks_like_one_probability(output: Tensor) -> bool:
+    """Whether every value of the one-output-per-example ``output`` lies in [0, 1] (NaN
+    rows aside; at least one value): a sigmoid's probability rather than a logit. False
+    where the values cannot be read (under ``torch.func`` transforms, on the meta device)."""
+    if output.numel() == 0 or output.device.type == "meta":
+        return False
+    try:  # under torch.func (vmap, grad) the values cannot be read
+        if torch._C._functorch.is_functorch_wrapped_tensor(output):
+            return False
+    except AttributeError:  # pragma: no cover - torch without functorch
+        pass
+    with torch.no_grad():
+        values = output.detach()
+        values = values[~torch.isnan(values)]
+        return bool(values.numel()) and bool(((values >= 0) & (values <= 1)).all())
+
+
+@torch.jit.unused
+def _warn_if_one_probability(output: Tensor, stacklevel: int | None = None) -> None:
+    if _looks_like_one_probability(output):
+        warnings.warn(
+            SIGMOID_OUTPUT_WARNING,
+            UserWarning,
+            stacklevel=user_stacklevel() if stacklevel is None else stacklevel,
+        )
 
 
 def model_failed_on_images(model: Any, shape: Sequence[int], error: BaseException) -> ValueError:
@@ -918,7 +961,14 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     softmax, ``"probabilities"``); else ``(model, False)``. One forward pass, without
     gradients; the model's state is kept. A TorchScript model is wrapped as it is (its
     compiled layers take no hooks: to explain one of them, wrap the model that
-    :func:`expose_layer` returns instead)."""
+    :func:`expose_layer` returns instead).
+
+    One output per example whose every value on ``example`` lies in [0, 1] is still read as
+    a logit, with a UserWarning (:data:`SIGMOID_OUTPUT_WARNING`) that it looks like a final
+    sigmoid's probability, which would make every example class 1, and what to do: one value
+    per example is too little to tell a probability from a logit that lies in [0, 1] (give
+    ``example`` several images), where a softmax's rows, which sum to 1, are read as
+    probabilities without doubt."""
     from captum_ext._utils.batched_grad import (
         UNDERFLOW_NOTE,
         in_model_precision,
@@ -931,6 +981,7 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     logits = _logits_field(output)
     if _is_one_logit(logits):
         reads = "one logit"
+        _warn_if_one_probability(logits, stacklevel=2)
     elif looks_like_probabilities(logits):
         reads = "probabilities"
         if bool((logits == 0).any()):
@@ -1016,6 +1067,11 @@ def two_class_logits(output: Tensor) -> Tensor:
     predictions of either class alike. Pass it as ``output_transform``, or wrap the model
     (``lambda x: two_class_logits(model(x))``) where a function has none.
 
+    The output must be the logit z, not the probability ``sigmoid(z)``: where every value
+    lies in [0, 1] (a model that ends in ``torch.sigmoid``) a UserWarning says so
+    (:data:`SIGMOID_OUTPUT_WARNING`), since every example would then be read as class 1;
+    ``two_class_logits(torch.logit(p))`` gives the two-class logits of such a probability.
+
     Args:
         output (Tensor): ``(N,)`` or ``(N, 1)`` logits.
 
@@ -1040,6 +1096,15 @@ def two_class_logits(output: Tensor) -> Tensor:
             f"`output` must hold one logit per example, (N,) or (N, 1), got shape "
             f"{list(output.shape)}."
         )
+    if not torch.jit.is_scripting():
+        _warn_if_one_probability(output)
+    return _two_class(output)
+
+
+def _two_class(output: Tensor) -> Tensor:
+    """``two_class_logits`` without its checks (for outputs already checked)."""
+    if output.dim() == 2 and output.shape[1] == 1:
+        output = output[:, 0]
     half = output / 2
     return torch.stack([-half, half], dim=1)
 

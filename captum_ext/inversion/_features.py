@@ -8,6 +8,7 @@ features backpropagate to whatever produced the model's input (the generator).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
@@ -122,11 +123,64 @@ def _feature_tap(
     return _FeatureTap(layer, layer_input=bool(layer_input))
 
 
-def count_classes(model: nn.Module, input_shape, device, dtype) -> int:
+#: the remedy of the probabilities warning for the inversion classes, which take the model
+#: itself (an nn.Module whose layers they find and extend) and no ``output_transform``
+MODULE_PROBABILITIES_REMEDY = (
+    "This class takes the model itself and no output_transform: give the model without its "
+    "final softmax (its logits), or wrap it, captum_ext.data.LogitsOutput(model, "
+    "reads='probabilities'), which returns its log-probabilities (logits: softmax(log p) = "
+    "p) and keeps its layers and their names."
+)
+
+
+#: True while the model's output head was warned of already (see
+#: :func:`head_already_checked`)
+_HEAD_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "captum_ext_inversion_head_checked", default=False
+)
+
+
+@contextlib.contextmanager
+def head_already_checked() -> Iterator[None]:
+    """Within the block :func:`count_classes` does not warn of probabilities again: for a
+    class that probes the model and then builds another on it (TIE's NetworkInversion), so
+    the user sees the warning once."""
+    token = _HEAD_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _HEAD_CHECKED.reset(token)
+
+
+def warn_if_probabilities(logits: Tensor) -> None:
+    """Warn where the model's (N, C) output has rows on the probability simplex (a model that
+    ends in a softmax), which the inversion losses and TIE's probabilities would take a
+    second softmax of: the methods' probabilities warning, with the remedy for a model that
+    is given as it is (:data:`MODULE_PROBABILITIES_REMEDY`)."""
+    import warnings
+
+    from captum_ext._utils.batched_grad import (
+        PROBABILITIES_WARNING,
+        UNDERFLOW_NOTE,
+        looks_like_probabilities,
+    )
+    from captum_ext._utils.caller import user_stacklevel
+
+    if looks_like_probabilities(logits) and not _HEAD_CHECKED.get():
+        remedy = MODULE_PROBABILITIES_REMEDY
+        if bool((logits == 0).any()):
+            remedy += UNDERFLOW_NOTE
+        warnings.warn(PROBABILITIES_WARNING + remedy, UserWarning, stacklevel=user_stacklevel())
+
+
+def count_classes(model: nn.Module, input_shape, device, dtype, *, warn: bool = True) -> int:
     """The number of logits ``model`` returns for (C, H, W) = ``input_shape`` inputs, from
     one forward pass on two zero images (eval mode, no gradients; the model's state is
     restored). A model that fails on such inputs, or does not return N x K logits, raises a
-    ValueError naming ``input_shape`` / ``model``."""
+    ValueError naming ``input_shape`` / ``model``; a model whose rows are probabilities (it
+    ends in a softmax, which TIE's probabilities and the inversion losses would take a
+    second softmax of) gets the probabilities warning (:func:`warn_if_probabilities`) unless
+    ``warn`` is False (a probe repeated by a later one that warns)."""
     if (
         isinstance(input_shape, str)
         or not hasattr(input_shape, "__len__")
@@ -147,4 +201,6 @@ def count_classes(model: nn.Module, input_shape, device, dtype) -> int:
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"`model` must return N x K logits, got {got}.")
+    if warn:
+        warn_if_probabilities(logits)
     return int(logits.shape[1])

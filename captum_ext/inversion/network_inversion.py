@@ -208,7 +208,9 @@ class NetworkInversion:
 
     Args:
         model (nn.Module): The classifier ``f`` with ``K`` outputs (logits). Formerly
-            ``classifier``.
+            ``classifier``. A model whose outputs are probabilities (it ends in a softmax, of
+            which the losses would take a second one) gets a UserWarning; give it without the
+            softmax, or as ``captum_ext.data.LogitsOutput(model, reads="probabilities")``.
         generator_net (ConditionedGenerator, optional): The generator network to train
             (formerly ``generator``; ``generator`` in :meth:`sample` is a
             ``torch.Generator``). Default: a new one with the preset's conditioning, ``K``
@@ -322,7 +324,8 @@ class NetworkInversion:
                     f"{type(model).__name__}; or pass a ConditionedGenerator as `generator_net`."
                 )
             device, dtype = model_device_dtype(model)
-            num_classes = self._probe_classes(model, input_shape, device, dtype)
+            # the model setter below probes it again, and warns of a softmax output there
+            num_classes = self._probe_classes(model, input_shape, device, dtype, warn=False)
             with seeded_rng(seed):
                 generator_net = ConditionedGenerator(
                     num_classes,
@@ -372,8 +375,11 @@ class NetworkInversion:
 
     # ----------------------------------------------------------------- model
     @staticmethod
-    def _probe_classes(model, input_shape, device, dtype) -> int:
-        return count_classes(model, input_shape, device, dtype)
+    def _probe_classes(model, input_shape, device, dtype, *, warn: bool = True) -> int:
+        """The number of outputs of ``model`` (:func:`count_classes`), with the probabilities
+        warning for a model that ends in a softmax (whose output the cross-entropy and KL
+        terms would take a second softmax of) unless ``warn`` is False."""
+        return count_classes(model, input_shape, device, dtype, warn=warn)
 
     @staticmethod
     def _input_dtype(model: nn.Module, param: Tensor) -> torch.dtype:
@@ -397,7 +403,9 @@ class NetworkInversion:
         if model_dtype is None or model_dtype == self._input_dtype(model, param):
             return
         try:
-            self._probe_classes(model, self.generator.out_shape, param.device, param.dtype)
+            self._probe_classes(
+                model, self.generator.out_shape, param.device, param.dtype, warn=False
+            )
         except (RuntimeError, ValueError) as error:
             cause = error.__cause__ or error  # the probe's ValueError wraps torch's error
             if model_dtype in (torch.float16, torch.bfloat16):

@@ -62,7 +62,7 @@ from captum_ext._utils.validation import (
     refuse_ignored_settings,
 )
 from captum_ext.inversion._checkpointing import inversion_state, restore_inversion, rng_devices
-from captum_ext.inversion._features import count_classes, final_linear
+from captum_ext.inversion._features import count_classes, final_linear, head_already_checked
 from captum_ext.inversion.generator import ConditionedGenerator, check_value_range
 from captum_ext.inversion.network_inversion import NetworkInversion
 from captum_ext.inversion.tie_config import GARBAGE_NOISE_KINDS, TIE_BASELINES, TIEConfig
@@ -713,7 +713,9 @@ class TIE:
     Args:
         model (nn.Module or callable): The ``n``-class classifier (logits), or a factory
             ``model(n + 1) -> nn.Module`` (a callable that is not an ``nn.Module``).
-            Formerly ``classifier``.
+            Formerly ``classifier``. A model whose outputs are probabilities (it ends in a
+            softmax, of which TIE would take a second one) gets a UserWarning; give it without
+            the softmax, or as ``captum_ext.data.LogitsOutput(model, reads="probabilities")``.
         generator_factory (callable, optional): ``generator_factory(n + 1)`` returning a
             :class:`ConditionedGenerator` for ``n + 1`` classes and ``input_shape``.
             Default: a vector-matrix ``ConditionedGenerator(n + 1, input_shape,
@@ -915,15 +917,16 @@ class TIE:
         if generator_factory is None:
             generator = generator.to(device=device, dtype=dtype)
         weights = {"orthogonality": 0.0, **dict(inversion_weights or {})}
-        self.inversion = NetworkInversion(
-            self.model,
-            generator,
-            preset="inversion",
-            weights=weights,
-            lr=generator_lr,
-            batch_size=generator_batch_size,
-            seed=_seed_of(seed, 4, 0) % (2**31),
-        )
+        with head_already_checked():  # a softmax output was warned of above
+            self.inversion = NetworkInversion(
+                self.model,
+                generator,
+                preset="inversion",
+                weights=weights,
+                lr=generator_lr,
+                batch_size=generator_batch_size,
+                seed=_seed_of(seed, 4, 0) % (2**31),
+            )
         self.generator = generator
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:

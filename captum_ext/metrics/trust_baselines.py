@@ -26,6 +26,7 @@ from captum_ext._utils.batched_grad import (
     input_gradients,
     log_softmax_precise,
     logits_seen_per_example,
+    looks_like_probabilities,
     per_example_parameter_gradients,
     run_forward,
     softmax_complement,
@@ -62,6 +63,60 @@ __all__ = [
     "purview",
     "softmax_confidence",
 ]
+
+
+def _log_probability_tolerance(dtype: torch.dtype) -> float:
+    """How far from 0 a row of log-probabilities' log-sum-exp may be: rounding of a
+    log-softmax in ``dtype`` (1e-3 in float32 / float64, 2e-2 in half precision)."""
+    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+
+
+def _looks_like_log_probabilities(logits: Tensor) -> bool:
+    """Whether every row of the (N, C >= 2) ``logits`` (rows of NaN aside) has a
+    log-sum-exp of 0 within :func:`_log_probability_tolerance`: log-probabilities (a
+    ``log_softmax`` output, or ``log_probabilities`` of a softmax), which are the logits less
+    each row's log-sum-exp. Read in float64; False for anything else."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
+        return False
+    if not logits.is_floating_point() or logits.device.type == "meta":
+        return False
+    with torch.no_grad():
+        rows = logits.detach()
+        rows = rows[~torch.isnan(rows).any(dim=1)]
+        if not rows.shape[0]:
+            return False
+        spread = torch.logsumexp(rows.double(), dim=1).abs().max()
+        return bool(spread <= _log_probability_tolerance(logits.dtype))
+
+
+def _check_real_logits(
+    logits: Tensor, output_transform: Callable | None, what: str, why: str
+) -> None:
+    """Refuse, for ``what`` (a score that reads the logits' per-row level, not only their
+    softmax), outputs that are probabilities or log-probabilities, and the
+    ``log_probabilities`` output transform: the logits of such a model are known only up
+    to a constant per row, which ``why`` says the score depends on."""
+    from captum_ext.data.loading import log_probabilities
+
+    if output_transform is log_probabilities:
+        found = "`output_transform` is captum_ext.data.log_probabilities"
+    elif looks_like_probabilities(logits):
+        found = "the model's outputs are probabilities (every row is non-negative and sums to 1)"
+    elif _looks_like_log_probabilities(logits):
+        found = (
+            "the model's outputs are log-probabilities (every row's log-sum-exp is 0 within "
+            f"{_log_probability_tolerance(logits.dtype):g}: a final log_softmax)"
+        )
+    else:
+        return
+    raise ValueError(
+        f"{what} needs the model's real logits z, but {found}. Probabilities and "
+        "log-probabilities (log p = z - logsumexp(z)) have lost a constant per row of the "
+        f"logits, which the softmax scores ignore but {why}; no transform gets it back. Score "
+        "the model without its final softmax / log_softmax (the logits before it), or use a "
+        "score read from the softmax alone (softmax, entropy, margin, log_likelihood)."
+    )
+
 
 DEFAULT_ODIN_TEMPERATURE = 100.0
 DEFAULT_ODIN_EPSILON = 0.0014
@@ -130,20 +185,35 @@ def energy(
     Returns:
         Tensor: (N,) scores, higher = more trusted (more in-distribution).
 
+    Raises:
+        ValueError: the model has one output (pass
+            ``output_transform=captum_ext.data.two_class_logits``), or its outputs are not
+            its logits but probabilities or log-probabilities (every row's log-sum-exp is 0,
+            a final ``softmax`` / ``log_softmax``), or ``output_transform`` is
+            :func:`~captum_ext.data.log_probabilities`: those are the logits less each row's
+            log-sum-exp, which is what the energy measures (0 for every input at T = 1).
+            Score such a model without its final softmax.
+
     Examples::
 
         >>> scores = energy(model, images)
     """
     t = check_number(temperature, "temperature")
-    logits = at_least_float32(
-        _logits(forward_func, inputs, additional_forward_args, output_transform)
-    )
+    logits = _logits(forward_func, inputs, additional_forward_args, output_transform)
     check_several_classes(
         logits,
         "energy takes a log-sum-exp over the classes",
         why="that of one output is the logit itself, which ranks the positive class, not "
         "the confidence of the prediction",
     )
+    _check_real_logits(
+        logits,
+        output_transform,
+        "energy",
+        "the energy measures (that of log-probabilities is 0 for every input at T = 1, a "
+        "ranking of rounding noise, and at other T no energy of the model either)",
+    )
+    logits = at_least_float32(logits)
     return t * torch.logsumexp(logits / t, dim=1)
 
 
@@ -662,6 +732,14 @@ def purview(
     Returns:
         Tensor: (N,) scores <= 0, higher = more trusted.
 
+    Raises:
+        ValueError: the model's outputs are not its logits but probabilities or
+            log-probabilities (every row's log-sum-exp is 0, a final ``softmax`` /
+            ``log_softmax``), or ``output_transform`` is
+            :func:`~captum_ext.data.log_probabilities`: the sigmoid of each output is not
+            invariant to the constant per row that those lose. Score such a model without
+            its final softmax.
+
     Examples::
 
         >>> scores = purview(model, images, groups=["features.0", "classifier"])
@@ -677,6 +755,12 @@ def purview(
     wanted = {f"m.{name}": named[name] for group in group_names for name in group}
     with preserved_state([model], hidden_model=model is None):
         logits = _logits(forward_func, inputs, extra, output_transform)
+        _check_real_logits(
+            logits,
+            output_transform,
+            "purview",
+            "purview's loss takes the sigmoid of each output, which that constant changes",
+        )
         logits = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
         cotangent = (torch.sigmoid(logits) - 1) / logits.shape[1]
 
