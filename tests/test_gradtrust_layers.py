@@ -228,10 +228,12 @@ def test_attention_under_per_example_gradients_leaves_no_torch_performance_note(
     assert not [w for w in caught if "performance drop" in str(w.message)]
 
 
-def test_a_parametrized_layer_is_named_not_a_deep_torch_func_error(sample_digits):
-    """weight_norm / spectral_norm layers: torch.func stops with "attempted to call in-place
-    operation (aten::set_...) that would mutate a captured Tensor"; the error now names the
-    parametrization and how to fold it. Other layers and all parameters still work."""
+def test_a_parametrized_layer_scores_as_the_same_model_with_its_weight_folded(sample_digits):
+    """weight_norm / spectral_norm layers: torch.func stopped with "attempted to call in-place
+    operation (aten::set_...) that would mutate a captured Tensor" (later a clear refusal);
+    the layer's computed weight is now differentiated on the plain-autograd path (under
+    ``parametrize.cached()``), so the scores are those of a model whose layer holds that
+    weight as a plain parameter. Other layers and all parameters still work."""
     import copy
 
     from torch.nn.utils import parametrizations
@@ -239,11 +241,15 @@ def test_a_parametrized_layer_is_named_not_a_deep_torch_func_error(sample_digits
     from captum_ext.bundled import load_bundled_model
     from captum_ext.metrics import gradtrust
 
-    model = copy.deepcopy(load_bundled_model())
+    folded = copy.deepcopy(load_bundled_model())
+    model = copy.deepcopy(folded)
     parametrizations.weight_norm(model.features[6])
+    with torch.no_grad():  # the folded model holds the weight the parametrization computes
+        folded.features[6].weight.copy_(model.features[6].weight)
     x = sample_digits[0][:4]
-    with pytest.raises(ValueError, match="parametrized layer.*remove_parametrizations"):
-        gradtrust(model, x, layer="features.6")
+    torch.testing.assert_close(
+        gradtrust(model, x, layer="features.6"), gradtrust(folded, x, layer="features.6")
+    )
     assert torch.isfinite(gradtrust(model, x, layer="features.3")).all()
     assert torch.isfinite(gradtrust(model, x, layer="all")).all()
 

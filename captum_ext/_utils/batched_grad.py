@@ -16,7 +16,7 @@ import contextlib
 import functools
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from .caller import user_stacklevel
 from .deprecation import moved_names
@@ -33,9 +34,11 @@ from .hooks import (
     _as_leaves,
     capture_layer,
     counted_output_bytes,
+    registered_hooks,
     restored_buffers_of_modules_run,
 )
 from .layers import root_module, uncompiled
+from .legacy_norms import is_legacy_norm_hook
 from .model_state import gradients_on, preserved_state
 from .validation import (
     OutOfMemoryError,
@@ -1100,6 +1103,35 @@ def per_example_parameter_gradients(
     of the model in its own dtype, as outside autocast. Build ``cotangents`` from
     :func:`logits_seen_per_example`, which computes the logits the same way; cotangents of
     another dtype are cast to the logits'.
+
+    A tensor of ``names`` that is not a registered parameter or buffer of its module is a
+    weight the layer computes for each forward pass: ``torch.nn.utils.prune`` (``weight =
+    weight_orig * weight_mask``), the legacy ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` (forward pre-hooks) or ``torch.nn.utils.parametrize``
+    (``parametrizations.weight_norm``, ...). Its gradient is taken with respect to the
+    tensor the forward pass actually uses (the effective weight: the scores of the same
+    model with the weight folded, ``prune.remove`` / ``remove_weight_norm`` /
+    ``remove_parametrizations``), with plain autograd one example at a time: a forward
+    pre-hook of ours, run after the layer's own, gives the layer a leaf copy of the weight
+    it computed (a parametrisation's weight is computed once per forward pass, under
+    ``parametrize.cached()``, and that tensor is differentiated); a layer called several
+    times gets the sum over its calls.
+
+    The model's own hooks run inside ``vmap`` and ``vjp``, where the tensors they see are
+    torch.func wrappers that cannot be used after the call ("your tensor may have escaped
+    from inside a function being vmapped"). Where a module of the model, or torch's global
+    module hooks, carries a forward, forward-pre, backward or backward-pre hook that is not
+    the package's own (nor a layer's pruning or legacy normalisation hook), the gradients
+    are computed with plain autograd one example at a time instead (the same numbers,
+    slower), so the user's hooks see plain tensors (of one example each). A hook that the
+    model's ``forward`` registers on a tensor (``activation.register_hook(...)``) cannot be
+    seen on the modules: where a forward pass under ``vjp`` registers one
+    (``Tensor.register_hook`` / ``register_post_accumulate_grad_hook``, noted by a
+    ``TorchFunctionMode``), that chunk is abandoned before its backward pass (the hook is
+    never called with wrappers) and the gradients are computed with plain autograd from
+    there on. (Hooks registered on a tensor's ``grad_fn`` are not noted.) Tensors the
+    model's modules hold as plain attributes (a pruned layer's ``weight``, activations a
+    forward pass cached) are put back as they were on exit.
     """
     inputs = in_model_precision(forward_func, inputs)
     model = root_module(forward_func)
@@ -1117,11 +1149,14 @@ def per_example_parameter_gradients(
     else:
         original = {name: name for name in names}
     holder = _Holder(forward_func, modules)
-    params = {name: tensor.detach() for name, tensor in names.items()}
+    computed = _computed_tensors(holder, names)
+    params = {name: tensor.detach() for name, tensor in names.items() if name not in computed}
     buffers = {name: b.detach() for name, b in holder.named_buffers()}
     n, k = cotangents.shape[:2]
-    gradient_bytes = k * sum(t.numel() * t.element_size() for t in params.values())
+    gradient_bytes = k * sum(t.numel() * t.element_size() for t in names.values())
     budget = PER_EXAMPLE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    reached = [*holder.modules(), *(model.modules() if model is not None else ())]
+    by_loop = bool(computed) or _hooks_not_ours(reached)
     # The first chunk is one example, whose module outputs measure the others' cost: the
     # forward pass's (all of them, held while it runs) and, for each of the k cotangents,
     # the backward pass's (those from the first module holding a parameter asked for), and
@@ -1130,6 +1165,8 @@ def per_example_parameter_gradients(
     # ``layer1.0.conv1`` (28.5 MiB of module outputs, 18.5 after it, 1.5 MB of gradients)
     # and at ``layer4.1.conv2`` (94 MB of gradients): chunks of one example there.
     chunk = 1 if n > 1 else n
+    if by_loop:  # the loop holds one example's graph at a time: chunks by gradients alone
+        chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
     starts = [m for m in holder.modules() if any(True for _ in m.parameters(recurse=False))]
     batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
 
@@ -1138,13 +1175,18 @@ def per_example_parameter_gradients(
         it = iter(extras_b)
         more = [next(it).unsqueeze(0) if b else a for a, b in zip(extra, batched)]
 
+        probe = _TensorHookProbe()
+
         def logits_of(p):
             # fresh copies made inside the transform: train-mode updates touch only these
             own = {name: b.clone() for name, b in bufs.items()}
-            out = functional_call(holder, {**own, **p}, tuple(args) + tuple(more))
+            with probe:
+                out = functional_call(holder, {**own, **p}, tuple(args) + tuple(more))
             return output_transform(out) if output_transform is not None else out
 
         out, pullback = vjp(logits_of, params)
+        if probe.registered:  # before the backward pass would call the hook with wrappers
+            raise _TensorHookInForward
         grads = vmap(pullback)(cot.unsqueeze(1).to(out.dtype))[0]
         return {original[name]: g for name, g in grads.items()}
 
@@ -1157,13 +1199,21 @@ def per_example_parameter_gradients(
         if any(id(p) in wanted for p in m.parameters(recurse=False))
         and not isinstance(m, torch.jit.ScriptModule)
     ]
-    with _tensors_put_back(holder):
+    with _tensors_put_back(holder) as put_back:
         start = 0
         while start < n:
             stop = min(n, start + chunk)
             xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
             extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
             bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
+            if by_loop:
+                grads = _per_example_by_loop(
+                    forward_func, xs, extra, batched, start, names, original,
+                    cotangents[start:stop], output_transform, computed,
+                )  # fmt: skip
+                scores.append(reduce(grads).detach())
+                start = stop
+                continue
             try:
                 with warnings.catch_warnings():
                     # torch's note that an operator (attention's fused kernels, say) runs unbatched
@@ -1177,6 +1227,13 @@ def per_example_parameter_gradients(
                     if first:
                         working = counted.total + k * counted.bytes
                         chunk = max(1, min(n, budget // max(2 * gradient_bytes + working, 1)))
+            except _TensorHookInForward:
+                # the model's forward registers a hook on a tensor: plain autograd instead
+                # (this chunk again), so that the hook sees plain tensors
+                put_back()  # (a module reached twice keeps functional_call's tensors)
+                by_loop = True
+                chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
+                continue
             except ValueError as error:
                 clear = _batch_of_one_error(error)
                 if clear is None:
@@ -1203,6 +1260,7 @@ def per_example_parameter_gradients(
                     )
                     # the loop holds one example's graph at a time: chunks by gradients alone
                     chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
+                put_back()  # (a module reached twice keeps functional_call's tensors)
                 grads = _per_example_by_loop(
                     forward_func, xs, extra, batched, start, names, original,
                     cotangents[start:stop], output_transform,
@@ -1212,14 +1270,93 @@ def per_example_parameter_gradients(
     return torch.cat(scores)
 
 
+def _computed_tensors(holder: nn.Module, names: dict[str, Tensor]) -> dict[str, tuple]:
+    """``{name: (module, attribute)}`` for the tensors of ``names`` (paths in ``holder``)
+    that are not a registered parameter or buffer of their module: weights the layer
+    computes for each forward pass (``torch.nn.utils.prune``, the legacy ``weight_norm`` /
+    ``spectral_norm``, ``torch.nn.utils.parametrize``). ``functional_call`` cannot swap them
+    (the layer overwrites what it is given), so their gradients are taken by
+    :func:`_per_example_by_loop` with respect to the tensor the forward pass uses. Raises a
+    ValueError for a computed weight that is neither a plain attribute nor a
+    parametrisation (a property of the module's class, computed at each access: no single
+    tensor to differentiate)."""
+    computed = {}
+    for name, tensor in names.items():
+        path, _, attribute = name.rpartition(".")
+        module = holder.get_submodule(path)
+        if isinstance(module, torch.jit.ScriptModule):  # (its tables are not dicts)
+            continue
+        if any(table.get(attribute) is tensor for table in (module._parameters, module._buffers)):
+            continue
+        if attribute not in vars(module) and not parametrize.is_parametrized(module, attribute):
+            raise ValueError(
+                f"`layer` ({type(module).__name__}): its `{attribute}` is neither a parameter, "
+                "a buffer, a plain attribute set by a forward pre-hook (torch.nn.utils.prune, "
+                "weight_norm) nor a parametrisation (torch.nn.utils.parametrize), so the "
+                "tensor its forward pass uses cannot be differentiated. Register it as a "
+                "parameter, or pick another layer."
+            )
+        computed[name] = (module, attribute)
+    return computed
+
+
+#: where the hooks that compute a layer's own weights come from (not the user's hooks)
+_WEIGHT_HOOK_MODULES = ("torch.nn.utils.prune", "torch.nn.utils.weight_norm")
+
+
+def _is_our_hook(hook: Any) -> bool:
+    """Whether ``hook`` is the package's own (a function defined in ``captum_ext``, such as
+    the hooks counting output bytes or restoring a hidden model's buffers) or one by which
+    a layer computes its weight (pruning, the legacy ``weight_norm`` / ``spectral_norm``):
+    neither keeps the tensors it sees."""
+    if is_legacy_norm_hook(hook):
+        return True
+    function = hook
+    while isinstance(function, functools.partial):
+        function = function.func
+    function = getattr(function, "__func__", function)  # a bound method: its function
+    where = getattr(function, "__module__", None) or type(function).__module__
+    return isinstance(where, str) and (
+        where == "captum_ext" or where.startswith("captum_ext.") or where in _WEIGHT_HOOK_MODULES
+    )
+
+
+def _hooks_not_ours(modules: Iterable[nn.Module]) -> bool:
+    """Whether one of ``modules`` or torch's global module hooks carries a forward,
+    forward-pre, backward or backward-pre hook that is not :func:`_is_our_hook`: a user's
+    hook, which under ``vmap`` / ``vjp`` would see (and might keep) torch.func's wrapper
+    tensors."""
+    module_hooks = torch.nn.modules.module
+    tables = [
+        module_hooks._global_forward_hooks,
+        module_hooks._global_forward_pre_hooks,
+        module_hooks._global_backward_hooks,
+        module_hooks._global_backward_pre_hooks,
+    ]
+    for module in modules:
+        tables += [
+            getattr(module, kind, None) or {}
+            for kind in (
+                "_forward_hooks",
+                "_forward_pre_hooks",
+                "_backward_hooks",
+                "_backward_pre_hooks",
+            )
+        ]
+    return any(not _is_our_hook(hook) for table in tables for hook in list(table.values()))
+
+
 @contextlib.contextmanager
-def _tensors_put_back(root: nn.Module) -> Iterator[None]:
-    """Put every parameter and buffer object of ``root``'s modules back where it was.
+def _tensors_put_back(root: nn.Module) -> Iterator[Callable[[], None]]:
+    """Put every parameter and buffer object of ``root``'s modules back where it was, and
+    the tensors they hold as plain attributes.
 
     ``functional_call`` swaps tensors in by attribute path; a module reached by two paths
     (``self.head = self.backbone.fc``) is swapped twice and restored from the second swap,
     which left torch.func's wrapper tensors in the user's model (no longer nn.Parameters,
-    and a later ``copy.deepcopy`` failed)."""
+    and a later ``copy.deepcopy`` failed). A pruned or legacy normalised layer recomputes
+    its ``weight`` attribute in a forward pre-hook, under ``vmap`` from the swapped
+    tensors: a wrapper tensor was left there too."""
     saved = [
         (module, kind, name, tensor)
         for module in root.modules()
@@ -1227,17 +1364,58 @@ def _tensors_put_back(root: nn.Module) -> Iterator[None]:
         for kind in ("_parameters", "_buffers")
         for name, tensor in getattr(module, kind).items()
     ]
-    try:
-        yield
-    finally:
+    attributes = [
+        (vars(module), name, value)
+        for module in root.modules()
+        if not isinstance(module, torch.jit.ScriptModule)
+        for name, value in list(vars(module).items())
+        if isinstance(value, Tensor)
+    ]
+
+    def put_back() -> None:
         for module, kind, name, tensor in saved:
             table = getattr(module, kind)
             if name in table and table[name] is not tensor:
                 table[name] = tensor
+        for table, name, value in attributes:
+            if table.get(name) is not value:
+                table[name] = value
+
+    try:
+        yield put_back  # also callable inside the block (before falling back to the loop)
+    finally:
+        put_back()
 
 
 #: torch.utils.checkpoint's warning when a reentrant segment's inputs need no gradient
 _REENTRANT_CHECKPOINT = "None of the inputs have requires_grad=True. Gradients will be None"
+
+#: the tensor methods by which a model's forward pass registers a hook on a tensor
+_TENSOR_HOOK_REGISTRATIONS = tuple(
+    getattr(Tensor, name)
+    for name in ("register_hook", "register_post_accumulate_grad_hook")
+    if hasattr(Tensor, name)
+)
+
+
+class _TensorHookInForward(Exception):
+    """The model's forward pass registered a hook on a tensor inside ``vjp`` (raised before
+    the backward pass, which would call it with torch.func's wrapper tensors)."""
+
+
+class _TensorHookProbe(TorchFunctionMode):
+    """Notes whether a hook is registered on a tensor (``Tensor.register_hook``) while it is
+    active; every call goes through unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registered = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _TENSOR_HOOK_REGISTRATIONS:
+            self.registered = True
+        return func(*args, **(kwargs or {}))
+
 
 #: what torch.func says when it cannot transform a model (then: one example at a time)
 _TRANSFORM_REFUSALS = (
@@ -1298,49 +1476,105 @@ def _per_example_by_loop(
     original: dict[str, str],
     cotangents: Tensor,
     output_transform: Callable[[Any], Tensor] | None,
+    computed: dict[str, tuple] | None = None,
 ) -> dict[str, Tensor]:
     """What the vmapped vector-Jacobian products of :func:`per_example_parameter_gradients`
     compute, with plain autograd: a forward pass per example (a batch of one, as under
     ``vmap``) and a backward pass per cotangent row. The caller restores the model's state
-    (``preserved_state``), including the ``requires_grad`` flags set here."""
-    parameters = list(names.values())
-    for parameter in parameters:
+    (``preserved_state``), including the ``requires_grad`` flags set here.
+
+    ``computed`` (:func:`_computed_tensors`): weights a layer computes in each forward pass,
+    differentiated as used. A forward pre-hook appended after the layer's own (which
+    compute the weight) replaces a plain attribute by a leaf copy of it, or takes a
+    parametrisation's weight, computed once under ``parametrize.cached()`` (its originals
+    requiring gradients); the gradients of every call of the layer are summed. The caller
+    puts the attributes back (:func:`_tensors_put_back`)."""
+    computed = computed or {}
+    parameters = {name: t for name, t in names.items() if name not in computed}
+    for parameter in parameters.values():
         parameter.requires_grad_(True)
+    used: dict[str, dict[int, Tensor]] = {name: {} for name in computed}
+
+    def capture_of(name: str, attribute: str) -> Callable:
+        def capture(module: nn.Module, args: Any) -> None:
+            table = vars(module)
+            if attribute in table:  # set by the layer's own pre-hook: a leaf in its place
+                tensor = table[attribute] = table[attribute].detach().requires_grad_(True)
+            else:  # a parametrisation: the weight cached for this forward pass
+                tensor = getattr(module, attribute)
+            used[name][id(tensor)] = tensor
+
+        return capture
+
+    registrations = []
+    for name, (module, attribute) in computed.items():
+        if parametrize.is_parametrized(module, attribute):
+            for original_tensor in module.parametrizations[attribute].parameters():
+                original_tensor.requires_grad_(True)
+        registrations.append(
+            lambda m=module, c=capture_of(name, attribute): m.register_forward_pre_hook(c)
+        )
+    cached = (
+        parametrize.cached
+        if any(parametrize.is_parametrized(m, a) for m, a in computed.values())
+        else nullcontext
+    )
     rows: dict[str, list[Tensor]] = {original[name]: [] for name in names}
-    for i in range(cotangents.shape[0]):
-        args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in xs]
-        more = [a[start + i : start + i + 1] if b else a for a, b in zip(extra, batched)]
-        with gradients_on():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = uncompiled(forward_func)(*args, *more)
-            reentrant = any(_REENTRANT_CHECKPOINT in str(w.message) for w in caught)
-            for w in caught if i == 0 else ():  # the model's own warnings, once
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            out = output_transform(out) if output_transform is not None else out
-            per_row = []
-            for j in range(cotangents.shape[1]):
-                per_row.append(
-                    torch.autograd.grad(
-                        out,
-                        parameters,
-                        grad_outputs=cotangents[i, j].reshape(out.shape).to(out.dtype),
-                        retain_graph=j + 1 < cotangents.shape[1],
-                        allow_unused=True,
+    with registered_hooks(*registrations):
+        for i in range(cotangents.shape[0]):
+            args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in xs]
+            more = [a[start + i : start + i + 1] if b else a for a, b in zip(extra, batched)]
+            for tensors in used.values():
+                tensors.clear()
+            with gradients_on():
+                with warnings.catch_warnings(record=True) as caught, cached():
+                    warnings.simplefilter("always")
+                    out = uncompiled(forward_func)(*args, *more)
+                reentrant = any(_REENTRANT_CHECKPOINT in str(w.message) for w in caught)
+                for w in caught if i == 0 else ():  # the model's own warnings, once
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                out = output_transform(out) if output_transform is not None else out
+                # per name, the tensors to differentiate: the parameter, or each tensor the
+                # layer used (those outside the graph get no gradient)
+                wrt = {
+                    name: [parameters[name]]
+                    if name in parameters
+                    else [t for t in used[name].values() if t.requires_grad]
+                    for name in names
+                }
+                flat = [t for tensors in wrt.values() for t in tensors]
+                per_row = []
+                for j in range(cotangents.shape[1]):
+                    found = (
+                        torch.autograd.grad(
+                            out,
+                            flat,
+                            grad_outputs=cotangents[i, j].reshape(out.shape).to(out.dtype),
+                            retain_graph=j + 1 < cotangents.shape[1],
+                            allow_unused=True,
+                        )
+                        if flat
+                        else ()
                     )
+                    per_row.append(found)
+            if reentrant and any(g is None for row in per_row for g in row):
+                raise ValueError(
+                    "the model runs part of its forward pass under torch.utils.checkpoint "
+                    "with use_reentrant=True, whose parameters get no gradients from "
+                    "torch.autograd.grad (their per-example gradients would read as 0); use "
+                    "use_reentrant=False, or turn activation checkpointing off while "
+                    "explaining (e.g. timm's model.set_grad_checkpointing(False))."
                 )
-        if reentrant and any(g is None for row in per_row for g in row):
-            raise ValueError(
-                "the model runs part of its forward pass under torch.utils.checkpoint with "
-                "use_reentrant=True, whose parameters get no gradients from "
-                "torch.autograd.grad (their per-example gradients would read as 0); use "
-                "use_reentrant=False, or turn activation checkpointing off while explaining "
-                "(e.g. timm's model.set_grad_checkpointing(False))."
-            )
-        for k, name in enumerate(names):
-            rows[original[name]].append(
-                torch.stack(
-                    [g[k] if g[k] is not None else torch.zeros_like(parameters[k]) for g in per_row]
-                )
-            )
+            offset = 0
+            for name, tensors in wrt.items():
+                per_class = []
+                for row in per_row:
+                    found = [g for g in row[offset : offset + len(tensors)] if g is not None]
+                    per_class.append(
+                        functools.reduce(torch.add, found)
+                        if found
+                        else torch.zeros_like(names[name])
+                    )
+                rows[original[name]].append(torch.stack(per_class))
+                offset += len(tensors)
     return {name: torch.stack(values) for name, values in rows.items()}

@@ -129,6 +129,11 @@ def _same_up_to_row_shift(out: Tensor, logits: Tensor) -> bool:
 
 
 def _weight_of(layer: nn.Module) -> Tensor:
+    """``layer.weight``: a parameter, or the weight that a pruned or weight-normalised layer
+    computes (``weight_orig * weight_mask``, ``g * v / ||v||``, a parametrisation's
+    output). :func:`~captum_ext._utils.batched_grad.per_example_parameter_gradients`
+    recognises a computed weight (not a registered parameter) and differentiates the tensor
+    the forward pass uses, not this one, which the layer's pre-hook replaces."""
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() < 2:
         raise TypeError(

@@ -375,6 +375,14 @@ def gradtrust(
     confidence there: the last layer is ahead by 0.007 AUROC on the weak model and behind by
     0.003 on noisy inputs.
 
+    The per-example autograd path batches the examples with torch.func (``vmap``). Where the
+    model carries hooks of the user's (forward or backward hooks on its modules, torch's
+    global module hooks, or a hook its ``forward`` registers on a tensor), it runs one
+    example at a time with plain autograd instead (the same scores, slower), so that those
+    hooks see plain tensors rather than torch.func's wrappers, which cannot be used after
+    the call. For ``layer="all"`` the parameters of a pruned layer are ``weight_orig`` (its
+    gradient is that of the effective weight, masked).
+
     **Confident models and** ``log``. The topk score grows like exp(2 (z_P - z_Q)): it
     exceeds the float32 range (3.4e38) once the top-1/top-2 logit gap passes about 44, and
     the float64 range past about 355; ImageNet models are that confident on many images. It
@@ -409,7 +417,12 @@ def gradtrust(
             as a module or a dotted name, or ``"all"`` for every parameter of the model (see
             "Which parameters"). Default: the last ``nn.Linear`` of the model; its
             output must be the logits, else a ValueError asks for ``layer`` or
-            ``method="autograd"``.
+            ``method="autograd"``. A layer that computes its weight in each forward pass
+            (pruned with ``torch.nn.utils.prune``, or weight-normalised by the legacy
+            ``torch.nn.utils.weight_norm`` / ``spectral_norm`` or by
+            ``torch.nn.utils.parametrizations``) is measured at the weight its forward pass
+            uses: the scores of the same model with that weight folded (``prune.remove``,
+            ``remove_parametrizations``), computed one example at a time.
         method (str, optional): ``"auto"`` (closed form when the layer produces the logits,
             autograd for an explicitly given other layer), ``"closed_form"`` (error if it does
             not apply) or ``"autograd"``. Default: ``"auto"``.

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.layers import eager_name, is_exported, uncompiled
@@ -600,6 +600,35 @@ def _raw_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
+def _pruning_hooks(module: nn.Module) -> list[prune.BasePruningMethod]:
+    """The forward pre-hooks of ``torch.nn.utils.prune`` on ``module``: one per pruned
+    tensor (``weight``, ``bias``, ...), each recomputing ``<name> = <name>_orig *
+    <name>_mask`` before every forward pass (a ``PruningContainer`` for repeated pruning)."""
+    return [
+        hook
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, prune.BasePruningMethod)
+    ]
+
+
+def _resynchronise_pruning(module: nn.Module) -> None:
+    """After ``module.reset_parameters()`` of a pruned layer: it wrote its new values into
+    the computed ``<name>`` (``<name>_orig * <name>_mask``), which the pruning pre-hook
+    overwrites from the trained ``<name>_orig`` on the next forward pass (only the unpruned
+    tensors were re-initialised). The new values go into ``<name>_orig`` (the mask is
+    kept), as the re-initialisation of the same layer folded with ``prune.remove`` would
+    draw them, and ``<name>`` is recomputed. A ``reset_parameters`` that assigned a new
+    parameter to ``<name>`` (instead of initialising it in place) is handled alike."""
+    for hook in _pruning_hooks(module):
+        name = hook._tensor_name
+        fresh = module._parameters.pop(name, None) if name in module._parameters else None
+        if fresh is None:
+            fresh = getattr(module, name)
+        with torch.no_grad():
+            getattr(module, name + "_orig").copy_(fresh)
+        hook(module, ())  # <name> = <name>_orig * <name>_mask, as before a forward pass
+
+
 def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None:
     """Re-initialise ``module``'s own parameters: its ``reset_parameters``, or, for a module
     without one (a compiled layer of a TorchScript model, ``nn.MultiheadAttention``, a
@@ -610,7 +639,11 @@ def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None
     reset (mean 0, variance 1). The parameters are changed in place, so compiled code runs
     with the new values. ``raw_weights_only`` (the default cascade, on a module without
     ``reset_parameters`` that is not a compiled layer, or the model itself): only
-    :func:`_raw_weights`, each Kaiming-uniform."""
+    :func:`_raw_weights`, each Kaiming-uniform.
+
+    A layer pruned with ``torch.nn.utils.prune`` is re-initialised as the same layer folded
+    with ``prune.remove`` would be (the same values for the same seed), into its
+    ``<name>_orig`` tensors; its masks are kept (:func:`_resynchronise_pruning`)."""
     if parametrize.is_parametrized(module):
         _reset_parametrized(module)
         return
@@ -618,13 +651,22 @@ def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None
     if callable(reset):
         reset()
         resynchronise_legacy_norms(module)
+        _resynchronise_pruning(module)
         return
+    hooks = _pruning_hooks(module)
     if raw_weights_only:
         with torch.no_grad():
             for _, parameter in _raw_weights(module):
                 nn.init.kaiming_uniform_(parameter, a=5**0.5)
+        for hook in hooks:  # the computed tensors, from the new <name>_orig
+            hook(module, ())
         return
-    parameters = dict(module.named_parameters(recurse=False))
+    # a pruned tensor's rule by its own name (``weight``, not ``weight_orig``)
+    pruned = {hook._tensor_name + "_orig": hook._tensor_name for hook in hooks}
+    parameters = {
+        pruned.get(name, name): parameter
+        for name, parameter in module.named_parameters(recurse=False)
+    }
     weight = parameters.get("weight")
     with torch.no_grad():
         for name, parameter in parameters.items():
@@ -646,6 +688,8 @@ def _reset_parameters(module: nn.Module, raw_weights_only: bool = False) -> None
             buffers["running_var"].fill_(1)
         if isinstance(buffers.get("num_batches_tracked"), Tensor):
             buffers["num_batches_tracked"].zero_()
+    for hook in hooks:  # the computed tensors, from the new <name>_orig
+        hook(module, ())
 
 
 @leaves_inference_mode
@@ -687,7 +731,10 @@ def model_randomisation(
             their own floating-point parameters of two or more dimensions with ``requires_grad``
             (``nn.MultiheadAttention``'s projections, positional embeddings), each
             Kaiming-uniform. Vectors, scalars and frozen or integer parameters of such
-            modules (a temperature, normalisation constants) keep their values.
+            modules (a temperature, normalisation constants) keep their values. A layer
+            pruned with ``torch.nn.utils.prune`` gets the values the same layer folded with
+            ``prune.remove`` would (for the same ``seed``) in its ``weight_orig`` (and
+            ``bias_orig``), and keeps its masks.
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
