@@ -40,12 +40,13 @@ from torch.nn.utils import parametrize, prune
 from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.layers import eager_name, is_exported, uncompiled
 from captum_ext._utils.legacy_norms import copied_model, resynchronise_legacy_norms
+from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext._utils.model_state import (
     leaves_inference_mode,
     preserved_state,
     set_eval_mode,
 )
-from captum_ext._utils.precision import at_least_float32, float64_here_or_cpu
+from captum_ext._utils.precision import at_least_float32, float64_here_or_cpu, precise_dtype
 from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
 from captum_ext._utils.validation import (
     check_flag,
@@ -142,11 +143,31 @@ def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True
     return _pearson(_ranks(a), _ranks(b))
 
 
-def _unit_range(maps: Tensor) -> Tensor:
+def _unit_range(maps: Tensor, source_dtype: torch.dtype | None = None) -> Tensor:
+    """Each map of float ``(N, ...)`` ``maps`` scaled to [0, 1]; a constant map gives zeros.
+
+    "Constant" allows for rounding, as :func:`~captum_ext._utils.maps.minmax_normalize`
+    does: a span of at most ``8 eps max|m|``, with ``eps`` that of ``source_dtype`` (the
+    dtype the maps came in before they were widened to float64; default ``maps.dtype``;
+    integers: exact), is what bilinear resizing of a constant map leaves, and stretching
+    it to [0, 1] drew a pattern that is not in the map (SSIM 0.4 to 0.6 between two
+    constant maps instead of 1)."""
+    source_dtype = maps.dtype if source_dtype is None else source_dtype
+    eps = torch.finfo(source_dtype).eps if source_dtype.is_floating_point else 0.0
     flat = maps.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = (flat.max(dim=1, keepdim=True).values - low).clamp_min(1e-300)
-    return ((flat - low) / span).view_as(maps)
+    magnitude = flat.abs().amax(dim=1, keepdim=True)
+    low = flat.amin(dim=1, keepdim=True)
+    span = flat.amax(dim=1, keepdim=True) - low
+    if not bool(torch.isfinite(span).all()):
+        # finite maps spanning more than the dtype's range: max - min overflowed; the
+        # scaled map is scale-free, so divide by max |m| first
+        flat = flat / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+        magnitude = flat.abs().amax(dim=1, keepdim=True)
+        low = flat.amin(dim=1, keepdim=True)
+        span = flat.amax(dim=1, keepdim=True) - low
+    varies = span > 8 * eps * magnitude
+    safe = torch.where(varies, span, torch.ones_like(span))
+    return torch.where(varies, (flat - low) / safe, torch.zeros_like(flat)).view_as(maps)
 
 
 def ssim_similarity(
@@ -158,15 +179,21 @@ def ssim_similarity(
                {(\mu_a^2 + \mu_b^2 + C_1)(\sigma_a^2 + \sigma_b^2 + C_2)},
 
     with Gaussian-weighted local statistics, :math:`C_1 = 0.01^2`, :math:`C_2 = 0.03^2`
-    (data range 1), averaged over the positions where the window fits.
+    (data range 1), averaged over the positions where the window fits (scikit-image's
+    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False,
+    data_range=1)`` of the scaled maps, whose window has radius ``int(3.5 sigma + 0.5)``).
+    A map constant up to the rounding of its dtype (a span of at most ``8 eps max|m|``,
+    e.g. a constant map resized bilinearly) is scaled to zeros, so two such maps have
+    SSIM 1, as two exactly constant ones.
 
     Args:
         maps_a (Tensor): ``(N, 1, H, W)`` or ``(N, H, W)`` maps.
         maps_b (Tensor): maps of the same shape.
         window (int, optional): odd side of the Gaussian window; maps smaller than it use
             the largest odd window that fits them. Default: 11.
-        sigma (float, optional): > 0, the window's standard deviation in pixels.
-            Default: 1.5.
+        sigma (float, optional): > 0, the window's standard deviation in pixels; a
+            sigma far below a pixel gives the limit, a one-tap window (per-pixel SSIM,
+            still averaged where ``window`` fits). Default: 1.5.
     """
     _check_pair(maps_a, maps_b)
     if maps_a.dim() == 3:  # (N, H, W): one channel
@@ -180,12 +207,15 @@ def ssim_similarity(
     if window % 2 == 0:
         raise ValueError(f"`window` must be odd (a centred Gaussian window), got {window}.")
     sigma = check_number(sigma, "sigma")
-    a = _unit_range(float64_here_or_cpu(maps_a))
-    b = _unit_range(float64_here_or_cpu(maps_b))
+    a = _unit_range(float64_here_or_cpu(maps_a), maps_a.dtype)
+    b = _unit_range(float64_here_or_cpu(maps_b), maps_b.dtype)
     size = min(window, a.shape[-2], a.shape[-1])
     size -= 1 - size % 2
     coords = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    # (coords / sigma)**2, not coords**2 / sigma**2: 2 sigma**2 underflows to 0 below
+    # sigma ~ 1e-162 (0 / 0 = NaN at the centre); this way a tiny sigma gives the limit,
+    # a one-tap (identity) window
+    g = torch.exp(-0.5 * (coords / sigma) ** 2)
     kernel = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
     blur = lambda x: F.conv2d(x, kernel)  # noqa: E731
     mu_a, mu_b = blur(a), blur(b)
@@ -215,7 +245,7 @@ def _hog_similarity(maps_a: Tensor, maps_b: Tensor) -> Tensor | None:
     def features(maps: Tensor) -> Tensor:
         rows = [
             hog(m[0].numpy(), pixels_per_cell=(cell, cell), cells_per_block=(1, 1))
-            for m in _unit_range(maps.cpu().double())
+            for m in _unit_range(maps.cpu().double(), maps.dtype)
         ]
         return torch.from_numpy(np.stack(rows)).to(torch.float64)
 
@@ -301,9 +331,21 @@ def _explain(
     if maps.dim() == 4:  # summed in float64: a float16 sum overflows past 65,504
         maps = float64_here_or_cpu(maps).sum(dim=1, keepdim=True)
     if maps.shape[-2:] != inputs.shape[-2:]:
-        maps = F.interpolate(
-            maps.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False
+        if maps.dim() not in (3, 4) or min(maps.shape[-2:]) == 0:
+            raise ValueError(
+                f"`explainer` returned maps of shape {tuple(maps.shape)} {when}; expected "
+                f"(N, C, h, w) or (N, h, w) maps with h, w >= 1 (resized to the inputs' "
+                f"{tuple(inputs.shape[-2:])})."
+            )
+        # bilinear (F.interpolate's sample positions) in float64 where the device has it,
+        # keeping equal values equal: F.interpolate turned a constant map (a CAM at a
+        # 1 x 1 layer) into values an ulp apart, which the measures then read as a pattern
+        work = torch.promote_types(maps.dtype, precise_dtype(maps.device))
+        flat = maps.dim() == 3  # (N, H, W): one channel
+        maps = upsample_keeping_ties(
+            (maps[:, None] if flat else maps).to(work), tuple(inputs.shape[-2:])
         )
+        maps = maps[:, 0] if flat else maps
     if maps.is_floating_point() and not bool(torch.isfinite(maps).all()):
         bad = (~torch.isfinite(maps)).flatten(1).any(dim=1).nonzero()[:, 0].tolist()
         raise ValueError(
@@ -711,7 +753,10 @@ def model_randomisation(
         explainer (Callable): ``explainer(model) -> attribution object`` with Captum's
             ``attribute(inputs, target=...)``, e.g. ``lambda m: Saliency(m)`` or
             ``lambda m: GradCAM(m, m.features[3])`` (build layer methods from the model given,
-            so that they follow the randomised copy).
+            so that they follow the randomised copy). Its maps' channels are summed, and
+            maps smaller than the inputs resized bilinearly (``F.interpolate``'s sample
+            positions, in float64 where the device has it, keeping equal values equal: a
+            1 x 1 CAM stays a constant map, similarity 1 with another).
         model (nn.Module): the trained model; it is not changed (a deep copy is randomised).
         inputs (Tensor): ``(N, C, H, W)``, passed to the explainer as given. The forward
             pass that reads the classes gives float32 images to a float16 / bfloat16
