@@ -548,6 +548,10 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
 
 
 def _upsample(maps: Tensor, lead: int, size: tuple[int, ...], mode: str | None) -> Tensor:
+    """``upsample_to_input``: (N, C'[, K], *s) maps resized to ``size`` by
+    :func:`~captum_ext._utils.maps.upsample_maps` (the linear modes in float64, equal pixels
+    kept equal: a CAM at a 1 x 1 layer stays one constant, not rounding noise that deletion
+    would rank), in the maps' dtype."""
     if lead == 2 or maps.dim() <= lead:
         return upsample_maps(maps, size, mode)
     flat = upsample_maps(maps.flatten(1, lead - 1), size, mode)

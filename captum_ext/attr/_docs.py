@@ -75,7 +75,11 @@ CAM_ARGS = """
                 ``upsample_to_input``. Default: None, bilinear (linear / trilinear for 1 / 3
                 spatial dimensions) with ``align_corners=False``, as the published
                 post-processing, and equal to ``LayerAttribution.interpolate(maps, size,
-                interpolate_mode="bilinear")``. Note that ``LayerAttribution.interpolate``'s
+                interpolate_mode="bilinear")`` up to rounding: the linear modes are computed
+                in float64 and rounded once, so pixels equal in exact arithmetic (a constant
+                map, a plateau, mirror-symmetric pixels) stay exactly equal, which
+                ``F.interpolate``'s float32 lerps break by an ulp (enough to reorder a
+                deletion curve). Note that ``LayerAttribution.interpolate``'s
                 own default is ``"nearest"``, whose blocky maps differ from the bilinear ones
                 (on the bundled digit model, 7x7 maps upsampled to 28x28 and min-max
                 normalised differ by up to 0.57 per pixel, 0.06 on average); pass

@@ -161,15 +161,22 @@ def ranking_scores(attributions: Any, x: Tensor, channel_reduction: str) -> Tens
 
 
 def gaussian_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W) images, each channel alone, replicate padding."""
+    """Separable Gaussian blur of (N, C, H, W) images, each channel alone, replicate padding.
+
+    The taps ``exp(-(k / sigma)**2 / 2)``, ``k = -kernel_size // 2 .. kernel_size // 2``, are
+    formed and normalised in float64 on the CPU, then cast to the images' dtype and device:
+    the centre tap is 1 for every ``sigma > 0``, so a tiny ``sigma`` gives the identity kernel
+    (its limit), never ``0 / 0``. (``offsets**2 / (2 sigma**2)`` in float32 underflowed
+    ``2 sigma**2`` to 0 from ``sigma`` about 1e-23 on: NaN images and a warning that blamed
+    the model.)"""
     check_int(kernel_size, "blur_kernel_size")
     if kernel_size % 2 == 0:
         raise ValueError(f"`blur_kernel_size` must be odd, got {kernel_size}.")
     sigma = check_number(sigma, "blur_sigma")
     half = kernel_size // 2
-    offsets = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - half
-    kernel = torch.exp(-(offsets**2) / (2.0 * float(sigma) ** 2))
-    kernel = kernel / kernel.sum()
+    offsets = torch.arange(kernel_size, dtype=torch.float64) - half
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(device=x.device, dtype=x.dtype)
     c = x.shape[1]
     padded = F.pad(x, (half, half, half, half), mode="replicate")
     rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)

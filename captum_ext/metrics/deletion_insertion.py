@@ -144,8 +144,12 @@ _PERTURBATION_ARGS = r"""
         attributions (Tensor): one explanation per example: (N, C, H, W) like the inputs,
             or one map per example (N, 1, h, w) or (N, h, w) at any resolution (a layer's,
             e.g. 7 x 7 for a 28 x 28 input), upsampled bilinearly
-            (``align_corners=False``) to H x W. A one-channel map is ranked by its values
-            as they are (no absolute value) and orders pixels, all channels together.
+            (``align_corners=False``) to H x W. A resized map is upsampled and ranked in
+            float64 (float32 on Apple's MPS), pixels equal in exact arithmetic (a plateau,
+            a constant 1 x 1 map) kept exactly equal: they are ties broken by pixel index,
+            as for the same map given at H x W, not ordered by float32 rounding. A
+            one-channel map is ranked by its values as they are (no absolute value) and
+            orders pixels, all channels together.
         target (int, list, Tensor, optional): the class followed, one per example as in
             Captum. Default: None, the class the model predicts on the unperturbed input.
         baselines (float, str or Tensor, optional): what a removed pixel becomes. A number

@@ -158,7 +158,11 @@ _STRUCTURE_ARGS = r"""
             one), in eval mode; its train/eval and gradient flags are restored afterwards.
         inputs (Tensor): images (N, C, H, W), floating point (a 1-tuple is accepted).
         attributions (Tensor): one explanation per example, (N, C, H, W), (N, 1, h, w) or
-            (N, h, w), upsampled bilinearly to H x W when smaller or larger.
+            (N, h, w), upsampled bilinearly to H x W when smaller or larger. A resized map
+            is upsampled, normalised and thresholded in float64 (float32 on Apple's MPS),
+            pixels equal in exact arithmetic (a plateau, a constant 1 x 1 map) kept exactly
+            equal: they fall on the same side of every threshold, as for the same map given
+            at H x W.
         target (int, list, Tensor, optional): the class followed, one per example.
             Default: None, the class predicted on the unperturbed input.
         baselines (float, str or Tensor, optional): what a masked pixel becomes: a number
