@@ -157,7 +157,10 @@ def test_pointing_games():
     maps[2, 0, 5, 6] = 1.0  # one pixel right of the box
     boxes = torch.tensor([[1, 1, 6, 6]] * 3)  # x0, y0, x1, y1 (exclusive)
     assert pointing_game(maps, boxes).tolist() == [True, False, False]
-    assert pointing_game(maps, boxes, tolerance=1).tolist() == [True, False, True]
+    # TorchRay's rule: a hit within squared distance < tolerance^2 of the object, so the
+    # neighbouring pixel (distance 1) needs tolerance 2, and tolerance 1 is the object only
+    assert pointing_game(maps, boxes, tolerance=1).tolist() == [True, False, False]
+    assert pointing_game(maps, boxes, tolerance=2).tolist() == [True, False, True]
     masks = torch.zeros(3, 10, 10, dtype=torch.bool)
     masks[:, 1:6, 1:6] = True
     assert pointing_game(maps, masks).tolist() == pointing_game(maps, boxes).tolist()

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 _COMPILED_PREFIX = "_orig_mod."
 
@@ -538,3 +540,80 @@ def find_last_linear(
             f"per forward pass; {hint}."
         )
     return names[id(last)], last
+
+
+def owned_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``module`` holds itself (not those of its children), with the
+    originals of its parametrisations (``module.parametrizations``, which
+    ``torch.nn.utils.parametrize`` moves its weights into)."""
+    from torch.nn.utils import parametrize
+
+    found = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        ids = {id(p) for p in found}
+        found += [p for p in module.parametrizations.parameters() if id(p) not in ids]
+    return found
+
+
+class _FirstParameterUse(TorchFunctionMode):
+    """Appends ``(owner, True)`` to ``events`` for each owner in ``owners[id(parameter)]``
+    the first time a torch function (an operator, a tensor method, ``F.linear``, an
+    exported graph's ``aten`` call) that returns a tensor is given a watched parameter."""
+
+    def __init__(self, owners: dict[int, list[str]], events: list[tuple[str, bool]]) -> None:
+        super().__init__()
+        self.owners, self.events, self.seen = owners, events, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        # computations only: reading a parameter's dtype, device or shape (a model that
+        # casts its input to its first layer's dtype) returns no tensor and is no use of it
+        if any(isinstance(value, torch.Tensor) for value in tree_leaves(result)):
+            for value in tree_leaves((args, kwargs)):
+                key = id(value)
+                if isinstance(value, torch.Tensor) and key in self.owners and key not in self.seen:
+                    self.seen.add(key)
+                    self.events.extend((owner, True) for owner in self.owners[key])
+        return result
+
+
+@contextlib.contextmanager
+def execution_ranks(modules: dict[str, nn.Module]):
+    """Watch one forward pass run in the block: when each of ``modules`` (by name) first
+    ran. Yields a dict, filled when the block ends: name -> rank (smaller = earlier), by the
+    first call of its ``forward`` (a forward pre-hook; the model itself is first), and for
+    a module whose ``forward`` is never called but whose parameters are used by another's
+    (``nn.MultiheadAttention``'s ``out_proj``, an ``nn.ParameterList``, the parameter
+    holders of a ``torch.export`` program) by the first torch function that computes with
+    one of its :func:`owned_parameters`. Modules that never ran are absent, and so are
+    TorchScript modules and modules inside them: compiled code takes neither hooks nor
+    torch functions. The caller runs the pass (under ``no_grad``, keeping the model's
+    state); the hooks and the mode are gone afterwards, also on error."""
+    events: list[tuple[str, bool]] = []  # (name, by a parameter) in the order they happen
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for parameter in owned_parameters(module):
+            owners.setdefault(id(parameter), []).append(name)
+
+    def pre_hook(name: str):
+        return lambda module, args: events.append((name, False))
+
+    ranks: dict[str, int] = {}
+    handles = [
+        module.register_forward_pre_hook(pre_hook(name))
+        for name, module in modules.items()
+        if not isinstance(module, torch.jit.ScriptModule)
+    ]
+    try:
+        with compiled_code_runs_eagerly(), _FirstParameterUse(owners, events):
+            yield ranks
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_parameter: dict[str, int] = {}
+    by_call: dict[str, int] = {}
+    for i, (name, parameter) in enumerate(events):
+        (by_parameter if parameter else by_call).setdefault(name, i)
+    ranks.update(by_parameter)
+    ranks.update(by_call)  # a module that is called ranks where its forward starts

@@ -94,7 +94,11 @@ def _forward_recording(
 
 
 def _head_features(layer: nn.Module, logits: Tensor, calls: list) -> Tensor | None:
-    """The features h (N, d) when ``layer`` is an nn.Linear whose output IS the logits."""
+    """The features h (N, d) when ``layer`` is an nn.Linear whose output is the logits up to
+    a constant per row (:func:`_same_up_to_row_shift`). That is enough for the closed forms
+    of shift-invariant losses (cross-entropy, KL from the uniform distribution: functions of
+    the softmax); a loss that reads the logits' level (GradTrust's reference form) checks
+    :func:`_exactly_the_logits` or :func:`_log_softmax_of` as well."""
     if not isinstance(layer, nn.Linear) or len(calls) != 1:
         return None
     h, out = calls[0]
@@ -103,6 +107,41 @@ def _head_features(layer: nn.Module, logits: Tensor, calls: list) -> Tensor | No
     if not _same_up_to_row_shift(out, logits):
         return None
     return h
+
+
+def _exactly_the_logits(out: Tensor, logits: Tensor) -> bool:
+    """Whether the layer's output IS the logits, value for value (rows of NaN compared by
+    where they are NaN): no output transform or final layer between them, as the closed
+    forms of losses that are not shift-invariant (GradTrust's reference form) need."""
+    if out.shape != logits.shape:
+        return False
+    if torch.equal(out, logits):
+        return True
+    missing = torch.isnan(out)
+    if not torch.equal(missing, torch.isnan(logits)):
+        return False
+    return bool(torch.equal(out[~missing], logits[~missing]))
+
+
+def _log_softmax_of(out: Tensor, logits: Tensor) -> bool:
+    """Whether the logits are the log-softmax of the layer's output (a model ending in
+    ``log_softmax``, or a softmax model read through
+    :func:`~captum_ext.data.log_probabilities`), to the rounding tolerance of
+    :func:`_same_up_to_row_shift`: each row is the output less its log-sum-exp. Then the
+    logits' Jacobian with respect to the output is ``I - 1 p^T`` (``p = softmax``), the same
+    for any number of such normalisations in a row. Rows of NaN are left out; False when
+    no finite row is left or the values are not finite."""
+    if out.shape != logits.shape or not _same_up_to_row_shift(out, logits):
+        return False
+    rows = ~(torch.isnan(out).any(dim=1) | torch.isnan(logits).any(dim=1))
+    a, b = out[rows].double(), logits[rows].double()
+    if a.numel() == 0 or not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return False
+    expected = a - torch.logsumexp(a, dim=1, keepdim=True)
+    scale = float(a.abs().max() + b.abs().max()) + 1.0
+    eps = max(torch.finfo(out.dtype).eps, torch.finfo(logits.dtype).eps)
+    tolerance = 16 * eps * scale
+    return bool(((b - expected).abs() <= tolerance).all())
 
 
 def _same_up_to_row_shift(out: Tensor, logits: Tensor) -> bool:

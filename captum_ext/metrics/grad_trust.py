@@ -40,8 +40,10 @@ from captum_ext._utils.validation import (
 from captum_ext.metrics._trust_common import (
     _check_choice,
     _check_transform,
+    _exactly_the_logits,
     _forward_recording,
     _head_features,
+    _log_softmax_of,
     _resolve_head,
     _weight_of,
 )
@@ -153,10 +155,22 @@ def _log_ratio(log_values: Tensor) -> Tensor:
     return counterfactual - log_values[:, 0]
 
 
-def _reference_closed_form(logits: Tensor, h: Tensor) -> Tensor:
-    dev = at_least_float32(logits) - 1.0 / logits.shape[1]
+def _reference_closed_form(logits: Tensor, h: Tensor, through_log_softmax: bool = False) -> Tensor:
+    """The reference form at the final linear layer, whose weight gradient is ``g h^T``:
+    row c is ``g_c h``, its energy ``g_c^4 Var(h^2)``, the ratio ``max_c g_c^4 / mean_c
+    g_c^4``. ``g`` is dMSE(z, 1/C)/dz = 2 (z - 1/C) / C where the layer's output is the
+    logits z; where z = log_softmax(layer output) (``through_log_softmax``) it is that
+    cotangent d carried back through the log-softmax, ``d - p sum(d)`` (p = softmax(z)),
+    in float64 where the device has it (the two terms cancel)."""
+    if through_log_softmax:
+        z = precise(logits)
+        dev = z - 1.0 / z.shape[1]
+        dev = dev - torch.softmax(z, dim=1) * dev.sum(1, keepdim=True)
+    else:
+        dev = at_least_float32(logits) - 1.0 / logits.shape[1]
     scale = dev.abs().amax(1, keepdim=True)
     score = 1.0 / (dev / scale).pow(4).mean(1)  # = max_c dev^4 / mean_c dev^4; 0/0 -> NaN
+    score = score.to(at_least_float32(logits).dtype)
     # energies g_c^4 Var(h^2): all zero (undefined ratio) when h^2 is constant or d == 1.
     # Tested exactly, |h_j| == |h_0| for every j: Var(h^2) formed in float32 underflows to 0
     # for features of about 1e-11 and below (the pooled features of a random-weight
@@ -342,14 +356,21 @@ def gradtrust(
     ``benchmarks/gradtrust_evidence.py``). Prefer ``"topk"`` for misprediction detection.
 
     When ``layer`` is an ``nn.Linear`` whose output equals the logits (checked with a forward
-    hook), the closed forms need one forward pass and no backward pass. For any other layer
-    (or ``method="autograd"``), per-example weight gradients are computed with torch.func
-    (``functional_call`` and ``vjp`` under ``vmap``) and the same definitions are applied to
-    the layer's ``weight`` (rows = first dimension). Where every gradient vanishes (h = 0, or
-    for ``"reference"`` h^2 constant over d) the ratio is undefined and NaN is returned, as
-    the gradient computation would give. On the autograd path a model in train mode runs
-    each example as a batch of one (batch norm uses that example's statistics) on its own
-    copy of the buffers; the model's running statistics are never changed.
+    hook), the closed forms need one forward pass and no backward pass. The topk form's
+    cross-entropy depends on the softmax alone, so a layer output that differs from the
+    logits by a constant per row (a final ``log_softmax``, or a softmax model read through
+    :func:`~captum_ext.data.log_probabilities`) takes it too. The reference form's
+    MSE(z, 1/C) depends on that constant: its closed form takes the layer's output as it is
+    when it equals the logits exactly, and carries the cotangent back through the
+    log-softmax (``d - p sum(d)``, d = 2 (z - 1/C) / C, p = softmax(z)) when the logits are
+    the log-softmax of the layer's output; any other shift takes the autograd path. For any
+    other layer (or ``method="autograd"``), per-example weight gradients are computed with
+    torch.func (``functional_call`` and ``vjp`` under ``vmap``) and the same definitions are
+    applied to the layer's ``weight`` (rows = first dimension). Where every gradient vanishes
+    (h = 0, or for ``"reference"`` h^2 constant over d) the ratio is undefined and NaN is
+    returned, as the gradient computation would give. On the autograd path a model in train
+    mode runs each example as a batch of one (batch norm uses that example's statistics) on
+    its own copy of the buffers; the model's running statistics are never changed.
 
     **Which parameters** (``layer``). The paper describes the gradients as "the required
     changes in the network parameters"; the authors' published demo takes them at the final
@@ -424,8 +445,9 @@ def gradtrust(
             uses: the scores of the same model with that weight folded (``prune.remove``,
             ``remove_parametrizations``), computed one example at a time.
         method (str, optional): ``"auto"`` (closed form when the layer produces the logits,
-            autograd for an explicitly given other layer), ``"closed_form"`` (error if it does
-            not apply) or ``"autograd"``. Default: ``"auto"``.
+            autograd for an explicitly given other layer or a shift the reference form's
+            closed form does not cover), ``"closed_form"`` (error if it does not apply) or
+            ``"autograd"``. Default: ``"auto"``.
         log (bool, optional): return the natural log of the score (finite on confident
             models) instead of the score. Default: False.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``. On the
@@ -433,7 +455,9 @@ def gradtrust(
         output_transform (Callable, optional): maps the model's output to (N, C) logits (a
             dict's ``"logits"`` entry, a tuple's first element, an (N, C, 1) output squeezed),
             as on the CAM methods. The closed form applies when the layer's output equals the
-            transformed output. Default: None (the output is the logits).
+            transformed output, up to a constant per row for ``"topk"``, exactly or through a
+            log-softmax for ``"reference"`` (see above); the gradients always pass through
+            the transform. Default: None (the output is the logits).
 
     Returns:
         Tensor: (N,) scores (or their natural log with ``log=True``), higher = more trusted,
@@ -479,11 +503,26 @@ def gradtrust(
                 "ran more than once), so the closed form does not apply; pass the final "
                 "linear layer as `layer`, or use method='autograd'."
             )
-        if h is not None and method != "autograd":
+        # the reference form's MSE(z, 1/C) reads the logits' level: a layer output that
+        # differs from them by a constant per row takes the closed form only through a
+        # log-softmax (its Jacobian is known), any other shift the autograd path
+        closed, through_log_softmax = h is not None, False
+        if closed and form == "reference" and not _exactly_the_logits(calls[0][1], logits):
+            through_log_softmax = _log_softmax_of(calls[0][1], logits)
+            closed = through_log_softmax
+            if not closed and method == "closed_form":
+                raise ValueError(
+                    f"`method`='closed_form': the output of `layer` ({type(head).__name__}) "
+                    "differs from the logits by a constant per row that is not a "
+                    "log-softmax's, and the reference form's loss MSE(z, 1/C) depends on that "
+                    "constant, so its gradient is not known in closed form; use "
+                    "method='auto' or method='autograd'."
+                )
+        if closed and method != "autograd":
             if form == "topk":
                 score = _log_topk_closed_form(logits, h, k)
             else:
-                score = _reference_closed_form(logits, h)
+                score = _reference_closed_form(logits, h, through_log_softmax)
         else:
             if not calls:
                 raise ValueError(

@@ -7,8 +7,8 @@ r"""Attributions judged against ground truth: precision / recall / F1 and the po
   :math:`\text{precision} = |P \cap R| / |P|`, :math:`\text{recall} = |P \cap R| / |R|`,
   :math:`F_1 = 2\,\text{precision}\cdot\text{recall} / (\text{precision} + \text{recall})`.
 - :func:`pointing_game` (Zhang et al., "Top-down neural attention by excitation backprop",
-  ECCV 2016): a hit when the map's maximum lies inside the object (mask or box), within a
-  tolerance of ``tolerance`` pixels (15 in the paper, at 224 px).
+  ECCV 2016): a hit when the map's maximum lies inside the object (mask or box), or less
+  than ``tolerance`` pixels from it in Euclidean distance (15 in the paper, at 224 px).
 - :func:`energy_pointing_game` (Wang et al., "Score-CAM", CVPR-W 2020): the share of the map's
   positive mass that falls inside the object.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from captum_ext._utils.precision import float64_here_or_cpu
@@ -244,8 +243,13 @@ def pointing_game(attributions: Any, objects: Any, *, tolerance: int = 0) -> Ten
     """Whether each map's maximum points at the object, ``(N,)`` bool.
 
     A hit when the pixel of highest attribution (channels summed; the first in row-major order
-    among ties) lies inside the object or within ``tolerance`` pixels of it (Chebyshev
-    distance). The game's score over a dataset is the mean of the hits.
+    among ties) lies inside the object or, with ``tolerance`` t > 0, less than t pixels from
+    it in Euclidean distance: some object pixel (y, x) has (y - y*)^2 + (x - x*)^2 < t^2,
+    the disk of the protocol's reference implementation (TorchRay's
+    ``PointingGame.evaluate``, strict ``<``: ``tolerance=1`` accepts the object only, a
+    pixel next to it needs 2, a diagonal neighbour 2 too). The game's score over a dataset is
+    the mean of the hits. Quantus' ``PointingGame`` has no tolerance: it equals
+    ``tolerance=0`` (up to ties: Quantus counts any tied maximum, this the first).
 
     Args:
         attributions (Tensor): ``(N, C, H, W)`` or ``(N, H, W)`` maps at the input's size.
@@ -253,19 +257,28 @@ def pointing_game(attributions: Any, objects: Any, *, tolerance: int = 0) -> Ten
             ``(x0, y0, x1, y1)`` in pixels of the maps (x1, y1 exclusive; boxes reaching past
             the maps are refused, since image-pixel boxes on layer-sized maps would be read
             wrongly).
-        tolerance (int): pixels of slack around the object (15 at 224 px in the paper).
-            Default: 0.
+        tolerance (int): the radius, in pixels, of the disk around the maximum that must
+            meet the object (strictly inside it; 15 at 224 px in the paper, as in TorchRay).
+            Default: 0 (the maximum must lie on the object).
 
     Reference: J. Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016.
     """
     tolerance = check_int(tolerance, "tolerance", minimum=0)
     maps = _pixel_maps(attributions, "attributions")
-    masks = _object_masks(objects, tuple(maps.shape)).to(maps.device)
-    if tolerance:
-        size = 2 * tolerance + 1
-        masks = F.max_pool2d(masks[:, None].float(), size, stride=1, padding=tolerance)[:, 0] > 0
+    n, h, w = maps.shape
+    masks = _object_masks(objects, (n, h, w)).to(maps.device)
     best = maps.flatten(1).argmax(dim=1)
-    return masks.flatten(1).gather(1, best[:, None])[:, 0]
+    hits = masks.flatten(1).gather(1, best[:, None])[:, 0]
+    if tolerance:
+        # TorchRay's PointingGame.evaluate: the disk of squared radius < tolerance^2 around
+        # the maximum meets the object (integers: exact)
+        row, col = (best // w).view(n, 1, 1), (best % w).view(n, 1, 1)
+        ys = torch.arange(h, device=maps.device).view(1, h, 1)
+        xs = torch.arange(w, device=maps.device).view(1, 1, w)
+        radius = min(tolerance, h + w)  # past h + w the disk holds every pixel: no overflow
+        accept = (ys - row) ** 2 + (xs - col) ** 2 < radius**2
+        hits = hits | (masks & accept).flatten(1).any(dim=1)
+    return hits
 
 
 def energy_pointing_game(attributions: Any, objects: Any) -> Tensor:

@@ -25,6 +25,7 @@ The user's model is never changed: randomisation acts on a deep copy.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import warnings
@@ -38,7 +39,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from captum_ext._utils.batched_grad import call_model, in_model_precision
-from captum_ext._utils.layers import eager_name, is_exported, uncompiled
+from captum_ext._utils.caller import user_stacklevel
+from captum_ext._utils.layers import eager_name, execution_ranks, is_exported, uncompiled
 from captum_ext._utils.legacy_norms import copied_model, resynchronise_legacy_norms
 from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext._utils.model_state import (
@@ -73,8 +75,9 @@ class RandomisationCurves(NamedTuple):
     """What :func:`model_randomisation` returns."""
 
     layers: list[str]
-    """Names of the layers randomised, top (output) first; step ``i`` randomised
-    ``layers[: i + 1]`` (cascade) or only ``layers[i]`` (independent)."""
+    """Names of the layers randomised, top (output) first (by default in the reverse of the
+    order they run in a forward pass; see ``layers`` of :func:`model_randomisation`); step
+    ``i`` randomised ``layers[: i + 1]`` (cascade) or only ``layers[i]`` (independent)."""
     similarity: dict[str, Tensor]
     """Per measure, ``(len(layers), N)``: similarity of each example's randomised map to its
     original map at each step."""
@@ -549,7 +552,35 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
         and _has_own_parameters(module)
         and ((name and (_resets_itself(module) or name in holders)) or _raw_weights(module))
     ]
-    return names[::-1]  # top (output) first; the model's own parameters ("") last
+    # top (output) first by declaration, the model's own parameters ("") last: the fallback
+    # of _in_execution_order where a forward pass cannot be watched
+    return names[::-1]
+
+
+def _in_execution_order(model: nn.Module, names: list[str], ranks: dict[str, int]) -> list[str]:
+    """The default cascade ``names`` from the output down: by the reverse of the order in
+    which they first ran (``ranks``, from
+    :func:`~captum_ext._utils.layers.execution_ranks`), leaving out with a warning those
+    that did not run. As given (declaration order reversed) where the pass could not be
+    watched: a TorchScript model or layer (compiled code takes no hooks), or none ran."""
+    modules = dict(model.named_modules())
+    if not ranks or any(isinstance(modules[name], torch.jit.ScriptModule) for name in names):
+        return names
+    idle = [name for name in names if name not in ranks]
+    if idle:
+        shown = ", ".join(repr(name) for name in idle[:8])
+        more = f" and {len(idle) - 8} more" if len(idle) > 8 else ""
+        warnings.warn(
+            f"model_randomisation: the default cascade leaves out {len(idle)} module(s) with "
+            f"parameters that did not run in the model's forward pass on `inputs` (eval "
+            f"mode): {shown}{more}. Randomising them would change no map (an auxiliary "
+            "head that runs only in training mode, an unused layer); name them in `layers` "
+            "to randomise them anyway.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    ran = [name for name in names if name in ranks]
+    return sorted(ran, key=lambda name: ranks[name], reverse=True)
 
 
 def _reset_parametrized(module: nn.Module) -> None:
@@ -765,21 +796,31 @@ def model_randomisation(
         target (int or Tensor, optional): classes to explain; default the model's predictions.
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
-        layers (str or list of str, optional): the layers to randomise, top first (one
-            name: that layer only). Default: from the output down, every layer that
+        layers (str or list of str, optional): the layers to randomise, top first, in the
+            order given (one name: that layer only). Default: from the output down, by the
+            reverse of the order in which the layers are first called in the forward pass
+            on ``inputs`` (eval mode, watched with hooks; the model itself, name ``""``, is
+            called first, so its own parameters, a vision transformer's class token, come
+            last; a module whose parameters another uses without calling it, such as
+            ``nn.MultiheadAttention``'s ``out_proj``, by their first use). Modules with
+            parameters that do not run there (an auxiliary head that runs only in training,
+            such as Inception v3's ``AuxLogits``) are left out with a warning, since
+            randomising them changes no map. A TorchScript model, whose compiled code
+            cannot be watched, keeps its declaration order reversed, the model's own
+            parameters last. The default takes every layer that
             re-initialises itself (``reset_parameters``; compiled layers of a
             TorchScript model get torch's default initialisation of linear and
             convolutional layers; the layers of a ``torch.export`` program are
             re-initialised as their eager class's ``reset_parameters`` would, when the
             program records a class that has one), and the trained weights of every other
-            module, the model itself (name ``""``: a vision transformer's class token) last:
-            their own floating-point parameters of two or more dimensions with ``requires_grad``
-            (``nn.MultiheadAttention``'s projections, positional embeddings), each
-            Kaiming-uniform. Vectors, scalars and frozen or integer parameters of such
-            modules (a temperature, normalisation constants) keep their values. A layer
-            pruned with ``torch.nn.utils.prune`` gets the values the same layer folded with
-            ``prune.remove`` would (for the same ``seed``) in its ``weight_orig`` (and
-            ``bias_orig``), and keeps its masks.
+            module, the model itself included (name ``""``: a vision transformer's class
+            token): their own floating-point parameters of two or more dimensions with
+            ``requires_grad`` (``nn.MultiheadAttention``'s projections, positional
+            embeddings), each Kaiming-uniform. Vectors, scalars and frozen or integer
+            parameters of such modules (a temperature, normalisation constants) keep their
+            values. A layer pruned with ``torch.nn.utils.prune`` gets the values the same
+            layer folded with ``prune.remove`` would (for the same ``seed``) in its
+            ``weight_orig`` (and ``bias_orig``), and keeps its masks.
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
@@ -804,11 +845,16 @@ def model_randomisation(
     default = layers is None  # raw modules: only their trained weights (_raw_weights)
     if not names:
         raise ValueError("`layers`: the model has no layer with parameters to randomise.")
+    modules = dict(model.named_modules())
+    # the default cascade in the order the layers run, watched in the forward pass below
+    watched = execution_ranks({name: modules[name] for name in names}) if default else None
     with preserved_state([model]):
         set_eval_mode(model, fixed_batch=True)  # the explainer runs the caller's batch
-        with torch.no_grad():
+        with torch.no_grad(), watched or contextlib.nullcontext({}) as ranks:
             # float32 images of a half-precision model in its dtype, as the explainers do
             output = call_model(model, in_model_precision(model, (inputs,)))
+        if default:
+            names = _in_execution_order(model, names, ranks)
         if isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
             target = _one_class_each(target, output, "target")
         elif target is None:

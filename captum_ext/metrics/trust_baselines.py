@@ -14,6 +14,7 @@ dtype (float32 for a half-precision model's: float16 rounds every probability ab
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from captum.log import log_usage
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from captum_ext._utils.batched_grad import (
     input_gradients,
@@ -32,7 +34,7 @@ from captum_ext._utils.batched_grad import (
     softmax_complement,
 )
 from captum_ext._utils.caller import user_stacklevel
-from captum_ext._utils.layers import resolve_layer, root_module
+from captum_ext._utils.layers import execution_ranks, owned_parameters, resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.seeding import as_generator
@@ -604,6 +606,9 @@ def gradnorm(
     The score is the norm itself, as in the GradNorm paper: a peaked softmax and large
     features give large gradients, and these are the trusted (in-distribution) predictions,
     so higher = more trusted. The GradNorm paper uses p = 1; the default here is the L2 norm.
+    The GradTrust paper's GradNorm baseline (and its authors' ``demo.py``) is *minus* this
+    norm: its ranking is the reverse of this one (misprediction AUROC ``1 - a``, and AUAC
+    from the other end), so pass ``-gradnorm(...)`` to compare with that paper's table.
     Closed form (one forward pass) when ``layer`` is the final ``nn.Linear``; otherwise the
     per-example weight gradients are computed with torch.func.
 
@@ -666,11 +671,43 @@ def gradnorm(
         )
 
 
-def _default_groups(model: nn.Module) -> list[list[nn.Module]]:
-    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    if not layers:
+def _parameter_holders(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``model`` that hold parameters of their own (a parametrised layer with
+    the originals of its parametrisations, which are not counted apart), by name, in
+    declaration order."""
+    inside = {
+        id(part)
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for part in module.parametrizations.modules()
+    }
+    holders = {
+        name: module
+        for name, module in model.named_modules()
+        if id(module) not in inside and owned_parameters(module)
+    }
+    if not holders:
         raise ValueError(f"{type(model).__name__} has no parameters; purview needs some.")
-    return [[layers[0]], [layers[-1]]]
+    return holders
+
+
+def _default_groups(
+    model: nn.Module, holders: dict[str, nn.Module], ranks: dict[str, int]
+) -> list[list[str]]:
+    """purview's "early" and "late" groups: the parameters (by name) of the first and of
+    the last of ``holders`` to run (``ranks`` of
+    :func:`~captum_ext._utils.layers.execution_ranks`); by declaration order where the
+    forward pass could not be watched (a TorchScript model or layer, or none ran)."""
+    names = list(holders)
+    scripted = any(isinstance(module, torch.jit.ScriptModule) for module in holders.values())
+    ran = [name for name in names if name in ranks]
+    if ran and not scripted:
+        names = sorted(ran, key=lambda name: ranks[name])
+    by_id = {id(t): name for name, t in model.named_parameters()}
+    return [
+        [by_id[id(t)] for t in owned_parameters(holders[name]) if id(t) in by_id]
+        for name in (names[0], names[-1])
+    ]
 
 
 def _group_parameters(model: nn.Module, groups: Any) -> list[list[str]]:
@@ -724,8 +761,13 @@ def purview(
         forward_func (Callable): the model (an ``nn.Module`` or a bound method of one).
         inputs (Tensor or tuple of Tensor): the examples, batch first.
         groups (list, optional): parameter groups, each a module, a dotted module name or a
-            list of those (all their parameters, biases included). Default: the first and the
-            last module that owns parameters (the "early" and "late" groups).
+            list of those (all their parameters, biases included). Default: the "early" and
+            "late" groups, the parameters of their own of the first and of the last module
+            holding parameters to be called in the forward pass on ``inputs`` (watched with
+            hooks; the model itself, where it holds parameters, is called first; a module
+            whose parameters another uses without calling it counts by their first use; a
+            module that does not run is never picked); in declaration order for a
+            TorchScript model, whose compiled code cannot be watched.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
         output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
@@ -750,11 +792,19 @@ def purview(
     model = root_module(forward_func)
     if model is None:
         raise TypeError("purview needs forward_func to be an nn.Module or a bound method of one.")
-    group_names = _group_parameters(model, _default_groups(model) if groups is None else groups)
-    named = dict(model.named_parameters())
-    wanted = {f"m.{name}": named[name] for group in group_names for name in group}
+    if groups is None:  # the first and the last to run, watched in the forward pass below
+        holders = _parameter_holders(model)
+        watched = execution_ranks(holders)
+    else:
+        group_names = _group_parameters(model, groups)
+        watched = contextlib.nullcontext({})
     with preserved_state([model], hidden_model=model is None):
-        logits = _logits(forward_func, inputs, extra, output_transform)
+        with watched as ranks:
+            logits = _logits(forward_func, inputs, extra, output_transform)
+        if groups is None:
+            group_names = _default_groups(model, holders, ranks)
+        named = dict(model.named_parameters())
+        wanted = {f"m.{name}": named[name] for group in group_names for name in group}
         _check_real_logits(
             logits,
             output_transform,
