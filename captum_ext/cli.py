@@ -732,14 +732,14 @@ def _without_level_scores(scores: list[str], model: Any, logits: Any) -> list[st
     log-probabilities (a final log_softmax): those have lost the constant per row of the
     logits that the two scores read (the energy of log-probabilities is 0 for every image),
     and the functions refuse them. A ValueError naming ``--scores`` when nothing is left."""
-    from captum_ext.metrics.trust_baselines import _looks_like_log_probabilities
+    from captum_ext.metrics.trust_baselines import _log_probability_rows
 
     dropped = [name for name in scores if name in _LEVEL_SCORES]
     if not dropped:
         return scores
     if getattr(model, "reads", None) == "probabilities":
         why = "it returns probabilities, read as log-probabilities"
-    elif _looks_like_log_probabilities(logits):
+    elif _log_probability_rows(logits) >= 2:  # one row may be real logits by chance
         why = "it returns log-probabilities (it ends in a log_softmax)"
     else:
         return scores

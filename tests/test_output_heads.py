@@ -440,3 +440,30 @@ def test_contrastive_refuses_an_explicit_class_on_one_logit():
 
     with pytest.raises(ValueError, match=r"`contrast`.*1 output.*two_class_logits"):
         Contrastive(Saliency, Net(k=1).eval()).attribute(_images(2), contrast=0)
+
+
+def test_energy_of_one_row_of_real_logits_near_a_log_sum_exp_of_zero_is_scored():
+    """Real logits whose log-sum-exp falls near 0 by chance (about 4 in 10,000 single rows
+    of N(-6, 3) logits over 10 classes) were refused as log-probabilities, the last batch
+    of one of a dataset included; one row is now scored, with a warning, and two or more
+    such rows are still refused."""
+    z = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
+    z = z - torch.logsumexp(z, dim=1, keepdim=True) + 5e-5  # log-sum-exp 5e-5
+    model = torch.nn.Sequential(torch.nn.Flatten(), _Constant(z))
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="One example only"):
+        score = energy(model, x)
+    torch.testing.assert_close(score, torch.logsumexp(z, dim=1))
+    with pytest.raises(ValueError, match="log-probabilities"):
+        energy(model, x.expand(2, 1, 2, 2))
+
+
+class _Constant(torch.nn.Module):
+    """Returns the same logits row for every example."""
+
+    def __init__(self, row: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("row", row)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.row.expand(x.shape[0], -1) + 0 * x.sum(dim=1, keepdim=True)
