@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from _helpers import make_confident_model
 
+from captum_ext._utils.maps import minmax_normalize, upsample_maps
 from captum_ext.attr import VOICE, ContrastCAM, GradCAM, LayerGradCamPlusPlus
 from captum_ext.attr import voice as voice_module
 from captum_ext.attr._voice_moments import UpsampledMoments, extreme_rows, interpolation_matrix
@@ -25,19 +26,13 @@ SIZES = [
 
 
 def _materialised(chunks, weights, size):
-    """The reference order: ReLU, bilinear upsampling, min-max per map, variance sums."""
+    """The reference order: ReLU, bilinear upsampling, min-max per map, variance sums; the
+    min-max of the materialising route (VOICE's ``_fast_postprocess=False``), which reads a
+    span of at most 8 eps max|m| as a constant map (zeros)."""
     total = total_sq = 0
     for maps, weight in zip(chunks, weights, strict=True):
-        up = F.interpolate(torch.relu(maps), size=size, mode="bilinear", align_corners=False)
-        flat = up.flatten(2)
-        low = flat.amin(-1, keepdim=True)
-        span = flat.amax(-1, keepdim=True) - low
-        # a constant map upsamples to a constant; F.interpolate's rounding is not a pattern
-        low_res = maps.flatten(2)
-        constant = (low_res.amax(-1) == low_res.amin(-1))[..., None]
-        span = torch.where(constant, 0, span)
-        scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, 1), 0)
-        scaled = scaled.view_as(up) * weight[..., None, None]
+        up = upsample_maps(torch.relu(maps), size)
+        scaled = minmax_normalize(up).double() * weight[..., None, None]
         total = total + scaled.sum(1)
         total_sq = total_sq + (scaled * scaled).sum(1)  # weights are 0 / 1
     return total, total_sq
@@ -88,6 +83,97 @@ def test_constant_maps_normalise_to_zero():
     maps = torch.full((2, 3, 4, 5), 0.7, dtype=torch.float64)
     moments = UpsampledMoments((4, 5), (11, 13), torch.float64, "cpu")
     assert torch.equal(moments.normalise(maps), torch.zeros_like(maps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ulps", [1, 2, 4])
+def test_maps_constant_up_to_rounding_normalise_to_zero(dtype, ulps):
+    """A map whose values differ by a few units in the last place (what a constant
+    activation map picks up on its way through a model) is constant for the materialising
+    route's min-max (span <= 8 eps max|m|): the moments must not stretch it to [0, 1]."""
+    eps = torch.finfo(dtype).eps
+    maps = torch.full((2, 3, 4, 5), 0.7, dtype=dtype)
+    maps[0, 1, 0, 0] *= 1 + ulps * eps
+    maps[1, 2, 3, 4] *= 1 - ulps * eps / 2
+    maps[1, 0, 2, 2] = 0.7 + 2 * ulps * eps * 0.7  # one value, a few ulps up
+    assert bool((maps.flatten(2).amax(-1) > maps.flatten(2).amin(-1)).any())
+    moments = UpsampledMoments((4, 5), (11, 13), dtype, "cpu")
+    assert torch.equal(moments.normalise(maps), torch.zeros_like(maps, dtype=torch.float64))
+    weights = [torch.ones(2, 3, dtype=torch.bool)]
+    expected = _materialised([maps], weights, (11, 13))
+    for e, g in zip(expected, _fast([maps], weights, (4, 5), (11, 13)), strict=True):
+        assert torch.equal(e, torch.zeros_like(e))
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_maps_just_above_rounding_are_still_normalised(dtype):
+    """The tolerance is rounding only: a span of 64 ulps is a (faint) pattern, normalised as
+    the materialising route normalises it (up to the materialising route's own rounding of
+    the upsampled map, and the moments' own in float64: an ulp in 64, 1.6% of the
+    normalised range)."""
+    eps = torch.finfo(dtype).eps
+    maps = torch.full((1, 2, 4, 5), 0.7, dtype=dtype)
+    maps[0, 0, 1, 2] *= 1 + 64 * eps
+    maps[0, 1] = torch.linspace(0, 1, 20, dtype=dtype).view(4, 5)
+    weights = [torch.ones(1, 2, dtype=torch.bool)]
+    expected = _materialised([maps], weights, (9, 10))
+    got = _fast([maps], weights, (4, 5), (9, 10))
+    assert float(expected[0].amax()) > 1  # both maps were normalised (each peaks at 1)
+    assert float(got[0].amax()) > 1
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=4 / 64, rtol=0)
+
+
+class _Wobble(torch.nn.Module):
+    """Scales one position of the activations by 1 + 2**-22 (two float32 ulps): maps
+    constant up to rounding downstream."""
+
+    def __init__(self, wobble: bool) -> None:
+        super().__init__()
+        self.wobble = wobble
+
+    def forward(self, a):
+        if not self.wobble:
+            return a
+        bump = torch.zeros_like(a)
+        bump[..., 0, 0] = 1.0
+        return a * (1 + 2**-22 * bump)
+
+
+def _circular_model(wobble: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, stride=2, padding_mode="circular"),
+        torch.nn.ReLU(),
+        _Wobble(wobble),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 6),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    ["constant", "random"],
+    ids=["constant-up-to-rounding", "ordinary"],
+)
+@pytest.mark.parametrize("wobble", [True, False], ids=["wobble", "plain"])
+def test_voice_fast_equals_slow_on_rounding_level_maps(inputs, wobble):
+    """A constant image through a circular convolution gives contrast maps that are
+    constant (exactly, or up to 2 ulps with the wobble): the fast route read the ulps as a
+    pattern, a full [0, 1] uncertainty map (IoU 2.5e-7, SNR 0.169) where the materialising
+    route gives zeros (IoU 1, SNR 0). Random images give ordinary maps: unchanged."""
+    if inputs == "constant":
+        x = torch.full((2, 3, 12, 12), 0.7)
+    else:
+        x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    model = _circular_model(wobble)
+    fast, slow = _voice_pair(GradCAM(model, "2"), x)
+    if inputs == "constant":
+        assert torch.equal(slow.uncertainty, torch.zeros_like(slow.uncertainty))
+    for field in ("explanation", "contrast", "uncertainty", "iou", "snr"):
+        torch.testing.assert_close(getattr(fast, field), getattr(slow, field), atol=1e-4, rtol=0)
 
 
 def _voice_pair(method, x, **kwargs):

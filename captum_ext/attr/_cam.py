@@ -6,8 +6,19 @@ scalar s (a logit, or the cross-entropy with a contrast class):
     Grad-CAM weights    alpha_k = mean_(u,v) G_k
     Grad-CAM++ weights  alpha_k = sum_(u,v) a_kuv * ReLU(G_kuv),
                         a_kuv = G_kuv^2 / (2 G_kuv^2 + sum_(i,j) A_kij * G_kuv^3)
-    map                 ReLU( sign * sum_k alpha_k A_k )
-                        (attr_dim_summation=False: ReLU( sign * alpha_k A_k ) per channel)
+    map                 ReLU( sum_k alpha_k A_k )
+                        (attr_dim_summation=False: ReLU( alpha_k A_k ) per channel)
+
+``gradient_sign`` chooses which part of G enters the channel weights (Khakzar, Baselizadeh
+& Navab, "Rethinking positive aggregation and propagation of gradients in gradient-based
+saliency methods", 2020): ``"signed"`` uses G as it is, ``"positive"`` only ReLU(G):
+
+    Grad-CAM weights    signed: mean_(u,v) G_k           positive: mean_(u,v) ReLU(G_k)
+    Grad-CAM++ weights  signed: sum_(u,v) a_kuv G_kuv    positive: sum_(u,v) a_kuv ReLU(G_kuv)
+
+None is each method's published choice: signed for Grad-CAM's weighting, positive for
+Grad-CAM++'s. CounterfactualCAM weights the negated gradient G = -d z_P / d A, and the sign
+applies to that G.
 
 All classes requested for a batch come from one forward pass through the shared engine
 (``captum_ext._utils.batched_grad``); the maps are formed chunk by chunk so memory stays at
@@ -16,6 +27,7 @@ the size of the maps.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -37,6 +49,9 @@ from ._docs import with_cam_args
 
 WEIGHTINGS = ("gradcam", "gradcam++")
 
+#: the values of ``attribute(..., gradient_sign=)`` other than None (the published choice)
+GRADIENT_SIGNS = ("signed", "positive")
+
 
 def check_weighting(weighting: Any) -> None:
     """Refuse a ``weighting`` other than those of :data:`WEIGHTINGS` (at construction, and at
@@ -45,17 +60,37 @@ def check_weighting(weighting: Any) -> None:
         raise ValueError(f"`weighting`={weighting!r}: expected one of {WEIGHTINGS}.")
 
 
-def gradcam_weights(gradients: Tensor, activations: Tensor) -> Tensor:
-    """(N, B, K, *S) gradients -> (N, B, K) channel weights: the spatial mean."""
+def check_gradient_sign(gradient_sign: Any) -> None:
+    """Refuse a ``gradient_sign`` other than None or one of :data:`GRADIENT_SIGNS` (before
+    the model runs)."""
+    if gradient_sign is not None and (
+        not isinstance(gradient_sign, str) or gradient_sign not in GRADIENT_SIGNS
+    ):
+        raise ValueError(
+            f"`gradient_sign`={gradient_sign!r}: expected None (the method's published "
+            "choice), 'signed' (the gradients as they are) or 'positive' (only their "
+            "positive part enters the channel weights)."
+        )
+
+
+def gradcam_weights(gradients: Tensor, activations: Tensor, positive: bool = False) -> Tensor:
+    """(N, B, K, *S) gradients -> (N, B, K) channel weights: the spatial mean (of the
+    gradients' positive part with ``positive``)."""
+    if positive:
+        gradients = torch.relu(gradients)
     if gradients.dim() <= 3:
         return gradients
     return gradients.mean(dim=tuple(range(3, gradients.dim())))
 
 
-def gradcam_plus_plus_weights(gradients: Tensor, activations: Tensor) -> Tensor:
-    """Grad-CAM++ channel weights (Chattopadhay et al., WACV 2018, eq. 19 with exp scores)."""
+def gradcam_plus_plus_weights(
+    gradients: Tensor, activations: Tensor, positive: bool = True
+) -> Tensor:
+    """Grad-CAM++ channel weights (Chattopadhay et al., WACV 2018, eq. 19 with exp scores):
+    ``sum a * ReLU(G)``, or ``sum a * G`` without ``positive`` (the signed aggregation)."""
+    aggregated = torch.relu(gradients) if positive else gradients
     if gradients.dim() <= 3:
-        return torch.relu(gradients)
+        return aggregated
     spatial = tuple(range(3, gradients.dim()))
     sum_activations = activations.sum(dim=tuple(range(2, activations.dim())))  # (N, K)
     sum_activations = sum_activations.reshape(*sum_activations.shape, *([1] * len(spatial)))
@@ -65,7 +100,7 @@ def gradcam_plus_plus_weights(gradients: Tensor, activations: Tensor) -> Tensor:
     denominator = 2 + sum_activations.unsqueeze(1) * gradients
     usable = (gradients != 0) & (denominator != 0)
     alpha = torch.where(usable, 1 / torch.where(usable, denominator, 1), 0)
-    return (alpha * torch.relu(gradients)).sum(dim=spatial)
+    return (alpha * aggregated).sum(dim=spatial)
 
 
 def _reshaped_activations(reshape_transform, activations: Tensor) -> Tensor:
@@ -438,12 +473,18 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             f"N x K x h x w).{hint}"
         )
 
-    def _channel_weights(self, gradients: Tensor, activations: Tensor) -> Tensor:
-        """(N, B, K, *S) gradients and (N, K, *S) activations -> (N, B, K) channel weights."""
+    def _channel_weights(
+        self, gradients: Tensor, activations: Tensor, gradient_sign: str | None = None
+    ) -> Tensor:
+        """(N, B, K, *S) gradients and (N, K, *S) activations -> (N, B, K) channel weights.
+
+        ``gradient_sign``: None (the weighting's published choice: signed for Grad-CAM,
+        positive for Grad-CAM++), ``"signed"`` or ``"positive"``."""
         check_weighting(self.weighting)  # also a value assigned after construction
         if self.weighting == "gradcam++":
-            return gradcam_plus_plus_weights(gradients, activations)
-        return gradcam_weights(gradients, activations)
+            positive = gradient_sign != "signed"
+            return gradcam_plus_plus_weights(gradients, activations, positive=positive)
+        return gradcam_weights(gradients, activations, positive=gradient_sign == "positive")
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -466,9 +507,11 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         attr_dim_summation: bool = True,
         grad_kwargs: dict[str, Any] | None = None,
         interpolate_mode: str | None = None,
+        gradient_sign: str | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         check_normalize(normalize)
         check_weighting(self.weighting)  # before the model runs: assigned after construction
+        check_gradient_sign(gradient_sign)
         name = type(self).__name__
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
@@ -487,7 +530,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         formatted = format_inputs(inputs)
         reduce = make_cam_reducer(
-            self._channel_weights,
+            functools.partial(self._channel_weights, gradient_sign=gradient_sign),
             relu_attributions,
             reshape_transform,
             attr_dim_summation,
@@ -598,6 +641,8 @@ def _target_cam_attribute(
     attr_dim_summation: bool = True,
     grad_kwargs: dict[str, Any] | None = None,
     interpolate_mode: str | None = None,
+    *,
+    gradient_sign: str | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """The ``attribute`` of every target-class CAM; see :func:`target_cam`."""
     return self._maps(
@@ -613,6 +658,7 @@ def _target_cam_attribute(
         attr_dim_summation,
         grad_kwargs,
         interpolate_mode,
+        gradient_sign,
     )
 
 

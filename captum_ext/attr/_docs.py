@@ -84,6 +84,23 @@ CAM_ARGS = """
                 (on the bundled digit model, 7x7 maps upsampled to 28x28 and min-max
                 normalised differ by up to 0.57 per pixel, 0.06 on average); pass
                 ``interpolate_mode="nearest"`` to match it.
+            gradient_sign (str, optional): which part of the gradient G that the method
+                weights (``d z_P / d A`` for GradCAM and LayerGradCamPlusPlus,
+                ``d CE(z, Q) / d A`` for ContrastCAM, ``d s_P / d A`` for FinerCAM, the
+                negated ``-d z_P / d A`` for CounterfactualCAM) enters the channel weights
+                (Khakzar, Baselizadeh & Navab, "Rethinking positive aggregation and
+                propagation of gradients in gradient-based saliency methods", ICML 2020
+                Workshop on Human Interpretability in Machine Learning). ``"signed"``: G as
+                it is (Grad-CAM's weighting ``alpha_k = mean_(u,v) G_k``, Grad-CAM++'s
+                ``alpha_k = sum_(u,v) a_kuv * G_kuv``). ``"positive"``: only its positive
+                part (``mean_(u,v) ReLU(G_k)``, ``sum_(u,v) a_kuv * ReLU(G_kuv)``).
+                Positive aggregation is known to make maps insensitive to the class
+                explained (and to the randomisation of the model's parameters):
+                :func:`captum_ext.metrics.class_sensitivity` measures it. Default: None,
+                the method's published choice: ``"signed"`` for Grad-CAM's weighting
+                (GradCAM, ContrastCAM, CounterfactualCAM, FinerCAM), ``"positive"`` for
+                Grad-CAM++'s (LayerGradCamPlusPlus, ``weighting="gradcam++"``). Other
+                values raise a ValueError.
 """
 
 CAM_RETURNS = """

@@ -117,15 +117,21 @@ class UpsampledMoments:
         )
 
     def normalise(self, maps: Tensor) -> Tensor:
-        """(N, B, h, w) ReLU-ed maps -> M', zero where the upsampled map is constant."""
+        """(N, B, h, w) ReLU-ed maps -> M', zero where the upsampled map is constant.
+
+        "Constant" as :func:`~captum_ext._utils.maps.minmax_normalize` (the materialising
+        route) reads it: a span of the upsampled map of at most ``8 eps max|U|``, eps that
+        of the maps' dtype, is rounding, not a pattern to stretch to [0, 1]."""
+        eps = torch.finfo(maps.dtype).eps if maps.is_floating_point() else 0.0
         maps = maps.to(self.dtype)
         grid = torch.einsum("ir,nbrs,js->nbij", self.rows_h, maps, self.rows_w).flatten(2)
         low = grid.amin(-1)[..., None, None]
         span = grid.amax(-1)[..., None, None] - low
+        rounding = 8 * eps * grid.abs().amax(-1)[..., None, None]
         # a constant map upsamples to a constant (rows sum to 1); rounding must not make
         # its min-max normalisation amplify last-bit noise to [0, 1]
         flat = maps.flatten(2)
-        constant = (flat.amax(-1) == flat.amin(-1))[..., None, None]
+        constant = (flat.amax(-1) == flat.amin(-1))[..., None, None] | (span <= rounding)
         span = torch.where(constant, torch.zeros_like(span), span)
         safe = torch.where(span > 0, span, torch.ones_like(span))
         return torch.where(span > 0, (maps - low) / safe, torch.zeros_like(maps))

@@ -21,6 +21,11 @@ class GradCAM(TargetClassCAMBase):
     class, and with the post-processing options of ContrastCAM (``upsample_to_input``,
     ``normalize="minmax"``, ``reshape_transform``).
 
+    ``attribute(..., gradient_sign="positive")`` keeps only the positive part of the
+    gradients in the weights, ``alpha_k = mean over (u, v) of ReLU(d z_P / d A_k)`` (the
+    positive aggregation that Khakzar et al., 2020, found to make maps insensitive to the
+    class); the default (None, or ``"signed"``) is the published formula above.
+
     Paper: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
     Gradient-based Localization", ICCV 2017.
 
