@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 from torch.overrides import TorchFunctionMode
 
 from .caller import user_stacklevel
@@ -1123,7 +1124,13 @@ def per_example_parameter_gradients(
     module hooks, carries a forward, forward-pre, backward or backward-pre hook that is not
     the package's own (nor a layer's pruning or legacy normalisation hook), the gradients
     are computed with plain autograd one example at a time instead (the same numbers,
-    slower), so the user's hooks see plain tensors (of one example each). A hook that the
+    slower), so the user's hooks see plain tensors (of one example each). A model hidden
+    behind a plain function (``lambda x: model(x)``) cannot be searched in advance: there a
+    global forward pre-hook looks at each module before it runs under ``vmap``, and the
+    first one carrying a hook of the user's abandons that chunk before its hooks run (the
+    loop from there on). Hooks on the parameters themselves (``weight.register_hook``) are
+    run by neither path: the loop differentiates leaf copies swapped in for them, as
+    ``functional_call`` does under ``vmap``. A hook that the
     model's ``forward`` registers on a tensor (``activation.register_hook(...)``) cannot be
     seen on the modules: where a forward pass under ``vjp`` registers one
     (``Tensor.register_hook`` / ``register_post_accumulate_grad_hook``, noted by a
@@ -1209,7 +1216,7 @@ def per_example_parameter_gradients(
             if by_loop:
                 grads = _per_example_by_loop(
                     forward_func, xs, extra, batched, start, names, original,
-                    cotangents[start:stop], output_transform, computed,
+                    cotangents[start:stop], output_transform, computed, holder,
                 )  # fmt: skip
                 scores.append(reduce(grads).detach())
                 start = stop
@@ -1220,16 +1227,18 @@ def per_example_parameter_gradients(
                     # under vmap: about speed only, and nothing the caller can act on
                     warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
                     first = start == 0
-                    with counted_output_bytes(starts) if first else nullcontext() as counted:
+                    counting = counted_output_bytes(starts) if first else nullcontext()
+                    with _users_hooks_refused(), counting as counted:
                         grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
                             xs, extras_b, cotangents[start:stop], bufs
                         )
                     if first:
                         working = counted.total + k * counted.bytes
                         chunk = max(1, min(n, budget // max(2 * gradient_bytes + working, 1)))
-            except _TensorHookInForward:
-                # the model's forward registers a hook on a tensor: plain autograd instead
-                # (this chunk again), so that the hook sees plain tensors
+            except (_TensorHookInForward, _UsersHookInForward):
+                # the model's forward registers a hook on a tensor, or runs a module carrying
+                # a hook of the user's (a model hidden behind a plain function): plain
+                # autograd instead (this chunk again), so that the hooks see plain tensors
                 put_back()  # (a module reached twice keeps functional_call's tensors)
                 by_loop = True
                 chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
@@ -1263,7 +1272,7 @@ def per_example_parameter_gradients(
                 put_back()  # (a module reached twice keeps functional_call's tensors)
                 grads = _per_example_by_loop(
                     forward_func, xs, extra, batched, start, names, original,
-                    cotangents[start:stop], output_transform,
+                    cotangents[start:stop], output_transform, holder=holder,
                 )  # fmt: skip
             scores.append(reduce(grads).detach())
             start = stop
@@ -1307,9 +1316,10 @@ _WEIGHT_HOOK_MODULES = ("torch.nn.utils.prune", "torch.nn.utils.weight_norm")
 def _is_our_hook(hook: Any) -> bool:
     """Whether ``hook`` is the package's own (a function defined in ``captum_ext``, such as
     the hooks counting output bytes or restoring a hidden model's buffers) or one by which
-    a layer computes its weight (pruning, the legacy ``weight_norm`` / ``spectral_norm``):
-    neither keeps the tensors it sees."""
-    if is_legacy_norm_hook(hook):
+    a layer computes its weight (pruning, any ``prune.BasePruningMethod`` included one the
+    user defined, the legacy ``weight_norm`` / ``spectral_norm``): neither keeps the tensors
+    it sees (a pruning method's hook only recomputes the weight)."""
+    if is_legacy_norm_hook(hook) or isinstance(hook, prune.BasePruningMethod):
         return True
     function = hook
     while isinstance(function, functools.partial):
@@ -1334,16 +1344,64 @@ def _hooks_not_ours(modules: Iterable[nn.Module]) -> bool:
         module_hooks._global_backward_pre_hooks,
     ]
     for module in modules:
-        tables += [
-            getattr(module, kind, None) or {}
-            for kind in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-            )
-        ]
+        tables += _hook_tables(module)
     return any(not _is_our_hook(hook) for table in tables for hook in list(table.values()))
+
+
+def _hook_tables(module: nn.Module) -> list[dict]:
+    """``module``'s forward, forward-pre, backward and backward-pre hooks (dicts)."""
+    return [
+        getattr(module, kind, None) or {}
+        for kind in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        )
+    ]
+
+
+class _UsersHookInForward(Exception):
+    """A module that carries a hook of the user's was about to run inside ``vmap`` (raised
+    before that module's own hooks, which would see torch.func's wrapper tensors)."""
+
+
+@contextlib.contextmanager
+def _users_hooks_refused() -> Iterator[None]:
+    """Raise :class:`_UsersHookInForward` where a module that carries a hook of the user's
+    (:func:`_hooks_not_ours`) is about to run in the block, in the calling thread.
+
+    The modules a ``forward_func`` runs cannot all be known in advance (a plain function
+    hides its model): a global forward pre-hook, removed on exit, looks at each module
+    before it runs; torch's global pre-hooks run before the module's own hooks, so the
+    user's hooks have not seen a tensor yet. Torch's warning that a compiled module runs
+    while global hooks exist (this one) is silenced in the block."""
+    thread = threading.get_ident()
+    checked: set[int] = set()
+
+    def refuse_users_hooks(module: nn.Module, args: Any) -> None:
+        if id(module) in checked or threading.get_ident() != thread:
+            return
+        if _hooks_not_ours_on(module):
+            raise _UsersHookInForward
+        checked.add(id(module))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks"
+        )
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(refuse_users_hooks)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _hooks_not_ours_on(module: nn.Module) -> bool:
+    """Whether ``module`` itself carries a hook that is not :func:`_is_our_hook`."""
+    return any(
+        not _is_our_hook(hook) for table in _hook_tables(module) for hook in list(table.values())
+    )
 
 
 @contextlib.contextmanager
@@ -1466,6 +1524,33 @@ def _unbatched_warning(error: Exception, training: bool = True) -> str:
     )
 
 
+def _parameter_slots(root: nn.Module | None, wanted: Iterable[Tensor]) -> list[tuple]:
+    """``(table, name, tensor)`` for every parameter slot of ``root``'s modules that holds
+    one of ``wanted`` (a parameter reached by several paths, or tied, in each of them)."""
+    ids = {id(t) for t in wanted}
+    return [
+        (table, name, tensor)
+        for module in (root.modules() if root is not None else ())
+        if not isinstance(module, torch.jit.ScriptModule)  # (their tables are not dicts)
+        for table in (module._parameters,)
+        for name, tensor in table.items()
+        if tensor is not None and id(tensor) in ids
+    ]
+
+
+@contextlib.contextmanager
+def _swapped_in(slots: list[tuple], copies: dict[int, Tensor]) -> Iterator[None]:
+    """Each slot of :func:`_parameter_slots` holds ``copies[id(its tensor)]`` in the block;
+    put back on exit."""
+    try:
+        for table, name, tensor in slots:
+            table[name] = copies[id(tensor)]
+        yield
+    finally:
+        for table, name, tensor in slots:
+            table[name] = tensor
+
+
 def _per_example_by_loop(
     forward_func: Callable,
     xs: tuple,
@@ -1477,11 +1562,19 @@ def _per_example_by_loop(
     cotangents: Tensor,
     output_transform: Callable[[Any], Tensor] | None,
     computed: dict[str, tuple] | None = None,
+    holder: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """What the vmapped vector-Jacobian products of :func:`per_example_parameter_gradients`
     compute, with plain autograd: a forward pass per example (a batch of one, as under
     ``vmap``) and a backward pass per cotangent row. The caller restores the model's state
     (``preserved_state``), including the ``requires_grad`` flags set here.
+
+    The parameters of ``names`` are differentiated through leaf copies, swapped into every
+    parameter slot of ``holder``'s modules that holds them while an example runs (forward
+    and backward passes), as ``functional_call`` swaps them under ``vmap``: hooks the user
+    registered on a parameter (``weight.register_hook(...)``, gradient clipping or freezing)
+    are not run, so both paths give the same numbers. A parameter in no slot (inside
+    TorchScript code) is differentiated itself.
 
     ``computed`` (:func:`_computed_tensors`): weights a layer computes in each forward pass,
     differentiated as used. A forward pre-hook appended after the layer's own (which
@@ -1490,9 +1583,18 @@ def _per_example_by_loop(
     requiring gradients); the gradients of every call of the layer are summed. The caller
     puts the attributes back (:func:`_tensors_put_back`)."""
     computed = computed or {}
+    # leaf copies, swapped in for the parameters while each example runs (forward and
+    # backward): the user's tensor hooks on a parameter (weight.register_hook(...), gradient
+    # clipping) never run, as under vmap, where functional_call swaps in other tensors too
     parameters = {name: t for name, t in names.items() if name not in computed}
-    for parameter in parameters.values():
-        parameter.requires_grad_(True)
+    slots = _parameter_slots(holder, parameters.values())
+    reached = {id(tensor) for _, _, tensor in slots}
+    copies = {id(t): t.detach().requires_grad_(True) for t in parameters.values()}
+    for name, parameter in parameters.items():
+        if id(parameter) in reached:
+            parameters[name] = copies[id(parameter)]
+        else:  # not in a module's table (inside TorchScript code): the parameter itself
+            parameter.requires_grad_(True)
     used: dict[str, dict[int, Tensor]] = {name: {} for name in computed}
 
     def capture_of(name: str, attribute: str) -> Callable:
@@ -1526,7 +1628,7 @@ def _per_example_by_loop(
             more = [a[start + i : start + i + 1] if b else a for a, b in zip(extra, batched)]
             for tensors in used.values():
                 tensors.clear()
-            with gradients_on():
+            with gradients_on(), _swapped_in(slots, copies):
                 with warnings.catch_warnings(record=True) as caught, cached():
                     warnings.simplefilter("always")
                     out = uncompiled(forward_func)(*args, *more)

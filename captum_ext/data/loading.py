@@ -824,6 +824,11 @@ class LogitsOutput(nn.Module):
     - ``"probabilities"``: the model ends in a softmax; its probabilities are read as
       log-probabilities, which are logits (:func:`log_probabilities`).
 
+    With ``"one logit"``, the first output whose values can be read (not while compiling,
+    exporting or tracing) is checked once per wrapper: where every value lies in [0, 1],
+    a UserWarning (:data:`SIGMOID_OUTPUT_WARNING`) says it looks like a final sigmoid's
+    probability (a wrapper from :func:`with_logits_output` was checked there already).
+
     A ``logits`` field is taken first in every case. The wrapper shares the model's
     submodules, parameters and buffers (the same objects under the same names), so layer
     names, ``state_dict`` keys and ``.to()`` / ``.eval()`` are the model's, and its
@@ -856,7 +861,9 @@ class LogitsOutput(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         output = _logits_field(self.__dict__["model"](*args, **kwargs))
-        if self.reads == "one logit":  # checked once, where the wrapper was chosen
+        if self.reads == "one logit":
+            if not self.__dict__.get("_checked", False) and _warn_if_one_probability(output):
+                self.__dict__["_checked"] = True  # the first output read, only
             return _two_class(output)
         if self.reads == "probabilities":  # a softmax's output, found so when wrapped
             return _log(output)
@@ -894,17 +901,39 @@ SIGMOID_OUTPUT_WARNING = (
 )
 
 
+def _values_unreadable(output: Tensor) -> bool:
+    """Whether reading ``output``'s values would break a trace or cannot be done: while
+    ``torch.compile`` / ``torch.export`` trace the code (a data-dependent branch: a graph
+    break, or ``GuardOnDataDependentSymNode``), under ``torch.jit.trace`` / script (the
+    check would be baked into the graph), on FakeTensors and the meta device, and under
+    ``torch.func`` transforms (``vmap``, ``grad``). The compiler test comes first: nothing
+    after it is traced."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is None:  # pragma: no cover - torch < 2.3
+        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return True
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if output.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(output):
+        return True
+    try:  # under torch.func (vmap, grad) the values cannot be read
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(output))
+    except AttributeError:  # pragma: no cover - torch without functorch
+        return False
+
+
 def _looks_like_one_probability(output: Tensor) -> bool:
     """Whether every value of the one-output-per-example ``output`` lies in [0, 1] (NaN
     rows aside; at least one value): a sigmoid's probability rather than a logit. False
-    where the values cannot be read (under ``torch.func`` transforms, on the meta device)."""
-    if output.numel() == 0 or output.device.type == "meta":
+    where the values cannot be read (:func:`_values_unreadable`: while compiling, exporting
+    or tracing, on fake or meta tensors, under ``torch.func`` transforms)."""
+    if _values_unreadable(output) or output.numel() == 0:
         return False
-    try:  # under torch.func (vmap, grad) the values cannot be read
-        if torch._C._functorch.is_functorch_wrapped_tensor(output):
-            return False
-    except AttributeError:  # pragma: no cover - torch without functorch
-        pass
     with torch.no_grad():
         values = output.detach()
         values = values[~torch.isnan(values)]
@@ -912,13 +941,19 @@ def _looks_like_one_probability(output: Tensor) -> bool:
 
 
 @torch.jit.unused
-def _warn_if_one_probability(output: Tensor, stacklevel: int | None = None) -> None:
+def _warn_if_one_probability(output: Tensor, stacklevel: int | None = None) -> bool:
+    """Warn (:data:`SIGMOID_OUTPUT_WARNING`) where ``output`` looks like one probability
+    per example; whether its values could be read (``False`` while compiling, tracing, ...:
+    nothing was checked)."""
+    if _values_unreadable(output):
+        return False
     if _looks_like_one_probability(output):
         warnings.warn(
             SIGMOID_OUTPUT_WARNING,
             UserWarning,
             stacklevel=user_stacklevel() if stacklevel is None else stacklevel,
         )
+    return True
 
 
 def model_failed_on_images(model: Any, shape: Sequence[int], error: BaseException) -> ValueError:
@@ -981,7 +1016,7 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     logits = _logits_field(output)
     if _is_one_logit(logits):
         reads = "one logit"
-        _warn_if_one_probability(logits, stacklevel=2)
+        checked = _warn_if_one_probability(logits, stacklevel=2)
     elif looks_like_probabilities(logits):
         reads = "probabilities"
         if bool((logits == 0).any()):
@@ -992,7 +1027,10 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
         reads = "field"
     else:
         return model, False
-    return LogitsOutput(uncompiled(model), reads), True  # names of the eager model
+    wrapper = LogitsOutput(uncompiled(model), reads)  # names of the eager model
+    if reads == "one logit":
+        wrapper.__dict__["_checked"] = checked  # warned here at most: not again in forward
+    return wrapper, True
 
 
 def log_probabilities(probabilities: Tensor) -> Tensor:
@@ -1071,6 +1109,10 @@ def two_class_logits(output: Tensor) -> Tensor:
     lies in [0, 1] (a model that ends in ``torch.sigmoid``) a UserWarning says so
     (:data:`SIGMOID_OUTPUT_WARNING`), since every example would then be read as class 1;
     ``two_class_logits(torch.logit(p))`` gives the two-class logits of such a probability.
+    The values are not read (no check) while ``torch.compile`` / ``torch.export`` /
+    ``torch.jit`` trace or script the code, on fake or meta tensors and under
+    ``torch.func`` transforms, so the wrapper ``lambda x: two_class_logits(model(x))``
+    compiles (``fullgraph=True``) and exports as before.
 
     Args:
         output (Tensor): ``(N,)`` or ``(N, 1)`` logits.
