@@ -168,6 +168,48 @@ def test_a_hidden_model_without_hooks_keeps_the_batched_path(
     assert not loop_calls
 
 
+class _Tolerant(nn.Module):
+    """A forward that falls back to a cheaper answer on any error (``except Exception``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.inner(x)
+        except Exception:  # a constant answer of the right shape
+            return x.flatten(1)[:, :10] * 0
+
+
+class _Rewrapping(nn.Module):
+    """A forward that wraps any error in its own (``raise ... from e``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.inner(x)
+        except Exception as error:
+            raise RuntimeError(f"inference failed: {error!r}") from error
+
+
+@pytest.mark.parametrize("wrapper", [_Tolerant, _Rewrapping])
+def test_a_forward_catching_the_refusal_still_gets_the_loop(fresh_bundled_model, digits, wrapper):
+    """The refusal of a hooked module inside ``vmap`` is an exception raised inside the
+    user's forward: a forward that swallowed it finished the chunk on its fallback answer
+    (a constant answer, silently), one that re-wrapped it failed with its own error. The
+    refusal is now recorded apart from the exception, and the chunk redone by the loop."""
+    model = fresh_bundled_model
+    expected = gradtrust(wrapper(copy.deepcopy(model)), digits, layer="inner.features.6")
+    model.features[4].register_forward_hook(lambda m, i, o: None)
+    wrapped = wrapper(model)
+    got = gradtrust(lambda t: wrapped(t), digits, layer=model.features[6])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------- 3. a pruning method of the user's
 
 

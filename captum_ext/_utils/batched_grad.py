@@ -1228,10 +1228,19 @@ def per_example_parameter_gradients(
                     warnings.filterwarnings("ignore", message=_UNBATCHED_OPERATOR_NOTE)
                     first = start == 0
                     counting = counted_output_bytes(starts) if first else nullcontext()
-                    with _users_hooks_refused(), counting as counted:
-                        grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
-                            xs, extras_b, cotangents[start:stop], bufs
-                        )
+                    refusal = _HookRefusal()
+                    try:
+                        with _users_hooks_refused(refusal), counting as counted:
+                            grads = vmap(one, in_dims=(x_dims, 0, 0, 0), randomness="different")(
+                                xs, extras_b, cotangents[start:stop], bufs
+                            )
+                    except Exception:
+                        if not refusal.seen:
+                            raise
+                    # a forward that catches the refusal (``except Exception``) or wraps it in
+                    # another error: the chunk is redone by the loop all the same
+                    if refusal.seen:
+                        raise _UsersHookInForward
                     if first:
                         working = counted.total + k * counted.bytes
                         chunk = max(1, min(n, budget // max(2 * gradient_bytes + working, 1)))
@@ -1366,10 +1375,21 @@ class _UsersHookInForward(Exception):
     before that module's own hooks, which would see torch.func's wrapper tensors)."""
 
 
+@dataclass
+class _HookRefusal:
+    """Whether :func:`_users_hooks_refused` refused a module (``seen``), also where the
+    model's own forward caught or re-wrapped the exception."""
+
+    seen: bool = False
+
+
 @contextlib.contextmanager
-def _users_hooks_refused() -> Iterator[None]:
+def _users_hooks_refused(refusal: _HookRefusal | None = None) -> Iterator[None]:
     """Raise :class:`_UsersHookInForward` where a module that carries a hook of the user's
-    (:func:`_hooks_not_ours`) is about to run in the block, in the calling thread.
+    (:func:`_hooks_not_ours`) is about to run in the block, in the calling thread, and mark
+    ``refusal.seen`` (the caller redoes the work by plain autograd even if the model's forward
+    swallowed the exception). A forward hook registered with ``always_call=True`` still runs
+    when its module's call is refused (torch calls it with the wrapped inputs and no output).
 
     The modules a ``forward_func`` runs cannot all be known in advance (a plain function
     hides its model): a global forward pre-hook, removed on exit, looks at each module
@@ -1383,6 +1403,8 @@ def _users_hooks_refused() -> Iterator[None]:
         if id(module) in checked or threading.get_ident() != thread:
             return
         if _hooks_not_ours_on(module):
+            if refusal is not None:
+                refusal.seen = True
             raise _UsersHookInForward
         checked.add(id(module))
 

@@ -28,6 +28,7 @@ import inspect
 import os
 import re
 import sys
+import threading
 import unicodedata
 import warnings
 import zipfile
@@ -862,12 +863,18 @@ class LogitsOutput(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         output = _logits_field(self.__dict__["model"](*args, **kwargs))
         if self.reads == "one logit":
-            if not self.__dict__.get("_checked", False) and _warn_if_one_probability(output):
-                self.__dict__["_checked"] = True  # the first output read, only
+            if not self.__dict__.get("_checked", False) and not _values_unreadable(output):
+                with _ONE_PROBABILITY_CHECK:  # threads sharing the wrapper: one warning
+                    if not self.__dict__.get("_checked", False):
+                        # the first output read, only
+                        self.__dict__["_checked"] = _warn_if_one_probability(output)
             return _two_class(output)
         if self.reads == "probabilities":  # a softmax's output, found so when wrapped
             return _log(output)
         return output
+
+
+_ONE_PROBABILITY_CHECK = threading.Lock()
 
 
 def _logits_field(output: Any) -> Any:
