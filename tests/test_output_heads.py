@@ -467,3 +467,15 @@ class _Constant(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.row.expand(x.shape[0], -1) + 0 * x.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_energy_refuses_half_precision_log_probabilities_cast_to_float32(dtype):
+    """A half-precision log_softmax model read through ``output_transform=lambda o:
+    o.float()``: its rows' log-sum-exp is off 0 by its own rounding (up to 5e-4 in float16,
+    4e-3 in bfloat16), beyond float32's tolerance, and energy scored them as real logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.LogSoftmax(dim=1)).to(dtype)
+    x = torch.randn(40, 3, 2, 2).to(dtype) * 4
+    with pytest.raises(ValueError, match="log-probabilities"):
+        energy(model, x, output_transform=lambda o: o.float())

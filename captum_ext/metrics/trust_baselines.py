@@ -90,7 +90,17 @@ def _log_probability_rows(logits: Tensor) -> int:
         if not rows.shape[0]:
             return 0
         spread = torch.logsumexp(rows.double(), dim=1).abs().max()
-        return rows.shape[0] if bool(spread <= _log_probability_tolerance(logits.dtype)) else 0
+        return rows.shape[0] if bool(spread <= _log_probability_tolerance(_held_in(rows))) else 0
+
+
+def _held_in(rows: Tensor) -> torch.dtype:
+    """The narrowest floating dtype that holds ``rows`` exactly: a half-precision model's
+    log-probabilities cast to float32 (``output_transform=lambda o: o.float()``) were
+    rounded in half precision, and their log-sum-exp is that far from 0."""
+    for narrow in (torch.float16, torch.bfloat16):
+        if rows.dtype != narrow and torch.equal(rows.to(narrow).to(rows.dtype), rows):
+            return narrow
+    return rows.dtype
 
 
 def _check_real_logits(
