@@ -76,10 +76,9 @@ CAM_ARGS = """
                 spatial dimensions) with ``align_corners=False``, as the published
                 post-processing, and equal to ``LayerAttribution.interpolate(maps, size,
                 interpolate_mode="bilinear")`` up to rounding: the linear modes are computed
-                in float64 and rounded once, so pixels equal in exact arithmetic (a constant
-                map, a plateau, mirror-symmetric pixels) stay exactly equal, which
-                ``F.interpolate``'s float32 lerps break by an ulp (enough to reorder a
-                deletion curve). Note that ``LayerAttribution.interpolate``'s
+                one axis at a time by ``torch.lerp``, so a constant map, a plateau and
+                mirror-symmetric pixels stay exactly equal, which ``F.interpolate``'s
+                weighted sums break by an ulp (enough to reorder a deletion curve). Note that ``LayerAttribution.interpolate``'s
                 own default is ``"nearest"``, whose blocky maps differ from the bilinear ones
                 (on the bundled digit model, 7x7 maps upsampled to 28x28 and min-max
                 normalised differ by up to 0.57 per pixel, 0.06 on average); pass
