@@ -7,7 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import assert_model_unchanged, make_tiny_cnn, model_snapshot
+from _helpers import (
+    assert_model_unchanged,
+    finer_scores_by_full_orderings,
+    make_tiny_cnn,
+    model_snapshot,
+)
 
 from captum_ext.attr import FinerCAM, GradCAM
 from captum_ext.attr.finer_cam import finer_scores
@@ -151,19 +156,6 @@ def test_an_unlikely_target_warns_that_its_map_vanishes(bundled_model, sample_di
         FinerCAM(bundled_model, "features.7").attribute(x, target=predicted)
 
 
-def _scores_by_full_orderings(logits, alpha, positions):
-    """Finer-CAM's scores from every class's full ordering of all C classes (N x C x C):
-    the formula as written, the reference for the chunked k-nearest selection."""
-    n, classes = logits.shape
-    distance = (logits[:, :, None] - logits[:, None, :]).abs()
-    distance = distance - torch.eye(classes, dtype=logits.dtype)
-    compared = distance.detach().argsort(dim=2, stable=True)[:, :, list(positions)]
-    probability = logits.softmax(dim=1)
-    weights = probability[:, None, :].expand(n, classes, classes).gather(2, compared)
-    others = logits[:, None, :].expand(n, classes, classes).gather(2, compared)
-    return (weights * (logits[:, :, None] - alpha * others)).sum(2) / (weights.sum(2) + 1e-9)
-
-
 @pytest.mark.parametrize("chunk", [1, 7, 2**22])
 def test_scores_equal_the_full_orderings_with_ties_and_in_chunks(monkeypatch, chunk):
     """finer_scores sorted all C classes for each of the C classes (N x C x C: 1.9 GB per
@@ -184,7 +176,7 @@ def test_scores_equal_the_full_orderings_with_ties_and_in_chunks(monkeypatch, ch
         ours = logits.clone().requires_grad_()
         theirs = logits.clone().requires_grad_()
         got = finer_scores(ours, 0.7, positions)
-        expected = _scores_by_full_orderings(theirs, 0.7, positions)
+        expected = finer_scores_by_full_orderings(theirs, 0.7, positions)
         assert torch.equal(got, expected), (trial, positions)
         weights = torch.randn(n, classes, generator=generator, dtype=torch.float64)
         (got * weights).sum().backward()
@@ -199,6 +191,6 @@ def test_a_nan_logit_leaves_the_other_examples_explained():
     logits[0, 4] = float("nan")
     logits[1, 2] = float("inf")
     got = finer_scores(logits, 1.0, (1, 2, 3))
-    expected = _scores_by_full_orderings(logits, 1.0, (1, 2, 3))
+    expected = finer_scores_by_full_orderings(logits, 1.0, (1, 2, 3))
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
     assert torch.isfinite(got[2]).all()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_model_unchanged, model_snapshot
+from _helpers import assert_model_unchanged, finer_scores_by_full_orderings, model_snapshot
 from torch import nn
 
 import captum_ext.attr.finer_cam as finer_module
@@ -20,19 +20,6 @@ from captum_ext.attr import FinerCAM
 from captum_ext.attr.finer_cam import finer_scores
 
 torch.set_num_threads(1)
-
-
-def _scores_by_full_orderings(logits, alpha, positions):
-    """Finer-CAM's scores from every class's full ordering of all C classes (N x C x C),
-    ties in class order (a stable sort): the formula as written."""
-    n, classes = logits.shape
-    distance = (logits[:, :, None] - logits[:, None, :]).abs()
-    distance = distance - torch.eye(classes, dtype=logits.dtype)
-    compared = distance.detach().argsort(dim=2, stable=True)[:, :, list(positions)]
-    probability = logits.softmax(dim=1)
-    weights = probability[:, None, :].expand(n, classes, classes).gather(2, compared)
-    others = logits[:, None, :].expand(n, classes, classes).gather(2, compared)
-    return (weights * (logits[:, :, None] - alpha * others)).sum(2) / (weights.sum(2) + 1e-9)
 
 
 class TiedNet(nn.Module):
@@ -118,7 +105,7 @@ def test_scores_of_the_explained_classes_equal_every_class_scores(monkeypatch, c
         full = logits.clone().requires_grad_()
         got = finer_scores(ours, 0.7, positions, classes=explained)
         expected = finer_scores(every, 0.7, positions)
-        by_full_orderings = _scores_by_full_orderings(full, 0.7, positions)
+        by_full_orderings = finer_scores_by_full_orderings(full, 0.7, positions)
         picked = got.gather(1, explained)
         torch.testing.assert_close(
             picked, expected.gather(1, explained), rtol=0, atol=0, equal_nan=True
@@ -174,7 +161,7 @@ def test_maps_are_grad_cam_of_the_all_classes_score(target, positions):
         )
         columns = (columns % 12).expand(3, -1)
     expected = _grad_cam_of(
-        model, x, lambda z: _scores_by_full_orderings(z, 0.8, used).gather(1, columns)
+        model, x, lambda z: finer_scores_by_full_orderings(z, 0.8, used).gather(1, columns)
     )
     if not (isinstance(target, torch.Tensor) and target.shape[1] > 1 or target == "all"):
         expected = expected[:, :1]  # one class per example: (N, 1, h, w)
@@ -218,5 +205,5 @@ def test_the_score_read_outside_attribute_scores_every_class():
     with torch.no_grad():
         logits = model(x)
     torch.testing.assert_close(
-        cam._score(logits), _scores_by_full_orderings(logits, 1.0, (1, 2, 3)), rtol=0, atol=0
+        cam._score(logits), finer_scores_by_full_orderings(logits, 1.0, (1, 2, 3)), rtol=0, atol=0
     )

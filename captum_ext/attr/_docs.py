@@ -78,10 +78,11 @@ CAM_ARGS = """
                 interpolate_mode="bilinear")`` up to rounding: the linear modes are computed
                 one axis at a time by ``torch.lerp``, so a constant map, a plateau and
                 mirror-symmetric pixels stay exactly equal, which ``F.interpolate``'s
-                weighted sums break by an ulp (enough to reorder a deletion curve). Note that ``LayerAttribution.interpolate``'s
-                own default is ``"nearest"``, whose blocky maps differ from the bilinear ones
-                (on the bundled digit model, 7x7 maps upsampled to 28x28 and min-max
-                normalised differ by up to 0.57 per pixel, 0.06 on average); pass
+                weighted sums break by an ulp (enough to reorder a deletion curve). Note
+                that ``LayerAttribution.interpolate``'s own default is ``"nearest"``, whose
+                blocky maps differ from the bilinear ones (on the bundled digit model, 7x7
+                maps upsampled to 28x28 and min-max normalised differ by up to 0.57 per
+                pixel, 0.06 on average); pass
                 ``interpolate_mode="nearest"`` to match it.
             gradient_sign (str, optional): which part of the gradient G that the method
                 weights (``d z_P / d A`` for GradCAM and LayerGradCamPlusPlus,
