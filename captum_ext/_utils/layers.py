@@ -567,6 +567,8 @@ class _FirstParameterUse(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        if len(self.seen) == len(self.owners):  # every watched parameter already seen
+            return result
         # computations only: reading a parameter's dtype, device or shape (a model that
         # casts its input to its first layer's dtype) returns no tensor and is no use of it
         if any(isinstance(value, torch.Tensor) for value in tree_leaves(result)):
@@ -580,21 +582,33 @@ class _FirstParameterUse(TorchFunctionMode):
 
 @contextlib.contextmanager
 def execution_ranks(modules: dict[str, nn.Module]):
-    """Watch one forward pass run in the block: when each of ``modules`` (by name) first
-    ran. Yields a dict, filled when the block ends: name -> rank (smaller = earlier), by the
-    first call of its ``forward`` (a forward pre-hook; the model itself is first), and for
-    a module whose ``forward`` is never called but whose parameters are used by another's
-    (``nn.MultiheadAttention``'s ``out_proj``, an ``nn.ParameterList``, the parameter
-    holders of a ``torch.export`` program) by the first torch function that computes with
-    one of its :func:`owned_parameters`. Modules that never ran are absent, and so are
+    """Watch the forward pass(es) run in the block: when each of ``modules`` (by name) first
+    ran. Yields a dict, filled when the block ends: name -> rank (smaller = earlier). A
+    layer (a module without children) ranks by the first call of its ``forward`` (a forward
+    pre-hook). A module with children (the model itself, a block holding a class token,
+    a positional embedding or a layer scale besides its layers) ranks by the first torch
+    function that computes with one of its own :func:`owned_parameters`, where they take
+    part in its computation, not where its ``forward`` starts (a vision transformer's
+    class token joins after its patch embedding has run; a ConvNeXt block's layer scale
+    multiplies its layers' output); where none of them is seen in use (they are used by
+    compiled code, or not at all) it ranks where its ``forward`` starts. A module whose
+    ``forward`` is never called but whose parameters another uses (``nn.MultiheadAttention``'s
+    ``out_proj``, an ``nn.ParameterList``, the parameter holders of a ``torch.export``
+    program) ranks by their first use. Modules that never ran are absent, and so are
     TorchScript modules and modules inside them: compiled code takes neither hooks nor
-    torch functions. The caller runs the pass (under ``no_grad``, keeping the model's
-    state); the hooks and the mode are gone afterwards, also on error."""
+    torch functions. The caller runs the pass(es) (under ``no_grad``, or an explainer's
+    own, keeping the model's state); the hooks and the mode are gone afterwards, also on
+    error."""
     events: list[tuple[str, bool]] = []  # (name, by a parameter) in the order they happen
     owners: dict[int, list[str]] = {}
     for name, module in modules.items():
         for parameter in owned_parameters(module):
             owners.setdefault(id(parameter), []).append(name)
+    by_use_first = {  # its own parameters rank it, not its forward's start
+        name
+        for name, module in modules.items()
+        if any(child != "parametrizations" for child, _ in module.named_children())
+    }
 
     def pre_hook(name: str):
         return lambda module, args: events.append((name, False))
@@ -615,5 +629,9 @@ def execution_ranks(modules: dict[str, nn.Module]):
     by_call: dict[str, int] = {}
     for i, (name, parameter) in enumerate(events):
         (by_parameter if parameter else by_call).setdefault(name, i)
-    ranks.update(by_parameter)
-    ranks.update(by_call)  # a module that is called ranks where its forward starts
+    for name in modules:
+        first, second = (by_parameter, by_call) if name in by_use_first else (by_call, by_parameter)
+        if name in first:
+            ranks[name] = first[name]
+        elif name in second:
+            ranks[name] = second[name]

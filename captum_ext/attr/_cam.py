@@ -28,6 +28,7 @@ the size of the maps.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import types
 import warnings
@@ -528,9 +529,13 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 "with it (or resize the maps with LayerAttribution.interpolate)."
             )
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
+        weights = self._channel_weights
+        if gradient_sign is not None:  # only then: a subclass's (gradients, activations)
+            _check_takes_gradient_sign(weights, name, gradient_sign)
+            weights = functools.partial(weights, gradient_sign=gradient_sign)
         formatted = format_inputs(inputs)
         reduce = make_cam_reducer(
-            functools.partial(self._channel_weights, gradient_sign=gradient_sign),
+            weights,
             relu_attributions,
             reshape_transform,
             attr_dim_summation,
@@ -590,6 +595,28 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         return False
 
 
+def _check_takes_gradient_sign(weights: Callable, name: str, gradient_sign: str) -> None:
+    """Refuse ``gradient_sign`` for a subclass whose ``_channel_weights(gradients,
+    activations)`` has no ``gradient_sign`` keyword (an override written for the two
+    arguments), before the model runs."""
+    try:
+        parameters = inspect.signature(weights).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the call itself will tell
+        return
+    if any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "gradient_sign" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    ):
+        return
+    raise TypeError(
+        f"{name}: `gradient_sign`={gradient_sign!r} is not supported: its "
+        "`_channel_weights(gradients, activations)` takes no `gradient_sign` keyword. "
+        "Leave `gradient_sign` out (None), or give the override a "
+        "`gradient_sign: str | None = None` keyword and apply it there."
+    )
+
+
 def _upsample(maps: Tensor, lead: int, size: tuple[int, ...], mode: str | None) -> Tensor:
     """``upsample_to_input``: (N, C'[, K], *s) maps resized to ``size`` by
     :func:`~captum_ext._utils.maps.upsample_maps` (the linear modes in float64, equal pixels
@@ -606,6 +633,13 @@ class TargetClassCAMBase(ClassActivationMapBase):
 
     Subclasses fix the weighting with the class attribute ``_weighting`` (or override
     ``_channel_weights``) and get their public ``attribute`` from :func:`target_cam`.
+
+    An override is ``_channel_weights(self, gradients, activations)``, (N, B, K, *S)
+    gradients and (N, K, *S) activations -> (N, B, K) channel weights, optionally with a
+    keyword ``gradient_sign: str | None = None`` (``"signed"`` or ``"positive"``; None, the
+    method's published choice). ``gradient_sign`` is passed only where the caller of
+    ``attribute`` gives one; an override without the keyword then raises a TypeError
+    naming ``gradient_sign``.
     """
 
     _weighting = "gradcam"

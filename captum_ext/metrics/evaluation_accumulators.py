@@ -84,9 +84,13 @@ class PointingGame(_PerExampleMean):
     Examples::
 
         >>> import torch
-        >>> game = PointingGame(tolerance=1)
-        >>> maps = torch.zeros(2, 1, 8, 8); maps[0, 0, 2, 2] = 1; maps[1, 0, 7, 7] = 1
-        >>> _ = game.update(maps, torch.tensor([[1, 1, 4, 4], [1, 1, 4, 4]]))
+        >>> boxes = torch.tensor([[1, 1, 4, 4], [1, 1, 4, 4]])  # pixels 1..3 (x1, y1 exclusive)
+        >>> maps = torch.zeros(2, 1, 8, 8); maps[0, 0, 2, 4] = 1; maps[1, 0, 7, 7] = 1
+        >>> PointingGame().update(maps, boxes)  # tolerance 0: the maximum inside the object
+        tensor([False, False])
+        >>> game = PointingGame(tolerance=2)  # closer than 2 pixels: the near miss at x = 4
+        >>> game.update(maps, boxes)
+        tensor([ True, False])
         >>> game.compute()
         0.5
     """

@@ -557,30 +557,57 @@ def _parametrised_layers(model: nn.Module, layers: Sequence[str] | None) -> list
     return names[::-1]
 
 
-def _in_execution_order(model: nn.Module, names: list[str], ranks: dict[str, int]) -> list[str]:
-    """The default cascade ``names`` from the output down: by the reverse of the order in
-    which they first ran (``ranks``, from
-    :func:`~captum_ext._utils.layers.execution_ranks`), leaving out with a warning those
-    that did not run. As given (declaration order reversed) where the pass could not be
-    watched: a TorchScript model or layer (compiled code takes no hooks), or none ran."""
+def _in_execution_order(
+    model: nn.Module,
+    names: list[str],
+    ranks: dict[str, int],
+    explained: dict[str, int] | None = None,
+) -> list[str]:
+    """The default cascade ``names`` from the output down, by the reverse of the order in
+    which they first ran (:func:`~captum_ext._utils.layers.execution_ranks`): ``ranks``,
+    watched in the model's forward pass on the inputs, and ``explained``, watched in the
+    explainer's call on the model, whose own passes (an integrated-gradients path from a
+    baseline, noisy copies) may run layers the plain pass does not; such a layer is placed
+    after the last layer of the forward pass that ran before it in the explainer's call.
+    The model's own parameters (name ``""``: a vision transformer's class token) come last.
+    Layers that ran in neither are left out with a warning. As given (declaration order
+    reversed) where the passes could not be watched: a TorchScript model or layer
+    (compiled code takes no hooks), or none ran."""
+    explained = explained or {}
     modules = dict(model.named_modules())
-    if not ranks or any(isinstance(modules[name], torch.jit.ScriptModule) for name in names):
+    if (not ranks and not explained) or any(
+        isinstance(modules[name], torch.jit.ScriptModule) for name in names
+    ):
         return names
-    idle = [name for name in names if name not in ranks]
+    idle = [name for name in names if name not in ranks and name not in explained]
     if idle:
         shown = ", ".join(repr(name) for name in idle[:8])
         more = f" and {len(idle) - 8} more" if len(idle) > 8 else ""
         warnings.warn(
             f"model_randomisation: the default cascade leaves out {len(idle)} module(s) with "
-            f"parameters that did not run in the model's forward pass on `inputs` (eval "
-            f"mode): {shown}{more}. Randomising them would change no map (an auxiliary "
-            "head that runs only in training mode, an unused layer); name them in `layers` "
-            "to randomise them anyway.",
+            f"parameters that ran neither in the model's forward pass on `inputs` (eval "
+            f"mode) nor in the explainer's call on the model: {shown}{more}. For these "
+            "inputs and this explainer randomising them would change no map (an auxiliary "
+            "head that runs only in training mode, a branch other inputs take, an unused "
+            "layer); name them in `layers` to randomise them anyway.",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
-    ran = [name for name in names if name in ranks]
-    return sorted(ran, key=lambda name: ranks[name], reverse=True)
+
+    def key(name: str) -> tuple[int, int, int]:
+        if name in ranks:
+            return (ranks[name], 0, 0)
+        before = [
+            ranks[other]
+            for other in explained
+            if other in ranks and explained[other] < explained[name]
+        ]
+        return (max(before, default=-1), 1, explained[name])
+
+    ran = sorted((name for name in names if name not in idle), key=key, reverse=True)
+    # the model's own parameters last, where the model takes its input in (it is called
+    # first), as in the declaration order of the fallback
+    return [name for name in ran if name] + [name for name in ran if not name]
 
 
 def _reset_parametrized(module: nn.Module) -> None:
@@ -798,16 +825,21 @@ def model_randomisation(
             (False). Default: True.
         layers (str or list of str, optional): the layers to randomise, top first, in the
             order given (one name: that layer only). Default: from the output down, by the
-            reverse of the order in which the layers are first called in the forward pass
-            on ``inputs`` (eval mode, watched with hooks; the model itself, name ``""``, is
-            called first, so its own parameters, a vision transformer's class token, come
-            last; a module whose parameters another uses without calling it, such as
-            ``nn.MultiheadAttention``'s ``out_proj``, by their first use). Modules with
-            parameters that do not run there (an auxiliary head that runs only in training,
-            such as Inception v3's ``AuxLogits``) are left out with a warning, since
-            randomising them changes no map. A TorchScript model, whose compiled code
-            cannot be watched, keeps its declaration order reversed, the model's own
-            parameters last. The default takes every layer that
+            reverse of the order in which the layers first run in the forward pass on
+            ``inputs`` (eval mode, watched with hooks) and, for layers that run only there,
+            in the explainer's call on the model (integrated gradients' path from its
+            baseline, noise tunnel's noisy copies: such a layer follows the last layer of
+            the forward pass that ran before it). A layer ranks where it is called; a module
+            with children (a ConvNeXt block's layer scale, a positional embedding) where its
+            own parameters are first used; a module whose parameters another uses without
+            calling it, such as ``nn.MultiheadAttention``'s ``out_proj``, by their first
+            use; the model's own parameters (name ``""``, a vision transformer's class
+            token) come last. Modules with parameters that run in neither (an auxiliary head
+            that runs only in training, such as Inception v3's ``AuxLogits``, or a branch
+            that other inputs take) are left out with a warning, since randomising them
+            changes no map for these inputs and this explainer. A TorchScript model, whose
+            compiled code cannot be watched, keeps its declaration order reversed, the
+            model's own parameters last. The default takes every layer that
             re-initialises itself (``reset_parameters``; compiled layers of a
             TorchScript model get torch's default initialisation of linear and
             convolutional layers; the layers of a ``torch.export`` program are
@@ -846,20 +878,28 @@ def model_randomisation(
     if not names:
         raise ValueError("`layers`: the model has no layer with parameters to randomise.")
     modules = dict(model.named_modules())
-    # the default cascade in the order the layers run, watched in the forward pass below
-    watched = execution_ranks({name: modules[name] for name in names}) if default else None
+    # the default cascade in the order the layers run, watched in the forward pass and in
+    # the explainer's call on the model below
+    watched = {name: modules[name] for name in names}
+
+    def watching() -> contextlib.AbstractContextManager:
+        return execution_ranks(watched) if default else contextlib.nullcontext({})
+
     with preserved_state([model]):
         set_eval_mode(model, fixed_batch=True)  # the explainer runs the caller's batch
-        with torch.no_grad(), watched or contextlib.nullcontext({}) as ranks:
+        with torch.no_grad(), watching() as ranks:
             # float32 images of a half-precision model in its dtype, as the explainers do
             output = call_model(model, in_model_precision(model, (inputs,)))
-        if default:
-            names = _in_execution_order(model, names, ranks)
         if isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
             target = _one_class_each(target, output, "target")
         elif target is None:
             target = output.argmax(dim=1)
-        original = _explain(explainer, model, inputs, target, kwargs)
+        # the explainer's own passes (an integrated-gradients path from its baseline, noisy
+        # copies) may run layers that the plain forward pass does not
+        with watching() as explained:
+            original = _explain(explainer, model, inputs, target, kwargs)
+        if default:
+            names = _in_execution_order(model, names, ranks, explained)
     randomised_maps = []
     similarity_rows: dict[str, list[Tensor]] = {}
     cuda_devices = initialised_cuda_devices()  # a CUDA model's parameters draw there

@@ -718,8 +718,10 @@ def _default_groups(
 ) -> list[list[str]]:
     """purview's "early" and "late" groups: the parameters (by name) of the first and of
     the last of ``holders`` to run (``ranks`` of
-    :func:`~captum_ext._utils.layers.execution_ranks`); by declaration order where the
-    forward pass could not be watched (a TorchScript model or layer, or none ran)."""
+    :func:`~captum_ext._utils.layers.execution_ranks`: a module with children, the model
+    itself included, by the first use of its own parameters, so a vision transformer's
+    class token comes after its ``conv_proj``); by declaration order where the forward pass
+    could not be watched (a TorchScript model or layer, or none ran)."""
     names = list(holders)
     scripted = any(isinstance(module, torch.jit.ScriptModule) for module in holders.values())
     ran = [name for name in names if name in ranks]
@@ -785,11 +787,13 @@ def purview(
         groups (list, optional): parameter groups, each a module, a dotted module name or a
             list of those (all their parameters, biases included). Default: the "early" and
             "late" groups, the parameters of their own of the first and of the last module
-            holding parameters to be called in the forward pass on ``inputs`` (watched with
-            hooks; the model itself, where it holds parameters, is called first; a module
-            whose parameters another uses without calling it counts by their first use; a
-            module that does not run is never picked); in declaration order for a
-            TorchScript model, whose compiled code cannot be watched.
+            holding parameters to run in the forward pass on ``inputs`` (watched with hooks:
+            a layer runs where it is called; a module with children, the model itself
+            included, where its own parameters are first used, so that a vision
+            transformer's class token, which joins after the patch embedding, is not the
+            early group; a module whose parameters another uses without calling it by
+            their first use; a module that does not run is never picked); in declaration
+            order for a TorchScript model, whose compiled code cannot be watched.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``.
         output_transform (Callable, optional): maps the model's output to (N, C) logits.
 
