@@ -479,3 +479,13 @@ def test_energy_refuses_half_precision_log_probabilities_cast_to_float32(dtype):
     x = torch.randn(40, 3, 2, 2).to(dtype) * 4
     with pytest.raises(ValueError, match="log-probabilities"):
         energy(model, x, output_transform=lambda o: o.float())
+
+
+def test_whole_number_float32_logits_keep_float32s_tolerance():
+    """Float32 logits that half precision holds exactly (whole numbers) were judged with
+    half precision's tolerance (2e-2) and refused as log-probabilities at a log-sum-exp of
+    0.0074; whole numbers keep their own dtype's 1e-4."""
+    z = torch.tensor([[0.0, -6.0, -6.0, -6.0]]).expand(8, 4).contiguous()
+    model = nn.Sequential(nn.Flatten(), _Constant(z[:1]))
+    x = torch.zeros(8, 1, 2, 2)
+    torch.testing.assert_close(energy(model, x), torch.logsumexp(z, dim=1))

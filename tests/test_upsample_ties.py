@@ -178,3 +178,20 @@ def test_deletion_with_a_tiny_blur_sigma_is_finite(dtype, sigma):
         tiny = deletion(model, x, a, baselines="blur", blur_sigma=sigma)
     assert bool(torch.isfinite(tiny).all())
     torch.testing.assert_close(tiny, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [(20, 20), (20, 5), (7, 20)])
+def test_maps_that_need_gradients_get_f_interpolates_gradients(dtype, size):
+    """The chunked result is written with ``torch.lerp(..., out=)`` where it can be, which
+    autograd refuses: maps that require gradients (LayerIBA's ``upsample_bits``) failed
+    whenever the first spatial axis was resized. Their gradients equal F.interpolate's."""
+    g = torch.Generator().manual_seed(7)
+    maps = torch.rand(2, 3, 7, 5, generator=g, dtype=dtype).requires_grad_(True)
+    weights = torch.rand(2, 3, *size, generator=g, dtype=dtype)
+    (upsample_maps(maps, size) * weights).sum().backward()
+    ours = maps.grad.clone()
+    maps.grad = None
+    expected = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours, maps.grad)

@@ -198,7 +198,9 @@ def upsample_keeping_ties(
         shape = [1] * moved.dim()
         shape[2] = new
         ends = moved.index_select(2, low), moved.index_select(2, high), weight.view(shape)
-        if dim == 2 and into is not None and into.dtype == moved.dtype:
+        # (``out=`` takes no part in autograd: maps that need gradients take the copy)
+        writable = not (torch.is_grad_enabled() and moved.requires_grad)
+        if dim == 2 and into is not None and into.dtype == moved.dtype and writable:
             return torch.lerp(*ends, out=into)  # the last step, straight into the result
         out = torch.lerp(*ends).movedim(2, dim)
     if into is not None:

@@ -85,18 +85,27 @@ def _log_probability_rows(logits: Tensor) -> int:
     if not logits.is_floating_point() or logits.device.type == "meta":
         return 0
     with torch.no_grad():
-        rows = logits.detach()
-        rows = rows[~torch.isnan(rows).any(dim=1)]
+        rows = _finite_rows(logits)
         if not rows.shape[0]:
             return 0
         spread = torch.logsumexp(rows.double(), dim=1).abs().max()
         return rows.shape[0] if bool(spread <= _log_probability_tolerance(_held_in(rows))) else 0
 
 
+def _finite_rows(logits: Tensor) -> Tensor:
+    """The rows of ``logits`` without NaN, detached."""
+    rows = logits.detach()
+    return rows[~torch.isnan(rows).any(dim=1)]
+
+
 def _held_in(rows: Tensor) -> torch.dtype:
     """The narrowest floating dtype that holds ``rows`` exactly: a half-precision model's
     log-probabilities cast to float32 (``output_transform=lambda o: o.float()``) were
-    rounded in half precision, and their log-sum-exp is that far from 0."""
+    rounded in half precision, and their log-sum-exp is that far from 0. Whole numbers
+    (integer or counting logits, which half precision also holds) keep their own dtype:
+    log-probabilities rounded in half precision are almost never all whole."""
+    if bool((rows == rows.round()).all()):
+        return rows.dtype
     for narrow in (torch.float16, torch.bfloat16):
         if rows.dtype != narrow and torch.equal(rows.to(narrow).to(rows.dtype), rows):
             return narrow
@@ -120,7 +129,8 @@ def _check_real_logits(
     elif rows := _log_probability_rows(logits):
         found = (
             "the model's outputs are log-probabilities (every row's log-sum-exp is 0 within "
-            f"{_log_probability_tolerance(logits.dtype):g}: a final log_softmax)"
+            f"{_log_probability_tolerance(_held_in(_finite_rows(logits))):g}: a final "
+            "log_softmax)"
         )
     else:
         return
