@@ -22,7 +22,15 @@ from captum_ext.attr import (
     PathwayGradient,
 )
 from captum_ext.circuits import CircuitReadout
-from captum_ext.metrics import completeness, deletion, gradtrust, model_randomisation
+from captum_ext.introspection import introspective_features
+from captum_ext.metrics import (
+    GradTrust,
+    completeness,
+    deletion,
+    gradnorm,
+    gradtrust,
+    model_randomisation,
+)
 
 LAYER = "features.7"
 
@@ -220,3 +228,141 @@ def test_a_model_loaded_inside_inference_mode(bundled_model, sample_digits):
         GradCAM(model, LAYER).attribute(x, target=y)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
+
+
+INNER_LAYER = "features.6"  # a layer before the classifier: per-example autograd (torch.func)
+
+PER_EXAMPLE_CALLS = {
+    "gradtrust": lambda m, x: gradtrust(m, x, layer=INNER_LAYER),
+    "gradtrust, autograd": lambda m, x: gradtrust(m, x, layer=INNER_LAYER, method="autograd"),
+    "GradTrust.score": lambda m, x: GradTrust(m, layer="features.3").score(x),
+    "gradnorm": lambda m, x: gradnorm(m, x, layer=INNER_LAYER),
+    "introspective_features": lambda m, x: introspective_features(m, x, layer=INNER_LAYER),
+}
+
+GRADIENTS_BACK_ON = {
+    "enable_grad": torch.enable_grad,
+    "set_grad_enabled(True)": lambda: torch.set_grad_enabled(True),
+}
+
+
+@pytest.mark.parametrize("switch", list(GRADIENTS_BACK_ON))
+@pytest.mark.parametrize("name", list(PER_EXAMPLE_CALLS))
+def test_per_example_gradients_inside_inference_mode_with_gradients_enabled(
+    name, switch, bundled_model, sample_digits
+):
+    """``torch.enable_grad()`` inside an inference-mode block: the cotangents of the
+    per-example gradients are built from logits computed there (inference tensors), and the
+    backward pass of ``vjp`` under ``vmap`` saves them where gradients are on. Before, every
+    score of an inner layer raised "Inference tensors cannot be saved for backward" from
+    inside torch; the scores are those of the call outside inference mode."""
+    x = sample_digits[0][:4]
+    call = PER_EXAMPLE_CALLS[name]
+    expected = call(bundled_model, x)
+    assert expected.abs().sum() > 0
+    with torch.inference_mode(), GRADIENTS_BACK_ON[switch]():
+        inside = call(bundled_model, x)
+    torch.testing.assert_close(inside, expected)
+
+
+def test_introspective_network_fit_inside_inference_mode_with_gradients_enabled(
+    bundled_model, sample_digits
+):
+    """An introspective head on an inner layer trained inside ``inference_mode`` +
+    ``enable_grad`` (its features are per-example gradients): same seed, same head as
+    outside. Before: "Inference tensors cannot be saved for backward"."""
+    from captum_ext.introspection import IntrospectiveNetwork
+
+    x, y = sample_digits
+
+    def fit():
+        head = IntrospectiveNetwork(bundled_model, layer=INNER_LAYER, hidden_width=8)
+        head.fit(x, y, epochs=1, batch_size=20, progress=False, seed=0)
+        return head(x[:4])
+
+    expected = fit()
+    with torch.inference_mode(), torch.enable_grad():
+        inside = fit()
+    torch.testing.assert_close(inside, expected)
+
+
+class _Checkpointed(torch.nn.Module):
+    """The bundled model run under activation checkpointing (torch.func refuses it: the
+    per-example gradients are computed one example at a time)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.model, x, use_reentrant=False)
+
+
+@pytest.mark.filterwarnings("ignore:per-example gradients run one example at a time")
+@pytest.mark.parametrize("gradients", [False, True], ids=["inference_mode", "+enable_grad"])
+def test_checkpointed_model_inside_inference_mode(gradients, bundled_model, sample_digits):
+    """Activation checkpointing saves the inputs of its forward pass for the backward pass,
+    whatever the grad mode: inside inference mode those were inference tensors, and the
+    score of an inner layer raised "Inference tensors cannot be saved for backward" (even
+    without ``enable_grad``). The per-example gradients now run outside inference mode."""
+    x = sample_digits[0][:4]
+    model = _Checkpointed(bundled_model)
+    expected = gradtrust(model, x, layer=bundled_model.features[6])
+    with torch.inference_mode(), torch.set_grad_enabled(gradients):
+        inside = gradtrust(model, x, layer=bundled_model.features[6])
+    torch.testing.assert_close(inside, expected)
+
+
+def test_model_loaded_inside_inference_mode_keeps_its_inner_layer_scores(sample_digits):
+    """A model with inference-tensor parameters can only be run inside inference mode: the
+    per-example gradients stay in the caller's mode there (as before), with or without
+    ``enable_grad``, and equal those of the same model loaded normally."""
+    from captum_ext.bundled import load_bundled_model
+
+    x = sample_digits[0][:4]
+    expected = gradtrust(load_bundled_model(), x, layer=INNER_LAYER)
+    with torch.inference_mode():
+        model = load_bundled_model()
+        plain = gradtrust(model, x, layer=INNER_LAYER)
+        with torch.enable_grad():
+            with_gradients = gradtrust(model, x, layer=INNER_LAYER)
+    torch.testing.assert_close(plain, expected)
+    torch.testing.assert_close(with_gradients, expected)
+
+
+@pytest.mark.parametrize(
+    "hooks",
+    [
+        torch.autograd.graph.save_on_cpu,
+        lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    ],
+    ids=["save_on_cpu", "saved_tensors_hooks"],
+)
+def test_warning_under_the_callers_saved_tensor_hooks_names_them(
+    hooks, bundled_model, sample_digits
+):
+    """torch.func refuses saved-tensor hooks, so inside the caller's ``save_on_cpu()`` /
+    ``saved_tensors_hooks(...)`` block the per-example gradients run one example at a time
+    (same scores). The warning blamed "this model" and activation checkpointing; it names
+    the caller's block and says that a call outside it is batched."""
+    x = sample_digits[0][:4]
+    expected = gradtrust(bundled_model, x, layer=INNER_LAYER)
+    with pytest.warns(RuntimeWarning, match="one example at a time") as caught, hooks():
+        inside = gradtrust(bundled_model, x, layer=INNER_LAYER)
+    torch.testing.assert_close(inside, expected)
+    message = " ".join(str(w.message) for w in caught if "one example" in str(w.message))
+    assert "save_on_cpu() or saved_tensors_hooks(...) block" in message
+    assert "outside that block" in message
+    assert "this model" not in message and "checkpointing" not in message
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True")
+def test_warning_for_a_checkpointed_model_still_names_checkpointing(bundled_model, sample_digits):
+    """Activation checkpointing inside the model gives torch.func's same refusal of
+    saved-tensor hooks, but no block of the caller's is active: the warning keeps naming
+    checkpointing, not a save_on_cpu block."""
+    x = sample_digits[0][:4]
+    with pytest.warns(RuntimeWarning, match="one example at a time") as caught:
+        gradtrust(_Checkpointed(bundled_model), x, layer=bundled_model.features[6])
+    message = " ".join(str(w.message) for w in caught if "one example" in str(w.message))
+    assert "checkpointing" in message and "save_on_cpu" not in message

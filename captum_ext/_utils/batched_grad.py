@@ -47,6 +47,8 @@ from .validation import (
     check_int,
     format_additional_forward_args,
     output_selection,
+    outside_inference_mode,
+    outside_inference_mode_nested,
     rows_read_as_examples,
 )
 
@@ -1070,7 +1072,51 @@ def _with_autocast_off(function: Callable) -> Callable:
     return without_autocast
 
 
+def _with_inference_mode_off(function: Callable) -> Callable:
+    """``function(forward_func, inputs, extra, modules, names, cotangents, ...)`` with normal
+    copies of the tensors of ``inputs``, ``extra`` and ``cotangents`` made in
+    ``torch.inference_mode()``, run outside the caller's inference mode.
+
+    The cotangents are built from logits computed in the caller's mode: inside a serving
+    block, inference tensors. The backward pass of ``vjp`` under ``vmap`` saves them where
+    gradients are enabled (``torch.enable_grad()`` inside the inference-mode block), and
+    activation checkpointing saves the inputs of its forward pass in any mode; torch refuses
+    inference tensors in both ("Inference tensors cannot be saved for backward"). Outside
+    inference mode the tensors made along the way (casts, copies of the buffers) are normal
+    too. A model whose parameters are inference tensors (loaded inside inference mode) can
+    only be run in it: there the caller's mode is kept."""
+
+    @functools.wraps(function)
+    def without_inference_mode(
+        forward_func: Callable,
+        inputs: tuple[Tensor, ...],
+        extra: tuple,
+        modules: dict[str, nn.Module],
+        names: dict[str, Tensor],
+        cotangents: Tensor,
+        *args,
+        **kwargs,
+    ):
+        model = root_module(forward_func)
+        weights = [*names.values(), *(model.parameters() if model is not None else ())]
+        keep = torch.is_inference_mode_enabled() and any(w.is_inference() for w in weights)
+        with torch.inference_mode(keep):
+            return function(
+                forward_func,
+                outside_inference_mode_nested(inputs),
+                outside_inference_mode_nested(extra),
+                modules,
+                names,
+                outside_inference_mode(cotangents),
+                *args,
+                **kwargs,
+            )
+
+    return without_inference_mode
+
+
 @_with_autocast_off
+@_with_inference_mode_off
 def per_example_parameter_gradients(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -1104,6 +1150,11 @@ def per_example_parameter_gradients(
     of the model in its own dtype, as outside autocast. Build ``cotangents`` from
     :func:`logits_seen_per_example`, which computes the logits the same way; cotangents of
     another dtype are cast to the logits'.
+
+    Inside the caller's ``torch.inference_mode()`` (with or without ``torch.enable_grad()``)
+    the computation runs outside it, on normal copies of the inference tensors of
+    ``inputs``, ``extra`` and ``cotangents`` (:func:`_with_inference_mode_off`); a model
+    whose parameters are inference tensors is run in the caller's mode.
 
     A tensor of ``names`` that is not a registered parameter or buffer of its module is a
     weight the layer computes for each forward pass: ``torch.nn.utils.prune`` (``weight =
@@ -1272,7 +1323,9 @@ def per_example_parameter_gradients(
                     raise
                 if start == 0:
                     warnings.warn(
-                        _unbatched_warning(error, _any_training(holder)),
+                        _unbatched_warning(
+                            error, _any_training(holder), _callers_saved_tensor_hooks(error)
+                        ),
                         RuntimeWarning,
                         stacklevel=user_stacklevel(),
                     )
@@ -1498,8 +1551,9 @@ class _TensorHookProbe(TorchFunctionMode):
 
 
 #: what torch.func says when it cannot transform a model (then: one example at a time)
+_SAVED_TENSOR_HOOKS_REFUSAL = "don't yet support saved tensor hooks"
 _TRANSFORM_REFUSALS = (
-    "don't yet support saved tensor hooks",
+    _SAVED_TENSOR_HOOKS_REFUSAL,
     "must override the setup_context staticmethod",
     "functorch",
     "vmap:",
@@ -1512,7 +1566,33 @@ def _any_training(holder: nn.Module) -> bool:
     return any(m.training for child in holder.children() for m in child.modules())
 
 
-def _unbatched_warning(error: Exception, training: bool = True) -> str:
+def _callers_saved_tensor_hooks(error: Exception) -> bool:
+    """Whether torch.func's refusal ``error`` is its refusal of saved-tensor hooks and such
+    hooks are active where the package runs: the caller's
+    ``torch.autograd.graph.save_on_cpu()`` or ``saved_tensors_hooks(...)`` block (activation
+    checkpointing inside the model gives the same refusal, but its hooks are gone once the
+    forward pass is over).
+
+    torch has no public query of its hook stack: a tensor is saved for backward under
+    ``disable_saved_tensors_hooks`` (public), which raises its message only where a hook
+    would have packed it (none is called)."""
+    if _SAVED_TENSOR_HOOKS_REFUSAL not in str(error):
+        return False
+    probe = "captum_ext: probe of the caller's saved-tensor hooks"
+    try:
+        with (
+            torch.autograd.graph.disable_saved_tensors_hooks(probe),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):
+            leaf = torch.ones(1, requires_grad=True)
+            leaf * leaf  # noqa: B018 (saves ``leaf`` for the backward pass)
+    except RuntimeError as refusal:
+        return probe in str(refusal)
+    return False
+
+
+def _unbatched_warning(error: Exception, training: bool = True, callers_hooks: bool = False) -> str:
     """The warning that per-example gradients fall back to one example at a time because
     torch.func refused to batch the model (``error``), with the usual cause of that refusal.
 
@@ -1521,8 +1601,18 @@ def _unbatched_warning(error: Exception, training: bool = True) -> str:
     a new tensor), which runs in train mode only: there the results are random (new masks at
     every call), and the advice is ``model.eval()``, not a slower but equal loop.
     ``training``: whether a module of the model is in train mode (a model in eval mode that
-    draws noise itself, as randomized smoothing does, is told so without that advice)."""
+    draws noise itself, as randomized smoothing does, is told so without that advice).
+    ``callers_hooks``: the refusal comes from the caller's saved-tensor hooks
+    (:func:`_callers_saved_tensor_hooks`), not from the model: the advice is to call outside
+    that block."""
     cause = str(error).splitlines()[0][:160]
+    if callers_hooks:
+        return (
+            "per-example gradients run one example at a time: the call runs inside a "
+            "torch.autograd.graph.save_on_cpu() or saved_tensors_hooks(...) block, and "
+            "torch.func cannot batch under saved-tensor hooks. The results are the same, only "
+            "slower; call it outside that block to batch the examples."
+        )
     if "randomness" in str(error) and not training:
         return (
             "per-example gradients run one example at a time: torch.func cannot batch this "
