@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from captum_ext._utils.batched_grad import (
     run_forward,
 )
 from captum_ext._utils.caller import user_stacklevel
-from captum_ext._utils.layers import root_module
+from captum_ext._utils.layers import _FirstParameterUse, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32, precise, precise_dtype
 from captum_ext._utils.validation import (
@@ -188,16 +188,37 @@ def _accumulation_dtype(g: Tensor) -> torch.dtype:
     return torch.float64 if g.dtype == torch.float64 else precise_dtype(g.device)
 
 
+#: entries of the gradients (all examples and contrasts together) converted to the
+#: accumulation dtype at a time by :func:`_variances`: 4,194,304 float64 entries are 32 MiB
+VARIANCE_SLICE_ENTRIES = 1 << 22
+
+
+def _slices(flat: Tensor) -> Iterator[Tensor]:
+    """The (n, K, P) ``flat`` as views (n, K, p) along its last dimension, each holding at
+    most :data:`VARIANCE_SLICE_ENTRIES` entries (one column of P at the least)."""
+    rows = flat.shape[0] * flat.shape[1]
+    width = max(1, VARIANCE_SLICE_ENTRIES // max(rows, 1))
+    return iter(flat.split(width, dim=2))
+
+
 def _variances(grads: dict[str, Tensor]) -> Tensor:
     """(n, K) unbiased variance over all entries of the (n, K, ...) gradients taken together
     (one parameter, or every parameter of the model as one vector), accumulated in float64
     where the device has it. Two passes (the mean, then the squared deviations), so a large
-    mean does not cancel digits."""
+    mean does not cancel digits. Each pass converts slices of at most
+    :data:`VARIANCE_SLICE_ENTRIES` entries to the accumulation dtype at a time: a
+    float64 copy of a whole parameter's gradients (6 contrasts of VGG-11's first classifier
+    weight: 5 GB) is never made."""
     flats = [g.flatten(2) for g in grads.values()]
     dtype = _accumulation_dtype(flats[0])
     count = sum(f.shape[2] for f in flats)
-    mean = sum(f.to(dtype).sum(2) for f in flats) / count
-    squares = sum((f.to(dtype) - mean.unsqueeze(2)).pow(2).sum(2) for f in flats)
+    total = flats[0].new_zeros(flats[0].shape[:2], dtype=dtype)
+    for piece in (piece for f in flats for piece in _slices(f)):
+        total += piece.to(dtype).sum(2)
+    mean = (total / count).unsqueeze(2)
+    squares = torch.zeros_like(total)
+    for piece in (piece for f in flats for piece in _slices(f)):
+        squares += (piece.to(dtype) - mean).square_().sum(2)
     return squares / (count - 1)
 
 
@@ -218,10 +239,16 @@ def _log_topk_reduce(log_scale: Tensor) -> Callable[[dict[str, Tensor]], Tensor]
 
 
 def _reference_reduce(grads: dict[str, Tensor]) -> Tensor:
+    """Per example, max_c / mean_c of the row energies Var(g_c^2) of the (n, 1, rows, ...)
+    weight gradient, the rows converted to the accumulation dtype
+    :data:`VARIANCE_SLICE_ENTRIES` entries (whole rows) at a time."""
     (g,) = grads.values()
     rows = g.flatten(3)[:, 0]  # (n, rows, d)
-    rows = rows.to(_accumulation_dtype(rows))
-    energies = rows.pow(2).var(2)  # (n, rows): unbiased, over each row
+    dtype = _accumulation_dtype(rows)
+    per_slice = max(1, VARIANCE_SLICE_ENTRIES // max(rows.shape[0] * rows.shape[2], 1))
+    energies = torch.cat(  # (n, rows): unbiased, over each row
+        [piece.to(dtype).square().var(2) for piece in rows.split(per_slice, dim=1)], dim=1
+    )
     return energies.amax(1) / energies.mean(1)
 
 
@@ -443,7 +470,10 @@ def gradtrust(
             ``torch.nn.utils.weight_norm`` / ``spectral_norm`` or by
             ``torch.nn.utils.parametrizations``) is measured at the weight its forward pass
             uses: the scores of the same model with that weight folded (``prune.remove``,
-            ``remove_parametrizations``), computed one example at a time.
+            ``remove_parametrizations``), computed one example at a time. A layer that never
+            runs itself but whose ``weight`` parameter its parent computes with
+            (``nn.MultiheadAttention``'s ``out_proj``, torchvision's Swin ``attn.qkv``:
+            ``F.linear(x, self.qkv.weight)``) is measured at that weight (autograd path).
         method (str, optional): ``"auto"`` (closed form when the layer produces the logits,
             autograd for an explicitly given other layer or a shift the reference form's
             closed form does not cover), ``"closed_form"`` (error if it does not apply) or
@@ -524,12 +554,16 @@ def gradtrust(
             else:
                 score = _reference_closed_form(logits, h, through_log_softmax)
         else:
-            if not calls:
-                raise ValueError(
-                    f"`layer` ({type(head).__name__}) did not run during the forward pass; pick "
-                    "a module that forward_func calls."
-                )
             weight = _weight_of(head)
+            if not calls and not _weight_used_by_another_module(
+                forward_func, inputs, extra, head, weight, output_transform
+            ):
+                raise ValueError(
+                    f"`layer` ({type(head).__name__}) did not run during the forward pass, and "
+                    "no other module computed with its weight either; pick a module that "
+                    "forward_func calls (or whose weight its parent uses, as "
+                    "nn.MultiheadAttention uses out_proj.weight), or layer='all'."
+                )
             # a train-mode batch norm: the logits each example has when run alone
             seen = logits_seen_per_example(forward_func, inputs, extra, logits, output_transform)
             if form == "topk":
@@ -553,6 +587,32 @@ def gradtrust(
     if form == "topk":
         return score.to(dtype) if log else _exp_score(score, dtype)
     return torch.log(score).to(dtype) if log else score.to(dtype)
+
+
+def _weight_used_by_another_module(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    extra: tuple,
+    layer: nn.Module,
+    weight: Tensor,
+    output_transform: Callable[[Any], Tensor] | None,
+) -> bool:
+    """Whether a forward pass (without gradients) computes with ``weight``, a parameter that
+    ``layer`` holds, although ``layer`` itself never runs: its parent reads the weight
+    (``F.linear(x, self.qkv.weight, self.qkv.bias)`` in torchvision's Swin attention,
+    ``F.multi_head_attention_forward(..., self.out_proj.weight, ...)`` in
+    ``nn.MultiheadAttention``). The per-example gradients swap the parameter in the layer's
+    table, where the parent reads it, so it is differentiated as used. A weight the layer
+    computes in its own forward pass (pruned, weight-normalised) is not computed when the
+    layer does not run: False."""
+    if not any(weight is parameter for parameter in layer.parameters(recurse=False)):
+        return False
+    uses: list[tuple[str, bool]] = []
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # (the scoring pass has warned already)
+        with _FirstParameterUse({id(weight): ["weight"]}, uses):
+            run_forward(forward_func, inputs, extra, output_transform, check_nan=False)
+    return bool(uses)
 
 
 def _check_all_parameters_options(form: str, method: str) -> None:
