@@ -28,7 +28,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.utils import parametrize, prune
 from torch.overrides import TorchFunctionMode
 
-from .caller import user_stacklevel
+from .caller import keyword_only_forward_error, user_stacklevel
 from .deprecation import moved_names
 from .hooks import (
     OutputBytes,
@@ -146,10 +146,17 @@ def call_model(
     """``forward_func(*inputs, *extra)``; where the model raises a RuntimeError or ValueError,
     the exception is kept (its type, message and traceback) with a note that gives the inputs'
     shapes and names a dtype, device or layout mismatch (integer pixels, channels last, a
-    missing batch dimension), so that the cause is easy to trace back."""
+    missing batch dimension), so that the cause is easy to trace back. A model whose
+    ``forward`` takes only keyword arguments gets a TypeError that says how to wrap it
+    (:func:`~captum_ext._utils.caller.keyword_only_forward_error`)."""
     try:
         return forward_func(*inputs, *extra)
     except OutOfMemoryError:
+        raise
+    except TypeError as error:  # ``def forward(self, *, pixel_values)``: say to wrap it
+        clear = keyword_only_forward_error(forward_func, error, len(inputs) + len(extra))
+        if clear is not None:
+            raise clear from None
         raise
     except (RuntimeError, ValueError) as error:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))

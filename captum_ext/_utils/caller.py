@@ -1,11 +1,17 @@
-"""Where a warning raised inside the package should point: the user's own line."""
+"""Where a warning raised inside the package should point (the user's own line), and what
+to say where ``forward_func`` cannot be called as the methods call it."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from collections.abc import Callable
 
 import captum
+from torch import nn
+
+from .layers import uncompiled
 
 _PACKAGES = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(captum.__file__))
 
@@ -38,3 +44,65 @@ def inside_expanding_wrapper() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _keyword_only_parameters(forward_func: Callable) -> list[str] | None:
+    """The required keyword-only parameters of ``forward_func`` (of a module's ``forward``)
+    where it takes no positional argument at all (``def forward(self, *, pixel_values)``),
+    or all of them where none is required (``*, pixel_values=None``); None where it takes
+    positional arguments, no named ones (``**kwargs`` only), or has no signature to read."""
+    callee = uncompiled(forward_func)
+    if isinstance(callee, nn.Module):
+        callee = callee.forward
+    try:
+        parameters = inspect.signature(callee).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to say
+        return None
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    if any(p.kind in positional for p in parameters):
+        return None
+    keywords = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    required = [p.name for p in keywords if p.default is inspect.Parameter.empty]
+    return required or [p.name for p in keywords] or None
+
+
+def keyword_only_forward_error(
+    forward_func: Callable, error: TypeError, n_positional: int, *, layer_name: str | None = None
+) -> TypeError | None:
+    """The clear error for Python's bare "forward() takes 1 positional argument but 2 were
+    given" (``error``), raised where a model whose ``forward`` takes only keyword arguments
+    (``def forward(self, *, pixel_values)``) is called, as every method calls
+    ``forward_func``, with ``n_positional`` positional arguments (the inputs, then
+    ``additional_forward_args``): it says to wrap the model. None where ``forward_func``
+    takes positional arguments (the TypeError has another cause: re-raise it as it is).
+    ``layer_name``: the dotted name of the ``layer`` the method explains, which a function
+    wrapping the model cannot look up (the error then says how to give it)."""
+    keywords = _keyword_only_parameters(forward_func)
+    if keywords is None or n_positional < 1:
+        return None
+    # one input per keyword where the counts match, else the first keyword takes the input
+    names = [f"x{i}" for i in range(len(keywords))] if n_positional == len(keywords) > 1 else ["x"]
+    passed = [f"{k}={x}" for k, x in zip(keywords, names)]
+    passed += [f"{k}=..." for k in keywords[len(names) :]]
+    wrapper = f"lambda {', '.join(names)}: model({', '.join(passed)})"
+    owner = uncompiled(forward_func)
+    subject = f"`forward_func` ({type(owner).__name__}.forward)"
+    if not isinstance(owner, nn.Module):
+        subject = "`forward_func`"
+    layer = ""
+    if layer_name:
+        layer = (
+            f" Then give `layer` as the module itself (model.{layer_name}) with the function, "
+            f"which has no module names, or as {'model.' + layer_name!r} with the nn.Module."
+        )
+    return TypeError(
+        f"{subject} takes only keyword arguments ({', '.join(k + '=' for k in keywords)}), "
+        "but it is called with the inputs as positional arguments, "
+        f"forward_func(*inputs, *additional_forward_args), which Python refuses ({error}). "
+        f"Wrap the model so that it takes them positionally: forward_func={wrapper}, or a "
+        f"small nn.Module whose forward(self, x) returns self.model({keywords[0]}=x).{layer}"
+    )

@@ -69,6 +69,30 @@ class LayerCapture:
         return tuple(torch.cat([call[k] for call in calls]) for k in range(len(calls[0])))
 
 
+class AttentionLayerOutput(TypeError):
+    """The layer is an ``nn.MultiheadAttention``, whose output is a tuple (the attention
+    output and its weights, None with ``need_weights=False``), not a tensor. A caller that
+    can run the model adds the names of the modules to explain instead with ``suggestion``
+    (:meth:`with_suggestion`)."""
+
+    def __init__(self, output_type: str, suggestion: str = "") -> None:
+        self.output_type = output_type
+        super().__init__(
+            f"`layer` (MultiheadAttention) returns a {output_type} (the attention output and "
+            "its weights), not a tensor. Explain the module that produces its input instead "
+            "(the norm before it: `ln_1` of a torchvision ViT encoder block), or a later "
+            f"module whose output is a tensor (the block that holds it).{suggestion} "
+            "attribute_to_layer_input=True does not give that input's map: the attention "
+            "takes its input as query, key and value, three arguments, and gives one map for "
+            "each, made with the gradient through that argument alone (q, k or v); the "
+            "input's gradient is the sum of the three, which none of the maps uses."
+        )
+
+    def with_suggestion(self, suggestion: str) -> AttentionLayerOutput:
+        """The same error with ``suggestion`` (a sentence naming modules) added."""
+        return AttentionLayerOutput(self.output_type, suggestion)
+
+
 def _as_leaves(values: tuple) -> tuple[tuple, tuple[Tensor, ...]]:
     leaves, replaced = [], []
     for value in values:
@@ -91,6 +115,8 @@ def capture_layer(layer: nn.Module, *, layer_input: bool = False) -> Iterator[La
             replaced, leaves = _as_leaves((output,))
             capture.tensors.append(leaves)
             return replaced[0]
+        if isinstance(module, nn.MultiheadAttention):
+            raise AttentionLayerOutput(type(output).__name__)
         raise TypeError(
             f"`layer` ({type(module).__name__}) returns {type(output).__name__}, not a tensor; "
             "pick a module whose output is a tensor, or set attribute_to_layer_input=True."

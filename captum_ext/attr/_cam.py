@@ -41,10 +41,17 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
-from .._utils.caller import user_stacklevel
-from .._utils.layers import quantized_note, resolve_layer, root_module, spatial_layer_candidates
+from .._utils.caller import keyword_only_forward_error, user_stacklevel
+from .._utils.hooks import AttentionLayerOutput, registered_hooks
+from .._utils.layers import (
+    quantized_note,
+    resolve_layer,
+    root_module,
+    spatial_layer_candidates,
+    user_model,
+)
 from .._utils.maps import check_normalize, minmax_normalize, upsample_maps
-from .._utils.validation import check_flag, format_inputs
+from .._utils.validation import check_flag, format_additional_forward_args, format_inputs
 from ..token_grid import looks_channels_last
 from ._docs import with_cam_args
 
@@ -319,6 +326,103 @@ def zero_gradient_warning(method: str, where: str, model: nn.Module | None = Non
     )
 
 
+#: class names of the modules that, besides torch's dropout, drop random parts of their input
+#: in train mode: torchvision's ``torchvision.ops.StochasticDepth`` and timm's ``DropPath``
+#: (compared by name: neither library is needed to read a model that has none)
+_STOCHASTIC_DEPTH_CLASSES = ("StochasticDepth", "DropPath")
+
+
+def _draws_random_masks(module: nn.Module) -> bool:
+    """Whether ``module`` drops random parts of its input at each forward pass: a dropout
+    (``torch.nn.modules.dropout._DropoutNd``) or stochastic-depth module in train mode with
+    a drop probability other than zero."""
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        rate = module.p
+    elif any(cls.__name__ in _STOCHASTIC_DEPTH_CLASSES for cls in type(module).__mro__):
+        rate = getattr(module, "p", getattr(module, "drop_prob", None))
+    else:
+        return False
+    return not (isinstance(rate, (int, float)) and rate == 0)
+
+
+def random_in_train_mode_warning(method: str, model: nn.Module | None) -> str | None:
+    """The warning for a ``model`` left in train mode with dropout or stochastic depth
+    active (:func:`_draws_random_masks`): each forward pass draws new masks, so the maps
+    differ from call to call. None for a model in eval mode, one without such modules, or
+    no model (a plain function as ``forward_func``, whose model cannot be read)."""
+    if model is None:
+        return None
+    random = [
+        name or type(module).__name__
+        for name, module in user_model(model).named_modules()
+        if _draws_random_masks(module)
+    ]
+    if not random:
+        return None
+    shown = ", ".join(repr(name) for name in random[:3]) + (", ..." if len(random) > 3 else "")
+    return (
+        f"{method}: the model is in train mode, where its dropout or stochastic-depth "
+        f"modules ({shown}) drop random parts of the activations at every forward pass, so "
+        "the maps are random: two calls on the same inputs give different maps. Call "
+        "model.eval() first (or pass a model in eval mode); the model's mode is left as it is."
+    )
+
+
+def _attention_neighbours(
+    model: nn.Module, attention: nn.Module, run: Callable[[], Any]
+) -> tuple[str | None, str | None]:
+    """``(producer, block)`` for an ``nn.MultiheadAttention`` ``attention`` of ``model``,
+    read during ``run()`` (one forward pass): the name of the module whose output tensor is
+    the query it receives (its input: ``ln_1`` in a torchvision ViT block), and of the
+    closest module holding it whose output is a tensor (the block); None where there is
+    none (the input comes from a function, not a module)."""
+    names = {id(m): n for n, m in user_model(model).named_modules() if n}
+    outputs: list[tuple[Tensor, str]] = []  # in completion order: innermost first
+    tensor_outputs: set[str] = set()
+    producers: list[str | None] = []
+
+    def on_output(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and id(module) in names:
+            outputs.append((output, names[id(module)]))
+            tensor_outputs.add(names[id(module)])
+
+    def on_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        query = args[0] if args else kwargs.get("query")
+        if not producers:
+            producers.append(next((n for t, n in outputs if t is query), None))
+
+    registrations = [
+        (lambda m=m: m.register_forward_hook(on_output))
+        for m in user_model(model).modules()
+        if id(m) in names and not isinstance(m, torch.jit.ScriptModule)
+    ]
+    registrations.append(
+        lambda: attention.register_forward_pre_hook(on_attention, with_kwargs=True)
+    )
+    with registered_hooks(*registrations), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            run()
+        except Exception:  # noqa: BLE001 -- what ran before the error was recorded
+            pass
+    name = names.get(id(attention), "")
+    parents = [name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1)]
+    block = next((parent for parent in parents if parent in tensor_outputs), None)
+    return (producers[0] if producers else None), block
+
+
+def _attention_suggestion(producer: str | None, block: str | None) -> str:
+    """The sentence naming the modules :func:`_attention_neighbours` found ("" for none)."""
+    named = []
+    if producer is not None:
+        named.append(f"`layer`={producer!r} (its input)")
+    if block is not None:
+        named.append(f"`layer`={block!r} (the block holding it)")
+    return f" Here: {' or '.join(named)}." if named else ""
+
+
 def make_cam_reducer(
     weight_fn: Callable[[Tensor, Tensor], Tensor],
     relu: bool,
@@ -474,6 +578,53 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             f"N x K x h x w).{hint}"
         )
 
+    def _attention_output_error(
+        self,
+        error: AttentionLayerOutput,
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: Any,
+    ) -> TypeError:
+        """``error`` (the layer is an ``nn.MultiheadAttention``) with the names of the modules
+        to explain instead, read from one more forward pass where the model can be named."""
+        from .._utils.batched_grad import run_forward
+        from .._utils.model_state import preserved_state
+
+        model = root_module(self.forward_func)
+        if model is None:
+            return error
+        try:
+            with preserved_state([model]), torch.enable_grad():
+                producer, block = _attention_neighbours(
+                    model,
+                    self.layer,
+                    lambda: run_forward(
+                        self.forward_func,
+                        inputs,
+                        additional_forward_args,
+                        self.output_transform,
+                        allow_multidim=True,
+                    ),
+                )
+        except Exception:  # noqa: BLE001 -- the suggestion is a courtesy; the error stands
+            return error
+        return error.with_suggestion(_attention_suggestion(producer, block))
+
+    def _keyword_only_error(
+        self, error: TypeError, inputs: tuple[Tensor, ...], additional_forward_args: Any
+    ) -> TypeError | None:
+        """The clear error where ``error`` is Python's refusal of the positional inputs by a
+        model whose ``forward`` takes only keyword arguments; None for any other TypeError."""
+        model = root_module(self.forward_func)
+        layer_name = None
+        if model is not None:
+            layer_name = next(
+                (n for n, m in user_model(model).named_modules() if m is self.layer and n), None
+            )
+        extra = format_additional_forward_args(additional_forward_args)
+        return keyword_only_forward_error(
+            self.forward_func, error, len(inputs) + len(extra), layer_name=layer_name
+        )
+
     def _channel_weights(
         self, gradients: Tensor, activations: Tensor, gradient_sign: str | None = None
     ) -> Tensor:
@@ -541,6 +692,9 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             attr_dim_summation,
             input_shape=tuple(formatted[0].shape),
         )
+        random = random_in_train_mode_warning(name, root_module(self.forward_func))
+        if random is not None:
+            warnings.warn(random, stacklevel=user_stacklevel())
         try:
             computed = class_gradients(
                 self.forward_func,
@@ -562,6 +716,10 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         except (TokenActivations, ChannelsLastActivations) as error:
             # the reducer's own message says what to do; the engine's frames do not help
             raise error.with_traceback(None) from None
+        except AttentionLayerOutput as error:
+            raise self._attention_output_error(
+                error, formatted, additional_forward_args
+            ).with_traceback(None) from None
         except NoSpatialDimensions as error:
             raise self._no_spatial_error(
                 error.shape,
@@ -570,6 +728,11 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 attribute_to_layer_input,
                 reshape_transform,
             ) from None
+        except TypeError as error:
+            clear = self._keyword_only_error(error, formatted, additional_forward_args)
+            if clear is None:
+                raise
+            raise clear from None
         every_map_explained = self._check_explained(computed.logits, computed.classes)
         if not reduce.saw_gradient and not every_map_explained:
             warnings.warn(
