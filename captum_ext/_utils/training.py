@@ -171,7 +171,8 @@ def check_writable(path: str | os.PathLike, *, folder: bool) -> None:
     """Raise the OSError (naming the place) that writing ``path`` (a file, or with ``folder``
     a folder to write files in) would meet, before any work: a scratch file must be
     creatable in it, or, when it does not exist yet, in its nearest existing parent (nothing
-    is created there), and the disk must not be full (under 1 MiB free). The temporaries of
+    is created there; the error names that folder, as the user wrote it, not the scratch
+    file), and the disk must not be full (under 1 MiB free). The temporaries of
     an earlier writer of ``path`` that was killed are removed."""
     path = Path(path).expanduser()
     if not folder:
@@ -186,13 +187,33 @@ def check_writable(path: str | os.PathLike, *, folder: bool) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
-    handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
+    try:
+        handle, scratch = tempfile.mkstemp(prefix=".captum-ext-check.", dir=existing)
+    except OSError as error:  # named by the folder, not by the scratch file's random name
+        raise _folder_error(error, _as_given(target, existing)) from None
     os.close(handle)
     os.unlink(scratch)
     if _disk_is_full(existing):
         raise OSError(errno.ENOSPC, "No space left on device", str(existing))
     if existing == target.absolute() and not folder:
         _remove_stale_temporaries(path)
+
+
+def _as_given(target: Path, existing: Path) -> Path:
+    """The nearest existing folder of ``target`` (``existing``, absolute) as the user wrote
+    it (``out`` for ``out/new/s.csv``), or ``existing`` where that is the current folder."""
+    given = target
+    while not given.exists() and given != given.parent:
+        given = given.parent
+    return existing if str(given) in ("", ".") else given
+
+
+def _folder_error(error: OSError, folder: Path) -> OSError:
+    """``error`` (creating a scratch file in ``folder`` failed) naming ``folder``: its
+    errno and reason kept (so ``PermissionError`` stays one), its file name the folder's."""
+    if error.errno is None:
+        return OSError(f"{error.strerror or error}: {str(folder)!r}")
+    return OSError(error.errno, error.strerror or os.strerror(error.errno), str(folder))
 
 
 def writable_path_argument(path: str | os.PathLike | None, argument: str, *, folder: bool = False):

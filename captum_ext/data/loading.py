@@ -173,6 +173,9 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_torchscript(path: Path, device: torch.device, names: Mapping[str, str]) -> nn.Module:
+    saved = _torch_save_spec_error(path, names)
+    if saved is not None:
+        raise saved
     try:
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream but is exactly what users hand us here.
@@ -360,12 +363,10 @@ def load_state_dict_file(
         try:
             loaded = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's terminal colours
-            if "Weights only load failed" in text:
+            text = _error_text(error)
+            if _WEIGHTS_ONLY_REFUSED in text:
                 raise ValueError(
-                    f"{what} {str(weights)!r} holds pickled Python objects (a whole model "
-                    "saved with torch.save(model, path), or a checkpoint with objects in it), "
-                    "which are never unpickled here (weights_only=True: unpickling runs code). "
+                    f"{what} {str(weights)!r} holds {_PICKLED_OBJECTS}, {_NEVER_UNPICKLED}. "
                     "Save its state dict, torch.save(model.state_dict(), path), and give the "
                     f"architecture as {_mention(names, 'spec')}."
                 ) from None
@@ -375,17 +376,7 @@ def load_state_dict_file(
                 f"({type(error).__name__}: {first}). Save a plain state dict with "
                 "torch.save(model.state_dict(), path)."
             ) from None
-    if isinstance(loaded, Mapping):
-        for key in _STATE_DICT_KEYS:
-            if isinstance(loaded.get(key), Mapping):
-                loaded = loaded[key]
-                break
-        else:
-            inner = loaded.get(_MODEL_KEY)
-            if isinstance(inner, Mapping) and all(
-                isinstance(k, str) and isinstance(v, Tensor) for k, v in inner.items()
-            ):
-                loaded = inner
+    loaded = _unwrapped_checkpoint(loaded)
     if not isinstance(loaded, Mapping):
         raise ValueError(
             f"{what} {str(weights)!r} does not hold a state dict (a mapping of parameter "
@@ -401,6 +392,106 @@ def load_state_dict_file(
             + "; save model.state_dict() itself."
         )
     return dict(loaded)
+
+
+#: what ``torch.load(..., weights_only=True)`` says when a file holds pickled objects
+_WEIGHTS_ONLY_REFUSED = "Weights only load failed"
+_PICKLED_OBJECTS = (
+    "pickled Python objects (a whole model saved with torch.save(model, path), or a "
+    "checkpoint with objects in it)"
+)
+_NEVER_UNPICKLED = "which are never unpickled here (weights_only=True: unpickling runs code)"
+
+
+def _error_text(error: BaseException) -> str:
+    """An error's message without torch's terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+
+
+def _unwrapped_checkpoint(loaded: Any) -> Any:
+    """The state dict inside a checkpoint that wraps it (``{"state_dict": ...}``,
+    ``{"model_state_dict": ...}``, or ``{"model": ...}`` holding a mapping of names to
+    tensors); anything else as it is."""
+    if not isinstance(loaded, Mapping):
+        return loaded
+    for key in _STATE_DICT_KEYS:
+        if isinstance(loaded.get(key), Mapping):
+            return loaded[key]
+    inner = loaded.get(_MODEL_KEY)
+    return inner if _is_state_dict(inner) else loaded
+
+
+def _is_state_dict(value: Any) -> bool:
+    """Whether ``value`` is a mapping of parameter names (str) to tensors."""
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()
+    )
+
+
+#: how a file of ``torch.save`` in its legacy format (not a zip file) begins: its magic
+#: number pickled with protocol 2 (``torch.serialization.MAGIC_NUMBER``)
+_LEGACY_TORCH_SAVE_START = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def _torch_save_format(path: Path) -> str | None:
+    """``"zip"`` or ``"legacy"`` when ``path`` was written by ``torch.save`` (a zip file with
+    ``<name>/data.pkl`` that is neither a TorchScript file nor a ``torch.export`` archive
+    (:func:`_model_archive`), or a file of the legacy format), else None."""
+    try:
+        if zipfile.is_zipfile(path):
+            if _model_archive(path) is not None:
+                return None
+            with zipfile.ZipFile(path) as archive:
+                entries = {name.partition("/")[2] for name in archive.namelist()}
+            return "zip" if "data.pkl" in entries else None
+        with open(path, "rb") as file:
+            start = file.read(len(_LEGACY_TORCH_SAVE_START))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None  # the TorchScript loader says what is wrong with it
+    return "legacy" if start == _LEGACY_TORCH_SAVE_START else None
+
+
+def _torch_save_spec_error(path: Path, names: Mapping[str, str]) -> ValueError | None:
+    """The error for a ``spec`` file written by ``torch.save`` (a state dict, or a whole
+    model pickled with ``torch.save(model, path)``), which the TorchScript loader only calls
+    "not a TorchScript file (... constants.pkl)"; None for any other file. The file is read
+    with ``weights_only=True`` alone: pickled objects are told apart by that refusing them,
+    never unpickled."""
+    kind = _torch_save_format(path)
+    if kind is None:
+        return None
+    what = f"{_arg(names, 'spec', python=True)} {str(path)!r}"
+    weights, spec = _mention(names, "weights"), _mention(names, "spec")
+    architecture = (
+        f"with {spec} 'package.module:factory' building the architecture (e.g. "
+        "'torchvision.models:resnet18')"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        if _WEIGHTS_ONLY_REFUSED not in _error_text(error):
+            return None
+        return ValueError(
+            f"{what} is not a TorchScript file but a torch.save file holding {_PICKLED_OBJECTS}, "
+            f"{_NEVER_UNPICKLED}. Save the model's state dict, "
+            f"torch.save(model.state_dict(), path), and give that file as {weights}, "
+            f"{architecture}; or save the model as TorchScript, "
+            "torch.jit.save(torch.jit.script(model), path)."
+        )
+    if _is_state_dict(_unwrapped_checkpoint(loaded)):
+        return ValueError(
+            f"{what} is a state dict (torch.save(model.state_dict(), path)), not a TorchScript "
+            f"file: it holds the weights but not the architecture. Give it as {weights}, "
+            f"{architecture}."
+        )
+    return ValueError(
+        f"{what} is not a TorchScript file but a torch.save file holding a "
+        f"{type(loaded).__name__}, neither a model nor a state dict. Save a model with "
+        "torch.jit.save(torch.jit.script(model), path), or pass 'package.module:factory' "
+        f"and its state dict with {weights}."
+    )
 
 
 def _model_archive(path: Path) -> str | None:
@@ -720,9 +811,12 @@ def load_model(
             file that does not exist), or ``weights`` does not exist.
         ValueError: ``spec`` is neither a TorchScript file nor an importable factory (a
             Python file, ``nets.py:build``, is told to be given by its module,
-            ``nets:build``), the factory does not return an ``nn.Module``, ``weights`` is a
-            whole model (a TorchScript file) rather than a state dict, or the state dict
-            does not match the model (the message lists a few missing and unexpected keys).
+            ``nets:build``; a file of ``torch.save`` is told to be a state dict, to give as
+            ``weights``, or a pickled model, to save as a state dict: it is read with
+            ``weights_only=True`` only), the factory does not return an ``nn.Module``,
+            ``weights`` is a whole model (a TorchScript file) rather than a state dict, or
+            the state dict does not match the model (the message lists a few missing and
+            unexpected keys).
 
     Examples::
 
@@ -1296,6 +1390,7 @@ def _find_images(
     extensions: Sequence[str],
     exclude: Sequence[Path] = (),
     names: Mapping[str, str] | None = None,
+    hidden: list[str] | None = None,
 ) -> list[Path]:
     """Image files under ``directory``, sorted; hidden ones skipped (any name below
     ``directory`` starting with "."): Jupyter's ``.ipynb_checkpoints`` copies and macOS's
@@ -1305,11 +1400,15 @@ def _find_images(
     under the first link to it in path order. Folders in ``exclude`` (the report being
     written inside ``--images``) and the output folders of earlier reports
     (:data:`REPORT_MARKER`) are skipped. What else is left out says a warning: files whose
-    ending Pillow reads as an image but ``extensions`` does not list, links to nothing, and
-    folders that cannot be listed."""
+    ending Pillow reads as an image but ``extensions`` does not list, photos that Pillow
+    cannot read here (:data:`_UNREADABLE_PHOTO_ENDINGS`: HEIC, raw, ...), links to nothing,
+    and folders that cannot be listed; the warning also counts the hidden images skipped
+    (:func:`_hidden_images`). ``hidden``, when given, receives those hidden images' names
+    (for the error on a folder with no images)."""
     wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     excluded = {os.path.realpath(p) for p in exclude}
     unlisted: list[str] = []
+    hidden_places: list[tuple[Path, list[str], list[str]]] = []
 
     def walk(follow: bool):
         def note(error: OSError) -> None:
@@ -1320,22 +1419,26 @@ def _find_images(
             if os.path.realpath(folder) in excluded or REPORT_MARKER in files:
                 subfolders[:] = []  # never the pictures of a report written here
                 continue
+            hidden_folders = sorted(name for name in subfolders if name.startswith("."))
             subfolders[:] = _visible(subfolders)  # in path order: the same links win every time
-            yield folder, subfolders, files
+            yield folder, subfolders, files, hidden_folders
 
     # the real folders under `directory`, read under their own names (not a link's, which
     # would label their images by the link's name in an order the file system chooses)
-    own = {os.path.realpath(folder): os.path.normpath(folder) for folder, _, _ in walk(False)}
+    own = {os.path.realpath(folder): os.path.normpath(folder) for folder, *_ in walk(False)}
     found, seen = [], set()
     skipped: dict[str, int] = {}
+    unreadable: dict[str, int] = {}
     dangling: list[str] = []
     known = _pillow_endings()
-    for folder, subfolders, files in walk(True):
+    for folder, subfolders, files, hidden_folders in walk(True):
         real = os.path.realpath(folder)
         if real in seen or own.get(real, os.path.normpath(folder)) != os.path.normpath(folder):
             subfolders[:] = []  # read once, under its own name
             continue
         seen.add(real)
+        if any(name.startswith(".") for name in files) or hidden_folders:
+            hidden_places.append((Path(folder), files, hidden_folders))
         for name in _visible(files):
             path = Path(folder) / name
             ending = path.suffix.lower()
@@ -1346,6 +1449,8 @@ def _find_images(
                     dangling.append(_shown(path))
             elif ending in known and tuple(extensions) == IMAGE_EXTENSIONS:  # not chosen
                 skipped[ending] = skipped.get(ending, 0) + 1
+            elif ending in _UNREADABLE_PHOTO_ENDINGS and ending not in known:  # no plugin
+                unreadable[ending] = unreadable.get(ending, 0) + 1
     notes = []
     if skipped:
         counts = ", ".join(f"{n} {ending}" for ending, n in sorted(skipped.items()))
@@ -1358,16 +1463,78 @@ def _find_images(
             f"{sum(skipped.values())} files that Pillow may read as images, by endings not "
             f"read ({counts}; {read})"
         )
+    if unreadable:
+        counts = ", ".join(f"{n} {ending}" for ending, n in sorted(unreadable.items()))
+        notes.append(
+            f"{sum(unreadable.values())} files Pillow cannot read here ({counts}: phone or "
+            "camera formats that Pillow reads only with a plugin, none registered here; "
+            "convert them to JPEG or PNG first)"
+        )
     if dangling:
         notes.append(f"{len(dangling)} links to nothing ({', '.join(dangling[:3])})")
     if unlisted:
         notes.append(f"{len(unlisted)} folders that cannot be listed ({', '.join(unlisted[:3])})")
+    if notes or (hidden is not None and not found):  # looked into only then
+        hidden_names = [] if hidden is None else hidden
+        for folder, files, hidden_folders in hidden_places:
+            relative = Path(os.path.relpath(folder, directory)).as_posix()
+            prefix = "" if relative == "." else relative + "/"
+            hidden_names.extend(
+                _shown(prefix + name)
+                for name in _hidden_images(folder, files, hidden_folders, wanted)
+            )
+        if notes and hidden_names:  # said along with the rest: skipped by design
+            notes.append(_hidden_note(hidden_names))
     if notes:
         warnings.warn(
             f"{_arg(names or {}, 'directory')} {_shown(directory)!r}: skipped {'; '.join(notes)}.",
             stacklevel=3,
         )
     return sorted(found)
+
+
+#: endings of photos (phones' HEIC / HEIF, AVIF, JPEG XL, cameras' raw files) that Pillow
+#: reads only with a plugin: skipped with a warning, when no plugin registered them
+_UNREADABLE_PHOTO_ENDINGS = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raw"}
+)
+
+#: how many entries of a hidden folder :func:`_hidden_images` looks at, at most
+_HIDDEN_FOLDER_LOOK = 1000
+
+
+def _hidden_images(
+    folder: Path, files: Sequence[str], hidden_folders: Sequence[str], wanted: Sequence[str]
+) -> list[str]:
+    """The names in ``folder`` that are skipped as hidden (starting with ".") but look like
+    images: files with an ending in ``wanted``, and hidden folders holding such a file
+    (among their first :data:`_HIDDEN_FOLDER_LOOK` entries, at any depth), each with "/"."""
+    names = [n for n in sorted(files) if n.startswith(".") and n.lower().endswith(tuple(wanted))]
+    for name in hidden_folders:
+        looked = 0
+        for _, _, inside in os.walk(folder / name):
+            looked += len(inside) + 1
+            if any(n.lower().endswith(tuple(wanted)) for n in inside):
+                names.append(name + "/")
+                break
+            if looked >= _HIDDEN_FOLDER_LOOK:
+                break
+    return names
+
+
+def _hidden_note(hidden: Sequence[str]) -> str:
+    """What the skip warning and the "no images" error say of the hidden images skipped
+    (:func:`_hidden_images`: folders end with "/")."""
+    folders = sum(name.endswith("/") for name in hidden)
+    files = len(hidden) - folders
+    parts = [f"{files} hidden image file{'' if files == 1 else 's'}"] if files else []
+    if folders:
+        parts.append(f"{folders} hidden folder{'' if folders == 1 else 's'} of images")
+    shown = ", ".join(hidden[:3]) + (", ..." if len(hidden) > 3 else "")
+    return (
+        f"{' and '.join(parts)} ({shown}: names starting with '.' are never read, as Jupyter's "
+        "checkpoints and macOS's ._ files are no images to explain; rename them to read them)"
+    )
 
 
 def _pillow_endings() -> frozenset[str]:
@@ -1590,7 +1757,9 @@ def load_image_folder(
         directory (str or Path): the folder. Images in sub-folders are included; with
             ``labels_from_subfolders=True`` the first sub-folder is the image's class name.
             Hidden files and folders (names starting with ".", such as
-            ``.ipynb_checkpoints`` or macOS's ``._photo.jpg``) are skipped. Folders reached
+            ``.ipynb_checkpoints`` or macOS's ``._photo.jpg``) are skipped (the hidden
+            images among them are counted in the error when nothing else is found, and in
+            the warning on skipped files). Folders reached
             through symbolic links are read, each real folder once: under its own name when
             it lies in ``directory`` (a link ``best -> cat`` beside ``cat`` adds nothing),
             else under the first link to it in path order.
@@ -1616,14 +1785,17 @@ def load_image_folder(
             were trained on (Pillow itself reads 16-bit colour images at 8 bits). Alpha is
             dropped (the colour stored under a transparent pixel is read, as torchvision's
             ``ImageFolder`` does), with a warning naming the images that have transparent
-            pixels; animated images and multi-page TIFFs give their first frame; colour
+            pixels; animated images and multi-page TIFFs give their first frame, with a
+            warning naming them; colour
             profiles (ICC, e.g. a phone's Display P3) are not applied. A callable
             gets the image as PIL opened it, as ``ImageFolder`` passes it to its transform,
             so a pipeline the model was trained with sees the same pixels.
             Default: ``"imagenet"``.
         extensions (Sequence[str], optional): file name endings to read (case-insensitive).
             Links to nothing are skipped with a warning, and so, with the default, are files
-            that Pillow may read as images by other endings. Default: :data:`IMAGE_EXTENSIONS`.
+            that Pillow may read as images by other endings, and always phone and camera
+            photos that Pillow cannot read without a plugin (HEIC, HEIF, AVIF, JPEG XL, raw
+            files such as DNG, CR2, NEF, ARW). Default: :data:`IMAGE_EXTENSIONS`.
         labels_from_subfolders (bool, optional): also return each image's sub-folder name
             (``""`` for images directly in ``directory``). Default: False.
         limit (int, optional): read only the first ``limit`` images (in path order).
@@ -1672,16 +1844,20 @@ def load_image_folder(
     names = _names(argument_names)
     root, paths, function = _image_files(directory, transform, extensions, limit, exclude, names)
     tensors = []
-    transparent = []
+    transparent, first_frames = [], []
     for path in paths:
-        tensor, see_through = _read_image(path, transform, function, names)
+        tensor, see_through, several_frames = _read_image(path, transform, function, names)
         if see_through:
             transparent.append(_shown(path.relative_to(root)))
+        if several_frames:
+            first_frames.append(_shown(path.relative_to(root)))
         if tensors and tensor.shape != tensors[0].shape:
             raise _size_error(path, tensor, paths[0], tensors[0], transform, names)
         tensors.append(tensor)
     if transparent:
         _warn_transparent(transparent, len(paths), names, stacklevel=3)
+    if first_frames:
+        _warn_first_frames(first_frames, len(paths), names, stacklevel=3)
     images = torch.stack(tensors)
     if not labels_from_subfolders:
         return images, paths
@@ -1708,10 +1884,13 @@ def _image_files(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"{_arg(names, 'limit')} must be a positive int, got {limit!r}.")
     function = _resolve_transform(transform, names)
-    paths = _find_images(root, extensions, [Path(p).expanduser() for p in exclude], names)
+    hidden: list[str] = []
+    paths = _find_images(root, extensions, [Path(p).expanduser() for p in exclude], names, hidden)
     if not paths:
+        found_hidden = f"; skipped {_hidden_note(hidden)}" if hidden else ""
         raise ValueError(
-            f"{folder} {str(directory)!r} holds no images with the endings {', '.join(extensions)}."
+            f"{folder} {str(directory)!r} holds no images with the endings "
+            f"{', '.join(extensions)}{found_hidden}."
         )
     return root, paths if limit is None else paths[:limit], function
 
@@ -1728,15 +1907,17 @@ def _error_type(error: BaseException) -> str:
 
 def _read_image(
     path: Path, transform: Any, function: Callable, names: Mapping[str, str]
-) -> tuple[Tensor, bool]:
+) -> tuple[Tensor, bool, bool]:
     """One image file as a float32 C x H x W tensor by ``function`` (the resolved
-    ``transform``), and whether it has transparent pixels (named transforms only). A file
+    ``transform``), whether it has transparent pixels, and whether it has several frames
+    (an animated GIF, PNG or WebP, a multi-page TIFF) of which the first was read (both
+    for named transforms only: a callable gets the image to read as it likes). A file
     that cannot be read (not an image, truncated, damaged: whatever Pillow's decoders raise
     for it, MemoryError aside) is a ValueError naming the file; so is an OSError or
     ValueError of a callable ``transform``, whose other errors are raised as they are."""
     from PIL import Image, UnidentifiedImageError
 
-    transparent = False
+    transparent = several_frames = False
     users = False  # inside the user's callable transform
     try:
         with ExitStack() as opened:
@@ -1749,10 +1930,12 @@ def _read_image(
                 tensor = function(image)
             else:
                 transparent = _has_transparent_pixels(image)
+                opened_image = image
                 image = _high_bit_depth(_upright(image), path, names)
                 if isinstance(image, _UnitGrey) and function is not _plain_transform:
                     image = image.eight_bit()
                 tensor = function(image)
+                several_frames = _has_several_frames(opened_image)
     except (_ImageError, MemoryError):
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
@@ -1776,7 +1959,16 @@ def _read_image(
             f"{_arg(names, 'transform')} must turn each image into a C x H x W tensor, got "
             f"{got} for {str(path)!r}."
         )
-    return tensor.to(torch.float32), transparent
+    return tensor.to(torch.float32), transparent, several_frames
+
+
+def _has_several_frames(image) -> bool:
+    """Whether the opened ``image`` has more than one frame (Pillow's ``is_animated``: an
+    animated GIF, PNG or WebP, a multi-page TIFF); False where that cannot be told."""
+    try:
+        return bool(getattr(image, "is_animated", False))
+    except Exception:  # a damaged later frame: the first one was read
+        return False
 
 
 def _size_error(
@@ -1805,6 +1997,19 @@ def _warn_transparent(
     )
 
 
+def _warn_first_frames(
+    several: Sequence[str], total: int, names: Mapping[str, str], *, stacklevel: int
+) -> None:
+    warnings.warn(
+        f"{_arg(names, 'directory')}: {len(several)} of {total} images have several frames "
+        "(animated images or multi-page TIFFs: "
+        f"{', '.join(several[:3])}{', ...' if len(several) > 3 else ''}); only the first "
+        "frame of each is read, as torchvision's ImageFolder does. Save the frames you mean "
+        "to explain as images of their own.",
+        stacklevel=stacklevel,
+    )
+
+
 def _first_folders(root: Path, paths: Sequence[Path]) -> list[str]:
     """Each image's first sub-folder under ``root`` ("" for images directly in it)."""
     return [
@@ -1824,7 +2029,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     and every error are :func:`load_image_folder`'s; an image of another size than the
     first file's is refused naming both files (in every ``DataLoader`` worker). Images with
     transparent pixels are listed in ``transparent`` as they are read (in each
-    ``DataLoader`` worker's own copy), not warned about one by one.
+    ``DataLoader`` worker's own copy), not warned about one by one; so are images of
+    several frames in ``first_frames``.
 
     Args:
         directory (str or Path): the folder, read recursively.
@@ -1845,6 +2051,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         labels (Tensor): ``(N,)`` int64 classes, ``-1`` where unknown.
         transparent (list[str]): names of the images read so far that have transparent
             pixels.
+        first_frames (list[str]): names of the images read so far that have several
+            frames (animated, multi-page), of which the first was read.
 
     Examples::
 
@@ -1898,6 +2106,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             dtype=torch.int64,
         )
         self.transparent: list[str] = []
+        self.first_frames: list[str] = []
         self._reader = (transform, function, names)
         self._first: tuple[Path, tuple[int, ...]] | None = None
 
@@ -1906,9 +2115,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         path = self.paths[index]
-        tensor, see_through = _read_image(path, *self._reader)
+        tensor, see_through, several_frames = _read_image(path, *self._reader)
         if see_through and self.names[index] not in self.transparent:
             self.transparent.append(self.names[index])
+        if several_frames and self.names[index] not in self.first_frames:
+            self.first_frames.append(self.names[index])
         if self._first is None:  # the first file's size (in each DataLoader worker too)
             first = tensor if index == 0 else _read_image(self.paths[0], *self._reader)[0]
             self._first = (self.paths[0], tuple(first.shape))
@@ -1919,10 +2130,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return tensor, self.labels[index]
 
     def warn_transparent(self) -> None:
-        """One warning naming the images read so far that have transparent pixels (as
-        :func:`load_image_folder` gives), if any."""
+        """One warning naming the images read so far that have transparent pixels, and one
+        naming those of several frames (animated, multi-page) of which the first was read
+        (as :func:`load_image_folder` gives them), if any."""
         if self.transparent:
             _warn_transparent(self.transparent, len(self), self._reader[2], stacklevel=3)
+        if self.first_frames:
+            _warn_first_frames(self.first_frames, len(self), self._reader[2], stacklevel=3)
 
 
 def denormalize_for_display(x: Tensor, transform: str | Callable | None = "imagenet") -> np.ndarray:
