@@ -15,7 +15,13 @@ Two ways of reading the model:
   output, follow every consumer through channel-wise operations (normalisation,
   activations, pooling, dropout, flatten); a convolution or linear layer met on the way is an
   ingress module when the next stage's output depends on it; an addition is a residual join
-  and is not followed (the identity path is not a weighted connection). A linear ingress
+  and is not followed (the identity path is not a weighted connection). A ``permute`` that
+  moves the channels last (ConvNeXt's ``LayerNorm2d`` and blocks) is followed, with where the
+  channels lie: there only element-wise operations, a LayerNorm over the channels alone,
+  linear layers on them (ingress modules, as a 1 x 1 convolution would be) and the permute
+  back; any other operation there, a convolution or the classifier reading the permuted
+  tensor, and a concatenation (``torch.cat``: DenseNet) raise an error saying that no choice
+  of stages helps. A linear ingress
   module must produce the destination's features itself (only channel-wise operations after
   it); two linear layers in a row between stages raise an error naming them. A linear layer
   may read the stage's map flattened (VGG, AlexNet): the readout maps its C x h x w input
@@ -40,6 +46,7 @@ import operator
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -134,6 +141,45 @@ _CHANNELWISE_METHODS = {
 }
 #: Shape queries: consumers that produce no tensor (ignored).
 _SHAPE_METHODS = {"size", "dim", "numel"}
+#: Concatenations: branches joined along the channels (DenseNet, Inception, ShuffleNetV2).
+_CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
+
+#: Where a tensor's channels are: ``(axis, ndim)``. Channels first (dim 1, as convolutions read
+#: them) is ``(1, None)``, whatever the number of dimensions; a ``permute`` that moves them
+#: elsewhere gives the axis they land on and the number of dimensions it permuted.
+_Layout = tuple[int, int | None]
+_CHANNELS_FIRST: _Layout = (1, None)
+#: Element-wise modules, functions and methods: channel-wise wherever the channels are (not
+#: PReLU, whose per-channel slopes run along dim 1, nor the normalisations, pooling or
+#: flattening, whose channel axis is dim 1).
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    *(
+        m
+        for m in _NORMS_AND_ACTIVATIONS
+        if not issubclass(
+            m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+        )
+    ),
+    nn.Dropout,
+    nn.Identity,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu,
+    torch.relu_,
+    _F.relu,
+    _F.relu6,
+    _F.leaky_relu,
+    _F.gelu,
+    _F.silu,
+    _F.elu,
+    _F.hardswish,
+    torch.sigmoid,
+    torch.tanh,
+    _F.sigmoid,
+    _F.tanh,
+    _F.dropout,
+}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "to"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
@@ -535,48 +581,62 @@ def _fx_connection(
         end = _output_node(graph, model, destination)
     needed = _ancestors(end) | {end}
     ingress: list[str] = []
+    layouts: dict[str, _Layout] = {}  # where each ingress module reads the channels
     reached_classifier = False
     seen = {start}
-    todo = deque(start.users)
+    # each node with the layout of the channels it receives
+    todo = deque((user, _CHANNELS_FIRST) for user in start.users)
     while todo:
-        node = todo.popleft()
+        node, layout = todo.popleft()
         if node in seen:
             continue
         seen.add(node)
-        follow = False
-        if node.op == "call_module":
+        after: _Layout | None = None  # the layout passed on; None: not followed
+        if node.op == "call_module" and (
+            node.target == classifier
+            or isinstance(model.get_submodule(node.target), _INGRESS_MODULES)
+        ):
             module = model.get_submodule(node.target)
+            if node in needed and not _reads_channels(module, layout):
+                raise _unresolved_moved(source, destination, node, layout)
             if node.target == classifier:
                 reached_classifier = True
-            elif isinstance(module, _INGRESS_MODULES):
-                if node in needed:
-                    ingress.append(node.target)
-            elif isinstance(module, _CHANNELWISE_MODULES):
-                follow = True
             elif node in needed:
-                what = f"module {node.target!r} ({type(module).__name__})"
-                raise _unresolved(source, destination, what)
-        elif node.op == "call_function":
-            if node.target in _ADD_FUNCTIONS:
-                pass  # residual join: the identity path carries no weight
-            elif node.target in _CHANNELWISE_FUNCTIONS:
-                follow = True
-            elif node.target is getattr:
-                pass
-            elif node in needed:
+                ingress.append(node.target)
+                layouts[node.target] = layout
+        elif _is_add(node) or (node.op == "call_function" and node.target is getattr):
+            pass  # residual join: the identity path carries no weight
+        elif node.op == "call_method" and node.target in _SHAPE_METHODS:
+            pass
+        elif node.op in ("call_module", "call_function", "call_method"):
+            after = _next_layout(node, model, layout)
+            if after is None and node in needed:
+                if node.op == "call_function" and node.target in _CONCATENATIONS:
+                    raise _unresolved(
+                        source, destination, _describe(node), why_listing_fails=_CONCATENATED
+                    )
+                if layout != _CHANNELS_FIRST or _is_permute(node):
+                    raise _unresolved_moved(source, destination, node, layout)
+                if node.op == "call_module":
+                    module = model.get_submodule(node.target)
+                    raise _unresolved(
+                        source, destination, f"module {node.target!r} ({type(module).__name__})"
+                    )
                 raise _unresolved(source, destination, _describe(node))
-        elif node.op == "call_method":
-            if node.target in _ADD_METHODS or node.target in _SHAPE_METHODS:
-                pass
-            elif node.target in _CHANNELWISE_METHODS:
-                follow = True
-            elif node in needed:
-                raise _unresolved(source, destination, _describe(node))
-        if follow:
-            todo.extend(node.users)
+        if after is not None:
+            todo.extend((user, after) for user in node.users)
     for name in ingress:
         if isinstance(model.get_submodule(name), nn.Linear):
-            _check_direct(graph, model, name, end, source, destination, destination == classifier)
+            _check_direct(
+                graph,
+                model,
+                name,
+                end,
+                source,
+                destination,
+                destination == classifier,
+                layouts[name],
+            )
     if destination == classifier:
         if ingress and reached_classifier:
             raise _unresolved(
@@ -620,29 +680,36 @@ def _is_add(node: fx.Node) -> bool:
 
 
 def _reaches(
-    starts: list[fx.Node], end: fx.Node, model: nn.Module, *, channelwise: bool = False
+    starts: list[fx.Node],
+    end: fx.Node,
+    model: nn.Module,
+    *,
+    channelwise: bool = False,
+    layout: _Layout = _CHANNELS_FIRST,
 ) -> bool:
     """Whether the output of one of ``starts`` reaches ``end`` without crossing a further
     convolution or linear layer; ``channelwise=True``: through channel-wise operations
-    only."""
+    only, from outputs whose channels lie as ``layout`` says, to ``end`` with its channels
+    first."""
     seen: set[fx.Node] = set()
-    todo = deque(starts)
+    todo = deque((node, layout) for node in starts)
     while todo:
-        node = todo.popleft()
-        if node is end:
+        node, current = todo.popleft()
+        if node is end and (not channelwise or current == _CHANNELS_FIRST):
             return True
         if node in seen:
             continue
         seen.add(node)
-        if channelwise:
-            follow = node in starts or _passes_through(node, model)
-        else:
-            follow = node in starts or not (
-                node.op == "call_module"
-                and isinstance(model.get_submodule(node.target), _INGRESS_MODULES)
+        after: _Layout | None = current
+        if channelwise and node not in starts:
+            after = _next_layout(node, model, current)
+        elif not channelwise and node not in starts:
+            ingress = node.op == "call_module" and isinstance(
+                model.get_submodule(node.target), _INGRESS_MODULES
             )
-        if follow:
-            todo.extend(node.users)
+            after = None if ingress else current
+        if after is not None:
+            todo.extend((user, after) for user in node.users)
     return False
 
 
@@ -660,35 +727,116 @@ def _chains(
     project, ``x + block(x)``). A series never crosses an earlier residual addition (the
     blocks of a ResNet stage); empty when there is none, or more than ``_MAX_PATHS``."""
     found: list[tuple[str, ...]] = []
-    todo = [(node, (str(node.target),)) for node in starts]
+    todo = [(node, (str(node.target),), _CHANNELS_FIRST) for node in starts]
     while todo:
-        node, chain = todo.pop()
+        node, chain, layout = todo.pop()
         for user in node.users:
+            after = None
             if user is end:
-                found.append(chain)
+                if layout == _CHANNELS_FIRST:
+                    found.append(chain)
             elif user.op == "call_module" and isinstance(
                 model.get_submodule(user.target), nn.modules.conv._ConvNd
             ):
-                if _belongs(user, destination):
-                    todo.append((user, (*chain, str(user.target))))
-            elif _passes_through(user, model) or (
-                _is_add(user) and _reaches([user], end, model, channelwise=True)
-            ):
-                todo.append((user, chain))
+                if _belongs(user, destination) and layout == _CHANNELS_FIRST:
+                    todo.append((user, (*chain, str(user.target)), layout))
+            elif (after := _next_layout(user, model, layout)) is not None:
+                todo.append((user, chain, after))
+            elif _is_add(user) and _reaches([user], end, model, channelwise=True, layout=layout):
+                todo.append((user, chain, layout))
             if len(found) + len(todo) > _MAX_PATHS:
                 return ()
     return tuple(sorted(set(found)))
 
 
-def _passes_through(node: fx.Node, model: nn.Module) -> bool:
-    """Whether ``node`` keeps channels apart (a channel-wise module, function or method)."""
-    if node.op == "call_module":
-        return isinstance(model.get_submodule(node.target), _CHANNELWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in _CHANNELWISE_FUNCTIONS
+def _is_permute(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "permute") or (
+        node.op == "call_function" and node.target is torch.permute
+    )
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    """The dimensions of a ``permute`` node as non-negative ints (``x.permute(0, 2, 3, 1)``,
+    ``x.permute([0, 2, 3, 1])``, ``torch.permute(x, [0, 2, 3, 1])``); None when they are
+    not all constant ints, or not a permutation."""
     if node.op == "call_method":
-        return node.target in _CHANNELWISE_METHODS
-    return False
+        dims = node.args[1:] or node.kwargs.get("dims")
+    else:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    if isinstance(dims, (list, tuple)) and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if not isinstance(dims, (list, tuple)) or not dims:
+        return None
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    rank = len(dims)
+    dims = [d % rank if -rank <= d < rank else -1 for d in dims]
+    return dims if sorted(dims) == list(range(rank)) else None
+
+
+def _layer_norm_shape(node: fx.Node, model: nn.Module) -> Any:
+    """The ``normalized_shape`` of a LayerNorm node (an ``nn.LayerNorm`` module or
+    ``F.layer_norm``); None for any other node."""
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        return module.normalized_shape if isinstance(module, nn.LayerNorm) else None
+    if node.op == "call_function" and node.target is _F.layer_norm:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    return None
+
+
+def _next_layout(node: fx.Node, model: nn.Module, layout: _Layout) -> _Layout | None:
+    """Where the channels of ``node``'s output lie when its input has them as ``layout``
+    says, if ``node`` keeps channels apart; None otherwise.
+
+    With the channels first: the channel-wise modules, functions and methods
+    (normalisation, activations, pooling, dropout, flatten). A ``permute`` with constant
+    dimensions moves them (to the axis channel 1 lands on). With the channels moved by a
+    permute (ConvNeXt's ``LayerNorm2d`` and blocks, ``N x h x w x C``): element-wise
+    operations, a LayerNorm over the channels alone (when they are the last axis: each
+    position's channels are normalised together, and channel c stays channel c, with no
+    channel-to-channel weight) and a further permute. Anything else there (a batch norm,
+    pooling or a flatten, whose channel axis is dim 1) is not followed.
+    """
+    if _is_permute(node):
+        dims = _permutation(node)
+        axis, rank = layout
+        if dims is None or (rank is not None and rank != len(dims)) or axis >= len(dims):
+            return None
+        moved = dims.index(axis)
+        return _CHANNELS_FIRST if moved == 1 else (moved, len(dims))
+    if layout == _CHANNELS_FIRST:
+        if node.op == "call_module":
+            channelwise = isinstance(model.get_submodule(node.target), _CHANNELWISE_MODULES)
+        elif node.op == "call_function":
+            channelwise = node.target in _CHANNELWISE_FUNCTIONS
+        else:
+            channelwise = node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+        return layout if channelwise else None
+    axis, rank = layout
+    shape = _layer_norm_shape(node, model)
+    if shape is not None:
+        over_channels = isinstance(shape, (int, list, tuple, torch.Size)) and (
+            isinstance(shape, int) or len(shape) == 1
+        )
+        return layout if over_channels and axis == rank - 1 else None
+    if node.op == "call_module":
+        elementwise = isinstance(model.get_submodule(node.target), _ELEMENTWISE_MODULES)
+    elif node.op == "call_function":
+        elementwise = node.target in _ELEMENTWISE_FUNCTIONS
+    else:
+        elementwise = node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+    return layout if elementwise else None
+
+
+def _reads_channels(module: nn.Module, layout: _Layout) -> bool:
+    """Whether an ingress module (or the classifier) reads a tensor's channels as its input
+    channels: with the channels first, or for a linear layer with the channels last (then
+    it is a 1 x 1 convolution, ``W[d, s]`` on each position)."""
+    if layout == _CHANNELS_FIRST:
+        return True
+    axis, rank = layout
+    return isinstance(module, nn.Linear) and axis == rank - 1
 
 
 def _check_direct(
@@ -699,40 +847,91 @@ def _check_direct(
     source: str,
     destination: str,
     to_classifier: bool,
+    layout: _Layout = _CHANNELS_FIRST,
 ) -> None:
     """A linear ingress module must produce the destination's features itself: its output
-    reaches ``end`` through channel-wise operations only (not through a further linear
-    layer, as in VGG's two-layer head when its hidden layer is not listed as a stage)."""
+    (with its channels as ``layout`` says) reaches ``end`` through channel-wise operations
+    only, with the channels first there (not through a further linear layer, as in VGG's
+    two-layer head when its hidden layer is not listed as a stage)."""
     nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    if end in nodes:
+    if end in nodes and layout == _CHANNELS_FIRST:
         return
     seen: set[fx.Node] = set()
-    todo = deque(user for node in nodes for user in node.users)
+    todo = deque((user, layout) for node in nodes for user in node.users)
     while todo:
-        node = todo.popleft()
-        if node is end:
+        node, current = todo.popleft()
+        if node is end and current == _CHANNELS_FIRST:
             return
         if node in seen:
             continue
         seen.add(node)
-        if _passes_through(node, model):
-            todo.extend(node.users)
+        after = _next_layout(node, model, current)
+        if after is not None:
+            todo.extend((user, after) for user in node.users)
     what = "the classifier's input" if to_classifier else f"the output of {destination!r}"
+    if layout == _CHANNELS_FIRST:
+        remedy = "list the output of that hidden layer (after its activation) as a stage"
+    else:  # its hidden layer's output has the channels permuted: not readable as a stage
+        remedy = (
+            "it reads channels a permute moved, and a stage's channels are read on dimension "
+            "1, so list stages outside the permuted part (for ConvNeXt, the stages "
+            "features.1, features.3, features.5, features.7)"
+        )
     raise _unresolved(
         source,
         destination,
         f"the linear layer {name!r} does not produce {what} directly (another linear layer "
-        "in between); list the output of that hidden layer (after its activation) as a stage",
+        f"in between); {remedy}",
     )
 
 
-def _unresolved(source: str, destination: str, what: str) -> ValueError:
+#: Why a concatenation cannot be read out, whatever the stages.
+_CONCATENATED = (
+    "CircuitReadout does not read out across a concatenation of branches along the channels "
+    "(DenseNet's dense blocks, Inception's mixed blocks, ShuffleNetV2's blocks), as no "
+    "convolution, nor series of them, produces all of its channels"
+)
+
+
+def _unresolved(
+    source: str, destination: str, what: str, *, why_listing_fails: str | None = None
+) -> ValueError:
+    """The error for a connection that cannot be resolved, ``what`` saying where it fails.
+    ``why_listing_fails``: why no choice of stages can help (otherwise the advice is to
+    list the stages so that each feeds the next through a path the readout follows)."""
+    advice = (
+        "; list the layers so that each stage feeds the next through such a path."
+        if why_listing_fails is None
+        else f". Listing more stages cannot help: {why_listing_fails}."
+    )
     return ValueError(
         f"`layers`: cannot resolve the connection from layer {source!r} to layer "
         f"{destination!r}: {what}. Circuits follow convolutions and linear layers through "
-        "channel-wise operations (normalisation, activations, pooling, dropout, flatten) and "
-        "residual additions; list the layers so that each stage feeds the next through such a "
-        "path."
+        "channel-wise operations (normalisation, activations, pooling, dropout, flatten; with "
+        "the channels permuted last, as in ConvNeXt, element-wise activations, a LayerNorm "
+        "over the channels and linear layers on them until the permute back) and residual "
+        f"additions{advice}"
+    )
+
+
+def _unresolved_moved(source: str, destination: str, node: fx.Node, layout: _Layout) -> ValueError:
+    """The error for ``node``, met with the channels as ``layout`` says, where the readout
+    does not follow them: a permute it cannot read, or an operation on channels a permute
+    moved that does not keep them apart there (or a convolution reading them there)."""
+    if _is_permute(node) and layout == _CHANNELS_FIRST:
+        what = f"{_describe(node)}, whose dimensions are not a permutation of constant ints"
+    else:
+        axis, rank = layout
+        what = (
+            f"{_describe(node)} on a tensor whose channels a permute moved to dimension "
+            f"{axis} of {rank}"
+        )
+    return _unresolved(
+        source,
+        destination,
+        what,
+        why_listing_fails="a stage's channels are read on dimension 1, and between a permute "
+        "that moves them and the permute back only the operations above are followed",
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -100,11 +100,29 @@ class _NoIngressProduces(ValueError):
             return ValueError(*self.args)  # a plain ValueError: the private type stays here
         return ValueError(
             f"{self.head}: {self.destination!r} concatenates branches along the channels "
-            "(torch.cat, as ShuffleNetV2's blocks do, which then shuffle the channels), so each "
+            "(torch.cat, as ShuffleNetV2's and Inception's blocks do), so each "
             "of its channels comes from one branch and no convolution, nor series of them, "
-            "produces them all. Listing more stages cannot resolve it: CircuitReadout does not "
+            "produces them all. Listing more stages cannot help: CircuitReadout does not "
             "read out across a concatenation of branches."
         )
+
+
+def _not_logits(output: Any) -> ValueError:
+    """The error for a model whose output is not ``N x classes`` logits. An output that
+    carries them in a ``logits`` field (a Hugging Face model's ``ImageClassifierOutput``,
+    or a dict's ``"logits"``) is read out through :class:`captum_ext.data.LogitsOutput`,
+    which returns that field and keeps the model's layer names."""
+    got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    field = isinstance(getattr(output, "logits", None), Tensor) or (
+        isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor)
+    )
+    if not isinstance(output, Tensor) and field:
+        return ValueError(
+            f"`model` must return N x classes logits, got {got} with a `logits` tensor (a "
+            "Hugging Face model?): read it out as CircuitReadout(captum_ext.data.LogitsOutput("
+            "model), ...), which returns that field and keeps the layer names."
+        )
+    return ValueError(f"`model` must return N x classes logits, got {got}.")
 
 
 def _module_name(model: nn.Module, module: nn.Module, argument: str) -> str:
@@ -261,17 +279,30 @@ class CircuitReadout:
     post-activations) and ``classifier.2``, its pooled features being the 4096 inputs of
     ``classifier.6``.
 
+    **Permuted channels** (ConvNeXt): a ``permute`` that moves the channels last
+    (``N x h x w x C``, as ConvNeXt's ``LayerNorm2d`` and blocks do) is followed to the
+    permute back through element-wise activations, a LayerNorm over the channels alone
+    (channel c stays channel c: no channel-to-channel weight) and linear layers on the
+    channels, which are ingress modules as a 1 x 1 convolution would be (``|W[d, s]|``).
+    torchvision's ConvNeXt reads out with its stages listed, ``layers=["features.1",
+    "features.3", "features.5", "features.7"]``, joined by the 2 x 2 downsampling
+    convolutions ``features.2.1``, ``.4.1``, ``.6.1`` and tied to the pooled features
+    through its head's ``LayerNorm2d``; its default is the single stage ``features`` with
+    a ``UserWarning`` (its blocks' depthwise convolutions reach their outputs only through
+    linear layers). Any other operation on permuted channels raises a ``ValueError``.
+
     Vision transformers are not supported (the papers' scope is CNNs): a model with
     attention modules (``nn.MultiheadAttention``, torchvision's ViT and Swin) whose stages
     cannot be connected is refused with a ``ValueError`` saying so. Nor are stages that
     concatenate branches along the channels (ShuffleNetV2's blocks, DenseNet's dense blocks,
-    Inception's mixed blocks): no convolution produces all of their channels (for a stage
-    whose ingress convolutions feed such a concatenation, ShuffleNetV2's, the ``ValueError``
-    says that listing more stages cannot help).
+    Inception's mixed blocks): no convolution produces all of their channels, and the
+    ``ValueError`` says that listing more stages cannot help.
 
     Args:
         model (nn.Module): the classifier, returning ``N x classes`` logits. It is run as it
             is (call ``model.eval()`` first for deterministic graphs) and left unchanged.
+            A model whose output carries them in a ``logits`` field (Hugging Face's) is
+            read out as ``captum_ext.data.LogitsOutput(model)``, which keeps its layer names.
         layers (list of str or nn.Module, optional): the stages, in forward order, each
             returning ``N x C x ...`` (or ``N x C``). Default: discovered as described above.
         top_k (int or sequence of int, optional): nodes kept per stage. An int applies to
@@ -643,10 +674,7 @@ class CircuitReadout:
                 with gradients_on() if gradient else torch.no_grad():
                     logits = call_model(model, inputs, extra)
                 if not isinstance(logits, Tensor) or logits.dim() != 2:
-                    raise ValueError(
-                        "`model` must return N x classes logits, got "
-                        f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)}."
-                    )
+                    raise _not_logits(logits)
                 calls = [
                     _in_device_order(records[i], name, i == n_stages)
                     for i, name in enumerate(names)
