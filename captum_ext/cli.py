@@ -33,7 +33,9 @@ its baselines, :func:`captum_ext.metrics.score_dataset`); it runs unchanged unde
 
 Bad arguments end with exit status 2 and a one-line message on stderr; so does an output
 location that cannot be written (a read-only or full disk): ``--out`` is checked before any
-work starts.
+work starts. ``score`` leaves out image files that cannot be read, writes the scores of the
+others and then ends with status 2 naming them all. Ctrl-C ends a command with status 130;
+SIGTERM and SIGHUP end it the same way (its clean-up done) with status 143 and 129.
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from captum_ext._utils.deprecation import moved_names
 from captum_ext.viz.build import (
@@ -469,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     try:
-        with warnings.catch_warnings():  # restores the caller's warning display afterwards
-            warnings.showwarning = _warning_line(prog)
+        with warnings.catch_warnings(), _stop_signals_interrupt():
+            warnings.showwarning = _warning_line(prog)  # restored after the block
             with _closed_pipe_guard() as guard:
                 status = args.handler(args)
             return 141 if guard.closed else status
@@ -487,12 +493,55 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
+    except _Stopped as stopped:
+        print(f"{prog}: stopped by {signal.Signals(stopped.signal_number).name}", file=sys.stderr)
+        return 128 + stopped.signal_number  # the status a shell gives a tool the signal ended
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # a write past the guard (the reader went away): stop quietly
         _silence_stdout()
         return 141  # 128 + SIGPIPE, the status a shell gives a tool its pipe closed on
+
+
+#: signals that end a command as Ctrl-C does (a timeout, a job scheduler, a closed terminal)
+_STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+class _Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP while a command runs, so that the
+    command unwinds as after Ctrl-C: temporary files are removed and a report lists the
+    figures it wrote, for the next run into its folder to clean up."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """Run the block with SIGTERM and SIGHUP raising :class:`_Stopped`, where they have
+    their default action (which ends the process at once, skipping every clean-up); a signal
+    ignored (``nohup``) or handled by the caller keeps its handler. The handlers are put back
+    afterwards. Outside the main thread (where Python cannot set handlers) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signal_number: int, frame: Any) -> None:
+        raise _Stopped(signal_number)
+
+    replaced = {}
+    for name in _STOP_SIGNALS:
+        number = getattr(signal, name, None)  # Windows has no SIGHUP
+        if number is None or signal.getsignal(number) is not signal.SIG_DFL:
+            continue
+        replaced[number] = signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, previous in replaced.items():
+            signal.signal(number, previous)
 
 
 class _StdoutGuard:
@@ -639,16 +688,18 @@ def _run_score(args: argparse.Namespace) -> int:
         dataset = TensorDataset(inputs.images, inputs.labels)
         labels, names = inputs.labels, inputs.names
     else:  # read batch by batch: a large folder never sits in memory whole
-        dataset = ImageFolderDataset(
+        folder = ImageFolderDataset(
             args.images,
             default_transform if args.transform is None else args.transform,
             class_names=class_names,
             limit=args.limit,
             argument_names=flags,
         )
-        labels, names = dataset.labels, dataset.names
+        # a damaged file is noted and left out, not the end of the scores of all the others
+        dataset = _UnreadableLeftOut(folder)
+        labels, names = folder.labels, folder.names
     # a few images to read the model's output on (how to read it, and its classes)
-    images = default_collate([dataset[i] for i in range(min(_PROBE_IMAGES, len(dataset)))])[0]
+    images = default_collate(_probe_items(dataset))[0]
 
     with distributed_from_environment(device) as device:
         if args.model is None:
@@ -700,12 +751,16 @@ def _run_score(args: argparse.Namespace) -> int:
             )
         except (ValueError, TypeError) as error:
             raise name_the_option(error) from None
-        if isinstance(dataset, ImageFolderDataset):
-            dataset.warn_transparent()
+        unreadable = {}
+        if isinstance(dataset, _UnreadableLeftOut):
+            dataset.folder.warn_transparent()
+            unreadable = _gathered(dataset.unreadable)  # from every process under torchrun
+            table = _rows_left_out(table, unreadable)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
             with writing_to(out):
-                path = table.to_csv(out, extra={"path": names})
+                rows = [names[int(i)] for i in table["index"]]
+                path = table.to_csv(out, extra={"path": rows})
             known = table["label"] >= 0
             summary = f"{len(table)} examples"
             if known.any():
@@ -715,7 +770,135 @@ def _run_score(args: argparse.Namespace) -> int:
             else:
                 summary += ", no labels"
             print(f"Scores written to {path} ({summary}; scores: {', '.join(args.scores)})")
+        if unreadable:  # the scores of the others are written: now the error, on rank 0
+            if rank == 0:
+                raise ValueError(
+                    f"{_cannot_read(unreadable)}; left out of {str(path)!r}, which holds the "
+                    f"scores of the other {len(table)} images."
+                )
+            return 2
     return 0
+
+
+class _UnreadableLeftOut(torch.utils.data.Dataset):
+    """``captum-ext score``'s view of an :class:`~captum_ext.data.loading.ImageFolderDataset`
+    in which a file that cannot be read as an image (damaged, truncated, not an image) does
+    not end the run: it is noted in ``unreadable`` (index -> (name, why)) and stands in as a
+    blank image of the others' size, whose row :func:`_rows_left_out` drops before the CSV is
+    written. Any other error (an image of another size, say) is raised as it is.
+
+    Args:
+        folder (ImageFolderDataset): the images.
+    """
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+        self.unreadable: dict[int, tuple[str, str]] = {}
+        self.blank: Any = None  # zeros of the first image's size, once one is read
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def read(self, index: int) -> Any:
+        """Item ``index`` of the folder, or None (noted) when its file cannot be read."""
+        try:
+            item = self.folder[index]
+        except ValueError:
+            why = _why_unreadable(self.folder.paths[index])
+            if why is None:  # the file reads: the error is about something else
+                raise
+            self.unreadable[index] = (self.folder.names[index], why)
+            return None
+        if self.blank is None:
+            self.blank = torch.zeros_like(item[0])
+        return item
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.read(index)
+        if item is None:
+            return self.blank, self.folder.labels[index]
+        return item
+
+
+def _why_unreadable(path: Path) -> str | None:
+    """Why Pillow cannot read the image file ``path`` (one line), or None when it can."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning
+            with Image.open(path) as image:
+                image.load()
+    except MemoryError:
+        raise
+    except UnidentifiedImageError:
+        return "not an image file Pillow can read"
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, EOFError, ...
+        return " ".join(f"{type(error).__name__}: {error}".split())
+    return None
+
+
+def _probe_items(dataset: Any) -> list[Any]:
+    """The first :data:`_PROBE_IMAGES` readable items of ``dataset``, the unreadable ones
+    before them noted. A ValueError naming ``--images`` when there is none, or when the
+    first file cannot be read (the folder reader compares every image with the first
+    file's size, so nothing can be read then): it lists every unreadable file at once."""
+    if not isinstance(dataset, _UnreadableLeftOut) or len(dataset) == 0:
+        return [dataset[i] for i in range(min(_PROBE_IMAGES, len(dataset)))]
+    items = []
+    for index in range(len(dataset)):
+        if len(items) == _PROBE_IMAGES:
+            break
+        item = dataset.read(index)
+        if item is not None:
+            items.append(item)
+        elif index == 0:
+            break
+    if items and 0 not in dataset.unreadable:
+        return items
+    folder = dataset.folder
+    for index, path in enumerate(folder.paths):  # every file, to list them all at once
+        if index not in dataset.unreadable:
+            why = _why_unreadable(path)
+            if why is not None:
+                dataset.unreadable[index] = (folder.names[index], why)
+    raise ValueError(
+        f"{_cannot_read(dataset.unreadable)}; nothing was scored: remove or replace "
+        f"{'it' if len(dataset.unreadable) == 1 else 'them'} and run again."
+    )
+
+
+def _cannot_read(unreadable: dict[int, tuple[str, str]]) -> str:
+    """The start of the error listing the files that cannot be read, in path order."""
+    listed = ", ".join(f"{name!r} ({why})" for _, (name, why) in sorted(unreadable.items()))
+    count = len(unreadable)
+    return f"`--images`: cannot read image{'' if count == 1 else f's ({count} files)'} {listed}"
+
+
+def _gathered(unreadable: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str]]:
+    """The unreadable files noted by every process under torch.distributed (each reads its
+    own batches), or by this one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(unreadable)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, unreadable)
+    merged: dict[int, tuple[str, str]] = {}
+    for part in everyone:
+        merged.update(part)
+    return merged
+
+
+def _rows_left_out(table: Any, unreadable: dict[int, tuple[str, str]]) -> Any:
+    """``table`` less the rows of the unreadable files (their blank stand-ins)."""
+    from captum_ext.metrics import ScoreTable
+
+    if not unreadable:
+        return table
+    dropped = torch.tensor(sorted(unreadable), dtype=table["index"].dtype)
+    kept = ~torch.isin(table["index"], dropped)
+    return ScoreTable({name: table[name][kept] for name in table.columns})
 
 
 #: images read before scoring to check the model and see how its output is to be read (the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,19 +14,27 @@ from typing import Any
 DPI = 100
 
 
-#: the figures written while :func:`recording_figures` is active (None: not recording)
-_WRITTEN: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar(
-    "captum_ext_written_figures", default=None
+#: while :func:`recording_figures` is active: the figures written so far, and the function
+#: told of each one (None: not recording)
+_WRITTEN: contextvars.ContextVar[tuple[list[Path], Callable[[Path], None] | None] | None] = (
+    contextvars.ContextVar("captum_ext_written_figures", default=None)
 )
 
 
 @contextmanager
-def recording_figures() -> Iterator[list[Path]]:
+def recording_figures(
+    on_write: Callable[[Path], None] | None = None,
+) -> Iterator[list[Path]]:
     """Collect the path of every PNG that :func:`save_figure` and
     :func:`captum_ext.viz.overlay.save_png` write inside the block, in order (the report
-    lists them for removal by a later run when its own run fails part-way)."""
+    lists them for removal by a later run when its own run fails part-way).
+
+    ``on_write``: called with each path *before* the file is written, so that a run killed
+    at any point (SIGKILL, out of memory) has noted every figure it left; the report adds
+    each one to the list of its folder's figures (see
+    :func:`captum_ext.viz.report.note_figure`). Default: None."""
     written: list[Path] = []
-    token = _WRITTEN.set(written)
+    token = _WRITTEN.set((written, on_write))
     try:
         yield written
     finally:
@@ -34,10 +42,15 @@ def recording_figures() -> Iterator[list[Path]]:
 
 
 def record_written(path: Path) -> Path:
-    """Note ``path`` as written, when :func:`recording_figures` is active; returns it."""
-    written = _WRITTEN.get()
-    if written is not None:
+    """Note ``path`` as written, when :func:`recording_figures` is active; returns it. The
+    savers call it just before they write the file (a path noted but never written is
+    harmless: the report removes only files that exist)."""
+    recording = _WRITTEN.get()
+    if recording is not None:
+        written, on_write = recording
         written.append(path)
+        if on_write is not None:
+            on_write(path)
     return path
 
 
@@ -88,7 +101,7 @@ def save_figure(figure: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     path; ``kwargs`` go to ``Figure.savefig``."""
     from captum_ext._utils.training import atomic_path
 
-    target = Path(path)
+    target = record_written(Path(path))  # noted first: a run killed while writing left it
     with atomic_path(target) as temp:  # never a truncated PNG where a figure was
         figure.savefig(temp, format="png", **kwargs)
-    return record_written(target)
+    return target

@@ -510,6 +510,7 @@ def _build_introspection(inputs: SectionInputs, config: ReportConfig, asked: boo
         labels=inputs.labels,
         names=inputs.names,
         batch_size=inputs.batch_size,
+        progress=inputs.progress,
     )
 
 
@@ -993,9 +994,9 @@ def build_report(config: ReportConfig) -> ReportResult:
     A section the user did not ask for by name that cannot be built for this model (GradTrust
     on a compiled final layer, an inversion generator that would not fit in memory) is left
     out with one line on stderr and in the page's metadata; asked for by name it raises.
-    A run that fails or is interrupted part-way lists the figures it wrote in
-    ``images/.captum-ext-figures``, so that the next run into ``config.out`` removes those it
-    does not use (see :meth:`Report.write`).
+    Every figure is listed in ``images/.captum-ext-figures`` as it is written, so that after
+    a run that fails or is stopped part-way (an error, Ctrl-C, SIGTERM, even SIGKILL) the
+    next run into ``config.out`` removes those it does not use (see :meth:`Report.write`).
 
     Args:
         config (ReportConfig): the report's settings.
@@ -1016,7 +1017,7 @@ def build_report(config: ReportConfig) -> ReportResult:
         'index.html'
     """
     from captum_ext.viz._figures import recording_figures
-    from captum_ext.viz.report import Report, list_written_figures, require_jinja2
+    from captum_ext.viz.report import Report, figure_noter, list_written_figures, require_jinja2
 
     require_jinja2()  # before any section's work, not when the page is written
     asked = config.sections is not None
@@ -1036,30 +1037,32 @@ def build_report(config: ReportConfig) -> ReportResult:
     report = Report(config.title or "captum-ext report", metadata=metadata)
     timings: list[tuple[str, float]] = []
     left_out: dict[str, str] = {}
-    with writing_to(out), recording_figures() as written:
+    with writing_to(out):
         _claim_output_folder(out)
-        try:
-            for name in sections:
+        # each figure is listed in the folder's list of figures before it is written
+        with recording_figures(figure_noter(out)) as written:
+            try:
+                for name in sections:
+                    started = time.perf_counter()
+                    try:
+                        built = SECTION_REGISTRY[name].build(inputs, config, asked)
+                        if isinstance(built, str):
+                            print(f"captum-ext report: {built}", file=sys.stderr)
+                            label, _, reason = built.partition(" left out: ")
+                            left_out[name] = reason
+                            report.metadata.append((label.capitalize(), f"left out: {reason}"))
+                        else:
+                            report.add_section(built)
+                    finally:
+                        timings.append((name, time.perf_counter() - started))
                 started = time.perf_counter()
-                try:
-                    built = SECTION_REGISTRY[name].build(inputs, config, asked)
-                    if isinstance(built, str):
-                        print(f"captum-ext report: {built}", file=sys.stderr)
-                        label, _, reason = built.partition(" left out: ")
-                        left_out[name] = reason
-                        report.metadata.append((label.capitalize(), f"left out: {reason}"))
-                    else:
-                        report.add_section(built)
-                finally:
-                    timings.append((name, time.perf_counter() - started))
-            started = time.perf_counter()
-            index = report.write(out)
-            timings.append(("(writing the page)", time.perf_counter() - started))
-        except BaseException:
-            # a later run into the same folder removes what this one wrote, as it does a
-            # finished run's figures (Ctrl-C included)
-            list_written_figures(out, written)
-            raise
+                index = report.write(out)
+                timings.append(("(writing the page)", time.perf_counter() - started))
+            except BaseException:
+                # listed as they were written; again here in case that list could not be
+                # appended to then (a later run removes what this one wrote)
+                list_written_figures(out, written)
+                raise
     return ReportResult(Path(index), timings, left_out)
 
 

@@ -120,16 +120,19 @@ def render_introspection(
     *,
     class_names: Any = None,
     names: Any = None,
+    progress: bool = False,
 ) -> Any:
     """The section of :func:`compute_introspection`'s numbers: a summary table, then the
     first :data:`SHOWN_IMAGES` images in ``summary.order`` with both predictions.
 
     ``display_images``: the N images for display (N x C x H x W tensor or N x H x W x C array;
-    uint8, or float in [0, 1]); ``class_names``: one name per class of the network (None: the
-    indices); ``names``: one name per image (None: ``#i``). A ``ValueError`` names the
-    argument that does not fit."""
+    uint8, or float in [0, 1]; drawn at their size, shrunk to at most
+    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on the longer side when larger);
+    ``class_names``: one name per class of the network (None: the indices); ``names``: one
+    name per image (None: ``#i``); ``progress``: a bar on stderr while the figures are drawn
+    (default: False). A ``ValueError`` names the argument that does not fit."""
     from captum_ext.viz.overlay import save_png
-    from captum_ext.viz.report import Section, Table, _display_array
+    from captum_ext.viz.report import Section, Table, _display_array, _for_figure, _progress_bar
 
     n = summary.feed_forward.shape[0]
     shown = _display_array(display_images, n, _display_size(display_images))
@@ -170,18 +173,22 @@ def render_introspection(
     section.add_row("Summary", [], table=table, per_image=False)
     folder = Path(out_dir) / "images" / "introspection"
     folder.mkdir(parents=True, exist_ok=True)
-    for i in summary.order[:SHOWN_IMAGES].tolist():
-        label = f"{_image_name(names, i)}: feed-forward "
-        label += f"{name_of(summary.feed_forward[i])} "
-        label += f"({float(summary.feed_forward_confidence[i]):.1%}), introspective "
-        label += f"{name_of(summary.introspective[i])} "
-        label += f"({float(summary.introspective_confidence[i]):.1%})"
-        if bool(disagree[i]):
-            label += "; they disagree"
-        if known and int(summary.labels[i]) >= 0:
-            label += f"; true class {name_of(summary.labels[i])}"
-        row = section.add_row(label)
-        row.add_figure("Input", save_png(shown[i], folder / f"{i:05d}_input.png"))
+    pictured = summary.order[:SHOWN_IMAGES].tolist()
+    with _progress_bar(len(pictured), "drawing introspection figures", progress) as bar:
+        for i in pictured:
+            label = f"{_image_name(names, i)}: feed-forward "
+            label += f"{name_of(summary.feed_forward[i])} "
+            label += f"({float(summary.feed_forward_confidence[i]):.1%}), introspective "
+            label += f"{name_of(summary.introspective[i])} "
+            label += f"({float(summary.introspective_confidence[i]):.1%})"
+            if bool(disagree[i]):
+                label += "; they disagree"
+            if known and int(summary.labels[i]) >= 0:
+                label += f"; true class {name_of(summary.labels[i])}"
+            row = section.add_row(label)
+            (image,) = _for_figure(shown[i])
+            row.add_figure("Input", save_png(image, folder / f"{i:05d}_input.png"))
+            bar.update(1)
     return section
 
 
@@ -195,6 +202,7 @@ def introspection_section(
     labels: Any = None,
     names: Any = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> Any:
     """:func:`compute_introspection` then :func:`render_introspection` (the report section).
 
@@ -202,7 +210,8 @@ def introspection_section(
     ``display_images`` must hold the N images (at any size: thumbnails larger or smaller
     than ``images`` are drawn at their own size, as :func:`render_introspection` draws
     them), ``labels`` and ``names`` one entry per image (``class_names`` is checked against
-    the network's number of classes, which its predictions give)."""
+    the network's number of classes, which its predictions give). ``progress``: a bar on
+    stderr while the figures are drawn (default: False)."""
     from captum_ext.viz.report import _check_batch_size, _display_array
 
     images = _check_images(images)
@@ -212,4 +221,6 @@ def introspection_section(
     shown = _display_array(display_images, n, _display_size(display_images))
     labels = _check_names_labels(names, labels, n)
     summary = compute_introspection(network, images, labels=labels, batch_size=batch_size)
-    return render_introspection(summary, shown, out_dir, class_names=class_names, names=names)
+    return render_introspection(
+        summary, shown, out_dir, class_names=class_names, names=names, progress=progress
+    )

@@ -57,8 +57,10 @@ from .report import (
     Table,
     _check_batch_size,
     _display_array,
+    _for_figure,
     _model_device,
     _probabilities,
+    _progress_bar,
 )
 
 __all__ = [
@@ -79,19 +81,30 @@ _CIRCUIT_HEIGHT = 220
 _LEFT_OUT_GREY = 128
 
 
+def _kept_share(mask: np.ndarray) -> np.ndarray:
+    """H x W x 1: the share of each pixel that ``mask`` keeps, clipped to [0, 1]: 1 or 0 for
+    a 0 / 1 mask at the image's size, a share between them for one shrunk with its image by
+    :func:`~captum_ext.viz.report._for_figure`."""
+    return np.clip(np.asarray(mask, dtype=np.float64), 0.0, 1.0)[:, :, None]
+
+
 def _mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image in grey with the kept pixels tinted red."""
+    """The image in grey with the kept pixels tinted red (``mask``: see :func:`_kept_share`)."""
     rgb = to_uint8_rgb(image).astype(np.float64) / 255.0
     grey = rgb.mean(axis=2, keepdims=True).repeat(3, axis=2)
     red = np.array([1.0, 0.1, 0.1])
-    tinted = np.where(mask[:, :, None] > 0, 0.45 * grey + 0.55 * red, 0.6 * grey)
+    kept = _kept_share(mask)
+    tinted = kept * (0.45 * grey + 0.55 * red) + (1.0 - kept) * (0.6 * grey)
     return (255 * tinted.clip(0, 1)).round().astype(np.uint8)
 
 
 def _kept_pixels(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The kept pixels of the image on a mid-grey background (the left-out pixels)."""
-    rgb = to_uint8_rgb(image)
-    return np.where(mask[:, :, None] > 0, rgb, np.uint8(_LEFT_OUT_GREY)).astype(np.uint8)
+    """The kept pixels of the image on a mid-grey background (the left-out pixels);
+    ``mask``: see :func:`_kept_share`."""
+    rgb = to_uint8_rgb(image).astype(np.float64)
+    kept = _kept_share(mask)
+    blended = kept * rgb + (1.0 - kept) * float(_LEFT_OUT_GREY)
+    return blended.round().clip(0, 255).astype(np.uint8)
 
 
 def _save_circuit(graph: Any, title: str, path: Path) -> Path:
@@ -204,7 +217,9 @@ def minimal_mask_section(
         seed=seed,
         progress=progress,
     )
-    return render_minimal_mask(data, shown, out_dir, labels=labels, names=names, title=title)
+    return render_minimal_mask(
+        data, shown, out_dir, labels=labels, names=names, title=title, progress=progress
+    )
 
 
 def _check_arguments(
@@ -367,10 +382,14 @@ def render_minimal_mask(
     labels: Sequence[Any] | Tensor | None = None,
     names: Sequence[str] | None = None,
     title: str = "What is the least this image needs? (minimal masks and circuits)",
+    progress: bool = False,
 ) -> Section:
     """Draw :func:`compute_minimal_mask`'s masks over ``display_images`` (the images in
     [0, 1], N x H x W x C or a tensor) and its circuits into ``out_dir/images/masks/`` and
-    return the Section (rows as in :func:`minimal_mask_section`)."""
+    return the Section (rows as in :func:`minimal_mask_section`). Images larger than the page
+    shows them are drawn shrunk to at most :data:`~captum_ext.viz.report.FIGURE_PIXELS` on
+    their longer side, with their masks. ``progress``: a bar on stderr while the figures are
+    drawn. Default: False."""
     n = data.mask.shape[0]
     shown = _display_array(display_images, n, data.mask.shape[1:])
     labels = _check_names_labels(names, labels, n)
@@ -478,29 +497,34 @@ def render_minimal_mask(
             )
         section.add_row("Circuits", table=shared)
 
-    for i in range(n):
-        y = target[i]
-        stem = folder / f"{i:05d}"
-        figures: list[Any] = [
-            ("Input", save_png(shown[i], f"{stem}_input.png")),
-            (
-                f"Mask: {100 * active[i]:.1f}% of the pixels",
-                save_png(_mask_overlay(shown[i], mask[i]), f"{stem}_mask.png"),
-            ),
-            (
-                f"Kept pixels (grey: left out): {class_names[y]} at {kept_confidence[i]:.1%} "
-                f"({'same class' if agreement[i] else 'class changed'})",
-                save_png(_kept_pixels(shown[i], mask[i]), f"{stem}_kept.png"),
-            ),
-        ]
-        figures += circuit_figures.get(i, [])
-        name = str(names[i]) if names is not None else f"#{i}"
-        label = (
-            f"{name}: predicted {class_names[y]} ({confidence[i]:.1%}); sufficiency "
-            f"{sufficiency[i]:.0%}, necessity {necessity[i]:.2f}"
-        )
-        if truth[i] is not None:
-            verdict = "correct" if correct[i] else "wrong"
-            label += f"; true class {class_names[truth[i]]} ({verdict})"
-        section.add_row(label, figures)
+    with _progress_bar(n, "drawing masks figures", progress) as bar:
+        for i in range(n):
+            y = target[i]
+            stem = folder / f"{i:05d}"
+            # a pixel is kept where the mask is above 0; shrunk, the share of it that is kept
+            image, kept = _for_figure(shown[i], (mask[i] > 0).astype(np.float32))
+            figures: list[Any] = [
+                ("Input", save_png(image, f"{stem}_input.png")),
+                (
+                    f"Mask: {100 * active[i]:.1f}% of the pixels",
+                    save_png(_mask_overlay(image, kept), f"{stem}_mask.png"),
+                ),
+                (
+                    f"Kept pixels (grey: left out): {class_names[y]} at "
+                    f"{kept_confidence[i]:.1%} "
+                    f"({'same class' if agreement[i] else 'class changed'})",
+                    save_png(_kept_pixels(image, kept), f"{stem}_kept.png"),
+                ),
+            ]
+            figures += circuit_figures.get(i, [])
+            name = str(names[i]) if names is not None else f"#{i}"
+            label = (
+                f"{name}: predicted {class_names[y]} ({confidence[i]:.1%}); sufficiency "
+                f"{sufficiency[i]:.0%}, necessity {necessity[i]:.2f}"
+            )
+            if truth[i] is not None:
+                verdict = "correct" if correct[i] else "wrong"
+                label += f"; true class {class_names[truth[i]]} ({verdict})"
+            section.add_row(label, figures)
+            bar.update(1)
     return section

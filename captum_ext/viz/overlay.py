@@ -259,7 +259,7 @@ def save_png(array: Any, path: str | os.PathLike) -> Path:
     rgb = to_uint8_rgb(array, "array")
     from captum_ext._utils.training import atomic_path
 
-    target = Path(path)
+    target = record_written(Path(path))  # noted first: a run killed while writing left it
     with atomic_path(target) as temp:  # never a truncated PNG where a figure was
         Image.fromarray(rgb).save(temp, format="PNG")
-    return record_written(target)
+    return target

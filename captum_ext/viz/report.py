@@ -60,6 +60,12 @@ __all__ = [
 _FIGURE_WIDTH = 168  # CSS pixels per figure in the page
 _TEMPLATE = "report.html.j2"
 
+#: the longest side, in pixels, of an image or map drawn as a figure: twice the width the page
+#: shows it (sharp on screens with two pixels per CSS pixel). Larger images are shrunk to it
+#: before they are drawn: a 1600 x 1200 photo made 3 MB PNGs, and took seconds per figure, to
+#: be shown 168 px wide. The page links to no larger view.
+FIGURE_PIXELS = 2 * _FIGURE_WIDTH
+
 
 #: width in the page (CSS pixels) of a section's colour bar
 _COLORBAR_WIDTH = 320
@@ -257,7 +263,8 @@ class Report:
         ``out_dir/images/.captum-ext-figures``; writing a report again into the same folder
         deletes the figures the previous report listed there and the new one no longer
         uses (e.g. after a run on fewer images), and only those: nothing else in
-        ``out_dir`` is ever deleted.
+        ``out_dir`` is ever deleted. A report run that was stopped part-way has listed there
+        the figures it wrote (:func:`figure_noter`), which are removed the same way.
 
         Raises:
             FileNotFoundError: a figure's PNG does not exist.
@@ -393,6 +400,46 @@ def _write_manifest(images: Path, paths: Iterable[str]) -> None:
         temporary.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
 
 
+def figure_noter(out_dir: str | os.PathLike) -> Callable[[str | os.PathLike], None]:
+    """A function that adds the path of a figure about to be written under
+    ``out_dir/images`` to the list in ``out_dir/images/.captum-ext-figures``, at once (a
+    line appended), so that a report run killed at any point (SIGTERM, SIGKILL, out of
+    memory) has listed every figure it wrote, and the next report written into ``out_dir``
+    removes those it does not use (see :meth:`Report.write`). Paths outside
+    ``out_dir/images`` and paths already listed are skipped; a list that cannot be written
+    (a full disk) is left as it is, the figure's own write then fails with its error. Give
+    it to :func:`captum_ext.viz._figures.recording_figures` as ``on_write``."""
+    out = Path(out_dir).resolve()
+    images = out / "images"
+    listed = set(_read_manifest(images))
+    manifest = images / _MANIFEST
+    try:  # a list edited by hand may lack its last line break
+        with manifest.open("rb") as file:
+            file.seek(-1, os.SEEK_END)
+            line_break = file.read(1) != b"\n"
+    except OSError:  # none yet, or empty
+        line_break = False
+
+    def note(path: str | os.PathLike) -> None:
+        nonlocal line_break
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(images):
+            return
+        relative = resolved.relative_to(out).as_posix()
+        if relative in listed or "\n" in relative or "\r" in relative:
+            return
+        try:
+            images.mkdir(parents=True, exist_ok=True)
+            with manifest.open("a", encoding="utf-8") as file:
+                file.write(("\n" if line_break else "") + relative + "\n")
+        except (OSError, UnicodeEncodeError):
+            return
+        line_break = False
+        listed.add(relative)
+
+    return note
+
+
 def list_written_figures(out_dir: str | os.PathLike, written: Iterable[str | os.PathLike]) -> None:
     """Add the figures of a report run that failed part-way (``written``: the PNG files it
     wrote, see :func:`captum_ext.viz._figures.recording_figures`) to the list in
@@ -479,6 +526,65 @@ def _display_array(display_images: Any, n: int, size: tuple[int, int]) -> np.nda
     return array
 
 
+def _figure_shape(height: int, width: int) -> tuple[int, int]:
+    """The size (H, W) at which an ``height x width`` image is drawn as a figure: shrunk,
+    keeping its aspect ratio, so that its longer side is at most :data:`FIGURE_PIXELS`;
+    never enlarged (a small image is drawn at its size, and the page scales it up)."""
+    longest = max(height, width)
+    if longest <= FIGURE_PIXELS:
+        return height, width
+    scale = FIGURE_PIXELS / longest
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _shrunk(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An H x W or H x W x C array resized to ``size`` by area averaging (each pixel the mean
+    of the pixels it covers, so values stay within their range and a thin line fades rather
+    than vanishing); uint8 stays uint8 (rounded), other arrays come back as float32."""
+    values = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    planes = values.permute(2, 0, 1) if values.dim() == 3 else values[None]
+    resized = torch.nn.functional.interpolate(planes[None], size=size, mode="area")[0]
+    resized = resized.permute(1, 2, 0) if values.dim() == 3 else resized[0]
+    out = resized.numpy()
+    if array.dtype == np.uint8:
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return out
+
+
+def _for_figure(image: np.ndarray, *maps: Any) -> tuple[np.ndarray, ...]:
+    """``image`` and ``maps`` at the size they are drawn in the report, shrunk together.
+
+    Every section draws its images and maps through here, before overlaying them: an image
+    whose longer side is over :data:`FIGURE_PIXELS` (the page shows figures
+    ``_FIGURE_WIDTH`` CSS pixels wide) is shrunk to it, keeping its aspect ratio, by area
+    averaging; smaller ones are returned as they are.
+
+    Args:
+        image (numpy.ndarray): one image of :func:`_display_array`, H x W x C, uint8 or float
+            in [0, 1].
+        maps (numpy.ndarray): H x W maps in [0, 1] (heat maps, or 0 / 1 masks), read as
+            :func:`~captum_ext.viz.overlay.overlay` reads them: NaN as 0, values outside
+            [0, 1] clipped. Shrunk, a 0 / 1 mask gives the share of each pixel it covers.
+
+    Returns:
+        tuple: the image, then each map, all of the same height and width.
+    """
+    height, width = image.shape[:2]
+    size = _figure_shape(height, width)
+    if size == (height, width):
+        return (image, *maps)
+    shrunk_maps = []
+    for heat in maps:
+        heat = np.asarray(heat, dtype=np.float32)
+        if heat.shape != (height, width):
+            raise ValueError(
+                f"a map is {heat.shape[0]} x {heat.shape[1]} but its image is {height} x {width}."
+            )
+        heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        shrunk_maps.append(_shrunk(heat, size))
+    return (_shrunk(image, size), *shrunk_maps)
+
+
 def _model_device(model: Any, images: Tensor) -> torch.device:
     module = root_module(model)
     if module is not None:
@@ -526,10 +632,11 @@ class _NoProgress:
         pass
 
 
-def _progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm bar over images on stderr, a few plain lines when stderr is not a terminal
-    (see :func:`captum_ext._utils.training.progress_bar`), or an object that does nothing."""
-    bar = progress_bar(total, enabled, desc=description, unit="image")
+def _progress_bar(total: int, description: str, enabled: bool, unit: str = "image"):
+    """A tqdm bar over images (or ``unit``) on stderr, a few plain lines when stderr is not a
+    terminal (see :func:`captum_ext._utils.training.progress_bar`), or an object that does
+    nothing."""
+    bar = progress_bar(total, enabled, desc=description, unit=unit)
     return _NoProgress() if bar is None else bar
 
 
@@ -643,7 +750,15 @@ def contrastive_section(
         model, layer, images, class_names=class_names, batch_size=batch_size, progress=progress
     )
     return render_contrastive(
-        data, shown, out_dir, labels=labels, names=names, alpha=alpha, cmap=cmap, title=title
+        data,
+        shown,
+        out_dir,
+        labels=labels,
+        names=names,
+        alpha=alpha,
+        cmap=cmap,
+        title=title,
+        progress=progress,
     )
 
 
@@ -779,9 +894,14 @@ def render_contrastive(
     alpha: float = 0.5,
     cmap: str = DEFAULT_CMAP,
     title: str = "Contrastive explanations",
+    progress: bool = False,
 ) -> Section:
     """Draw :func:`compute_contrastive`'s maps over ``display_images`` (N x H x W x C in
-    [0, 1], or a tensor) into ``out_dir/images/contrastive/`` and return the Section."""
+    [0, 1], or a tensor) into ``out_dir/images/contrastive/`` and return the Section.
+
+    Images larger than the page shows them are drawn shrunk to at most
+    :data:`FIGURE_PIXELS` on their longer side. ``progress``: a bar on stderr while the
+    figures are drawn. Default: False."""
     _check_overlay_options(alpha, cmap, "render_contrastive()")
     n = data.probabilities.shape[0]
     size = next(iter(data.maps.values())).shape[1:]
@@ -822,34 +942,38 @@ def render_contrastive(
     section.add_row(
         "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
     )
-    for i in range(n):
-        p, q = int(data.predicted[i]), int(data.runner_up[i])
-        name_p, name_q = class_names[p], class_names[q]
-        label = f"{names[i] if names is not None else f'#{i}'}: predicted {name_p} "
-        label += f"({float(data.probabilities[i, p]):.1%}), runner-up {name_q} "
-        label += f"({float(data.probabilities[i, q]):.1%})"
-        true = _true_class(labels, i, class_names)
-        if true is not None:
-            verdict = "correct" if true == p else "wrong"
-            label += f"; true class {class_names[true]} ({verdict})"
-        row = section.add_row(label)
-        stem = folder / f"{i:05d}"
-        row.add_figure("Input", save_png(shown[i], f"{stem}_input.png"))
-        captions = {
-            "gradcam": f"Grad-CAM: Why {name_p}?",
-            "contrast": f"ContrastCAM: Why {name_p}, rather than {name_q}?",
-            "counterfactual": f"CounterfactualCAM: What if not {name_p}?",
-            "finer": f"Finer-CAM: What sets {name_p} apart from its look-alikes?",
-        }
-        if data.compared is not None:
-            looks = ", ".join(class_names[int(c)] for c in data.compared[i])
-            captions["finer"] = f"Finer-CAM: What sets {name_p} apart from {looks}?"
-        for kind in (k for k in _MAP_KINDS if k in data.maps):
-            caption, heat = captions[kind], data.maps[kind][i]
-            if not heat.any():
-                caption += " (empty)"
-            picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
-            row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
+    kinds = [k for k in _MAP_KINDS if k in data.maps]
+    with _progress_bar(n, "drawing contrastive figures", progress) as bar:
+        for i in range(n):
+            p, q = int(data.predicted[i]), int(data.runner_up[i])
+            name_p, name_q = class_names[p], class_names[q]
+            label = f"{names[i] if names is not None else f'#{i}'}: predicted {name_p} "
+            label += f"({float(data.probabilities[i, p]):.1%}), runner-up {name_q} "
+            label += f"({float(data.probabilities[i, q]):.1%})"
+            true = _true_class(labels, i, class_names)
+            if true is not None:
+                verdict = "correct" if true == p else "wrong"
+                label += f"; true class {class_names[true]} ({verdict})"
+            row = section.add_row(label)
+            stem = folder / f"{i:05d}"
+            image, *heats = _for_figure(shown[i], *(data.maps[kind][i] for kind in kinds))
+            row.add_figure("Input", save_png(image, f"{stem}_input.png"))
+            captions = {
+                "gradcam": f"Grad-CAM: Why {name_p}?",
+                "contrast": f"ContrastCAM: Why {name_p}, rather than {name_q}?",
+                "counterfactual": f"CounterfactualCAM: What if not {name_p}?",
+                "finer": f"Finer-CAM: What sets {name_p} apart from its look-alikes?",
+            }
+            if data.compared is not None:
+                looks = ", ".join(class_names[int(c)] for c in data.compared[i])
+                captions["finer"] = f"Finer-CAM: What sets {name_p} apart from {looks}?"
+            for kind, heat in zip(kinds, heats, strict=True):
+                caption = captions[kind]
+                if not data.maps[kind][i].any():  # the map itself, not its shrunk picture
+                    caption += " (empty)"
+                picture = overlay(image, heat, alpha=alpha, cmap=cmap)
+                row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
+            bar.update(1)
     return section
 
 

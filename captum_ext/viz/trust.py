@@ -66,10 +66,12 @@ from .report import (
     Table,
     _check_batch_size,
     _display_array,
+    _for_figure,
     _layer_name,
     _model_device,
     _predicted_and_runner_up,
     _probabilities,
+    _progress_bar,
 )
 
 __all__ = ["TrustData", "compute_trust", "render_trust", "trust_section"]
@@ -123,22 +125,30 @@ def _runnable_scores(
     probe: Tensor,
     names: list[str],
     score_kwargs: Mapping[str, Mapping[str, Any]] | None,
+    progress: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
-    """The scores that run on this model (tried on a couple of images) and, for the optional
-    ones that do not, the first line of their error, so that the section can say so instead
-    of failing as a whole. GradTrust and softmax confidence must run."""
+    """The scores that run on this model (tried on ``probe``, two images: with one, a model
+    that returns log-probabilities cannot be told from one whose logits happen to have a
+    log-sum-exp near 0, so energy and purview would pass here and fail on the whole set)
+    and, for the optional ones that do not, the first line of their error, so that the
+    section can say so instead of failing as a whole. GradTrust and softmax confidence must
+    run. ``progress``: a bar over the scores on stderr (on large images every score takes
+    seconds here)."""
     from captum_ext.metrics import TRUST_SCORES
 
     runnable, failed = [], {}
-    for name in names:
-        try:
-            TRUST_SCORES[name](module, probe, **dict((score_kwargs or {}).get(name, {})))
-        except (ValueError, TypeError) as error:
-            if name in _REQUIRED:
-                raise
-            failed[name] = str(error).strip().splitlines()[0]
-        else:
-            runnable.append(name)
+    description = f"checking which trust scores run (on {probe.shape[0]} images)"
+    with _progress_bar(len(names), description, progress, unit="score") as bar:
+        for name in names:
+            try:
+                TRUST_SCORES[name](module, probe, **dict((score_kwargs or {}).get(name, {})))
+            except (ValueError, TypeError) as error:
+                if name in _REQUIRED:
+                    raise
+                failed[name] = str(error).strip().splitlines()[0]
+            else:
+                runnable.append(name)
+            bar.update(1)
     return runnable, failed
 
 
@@ -381,7 +391,16 @@ def trust_section(
         least_trusted=least_trusted,
         progress=progress,
     )
-    return render_trust(data, shown, out_dir, names=names, alpha=alpha, cmap=cmap, title=title)
+    return render_trust(
+        data,
+        shown,
+        out_dir,
+        names=names,
+        alpha=alpha,
+        cmap=cmap,
+        title=title,
+        progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -516,19 +535,34 @@ def compute_trust(
     # a seeded mc_dropout: a report does not depend on what the process drew before it
     score_kwargs = dict(score_kwargs or {})
     score_kwargs["mc_dropout"] = {"generator": 0, **score_kwargs.get("mc_dropout", {})}
-    runnable, failed = _runnable_scores(owner, images[:2].to(device), score_names, score_kwargs)
-    kwargs = {k: v for k, v in score_kwargs.items() if k in runnable}
-    table = score_dataset(
-        owner,
-        # its own generator: iterating a loader draws a base seed from the global one
-        DataLoader(
-            TensorDataset(images, label_column), batch_size=batch_size, generator=torch.Generator()
-        ),
-        runnable,
-        device=device,
-        progress=progress,
-        score_kwargs=kwargs,
-    )
+
+    def scored(names: list[str]) -> Any:
+        return score_dataset(
+            owner,
+            # its own generator: iterating a loader draws a base seed from the global one
+            DataLoader(
+                TensorDataset(images, label_column),
+                batch_size=batch_size,
+                generator=torch.Generator(),
+            ),
+            names,
+            device=device,
+            progress=progress,
+            score_kwargs={k: v for k, v in score_kwargs.items() if k in names},
+        )
+
+    runnable, failed = score_names, {}
+    try:
+        table = scored(runnable)
+    except (ValueError, TypeError):
+        # an optional score that cannot run on this model (tried only now: on large images
+        # trying every score first took a third of the section): leave it out, say why
+        runnable, failed = _runnable_scores(
+            owner, images[:2].to(device), score_names, score_kwargs, progress
+        )
+        if not failed:  # not a score's failure: the error as it is
+            raise
+        table = scored(runnable)
 
     unranked: dict[str, str] = {}
     areas: dict[str, float] = {}
@@ -602,11 +636,14 @@ def render_trust(
     alpha: float = 0.5,
     cmap: str = DEFAULT_CMAP,
     title: str = "Which predictions can I trust? (GradTrust)",
+    progress: bool = False,
 ) -> Section:
     """Draw :func:`compute_trust`'s numbers into ``out_dir/images/trust/`` and return the
     Section of :func:`trust_section`: the scatter and accuracy-retention plots with the table
     of metrics, then the least-trusted images (from ``display_images``, N x H x W x C in
-    [0, 1] or an N x C x H x W tensor) with their maps."""
+    [0, 1] or an N x C x H x W tensor) with their maps, drawn shrunk to at most
+    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on their longer side when they are larger.
+    ``progress``: a bar on stderr while those are drawn. Default: False."""
     _check_overlay_options(alpha, cmap, "render_trust()")
     table = data.table
     n = len(table)
@@ -705,27 +742,32 @@ def render_trust(
     section.add_row(
         "Colour scale", [Figure("Colour scale of the maps", colour_bar, _COLORBAR_WIDTH)]
     )
-    for rank, i in enumerate(chosen):
-        p, q = int(data.predicted[rank]), int(data.runner_up[rank])
-        name_p, name_q = class_names[p], class_names[q]
-        stem = folder / f"least_trusted_{rank:03d}_{i:05d}"
-        row_figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
-        for kind, caption in (
-            ("gradcam", f"Grad-CAM: Why {name_p}?"),
-            ("contrast", f"ContrastCAM: Why {name_p}, rather than {name_q}?"),
-        ):
-            picture = overlay(shown[i], data.maps[kind][rank], alpha=alpha, cmap=cmap)
-            row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
-        image_name = str(names[i]) if names is not None else f"#{i}"
-        label = (
-            f"{rank + 1}. {image_name}: "
-            f"GradTrust {_format_gradtrust(float(table['gradtrust'][i]))}, "
-            f"predicted {name_p} ({float(data.probabilities[rank, p]):.1%}), runner-up "
-            f"{name_q} ({float(data.probabilities[rank, q]):.1%})"
-        )
-        true = int(table["label"][i])
-        if true >= 0:
-            verdict = "correct" if true == p else "wrong"
-            label += f"; true class {class_names[true]} ({verdict})"
-        section.add_row(label, row_figures)
+    with _progress_bar(len(chosen), "drawing trust figures", progress) as bar:
+        for rank, i in enumerate(chosen):
+            p, q = int(data.predicted[rank]), int(data.runner_up[rank])
+            name_p, name_q = class_names[p], class_names[q]
+            stem = folder / f"least_trusted_{rank:03d}_{i:05d}"
+            image, grad_cam, contrast = _for_figure(
+                shown[i], data.maps["gradcam"][rank], data.maps["contrast"][rank]
+            )
+            row_figures = [("Input", save_png(image, f"{stem}_input.png"))]
+            for kind, heat, caption in (
+                ("gradcam", grad_cam, f"Grad-CAM: Why {name_p}?"),
+                ("contrast", contrast, f"ContrastCAM: Why {name_p}, rather than {name_q}?"),
+            ):
+                picture = overlay(image, heat, alpha=alpha, cmap=cmap)
+                row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
+            image_name = str(names[i]) if names is not None else f"#{i}"
+            label = (
+                f"{rank + 1}. {image_name}: "
+                f"GradTrust {_format_gradtrust(float(table['gradtrust'][i]))}, "
+                f"predicted {name_p} ({float(data.probabilities[rank, p]):.1%}), runner-up "
+                f"{name_q} ({float(data.probabilities[rank, q]):.1%})"
+            )
+            true = int(table["label"][i])
+            if true >= 0:
+                verdict = "correct" if true == p else "wrong"
+                label += f"; true class {class_names[true]} ({verdict})"
+            section.add_row(label, row_figures)
+            bar.update(1)
     return section

@@ -74,6 +74,7 @@ from .report import (
     Table,
     _check_batch_size,
     _display_array,
+    _for_figure,
     _layer_name,
     _model_device,
     _predicted_and_runner_up,
@@ -229,7 +230,15 @@ def voice_section(
         progress=progress,
     )
     return render_voice(
-        data, shown, out_dir, labels=labels, names=names, alpha=alpha, cmap=cmap, title=title
+        data,
+        shown,
+        out_dir,
+        labels=labels,
+        names=names,
+        alpha=alpha,
+        cmap=cmap,
+        title=title,
+        progress=progress,
     )
 
 
@@ -391,6 +400,7 @@ def render_voice(
     alpha: float = 0.5,
     cmap: str = DEFAULT_CMAP,
     title: str = "How uncertain is the explanation? (VOICE)",
+    progress: bool = False,
 ) -> Section:
     r"""Draw :func:`compute_voice`'s maps over ``display_images`` (the images in [0, 1],
     N x C x H x W tensor or N x H x W x C array) into ``out_dir/images/voice/`` and return
@@ -407,6 +417,11 @@ def render_voice(
         alpha (float, optional): heat-map opacity. Default: 0.5.
         cmap (str, optional): matplotlib colormap of the overlays. Default: ``"inferno"``.
         title (str, optional): the section title.
+        progress (bool, optional): a bar on stderr while the figures are drawn. Default:
+            False.
+
+    Images larger than the page shows them are drawn shrunk to at most
+    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on their longer side.
 
     Returns:
         Section: as :func:`voice_section`.
@@ -426,30 +441,34 @@ def render_voice(
     }
     rows: list[tuple[str, list[tuple[str, Path]]]] = []
     correct: list[bool | None] = []
-    for i in range(n):
-        p, q = int(data.prediction[i]), int(data.contrast_class[i])
-        name_p, name_q = class_names[p], class_names[q]
-        true = _true_class(labels, i, class_names)
-        correct.append(None if true is None else true == p)
-        iou, snr, ll = float(data.iou[i]), float(data.snr[i]), float(data.log_likelihood[i])
-        stem = folder / f"{i:05d}"
-        figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
-        captions = {
-            "explanation": f"Explanation (Grad-CAM): Why {name_p}?",
-            "contrast": f"Contrast: Why {name_p}, rather than {name_q}?",
-            "uncertainty": (
-                f"Uncertainty (VOICE, {int(data.n_contrasts[i])} contrasts): IoU {iou:.3f}, "
-                f"SNR {snr:.3f}, log-likelihood {_format_ll(ll)}"
-            ),
-        }
-        for kind, caption in captions.items():
-            heat = maps[kind][i]
-            if not heat.any():
-                caption += " (empty)"
-            picture = overlay(shown[i], heat, alpha=alpha, cmap=cmap)
-            figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
-        label = _row_label(_image_name(names, i), data.probabilities[i], p, q, true, class_names)
-        rows.append((label, figures))
+    with _progress_bar(n, "drawing VOICE figures", progress) as progress_shown:
+        for i in range(n):
+            p, q = int(data.prediction[i]), int(data.contrast_class[i])
+            name_p, name_q = class_names[p], class_names[q]
+            true = _true_class(labels, i, class_names)
+            correct.append(None if true is None else true == p)
+            iou, snr, ll = float(data.iou[i]), float(data.snr[i]), float(data.log_likelihood[i])
+            stem = folder / f"{i:05d}"
+            image, *heats = _for_figure(shown[i], *(maps[kind][i] for kind in maps))
+            figures = [("Input", save_png(image, f"{stem}_input.png"))]
+            captions = {
+                "explanation": f"Explanation (Grad-CAM): Why {name_p}?",
+                "contrast": f"Contrast: Why {name_p}, rather than {name_q}?",
+                "uncertainty": (
+                    f"Uncertainty (VOICE, {int(data.n_contrasts[i])} contrasts): IoU "
+                    f"{iou:.3f}, SNR {snr:.3f}, log-likelihood {_format_ll(ll)}"
+                ),
+            }
+            for (kind, caption), heat in zip(captions.items(), heats, strict=True):
+                if not maps[kind][i].any():  # the map itself, not its shrunk picture
+                    caption += " (empty)"
+                picture = overlay(image, heat, alpha=alpha, cmap=cmap)
+                figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
+            label = _row_label(
+                _image_name(names, i), data.probabilities[i], p, q, true, class_names
+            )
+            rows.append((label, figures))
+            progress_shown.update(1)
 
     if data.contrasts == "all":
         which = "every other class"
@@ -544,12 +563,13 @@ def _first_pixels(heat: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def _mark(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
-    """The image with the pixels of ``mask`` tinted red (opacity ``alpha``)."""
+    """The image with the pixels of ``mask`` tinted red (opacity ``alpha``): a pixel of mask
+    value 1 fully, one of a shrunk mask (the share of it that is marked) in proportion."""
     alpha = _check_alpha(alpha)
     rgb = to_uint8_rgb(image, "display_images").astype(np.float64) / 255.0
     red = np.array([1.0, 0.0, 0.0])
-    blend = (1.0 - alpha) * rgb + alpha * red
-    return np.where(mask[:, :, None] > 0, blend, rgb)
+    weight = alpha * np.clip(np.asarray(mask, dtype=np.float64), 0.0, 1.0)[:, :, None]
+    return (1.0 - weight) * rgb + weight * red
 
 
 def _plot_curves(
@@ -689,7 +709,14 @@ def explanation_metrics_section(
         progress=progress,
     )
     return render_explanation_metrics(
-        data, shown, out_dir, labels=labels, names=names, alpha=alpha, title=title
+        data,
+        shown,
+        out_dir,
+        labels=labels,
+        names=names,
+        alpha=alpha,
+        title=title,
+        progress=progress,
     )
 
 
@@ -890,6 +917,7 @@ def render_explanation_metrics(
     names: Sequence[str] | None = None,
     alpha: float = 0.6,
     title: str = "Do the maps point at what the model uses? (deletion and insertion)",
+    progress: bool = False,
 ) -> Section:
     r"""Draw :func:`compute_explanation_metrics`'s numbers into ``out_dir/images/metrics/``
     and return the section of :func:`explanation_metrics_section`: the plot of the mean
@@ -906,6 +934,11 @@ def render_explanation_metrics(
         names (Sequence[str], optional): a name per image. Default: ``#i``.
         alpha (float, optional): opacity of the red marking the deleted pixels. Default: 0.6.
         title (str, optional): the section title.
+        progress (bool, optional): a bar on stderr while the example figures are drawn.
+            Default: False.
+
+    Example images larger than the page shows them are drawn shrunk to at most
+    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on their longer side.
 
     Returns:
         Section: as :func:`explanation_metrics_section`.
@@ -998,22 +1031,28 @@ def render_explanation_metrics(
     section.add_row("Per image", table=per_image)
 
     if shown is not None:
-        for i in range(min(data.maps["gradcam"].shape[0], n)):
-            stem = folder / f"{i:05d}"
-            figures = [("Input", save_png(shown[i], f"{stem}_input.png"))]
-            for kind in _METHODS:
-                mask = _first_pixels(data.maps[kind][i], _EXAMPLE_FRACTION)
-                picture = _mark(shown[i], mask, alpha)
-                caption = (
-                    f"{_METHOD_NAMES[kind]}: first {_EXAMPLE_FRACTION:.0%} deleted; "
-                    f"deletion AUC {auc['deletion'][kind][i]:.3f}, "
-                    f"insertion AUC {auc['insertion'][kind][i]:.3f}"
+        examples = min(data.maps["gradcam"].shape[0], n)
+        with _progress_bar(examples, "drawing metrics figures", progress) as progress_shown:
+            for i in range(examples):
+                stem = folder / f"{i:05d}"
+                # the pixels deleted first are chosen on the full map, then shrunk with the
+                # image (a shrunk mask gives the share of each pixel that is deleted)
+                masks = [_first_pixels(data.maps[kind][i], _EXAMPLE_FRACTION) for kind in _METHODS]
+                image, *masks = _for_figure(shown[i], *masks)
+                figures = [("Input", save_png(image, f"{stem}_input.png"))]
+                for kind, mask in zip(_METHODS, masks, strict=True):
+                    picture = _mark(image, mask, alpha)
+                    caption = (
+                        f"{_METHOD_NAMES[kind]}: first {_EXAMPLE_FRACTION:.0%} deleted; "
+                        f"deletion AUC {auc['deletion'][kind][i]:.3f}, "
+                        f"insertion AUC {auc['insertion'][kind][i]:.3f}"
+                    )
+                    figures.append((caption, save_png(picture, f"{stem}_{kind}_first.png")))
+                p = int(data.predicted[i])
+                section.add_row(
+                    f"Example {_image_name(names, i)} (predicted {class_names[p]}): the pixels "
+                    f"each map deletes first (red)",
+                    figures,
                 )
-                figures.append((caption, save_png(picture, f"{stem}_{kind}_first.png")))
-            p = int(data.predicted[i])
-            section.add_row(
-                f"Example {_image_name(names, i)} (predicted {class_names[p]}): the pixels "
-                f"each map deletes first (red)",
-                figures,
-            )
+                progress_shown.update(1)
     return section
