@@ -11,8 +11,10 @@ process on the same (image, removal mask) pairs:
   image (a stricter baseline than the pipelines themselves).
 
 ``captum_ext.metrics.road_imputation`` solves every image and step of a batch at once:
-``auto`` (on the CPU: a whole-grid Cholesky, ``block`` up to 40 px wide, ``nested`` above, for
-dense masks and compact holes, ``direct`` for the others), ``direct`` (one sparse LU of the
+``auto`` (on the CPU: ``multigrid`` for images of at least 56 x 56 pixels; below, a whole-grid
+Cholesky, ``block`` up to 40 px wide, ``nested`` above, for dense masks and compact holes,
+``direct`` for the others), ``multigrid`` (multigrid-preconditioned CG, iterative: about 1e-7
+from the exact solvers), ``direct`` (one sparse LU of the
 block-diagonal system), ``nested`` (batched nested-dissection Cholesky on the whole pixel grid),
 ``nested_mixed`` (the same factorised in float32, float64 accuracy recovered by iterative
 refinement; not used by ``auto``), ``block`` (batched block-tridiagonal Cholesky, 28 px only).
@@ -154,7 +156,8 @@ def run(
     ours_rows = ours_images * repeats
     scale = systems / ours_rows
     result = {"images": n, "channels": channels, "size": size, "maps": kind, "systems": systems}
-    solvers = ["auto", "direct", "nested", "nested_mixed"] + (["block"] if size <= 64 else [])
+    solvers = ["auto", "direct", "nested", "nested_mixed", "multigrid"]
+    solvers += ["block"] if size <= 64 else []
     ours = {}
 
     def impute(solver: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

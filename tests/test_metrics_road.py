@@ -819,3 +819,23 @@ def test_fractions_given_as_a_tensor_are_taken_as_a_list_is():
     assert drop.shape == (2, 1)
     with pytest.raises(ValueError, match="`percentages` must be 1-D"):
         road(model, x, maps, target=0, percentages=torch.tensor([[0.2, 0.6]]))
+
+
+def test_a_numpy_imputer_returning_float64_is_read_in_the_images_dtype(oracle):
+    """A callable imputer written with numpy returns float64 (or CPU) arrays turned into
+    tensors: the model reads them in the images' dtype, and a non-float result is refused
+    by name (it reached the model as "Input type (double) and bias type (float)")."""
+    model = _softmax_model(oracle)
+    maps = torch.arange(144.0).view(1, 1, 12, 12).expand(8, 1, 12, 12)
+
+    def numpy_mean(images, removed):
+        x, m = images.numpy().astype(np.float64), removed.numpy()
+        return torch.from_numpy(np.where(m, x.mean(axis=(2, 3), keepdims=True), x))
+
+    by_numpy = completeness(model, oracle.inputs, maps, target=oracle.target, imputer=numpy_mean)
+    by_mean = completeness(model, oracle.inputs, maps, target=oracle.target, imputer="mean")
+    torch.testing.assert_close(by_numpy.drop, by_mean.drop, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="`imputer` must return floating-point"):
+        completeness(
+            model, oracle.inputs, maps, target=oracle.target, imputer=lambda x, m: m.expand_as(x)
+        )
