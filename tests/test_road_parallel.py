@@ -188,3 +188,41 @@ def test_after_a_failure_the_parts_not_started_are_dropped(monkeypatch):
     with pytest.raises(RuntimeError, match="part 0 failed"):
         module._run_tasks(tasks, 2)
     assert 1 in ran and len(ran) <= 2  # part 1 and at most the one taken right after the failure
+
+
+def test_threads_started_after_the_solvers_keep_the_callers_thread_count(three_threads):
+    """torch starts each new thread with the thread count set last anywhere in the process:
+    the workers' one thread stuck to every thread the caller started later."""
+    images, removed = _batch(3)
+    road_imputation(images, removed, noise=0.0, solver="nested")
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [3]
+
+
+def test_threads_asking_for_one_plan_at_once_build_it_once(monkeypatch):
+    """The nested-dissection plan (about 90 MB at 224 px) is built once when several threads
+    miss the cache together, not once per thread."""
+    builds = []
+    build = module._built_nested_plan.__wrapped__
+    gate = threading.Barrier(3)
+
+    def counted(h, w, leaf):
+        builds.append((h, w, leaf))
+        return build(h, w, leaf)
+
+    cached = __import__("functools").lru_cache(maxsize=4)(counted)
+    monkeypatch.setattr(module, "_built_nested_plan", cached)
+
+    def ask():
+        gate.wait()
+        module._nested_plan(23, 19, module._NESTED_LEAF)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [(23, 19, module._NESTED_LEAF)]

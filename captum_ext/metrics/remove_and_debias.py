@@ -29,6 +29,7 @@ is built (and the nested factorisation for any image they leave unconverged).
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -340,8 +341,18 @@ def _gathers(parts: dict, bases: dict, size: int, zero: int) -> tuple[Tensor, Te
     )
 
 
-@functools.lru_cache(maxsize=4)  # about 100 MB of indices for 224 x 224
+_PLAN_LOCK = threading.Lock()
+
+
 def _nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
+    """:func:`_built_nested_plan`, built once however many threads ask for it at once (each
+    thread built its own, about 90 MB and seconds at 224 x 224, before one was cached)."""
+    with _PLAN_LOCK:
+        return _built_nested_plan(h, w, leaf)
+
+
+@functools.lru_cache(maxsize=4)  # about 100 MB of indices for 224 x 224
+def _built_nested_plan(h: int, w: int, leaf: int) -> tuple[_FrontGroup, ...]:
     r"""The symbolic nested-dissection factorisation of the ``h x w`` grid (shared by every
     system on that grid): boxes are split across their longer side by a one-pixel separator
     line (it disconnects the 9-point stencil) until they are at most ``leaf x leaf``. Each box
@@ -847,7 +858,9 @@ def _run_tasks(tasks: list[Callable[[], Tensor]], workers: int) -> list[Tensor]:
     SuperLU (which releases the GIL): several torch threads inside each call mostly wait on one
     another, whole groups of systems on separate threads keep the cores busy (measured in
     ``benchmarks/RESULTS.md``). torch's thread count is per thread under OpenMP, so the
-    caller's own setting is left as it was."""
+    caller's own setting is left as it was; but torch starts every new thread with the count
+    set last anywhere in the process, so the caller's count is set again once the workers are
+    done (threads the caller starts later would otherwise run on one core)."""
     if workers <= 1 or len(tasks) <= 1:
         return [task() for task in tasks]
 
@@ -855,12 +868,14 @@ def _run_tasks(tasks: list[Callable[[], Tensor]], workers: int) -> list[Tensor]:
         torch.set_num_threads(1)
         return task()
 
+    callers_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=min(workers, len(tasks)))
     try:
         futures = [pool.submit(single_threaded, task) for task in tasks]
         return [future.result() for future in futures]
     finally:  # on an error or Ctrl-C the parts not started are dropped, not waited for
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(callers_threads)
 
 
 def road_imputation(
