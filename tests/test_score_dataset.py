@@ -344,3 +344,43 @@ def test_old_scores_name_warns_and_still_works():
     with pytest.warns(DeprecationWarning, match="TRUST_SCORES"):
         old = dataset.SCORES
     assert old is TRUST_SCORES
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """40 examples streamed; ``split``: each DataLoader worker yields its own share."""
+
+    def __init__(self, split: bool) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.rand(40, 1, 8, 8, generator=generator)
+        self.split = split
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rows = range(40)
+        if self.split and info is not None:
+            rows = range(info.id, 40, info.num_workers)
+        return iter(self.x[i] for i in rows)
+
+    def __len__(self) -> int:
+        return 40
+
+
+def _tiny_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+
+
+def test_an_iterable_dataset_yielded_once_per_worker_is_warned_about():
+    """Two workers that do not split the stream yield every example twice: 80 rows for a
+    dataset whose __len__ is 40, which torch's own length warning did not report here."""
+    loader = DataLoader(_Stream(split=False), batch_size=8, num_workers=2)
+    with pytest.warns(RuntimeWarning, match=r"yielded 80 examples but its __len__ says 40"):
+        table = score_dataset(_tiny_classifier(), loader, ["softmax"], progress=False)
+    assert len(table) == 80
+
+
+def test_an_iterable_dataset_split_by_worker_is_scored_without_warning(recwarn):
+    loader = DataLoader(_Stream(split=True), batch_size=8, num_workers=2)
+    table = score_dataset(_tiny_classifier(), loader, ["softmax"], progress=False)
+    assert len(table) == 40
+    assert not [w for w in recwarn if "__len__" in str(w.message)]

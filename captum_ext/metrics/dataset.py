@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import call_model, in_model_precision
 from captum_ext._utils.batches import dict_batch
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.deprecation import moved_names
 from captum_ext._utils.distributed import (
     all_gather_or_raise,
@@ -130,8 +132,8 @@ class ScoreTable:
 
     @property
     def score_names(self) -> tuple[str, ...]:
-        """The score columns: every column but ``index``, ``label``, ``prediction``,
-        ``correct``."""
+        """The names of the score columns (every column but ``index``, ``label``,
+        ``prediction`` and ``correct``)."""
         return tuple(name for name in self._columns if name not in BASE_COLUMNS)
 
     def __len__(self) -> int:
@@ -483,7 +485,10 @@ def score_dataset(
     ``drop_last=True``) a loader with the same ``dataset``, ``collate_fn``, ``num_workers``
     and ``pin_memory`` yielding the consecutive batches ``[0, b), [b, 2b), ...`` (``b`` its
     batch size) is used instead.
-    Iterable-style datasets are scored in the order they yield.
+    Iterable-style datasets are scored in the order they yield; with ``num_workers > 0`` each
+    worker iterates its own copy, so the dataset must split its stream by
+    ``torch.utils.data.get_worker_info()`` (otherwise every example is scored once per worker;
+    a dataset with a ``__len__`` is then warned about).
 
     **torch.distributed.** When a process group is initialised by the caller (e.g. under
     ``torchrun``) with more than one process, *every* process must call ``score_dataset``
@@ -591,7 +596,38 @@ def score_dataset(
     columns = _gather(local, error) if shard is not None else local
     if columns["index"].numel() == 0:
         raise ValueError("the dataset is empty; nothing to score.")
+    if indices is None:
+        _check_iterable_length(dataloader, columns["index"].numel())
     return ScoreTable(columns)
+
+
+def _check_iterable_length(dataloader: Any, rows: int) -> None:
+    """Warn where an iterable-style dataset with a ``__len__`` yielded another number of
+    examples than it says it holds: with ``num_workers > 0`` every worker iterates its own
+    copy of the dataset, so a dataset that does not split its stream by
+    ``torch.utils.data.get_worker_info()`` is yielded once per worker (each example scored
+    ``num_workers`` times), and torch's own length warning does not reach a loop that stops
+    where the loader does."""
+    try:
+        expected = len(dataloader.dataset)
+    except TypeError:
+        return
+    if rows == expected:
+        return
+    workers = getattr(dataloader, "num_workers", 0)
+    cause = (
+        f" With num_workers={workers} every worker iterates its own copy of the dataset: split "
+        "the stream in __iter__ by torch.utils.data.get_worker_info() (worker id and count), "
+        "or use num_workers=0."
+        if workers > 0 and rows > expected
+        else ""
+    )
+    warnings.warn(
+        f"score_dataset: the iterable dataset yielded {rows} examples but its __len__ says "
+        f"{expected}; the table has {rows} rows, in the order they were yielded.{cause}",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _score_shard(
