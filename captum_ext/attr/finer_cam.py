@@ -82,15 +82,59 @@ def finer_scores(
     # gathered from the (N, C) rows themselves: a backward of O(N C k), not of N x C x C
     weights = probability.gather(1, compared).view(n, num_classes, -1)
     others = logits.gather(1, compared).view(n, num_classes, -1)
-    numerator = (weights * (logits[:, :, None] - alpha * others)).sum(dim=2)
+    scaled = alpha * others
+    asked = None
+    if classes is not None:
+        asked = torch.zeros(n, num_classes, dtype=torch.bool, device=logits.device)
+        asked.scatter_(1, classes, True)
+    _refuse_alpha_overflow(alpha, others, scaled, asked)
+    numerator = (weights * (logits[:, :, None] - scaled)).sum(dim=2)
     scores = numerator / (weights.sum(dim=2) + 1e-9)
-    if classes is None:
+    if asked is None:
         return scores
-    asked = torch.zeros(n, num_classes, dtype=torch.bool, device=logits.device)
-    asked.scatter_(1, classes, True)
     # the classes not asked for read NaN, not a score of the wrong comparison set; their
     # zero cotangents pass through `where` as zeros
     return torch.where(asked, scores, torch.full_like(scores, math.nan))
+
+
+def _refuse_alpha_overflow(
+    alpha: float, others: Tensor, scaled: Tensor, asked: Tensor | None
+) -> None:
+    """Refuse, naming ``alpha``, an ``alpha`` whose product ``scaled`` with the finite
+    comparison logits ``others`` (N, C, k) overflows their dtype (every score, and the map,
+    would be NaN); ``asked`` (N, C) restricts it to the classes whose scores are asked for."""
+    overflowed = torch.isfinite(others) & ~torch.isfinite(scaled)
+    if asked is not None:
+        overflowed &= asked[:, :, None]
+    if bool(overflowed.any()):
+        raise ValueError(
+            f"`alpha`={alpha:g} times the comparison classes' logits overflows "
+            f"{scaled.dtype} (the scores and maps would be NaN); use a smaller |alpha| (the "
+            "default is 1.0)."
+        )
+
+
+def _refuse_overflowed_maps(maps: Tensor | tuple[Tensor, ...], inputs: Any, alpha: float) -> None:
+    """Refuse, naming ``alpha``, maps with inf or NaN values computed from finite inputs: a
+    large ``alpha`` whose score is finite can still overflow the gradients in the model's
+    backward pass (alpha=1e36 on a float32 CNN), which makes the maps NaN."""
+    maps_list = maps if isinstance(maps, tuple) else (maps,)
+    bad = sum(int((~torch.isfinite(m)).sum()) for m in maps_list if isinstance(m, Tensor))
+    if not bad:
+        return
+    inputs_list = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not all(
+        bool(torch.isfinite(x).all())
+        for x in inputs_list
+        if isinstance(x, Tensor) and x.is_floating_point()
+    ):
+        return  # non-finite inputs explain it
+    total = sum(m.numel() for m in maps_list if isinstance(m, Tensor))
+    raise ValueError(
+        f"`alpha`={alpha:g}: {bad} of the {total} map values are inf or NaN for finite inputs: "
+        "alpha times the comparison classes' logits overflowed in the gradients through the "
+        "model; use a smaller |alpha| (the default is 1.0)."
+    )
 
 
 #: distances compared at once by :func:`comparison_sets` (N x classes of a chunk x C)
@@ -244,7 +288,7 @@ _FINER_CAM_TARGET_ARG = """
 class FinerCAM(TargetClassCAMBase):
     r"""Finer-CAM: Grad-CAM of P's logit against the classes most similar to it.
 
-    Grad-CAM of the score :math:`s_P` of :func:`finer_scores`: P's logit minus ``alpha``
+    Grad-CAM of the score :math:`s_P` of ``finer_scores``: P's logit minus ``alpha``
     times the logits of the classes whose logits are closest to P's, weighted by their
     probabilities. Where Grad-CAM shows everything that supports P, including what P shares
     with its look-alikes, Finer-CAM keeps what separates P from them (the fine-grained
@@ -284,9 +328,15 @@ class FinerCAM(TargetClassCAMBase):
     Examples::
 
         >>> from captum_ext.attr import FinerCAM
-        >>> maps = FinerCAM(model, "features.7").attribute(images)    # predicted class
+        >>> # Finer-CAM explains a prediction against the classes the model finds closest
+        >>> # to it: explain the digits where those keep some probability (on a near-certain
+        >>> # prediction their maps vanish, and FinerCAM warns)
+        >>> probabilities = model(images).softmax(1)
+        >>> rivals = probabilities.topk(4).values[:, 1:].sum(1)   # the 3 closest other classes
+        >>> similar = images[rivals > 1e-3]                     # 12 of the 40 digits
+        >>> maps = FinerCAM(model, "features.7").attribute(similar)    # predicted class
         >>> maps.shape
-        torch.Size([40, 1, 7, 7])
+        torch.Size([12, 1, 7, 7])
     """
 
     def __init__(
@@ -323,9 +373,12 @@ class FinerCAM(TargetClassCAMBase):
         # engine; a callable selection (the engine's internal form) scores every class.
         token = _EXPLAINING.set(None if callable(classes) else (self, classes))
         try:
-            return super()._maps(inputs, classes, *args, **kwargs)
+            maps = super()._maps(inputs, classes, *args, **kwargs)
         finally:
             _EXPLAINING.reset(token)
+        if abs(self.alpha) > 1:  # else |z_P - alpha z_j| <= 2 max |z|: no overflow of its own
+            _refuse_overflowed_maps(maps, inputs, self.alpha)
+        return maps
 
     @property
     def comparison_positions(self) -> tuple[int, ...] | None:

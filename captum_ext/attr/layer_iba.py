@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from .._utils.precision import precise, precise_dtype
 from .._utils.training import optimiser_step, progress_bar
 from .._utils.validation import (
     OutOfMemoryError,
+    check_flag,
     check_int,
     check_number,
     format_additional_forward_args,
@@ -55,7 +57,7 @@ class _StopForward(Exception):
     needed to collect its activations)."""
 
 
-def upsample_bits(bits: Tensor, size: tuple[int, ...] | torch.Size) -> Tensor:
+def upsample_bits(bits: Tensor, size: int | tuple[int, ...] | torch.Size) -> Tensor:
     r"""Resize (N, K, h, w) maps of bits to (N, K, H, W), keeping each map's total bits.
 
     The map is interpolated bilinearly (``align_corners=False``) and then rescaled so that
@@ -73,14 +75,15 @@ def upsample_bits(bits: Tensor, size: tuple[int, ...] | torch.Size) -> Tensor:
 
     Args:
         bits (Tensor): (N, K, h, w) non-negative maps, e.g. ``LayerIBA.attribute``'s output.
-        size (tuple[int, int]): the target (H, W), e.g. ``inputs.shape[2:]``.
+        size (int or tuple[int, int]): the target (H, W), e.g. ``inputs.shape[2:]``; an
+            int is both sides.
 
     Returns:
         Tensor: (N, K, H, W) maps whose per-map sums equal those of ``bits``.
 
     Examples::
 
-        >>> from captum_ext.attr.layer_iba import upsample_bits
+        >>> from captum_ext.attr import upsample_bits
         >>> small = torch.rand(2, 1, 7, 7)
         >>> big = upsample_bits(small, (28, 28))
         >>> torch.allclose(big.sum((2, 3)), small.sum((2, 3)))
@@ -89,7 +92,17 @@ def upsample_bits(bits: Tensor, size: tuple[int, ...] | torch.Size) -> Tensor:
     if not isinstance(bits, Tensor) or bits.dim() != 4 or not bits.is_floating_point():
         got = tuple(bits.shape) if isinstance(bits, Tensor) else type(bits).__name__
         raise ValueError(f"`bits` must be a floating-point (N, K, h, w) tensor, got {got}.")
-    size = tuple(int(s) for s in size)
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size, size)  # one side for both, as F.interpolate reads an int
+    try:  # integers only: int() would read "28" as (2, 8) and truncate 28.5
+        if isinstance(size, (str, bytes)):
+            raise TypeError
+        size = tuple(operator.index(s) for s in size)
+    except TypeError:
+        raise TypeError(
+            "`size` must be an int or a (height, width) pair of ints, got "
+            f"{type(size).__name__} {size!r}."
+        ) from None
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"`size` must be a (height, width) pair of positive ints, got {size}.")
     up = upsample_maps(bits, size, "bilinear")
@@ -118,6 +131,26 @@ def gaussian_taps(sigma: float) -> tuple[float, ...]:
     coords = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
     taps = torch.exp(-(coords**2) / (2 * sigma**2))
     return tuple((taps / taps.sum()).tolist())
+
+
+def _check_blur_fits(sigma: float, map_size: tuple[int, int]) -> None:
+    """Refuse, naming ``sigma``, a blur whose reflection padding ``round(2 sigma)`` reaches
+    the smaller side of the ``map_size`` maps, from ``sigma`` alone: before
+    :func:`gaussian_taps` builds a kernel of side ``2 round(2 sigma) + 1`` (4e7 taps for
+    sigma=1e7; for sigma=1e300 more than torch can count)."""
+    smallest = min(map_size)
+    # beyond the map's side round(2 sigma) > smallest anyway (and 2 sigma may overflow)
+    if sigma <= smallest and int(round(2 * sigma)) < smallest:
+        return
+    if sigma < 1e15:  # the side as an exact int
+        side = f"side {2 * int(round(2 * sigma)) + 1}"
+    else:
+        about = 4 * sigma
+        side = f"side about {about:.3g}" if math.isfinite(about) else "side about 4 sigma"
+    raise ValueError(
+        f"`sigma`={sigma:g} needs a blur of {side}, too large for the layer's "
+        f"{map_size[0]} x {map_size[1]} maps; use a smaller sigma (or None)."
+    )
 
 
 def smooth_lambda(lam: Tensor, taps: tuple[float, ...] | None) -> Tensor:
@@ -726,7 +759,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 are refused with a ValueError naming ``min_std``.
             post_relu (bool): clamp ``Z`` at 0 (for a layer followed by, or ending in, ReLU).
             inverse (bool): Inverse IBA: ``Z = lambda eps + (1 - lambda) R``, loss negated.
-            loss (None, "cross_entropy", "mse" or Callable): the model loss per noisy copy.
+            loss (str, Callable or None): the model loss per noisy copy.
                 None / "cross_entropy": ``-log softmax(f(Z))[target]``. "mse" (Regression
                 IBA): ``(f(Z)[target] - f(R)[target])^2`` with ``f(R)`` the output on the
                 clean input. A callable gets ``(output, clean_output, target)``: the
@@ -752,7 +785,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 layer's output (tried on the first step; otherwise, and with False, every
                 copy runs through the whole model as in the reference). The maps are the
                 same either way; only the time differs.
-            bottleneck_dtype (torch.dtype or "auto"): the dtype of the bottleneck's own
+            bottleneck_dtype (torch.dtype or str): the dtype of the bottleneck's own
                 arithmetic: ``alpha`` and its Adam state, ``lambda`` and the capacity (the
                 noise and the mix ``Z``, the large tensors, stay in the layer's dtype, so a
                 seed gives the same draws either way). "auto": float64 (float32 on devices
@@ -783,6 +816,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         Example (a vision transformer, its patch tokens folded as for the CAMs)::
 
             >>> from torchvision.models import VisionTransformer
+            >>> from captum_ext.attr import LayerIBA
             >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
             ...                         mlp_dim=32, num_classes=5).eval()
             >>> _ = torch.nn.init.normal_(vit.heads.head.weight)  # a fresh one's head is 0
@@ -803,14 +837,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         init_alpha = check_number(init_alpha, "init_alpha", minimum=None)
         # > 0: a dead feature's std of 0 would divide by zero (all-NaN maps)
         min_std = check_number(min_std, "min_std", minimum=0)
-        for name, flag in (
-            ("post_relu", post_relu),
-            ("inverse", inverse),
-            ("upsample_to_input", upsample_to_input),
-            ("reuse_prefix", reuse_prefix),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}.")
+        # numpy's bools pass too, as plain bools
+        post_relu = check_flag(post_relu, "post_relu")
+        inverse = check_flag(inverse, "inverse")
+        upsample_to_input = check_flag(upsample_to_input, "upsample_to_input")
+        reuse_prefix = check_flag(reuse_prefix, "reuse_prefix")
         if return_type not in RETURN_TYPES:
             raise ValueError(f"`return_type`={return_type!r}: expected one of {RETURN_TYPES}.")
         if loss is None:
@@ -999,14 +1030,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             bottleneck_dtype = precise_dtype(activations.device)
         kernel = None
         if sigma is not None:
+            _check_blur_fits(sigma, tuple(activations.shape[2:]))
             kernel = gaussian_taps(sigma)
-            pad = (len(kernel) - 1) // 2
-            if pad >= min(activations.shape[2:]):
-                raise ValueError(
-                    f"`sigma`={sigma:g} needs a blur of side {len(kernel)}, too large for "
-                    f"the layer's {activations.shape[2]} x {activations.shape[3]} maps; use a "
-                    "smaller sigma (or None)."
-                )
         mean, std, active = self._statistics_for(activations, min_std)
         # the mix Z is formed in the layer's dtype (the model rounds it to that anyway, and
         # the N x n_noise copies are the large tensors); the capacity in bottleneck_dtype

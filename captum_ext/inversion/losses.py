@@ -17,6 +17,7 @@ pixel range, weight-gradient norm, perturbed KL/CE).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,7 @@ def class_cosine_diversity(features: Tensor, labels: Tensor, *, eps: float = 1e-
     Examples::
 
         >>> import torch
-        >>> from captum_ext.inversion.losses import class_cosine_diversity
+        >>> from captum_ext.inversion import class_cosine_diversity
         >>> phi = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
         >>> float(class_cosine_diversity(phi, torch.tensor([0, 0, 1, 2])))
         1.0
@@ -304,6 +305,28 @@ def _check_images(images, argument: str = "images") -> Tensor:
     return images
 
 
+def _check_bound(value, argument: str) -> float | Tensor:
+    """``value`` (a real number, numpy's included, as a float; or a one-element real
+    tensor, as given), after refusing anything else and NaN by name; an infinite bound
+    leaves that side unbounded."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"`{argument}` must be a real number, got a {value.dtype} tensor of shape "
+                f"{tuple(value.shape)}."
+            )
+        bound = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = bound = float(value)
+    else:
+        raise TypeError(
+            f"`{argument}` must be a real number, got {type(value).__name__} {value!r}."
+        )
+    if math.isnan(bound):
+        raise ValueError(f"`{argument}` is NaN; give a real number (or +-inf for no bound).")
+    return value
+
+
 def total_variation(images: Tensor) -> Tensor:
     r"""Squared total variation: mean squared difference of neighbouring pixels.
 
@@ -355,6 +378,8 @@ def pixel_range(images: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
         0.125
     """
     x = _check_images(images)
+    low = _check_bound(low, "low")
+    high = _check_bound(high, "high")
     if not low < high:
         raise ValueError(f"`low` must be smaller than `high`, got {low} and {high}.")
     return _mean_or_zero(F.relu(low - x) ** 2 + F.relu(x - high) ** 2)

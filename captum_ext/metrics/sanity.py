@@ -1,10 +1,10 @@
 r"""Sanity checks for attribution methods (Adebayo et al., NeurIPS 2018) and class sensitivity.
 
-A map that does not change when the model's weights are destroyed cannot be explaining the
-model. :func:`model_randomisation` re-initialises the model's layers one by one, from the
-output down (``cascade=True``, the cumulative protocol) or each alone (``cascade=False``,
-independent), recomputes the maps on the randomised copy, and measures how similar they stay
-to the original maps:
+A map that does not change when the model's weights are destroyed cannot be explaining the model.
+:func:`~captum_ext.metrics.model_randomisation` re-initialises the model's layers one by one, from
+the output down (``cascade=True``, the cumulative protocol) or each alone (``cascade=False``,
+independent), recomputes the maps on the randomised copy, and measures how similar they stay to the
+original maps:
 
 - Spearman rank correlation of :math:`|a|` (and of :math:`a`),
 - SSIM (structural similarity, Wang et al. 2004, Gaussian window 11 x 11 with sigma 1.5 on maps
@@ -14,9 +14,9 @@ to the original maps:
 A method that passes falls towards 0 as more layers are randomised; Guided Backprop is the
 known failure (its maps stay close to an edge detector of the input).
 
-:func:`class_sensitivity` asks the same of the explained class: maps for the predicted class
-and for another class of the same input should differ (Khakzar et al., "Rethinking positive
-aggregation and propagation of gradients", 2020; "Do explanations explain? Model knows
+:func:`~captum_ext.metrics.class_sensitivity` asks the same of the explained class: maps for the
+predicted class and for another class of the same input should differ (Khakzar et al., "Rethinking
+positive aggregation and propagation of gradients", 2020; "Do explanations explain? Model knows
 best", CVPR 2022). Both classes are explained in one call of the method, on the inputs stacked
 twice.
 
@@ -29,7 +29,7 @@ import contextlib
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -285,6 +285,28 @@ def _check_measures(measures: Any) -> tuple[str, ...]:
             f"{', '.join(SIMILARITIES)}."
         )
     return measures
+
+
+def _checked_attribute_kwargs(attribute_kwargs: Any, *, target_instead: str) -> dict[str, Any]:
+    """A copy of ``attribute_kwargs`` (None: empty), after refusing, by name, what is not a
+    mapping and the keywords the check passes to ``attribute`` itself (Python's "got
+    multiple values for keyword argument" named neither the argument nor what to use);
+    ``target_instead`` says which argument gives the classes."""
+    if attribute_kwargs is None:
+        return {}
+    if not isinstance(attribute_kwargs, Mapping):
+        raise TypeError(
+            "`attribute_kwargs` must be a dict of keywords for `attribute`, got "
+            f"{type(attribute_kwargs).__name__}."
+        )
+    own = {"inputs": "`inputs`", "target": target_instead}
+    for keyword, instead in own.items():
+        if keyword in attribute_kwargs:
+            raise ValueError(
+                f"`attribute_kwargs` sets {keyword!r}, which this check passes to `attribute` "
+                f"itself; give it as {instead} instead."
+            )
+    return dict(attribute_kwargs)
 
 
 def _check_explainer(explainer: Any) -> None:
@@ -872,7 +894,7 @@ def model_randomisation(
     measures = _check_measures(similarity)
     seed = check_int(seed, "seed", minimum=0)
     cascade = check_flag(cascade, "cascade")
-    kwargs = dict(attribute_kwargs or {})
+    kwargs = _checked_attribute_kwargs(attribute_kwargs, target_instead="`target`")
     names = _parametrised_layers(model, layers)
     default = layers is None  # raw modules: only their trained weights (_raw_weights)
     if not names:
@@ -982,6 +1004,9 @@ def class_sensitivity(
     model = uncompiled(model)
     inputs = image_batch(inputs)
     measures = _check_measures(similarity)
+    kwargs = _checked_attribute_kwargs(
+        attribute_kwargs, target_instead="`target` (and `contrast` for the second class)"
+    )
     n = inputs.shape[0]
     with preserved_state([model]):
         set_eval_mode(model, argument="model")  # refuses a fixed-batch torch.export program
@@ -1020,9 +1045,7 @@ def class_sensitivity(
                     "similarity 1, read as 'blind to the class')."
                 )
         stacked = torch.cat([inputs, inputs])
-        maps = _explain(
-            explainer, model, stacked, torch.cat([target, contrast]), dict(attribute_kwargs or {})
-        )
+        maps = _explain(explainer, model, stacked, torch.cat([target, contrast]), kwargs)
     first, second = maps[:n], maps[n:]
     return ClassSensitivity(
         similarity=_similarities(first, second, measures),

@@ -7,9 +7,9 @@ the exact ground truth, offline and on any device.
 
 Three oracles:
 
-- :func:`dominant_colour_oracle` -- images made of a few palette colours; a small ReLU CNN
-  detects each colour pixel by pixel (1x1 convolutions) and counts the pixels of each colour.
-  The logit of colour :math:`k` is
+- :func:`~captum_ext.testing.dominant_colour_oracle` -- images made of a few palette colours; a
+  small ReLU CNN detects each colour pixel by pixel (1x1 convolutions) and counts the pixels of each
+  colour. The logit of colour :math:`k` is
 
   .. math::  z_k(x) = n_k(x) - \frac{1}{K - 1}\sum_{j \ne k} n_j(x),
 
@@ -18,18 +18,19 @@ Three oracles:
   :math:`+1` for a pixel of colour :math:`k`, :math:`-1/(K-1)` for a pixel of another colour,
   0 for background (black). Adding or removing any pixel of a colour moves the logit by exactly
   that amount.
-- :func:`null_region_oracle` -- a fixed, randomly initialised ReLU CNN applied to the image
-  with a region multiplied by zero: no attribution may fall in that region (a null player).
-- :func:`interaction_oracle` -- two patches that are either lit (all ones) or dark; the logits
-  are :math:`\mathrm{AND}(a, b) = \mathrm{ReLU}(a + b - 1)` and
+- :func:`~captum_ext.testing.null_region_oracle` -- a fixed, randomly initialised ReLU CNN applied
+  to the image with a region multiplied by zero: no attribution may fall in that region (a null
+  player).
+- :func:`~captum_ext.testing.interaction_oracle` -- two patches that are either lit (all ones)
+  or dark; the logits are :math:`\mathrm{AND}(a, b) = \mathrm{ReLU}(a + b - 1)` and
   :math:`\mathrm{XOR}(a, b) = \mathrm{ReLU}(a - b) + \mathrm{ReLU}(b - a)` of the patch
   indicators. The ground truth is each patch's Shapley value (relative to both patches dark),
   spread evenly over its pixels: for AND with both lit, 1/2 each; for XOR with both lit, 0 each.
 
 Each oracle returns an :class:`Oracle`: the model (in eval mode), inputs, targets, the designed
 baseline (the input that the ground truth is relative to) and the ground-truth maps
-``(N, 1, H, W)``. :meth:`Oracle.sample` draws fresh inputs. Score a method's maps against the
-ground truth with :func:`captum_ext.metrics.attribution_f1`.
+``(N, 1, H, W)``. :meth:`~captum_ext.testing.Oracle.sample` draws fresh inputs. Score a method's
+maps against the ground truth with :func:`captum_ext.metrics.attribution_f1`.
 
 Reference: Y. Zhang, S. Li, ..., A. Khakzar, K. Kawaguchi, "AttributionLab: faithfulness of
 feature attribution under controllable environments" (2023).
@@ -375,10 +376,22 @@ def dominant_colour_oracle(
 
 
 class MaskedInputNet(nn.Module):
-    """A fixed ReLU CNN that sees ``x * keep``: pixels where ``keep`` is 0 cannot matter."""
+    """A fixed ReLU CNN that sees ``x * keep``: pixels where ``keep`` is 0 cannot matter.
+
+    Args:
+        keep (Tensor): ``(1, 1, H, W)`` or ``(1, channels, H, W)`` finite mask (a copy is
+            kept); the inputs must be ``(N, channels, H, W)``.
+        channels (int): input channels.
+        classes (int): number of logits.
+        seed (int): seed of the fixed weights (numpy integers are accepted).
+    """
 
     def __init__(self, keep: Tensor, channels: int, classes: int, seed: int) -> None:
         super().__init__()
+        channels = check_int(channels, "channels")
+        classes = check_int(classes, "classes")
+        seed = check_int(seed, "seed", minimum=0)  # numpy integers pass, as ints
+        keep = _keep_mask(keep, channels)
         with seeded_rng(seed, cuda_devices=()):  # built on the CPU
             self.features = nn.Sequential(
                 nn.Conv2d(channels, 8, 3, padding=1),
@@ -387,11 +400,41 @@ class MaskedInputNet(nn.Module):
                 nn.ReLU(),
             )
             self.head = nn.Linear(8, classes)
-        self.register_buffer("keep", keep.clone())
+        self.register_buffer("keep", keep)
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[2:] != self.keep.shape[2:]:
+            height, width = self.keep.shape[2:]
+            raise ValueError(
+                f"MaskedInputNet: its `keep` mask {tuple(self.keep.shape)} is for (N, C, "
+                f"{height}, {width}) images, got inputs of shape {tuple(x.shape)}."
+            )
         return self.head(self.features(x * self.keep).mean(dim=(2, 3)))
+
+
+def _keep_mask(keep: Tensor, channels: int) -> Tensor:
+    """A copy of ``keep``, after refusing, by name, what is not a finite real
+    ``(1, 1 or channels, H, W)`` mask (integer and bool masks read as floats)."""
+    if not isinstance(keep, Tensor) or keep.is_complex():
+        got = f"{keep.dtype} tensor" if isinstance(keep, Tensor) else type(keep).__name__
+        raise TypeError(
+            f"`keep` must be a real tensor (the mask the inputs are multiplied by), got {got}."
+        )
+    if (
+        keep.dim() != 4
+        or keep.shape[0] != 1
+        or keep.shape[1] not in (1, channels)
+        or min(keep.shape[2:]) < 1
+    ):
+        raise ValueError(
+            f"`keep` must be a (1, 1, H, W) or (1, channels={channels}, H, W) mask, got shape "
+            f"{tuple(keep.shape)}."
+        )
+    keep = keep.detach().clone() if keep.is_floating_point() else keep.float()
+    if not bool(torch.isfinite(keep).all()):
+        raise ValueError("`keep` contains NaN or infinite values.")
+    return keep
 
 
 def null_region_oracle(
@@ -525,7 +568,13 @@ def interaction_oracle(n: int = 8, *, size: int = 12, patch: int = 4, seed: int 
     """
     n = check_int(n, "n")
     patch = check_int(patch, "patch")
-    size = check_int(size, "size", minimum=2 * patch)
+    size = check_int(size, "size")
+    if size < 2 * patch:
+        raise ValueError(
+            f"`size`={size} and `patch`={patch}: the two patches sit in opposite corners and "
+            f"must not overlap, so size >= 2 * patch; use size >= {2 * patch} or patch <= "
+            f"{size // 2}."
+        )
     seed = check_int(seed, "seed", minimum=0)
     patch_a = torch.zeros(1, 1, size, size)
     patch_a[..., :patch, :patch] = 1.0
