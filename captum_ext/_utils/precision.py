@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,7 +59,10 @@ def array_like_tensor(values) -> Tensor:
     ``pandas.Series.tolist()``) become float64, not torch's default float32: rounding them
     to float32 merges scores that differ in the eighth digit into ties, and rank metrics
     then disagree with scikit-learn on the same list. Tensors and numpy arrays keep their
-    dtype."""
+    dtype. A numpy view with negative strides (``np.flip``, ``[::-1]``), which torch
+    refuses, is read through a contiguous copy."""
+    if isinstance(values, np.ndarray):
+        values = np.ascontiguousarray(values)
     tensor = torch.as_tensor(values)
     if tensor.is_meta:
         raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -123,10 +124,11 @@ def as_generator(
 ) -> torch.Generator | None:
     """A ``generator`` argument as the conventions take it: a ``torch.Generator`` (returned
     as is), an int seed (a new generator on ``device``, the CPU by default, seeded with it)
-    or None."""
+    or None. numpy integers (``np.int64(0)``) are int seeds; bools are refused."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        generator = int(generator)
         if not -(2**63) <= generator < 2**64:
             raise ValueError(
                 f"`{argument}`={generator}: an int seed must fit in 64 bits (torch's range)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -351,8 +352,12 @@ def parse_class_selection(
     """
     multi = False
     if type(value).__module__ == "numpy":  # labels from numpy: np.int64 scalars, int arrays
+        import numpy as np
+
         try:
-            value = torch.as_tensor(value)  # its dtype is checked below
+            # a reversed view (np.flip, argsort()[::-1]) has negative strides, which torch
+            # refuses; the contiguous copy holds the same indices
+            value = torch.as_tensor(np.ascontiguousarray(value) if np.ndim(value) else value)
         except (TypeError, ValueError) as error:
             raise TypeError(
                 f"`{argument}`: a numpy value that is not class indices: {error}"
@@ -582,6 +587,17 @@ OutOfMemoryError: type[BaseException] = getattr(
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type. A ``TypeError`` that is also a ``ValueError``, so
     callers who catch either (both were raised for this in earlier releases) still do."""
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer, numpy's included (``np.int64(3)``); bools are not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number, numpy's included (``np.float32(0.5)``); bools
+    (also ``np.True_``) are not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_int(value: Any, argument: str, *, minimum: int = 1) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -12,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import PerturbationAttribution
 from captum.log import log_usage
@@ -45,6 +47,7 @@ from .._utils.validation import (
     check_several_classes,
     class_selection,
     format_inputs,
+    is_real,
     outside_inference_mode,
 )
 from ._activation_matching_loss import (
@@ -245,12 +248,13 @@ class _HalfModelOnFloat32:
         return at_least_float32(self.forward_func(images.to(self.dtype)))
 
 
-def _check_prune(prune: Any) -> int | None:
-    """``prune`` of ``attribute``: False / True (passes until nothing drops: None) or a
-    number of passes >= 1."""
-    if isinstance(prune, bool):
-        return None
-    return check_int(prune, "prune")
+def _check_prune(prune: Any) -> tuple[bool | int, int | None]:
+    """``prune`` of ``attribute`` as a Python value, and the passes it allows: False / True
+    (numpy's included; passes until nothing drops: None) or a number of passes >= 1."""
+    if isinstance(prune, bool | np.bool_):
+        return bool(prune), None
+    passes = check_int(prune, "prune")
+    return passes, passes
 
 
 def _resolve_weights(weights: Any) -> MaskLossWeights:
@@ -278,18 +282,13 @@ def _resolve_weights(weights: Any) -> MaskLossWeights:
         values = {}
         for name, value in weights.items():
             if name in ("rob_gradient", "tv_diagonal"):
-                if not isinstance(value, bool):
-                    raise TypeError(f"`weights[{name!r}]` must be a bool, got {value!r}.")
-                values[name] = value
+                values[name] = check_flag(value, f"weights[{name!r}]")
                 continue
             if name == "kl_temperature" and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
+                not is_real(value) or not math.isfinite(value) or value <= 0
             ):
                 raise ValueError(f"`weights['kl_temperature']` must be > 0, got {value!r}.")
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_real(value):
                 raise TypeError(f"`weights[{name!r}]` must be a number, got {value!r}.")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`weights[{name!r}]` must be finite and >= 0, got {value!r}.")
@@ -484,7 +483,9 @@ class ActivationMatchingMask(PerturbationAttribution):
         self.mask_net = mask_net
         self._trained = mask_net is not None
         self.weights = _resolve_weights(weights)
-        if isinstance(baseline, bool) or not isinstance(baseline, int | float | Tensor):
+        if is_real(baseline):  # a plain Python number, also for a numpy scalar
+            baseline = int(baseline) if isinstance(baseline, numbers.Integral) else float(baseline)
+        if not isinstance(baseline, int | float | Tensor):
             raise TypeError(
                 f"`baseline` must be a number or a tensor, got {type(baseline).__name__}."
             )
@@ -492,7 +493,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             raise TypeError(f"`baseline` must be a floating-point tensor, got {baseline.dtype}.")
         _check_finite_baseline(baseline)
         self.baseline = baseline
-        if isinstance(necessity_margin, bool) or not isinstance(necessity_margin, int | float):
+        if not is_real(necessity_margin):
             raise TypeError(f"`necessity_margin` must be a number, got {necessity_margin!r}.")
         self.necessity_margin = float(necessity_margin)
         self.history: list[float] = []
@@ -574,7 +575,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         """The module of one entry of ``layers`` (a module or dotted name), its weight
         checked (``argument`` names where the weight came from)."""
         module = resolve_layer(self.forward_func, layer, argument="layers")
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if not is_real(weight):
             raise TypeError(f"`{argument}`: the weight of {layer!r} must be a number.")
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"`{argument}`: the weight of {layer!r} must be >= 0, got {weight}.")
@@ -876,7 +877,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             raise ValueError(f"`keep`={keep!r}: expected 'best' or 'last'.")
         batch_size = check_int(batch_size, "batch_size")
         restarts = check_int(restarts, "restarts", minimum=0)
-        max_passes = _check_prune(prune)
+        prune, max_passes = _check_prune(prune)
         starts = check_int(starts, "starts")
         if starts > 1 and mode != "per_image":
             raise ValueError(

@@ -25,7 +25,13 @@ from .._utils.hooks import counted_output_bytes, registered_hooks
 from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
-from .._utils.validation import check_int, check_number, class_selection, format_inputs
+from .._utils.validation import (
+    check_flag,
+    check_int,
+    check_number,
+    class_selection,
+    format_inputs,
+)
 
 SCORES = ("taylor", "integrated")
 
@@ -42,9 +48,9 @@ class PathwayGradientResult:
     Attributes:
         attributions (Tensor or tuple of Tensor): the gradient of the pruned network, the
             shape of ``inputs`` (what ``attribute`` returns without ``return_pathway``).
-        masks (dict of str to Tensor): per site, the pathway: a bool tensor (N, ...) of the
+        masks (dict[str, Tensor]): per site, the pathway: a bool tensor (N, ...) of the
             site's output shape, True for the neurons kept (``score > threshold``).
-        scores (dict of str to Tensor): per site, the neuron scores (N, ...), >= 0.
+        scores (dict[str, Tensor]): per site, the neuron scores (N, ...), >= 0.
         threshold (Tensor): (N,) float64 (float32 on MPS), each example's threshold over all
             its neurons.
         target (Tensor): (N,) the class explained in each example.
@@ -367,12 +373,12 @@ class PathwayGradient(GradientAttribution):
     ``multiply_by_inputs=True`` returns ``x * attr``. The threshold is one per example over
     all scored neurons together (numpy's linear interpolation, computed with
     ``torch.kthvalue`` so that any number of neurons works; see
-    :func:`percentile_threshold`). Cost: one forward and backward to score and one to take
-    the gradient (about twice Saliency); ``"integrated"`` adds one forward and backward of
-    ``n_steps`` copies of the batch per site, in passes of ``internal_batch_size`` rows (by
-    default as many as keep the module outputs of a pass, and their gradients, near 1 GiB;
-    for a model that normalises with the statistics of its batch, all at once where they
-    fit, else near-equal passes of two rows or more, with a warning).
+    :func:`~captum_ext.attr.pathway_gradient.percentile_threshold`). Cost: one forward and
+    backward to score and one to take the gradient (about twice Saliency); ``"integrated"``
+    adds one forward and backward of ``n_steps`` copies of the batch per site, in passes of
+    ``internal_batch_size`` rows (by default as many as keep the module outputs of a pass, and
+    their gradients, near 1 GiB; for a model that normalises with the statistics of its batch,
+    all at once where they fit, else near-equal passes of two rows or more, with a warning).
 
     With ``sparsity=0`` only the neurons of the lowest score are pruned, which in a ReLU
     network are the dead units (s = 0) and those that do not reach the output (max-pooled
@@ -417,10 +423,7 @@ class PathwayGradient(GradientAttribution):
     """
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = False) -> None:
-        if not isinstance(multiply_by_inputs, bool):
-            raise TypeError(
-                f"`multiply_by_inputs` must be a bool, got {type(multiply_by_inputs).__name__}."
-            )
+        multiply_by_inputs = check_flag(multiply_by_inputs, "multiply_by_inputs")
         GradientAttribution.__init__(self, forward_func)
         self._multiply_by_inputs = multiply_by_inputs
 
@@ -559,14 +562,8 @@ class PathwayGradient(GradientAttribution):
             raise ValueError(f"`score`={score!r}: expected one of {SCORES}.")
         if multiply_by_inputs is None:
             multiply_by_inputs = self._multiply_by_inputs
-        if not isinstance(multiply_by_inputs, bool):
-            raise TypeError(
-                f"`multiply_by_inputs` must be a bool, got {type(multiply_by_inputs).__name__}."
-            )
-        if not isinstance(return_pathway, bool):
-            raise TypeError(
-                f"`return_pathway` must be a bool, got {type(return_pathway).__name__}."
-            )
+        multiply_by_inputs = check_flag(multiply_by_inputs, "multiply_by_inputs")
+        return_pathway = check_flag(return_pathway, "return_pathway")
         if return_pathway and inside_expanding_wrapper():
             # Captum's wrapper expects attributions shaped like the inputs, and its rows are
             # noisy copies of the examples: a PathwayGradientResult means nothing to it

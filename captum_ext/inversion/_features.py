@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from captum_ext._utils.hooks import registered_hooks
 from captum_ext._utils.layers import find_last_linear, resolve_layer
 from captum_ext._utils.model_state import preserved_state
+from captum_ext._utils.validation import is_integer
 
 
 def final_linear(model: nn.Module, example: Tensor) -> nn.Module:
@@ -185,9 +186,10 @@ def count_classes(model: nn.Module, input_shape, device, dtype, *, warn: bool = 
         isinstance(input_shape, str)
         or not hasattr(input_shape, "__len__")
         or len(input_shape) != 3
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)
+        or not all(is_integer(s) and s > 0 for s in input_shape)
     ):
         raise ValueError(f"`input_shape` must be (C, H, W) of positive ints, got {input_shape}")
+    input_shape = tuple(int(s) for s in input_shape)  # numpy integers as Python ints
     example = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     with preserved_state([model]), torch.no_grad():
         model.eval()

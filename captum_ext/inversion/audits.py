@@ -29,7 +29,9 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import (
+    check_flag,
     check_int,
+    is_real,
     model_device,
     refuse_ignored_settings,
     to_model_input,
@@ -54,6 +56,12 @@ __all__ = [
 ]
 
 _KINDS = ("position", "intensity")
+
+
+def _contiguous(values: Any) -> Any:
+    """A numpy array as a contiguous copy (torch refuses the negative strides of a reversed
+    view such as ``np.flip``); anything else as it is."""
+    return np.ascontiguousarray(values) if isinstance(values, np.ndarray) else values
 
 
 def _split_item(item: Any, index: int) -> tuple[Tensor, Any]:
@@ -116,16 +124,11 @@ class ShortcutDataset(Dataset):
             )
         if kind not in _KINDS:
             raise ValueError(f"`kind` must be 'position' or 'intensity', got {kind!r}.")
-        if (
-            isinstance(probability, bool)
-            or not isinstance(probability, (int, float))
-            or not 0.0 <= float(probability) <= 1.0
-        ):
+        if not is_real(probability) or not 0.0 <= float(probability) <= 1.0:
             raise ValueError(f"`probability` must be a number in [0, 1], got {probability!r}.")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-        if not isinstance(conflicting, bool):
-            raise TypeError(f"`conflicting` must be a bool, got {type(conflicting).__name__}.")
+        conflicting = check_flag(conflicting, "conflicting")
         n = len(dataset)
         if n == 0:
             raise ValueError("`dataset` is empty.")
@@ -147,11 +150,7 @@ class ShortcutDataset(Dataset):
             raise ValueError(
                 f"`size` ({size}) is larger than the {height} x {width} images of `dataset`."
             )
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
+        if value is not None and (not is_real(value) or not math.isfinite(value)):
             raise ValueError(f"`value` must be a finite number or None, got {value!r}.")
         self.value = None if value is None else float(value)
         self.positions = self._positions(positions, height, width)
@@ -174,7 +173,7 @@ class ShortcutDataset(Dataset):
             cols = [round((c % grid) * step_c) for c in range(k)]
             return torch.tensor([rows, cols], dtype=torch.long).T.contiguous()
         try:
-            table = torch.as_tensor(positions)
+            table = torch.as_tensor(_contiguous(positions))
         except (TypeError, ValueError, RuntimeError) as error:
             raise TypeError(f"`positions` must be a K x 2 table of ints: {error}") from None
         if table.shape != (k, 2) or table.is_floating_point() or table.dtype == torch.bool:
@@ -197,17 +196,13 @@ class ShortcutDataset(Dataset):
     def _intensities(self, intensities: Any, strength: float) -> Tensor:
         k = self.num_classes
         if intensities is None:
-            if (
-                isinstance(strength, bool)
-                or not isinstance(strength, (int, float))
-                or not math.isfinite(strength)
-            ):
+            if not is_real(strength) or not math.isfinite(strength):
                 raise ValueError(f"`strength` must be a finite number, got {strength!r}.")
             if k == 1:
                 return torch.zeros(1, dtype=torch.float64)
             return torch.linspace(-float(strength), float(strength), k, dtype=torch.float64)
         try:
-            table = torch.as_tensor(intensities, dtype=torch.float64)
+            table = torch.as_tensor(_contiguous(intensities), dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as error:
             raise TypeError(f"`intensities` must be {k} numbers, one per class: {error}") from None
         if table.shape != (k,) or not bool(torch.isfinite(table).all()):
@@ -303,11 +298,12 @@ def shortcut_dataset(
             reading every item once).
         probability (float, optional): chance that an item carries the cue. Default: 1.0
         size (int, optional): side of the square (``"position"``). Default: 4
-        positions (K x 2 ints, optional): top-left ``(row, col)`` of each class's square.
-            Default: the grid above.
+        positions (Tensor or sequence, optional): top-left ``(row, col)`` of each class's
+            square, a K x 2 table of ints. Default: the grid above.
         value (float, optional): fill value of the square. Default: None (image maximum)
         strength (float, optional): range of the default intensity offsets. Default: 0.5
-        intensities (K floats, optional): the offset of each class (``"intensity"``).
+        intensities (sequence of float, optional): the offset of each class, K of them
+            (``"intensity"``).
         conflicting (bool, optional): give each item the cue of another class (for testing
             whether a model follows the cue). Default: False
         seed (int, optional): seed of the per-item draws. Default: 0
@@ -319,6 +315,7 @@ def shortcut_dataset(
     Examples::
 
         >>> from torch.utils.data import TensorDataset
+        >>> from captum_ext.inversion import shortcut_dataset
         >>> train = TensorDataset(images, labels)          # N x 1 x 28 x 28, N
         >>> cued = shortcut_dataset(train, "position", probability=0.9, seed=0)
         >>> image, label = cued[0]
@@ -487,6 +484,7 @@ def shortcut_audit(
 
         >>> from torch.utils.data import TensorDataset
         >>> from captum_ext.bundled import load_bundled_inversion
+        >>> from captum_ext.inversion import shortcut_audit, shortcut_dataset
         >>> cued = shortcut_dataset(TensorDataset(images, labels), "position", seed=0)
         >>> # the model under audit would be trained on `cued`; the bundled one never saw a cue
         >>> audit = shortcut_audit(model, TensorDataset(images, labels), cued,
@@ -612,7 +610,7 @@ def privacy_audit(
         model (nn.Module or callable): the model under audit (left unchanged).
         training_images (Tensor): ``N x C x H x W`` floating-point training images in the
             model's input space (a subset of its training set); integer pixels are refused,
-            as in :func:`~captum_ext.inversion.evaluation.label_consistency`.
+            as in :func:`~captum_ext.inversion.label_consistency`.
         training_labels (Tensor): their ``N`` labels.
         inversion (NetworkInversion or callable, optional): a fitted inversion (its
             ``sample(labels, generator=seed)`` is used) or a callable mapping labels to images;
@@ -649,6 +647,7 @@ def privacy_audit(
 
         >>> from captum_ext.bundled import load_bundled_inversion
         >>> from captum_ext.data import denormalize_digits
+        >>> from captum_ext.inversion import privacy_audit
         >>> # a fitted inversion; without one, privacy_audit trains one for `steps` steps
         >>> audit = privacy_audit(model, images, labels, inversion=load_bundled_inversion(model),
         ...                       samples_per_class=2, denormalize=denormalize_digits,

@@ -19,15 +19,15 @@ import torch
 from torch import Tensor
 
 from captum_ext._utils.seeding import as_generator
-from captum_ext._utils.validation import check_float_dtype, torch_device
+from captum_ext._utils.validation import check_float_dtype, is_integer, torch_device
 
 __all__ = ["hot_matrices", "one_hot_vectors", "soft_vectors", "vector_matrix"]
 
 
 def _check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not is_integer(num_classes) or num_classes < 2:
         raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}.")
-    return num_classes
+    return int(num_classes)  # numpy integers (np.int64) as a Python int
 
 
 def _check_labels(labels, num_classes: int, device=None) -> Tensor:
@@ -54,9 +54,9 @@ def _check_labels(labels, num_classes: int, device=None) -> Tensor:
 
 
 def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not is_integer(n) or n < 0:
         raise ValueError(f"`n` must be a non-negative int, got {n!r}.")
-    return n
+    return int(n)
 
 
 def soft_vectors(
@@ -202,8 +202,9 @@ def hot_matrices(
     labels = _check_labels(labels, num_classes)
     if size is None:
         size = num_classes
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_integer(size) or size < 1:
         raise ValueError(f"`size` must be a positive int, got {size!r}.")
+    size = int(size)
     dtype = check_float_dtype(dtype)
     a = _class_profiles(labels, num_classes, size, dtype)  # N x S
     if size == num_classes:  # binary: the exact construction

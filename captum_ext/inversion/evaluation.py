@@ -225,7 +225,7 @@ def label_consistency(
     Examples::
 
         >>> from captum_ext.bundled import load_bundled_inversion
-        >>> from captum_ext.inversion.evaluation import label_consistency
+        >>> from captum_ext.inversion import label_consistency
         >>> inversion = load_bundled_inversion(model)      # a trained NetworkInversion
         >>> labels = torch.arange(10).repeat(20)
         >>> samples = inversion.sample(labels, generator=0)
@@ -278,7 +278,7 @@ def mean_confidence(
     Examples::
 
         >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS
-        >>> from captum_ext.inversion import NetworkInversion
+        >>> from captum_ext.inversion import NetworkInversion, mean_confidence
         >>> counterfeit = NetworkInversion(model, preset="counterfeit", batch_size=16,
         ...                                **BUNDLED_INVERSION_OPTIONS)
         >>> history = counterfeit.fit(5, progress=False)   # a real run takes ~1000 steps
@@ -376,6 +376,7 @@ def within_class_diversity(
     Examples::
 
         >>> from captum_ext.bundled import load_bundled_inversion
+        >>> from captum_ext.inversion import within_class_diversity
         >>> inversion = load_bundled_inversion(model)
         >>> labels = torch.arange(10).repeat(20)
         >>> result = within_class_diversity(model, inversion.sample(labels, generator=0), labels)
@@ -398,7 +399,11 @@ def within_class_diversity(
             raise ValueError("`source` contains NaN or infinite values.")
         labels = _labels(labels, features.shape[0], "labels", "source")
     else:
-        _check_model(source)
+        if not callable(source):
+            raise TypeError(
+                "`source` must be the model (an nn.Module or a callable returning logits) or "
+                f"an N x D tensor of features, got {type(source).__name__}."
+            )
         if images is None:
             raise ValueError("`images` is None; give the images when `source` is a model.")
         images = _images(images, "images", model_input=True)
@@ -563,6 +568,7 @@ def matched_ssim(
 
         >>> from captum_ext.bundled import load_bundled_inversion
         >>> from captum_ext.data import denormalize_digits
+        >>> from captum_ext.inversion import matched_ssim
         >>> inversion = load_bundled_inversion(model)
         >>> generated = torch.arange(10).repeat_interleave(4)
         >>> result = matched_ssim(inversion.sample(generated, generator=0), images, generated,
@@ -756,6 +762,7 @@ def sample_grid(
 
         >>> from captum_ext.bundled import load_bundled_inversion
         >>> from captum_ext.data import denormalize_digits
+        >>> from captum_ext.inversion import sample_grid
         >>> inversion = load_bundled_inversion(model)
         >>> labels = torch.arange(10).repeat_interleave(8)
         >>> figure = sample_grid(inversion.sample(labels, generator=0), labels,

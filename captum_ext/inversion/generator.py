@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.model_state import gradients_on
 from captum_ext._utils.seeding import as_generator, seeded_rng
-from captum_ext._utils.validation import torch_device
+from captum_ext._utils.validation import is_integer, is_real, torch_device
 from captum_ext.inversion.conditioning import (
     _check_labels,
     _check_num_classes,
@@ -85,10 +85,7 @@ def check_value_range(value_range: Any) -> tuple[float, float]:
     if (
         not isinstance(value_range, tuple | list)
         or len(value_range) != 2
-        or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in value_range
-        )
+        or not all(is_real(v) and math.isfinite(v) for v in value_range)
         or not value_range[0] < value_range[1]
     ):
         raise ValueError(
@@ -221,27 +218,27 @@ class ConditionedGenerator(nn.Module):
         if (
             not isinstance(out_shape, Sequence)
             or len(out_shape) != 3
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in out_shape)
+            or not all(is_integer(s) and s > 0 for s in out_shape)
         ):
             raise ValueError(f"`out_shape` must be (C, H, W) of positive ints, got {out_shape!r}.")
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        if not is_integer(latent_dim) or latent_dim < 1:
             raise ValueError(f"`latent_dim` must be a positive int, got {latent_dim!r}.")
-        if conditioning not in CONDITIONINGS:
+        latent_dim = int(latent_dim)
+        if not isinstance(conditioning, str) or conditioning not in CONDITIONINGS:
             raise ValueError(
                 f"`conditioning` must be one of {sorted(CONDITIONINGS)}, got {conditioning!r}."
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float):
+        if not is_real(dropout):
             raise TypeError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
         if not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        dropout = float(dropout)
+        if not is_integer(width) or width < 1:
             raise ValueError(f"`width` must be a positive int, got {width!r}.")
-        if (
-            isinstance(max_matrix_size, bool)
-            or not isinstance(max_matrix_size, int)
-            or max_matrix_size < 2
-        ):
+        width = int(width)
+        if not is_integer(max_matrix_size) or max_matrix_size < 2:
             raise ValueError(f"`max_matrix_size` must be an int >= 2, got {max_matrix_size!r}.")
+        max_matrix_size = int(max_matrix_size)
         channels, height, wide = (int(s) for s in out_shape)
         self.num_classes = num_classes
         #: side of the working feature map and of the hot matrices the network takes
@@ -290,7 +287,7 @@ class ConditionedGenerator(nn.Module):
 
         Returns:
             tuple: ``(vectors, matrices)``, ``N x K`` and ``N x 1 x S x S`` (``S`` =
-            :attr:`matrix_size`, ``K`` up to ``max_matrix_size`` classes), each None when
+            ``matrix_size``, ``K`` up to ``max_matrix_size`` classes), each None when
             the mode does not use it. Float32 on the device of ``labels``.
         """
         generator = as_generator(generator)
@@ -581,7 +578,7 @@ def estimate_inversion_cost(
     section and skip the section when ``not cost.fits()``. The probes themselves need
     ``probe_bytes`` of memory at most (beyond ``probe_batch`` examples). The model is
     left as it was (mode, flags, ``.grad``, buffers;
-    :func:`~captum_ext._utils.model_state.preserved_state`).
+    ``preserved_state``).
 
     Args:
         model (nn.Module): the model to invert (``N x C x H x W -> N x K``).
@@ -602,6 +599,7 @@ def estimate_inversion_cost(
     Examples::
 
         >>> import torchvision
+        >>> from captum_ext.inversion import estimate_inversion_cost
         >>> cost = estimate_inversion_cost(torchvision.models.resnet18(), (3, 224, 224),
         ...                                batch_size=64, steps=10)
         >>> if not cost.fits():
@@ -612,12 +610,14 @@ def estimate_inversion_cost(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_integer(value) or value < low:
             raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
-    if isinstance(probe_batch, bool) or not isinstance(probe_batch, int) or probe_batch < 2:
+    if not is_integer(probe_batch) or probe_batch < 2:
         raise ValueError(f"`probe_batch` must be an int >= 2, got {probe_batch!r}.")
-    if isinstance(probe_bytes, bool) or not isinstance(probe_bytes, int) or probe_bytes < 1:
+    if not is_integer(probe_bytes) or probe_bytes < 1:
         raise ValueError(f"`probe_bytes` must be a positive int, got {probe_bytes!r}.")
+    batch_size, steps = int(batch_size), int(steps)
+    probe_batch, probe_bytes = int(probe_batch), int(probe_bytes)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

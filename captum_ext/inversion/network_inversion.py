@@ -41,6 +41,8 @@ from captum_ext._utils.training import (
 )
 from captum_ext._utils.validation import (
     check_int,
+    is_integer,
+    is_real,
     model_device_dtype,
     model_input_dtype,
     refuse_ignored_settings,
@@ -145,7 +147,7 @@ def _phase_weights(preset: str, weights: Mapping[str, float] | None) -> list[dic
     for name, value in weights.items():
         if name not in LOSS_TERMS:
             raise ValueError(f"`weights` has an unknown term {name!r}; known: {list(LOSS_TERMS)}.")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        if not is_real(value) or not value >= 0:
             raise ValueError(f"`weights[{name!r}]` must be a finite number >= 0, got {value!r}.")
         if not math.isfinite(value):
             raise ValueError(f"`weights[{name!r}]` must be finite, got {value!r}.")
@@ -170,7 +172,7 @@ class NetworkInversion:
             [+ TLDR priors: perturbed KL/CE, total variation, pixel range,
                squared norm of grad_w CE(f(x), argmax c)]
 
-    (see :mod:`captum_ext.inversion.losses` for each term). Presets:
+    (see the loss functions of :mod:`captum_ext.inversion` for each term). Presets:
 
     - ``"inversion"`` (arXiv 2407.18002, 2411.17777): vector-matrix conditioning; KL + CE
       + cosine + orthogonality.
@@ -287,25 +289,27 @@ class NetworkInversion:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {preset!r}.")
         if generator_net is not None and not isinstance(generator_net, ConditionedGenerator):
             raise TypeError(
                 "`generator_net` must be a ConditionedGenerator (or None to build one), got "
                 f"{type(generator_net).__name__}."
             )
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        if not is_real(lr) or not lr > 0:
             raise ValueError(f"`lr` must be a positive float, got {lr!r}.")
         if (
             not isinstance(betas, tuple | list)
             or len(betas) != 2
-            or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+            or not all(is_real(b) and 0 <= b < 1 for b in betas)
         ):
             raise ValueError(f"`betas` must be two floats in [0, 1), got {betas!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0:
+        if not is_real(eps) or eps < 0:
             raise ValueError(f"`eps` must be a non-negative float, got {eps!r}.")
+        # plain Python numbers from here on (numpy scalars pass the checks above)
+        lr, betas, seed = float(lr), (float(betas[0]), float(betas[1])), int(seed)
         self.batch_size = check_int(batch_size, "batch_size", minimum=2)
         self.preset = preset
         self.seed = seed

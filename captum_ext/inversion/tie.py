@@ -58,6 +58,7 @@ from captum_ext._utils.training import (
 from captum_ext._utils.validation import (
     check_int,
     check_rows_sum_to_one,
+    is_real,
     model_device_dtype,
     refuse_ignored_settings,
 )
@@ -177,7 +178,7 @@ def uncertainty_ue(probs: Tensor) -> Tensor:
     Examples::
 
         >>> import torch
-        >>> from captum_ext.inversion.tie import uncertainty_ue
+        >>> from captum_ext.inversion import uncertainty_ue
         >>> uncertainty_ue(torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]))
         tensor([1., 0.])
     """
@@ -248,7 +249,7 @@ def pixel_range_noise(
     Examples::
 
         >>> import torch
-        >>> from captum_ext.inversion.tie import pixel_range_noise
+        >>> from captum_ext.inversion import pixel_range_noise
         >>> noise = pixel_range_noise(6, (1, 28, 28), generator=torch.Generator().manual_seed(0))
         >>> noise.shape, bool(noise.min() >= 0), bool(noise.max() <= 1)
         (torch.Size([6, 1, 28, 28]), True, True)
@@ -328,7 +329,7 @@ def pen_strokes(
     Examples::
 
         >>> import torch
-        >>> from captum_ext.inversion.tie import pen_strokes
+        >>> from captum_ext.inversion import pen_strokes
         >>> scribbles = pen_strokes(6, (1, 28, 28), generator=torch.Generator().manual_seed(0))
         >>> scribbles.shape, bool(scribbles.min() >= 0), bool(scribbles.max() <= 1)
         (torch.Size([6, 1, 28, 28]), True, True)
@@ -439,7 +440,7 @@ def transformed_inputs(
     Examples::
 
         >>> import torch
-        >>> from captum_ext.inversion.tie import transformed_inputs
+        >>> from captum_ext.inversion import transformed_inputs
         >>> sevens = torch.zeros(2, 1, 8, 8)
         >>> sevens[:, 0, 1, 1:7] = 1.0                                # the bar
         >>> sevens[:, 0, 2:7, 5] = 1.0                                # the stem
@@ -452,12 +453,9 @@ def transformed_inputs(
         shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
         raise ValueError(f"`inputs` must be an N x C x H x W tensor with N >= 1, got {shape}.")
     size = check_int(size, "size")
-    if (
-        isinstance(max_correlation, bool)
-        or not isinstance(max_correlation, int | float)
-        or not -1.0 < max_correlation <= 1.0
-    ):
+    if not is_real(max_correlation) or not -1.0 < max_correlation <= 1.0:
         raise ValueError(f"`max_correlation` must be in (-1, 1], got {max_correlation!r}.")
+    max_correlation = float(max_correlation)
     square = inputs.shape[-1] == inputs.shape[-2]
     transforms = _GEOMETRIC_TRANSFORMS if square else _GEOMETRIC_TRANSFORMS[:2]
     images = inputs.detach()
@@ -1544,6 +1542,7 @@ class TIE:
         Examples::
 
             >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS
+            >>> from captum_ext.inversion import TIE
             >>> tie = TIE(model, **BUNDLED_INVERSION_OPTIONS)   # then tie.fit(...), see TIE
             >>> result = tie.predict(images)
             >>> unknown = images[result.is_garbage]            # sent to the garbage class
@@ -1603,6 +1602,7 @@ class TIE:
         Examples::
 
             >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS
+            >>> from captum_ext.inversion import TIE
             >>> from captum_ext.metrics import auroc
             >>> tie = TIE(model, **BUNDLED_INVERSION_OPTIONS)   # then tie.fit(...), see TIE
             >>> letters = torch.rand(40, 1, 28, 28)             # stand-in out-of-distribution set

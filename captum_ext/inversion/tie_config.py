@@ -8,7 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from captum_ext._utils.validation import check_flag, check_int, check_number
+from captum_ext._utils.validation import (
+    check_flag,
+    check_int,
+    check_number,
+    is_integer,
+    is_real,
+)
 
 __all__ = ["GARBAGE_NOISE_KINDS", "TIE_BASELINES", "TIEConfig"]
 
@@ -23,7 +29,7 @@ GARBAGE_NOISE_KINDS: tuple[str, ...] = ("pixel_range", "data_stats")
 
 
 def _float_in(value: Any, argument: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+    if not is_real(value) or not low <= value <= high:
         raise ValueError(f"`{argument}` must be a number in [{low}, {high}], got {value!r}.")
     return float(value)
 
@@ -81,13 +87,13 @@ class TIEConfig:
             and std, which covers only images as dark as the average input).
             Default: ``"pixel_range"``
         garbage_strokes (float, optional): Share of the seeds drawn as random pen scribbles
-            (:func:`~captum_ext.inversion.tie.pen_strokes`) instead of ``garbage_noise``
+            (:func:`~captum_ext.inversion.pen_strokes`) instead of ``garbage_noise``
             noise, in [0, 1]: structured seeds, so that the garbage class also absorbs
             stroke-like images (glyphs, symbols) rather than only textures. Not in the
             paper, which seeds with noise. Default: 0.0
         garbage_transforms (float, optional): Share of the seeds drawn as mirrored,
             upside-down or quarter-turned copies of the training inputs
-            (:func:`~captum_ext.inversion.tie.transformed_inputs`; copies correlated 0.6 or
+            (:func:`~captum_ext.inversion.transformed_inputs`; copies correlated 0.6 or
             more with their source are dropped), in [0, 1], at most
             ``1 - garbage_strokes``: seeds that look like the data but are no class of it,
             so that the garbage class also takes near out-of-distribution images. Not in
@@ -167,9 +173,10 @@ class TIEConfig:
             raise ValueError(
                 f"`sample_vector` must be 'one_hot' or 'soft', got {self.sample_vector!r}."
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_integer(self.seed) or self.seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {self.seed!r}.")
         checked = {
+            "seed": int(self.seed),
             "threshold": _float_in(self.threshold, "threshold", 0.0, 1.0),
             "stop_fraction": _float_in(self.stop_fraction, "stop_fraction", 0.0, 1.0),
             "garbage_strokes": _float_in(self.garbage_strokes, "garbage_strokes", 0.0, 1.0),
@@ -196,10 +203,11 @@ class TIEConfig:
         for name in ("garbage_size", "samples_per_class"):
             value = getattr(self, name)
             checked[name] = None if value is None else check_int(value, name)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+        if not is_real(self.dropout):
             raise TypeError(f"`dropout` must be a float in [0, 1), got {self.dropout!r}.")
         if not (0 <= self.dropout < 1 and math.isfinite(self.dropout)):
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        checked["dropout"] = float(self.dropout)
         weights = self.inversion_weights
         if weights is not None:
             if not isinstance(weights, Mapping):

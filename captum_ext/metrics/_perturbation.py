@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -199,7 +200,7 @@ def baseline_images(baselines: Any, x: Tensor, blur_kernel_size: int, blur_sigma
         return gaussian_blur(x, blur_kernel_size, blur_sigma)
     if isinstance(baselines, bool):
         raise TypeError("`baselines` must be a number, 'mean', 'blur' or a tensor, not a bool.")
-    if isinstance(baselines, (int, float)):
+    if isinstance(baselines, numbers.Real):  # numpy numbers too (np.float32(0.0))
         return torch.full_like(x, check_number(baselines, "baselines", minimum=None))
     if isinstance(baselines, Tensor):
         b = baselines.detach().to(device=x.device, dtype=x.dtype)

@@ -14,6 +14,7 @@ Prediction Trust in Neural Networks", IEEE MIPR 2024 (arXiv 2405.13758).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +34,7 @@ from captum_ext._utils.layers import _FirstParameterUse, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import at_least_float32, precise, precise_dtype
 from captum_ext._utils.validation import (
+    check_flag,
     format_additional_forward_args,
     format_inputs,
     single_logit_hint,
@@ -57,6 +59,13 @@ DEFAULT_K = 5
 ALL_PARAMETERS = "all"
 
 
+def _k_as_int(k: Any) -> int:
+    """``k`` as a Python int (numpy integers included, bools refused)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"`k` must be an int or None, got {type(k).__name__}.")
+    return int(k)
+
+
 def _check_k(k: Any, num_classes: int) -> int:
     if k is None:
         if num_classes < 2:
@@ -64,8 +73,7 @@ def _check_k(k: Any, num_classes: int) -> int:
                 "gradtrust needs at least 2 classes (a counterfactual class)." + single_logit_hint()
             )
         return min(DEFAULT_K, num_classes - 1)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"`k` must be an int or None, got {type(k).__name__}.")
+    k = _k_as_int(k)
     if not 1 <= k <= num_classes - 1:
         raise ValueError(
             f"`k`={k} is out of range: the model has {num_classes} classes, so k must be in "
@@ -275,6 +283,7 @@ class GradTrust:
 
     Examples::
 
+        >>> from captum_ext.metrics import GradTrust
         >>> trust = GradTrust(model)
         >>> scores = trust.score(images)  # (N,), higher = more trusted
         >>> log_scores = GradTrust(model, log=True).score(images)  # for confident models
@@ -296,12 +305,10 @@ class GradTrust:
         self.form = _check_choice(form, FORMS, "form")
         self.method = _check_choice(method, METHODS, "method")
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise TypeError(f"`k` must be an int or None, got {type(k).__name__}.")
+            k = _k_as_int(k)
             if k < 1:
                 raise ValueError(f"`k`={k} is out of range: expected k >= 1.")
-        if not isinstance(log, bool):
-            raise TypeError(f"`log` must be True or False, got {type(log).__name__}.")
+        log = check_flag(log, "log")
         if isinstance(layer, str) and layer == ALL_PARAMETERS:
             _check_all_parameters_options(self.form, self.method)
         self.k = k
@@ -495,6 +502,7 @@ def gradtrust(
 
     Examples::
 
+        >>> from captum_ext.metrics import gradtrust
         >>> scores = gradtrust(model, images)                       # paper form, top-5
         >>> log_scores = gradtrust(model, images, log=True)         # confident models
         >>> scores = gradtrust(model, images, form="reference")     # published demo
@@ -505,8 +513,7 @@ def gradtrust(
     """
     form = _check_choice(form, FORMS, "form")
     method = _check_choice(method, METHODS, "method")
-    if not isinstance(log, bool):
-        raise TypeError(f"`log` must be True or False, got {type(log).__name__}.")
+    log = check_flag(log, "log")
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
