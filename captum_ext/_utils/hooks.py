@@ -14,14 +14,16 @@ from torch.utils.hooks import RemovableHandle
 
 
 @contextlib.contextmanager
-def registered_hooks(*registrations) -> Iterator[list[RemovableHandle]]:
+def registered_hooks(*registrations) -> Iterator[list[RemovableHandle | CallHook]]:
     """Register hooks and remove every one of them on exit, also when the body raises.
 
-    Each registration is a zero-argument callable returning a ``RemovableHandle``
-    (for example ``lambda: module.register_forward_hook(fn)``). If a registration itself
+    Each registration is a zero-argument callable returning a ``RemovableHandle`` or
+    anything else with ``remove()`` (for example ``lambda: module.register_forward_hook(fn)``,
+    or ``call_hook(module, fn)``, whose hook a copy of the model made meanwhile does not
+    carry). If a registration itself
     fails, the hooks registered before it are removed before the error propagates.
     """
-    handles: list[RemovableHandle] = []
+    handles: list[RemovableHandle | CallHook] = []
     try:
         for register in registrations:
             handles.append(register())
@@ -29,6 +31,63 @@ def registered_hooks(*registrations) -> Iterator[list[RemovableHandle]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+class InertHook:
+    """What a :class:`CallHook` becomes in a deep copy or a pickle of its module: a hook
+    that does nothing (returns None, stores nothing)."""
+
+    def __call__(self, module: nn.Module, *args) -> None:
+        return None
+
+
+class CallHook:
+    """A forward hook (or forward pre-hook) of one method call on one module.
+
+    ``hook`` runs only while the call's hooks are registered and only on the module it was
+    registered on (or an ``nn.DataParallel`` replica of it, which shares its hook dicts);
+    elsewhere the hook returns None and stores nothing. A model copied while a call runs
+    (``copy.deepcopy(model)``, ``torch.save(model)`` from another thread, or from inside the
+    call) gets an :class:`InertHook` in its place: the copy's outputs and gradients are the
+    model's own, and it pickles. Made by :func:`call_hook`; ``remove`` ends the call.
+    """
+
+    def __init__(self, module: nn.Module, hook, *, pre: bool) -> None:
+        self._module = module
+        self._hook = hook
+        self._hooks_dict = "_forward_pre_hooks" if pre else "_forward_hooks"
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._handle = register(self)
+        self._active = True
+
+    def __call__(self, module: nn.Module, *args):
+        if not self._active or not self._is_own(module):
+            return None
+        return self._hook(module, *args)
+
+    def _is_own(self, module: nn.Module) -> bool:
+        own = self._module
+        return module is own or (
+            getattr(module, self._hooks_dict, None) is getattr(own, self._hooks_dict)
+        )
+
+    def remove(self) -> None:
+        """End the call: the hook is removed and inert from now on (also in copies)."""
+        self._active = False
+        self._handle.remove()
+
+    def __deepcopy__(self, memo: dict) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self):
+        return (InertHook, ())
+
+
+def call_hook(module: nn.Module, hook, *, pre: bool = False):
+    """A registration for :func:`registered_hooks`: ``hook`` as a forward hook of ``module``
+    (a forward pre-hook with ``pre=True``) that acts only during the block and only on
+    ``module`` (a :class:`CallHook`)."""
+    return lambda: CallHook(module, hook, pre=pre)
 
 
 @dataclass
@@ -60,8 +119,8 @@ class LayerCapture:
                 "its activations are ambiguous. Pick a module that runs once. (If it does run "
                 "once: another thread ran the same model meanwhile, or the model called an "
                 "explanation from inside its own forward pass. The method's hooks sit on the "
-                "model's modules, so explain a copy of the model, copy.deepcopy(model), where "
-                "it also serves predictions.)"
+                "model's modules, so explain a copy of the model where it also serves "
+                "predictions: with captum_ext.model_lock(model): twin = copy.deepcopy(model).)"
             )
         # nn.DataParallel replicas: one call per device, batch split in device order.
         order = sorted(range(len(devices)), key=lambda i: devices[i].index or 0)
@@ -131,11 +190,7 @@ def capture_layer(layer: nn.Module, *, layer_input: bool = False) -> Iterator[La
         capture.tensors.append(leaves)
         return replaced
 
-    register = (
-        (lambda: layer.register_forward_pre_hook(on_input))
-        if layer_input
-        else (lambda: layer.register_forward_hook(on_output))
-    )
+    register = call_hook(layer, on_input, pre=True) if layer_input else call_hook(layer, on_output)
     with registered_hooks(register):
         yield capture
 
@@ -259,7 +314,7 @@ def counted_output_bytes(
 
     registrations = [lambda: torch.nn.modules.module.register_module_forward_hook(on_output)]
     registrations += [
-        (lambda m=module: m.register_forward_pre_hook(on_layer))
+        call_hook(module, on_layer, pre=True)
         for module in starts
         if not isinstance(module, torch.jit.ScriptModule)
     ]

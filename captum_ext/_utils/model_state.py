@@ -179,6 +179,30 @@ def _locked(modules: dict[int, nn.Module]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def model_lock(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold the lock that the methods' calls on ``model`` hold, so that no explanation runs
+    on it (from another thread) inside the block; yields ``model``.
+
+    While a method explains, its hooks sit on the model's modules. Copy or save the model
+    under the lock to get it without them::
+
+        with captum_ext.model_lock(model):
+            twin = copy.deepcopy(model)  # or torch.save(model, path)
+
+    A call waits for the block to end (and the block for a call to end). Re-entrant: a
+    method may be called inside the block from the same thread.
+
+    Args:
+        model (nn.Module): the model, as passed to the methods (a wrapper that holds it,
+            ``torch.compile(model)`` or ``nn.DataParallel(model)``, locks it too).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    with _locked({id(sub): sub for sub in model.modules()}):
+        yield model
+
+
 def leaves_inference_mode(function: _Function) -> _Function:
     """Run a public method or function outside ``torch.inference_mode()`` when it is called
     inside it: it optimises, copies or re-initialises models, or differentiates through code

@@ -29,7 +29,7 @@ from .._utils.batched_grad import (
 )
 from .._utils.batches import dict_batch
 from .._utils.caller import inside_expanding_wrapper, user_stacklevel
-from .._utils.hooks import registered_hooks, restored_buffers_of_modules_run
+from .._utils.hooks import call_hook, registered_hooks, restored_buffers_of_modules_run
 from .._utils.layers import resolve_layer, root_module, uncompiled
 from .._utils.maps import upsample_maps
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
@@ -623,7 +623,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 preserved_state([model, self.layer]),
                 restored_buffers_of_modules_run(exclude=[model, self.layer]),
                 torch.no_grad(),
-                registered_hooks(lambda: self.layer.register_forward_hook(on_output)),
+                registered_hooks(call_hook(self.layer, on_output)),
             ):
                 for batch in batches:
                     if count >= n_samples:
@@ -910,7 +910,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
 
         with (
             torch.no_grad(),
-            registered_hooks(lambda: self.layer.register_forward_hook(on_output)),
+            registered_hooks(call_hook(self.layer, on_output)),
         ):
             output = run_forward(
                 self.forward_func,
@@ -1108,7 +1108,7 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 # registered through the backward pass too: a model that recomputes `layer`
                 # there (activation checkpointing) is named by the hook, not by torch's
                 # "Recomputed values ... have different metadata"
-                with registered_hooks(lambda: self.layer.register_forward_hook(substitute)):
+                with registered_hooks(call_hook(self.layer, substitute)):
                     output = None
                     if shared is not False:
                         output = self._shared_prefix_forward(
