@@ -232,7 +232,7 @@ def load_bundled_mask_explainer(model: Any = None):
 
     The mask net (a 2-level U-Net of width 16) was trained by
     ``scripts/train_bundled_mask_net.py`` on the 4,000 training digits with the options
-    :data:`MASK_OPTIONS`: the "sparse_confident" weights (with the confidence hinge), masked
+    ``MASK_OPTIONS``: the "sparse_confident" weights (with the confidence hinge), masked
     pixels black (:data:`BUNDLED_BLACK`, as the papers' MNIST explanations m * x in pixel space; the
     explainer's own default, 0 in normalised space, is a mean grey) and the activations
     of ``features.1``, ``features.4``, ``features.7`` and ``flatten`` matched. What it

@@ -11,7 +11,7 @@ The examples come first: a tokens-first ``(tokens, N, D)`` layer (``nn.Transform
 with its default ``batch_first=False``) is refused, not read as a grid of one token.
 
 :class:`TokenGridModel` computes the model exactly as it is, except that while it runs, the
-chosen layer's output passes through an identity module, :attr:`TokenGridModel.grid`, as the
+chosen layer's output passes through an identity module, ``TokenGridModel.grid``, as the
 ``(N, D, h, w)`` grid of its patch tokens, and is put back together after it (the leading
 tokens untouched). Hooks on ``grid`` therefore see the patch tokens as a map, gradients with
 respect to its output are the patch tokens' gradients folded the same way, and a method that
@@ -44,9 +44,9 @@ __all__ = [
 
 class TokenGridModel(nn.Module):
     """``model`` with the ``(N, leading + h * w, D)`` output of ``layer`` (``layout=
-    "tokens"``) or its ``(N, h, w, D)`` output (``layout="channels_last"``) passed through
-    :attr:`grid` as ``(N, D, h, w)``. Build it with :func:`expose_token_grid`, which sets
-    ``reaches_output`` (:func:`grid_reaches_output` on its example)."""
+    "tokens"``) or its ``(N, h, w, D)`` output (``layout="channels_last"``) passed through its
+    identity module ``grid`` as ``(N, D, h, w)``. Build it with :func:`expose_token_grid`, which
+    sets ``reaches_output`` (:func:`grid_reaches_output` on its example)."""
 
     def __init__(
         self,
@@ -295,6 +295,7 @@ def expose_token_grid(
 
         >>> from torchvision.models import VisionTransformer
         >>> from captum_ext.attr import GradCAM
+        >>> from captum_ext.token_grid import expose_token_grid
         >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
         ...                         mlp_dim=32, num_classes=5).eval()
         >>> _ = torch.nn.init.normal_(vit.heads.head.weight)  # torchvision's fresh head is 0
@@ -446,6 +447,7 @@ def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None
     Example::
 
         >>> from torchvision.models import VisionTransformer
+        >>> from captum_ext.token_grid import expose_token_grid, grid_reaches_output
         >>> vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16,
         ...                         mlp_dim=32, num_classes=5).eval()
         >>> _ = torch.nn.init.normal_(vit.heads.head.weight)

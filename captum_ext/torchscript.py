@@ -38,7 +38,7 @@ class TorchScriptLayerModel(nn.Module):
     Hooks cannot be registered on ``ScriptModule``\ s, so the methods of the layer's
     ancestors (the model itself, the containers on the way down) are evaluated node by node
     in Python, while every other submodule, and the layer itself, runs compiled. The layer's
-    output passes through :attr:`tap`, an eager identity module: give ``tap`` to any Captum
+    output passes through ``tap``, an eager identity module: give ``tap`` to any Captum
     layer method. Straight-line code, ``if`` and ``for`` are supported in the ancestors'
     methods; free functions are looked up by their Python name (``torch.nn.functional.relu``).
 
@@ -314,9 +314,9 @@ def last_linear_name(model: nn.Module) -> str | None:
     """The dotted name of the last linear layer of ``model`` (a compiled ``nn.Linear`` in a
     TorchScript model, scripted or traced), or None if there is none.
 
-    The package's single rule (:func:`captum_ext._utils.layers.find_last_linear`): without a
-    forward pass to watch, and always for TorchScript, whose compiled layers take no hooks,
-    the last linear layer in ``named_modules()`` order.
+    The package's single rule (``find_last_linear``): without a forward pass to watch, and
+    always for TorchScript, whose compiled layers take no hooks, the last linear layer in
+    ``named_modules()`` order.
     """
     try:
         name, _ = find_last_linear(model, None)
@@ -432,10 +432,11 @@ def expose_layer(
             run on it and checked against the compiled model. Default: None (no check).
         final_layer (str, optional): TorchScript and exported models only: the dotted name
             of the final linear layer to expose as well, so that GradTrust can read it (the
-            wrapper of :func:`expose_final_layer`, with ``layer`` as its ``tap``; for an
-            exported model that of :func:`captum_ext.exported.expose_exported_layer`, which
-            checks it names a linear layer). Default: None (only ``layer`` is exposed; an
-            exported model's last linear layer is exposed as well when it can be).
+            wrapper of :func:`~captum_ext.torchscript.expose_final_layer`, with ``layer`` as
+            its ``tap``; for an exported model that of
+            :func:`captum_ext.exported.expose_exported_layer`, which checks it names a linear
+            layer). Default: None (only ``layer`` is exposed; an exported model's last linear
+            layer is exposed as well when it can be).
 
     Returns:
         tuple[nn.Module, nn.Module]: the forward function and the layer module.
@@ -449,6 +450,7 @@ def expose_layer(
 
         >>> from captum_ext.attr import ContrastCAM
         >>> from captum_ext.data import load_model
+        >>> from captum_ext.torchscript import expose_layer
         >>> torch.jit.script(model).save("model.ts")  # the bundled digit model, compiled
         >>> scripted = load_model("model.ts")
         >>> forward, layer = expose_layer(scripted, "features.7", example=images[:2])

@@ -49,7 +49,23 @@ extensions = [
     "myst_nb",
 ]
 exclude_patterns = ["_build", "jupyter_execute", "**.ipynb_checkpoints", "**/__pycache__"]
-nitpicky = False
+# Every cross-reference must resolve (a broken one fails the -W build instead of rendering
+# as plain text), except those to types documented elsewhere and the plain words of
+# docstring types ("int, optional", "array-like"), which have no target here.
+nitpicky = True
+_EXTERNAL_MODULES = (
+    "torch|torchvision|nn|numpy|np|collections|typing|os|pathlib|argparse|PIL|matplotlib"
+    "|networkx|captum"  # captum itself, not captum_ext: "captum" must be followed by "."
+)
+nitpick_ignore_regex = [
+    (r"py:.*", rf"({_EXTERNAL_MODULES})\..+"),
+    (r"py:class", r"Tensor|Path|PathLike|Dataset|DataLoader|GraphModule|Attribution"),
+    (r"py:class", r"optional|array-like|callable|sequence|tensor"),
+]
+# TEMPORARY: the broken references of captum_ext/viz, captum_ext/circuits and
+# docs/api/circuits.rst, being fixed at their source; delete each entry with its fix.
+nitpick_ignore = [
+]
 
 # -- autodoc / napoleon (Captum-style Google docstrings: Args / Returns / Examples) --------
 

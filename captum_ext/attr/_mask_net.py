@@ -44,6 +44,7 @@ def default_unet_config(height: int, width: int) -> dict[str, int]:
     4 x 4 pixels) and ``width = 32`` from 112 pixels on, 16 below (the papers' net for
     ImageNet sizes, a lighter one for digits).
 
+    >>> from captum_ext.attr._mask_net import default_unet_config
     >>> default_unet_config(224, 224), default_unet_config(28, 28)
     ({'depth': 4, 'width': 32}, {'depth': 2, 'width': 16})
     """

@@ -29,7 +29,7 @@ class CircuitComparison:
         flow_retained (float): share of ``graph_a``'s flow carried by edges ``graph_b`` also
             has; NaN when ``graph_a`` has no edges (a node-only graph, such as a pathway's)
             and, with a RuntimeWarning, when all its edges weigh 0.
-        flow_retained_by_layer (dict of str to float): the same, per destination layer
+        flow_retained_by_layer (dict[str, float]): the same, per destination layer
             (NaN, with a RuntimeWarning, for a layer whose edges in ``graph_a`` all weigh 0).
     """
 
@@ -154,7 +154,7 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
 
     Examples::
 
-        >>> from captum_ext.circuits import CircuitReadout
+        >>> from captum_ext.circuits import CircuitReadout, compare
         >>> readout = CircuitReadout(model)  # the bundled digit model
         >>> image = x[:1]
         >>> mask = torch.zeros_like(image); mask[..., 7:21, 7:21] = 1  # keep the centre
@@ -232,7 +232,7 @@ def to_json(graph: nx.DiGraph, path: str | os.PathLike | None = None) -> str:
     Examples::
 
         >>> import networkx as nx
-        >>> from captum_ext.circuits import CircuitReadout
+        >>> from captum_ext.circuits import CircuitReadout, from_json, to_json
         >>> graph = CircuitReadout(model).readout(x[:1])[0]
         >>> text = to_json(graph, "circuit.json")  # also writes the file
         >>> nx.utils.graphs_equal(from_json(text), graph)

@@ -115,7 +115,7 @@ def draw(
     Examples::
 
         >>> import matplotlib.pyplot as plt
-        >>> from captum_ext.circuits import CircuitReadout
+        >>> from captum_ext.circuits import CircuitReadout, draw
         >>> readout = CircuitReadout(model)  # the bundled digit model
         >>> image = x[:1]
         >>> mask = torch.zeros_like(image); mask[..., 7:21, 7:21] = 1

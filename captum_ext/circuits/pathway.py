@@ -61,10 +61,10 @@ def pathway_graphs(
     share keys when the pathway's layers are the readout's stages.
 
     Args:
-        masks (dict of str to Tensor, or PathwayGradientResult): per layer, an (N, C, ...)
+        masks (dict[str, Tensor], or PathwayGradientResult): per layer, an (N, C, ...)
             tensor, non-zero for the neurons kept; a ``PathwayGradientResult`` gives its
             ``masks``, ``scores`` and ``target``.
-        scores (dict of str to Tensor, optional): per layer, the neuron scores (same shapes).
+        scores (dict[str, Tensor], optional): per layer, the neuron scores (same shapes).
         target (Tensor, optional): (N,) class explained per example, stored as a graph
             attribute.
 

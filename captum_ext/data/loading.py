@@ -8,7 +8,7 @@ r"""Load the user's own model and images: no configuration files, no downloads.
 - :func:`denormalize_for_display`: back to ``[0, 1]`` ``H x W x C`` arrays for plotting.
 - :func:`resolve_inputs`: THE one place that turns an images folder (or the bundled sample
   digits), a transform name and class names into tensors, labels and names
-  (:func:`folder_labels` is its rule for folder names to labels).
+  (``folder_labels`` is its rule for folder names to labels).
 - :func:`default_cam_layer` and :func:`expose_layer`: which layer to explain, and a way to
   explain a layer inside a TorchScript model (whose submodules cannot carry hooks).
 
@@ -158,7 +158,7 @@ def _mention(names: Mapping[str, str], name: str) -> str:
 
 def _on_command_line(names: Mapping[str, str]) -> bool:
     """Whether the caller names the parameters by command-line flags (``captum-ext``, with
-    :data:`COMMAND_LINE_NAMES`): advice then names no Python-only parameter or value."""
+    ``COMMAND_LINE_NAMES``): advice then names no Python-only parameter or value."""
     return any(shown.startswith("--") for shown in names.values())
 
 
@@ -318,7 +318,7 @@ def load_state_dict_file(
             a ``.safetensors`` file (needs the ``safetensors`` package).
         device (str or torch.device, optional): where the tensors are loaded. Default: "cpu".
         argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
-            ``{"weights": "--weights"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            ``{"weights": "--weights"}`` (``captum-ext`` passes ``COMMAND_LINE_NAMES``).
             Default: None (their Python names).
 
     Returns:
@@ -798,7 +798,7 @@ def load_model(
             Default: None (keep the factory's weights).
         device (str or torch.device, optional): where the model is put. Default: "cpu".
         argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
-            ``{"spec": "--model"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            ``{"spec": "--model"}`` (``captum-ext`` passes ``COMMAND_LINE_NAMES``).
             Default: None (their Python names: ```spec```, ```weights```, ```device```).
 
     Returns:
@@ -821,6 +821,7 @@ def load_model(
     Examples::
 
         >>> import torch, torchvision
+        >>> from captum_ext.data import load_model
         >>> torch.save(torchvision.models.resnet18().state_dict(), "r18.pt")
         >>> model = load_model("torchvision.models:resnet18", weights="r18.pt")
     """
@@ -921,7 +922,7 @@ class LogitsOutput(nn.Module):
 
     With ``"one logit"``, the first output whose values can be read (not while compiling,
     exporting or tracing) is checked once per wrapper: where every value lies in [0, 1],
-    a UserWarning (:data:`SIGMOID_OUTPUT_WARNING`) says it looks like a final sigmoid's
+    a UserWarning (``SIGMOID_OUTPUT_WARNING``) says it looks like a final sigmoid's
     probability (a wrapper from :func:`with_logits_output` was checked there already).
 
     A ``logits`` field is taken first in every case. The wrapper shares the model's
@@ -1043,7 +1044,7 @@ def _looks_like_one_probability(output: Tensor) -> bool:
 
 @torch.jit.unused
 def _warn_if_one_probability(output: Tensor, stacklevel: int | None = None) -> bool:
-    """Warn (:data:`SIGMOID_OUTPUT_WARNING`) where ``output`` looks like one probability
+    """Warn (``SIGMOID_OUTPUT_WARNING``) where ``output`` looks like one probability
     per example; whether its values could be read (``False`` while compiling, tracing, ...:
     nothing was checked)."""
     if _values_unreadable(output):
@@ -1100,7 +1101,7 @@ def with_logits_output(model: nn.Module, example: Tensor) -> tuple[nn.Module, bo
     :func:`expose_layer` returns instead).
 
     One output per example whose every value on ``example`` lies in [0, 1] is still read as
-    a logit, with a UserWarning (:data:`SIGMOID_OUTPUT_WARNING`) that it looks like a final
+    a logit, with a UserWarning (``SIGMOID_OUTPUT_WARNING``) that it looks like a final
     sigmoid's probability, which would make every example class 1, and what to do: one value
     per example is too little to tell a probability from a logit that lies in [0, 1] (give
     ``example`` several images), where a softmax's rows, which sum to 1, are read as
@@ -1154,6 +1155,7 @@ def log_probabilities(probabilities: Tensor) -> Tensor:
 
     Example::
 
+        >>> from captum_ext.data import log_probabilities
         >>> p = torch.tensor([[0.7, 0.2, 0.1]])
         >>> torch.allclose(log_probabilities(p).softmax(1), p)
         True
@@ -1208,7 +1210,7 @@ def two_class_logits(output: Tensor) -> Tensor:
 
     The output must be the logit z, not the probability ``sigmoid(z)``: where every value
     lies in [0, 1] (a model that ends in ``torch.sigmoid``) a UserWarning says so
-    (:data:`SIGMOID_OUTPUT_WARNING`), since every example would then be read as class 1;
+    (``SIGMOID_OUTPUT_WARNING``), since every example would then be read as class 1;
     ``two_class_logits(torch.logit(p))`` gives the two-class logits of such a probability.
     The values are not read (no check) while ``torch.compile`` / ``torch.export`` /
     ``torch.jit`` trace or script the code, on fake or meta tensors and under
@@ -1223,6 +1225,7 @@ def two_class_logits(output: Tensor) -> Tensor:
 
     Example::
 
+        >>> from captum_ext.data import two_class_logits
         >>> z = torch.tensor([[2.0], [-1.0]])
         >>> two_class_logits(z)
         tensor([[-1.0000,  1.0000],
@@ -1806,7 +1809,7 @@ def load_image_folder(
             skipped. Default: none.
         argument_names (Mapping[str, str], optional): how errors and warnings name the
             parameters, e.g. ``{"directory": "--images"}`` (``captum-ext`` passes
-            :data:`COMMAND_LINE_NAMES`). Default: None (their Python names).
+            ``COMMAND_LINE_NAMES``). Default: None (their Python names).
 
     Returns:
         ``(images, paths)``, or ``(images, paths, labels)`` with ``labels_from_subfolders``:
@@ -1822,7 +1825,7 @@ def load_image_folder(
 
         >>> from pathlib import Path
         >>> from PIL import Image
-        >>> from captum_ext.data import denormalize_digits, load_sample_digits
+        >>> from captum_ext.data import denormalize_digits, load_image_folder, load_sample_digits
         >>> digits, digit_labels = load_sample_digits()  # 4 of each class, in class order
         >>> for i in (0, 1, 4, 5):  # two 0s and two 1s as PNG files, one folder per class
         ...     folder = Path("photos") / str(int(digit_labels[i]))
@@ -2025,7 +2028,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Item ``i`` is ``(image, label)``: the ``C x H x W`` float32 image of ``paths[i]``
     (read and transformed when asked for) and its class from the first sub-folder's name
-    (:func:`folder_labels`; ``-1`` where unknown). The files, their order, the transforms
+    (``folder_labels``; ``-1`` where unknown). The files, their order, the transforms
     and every error are :func:`load_image_folder`'s; an image of another size than the
     first file's is refused naming both files (in every ``DataLoader`` worker). Images with
     transparent pixels are listed in ``transparent`` as they are read (in each
@@ -2059,7 +2062,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         >>> from pathlib import Path
         >>> from PIL import Image
         >>> from torch.utils.data import DataLoader
-        >>> from captum_ext.data import denormalize_digits, load_sample_digits
+        >>> from captum_ext.data import ImageFolderDataset, denormalize_digits, load_sample_digits
         >>> from captum_ext.metrics import score_dataset
         >>> digits, digit_labels = load_sample_digits()
         >>> for i in (0, 1, 4, 5):  # two 0s and two 1s as PNG files, one folder per class
@@ -2197,7 +2200,7 @@ def read_class_names(
     Args:
         path (str or PathLike): the text file (UTF-8).
         argument_names (Mapping[str, str], optional): how errors name ``path``, e.g.
-            ``{"path": "--classes"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            ``{"path": "--classes"}`` (``captum-ext`` passes ``COMMAND_LINE_NAMES``).
             Default: None (```path```).
 
     Returns:
@@ -2273,6 +2276,7 @@ def folder_labels(
 
     Examples::
 
+        >>> from captum_ext.data.loading import folder_labels
         >>> folder_labels(["cat", "dog", "1", ""], ["cat", "dog"])
         [0, 1, 1, -1]
         >>> folder_labels(["3", "x"], None)
@@ -2411,7 +2415,7 @@ def resolve_inputs(
         exclude (sequence of paths, optional): folders not to read (the report being
             written inside ``images``). Default: none.
         argument_names (Mapping[str, str], optional): how errors name the parameters, e.g.
-            ``{"images": "--images"}`` (``captum-ext`` passes :data:`COMMAND_LINE_NAMES`).
+            ``{"images": "--images"}`` (``captum-ext`` passes ``COMMAND_LINE_NAMES``).
             Default: None (their Python names).
 
     Returns:
@@ -2424,6 +2428,7 @@ def resolve_inputs(
 
     Examples::
 
+        >>> from captum_ext.data.loading import resolve_inputs
         >>> inputs = resolve_inputs(limit=4)  # the bundled sample digits
         >>> inputs.images.shape, inputs.transform
         (torch.Size([4, 1, 28, 28]), 'digits')

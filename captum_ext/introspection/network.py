@@ -199,7 +199,7 @@ class IntrospectiveNetwork(nn.Module):
 
     The network is a differentiable function of its inputs: Captum's gradient methods
     (``Saliency(network)``, ``IntegratedGradients(network)``, ``NoiseTunnel``) explain the
-    introspective prediction. Where an input requires gradients, :meth:`forward` computes
+    introspective prediction. Where an input requires gradients, ``forward`` computes
     the features twice: their values (as without gradients, so the outputs are the same)
     and their graph (the closed form with ``p`` and ``h`` differentiated; at another
     ``layer``, per example, the weight gradients with ``create_graph``, a second-order

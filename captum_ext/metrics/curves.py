@@ -194,6 +194,7 @@ def accuracy_retention_curve(
 
     Examples::
 
+        >>> from captum_ext.metrics import accuracy_retention_curve
         >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])  # higher = more trusted
         >>> preds = torch.tensor([1, 2, 0, 0])
         >>> truth = torch.tensor([1, 2, 1, 0])  # the third prediction is wrong
@@ -269,6 +270,7 @@ def auac(scores: Any, correct: Any, *, percentiles: Any = None) -> float:
 
     Examples::
 
+        >>> from captum_ext.metrics import auac
         >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
         >>> correct = torch.tensor([True, True, False, True])
         >>> auac(torch.ones(4), correct)  # a constant score gives the plain accuracy
@@ -306,6 +308,7 @@ def aufc(scores: Any, predictions: Any, labels: Any, *, percentiles: Any = None)
 
     Examples::
 
+        >>> from captum_ext.metrics import aufc
         >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
         >>> predictions = torch.tensor([1, 2, 0, 0])
         >>> truth = torch.tensor([1, 2, 1, 0])
@@ -350,6 +353,7 @@ def misprediction_auroc(scores: Any, correct: Any) -> float:
 
     Examples::
 
+        >>> from captum_ext.metrics import misprediction_auroc
         >>> scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
         >>> correct = torch.tensor([True, True, False, True])
         >>> round(misprediction_auroc(scores, correct), 4)  # 2 of 3 pairs ranked right
@@ -428,6 +432,7 @@ def auroc(in_scores: Any, out_scores: Any) -> float:
 
     Examples::
 
+        >>> from captum_ext.metrics import auroc
         >>> in_scores = torch.tensor([0.9, 0.8, 0.7, 0.4])  # higher = more in-distribution
         >>> out_scores = torch.tensor([0.5, 0.3, 0.2])
         >>> round(auroc(in_scores, out_scores), 4)  # 11 of 12 pairs ranked right
@@ -464,6 +469,7 @@ def aupr(in_scores: Any, out_scores: Any, *, positive: str = "in") -> float:
 
     Examples::
 
+        >>> from captum_ext.metrics import aupr
         >>> in_scores = torch.tensor([0.9, 0.8, 0.7, 0.4])
         >>> out_scores = torch.tensor([0.5, 0.3, 0.2])
         >>> round(aupr(in_scores, out_scores), 4)  # AUPR-In
@@ -515,6 +521,7 @@ def fpr_at_tpr(
 
     Examples::
 
+        >>> from captum_ext.metrics import fpr_at_tpr
         >>> in_scores = torch.tensor([0.9, 0.8, 0.7, 0.4])
         >>> out_scores = torch.tensor([0.5, 0.3, 0.2])
         >>> round(fpr_at_tpr(in_scores, out_scores), 4)  # FPR@95TPR: 0.5 passes too

@@ -84,6 +84,7 @@ class PointingGame(_PerExampleMean):
     Examples::
 
         >>> import torch
+        >>> from captum_ext.metrics import PointingGame
         >>> boxes = torch.tensor([[1, 1, 4, 4], [1, 1, 4, 4]])  # pixels 1..3 (x1, y1 exclusive)
         >>> maps = torch.zeros(2, 1, 8, 8); maps[0, 0, 2, 4] = 1; maps[1, 0, 7, 7] = 1
         >>> PointingGame().update(maps, boxes)  # tolerance 0: the maximum inside the object

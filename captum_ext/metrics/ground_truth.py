@@ -111,6 +111,7 @@ def attribution_precision_recall(
     Examples::
 
         >>> import torch
+        >>> from captum_ext.metrics import attribution_precision_recall
         >>> truth = torch.zeros(1, 1, 4, 4); truth[..., :2, :2] = 1.0
         >>> maps = torch.zeros(1, 1, 4, 4); maps[..., :2, :3] = 1.0
         >>> attribution_precision_recall(maps, truth, selection="threshold")

@@ -181,6 +181,7 @@ def softmax_confidence(
 
     Examples::
 
+        >>> from captum_ext.metrics import softmax_confidence
         >>> scores = softmax_confidence(model, images)
     """
     logits = at_least_float32(
@@ -230,6 +231,7 @@ def energy(
 
     Examples::
 
+        >>> from captum_ext.metrics import energy
         >>> scores = energy(model, images)
     """
     t = check_number(temperature, "temperature")
@@ -276,6 +278,7 @@ def negative_entropy(
 
     Examples::
 
+        >>> from captum_ext.metrics import negative_entropy
         >>> scores = negative_entropy(model, images)
     """
     logits = at_least_float32(
@@ -312,6 +315,7 @@ def margin(
 
     Examples::
 
+        >>> from captum_ext.metrics import margin
         >>> scores = margin(model, images)
     """
     logits = at_least_float32(
@@ -347,6 +351,7 @@ def log_likelihood(
 
     Examples::
 
+        >>> from captum_ext.metrics import log_likelihood
         >>> scores = log_likelihood(model, images)
     """
     logits = at_least_float32(
@@ -395,6 +400,7 @@ def odin(
 
     Examples::
 
+        >>> from captum_ext.metrics import odin
         >>> scores = odin(model, images, temperature=100.0, epsilon=0.0014)
     """
     temperature = check_number(temperature, "temperature")
@@ -550,6 +556,7 @@ def mc_dropout(
 
     Examples::
 
+        >>> from captum_ext.metrics import mc_dropout
         >>> scores = mc_dropout(model, images, n_passes=20, generator=0)
     """
     n_passes = check_int(n_passes, "n_passes")
@@ -658,6 +665,7 @@ def gradnorm(
 
     Examples::
 
+        >>> from captum_ext.metrics import gradnorm
         >>> scores = gradnorm(model, images)
     """
     p = check_number(p, "p", minimum=1.0, allow_minimum=True)
@@ -820,6 +828,7 @@ def purview(
 
     Examples::
 
+        >>> from captum_ext.metrics import purview
         >>> scores = purview(model, images, groups=["features.0", "classifier"])
     """
     output_transform = _check_transform(output_transform)

@@ -38,7 +38,7 @@ tqdm; each is imported only when the function that needs it runs).
   accuracy-retention curves of every trust score, the least-trusted images with their maps).
 """
 
-from .build import SECTION_REGISTRY, ReportConfig, SectionInputs, build_report
+from .build import SECTION_REGISTRY, ReportConfig, ReportResult, SectionInputs, build_report
 from .calibration import plot_reliability_diagram
 from .evaluation import EvaluationScores, compute_evaluation, evaluation_section, render_evaluation
 from .inversion import InversionData, compute_inversion, inversion_section, render_inversion
@@ -72,6 +72,7 @@ __all__ = [
     "SECTION_REGISTRY",
     "ContrastiveMaps",
     "ReportConfig",
+    "ReportResult",
     "SectionInputs",
     "build_report",
     "compute_contrastive",

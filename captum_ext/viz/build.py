@@ -9,11 +9,11 @@ command line.
   that builds it from a :class:`SectionInputs`, its options from the config). Adding a
   section to the report is one entry.
 - :func:`build_report`: resolve the inputs (:func:`captum_ext.data.loading.resolve_inputs`),
-  build the sections in order, time each, write the page; returns a :class:`ReportResult`.
+  build the sections in order, time each, write the page; returns a ``ReportResult``.
 
 Errors are one-line exceptions naming the command-line option (``--out``, ``--layer``, ...):
-:class:`OutputError` (``--out`` cannot be written), :class:`SectionTooBigError` (a section asked
-for by name does not fit in memory), and ``ValueError`` / ``TypeError`` / ``OSError``.
+``OutputError`` (``--out`` cannot be written), ``SectionTooBigError`` (a section asked for
+by name does not fit in memory), and ``ValueError`` / ``TypeError`` / ``OSError``.
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ class ReportConfig:
 
     ``model=None`` is the bundled digit classifier on its sample digits (``images=None``).
     ``sections=None`` is every registered section for the bundled model and
-    :data:`USER_MODEL_SECTIONS` for a model of your own.
+    ``USER_MODEL_SECTIONS`` (``contrastive``, ``voice``, ``metrics``, ``trust``) for a model
+    of your own.
     """
 
     model: str | None = None
@@ -1002,15 +1003,18 @@ def build_report(config: ReportConfig) -> ReportResult:
         config (ReportConfig): the report's settings.
 
     Returns:
-        :class:`ReportResult`.
+        ``ReportResult``: ``index`` (the path of the page), ``timings`` (seconds per step,
+        in order) and ``left_out`` (each section left out, with why).
 
     Raises:
-        OutputError: ``config.out`` cannot be written (checked before any work).
-        SectionTooBigError: a section asked for by name does not fit in memory.
+        Exception: ``OutputError`` if ``config.out`` cannot be written (checked before any
+            work); ``SectionTooBigError`` if a section asked for by name does not fit in
+            memory (both defined in ``captum_ext.viz.build``).
         ValueError, TypeError, OSError: bad settings, as one line naming the option.
 
     Examples::
 
+        >>> from captum_ext.viz import ReportConfig, build_report
         >>> config = ReportConfig(limit=2, sections=["contrastive"], out="report")
         >>> result = build_report(config)
         >>> result.index.name

@@ -27,7 +27,8 @@ def plot_reliability_diagram(
     model is over-confident there); the dashed diagonal is perfect calibration. With
     ``show_counts``, a strip under the diagram shows the share of predictions in each bin
     (on a log scale, since confident models put nearly all of them in the top bin). The
-    title gives the ECE of the diagram (:meth:`ReliabilityDiagram.calibration_error`).
+    title gives the ECE of the diagram
+    (:meth:`~captum_ext.metrics.ReliabilityDiagram.calibration_error`).
 
     Papers: Niculescu-Mizil & Caruana, ICML 2005; Guo, Pleiss, Sun & Weinberger, ICML 2017.
 

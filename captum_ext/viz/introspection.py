@@ -127,7 +127,7 @@ def render_introspection(
 
     ``display_images``: the N images for display (N x C x H x W tensor or N x H x W x C array;
     uint8, or float in [0, 1]; drawn at their size, shrunk to at most
-    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on the longer side when larger);
+    ``FIGURE_PIXELS`` on the longer side when larger);
     ``class_names``: one name per class of the network (None: the indices); ``names``: one
     name per image (None: ``#i``); ``progress``: a bar on stderr while the figures are drawn
     (default: False). A ``ValueError`` names the argument that does not fit."""

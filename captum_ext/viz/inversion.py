@@ -112,7 +112,7 @@ def inversion_section(
         confidence_k  = mean softmax f(x)[k] over those images
         diversity_k   = mean pairwise cosine of their penultimate features (lower = more diverse)
 
-    (:func:`~captum_ext.inversion.evaluation.label_consistency`, ``mean_confidence`` and
+    (:func:`~captum_ext.inversion.label_consistency`, ``mean_confidence`` and
     ``within_class_diversity``). A consistent generator shows what the classifier has learnt
     to call each class; an inconsistent one (low consistency) has not inverted it yet. The
     grid is a PNG in ``out_dir/images/inversion/``.
@@ -120,7 +120,7 @@ def inversion_section(
     For a model with more than ``max_classes`` classes (e.g. 1000 ImageNet classes) only a
     random sample of ``max_classes`` classes is inverted and shown (drawn with ``seed``,
     shown in ascending order); the page says so. The mean diversity is printed beside the
-    grid; above :data:`COLLAPSE_COSINE` (0.9: the samples of a class are nearly identical in
+    grid; above ``COLLAPSE_COSINE`` (0.9: the samples of a class are nearly identical in
     the classifier's feature space, a collapsed generator) the page adds a caveat, and names
     the classes above it.
 
@@ -146,6 +146,7 @@ def inversion_section(
     Examples::
 
         >>> from captum_ext.bundled import load_bundled_inversion
+        >>> from captum_ext.viz import inversion_section
         >>> inversion = load_bundled_inversion(model)     # a trained NetworkInversion
         >>> section = inversion_section(inversion, "out", per_class=4)
         >>> section.rows[0].table.rows[0][:2]
@@ -207,7 +208,7 @@ class InversionData:
 
     @property
     def collapsed(self) -> bool:
-        """Whether the mean diversity is above :data:`COLLAPSE_COSINE` (a collapsed
+        """Whether the mean diversity is above ``COLLAPSE_COSINE`` (a collapsed
         generator)."""
         return self.diversity > COLLAPSE_COSINE
 
@@ -224,7 +225,7 @@ def compute_inversion(
     r"""The numbers of :func:`inversion_section`, without drawing: ``per_class`` samples of
     each chosen class from the generator of ``inversion`` (seeded with ``seed``) and their
     label consistency, mean confidence and within-class diversity, over all the images and
-    per class (:func:`~captum_ext.inversion.evaluation.label_consistency`,
+    per class (:func:`~captum_ext.inversion.label_consistency`,
     ``mean_confidence``, ``within_class_diversity``).
 
     Args: as :func:`inversion_section`.

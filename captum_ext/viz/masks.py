@@ -172,7 +172,9 @@ def minimal_mask_section(
         out_dir (str or PathLike): the report folder.
         progress (bool, optional): tqdm progress bars on stderr. Default: True.
         explainer (ActivationMatchingMask): the mask explainer of ``model``; for
-            ``mode="amortised"`` its mask net must be trained (:meth:`fit` or :meth:`load`;
+            ``mode="amortised"`` its mask net must be trained
+            (:meth:`~captum_ext.attr.ActivationMatchingMask.fit` or
+            :meth:`~captum_ext.attr.ActivationMatchingMask.load`;
             :func:`captum_ext.bundled.load_bundled_mask_explainer` for the bundled model).
         mode (str, optional): ``"amortised"`` (one forward pass of the mask net) or
             ``"per_image"`` (a mask net fitted to each image, ``steps`` Adam steps: slow).
@@ -194,6 +196,7 @@ def minimal_mask_section(
     Examples::
 
         >>> from captum_ext.bundled import load_bundled_mask_explainer
+        >>> from captum_ext.viz import minimal_mask_section
         >>> explainer = load_bundled_mask_explainer(model)  # its trained mask network
         >>> section = minimal_mask_section(model, images[:8], shown[:8], DIGIT_CLASSES, "out",
         ...                                explainer=explainer, circuit_rows=2)
@@ -387,7 +390,7 @@ def render_minimal_mask(
     """Draw :func:`compute_minimal_mask`'s masks over ``display_images`` (the images in
     [0, 1], N x H x W x C or a tensor) and its circuits into ``out_dir/images/masks/`` and
     return the Section (rows as in :func:`minimal_mask_section`). Images larger than the page
-    shows them are drawn shrunk to at most :data:`~captum_ext.viz.report.FIGURE_PIXELS` on
+    shows them are drawn shrunk to at most ``FIGURE_PIXELS`` on
     their longer side, with their masks. ``progress``: a bar on stderr while the figures are
     drawn. Default: False."""
     n = data.mask.shape[0]

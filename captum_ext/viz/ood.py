@@ -196,6 +196,7 @@ def ood_section(
         >>> import copy
         >>> from captum_ext.bundled import BUNDLED_INVERSION_OPTIONS
         >>> from captum_ext.inversion import TIE, TIEConfig
+        >>> from captum_ext.viz import ood_section
         >>> _ = torch.manual_seed(0)
         >>> config = TIEConfig(generator_steps=2, generator_batch_size=8, batch_size=20)
         >>> tie = TIE(copy.deepcopy(model), config=config, **BUNDLED_INVERSION_OPTIONS)

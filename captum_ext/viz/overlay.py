@@ -136,7 +136,7 @@ def overlay(
     Args:
         image_01_hwc (numpy.ndarray or Tensor): the image, ``H x W x C`` with C = 1 or 3 (or
             ``H x W``), float in [0, 1] or uint8 (e.g. from
-            :func:`captum_ext.data.loading.denormalize_for_display`). Other integer dtypes
+            :func:`~captum_ext.data.denormalize_for_display`). Other integer dtypes
             (int64, uint16) raise a ``TypeError``: convert them to uint8 or to floats in
             [0, 1] first (floats above 1 are clipped, with a warning above 2).
         heatmap_01_hw (numpy.ndarray or Tensor): the map, ``H x W`` (or ``1 x H x W``) in
@@ -154,7 +154,8 @@ def overlay(
     Examples::
 
         >>> from captum_ext.attr import ContrastCAM
-        >>> from captum_ext.data.loading import denormalize_for_display
+        >>> from captum_ext.data import denormalize_for_display
+        >>> from captum_ext.viz import overlay, save_png
         >>> maps = ContrastCAM(model, layer).attribute(x, upsample_to_input=True,
         ...                                            normalize="minmax")
         >>> picture = overlay(denormalize_for_display(x[0], "digits"), maps[0, 0])
@@ -221,6 +222,7 @@ def save_colorbar(
 
     Examples::
 
+        >>> from captum_ext.viz import save_colorbar
         >>> bar = save_colorbar("out/images/voice/colorbar.png", label="uncertainty")
     """
     colormap = _colormap(cmap, "save_colorbar()")

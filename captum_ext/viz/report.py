@@ -11,6 +11,7 @@ Example::
     >>> from captum_ext.bundled import load_bundled_model
     >>> from captum_ext.data import (BUNDLED_CAM_LAYER, DIGIT_CLASSES, denormalize_digits,
     ...                              load_sample_digits)
+    >>> from captum_ext.viz import Report, contrastive_section
     >>> model = load_bundled_model()
     >>> images, labels = load_sample_digits()
     >>> shown = denormalize_digits(images)                 # N x 1 x 28 x 28 in [0, 1]
@@ -219,13 +220,13 @@ class Report:
 
     Args:
         title (str): the page title.
-        metadata (Mapping[str, str] or sequence of pairs, optional): shown as a small table
-            under the title (model, layer, images, ...). Default: None.
+        metadata (Mapping[str, str] or Sequence[tuple[str, str]], optional): shown as a
+            small table under the title (model, layer, images, ...). Default: None.
 
     Examples::
 
         >>> import numpy as np
-        >>> from captum_ext.viz.overlay import save_png
+        >>> from captum_ext.viz import Report, Section, save_png
         >>> _ = save_png(np.zeros((28, 28, 3), np.uint8), "a.png")
         >>> _ = save_png(np.full((28, 28, 3), 255, np.uint8), "b.png")
         >>> report = Report("My model")
@@ -264,7 +265,7 @@ class Report:
         deletes the figures the previous report listed there and the new one no longer
         uses (e.g. after a run on fewer images), and only those: nothing else in
         ``out_dir`` is ever deleted. A report run that was stopped part-way has listed there
-        the figures it wrote (:func:`figure_noter`), which are removed the same way.
+        the figures it wrote (``figure_noter``), which are removed the same way.
 
         Raises:
             FileNotFoundError: a figure's PNG does not exist.
@@ -528,7 +529,7 @@ def _display_array(display_images: Any, n: int, size: tuple[int, int]) -> np.nda
 
 def _figure_shape(height: int, width: int) -> tuple[int, int]:
     """The size (H, W) at which an ``height x width`` image is drawn as a figure: shrunk,
-    keeping its aspect ratio, so that its longer side is at most :data:`FIGURE_PIXELS`;
+    keeping its aspect ratio, so that its longer side is at most ``FIGURE_PIXELS``;
     never enlarged (a small image is drawn at its size, and the page scales it up)."""
     longest = max(height, width)
     if longest <= FIGURE_PIXELS:
@@ -555,7 +556,7 @@ def _for_figure(image: np.ndarray, *maps: Any) -> tuple[np.ndarray, ...]:
     """``image`` and ``maps`` at the size they are drawn in the report, shrunk together.
 
     Every section draws its images and maps through here, before overlaying them: an image
-    whose longer side is over :data:`FIGURE_PIXELS` (the page shows figures
+    whose longer side is over ``FIGURE_PIXELS`` (the page shows figures
     ``_FIGURE_WIDTH`` CSS pixels wide) is shrunk to it, keeping its aspect ratio, by area
     averaging; smaller ones are returned as they are.
 
@@ -728,12 +729,12 @@ def contrastive_section(
         batch_size (int, optional): images per attribution call. Default: 64.
         alpha (float, optional): heat-map opacity in the overlays. Default: 0.5.
         cmap (str, optional): matplotlib colormap of the overlays. Default:
-            :data:`~captum_ext.viz.overlay.DEFAULT_CMAP` (``"inferno"``).
+            :data:`~captum_ext.viz.DEFAULT_CMAP` (``"inferno"``).
         title (str, optional): the section title.
 
     Returns:
         Section: a first row with the colour bar of the maps
-        (:func:`~captum_ext.viz.overlay.save_colorbar`), then one row per image, five
+        (:func:`~captum_ext.viz.save_colorbar`), then one row per image, five
         figures per row (input and four overlays: Grad-CAM, ContrastCAM,
         CounterfactualCAM, Finer-CAM).
     """
@@ -777,7 +778,7 @@ class ContrastiveMaps:
         class_names (list[str]): one name per model output.
         layer_name (str): the layer explained ("" when unknown).
         compared (Tensor, optional): ``N x 3`` classes Finer-CAM compared P with (the closest
-            logits, :func:`~captum_ext.attr.finer_cam.comparison_classes`). Default: None.
+            logits, ``captum_ext.attr.finer_cam.comparison_classes``). Default: None.
     """
 
     probabilities: Tensor
@@ -900,7 +901,7 @@ def render_contrastive(
     [0, 1], or a tensor) into ``out_dir/images/contrastive/`` and return the Section.
 
     Images larger than the page shows them are drawn shrunk to at most
-    :data:`FIGURE_PIXELS` on their longer side. ``progress``: a bar on stderr while the
+    ``FIGURE_PIXELS`` on their longer side. ``progress``: a bar on stderr while the
     figures are drawn. Default: False."""
     _check_overlay_options(alpha, cmap, "render_contrastive()")
     n = data.probabilities.shape[0]

@@ -357,7 +357,7 @@ def trust_section(
         least_trusted (int, optional): how many least-trusted images get a row. Default: 10.
         alpha (float, optional): opacity of the heat maps over the images. Default: 0.5.
         cmap (str, optional): matplotlib colour map of the heat maps. Default:
-            :data:`~captum_ext.viz.overlay.DEFAULT_CMAP` (``"inferno"``); their colour bar is
+            :data:`~captum_ext.viz.DEFAULT_CMAP` (``"inferno"``); their colour bar is
             shown above the least-trusted images.
         title (str, optional): the section title.
 
@@ -366,6 +366,7 @@ def trust_section(
 
     Examples::
 
+        >>> from captum_ext.viz import trust_section
         >>> section = trust_section(model, "features.7", images, shown, DIGIT_CLASSES, "out",
         ...                         labels=labels, least_trusted=5)
         >>> section.rows[0].table.columns
@@ -501,6 +502,7 @@ def compute_trust(
 
     Examples::
 
+        >>> from captum_ext.viz import compute_trust
         >>> data = compute_trust(model, "features.7", images, labels=labels, least_trusted=3)
         >>> data.least_trusted.shape, data.maps["contrast"].shape
         (torch.Size([3]), (3, 28, 28))
@@ -642,7 +644,7 @@ def render_trust(
     Section of :func:`trust_section`: the scatter and accuracy-retention plots with the table
     of metrics, then the least-trusted images (from ``display_images``, N x H x W x C in
     [0, 1] or an N x C x H x W tensor) with their maps, drawn shrunk to at most
-    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on their longer side when they are larger.
+    ``FIGURE_PIXELS`` on their longer side when they are larger.
     ``progress``: a bar on stderr while those are drawn. Default: False."""
     _check_overlay_options(alpha, cmap, "render_trust()")
     table = data.table

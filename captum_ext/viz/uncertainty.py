@@ -207,6 +207,7 @@ def voice_section(
 
     Examples::
 
+        >>> from captum_ext.viz import voice_section
         >>> section = voice_section(model, "features.7", images, shown, DIGIT_CLASSES, "out",
         ...                         contrasts=3, labels=labels)
         >>> section.rows[1].figures[3].caption  # doctest: +ELLIPSIS
@@ -317,7 +318,7 @@ def compute_voice(
 
     Examples::
 
-        >>> from captum_ext.viz.uncertainty import compute_voice
+        >>> from captum_ext.viz import compute_voice
         >>> data = compute_voice(model, "features.7", x, contrasts=3)
         >>> data.uncertainty.shape, data.iou.shape
         ((4, 28, 28), (4,))
@@ -421,7 +422,7 @@ def render_voice(
             False.
 
     Images larger than the page shows them are drawn shrunk to at most
-    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on their longer side.
+    ``FIGURE_PIXELS`` on their longer side.
 
     Returns:
         Section: as :func:`voice_section`.
@@ -682,6 +683,7 @@ def explanation_metrics_section(
 
     Examples::
 
+        >>> from captum_ext.viz import explanation_metrics_section
         >>> section = explanation_metrics_section(model, "features.7", images, shown,
         ...                                       DIGIT_CLASSES, "out", n_steps=28)
         >>> print(section.rows[0].table.rows[0])
@@ -833,7 +835,7 @@ def compute_explanation_metrics(
 
     Examples::
 
-        >>> from captum_ext.viz.uncertainty import compute_explanation_metrics
+        >>> from captum_ext.viz import compute_explanation_metrics
         >>> data = compute_explanation_metrics(model, "features.7", x, n_steps=10)
         >>> sorted(data.auc["deletion"]), data.curves["deletion"]["gradcam"].shape
         (['contrast', 'counterfactual', 'gradcam'], (4, 11))
@@ -938,7 +940,7 @@ def render_explanation_metrics(
             Default: False.
 
     Example images larger than the page shows them are drawn shrunk to at most
-    :data:`~captum_ext.viz.report.FIGURE_PIXELS` on their longer side.
+    ``FIGURE_PIXELS`` on their longer side.
 
     Returns:
         Section: as :func:`explanation_metrics_section`.
