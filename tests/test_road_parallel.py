@@ -226,3 +226,43 @@ def test_threads_asking_for_one_plan_at_once_build_it_once(monkeypatch):
     for thread in threads:
         thread.join()
     assert builds == [(23, 19, module._NESTED_LEAF)]
+
+
+def test_a_plan_being_built_does_not_hold_up_another_grids_plan(monkeypatch):
+    """One lock per grid: a thread asking for a cached 28 px plan waited for seconds while
+    another thread built the 224 px one."""
+    building = threading.Event()
+    release = threading.Event()
+    build = module._built_nested_plan
+
+    def slow_for_one_grid(h, w, leaf):
+        if (h, w) == (31, 29):
+            building.set()
+            release.wait(60)
+        return build(h, w, leaf)
+
+    monkeypatch.setattr(module, "_built_nested_plan", slow_for_one_grid)
+    slow = threading.Thread(target=module._nested_plan, args=(31, 29, module._NESTED_LEAF))
+    slow.start()
+    try:
+        assert building.wait(60)
+        other = threading.Thread(target=module._nested_plan, args=(12, 10, module._NESTED_LEAF))
+        other.start()
+        other.join(60)  # a hang guard only: it must finish while the slow build is held
+        assert not other.is_alive()
+    finally:
+        release.set()
+        slow.join()
+
+
+def test_a_forked_child_gets_fresh_plan_locks():
+    """A fork taken while another thread holds a plan lock (a DataLoader worker started
+    during a build) must not inherit the held lock."""
+    held = module._PLAN_LOCKS.setdefault((5, 5, module._NESTED_LEAF), threading.Lock())
+    held.acquire()
+    try:
+        module._fresh_plan_locks()  # what os.register_at_fork runs in the child
+        assert (5, 5, module._NESTED_LEAF) not in module._PLAN_LOCKS
+        assert module._nested_plan(5, 5, module._NESTED_LEAF)  # does not wait on ``held``
+    finally:
+        held.release()
