@@ -9,6 +9,8 @@ result below must equal the one computed outside inference mode.
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
@@ -366,3 +368,34 @@ def test_warning_for_a_checkpointed_model_still_names_checkpointing(bundled_mode
         gradtrust(_Checkpointed(bundled_model), x, layer=bundled_model.features[6])
     message = " ".join(str(w.message) for w in caught if "one example" in str(w.message))
     assert "checkpointing" in message and "save_on_cpu" not in message
+
+
+_Options = namedtuple("_Options", "scale shift")
+
+
+class _WithOptions(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 6)
+
+    def forward(self, x, options):
+        return self.b(torch.relu(self.a(x * options.scale + options.shift)))
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["plain", "inference_mode+enable_grad"])
+def test_a_named_tuple_in_additional_forward_args_reaches_the_model(inside):
+    """Leaving inference mode rebuilt every container of ``additional_forward_args`` by its
+    type, which a named tuple refuses ("missing 1 required positional argument")."""
+    torch.manual_seed(0)
+    model = _WithOptions().eval()
+    x = torch.rand(3, 4)
+    options = _Options(2.0, torch.tensor(0.5))
+    expected = gradtrust(model, x, layer="a", additional_forward_args=(options,))
+    if inside:
+        with torch.inference_mode(), torch.enable_grad():
+            options = _Options(2.0, torch.tensor(0.5))  # an inference tensor inside
+            got = gradtrust(model, x, layer="a", additional_forward_args=(options,))
+    else:
+        got = gradtrust(model, x, layer="a", additional_forward_args=(options,))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)

@@ -296,3 +296,13 @@ def test_a_bool_is_still_not_a_number(call, argument):
 def test_an_unusable_value_is_named(call, message):
     with pytest.raises((TypeError, ValueError), match=message):
         call()
+
+
+def test_a_zero_dimensional_numpy_array_is_refused_as_a_zero_dimensional_tensor_is():
+    """Reading numpy arrays through a contiguous copy must not turn a 0-d array into one
+    example (np.ascontiguousarray returns at least 1-d)."""
+    from captum_ext.metrics import expected_calibration_error
+
+    for value, label in ((np.array(0.9), np.array(1.0)), (torch.tensor(0.9), torch.tensor(1.0))):
+        with pytest.raises(ValueError, match="shape"):
+            expected_calibration_error(value, label)

@@ -384,3 +384,28 @@ def test_an_iterable_dataset_split_by_worker_is_scored_without_warning(recwarn):
     table = score_dataset(_tiny_classifier(), loader, ["softmax"], progress=False)
     assert len(table) == 40
     assert not [w for w in recwarn if "__len__" in str(w.message)]
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """5 ready-made batches of 8; ``__len__`` counts batches, as torch's convention for
+    ``DataLoader(batch_size=None)`` has it."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        return iter(torch.rand(8, 1, 8, 8, generator=generator) for _ in range(5))
+
+    def __len__(self) -> int:
+        return 5
+
+
+def test_iterable_datasets_as_the_user_asked_are_not_warned_about(recwarn):
+    """Batches yielded whole (batch_size=None, __len__ counting batches) and drop_last's
+    missing last batch are what the user asked for: no length warning."""
+    table = score_dataset(
+        _tiny_classifier(), DataLoader(_BatchStream(), batch_size=None), ["softmax"], progress=False
+    )
+    assert len(table) == 40
+    dropped = DataLoader(_Stream(split=False), batch_size=16, drop_last=True)
+    table = score_dataset(_tiny_classifier(), dropped, ["softmax"], progress=False)
+    assert len(table) == 32
+    assert not [w for w in recwarn if "__len__" in str(w.message)]

@@ -61,8 +61,8 @@ def array_like_tensor(values) -> Tensor:
     then disagree with scikit-learn on the same list. Tensors and numpy arrays keep their
     dtype. A numpy view with negative strides (``np.flip``, ``[::-1]``), which torch
     refuses, is read through a contiguous copy."""
-    if isinstance(values, np.ndarray):
-        values = np.ascontiguousarray(values)
+    if isinstance(values, np.ndarray) and any(stride < 0 for stride in values.strides):
+        values = values.copy()  # (np.ascontiguousarray would make a 0-d array 1-d)
     tensor = torch.as_tensor(values)
     if tensor.is_meta:
         raise ValueError(

@@ -37,11 +37,24 @@ def check_not_meta(tensor: Tensor, argument: str) -> None:
 
 def outside_inference_mode_nested(value: Any) -> Any:
     """:func:`outside_inference_mode` for every tensor in ``value``, also inside tuples, lists
-    and dicts (whose types are kept)."""
+    and dicts. A container is rebuilt only where one of its tensors was replaced (otherwise
+    it is returned as it is), a named tuple by its fields and other containers by their
+    type; one that cannot be rebuilt so is returned as it is."""
     if isinstance(value, tuple | list):
-        return type(value)(outside_inference_mode_nested(item) for item in value)
+        items = [outside_inference_mode_nested(item) for item in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        try:
+            if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+                return type(value)(*items)
+            return type(value)(items)
+        except TypeError:  # a tuple or list subclass with a constructor of its own
+            return value
     if isinstance(value, dict):
-        return {key: outside_inference_mode_nested(item) for key, item in value.items()}
+        items = {key: outside_inference_mode_nested(item) for key, item in value.items()}
+        if all(items[key] is item for key, item in value.items()):
+            return value
+        return items
     return outside_inference_mode(value)
 
 

@@ -603,15 +603,21 @@ def score_dataset(
 
 def _check_iterable_length(dataloader: Any, rows: int) -> None:
     """Warn where an iterable-style dataset with a ``__len__`` yielded another number of
-    examples than it says it holds: with ``num_workers > 0`` every worker iterates its own
-    copy of the dataset, so a dataset that does not split its stream by
+    examples than it says it holds (less the last partial batch under ``drop_last``; not
+    checked where the loader's ``batch_size`` is None: the dataset yields batches, and its
+    ``__len__`` may count them, as torch's does): with ``num_workers > 0`` every worker
+    iterates its own copy of the dataset, so a dataset that does not split its stream by
     ``torch.utils.data.get_worker_info()`` is yielded once per worker (each example scored
     ``num_workers`` times), and torch's own length warning does not reach a loop that stops
     where the loader does."""
     try:
-        expected = len(dataloader.dataset)
+        size = len(dataloader.dataset)
     except TypeError:
         return
+    batch_size = getattr(dataloader, "batch_size", None)
+    if batch_size is None:  # the dataset yields whole batches: its __len__ counts them
+        return
+    expected = size // batch_size * batch_size if dataloader.drop_last else size
     if rows == expected:
         return
     workers = getattr(dataloader, "num_workers", 0)
@@ -622,9 +628,10 @@ def _check_iterable_length(dataloader: Any, rows: int) -> None:
         if workers > 0 and rows > expected
         else ""
     )
+    dropped = " (less the last partial batch: drop_last)" if expected != size else ""
     warnings.warn(
         f"score_dataset: the iterable dataset yielded {rows} examples but its __len__ says "
-        f"{expected}; the table has {rows} rows, in the order they were yielded.{cause}",
+        f"{size}{dropped}; the table has {rows} rows, in the order they were yielded.{cause}",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
