@@ -261,3 +261,20 @@ def test_scratch_check_in_the_current_folder_names_it_in_full(tmp_path, monkeypa
     with pytest.raises(OSError) as raised:
         check_writable("s.csv", folder=False)
     assert raised.value.filename == str(tmp_path)
+
+
+def test_a_cameras_multi_picture_jpeg_is_not_called_animated(tmp_path):
+    """Phone and camera JPEGs often hold a second picture (a preview or depth map: MPO),
+    which Pillow reports as animated; the first frame is the photo, nothing to warn of."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = Image.new("RGB", (16, 12), (200, 30, 30))
+    preview = Image.new("RGB", (8, 6), (0, 0, 0))
+    photo.save(folder / "photo.jpg", format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(folder / "photo.jpg").is_animated  # Pillow's view of it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, _ = load_image_folder(folder, "none")
+    assert tuple(images.shape) == (1, 3, 12, 16)

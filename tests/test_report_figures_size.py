@@ -423,3 +423,22 @@ def test_score_still_stops_on_an_image_of_another_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert "cannot read" not in err and "b.png" in err
+
+
+def test_score_with_a_damaged_first_file_checks_a_bounded_number_of_files(
+    tmp_path, capsys, monkeypatch
+):
+    """Listing the unreadable files decodes each file: on a large folder that took minutes
+    (4 ms a 512 px JPEG), so only the first files are checked, and the message says so."""
+    import captum_ext.cli as cli
+
+    monkeypatch.setattr(cli, "_SCAN_ON_FAILURE", 2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a_text.png").write_text("not an image\n")
+    _digit_png(folder / "b.png", 10)
+    _truncated_jpeg(folder / "c_truncated.jpg")
+    status, lines = _score(folder, tmp_path / "s.csv", capsys)
+    assert status == 2 and len(lines) == 1, lines
+    assert "'a_text.png'" in lines[0] and "c_truncated" not in lines[0]
+    assert "among the first 2 of 3 files" in lines[0]

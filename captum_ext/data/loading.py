@@ -1967,7 +1967,11 @@ def _read_image(
 
 def _has_several_frames(image) -> bool:
     """Whether the opened ``image`` has more than one frame (Pillow's ``is_animated``: an
-    animated GIF, PNG or WebP, a multi-page TIFF); False where that cannot be told."""
+    animated GIF, PNG or WebP, a multi-page TIFF); False where that cannot be told, and for
+    a camera's multi-picture JPEG (MPO: the photo, then previews or a depth map), whose
+    first frame is the photo."""
+    if getattr(image, "format", None) == "MPO":
+        return False
     try:
         return bool(getattr(image, "is_animated", False))
     except Exception:  # a damaged later frame: the first one was read
