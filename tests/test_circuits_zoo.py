@@ -254,3 +254,40 @@ def test_output_with_logits_field_names_logits_output(field):
     plain = CircuitReadout(model, layers=["act"]).readout(inputs)
     for a, b in zip(wrapped, plain, strict=True):
         assert sorted(a.edges(data="weight")) == sorted(b.edges(data="weight"))
+
+
+class _PermutedMix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.linear = nn.Linear(6, 8)
+
+    def forward(self, x):
+        return self.linear(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+class _MixNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.mix = _PermutedMix()
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.mix(self.act(self.conv(x)))).mean((2, 3)))
+
+
+def test_a_linear_stage_on_permuted_channels_is_refused_for_what_it_is():
+    """Listing the permuted linear layer itself as a stage was refused as "does not produce
+    the output of 'mix.linear' directly (another linear layer in between)", of itself, and
+    with ConvNeXt's stage names for a model that is not a ConvNeXt."""
+    torch.manual_seed(0)
+    model = _MixNet().eval()
+    with pytest.raises(ValueError) as caught:
+        CircuitReadout(model, layers=["act", "mix.linear"]).readout(torch.randn(1, 3, 8, 8))
+    message = str(caught.value)
+    assert "reads channels a permute moved last" in message
+    assert "another linear layer" not in message and "ConvNeXt" not in message.split(".")[0]
+    assert "features.1" not in message

@@ -858,6 +858,7 @@ def _check_direct(
         return
     seen: set[fx.Node] = set()
     todo = deque((user, layout) for node in nodes for user in node.users)
+    blocked: fx.Node | None = None  # the first operation the channels cannot pass
     while todo:
         node, current = todo.popleft()
         if node is end and current == _CHANNELS_FIRST:
@@ -868,21 +869,55 @@ def _check_direct(
         after = _next_layout(node, model, current)
         if after is not None:
             todo.extend((user, after) for user in node.users)
+        elif blocked is None:
+            blocked = node
     what = "the classifier's input" if to_classifier else f"the output of {destination!r}"
-    if layout == _CHANNELS_FIRST:
-        remedy = "list the output of that hidden layer (after its activation) as a stage"
-    else:  # its hidden layer's output has the channels permuted: not readable as a stage
-        remedy = (
-            "it reads channels a permute moved, and a stage's channels are read on dimension "
-            "1, so list stages outside the permuted part (for ConvNeXt, the stages "
-            "features.1, features.3, features.5, features.7)"
+    if layout != _CHANNELS_FIRST and destination == name:
+        raise _unresolved(
+            source,
+            destination,
+            f"the linear layer {name!r} reads channels a permute moved last, so its output "
+            "has them last too, and a stage's channels are read on dimension 1; "
+            + _permuted_remedy(model),
         )
+    if blocked is not None and _is_linear_module(blocked, model):
+        between = f"another linear layer, {blocked.target!r}, in between"
+        remedy = "list the output of that hidden layer (after its activation) as a stage"
+        if layout != _CHANNELS_FIRST:
+            remedy = "its hidden layer's channels are permuted; " + _permuted_remedy(model)
+    else:
+        op = "no path" if blocked is None else f"{blocked.op} {_node_label(blocked)}"
+        between = f"it passes {op}, which is not a channel-wise operation"
+        remedy = "Listing more stages cannot help there"
+        if layout != _CHANNELS_FIRST:
+            remedy += " (the channels were moved by a permute); " + _permuted_remedy(model)
     raise _unresolved(
         source,
         destination,
-        f"the linear layer {name!r} does not produce {what} directly (another linear layer "
-        f"in between); {remedy}",
+        f"the linear layer {name!r} does not produce {what} directly ({between}); {remedy}",
     )
+
+
+def _is_linear_module(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` calls an ``nn.Linear`` or convolution module of ``model``."""
+    if node.op != "call_module":
+        return False
+    module = model.get_submodule(str(node.target))
+    return isinstance(module, nn.Linear | nn.modules.conv._ConvNd)
+
+
+def _node_label(node: fx.Node) -> str:
+    """A short name of what ``node`` calls (``permute``, ``mean``, ``mix.linear``)."""
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _permuted_remedy(model: nn.Module) -> str:
+    """Which stages to list where the channels are permuted (ConvNeXt's, named)."""
+    remedy = "list stages outside the permuted part"
+    if "convnext" in type(model).__name__.lower():
+        remedy += " (for ConvNeXt, the stages features.1, features.3, features.5, features.7)"
+    return remedy
 
 
 #: Why a concatenation cannot be read out, whatever the stages.
