@@ -62,10 +62,6 @@ nitpick_ignore_regex = [
     (r"py:class", r"Tensor|Path|PathLike|Dataset|DataLoader|GraphModule|Attribution"),
     (r"py:class", r"optional|array-like|callable|sequence|tensor"),
 ]
-# TEMPORARY: the broken references of captum_ext/viz, captum_ext/circuits and
-# docs/api/circuits.rst, being fixed at their source; delete each entry with its fix.
-nitpick_ignore = [
-]
 
 # -- autodoc / napoleon (Captum-style Google docstrings: Args / Returns / Examples) --------
 

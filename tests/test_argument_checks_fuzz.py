@@ -122,14 +122,53 @@ def test_masked_input_net_takes_a_numpy_seed_as_the_int():
         ((_keep(), 3, None, 0), TypeError, "classes"),
         ((_keep().numpy(), 3, 4, 0), TypeError, "keep"),
         ((_keep().to(torch.complex64), 3, 4, 0), TypeError, "keep"),
-        ((torch.ones(8, 8), 3, 4, 0), ValueError, "keep"),
+        ((torch.ones(2, 8, 8), 3, 4, 0), ValueError, "keep"),
         ((torch.ones(1, 2, 8, 8), 3, 4, 0), ValueError, "keep"),
+        ((torch.ones(1, 1, 1, 8, 8), 3, 4, 0), ValueError, "keep"),
+        ((torch.ones(1, 1, 0, 8), 3, 4, 0), ValueError, "keep"),
         ((torch.full((1, 1, 8, 8), float("nan")), 3, 4, 0), ValueError, "keep"),
     ],
 )
 def test_masked_input_net_refuses_bad_arguments_by_name(args, error, argument):
     with pytest.raises(error, match=f"`{argument}`"):
         MaskedInputNet(*args)
+
+
+def _column_keep(size=8):
+    """``(H, W)``: 1 on the left half of the columns, 0 on the right half."""
+    keep = torch.ones(size, size)
+    keep[:, size // 2 :] = 0
+    return keep
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        _column_keep(),  # (H, W)
+        _column_keep()[None],  # (1, H, W)
+        _column_keep().expand(3, 8, 8),  # (C, H, W)
+        _column_keep()[None, None],  # (1, 1, H, W)
+        _column_keep()[:1][None, None],  # (1, 1, 1, W): a column mask
+        _column_keep()[None, None].bool(),
+        _column_keep()[None, None].expand(2, 1, 8, 8),  # (N, 1, H, W): per example
+        torch.tensor(0.5),  # a scalar scales every pixel
+    ],
+    ids=["HW", "1HW", "CHW", "11HW", "111W", "bool", "N1HW", "scalar"],
+)
+def test_masked_input_net_takes_every_keep_that_broadcasts_against_the_inputs(keep):
+    # the network's definition: head(mean over (H, W) of features(x * keep)), with torch's
+    # broadcasting of `keep` as given (what forward computed before keep was checked)
+    x = torch.rand(2, 3, 8, 8)
+    net = MaskedInputNet(keep, 3, 4, 0)
+    expected = net.head(net.features(x * keep).mean(dim=(2, 3)))
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    assert net.keep.dim() == 4  # brought to 4-D with leading 1s, as broadcasting does
+
+
+def test_masked_input_net_names_keep_for_inputs_it_does_not_broadcast_against():
+    net = MaskedInputNet(_column_keep()[None, None].expand(2, 1, 8, 8), 3, 4, 0)
+    with pytest.raises(ValueError, match=r"`keep` mask \(2, 1, 8, 8\) is for \(2, C, 8, 8\)"):
+        net(torch.rand(3, 3, 8, 8))
 
 
 def test_masked_input_net_names_keep_for_inputs_of_another_size():
@@ -200,6 +239,34 @@ def test_finer_cam_alpha_overflowing_the_gradients_is_refused():
     assert bool(torch.isfinite(maps).all())  # a large alpha that does not overflow passes
     with pytest.raises(ValueError, match=r"`alpha`=1e\+36: .* are inf or NaN for finite inputs"):
         FinerCAM(model, model.conv2, alpha=1e36).attribute(x, target=[0, 1, 2])
+
+
+class _SqrtPooled(nn.Module):
+    """sqrt of pooled ReLU features (as bilinear CNNs for fine-grained classes do), with 3
+    dead channels: d sqrt(u) / du = 1 / (2 sqrt(u)) is inf at u = 0, so the gradients at
+    ``relu`` are inf or NaN whatever the score's scale (alpha=1 included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.conv.bias[:3].fill_(-100.0)
+
+    def forward(self, x):
+        return self.fc(torch.sqrt(self.relu(self.conv(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("alpha", [1.5, -2.0, 100.0])
+def test_finer_cam_does_not_blame_alpha_for_the_models_own_infinite_gradients(alpha):
+    torch.manual_seed(0)
+    model, x = _SqrtPooled().eval(), torch.rand(3, 3, 8, 8)
+    at_one = FinerCAM(model, "relu", alpha=1.0).attribute(x)
+    assert not bool(torch.isfinite(at_one).any())  # the model's doing: NaN at alpha=1 too
+    # |alpha| * max(1, |z|) is far below sqrt(float32 max) = 1.8e19: alpha is not the cause
+    maps = FinerCAM(model, "relu", alpha=alpha).attribute(x)
+    assert maps.shape == at_one.shape and not bool(torch.isfinite(maps).any())
 
 
 # ------------------------------------------------------------------ sanity checks

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from captum_ext._utils.caller import keyword_only_forward_error
-from captum_ext.attr import ContrastCAM, GradCAM
+from captum_ext._utils.caller import KeywordOnlyForwardError, keyword_only_forward_error
+from captum_ext.attr import ContrastCAM, GradCAM, RandomMapsWarning
 from captum_ext.attr._cam import random_in_train_mode_warning
 
 # ------------------------------------------------------------------ models
@@ -126,6 +126,33 @@ def test_train_mode_with_random_modules_warns_once_and_keeps_the_mode(random):
     assert "differ" in messages[0]
     # the warning does not change the model: every module keeps its mode
     assert {name: module.training for name, module in model.named_modules()} == flags
+
+
+def test_train_mode_warning_is_given_once_per_model_in_its_own_category():
+    """Monte Carlo dropout calls the same model many times on purpose: one warning for it
+    (under any filter, also "always"), which its category silences; another model gets its
+    own."""
+    model, other = small_cnn(nn.Dropout(0.5)).eval(), small_cnn(nn.Dropout(0.5)).eval()
+    model.body[3].train()  # MC dropout: only the dropout module in train mode
+    other.body[3].train()
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            GradCAM(model, "body.2").attribute(x, target=0)
+    (warned,) = [w for w in record if "train mode" in str(w.message)]
+    assert warned.category is RandomMapsWarning and issubclass(RandomMapsWarning, UserWarning)
+    assert "category=RandomMapsWarning" in str(warned.message)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ContrastCAM(other, "body.2").attribute(x, contrast=1)
+        GradCAM(other, "body.2").attribute(x, target=0)
+    assert len(random_warnings(record)) == 1  # the second model's own, once
+    third = small_cnn(nn.Dropout(0.5)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=RandomMapsWarning)  # as the message says
+        GradCAM(third, "body.2").attribute(x, target=0)
 
 
 def test_train_mode_warning_describes_real_randomness():
@@ -252,6 +279,19 @@ def test_keyword_only_forward_says_to_wrap_the_model():
     assert message.startswith("`forward_func` (KeywordOnly.forward) takes only keyword")
     assert "forward_func=lambda x: model(pixel_values=x)" in message
     assert "model.net.body.2" in message  # the layer, for the wrapping function or module
+
+
+def test_keyword_only_forward_error_is_given_once_with_the_layer_advice():
+    """The model call raises the clear error already; the CAM adds its layer advice to it
+    instead of nesting the whole message inside a second copy."""
+    with pytest.raises(KeywordOnlyForwardError) as caught:
+        GradCAM(KeywordOnly().eval(), "net.body.2").attribute(torch.randn(2, 3, 6, 6), target=0)
+    message = str(caught.value)
+    assert isinstance(caught.value, TypeError)
+    assert message.count("Wrap the model") == 1
+    assert message.count("takes only keyword arguments") == 1
+    assert "Then give `layer` as the module itself (model.net.body.2)" in message
+    assert "(KeywordOnly.forward() takes 1 positional argument but 2 were given)" in message
 
 
 def test_keyword_only_forward_wrapped_as_suggested_gives_the_plain_maps():

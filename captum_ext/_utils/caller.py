@@ -70,9 +70,20 @@ def _keyword_only_parameters(forward_func: Callable) -> list[str] | None:
     return required or [p.name for p in keywords] or None
 
 
+class KeywordOnlyForwardError(TypeError):
+    """The TypeError that says to wrap a model whose ``forward`` takes only keyword arguments
+    (made by :func:`keyword_only_forward_error`). ``python_error`` keeps Python's own
+    refusal, so that a caller that knows more (the CAMs know their ``layer``) can build the
+    message again with what it knows instead of wrapping this one in a second message."""
+
+    def __init__(self, message: str, python_error: TypeError) -> None:
+        super().__init__(message)
+        self.python_error = python_error
+
+
 def keyword_only_forward_error(
     forward_func: Callable, error: TypeError, n_positional: int, *, layer_name: str | None = None
-) -> TypeError | None:
+) -> KeywordOnlyForwardError | None:
     """The clear error for Python's bare "forward() takes 1 positional argument but 2 were
     given" (``error``), raised where a model whose ``forward`` takes only keyword arguments
     (``def forward(self, *, pixel_values)``) is called, as every method calls
@@ -80,7 +91,11 @@ def keyword_only_forward_error(
     ``additional_forward_args``): it says to wrap the model. None where ``forward_func``
     takes positional arguments (the TypeError has another cause: re-raise it as it is).
     ``layer_name``: the dotted name of the ``layer`` the method explains, which a function
-    wrapping the model cannot look up (the error then says how to give it)."""
+    wrapping the model cannot look up (the error then says how to give it). Where ``error``
+    is already this clear error (a :class:`KeywordOnlyForwardError` raised by an inner model
+    call), the message is built again from Python's refusal it keeps, not nested in it."""
+    if isinstance(error, KeywordOnlyForwardError):
+        error = error.python_error
     keywords = _keyword_only_parameters(forward_func)
     if keywords is None or n_positional < 1:
         return None
@@ -99,10 +114,11 @@ def keyword_only_forward_error(
             f" Then give `layer` as the module itself (model.{layer_name}) with the function, "
             f"which has no module names, or as {'model.' + layer_name!r} with the nn.Module."
         )
-    return TypeError(
+    return KeywordOnlyForwardError(
         f"{subject} takes only keyword arguments ({', '.join(k + '=' for k in keywords)}), "
         "but it is called with the inputs as positional arguments, "
         f"forward_func(*inputs, *additional_forward_args), which Python refuses ({error}). "
         f"Wrap the model so that it takes them positionally: forward_func={wrapper}, or a "
-        f"small nn.Module whose forward(self, x) returns self.model({keywords[0]}=x).{layer}"
+        f"small nn.Module whose forward(self, x) returns self.model({keywords[0]}=x).{layer}",
+        error,
     )

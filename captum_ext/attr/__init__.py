@@ -1,6 +1,7 @@
 """Attribution methods: Grad-CAM, contrastive, counterfactual, Finer-CAM, Grad-CAM++ maps; VOICE;
 activation-matching minimal masks; IBA bottleneck maps; PathwayGradient."""
 
+from ._cam import RandomMapsWarning
 from .activation_matching import (
     WEIGHT_PRESETS,
     ActivationMatchingMask,
@@ -31,6 +32,7 @@ __all__ = [
     "MaskLossWeights",
     "PathwayGradient",
     "PathwayGradientResult",
+    "RandomMapsWarning",
     "VOICE",
     "VOICEResult",
     "WEIGHT_PRESETS",

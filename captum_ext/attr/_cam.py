@@ -32,6 +32,7 @@ import inspect
 import math
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -347,6 +348,19 @@ def _draws_random_masks(module: nn.Module) -> bool:
     return not (isinstance(rate, (int, float)) and rate == 0)
 
 
+class RandomMapsWarning(UserWarning):
+    """The CAMs' warning that the model is in train mode with dropout or stochastic depth
+    active, so that its maps are random (given once per model). Its own
+    category, so that Monte Carlo dropout, where the randomness is intended, can silence it
+    with ``warnings.filterwarnings("ignore", category=RandomMapsWarning)``."""
+
+
+#: the models :func:`warn_random_in_train_mode` has warned about (weakly held: a model
+#: freed is forgotten). Python's once-per-line deduplication cannot do this: the package's
+#: own ``warnings.catch_warnings`` blocks reset it, so a loop warned at every call.
+_MODELS_WARNED_RANDOM: weakref.WeakSet = weakref.WeakSet()
+
+
 def random_in_train_mode_warning(method: str, model: nn.Module | None) -> str | None:
     """The warning for a ``model`` left in train mode with dropout or stochastic depth
     active (:func:`_draws_random_masks`): each forward pass draws new masks, so the maps
@@ -366,8 +380,35 @@ def random_in_train_mode_warning(method: str, model: nn.Module | None) -> str | 
         f"{method}: the model is in train mode, where its dropout or stochastic-depth "
         f"modules ({shown}) drop random parts of the activations at every forward pass, so "
         "the maps are random: two calls on the same inputs give different maps. Call "
-        "model.eval() first (or pass a model in eval mode); the model's mode is left as it is."
+        "model.eval() first (or pass a model in eval mode); the model's mode is left as it "
+        "is. This warning is given once per model. If the randomness is intended (Monte "
+        "Carlo dropout), silence it with warnings.filterwarnings('ignore', "
+        "category=RandomMapsWarning) (from captum_ext.attr import RandomMapsWarning)."
     )
+
+
+def warn_random_in_train_mode(method: str, model: nn.Module | None) -> None:
+    """Give :func:`random_in_train_mode_warning` as a :class:`RandomMapsWarning` pointing at
+    the user's line, once per ``model`` object (a loop of calls on one model, as Monte Carlo
+    dropout makes, gets one warning; another model gets its own)."""
+    if model is None or _warned_random(model):
+        return
+    message = random_in_train_mode_warning(method, model)
+    if message is None:
+        return
+    warnings.warn(RandomMapsWarning(message), stacklevel=user_stacklevel())
+    try:
+        _MODELS_WARNED_RANDOM.add(model)
+    except TypeError:  # no weak reference or no hash: warned at each call
+        pass
+
+
+def _warned_random(model: nn.Module) -> bool:
+    """Whether :func:`warn_random_in_train_mode` has warned about ``model`` already."""
+    try:
+        return model in _MODELS_WARNED_RANDOM
+    except TypeError:  # a module that overrides __eq__ without __hash__
+        return False
 
 
 def _attention_neighbours(
@@ -692,9 +733,7 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
             attr_dim_summation,
             input_shape=tuple(formatted[0].shape),
         )
-        random = random_in_train_mode_warning(name, root_module(self.forward_func))
-        if random is not None:
-            warnings.warn(random, stacklevel=user_stacklevel())
+        warn_random_in_train_mode(name, root_module(self.forward_func))
         try:
             computed = class_gradients(
                 self.forward_func,

@@ -114,14 +114,37 @@ def _refuse_alpha_overflow(
         )
 
 
-def _refuse_overflowed_maps(maps: Tensor | tuple[Tensor, ...], inputs: Any, alpha: float) -> None:
-    """Refuse, naming ``alpha``, maps with inf or NaN values computed from finite inputs: a
-    large ``alpha`` whose score is finite can still overflow the gradients in the model's
-    backward pass (alpha=1e36 on a float32 CNN), which makes the maps NaN."""
-    maps_list = maps if isinstance(maps, tuple) else (maps,)
-    bad = sum(int((~torch.isfinite(m)).sum()) for m in maps_list if isinstance(m, Tensor))
+def _refuse_overflowed_maps(
+    maps: Tensor | tuple[Tensor, ...],
+    inputs: Any,
+    alpha: float,
+    largest_logit: float,
+    logits_dtype: torch.dtype | None = None,
+) -> None:
+    """Refuse, naming ``alpha``, maps with inf or NaN values computed from finite inputs where
+    ``alpha`` is their cause: a large ``alpha`` whose score is finite can still overflow the
+    gradients in the model's backward pass (alpha=1e36 on a float32 CNN), which makes the
+    maps NaN. ``largest_logit``: the largest finite |logit| scored; ``logits_dtype``: their
+    dtype (the model's backward pass runs in it).
+
+    The score's gradient at the logits grows as |alpha| * max(1, |z|); the model's
+    backward pass multiplies it by its own gain. ``alpha`` is blamed where that product
+    alone takes more than the square root of the range of the narrower of the maps' and the
+    logits' dtypes (1.8e19 in float32, 256 in float16), leaving less than the rest for the
+    gain. Below it the inf or NaN values
+    are the model's own (a ``sqrt`` at 0 has an infinite derivative): they are returned as
+    they are at alpha=1, not blamed on ``alpha``."""
+    maps_list = [m for m in (maps if isinstance(maps, tuple) else (maps,)) if isinstance(m, Tensor)]
+    bad = sum(int((~torch.isfinite(m)).sum()) for m in maps_list)
     if not bad:
         return
+    dtypes = [m.dtype for m in maps_list if not bool(torch.isfinite(m).all())]
+    dtypes += [logits_dtype] if logits_dtype is not None else []
+    ranges = [torch.finfo(d).max for d in dtypes if d.is_floating_point]
+    headroom = math.sqrt(min(ranges, default=math.inf))
+    scale = abs(alpha) * max(1.0, largest_logit)
+    if scale <= headroom:
+        return  # the model's own inf or NaN gradients, as at alpha=1
     inputs_list = inputs if isinstance(inputs, tuple) else (inputs,)
     if not all(
         bool(torch.isfinite(x).all())
@@ -129,11 +152,12 @@ def _refuse_overflowed_maps(maps: Tensor | tuple[Tensor, ...], inputs: Any, alph
         if isinstance(x, Tensor) and x.is_floating_point()
     ):
         return  # non-finite inputs explain it
-    total = sum(m.numel() for m in maps_list if isinstance(m, Tensor))
+    total = sum(m.numel() for m in maps_list)
     raise ValueError(
         f"`alpha`={alpha:g}: {bad} of the {total} map values are inf or NaN for finite inputs: "
         "alpha times the comparison classes' logits overflowed in the gradients through the "
-        "model; use a smaller |alpha| (the default is 1.0)."
+        f"model (|alpha| * max(1, largest |logit|) = {scale:.3g}, beyond {headroom:.3g}, the "
+        "square root of the dtype's range); use a smaller |alpha| (the default is 1.0)."
     )
 
 
@@ -250,6 +274,12 @@ def comparison_classes(
 
 #: the FinerCAM whose ``_maps`` runs in this thread (or task) and the classes it explains
 _EXPLAINING: ContextVar[tuple[Any, Any] | None] = ContextVar("finer_cam_explaining", default=None)
+
+#: the largest finite |logit| each score of the running ``FinerCAM._maps`` met, with the
+#: logits' dtype (for :func:`_refuse_overflowed_maps`); None outside it
+_LARGEST_LOGITS: ContextVar[list[tuple[float, torch.dtype]] | None] = ContextVar(
+    "finer_cam_largest_logits", default=None
+)
 
 #: ``FinerCAM._finer_score``'s default: score every class
 _EVERY_CLASS = object()
@@ -372,12 +402,17 @@ class FinerCAM(TargetClassCAMBase):
         # x C. The score resolves `classes` from the same logits by the same rule as the
         # engine; a callable selection (the engine's internal form) scores every class.
         token = _EXPLAINING.set(None if callable(classes) else (self, classes))
+        largest_logits: list[tuple[float, torch.dtype]] = []
+        logits_token = _LARGEST_LOGITS.set(largest_logits)
         try:
             maps = super()._maps(inputs, classes, *args, **kwargs)
         finally:
+            _LARGEST_LOGITS.reset(logits_token)
             _EXPLAINING.reset(token)
         if abs(self.alpha) > 1:  # else |z_P - alpha z_j| <= 2 max |z|: no overflow of its own
-            _refuse_overflowed_maps(maps, inputs, self.alpha)
+            largest = max((value for value, _ in largest_logits), default=0.0)
+            dtype = largest_logits[0][1] if largest_logits else None
+            _refuse_overflowed_maps(maps, inputs, self.alpha, largest, dtype)
         return maps
 
     @property
@@ -424,6 +459,12 @@ class FinerCAM(TargetClassCAMBase):
     def _finer_score(self, logits: Tensor, target: Any = _EVERY_CLASS) -> Tensor:
         """:func:`finer_scores` of every class, or (given ``target``, in the forms of
         ``attribute``) of the classes it selects, the others NaN."""
+        largest_logits = _LARGEST_LOGITS.get()
+        if largest_logits is not None and abs(self.alpha) > 1:  # read where alpha can overflow
+            with torch.no_grad():
+                finite = logits.detach().abs().nan_to_num(nan=0.0, posinf=0.0)
+                largest = float(finite.max()) if finite.numel() else 0.0
+                largest_logits.append((largest, logits.dtype))
         classes = logits.shape[1]
         positions = self._positions(classes)
         if max(positions) >= classes:

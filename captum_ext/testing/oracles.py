@@ -379,8 +379,12 @@ class MaskedInputNet(nn.Module):
     """A fixed ReLU CNN that sees ``x * keep``: pixels where ``keep`` is 0 cannot matter.
 
     Args:
-        keep (Tensor): ``(1, 1, H, W)`` or ``(1, channels, H, W)`` finite mask (a copy is
-            kept); the inputs must be ``(N, channels, H, W)``.
+        keep (Tensor): finite mask the ``(N, channels, H, W)`` inputs are multiplied by, with
+            torch's broadcasting: ``(H, W)``, ``(channels, H, W)``, ``(1, 1, H, W)``, a
+            per-example ``(N, 1, H, W)``, or any shape whose sizes are 1 where the mask is the
+            same along that dimension (``(1, 1, 1, W)`` masks columns). A mask of fewer than
+            4 dimensions is kept as 4 (leading 1s added, as broadcasting does); a copy is
+            kept, integer and bool masks as floats.
         channels (int): input channels.
         classes (int): number of logits.
         seed (int): seed of the fixed weights (numpy integers are accepted).
@@ -404,34 +408,46 @@ class MaskedInputNet(nn.Module):
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[2:] != self.keep.shape[2:]:
-            height, width = self.keep.shape[2:]
+        if x.dim() != 4 or not _broadcasts(x.shape, self.keep.shape):
+            sizes = [
+                str(size) if size != 1 else letter
+                for size, letter in zip(self.keep.shape, ("N", "C", "H", "W"))
+            ]
             raise ValueError(
-                f"MaskedInputNet: its `keep` mask {tuple(self.keep.shape)} is for (N, C, "
-                f"{height}, {width}) images, got inputs of shape {tuple(x.shape)}."
+                f"MaskedInputNet: its `keep` mask {tuple(self.keep.shape)} is for "
+                f"({', '.join(sizes)}) images, got inputs of shape {tuple(x.shape)}."
             )
         return self.head(self.features(x * self.keep).mean(dim=(2, 3)))
 
 
+def _broadcasts(*shapes: torch.Size | tuple[int, ...]) -> bool:
+    """Whether tensors of these shapes broadcast against each other."""
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _keep_mask(keep: Tensor, channels: int) -> Tensor:
-    """A copy of ``keep``, after refusing, by name, what is not a finite real
-    ``(1, 1 or channels, H, W)`` mask (integer and bool masks read as floats)."""
+    """A 4-D copy of ``keep`` (leading 1s added to a mask of fewer dimensions, as
+    broadcasting does), after refusing, by name, what is not a finite real mask that
+    broadcasts against ``(1, channels, H, W)`` images, none of its sizes 0 (integer and
+    bool masks read as floats)."""
     if not isinstance(keep, Tensor) or keep.is_complex():
         got = f"{keep.dtype} tensor" if isinstance(keep, Tensor) else type(keep).__name__
         raise TypeError(
             f"`keep` must be a real tensor (the mask the inputs are multiplied by), got {got}."
         )
-    if (
-        keep.dim() != 4
-        or keep.shape[0] != 1
-        or keep.shape[1] not in (1, channels)
-        or min(keep.shape[2:]) < 1
-    ):
+    wrong_channels = keep.dim() >= 3 and keep.shape[-3] not in (1, channels)
+    if keep.dim() > 4 or 0 in keep.shape or wrong_channels:
         raise ValueError(
-            f"`keep` must be a (1, 1, H, W) or (1, channels={channels}, H, W) mask, got shape "
-            f"{tuple(keep.shape)}."
+            f"`keep` must be a mask that broadcasts against (N, channels={channels}, H, W) "
+            "images, such as (H, W), (channels, H, W), (1, 1, H, W) or a per-example "
+            f"(N, 1, H, W), got shape {tuple(keep.shape)}."
         )
-    keep = keep.detach().clone() if keep.is_floating_point() else keep.float()
+    keep = keep.detach().reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+    keep = keep.clone() if keep.is_floating_point() else keep.float()
     if not bool(torch.isfinite(keep).all()):
         raise ValueError("`keep` contains NaN or infinite values.")
     return keep
