@@ -73,6 +73,10 @@ def test_road_imputation_equals_quantus_noisy_linear_imputation(bundled_digits):
         np.testing.assert_allclose(ours_direct.numpy(), theirs, atol=1e-10, rtol=0)
         np.testing.assert_allclose(ours_block.numpy(), theirs, atol=1e-10, rtol=0)
         np.testing.assert_allclose(ours_cg.numpy(), theirs, atol=1e-6, rtol=0)
+        ours_multigrid = road_imputation(
+            images, removed.view(6, 28, 28), noise=0.0, solver="multigrid"
+        )
+        np.testing.assert_allclose(ours_multigrid.numpy(), theirs, atol=1e-6, rtol=0)
 
 
 def test_road_accuracy_curve_equals_quantus_road(bundled_model, bundled_digits):
