@@ -97,7 +97,8 @@ _POST_CONV_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 _F = torch.nn.functional
-_CHANNELWISE_FUNCTIONS = {
+#: functions that act on each element alone: channel-wise wherever the channels are
+_ELEMENTWISE_FUNCTIONS = {
     torch.relu,
     torch.relu_,
     _F.relu,
@@ -112,6 +113,10 @@ _CHANNELWISE_FUNCTIONS = {
     _F.sigmoid,
     _F.tanh,
     _F.dropout,
+}
+#: ... and those channel-wise only with the channels on dim 1 (whole-channel dropout,
+#: pooling over the spatial dims, batch norm, flattening or reducing what follows them)
+_CHANNELWISE_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | {
     _F.dropout2d,
     _F.max_pool2d,
     _F.avg_pool2d,
@@ -163,22 +168,6 @@ _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
     nn.Identity,
 )
-_ELEMENTWISE_FUNCTIONS = {
-    torch.relu,
-    torch.relu_,
-    _F.relu,
-    _F.relu6,
-    _F.leaky_relu,
-    _F.gelu,
-    _F.silu,
-    _F.elu,
-    _F.hardswish,
-    torch.sigmoid,
-    torch.tanh,
-    _F.sigmoid,
-    _F.tanh,
-    _F.dropout,
-}
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "to"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
