@@ -1,5 +1,6 @@
-"""Where a warning raised inside the package should point (the user's own line), and what
-to say where ``forward_func`` cannot be called as the methods call it."""
+"""Where a warning raised inside the package should point (the user's own line), what to
+say where ``forward_func`` cannot be called as the methods call it, and the eager module
+behind a compiled ``forward_func``."""
 
 from __future__ import annotations
 
@@ -11,9 +12,24 @@ from collections.abc import Callable
 import captum
 from torch import nn
 
-from .layers import uncompiled
-
 _PACKAGES = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(captum.__file__))
+
+
+def uncompiled(forward_func):
+    """The eager module behind ``torch.compile(model)`` (its ``_orig_mod``); anything else
+    as it is.
+
+    Methods run a compiled model through its eager module: the same parameters and the
+    same outputs up to float rounding. Compiled graphs do not take the per-example
+    gradients' ``vmap`` (a deep "vmap: aten::copy_" error) and recompile each time a
+    method registers its hooks. ``model.compile()`` (in place) is handled by
+    :func:`captum_ext._utils.model_state.preserved_state`.
+    """
+    while isinstance(forward_func, nn.Module) and isinstance(
+        getattr(forward_func, "_orig_mod", None), nn.Module
+    ):
+        forward_func = forward_func._orig_mod
+    return forward_func
 
 
 def user_stacklevel() -> int:

@@ -11,24 +11,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .caller import uncompiled
+
 _COMPILED_PREFIX = "_orig_mod."
-
-
-def uncompiled(forward_func):
-    """The eager module behind ``torch.compile(model)`` (its ``_orig_mod``); anything else
-    as it is.
-
-    Methods run a compiled model through its eager module: the same parameters and the
-    same outputs up to float rounding. Compiled graphs do not take the per-example
-    gradients' ``vmap`` (a deep "vmap: aten::copy_" error) and recompile each time a
-    method registers its hooks. ``model.compile()`` (in place) is handled by
-    :func:`captum_ext._utils.model_state.preserved_state`.
-    """
-    while isinstance(forward_func, nn.Module) and isinstance(
-        getattr(forward_func, "_orig_mod", None), nn.Module
-    ):
-        forward_func = forward_func._orig_mod
-    return forward_func
 
 
 def compiled_code_runs_eagerly() -> contextlib.AbstractContextManager:
