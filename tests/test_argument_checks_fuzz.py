@@ -177,6 +177,20 @@ def test_masked_input_net_names_keep_for_inputs_of_another_size():
         net(torch.rand(2, 3, 8, 8))
 
 
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 1, 1), (2, 3, 8, 1), (1, 3, 8, 8)], ids=["1x1", "one-column", "batch-of-1"]
+)
+def test_masked_input_net_does_not_expand_inputs_to_the_mask(shape):
+    """Inputs that broadcast against ``keep`` only by being enlarged (1 x 1 images, a batch
+    of 1 against a mask of 2 examples) were expanded into its shape, and scored."""
+    keep = _column_keep()[None, None]
+    if shape[0] == 1:
+        keep = keep.expand(2, 1, 8, 8)
+    net = MaskedInputNet(keep, 3, 4, 0)
+    with pytest.raises(ValueError, match=r"`keep` mask"):
+        net(torch.rand(*shape))
+
+
 # ------------------------------------------------------------------ small messages
 
 

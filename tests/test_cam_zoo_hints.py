@@ -340,3 +340,18 @@ def test_keyword_only_forward_says_to_wrap_the_model_in_every_method(method):
     }
     with pytest.raises(TypeError, match=r"takes only keyword arguments \(pixel_values=\)"):
         calls[method]()
+
+
+def test_keyword_only_error_survives_pickling_and_copying():
+    """A multiprocessing worker sends its exception back pickled: one that cannot be rebuilt
+    from its args hung ``Pool.map`` (its result thread died)."""
+    import copy
+    import pickle
+
+    model = KeywordOnly()
+    with pytest.raises(KeywordOnlyForwardError) as caught:
+        GradCAM(model.eval(), "net.body.2").attribute(torch.randn(2, 3, 6, 6), target=0)
+    for twin in (pickle.loads(pickle.dumps(caught.value)), copy.deepcopy(caught.value)):
+        assert type(twin) is KeywordOnlyForwardError
+        assert str(twin) == str(caught.value)
+        assert str(twin.python_error) == str(caught.value.python_error)

@@ -3,7 +3,10 @@ as one thread, the caller's torch thread count untouched."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -255,14 +258,34 @@ def test_a_plan_being_built_does_not_hold_up_another_grids_plan(monkeypatch):
         slow.join()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_gets_fresh_plan_locks():
     """A fork taken while another thread holds a plan lock (a DataLoader worker started
-    during a build) must not inherit the held lock."""
-    held = module._PLAN_LOCKS.setdefault((5, 5, module._NESTED_LEAF), threading.Lock())
-    held.acquire()
+    during a build) must not inherit the held lock: the child builds the plan itself."""
+    key = (5, 5, module._NESTED_LEAF)
+    lock = module._PLAN_LOCKS.setdefault(key, threading.Lock())
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
     try:
-        module._fresh_plan_locks()  # what os.register_at_fork runs in the child
-        assert (5, 5, module._NESTED_LEAF) not in module._PLAN_LOCKS
-        assert module._nested_plan(5, 5, module._NESTED_LEAF)  # does not wait on ``held``
+        assert holding.wait(60)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+            pid = os.fork()
+        if pid == 0:  # the child: exit 0 once built; killed by the alarm if it waits
+            signal.alarm(60)
+            try:
+                module._nested_plan(*key)
+            finally:
+                os._exit(0 if module._PLAN_LOCKS.get(key) is not lock else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     finally:
-        held.release()
+        release.set()
+        holder.join()

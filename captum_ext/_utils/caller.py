@@ -96,6 +96,9 @@ class KeywordOnlyForwardError(TypeError):
         super().__init__(message)
         self.python_error = python_error
 
+    def __reduce__(self):  # pickled and copied whole (a multiprocessing worker's error)
+        return type(self), (str(self), self.python_error)
+
 
 def keyword_only_forward_error(
     forward_func: Callable, error: TypeError, n_positional: int, *, layer_name: str | None = None

@@ -157,7 +157,8 @@ def _refuse_overflowed_maps(
         f"`alpha`={alpha:g}: {bad} of the {total} map values are inf or NaN for finite inputs: "
         "alpha times the comparison classes' logits overflowed in the gradients through the "
         f"model (|alpha| * max(1, largest |logit|) = {scale:.3g}, beyond {headroom:.3g}, the "
-        "square root of the dtype's range); use a smaller |alpha| (the default is 1.0)."
+        "square root of the dtype's range); use a smaller |alpha| (the default is 1.0). If "
+        "the maps are not finite at alpha=1 either, the model's own gradients are the cause."
     )
 
 

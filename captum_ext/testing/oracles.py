@@ -408,7 +408,7 @@ class MaskedInputNet(nn.Module):
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or not _broadcasts(x.shape, self.keep.shape):
+        if x.dim() != 4 or not _broadcasts_to(self.keep.shape, x.shape):
             sizes = [
                 str(size) if size != 1 else letter
                 for size, letter in zip(self.keep.shape, ("N", "C", "H", "W"))
@@ -427,6 +427,15 @@ def _broadcasts(*shapes: torch.Size | tuple[int, ...]) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _broadcasts_to(mask: torch.Size, inputs: torch.Size) -> bool:
+    """Whether a ``mask`` of this shape broadcasts to ``inputs`` without enlarging them (inputs
+    of 1 x 1 pixels, or a batch of 1 against a mask of 4 examples, are refused, not
+    expanded)."""
+    return _broadcasts(mask, inputs) and tuple(torch.broadcast_shapes(mask, inputs)) == tuple(
+        inputs
+    )
 
 
 def _keep_mask(keep: Tensor, channels: int) -> Tensor:
