@@ -795,12 +795,9 @@ def _next_layout(node: fx.Node, model: nn.Module, layout: _Layout) -> _Layout | 
         moved = dims.index(axis)
         return _CHANNELS_FIRST if moved == 1 else (moved, len(dims))
     if layout == _CHANNELS_FIRST:
-        if node.op == "call_module":
-            channelwise = isinstance(model.get_submodule(node.target), _CHANNELWISE_MODULES)
-        elif node.op == "call_function":
-            channelwise = node.target in _CHANNELWISE_FUNCTIONS
-        else:
-            channelwise = node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+        channelwise = _calls_one_of(
+            node, model, _CHANNELWISE_MODULES, _CHANNELWISE_FUNCTIONS, _CHANNELWISE_METHODS
+        )
         return layout if channelwise else None
     axis, rank = layout
     shape = _layer_norm_shape(node, model)
@@ -809,13 +806,26 @@ def _next_layout(node: fx.Node, model: nn.Module, layout: _Layout) -> _Layout | 
             isinstance(shape, int) or len(shape) == 1
         )
         return layout if over_channels and axis == rank - 1 else None
-    if node.op == "call_module":
-        elementwise = isinstance(model.get_submodule(node.target), _ELEMENTWISE_MODULES)
-    elif node.op == "call_function":
-        elementwise = node.target in _ELEMENTWISE_FUNCTIONS
-    else:
-        elementwise = node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+    elementwise = _calls_one_of(
+        node, model, _ELEMENTWISE_MODULES, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS
+    )
     return layout if elementwise else None
+
+
+def _calls_one_of(
+    node: fx.Node,
+    model: nn.Module,
+    modules: tuple[type[nn.Module], ...],
+    functions: set,
+    methods: set[str],
+) -> bool:
+    """Whether ``node`` calls a module of one of the classes ``modules``, one of
+    ``functions`` or one of the tensor ``methods``."""
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), modules)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
 
 
 def _reads_channels(module: nn.Module, layout: _Layout) -> bool:
