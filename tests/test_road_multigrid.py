@@ -250,3 +250,23 @@ def test_images_keeping_few_pixels_are_imputed_exactly(size, kept):
     for solver in ("auto", "multigrid"):
         filled = road_imputation(images, removed, noise=0.0, solver=solver)
         assert float((filled - exact).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("scale", [1e-4, 3e-9, 1e3])
+def test_multigrid_error_is_relative_to_the_scale_of_the_pixels(scale):
+    """The system is linear in the pixels, so the error bound scales with them: images
+    multiplied by ``scale`` are held to 1e-6 * scale (an absolute stop rule gave 2e-5
+    relative at 1e-4 and returned about zero at 1e-9)."""
+    images, removed = _case(n=5, size=40)
+    images = images * scale
+    exact = road_imputation(images, removed, noise=0.0, solver="nested")
+    filled = road_imputation(images, removed, noise=0.0, solver="multigrid")
+    assert float((filled - exact).abs().max()) <= 1e-6 * scale
+
+
+def test_multigrid_on_images_whose_kept_pixels_are_all_zero():
+    images, removed = _case(n=5, size=40)
+    images = torch.where(removed[:, None], images, 0.0)  # removed pixels hold junk, kept 0
+    filled, converged = mg.multigrid_imputation(images, removed[:, None])
+    assert bool(converged.all())
+    assert torch.equal(filled, torch.zeros_like(images))

@@ -818,7 +818,7 @@ def _factorised(inputs: Tensor, removed: Tensor, solver: str) -> Tensor:
     return torch.cat(parts)
 
 
-_MULTIGRID_TOLERANCE = 1e-6  # the last step, relative to the largest kept value (at least 1)
+_MULTIGRID_TOLERANCE = 1e-6  # the last step, relative to the image's largest kept value
 _MULTIGRID_MAX_ITERATIONS = 60  # measured: 6-13 at 28-224 px; the exact fallback beyond
 # "auto" on the CPU: multigrid for images of at least this many pixels (measured crossover)
 _MULTIGRID_MIN_PIXELS = 56 * 56
@@ -947,7 +947,8 @@ def road_imputation(
             see the module ``captum_ext.metrics._multigrid``: iterative, not exact: an image stops
             when, after its float64 residual replacement, its last CG step (max abs over
             channels and removed pixels) is below 1e-6 times its largest absolute kept
-            value (at least 1e-6); max error about 1e-7 to 4e-7 against the exact solvers
+            value (each image is solved divided by that value, so the error scales with the
+            pixels); max error about 1e-7 to 4e-7 against the exact solvers
             on pixel values in [0, 1] on the benchmark's masks (measured at 28 to 224 px),
             up to about 8e-7 on masks keeping 5 to 15 pixels. Any image that has not met
             that rule within 60 iterations, that keeps fewer than 16 pixels (whose systems
