@@ -270,3 +270,14 @@ def test_multigrid_on_images_whose_kept_pixels_are_all_zero():
     filled, converged = mg.multigrid_imputation(images, removed[:, None])
     assert bool(converged.all())
     assert torch.equal(filled, torch.zeros_like(images))
+
+
+@pytest.mark.parametrize("solver", ["auto", "nested", "multigrid", "direct", "block", "cg"])
+def test_images_without_channels_are_returned_by_every_solver(solver):
+    """Every solver returns a (N, 0, H, W) batch as it is ("nested" and "multigrid" crashed
+    inside torch: a reshape of 0 elements, an amax over an empty dim)."""
+    images = torch.rand(2, 0, 64, 64)
+    removed = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+    filled = road_imputation(images, removed, noise=0.1, solver=solver)
+    assert filled.shape == images.shape
+    assert filled.dtype == images.dtype

@@ -1039,6 +1039,8 @@ def road_imputation(
             f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested', "
             "'nested_mixed', 'multigrid' or 'cg'."
         )
+    if c == 0:  # images without channels: no value to impute, whatever the solver
+        return inputs.clone()
     if _lacks_float64(inputs.device) and solver != "cg":
         # Apple's MPS has no float64: the factorisations run, exactly, on the CPU
         filled = road_imputation(
