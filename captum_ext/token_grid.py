@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.hooks import call_hook, registered_hooks
 from captum_ext._utils.layers import random_projection_score, resolve_layer
 from captum_ext._utils.model_state import gradients_on, preserved_state
 from captum_ext._utils.validation import ArgumentTypeError, check_examples_first, check_int
@@ -96,11 +96,8 @@ class TokenGridModel(nn.Module):
         return torch.cat([output[:, : self.leading], back], dim=1)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        handle = self._tokens_layer[0].register_forward_hook(self._through_grid)
-        try:
+        with registered_hooks(call_hook(self._tokens_layer[0], self._through_grid)):
             return self.model(*args, **kwargs)
-        finally:
-            handle.remove()
 
 
 def _layer_output(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple | str:
@@ -114,13 +111,9 @@ def _layer_output(model: nn.Module, layer: nn.Module, example: Tensor) -> tuple 
     def record(module: nn.Module, args: Any, output: Any) -> None:
         seen.append(tuple(output.shape) if isinstance(output, Tensor) else _describe(output))
 
-    handle = layer.register_forward_hook(record)
-    try:
-        with preserved_state([model]), torch.no_grad():
-            model.eval()
-            model(example)
-    finally:
-        handle.remove()
+    with registered_hooks(call_hook(layer, record)), preserved_state([model]), torch.no_grad():
+        model.eval()
+        model(example)
     if len(seen) != 1:
         raise ValueError(
             f"`layer` ran {len(seen)} times in one forward pass; pick a layer that runs once."
@@ -461,7 +454,7 @@ def grid_reaches_output(wrapped: TokenGridModel, example: Tensor) -> bool | None
         store["grid"] = output.detach().requires_grad_()
         return store["grid"]
 
-    hooked = registered_hooks(lambda: wrapped.grid.register_forward_hook(leaf))
+    hooked = registered_hooks(call_hook(wrapped.grid, leaf))
     with hooked, preserved_state([wrapped.model]), gradients_on():
         wrapped.model.eval()
         output = wrapped(example)

@@ -33,6 +33,7 @@ from .deprecation import moved_names
 from .hooks import (
     OutputBytes,
     _as_leaves,
+    call_hook,
     capture_layer,
     counted_output_bytes,
     registered_hooks,
@@ -1732,9 +1733,7 @@ def _per_example_by_loop(
         if parametrize.is_parametrized(module, attribute):
             for original_tensor in module.parametrizations[attribute].parameters():
                 original_tensor.requires_grad_(True)
-        registrations.append(
-            lambda m=module, c=capture_of(name, attribute): m.register_forward_pre_hook(c)
-        )
+        registrations.append(call_hook(module, capture_of(name, attribute), pre=True))
     cached = (
         parametrize.cached
         if any(parametrize.is_parametrized(m, a) for m, a in computed.values())

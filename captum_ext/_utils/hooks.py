@@ -50,14 +50,17 @@ class CallHook:
     (``copy.deepcopy(model)``, ``torch.save(model)`` from another thread, or from inside the
     call) gets an :class:`InertHook` in its place: the copy's outputs and gradients are the
     model's own, and it pickles. Made by :func:`call_hook`; ``remove`` ends the call.
+    With ``with_kwargs=True`` the hook also receives the forward's keyword arguments, as
+    torch's own ``with_kwargs`` (``hook(module, args, kwargs)`` before the forward,
+    ``hook(module, args, kwargs, output)`` after it).
     """
 
-    def __init__(self, module: nn.Module, hook, *, pre: bool) -> None:
+    def __init__(self, module: nn.Module, hook, *, pre: bool, with_kwargs: bool = False) -> None:
         self._module = module
         self._hook = hook
         self._hooks_dict = "_forward_pre_hooks" if pre else "_forward_hooks"
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._handle = register(self)
+        self._handle = register(self, with_kwargs=with_kwargs)
         self._active = True
 
     def __call__(self, module: nn.Module, *args):
@@ -83,11 +86,12 @@ class CallHook:
         return (InertHook, ())
 
 
-def call_hook(module: nn.Module, hook, *, pre: bool = False):
+def call_hook(module: nn.Module, hook, *, pre: bool = False, with_kwargs: bool = False):
     """A registration for :func:`registered_hooks`: ``hook`` as a forward hook of ``module``
     (a forward pre-hook with ``pre=True``) that acts only during the block and only on
-    ``module`` (a :class:`CallHook`)."""
-    return lambda: CallHook(module, hook, pre=pre)
+    ``module`` (a :class:`CallHook`). ``with_kwargs=True`` passes the forward's keyword
+    arguments to ``hook`` too, as torch's ``register_forward_(pre_)hook(..., with_kwargs=True)``."""
+    return lambda: CallHook(module, hook, pre=pre, with_kwargs=with_kwargs)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .caller import uncompiled
+from .hooks import call_hook, registered_hooks
 
 _COMPILED_PREFIX = "_orig_mod."
 
@@ -197,17 +198,14 @@ def _called_modules(model: nn.Module, run) -> list[tuple[str, nn.Module, tuple]]
         if isinstance(output, torch.Tensor):
             order.append((names[id(module)], module, tuple(output.shape)))
 
-    handles = [
-        m.register_forward_hook(hook)
+    registrations = [
+        call_hook(m, hook)
         for m in model.modules()
         if id(m) in names and not isinstance(m, torch.jit.ScriptModule)
     ]
-    try:
-        with compiled_code_runs_eagerly():  # hooks on a compiled model's layers
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    # compiled_code_runs_eagerly: hooks on a compiled model's layers
+    with registered_hooks(*registrations), compiled_code_runs_eagerly():
+        run()
     return [entry for entry in order if calls[id(entry[1])] == 1]
 
 
@@ -285,32 +283,29 @@ def _modules_not_reaching_output(model: nn.Module, run, modules: list[nn.Module]
         if isinstance(output, torch.Tensor) and output.requires_grad:
             outputs.setdefault(id(module), output)
 
-    handles = [module.register_forward_hook(hook) for module in modules]
-    try:
-        with preserved_state([model]), gradients_on():
-            for parameter in model.parameters():
-                if parameter.is_floating_point():
-                    parameter.requires_grad_(True)
-            with compiled_code_runs_eagerly():
-                result = run()
-            if (
-                not isinstance(result, torch.Tensor)
-                or not result.is_floating_point()
-                or not result.requires_grad
-                or not outputs
-            ):
-                return set()
-            keys = list(outputs)
-            grads = torch.autograd.grad(
-                random_projection_score(result),
-                [outputs[key] for key in keys],
-                allow_unused=True,
-            )
-    except Exception:  # noqa: BLE001 - the check only refines a courtesy suggestion
-        return set()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with registered_hooks(*(call_hook(module, hook) for module in modules)):
+        try:
+            with preserved_state([model]), gradients_on():
+                for parameter in model.parameters():
+                    if parameter.is_floating_point():
+                        parameter.requires_grad_(True)
+                with compiled_code_runs_eagerly():
+                    result = run()
+                if (
+                    not isinstance(result, torch.Tensor)
+                    or not result.is_floating_point()
+                    or not result.requires_grad
+                    or not outputs
+                ):
+                    return set()
+                keys = list(outputs)
+                grads = torch.autograd.grad(
+                    random_projection_score(result),
+                    [outputs[key] for key in keys],
+                    allow_unused=True,
+                )
+        except Exception:  # noqa: BLE001 - the check only refines a courtesy suggestion
+            return set()
     blind = set()
     for key, grad in zip(keys, grads):
         if grad is not None and grad.dim() == 3:
@@ -431,19 +426,16 @@ def last_weighted_layer(model: nn.Module, run) -> tuple[str, nn.Module] | None:
         if name and _weighted(m) and not isinstance(m, torch.jit.ScriptModule)
     }
     calls: list[nn.Module] = []
-    handles = [
-        m.register_forward_hook(lambda module, args, output: calls.append(module))
-        for m in model.modules()
-        if id(m) in names
-    ]
-    try:
-        with torch.no_grad(), compiled_code_runs_eagerly():
-            run()
-    except Exception:  # noqa: BLE001 - it only names a layer in an error message
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def record(module, args, output):
+        calls.append(module)
+
+    with registered_hooks(*(call_hook(m, record) for m in model.modules() if id(m) in names)):
+        try:
+            with torch.no_grad(), compiled_code_runs_eagerly():
+                run()
+        except Exception:  # noqa: BLE001 - it only names a layer in an error message
+            return None
     if not calls or sum(1 for m in calls if m is calls[-1]) != 1:
         return None
     return names[id(calls[-1])], calls[-1]
@@ -506,13 +498,8 @@ def find_last_linear(
     def record(module, args, output):
         calls.append(module)
 
-    handles = [m.register_forward_hook(record) for m in modules.values()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with registered_hooks(*(call_hook(m, record) for m in modules.values())), torch.no_grad():
+        run()
     if not calls:
         raise ValueError(
             f"`{argument}`: no linear layer of {type(model).__name__} ran in a forward pass; "
@@ -599,17 +586,17 @@ def execution_ranks(modules: dict[str, nn.Module]):
         return lambda module, args: events.append((name, False))
 
     ranks: dict[str, int] = {}
-    handles = [
-        module.register_forward_pre_hook(pre_hook(name))
+    registrations = [
+        call_hook(module, pre_hook(name), pre=True)
         for name, module in modules.items()
         if not isinstance(module, torch.jit.ScriptModule)
     ]
-    try:
-        with compiled_code_runs_eagerly(), _FirstParameterUse(owners, events):
-            yield ranks
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        registered_hooks(*registrations),
+        compiled_code_runs_eagerly(),
+        _FirstParameterUse(owners, events),
+    ):
+        yield ranks
     by_parameter: dict[str, int] = {}
     by_call: dict[str, int] = {}
     for i, (name, parameter) in enumerate(events):

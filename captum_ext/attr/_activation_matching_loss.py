@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils.batched_grad import call_model
-from .._utils.hooks import registered_hooks
+from .._utils.hooks import call_hook, registered_hooks
 from .._utils.precision import at_least_float32
 from ._mask_net import straight_through_mask
 
@@ -173,10 +173,7 @@ def run_with_activations(
 
         return hook
 
-    registrations = [
-        (lambda layer=layer, slot=slot: layer.register_forward_hook(make_hook(slot)))
-        for layer, slot in zip(layers, captured)
-    ]
+    registrations = [call_hook(layer, make_hook(slot)) for layer, slot in zip(layers, captured)]
     with registered_hooks(*registrations):
         logits = call_model(forward_func, (inputs,))  # a dtype or layout mistake is named
     if not isinstance(logits, Tensor) or logits.dim() != 2:

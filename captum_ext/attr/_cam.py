@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .._utils.batched_grad import check_grad_kwargs, class_gradients
 from .._utils.caller import keyword_only_forward_error, user_stacklevel
-from .._utils.hooks import AttentionLayerOutput, registered_hooks
+from .._utils.hooks import AttentionLayerOutput, call_hook, registered_hooks
 from .._utils.layers import (
     quantized_note,
     resolve_layer,
@@ -435,13 +435,11 @@ def _attention_neighbours(
             producers.append(next((n for t, n in outputs if t is query), None))
 
     registrations = [
-        (lambda m=m: m.register_forward_hook(on_output))
+        call_hook(m, on_output)
         for m in user_model(model).modules()
         if id(m) in names and not isinstance(m, torch.jit.ScriptModule)
     ]
-    registrations.append(
-        lambda: attention.register_forward_pre_hook(on_attention, with_kwargs=True)
-    )
+    registrations.append(call_hook(attention, on_attention, pre=True, with_kwargs=True))
     with registered_hooks(*registrations), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

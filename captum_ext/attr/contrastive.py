@@ -43,7 +43,7 @@ from .._utils.batched_grad import (
 )
 from .._utils.caller import user_stacklevel
 from .._utils.deprecation import renamed_arguments
-from .._utils.hooks import registered_hooks
+from .._utils.hooks import call_hook, registered_hooks
 from .._utils.layers import root_module
 from .._utils.model_state import detached, leaves_inference_mode, preserved_state
 from .._utils.validation import (
@@ -545,9 +545,7 @@ def _layer_cam_guard(
                 if message is not None and message not in messages:
                     messages.append(message)
 
-    registrations = [
-        (lambda layer=layer: layer.register_forward_hook(check)) for layer in layers.values()
-    ]
+    registrations = [call_hook(layer, check) for layer in layers.values()]
     with registered_hooks(*registrations):
         yield messages
 

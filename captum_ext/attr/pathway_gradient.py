@@ -21,7 +21,7 @@ from .._utils.batched_grad import (
     run_forward,
 )
 from .._utils.caller import inside_expanding_wrapper, user_stacklevel
-from .._utils.hooks import counted_output_bytes, registered_hooks
+from .._utils.hooks import call_hook, counted_output_bytes, registered_hooks
 from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
@@ -587,9 +587,7 @@ class PathwayGradient(GradientAttribution):
         modules, names = self._modules(layers)
         sites = _Sites(modules, names)
         model = root_module(self.forward_func)
-        registrations = [
-            (lambda m=m, h=sites.hook(i): m.register_forward_hook(h)) for i, m in enumerate(modules)
-        ]
+        registrations = [call_hook(m, sites.hook(i)) for i, m in enumerate(modules)]
         with (
             preserved_state([model, *modules], hidden_model=model is None),
             registered_hooks(*registrations),

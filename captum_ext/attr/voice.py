@@ -20,7 +20,7 @@ from .._utils.batched_grad import (
     softmax_complement,
 )
 from .._utils.caller import user_stacklevel
-from .._utils.hooks import registered_hooks
+from .._utils.hooks import call_hook, registered_hooks
 from .._utils.layers import quantized_note, root_module
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import leaves_inference_mode, preserved_state
@@ -781,11 +781,7 @@ class VOICE:
     def _guided_hooks(model: nn.Module | None) -> list:
         if model is None:
             raise TypeError("GuidedBackprop needs forward_func to be an nn.Module.")
-        return [
-            (lambda m=m: m.register_forward_hook(_guide))
-            for m in model.modules()
-            if isinstance(m, nn.ReLU)
-        ]
+        return [call_hook(m, _guide) for m in model.modules() if isinstance(m, nn.ReLU)]
 
 
 def _log_likelihood(logits: Tensor, explained: Tensor) -> Tensor:

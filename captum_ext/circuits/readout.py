@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils.batched_grad import call_model, in_model_precision, objective_gradients
-from .._utils.hooks import registered_hooks
+from .._utils.hooks import call_hook, registered_hooks
 from .._utils.layers import resolve_layer, uncompiled
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise_dtype
@@ -647,19 +647,14 @@ class CircuitReadout:
             for name in connection.ingress
         }
         registrations = [
-            (lambda m=network.get_submodule(name), h=ingress_hook(name): m.register_forward_hook(h))
-            for name in sorted(checked)
+            call_hook(network.get_submodule(name), ingress_hook(name)) for name in sorted(checked)
         ]
         registrations += [
-            (
-                lambda m=network.get_submodule(name), h=stage_hook(i, name): (
-                    m.register_forward_hook(h)
-                )
-            )
+            call_hook(network.get_submodule(name), stage_hook(i, name))
             for i, name in enumerate(self.layers)
         ]
         classifier = network.get_submodule(self.classifier)
-        registrations.append(lambda: classifier.register_forward_pre_hook(classifier_hook))
+        registrations.append(call_hook(classifier, classifier_hook, pre=True))
 
         try:
             with (

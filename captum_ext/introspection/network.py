@@ -19,7 +19,7 @@ from captum_ext._utils.distributed import (
     tensor_fingerprint,
     written_on_main_process,
 )
-from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.hooks import call_hook, registered_hooks
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import (
     gradients_on,
@@ -980,7 +980,7 @@ def _feature_graph(network: IntrospectiveNetwork, inputs: tuple[Tensor, ...]) ->
         calls.append((first, output if isinstance(output, Tensor) else None))
 
     with preserved_state([root, head]), gradients_on():
-        with registered_hooks(lambda: head.register_forward_hook(record)):
+        with registered_hooks(call_hook(head, record)):
             out = _stage1_output(model, inputs, _frozen_state(root))
         logits = transform(out) if transform is not None else out
         # whether the closed form applies is decided on detached tensors (the comparison

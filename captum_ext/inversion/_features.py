@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.hooks import call_hook, registered_hooks
 from captum_ext._utils.layers import find_last_linear, resolve_layer
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import is_integer
@@ -36,14 +36,9 @@ def final_linear(model: nn.Module, example: Tensor) -> nn.Module:
             shapes[id(module)] = tuple(output.shape)
 
     def run() -> None:
-        handles = [
-            m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)
-        ]
-        try:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        with registered_hooks(*(call_hook(m, record) for m in linears)):
             logits.append(model(example))
-        finally:
-            for handle in handles:
-                handle.remove()
 
     with preserved_state([model]):
         model.eval()
@@ -86,9 +81,9 @@ class _FeatureTap:
             self._values.append(output)
 
         register = (
-            (lambda: self.layer.register_forward_pre_hook(on_input))
+            call_hook(self.layer, on_input, pre=True)
             if self.layer_input
-            else (lambda: self.layer.register_forward_hook(on_output))
+            else call_hook(self.layer, on_output)
         )
         self._values = []
         try:

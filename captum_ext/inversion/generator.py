@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext._utils.deprecation import renamed_arguments
+from captum_ext._utils.hooks import call_hook, registered_hooks
 from captum_ext._utils.model_state import gradients_on
 from captum_ext._utils.seeding import as_generator, seeded_rng
 from captum_ext._utils.validation import is_integer, is_real, torch_device
@@ -628,7 +629,6 @@ def estimate_inversion_cost(
             if isinstance(out, Tensor):
                 sizes.append(out.numel() * out.element_size())
 
-    handles = []
     with preserved_state([model]):
         model.eval()
         if num_classes is None:  # one probe: a bad input_shape is named, not torch's error
@@ -659,14 +659,9 @@ def estimate_inversion_cost(
                     torch.cuda.synchronize(device)
                 return time.perf_counter() - start
 
-            try:
-                for m in list(gen.modules()) + list(model.modules()):
-                    if not list(m.children()):
-                        handles.append(m.register_forward_hook(record))
+            leaves = [m for m in [*gen.modules(), *model.modules()] if not list(m.children())]
+            with registered_hooks(*(call_hook(m, record) for m in leaves)):
                 step(probe_batch)
-            finally:
-                for handle in handles:
-                    handle.remove()
             per_example = math.ceil(sum(sizes) / probe_batch)
             # time a batch as large as `probe_bytes` allows: small batches carry a fixed
             # cost per step that a linear extrapolation from 2 examples would multiply

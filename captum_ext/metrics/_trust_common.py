@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_ext._utils.batched_grad import run_forward
-from captum_ext._utils.hooks import registered_hooks
+from captum_ext._utils.hooks import call_hook, registered_hooks
 from captum_ext._utils.layers import find_last_linear, resolve_layer, root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.validation import format_inputs
@@ -88,7 +88,7 @@ def _forward_recording(
         out = output if isinstance(output, Tensor) else None
         calls.append((first, out))
 
-    with registered_hooks(lambda: layer.register_forward_hook(hook)), torch.no_grad():
+    with registered_hooks(call_hook(layer, hook)), torch.no_grad():
         logits = run_forward(forward_func, inputs, extra, output_transform)
     return logits, calls
 
