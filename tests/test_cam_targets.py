@@ -778,3 +778,13 @@ def test_a_target_list_shorter_than_the_batch_is_refused(name, bundled_model, sa
             x, contrast=[3, 1, 2, 5], nt_type="smoothgrad", nt_samples=2, stdevs=0.0
         )
         torch.testing.assert_close(smoothed, contrast.attribute(x, contrast=[3, 1, 2, 5]))
+
+
+def test_interpolate_mode_without_upsampling_names_the_default_modes(tiny_cnn, tiny_inputs):
+    """The refusal of `interpolate_mode` without `upsample_to_input` points to captum's
+    LayerAttribution.interpolate and says its default mode differs from ours."""
+    from captum_ext.attr import GradCAM
+
+    with pytest.raises(ValueError, match="interpolate_mode") as error:
+        GradCAM(tiny_cnn, "features.3").attribute(tiny_inputs, target=0, interpolate_mode="bicubic")
+    assert "'nearest'" in str(error.value) and "'bilinear'" in str(error.value)

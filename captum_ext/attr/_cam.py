@@ -716,7 +716,9 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
         if interpolate_mode is not None and not upsample_to_input:
             raise ValueError(
                 "`interpolate_mode` applies to the upsampling; pass upsample_to_input=True "
-                "with it (or resize the maps with LayerAttribution.interpolate)."
+                "with it (or resize the maps yourself with captum's "
+                "LayerAttribution.interpolate(maps, size, interpolate_mode=...), whose default "
+                "is 'nearest' where upsample_to_input's is 'bilinear')."
             )
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         weights = self._channel_weights

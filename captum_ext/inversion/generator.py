@@ -425,6 +425,9 @@ class ConditionedGenerator(nn.Module):
         Args:
             labels (Tensor): ``N`` class indices (on the generator's device).
             generator (torch.Generator or int, optional): Source of ``z`` and the soft vectors.
+                In train mode the generator's dropout draws from torch's global generator
+                (as every ``nn.Dropout`` does), so only ``.eval()`` samples are reproducible
+                from ``generator`` alone.
             vector (str, optional): ``"soft"`` / ``"one_hot"`` override. Default: None
             return_pixels (bool, optional): Also return the pixels in ``[0, 1]``.
         """
