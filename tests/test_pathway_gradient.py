@@ -448,7 +448,14 @@ def test_pathway_graphs_from_masks(bundled_model, bundled_digits):
     # same keys as a CircuitReadout of the same model: the overlap is measurable
     readout = CircuitReadout(bundled_model).readout(images[:1], target=labels[:1])[0]
     overlap = compare(readout, graphs[0])
-    assert 0.0 < overlap.node_jaccard < 1.0
+    # node_jaccard runs over the layers both graphs have: the readout's stages that are
+    # pathway sites (not its "pooled" / "class" nodes, nor the pathway's other sites)
+    shared = sorted(set(result.sites) & {d["layer"] for _, d in readout.nodes(data=True)})
+    assert overlap.node_layers == shared and "pooled" not in shared and "class" not in shared
+    in_readout = {v for v, d in readout.nodes(data=True) if d["layer"] in shared}
+    in_pathway = {v for v, d in graphs[0].nodes(data=True) if d["layer"] in shared}
+    by_hand = len(in_readout & in_pathway) / len(in_readout | in_pathway)
+    assert overlap.node_jaccard == pytest.approx(by_hand, abs=0) and 0.0 < by_hand < 1.0
     # masks alone (no scores): energy is the kept share
     plain = pathway_graphs({"features.7": result.masks["features.7"]})
     node, data = next(iter(plain[0].nodes(data=True)))

@@ -21,7 +21,9 @@ class CircuitComparison:
 
     Attributes:
         shared_nodes (list of str): nodes in both graphs, sorted.
-        node_jaccard (float): ``|V_a & V_b| / |V_a | V_b|``.
+        node_jaccard (float): ``|V_a & V_b| / |V_a | V_b|`` over the nodes of the layers
+            both graphs have (``node_layers``): a pathway graph, which has no ``"pooled"``
+            or ``"class"`` nodes, is not penalised for the readout's.
         shared_edges (list of (str, str)): edges in both graphs, sorted.
         edge_jaccard (float): ``|E_a & E_b| / |E_a | E_b|``.
         flow_a (float): total edge weight of ``graph_a``.
@@ -31,6 +33,8 @@ class CircuitComparison:
             and, with a RuntimeWarning, when all its edges weigh 0.
         flow_retained_by_layer (dict[str, float]): the same, per destination layer
             (NaN, with a RuntimeWarning, for a layer whose edges in ``graph_a`` all weigh 0).
+        node_layers (list of str): the layers ``node_jaccard`` ran over, sorted (every layer
+            of either graph when they share none).
     """
 
     shared_nodes: list[str]
@@ -41,6 +45,7 @@ class CircuitComparison:
     flow_b: float
     flow_retained: float
     flow_retained_by_layer: dict[str, float] = field(default_factory=dict)
+    node_layers: list[str] = field(default_factory=list)
 
 
 def _real(value) -> float | None:
@@ -115,6 +120,26 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(union) if union else 1.0
 
 
+def _node_layer(graph: nx.DiGraph, node) -> str:
+    """A node's ``layer`` attribute as text (``""`` for a hand-made node without one)."""
+    return str(graph.nodes[node].get("layer", ""))
+
+
+def _nodes_on_shared_layers(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> tuple[set, set, list[str]]:
+    """The nodes of each graph on the layers both graphs have, and those layers (sorted).
+
+    Every node of each graph, and every layer of either, when the graphs share no layer.
+    """
+    layers_a = {_node_layer(graph_a, node) for node in graph_a.nodes}
+    layers_b = {_node_layer(graph_b, node) for node in graph_b.nodes}
+    shared = layers_a & layers_b
+    if not shared:
+        return set(graph_a.nodes), set(graph_b.nodes), sorted(layers_a | layers_b)
+    nodes_a = {node for node in graph_a.nodes if _node_layer(graph_a, node) in shared}
+    nodes_b = {node for node in graph_b.nodes if _node_layer(graph_b, node) in shared}
+    return nodes_a, nodes_b, sorted(shared)
+
+
 def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
     r"""How much of circuit ``graph_a`` circuit ``graph_b`` uses (e.g. x against its mask).
 
@@ -126,8 +151,16 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
     Edge weights may be any finite non-negative real number (Python, numpy, or a 0-d tensor).
     With ``w_a(e)`` the ``weight`` of edge ``e`` in ``graph_a``:
 
-    - ``node_jaccard = |V_a & V_b| / |V_a | V_b|`` and ``edge_jaccard = |E_a & E_b| /
-      |E_a | E_b|`` (1.0 when both sets are empty);
+    - ``node_jaccard = |V_a & V_b| / |V_a | V_b|``, where ``V_a`` and ``V_b`` hold the
+      nodes whose ``layer`` attribute is one both graphs have (``node_layers``; every node
+      when the graphs share no layer; nodes without the attribute form the layer ``""``).
+      Graphs of the same stages are compared over all their nodes; a node-only pathway graph
+      (:func:`pathway_graphs`, without ``"pooled"`` and ``"class"`` nodes) against a readout
+      circuit is compared over their common stages, so a pathway holding exactly the
+      readout's channels of those stages scores 1.0;
+    - ``edge_jaccard = |E_a & E_b| / |E_a | E_b|`` over all edges (0.0 when only one graph
+      has edges, such as a node-only graph against a readout circuit). Both are 1.0 when the
+      two sets are empty;
     - ``flow_a = sum_{e in E_a} w_a(e)``, ``flow_b`` likewise;
     - ``flow_retained = sum_{e in E_a & E_b} w_a(e) / flow_a``: the share of ``graph_a``'s
       flow that runs through connections ``graph_b`` also uses, in [0, 1] (both sums run in
@@ -171,6 +204,7 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
     weights_b = _weights(graph_b, "graph_b")
     _check_stages(graph_a, graph_b)
     nodes_a, nodes_b = set(graph_a.nodes), set(graph_b.nodes)
+    compared_a, compared_b, node_layers = _nodes_on_shared_layers(graph_a, graph_b)
     edges_a, edges_b = set(graph_a.edges), set(graph_b.edges)
     shared_edges = edges_a & edges_b
     flow_b = float(sum(w for _, _, w in weights_b))
@@ -209,13 +243,14 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
             )
     return CircuitComparison(
         shared_nodes=sorted(nodes_a & nodes_b, key=str),
-        node_jaccard=_jaccard(nodes_a, nodes_b),
+        node_jaccard=_jaccard(compared_a, compared_b),
         shared_edges=sorted(shared_edges, key=lambda e: (str(e[0]), str(e[1]))),
         edge_jaccard=_jaccard(edges_a, edges_b),
         flow_a=flow_a,
         flow_b=flow_b,
         flow_retained=kept / flow_a if flow_a > 0 else math.nan,
         flow_retained_by_layer=by_layer,
+        node_layers=node_layers,
     )
 
 

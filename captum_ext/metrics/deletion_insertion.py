@@ -168,6 +168,9 @@ _PERTURBATION_ARGS = r"""
             per pixel applied to all channels; ``"per_channel"``: rank every
             (channel, pixel) entry by its own value, so a step perturbs
             ``round(s / n_steps * C * H * W)`` entries and a pixel may be partly perturbed.
+            (:func:`~captum_ext.metrics.road`, ``completeness`` and ``soundness`` rank by
+            the signed ``sum_c attr_c`` by default; their ``channel_reduction="sum_abs"``
+            matches this default.)
         return_curves (bool, optional): deprecated: use :func:`deletion_curves` /
             :func:`insertion_curves`, which always return the curves. ``True`` still
             returns the named tuple, with a ``DeprecationWarning``. Default: False.

@@ -17,6 +17,10 @@ class                       per-example value
 :class:`Soundness`          mean over steps of :func:`~captum_ext.metrics.soundness`
 ==========================  ==============================================================
 
+``ROAD``, ``Completeness`` and ``Soundness`` take their function's options, among them
+``channel_reduction``: ``"sum"`` (default, the signed sum of a multi-channel map's channels)
+or ``"sum_abs"`` (:func:`~captum_ext.metrics.deletion`'s default ``sum_c |a_c|``).
+
 ``Soundness`` keeps each example's masses and scores per step and applies the soundness rule
 in ``compute()``, so that ``Soundness(score="accuracy")`` takes its "no gain" decisions from
 the accuracy over the whole dataset, as the paper does, whatever the batching.
@@ -35,6 +39,7 @@ from captum_ext.metrics.accumulators import _Accumulator, check_option_names
 from captum_ext.metrics.ground_truth import attribution_f1, energy_pointing_game, pointing_game
 from captum_ext.metrics.remove_and_debias import (
     _accumulated_soundness,
+    _check_channel_reduction,
     _soundness_parts,
     _soundness_rule,
     completeness,
@@ -139,6 +144,8 @@ class _ModelMetric(_PerExampleMean):
         if not callable(forward_func):
             raise TypeError(f"`forward_func` must be callable, got {type(forward_func).__name__}.")
         check_option_names(type(self)._function, options, type(self).__name__)
+        if "channel_reduction" in options:  # refused now, not at the first update
+            _check_channel_reduction(options["channel_reduction"])
         self.forward_func = forward_func
         # a one-shot iterable (a generator of percentages) would be used up by the first batch
         self.options = {
@@ -169,7 +176,8 @@ class _ModelMetric(_PerExampleMean):
 
 class ROAD(_ModelMetric):
     """Mean target probability along :func:`~captum_ext.metrics.road`'s removal curve
-    (lower is better for ``order="morf"``, higher for ``"lerf"``)."""
+    (lower is better for ``order="morf"``, higher for ``"lerf"``); ``**options`` as there,
+    ``channel_reduction`` included (checked when the accumulator is made)."""
 
     _function = staticmethod(road)
     _curve = "probability"

@@ -13,7 +13,12 @@ r"""Attributions judged against ground truth: precision / recall / F1 and the po
   positive mass that falls inside the object.
 
 Every function takes maps of shape ``(N, C, H, W)`` (channels summed; a one-tensor tuple as
-Captum returns is accepted) and returns one value per example.
+Captum returns is accepted) and returns one value per example. Layer-sized maps (a CAM's)
+must be resized to the ground truth's size first; resize them bilinearly, as the package's
+own upsampling does (the CAMs' ``upsample_to_input=True``, deletion, ROAD, the sanity
+checks), with ``interpolate_mode="bilinear"`` if through
+``captum.attr.LayerAttribution.interpolate``, whose default (nearest) moves where the maxima
+fall and so changes the pointing game's hits.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ __all__ = [
 
 _SIGNS = ("positive", "negative", "absolute")
 _SELECTIONS = ("top-k", "threshold", "nonzero")
+
+
+#: how to bring layer-sized maps to the ground truth's size, as the package resizes maps
+_BILINEAR_RESIZE = (
+    "upsample_to_input=True for the CAMs, or captum.attr.LayerAttribution.interpolate(maps, "
+    "size, interpolate_mode='bilinear'), bilinear as deletion and ROAD resize (its default "
+    "mode is 'nearest')"
+)
 
 
 class AttributionPrecisionRecall(NamedTuple):
@@ -73,7 +86,7 @@ def _same_shape(maps: Tensor, truth: Tensor) -> None:
         raise ValueError(
             f"`attributions` have (N, H, W) = {tuple(maps.shape)} after summing channels but "
             f"`ground_truth` has {tuple(truth.shape)}; upsample the maps to the input size first "
-            "(captum.attr.LayerAttribution.interpolate)."
+            f"({_BILINEAR_RESIZE})."
         )
 
 
@@ -200,7 +213,7 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
                 f"`objects`: the box of example(s) {shown} reaches past the {h} x {w} maps "
                 f"(first: {boxes[outside[0]].tolist()}). Boxes are in "
                 "pixels of the maps: upsample the maps to the image's size first "
-                "(captum.attr.LayerAttribution.interpolate), or clip boxes that leave the image "
+                f"({_BILINEAR_RESIZE}), or clip boxes that leave the image "
                 f"(boxes.clamp(min=0) and x1 <= {w}, y1 <= {h})."
             )
         masks = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
@@ -209,8 +222,8 @@ def _object_masks(objects: Any, shape: tuple[int, int, int]) -> Tensor:
         masks = objects.squeeze(1) if objects.dim() == 4 and objects.shape[1] == 1 else objects
         if tuple(masks.shape) != shape:
             resize = (
-                f"; the maps are {h} x {w}: give them at the masks' size (upsample them with "
-                "captum.attr.LayerAttribution.interpolate)"
+                f"; the maps are {h} x {w}: give them at the masks' size (upsample them: "
+                f"{_BILINEAR_RESIZE})"
                 if masks.dim() == 3 and masks.shape[0] == n and masks.shape[1:] != shape[1:]
                 else ""
             )
@@ -253,7 +266,8 @@ def pointing_game(attributions: Any, objects: Any, *, tolerance: int = 0) -> Ten
     ``tolerance=0`` (up to ties: Quantus counts any tied maximum, this the first).
 
     Args:
-        attributions (Tensor): ``(N, C, H, W)`` or ``(N, H, W)`` maps at the input's size.
+        attributions (Tensor): ``(N, C, H, W)`` or ``(N, H, W)`` maps at the input's size
+            (a CAM's resized bilinearly: ``upsample_to_input=True``).
         objects (Tensor): ``(N, H, W)`` / ``(N, 1, H, W)`` masks, or ``(N, 4)`` boxes
             ``(x0, y0, x1, y1)`` in pixels of the maps (x1, y1 exclusive; boxes reaching past
             the maps are refused, since image-pixel boxes on layer-sized maps would be read

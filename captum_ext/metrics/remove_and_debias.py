@@ -61,6 +61,7 @@ from captum_ext.metrics._multigrid import COARSEST_SIZE, multigrid_imputation
 from captum_ext.metrics._perturbation import (
     DEFAULT_BLUR_KERNEL_SIZE,
     DEFAULT_BLUR_SIGMA,
+    check_choice,
     evaluation,
     gaussian_blur,
     image_batch,
@@ -928,7 +929,9 @@ def road_imputation(
         generator (torch.Generator or int, optional): for the noise: one seed is drawn from it
             per call (from torch's global generator when None), and each image's noise
             comes from that seed, its pixels and its mask, so an image is imputed alike
-            alone, anywhere in a batch and in any order.
+            alone, anywhere in a batch and in any order. An int seeds that generator; it is
+            not the noise's seed itself, which :func:`road`'s ``seed`` is: the noisy images
+            of ``road(seed=s)`` are not those of ``road_imputation(generator=s)``.
         solver (str): ``"direct"`` (one sparse LU factorisation of the whole batch's
             block-diagonal system with scipy's SuperLU in symmetric mode, on the CPU),
             ``"block"`` (the system on the whole pixel grid, block-tridiagonal over image
@@ -1168,11 +1171,34 @@ def _conjugate_gradients(
     return filled.reshape(n, c, h, w), converged
 
 
-def _pixel_scores(attributions: Any, inputs: Tensor) -> Tensor:
-    """(N, H, W) float64 pixel scores: the maps' channels summed (with their sign), maps
-    smaller than the input (a CAM's (N, 1, h, w)) upsampled bilinearly as in deletion."""
+#: how :func:`road`, :func:`completeness` and :func:`soundness` turn a map's channels into
+#: one score per pixel (``channel_reduction``)
+CHANNEL_REDUCTIONS = ("sum", "sum_abs")
+
+
+def _check_channel_reduction(channel_reduction: Any) -> str:
+    """``channel_reduction`` of road, completeness and soundness, checked by name."""
+    if channel_reduction == "per_channel":
+        raise ValueError(
+            "`channel_reduction`='per_channel' is deletion's and insertion's only: ROAD's "
+            "imputation removes whole pixels (all their channels at once), so the pixels "
+            "need one score each; expected 'sum' or 'sum_abs'."
+        )
+    check_choice(channel_reduction, CHANNEL_REDUCTIONS, "channel_reduction")
+    return channel_reduction
+
+
+def _pixel_scores(attributions: Any, inputs: Tensor, channel_reduction: str = "sum") -> Tensor:
+    """(N, H, W) float64 pixel scores: the maps' channels summed with their sign
+    (``channel_reduction="sum"``) or, for maps of several channels, their absolute values
+    summed (``"sum_abs"``, deletion's default: a one-channel map keeps its sign there too);
+    maps smaller than the input (a CAM's (N, 1, h, w)) upsampled bilinearly as in
+    deletion."""
     dtype = precise_dtype(inputs.device)  # float64 but on MPS
-    return maps_for(attributions, inputs, "attributions", dtype=dtype).sum(dim=1)
+    maps = maps_for(attributions, inputs, "attributions", dtype=dtype)
+    if channel_reduction == "sum_abs" and maps.shape[1] > 1:
+        maps = maps.abs()
+    return maps.sum(dim=1)
 
 
 def _targets(forward_func: Callable, inputs: Tensor, target: Any, extra: tuple) -> Tensor:
@@ -1199,7 +1225,10 @@ def _add_row_noise(
 ) -> Tensor:
     """``imputed + noise * removed * z`` with ``z`` standard normal, row ``k`` drawn from its
     own generator seeded by its example's key (``seed`` and the example's pixels) and the
-    mask it imputes (``removed[k]`` with ``seed``), the rule of :func:`road_imputation`: an
+    mask it imputes (``removed[k]`` with ``seed``). :func:`road_imputation` keys its noise
+    the same way, but with a seed it first draws from its ``generator``
+    (``seed_from(generator)``), never with the int it is given, so
+    ``road_imputation(..., generator=seed)`` draws other noise than this. An
     example's imputations, and so its scores, are the same alone, anywhere in a batch,
     spread over accumulator updates, and whatever other fractions (or thresholds) are
     asked for with it or in which order (a key from the fraction's place in the list gave
@@ -1374,6 +1403,7 @@ def road(
     noise: float = 0.01,
     seed: int = 0,
     batch_size: int = 64,
+    channel_reduction: str = "sum",
 ) -> RoadCurves:
     """Remove And Debias: the target's probability after removing a fraction of the pixels.
 
@@ -1386,9 +1416,10 @@ def road(
     Args:
         forward_func (Callable): the model, returning ``(N, classes)`` logits.
         inputs (Tensor): ``(N, C, H, W)``.
-        attributions (Tensor): maps ``(N, C, H, W)`` (channels summed) or ``(N, H, W)``;
-            maps smaller than the input (a CAM's ``(N, 1, h, w)``) are upsampled
-            bilinearly, as in :func:`~captum_ext.metrics.deletion`.
+        attributions (Tensor): maps ``(N, C, H, W)`` (channels summed with their sign, or
+            their absolute values: ``channel_reduction``) or ``(N, H, W)``; maps smaller
+            than the input (a CAM's ``(N, 1, h, w)``) are upsampled bilinearly, as in
+            :func:`~captum_ext.metrics.deletion`.
         target (int, list or Tensor, optional): the class followed; default the prediction.
         additional_forward_args (Any, optional): passed to the model.
         percentages (sequence of float): fractions removed, each in (0, 1).
@@ -1397,13 +1428,26 @@ def road(
             per-channel mean, without noise.
         order (str): ``"morf"`` or ``"lerf"``. Default: ``"morf"``.
         noise (float): imputation noise. Default: 0.01.
-        seed (int): seed of the noise. Each (example, fraction) image's noise is drawn from
-            the seed, the example's own pixels and the removed pixels' mask (as
-            :func:`road_imputation` draws it), so its scores are the same alone, anywhere in
-            a batch, over an accumulator's updates, and whatever other ``percentages`` are
-            asked for with it or in which order. Default: 0.
+        seed (int): seed of the noise. Each (example, fraction) image is
+            ``road_imputation(image, removed, noise=0)`` plus ``noise * removed * z``, ``z``
+            standard normal from a generator seeded by a key of ``seed``, the example's own
+            pixels and the removed pixels' mask, so its scores are the same alone, anywhere
+            in a batch, over an accumulator's updates, and whatever other ``percentages``
+            are asked for with it or in which order. ``seed`` is that key's seed itself:
+            :func:`road_imputation` with ``generator=seed`` first draws another seed from a
+            generator seeded with it, so its noisy images (with ``noise > 0``) are not
+            ROAD's and rebuilding ROAD's curves by hand with it differs by the noise; with
+            ``noise=0`` the images are exactly ``road_imputation``'s. Default: 0.
         batch_size (int): (image, fraction) rows imputed and scored at a time: bounds the
             memory (a 224 px RGB row and its imputation take about 4 MB). Default: 64.
+        channel_reduction (str): how the channels of a map with the input's C > 1
+            channels give one score per pixel: ``"sum"`` (default) ranks pixels by the
+            signed ``sum_c attr_c``, so channels of opposite sign cancel; ``"sum_abs"`` by
+            ``sum_c |attr_c|``, the default of :func:`~captum_ext.metrics.deletion` and
+            :func:`~captum_ext.metrics.insertion` (whose first pixels removed differ from
+            ROAD's default ones on signed RGB maps such as integrated gradients'). A
+            one-channel map is ranked by its signed values either way, as there.
+            (Deletion's ``"per_channel"`` is refused: ROAD removes whole pixels.)
 
     Returns:
         RoadCurves: ``percentages``, ``probability`` and ``correct`` ``(N, P)``.
@@ -1416,8 +1460,9 @@ def road(
         dtype=torch.float64,
     )
     batch_size = check_int(batch_size, "batch_size")
+    channel_reduction = _check_channel_reduction(channel_reduction)
     extra = format_additional_forward_args(additional_forward_args)
-    scores = _pixel_scores(attributions, inputs)
+    scores = _pixel_scores(attributions, inputs, channel_reduction)
     n, pixels = inputs.shape[0], inputs.shape[-2] * inputs.shape[-1]
     ranking = scores.flatten(1)
     ranking = -ranking if order == "morf" else ranking
@@ -1456,6 +1501,7 @@ def completeness(
     noise: float = 0.01,
     seed: int = 0,
     batch_size: int = 64,
+    channel_reduction: str = "sum",
 ) -> CompletenessCurves:
     r"""Completeness (MoRF by value): the score lost when the high-valued pixels are removed.
 
@@ -1479,6 +1525,8 @@ def completeness(
             Default: ``"probability"``.
         noise, seed, batch_size: as in :func:`road` (``noise`` for the ROAD imputer; each
             threshold's noise from its mask, not its place in ``thresholds``).
+        channel_reduction (str): ``"sum"`` (default, signed) or ``"sum_abs"`` (deletion's
+            default), as in :func:`road`: the per-pixel map :math:`a` thresholded above.
 
     Returns:
         CompletenessCurves: ``thresholds``, ``drop`` and ``removed_fraction``, ``(N, T)``.
@@ -1492,8 +1540,9 @@ def completeness(
         raise ValueError(f"`score`={score!r}: expected 'probability' or 'accuracy'.")
     values = torch.tensor(_fractions(thresholds, "thresholds", maximum=1.0), dtype=torch.float64)
     batch_size = check_int(batch_size, "batch_size")
+    channel_reduction = _check_channel_reduction(channel_reduction)
     extra = format_additional_forward_args(additional_forward_args)
-    scores = _pixel_scores(attributions, inputs)
+    scores = _pixel_scores(attributions, inputs, channel_reduction)
     n = inputs.shape[0]
     top = scores.flatten(1).max(dim=1).values.view(n, 1, 1, 1)
     levels = (1.0 - values.to(inputs.device)).view(1, -1, 1, 1)
@@ -1542,6 +1591,7 @@ def soundness(
     noise: float = 0.01,
     seed: int = 0,
     batch_size: int = 64,
+    channel_reduction: str = "sum",
 ) -> SoundnessCurves:
     r"""Soundness (LeRF by area, accumulated): how much of a map's mass truly raises the score.
 
@@ -1578,6 +1628,9 @@ def soundness(
         noise, seed, batch_size: as in :func:`road` (each step's noise from its mask, not
             its place in ``removed_fractions``); all steps are imputed and evaluated in
             batches of ``batch_size`` rows.
+        channel_reduction (str): ``"sum"`` (default, signed) or ``"sum_abs"`` (deletion's
+            default), as in :func:`road`: the per-pixel map normalised, ranked and weighed
+            above.
 
     Returns:
         SoundnessCurves: ``removed_fractions``, ``soundness`` and ``score`` ``(N, R)``,
@@ -1601,6 +1654,7 @@ def soundness(
         noise=noise,
         seed=seed,
         batch_size=batch_size,
+        channel_reduction=channel_reduction,
     )
     measured = parts.probability if score == "probability" else parts.correct
     curves, false_mass = _accumulated_soundness(
@@ -1642,6 +1696,7 @@ def _soundness_parts(
     noise: float,
     seed: int,
     batch_size: int,
+    channel_reduction: str = "sum",
 ) -> _SoundnessParts:
     """Impute and score every (example, step) of :func:`soundness`; the masses per step."""
     inputs = image_batch(inputs)
@@ -1651,8 +1706,9 @@ def _soundness_parts(
         raise ValueError("`removed_fractions` must be a non-empty decreasing sequence.")
     batch_size = check_int(batch_size, "batch_size")
     seed = check_int(seed, "seed", minimum=0)
+    channel_reduction = _check_channel_reduction(channel_reduction)
     extra = format_additional_forward_args(additional_forward_args)
-    maps = _pixel_scores(attributions, inputs).flatten(1)
+    maps = _pixel_scores(attributions, inputs, channel_reduction).flatten(1)
     low = maps.min(dim=1, keepdim=True).values
     span = (maps.max(dim=1, keepdim=True).values - low).clamp_min(1e-30)
     maps = (maps - low) / span

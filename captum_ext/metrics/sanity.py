@@ -328,28 +328,84 @@ def _check_explainer(explainer: Any) -> None:
     )
 
 
-def _explain(
-    explainer: Callable[[nn.Module], Any],
-    model: nn.Module,
-    inputs: Tensor,
-    target: Tensor,
-    attribute_kwargs: dict[str, Any],
-    when: str = "on the model",
-) -> Tensor:
+def _attribution_method(explainer: Callable[[nn.Module], Any], model: nn.Module) -> Any:
+    """``explainer(model)``, refused by name when it has no callable ``attribute``."""
     method = explainer(model)
-    attribute = getattr(method, "attribute", None)
-    if not callable(attribute):
+    if not callable(getattr(method, "attribute", None)):
         raise TypeError(
             "`explainer` must be a callable taking the model and returning a Captum "
             "attribution object (e.g. `lambda m: Saliency(m)`), got one that returned "
             f"{type(method).__name__}."
         )
+    return method
+
+
+def _takes_contrast_instead_of_target(method: Any) -> bool:
+    """Whether ``method.attribute`` takes the class as ``contrast`` rather than ``target``:
+    it has a ``contrast`` parameter and no ``target`` parameter that can be passed by
+    position (ContrastCAM's keyword-only ``target`` only refuses; Contrastive has none)."""
+    try:
+        parameters = inspect.signature(method.attribute).parameters
+    except (TypeError, ValueError):
+        return False
+    target = parameters.get("target")
+    return "contrast" in parameters and (
+        target is None or target.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
+    )
+
+
+def _trained_contrast(target: Any, output: Any, attribute_kwargs: dict[str, Any]) -> Any:
+    """For an explainer that takes ``contrast`` instead of ``target``: the contrast class Q
+    every map of :func:`model_randomisation` is computed against, read once from the trained
+    model's ``output``.
+
+    Q is ``attribute_kwargs["contrast"]`` (taken out of it) when given, else the trained
+    model's most likely class other than ``target`` (default: its prediction)."""
+    given = attribute_kwargs.pop("contrast", None)
+    logits = isinstance(output, Tensor) and output.dim() == 2
+    if given is not None:
+        if target is not None:
+            raise ValueError(
+                "model_randomisation: `target` and `attribute_kwargs['contrast']` are both "
+                "given, but the explainer takes only the contrast class (its maps explain "
+                "the network's preference against it); give one of them."
+            )
+        if logits:
+            return _one_class_each(given, output, "attribute_kwargs['contrast']")
+        return given
+    if not logits:
+        raise ValueError(
+            "model_randomisation: the explainer takes the class as `contrast` (not "
+            "`target`), and the model's output is not (N, C) logits, so there is no "
+            "runner-up class to default to; give it as attribute_kwargs={'contrast': ...}."
+        )
+    if output.shape[1] < 2:
+        raise ValueError(
+            "model_randomisation: the model has 1 output, so there is no runner-up class "
+            "for the contrastive explainer; give attribute_kwargs={'contrast': ...}."
+        )
+    return runner_up_classes(output, _one_class_each(target, output, "target"))
+
+
+def _explain(
+    method: Any,
+    inputs: Tensor,
+    classes: Any,
+    attribute_kwargs: dict[str, Any],
+    when: str = "on the model",
+    class_argument: str = "target",
+) -> Tensor:
+    """The maps of ``method`` (from :func:`_attribution_method`) for ``classes``, given as
+    its ``class_argument`` (``"target"``, or ``"contrast"`` for a contrastive explainer),
+    channels summed and resized to the inputs."""
     with warnings.catch_warnings():
         # Captum's gradient methods warn that the inputs "did not already require gradients"
         # at every step: true and harmless here (they turn it on themselves). A copy, so an
         # explainer that works in place, or through numpy, meets an ordinary tensor.
         warnings.filterwarnings("ignore", message=r"Input Tensor .* did not already require")
-        maps = attribute(inputs.detach().clone(), target=target, **attribute_kwargs)
+        maps = method.attribute(
+            inputs.detach().clone(), **{class_argument: classes}, **attribute_kwargs
+        )
     if isinstance(maps, tuple):
         maps = maps[0]
     maps = maps.detach()
@@ -833,7 +889,16 @@ def model_randomisation(
         explainer (Callable): ``explainer(model) -> attribution object`` with Captum's
             ``attribute(inputs, target=...)``, e.g. ``lambda m: Saliency(m)`` or
             ``lambda m: GradCAM(m, m.features[3])`` (build layer methods from the model given,
-            so that they follow the randomised copy). Its maps' channels are summed, and
+            so that they follow the randomised copy). An explainer whose ``attribute`` takes
+            the class as ``contrast`` and not ``target`` (:class:`~captum_ext.attr.ContrastCAM`,
+            :class:`~captum_ext.attr.Contrastive`; a ``contrast`` parameter and no ``target``
+            one taken by position) explains the network's preference against one contrast
+            class Q, the same for the trained model and every randomised copy:
+            ``attribute_kwargs["contrast"]`` when given (one class per example; ``target``
+            must then be left out), else the trained model's most likely class other than
+            ``target`` (its runner-up by default), read once from the trained model's
+            output; each map is ``attribute(inputs, contrast=Q, **attribute_kwargs)``.
+            Its maps' channels are summed, and
             maps smaller than the inputs resized bilinearly (``F.interpolate``'s sample
             positions, in float64 where the device has it, keeping equal values equal: a
             1 x 1 CAM stays a constant map, similarity 1 with another).
@@ -842,7 +907,8 @@ def model_randomisation(
             pass that reads the classes gives float32 images to a float16 / bfloat16
             model in its dtype, as this package's explainers do (Captum's own need the
             images in the model's dtype).
-        target (int or Tensor, optional): classes to explain; default the model's predictions.
+        target (int or Tensor, optional): classes to explain; default the model's predictions
+            (for a contrastive explainer, the classes whose runner-up is the default Q).
         cascade (bool): randomise cumulatively from the top (True) or one layer at a time
             (False). Default: True.
         layers (str or list of str, optional): the layers to randomise, top first, in the
@@ -878,7 +944,8 @@ def model_randomisation(
         similarity (str or list of str): measures, from ``"spearman_abs"``, ``"spearman"``,
             ``"ssim"``, ``"hog"`` (scikit-image). Default: ``("spearman_abs", "ssim")``.
         seed (int): seed of the re-initialisation. Default: 0.
-        attribute_kwargs (dict, optional): extra keywords for ``attribute``.
+        attribute_kwargs (dict, optional): extra keywords for ``attribute``; for a
+            contrastive explainer, ``"contrast"`` gives Q (see ``explainer``).
 
     Returns:
         RandomisationCurves: layer names, per-measure ``(steps, N)`` similarities, the original
@@ -912,14 +979,21 @@ def model_randomisation(
         with torch.no_grad(), watching() as ranks:
             # float32 images of a half-precision model in its dtype, as the explainers do
             output = call_model(model, in_model_precision(model, (inputs,)))
-        if isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
-            target = _one_class_each(target, output, "target")
-        elif target is None:
-            target = output.argmax(dim=1)
+        method = _attribution_method(explainer, model)
+        class_argument = "target"
+        if _takes_contrast_instead_of_target(method):
+            # every map against the same Q, read from the trained model: the randomised
+            # copies' own runner-ups would change the question along with the weights
+            class_argument = "contrast"
+            classes = _trained_contrast(target, output, kwargs)
+        elif isinstance(output, Tensor) and output.dim() == 2:  # (N, C) logits: one class each
+            classes = _one_class_each(target, output, "target")
+        else:
+            classes = output.argmax(dim=1) if target is None else target
         # the explainer's own passes (an integrated-gradients path from its baseline, noisy
         # copies) may run layers that the plain forward pass does not
         with watching() as explained:
-            original = _explain(explainer, model, inputs, target, kwargs)
+            original = _explain(method, inputs, classes, kwargs, class_argument=class_argument)
         if default:
             names = _in_execution_order(model, names, ranks, explained)
     randomised_maps = []
@@ -947,7 +1021,12 @@ def model_randomisation(
             # already run would be reused: the cascade stopped after its first layer
             torch.clear_autocast_cache()
             maps = _explain(
-                explainer, working, inputs, target, kwargs, f"after randomising {name!r}"
+                _attribution_method(explainer, working),
+                inputs,
+                classes,
+                kwargs,
+                f"after randomising {name!r}",
+                class_argument,
             )
             randomised_maps.append(maps)
             for measure, values in _similarities(original, maps, measures).items():
@@ -981,6 +1060,14 @@ def class_sensitivity(
     attribute_kwargs: dict[str, Any] | None = None,
 ) -> ClassSensitivity:
     """How similar a method's maps are for two different classes of the same input.
+
+    An explainer whose ``attribute`` takes the class as ``contrast`` and not ``target``
+    (:class:`~captum_ext.attr.ContrastCAM`, :class:`~captum_ext.attr.Contrastive`: see
+    ``explainer`` of :func:`model_randomisation`) gets the two classes as its ``contrast``:
+    its maps show the evidence against ``target`` and against ``contrast`` (with the
+    defaults, against the prediction and against the runner-up); for "why P, rather than
+    Q1?" against "why P, rather than Q2?" pass ``target=Q1`` and ``contrast=Q2`` (e.g. the
+    runner-up and ``"least-likely"``). ``attribute_kwargs`` must not set ``contrast`` then.
 
     Args:
         explainer (Callable): as in :func:`model_randomisation`.
@@ -1044,8 +1131,20 @@ def class_sensitivity(
                     "compares the maps of two different classes (the same class gives "
                     "similarity 1, read as 'blind to the class')."
                 )
+        method = _attribution_method(explainer, model)
+        class_argument = "target"
+        if _takes_contrast_instead_of_target(method):
+            class_argument = "contrast"
+            if "contrast" in kwargs:
+                raise ValueError(
+                    "`attribute_kwargs` sets 'contrast', but class_sensitivity hands its two "
+                    "classes to this explainer's `contrast` itself; give them as `target` "
+                    "and `contrast` instead."
+                )
         stacked = torch.cat([inputs, inputs])
-        maps = _explain(explainer, model, stacked, torch.cat([target, contrast]), kwargs)
+        maps = _explain(
+            method, stacked, torch.cat([target, contrast]), kwargs, class_argument=class_argument
+        )
     first, second = maps[:n], maps[n:]
     return ClassSensitivity(
         similarity=_similarities(first, second, measures),
