@@ -79,6 +79,20 @@ def batch_inputs(batch: Any) -> Tensor:
         return batch[0]
     if isinstance(batch, Mapping):
         return dict_batch(batch, "data")[0]
+    if (
+        isinstance(batch, list | tuple)
+        and batch
+        and isinstance(batch[0], list | tuple)
+        and batch[0]
+        and all(isinstance(x, Tensor) for x in batch[0])
+    ):
+        # ((images, meta), labels): the inputs of a model with several inputs
+        raise ValueError(
+            f"`data` yields batches whose first element is a {type(batch[0]).__name__} of "
+            f"{len(batch[0])} (several inputs of the model); ActivationMatchingMask trains its "
+            "mask net on images (N, C, H, W) and calls the model with the images alone: "
+            "models with several inputs are not supported."
+        )
     raise TypeError(
         "`data` must yield image tensors or (images, ...) tuples, got a batch of type "
         f"{type(batch).__name__}."

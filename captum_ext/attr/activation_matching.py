@@ -217,6 +217,19 @@ class ActivationMatchingResult:
     start: Tensor | None = None
 
 
+#: why a model with several inputs is refused, and what works instead (in the errors)
+MULTI_INPUT_NOTE = (
+    "ActivationMatchingMask does not support models with several inputs (no "
+    "additional_forward_args). A forward_func=lambda x: model(x, meta) over per-example "
+    "`meta` is wrong too: the model is also called on subsets of the images (chunks of "
+    "`batch_size`, restarts, pruning, the choice among `starts`), whatever the batch size, "
+    "so the rows of `meta` no longer match (an error in the model, or silently misaligned "
+    "rows). Explain one image per call, its metadata repeated to every row: "
+    "ActivationMatchingMask(lambda x: model(x, meta[i:i+1].expand(len(x), *meta.shape[1:])), "
+    "layers).attribute(images[i:i+1], mode='per_image')."
+)
+
+
 def _check_finite_baseline(baseline: float | Tensor) -> None:
     """Refuse a NaN or infinite ``baseline``: the explanation e = m * x + (1 - m) * b would
     hold it in every masked-out pixel (and the objective would be NaN) while the mask looks
@@ -390,7 +403,16 @@ class ActivationMatchingMask(PerturbationAttribution):
 
     Args:
         forward_func (Callable or nn.Module): the classifier, returning (N, classes) logits
-            for normalised images (N, C, H, W), C >= 2. One output per image is refused at
+            for normalised images (N, C, H, W), C >= 2. It is called with the images alone:
+            models with several inputs (an image and metadata) are not supported, and a
+            tuple of inputs is refused. Nor does a closure ``lambda x: model(x, meta)`` over
+            per-example ``meta`` work: the images are also run in subsets (chunks of
+            ``batch_size``, restarts, pruning, the choice among ``starts``; the amortised
+            net's training runs its own batches), whatever the batch size, and the rows of
+            ``meta`` then no longer match. Extra inputs that are the same for every example
+            are fine; for per-example ones explain one image per call in per-image mode,
+            ``forward_func=lambda x: model(x, meta[i:i+1].expand(len(x), *meta.shape[1:]))``
+            with ``inputs=images[i:i+1]``. One output per image is refused at
             the first forward pass of ``attribute``, ``prune`` or ``fit`` (the softmax of one
             output is always 1): wrap a binary classifier with one logit z in
             ``captum_ext.data.LogitsOutput(model, reads="one logit")`` (its two-class logits
@@ -603,7 +625,8 @@ class ActivationMatchingMask(PerturbationAttribution):
         as_tuple = format_inputs(inputs)
         if len(as_tuple) != 1:
             raise ValueError(
-                f"`inputs` must be one image tensor (N, C, H, W), got a tuple of {len(as_tuple)}."
+                f"`inputs` must be one image tensor (N, C, H, W), got a tuple of "
+                f"{len(as_tuple)}. {MULTI_INPUT_NOTE}"
             )
         x = as_tuple[0]
         if x.dim() != 4 or not x.is_floating_point():
@@ -752,7 +775,9 @@ class ActivationMatchingMask(PerturbationAttribution):
         r"""Binary masks of ``inputs`` that keep the model's decision.
 
         Args:
-            inputs (Tensor): normalised images (N, C, H, W) (a 1-tuple is accepted).
+            inputs (Tensor): normalised images (N, C, H, W) (a 1-tuple is accepted; a tuple
+                of several inputs is refused: models with several inputs are not supported,
+                see ``forward_func`` in the class's Args).
             target (int, list or Tensor, optional): the class y to keep, one per example in
                 any form Captum accepts. Default: None, the model's own top-1 on x (as in
                 the papers). An explicit target replaces y in the CE and sufficiency terms

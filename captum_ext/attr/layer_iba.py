@@ -224,6 +224,23 @@ def bottleneck_capacity(
     return -0.5 * (1 + 2 * log_keep - mu_z**2 - var_z) * active
 
 
+def _check_upsample_input(first: Tensor) -> None:
+    """``upsample_to_input=True`` resizes the (N, ., h, w) maps to the H x W of ``inputs[0]``,
+    which must then be an image batch (N, C, H, W)."""
+    if first.dim() == 4:
+        return
+    spatial = max(first.dim() - 2, 0)
+    raise ValueError(
+        "`upsample_to_input=True` resizes the maps to the height and width of `inputs[0]`, "
+        f"which must be images (N, C, H, W); `inputs[0]` has shape {tuple(first.shape)} "
+        f"({spatial} spatial dimension{'' if spatial == 1 else 's'}). Pass "
+        "upsample_to_input=False and resize the (N, ., h, w) maps yourself: a signal's or a "
+        "volume's maps with torch.nn.functional.interpolate, or an image that is not the "
+        "model's first input with upsample_bits(maps, image.shape[-2:]) (bits and capacity) "
+        "or interpolate (lambda)."
+    )
+
+
 def _folded(maps: Tensor, reshape_transform: Callable | None, n: int) -> Tensor:
     """Per-feature ``maps`` in the layer's layout as (N, C, h, w) through ``reshape_transform``."""
     if reshape_transform is None:
@@ -770,7 +787,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 "capacity" (N, C, h, w): bits per feature; "lambda" (N, C, h, w): the
                 blurred ``sigmoid(alpha)``.
             upsample_to_input (bool): resize to the input's H x W; bits and capacity with
-                :func:`upsample_bits` (each map keeps its total), lambda bilinearly.
+                :func:`upsample_bits` (each map keeps its total), lambda bilinearly. The size
+                is read from ``inputs[0]``, which must then be images (N, C, H, W): other
+                shapes (a 1-D signal (N, C, L), a volume, a model whose image is not its
+                first input) are refused with a ``ValueError`` before the optimisation;
+                resize their maps yourself. Default: False.
             generator (torch.Generator, int, list or None): the noise source: one generator
                 (or seed) for the batch, a list of one per example (each example's noise
                 then comes from its own generator, so a batch equals its examples explained
@@ -867,6 +888,8 @@ class LayerIBA(LayerAttribution, GradientAttribution):
             )
         self._check_statistics_layer()
         formatted = in_model_precision(self.forward_func, format_inputs(inputs))
+        if upsample_to_input:  # before the optimisation, not as upsample_bits' `size` error
+            _check_upsample_input(formatted[0])
         model = root_module(self.forward_func)
         if _training_batch_norms(model):
             warnings.warn(

@@ -291,25 +291,56 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+def _split_batch(batch: Any) -> tuple[tuple[Tensor, ...], Any]:
+    """``(inputs, labels or None)`` of one batch; ``inputs`` is a tuple of one tensor, or of
+    several for a model with several inputs (``((x_1, x_2, ...), labels)`` batches)."""
     if isinstance(batch, Tensor):
-        return batch, None
+        return (batch,), None
     if isinstance(batch, Mapping):
-        return dict_batch(batch, "dataloader")
+        inputs, labels = dict_batch(batch, "dataloader")
+        return (inputs,), labels
     if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
         inputs = batch[0]
         labels = batch[1] if len(batch) == 2 else None
         if isinstance(inputs, Tensor):
-            return inputs, labels
+            return (inputs,), labels
+        if (
+            isinstance(inputs, (tuple, list))
+            and inputs
+            and all(isinstance(x, Tensor) for x in inputs)
+        ):
+            return _several_inputs(tuple(inputs)), labels
     described = (
         f"a {type(batch).__name__} of {len(batch)}"
         if isinstance(batch, (tuple, list))
         else f"a {type(batch).__name__}"
     )
+    hint = ""
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        hint = (
+            " (A TensorDataset(x_1, x_2, labels) yields such lists: give the DataLoader a "
+            "collate_fn that returns ((x_1, x_2), labels), or pass the per-example x_2 as "
+            "`additional_forward_args`.)"
+        )
     raise ValueError(
-        f"the DataLoader must yield `inputs` tensors, `(inputs, labels)` pairs or dicts with "
-        f"'pixel_values' (and 'labels'), got {described}."
+        "the DataLoader must yield `inputs` tensors, `(inputs, labels)` pairs, "
+        "`((input_1, input_2, ...), labels)` pairs for a model with several inputs, or dicts "
+        f"with 'pixel_values' (and 'labels'), got {described}.{hint}"
     )
+
+
+def _several_inputs(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The tensors of a ``((x_1, x_2, ...), labels)`` batch, checked to hold the same number
+    of examples (examples first)."""
+    sizes = [x.shape[0] if x.dim() else None for x in inputs]
+    if None in sizes or len(set(sizes)) != 1:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ValueError(
+            f"the DataLoader yielded a batch of {len(inputs)} inputs of shapes {shapes}; the "
+            "inputs of a `((input_1, input_2, ...), labels)` batch must hold the same number "
+            "of examples, examples first."
+        )
+    return inputs
 
 
 def _labels_tensor(labels: Any, n: int) -> Tensor:
@@ -438,11 +469,14 @@ def _merged(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, inputs: Tensor, label: Tensor) -> Tensor:
-    """The model's classes for ``inputs``; the batch's labels are checked against its
-    number of classes C (``-1``, no label, is the one value allowed outside ``0 .. C-1``:
-    another one made every such example count as wrong without a word)."""
-    logits = call_model(model, (inputs,))
+def _predict(
+    model: nn.Module, inputs: tuple[Tensor, ...], label: Tensor, additional_forward_args: Any
+) -> Tensor:
+    """The model's classes for ``inputs`` (and the batch's ``additional_forward_args``, as
+    the scores get them); the batch's labels are checked against its number of classes C
+    (``-1``, no label, is the one value allowed outside ``0 .. C-1``: another one made every
+    such example count as wrong without a word)."""
+    logits = call_model(model, inputs, _as_tuple(additional_forward_args))
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"the model must return (N, C) logits, got {got}.")
@@ -456,6 +490,100 @@ def _predict(model: nn.Module, inputs: Tensor, label: Tensor) -> Tensor:
     return logits.argmax(1)
 
 
+def _as_tuple(additional_forward_args: Any) -> tuple[Any, ...]:
+    """Captum's reading of ``additional_forward_args``: None is no argument, a tuple its
+    items, anything else one argument."""
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)
+
+
+def _batch_forward_args(
+    additional_forward_args: Any, index: Tensor, size: int | None, device: torch.device
+) -> Any:
+    """``additional_forward_args`` for the batch of dataset rows ``index``: every tensor
+    whose first dimension is the dataset's length ``size`` (one row per example) is cut to
+    the batch's rows and moved to ``device``; anything else is passed as given (None for
+    ``size``: a dataset without a length, nothing is cut)."""
+
+    def cut(value: Any) -> Any:
+        if size is None or not isinstance(value, Tensor) or value.dim() == 0:
+            return value
+        if value.shape[0] != size:
+            return value
+        return value[index.to(value.device)].to(device, non_blocking=True)
+
+    if isinstance(additional_forward_args, tuple):
+        return tuple(cut(value) for value in additional_forward_args)
+    return cut(additional_forward_args)
+
+
+def _same_arguments(a: Any, b: Any) -> bool:
+    """Whether two ``additional_forward_args`` are the same: the same objects, or equal
+    tensors (shape, dtype, device and values) and equal other values, item by item."""
+    if a is b:
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(map(_same_arguments, a, b))
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return (
+            a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _prediction_forward_args(
+    additional_forward_args: Any, options: dict[str, dict[str, Any]], names: list[str]
+) -> Any:
+    """The ``additional_forward_args`` of the ``prediction`` column. Given to
+    :func:`score_dataset` they go to every score as well (and must not be given again in
+    ``score_kwargs``); otherwise those of ``score_kwargs``, which must then be the same for
+    every requested score, so that the prediction is the class the scores score."""
+    key = "additional_forward_args"
+    given = [name for name in names if key in options.get(name, {})]
+    if additional_forward_args is not None:
+        if given:
+            raise ValueError(
+                f"`additional_forward_args` is given to score_dataset and in `score_kwargs` "
+                f"(for {', '.join(given)}); give it once: score_dataset's applies to the "
+                "prediction and to every score."
+            )
+        for name in names:
+            options.setdefault(name, {})[key] = additional_forward_args
+        return additional_forward_args
+    if not given:
+        return None
+    first = options[given[0]][key]
+    missing = [name for name in names if name not in given]
+    differ = [name for name in given if not _same_arguments(options[name][key], first)]
+    if missing or differ:
+        problem = f"not to {', '.join(missing)}" if missing else f"others to {', '.join(differ)}"
+        raise ValueError(
+            f"`score_kwargs` gives `additional_forward_args` to {given[0]} but {problem}; the "
+            "`prediction` and `correct` columns need the one set the model runs with: pass it "
+            "once as score_dataset(..., additional_forward_args=...), which every score gets."
+        )
+    return first
+
+
+def _dataset_length(dataloader: Any) -> int | None:
+    """The number of examples of ``dataloader.dataset``; None where it has no length."""
+    try:
+        return len(dataloader.dataset)
+    except TypeError:
+        return None
+
+
 def score_dataset(
     model: nn.Module,
     dataloader: Any,
@@ -463,6 +591,7 @@ def score_dataset(
     device: str | torch.device | None = None,
     progress: bool = True,
     score_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    additional_forward_args: Any = None,
 ) -> ScoreTable:
     r"""Predictions and trust scores for every example of a dataset, in dataset order.
 
@@ -480,7 +609,22 @@ def score_dataset(
     under one of ``"pixel_values"``, ``"image"``, ``"images"``, ``"inputs"``, ``"input"``
     and the labels (optional) under one of ``"labels"``, ``"label"``, ``"targets"``,
     ``"target"``; other keys are ignored. Without labels, ``label`` is ``-1`` (and ``correct``
-    False). Every example is scored exactly once, in dataset order: a loader with a
+    False).
+
+    **Models with several inputs** (``model(x_1, x_2, ...)``, e.g. an image and its
+    metadata) are scored in either of two ways. (1) The batches carry them: the loader
+    yields ``((x_1, x_2, ...), labels)`` (a dataset whose items are ``((x_1, x_2), y)``,
+    which the default collate turns into such batches), every tensor holding the batch's
+    examples first; the prediction is ``model(x_1, x_2, ...)`` and every score gets the
+    tuple ``(x_1, x_2, ...)`` as its ``inputs`` (so ``odin`` perturbs all of them). A
+    ``TensorDataset(x_1, x_2, labels)`` yields ``[x_1, x_2, labels]`` instead, which is
+    refused (it cannot be told from a pair of inputs without labels): give its loader a
+    ``collate_fn`` that returns ``((x_1, x_2), labels)``. (2) ``additional_forward_args``
+    (see Args): the model is called as ``model(inputs, *additional_forward_args)`` for the
+    prediction and inside every score, each tensor of it with one row per example of the
+    dataset (first dimension ``len(dataloader.dataset)``) cut to the rows of each batch.
+
+    **Order.** Every example is scored exactly once, in dataset order: a loader with a
     sequential sampler is used as it is; otherwise (``shuffle=True``, a custom sampler,
     ``drop_last=True``) a loader with the same ``dataset``, ``collate_fn``, ``num_workers``
     and ``pin_memory`` yielding the consecutive batches ``[0, b), [b, 2b), ...`` (``b`` its
@@ -532,7 +676,20 @@ def score_dataset(
         score_kwargs (Mapping[str, Mapping], optional): keyword arguments per score, e.g.
             ``{"gradtrust": {"k": 3}, "mc_dropout": {"n_passes": 10, "generator": 0}}``. An int
             ``generator`` for ``mc_dropout`` gives every batch its own seed (see above); a
-            ``torch.Generator`` is used as it is, batch after batch.
+            ``torch.Generator`` is used as it is, batch after batch. An
+            ``additional_forward_args`` given here is read as the argument below (cut per
+            batch); when given for one score it must be given, the same, for every
+            requested score (the prediction needs one set), or given once as the argument
+            below instead.
+        additional_forward_args (Any, optional): further arguments of the model, after the
+            inputs: ``model(inputs, *additional_forward_args)`` (a non-tuple is one
+            argument), for the ``prediction`` column and in every score. Each tensor whose
+            first dimension is the dataset's length ``len(dataloader.dataset)`` holds one
+            row per example, in dataset order, and each batch gets its own examples' rows
+            (on ``device``); any other value (a tensor of another length, a flag) goes to
+            every batch as it is. With a dataset that has no length (iterable-style),
+            nothing is cut: let the batches carry per-example inputs instead (see above).
+            Default: None.
 
     Returns:
         ScoreTable: columns ``index``, ``label``, ``prediction``, ``correct``, then one per
@@ -540,9 +697,11 @@ def score_dataset(
 
     Raises:
         ValueError: unknown score names (the message lists the known ones), an empty dataset,
-            a batch that is not ``inputs`` or ``(inputs, labels)``, a ``device`` the model is
-            not on; under torch.distributed, processes given different datasets, or an error
-            on another process (named with its rank).
+            a batch that is not ``inputs``, ``(inputs, labels)`` or
+            ``((x_1, x_2, ...), labels)``, a ``device`` the model is not on,
+            ``additional_forward_args`` given both here and in ``score_kwargs`` or to some
+            scores and not (or not the same) to others; under torch.distributed, processes
+            given different datasets, or an error on another process (named with its rank).
 
     Examples::
 
@@ -565,6 +724,7 @@ def score_dataset(
     with checked_on_every_rank("score_dataset") as agreement:
         names = _score_names(scores)
         options = _score_options(score_kwargs, names)
+        prediction_args = _prediction_forward_args(additional_forward_args, options, names)
         model = _unwrap(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
@@ -586,7 +746,18 @@ def score_dataset(
     error: Exception | None = None
     local: dict[str, Tensor] | None = None
     try:
-        local = _score_shard(model, loader, indices, numbers, names, options, device, progress)
+        local = _score_shard(
+            model,
+            loader,
+            indices,
+            numbers,
+            names,
+            options,
+            device,
+            progress,
+            prediction_args,
+            _dataset_length(dataloader),
+        )
     except Exception as failure:
         if shard is None:
             raise
@@ -646,6 +817,8 @@ def _score_shard(
     options: Mapping[str, Mapping[str, Any]],
     device: torch.device,
     progress: bool,
+    prediction_args: Any = None,
+    size: int | None = None,
 ) -> dict[str, Tensor]:
     """This process's columns: every batch of ``loader`` scored (the body of
     :func:`score_dataset`)."""
@@ -662,23 +835,32 @@ def _score_shard(
             model.eval()
             for b, batch in enumerate(loader):
                 inputs, labels = _split_batch(batch)
-                n = inputs.shape[0]
-                inputs = inputs.to(device, non_blocking=True)
-                (inputs,) = in_model_precision(model, (inputs,))  # float32 pixels, half model
+                n = inputs[0].shape[0]
+                inputs = tuple(x.to(device, non_blocking=True) for x in inputs)
+                inputs = in_model_precision(model, inputs)  # float32 pixels, half model
                 label = _labels_tensor(labels, n)
-                prediction = _predict(model, inputs, label).cpu()
                 if indices is None:
                     index = torch.arange(seen, seen + n, dtype=torch.int64)
                 else:
                     index = torch.tensor(indices[seen : seen + n], dtype=torch.int64)
+                batch_args = _batch_forward_args(prediction_args, index, size, device)
+                prediction = _predict(model, inputs, label, batch_args).cpu()
                 chunks["index"].append(index)
                 chunks["label"].append(label)
                 chunks["prediction"].append(prediction)
                 chunks["correct"].append(prediction == label)
                 number = b if numbers is None else numbers[b]
+                scored = inputs[0] if len(inputs) == 1 else inputs
                 for name in names:
                     kwargs = _batch_options(name, options.get(name, {}), number)
-                    values = TRUST_SCORES[name](model, inputs, **kwargs)
+                    if "additional_forward_args" in kwargs:  # a new dict: options stay whole
+                        kwargs = {
+                            **kwargs,
+                            "additional_forward_args": _batch_forward_args(
+                                kwargs["additional_forward_args"], index, size, device
+                            ),
+                        }
+                    values = TRUST_SCORES[name](model, scored, **kwargs)
                     chunks[name].append(values.detach().reshape(n).cpu())
                 seen += n
                 if bar is not None:

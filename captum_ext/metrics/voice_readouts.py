@@ -19,6 +19,17 @@ __all__ = ["voice_iou", "voice_snr"]
 def _voice_maps(maps: Any, argument: str) -> Tensor:
     if not isinstance(maps, Tensor):
         raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(maps).__name__}.")
+    if maps.dim() < 2 or (maps.dim() == 2 and maps.shape[1] == 1):
+        # VOICE averages its maps over dim 1: inputs without a spatial dimension, such as
+        # tabular (N, F) features, reach here as (N, 1)
+        raise ValueError(
+            f"`{argument}` has shape {tuple(maps.shape)}: no spatial dimension. The VOICE "
+            "read-outs (voice_iou, voice_snr, and VOICE, which reads them from its maps "
+            "averaged over channels) need maps over space: (N, 1, H, W) or (N, H, W), or "
+            "(N, 1, *spatial) such as a signal's (N, 1, L) or a volume's (N, 1, T, H, W). "
+            "VOICE supports inputs (N, C, *spatial) with at least one spatial dimension; "
+            "tabular (N, F) inputs give (N, 1) and are not supported."
+        )
     if maps.dim() >= 3 and maps.shape[1] == 1:
         maps = maps[:, 0]  # (N, 1, *spatial): (N, 1, H, W), a signal's (N, 1, L), a volume's
     elif maps.dim() != 3:
