@@ -57,21 +57,24 @@ def test_node_jaccard_equals_the_hand_jaccard_on_shared_layers(bundled_model, bu
     assert comparison.shared_nodes == sorted(set(pathway.nodes) & set(readout.nodes))
 
 
-def test_hand_graphs_on_the_same_or_disjoint_layers():
+def test_hand_graphs_with_and_without_stages():
     a = nx.DiGraph()
     a.add_nodes_from([("x:0", {"layer": "x"}), ("x:1", {"layer": "x"}), ("y:0", {"layer": "y"})])
     b = nx.DiGraph()
-    b.add_nodes_from([("x:0", {"layer": "x"}), ("y:1", {"layer": "y"})])
-    same_layers = compare(a, b)
-    assert same_layers.node_jaccard == pytest.approx(1 / 4)  # {x:0} of {x:0, x:1, y:0, y:1}
-    assert same_layers.node_layers == ["x", "y"]
-    b.add_node("z:0", layer="z")  # a layer a lacks: left out
-    assert compare(a, b).node_jaccard == pytest.approx(1 / 4)
+    b.add_nodes_from([("x:0", {"layer": "x"})])
+    # no stages attribute: every node ({x:0} of {x:0, x:1, y:0})
+    assert compare(a, b).node_jaccard == pytest.approx(1 / 3)
     assert compare(a, b).node_layers == ["x", "y"]
-    disjoint = nx.DiGraph()
-    disjoint.add_node("w:0", layer="w")
-    apart = compare(a, disjoint)  # no shared layer: every node, nothing in common
-    assert apart.node_jaccard == 0.0 and apart.node_layers == ["w", "x", "y"]
+    # the same stages, one graph without a node on "y": still every node (a layer a graph
+    # leaves empty is not dropped from the other)
+    a.graph["stages"] = b.graph["stages"] = ["x", "y"]
+    assert compare(a, b).node_jaccard == pytest.approx(1 / 3)
+    # b, node-only, read out at "x" alone against a circuit (with edges): only "x" is
+    # compared ({x:0} of {x:0, x:1})
+    a.add_edge("x:0", "y:0", weight=1.0)
+    b.graph["stages"] = ["x"]
+    assert compare(a, b).node_jaccard == pytest.approx(1 / 2)
+    assert compare(a, b).node_layers == ["x"]
     plain = nx.DiGraph()
     plain.add_edge("p", "q", weight=1.0)
     other = nx.DiGraph()

@@ -21,9 +21,9 @@ class CircuitComparison:
 
     Attributes:
         shared_nodes (list of str): nodes in both graphs, sorted.
-        node_jaccard (float): ``|V_a & V_b| / |V_a | V_b|`` over the nodes of the layers
-            both graphs have (``node_layers``): a pathway graph, which has no ``"pooled"``
-            or ``"class"`` nodes, is not penalised for the readout's.
+        node_jaccard (float): ``|V_a & V_b| / |V_a | V_b|`` over the nodes of the stages
+            both graphs were read out at (``node_layers``): a pathway graph, which has no
+            ``"pooled"`` or ``"class"`` nodes, is not penalised for the readout's.
         shared_edges (list of (str, str)): edges in both graphs, sorted.
         edge_jaccard (float): ``|E_a & E_b| / |E_a | E_b|``.
         flow_a (float): total edge weight of ``graph_a``.
@@ -33,8 +33,8 @@ class CircuitComparison:
             and, with a RuntimeWarning, when all its edges weigh 0.
         flow_retained_by_layer (dict[str, float]): the same, per destination layer
             (NaN, with a RuntimeWarning, for a layer whose edges in ``graph_a`` all weigh 0).
-        node_layers (list of str): the layers ``node_jaccard`` ran over, sorted (every layer
-            of either graph when they share none).
+        node_layers (list of str): the layers ``node_jaccard`` ran over, sorted (every
+            layer of either graph's nodes where both are compared whole).
     """
 
     shared_nodes: list[str]
@@ -125,18 +125,23 @@ def _node_layer(graph: nx.DiGraph, node) -> str:
     return str(graph.nodes[node].get("layer", ""))
 
 
-def _nodes_on_shared_layers(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> tuple[set, set, list[str]]:
-    """The nodes of each graph on the layers both graphs have, and those layers (sorted).
+def _nodes_on_shared_stages(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> tuple[set, set, list[str]]:
+    """The nodes of each graph on the stages both graphs were read out at (their ``stages``
+    attributes), and the layers compared (sorted).
 
-    Every node of each graph, and every layer of either, when the graphs share no layer.
+    Where a graph lacks the attribute, or the stages are the same, every node of each graph
+    (and every layer of either). A readout circuit's stages include ``"pooled"`` and
+    ``"class"``; a node-only pathway graph's are its layers alone.
     """
-    layers_a = {_node_layer(graph_a, node) for node in graph_a.nodes}
-    layers_b = {_node_layer(graph_b, node) for node in graph_b.nodes}
-    shared = layers_a & layers_b
-    if not shared:
-        return set(graph_a.nodes), set(graph_b.nodes), sorted(layers_a | layers_b)
-    nodes_a = {node for node in graph_a.nodes if _node_layer(graph_a, node) in shared}
-    nodes_b = {node for node in graph_b.nodes if _node_layer(graph_b, node) in shared}
+    nodes_a, nodes_b = set(graph_a.nodes), set(graph_b.nodes)
+    layers = {_node_layer(graph_a, n) for n in nodes_a} | {_node_layer(graph_b, n) for n in nodes_b}
+    if "stages" not in graph_a.graph or "stages" not in graph_b.graph:
+        return nodes_a, nodes_b, sorted(layers)
+    shared = {str(s) for s in graph_a.graph["stages"]} & {str(s) for s in graph_b.graph["stages"]}
+    if shared >= layers:
+        return nodes_a, nodes_b, sorted(layers)
+    nodes_a = {node for node in nodes_a if _node_layer(graph_a, node) in shared}
+    nodes_b = {node for node in nodes_b if _node_layer(graph_b, node) in shared}
     return nodes_a, nodes_b, sorted(shared)
 
 
@@ -152,12 +157,12 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
     With ``w_a(e)`` the ``weight`` of edge ``e`` in ``graph_a``:
 
     - ``node_jaccard = |V_a & V_b| / |V_a | V_b|``, where ``V_a`` and ``V_b`` hold the
-      nodes whose ``layer`` attribute is one both graphs have (``node_layers``; every node
-      when the graphs share no layer; nodes without the attribute form the layer ``""``).
-      Graphs of the same stages are compared over all their nodes; a node-only pathway graph
-      (:func:`pathway_graphs`, without ``"pooled"`` and ``"class"`` nodes) against a readout
-      circuit is compared over their common stages, so a pathway holding exactly the
-      readout's channels of those stages scores 1.0;
+      nodes whose ``layer`` is one of the stages both graphs were read out at (their
+      ``stages`` attributes; ``node_layers``). Graphs of the same stages, and graphs
+      without the attribute, are compared over all their nodes; a node-only pathway graph
+      (:func:`pathway_graphs`, whose stages are its layers) against a readout circuit
+      (whose stages add ``"pooled"`` and ``"class"``) over the pathway's stages, so a
+      pathway holding exactly the readout's channels of those stages scores 1.0;
     - ``edge_jaccard = |E_a & E_b| / |E_a | E_b|`` over all edges (0.0 when only one graph
       has edges, such as a node-only graph against a readout circuit). Both are 1.0 when the
       two sets are empty;
@@ -204,7 +209,7 @@ def compare(graph_a: nx.DiGraph, graph_b: nx.DiGraph) -> CircuitComparison:
     weights_b = _weights(graph_b, "graph_b")
     _check_stages(graph_a, graph_b)
     nodes_a, nodes_b = set(graph_a.nodes), set(graph_b.nodes)
-    compared_a, compared_b, node_layers = _nodes_on_shared_layers(graph_a, graph_b)
+    compared_a, compared_b, node_layers = _nodes_on_shared_stages(graph_a, graph_b)
     edges_a, edges_b = set(graph_a.edges), set(graph_b.edges)
     shared_edges = edges_a & edges_b
     flow_b = float(sum(w for _, _, w in weights_b))
