@@ -117,7 +117,9 @@ def test_a_dict_output_names_its_keys_and_a_remedy_that_works():
         return {"out": seg(z), "aux": seg(z)}
 
     x, maps = torch.randn(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
-    with pytest.raises(ValueError, match=r"keys 'out', 'aux'.*lambda x: model\(x\)\['out'\]"):
+    with pytest.raises(
+        ValueError, match=r"keys 'out', 'aux'.*lambda \*args: model\(\*args\)\['out'\]"
+    ):
         deletion(as_dict, x, maps, target=1, n_steps=4)
     scores = deletion(lambda z: as_dict(z)["out"].mean(dim=(2, 3)), x, maps, target=1, n_steps=4)
     assert scores.shape == (2,) and bool(torch.isfinite(scores).all())

@@ -459,7 +459,7 @@ def test_a_hugging_face_style_output_error_says_how_to_take_its_logits(wrap):
     with pytest.raises(ValueError, match=r"output_transform=lambda out: out" + pick):
         GradCAM(model, model.features).attribute(x, target=0)
     with pytest.raises(
-        ValueError, match=r"wrap the model, e.g. forward_func=lambda x: model\(x\)" + pick
+        ValueError, match=r"wrap the model, e.g. forward_func=lambda \*args: model\(\*args\)" + pick
     ):
         deletion(model, x, torch.rand(2, 1, 8, 8), target=0)
     # the remedy works
@@ -491,7 +491,9 @@ def test_a_tuple_output_error_says_how_to_take_its_first_element(container):
         softmax_confidence(model, x)
     with pytest.raises(ValueError, match=r"lambda out: out\[0\]"):
         GradCAM(model, model.features).attribute(x, target=0)
-    with pytest.raises(ValueError, match=r"wrap the model, forward_func=lambda x: model\(x\)\[0\]"):
+    with pytest.raises(
+        ValueError, match=r"wrap the model, forward_func=lambda \*args: model\(\*args\)\[0\]"
+    ):
         deletion(model, x, torch.rand(2, 1, 8, 8), target=0)
     # the remedy works
     confidence = softmax_confidence(model, x, output_transform=lambda out: out[0])

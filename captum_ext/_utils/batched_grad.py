@@ -50,7 +50,10 @@ from .validation import (
     output_selection,
     outside_inference_mode,
     outside_inference_mode_nested,
+    per_example_tensors,
     rows_read_as_examples,
+    select_examples,
+    with_per_example_tensors,
 )
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
@@ -327,7 +330,8 @@ def run_forward(
             f"pass output_transform=lambda out: out{pick}."
             if takes_output_transform
             else "this function has no `output_transform`: wrap the model, e.g. "
-            f"forward_func=lambda x: model(x){pick}."
+            f"forward_func=lambda *args: model(*args){pick} (which passes the "
+            "`additional_forward_args` on)."
         )
     elif (
         isinstance(output, (tuple, list))
@@ -344,7 +348,8 @@ def run_forward(
             "if its first element holds the logits, pass output_transform=lambda out: out[0]."
             if takes_output_transform
             else "this function has no `output_transform`: if its first element holds the "
-            "logits, wrap the model, forward_func=lambda x: model(x)[0]."
+            "logits, wrap the model, forward_func=lambda *args: model(*args)[0] (which passes "
+            "the `additional_forward_args` on)."
         )
     elif isinstance(output, Mapping) and output:  # torchvision's segmentation: {"out": ...}
         keys = ", ".join(repr(k) for k in list(output)[:5]) + (", ..." if len(output) > 5 else "")
@@ -354,16 +359,16 @@ def run_forward(
             f"pass output_transform=lambda out: out{pick} (reduced to (N, classes) scores)."
             if takes_output_transform
             else "this function has no `output_transform`: wrap the model so that it returns "
-            f"(N, classes) scores, e.g. forward_func=lambda x: model(x){pick}.mean(dim=(2, 3)) "
-            "for a segmentation output."
+            "(N, classes) scores, e.g. forward_func=lambda *args: "
+            f"model(*args){pick}.mean(dim=(2, 3)) for a segmentation output."
         )
     elif takes_output_transform:
         remedy = "pass `output_transform` to reduce the output to (N, classes) scores."
     else:
         remedy = (
             "this function has no `output_transform`: wrap the model so that it returns "
-            "(N, classes) scores, e.g. forward_func=lambda x: model(x).mean(dim=(2, 3)) for a "
-            "segmentation output."
+            "(N, classes) scores, e.g. forward_func=lambda *args: "
+            "model(*args).mean(dim=(2, 3)) for a segmentation output."
         )
     if allow_multidim:
         raise ValueError(
@@ -1044,14 +1049,13 @@ def _logits_one_by_one(
     they were): the logits of a model normalised by the statistics of a batch of one."""
     model = root_module(forward_func)
     n = inputs[0].shape[0]
-    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
     saved = {name: b.clone() for name, b in model.named_buffers()}
     rows = []
     try:
         with torch.no_grad():
             for i in range(n):
                 args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in inputs]
-                more = [a[i : i + 1] if b else a for a, b in zip(extra, batched)]
+                more = select_examples(extra, n, slice(i, i + 1))
                 try:
                     out = uncompiled(forward_func)(*args, *more)
                 except ValueError as error:
@@ -1234,12 +1238,13 @@ def per_example_parameter_gradients(
     if by_loop:  # the loop holds one example's graph at a time: chunks by gradients alone
         chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
     starts = [m for m in holder.modules() if any(True for _ in m.parameters(recurse=False))]
-    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in extra]
+    # the per-example tensors of ``extra``, also those nested in tuples, lists and dicts:
+    # vmapped with the inputs, each put back in its place for one example
+    batched = per_example_tensors(extra, n)
 
     def one(xs: tuple, extras_b: tuple, cot: Tensor, bufs: dict[str, Tensor]):
         args = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs]
-        it = iter(extras_b)
-        more = [next(it).unsqueeze(0) if b else a for a, b in zip(extra, batched)]
+        more = with_per_example_tensors(extra, n, [a.unsqueeze(0) for a in extras_b])
 
         probe = _TensorHookProbe()
 
@@ -1270,11 +1275,11 @@ def per_example_parameter_gradients(
         while start < n:
             stop = min(n, start + chunk)
             xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
-            extras_b = tuple(a[start:stop] for a, b in zip(extra, batched) if b)
+            extras_b = tuple(a[start:stop] for a in batched)
             bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
             if by_loop:
                 grads = _per_example_by_loop(
-                    forward_func, xs, extra, batched, start, names, original,
+                    forward_func, xs, extra, n, start, names, original,
                     cotangents[start:stop], output_transform, computed, holder,
                 )  # fmt: skip
                 scores.append(reduce(grads).detach())
@@ -1341,7 +1346,7 @@ def per_example_parameter_gradients(
                     chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
                 put_back()  # (a module reached twice keeps functional_call's tensors)
                 grads = _per_example_by_loop(
-                    forward_func, xs, extra, batched, start, names, original,
+                    forward_func, xs, extra, n, start, names, original,
                     cotangents[start:stop], output_transform, holder=holder,
                 )  # fmt: skip
             scores.append(reduce(grads).detach())
@@ -1675,7 +1680,7 @@ def _per_example_by_loop(
     forward_func: Callable,
     xs: tuple,
     extra: tuple,
-    batched: list[bool],
+    n: int,
     start: int,
     names: dict[str, Tensor],
     original: dict[str, str],
@@ -1743,7 +1748,7 @@ def _per_example_by_loop(
     with registered_hooks(*registrations):
         for i in range(cotangents.shape[0]):
             args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in xs]
-            more = [a[start + i : start + i + 1] if b else a for a, b in zip(extra, batched)]
+            more = select_examples(extra, n, slice(start + i, start + i + 1))
             for tensors in used.values():
                 tensors.clear()
             with gradients_on(), _swapped_in(slots, copies):

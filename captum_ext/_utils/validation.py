@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -128,20 +130,92 @@ def expand_per_example(values: Tensor, n: int, argument: str) -> Tensor:
     )
 
 
+def map_per_example(value: Any, n: int, function: Callable[[Tensor], Any]) -> Any:
+    """``value`` with ``function`` applied to each of its per-example tensors.
+
+    A per-example tensor is one whose first dimension is the batch's ``n`` (the rule Captum
+    and every method here use for ``additional_forward_args``), found at the top level and
+    inside tuples, lists and dicts, however deeply nested: ``({"meta": meta},)`` or
+    ``((meta, mask),)`` follow the examples as a plain ``meta`` does. Containers are
+    rebuilt with their type (a named tuple by its fields, a dict subclass as a copy that
+    keeps its class and defaults); anything else (scalars, broadcastable tensors, strings,
+    other objects) is returned as it is.
+
+    This is the one place where the methods that re-index rows (subsets, chunks, repeated
+    examples, one example at a time) find the rows of the additional arguments: a nested
+    tensor passed unchanged would pair example ``i``'s row with example ``j``'s metadata
+    whenever a chunk happens to have ``n`` rows.
+
+    Args:
+        value (Any): ``additional_forward_args`` (or any argument read the same way).
+        n (int): the number of examples of the batch.
+        function (Callable): applied to each per-example tensor; its result takes the
+            tensor's place.
+    """
+    if isinstance(value, Tensor):
+        return function(value) if value.dim() > 0 and value.shape[0] == n else value
+    if isinstance(value, tuple | list):
+        items = [map_per_example(item, n, function) for item in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*items)
+        try:
+            return type(value)(items)
+        except TypeError:  # a subclass with a constructor of its own: the plain container
+            return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        rebuilt = copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
+        rebuilt.update({key: map_per_example(item, n, function) for key, item in value.items()})
+        return rebuilt
+    return value
+
+
+def select_examples(value: Any, n: int, examples: Tensor | slice) -> Any:
+    """The rows ``examples`` (an index tensor or a slice) of every per-example tensor of
+    ``value`` (:func:`map_per_example`); everything else as it is."""
+
+    def select(tensor: Tensor) -> Tensor:
+        if isinstance(examples, Tensor):
+            return tensor[examples.to(tensor.device)]
+        return tensor[examples]
+
+    return map_per_example(value, n, select)
+
+
+def per_example_tensors(value: Any, n: int) -> list[Tensor]:
+    """The per-example tensors of ``value`` (:func:`map_per_example`), in the order in
+    which :func:`with_per_example_tensors` puts replacements back."""
+    found: list[Tensor] = []
+
+    def collect(tensor: Tensor) -> Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_per_example(value, n, collect)
+    return found
+
+
+def with_per_example_tensors(value: Any, n: int, replacements: Sequence[Any]) -> Any:
+    """``value`` with its per-example tensors (:func:`per_example_tensors`) replaced, in
+    order, by ``replacements`` (e.g. their rows for one example, inside ``vmap``)."""
+    remaining = iter(replacements)
+    return map_per_example(value, n, lambda _: next(remaining))
+
+
 def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = None) -> Any:
     """Repeat each example of per-example tensors (leading dim ``n``) ``repeats`` times.
 
     Used where a batch is expanded with ``repeat_interleave`` (noisy copies, one row per
     (example, class) pair): tensors whose first dimension is ``n`` follow it, also inside
-    tuples, optionally keeping only ``rows`` of the expanded batch; anything else (scalars,
-    broadcastable tensors, non-tensors) is returned as it is.
+    tuples, lists and dicts (:func:`map_per_example`), optionally keeping only ``rows`` of
+    the expanded batch; anything else (scalars, broadcastable tensors, non-tensors) is
+    returned as it is.
     """
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-        repeated = value.repeat_interleave(repeats, dim=0)
+
+    def repeat(tensor: Tensor) -> Tensor:
+        repeated = tensor.repeat_interleave(repeats, dim=0)
         return repeated if rows is None else repeated[rows]
-    if isinstance(value, tuple):
-        return tuple(repeat_per_example(v, n, repeats, rows) for v in value)
-    return value
+
+    return map_per_example(value, n, repeat)
 
 
 #: what the message of :func:`check_examples_first` suggests for a tokens-first layer, by

@@ -31,6 +31,7 @@ from .._utils.validation import (
     check_number,
     class_selection,
     format_inputs,
+    select_examples,
 )
 
 SCORES = ("taylor", "integrated")
@@ -718,7 +719,7 @@ class PathwayGradient(GradientAttribution):
                 logits = run_forward(
                     self.forward_func,
                     tuple(t[example.to(t.device)] for t in x),
-                    _rows_of_extra(additional_forward_args, n, example),
+                    select_examples(additional_forward_args, n, example),
                     takes_output_transform=False,
                 )
                 self._check_all_ran(sites)
@@ -811,13 +812,3 @@ def _warn_if_unreached(reached: Tensor, model: nn.Module | None) -> None:
         "model, are the usual causes."
     )
     warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
-
-
-def _rows_of_extra(value: Any, n: int, example: Tensor) -> Any:
-    """The rows ``example`` of the per-example tensors of ``additional_forward_args`` (those
-    with ``n`` rows); everything else as it is."""
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[example.to(value.device)]
-    if isinstance(value, tuple):
-        return tuple(_rows_of_extra(v, n, example) for v in value)
-    return value

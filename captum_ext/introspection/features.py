@@ -23,7 +23,12 @@ from captum_ext._utils.batched_grad import logits_seen_per_example, per_example_
 from captum_ext._utils.layers import root_module
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.precision import precise
-from captum_ext._utils.validation import check_int, format_additional_forward_args, format_inputs
+from captum_ext._utils.validation import (
+    check_int,
+    format_additional_forward_args,
+    format_inputs,
+    select_examples,
+)
 from captum_ext.metrics._trust_common import (
     _check_choice,
     _check_transform,
@@ -147,9 +152,7 @@ def _features_and_classes(
     # fails on a train-mode batch norm that the batch passes (BatchNorm1d on (1, C))
     n = inputs[0].shape[0]
     first = tuple(x[:2] for x in inputs)
-    first_extra = tuple(
-        a[:2] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in extra
-    )
+    first_extra = select_examples(extra, n, slice(0, 2))
     head, automatic = _resolve_head(forward_func, layer, first, first_extra, output_transform)
     model = root_module(forward_func)
     with preserved_state([model, head]):

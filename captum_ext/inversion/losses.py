@@ -96,7 +96,7 @@ def _check_model_logits(output, n: int | None, *, module_only: bool) -> Tensor:
             " If its first element holds the logits, wrap the model in an nn.Module whose "
             "forward returns model(x)[0]."
             if module_only
-            else " If its first element holds the logits, pass lambda x: model(x)[0]."
+            else " If its first element holds the logits, pass lambda *args: model(*args)[0]."
         )
     else:
         remedy = ""

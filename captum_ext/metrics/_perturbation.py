@@ -29,6 +29,7 @@ from captum_ext._utils.validation import (
     class_selection,
     format_additional_forward_args,
     format_inputs,
+    select_examples,
 )
 
 DEFAULT_N_STEPS = 50
@@ -48,12 +49,21 @@ _AUTO_CHUNK_ROWS = 256
 # argument checks and preparation
 
 
-def image_batch(inputs: Any) -> Tensor:
+def image_batch(
+    inputs: Any,
+    *,
+    purpose: str = "these metrics perturb one batch of images (N, C, H, W)",
+    other_inputs: str = "`additional_forward_args`",
+) -> Tensor:
+    """``inputs`` as one floating-point batch of images ``(N, C, H, W)``, detached.
+
+    A tuple of several tensors is refused with ``purpose`` (what the caller does with the
+    images) and ``other_inputs`` (where the model's further inputs go) in the message."""
     formatted = format_inputs(inputs, argument="inputs")
     if len(formatted) != 1:
         raise ValueError(
-            f"`inputs` is a tuple of {len(formatted)} tensors; these metrics perturb one batch "
-            "of images (N, C, H, W)."
+            f"`inputs` is a tuple of {len(formatted)} tensors; {purpose}. Pass the model's "
+            f"other inputs (metadata, masks) as {other_inputs}."
         )
     x = formatted[0]
     if x.dim() != 4 or not x.is_floating_point():
@@ -240,12 +250,9 @@ class Evaluator:
         self._nan_named = False  # NaN logits are named once per call, by the user's examples
 
     def _rows_of_extra(self, examples: Tensor) -> tuple:
-        rows = []
-        for arg in self.extra:
-            if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == self.n:
-                arg = arg[examples.to(arg.device)]
-            rows.append(arg)
-        return tuple(rows)
+        """The additional arguments of the rows of ``examples``: their per-example tensors,
+        also those nested in tuples, lists and dicts, indexed by ``examples``."""
+        return select_examples(self.extra, self.n, examples)
 
     def resolve_target(self, logits: Tensor) -> Tensor:
         check_several_classes(

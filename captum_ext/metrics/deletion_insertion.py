@@ -175,8 +175,9 @@ _PERTURBATION_ARGS = r"""
             :func:`insertion_curves`, which always return the curves. ``True`` still
             returns the named tuple, with a ``DeprecationWarning``. Default: False.
         additional_forward_args (Any, optional): passed to ``forward_func`` after the
-            images; tensors whose first dimension is N are indexed with the perturbed rows'
-            examples, everything else is passed unchanged.
+            images; tensors whose first dimension is N, also inside tuples, lists and dicts,
+            are indexed with the perturbed rows' examples, everything else is passed
+            unchanged.
         blur_kernel_size (int, optional): odd size of the Gaussian kernel for
             ``baselines="blur"``. Default: 11 (as in RISE).
         blur_sigma (float, optional): its standard deviation in pixels. Default: 5.0.

@@ -488,7 +488,8 @@ def gradtrust(
         log (bool, optional): return the natural log of the score (finite on confident
             models) instead of the score. Default: False.
         additional_forward_args (Any, optional): extra arguments for ``forward_func``. On the
-            autograd path, tensors whose first dimension is N are split per example.
+            autograd path, tensors whose first dimension is N, also inside tuples, lists and
+            dicts, are split per example.
         output_transform (Callable, optional): maps the model's output to (N, C) logits (a
             dict's ``"logits"`` entry, a tuple's first element, an (N, C, 1) output squeezed),
             as on the CAM methods. The closed form applies when the layer's output equals the

@@ -56,6 +56,7 @@ from captum_ext._utils.validation import (
     check_several_classes,
     class_selection,
     format_additional_forward_args,
+    select_examples,
 )
 from captum_ext.metrics._multigrid import COARSEST_SIZE, multigrid_imputation
 from captum_ext.metrics._perturbation import (
@@ -1316,12 +1317,7 @@ def _score_rows(
 ) -> tuple[Tensor, Tensor]:
     """Target probability and 0/1 correctness of ``rows``; row ``k`` belongs to example
     ``examples[k]`` (of ``n``), whose target and per-example extra arguments it gets."""
-    row_extra = tuple(
-        arg[examples.to(arg.device)]
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n
-        else arg
-        for arg in extra
-    )
+    row_extra = select_examples(extra, n, examples)  # also tensors nested in containers
     # (NaN logits are named once, on the clean batch: not again for every imputed chunk)
     logits = run_forward(
         forward_func, (rows,), row_extra, takes_output_transform=False, check_nan=False
@@ -1421,7 +1417,9 @@ def road(
             than the input (a CAM's ``(N, 1, h, w)``) are upsampled bilinearly, as in
             :func:`~captum_ext.metrics.deletion`.
         target (int, list or Tensor, optional): the class followed; default the prediction.
-        additional_forward_args (Any, optional): passed to the model.
+        additional_forward_args (Any, optional): passed to the model after the images;
+            tensors whose first dimension is N, also inside tuples, lists and dicts, follow
+            the imputed rows' examples.
         percentages (sequence of float): fractions removed, each in (0, 1).
             Default: 0.1, ..., 0.9. A fraction that removes every pixel of a small image
             (0.99 of 5 x 5) leaves nothing to impute from: that image is filled with its

@@ -55,6 +55,8 @@ from captum_ext._utils.validation import (
     check_int,
     check_number,
     class_selection,
+    format_additional_forward_args,
+    map_per_example,
     runner_up_classes,
 )
 from captum_ext.metrics._perturbation import image_batch
@@ -957,11 +959,16 @@ def model_randomisation(
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     _check_explainer(explainer)
     model = uncompiled(model)
-    inputs = image_batch(inputs)
+    inputs = image_batch(
+        inputs,
+        purpose="model_randomisation compares the maps of one batch of images (N, C, H, W)",
+        other_inputs="attribute_kwargs={'additional_forward_args': ...}",
+    )
     measures = _check_measures(similarity)
     seed = check_int(seed, "seed", minimum=0)
     cascade = check_flag(cascade, "cascade")
     kwargs = _checked_attribute_kwargs(attribute_kwargs, target_instead="`target`")
+    extra = format_additional_forward_args(kwargs.get("additional_forward_args"))
     names = _parametrised_layers(model, layers)
     default = layers is None  # raw modules: only their trained weights (_raw_weights)
     if not names:
@@ -977,8 +984,9 @@ def model_randomisation(
     with preserved_state([model]):
         set_eval_mode(model, fixed_batch=True)  # the explainer runs the caller's batch
         with torch.no_grad(), watching() as ranks:
-            # float32 images of a half-precision model in its dtype, as the explainers do
-            output = call_model(model, in_model_precision(model, (inputs,)))
+            # float32 images of a half-precision model in its dtype, as the explainers do;
+            # the model's further inputs as the explainer passes them
+            output = call_model(model, in_model_precision(model, (inputs,)), extra)
         method = _attribution_method(explainer, model)
         class_argument = "target"
         if _takes_contrast_instead_of_target(method):
@@ -1089,16 +1097,21 @@ def class_sensitivity(
     """
     _check_explainer(explainer)
     model = uncompiled(model)
-    inputs = image_batch(inputs)
+    inputs = image_batch(
+        inputs,
+        purpose="class_sensitivity compares the maps of one batch of images (N, C, H, W)",
+        other_inputs="attribute_kwargs={'additional_forward_args': ...}",
+    )
     measures = _check_measures(similarity)
     kwargs = _checked_attribute_kwargs(
         attribute_kwargs, target_instead="`target` (and `contrast` for the second class)"
     )
+    extra = format_additional_forward_args(kwargs.get("additional_forward_args"))
     n = inputs.shape[0]
     with preserved_state([model]):
         set_eval_mode(model, argument="model")  # refuses a fixed-batch torch.export program
         with torch.no_grad():
-            logits = call_model(model, in_model_precision(model, (inputs,)))
+            logits = call_model(model, in_model_precision(model, (inputs,)), extra)
         target = _one_class_each(target, logits, "target")
         if logits.dim() == 2 and logits.shape[1] == 1:  # else its only class with itself
             raise ValueError(
@@ -1142,6 +1155,10 @@ def class_sensitivity(
                     "and `contrast` instead."
                 )
         stacked = torch.cat([inputs, inputs])
+        if "additional_forward_args" in kwargs:  # the per-example ones stacked with the inputs
+            kwargs["additional_forward_args"] = map_per_example(
+                kwargs["additional_forward_args"], n, lambda tensor: torch.cat([tensor, tensor])
+            )
         maps = _explain(
             method, stacked, torch.cat([target, contrast]), kwargs, class_argument=class_argument
         )
