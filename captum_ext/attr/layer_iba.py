@@ -590,7 +590,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
     ) -> None:
         """Estimate the layer's per-feature mean, std and active mask from data.
 
-        The model runs (without gradients) up to the layer only; each batch's mean and
+        The model runs (without gradients) up to the layer only, except on the first batch,
+        which runs through to check that the layer runs once per forward pass (a module
+        reused has no single activation; a ``ValueError`` before any statistic is
+        gathered, as :meth:`attribute` refuses it too); each batch's mean and
         centred sum of squares are merged into running ones (in float64, Chan et al.'s
         pairwise update) to give the mean and the unbiased standard deviation, and the share
         of samples in which a feature is non-zero gives the active mask (share >
@@ -625,6 +628,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
         count, mean, m2, nonzero = 0, None, None, None
         bar = progress_bar(n_samples, progress, desc="LayerIBA.estimate", unit="examples")
         captured: list[Tensor] = []
+        # the first batch runs the whole forward pass, to count the layer's calls: a layer
+        # that runs twice (a module reused) has no single activation to estimate, and
+        # `attribute` refuses it; the later batches stop at the layer
+        probing = True
 
         def on_output(module, args, output):
             if not isinstance(output, Tensor):
@@ -632,8 +639,11 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                     f"`layer` ({type(module).__name__}) returns {type(output).__name__}, not "
                     "a tensor."
                 )
-            captured.append(output.detach())
-            raise _StopForward
+            # a copy while the pass runs on: an in-place operation after the layer
+            # (ReLU(inplace=True)) would otherwise change the recorded activations
+            captured.append(output.detach().clone() if probing else output.detach())
+            if not probing:
+                raise _StopForward
 
         try:
             with (
@@ -673,6 +683,12 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                             "`layer` did not run during the forward pass, so it has no "
                             "activations to estimate; pick a module that forward_func calls."
                         )
+                    if len(captured) > 1:
+                        raise ValueError(
+                            f"`layer` ran {len(captured)} times in one forward pass; pick one "
+                            "that runs once."
+                        )
+                    probing = False
                     acts = precise(captured[0])
                     if acts.shape[0] != take:
                         raise ValueError(

@@ -54,10 +54,15 @@ from torch.nn.utils import parametrize
 
 from captum_ext._utils.layers import find_last_linear, is_exported
 
-#: Normalisations and activations: they act on each channel separately.
+#: Normalisations and activations: they act on each channel separately. A GroupNorm
+#: normalises each group of channels by statistics shared within the group, so channel c's
+#: output still comes from channel c alone, shifted and scaled (as a LayerNorm over the
+#: channels, with the channels moved last, is followed): the statistics mix, but no
+#: channel-to-channel weight adds one channel's map into another's.
 _NORMS_AND_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -86,6 +91,11 @@ _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.Flatten,
     nn.Upsample,
+    # padding of the spatial dimensions (zero, constant, reflection, replication, circular)
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+    nn.modules.padding._CircularPadNd,
 )
 #: Modules a stage feeds through that start a new stage (weights W[d, s] give the edges).
 _INGRESS_MODULES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
@@ -123,6 +133,8 @@ _CHANNELWISE_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | {
     _F.adaptive_avg_pool2d,
     _F.adaptive_max_pool2d,
     _F.batch_norm,
+    _F.group_norm,
+    _F.instance_norm,
     torch.flatten,
     torch.squeeze,
     torch.mean,
@@ -144,6 +156,26 @@ _CHANNELWISE_METHODS = {
     "float",
     "to",
 }
+#: Functional convolutions: one that filters each channel alone (a depthwise filter with one
+#: output channel per group, as BlurPool's fixed blur ``F.conv2d(x, filt, groups=C)``)
+#: keeps channels apart, as a pooling does.
+_FUNCTIONAL_CONVOLUTIONS = {
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    _F.conv1d,
+    _F.conv2d,
+    _F.conv3d,
+}
+#: What a normalisation module of another class (a ``LayerNorm2d``) may call to count as a
+#: normalisation after a convolution: normalisations and element-wise operations (and
+#: permutes), no pooling, padding, filtering or reshaping.
+_NORMALISING_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | {
+    _F.batch_norm,
+    _F.group_norm,
+    _F.instance_norm,
+    _F.layer_norm,
+}
 #: Shape queries: consumers that produce no tensor (ignored).
 _SHAPE_METHODS = {"size", "dim", "numel"}
 #: Concatenations: branches joined along the channels (DenseNet, Inception, ShuffleNetV2).
@@ -162,7 +194,13 @@ _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
         m
         for m in _NORMS_AND_ACTIVATIONS
         if not issubclass(
-            m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+            m,
+            (
+                nn.modules.batchnorm._BatchNorm,
+                nn.modules.instancenorm._InstanceNorm,
+                nn.GroupNorm,
+                nn.PReLU,
+            ),
         )
     ),
     nn.Dropout,
@@ -307,67 +345,27 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
       a container of such stages (RegNet's ``trunk_output``) is opened into them
       (:func:`_units`);
     - a plain convolution's stage ends at its post-activation: the last of the normalisation /
-      activation / dropout leaves right after it. When the next stage is a block stage (the
-      stem of a ResNet), the stage ends right before that block instead (after the max-pool).
+      activation / dropout leaves right after it (a module of another class counts as a
+      normalisation when all it does keeps channels apart without pooling or reshaping, as
+      a ``LayerNorm2d`` that permutes the channels last, normalises them and permutes back;
+      :func:`_normalises_in_place`). When the next stage is a block stage (the stem of a
+      ResNet), the stage ends right before that block instead (after the max-pool).
     - a hidden linear layer of the head (VGG's and AlexNet's ``classifier.0`` / ``.3``) is a
       stage ending at its post-activation, except the last one before the classifier: its
       (post-activation) output is the pooled feature vector, the classifier's input.
     - when the only stage is a container of blocks (MobileNetV2's ``features``), its blocks
-      are the stages (:func:`_blocks_of`).
+      are the stages (:func:`_blocks_of`); when it is another module holding every
+      convolution (a backbone that returns pooled features, with a separate head), the
+      stages found inside it are (:func:`_stages_inside`).
     """
-    units = [(n, m) for n, m in _units(model, classifier=classifier) if n != classifier]
-    # a post-activation module the forward pass calls more than once (one nn.ReLU shared by
-    # every convolution) has no single output to read: a stage ends before it
     graph = trace(model)
-    if graph is not None:
-        calls: dict[str, int] = {}
-        for node in graph.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        units = [
-            (n, m)
-            for n, m in units
-            if not (isinstance(m, _POST_CONV_MODULES) and calls.get(n, 0) > 1)
-        ]
-    # hidden linear layers of the head; the last one produces the pooled features
-    hidden = [n for n, m in units if isinstance(m, nn.Linear)]
-    linear_stages = set(hidden[:-1])
-    stages: list[tuple[str, bool]] = []  # (name, is_block)
-    i = 0
-    while i < len(units):
-        name, module = units[i]
-        if name in linear_stages:
-            end = i
-            while end + 1 < len(units) and isinstance(units[end + 1][1], _POST_CONV_MODULES):
-                end += 1
-            stages.append((units[end][0], False))
-            i = end + 1
-            continue
-        if not _is_leaf(module) and _contains_conv(module):
-            stages.append((name, True))
-            i += 1
-            continue
-        if isinstance(module, nn.modules.conv._ConvNd):
-            end = i
-            while end + 1 < len(units) and isinstance(units[end + 1][1], _POST_CONV_MODULES):
-                end += 1
-            # a stem feeding a residual stage ends right before it (after its pooling)
-            look = end + 1
-            while look < len(units) and _is_leaf(units[look][1]):
-                if isinstance(units[look][1], nn.modules.conv._ConvNd | nn.Linear):
-                    break
-                look += 1
-            nxt = units[look][1] if look < len(units) else None
-            if nxt is not None and not _is_leaf(nxt) and _contains_conv(nxt):
-                end = look - 1
-            stages.append((units[end][0], False))
-            i = end + 1
-            continue
-        i += 1
+    called = _called_modules(model)
+    units = [
+        (n, m) for n, m in _units(model, called=called, classifier=classifier) if n != classifier
+    ]
+    stages = _stages_of_units(model, graph, units)
     if len(stages) == 1 and stages[0][1]:
-        opened = _blocks_of(model, stages[0][0], classifier)
-        if opened is not None:
-            return opened
+        return _open_lone_stage(model, graph, stages[0][0], classifier, called)
     if not stages:
         compiled = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
         if compiled or is_exported(model):
@@ -388,6 +386,170 @@ def default_stages(model: nn.Module, classifier: str) -> list[str]:
     return [name for name, _ in stages]
 
 
+def _stages_of_units(
+    model: nn.Module, graph: fx.GraphModule | None, units: list[tuple[str, nn.Module]]
+) -> list[tuple[str, bool]]:
+    """The stages among ``units`` (:func:`_units`, the classifier left out), by the rules of
+    :func:`default_stages`, each as ``(name, is_block)``."""
+    calls: dict[str, int] = {}
+    if graph is not None:
+        for node in graph.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+
+    def post_conv(name: str, module: nn.Module) -> bool:
+        # a post-activation module the forward pass calls more than once (one nn.ReLU
+        # shared by every convolution) has no single output to read: a stage ends before it
+        if isinstance(module, _POST_CONV_MODULES):
+            return calls.get(name, 0) <= 1
+        return graph is not None and _normalises_in_place(graph.graph, model, name, module)
+
+    # hidden linear layers of the head; the last one produces the pooled features
+    hidden = [n for n, m in units if isinstance(m, nn.Linear)]
+    linear_stages = set(hidden[:-1])
+    stages: list[tuple[str, bool]] = []  # (name, is_block)
+    i = 0
+    while i < len(units):
+        name, module = units[i]
+        if name in linear_stages:
+            end = i
+            while end + 1 < len(units) and post_conv(*units[end + 1]):
+                end += 1
+            stages.append((units[end][0], False))
+            i = end + 1
+            continue
+        if not _is_leaf(module) and _contains_conv(module):
+            stages.append((name, True))
+            i += 1
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            end = i
+            while end + 1 < len(units) and post_conv(*units[end + 1]):
+                end += 1
+            # a stem feeding a residual stage ends right before it (after its pooling)
+            look = end + 1
+            while look < len(units) and _is_leaf(units[look][1]):
+                if isinstance(units[look][1], nn.modules.conv._ConvNd | nn.Linear):
+                    break
+                look += 1
+            nxt = units[look][1] if look < len(units) else None
+            if nxt is not None and not _is_leaf(nxt) and _contains_conv(nxt):
+                end = look - 1
+            stages.append((units[end][0], False))
+            i = end + 1
+            continue
+        i += 1
+    return stages
+
+
+def _normalises_in_place(graph: fx.Graph, model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether the leaf ``module`` (named ``name``), of a class not listed as a
+    normalisation or activation, acts as one after a convolution: ``torch.fx`` traced
+    through it, and from its input to its single output every operation keeps channels apart
+    (:func:`_next_layout`), each a normalisation, an element-wise operation or a permute (no
+    pooling, padding, filtering or reshaping), and its output has the channels
+    first again. A ``LayerNorm2d`` (permute the channels last, LayerNorm over them, permute
+    back: each position's channels are normalised together, channel c staying channel c)
+    is one; a module fx keeps as a leaf (a ``call_module``) is not."""
+    if not _is_leaf(module) or isinstance(module, (*_CHANNELWISE_MODULES, *_INGRESS_MODULES)):
+        return False
+    inside = [n for n in graph.nodes if n.op != "call_module" and _belongs(n, name)]
+    members = set(inside)
+    entries = [
+        n for n in inside if any(p not in members and p.op != "get_attr" for p in n.all_input_nodes)
+    ]
+    outputs = [n for n in inside if any(user not in members for user in n.users)]
+    if not entries or len(outputs) != 1:
+        return False
+    layouts: dict[fx.Node, _Layout] = {}
+    todo = deque((node, _CHANNELS_FIRST) for node in entries)
+    while todo:
+        node, layout = todo.popleft()
+        if node in layouts:
+            if layouts[node] != _next_layout(node, model, layout):
+                return False
+            continue
+        normalising = _is_permute(node) or _calls_one_of(
+            node, model, _NORMS_AND_ACTIVATIONS, _NORMALISING_FUNCTIONS, _ELEMENTWISE_METHODS
+        )
+        if not normalising:
+            return False
+        after = _next_layout(node, model, layout)
+        if after is None:
+            return False
+        layouts[node] = after
+        todo.extend((user, after) for user in node.users if user in members)
+    return layouts.get(outputs[0]) == _CHANNELS_FIRST
+
+
+def _open_lone_stage(
+    model: nn.Module,
+    graph: fx.GraphModule | None,
+    name: str,
+    classifier: str,
+    called: set[str] | None,
+) -> list[str]:
+    """The stages when the only one found is the block unit ``name``: its blocks when it is
+    a container of them (:func:`_blocks_of`); the stages inside it when it is another
+    module holding every convolution of the model (:func:`_stages_inside`); ``[name]``
+    otherwise."""
+    container = model.get_submodule(name)
+    if isinstance(container, nn.Sequential | nn.ModuleList):
+        opened = _blocks_of(model, name, classifier)
+        return [name] if opened is None else opened
+    return _stages_inside(model, graph, name, classifier, called)
+
+
+def _stages_inside(
+    model: nn.Module,
+    graph: fx.GraphModule | None,
+    name: str,
+    classifier: str,
+    called: set[str] | None,
+) -> list[str]:
+    """The stages found inside the module ``name``, the only stage found, when it holds
+    every convolution of the model: a backbone built without a classifier (timm's
+    ``num_classes=0``, which returns the pooled features) with a separate head, whose
+    single stage would be the pooled vector. Found by the rules of :func:`default_stages`
+    applied to its units, so that it gives the stages the same network with the head inline
+    gives (prefixed with ``name``); a single block stage inside is opened in turn. When they
+    do not connect as the readout resolves connections, ``[name]`` with a ``UserWarning``
+    naming the first connection that fails and why (as :func:`_blocks_of` does)."""
+    module = model.get_submodule(name)
+    convolutions = sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()) != convolutions:
+        return [name]
+    inner = _stages_of_units(model, graph, _units(module, f"{name}.", called, classifier))
+    if not inner:
+        return [name]
+    if len(inner) == 1 and inner[0][1]:
+        return _open_lone_stage(model, graph, inner[0][0], classifier, called)
+    names = [stage for stage, _ in inner]
+    reason = _why_unconnected(model, names, classifier)
+    if reason is None:
+        return names
+    warnings.warn(
+        f"`layers`: the only stage found in {type(model).__name__} is {name!r}, a module "
+        f"holding every convolution, and the stages inside it {names} could not be "
+        f"connected: {reason} The graph has a single stage, [{name!r}] (its output only); "
+        "pass the stages as `layers` explicitly to try otherwise.",
+        UserWarning,
+        stacklevel=5,
+    )
+    return [name]
+
+
+def _why_unconnected(model: nn.Module, stages: list[str], classifier: str) -> str | None:
+    """Why ``stages`` do not connect as the readout resolves connections
+    (:func:`find_connections` with ``strict=True``, then the channel check of
+    :func:`_unresolved_channels`); None when they do."""
+    try:
+        connections = find_connections(model, stages, classifier, strict=True)
+    except ValueError as error:
+        return str(error).split(": ", 1)[-1].split(" Circuits follow", 1)[0]
+    return _unresolved_channels(model, connections)
+
+
 def _blocks_of(model: nn.Module, name: str, classifier: str) -> list[str] | None:
     """The blocks of ``name`` as stages, when it is the only stage found and a container
     (``nn.Sequential`` / ``nn.ModuleList``) of blocks (MobileNetV2's ``features``): one stage
@@ -402,12 +564,7 @@ def _blocks_of(model: nn.Module, name: str, classifier: str) -> list[str] | None
     blocks = [f"{name}.{child}" for child, m in container.named_children() if _contains_conv(m)]
     if len(blocks) < 2:
         return None
-    try:
-        connections = find_connections(model, blocks, classifier, strict=True)
-    except ValueError as error:
-        reason = str(error).split(": ", 1)[-1].split(" Circuits follow", 1)[0]
-    else:
-        reason = _unresolved_channels(model, connections)
+    reason = _why_unconnected(model, blocks, classifier)
     if reason is None:
         return blocks
     warnings.warn(
@@ -416,7 +573,7 @@ def _blocks_of(model: nn.Module, name: str, classifier: str) -> list[str] | None
         f"The graph has a single stage, [{name!r}] (its last block's channels only); pass "
         "the blocks as `layers` explicitly to try otherwise.",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     return [name]
 
@@ -478,15 +635,34 @@ def _unresolved_channels(model: nn.Module, connections: list[Connection]) -> str
     return None
 
 
+def is_pointwise_classifier(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolution that acts as a linear layer on a pooled
+    ``N x C x 1 x 1`` map: 1 x 1 kernel, one group, no padding (its output at the one
+    position is ``weight.view(out, in) @ h + bias``, whatever its stride or dilation)."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and all(k == 1 for k in module.kernel_size)
+        and module.groups == 1
+        and (module.padding == "valid" or all(p == 0 for p in module.padding))
+    )
+
+
 def find_classifier(model: nn.Module) -> str:
     """Name of the model's final linear layer (the default classifier), by the package's one
     rule (:func:`captum_ext._utils.layers.find_last_linear`; without a forward pass, the last
-    ``nn.Linear`` in ``named_modules()`` order)."""
+    ``nn.Linear`` in ``named_modules()`` order). A model without one is refused; the
+    message names its last 1 x 1 convolution, which may be passed as ``classifier`` when it
+    is applied to the pooled ``N x C x 1 x 1`` map (a 1 x 1 convolution head)."""
+    pointwise = [name for name, m in model.named_modules() if name and is_pointwise_classifier(m)]
+    here = f" (here perhaps {pointwise[-1]!r})" if pointwise else ""
     name, _ = find_last_linear(
         model,
         None,
         argument="classifier",
-        remedy="pass `{argument}`, the final linear layer whose input is the pooled feature vector",
+        remedy="pass `{argument}`: the final linear layer, whose input is the pooled feature "
+        "vector, or a 1 x 1 convolution (groups=1, no padding) applied to the pooled "
+        f"N x C x 1 x 1 map{here}",
     )
     return name
 
@@ -608,10 +784,10 @@ def _fx_connection(
                     raise _unresolved_moved(source, destination, node, layout)
                 if node.op == "call_module":
                     module = model.get_submodule(node.target)
-                    raise _unresolved(
-                        source, destination, f"module {node.target!r} ({type(module).__name__})"
-                    )
-                raise _unresolved(source, destination, _describe(node))
+                    what = f"module {node.target!r} ({type(module).__name__})"
+                else:
+                    what = _describe(node)
+                raise _unresolved(source, destination, _unsupported(what))
         if after is not None:
             todo.extend((user, after) for user in node.users)
     for name in ingress:
@@ -795,8 +971,12 @@ def _next_layout(node: fx.Node, model: nn.Module, layout: _Layout) -> _Layout | 
         moved = dims.index(axis)
         return _CHANNELS_FIRST if moved == 1 else (moved, len(dims))
     if layout == _CHANNELS_FIRST:
-        channelwise = _calls_one_of(
-            node, model, _CHANNELWISE_MODULES, _CHANNELWISE_FUNCTIONS, _CHANNELWISE_METHODS
+        channelwise = (
+            _calls_one_of(
+                node, model, _CHANNELWISE_MODULES, _CHANNELWISE_FUNCTIONS, _CHANNELWISE_METHODS
+            )
+            or _pads_spatial_only(node)
+            or _filters_each_channel(node, model)
         )
         return layout if channelwise else None
     axis, rank = layout
@@ -810,6 +990,43 @@ def _next_layout(node: fx.Node, model: nn.Module, layout: _Layout) -> _Layout | 
         node, model, _ELEMENTWISE_MODULES, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS
     )
     return layout if elementwise else None
+
+
+def _pads_spatial_only(node: fx.Node) -> bool:
+    """Whether ``node`` is an ``F.pad`` of at most the last two dimensions (constant ints,
+    any mode): on a 2-D map, its spatial dimensions only, so each channel is padded alone.
+    (On a 1-D map ``N x C x L`` four entries would pad the channels too; their number then
+    differs from the next convolution's input channels, which the readout refuses.)"""
+    if node.op != "call_function" or node.target is not _F.pad:
+        return False
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    return (
+        isinstance(pad, (list, tuple))
+        and len(pad) <= 4
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in pad)
+    )
+
+
+def _filters_each_channel(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` is a functional convolution (``F.conv2d``, ...) with a weight of the
+    model (a ``get_attr``) holding one single-channel filter per group and ``groups`` equal
+    to their number: each output channel filters its own input channel alone (BlurPool's
+    blur), so channels stay apart as through a pooling."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVOLUTIONS:
+        return False
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or type(groups) is not int:
+        return False
+    tensor: Any = model
+    for part in str(weight.target).split("."):
+        tensor = getattr(tensor, part, None)
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.dim() >= 3
+        and tensor.shape[0] == groups
+        and tensor.shape[1] == 1
+    )
 
 
 def _calls_one_of(
@@ -927,6 +1144,15 @@ _CONCATENATED = (
 )
 
 
+def _unsupported(what: str) -> str:
+    """Where a connection fails at an operation the readout does not follow: ``what`` (a
+    module or function) named as unsupported."""
+    return (
+        f"{what} is not supported by CircuitReadout between stages (it is not known to keep "
+        "channels apart)"
+    )
+
+
 def _unresolved(
     source: str, destination: str, what: str, *, why_listing_fails: str | None = None
 ) -> ValueError:
@@ -941,7 +1167,8 @@ def _unresolved(
     return ValueError(
         f"`layers`: cannot resolve the connection from layer {source!r} to layer "
         f"{destination!r}: {what}. Circuits follow convolutions and linear layers through "
-        "channel-wise operations (normalisation, activations, pooling, dropout, flatten; with "
+        "channel-wise operations (batch, instance and group normalisation, activations, "
+        "pooling, spatial padding, per-channel filters, dropout, flatten; with "
         "the channels permuted last, as in ConvNeXt, element-wise activations, a LayerNorm "
         "over the channels and linear layers on them until the permute back) and residual "
         f"additions{advice}"

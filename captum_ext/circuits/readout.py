@@ -28,6 +28,7 @@ from .connection import (
     default_stages,
     find_classifier,
     find_connections,
+    is_pointwise_classifier,
 )
 
 #: ``layer`` attribute of the pooled-feature nodes (the classifier's input).
@@ -191,6 +192,19 @@ def _same_names(names: Any, expected: tuple[str, ...]) -> bool:
     return isinstance(names, Sequence) and not isinstance(names, str) and tuple(names) == expected
 
 
+def _classifier_weight(module: nn.Module) -> Tensor:
+    """The classifier's ``(classes, features)`` weight: a linear layer's, or a 1 x 1
+    convolution's ``weight.view(out, in)`` (on a pooled ``1 x 1`` map it computes
+    ``weight.view(out, in) @ h + bias``, the linear layer with that weight)."""
+    weight = module.weight.detach()
+    return weight if isinstance(module, nn.Linear) else weight.flatten(1)
+
+
+def _classifier_outputs(module: nn.Module) -> int:
+    """The classifier's number of outputs (classes)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
 def _stable_top(values: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries along the last dim; ties keep the lower index first."""
     return values.argsort(dim=-1, descending=True, stable=True)[..., :k]
@@ -259,7 +273,18 @@ class CircuitReadout:
     container of blocks (MobileNetV2's ``features``), each of its blocks is a stage instead
     (``features.0`` .. ``features.18``); where its blocks cannot be connected (EfficientNet's
     squeeze-and-excitation gates, blocks that concatenate branches) the container stays one
-    stage and a ``UserWarning`` says why and that the blocks may be passed as ``layers``. The
+    stage and a ``UserWarning`` says why and that the blocks may be passed as ``layers``.
+    When the only stage found is another module holding every convolution (a backbone built
+    without a classifier, which returns the pooled features, with a separate head), the
+    stages are found inside it, as for the same network with its head inline
+    (``backbone.act1``, ...), or, where those do not connect, it stays one stage with a
+    ``UserWarning``. A normalisation after a convolution may be a batch, instance or group
+    norm, or a module of another class (a ``LayerNorm2d``) that, traced with ``torch.fx``,
+    only normalises and permutes the channels back; GroupNorm, like a LayerNorm over the
+    channels, shares its statistics within a group but adds no channel's map into another's,
+    so it carries no channel-to-channel weight. Spatial padding (``F.pad``, padding modules)
+    and functional per-channel filters (BlurPool's ``F.conv2d(x, filt, groups=C)``) are
+    followed between stages; an operation that is not is named as unsupported. The
     ingress modules are found with ``torch.fx`` where the model traces (following the stage's
     output through channel-wise operations, stopping at convolutions, linear layers and
     residual additions) and from module order otherwise; a connection that cannot be
@@ -312,15 +337,18 @@ class CircuitReadout:
         edges_per_node (int, optional): strongest incoming edges kept per destination node.
             Default: 4
         gradient (bool, optional): use the gradient-weighted variant (5. above). Default: False
-        classifier (str or nn.Linear, optional): the final linear layer. Default: the last
-            ``nn.Linear`` of the model.
+        classifier (str or nn.Module, optional): the final linear layer, or a 1 x 1
+            convolution (groups=1, no padding) applied to the pooled ``N x C x 1 x 1`` map,
+            which is the linear layer of weight ``weight.view(out, in)``. Default: the last
+            ``nn.Linear`` of the model (a model without one is refused, naming its last
+            1 x 1 convolution).
         top_classes (int, optional): class nodes per graph. Default: 10
         edges_per_class (int, optional): incoming edges kept per class node. Default: 3
 
     Attributes:
         layers (tuple of str): the stage names (fixed: a readout with other stages or
             another classifier is a new ``CircuitReadout``; one changed is refused).
-        classifier (str): the final linear layer's name.
+        classifier (str): the final layer's name (a linear layer or 1 x 1 convolution).
         connections (tuple of Connection): per consecutive pair of stages (the last pair being
             the last stage and the classifier), the ingress modules and how they were found
             (``"fx"`` or ``"module_order"``), and for a destination block such as an
@@ -379,9 +407,17 @@ class CircuitReadout:
             self.classifier = find_classifier(network)
         else:
             module = resolve_layer(network, classifier, argument="classifier")
-            if not isinstance(module, nn.Linear):
+            if isinstance(module, nn.modules.conv._ConvNd) and not is_pointwise_classifier(module):
                 raise TypeError(
-                    f"`classifier` must be an nn.Linear (the final layer), got "
+                    "`classifier` must be an nn.Linear (the final layer) or a 1 x 1 "
+                    "convolution (groups=1, no padding) applied to the pooled N x C x 1 x 1 "
+                    f"map, got {type(module).__name__} with kernel {tuple(module.kernel_size)}, "
+                    f"groups={module.groups}, padding={module.padding}."
+                )
+            if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+                raise TypeError(
+                    "`classifier` must be an nn.Linear (the final layer) or a 1 x 1 "
+                    f"convolution applied to the pooled N x C x 1 x 1 map, got "
                     f"{type(module).__name__}."
                 )
             self.classifier = _module_name(network, module, "classifier")
@@ -623,12 +659,26 @@ class CircuitReadout:
             return hook
 
         def classifier_hook(module, args):
-            if not args or not isinstance(args[0], Tensor) or args[0].dim() != 2:
+            if isinstance(module, nn.Linear):
+                if not args or not isinstance(args[0], Tensor) or args[0].dim() != 2:
+                    raise ValueError(
+                        f"`classifier` {self.classifier!r} must receive an N x features tensor "
+                        "(the pooled feature vector)."
+                    )
+            elif (
+                not args
+                or not isinstance(args[0], Tensor)
+                or args[0].dim() < 3
+                or any(size != 1 for size in args[0].shape[2:])
+            ):
+                got = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else "no map"
                 raise ValueError(
-                    f"`classifier` {self.classifier!r} must receive an N x features tensor "
-                    "(the pooled feature vector)."
+                    f"`classifier` {self.classifier!r} is a 1 x 1 convolution, so it must "
+                    f"receive the pooled N x C x 1 x 1 map (as a linear layer on the pooled "
+                    f"features), got {got}."
                 )
-            records[n_stages].append((_energy(args[0]), args[0] if gradient else None))
+            # a 1 x 1 convolution's pooled map: its features are its channels
+            records[n_stages].append((_energy(args[0].flatten(1)), args[0] if gradient else None))
             fired.append((args[0].device, n_stages))
             return (args[0].clone(), *args[1:]) if gradient else None
 
@@ -675,10 +725,11 @@ class CircuitReadout:
                     for i, name in enumerate(names)
                 ]
                 self._check_run_order(fired)
-                if classifier.out_features != logits.shape[1]:
+                if _classifier_outputs(classifier) != logits.shape[1]:
                     raise ValueError(
-                        f"`classifier` {self.classifier!r} has {classifier.out_features} "
-                        f"outputs but the model returns {logits.shape[1]} logits."
+                        f"`classifier` {self.classifier!r} has "
+                        f"{_classifier_outputs(classifier)} outputs but the model returns "
+                        f"{logits.shape[1]} logits."
                     )
                 classes, multi = class_selection(
                     target, logits, argument="target", default="predicted"
@@ -702,6 +753,8 @@ class CircuitReadout:
                                 f"`layers`: the target logit does not depend on layer {names[i]!r}."
                             )
                         grads[i] = torch.cat([part.to(logits.device) for part in parts])
+                    # a 1 x 1 convolution classifier's pooled map, as the features it holds
+                    grads[n_stages] = grads[n_stages].flatten(1)
                 with torch.no_grad():
                     return self._graphs(logits.detach(), targets, energies, grads, spatial, top_k)
         except _NoIngressProduces as error:
@@ -837,7 +890,7 @@ class CircuitReadout:
         shown = _stable_top(logits.to(work), min(self.top_classes, n_classes))
         missing = (shown != targets.unsqueeze(1)).all(dim=1)
         shown[missing, -1] = targets[missing]
-        fc = self._network.get_submodule(self.classifier).weight.detach().to(like.device, work)
+        fc = _classifier_weight(self._network.get_submodule(self.classifier)).to(like.device, work)
         pooled = keep[n_stages]
         class_w = fc.abs()[shown.unsqueeze(2), pooled.unsqueeze(1)]  # (N, T, k)
         if grads[n_stages] is not None:
