@@ -141,6 +141,14 @@ _FINAL_LAYER_HELP = (
     "must be a linear layer"
 )
 
+#: what --model's help says of a factory given no --weights
+_RANDOM_WEIGHTS_HELP = (
+    "Without --weights a factory's model keeps the weights it was built with: a "
+    "torchvision.models builder's are random, which a warning on stderr (and on the report "
+    "page) says, naming torchvision's checkpoint file to pass as --weights for its "
+    "pretrained weights; other factories are not judged (they may load trained weights)."
+)
+
 #: the sections of ``captum-ext report``, in their default order, and what each shows: read
 #: from :data:`captum_ext.viz.build.SECTION_REGISTRY`, the one list the help text, the errors
 #: and the documentation are built from
@@ -219,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="a TorchScript file, a torch.export archive (.pt2), or 'package.module:factory' "
         "called with no arguments (e.g. torchvision.models:resnet18; a torchvision builder is "
-        "built with the class count of --weights). Default: the bundled digit classifier.",
+        "built with the class count of --weights). " + _RANDOM_WEIGHTS_HELP + " Default: the "
+        "bundled digit classifier.",
     )
     report.add_argument(
         "--weights",
@@ -357,7 +366,8 @@ def _add_score_parser(commands: Any) -> None:
         "confidence, ...); works under torchrun",
         description="Score every image of a folder with GradTrust and the baseline trust "
         "scores (higher = more trusted) and write one CSV row per image: index, path, label "
-        "(-1 if unknown), prediction, correct, then one column per score. Under torchrun each "
+        "(-1 if unknown), prediction, correct (True / False; empty where the label is "
+        "unknown), then one column per score. Under torchrun each "
         "process scores a share of the batches and rank 0 writes the file. Without --model "
         "and --images: the bundled digit classifier on its 40 sample digits.",
     )
@@ -366,7 +376,7 @@ def _add_score_parser(commands: Any) -> None:
         metavar="SPEC",
         help="a TorchScript file, a torch.export archive (.pt2), or 'package.module:factory' "
         "called with no arguments (a torchvision builder is built with the class count of "
-        "--weights). Default: the bundled digit classifier.",
+        "--weights). " + _RANDOM_WEIGHTS_HELP + " Default: the bundled digit classifier.",
     )
     score.add_argument(
         "--weights",

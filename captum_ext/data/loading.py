@@ -62,6 +62,7 @@ __all__ = [
     "ImageFolderDataset",
     "load_model",
     "load_state_dict_file",
+    "RandomWeightsWarning",
     "ResolvedInputs",
     "folder_labels",
     "read_class_names",
@@ -759,6 +760,60 @@ def _torchvision_classifier_builder(factory: Any) -> bool:
     )
 
 
+class RandomWeightsWarning(UserWarning):
+    """:func:`load_model` built a ``torchvision.models`` builder without ``weights``: the
+    model has the random weights torchvision initialises it with, and what is explained is
+    an untrained network."""
+
+
+def _builds_random_weights(factory: Any) -> bool:
+    """Whether calling ``factory()`` certainly gives a model with random weights: a model
+    builder of ``torchvision.models`` (and its sub-packages), whose ``weights`` default to
+    None. Other factories may load trained weights themselves, which cannot be told without
+    reading them, so they are not judged."""
+    module = str(getattr(factory, "__module__", "") or "")
+    return module.startswith("torchvision.models") and not isinstance(factory, type)
+
+
+def _pretrained_checkpoint(factory: Any) -> tuple[str, str] | None:
+    """``(file name, url)`` of torchvision's default pretrained checkpoint for ``factory``
+    (what ``factory(weights="DEFAULT")`` downloads), or None when torchvision lists none."""
+    try:
+        from torchvision.models import get_model_weights
+
+        url = str(get_model_weights(factory).DEFAULT.url)
+    except Exception:  # no weights enum for this builder, or an older torchvision
+        return None
+    return url.rsplit("/", 1)[-1], url
+
+
+def _random_weights_message(spec: str, factory: Any, names: Mapping[str, str]) -> str:
+    """The warning for a ``torchvision.models`` builder given no weights, naming how to pass
+    torchvision's pretrained weights from a local file."""
+    builder = getattr(factory, "__name__", spec)
+    weights = _arg(names, "weights")
+    message = (
+        f"{_arg(names, 'spec')} {spec!r} without {weights}: torchvision builds {builder} "
+        "with random weights, so the predictions and explanations are those of an untrained "
+        f"network. Pass trained weights as {weights} (a state dict file)"
+    )
+    checkpoint = _pretrained_checkpoint(factory)
+    if checkpoint is None:
+        return message + "."
+    import torch.hub
+
+    file_name, url = checkpoint
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if _on_command_line(names):
+        given = f"{_mention(names, 'weights')} {cached}"
+    else:
+        given = f"{_mention(names, 'weights')}={str(cached)!r}"
+    return message + (
+        f"; for torchvision's pretrained weights give its own checkpoint file, {given} "
+        f"(where torchvision.models.{builder}(weights='DEFAULT') downloads it, from {url})."
+    )
+
+
 def load_model(
     spec: str | os.PathLike,
     weights: str | Path | None = None,
@@ -775,7 +830,10 @@ def load_model(
             ``"package.module:factory"``: the module is imported (from ``sys.path``, else
             from the current folder, as ``python -m`` does) and ``factory()`` is called
             with no arguments (``"torchvision.models:resnet18"`` builds a ResNet-18 with
-            random weights; pass the trained ones with ``weights``). ``factory`` may be a
+            random weights; pass the trained ones with ``weights``: without them a builder
+            of ``torchvision.models`` gets a :class:`RandomWeightsWarning` naming
+            torchvision's checkpoint file to pass; other factories get none, as they may
+            load trained weights themselves). ``factory`` may be a
             dotted attribute (``"package.module:Class.build"``).
         weights (str or Path, optional): a state dict file for the model, read with
             ``torch.load(path, map_location=device, weights_only=True)`` (never unpickles
@@ -857,6 +915,12 @@ def load_model(
                 kwargs = _pretrained_kwargs(builder, state_dict)
                 _warn_pretrained_build(spec, builder, kwargs, names)
             model = _factory_model(factory, kwargs, spec, what)
+            if weights is None and _builds_random_weights(factory):
+                warnings.warn(
+                    _random_weights_message(spec, factory, names),
+                    RandomWeightsWarning,
+                    stacklevel=user_stacklevel(),
+                )
             if weights is not None and _torchvision_classifier_builder(factory):
                 # built with the class count of the weights (torchvision builds 1000 classes
                 # unless told), as torchvision's own builders read it from theirs

@@ -89,7 +89,8 @@ class ScoreTable:
     - ``index`` (int64): the example's position in the dataset (``0 .. N-1``);
     - ``label`` (int64): the true class, or ``-1`` where the loader gave no label;
     - ``prediction`` (int64): the model's arg-max class;
-    - ``correct`` (bool): ``prediction == label`` (always False where ``label == -1``);
+    - ``correct`` (bool): ``prediction == label`` (always False where ``label == -1``, which
+      :meth:`to_csv` writes as an empty cell: unknown, not wrong);
     - then one column per score, named as in :data:`TRUST_SCORES` (higher = more trusted;
       ``gradtrust`` holds the natural log of GradTrust, finite also on confident models).
 
@@ -165,7 +166,9 @@ class ScoreTable:
 
         The file is written atomically: to a temporary file in the same folder, then renamed
         over ``path``, so readers never see a half-written file. Floats are written with
-        Python's ``repr`` (exact round trip), ``correct`` as ``True`` / ``False``. Under
+        Python's ``repr`` (exact round trip), ``correct`` as ``True`` / ``False``, and as an
+        empty cell where the label is unknown (``label == -1``: nothing to be correct about;
+        :meth:`from_csv` reads it back as False, as the table holds it). Under
         ``torch.distributed`` call it on one rank only (rank 0), as :func:`score_dataset`'s
         callers and the ``captum-ext score`` command do.
 
@@ -189,6 +192,8 @@ class ScoreTable:
         names = list(self._columns)
         header = names[:1] + list(extra) + names[1:]
         cells = {name: _format_column(column) for name, column in self._columns.items()}
+        if "correct" in cells and "label" in self._columns:
+            cells["correct"] = _unknown_left_empty(cells["correct"], self._columns["label"])
         cells.update({name: [str(v) for v in values] for name, values in extra.items()})
         with atomic_path(path) as temp, temp.open("w", encoding="utf-8", newline="") as file:
             writer = csv.writer(file)
@@ -225,6 +230,12 @@ class ScoreTable:
                 except ValueError:
                     continue  # a text column
         return cls(columns)
+
+
+def _unknown_left_empty(correct: list[str], label: Tensor) -> list[str]:
+    """The ``correct`` cells with those of unlabelled rows (``label == -1``) left empty: their
+    ``False`` says "wrong", where whether the prediction is right is unknown."""
+    return ["" if known == -1 else cell for cell, known in zip(correct, label.tolist())]
 
 
 def _format_column(column: Tensor) -> list[str]:
@@ -609,7 +620,7 @@ def score_dataset(
     under one of ``"pixel_values"``, ``"image"``, ``"images"``, ``"inputs"``, ``"input"``
     and the labels (optional) under one of ``"labels"``, ``"label"``, ``"targets"``,
     ``"target"``; other keys are ignored. Without labels, ``label`` is ``-1`` (and ``correct``
-    False).
+    False in the table, an empty cell in :meth:`ScoreTable.to_csv`'s file).
 
     **Models with several inputs** (``model(x_1, x_2, ...)``, e.g. an image and its
     metadata) are scored in either of two ways. (1) The batches carry them: the loader

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from captum_ext.viz.evaluation import EVALUATION_IMAGES
+
 __all__ = [
     "OutputError",
     "ReportConfig",
@@ -432,11 +434,11 @@ def _format_bytes(count: float) -> str:
     return f"{count:.1f} TB"  # pragma: no cover
 
 
-def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> str | None:
-    """One line saying why the inversion generator cannot be trained for the model (a
-    TorchScript model, or one whose training would not fit in the memory that is free:
-    :func:`captum_ext.inversion.estimate_inversion_cost`), or None when it fits (or the free
-    memory is unknown)."""
+def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> tuple[str | None, Any]:
+    """``(reason, cost)``: one line saying why the inversion generator cannot be trained for
+    the model (a TorchScript model, or one whose training would not fit in the memory that
+    is free), or None when it fits (or the free memory is unknown); and the estimate of its
+    training (:func:`captum_ext.inversion.estimate_inversion_cost`, None for TorchScript)."""
     import torch
 
     from captum_ext import inversion as inv
@@ -446,7 +448,7 @@ def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> str | Non
             "the inversion section needs an eager model (it reads layers with hooks, which a "
             "TorchScript model does not take); give --model as 'package.module:factory' "
             "with --weights"
-        )
+        ), None
     cost = inv.estimate_inversion_cost(
         inputs.model,
         tuple(inputs.images.shape[1:]),
@@ -455,10 +457,29 @@ def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> str | Non
     )
     available = inv.available_memory_bytes(inputs.device)
     if available is None or cost.fits(available):
-        return None
+        return None, cost
     return (
         f"the inversion section needs {cost.describe()}, more than the "
         f"{_format_bytes(available)} free on {inputs.device} (with a 1.5x margin)"
+    ), cost
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def _announce_inversion(cost: Any, device: Any) -> None:
+    """Say on stderr, before the generator's training starts (also with --no-progress), what
+    it is estimated to take (:meth:`~captum_ext.inversion.InversionCost.describe`)."""
+    print(
+        f"captum-ext report: training the inversion generator on {device}: estimated "
+        f"{cost.describe()} (fewer --inversion-steps for a shorter run)",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -526,11 +547,12 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
 
         inversion = load_bundled_inversion(inputs.model)
     else:
-        reason = _inversion_too_big(config, inputs)
+        reason, cost = _inversion_too_big(config, inputs)
         if reason is not None:
             if asked:  # asked for by name: say why it cannot be done
                 raise SectionTooBigError(reason)
             return f"inversion section left out: {reason}"
+        _announce_inversion(cost, inputs.device)
         inversion = NetworkInversion(
             inputs.model,
             input_shape=tuple(inputs.images.shape[1:]),
@@ -539,14 +561,22 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
             batch_size=INVERSION_BATCH,
             seed=0,
         )
+        started = time.perf_counter()
         inversion.fit(config.inversion_steps, progress=inputs.progress)
-    return inversion_section(
+        took = time.perf_counter() - started
+    section = inversion_section(
         inversion,
         inputs.out,
         class_names=inputs.class_names,
         denormalize=denormalize,
         **SECTION_REGISTRY["inversion"].kwargs(config),
     )
+    if config.model is not None:  # the generator was trained here: what it cost
+        section.intro += (
+            f"\nThe generator was trained here on {inputs.device}: estimated beforehand "
+            f"{cost.describe()}; it took {_format_duration(took)}."
+        )
+    return section
 
 
 #: the sections of ``captum-ext report`` in their default order: the one list the help text,
@@ -594,7 +624,9 @@ SECTION_REGISTRY: dict[str, SectionSpec] = {
     "evaluation": SectionSpec(
         "every method (Saliency, IG, Guided Backprop, GradCAM, ContrastCAM, FinerCAM, "
         "LayerIBA, PathwayGradient) scored by "
-        "deletion, insertion, ROAD, completeness and the sanity checks (asked for by name)",
+        "deletion, insertion, ROAD, completeness and the sanity checks on the first "
+        f"{EVALUATION_IMAGES} images only (tens of seconds per image at 224 x 224 on a CPU; "
+        "--batch-size also bounds its batches; asked for by name)",
         _build_evaluation,
         in_defaults=False,
     ),
@@ -734,6 +766,26 @@ def _probabilities(forward: Any, images: Any, device: Any, batch_size: int):
     return torch.cat(chunks)
 
 
+def _loaded_with_weights_warning(
+    load_model: Callable[..., Any], spec: str, weights: str | None, device: Any, flags: Any
+) -> tuple[Any, str | None]:
+    """``load_model(spec, weights, device)`` and the text of its
+    :class:`~captum_ext.data.loading.RandomWeightsWarning` (a ``torchvision.models`` builder
+    given no ``--weights``), or None: the warning is shown on stderr as every other (it is
+    re-issued) and its text goes on the page."""
+    from captum_ext.data.loading import RandomWeightsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(spec, weights, device, argument_names=flags)
+    untrained = None
+    for warning in caught:
+        if issubclass(warning.category, RandomWeightsWarning):
+            untrained = str(warning.message)
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model, untrained
+
+
 def build_section_inputs(
     config: ReportConfig, sections: Sequence[str]
 ) -> tuple[SectionInputs, dict]:
@@ -766,11 +818,16 @@ def build_section_inputs(
 
         model = load_bundled_model().to(device)
         model_description = "bundled digit classifier (captum_ext.bundled.load_bundled_model)"
+        untrained = None
         layer_name = config.layer or BUNDLED_CAM_LAYER
         default_transform = "digits"
     else:
-        model = load_model(config.model, config.weights, device, argument_names=flags)
+        model, untrained = _loaded_with_weights_warning(
+            load_model, config.model, config.weights, device, flags
+        )
         model_description = config.model + (f" + {config.weights}" if config.weights else "")
+        if untrained is not None:
+            model_description += " (random weights: no --weights)"
         layer_name = None
         default_transform = "imagenet"
     class_names = read_class_names(config.classes, argument_names=flags) if config.classes else None
@@ -858,6 +915,7 @@ def build_section_inputs(
     )
     metadata = {
         "Model": model_description,
+        **({} if untrained is None else {"Warning": untrained}),
         "Layer": layer_description,
         "Images": resolved.description,
         "Transform": resolved.transform,

@@ -57,9 +57,18 @@ from captum_ext._utils.model_state import leaves_inference_mode, preserved_state
 from captum_ext._utils.precision import at_least_float32
 from captum_ext._utils.training import progress_bar
 from captum_ext._utils.validation import check_int, runner_up_classes
-from captum_ext.viz.report import _model_device
+from captum_ext.viz.report import _model_device, empty_maps
 
 __all__ = ["EvaluationScores", "compute_evaluation", "evaluation_section", "render_evaluation"]
+
+#: the images the report's evaluation section scores: the first ones (ROAD's imputation and
+#: the sanity checks take seconds to minutes per image at 224 x 224 on a CPU)
+EVALUATION_IMAGES = 4
+
+#: the most samples (images x interpolation steps) Integrated Gradients puts through one
+#: backward pass here, at most the ``batch_size`` given: its 16 steps of 4 images, stacked
+#: twice by class_sensitivity, were 128 ResNet-18 samples at 224 x 224 in one pass (4 GB)
+_MAX_INTERNAL_BATCH = 16
 
 #: metric name -> True when higher is better
 METRIC_DIRECTIONS: dict[str, bool] = {
@@ -87,6 +96,10 @@ class EvaluationScores:
         remarks (list of str): one line per method or metric that ran with another setting
             than the usual one for this model, and why (e.g. LayerIBA unsmoothed on maps too
             small for its smoothing).
+        empty (dict): method -> how many of its maps of the images are empty (every value
+            0, :func:`~captum_ext.viz.report.empty_maps`). Those images are left out of the
+            method's scores (a metric would score the raster order of the pixels, a sanity
+            check constants); a method whose every map is empty scores ``nan`` (n/a).
     """
 
     methods: list[str]
@@ -96,6 +109,7 @@ class EvaluationScores:
     road_curves: dict[str, Tensor]
     notes: list[str]
     remarks: list[str] = dataclasses.field(default_factory=list)
+    empty: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def best(self, metric: str) -> str | None:
         """The method with the best finite value of ``metric`` (None if none; the first in
@@ -193,13 +207,16 @@ def _explainers(
     layer: nn.Module,
     statistics_images: Tensor,
     remarks: list[str] | None = None,
+    internal_batch_size: int = _MAX_INTERNAL_BATCH,
 ) -> dict[str, Callable[[nn.Module], Any]]:
     """method -> ``factory(model) -> (attribute(inputs, target) -> maps at input size)``.
 
     ``statistics_images``: the images whose activations give LayerIBA its per-feature mean
     and std (estimated again for every model the factory is given, e.g. a randomised one).
     ``remarks``: where LayerIBA's maps go unsmoothed (:func:`_iba_sigma`) a line is added
-    (once)."""
+    (once). ``internal_batch_size``: the most samples (images x steps) Integrated Gradients
+    puts through one backward pass, or the number of images when that is larger (each pass
+    takes every image at least once; the other methods take one sample per image)."""
     from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
 
     from captum_ext.attr import ContrastCAM, FinerCAM, GradCAM, LayerIBA, PathwayGradient
@@ -290,7 +307,13 @@ def _explainers(
 
     def integrated(m: nn.Module) -> _Adapter:
         ig = IntegratedGradients(m)
-        return _Adapter(lambda x, target: ig.attribute(x, target=target, n_steps=16))
+
+        def attribute(x: Tensor, target: Tensor) -> Tensor:
+            # Captum takes no fewer samples per pass than the images (it would warn and do so)
+            chunk = max(internal_batch_size, x.shape[0])
+            return ig.attribute(x, target=target, n_steps=16, internal_batch_size=chunk)
+
+        return _Adapter(attribute)
 
     return {
         "Saliency": lambda m: Saliency(m),
@@ -348,13 +371,17 @@ def compute_evaluation(
     deletion_steps: int = 10,
     road_percentages: Sequence[float] = (0.25, 0.5),
     completeness_thresholds: Sequence[float] = (0.5,),
-    max_images: int | None = 4,
+    max_images: int | None = EVALUATION_IMAGES,
     progress: bool = False,
 ) -> EvaluationScores:
     """Score every method's maps of ``images`` (explaining the predictions) by every metric.
 
     Only the first ``max_images`` images are used (None: all): ROAD's imputation solves a
-    sparse system per image and removal, seconds each at 224 x 224 on a CPU. The model is put
+    sparse system per image and removal, seconds each at 224 x 224 on a CPU. ``batch_size``
+    bounds the images of each metric's forward passes and, with at most 16, the samples
+    (images x steps) of each backward pass of Integrated Gradients. A method's empty maps
+    (every value 0) are left out of its scores, all of them n/a when every map is empty
+    (``empty`` counts them; a remark or note says so). The model is put
     in eval mode for the computation and restored afterwards; the randomisation check works
     on a deep copy. Captum's warnings (e.g. Guided Backprop's about reused ReLU modules) are
     silenced here. A method or metric that cannot run on the
@@ -375,12 +402,16 @@ def compute_evaluation(
     module = resolve_layer(model, layer)
     images = images.to(_model_device(model, images))
     remarks: list[str] = []
-    explainers = _explainers(model, module, images, remarks)
+    batch_size = check_int(batch_size, "batch_size")
+    explainers = _explainers(
+        model, module, images, remarks, internal_batch_size=min(batch_size, _MAX_INTERNAL_BATCH)
+    )
     if max_images is not None:
         images = images[: check_int(max_images, "max_images")]
     scores: dict[str, dict[str, float]] = {metric: {} for metric in METRIC_DIRECTIONS}
     road_curves: dict[str, Tensor] = {}
     notes: list[str] = []
+    empty: dict[str, int] = {}
     nan = float("nan")
     bar = progress_bar(len(explainers), bool(progress), desc="evaluation", unit="method")
     with preserved_state([model]), warnings.catch_warnings():
@@ -405,26 +436,52 @@ def compute_evaluation(
                 for metric in METRIC_DIRECTIONS:
                     scores[metric][name] = nan
                 continue
-            common = {"target": target}
+            kept = torch.from_numpy(~empty_maps(maps)).to(maps.device)
+            empty[name] = int((~kept).sum())
+            if empty[name] == len(kept):  # nothing to score: the metrics would read constants
+                notes.append(_empty_note(name, empty[name]))
+                for metric in METRIC_DIRECTIONS:
+                    scores[metric][name] = nan
+                continue
+            scored_images, scored_target = images, target
+            if empty[name]:
+                remarks.append(_empty_note(name, empty[name], len(kept)))
+                scored_images, scored_target, maps = images[kept], target[kept], maps[kept]
+            common = {"target": scored_target}
             scores["deletion AUC"][name] = float(
                 deletion(
-                    model, images, maps, n_steps=deletion_steps, batch_size=batch_size, **common
+                    model,
+                    scored_images,
+                    maps,
+                    n_steps=deletion_steps,
+                    batch_size=batch_size,
+                    **common,
                 ).mean()
             )
             scores["insertion AUC"][name] = float(
                 insertion(
-                    model, images, maps, n_steps=deletion_steps, batch_size=batch_size, **common
+                    model,
+                    scored_images,
+                    maps,
+                    n_steps=deletion_steps,
+                    batch_size=batch_size,
+                    **common,
                 ).mean()
             )
             curves = road(
-                model, images, maps, percentages=road_percentages, batch_size=batch_size, **common
+                model,
+                scored_images,
+                maps,
+                percentages=road_percentages,
+                batch_size=batch_size,
+                **common,
             )
             road_curves[name] = curves.probability.cpu().double().mean(dim=0)
             scores["ROAD (MoRF)"][name] = float(curves.probability.cpu().double().mean())
             scores["completeness"][name] = float(
                 completeness(
                     model,
-                    images,
+                    scored_images,
                     maps,
                     thresholds=completeness_thresholds,
                     batch_size=batch_size,
@@ -436,14 +493,14 @@ def compute_evaluation(
                 scores["class sensitivity"][name] = nan
             else:
                 sensitivity = class_sensitivity(
-                    factory, model, images, similarity="spearman_abs"
+                    factory, model, scored_images, similarity="spearman_abs"
                 ).similarity["spearman_abs"]
                 scores["class sensitivity"][name] = float(sensitivity.mean())
             if top_layer is None:
                 scores["randomisation"][name] = nan
             else:
                 randomised = model_randomisation(
-                    factory, model, images, layers=[top_layer], similarity="spearman_abs"
+                    factory, model, scored_images, layers=[top_layer], similarity="spearman_abs"
                 )
                 scores["randomisation"][name] = float(
                     randomised.similarity["spearman_abs"][0].mean()
@@ -459,6 +516,21 @@ def compute_evaluation(
         road_curves=road_curves,
         notes=notes,
         remarks=remarks,
+        empty=empty,
+    )
+
+
+def _empty_note(method: str, count: int, total: int | None = None) -> str:
+    """The note (every map empty: ``total`` None) or remark (``count`` of ``total``) on a
+    method's empty maps (every value 0)."""
+    if total is None:
+        return (
+            f"{method}: every map ({count} image{'s' if count != 1 else ''}) is empty (all "
+            "zero, no evidence at all), so there is nothing to score (n/a)"
+        )
+    return (
+        f"{method}: {count} of its {total} maps are empty (all zero, no evidence at all), so "
+        f"it is scored on the other {total - count} images"
     )
 
 
@@ -487,6 +559,8 @@ def render_evaluation(scores: EvaluationScores, out_dir: str | Path) -> Any:
         for metric in metrics:
             value = scores.scores[metric][method]
             text = "n/a" if value != value else f"{value:.3f}"
+            if value != value and scores.empty.get(method) == scores.n_images:
+                text = "n/a (empty)"
             cells.append(text + (" *" if method in best[metric] else ""))
         table.add_row(cells)
 

@@ -71,6 +71,34 @@ FIGURE_PIXELS = 2 * _FIGURE_WIDTH
 #: width in the page (CSS pixels) of a section's colour bar
 _COLORBAR_WIDTH = 320
 
+#: what every section appends to the caption of an empty map (:func:`empty_maps`)
+EMPTY_CAPTION = " (empty)"
+
+
+def empty_maps(maps: Any) -> np.ndarray:
+    """Which of the ``N`` maps (``maps``: a tensor or array whose first dimension is ``N``)
+    are empty: every value exactly 0, no evidence at all (e.g. ContrastCAM where the
+    evidence for the prediction never exceeds that for the runner-up, as on an untrained
+    network). An empty map ranks no pixel above another, so a metric that intervenes in its
+    order (deletion, insertion, ROAD, completeness) would score the raster order of the
+    pixels, and a sanity check would compare constants: every section captions such a map
+    "(empty)" and scores it n/a. A NaN value is not 0 (such a map is not empty).
+
+    Returns:
+        numpy.ndarray: ``N`` bools, True where the map is empty.
+    """
+    if isinstance(maps, Tensor):
+        nonzero = (maps.detach() != 0).reshape(maps.shape[0], -1).any(dim=1).cpu().numpy()
+    else:
+        values = np.asarray(maps)
+        nonzero = (values != 0).reshape(values.shape[0], -1).any(axis=1)
+    return ~np.asarray(nonzero, dtype=bool)
+
+
+def is_empty_map(heat: Any) -> bool:
+    """Whether one map (a tensor or array) is empty: every value exactly 0 (:func:`empty_maps`)."""
+    return bool(empty_maps(heat[None])[0])
+
 
 @dataclass
 class Figure:
@@ -970,8 +998,8 @@ def render_contrastive(
                 captions["finer"] = f"Finer-CAM: What sets {name_p} apart from {looks}?"
             for kind, heat in zip(kinds, heats, strict=True):
                 caption = captions[kind]
-                if not data.maps[kind][i].any():  # the map itself, not its shrunk picture
-                    caption += " (empty)"
+                if is_empty_map(data.maps[kind][i]):  # the map itself, not its shrunk picture
+                    caption += EMPTY_CAPTION
                 picture = overlay(image, heat, alpha=alpha, cmap=cmap)
                 row.add_figure(caption, save_png(picture, f"{stem}_{kind}.png"))
             bar.update(1)

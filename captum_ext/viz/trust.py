@@ -61,6 +61,7 @@ from ._figures import save_figure
 from .overlay import DEFAULT_CMAP, overlay, save_colorbar, save_png
 from .report import (
     _COLORBAR_WIDTH,
+    EMPTY_CAPTION,
     Figure,
     Section,
     Table,
@@ -72,6 +73,7 @@ from .report import (
     _predicted_and_runner_up,
     _probabilities,
     _progress_bar,
+    is_empty_map,
 )
 
 __all__ = ["TrustData", "compute_trust", "render_trust", "trust_section"]
@@ -727,7 +729,8 @@ def render_trust(
             f"first, so its curve (and its AUAC) rises above the plain accuracy.{accuracy_text}"
             f"\nThe least-trusted images are shown with their Grad-CAM{explained_at} ('Why "
             "P?') and their ContrastCAM against the runner-up class Q ('Why P, rather than "
-            f"Q?').{skipped}"
+            "Q?'); a map with no evidence at all (every value 0) is marked 'empty'."
+            f"{skipped}"
         ),
     )
     section.add_row("Trust scores", figures, table=metrics_table)
@@ -757,6 +760,8 @@ def render_trust(
                 ("gradcam", grad_cam, f"Grad-CAM: Why {name_p}?"),
                 ("contrast", contrast, f"ContrastCAM: Why {name_p}, rather than {name_q}?"),
             ):
+                if is_empty_map(data.maps[kind][rank]):  # the map itself, not its picture
+                    caption += EMPTY_CAPTION
                 picture = overlay(image, heat, alpha=alpha, cmap=cmap)
                 row_figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
             image_name = str(names[i]) if names is not None else f"#{i}"

@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from .overlay import (
     to_uint8_rgb,
 )
 from .report import (
+    EMPTY_CAPTION,
     Figure,
     Section,
     Table,
@@ -80,6 +81,8 @@ from .report import (
     _predicted_and_runner_up,
     _probabilities,
     _progress_bar,
+    empty_maps,
+    is_empty_map,
 )
 
 __all__ = [
@@ -461,8 +464,8 @@ def render_voice(
                 ),
             }
             for (kind, caption), heat in zip(captions.items(), heats, strict=True):
-                if not maps[kind][i].any():  # the map itself, not its shrunk picture
-                    caption += " (empty)"
+                if is_empty_map(maps[kind][i]):  # the map itself, not its shrunk picture
+                    caption += EMPTY_CAPTION
                 picture = overlay(image, heat, alpha=alpha, cmap=cmap)
                 figures.append((caption, save_png(picture, f"{stem}_{kind}.png")))
             label = _row_label(
@@ -551,6 +554,19 @@ _QUESTIONS = {
     "counterfactual": "What if not P?",
 }
 _COLOURS = {"gradcam": "tab:red", "contrast": "tab:blue", "counterfactual": "tab:green"}
+_METRICS = ("deletion", "insertion")
+#: an AUC of an empty map (:func:`~captum_ext.viz.report.empty_maps`) in the tables
+_EMPTY_CELL = "n/a (empty)"
+
+
+def _mean_cell(mean: float, scored: np.ndarray) -> str:
+    """A mean AUC of the metrics table: over the images whose map is not empty, saying how
+    many were left out; n/a when every map is empty."""
+    left_out = int((~scored).sum())
+    if left_out == scored.size:
+        return "n/a (every map empty)"
+    text = f"{mean:.3f}"
+    return text + (f" ({left_out} empty left out)" if left_out else "")
 
 
 def _first_pixels(heat: np.ndarray, fraction: float) -> np.ndarray:
@@ -576,10 +592,14 @@ def _mark(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
 def _plot_curves(
     fractions: np.ndarray,
     curves: dict[str, dict[str, np.ndarray]],
-    aucs: dict[str, dict[str, np.ndarray]],
+    mean_auc: dict[str, dict[str, float]],
+    scored: dict[str, np.ndarray],
     n: int,
     path: Path,
 ) -> Path:
+    """The mean deletion and insertion curves of each method over the images whose map of it
+    is not empty (``scored``: method -> ``N`` bools); a method whose maps are all empty has
+    no curve."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -591,18 +611,22 @@ def _plot_curves(
     better = {"deletion": "lower AUC is better", "insertion": "higher AUC is better"}
     for ax, metric in zip(axes, ("deletion", "insertion")):
         for method in _METHODS:
+            kept = scored[method]
+            if not kept.any():  # every map empty: nothing to draw
+                continue
             ax.plot(
                 fractions,
-                curves[metric][method].mean(0),
+                curves[metric][method][kept].mean(0),
                 color=_COLOURS[method],
-                label=f"{_METHOD_NAMES[method]} (AUC {aucs[metric][method].mean():.3f})",
+                label=f"{_METHOD_NAMES[method]} (AUC {mean_auc[metric][method]:.3f})",
             )
         ax.set_title(f"{metric.capitalize()} ({better[metric]})")
         ax.set_xlabel(f"fraction of pixels {'removed' if metric == 'deletion' else 'inserted'}")
         ax.set_xlim(0, 1)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right" if metric == "deletion" else "lower right")
+        if ax.get_lines():  # none when every map of every method is empty
+            ax.legend(fontsize=8, loc="upper right" if metric == "deletion" else "lower right")
     axes[0].set_ylabel(f"mean probability of P ({n} images)")
     save_figure(figure, path)
     return path
@@ -759,6 +783,11 @@ class ExplanationMetricsData:
         class_names (list[str]): one name per model output.
         layer_name (str): the layer explained ("" when unknown).
         image_size (tuple[int, int]): ``(H, W)`` of the inputs.
+        empty (dict[str, numpy.ndarray]): method -> ``N`` bools, True where the method's map
+            of the image is empty (every value 0, :func:`~captum_ext.viz.report.empty_maps`):
+            it ranks no pixel above another, so its AUCs (kept in ``auc``, those of deleting
+            the pixels in raster order) score no explanation; :attr:`mean_auc` and
+            :attr:`best_counts` leave them out. Default: none empty.
     """
 
     predicted: Tensor
@@ -772,21 +801,36 @@ class ExplanationMetricsData:
     class_names: list[str]
     layer_name: str
     image_size: tuple[int, int]
+    empty: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def scored(self, method: str) -> np.ndarray:
+        """``N`` bools: the images whose ``method`` map is not empty (its AUCs score it)."""
+        n = self.predicted.shape[0]
+        return ~np.asarray(self.empty.get(method, np.zeros(n, dtype=bool)), dtype=bool)
 
     @property
     def mean_auc(self) -> dict[str, dict[str, float]]:
-        """metric -> method -> mean AUC over the images."""
-        return {m: {k: float(v.mean()) for k, v in d.items()} for m, d in self.auc.items()}
+        """metric -> method -> mean AUC over the images whose map of the method is not
+        empty (NaN when every one is)."""
+        means: dict[str, dict[str, float]] = {}
+        for metric, by_method in self.auc.items():
+            means[metric] = {}
+            for method, values in by_method.items():
+                kept = np.asarray(values, dtype=np.float64)[self.scored(method)]
+                means[metric][method] = float(kept.mean()) if kept.size else float("nan")
+        return means
 
     @property
     def best_counts(self) -> dict[str, dict[str, int]]:
         """metric -> method -> on how many images the method scores best (lowest deletion
         AUC, highest insertion AUC): every method equal to the best value counts on a tie;
-        NaN AUCs (a model that overflowed) never count, and an image whose AUCs are all NaN
-        counts for no method."""
+        NaN AUCs (a model that overflowed) and the AUCs of empty maps (:attr:`empty`) never
+        count, and an image with no other AUC counts for no method."""
         counts = {}
         for metric, pick in (("deletion", np.nanmin), ("insertion", np.nanmax)):
             table = np.stack([self.auc[metric][k] for k in _METHODS]).astype(np.float64)
+            for row, kind in enumerate(_METHODS):
+                table[row, ~self.scored(kind)] = np.nan  # an empty map scores nothing
             finite = ~np.isnan(table)
             scored = finite.any(axis=0)
             best = np.full(table.shape[1], np.nan)
@@ -864,6 +908,7 @@ def compute_explanation_metrics(
     predicted_all: list[Tensor] = []
     runner_up_all: list[Tensor] = []
     example_maps: dict[str, list[np.ndarray]] = {k: [] for k in _METHODS}
+    empty: dict[str, list[np.ndarray]] = {k: [] for k in _METHODS}
     names: list[str] = []
     with _progress_bar(n, "deletion / insertion", progress) as bar:
         for start in range(0, n, batch_size):
@@ -875,6 +920,7 @@ def compute_explanation_metrics(
             for kind, cam in cams.items():
                 classes = {"contrast": runner_up} if kind == "contrast" else {"target": predicted}
                 heat = cam.attribute(x, **classes, upsample_to_input=True, normalize="minmax")
+                empty[kind].append(empty_maps(heat))
                 if start < examples:
                     example_maps[kind].append(_to_cpu(heat)[: examples - start, 0].numpy())
                 for metric, function in metrics.items():
@@ -907,6 +953,7 @@ def compute_explanation_metrics(
         class_names=names,
         layer_name=layer_name,
         image_size=(int(size[0]), int(size[1])),
+        empty={k: np.concatenate(v) for k, v in empty.items()},
     )
 
 
@@ -955,7 +1002,9 @@ def render_explanation_metrics(
     labels = _check_names_labels(names, labels, n)
     folder = Path(out_dir) / "images" / "metrics"
     folder.mkdir(parents=True, exist_ok=True)
-    plot = _plot_curves(data.fractions, data.curves, auc, n, folder / "curves.png")
+    scored = {kind: data.scored(kind) for kind in _METHODS}
+    mean_auc = data.mean_auc
+    plot = _plot_curves(data.fractions, data.curves, mean_auc, scored, n, folder / "curves.png")
 
     explained_at = f" at layer {data.layer_name}" if data.layer_name else ""
     baselines = data.baselines
@@ -979,7 +1028,10 @@ def render_explanation_metrics(
             "insertion AUC is better (those pixels suffice).\n"
             f"Maps{explained_at}: Grad-CAM of P ('Why P?'), ContrastCAM against the runner-up "
             "class Q ('Why P, rather than Q?') and CounterfactualCAM ('What if not P?', the "
-            "evidence against P; it is expected to score worst, as a reference)."
+            "evidence against P; it is expected to score worst, as a reference).\n"
+            "A map with no evidence at all (every value 0) is marked 'empty': it ranks no "
+            "pixel above another (deletion would remove the pixels row by row), so its AUCs "
+            "are n/a, left out of the means, the curves and the counts of the best method."
         ),
     )
     mean_table = Table(
@@ -992,8 +1044,9 @@ def render_explanation_metrics(
             "best insertion on",
         ],
         caption=(
-            f"Mean AUC over {n} images, and on how many images each method scores best "
-            "(every method on a tie; an image's NaN AUCs count for no method)"
+            f"Mean AUC over {n} images (those with an empty map of the method left out), and "
+            "on how many images each method scores best (every method on a tie; an image's "
+            "NaN AUCs and those of empty maps count for no method)"
         ),
     )
     best = data.best_counts
@@ -1002,8 +1055,7 @@ def render_explanation_metrics(
             [
                 _METHOD_NAMES[kind],
                 _QUESTIONS[kind],
-                f"{auc['deletion'][kind].mean():.3f}",
-                f"{auc['insertion'][kind].mean():.3f}",
+                *(_mean_cell(mean_auc[metric][kind], scored[kind]) for metric in _METRICS),
                 f"{best['deletion'][kind]} / {n}",
                 f"{best['insertion'][kind]} / {n}",
             ]
@@ -1027,8 +1079,8 @@ def render_explanation_metrics(
         if _with_labels:
             true = _true_class(labels, i, class_names)
             cells.append("-" if true is None else class_names[true])
-        cells += [f"{auc['deletion'][k][i]:.3f}" for k in _METHODS]
-        cells += [f"{auc['insertion'][k][i]:.3f}" for k in _METHODS]
+        for metric in _METRICS:
+            cells += [f"{auc[metric][k][i]:.3f}" if scored[k][i] else _EMPTY_CELL for k in _METHODS]
         per_image.add_row(cells)
     section.add_row("Per image", table=per_image)
 
@@ -1044,11 +1096,17 @@ def render_explanation_metrics(
                 figures = [("Input", save_png(image, f"{stem}_input.png"))]
                 for kind, mask in zip(_METHODS, masks, strict=True):
                     picture = _mark(image, mask, alpha)
-                    caption = (
-                        f"{_METHOD_NAMES[kind]}: first {_EXAMPLE_FRACTION:.0%} deleted; "
-                        f"deletion AUC {auc['deletion'][kind][i]:.3f}, "
-                        f"insertion AUC {auc['insertion'][kind][i]:.3f}"
-                    )
+                    if scored[kind][i]:
+                        caption = (
+                            f"{_METHOD_NAMES[kind]}: first {_EXAMPLE_FRACTION:.0%} deleted; "
+                            f"deletion AUC {auc['deletion'][kind][i]:.3f}, "
+                            f"insertion AUC {auc['insertion'][kind][i]:.3f}"
+                        )
+                    else:  # no order of its own: the pixels marked are the first rows
+                        caption = (
+                            f"{_METHOD_NAMES[kind]}{EMPTY_CAPTION}: no pixel ranks above "
+                            "another; deletion and insertion AUC n/a"
+                        )
                     figures.append((caption, save_png(picture, f"{stem}_{kind}_first.png")))
                 p = int(data.predicted[i])
                 section.add_row(
