@@ -32,7 +32,7 @@ from captum_ext._utils.distributed import (
 )
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
-from captum_ext._utils.validation import parse_device
+from captum_ext._utils.validation import map_per_example, parse_device
 from captum_ext.metrics.trust import (
     energy,
     gradnorm,
@@ -515,20 +515,17 @@ def _batch_forward_args(
     additional_forward_args: Any, index: Tensor, size: int | None, device: torch.device
 ) -> Any:
     """``additional_forward_args`` for the batch of dataset rows ``index``: every tensor
-    whose first dimension is the dataset's length ``size`` (one row per example) is cut to
-    the batch's rows and moved to ``device``; anything else is passed as given (None for
-    ``size``: a dataset without a length, nothing is cut)."""
-
-    def cut(value: Any) -> Any:
-        if size is None or not isinstance(value, Tensor) or value.dim() == 0:
-            return value
-        if value.shape[0] != size:
-            return value
-        return value[index.to(value.device)].to(device, non_blocking=True)
-
-    if isinstance(additional_forward_args, tuple):
-        return tuple(cut(value) for value in additional_forward_args)
-    return cut(additional_forward_args)
+    whose first dimension is the dataset's length ``size`` (one row per example), also inside
+    tuples, lists, dicts and dataclasses (:func:`map_per_example`), is cut to the batch's rows
+    and moved to ``device``; anything else is passed as given (None for ``size``: a dataset
+    without a length, nothing is cut)."""
+    if size is None:
+        return additional_forward_args
+    return map_per_example(
+        additional_forward_args,
+        size,
+        lambda value: value[index.to(value.device)].to(device, non_blocking=True),
+    )
 
 
 def _same_arguments(a: Any, b: Any) -> bool:
@@ -536,8 +533,14 @@ def _same_arguments(a: Any, b: Any) -> bool:
     tensors (shape, dtype, device and values) and equal other values, item by item."""
     if a is b:
         return True
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(map(_same_arguments, a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_arguments, a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return (
+            type(a) is type(b)
+            and a.keys() == b.keys()
+            and all(_same_arguments(a[key], b[key]) for key in a)
+        )
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return (
             a.shape == b.shape
