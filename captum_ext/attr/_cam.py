@@ -328,31 +328,63 @@ def zero_gradient_warning(method: str, where: str, model: nn.Module | None = Non
 
 
 #: class names of the modules that, besides torch's dropout, drop random parts of their input
-#: in train mode: torchvision's ``torchvision.ops.StochasticDepth`` and timm's ``DropPath``
-#: (compared by name: neither library is needed to read a model that has none)
-_STOCHASTIC_DEPTH_CLASSES = ("StochasticDepth", "DropPath")
+#: in train mode: torchvision's ``torchvision.ops.StochasticDepth``, timm's ``DropPath``,
+#: ``DropBlock2d`` and ``PatchDropout``, and the ``DropBlock`` of other libraries (compared by
+#: name: no library is needed to read a model that has none)
+_STOCHASTIC_DEPTH_CLASSES = (
+    "StochasticDepth",
+    "DropPath",
+    "DropBlock2d",
+    "DropBlock",
+    "PatchDropout",
+)
+#: the drop probabilities those modules keep, under the names their libraries give them
+_DROP_PROBABILITY_ATTRIBUTES = ("p", "drop_prob", "prob")
+#: timm's convention for a model (or block) that drops at random in its own ``forward``,
+#: with ``F.dropout(x, p=self.drop_rate, training=self.training)`` (the head dropout of its
+#: ResNets, EfficientNets and ConvNeXts): no dropout module shows it
+_DROP_RATE_ATTRIBUTES = ("drop_rate", "drop_path_rate")
+
+
+def _positive_rate(value: Any) -> bool:
+    """Whether ``value`` is a drop probability above zero (a bool or anything else is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _random_draw_label(name: str, module: nn.Module) -> str | None:
+    """How the warning names ``module`` (at ``name``) when it drops random parts of its
+    input at each forward pass, else None: a dropout (``torch.nn.modules.dropout._DropoutNd``)
+    or stochastic-depth / DropBlock module in train mode with a drop probability other than
+    zero (its quoted name), or a module in train mode with a positive ``drop_rate`` or
+    ``drop_path_rate`` attribute, timm's functional dropout (its name and the attribute)."""
+    if not module.training:
+        return None
+    label = repr(name or type(module).__name__)
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return None if module.p == 0 else label
+    if any(cls.__name__ in _STOCHASTIC_DEPTH_CLASSES for cls in type(module).__mro__):
+        rate = next(
+            (getattr(module, a) for a in _DROP_PROBABILITY_ATTRIBUTES if hasattr(module, a)), None
+        )
+        return None if isinstance(rate, (int, float)) and rate == 0 else label
+    for attribute in _DROP_RATE_ATTRIBUTES:
+        rate = getattr(module, attribute, None)
+        if _positive_rate(rate):
+            return f"{label} ({attribute}={rate:g})"
+    return None
 
 
 def _draws_random_masks(module: nn.Module) -> bool:
-    """Whether ``module`` drops random parts of its input at each forward pass: a dropout
-    (``torch.nn.modules.dropout._DropoutNd``) or stochastic-depth module in train mode with
-    a drop probability other than zero."""
-    if not module.training:
-        return False
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        rate = module.p
-    elif any(cls.__name__ in _STOCHASTIC_DEPTH_CLASSES for cls in type(module).__mro__):
-        rate = getattr(module, "p", getattr(module, "drop_prob", None))
-    else:
-        return False
-    return not (isinstance(rate, (int, float)) and rate == 0)
+    """Whether ``module`` drops random parts of its input at each forward pass (see
+    :func:`_random_draw_label`)."""
+    return _random_draw_label("", module) is not None
 
 
 class RandomMapsWarning(UserWarning):
-    """The CAMs' warning that the model is in train mode with dropout or stochastic depth
-    active, so that its maps are random (given once per model). Its own
-    category, so that Monte Carlo dropout, where the randomness is intended, can silence it
-    with ``warnings.filterwarnings("ignore", category=RandomMapsWarning)``."""
+    """The methods' warning that the model is in train mode with dropout, DropBlock or
+    stochastic depth active, so that its maps (or scores) are random (given once per model).
+    Its own category, so that Monte Carlo dropout, where the randomness is intended, can
+    silence it with ``warnings.filterwarnings("ignore", category=RandomMapsWarning)``."""
 
 
 #: the models :func:`warn_random_in_train_mode` has warned about (weakly held: a model
@@ -361,39 +393,47 @@ class RandomMapsWarning(UserWarning):
 _MODELS_WARNED_RANDOM: weakref.WeakSet = weakref.WeakSet()
 
 
-def random_in_train_mode_warning(method: str, model: nn.Module | None) -> str | None:
-    """The warning for a ``model`` left in train mode with dropout or stochastic depth
-    active (:func:`_draws_random_masks`): each forward pass draws new masks, so the maps
-    differ from call to call. None for a model in eval mode, one without such modules, or
-    no model (a plain function as ``forward_func``, whose model cannot be read)."""
+def random_in_train_mode_warning(
+    method: str, model: nn.Module | None, results: str = "maps"
+) -> str | None:
+    """The warning for a ``model`` left in train mode with dropout, DropBlock or stochastic
+    depth active (:func:`_random_draw_label`): each forward pass draws new masks, so the
+    ``results`` (``"maps"``, or ``"scores"`` for a metric) differ from call to call. None
+    for a model in eval mode, one without such modules, or no model (a plain function as
+    ``forward_func``, whose model cannot be read)."""
     if model is None:
         return None
     random = [
-        name or type(module).__name__
+        label
         for name, module in user_model(model).named_modules()
-        if _draws_random_masks(module)
+        if (label := _random_draw_label(name, module)) is not None
     ]
     if not random:
         return None
-    shown = ", ".join(repr(name) for name in random[:3]) + (", ..." if len(random) > 3 else "")
+    shown = ", ".join(random[:3]) + (", ..." if len(random) > 3 else "")
     return (
         f"{method}: the model is in train mode, where its dropout or stochastic-depth "
         f"modules ({shown}) drop random parts of the activations at every forward pass, so "
-        "the maps are random: two calls on the same inputs give different maps. Call "
-        "model.eval() first (or pass a model in eval mode); the model's mode is left as it "
-        "is. This warning is given once per model. If the randomness is intended (Monte "
+        f"the {results} are random: two calls on the same inputs give different {results}. "
+        "Call model.eval() first (or pass a model in eval mode); the model's mode is left as "
+        "it is. This warning is given once per model. If the randomness is intended (Monte "
         "Carlo dropout), silence it with warnings.filterwarnings('ignore', "
         "category=RandomMapsWarning) (from captum_ext.attr import RandomMapsWarning)."
     )
 
 
-def warn_random_in_train_mode(method: str, model: nn.Module | None) -> None:
+def warn_random_in_train_mode(method: str, model: nn.Module | None, results: str = "maps") -> None:
     """Give :func:`random_in_train_mode_warning` as a :class:`RandomMapsWarning` pointing at
-    the user's line, once per ``model`` object (a loop of calls on one model, as Monte Carlo
-    dropout makes, gets one warning; another model gets its own)."""
-    if model is None or _warned_random(model):
+    the user's line, once per model (a loop of calls on one model, as Monte Carlo dropout
+    makes, gets one warning; another model gets its own). The model is the one the user
+    built (:func:`user_model`): a method that runs it inside a wrapper of ours (Contrastive's
+    ContrastiveForward) and the wrapper's own inner method warn once between them."""
+    if model is None:
         return
-    message = random_in_train_mode_warning(method, model)
+    model = user_model(model)
+    if _warned_random(model):
+        return
+    message = random_in_train_mode_warning(method, model, results)
     if message is None:
         return
     warnings.warn(RandomMapsWarning(message), stacklevel=user_stacklevel())
@@ -718,7 +758,8 @@ class ClassActivationMapBase(LayerAttribution, GradientAttribution):
                 "`interpolate_mode` applies to the upsampling; pass upsample_to_input=True "
                 "with it (or resize the maps yourself with captum's "
                 "LayerAttribution.interpolate(maps, size, interpolate_mode=...), whose default "
-                "is 'nearest' where upsample_to_input's is 'bilinear')."
+                "is 'nearest' where upsample_to_input's is linear: 'linear', 'bilinear' or "
+                "'trilinear' for 1-D, 2-D or 3-D maps)."
             )
         grad_kwargs = check_grad_kwargs(grad_kwargs, method=name)
         weights = self._channel_weights

@@ -67,6 +67,7 @@ from ._activation_matching_training import (
     seeded_generator,
     train_step,
 )
+from ._cam import warn_random_in_train_mode
 from ._mask_net import (
     MaskUNet,
     build_mask_net,
@@ -662,6 +663,13 @@ class ActivationMatchingMask(PerturbationAttribution):
             finally:
                 self.forward_func = forward_func
 
+    def _warn_random_masks(self) -> None:
+        """The methods' train-mode warning (once per model): the per-image fits, the pruning
+        and the training follow the model's outputs, which with dropout or stochastic depth
+        active in train mode are random, and so are the masks. Called by the public methods
+        themselves, so that it points at the user's line."""
+        warn_random_in_train_mode("ActivationMatchingMask", root_module(self.forward_func), "masks")
+
     def _working_images(self, x: Tensor) -> Tensor:
         """The images the masks are optimised on: float32 for a half-precision model (the
         model still runs in its dtype, see ``_frozen_model``). In float16 the mask's Adam
@@ -915,6 +923,7 @@ class ActivationMatchingMask(PerturbationAttribution):
             raise ValueError(_UNFITTED_MESSAGE)
         if mode == "amortised":  # before the model runs, not as torch's conv error in the net
             check_mask_net_channels(self.mask_net, x, "`inputs`")
+        self._warn_random_masks()
         with self._frozen_model(), gradients_on():
             with torch.no_grad():
                 logits = self._logits(x)
@@ -1039,6 +1048,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         sufficiency_samples = check_int(sufficiency_samples, "sufficiency_samples", minimum=0)
         baseline = self._baseline_for(x)
         targets = result.target.to(x.device)
+        self._warn_random_masks()
         with self._frozen_model(), torch.no_grad():
             logits = self._logits(x)
             self._check_output_head(logits)
@@ -1387,6 +1397,7 @@ class ActivationMatchingMask(PerturbationAttribution):
         options = dict(locals())
         del options["self"], options["data"]
         self._check_layers()  # before the checkpoint's objective is compared with them
+        self._warn_random_masks()
         self.__dict__["_head_unchecked"] = True  # checked on the first step's forward pass
         try:
             return fit_mask_net(self, data, **options)

@@ -58,7 +58,7 @@ from .._utils.validation import (
     repeat_per_example,
 )
 from ..token_grid import looks_channels_last
-from ._cam import _token_layout
+from ._cam import _token_layout, warn_random_in_train_mode
 
 DEFAULT_ROWS_PER_CALL = 64
 
@@ -648,6 +648,10 @@ class Contrastive(GradientAttribution):
         >>> per_class = Contrastive(Saliency, model).attribute(images, contrast="all")
     """
 
+    #: the keyword ``attribute`` takes the class as (as on the CAMs: ContrastCAM's is
+    #: "contrast" too), read by the sanity checks, which hand their classes to it
+    _class_argument = "contrast"
+
     def __init__(
         self,
         method: type | Attribution,
@@ -774,6 +778,7 @@ class Contrastive(GradientAttribution):
         )
         _check_captum_arguments(kwargs, formatted, distribution)
         model = root_module(self.model_forward)
+        warn_random_in_train_mode(f"Contrastive({type(self.method).__name__})", model)
         unwrap = not isinstance(inputs, tuple)
         forward = self.contrastive_forward
         with preserved_state([model], hidden_model=model is None):

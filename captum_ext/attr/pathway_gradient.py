@@ -33,6 +33,7 @@ from .._utils.validation import (
     format_inputs,
     select_examples,
 )
+from ._cam import warn_random_in_train_mode
 
 SCORES = ("taylor", "integrated")
 
@@ -327,14 +328,24 @@ class _UnscoredActivationsWarning(UserWarning):
         self.relus, self.others = relus, others
 
 
-def _warn_unscored_activations(model: nn.Module) -> None:
-    """Warn that ``layers=None`` scores the ``nn.ReLU`` modules only when the model has
-    other hidden activations too (MobileNetV3's Hardswish): the pathway then covers part of
-    the network, mostly the ReLUs of its squeeze-excitation gates."""
+def hidden_activation_counts(model: nn.Module) -> dict[str, int]:
+    """The hidden activation modules of ``model`` other than ``nn.ReLU`` (GELU, SiLU,
+    Hardswish, LeakyReLU, ReLU6, ...; not the gates, heads and normalisers of
+    ``_NOT_HIDDEN_ACTIVATIONS``), as class name -> number of modules: what the methods that
+    act on ``nn.ReLU`` modules only (PathwayGradient's default, VOICE(GuidedBackprop)) leave
+    out."""
     counts: dict[str, int] = {}
     for m in user_model(model).modules():
         if isinstance(m, _HIDDEN_ACTIVATIONS):
             counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
+
+
+def _warn_unscored_activations(model: nn.Module) -> None:
+    """Warn that ``layers=None`` scores the ``nn.ReLU`` modules only when the model has
+    other hidden activations too (MobileNetV3's Hardswish): the pathway then covers part of
+    the network, mostly the ReLUs of its squeeze-excitation gates."""
+    counts = hidden_activation_counts(model)
     if not counts:
         return
     relus = sum(isinstance(m, nn.ReLU) for m in user_model(model).modules())
@@ -588,6 +599,7 @@ class PathwayGradient(GradientAttribution):
         modules, names = self._modules(layers)
         sites = _Sites(modules, names)
         model = root_module(self.forward_func)
+        warn_random_in_train_mode("PathwayGradient", model)
         registrations = [call_hook(m, sites.hook(i)) for i, m in enumerate(modules)]
         with (
             preserved_state([model, *modules], hidden_model=model is None),

@@ -21,7 +21,7 @@ from .._utils.batched_grad import (
 )
 from .._utils.caller import user_stacklevel
 from .._utils.hooks import call_hook, registered_hooks
-from .._utils.layers import quantized_note, root_module
+from .._utils.layers import quantized_note, root_module, user_model
 from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.precision import float64_here_or_cpu
@@ -39,11 +39,13 @@ from ._cam import (
     _half_precision_note,
     gradcam_weights,
     make_cam_reducer,
+    warn_random_in_train_mode,
     zero_gradient_warning,
 )
 from ._voice_moments import UpsampledMoments
 from .counterfactual_cam import CounterfactualCAM
 from .finer_cam import FinerCAM
+from .pathway_gradient import hidden_activation_counts
 
 POSTPROCESS = ("reference", "raw")
 
@@ -511,6 +513,9 @@ class VOICE:
                 f"{len(formatted)}: pass the image as `inputs` and the model's other inputs "
                 "as `additional_forward_args` (their maps would be silently left out)."
             )
+        if formatted[0].dim() < 3 and (plan.layer is None or self.postprocess == "reference"):
+            # (a CAM's maps are the layer's: with postprocess="raw" they stay there)
+            raise ValueError(_no_spatial_inputs_message(self.method, formatted[0], plan))
         if reshape_transform is not None:
             if not callable(reshape_transform):
                 raise TypeError("`reshape_transform` must be callable (tokens -> N x K x h x w).")
@@ -520,6 +525,7 @@ class VOICE:
                     f"VOICE({type(self.method).__name__}) explains the inputs."
                 )
         model = root_module(forward_func)
+        warn_random_in_train_mode(f"VOICE({type(self.method).__name__})", model)
         classes: dict[str, Tensor] = {}
         accumulate = _Accumulator(
             plan.maps(reshape_transform, tuple(formatted[0].shape)),
@@ -781,7 +787,54 @@ class VOICE:
     def _guided_hooks(model: nn.Module | None) -> list:
         if model is None:
             raise TypeError("GuidedBackprop needs forward_func to be an nn.Module.")
+        _warn_unguided_activations(model)
         return [call_hook(m, _guide) for m in model.modules() if isinstance(m, nn.ReLU)]
+
+
+def _warn_unguided_activations(model: nn.Module) -> None:
+    """Warn that VOICE(GuidedBackprop) guides the backward pass through the ``nn.ReLU``
+    modules only (as Captum's GuidedBackprop does) when the model has other hidden
+    activations (GELU, SiLU, Hardswish, ...; :func:`hidden_activation_counts`): the gradient
+    passes them unguided, so where they carry the network the maps are the plain input
+    gradient, and exactly that on a model without any ``nn.ReLU``."""
+    others = hidden_activation_counts(model)
+    if not others:
+        return
+    relus = sum(isinstance(m, nn.ReLU) for m in user_model(model).modules())
+    listed = ", ".join(f"{n} {name}" for name, n in sorted(others.items()))
+    effect = (
+        "so the maps are exactly the plain input gradient (Saliency's, without its absolute value)"
+        if relus == 0
+        else "so the maps are partly the plain input gradient (Saliency's, without its absolute "
+        "value): guided only where the network runs through its ReLUs"
+    )
+    warnings.warn(
+        f"VOICE(GuidedBackprop): guided backpropagation guides the gradient through the "
+        f"nn.ReLU modules only (as Captum's GuidedBackprop does), and {type(model).__name__} "
+        f"has {relus} of them; its other activations ({listed}) pass the gradient unguided, "
+        f"{effect}. VOICE(Saliency) or a Grad-CAM explain such a model as they are.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+def _no_spatial_inputs_message(method: Any, inputs: Tensor, plan: _Plan) -> str:
+    """The refusal of ``inputs`` without a spatial dimension (tabular (N, F) features),
+    given before the model runs. A CAM's maps are at its layer, so for a CAM it says how to
+    keep them there (its reference post-processing upsamples them to the inputs' size)."""
+    message = (
+        f"VOICE({type(method).__name__}) needs `inputs` with at least one spatial dimension, "
+        "(N, C, *spatial): an image (N, C, H, W), a signal (N, C, L), a volume "
+        f"(N, C, T, H, W); got shape {tuple(inputs.shape)}. Its read-outs (IoU, SNR) compare "
+        "maps over space, and tabular (N, F) features have none."
+    )
+    if plan.layer is not None:
+        message += (
+            " The reference post-processing upsamples the CAM's maps to the inputs' size; "
+            "with a layer whose output is spatial, VOICE(..., postprocess='raw') keeps them at "
+            "the layer's size."
+        )
+    return message
 
 
 def _log_likelihood(logits: Tensor, explained: Tensor) -> Tensor:

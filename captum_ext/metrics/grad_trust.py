@@ -404,7 +404,9 @@ def gradtrust(
     (h = 0, or for ``"reference"`` h^2 constant over d) the ratio is undefined and NaN is
     returned, as the gradient computation would give. On the autograd path a model in train
     mode runs each example as a batch of one (batch norm uses that example's statistics) on
-    its own copy of the buffers; the model's running statistics are never changed.
+    its own copy of the buffers; the model's running statistics are never changed. A model
+    left in train mode with dropout or stochastic depth active gives random scores (two
+    calls differ), with a :class:`~captum_ext.attr.RandomMapsWarning` (once per model).
 
     **Which parameters** (``layer``). The paper describes the gradients as "the required
     changes in the network parameters"; the authors' published demo takes them at the final
@@ -518,6 +520,7 @@ def gradtrust(
     output_transform = _check_transform(output_transform)
     inputs = format_inputs(inputs)
     extra = format_additional_forward_args(additional_forward_args)
+    _warn_random_scores(forward_func)
     if isinstance(layer, str) and layer == ALL_PARAMETERS:
         score, logits = _all_parameters_score(
             forward_func, inputs, extra, form, k, method, output_transform
@@ -595,6 +598,16 @@ def gradtrust(
     if form == "topk":
         return score.to(dtype) if log else _exp_score(score, dtype)
     return torch.log(score).to(dtype) if log else score.to(dtype)
+
+
+def _warn_random_scores(forward_func: Callable) -> None:
+    """The methods' :class:`~captum_ext.attr.RandomMapsWarning` (once per model) for a model
+    left in train mode with dropout or stochastic depth active: its logits, and so every
+    form's scores, differ from call to call (gradtrust runs the model in the mode it is in:
+    a train-mode batch norm is explained as it normalises)."""
+    from captum_ext.attr._cam import warn_random_in_train_mode  # (attr is not needed before)
+
+    warn_random_in_train_mode("gradtrust", root_module(forward_func), "scores")
 
 
 def _weight_used_by_another_module(

@@ -1043,8 +1043,9 @@ def road_imputation(
             f"`solver`={solver!r}: expected 'auto', 'direct', 'block', 'nested', "
             "'nested_mixed', 'multigrid' or 'cg'."
         )
-    if c == 0:  # images without channels: no value to impute, whatever the solver
-        return inputs.clone()
+    if c == 0:  # images without channels: no value to impute, whatever the solver; the
+        # noise's seed is drawn all the same, so the generator advances as with channels
+        return _with_imputation_noise(inputs.clone(), inputs, removed, noise, generator)
     if _lacks_float64(inputs.device) and solver != "cg":
         # Apple's MPS has no float64: the factorisations run, exactly, on the CPU
         filled = road_imputation(

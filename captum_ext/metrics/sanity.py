@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from captum.attr import NoiseTunnel
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
@@ -344,16 +345,23 @@ def _attribution_method(explainer: Callable[[nn.Module], Any], model: nn.Module)
 
 def _takes_contrast_instead_of_target(method: Any) -> bool:
     """Whether ``method.attribute`` takes the class as ``contrast`` rather than ``target``:
-    it has a ``contrast`` parameter and no ``target`` parameter that can be passed by
-    position (ContrastCAM's keyword-only ``target`` only refuses; Contrastive has none)."""
+    the package's contrastive explainers say so (``_class_argument = "contrast"`` on
+    ContrastCAM and Contrastive, and their subclasses), also inside Captum's NoiseTunnel,
+    which hands ``contrast`` on to them. Any other explainer gets ``target``, unless its
+    ``attribute`` names a ``contrast`` parameter and no ``target`` parameter at all (it has
+    no other way to be given a class). An explainer that takes ``target`` and an optional
+    ``contrast`` (a difference map, say) gets ``target``, whatever kind of parameter
+    ``target`` is."""
+    if isinstance(method, NoiseTunnel):
+        return _takes_contrast_instead_of_target(method.attribution_method)
+    declared = getattr(type(method), "_class_argument", None)
+    if declared in ("target", "contrast"):
+        return declared == "contrast"
     try:
         parameters = inspect.signature(method.attribute).parameters
     except (TypeError, ValueError):
         return False
-    target = parameters.get("target")
-    return "contrast" in parameters and (
-        target is None or target.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
-    )
+    return "contrast" in parameters and "target" not in parameters
 
 
 def _trained_contrast(target: Any, output: Any, attribute_kwargs: dict[str, Any]) -> Any:
