@@ -254,3 +254,29 @@ def test_1x1_convolution_head_reads_out_as_the_linear_head_with_its_weights(grad
     for g_a, g_b in zip(a.readout(x), b.readout(x), strict=True):
         assert _graph_data(g_a) == _graph_data(g_b)
         assert g_a.graph["prediction"] == g_b.graph["prediction"]
+
+
+def test_wrapped_torchvision_resnet_gets_the_inline_models_stages():
+    """A ResNet whose stages hold several blocks each (layer1..layer4), wrapped as a backbone
+    returning pooled features plus a separate head, gets the stages of the same ResNet with
+    its head inline (the check of the stages inside the backbone was the strict one of
+    single-block stages, so it fell back to one stage with a warning)."""
+
+    import torchvision
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torchvision.models.resnet18(num_classes=10)
+            self.backbone.fc = nn.Identity()
+            self.head = nn.Linear(512, 10)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    inline = CircuitReadout(torchvision.models.resnet18(num_classes=10).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = CircuitReadout(Wrapped().eval())
+    assert wrapped.layers == tuple(f"backbone.{name}" for name in inline.layers)
+    assert len(inline.layers) > 1

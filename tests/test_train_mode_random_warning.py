@@ -199,3 +199,16 @@ def test_drop_rate_attributes_count_in_train_mode_with_a_positive_rate(attribute
     assert random_in_train_mode_warning("GradCAM", model) is None
     setattr(model.body[0], attribute, 0.1)
     assert random_in_train_mode_warning("GradCAM", model.eval()) is None
+
+
+def test_dropblock_package_class_names_are_recognised():
+    """The dropblock package names its modules DropBlock2D / DropBlock3D (timm: DropBlock2d)."""
+    from captum_ext.attr._cam import _draws_random_masks
+
+    for name in ("DropBlock2D", "DropBlock3D", "DropBlock2d"):
+        module = type(name, (torch.nn.Module,), {})()
+        module.drop_prob = 0.5
+        module.train()
+        assert _draws_random_masks(module), name
+        module.drop_prob = 0.0
+        assert not _draws_random_masks(module), name

@@ -338,6 +338,10 @@ _STOCHASTIC_DEPTH_CLASSES = (
     "DropBlock",
     "PatchDropout",
 )
+# compared case-insensitively: the dropblock package's DropBlock2D as timm's DropBlock2d
+_STOCHASTIC_DEPTH_NAMES = frozenset(name.lower() for name in _STOCHASTIC_DEPTH_CLASSES) | {
+    "dropblock3d"
+}
 #: the drop probabilities those modules keep, under the names their libraries give them
 _DROP_PROBABILITY_ATTRIBUTES = ("p", "drop_prob", "prob")
 #: timm's convention for a model (or block) that drops at random in its own ``forward``,
@@ -362,7 +366,7 @@ def _random_draw_label(name: str, module: nn.Module) -> str | None:
     label = repr(name or type(module).__name__)
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return None if module.p == 0 else label
-    if any(cls.__name__ in _STOCHASTIC_DEPTH_CLASSES for cls in type(module).__mro__):
+    if any(cls.__name__.lower() in _STOCHASTIC_DEPTH_NAMES for cls in type(module).__mro__):
         rate = next(
             (getattr(module, a) for a in _DROP_PROBABILITY_ATTRIBUTES if hasattr(module, a)), None
         )

@@ -525,7 +525,9 @@ def _stages_inside(
     if len(inner) == 1 and inner[0][1]:
         return _open_lone_stage(model, graph, inner[0][0], classifier, called)
     names = [stage for stage, _ in inner]
-    reason = _why_unconnected(model, names, classifier)
+    # the rules of default_stages, so the check of the same network with its head inline
+    # (stages such as ResNet's layer1 hold several blocks: not strict)
+    reason = _why_unconnected(model, names, classifier, strict=False)
     if reason is None:
         return names
     warnings.warn(
@@ -539,12 +541,15 @@ def _stages_inside(
     return [name]
 
 
-def _why_unconnected(model: nn.Module, stages: list[str], classifier: str) -> str | None:
+def _why_unconnected(
+    model: nn.Module, stages: list[str], classifier: str, strict: bool = True
+) -> str | None:
     """Why ``stages`` do not connect as the readout resolves connections
-    (:func:`find_connections` with ``strict=True``, then the channel check of
-    :func:`_unresolved_channels`); None when they do."""
+    (:func:`find_connections` with ``strict``: True for stages that are single blocks, False
+    for stages found by :func:`default_stages`' rules, as the readout checks them; then the
+    channel check of :func:`_unresolved_channels`); None when they do."""
     try:
-        connections = find_connections(model, stages, classifier, strict=True)
+        connections = find_connections(model, stages, classifier, strict=strict)
     except ValueError as error:
         return str(error).split(": ", 1)[-1].split(" Circuits follow", 1)[0]
     return _unresolved_channels(model, connections)
