@@ -44,16 +44,14 @@ from .legacy_norms import is_legacy_norm_hook
 from .model_state import gradients_on, preserved_state
 from .validation import (
     OutOfMemoryError,
+    PerExampleLayout,
     check_examples_first,
     check_int,
     format_additional_forward_args,
     output_selection,
     outside_inference_mode,
     outside_inference_mode_nested,
-    per_example_tensors,
     rows_read_as_examples,
-    select_examples,
-    with_per_example_tensors,
 )
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
@@ -1050,12 +1048,13 @@ def _logits_one_by_one(
     model = root_module(forward_func)
     n = inputs[0].shape[0]
     saved = {name: b.clone() for name, b in model.named_buffers()}
+    layout = PerExampleLayout(extra, n)  # walked once, not once per example
     rows = []
     try:
         with torch.no_grad():
             for i in range(n):
                 args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in inputs]
-                more = select_examples(extra, n, slice(i, i + 1))
+                more = layout.select(slice(i, i + 1))
                 try:
                     out = uncompiled(forward_func)(*args, *more)
                 except ValueError as error:
@@ -1238,13 +1237,15 @@ def per_example_parameter_gradients(
     if by_loop:  # the loop holds one example's graph at a time: chunks by gradients alone
         chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
     starts = [m for m in holder.modules() if any(True for _ in m.parameters(recurse=False))]
-    # the per-example tensors of ``extra``, also those nested in tuples, lists and dicts:
-    # vmapped with the inputs, each put back in its place for one example
-    batched = per_example_tensors(extra, n)
+    # the per-example tensors of ``extra``, also those nested in tuples, lists, mappings and
+    # dataclasses: vmapped with the inputs, each put back in its place for one example (the
+    # extra arguments are walked once for the whole call)
+    layout = PerExampleLayout(extra, n)
+    batched = layout.tensors()
 
     def one(xs: tuple, extras_b: tuple, cot: Tensor, bufs: dict[str, Tensor]):
         args = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs]
-        more = with_per_example_tensors(extra, n, [a.unsqueeze(0) for a in extras_b])
+        more = layout.with_tensors([a.unsqueeze(0) for a in extras_b])
 
         probe = _TensorHookProbe()
 
@@ -1279,7 +1280,7 @@ def per_example_parameter_gradients(
             bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
             if by_loop:
                 grads = _per_example_by_loop(
-                    forward_func, xs, extra, n, start, names, original,
+                    forward_func, xs, layout, start, names, original,
                     cotangents[start:stop], output_transform, computed, holder,
                 )  # fmt: skip
                 scores.append(reduce(grads).detach())
@@ -1346,7 +1347,7 @@ def per_example_parameter_gradients(
                     chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
                 put_back()  # (a module reached twice keeps functional_call's tensors)
                 grads = _per_example_by_loop(
-                    forward_func, xs, extra, n, start, names, original,
+                    forward_func, xs, layout, start, names, original,
                     cotangents[start:stop], output_transform, holder=holder,
                 )  # fmt: skip
             scores.append(reduce(grads).detach())
@@ -1679,8 +1680,7 @@ def _swapped_in(slots: list[tuple], copies: dict[int, Tensor]) -> Iterator[None]
 def _per_example_by_loop(
     forward_func: Callable,
     xs: tuple,
-    extra: tuple,
-    n: int,
+    extra: PerExampleLayout,
     start: int,
     names: dict[str, Tensor],
     original: dict[str, str],
@@ -1691,8 +1691,9 @@ def _per_example_by_loop(
 ) -> dict[str, Tensor]:
     """What the vmapped vector-Jacobian products of :func:`per_example_parameter_gradients`
     compute, with plain autograd: a forward pass per example (a batch of one, as under
-    ``vmap``) and a backward pass per cotangent row. The caller restores the model's state
-    (``preserved_state``), including the ``requires_grad`` flags set here.
+    ``vmap``, with its rows of the extra arguments, ``extra``, laid out once for all the
+    examples of the call) and a backward pass per cotangent row. The caller restores the
+    model's state (``preserved_state``), including the ``requires_grad`` flags set here.
 
     The parameters of ``names`` are differentiated through leaf copies, swapped into every
     parameter slot of ``holder``'s modules that holds them while an example runs (forward
@@ -1748,7 +1749,7 @@ def _per_example_by_loop(
     with registered_hooks(*registrations):
         for i in range(cotangents.shape[0]):
             args = [x[i : i + 1] if isinstance(x, Tensor) else x for x in xs]
-            more = select_examples(extra, n, slice(start + i, start + i + 1))
+            more = extra.select(slice(start + i, start + i + 1))
             for tensors in used.values():
                 tensors.clear()
             with gradients_on(), _swapped_in(slots, copies):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .caller import inside_expanding_wrapper
+from .caller import inside_expanding_wrapper, user_stacklevel
 
 
 def outside_inference_mode(value: Any) -> Any:
@@ -37,12 +40,39 @@ def check_not_meta(tensor: Tensor, argument: str) -> None:
         )
 
 
+#: types whose values hold no tensor: skipped without a look inside (a long vocabulary
+#: list of strings is passed over by one ``set(map(type, ...))``)
+_NO_TENSOR_TYPES = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        slice,
+        range,
+        torch.dtype,
+        torch.device,
+        torch.Size,
+    }
+)
+
+
+def _holds_no_tensor(items: Any) -> bool:
+    return set(map(type, items)) <= _NO_TENSOR_TYPES
+
+
 def outside_inference_mode_nested(value: Any) -> Any:
     """:func:`outside_inference_mode` for every tensor in ``value``, also inside tuples, lists
     and dicts. A container is rebuilt only where one of its tensors was replaced (otherwise
     it is returned as it is), a named tuple by its fields and other containers by their
-    type; one that cannot be rebuilt so is returned as it is."""
+    type; one that cannot be rebuilt so is returned as it is. A container of numbers and
+    strings only (a vocabulary) is passed over at once (:func:`_holds_no_tensor`)."""
     if isinstance(value, tuple | list):
+        if _holds_no_tensor(value):
+            return value
         items = [outside_inference_mode_nested(item) for item in value]
         if all(new is old for new, old in zip(items, value)):
             return value
@@ -53,6 +83,8 @@ def outside_inference_mode_nested(value: Any) -> Any:
         except TypeError:  # a tuple or list subclass with a constructor of its own
             return value
     if isinstance(value, dict):
+        if _holds_no_tensor(value.values()):
+            return value
         items = {key: outside_inference_mode_nested(item) for key, item in value.items()}
         if all(items[key] is item for key, item in value.items()):
             return value
@@ -130,21 +162,234 @@ def expand_per_example(values: Tensor, n: int, argument: str) -> Tensor:
     )
 
 
+_PER_EXAMPLE = "per example"  # a plan's leaf: a tensor with the examples first
+_ITEMS, _ENTRIES, _FIELDS = "items", "entries", "fields"  # tuples / lists, mappings, dataclasses
+
+
+def _plan(value: Any, n: int, seen: dict[int, Any]) -> Any:
+    """Where the per-example tensors of ``value`` are: :data:`_PER_EXAMPLE`, ``None`` (none
+    inside), or ``(kind, [(place, plan), ...])`` for a container, only its places that hold
+    one. ``seen`` has the plan of every container met in this walk, by ``id``: one reached
+    again (shared, or a cycle, whose plan is still ``None`` while it is being walked) is
+    not walked twice."""
+    if isinstance(value, Tensor):
+        return _PER_EXAMPLE if value.dim() > 0 and value.shape[0] == n else None
+    if type(value) in _NO_TENSOR_TYPES:
+        return None
+    if id(value) in seen:
+        return seen[id(value)]
+    if isinstance(value, tuple | list):
+        kind, places = _ITEMS, (enumerate(value) if not _holds_no_tensor(value) else ())
+    elif isinstance(value, Mapping):
+        kind, places = _ENTRIES, (value.items() if not _holds_no_tensor(value.values()) else ())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = _FIELDS
+        places = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    else:
+        return None
+    seen[id(value)] = None  # while walking it: a cycle back to it is left as it is
+    children = []
+    for place, item in places:
+        if type(item) not in _NO_TENSOR_TYPES:
+            child = _plan(item, n, seen)
+            if child is not None:
+                children.append((place, child))
+    plan = (kind, children) if children else None
+    seen[id(value)] = plan
+    return plan
+
+
+def _item(container: Any, kind: str, place: Any) -> Any:
+    return getattr(container, place) if kind == _FIELDS else container[place]
+
+
+def _rebuilt_items(value: tuple | list, changes: dict[int, Any]) -> Any:
+    items = [changes.get(i, item) for i, item in enumerate(value)]
+    if type(value) is tuple:
+        return tuple(items)
+    if type(value) is list:
+        return items
+    if isinstance(value, tuple) and hasattr(value, "_fields") and hasattr(value, "_replace"):
+        return value._replace(**{value._fields[i]: new for i, new in changes.items()})
+    if isinstance(value, list):  # a subclass: a copy keeps its class and attributes
+        rebuilt = copy.copy(value)
+        for i, new in changes.items():
+            rebuilt[i] = new
+        return rebuilt
+    rebuilt = type(value)(items)  # a tuple subclass (torch.return_types) from its items
+    if type(rebuilt) is not type(value) or len(rebuilt) != len(value):
+        raise TypeError(f"{type(value).__name__}(items) did not rebuild it")
+    if hasattr(value, "__dict__"):
+        rebuilt.__dict__.update(value.__dict__)
+    return rebuilt
+
+
+def _rebuilt_entries(value: Mapping, changes: dict[Any, Any]) -> Any:
+    if isinstance(value, MappingProxyType):  # read-only: a view of a new dict
+        return MappingProxyType({**value, **changes})
+    if isinstance(value, MutableMapping):  # a copy keeps the class, order and defaults
+        rebuilt = copy.copy(value)
+        if rebuilt is value:
+            raise TypeError(f"copy.copy returned the {type(value).__name__} itself")
+        for key, new in changes.items():
+            rebuilt[key] = new
+        return rebuilt
+    return type(value)({**value, **changes})  # another read-only mapping, from its items
+
+
+def _rebuilt_fields(value: Any, changes: dict[str, Any]) -> Any:
+    init = {f.name for f in dataclasses.fields(value) if f.init}
+    rebuilt = dataclasses.replace(value, **{k: v for k, v in changes.items() if k in init})
+    for name, new in changes.items():
+        if name not in init:  # a field set by __post_init__ (frozen classes too)
+            object.__setattr__(rebuilt, name, new)
+    return rebuilt
+
+
+_REBUILDERS = {_ITEMS: _rebuilt_items, _ENTRIES: _rebuilt_entries, _FIELDS: _rebuilt_fields}
+
+
+class PerExampleLayout:
+    """Where the per-example tensors of ``value`` are, found once, to be mapped many times.
+
+    A per-example tensor is one whose first dimension is the batch's ``n``, at the top level
+    or inside tuples, lists, mappings (``dict``, ``collections.UserDict`` such as Hugging
+    Face's ``BatchEncoding``, ``types.MappingProxyType``, any
+    ``collections.abc.Mapping``) and dataclass instances, however deeply nested:
+    ``({"meta": meta},)`` or ``((meta, mask),)`` follow the examples as a plain ``meta``
+    does. Anything else (scalars, tensors of another length, strings, other objects) is
+    left as it is.
+
+    The walk is made once, when the layout is made: a caller that selects the rows of one
+    example at a time (N selections) walks a long list of strings or numbers (a vocabulary)
+    once, and each :meth:`map` rebuilds only the containers that hold a per-example tensor.
+    A container is walked once even when reached several times (shared, or a cycle back to
+    itself: the cycle is left as it is).
+
+    :meth:`map` returns ``value`` itself, and every container in it, where nothing inside
+    changes: a list or dict the model writes to (a call log, a cache) stays the caller's
+    object. A container that changes is rebuilt with its type: a list or mutable mapping as
+    a shallow copy (its class, attributes, order and ``defaultdict`` factory kept) with the
+    changed items assigned, a named tuple by ``_replace``, another tuple subclass from its
+    items, a ``MappingProxyType`` as a view of a new dict, a dataclass by
+    ``dataclasses.replace`` (frozen ones too). One that cannot be rebuilt so (a tuple
+    subclass with a constructor of its own) is passed unchanged, with a warning: its
+    per-example tensors do not follow the examples.
+
+    Args:
+        value (Any): ``additional_forward_args`` (or any argument read the same way).
+        n (int): the number of examples of the batch.
+    """
+
+    def __init__(self, value: Any, n: int) -> None:
+        self.value = value
+        self.n = n
+        self._plan = _plan(value, n, {})
+        self._warned: set[type] = set()
+
+    @property
+    def has_per_example_tensors(self) -> bool:
+        return self._plan is not None
+
+    def map(self, function: Callable[[Tensor], Any]) -> Any:
+        """``value`` with ``function`` applied to each per-example tensor (its result takes
+        the tensor's place), in the order of :meth:`tensors`."""
+        if self._plan is None:
+            return self.value
+        return self._apply(self.value, self._plan, function, {})
+
+    def _apply(self, value: Any, plan: Any, function: Callable, done: dict[int, Any]) -> Any:
+        if plan is _PER_EXAMPLE:
+            return function(value)
+        if id(value) in done:  # a container reached again: rebuilt once
+            return done[id(value)]
+        kind, children = plan
+        changes = {}
+        for place, child in children:
+            old = _item(value, kind, place)
+            new = self._apply(old, child, function, done)
+            if new is not old:
+                changes[place] = new
+        rebuilt = value
+        if changes:
+            try:
+                rebuilt = _REBUILDERS[kind](value, changes)
+            except Exception:  # noqa: BLE001 - a class of the user's: left as it is
+                self._warn_not_rebuilt(value)
+        done[id(value)] = rebuilt
+        return rebuilt
+
+    def _warn_not_rebuilt(self, value: Any) -> None:
+        if type(value) in self._warned:
+            return
+        self._warned.add(type(value))
+        warnings.warn(
+            f"A {type(value).__name__} holding tensors with the examples first (N={self.n}) "
+            "could not be rebuilt with its own type, so it is passed unchanged: its rows do "
+            "not follow the examples selected or repeated. Pass them in a tuple, list, dict, "
+            "named tuple or dataclass.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    def select(self, examples: Tensor | slice) -> Any:
+        """``value`` with the rows ``examples`` (an index tensor or a slice) of each
+        per-example tensor."""
+
+        def select(tensor: Tensor) -> Tensor:
+            if isinstance(examples, Tensor):
+                return tensor[examples.to(tensor.device)]
+            return tensor[examples]
+
+        return self.map(select)
+
+    def tensors(self) -> list[Tensor]:
+        """The per-example tensors, in the order in which :meth:`with_tensors` puts
+        replacements back (a container reached twice counts once)."""
+        found: list[Tensor] = []
+
+        def collect(tensor: Tensor) -> Tensor:
+            found.append(tensor)
+            return tensor
+
+        self.map(collect)
+        return found
+
+    def with_tensors(self, replacements: Sequence[Any]) -> Any:
+        """``value`` with its per-example tensors (:meth:`tensors`) replaced, in order, by
+        ``replacements``."""
+        remaining = iter(replacements)
+        return self.map(lambda _: next(remaining))
+
+
 def map_per_example(value: Any, n: int, function: Callable[[Tensor], Any]) -> Any:
     """``value`` with ``function`` applied to each of its per-example tensors.
 
-    A per-example tensor is one whose first dimension is the batch's ``n`` (the rule Captum
-    and every method here use for ``additional_forward_args``), found at the top level and
-    inside tuples, lists and dicts, however deeply nested: ``({"meta": meta},)`` or
-    ``((meta, mask),)`` follow the examples as a plain ``meta`` does. Containers are
-    rebuilt with their type (a named tuple by its fields, a dict subclass as a copy that
-    keeps its class and defaults); anything else (scalars, broadcastable tensors, strings,
-    other objects) is returned as it is.
+    A per-example tensor is one whose first dimension is the batch's ``n``, found at the
+    top level and inside tuples, lists, mappings and dataclasses, however deeply nested
+    (:class:`PerExampleLayout` has the containers walked and how each is rebuilt;
+    ``value`` itself is returned where nothing changes).
 
     This is the one place where the methods that re-index rows (subsets, chunks, repeated
     examples, one example at a time) find the rows of the additional arguments: a nested
     tensor passed unchanged would pair example ``i``'s row with example ``j``'s metadata
     whenever a chunk happens to have ``n`` rows.
+
+    Captum has no such rule: its ``_expand_additional_forward_args`` (which its methods use
+    where they expand the batch: integration steps, NoiseTunnel samples, perturbations)
+    expands every top-level tensor with at least one dimension, whatever its first
+    dimension, and never looks inside tuples, lists, dicts or other containers. A Captum
+    explainer called inside our methods (the method :class:`~captum_ext.attr.Contrastive`
+    wraps, say) therefore does not follow nested per-example tensors: pass those at the
+    top level there.
+
+    The rule reads the first dimension only, at the top level as inside containers: a
+    tensor shared by all examples whose first dimension happens to equal ``n`` (a
+    ``(C, D)`` prototype or class-embedding table with ``C == n``) is indexed as if it
+    were per-example. Keep such a table out of the additional arguments: bind it in a
+    closure or a module attribute, ``forward_func=lambda x, meta: model(x, meta, table)``.
+    The perturbation metrics refuse the logits whose classes then change with the rows
+    (:func:`captum_ext.metrics._perturbation.check_logits_like_clean`).
 
     Args:
         value (Any): ``additional_forward_args`` (or any argument read the same way).
@@ -152,53 +397,27 @@ def map_per_example(value: Any, n: int, function: Callable[[Tensor], Any]) -> An
         function (Callable): applied to each per-example tensor; its result takes the
             tensor's place.
     """
-    if isinstance(value, Tensor):
-        return function(value) if value.dim() > 0 and value.shape[0] == n else value
-    if isinstance(value, tuple | list):
-        items = [map_per_example(item, n, function) for item in value]
-        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-            return type(value)(*items)
-        try:
-            return type(value)(items)
-        except TypeError:  # a subclass with a constructor of its own: the plain container
-            return tuple(items) if isinstance(value, tuple) else items
-    if isinstance(value, dict):
-        rebuilt = copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
-        rebuilt.update({key: map_per_example(item, n, function) for key, item in value.items()})
-        return rebuilt
-    return value
+    return PerExampleLayout(value, n).map(function)
 
 
 def select_examples(value: Any, n: int, examples: Tensor | slice) -> Any:
     """The rows ``examples`` (an index tensor or a slice) of every per-example tensor of
-    ``value`` (:func:`map_per_example`); everything else as it is."""
-
-    def select(tensor: Tensor) -> Tensor:
-        if isinstance(examples, Tensor):
-            return tensor[examples.to(tensor.device)]
-        return tensor[examples]
-
-    return map_per_example(value, n, select)
+    ``value`` (:func:`map_per_example`); everything else as it is. A caller selecting many
+    times from one ``value`` makes a :class:`PerExampleLayout` once and calls its
+    :meth:`~PerExampleLayout.select`."""
+    return PerExampleLayout(value, n).select(examples)
 
 
 def per_example_tensors(value: Any, n: int) -> list[Tensor]:
     """The per-example tensors of ``value`` (:func:`map_per_example`), in the order in
     which :func:`with_per_example_tensors` puts replacements back."""
-    found: list[Tensor] = []
-
-    def collect(tensor: Tensor) -> Tensor:
-        found.append(tensor)
-        return tensor
-
-    map_per_example(value, n, collect)
-    return found
+    return PerExampleLayout(value, n).tensors()
 
 
 def with_per_example_tensors(value: Any, n: int, replacements: Sequence[Any]) -> Any:
     """``value`` with its per-example tensors (:func:`per_example_tensors`) replaced, in
     order, by ``replacements`` (e.g. their rows for one example, inside ``vmap``)."""
-    remaining = iter(replacements)
-    return map_per_example(value, n, lambda _: next(remaining))
+    return PerExampleLayout(value, n).with_tensors(replacements)
 
 
 def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = None) -> Any:
@@ -206,9 +425,9 @@ def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = No
 
     Used where a batch is expanded with ``repeat_interleave`` (noisy copies, one row per
     (example, class) pair): tensors whose first dimension is ``n`` follow it, also inside
-    tuples, lists and dicts (:func:`map_per_example`), optionally keeping only ``rows`` of
-    the expanded batch; anything else (scalars, broadcastable tensors, non-tensors) is
-    returned as it is.
+    tuples, lists, mappings and dataclasses (:func:`map_per_example`), optionally keeping
+    only ``rows`` of the expanded batch; anything else (scalars, broadcastable tensors,
+    non-tensors) is returned as it is.
     """
 
     def repeat(tensor: Tensor) -> Tensor:

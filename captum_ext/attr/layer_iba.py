@@ -769,8 +769,10 @@ class LayerIBA(LayerAttribution, GradientAttribution):
                 classes), and the single output of a one-output model; ``loss="mse"`` on
                 a model with several outputs, and any output with more than two
                 dimensions, need ``target``.
-            additional_forward_args: passed to the model after the inputs (repeated with
-                the noisy copies when their first dimension is N).
+            additional_forward_args: passed to the model after the inputs; tensors whose
+                first dimension is N, also inside tuples, lists, mappings and dataclasses,
+                are repeated with the noisy copies (a table shared by all examples with N
+                rows too: bind it in a closure instead).
             beta (float): weight of the information loss (>= 0); larger gives fewer bits.
             steps (int): loss evaluations; the map is the capacity at the last one.
             lr (float): Adam's learning rate.

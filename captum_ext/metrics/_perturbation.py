@@ -22,6 +22,7 @@ from captum_ext._utils.maps import upsample_keeping_ties
 from captum_ext._utils.model_state import preserved_state, set_eval_mode
 from captum_ext._utils.precision import at_least_float32, precise_dtype
 from captum_ext._utils.validation import (
+    PerExampleLayout,
     check_int,
     check_not_meta,
     check_number,
@@ -29,7 +30,6 @@ from captum_ext._utils.validation import (
     class_selection,
     format_additional_forward_args,
     format_inputs,
-    select_examples,
 )
 
 DEFAULT_N_STEPS = 50
@@ -238,6 +238,36 @@ def chunk_rows(batch_size: int | None, x: Tensor) -> int:
     return max(1, min(_AUTO_CHUNK_ROWS, _AUTO_CHUNK_BYTES // per_row))
 
 
+def check_logits_like_clean(logits: Tensor, clean_shape: Sequence[int] | None, n: int) -> None:
+    """Refuse the logits of a chunk of perturbed rows whose shape past the rows differs from
+    ``clean_shape``, the shape past the rows of the clean images' logits (``None``: nothing
+    to compare with yet).
+
+    The rows of a chunk get the rows of the per-example tensors of
+    ``additional_forward_args`` (first dimension the ``n`` examples, nested ones too:
+    :func:`~captum_ext._utils.validation.map_per_example`). A tensor shared by all examples
+    whose first dimension happens to equal ``n`` (a ``(C, D)`` prototype or class table with
+    ``C == n``) is indexed with them, and a model that scores against it returns another
+    number of classes for a chunk than for the clean batch: scores of other classes, read
+    without an error. Such a chunk is refused here, naming ``additional_forward_args``.
+
+    Raises:
+        ValueError: ``logits.shape[1:]`` is not ``clean_shape``.
+    """
+    if clean_shape is None or tuple(logits.shape[1:]) == tuple(clean_shape):
+        return
+    raise ValueError(
+        f"forward_func returned logits of shape {tuple(logits.shape)} for {logits.shape[0]} "
+        f"perturbed rows, but {tuple(clean_shape)} per example for the clean images: the "
+        "classes changed with the rows. Every tensor in `additional_forward_args` whose "
+        f"first dimension is the N={n} examples, also inside tuples, lists, dicts and "
+        "dataclasses, is read as one row per example and indexed with the perturbed rows; "
+        "a table shared by all examples (C class prototypes, C == N) must not be. Bind it "
+        "in a closure or a module attribute instead, e.g. "
+        "forward_func=lambda x, meta: model(x, meta, table)."
+    )
+
+
 class Evaluator:
     """Runs the model on perturbed rows and reads the target's probability and correctness."""
 
@@ -245,14 +275,19 @@ class Evaluator:
         self.forward_func = forward_func
         self.n = x.shape[0]
         self.extra = format_additional_forward_args(extra)
+        # the per-example tensors of the extra arguments, also nested ones: found once
+        self._extra_layout = PerExampleLayout(self.extra, self.n)
         self._target = target
         self.targets: Tensor | None = None
+        # the logits' shape past the rows: the clean pass's, else the first chunk's
+        self._logits_shape: tuple[int, ...] | None = None
         self._nan_named = False  # NaN logits are named once per call, by the user's examples
 
     def _rows_of_extra(self, examples: Tensor) -> tuple:
         """The additional arguments of the rows of ``examples``: their per-example tensors,
-        also those nested in tuples, lists and dicts, indexed by ``examples``."""
-        return select_examples(self.extra, self.n, examples)
+        also those nested in tuples, lists, mappings and dataclasses, indexed by
+        ``examples``."""
+        return self._extra_layout.select(examples)
 
     def resolve_target(self, logits: Tensor) -> Tensor:
         check_several_classes(
@@ -277,6 +312,7 @@ class Evaluator:
         )
         self._nan_named = warn_if_nan(logits, (x,))
         self.resolve_target(logits)
+        self._logits_shape = tuple(logits.shape[1:])
         return logits
 
     def __call__(self, rows: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
@@ -288,6 +324,9 @@ class Evaluator:
             takes_output_transform=False,
             check_nan=False,
         )
+        check_logits_like_clean(logits, self._logits_shape, self.n)
+        if self._logits_shape is None:
+            self._logits_shape = tuple(logits.shape[1:])
         if not self._nan_named:
             self._nan_named = warn_if_nan(logits, (rows,), examples)
         if self.targets is None:

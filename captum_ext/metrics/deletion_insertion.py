@@ -175,9 +175,13 @@ _PERTURBATION_ARGS = r"""
             :func:`insertion_curves`, which always return the curves. ``True`` still
             returns the named tuple, with a ``DeprecationWarning``. Default: False.
         additional_forward_args (Any, optional): passed to ``forward_func`` after the
-            images; tensors whose first dimension is N, also inside tuples, lists and dicts,
-            are indexed with the perturbed rows' examples, everything else is passed
-            unchanged.
+            images; tensors whose first dimension is N, also inside tuples, lists,
+            mappings and dataclasses, are indexed with the perturbed rows' examples,
+            everything else is passed unchanged. A tensor shared by all examples whose
+            first dimension happens to be N (a ``(C, D)`` class table with ``C == N``) is
+            indexed too; bind it in a closure instead
+            (``forward_func=lambda x, meta: model(x, meta, table)``). Logits whose
+            classes change with the rows so are refused (ValueError).
         blur_kernel_size (int, optional): odd size of the Gaussian kernel for
             ``baselines="blur"``. Default: 11 (as in RISE).
         blur_sigma (float, optional): its standard deviation in pixels. Default: 5.0.

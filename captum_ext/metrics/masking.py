@@ -64,7 +64,9 @@ def masking_score(
             Default: None, the class predicted on the unmasked input.
         score (str, optional): ``"probability"`` (default) or ``"correct"``.
         additional_forward_args (Any, optional): passed to ``forward_func`` after the
-            images.
+            images, one masked image per example in the examples' order, so tensors whose
+            first dimension is N (also inside tuples, lists, mappings and dataclasses) keep
+            their rows as given.
 
     Returns:
         Tensor: (N,) one score per example, on the inputs' device.

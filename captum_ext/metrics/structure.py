@@ -188,8 +188,12 @@ _STRUCTURE_ARGS = r"""
         batch_size (int, optional): masked images per forward pass. Default: None, as many
             as fit 32 MiB of inputs, at most 256. Results do not depend on it.
         additional_forward_args (Any, optional): passed to ``forward_func`` after the
-            images; tensors whose first dimension is N, also inside tuples, lists and dicts,
-            follow the masked rows' examples.
+            images; tensors whose first dimension is N, also inside tuples, lists,
+            mappings and dataclasses, follow the masked rows' examples. A tensor shared by
+            all examples whose first dimension happens to be N (a ``(C, D)`` class table
+            with ``C == N``) follows them too; bind it in a closure instead
+            (``forward_func=lambda x, meta: model(x, meta, table)``). Logits whose
+            classes change with the rows so are refused (ValueError).
         blur_kernel_size (int, optional): Gaussian kernel size for ``baselines="blur"``.
             Default: 11.
         blur_sigma (float, optional): its standard deviation. Default: 5.0.
