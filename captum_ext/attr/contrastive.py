@@ -737,6 +737,11 @@ class Contrastive(GradientAttribution):
                 expanded with the inputs inside NoiseTunnel, ``infidelity`` and
                 ``sensitivity_max``.
             additional_forward_args (Any, optional): extra arguments of the model.
+                Tensors whose first dimension is N, also nested in tuples, lists, mappings
+                and dataclasses, are repeated with the (example, class) rows; the wrapped
+                Captum method then expands only top-level tensors with its steps or
+                samples, so pass per-example tensors at the top level with
+                IntegratedGradients, NoiseTunnel and the like.
             batch_size (int, optional): with several classes per example, the (example,
                 class) pairs are stacked into a batch of N * C' rows and handed to the
                 wrapped method in calls of at most ``batch_size`` rows. Default: 64.

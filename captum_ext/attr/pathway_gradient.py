@@ -542,7 +542,10 @@ class PathwayGradient(GradientAttribution):
                 Captum's NoiseTunnel, ``infidelity`` or ``sensitivity_max`` it raises a
                 ``ValueError``). Default: False.
             additional_forward_args (Any, optional): extra arguments for forward_func,
-                after the inputs. Default: None.
+                after the inputs. With ``score="integrated"`` each pass of (example, step)
+                rows gets its examples' rows of every tensor whose first dimension is N,
+                also inside tuples, lists, mappings and dataclasses (a shared table with N
+                rows too: bind it in a closure); everything else unchanged. Default: None.
             n_steps (int, optional): points of the integral for ``score="integrated"``
                 (including both ends; the reference uses 11). Default: 11.
             internal_batch_size (int, optional): rows (example, step) per forward and

@@ -471,6 +471,10 @@ class VOICE:
                 in a row; P is left out of the variance wherever it appears.
                 Default: "all".
             additional_forward_args (Any, optional): extra arguments of the model.
+                With NoiseTunnel(Saliency), tensors whose first dimension is N, also
+                nested in tuples, lists, mappings and dataclasses, are repeated with the
+                noisy copies (a shared table with N rows too: bind it in a closure);
+                everything else unchanged.
             max_batch (int, optional): classes per batched backward. Default: 64, fewer
                 where one chunk would need more than about 1 GiB (its gradients and the
                 backward pass's working memory, estimated from the sizes of the module
