@@ -205,6 +205,17 @@ def _classifier_outputs(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
+def _warn_random_graphs(model: nn.Module) -> None:
+    """The methods' :class:`~captum_ext.attr.RandomMapsWarning` (once per model) for a model
+    left in train mode with dropout, DropBlock or stochastic depth active: each forward pass
+    drops other parts of the activations, so the energies (and gradients), and with them the
+    graphs' nodes and edges, differ from call to call. The model is read out in the mode it
+    is in (a train-mode batch norm, which draws nothing at random, is read as it normalises)."""
+    from captum_ext.attr._cam import warn_random_in_train_mode  # (attr is not needed before)
+
+    warn_random_in_train_mode("CircuitReadout", model, "graphs")
+
+
 def _stable_top(values: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries along the last dim; ties keep the lower index first."""
     return values.argsort(dim=-1, descending=True, stable=True)[..., :k]
@@ -325,7 +336,9 @@ class CircuitReadout:
 
     Args:
         model (nn.Module): the classifier, returning ``N x classes`` logits. It is run as it
-            is (call ``model.eval()`` first for deterministic graphs) and left unchanged.
+            is (call ``model.eval()`` first for deterministic graphs) and left unchanged;
+            in train mode with dropout or stochastic depth active, :meth:`readout` gives a
+            :class:`~captum_ext.attr.RandomMapsWarning` (once per model).
             A model whose output carries them in a ``logits`` field (Hugging Face's) is
             read out as ``captum_ext.data.LogitsOutput(model)``, which keeps its layer names.
         layers (list of str or nn.Module, optional): the stages, in forward order, each
@@ -627,6 +640,7 @@ class CircuitReadout:
               ``stages``.
         """
         self._check_stages()
+        _warn_random_graphs(self.model)
         n_stages = len(self.layers)
         # `top_k` as it is now, in the constructor's forms (an int assigned since applies to
         # every stage, as it does given to the constructor)

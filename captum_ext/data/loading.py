@@ -1353,9 +1353,15 @@ def default_cam_layer(model: nn.Module) -> str | None:
     ``torchvision.models``), or of any other model with numbered pre-norm transformer
     blocks; else None.
 
-    Transformer blocks of other models (Hugging Face's ViT, DeiT, BEiT, CLIP vision towers):
-    the last block's first norm (``...<last>.layernorm_before``, ``ln_1``, ``norm1`` or
-    ``layer_norm1``).
+    Transformer blocks of other models (Hugging Face's ViT, DeiT, BEiT, Swin, CLIP vision
+    towers): the last block's first norm (``...<last>.layernorm_before``, ``ln_1``, ``norm1``
+    or ``layer_norm1``), in the last run of numbered blocks (a Swin's last stage: the runs in
+    the order the modules are registered, or, for a model saved with ``torch.export``, in the
+    order they ran). Only blocks that hold attention count (a module named or classed
+    ``attn``, ``attention`` or ``qkv``, ``nn.MultiheadAttention``), or, without attention or
+    convolution, whose first norm is named ``ln_1``, ``layernorm_before`` or ``layer_norm1``:
+    the ``norm1`` of a convolutional block (timm's ResNetV2, PoolFormer) is not taken, and
+    such a model gets None.
 
     ResNet: ``"layer4"`` (the last residual stage); DenseNet: ``"features"`` (the last dense
     block and its batch norm); VGG: the last ReLU of ``features`` (before the final max-pool);
@@ -1387,20 +1393,81 @@ def default_cam_layer(model: nn.Module) -> str | None:
 #: the first norm of a pre-norm transformer block: torchvision, timm, Hugging Face (ViT,
 #: DeiT, BEiT: layernorm_before; CLIP, SigLIP: layer_norm1)
 _PRE_NORMS = ("ln_1", "norm1", "layernorm_before", "layer_norm1")
+#: the first norms that only transformer blocks use; ``norm1`` is also the first norm of
+#: convolutional blocks (timm's ResNetV2, PoolFormer, ConvNeXt-style blocks)
+_TRANSFORMER_ONLY_PRE_NORMS = ("ln_1", "layernorm_before", "layer_norm1")
+#: words in a module's name or class name that mark it as attention (``attn``, ``qkv``,
+#: ``self_attention``, ``MultiheadAttention``, Hugging Face's ``ViTAttention``)
+_ATTENTION_WORDS = ("attn", "attention", "qkv")
+#: words that mark a convolutional network's channel or spatial gate (CBAM's
+#: ``ChannelAttention``), which is called attention but mixes no tokens
+_GATE_WORDS = ("channel", "spatial")
 
 
 def _last_pre_norm(modules: Mapping[str, str]) -> str | None:
-    """``<blocks>.<last index>.<first norm>`` of the longest run of numbered transformer blocks
-    (a Hugging Face ``...ForImageClassification``, say), else None."""
-    blocks: dict[str, list[tuple[int, str]]] = {}
+    """``<blocks>.<last index>.<first norm>`` of the last run of numbered transformer blocks
+    (a Hugging Face ``...ForImageClassification``, say), else None.
+
+    A run is the numbered children of one module; the last is the one last in ``modules``
+    (registration order, the order in which a model's blocks usually run; an exported
+    model's modules are in the order they ran): a Swin's last stage, not its longest.
+    A block counts as a transformer block when it holds attention
+    (:func:`_holds_attention`), or, holding no convolution either, when its first norm has
+    a name only transformer blocks use (``ln_1``, ``layernorm_before``, ``layer_norm1``):
+    the first norm of a convolutional block (``norm1`` of a ResNetV2 or PoolFormer block)
+    is no transformer's."""
+    candidates: list[tuple[str, int, str]] = []  # (run, block index, norm), in module order
     for name in modules:
         parts = name.split(".")
         if len(parts) >= 3 and parts[-1] in _PRE_NORMS and parts[-2].isdigit():
-            blocks.setdefault(".".join(parts[:-2]), []).append((int(parts[-2]), name))
-    if not blocks:
+            candidates.append((".".join(parts[:-2]), int(parts[-2]), name))
+    if not candidates:
         return None
-    longest = max(blocks.values(), key=len)
-    return max(longest)[1]
+    contents = _block_contents(modules, {name.rsplit(".", 1)[0] for *_, name in candidates})
+    transformer = [
+        (run, index, name)
+        for run, index, name in candidates
+        if _is_transformer_block(contents[name.rsplit(".", 1)[0]], name.rsplit(".", 1)[1])
+    ]
+    if not transformer:
+        return None
+    last_run = transformer[-1][0]
+    return max((index, name) for run, index, name in transformer if run == last_run)[1]
+
+
+def _block_contents(
+    modules: Mapping[str, str], blocks: set[str]
+) -> dict[str, list[tuple[str, str]]]:
+    """``(name below the block, class name)`` of every module inside each of ``blocks``."""
+    contents: dict[str, list[tuple[str, str]]] = {block: [] for block in blocks}
+    for name, class_name in modules.items():
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            block = ".".join(parts[:depth])
+            if block in contents:
+                contents[block].append((".".join(parts[depth:]), class_name))
+    return contents
+
+
+def _is_transformer_block(contents: list[tuple[str, str]], first_norm: str) -> bool:
+    """Whether a block holding ``contents`` (see :func:`_block_contents`), whose first norm
+    is named ``first_norm``, is a transformer block (see :func:`_last_pre_norm`)."""
+    if _holds_attention(contents):
+        return True
+    holds_convolution = any("Conv" in class_name for _, class_name in contents)
+    return first_norm in _TRANSFORMER_ONLY_PRE_NORMS and not holds_convolution
+
+
+def _holds_attention(contents: list[tuple[str, str]]) -> bool:
+    """Whether a block's ``contents`` hold attention: an ``nn.MultiheadAttention``, or a
+    module whose name or class name says attention (``attn``, ``attention``, ``qkv``: timm's
+    ``attn.qkv``, Hugging Face's ``attention``, CLIP's ``self_attn``), other than a
+    convolutional network's channel or spatial gate."""
+    for name, class_name in contents:
+        for word in (name.rsplit(".", 1)[-1].lower(), class_name.lower()):
+            if any(w in word for w in _ATTENTION_WORDS) and not any(w in word for w in _GATE_WORDS):
+                return True
+    return False
 
 
 def _family_cam_layer(name: str, types: Mapping[str, str]) -> str | None:
