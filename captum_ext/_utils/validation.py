@@ -178,13 +178,14 @@ def _plan(value: Any, n: int, seen: dict[int, Any]) -> Any:
         return None
     if id(value) in seen:
         return seen[id(value)]
+    if isinstance(value, torch.nn.Module):  # a model's weights are no example's rows
+        return None
     if isinstance(value, tuple | list):
         kind, places = _ITEMS, (enumerate(value) if not _holds_no_tensor(value) else ())
     elif isinstance(value, Mapping):
         kind, places = _ENTRIES, (value.items() if not _holds_no_tensor(value.values()) else ())
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        kind = _FIELDS
-        places = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        kind, places = _FIELDS, _set_fields(value)
     else:
         return None
     seen[id(value)] = None  # while walking it: a cycle back to it is left as it is
@@ -197,6 +198,16 @@ def _plan(value: Any, n: int, seen: dict[int, Any]) -> Any:
     plan = (kind, children) if children else None
     seen[id(value)] = plan
     return plan
+
+
+_UNSET = object()
+
+
+def _set_fields(value: Any) -> list[tuple[str, Any]]:
+    """The ``(name, value)`` of the fields of dataclass instance ``value`` that are set: a
+    ``field(init=False)`` filled later (a lazy cache) may not be yet."""
+    fields = ((f.name, getattr(value, f.name, _UNSET)) for f in dataclasses.fields(value))
+    return [(name, item) for name, item in fields if item is not _UNSET]
 
 
 def _item(container: Any, kind: str, place: Any) -> Any:
@@ -234,16 +245,54 @@ def _rebuilt_entries(value: Mapping, changes: dict[Any, Any]) -> Any:
         for key, new in changes.items():
             rebuilt[key] = new
         return rebuilt
-    return type(value)({**value, **changes})  # another read-only mapping, from its items
+    rebuilt = type(value)({**value, **changes})  # another read-only mapping, from its items
+    _check_rebuilt_mapping(value, rebuilt, changes)
+    return rebuilt
+
+
+def _check_rebuilt_mapping(value: Mapping, rebuilt: Any, changes: dict[Any, Any]) -> None:
+    """Raise ``TypeError`` unless ``rebuilt`` is a mapping with the keys of ``value`` and the
+    changed values in place (a mapping whose constructor takes no dict, or that builds its
+    values on access, is not rebuilt by ``type(value)(items)``)."""
+    if not isinstance(rebuilt, Mapping) or set(rebuilt.keys()) != set(value.keys()):
+        raise TypeError(f"{type(value).__name__}(dict) did not rebuild it")
+    if any(rebuilt[key] is not new for key, new in changes.items()):
+        raise TypeError(f"{type(value).__name__}(dict) did not keep the new values")
 
 
 def _rebuilt_fields(value: Any, changes: dict[str, Any]) -> Any:
+    """A shallow copy of dataclass instance ``value`` with the ``changes`` set: frozen and
+    slots classes too, attributes set after construction kept, ``__post_init__`` not run
+    again. ``dataclasses.replace`` only where the instance cannot be copied."""
+    try:
+        rebuilt = copy.copy(value)
+    except Exception:  # noqa: BLE001 - a class of the user's that refuses copying
+        rebuilt = value
+    if rebuilt is value:
+        return _replaced_fields(value, changes)
+    for name, new in changes.items():
+        object.__setattr__(rebuilt, name, new)
+    return rebuilt
+
+
+def _replaced_fields(value: Any, changes: dict[str, Any]) -> Any:
     init = {f.name for f in dataclasses.fields(value) if f.init}
     rebuilt = dataclasses.replace(value, **{k: v for k, v in changes.items() if k in init})
     for name, new in changes.items():
         if name not in init:  # a field set by __post_init__ (frozen classes too)
             object.__setattr__(rebuilt, name, new)
     return rebuilt
+
+
+def _plain_container(value: Any, kind: str, changes: dict[Any, Any]) -> Any:
+    """``value`` with ``changes`` as a plain ``tuple``, ``list`` or ``dict`` (its class lost),
+    for a container that cannot be rebuilt with its own type; ``None`` for a dataclass."""
+    if kind == _ITEMS:
+        items = [changes.get(i, item) for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if kind == _ENTRIES:
+        return {**value, **changes}
+    return None
 
 
 _REBUILDERS = {_ITEMS: _rebuilt_items, _ENTRIES: _rebuilt_entries, _FIELDS: _rebuilt_fields}
@@ -271,10 +320,16 @@ class PerExampleLayout:
     object. A container that changes is rebuilt with its type: a list or mutable mapping as
     a shallow copy (its class, attributes, order and ``defaultdict`` factory kept) with the
     changed items assigned, a named tuple by ``_replace``, another tuple subclass from its
-    items, a ``MappingProxyType`` as a view of a new dict, a dataclass by
-    ``dataclasses.replace`` (frozen ones too). One that cannot be rebuilt so (a tuple
-    subclass with a constructor of its own) is passed unchanged, with a warning: its
-    per-example tensors do not follow the examples.
+    items, a ``MappingProxyType`` as a view of a new dict, another read-only mapping from a
+    dict of its items (kept only where that gives the same keys with the new values), a
+    dataclass as a shallow copy with the changed fields set (frozen and slots ones too;
+    attributes set after construction kept, ``__post_init__`` not run again). One that
+    cannot be rebuilt so (a tuple subclass with a constructor of its own, a mapping whose
+    constructor takes no dict) is passed as a plain ``tuple``, ``list`` or ``dict``, with a
+    warning: its rows follow the examples, its class is lost. A dataclass that can be
+    neither copied nor rebuilt by ``dataclasses.replace`` is refused (``ValueError``).
+    An ``nn.Module`` is never walked: its weights are no example's rows (a dataclass
+    module too).
 
     Args:
         value (Any): ``additional_forward_args`` (or any argument read the same way).
@@ -314,23 +369,38 @@ class PerExampleLayout:
         if changes:
             try:
                 rebuilt = _REBUILDERS[kind](value, changes)
-            except Exception:  # noqa: BLE001 - a class of the user's: left as it is
-                self._warn_not_rebuilt(value)
+            except Exception as error:  # noqa: BLE001 - a class of the user's
+                rebuilt = self._rebuilt_plain(value, kind, changes, error)
         done[id(value)] = rebuilt
         return rebuilt
 
-    def _warn_not_rebuilt(self, value: Any) -> None:
-        if type(value) in self._warned:
-            return
-        self._warned.add(type(value))
-        warnings.warn(
-            f"A {type(value).__name__} holding tensors with the examples first (N={self.n}) "
-            "could not be rebuilt with its own type, so it is passed unchanged: its rows do "
-            "not follow the examples selected or repeated. Pass them in a tuple, list, dict, "
-            "named tuple or dataclass.",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
+    def _rebuilt_plain(self, value: Any, kind: str, changes: dict, error: Exception) -> Any:
+        """``value`` with ``changes`` as a plain container, with a warning (once per class),
+        where its own type cannot be rebuilt: its per-example tensors are never passed with
+        all N rows to a call on other rows. A dataclass that can be neither copied nor
+        rebuilt by ``dataclasses.replace`` is refused."""
+        name = type(value).__name__
+        plain = _plain_container(value, kind, changes)
+        if plain is None:
+            raise ValueError(
+                f"`additional_forward_args` holds a {name} with tensors whose first dimension "
+                f"is the N={self.n} examples, but it can be neither copied nor rebuilt by "
+                f"dataclasses.replace ({type(error).__name__}: {error}), so its rows cannot "
+                "follow the examples. Pass those tensors in a tuple, list, dict or another "
+                "dataclass."
+            ) from error
+        if type(value) not in self._warned:
+            self._warned.add(type(value))
+            warnings.warn(
+                f"A {name} in `additional_forward_args` holding tensors with the examples "
+                f"first (N={self.n}) could not be rebuilt with its own type, so it is passed "
+                f"as a plain {type(plain).__name__} (its class and attributes are lost) "
+                "whose rows follow the examples. Pass them in a tuple, list, dict, named "
+                "tuple or dataclass to keep the type.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return plain
 
     def select(self, examples: Tensor | slice) -> Any:
         """``value`` with the rows ``examples`` (an index tensor or a slice) of each
@@ -389,7 +459,9 @@ def map_per_example(value: Any, n: int, function: Callable[[Tensor], Any]) -> An
     were per-example. Keep such a table out of the additional arguments: bind it in a
     closure or a module attribute, ``forward_func=lambda x, meta: model(x, meta, table)``.
     The perturbation metrics refuse the logits whose classes then change with the rows
-    (:func:`captum_ext.metrics._perturbation.check_logits_like_clean`).
+    (:func:`captum_ext.metrics._perturbation.check_logits_like_clean`), where a chunk's
+    row count differs from ``n``; a chunk of exactly ``n`` rows keeps the shape and is
+    not refused.
 
     Args:
         value (Any): ``additional_forward_args`` (or any argument read the same way).

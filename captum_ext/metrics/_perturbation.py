@@ -238,7 +238,13 @@ def chunk_rows(batch_size: int | None, x: Tensor) -> int:
     return max(1, min(_AUTO_CHUNK_ROWS, _AUTO_CHUNK_BYTES // per_row))
 
 
-def check_logits_like_clean(logits: Tensor, clean_shape: Sequence[int] | None, n: int) -> None:
+def check_logits_like_clean(
+    logits: Tensor,
+    clean_shape: Sequence[int] | None,
+    n: int,
+    *,
+    per_example_extras: bool = True,
+) -> None:
     """Refuse the logits of a chunk of perturbed rows whose shape past the rows differs from
     ``clean_shape``, the shape past the rows of the clean images' logits (``None``: nothing
     to compare with yet).
@@ -249,13 +255,25 @@ def check_logits_like_clean(logits: Tensor, clean_shape: Sequence[int] | None, n
     whose first dimension happens to equal ``n`` (a ``(C, D)`` prototype or class table with
     ``C == n``) is indexed with them, and a model that scores against it returns another
     number of classes for a chunk than for the clean batch: scores of other classes, read
-    without an error. Such a chunk is refused here, naming ``additional_forward_args``.
+    without an error. Such a chunk is refused here, naming ``additional_forward_args``
+    where it holds per-example tensors (``per_example_extras``); without them, the model's
+    number of classes depends on the batch it is given (it scores each image against the
+    others of its batch, say), which these metrics cannot read either.
 
     Raises:
         ValueError: ``logits.shape[1:]`` is not ``clean_shape``.
     """
     if clean_shape is None or tuple(logits.shape[1:]) == tuple(clean_shape):
         return
+    if not per_example_extras:
+        raise ValueError(
+            f"forward_func returned logits of shape {tuple(logits.shape)} for "
+            f"{logits.shape[0]} perturbed rows, but {tuple(clean_shape)} per example for the "
+            f"clean batch of N={n} images: the model's number of classes depends on the batch "
+            "it is given. These metrics run the perturbed images in chunks of another size "
+            "and need logits with one row per example and a fixed number of classes, the "
+            "same whatever the other images of the batch."
+        )
     raise ValueError(
         f"forward_func returned logits of shape {tuple(logits.shape)} for {logits.shape[0]} "
         f"perturbed rows, but {tuple(clean_shape)} per example for the clean images: the "
@@ -324,7 +342,12 @@ class Evaluator:
             takes_output_transform=False,
             check_nan=False,
         )
-        check_logits_like_clean(logits, self._logits_shape, self.n)
+        check_logits_like_clean(
+            logits,
+            self._logits_shape,
+            self.n,
+            per_example_extras=self._extra_layout.has_per_example_tensors,
+        )
         if self._logits_shape is None:
             self._logits_shape = tuple(logits.shape[1:])
         if not self._nan_named:

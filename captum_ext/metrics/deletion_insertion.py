@@ -179,9 +179,10 @@ _PERTURBATION_ARGS = r"""
             mappings and dataclasses, are indexed with the perturbed rows' examples,
             everything else is passed unchanged. A tensor shared by all examples whose
             first dimension happens to be N (a ``(C, D)`` class table with ``C == N``) is
-            indexed too; bind it in a closure instead
-            (``forward_func=lambda x, meta: model(x, meta, table)``). Logits whose
-            classes change with the rows so are refused (ValueError).
+            indexed too: refused (ValueError) where a chunk's row count differs from N (the
+            classes then change with the rows), but a chunk of exactly N rows keeps the
+            shape and is scored silently against the table's re-indexed rows. Bind such a
+            table in a closure (``forward_func=lambda x, meta: model(x, meta, table)``).
         blur_kernel_size (int, optional): odd size of the Gaussian kernel for
             ``baselines="blur"``. Default: 11 (as in RISE).
         blur_sigma (float, optional): its standard deviation in pixels. Default: 5.0.

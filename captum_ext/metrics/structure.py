@@ -191,9 +191,11 @@ _STRUCTURE_ARGS = r"""
             images; tensors whose first dimension is N, also inside tuples, lists,
             mappings and dataclasses, follow the masked rows' examples. A tensor shared by
             all examples whose first dimension happens to be N (a ``(C, D)`` class table
-            with ``C == N``) follows them too; bind it in a closure instead
-            (``forward_func=lambda x, meta: model(x, meta, table)``). Logits whose
-            classes change with the rows so are refused (ValueError).
+            with ``C == N``) follows them too: refused (ValueError) where a chunk's row
+            count differs from N (the classes then change with the rows), but a chunk of
+            exactly N rows keeps the shape and is scored silently against the table's
+            re-indexed rows. Bind such a table in a closure
+            (``forward_func=lambda x, meta: model(x, meta, table)``).
         blur_kernel_size (int, optional): Gaussian kernel size for ``baselines="blur"``.
             Default: 11.
         blur_sigma (float, optional): its standard deviation. Default: 5.0.
