@@ -280,3 +280,53 @@ def test_wrapped_torchvision_resnet_gets_the_inline_models_stages():
         wrapped = CircuitReadout(Wrapped().eval())
     assert wrapped.layers == tuple(f"backbone.{name}" for name in inline.layers)
     assert len(inline.layers) > 1
+
+
+class _ConvStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x):
+        return self.act2(self.conv2(self.act1(self.conv1(x))))
+
+
+class _PooledHead(nn.Module):
+    """A backbone returning its feature map, pooling outside it, then a head: a Linear or
+    the same weights as a 1 x 1 convolution."""
+
+    def __init__(self, conv_head: bool) -> None:
+        super().__init__()
+        self.backbone = _ConvStack()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Conv2d(16, 5, 1) if conv_head else nn.Linear(16, 5)
+        self.conv_head = conv_head
+
+    def forward(self, x):
+        pooled = self.pool(self.backbone(x))
+        return self.head(pooled).flatten(1) if self.conv_head else self.head(pooled.flatten(1))
+
+
+def test_a_1x1_convolution_head_outside_the_backbone_gets_the_linear_heads_stages():
+    """The 1 x 1 convolution head is the classifier, not a convolution the backbone lacks:
+    the stages inside the backbone are found as with a Linear head (it was one stage,
+    ['backbone'], silently)."""
+    torch.manual_seed(0)
+    linear = _PooledHead(conv_head=False).eval()
+    conv = _PooledHead(conv_head=True).eval()
+    conv.backbone.load_state_dict(linear.backbone.state_dict())
+    with torch.no_grad():
+        conv.head.weight.copy_(linear.head.weight.view(5, 16, 1, 1))
+        conv.head.bias.copy_(linear.head.bias)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(conv(x), linear(x))
+    expected = CircuitReadout(linear).readout(x)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = CircuitReadout(conv, classifier="head").readout(x)[0]
+    assert graph.graph["stages"] == expected.graph["stages"]
+    assert "backbone.act1" in graph.graph["stages"]
+    assert set(graph.nodes) == set(expected.nodes) and set(graph.edges) == set(expected.edges)

@@ -508,16 +508,24 @@ def _stages_inside(
     called: set[str] | None,
 ) -> list[str]:
     """The stages found inside the module ``name``, the only stage found, when it holds
-    every convolution of the model: a backbone built without a classifier (timm's
-    ``num_classes=0``, which returns the pooled features) with a separate head, whose
+    every convolution of the model but the classifier (a 1 x 1 convolution head): a
+    backbone built without a classifier (timm's ``num_classes=0``, which returns the pooled
+    features) with a separate head, whose
     single stage would be the pooled vector. Found by the rules of :func:`default_stages`
     applied to its units, so that it gives the stages the same network with the head inline
     gives (prefixed with ``name``); a single block stage inside is opened in turn. When they
     do not connect as the readout resolves connections, ``[name]`` with a ``UserWarning``
     naming the first connection that fails and why (as :func:`_blocks_of` does)."""
     module = model.get_submodule(name)
-    convolutions = sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    if sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()) != convolutions:
+    try:  # a 1 x 1 convolution head is the classifier, not a convolution of the backbone
+        head = model.get_submodule(classifier) if classifier else None
+    except AttributeError:
+        head = None
+
+    def convolutions(root: nn.Module) -> int:
+        return sum(isinstance(m, nn.modules.conv._ConvNd) and m is not head for m in root.modules())
+
+    if convolutions(module) != convolutions(model):
         return [name]
     inner = _stages_of_units(model, graph, _units(module, f"{name}.", called, classifier))
     if not inner:

@@ -763,7 +763,8 @@ def _torchvision_classifier_builder(factory: Any) -> bool:
 class RandomWeightsWarning(UserWarning):
     """:func:`load_model` built a ``torchvision.models`` builder without ``weights``: the
     model has the random weights torchvision initialises it with, and what is explained is
-    an untrained network."""
+    an untrained network. Where that is meant (a randomised baseline), silence it with
+    ``warnings.filterwarnings("ignore", category=captum_ext.data.RandomWeightsWarning)``."""
 
 
 def _builds_random_weights(factory: Any) -> bool:

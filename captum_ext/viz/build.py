@@ -770,7 +770,7 @@ def _loaded_with_weights_warning(
     load_model: Callable[..., Any], spec: str, weights: str | None, device: Any, flags: Any
 ) -> tuple[Any, str | None]:
     """``load_model(spec, weights, device)`` and the text of its
-    :class:`~captum_ext.data.loading.RandomWeightsWarning` (a ``torchvision.models`` builder
+    :class:`~captum_ext.data.RandomWeightsWarning` (a ``torchvision.models`` builder
     given no ``--weights``), or None: the warning is shown on stderr as every other (it is
     re-issued) and its text goes on the page."""
     from captum_ext.data.loading import RandomWeightsWarning

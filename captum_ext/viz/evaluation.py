@@ -97,7 +97,7 @@ class EvaluationScores:
             than the usual one for this model, and why (e.g. LayerIBA unsmoothed on maps too
             small for its smoothing).
         empty (dict): method -> how many of its maps of the images are empty (every value
-            0, :func:`~captum_ext.viz.report.empty_maps`). Those images are left out of the
+            0, ``empty_maps``). Those images are left out of the
             method's scores (a metric would score the raster order of the pixels, a sanity
             check constants); a method whose every map is empty scores ``nan`` (n/a).
     """

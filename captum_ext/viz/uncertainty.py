@@ -555,7 +555,7 @@ _QUESTIONS = {
 }
 _COLOURS = {"gradcam": "tab:red", "contrast": "tab:blue", "counterfactual": "tab:green"}
 _METRICS = ("deletion", "insertion")
-#: an AUC of an empty map (:func:`~captum_ext.viz.report.empty_maps`) in the tables
+#: an AUC of an empty map (``empty_maps``) in the tables
 _EMPTY_CELL = "n/a (empty)"
 
 
@@ -784,7 +784,7 @@ class ExplanationMetricsData:
         layer_name (str): the layer explained ("" when unknown).
         image_size (tuple[int, int]): ``(H, W)`` of the inputs.
         empty (dict[str, numpy.ndarray]): method -> ``N`` bools, True where the method's map
-            of the image is empty (every value 0, :func:`~captum_ext.viz.report.empty_maps`):
+            of the image is empty (every value 0, ``empty_maps``):
             it ranks no pixel above another, so its AUCs (kept in ``auc``, those of deleting
             the pixels in raster order) score no explanation; :attr:`mean_auc` and
             :attr:`best_counts` leave them out. Default: none empty.
