@@ -643,7 +643,7 @@ def test_errors_name_the_argument_or_layer():
     with pytest.raises(ValueError, match="`layers`.*features.9"):
         CircuitReadout(model, layers=["features.1", "features.9"])
     with pytest.raises(TypeError, match="`layers`"):
-        CircuitReadout(model, layers="features.1")
+        CircuitReadout(model, layers=3)
     with pytest.raises(ValueError, match="`layers` is empty"):
         CircuitReadout(model, layers=[])
     with pytest.raises(TypeError, match="`classifier`"):

@@ -34,6 +34,7 @@ from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_
 from .._utils.optional import import_optional
 from .._utils.precision import at_least_float32, precise_dtype
 from .._utils.seeding import content_keys
+from .._utils.summaries import compact_repr
 from .._utils.training import (
     atomic_path,
     load_fitting_state,
@@ -216,6 +217,11 @@ class ActivationMatchingResult:
     fits: Tensor | None = None
     pruned: Tensor | None = None
     start: Tensor | None = None
+
+    def __repr__(self) -> str:
+        # the shapes and dtypes, not the values: a batch's maps printed in full are
+        # hundreds of lines
+        return compact_repr(self)
 
 
 #: why a model with several inputs is refused, and what works instead (in the errors)

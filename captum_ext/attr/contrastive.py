@@ -748,6 +748,8 @@ class Contrastive(GradientAttribution):
                 (Formerly ``max_batch``, which still works with a DeprecationWarning.)
             **kwargs: any other argument of the wrapped method's ``attribute`` (baselines,
                 n_steps, nt_type, ...). Per-example tensors are expanded with the rows.
+                ``target`` is refused unless None (the class is ``contrast``: the wrapped
+                method's target is set to it).
                 Checked before the call: ``n_steps``, ``n_samples``, ``nt_samples`` and
                 ``perturbations_per_eval`` must be positive ints, ``internal_batch_size`` and
                 ``nt_samples_batch_size`` None or positive ints, ``stdevs`` finite and
@@ -764,10 +766,12 @@ class Contrastive(GradientAttribution):
             What the wrapped method returns for ``target=Q``; with several classes per
             example each tensor gets a class dimension after the batch: (N, C', ...).
         """
-        if "target" in kwargs:
+        # target=None, the default of the other methods, passes (as with ContrastCAM): code
+        # that calls every explainer with target=None runs Contrastive too
+        if kwargs.pop("target", None) is not None:
             raise TypeError(
                 "Contrastive takes the contrast class as `contrast`, not `target` (the wrapped "
-                "method's target is set to it)."
+                "method's target is set to it); only target=None is accepted."
             )
         if batch_size is not None:
             batch_size = check_int(batch_size, "batch_size")

@@ -25,6 +25,7 @@ from .._utils.hooks import call_hook, counted_output_bytes, registered_hooks
 from .._utils.layers import is_exported, resolve_layer, root_module, user_model
 from .._utils.model_state import gradients_on, leaves_inference_mode, preserved_state
 from .._utils.precision import precise, precise_dtype
+from .._utils.summaries import compact_repr, names_summary
 from .._utils.validation import (
     check_flag,
     check_int,
@@ -69,38 +70,12 @@ class PathwayGradientResult:
     def __repr__(self) -> str:
         # the shapes and dtypes, not the values: a ResNet-50's masks and scores of one image
         # printed in full are hundreds of kilobytes
-        return (
-            f"{type(self).__name__}(attributions={_tensors_summary(self.attributions)}, "
-            f"masks={_sites_summary(self.masks)}, scores={_sites_summary(self.scores)}, "
-            f"threshold={_tensors_summary(self.threshold)}, "
-            f"target={_tensors_summary(self.target)}, sites={_sites_summary(self.sites)})"
+        return compact_repr(
+            self,
+            masks=names_summary(self.masks, "site"),
+            scores=names_summary(self.scores, "site"),
+            sites=names_summary(self.sites, "site"),
         )
-
-
-def _tensors_summary(value: Any) -> str:
-    """``Tensor(shape=..., dtype=...)`` of a tensor, a tuple of them in parentheses."""
-    if isinstance(value, Tensor):
-        dtype = str(value.dtype).removeprefix("torch.")
-        device = "" if value.device.type == "cpu" else f", device={value.device}"
-        return f"Tensor(shape={tuple(value.shape)}, dtype={dtype}{device})"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(_tensors_summary(v) for v in value) + ")"
-    return type(value).__name__
-
-
-def _sites_summary(per_site: Any, tensors: bool = True) -> str:
-    """``<K sites: ...>``: how many sites, the first two and the last (with their tensors'
-    shapes and dtypes for a dict of per-site tensors)."""
-    if isinstance(per_site, dict):
-        items = [f"{name!r}: {_tensors_summary(value)}" for name, value in per_site.items()]
-    elif isinstance(per_site, tuple | list):
-        items = [repr(name) for name in per_site]
-    else:
-        return type(per_site).__name__
-    if len(items) > 3:
-        items = [*items[:2], "...", items[-1]]
-    count = len(per_site)
-    return f"<{count} site{'' if count == 1 else 's'}: " + ", ".join(items) + ">"
 
 
 def percentile_threshold(values: Tensor | Sequence[Tensor], q: float) -> Tensor:

@@ -26,6 +26,7 @@ from .._utils.maps import minmax_normalize, upsample_maps
 from .._utils.model_state import leaves_inference_mode, preserved_state
 from .._utils.precision import float64_here_or_cpu
 from .._utils.seeding import as_generator, content_keys, example_normal, seed_from
+from .._utils.summaries import compact_repr
 from .._utils.validation import (
     check_int,
     check_number,
@@ -79,6 +80,11 @@ class VOICEResult:
     target: Tensor
     contrast_class: Tensor
     n_contrasts: Tensor
+
+    def __repr__(self) -> str:
+        # the shapes and dtypes, not the values: a batch's maps printed in full are
+        # hundreds of lines
+        return compact_repr(self)
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -469,6 +475,7 @@ class VOICE:
                 classes other than P), or classes given as a list / 1-D tensor (for every
                 example) or a 2-D tensor (one row per example), each class at most once
                 in a row; P is left out of the variance wherever it appears.
+                None: the default, ``"all"``.
                 Default: "all".
             additional_forward_args (Any, optional): extra arguments of the model.
                 With NoiseTunnel(Saliency), tensors whose first dimension is N, also
@@ -743,6 +750,8 @@ class VOICE:
     @staticmethod
     def _contrast_set(contrasts: Any, order: Tensor, n: int, num_classes: int) -> Tensor:
         device = order.device
+        if contrasts is None:  # None: the default, every class but P
+            contrasts = "all"
         if isinstance(contrasts, str):
             if contrasts != "all":
                 raise ValueError(f"`contrasts`={contrasts!r}: expected 'all', an int or classes.")

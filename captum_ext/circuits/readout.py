@@ -341,8 +341,9 @@ class CircuitReadout:
             :class:`~captum_ext.attr.RandomMapsWarning` (once per model).
             A model whose output carries them in a ``logits`` field (Hugging Face's) is
             read out as ``captum_ext.data.LogitsOutput(model)``, which keeps its layer names.
-        layers (list of str or nn.Module, optional): the stages, in forward order, each
-            returning ``N x C x ...`` (or ``N x C``). Default: discovered as described above.
+        layers (str, nn.Module or list of them, optional): the stages, in forward order, each
+            returning ``N x C x ...`` (or ``N x C``); a lone name or module is one stage.
+            Default: discovered as described above.
         top_k (int or sequence of int, optional): nodes kept per stage. An int applies to
             every stage and the pooled features; a sequence gives one value per stage plus one
             for the pooled features. Default: 24 per stage, 32 for the last stage, 48 for the
@@ -445,10 +446,12 @@ class CircuitReadout:
                     raise
                 raise refusal from error
         else:
-            if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Sequence):
+            if isinstance(layers, str | nn.Module):  # a lone stage, as PathwayGradient takes
+                layers = [layers]
+            if not isinstance(layers, Sequence):
                 raise TypeError(
-                    "`layers` must be a list of module names or modules (one per stage), got "
-                    f"{type(layers).__name__}."
+                    "`layers` must be a module name or module, or a list of them (one per "
+                    f"stage), got {type(layers).__name__}."
                 )
             if not layers:
                 raise ValueError("`layers` is empty; give at least one stage.")

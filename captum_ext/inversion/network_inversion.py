@@ -3,6 +3,7 @@ r"""NetworkInversion: train a conditioned generator against a frozen classifier.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import warnings
@@ -138,6 +139,26 @@ def _float32_master(generator: nn.Module, model: nn.Module) -> bool:
     return True
 
 
+def _refuse_random_source_as_network(init: Callable) -> Callable:
+    """Refuse a random source (``torch.Generator`` or int) given as ``generator``, the old
+    name of ``generator_net``: ``generator`` elsewhere (``sample``, Captum) is the random
+    source, and the renamed network argument would reject it naming only ``generator_net``.
+    Applied outside :func:`renamed_arguments`, which would rename it first."""
+
+    @functools.wraps(init)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        old_value = kwargs.get("generator")
+        if isinstance(old_value, torch.Generator) or is_integer(old_value):
+            raise TypeError(
+                "NetworkInversion(): `generator` here is the old name of `generator_net`, the "
+                "generator network to train (a ConditionedGenerator), not a random source; "
+                f"got {type(old_value).__name__}. Pass `seed=<int>` for the randomness."
+            )
+        return init(*args, **kwargs)
+
+    return wrapper
+
+
 def _phase_weights(preset: str, weights: Mapping[str, float] | None) -> list[dict[str, float]]:
     phases = [dict(phase["weights"]) for phase in PRESETS[preset]["phases"]]
     if weights is None:
@@ -265,6 +286,7 @@ class NetworkInversion:
         torch.Size([10, 1, 28, 28])
     """
 
+    @_refuse_random_source_as_network
     @renamed_arguments(classifier="model", generator="generator_net", normalize="preprocess")
     @leaves_inference_mode  # a generator built in inference mode could not be trained
     def __init__(
@@ -304,12 +326,11 @@ class NetworkInversion:
             or not all(is_real(b) and 0 <= b < 1 for b in betas)
         ):
             raise ValueError(f"`betas` must be two floats in [0, 1), got {betas!r}.")
-        if not is_integer(seed) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
+        seed = check_int(seed, "seed", minimum=0)
         if not is_real(eps) or eps < 0:
             raise ValueError(f"`eps` must be a non-negative float, got {eps!r}.")
         # plain Python numbers from here on (numpy scalars pass the checks above)
-        lr, betas, seed = float(lr), (float(betas[0]), float(betas[1])), int(seed)
+        lr, betas = float(lr), (float(betas[0]), float(betas[1]))
         self.batch_size = check_int(batch_size, "batch_size", minimum=2)
         self.preset = preset
         self.seed = seed
