@@ -17,11 +17,13 @@ positive class unless said otherwise.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from captum_ext._utils.caller import user_stacklevel
 from captum_ext._utils.precision import array_like_tensor
 from captum_ext._utils.validation import check_number
 
@@ -127,6 +129,17 @@ def _percentiles(percentiles: Any) -> Tensor:
     tensor = _vector(percentiles, "percentiles", dtype=torch.float64)
     if not bool(((tensor >= 0) & (tensor < 100)).all()):
         raise ValueError("`percentiles` must lie in [0, 100).")
+    if tensor.numel() and bool(((tensor > 0) & (tensor <= 1)).all()):
+        # road, completeness and soundness take fractions: (0.1, 0.5, 0.9) here keeps
+        # 99.9 %, 99.5 % and 99.1 % of the examples, not 90 %, 50 % and 10 %
+        shown = ", ".join(f"{float(t):g}" for t in tensor[:5])
+        warnings.warn(
+            f"`percentiles` ({shown}{', ...' if tensor.numel() > 5 else ''}) all lie in "
+            "(0, 1]: they are percentiles in [0, 100), not fractions, so 0.1 means 0.1 %, "
+            "not 10 % (it keeps 99.9 % of the examples); multiply fractions by 100.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
     return tensor
 
 
@@ -185,7 +198,9 @@ def accuracy_retention_curve(
         predictions (Tensor or array-like, optional): (N,) predicted classes, for macro F1.
         labels (Tensor or array-like, optional): (N,) true classes, for macro F1; when both
             are given, ``correct`` must equal ``predictions == labels``.
-        percentiles (Tensor or array-like, optional): the t values, in [0, 100).
+        percentiles (Tensor or array-like, optional): the t values, in [0, 100) (percent,
+            not fractions: 10 keeps the top 90 %; values that all lie in (0, 1] are warned
+            about, as 0.1 keeps the top 99.9 %). Default: 0, 1, ..., 99.
 
     Returns:
         RetentionCurve: ``percentiles``, ``kept``, ``accuracy`` and ``macro_f1`` (None when
@@ -263,7 +278,8 @@ def auac(scores: Any, correct: Any, *, percentiles: Any = None) -> float:
     Args:
         scores (Tensor or array-like): (N,) finite trust scores, higher = more trusted.
         correct (Tensor or array-like): (N,) booleans, True = correct prediction.
-        percentiles (Tensor or array-like, optional): the t values (default 0..99).
+        percentiles (Tensor or array-like, optional): the t values, percentiles in
+            [0, 100), not fractions (see :func:`accuracy_retention_curve`). Default: 0..99.
 
     Returns:
         float: AUAC in [0, 100].
@@ -301,7 +317,8 @@ def aufc(scores: Any, predictions: Any, labels: Any, *, percentiles: Any = None)
         scores (Tensor or array-like): (N,) finite trust scores, higher = more trusted.
         predictions (Tensor or array-like): (N,) predicted classes.
         labels (Tensor or array-like): (N,) true classes.
-        percentiles (Tensor or array-like, optional): the t values (default 0..99).
+        percentiles (Tensor or array-like, optional): the t values, percentiles in
+            [0, 100), not fractions (see :func:`accuracy_retention_curve`). Default: 0..99.
 
     Returns:
         float: AUFC in [0, 100].

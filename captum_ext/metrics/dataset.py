@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -481,16 +482,28 @@ def _merged(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def _predict(
-    model: nn.Module, inputs: tuple[Tensor, ...], label: Tensor, additional_forward_args: Any
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    label: Tensor,
+    additional_forward_args: Any,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
-    """The model's classes for ``inputs`` (and the batch's ``additional_forward_args``, as
-    the scores get them); the batch's labels are checked against its number of classes C
-    (``-1``, no label, is the one value allowed outside ``0 .. C-1``: another one made every
-    such example count as wrong without a word)."""
+    """The model's classes for ``inputs`` (and the batch's ``additional_forward_args``, with
+    the model's output read by ``output_transform``, as the scores get them); the batch's
+    labels are checked against its number of classes C (``-1``, no label, is the one value
+    allowed outside ``0 .. C-1``: another one made every such example count as wrong
+    without a word)."""
     logits = call_model(model, inputs, _as_tuple(additional_forward_args))
+    if output_transform is not None:
+        logits = output_transform(logits)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"the model must return (N, C) logits, got {got}.")
+        if output_transform is not None:
+            raise ValueError(f"`output_transform` must return (N, C) logits, got {got}.")
+        raise ValueError(
+            f"the model must return (N, C) logits, got {got}; pass "
+            "score_dataset(..., output_transform=...) to map its output to them."
+        )
     classes = logits.shape[1]
     wrong = label[(label != -1) & ((label < 0) | (label >= classes))]
     if wrong.numel():
@@ -556,36 +569,62 @@ def _same_arguments(a: Any, b: Any) -> bool:
         return False
 
 
-def _prediction_forward_args(
-    additional_forward_args: Any, options: dict[str, dict[str, Any]], names: list[str]
+#: how the error messages of :func:`_prediction_option` name what an option gives the
+#: ``prediction`` column
+_PREDICTION_OPTIONS = {
+    "additional_forward_args": "the one set the model runs with",
+    "output_transform": "the one reading of the model's output as logits",
+}
+
+
+def _takes(name: str, keyword: str) -> bool:
+    """Whether the score ``name`` of :data:`TRUST_SCORES` takes ``keyword``."""
+    try:
+        parameters = inspect.signature(TRUST_SCORES[name]).parameters
+    except (TypeError, ValueError):  # no signature to read: give it, as before
+        return True
+    return keyword in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def _prediction_option(
+    key: str, value: Any, options: dict[str, dict[str, Any]], names: list[str]
 ) -> Any:
-    """The ``additional_forward_args`` of the ``prediction`` column. Given to
-    :func:`score_dataset` they go to every score as well (and must not be given again in
-    ``score_kwargs``); otherwise those of ``score_kwargs``, which must then be the same for
-    every requested score, so that the prediction is the class the scores score."""
-    key = "additional_forward_args"
+    """The ``key`` (``"additional_forward_args"`` or ``"output_transform"``) of the
+    ``prediction`` column. Given to :func:`score_dataset` (``value`` not None) it goes to
+    every score that takes it as well (and must not be given again in ``score_kwargs``);
+    otherwise that of ``score_kwargs``: ``additional_forward_args`` must then be the same
+    for every requested score, so that the prediction is the class the scores score; an
+    ``output_transform`` given to every score alike is the prediction's too, one given to
+    some scores only (or differing) is theirs alone."""
     given = [name for name in names if key in options.get(name, {})]
-    if additional_forward_args is not None:
+    if value is not None:
         if given:
             raise ValueError(
-                f"`additional_forward_args` is given to score_dataset and in `score_kwargs` "
+                f"`{key}` is given to score_dataset and in `score_kwargs` "
                 f"(for {', '.join(given)}); give it once: score_dataset's applies to the "
                 "prediction and to every score."
             )
         for name in names:
-            options.setdefault(name, {})[key] = additional_forward_args
-        return additional_forward_args
+            if _takes(name, key):
+                options.setdefault(name, {})[key] = value
+        return value
     if not given:
         return None
     first = options[given[0]][key]
     missing = [name for name in names if name not in given]
     differ = [name for name in given if not _same_arguments(options[name][key], first)]
+    if key == "output_transform" and (missing or differ):
+        # a transform some scores take for themselves (log-probabilities for one of them,
+        # say): the prediction is the model's own arg-max, as before this option existed
+        return None
     if missing or differ:
         problem = f"not to {', '.join(missing)}" if missing else f"others to {', '.join(differ)}"
         raise ValueError(
-            f"`score_kwargs` gives `additional_forward_args` to {given[0]} but {problem}; the "
-            "`prediction` and `correct` columns need the one set the model runs with: pass it "
-            "once as score_dataset(..., additional_forward_args=...), which every score gets."
+            f"`score_kwargs` gives `{key}` to {given[0]} but {problem}; the "
+            f"`prediction` and `correct` columns need {_PREDICTION_OPTIONS[key]}: pass it "
+            f"once as score_dataset(..., {key}=...), which every score gets."
         )
     return first
 
@@ -606,6 +645,7 @@ def score_dataset(
     progress: bool = True,
     score_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     additional_forward_args: Any = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
 ) -> ScoreTable:
     r"""Predictions and trust scores for every example of a dataset, in dataset order.
 
@@ -694,7 +734,7 @@ def score_dataset(
             ``additional_forward_args`` given here is read as the argument below (cut per
             batch); when given for one score it must be given, the same, for every
             requested score (the prediction needs one set), or given once as the argument
-            below instead.
+            below instead. The same holds for ``output_transform``.
         additional_forward_args (Any, optional): further arguments of the model, after the
             inputs: ``model(inputs, *additional_forward_args)`` (a non-tuple is one
             argument), for the ``prediction`` column and in every score. Each tensor whose
@@ -704,6 +744,12 @@ def score_dataset(
             every batch as it is. With a dataset that has no length (iterable-style),
             nothing is cut: let the batches carry per-example inputs instead (see above).
             Default: None.
+        output_transform (Callable, optional): maps the model's output to ``(N, C)``
+            logits (e.g. ``lambda out: out["logits"]``, or
+            :func:`captum_ext.data.two_class_logits` for a binary model with one logit),
+            for the ``prediction`` column and in every score (each score's own
+            ``output_transform``). Given here, it must not also be given in
+            ``score_kwargs``. Default: None (the output is the logits).
 
     Returns:
         ScoreTable: columns ``index``, ``label``, ``prediction``, ``correct``, then one per
@@ -713,9 +759,10 @@ def score_dataset(
         ValueError: unknown score names (the message lists the known ones), an empty dataset,
             a batch that is not ``inputs``, ``(inputs, labels)`` or
             ``((x_1, x_2, ...), labels)``, a ``device`` the model is not on,
-            ``additional_forward_args`` given both here and in ``score_kwargs`` or to some
-            scores and not (or not the same) to others; under torch.distributed, processes
-            given different datasets, or an error on another process (named with its rank).
+            ``additional_forward_args`` or ``output_transform`` given both here and in
+            ``score_kwargs`` or to some scores and not (or not the same) to others; under
+            torch.distributed, processes given different datasets, or an error on another
+            process (named with its rank).
 
     Examples::
 
@@ -738,7 +785,17 @@ def score_dataset(
     with checked_on_every_rank("score_dataset") as agreement:
         names = _score_names(scores)
         options = _score_options(score_kwargs, names)
-        prediction_args = _prediction_forward_args(additional_forward_args, options, names)
+        prediction_args = _prediction_option(
+            "additional_forward_args", additional_forward_args, options, names
+        )
+        prediction_transform = _prediction_option(
+            "output_transform", output_transform, options, names
+        )
+        if prediction_transform is not None and not callable(prediction_transform):
+            raise TypeError(
+                "`output_transform` must be a callable mapping the model's output to (N, C) "
+                f"logits, got {type(prediction_transform).__name__}."
+            )
         model = _unwrap(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
@@ -771,6 +828,7 @@ def score_dataset(
             progress,
             prediction_args,
             _dataset_length(dataloader),
+            prediction_transform,
         )
     except Exception as failure:
         if shard is None:
@@ -833,6 +891,7 @@ def _score_shard(
     progress: bool,
     prediction_args: Any = None,
     size: int | None = None,
+    prediction_transform: Callable[[Any], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """This process's columns: every batch of ``loader`` scored (the body of
     :func:`score_dataset`)."""
@@ -858,7 +917,7 @@ def _score_shard(
                 else:
                     index = torch.tensor(indices[seen : seen + n], dtype=torch.int64)
                 batch_args = _batch_forward_args(prediction_args, index, size, device)
-                prediction = _predict(model, inputs, label, batch_args).cpu()
+                prediction = _predict(model, inputs, label, batch_args, prediction_transform).cpu()
                 chunks["index"].append(index)
                 chunks["label"].append(label)
                 chunks["prediction"].append(prediction)

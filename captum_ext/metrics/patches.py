@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from captum_ext.metrics.ground_truth import _object_masks, _pixel_maps
-from captum_ext.metrics.sanity import spearman_similarity
+from captum_ext.metrics.sanity import rank_correlation
 
 __all__ = ["null_player", "patch_class_sensitivity", "saturation", "single_patch"]
 
@@ -132,4 +132,4 @@ def saturation(attributions: Any, first_boxes: Any, second_boxes: Any) -> float:
             stacklevel=2,
         )
         return float("nan")
-    return float(spearman_similarity(first[None], second[None], absolute=False)[0])
+    return float(rank_correlation(first[None], second[None])[0])

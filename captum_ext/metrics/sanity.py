@@ -51,6 +51,7 @@ from captum_ext._utils.model_state import (
 )
 from captum_ext._utils.precision import at_least_float32, float64_here_or_cpu, precise_dtype
 from captum_ext._utils.seeding import initialised_cuda_devices, seed_generators, seeded_rng
+from captum_ext._utils.summaries import compact_repr, names_summary
 from captum_ext._utils.validation import (
     check_flag,
     check_int,
@@ -89,6 +90,11 @@ class RandomisationCurves(NamedTuple):
     randomised: Tensor
     """``(len(layers), N, 1, H, W)`` the maps after each step."""
 
+    def __repr__(self) -> str:
+        # the shapes and dtypes, not the values: the maps of a few images printed in full
+        # are hundreds of lines
+        return compact_repr(self, layers=names_summary(self.layers, "layer"))
+
 
 class ClassSensitivity(NamedTuple):
     """What :func:`class_sensitivity` returns."""
@@ -104,6 +110,10 @@ class ClassSensitivity(NamedTuple):
     """``(N, 1, H, W)``."""
     contrast_maps: Tensor
     """``(N, 1, H, W)``."""
+
+    def __repr__(self) -> str:
+        # the shapes and dtypes, not the values (two batches of maps printed in full)
+        return compact_repr(self)
 
 
 def _ranks(values: Tensor) -> Tensor:
@@ -139,11 +149,26 @@ def spearman_similarity(maps_a: Tensor, maps_b: Tensor, *, absolute: bool = True
     """Spearman rank correlation of two batches of maps, ``(N,)`` float64 (ties: mean ranks).
     Two constant maps (e.g. the all-zero maps of a dead layer) correlate 1: their rankings
     are identical, so a sanity check reads them as the same map; a constant map and a
-    varying one correlate 0."""
-    _check_pair(maps_a, maps_b)
+    varying one correlate 0.
+
+    Args:
+        maps_a (Tensor): ``(N, 1, H, W)`` or ``(N, H, W)`` maps (as :func:`ssim_similarity`
+            takes them; a single ``(H, W)`` map is refused, not read as ``H`` rows).
+        maps_b (Tensor): maps of the same shape.
+        absolute (bool, optional): rank the absolute values (the sign of a map ignored).
+            Default: True.
+    """
+    _check_single_channel_pair(maps_a, maps_b)
     absolute = check_flag(absolute, "absolute")
-    a = float64_here_or_cpu(maps_a.flatten(1))
-    b = float64_here_or_cpu(maps_b.flatten(1))
+    return rank_correlation(maps_a.flatten(1), maps_b.flatten(1), absolute=absolute)
+
+
+def rank_correlation(rows_a: Tensor, rows_b: Tensor, *, absolute: bool = False) -> Tensor:
+    """Spearman correlation of each row of ``(N, D)`` ``rows_a`` with the same row of
+    ``rows_b``, ``(N,)`` float64 (ties: mean ranks; two constant rows correlate 1, a
+    constant and a varying one 0): :func:`spearman_similarity` without its check that the
+    rows are maps."""
+    a, b = float64_here_or_cpu(rows_a), float64_here_or_cpu(rows_b)
     if absolute:
         a, b = a.abs(), b.abs()
     return _pearson(_ranks(a), _ranks(b))
@@ -201,14 +226,9 @@ def ssim_similarity(
             sigma far below a pixel gives the limit, a one-tap window (per-pixel SSIM,
             still averaged where ``window`` fits). Default: 1.5.
     """
-    _check_pair(maps_a, maps_b)
+    _check_single_channel_pair(maps_a, maps_b)
     if maps_a.dim() == 3:  # (N, H, W): one channel
         maps_a, maps_b = maps_a[:, None], maps_b[:, None]
-    if maps_a.dim() != 4 or maps_a.shape[1] != 1:
-        raise ValueError(
-            f"`maps_a` and `maps_b` must be (N, 1, H, W) or (N, H, W) maps, got "
-            f"{tuple(maps_a.shape)}; reduce the channels first (e.g. sum them)."
-        )
     window = check_int(window, "window")
     if window % 2 == 0:
         raise ValueError(f"`window` must be odd (a centred Gaussian window), got {window}.")
@@ -461,6 +481,18 @@ def _check_pair(maps_a: Any, maps_b: Any) -> None:
         raise ValueError(
             f"`maps_a` {tuple(maps_a.shape)} and `maps_b` {tuple(maps_b.shape)} must have the "
             "same shape."
+        )
+
+
+def _check_single_channel_pair(maps_a: Any, maps_b: Any) -> None:
+    """:func:`_check_pair`, and the maps ``(N, 1, H, W)`` or ``(N, H, W)``: one map per
+    example, one channel each."""
+    _check_pair(maps_a, maps_b)
+    if maps_a.dim() not in (3, 4) or (maps_a.dim() == 4 and maps_a.shape[1] != 1):
+        raise ValueError(
+            f"`maps_a` and `maps_b` must be (N, 1, H, W) or (N, H, W) maps, got "
+            f"{tuple(maps_a.shape)}; reduce the channels first (e.g. sum them), and give a "
+            "single (H, W) map as map[None]."
         )
 
 
@@ -1093,8 +1125,10 @@ def class_sensitivity(
             model in its dtype, as this package's explainers do (Captum's own need the
             images in the model's dtype).
         target (int or Tensor, optional): first class; default the prediction.
-        contrast (str, int or Tensor): second class: ``"runner-up"`` (second most likely),
-            ``"least-likely"``, or given classes. Default: ``"runner-up"``.
+        contrast (str, int or Tensor, optional): second class: ``"runner-up"`` (second most
+            likely), ``"least-likely"``, or given classes. None is ``"runner-up"``, as for
+            :class:`~captum_ext.attr.ContrastCAM` and :class:`~captum_ext.attr.Contrastive`.
+            Default: ``"runner-up"``.
         similarity: measures as in :func:`model_randomisation`.
         attribute_kwargs (dict, optional): extra keywords for ``attribute``.
 
@@ -1128,6 +1162,8 @@ def class_sensitivity(
                 "logits [-z/2, z/2]: wrap it in an nn.Module whose forward returns "
                 "captum_ext.data.two_class_logits(model(x))."
             )
+        if contrast is None:  # as ContrastCAM and Contrastive read it: the runner-up
+            contrast = "runner-up"
         if isinstance(contrast, str):
             if contrast not in ("runner-up", "least-likely"):
                 raise ValueError(
