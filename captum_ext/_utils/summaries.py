@@ -1,4 +1,5 @@
-"""Compact ``repr`` of result objects: the shapes and dtypes of their tensors, not the values.
+"""Compact ``repr`` of result objects: the shapes and dtypes of their tensors, not the values;
+and durations in words (:func:`format_seconds`).
 
 A result of a few images printed with the default dataclass ``repr`` shows every tensor in
 full (hundreds of lines, hundreds of kilobytes for a ResNet's per-layer tensors). The result
@@ -99,3 +100,12 @@ def _bracketed(items: list[str], opening: str, closing: str) -> str:
         shown = ", ".join([*items[:2], "...", items[-1]])
         return f"{opening}{len(items)} items: {shown}{closing}"
     return opening + ", ".join(items) + closing
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as "12.3 s", "4.5 min" or "1.2 h"."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"

@@ -17,6 +17,7 @@ from captum_ext._utils.deprecation import renamed_arguments
 from captum_ext._utils.hooks import call_hook, registered_hooks
 from captum_ext._utils.model_state import gradients_on
 from captum_ext._utils.seeding import as_generator, seeded_rng
+from captum_ext._utils.summaries import format_seconds
 from captum_ext._utils.validation import is_integer, is_real, torch_device
 from captum_ext.inversion.conditioning import (
     _check_labels,
@@ -452,14 +453,6 @@ def _format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _format_seconds(t: float) -> str:
-    if t >= 3600:
-        return f"{t / 3600:.1f} h"
-    if t >= 60:
-        return f"{t / 60:.1f} min"
-    return f"{t:.1f} s"
-
-
 @dataclass(frozen=True)
 class InversionCost:
     r"""Estimated peak memory and time of training an inversion generator.
@@ -499,7 +492,7 @@ class InversionCost:
     def describe(self) -> str:
         """One line for a report: ``"about 1.2 GB and 3.4 min for 10 steps at batch 64"``."""
         return (
-            f"about {_format_bytes(self.bytes)} of memory and {_format_seconds(self.seconds)} "
+            f"about {_format_bytes(self.bytes)} of memory and {format_seconds(self.seconds)} "
             f"for {self.steps} steps at batch {self.batch_size} ({self.num_classes} classes)"
         )
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from captum_ext._utils.summaries import format_seconds
 from captum_ext.viz.evaluation import EVALUATION_IMAGES
 
 __all__ = [
@@ -464,14 +465,6 @@ def _inversion_too_big(config: ReportConfig, inputs: SectionInputs) -> tuple[str
     ), cost
 
 
-def _format_duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.1f} s"
-
-
 def _announce_inversion(cost: Any, device: Any) -> None:
     """Say on stderr, before the generator's training starts (also with --no-progress), what
     it is estimated to take (:meth:`~captum_ext.inversion.InversionCost.describe`)."""
@@ -574,7 +567,7 @@ def _build_inversion(inputs: SectionInputs, config: ReportConfig, asked: bool):
     if config.model is not None:  # the generator was trained here: what it cost
         section.intro += (
             f"\nThe generator was trained here on {inputs.device}: estimated beforehand "
-            f"{cost.describe()}; it took {_format_duration(took)}."
+            f"{cost.describe()}; it took {format_seconds(took)}."
         )
     return section
 
