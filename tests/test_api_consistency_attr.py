@@ -141,3 +141,24 @@ def test_circuit_readout_takes_a_lone_layer(tiny_cnn):
     assert CircuitReadout(tiny_cnn, layers=tiny_cnn.features[3]).layers == (LAYER,)
     with pytest.raises(TypeError, match="`layers`"):
         CircuitReadout(tiny_cnn, layers=3)
+
+
+def test_circuit_readout_refuses_a_module_list_as_one_stage():
+    from torch import nn
+
+    from captum_ext.circuits import CircuitReadout
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3)])
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x.mean((2, 3)))
+
+    model = Blocks()
+    with pytest.raises(TypeError, match=r"`layers` is an nn.ModuleList.*list\(model.blocks\)"):
+        CircuitReadout(model, layers=model.blocks)

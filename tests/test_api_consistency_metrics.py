@@ -139,16 +139,31 @@ def test_fractions_given_as_percentiles_are_warned_about(call):
         warnings.simplefilter("error")
         call((10, 50, 90))
         call(None)
-        call((0, 0.5))  # 0 is no fraction of a whole: not all in (0, 1]
+        call((1,))  # one small percentile is taken as meant (keep 99 %)
+    with pytest.warns(UserWarning, match=r"`percentiles`"):
+        call((0, 0.25, 0.5, 0.75))  # a grid of fractions from 0 (np.arange(0, 1, 0.25))
 
 
 def test_percentiles_below_one_still_mean_percent():
     """The warning changes nothing: m_t = ceil((100 - t) N / 100)."""
     with pytest.warns(UserWarning, match="percentiles"):
         curve = accuracy_retention_curve(
-            torch.rand(1000), torch.rand(1000) > 0.5, percentiles=(0.5,)
+            torch.rand(1000), torch.rand(1000) > 0.5, percentiles=(0.5, 0.9)
         )
-    assert curve.kept.tolist() == [995]
+    assert curve.kept.tolist() == [995, 991]
+
+
+def test_auac_accumulator_warns_once_when_made():
+    from captum_ext.metrics import AUAC
+
+    with pytest.warns(UserWarning, match="percentiles") as record:
+        metric = AUAC(percentiles=(0.1, 0.5, 0.9))
+    assert len(record) == 1
+    metric.update(torch.tensor([0.9, 0.1, 0.7]), torch.tensor([True, False, True]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metric.compute()
+        metric.compute()
 
 
 # --- score_dataset: output_transform for the prediction and every score
@@ -251,7 +266,7 @@ def test_score_dataset_output_transform_in_score_kwargs_reaches_the_prediction()
     assert table["prediction"].tolist() == predicted.tolist()
 
 
-def test_score_dataset_refuses_output_transform_given_twice_or_to_some_scores(small):
+def test_score_dataset_output_transform_given_twice_is_refused_and_to_some_scores_is_theirs(small):
     model, images = small
     loader = _loader(images, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="`output_transform` is given to score_dataset and in"):
@@ -301,3 +316,36 @@ def test_sanity_results_print_shapes_not_values(small):
     assert "randomised=Tensor(shape=(2, 3, 1, 8, 8), dtype=" in text
     # the fields themselves are unchanged
     assert curves.layers == ["fc", "conv"]
+
+
+def test_a_registered_score_without_additional_forward_args_is_not_run_without_them(
+    small, monkeypatch
+):
+    """The model's extra inputs go to every score: one registered in TRUST_SCORES without
+    that parameter fails instead of scoring the output of another call of the model."""
+    from captum_ext.metrics import dataset as dataset_module
+
+    model, images = small
+
+    def plain_softmax(model, inputs):
+        return torch.softmax(model(inputs), 1).amax(1)
+
+    monkeypatch.setitem(dataset_module.TRUST_SCORES, "plain_softmax", plain_softmax)
+    loader = _loader(images, torch.tensor([0, 1, 2]))
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, scale=1.0):  # optional: a score without it runs silently
+            return self.inner(x) * scale
+
+    with pytest.raises(TypeError, match="additional_forward_args"):
+        score_dataset(
+            Scaled(),
+            loader,
+            scores=("plain_softmax",),
+            additional_forward_args=(2.0,),
+            progress=False,
+        )

@@ -233,3 +233,23 @@ def test_docs_say_a_shared_table_is_refused_only_for_other_chunk_sizes(metric):
     doc = " ".join(metric.__doc__.split())
     assert "refused (ValueError) where a chunk's row count differs from N" in doc
     assert "closure" in doc
+
+
+def test_a_dataclass_attribute_derived_in_post_init_follows_the_examples():
+    """A per-example tensor that ``__post_init__`` derives into a non-field attribute is
+    re-indexed with the fields (the copy does not run ``__post_init__`` again)."""
+    import dataclasses
+
+    from captum_ext._utils.validation import select_examples
+
+    @dataclasses.dataclass
+    class Extra:
+        bias: torch.Tensor
+
+        def __post_init__(self):
+            self.scaled = self.bias * 2
+
+    bias = torch.arange(8.0).view(4, 2)
+    picked = select_examples((Extra(bias),), 4, torch.tensor([3, 1]))[0]
+    torch.testing.assert_close(picked.bias, bias[[3, 1]])
+    torch.testing.assert_close(picked.scaled, bias[[3, 1]] * 2)

@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .caller import user_stacklevel
+
 
 def renamed_arguments(**renames: str) -> Callable:
     """Accept the old keyword names of a function's arguments: ``@renamed_arguments(
@@ -35,7 +37,7 @@ def renamed_arguments(**renames: str) -> Callable:
                         f"{where}(): `{old}` is renamed `{new}`; the old name will be removed "
                         "in a future release.",
                         DeprecationWarning,
-                        stacklevel=2,
+                        stacklevel=user_stacklevel(),  # the user's line, also when wrapped
                     )
                     kwargs[new] = kwargs.pop(old)
             return function(*args, **kwargs)

@@ -204,10 +204,15 @@ _UNSET = object()
 
 
 def _set_fields(value: Any) -> list[tuple[str, Any]]:
-    """The ``(name, value)`` of the fields of dataclass instance ``value`` that are set: a
-    ``field(init=False)`` filled later (a lazy cache) may not be yet."""
-    fields = ((f.name, getattr(value, f.name, _UNSET)) for f in dataclasses.fields(value))
-    return [(name, item) for name, item in fields if item is not _UNSET]
+    """The ``(name, value)`` of the fields of dataclass instance ``value`` that are set (a
+    ``field(init=False)`` filled later, a lazy cache, may not be yet), then of its other
+    instance attributes (set by ``__post_init__`` or after construction: a derived
+    per-example tensor follows the examples with the fields it came from, since the copy
+    does not run ``__post_init__`` again)."""
+    names = [f.name for f in dataclasses.fields(value)]
+    extra = [name for name in getattr(value, "__dict__", {}) if name not in set(names)]
+    attributes = ((name, getattr(value, name, _UNSET)) for name in names + extra)
+    return [(name, item) for name, item in attributes if item is not _UNSET]
 
 
 def _item(container: Any, kind: str, place: Any) -> Any:

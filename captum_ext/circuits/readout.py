@@ -446,6 +446,12 @@ class CircuitReadout:
                     raise
                 raise refusal from error
         else:
+            if isinstance(layers, nn.ModuleList | nn.ModuleDict):
+                raise TypeError(
+                    f"`layers` is an nn.{type(layers).__name__}, which does not run as one "
+                    "stage; pass its modules as a list, one per stage (list(model.blocks), "
+                    "or list(model.blocks.values()) for a ModuleDict)."
+                )
             if isinstance(layers, str | nn.Module):  # a lone stage, as PathwayGradient takes
                 layers = [layers]
             if not isinstance(layers, Sequence):

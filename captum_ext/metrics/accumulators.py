@@ -44,6 +44,7 @@ class                      function
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -278,14 +279,16 @@ class AUAC(_ScoresAndCorrect):
     """
 
     def __init__(self, *, percentiles: Any = None) -> None:
-        _checked_options(auac, _SCORES, _CORRECT, percentiles=percentiles)
+        _checked_options(auac, _SCORES, _CORRECT, percentiles=percentiles)  # warns here, once
         self.percentiles = percentiles
         super().__init__()
 
     def compute(self) -> float:
         """AUAC in percent on everything accumulated."""
         scores, correct = self._data()
-        return auac(scores, correct, percentiles=self.percentiles)
+        with warnings.catch_warnings():  # said once, when the metric was made
+            warnings.filterwarnings("ignore", message="`percentiles`", category=UserWarning)
+            return auac(scores, correct, percentiles=self.percentiles)
 
 
 class MispredictionAUROC(_ScoresAndCorrect):

@@ -129,13 +129,16 @@ def _percentiles(percentiles: Any) -> Tensor:
     tensor = _vector(percentiles, "percentiles", dtype=torch.float64)
     if not bool(((tensor >= 0) & (tensor < 100)).all()):
         raise ValueError("`percentiles` must lie in [0, 100).")
-    if tensor.numel() and bool(((tensor > 0) & (tensor <= 1)).all()):
+    nonzero = tensor[tensor > 0]
+    if nonzero.numel() >= 2 and bool((nonzero <= 1).all()):
         # road, completeness and soundness take fractions: (0.1, 0.5, 0.9) here keeps
-        # 99.9 %, 99.5 % and 99.1 % of the examples, not 90 %, 50 % and 10 %
+        # 99.9 %, 99.5 % and 99.1 % of the examples, not 90 %, 50 % and 10 % (a grid of
+        # fractions from 0, np.arange(0, 1, 0.01), too; a single small percentile is taken
+        # as meant)
         shown = ", ".join(f"{float(t):g}" for t in tensor[:5])
         warnings.warn(
             f"`percentiles` ({shown}{', ...' if tensor.numel() > 5 else ''}) all lie in "
-            "(0, 1]: they are percentiles in [0, 100), not fractions, so 0.1 means 0.1 %, "
+            "[0, 1]: they are percentiles in [0, 100), not fractions, so 0.1 means 0.1 %, "
             "not 10 % (it keeps 99.9 % of the examples); multiply fractions by 100.",
             UserWarning,
             stacklevel=user_stacklevel(),

@@ -606,8 +606,10 @@ def _prediction_option(
                 f"(for {', '.join(given)}); give it once: score_dataset's applies to the "
                 "prediction and to every score."
             )
-        for name in names:
-            if _takes(name, key):
+        for name in names:  # every score gets the model's extra inputs (a score that
+            # cannot take them fails rather than score another output); a transform only
+            # those that take one
+            if key == "additional_forward_args" or _takes(name, key):
                 options.setdefault(name, {})[key] = value
         return value
     if not given:
@@ -734,7 +736,9 @@ def score_dataset(
             ``additional_forward_args`` given here is read as the argument below (cut per
             batch); when given for one score it must be given, the same, for every
             requested score (the prediction needs one set), or given once as the argument
-            below instead. The same holds for ``output_transform``.
+            below instead. An ``output_transform`` given here alike to every requested
+            score reads the prediction too; one given to some scores only (or differing) is
+            theirs alone, and the prediction is the arg-max of the model's own output.
         additional_forward_args (Any, optional): further arguments of the model, after the
             inputs: ``model(inputs, *additional_forward_args)`` (a non-tuple is one
             argument), for the ``prediction`` column and in every score. Each tensor whose
@@ -748,7 +752,8 @@ def score_dataset(
             logits (e.g. ``lambda out: out["logits"]``, or
             :func:`captum_ext.data.two_class_logits` for a binary model with one logit),
             for the ``prediction`` column and in every score (each score's own
-            ``output_transform``). Given here, it must not also be given in
+            ``output_transform``; a score registered in :data:`TRUST_SCORES` without that
+            parameter does without). Given here, it must not also be given in
             ``score_kwargs``. Default: None (the output is the logits).
 
     Returns:
@@ -760,7 +765,8 @@ def score_dataset(
             a batch that is not ``inputs``, ``(inputs, labels)`` or
             ``((x_1, x_2, ...), labels)``, a ``device`` the model is not on,
             ``additional_forward_args`` or ``output_transform`` given both here and in
-            ``score_kwargs`` or to some scores and not (or not the same) to others; under
+            ``score_kwargs``, or ``additional_forward_args`` given in ``score_kwargs`` to
+            some scores and not (or not the same) to others; under
             torch.distributed, processes given different datasets, or an error on another
             process (named with its rank).
 
