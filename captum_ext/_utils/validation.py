@@ -173,6 +173,8 @@ def _plan(value: Any, n: int, seen: dict[int, Any]) -> Any:
     again (shared, or a cycle, whose plan is still ``None`` while it is being walked) is
     not walked twice."""
     if isinstance(value, Tensor):
+        if value.is_nested:  # ragged rows (torch.nested): passed as they are
+            return None
         return _PER_EXAMPLE if value.dim() > 0 and value.shape[0] == n else None
     if type(value) in _NO_TENSOR_TYPES:
         return None
@@ -411,12 +413,7 @@ class PerExampleLayout:
         """``value`` with the rows ``examples`` (an index tensor or a slice) of each
         per-example tensor."""
 
-        def select(tensor: Tensor) -> Tensor:
-            if isinstance(examples, Tensor):
-                return tensor[examples.to(tensor.device)]
-            return tensor[examples]
-
-        return self.map(select)
+        return self.map(lambda tensor: take_rows(tensor, examples))
 
     def tensors(self) -> list[Tensor]:
         """The per-example tensors, in the order in which :meth:`with_tensors` puts
@@ -477,6 +474,18 @@ def map_per_example(value: Any, n: int, function: Callable[[Tensor], Any]) -> An
     return PerExampleLayout(value, n).map(function)
 
 
+def take_rows(tensor: Tensor, examples: Tensor | slice) -> Tensor:
+    """The rows ``examples`` (an index tensor or a slice) of ``tensor``; sparse tensors,
+    which take no advanced indexing, by ``index_select``."""
+    if tensor.layout == torch.strided:
+        return (
+            tensor[examples.to(tensor.device)] if isinstance(examples, Tensor) else tensor[examples]
+        )
+    if not isinstance(examples, Tensor):
+        examples = torch.arange(tensor.shape[0])[examples]
+    return tensor.index_select(0, examples.to(tensor.device))
+
+
 def select_examples(value: Any, n: int, examples: Tensor | slice) -> Any:
     """The rows ``examples`` (an index tensor or a slice) of every per-example tensor of
     ``value`` (:func:`map_per_example`); everything else as it is. A caller selecting many
@@ -508,6 +517,9 @@ def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = No
     """
 
     def repeat(tensor: Tensor) -> Tensor:
+        if tensor.layout != torch.strided:  # sparse: no repeat_interleave, no slicing
+            order = torch.arange(tensor.shape[0]).repeat_interleave(repeats)
+            return take_rows(tensor, order if rows is None else order[rows])
         repeated = tensor.repeat_interleave(repeats, dim=0)
         return repeated if rows is None else repeated[rows]
 

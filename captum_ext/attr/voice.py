@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -804,15 +805,22 @@ class VOICE:
         return [call_hook(m, _guide) for m in model.modules() if isinstance(m, nn.ReLU)]
 
 
+#: models already warned that guided VOICE leaves their non-ReLU activations unguided
+_MODELS_WARNED_UNGUIDED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _warn_unguided_activations(model: nn.Module) -> None:
     """Warn that VOICE(GuidedBackprop) guides the backward pass through the ``nn.ReLU``
     modules only (as Captum's GuidedBackprop does) when the model has other hidden
     activations (GELU, SiLU, Hardswish, ...; :func:`hidden_activation_counts`): the gradient
     passes them unguided, so where they carry the network the maps are the plain input
     gradient, and exactly that on a model without any ``nn.ReLU``."""
+    if model in _MODELS_WARNED_UNGUIDED:  # once per model (the package's catch_warnings
+        return  # blocks reset Python's once-per-line record)
     others = hidden_activation_counts(model)
     if not others:
         return
+    _MODELS_WARNED_UNGUIDED.add(model)
     relus = sum(isinstance(m, nn.ReLU) for m in user_model(model).modules())
     listed = ", ".join(f"{n} {name}" for name, n in sorted(others.items()))
     effect = (

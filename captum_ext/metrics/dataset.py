@@ -33,7 +33,7 @@ from captum_ext._utils.distributed import (
 )
 from captum_ext._utils.model_state import preserved_state
 from captum_ext._utils.training import atomic_path, distributed_shard, progress_bar
-from captum_ext._utils.validation import map_per_example, parse_device
+from captum_ext._utils.validation import map_per_example, parse_device, take_rows
 from captum_ext.metrics.trust import (
     energy,
     gradnorm,
@@ -537,7 +537,17 @@ def _batch_forward_args(
     return map_per_example(
         additional_forward_args,
         size,
-        lambda value: value[index.to(value.device)].to(device, non_blocking=True),
+        lambda value: take_rows(value, index).to(device, non_blocking=True),
+    )
+
+
+def _equal_with_nans(a: Tensor, b: Tensor) -> bool:
+    """Equal floating tensors where NaN (a missing value) counts as equal to NaN."""
+    if not (a.is_floating_point() or a.is_complex()) or a.layout != torch.strided:
+        return False
+    nans = a.isnan()
+    return bool(torch.equal(nans, b.isnan())) and bool(
+        torch.equal(a.masked_fill(nans, 0), b.masked_fill(nans, 0))
     )
 
 
@@ -559,7 +569,7 @@ def _same_arguments(a: Any, b: Any) -> bool:
             a.shape == b.shape
             and a.dtype == b.dtype
             and a.device == b.device
-            and bool(torch.equal(a, b))
+            and (bool(torch.equal(a, b)) or _equal_with_nans(a, b))
         )
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return False

@@ -51,12 +51,12 @@ from captum_ext._utils.seeding import (
     seed_from,
 )
 from captum_ext._utils.validation import (
+    PerExampleLayout,
     check_int,
     check_number,
     check_several_classes,
     class_selection,
     format_additional_forward_args,
-    select_examples,
 )
 from captum_ext.metrics._multigrid import COARSEST_SIZE, multigrid_imputation
 from captum_ext.metrics._perturbation import (
@@ -1313,12 +1313,24 @@ def _imputed(
     return torch.where(removed[:, None], fill, images)
 
 
+def _layout(extra: tuple | PerExampleLayout, n: int) -> PerExampleLayout:
+    """``extra``'s :class:`PerExampleLayout` (itself where it is one already)."""
+    return extra if isinstance(extra, PerExampleLayout) else PerExampleLayout(extra, n)
+
+
 def _score_rows(
-    forward_func: Callable, rows: Tensor, examples: Tensor, targets: Tensor, extra: tuple, n: int
+    forward_func: Callable,
+    rows: Tensor,
+    examples: Tensor,
+    targets: Tensor,
+    extra: tuple | PerExampleLayout,
+    n: int,
 ) -> tuple[Tensor, Tensor]:
     """Target probability and 0/1 correctness of ``rows``; row ``k`` belongs to example
-    ``examples[k]`` (of ``n``), whose target and per-example extra arguments it gets."""
-    row_extra = select_examples(extra, n, examples)  # also tensors nested in containers
+    ``examples[k]`` (of ``n``), whose target and per-example extra arguments it gets
+    (``extra`` as a :class:`PerExampleLayout` made once per call, so that the arguments are
+    walked once, not once per chunk)."""
+    row_extra = _layout(extra, n).select(examples)  # also tensors nested in containers
     # (NaN logits are named once, on the clean batch: not again for every imputed chunk)
     logits = run_forward(
         forward_func, (rows,), row_extra, takes_output_transform=False, check_nan=False
@@ -1344,6 +1356,7 @@ def _scores(
     """Target probability and correctness of ``images`` (``repeats`` rows per example,
     example-major), ``batch_size`` rows per forward pass."""
     n = images.shape[0] // repeats
+    extra = _layout(extra, n)  # walked once for every chunk
     probabilities, corrects = [], []
     for start in range(0, images.shape[0], batch_size):
         rows = images[start : start + batch_size]
@@ -1373,6 +1386,7 @@ def _imputed_scores(
     row's noise depends on its example and mask only, so the chunks do not change it."""
     n = inputs.shape[0]
     repeats = removed.shape[0] // max(n, 1)
+    extra = _layout(extra, n)  # walked once for every chunk
     probabilities, corrects = [], []
     for start in range(0, removed.shape[0], batch_size):
         stop = min(start + batch_size, removed.shape[0])
@@ -1553,6 +1567,7 @@ def completeness(
     keys = _example_keys(inputs, seed)
     with evaluation(forward_func):
         targets = _targets(forward_func, inputs, target, extra)
+        extra = PerExampleLayout(extra, inputs.shape[0])  # one walk for both passes
         original = _scores(forward_func, inputs, targets, extra, batch_size, 1)
         changed = _imputed_scores(
             forward_func, inputs, flat_removed, imputer, noise, keys, seed, targets, extra,
@@ -1723,6 +1738,7 @@ def _soundness_parts(
         correct = torch.empty(n, steps, dtype=torch.float64)
         # every (example, step) image, imputed and scored batch_size rows at a time
         rows = [(i, j) for i in range(n) for j in range(steps)]
+        layout = PerExampleLayout(extra, n)  # walked once for every chunk
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             examples = torch.tensor([i for i, _ in chunk], device=inputs.device)
@@ -1737,7 +1753,7 @@ def _soundness_parts(
                 [keys[i] for i, _ in chunk],
                 seed,
             )
-            p, c = _score_rows(forward_func, imputed, examples, targets, extra, n)
+            p, c = _score_rows(forward_func, imputed, examples, targets, layout, n)
             # rows are example-major: row i * steps + j is example i at step j
             probability.view(-1)[start : start + len(chunk)] = p.cpu().double()
             correct.view(-1)[start : start + len(chunk)] = c.cpu().double()
