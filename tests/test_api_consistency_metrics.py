@@ -341,7 +341,7 @@ def test_a_registered_score_without_additional_forward_args_is_not_run_without_t
         def forward(self, x, scale=1.0):  # optional: a score without it runs silently
             return self.inner(x) * scale
 
-    with pytest.raises(TypeError, match="additional_forward_args"):
+    with pytest.raises(ValueError, match="plain_softmax of TRUST_SCORES take no"):
         score_dataset(
             Scaled(),
             loader,

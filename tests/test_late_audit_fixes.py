@@ -40,8 +40,9 @@ def _data(n: int = 4):
 
 
 def test_a_nested_tensor_in_the_extras_is_passed_as_it_is():
-    """A torch.nested tensor (ragged rows, a shared table) has no shape to read: it is not
-    per-example and goes to every chunk unchanged (reading its shape crashed inside torch)."""
+    """A torch.nested tensor of another number of rows than N (a shared ragged table) is
+    not per-example and goes to every chunk unchanged (reading its shape crashed inside
+    torch)."""
     torch.manual_seed(0)
     model = _Net().eval()
     x, maps, meta = _data()
@@ -51,7 +52,7 @@ def test_a_nested_tensor_in_the_extras_is_passed_as_it_is():
     )
     plain = deletion(model, x, maps, target=0, additional_forward_args=({"meta": meta},))
     torch.testing.assert_close(with_ragged, plain)
-    assert select_examples(({"protos": ragged},), 3, torch.tensor([0]))[0]["protos"] is ragged
+    assert select_examples(({"protos": ragged},), 4, torch.tensor([0]))[0]["protos"] is ragged
 
 
 def test_sparse_per_example_tensors_are_selected_and_repeated_by_rows():
@@ -168,3 +169,45 @@ def test_guided_voice_warns_about_unguided_activations_once_per_model():
             explainer.attribute(x)
     unguided = [w for w in record if "guides the gradient through" in str(w.message)]
     assert len(unguided) == 1
+
+
+def test_per_example_nested_and_csr_tensors_follow_the_examples():
+    rows = [torch.full((k + 1,), float(k)) for k in range(4)]
+    ragged = torch.nested.nested_tensor(rows)
+    picked = select_examples(({"tokens": ragged},), 4, torch.tensor([3, 1]))[0]["tokens"]
+    assert [t.tolist() for t in picked.unbind()] == [rows[3].tolist(), rows[1].tolist()]
+    dense = torch.arange(12.0).view(4, 3)
+    csr = select_examples((dense.to_sparse_csr(),), 4, torch.tensor([True, False, True, False]))
+    assert csr[0].layout == torch.sparse_csr
+    torch.testing.assert_close(csr[0].to_dense(), dense[[0, 2]])
+    with pytest.raises(ValueError, match="additional_forward_args.*block-sparse"):
+        select_examples((dense.to_sparse_bsr((1, 3)),), 4, torch.tensor([0]))
+
+
+def test_a_dataclass_attribute_shadowed_by_a_property_is_read_as_stored():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Meta:
+        x: torch.Tensor
+
+        @property
+        def y(self):
+            return self.__dict__["y"] * 0 + 100
+
+    meta = Meta(torch.arange(4.0))
+    meta.__dict__["y"] = torch.arange(4.0) + 1
+    picked = select_examples((meta,), 4, torch.tensor([0, 1]))[0]
+    torch.testing.assert_close(picked.__dict__["y"], torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(picked.x, torch.tensor([0.0, 1.0]))
+
+
+def test_a_users_folder_beside_the_package_counts_as_the_users():
+    import os
+
+    from captum_ext._utils import caller
+
+    package = os.path.dirname(os.path.dirname(caller.__file__))
+    sibling = package + "_examples" + os.sep + "script.py"
+    assert not sibling.startswith(caller._PACKAGES)
+    assert os.path.join(package, "attr", "voice.py").startswith(caller._PACKAGES)

@@ -12,7 +12,11 @@ from collections.abc import Callable
 import captum
 from torch import nn
 
-_PACKAGES = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(captum.__file__))
+# with the separator: a user's folder beside them (captum_ext_examples/) is not theirs
+_PACKAGES = tuple(
+    os.path.join(folder, "")
+    for folder in (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(captum.__file__))
+)
 
 
 def uncompiled(forward_func):

@@ -173,8 +173,8 @@ def _plan(value: Any, n: int, seen: dict[int, Any]) -> Any:
     again (shared, or a cycle, whose plan is still ``None`` while it is being walked) is
     not walked twice."""
     if isinstance(value, Tensor):
-        if value.is_nested:  # ragged rows (torch.nested): passed as they are
-            return None
+        if value.is_nested:  # ragged rows (torch.nested): its first size is the rows
+            return _PER_EXAMPLE if value.size(0) == n else None
         return _PER_EXAMPLE if value.dim() > 0 and value.shape[0] == n else None
     if type(value) in _NO_TENSOR_TYPES:
         return None
@@ -212,13 +212,17 @@ def _set_fields(value: Any) -> list[tuple[str, Any]]:
     per-example tensor follows the examples with the fields it came from, since the copy
     does not run ``__post_init__`` again)."""
     names = [f.name for f in dataclasses.fields(value)]
-    extra = [name for name in getattr(value, "__dict__", {}) if name not in set(names)]
-    attributes = ((name, getattr(value, name, _UNSET)) for name in names + extra)
-    return [(name, item) for name, item in attributes if item is not _UNSET]
+    fields = [(name, getattr(value, name, _UNSET)) for name in names]
+    own = getattr(value, "__dict__", {})  # read as stored (a property may shadow a name)
+    extra = [(name, item) for name, item in own.items() if name not in set(names)]
+    return [(name, item) for name, item in fields + extra if item is not _UNSET]
 
 
 def _item(container: Any, kind: str, place: Any) -> Any:
-    return getattr(container, place) if kind == _FIELDS else container[place]
+    if kind != _FIELDS:
+        return container[place]
+    own = getattr(container, "__dict__", None)  # as stored: a property may shadow the name
+    return own[place] if own is not None and place in own else getattr(container, place)
 
 
 def _rebuilt_items(value: tuple | list, changes: dict[int, Any]) -> Any:
@@ -277,8 +281,12 @@ def _rebuilt_fields(value: Any, changes: dict[str, Any]) -> Any:
         rebuilt = value
     if rebuilt is value:
         return _replaced_fields(value, changes)
+    own = getattr(rebuilt, "__dict__", None)
     for name, new in changes.items():
-        object.__setattr__(rebuilt, name, new)
+        if own is not None and name in own:  # stored in the instance (frozen classes too)
+            own[name] = new
+        else:  # a slots field
+            object.__setattr__(rebuilt, name, new)
     return rebuilt
 
 
@@ -475,15 +483,31 @@ def map_per_example(value: Any, n: int, function: Callable[[Tensor], Any]) -> An
 
 
 def take_rows(tensor: Tensor, examples: Tensor | slice) -> Tensor:
-    """The rows ``examples`` (an index tensor or a slice) of ``tensor``; sparse tensors,
-    which take no advanced indexing, by ``index_select``."""
-    if tensor.layout == torch.strided:
-        return (
-            tensor[examples.to(tensor.device)] if isinstance(examples, Tensor) else tensor[examples]
-        )
+    """The rows ``examples`` (an index tensor or a slice) of ``tensor``. Tensors that take
+    no advanced indexing: ``torch.nested`` ones rebuilt from their rows (same layout),
+    sparse COO ones by ``index_select``, CSR and CSC ones through COO and back to their
+    layout; block-sparse ones (BSR, BSC) are refused."""
+    if tensor.layout == torch.strided and not tensor.is_nested:
+        if isinstance(examples, Tensor):
+            return tensor[examples.to(tensor.device)]
+        return tensor[examples]
     if not isinstance(examples, Tensor):
-        examples = torch.arange(tensor.shape[0])[examples]
-    return tensor.index_select(0, examples.to(tensor.device))
+        examples = torch.arange(tensor.size(0))[examples]
+    elif examples.dtype == torch.bool:
+        examples = examples.nonzero()[:, 0]
+    if tensor.is_nested:
+        rows = [tensor[int(i)] for i in examples.tolist()]
+        return torch.nested.as_nested_tensor(rows, layout=tensor.layout)
+    index = examples.to(tensor.device)
+    if tensor.layout == torch.sparse_coo:
+        return tensor.index_select(0, index)
+    if tensor.layout in (torch.sparse_bsr, torch.sparse_bsc):
+        raise ValueError(
+            f"`additional_forward_args`: a block-sparse ({tensor.layout}) tensor with the "
+            "examples first cannot be split into rows (its blocks span several examples); "
+            "pass it as a COO or CSR tensor (tensor.to_sparse_coo())."
+        )
+    return tensor.to_sparse_coo().index_select(0, index).to_sparse(layout=tensor.layout)
 
 
 def select_examples(value: Any, n: int, examples: Tensor | slice) -> Any:
@@ -517,8 +541,8 @@ def repeat_per_example(value: Any, n: int, repeats: int, rows: slice | None = No
     """
 
     def repeat(tensor: Tensor) -> Tensor:
-        if tensor.layout != torch.strided:  # sparse: no repeat_interleave, no slicing
-            order = torch.arange(tensor.shape[0]).repeat_interleave(repeats)
+        if tensor.layout != torch.strided or tensor.is_nested:  # sparse, nested: by rows
+            order = torch.arange(tensor.size(0)).repeat_interleave(repeats)
             return take_rows(tensor, order if rows is None else order[rows])
         repeated = tensor.repeat_interleave(repeats, dim=0)
         return repeated if rows is None else repeated[rows]

@@ -541,6 +541,13 @@ def _batch_forward_args(
     )
 
 
+def _dense(tensor: Tensor) -> Any:
+    """A sparse tensor as a dense one, a nested one as its list of rows, to compare."""
+    if tensor.is_nested:
+        return list(tensor.unbind())
+    return tensor.to_dense() if tensor.layout != torch.strided else tensor
+
+
 def _equal_with_nans(a: Tensor, b: Tensor) -> bool:
     """Equal floating tensors where NaN (a missing value) counts as equal to NaN."""
     if not (a.is_floating_point() or a.is_complex()) or a.layout != torch.strided:
@@ -565,6 +572,8 @@ def _same_arguments(a: Any, b: Any) -> bool:
             and all(_same_arguments(a[key], b[key]) for key in a)
         )
     if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.layout != torch.strided or b.layout != torch.strided or a.is_nested or b.is_nested:
+            return _same_arguments(_dense(a), _dense(b))
         return (
             a.shape == b.shape
             and a.dtype == b.dtype
@@ -616,10 +625,17 @@ def _prediction_option(
                 f"(for {', '.join(given)}); give it once: score_dataset's applies to the "
                 "prediction and to every score."
             )
-        for name in names:  # every score gets the model's extra inputs (a score that
-            # cannot take them fails rather than score another output); a transform only
-            # those that take one
-            if key == "additional_forward_args" or _takes(name, key):
+        if key == "additional_forward_args":  # every score needs the model's extra inputs
+            unable = [name for name in names if not _takes(name, key)]
+            if unable:
+                raise ValueError(
+                    f"`additional_forward_args` is given, but the score(s) {', '.join(unable)} "
+                    "of TRUST_SCORES take no `additional_forward_args` parameter, so they "
+                    "would call the model without them; add the parameter to the score "
+                    "function or leave those scores out."
+                )
+        for name in names:  # a transform only to the scores that take one
+            if _takes(name, key):
                 options.setdefault(name, {})[key] = value
         return value
     if not given:
