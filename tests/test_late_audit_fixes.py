@@ -180,7 +180,7 @@ def test_per_example_nested_and_csr_tensors_follow_the_examples():
     csr = select_examples((dense.to_sparse_csr(),), 4, torch.tensor([True, False, True, False]))
     assert csr[0].layout == torch.sparse_csr
     torch.testing.assert_close(csr[0].to_dense(), dense[[0, 2]])
-    with pytest.raises(ValueError, match="additional_forward_args.*block-sparse"):
+    with pytest.raises(ValueError, match="additional_forward_args.*sparse_bsr"):
         select_examples((dense.to_sparse_bsr((1, 3)),), 4, torch.tensor([0]))
 
 
@@ -211,3 +211,35 @@ def test_a_users_folder_beside_the_package_counts_as_the_users():
     sibling = package + "_examples" + os.sep + "script.py"
     assert not sibling.startswith(caller._PACKAGES)
     assert os.path.join(package, "attr", "voice.py").startswith(caller._PACKAGES)
+
+
+def test_per_example_gradients_take_sparse_and_nested_extras_one_example_at_a_time():
+    """vmap takes no sparse or nested tensor: such per-example extras go through the
+    one-example-at-a-time path, with the same scores as the dense extras."""
+    from captum_ext.metrics import gradnorm
+
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x, _, meta = _data()
+    dense = gradnorm(model, x, layer="conv", additional_forward_args=({"meta": meta},))
+    sparse = gradnorm(model, x, layer="conv", additional_forward_args=({"meta": meta.to_sparse()},))
+    torch.testing.assert_close(sparse, dense)
+
+
+def test_a_batched_csr_tensor_is_refused_by_name():
+    batched = torch.ones(2, 3, 4).to_sparse_csr()
+    with pytest.raises(ValueError, match="additional_forward_args.*3-D"):
+        select_examples((batched,), 2, torch.tensor([1]))
+
+
+def test_equal_sparse_arguments_are_compared_without_densifying(monkeypatch):
+    from captum_ext.metrics.dataset import _same_arguments
+
+    meta = torch.zeros(6, 1000)
+    meta[2, 17] = 1.0
+    a, b = meta.to_sparse(), meta.clone().to_sparse()
+    monkeypatch.setattr(torch.Tensor, "to_dense", lambda self: pytest.fail("densified"))
+    assert _same_arguments((a,), (b,))
+    c = meta.clone()
+    c[3, 4] = 2.0
+    assert not _same_arguments((a,), (c.to_sparse(),))

@@ -52,6 +52,7 @@ from .validation import (
     outside_inference_mode,
     outside_inference_mode_nested,
     rows_read_as_examples,
+    take_rows,
 )
 
 #: Per-class scalars the engine differentiates (its ``score`` argument), each a function of
@@ -1226,6 +1227,13 @@ def per_example_parameter_gradients(
     budget = PER_EXAMPLE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     reached = [*holder.modules(), *(model.modules() if model is not None else ())]
     by_loop = bool(computed) or _hooks_not_ours(reached)
+    # the per-example tensors of ``extra``, also those nested in tuples, lists, mappings and
+    # dataclasses: vmapped with the inputs, each put back in its place for one example (the
+    # extra arguments are walked once for the whole call); vmap takes no sparse or nested
+    # tensor, so those are passed one example at a time
+    layout = PerExampleLayout(extra, n)
+    batched = layout.tensors()
+    by_loop = by_loop or any(t.is_nested or t.layout != torch.strided for t in batched)
     # The first chunk is one example, whose module outputs measure the others' cost: the
     # forward pass's (all of them, held while it runs) and, for each of the k cotangents,
     # the backward pass's (those from the first module holding a parameter asked for), and
@@ -1237,11 +1245,6 @@ def per_example_parameter_gradients(
     if by_loop:  # the loop holds one example's graph at a time: chunks by gradients alone
         chunk = max(1, min(n, budget // max(gradient_bytes, 1)))
     starts = [m for m in holder.modules() if any(True for _ in m.parameters(recurse=False))]
-    # the per-example tensors of ``extra``, also those nested in tuples, lists, mappings and
-    # dataclasses: vmapped with the inputs, each put back in its place for one example (the
-    # extra arguments are walked once for the whole call)
-    layout = PerExampleLayout(extra, n)
-    batched = layout.tensors()
 
     def one(xs: tuple, extras_b: tuple, cot: Tensor, bufs: dict[str, Tensor]):
         args = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in xs]
@@ -1276,7 +1279,7 @@ def per_example_parameter_gradients(
         while start < n:
             stop = min(n, start + chunk)
             xs = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in inputs)
-            extras_b = tuple(a[start:stop] for a in batched)
+            extras_b = tuple(take_rows(a, slice(start, stop)) for a in batched)
             bufs = {name: b.expand(stop - start, *b.shape) for name, b in buffers.items()}
             if by_loop:
                 grads = _per_example_by_loop(

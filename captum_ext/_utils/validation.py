@@ -213,7 +213,7 @@ def _set_fields(value: Any) -> list[tuple[str, Any]]:
     does not run ``__post_init__`` again)."""
     names = [f.name for f in dataclasses.fields(value)]
     fields = [(name, getattr(value, name, _UNSET)) for name in names]
-    own = getattr(value, "__dict__", {})  # read as stored (a property may shadow a name)
+    own = getattr(value, "__dict__", {})  # others as stored (a property may shadow a name)
     extra = [(name, item) for name, item in own.items() if name not in set(names)]
     return [(name, item) for name, item in fields + extra if item is not _UNSET]
 
@@ -221,8 +221,13 @@ def _set_fields(value: Any) -> list[tuple[str, Any]]:
 def _item(container: Any, kind: str, place: Any) -> Any:
     if kind != _FIELDS:
         return container[place]
-    own = getattr(container, "__dict__", None)  # as stored: a property may shadow the name
-    return own[place] if own is not None and place in own else getattr(container, place)
+    if _is_field(container, place):
+        return getattr(container, place)
+    return container.__dict__[place]  # another attribute, as stored (a property may shadow it)
+
+
+def _is_field(instance: Any, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(instance))
 
 
 def _rebuilt_items(value: tuple | list, changes: dict[int, Any]) -> Any:
@@ -281,12 +286,11 @@ def _rebuilt_fields(value: Any, changes: dict[str, Any]) -> Any:
         rebuilt = value
     if rebuilt is value:
         return _replaced_fields(value, changes)
-    own = getattr(rebuilt, "__dict__", None)
     for name, new in changes.items():
-        if own is not None and name in own:  # stored in the instance (frozen classes too)
-            own[name] = new
-        else:  # a slots field
+        if _is_field(rebuilt, name):  # through its setter, if any (frozen classes too)
             object.__setattr__(rebuilt, name, new)
+        else:  # another attribute, as stored
+            rebuilt.__dict__[name] = new
     return rebuilt
 
 
@@ -495,17 +499,18 @@ def take_rows(tensor: Tensor, examples: Tensor | slice) -> Tensor:
         examples = torch.arange(tensor.size(0))[examples]
     elif examples.dtype == torch.bool:
         examples = examples.nonzero()[:, 0]
-    if tensor.is_nested:
-        rows = [tensor[int(i)] for i in examples.tolist()]
-        return torch.nested.as_nested_tensor(rows, layout=tensor.layout)
+    if tensor.is_nested:  # unbound once: indexing a jagged tensor row by row is slow
+        rows = tensor.unbind()
+        picked = [rows[i] for i in examples.tolist()]
+        return torch.nested.as_nested_tensor(picked, layout=tensor.layout)
     index = examples.to(tensor.device)
     if tensor.layout == torch.sparse_coo:
         return tensor.index_select(0, index)
-    if tensor.layout in (torch.sparse_bsr, torch.sparse_bsc):
+    if tensor.layout in (torch.sparse_bsr, torch.sparse_bsc) or tensor.dim() != 2:
         raise ValueError(
-            f"`additional_forward_args`: a block-sparse ({tensor.layout}) tensor with the "
-            "examples first cannot be split into rows (its blocks span several examples); "
-            "pass it as a COO or CSR tensor (tensor.to_sparse_coo())."
+            f"`additional_forward_args`: a {tensor.dim()}-D {tensor.layout} tensor with the "
+            "examples first cannot be split into their rows here (only COO tensors and 2-D "
+            "CSR / CSC ones can); pass it as a COO tensor (tensor.to_sparse_coo())."
         )
     return tensor.to_sparse_coo().index_select(0, index).to_sparse(layout=tensor.layout)
 

@@ -541,11 +541,15 @@ def _batch_forward_args(
     )
 
 
-def _dense(tensor: Tensor) -> Any:
-    """A sparse tensor as a dense one, a nested one as its list of rows, to compare."""
+def _comparable(tensor: Tensor) -> Any:
+    """What two equal sparse or nested tensors share, without making them dense: a nested
+    tensor's rows; a sparse tensor's layout, shape and coalesced COO indices and values."""
     if tensor.is_nested:
         return list(tensor.unbind())
-    return tensor.to_dense() if tensor.layout != torch.strided else tensor
+    if tensor.layout == torch.strided:
+        return tensor
+    coo = (tensor if tensor.layout == torch.sparse_coo else tensor.to_sparse_coo()).coalesce()
+    return (str(tensor.layout), tuple(tensor.shape), coo.indices(), coo.values())
 
 
 def _equal_with_nans(a: Tensor, b: Tensor) -> bool:
@@ -573,7 +577,7 @@ def _same_arguments(a: Any, b: Any) -> bool:
         )
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.layout != torch.strided or b.layout != torch.strided or a.is_nested or b.is_nested:
-            return _same_arguments(_dense(a), _dense(b))
+            return _same_arguments(_comparable(a), _comparable(b))
         return (
             a.shape == b.shape
             and a.dtype == b.dtype
@@ -792,9 +796,10 @@ def score_dataset(
             ``((x_1, x_2, ...), labels)``, a ``device`` the model is not on,
             ``additional_forward_args`` or ``output_transform`` given both here and in
             ``score_kwargs``, or ``additional_forward_args`` given in ``score_kwargs`` to
-            some scores and not (or not the same) to others; under
-            torch.distributed, processes given different datasets, or an error on another
-            process (named with its rank).
+            some scores and not (or not the same) to others, ``additional_forward_args``
+            given for a score registered in :data:`TRUST_SCORES` without that parameter;
+            under torch.distributed, processes given different datasets, or an error on
+            another process (named with its rank).
 
     Examples::
 
