@@ -341,9 +341,10 @@ class CircuitReadout:
             :class:`~captum_ext.attr.RandomMapsWarning` (once per model).
             A model whose output carries them in a ``logits`` field (Hugging Face's) is
             read out as ``captum_ext.data.LogitsOutput(model)``, which keeps its layer names.
-        layers (str, nn.Module or list of them, optional): the stages, in forward order, each
-            returning ``N x C x ...`` (or ``N x C``); a lone name or module is one stage.
-            Default: discovered as described above.
+        layers (str, nn.Module or list, optional): the stages, in forward order, each
+            returning ``N x C x ...`` (or ``N x C``): a list of names or modules, one per
+            stage; a lone name or module is one stage. Default: discovered as described
+            above.
         top_k (int or sequence of int, optional): nodes kept per stage. An int applies to
             every stage and the pooled features; a sequence gives one value per stage plus one
             for the pooled features. Default: 24 per stage, 32 for the last stage, 48 for the
