@@ -17,6 +17,7 @@ dataset scorer use these, so that they all
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import math
@@ -418,10 +419,17 @@ def distributed_from_environment(device: torch.device) -> Iterator[torch.device]
     created = not dist.is_initialized()
     if created:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    finished = False
     try:
         yield device
+        finished = True
     finally:
         if created:
+            if finished:  # every process done before any tears the group down: rank 0
+                # hosts the store, and a process leaving while its peer still talks to it
+                # ended in SIGABRT ("terminate called without an active exception")
+                with contextlib.suppress(RuntimeError):  # a peer that failed meanwhile
+                    dist.barrier()
             dist.destroy_process_group()
 
 
